@@ -1,0 +1,105 @@
+"""The hub application: ``create_app()`` builds it, its lifespan wires the
+parts together and runs the background loops."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, OperationalError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from hub.background.controller_monitor import ControllerMonitor
+from hub.config import HubSettings
+from hub.controller_client import ControllerClient
+from hub.db import Database
+from hub.deps import Hub
+from hub.errors import HubError
+from hub.metrics import HubMetrics
+from hub.routers import admin, services, system
+from hub.services.controllers import ControllerRegistry
+from hub.services.lifecycle import ServiceManager
+from hub.services.operations import OperationLog
+from mmanager import __version__
+
+log = logging.getLogger(__name__)
+
+
+def build_hub(settings: HubSettings, db: Database | None = None) -> Hub:
+    db = db or Database(settings.database_url)
+    client = ControllerClient(settings)
+    metrics = HubMetrics()
+    ops = OperationLog(db, metrics)
+    controllers = ControllerRegistry(db, client, settings, metrics)
+    manager = ServiceManager(db, client, controllers, ops, settings, metrics)
+    return Hub(settings, db, client, metrics, ops, controllers, manager)
+
+
+def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "details": details}}, status_code=status)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(HubError)
+    async def hub_error(_: Request, exc: HubError) -> JSONResponse:
+        return _error(exc.status_code, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
+        details = [
+            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
+        ]
+        malformed = any(d["type"] == "json_invalid" for d in details)
+        code = "MALFORMED_JSON" if malformed else "VALIDATION_ERROR"
+        message = "the body is not valid JSON" if malformed else "the request is invalid"
+        return _error(422 if not malformed else 400, code, message, details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 401: "UNAUTHORIZED", 403: "FORBIDDEN"}
+        return _error(exc.status_code, codes.get(exc.status_code, "HTTP_ERROR"), str(exc.detail))
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(DBAPIError)
+    async def database_error(_: Request, exc: Exception) -> JSONResponse:
+        log.warning("database error: %s", exc)
+        return _error(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error")
+        return _error(500, "INTERNAL_ERROR", "an unexpected error occurred; see the hub's log")
+
+
+def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_loops: bool = True) -> FastAPI:
+    settings = settings or HubSettings()
+    hub = hub or build_hub(settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await hub.controllers.sync_from_config()
+        monitor = ControllerMonitor(hub.controllers, settings.heartbeat_interval)
+        if run_loops:
+            await hub.controllers.poll_all()
+            monitor.start()
+        try:
+            yield
+        finally:
+            if run_loops:
+                await monitor.stop()
+            await hub.services.shutdown()
+            await hub.client.aclose()
+            await hub.db.dispose()
+
+    app = FastAPI(title="mManager hub", version=__version__, lifespan=lifespan)
+    app.state.hub = hub
+    _install_error_handlers(app)
+    app.include_router(system.router)
+    app.include_router(services.router)
+    app.include_router(admin.router)
+    return app

@@ -1,0 +1,116 @@
+"""Hub settings: one pydantic-settings class, injected where it is needed."""
+
+from __future__ import annotations
+
+import json
+from functools import cached_property
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+# Keys that appear in public documents (the seed among them) or are obvious
+# placeholders; a hub that would present one of them to a controller refuses to start.
+WELL_KNOWN_KEYS = frozenset(
+    {
+        "mmanager-secure-key-12345",
+        "your-secure-api-key",
+        "mmanager-default-key",
+        "changeme",
+        "change-me",
+        "secret",
+        "password",
+        "api-key",
+        "apikey",
+        "test",
+    }
+)
+MIN_KEY_LENGTH = 16
+
+
+def key_problem(key: str | None) -> str | None:
+    """Why a hub↔controller key is unfit for production, or None when it is fine."""
+    if not key:
+        return "it is empty"
+    if key.lower() in WELL_KNOWN_KEYS:
+        return "it is a well-known placeholder"
+    if len(key) < MIN_KEY_LENGTH:
+        return f"it is shorter than {MIN_KEY_LENGTH} characters"
+    return None
+
+
+class ControllerEntry(BaseModel):
+    """One entry of ``MMANAGER_CONTROLLERS``: the seed's shape, plus an optional key."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+    url: str = Field(min_length=1, max_length=512, pattern=r"^https?://")
+    server_type: Literal["gpu", "cpu", "edge"] = "cpu"
+    enabled: bool = True
+    priority: int = Field(default=1, ge=0, le=1000)
+    weight: int = Field(default=100, ge=1, le=10000)
+    api_key: SecretStr | None = None
+
+
+class DatabaseSettings(BaseSettings):
+    """Only where the database is: what migrations and user admin need, without the hub's key."""
+
+    model_config = SettingsConfigDict(env_prefix="MMANAGER_", env_file=".env", extra="ignore")
+
+    database_url: str = "sqlite+aiosqlite:///./mmanager.db"
+
+
+class HubSettings(DatabaseSettings):
+    controllers: str = ""
+    api_key: SecretStr | None = None
+    heartbeat_interval: float = Field(default=2.0, gt=0)
+    heartbeat_grace: float = Field(default=6.0, gt=0)
+    max_services_per_user: int = Field(default=5, ge=0)
+    service_domain: str | None = None
+    service_idle_timeout: int = Field(default=30, ge=0)
+    # Seconds the hub waits on a controller for one call; creating a container
+    # can include an image pull-free create and start, so it gets more.
+    controller_timeout: float = Field(default=30.0, gt=0)
+    controller_create_timeout: float = Field(default=120.0, gt=0)
+    dev_mode: bool = False
+
+    @model_validator(mode="after")
+    def _refuse_weak_keys(self) -> HubSettings:
+        if self.dev_mode:
+            return self
+        keys = [("MMANAGER_API_KEY", self.api_key.get_secret_value() if self.api_key else None)]
+        for entry in self.controller_entries:
+            if entry.api_key is not None:
+                keys.append((f"api_key of controller {entry.id}", entry.api_key.get_secret_value()))
+        for name, key in keys:
+            problem = key_problem(key)
+            if problem:
+                raise ValueError(
+                    f"{name} is unfit for the hub↔controller key: {problem}. "
+                    "Set a random key of 16+ characters (e.g. `openssl rand -hex 32`), "
+                    "or run `mmanager dev` for a local playground."
+                )
+        return self
+
+    @cached_property
+    def controller_entries(self) -> list[ControllerEntry]:
+        raw = self.controllers.strip()
+        if not raw:
+            return []
+        if raw[0] in "[{":
+            data: Any = json.loads(raw)
+        else:
+            data = yaml.safe_load(Path(raw).read_text())
+        if isinstance(data, dict):
+            data = data.get("controllers", data.get("mmanager_controllers", []))
+        return [ControllerEntry.model_validate(item) for item in data]
+
+    def key_for(self, controller_id: str) -> str:
+        """The key the hub presents to a controller: its own from the config, else the shared one."""
+        for entry in self.controller_entries:
+            if entry.id == controller_id and entry.api_key is not None:
+                return entry.api_key.get_secret_value()
+        return self.api_key.get_secret_value() if self.api_key else ""

@@ -1,0 +1,179 @@
+"""The hub's one HTTP client to controllers.
+
+One ``httpx.AsyncClient`` (one connection pool) serves every controller; the
+key is chosen per call from the hub's settings, never from a table. Only calls
+that are safe to repeat are retried: reads, start/stop/restart/delete (they
+converge on the same state) and creates carrying ``(service_id, epoch)``, which
+the controller makes idempotent. Retries cover transport errors and 502/503/504.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from hub.config import HubSettings
+from hub.errors import ControllerRejected, ControllerUnavailable, HubError
+from mmanager.wire import ActionResult, ContainerCreate, ContainerCreated, ContainerInfo, ControllerHealth
+
+RETRY_STATUSES = {502, 503, 504}
+
+
+class _Retryable(Exception):
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
+
+
+class ControllerClient:
+    def __init__(self, settings: HubSettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.settings = settings
+        self.http = httpx.AsyncClient(
+            timeout=httpx.Timeout(settings.controller_timeout, connect=5.0),
+            limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
+            transport=transport,
+        )
+
+    async def aclose(self) -> None:
+        await self.http.aclose()
+
+    def _headers(self, controller_id: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.settings.key_for(controller_id)}"}
+
+    async def _send(
+        self,
+        controller_id: str,
+        base_url: str,
+        method: str,
+        path: str,
+        *,
+        idempotent: bool,
+        timeout: float | None = None,
+        **kw: Any,
+    ) -> httpx.Response:
+        url = base_url.rstrip("/") + path
+        attempts = 3 if idempotent else 1
+
+        async def once() -> httpx.Response:
+            try:
+                response = await self.http.request(
+                    method, url, headers=self._headers(controller_id), timeout=timeout or httpx.USE_CLIENT_DEFAULT, **kw
+                )
+            except httpx.TransportError as exc:
+                raise _Retryable(exc) from exc
+            if response.status_code in RETRY_STATUSES:
+                raise _Retryable(_error_from(controller_id, response))
+            return response
+
+        try:
+            async for attempt in AsyncRetrying(
+                stop=stop_after_attempt(attempts),
+                wait=wait_exponential(multiplier=0.2, max=2),
+                retry=retry_if_exception(lambda e: isinstance(e, _Retryable)),
+                reraise=True,
+            ):
+                with attempt:
+                    response = await once()
+        except _Retryable as exc:
+            cause = exc.cause
+            if isinstance(cause, HubError):
+                raise cause from None
+            raise ControllerUnavailable(
+                f"controller {controller_id} is unreachable: {type(cause).__name__}: {cause}",
+                {"controller_id": controller_id},
+            ) from None
+        if response.status_code >= 400:
+            raise _error_from(controller_id, response)
+        return response
+
+    async def health(self, controller_id: str, url: str, timeout: float = 3.0) -> ControllerHealth:
+        response = await self._send(controller_id, url, "GET", "/health", idempotent=False, timeout=timeout)
+        return ControllerHealth.model_validate(response.json())
+
+    async def create(self, controller_id: str, url: str, config: ContainerCreate) -> ContainerCreated:
+        response = await self._send(
+            controller_id,
+            url,
+            "POST",
+            "/containers/",
+            idempotent=config.service_id is not None and config.epoch is not None,
+            timeout=self.settings.controller_create_timeout,
+            json=config.model_dump(mode="json", exclude_none=True),
+        )
+        return ContainerCreated.model_validate(response.json())
+
+    async def action(
+        self, controller_id: str, url: str, container_id: str, action: str, epoch: int | None = None, **params: Any
+    ) -> ActionResult:
+        if epoch is not None:
+            params["epoch"] = epoch
+        method = "DELETE" if action == "delete" else "POST"
+        path = f"/containers/{container_id}" if action == "delete" else f"/containers/{container_id}/{action}"
+        response = await self._send(
+            controller_id, url, method, path, idempotent=True, timeout=self.settings.controller_create_timeout, params=params
+        )
+        return ActionResult.model_validate(response.json())
+
+    async def inspect(self, controller_id: str, url: str, container_id: str) -> ContainerInfo:
+        response = await self._send(controller_id, url, "GET", f"/containers/{container_id}", idempotent=True)
+        return ContainerInfo.model_validate(response.json())
+
+    async def logs(self, controller_id: str, url: str, container_id: str, lines: int) -> str:
+        response = await self._send(
+            controller_id, url, "GET", f"/containers/{container_id}/logs", idempotent=True, params={"lines": lines}
+        )
+        return str(response.json().get("logs", ""))
+
+    async def follow_logs(self, controller_id: str, url: str, container_id: str, lines: int) -> AsyncIterator[bytes]:
+        request = self.http.build_request(
+            "GET",
+            url.rstrip("/") + f"/containers/{container_id}/logs",
+            params={"lines": lines, "follow": "true"},
+            headers=self._headers(controller_id),
+            timeout=httpx.Timeout(None, connect=5.0),
+        )
+        try:
+            response = await self.http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise ControllerUnavailable(f"controller {controller_id} is unreachable: {exc}") from exc
+        if response.status_code >= 400:
+            await response.aread()
+            await response.aclose()
+            raise _error_from(controller_id, response)
+
+        async def stream() -> AsyncIterator[bytes]:
+            try:
+                async for chunk in response.aiter_raw():
+                    yield chunk
+            except httpx.TransportError:
+                return
+            finally:
+                await response.aclose()
+
+        return stream()
+
+
+def _error_from(controller_id: str, response: httpx.Response) -> HubError:
+    """Turn a controller's error answer into ours, keeping its code."""
+    code, message, details = "CONTROLLER_ERROR", response.text[:500], None
+    try:
+        body = response.json()
+        error = body.get("error") if isinstance(body, dict) else None
+        if isinstance(error, dict):
+            code = str(error.get("code", code))
+            message = str(error.get("message", message))
+            details = error.get("details")
+        elif isinstance(body, dict) and "detail" in body:
+            message = str(body["detail"])
+    except ValueError:
+        pass
+    message = f"controller {controller_id}: {message}"
+    if response.status_code in (401, 403):
+        # The hub's key was refused: an operator's problem, not the caller's credentials.
+        return ControllerUnavailable(message, details, code="CONTROLLER_AUTH_FAILED")
+    if response.status_code >= 500:
+        return ControllerUnavailable(message, details, code=code if code != "CONTROLLER_ERROR" else None)
+    return ControllerRejected(message, details, code=code, status_code=response.status_code)

@@ -1,0 +1,67 @@
+"""One error hierarchy for the hub. Services raise these; one handler in
+``hub.app`` turns them into ``{"error": {"code", "message", "details"}}``."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+class HubError(Exception):
+    status_code = 400
+    code = "BAD_REQUEST"
+
+    def __init__(self, message: str, details: Any = None, *, code: str | None = None, status_code: int | None = None):
+        super().__init__(message)
+        self.message = message
+        self.details = details
+        if code is not None:
+            self.code = code
+        if status_code is not None:
+            self.status_code = status_code
+
+
+class Unauthorized(HubError):
+    status_code = 401
+    code = "UNAUTHORIZED"
+
+
+class Forbidden(HubError):
+    status_code = 403
+    code = "FORBIDDEN"
+
+
+class NotFound(HubError):
+    status_code = 404
+    code = "NOT_FOUND"
+
+
+class Conflict(HubError):
+    status_code = 409
+    code = "CONFLICT"
+
+
+class NoFeasibleController(Conflict):
+    code = "NO_FEASIBLE_CONTROLLER"
+
+
+class QuotaExceeded(Conflict):
+    code = "QUOTA_EXCEEDED"
+
+
+class InvalidRequest(HubError):
+    status_code = 422
+    code = "VALIDATION_ERROR"
+
+
+class ControllerUnavailable(HubError):
+    """A controller could not be reached or answered with a server error."""
+
+    status_code = 502
+    code = "CONTROLLER_UNAVAILABLE"
+
+
+class ControllerRejected(HubError):
+    """A controller refused the call with a 4xx; its code and status are passed on."""
+
+    status_code = 422
+    code = "CONTROLLER_REJECTED"

@@ -1,0 +1,47 @@
+"""The hub's Prometheus metrics (SPEC section 7), on a registry of its own so
+that several hubs in one process (tests, dev mode) do not collide."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+SERVICE_STATUSES = ("pending", "starting", "running", "stopped", "failed", "migrating", "unhealthy", "lost")
+
+
+class HubMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.controller_up = Gauge("mmanager_controller_up", "1 when the controller is healthy", ["controller"], registry=r)
+        self.containers_running = Gauge(
+            "mmanager_containers_running", "Managed containers running, as the controller reports", ["controller"], registry=r
+        )
+        self.load_percentage = Gauge(
+            "mmanager_load_percentage", "Managed containers as a share of MAX_CONTAINERS", ["controller"], registry=r
+        )
+        self.memory_usage_percent = Gauge(
+            "mmanager_memory_usage_percent", "Host memory in use on the controller's server", ["controller"], registry=r
+        )
+        self.failovers = Counter("mmanager_failovers_total", "Services moved off a lost controller", registry=r)
+        self.operations = Counter(
+            "mmanager_operations_total", "Lifecycle operations by outcome", ["operation", "status"], registry=r
+        )
+        self.operation_duration = Histogram(
+            "mmanager_operation_duration_seconds",
+            "Time from an operation's start to its end",
+            ["operation"],
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120),
+            registry=r,
+        )
+        self.services = Gauge("mmanager_services", "Services by status", ["status"], registry=r)
+
+    def observe_controller(self, controller_id: str, up: bool, running: int, load: float, memory: float) -> None:
+        self.controller_up.labels(controller_id).set(1 if up else 0)
+        if up:
+            self.containers_running.labels(controller_id).set(running)
+            self.load_percentage.labels(controller_id).set(load)
+            self.memory_usage_percent.labels(controller_id).set(memory)
+
+    def set_service_counts(self, counts: dict[str, int]) -> None:
+        for status in SERVICE_STATUSES:
+            self.services.labels(status).set(counts.get(status, 0))

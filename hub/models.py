@@ -1,0 +1,203 @@
+"""ORM classes. Every table the hub owns is declared here and created by the
+alembic migrations in ``migrations/versions``; a test keeps the two in step.
+
+Timestamps are stored as timezone-aware UTC. SQLite forgets the zone, so
+``UTCDateTime`` puts it back on the way out: code never sees a naive datetime.
+"""
+
+from __future__ import annotations
+
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    return uuid.uuid4().hex
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            raise ValueError("naive datetime given to a UTCDateTime column")
+        return value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is not None and value.tzinfo is None:
+            value = value.replace(tzinfo=UTC)
+        return value
+
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class UserModel(Base):
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiTokenModel(Base):
+    """A user's bearer token. Only its SHA-256 is stored: tokens carry 256 bits
+    of randomness, so a fast hash is enough and lookups stay one index probe."""
+
+    __tablename__ = "api_tokens"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    user: Mapped[UserModel] = relationship(lazy="joined")
+
+
+class ControllerModel(Base):
+    __tablename__ = "mmanager_controllers"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    url: Mapped[str] = mapped_column(String(512))
+    server_type: Mapped[str] = mapped_column(String(16), default="cpu")
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    draining: Mapped[bool] = mapped_column(Boolean, default=False)
+    priority: Mapped[int] = mapped_column(Integer, default=1)
+    weight: Mapped[int] = mapped_column(Integer, default=100)
+    # healthy | unhealthy | unknown; "draining" is derived from the flag above.
+    status: Mapped[str] = mapped_column(String(16), default="unknown")
+    last_heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    max_containers: Mapped[int] = mapped_column(Integer, default=100)
+    containers_running: Mapped[int] = mapped_column(Integer, default=0)
+    load_percentage: Mapped[float] = mapped_column(Float, default=0.0)
+    memory_usage_percent: Mapped[float] = mapped_column(Float, default=0.0)
+    cpu_cores: Mapped[float] = mapped_column(Float, default=0.0)
+    memory_total_gb: Mapped[float] = mapped_column(Float, default=0.0)
+    memory_available_gb: Mapped[float] = mapped_column(Float, default=0.0)
+    gpus: Mapped[list[Any]] = mapped_column(default=list)
+    health_data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ServiceModel(Base):
+    __tablename__ = "model_services"
+    __table_args__ = (UniqueConstraint("owner_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    repo: Mapped[str] = mapped_column(String(128))
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    desired_state: Mapped[str] = mapped_column(String(16), default="running")
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    status_message: Mapped[str | None] = mapped_column(Text, default=None)
+    controller_id: Mapped[str | None] = mapped_column(String(128), default=None, index=True)
+    container_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    epoch: Mapped[int] = mapped_column(Integer, default=1)
+    endpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    gpu_devices: Mapped[list[Any]] = mapped_column(default=list)
+    health: Mapped[str] = mapped_column(String(16), default="unknown")
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    owner: Mapped[UserModel] = relationship(lazy="joined")
+
+
+class ContainerRegistryModel(Base):
+    """Where each service's container runs. A row exists from the moment a
+    controller is chosen (status ``creating``) so that concurrent placements
+    count it, and goes away when the container is removed."""
+
+    __tablename__ = "container_registry"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    service_id: Mapped[str] = mapped_column(
+        ForeignKey("model_services.id", ondelete="CASCADE"), index=True
+    )
+    controller_id: Mapped[str] = mapped_column(String(128), index=True)
+    container_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    container_name: Mapped[str] = mapped_column(String(255))
+    image: Mapped[str] = mapped_column(String(512))
+    status: Mapped[str] = mapped_column(String(16), default="creating")
+    epoch: Mapped[int] = mapped_column(Integer, default=1)
+    memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    cpu_limit: Mapped[float] = mapped_column(Float, default=0.0)
+    gpu_devices: Mapped[list[Any]] = mapped_column(default=list)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class OperationModel(Base):
+    """One lifecycle call. Rows outlive their service (no foreign key) so the
+    history of a deleted or never-created service can still be read."""
+
+    __tablename__ = "container_operations"
+    __table_args__ = (Index("ix_container_operations_created_at", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    service_id: Mapped[str | None] = mapped_column(String(32), default=None, index=True)
+    controller_id: Mapped[str | None] = mapped_column(String(128), default=None, index=True)
+    container_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    operation: Mapped[str] = mapped_column(String(32))
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    actor: Mapped[str] = mapped_column(String(128))
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class DeploymentHistoryModel(Base):
+    __tablename__ = "service_deployment_history"
+    __table_args__ = (UniqueConstraint("service_id", "version"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    service_id: Mapped[str] = mapped_column(
+        ForeignKey("model_services.id", ondelete="CASCADE"), index=True
+    )
+    version: Mapped[int] = mapped_column(Integer)
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    image: Mapped[str] = mapped_column(String(512))
+    reason: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,195 @@
+"""The admin API (SPEC section 3): controllers, the container registry,
+operations, resource usage and users."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from fastapi import APIRouter, Query
+from fastapi.responses import JSONResponse
+from sqlalchemy import func, select
+
+from hub.deps import AdminUser, HubDep, SessionDep
+from hub.errors import HubError, NotFound
+from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel
+from hub.schemas import (
+    ControllerIn,
+    ControllerOut,
+    MigrateRequest,
+    OperationOut,
+    RegistryOut,
+    ServiceOut,
+    UserCreated,
+    UserIn,
+)
+from hub.services.controllers import controller_out, get_controller
+from hub.services.operations import operations_query
+from hub.services.users import create_user
+
+router = APIRouter(prefix="/api/admin", tags=["admin"])
+
+Limit = Query(100, ge=1, le=1000)
+Offset = Query(0, ge=0)
+
+
+@router.get("/controllers", response_model=list[ControllerOut])
+async def list_controllers(_: AdminUser, session: SessionDep, limit: int = Limit, offset: int = Offset) -> Any:
+    rows = await session.scalars(select(ControllerModel).order_by(ControllerModel.id).limit(limit).offset(offset))
+    return [controller_out(c) for c in rows]
+
+
+@router.post("/controllers", status_code=201, response_model=ControllerOut)
+async def register_controller(body: ControllerIn, _: AdminUser, hub: HubDep, session: SessionDep) -> Any:
+    row = await hub.controllers.register(session, body)
+    await hub.controllers.poll_one(session, row)
+    return controller_out(row)
+
+
+async def _live_health(hub: HubDep, controller: ControllerModel) -> dict[str, Any]:
+    health, error = await hub.controllers.check(controller)
+    return {
+        "id": controller.id,
+        "url": controller.url,
+        "status": "healthy" if health is not None and health.status == "healthy" else "unhealthy",
+        "error": error,
+        "health": health.model_dump(mode="json") if health else None,
+    }
+
+
+@router.get("/controllers/health")
+async def controllers_health(_: AdminUser, hub: HubDep, session: SessionDep) -> Any:
+    controllers = list(await session.scalars(select(ControllerModel).order_by(ControllerModel.id)))
+    return list(await asyncio.gather(*(_live_health(hub, c) for c in controllers)))
+
+
+@router.get("/controllers/{controller_id}", response_model=ControllerOut)
+async def get_controller_route(controller_id: str, _: AdminUser, session: SessionDep) -> Any:
+    return controller_out(await get_controller(session, controller_id))
+
+
+@router.get("/controllers/{controller_id}/health")
+async def controller_health(controller_id: str, _: AdminUser, hub: HubDep, session: SessionDep) -> Any:
+    return await _live_health(hub, await get_controller(session, controller_id))
+
+
+async def _set_enabled(hub: HubDep, admin: AdminUser, controller_id: str, enabled: bool) -> ControllerOut:
+    operation = "enable" if enabled else "disable"
+    async with hub.db.session() as session:
+        await get_controller(session, controller_id)
+    op = await hub.ops.begin(operation, admin.username, controller_id=controller_id)
+    async with hub.db.session() as session:
+        controller = await get_controller(session, controller_id)
+        controller.enabled = enabled
+        if enabled:
+            controller.draining = False
+    await hub.ops.finish(op)
+    return controller_out(controller)
+
+
+@router.post("/controllers/{controller_id}/enable", response_model=ControllerOut)
+async def enable_controller(controller_id: str, admin: AdminUser, hub: HubDep) -> Any:
+    return await _set_enabled(hub, admin, controller_id, True)
+
+
+@router.post("/controllers/{controller_id}/disable", response_model=ControllerOut)
+async def disable_controller(controller_id: str, admin: AdminUser, hub: HubDep) -> Any:
+    return await _set_enabled(hub, admin, controller_id, False)
+
+
+@router.post("/controllers/{controller_id}/drain", response_model=ControllerOut)
+async def drain_controller(controller_id: str, admin: AdminUser, hub: HubDep) -> Any:
+    return controller_out(await hub.services.drain(admin, controller_id))
+
+
+@router.get("/containers", response_model=list[RegistryOut])
+async def list_containers(_: AdminUser, session: SessionDep, limit: int = Limit, offset: int = Offset,
+                          controller_id: str | None = None, service_id: str | None = None) -> Any:
+    query = select(ContainerRegistryModel).order_by(ContainerRegistryModel.created_at, ContainerRegistryModel.id)
+    if controller_id:
+        query = query.where(ContainerRegistryModel.controller_id == controller_id)
+    if service_id:
+        query = query.where(ContainerRegistryModel.service_id == service_id)
+    rows = await session.scalars(query.limit(limit).offset(offset))
+    return [RegistryOut.model_validate(r, from_attributes=True) for r in rows]
+
+
+@router.post("/containers/{entry_id}/migrate", response_model=ServiceOut)
+async def migrate_container(entry_id: str, admin: AdminUser, hub: HubDep, body: MigrateRequest | None = None,
+                            wait: bool = True) -> Any:
+    async with hub.db.session() as session:
+        entry = await session.get(ContainerRegistryModel, entry_id)
+        if entry is None:
+            raise NotFound(f"registry entry {entry_id!r} not found", code="CONTAINER_NOT_FOUND")
+    target = body.target_controller if body else None
+    result = await hub.services.redeploy(
+        admin, entry.service_id, "migrate", exclude_current=target is None, target=target, wait=wait
+    )
+    if isinstance(result, ServiceModel):
+        return hub.services.to_out(result)
+    return JSONResponse(OperationOut.model_validate(result, from_attributes=True).model_dump(mode="json"),
+                        status_code=202)
+
+
+@router.get("/containers/{entry_id}/migrate", include_in_schema=False)
+async def migrate_with_get(entry_id: str, _: AdminUser) -> Any:
+    raise HubError(
+        "migrate changes state, so it is a POST: POST /api/admin/containers/{id}/migrate",
+        code="METHOD_NOT_ALLOWED",
+        status_code=405,
+    )
+
+
+@router.get("/operations", response_model=list[OperationOut])
+async def list_operations(_: AdminUser, session: SessionDep, service_id: str | None = None,
+                          controller_id: str | None = None, status: str | None = None,
+                          operation: str | None = None, limit: int = Limit, offset: int = Offset) -> Any:
+    query = operations_query(service_id, controller_id, status, operation).limit(limit).offset(offset)
+    return [OperationOut.model_validate(r, from_attributes=True) for r in await session.scalars(query)]
+
+
+@router.get("/resources/usage")
+async def resources_usage(_: AdminUser, hub: HubDep, session: SessionDep) -> Any:
+    views = {v.id: v for v in await hub.controllers.snapshot(session)}
+    rows = list(await session.scalars(select(ControllerModel).order_by(ControllerModel.id)))
+    per_status = dict(
+        (await session.execute(select(ServiceModel.status, func.count()).group_by(ServiceModel.status))).all()
+    )
+    controllers = []
+    for c in rows:
+        v = views[c.id]
+        controllers.append(
+            {
+                "id": c.id,
+                "server_type": c.server_type,
+                "status": controller_out(c).status,
+                "containers": v.containers,
+                "max_containers": c.max_containers,
+                "load_percentage": c.load_percentage,
+                "memory_usage_percent": c.memory_usage_percent,
+                "cpu_cores": c.cpu_cores,
+                "cpu_reserved": v.cpu_reserved,
+                "memory_total_bytes": v.memory_total,
+                "memory_reserved_bytes": v.memory_reserved,
+                "gpus_total": len(v.gpus),
+                "gpus_used": len(v.gpus_used),
+            }
+        )
+    return {
+        "controllers": controllers,
+        "totals": {
+            "controllers": len(rows),
+            "healthy": sum(1 for c in rows if c.status == "healthy"),
+            "containers": sum(c["containers"] for c in controllers),
+            "max_containers": sum(c.max_containers for c in rows),
+            "gpus_total": sum(c["gpus_total"] for c in controllers),
+            "gpus_used": sum(c["gpus_used"] for c in controllers),
+        },
+        "services": per_status,
+    }
+
+
+@router.post("/users", status_code=201, response_model=UserCreated)
+async def admin_create_user(body: UserIn, _: AdminUser, session: SessionDep) -> Any:
+    user, token = await create_user(session, body.username, body.is_admin)
+    return UserCreated(username=user.username, is_admin=user.is_admin, token=token)

@@ -1,0 +1,107 @@
+"""The services API (SPEC section 3), at the seed's paths."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from sqlalchemy import select
+
+from hub.deps import CurrentUser, HubDep, SessionDep
+from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel
+from hub.schemas import DeploymentOut, OperationOut, RollbackRequest, ServiceOut, ServicePatch, ServiceSpec
+
+router = APIRouter(prefix="/api", tags=["services"])
+
+Wait = Query(True, description="wait for the operation to finish; false answers 202 with the operation")
+
+
+def _answer(hub: HubDep, result: ServiceModel | OperationModel, created: bool = False) -> Any:
+    if isinstance(result, OperationModel):
+        return JSONResponse(OperationOut.model_validate(result, from_attributes=True).model_dump(mode="json"),
+                            status_code=202)
+    body = hub.services.to_out(result).model_dump(mode="json")
+    return JSONResponse(body, status_code=201 if created else 200)
+
+
+@router.post("/{username}/{repo}/services", status_code=201, response_model=ServiceOut)
+async def create_service(username: str, repo: str, spec: ServiceSpec, user: CurrentUser, hub: HubDep,
+                         wait: bool = Wait) -> Any:
+    return _answer(hub, await hub.services.create(user, username, repo, spec, wait=wait), created=True)
+
+
+@router.get("/services", response_model=list[ServiceOut])
+async def list_services(user: CurrentUser, hub: HubDep, session: SessionDep,
+                        limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> list[ServiceOut]:
+    query = select(ServiceModel).order_by(ServiceModel.created_at, ServiceModel.id).limit(limit).offset(offset)
+    if not user.is_admin:
+        query = query.where(ServiceModel.owner_id == user.id)
+    return [hub.services.to_out(s) for s in await session.scalars(query)]
+
+
+@router.get("/services/{service_id}", response_model=ServiceOut)
+async def get_service(service_id: str, user: CurrentUser, hub: HubDep, session: SessionDep) -> ServiceOut:
+    return hub.services.to_out(await hub.services.get_for(session, user, service_id))
+
+
+@router.patch("/services/{service_id}", response_model=ServiceOut)
+async def update_service(service_id: str, patch: ServicePatch, user: CurrentUser, hub: HubDep,
+                         wait: bool = Wait) -> Any:
+    return _answer(hub, await hub.services.update(user, service_id, patch, wait=wait))
+
+
+@router.post("/services/{service_id}/start", response_model=ServiceOut)
+async def start_service(service_id: str, user: CurrentUser, hub: HubDep, wait: bool = Wait) -> Any:
+    return _answer(hub, await hub.services.lifecycle(user, service_id, "start", wait=wait))
+
+
+@router.post("/services/{service_id}/stop", response_model=ServiceOut)
+async def stop_service(service_id: str, user: CurrentUser, hub: HubDep, wait: bool = Wait) -> Any:
+    return _answer(hub, await hub.services.lifecycle(user, service_id, "stop", wait=wait))
+
+
+@router.post("/services/{service_id}/restart", response_model=ServiceOut)
+async def restart_service(service_id: str, user: CurrentUser, hub: HubDep, wait: bool = Wait) -> Any:
+    return _answer(hub, await hub.services.lifecycle(user, service_id, "restart", wait=wait))
+
+
+@router.get("/services/{service_id}/status", response_model=ServiceOut)
+async def service_status(service_id: str, user: CurrentUser, hub: HubDep) -> ServiceOut:
+    return hub.services.to_out(await hub.services.refresh(user, service_id))
+
+
+@router.get("/services/{service_id}/logs", response_class=PlainTextResponse)
+async def service_logs(service_id: str, user: CurrentUser, hub: HubDep,
+                       tail: int = Query(100, ge=0, le=100_000), follow: bool = False) -> Response:
+    result = await hub.services.logs(user, service_id, tail, follow)
+    if isinstance(result, str):
+        return PlainTextResponse(result)
+    return StreamingResponse(result, media_type="text/plain; charset=utf-8")
+
+
+@router.delete("/services/{service_id}", status_code=204)
+async def delete_service(service_id: str, user: CurrentUser, hub: HubDep) -> Response:
+    await hub.services.delete(user, service_id)
+    return Response(status_code=204)
+
+
+@router.get("/services/{service_id}/history", response_model=list[DeploymentOut])
+async def service_history(service_id: str, user: CurrentUser, hub: HubDep, session: SessionDep) -> list[DeploymentOut]:
+    service = await hub.services.get_for(session, user, service_id)
+    rows = await session.scalars(
+        select(DeploymentHistoryModel)
+        .where(DeploymentHistoryModel.service_id == service.id)
+        .order_by(DeploymentHistoryModel.version)
+    )
+    return [
+        DeploymentOut(version=r.version, spec=r.spec, image=r.image, reason=r.reason, actor=r.actor,
+                      created_at=r.created_at, current=r.version == service.version)
+        for r in rows
+    ]
+
+
+@router.post("/services/{service_id}/rollback", response_model=ServiceOut)
+async def rollback_service(service_id: str, body: RollbackRequest, user: CurrentUser, hub: HubDep,
+                           wait: bool = Wait) -> Any:
+    return _answer(hub, await hub.services.redeploy(user, service_id, "rollback", rollback_to=body.version, wait=wait))

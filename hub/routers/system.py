@@ -1,0 +1,34 @@
+"""Unauthenticated endpoints: liveness and Prometheus metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import func, select, text
+
+from hub.deps import HubDep
+from hub.errors import HubError
+from hub.models import ServiceModel
+from mmanager import __version__
+
+router = APIRouter(tags=["system"])
+
+
+@router.get("/health")
+async def health(hub: HubDep) -> Any:
+    try:
+        async with hub.db.session() as session:
+            await session.execute(text("SELECT 1"))
+    except Exception as exc:
+        raise HubError("database unreachable", code="DATABASE_UNAVAILABLE", status_code=503) from exc
+    return {"status": "healthy", "version": __version__, "database": True}
+
+
+@router.get("/metrics")
+async def metrics(hub: HubDep) -> Response:
+    async with hub.db.session() as session:
+        counts = dict((await session.execute(select(ServiceModel.status, func.count()).group_by(ServiceModel.status))).all())
+    hub.metrics.set_service_counts(counts)
+    return Response(generate_latest(hub.metrics.registry), media_type=CONTENT_TYPE_LATEST)

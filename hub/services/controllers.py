@@ -1,0 +1,183 @@
+"""Controllers: registration, health, and the snapshot placement reads.
+
+A controller's ``status`` changes only through ``ControllerRegistry.record_health``
+(what a poll saw) and the admin actions here, so the metrics and the table
+cannot disagree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hub.config import HubSettings
+from hub.controller_client import ControllerClient
+from hub.db import Database
+from hub.errors import Conflict, HubError, NotFound
+from hub.metrics import HubMetrics
+from hub.models import ContainerRegistryModel, ControllerModel, utcnow
+from hub.scheduler import ControllerView
+from hub.scheduler.placement import GIB
+from hub.schemas import ControllerIn, ControllerOut
+from mmanager.wire import ControllerHealth
+
+log = logging.getLogger(__name__)
+
+
+def controller_out(c: ControllerModel) -> ControllerOut:
+    return ControllerOut(
+        id=c.id,
+        url=c.url,
+        server_type=c.server_type,
+        enabled=c.enabled,
+        priority=c.priority,
+        weight=c.weight,
+        status="draining" if c.draining else c.status,  # type: ignore[arg-type]
+        last_heartbeat_at=c.last_heartbeat_at,
+        max_containers=c.max_containers,
+        containers_running=c.containers_running,
+        load_percentage=c.load_percentage,
+        memory_usage_percent=c.memory_usage_percent,
+        gpus=c.gpus,
+        error=c.error_message,
+    )
+
+
+async def get_controller(session: AsyncSession, controller_id: str) -> ControllerModel:
+    controller = await session.get(ControllerModel, controller_id)
+    if controller is None:
+        raise NotFound(f"controller {controller_id!r} not found", code="CONTROLLER_NOT_FOUND")
+    return controller
+
+
+class ControllerRegistry:
+    def __init__(self, db: Database, client: ControllerClient, settings: HubSettings, metrics: HubMetrics) -> None:
+        self.db = db
+        self.client = client
+        self.settings = settings
+        self.metrics = metrics
+
+    async def sync_from_config(self) -> None:
+        """Upsert ``MMANAGER_CONTROLLERS``: the configuration wins over the table at start-up."""
+        entries = self.settings.controller_entries
+        if not entries:
+            return
+        async with self.db.session() as session:
+            for entry in entries:
+                row = await session.get(ControllerModel, entry.id)
+                if row is None:
+                    row = ControllerModel(id=entry.id)
+                    session.add(row)
+                if row.url != entry.url:
+                    row.status = "unknown"
+                row.url = entry.url
+                row.server_type = entry.server_type
+                row.enabled = entry.enabled
+                row.priority = entry.priority
+                row.weight = entry.weight
+
+    async def register(self, session: AsyncSession, data: ControllerIn) -> ControllerModel:
+        if await session.get(ControllerModel, data.id) is not None:
+            raise Conflict(f"controller {data.id!r} is already registered", code="CONTROLLER_EXISTS")
+        row = ControllerModel(**data.model_dump())
+        row.url = row.url.rstrip("/")
+        session.add(row)
+        await session.flush()
+        return row
+
+    async def check(self, controller: ControllerModel) -> tuple[ControllerHealth | None, str | None]:
+        """Ask a controller for its health; never raises."""
+        try:
+            return await self.client.health(controller.id, controller.url), None
+        except HubError as exc:
+            return None, exc.message
+        except Exception as exc:  # a malformed answer is as bad as none
+            return None, f"{type(exc).__name__}: {exc}"
+
+    async def poll_all(self) -> None:
+        async with self.db.session() as session:
+            controllers = list(await session.scalars(select(ControllerModel)))
+        results = await asyncio.gather(*(self.check(c) for c in controllers))
+        async with self.db.session() as session:
+            for controller, (health, error) in zip(controllers, results, strict=True):
+                row = await session.get(ControllerModel, controller.id)
+                if row is not None:
+                    self.record_health(row, health, error)
+
+    async def poll_one(self, session: AsyncSession, row: ControllerModel) -> ControllerHealth | None:
+        health, error = await self.check(row)
+        self.record_health(row, health, error)
+        return health
+
+    def record_health(self, row: ControllerModel, health: ControllerHealth | None, error: str | None) -> None:
+        now = utcnow()
+        if health is not None and health.status == "healthy":
+            row.status = "healthy"
+            row.error_message = None
+            row.last_heartbeat_at = now
+            row.containers_running = health.containers.running
+            row.max_containers = health.containers.max_allowed
+            row.load_percentage = health.load_percentage
+            row.memory_usage_percent = health.memory_usage_percent
+            row.cpu_cores = health.resources.cpu_cores
+            row.memory_total_gb = health.resources.memory_total_gb
+            row.memory_available_gb = health.resources.memory_available_gb
+            row.gpus = [g.model_dump() for g in health.capabilities.gpus]
+            row.health_data = health.model_dump(mode="json")
+        else:
+            row.error_message = error or (health.error if health else None) or "unhealthy"
+            grace = timedelta(seconds=self.settings.heartbeat_grace)
+            if row.last_heartbeat_at is None or now - row.last_heartbeat_at > grace:
+                row.status = "unhealthy"
+        self.metrics.observe_controller(
+            row.id, row.status == "healthy", row.containers_running, row.load_percentage, row.memory_usage_percent
+        )
+
+    async def snapshot(self, session: AsyncSession) -> list[ControllerView]:
+        """An immutable view of every controller with what the registry has reserved on it."""
+        controllers = list(await session.scalars(select(ControllerModel)))
+        usage = {
+            row.controller_id: row
+            for row in await session.execute(
+                select(
+                    ContainerRegistryModel.controller_id,
+                    func.count().label("containers"),
+                    func.coalesce(func.sum(ContainerRegistryModel.memory_bytes), 0).label("memory"),
+                    func.coalesce(func.sum(ContainerRegistryModel.cpu_limit), 0.0).label("cpu"),
+                ).group_by(ContainerRegistryModel.controller_id)
+            )
+        }
+        gpus_used: dict[str, set[str]] = {}
+        for controller_id, devices in await session.execute(
+            select(ContainerRegistryModel.controller_id, ContainerRegistryModel.gpu_devices)
+        ):
+            if devices:
+                gpus_used.setdefault(controller_id, set()).update(str(d) for d in devices)
+        views = []
+        for c in controllers:
+            u: Any = usage.get(c.id)
+            views.append(
+                ControllerView(
+                    id=c.id,
+                    server_type=c.server_type,
+                    enabled=c.enabled,
+                    draining=c.draining,
+                    healthy=c.status == "healthy",
+                    priority=c.priority,
+                    weight=c.weight,
+                    max_containers=c.max_containers,
+                    containers=max(u.containers if u else 0, c.containers_running),
+                    cpu_cores=c.cpu_cores,
+                    cpu_reserved=float(u.cpu) if u else 0.0,
+                    memory_total=int(c.memory_total_gb * GIB),
+                    memory_reserved=int(u.memory) if u else 0,
+                    gpus=tuple(str(g.get("index")) for g in c.gpus),
+                    gpus_used=frozenset(gpus_used.get(c.id, ())),
+                )
+            )
+        return views

@@ -1,0 +1,632 @@
+"""Service lifecycle: create, start, stop, restart, delete, update, rollback,
+migrate and drain.
+
+Invariants:
+- a service's ``status``, ``controller_id``, ``container_id`` and ``epoch``
+  change only here, and each change is recorded in ``container_operations``;
+- a ``container_registry`` row exists, marked ``creating``, from the moment a
+  controller is chosen, so concurrent placements count it; it is removed if the
+  create fails, so a failed create leaves neither container nor row behind;
+- placements are serialised by one lock, so two concurrent creates never both
+  take the last slot of a controller; calls on one service are serialised by
+  that service's lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import AsyncIterator, Awaitable
+from typing import Any
+from urllib.parse import urlparse
+
+from sqlalchemy import delete, func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hub.config import HubSettings
+from hub.controller_client import ControllerClient
+from hub.db import Database
+from hub.errors import (
+    Conflict,
+    ControllerRejected,
+    ControllerUnavailable,
+    HubError,
+    InvalidRequest,
+    NoFeasibleController,
+    NotFound,
+    QuotaExceeded,
+)
+from hub.metrics import HubMetrics
+from hub.models import (
+    ContainerRegistryModel,
+    ControllerModel,
+    DeploymentHistoryModel,
+    OperationModel,
+    ServiceModel,
+    UserModel,
+)
+from hub.scheduler import Placement, PlacementRequest, place
+from hub.schemas import Endpoint, ServiceOut, ServicePatch, ServiceSpec
+from hub.services.controllers import ControllerRegistry, get_controller
+from hub.services.operations import OperationLog
+from mmanager.wire import ContainerCreate, HealthCheck
+
+log = logging.getLogger(__name__)
+
+# Docker's container states, as the service status a user sees.
+_DOCKER_TO_STATUS = {"running": "running", "created": "starting", "restarting": "starting", "paused": "stopped"}
+CREATE_ATTEMPTS = 3
+
+
+def docker_status(state: str, desired: str) -> str:
+    if state in _DOCKER_TO_STATUS:
+        return _DOCKER_TO_STATUS[state]
+    return "failed" if desired == "running" else "stopped"
+
+
+def container_name(service: ServiceModel, epoch: int) -> str:
+    return f"mm-{service.name}-{service.id[:8]}-{epoch}"
+
+
+def endpoint_for(controller_url: str, ports: dict[str, int | None]) -> Endpoint:
+    host = urlparse(controller_url).hostname or ""
+    return Endpoint(host=host, ports={key.split("/")[0]: value for key, value in ports.items()})
+
+
+class ServiceManager:
+    def __init__(
+        self,
+        db: Database,
+        client: ControllerClient,
+        controllers: ControllerRegistry,
+        ops: OperationLog,
+        settings: HubSettings,
+        metrics: HubMetrics,
+    ) -> None:
+        self.db = db
+        self.client = client
+        self.controllers = controllers
+        self.ops = ops
+        self.settings = settings
+        self.metrics = metrics
+        self._placement_lock = asyncio.Lock()
+        self._owner_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._service_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
+        self._tasks: set[asyncio.Task[Any]] = set()
+
+    # ------------------------------------------------------------------ reads
+
+    async def get_for(self, session: AsyncSession, user: UserModel, service_id: str) -> ServiceModel:
+        """The service, if ``user`` may see it; another user's service does not exist for them."""
+        service = await session.get(ServiceModel, service_id)
+        if service is None or not (user.is_admin or service.owner_id == user.id):
+            raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
+        return service
+
+    def to_out(self, service: ServiceModel) -> ServiceOut:
+        endpoint = Endpoint.model_validate(service.endpoint) if service.endpoint else None
+        return ServiceOut(
+            id=service.id,
+            name=service.name,
+            owner=service.owner.username,
+            repo=service.repo,
+            spec=service.spec,
+            version=service.version,
+            desired_state=service.desired_state,  # type: ignore[arg-type]
+            status=service.status,
+            status_message=service.status_message,
+            controller_id=service.controller_id,
+            container_id=service.container_id,
+            epoch=service.epoch,
+            endpoint=endpoint,
+            url=self._url(service, endpoint),
+            health=service.health,
+            created_at=service.created_at,
+            updated_at=service.updated_at,
+        )
+
+    def _url(self, service: ServiceModel, endpoint: Endpoint | None) -> str | None:
+        if self.settings.service_domain:
+            return f"http://{service.name}-{service.owner.username}.{self.settings.service_domain}"
+        if endpoint is None or service.status != "running":
+            return None
+        for port in endpoint.ports.values():
+            if port:
+                return f"http://{endpoint.host}:{port}"
+        return None
+
+    # --------------------------------------------------------------- plumbing
+
+    def spawn(self, work: Awaitable[Any]) -> None:
+        """Run an operation in the background (``?wait=false``); errors are in its record."""
+
+        async def guarded() -> None:
+            try:
+                await work
+            except HubError:
+                pass  # already recorded on the operation
+            except Exception:
+                log.exception("background operation crashed")
+
+        task = asyncio.create_task(guarded())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self, timeout: float = 30.0) -> None:
+        if self._tasks:
+            await asyncio.wait(set(self._tasks), timeout=timeout)
+
+    async def _place(self, session: AsyncSession, spec: ServiceSpec, exclude: frozenset[str] = frozenset(),
+                     target: str | None = None) -> Placement:
+        views = await self.controllers.snapshot(session)
+        if target is not None:
+            if target not in {v.id for v in views}:
+                raise NotFound(f"controller {target!r} not found", code="CONTROLLER_NOT_FOUND")
+            views = [v for v in views if v.id == target]
+        request = PlacementRequest(
+            memory=spec.resources.memory_bytes,
+            cpu=spec.resources.cpu_limit or 0.0,
+            gpu_count=spec.resources.gpu_count,
+            server_type=spec.server_type,
+            exclude=exclude,
+        )
+        decision = place(views, request)
+        if not decision.placed:
+            raise NoFeasibleController(
+                "no controller can run this service",
+                {"rejections": [r.as_dict() for r in decision.rejections]},
+            )
+        return decision
+
+    def _container_config(self, service: ServiceModel, spec: ServiceSpec, epoch: int,
+                          gpus: tuple[str, ...]) -> ContainerCreate:
+        owner = service.owner.username
+        return ContainerCreate(
+            name=container_name(service, epoch),
+            image=spec.image,
+            command=spec.command,
+            environment=dict(spec.env),
+            ports={(k if "/" in k else f"{k}/tcp"): v for k, v in spec.ports.items()},
+            # Volume names are per owner, so one user cannot mount another's data.
+            volumes={f"mm-{owner}-{name}": {"bind": path, "mode": "rw"} for name, path in spec.volumes.items()},
+            memory_limit=spec.resources.memory_limit,
+            cpu_limit=spec.resources.cpu_limit,
+            restart_policy=spec.restart_policy,
+            labels=dict(spec.labels),
+            service_id=service.id,
+            epoch=epoch,
+            gpu_count=len(gpus),
+            gpu_device_ids=list(gpus) or None,
+            health_check=HealthCheck.model_validate(spec.health_check.model_dump()) if spec.health_check else None,
+        )
+
+    async def _reserve(self, service: ServiceModel, spec: ServiceSpec, exclude: frozenset[str],
+                       target: str | None, epoch: int) -> tuple[ContainerRegistryModel, ControllerModel, tuple[str, ...]]:
+        """Choose a controller and hold a registry row on it, in one serialised step."""
+        async with self._placement_lock, self.db.session() as session:
+            decision = await self._place(session, spec, exclude, target)
+            assert decision.controller_id is not None
+            controller = await get_controller(session, decision.controller_id)
+            row = ContainerRegistryModel(
+                service_id=service.id,
+                controller_id=controller.id,
+                container_name=container_name(service, epoch),
+                image=spec.image,
+                status="creating",
+                epoch=epoch,
+                memory_bytes=spec.resources.memory_bytes,
+                cpu_limit=spec.resources.cpu_limit or 0.0,
+                gpu_devices=list(decision.gpu_devices),
+            )
+            session.add(row)
+        return row, controller, decision.gpu_devices
+
+    async def _deploy(self, service: ServiceModel, spec: ServiceSpec, epoch: int,
+                      exclude: frozenset[str] = frozenset(), target: str | None = None
+                      ) -> tuple[ContainerRegistryModel, ControllerModel, dict[str, int | None], str]:
+        """Place and create-and-start one container; on failure nothing stays reserved.
+
+        A controller that cannot be reached is skipped and the next best one tried.
+        """
+        tried: set[str] = set()
+        last_error: HubError | None = None
+        for _ in range(CREATE_ATTEMPTS):
+            try:
+                row, controller, gpus = await self._reserve(service, spec, exclude | tried, target, epoch)
+            except NoFeasibleController:
+                if last_error is not None:
+                    raise last_error from None
+                raise
+            try:
+                created = await self.client.create(
+                    controller.id, controller.url, self._container_config(service, spec, epoch, gpus)
+                )
+            except HubError as exc:
+                async with self.db.session() as session:
+                    await session.execute(delete(ContainerRegistryModel).where(ContainerRegistryModel.id == row.id))
+                if isinstance(exc, ControllerUnavailable) and target is None:
+                    tried.add(controller.id)
+                    last_error = exc
+                    continue
+                raise
+            row.container_id = created.container_id
+            row.container_name = created.name
+            row.status = "running" if created.status == "running" else created.status
+            return row, controller, created.ports, created.status
+        assert last_error is not None
+        raise last_error
+
+    # ----------------------------------------------------------------- create
+
+    async def create(self, user: UserModel, username: str, repo: str, spec: ServiceSpec,
+                     wait: bool = True) -> ServiceModel | OperationModel:
+        async with self.db.session() as session:
+            owner = user
+            if username != user.username:
+                if not user.is_admin:
+                    raise NotFound(f"user {username!r} not found", code="USER_NOT_FOUND")
+                found = await session.scalar(select(UserModel).where(UserModel.username == username))
+                if found is None:
+                    raise NotFound(f"user {username!r} not found", code="USER_NOT_FOUND")
+                owner = found
+        async with self._owner_locks[owner.id]:
+            async with self.db.session() as session:
+                count = await session.scalar(select(func.count()).where(ServiceModel.owner_id == owner.id)) or 0
+                limit = self.settings.max_services_per_user
+                if not owner.is_admin and count >= limit:
+                    raise QuotaExceeded(
+                        f"user {owner.username!r} already has {count} services (max_services_per_user={limit})",
+                        {"limit": limit, "current": count},
+                    )
+                clash = await session.scalar(
+                    select(ServiceModel.id).where(ServiceModel.owner_id == owner.id, ServiceModel.name == spec.name)
+                )
+                if clash is not None:
+                    raise Conflict(f"service {spec.name!r} already exists (id {clash})", code="SERVICE_EXISTS")
+                # Fail before anything is written when nothing could run it.
+                await self._place(session, spec)
+                service = ServiceModel(
+                    name=spec.name,
+                    owner_id=owner.id,
+                    repo=repo,
+                    spec=spec.model_dump(mode="json"),
+                    status="pending",
+                    desired_state="running",
+                    epoch=1,
+                )
+                service.owner = owner
+                session.add(service)
+                await session.flush()
+                session.add(
+                    DeploymentHistoryModel(
+                        service_id=service.id, version=1, spec=service.spec, image=spec.image,
+                        reason="create", actor=user.username,
+                    )
+                )
+        op = await self.ops.begin("create", user.username, service_id=service.id, details={"epoch": 1, "version": 1})
+        work = self._run_create(service, spec, op)
+        if not wait:
+            self.spawn(work)
+            return op
+        return await work
+
+    async def _run_create(self, service: ServiceModel, spec: ServiceSpec, op: OperationModel) -> ServiceModel:
+        async with self._service_locks[service.id]:
+            try:
+                row, controller, ports, status = await self._deploy(service, spec, service.epoch)
+            except HubError as exc:
+                async with self.db.session() as session:
+                    await session.execute(delete(ServiceModel).where(ServiceModel.id == service.id))
+                await self.ops.finish(op, f"{exc.code}: {exc.message}")
+                self._service_locks.pop(service.id, None)
+                raise
+            async with self.db.session() as session:
+                await session.merge(row)
+                fresh = await session.get(ServiceModel, service.id)
+                assert fresh is not None
+                fresh.controller_id = controller.id
+                fresh.container_id = row.container_id
+                fresh.gpu_devices = row.gpu_devices
+                fresh.status = docker_status(status, "running")
+                fresh.endpoint = endpoint_for(controller.url, ports).model_dump()
+                fresh.status_message = None
+            await self.ops.finish(op, controller_id=controller.id, container_id=row.container_id)
+            return fresh
+
+    # ----------------------------------------------- start / stop / restart
+
+    async def lifecycle(self, user: UserModel, service_id: str, action: str,
+                        wait: bool = True) -> ServiceModel | OperationModel:
+        async with self.db.session() as session:
+            service = await self.get_for(session, user, service_id)
+        op = await self.ops.begin(
+            action, user.username, service_id=service.id, controller_id=service.controller_id,
+            container_id=service.container_id, details={"epoch": service.epoch},
+        )
+        work = self._run_lifecycle(service.id, action, op)
+        if not wait:
+            self.spawn(work)
+            return op
+        return await work
+
+    async def _run_lifecycle(self, service_id: str, action: str, op: OperationModel) -> ServiceModel:
+        async with self._service_locks[service_id]:
+            async with self.db.session() as session:
+                service = await session.get(ServiceModel, service_id)
+                if service is None:
+                    await self.ops.finish(op, "service was deleted")
+                    raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
+                service.desired_state = "stopped" if action == "stop" else "running"
+            try:
+                if service.container_id is None or service.controller_id is None:
+                    raise Conflict("service has no container", code="NO_CONTAINER")
+                async with self.db.session() as session:
+                    controller = await get_controller(session, service.controller_id)
+                params = {"timeout": 10} if action == "stop" else {}
+                try:
+                    await self.client.action(
+                        controller.id, controller.url, service.container_id, action, epoch=service.epoch, **params
+                    )
+                except ControllerRejected as exc:
+                    if exc.status_code != 404 or action == "stop":
+                        raise
+                    # The container is gone (removed by hand, or its server was rebuilt): make a new one.
+                    await self._replace(service, ServiceSpec.model_validate(service.spec), op)
+                    return await self._reload(service_id)
+                info = await self.client.inspect(controller.id, controller.url, service.container_id)
+            except HubError as exc:
+                await self.ops.finish(op, f"{exc.code}: {exc.message}")
+                raise
+            async with self.db.session() as session:
+                fresh = await session.get(ServiceModel, service_id)
+                assert fresh is not None
+                fresh.status = docker_status(info.status, fresh.desired_state)
+                fresh.endpoint = endpoint_for(controller.url, info.ports).model_dump() if info.status == "running" else None
+                fresh.status_message = None
+                await session.execute(
+                    ContainerRegistryModel.__table__.update()
+                    .where(ContainerRegistryModel.container_id == service.container_id)
+                    .values(status=info.status)
+                )
+            await self.ops.finish(op)
+            return fresh
+
+    async def _reload(self, service_id: str) -> ServiceModel:
+        async with self.db.session() as session:
+            service = await session.get(ServiceModel, service_id)
+            if service is None:
+                raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
+            return service
+
+    # ------------------------------------------- redeploy: update, rollback, migrate
+
+    async def _replace(self, service: ServiceModel, spec: ServiceSpec, op: OperationModel,
+                       exclude: frozenset[str] = frozenset(), target: str | None = None,
+                       version: int | None = None, reason: str | None = None) -> ServiceModel:
+        """Start a copy at the next epoch, then remove the old one: no gap for a planned move."""
+        old_controller_id, old_container_id = service.controller_id, service.container_id
+        epoch = service.epoch + 1
+        row, controller, ports, status = await self._deploy(service, spec, epoch, exclude, target)
+        async with self.db.session() as session:
+            await session.merge(row)
+            fresh = await session.get(ServiceModel, service.id)
+            assert fresh is not None
+            fresh.epoch = epoch
+            fresh.controller_id = controller.id
+            fresh.container_id = row.container_id
+            fresh.gpu_devices = row.gpu_devices
+            fresh.spec = spec.model_dump(mode="json")
+            if version is not None:
+                fresh.version = version
+                session.add(
+                    DeploymentHistoryModel(
+                        service_id=service.id, version=version, spec=fresh.spec, image=spec.image,
+                        reason=reason or op.operation, actor=op.actor,
+                    )
+                )
+            fresh.status = docker_status(status, "running")
+            fresh.endpoint = endpoint_for(controller.url, ports).model_dump()
+            fresh.status_message = None
+        details: dict[str, Any] = {"epoch": epoch, "from_controller": old_controller_id, "to_controller": controller.id}
+        if old_container_id and old_controller_id:
+            details["old_container_removed"] = await self._remove_container(old_controller_id, old_container_id)
+        async with self.db.session() as session:
+            await session.execute(
+                delete(ContainerRegistryModel).where(
+                    ContainerRegistryModel.service_id == service.id, ContainerRegistryModel.id != row.id
+                )
+            )
+        if fresh.desired_state == "stopped":
+            await self.client.action(controller.id, controller.url, row.container_id or "", "stop", epoch=epoch)
+            async with self.db.session() as session:
+                stopped = await session.get(ServiceModel, service.id)
+                assert stopped is not None
+                stopped.status, stopped.endpoint = "stopped", None
+                fresh = stopped
+        await self.ops.finish(op, controller_id=controller.id, container_id=row.container_id, details=details)
+        return fresh
+
+    async def _remove_container(self, controller_id: str, container_id: str) -> bool:
+        async with self.db.session() as session:
+            controller = await session.get(ControllerModel, controller_id)
+        if controller is None:
+            return False
+        try:
+            await self.client.action(controller.id, controller.url, container_id, "delete", force="true")
+            return True
+        except ControllerRejected as exc:
+            return exc.status_code == 404
+        except HubError as exc:
+            log.warning("could not remove old container %s on %s: %s", container_id, controller_id, exc.message)
+            return False
+
+    async def redeploy(self, user: UserModel, service_id: str, operation: str, *, spec: ServiceSpec | None = None,
+                       rollback_to: int | None = None, exclude_current: bool = False, target: str | None = None,
+                       wait: bool = True) -> ServiceModel | OperationModel:
+        async with self.db.session() as session:
+            service = await self.get_for(session, user, service_id)
+            version: int | None = None
+            if rollback_to is not None:
+                past = await session.scalar(
+                    select(DeploymentHistoryModel).where(
+                        DeploymentHistoryModel.service_id == service.id, DeploymentHistoryModel.version == rollback_to
+                    )
+                )
+                if past is None:
+                    raise NotFound(f"service has no version {rollback_to}", code="VERSION_NOT_FOUND")
+                spec = ServiceSpec.model_validate(past.spec)
+            if spec is not None:
+                latest = await session.scalar(
+                    select(func.max(DeploymentHistoryModel.version)).where(DeploymentHistoryModel.service_id == service.id)
+                )
+                version = (latest or 0) + 1
+            if target is not None:
+                await get_controller(session, target)
+        op = await self.ops.begin(
+            operation, user.username, service_id=service.id, controller_id=service.controller_id,
+            container_id=service.container_id,
+            details={"from_epoch": service.epoch, **({"version": version} if version else {}),
+                     **({"rollback_to": rollback_to} if rollback_to else {})},
+        )
+        exclude = frozenset({service.controller_id}) if exclude_current and service.controller_id else frozenset()
+        work = self._run_redeploy(service.id, spec, op, exclude, target, version)
+        if not wait:
+            self.spawn(work)
+            return op
+        return await work
+
+    async def _run_redeploy(self, service_id: str, spec: ServiceSpec | None, op: OperationModel,
+                            exclude: frozenset[str], target: str | None, version: int | None) -> ServiceModel:
+        async with self._service_locks[service_id]:
+            try:
+                service = await self._reload(service_id)
+                if target is not None and target == service.controller_id:
+                    raise Conflict("the service already runs on that controller", code="SAME_CONTROLLER")
+                if spec is None:
+                    spec = ServiceSpec.model_validate(service.spec)
+                return await self._replace(service, spec, op, exclude, target, version)
+            except HubError as exc:
+                if op.status == "running":
+                    await self.ops.finish(op, f"{exc.code}: {exc.message}")
+                raise
+
+    async def update(self, user: UserModel, service_id: str, patch: ServicePatch,
+                     wait: bool = True) -> ServiceModel | OperationModel:
+        async with self.db.session() as session:
+            service = await self.get_for(session, user, service_id)
+        changes = patch.model_dump(exclude_unset=True)
+        if not changes:
+            raise InvalidRequest("the patch changes nothing", code="EMPTY_PATCH")
+        merged = {**service.spec, **{k: (v.model_dump() if hasattr(v, "model_dump") else v)
+                                      for k, v in ((k, getattr(patch, k)) for k in changes)}}
+        spec = ServiceSpec.model_validate(merged)
+        return await self.redeploy(user, service_id, "update", spec=spec, wait=wait)
+
+    # ----------------------------------------------------------------- delete
+
+    async def delete(self, user: UserModel, service_id: str) -> None:
+        async with self.db.session() as session:
+            service = await self.get_for(session, user, service_id)
+        op = await self.ops.begin(
+            "delete", user.username, service_id=service.id, controller_id=service.controller_id,
+            container_id=service.container_id,
+        )
+        async with self._service_locks[service.id]:
+            async with self.db.session() as session:
+                containers = list(
+                    await session.execute(
+                        select(ContainerRegistryModel.controller_id, ContainerRegistryModel.container_id).where(
+                            ContainerRegistryModel.service_id == service.id
+                        )
+                    )
+                )
+            for controller_id, container_id in containers:
+                if container_id is None:
+                    continue
+                async with self.db.session() as session:
+                    controller = await session.get(ControllerModel, controller_id)
+                if controller is None:
+                    continue
+                try:
+                    await self.client.action(controller.id, controller.url, container_id, "delete", force="true")
+                except ControllerRejected as exc:
+                    if exc.status_code != 404:
+                        await self.ops.finish(op, f"{exc.code}: {exc.message}")
+                        raise
+                except HubError as exc:
+                    await self.ops.finish(op, f"{exc.code}: {exc.message}")
+                    raise
+            async with self.db.session() as session:
+                await session.execute(delete(ServiceModel).where(ServiceModel.id == service.id))
+            await self.ops.finish(op)
+        self._service_locks.pop(service.id, None)
+
+    # ----------------------------------------------------------------- status
+
+    async def refresh(self, user: UserModel, service_id: str) -> ServiceModel:
+        """The service with its status read from the controller, when it can be reached."""
+        async with self.db.session() as session:
+            service = await self.get_for(session, user, service_id)
+            if service.controller_id is None or service.container_id is None:
+                return service
+            controller = await session.get(ControllerModel, service.controller_id)
+        if controller is None:
+            return service
+        try:
+            info = await self.client.inspect(controller.id, controller.url, service.container_id)
+        except ControllerRejected as exc:
+            if exc.status_code != 404:
+                raise
+            status, message, endpoint = "failed", "container not found on its controller", None
+        except ControllerUnavailable as exc:
+            async with self.db.session() as session:
+                fresh = await session.get(ServiceModel, service_id)
+                assert fresh is not None
+                fresh.status_message = exc.message
+            return fresh
+        else:
+            status = docker_status(info.status, service.desired_state)
+            message = None if status in ("running", "stopped") else f"container is {info.status}"
+            endpoint = endpoint_for(controller.url, info.ports).model_dump() if info.status == "running" else None
+        async with self.db.session() as session:
+            fresh = await session.get(ServiceModel, service_id)
+            assert fresh is not None
+            if fresh.epoch == service.epoch:
+                fresh.status, fresh.status_message, fresh.endpoint = status, message, endpoint
+        return fresh
+
+    async def logs(self, user: UserModel, service_id: str, tail: int, follow: bool) -> str | AsyncIterator[bytes]:
+        async with self.db.session() as session:
+            service = await self.get_for(session, user, service_id)
+            if service.container_id is None or service.controller_id is None:
+                raise Conflict("service has no container yet", code="NO_CONTAINER")
+            controller = await get_controller(session, service.controller_id)
+        if follow:
+            return await self.client.follow_logs(controller.id, controller.url, service.container_id, tail)
+        return await self.client.logs(controller.id, controller.url, service.container_id, tail)
+
+    # ------------------------------------------------------------------ drain
+
+    async def drain(self, user: UserModel, controller_id: str) -> ControllerModel:
+        async with self.db.session() as session:
+            controller = await get_controller(session, controller_id)
+            controller.draining = True
+            controller.enabled = False
+            service_ids = list(
+                await session.scalars(select(ServiceModel.id).where(ServiceModel.controller_id == controller_id))
+            )
+        op = await self.ops.begin("drain", user.username, controller_id=controller_id,
+                                  details={"services": len(service_ids)})
+        failures: dict[str, str] = {}
+        for service_id in service_ids:
+            try:
+                await self.redeploy(user, service_id, "migrate", exclude_current=True)
+            except HubError as exc:
+                failures[service_id] = f"{exc.code}: {exc.message}"
+        async with self.db.session() as session:
+            controller = await get_controller(session, controller_id)
+            controller.draining = bool(failures)
+        await self.ops.finish(op, f"{len(failures)} service(s) could not move" if failures else None,
+                              details={"failures": failures})
+        return controller

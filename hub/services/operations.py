@@ -1,0 +1,84 @@
+"""The operation history (``container_operations``).
+
+Every lifecycle call is recorded here: a row is committed as ``running``
+before the controller is touched and finished as ``succeeded`` or ``failed``
+afterwards, so a crash leaves a visible trace instead of nothing.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Select, select
+
+from hub.db import Database
+from hub.metrics import HubMetrics
+from hub.models import OperationModel, utcnow
+
+
+class OperationLog:
+    def __init__(self, db: Database, metrics: HubMetrics) -> None:
+        self.db = db
+        self.metrics = metrics
+
+    async def begin(
+        self,
+        operation: str,
+        actor: str,
+        service_id: str | None = None,
+        controller_id: str | None = None,
+        container_id: str | None = None,
+        details: dict[str, Any] | None = None,
+    ) -> OperationModel:
+        op = OperationModel(
+            operation=operation,
+            status="running",
+            actor=actor,
+            service_id=service_id,
+            controller_id=controller_id,
+            container_id=container_id,
+            details=details or {},
+        )
+        async with self.db.session() as session:
+            session.add(op)
+        return op
+
+    async def finish(
+        self,
+        op: OperationModel,
+        error: str | None = None,
+        **changes: Any,
+    ) -> OperationModel:
+        op.status = "failed" if error else "succeeded"
+        op.error = error
+        op.finished_at = utcnow()
+        for key, value in changes.items():
+            if key == "details":
+                op.details = {**op.details, **value}
+            else:
+                setattr(op, key, value)
+        async with self.db.session() as session:
+            await session.merge(op)
+        self.metrics.operations.labels(op.operation, op.status).inc()
+        self.metrics.operation_duration.labels(op.operation).observe(
+            (op.finished_at - op.created_at).total_seconds()
+        )
+        return op
+
+
+def operations_query(
+    service_id: str | None = None,
+    controller_id: str | None = None,
+    status: str | None = None,
+    operation: str | None = None,
+) -> Select[tuple[OperationModel]]:
+    query = select(OperationModel).order_by(OperationModel.created_at.desc(), OperationModel.id)
+    if service_id:
+        query = query.where(OperationModel.service_id == service_id)
+    if controller_id:
+        query = query.where(OperationModel.controller_id == controller_id)
+    if status:
+        query = query.where(OperationModel.status == status)
+    if operation:
+        query = query.where(OperationModel.operation == operation)
+    return query

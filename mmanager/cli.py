@@ -1,0 +1,200 @@
+"""The ``mmanager`` command."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import secrets
+import socket
+from pathlib import Path
+from typing import Annotated
+
+import typer
+import uvicorn
+from rich.console import Console
+
+app = typer.Typer(help="mManager hub: orchestrate model-service containers across a lab's servers.",
+                  no_args_is_help=True)
+hub_app = typer.Typer(help="The central hub.", no_args_is_help=True)
+controller_app = typer.Typer(help="The per-server controller agent.", no_args_is_help=True)
+db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+users_app = typer.Typer(help="Users and API tokens.", no_args_is_help=True)
+app.add_typer(hub_app, name="hub")
+app.add_typer(controller_app, name="controller")
+app.add_typer(db_app, name="db")
+app.add_typer(users_app, name="users")
+
+console = Console(stderr=True)
+Host = Annotated[str, typer.Option(help="address to listen on")]
+
+
+def _logging(level: str = "INFO") -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {message}")
+    raise typer.Exit(2)
+
+
+@hub_app.command("serve")
+def hub_serve(host: Host = "0.0.0.0", port: int = 8000,
+              migrate: Annotated[bool, typer.Option(help="run the migrations first")] = True) -> None:
+    """Run the hub."""
+    from pydantic import ValidationError
+
+    from hub.app import create_app
+    from hub.config import HubSettings
+    from hub.migrate import upgrade
+
+    _logging(os.environ.get("LOG_LEVEL", "INFO"))
+    try:
+        settings = HubSettings()
+    except ValidationError as exc:
+        _fail("; ".join(str(e["msg"]) for e in exc.errors()))
+        return
+    if migrate:
+        upgrade(settings.database_url)
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+
+
+@controller_app.command("serve")
+def controller_serve(host: Host = "0.0.0.0", port: Annotated[int | None, typer.Option(
+        help="port (default: PORT / MMANAGER_PORT, else 8001)")] = None) -> None:
+    """Run a controller on this host, driving its Docker daemon."""
+    from pydantic import ValidationError
+
+    from controller.app import create_app
+    from controller.config import ControllerSettings
+
+    try:
+        settings = ControllerSettings()
+    except ValidationError as exc:
+        _fail("controller settings: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        return
+    uvicorn.run(create_app(settings), host=host, port=port or settings.port, log_level="warning")
+
+
+@db_app.command("upgrade")
+def db_upgrade(revision: str = "head") -> None:
+    """Apply the migrations to MMANAGER_DATABASE_URL."""
+    from hub.config import DatabaseSettings
+    from hub.migrate import upgrade
+
+    upgrade(DatabaseSettings().database_url, revision)
+    console.print(f"database at revision {revision}")
+
+
+@users_app.command("create")
+def users_create(name: str, admin: Annotated[bool, typer.Option("--admin", help="may use /api/admin")] = False) -> None:
+    """Create a user and print its API token (shown once)."""
+    from hub.config import DatabaseSettings
+    from hub.db import Database
+    from hub.errors import HubError
+    from hub.migrate import upgrade
+    from hub.services.users import create_user
+
+    url = DatabaseSettings().database_url
+    upgrade(url)
+
+    async def run() -> str:
+        db = Database(url)
+        try:
+            async with db.session() as session:
+                _, token = await create_user(session, name, admin)
+            return token
+        finally:
+            await db.dispose()
+
+    try:
+        token = asyncio.run(run())
+    except HubError as exc:
+        _fail(exc.message)
+        return
+    console.print(f"created {'admin ' if admin else ''}user {name}; its token is shown once:")
+    print(token)
+
+
+def _free_port(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+            return True
+        except OSError:
+            return False
+
+
+@app.command("dev")
+def dev(port: int = 8000,
+        state_dir: Annotated[Path, typer.Option(help="where the dev database and token live")] = Path(".mmanager"),
+        controller_port: Annotated[int | None, typer.Option(help="default: port + 1")] = None) -> None:
+    """All-in-one: the hub on embedded SQLite and one local controller, like `nomad agent -dev`."""
+    from controller.app import create_app as create_controller
+    from controller.config import ControllerSettings
+    from hub.app import create_app as create_hub
+    from hub.config import HubSettings
+    from hub.db import Database
+    from hub.migrate import upgrade
+    from hub.services.users import ensure_user, issue_token
+
+    _logging("INFO")
+    ctl_port = controller_port or port + 1
+    for p in (port, ctl_port):
+        if not _free_port(p):
+            _fail(f"port {p} is in use; pick others with --port / --controller-port")
+    state_dir.mkdir(parents=True, exist_ok=True)
+    db_url = f"sqlite+aiosqlite:///{(state_dir / 'dev.db').resolve()}"
+    upgrade(db_url)
+    key = secrets.token_hex(32)  # lives only as long as this process
+    controller_id = f"dev-{socket.gethostname()}"
+    controller_url = f"http://127.0.0.1:{ctl_port}"
+    ctl_settings = ControllerSettings(
+        MMANAGER_API_KEY=key, SERVER_ID=controller_id, SERVER_TYPE="cpu", CONTROLLER_URL=controller_url,
+        PUBLISH_IP="127.0.0.1",
+    )
+    hub_settings = HubSettings(
+        database_url=db_url, api_key=key, dev_mode=True,
+        controllers=json.dumps([{"id": controller_id, "url": controller_url, "server_type": "cpu"}]),
+    )
+
+    async def bootstrap() -> str:
+        db = Database(db_url)
+        try:
+            async with db.session() as session:
+                user = await ensure_user(session, "dev", is_admin=True)
+                return await issue_token(session, user)
+        finally:
+            await db.dispose()
+
+    token = asyncio.run(bootstrap())
+    token_file = state_dir / "dev-token"
+    token_file.write_text(token + "\n")
+    token_file.chmod(0o600)
+
+    async def serve() -> None:
+        ctl = uvicorn.Server(uvicorn.Config(create_controller(ctl_settings), host="127.0.0.1", port=ctl_port,
+                                            log_level="warning"))
+        hub = uvicorn.Server(uvicorn.Config(create_hub(hub_settings), host="127.0.0.1", port=port,
+                                            log_level="warning"))
+        ctl_task = asyncio.create_task(ctl.serve())
+        while not ctl.started and not ctl_task.done():
+            await asyncio.sleep(0.05)
+        hub_task = asyncio.create_task(hub.serve())
+        while not hub.started and not hub_task.done():
+            await asyncio.sleep(0.05)
+        if hub.started:
+            console.print(f"[green]mManager dev[/green]: hub http://127.0.0.1:{port}  controller {controller_url}")
+            console.print(f"admin user 'dev', token in {token_file}:\n  export MMANAGER_TOKEN={token}")
+        try:
+            await hub_task
+        finally:
+            ctl.should_exit = True
+            await ctl_task
+
+    asyncio.run(serve())
+
+
+if __name__ == "__main__":
+    app()

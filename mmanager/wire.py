@@ -1,0 +1,188 @@
+"""What crosses the wire between the hub and the controllers.
+
+The controller API is the mManager controller API as GeoML-Hub's client calls
+it; our hub adds a few fields (``service_id``, ``epoch``, GPU requests, a
+health check). Both sides import these models. Messages are read leniently
+(``extra="ignore"``: an older or newer peer's extra fields do no harm) and
+written strictly (we only ever send fields declared here).
+
+``WIRE_VERSION`` goes up when a field changes meaning; a peer reports it in
+``/health`` so a hub can tell what it is talking to.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+WIRE_VERSION = 1
+
+# Docker label keys (SPEC section 6). Only the controller writes them.
+LABEL_MANAGED = "mmanager.managed"
+LABEL_CONTROLLER = "mmanager.controller"
+LABEL_SERVICE = "mmanager.service"
+LABEL_EPOCH = "mmanager.epoch"
+LABEL_PREFIX = "mmanager."
+
+ServerType = Literal["gpu", "cpu", "edge"]
+
+_MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(i?)([bB]?)\s*$")
+_UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+
+
+def parse_memory(value: str | int | float) -> int:
+    """Bytes in a memory size: ``2GB``, ``2g``, ``512Mi``, ``1.5G`` or a plain byte count.
+
+    Like Docker, a unit is a power of 1024 whatever its spelling. Raises
+    ``ValueError`` for anything else, negative or zero sizes included.
+    """
+    if isinstance(value, bool):
+        raise ValueError("memory size must be a string like '2GB' or a byte count")
+    if isinstance(value, int | float):
+        size = int(value)
+    else:
+        match = _MEMORY_RE.match(value)
+        if not match:
+            raise ValueError(f"unparseable memory size {value!r}: use e.g. '512MB', '2GB' or '2g'")
+        number, unit, _, _ = match.groups()
+        size = int(float(number) * _UNITS[unit.lower()])
+    if size <= 0:
+        raise ValueError("memory size must be positive")
+    return size
+
+
+class WireModel(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class HealthCheck(WireModel):
+    """An HTTP probe of the service inside its container."""
+
+    path: str = "/health"
+    port: int = Field(ge=1, le=65535)
+    interval: float = Field(default=5.0, gt=0, le=3600)
+    timeout: float = Field(default=3.0, gt=0, le=600)
+
+
+class ContainerCreate(WireModel):
+    """The create body: GeoML-Hub's container config plus what our hub adds."""
+
+    name: str | None = None
+    image: str
+    command: str | list[str] | None = None
+    working_dir: str | None = None
+    environment: dict[str, str] | list[str] | None = None
+    # {"7860/tcp": 7860}; a null host port lets Docker pick one.
+    ports: dict[str, int | None] | None = None
+    # {"volume-name": "/path"} or {"volume-name": {"bind": "/path", "mode": "rw"}}
+    volumes: dict[str, Any] | None = None
+    memory_limit: str | int | None = None
+    cpu_limit: float | None = None
+    restart_policy: str | dict[str, Any] | None = None
+    network_mode: str | None = None
+    networks: list[str] | None = None
+    labels: dict[str, str] | None = None
+    auto_remove: bool = False
+    detach: bool = True
+    # Added by our hub.
+    service_id: str | None = None
+    epoch: int | None = Field(default=None, ge=0)
+    gpu_count: int = Field(default=0, ge=0)
+    gpu_device_ids: list[str] | None = None
+    health_check: HealthCheck | None = None
+
+
+class ContainerCreated(WireModel):
+    success: bool = True
+    container_id: str
+    name: str
+    status: str
+    ports: dict[str, int | None] = Field(default_factory=dict)
+    service_id: str | None = None
+    epoch: int | None = None
+    # False when an identical (service_id, epoch) create had already run.
+    created: bool = True
+
+
+class ContainerInfo(WireModel):
+    id: str
+    container_id: str
+    name: str
+    image: str
+    status: str
+    state: dict[str, Any] = Field(default_factory=dict)
+    created: str | None = None
+    ports: dict[str, int | None] = Field(default_factory=dict)
+    labels: dict[str, str] = Field(default_factory=dict)
+    service_id: str | None = None
+    epoch: int | None = None
+    memory_limit: int | None = None
+    cpu_limit: float | None = None
+    # GeoML-Hub reads this as a dict or null.
+    resource_usage: dict[str, Any] | None = None
+
+
+class ContainerList(WireModel):
+    containers: list[ContainerInfo]
+
+
+class GpuInfo(WireModel):
+    index: str
+    model: str
+    memory_mb: int = 0
+
+
+class HealthContainers(WireModel):
+    running: int
+    max_allowed: int
+    managed: int = 0
+
+
+class HealthResources(WireModel):
+    cpu_cores: float
+    memory_total_gb: float
+    memory_available_gb: float
+
+
+class HealthCapabilities(WireModel):
+    gpu_support: bool
+    max_memory_gb: float
+    gpus: list[GpuInfo] = Field(default_factory=list)
+
+
+class ControllerHealth(WireModel):
+    status: Literal["healthy", "unhealthy"]
+    server_id: str
+    server_type: str
+    version: str
+    wire_version: int = WIRE_VERSION
+    docker: bool
+    containers: HealthContainers
+    resources: HealthResources
+    load_percentage: float
+    memory_usage_percent: float
+    capabilities: HealthCapabilities
+    error: str | None = None
+
+
+class ActionResult(WireModel):
+    """The answer to start, stop, restart and delete (GeoML-Hub checks ``success``)."""
+
+    success: bool = True
+    container_id: str
+    status: str
+    message: str = ""
+
+
+class ErrorBody(WireModel):
+    code: str
+    message: str
+    details: Any = None
+
+
+class ErrorEnvelope(WireModel):
+    """Every error either side answers: ``{"error": {"code", "message", "details"}}``."""
+
+    error: ErrorBody

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Install what the project needs from the OS when it is missing: Debian's
+# docker.io (the engine), postgresql (server binaries, for the tests' throwaway
+# cluster) and busybox-static (the example image is built FROM scratch around
+# it). With "demo" as the first argument PostgreSQL is not needed.
+set -euo pipefail
+
+need=()
+if ! docker info >/dev/null 2>&1 && ! command -v dockerd >/dev/null 2>&1; then
+    need+=(docker.io)
+fi
+if [ "${1:-}" != demo ]; then
+    ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need+=(postgresql)
+fi
+if command -v dpkg >/dev/null 2>&1 && ! dpkg -s busybox-static >/dev/null 2>&1; then
+    need+=(busybox-static)
+fi
+
+[ ${#need[@]} -eq 0 ] && exit 0
+
+if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    echo "==> installing ${need[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; }
+else
+    echo "Missing system packages: ${need[*]}." >&2
+    echo "On Debian/Ubuntu: sudo apt-get install -y ${need[*]}; elsewhere install the equivalents." >&2
+    exit 1
+fi

@@ -1,0 +1,54 @@
+"""Shared fixtures: a throwaway PostgreSQL cluster, databases migrated to
+head, and the example image built on the real Docker engine."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator
+
+import docker
+import pytest
+from sqlalchemy import text
+
+from hub.db import Database
+from hub.migrate import upgrade
+from hub.models import Base
+from mmanager.images import EXAMPLE_IMAGE, build_example_image
+from tests.pg import create_database, throwaway_cluster
+
+
+@pytest.fixture(scope="session")
+def pg_server() -> Iterator[str]:
+    with throwaway_cluster() as url:
+        yield url
+
+
+@pytest.fixture(scope="session")
+async def pg_url(pg_server: str) -> str:
+    """A database migrated to head once per session; tests clean its rows."""
+    url = await create_database(pg_server, "api")
+    await asyncio.to_thread(upgrade, url)
+    return url
+
+
+@pytest.fixture
+async def db(pg_url: str) -> AsyncIterator[Database]:
+    database = Database(pg_url)
+    async with database.session() as session:
+        tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
+        await session.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
+    yield database
+    await database.dispose()
+
+
+@pytest.fixture(scope="session")
+def docker_client() -> Iterator[docker.DockerClient]:
+    client = docker.from_env()
+    client.ping()
+    yield client
+    client.close()
+
+
+@pytest.fixture(scope="session")
+def example_image(docker_client: docker.DockerClient) -> str:
+    return build_example_image(docker_client, EXAMPLE_IMAGE)

@@ -1,0 +1,63 @@
+"""The migrations and the ORM models describe the same schema, on PostgreSQL
+and on SQLite, and the migrations go down and up again cleanly."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import inspect
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from hub.migrate import downgrade, upgrade
+from hub.models import Base
+from tests.pg import create_database
+
+TABLES = {
+    "mmanager_controllers",
+    "container_registry",
+    "container_operations",
+    "service_deployment_history",
+    "model_services",
+    "users",
+    "api_tokens",
+}
+
+
+async def _diff_and_tables(url: str) -> tuple[list, set[str]]:
+    engine = create_async_engine(url)
+    try:
+        async with engine.connect() as conn:
+            def check(sync_conn):  # type: ignore[no-untyped-def]
+                ctx = MigrationContext.configure(sync_conn, opts={"compare_type": True})
+                return compare_metadata(ctx, Base.metadata), set(inspect(sync_conn).get_table_names())
+
+            return await conn.run_sync(check)
+    finally:
+        await engine.dispose()
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"
+    return await create_database(request.getfixturevalue("pg_server"), "mig")
+
+
+async def test_upgrade_matches_models_then_down_and_up_again(fresh_url: str) -> None:
+    await asyncio.to_thread(upgrade, fresh_url)
+    diff, tables = await _diff_and_tables(fresh_url)
+    assert diff == []
+    assert TABLES <= tables
+
+    await asyncio.to_thread(downgrade, fresh_url, "base")
+    _, tables = await _diff_and_tables(fresh_url)
+    assert tables & TABLES == set()
+
+    await asyncio.to_thread(upgrade, fresh_url)
+    diff, tables = await _diff_and_tables(fresh_url)
+    assert diff == []
+    assert TABLES <= tables

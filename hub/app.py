@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
+import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -30,9 +31,10 @@ from mmanager import __version__
 log = logging.getLogger(__name__)
 
 
-def build_hub(settings: HubSettings, db: Database | None = None) -> Hub:
+def build_hub(settings: HubSettings, db: Database | None = None,
+              transport: httpx.AsyncBaseTransport | None = None) -> Hub:
     db = db or Database(settings.database_url)
-    client = ControllerClient(settings)
+    client = ControllerClient(settings, transport=transport)
     metrics = HubMetrics()
     ops = OperationLog(db, metrics)
     controllers = ControllerRegistry(db, client, settings, metrics)

@@ -176,4 +176,6 @@ def _error_from(controller_id: str, response: httpx.Response) -> HubError:
         return ControllerUnavailable(message, details, code="CONTROLLER_AUTH_FAILED")
     if response.status_code >= 500:
         return ControllerUnavailable(message, details, code=code if code != "CONTROLLER_ERROR" else None)
-    return ControllerRejected(message, details, code=code, status_code=response.status_code)
+    # A missing image is the caller's bad input, whatever status the controller chose for it.
+    status = 422 if code == "IMAGE_NOT_FOUND" else response.status_code
+    return ControllerRejected(message, details, code=code, status_code=status)

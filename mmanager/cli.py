@@ -66,7 +66,7 @@ def controller_serve(host: Host = "0.0.0.0", port: Annotated[int | None, typer.O
     """Run a controller on this host, driving its Docker daemon."""
     from pydantic import ValidationError
 
-    from controller.app import create_app
+    from controller.app import run
     from controller.config import ControllerSettings
 
     try:
@@ -74,7 +74,7 @@ def controller_serve(host: Host = "0.0.0.0", port: Annotated[int | None, typer.O
     except ValidationError as exc:
         _fail("controller settings: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
         return
-    uvicorn.run(create_app(settings), host=host, port=port or settings.port, log_level="warning")
+    run(settings, host=host, port=port)
 
 
 @db_app.command("upgrade")

@@ -26,8 +26,12 @@ COPY www /www
 RUN ["/bin/busybox", "--install", "-s", "/bin"]
 EXPOSE 5000
 ENV MODEL_NAME=example
-CMD ["/bin/sh", "-c", "echo \\"model service $MODEL_NAME listening on 5000\\"; exec httpd -f -v -p 5000 -h /www"]
+LABEL org.mmanager.example.revision={revision}
+# sh stays PID 1 and exits on SIGTERM, so `docker stop` is prompt (httpd as PID 1 would ignore it).
+CMD ["/bin/sh", "-c", "trap 'exit 0' TERM INT; echo \\"model service $MODEL_NAME listening on 5000\\"; httpd -f -v -p 5000 -h /www & wait"]
 """
+# Bump when the image changes, so machines that built an older one rebuild it.
+REVISION = "2"
 
 
 def find_static_busybox() -> Path:
@@ -60,7 +64,7 @@ def _is_static(path: Path) -> bool:
 
 def _context(busybox: Path) -> io.BytesIO:
     files = {
-        "Dockerfile": _DOCKERFILE.encode(),
+        "Dockerfile": _DOCKERFILE.format(revision=REVISION).encode(),
         "www/health": b'{"status": "healthy"}\n',
         "www/index.html": b"<h1>mManager example model service</h1>\n",
         "www/model/info": json.dumps(
@@ -83,8 +87,8 @@ def build_example_image(client: docker.DockerClient | None = None, tag: str = EX
     """Build the example image unless it is there already; return its tag."""
     client = client or docker.from_env()
     try:
-        client.images.get(tag)
-        return tag
+        if client.images.get(tag).labels.get("org.mmanager.example.revision") == REVISION:
+            return tag
     except docker.errors.ImageNotFound:
         pass
     client.images.build(fileobj=_context(find_static_busybox()), custom_context=True, tag=tag, rm=True)

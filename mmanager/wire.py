@@ -104,6 +104,7 @@ class ContainerCreated(WireModel):
     epoch: int | None = None
     # False when an identical (service_id, epoch) create had already run.
     created: bool = True
+    gpu_device_ids: list[str] = Field(default_factory=list)
 
 
 class ContainerInfo(WireModel):
@@ -120,6 +121,7 @@ class ContainerInfo(WireModel):
     epoch: int | None = None
     memory_limit: int | None = None
     cpu_limit: float | None = None
+    gpu_device_ids: list[str] = Field(default_factory=list)
     # GeoML-Hub reads this as a dict or null.
     resource_usage: dict[str, Any] | None = None
 
@@ -132,6 +134,8 @@ class GpuInfo(WireModel):
     index: str
     model: str
     memory_mb: int = 0
+    # Held by a live managed container (as /health reports it).
+    in_use: bool = False
 
 
 class HealthContainers(WireModel):

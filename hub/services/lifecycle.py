@@ -515,12 +515,10 @@ class ServiceManager:
                      wait: bool = True) -> ServiceModel | OperationModel:
         async with self.db.session() as session:
             service = await self.get_for(session, user, service_id)
-        changes = patch.model_dump(exclude_unset=True)
+        changes = patch.model_dump(mode="json", exclude_unset=True)
         if not changes:
             raise InvalidRequest("the patch changes nothing", code="EMPTY_PATCH")
-        merged = {**service.spec, **{k: (v.model_dump() if hasattr(v, "model_dump") else v)
-                                      for k, v in ((k, getattr(patch, k)) for k in changes)}}
-        spec = ServiceSpec.model_validate(merged)
+        spec = ServiceSpec.model_validate({**service.spec, **changes})
         return await self.redeploy(user, service_id, "update", spec=spec, wait=wait)
 
     # ----------------------------------------------------------------- delete

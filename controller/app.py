@@ -1,0 +1,160 @@
+"""Build the controller's FastAPI app, and serve it.
+
+``create_app(settings, runtime=None)`` wires settings, the Docker runtime,
+the container service and the metrics into ``app.state`` at build time, so
+the app also works where no lifespan runs; the lifespan only seeds the epoch
+memory early and closes what the app opened. ``run(settings, host, port)``
+serves it the way ``mmanager controller serve`` should: logging set up from
+LOG_LEVEL and LOG_FILE first.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import uvicorn
+from fastapi import Depends, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from controller.config import ControllerSettings
+from controller.containers import ContainerService
+from controller.deps import require_api_key
+from controller.errors import ControllerError, DockerUnavailable, InvalidRequest
+from controller.gpu import detect_gpus
+from controller.health import ControllerMetrics
+from controller.routers import containers as container_routes
+from controller.routers import images as image_routes
+from controller.routers import system as system_routes
+from controller.runtime import DockerRuntime, Runtime
+from mmanager import __version__
+from mmanager.wire import ErrorBody, ErrorEnvelope
+
+log = logging.getLogger(__name__)
+
+_HTTP_CODES = {
+    404: "NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    406: "NOT_ACCEPTABLE",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+}
+
+
+def create_app(settings: ControllerSettings, runtime: Runtime | None = None) -> FastAPI:
+    """The controller app; pass ``runtime`` to drive something other than the local Docker (tests)."""
+    owns_runtime = runtime is None
+    runtime = runtime or DockerRuntime(settings)
+    service = ContainerService(settings, runtime, detect_gpus(settings.gpu_devices))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        try:
+            await service.seed_epochs()
+        except DockerUnavailable as exc:
+            log.warning("Docker is unreachable at start-up (%s); epochs will be read on first use", exc.message)
+        log.info(
+            "controller %s (%s) ready: at most %d containers, %d GPU(s), hub %s",
+            settings.server_id,
+            settings.server_type,
+            settings.max_containers,
+            len(service.gpus),
+            settings.hub_url or "polls only",
+        )
+        try:
+            yield
+        finally:
+            if owns_runtime:
+                await runtime.close()
+
+    # No slash redirects: StripTrailingSlash makes both spellings reach the same route instead.
+    app = FastAPI(title="mManager controller", version=__version__, lifespan=lifespan, redirect_slashes=False)
+    app.state.settings = settings
+    app.state.runtime = runtime
+    app.state.containers = service
+    app.state.metrics = ControllerMetrics(settings.server_id)
+    app.add_middleware(StripTrailingSlash)
+    _install_error_handlers(app)
+    app.include_router(system_routes.router)
+    app.include_router(container_routes.router, dependencies=[Depends(require_api_key)])
+    app.include_router(image_routes.router, dependencies=[Depends(require_api_key)])
+    return app
+
+
+class StripTrailingSlash:
+    """Route ``/containers/`` like ``/containers``.
+
+    GeoML-Hub calls some paths with the slash and some without; a 307 redirect
+    would make clients re-send bodies (and some drop them), so the path is
+    normalised before routing instead.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and len(scope["path"]) > 1 and scope["path"].endswith("/"):
+            scope = dict(scope, path=scope["path"].rstrip("/") or "/")
+            if scope.get("raw_path"):
+                scope["raw_path"] = scope["raw_path"].rstrip(b"/") or b"/"
+        await self.app(scope, receive, send)
+
+
+def _error(
+    status: int, code: str, message: str, details: object = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    body = ErrorEnvelope(error=ErrorBody(code=code, message=message, details=details))
+    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ControllerError)
+    async def controller_error(request: Request, exc: ControllerError) -> JSONResponse:
+        return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        # Only loc/msg/type: the raw errors may carry the input (a key, a file) and unserialisable objects.
+        problems = [
+            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
+            for e in exc.errors()
+        ]
+        summary = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems)
+        return _error(422, InvalidRequest.code, f"invalid request: {summary}", problems)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = _HTTP_CODES.get(exc.status_code, "HTTP_ERROR")
+        return _error(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        return _error(500, "INTERNAL_ERROR", "internal error; the controller's log has the details")
+
+
+def configure_logging(settings: ControllerSettings) -> None:
+    handler: logging.Handler = (
+        logging.FileHandler(settings.log_file) if settings.log_file else logging.StreamHandler(sys.stderr)
+    )
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(settings.log_level)
+
+
+def run(settings: ControllerSettings, host: str = "0.0.0.0", port: int | None = None) -> None:
+    """Serve a controller until interrupted; logging follows LOG_LEVEL and LOG_FILE."""
+    configure_logging(settings)
+    uvicorn.run(
+        create_app(settings),
+        host=host,
+        port=port or settings.port,
+        log_config=None,
+        log_level=logging.getLevelName(settings.log_level),
+    )

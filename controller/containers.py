@@ -1,0 +1,281 @@
+"""The rules of the container lifecycle on this host.
+
+Every state change of a managed container goes through ``ContainerService``:
+it is the only caller of the runtime's create, start, stop, restart, remove
+and copy methods. Its invariants:
+
+- A create carrying a ``service_id`` is idempotent on ``(service_id, epoch)``:
+  repeating it returns the container made the first time (started if it had
+  stopped), never a second one. A per-service lock makes concurrent
+  duplicates safe.
+- Epoch fencing: the highest epoch seen per service is remembered (seeded
+  from the containers' labels, so a restart forgets nothing that matters);
+  creating, starting or restarting with an older epoch, or starting a
+  container whose own epoch is older, answers 409 STALE_EPOCH.
+- Admission (capacity and GPU choice) happens under one lock together with
+  the Docker create, so two creates can never both take the last slot or
+  the same GPU.
+- A create that fails leaves no container behind.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import posixpath
+from collections.abc import Awaitable, Callable
+from contextlib import AbstractAsyncContextManager
+from dataclasses import replace
+from weakref import WeakValueDictionary
+
+from controller import archives
+from controller.config import ControllerSettings
+from controller.errors import (
+    CapacityExceeded,
+    ContainerNotRunning,
+    ControllerError,
+    CopyFailed,
+    DockerUnavailable,
+    ImageNotFound,
+    InvalidRequest,
+    NotFound,
+    StaleEpoch,
+    StartFailed,
+)
+from controller.gpu import LABEL_GPUS, choose_gpus, gpus_in_use
+from controller.runtime import Runtime
+from controller.schemas import CopyResult, DirectoryCopy, FileCopy
+from controller.spec import ContainerSpec, build_spec
+from mmanager.wire import (
+    LABEL_EPOCH,
+    LABEL_SERVICE,
+    ActionResult,
+    ContainerCreate,
+    ContainerCreated,
+    ContainerInfo,
+    GpuInfo,
+)
+
+# States in which a container needs no start to be serving (or about to).
+_LIVE = frozenset({"running", "restarting", "paused"})
+
+log = logging.getLogger(__name__)
+
+
+class ContainerService:
+    def __init__(self, settings: ControllerSettings, runtime: Runtime, gpus: list[GpuInfo]) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.gpus = gpus
+        self._epochs: dict[str, int] = {}
+        self._seeded = False
+        self._seed_lock = asyncio.Lock()
+        self._admission = asyncio.Lock()
+        # Entries vanish once no request holds or awaits them.
+        self._service_locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
+
+    # -- epochs ------------------------------------------------------------
+
+    async def seed_epochs(self) -> None:
+        """Learn the highest epoch per service from the containers' labels, once."""
+        async with self._seed_lock:
+            if self._seeded:
+                return
+            for container in await self.runtime.list_containers(all=True, detailed=False):
+                if container.service_id and container.epoch is not None:
+                    self._record(container.service_id, container.epoch)
+            self._seeded = True
+
+    def _record(self, service_id: str, epoch: int) -> None:
+        self._epochs[service_id] = max(epoch, self._epochs.get(service_id, epoch))
+
+    def _fence(self, service_id: str, epoch: int) -> None:
+        current = self._epochs.get(service_id)
+        if current is not None and epoch < current:
+            raise StaleEpoch(
+                f"epoch {epoch} of service {service_id} is older than epoch {current} already seen",
+                {"service_id": service_id, "epoch": epoch, "current_epoch": current},
+            )
+        self._record(service_id, epoch)
+
+    def _lock(self, service_id: str | None) -> AbstractAsyncContextManager[object]:
+        if not service_id:
+            return contextlib.nullcontext()
+        lock = self._service_locks.get(service_id)
+        if lock is None:
+            lock = self._service_locks[service_id] = asyncio.Lock()
+        return lock
+
+    # -- create ------------------------------------------------------------
+
+    async def create(self, config: ContainerCreate) -> ContainerCreated:
+        spec = build_spec(config, server_id=self.settings.server_id, publish_ip=self.settings.publish_ip)
+        if not config.service_id:
+            return await self._create_new(config, spec)
+        await self.seed_epochs()
+        epoch = config.epoch or 0
+        async with self._lock(config.service_id):
+            self._fence(config.service_id, epoch)
+            existing = await self.runtime.list_containers(
+                all=True, labels={LABEL_SERVICE: config.service_id, LABEL_EPOCH: str(epoch)}, detailed=False
+            )
+            if existing:
+                return await self._reuse(existing[0])
+            return await self._create_new(config, spec)
+
+    async def _reuse(self, container: ContainerInfo) -> ContainerCreated:
+        if container.status not in _LIVE:
+            try:
+                await self.runtime.start(container.id)
+            except DockerUnavailable:
+                raise
+            except ControllerError as exc:
+                raise StartFailed(f"existing container would not start: {exc.message}", exc.details) from None
+        return _created(await self.runtime.get_container(container.id), created=False)
+
+    async def _create_new(self, config: ContainerCreate, spec: ContainerSpec) -> ContainerCreated:
+        # Checked before admission: with no registry reachable, an implicit pull could only hang.
+        if not await self.runtime.image_exists(spec.image):
+            raise ImageNotFound(
+                f"image {spec.image!r} is not present on this host; pull it first", {"image": spec.image}
+            )
+        async with self._admission:
+            managed = await self.runtime.list_containers(all=True, detailed=False)
+            limit = self.settings.max_containers
+            if len(managed) >= limit:
+                raise CapacityExceeded(
+                    f"this controller already manages {len(managed)} of at most {limit} containers",
+                    {"managed": len(managed), "max_containers": limit},
+                )
+            if config.gpu_count or config.gpu_device_ids:
+                gpus = choose_gpus(self.gpus, gpus_in_use(managed), config.gpu_count, config.gpu_device_ids)
+                spec = replace(spec, gpu_device_ids=gpus, labels={**spec.labels, LABEL_GPUS: ",".join(gpus)})
+            container_id = await self.runtime.create_container(spec)
+        try:
+            await self.runtime.start(container_id)
+        except ControllerError as exc:
+            await self._discard(container_id)
+            if isinstance(exc, DockerUnavailable):
+                raise
+            raise StartFailed(f"container would not start and was removed: {exc.message}", exc.details) from None
+        try:
+            info = await self.runtime.get_container(container_id)
+        except NotFound:
+            raise StartFailed("container exited at once and was removed (auto_remove)") from None
+        log.info(
+            "created container %s (%s) for service %s epoch %s", info.name, info.id[:12], info.service_id, info.epoch
+        )
+        return _created(info, created=True)
+
+    async def _discard(self, container_id: str) -> None:
+        try:
+            await self.runtime.remove(container_id, force=True)
+        except ControllerError as exc:
+            log.warning("could not remove container %s after a failed start: %s", container_id[:12], exc.message)
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self, container_id: str, epoch: int | None = None) -> ActionResult:
+        return await self._act(container_id, epoch, self.runtime.start, "started", fence_own_epoch=True)
+
+    async def restart(self, container_id: str, timeout: int, epoch: int | None = None) -> ActionResult:
+        async def restart(cid: str) -> None:
+            await self.runtime.restart(cid, timeout)
+
+        return await self._act(container_id, epoch, restart, "restarted", fence_own_epoch=True)
+
+    async def stop(self, container_id: str, timeout: int, epoch: int | None = None) -> ActionResult:
+        async def stop(cid: str) -> None:
+            await self.runtime.stop(cid, timeout)
+
+        return await self._act(container_id, epoch, stop, "stopped", fence_own_epoch=False)
+
+    async def remove(self, container_id: str, force: bool, epoch: int | None = None) -> ActionResult:
+        async def remove(cid: str) -> None:
+            await self.runtime.remove(cid, force)
+
+        return await self._act(container_id, epoch, remove, "removed", fence_own_epoch=False)
+
+    async def _act(
+        self,
+        container_id: str,
+        epoch: int | None,
+        action: Callable[[str], Awaitable[None]],
+        done: str,
+        *,
+        fence_own_epoch: bool,
+    ) -> ActionResult:
+        """Run ``action`` under the service's lock after the epoch checks.
+
+        Stopping and removing are always allowed for a stale copy (that is how
+        it gets cleaned up); only an explicit older ``epoch`` is refused.
+        """
+        await self.seed_epochs()
+        container = await self.runtime.get_container(container_id)
+        async with self._lock(container.service_id):
+            if container.service_id:
+                if epoch is not None:
+                    self._fence(container.service_id, epoch)
+                if fence_own_epoch and container.epoch is not None:
+                    self._fence(container.service_id, container.epoch)
+            await action(container.id)
+        status = done if done == "removed" else (await self.runtime.get_container(container.id)).status
+        log.info("container %s (%s) %s", container.name, container.id[:12], done)
+        return ActionResult(container_id=container.id, status=status, message=f"container {container.name} {done}")
+
+    # -- files -------------------------------------------------------------
+
+    async def copy_file(self, container_id: str, body: FileCopy) -> CopyResult:
+        target = _file_target(body)
+        # Decoding and packing megabytes is CPU work: off the event loop.
+        content = await asyncio.to_thread(archives.decode_base64, body.content_base64, "content_base64")
+        data = await asyncio.to_thread(archives.file_archive, target, content)
+        container = await self.runtime.get_container(container_id)
+        await self.runtime.put_archive(container.id, data)
+        return CopyResult(
+            container_id=container.id, path=target, files=1, size=len(content), message=f"copied to {target}"
+        )
+
+    async def copy_directory(self, container_id: str, body: DirectoryCopy) -> CopyResult:
+        target = archives.container_path(body.container_path)
+        raw = await asyncio.to_thread(archives.decode_base64, body.archive_base64, "archive_base64")
+        # Unpacked before anything is removed: a bad archive must not cost the old folder.
+        data, files = await asyncio.to_thread(archives.directory_archive, target, raw)
+        container = await self.runtime.get_container(container_id)
+        if body.remove_existing:
+            if container.status != "running":
+                raise ContainerNotRunning(
+                    "remove_existing needs the container running: the old folder is removed from inside it",
+                    {"status": container.status},
+                )
+            code, output = await self.runtime.exec(container.id, ["rm", "-rf", target])
+            if code != 0:
+                raise CopyFailed(f"could not remove {target}: {output.strip()}", {"exit_code": code})
+        await self.runtime.put_archive(container.id, data)
+        return CopyResult(
+            container_id=container.id, path=target, files=files, size=len(raw), message=f"copied to {target}"
+        )
+
+
+def _file_target(body: FileCopy) -> str:
+    path = body.container_path
+    if body.is_directory or path.endswith("/"):
+        name = body.file_name or ""
+        if name in ("", ".", "..") or "/" in name:
+            raise InvalidRequest("file_name must be a plain file name when container_path is a folder")
+        path = posixpath.join(path, name)
+    return archives.container_path(path)
+
+
+def _created(info: ContainerInfo, *, created: bool) -> ContainerCreated:
+    return ContainerCreated(
+        container_id=info.id,
+        name=info.name,
+        status=info.status,
+        ports=info.ports,
+        service_id=info.service_id,
+        epoch=info.epoch,
+        created=created,
+        gpu_device_ids=info.gpu_device_ids,
+    )

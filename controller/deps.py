@@ -1,0 +1,44 @@
+"""Request dependencies: the app's settings, runtime and services, and the key check."""
+
+from __future__ import annotations
+
+import hmac
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from controller.config import ControllerSettings
+from controller.containers import ContainerService
+from controller.errors import Unauthorized
+from controller.health import ControllerMetrics
+from controller.runtime import Runtime
+
+
+def get_settings(request: Request) -> ControllerSettings:
+    return request.app.state.settings
+
+
+def get_runtime(request: Request) -> Runtime:
+    return request.app.state.runtime
+
+
+def get_containers(request: Request) -> ContainerService:
+    return request.app.state.containers
+
+
+def get_metrics(request: Request) -> ControllerMetrics:
+    return request.app.state.metrics
+
+
+SettingsDep = Annotated[ControllerSettings, Depends(get_settings)]
+RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
+ContainersDep = Annotated[ContainerService, Depends(get_containers)]
+MetricsDep = Annotated[ControllerMetrics, Depends(get_metrics)]
+
+
+def require_api_key(request: Request, settings: SettingsDep) -> None:
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    expected = settings.api_key.get_secret_value().encode()
+    # compare_digest: how much of the key matched must not show in the time taken.
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+        raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <MMANAGER_API_KEY>'")

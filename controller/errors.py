@@ -1,0 +1,121 @@
+"""One error hierarchy for the controller.
+
+Everything below the routers raises these (never ``HTTPException``); one
+handler in ``controller.app`` turns them into ``{"error": {"code", "message",
+"details"}}`` with the class's status.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from mmanager.wire import ErrorBody, ErrorEnvelope
+
+
+class ControllerError(Exception):
+    status_code = 400
+    code = "BAD_REQUEST"
+    headers: ClassVar[dict[str, str] | None] = None
+
+    def __init__(self, message: str, details: Any = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.details = details
+
+    def envelope(self) -> dict[str, Any]:
+        return ErrorEnvelope(error=ErrorBody(code=self.code, message=self.message, details=self.details)).model_dump(
+            mode="json"
+        )
+
+
+class Unauthorized(ControllerError):
+    status_code = 401
+    code = "UNAUTHORIZED"
+    headers: ClassVar[dict[str, str] | None] = {"WWW-Authenticate": "Bearer"}
+
+
+class NotFound(ControllerError):
+    status_code = 404
+    code = "NOT_FOUND"
+
+
+class ImageNotFound(NotFound):
+    code = "IMAGE_NOT_FOUND"
+
+
+class Conflict(ControllerError):
+    status_code = 409
+    code = "CONFLICT"
+
+
+class NameConflict(Conflict):
+    code = "NAME_CONFLICT"
+
+
+class CapacityExceeded(Conflict):
+    code = "CAPACITY_EXCEEDED"
+
+
+class StaleEpoch(Conflict):
+    code = "STALE_EPOCH"
+
+
+class GpuUnavailable(Conflict):
+    code = "GPU_UNAVAILABLE"
+
+
+class ImageInUse(Conflict):
+    code = "IMAGE_IN_USE"
+
+
+class ContainerNotRunning(Conflict):
+    code = "CONTAINER_NOT_RUNNING"
+
+
+class InvalidRequest(ControllerError):
+    status_code = 422
+    code = "VALIDATION_ERROR"
+
+
+class ForbiddenLabel(InvalidRequest):
+    code = "FORBIDDEN_LABEL"
+
+
+class ForbiddenVolume(InvalidRequest):
+    code = "FORBIDDEN_VOLUME"
+
+
+class InvalidContainerConfig(InvalidRequest):
+    """Docker refused the configuration itself (a 400 from the daemon)."""
+
+    code = "INVALID_CONTAINER_CONFIG"
+
+
+class StartFailed(InvalidRequest):
+    """The container was created but would not start; it has been removed again."""
+
+    code = "START_FAILED"
+
+
+class CopyFailed(InvalidRequest):
+    code = "COPY_FAILED"
+
+
+class DockerError(ControllerError):
+    """The daemon answered with a server error."""
+
+    status_code = 502
+    code = "DOCKER_ERROR"
+
+
+class ImagePullFailed(DockerError):
+    code = "IMAGE_PULL_FAILED"
+
+    def envelope(self) -> dict[str, Any]:
+        # GeoML-Hub reads a pull's outcome from ``status``; say it in the body too.
+        return {"status": "error", "message": self.message, **super().envelope()}
+
+
+class DockerUnavailable(ControllerError):
+    status_code = 503
+    code = "DOCKER_UNAVAILABLE"

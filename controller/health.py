@@ -1,0 +1,103 @@
+"""What ``/health`` and ``/metrics`` report: capacity, usage and whether Docker answers.
+
+Host memory comes from psutil (what is free right now); CPU count and total
+memory from the daemon, which is what containers can actually get.
+"""
+
+from __future__ import annotations
+
+import psutil
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+
+from controller.config import ControllerSettings
+from controller.errors import ControllerError, DockerUnavailable
+from controller.gpu import gpus_in_use
+from controller.runtime import Runtime
+from mmanager import __version__
+from mmanager.wire import (
+    ControllerHealth,
+    GpuInfo,
+    HealthCapabilities,
+    HealthContainers,
+    HealthResources,
+)
+
+GB = 1024**3
+
+
+async def collect_health(settings: ControllerSettings, runtime: Runtime, gpus: list[GpuInfo]) -> ControllerHealth:
+    memory = psutil.virtual_memory()
+    common = {
+        "server_id": settings.server_id,
+        "server_type": settings.server_type,
+        "version": __version__,
+        "memory_usage_percent": memory.percent,
+    }
+    try:
+        if not await runtime.ping():
+            raise DockerUnavailable("the Docker daemon did not answer a ping")
+        host = await runtime.host_info()
+        managed = await runtime.list_containers(all=True, detailed=False)
+    except ControllerError as exc:
+        return ControllerHealth(
+            status="unhealthy",
+            docker=False,
+            containers=HealthContainers(running=0, max_allowed=settings.max_containers, managed=0),
+            resources=HealthResources(cpu_cores=0, memory_total_gb=0, memory_available_gb=0),
+            load_percentage=0,
+            capabilities=HealthCapabilities(gpu_support=False, max_memory_gb=0, gpus=[]),
+            error=exc.message,
+            **common,
+        )
+    running = sum(c.status == "running" for c in managed)
+    busy = gpus_in_use(managed)
+    memory_total_gb = round(host.memory_total / GB, 2)
+    return ControllerHealth(
+        status="healthy",
+        docker=True,
+        containers=HealthContainers(running=running, max_allowed=settings.max_containers, managed=len(managed)),
+        resources=HealthResources(
+            cpu_cores=host.cpu_cores,
+            memory_total_gb=memory_total_gb,
+            memory_available_gb=round(memory.available / GB, 2),
+        ),
+        load_percentage=round(100 * running / settings.max_containers, 2),
+        capabilities=HealthCapabilities(
+            gpu_support=bool(gpus),
+            max_memory_gb=memory_total_gb,
+            gpus=[gpu.model_copy(update={"in_use": gpu.index in busy}) for gpu in gpus],
+        ),
+        **common,
+    )
+
+
+class ControllerMetrics:
+    """The seed's gauges, labelled by controller, in a registry of this app's own."""
+
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, server_id: str) -> None:
+        self.registry = CollectorRegistry()
+        labels = ["controller"]
+        self._running = Gauge(
+            "mmanager_containers_running", "Managed containers running", labels, registry=self.registry
+        ).labels(server_id)
+        self._load = Gauge(
+            "mmanager_load_percentage",
+            "Running managed containers as a percentage of MAX_CONTAINERS",
+            labels,
+            registry=self.registry,
+        ).labels(server_id)
+        self._memory = Gauge(
+            "mmanager_memory_usage_percent", "Host memory in use, percent", labels, registry=self.registry
+        ).labels(server_id)
+        self._docker = Gauge(
+            "mmanager_docker_up", "1 when the Docker daemon answers", labels, registry=self.registry
+        ).labels(server_id)
+
+    def render(self, health: ControllerHealth) -> bytes:
+        self._running.set(health.containers.running)
+        self._load.set(health.load_percentage)
+        self._memory.set(health.memory_usage_percent)
+        self._docker.set(1 if health.docker else 0)
+        return generate_latest(self.registry)

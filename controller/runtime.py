@@ -1,0 +1,514 @@
+"""The one object that talks to Docker.
+
+``DockerRuntime`` wraps the ``docker`` SDK. Every SDK call is blocking, so
+each runs on the runtime's own thread pool, never on the event loop; the pool
+is the runtime's so that long-lived log streams cannot starve the default
+executor. The runtime sees only containers labelled ``mmanager.managed=true``
+and ``mmanager.controller=<SERVER_ID>``: any other id is answered as if it
+did not exist. SDK exceptions are translated into ``controller.errors`` here,
+so nothing above this module knows Docker's error types.
+
+``controller.fake.FakeRuntime`` implements the same ``Runtime`` protocol in
+memory for unit tests of the layers above.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any, Protocol, TypeVar
+
+import docker
+import docker.errors
+import requests
+import urllib3
+from docker.models.containers import Container
+from docker.types import DeviceRequest
+from docker.utils import parse_repository_tag
+
+from controller.config import ControllerSettings
+from controller.errors import (
+    Conflict,
+    ControllerError,
+    CopyFailed,
+    DockerError,
+    DockerUnavailable,
+    ImageInUse,
+    ImageNotFound,
+    ImagePullFailed,
+    InvalidContainerConfig,
+    InvalidRequest,
+    NameConflict,
+    NotFound,
+)
+from controller.gpu import label_gpu_ids
+from controller.schemas import ContainerStats, ImageDetail, ImageSummary
+from controller.spec import ContainerSpec
+from mmanager.wire import LABEL_CONTROLLER, LABEL_EPOCH, LABEL_MANAGED, LABEL_SERVICE, ContainerInfo
+
+# /health must answer quickly even when the daemon hangs.
+PING_TIMEOUT = 3.0
+_POOL_THREADS = 64
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class HostInfo:
+    cpu_cores: float
+    memory_total: int
+
+
+class Runtime(Protocol):
+    async def ping(self) -> bool: ...
+    async def host_info(self) -> HostInfo: ...
+    async def list_containers(
+        self, *, all: bool, labels: dict[str, str] | None = None, detailed: bool = True
+    ) -> list[ContainerInfo]: ...
+    async def get_container(self, container_id: str) -> ContainerInfo: ...
+    async def create_container(self, spec: ContainerSpec) -> str: ...
+    async def start(self, container_id: str) -> None: ...
+    async def stop(self, container_id: str, timeout: int) -> None: ...
+    async def restart(self, container_id: str, timeout: int) -> None: ...
+    async def remove(self, container_id: str, force: bool) -> None: ...
+    async def logs(self, container_id: str, lines: int) -> str: ...
+    async def follow_logs(self, container_id: str, lines: int) -> AsyncIterator[bytes]: ...
+    async def stats(self, container_id: str) -> ContainerStats: ...
+    async def put_archive(self, container_id: str, data: bytes) -> None: ...
+    async def exec(self, container_id: str, argv: list[str]) -> tuple[int, str]: ...
+    async def image_exists(self, name: str) -> bool: ...
+    async def list_images(self) -> list[ImageSummary]: ...
+    async def inspect_image(self, name: str) -> ImageDetail: ...
+    async def remove_image(self, name: str, force: bool) -> list[dict[str, str]]: ...
+    async def prune_images(self) -> tuple[list[str], int]: ...
+    async def pull_image(self, name: str, auth: dict[str, Any] | None) -> ImageDetail: ...
+    async def close(self) -> None: ...
+
+
+class DockerRuntime:
+    def __init__(self, settings: ControllerSettings) -> None:
+        self._settings = settings
+        self._server_id = settings.server_id
+        self._client: docker.DockerClient | None = None
+        self._connect_lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(max_workers=_POOL_THREADS, thread_name_prefix="docker")
+
+    # -- plumbing --------------------------------------------------------
+
+    def _connect(self) -> docker.DockerClient:
+        """The SDK client, made on first use so a controller can start before its daemon."""
+        with self._connect_lock:
+            if self._client is None:
+                # Version negotiation happens here; bound it like a ping, then use the configured timeout.
+                kwargs: dict[str, Any] = {"version": "auto", "timeout": PING_TIMEOUT, "max_pool_size": 32}
+                host = self._settings.docker_host
+                client = docker.DockerClient(base_url=host, **kwargs) if host else docker.from_env(**kwargs)
+                client.api.timeout = self._settings.docker_timeout
+                self._client = client
+            return self._client
+
+    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._pool, partial(self._translated, fn, *args))
+
+    def _translated(self, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return fn(self._connect(), *args)
+        except ControllerError:
+            raise
+        except docker.errors.APIError as exc:
+            raise _api_error(exc) from None
+        except (requests.ConnectionError, requests.Timeout, docker.errors.DockerException) as exc:
+            raise DockerUnavailable(f"Docker daemon unreachable: {exc}") from None
+
+    def _managed(self, client: docker.DockerClient, container_id: str) -> Container:
+        try:
+            container = client.containers.get(container_id)
+        except docker.errors.NotFound:
+            container = None
+        labels = container.labels if container else {}
+        if labels.get(LABEL_MANAGED) != "true" or labels.get(LABEL_CONTROLLER) != self._server_id:
+            raise NotFound(f"no container {container_id!r} managed by this controller")
+        return container
+
+    def _filters(self, labels: dict[str, str] | None) -> dict[str, list[str]]:
+        wanted = {LABEL_MANAGED: "true", LABEL_CONTROLLER: self._server_id, **(labels or {})}
+        return {"label": [f"{key}={value}" for key, value in wanted.items()]}
+
+    # -- host ------------------------------------------------------------
+
+    async def ping(self) -> bool:
+        def ping(client: docker.DockerClient) -> bool:
+            return client.api.get(f"{client.api.base_url}/_ping", timeout=PING_TIMEOUT).ok
+
+        try:
+            return await self._run(ping)
+        except DockerUnavailable:
+            return False
+
+    async def host_info(self) -> HostInfo:
+        def info(client: docker.DockerClient) -> HostInfo:
+            data = client.info()
+            return HostInfo(
+                cpu_cores=float(data.get("NCPU") or 0),
+                memory_total=int(data.get("MemTotal") or 0),
+            )
+
+        return await self._run(info)
+
+    # -- containers ------------------------------------------------------
+
+    async def list_containers(
+        self, *, all: bool, labels: dict[str, str] | None = None, detailed: bool = True
+    ) -> list[ContainerInfo]:
+        """Managed containers; ``detailed=False`` skips the per-container inspect (no limits, no state)."""
+        filters = self._filters(labels)
+
+        def listing(client: docker.DockerClient) -> list[ContainerInfo]:
+            if detailed:
+                found = client.containers.list(all=all, filters=filters, ignore_removed=True)
+                return [_container_info(c.attrs) for c in found]
+            return [_summary_info(s) for s in client.api.containers(all=all, filters=filters)]
+
+        return await self._run(listing)
+
+    async def get_container(self, container_id: str) -> ContainerInfo:
+        return await self._run(lambda client: _container_info(self._managed(client, container_id).attrs))
+
+    async def create_container(self, spec: ContainerSpec) -> str:
+        """Create (not start) the container; on any failure nothing is left behind."""
+
+        def create(client: docker.DockerClient) -> str:
+            kwargs = _create_kwargs(spec)
+            if spec.gpu_device_ids:
+                if "nvidia" in (client.info().get("Runtimes") or {}):
+                    kwargs["device_requests"] = [DeviceRequest(device_ids=spec.gpu_device_ids, capabilities=[["gpu"]])]
+                else:
+                    # No NVIDIA runtime: say which GPUs were assigned, so placement works (and is testable) anywhere.
+                    kwargs["environment"].append(f"NVIDIA_VISIBLE_DEVICES={','.join(spec.gpu_device_ids)}")
+            try:
+                container = client.containers.create(spec.image, **kwargs)
+            except docker.errors.ImageNotFound:
+                raise ImageNotFound(f"image {spec.image!r} is not present on this host; pull it first") from None
+            except docker.errors.NotFound as exc:
+                raise InvalidContainerConfig(str(exc.explanation)) from None
+            except docker.errors.APIError as exc:
+                if exc.status_code == 409:
+                    raise NameConflict(f"a container named {spec.name!r} already exists") from None
+                raise
+            try:
+                for network in spec.networks[1:]:
+                    client.networks.get(network).connect(container)
+            except Exception as exc:
+                container.remove(force=True)
+                if isinstance(exc, docker.errors.NotFound):
+                    raise InvalidContainerConfig(f"network not found: {exc.explanation}") from None
+                raise
+            return container.id
+
+        return await self._run(create)
+
+    async def start(self, container_id: str) -> None:
+        await self._run(lambda client: self._managed(client, container_id).start())
+
+    async def stop(self, container_id: str, timeout: int) -> None:
+        await self._run(lambda client: self._managed(client, container_id).stop(timeout=timeout))
+
+    async def restart(self, container_id: str, timeout: int) -> None:
+        await self._run(lambda client: self._managed(client, container_id).restart(timeout=timeout))
+
+    async def remove(self, container_id: str, force: bool) -> None:
+        await self._run(lambda client: self._managed(client, container_id).remove(force=force))
+
+    async def logs(self, container_id: str, lines: int) -> str:
+        def logs(client: docker.DockerClient) -> str:
+            data = self._managed(client, container_id).logs(stdout=True, stderr=True, tail=lines)
+            return data.decode("utf-8", errors="replace")
+
+        return await self._run(logs)
+
+    async def follow_logs(self, container_id: str, lines: int) -> AsyncIterator[bytes]:
+        """Open the stream now (so a bad id fails before any byte is sent); iterate it later.
+
+        The stream ends when the container stops; closing the iterator (the
+        client went away) closes the socket, which also frees the pool thread
+        blocked reading it.
+        """
+        stream = await self._run(
+            lambda client: self._managed(client, container_id).logs(
+                stdout=True, stderr=True, stream=True, follow=True, tail=lines
+            )
+        )
+        loop = asyncio.get_running_loop()
+
+        async def chunks() -> AsyncIterator[bytes]:
+            try:
+                while True:
+                    try:
+                        chunk = await loop.run_in_executor(self._pool, next, stream, None)
+                    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError):
+                        # The socket was closed under the reader: the stream is over either way.
+                        return
+                    if chunk is None:
+                        return
+                    yield chunk
+            finally:
+                with contextlib.suppress(OSError, docker.errors.DockerException):
+                    stream.close()
+
+        return chunks()
+
+    async def stats(self, container_id: str) -> ContainerStats:
+        def stats(client: docker.DockerClient) -> ContainerStats:
+            container = self._managed(client, container_id)
+            return _summarize_stats(container.id, container.name, container.status, container.stats(stream=False))
+
+        return await self._run(stats)
+
+    async def put_archive(self, container_id: str, data: bytes) -> None:
+        def put(client: docker.DockerClient) -> None:
+            if not self._managed(client, container_id).put_archive("/", data):
+                raise CopyFailed("Docker refused the archive")
+
+        await self._run(put)
+
+    async def exec(self, container_id: str, argv: list[str]) -> tuple[int, str]:
+        def run(client: docker.DockerClient) -> tuple[int, str]:
+            result = self._managed(client, container_id).exec_run(argv)
+            return result.exit_code, result.output.decode("utf-8", errors="replace")
+
+        return await self._run(run)
+
+    # -- images ----------------------------------------------------------
+
+    async def image_exists(self, name: str) -> bool:
+        return (await self.inspect_image(name)).exists
+
+    async def list_images(self) -> list[ImageSummary]:
+        def listing(client: docker.DockerClient) -> list[ImageSummary]:
+            images = []
+            for image in client.api.images():
+                created = _timestamp(image.get("Created"))
+                for ref in image.get("RepoTags") or ["<none>:<none>"]:
+                    repository, _, tag = ref.rpartition(":")
+                    images.append(
+                        ImageSummary(
+                            repository=repository, tag=tag, id=image["Id"], size=image.get("Size", 0), created=created
+                        )
+                    )
+            return images
+
+        return await self._run(listing)
+
+    async def inspect_image(self, name: str) -> ImageDetail:
+        def inspect(client: docker.DockerClient) -> ImageDetail:
+            try:
+                attrs = client.api.inspect_image(name)
+            except docker.errors.APIError as exc:
+                # 400 is an unparseable reference: no image can have that name either.
+                if exc.status_code in (400, 404):
+                    return ImageDetail(exists=False, name=name)
+                raise
+            return ImageDetail(
+                exists=True,
+                name=name,
+                id=attrs["Id"],
+                tags=attrs.get("RepoTags") or [],
+                size=attrs.get("Size"),
+                created=attrs.get("Created"),
+                architecture=attrs.get("Architecture"),
+                os=attrs.get("Os"),
+            )
+
+        return await self._run(inspect)
+
+    async def remove_image(self, name: str, force: bool) -> list[dict[str, str]]:
+        def remove(client: docker.DockerClient) -> list[dict[str, str]]:
+            try:
+                return client.api.remove_image(name, force=force) or []
+            except docker.errors.APIError as exc:
+                if exc.status_code in (400, 404):
+                    raise ImageNotFound(f"no image {name!r} on this host") from None
+                if exc.status_code == 409:
+                    raise ImageInUse(str(exc.explanation)) from None
+                raise
+
+        return await self._run(remove)
+
+    async def prune_images(self) -> tuple[list[str], int]:
+        def prune(client: docker.DockerClient) -> tuple[list[str], int]:
+            result = client.images.prune(filters={"dangling": True})
+            deleted = [next(iter(item.values())) for item in result.get("ImagesDeleted") or []]
+            return deleted, int(result.get("SpaceReclaimed") or 0)
+
+        return await self._run(prune)
+
+    async def pull_image(self, name: str, auth: dict[str, Any] | None) -> ImageDetail:
+        repository, tag = parse_repository_tag(name)
+        if not repository:
+            raise InvalidRequest(f"{name!r} is not an image reference")
+
+        def pull(client: docker.DockerClient) -> None:
+            try:
+                client.images.pull(name, auth_config=auth)
+            except docker.errors.APIError as exc:
+                raise ImagePullFailed(f"pulling {name!r} failed: {exc.explanation or exc}", {"image": name}) from None
+
+        await self._run(pull)
+        # Like Docker, a reference without tag or digest means ":latest".
+        return await self.inspect_image(name if tag else f"{name}:latest")
+
+    async def close(self) -> None:
+        if self._client is not None:
+            await self._run(lambda client: client.close())
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _api_error(exc: docker.errors.APIError) -> ControllerError:
+    message = str(exc.explanation or exc)
+    if exc.status_code == 404:
+        return NotFound(message)
+    if exc.status_code == 409:
+        return Conflict(message)
+    if exc.status_code == 400:
+        return InvalidContainerConfig(message)
+    return DockerError(message, {"docker_status": exc.status_code})
+
+
+def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {
+        "labels": spec.labels,
+        "environment": [f"{key}={value}" for key, value in spec.environment.items()],
+        "auto_remove": spec.auto_remove,
+    }
+    if spec.ports:
+        # (ip, None) publishes on that address with a port Docker picks.
+        kwargs["ports"] = {
+            key: (spec.publish_ip, host_port) if spec.publish_ip else host_port for key, host_port in spec.ports.items()
+        }
+    if spec.volumes:
+        kwargs["volumes"] = spec.volumes
+    if spec.networks:
+        kwargs["network"] = spec.networks[0]
+    optional = {
+        "name": spec.name,
+        "command": spec.command,
+        "working_dir": spec.working_dir,
+        "mem_limit": spec.mem_limit,
+        "nano_cpus": spec.nano_cpus,
+        "restart_policy": spec.restart_policy,
+        "network_mode": spec.network_mode,
+    }
+    kwargs.update({key: value for key, value in optional.items() if value is not None})
+    return kwargs
+
+
+def _int_or_none(value: str | None) -> int | None:
+    try:
+        return int(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _timestamp(value: int | None) -> str | None:
+    return datetime.fromtimestamp(value, UTC).isoformat() if value else None
+
+
+def _published(bindings: list[dict[str, str]] | None) -> int | None:
+    for binding in bindings or []:
+        if binding.get("HostPort"):
+            return int(binding["HostPort"])
+    return None
+
+
+def _container_info(attrs: dict[str, Any]) -> ContainerInfo:
+    config = attrs.get("Config") or {}
+    host = attrs.get("HostConfig") or {}
+    state = attrs.get("State") or {}
+    labels = config.get("Labels") or {}
+    # A stopped container has no live bindings; fall back to what it was configured with.
+    live = (attrs.get("NetworkSettings") or {}).get("Ports") or {}
+    configured = host.get("PortBindings") or {}
+    ports = {key: _published(bindings) for key, bindings in {**configured, **live}.items()}
+    return ContainerInfo(
+        id=attrs["Id"],
+        container_id=attrs["Id"],
+        name=attrs.get("Name", "").lstrip("/"),
+        image=config.get("Image", ""),
+        status=state.get("Status", "unknown"),
+        state=state,
+        created=attrs.get("Created"),
+        ports=ports,
+        labels=labels,
+        service_id=labels.get(LABEL_SERVICE) or None,
+        epoch=_int_or_none(labels.get(LABEL_EPOCH)),
+        memory_limit=host.get("Memory") or None,
+        cpu_limit=(host.get("NanoCpus") or 0) / 1e9 or None,
+        gpu_device_ids=label_gpu_ids(labels),
+    )
+
+
+def _summary_info(summary: dict[str, Any]) -> ContainerInfo:
+    labels = summary.get("Labels") or {}
+    ports: dict[str, int | None] = {}
+    for port in summary.get("Ports") or []:
+        key = f"{port['PrivatePort']}/{port.get('Type', 'tcp')}"
+        ports[key] = ports.get(key) or port.get("PublicPort")
+    return ContainerInfo(
+        id=summary["Id"],
+        container_id=summary["Id"],
+        name=(summary.get("Names") or ["/"])[0].lstrip("/"),
+        image=summary.get("Image", ""),
+        status=summary.get("State", "unknown"),
+        created=_timestamp(summary.get("Created")),
+        ports=ports,
+        labels=labels,
+        service_id=labels.get(LABEL_SERVICE) or None,
+        epoch=_int_or_none(labels.get(LABEL_EPOCH)),
+        gpu_device_ids=label_gpu_ids(labels),
+    )
+
+
+def _summarize_stats(container_id: str, name: str, status: str, raw: dict[str, Any]) -> ContainerStats:
+    """Docker's one-shot stats reduced the way ``docker stats`` computes them."""
+    cpu, precpu = raw.get("cpu_stats") or {}, raw.get("precpu_stats") or {}
+    cpu_delta = (cpu.get("cpu_usage") or {}).get("total_usage", 0) - (precpu.get("cpu_usage") or {}).get(
+        "total_usage", 0
+    )
+    system_delta = cpu.get("system_cpu_usage", 0) - precpu.get("system_cpu_usage", 0)
+    online = cpu.get("online_cpus") or len((cpu.get("cpu_usage") or {}).get("percpu_usage") or []) or 1
+    cpu_percent = cpu_delta / system_delta * online * 100 if cpu_delta > 0 and system_delta > 0 else 0.0
+
+    memory = raw.get("memory_stats") or {}
+    detail = memory.get("stats") or {}
+    # Page cache is reclaimable, so docker stats leaves it out (cgroup v1 and v2 name it differently).
+    cache = detail.get("total_inactive_file", detail.get("inactive_file", 0))
+    usage = max(int(memory.get("usage", 0)) - int(cache), 0)
+    limit = int(memory.get("limit", 0))
+
+    networks = (raw.get("networks") or {}).values()
+    blkio = (raw.get("blkio_stats") or {}).get("io_service_bytes_recursive") or []
+    return ContainerStats(
+        container_id=container_id,
+        name=name,
+        status=status,
+        read=raw.get("read"),
+        cpu_percent=round(cpu_percent, 3),
+        online_cpus=online,
+        memory_usage=usage,
+        memory_limit=limit,
+        memory_percent=round(usage / limit * 100, 3) if limit else 0.0,
+        memory_usage_mb=round(usage / 2**20, 3),
+        memory_limit_mb=round(limit / 2**20, 3),
+        network_rx_bytes=sum(n.get("rx_bytes", 0) for n in networks),
+        network_tx_bytes=sum(n.get("tx_bytes", 0) for n in networks),
+        block_read_bytes=sum(e.get("value", 0) for e in blkio if e.get("op", "").lower() == "read"),
+        block_write_bytes=sum(e.get("value", 0) for e in blkio if e.get("op", "").lower() == "write"),
+        pids=(raw.get("pids_stats") or {}).get("current", 0),
+    )

@@ -1,0 +1,361 @@
+"""Pieces of the controller without Docker: settings, the create spec, GPU
+choice, archives, and the HTTP layer over the in-memory FakeRuntime."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import logging
+import tarfile
+import zipfile
+from pathlib import Path
+
+import pynvml
+import pytest
+import uvicorn
+
+from controller import app as controller_app
+from controller import archives
+from controller.config import ControllerSettings, parse_gpu_devices
+from controller.errors import ForbiddenLabel, ForbiddenVolume, GpuUnavailable, InvalidRequest
+from controller.fake import FakeRuntime
+from controller.gpu import choose_gpus, detect_gpus
+from controller.spec import build_spec
+from mmanager.images import EXAMPLE_IMAGE
+from mmanager.wire import ContainerCreate, GpuInfo
+from tests.controller.conftest import Ctl, StartController
+
+# -- settings ---------------------------------------------------------------
+
+CONTROLLER_ENV = (
+    "MMANAGER_API_KEY", "SERVER_ID", "SERVER_TYPE", "MMANAGER_SERVER_TYPE", "MAX_CONTAINERS",
+    "MMANAGER_MAX_CONTAINERS", "LOG_LEVEL", "MMANAGER_LOG_LEVEL", "LOG_FILE", "DOCKER_HOST", "DOCKER_TIMEOUT",
+    "MMANAGER_HUB_URL", "CONTROLLER_URL", "PORT", "MMANAGER_PORT", "GPU_DEVICES", "PUBLISH_IP",
+)  # fmt: skip
+
+
+@pytest.fixture
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
+    for name in CONTROLLER_ENV:
+        monkeypatch.delenv(name, raising=False)
+    return monkeypatch
+
+
+def test_settings_read_the_seed_names_and_their_aliases(clean_env: pytest.MonkeyPatch) -> None:
+    monkeypatch = clean_env
+    for name, value in {
+        "MMANAGER_API_KEY": "secret-key",
+        "SERVER_ID": "mmanager-gpu-01",
+        "MMANAGER_SERVER_TYPE": "gpu",
+        "MMANAGER_PORT": "8002",
+        "MMANAGER_MAX_CONTAINERS": "30",
+        "MMANAGER_LOG_LEVEL": "debug",
+        "DOCKER_TIMEOUT": "15",
+        "GPU_DEVICES": "0:A100:81920,1:A100:81920",
+        "PUBLISH_IP": "127.0.0.1",
+    }.items():
+        monkeypatch.setenv(name, value)
+    settings = ControllerSettings(_env_file=None)
+    assert settings.api_key.get_secret_value() == "secret-key"
+    assert "secret-key" not in repr(settings)
+    assert (settings.server_id, settings.server_type, settings.port) == ("mmanager-gpu-01", "gpu", 8002)
+    assert (settings.max_containers, settings.log_level, settings.docker_timeout) == (30, "DEBUG", 15)
+    assert [g.index for g in settings.gpu_devices or []] == ["0", "1"]
+    assert settings.controller_url is not None and settings.controller_url.endswith(":8002")
+
+    # The unprefixed names win over the aliases.
+    monkeypatch.setenv("SERVER_TYPE", "edge")
+    monkeypatch.setenv("MAX_CONTAINERS", "7")
+    monkeypatch.setenv("PORT", "9001")
+    settings = ControllerSettings(_env_file=None)
+    assert (settings.server_type, settings.max_containers, settings.port) == ("edge", 7, 9001)
+
+
+def test_settings_by_field_name_and_refusals(clean_env: pytest.MonkeyPatch) -> None:
+    settings = ControllerSettings(api_key="k", server_id="dev", port=8101, _env_file=None)
+    assert (settings.server_type, settings.max_containers, settings.gpu_devices) == ("cpu", 100, None)
+    assert settings.controller_url.endswith(":8101")
+    for bad in (
+        {},
+        {"api_key": "  "},
+        {"api_key": "k", "server_type": "tpu"},
+        {"api_key": "k", "publish_ip": "nope"},
+        {"api_key": "k", "log_level": "LOUD"},
+        {"api_key": "k", "gpu_devices": "0:A100:lots"},
+    ):
+        with pytest.raises(ValueError):
+            ControllerSettings(_env_file=None, **bad)
+
+
+def test_gpu_devices_parsing() -> None:
+    assert parse_gpu_devices("0:A100:81920, 1:H100") == [
+        GpuInfo(index="0", model="A100", memory_mb=81920),
+        GpuInfo(index="1", model="H100", memory_mb=0),
+    ]
+    with pytest.raises(ValueError):
+        parse_gpu_devices("0:A:1,0:B:2")
+
+
+# -- create spec --------------------------------------------------------------
+
+
+def spec_of(**body: object):
+    return build_spec(ContainerCreate(image="img:1", **body), server_id="ctl-1", publish_ip="")
+
+
+def test_spec_normalises_ports_environment_and_limits() -> None:
+    spec = spec_of(
+        ports={"5000": None, "7860/tcp": 7860, "53/udp": 0},
+        environment=["A=1", "B=x=y"],
+        memory_limit="2GB",
+        cpu_limit=1.5,
+        restart_policy="on-failure:3",
+        volumes={"models": "/app/models", "cache": {"bind": "/cache", "mode": "ro"}},
+        service_id="svc",
+        epoch=4,
+        labels={"team": "bio"},
+    )
+    assert spec.ports == {"5000/tcp": None, "7860/tcp": 7860, "53/udp": None}
+    assert spec.environment == {"A": "1", "B": "x=y"}
+    assert (spec.mem_limit, spec.nano_cpus) == (2 * 1024**3, 1_500_000_000)
+    assert spec.restart_policy == {"Name": "on-failure", "MaximumRetryCount": 3}
+    assert spec.volumes == {"models": {"bind": "/app/models", "mode": "rw"}, "cache": {"bind": "/cache", "mode": "ro"}}
+    assert spec.labels == {
+        "team": "bio",
+        "mmanager.managed": "true",
+        "mmanager.controller": "ctl-1",
+        "mmanager.service": "svc",
+        "mmanager.epoch": "4",
+    }
+    assert spec_of(restart_policy={"Name": "always"}).restart_policy == {"Name": "always", "MaximumRetryCount": 0}
+    assert spec_of(memory_limit=512 * 1024**2).mem_limit == 512 * 1024**2
+
+
+@pytest.mark.parametrize(
+    ("body", "error"),
+    [
+        ({"labels": {"mmanager.epoch": "9"}}, ForbiddenLabel),
+        ({"volumes": {"/var/run/docker.sock": "/sock"}}, ForbiddenVolume),
+        ({"volumes": {"../up": "/x"}}, ForbiddenVolume),
+        ({"volumes": {"models": "relative/path"}}, InvalidRequest),
+        ({"memory_limit": "2 bananas"}, InvalidRequest),
+        ({"cpu_limit": 1e300}, InvalidRequest),
+        ({"memory_limit": "99999999999999999999g"}, InvalidRequest),
+        ({"cpu_limit": float("nan")}, InvalidRequest),
+        ({"restart_policy": "always:3"}, InvalidRequest),
+        ({"ports": {"70000": None}}, InvalidRequest),
+        ({"networks": ["a"], "network_mode": "host"}, InvalidRequest),
+    ],
+)
+def test_spec_refusals(body: dict, error: type[Exception]) -> None:
+    with pytest.raises(error):
+        spec_of(**body)
+
+
+# -- GPUs ----------------------------------------------------------------------
+
+
+def test_gpu_choice() -> None:
+    inventory = parse_gpu_devices("0:A100:1,1:A100:1,2:A100:1")
+    assert choose_gpus(inventory, {"0"}, 2, None) == ["1", "2"]
+    assert choose_gpus(inventory, {"0"}, 1, ["2"]) == ["2"]
+    with pytest.raises(GpuUnavailable):
+        choose_gpus(inventory, {"0", "1"}, 2, None)
+    with pytest.raises(GpuUnavailable):
+        choose_gpus([], set(), 1, None)
+    with pytest.raises(InvalidRequest):
+        choose_gpus(inventory, set(), 2, ["0"])
+
+
+def test_gpu_detection_through_nvml(monkeypatch: pytest.MonkeyPatch) -> None:
+    assert detect_gpus([GpuInfo(index="3", model="T4")]) == [GpuInfo(index="3", model="T4")]
+    calls: list[str] = []
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: calls.append("init"))
+    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: calls.append("shutdown"))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetCount", lambda: 2)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda i: i)
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetName", lambda h: [b"NVIDIA H100", "NVIDIA A100"][h])
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda h: type("M", (), {"total": 80 * 1024**3})())
+    assert detect_gpus(None) == [
+        GpuInfo(index="0", model="NVIDIA H100", memory_mb=81920),
+        GpuInfo(index="1", model="NVIDIA A100", memory_mb=81920),
+    ]
+    assert calls == ["init", "shutdown"]
+
+    def no_driver() -> None:
+        raise pynvml.NVMLError(pynvml.NVML_ERROR_LIBRARY_NOT_FOUND)
+
+    monkeypatch.setattr(pynvml, "nvmlInit", no_driver)
+    assert detect_gpus(None) == []
+
+
+# -- archives ------------------------------------------------------------------
+
+
+def tar_of(entries: dict[str, bytes | None], mode: str = "w") -> bytes:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode=mode) as tar:
+        for name, data in entries.items():
+            info = tarfile.TarInfo(name)
+            if data is None:
+                info.type = tarfile.DIRTYPE
+                tar.addfile(info)
+            else:
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def names_in(data: bytes) -> list[str]:
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return sorted(m.name for m in tar.getmembers())
+
+
+def test_directory_archive_unwraps_one_top_folder_whatever_its_name() -> None:
+    wrapped = tar_of({"extract_model": None, "extract_model/w.bin": b"1", "extract_model/sub/c.json": b"{}"})
+    data, files = archives.directory_archive("/app/model", wrapped)
+    assert files == 2
+    assert names_in(data) == ["app/model", "app/model/sub/c.json", "app/model/w.bin"]
+
+    loose, files = archives.directory_archive("/app/examples", tar_of({"a.csv": b"1", "b.csv": b"2"}, "w:gz"))
+    assert (names_in(loose), files) == (["app/examples", "app/examples/a.csv", "app/examples/b.csv"], 2)
+
+    single, _ = archives.directory_archive("/app/x", tar_of({"only.txt": b"1"}))
+    assert names_in(single) == ["app/x", "app/x/only.txt"]
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("model/", "")
+        zf.writestr("model/w.bin", "1")
+    zipped, files = archives.directory_archive("/app/model", buf.getvalue())
+    assert (names_in(zipped), files) == (["app/model", "app/model/w.bin"], 1)
+
+
+def test_hard_links_become_copies() -> None:
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        original = tarfile.TarInfo("m/a.bin")
+        original.size = 3
+        tar.addfile(original, io.BytesIO(b"abc"))
+        link = tarfile.TarInfo("m/b.bin")
+        link.type, link.linkname = tarfile.LNKTYPE, "m/a.bin"
+        tar.addfile(link)
+    data, files = archives.directory_archive("/app/m", buf.getvalue())
+    assert files == 2
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        copy = tar.extractfile("app/m/b.bin")
+        assert copy is not None and copy.read() == b"abc"
+
+
+def test_archive_paths_cannot_climb_out_of_the_target() -> None:
+    data, _ = archives.directory_archive("/app/model", tar_of({"../../etc/passwd": b"x", "/abs/f": b"y"}))
+    assert names_in(data) == ["app/model", "app/model/abs/f", "app/model/etc/passwd"]
+    with pytest.raises(InvalidRequest):
+        archives.directory_archive("/app/model", b"neither tar nor zip")
+    with pytest.raises(InvalidRequest):
+        archives.container_path("/../")
+    assert archives.container_path("/app/./model/../model/") == "/app/model"
+    with pytest.raises(InvalidRequest):
+        archives.decode_base64("not base64!", "content_base64")
+
+
+# -- HTTP layer over the fake runtime -------------------------------------------
+
+
+async def test_errors_use_the_envelope_everywhere(fake_ctl: Ctl) -> None:
+    unknown_route = await fake_ctl.client.get("/nowhere")
+    assert (unknown_route.status_code, unknown_route.json()["error"]["code"]) == (404, "NOT_FOUND")
+    wrong_method = await fake_ctl.client.put("/containers")
+    assert (wrong_method.status_code, wrong_method.json()["error"]["code"]) == (405, "METHOD_NOT_ALLOWED")
+    invalid = await fake_ctl.client.post("/containers", json={"image": 5, "gpu_count": -1})
+    assert invalid.status_code == 422
+    error = invalid.json()["error"]
+    assert error["code"] == "VALIDATION_ERROR"
+    assert {tuple(d["loc"]) for d in error["details"]} == {("body", "image"), ("body", "gpu_count")}
+
+
+async def test_concurrent_duplicates_are_created_once(fake_ctl: Ctl, fake: FakeRuntime) -> None:
+    fake.create_delay = 0.05
+    responses = await asyncio.gather(*(fake_ctl.create(EXAMPLE_IMAGE, service_id="s", epoch=1) for _ in range(5)))
+    assert fake.creates == 1
+    assert len({r.json()["container_id"] for r in responses}) == 1
+
+
+async def test_admission_is_serialised_against_max_containers(start_fake: StartController, fake: FakeRuntime) -> None:
+    fake.create_delay = 0.05
+    ctl = await start_fake(max_containers=3)
+    responses = await asyncio.gather(*(ctl.create(EXAMPLE_IMAGE) for _ in range(6)))
+    assert sorted(r.status_code for r in responses) == [201] * 3 + [409] * 3
+    assert len(fake.containers) == 3
+
+
+async def test_epochs_are_seeded_from_existing_labels(start_fake: StartController, fake: FakeRuntime) -> None:
+    before_restart = ContainerCreate(image=EXAMPLE_IMAGE, service_id="svc", epoch=7)
+    fake.add_container(build_spec(before_restart, server_id=fake.server_id, publish_ip=""))
+    ctl = await start_fake()
+    stale = await ctl.create(EXAMPLE_IMAGE, service_id="svc", epoch=6)
+    assert stale.json()["error"]["code"] == "STALE_EPOCH"
+    assert (await ctl.create(EXAMPLE_IMAGE, service_id="svc", epoch=8)).status_code == 201
+
+
+async def test_failed_start_leaves_no_container(fake_ctl: Ctl, fake: FakeRuntime) -> None:
+    fake.failing_images.add(EXAMPLE_IMAGE)
+    response = await fake_ctl.create(EXAMPLE_IMAGE, name="broken")
+    assert (response.status_code, response.json()["error"]["code"]) == (422, "START_FAILED")
+    assert fake.containers == {}
+
+
+async def test_file_copies_over_the_fake(fake_ctl: Ctl, fake: FakeRuntime) -> None:
+    cid = (await fake_ctl.create(EXAMPLE_IMAGE)).json()["container_id"]
+    content = base64.b64encode(b"print(1)").decode()
+    await fake_ctl.client.post(
+        f"/containers/{cid}/files", json={"container_path": "/app/old/x.py", "content_base64": content}
+    )
+    archive = base64.b64encode(tar_of({"model/w.bin": b"w"})).decode()
+    body = {"container_path": "/app/old", "archive_base64": archive, "remove_existing": True}
+    assert (await fake_ctl.client.post(f"/containers/{cid}/directories", json=body)).json()["files"] == 1
+    assert fake.containers[cid].files == {"/app/old/w.bin": b"w"}
+    no_name = {"container_path": "/app/", "content_base64": content, "is_directory": True}
+    assert (await fake_ctl.client.post(f"/containers/{cid}/files", json=no_name)).status_code == 422
+
+
+# -- serving -------------------------------------------------------------------
+
+
+def test_run_logs_where_told_and_never_the_key(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+
+    served: dict[str, object] = {}
+
+    def fake_uvicorn_run(app: object, **kwargs: object) -> None:
+        served.update(kwargs, app=app)
+        logging.getLogger("controller").info("serving %s", kwargs["port"])
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    monkeypatch.setattr(uvicorn, "run", fake_uvicorn_run)
+    log_file = tmp_path / "controller.log"
+    settings = ControllerSettings(
+        api_key="very-secret-key", server_id="ctl", log_level="debug", log_file=log_file, gpu_devices=[], _env_file=None
+    )
+    try:
+        controller_app.run(settings, host="127.0.0.1")
+    finally:
+        for handler in root.handlers:
+            handler.close()
+        root.handlers[:] = handlers
+        root.setLevel(level)
+    assert (served["host"], served["port"], served["log_level"]) == ("127.0.0.1", 8001, logging.DEBUG)
+    text = log_file.read_text()
+    assert "serving 8001" in text
+    assert "very-secret-key" not in text
+
+
+async def test_docker_going_away_is_503_not_500(fake_ctl: Ctl, fake: FakeRuntime) -> None:
+    assert (await fake_ctl.client.get("/health")).status_code == 200
+    fake.docker_up = False
+    health = await fake_ctl.client.get("/health")
+    assert (health.status_code, health.json()["status"], health.json()["docker"]) == (503, "unhealthy", False)
+    for method, path in [("GET", "/containers"), ("POST", "/containers/x/stop"), ("DELETE", "/images/x")]:
+        response = await fake_ctl.client.request(method, path)
+        assert (response.status_code, response.json()["error"]["code"]) == (503, "DOCKER_UNAVAILABLE")

@@ -71,7 +71,8 @@ def main() -> None:
     say(f"building {EXAMPLE_IMAGE} locally (FROM scratch + static busybox)")
     build_example_image()
     say(f"starting `mmanager dev --port {PORT}`")
-    proc = subprocess.Popen([sys.executable, "-m", "mmanager.cli", "dev", "--port", str(PORT)])
+    # Its own session: Ctrl-C reaches only this script, which removes the example before stopping the hub.
+    proc = subprocess.Popen([sys.executable, "-m", "mmanager.cli", "dev", "--port", str(PORT)], start_new_session=True)
     service_id = None
     try:
         wait_for_hub(proc)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import os
 import secrets
+import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated
 
@@ -32,6 +35,8 @@ Host = Annotated[str, typer.Option(help="address to listen on")]
 
 def _logging(level: str = "INFO") -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # One line per controller poll would drown everything else.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
 
 
 def _fail(message: str) -> None:
@@ -119,11 +124,21 @@ def users_create(name: str, admin: Annotated[bool, typer.Option("--admin", help=
 
 def _free_port(port: int) -> bool:
     with socket.socket() as s:
+        # As uvicorn will: connections of an earlier run in TIME_WAIT do not make the port busy.
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
             return True
         except OSError:
             return False
+
+
+class _SharedLoopServer(uvicorn.Server):
+    """A uvicorn server that leaves signals to its caller: two of them share one loop in dev mode."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
 
 
 @app.command("dev")
@@ -174,10 +189,13 @@ def dev(port: int = 8000,
     token_file.chmod(0o600)
 
     async def serve() -> None:
-        ctl = uvicorn.Server(uvicorn.Config(create_controller(ctl_settings), host="127.0.0.1", port=ctl_port,
-                                            log_level="warning"))
-        hub = uvicorn.Server(uvicorn.Config(create_hub(hub_settings), host="127.0.0.1", port=port,
-                                            log_level="warning"))
+        ctl = _SharedLoopServer(uvicorn.Config(create_controller(ctl_settings), host="127.0.0.1", port=ctl_port,
+                                               log_level="warning"))
+        hub = _SharedLoopServer(uvicorn.Config(create_hub(hub_settings), host="127.0.0.1", port=port,
+                                               log_level="warning"))
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, lambda: setattr(hub, "should_exit", True))
         ctl_task = asyncio.create_task(ctl.serve())
         while not ctl.started and not ctl_task.done():
             await asyncio.sleep(0.05)
@@ -190,6 +208,7 @@ def dev(port: int = 8000,
         try:
             await hub_task
         finally:
+            # The hub goes first so it never calls a controller that is already gone.
             ctl.should_exit = True
             await ctl_task
 

@@ -6,9 +6,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from abc import ABC, abstractmethod
 import random
 import time
+from abc import ABC, abstractmethod
 
 log = logging.getLogger(__name__)
 

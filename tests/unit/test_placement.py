@@ -1,8 +1,8 @@
 """Placement, with no server running: nodes from small factories, asserts on
 the choice, the order and every rejection reason."""
 
-from dataclasses import replace
 from collections import Counter
+from dataclasses import replace
 
 from hub.scheduler import ControllerView, PlacementRequest, place
 from hub.scheduler.placement import GIB

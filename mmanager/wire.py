@@ -24,9 +24,12 @@ LABEL_MANAGED = "mmanager.managed"
 LABEL_CONTROLLER = "mmanager.controller"
 LABEL_SERVICE = "mmanager.service"
 LABEL_EPOCH = "mmanager.epoch"
+# The service's HTTP health check, as JSON, so a restarted controller still probes it.
+LABEL_HEALTH_CHECK = "mmanager.health_check"
 LABEL_PREFIX = "mmanager."
 
 ServerType = Literal["gpu", "cpu", "edge"]
+HealthState = Literal["healthy", "unhealthy", "unknown"]
 
 _MEMORY_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgtKMGT]?)(i?)([bB]?)\s*$")
 _UNITS = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
@@ -64,6 +67,10 @@ class HealthCheck(WireModel):
     port: int = Field(ge=1, le=65535)
     interval: float = Field(default=5.0, gt=0, le=3600)
     timeout: float = Field(default=3.0, gt=0, le=600)
+    # Consecutive failed probes that make a container unhealthy.
+    failure_threshold: int = Field(default=3, ge=1, le=100)
+    # Seconds after a (re)start during which failures do not count, unless a probe has passed.
+    start_period: float = Field(default=30.0, ge=0, le=3600)
 
 
 class ContainerCreate(WireModel):
@@ -124,6 +131,10 @@ class ContainerInfo(WireModel):
     gpu_device_ids: list[str] = Field(default_factory=list)
     # GeoML-Hub reads this as a dict or null.
     resource_usage: dict[str, Any] | None = None
+    # What the controller's HTTP probe says: healthy | unhealthy | unknown (no check, or none passed yet).
+    health: HealthState = "unknown"
+    # Times the controller restarted it in place because it stayed unhealthy.
+    health_restarts: int = 0
 
 
 class ContainerList(WireModel):
@@ -190,3 +201,50 @@ class ErrorEnvelope(WireModel):
     """Every error either side answers: ``{"error": {"code", "message", "details"}}``."""
 
     error: ErrorBody
+
+
+# -- heartbeats: controller -> hub (POST /api/controllers/{id}/heartbeat) --------
+
+
+class HeartbeatContainer(WireModel):
+    """One managed container as the controller sees it right now."""
+
+    container_id: str
+    name: str
+    service_id: str | None = None
+    epoch: int | None = None
+    # Docker's state: created | running | restarting | paused | exited | dead
+    state: str
+    health: HealthState = "unknown"
+    health_restarts: int = 0
+    # Seconds since Docker created it, by the controller's clock (no clock skew to worry about).
+    age_seconds: float = 0.0
+    ports: dict[str, int | None] = Field(default_factory=dict)
+
+
+class Heartbeat(WireModel):
+    server_id: str
+    # CONTROLLER_URL: where the hub reaches this controller.
+    url: str | None = None
+    server_type: ServerType = "cpu"
+    # Counts up from 1 for each heartbeat this controller process sends.
+    sequence: int = 0
+    health: ControllerHealth
+    containers: list[HeartbeatContainer] = Field(default_factory=list)
+
+
+class StopOrder(WireModel):
+    """A container the controller must stop and remove before it takes new work."""
+
+    container_id: str
+    service_id: str | None = None
+    epoch: int | None = None
+    # stale_epoch: a newer copy runs elsewhere; orphan: no registry row (the service is gone
+    # or a create was lost half-way).
+    reason: str
+
+
+class HeartbeatAnswer(WireModel):
+    interval: float
+    grace: float
+    stop: list[StopOrder] = Field(default_factory=list)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -15,15 +16,18 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, OperationalError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from hub.background.controller_monitor import ControllerMonitor
+from hub.background.leader import Supervisor
+from hub.background.reconciler import ControllerPoller, HeartbeatFlusher, Reconciler
 from hub.config import HubSettings
 from hub.controller_client import ControllerClient
 from hub.db import Database
 from hub.deps import Hub
 from hub.errors import HubError
 from hub.metrics import HubMetrics
-from hub.routers import admin, services, system
+from hub.models import new_id
+from hub.routers import admin, controllers, services, system
 from hub.services.controllers import ControllerRegistry
+from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
 from hub.services.operations import OperationLog
 from mmanager import __version__
@@ -34,12 +38,15 @@ log = logging.getLogger(__name__)
 def build_hub(settings: HubSettings, db: Database | None = None,
               transport: httpx.AsyncBaseTransport | None = None) -> Hub:
     db = db or Database(settings.database_url)
+    replica_id = new_id()
     client = ControllerClient(settings, transport=transport)
     metrics = HubMetrics()
-    ops = OperationLog(db, metrics)
+    ops = OperationLog(db, metrics, replica_id)
     controllers = ControllerRegistry(db, client, settings, metrics)
     manager = ServiceManager(db, client, controllers, ops, settings, metrics)
-    return Hub(settings, db, client, metrics, ops, controllers, manager)
+    ingest = HeartbeatIngest(db, settings, metrics)
+    poller = ControllerPoller(db, settings, client, ingest)
+    return Hub(settings, db, client, metrics, ops, controllers, manager, ingest, poller, replica_id)
 
 
 def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
@@ -82,18 +89,33 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     settings = settings or HubSettings()
     hub = hub or build_hub(settings)
 
+    async def on_lead(since: datetime) -> None:
+        hub.reconciler = Reconciler(hub.db, settings, hub.services, hub.metrics, hub.replica_id, since)
+        hub.reconciler.start()
+        hub.poller.start()
+
+    async def on_follow() -> None:
+        await hub.poller.stop()
+        if hub.reconciler is not None:
+            await hub.reconciler.stop()
+            hub.reconciler = None
+
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         await hub.controllers.sync_from_config()
-        monitor = ControllerMonitor(hub.controllers, settings.heartbeat_interval)
+        flusher = HeartbeatFlusher(hub.ingest, min(0.5, settings.heartbeat_interval / 4))
+        supervisor = Supervisor(hub.db, hub.replica_id, min(1.0, settings.heartbeat_grace / 3), on_lead, on_follow)
         if run_loops:
-            await hub.controllers.poll_all()
-            monitor.start()
+            # One poll first, so controllers that are up are placeable as soon as the API answers.
+            await hub.refresh_controllers()
+            flusher.start()
+            supervisor.start()
         try:
             yield
         finally:
             if run_loops:
-                await monitor.stop()
+                await supervisor.stop()
+                await flusher.stop()
             await hub.services.shutdown()
             await hub.client.aclose()
             await hub.db.dispose()
@@ -104,4 +126,5 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.include_router(system.router)
     app.include_router(services.router)
     app.include_router(admin.router)
+    app.include_router(controllers.router)
     return app

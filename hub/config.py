@@ -75,6 +75,17 @@ class HubSettings(DatabaseSettings):
     # can include an image pull-free create and start, so it gets more.
     controller_timeout: float = Field(default=30.0, gt=0)
     controller_create_timeout: float = Field(default=120.0, gt=0)
+    # Failure handling. A container of ours that the registry does not know is removed once it is
+    # older than orphan_grace (0: twice the heartbeat grace, at least 10 s).
+    orphan_grace: float = Field(default=0.0, ge=0)
+    # How long a planned move waits for the new copy's health check before giving up.
+    health_timeout: float = Field(default=300.0, gt=0)
+    # How long POST .../drain waits before answering 202 with the operation still running.
+    drain_timeout: float = Field(default=300.0, gt=0)
+    # In-place restarts (by the controller) of an unhealthy container before it is moved elsewhere.
+    max_health_restarts: int = Field(default=3, ge=1)
+    # Moves the reconciler runs at once (failover of many services in parallel).
+    reconcile_concurrency: int = Field(default=32, ge=1)
     dev_mode: bool = False
 
     @model_validator(mode="after")

@@ -17,7 +17,14 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from hub.config import HubSettings
 from hub.errors import ControllerRejected, ControllerUnavailable, HubError
-from mmanager.wire import ActionResult, ContainerCreate, ContainerCreated, ContainerInfo, ControllerHealth
+from mmanager.wire import (
+    ActionResult,
+    ContainerCreate,
+    ContainerCreated,
+    ContainerInfo,
+    ContainerList,
+    ControllerHealth,
+)
 
 RETRY_STATUSES = {502, 503, 504}
 
@@ -120,6 +127,10 @@ class ControllerClient:
     async def inspect(self, controller_id: str, url: str, container_id: str) -> ContainerInfo:
         response = await self._send(controller_id, url, "GET", f"/containers/{container_id}", idempotent=True)
         return ContainerInfo.model_validate(response.json())
+
+    async def list_containers(self, controller_id: str, url: str) -> list[ContainerInfo]:
+        response = await self._send(controller_id, url, "GET", "/containers/", idempotent=True, params={"all": "true"})
+        return ContainerList.model_validate(response.json()).containers
 
     async def logs(self, controller_id: str, url: str, container_id: str, lines: int) -> str:
         response = await self._send(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -16,9 +16,13 @@ from hub.errors import Forbidden, Unauthorized
 from hub.metrics import HubMetrics
 from hub.models import UserModel
 from hub.services.controllers import ControllerRegistry
+from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
 from hub.services.operations import OperationLog
 from hub.services.users import authenticate
+
+if TYPE_CHECKING:
+    from hub.background.reconciler import ControllerPoller, Reconciler
 
 
 @dataclass
@@ -32,6 +36,16 @@ class Hub:
     ops: OperationLog
     controllers: ControllerRegistry
     services: ServiceManager
+    ingest: HeartbeatIngest
+    poller: ControllerPoller
+    replica_id: str
+    # Set while this replica leads.
+    reconciler: Reconciler | None = None
+
+    async def refresh_controllers(self) -> None:
+        """Poll the controllers that do not push, and write what every controller said."""
+        await self.poller.run_once()
+        await self.ingest.flush()
 
 
 def get_hub(request: Request) -> Hub:
@@ -49,7 +63,7 @@ async def get_session(hub: HubDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session)]
 
 
-def _bearer(request: Request) -> str:
+def bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")
     if scheme.lower() != "bearer" or not token.strip():
@@ -58,7 +72,7 @@ def _bearer(request: Request) -> str:
 
 
 async def get_current_user(request: Request, hub: HubDep) -> UserModel:
-    token = _bearer(request)
+    token = bearer(request)
     async with hub.db.session() as session:
         return await authenticate(session, token)
 
@@ -73,3 +87,12 @@ async def get_admin(user: CurrentUser) -> UserModel:
 
 
 AdminUser = Annotated[UserModel, Depends(get_admin)]
+
+
+async def authenticate_controller(request: Request, hub: HubDep, controller_id: str) -> str:
+    """The controller's own key, before its body is even read; answers the controller id."""
+    hub.ingest.authenticate(controller_id, bearer(request))
+    return controller_id
+
+
+ControllerAuth = Annotated[str, Depends(authenticate_controller)]

@@ -104,6 +104,8 @@ class ControllerModel(Base):
     # healthy | unhealthy | unknown; "draining" is derived from the flag above.
     status: Mapped[str] = mapped_column(String(16), default="unknown")
     last_heartbeat_at: Mapped[datetime | None] = mapped_column(default=None)
+    # The last heartbeat the controller pushed itself; controllers that never push are polled.
+    last_push_at: Mapped[datetime | None] = mapped_column(default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
     max_containers: Mapped[int] = mapped_column(Integer, default=100)
     containers_running: Mapped[int] = mapped_column(Integer, default=0)
@@ -158,8 +160,12 @@ class ContainerRegistryModel(Base):
     container_id: Mapped[str | None] = mapped_column(String(128), default=None)
     container_name: Mapped[str] = mapped_column(String(255))
     image: Mapped[str] = mapped_column(String(512))
-    status: Mapped[str] = mapped_column(String(16), default="creating")
+    # creating | running | exited | ... (Docker's state) | stale: superseded by a newer epoch,
+    # to be removed by its controller; the row goes once the controller no longer reports it.
+    status: Mapped[str] = mapped_column(String(16), default="creating", index=True)
     epoch: Mapped[int] = mapped_column(Integer, default=1)
+    health: Mapped[str] = mapped_column(String(16), default="unknown", server_default="unknown")
+    health_restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     cpu_limit: Mapped[float] = mapped_column(Float, default=0.0)
     gpu_devices: Mapped[list[Any]] = mapped_column(default=list)
@@ -183,6 +189,8 @@ class OperationModel(Base):
     error: Mapped[str | None] = mapped_column(Text, default=None)
     actor: Mapped[str] = mapped_column(String(128))
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    # The hub replica that runs it: a running operation whose replica stopped is recovered.
+    hub_replica: Mapped[str | None] = mapped_column(String(32), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
 
@@ -201,3 +209,16 @@ class DeploymentHistoryModel(Base):
     reason: Mapped[str] = mapped_column(String(32))
     actor: Mapped[str] = mapped_column(String(128))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class HubReplicaModel(Base):
+    """Each running hub process, refreshed every few seconds; the leader runs the loops."""
+
+    __tablename__ = "hub_replicas"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    is_leader: Mapped[bool] = mapped_column(Boolean, default=False)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

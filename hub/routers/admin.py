@@ -8,11 +8,11 @@ from typing import Any
 
 from fastapi import APIRouter, Query
 from fastapi.responses import JSONResponse
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from hub.deps import AdminUser, HubDep, SessionDep
 from hub.errors import HubError, NotFound
-from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel
+from hub.models import ContainerRegistryModel, ControllerModel, OperationModel, ServiceModel, utcnow
 from hub.schemas import (
     ControllerIn,
     ControllerOut,
@@ -81,8 +81,15 @@ async def _set_enabled(hub: HubDep, admin: AdminUser, controller_id: str, enable
     async with hub.db.session() as session:
         controller = await get_controller(session, controller_id)
         controller.enabled = enabled
-        if enabled:
+        if enabled and controller.draining:
             controller.draining = False
+            # Enabling cancels a drain in progress; what already moved stays where it went.
+            await session.execute(
+                update(OperationModel)
+                .where(OperationModel.operation == "drain", OperationModel.controller_id == controller_id,
+                       OperationModel.status == "running")
+                .values(status="failed", error="cancelled: the controller was enabled again", finished_at=utcnow())
+            )
     await hub.ops.finish(op)
     return controller_out(controller)
 
@@ -98,8 +105,12 @@ async def disable_controller(controller_id: str, admin: AdminUser, hub: HubDep) 
 
 
 @router.post("/controllers/{controller_id}/drain", response_model=ControllerOut)
-async def drain_controller(controller_id: str, admin: AdminUser, hub: HubDep) -> Any:
-    return controller_out(await hub.services.drain(admin, controller_id))
+async def drain_controller(controller_id: str, admin: AdminUser, hub: HubDep, wait: bool = True) -> Any:
+    result = await hub.services.drain(admin, controller_id, wait=wait)
+    if isinstance(result, ControllerModel):
+        return controller_out(result)
+    return JSONResponse(OperationOut.model_validate(result, from_attributes=True).model_dump(mode="json"),
+                        status_code=202)
 
 
 @router.get("/containers", response_model=list[RegistryOut])

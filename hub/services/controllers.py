@@ -7,7 +7,6 @@ cannot disagree.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from datetime import timedelta
 from typing import Any
@@ -98,16 +97,6 @@ class ControllerRegistry:
             return None, exc.message
         except Exception as exc:  # a malformed answer is as bad as none
             return None, f"{type(exc).__name__}: {exc}"
-
-    async def poll_all(self) -> None:
-        async with self.db.session() as session:
-            controllers = list(await session.scalars(select(ControllerModel)))
-        results = await asyncio.gather(*(self.check(c) for c in controllers))
-        async with self.db.session() as session:
-            for controller, (health, error) in zip(controllers, results, strict=True):
-                row = await session.get(ControllerModel, controller.id)
-                if row is not None:
-                    self.record_health(row, health, error)
 
     async def poll_one(self, session: AsyncSession, row: ControllerModel) -> ControllerHealth | None:
         health, error = await self.check(row)

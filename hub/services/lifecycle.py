@@ -21,7 +21,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any
 from urllib.parse import urlparse
 
-from sqlalchemy import delete, func, select
+from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.config import HubSettings
@@ -45,6 +45,7 @@ from hub.models import (
     OperationModel,
     ServiceModel,
     UserModel,
+    utcnow,
 )
 from hub.scheduler import Placement, PlacementRequest, place
 from hub.schemas import Endpoint, ServiceOut, ServicePatch, ServiceSpec
@@ -401,13 +402,105 @@ class ServiceManager:
 
     # ------------------------------------------- redeploy: update, rollback, migrate
 
+    async def _claim_epoch(self, service_id: str, seen: int) -> int:
+        """Take the next epoch, or fail if another operation (maybe on another replica) took it first."""
+        async with self.db.session() as session:
+            claimed = await session.execute(
+                update(ServiceModel)
+                .where(ServiceModel.id == service_id, ServiceModel.epoch == seen)
+                .values(epoch=seen + 1, status="migrating", updated_at=utcnow())
+                .execution_options(synchronize_session=False)
+            )
+        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+            raise Conflict("another operation changed the service meanwhile; retry", code="CONCURRENT_CHANGE")
+        return seen + 1
+
+    async def _resume_or_deploy(self, service: ServiceModel, spec: ServiceSpec, exclude: frozenset[str],
+                                target: str | None) -> tuple[ContainerRegistryModel, ControllerModel,
+                                                             dict[str, int | None], str, int]:
+        """Finish a create that an interrupted operation began, or claim a new epoch and deploy.
+
+        A ``creating`` row at the service's current epoch is the create of an
+        operation that did not finish (its hub stopped): repeating that create is
+        idempotent on the controller, so the container is made at most once.
+        """
+        async with self.db.session() as session:
+            pending = list(
+                await session.scalars(
+                    select(ContainerRegistryModel).where(
+                        ContainerRegistryModel.service_id == service.id, ContainerRegistryModel.status == "creating"
+                    )
+                )
+            )
+            healthy = {
+                c.id: c for c in await session.scalars(select(ControllerModel).where(ControllerModel.status == "healthy"))
+            }
+        for row in pending:
+            controller = healthy.get(row.controller_id)
+            usable = (
+                row.epoch == service.epoch and controller is not None and row.controller_id not in exclude
+                and (target is None or row.controller_id == target)
+            )
+            if usable and controller is not None:
+                config = self._container_config(service, spec, row.epoch, tuple(str(g) for g in row.gpu_devices))
+                try:
+                    created = await self.client.create(controller.id, controller.url, config)
+                except HubError as exc:
+                    log.warning("could not resume the create of %s on %s: %s", service.id, controller.id, exc.message)
+                else:
+                    row.container_id, row.container_name = created.container_id, created.name
+                    row.status = created.status
+                    return row, controller, created.ports, created.status, row.epoch
+            # Its container, if the controller made one, has no row now: the controller removes it as an orphan.
+            async with self.db.session() as session:
+                await session.execute(delete(ContainerRegistryModel).where(ContainerRegistryModel.id == row.id))
+        epoch = await self._claim_epoch(service.id, service.epoch)
+        row, controller, ports, status = await self._deploy(service, spec, epoch, exclude, target)
+        return row, controller, ports, status, epoch
+
+    async def _await_healthy(self, controller: ControllerModel, container_id: str) -> None:
+        """Wait until the controller's probe passes on the new container."""
+        deadline = asyncio.get_running_loop().time() + self.settings.health_timeout
+        last = "unknown"
+        while asyncio.get_running_loop().time() < deadline:
+            info = await self.client.inspect(controller.id, controller.url, container_id)
+            last = f"{info.status}/{info.health}"
+            if info.status == "running" and info.health == "healthy":
+                return
+            await asyncio.sleep(0.25)
+        raise Conflict(
+            f"the new container did not pass its health check within {self.settings.health_timeout:g}s ({last}); "
+            "the old one keeps serving",
+            code="HEALTH_CHECK_FAILED",
+        )
+
     async def _replace(self, service: ServiceModel, spec: ServiceSpec, op: OperationModel,
                        exclude: frozenset[str] = frozenset(), target: str | None = None,
-                       version: int | None = None, reason: str | None = None) -> ServiceModel:
-        """Start a copy at the next epoch, then remove the old one: no gap for a planned move."""
-        old_controller_id, old_container_id = service.controller_id, service.container_id
-        epoch = service.epoch + 1
-        row, controller, ports, status = await self._deploy(service, spec, epoch, exclude, target)
+                       version: int | None = None, reason: str | None = None,
+                       wait_healthy: bool = True) -> ServiceModel:
+        """Start a copy at a new epoch, wait until it runs (and is healthy, if it has a check),
+        then retire the old one: no gap for a planned move.
+
+        The old copy's registry row becomes ``stale`` in the same transaction
+        that makes the new one current, so from then on every heartbeat of its
+        controller tells it to stop that copy, even if the hub dies right after.
+        """
+        prior_status = service.status
+        try:
+            row, controller, ports, status, epoch = await self._resume_or_deploy(service, spec, exclude, target)
+        except HubError:
+            await self._restore_status(service.id, prior_status)
+            raise
+        if wait_healthy and spec.health_check is not None and row.container_id:
+            try:
+                await self._await_healthy(controller, row.container_id)
+            except HubError:
+                await self._remove_container(controller.id, row.container_id)
+                async with self.db.session() as session:
+                    await session.execute(delete(ContainerRegistryModel).where(ContainerRegistryModel.id == row.id))
+                await self._restore_status(service.id, prior_status)
+                raise
+        old_controller_id = service.controller_id
         async with self.db.session() as session:
             await session.merge(row)
             fresh = await session.get(ServiceModel, service.id)
@@ -417,6 +510,7 @@ class ServiceManager:
             fresh.container_id = row.container_id
             fresh.gpu_devices = row.gpu_devices
             fresh.spec = spec.model_dump(mode="json")
+            fresh.health = "unknown" if spec.health_check is None or not wait_healthy else "healthy"
             if version is not None:
                 fresh.version = version
                 session.add(
@@ -428,15 +522,16 @@ class ServiceManager:
             fresh.status = docker_status(status, "running")
             fresh.endpoint = endpoint_for(controller.url, ports).model_dump()
             fresh.status_message = None
-        details: dict[str, Any] = {"epoch": epoch, "from_controller": old_controller_id, "to_controller": controller.id}
-        if old_container_id and old_controller_id:
-            details["old_container_removed"] = await self._remove_container(old_controller_id, old_container_id)
-        async with self.db.session() as session:
             await session.execute(
-                delete(ContainerRegistryModel).where(
-                    ContainerRegistryModel.service_id == service.id, ContainerRegistryModel.id != row.id
-                )
+                update(ContainerRegistryModel)
+                .where(ContainerRegistryModel.service_id == service.id, ContainerRegistryModel.id != row.id)
+                .values(status="stale", updated_at=utcnow())
+                .execution_options(synchronize_session=False)
             )
+        details: dict[str, Any] = {"epoch": epoch, "from_controller": old_controller_id, "to_controller": controller.id}
+        if reason:
+            details["reason"] = reason
+        details["old_containers_removed"] = await self._retire_stale(service.id)
         if fresh.desired_state == "stopped":
             await self.client.action(controller.id, controller.url, row.container_id or "", "stop", epoch=epoch)
             async with self.db.session() as session:
@@ -446,6 +541,40 @@ class ServiceManager:
                 fresh = stopped
         await self.ops.finish(op, controller_id=controller.id, container_id=row.container_id, details=details)
         return fresh
+
+    async def _restore_status(self, service_id: str, prior: str) -> None:
+        """After a failed move the old copy (if any) keeps serving; say what the service is."""
+        async with self.db.session() as session:
+            fresh = await session.get(ServiceModel, service_id)
+            if fresh is None:
+                return
+            if fresh.container_id is None:
+                fresh.status = "lost" if fresh.desired_state == "running" else "stopped"
+            elif prior in ("migrating", "pending"):
+                fresh.status = "lost"
+            else:
+                fresh.status = prior
+
+    async def _retire_stale(self, service_id: str) -> int:
+        """Remove superseded copies on controllers that answer; the others are told on their next heartbeat."""
+        async with self.db.session() as session:
+            stale = list(
+                await session.execute(
+                    select(ContainerRegistryModel.id, ContainerRegistryModel.controller_id,
+                           ContainerRegistryModel.container_id, ControllerModel.status)
+                    .join(ControllerModel, ControllerModel.id == ContainerRegistryModel.controller_id, isouter=True)
+                    .where(ContainerRegistryModel.service_id == service_id, ContainerRegistryModel.status == "stale")
+                )
+            )
+        removed = 0
+        for row_id, controller_id, container_id, controller_status in stale:
+            if controller_status != "healthy" or container_id is None:
+                continue
+            if await self._remove_container(controller_id, container_id):
+                removed += 1
+                async with self.db.session() as session:
+                    await session.execute(delete(ContainerRegistryModel).where(ContainerRegistryModel.id == row_id))
+        return removed
 
     async def _remove_container(self, controller_id: str, container_id: str) -> bool:
         async with self.db.session() as session:
@@ -460,6 +589,62 @@ class ServiceManager:
         except HubError as exc:
             log.warning("could not remove old container %s on %s: %s", container_id, controller_id, exc.message)
             return False
+
+    # ------------------------------------------------- moves the reconciler asks for
+
+    async def move(self, service_id: str, reason: str, exclude: frozenset[str] = frozenset(),
+                   expected_controller: str | None = None) -> ServiceModel | None:
+        """Move a service for the reconciler: off a lost or draining controller, away from a
+        container that stays unhealthy, or to finish what an interrupted operation began.
+
+        Returns None when there was nothing (left) to do.
+        """
+        async with self._service_locks[service_id]:
+            service = await self._reload_or_none(service_id)
+            if service is None or service.controller_id != expected_controller:
+                return None
+            if reason == "resume" and await self._still_serving(service):
+                return None
+            operation = {"controller_lost": "failover", "resume": "recover"}.get(reason, "migrate")
+            op = await self.ops.begin(
+                operation, "system", service_id=service.id, controller_id=service.controller_id,
+                container_id=service.container_id,
+                details={"reason": reason, "from_epoch": service.epoch, "from_controller": service.controller_id},
+            )
+            try:
+                fresh = await self._replace(
+                    service, ServiceSpec.model_validate(service.spec), op, exclude=exclude, reason=reason,
+                    wait_healthy=reason in ("drain", "unhealthy"),
+                )
+            except HubError as exc:
+                await self.ops.finish(op, f"{exc.code}: {exc.message}")
+                raise
+            if reason == "controller_lost":
+                self.metrics.failovers.inc()
+            return fresh
+
+    async def _still_serving(self, service: ServiceModel) -> bool:
+        """A service marked lost whose container turned out fine (its controller came back in time)."""
+        if service.status != "lost" or service.container_id is None or service.controller_id is None:
+            return False
+        async with self.db.session() as session:
+            row = await session.scalar(
+                select(ContainerRegistryModel).where(
+                    ContainerRegistryModel.service_id == service.id,
+                    ContainerRegistryModel.container_id == service.container_id,
+                )
+            )
+            controller = await session.get(ControllerModel, service.controller_id)
+            if row is None or row.status != "running" or controller is None or controller.status != "healthy":
+                return False
+            fresh = await session.get(ServiceModel, service.id)
+            assert fresh is not None
+            fresh.status = "unhealthy" if row.health == "unhealthy" else "running"
+        return True
+
+    async def _reload_or_none(self, service_id: str) -> ServiceModel | None:
+        async with self.db.session() as session:
+            return await session.get(ServiceModel, service_id)
 
     async def redeploy(self, user: UserModel, service_id: str, operation: str, *, spec: ServiceSpec | None = None,
                        rollback_to: int | None = None, exclude_current: bool = False, target: str | None = None,
@@ -539,6 +724,7 @@ class ServiceManager:
                         )
                     )
                 )
+            left: list[str] = []
             for controller_id, container_id in containers:
                 if container_id is None:
                     continue
@@ -552,12 +738,13 @@ class ServiceManager:
                     if exc.status_code != 404:
                         await self.ops.finish(op, f"{exc.code}: {exc.message}")
                         raise
-                except HubError as exc:
-                    await self.ops.finish(op, f"{exc.code}: {exc.message}")
-                    raise
+                except ControllerUnavailable:
+                    # With the service gone, the container has no registry row: the controller is
+                    # told to remove it (an orphan) on its next heartbeat, whenever it comes back.
+                    left.append(controller_id)
             async with self.db.session() as session:
                 await session.execute(delete(ServiceModel).where(ServiceModel.id == service.id))
-            await self.ops.finish(op)
+            await self.ops.finish(op, details={"left_for_controller_cleanup": left} if left else None)
         self._service_locks.pop(service.id, None)
 
     # ----------------------------------------------------------------- status
@@ -606,25 +793,29 @@ class ServiceManager:
 
     # ------------------------------------------------------------------ drain
 
-    async def drain(self, user: UserModel, controller_id: str) -> ControllerModel:
+    async def drain(self, user: UserModel, controller_id: str, wait: bool = True) -> ControllerModel | OperationModel:
+        """Disable the controller and have the reconciler move everything off it.
+
+        The reconciler (on whichever replica runs the loops) does the moves and
+        finishes this operation, so a drain survives a hub restart half-way.
+        The call waits up to ``drain_timeout`` and then answers with the
+        operation still running (202) rather than failing.
+        """
         async with self.db.session() as session:
             controller = await get_controller(session, controller_id)
             controller.draining = True
             controller.enabled = False
-            service_ids = list(
-                await session.scalars(select(ServiceModel.id).where(ServiceModel.controller_id == controller_id))
-            )
-        op = await self.ops.begin("drain", user.username, controller_id=controller_id,
-                                  details={"services": len(service_ids)})
-        failures: dict[str, str] = {}
-        for service_id in service_ids:
-            try:
-                await self.redeploy(user, service_id, "migrate", exclude_current=True)
-            except HubError as exc:
-                failures[service_id] = f"{exc.code}: {exc.message}"
-        async with self.db.session() as session:
-            controller = await get_controller(session, controller_id)
-            controller.draining = bool(failures)
-        await self.ops.finish(op, f"{len(failures)} service(s) could not move" if failures else None,
-                              details={"failures": failures})
-        return controller
+            count = await session.scalar(
+                select(func.count()).where(ServiceModel.controller_id == controller_id)
+            ) or 0
+        op = await self.ops.begin("drain", user.username, controller_id=controller_id, details={"services": count})
+        if not wait:
+            return op
+        deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout
+        while asyncio.get_running_loop().time() < deadline:
+            async with self.db.session() as session:
+                fresh = await get_controller(session, controller_id)
+                if not fresh.draining:
+                    return fresh
+            await asyncio.sleep(0.2)
+        return op

@@ -17,9 +17,11 @@ from hub.models import OperationModel, utcnow
 
 
 class OperationLog:
-    def __init__(self, db: Database, metrics: HubMetrics) -> None:
+    def __init__(self, db: Database, metrics: HubMetrics, replica_id: str | None = None) -> None:
         self.db = db
         self.metrics = metrics
+        # Recorded on each operation, so one left running by a replica that died can be recovered.
+        self.replica_id = replica_id
 
     async def begin(
         self,
@@ -38,6 +40,7 @@ class OperationLog:
             controller_id=controller_id,
             container_id=container_id,
             details=details or {},
+            hub_replica=self.replica_id,
         )
         async with self.db.session() as session:
             session.add(op)
@@ -54,7 +57,8 @@ class OperationLog:
         op.finished_at = utcnow()
         for key, value in changes.items():
             if key == "details":
-                op.details = {**op.details, **value}
+                if value:
+                    op.details = {**op.details, **value}
             else:
                 setattr(op, key, value)
         async with self.db.session() as session:

@@ -106,7 +106,7 @@ async def cluster(db: Database, docker_client: docker.DockerClient, example_imag
             await ctx.__aenter__()
         async with db.session() as session:
             _, admin_token = await create_user(session, "admin", is_admin=True)
-        await hub.controllers.poll_all()
+        await hub.refresh_controllers()
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub",
                                    headers={"Authorization": f"Bearer {admin_token}"}, timeout=60)
         cluster = Cluster(client, admin_token, db, router, docker_client, ids)

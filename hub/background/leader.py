@@ -1,0 +1,151 @@
+"""Several hub replicas on one database: every replica serves the API, one runs the loops.
+
+Leadership is a PostgreSQL session-level advisory lock held on a connection
+of its own: when the leader dies, PostgreSQL drops its connection and the
+lock with it, and the next replica to try takes it (within one supervisor
+tick). On SQLite (one process, dev mode) the only replica is the leader.
+
+Each replica also keeps a row in ``hub_replicas`` fresh, so that operations a
+dead replica left running can be recognised and recovered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+from collections.abc import Awaitable, Callable
+from datetime import datetime
+
+from sqlalchemy import delete, text, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from hub.background.base import LoopService
+from hub.db import Database
+from hub.models import HubReplicaModel, utcnow
+
+log = logging.getLogger(__name__)
+
+# "mmanager" folded into a 63-bit key; any constant would do as long as every replica agrees.
+ADVISORY_LOCK_KEY = 0x6D6D616E61676572 & 0x7FFFFFFFFFFFFFFF
+
+
+class Leadership:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+        self._conn: AsyncConnection | None = None
+
+    @property
+    def held(self) -> bool:
+        return self.db.is_sqlite or self._conn is not None
+
+    async def try_acquire(self) -> bool:
+        if self.db.is_sqlite:
+            return True
+        if self._conn is not None:
+            return await self.check()
+        conn = await self.db.engine.connect()
+        try:
+            got = (await conn.execute(text("SELECT pg_try_advisory_lock(:k)"), {"k": ADVISORY_LOCK_KEY})).scalar()
+            await conn.commit()
+        except Exception:
+            await _close_quietly(conn)
+            raise
+        if got:
+            self._conn = conn
+            return True
+        await _close_quietly(conn)
+        return False
+
+    async def check(self) -> bool:
+        """Is the lock still ours? A broken connection means it is not."""
+        if self.db.is_sqlite:
+            return True
+        if self._conn is None:
+            return False
+        try:
+            await self._conn.execute(text("SELECT 1"))
+            await self._conn.commit()
+            return True
+        except Exception as exc:
+            log.warning("lost the leader lock's connection: %s", exc)
+            conn, self._conn = self._conn, None
+            await _close_quietly(conn, invalidate=True)
+            return False
+
+    async def release(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is None:
+            return
+        try:
+            await conn.execute(text("SELECT pg_advisory_unlock(:k)"), {"k": ADVISORY_LOCK_KEY})
+            await conn.commit()
+        except Exception:
+            pass
+        await _close_quietly(conn)
+
+
+async def _close_quietly(conn: AsyncConnection, invalidate: bool = False) -> None:
+    try:
+        if invalidate:
+            await conn.invalidate()
+        await conn.close()
+    except Exception:
+        pass
+
+
+class Supervisor(LoopService):
+    """Keeps this replica's row fresh, and runs ``on_lead``/``on_follow`` as leadership comes and goes."""
+
+    name = "hub-supervisor"
+
+    def __init__(self, db: Database, replica_id: str, interval: float,
+                 on_lead: Callable[[datetime], Awaitable[None]], on_follow: Callable[[], Awaitable[None]]) -> None:
+        super().__init__(interval, jitter=0.05)
+        self.db = db
+        self.replica_id = replica_id
+        self.leadership = Leadership(db)
+        self.on_lead = on_lead
+        self.on_follow = on_follow
+        self.leading = False
+
+    async def run_once(self) -> None:
+        if self.leading:
+            if not await self.leadership.check():
+                self.leading = False
+                log.warning("replica %s is no longer the leader", self.replica_id)
+                await self.on_follow()
+        else:
+            try:
+                acquired = await self.leadership.try_acquire()
+            except Exception as exc:
+                log.warning("could not try for leadership: %s", exc)
+                acquired = False
+            if acquired:
+                self.leading = True
+                log.info("replica %s leads: it runs failure detection, failover and reconciliation", self.replica_id)
+                await self.on_lead(utcnow())
+        await self._beat()
+
+    async def _beat(self) -> None:
+        async with self.db.session() as session:
+            done = await session.execute(
+                update(HubReplicaModel)
+                .where(HubReplicaModel.id == self.replica_id)
+                .values(last_seen_at=utcnow(), is_leader=self.leading)
+            )
+            if done.rowcount == 0:  # type: ignore[attr-defined]
+                session.add(HubReplicaModel(id=self.replica_id, hostname=socket.gethostname(), pid=os.getpid(),
+                                            is_leader=self.leading))
+
+    async def stop(self) -> None:
+        await super().stop()
+        if self.leading:
+            self.leading = False
+            await self.on_follow()
+        await self.leadership.release()
+        try:
+            async with self.db.session() as session:
+                await session.execute(delete(HubReplicaModel).where(HubReplicaModel.id == self.replica_id))
+        except Exception as exc:
+            log.warning("could not remove this replica's row: %s", exc)

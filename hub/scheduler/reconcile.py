@@ -1,0 +1,214 @@
+"""Failure handling as pure functions: no database, no HTTP, no clock of their own.
+
+``fence(rows, containers, orphan_grace)`` compares what a controller reports
+running with what the registry says should run there, and decides what it must
+stop and how the registry rows change.
+
+``compute(snapshot, now)`` decides, from one snapshot of controllers and
+services, which controllers are lost and which services must move. The
+reconciler loop applies the actions; tests feed snapshots and times directly.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+
+from mmanager.wire import HeartbeatContainer, StopOrder
+
+# ------------------------------------------------------------------ fencing
+
+
+@dataclass(frozen=True)
+class RegistryRow:
+    id: str
+    service_id: str
+    epoch: int
+    container_id: str | None
+    status: str
+    health: str = "unknown"
+    health_restarts: int = 0
+    updated_at: datetime | None = None
+
+
+@dataclass(frozen=True)
+class RowUpdate:
+    id: str
+    service_id: str
+    container_id: str
+    status: str
+    health: str
+    health_restarts: int
+    ports: dict[str, int | None]
+
+
+@dataclass
+class FenceResult:
+    stop: list[StopOrder] = field(default_factory=list)
+    # Rows whose container changed state or health since the registry last heard.
+    updates: list[RowUpdate] = field(default_factory=list)
+    # Stale rows whose container is gone: the move is complete.
+    gone: list[str] = field(default_factory=list)
+
+
+def fence(rows: Iterable[RegistryRow], containers: Iterable[HeartbeatContainer], orphan_grace: float,
+          missing_before: datetime | None = None) -> FenceResult:
+    """What one controller must stop, given its registry rows and what it runs.
+
+    - a container whose row is ``stale`` (a newer epoch runs elsewhere) stops at once;
+    - a container of ours with no row at all stops once it is older than
+      ``orphan_grace``: its service was deleted, or a create was lost half-way
+      (the registry row is written before the controller is asked, so a young
+      container without one is only ever a create still in flight elsewhere);
+    - containers created outside the hub (no service label) are not ours to fence;
+    - a row whose container is not reported is ``missing`` if it was last
+      written before ``missing_before`` (younger rows may be newer than the listing).
+    """
+    by_key: dict[tuple[str, int], RegistryRow] = {}
+    for row in rows:
+        by_key[(row.service_id, row.epoch)] = row
+    result = FenceResult()
+    seen: set[str] = set()
+    for c in containers:
+        if not c.service_id or c.epoch is None:
+            continue
+        row = by_key.get((c.service_id, c.epoch))
+        if row is None:
+            if c.age_seconds >= orphan_grace:
+                result.stop.append(
+                    StopOrder(container_id=c.container_id, service_id=c.service_id, epoch=c.epoch, reason="orphan")
+                )
+            continue
+        seen.add(row.id)
+        if row.status == "stale":
+            result.stop.append(
+                StopOrder(container_id=c.container_id, service_id=c.service_id, epoch=c.epoch, reason="stale_epoch")
+            )
+            continue
+        if (row.status, row.health, row.health_restarts, row.container_id) != (
+            c.state,
+            c.health,
+            c.health_restarts,
+            c.container_id,
+        ):
+            result.updates.append(
+                RowUpdate(row.id, row.service_id, c.container_id, c.state, c.health, c.health_restarts, c.ports)
+            )
+    for row in by_key.values():
+        if row.id in seen:
+            continue
+        if row.status == "stale":
+            result.gone.append(row.id)
+        elif row.status not in ("creating", "missing") and (
+            missing_before is None or (row.updated_at is not None and row.updated_at < missing_before)
+        ):
+            # It ran here and is no longer reported: removed behind our back.
+            result.updates.append(
+                RowUpdate(row.id, row.service_id, row.container_id or "", "missing", "unknown", 0, {})
+            )
+    return result
+
+
+# ---------------------------------------------------------------- decisions
+
+
+@dataclass(frozen=True)
+class ControllerState:
+    id: str
+    status: str  # healthy | unhealthy | unknown
+    last_heartbeat_at: datetime | None
+    enabled: bool = True
+    draining: bool = False
+
+
+@dataclass(frozen=True)
+class ServiceState:
+    id: str
+    desired_state: str
+    status: str
+    controller_id: str | None
+    health: str = "unknown"
+    health_restarts: int = 0
+    # A live hub replica is running an operation on it: leave it alone.
+    busy: bool = False
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    controllers: Sequence[ControllerState]
+    services: Sequence[ServiceState]
+    # When this hub became the one that runs the loops: every controller gets a full grace from then.
+    leader_since: datetime
+    grace: float
+    # In-place restarts (done by the controller) before an unhealthy service is moved elsewhere.
+    max_health_restarts: int = 3
+
+
+@dataclass(frozen=True)
+class MarkLost:
+    controller_id: str
+    silent_for: float
+
+
+@dataclass(frozen=True)
+class Move:
+    """Run the service's container somewhere else (or, for ``resume``, anywhere that works)."""
+
+    service_id: str
+    reason: str  # controller_lost | drain | unhealthy | resume
+    exclude: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class FinishDrain:
+    controller_id: str
+
+
+Action = MarkLost | Move | FinishDrain
+
+# Statuses that mean "no settled container": a create, migrate or failover did not finish.
+UNSETTLED = frozenset({"pending", "lost", "migrating"})
+
+
+def compute(snapshot: Snapshot, now: datetime) -> list[Action]:
+    actions: list[Action] = []
+    grace = timedelta(seconds=snapshot.grace)
+    lost: set[str] = set()
+    draining: set[str] = set()
+    for c in snapshot.controllers:
+        heard = max(c.last_heartbeat_at or snapshot.leader_since, snapshot.leader_since)
+        silent = now - heard
+        if silent > grace:
+            lost.add(c.id)
+            if c.status != "unhealthy":
+                actions.append(MarkLost(c.id, silent.total_seconds()))
+        elif c.status == "unhealthy":
+            # Seen again, but not yet through a heartbeat that fenced its stale copies.
+            lost.add(c.id)
+        if c.draining:
+            draining.add(c.id)
+
+    occupied: set[str] = set()
+    for s in snapshot.services:
+        if s.controller_id is not None:
+            occupied.add(s.controller_id)
+        if s.busy:
+            continue
+        on = s.controller_id
+        if s.desired_state == "running":
+            if s.status in UNSETTLED or on is None:
+                actions.append(Move(s.id, "resume", frozenset(lost)))
+            elif on in lost:
+                actions.append(Move(s.id, "controller_lost", frozenset(lost | {on})))
+            elif on in draining:
+                actions.append(Move(s.id, "drain", frozenset(lost | {on})))
+            elif s.health == "unhealthy" and s.health_restarts >= snapshot.max_health_restarts:
+                actions.append(Move(s.id, "unhealthy", frozenset(lost | {on})))
+        elif on in draining and on not in lost:
+            # A stopped service moves too (it stays stopped): draining hands everything over.
+            actions.append(Move(s.id, "drain", frozenset(lost | {on})))
+    for c in snapshot.controllers:
+        if c.draining and c.id not in occupied:
+            actions.append(FinishDrain(c.id))
+    return actions

@@ -1,0 +1,266 @@
+"""Heartbeat ingestion: what controllers report, coalesced into few writes.
+
+A heartbeat is answered at once (the interval, and which containers the
+controller must stop); what it says is kept in memory and written by
+``flush()`` for all controllers together, one transaction per flush, so a
+thousand controllers beating every two seconds cost a few writes a second,
+not a thousand. Only changes are written for containers.
+
+Polled controllers (those that do not push) go through the same path: the
+monitor turns ``/health`` and ``/containers`` into the same observation.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import bindparam, case, delete, func, select, update
+
+from hub.config import HubSettings
+from hub.db import Database
+from hub.errors import InvalidRequest, NotFound, Unauthorized
+from hub.metrics import HubMetrics
+from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel, utcnow
+from hub.scheduler.reconcile import UNSETTLED, FenceResult, RegistryRow, RowUpdate, fence
+from mmanager.wire import (
+    ControllerHealth,
+    HealthCapabilities,
+    HealthContainers,
+    HealthResources,
+    Heartbeat,
+    HeartbeatAnswer,
+    HeartbeatContainer,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Observation:
+    at: datetime
+    health: ControllerHealth
+    pushed: bool
+    error: str | None = None
+
+
+class HeartbeatIngest:
+    def __init__(self, db: Database, settings: HubSettings, metrics: HubMetrics) -> None:
+        self.db = db
+        self.settings = settings
+        self.metrics = metrics
+        self._observations: dict[str, _Observation] = {}
+        self._updates: dict[str, RowUpdate] = {}
+        self._gone: set[str] = set()
+        self._flush_lock = asyncio.Lock()
+        self._flushed = asyncio.Event()
+
+    @property
+    def orphan_grace(self) -> float:
+        return self.settings.orphan_grace or max(2 * self.settings.heartbeat_grace, 10.0)
+
+    # ------------------------------------------------------------- receive
+
+    def authenticate(self, controller_id: str, token: str) -> None:
+        expected = self.settings.key_for(controller_id)
+        if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
+            raise Unauthorized("the controller key is not valid for this controller", code="CONTROLLER_KEY_INVALID")
+
+    async def receive(self, controller_id: str, heartbeat: Heartbeat) -> HeartbeatAnswer:
+        """Answer one pushed heartbeat (already authenticated)."""
+        if heartbeat.server_id != controller_id:
+            raise InvalidRequest(
+                f"heartbeat from {heartbeat.server_id!r} sent to the path of {controller_id!r}",
+                code="SERVER_ID_MISMATCH",
+            )
+        async with self.db.session() as session:
+            controller = await session.get(ControllerModel, controller_id)
+            if controller is None:
+                if not heartbeat.url:
+                    raise NotFound(
+                        f"controller {controller_id!r} is not registered and sent no url to register it",
+                        code="CONTROLLER_NOT_FOUND",
+                    )
+                # A controller that knows the hub's key joins by beating (like a Nomad client).
+                session.add(ControllerModel(id=controller_id, url=heartbeat.url.rstrip("/"),
+                                            server_type=heartbeat.server_type, status="unknown"))
+                log.info("controller %s registered itself at %s", controller_id, heartbeat.url)
+            rows = await self._rows(session, controller_id)
+        result = self.observe(controller_id, heartbeat.health, heartbeat.containers, rows, pushed=True)
+        return HeartbeatAnswer(
+            interval=self.settings.heartbeat_interval, grace=self.settings.heartbeat_grace, stop=result.stop
+        )
+
+    async def _rows(self, session: Any, controller_id: str) -> list[RegistryRow]:
+        found = await session.execute(
+            select(
+                ContainerRegistryModel.id,
+                ContainerRegistryModel.service_id,
+                ContainerRegistryModel.epoch,
+                ContainerRegistryModel.container_id,
+                ContainerRegistryModel.status,
+                ContainerRegistryModel.health,
+                ContainerRegistryModel.health_restarts,
+                ContainerRegistryModel.updated_at,
+            ).where(ContainerRegistryModel.controller_id == controller_id)
+        )
+        return [RegistryRow(*r) for r in found]
+
+    async def rows_for(self, controller_id: str) -> list[RegistryRow]:
+        async with self.db.session() as session:
+            return await self._rows(session, controller_id)
+
+    def observe(self, controller_id: str, health: ControllerHealth, containers: list[HeartbeatContainer],
+                rows: list[RegistryRow], *, pushed: bool) -> FenceResult:
+        now = utcnow()
+        # A row written after the controller took its listing may name a container the listing
+        # could not have shown yet; only older rows can be declared missing.
+        settle = timedelta(seconds=2 * self.settings.heartbeat_interval + 2)
+        result = fence(rows, containers, self.orphan_grace, missing_before=now - settle)
+        self._observations[controller_id] = _Observation(now, health, pushed)
+        for u in result.updates:
+            self._updates[u.id] = u
+        self._gone.update(result.gone)
+        return result
+
+    def observe_failure(self, controller_id: str, error: str) -> None:
+        """A poll that got no answer: say so, but only silence makes a controller lost."""
+        previous = self._observations.get(controller_id)
+        if previous is None or previous.error is not None or previous.health.status != "healthy":
+            self._observations[controller_id] = _Observation(
+                utcnow(), previous.health if previous else _no_health(controller_id), False, error
+            )
+
+    # --------------------------------------------------------------- flush
+
+    async def flush(self) -> None:
+        """Write everything observed since the last flush in one transaction."""
+        async with self._flush_lock:
+            observations, self._observations = self._observations, {}
+            updates, self._updates = self._updates, {}
+            gone, self._gone = self._gone, set()
+            if not (observations or updates or gone):
+                return
+            try:
+                await self._write(observations, updates, gone)
+            except BaseException:
+                # Keep what was not written; anything newer that arrived meanwhile wins.
+                self._observations = {**observations, **self._observations}
+                self._updates = {**updates, **self._updates}
+                self._gone |= gone
+                raise
+            for controller_id, obs in observations.items():
+                h = obs.health
+                up = obs.error is None and h.status == "healthy"
+                self.metrics.observe_controller(
+                    controller_id, up, h.containers.running, h.load_percentage, h.memory_usage_percent
+                )
+
+    async def _write(self, observations: dict[str, _Observation], updates: dict[str, RowUpdate],
+                     gone: set[str]) -> None:
+        async with self.db.session() as session:
+            known = set(
+                await session.scalars(select(ControllerModel.id).where(ControllerModel.id.in_(list(observations))))
+            ) if observations else set()
+            good, bad = [], []
+            for controller_id, obs in observations.items():
+                if controller_id not in known:
+                    continue
+                h = obs.health
+                if obs.error is None and h.status == "healthy":
+                    good.append({
+                        "id": controller_id,
+                        "status": "healthy",
+                        "error_message": None,
+                        "last_heartbeat_at": obs.at,
+                        **({"last_push_at": obs.at} if obs.pushed else {}),
+                        "containers_running": h.containers.running,
+                        "max_containers": h.containers.max_allowed,
+                        "load_percentage": h.load_percentage,
+                        "memory_usage_percent": h.memory_usage_percent,
+                        "cpu_cores": h.resources.cpu_cores,
+                        "memory_total_gb": h.resources.memory_total_gb,
+                        "memory_available_gb": h.resources.memory_available_gb,
+                        "gpus": [g.model_dump() for g in h.capabilities.gpus],
+                        "health_data": h.model_dump(mode="json"),
+                    })
+                else:
+                    bad.append({"id": controller_id, "error_message": obs.error or h.error or "unhealthy",
+                                **({"last_push_at": obs.at} if obs.pushed else {})})
+            # One executemany per shape, however many controllers (rows gone meanwhile are skipped).
+            for batch in _same_keys(good) + _same_keys(bad):
+                await session.execute(_by_id(ControllerModel, batch[0]), [_bind(r) for r in batch])
+            if updates:
+                rows = [
+                    {"id": u.id, "status": u.status, "health": u.health, "health_restarts": u.health_restarts,
+                     "updated_at": utcnow(), "container_id": u.container_id or None}
+                    for u in updates.values()
+                ]
+                stmt = _by_id(ContainerRegistryModel, rows[0]).values(
+                    container_id=func.coalesce(bindparam("b_container_id"), ContainerRegistryModel.container_id)
+                )
+                await session.execute(stmt, [_bind(r) for r in rows])
+                for u in updates.values():
+                    await session.execute(_service_update(u))
+            if gone:
+                await session.execute(
+                    delete(ContainerRegistryModel).where(
+                        ContainerRegistryModel.id.in_(list(gone)), ContainerRegistryModel.status == "stale"
+                    )
+                )
+
+
+def _by_id(model: Any, sample: dict[str, Any]) -> Any:
+    table = model.__table__
+    return (
+        update(table)
+        .where(table.c.id == bindparam("b_id"))
+        .values({key: bindparam(f"b_{key}") for key in sample if key != "id"})
+    )
+
+
+def _bind(row: dict[str, Any]) -> dict[str, Any]:
+    return {f"b_{key}": value for key, value in row.items()}
+
+
+def _same_keys(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    groups: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(tuple(sorted(row)), []).append(row)
+    return list(groups.values())
+
+
+def _service_update(u: RowUpdate) -> Any:
+    """The service's status and health follow its current container (never an unsettled one)."""
+    s = ServiceModel
+    values: dict[str, Any] = {"health": u.health}
+    if u.status == "running":
+        values["status"] = "unhealthy" if u.health == "unhealthy" else "running"
+    elif u.status in ("created", "restarting"):
+        values["status"] = "starting"
+    elif u.status == "missing":
+        # Removed behind our back: the reconciler makes a new one when it should run.
+        values["status"] = case((s.desired_state == "running", "lost"), else_="stopped")
+        values["endpoint"] = None
+    else:
+        values["status"] = case((s.desired_state == "running", "failed"), else_="stopped")
+    return (
+        update(s)
+        .where(s.id == u.service_id, s.container_id == u.container_id, s.status.not_in(UNSETTLED))
+        .values(**values)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _no_health(controller_id: str) -> ControllerHealth:
+    return ControllerHealth(
+        status="unhealthy", server_id=controller_id, server_type="cpu", version="", docker=False,
+        containers=HealthContainers(running=0, max_allowed=0), resources=HealthResources(
+            cpu_cores=0, memory_total_gb=0, memory_available_gb=0),
+        load_percentage=0, memory_usage_percent=0,
+        capabilities=HealthCapabilities(gpu_support=False, max_memory_gb=0),
+    )

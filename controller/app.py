@@ -1,11 +1,14 @@
 """Build the controller's FastAPI app, and serve it.
 
 ``create_app(settings, runtime=None)`` wires settings, the Docker runtime,
-the container service and the metrics into ``app.state`` at build time, so
-the app also works where no lifespan runs; the lifespan only seeds the epoch
-memory early and closes what the app opened. ``run(settings, host, port)``
-serves it the way ``mmanager controller serve`` should: logging set up from
-LOG_LEVEL and LOG_FILE first.
+the container service, the health prober, the heartbeat agent (with
+MMANAGER_HUB_URL) and the metrics into ``app.state`` at build time, so the
+app also answers where no lifespan runs; the lifespan seeds the epoch memory,
+then starts the prober and the heartbeats, stops them on the way out and
+closes what the app opened. Without a lifespan nothing is probed and no
+heartbeat goes out, so with a hub URL new work stays refused (controller.sync).
+``run(settings, host, port)`` serves it the way ``mmanager controller serve``
+should: logging set up from LOG_LEVEL and LOG_FILE first.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 import uvicorn
 from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -28,10 +32,13 @@ from controller.deps import require_api_key
 from controller.errors import ControllerError, DockerUnavailable, InvalidRequest
 from controller.gpu import detect_gpus
 from controller.health import ControllerMetrics
+from controller.heartbeat import HeartbeatAgent
+from controller.probes import Prober
 from controller.routers import containers as container_routes
 from controller.routers import images as image_routes
 from controller.routers import system as system_routes
 from controller.runtime import DockerRuntime, Runtime
+from controller.sync import SyncGuard
 from mmanager import __version__
 from mmanager.wire import ErrorBody, ErrorEnvelope
 
@@ -46,11 +53,26 @@ _HTTP_CODES = {
 }
 
 
-def create_app(settings: ControllerSettings, runtime: Runtime | None = None) -> FastAPI:
-    """The controller app; pass ``runtime`` to drive something other than the local Docker (tests)."""
+def create_app(
+    settings: ControllerSettings,
+    runtime: Runtime | None = None,
+    *,
+    hub_transport: httpx.AsyncBaseTransport | None = None,
+) -> FastAPI:
+    """The controller app.
+
+    Pass ``runtime`` to drive something other than the local Docker, and
+    ``hub_transport`` to carry heartbeats some other way than the network
+    (an in-process hub), as tests do.
+    """
     owns_runtime = runtime is None
     runtime = runtime or DockerRuntime(settings)
-    service = ContainerService(settings, runtime, detect_gpus(settings.gpu_devices))
+    sync = SyncGuard(required=settings.hub_url is not None)
+    service = ContainerService(settings, runtime, detect_gpus(settings.gpu_devices), sync)
+    prober = Prober(settings, runtime, service)
+    heartbeat = (
+        HeartbeatAgent(settings, runtime, service, prober, transport=hub_transport) if settings.hub_url else None
+    )
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -58,6 +80,9 @@ def create_app(settings: ControllerSettings, runtime: Runtime | None = None) -> 
             await service.seed_epochs()
         except DockerUnavailable as exc:
             log.warning("Docker is unreachable at start-up (%s); epochs will be read on first use", exc.message)
+        await prober.start()
+        if heartbeat is not None:
+            await heartbeat.start()
         log.info(
             "controller %s (%s) ready: at most %d containers, %d GPU(s), hub %s",
             settings.server_id,
@@ -69,6 +94,9 @@ def create_app(settings: ControllerSettings, runtime: Runtime | None = None) -> 
         try:
             yield
         finally:
+            if heartbeat is not None:
+                await heartbeat.stop()
+            await prober.stop()
             if owns_runtime:
                 await runtime.close()
 
@@ -77,6 +105,8 @@ def create_app(settings: ControllerSettings, runtime: Runtime | None = None) -> 
     app.state.settings = settings
     app.state.runtime = runtime
     app.state.containers = service
+    app.state.prober = prober
+    app.state.heartbeat = heartbeat
     app.state.metrics = ControllerMetrics(settings.server_id)
     app.add_middleware(StripTrailingSlash)
     _install_error_handlers(app)
@@ -146,6 +176,8 @@ def configure_logging(settings: ControllerSettings) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(settings.log_level)
+    # httpx logs every request at INFO: one line per heartbeat and per health probe would drown the rest.
+    logging.getLogger("httpx").setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
 
 
 def run(settings: ControllerSettings, host: str = "0.0.0.0", port: int | None = None) -> None:

@@ -55,6 +55,7 @@ class ControllerSettings(BaseSettings):
     # None: the Docker SDK's own defaults (DOCKER_HOST from the environment, else the local socket).
     docker_host: str | None = Field(default=None, validation_alias="DOCKER_HOST")
     docker_timeout: float = Field(default=60, gt=0, validation_alias="DOCKER_TIMEOUT")
+    # Where heartbeats go: one hub URL, or several hub replicas' comma-separated. None: the hub polls only.
     hub_url: str | None = Field(default=None, validation_alias="MMANAGER_HUB_URL")
     controller_url: str | None = Field(default=None, validation_alias="CONTROLLER_URL")
     port: int = Field(default=8001, ge=1, le=65535, validation_alias=AliasChoices("PORT", "MMANAGER_PORT"))

@@ -16,6 +16,11 @@ and copy methods. Its invariants:
   the Docker create, so two creates can never both take the last slot or
   the same GPU.
 - A create that fails leaves no container behind.
+- With heartbeats on, create, start and restart are refused (503
+  CONTROLLER_NOT_SYNCED) until a heartbeat round trip has removed the stale
+  copies the hub named (``controller.sync``). Stop and remove never are: that
+  is how stale copies go away. ``heal`` (the prober's in-place restart of an
+  unhealthy container) is not new work and is not refused either.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ from controller.gpu import LABEL_GPUS, choose_gpus, gpus_in_use
 from controller.runtime import Runtime
 from controller.schemas import CopyResult, DirectoryCopy, FileCopy
 from controller.spec import ContainerSpec, build_spec
+from controller.sync import SyncGuard
 from mmanager.wire import (
     LABEL_EPOCH,
     LABEL_SERVICE,
@@ -64,10 +70,13 @@ log = logging.getLogger(__name__)
 
 
 class ContainerService:
-    def __init__(self, settings: ControllerSettings, runtime: Runtime, gpus: list[GpuInfo]) -> None:
+    def __init__(
+        self, settings: ControllerSettings, runtime: Runtime, gpus: list[GpuInfo], sync: SyncGuard | None = None
+    ) -> None:
         self.settings = settings
         self.runtime = runtime
         self.gpus = gpus
+        self.sync = sync or SyncGuard(required=False)
         self._epochs: dict[str, int] = {}
         self._seeded = False
         self._seed_lock = asyncio.Lock()
@@ -111,6 +120,7 @@ class ContainerService:
 
     async def create(self, config: ContainerCreate) -> ContainerCreated:
         spec = build_spec(config, server_id=self.settings.server_id, publish_ip=self.settings.publish_ip)
+        self.sync.check()
         if not config.service_id:
             return await self._create_new(config, spec)
         await self.seed_epochs()
@@ -177,9 +187,16 @@ class ContainerService:
     # -- lifecycle ---------------------------------------------------------
 
     async def start(self, container_id: str, epoch: int | None = None) -> ActionResult:
+        self.sync.check()
         return await self._act(container_id, epoch, self.runtime.start, "started", fence_own_epoch=True)
 
     async def restart(self, container_id: str, timeout: int, epoch: int | None = None) -> ActionResult:
+        self.sync.check()
+        return await self.heal(container_id, timeout, epoch)
+
+    async def heal(self, container_id: str, timeout: int, epoch: int | None = None) -> ActionResult:
+        """Restart in place under the service's lock, without the sync guard (the health prober's restart)."""
+
         async def restart(cid: str) -> None:
             await self.runtime.restart(cid, timeout)
 

@@ -11,6 +11,7 @@ from controller.config import ControllerSettings
 from controller.containers import ContainerService
 from controller.errors import Unauthorized
 from controller.health import ControllerMetrics
+from controller.probes import Prober
 from controller.runtime import Runtime
 
 
@@ -30,10 +31,15 @@ def get_metrics(request: Request) -> ControllerMetrics:
     return request.app.state.metrics
 
 
+def get_prober(request: Request) -> Prober:
+    return request.app.state.prober
+
+
 SettingsDep = Annotated[ControllerSettings, Depends(get_settings)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 ContainersDep = Annotated[ContainerService, Depends(get_containers)]
 MetricsDep = Annotated[ControllerMetrics, Depends(get_metrics)]
+ProberDep = Annotated[Prober, Depends(get_prober)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:

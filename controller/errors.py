@@ -119,3 +119,16 @@ class ImagePullFailed(DockerError):
 class DockerUnavailable(ControllerError):
     status_code = 503
     code = "DOCKER_UNAVAILABLE"
+
+
+class ControllerNotSynced(ControllerError):
+    """Heartbeats on, and no round trip with the hub (stop orders applied) within the grace.
+
+    A controller that was cut off (partitioned, or frozen by SIGSTOP) may still
+    run copies the hub has since moved elsewhere; it takes no new work until
+    a heartbeat has told it which to remove and it has removed them.
+    """
+
+    status_code = 503
+    code = "CONTROLLER_NOT_SYNCED"
+    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "2"}

@@ -44,6 +44,9 @@ class FakeContainer:
     spec: ContainerSpec
     status: str = "created"
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
+    # Docker's State.StartedAt of the last start, and how many times it was restarted.
+    started_at: str = "0001-01-01T00:00:00Z"
+    restarts: int = 0
     host_ports: dict[str, int | None] = field(default_factory=dict)
     log_lines: list[str] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)
@@ -69,6 +72,8 @@ class FakeRuntime:
     def add_container(self, spec: ContainerSpec, status: str = "running") -> FakeContainer:
         """Put a container in place behind the API's back (one from before a restart, or a foreign one)."""
         container = FakeContainer(id=uuid.uuid4().hex * 2, spec=spec, status=status)
+        if status == "running":
+            container.started_at = container.created
         self.containers[container.id] = container
         return container
 
@@ -100,7 +105,11 @@ class FakeRuntime:
             name=container.name,
             image=container.spec.image,
             status=container.status,
-            state={"Status": container.status},
+            state={
+                "Status": container.status,
+                "Running": container.status == "running",
+                "StartedAt": container.started_at,
+            },
             created=container.created,
             ports=dict(container.host_ports) or dict.fromkeys(container.spec.ports),
             labels=labels,
@@ -153,6 +162,7 @@ class FakeRuntime:
             container.status = "exited"
             raise DockerError("OCI runtime create failed (fake)")
         container.status = "running"
+        container.started_at = datetime.now(UTC).isoformat()
         container.host_ports = {key: port or next(self._ports) for key, port in container.spec.ports.items()}
         container.log_lines.append(f"{container.name} started")
 
@@ -164,6 +174,12 @@ class FakeRuntime:
     async def restart(self, container_id: str, timeout: int) -> None:
         await self.stop(container_id, timeout)
         await self.start(container_id)
+        self._find(container_id).restarts += 1
+
+    async def network_address(self, container_id: str) -> str | None:
+        self._find(container_id)
+        # No network to reach: the fake's ports are not served by anything.
+        return None
 
     async def remove(self, container_id: str, force: bool) -> None:
         container = self._find(container_id)

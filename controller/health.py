@@ -6,6 +6,8 @@ memory from the daemon, which is what containers can actually get.
 
 from __future__ import annotations
 
+from typing import Any
+
 import psutil
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
 
@@ -25,30 +27,39 @@ from mmanager.wire import (
 GB = 1024**3
 
 
-async def collect_health(settings: ControllerSettings, runtime: Runtime, gpus: list[GpuInfo]) -> ControllerHealth:
-    memory = psutil.virtual_memory()
-    common = {
+def _common(settings: ControllerSettings, memory_percent: float) -> dict[str, Any]:
+    return {
         "server_id": settings.server_id,
         "server_type": settings.server_type,
         "version": __version__,
-        "memory_usage_percent": memory.percent,
+        "memory_usage_percent": memory_percent,
     }
+
+
+def docker_down_health(settings: ControllerSettings, error: str) -> ControllerHealth:
+    """What ``/health`` says when Docker cannot be used: unhealthy, no capacity."""
+    return ControllerHealth(
+        status="unhealthy",
+        docker=False,
+        containers=HealthContainers(running=0, max_allowed=settings.max_containers, managed=0),
+        resources=HealthResources(cpu_cores=0, memory_total_gb=0, memory_available_gb=0),
+        load_percentage=0,
+        capabilities=HealthCapabilities(gpu_support=False, max_memory_gb=0, gpus=[]),
+        error=error,
+        **_common(settings, psutil.virtual_memory().percent),
+    )
+
+
+async def collect_health(settings: ControllerSettings, runtime: Runtime, gpus: list[GpuInfo]) -> ControllerHealth:
+    memory = psutil.virtual_memory()
+    common = _common(settings, memory.percent)
     try:
         if not await runtime.ping():
             raise DockerUnavailable("the Docker daemon did not answer a ping")
         host = await runtime.host_info()
         managed = await runtime.list_containers(all=True, detailed=False)
     except ControllerError as exc:
-        return ControllerHealth(
-            status="unhealthy",
-            docker=False,
-            containers=HealthContainers(running=0, max_allowed=settings.max_containers, managed=0),
-            resources=HealthResources(cpu_cores=0, memory_total_gb=0, memory_available_gb=0),
-            load_percentage=0,
-            capabilities=HealthCapabilities(gpu_support=False, max_memory_gb=0, gpus=[]),
-            error=exc.message,
-            **common,
-        )
+        return docker_down_health(settings, exc.message)
     running = sum(c.status == "running" for c in managed)
     busy = gpus_in_use(managed)
     memory_total_gb = round(host.memory_total / GB, 2)

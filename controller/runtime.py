@@ -72,6 +72,7 @@ class Runtime(Protocol):
         self, *, all: bool, labels: dict[str, str] | None = None, detailed: bool = True
     ) -> list[ContainerInfo]: ...
     async def get_container(self, container_id: str) -> ContainerInfo: ...
+    async def network_address(self, container_id: str) -> str | None: ...
     async def create_container(self, spec: ContainerSpec) -> str: ...
     async def start(self, container_id: str) -> None: ...
     async def stop(self, container_id: str, timeout: int) -> None: ...
@@ -115,7 +116,12 @@ class DockerRuntime:
 
     async def _run(self, fn: Callable[..., T], *args: Any) -> T:
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._pool, partial(self._translated, fn, *args))
+        try:
+            future = loop.run_in_executor(self._pool, partial(self._translated, fn, *args))
+        except RuntimeError:
+            # The pool is shut down: close() ran, the app is stopping. A 503, not a 500 with a traceback.
+            raise DockerUnavailable("the controller is shutting down") from None
+        return await future
 
     def _translated(self, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -180,6 +186,26 @@ class DockerRuntime:
 
     async def get_container(self, container_id: str) -> ContainerInfo:
         return await self._run(lambda client: _container_info(self._managed(client, container_id).attrs))
+
+    async def network_address(self, container_id: str) -> str | None:
+        """Where this host reaches the container's own (unpublished) ports.
+
+        Its IP on its first network that has one; 127.0.0.1 with host
+        networking; None when it has no address (``network_mode: none``, or
+        not running).
+        """
+
+        def address(client: docker.DockerClient) -> str | None:
+            attrs = self._managed(client, container_id).attrs
+            if (attrs.get("HostConfig") or {}).get("NetworkMode") == "host":
+                return "127.0.0.1"
+            network_settings = attrs.get("NetworkSettings") or {}
+            for network in (network_settings.get("Networks") or {}).values():
+                if (network or {}).get("IPAddress"):
+                    return network["IPAddress"]
+            return network_settings.get("IPAddress") or None
+
+        return await self._run(address)
 
     async def create_container(self, spec: ContainerSpec) -> str:
         """Create (not start) the container; on any failure nothing is left behind."""

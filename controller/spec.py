@@ -17,6 +17,7 @@ from controller.errors import ForbiddenLabel, ForbiddenVolume, InvalidRequest
 from mmanager.wire import (
     LABEL_CONTROLLER,
     LABEL_EPOCH,
+    LABEL_HEALTH_CHECK,
     LABEL_MANAGED,
     LABEL_PREFIX,
     LABEL_SERVICE,
@@ -84,13 +85,17 @@ def _labels(config: ContainerCreate, server_id: str) -> dict[str, str]:
     forbidden = sorted(key for key in user if key.startswith(LABEL_PREFIX))
     if forbidden:
         raise ForbiddenLabel(f"labels starting with {LABEL_PREFIX!r} are reserved: {forbidden}", {"labels": forbidden})
-    return {
+    labels = {
         **user,
         LABEL_MANAGED: "true",
         LABEL_CONTROLLER: server_id,
         LABEL_SERVICE: config.service_id or "",
         LABEL_EPOCH: str(config.epoch or 0),
     }
+    if config.health_check is not None:
+        # On the container itself, so a restarted controller still knows what to probe.
+        labels[LABEL_HEALTH_CHECK] = config.health_check.model_dump_json()
+    return labels
 
 
 def _environment(env: dict[str, str] | list[str] | None) -> dict[str, str]:

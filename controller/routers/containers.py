@@ -1,4 +1,5 @@
-"""``/containers``: the lifecycle goes through ContainerService; reads go straight to the runtime."""
+"""``/containers``: the lifecycle goes through ContainerService; reads go straight to the runtime
+(with the prober's health added)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 
-from controller.deps import ContainersDep, RuntimeDep
+from controller.deps import ContainersDep, ProberDep, RuntimeDep
 from controller.schemas import ContainerLogs, ContainerStats, CopyResult, DirectoryCopy, FileCopy
 from mmanager.wire import ActionResult, ContainerCreate, ContainerCreated, ContainerInfo, ContainerList
 
@@ -26,13 +27,13 @@ async def create(body: ContainerCreate, containers: ContainersDep, response: Res
 
 
 @router.get("", response_model=ContainerList)
-async def list_containers(runtime: RuntimeDep, all: bool = False) -> ContainerList:
-    return ContainerList(containers=await runtime.list_containers(all=all))
+async def list_containers(runtime: RuntimeDep, prober: ProberDep, all: bool = False) -> ContainerList:
+    return ContainerList(containers=[prober.decorate(info) for info in await runtime.list_containers(all=all)])
 
 
 @router.get("/{container_id}", response_model=ContainerInfo)
-async def inspect(container_id: str, runtime: RuntimeDep) -> ContainerInfo:
-    return await runtime.get_container(container_id)
+async def inspect(container_id: str, runtime: RuntimeDep, prober: ProberDep) -> ContainerInfo:
+    return prober.decorate(await runtime.get_container(container_id))
 
 
 @router.post("/{container_id}/start", response_model=ActionResult)

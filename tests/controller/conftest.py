@@ -75,9 +75,11 @@ def server_id(docker_client: docker.DockerClient) -> Iterator[str]:
 async def _controllers(default_id: str) -> AsyncIterator[StartController]:
     async with AsyncExitStack() as stack:
 
-        async def start(runtime: Runtime | None = None, **overrides: Any) -> Ctl:
+        async def start(
+            runtime: Runtime | None = None, hub_transport: httpx.AsyncBaseTransport | None = None, **overrides: Any
+        ) -> Ctl:
             settings = make_settings(overrides.pop("server_id", default_id), **overrides)
-            app = create_app(settings, runtime)
+            app = create_app(settings, runtime, hub_transport=hub_transport)
             await stack.enter_async_context(app.router.lifespan_context(app))
             client = await stack.enter_async_context(
                 httpx.AsyncClient(

@@ -18,9 +18,10 @@ import uvicorn
 from controller import app as controller_app
 from controller import archives
 from controller.config import ControllerSettings, parse_gpu_devices
-from controller.errors import ForbiddenLabel, ForbiddenVolume, GpuUnavailable, InvalidRequest
+from controller.errors import DockerUnavailable, ForbiddenLabel, ForbiddenVolume, GpuUnavailable, InvalidRequest
 from controller.fake import FakeRuntime
 from controller.gpu import choose_gpus, detect_gpus
+from controller.runtime import DockerRuntime
 from controller.spec import build_spec
 from mmanager.images import EXAMPLE_IMAGE
 from mmanager.wire import ContainerCreate, GpuInfo
@@ -359,3 +360,11 @@ async def test_docker_going_away_is_503_not_500(fake_ctl: Ctl, fake: FakeRuntime
     for method, path in [("GET", "/containers"), ("POST", "/containers/x/stop"), ("DELETE", "/images/x")]:
         response = await fake_ctl.client.request(method, path)
         assert (response.status_code, response.json()["error"]["code"]) == (503, "DOCKER_UNAVAILABLE")
+
+
+async def test_a_closed_runtime_answers_docker_unavailable() -> None:
+    runtime = DockerRuntime(ControllerSettings(_env_file=None, api_key="k", server_id="closed", gpu_devices=[]))
+    await runtime.close()
+    assert await runtime.ping() is False
+    with pytest.raises(DockerUnavailable, match="shutting down"):
+        await runtime.list_containers(all=True)

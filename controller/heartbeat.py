@@ -1,0 +1,326 @@
+"""Heartbeats: this controller tells the hub what it runs, and removes what the hub says is stale.
+
+With ``MMANAGER_HUB_URL`` set, ``HeartbeatAgent`` POSTs a ``Heartbeat`` to
+``{hub}/api/controllers/{SERVER_ID}/heartbeat`` (``Authorization: Bearer
+<MMANAGER_API_KEY>``) right at start and then every ``interval`` seconds
+(2 until the hub's first answer names its own). The body carries this
+controller's ``/health`` and every managed container, running or not.
+
+``MMANAGER_HUB_URL`` may list several hub replicas, comma-separated. A beat
+goes to the one that answered last; when that one fails it goes on to the
+next within the same beat (each gets ``grace / 2`` seconds, between 1 and 5),
+so a replica's death costs no heartbeat.
+
+The answer (``HeartbeatAnswer``) names the interval and grace to use and the
+containers to stop: each is force-removed through ``ContainerService`` (so
+the service's lock holds; one already gone is fine). A round trip whose stop
+orders were all carried out re-opens the sync guard (``controller.sync``).
+
+Nothing is retried within a beat: the next beat is the retry. Failures (hub
+down, an error status, an answer that is not a heartbeat answer) are logged,
+the first of a run and then at most once a minute, and recoveries are logged
+too; none ends the loop. Docker is read with a budget: when it does not
+answer in time (or at all), the heartbeat still goes out, saying so
+(``health.docker`` false, ``health.status`` unhealthy) and repeating the last
+container list Docker gave, so that a hung daemon makes the hub see an
+unhealthy controller, not one whose containers all vanished.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import math
+from collections.abc import Iterable
+from urllib.parse import quote
+
+import httpx
+from pydantic import ValidationError
+
+from controller.config import ControllerSettings
+from controller.containers import ContainerService
+from controller.errors import ControllerError, NotFound
+from controller.health import collect_health, docker_down_health
+from controller.probes import Prober, seconds_since
+from controller.runtime import Runtime
+from controller.sync import DEFAULT_INTERVAL
+from mmanager.wire import (
+    ContainerInfo,
+    ControllerHealth,
+    Heartbeat,
+    HeartbeatAnswer,
+    HeartbeatContainer,
+    StopOrder,
+)
+
+# Seconds one hub gets to answer a heartbeat: grace / 2, within these bounds.
+MIN_HTTP_TIMEOUT, MAX_HTTP_TIMEOUT = 1.0, 5.0
+# Seconds Docker gets to say what runs, per heartbeat.
+DOCKER_BUDGET = 4.0
+# Seconds the stop orders of one answer get, all together.
+STOP_BUDGET = 30.0
+# Bounds on what the hub may ask for.
+MIN_INTERVAL, MAX_INTERVAL = 0.05, 3600.0
+MIN_GRACE, MAX_GRACE = 0.1, 86400.0
+# A failure that goes on is logged again at most this often.
+WARN_EVERY = 60.0
+
+log = logging.getLogger(__name__)
+
+
+class _BeatFailed(Exception):
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+class HeartbeatAgent:
+    def __init__(
+        self,
+        settings: ControllerSettings,
+        runtime: Runtime,
+        containers: ContainerService,
+        prober: Prober,
+        *,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        if not settings.hub_url:
+            raise ValueError("heartbeats need MMANAGER_HUB_URL")
+        self.settings = settings
+        self.runtime = runtime
+        self.containers = containers
+        self.prober = prober
+        self.sync = containers.sync
+        self.hub_urls = [url.strip().rstrip("/") for url in settings.hub_url.split(",") if url.strip()]
+        if not self.hub_urls:
+            raise ValueError("MMANAGER_HUB_URL names no hub")
+        # The hub that answered last: beats go there first.
+        self.current = 0
+        self.path = f"/api/controllers/{quote(settings.server_id, safe='')}/heartbeat"
+        self.interval = DEFAULT_INTERVAL
+        self.sequence = 0
+        # Failed beats in a row.
+        self.failures = 0
+        self.last_answer: HeartbeatAnswer | None = None
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._last_listing: list[ContainerInfo] = []
+        self._failure_kind: str | None = None
+        self._warned_at = -math.inf
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is not None:
+            return
+        self._client = httpx.AsyncClient(
+            transport=self._transport,
+            headers={"Authorization": f"Bearer {self.settings.api_key.get_secret_value()}"},
+        )
+        self._task = asyncio.create_task(self._run(), name="heartbeat")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _run(self) -> None:
+        clock = self.sync.clock
+        while True:
+            began = clock()
+            try:
+                await self.beat(began)
+            except Exception as exc:
+                self._failed(type(exc).__name__, f"unexpected error: {exc!r}", exc_info=True)
+            # Beats keep their cadence; one that ran late (or a process that was frozen) goes again at once.
+            await asyncio.sleep(max(0.0, began + self.interval - clock()))
+
+    # -- one beat ----------------------------------------------------------
+
+    async def beat(self, began: float | None = None) -> bool:
+        """One round trip; True when it completed and its stop orders were carried out."""
+        began = self.sync.clock() if began is None else began
+        self.sequence += 1
+        heartbeat = await self.build(self.sequence)
+        try:
+            answer = await self._send(heartbeat)
+        except _BeatFailed as exc:
+            self._failed(exc.kind, exc.message)
+            return False
+        self._answered(answer)
+        done = await self._apply(answer.stop)
+        self.interval = _bounded(answer.interval, MIN_INTERVAL, MAX_INTERVAL, self.interval)
+        grace = _bounded(answer.grace, MIN_GRACE, MAX_GRACE, self.sync.grace)
+        if done:
+            self.sync.synced(began, grace)
+        else:
+            self.sync.grace = grace
+        return done
+
+    async def build(self, sequence: int) -> Heartbeat:
+        try:
+            health, listed = await asyncio.wait_for(self._read_docker(), DOCKER_BUDGET)
+        except TimeoutError:
+            health = docker_down_health(self.settings, f"Docker did not answer within {DOCKER_BUDGET:g} s")
+            listed = self._last_listing
+        return Heartbeat(
+            server_id=self.settings.server_id,
+            url=self.settings.controller_url,
+            server_type=self.settings.server_type,
+            sequence=sequence,
+            health=health,
+            containers=[self._entry(info) for info in listed],
+        )
+
+    async def _read_docker(self) -> tuple[ControllerHealth, list[ContainerInfo]]:
+        health = await collect_health(self.settings, self.runtime, self.containers.gpus)
+        if not health.docker:
+            return health, self._last_listing
+        try:
+            listed = await self.runtime.list_containers(all=True, detailed=False)
+        except ControllerError as exc:
+            return docker_down_health(self.settings, exc.message), self._last_listing
+        self._last_listing = listed
+        return health, listed
+
+    def _entry(self, info: ContainerInfo) -> HeartbeatContainer:
+        health, restarts = self.prober.health(info.id)
+        age = seconds_since(info.created)
+        return HeartbeatContainer(
+            container_id=info.id,
+            name=info.name,
+            service_id=info.service_id,
+            epoch=info.epoch,
+            state=info.status,
+            health=health,
+            health_restarts=restarts,
+            age_seconds=round(max(age or 0.0, 0.0), 3),
+            ports=info.ports,
+        )
+
+    @property
+    def hub_url(self) -> str:
+        return self.hub_urls[self.current]
+
+    async def _send(self, heartbeat: Heartbeat) -> HeartbeatAnswer:
+        """The answer of the first hub that gives one, starting with the one that answered last."""
+        body = heartbeat.model_dump(mode="json")
+        failures: list[tuple[str, _BeatFailed]] = []
+        for step in range(len(self.hub_urls)):
+            index = (self.current + step) % len(self.hub_urls)
+            try:
+                answer = await self._send_to(self.hub_urls[index], body)
+            except _BeatFailed as exc:
+                failures.append((self.hub_urls[index], exc))
+                continue
+            if index != self.current:
+                log.info("heartbeats now go to hub %s", self.hub_urls[index])
+                self.current = index
+            return answer
+        if len(failures) == 1:
+            raise failures[0][1]
+        raise _BeatFailed(
+            " | ".join(f.kind for _, f in failures), "; ".join(f"{url}: {f.message}" for url, f in failures)
+        )
+
+    async def _send_to(self, hub_url: str, body: dict[str, object]) -> HeartbeatAnswer:
+        assert self._client is not None, "start() the agent first"
+        timeout = min(max(self.sync.grace / 2, MIN_HTTP_TIMEOUT), MAX_HTTP_TIMEOUT)
+        try:
+            response = await self._client.post(hub_url + self.path, json=body, timeout=timeout)
+        except httpx.TimeoutException:
+            raise _BeatFailed("timeout", f"the hub did not answer within {timeout:g} s") from None
+        except httpx.HTTPError as exc:
+            raise _BeatFailed(type(exc).__name__, f"hub unreachable: {type(exc).__name__} {exc}".rstrip()) from None
+        if not response.is_success:
+            raise _BeatFailed(
+                f"HTTP {response.status_code}", f"the hub answered {response.status_code}: {_excerpt(response)}"
+            )
+        try:
+            return HeartbeatAnswer.model_validate_json(response.content)
+        except ValidationError as exc:
+            first = exc.errors()[0] if exc.errors() else {}
+            problem = f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg', exc)}".lstrip(": ")
+            raise _BeatFailed("bad answer", f"the hub's answer is not a heartbeat answer ({problem})") from None
+
+    # -- stop orders -------------------------------------------------------
+
+    async def _apply(self, orders: Iterable[StopOrder]) -> bool:
+        unique = list({order.container_id: order for order in orders}.values())
+        if not unique:
+            return True
+        try:
+            results = await asyncio.wait_for(asyncio.gather(*(self._stop(o) for o in unique)), STOP_BUDGET)
+        except TimeoutError:
+            log.warning(
+                "the hub's %d stop order(s) were not done within %g s; no new work until a heartbeat completes them",
+                len(unique),
+                STOP_BUDGET,
+            )
+            return False
+        return all(results)
+
+    async def _stop(self, order: StopOrder) -> bool:
+        what = f"container {order.container_id[:12]} (service {order.service_id}, epoch {order.epoch})"
+        try:
+            await self.containers.remove(order.container_id, force=True)
+        except NotFound:
+            log.info("the hub ordered %s removed (%s): already gone", what, order.reason)
+            return True
+        except ControllerError as exc:
+            log.warning("could not remove %s as the hub ordered (%s): %s", what, order.reason, exc.message)
+            return False
+        log.info("removed %s on the hub's order: %s", what, order.reason)
+        return True
+
+    # -- logging -----------------------------------------------------------
+
+    def _answered(self, answer: HeartbeatAnswer) -> None:
+        if self.failures:
+            log.info("heartbeats reach the hub again after %d failed", self.failures)
+        elif self.last_answer is None:
+            log.info(
+                "hub %s answered the first heartbeat: interval %g s, grace %g s",
+                self.hub_url,
+                answer.interval,
+                answer.grace,
+            )
+        self.failures = 0
+        self._failure_kind = None
+        self.last_answer = answer
+
+    @property
+    def _hubs(self) -> str:
+        return self.hub_urls[0] if len(self.hub_urls) == 1 else "every hub"
+
+    def _failed(self, kind: str, message: str, *, exc_info: bool = False) -> None:
+        self.failures += 1
+        now = self.sync.clock()
+        if self.failures == 1 or kind != self._failure_kind or now - self._warned_at >= WARN_EVERY:
+            again = f" ({self.failures} in a row)" if self.failures > 1 else ""
+            log.warning("heartbeat to %s failed%s: %s", self._hubs, again, message, exc_info=exc_info)
+            self._warned_at = now
+        else:
+            log.debug("heartbeat to %s failed (%d in a row): %s", self._hubs, self.failures, message)
+        self._failure_kind = kind
+
+
+def _bounded(value: float, low: float, high: float, fallback: float) -> float:
+    return min(max(value, low), high) if math.isfinite(value) else fallback
+
+
+def _excerpt(response: httpx.Response) -> str:
+    """The error message of an error envelope, else the start of the body."""
+    try:
+        body = response.json()
+        message = body["error"]["message"]
+        code = body["error"].get("code")
+        return f"{code}: {message}" if code else str(message)
+    except Exception:
+        return response.text[:200] or response.reason_phrase

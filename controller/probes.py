@@ -1,0 +1,361 @@
+"""HTTP health probes of the services in managed containers, and restarts in place.
+
+A container created with a ``health_check`` carries it as the label
+``mmanager.health_check`` (JSON of ``HealthCheck``), so a restarted controller
+still knows what to probe. ``Prober`` ticks every ``TICK`` seconds: it lists
+the managed containers (one cheap Docker call), forgets those that are gone,
+and starts a probe for each running one with a check that is due. Probes run
+as their own tasks, at most ``MAX_PROBES`` at once, so one slow service never
+delays the others (nor the tick).
+
+A probe is an HTTP GET of ``http://<host>:<port><path>`` with the check's
+timeout; any 2xx or 3xx answer passes (redirects are not followed). The
+address: the host port Docker published for ``<check.port>/tcp``, on
+``PUBLISH_IP`` (127.0.0.1 when that is unset or a wildcard); when that port
+is not published, the container's own address on its network, at
+``check.port`` (127.0.0.1 with host networking).
+
+Health per container (kept in memory, by container id):
+
+- ``unknown`` from each (re)start until a probe passes; ``healthy`` after a
+  pass; ``unhealthy`` after ``failure_threshold`` counted failures in a row.
+- Until the first pass after a start, probes run every tick so a fresh
+  service shows healthy quickly; failures in that phase are counted at most
+  once per ``interval`` (so ``failure_threshold × interval`` keeps its
+  meaning), and not at all within ``start_period`` of Docker's ``StartedAt``.
+  After a pass, probes run every ``interval`` and every failure counts.
+- An unhealthy container is restarted in place (through
+  ``ContainerService.heal``: the service's lock and the epoch fence apply);
+  its ``health_restarts`` goes up by one (the count survives the restart)
+  and it is judged afresh, from ``unknown``. A start seen in Docker that the
+  prober did not make (restart policy, the hub's restart) resets it too.
+- Containers without a check are ``unknown`` with whatever restart count
+  they have (none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import httpx
+from pydantic import ValidationError
+
+from controller.config import ControllerSettings
+from controller.containers import ContainerService
+from controller.errors import ControllerError, NotFound
+from controller.runtime import Runtime
+from mmanager.wire import LABEL_HEALTH_CHECK, ContainerInfo, HealthCheck, HealthState
+
+# Seconds between ticks, and between probes of a container that has not passed yet.
+TICK = 0.5
+# Probes in flight at once, across all containers.
+MAX_PROBES = 32
+# Seconds Docker waits for a clean stop when restarting an unhealthy container.
+RESTART_TIMEOUT = 10
+
+log = logging.getLogger(__name__)
+
+
+def seconds_since(timestamp: str | None, now: datetime | None = None) -> float | None:
+    """Seconds from a Docker timestamp (``Created``, ``StartedAt``) to now; None when there is none."""
+    if not timestamp or timestamp.startswith("0001-"):
+        return None
+    try:
+        moment = datetime.fromisoformat(timestamp)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return ((now or datetime.now(UTC)) - moment).total_seconds()
+
+
+def read_health_check(labels: dict[str, str]) -> HealthCheck | None:
+    """The check a container was created with; raises ``ValidationError`` for a damaged label."""
+    raw = labels.get(LABEL_HEALTH_CHECK)
+    return HealthCheck.model_validate_json(raw) if raw else None
+
+
+def probe_host(publish_ip: str) -> str:
+    """Where published ports are reached from this host."""
+    if not publish_ip or ipaddress.ip_address(publish_ip).is_unspecified:
+        return "127.0.0.1"
+    return publish_ip
+
+
+def _url_host(address: str) -> str:
+    return f"[{address}]" if ":" in address else address
+
+
+@dataclass
+class _Probe:
+    check: HealthCheck
+    health: HealthState = "unknown"
+    # Counted failures in a row.
+    failures: int = 0
+    # A probe passed since the start being judged.
+    passed: bool = False
+    # Docker's StartedAt of the start being judged; None until a probe has read it.
+    started_at: str | None = None
+    # time.monotonic() at which the next probe is due.
+    next_at: float = 0.0
+    last_counted: float | None = None
+    busy: bool = False
+    last_result: str | None = None
+
+    def reset(self) -> None:
+        self.health = "unknown"
+        self.failures = 0
+        self.passed = False
+        self.started_at = None
+        self.last_counted = None
+
+
+class Prober:
+    def __init__(
+        self,
+        settings: ControllerSettings,
+        runtime: Runtime,
+        containers: ContainerService,
+        *,
+        tick: float = TICK,
+        restart_timeout: int = RESTART_TIMEOUT,
+        max_concurrent: int = MAX_PROBES,
+        transport: httpx.AsyncBaseTransport | None = None,
+    ) -> None:
+        self.runtime = runtime
+        self.containers = containers
+        self.tick_seconds = tick
+        self.restart_timeout = restart_timeout
+        self._host = probe_host(settings.publish_ip)
+        self._max_concurrent = max_concurrent
+        self._transport = transport
+        self._probes: dict[str, _Probe] = {}
+        self._restarts: dict[str, int] = {}
+        self._bad_labels: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._semaphore: asyncio.Semaphore | None = None
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.Task[None] | None = None
+
+    # -- what the API and heartbeats report ------------------------------
+
+    def health(self, container_id: str) -> tuple[HealthState, int]:
+        """``(health, health_restarts)`` of a container, by its full id."""
+        probe = self._probes.get(container_id)
+        return (probe.health if probe else "unknown"), self._restarts.get(container_id, 0)
+
+    def decorate(self, info: ContainerInfo) -> ContainerInfo:
+        health, restarts = self.health(info.id)
+        return info.model_copy(update={"health": health, "health_restarts": restarts})
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._loop is not None:
+            return
+        self._semaphore = asyncio.Semaphore(self._max_concurrent)
+        self._client = httpx.AsyncClient(
+            transport=self._transport,
+            # A probe goes straight to the container: never through a proxy from the environment.
+            trust_env=False,
+            follow_redirects=False,
+            # No keep-alive: a restarted service would leave dead pooled connections behind.
+            limits=httpx.Limits(max_connections=self._max_concurrent, max_keepalive_connections=0),
+        )
+        self._loop = asyncio.create_task(self._run(), name="health-prober")
+
+    async def stop(self) -> None:
+        tasks = [t for t in (self._loop, *self._tasks) if t is not None]
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self._loop = None
+        self._tasks.clear()
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    async def _run(self) -> None:
+        paused = False
+        while True:
+            try:
+                await self.tick()
+                if paused:
+                    log.info("health probes resumed: Docker answers again")
+                    paused = False
+            except ControllerError as exc:
+                if not paused:
+                    log.warning("health probes paused: cannot list the containers: %s", exc.message)
+                    paused = True
+            except Exception:
+                log.exception("health prober tick failed")
+            await asyncio.sleep(self.tick_seconds)
+
+    # -- one tick ----------------------------------------------------------
+
+    async def tick(self) -> None:
+        """List the managed containers, forget the gone, start the probes that are due."""
+        listed = await self.runtime.list_containers(all=True, detailed=False)
+        now = time.monotonic()
+        present = {info.id for info in listed}
+        for container_id in [cid for cid in self._probes if cid not in present]:
+            del self._probes[container_id]
+        for container_id in [cid for cid in self._restarts if cid not in present]:
+            del self._restarts[container_id]
+        self._bad_labels &= present
+        for info in listed:
+            probe = self._probes.get(info.id)
+            if probe is None:
+                check = self._check_of(info)
+                if check is None:
+                    continue
+                probe = self._probes[info.id] = _Probe(check, next_at=now)
+            if probe.busy:
+                continue
+            if info.status != "running":
+                # Stopped (or between states): judged afresh once it runs again.
+                probe.reset()
+                probe.next_at = now
+                continue
+            if now >= probe.next_at:
+                self._launch(info.id, probe)
+
+    def _check_of(self, info: ContainerInfo) -> HealthCheck | None:
+        try:
+            return read_health_check(info.labels)
+        except ValidationError as exc:
+            if info.id not in self._bad_labels:
+                self._bad_labels.add(info.id)
+                log.warning(
+                    "container %s has an unreadable %s label, not probing it: %s",
+                    info.name,
+                    LABEL_HEALTH_CHECK,
+                    exc.errors()[0]["msg"] if exc.errors() else exc,
+                )
+            return None
+
+    def _launch(self, container_id: str, probe: _Probe) -> None:
+        probe.busy = True
+        task = asyncio.create_task(self._probe(container_id, probe), name=f"probe-{container_id[:12]}")
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    # -- one probe ---------------------------------------------------------
+
+    async def _probe(self, container_id: str, probe: _Probe) -> None:
+        try:
+            assert self._semaphore is not None
+            async with self._semaphore:
+                outcome = await self._attempt(container_id, probe)
+            if outcome is not None and self._probes.get(container_id) is probe:
+                await self._judge(container_id, probe, *outcome)
+        except ControllerError as exc:
+            # Docker trouble: the tick says so once; try again next tick.
+            log.debug("health probe of %s skipped: %s", container_id[:12], exc.message)
+        except Exception:
+            log.exception("health probe of container %s failed unexpectedly", container_id[:12])
+        finally:
+            probe.busy = False
+
+    async def _attempt(self, container_id: str, probe: _Probe) -> tuple[bool, str] | None:
+        """``(passed, what happened)``, or None when there is nothing to judge (not running, gone)."""
+        try:
+            info = await self.runtime.get_container(container_id)
+        except NotFound:
+            self._forget(container_id)
+            return None
+        if info.status != "running":
+            return None
+        started = info.state.get("StartedAt")
+        if probe.started_at is not None and started != probe.started_at:
+            log.info("container %s was started again; judging its health afresh", info.name)
+            probe.reset()
+        probe.started_at = started
+        url = await self._url(container_id, probe.check, info)
+        if url is None:
+            return False, f"port {probe.check.port} is not published and the container has no network address"
+        assert self._client is not None
+        try:
+            async with self._client.stream("GET", url, timeout=probe.check.timeout) as response:
+                status = response.status_code
+        except httpx.TimeoutException:
+            return False, f"GET {url}: no answer within {probe.check.timeout:g} s"
+        except httpx.HTTPError as exc:
+            return False, f"GET {url}: {type(exc).__name__} {exc}".rstrip()
+        return 200 <= status < 400, f"GET {url}: HTTP {status}"
+
+    async def _url(self, container_id: str, check: HealthCheck, info: ContainerInfo) -> str | None:
+        path = "/" + check.path.lstrip("/")
+        published = info.ports.get(f"{check.port}/tcp")
+        if published:
+            return f"http://{_url_host(self._host)}:{published}{path}"
+        address = await self.runtime.network_address(container_id)
+        if not address:
+            return None
+        return f"http://{_url_host(address)}:{check.port}{path}"
+
+    async def _judge(self, container_id: str, probe: _Probe, passed: bool, result: str) -> None:
+        now = time.monotonic()
+        check = probe.check
+        probe.last_result = result
+        if passed:
+            if probe.health != "healthy":
+                log.info("container %s is healthy (%s)", container_id[:12], result)
+            probe.health = "healthy"
+            probe.passed = True
+            probe.failures = 0
+            probe.next_at = now + check.interval
+            return
+        if not probe.passed:
+            probe.next_at = now + self.tick_seconds
+            since_start = seconds_since(probe.started_at)
+            if since_start is not None and since_start < check.start_period:
+                return
+            if probe.last_counted is not None and now - probe.last_counted < check.interval - self.tick_seconds / 2:
+                return
+        else:
+            probe.next_at = now + check.interval
+        probe.failures += 1
+        probe.last_counted = now
+        if probe.failures < check.failure_threshold:
+            log.debug(
+                "container %s failed health probe %d of %d: %s",
+                container_id[:12],
+                probe.failures,
+                check.failure_threshold,
+                result,
+            )
+            return
+        probe.health = "unhealthy"
+        log.warning(
+            "container %s is unhealthy after %d failed probes (last: %s); restarting it",
+            container_id[:12],
+            probe.failures,
+            result,
+        )
+        await self._restart(container_id, probe)
+
+    async def _restart(self, container_id: str, probe: _Probe) -> None:
+        try:
+            await self.containers.heal(container_id, self.restart_timeout)
+        except NotFound:
+            self._forget(container_id)
+            return
+        except ControllerError as exc:
+            log.warning("could not restart unhealthy container %s: %s", container_id[:12], exc.message)
+            probe.failures = 0
+            probe.next_at = time.monotonic() + probe.check.interval
+            return
+        restarts = self._restarts[container_id] = self._restarts.get(container_id, 0) + 1
+        log.warning("restarted unhealthy container %s (health restart %d)", container_id[:12], restarts)
+        probe.reset()
+        probe.next_at = time.monotonic() + self.tick_seconds
+
+    def _forget(self, container_id: str) -> None:
+        self._probes.pop(container_id, None)
+        self._restarts.pop(container_id, None)

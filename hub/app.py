@@ -3,12 +3,17 @@ parts together and runs the background loops."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
 import logging
+import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
+import asyncpg
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -53,6 +58,37 @@ def _error(status: int, code: str, message: str, details: Any = None) -> JSONRes
     return JSONResponse({"error": {"code": code, "message": message, "details": details}}, status_code=status)
 
 
+def _dump_tasks_on_sigusr1() -> None:
+    """``kill -USR1 <hub pid>`` logs what every asyncio task is waiting on (like Go's SIGQUIT)."""
+
+    def dump() -> None:
+        for task in asyncio.all_tasks():
+            out = io.StringIO()
+            task.print_stack(file=out)
+            log.warning("task %s:\n%s", task.get_name(), out.getvalue())
+
+    with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
+
+
+def _database_outage(exc: BaseException) -> bool:
+    """Is this (or what caused it) the database being down or restarting?
+
+    asyncpg raises some connection failures (refused, reset, "the database
+    system is starting up") without SQLAlchemy's wrapping; the hub talks to
+    controllers only through its client, which turns transport errors into
+    ``HubError``, so an OS-level error left here is the database's.
+    """
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, OSError | DBAPIError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError
+                      | asyncpg.CannotConnectNowError):
+            return True
+        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
+        seen += 1
+    return False
+
+
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HubError)
     async def hub_error(_: Request, exc: HubError) -> JSONResponse:
@@ -75,12 +111,18 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(OperationalError)
     @app.exception_handler(DBAPIError)
+    @app.exception_handler(OSError)
+    @app.exception_handler(asyncpg.PostgresError)
+    @app.exception_handler(asyncpg.InterfaceError)
     async def database_error(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database error: %s", exc)
         return _error(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        if _database_outage(exc):
+            log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
+            return _error(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
         log.exception("unexpected error")
         return _error(500, "INTERNAL_ERROR", "an unexpected error occurred; see the hub's log")
 
@@ -102,6 +144,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        _dump_tasks_on_sigusr1()
         await hub.controllers.sync_from_config()
         flusher = HeartbeatFlusher(hub.ingest, min(0.5, settings.heartbeat_interval / 4))
         supervisor = Supervisor(hub.db, hub.replica_id, min(1.0, settings.heartbeat_grace / 3), on_lead, on_follow)

@@ -9,6 +9,8 @@ the controller makes idempotent. Retries cover transport errors and 502/503/504.
 
 from __future__ import annotations
 
+import asyncio
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -101,6 +103,18 @@ class ControllerClient:
         return ControllerHealth.model_validate(response.json())
 
     async def create(self, controller_id: str, url: str, config: ContainerCreate) -> ContainerCreated:
+        """Create and start; a controller that has not yet fenced its stale copies since it came
+        back (503 CONTROLLER_NOT_SYNCED) gets until its next heartbeat or two before it counts as down."""
+        deadline = time.monotonic() + 2 * self.settings.heartbeat_interval + 1
+        while True:
+            try:
+                return await self._create(controller_id, url, config)
+            except ControllerUnavailable as exc:
+                if exc.code != "CONTROLLER_NOT_SYNCED" or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.25)
+
+    async def _create(self, controller_id: str, url: str, config: ContainerCreate) -> ContainerCreated:
         response = await self._send(
             controller_id,
             url,

@@ -26,6 +26,9 @@ class Database:
             engine_kw.setdefault("pool_size", 20)
             engine_kw.setdefault("max_overflow", 20)
             engine_kw.setdefault("pool_pre_ping", True)
+            # Fail fast while the server is down or restarting: callers get a 503, not a hang.
+            engine_kw.setdefault("pool_timeout", 10)
+            engine_kw.setdefault("connect_args", {"timeout": 5})
         self.engine: AsyncEngine = create_async_engine(url, **engine_kw)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)

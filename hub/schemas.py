@@ -56,6 +56,11 @@ class HealthCheckSpec(StrictModel):
     path: str = Field(default="/health", pattern=r"^/", max_length=512)
     port: int = Field(ge=1, le=65535)
     interval: float = Field(default=5.0, gt=0, le=3600)
+    timeout: float = Field(default=3.0, gt=0, le=600)
+    # Consecutive failed probes that make the service unhealthy (then restarted in place).
+    failure_threshold: int = Field(default=3, ge=1, le=100)
+    # Seconds after a start during which failures do not count, unless a probe has passed.
+    start_period: float = Field(default=30.0, ge=0, le=3600)
 
 
 PortKey = str

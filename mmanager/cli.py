@@ -167,7 +167,7 @@ def dev(port: int = 8000,
     controller_url = f"http://127.0.0.1:{ctl_port}"
     ctl_settings = ControllerSettings(
         MMANAGER_API_KEY=key, SERVER_ID=controller_id, SERVER_TYPE="cpu", CONTROLLER_URL=controller_url,
-        PUBLISH_IP="127.0.0.1",
+        PUBLISH_IP="127.0.0.1", MMANAGER_HUB_URL=f"http://127.0.0.1:{port}",
     )
     hub_settings = HubSettings(
         database_url=db_url, api_key=key, dev_mode=True,

@@ -60,6 +60,7 @@ class Reconciler(LoopService):
         self.replica_id = replica_id
         self.leader_since = leader_since
         self._moving: dict[str, asyncio.Task[Any]] = {}
+        self._moving_from: dict[str, str | None] = {}
         self._failures: dict[str, int] = {}
         self._not_before: dict[str, datetime] = {}
         self._slots = asyncio.Semaphore(settings.reconcile_concurrency)
@@ -126,12 +127,14 @@ class Reconciler(LoopService):
             for sid, desired, status, controller_id, health, restarts in rows
         ]
         return Snapshot(controllers, services, self.leader_since, self.settings.heartbeat_grace,
-                        self.settings.max_health_restarts)
+                        self.settings.max_health_restarts,
+                        frozenset(c for c in self._moving_from.values() if c is not None))
 
     # -------------------------------------------------------------- actions
 
     async def _recover_operations(self, now: datetime, live: set[str]) -> None:
         """Operations a dead replica left running are failed; the reconciler finishes their work.
+        So are this replica's own that a database outage kept from being finished.
 
         Drains are not failed: they are finished by whoever completes them.
         """
@@ -141,7 +144,12 @@ class Reconciler(LoopService):
                 .where(
                     OperationModel.status.in_(("pending", "running")),
                     OperationModel.operation != "drain",
-                    or_(OperationModel.hub_replica.is_(None), OperationModel.hub_replica.not_in(live)),
+                    or_(
+                        OperationModel.hub_replica.is_(None),
+                        OperationModel.hub_replica.not_in(live),
+                        and_(OperationModel.hub_replica == self.replica_id,
+                             OperationModel.id.not_in(self.services.ops.active or {""})),
+                    ),
                 )
                 .values(status="failed", finished_at=now,
                         error="interrupted: the hub replica running it stopped; the reconciler finishes its work")
@@ -173,7 +181,13 @@ class Reconciler(LoopService):
         expected = next((s.controller_id for s in snapshot.services if s.id == sid), None)
         task = asyncio.create_task(self._move(action, expected), name=f"move-{sid}")
         self._moving[sid] = task
-        task.add_done_callback(lambda _: self._moving.pop(sid, None))
+        self._moving_from[sid] = expected
+
+        def done(_: object) -> None:
+            self._moving.pop(sid, None)
+            self._moving_from.pop(sid, None)
+
+        task.add_done_callback(done)
 
     async def _move(self, action: Move, expected: str | None) -> None:
         sid = action.service_id
@@ -247,6 +261,7 @@ class ControllerPoller(LoopService):
 
     async def poll(self, controller_id: str, url: str) -> None:
         timeout = min(3.0, self.settings.heartbeat_interval * 1.5)
+        listed_at = utcnow()
         try:
             health = await self.client.health(controller_id, url, timeout=timeout)
             listing = await self.client.list_containers(controller_id, url) if health.status == "healthy" else []
@@ -265,7 +280,7 @@ class ControllerPoller(LoopService):
             for c in listing
         ]
         rows = await self.ingest.rows_for(controller_id)
-        result = self.ingest.observe(controller_id, health, containers, rows, pushed=False)
+        result = self.ingest.observe(controller_id, health, containers, rows, pushed=False, listed_at=listed_at)
         for order in result.stop:
             try:
                 await self.client.action(controller_id, url, order.container_id, "delete", force="true")

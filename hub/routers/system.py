@@ -23,7 +23,9 @@ async def health(hub: HubDep) -> Any:
             await session.execute(text("SELECT 1"))
     except Exception as exc:
         raise HubError("database unreachable", code="DATABASE_UNAVAILABLE", status_code=503) from exc
-    return {"status": "healthy", "version": __version__, "database": True}
+    # Which replica answered, and whether it is the one running failure detection and failover.
+    return {"status": "healthy", "version": __version__, "database": True, "replica": hub.replica_id,
+            "leader": hub.reconciler is not None}
 
 
 @router.get("/metrics")

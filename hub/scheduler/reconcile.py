@@ -143,6 +143,8 @@ class Snapshot:
     grace: float
     # In-place restarts (done by the controller) before an unhealthy service is moved elsewhere.
     max_health_restarts: int = 3
+    # Controllers that moves still in flight are taking services off (a drain is not done before they finish).
+    moving_from: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -209,6 +211,6 @@ def compute(snapshot: Snapshot, now: datetime) -> list[Action]:
             # A stopped service moves too (it stays stopped): draining hands everything over.
             actions.append(Move(s.id, "drain", frozenset(lost | {on})))
     for c in snapshot.controllers:
-        if c.draining and c.id not in occupied:
+        if c.draining and c.id not in occupied and c.id not in snapshot.moving_from:
             actions.append(FinishDrain(c.id))
     return actions

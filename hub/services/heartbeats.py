@@ -39,6 +39,9 @@ from mmanager.wire import (
 
 log = logging.getLogger(__name__)
 
+# Seconds by which a pushed heartbeat's listing may predate its arrival.
+PUSH_LAG = 1.0
+
 
 @dataclass
 class _Observation:
@@ -54,7 +57,8 @@ class HeartbeatIngest:
         self.settings = settings
         self.metrics = metrics
         self._observations: dict[str, _Observation] = {}
-        self._updates: dict[str, RowUpdate] = {}
+        # Row updates with when they were observed: an observation never overwrites a newer change.
+        self._updates: dict[str, tuple[RowUpdate, datetime]] = {}
         self._gone: set[str] = set()
         self._flush_lock = asyncio.Lock()
         self._flushed = asyncio.Event()
@@ -115,15 +119,21 @@ class HeartbeatIngest:
             return await self._rows(session, controller_id)
 
     def observe(self, controller_id: str, health: ControllerHealth, containers: list[HeartbeatContainer],
-                rows: list[RegistryRow], *, pushed: bool) -> FenceResult:
+                rows: list[RegistryRow], *, pushed: bool, listed_at: datetime | None = None) -> FenceResult:
+        """Record one observation; ``listed_at`` is when the container listing was taken, at the latest.
+
+        A pushed heartbeat's listing was taken before it arrived: it is dated
+        ``PUSH_LAG`` earlier, so it can never overwrite a change the hub made meanwhile.
+        """
         now = utcnow()
+        listed_at = listed_at or now - timedelta(seconds=PUSH_LAG)
         # A row written after the controller took its listing may name a container the listing
         # could not have shown yet; only older rows can be declared missing.
         settle = timedelta(seconds=2 * self.settings.heartbeat_interval + 2)
         result = fence(rows, containers, self.orphan_grace, missing_before=now - settle)
         self._observations[controller_id] = _Observation(now, health, pushed)
         for u in result.updates:
-            self._updates[u.id] = u
+            self._updates[u.id] = (u, listed_at)
         self._gone.update(result.gone)
         return result
 
@@ -160,7 +170,7 @@ class HeartbeatIngest:
                     controller_id, up, h.containers.running, h.load_percentage, h.memory_usage_percent
                 )
 
-    async def _write(self, observations: dict[str, _Observation], updates: dict[str, RowUpdate],
+    async def _write(self, observations: dict[str, _Observation], updates: dict[str, tuple[RowUpdate, datetime]],
                      gone: set[str]) -> None:
         async with self.db.session() as session:
             known = set(
@@ -195,17 +205,21 @@ class HeartbeatIngest:
             for batch in _same_keys(good) + _same_keys(bad):
                 await session.execute(_by_id(ControllerModel, batch[0]), [_bind(r) for r in batch])
             if updates:
-                rows = [
-                    {"id": u.id, "status": u.status, "health": u.health, "health_restarts": u.health_restarts,
-                     "updated_at": utcnow(), "container_id": u.container_id or None}
-                    for u in updates.values()
-                ]
-                stmt = _by_id(ContainerRegistryModel, rows[0]).values(
-                    container_id=func.coalesce(bindparam("b_container_id"), ContainerRegistryModel.container_id)
+                table = ContainerRegistryModel.__table__
+                stmt = (
+                    update(table)
+                    .where(table.c.id == bindparam("b_id"), table.c.updated_at < bindparam("b_at"))
+                    .values(status=bindparam("b_status"), health=bindparam("b_health"),
+                            health_restarts=bindparam("b_restarts"), updated_at=bindparam("b_at"),
+                            container_id=func.coalesce(bindparam("b_container_id"), table.c.container_id))
                 )
-                await session.execute(stmt, [_bind(r) for r in rows])
-                for u in updates.values():
-                    await session.execute(_service_update(u))
+                await session.execute(stmt, [
+                    {"b_id": u.id, "b_at": at, "b_status": u.status, "b_health": u.health,
+                     "b_restarts": u.health_restarts, "b_container_id": u.container_id or None}
+                    for u, at in updates.values()
+                ])
+                for u, at in updates.values():
+                    await session.execute(_service_update(u, at))
             if gone:
                 await session.execute(
                     delete(ContainerRegistryModel).where(
@@ -234,7 +248,7 @@ def _same_keys(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
     return list(groups.values())
 
 
-def _service_update(u: RowUpdate) -> Any:
+def _service_update(u: RowUpdate, observed_at: datetime) -> Any:
     """The service's status and health follow its current container (never an unsettled one)."""
     s = ServiceModel
     values: dict[str, Any] = {"health": u.health}
@@ -250,7 +264,8 @@ def _service_update(u: RowUpdate) -> Any:
         values["status"] = case((s.desired_state == "running", "failed"), else_="stopped")
     return (
         update(s)
-        .where(s.id == u.service_id, s.container_id == u.container_id, s.status.not_in(UNSETTLED))
+        .where(s.id == u.service_id, s.container_id == u.container_id, s.status.not_in(UNSETTLED),
+               s.updated_at < observed_at)
         .values(**values)
         .execution_options(synchronize_session=False)
     )

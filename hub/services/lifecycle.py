@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections import defaultdict
 from collections.abc import AsyncIterator, Awaitable
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from sqlalchemy import delete, func, select, update
@@ -54,6 +55,7 @@ from hub.services.operations import OperationLog
 from mmanager.wire import ContainerCreate, HealthCheck
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 # Docker's container states, as the service status a user sees.
 _DOCKER_TO_STATUS = {"running": "running", "created": "starting", "restarting": "starting", "paused": "stopped"}
@@ -66,8 +68,10 @@ def docker_status(state: str, desired: str) -> str:
     return "failed" if desired == "running" else "stopped"
 
 
-def container_name(service: ServiceModel, epoch: int) -> str:
-    return f"mm-{service.name}-{service.id[:8]}-{epoch}"
+def container_name(service: ServiceModel, epoch: int, controller_id: str) -> str:
+    """Unique per Docker engine even when several controllers share one (tests, a dev box)."""
+    where = re.sub(r"[^A-Za-z0-9_.-]", "-", controller_id)[:32]
+    return f"mm-{service.name}-{service.id[:8]}-{epoch}-{where}"
 
 
 def endpoint_for(controller_url: str, ports: dict[str, int | None]) -> Endpoint:
@@ -154,6 +158,21 @@ class ServiceManager:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    async def _guarded(self, op: OperationModel, work: Awaitable[T]) -> T:
+        """Run an operation's work; whatever escapes it (a database outage, a bug) still ends the
+        operation, or at least lets the reconciler recover it once the database is back."""
+        try:
+            return await work
+        except BaseException as exc:
+            if op.status == "running":
+                try:
+                    error = (f"{exc.code}: {exc.message}" if isinstance(exc, HubError)
+                             else f"INTERNAL_ERROR: {type(exc).__name__}: {exc}")
+                    await self.ops.finish(op, error[:2000])
+                except Exception:
+                    log.warning("could not record the end of operation %s; it will be recovered", op.id)
+            raise
+
     async def shutdown(self, timeout: float = 30.0) -> None:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
@@ -181,10 +200,10 @@ class ServiceManager:
         return decision
 
     def _container_config(self, service: ServiceModel, spec: ServiceSpec, epoch: int,
-                          gpus: tuple[str, ...]) -> ContainerCreate:
+                          gpus: tuple[str, ...], name: str) -> ContainerCreate:
         owner = service.owner.username
         return ContainerCreate(
-            name=container_name(service, epoch),
+            name=name,
             image=spec.image,
             command=spec.command,
             environment=dict(spec.env),
@@ -212,7 +231,7 @@ class ServiceManager:
             row = ContainerRegistryModel(
                 service_id=service.id,
                 controller_id=controller.id,
-                container_name=container_name(service, epoch),
+                container_name=container_name(service, epoch, controller.id),
                 image=spec.image,
                 status="creating",
                 epoch=epoch,
@@ -241,7 +260,7 @@ class ServiceManager:
                 raise
             try:
                 created = await self.client.create(
-                    controller.id, controller.url, self._container_config(service, spec, epoch, gpus)
+                    controller.id, controller.url, self._container_config(service, spec, epoch, gpus, row.container_name)
                 )
             except HubError as exc:
                 async with self.db.session() as session:
@@ -306,17 +325,27 @@ class ServiceManager:
                     )
                 )
         op = await self.ops.begin("create", user.username, service_id=service.id, details={"epoch": 1, "version": 1})
-        work = self._run_create(service, spec, op)
+        work = self._guarded(op, self._run_create(service, spec, op, acknowledged=not wait))
         if not wait:
             self.spawn(work)
             return op
         return await work
 
-    async def _run_create(self, service: ServiceModel, spec: ServiceSpec, op: OperationModel) -> ServiceModel:
+    async def _run_create(self, service: ServiceModel, spec: ServiceSpec, op: OperationModel,
+                          acknowledged: bool = False) -> ServiceModel:
+        """``acknowledged``: the caller already has its 202, so a create that fails only because
+        controllers are unreachable is kept (status ``lost``) for the reconciler to finish."""
         async with self._service_locks[service.id]:
             try:
                 row, controller, ports, status = await self._deploy(service, spec, service.epoch)
             except HubError as exc:
+                if acknowledged and isinstance(exc, ControllerUnavailable):
+                    async with self.db.session() as session:
+                        kept = await session.get(ServiceModel, service.id)
+                        if kept is not None:
+                            kept.status, kept.status_message = "lost", f"{exc.code}: {exc.message}"
+                    await self.ops.finish(op, f"{exc.code}: {exc.message}; the reconciler retries it")
+                    raise
                 async with self.db.session() as session:
                     await session.execute(delete(ServiceModel).where(ServiceModel.id == service.id))
                 await self.ops.finish(op, f"{exc.code}: {exc.message}")
@@ -345,7 +374,7 @@ class ServiceManager:
             action, user.username, service_id=service.id, controller_id=service.controller_id,
             container_id=service.container_id, details={"epoch": service.epoch},
         )
-        work = self._run_lifecycle(service.id, action, op)
+        work = self._guarded(op, self._run_lifecycle(service.id, action, op))
         if not wait:
             self.spawn(work)
             return op
@@ -425,13 +454,16 @@ class ServiceManager:
         idempotent on the controller, so the container is made at most once.
         """
         async with self.db.session() as session:
-            pending = list(
-                await session.scalars(
+            # Rows of this service that are neither its current container nor superseded: creates
+            # begun by an operation that never finished (a heartbeat may already have seen them run).
+            pending = [
+                row for row in await session.scalars(
                     select(ContainerRegistryModel).where(
-                        ContainerRegistryModel.service_id == service.id, ContainerRegistryModel.status == "creating"
+                        ContainerRegistryModel.service_id == service.id, ContainerRegistryModel.status != "stale"
                     )
                 )
-            )
+                if row.container_id is None or row.container_id != service.container_id
+            ]
             healthy = {
                 c.id: c for c in await session.scalars(select(ControllerModel).where(ControllerModel.status == "healthy"))
             }
@@ -442,7 +474,8 @@ class ServiceManager:
                 and (target is None or row.controller_id == target)
             )
             if usable and controller is not None:
-                config = self._container_config(service, spec, row.epoch, tuple(str(g) for g in row.gpu_devices))
+                config = self._container_config(service, spec, row.epoch, tuple(str(g) for g in row.gpu_devices),
+                                               row.container_name)
                 try:
                     created = await self.client.create(controller.id, controller.url, config)
                 except HubError as exc:
@@ -612,10 +645,10 @@ class ServiceManager:
                 details={"reason": reason, "from_epoch": service.epoch, "from_controller": service.controller_id},
             )
             try:
-                fresh = await self._replace(
+                fresh = await self._guarded(op, self._replace(
                     service, ServiceSpec.model_validate(service.spec), op, exclude=exclude, reason=reason,
                     wait_healthy=reason in ("drain", "unhealthy"),
-                )
+                ))
             except HubError as exc:
                 await self.ops.finish(op, f"{exc.code}: {exc.message}")
                 raise
@@ -675,7 +708,7 @@ class ServiceManager:
                      **({"rollback_to": rollback_to} if rollback_to else {})},
         )
         exclude = frozenset({service.controller_id}) if exclude_current and service.controller_id else frozenset()
-        work = self._run_redeploy(service.id, spec, op, exclude, target, version)
+        work = self._guarded(op, self._run_redeploy(service.id, spec, op, exclude, target, version))
         if not wait:
             self.spawn(work)
             return op
@@ -715,6 +748,10 @@ class ServiceManager:
             "delete", user.username, service_id=service.id, controller_id=service.controller_id,
             container_id=service.container_id,
         )
+        await self._guarded(op, self._run_delete(service, op))
+        self._service_locks.pop(service.id, None)
+
+    async def _run_delete(self, service: ServiceModel, op: OperationModel) -> None:
         async with self._service_locks[service.id]:
             async with self.db.session() as session:
                 containers = list(
@@ -745,7 +782,6 @@ class ServiceManager:
             async with self.db.session() as session:
                 await session.execute(delete(ServiceModel).where(ServiceModel.id == service.id))
             await self.ops.finish(op, details={"left_for_controller_cleanup": left} if left else None)
-        self._service_locks.pop(service.id, None)
 
     # ----------------------------------------------------------------- status
 

@@ -13,7 +13,7 @@ from sqlalchemy import Select, select
 
 from hub.db import Database
 from hub.metrics import HubMetrics
-from hub.models import OperationModel, utcnow
+from hub.models import OperationModel, new_id, utcnow
 
 
 class OperationLog:
@@ -22,6 +22,9 @@ class OperationLog:
         self.metrics = metrics
         # Recorded on each operation, so one left running by a replica that died can be recovered.
         self.replica_id = replica_id
+        # Operations this process is running right now. One of ours that is "running" in the table
+        # but not here lost its ending to a database outage: it is recovered like a dead replica's.
+        self.active: set[str] = set()
 
     async def begin(
         self,
@@ -33,6 +36,7 @@ class OperationLog:
         details: dict[str, Any] | None = None,
     ) -> OperationModel:
         op = OperationModel(
+            id=new_id(),
             operation=operation,
             status="running",
             actor=actor,
@@ -42,8 +46,13 @@ class OperationLog:
             details=details or {},
             hub_replica=self.replica_id,
         )
-        async with self.db.session() as session:
-            session.add(op)
+        self.active.add(op.id)
+        try:
+            async with self.db.session() as session:
+                session.add(op)
+        except BaseException:
+            self.active.discard(op.id)
+            raise
         return op
 
     async def finish(
@@ -61,8 +70,11 @@ class OperationLog:
                     op.details = {**op.details, **value}
             else:
                 setattr(op, key, value)
-        async with self.db.session() as session:
-            await session.merge(op)
+        try:
+            async with self.db.session() as session:
+                await session.merge(op)
+        finally:
+            self.active.discard(op.id)
         self.metrics.operations.labels(op.operation, op.status).inc()
         self.metrics.operation_duration.labels(op.operation).observe(
             (op.finished_at - op.created_at).total_seconds()

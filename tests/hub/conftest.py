@@ -50,6 +50,9 @@ class Cluster:
     docker: docker.DockerClient
     controller_ids: list[str]
     tokens: dict[str, str] = field(default_factory=dict)
+    # The hub's parts (hub.deps.Hub), for what the API does not show.
+    parts: Any = None
+    hosts: dict[str, str] = field(default_factory=dict)
 
     def as_user(self, token: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {token}"}
@@ -97,7 +100,7 @@ async def cluster(db: Database, docker_client: docker.DockerClient, example_imag
                         "priority": priority, "weight": weight})
         ids.append(cid)
     settings = HubSettings(database_url=db.url, api_key=KEY, controllers=json.dumps(entries),
-                           heartbeat_interval=0.5, heartbeat_grace=3)
+                           heartbeat_interval=0.5, heartbeat_grace=3, orphan_grace=2, health_timeout=8)
     hub = build_hub(settings, db=Database(db.url), transport=router)
     app = create_app(settings, hub=hub)
     async with app.router.lifespan_context(app):
@@ -109,7 +112,8 @@ async def cluster(db: Database, docker_client: docker.DockerClient, example_imag
         await hub.refresh_controllers()
         client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub",
                                    headers={"Authorization": f"Bearer {admin_token}"}, timeout=60)
-        cluster = Cluster(client, admin_token, db, router, docker_client, ids)
+        cluster = Cluster(client, admin_token, db, router, docker_client, ids, parts=hub,
+                          hosts={cid: f"{cid}.test" for cid in ids})
         try:
             yield cluster
         finally:

@@ -1,0 +1,138 @@
+"""Failover benchmark: from the moment a controller dies to every one of its
+services running and healthy elsewhere.
+
+Real processes (a hub and three controllers started with ``mmanager``), real
+PostgreSQL (a throwaway cluster, or MMANAGER_BENCH_DATABASE_URL), the real
+Docker engine. Each run deploys N services with an HTTP health check, kills -9
+the controller holding the most of them and ``docker kill``s its containers
+(the server is gone), then watches the hub's API every 50 ms.
+
+Reported per scenario, over all moved services of all runs: p50 and max of the
+time to running+healthy elsewhere, the time until the hub marked the
+controller lost, and, as the baseline measured in the same run, how long a
+plain create of one such service takes until healthy (the floor below which no
+failover can go once the loss is detected).
+
+    python -m bench.failover [--services 24] [--runs 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import statistics
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import docker
+
+from mmanager.images import EXAMPLE_IMAGE, build_example_image
+from tests.pg import create_database, local_cluster
+from tests.procs import LocalDeployment, api, wait_for
+
+SPEC = {
+    "image": EXAMPLE_IMAGE,
+    "ports": {"5000": None},
+    "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"},
+    "health_check": {"path": "/health", "port": 5000, "interval": 1},
+}
+SCENARIOS = {"defaults (2 s heartbeat, 6 s grace)": (2.0, 6.0), "1 s heartbeat, 3 s grace": (1.0, 3.0)}
+
+
+def ready(service: dict[str, Any], avoid: str) -> bool:
+    return service["status"] == "running" and service["health"] == "healthy" and service["controller_id"] != avoid
+
+
+def one_run(db_url: str, workdir: Path, interval: float, grace: float, n: int,
+            docker_client: docker.DockerClient) -> dict[str, Any]:
+    dep = LocalDeployment(db_url, workdir, interval=interval, grace=grace)
+    dep.plan_hubs(1)
+    for name in ("alpha", "beta", "gamma"):
+        dep.add_controller(name)
+    token = dep.create_admin()
+    try:
+        dep.start()
+        client = api(dep.hub(0).url, token)
+        wait_for(lambda: all(c["status"] == "healthy" for c in client.get("/api/admin/controllers").json()), 30)
+        # Baseline: one plain create, until its health check passes.
+        started = time.monotonic()
+        base = client.post("/api/root/bench/services", json={**SPEC, "name": "baseline"}).json()
+        wait_for(lambda: client.get(f"/api/services/{base['id']}").json()["health"] == "healthy", 60, interval=0.05)
+        baseline = time.monotonic() - started
+        client.delete(f"/api/services/{base['id']}")
+
+        services = [client.post("/api/root/bench/services", json={**SPEC, "name": f"svc-{i}"}).json()
+                    for i in range(n)]
+        wait_for(lambda: all(s["health"] == "healthy" for s in client.get("/api/services").json()), 60)
+        victim = collections.Counter(s["controller_id"] for s in services).most_common(1)[0][0]
+        moving = {s["id"] for s in services if s["controller_id"] == victim}
+
+        dep.controllers[victim].kill()
+        died = time.monotonic()
+        for c in docker_client.containers.list(filters={"label": f"mmanager.controller={victim}"}):
+            c.kill()
+        done: dict[str, float] = {}
+        lost_at = None
+        while len(done) < len(moving) and time.monotonic() - died < 120:
+            now = time.monotonic() - died
+            for s in client.get("/api/services", params={"limit": 1000}).json():
+                if s["id"] in moving and s["id"] not in done and ready(s, victim):
+                    done[s["id"]] = now
+            if lost_at is None and client.get(f"/api/admin/controllers/{victim}").json()["status"] == "unhealthy":
+                lost_at = now
+            time.sleep(0.05)
+        if len(done) < len(moving):
+            raise RuntimeError(f"only {len(done)} of {len(moving)} services came back:\n{dep.logs()}")
+        return {"moved": len(moving), "times": sorted(done.values()), "detected": lost_at, "baseline": baseline}
+    finally:
+        dep.stop(docker_client)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--services", type=int, default=24)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/failover.json"))
+    args = parser.parse_args()
+    docker_client = docker.from_env()
+    build_example_image(docker_client, EXAMPLE_IMAGE)
+    results: dict[str, Any] = {}
+    with ExitStack() as stack:
+        server = os.environ.get("MMANAGER_BENCH_DATABASE_URL") or stack.enter_context(local_cluster()).url
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-")))
+        for label, (interval, grace) in SCENARIOS.items():
+            runs = []
+            for r in range(args.runs):
+                db_url = asyncio.run(create_database(server, "bench"))
+                runs.append(one_run(db_url, workdir / f"{interval}-{r}", interval, grace, args.services, docker_client))
+                print(f"{label} run {r + 1}: {runs[-1]['moved']} services, "
+                      f"max {max(runs[-1]['times']):.2f}s", flush=True)
+            times = [t for run in runs for t in run["times"]]
+            results[label] = {
+                "interval": interval,
+                "grace": grace,
+                "runs": args.runs,
+                "services_per_run": args.services,
+                "moved": sum(run["moved"] for run in runs),
+                "p50_s": round(statistics.median(times), 2),
+                "max_s": round(max(times), 2),
+                "detected_p50_s": round(statistics.median(run["detected"] for run in runs if run["detected"]), 2),
+                "baseline_create_p50_s": round(statistics.median(run["baseline"] for run in runs), 2),
+            }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print("\n| scenario | services moved | p50 | max | lost detected (p50) | baseline: one create to healthy (p50) |")
+    print("|---|---|---|---|---|---|")
+    for label, r in results.items():
+        print(f"| {label} | {r['moved']} | {r['p50_s']} s | {r['max_s']} s | {r['detected_p50_s']} s "
+              f"| {r['baseline_create_p50_s']} s |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""A whole deployment on this machine, as real processes started with the
+``mmanager`` command: hub replicas and controllers, on a real PostgreSQL and
+the real Docker engine. The failure tests and the failover benchmark drive
+it: kill -9, SIGSTOP and SIGCONT, restart.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+
+from tests.pg import _free_port, wait_for_port
+
+MMANAGER = [sys.executable, "-m", "mmanager.cli"]
+
+
+@dataclass
+class Proc:
+    name: str
+    args: list[str]
+    env: dict[str, str]
+    log: Path
+    port: int
+    popen: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> Proc:
+        out = self.log.open("ab")
+        self.popen = subprocess.Popen([*MMANAGER, *self.args], env={**os.environ, **self.env}, stdout=out,
+                                      stderr=subprocess.STDOUT, start_new_session=True)
+        return self
+
+    def wait_listening(self, timeout: float = 20) -> Proc:
+        wait_for_port(self.port, timeout)
+        return self
+
+    def signal(self, sig: int) -> None:
+        assert self.popen is not None
+        os.killpg(self.popen.pid, sig)
+
+    def kill(self) -> None:
+        """kill -9: no shutdown code runs."""
+        self.signal(signal.SIGKILL)
+        assert self.popen is not None
+        self.popen.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.popen is None or self.popen.poll() is not None:
+            return
+        self.signal(signal.SIGCONT)
+        self.signal(signal.SIGTERM)
+        try:
+            self.popen.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.signal(signal.SIGKILL)
+            self.popen.wait(timeout=5)
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class LocalDeployment:
+    db_url: str
+    workdir: Path
+    interval: float = 1.0
+    grace: float = 3.0
+    key: str = field(default_factory=lambda: uuid.uuid4().hex + uuid.uuid4().hex)
+    run: str = field(default_factory=lambda: uuid.uuid4().hex[:6])
+    hub_ports: list[int] = field(default_factory=list)
+    hubs: list[Proc] = field(default_factory=list)
+    controllers: dict[str, Proc] = field(default_factory=dict)
+    entries: list[dict[str, Any]] = field(default_factory=list)
+    extra_hub_env: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.workdir.mkdir(parents=True, exist_ok=True)
+
+    # ------------------------------------------------------------- layout
+
+    def plan_hubs(self, n: int) -> None:
+        """Pick the hub ports up front, so controllers know every replica's URL."""
+        self.hub_ports = [_free_port() for _ in range(n)]
+
+    def add_controller(self, name: str, server_type: str = "cpu", priority: int = 1, weight: int = 100,
+                       max_containers: int = 40, gpus: str | None = None, push: bool = True) -> Proc:
+        port = _free_port()
+        cid = f"{name}-{self.run}"
+        env = {"MMANAGER_API_KEY": self.key, "SERVER_ID": cid, "SERVER_TYPE": server_type,
+               "MAX_CONTAINERS": str(max_containers), "CONTROLLER_URL": f"http://127.0.0.1:{port}",
+               "PUBLISH_IP": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "INFO"}
+        if gpus:
+            env["GPU_DEVICES"] = gpus
+        if push:
+            assert self.hub_ports, "plan_hubs() first"
+            env["MMANAGER_HUB_URL"] = ",".join(f"http://127.0.0.1:{p}" for p in self.hub_ports)
+        proc = Proc(cid, ["controller", "serve", "--host", "127.0.0.1"], env, self.workdir / f"{cid}.log", port)
+        self.controllers[cid] = proc
+        self.entries.append({"id": cid, "url": proc.url, "server_type": server_type, "priority": priority,
+                             "weight": weight})
+        return proc
+
+    @property
+    def hub_env(self) -> dict[str, str]:
+        return {"MMANAGER_DATABASE_URL": self.db_url, "MMANAGER_API_KEY": self.key,
+                "MMANAGER_CONTROLLERS": json.dumps(self.entries),
+                "MMANAGER_HEARTBEAT_INTERVAL": str(self.interval), "MMANAGER_HEARTBEAT_GRACE": str(self.grace),
+                **self.extra_hub_env}
+
+    def create_admin(self) -> str:
+        done = subprocess.run([*MMANAGER, "users", "create", "root", "--admin"],
+                              env={**os.environ, **self.hub_env}, capture_output=True, text=True, check=True)
+        return done.stdout.strip().splitlines()[-1]
+
+    def hub(self, i: int = 0) -> Proc:
+        if not self.hub_ports:
+            self.plan_hubs(1)
+        while len(self.hubs) <= i:
+            port = self.hub_ports[len(self.hubs)]
+            self.hubs.append(Proc(f"hub{len(self.hubs)}", ["hub", "serve", "--host", "127.0.0.1", "--port", str(port)],
+                                  self.hub_env, self.workdir / f"hub{len(self.hubs)}.log", port))
+        return self.hubs[i]
+
+    def start(self, hubs: int = 1) -> None:
+        for proc in self.controllers.values():
+            proc.start()
+        for proc in self.controllers.values():
+            proc.wait_listening()
+        for i in range(hubs):
+            self.hub(i).start()
+            # The first replica migrates the database; the others start once it answers.
+            self.hub(i).wait_listening(30)
+
+    def stop(self, docker_client: docker.DockerClient | None = None) -> None:
+        for proc in [*self.hubs, *self.controllers.values()]:
+            proc.stop()
+        if docker_client is not None:
+            for cid in self.controllers:
+                for c in docker_client.containers.list(all=True, filters={"label": f"mmanager.controller={cid}"}):
+                    c.remove(force=True)
+
+    def logs(self) -> str:
+        """The tail of every process's log (MM_LOG_TAIL characters each), for a failed test's report."""
+        tail = int(os.environ.get("MM_LOG_TAIL", "3000"))
+        procs = [*self.hubs, *self.controllers.values()]
+        return "\n".join(f"--- {p.log.name}\n{p.log.read_text()[-tail:]}" for p in procs if p.log.exists())
+
+
+def api(base_url: str, token: str) -> httpx.Client:
+    return httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+
+def wait_for(check: Any, timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
+    """Poll ``check()`` until it returns something truthy; its last value otherwise fails the test."""
+    deadline = time.monotonic() + timeout
+    last: Any = None
+    while time.monotonic() < deadline:
+        try:
+            last = check()
+        except (httpx.TransportError, httpx.HTTPStatusError) as exc:
+            last = exc
+        else:
+            if last:
+                return last
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
+
+
+def running_copies(docker_client: docker.DockerClient, service_id: str) -> list[Any]:
+    return docker_client.containers.list(filters={"label": f"mmanager.service={service_id}", "status": "running"})

@@ -49,6 +49,7 @@ from hub.models import (
     utcnow,
 )
 from hub.scheduler import Placement, PlacementRequest, place
+from hub.scheduler.reconcile import UNSETTLED
 from hub.schemas import Endpoint, ServiceOut, ServicePatch, ServiceSpec
 from hub.services.controllers import ControllerRegistry, get_controller
 from hub.services.operations import OperationLog
@@ -324,7 +325,10 @@ class ServiceManager:
                         reason="create", actor=user.username,
                     )
                 )
-        op = await self.ops.begin("create", user.username, service_id=service.id, details={"epoch": 1, "version": 1})
+                # In the same transaction: a pending service is never seen without its running create,
+                # or the reconciler would take it for an interrupted one and start it a second time.
+                op = self.ops.add(session, "create", user.username, service_id=service.id,
+                                  details={"epoch": 1, "version": 1})
         work = self._guarded(op, self._run_create(service, spec, op, acknowledged=not wait))
         if not wait:
             self.spawn(work)
@@ -336,6 +340,14 @@ class ServiceManager:
         """``acknowledged``: the caller already has its 202, so a create that fails only because
         controllers are unreachable is kept (status ``lost``) for the reconciler to finish."""
         async with self._service_locks[service.id]:
+            current = await self._reload_or_none(service.id)
+            if current is None or current.status != "pending" or current.epoch != service.epoch:
+                # Finished (or deleted) by someone else meanwhile: nothing left to do here.
+                await self.ops.finish(op, None if current else "service was deleted",
+                                      details={"completed_elsewhere": True})
+                if current is None:
+                    raise NotFound(f"service {service.id!r} not found", code="SERVICE_NOT_FOUND")
+                return current
             try:
                 row, controller, ports, status = await self._deploy(service, spec, service.epoch)
             except HubError as exc:
@@ -636,7 +648,7 @@ class ServiceManager:
             service = await self._reload_or_none(service_id)
             if service is None or service.controller_id != expected_controller:
                 return None
-            if reason == "resume" and await self._still_serving(service):
+            if reason == "resume" and (service.status not in UNSETTLED or await self._still_serving(service)):
                 return None
             operation = {"controller_lost": "failover", "resume": "recover"}.get(reason, "migrate")
             op = await self.ops.begin(

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from sqlalchemy import Select, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.db import Database
 from hub.metrics import HubMetrics
@@ -25,6 +26,14 @@ class OperationLog:
         # Operations this process is running right now. One of ours that is "running" in the table
         # but not here lost its ending to a database outage: it is recovered like a dead replica's.
         self.active: set[str] = set()
+
+    def add(self, session: AsyncSession, operation: str, actor: str, **fields: Any) -> OperationModel:
+        """Begin an operation inside the caller's transaction (it is durable when that commits)."""
+        op = OperationModel(id=new_id(), operation=operation, status="running", actor=actor,
+                            hub_replica=self.replica_id, **{"details": {}, **fields})
+        self.active.add(op.id)
+        session.add(op)
+        return op
 
     async def begin(
         self,

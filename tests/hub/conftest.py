@@ -4,6 +4,7 @@ through an in-process router: each controller's URL host maps to its app."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
 from collections.abc import AsyncIterator
@@ -121,4 +122,5 @@ async def cluster(db: Database, docker_client: docker.DockerClient, example_imag
             for ctx in reversed(contexts):
                 await ctx.__aexit__(None, None, None)
             for container in cluster.containers():
-                container.remove(force=True)
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                    container.remove(force=True)

@@ -186,3 +186,35 @@ async def test_planned_move_waits_for_the_health_check(cluster: Cluster) -> None
     async with cluster.db.session() as session:
         rows = (await session.execute(ContainerRegistryModel.__table__.select())).all()
     assert len(rows) == 1
+
+
+async def test_a_service_that_stays_unhealthy_is_restarted_in_place_then_moved(cluster: Cluster) -> None:
+    check = {"path": "/health", "port": 5000, "interval": 0.5, "failure_threshold": 1, "start_period": 0}
+    service = (await cluster.hub.post("/api/admin/repo/services", json={**SPEC, "health_check": check})).json()
+    first = service["container_id"]
+
+    async def healthy() -> Any:
+        return await _get(cluster, f"/api/services/{service['id']}", "health", "healthy")
+
+    await until(healthy, 10, "the first copy healthy")
+    # Break this copy for good: in-place restarts keep its filesystem, so they cannot cure it.
+    cluster.docker.containers.get(first).exec_run(["rm", "/www/health"])
+
+    async def moved() -> Any:
+        now = (await cluster.hub.get(f"/api/services/{service['id']}")).json()
+        return now if now["container_id"] != first and now["health"] == "healthy" else None
+
+    now = await until(moved, 40, "the service moved to a fresh, healthy copy")
+    assert now["status"] == "running" and now["epoch"] == 2
+    async def move_done() -> Any:
+        ops = (await cluster.hub.get("/api/admin/operations", params={"service_id": service["id"]})).json()
+        return [o for o in ops if o["operation"] == "migrate" and o["status"] != "running"]
+
+    [move] = await until(move_done, 10, "the move recorded")
+    assert move["status"] == "succeeded" and move["details"]["reason"] == "unhealthy"
+    # The broken copy was restarted in place first (max_health_restarts=3), then retired.
+    await until(lambda: _no_copy(cluster, first), 10, "the broken copy removed")
+
+
+async def _no_copy(cluster: Cluster, container_id: str) -> bool:
+    return not [c for c in cluster.containers() if c.id == container_id]

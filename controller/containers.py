@@ -11,7 +11,8 @@ and copy methods. Its invariants:
 - Epoch fencing: the highest epoch seen per service is remembered (seeded
   from the containers' labels, so a restart forgets nothing that matters);
   creating, starting or restarting with an older epoch, or starting a
-  container whose own epoch is older, answers 409 STALE_EPOCH.
+  container whose own epoch is older (when the caller names no epoch of its
+  own), answers 409 STALE_EPOCH.
 - Admission (capacity and GPU choice) happens under one lock together with
   the Docker create, so two creates can never both take the last slot or
   the same GPU.
@@ -200,7 +201,8 @@ class ContainerService:
         async def restart(cid: str) -> None:
             await self.runtime.restart(cid, timeout)
 
-        return await self._act(container_id, epoch, restart, "restarted", fence_own_epoch=True)
+        # Healing a copy that turns out stale is harmless: the next heartbeat's stop order removes it.
+        return await self._act(container_id, epoch, restart, "restarted", fence_own_epoch=False)
 
     async def stop(self, container_id: str, timeout: int, epoch: int | None = None) -> ActionResult:
         async def stop(cid: str) -> None:
@@ -234,7 +236,10 @@ class ContainerService:
             if container.service_id:
                 if epoch is not None:
                     self._fence(container.service_id, epoch)
-                if fence_own_epoch and container.epoch is not None:
+                # A caller that names its epoch (our hub) speaks for the service: its registry says which
+                # container is current, even one older than an epoch a failed move claimed. Without one
+                # (a GeoML-Hub client), a container older than the newest epoch seen is not revived.
+                if fence_own_epoch and epoch is None and container.epoch is not None:
                     self._fence(container.service_id, container.epoch)
             await action(container.id)
         status = done if done == "removed" else (await self.runtime.get_container(container.id)).status

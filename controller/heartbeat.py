@@ -107,6 +107,7 @@ class HeartbeatAgent:
         self._client: httpx.AsyncClient | None = None
         self._task: asyncio.Task[None] | None = None
         self._last_listing: list[ContainerInfo] = []
+        self._listed_clock = self.sync.clock()
         self._failure_kind: str | None = None
         self._warned_at = -math.inf
 
@@ -176,17 +177,20 @@ class HeartbeatAgent:
             sequence=sequence,
             health=health,
             containers=[self._entry(info) for info in listed],
+            # The hub dates the listing by this, so it never overrides a newer change with it.
+            listing_age=round(max(self.sync.clock() - self._listed_clock, 0.0), 3),
         )
 
     async def _read_docker(self) -> tuple[ControllerHealth, list[ContainerInfo]]:
         health = await collect_health(self.settings, self.runtime, self.containers.gpus)
         if not health.docker:
             return health, self._last_listing
+        listed_clock = self.sync.clock()
         try:
             listed = await self.runtime.list_containers(all=True, detailed=False)
         except ControllerError as exc:
             return docker_down_health(self.settings, exc.message), self._last_listing
-        self._last_listing = listed
+        self._last_listing, self._listed_clock = listed, listed_clock
         return health, listed
 
     def _entry(self, info: ContainerInfo) -> HeartbeatContainer:

@@ -147,7 +147,8 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
         _dump_tasks_on_sigusr1()
         await hub.controllers.sync_from_config()
         flusher = HeartbeatFlusher(hub.ingest, min(0.5, settings.heartbeat_interval / 4))
-        supervisor = Supervisor(hub.db, hub.replica_id, min(1.0, settings.heartbeat_grace / 3), on_lead, on_follow)
+        supervisor = Supervisor(hub.db, hub.replica_id, min(1.0, settings.heartbeat_grace / 3), on_lead, on_follow,
+                                on_beat=hub.ops.recover_own)
         if run_loops:
             # One poll first, so controllers that are up are placeable as soon as the API answers.
             await hub.refresh_controllers()

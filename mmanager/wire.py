@@ -231,6 +231,8 @@ class Heartbeat(WireModel):
     sequence: int = 0
     health: ControllerHealth
     containers: list[HeartbeatContainer] = Field(default_factory=list)
+    # Seconds between taking the container listing and sending this heartbeat.
+    listing_age: float = Field(default=0.0, ge=0)
 
 
 class StopOrder(WireModel):

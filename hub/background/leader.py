@@ -11,6 +11,7 @@ dead replica left running can be recognised and recovered.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import socket
@@ -27,6 +28,8 @@ from hub.models import HubReplicaModel, utcnow
 log = logging.getLogger(__name__)
 
 # "mmanager" folded into a 63-bit key; any constant would do as long as every replica agrees.
+# Seconds the leader waits for its lock connection to answer before it steps down.
+CHECK_TIMEOUT = 5.0
 ADVISORY_LOCK_KEY = 0x6D6D616E61676572 & 0x7FFFFFFFFFFFFFFF
 
 
@@ -52,6 +55,11 @@ class Leadership:
             await _close_quietly(conn)
             raise
         if got:
+            # A half-open connection must not keep the lock (and so the loops) hostage: the server
+            # probes it and drops it, releasing the lock, within half a minute.
+            for setting in ("tcp_keepalives_idle = 10", "tcp_keepalives_interval = 5", "tcp_keepalives_count = 3"):
+                await conn.execute(text(f"SET {setting}"))
+            await conn.commit()
             self._conn = conn
             return True
         await _close_quietly(conn)
@@ -64,8 +72,9 @@ class Leadership:
         if self._conn is None:
             return False
         try:
-            await self._conn.execute(text("SELECT 1"))
-            await self._conn.commit()
+            async with asyncio.timeout(CHECK_TIMEOUT):
+                await self._conn.execute(text("SELECT 1"))
+                await self._conn.commit()
             return True
         except Exception as exc:
             log.warning("lost the leader lock's connection: %s", exc)
@@ -100,13 +109,15 @@ class Supervisor(LoopService):
     name = "hub-supervisor"
 
     def __init__(self, db: Database, replica_id: str, interval: float,
-                 on_lead: Callable[[datetime], Awaitable[None]], on_follow: Callable[[], Awaitable[None]]) -> None:
+                 on_lead: Callable[[datetime], Awaitable[None]], on_follow: Callable[[], Awaitable[None]],
+                 on_beat: Callable[[], Awaitable[object]] | None = None) -> None:
         super().__init__(interval, jitter=0.05)
         self.db = db
         self.replica_id = replica_id
         self.leadership = Leadership(db)
         self.on_lead = on_lead
         self.on_follow = on_follow
+        self.on_beat = on_beat
         self.leading = False
 
     async def run_once(self) -> None:
@@ -126,6 +137,8 @@ class Supervisor(LoopService):
                 log.info("replica %s leads: it runs failure detection, failover and reconciliation", self.replica_id)
                 await self.on_lead(utcnow())
         await self._beat()
+        if self.on_beat is not None:
+            await self.on_beat()
 
     async def _beat(self) -> None:
         async with self.db.session() as session:

@@ -64,19 +64,37 @@ class Reconciler(LoopService):
         self._failures: dict[str, int] = {}
         self._not_before: dict[str, datetime] = {}
         self._slots = asyncio.Semaphore(settings.reconcile_concurrency)
+        self._last_ok: datetime | None = None
 
     async def run_once(self) -> None:
         now = utcnow()
+        grace = timedelta(seconds=self.settings.heartbeat_grace)
+        if self._last_ok is not None and now - self._last_ok > grace:
+            # This loop could not look for longer than the grace (database outage, stalled process):
+            # heartbeats were not recorded meanwhile either, so every controller gets a fresh grace.
+            log.warning("reconciler was blind for %.1fs; giving every controller a fresh grace",
+                        (now - self._last_ok).total_seconds())
+            self.leader_since = now
         live = await self._live_replicas(now)
         await self._recover_operations(now, live)
         snapshot = await self._snapshot(now, live)
-        for action in compute(snapshot, now):
-            if isinstance(action, MarkLost):
-                await self._mark_lost(action, now)
-            elif isinstance(action, Move):
+        actions = compute(snapshot, now)
+        # A controller whose lost-mark found a fresh heartbeat (written since the snapshot) is not lost.
+        reprieved = set()
+        for action in actions:
+            if isinstance(action, MarkLost) and not await self._mark_lost(action, now):
+                reprieved.add(action.controller_id)
+        for action in actions:
+            if isinstance(action, Move) and not (action.reason == "controller_lost" and
+                                                 self._expected(snapshot, action.service_id) in reprieved):
                 self._start_move(action, now, snapshot)
             elif isinstance(action, FinishDrain):
                 await self._finish_drain(action.controller_id)
+        self._last_ok = utcnow()
+
+    @staticmethod
+    def _expected(snapshot: Snapshot, service_id: str) -> str | None:
+        return next((s.controller_id for s in snapshot.services if s.id == service_id), None)
 
     async def stop(self) -> None:
         await super().stop()
@@ -112,6 +130,11 @@ class Reconciler(LoopService):
                     isouter=True,
                 )
             )
+            hosting = frozenset(
+                await session.scalars(
+                    select(ContainerRegistryModel.controller_id).where(ContainerRegistryModel.status != "stale").distinct()
+                )
+            )
             busy = set(
                 await session.scalars(
                     select(OperationModel.service_id).where(
@@ -128,13 +151,13 @@ class Reconciler(LoopService):
         ]
         return Snapshot(controllers, services, self.leader_since, self.settings.heartbeat_grace,
                         self.settings.max_health_restarts,
-                        frozenset(c for c in self._moving_from.values() if c is not None))
+                        frozenset(c for c in self._moving_from.values() if c is not None), hosting)
 
     # -------------------------------------------------------------- actions
 
     async def _recover_operations(self, now: datetime, live: set[str]) -> None:
         """Operations a dead replica left running are failed; the reconciler finishes their work.
-        So are this replica's own that a database outage kept from being finished.
+        (Each live replica recovers its own: ``OperationLog.recover_own``.)
 
         Drains are not failed: they are finished by whoever completes them.
         """
@@ -144,12 +167,7 @@ class Reconciler(LoopService):
                 .where(
                     OperationModel.status.in_(("pending", "running")),
                     OperationModel.operation != "drain",
-                    or_(
-                        OperationModel.hub_replica.is_(None),
-                        OperationModel.hub_replica.not_in(live),
-                        and_(OperationModel.hub_replica == self.replica_id,
-                             OperationModel.id.not_in(self.services.ops.active or {""})),
-                    ),
+                    or_(OperationModel.hub_replica.is_(None), OperationModel.hub_replica.not_in(live)),
                 )
                 .values(status="failed", finished_at=now,
                         error="interrupted: the hub replica running it stopped; the reconciler finishes its work")
@@ -158,7 +176,8 @@ class Reconciler(LoopService):
         if result.rowcount:  # type: ignore[attr-defined]
             log.warning("recovered %d operation(s) left running by a stopped hub replica", result.rowcount)  # type: ignore[attr-defined]
 
-    async def _mark_lost(self, action: MarkLost, now: datetime) -> None:
+    async def _mark_lost(self, action: MarkLost, now: datetime) -> bool:
+        """Mark the controller unhealthy unless a heartbeat arrived meanwhile; True if it is lost."""
         cutoff = now - timedelta(seconds=self.settings.heartbeat_grace)
         async with self.db.session() as session:
             result = await session.execute(
@@ -170,15 +189,17 @@ class Reconciler(LoopService):
                 .values(status="unhealthy", error_message=f"no heartbeat for {action.silent_for:.1f}s")
                 .execution_options(synchronize_session=False)
             )
-        if result.rowcount:  # type: ignore[attr-defined]
-            log.warning("controller %s is lost: no heartbeat for %.1fs", action.controller_id, action.silent_for)
-            self.metrics.controller_up.labels(action.controller_id).set(0)
+        if not result.rowcount:  # type: ignore[attr-defined]
+            return False
+        log.warning("controller %s is lost: no heartbeat for %.1fs", action.controller_id, action.silent_for)
+        self.metrics.controller_up.labels(action.controller_id).set(0)
+        return True
 
     def _start_move(self, action: Move, now: datetime, snapshot: Snapshot) -> None:
         sid = action.service_id
         if sid in self._moving or self._not_before.get(sid, now) > now:
             return
-        expected = next((s.controller_id for s in snapshot.services if s.id == sid), None)
+        expected = self._expected(snapshot, sid)
         task = asyncio.create_task(self._move(action, expected), name=f"move-{sid}")
         self._moving[sid] = task
         self._moving_from[sid] = expected

@@ -145,6 +145,8 @@ class Snapshot:
     max_health_restarts: int = 3
     # Controllers that moves still in flight are taking services off (a drain is not done before they finish).
     moving_from: frozenset[str] = frozenset()
+    # Controllers that still hold a registry row that is not stale (a create in flight counts).
+    hosting: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -211,6 +213,6 @@ def compute(snapshot: Snapshot, now: datetime) -> list[Action]:
             # A stopped service moves too (it stays stopped): draining hands everything over.
             actions.append(Move(s.id, "drain", frozenset(lost | {on})))
     for c in snapshot.controllers:
-        if c.draining and c.id not in occupied and c.id not in snapshot.moving_from:
+        if c.draining and not ({c.id} & (occupied | snapshot.moving_from | snapshot.hosting)):
             actions.append(FinishDrain(c.id))
     return actions

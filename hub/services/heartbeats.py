@@ -39,7 +39,7 @@ from mmanager.wire import (
 
 log = logging.getLogger(__name__)
 
-# Seconds by which a pushed heartbeat's listing may predate its arrival.
+# Seconds a heartbeat may spend on the way, on top of the listing age it reports.
 PUSH_LAG = 1.0
 
 
@@ -94,7 +94,9 @@ class HeartbeatIngest:
                                             server_type=heartbeat.server_type, status="unknown"))
                 log.info("controller %s registered itself at %s", controller_id, heartbeat.url)
             rows = await self._rows(session, controller_id)
-        result = self.observe(controller_id, heartbeat.health, heartbeat.containers, rows, pushed=True)
+        listed_at = utcnow() - timedelta(seconds=heartbeat.listing_age + PUSH_LAG)
+        result = self.observe(controller_id, heartbeat.health, heartbeat.containers, rows, pushed=True,
+                              listed_at=listed_at)
         return HeartbeatAnswer(
             interval=self.settings.heartbeat_interval, grace=self.settings.heartbeat_grace, stop=result.stop
         )
@@ -122,15 +124,19 @@ class HeartbeatIngest:
                 rows: list[RegistryRow], *, pushed: bool, listed_at: datetime | None = None) -> FenceResult:
         """Record one observation; ``listed_at`` is when the container listing was taken, at the latest.
 
-        A pushed heartbeat's listing was taken before it arrived: it is dated
-        ``PUSH_LAG`` earlier, so it can never overwrite a change the hub made meanwhile.
+        A pushed heartbeat's listing was taken before it arrived: it is dated by the
+        age it reports plus ``PUSH_LAG``, so it never overwrites a change the hub made meanwhile.
         """
         now = utcnow()
         listed_at = listed_at or now - timedelta(seconds=PUSH_LAG)
+        if not health.docker:
+            # No fresh listing (Docker is down or hung): nothing can be judged missing, gone or orphan.
+            self._observations[controller_id] = _Observation(now, health, pushed)
+            return FenceResult()
         # A row written after the controller took its listing may name a container the listing
         # could not have shown yet; only older rows can be declared missing.
         settle = timedelta(seconds=2 * self.settings.heartbeat_interval + 2)
-        result = fence(rows, containers, self.orphan_grace, missing_before=now - settle)
+        result = fence(rows, containers, self.orphan_grace, missing_before=min(now - settle, listed_at))
         self._observations[controller_id] = _Observation(now, health, pushed)
         for u in result.updates:
             self._updates[u.id] = (u, listed_at)
@@ -202,9 +208,16 @@ class HeartbeatIngest:
                     bad.append({"id": controller_id, "error_message": obs.error or h.error or "unhealthy",
                                 **({"last_push_at": obs.at} if obs.pushed else {})})
             # One executemany per shape, however many controllers (rows gone meanwhile are skipped).
+            good.sort(key=lambda r: r["id"])
+            bad.sort(key=lambda r: r["id"])
             for batch in _same_keys(good) + _same_keys(bad):
                 await session.execute(_by_id(ControllerModel, batch[0]), [_bind(r) for r in batch])
             if updates:
+                # Locks are taken services first, then registry rows, each in id order: the order every
+                # lifecycle transaction uses too, so concurrent writers wait instead of deadlocking.
+                ordered = sorted(updates.values(), key=lambda item: item[0].id)
+                for u, at in sorted(ordered, key=lambda item: item[0].service_id):
+                    await session.execute(_service_update(u, at))
                 table = ContainerRegistryModel.__table__
                 stmt = (
                     update(table)
@@ -216,10 +229,8 @@ class HeartbeatIngest:
                 await session.execute(stmt, [
                     {"b_id": u.id, "b_at": at, "b_status": u.status, "b_health": u.health,
                      "b_restarts": u.health_restarts, "b_container_id": u.container_id or None}
-                    for u, at in updates.values()
+                    for u, at in ordered
                 ])
-                for u, at in updates.values():
-                    await session.execute(_service_update(u, at))
             if gone:
                 await session.execute(
                     delete(ContainerRegistryModel).where(

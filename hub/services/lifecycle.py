@@ -80,6 +80,29 @@ def endpoint_for(controller_url: str, ports: dict[str, int | None]) -> Endpoint:
     return Endpoint(host=host, ports={key.split("/")[0]: value for key, value in ports.items()})
 
 
+async def _locked(session: AsyncSession, service_id: str) -> ServiceModel | None:
+    """The service, its row locked until the transaction ends (SQLite locks the whole database anyway)."""
+    return await session.scalar(
+        select(ServiceModel).where(ServiceModel.id == service_id).with_for_update(of=ServiceModel)
+    )
+
+
+async def _settle_row(session: AsyncSession, row: ContainerRegistryModel) -> bool:
+    """Record the created container on its reserved row, unless the row was superseded meanwhile.
+
+    An explicit UPDATE rather than a merge: a merge would write back the row's old
+    ``updated_at`` and could un-stale a row another operation retired.
+    """
+    result = await session.execute(
+        update(ContainerRegistryModel)
+        .where(ContainerRegistryModel.id == row.id, ContainerRegistryModel.status != "stale")
+        .values(container_id=row.container_id, container_name=row.container_name, status=row.status,
+                updated_at=utcnow())
+        .execution_options(synchronize_session=False)
+    )
+    return bool(result.rowcount)  # type: ignore[attr-defined]
+
+
 class ServiceManager:
     def __init__(
         self,
@@ -338,7 +361,8 @@ class ServiceManager:
     async def _run_create(self, service: ServiceModel, spec: ServiceSpec, op: OperationModel,
                           acknowledged: bool = False) -> ServiceModel:
         """``acknowledged``: the caller already has its 202, so a create that fails only because
-        controllers are unreachable is kept (status ``lost``) for the reconciler to finish."""
+        controllers are unreachable or full right now is kept (status ``lost``) for the reconciler
+        to finish; bad input (an unknown image) still removes it."""
         async with self._service_locks[service.id]:
             current = await self._reload_or_none(service.id)
             if current is None or current.status != "pending" or current.epoch != service.epoch:
@@ -351,7 +375,7 @@ class ServiceManager:
             try:
                 row, controller, ports, status = await self._deploy(service, spec, service.epoch)
             except HubError as exc:
-                if acknowledged and isinstance(exc, ControllerUnavailable):
+                if acknowledged and isinstance(exc, ControllerUnavailable | NoFeasibleController):
                     async with self.db.session() as session:
                         kept = await session.get(ServiceModel, service.id)
                         if kept is not None:
@@ -364,15 +388,22 @@ class ServiceManager:
                 self._service_locks.pop(service.id, None)
                 raise
             async with self.db.session() as session:
-                await session.merge(row)
-                fresh = await session.get(ServiceModel, service.id)
-                assert fresh is not None
-                fresh.controller_id = controller.id
-                fresh.container_id = row.container_id
-                fresh.gpu_devices = row.gpu_devices
-                fresh.status = docker_status(status, "running")
-                fresh.endpoint = endpoint_for(controller.url, ports).model_dump()
-                fresh.status_message = None
+                # Locked until commit: no other operation can claim an epoch between the check and the write.
+                fresh = await _locked(session, service.id)
+                superseded = (fresh is None or fresh.epoch != service.epoch or fresh.controller_id is not None
+                              or not await _settle_row(session, row))
+                if fresh is not None and not superseded:
+                    fresh.controller_id = controller.id
+                    fresh.container_id = row.container_id
+                    fresh.gpu_devices = row.gpu_devices
+                    fresh.status = docker_status(status, "running")
+                    fresh.endpoint = endpoint_for(controller.url, ports).model_dump()
+                    fresh.status_message = None
+            if superseded or fresh is None:
+                # Someone else finished (or deleted) this service meanwhile: ours would be a second copy.
+                await self._discard(controller.id, row)
+                await self.ops.finish(op, "SUPERSEDED: another operation completed this service first")
+                raise Conflict("another operation completed this service first", code="CONCURRENT_CHANGE")
             await self.ops.finish(op, controller_id=controller.id, container_id=row.container_id)
             return fresh
 
@@ -547,45 +578,74 @@ class ServiceManager:
                 raise
         old_controller_id = service.controller_id
         async with self.db.session() as session:
-            await session.merge(row)
-            fresh = await session.get(ServiceModel, service.id)
-            assert fresh is not None
-            fresh.epoch = epoch
-            fresh.controller_id = controller.id
-            fresh.container_id = row.container_id
-            fresh.gpu_devices = row.gpu_devices
-            fresh.spec = spec.model_dump(mode="json")
-            fresh.health = "unknown" if spec.health_check is None or not wait_healthy else "healthy"
-            if version is not None:
-                fresh.version = version
-                session.add(
-                    DeploymentHistoryModel(
-                        service_id=service.id, version=version, spec=fresh.spec, image=spec.image,
-                        reason=reason or op.operation, actor=op.actor,
-                    )
+            # Locked until commit: no other operation can claim an epoch between the check and the write.
+            locked = await _locked(session, service.id)
+            superseded = locked is None or locked.epoch != epoch or not await _settle_row(session, row)
+            if superseded or locked is None:
+                fresh = None
+            else:
+                fresh = locked
+                await self._finalize(session, fresh, row, controller, spec, op, epoch, ports, status,
+                                     version, reason, wait_healthy)
+        if fresh is None:
+            # A newer epoch was claimed meanwhile (another replica's move): it wins, ours goes.
+            await self._discard(controller.id, row)
+            raise Conflict("another operation changed the service meanwhile; retry", code="CONCURRENT_CHANGE")
+        await self._after_finalize(fresh, row, controller, op, epoch, old_controller_id, reason)
+        return await self._reload(service.id) if fresh.desired_state == "stopped" else fresh
+
+    @staticmethod
+    async def _finalize(session: AsyncSession, fresh: ServiceModel, row: ContainerRegistryModel,
+                        controller: ControllerModel, spec: ServiceSpec, op: OperationModel, epoch: int,
+                        ports: dict[str, int | None], status: str, version: int | None, reason: str | None,
+                        wait_healthy: bool) -> None:
+        """Make the new copy current and every other copy stale, in the caller's transaction."""
+        fresh.epoch = epoch
+        fresh.controller_id = controller.id
+        fresh.container_id = row.container_id
+        fresh.gpu_devices = row.gpu_devices
+        fresh.spec = spec.model_dump(mode="json")
+        fresh.health = "unknown" if spec.health_check is None or not wait_healthy else "healthy"
+        if version is not None:
+            fresh.version = version
+            session.add(
+                DeploymentHistoryModel(
+                    service_id=fresh.id, version=version, spec=fresh.spec, image=spec.image,
+                    reason=reason or op.operation, actor=op.actor,
                 )
-            fresh.status = docker_status(status, "running")
-            fresh.endpoint = endpoint_for(controller.url, ports).model_dump()
-            fresh.status_message = None
-            await session.execute(
-                update(ContainerRegistryModel)
-                .where(ContainerRegistryModel.service_id == service.id, ContainerRegistryModel.id != row.id)
-                .values(status="stale", updated_at=utcnow())
-                .execution_options(synchronize_session=False)
             )
+        fresh.status = docker_status(status, "running")
+        fresh.endpoint = endpoint_for(controller.url, ports).model_dump()
+        fresh.status_message = None
+        await session.execute(
+            update(ContainerRegistryModel)
+            .where(ContainerRegistryModel.service_id == fresh.id, ContainerRegistryModel.id != row.id)
+            .values(status="stale", updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
+
+    async def _after_finalize(self, fresh: ServiceModel, row: ContainerRegistryModel, controller: ControllerModel,
+                              op: OperationModel, epoch: int, old_controller_id: str | None,
+                              reason: str | None) -> None:
+        """Retire the old copies, keep a stopped service stopped, and close the operation."""
         details: dict[str, Any] = {"epoch": epoch, "from_controller": old_controller_id, "to_controller": controller.id}
         if reason:
             details["reason"] = reason
-        details["old_containers_removed"] = await self._retire_stale(service.id)
+        details["old_containers_removed"] = await self._retire_stale(fresh.id)
         if fresh.desired_state == "stopped":
             await self.client.action(controller.id, controller.url, row.container_id or "", "stop", epoch=epoch)
             async with self.db.session() as session:
-                stopped = await session.get(ServiceModel, service.id)
+                stopped = await session.get(ServiceModel, fresh.id)
                 assert stopped is not None
                 stopped.status, stopped.endpoint = "stopped", None
-                fresh = stopped
         await self.ops.finish(op, controller_id=controller.id, container_id=row.container_id, details=details)
-        return fresh
+
+    async def _discard(self, controller_id: str, row: ContainerRegistryModel) -> None:
+        """Remove a container we made but must not keep, and its row (else its heartbeat removes it)."""
+        if row.container_id:
+            await self._remove_container(controller_id, row.container_id)
+        async with self.db.session() as session:
+            await session.execute(delete(ContainerRegistryModel).where(ContainerRegistryModel.id == row.id))
 
     async def _restore_status(self, service_id: str, prior: str) -> None:
         """After a failed move the old copy (if any) keeps serving; say what the service is."""
@@ -662,7 +722,8 @@ class ServiceManager:
                     wait_healthy=reason in ("drain", "unhealthy"),
                 ))
             except HubError as exc:
-                await self.ops.finish(op, f"{exc.code}: {exc.message}")
+                if op.status == "running":
+                    await self.ops.finish(op, f"{exc.code}: {exc.message}")
                 raise
             if reason == "controller_lost":
                 self.metrics.failovers.inc()
@@ -856,7 +917,9 @@ class ServiceManager:
             count = await session.scalar(
                 select(func.count()).where(ServiceModel.controller_id == controller_id)
             ) or 0
-        op = await self.ops.begin("drain", user.username, controller_id=controller_id, details={"services": count})
+            # With the flag, so the reconciler never finishes a drain whose operation is not there yet.
+            op = self.ops.add(session, "drain", user.username, controller_id=controller_id,
+                              details={"services": count})
         if not wait:
             return op
         deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout

@@ -7,9 +7,10 @@ afterwards, so a crash leaves a visible trace instead of nothing.
 
 from __future__ import annotations
 
+from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Select, select
+from sqlalchemy import Select, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.db import Database
@@ -63,6 +64,28 @@ class OperationLog:
             self.active.discard(op.id)
             raise
         return op
+
+    async def recover_own(self) -> int:
+        """Fail this replica's operations that are "running" in the table but no longer here: their
+        ending was lost to a database outage. Each replica runs this for itself, leader or not."""
+        before = utcnow() - timedelta(seconds=1)  # anything begun since is too young to judge
+        active = set(self.active)
+        async with self.db.session() as session:
+            result = await session.execute(
+                update(OperationModel)
+                .where(
+                    OperationModel.hub_replica == self.replica_id,
+                    OperationModel.status.in_(("pending", "running")),
+                    OperationModel.operation != "drain",  # finished by the reconciler, not by this process
+                    OperationModel.created_at < before,
+                    OperationModel.id.not_in(active or {""}),
+                )
+                .values(status="failed", finished_at=utcnow(),
+                        error="interrupted: its end could not be recorded (database outage); the reconciler "
+                              "finishes its work")
+                .execution_options(synchronize_session=False)
+            )
+        return int(result.rowcount or 0)  # type: ignore[attr-defined]
 
     async def finish(
         self,

@@ -158,3 +158,9 @@ def test_a_drain_is_not_done_while_a_move_off_it_is_still_running() -> None:
     snap = Snapshot([draining, healthy("b", last=99)], [svc("s1", "b", busy=True)], T0, 6,
                     moving_from=frozenset({"a"}))
     assert compute(snap, at(100)) == []
+
+
+def test_a_drain_is_not_done_while_a_create_onto_it_is_in_flight() -> None:
+    draining = healthy("a", last=99, enabled=False, draining=True)
+    snap = Snapshot([draining, healthy("b", last=99)], [svc("s1", "b")], T0, 6, hosting=frozenset({"a", "b"}))
+    assert compute(snap, at(100)) == []

@@ -52,7 +52,7 @@ from controller.runtime import Runtime
 from mmanager.wire import LABEL_HEALTH_CHECK, ContainerInfo, HealthCheck, HealthState
 
 # Seconds between ticks, and between probes of a container that has not passed yet.
-TICK = 0.5
+TICK = 0.25
 # Probes in flight at once, across all containers.
 MAX_PROBES = 32
 # Seconds Docker waits for a clean stop when restarting an unhealthy container.

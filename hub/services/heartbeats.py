@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, case, delete, func, select, update
+from sqlalchemy import bindparam, case, delete, func, or_, select, update
 
 from hub.config import HubSettings
 from hub.db import Database
@@ -219,9 +219,21 @@ class HeartbeatIngest:
                 for u, at in sorted(ordered, key=lambda item: item[0].service_id):
                     await session.execute(_service_update(u, at))
                 table = ContainerRegistryModel.__table__
+                services = ServiceModel.__table__
+                # A row and the service it serves change together: when the service's update was
+                # skipped (it changed after the listing, or is mid-move), the row waits too, so the
+                # next heartbeat brings both.
+                service_newer = (
+                    select(services.c.id)
+                    .where(services.c.id == table.c.service_id, services.c.container_id == table.c.container_id,
+                           # (equalities, not IN: an expanding IN cannot run as executemany)
+                           or_(services.c.updated_at > bindparam("b_at"),
+                               *(services.c.status == status for status in sorted(UNSETTLED))))
+                    .exists()
+                )
                 stmt = (
                     update(table)
-                    .where(table.c.id == bindparam("b_id"), table.c.updated_at < bindparam("b_at"))
+                    .where(table.c.id == bindparam("b_id"), table.c.updated_at < bindparam("b_at"), ~service_newer)
                     .values(status=bindparam("b_status"), health=bindparam("b_health"),
                             health_restarts=bindparam("b_restarts"), updated_at=bindparam("b_at"),
                             container_id=func.coalesce(bindparam("b_container_id"), table.c.container_id))
@@ -262,7 +274,9 @@ def _same_keys(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
 def _service_update(u: RowUpdate, observed_at: datetime) -> Any:
     """The service's status and health follow its current container (never an unsettled one)."""
     s = ServiceModel
-    values: dict[str, Any] = {"health": u.health}
+    # Dated by the observation, not the write: the registry row (updated next, with the same date)
+    # then sees no newer change to the service and follows it.
+    values: dict[str, Any] = {"health": u.health, "updated_at": observed_at}
     if u.status == "running":
         values["status"] = "unhealthy" if u.health == "unhealthy" else "running"
     elif u.status in ("created", "restarting"):

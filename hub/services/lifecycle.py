@@ -61,6 +61,8 @@ T = TypeVar("T")
 # Docker's container states, as the service status a user sees.
 _DOCKER_TO_STATUS = {"running": "running", "created": "starting", "restarting": "starting", "paused": "stopped"}
 CREATE_ATTEMPTS = 3
+# Seconds a failover waits for the new copy's first passing probe before it records the move anyway.
+FAILOVER_HEALTH_WAIT = 15.0
 
 
 def docker_status(state: str, desired: str) -> str:
@@ -91,16 +93,23 @@ async def _settle_row(session: AsyncSession, row: ContainerRegistryModel) -> boo
     """Record the created container on its reserved row, unless the row was superseded meanwhile.
 
     An explicit UPDATE rather than a merge: a merge would write back the row's old
-    ``updated_at`` and could un-stale a row another operation retired.
+    ``updated_at`` and could un-stale a row another operation retired. What a
+    heartbeat already recorded on the row (its health) is kept and copied onto ``row``.
     """
-    result = await session.execute(
-        update(ContainerRegistryModel)
-        .where(ContainerRegistryModel.id == row.id, ContainerRegistryModel.status != "stale")
-        .values(container_id=row.container_id, container_name=row.container_name, status=row.status,
-                updated_at=utcnow())
-        .execution_options(synchronize_session=False)
-    )
-    return bool(result.rowcount)  # type: ignore[attr-defined]
+    found = (
+        await session.execute(
+            update(ContainerRegistryModel)
+            .where(ContainerRegistryModel.id == row.id, ContainerRegistryModel.status != "stale")
+            .values(container_id=row.container_id, container_name=row.container_name, status=row.status,
+                    updated_at=utcnow())
+            .returning(ContainerRegistryModel.health)
+            .execution_options(synchronize_session=False)
+        )
+    ).first()
+    if found is None:
+        return False
+    row.health = found[0]
+    return True
 
 
 class ServiceManager:
@@ -393,6 +402,7 @@ class ServiceManager:
                 superseded = (fresh is None or fresh.epoch != service.epoch or fresh.controller_id is not None
                               or not await _settle_row(session, row))
                 if fresh is not None and not superseded:
+                    fresh.health = row.health or "unknown"
                     fresh.controller_id = controller.id
                     fresh.container_id = row.container_id
                     fresh.gpu_devices = row.gpu_devices
@@ -534,9 +544,11 @@ class ServiceManager:
         row, controller, ports, status = await self._deploy(service, spec, epoch, exclude, target)
         return row, controller, ports, status, epoch
 
-    async def _await_healthy(self, controller: ControllerModel, container_id: str) -> None:
+    async def _await_healthy(self, controller: ControllerModel, container_id: str,
+                             timeout: float | None = None) -> None:
         """Wait until the controller's probe passes on the new container."""
-        deadline = asyncio.get_running_loop().time() + self.settings.health_timeout
+        timeout = timeout or self.settings.health_timeout
+        deadline = asyncio.get_running_loop().time() + timeout
         last = "unknown"
         while asyncio.get_running_loop().time() < deadline:
             info = await self.client.inspect(controller.id, controller.url, container_id)
@@ -545,7 +557,7 @@ class ServiceManager:
                 return
             await asyncio.sleep(0.25)
         raise Conflict(
-            f"the new container did not pass its health check within {self.settings.health_timeout:g}s ({last}); "
+            f"the new container did not pass its health check within {timeout:g}s ({last}); "
             "the old one keeps serving",
             code="HEALTH_CHECK_FAILED",
         )
@@ -557,6 +569,10 @@ class ServiceManager:
         """Start a copy at a new epoch, wait until it runs (and is healthy, if it has a check),
         then retire the old one: no gap for a planned move.
 
+        Without ``wait_healthy`` (failover: the old copy is gone anyway) the new copy is
+        kept whatever its check says, but its health is still awaited for a short while so
+        the service reads healthy as soon as it is, not a heartbeat later.
+
         The old copy's registry row becomes ``stale`` in the same transaction
         that makes the new one current, so from then on every heartbeat of its
         controller tells it to stop that copy, even if the hub dies right after.
@@ -567,9 +583,17 @@ class ServiceManager:
         except HubError:
             await self._restore_status(service.id, prior_status)
             raise
+        healthy = False
+        if spec.health_check is not None and row.container_id and not wait_healthy:
+            try:
+                await self._await_healthy(controller, row.container_id, FAILOVER_HEALTH_WAIT)
+                healthy = True
+            except HubError:
+                pass  # kept: a copy that runs is better than none; heartbeats report its health
         if wait_healthy and spec.health_check is not None and row.container_id:
             try:
                 await self._await_healthy(controller, row.container_id)
+                healthy = True
             except HubError:
                 await self._remove_container(controller.id, row.container_id)
                 async with self.db.session() as session:
@@ -586,7 +610,7 @@ class ServiceManager:
             else:
                 fresh = locked
                 await self._finalize(session, fresh, row, controller, spec, op, epoch, ports, status,
-                                     version, reason, wait_healthy)
+                                     version, reason, healthy)
         if fresh is None:
             # A newer epoch was claimed meanwhile (another replica's move): it wins, ours goes.
             await self._discard(controller.id, row)
@@ -598,14 +622,14 @@ class ServiceManager:
     async def _finalize(session: AsyncSession, fresh: ServiceModel, row: ContainerRegistryModel,
                         controller: ControllerModel, spec: ServiceSpec, op: OperationModel, epoch: int,
                         ports: dict[str, int | None], status: str, version: int | None, reason: str | None,
-                        wait_healthy: bool) -> None:
+                        healthy: bool) -> None:
         """Make the new copy current and every other copy stale, in the caller's transaction."""
         fresh.epoch = epoch
         fresh.controller_id = controller.id
         fresh.container_id = row.container_id
         fresh.gpu_devices = row.gpu_devices
         fresh.spec = spec.model_dump(mode="json")
-        fresh.health = "unknown" if spec.health_check is None or not wait_healthy else "healthy"
+        fresh.health = "healthy" if healthy else row.health or "unknown"
         if version is not None:
             fresh.version = version
             session.add(

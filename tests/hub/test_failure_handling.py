@@ -80,13 +80,20 @@ async def test_heartbeat_answers_what_to_stop_and_joins_new_controllers(cluster:
     assert answer["interval"] == 0.5 and answer["grace"] == 3
     assert [(o["container_id"], o["reason"]) for o in answer["stop"]] == [("f" * 64, "orphan")]
     # Written by a later flush (a beat only overrides what is older than its listing): health reaches
-    # the service as the controller keeps beating.
-    async def beat_and_look() -> Any:
-        await cluster.hub.post(f"/api/controllers/{cid}/heartbeat", headers=key, json=heartbeat(cid, [current]))
-        return await _get(cluster, f"/api/services/{service['id']}", "health", "healthy")
+    # the services as the controller keeps beating, several rows in one write.
+    other = (await cluster.hub.post("/api/admin/repo/services", json={**SPEC, "name": "svc2"})).json()
+    assert other["controller_id"] == cid
+    second = {**current, "container_id": other["container_id"], "service_id": other["id"], "name": "two"}
 
-    svc = await until(beat_and_look, 8, "health")
-    assert svc["health"] == "healthy" and svc["status"] == "running"
+    async def beat_and_look() -> Any:
+        await cluster.hub.post(f"/api/controllers/{cid}/heartbeat", headers=key,
+                               json=heartbeat(cid, [current, second]))
+        one = await _get(cluster, f"/api/services/{service['id']}", "health", "healthy")
+        two = await _get(cluster, f"/api/services/{other['id']}", "health", "healthy")
+        return (one, two) if one and two else None
+
+    svc, svc2 = await until(beat_and_look, 8, "health")
+    assert svc["status"] == svc2["status"] == "running"
 
     r = await cluster.hub.post("/api/controllers/edge-new/heartbeat", headers=key,
                                json=heartbeat("edge-new", [], url="http://edge-new.test:8001"))

@@ -57,6 +57,8 @@ from mmanager.wire import (
 MIN_HTTP_TIMEOUT, MAX_HTTP_TIMEOUT = 1.0, 5.0
 # Seconds Docker gets to say what runs, per heartbeat.
 DOCKER_BUDGET = 4.0
+# Seconds stop() waits for the cancelled loop.
+STOP_WAIT = 5.0
 # Seconds the stop orders of one answer get, all together.
 STOP_BUDGET = 30.0
 # Bounds on what the hub may ask for.
@@ -125,7 +127,10 @@ class HeartbeatAgent:
     async def stop(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # Bounded: a beat stuck somewhere uncancellable must not hold up the controller's shutdown.
+            _, pending = await asyncio.wait({self._task}, timeout=STOP_WAIT)
+            if pending:
+                log.warning("the heartbeat task did not stop within %ss; leaving it", STOP_WAIT)
             self._task = None
         if self._client is not None:
             await self._client.aclose()

@@ -173,7 +173,11 @@ class Prober:
         tasks = [t for t in (self._loop, *self._tasks) if t is not None]
         for task in tasks:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            # Bounded: a probe stuck somewhere uncancellable must not hold up the controller's shutdown.
+            _, pending = await asyncio.wait(tasks, timeout=5.0)
+            if pending:
+                log.warning("%d probe task(s) did not stop within 5s; leaving them", len(pending))
         self._loop = None
         self._tasks.clear()
         if self._client is not None:

@@ -32,7 +32,8 @@ class LoopService(ABC):
     async def stop(self) -> None:
         self._stop.set()
         if self._task is not None:
-            await self._task
+            # wait() rather than await: whatever the loop ended with, stopping it must not raise.
+            await asyncio.wait({self._task})
             self._task = None
 
     async def _run(self) -> None:
@@ -40,6 +41,13 @@ class LoopService(ABC):
             started = time.monotonic()
             try:
                 await self.run_once()
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the loop itself is being cancelled
+                # Something the iteration awaited was cancelled under it (a peer shutting down):
+                # an iteration error like any other.
+                log.warning("%s: iteration was cancelled from below", self.name)
             except Exception:
                 log.exception("%s: iteration failed", self.name)
             took = time.monotonic() - started

@@ -231,17 +231,18 @@ async def test_the_interval_comes_from_the_hub(start_fake: StartController, hub:
     started = time.monotonic()
     ctl = await start_fake(hub_transport=hub.transport(), hub_url=HUB)
     await eventually(lambda: len(hub.beats) >= 4, what="four heartbeats")
-    # The first goes out at once, the next after the hub's 0.3 s rather than the initial 2 s.
-    assert hub.received[0] - started < 0.5
+    # The first goes out at once, the next after the hub's 0.3 s rather than the initial 2 s
+    # (bounds loose enough for a busy machine, tight enough to tell 0.3 s from 2 s).
+    assert hub.received[0] - started < 1.5
     gaps = [b - a for a, b in zip(hub.received, hub.received[1:], strict=False)]
-    assert all(0.25 <= gap < 0.8 for gap in gaps), gaps
+    assert all(0.25 <= gap < 1.5 for gap in gaps), gaps
     assert agent(ctl).interval == 0.3
 
     hub.interval = 0.05
     await eventually(lambda: agent(ctl).interval == 0.05, what="the new interval adopted")
     count = len(hub.beats)
-    await asyncio.sleep(0.5)
-    assert len(hub.beats) - count >= 5
+    await asyncio.sleep(1.0)
+    assert len(hub.beats) - count >= 5  # at 0.3 s there would be at most 4
 
 
 @pytest.mark.parametrize("mode", ["error", "unauthorized", "garbage", "wrong", "down"])

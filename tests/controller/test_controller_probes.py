@@ -136,7 +136,7 @@ async def test_one_slow_service_does_not_hold_up_the_others(rig: Rig) -> None:
     slow = await rig.create(timeout=5)
     rig.services.slow.add(rig.host_port(slow))
     quick = await rig.create()
-    await eventually(lambda: rig.prober.health(quick)[0] == "healthy", within=1, what="the quick one healthy")
+    await eventually(lambda: rig.prober.health(quick)[0] == "healthy", within=1.5, what="the quick one healthy")
     assert rig.prober.health(slow)[0] == "unknown"
 
 

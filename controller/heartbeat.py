@@ -41,7 +41,7 @@ from controller.config import ControllerSettings
 from controller.containers import ContainerService
 from controller.errors import ControllerError, NotFound
 from controller.health import collect_health, docker_down_health
-from controller.probes import Prober, seconds_since
+from controller.probes import Prober
 from controller.runtime import Runtime
 from controller.sync import DEFAULT_INTERVAL
 from mmanager.wire import (
@@ -51,6 +51,7 @@ from mmanager.wire import (
     HeartbeatAnswer,
     HeartbeatContainer,
     StopOrder,
+    seconds_since,
 )
 
 # Seconds one hub gets to answer a heartbeat: grace / 2, within these bounds.

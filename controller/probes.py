@@ -40,7 +40,6 @@ import ipaddress
 import logging
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 import httpx
 from pydantic import ValidationError
@@ -49,7 +48,7 @@ from controller.config import ControllerSettings
 from controller.containers import ContainerService
 from controller.errors import ControllerError, NotFound
 from controller.runtime import Runtime
-from mmanager.wire import LABEL_HEALTH_CHECK, ContainerInfo, HealthCheck, HealthState
+from mmanager.wire import LABEL_HEALTH_CHECK, ContainerInfo, HealthCheck, HealthState, seconds_since
 
 # Seconds between ticks, and between probes of a container that has not passed yet.
 TICK = 0.25
@@ -59,19 +58,6 @@ MAX_PROBES = 32
 RESTART_TIMEOUT = 10
 
 log = logging.getLogger(__name__)
-
-
-def seconds_since(timestamp: str | None, now: datetime | None = None) -> float | None:
-    """Seconds from a Docker timestamp (``Created``, ``StartedAt``) to now; None when there is none."""
-    if not timestamp or timestamp.startswith("0001-"):
-        return None
-    try:
-        moment = datetime.fromisoformat(timestamp)
-    except ValueError:
-        return None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return ((now or datetime.now(UTC)) - moment).total_seconds()
 
 
 def read_health_check(labels: dict[str, str]) -> HealthCheck | None:

@@ -18,7 +18,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, OperationalError
+from sqlalchemy.exc import DBAPIError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hub.background.leader import Supervisor
@@ -67,8 +67,16 @@ def _dump_tasks_on_sigusr1() -> None:
             task.print_stack(file=out)
             log.warning("task %s:\n%s", task.get_name(), out.getvalue())
 
+    # An optional diagnostic: signal handlers exist only in the main thread of a Unix event loop
+    # (NotImplementedError elsewhere; RuntimeError or ValueError in another thread, e.g. dev mode's
+    # or a test's embedded server). Without one the hub runs the same, minus the dump.
     with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
+
+
+# What the database failing looks like: SQLAlchemy's wrapped errors, and what asyncpg raises unwrapped
+# (refused or reset connections, "the database system is starting up").
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (DBAPIError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
 def _database_outage(exc: BaseException) -> bool:
@@ -81,8 +89,7 @@ def _database_outage(exc: BaseException) -> bool:
     """
     seen = 0
     while exc is not None and seen < 10:
-        if isinstance(exc, OSError | DBAPIError | asyncpg.PostgresConnectionError | asyncpg.InterfaceError
-                      | asyncpg.CannotConnectNowError):
+        if isinstance(exc, DATABASE_ERRORS):
             return True
         exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
         seen += 1
@@ -109,14 +116,12 @@ def _install_error_handlers(app: FastAPI) -> None:
         codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 401: "UNAUTHORIZED", 403: "FORBIDDEN"}
         return _error(exc.status_code, codes.get(exc.status_code, "HTTP_ERROR"), str(exc.detail))
 
-    @app.exception_handler(OperationalError)
-    @app.exception_handler(DBAPIError)
-    @app.exception_handler(OSError)
-    @app.exception_handler(asyncpg.PostgresError)
-    @app.exception_handler(asyncpg.InterfaceError)
     async def database_error(_: Request, exc: Exception) -> JSONResponse:
         log.warning("database error: %s", exc)
         return _error(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
+
+    for error in DATABASE_ERRORS:
+        app.add_exception_handler(error, database_error)
 
     @app.exception_handler(Exception)
     async def unexpected(_: Request, exc: Exception) -> JSONResponse:

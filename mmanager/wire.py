@@ -13,6 +13,7 @@ written strictly (we only ever send fields declared here).
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -54,6 +55,22 @@ def parse_memory(value: str | int | float) -> int:
     if size <= 0:
         raise ValueError("memory size must be positive")
     return size
+
+
+def seconds_since(timestamp: str | None, now: datetime | None = None) -> float | None:
+    """Seconds from a Docker timestamp (``Created``, ``StartedAt``) to now; None when there is none.
+
+    Shared: the controller ages containers for heartbeats and probes, the hub for polled listings.
+    """
+    if not timestamp or timestamp.startswith("0001-"):
+        return None
+    try:
+        moment = datetime.fromisoformat(timestamp)
+    except ValueError:
+        return None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return ((now or datetime.now(UTC)) - moment).total_seconds()
 
 
 class WireModel(BaseModel):

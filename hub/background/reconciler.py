@@ -42,7 +42,7 @@ from hub.scheduler.reconcile import (
 )
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
-from mmanager.wire import HeartbeatContainer
+from mmanager.wire import HeartbeatContainer, seconds_since
 
 log = logging.getLogger(__name__)
 
@@ -87,15 +87,11 @@ class Reconciler(LoopService):
                 reprieved.add(action.controller_id)
         for action in actions:
             if isinstance(action, Move) and not (action.reason == "controller_lost" and
-                                                 self._expected(snapshot, action.service_id) in reprieved):
-                self._start_move(action, now, snapshot)
+                                                 action.from_controller in reprieved):
+                self._start_move(action, now)
             elif isinstance(action, FinishDrain):
                 await self._finish_drain(action.controller_id)
         self._last_ok = utcnow()
-
-    @staticmethod
-    def _expected(snapshot: Snapshot, service_id: str) -> str | None:
-        return next((s.controller_id for s in snapshot.services if s.id == service_id), None)
 
     async def stop(self) -> None:
         await super().stop()
@@ -196,14 +192,13 @@ class Reconciler(LoopService):
         self.metrics.controller_up.labels(action.controller_id).set(0)
         return True
 
-    def _start_move(self, action: Move, now: datetime, snapshot: Snapshot) -> None:
+    def _start_move(self, action: Move, now: datetime) -> None:
         sid = action.service_id
         if sid in self._moving or self._not_before.get(sid, now) > now:
             return
-        expected = self._expected(snapshot, sid)
-        task = asyncio.create_task(self._move(action, expected), name=f"move-{sid}")
+        task = asyncio.create_task(self._move(action), name=f"move-{sid}")
         self._moving[sid] = task
-        self._moving_from[sid] = expected
+        self._moving_from[sid] = action.from_controller
 
         def done(_: object) -> None:
             self._moving.pop(sid, None)
@@ -211,11 +206,12 @@ class Reconciler(LoopService):
 
         task.add_done_callback(done)
 
-    async def _move(self, action: Move, expected: str | None) -> None:
+    async def _move(self, action: Move) -> None:
         sid = action.service_id
         async with self._slots:
             try:
-                result = await self.services.move(sid, action.reason, action.exclude, expected_controller=expected)
+                result = await self.services.move(sid, action.reason, action.exclude,
+                                                  expected_controller=action.from_controller)
             except HubError as exc:
                 failures = self._failures.get(sid, 0) + 1
                 self._failures[sid] = failures
@@ -297,7 +293,8 @@ class ControllerPoller(LoopService):
         containers = [
             HeartbeatContainer(
                 container_id=c.id, name=c.name, service_id=c.service_id, epoch=c.epoch, state=c.status,
-                health=c.health, health_restarts=c.health_restarts, age_seconds=_age(c.created, now), ports=c.ports,
+                health=c.health, health_restarts=c.health_restarts,
+                age_seconds=max(seconds_since(c.created, now) or 0.0, 0.0), ports=c.ports,
             )
             for c in listing
         ]
@@ -310,15 +307,6 @@ class ControllerPoller(LoopService):
             except HubError as exc:
                 log.warning("could not remove %s container %s on %s: %s", order.reason, order.container_id[:12],
                             controller_id, exc.message)
-
-
-def _age(created: str | None, now: datetime) -> float:
-    if not created:
-        return 0.0
-    try:
-        return max((now - datetime.fromisoformat(created.replace("Z", "+00:00"))).total_seconds(), 0.0)
-    except ValueError:
-        return 0.0
 
 
 class HeartbeatFlusher(LoopService):

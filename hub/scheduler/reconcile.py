@@ -162,6 +162,8 @@ class Move:
     service_id: str
     reason: str  # controller_lost | drain | unhealthy | resume
     exclude: frozenset[str] = frozenset()
+    # Where the service is in the snapshot; the move is dropped if that changed before it runs.
+    from_controller: str | None = None
 
 
 @dataclass(frozen=True)
@@ -202,16 +204,16 @@ def compute(snapshot: Snapshot, now: datetime) -> list[Action]:
         on = s.controller_id
         if s.desired_state == "running":
             if s.status in UNSETTLED or on is None:
-                actions.append(Move(s.id, "resume", frozenset(lost)))
+                actions.append(Move(s.id, "resume", frozenset(lost), on))
             elif on in lost:
-                actions.append(Move(s.id, "controller_lost", frozenset(lost | {on})))
+                actions.append(Move(s.id, "controller_lost", frozenset(lost | {on}), on))
             elif on in draining:
-                actions.append(Move(s.id, "drain", frozenset(lost | {on})))
+                actions.append(Move(s.id, "drain", frozenset(lost | {on}), on))
             elif s.health == "unhealthy" and s.health_restarts >= snapshot.max_health_restarts:
-                actions.append(Move(s.id, "unhealthy", frozenset(lost | {on})))
+                actions.append(Move(s.id, "unhealthy", frozenset(lost | {on}), on))
         elif on in draining and on not in lost:
             # A stopped service moves too (it stays stopped): draining hands everything over.
-            actions.append(Move(s.id, "drain", frozenset(lost | {on})))
+            actions.append(Move(s.id, "drain", frozenset(lost | {on}), on))
     for c in snapshot.controllers:
         if c.draining and not ({c.id} & (occupied | snapshot.moving_from | snapshot.hosting)):
             actions.append(FinishDrain(c.id))

@@ -8,7 +8,7 @@ cannot disagree.
 from __future__ import annotations
 
 import logging
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select
@@ -45,6 +45,24 @@ def controller_out(c: ControllerModel) -> ControllerOut:
         gpus=c.gpus,
         error=c.error_message,
     )
+
+
+def healthy_fields(health: ControllerHealth, heard_at: datetime) -> dict[str, Any]:
+    """The controller row's columns after a healthy report (a poll or a pushed heartbeat)."""
+    return {
+        "status": "healthy",
+        "error_message": None,
+        "last_heartbeat_at": heard_at,
+        "containers_running": health.containers.running,
+        "max_containers": health.containers.max_allowed,
+        "load_percentage": health.load_percentage,
+        "memory_usage_percent": health.memory_usage_percent,
+        "cpu_cores": health.resources.cpu_cores,
+        "memory_total_gb": health.resources.memory_total_gb,
+        "memory_available_gb": health.resources.memory_available_gb,
+        "gpus": [g.model_dump() for g in health.capabilities.gpus],
+        "health_data": health.model_dump(mode="json"),
+    }
 
 
 async def get_controller(session: AsyncSession, controller_id: str) -> ControllerModel:
@@ -106,18 +124,8 @@ class ControllerRegistry:
     def record_health(self, row: ControllerModel, health: ControllerHealth | None, error: str | None) -> None:
         now = utcnow()
         if health is not None and health.status == "healthy":
-            row.status = "healthy"
-            row.error_message = None
-            row.last_heartbeat_at = now
-            row.containers_running = health.containers.running
-            row.max_containers = health.containers.max_allowed
-            row.load_percentage = health.load_percentage
-            row.memory_usage_percent = health.memory_usage_percent
-            row.cpu_cores = health.resources.cpu_cores
-            row.memory_total_gb = health.resources.memory_total_gb
-            row.memory_available_gb = health.resources.memory_available_gb
-            row.gpus = [g.model_dump() for g in health.capabilities.gpus]
-            row.health_data = health.model_dump(mode="json")
+            for field, value in healthy_fields(health, now).items():
+                setattr(row, field, value)
         else:
             row.error_message = error or (health.error if health else None) or "unhealthy"
             grace = timedelta(seconds=self.settings.heartbeat_grace)

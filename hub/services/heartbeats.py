@@ -27,6 +27,7 @@ from hub.errors import InvalidRequest, NotFound, Unauthorized
 from hub.metrics import HubMetrics
 from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel, utcnow
 from hub.scheduler.reconcile import UNSETTLED, FenceResult, RegistryRow, RowUpdate, fence
+from hub.services.controllers import healthy_fields
 from mmanager.wire import (
     ControllerHealth,
     HealthCapabilities,
@@ -188,22 +189,8 @@ class HeartbeatIngest:
                     continue
                 h = obs.health
                 if obs.error is None and h.status == "healthy":
-                    good.append({
-                        "id": controller_id,
-                        "status": "healthy",
-                        "error_message": None,
-                        "last_heartbeat_at": obs.at,
-                        **({"last_push_at": obs.at} if obs.pushed else {}),
-                        "containers_running": h.containers.running,
-                        "max_containers": h.containers.max_allowed,
-                        "load_percentage": h.load_percentage,
-                        "memory_usage_percent": h.memory_usage_percent,
-                        "cpu_cores": h.resources.cpu_cores,
-                        "memory_total_gb": h.resources.memory_total_gb,
-                        "memory_available_gb": h.resources.memory_available_gb,
-                        "gpus": [g.model_dump() for g in h.capabilities.gpus],
-                        "health_data": h.model_dump(mode="json"),
-                    })
+                    good.append({"id": controller_id, **healthy_fields(h, obs.at),
+                                 **({"last_push_at": obs.at} if obs.pushed else {})})
                 else:
                     bad.append({"id": controller_id, "error_message": obs.error or h.error or "unhealthy",
                                 **({"last_push_at": obs.at} if obs.pushed else {})})

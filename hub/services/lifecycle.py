@@ -476,11 +476,10 @@ class ServiceManager:
             return fresh
 
     async def _reload(self, service_id: str) -> ServiceModel:
-        async with self.db.session() as session:
-            service = await session.get(ServiceModel, service_id)
-            if service is None:
-                raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
-            return service
+        service = await self._reload_or_none(service_id)
+        if service is None:
+            raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
+        return service
 
     # ------------------------------------------- redeploy: update, rollback, migrate
 

@@ -22,7 +22,7 @@ from controller.spec import build_spec
 from controller.sync import SyncGuard
 from mmanager.images import EXAMPLE_IMAGE
 from mmanager.wire import ContainerCreate, Heartbeat, HeartbeatAnswer, StopOrder
-from tests.controller.conftest import KEY, Ctl, StartController
+from tests.controller.conftest import KEY, Ctl, StartController, eventually
 
 HUB = "http://hub.test"
 
@@ -65,14 +65,6 @@ class FakeHub:
 
     def transport(self) -> httpx.AsyncBaseTransport:
         return httpx.MockTransport(self.handle)
-
-
-async def eventually(predicate: Callable[[], object], within: float = 3.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {within} s")
-        await asyncio.sleep(0.01)
 
 
 @pytest.fixture

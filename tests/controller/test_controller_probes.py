@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 import docker
@@ -19,16 +19,7 @@ from controller.probes import Prober, probe_host
 from controller.spec import build_spec
 from mmanager.images import EXAMPLE_IMAGE
 from mmanager.wire import LABEL_HEALTH_CHECK, ContainerCreate, HealthCheck
-from tests.controller.conftest import Ctl, make_settings
-
-
-async def eventually(predicate: Callable[[], object], within: float = 3.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {within} s")
-        await asyncio.sleep(0.01)
-
+from tests.controller.conftest import Ctl, eventually, make_settings
 
 # -- the rules, over the in-memory runtime ------------------------------------
 

@@ -99,7 +99,7 @@ def test_a_silent_controller_is_lost_after_the_grace_and_its_services_move_elsew
     actions = compute(snapshot([healthy("a", last=10), healthy("b", last=16)], [svc("s1", "a"), svc("s2", "b")]),
                       at(16.5))
     assert MarkLost("a", 6.5) in actions
-    assert Move("s1", "controller_lost", frozenset({"a"})) in actions
+    assert Move("s1", "controller_lost", frozenset({"a"}), "a") in actions
     assert not any(isinstance(a, Move) and a.service_id == "s2" for a in actions)
 
 
@@ -142,14 +142,14 @@ def test_an_unhealthy_service_moves_only_after_its_in_place_restarts() -> None:
     few = compute(snapshot(controllers, [svc("s1", "a", health="unhealthy", health_restarts=2)]), at(100))
     assert few == []
     many = compute(snapshot(controllers, [svc("s1", "a", health="unhealthy", health_restarts=3)]), at(100))
-    assert many == [Move("s1", "unhealthy", frozenset({"a"}))]
+    assert many == [Move("s1", "unhealthy", frozenset({"a"}), "a")]
 
 
 def test_a_controller_still_marked_unhealthy_gets_no_work_until_it_beats_again() -> None:
     # Polled back but not yet through a fencing heartbeat: still treated as lost.
     controllers = [ControllerState("a", "unhealthy", at(99)), healthy("b", last=99)]
     actions = compute(snapshot(controllers, [svc("s1", "a")]), at(100))
-    assert actions == [Move("s1", "controller_lost", frozenset({"a"}))]
+    assert actions == [Move("s1", "controller_lost", frozenset({"a"}), "a")]
 
 
 def test_a_drain_is_not_done_while_a_move_off_it_is_still_running() -> None:

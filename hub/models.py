@@ -222,3 +222,47 @@ class HubReplicaModel(Base):
     is_leader: Mapped[bool] = mapped_column(Boolean, default=False)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class ControllerKeyModel(Base):
+    """A controller's own heartbeat key. Only its SHA-256 is stored (keys carry 256 bits of
+    randomness); at most two are active per controller, so a key can be rotated without a gap."""
+
+    __tablename__ = "controller_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    controller_id: Mapped[str] = mapped_column(
+        ForeignKey("mmanager_controllers.id", ondelete="CASCADE"), index=True
+    )
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
+    revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+
+
+class AuditModel(Base):
+    """Append-only: every mutating call and every refusal, on the hub and (shipped with their
+    heartbeats) on the controllers. The migration adds triggers that refuse UPDATE and DELETE."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_at", "at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
+                                    autoincrement=True)
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Where it happened: "hub", or "controller:<id>" for what a controller refused itself.
+    source: Mapped[str] = mapped_column(String(160), default="hub")
+    # Who: a username, "controller:<id>", or "anonymous" (no valid credentials).
+    actor: Mapped[str] = mapped_column(String(160), index=True)
+    method: Mapped[str] = mapped_column(String(8))
+    path: Mapped[str] = mapped_column(String(512))
+    # What it acted on (a service, controller or container id from the path), when any.
+    target: Mapped[str | None] = mapped_column(String(160), default=None)
+    status_code: Mapped[int] = mapped_column(Integer)
+    # ok | refused (4xx) | error (5xx)
+    result: Mapped[str] = mapped_column(String(16), index=True)
+    error_code: Mapped[str | None] = mapped_column(String(64), default=None)
+    remote: Mapped[str | None] = mapped_column(String(64), default=None)
+    details: Mapped[dict[str, Any]] = mapped_column(default=dict)

@@ -239,6 +239,20 @@ class HeartbeatContainer(WireModel):
     ports: dict[str, int | None] = Field(default_factory=dict)
 
 
+class AuditEvent(WireModel):
+    """One call a controller took or refused, shipped to the hub's audit log with a heartbeat."""
+
+    at: datetime
+    actor: str
+    method: str
+    path: str
+    target: str | None = None
+    status_code: int
+    error_code: str | None = None
+    remote: str | None = None
+    details: dict[str, Any] = Field(default_factory=dict)
+
+
 class Heartbeat(WireModel):
     server_id: str
     # CONTROLLER_URL: where the hub reaches this controller.
@@ -250,6 +264,8 @@ class Heartbeat(WireModel):
     containers: list[HeartbeatContainer] = Field(default_factory=list)
     # Seconds between taking the container listing and sending this heartbeat.
     listing_age: float = Field(default=0.0, ge=0)
+    # What the controller audited since its last acknowledged heartbeat (bounded, oldest dropped).
+    audit: list[AuditEvent] = Field(default_factory=list, max_length=1000)
 
 
 class StopOrder(WireModel):

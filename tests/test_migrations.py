@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from hub.migrate import downgrade, upgrade
@@ -24,6 +25,8 @@ TABLES = {
     "model_services",
     "users",
     "api_tokens",
+    "controller_keys",
+    "audit_log",
 }
 
 
@@ -40,6 +43,25 @@ async def _diff_and_tables(url: str) -> tuple[list, set[str]]:
         await engine.dispose()
 
 
+async def _audit_log_is_append_only(url: str) -> None:
+    """Rows go in; the database itself refuses to change or delete them."""
+    engine = create_async_engine(url)
+    try:
+        async with engine.begin() as conn:
+            await conn.execute(text(
+                "INSERT INTO audit_log (at, source, actor, method, path, status_code, result, details) "
+                "VALUES (CURRENT_TIMESTAMP, 'hub', 'alice', 'POST', '/api/x', 201, 'ok', '{}')"
+            ))
+        for statement in ("UPDATE audit_log SET actor = 'mallory'", "DELETE FROM audit_log"):
+            with pytest.raises(DBAPIError, match="append-only"):
+                async with engine.begin() as conn:
+                    await conn.execute(text(statement))
+        async with engine.connect() as conn:
+            assert (await conn.execute(text("SELECT actor FROM audit_log"))).scalars().all() == ["alice"]
+    finally:
+        await engine.dispose()
+
+
 @pytest.fixture(params=["postgresql", "sqlite"])
 async def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
@@ -52,6 +74,8 @@ async def test_upgrade_matches_models_then_down_and_up_again(fresh_url: str) -> 
     diff, tables = await _diff_and_tables(fresh_url)
     assert diff == []
     assert TABLES <= tables
+
+    await _audit_log_is_append_only(fresh_url)
 
     await asyncio.to_thread(downgrade, fresh_url, "base")
     _, tables = await _diff_and_tables(fresh_url)

@@ -26,6 +26,7 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from controller.audit import AuditTrail
 from controller.config import ControllerSettings
 from controller.containers import ContainerService
 from controller.deps import require_api_key
@@ -34,12 +35,15 @@ from controller.gpu import detect_gpus
 from controller.health import ControllerMetrics
 from controller.heartbeat import HeartbeatAgent
 from controller.probes import Prober
+from controller.routers import audit as audit_routes
 from controller.routers import containers as container_routes
 from controller.routers import images as image_routes
 from controller.routers import system as system_routes
 from controller.runtime import DockerRuntime, Runtime
 from controller.sync import SyncGuard
 from mmanager import __version__
+from mmanager.audit import AuditMiddleware
+from mmanager.limits import BodyLimit, BodyTooLarge, too_large
 from mmanager.wire import ErrorBody, ErrorEnvelope
 
 log = logging.getLogger(__name__)
@@ -70,8 +74,12 @@ def create_app(
     sync = SyncGuard(required=settings.hub_url is not None)
     service = ContainerService(settings, runtime, detect_gpus(settings.gpu_devices), sync)
     prober = Prober(settings, runtime, service)
+    metrics = ControllerMetrics(settings.server_id)
+    audit = AuditTrail(settings.server_id, settings.audit_buffer)
     heartbeat = (
-        HeartbeatAgent(settings, runtime, service, prober, transport=hub_transport) if settings.hub_url else None
+        HeartbeatAgent(settings, runtime, service, prober, transport=hub_transport, metrics=metrics, audit=audit)
+        if settings.hub_url
+        else None
     )
 
     @asynccontextmanager
@@ -107,12 +115,18 @@ def create_app(
     app.state.containers = service
     app.state.prober = prober
     app.state.heartbeat = heartbeat
-    app.state.metrics = ControllerMetrics(settings.server_id)
+    app.state.metrics = metrics
+    app.state.audit = audit
+    # Inside StripTrailingSlash (added last, so outermost): the audit sees the routed path and its
+    # parameters, and the 413s of the body limit.
+    app.add_middleware(BodyLimit, limit_for=lambda _: settings.max_request_bytes)
+    app.add_middleware(AuditMiddleware, record=audit.record)
     app.add_middleware(StripTrailingSlash)
     _install_error_handlers(app)
     app.include_router(system_routes.router)
     app.include_router(container_routes.router, dependencies=[Depends(require_api_key)])
     app.include_router(image_routes.router, dependencies=[Depends(require_api_key)])
+    app.include_router(audit_routes.router, dependencies=[Depends(require_api_key)])
     return app
 
 
@@ -157,6 +171,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         summary = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems)
         return _error(422, InvalidRequest.code, f"invalid request: {summary}", problems)
 
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
+        return too_large(exc.limit)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = _HTTP_CODES.get(exc.status_code, "HTTP_ERROR")
@@ -189,4 +207,5 @@ def run(settings: ControllerSettings, host: str = "0.0.0.0", port: int | None = 
         port=port or settings.port,
         log_config=None,
         log_level=logging.getLevelName(settings.log_level),
+        **settings.tls.server_options(),
     )

@@ -17,7 +17,11 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from mmanager.wire import GpuInfo, ServerType
+from controller.credentials import read_key_file
+from mmanager.keys import key_problem
+from mmanager.policy import SpecPolicy, comma_list
+from mmanager.tls import TlsConfig
+from mmanager.wire import GpuInfo, ServerType, parse_memory
 
 
 def parse_gpu_devices(value: str) -> list[GpuInfo]:
@@ -42,9 +46,20 @@ def parse_gpu_devices(value: str) -> list[GpuInfo]:
 
 
 class ControllerSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True)
+    # hide_input_in_errors: a refused setting must not print the keys it was given.
+    model_config = SettingsConfigDict(
+        env_file=".env", extra="ignore", populate_by_name=True, hide_input_in_errors=True
+    )
 
     api_key: SecretStr = Field(validation_alias="MMANAGER_API_KEY")
+    # Also accepted from the hub while the hub's key rotates (controller.credentials).
+    api_key_next: SecretStr | None = Field(default=None, validation_alias="MMANAGER_API_KEY_NEXT")
+    # This controller's own heartbeat key, minted on the hub; the file is re-read when it changes.
+    # Neither: heartbeats carry MMANAGER_API_KEY, as the seed's did.
+    controller_key: SecretStr | None = Field(default=None, validation_alias="MMANAGER_CONTROLLER_KEY")
+    controller_key_file: Path | None = Field(default=None, validation_alias="MMANAGER_CONTROLLER_KEY_FILE")
+    # Dev mode (`mmanager dev`): weak keys are let through.
+    dev_mode: bool = Field(default=False, validation_alias=AliasChoices("MMANAGER_DEV", "MMANAGER_DEV_MODE"))
     server_id: str = Field(default_factory=socket.gethostname, min_length=1, validation_alias="SERVER_ID")
     server_type: ServerType = Field(default="cpu", validation_alias=AliasChoices("SERVER_TYPE", "MMANAGER_SERVER_TYPE"))
     max_containers: int = Field(
@@ -63,6 +78,31 @@ class ControllerSettings(BaseSettings):
     gpu_devices: Annotated[list[GpuInfo] | None, NoDecode] = Field(default=None, validation_alias="GPU_DEVICES")
     # Host address published container ports bind to; "" = all interfaces.
     publish_ip: str = Field(default="", validation_alias="PUBLISH_IP")
+    # Request bodies larger than this answer 413 PAYLOAD_TOO_LARGE (mmanager.limits); file and
+    # directory uploads come base64-encoded in JSON, hence the room.
+    max_request_bytes: int = Field(default=64 * 1024**2, ge=1024, validation_alias="MMANAGER_MAX_REQUEST_BYTES")
+    # Audit events kept for the hub until a heartbeat delivers them (controller.audit); the oldest go first.
+    audit_buffer: int = Field(default=10_000, ge=1, validation_alias="MMANAGER_AUDIT_BUFFER")
+    # The container spec policy (mmanager.policy), enforced on every create whoever sends it.
+    # Image prefixes allowed (empty: any), host folders that may be mounted, host ports below 1024 allowed.
+    allowed_images: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="MMANAGER_ALLOWED_IMAGES"
+    )
+    allowed_host_paths: Annotated[list[str], NoDecode] = Field(
+        default_factory=list, validation_alias="MMANAGER_ALLOWED_HOST_PATHS"
+    )
+    allow_low_ports: Annotated[list[int], NoDecode] = Field(
+        default_factory=list, validation_alias="MMANAGER_ALLOW_LOW_PORTS"
+    )
+    # Every container gets a PID limit, and this memory limit when its spec has none.
+    pids_limit: int = Field(default=4096, ge=16, validation_alias="MMANAGER_PIDS_LIMIT")
+    default_memory_limit: str = Field(default="2g", validation_alias="MMANAGER_DEFAULT_MEMORY_LIMIT")
+    # TLS (mmanager.tls), the hub's names: serve HTTPS with cert and key, verify the hub against tls_ca
+    # (else the system trust store) and, with tls_client_auth, require callers' certificates signed by it.
+    tls_cert: Path | None = Field(default=None, validation_alias="MMANAGER_TLS_CERT")
+    tls_key: Path | None = Field(default=None, validation_alias="MMANAGER_TLS_KEY")
+    tls_ca: Path | None = Field(default=None, validation_alias="MMANAGER_TLS_CA")
+    tls_client_auth: bool = Field(default=False, validation_alias="MMANAGER_TLS_CLIENT_AUTH")
 
     @field_validator("api_key")
     @classmethod
@@ -70,6 +110,29 @@ class ControllerSettings(BaseSettings):
         if not value.get_secret_value().strip():
             raise ValueError("MMANAGER_API_KEY must not be empty")
         return value
+
+    @field_validator("api_key_next", "controller_key", "controller_key_file", mode="before")
+    @classmethod
+    def _blank_key_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _refuse_weak_keys(self) -> ControllerSettings:
+        if self.controller_key is not None and self.controller_key_file is not None:
+            raise ValueError("set MMANAGER_CONTROLLER_KEY or MMANAGER_CONTROLLER_KEY_FILE, not both")
+        if self.controller_key_file is not None:
+            read_key_file(self.controller_key_file, dev_mode=self.dev_mode)
+        if self.dev_mode:
+            return self
+        for name, key in (("MMANAGER_API_KEY", self.api_key), ("MMANAGER_API_KEY_NEXT", self.api_key_next),
+                          ("MMANAGER_CONTROLLER_KEY", self.controller_key)):
+            problem = key_problem(key.get_secret_value()) if key is not None else None
+            if problem:
+                raise ValueError(
+                    f"{name} is unfit: {problem}. Set a random key of 16+ characters (e.g. `openssl rand -hex 32`), "
+                    "or MMANAGER_DEV=true on a local playground."
+                )
+        return self
 
     @field_validator("log_level")
     @classmethod
@@ -86,6 +149,25 @@ class ControllerSettings(BaseSettings):
             return parse_gpu_devices(value) if value.strip() else None
         return value
 
+    @field_validator("allowed_images", "allowed_host_paths", "allow_low_ports", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return comma_list(value)
+
+    @field_validator("allowed_host_paths")
+    @classmethod
+    def _absolute_paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/") or ".." in path.split("/"):
+                raise ValueError(f"MMANAGER_ALLOWED_HOST_PATHS entry {path!r} must be an absolute path without '..'")
+        return value
+
+    @field_validator("default_memory_limit")
+    @classmethod
+    def _memory_size(cls, value: str) -> str:
+        parse_memory(value)
+        return value
+
     @field_validator("publish_ip")
     @classmethod
     def _ip_or_empty(cls, value: str) -> str:
@@ -94,13 +176,34 @@ class ControllerSettings(BaseSettings):
             ipaddress.ip_address(value)
         return value
 
-    @field_validator("docker_host", "hub_url", "controller_url", mode="before")
+    @field_validator("docker_host", "hub_url", "controller_url", "tls_cert", "tls_key", "tls_ca", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
 
     @model_validator(mode="after")
+    def _check_tls(self) -> ControllerSettings:
+        problem = self.tls.problem()
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @model_validator(mode="after")
     def _default_controller_url(self) -> ControllerSettings:
         if self.controller_url is None:
-            self.controller_url = f"http://{socket.gethostname()}:{self.port}"
+            scheme = "https" if self.tls.serves_https else "http"
+            self.controller_url = f"{scheme}://{socket.gethostname()}:{self.port}"
         return self
+
+    @property
+    def spec_policy(self) -> SpecPolicy:
+        return SpecPolicy(
+            allowed_images=tuple(self.allowed_images),
+            allowed_host_paths=tuple(self.allowed_host_paths),
+            allowed_low_ports=frozenset(self.allow_low_ports),
+            resolve_paths=True,
+        )
+
+    @property
+    def tls(self) -> TlsConfig:
+        return TlsConfig(self.tls_cert, self.tls_key, self.tls_ca, self.tls_client_auth)

@@ -62,6 +62,7 @@ from mmanager.wire import (
     ContainerCreated,
     ContainerInfo,
     GpuInfo,
+    parse_memory,
 )
 
 # States in which a container needs no start to be serving (or about to).
@@ -120,7 +121,15 @@ class ContainerService:
     # -- create ------------------------------------------------------------
 
     async def create(self, config: ContainerCreate) -> ContainerCreated:
-        spec = build_spec(config, server_id=self.settings.server_id, publish_ip=self.settings.publish_ip)
+        settings = self.settings
+        spec = build_spec(
+            config,
+            server_id=settings.server_id,
+            publish_ip=settings.publish_ip,
+            policy=settings.spec_policy,
+            pids_limit=settings.pids_limit,
+            default_memory=parse_memory(settings.default_memory_limit),
+        )
         self.sync.check()
         if not config.service_id:
             return await self._create_new(config, spec)

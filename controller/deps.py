@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated
 
 from fastapi import Depends, Request
 
 from controller.config import ControllerSettings
 from controller.containers import ContainerService
+from controller.credentials import accepts_hub_key
 from controller.errors import Unauthorized
 from controller.health import ControllerMetrics
 from controller.probes import Prober
 from controller.runtime import Runtime
+from mmanager.audit import identify
 
 
 def get_settings(request: Request) -> ControllerSettings:
@@ -44,7 +45,8 @@ ProberDep = Annotated[Prober, Depends(get_prober)]
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:
     scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    expected = settings.api_key.get_secret_value().encode()
-    # compare_digest: how much of the key matched must not show in the time taken.
-    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), expected):
+    # Constant-time: how much of the key matched must not show in the time taken.
+    if scheme.lower() != "bearer" or not accepts_hub_key(settings, token.strip()):
         raise Unauthorized("missing or wrong API key: send 'Authorization: Bearer <MMANAGER_API_KEY>'")
+    # Whoever holds the controller's API key: the hub (or a GeoML-Hub backend).
+    identify(request, "hub")

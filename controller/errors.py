@@ -77,12 +77,11 @@ class InvalidRequest(ControllerError):
     code = "VALIDATION_ERROR"
 
 
-class ForbiddenLabel(InvalidRequest):
-    code = "FORBIDDEN_LABEL"
+class SpecForbidden(ControllerError):
+    """The spec asks for something ``mmanager.policy`` refuses (privileges, host namespaces, host paths...)."""
 
-
-class ForbiddenVolume(InvalidRequest):
-    code = "FORBIDDEN_VOLUME"
+    status_code = 403
+    code = "SPEC_FORBIDDEN"
 
 
 class InvalidContainerConfig(InvalidRequest):

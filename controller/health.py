@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import psutil
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, generate_latest
 
 from controller.config import ControllerSettings
 from controller.errors import ControllerError, DockerUnavailable
@@ -105,6 +105,15 @@ class ControllerMetrics:
         self._docker = Gauge(
             "mmanager_docker_up", "1 when the Docker daemon answers", labels, registry=self.registry
         ).labels(server_id)
+        self._heartbeat_failures = Counter(
+            "mmanager_heartbeat_failures",
+            "Heartbeats no hub accepted (unreachable, refused or a bad answer)",
+            labels,
+            registry=self.registry,
+        ).labels(server_id)
+
+    def heartbeat_failed(self) -> None:
+        self._heartbeat_failures.inc()
 
     def render(self, health: ControllerHealth) -> bytes:
         self._running.set(health.containers.running)

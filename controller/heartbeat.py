@@ -1,10 +1,12 @@
 """Heartbeats: this controller tells the hub what it runs, and removes what the hub says is stale.
 
 With ``MMANAGER_HUB_URL`` set, ``HeartbeatAgent`` POSTs a ``Heartbeat`` to
-``{hub}/api/controllers/{SERVER_ID}/heartbeat`` (``Authorization: Bearer
-<MMANAGER_API_KEY>``) right at start and then every ``interval`` seconds
-(2 until the hub's first answer names its own). The body carries this
-controller's ``/health`` and every managed container, running or not.
+``{hub}/api/controllers/{SERVER_ID}/heartbeat`` (``Authorization: Bearer``
+this controller's own key, else ``MMANAGER_API_KEY``; see ``controller.credentials``)
+right at start and then every ``interval`` seconds (2 until the hub's first
+answer names its own). The body carries this
+controller's ``/health`` and every managed container, running or not,
+plus the audit events the hub has not acknowledged yet (``controller.audit``).
 
 ``MMANAGER_HUB_URL`` may list several hub replicas, comma-separated. A beat
 goes to the one that answered last; when that one fails it goes on to the
@@ -37,10 +39,12 @@ from urllib.parse import quote
 import httpx
 from pydantic import ValidationError
 
+from controller.audit import AuditTrail
 from controller.config import ControllerSettings
 from controller.containers import ContainerService
+from controller.credentials import HeartbeatKey
 from controller.errors import ControllerError, NotFound
-from controller.health import collect_health, docker_down_health
+from controller.health import ControllerMetrics, collect_health, docker_down_health
 from controller.probes import Prober
 from controller.runtime import Runtime
 from controller.sync import DEFAULT_INTERVAL
@@ -87,6 +91,8 @@ class HeartbeatAgent:
         prober: Prober,
         *,
         transport: httpx.AsyncBaseTransport | None = None,
+        metrics: ControllerMetrics | None = None,
+        audit: AuditTrail | None = None,
     ) -> None:
         if not settings.hub_url:
             raise ValueError("heartbeats need MMANAGER_HUB_URL")
@@ -94,6 +100,10 @@ class HeartbeatAgent:
         self.runtime = runtime
         self.containers = containers
         self.prober = prober
+        self.metrics = metrics
+        self.audit = audit
+        # Read before every beat: a key file rewritten by an operator is picked up without a restart.
+        self.key = HeartbeatKey(settings)
         self.sync = containers.sync
         self.hub_urls = [url.strip().rstrip("/") for url in settings.hub_url.split(",") if url.strip()]
         if not self.hub_urls:
@@ -121,7 +131,9 @@ class HeartbeatAgent:
             return
         self._client = httpx.AsyncClient(
             transport=self._transport,
-            headers={"Authorization": f"Bearer {self.settings.api_key.get_secret_value()}"},
+            # A hub on https is verified against MMANAGER_TLS_CA (else the system store); our own
+            # certificate goes along for a hub that requires one (MMANAGER_TLS_CLIENT_AUTH).
+            verify=self.settings.tls.client_context(),
         )
         self._task = asyncio.create_task(self._run(), name="heartbeat")
 
@@ -161,6 +173,9 @@ class HeartbeatAgent:
             self._failed(exc.kind, exc.message)
             return False
         self._answered(answer)
+        if self.audit is not None:
+            # Only now: a beat that failed carries the same events again next time.
+            self.audit.acknowledge(heartbeat.audit)
         done = await self._apply(answer.stop)
         self.interval = _bounded(answer.interval, MIN_INTERVAL, MAX_INTERVAL, self.interval)
         grace = _bounded(answer.grace, MIN_GRACE, MAX_GRACE, self.sync.grace)
@@ -185,6 +200,7 @@ class HeartbeatAgent:
             containers=[self._entry(info) for info in listed],
             # The hub dates the listing by this, so it never overrides a newer change with it.
             listing_age=round(max(self.sync.clock() - self._listed_clock, 0.0), 3),
+            audit=self.audit.batch() if self.audit is not None else [],
         )
 
     async def _read_docker(self) -> tuple[ControllerHealth, list[ContainerInfo]]:
@@ -243,7 +259,10 @@ class HeartbeatAgent:
         assert self._client is not None, "start() the agent first"
         timeout = min(max(self.sync.grace / 2, MIN_HTTP_TIMEOUT), MAX_HTTP_TIMEOUT)
         try:
-            response = await self._client.post(hub_url + self.path, json=body, timeout=timeout)
+            response = await self._client.post(
+                hub_url + self.path, json=body, timeout=timeout,
+                headers={"Authorization": f"Bearer {self.key.current()}"},
+            )
         except httpx.TimeoutException:
             raise _BeatFailed("timeout", f"the hub did not answer within {timeout:g} s") from None
         except httpx.HTTPError as exc:
@@ -311,6 +330,8 @@ class HeartbeatAgent:
 
     def _failed(self, kind: str, message: str, *, exc_info: bool = False) -> None:
         self.failures += 1
+        if self.metrics is not None:
+            self.metrics.heartbeat_failed()
         now = self.sync.clock()
         if self.failures == 1 or kind != self._failure_kind or now - self._warned_at >= WARN_EVERY:
             again = f" ({self.failures} in a row)" if self.failures > 1 else ""

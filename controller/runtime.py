@@ -29,7 +29,7 @@ import docker.errors
 import requests
 import urllib3
 from docker.models.containers import Container
-from docker.types import DeviceRequest
+from docker.types import DeviceRequest, Mount
 from docker.utils import parse_repository_tag
 
 from controller.config import ControllerSettings
@@ -412,14 +412,31 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "labels": spec.labels,
         "environment": [f"{key}={value}" for key, value in spec.environment.items()],
         "auto_remove": spec.auto_remove,
+        # The hardening every managed container gets (controller.spec), whatever its spec asked.
+        "security_opt": list(spec.security_opt),
+        "pids_limit": spec.pids_limit,
+        # Docker's default on cgroup v1 hosts is the host's cgroup namespace.
+        "cgroupns": "private",
     }
+    if spec.cap_add:
+        kwargs["cap_add"] = spec.cap_add
     if spec.ports:
         # (ip, None) publishes on that address with a port Docker picks.
         kwargs["ports"] = {
             key: (spec.publish_ip, host_port) if spec.publish_ip else host_port for key, host_port in spec.ports.items()
         }
     if spec.volumes:
-        kwargs["volumes"] = spec.volumes
+        # Mounts with an explicit type rather than binds: a named volume can never be read as a host
+        # path, and only an allow-listed host path (controller.spec resolved it) is a bind.
+        kwargs["mounts"] = [
+            Mount(
+                target=mount["bind"],
+                source=source,
+                type="bind" if source.startswith("/") else "volume",
+                read_only=mount["mode"] == "ro",
+            )
+            for source, mount in spec.volumes.items()
+        ]
     if spec.networks:
         kwargs["network"] = spec.networks[0]
     optional = {

@@ -9,9 +9,21 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
-from mmanager.wire import WireModel
+from mmanager.wire import ContainerCreate, WireModel
+
+
+class ContainerCreateRequest(ContainerCreate):
+    """The create body as received: unknown fields are kept (``model_extra``), not dropped.
+
+    Lenient reading must not turn ``"privileged": true`` into a quietly
+    unprivileged container the caller believes is privileged, nor let a
+    hostile field pass unnoticed: the spec policy looks at them and refuses
+    the ones that reach the host. Other unknown fields stay harmless.
+    """
+
+    model_config = ConfigDict(extra="allow")
 
 
 class FileCopy(WireModel):

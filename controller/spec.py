@@ -1,8 +1,14 @@
 """Turn a create request into a checked container specification.
 
-Pure: no Docker here. Everything a caller can get wrong is refused with a 422
-before the daemon is asked for anything, so a bad request never leaves a
-half-made container behind.
+Pure: no Docker here (only ``os.path.realpath`` for allow-listed host paths).
+Everything a caller can get wrong is refused with a 422, and everything the
+spec policy (``mmanager.policy``) forbids with a 403 ``SPEC_FORBIDDEN``, before
+the daemon is asked for anything, so a bad request never leaves a half-made
+container behind. The policy sees the request's unknown fields too: a
+``privileged`` or ``pid_mode`` the wire model would silently drop is refused.
+
+Every spec comes out hardened whatever was asked: ``no-new-privileges``, a
+PID limit and a memory limit (the controller's default when none was given).
 """
 
 from __future__ import annotations
@@ -13,25 +19,35 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from controller.errors import ForbiddenLabel, ForbiddenVolume, InvalidRequest
+from controller.errors import InvalidRequest, SpecForbidden
+from mmanager.policy import (
+    PolicyViolation,
+    SpecPolicy,
+    check_spec,
+    command_problem,
+    environment_problem,
+    labels_problem,
+    normalise_capability,
+)
 from mmanager.wire import (
     LABEL_CONTROLLER,
     LABEL_EPOCH,
     LABEL_HEALTH_CHECK,
     LABEL_MANAGED,
-    LABEL_PREFIX,
     LABEL_SERVICE,
     ContainerCreate,
     parse_memory,
 )
 
 _PORT_RE = re.compile(r"^(\d{1,5})(?:/(tcp|udp|sctp))?$")
-# Docker's own rule for volume names; anything else (a path) would be a bind mount.
-_VOLUME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
 _RESTART_NAMES = {"no", "always", "unless-stopped", "on-failure"}
 # Far above any host, low enough that Docker's 64-bit fields hold them.
 _MAX_CPUS = 4096
 _MAX_MEMORY = 2**60
+DEFAULT_PIDS_LIMIT = 4096
+DEFAULT_MEMORY = 2 * 1024**3
+# Processes in the container can never gain privileges (setuid binaries, file capabilities).
+SECURITY_OPT = ("no-new-privileges:true",)
 
 
 @dataclass(frozen=True)
@@ -45,7 +61,7 @@ class ContainerSpec:
     # "5000/tcp" -> host port; None lets Docker pick one.
     ports: dict[str, int | None] = field(default_factory=dict)
     publish_ip: str = ""
-    # volume name -> {"bind": path, "mode": "rw"|"ro"}
+    # volume name (or allow-listed host path, resolved) -> {"bind": path, "mode": "rw"|"ro"}
     volumes: dict[str, dict[str, str]] = field(default_factory=dict)
     mem_limit: int | None = None
     nano_cpus: int | None = None
@@ -54,37 +70,75 @@ class ContainerSpec:
     networks: list[str] = field(default_factory=list)
     auto_remove: bool = False
     gpu_device_ids: list[str] = field(default_factory=list)
+    cap_add: list[str] = field(default_factory=list)
+    pids_limit: int = DEFAULT_PIDS_LIMIT
+    security_opt: tuple[str, ...] = SECURITY_OPT
 
 
-def build_spec(config: ContainerCreate, *, server_id: str, publish_ip: str) -> ContainerSpec:
-    if not config.image.strip():
+def build_spec(
+    config: ContainerCreate,
+    *,
+    server_id: str,
+    publish_ip: str,
+    policy: SpecPolicy | None = None,
+    pids_limit: int = DEFAULT_PIDS_LIMIT,
+    default_memory: int = DEFAULT_MEMORY,
+) -> ContainerSpec:
+    """``config.model_extra`` (a request read with ``extra="allow"``) is checked against the policy too."""
+    image = config.image.strip()
+    if not image:
         raise InvalidRequest("image must not be empty")
     if config.networks and config.network_mode:
         raise InvalidRequest("give either network_mode or networks, not both")
+    environment = _environment(config.environment)
+    for problem in (
+        environment_problem(environment),
+        labels_problem(config.labels or {}),
+        command_problem(config.command),
+    ):
+        if problem:
+            raise InvalidRequest(problem)
+    ports = _ports(config.ports)
+    volumes = _volumes(config.volumes)
+    try:
+        sources = check_spec(
+            policy or SpecPolicy(),
+            image=image,
+            labels=config.labels,
+            ports=ports,
+            volume_sources=volumes,
+            cap_add=config.cap_add,
+            network_mode=config.network_mode,
+            networks=config.networks,
+            extra=config.model_extra,
+        )
+    except PolicyViolation as exc:
+        raise SpecForbidden(exc.message, exc.details) from None
     return ContainerSpec(
-        image=config.image.strip(),
+        image=image,
         name=config.name or None,
         command=config.command,
         working_dir=config.working_dir or None,
-        environment=_environment(config.environment),
-        ports=_ports(config.ports),
+        environment=environment,
+        ports=ports,
         publish_ip=publish_ip,
-        volumes=_volumes(config.volumes),
-        mem_limit=_memory(config.memory_limit),
+        # Docker gets the path that was checked (symlinks resolved), not the one that was asked for.
+        volumes={sources[source]: mount for source, mount in volumes.items()},
+        mem_limit=_memory(config.memory_limit) or default_memory,
         nano_cpus=_nano_cpus(config.cpu_limit),
         restart_policy=_restart_policy(config.restart_policy),
         network_mode=config.network_mode or None,
         networks=list(config.networks or []),
         labels=_labels(config, server_id),
         auto_remove=config.auto_remove,
+        cap_add=sorted({normalise_capability(cap) for cap in config.cap_add or ()}),
+        pids_limit=pids_limit,
     )
 
 
 def _labels(config: ContainerCreate, server_id: str) -> dict[str, str]:
+    # Reserved mmanager.* keys were refused by the policy; these overwrite nothing of the caller's.
     user = dict(config.labels or {})
-    forbidden = sorted(key for key in user if key.startswith(LABEL_PREFIX))
-    if forbidden:
-        raise ForbiddenLabel(f"labels starting with {LABEL_PREFIX!r} are reserved: {forbidden}", {"labels": forbidden})
     labels = {
         **user,
         LABEL_MANAGED: "true",
@@ -127,8 +181,6 @@ def _ports(ports: dict[str, int | None] | None) -> dict[str, int | None]:
 def _volumes(volumes: dict[str, Any] | None) -> dict[str, dict[str, str]]:
     result = {}
     for name, target in (volumes or {}).items():
-        if not _VOLUME_RE.match(name):
-            raise ForbiddenVolume(f"only named volumes can be mounted, not {name!r}", {"volume": name})
         if isinstance(target, str):
             bind, mode = target, "rw"
         elif isinstance(target, dict) and isinstance(target.get("bind"), str):

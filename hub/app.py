@@ -30,12 +30,16 @@ from hub.deps import Hub
 from hub.errors import HubError
 from hub.metrics import HubMetrics
 from hub.models import new_id
-from hub.routers import admin, controllers, services, system
+from hub.ratelimit import RateLimiter
+from hub.routers import admin, audit, controllers, services, system
+from hub.services.audit import HEARTBEAT_PATH, AuditLog, skip_heartbeats
 from hub.services.controllers import ControllerRegistry
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
 from hub.services.operations import OperationLog
 from mmanager import __version__
+from mmanager.audit import AuditMiddleware
+from mmanager.limits import BodyLimit, BodyTooLarge, too_large
 
 log = logging.getLogger(__name__)
 
@@ -51,11 +55,14 @@ def build_hub(settings: HubSettings, db: Database | None = None,
     manager = ServiceManager(db, client, controllers, ops, settings, metrics)
     ingest = HeartbeatIngest(db, settings, metrics)
     poller = ControllerPoller(db, settings, client, ingest)
-    return Hub(settings, db, client, metrics, ops, controllers, manager, ingest, poller, replica_id)
+    limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
+    return Hub(settings, db, client, metrics, ops, controllers, manager, ingest, poller, replica_id, limiter=limiter)
 
 
-def _error(status: int, code: str, message: str, details: Any = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "details": details}}, status_code=status)
+def _error(status: int, code: str, message: str, details: Any = None,
+           headers: dict[str, str] | None = None) -> JSONResponse:
+    return JSONResponse({"error": {"code": code, "message": message, "details": details}}, status_code=status,
+                        headers=headers)
 
 
 def _dump_tasks_on_sigusr1() -> None:
@@ -79,6 +86,16 @@ def _dump_tasks_on_sigusr1() -> None:
 DATABASE_ERRORS: tuple[type[BaseException], ...] = (DBAPIError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
 
 
+def _caused_by(exc: BaseException | None, types: tuple[type[BaseException], ...]) -> bool:
+    seen = 0
+    while exc is not None and seen < 10:
+        if isinstance(exc, types):
+            return True
+        exc = exc.__cause__ or exc.__context__
+        seen += 1
+    return False
+
+
 def _database_outage(exc: BaseException) -> bool:
     """Is this (or what caused it) the database being down or restarting?
 
@@ -87,19 +104,19 @@ def _database_outage(exc: BaseException) -> bool:
     controllers only through its client, which turns transport errors into
     ``HubError``, so an OS-level error left here is the database's.
     """
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, DATABASE_ERRORS):
-            return True
-        exc = exc.__cause__ or exc.__context__  # type: ignore[assignment]
-        seen += 1
-    return False
+    return _caused_by(exc, DATABASE_ERRORS)
+
+
+def _database_refused_value(exc: BaseException) -> bool:
+    """PostgreSQL refused a value (class 22: a NUL character, a number out of range): bad input
+    that got past validation, not an outage."""
+    return _caused_by(exc, (asyncpg.exceptions.DataError,))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HubError)
     async def hub_error(_: Request, exc: HubError) -> JSONResponse:
-        return _error(exc.status_code, exc.code, exc.message, exc.details)
+        return _error(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -111,12 +128,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         message = "the body is not valid JSON" if malformed else "the request is invalid"
         return _error(422 if not malformed else 400, code, message, details)
 
+    @app.exception_handler(BodyTooLarge)
+    async def body_too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
+        return too_large(exc.limit)
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 401: "UNAUTHORIZED", 403: "FORBIDDEN"}
         return _error(exc.status_code, codes.get(exc.status_code, "HTTP_ERROR"), str(exc.detail))
 
     async def database_error(_: Request, exc: Exception) -> JSONResponse:
+        if _database_refused_value(exc):
+            log.warning("the database refused a value: %s", type(exc).__name__)
+            return _error(422, "INVALID_VALUE", "the request holds a value that cannot be stored "
+                          "(e.g. a NUL character or a number out of range)")
         log.warning("database error: %s", exc)
         return _error(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
 
@@ -124,7 +149,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         app.add_exception_handler(error, database_error)
 
     @app.exception_handler(Exception)
-    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        if _database_refused_value(exc):
+            return await database_error(request, exc)
         if _database_outage(exc):
             log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
             return _error(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
@@ -172,8 +199,13 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app = FastAPI(title="mManager hub", version=__version__, lifespan=lifespan)
     app.state.hub = hub
     _install_error_handlers(app)
+    # The audit, added last, is the outer one: it sees the body limit's 413s too.
+    app.add_middleware(BodyLimit, limit_for=lambda scope: settings.max_heartbeat_bytes
+                       if HEARTBEAT_PATH.match(scope["path"]) else settings.max_request_bytes)
+    app.add_middleware(AuditMiddleware, record=AuditLog(hub.db).record, skip=skip_heartbeats)
     app.include_router(system.router)
     app.include_router(services.router)
     app.include_router(admin.router)
+    app.include_router(audit.router)
     app.include_router(controllers.router)
     return app

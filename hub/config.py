@@ -5,40 +5,15 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-# Keys that appear in public documents (the seed among them) or are obvious
-# placeholders; a hub that would present one of them to a controller refuses to start.
-WELL_KNOWN_KEYS = frozenset(
-    {
-        "mmanager-secure-key-12345",
-        "your-secure-api-key",
-        "mmanager-default-key",
-        "changeme",
-        "change-me",
-        "secret",
-        "password",
-        "api-key",
-        "apikey",
-        "test",
-    }
-)
-MIN_KEY_LENGTH = 16
-
-
-def key_problem(key: str | None) -> str | None:
-    """Why a hub↔controller key is unfit for production, or None when it is fine."""
-    if not key:
-        return "it is empty"
-    if key.lower() in WELL_KNOWN_KEYS:
-        return "it is a well-known placeholder"
-    if len(key) < MIN_KEY_LENGTH:
-        return f"it is shorter than {MIN_KEY_LENGTH} characters"
-    return None
+from mmanager.keys import key_problem
+from mmanager.policy import SpecPolicy, comma_list
+from mmanager.tls import TlsConfig
 
 
 class ControllerEntry(BaseModel):
@@ -58,7 +33,10 @@ class ControllerEntry(BaseModel):
 class DatabaseSettings(BaseSettings):
     """Only where the database is: what migrations and user admin need, without the hub's key."""
 
-    model_config = SettingsConfigDict(env_prefix="MMANAGER_", env_file=".env", extra="ignore")
+    # hide_input_in_errors: a refused setting must not print the keys (or database password) it was given.
+    model_config = SettingsConfigDict(
+        env_prefix="MMANAGER_", env_file=".env", extra="ignore", hide_input_in_errors=True
+    )
 
     database_url: str = "sqlite+aiosqlite:///./mmanager.db"
 
@@ -69,6 +47,10 @@ class HubSettings(DatabaseSettings):
     heartbeat_interval: float = Field(default=2.0, gt=0)
     heartbeat_grace: float = Field(default=6.0, gt=0)
     max_services_per_user: int = Field(default=5, ge=0)
+    # Per-user token bucket on authenticated /api/ calls, per hub replica (hub.ratelimit): requests a
+    # second (0 = off) and the burst a user may spend at once.
+    rate_limit: float = Field(default=50.0, ge=0)
+    rate_burst: int = Field(default=200, ge=1)
     service_domain: str | None = None
     service_idle_timeout: int = Field(default=30, ge=0)
     # Seconds the hub waits on a controller for one call; creating a container
@@ -86,6 +68,23 @@ class HubSettings(DatabaseSettings):
     max_health_restarts: int = Field(default=3, ge=1)
     # Moves the reconciler runs at once (failover of many services in parallel).
     reconcile_concurrency: int = Field(default=32, ge=1)
+    # Request bodies larger than this answer 413 PAYLOAD_TOO_LARGE (mmanager.limits). Heartbeats get
+    # their own, larger limit: they list every container a controller runs (~300 bytes each) and up
+    # to 1000 audit events (~0.5 KB each), so a big controller's beat outgrows 1 MiB.
+    max_request_bytes: int = Field(default=1024**2, ge=1024)
+    max_heartbeat_bytes: int = Field(default=8 * 1024**2, ge=1024)
+    # TLS (mmanager.tls): serve HTTPS with cert and key, verify controllers against tls_ca (else the
+    # system trust store) and, with tls_client_auth, require callers' certificates signed by it.
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_ca: Path | None = None
+    tls_client_auth: bool = False
+    # The container spec policy (mmanager.policy), checked before anything is written; controllers
+    # enforce their own copy. Comma-separated: image prefixes (empty: any image), host folders that
+    # may be mounted, host ports below 1024 that may be published.
+    allowed_images: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allowed_host_paths: Annotated[list[str], NoDecode] = Field(default_factory=list)
+    allow_low_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
     dev_mode: bool = False
 
     @model_validator(mode="after")
@@ -105,6 +104,44 @@ class HubSettings(DatabaseSettings):
                     "or run `mmanager dev` for a local playground."
                 )
         return self
+
+    @field_validator("allowed_images", "allowed_host_paths", "allow_low_ports", mode="before")
+    @classmethod
+    def _comma_separated(cls, value: Any) -> Any:
+        return comma_list(value)
+
+    @field_validator("allowed_host_paths")
+    @classmethod
+    def _absolute_paths(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not path.startswith("/") or ".." in path.split("/"):
+                raise ValueError(f"MMANAGER_ALLOWED_HOST_PATHS entry {path!r} must be an absolute path without '..'")
+        return value
+
+    @property
+    def spec_policy(self) -> SpecPolicy:
+        # Built on each use: cheap, and never stale.
+        return SpecPolicy(
+            allowed_images=tuple(self.allowed_images),
+            allowed_host_paths=tuple(self.allowed_host_paths),
+            allowed_low_ports=frozenset(self.allow_low_ports),
+        )
+
+    @field_validator("tls_cert", "tls_key", "tls_ca", mode="before")
+    @classmethod
+    def _blank_path_is_unset(cls, value: Any) -> Any:
+        return None if isinstance(value, str) and not value.strip() else value
+
+    @model_validator(mode="after")
+    def _check_tls(self) -> HubSettings:
+        problem = self.tls.problem()
+        if problem:
+            raise ValueError(problem)
+        return self
+
+    @property
+    def tls(self) -> TlsConfig:
+        return TlsConfig(self.tls_cert, self.tls_key, self.tls_ca, self.tls_client_auth)
 
     @cached_property
     def controller_entries(self) -> list[ControllerEntry]:

@@ -44,6 +44,9 @@ class ControllerClient:
             timeout=httpx.Timeout(settings.controller_timeout, connect=5.0),
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
             transport=transport,
+            # Controllers on https are verified against MMANAGER_TLS_CA (else the system store),
+            # and the hub presents its own certificate for controllers that require one.
+            verify=settings.tls.client_context(),
         )
 
     async def aclose(self) -> None:
@@ -196,8 +199,9 @@ def _error_from(controller_id: str, response: httpx.Response) -> HubError:
     except ValueError:
         pass
     message = f"controller {controller_id}: {message}"
-    if response.status_code in (401, 403):
+    if response.status_code == 401 or (response.status_code == 403 and code != "SPEC_FORBIDDEN"):
         # The hub's key was refused: an operator's problem, not the caller's credentials.
+        # (SPEC_FORBIDDEN is the controller's spec policy refusing the spec: the caller's, passed on.)
         return ControllerUnavailable(message, details, code="CONTROLLER_AUTH_FAILED")
     if response.status_code >= 500:
         return ControllerUnavailable(message, details, code=code if code != "CONTROLLER_ERROR" else None)

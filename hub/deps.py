@@ -2,24 +2,27 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Response
+from fastapi.routing import APIRoute
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.config import HubSettings
 from hub.controller_client import ControllerClient
 from hub.db import Database
-from hub.errors import Forbidden, Unauthorized
+from hub.errors import Forbidden, RateLimited, Unauthorized
 from hub.metrics import HubMetrics
 from hub.models import UserModel
+from hub.ratelimit import RateLimiter
 from hub.services.controllers import ControllerRegistry
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
 from hub.services.operations import OperationLog
 from hub.services.users import authenticate
+from mmanager.audit import identify
 
 if TYPE_CHECKING:
     from hub.background.reconciler import ControllerPoller, Reconciler
@@ -41,6 +44,8 @@ class Hub:
     replica_id: str
     # Set while this replica leads.
     reconciler: Reconciler | None = None
+    # Per-user request rate on this replica; None when MMANAGER_RATE_LIMIT is 0.
+    limiter: RateLimiter | None = None
 
     async def refresh_controllers(self) -> None:
         """Poll the controllers that do not push, and write what every controller said."""
@@ -60,7 +65,10 @@ async def get_session(hub: HubDep) -> AsyncIterator[AsyncSession]:
         yield session
 
 
-SessionDep = Annotated[AsyncSession, Depends(get_session)]
+# Function scope: the handler's transaction commits when it returns, before its answer goes out (with
+# FastAPI's default request scope it would commit after the answer was sent: a 201 for a change that may
+# still fail, and on SQLite a write lock held while the audit middleware writes the call's event).
+SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
 def bearer(request: Request) -> str:
@@ -74,7 +82,14 @@ def bearer(request: Request) -> str:
 async def get_current_user(request: Request, hub: HubDep) -> UserModel:
     token = bearer(request)
     async with hub.db.session() as session:
-        return await authenticate(session, token)
+        user = await authenticate(session, token)
+    identify(request, user.username)
+    if hub.limiter is not None:
+        # Before the handler runs, so a refused call has done nothing.
+        wait = hub.limiter.acquire(user.id)
+        if wait:
+            raise RateLimited(f"too many requests from {user.username!r}; retry in {wait}s", retry_after=wait)
+    return user
 
 
 CurrentUser = Annotated[UserModel, Depends(get_current_user)]
@@ -89,9 +104,32 @@ async def get_admin(user: CurrentUser) -> UserModel:
 AdminUser = Annotated[UserModel, Depends(get_admin)]
 
 
+class ControllerRoute(APIRoute):
+    """A route only a controller's key reaches (``/api/controllers/{controller_id}/...``).
+
+    The key is checked before FastAPI reads and parses the body (it reads the body
+    before it runs any dependency), so a caller without a valid key costs one key
+    lookup, never a parse.
+    """
+
+    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
+        handler = super().get_route_handler()
+
+        async def authenticated(request: Request) -> Response:
+            controller_id = request.path_params["controller_id"]
+            await request.app.state.hub.ingest.authenticate(controller_id, bearer(request))
+            request.state.controller_id = controller_id
+            identify(request, f"controller:{controller_id}")
+            return await handler(request)
+
+        return authenticated
+
+
 async def authenticate_controller(request: Request, hub: HubDep, controller_id: str) -> str:
-    """The controller's own key, before its body is even read; answers the controller id."""
-    hub.ingest.authenticate(controller_id, bearer(request))
+    """The controller id, once its key is checked (by ``ControllerRoute``, before the body is read)."""
+    if getattr(request.state, "controller_id", None) != controller_id:
+        await hub.ingest.authenticate(controller_id, bearer(request))
+    identify(request, f"controller:{controller_id}")
     return controller_id
 
 

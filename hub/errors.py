@@ -9,6 +9,8 @@ from typing import Any
 class HubError(Exception):
     status_code = 400
     code = "BAD_REQUEST"
+    # Extra response headers (Retry-After on a 429).
+    headers: dict[str, str] | None = None
 
     def __init__(self, message: str, details: Any = None, *, code: str | None = None, status_code: int | None = None):
         super().__init__(message)
@@ -30,6 +32,12 @@ class Forbidden(HubError):
     code = "FORBIDDEN"
 
 
+class SpecForbidden(Forbidden):
+    """A service spec the spec policy (``mmanager.policy``) refuses; details name the field and the rule."""
+
+    code = "SPEC_FORBIDDEN"
+
+
 class NotFound(HubError):
     status_code = 404
     code = "NOT_FOUND"
@@ -46,6 +54,15 @@ class NoFeasibleController(Conflict):
 
 class QuotaExceeded(Conflict):
     code = "QUOTA_EXCEEDED"
+
+
+class RateLimited(HubError):
+    status_code = 429
+    code = "RATE_LIMITED"
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message, {"retry_after": retry_after})
+        self.headers = {"Retry-After": str(retry_after)}
 
 
 class InvalidRequest(HubError):

@@ -3,13 +3,13 @@ fields; output models are what the API promises."""
 
 from __future__ import annotations
 
-import re
 from datetime import datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from mmanager.wire import LABEL_PREFIX, parse_memory
+from mmanager.policy import command_problem, environment_problem, labels_problem
+from mmanager.wire import parse_memory
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 MAX_MEMORY = 4 * 1024**4  # 4 TiB: no server in a lab has more
@@ -66,72 +66,89 @@ class HealthCheckSpec(StrictModel):
 PortKey = str
 
 
+def _env(value: dict[str, str]) -> dict[str, str]:
+    for key in value:
+        if not key or "=" in key or "\x00" in key or len(key) > 256:
+            raise ValueError(f"invalid environment variable name {key[:64]!r}")
+    problem = environment_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _labels(value: dict[str, str]) -> dict[str, str]:
+    # Reserved mmanager.* keys are the spec policy's to refuse (403 SPEC_FORBIDDEN), not a shape problem.
+    problem = labels_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _command(value: str | list[str] | None) -> str | list[str] | None:
+    problem = command_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _ports(value: dict[str, int | None]) -> dict[str, int | None]:
+    for key, host in value.items():
+        number, _, proto = key.partition("/")
+        if not number.isdigit() or not 1 <= int(number) <= 65535 or proto not in ("", "tcp", "udp"):
+            raise ValueError(f"invalid container port {key[:32]!r}: use e.g. '5000' or '5000/udp'")
+        if host is not None and not 1 <= host <= 65535:
+            raise ValueError(f"invalid host port {host} for {key!r}")
+    return value
+
+
+def _volumes(value: dict[str, str]) -> dict[str, str]:
+    # Which sources may be mounted (named volumes; allow-listed host paths) is the spec policy's call.
+    for source, path in value.items():
+        if not source or len(source) > 4096 or "\x00" in source:
+            raise ValueError("a volume is a name (letters, digits, _ . -) or an absolute host path")
+        if not path.startswith("/") or len(path) > 4096 or "\x00" in path:
+            raise ValueError(f"volume {source[:64]!r}: the mount path must be absolute")
+    return value
+
+
+Env = Annotated[dict[str, str], AfterValidator(_env)]
+Labels = Annotated[dict[str, str], AfterValidator(_labels)]
+Command = Annotated[str | list[str] | None, AfterValidator(_command)]
+Ports = Annotated[dict[PortKey, int | None], Field(max_length=64), AfterValidator(_ports)]
+Volumes = Annotated[dict[str, str], Field(max_length=64), AfterValidator(_volumes)]
+# Checked against mmanager.policy.ALLOWED_CAPABILITIES by the spec policy.
+Capabilities = Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z_]{1,64}$")]], Field(max_length=32)]
+
+
 class ServiceSpec(StrictModel):
     name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN)
     image: str = Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")
-    command: str | list[str] | None = None
-    env: dict[str, str] = Field(default_factory=dict)
-    ports: dict[PortKey, int | None] = Field(default_factory=dict)
+    command: Command = None
+    env: Env = Field(default_factory=dict)
+    ports: Ports = Field(default_factory=dict)
     resources: Resources = Field(default_factory=Resources)
     server_type: Literal["gpu", "cpu", "edge"] | None = None
     health_check: HealthCheckSpec | None = None
     restart_policy: Literal["no", "always", "unless-stopped", "on-failure"] = "unless-stopped"
-    volumes: dict[str, str] = Field(default_factory=dict)
-    labels: dict[str, str] = Field(default_factory=dict)
-
-    @field_validator("env")
-    @classmethod
-    def _env(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if not key or "=" in key or "\x00" in key or len(key) > 256:
-                raise ValueError(f"invalid environment variable name {key!r}")
-        return value
-
-    @field_validator("ports")
-    @classmethod
-    def _ports(cls, value: dict[str, int | None]) -> dict[str, int | None]:
-        out: dict[str, int | None] = {}
-        for key, host in value.items():
-            number, _, proto = key.partition("/")
-            if not number.isdigit() or not 1 <= int(number) <= 65535 or proto not in ("", "tcp", "udp"):
-                raise ValueError(f"invalid container port {key!r}: use e.g. '5000' or '5000/udp'")
-            if host is not None and not 1 <= host <= 65535:
-                raise ValueError(f"invalid host port {host} for {key!r}")
-            out[key] = host
-        return out
-
-    @field_validator("volumes")
-    @classmethod
-    def _volumes(cls, value: dict[str, str]) -> dict[str, str]:
-        for name, path in value.items():
-            if not re.match(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", name):
-                raise ValueError(f"volume {name!r}: only named volumes (letters, digits, _ . -) are allowed")
-            if not path.startswith("/"):
-                raise ValueError(f"volume {name!r}: the mount path must be absolute")
-        return value
-
-    @field_validator("labels")
-    @classmethod
-    def _labels(cls, value: dict[str, str]) -> dict[str, str]:
-        for key in value:
-            if key.startswith(LABEL_PREFIX):
-                raise ValueError(f"label {key!r}: the {LABEL_PREFIX}* labels are set by mManager only")
-        return value
+    volumes: Volumes = Field(default_factory=dict)
+    labels: Labels = Field(default_factory=dict)
+    cap_add: Capabilities = Field(default_factory=list)
 
 
 class ServicePatch(StrictModel):
     """A change of spec: the given fields replace the current ones."""
 
     image: str | None = Field(default=None, min_length=1, max_length=512, pattern=r"^[^\s]+$")
-    command: str | list[str] | None = None
-    env: dict[str, str] | None = None
-    ports: dict[str, int | None] | None = None
+    command: Command = None
+    env: Env | None = None
+    ports: Ports | None = None
     resources: Resources | None = None
     server_type: Literal["gpu", "cpu", "edge"] | None = None
     health_check: HealthCheckSpec | None = None
     restart_policy: Literal["no", "always", "unless-stopped", "on-failure"] | None = None
-    volumes: dict[str, str] | None = None
-    labels: dict[str, str] | None = None
+    volumes: Volumes | None = None
+    labels: Labels | None = None
+    cap_add: Capabilities | None = None
 
 
 class RollbackRequest(StrictModel):
@@ -239,3 +256,40 @@ class UserCreated(BaseModel):
     username: str
     is_admin: bool
     token: str
+
+
+class ControllerKeyOut(BaseModel):
+    """A controller's key as listed: never the key itself, which is shown once, at creation."""
+
+    id: str
+    controller_id: str
+    prefix: str
+    created_by: str
+    created_at: datetime
+    last_used_at: datetime | None
+    revoked_at: datetime | None
+
+
+class ControllerKeyCreated(BaseModel):
+    id: str
+    controller_id: str
+    prefix: str
+    key: str
+    created_at: datetime
+
+
+class AuditOut(BaseModel):
+    """One audit log entry: who did what, when, and how it ended."""
+
+    id: int
+    at: datetime
+    source: str
+    actor: str
+    method: str
+    path: str
+    target: str | None
+    status_code: int
+    result: Literal["ok", "refused", "error"]
+    error_code: str | None
+    remote: str | None
+    details: dict[str, Any]

@@ -1,4 +1,5 @@
-"""API tokens: minted once, shown once, stored as SHA-256."""
+"""API tokens and controller keys: minted once, shown once, stored as SHA-256 (they carry 256 random
+bits, so a plain hash is enough: no dictionary reaches them)."""
 
 from __future__ import annotations
 
@@ -6,10 +7,15 @@ import hashlib
 import secrets
 
 TOKEN_PREFIX = "mmh_"
+CONTROLLER_KEY_PREFIX = "mmc_"
 
 
 def mint_token() -> str:
     return TOKEN_PREFIX + secrets.token_urlsafe(32)
+
+
+def mint_controller_key() -> str:
+    return CONTROLLER_KEY_PREFIX + secrets.token_urlsafe(32)
 
 
 def hash_token(token: str) -> str:

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import getpass
 import json
 import logging
 import os
 import secrets
 import signal
 import socket
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import typer
 import uvicorn
@@ -28,8 +29,12 @@ app.add_typer(hub_app, name="hub")
 app.add_typer(controller_app, name="controller")
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
+controllers_app = typer.Typer(help="Controllers' heartbeat keys, straight on the hub's database (on the hub host).",
+                              no_args_is_help=True)
+app.add_typer(controllers_app, name="controllers")
 
 console = Console(stderr=True)
+T = TypeVar("T")
 Host = Annotated[str, typer.Option(help="address to listen on")]
 
 
@@ -62,7 +67,7 @@ def hub_serve(host: Host = "0.0.0.0", port: int = 8000,
         return
     if migrate:
         upgrade(settings.database_url)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning")
+    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", **settings.tls.server_options())
 
 
 @controller_app.command("serve")
@@ -122,6 +127,74 @@ def users_create(name: str, admin: Annotated[bool, typer.Option("--admin", help=
     print(token)
 
 
+def _on_database(work: Callable[[Any], Awaitable[T]]) -> T:
+    """Run ``work(session)`` in one transaction on MMANAGER_DATABASE_URL (migrated first)."""
+    from hub.config import DatabaseSettings
+    from hub.db import Database
+    from hub.errors import HubError
+    from hub.migrate import upgrade
+
+    url = DatabaseSettings().database_url
+    upgrade(url)
+
+    async def run() -> T:
+        db = Database(url)
+        try:
+            async with db.session() as session:
+                return await work(session)
+        finally:
+            await db.dispose()
+
+    try:
+        return asyncio.run(run())
+    except HubError as exc:
+        console.print(f"[red]error:[/red] {exc.message}")
+        raise typer.Exit(2) from None
+
+
+def _operator() -> str:
+    try:
+        return f"cli:{getpass.getuser()}"
+    except (KeyError, OSError):  # no user name for this uid (some containers)
+        return "cli"
+
+
+@controllers_app.command("key-create")
+def controllers_key_create(controller_id: str) -> None:
+    """Mint a heartbeat key for a registered controller and print it (shown once) on the last line."""
+    from hub.services.controller_keys import create_key
+
+    async def work(session: Any) -> tuple[Any, str]:
+        return await create_key(session, controller_id, created_by=_operator())
+
+    row, key = _on_database(work)
+    console.print(f"created key {row.id} ({row.prefix}…) for controller {controller_id}; it is shown once.")
+    console.print("Put it in the controller's MMANAGER_CONTROLLER_KEY_FILE (or MMANAGER_CONTROLLER_KEY):")
+    print(key)
+
+
+@controllers_app.command("key-list")
+def controllers_key_list(controller_id: str) -> None:
+    """List a controller's keys (never the keys themselves)."""
+    from hub.services.controller_keys import list_keys
+
+    rows = _on_database(lambda session: list_keys(session, controller_id))
+    print("ID\tPREFIX\tCREATED\tLAST USED\tREVOKED\tCREATED BY")
+    for k in rows:
+        print("\t".join([k.id, k.prefix, k.created_at.isoformat(timespec="seconds"),
+                         k.last_used_at.isoformat(timespec="seconds") if k.last_used_at else "-",
+                         k.revoked_at.isoformat(timespec="seconds") if k.revoked_at else "-", k.created_by]))
+
+
+@controllers_app.command("key-revoke")
+def controllers_key_revoke(controller_id: str, key_id: str) -> None:
+    """Revoke a controller's key: heartbeats with it are refused at once."""
+    from hub.services.controller_keys import revoke_key
+
+    row = _on_database(lambda session: revoke_key(session, controller_id, key_id))
+    console.print(f"key {row.id} ({row.prefix}…) of controller {controller_id} is revoked")
+
+
 def _free_port(port: int) -> bool:
     with socket.socket() as s:
         # As uvicorn will: connections of an earlier run in TIME_WAIT do not make the port busy.
@@ -167,7 +240,7 @@ def dev(port: int = 8000,
     controller_url = f"http://127.0.0.1:{ctl_port}"
     ctl_settings = ControllerSettings(
         MMANAGER_API_KEY=key, SERVER_ID=controller_id, SERVER_TYPE="cpu", CONTROLLER_URL=controller_url,
-        PUBLISH_IP="127.0.0.1", MMANAGER_HUB_URL=f"http://127.0.0.1:{port}",
+        PUBLISH_IP="127.0.0.1", MMANAGER_HUB_URL=f"http://127.0.0.1:{port}", MMANAGER_DEV=True,
     )
     hub_settings = HubSettings(
         database_url=db_url, api_key=key, dev_mode=True,

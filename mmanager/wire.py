@@ -116,6 +116,8 @@ class ContainerCreate(WireModel):
     gpu_count: int = Field(default=0, ge=0)
     gpu_device_ids: list[str] | None = None
     health_check: HealthCheck | None = None
+    # Capabilities to add; only mmanager.policy.ALLOWED_CAPABILITIES are accepted.
+    cap_add: list[str] | None = None
 
 
 class ContainerCreated(WireModel):

@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,7 @@ class Proc:
     env: dict[str, str]
     log: Path
     port: int
+    scheme: str = "http"
     popen: subprocess.Popen[bytes] | None = None
 
     def start(self) -> Proc:
@@ -67,7 +70,7 @@ class Proc:
 
     @property
     def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
+        return f"{self.scheme}://127.0.0.1:{self.port}"
 
 
 @dataclass
@@ -83,9 +86,15 @@ class LocalDeployment:
     controllers: dict[str, Proc] = field(default_factory=dict)
     entries: list[dict[str, Any]] = field(default_factory=list)
     extra_hub_env: dict[str, str] = field(default_factory=dict)
+    # MMANAGER_TLS_* for every hub and controller; with a certificate, they all serve https.
+    tls_env: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def scheme(self) -> str:
+        return "https" if self.tls_env.get("MMANAGER_TLS_CERT") else "http"
 
     # ------------------------------------------------------------- layout
 
@@ -94,21 +103,25 @@ class LocalDeployment:
         self.hub_ports = [_free_port() for _ in range(n)]
 
     def add_controller(self, name: str, server_type: str = "cpu", priority: int = 1, weight: int = 100,
-                       max_containers: int = 40, gpus: str | None = None, push: bool = True) -> Proc:
+                       max_containers: int = 40, gpus: str | None = None, push: bool = True,
+                       listed: bool = True) -> Proc:
+        """``listed=False``: left out of MMANAGER_CONTROLLERS, the hub learns of it from its heartbeats only."""
         port = _free_port()
         cid = f"{name}-{self.run}"
         env = {"MMANAGER_API_KEY": self.key, "SERVER_ID": cid, "SERVER_TYPE": server_type,
-               "MAX_CONTAINERS": str(max_containers), "CONTROLLER_URL": f"http://127.0.0.1:{port}",
-               "PUBLISH_IP": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "INFO"}
+               "MAX_CONTAINERS": str(max_containers), "CONTROLLER_URL": f"{self.scheme}://127.0.0.1:{port}",
+               "PUBLISH_IP": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "INFO", **self.tls_env}
         if gpus:
             env["GPU_DEVICES"] = gpus
         if push:
             assert self.hub_ports, "plan_hubs() first"
-            env["MMANAGER_HUB_URL"] = ",".join(f"http://127.0.0.1:{p}" for p in self.hub_ports)
-        proc = Proc(cid, ["controller", "serve", "--host", "127.0.0.1"], env, self.workdir / f"{cid}.log", port)
+            env["MMANAGER_HUB_URL"] = ",".join(f"{self.scheme}://127.0.0.1:{p}" for p in self.hub_ports)
+        proc = Proc(cid, ["controller", "serve", "--host", "127.0.0.1"], env, self.workdir / f"{cid}.log", port,
+                    self.scheme)
         self.controllers[cid] = proc
-        self.entries.append({"id": cid, "url": proc.url, "server_type": server_type, "priority": priority,
-                             "weight": weight})
+        if listed:
+            self.entries.append({"id": cid, "url": proc.url, "server_type": server_type, "priority": priority,
+                                 "weight": weight})
         return proc
 
     @property
@@ -116,7 +129,7 @@ class LocalDeployment:
         return {"MMANAGER_DATABASE_URL": self.db_url, "MMANAGER_API_KEY": self.key,
                 "MMANAGER_CONTROLLERS": json.dumps(self.entries),
                 "MMANAGER_HEARTBEAT_INTERVAL": str(self.interval), "MMANAGER_HEARTBEAT_GRACE": str(self.grace),
-                **self.extra_hub_env}
+                **self.tls_env, **self.extra_hub_env}
 
     def create_admin(self) -> str:
         done = subprocess.run([*MMANAGER, "users", "create", "root", "--admin"],
@@ -129,7 +142,7 @@ class LocalDeployment:
         while len(self.hubs) <= i:
             port = self.hub_ports[len(self.hubs)]
             self.hubs.append(Proc(f"hub{len(self.hubs)}", ["hub", "serve", "--host", "127.0.0.1", "--port", str(port)],
-                                  self.hub_env, self.workdir / f"hub{len(self.hubs)}.log", port))
+                                  self.hub_env, self.workdir / f"hub{len(self.hubs)}.log", port, self.scheme))
         return self.hubs[i]
 
     def start(self, hubs: int = 1) -> None:
@@ -155,6 +168,19 @@ class LocalDeployment:
         tail = int(os.environ.get("MM_LOG_TAIL", "3000"))
         procs = [*self.hubs, *self.controllers.values()]
         return "\n".join(f"--- {p.log.name}\n{p.log.read_text()[-tail:]}" for p in procs if p.log.exists())
+
+
+@contextmanager
+def stopped_after(dep: LocalDeployment, request: Any, docker_client: docker.DockerClient) -> Iterator[LocalDeployment]:
+    """For a fixture: afterwards every process stops and its containers go; a failed test
+    (``request``: the fixture's pytest request) gets every process's log printed."""
+    try:
+        yield dep
+    finally:
+        failed = getattr(request.node, "rep_call", None)
+        if failed is not None and failed.failed:
+            print(dep.logs())
+        dep.stop(docker_client)
 
 
 def api(base_url: str, token: str) -> httpx.Client:

@@ -20,7 +20,7 @@ import pytest
 
 from mmanager.images import EXAMPLE_IMAGE
 from tests.pg import create_database, local_cluster
-from tests.procs import LocalDeployment, api, running_copies, wait_for
+from tests.procs import LocalDeployment, api, running_copies, stopped_after, wait_for
 
 SPEC = {"image": EXAMPLE_IMAGE, "ports": {"5000": None}, "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"}}
 
@@ -34,13 +34,8 @@ async def db_url(pg_server: str) -> str:
 def deployment(db_url: str, example_image: str, docker_client: docker.DockerClient,
                tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalDeployment]:
     dep = LocalDeployment(db_url, tmp_path)
-    try:
+    with stopped_after(dep, request, docker_client):
         yield dep
-    finally:
-        failed = getattr(request.node, "rep_call", None)
-        if failed is not None and failed.failed:
-            print(dep.logs())
-        dep.stop(docker_client)
 
 
 def three_controllers(dep: LocalDeployment, hubs: int = 1) -> tuple[httpx.Client, list[str]]:

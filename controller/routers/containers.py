@@ -9,8 +9,15 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import StreamingResponse
 
 from controller.deps import ContainersDep, ProberDep, RuntimeDep
-from controller.schemas import ContainerLogs, ContainerStats, CopyResult, DirectoryCopy, FileCopy
-from mmanager.wire import ActionResult, ContainerCreate, ContainerCreated, ContainerInfo, ContainerList
+from controller.schemas import (
+    ContainerCreateRequest,
+    ContainerLogs,
+    ContainerStats,
+    CopyResult,
+    DirectoryCopy,
+    FileCopy,
+)
+from mmanager.wire import ActionResult, ContainerCreated, ContainerInfo, ContainerList
 
 router = APIRouter(prefix="/containers", tags=["containers"])
 
@@ -19,7 +26,7 @@ Timeout = Annotated[int, Query(ge=0, le=3600, description="seconds to wait befor
 
 
 @router.post("", response_model=ContainerCreated, status_code=201)
-async def create(body: ContainerCreate, containers: ContainersDep, response: Response) -> ContainerCreated:
+async def create(body: ContainerCreateRequest, containers: ContainersDep, response: Response) -> ContainerCreated:
     created = await containers.create(body)
     if not created.created:
         response.status_code = 200

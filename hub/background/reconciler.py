@@ -282,6 +282,12 @@ class ControllerPoller(LoopService):
         listed_at = utcnow()
         try:
             health = await self.client.health(controller_id, url, timeout=timeout)
+            if health.server_id != controller_id:
+                # Another controller answers at this URL (a typo on registration, a reused address): its
+                # containers are not this controller's, and treating them as orphans would remove them.
+                self.ingest.observe_failure(
+                    controller_id, f"the controller at {url} is {health.server_id!r}, not {controller_id!r}")
+                return
             listing = await self.client.list_containers(controller_id, url) if health.status == "healthy" else []
         except HubError as exc:
             self.ingest.observe_failure(controller_id, exc.message)

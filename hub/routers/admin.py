@@ -6,15 +6,18 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select, update
 
 from hub.deps import AdminUser, HubDep, SessionDep
 from hub.errors import HubError, NotFound
 from hub.models import ContainerRegistryModel, ControllerModel, OperationModel, ServiceModel, utcnow
+from hub.routers.paging import Limit, Offset
 from hub.schemas import (
     ControllerIn,
+    ControllerKeyCreated,
+    ControllerKeyOut,
     ControllerOut,
     MigrateRequest,
     OperationOut,
@@ -23,14 +26,13 @@ from hub.schemas import (
     UserCreated,
     UserIn,
 )
+from hub.services.controller_keys import create_key, list_keys, revoke_key
 from hub.services.controllers import controller_out, get_controller
 from hub.services.operations import operations_query
 from hub.services.users import create_user
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
 
-Limit = Query(100, ge=1, le=1000)
-Offset = Query(0, ge=0)
 
 
 @router.get("/controllers", response_model=list[ControllerOut])
@@ -111,6 +113,25 @@ async def drain_controller(controller_id: str, admin: AdminUser, hub: HubDep, wa
         return controller_out(result)
     return JSONResponse(OperationOut.model_validate(result, from_attributes=True).model_dump(mode="json"),
                         status_code=202)
+
+
+@router.get("/controllers/{controller_id}/keys", response_model=list[ControllerKeyOut])
+async def list_controller_keys(controller_id: str, _: AdminUser, session: SessionDep) -> Any:
+    return [ControllerKeyOut.model_validate(k, from_attributes=True) for k in await list_keys(session, controller_id)]
+
+
+@router.post("/controllers/{controller_id}/keys", status_code=201, response_model=ControllerKeyCreated)
+async def create_controller_key(controller_id: str, admin: AdminUser, session: SessionDep) -> Any:
+    row, key = await create_key(session, controller_id, created_by=admin.username)
+    return ControllerKeyCreated(id=row.id, controller_id=controller_id, prefix=row.prefix, key=key,
+                                created_at=row.created_at)
+
+
+@router.delete("/controllers/{controller_id}/keys/{key_id}", status_code=204)
+async def revoke_controller_key(controller_id: str, key_id: str, _: AdminUser, session: SessionDep) -> Response:
+    # SessionDep commits before the answer goes out: once the 204 arrives, the key is refused everywhere.
+    await revoke_key(session, controller_id, key_id)
+    return Response(status_code=204)
 
 
 @router.get("/containers", response_model=list[RegistryOut])

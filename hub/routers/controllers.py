@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 
-from hub.deps import ControllerAuth, HubDep
+from hub.deps import ControllerAuth, ControllerRoute, HubDep
 from mmanager.wire import Heartbeat, HeartbeatAnswer
 
-router = APIRouter(prefix="/api/controllers", tags=["controllers"])
+router = APIRouter(prefix="/api/controllers", tags=["controllers"], route_class=ControllerRoute)
 
 
 @router.post("/{controller_id}/heartbeat", response_model=HeartbeatAnswer)

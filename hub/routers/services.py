@@ -10,6 +10,7 @@ from sqlalchemy import select
 
 from hub.deps import CurrentUser, HubDep, SessionDep
 from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel
+from hub.routers.paging import Limit, Offset
 from hub.schemas import DeploymentOut, OperationOut, RollbackRequest, ServiceOut, ServicePatch, ServiceSpec
 
 router = APIRouter(prefix="/api", tags=["services"])
@@ -33,7 +34,7 @@ async def create_service(username: str, repo: str, spec: ServiceSpec, user: Curr
 
 @router.get("/services", response_model=list[ServiceOut])
 async def list_services(user: CurrentUser, hub: HubDep, session: SessionDep,
-                        limit: int = Query(100, ge=1, le=1000), offset: int = Query(0, ge=0)) -> list[ServiceOut]:
+                        limit: int = Limit, offset: int = Offset) -> list[ServiceOut]:
     query = select(ServiceModel).order_by(ServiceModel.created_at, ServiceModel.id).limit(limit).offset(offset)
     if not user.is_admin:
         query = query.where(ServiceModel.owner_id == user.id)

@@ -13,7 +13,6 @@ monitor turns ``/health`` and ``/containers`` into the same observation.
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,10 +22,12 @@ from sqlalchemy import bindparam, case, delete, func, or_, select, update
 
 from hub.config import HubSettings
 from hub.db import Database
-from hub.errors import InvalidRequest, NotFound, Unauthorized
+from hub.errors import InvalidRequest, NotFound
 from hub.metrics import HubMetrics
 from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel, utcnow
 from hub.scheduler.reconcile import UNSETTLED, FenceResult, RegistryRow, RowUpdate, fence
+from hub.services.audit import controller_source, insert_events
+from hub.services.controller_keys import ControllerKeyAuth
 from hub.services.controllers import healthy_fields
 from mmanager.wire import (
     ControllerHealth,
@@ -57,6 +58,7 @@ class HeartbeatIngest:
         self.db = db
         self.settings = settings
         self.metrics = metrics
+        self.keys = ControllerKeyAuth(db, settings)
         self._observations: dict[str, _Observation] = {}
         # Row updates with when they were observed: an observation never overwrites a newer change.
         self._updates: dict[str, tuple[RowUpdate, datetime]] = {}
@@ -70,10 +72,9 @@ class HeartbeatIngest:
 
     # ------------------------------------------------------------- receive
 
-    def authenticate(self, controller_id: str, token: str) -> None:
-        expected = self.settings.key_for(controller_id)
-        if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
-            raise Unauthorized("the controller key is not valid for this controller", code="CONTROLLER_KEY_INVALID")
+    async def authenticate(self, controller_id: str, token: str) -> None:
+        """Whether ``token`` may speak for ``controller_id`` (hub.services.controller_keys)."""
+        await self.keys.authenticate(controller_id, token)
 
     async def receive(self, controller_id: str, heartbeat: Heartbeat) -> HeartbeatAnswer:
         """Answer one pushed heartbeat (already authenticated)."""
@@ -95,6 +96,9 @@ class HeartbeatIngest:
                                             server_type=heartbeat.server_type, status="unknown"))
                 log.info("controller %s registered itself at %s", controller_id, heartbeat.url)
             rows = await self._rows(session, controller_id)
+            # What the controller audited itself (at most 1000 a beat, the wire's bound); committed before
+            # the answer, which is what lets the controller drop them.
+            await insert_events(session, heartbeat.audit, controller_source(controller_id))
         listed_at = utcnow() - timedelta(seconds=heartbeat.listing_age + PUSH_LAG)
         result = self.observe(controller_id, heartbeat.health, heartbeat.containers, rows, pushed=True,
                               listed_at=listed_at)

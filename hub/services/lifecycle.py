@@ -7,6 +7,11 @@ Invariants:
 - a ``container_registry`` row exists, marked ``creating``, from the moment a
   controller is chosen, so concurrent placements count it; it is removed if the
   create fails, so a failed create leaves neither container nor row behind;
+- an owner never has more than ``max_services_per_user`` services, whatever the
+  concurrency and however many replicas: creates count and insert under the
+  owner's ``users`` row lock; a create that fails removes its service, so it
+  holds no quota (except an acknowledged ``?wait=false`` create that only
+  lacked a controller: it stays, ``lost``, for the reconciler to finish);
 - placements are serialised by one lock, so two concurrent creates never both
   take the last slot of a controller; calls on one service are serialised by
   that service's lock.
@@ -22,6 +27,7 @@ from collections.abc import AsyncIterator, Awaitable
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
+from pydantic import ValidationError
 from sqlalchemy import delete, func, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -37,6 +43,7 @@ from hub.errors import (
     NoFeasibleController,
     NotFound,
     QuotaExceeded,
+    SpecForbidden,
 )
 from hub.metrics import HubMetrics
 from hub.models import (
@@ -53,6 +60,7 @@ from hub.scheduler.reconcile import UNSETTLED
 from hub.schemas import Endpoint, ServiceOut, ServicePatch, ServiceSpec
 from hub.services.controllers import ControllerRegistry, get_controller
 from hub.services.operations import OperationLog
+from mmanager.policy import PolicyViolation, check_spec
 from mmanager.wire import ContainerCreate, HealthCheck
 
 log = logging.getLogger(__name__)
@@ -75,6 +83,16 @@ def container_name(service: ServiceModel, epoch: int, controller_id: str) -> str
     """Unique per Docker engine even when several controllers share one (tests, a dev box)."""
     where = re.sub(r"[^A-Za-z0-9_.-]", "-", controller_id)[:32]
     return f"mm-{service.name}-{service.id[:8]}-{epoch}-{where}"
+
+
+def volume_name(owner: UserModel, volume: str) -> str:
+    """The Docker volume behind a service's named volume: one per owner, so no user mounts another's data.
+
+    The owner's id comes first and ends at the first ``-``, which makes the name
+    unambiguous although usernames and volume names may both contain ``-``
+    (``alice`` + ``x-data`` and ``alice-x`` + ``data`` are different volumes).
+    """
+    return f"mm-{owner.id}-{owner.username}-{volume}"
 
 
 def endpoint_for(controller_url: str, ports: dict[str, int | None]) -> Endpoint:
@@ -234,15 +252,15 @@ class ServiceManager:
 
     def _container_config(self, service: ServiceModel, spec: ServiceSpec, epoch: int,
                           gpus: tuple[str, ...], name: str) -> ContainerCreate:
-        owner = service.owner.username
         return ContainerCreate(
             name=name,
             image=spec.image,
             command=spec.command,
             environment=dict(spec.env),
             ports={(k if "/" in k else f"{k}/tcp"): v for k, v in spec.ports.items()},
-            # Volume names are per owner, so one user cannot mount another's data.
-            volumes={f"mm-{owner}-{name}": {"bind": path, "mode": "rw"} for name, path in spec.volumes.items()},
+            # A source that is a path passed the spec policy's host-path allow-list (_check_policy).
+            volumes={(source if source.startswith("/") else volume_name(service.owner, source)):
+                     {"bind": path, "mode": "rw"} for source, path in spec.volumes.items()},
             memory_limit=spec.resources.memory_limit,
             cpu_limit=spec.resources.cpu_limit,
             restart_policy=spec.restart_policy,
@@ -252,7 +270,16 @@ class ServiceManager:
             gpu_count=len(gpus),
             gpu_device_ids=list(gpus) or None,
             health_check=HealthCheck.model_validate(spec.health_check.model_dump()) if spec.health_check else None,
+            cap_add=list(spec.cap_add) or None,
         )
+
+    def _check_policy(self, spec: ServiceSpec) -> None:
+        """The spec policy (``mmanager.policy``), checked before anything is written; controllers check again."""
+        try:
+            check_spec(self.settings.spec_policy, image=spec.image, labels=spec.labels, ports=spec.ports,
+                       volume_sources=spec.volumes, cap_add=spec.cap_add)
+        except PolicyViolation as exc:
+            raise SpecForbidden(exc.message, exc.details) from None
 
     async def _reserve(self, service: ServiceModel, spec: ServiceSpec, exclude: frozenset[str],
                        target: str | None, epoch: int) -> tuple[ContainerRegistryModel, ControllerModel, tuple[str, ...]]:
@@ -323,8 +350,18 @@ class ServiceManager:
                 if found is None:
                     raise NotFound(f"user {username!r} not found", code="USER_NOT_FOUND")
                 owner = found
+        self._check_policy(spec)
+        # The quota holds across replicas through the owner's row lock (NO KEY UPDATE, so inserts that
+        # only reference the user are not held up), taken before the count and held until the new
+        # service is committed. The per-owner asyncio lock in front of it keeps a burst of one owner's
+        # creates from each holding a pooled connection while waiting on that row, and serialises them
+        # on SQLite (single replica only), whose driver begins the transaction at the first write, too
+        # late to cover the count.
         async with self._owner_locks[owner.id]:
             async with self.db.session() as session:
+                await session.execute(
+                    select(UserModel.id).where(UserModel.id == owner.id).with_for_update(key_share=True)
+                )
                 count = await session.scalar(select(func.count()).where(ServiceModel.owner_id == owner.id)) or 0
                 limit = self.settings.max_services_per_user
                 if not owner.is_admin and count >= limit:
@@ -797,6 +834,9 @@ class ServiceManager:
                 version = (latest or 0) + 1
             if target is not None:
                 await get_controller(session, target)
+        if spec is not None:
+            # A rollback too: the policy may have tightened since that version ran.
+            self._check_policy(spec)
         op = await self.ops.begin(
             operation, user.username, service_id=service.id, controller_id=service.controller_id,
             container_id=service.container_id,
@@ -832,7 +872,14 @@ class ServiceManager:
         changes = patch.model_dump(mode="json", exclude_unset=True)
         if not changes:
             raise InvalidRequest("the patch changes nothing", code="EMPTY_PATCH")
-        spec = ServiceSpec.model_validate({**service.spec, **changes})
+        # A merge patch (RFC 7396): a field given as null goes back to its default.
+        merged = {key: value for key, value in {**service.spec, **changes}.items()
+                  if not (key in changes and value is None)}
+        try:
+            spec = ServiceSpec.model_validate(merged)
+        except ValidationError as exc:
+            raise InvalidRequest("the patched spec is invalid",
+                                 [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]) from None
         return await self.redeploy(user, service_id, "update", spec=spec, wait=wait)
 
     # ----------------------------------------------------------------- delete

@@ -18,14 +18,14 @@ import uvicorn
 from controller import app as controller_app
 from controller import archives
 from controller.config import ControllerSettings, parse_gpu_devices
-from controller.errors import DockerUnavailable, ForbiddenLabel, ForbiddenVolume, GpuUnavailable, InvalidRequest
+from controller.errors import DockerUnavailable, GpuUnavailable, InvalidRequest, SpecForbidden
 from controller.fake import FakeRuntime
 from controller.gpu import choose_gpus, detect_gpus
 from controller.runtime import DockerRuntime
 from controller.spec import build_spec
 from mmanager.images import EXAMPLE_IMAGE
 from mmanager.wire import ContainerCreate, GpuInfo
-from tests.controller.conftest import Ctl, StartController
+from tests.controller.conftest import KEY, Ctl, StartController
 
 # -- settings ---------------------------------------------------------------
 
@@ -46,7 +46,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> pytest.MonkeyPatch:
 def test_settings_read_the_seed_names_and_their_aliases(clean_env: pytest.MonkeyPatch) -> None:
     monkeypatch = clean_env
     for name, value in {
-        "MMANAGER_API_KEY": "secret-key",
+        "MMANAGER_API_KEY": "secret-key-0123456789abcdef",
         "SERVER_ID": "mmanager-gpu-01",
         "MMANAGER_SERVER_TYPE": "gpu",
         "MMANAGER_PORT": "8002",
@@ -58,8 +58,8 @@ def test_settings_read_the_seed_names_and_their_aliases(clean_env: pytest.Monkey
     }.items():
         monkeypatch.setenv(name, value)
     settings = ControllerSettings(_env_file=None)
-    assert settings.api_key.get_secret_value() == "secret-key"
-    assert "secret-key" not in repr(settings)
+    assert settings.api_key.get_secret_value() == "secret-key-0123456789abcdef"
+    assert "secret-key-0123456789abcdef" not in repr(settings)
     assert (settings.server_id, settings.server_type, settings.port) == ("mmanager-gpu-01", "gpu", 8002)
     assert (settings.max_containers, settings.log_level, settings.docker_timeout) == (30, "DEBUG", 15)
     assert [g.index for g in settings.gpu_devices or []] == ["0", "1"]
@@ -74,16 +74,16 @@ def test_settings_read_the_seed_names_and_their_aliases(clean_env: pytest.Monkey
 
 
 def test_settings_by_field_name_and_refusals(clean_env: pytest.MonkeyPatch) -> None:
-    settings = ControllerSettings(api_key="k", server_id="dev", port=8101, _env_file=None)
+    settings = ControllerSettings(api_key=KEY, server_id="dev", port=8101, _env_file=None)
     assert (settings.server_type, settings.max_containers, settings.gpu_devices) == ("cpu", 100, None)
     assert settings.controller_url.endswith(":8101")
     for bad in (
         {},
         {"api_key": "  "},
-        {"api_key": "k", "server_type": "tpu"},
-        {"api_key": "k", "publish_ip": "nope"},
-        {"api_key": "k", "log_level": "LOUD"},
-        {"api_key": "k", "gpu_devices": "0:A100:lots"},
+        {"api_key": KEY, "server_type": "tpu"},
+        {"api_key": KEY, "publish_ip": "nope"},
+        {"api_key": KEY, "log_level": "LOUD"},
+        {"api_key": KEY, "gpu_devices": "0:A100:lots"},
     ):
         with pytest.raises(ValueError):
             ControllerSettings(_env_file=None, **bad)
@@ -136,9 +136,9 @@ def test_spec_normalises_ports_environment_and_limits() -> None:
 @pytest.mark.parametrize(
     ("body", "error"),
     [
-        ({"labels": {"mmanager.epoch": "9"}}, ForbiddenLabel),
-        ({"volumes": {"/var/run/docker.sock": "/sock"}}, ForbiddenVolume),
-        ({"volumes": {"../up": "/x"}}, ForbiddenVolume),
+        ({"labels": {"mmanager.epoch": "9"}}, SpecForbidden),
+        ({"volumes": {"/var/run/docker.sock": "/sock"}}, SpecForbidden),
+        ({"volumes": {"../up": "/x"}}, SpecForbidden),
         ({"volumes": {"models": "relative/path"}}, InvalidRequest),
         ({"memory_limit": "2 bananas"}, InvalidRequest),
         ({"cpu_limit": 1e300}, InvalidRequest),
@@ -147,6 +147,7 @@ def test_spec_normalises_ports_environment_and_limits() -> None:
         ({"restart_policy": "always:3"}, InvalidRequest),
         ({"ports": {"70000": None}}, InvalidRequest),
         ({"networks": ["a"], "network_mode": "host"}, InvalidRequest),
+        ({"network_mode": "host"}, SpecForbidden),
     ],
 )
 def test_spec_refusals(body: dict, error: type[Exception]) -> None:
@@ -337,7 +338,8 @@ def test_run_logs_where_told_and_never_the_key(monkeypatch: pytest.MonkeyPatch, 
     monkeypatch.setattr(uvicorn, "run", fake_uvicorn_run)
     log_file = tmp_path / "controller.log"
     settings = ControllerSettings(
-        api_key="very-secret-key", server_id="ctl", log_level="debug", log_file=log_file, gpu_devices=[], _env_file=None
+        api_key="very-secret-key-0123456789", server_id="ctl", log_level="debug", log_file=log_file, gpu_devices=[],
+        _env_file=None,
     )
     try:
         controller_app.run(settings, host="127.0.0.1")
@@ -349,7 +351,7 @@ def test_run_logs_where_told_and_never_the_key(monkeypatch: pytest.MonkeyPatch, 
     assert (served["host"], served["port"], served["log_level"]) == ("127.0.0.1", 8001, logging.DEBUG)
     text = log_file.read_text()
     assert "serving 8001" in text
-    assert "very-secret-key" not in text
+    assert "very-secret-key-0123456789" not in text
 
 
 async def test_docker_going_away_is_503_not_500(fake_ctl: Ctl, fake: FakeRuntime) -> None:
@@ -363,7 +365,7 @@ async def test_docker_going_away_is_503_not_500(fake_ctl: Ctl, fake: FakeRuntime
 
 
 async def test_a_closed_runtime_answers_docker_unavailable() -> None:
-    runtime = DockerRuntime(ControllerSettings(_env_file=None, api_key="k", server_id="closed", gpu_devices=[]))
+    runtime = DockerRuntime(ControllerSettings(_env_file=None, api_key=KEY, server_id="closed", gpu_devices=[]))
     await runtime.close()
     assert await runtime.ping() is False
     with pytest.raises(DockerUnavailable, match="shutting down"):

@@ -225,3 +225,26 @@ async def test_a_service_that_stays_unhealthy_is_restarted_in_place_then_moved(c
 
 async def _no_copy(cluster: Cluster, container_id: str) -> bool:
     return not [c for c in cluster.containers() if c.id == container_id]
+
+
+async def test_a_controller_registered_at_another_controllers_url_touches_nothing(cluster: Cluster) -> None:
+    """An admin's typo: a second id pointing at cpu1's address. The hub must see that whoever answers
+    there is not that controller, rather than take cpu1's containers for its orphans and remove them."""
+    cpu1 = cluster.controller_ids[1]
+    service = (await cluster.hub.post("/api/admin/repo/services", json={**SPEC, "name": "victim"})).json()
+    assert service["controller_id"] == cpu1
+    r = await cluster.hub.post("/api/admin/controllers", json={
+        "id": "impostor", "url": f"http://{cluster.hosts[cpu1]}:8001", "server_type": "cpu"})
+    assert r.status_code in (200, 201), r.text
+
+    async def refused() -> Any:
+        found = (await cluster.hub.get("/api/admin/controllers/impostor")).json()
+        return found if found["status"] == "unhealthy" and cpu1 in (found["error"] or "") else None
+
+    await until(refused, 5, "the impostor seen as not the controller at that address")
+    # Well past the orphan grace (2 s here): cpu1's container is still there and running.
+    await asyncio.sleep(3)
+    [container] = cluster.containers(**{"mmanager.service": service["id"]})
+    container.reload()
+    assert container.id == service["container_id"] and container.status == "running"
+    assert (await cluster.hub.get(f"/api/services/{service['id']}")).json()["status"] == "running"

@@ -1,0 +1,229 @@
+"""The audit log and the request body limits, through the hub's API on real
+PostgreSQL, with controllers on the real Docker engine: every mutating call
+and every refusal is in ``GET /api/admin/audit`` with who, what and how it
+ended, and nothing secret; a controller's own refusals arrive with its
+heartbeats; oversized bodies answer 413 and change nothing."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import uuid
+from collections.abc import AsyncIterator
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from controller.app import create_app as create_controller_app
+from controller.config import ControllerSettings
+from hub.db import Database
+from hub.models import AuditModel, ServiceModel
+from hub.services.audit import AuditLog
+from mmanager.images import EXAMPLE_IMAGE
+from mmanager.wire import AuditEvent
+from tests.hub.conftest import KEY, Cluster
+from tests.pg import _free_port as free_port
+
+SECRET_ENV = "hunter2-" + uuid.uuid4().hex
+SPEC = {"name": "audited", "image": EXAMPLE_IMAGE, "env": {"DB_PASSWORD": SECRET_ENV},
+        "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"}}
+
+
+async def audit(cluster: Cluster, **params: Any) -> list[dict[str, Any]]:
+    r = await cluster.hub.get("/api/admin/audit", params=params)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def one(rows: list[dict[str, Any]], **match: Any) -> dict[str, Any]:
+    found = [row for row in rows if all(row[k] == v for k, v in match.items())]
+    assert len(found) == 1, f"{match} in {json.dumps(rows, indent=1)}"
+    return found[0]
+
+
+async def services(cluster: Cluster) -> int:
+    async with cluster.db.session() as session:
+        return await session.scalar(select(func.count()).select_from(ServiceModel)) or 0
+
+
+async def test_every_change_and_every_refusal_is_audited_without_secrets(cluster: Cluster) -> None:
+    alice = await cluster.user("alice")
+    created = await cluster.hub.post("/api/alice/lab/services", json=SPEC, headers=alice)
+    assert created.status_code == 201, created.text
+    sid = created.json()["id"]
+    assert (await cluster.hub.post(f"/api/services/{sid}/stop", headers=alice)).status_code == 200
+    assert (await cluster.hub.get(f"/api/services/{sid}", headers=alice)).status_code == 200
+    assert (await cluster.hub.delete(f"/api/services/{sid}", headers=alice)).status_code == 204
+    refused = await cluster.hub.post("/api/alice/lab/services", json={**SPEC, "privileged": True}, headers=alice)
+    assert refused.status_code == 422 and refused.json()["error"]["code"] == "VALIDATION_ERROR"
+    forbidden = await cluster.hub.get("/api/admin/controllers", headers=alice)
+    assert forbidden.status_code == 403
+    assert (await cluster.hub.get("/api/admin/audit", headers=alice)).status_code == 403
+    stranger = {"Authorization": "Bearer mmh_not-a-token"}
+    assert (await cluster.hub.delete(f"/api/services/{sid}", headers=stranger)).status_code == 401
+    assert (await cluster.hub.get("/api/services", headers={"Authorization": ""})).status_code == 401
+
+    rows = await audit(cluster, actor="alice")
+    create = one(rows, method="POST", path="/api/alice/lab/services", status_code=201)
+    assert (create["target"], create["result"], create["source"], create["error_code"]) == (sid, "ok", "hub", None)
+    assert one(rows, path=f"/api/services/{sid}/stop")["result"] == "ok"
+    delete = one(rows, method="DELETE")
+    assert (delete["target"], delete["status_code"], delete["result"]) == (sid, 204, "ok")
+    bad = one(rows, method="POST", status_code=422)
+    assert (bad["result"], bad["error_code"], bad["target"]) == ("refused", "VALIDATION_ERROR", None)
+    assert one(rows, path="/api/admin/controllers")["error_code"] == "ADMIN_REQUIRED"
+    assert one(rows, path="/api/admin/audit")["status_code"] == 403
+    # Reads that succeed are not audited.
+    assert not [r for r in rows if r["method"] == "GET" and r["result"] == "ok"]
+    # Newest first.
+    assert [r["id"] for r in rows] == sorted((r["id"] for r in rows), reverse=True)
+    assert rows[-1]["id"] == create["id"]
+
+    anonymous = await audit(cluster, actor="anonymous")
+    assert {(r["method"], r["status_code"], r["error_code"]) for r in anonymous} == {
+        ("DELETE", 401, "UNAUTHORIZED"), ("GET", 401, "UNAUTHORIZED")}
+    assert one(anonymous, method="DELETE")["target"] == sid
+    assert all(r["remote"] for r in anonymous)
+
+    # The filters.
+    assert {r["method"] for r in await audit(cluster, target=sid)} == {"POST", "DELETE"}
+    assert {r["status_code"] for r in await audit(cluster, target=sid, result="ok")} == {201, 200, 204}
+    assert len(await audit(cluster, method="delete")) == 2
+    assert len(await audit(cluster, actor="alice", result="refused")) == 3
+    assert await audit(cluster, source="controller:none") == []
+    assert await audit(cluster, since=(datetime.now(UTC) + timedelta(minutes=1)).isoformat()) == []
+    page = await audit(cluster, actor="alice", limit=2, offset=1)
+    assert [r["id"] for r in page] == [r["id"] for r in rows[1:3]]
+    assert (await cluster.hub.get("/api/admin/audit", params={"result": "maybe"})).status_code == 422
+    assert (await cluster.hub.get("/api/admin/audit", params={"limit": 1001})).status_code == 422
+
+    async with cluster.db.session() as session:
+        stored = json.dumps([
+            {c.name: getattr(row, c.name) for c in AuditModel.__table__.columns}
+            for row in await session.scalars(select(AuditModel))
+        ], default=str)
+    for secret in (SECRET_ENV, cluster.tokens["alice"], cluster.admin_token, "mmh_not-a-token", KEY):
+        assert secret not in stored
+
+
+async def test_oversized_bodies_answer_413_and_change_nothing(cluster: Cluster) -> None:
+    alice = await cluster.user("alice")
+    big = {**SPEC, "env": {"BLOB": "x" * (2 * 1024**2)}}
+    r = await cluster.hub.post("/api/alice/lab/services", json=big, headers=alice)
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b'{"name": "chunked", "image": "' + EXAMPLE_IMAGE.encode() + b'", "env": {"BLOB": "'
+        for _ in range(24):
+            yield b"y" * 65536
+        yield b'"}}'
+
+    r = await cluster.hub.post("/api/alice/lab/services", content=chunks(),
+                               headers={**alice, "Content-Type": "application/json"})
+    assert r.status_code == 413, r.text
+    assert r.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+    # A handler that never reads its body does not run either.
+    r = await cluster.hub.post(f"/api/admin/controllers/{cluster.controller_ids[1]}/disable", content=b"z" * 2**21)
+    assert r.status_code == 413
+    assert await services(cluster) == 0
+    assert not cluster.containers()
+    assert all(c["enabled"] for c in (await cluster.hub.get("/api/admin/controllers")).json())
+    # Refused before any authentication ran: the body comes first.
+    refused = [r for r in await audit(cluster, result="refused") if r["status_code"] == 413]
+    assert [(r["actor"], r["error_code"]) for r in refused] == [("anonymous", "PAYLOAD_TOO_LARGE")] * 3
+
+    # Heartbeats have their own limit (MMANAGER_MAX_HEARTBEAT_BYTES, 8 MiB): a 2 MiB one goes through.
+    cid = f"big-{uuid.uuid4().hex[:6]}"
+    beat = heartbeat(cid, padding="p" * 2**21)
+    key = {"Authorization": f"Bearer {KEY}"}
+    r = await cluster.hub.post(f"/api/controllers/{cid}/heartbeat", json=beat, headers=key)
+    assert r.status_code == 200, r.text
+    r = await cluster.hub.post(f"/api/controllers/{cid}/heartbeat", json={**beat, "padding": "p" * 9 * 2**20},
+                               headers=key)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "PAYLOAD_TOO_LARGE"
+
+
+def heartbeat(controller_id: str, **extra: Any) -> dict[str, Any]:
+    return {
+        "server_id": controller_id, "url": f"http://{controller_id}.test:8001", "server_type": "cpu",
+        "health": {
+            "status": "healthy", "server_id": controller_id, "server_type": "cpu", "version": "t", "docker": True,
+            "containers": {"running": 0, "max_allowed": 20},
+            "resources": {"cpu_cores": 2, "memory_total_gb": 8, "memory_available_gb": 4},
+            "load_percentage": 5.0, "memory_usage_percent": 50.0,
+            "capabilities": {"gpu_support": False, "max_memory_gb": 8},
+        },
+        **extra,
+    }
+
+
+async def test_a_controllers_refusals_reach_the_hub_with_its_heartbeats(cluster: Cluster) -> None:
+    async def to_hub(request: httpx.Request) -> httpx.Response:
+        answer = await cluster.hub.request(request.method, request.url.path, content=request.content, headers={
+            "Authorization": request.headers["authorization"], "Content-Type": "application/json"})
+        return httpx.Response(answer.status_code, content=answer.content, headers={"Content-Type": "application/json"})
+
+    cid = f"t{uuid.uuid4().hex[:6]}-push"
+    settings = ControllerSettings(
+        _env_file=None, MMANAGER_API_KEY=KEY, SERVER_ID=cid, CONTROLLER_URL=f"http://{cid}.test:8001",
+        PUBLISH_IP="127.0.0.1", MMANAGER_HUB_URL="http://hub.test",
+    )
+    app = create_controller_app(settings, hub_transport=httpx.MockTransport(to_hub))
+    async with app.router.lifespan_context(app), httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://ctl", headers={"Authorization": f"Bearer {KEY}"}
+    ) as ctl:
+        for _ in range(100):
+            if app.state.containers.sync.in_sync:
+                break
+            await asyncio.sleep(0.05)
+        hostile = await ctl.post("/containers/", json={
+            "image": EXAMPLE_IMAGE, "environment": {"TOKEN": SECRET_ENV}, "labels": {"mmanager.service": "mine"}})
+        assert 400 <= hostile.status_code < 500, hostile.text
+        code = hostile.json()["error"]["code"]
+        assert (await ctl.get("/containers/", headers={"Authorization": "Bearer wrong"})).status_code == 401
+
+        source = f"controller:{cid}"
+        rows: list[dict[str, Any]] = []
+        for _ in range(100):
+            rows = await audit(cluster, source=source)
+            if len(rows) >= 2:
+                break
+            await asyncio.sleep(0.05)
+        create = one(rows, method="POST", path="/containers")
+        assert (create["actor"], create["status_code"], create["error_code"], create["result"]) == (
+            "hub", hostile.status_code, code, "refused")
+        assert one(rows, method="GET", path="/containers")["actor"] == "anonymous"
+        assert SECRET_ENV not in json.dumps(rows)
+        # Shipped once acknowledged, and gone from the controller's queue.
+        for _ in range(100):
+            if not len(app.state.audit):
+                break
+            await asyncio.sleep(0.05)
+        assert len(app.state.audit) == 0
+        # Its successful heartbeats are not in the log; a refused one is.
+        assert app.state.heartbeat.sequence > 1
+        assert not [r for r in await audit(cluster, actor=source) if "heartbeat" in r["path"]]
+        r = await cluster.hub.post(f"/api/controllers/{cid}/heartbeat", json=heartbeat(cid),
+                                   headers={"Authorization": "Bearer not-the-key-at-all"})
+        assert r.status_code == 401
+        refused = one(await audit(cluster, target=cid), path=f"/api/controllers/{cid}/heartbeat")
+        assert (refused["actor"], refused["result"]) == ("anonymous", "refused")
+
+
+async def test_with_the_database_down_the_event_goes_to_the_log(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.WARNING, logger="mmanager.audit")
+    down = Database(f"postgresql+asyncpg://nobody@127.0.0.1:{free_port()}/none")
+    event = AuditEvent(at=datetime.now(UTC), actor="alice", method="DELETE", path="/api/services/s1", target="s1",
+                       status_code=204)
+    try:
+        await AuditLog(down).record(event)
+    finally:
+        await down.dispose()
+    [line] = [r.getMessage() for r in caplog.records if r.name == "mmanager.audit"]
+    logged = json.loads(line[line.index("{"):])
+    assert (logged["actor"], logged["target"], logged["result"], logged["source"]) == ("alice", "s1", "ok", "hub")

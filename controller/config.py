@@ -15,12 +15,11 @@ from pathlib import Path
 from typing import Annotated, Any
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic_settings import NoDecode, SettingsConfigDict
 
 from controller.credentials import read_key_file
 from mmanager.keys import key_problem
-from mmanager.policy import SpecPolicy, comma_list
-from mmanager.tls import TlsConfig
+from mmanager.settings import SpecPolicySettings, TlsSettings
 from mmanager.wire import GpuInfo, ServerType, parse_memory
 
 
@@ -45,7 +44,9 @@ def parse_gpu_devices(value: str) -> list[GpuInfo]:
     return gpus
 
 
-class ControllerSettings(BaseSettings):
+class ControllerSettings(SpecPolicySettings, TlsSettings):
+    RESOLVE_PATHS = True
+
     # hide_input_in_errors: a refused setting must not print the keys it was given.
     model_config = SettingsConfigDict(
         env_file=".env", extra="ignore", populate_by_name=True, hide_input_in_errors=True
@@ -83,27 +84,9 @@ class ControllerSettings(BaseSettings):
     max_request_bytes: int = Field(default=64 * 1024**2, ge=1024, validation_alias="MMANAGER_MAX_REQUEST_BYTES")
     # Audit events kept for the hub until a heartbeat delivers them (controller.audit); the oldest go first.
     audit_buffer: int = Field(default=10_000, ge=1, validation_alias="MMANAGER_AUDIT_BUFFER")
-    # The container spec policy (mmanager.policy), enforced on every create whoever sends it.
-    # Image prefixes allowed (empty: any), host folders that may be mounted, host ports below 1024 allowed.
-    allowed_images: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, validation_alias="MMANAGER_ALLOWED_IMAGES"
-    )
-    allowed_host_paths: Annotated[list[str], NoDecode] = Field(
-        default_factory=list, validation_alias="MMANAGER_ALLOWED_HOST_PATHS"
-    )
-    allow_low_ports: Annotated[list[int], NoDecode] = Field(
-        default_factory=list, validation_alias="MMANAGER_ALLOW_LOW_PORTS"
-    )
     # Every container gets a PID limit, and this memory limit when its spec has none.
     pids_limit: int = Field(default=4096, ge=16, validation_alias="MMANAGER_PIDS_LIMIT")
     default_memory_limit: str = Field(default="2g", validation_alias="MMANAGER_DEFAULT_MEMORY_LIMIT")
-    # TLS (mmanager.tls), the hub's names: serve HTTPS with cert and key, verify the hub against tls_ca
-    # (else the system trust store) and, with tls_client_auth, require callers' certificates signed by it.
-    tls_cert: Path | None = Field(default=None, validation_alias="MMANAGER_TLS_CERT")
-    tls_key: Path | None = Field(default=None, validation_alias="MMANAGER_TLS_KEY")
-    tls_ca: Path | None = Field(default=None, validation_alias="MMANAGER_TLS_CA")
-    tls_client_auth: bool = Field(default=False, validation_alias="MMANAGER_TLS_CLIENT_AUTH")
-
     @field_validator("api_key")
     @classmethod
     def _key_not_blank(cls, value: SecretStr) -> SecretStr:
@@ -149,19 +132,6 @@ class ControllerSettings(BaseSettings):
             return parse_gpu_devices(value) if value.strip() else None
         return value
 
-    @field_validator("allowed_images", "allowed_host_paths", "allow_low_ports", mode="before")
-    @classmethod
-    def _comma_separated(cls, value: Any) -> Any:
-        return comma_list(value)
-
-    @field_validator("allowed_host_paths")
-    @classmethod
-    def _absolute_paths(cls, value: list[str]) -> list[str]:
-        for path in value:
-            if not path.startswith("/") or ".." in path.split("/"):
-                raise ValueError(f"MMANAGER_ALLOWED_HOST_PATHS entry {path!r} must be an absolute path without '..'")
-        return value
-
     @field_validator("default_memory_limit")
     @classmethod
     def _memory_size(cls, value: str) -> str:
@@ -176,17 +146,10 @@ class ControllerSettings(BaseSettings):
             ipaddress.ip_address(value)
         return value
 
-    @field_validator("docker_host", "hub_url", "controller_url", "tls_cert", "tls_key", "tls_ca", mode="before")
+    @field_validator("docker_host", "hub_url", "controller_url", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
-
-    @model_validator(mode="after")
-    def _check_tls(self) -> ControllerSettings:
-        problem = self.tls.problem()
-        if problem:
-            raise ValueError(problem)
-        return self
 
     @model_validator(mode="after")
     def _default_controller_url(self) -> ControllerSettings:
@@ -194,16 +157,3 @@ class ControllerSettings(BaseSettings):
             scheme = "https" if self.tls.serves_https else "http"
             self.controller_url = f"{scheme}://{socket.gethostname()}:{self.port}"
         return self
-
-    @property
-    def spec_policy(self) -> SpecPolicy:
-        return SpecPolicy(
-            allowed_images=tuple(self.allowed_images),
-            allowed_host_paths=tuple(self.allowed_host_paths),
-            allowed_low_ports=frozenset(self.allow_low_ports),
-            resolve_paths=True,
-        )
-
-    @property
-    def tls(self) -> TlsConfig:
-        return TlsConfig(self.tls_cert, self.tls_key, self.tls_ca, self.tls_client_auth)

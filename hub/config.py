@@ -5,15 +5,14 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mmanager.keys import key_problem
-from mmanager.policy import SpecPolicy, comma_list
-from mmanager.tls import TlsConfig
+from mmanager.settings import SpecPolicySettings, TlsSettings
 
 
 class ControllerEntry(BaseModel):
@@ -35,13 +34,14 @@ class DatabaseSettings(BaseSettings):
 
     # hide_input_in_errors: a refused setting must not print the keys (or database password) it was given.
     model_config = SettingsConfigDict(
-        env_prefix="MMANAGER_", env_file=".env", extra="ignore", hide_input_in_errors=True
+        env_prefix="MMANAGER_", env_file=".env", extra="ignore", hide_input_in_errors=True, populate_by_name=True
     )
 
     database_url: str = "sqlite+aiosqlite:///./mmanager.db"
 
 
-class HubSettings(DatabaseSettings):
+# DatabaseSettings last: of several bases, the last one's model_config wins (the env prefix among it).
+class HubSettings(SpecPolicySettings, TlsSettings, DatabaseSettings):
     controllers: str = ""
     api_key: SecretStr | None = None
     heartbeat_interval: float = Field(default=2.0, gt=0)
@@ -73,18 +73,6 @@ class HubSettings(DatabaseSettings):
     # to 1000 audit events (~0.5 KB each), so a big controller's beat outgrows 1 MiB.
     max_request_bytes: int = Field(default=1024**2, ge=1024)
     max_heartbeat_bytes: int = Field(default=8 * 1024**2, ge=1024)
-    # TLS (mmanager.tls): serve HTTPS with cert and key, verify controllers against tls_ca (else the
-    # system trust store) and, with tls_client_auth, require callers' certificates signed by it.
-    tls_cert: Path | None = None
-    tls_key: Path | None = None
-    tls_ca: Path | None = None
-    tls_client_auth: bool = False
-    # The container spec policy (mmanager.policy), checked before anything is written; controllers
-    # enforce their own copy. Comma-separated: image prefixes (empty: any image), host folders that
-    # may be mounted, host ports below 1024 that may be published.
-    allowed_images: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    allowed_host_paths: Annotated[list[str], NoDecode] = Field(default_factory=list)
-    allow_low_ports: Annotated[list[int], NoDecode] = Field(default_factory=list)
     dev_mode: bool = False
 
     @model_validator(mode="after")
@@ -104,44 +92,6 @@ class HubSettings(DatabaseSettings):
                     "or run `mmanager dev` for a local playground."
                 )
         return self
-
-    @field_validator("allowed_images", "allowed_host_paths", "allow_low_ports", mode="before")
-    @classmethod
-    def _comma_separated(cls, value: Any) -> Any:
-        return comma_list(value)
-
-    @field_validator("allowed_host_paths")
-    @classmethod
-    def _absolute_paths(cls, value: list[str]) -> list[str]:
-        for path in value:
-            if not path.startswith("/") or ".." in path.split("/"):
-                raise ValueError(f"MMANAGER_ALLOWED_HOST_PATHS entry {path!r} must be an absolute path without '..'")
-        return value
-
-    @property
-    def spec_policy(self) -> SpecPolicy:
-        # Built on each use: cheap, and never stale.
-        return SpecPolicy(
-            allowed_images=tuple(self.allowed_images),
-            allowed_host_paths=tuple(self.allowed_host_paths),
-            allowed_low_ports=frozenset(self.allow_low_ports),
-        )
-
-    @field_validator("tls_cert", "tls_key", "tls_ca", mode="before")
-    @classmethod
-    def _blank_path_is_unset(cls, value: Any) -> Any:
-        return None if isinstance(value, str) and not value.strip() else value
-
-    @model_validator(mode="after")
-    def _check_tls(self) -> HubSettings:
-        problem = self.tls.problem()
-        if problem:
-            raise ValueError(problem)
-        return self
-
-    @property
-    def tls(self) -> TlsConfig:
-        return TlsConfig(self.tls_cert, self.tls_key, self.tls_ca, self.tls_client_auth)
 
     @cached_property
     def controller_entries(self) -> list[ControllerEntry]:

@@ -38,6 +38,10 @@ async def test_every_hostile_spec_is_refused_by_the_controller_itself(
         problems.append(assert_refused(case, await ctl.create(**case.controller_body(example_image))))
     assert [p for p in problems if p] == []
     assert managed(docker_client, ctl.server_id) == []
+    # Each refusal is audited, queued for the hub's audit log (shipped with the next heartbeat).
+    queued = (await ctl.client.get("/audit", params={"limit": 1000})).json()["events"]
+    refused = [(e["method"], e["path"], e["status_code"], e["error_code"]) for e in queued if e["status_code"] >= 400]
+    assert sorted(refused) == sorted(("POST", "/containers", *case.controller_expect) for case in CORPUS)
 
 
 async def test_image_allow_list(start_controller: StartController, example_image: str) -> None:

@@ -47,6 +47,12 @@ async def test_every_hostile_spec_is_refused_and_nothing_is_written(cluster: Clu
     assert await written(cluster) == (0, 0, 0)
     assert cluster.containers() == []
     assert (await cluster.hub.get("/api/services", headers=alice)).json() == []
+    # And each refusal is in the audit log: who, what, with the code she got.
+    audit = (await cluster.hub.get("/api/admin/audit", params={"actor": "alice", "result": "refused",
+                                                               "limit": 1000})).json()
+    assert sorted((e["method"], e["status_code"], e["error_code"]) for e in audit) == sorted(
+        ("POST", *case.hub_expect) for case in CORPUS)
+    assert {e["path"] for e in audit} == {"/api/alice/r/services"}
 
 
 async def test_a_hostile_patch_changes_nothing(cluster: Cluster) -> None:

@@ -87,6 +87,14 @@ class ControllerSettings(SpecPolicySettings, TlsSettings):
     # Every container gets a PID limit, and this memory limit when its spec has none.
     pids_limit: int = Field(default=4096, ge=16, validation_alias="MMANAGER_PIDS_LIMIT")
     default_memory_limit: str = Field(default="2g", validation_alias="MMANAGER_DEFAULT_MEMORY_LIMIT")
+    # Followed logs open at once (each holds a Docker connection and a thread of its own pool); more
+    # answer 429 TOO_MANY_LOG_STREAMS.
+    max_log_streams: int = Field(default=16, ge=1, le=1024, validation_alias="MMANAGER_MAX_LOG_STREAMS")
+    # The most a logs call without follow answers: the newest bytes of the tail asked for.
+    max_log_bytes: int = Field(default=10 * 1024**2, ge=1024, validation_alias="MMANAGER_MAX_LOG_BYTES")
+    # Docker's json-file rotation for every container's stdout and stderr: at most size × files on disk.
+    log_max_size: str = Field(default="50m", pattern=r"^[1-9][0-9]*[kmg]?$", validation_alias="MMANAGER_LOG_MAX_SIZE")
+    log_max_files: int = Field(default=3, ge=1, le=100, validation_alias="MMANAGER_LOG_MAX_FILES")
     @field_validator("api_key")
     @classmethod
     def _key_not_blank(cls, value: SecretStr) -> SecretStr:

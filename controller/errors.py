@@ -115,6 +115,14 @@ class ImagePullFailed(DockerError):
         return {"status": "error", "message": self.message, **super().envelope()}
 
 
+class TooManyLogStreams(ControllerError):
+    """``MMANAGER_MAX_LOG_STREAMS`` followed logs are open already; one ending frees a slot."""
+
+    status_code = 429
+    code = "TOO_MANY_LOG_STREAMS"
+    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "5"}
+
+
 class DockerUnavailable(ControllerError):
     status_code = 503
     code = "DOCKER_UNAVAILABLE"

@@ -7,6 +7,10 @@ right at start and then every ``interval`` seconds (2 until the hub's first
 answer names its own). The body carries this
 controller's ``/health`` and every managed container, running or not,
 plus the audit events the hub has not acknowledged yet (``controller.audit``).
+When the hub refuses a beat's body (400, 422) while it carries audit events,
+the next beat goes without them; if the hub takes that one, those events were
+the trouble and leave the queue (they stay in the log), so no event can cut a
+controller off from a hub.
 
 ``MMANAGER_HUB_URL`` may list several hub replicas, comma-separated. A beat
 goes to the one that answered last; when that one fails it goes on to the
@@ -49,6 +53,7 @@ from controller.probes import Prober
 from controller.runtime import Runtime
 from controller.sync import DEFAULT_INTERVAL
 from mmanager.wire import (
+    AuditEvent,
     ContainerInfo,
     ControllerHealth,
     Heartbeat,
@@ -73,6 +78,10 @@ MIN_GRACE, MAX_GRACE = 0.1, 86400.0
 WARN_EVERY = 60.0
 
 log = logging.getLogger(__name__)
+
+
+# The failures of a heartbeat whose body the hub refused (not its key, not the hub's own trouble).
+REFUSED_BODY = frozenset({"HTTP 400", "HTTP 422"})
 
 
 class _BeatFailed(Exception):
@@ -122,6 +131,8 @@ class HeartbeatAgent:
         self._last_listing: list[ContainerInfo] = []
         self._listed_clock = self.sync.clock()
         self._failure_kind: str | None = None
+        # The audit events of the last beat the hub refused as a bad body, until a beat without them tells.
+        self._refused_audit: list[AuditEvent] | None = None
         self._warned_at = -math.inf
 
     # -- lifecycle ---------------------------------------------------------
@@ -166,16 +177,29 @@ class HeartbeatAgent:
         """One round trip; True when it completed and its stop orders were carried out."""
         began = self.sync.clock() if began is None else began
         self.sequence += 1
-        heartbeat = await self.build(self.sequence)
+        probing = self._refused_audit is not None
+        heartbeat = await self.build(self.sequence, audit=not probing)
         try:
             answer = await self._send(heartbeat)
         except _BeatFailed as exc:
             self._failed(exc.kind, exc.message)
+            # A body the hub refuses (400, 422) that carried audit events: the next beat goes without
+            # them, to tell whether they are what it refuses (an event no hub version should take must
+            # not cut this controller off). A probe that fails too clears the suspicion.
+            self._refused_audit = (heartbeat.audit if not probing and heartbeat.audit
+                                   and exc.kind in REFUSED_BODY else None)
             return False
         self._answered(answer)
         if self.audit is not None:
-            # Only now: a beat that failed carries the same events again next time.
-            self.audit.acknowledge(heartbeat.audit)
+            if probing:
+                refused, self._refused_audit = self._refused_audit or [], None
+                self.audit.acknowledge(refused)
+                log.warning("the hub refused a heartbeat with %d audit events and took one without them: "
+                            "those events are dropped from the queue (this controller's log has each of them)",
+                            len(refused))
+            else:
+                # Only now: a beat that failed carries the same events again next time.
+                self.audit.acknowledge(heartbeat.audit)
         done = await self._apply(answer.stop)
         self.interval = _bounded(answer.interval, MIN_INTERVAL, MAX_INTERVAL, self.interval)
         grace = _bounded(answer.grace, MIN_GRACE, MAX_GRACE, self.sync.grace)
@@ -185,7 +209,7 @@ class HeartbeatAgent:
             self.sync.grace = grace
         return done
 
-    async def build(self, sequence: int) -> Heartbeat:
+    async def build(self, sequence: int, *, audit: bool = True) -> Heartbeat:
         try:
             health, listed = await asyncio.wait_for(self._read_docker(), DOCKER_BUDGET)
         except TimeoutError:
@@ -200,7 +224,7 @@ class HeartbeatAgent:
             containers=[self._entry(info) for info in listed],
             # The hub dates the listing by this, so it never overrides a newer change with it.
             listing_age=round(max(self.sync.clock() - self._listed_clock, 0.0), 3),
-            audit=self.audit.batch() if self.audit is not None else [],
+            audit=self.audit.batch() if self.audit is not None and audit else [],
         )
 
     async def _read_docker(self) -> tuple[ControllerHealth, list[ContainerInfo]]:

@@ -1,9 +1,11 @@
 """The one object that talks to Docker.
 
 ``DockerRuntime`` wraps the ``docker`` SDK. Every SDK call is blocking, so
-each runs on the runtime's own thread pool, never on the event loop; the pool
-is the runtime's so that long-lived log streams cannot starve the default
-executor. The runtime sees only containers labelled ``mmanager.managed=true``
+each runs on the runtime's own thread pool, never on the event loop. Followed
+logs get a second pool of their own, ``MMANAGER_MAX_LOG_STREAMS`` threads for
+as many streams at most: each open stream holds a thread blocked on its socket,
+and in the shared pool 64 idle followers would leave none for listing or
+creating containers (heartbeats would report Docker down). The runtime sees only containers labelled ``mmanager.managed=true``
 and ``mmanager.controller=<SERVER_ID>``: any other id is answered as if it
 did not exist. SDK exceptions are translated into ``controller.errors`` here,
 so nothing above this module knows Docker's error types.
@@ -29,7 +31,7 @@ import docker.errors
 import requests
 import urllib3
 from docker.models.containers import Container
-from docker.types import DeviceRequest, Mount
+from docker.types import DeviceRequest, LogConfig, Mount
 from docker.utils import parse_repository_tag
 
 from controller.config import ControllerSettings
@@ -46,10 +48,12 @@ from controller.errors import (
     InvalidRequest,
     NameConflict,
     NotFound,
+    TooManyLogStreams,
 )
 from controller.gpu import label_gpu_ids
 from controller.schemas import ContainerStats, ImageDetail, ImageSummary
 from controller.spec import ContainerSpec
+from mmanager.streams import ClosingStream, newest_bytes
 from mmanager.wire import LABEL_CONTROLLER, LABEL_EPOCH, LABEL_MANAGED, LABEL_SERVICE, ContainerInfo
 
 # /health must answer quickly even when the daemon hangs.
@@ -99,6 +103,13 @@ class DockerRuntime:
         self._client: docker.DockerClient | None = None
         self._connect_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=_POOL_THREADS, thread_name_prefix="docker")
+        self._log_pool = ThreadPoolExecutor(max_workers=settings.max_log_streams, thread_name_prefix="docker-logs")
+        self._log_streams = 0
+        # Rotated by Docker: a tenant's stdout never fills /var/lib/docker.
+        self._log_config = LogConfig(
+            type=LogConfig.types.JSON,
+            config={"max-size": settings.log_max_size, "max-file": str(settings.log_max_files)},
+        )
 
     # -- plumbing --------------------------------------------------------
 
@@ -114,10 +125,10 @@ class DockerRuntime:
                 self._client = client
             return self._client
 
-    async def _run(self, fn: Callable[..., T], *args: Any) -> T:
+    async def _run(self, fn: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> T:
         loop = asyncio.get_running_loop()
         try:
-            future = loop.run_in_executor(self._pool, partial(self._translated, fn, *args))
+            future = loop.run_in_executor(pool or self._pool, partial(self._translated, fn, *args))
         except RuntimeError:
             # The pool is shut down: close() ran, the app is stopping. A 503, not a 500 with a traceback.
             raise DockerUnavailable("the controller is shutting down") from None
@@ -212,6 +223,10 @@ class DockerRuntime:
 
         def create(client: docker.DockerClient) -> str:
             kwargs = _create_kwargs(spec)
+            kwargs["log_config"] = self._log_config
+            if not spec.gpu_device_ids:
+                # On a server whose default runtime is NVIDIA's, a container without this sees every GPU.
+                kwargs["environment"].append("NVIDIA_VISIBLE_DEVICES=void")
             if spec.gpu_device_ids:
                 if "nvidia" in (client.info().get("Runtimes") or {}):
                     kwargs["device_requests"] = [DeviceRequest(device_ids=spec.gpu_device_ids, capabilities=[["gpu"]])]
@@ -253,8 +268,20 @@ class DockerRuntime:
         await self._run(lambda client: self._managed(client, container_id).remove(force=force))
 
     async def logs(self, container_id: str, lines: int) -> str:
+        """The last ``lines`` lines, cut to their newest ``MMANAGER_MAX_LOG_BYTES``.
+
+        Read as a stream and kept in a rolling buffer, so a tail of 100000 lines
+        of 16 KiB each never sits in memory whole.
+        """
+        limit = self._settings.max_log_bytes
+
         def logs(client: docker.DockerClient) -> str:
-            data = self._managed(client, container_id).logs(stdout=True, stderr=True, tail=lines)
+            stream = self._managed(client, container_id).logs(stdout=True, stderr=True, stream=True, follow=False, tail=lines)
+            try:
+                data = newest_bytes(stream, limit)
+            finally:
+                with contextlib.suppress(OSError, docker.errors.DockerException):
+                    stream.close()
             return data.decode("utf-8", errors="replace")
 
         return await self._run(logs)
@@ -262,33 +289,49 @@ class DockerRuntime:
     async def follow_logs(self, container_id: str, lines: int) -> AsyncIterator[bytes]:
         """Open the stream now (so a bad id fails before any byte is sent); iterate it later.
 
-        The stream ends when the container stops; closing the iterator (the
-        client went away) closes the socket, which also frees the pool thread
-        blocked reading it.
+        At most ``MMANAGER_MAX_LOG_STREAMS`` are open at once (429
+        TOO_MANY_LOG_STREAMS beyond), all on the log pool. The stream ends when
+        the container stops; closing it (the client went away) shuts the socket
+        down, which frees the thread blocked reading it, and gives the slot back.
         """
-        stream = await self._run(
-            lambda client: self._managed(client, container_id).logs(
-                stdout=True, stderr=True, stream=True, follow=True, tail=lines
+        limit = self._settings.max_log_streams
+        if self._log_streams >= limit:
+            raise TooManyLogStreams(
+                f"{limit} followed logs are open on this controller already; retry when one has ended",
+                {"max_log_streams": limit},
             )
-        )
+        self._log_streams += 1
+        try:
+            stream = await self._run(
+                lambda client: self._managed(client, container_id).logs(
+                    stdout=True, stderr=True, stream=True, follow=True, tail=lines
+                ),
+                pool=self._log_pool,
+            )
+        except BaseException:
+            self._log_streams -= 1
+            raise
         loop = asyncio.get_running_loop()
 
         async def chunks() -> AsyncIterator[bytes]:
-            try:
-                while True:
-                    try:
-                        chunk = await loop.run_in_executor(self._pool, next, stream, None)
-                    except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError):
-                        # The socket was closed under the reader: the stream is over either way.
-                        return
-                    if chunk is None:
-                        return
-                    yield chunk
-            finally:
-                with contextlib.suppress(OSError, docker.errors.DockerException):
-                    stream.close()
+            while True:
+                try:
+                    chunk = await loop.run_in_executor(self._log_pool, next, stream, None)
+                except (requests.RequestException, urllib3.exceptions.HTTPError, OSError, ValueError, RuntimeError):
+                    # The socket was closed under the reader, or the pool shut down: the stream is over either way.
+                    return
+                if chunk is None:
+                    return
+                yield chunk
 
-        return chunks()
+        async def close() -> None:
+            with contextlib.suppress(OSError, docker.errors.DockerException):
+                stream.close()
+
+        return ClosingStream(chunks(), close).on_close(self._log_stream_closed)
+
+    def _log_stream_closed(self) -> None:
+        self._log_streams -= 1
 
     async def stats(self, container_id: str) -> ContainerStats:
         def stats(client: docker.DockerClient) -> ContainerStats:
@@ -394,6 +437,7 @@ class DockerRuntime:
         if self._client is not None:
             await self._run(lambda client: client.close())
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._log_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _api_error(exc: docker.errors.APIError) -> ControllerError:
@@ -433,7 +477,9 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
                 target=mount["bind"],
                 source=source,
                 type="bind" if source.startswith("/") else "volume",
-                read_only=mount["mode"] == "ro",
+                # Host paths read-only whatever was asked (mmanager.policy: no symlink planted in an
+                # allowed folder for Docker to follow on the next start).
+                read_only=mount["mode"] == "ro" or source.startswith("/"),
             )
             for source, mount in spec.volumes.items()
         ]

@@ -111,6 +111,7 @@ def build_spec(
             network_mode=config.network_mode,
             networks=config.networks,
             extra=config.model_extra,
+            environment=environment,
         )
     except PolicyViolation as exc:
         raise SpecForbidden(exc.message, exc.details) from None

@@ -18,7 +18,7 @@ import httpx
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from hub.background.leader import Supervisor
@@ -107,6 +107,11 @@ def _database_outage(exc: BaseException) -> bool:
     return _caused_by(exc, DATABASE_ERRORS)
 
 
+def _database_conflict(exc: BaseException) -> bool:
+    """A unique or foreign key constraint refused a write: two calls changed the same thing at once."""
+    return _caused_by(exc, (IntegrityError, asyncpg.exceptions.IntegrityConstraintViolationError))
+
+
 def _database_refused_value(exc: BaseException) -> bool:
     """PostgreSQL refused a value (class 22: a NUL character, a number out of range): bad input
     that got past validation, not an outage."""
@@ -138,6 +143,9 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, codes.get(exc.status_code, "HTTP_ERROR"), str(exc.detail))
 
     async def database_error(_: Request, exc: Exception) -> JSONResponse:
+        if _database_conflict(exc):
+            log.warning("a write lost a race: %s", type(exc).__name__)
+            return _error(409, "CONCURRENT_CHANGE", "another call changed the same thing meanwhile; retry")
         if _database_refused_value(exc):
             log.warning("the database refused a value: %s", type(exc).__name__)
             return _error(422, "INVALID_VALUE", "the request holds a value that cannot be stored "
@@ -150,7 +158,7 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        if _database_refused_value(exc):
+        if _database_refused_value(exc) or _database_conflict(exc):
             return await database_error(request, exc)
         if _database_outage(exc):
             log.warning("database unreachable: %s: %s", type(exc).__name__, exc)

@@ -73,6 +73,12 @@ class HubSettings(SpecPolicySettings, TlsSettings, DatabaseSettings):
     # to 1000 audit events (~0.5 KB each), so a big controller's beat outgrows 1 MiB.
     max_request_bytes: int = Field(default=1024**2, ge=1024)
     max_heartbeat_bytes: int = Field(default=8 * 1024**2, ge=1024)
+    # Followed logs (GET /api/services/{id}/logs?follow=true) open at once on this replica, per user and
+    # in all; more answer 429 TOO_MANY_LOG_STREAMS. Each holds a connection to a controller, from a
+    # pool of their own. A logs call without follow answers at most max_log_bytes, the newest.
+    max_log_streams: int = Field(default=64, ge=1, le=10_000)
+    max_log_streams_per_user: int = Field(default=4, ge=1)
+    max_log_bytes: int = Field(default=10 * 1024**2, ge=1024)
     dev_mode: bool = False
 
     @model_validator(mode="after")

@@ -1,7 +1,10 @@
 """The hub's one HTTP client to controllers.
 
 One ``httpx.AsyncClient`` (one connection pool) serves every controller; the
-key is chosen per call from the hub's settings, never from a table. Only calls
+key is chosen per call from the hub's settings, never from a table. Followed
+logs, which hold their connection as long as their client wants, use a second
+client of their own (``MMANAGER_MAX_LOG_STREAMS`` connections), so they can
+never take the connections the lifecycle calls need. Only calls
 that are safe to repeat are retried: reads, start/stop/restart/delete (they
 converge on the same state) and creates carrying ``(service_id, epoch)``, which
 the controller makes idempotent. Retries cover transport errors and 502/503/504.
@@ -19,6 +22,7 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from hub.config import HubSettings
 from hub.errors import ControllerRejected, ControllerUnavailable, HubError
+from mmanager.streams import ClosingStream, newest_text
 from mmanager.wire import (
     ActionResult,
     ContainerCreate,
@@ -48,9 +52,19 @@ class ControllerClient:
             # and the hub presents its own certificate for controllers that require one.
             verify=settings.tls.client_context(),
         )
+        # The hub admits at most max_log_streams of them (hub.logstreams), so this pool never makes one wait.
+        self.stream_http = httpx.AsyncClient(
+            timeout=httpx.Timeout(None, connect=5.0),
+            limits=httpx.Limits(
+                max_connections=settings.max_log_streams, max_keepalive_connections=min(settings.max_log_streams, 8)
+            ),
+            transport=transport,
+            verify=settings.tls.client_context(),
+        )
 
     async def aclose(self) -> None:
         await self.http.aclose()
+        await self.stream_http.aclose()
 
     def _headers(self, controller_id: str) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.settings.key_for(controller_id)}"}
@@ -153,35 +167,38 @@ class ControllerClient:
         response = await self._send(
             controller_id, url, "GET", f"/containers/{container_id}/logs", idempotent=True, params={"lines": lines}
         )
-        return str(response.json().get("logs", ""))
+        # Our controllers cut their answer already; one configured otherwise (or a GeoML-Hub one) may not.
+        return newest_text(str(response.json().get("logs", "")), self.settings.max_log_bytes)
 
-    async def follow_logs(self, controller_id: str, url: str, container_id: str, lines: int) -> AsyncIterator[bytes]:
-        request = self.http.build_request(
+    async def follow_logs(self, controller_id: str, url: str, container_id: str, lines: int) -> ClosingStream:
+        """The controller's stream; closing it closes the connection, which ends the stream there too."""
+        request = self.stream_http.build_request(
             "GET",
             url.rstrip("/") + f"/containers/{container_id}/logs",
             params={"lines": lines, "follow": "true"},
             headers=self._headers(controller_id),
-            timeout=httpx.Timeout(None, connect=5.0),
         )
         try:
-            response = await self.http.send(request, stream=True)
+            response = await self.stream_http.send(request, stream=True)
         except httpx.TransportError as exc:
             raise ControllerUnavailable(f"controller {controller_id} is unreachable: {exc}") from exc
         if response.status_code >= 400:
             await response.aread()
             await response.aclose()
-            raise _error_from(controller_id, response)
+            error = _error_from(controller_id, response)
+            if response.status_code == 429 and "retry-after" in response.headers:
+                # The controller's own cap on followed logs (TOO_MANY_LOG_STREAMS): pass its hint on.
+                error.headers = {"Retry-After": response.headers["retry-after"]}
+            raise error
 
-        async def stream() -> AsyncIterator[bytes]:
+        async def chunks() -> AsyncIterator[bytes]:
             try:
                 async for chunk in response.aiter_raw():
                     yield chunk
             except httpx.TransportError:
                 return
-            finally:
-                await response.aclose()
 
-        return stream()
+        return ClosingStream(chunks(), response.aclose)
 
 
 def _error_from(controller_id: str, response: httpx.Response) -> HubError:

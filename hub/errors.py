@@ -65,6 +65,15 @@ class RateLimited(HubError):
         self.headers = {"Retry-After": str(retry_after)}
 
 
+class TooManyLogStreams(HubError):
+    status_code = 429
+    code = "TOO_MANY_LOG_STREAMS"
+
+    def __init__(self, message: str, details: Any, retry_after: int) -> None:
+        super().__init__(message, {**details, "retry_after": retry_after})
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 class InvalidRequest(HubError):
     status_code = 422
     code = "VALIDATION_ERROR"

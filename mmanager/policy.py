@@ -37,7 +37,15 @@ The rules (each a ``rule`` name in the refusal's details):
 - ``host_knob``: no sysctls, cgroup parent, volume drivers, volumes from
   other containers, mounts, runtimes, OOM-killer or PID-limit overrides,
   ulimits, swap or kernel memory settings, or a raw ``HostConfig``;
-- ``image``: with an image allow-list, only images under one of its prefixes.
+- ``image``: with an image allow-list, only images under one of its prefixes;
+- ``gpu_environment``: no ``NVIDIA_VISIBLE_DEVICES``, ``NVIDIA_DRIVER_CAPABILITIES``,
+  ``NVIDIA_REQUIRE_*`` or ``NVIDIA_DISABLE_REQUIRE``: on a server whose default
+  runtime is NVIDIA's, these alone would hand a container every GPU, other
+  users' included; GPUs come only from ``gpu_count`` and the controller's assignment.
+
+Host paths that pass are always mounted read-only (the controller enforces it): a
+container that could write into an allowed folder could plant a symlink there that
+Docker follows on the next start, and mount the host's root.
 """
 
 from __future__ import annotations
@@ -82,7 +90,7 @@ DOCKER_DEFAULT_CAPABILITIES = frozenset(
 ALLOWED_CAPABILITIES = DOCKER_DEFAULT_CAPABILITIES | {"IPC_LOCK"}
 
 # Docker's own rule for volume names; anything else would be a bind mount of a host path.
-VOLUME_NAME_RE = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]*$")
+VOLUME_NAME_RE = re.compile(r"[a-zA-Z0-9][a-zA-Z0-9_.-]*")  # used with fullmatch: no trailing newline
 
 # Bounds on what a spec carries (422 beyond them): far above what a model service needs,
 # low enough that no request can make a daemon or a database row carry megabytes.
@@ -196,6 +204,7 @@ def check_spec(
     network_mode: str | None = None,
     networks: Iterable[str] | None = None,
     extra: Mapping[str, Any] | None = None,
+    environment: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
     """Check one container spec; raise ``PolicyViolation`` at the first rule it breaks.
 
@@ -208,6 +217,7 @@ def check_spec(
     check_extra_fields(extra or {})
     check_image(policy, image)
     check_labels(labels or {})
+    check_environment(environment or {})
     check_network(network_mode, networks)
     check_capabilities(cap_add or ())
     check_host_ports(policy, ports or {})
@@ -228,6 +238,20 @@ def check_labels(labels: Mapping[str, str]) -> None:
         raise PolicyViolation(
             f"labels.{reserved[0]}", "reserved_label", f"labels starting with {LABEL_PREFIX!r} are reserved: {reserved}"
         )
+
+
+# The NVIDIA container runtime reads these to decide which GPUs a container sees.
+_GPU_VARIABLES = re.compile(r"NVIDIA_(VISIBLE_DEVICES|DRIVER_CAPABILITIES|REQUIRE_.*|DISABLE_REQUIRE|MIG_.*)",
+                            re.IGNORECASE)
+
+
+def check_environment(environment: Mapping[str, str]) -> None:
+    for key in environment:
+        if _GPU_VARIABLES.fullmatch(str(key).strip()):
+            raise PolicyViolation(
+                f"env.{key}", "gpu_environment",
+                f"{key} is set by the controller for the GPUs it assigns; ask for GPUs with gpu_count instead",
+            )
 
 
 def check_network(network_mode: str | None, networks: Iterable[str] | None) -> None:
@@ -318,7 +342,7 @@ def check_image(policy: SpecPolicy, image: str) -> None:
 
 def volume_source(policy: SpecPolicy, source: str) -> str:
     """A named volume as it is; a host path only under an allowed folder (see ``check_spec``)."""
-    if VOLUME_NAME_RE.match(source):
+    if VOLUME_NAME_RE.fullmatch(source):
         return source
     field_name = f"volumes.{source}"
     if not policy.allowed_host_paths:

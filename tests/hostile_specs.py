@@ -118,6 +118,16 @@ CORPUS: list[Hostile] = [
     _controller_only("oom-kill-disable", "host_knob", oom_kill_disable=True),
     _controller_only("pids-unlimited", "host_knob", pids_limit=-1),
     _controller_only("ulimits", "host_knob", ulimits=[{"Name": "memlock", "Soft": -1, "Hard": -1}]),
+    # GPUs by environment: on a server whose default runtime is NVIDIA's these alone expose every GPU
+    _both("gpu-env-all", "gpu_environment", controller={"environment": {"NVIDIA_VISIBLE_DEVICES": "all"}},
+          hub={"env": {"NVIDIA_VISIBLE_DEVICES": "all"}}),
+    _both("gpu-env-list-form", "gpu_environment", controller={"environment": ["NVIDIA_VISIBLE_DEVICES=0,1"]},
+          hub={"env": {"nvidia_visible_devices": "0"}}),
+    _both("gpu-env-capabilities", "gpu_environment",
+          controller={"environment": {"NVIDIA_DRIVER_CAPABILITIES": "all"}},
+          hub={"env": {"NVIDIA_DRIVER_CAPABILITIES": "compute,utility"}}),
+    _both("gpu-env-disable-require", "gpu_environment", controller={"environment": {"NVIDIA_DISABLE_REQUIRE": "1"}},
+          hub={"env": {"NVIDIA_REQUIRE_CUDA": "cuda>=1.0"}}),
     # sizes: 422 on both sides
     Hostile(
         "env-too-many",

@@ -44,7 +44,7 @@ async def _diff_and_tables(url: str) -> tuple[list, set[str]]:
 
 
 async def _audit_log_is_append_only(url: str) -> None:
-    """Rows go in; the database itself refuses to change or delete them."""
+    """Rows go in; the database itself refuses to change, delete or truncate them."""
     engine = create_async_engine(url)
     try:
         async with engine.begin() as conn:
@@ -52,7 +52,11 @@ async def _audit_log_is_append_only(url: str) -> None:
                 "INSERT INTO audit_log (at, source, actor, method, path, status_code, result, details) "
                 "VALUES (CURRENT_TIMESTAMP, 'hub', 'alice', 'POST', '/api/x', 201, 'ok', '{}')"
             ))
-        for statement in ("UPDATE audit_log SET actor = 'mallory'", "DELETE FROM audit_log"):
+        statements = ["UPDATE audit_log SET actor = 'mallory'", "DELETE FROM audit_log"]
+        if engine.dialect.name == "postgresql":
+            # Row triggers do not fire on TRUNCATE; a statement trigger refuses it (SQLite has no TRUNCATE).
+            statements += ["TRUNCATE audit_log", "TRUNCATE audit_log RESTART IDENTITY CASCADE"]
+        for statement in statements:
             with pytest.raises(DBAPIError, match="append-only"):
                 async with engine.begin() as conn:
                     await conn.execute(text(statement))

@@ -6,7 +6,6 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
-from fastapi.responses import StreamingResponse
 
 from controller.deps import ContainersDep, ProberDep, RuntimeDep
 from controller.schemas import (
@@ -17,6 +16,7 @@ from controller.schemas import (
     DirectoryCopy,
     FileCopy,
 )
+from mmanager.streams import ClosingStreamingResponse
 from mmanager.wire import ActionResult, ContainerCreated, ContainerInfo, ContainerList
 
 router = APIRouter(prefix="/containers", tags=["containers"])
@@ -78,9 +78,11 @@ async def logs(
     runtime: RuntimeDep,
     lines: Annotated[int, Query(ge=0, le=100_000)] = 100,
     follow: bool = False,
-) -> ContainerLogs | StreamingResponse:
+) -> ContainerLogs | ClosingStreamingResponse:
     if follow:
-        return StreamingResponse(await runtime.follow_logs(container_id, lines), media_type="text/plain; charset=utf-8")
+        # Closing: the stream's Docker connection, thread and slot are given back however the response ends.
+        stream = await runtime.follow_logs(container_id, lines)
+        return ClosingStreamingResponse(stream, media_type="text/plain; charset=utf-8")
     text = await runtime.logs(container_id, lines)
     return ContainerLogs(container_id=container_id, logs=text, lines=len(text.splitlines()))
 

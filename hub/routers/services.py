@@ -5,13 +5,14 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Query, Response
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select
 
 from hub.deps import CurrentUser, HubDep, SessionDep
 from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel
 from hub.routers.paging import Limit, Offset
 from hub.schemas import DeploymentOut, OperationOut, RollbackRequest, ServiceOut, ServicePatch, ServiceSpec
+from mmanager.streams import ClosingStreamingResponse
 
 router = APIRouter(prefix="/api", tags=["services"])
 
@@ -78,7 +79,8 @@ async def service_logs(service_id: str, user: CurrentUser, hub: HubDep,
     result = await hub.services.logs(user, service_id, tail, follow)
     if isinstance(result, str):
         return PlainTextResponse(result)
-    return StreamingResponse(result, media_type="text/plain; charset=utf-8")
+    # Closing: the caller's stream slot and the controller connection are given back however it ends.
+    return ClosingStreamingResponse(result, media_type="text/plain; charset=utf-8")
 
 
 @router.delete("/services/{service_id}", status_code=204)

@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.db import Database
 from hub.models import AuditModel
-from mmanager.audit import event_line, result_of
+from mmanager.audit import WIDTHS, clean_event, clean_text, event_line, result_of
 from mmanager.wire import AuditEvent
 
 log = logging.getLogger("mmanager.audit")
@@ -49,21 +49,23 @@ def _utc(moment: datetime) -> datetime:
 
 
 def _row(event: AuditEvent, source: str) -> dict[str, Any]:
-    """The table's columns, each cut to its width: a controller's events are not trusted to fit."""
+    """The table's columns, cleaned and cut to their widths (``clean_event``) whoever made the event:
+    a controller's events are not trusted to fit, nor to be free of NUL characters."""
+    event = clean_event(event)
     details = event.details
     if len(json.dumps(details, default=str)) > MAX_DETAILS:
         details = {"truncated": True}
     return {
         "at": _utc(event.at),
-        "source": source[:160],
-        "actor": event.actor[:160],
-        "method": event.method[:8],
-        "path": event.path[:512],
-        "target": event.target[:160] if event.target else None,
+        "source": clean_text(source, WIDTHS["source"]),
+        "actor": event.actor,
+        "method": event.method,
+        "path": event.path,
+        "target": event.target,
         "status_code": event.status_code,
         "result": result_of(event.status_code),
-        "error_code": event.error_code[:64] if event.error_code else None,
-        "remote": event.remote[:64] if event.remote else None,
+        "error_code": event.error_code,
+        "remote": event.remote,
         "details": details,
     }
 
@@ -71,6 +73,36 @@ def _row(event: AuditEvent, source: str) -> dict[str, Any]:
 async def insert_events(session: AsyncSession, events: Sequence[AuditEvent], source: str) -> None:
     if events:
         await session.execute(insert(AuditModel), [_row(e, source) for e in events])
+
+
+async def insert_shipped(session: AsyncSession, events: Sequence[AuditEvent], source: str) -> None:
+    """A controller's events, inside the transaction of the heartbeat that carried them, without ever
+    failing it: they go in under a SAVEPOINT, and when the database refuses them (anything a controller
+    could send that the cleaning let through: a status code out of range, a date out of bounds) only
+    the savepoint is rolled back and one event in their place (the first one's method, path and status,
+    ``error_code`` AUDIT_REJECTED) says how many were rejected and why.
+    The heartbeat goes on either way, and the controller drops the events it was answered for.
+    """
+    if not events:
+        return
+    try:
+        async with session.begin_nested():
+            await insert_events(session, events, source)
+        return
+    except Exception as exc:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:300]
+        log.warning("audit: the database refused %d event(s) shipped by %s (%s); recording one event in their "
+                    "place", len(events), source, reason)
+    first = events[0]
+    placeholder = AuditEvent(at=datetime.now(UTC), actor=source, method=first.method, path=first.path,
+                             status_code=first.status_code if 100 <= first.status_code <= 599 else 500,
+                             error_code="AUDIT_REJECTED", details={"rejected": len(events), "reason": reason})
+    try:
+        async with session.begin_nested():
+            await insert_events(session, [placeholder], source)
+    except Exception as exc:
+        log.warning("audit: the placeholder for %d rejected event(s) of %s was refused too (%s: %s)",
+                    len(events), source, type(exc).__name__, exc)
 
 
 def controller_source(controller_id: str) -> str:

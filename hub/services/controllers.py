@@ -84,6 +84,11 @@ class ControllerRegistry:
         entries = self.settings.controller_entries
         if not entries:
             return
+        shared = [e.id for e in entries if e.api_key is None]
+        if len(shared) > 1 and not self.settings.dev_mode:
+            # Each of them holds the key that drives all of them: one broken into can drive the others.
+            log.warning("%d controllers share MMANAGER_API_KEY (%s): give each entry its own api_key "
+                        "(docs/SECURITY.md#controller-credentials)", len(shared), ", ".join(shared[:5]))
         async with self.db.session() as session:
             for entry in entries:
                 row = await session.get(ControllerModel, entry.id)

@@ -26,7 +26,7 @@ from hub.errors import InvalidRequest, NotFound
 from hub.metrics import HubMetrics
 from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel, utcnow
 from hub.scheduler.reconcile import UNSETTLED, FenceResult, RegistryRow, RowUpdate, fence
-from hub.services.audit import controller_source, insert_events
+from hub.services.audit import controller_source, insert_shipped
 from hub.services.controller_keys import ControllerKeyAuth
 from hub.services.controllers import healthy_fields
 from mmanager.wire import (
@@ -97,8 +97,9 @@ class HeartbeatIngest:
                 log.info("controller %s registered itself at %s", controller_id, heartbeat.url)
             rows = await self._rows(session, controller_id)
             # What the controller audited itself (at most 1000 a beat, the wire's bound); committed before
-            # the answer, which is what lets the controller drop them.
-            await insert_events(session, heartbeat.audit, controller_source(controller_id))
+            # the answer, which is what lets the controller drop them. Under a savepoint: events the
+            # database refuses never fail the heartbeat (hub.services.audit.insert_shipped).
+            await insert_shipped(session, heartbeat.audit, controller_source(controller_id))
         listed_at = utcnow() - timedelta(seconds=heartbeat.listing_age + PUSH_LAG)
         result = self.observe(controller_id, heartbeat.health, heartbeat.containers, rows, pushed=True,
                               listed_at=listed_at)

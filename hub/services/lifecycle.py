@@ -23,7 +23,7 @@ import asyncio
 import logging
 import re
 from collections import defaultdict
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import Awaitable
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
@@ -45,6 +45,7 @@ from hub.errors import (
     QuotaExceeded,
     SpecForbidden,
 )
+from hub.logstreams import LogStreamSlots
 from hub.metrics import HubMetrics
 from hub.models import (
     ContainerRegistryModel,
@@ -61,6 +62,7 @@ from hub.schemas import Endpoint, ServiceOut, ServicePatch, ServiceSpec
 from hub.services.controllers import ControllerRegistry, get_controller
 from hub.services.operations import OperationLog
 from mmanager.policy import PolicyViolation, check_spec
+from mmanager.streams import ClosingStream
 from mmanager.wire import ContainerCreate, HealthCheck
 
 log = logging.getLogger(__name__)
@@ -150,6 +152,7 @@ class ServiceManager:
         self._owner_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._service_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self.log_streams = LogStreamSlots(settings.max_log_streams, settings.max_log_streams_per_user)
 
     # ------------------------------------------------------------------ reads
 
@@ -260,7 +263,8 @@ class ServiceManager:
             ports={(k if "/" in k else f"{k}/tcp"): v for k, v in spec.ports.items()},
             # A source that is a path passed the spec policy's host-path allow-list (_check_policy).
             volumes={(source if source.startswith("/") else volume_name(service.owner, source)):
-                     {"bind": path, "mode": "rw"} for source, path in spec.volumes.items()},
+                     {"bind": path, "mode": "ro" if source.startswith("/") else "rw"}
+                     for source, path in spec.volumes.items()},
             memory_limit=spec.resources.memory_limit,
             cpu_limit=spec.resources.cpu_limit,
             restart_policy=spec.restart_policy,
@@ -277,7 +281,7 @@ class ServiceManager:
         """The spec policy (``mmanager.policy``), checked before anything is written; controllers check again."""
         try:
             check_spec(self.settings.spec_policy, image=spec.image, labels=spec.labels, ports=spec.ports,
-                       volume_sources=spec.volumes, cap_add=spec.cap_add)
+                       volume_sources=spec.volumes, cap_add=spec.cap_add, environment=spec.env)
         except PolicyViolation as exc:
             raise SpecForbidden(exc.message, exc.details) from None
 
@@ -667,6 +671,12 @@ class ServiceManager:
         fresh.spec = spec.model_dump(mode="json")
         fresh.health = "healthy" if healthy else row.health or "unknown"
         if version is not None:
+            # Numbered here, under the service's row lock: two redeploys that planned the same number
+            # (concurrent calls, or two replicas) get consecutive ones.
+            latest = await session.scalar(
+                select(func.max(DeploymentHistoryModel.version)).where(DeploymentHistoryModel.service_id == fresh.id)
+            )
+            version = max(version, (latest or 0) + 1)
             fresh.version = version
             session.add(
                 DeploymentHistoryModel(
@@ -872,7 +882,12 @@ class ServiceManager:
         changes = patch.model_dump(mode="json", exclude_unset=True)
         if not changes:
             raise InvalidRequest("the patch changes nothing", code="EMPTY_PATCH")
-        # A merge patch (RFC 7396): a field given as null goes back to its default.
+        # A merge patch (RFC 7396) at the spec's structure: a field given as null goes back to its default,
+        # and the sub-objects merge field by field ({"resources": {"cpu_limit": 1}} keeps the GPUs and memory).
+        # The maps (env, labels, ports, volumes) are replaced whole: that is how a key is removed from them.
+        for key in ("resources", "health_check"):
+            if isinstance(service.spec.get(key), dict) and isinstance(changes.get(key), dict):
+                changes[key] = {**service.spec[key], **changes[key]}
         merged = {key: value for key, value in {**service.spec, **changes}.items()
                   if not (key in changes and value is None)}
         try:
@@ -960,15 +975,22 @@ class ServiceManager:
                 fresh.status, fresh.status_message, fresh.endpoint = status, message, endpoint
         return fresh
 
-    async def logs(self, user: UserModel, service_id: str, tail: int, follow: bool) -> str | AsyncIterator[bytes]:
+    async def logs(self, user: UserModel, service_id: str, tail: int, follow: bool) -> str | ClosingStream:
         async with self.db.session() as session:
             service = await self.get_for(session, user, service_id)
             if service.container_id is None or service.controller_id is None:
                 raise Conflict("service has no container yet", code="NO_CONTAINER")
             controller = await get_controller(session, service.controller_id)
-        if follow:
-            return await self.client.follow_logs(controller.id, controller.url, service.container_id, tail)
-        return await self.client.logs(controller.id, controller.url, service.container_id, tail)
+        if not follow:
+            return await self.client.logs(controller.id, controller.url, service.container_id, tail)
+        # After the ownership check: another user's service is a 404 whatever the caller has open.
+        release = self.log_streams.acquire(user.id, user.username)
+        try:
+            stream = await self.client.follow_logs(controller.id, controller.url, service.container_id, tail)
+        except BaseException:
+            release()
+            raise
+        return stream.on_close(release)
 
     # ------------------------------------------------------------------ drain
 

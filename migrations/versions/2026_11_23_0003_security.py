@@ -17,12 +17,15 @@ down_revision: str | None = '0002'
 branch_labels: str | Sequence[str] | None = None
 depends_on: str | Sequence[str] | None = None
 
-# The audit log refuses UPDATE and DELETE in the database itself, not only in the code.
+# The audit log refuses UPDATE, DELETE and TRUNCATE in the database itself, not only in the code.
 PG_APPEND_ONLY = [
     "CREATE OR REPLACE FUNCTION audit_log_append_only() RETURNS trigger AS $$ "
     "BEGIN RAISE EXCEPTION 'audit_log is append-only'; END; $$ LANGUAGE plpgsql",
     "CREATE TRIGGER audit_log_no_update BEFORE UPDATE OR DELETE ON audit_log "
     "FOR EACH ROW EXECUTE FUNCTION audit_log_append_only()",
+    # Row triggers do not fire on TRUNCATE: a statement trigger refuses it (SQLite has no TRUNCATE).
+    "CREATE TRIGGER audit_log_no_truncate BEFORE TRUNCATE ON audit_log "
+    "FOR EACH STATEMENT EXECUTE FUNCTION audit_log_append_only()",
 ]
 SQLITE_APPEND_ONLY = [
     "CREATE TRIGGER audit_log_no_update BEFORE UPDATE ON audit_log "
@@ -77,6 +80,7 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     if op.get_bind().dialect.name == 'postgresql':
+        op.execute("DROP TRIGGER IF EXISTS audit_log_no_truncate ON audit_log")
         op.execute("DROP TRIGGER IF EXISTS audit_log_no_update ON audit_log")
         op.execute("DROP FUNCTION IF EXISTS audit_log_append_only()")
     else:

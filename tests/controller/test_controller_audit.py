@@ -12,11 +12,17 @@ from collections.abc import AsyncIterator
 from datetime import UTC, datetime
 
 import docker
+import httpx
 import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from controller.audit import AuditTrail
+from mmanager.audit import AuditMiddleware, Coalescer
 from mmanager.images import EXAMPLE_IMAGE
-from mmanager.wire import AuditEvent
+from mmanager.wire import AuditEvent, Heartbeat
 from tests.controller.conftest import KEY, Ctl, StartController, eventually
 from tests.controller.test_controller_heartbeat import HUB, FakeHub
 
@@ -137,3 +143,68 @@ async def test_events_leave_the_queue_only_once_the_hub_answered(start_fake: Sta
     count = len(hub.beats)
     await eventually(lambda: len(hub.beats) > count + 1, what="more heartbeats")
     assert hub.beats[-1].audit == []
+
+
+async def test_a_hub_that_refuses_the_audit_events_does_not_cut_the_controller_off(
+    start_fake: StartController, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A hub that answers 422 to any beat carrying a certain event (an older hub, a NUL it cannot store)."""
+    hub = FakeHub()
+
+    async def refuse_audit(request: httpx.Request) -> httpx.Response:
+        if Heartbeat.model_validate_json(request.content).audit and hub.mode == "refuse":
+            return httpx.Response(422, json={"error": {"code": "VALIDATION_ERROR", "message": "no"}})
+        return await hub.handle(request)
+
+    ctl = await start_fake(hub_transport=httpx.MockTransport(refuse_audit), hub_url=HUB,
+                           controller_url="http://ctl.test:8001")
+    await eventually(lambda: agent_answered(ctl), what="a first answer")
+    hub.mode = "refuse"
+    assert (await ctl.client.get("/containers/x", headers={"Authorization": "Bearer wrong"})).status_code == 401
+    trail: AuditTrail = ctl.app.state.audit
+    agent = ctl.app.state.heartbeat
+    await eventually(lambda: len(trail) == 0, what="the refused events dropped")
+    assert "the hub refused a heartbeat with 1 audit events" in caplog.text
+    count = len(hub.beats)
+    await eventually(lambda: len(hub.beats) > count + 2, what="more heartbeats")
+    assert agent.failures == 0
+    # Events the hub takes are shipped as before.
+    hub.mode = "ok"
+    assert (await ctl.client.get("/containers/y", headers={"Authorization": "Bearer wrong"})).status_code == 401
+    await eventually(lambda: any(e.path == "/containers/y" for b in hub.beats for e in b.audit), what="shipped")
+
+
+async def test_anonymous_refusals_are_coalesced_into_one_event_per_caller_and_window() -> None:
+    recorded: list[AuditEvent] = []
+
+    async def record(event: AuditEvent) -> None:
+        recorded.append(event)
+
+    async def refuse(request: Request) -> JSONResponse:
+        return JSONResponse({"error": {"code": "UNAUTHORIZED", "message": "no"}}, status_code=401)
+
+    app = Starlette(routes=[Route("/things/{name}", refuse, methods=["GET", "DELETE"])])
+    now = [0.1]
+    app.add_middleware(AuditMiddleware, record=record,
+                       coalescer=Coalescer(window=0.5, per_key=3, total=5, clock=lambda: now[0]))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app, client=("10.0.0.1", 1)),
+                                 base_url="http://c") as first, httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app, client=("10.0.0.2", 1)), base_url="http://c") as second:
+        for n in range(6):
+            await first.get(f"/things/{n}")
+        for n in range(4):
+            await second.delete(f"/things/{n}")
+        assert [(e.remote, e.path) for e in recorded] == [("10.0.0.1", f"/things/{n}") for n in range(3)] + [
+            ("10.0.0.2", f"/things/{n}") for n in range(2)]
+        # Once the window is over, one event per caller says how many were not recorded, calls or not.
+        now[0] = 0.6
+        await eventually(lambda: len(recorded) == 7, what="the summaries")
+        summaries = {e.remote: e for e in recorded[5:]}
+        assert summaries["10.0.0.1"].details["suppressed"] == 3 and summaries["10.0.0.1"].path == "/things/5"
+        # The other caller was under its own bound: its last two went over the total of all callers.
+        assert summaries[None].details == {**summaries[None].details, "suppressed": 2, "over": "total"}
+        assert summaries[None].method == "DELETE" and summaries[None].status_code == 401
+        # A new window: recorded again.
+        now[0] = 1.1
+        await first.get("/things/again")
+        assert recorded[-1].path == "/things/again"

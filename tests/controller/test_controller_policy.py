@@ -73,7 +73,8 @@ async def test_allow_listed_host_paths_are_mounted_resolved_and_links_out_refuse
     assert outside.status_code == 403
 
     # A link from outside into the allowed folder is fine: what counts is where it leads, and Docker gets that.
-    created = await ctl.create(example_image, volumes={str(tmp_path / "alias"): {"bind": "/data", "mode": "ro"}})
+    # Asked read-write, it is mounted read-only all the same: nothing in the container can plant a link there.
+    created = await ctl.create(example_image, volumes={str(tmp_path / "alias"): {"bind": "/data", "mode": "rw"}})
     assert created.status_code == 201, created.text
     attrs = docker_client.containers.get(created.json()["container_id"]).attrs
     [mount] = attrs["Mounts"]
@@ -92,6 +93,9 @@ async def test_every_container_is_hardened(ctl: Ctl, example_image: str, docker_
     assert host["Memory"] == 2 * 1024**3
     assert sorted(host["CapAdd"]) == ["CHOWN", "IPC_LOCK"]
     assert host["Privileged"] is False
+    # No GPU asked: none visible, even where the NVIDIA runtime is Docker's default.
+    env = docker_client.containers.get(plain.json()["container_id"]).attrs["Config"]["Env"]
+    assert "NVIDIA_VISIBLE_DEVICES=void" in env
 
 
 async def test_settings_change_the_limits_and_allow_low_ports(

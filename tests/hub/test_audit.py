@@ -11,11 +11,13 @@ import json
 import logging
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
 import pytest
+from fastapi import FastAPI
 from sqlalchemy import func, select
 
 from controller.app import create_app as create_controller_app
@@ -23,6 +25,7 @@ from controller.config import ControllerSettings
 from hub.db import Database
 from hub.models import AuditModel, ServiceModel
 from hub.services.audit import AuditLog
+from mmanager.audit import COALESCE_PER_KEY
 from mmanager.images import EXAMPLE_IMAGE
 from mmanager.wire import AuditEvent
 from tests.hub.conftest import KEY, Cluster
@@ -162,19 +165,26 @@ def heartbeat(controller_id: str, **extra: Any) -> dict[str, Any]:
     }
 
 
-async def test_a_controllers_refusals_reach_the_hub_with_its_heartbeats(cluster: Cluster) -> None:
+@asynccontextmanager
+async def pushing_controller(cluster: Cluster, suffix: str) -> AsyncIterator[tuple[FastAPI, str]]:
+    """A real controller app (on the real Docker) that heartbeats to the cluster's in-process hub."""
     async def to_hub(request: httpx.Request) -> httpx.Response:
         answer = await cluster.hub.request(request.method, request.url.path, content=request.content, headers={
             "Authorization": request.headers["authorization"], "Content-Type": "application/json"})
         return httpx.Response(answer.status_code, content=answer.content, headers={"Content-Type": "application/json"})
 
-    cid = f"t{uuid.uuid4().hex[:6]}-push"
+    cid = f"t{uuid.uuid4().hex[:6]}-{suffix}"
     settings = ControllerSettings(
         _env_file=None, MMANAGER_API_KEY=KEY, SERVER_ID=cid, CONTROLLER_URL=f"http://{cid}.test:8001",
         PUBLISH_IP="127.0.0.1", MMANAGER_HUB_URL="http://hub.test",
     )
     app = create_controller_app(settings, hub_transport=httpx.MockTransport(to_hub))
-    async with app.router.lifespan_context(app), httpx.AsyncClient(
+    async with app.router.lifespan_context(app):
+        yield app, cid
+
+
+async def test_a_controllers_refusals_reach_the_hub_with_its_heartbeats(cluster: Cluster) -> None:
+    async with pushing_controller(cluster, "push") as (app, cid), httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://ctl", headers={"Authorization": f"Bearer {KEY}"}
     ) as ctl:
         for _ in range(100):
@@ -227,3 +237,76 @@ async def test_with_the_database_down_the_event_goes_to_the_log(caplog: pytest.L
     [line] = [r.getMessage() for r in caplog.records if r.name == "mmanager.audit"]
     logged = json.loads(line[line.index("{"):])
     assert (logged["actor"], logged["target"], logged["result"], logged["source"]) == ("alice", "s1", "ok", "hub")
+
+
+async def test_a_nul_in_a_path_is_audited_and_never_cuts_a_controller_off(cluster: Cluster) -> None:
+    """``/containers/%00`` on a controller once made every later heartbeat fail (PostgreSQL refuses NUL)."""
+    async with pushing_controller(cluster, "nul") as (app, cid), httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=app), base_url="http://ctl") as ctl:
+        agent = app.state.heartbeat
+        for _ in range(100):
+            if agent.last_answer is not None:
+                break
+            await asyncio.sleep(0.05)
+        assert (await ctl.get("/containers/%00")).status_code == 401
+        rows: list[dict[str, Any]] = []
+        for _ in range(100):
+            rows = await audit(cluster, source=f"controller:{cid}")
+            if rows:
+                break
+            await asyncio.sleep(0.05)
+        event = one(rows, method="GET")
+        assert (event["path"], event["target"], event["actor"]) == ("/containers/\ufffd", "\ufffd", "anonymous")
+        # Heartbeats go on succeeding, and the hub keeps the controller healthy.
+        beats = agent.sequence
+        for _ in range(100):
+            if agent.sequence >= beats + 3:
+                break
+            await asyncio.sleep(0.05)
+        assert agent.sequence >= beats + 3 and agent.failures == 0 and len(app.state.audit) == 0
+        await cluster.parts.ingest.flush()
+        [controller] = [c for c in (await cluster.hub.get("/api/admin/controllers")).json() if c["id"] == cid]
+        assert controller["status"] == "healthy"
+
+    # The hub's own refusal of such a path is in the database too (it used to go to the log only).
+    assert (await cluster.hub.get("/api/services/%00", headers={"Authorization": ""})).status_code == 401
+    assert one(await audit(cluster, actor="anonymous"), path="/api/services/\ufffd")["status_code"] == 401
+
+
+async def test_shipped_events_the_database_refuses_never_fail_a_heartbeat(cluster: Cluster) -> None:
+    cid = f"forged-{uuid.uuid4().hex[:6]}"
+    key = {"Authorization": f"Bearer {KEY}"}
+    now = datetime.now(UTC).isoformat()
+    nul = {"at": now, "actor": "evil\x00actor", "method": "DELETE", "path": "/containers/\x00\x1b[31m",
+           "target": "\x00" * 500, "status_code": 404, "error_code": "NOT\x00FOUND",
+           "details": {"message": "a\x00b", "k\x00": [1.5, "\ud800"], "n": float("nan")}}
+    r = await cluster.hub.post(f"/api/controllers/{cid}/heartbeat",
+                               headers={**key, "Content-Type": "application/json"}, content=json.dumps(heartbeat(cid, audit=[nul])))
+    assert r.status_code == 200, r.text
+    row = one(await audit(cluster, source=f"controller:{cid}"), method="DELETE")
+    assert (row["actor"], row["path"], row["error_code"]) == ("evil\ufffdactor", "/containers/\ufffd\ufffd[31m",
+                                                              "NOT\ufffdFOUND")
+    assert row["target"] == "\ufffd" * 160
+    assert row["details"] == {"message": "a\ufffdb", "k\ufffd": [1.5, "\ufffd"], "n": "nan"}
+
+    # One the cleaning cannot fix (a status code out of the column's range): the beat still succeeds, and one
+    # event says how many were rejected.
+    huge = {**nul, "details": {}, "status_code": 2**40}
+    r = await cluster.hub.post(f"/api/controllers/{cid}/heartbeat", headers=key,
+                               json=heartbeat(cid, audit=[huge, {**huge, "method": "POST"}]))
+    assert r.status_code == 200, r.text
+    placeholder = one(await audit(cluster, source=f"controller:{cid}"), error_code="AUDIT_REJECTED")
+    assert placeholder["details"]["rejected"] == 2 and placeholder["status_code"] == 500
+    assert placeholder["actor"] == f"controller:{cid}"
+
+
+async def test_anonymous_refusals_are_bounded_per_caller(cluster: Cluster) -> None:
+    alice = await cluster.user("alice")
+    for _ in range(COALESCE_PER_KEY + 5):
+        assert (await cluster.hub.get("/api/services", headers={"Authorization": ""})).status_code == 401
+    for _ in range(COALESCE_PER_KEY + 5):
+        assert (await cluster.hub.get("/api/services/nope", headers=alice)).status_code == 404
+    # The rest of the minute's anonymous refusals are counted (one event for them when the minute is over);
+    # a caller who authenticated is recorded in full.
+    assert len(await audit(cluster, actor="anonymous")) == COALESCE_PER_KEY
+    assert len(await audit(cluster, actor="alice")) == COALESCE_PER_KEY + 5

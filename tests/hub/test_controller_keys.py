@@ -192,3 +192,19 @@ def test_the_cli_mints_lists_and_revokes_keys_on_the_hub_host(pg_url: str) -> No
     assert row.split("\t")[4] != "-"
     unknown = runner.invoke(cli, ["controllers", "key-create", "nope"], env=env)
     assert unknown.exit_code == 2 and "not found" in unknown.output
+
+
+async def test_controllers_sharing_the_hub_key_are_warned_about(db: Database, caplog: pytest.LogCaptureFixture) -> None:
+    """One shared MMANAGER_API_KEY drives every controller: the operator hears about it at start-up."""
+    entries = [{"id": cid, "url": f"http://{cid}.test:8001"} for cid in CONTROLLERS]
+    entries[0]["api_key"] = "own-key-of-ctl-x-" + "k" * 24
+    settings = HubSettings(database_url=db.url, api_key=KEY, controllers=json.dumps(entries))
+    hub = build_hub(settings, db=Database(db.url), transport=Unreachable())
+    caplog.set_level(logging.WARNING, logger="hub.services.controllers")
+    try:
+        await hub.controllers.sync_from_config()
+    finally:
+        await hub.client.aclose()
+        await hub.db.dispose()
+    [warning] = [r.getMessage() for r in caplog.records if "share MMANAGER_API_KEY" in r.getMessage()]
+    assert "2 controllers" in warning and "ctl-y, ctl-z" in warning and KEY not in warning

@@ -285,3 +285,42 @@ async def test_unknown_ids_and_bad_tokens(cluster: Cluster) -> None:
         r = await cluster.hub.get("/api/services", headers={**headers} if headers else {"Authorization": ""})
         assert r.status_code == 401 and r.json()["error"]["code"] == "UNAUTHORIZED"
     assert (await cluster.hub.get("/health", headers={"Authorization": ""})).status_code == 200
+
+
+async def test_patch_null_resets_a_field_and_odd_values_are_refused_not_crashed(cluster: Cluster) -> None:
+    """Found by the fuzzer: a PATCH with null fields was a 500; an offset past the database's integer
+    range or a NUL in a query was a 503 that blamed the database. Each is the caller's problem (or a
+    default), answered as such, and changes nothing."""
+    sid = (await cluster.hub.post("/api/admin/repo/services", json=SPEC)).json()["id"]
+    r = await cluster.hub.patch(f"/api/services/{sid}?wait=true",
+                                json={"health_check": None, "restart_policy": None, "resources": None})
+    assert r.status_code == 200, r.text
+    spec = r.json()["spec"]
+    assert spec["health_check"] is None and spec["restart_policy"] == "unless-stopped"
+    assert spec["resources"]["memory_limit"] is None and spec["env"] == SPEC["env"]
+    # Sub-objects merge: changing the CPU keeps the memory limit.
+    r = await cluster.hub.patch(f"/api/services/{sid}", json={"resources": {"memory_limit": "48MB"}})
+    r = await cluster.hub.patch(f"/api/services/{sid}", json={"resources": {"cpu_limit": 0.25}})
+    assert r.status_code == 200, r.text
+    assert (r.json()["spec"]["resources"]["cpu_limit"], r.json()["spec"]["resources"]["memory_limit"]) == (0.25, "48MB")
+    before = await counts(cluster)
+    for path, code in [("/api/services?offset=1000000000000000000000", "VALIDATION_ERROR"),
+                       ("/api/admin/operations?service_id=a%00b", "INVALID_VALUE"),
+                       ("/api/admin/containers?controller_id=%00", "INVALID_VALUE")]:
+        r = await cluster.hub.get(path)
+        assert (r.status_code, r.json()["error"]["code"]) == (422, code), (path, r.text)
+    assert await counts(cluster) == before
+
+
+async def test_concurrent_redeploys_get_consecutive_versions(cluster: Cluster) -> None:
+    """Found by the fuzzer: two rollbacks at once planned the same version number; the second broke
+    the history's unique key and answered 503. Now each gets its own number."""
+    sid = (await cluster.hub.post("/api/admin/repo/services", json=SPEC)).json()["id"]
+    answers = await asyncio.gather(*(cluster.hub.post(f"/api/services/{sid}/rollback", json={"version": 1})
+                                     for _ in range(3)))
+    assert [a.status_code for a in answers] == [200, 200, 200], [a.text for a in answers]
+    history = (await cluster.hub.get(f"/api/services/{sid}/history")).json()
+    assert [(h["version"], h["reason"]) for h in history] == [(1, "create")] + [(v, "rollback") for v in (2, 3, 4)]
+    service = (await cluster.hub.get(f"/api/services/{sid}")).json()
+    assert (service["version"], service["status"]) == (4, "running")
+    assert [c.id for c in cluster.containers(**{"mmanager.service": sid})] == [service["container_id"]]

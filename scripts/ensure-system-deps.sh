@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Install what the project needs from the OS when it is missing: Debian's
 # docker.io (the engine), postgresql (server binaries, for the tests' throwaway
-# cluster) and busybox-static (the example image is built FROM scratch around
-# it). With "demo" as the first argument PostgreSQL is not needed.
+# cluster), busybox-static (the example image is built FROM scratch around
+# it), prometheus (promtool and the server, for the monitoring tests) and
+# docker-compose. With "demo" as the first argument only Docker and busybox are needed.
 set -euo pipefail
 
 need=()
@@ -11,6 +12,12 @@ if ! docker info >/dev/null 2>&1 && ! command -v dockerd >/dev/null 2>&1; then
 fi
 if [ "${1:-}" != demo ]; then
     ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || command -v initdb >/dev/null 2>&1 || need+=(postgresql)
+fi
+if [ "${1:-}" != demo ]; then
+    # promtool tests the alert rules, a real Prometheus scrapes a real hub in the tests,
+    # and docker-compose validates the compose files.
+    command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+    command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || need+=(docker-compose)
 fi
 if command -v dpkg >/dev/null 2>&1 && ! dpkg -s busybox-static >/dev/null 2>&1; then
     need+=(busybox-static)
@@ -21,7 +28,7 @@ fi
 if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
     echo "==> installing ${need[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get install -y -qq "${need[@]}" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq "${need[@]}" >/dev/null; }
+    apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null 2>&1 || { apt-get update -qq && apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null; }
 else
     echo "Missing system packages: ${need[*]}." >&2
     echo "On Debian/Ubuntu: sudo apt-get install -y ${need[*]}; elsewhere install the equivalents." >&2

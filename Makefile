@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test unit system-deps clean
+.PHONY: install demo test unit system-deps images clean
 
 install: $(STAMP)
 
@@ -29,6 +29,13 @@ test: install system-deps
 
 unit: install
 	$(BIN)/python -m pytest -q tests/unit
+
+# The hub and controller images, FROM a Python base made here with debootstrap (no registry needed);
+# each step is skipped or cached when done before. docs/OPERATIONS.md#building-the-images.
+images: system-deps
+	bash scripts/build-base-image.sh
+	docker build -f deploy/Dockerfile --target hub -t mmanager/hub:latest .
+	docker build -f deploy/Dockerfile --target controller -t mmanager/controller:latest .
 
 clean:
 	rm -rf $(VENV) .mmanager *.egg-info .pytest_cache

@@ -14,7 +14,6 @@ should: logging set up from LOG_LEVEL and LOG_FILE first.
 from __future__ import annotations
 
 import logging
-import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -40,10 +39,12 @@ from controller.routers import containers as container_routes
 from controller.routers import images as image_routes
 from controller.routers import system as system_routes
 from controller.runtime import DockerRuntime, Runtime
+from controller.stats import StatsSampler
 from controller.sync import SyncGuard
 from mmanager import __version__
 from mmanager.audit import AuditMiddleware
 from mmanager.limits import BodyLimit, BodyTooLarge, too_large
+from mmanager.logs import install_request_ids, setup_logging
 from mmanager.wire import ErrorBody, ErrorEnvelope
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,11 @@ def create_app(
     service = ContainerService(settings, runtime, detect_gpus(settings.gpu_devices), sync)
     prober = Prober(settings, runtime, service)
     metrics = ControllerMetrics(settings.server_id)
+    sampler = StatsSampler(settings, runtime, metrics)
     audit = AuditTrail(settings.server_id, settings.audit_buffer)
     heartbeat = (
-        HeartbeatAgent(settings, runtime, service, prober, transport=hub_transport, metrics=metrics, audit=audit)
+        HeartbeatAgent(settings, runtime, service, prober, transport=hub_transport, metrics=metrics, audit=audit,
+                       sampler=sampler)
         if settings.hub_url
         else None
     )
@@ -89,6 +92,7 @@ def create_app(
         except DockerUnavailable as exc:
             log.warning("Docker is unreachable at start-up (%s); epochs will be read on first use", exc.message)
         await prober.start()
+        await sampler.start()
         if heartbeat is not None:
             await heartbeat.start()
         log.info(
@@ -104,6 +108,7 @@ def create_app(
         finally:
             if heartbeat is not None:
                 await heartbeat.stop()
+            await sampler.stop()
             await prober.stop()
             if owns_runtime:
                 await runtime.close()
@@ -114,6 +119,7 @@ def create_app(
     app.state.runtime = runtime
     app.state.containers = service
     app.state.prober = prober
+    app.state.stats = sampler
     app.state.heartbeat = heartbeat
     app.state.metrics = metrics
     app.state.audit = audit
@@ -122,6 +128,7 @@ def create_app(
     app.add_middleware(BodyLimit, limit_for=lambda _: settings.max_request_bytes)
     app.add_middleware(AuditMiddleware, record=audit.record)
     app.add_middleware(StripTrailingSlash)
+    install_request_ids(app)
     _install_error_handlers(app)
     app.include_router(system_routes.router)
     app.include_router(container_routes.router, dependencies=[Depends(require_api_key)])
@@ -186,26 +193,10 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "INTERNAL_ERROR", "internal error; the controller's log has the details")
 
 
-def configure_logging(settings: ControllerSettings) -> None:
-    handler: logging.Handler = (
-        logging.FileHandler(settings.log_file) if settings.log_file else logging.StreamHandler(sys.stderr)
-    )
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(settings.log_level)
-    # httpx logs every request at INFO: one line per heartbeat and per health probe would drown the rest.
-    logging.getLogger("httpx").setLevel(logging.NOTSET if root.level <= logging.DEBUG else logging.WARNING)
-
-
 def run(settings: ControllerSettings, host: str = "0.0.0.0", port: int | None = None) -> None:
-    """Serve a controller until interrupted; logging follows LOG_LEVEL and LOG_FILE."""
-    configure_logging(settings)
-    uvicorn.run(
-        create_app(settings),
-        host=host,
-        port=port or settings.port,
-        log_config=None,
-        log_level=logging.getLevelName(settings.log_level),
-        **settings.tls.server_options(),
-    )
+    """Serve a controller until interrupted; logging follows LOG_LEVEL, LOG_FILE and LOG_FORMAT
+    (``mmanager.logs``; a LOG_FILE that cannot be opened raises ``LogFileError`` before anything starts)."""
+    setup_logging(settings)
+    # No log_config and no log_level: uvicorn's loggers propagate to the handler just installed.
+    uvicorn.run(create_app(settings), host=host, port=port or settings.port, log_config=None,
+                **settings.tls.server_options())

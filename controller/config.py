@@ -9,7 +9,6 @@ so a hub in dev mode can build one in-process.
 from __future__ import annotations
 
 import ipaddress
-import logging
 import socket
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,6 +18,7 @@ from pydantic_settings import NoDecode, SettingsConfigDict
 
 from controller.credentials import read_key_file
 from mmanager.keys import key_problem
+from mmanager.logs import LogSettings
 from mmanager.settings import SpecPolicySettings, TlsSettings
 from mmanager.wire import GpuInfo, ServerType, parse_memory
 
@@ -44,7 +44,7 @@ def parse_gpu_devices(value: str) -> list[GpuInfo]:
     return gpus
 
 
-class ControllerSettings(SpecPolicySettings, TlsSettings):
+class ControllerSettings(SpecPolicySettings, TlsSettings, LogSettings):
     RESOLVE_PATHS = True
 
     # hide_input_in_errors: a refused setting must not print the keys it was given.
@@ -66,8 +66,6 @@ class ControllerSettings(SpecPolicySettings, TlsSettings):
     max_containers: int = Field(
         default=100, ge=1, validation_alias=AliasChoices("MAX_CONTAINERS", "MMANAGER_MAX_CONTAINERS")
     )
-    log_level: str = Field(default="INFO", validation_alias=AliasChoices("LOG_LEVEL", "MMANAGER_LOG_LEVEL"))
-    log_file: Path | None = Field(default=None, validation_alias="LOG_FILE")
     # None: the Docker SDK's own defaults (DOCKER_HOST from the environment, else the local socket).
     docker_host: str | None = Field(default=None, validation_alias="DOCKER_HOST")
     docker_timeout: float = Field(default=60, gt=0, validation_alias="DOCKER_TIMEOUT")
@@ -95,6 +93,8 @@ class ControllerSettings(SpecPolicySettings, TlsSettings):
     # Docker's json-file rotation for every container's stdout and stderr: at most size × files on disk.
     log_max_size: str = Field(default="50m", pattern=r"^[1-9][0-9]*[kmg]?$", validation_alias="MMANAGER_LOG_MAX_SIZE")
     log_max_files: int = Field(default=3, ge=1, le=100, validation_alias="MMANAGER_LOG_MAX_FILES")
+    # Seconds between Docker stats samples of the running managed containers (controller.stats); 0: none.
+    stats_interval: float = Field(default=10.0, ge=0, validation_alias="MMANAGER_STATS_INTERVAL")
     @field_validator("api_key")
     @classmethod
     def _key_not_blank(cls, value: SecretStr) -> SecretStr:
@@ -124,14 +124,6 @@ class ControllerSettings(SpecPolicySettings, TlsSettings):
                     "or MMANAGER_DEV=true on a local playground."
                 )
         return self
-
-    @field_validator("log_level")
-    @classmethod
-    def _known_level(cls, value: str) -> str:
-        level = value.strip().upper()
-        if level not in logging.getLevelNamesMapping():
-            raise ValueError(f"unknown log level {value!r}")
-        return level
 
     @field_validator("gpu_devices", mode="before")
     @classmethod

@@ -13,6 +13,7 @@ from controller.errors import Unauthorized
 from controller.health import ControllerMetrics
 from controller.probes import Prober
 from controller.runtime import Runtime
+from controller.stats import StatsSampler
 from mmanager.audit import identify
 
 
@@ -36,11 +37,16 @@ def get_prober(request: Request) -> Prober:
     return request.app.state.prober
 
 
+def get_stats(request: Request) -> StatsSampler:
+    return request.app.state.stats
+
+
 SettingsDep = Annotated[ControllerSettings, Depends(get_settings)]
 RuntimeDep = Annotated[Runtime, Depends(get_runtime)]
 ContainersDep = Annotated[ContainerService, Depends(get_containers)]
 MetricsDep = Annotated[ControllerMetrics, Depends(get_metrics)]
 ProberDep = Annotated[Prober, Depends(get_prober)]
+StatsDep = Annotated[StatsSampler, Depends(get_stats)]
 
 
 def require_api_key(request: Request, settings: SettingsDep) -> None:

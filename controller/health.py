@@ -6,6 +6,9 @@ memory from the daemon, which is what containers can actually get.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import shutil
 from typing import Any
 
 import psutil
@@ -17,6 +20,9 @@ from controller.gpu import gpus_in_use
 from controller.runtime import Runtime
 from mmanager import __version__
 from mmanager.wire import (
+    USAGE_LABELS,
+    USAGE_METRICS,
+    ContainerUsage,
     ControllerHealth,
     GpuInfo,
     HealthCapabilities,
@@ -25,6 +31,18 @@ from mmanager.wire import (
 )
 
 GB = 1024**3
+
+
+def disk_usage_percent(root_dir: str) -> float:
+    """How full the file system of Docker's data root is (``/`` where that is not visible here,
+    e.g. a controller in a container, whose own root is on that disk too), as ``df`` counts it."""
+    path = root_dir if root_dir and os.path.isdir(root_dir) else "/"
+    try:
+        usage = shutil.disk_usage(path)
+    except OSError:
+        usage = shutil.disk_usage("/")
+    in_use = usage.used + usage.free
+    return round(100 * usage.used / in_use, 2) if in_use else 0.0
 
 
 def _common(settings: ControllerSettings, memory_percent: float) -> dict[str, Any]:
@@ -63,6 +81,7 @@ async def collect_health(settings: ControllerSettings, runtime: Runtime, gpus: l
     running = sum(c.status == "running" for c in managed)
     busy = gpus_in_use(managed)
     memory_total_gb = round(host.memory_total / GB, 2)
+    disk = await asyncio.to_thread(disk_usage_percent, host.root_dir)
     return ControllerHealth(
         status="healthy",
         docker=True,
@@ -78,6 +97,7 @@ async def collect_health(settings: ControllerSettings, runtime: Runtime, gpus: l
             max_memory_gb=memory_total_gb,
             gpus=[gpu.model_copy(update={"in_use": gpu.index in busy}) for gpu in gpus],
         ),
+        disk_usage_percent=disk,
         **common,
     )
 
@@ -88,6 +108,7 @@ class ControllerMetrics:
     content_type = CONTENT_TYPE_LATEST
 
     def __init__(self, server_id: str) -> None:
+        self.server_id = server_id
         self.registry = CollectorRegistry()
         labels = ["controller"]
         self._running = Gauge(
@@ -111,13 +132,36 @@ class ControllerMetrics:
             labels,
             registry=self.registry,
         ).labels(server_id)
+        self._disk = Gauge(
+            "mmanager_disk_usage_percent", "Disk in use where Docker keeps its data, percent", labels,
+            registry=self.registry,
+        )
+        self._usage = {
+            field: Gauge(name, text, USAGE_LABELS, registry=self.registry)
+            for field, (name, text) in USAGE_METRICS.items()
+        }
+        # The label values of each container's series, by container id, to remove them when it goes.
+        self._series: dict[str, tuple[str, str, str]] = {}
 
     def heartbeat_failed(self) -> None:
         self._heartbeat_failures.inc()
+
+    def set_usage(self, samples: dict[str, tuple[str, str, ContainerUsage]]) -> None:
+        """The latest sample of each running container (id -> (service, name, usage)); others' series go."""
+        series = {cid: (self.server_id, service, name) for cid, (service, name, _) in samples.items()}
+        for labels in set(self._series.values()) - set(series.values()):
+            for gauge in self._usage.values():
+                gauge.remove(*labels)
+        for cid, (_, _, usage) in samples.items():
+            for field, gauge in self._usage.items():
+                gauge.labels(*series[cid]).set(getattr(usage, field))
+        self._series = series
 
     def render(self, health: ControllerHealth) -> bytes:
         self._running.set(health.containers.running)
         self._load.set(health.load_percentage)
         self._memory.set(health.memory_usage_percent)
         self._docker.set(1 if health.docker else 0)
+        if health.disk_usage_percent is not None:
+            self._disk.labels(self.server_id).set(health.disk_usage_percent)
         return generate_latest(self.registry)

@@ -51,6 +51,7 @@ from controller.errors import ControllerError, NotFound
 from controller.health import ControllerMetrics, collect_health, docker_down_health
 from controller.probes import Prober
 from controller.runtime import Runtime
+from controller.stats import StatsSampler
 from controller.sync import DEFAULT_INTERVAL
 from mmanager.wire import (
     AuditEvent,
@@ -102,6 +103,7 @@ class HeartbeatAgent:
         transport: httpx.AsyncBaseTransport | None = None,
         metrics: ControllerMetrics | None = None,
         audit: AuditTrail | None = None,
+        sampler: StatsSampler | None = None,
     ) -> None:
         if not settings.hub_url:
             raise ValueError("heartbeats need MMANAGER_HUB_URL")
@@ -111,6 +113,7 @@ class HeartbeatAgent:
         self.prober = prober
         self.metrics = metrics
         self.audit = audit
+        self.sampler = sampler
         # Read before every beat: a key file rewritten by an operator is picked up without a restart.
         self.key = HeartbeatKey(settings)
         self.sync = containers.sync
@@ -252,6 +255,7 @@ class HeartbeatAgent:
             health_restarts=restarts,
             age_seconds=round(max(age or 0.0, 0.0), 3),
             ports=info.ports,
+            usage=self.sampler.usage(info.id) if self.sampler is not None else None,
         )
 
     @property

@@ -67,6 +67,8 @@ T = TypeVar("T")
 class HostInfo:
     cpu_cores: float
     memory_total: int
+    # Docker's data root (DockerRootDir), where images, containers and volumes take disk.
+    root_dir: str = ""
 
 
 class Runtime(Protocol):
@@ -175,6 +177,7 @@ class DockerRuntime:
             return HostInfo(
                 cpu_cores=float(data.get("NCPU") or 0),
                 memory_total=int(data.get("MemTotal") or 0),
+                root_dir=str(data.get("DockerRootDir") or ""),
             )
 
         return await self._run(info)

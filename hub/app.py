@@ -31,7 +31,7 @@ from hub.errors import HubError
 from hub.metrics import HubMetrics
 from hub.models import new_id
 from hub.ratelimit import RateLimiter
-from hub.routers import admin, audit, controllers, services, system
+from hub.routers import admin, audit, controllers, prometheus, services, system
 from hub.services.audit import HEARTBEAT_PATH, AuditLog, skip_heartbeats
 from hub.services.controllers import ControllerRegistry
 from hub.services.heartbeats import HeartbeatIngest
@@ -40,6 +40,7 @@ from hub.services.operations import OperationLog
 from mmanager import __version__
 from mmanager.audit import AuditMiddleware
 from mmanager.limits import BodyLimit, BodyTooLarge, too_large
+from mmanager.logs import install_request_ids
 
 log = logging.getLogger(__name__)
 
@@ -48,8 +49,8 @@ def build_hub(settings: HubSettings, db: Database | None = None,
               transport: httpx.AsyncBaseTransport | None = None) -> Hub:
     db = db or Database(settings.database_url)
     replica_id = new_id()
-    client = ControllerClient(settings, transport=transport)
     metrics = HubMetrics()
+    client = ControllerClient(settings, transport=transport, metrics=metrics)
     ops = OperationLog(db, metrics, replica_id)
     controllers = ControllerRegistry(db, client, settings, metrics)
     manager = ServiceManager(db, client, controllers, ops, settings, metrics)
@@ -211,9 +212,11 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.add_middleware(BodyLimit, limit_for=lambda scope: settings.max_heartbeat_bytes
                        if HEARTBEAT_PATH.match(scope["path"]) else settings.max_request_bytes)
     app.add_middleware(AuditMiddleware, record=AuditLog(hub.db).record, skip=skip_heartbeats)
+    install_request_ids(app)
     app.include_router(system.router)
     app.include_router(services.router)
     app.include_router(admin.router)
+    app.include_router(prometheus.router)
     app.include_router(audit.router)
     app.include_router(controllers.router)
     return app

@@ -8,10 +8,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from mmanager.keys import key_problem
+from mmanager.logs import LogSettings
 from mmanager.settings import SpecPolicySettings, TlsSettings
 
 
@@ -41,7 +42,7 @@ class DatabaseSettings(BaseSettings):
 
 
 # DatabaseSettings last: of several bases, the last one's model_config wins (the env prefix among it).
-class HubSettings(SpecPolicySettings, TlsSettings, DatabaseSettings):
+class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings):
     controllers: str = ""
     api_key: SecretStr | None = None
     heartbeat_interval: float = Field(default=2.0, gt=0)
@@ -79,7 +80,26 @@ class HubSettings(SpecPolicySettings, TlsSettings, DatabaseSettings):
     max_log_streams: int = Field(default=64, ge=1, le=10_000)
     max_log_streams_per_user: int = Field(default=4, ge=1)
     max_log_bytes: int = Field(default=10 * 1024**2, ge=1024)
+    # Container monitoring (hub.services.monitoring): usage at or over a threshold opens an alert, a
+    # little under it resolves it. History: one row per service per metrics_resolution seconds, kept
+    # metrics_retention seconds (resolved alerts too).
+    alert_cpu_percent: float = Field(default=80.0, gt=0)
+    alert_memory_percent: float = Field(default=90.0, gt=0, le=100)
+    alert_disk_percent: float = Field(default=85.0, gt=0, le=100)
+    metrics_resolution: float = Field(default=60.0, ge=1, le=3600)
+    metrics_retention: float = Field(default=7 * 86400.0, ge=60)
+    # Where Prometheus reaches this hub: a base URL, or a comma-separated list of every replica's.
+    # GET /api/admin/prometheus/targets lists them; empty: the URL that call came to.
+    public_url: str = Field(default="", pattern=r"^\s*(https?://[^\s,]+\s*(,\s*https?://[^\s,]+\s*)*)?$")
+    # A token that reaches only GET /api/admin/prometheus/targets (besides admin tokens), for Prometheus.
+    prometheus_token: SecretStr | None = None
     dev_mode: bool = False
+
+    @field_validator("prometheus_token", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        # MMANAGER_PROMETHEUS_TOKEN= (as a compose file may pass it) means no such token.
+        return None if value == "" else value
 
     @model_validator(mode="after")
     def _refuse_weak_keys(self) -> HubSettings:
@@ -97,6 +117,8 @@ class HubSettings(SpecPolicySettings, TlsSettings, DatabaseSettings):
                     "Set a random key of 16+ characters (e.g. `openssl rand -hex 32`), "
                     "or run `mmanager dev` for a local playground."
                 )
+        if self.prometheus_token is not None and (problem := key_problem(self.prometheus_token.get_secret_value())):
+            raise ValueError(f"MMANAGER_PROMETHEUS_TOKEN is unfit: {problem}. Set a random token of 16+ characters.")
         return self
 
     @cached_property
@@ -111,6 +133,10 @@ class HubSettings(SpecPolicySettings, TlsSettings, DatabaseSettings):
         if isinstance(data, dict):
             data = data.get("controllers", data.get("mmanager_controllers", []))
         return [ControllerEntry.model_validate(item) for item in data]
+
+    @property
+    def public_urls(self) -> list[str]:
+        return [url.strip() for url in self.public_url.split(",") if url.strip()]
 
     def key_for(self, controller_id: str) -> str:
         """The key the hub presents to a controller: its own from the config, else the shared one."""

@@ -22,6 +22,9 @@ from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait
 
 from hub.config import HubSettings
 from hub.errors import ControllerRejected, ControllerUnavailable, HubError
+from hub.metrics import HubMetrics
+from mmanager.logs import HEADER as REQUEST_ID_HEADER
+from mmanager.logs import current_request_id
 from mmanager.streams import ClosingStream, newest_text
 from mmanager.wire import (
     ActionResult,
@@ -42,8 +45,10 @@ class _Retryable(Exception):
 
 
 class ControllerClient:
-    def __init__(self, settings: HubSettings, transport: httpx.AsyncBaseTransport | None = None) -> None:
+    def __init__(self, settings: HubSettings, transport: httpx.AsyncBaseTransport | None = None,
+                 metrics: HubMetrics | None = None) -> None:
         self.settings = settings
+        self.metrics = metrics
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.controller_timeout, connect=5.0),
             limits=httpx.Limits(max_connections=200, max_keepalive_connections=50),
@@ -67,9 +72,28 @@ class ControllerClient:
         await self.stream_http.aclose()
 
     def _headers(self, controller_id: str) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.settings.key_for(controller_id)}"}
+        headers = {"Authorization": f"Bearer {self.settings.key_for(controller_id)}"}
+        # The id of the request (or background operation) this call serves: the controller logs it too.
+        request_id = current_request_id()
+        if request_id:
+            headers[REQUEST_ID_HEADER] = request_id
+        return headers
 
-    async def _send(
+    async def _send(self, controller_id: str, base_url: str, method: str, path: str, *, call: str,
+                    **kw: Any) -> httpx.Response:
+        """One call, timed into ``mmanager_controller_call_duration_seconds{controller, call}``
+        (retries included: what the caller waited), whatever its outcome."""
+        started = time.monotonic()
+        try:
+            return await self._exchange(controller_id, base_url, method, path, **kw)
+        finally:
+            self._timed(controller_id, call, started)
+
+    def _timed(self, controller_id: str, call: str, started: float) -> None:
+        if self.metrics is not None:
+            self.metrics.controller_calls.labels(controller_id, call).observe(time.monotonic() - started)
+
+    async def _exchange(
         self,
         controller_id: str,
         base_url: str,
@@ -116,7 +140,8 @@ class ControllerClient:
         return response
 
     async def health(self, controller_id: str, url: str, timeout: float = 3.0) -> ControllerHealth:
-        response = await self._send(controller_id, url, "GET", "/health", idempotent=False, timeout=timeout)
+        response = await self._send(controller_id, url, "GET", "/health", call="health", idempotent=False,
+                                   timeout=timeout)
         return ControllerHealth.model_validate(response.json())
 
     async def create(self, controller_id: str, url: str, config: ContainerCreate) -> ContainerCreated:
@@ -137,6 +162,7 @@ class ControllerClient:
             url,
             "POST",
             "/containers/",
+            call="create",
             idempotent=config.service_id is not None and config.epoch is not None,
             timeout=self.settings.controller_create_timeout,
             json=config.model_dump(mode="json", exclude_none=True),
@@ -151,21 +177,25 @@ class ControllerClient:
         method = "DELETE" if action == "delete" else "POST"
         path = f"/containers/{container_id}" if action == "delete" else f"/containers/{container_id}/{action}"
         response = await self._send(
-            controller_id, url, method, path, idempotent=True, timeout=self.settings.controller_create_timeout, params=params
+            controller_id, url, method, path, call=action, idempotent=True,
+            timeout=self.settings.controller_create_timeout, params=params
         )
         return ActionResult.model_validate(response.json())
 
     async def inspect(self, controller_id: str, url: str, container_id: str) -> ContainerInfo:
-        response = await self._send(controller_id, url, "GET", f"/containers/{container_id}", idempotent=True)
+        response = await self._send(controller_id, url, "GET", f"/containers/{container_id}", call="inspect",
+                                   idempotent=True)
         return ContainerInfo.model_validate(response.json())
 
     async def list_containers(self, controller_id: str, url: str) -> list[ContainerInfo]:
-        response = await self._send(controller_id, url, "GET", "/containers/", idempotent=True, params={"all": "true"})
+        response = await self._send(controller_id, url, "GET", "/containers/", call="list", idempotent=True,
+                                   params={"all": "true"})
         return ContainerList.model_validate(response.json()).containers
 
     async def logs(self, controller_id: str, url: str, container_id: str, lines: int) -> str:
         response = await self._send(
-            controller_id, url, "GET", f"/containers/{container_id}/logs", idempotent=True, params={"lines": lines}
+            controller_id, url, "GET", f"/containers/{container_id}/logs", call="logs", idempotent=True,
+            params={"lines": lines}
         )
         # Our controllers cut their answer already; one configured otherwise (or a GeoML-Hub one) may not.
         return newest_text(str(response.json().get("logs", "")), self.settings.max_log_bytes)
@@ -178,10 +208,14 @@ class ControllerClient:
             params={"lines": lines, "follow": "true"},
             headers=self._headers(controller_id),
         )
+        started = time.monotonic()
         try:
             response = await self.stream_http.send(request, stream=True)
         except httpx.TransportError as exc:
             raise ControllerUnavailable(f"controller {controller_id} is unreachable: {exc}") from exc
+        finally:
+            # Until the stream opens (its headers), not for as long as it is followed.
+            self._timed(controller_id, "follow_logs", started)
         if response.status_code >= 400:
             await response.aread()
             await response.aclose()

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from mmanager.wire import USAGE_LABELS, USAGE_METRICS
+
 SERVICE_STATUSES = ("pending", "starting", "running", "stopped", "failed", "migrating", "unhealthy", "lost")
+ALERT_KINDS = ("cpu", "memory", "disk")
 
 
 class HubMetrics:
@@ -34,6 +37,30 @@ class HubMetrics:
             registry=r,
         )
         self.services = Gauge("mmanager_services", "Services by status", ["status"], registry=r)
+        self.controller_calls = Histogram(
+            "mmanager_controller_call_duration_seconds",
+            "Time the hub's calls to controllers take, retries included",
+            ["controller", "call"],
+            buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
+            registry=r,
+        )
+        self.service_health = Gauge(
+            "mmanager_service_health", "1 healthy, 0 unhealthy (services of unknown health are left out)",
+            ["service"], registry=r,
+        )
+        self.alerts_active = Gauge("mmanager_alerts_active", "Open usage alerts", ["kind"], registry=r)
+        self.alerts_total = Counter("mmanager_alerts_total", "Usage alerts opened", ["kind"], registry=r)
+        for kind in ALERT_KINDS:
+            self.alerts_active.labels(kind).set(0)
+            self.alerts_total.labels(kind)
+        self.disk_usage_percent = Gauge(
+            "mmanager_disk_usage_percent", "Disk in use where the controller's Docker keeps its data",
+            ["controller"], registry=r,
+        )
+        self.container_usage = {
+            field: Gauge(name, text, USAGE_LABELS, registry=r)
+            for field, (name, text) in USAGE_METRICS.items()
+        }
 
     def observe_controller(self, controller_id: str, up: bool, running: int, load: float, memory: float) -> None:
         self.controller_up.labels(controller_id).set(1 if up else 0)
@@ -45,3 +72,10 @@ class HubMetrics:
     def set_service_counts(self, counts: dict[str, int]) -> None:
         for status in SERVICE_STATUSES:
             self.services.labels(status).set(counts.get(status, 0))
+
+    def set_service_health(self, health: dict[str, str]) -> None:
+        """Every service's health at once (services of unknown health, and deleted ones, have no series)."""
+        self.service_health.clear()
+        for service_id, state in health.items():
+            if state in ("healthy", "unhealthy"):
+                self.service_health.labels(service_id).set(1 if state == "healthy" else 0)

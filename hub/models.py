@@ -266,3 +266,48 @@ class AuditModel(Base):
     error_code: Mapped[str | None] = mapped_column(String(64), default=None)
     remote: Mapped[str | None] = mapped_column(String(64), default=None)
     details: Mapped[dict[str, Any]] = mapped_column(default=dict)
+
+
+class AlertModel(Base):
+    """A usage threshold crossed (hub.services.monitoring): open while ``resolved_at`` is null. One
+    open alert at most per (kind, controller, container); disk alerts have no container."""
+
+    __tablename__ = "alerts"
+    __table_args__ = (Index("ix_alerts_started_at", "started_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    # cpu | memory | disk
+    kind: Mapped[str] = mapped_column(String(16))
+    controller_id: Mapped[str] = mapped_column(String(128), index=True)
+    # No foreign key: an alert outlives its service, like the operation history.
+    service_id: Mapped[str | None] = mapped_column(String(32), default=None, index=True)
+    container_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    container_name: Mapped[str | None] = mapped_column(String(255), default=None)
+    # The reading that opened it (percent), and the threshold it crossed.
+    value: Mapped[float] = mapped_column(Float)
+    threshold: Mapped[float] = mapped_column(Float)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    resolved_at: Mapped[datetime | None] = mapped_column(default=None, index=True)
+
+
+class ServiceMetricModel(Base):
+    """A service's resource use, one row per service per MMANAGER_METRICS_RESOLUTION (``at`` is the
+    bucket's start), kept for MMANAGER_METRICS_RETENTION. Network and block I/O are the container's
+    counters at the bucket's last sample (they restart from zero with a new container)."""
+
+    __tablename__ = "service_metrics"
+
+    # No foreign key: a row for a service deleted meanwhile must not fail the write of every other row
+    # (rows of deleted services are unreachable through the API and go with the retention).
+    service_id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    at: Mapped[datetime] = mapped_column(primary_key=True, index=True)
+    samples: Mapped[int] = mapped_column(Integer)
+    cpu_percent_avg: Mapped[float] = mapped_column(Float)
+    cpu_percent_max: Mapped[float] = mapped_column(Float)
+    memory_bytes_avg: Mapped[int] = mapped_column(BigInteger)
+    memory_bytes_max: Mapped[int] = mapped_column(BigInteger)
+    memory_percent_max: Mapped[float] = mapped_column(Float)
+    network_rx_bytes: Mapped[int] = mapped_column(BigInteger)
+    network_tx_bytes: Mapped[int] = mapped_column(BigInteger)
+    block_read_bytes: Mapped[int] = mapped_column(BigInteger)
+    block_write_bytes: Mapped[int] = mapped_column(BigInteger)

@@ -293,3 +293,43 @@ class AuditOut(BaseModel):
     error_code: str | None
     remote: str | None
     details: dict[str, Any]
+
+
+class AlertOut(BaseModel):
+    """A usage threshold crossed: open while ``resolved_at`` is null (``active``)."""
+
+    id: str
+    kind: Literal["cpu", "memory", "disk"]
+    controller_id: str
+    service_id: str | None
+    container_id: str | None
+    container_name: str | None
+    value: float
+    threshold: float
+    started_at: datetime
+    resolved_at: datetime | None
+    active: bool
+
+
+class MetricPoint(BaseModel):
+    """A service's resource use over one ``resolution``-long bucket starting at ``at``."""
+
+    at: datetime
+    samples: int
+    cpu_percent_avg: float
+    cpu_percent_max: float
+    memory_bytes_avg: int
+    memory_bytes_max: int
+    memory_percent_max: float
+    # The container's counters at the bucket's last sample.
+    network_rx_bytes: int
+    network_tx_bytes: int
+    block_read_bytes: int
+    block_write_bytes: int
+
+
+class ServiceMetricsOut(BaseModel):
+    service_id: str
+    since: datetime
+    resolution: int
+    points: list[MetricPoint]

@@ -41,6 +41,7 @@ from typing import Any
 from starlette.requests import HTTPConnection
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from mmanager.logs import current_request_id
 from mmanager.wire import AuditEvent
 
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -322,6 +323,10 @@ def _event(scope: Scope, state: dict[str, Any], status: int, body: bytes) -> Aud
     details: dict[str, Any] = {}
     if message:
         details["message"] = message
+    # RequestIdMiddleware runs outside this one: the event names the call's log lines.
+    request_id = current_request_id()
+    if request_id:
+        details["request_id"] = request_id
     client = scope.get("client")
     return clean_event(AuditEvent(
         at=datetime.now(UTC),

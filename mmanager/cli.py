@@ -6,8 +6,6 @@ import asyncio
 import contextlib
 import getpass
 import json
-import logging
-import os
 import secrets
 import signal
 import socket
@@ -38,15 +36,25 @@ T = TypeVar("T")
 Host = Annotated[str, typer.Option(help="address to listen on")]
 
 
-def _logging(level: str = "INFO") -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    # One line per controller poll would drown everything else.
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-
-
 def _fail(message: str) -> None:
     console.print(f"[red]error:[/red] {message}")
     raise typer.Exit(2)
+
+
+def _problems(exc: Any) -> str:
+    """A settings ``ValidationError`` as one line: each problem after the variable it is about, if any."""
+    return "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" if e["loc"] else str(e["msg"])
+                     for e in exc.errors())
+
+
+def _setup_logs(settings: Any) -> None:
+    """LOG_LEVEL, LOG_FILE and LOG_FORMAT (``mmanager.logs``); a LOG_FILE that cannot be opened stops here."""
+    from mmanager.logs import LogFileError, setup_logging
+
+    try:
+        setup_logging(settings)
+    except LogFileError as exc:
+        _fail(str(exc))
 
 
 @hub_app.command("serve")
@@ -59,15 +67,16 @@ def hub_serve(host: Host = "0.0.0.0", port: int = 8000,
     from hub.config import HubSettings
     from hub.migrate import upgrade
 
-    _logging(os.environ.get("LOG_LEVEL", "INFO"))
     try:
         settings = HubSettings()
     except ValidationError as exc:
-        _fail("; ".join(str(e["msg"]) for e in exc.errors()))
+        _fail("hub settings: " + _problems(exc))
         return
+    _setup_logs(settings)
     if migrate:
         upgrade(settings.database_url)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="warning", **settings.tls.server_options())
+    # No log_config and no log_level: uvicorn's error and access logs go through the handler just set up.
+    uvicorn.run(create_app(settings), host=host, port=port, log_config=None, **settings.tls.server_options())
 
 
 @controller_app.command("serve")
@@ -78,13 +87,17 @@ def controller_serve(host: Host = "0.0.0.0", port: Annotated[int | None, typer.O
 
     from controller.app import run
     from controller.config import ControllerSettings
+    from mmanager.logs import LogFileError
 
     try:
         settings = ControllerSettings()
     except ValidationError as exc:
-        _fail("controller settings: " + "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors()))
+        _fail("controller settings: " + _problems(exc))
         return
-    run(settings, host=host, port=port)
+    try:
+        run(settings, host=host, port=port)
+    except LogFileError as exc:
+        _fail(str(exc))
 
 
 @db_app.command("upgrade")
@@ -226,8 +239,9 @@ def dev(port: int = 8000,
     from hub.db import Database
     from hub.migrate import upgrade
     from hub.services.users import ensure_user, issue_token
+    from mmanager.logs import LogSettings
 
-    _logging("INFO")
+    _setup_logs(LogSettings())
     ctl_port = controller_port or port + 1
     for p in (port, ctl_port):
         if not _free_port(p):
@@ -263,9 +277,9 @@ def dev(port: int = 8000,
 
     async def serve() -> None:
         ctl = _SharedLoopServer(uvicorn.Config(create_controller(ctl_settings), host="127.0.0.1", port=ctl_port,
-                                               log_level="warning"))
+                                               log_config=None, log_level="warning"))
         hub = _SharedLoopServer(uvicorn.Config(create_hub(hub_settings), host="127.0.0.1", port=port,
-                                               log_level="warning"))
+                                               log_config=None, log_level="warning"))
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: setattr(hub, "should_exit", True))

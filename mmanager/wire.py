@@ -199,6 +199,8 @@ class ControllerHealth(WireModel):
     memory_usage_percent: float
     capabilities: HealthCapabilities
     error: str | None = None
+    # Of the file system holding Docker's data root (else "/"), as df counts it; None: not measured.
+    disk_usage_percent: float | None = Field(default=None, ge=0, le=100)
 
 
 class ActionResult(WireModel):
@@ -225,6 +227,35 @@ class ErrorEnvelope(WireModel):
 # -- heartbeats: controller -> hub (POST /api/controllers/{id}/heartbeat) --------
 
 
+class ContainerUsage(WireModel):
+    """The latest Docker stats sample of a running container (controller.stats), as ``docker stats``
+    computes it. ``sampled_at`` (the controller's clock) tells a new sample from one repeated by the
+    next heartbeat; network and block I/O are counters since the container started."""
+
+    sampled_at: datetime
+    cpu_percent: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    memory_bytes: int = Field(default=0, ge=0)
+    memory_percent: float = Field(default=0.0, ge=0, allow_inf_nan=False)
+    network_rx_bytes: int = Field(default=0, ge=0)
+    network_tx_bytes: int = Field(default=0, ge=0)
+    block_read_bytes: int = Field(default=0, ge=0)
+    block_write_bytes: int = Field(default=0, ge=0)
+
+
+# The Prometheus gauge of each ContainerUsage field, as controllers export them and the hub re-exports
+# them, labelled USAGE_LABELS (the container label is its name; service is empty for containers without one).
+USAGE_METRICS = {
+    "cpu_percent": ("mmanager_container_cpu_percent", "CPU use, percent of one core (docker stats)"),
+    "memory_bytes": ("mmanager_container_memory_bytes", "Memory in use, page cache excluded"),
+    "memory_percent": ("mmanager_container_memory_percent", "Memory in use, percent of the container's limit"),
+    "network_rx_bytes": ("mmanager_container_network_rx_bytes", "Bytes received on every network"),
+    "network_tx_bytes": ("mmanager_container_network_tx_bytes", "Bytes sent on every network"),
+    "block_read_bytes": ("mmanager_container_block_read_bytes", "Bytes read from block devices"),
+    "block_write_bytes": ("mmanager_container_block_write_bytes", "Bytes written to block devices"),
+}
+USAGE_LABELS = ("controller", "service", "container")
+
+
 class HeartbeatContainer(WireModel):
     """One managed container as the controller sees it right now."""
 
@@ -239,6 +270,8 @@ class HeartbeatContainer(WireModel):
     # Seconds since Docker created it, by the controller's clock (no clock skew to worry about).
     age_seconds: float = 0.0
     ports: dict[str, int | None] = Field(default_factory=dict)
+    # The latest stats sample while it runs; None before the first one (or from an older controller).
+    usage: ContainerUsage | None = None
 
 
 class AuditEvent(WireModel):

@@ -27,6 +27,8 @@ TABLES = {
     "api_tokens",
     "controller_keys",
     "audit_log",
+    "alerts",
+    "service_metrics",
 }
 
 

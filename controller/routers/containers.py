@@ -1,5 +1,5 @@
 """``/containers``: the lifecycle goes through ContainerService; reads go straight to the runtime
-(with the prober's health added)."""
+(with the prober's health and the latest stats sample added)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Response
 
-from controller.deps import ContainersDep, ProberDep, RuntimeDep
+from controller.deps import ContainersDep, ProberDep, RuntimeDep, StatsDep
 from controller.schemas import (
     ContainerCreateRequest,
     ContainerLogs,
@@ -34,13 +34,14 @@ async def create(body: ContainerCreateRequest, containers: ContainersDep, respon
 
 
 @router.get("", response_model=ContainerList)
-async def list_containers(runtime: RuntimeDep, prober: ProberDep, all: bool = False) -> ContainerList:
-    return ContainerList(containers=[prober.decorate(info) for info in await runtime.list_containers(all=all)])
+async def list_containers(runtime: RuntimeDep, prober: ProberDep, stats: StatsDep, all: bool = False) -> ContainerList:
+    listed = await runtime.list_containers(all=all)
+    return ContainerList(containers=[stats.decorate(prober.decorate(info)) for info in listed])
 
 
 @router.get("/{container_id}", response_model=ContainerInfo)
-async def inspect(container_id: str, runtime: RuntimeDep, prober: ProberDep) -> ContainerInfo:
-    return prober.decorate(await runtime.get_container(container_id))
+async def inspect(container_id: str, runtime: RuntimeDep, prober: ProberDep, stats: StatsDep) -> ContainerInfo:
+    return stats.decorate(prober.decorate(await runtime.get_container(container_id)))
 
 
 @router.post("/{container_id}/start", response_model=ActionResult)

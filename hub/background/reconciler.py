@@ -15,6 +15,7 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
+from pydantic import ValidationError
 from sqlalchemy import and_, delete, or_, select, update
 
 from hub.background.base import LoopService
@@ -42,7 +43,7 @@ from hub.scheduler.reconcile import (
 )
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
-from mmanager.wire import HeartbeatContainer, seconds_since
+from mmanager.wire import ContainerUsage, HeartbeatContainer, seconds_since
 
 log = logging.getLogger(__name__)
 
@@ -301,6 +302,7 @@ class ControllerPoller(LoopService):
                 container_id=c.id, name=c.name, service_id=c.service_id, epoch=c.epoch, state=c.status,
                 health=c.health, health_restarts=c.health_restarts,
                 age_seconds=max(seconds_since(c.created, now) or 0.0, 0.0), ports=c.ports,
+                usage=_usage(c.resource_usage),
             )
             for c in listing
         ]
@@ -313,6 +315,15 @@ class ControllerPoller(LoopService):
             except HubError as exc:
                 log.warning("could not remove %s container %s on %s: %s", order.reason, order.container_id[:12],
                             controller_id, exc.message)
+
+
+def _usage(resource_usage: dict[str, Any] | None) -> ContainerUsage | None:
+    """Our controllers list each container's latest stats sample as ``resource_usage``; others
+    (a GeoML-Hub mManager) may put something else there, which is no sample."""
+    try:
+        return ContainerUsage.model_validate(resource_usage) if resource_usage else None
+    except ValidationError:
+        return None
 
 
 class HeartbeatFlusher(LoopService):

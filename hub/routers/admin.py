@@ -1,10 +1,10 @@
 """The admin API (SPEC section 3): controllers, the container registry,
-operations, resource usage and users."""
+operations, resource usage, usage alerts and users."""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Response
 from fastapi.responses import JSONResponse
@@ -15,6 +15,7 @@ from hub.errors import HubError, NotFound
 from hub.models import ContainerRegistryModel, ControllerModel, OperationModel, ServiceModel, utcnow
 from hub.routers.paging import Limit, Offset
 from hub.schemas import (
+    AlertOut,
     ControllerIn,
     ControllerKeyCreated,
     ControllerKeyOut,
@@ -28,6 +29,7 @@ from hub.schemas import (
 )
 from hub.services.controller_keys import create_key, list_keys, revoke_key
 from hub.services.controllers import controller_out, get_controller
+from hub.services.monitoring import alert_out, alerts_query
 from hub.services.operations import operations_query
 from hub.services.users import create_user
 
@@ -219,6 +221,15 @@ async def resources_usage(_: AdminUser, hub: HubDep, session: SessionDep) -> Any
         },
         "services": per_status,
     }
+
+
+@router.get("/alerts", response_model=list[AlertOut])
+async def list_alerts(_: AdminUser, session: SessionDep, active: bool | None = None,
+                      kind: Literal["cpu", "memory", "disk"] | None = None, controller_id: str | None = None,
+                      limit: int = Limit, offset: int = Offset) -> Any:
+    """Usage alerts, newest first; ``active=true`` only the open ones, ``false`` only the resolved."""
+    rows = await session.scalars(alerts_query(active, kind, controller_id).limit(limit).offset(offset))
+    return [alert_out(a) for a in rows]
 
 
 @router.post("/users", status_code=201, response_model=UserCreated)

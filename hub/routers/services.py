@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from fastapi import APIRouter, Query, Response
@@ -9,9 +11,18 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select
 
 from hub.deps import CurrentUser, HubDep, SessionDep
-from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel
+from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel, utcnow
 from hub.routers.paging import Limit, Offset
-from hub.schemas import DeploymentOut, OperationOut, RollbackRequest, ServiceOut, ServicePatch, ServiceSpec
+from hub.schemas import (
+    DeploymentOut,
+    OperationOut,
+    RollbackRequest,
+    ServiceMetricsOut,
+    ServiceOut,
+    ServicePatch,
+    ServiceSpec,
+)
+from hub.services.monitoring import service_history as metrics_history
 from mmanager.streams import ClosingStreamingResponse
 
 router = APIRouter(prefix="/api", tags=["services"])
@@ -102,6 +113,26 @@ async def service_history(service_id: str, user: CurrentUser, hub: HubDep, sessi
                       created_at=r.created_at, current=r.version == service.version)
         for r in rows
     ]
+
+
+@router.get("/services/{service_id}/metrics", response_model=ServiceMetricsOut)
+async def service_metrics(
+    service_id: str, user: CurrentUser, hub: HubDep, session: SessionDep,
+    since: datetime | None = Query(None, description="from this time on (ISO 8601; UTC when no zone); "
+                                                     "default: an hour ago"),
+    resolution: int = Query(60, ge=1, le=86400, description="seconds per point; rounded up to a multiple "
+                                                             "of MMANAGER_METRICS_RESOLUTION"),
+) -> ServiceMetricsOut:
+    """The service's downsampled resource use (CPU, memory, network and block I/O) for trends."""
+    service = await hub.services.get_for(session, user, service_id)
+    stored = hub.settings.metrics_resolution
+    step = int(math.ceil(max(resolution, stored) / stored) * stored)
+    if since is None:
+        since = utcnow() - timedelta(hours=1)
+    elif since.tzinfo is None:
+        since = since.replace(tzinfo=UTC)
+    points = await metrics_history(session, service.id, since, step)
+    return ServiceMetricsOut(service_id=service.id, since=since, resolution=step, points=points)
 
 
 @router.post("/services/{service_id}/rollback", response_model=ServiceOut)

@@ -32,5 +32,9 @@ async def health(hub: HubDep) -> Any:
 async def metrics(hub: HubDep) -> Response:
     async with hub.db.session() as session:
         counts = dict((await session.execute(select(ServiceModel.status, func.count()).group_by(ServiceModel.status))).all())
+        health = dict((await session.execute(
+            select(ServiceModel.id, ServiceModel.health).where(ServiceModel.health.in_(("healthy", "unhealthy")))
+        )).all())
     hub.metrics.set_service_counts(counts)
+    hub.metrics.set_service_health(health)
     return Response(generate_latest(hub.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -8,6 +8,8 @@ not a thousand. Only changes are written for containers.
 
 Polled controllers (those that do not push) go through the same path: the
 monitor turns ``/health`` and ``/containers`` into the same observation.
+Usage (thresholds, alerts, history) is judged and written the same way, by
+``hub.services.monitoring``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from hub.scheduler.reconcile import UNSETTLED, FenceResult, RegistryRow, RowUpda
 from hub.services.audit import controller_source, insert_shipped
 from hub.services.controller_keys import ControllerKeyAuth
 from hub.services.controllers import healthy_fields
+from hub.services.monitoring import Monitor
 from mmanager.wire import (
     ControllerHealth,
     HealthCapabilities,
@@ -59,6 +62,7 @@ class HeartbeatIngest:
         self.settings = settings
         self.metrics = metrics
         self.keys = ControllerKeyAuth(db, settings)
+        self.monitor = Monitor(db, settings, metrics)
         self._observations: dict[str, _Observation] = {}
         # Row updates with when they were observed: an observation never overwrites a newer change.
         self._updates: dict[str, tuple[RowUpdate, datetime]] = {}
@@ -144,6 +148,8 @@ class HeartbeatIngest:
         settle = timedelta(seconds=2 * self.settings.heartbeat_interval + 2)
         result = fence(rows, containers, self.orphan_grace, missing_before=min(now - settle, listed_at))
         self._observations[controller_id] = _Observation(now, health, pushed)
+        self.monitor.observe(controller_id, health, containers,
+                             {r.container_id for r in rows if r.container_id and r.status != "stale"})
         for u in result.updates:
             self._updates[u.id] = (u, listed_at)
         self._gone.update(result.gone)
@@ -160,7 +166,12 @@ class HeartbeatIngest:
     # --------------------------------------------------------------- flush
 
     async def flush(self) -> None:
-        """Write everything observed since the last flush in one transaction."""
+        """Write everything observed since the last flush in one transaction, then what the monitor
+        has to write (alerts that opened or resolved, history buckets that are over) in another."""
+        await self._flush_observations()
+        await self.monitor.flush()
+
+    async def _flush_observations(self) -> None:
         async with self._flush_lock:
             observations, self._observations = self._observations, {}
             updates, self._updates = self._updates, {}

@@ -61,6 +61,7 @@ from hub.scheduler.reconcile import UNSETTLED
 from hub.schemas import Endpoint, ServiceOut, ServicePatch, ServiceSpec
 from hub.services.controllers import ControllerRegistry, get_controller
 from hub.services.operations import OperationLog
+from mmanager.logs import bind_request_id
 from mmanager.policy import PolicyViolation, check_spec
 from mmanager.streams import ClosingStream
 from mmanager.wire import ContainerCreate, HealthCheck
@@ -786,6 +787,9 @@ class ServiceManager:
                 container_id=service.container_id,
                 details={"reason": reason, "from_epoch": service.epoch, "from_controller": service.controller_id},
             )
+            # No request carries a move: its operation id tags its log lines and its controller calls
+            # (the reconciler runs each move in a task of its own, so this stays within it).
+            bind_request_id(op.id)
             try:
                 fresh = await self._guarded(op, self._replace(
                     service, ServiceSpec.model_validate(service.spec), op, exclude=exclude, reason=reason,

@@ -7,6 +7,7 @@ afterwards, so a crash leaves a visible trace instead of nothing.
 
 from __future__ import annotations
 
+import logging
 from datetime import timedelta
 from typing import Any
 
@@ -16,6 +17,8 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hub.db import Database
 from hub.metrics import HubMetrics
 from hub.models import OperationModel, new_id, utcnow
+
+log = logging.getLogger(__name__)
 
 
 class OperationLog:
@@ -107,10 +110,12 @@ class OperationLog:
                 await session.merge(op)
         finally:
             self.active.discard(op.id)
+        duration = (op.finished_at - op.created_at).total_seconds()
         self.metrics.operations.labels(op.operation, op.status).inc()
-        self.metrics.operation_duration.labels(op.operation).observe(
-            (op.finished_at - op.created_at).total_seconds()
-        )
+        self.metrics.operation_duration.labels(op.operation).observe(duration)
+        log.log(logging.WARNING if error else logging.INFO, "operation %s %s of service %s on %s by %s %s in %.2fs%s",
+                op.operation, op.id, op.service_id, op.controller_id, op.actor, op.status, duration,
+                f": {error}" if error else "")
         return op
 
 

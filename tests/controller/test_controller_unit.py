@@ -332,6 +332,7 @@ def test_run_logs_where_told_and_never_the_key(monkeypatch: pytest.MonkeyPatch, 
     def fake_uvicorn_run(app: object, **kwargs: object) -> None:
         served.update(kwargs, app=app)
         logging.getLogger("controller").info("serving %s", kwargs["port"])
+        logging.getLogger("uvicorn.error").debug("uvicorn at debug too")
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
@@ -348,9 +349,10 @@ def test_run_logs_where_told_and_never_the_key(monkeypatch: pytest.MonkeyPatch, 
             handler.close()
         root.handlers[:] = handlers
         root.setLevel(level)
-    assert (served["host"], served["port"], served["log_level"]) == ("127.0.0.1", 8001, logging.DEBUG)
+    # uvicorn gets no logging config of its own: its loggers go through the handler LOG_FILE set up.
+    assert (served["host"], served["port"], served["log_config"]) == ("127.0.0.1", 8001, None)
     text = log_file.read_text()
-    assert "serving 8001" in text
+    assert "serving 8001" in text and "uvicorn at debug too" in text
     assert "very-secret-key-0123456789" not in text
 
 

@@ -1,0 +1,121 @@
+"""Docker stats of the running managed containers, sampled in the background.
+
+``StatsSampler`` wakes every ``MMANAGER_STATS_INTERVAL`` seconds, lists the
+running managed containers (one cheap Docker call) and reads each one's stats
+(``stream=False``: Docker takes two readings about a second apart, and
+``controller.runtime`` reduces them the way ``docker stats`` does, as
+``GET /containers/{id}/stats`` answers). Reads run at most ``MAX_SAMPLES`` at
+once, so a host with many containers never takes every Docker connection.
+
+The latest sample per container is kept in memory: the heartbeat carries it to
+the hub, the container listing shows it as ``resource_usage`` (for a hub that
+polls), and ``/metrics`` exports it as ``mmanager_container_*`` gauges. A
+container that stops or goes away loses its sample and its series; a read that
+fails keeps the previous sample until the next interval.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from datetime import UTC, datetime
+
+from controller.config import ControllerSettings
+from controller.errors import ControllerError, NotFound
+from controller.health import ControllerMetrics
+from controller.runtime import Runtime
+from controller.schemas import ContainerStats
+from mmanager.wire import ContainerInfo, ContainerUsage
+
+# Stats reads in flight at once; each holds a Docker connection (of 32) for about a second.
+MAX_SAMPLES = 16
+
+log = logging.getLogger(__name__)
+
+
+def usage_of(stats: ContainerStats, now: datetime) -> ContainerUsage:
+    return ContainerUsage(
+        sampled_at=now,
+        cpu_percent=max(stats.cpu_percent, 0.0),
+        memory_bytes=stats.memory_usage,
+        memory_percent=stats.memory_percent,
+        network_rx_bytes=stats.network_rx_bytes,
+        network_tx_bytes=stats.network_tx_bytes,
+        block_read_bytes=stats.block_read_bytes,
+        block_write_bytes=stats.block_write_bytes,
+    )
+
+
+class StatsSampler:
+    def __init__(self, settings: ControllerSettings, runtime: Runtime, metrics: ControllerMetrics,
+                 *, max_concurrent: int = MAX_SAMPLES) -> None:
+        self.interval = settings.stats_interval
+        self.runtime = runtime
+        self.metrics = metrics
+        self._max_concurrent = max_concurrent
+        self._latest: dict[str, ContainerUsage] = {}
+        self._task: asyncio.Task[None] | None = None
+
+    def usage(self, container_id: str) -> ContainerUsage | None:
+        return self._latest.get(container_id)
+
+    def decorate(self, info: ContainerInfo) -> ContainerInfo:
+        """The container as the listing shows it: with its latest sample as ``resource_usage``."""
+        usage = self._latest.get(info.id)
+        if usage is None:
+            return info
+        return info.model_copy(update={"resource_usage": usage.model_dump(mode="json")})
+
+    # -- lifecycle ---------------------------------------------------------
+
+    async def start(self) -> None:
+        if self._task is None and self.interval > 0:
+            self._task = asyncio.create_task(self._run(), name="stats-sampler")
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while True:
+            began = time.monotonic()
+            try:
+                await self.run_once()
+            except ControllerError as exc:
+                log.warning("stats sampling skipped: %s", exc.message)
+            except Exception:
+                log.exception("stats sampling failed")
+            took = time.monotonic() - began
+            if took > self.interval:
+                log.warning("sampling stats took %.1fs, longer than MMANAGER_STATS_INTERVAL (%gs)", took, self.interval)
+            await asyncio.sleep(max(self.interval - took, 0.0))
+
+    # -- one round ---------------------------------------------------------
+
+    async def run_once(self) -> None:
+        """Sample every running managed container once."""
+        running = await self.runtime.list_containers(all=False, detailed=False)
+        slots = asyncio.Semaphore(self._max_concurrent)
+
+        async def sample(info: ContainerInfo) -> tuple[str, ContainerUsage | None]:
+            async with slots:
+                try:
+                    stats = await self.runtime.stats(info.id)
+                except NotFound:
+                    return info.id, None
+                except ControllerError as exc:
+                    log.debug("no stats for %s this round: %s", info.name, exc.message)
+                    return info.id, self._latest.get(info.id)
+                return info.id, usage_of(stats, datetime.now(UTC))
+
+        results = dict(await asyncio.gather(*(sample(info) for info in running)))
+        self._latest = {cid: usage for cid, usage in results.items() if usage is not None}
+        self.metrics.set_usage(
+            {info.id: (info.service_id or "", info.name, self._latest[info.id])
+             for info in running if info.id in self._latest}
+        )

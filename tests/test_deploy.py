@@ -1,0 +1,256 @@
+"""The deployment files: compose files that docker-compose accepts, shell scripts that parse, a systemd
+unit that systemd accepts, the native install script's help and refusal, and the hub image's entrypoint
+(waits for the database, migrates, serves) run for real against the test PostgreSQL.
+
+Building the images themselves takes minutes on a fresh machine (debootstrap), so it is not part of
+`make test`: `make images` builds them, docs/OPERATIONS.md#building-the-images shows how they were
+checked.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import asyncpg
+import httpx
+import pytest
+import yaml
+from sqlalchemy.engine import make_url
+
+from tests.pg import create_database
+
+ROOT = Path(__file__).resolve().parent.parent
+DEPLOY = ROOT / "deploy"
+VENV_BIN = Path(os.environ.get("VIRTUAL_ENV", ROOT / ".venv")) / "bin"
+
+ROOT_ENV = {
+    "MMANAGER_API_KEY": secrets.token_hex(32),
+    "POSTGRES_PASSWORD": secrets.token_hex(16),
+    "MMANAGER_PROMETHEUS_TOKEN": secrets.token_hex(32),
+    "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(8),
+}
+CONTROLLER_ENV = {
+    "MMANAGER_API_KEY": secrets.token_hex(32),
+    "SERVER_ID": "mmanager-gpu-01",
+    "SERVER_TYPE": "gpu",
+    "MAX_CONTAINERS": "30",
+    "MMANAGER_HUB_URL": "http://hub.example:8000",
+    "CONTROLLER_URL": "http://192.0.2.10:8001",
+}
+
+
+def _compose_config(file: Path, env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+    # An empty --env-file: a developer's own .env must not fill in what the test leaves out.
+    empty = tmp_path / "empty.env"
+    empty.touch()
+    clean = {k: v for k, v in os.environ.items() if k not in ROOT_ENV and k not in CONTROLLER_ENV}
+    return subprocess.run(
+        ["docker-compose", "--env-file", str(empty), "-f", str(file), "config"],
+        env={**clean, **env}, capture_output=True, text=True, timeout=60,
+    )
+
+
+def test_root_compose_file_validates_with_the_stack(tmp_path: Path) -> None:
+    result = _compose_config(ROOT / "docker-compose.yml", ROOT_ENV, tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    services = config["services"]
+    assert set(services) == {"hub", "postgres", "prometheus", "grafana", "controller"}
+    assert services["postgres"]["image"] == "postgres:16"
+    assert (services["hub"]["build"]["dockerfile"], services["hub"]["build"]["target"]) == ("deploy/Dockerfile", "hub")
+    assert services["hub"]["build"]["args"]["BASE_IMAGE"] == "mmanager/python-base:bookworm"
+    hub_env = services["hub"]["environment"]
+    assert hub_env["MMANAGER_DATABASE_URL"] == (
+        f"postgresql+asyncpg://mmanager:{ROOT_ENV['POSTGRES_PASSWORD']}@postgres:5432/mmanager")
+    assert hub_env["MMANAGER_API_KEY"] == ROOT_ENV["MMANAGER_API_KEY"]
+    controller = services["controller"]
+    assert (controller["build"]["dockerfile"], controller["build"]["target"]) == ("deploy/Dockerfile", "controller")
+    assert any(v.startswith("/var/run/docker.sock:/var/run/docker.sock") for v in controller["volumes"])
+    assert controller["environment"]["MMANAGER_API_KEY"] == ROOT_ENV["MMANAGER_API_KEY"]
+    # Prometheus and Grafana get engineer G's files, at the paths those files name.
+    prometheus_mounts = services["prometheus"]["volumes"]
+    assert any(str(DEPLOY / "prometheus/prometheus.yml") in str(v) for v in prometheus_mounts)
+    assert any(str(DEPLOY / "prometheus/alerts.yml") in str(v) for v in prometheus_mounts)
+    grafana_mounts = " ".join(str(v) for v in services["grafana"]["volumes"])
+    assert f"{DEPLOY / 'grafana/provisioning'}:/etc/grafana/provisioning" in grafana_mounts
+    assert f"{DEPLOY / 'grafana/dashboards'}:/var/lib/grafana/dashboards" in grafana_mounts
+    for path in ("prometheus/prometheus.yml", "prometheus/alerts.yml", "grafana/provisioning", "grafana/dashboards"):
+        assert (DEPLOY / path).exists(), path
+
+
+@pytest.mark.parametrize("missing", sorted(ROOT_ENV))
+def test_root_compose_file_refuses_to_run_without_each_secret(missing: str, tmp_path: Path) -> None:
+    env = {k: v for k, v in ROOT_ENV.items() if k != missing}
+    result = _compose_config(ROOT / "docker-compose.yml", env, tmp_path)
+    assert result.returncode != 0
+    assert missing in result.stderr
+
+
+def test_controller_compose_file_validates_with_the_seed_variables(tmp_path: Path) -> None:
+    result = _compose_config(DEPLOY / "controller/docker-compose.yml", CONTROLLER_ENV, tmp_path)
+    assert result.returncode == 0, result.stderr
+    controller = yaml.safe_load(result.stdout)["services"]["controller"]
+    env = controller["environment"]
+    for name, value in CONTROLLER_ENV.items():
+        assert env[name] == value, name
+    assert env["MMANAGER_CONTROLLER_KEY_FILE"] == ""  # unset: heartbeats carry MMANAGER_API_KEY
+    assert controller["network_mode"] == "host"
+    assert controller["restart"] == "always"
+    assert any(v.startswith("/var/run/docker.sock:/var/run/docker.sock") for v in controller["volumes"])
+
+    result = _compose_config(DEPLOY / "controller/docker-compose.yml",
+                             {k: v for k, v in CONTROLLER_ENV.items() if k != "MMANAGER_API_KEY"}, tmp_path)
+    assert result.returncode != 0 and "MMANAGER_API_KEY" in result.stderr
+
+
+def test_dockerfiles_build_from_the_local_base_image() -> None:
+    text = (DEPLOY / "Dockerfile").read_text()
+    assert "ARG BASE_IMAGE=mmanager/python-base:bookworm\nFROM ${BASE_IMAGE} AS app\n" in text
+    # One file, the two images as targets on the shared stage: what the compose files and `make images` build.
+    assert "FROM app AS hub\n" in text and "FROM app AS controller\n" in text
+    # Everything the images COPY gets through .dockerignore, and secrets do not.
+    ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
+              if line.strip() and not line.startswith("#")]
+    assert ignore[0] == "*"  # nothing else (.env, .venv, .git, databases) goes to the engine
+    for path in ("pyproject.toml", "README.md", "alembic.ini", "migrations", "hub", "controller", "mmanager",
+                 "deploy/hub/entrypoint.sh"):
+        assert f"!{path}" in ignore, path
+    assert not any(".env" in line or ".git" in line for line in ignore)
+
+
+@pytest.mark.parametrize("script", ["scripts/build-base-image.sh", "deploy/controller/install.sh",
+                                    "deploy/hub/entrypoint.sh"])
+def test_scripts_parse(script: str) -> None:
+    shell = "sh" if script.endswith("entrypoint.sh") else "bash"
+    result = subprocess.run([shell, "-n", str(ROOT / script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert os.access(ROOT / script, os.X_OK), f"{script} is not executable"
+
+
+def test_base_image_script_help() -> None:
+    result = subprocess.run(["bash", str(ROOT / "scripts/build-base-image.sh"), "--help"],
+                            capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0
+    assert "debootstrap" in result.stdout and "--force" in result.stdout
+
+
+def test_systemd_unit_is_accepted_by_systemd(tmp_path: Path) -> None:
+    unit = (DEPLOY / "controller/mmanager-controller.service").read_text()
+    for directive in ("User=mmanager", "SupplementaryGroups=docker", "EnvironmentFile=/etc/mmanager/controller.env",
+                      "Restart=always", "NoNewPrivileges=yes", "ProtectSystem=strict"):
+        assert re.search(rf"^{re.escape(directive)}$", unit, re.M), directive
+    # The Docker socket is an AF_UNIX socket: the address families must keep it.
+    families = re.search(r"^RestrictAddressFamilies=(.*)$", unit, re.M)
+    assert families and "AF_UNIX" in families.group(1).split()
+
+    # `systemd-analyze verify` also checks that ExecStart exists: point it at a stand-in.
+    fake = tmp_path / "mmanager"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    good = tmp_path / "mmanager-controller.service"
+    good.write_text(unit.replace("/opt/mmanager/venv/bin/mmanager", str(fake)))
+    result = subprocess.run(["systemd-analyze", "verify", str(good)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    # And the check can fail: a misspelt directive is refused.
+    bad = tmp_path / "broken.service"
+    bad.write_text(good.read_text().replace("Restart=always", "Restart=allways"))
+    result = subprocess.run(["systemd-analyze", "verify", str(bad)], capture_output=True, text=True, timeout=60)
+    assert "allways" in result.stderr
+
+
+def test_install_script_help_and_refusal_without_root(tmp_path: Path) -> None:
+    script = str(DEPLOY / "controller/install.sh")
+    result = subprocess.run(["bash", script, "--help"], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0
+    assert "/opt/mmanager" in result.stdout and "/etc/mmanager/controller.env" in result.stdout
+
+    env = {**os.environ, "MMANAGER_INSTALL_UID": "1000", "MMANAGER_PREFIX": str(tmp_path / "opt"),
+           "MMANAGER_ETC": str(tmp_path / "etc"), "SYSTEMD_DIR": str(tmp_path / "systemd")}
+    result = subprocess.run(["bash", script], env=env, capture_output=True, text=True, timeout=10)
+    assert result.returncode == 1
+    assert "must run as root" in result.stderr
+    assert list(tmp_path.iterdir()) == []  # nothing written
+
+    result = subprocess.run(["bash", script, "--bogus"], capture_output=True, text=True, timeout=10)
+    assert result.returncode == 2 and "unknown argument" in result.stderr
+
+
+def _entrypoint_env(url: str, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MMANAGER_")}
+    return {**env, "PATH": f"{VENV_BIN}:{env['PATH']}", "MMANAGER_DATABASE_URL": url,
+            "MMANAGER_API_KEY": secrets.token_hex(32), **extra}
+
+
+def test_hub_entrypoint_gives_up_on_a_missing_database_without_showing_its_password(tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # nothing listens here
+    password = "s3cret-" + secrets.token_hex(8)
+    url = f"postgresql+asyncpg://mmanager:{password}@127.0.0.1:{port}/mmanager"
+    started = time.monotonic()
+    result = subprocess.run([str(DEPLOY / "hub/entrypoint.sh")], env=_entrypoint_env(url, MMANAGER_DB_WAIT="1"),
+                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1
+    assert f"database 127.0.0.1:{port}/mmanager did not answer in time" in result.stderr
+    assert password not in result.stderr + result.stdout
+    assert time.monotonic() - started < 15
+
+
+async def test_hub_entrypoint_migrates_then_serves(pg_server: str, tmp_path: Path) -> None:
+    url = await create_database(pg_server, "entrypoint")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([str(DEPLOY / "hub/entrypoint.sh"), "--host", "127.0.0.1", "--port", str(port)],
+                            env=_entrypoint_env(url), cwd=tmp_path, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        health = None
+        async with httpx.AsyncClient() as client:
+            for _ in range(200):
+                if proc.poll() is not None:
+                    break
+                try:
+                    health = (await client.get(f"http://127.0.0.1:{port}/health", timeout=2)).json()
+                    break
+                except httpx.HTTPError:
+                    await asyncio.sleep(0.1)
+        assert health is not None, proc.communicate(timeout=5)[0] if proc.poll() is not None else "no answer"
+        assert health["status"] == "healthy" and health["database"] is True
+        # `mmanager db upgrade` ran: the schema is at the newest revision.
+        u = make_url(url)
+        conn = await asyncpg.connect(host=u.host, port=u.port, user=u.username, database=u.database)
+        try:
+            version = await conn.fetchval("SELECT version_num FROM alembic_version")
+        finally:
+            await conn.close()
+        heads = sorted(p.name.split("_")[3] for p in (ROOT / "migrations/versions").glob("*.py"))
+        assert version == heads[-1]
+        # The hub runs as the entrypoint's own process (exec), so `docker stop` reaches it.
+        assert Path(f"/proc/{proc.pid}/cmdline").read_bytes().split(b"\0")[1:4] == [
+            str(VENV_BIN / "mmanager").encode(), b"hub", b"serve"]
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def test_hub_entrypoint_runs_another_command_when_given_one(tmp_path: Path) -> None:
+    result = subprocess.run([str(DEPLOY / "hub/entrypoint.sh"), "mmanager", "db", "--help"],
+                            env=_entrypoint_env("sqlite+aiosqlite:///./x.db"), cwd=tmp_path,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 0, result.stderr
+    assert "upgrade" in result.stdout
+    assert shutil.which("mmanager", path=str(VENV_BIN))

@@ -43,9 +43,16 @@ def run_migrations_offline() -> None:
         context.run_migrations()
 
 
+# Any constant will do, as long as nothing else takes it: hub replicas started together on an empty
+# database queue on it, and the later ones find the schema at head and have nothing to run.
+MIGRATION_LOCK = 0x6D6D6D67
+
+
 def _run_sync(connection: Connection) -> None:
     _configure(connection)
     with context.begin_transaction():
+        if connection.dialect.name == "postgresql":
+            connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
         context.run_migrations()
 
 

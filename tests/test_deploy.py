@@ -48,13 +48,14 @@ CONTROLLER_ENV = {
 }
 
 
-def _compose_config(file: Path, env: dict[str, str], tmp_path: Path) -> subprocess.CompletedProcess[str]:
+def _compose_config(file: Path, env: dict[str, str], tmp_path: Path, *more: Path) -> subprocess.CompletedProcess[str]:
     # An empty --env-file: a developer's own .env must not fill in what the test leaves out.
     empty = tmp_path / "empty.env"
     empty.touch()
     clean = {k: v for k, v in os.environ.items() if k not in ROOT_ENV and k not in CONTROLLER_ENV}
+    files = [arg for path in (file, *more) for arg in ("-f", str(path))]
     return subprocess.run(
-        ["docker-compose", "--env-file", str(empty), "-f", str(file), "config"],
+        ["docker-compose", "--env-file", str(empty), *files, "config"],
         env={**clean, **env}, capture_output=True, text=True, timeout=60,
     )
 
@@ -106,6 +107,15 @@ def test_controller_compose_file_validates_with_the_seed_variables(tmp_path: Pat
     assert controller["network_mode"] == "host"
     assert controller["restart"] == "always"
     assert any(v.startswith("/var/run/docker.sock:/var/run/docker.sock") for v in controller["volumes"])
+
+    # On a GPU server the override gives the controller the NVIDIA driver's utility library (NVML).
+    result = _compose_config(DEPLOY / "controller/docker-compose.yml", CONTROLLER_ENV, tmp_path,
+                             DEPLOY / "controller/docker-compose.gpu.yml")
+    assert result.returncode == 0, result.stderr
+    gpu = yaml.safe_load(result.stdout)["services"]["controller"]
+    assert gpu["environment"]["SERVER_TYPE"] == "gpu"
+    [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
+    assert (device["driver"], device["capabilities"]) == ("nvidia", ["utility"])
 
     result = _compose_config(DEPLOY / "controller/docker-compose.yml",
                              {k: v for k, v in CONTROLLER_ENV.items() if k != "MMANAGER_API_KEY"}, tmp_path)

@@ -47,6 +47,8 @@ if [ "${MMANAGER_INSTALL_UID:-$(id -u)}" != 0 ]; then
     exit 1
 fi
 [ -f "$source_dir/pyproject.toml" ] || { echo "$source_dir is not the mManager repository" >&2; exit 2; }
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null || {
+    echo "error: mManager needs Python 3.11 or newer; '$python' is older or missing (set PYTHON=...)" >&2; exit 2; }
 
 step() { echo "==> $*"; }
 
@@ -67,7 +69,9 @@ mkdir -p "$prefix/src"
 tar -C "$source_dir" --exclude=.git --exclude=.venv --exclude=.env --exclude='*.db' --exclude=__pycache__ \
     --exclude=.mmanager --exclude='*.egg-info' -cf - pyproject.toml README.md alembic.ini migrations hub controller \
     mmanager deploy docs | tar -C "$prefix/src" -xf -
-[ -x "$prefix/venv/bin/python" ] || "$python" -m venv "$prefix/venv"
+# Made again when pip is missing: a first run on a host without python3-venv leaves a venv without it.
+[ -x "$prefix/venv/bin/pip" ] || "$python" -m venv --clear "$prefix/venv" || {
+    echo "error: '$python -m venv' failed; install python3-venv (Debian/Ubuntu) and run this again" >&2; exit 1; }
 "$prefix/venv/bin/pip" install -q --disable-pip-version-check -e "$prefix/src"
 "$prefix/venv/bin/mmanager" --help >/dev/null
 

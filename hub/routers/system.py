@@ -10,7 +10,7 @@ from sqlalchemy import func, select, text
 
 from hub.deps import HubDep
 from hub.errors import HubError
-from hub.models import ServiceModel
+from hub.models import ControllerModel, ServiceModel
 from mmanager import __version__
 
 router = APIRouter(tags=["system"])
@@ -35,6 +35,11 @@ async def metrics(hub: HubDep) -> Response:
         health = dict((await session.execute(
             select(ServiceModel.id, ServiceModel.health).where(ServiceModel.health.in_(("healthy", "unhealthy")))
         )).all())
+        # From the table, not from what this replica heard: every replica then exports the same value, also
+        # for a controller whose heartbeats go to another replica (no stale 0 keeps ControllerDown firing).
+        controllers = dict((await session.execute(select(ControllerModel.id, ControllerModel.status))).all())
+    for controller_id, status in controllers.items():
+        hub.metrics.controller_up.labels(controller_id).set(1 if status == "healthy" else 0)
     hub.metrics.set_service_counts(counts)
     hub.metrics.set_service_health(health)
     return Response(generate_latest(hub.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -25,6 +25,8 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    func,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -276,7 +278,13 @@ class AlertModel(Base):
     open alert at most per (kind, controller, container); disk alerts have no container."""
 
     __tablename__ = "alerts"
-    __table_args__ = (Index("ix_alerts_started_at", "started_at"),)
+    __table_args__ = (
+        Index("ix_alerts_started_at", "started_at"),
+        # At most one open alert per key in the database itself: two replicas flushing at the same instant
+        # cannot both open it (hub.services.monitoring inserts with ON CONFLICT DO NOTHING).
+        Index("uq_alerts_open", "kind", "controller_id", func.coalesce(text("container_id"), ""), unique=True,
+              postgresql_where=text("resolved_at IS NULL"), sqlite_where=text("resolved_at IS NULL")),
+    )
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
     # cpu | memory | disk

@@ -40,7 +40,7 @@ from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from hub.config import HubSettings
 from hub.db import Database
 from hub.metrics import ALERT_KINDS, HubMetrics
-from hub.models import AlertModel, ServiceMetricModel, utcnow
+from hub.models import AlertModel, ServiceMetricModel, new_id, utcnow
 from mmanager.wire import ControllerHealth, HeartbeatContainer
 
 log = logging.getLogger(__name__)
@@ -301,14 +301,22 @@ class Monitor:
         already = await self._open_keys(session, {key[1] for key in to_open})
         fresh = [(reading, at) for key, (reading, at) in sorted(to_open.items(), key=lambda i: _sort_key(i[0]))
                  if key not in already]
+        insert = pg_insert if session.bind.dialect.name == "postgresql" else sqlite_insert
+        opened = []
         for reading, at in fresh:
             kind, controller_id, container_id = reading.key
-            session.add(AlertModel(kind=kind, controller_id=controller_id, service_id=reading.service_id,
-                                   container_id=container_id, container_name=reading.container_name,
-                                   value=round(reading.value, 3), threshold=self.thresholds[kind], started_at=at))
+            # The partial unique index (uq_alerts_open) settles a race with another replica: its alert stands.
+            stmt = insert(AlertModel).values(
+                id=new_id(), kind=kind, controller_id=controller_id, service_id=reading.service_id,
+                container_id=container_id, container_name=reading.container_name, value=round(reading.value, 3),
+                threshold=self.thresholds[kind], started_at=at, resolved_at=None,
+            ).on_conflict_do_nothing().returning(AlertModel.id)
+            if (await session.execute(stmt)).first() is None:
+                continue
+            opened.append(kind)
             log.warning("alert: %s %.1f%% (threshold %g%%) on %s%s", kind, reading.value, self.thresholds[kind],
                         controller_id, f", container {reading.container_name}" if reading.container_name else "")
-        return [reading.kind for reading, _ in fresh]
+        return opened
 
     async def _open_keys(self, session: Any, controllers: set[str] | None = None) -> dict[AlertKey, Reading]:
         query = select(AlertModel).where(AlertModel.resolved_at.is_(None))

@@ -37,6 +37,10 @@ def upgrade() -> None:
         batch_op.create_index(batch_op.f('ix_alerts_resolved_at'), ['resolved_at'], unique=False)
         batch_op.create_index(batch_op.f('ix_alerts_service_id'), ['service_id'], unique=False)
         batch_op.create_index('ix_alerts_started_at', ['started_at'], unique=False)
+    # At most one open alert per (kind, controller, container), whichever replica opens it.
+    op.create_index('uq_alerts_open', 'alerts', ['kind', 'controller_id', sa.text("coalesce(container_id, '')")],
+                    unique=True, postgresql_where=sa.text('resolved_at IS NULL'),
+                    sqlite_where=sa.text('resolved_at IS NULL'))
 
     op.create_table('service_metrics',
     sa.Column('service_id', sa.String(length=32), nullable=False),
@@ -62,6 +66,7 @@ def downgrade() -> None:
         batch_op.drop_index(batch_op.f('ix_service_metrics_at'))
 
     op.drop_table('service_metrics')
+    op.drop_index('uq_alerts_open', table_name='alerts')
     with op.batch_alter_table('alerts', schema=None) as batch_op:
         batch_op.drop_index('ix_alerts_started_at')
         batch_op.drop_index(batch_op.f('ix_alerts_service_id'))

@@ -222,3 +222,25 @@ async def test_history_and_alerts_are_written_once_merged_across_replicas_and_pr
         stored = sorted(r.at for r in await session.scalars(select(ServiceMetricModel)))
     assert alert.resolved_at is not None
     assert len(stored) == 2 and stored[0] > start - timedelta(minutes=1)
+
+
+async def test_two_replicas_opening_an_alert_at_the_same_instant_store_it_once(
+        any_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The check for an open alert and the insert are not one step: two replicas can both find none. The
+    database's partial unique index (uq_alerts_open) keeps the second insert out."""
+    settings = HubSettings(database_url=any_db.url, api_key=KEY, metrics_resolution=1, alert_cpu_percent=50)
+    one, two = (Monitor(any_db, settings, HubMetrics()) for _ in range(2))
+    start = datetime.now(UTC)
+    for monitor in (one, two):
+        monitor.observe("c1", *_report(90, start), current={"k1"})
+
+    async def none_open(*_: object, **__: object) -> dict[object, object]:
+        return {}  # what each replica saw just before the other's insert
+
+    monkeypatch.setattr(Monitor, "_open_keys", none_open)
+    await asyncio.sleep(1.1)
+    await one.flush()
+    await two.flush()
+    async with any_db.session() as session:
+        alerts = list(await session.scalars(select(AlertModel)))
+    assert [(a.kind, a.container_id, a.resolved_at) for a in alerts] == [("cpu", "k1", None)]

@@ -1,0 +1,144 @@
+"""The scale benchmarks' small version (issue 6): simulated controllers against a real hub.
+
+Correctness only, no timing: twenty simulated controllers (``bench.sim``) register themselves by
+heartbeating with the shared key to a hub served on a real port (in process, on real PostgreSQL);
+a service is placed on one of them and runs there; that controller dies, and the service is placed
+and runs on another; when the dead one comes back, its stale copy is removed. Then the
+heartbeat and density benchmarks' own code, for a second or two each.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+import uvicorn
+
+from bench.density import null_hub
+from bench.heartbeats import measure
+from bench.sim import SimOptions, Simulator
+from hub.app import create_app
+from hub.config import HubSettings
+from hub.db import Database
+from hub.services.users import create_user
+
+KEY = "bench-key-" + "x" * 32
+COUNT = 20
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _until(check: Callable[[], Awaitable[Any]], timeout: float = 30.0, what: str = "") -> Any:
+    deadline = asyncio.get_running_loop().time() + timeout
+    while True:
+        result = await check()
+        if result:
+            return result
+        if asyncio.get_running_loop().time() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+@pytest.fixture
+async def hub_url(db: Database) -> AsyncIterator[str]:
+    settings = HubSettings(database_url=db.url, api_key=KEY, heartbeat_interval=0.5, heartbeat_grace=2,
+                           orphan_grace=1)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None,
+                                           log_level="warning"))
+    task = asyncio.create_task(server.serve())
+    await _until(lambda: asyncio.sleep(0, server.started), 20, "the hub to listen")
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        await task
+
+
+async def test_simulated_controllers_register_run_and_fail_over(hub_url: str, db: Database) -> None:
+    async with db.session() as session:
+        _, token = await create_user(session, "root", is_admin=True)
+    sim = Simulator(SimOptions(count=COUNT, key=KEY, hub_url=hub_url, ramp=0.2,
+                               server_types={"cpu": 0.75, "gpu": 0.25}))
+    api = httpx.AsyncClient(base_url=hub_url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+    async with sim, api:
+        async def all_healthy() -> bool:
+            listed = (await api.get("/api/admin/controllers", params={"limit": 1000})).json()
+            return len(listed) == COUNT and all(c["status"] == "healthy" for c in listed)
+
+        await _until(all_healthy, what="every simulated controller registered and healthy")
+        listed = {c["id"]: c for c in (await api.get("/api/admin/controllers", params={"limit": 1000})).json()}
+        assert listed.keys() == sim.controllers.keys()
+        for cid, controller in sim.controllers.items():
+            assert listed[cid]["url"] == controller.url
+            assert listed[cid]["server_type"] == controller.server_type
+
+        created = await api.post("/api/root/bench/services", json={
+            "name": "svc", "image": "example:latest", "ports": {"5000": None},
+            "health_check": {"path": "/health", "port": 5000, "interval": 1},
+        })
+        assert created.status_code == 201, created.text
+        service = created.json()
+        first = service["controller_id"]
+        assert service["status"] == "running"
+        copies = [c for c in sim.controllers[first].containers.values() if c.service_id == service["id"]]
+        assert [c.id for c in copies] == [service["container_id"]]
+        assert sim.controllers[first].server_type == "cpu"
+
+        async def healthy() -> bool:
+            return (await api.get(f"/api/services/{service['id']}")).json()["health"] == "healthy"
+
+        await _until(healthy, what="the simulated health check to reach the hub")
+
+        sim.kill([first])
+
+        async def moved() -> dict[str, Any] | None:
+            now = (await api.get(f"/api/services/{service['id']}")).json()
+            return now if now["controller_id"] != first and now["status"] == "running" else None
+
+        after = await _until(moved, what="the service to fail over")
+        assert after["epoch"] > service["epoch"]
+        second = sim.controllers[after["controller_id"]]
+        assert [(c.id, c.epoch) for c in second.containers.values()] == [(after["container_id"], after["epoch"])]
+        assert (await api.get(f"/api/admin/controllers/{first}")).json()["status"] == "unhealthy"
+
+        # Back from the dead: its stale copy goes (a stop order in a heartbeat's answer, or the hub's own delete).
+        sim.revive([first])
+
+        async def fenced() -> bool:
+            return not sim.controllers[first].containers
+
+        await _until(fenced, what="the stale copy to be removed")
+        assert [c.id for c in second.containers.values()] == [after["container_id"]]
+
+
+async def test_heartbeat_benchmark_measures(hub_url: str, db: Database) -> None:
+    """``bench.heartbeats``' measurement, small: every accepted beat becomes visible in the table."""
+    result = await measure(hub_url, db.url, KEY, 10, seconds=1.5, settle=10)
+    assert result["controllers"] == 10
+    assert result["statuses"].keys() == {"200"}
+    assert result["accepted_per_s"] > 0
+    assert result["never_visible"] == 0
+    assert result["visible_p50_ms"] is not None
+
+
+async def test_density_null_hub_round_trip() -> None:
+    """``bench.density``'s set-up, small: simulated controllers beat to the null hub and obey its interval."""
+    port = _free_port()
+    hub = asyncio.create_task(null_hub(port, 0.1))
+    try:
+        async with Simulator(SimOptions(count=5, key=KEY, hub_url=f"http://127.0.0.1:{port}", preload=2,
+                                        ramp=0.05)) as sim:
+            await _until(lambda: asyncio.sleep(0, sim.stats()["beats_ok"] >= 20), 10, "beats to the null hub")
+            assert all(c.interval == 0.1 for c in sim.controllers.values())
+            assert sim.stats()["containers"] == 10
+    finally:
+        hub.cancel()

@@ -19,6 +19,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import httpx
+
 FORBIDDEN = (403, "SPEC_FORBIDDEN")
 INVALID = (422, "VALIDATION_ERROR")
 
@@ -38,6 +40,16 @@ class Hostile:
 
     def hub_body(self, image: str) -> dict[str, Any]:
         return {"name": f"h-{self.id}"[:63], "image": image, **self.hub}
+
+    def refusal_problem(self, response: httpx.Response, expect: tuple[int, str]) -> str | None:
+        """What is wrong with a refusal of this spec (hub or controller: ``expect`` says which), or None."""
+        status, code = expect
+        body = response.json()
+        if response.status_code != status or body.get("error", {}).get("code") != code:
+            return f"{self.id}: {response.status_code} {response.text[:300]}"
+        if code == "SPEC_FORBIDDEN" and body["error"]["details"]["rule"] != self.rule:
+            return f"{self.id}: refused by rule {body['error']['details']['rule']!r}, expected {self.rule!r}"
+        return None
 
 
 def _everywhere(id: str, rule: str, **fields: Any) -> Hostile:

@@ -10,7 +10,7 @@ from sqlalchemy import func, select
 from hub.models import ContainerRegistryModel, OperationModel, ServiceModel
 from mmanager.images import EXAMPLE_IMAGE
 from mmanager.policy import ALLOWED_CAPABILITIES
-from tests.hostile_specs import CORPUS, Hostile
+from tests.hostile_specs import CORPUS
 from tests.hub.conftest import KEY, Cluster
 
 LEGIT = {"name": "legit", "image": EXAMPLE_IMAGE, "ports": {"5000": None},
@@ -26,23 +26,12 @@ async def written(cluster: Cluster) -> tuple[int, int, int]:
         ])
 
 
-def refusal_problem(case: Hostile, response: httpx.Response) -> str | None:
-    """What is wrong with the hub's refusal, or None. (One place to add "and it was audited".)"""
-    status, code = case.hub_expect
-    body = response.json()
-    if response.status_code != status or body.get("error", {}).get("code") != code:
-        return f"{case.id}: {response.status_code} {response.text[:300]}"
-    if code == "SPEC_FORBIDDEN" and body["error"]["details"]["rule"] != case.rule:
-        return f"{case.id}: refused by rule {body['error']['details']['rule']!r}, expected {case.rule!r}"
-    return None
-
-
 async def test_every_hostile_spec_is_refused_and_nothing_is_written(cluster: Cluster) -> None:
     alice = await cluster.user("alice")
     problems = []
     for case in CORPUS:
         response = await cluster.hub.post("/api/alice/r/services", json=case.hub_body(EXAMPLE_IMAGE), headers=alice)
-        problems.append(refusal_problem(case, response))
+        problems.append(case.refusal_problem(response, case.hub_expect))
     assert [p for p in problems if p] == []
     assert await written(cluster) == (0, 0, 0)
     assert cluster.containers() == []
@@ -64,7 +53,7 @@ async def test_a_hostile_patch_changes_nothing(cluster: Cluster) -> None:
     problems = []
     for case in CORPUS:
         response = await cluster.hub.patch(f"/api/services/{service['id']}", json=case.hub, headers=alice)
-        problems.append(refusal_problem(case, response))
+        problems.append(case.refusal_problem(response, case.hub_expect))
     assert [p for p in problems if p] == []
     assert await written(cluster) == before
     after = (await cluster.hub.get(f"/api/services/{service['id']}", headers=alice)).json()

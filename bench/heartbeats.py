@@ -258,6 +258,7 @@ def main() -> None:
     parser.add_argument("--profile-seconds", type=int, default=15)
     parser.add_argument("--profile-at", type=int, help="the controller count to profile at (default: the largest)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/heartbeats.json"))
+    parser.add_argument("--workdir", type=Path, help="keep the hubs' files (logs) here instead of a temporary folder")
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
     results: dict[str, Any] = {"interval_s": args.interval, "grace_s": args.grace, "seconds": args.seconds,
@@ -270,7 +271,7 @@ def main() -> None:
             # The test cluster runs without fsync; durable means fsync.
             asyncio.run(_fsync_on(server))
         pg_pids = [int((cluster.data / "postmaster.pid").read_text().split()[0])] if cluster else []
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-hb-")))
+        workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-hb-")))
         for count in counts:
             db_url = asyncio.run(create_database(server, "hb"))
             dep = LocalDeployment(db_url, workdir / str(count), interval=args.interval, grace=args.grace)

@@ -37,6 +37,7 @@ from hub.services.controllers import ControllerRegistry
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
 from hub.services.operations import OperationLog
+from hub.services.users import UserAuth
 from mmanager import __version__
 from mmanager.audit import AuditMiddleware
 from mmanager.limits import BodyLimit, BodyTooLarge, too_large
@@ -57,7 +58,9 @@ def build_hub(settings: HubSettings, db: Database | None = None,
     ingest = HeartbeatIngest(db, settings, metrics)
     poller = ControllerPoller(db, settings, client, ingest)
     limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
-    return Hub(settings, db, client, metrics, ops, controllers, manager, ingest, poller, replica_id, limiter=limiter)
+    users = UserAuth(db, settings.auth_cache_seconds)
+    return Hub(settings, db, client, metrics, ops, controllers, manager, ingest, poller, replica_id, users,
+               limiter=limiter)
 
 
 def _error(status: int, code: str, message: str, details: Any = None,
@@ -201,6 +204,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
             if run_loops:
                 await supervisor.stop()
                 await flusher.stop()
+            await hub.ingest.close()
             await hub.services.shutdown()
             await hub.client.aclose()
             await hub.db.dispose()
@@ -219,4 +223,5 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.include_router(prometheus.router)
     app.include_router(audit.router)
     app.include_router(controllers.router)
+    controllers.document_bodies(app)
     return app

@@ -47,7 +47,14 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     api_key: SecretStr | None = None
     heartbeat_interval: float = Field(default=2.0, gt=0)
     heartbeat_grace: float = Field(default=6.0, gt=0)
+    # Heartbeats received and not yet recorded past which new ones are answered 503 with Retry-After at once
+    # (the controller tries again at its next beat) instead of queueing past the controllers' timeouts.
+    heartbeat_backlog: int = Field(default=5000, ge=1)
     max_services_per_user: int = Field(default=5, ge=0)
+    # Seconds a replica trusts its in-memory copy of controller keys and user tokens: a revoke made on
+    # another replica, or from the command line, is refused by this one within this time (0: every call
+    # asks the database).
+    auth_cache_seconds: float = Field(default=5.0, ge=0)
     # Per-user token bucket on authenticated /api/ calls, per hub replica (hub.ratelimit): requests a
     # second (0 = off) and the burst a user may spend at once.
     rate_limit: float = Field(default=50.0, ge=0)

@@ -21,7 +21,7 @@ from hub.services.controllers import ControllerRegistry
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
 from hub.services.operations import OperationLog
-from hub.services.users import authenticate
+from hub.services.users import UserAuth
 from mmanager.audit import identify
 
 if TYPE_CHECKING:
@@ -42,6 +42,7 @@ class Hub:
     ingest: HeartbeatIngest
     poller: ControllerPoller
     replica_id: str
+    users: UserAuth
     # Set while this replica leads.
     reconciler: Reconciler | None = None
     # Per-user request rate on this replica; None when MMANAGER_RATE_LIMIT is 0.
@@ -53,7 +54,8 @@ class Hub:
         await self.ingest.flush()
 
 
-def get_hub(request: Request) -> Hub:
+async def get_hub(request: Request) -> Hub:
+    # (async: FastAPI runs a plain function dependency in a worker thread, a thread hop on every call.)
     return request.app.state.hub
 
 
@@ -80,9 +82,7 @@ def bearer(request: Request) -> str:
 
 
 async def get_current_user(request: Request, hub: HubDep) -> UserModel:
-    token = bearer(request)
-    async with hub.db.session() as session:
-        user = await authenticate(session, token)
+    user = await hub.users.authenticate(bearer(request))
     identify(request, user.username)
     if hub.limiter is not None:
         # Before the handler runs, so a refused call has done nothing.

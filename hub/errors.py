@@ -65,6 +65,17 @@ class RateLimited(HubError):
         self.headers = {"Retry-After": str(retry_after)}
 
 
+class Overloaded(HubError):
+    """The hub has more of this work waiting than it lets queue: retry after a moment."""
+
+    status_code = 503
+    code = "HUB_BUSY"
+
+    def __init__(self, message: str, retry_after: int, *, code: str | None = None) -> None:
+        super().__init__(message, {"retry_after": retry_after}, code=code)
+        self.headers = {"Retry-After": str(retry_after)}
+
+
 class TooManyLogStreams(HubError):
     status_code = 429
     code = "TOO_MANY_LOG_STREAMS"

@@ -25,6 +25,12 @@ class HubMetrics:
         self.memory_usage_percent = Gauge(
             "mmanager_memory_usage_percent", "Host memory in use on the controller's server", ["controller"], registry=r
         )
+        self.heartbeats_shed = Counter(
+            "mmanager_heartbeats_shed_total",
+            "Heartbeats answered 503 at once because MMANAGER_HEARTBEAT_BACKLOG were already waiting", registry=r)
+        self.heartbeat_batch = Histogram(
+            "mmanager_heartbeat_batch_size", "Heartbeats recorded together in one transaction",
+            buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000), registry=r)
         self.failovers = Counter("mmanager_failovers_total", "Services moved off a lost controller", registry=r)
         self.operations = Counter(
             "mmanager_operations_total", "Lifecycle operations by outcome", ["operation", "status"], registry=r

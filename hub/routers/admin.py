@@ -123,16 +123,23 @@ async def list_controller_keys(controller_id: str, _: AdminUser, session: Sessio
 
 
 @router.post("/controllers/{controller_id}/keys", status_code=201, response_model=ControllerKeyCreated)
-async def create_controller_key(controller_id: str, admin: AdminUser, session: SessionDep) -> Any:
+async def create_controller_key(controller_id: str, admin: AdminUser, session: SessionDep, hub: HubDep) -> Any:
     row, key = await create_key(session, controller_id, created_by=admin.username)
+    await session.commit()
+    # From now on the shared key no longer speaks for this controller, on this replica at once.
+    hub.ingest.keys.forget()
     return ControllerKeyCreated(id=row.id, controller_id=controller_id, prefix=row.prefix, key=key,
                                 created_at=row.created_at)
 
 
 @router.delete("/controllers/{controller_id}/keys/{key_id}", status_code=204)
-async def revoke_controller_key(controller_id: str, key_id: str, _: AdminUser, session: SessionDep) -> Response:
-    # SessionDep commits before the answer goes out: once the 204 arrives, the key is refused everywhere.
+async def revoke_controller_key(controller_id: str, key_id: str, _: AdminUser, session: SessionDep,
+                                hub: HubDep) -> Response:
+    # Committed before the answer goes out: once the 204 arrives, this replica refuses the key, and every
+    # other replica within MMANAGER_AUTH_CACHE_SECONDS (hub.services.controller_keys).
     await revoke_key(session, controller_id, key_id)
+    await session.commit()
+    hub.ingest.keys.forget()
     return Response(status_code=204)
 
 

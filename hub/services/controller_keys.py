@@ -4,9 +4,13 @@ A key is shown once, when it is minted, and stored as its SHA-256 only. A
 controller has at most ``MAX_ACTIVE_KEYS`` active keys, so a key rotates
 without a gap: add the new one, switch the controller to it, revoke the old.
 
-A key authenticates only as the controller it was minted for. Nothing about
-acceptance is remembered between requests: every heartbeat looks its key up by
-hash, so a revoked key is refused at once, by every hub replica.
+A key authenticates only as the controller it was minted for. Each replica
+checks heartbeats against a snapshot of the whole table in memory (a few
+thousand hashes), reloaded every ``MMANAGER_AUTH_CACHE_SECONDS`` (5 s), so a
+heartbeat costs no database round trip: a revoke is refused at once by the
+replica that made it and within that time by the others (and by a hub whose
+key was revoked from the command line). A key the snapshot does not know yet
+is looked up in the database at once, so a new key works on its first beat.
 
 The shared ``MMANAGER_API_KEY`` (or the ``api_key`` of the controller's entry
 in ``MMANAGER_CONTROLLERS``) still authenticates, for compatibility, a
@@ -18,9 +22,11 @@ weaker way in.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from sqlalchemy import func, or_, select, update
@@ -98,6 +104,27 @@ async def revoke_key(session: AsyncSession, controller_id: str, key_id: str) -> 
     return row
 
 
+@dataclass(frozen=True)
+class _Key:
+    id: str
+    controller_id: str
+    revoked: bool
+
+
+@dataclass
+class _Snapshot:
+    """The controller_keys table as of ``taken`` (monotonic seconds): keys by hash, and which controllers
+    have (or had) keys of their own."""
+
+    by_hash: dict[str, _Key] = field(default_factory=dict)
+    owners: set[str] = field(default_factory=set)
+    taken: float = float("-inf")
+
+    def add(self, key_hash: str, key: _Key) -> None:
+        self.by_hash[key_hash] = key
+        self.owners.add(key.controller_id)
+
+
 class ControllerKeyAuth:
     """Decides whether a bearer key may speak for a controller on the heartbeat path."""
 
@@ -108,29 +135,29 @@ class ControllerKeyAuth:
         self._warned: set[str] = set()
         # Key id -> when this process last wrote its last_used_at (monotonic seconds).
         self._touched: dict[str, float] = {}
+        # Keys used since the last write of last_used_at (written by ``flush``).
+        self._used: set[str] = set()
+        self._snapshot = _Snapshot()
+        self._reloading: asyncio.Task[None] | None = None
+        # Bumped by forget(): a reload that began before it must not install what it read.
+        self._generation = 0
 
     async def authenticate(self, controller_id: str, token: str) -> None:
         digest = hash_token(token)
-        K = ControllerKeyModel
-        async with self.db.session() as session:
-            # One round trip: the key presented, and whether the controller has keys of its own.
-            rows = (
-                await session.execute(
-                    select(K.id, K.controller_id, K.key_hash, K.revoked_at).where(
-                        or_(K.key_hash == digest, K.controller_id == controller_id)
-                    )
-                )
-            ).all()
-            match = next((r for r in rows if r.key_hash == digest), None)
-            if match is not None:
-                if match.controller_id != controller_id or match.revoked_at is not None:
-                    raise _invalid()
-                await self._touch(session, match.id)
-                return
-        expected = self.settings.key_for(controller_id)
-        if not expected or not hmac.compare_digest(token.encode(), expected.encode()):
+        snapshot = await self._current()
+        key = snapshot.by_hash.get(digest)
+        has_own = controller_id in snapshot.owners
+        if key is None and (has_own or not self._is_shared_key(controller_id, token)):
+            # Not in the snapshot: a key minted since (maybe on another replica), or no key at all.
+            key, has_own = await self._lookup(controller_id, digest)
+        if key is not None:
+            if key.controller_id != controller_id or key.revoked:
+                raise _invalid()
+            self._use(key.id)
+            return
+        if not self._is_shared_key(controller_id, token):
             raise _invalid()
-        if rows:
+        if has_own:
             raise Unauthorized(
                 f"controller {controller_id!r} has keys of its own: the shared key is no longer accepted for it",
                 code="CONTROLLER_KEY_INVALID",
@@ -145,22 +172,90 @@ class ControllerKeyAuth:
                 controller_id,
             )
 
-    async def _touch(self, session: AsyncSession, key_id: str) -> None:
+    def _is_shared_key(self, controller_id: str, token: str) -> bool:
+        expected = self.settings.key_for(controller_id)
+        return bool(expected) and hmac.compare_digest(token.encode(), expected.encode())
+
+    def forget(self) -> None:
+        """A key was minted or revoked here: the next heartbeat reloads the snapshot first."""
+        self._snapshot = _Snapshot()
+        self._generation += 1
+        self._reloading = None
+
+    async def _current(self) -> _Snapshot:
+        ttl = self.settings.auth_cache_seconds
+        snapshot = self._snapshot
+        age = time.monotonic() - snapshot.taken
+        if age < ttl:
+            return snapshot
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.create_task(self._reload())
+        if age < 2 * ttl:
+            # Slightly old: used while one reload runs for everyone (a reload failing leaves it as it is).
+            return snapshot
+        # Never loaded, forgotten, or too old (the database was away): wait for the reload (its error,
+        # the database's, is the caller's: a 503).
+        await asyncio.shield(self._reloading)
+        return self._snapshot
+
+    async def _reload(self) -> None:
+        K = ControllerKeyModel
+        generation = self._generation
+        snapshot = _Snapshot(taken=time.monotonic())
+        async with self.db.session() as session:
+            for key_id, controller_id, key_hash, revoked_at in await session.execute(
+                select(K.id, K.controller_id, K.key_hash, K.revoked_at)
+            ):
+                snapshot.add(key_hash, _Key(key_id, controller_id, revoked_at is not None))
+        if generation == self._generation:
+            self._snapshot = snapshot
+
+    async def _lookup(self, controller_id: str, digest: str) -> tuple[_Key | None, bool]:
+        """The key with this hash, and whether the controller has keys of its own, from the database."""
+        K = ControllerKeyModel
+        async with self.db.session() as session:
+            rows = (
+                await session.execute(
+                    select(K.id, K.controller_id, K.key_hash, K.revoked_at).where(
+                        or_(K.key_hash == digest, K.controller_id == controller_id)
+                    )
+                )
+            ).all()
+        found = None
+        for row in rows:
+            key = _Key(row.id, row.controller_id, row.revoked_at is not None)
+            self._snapshot.add(row.key_hash, key)
+            if row.key_hash == digest:
+                found = key
+        return found, any(r.controller_id == controller_id for r in rows)
+
+    def _use(self, key_id: str) -> None:
         now = time.monotonic()
         last = self._touched.get(key_id)
-        if last is not None and now - last < TOUCH_EVERY:
+        if last is None or now - last >= TOUCH_EVERY:
+            self._touched[key_id] = now
+            self._used.add(key_id)
+
+    async def flush(self) -> None:
+        """Write ``last_used_at`` of the keys used since the last flush (at most once a minute per key)."""
+        if not self._used:
             return
-        self._touched[key_id] = now
+        used, self._used = self._used, set()
         at = utcnow()
-        # Other replicas write it too; the condition keeps it coarse across all of them.
-        await session.execute(
-            update(ControllerKeyModel)
-            .where(
-                ControllerKeyModel.id == key_id,
-                or_(
-                    ControllerKeyModel.last_used_at.is_(None),
-                    ControllerKeyModel.last_used_at < at - timedelta(seconds=TOUCH_EVERY),
-                ),
-            )
-            .values(last_used_at=at)
-        )
+        try:
+            async with self.db.session() as session:
+                # Other replicas write it too; the condition keeps it coarse across all of them.
+                await session.execute(
+                    update(ControllerKeyModel)
+                    .where(
+                        ControllerKeyModel.id.in_(sorted(used)),
+                        or_(
+                            ControllerKeyModel.last_used_at.is_(None),
+                            ControllerKeyModel.last_used_at < at - timedelta(seconds=TOUCH_EVERY),
+                        ),
+                    )
+                    .values(last_used_at=at)
+                )
+        except BaseException:
+            self._used |= used
+            raise

@@ -1,7 +1,17 @@
 """Heartbeat ingestion: what controllers report, coalesced into few writes.
 
-A heartbeat is answered at once (the interval, and which containers the
-controller must stop); what it says is kept in memory and written by
+Heartbeats are taken in batches (group commit): ``receive`` queues a beat and
+waits; one task takes every beat queued meanwhile and, in one transaction,
+registers the controllers that are new, stores the audit events they carry and
+reads their registry rows, then answers them all (the interval, and which
+containers each controller must stop). However many controllers beat, the
+heartbeat path costs a few round trips per batch, not per beat, and a beat is
+answered only once what must be durable before its answer (its audit events,
+its registration) is committed. Past ``MMANAGER_HEARTBEAT_BACKLOG`` beats
+waiting, new ones are answered 503 with Retry-After at once: shed, not queued
+past the controllers' timeouts.
+
+What a beat says (health, container states) is kept in memory and written by
 ``flush()`` for all controllers together, one transaction per flush, so a
 thousand controllers beating every two seconds cost a few writes a second,
 not a thousand. Only changes are written for containers.
@@ -15,16 +25,19 @@ Usage (thresholds, alerts, history) is judged and written the same way, by
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, case, delete, func, or_, select, update
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from hub.config import HubSettings
 from hub.db import Database
-from hub.errors import InvalidRequest, NotFound
+from hub.errors import HubError, InvalidRequest, NotFound, Overloaded
 from hub.metrics import HubMetrics
 from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel, utcnow
 from hub.scheduler.reconcile import UNSETTLED, FenceResult, RegistryRow, RowUpdate, fence
@@ -48,6 +61,18 @@ log = logging.getLogger(__name__)
 PUSH_LAG = 1.0
 
 
+# Beats recorded in one transaction at most (the rest wait for the next one).
+MAX_BATCH = 2000
+
+
+@dataclass
+class _Beat:
+    controller_id: str
+    heartbeat: Heartbeat
+    arrived: datetime
+    answer: asyncio.Future[HeartbeatAnswer]
+
+
 @dataclass
 class _Observation:
     at: datetime
@@ -69,6 +94,11 @@ class HeartbeatIngest:
         self._gone: set[str] = set()
         self._flush_lock = asyncio.Lock()
         self._flushed = asyncio.Event()
+        # Beats received and not yet recorded (hub.services.heartbeats: group commit).
+        self._inbox: list[_Beat] = []
+        self._waiting = 0
+        self._arrived = asyncio.Event()
+        self._taker: asyncio.Task[None] | None = None
 
     @property
     def orphan_grace(self) -> float:
@@ -81,63 +111,128 @@ class HeartbeatIngest:
         await self.keys.authenticate(controller_id, token)
 
     async def receive(self, controller_id: str, heartbeat: Heartbeat) -> HeartbeatAnswer:
-        """Answer one pushed heartbeat (already authenticated)."""
+        """Answer one pushed heartbeat (already authenticated), once its batch is committed."""
         if heartbeat.server_id != controller_id:
             raise InvalidRequest(
                 f"heartbeat from {heartbeat.server_id!r} sent to the path of {controller_id!r}",
                 code="SERVER_ID_MISMATCH",
             )
+        if self._waiting >= self.settings.heartbeat_backlog:
+            self.metrics.heartbeats_shed.inc()
+            raise Overloaded(f"the hub has {self._waiting} heartbeats waiting; beat again later",
+                             retry_after=max(1, round(self.settings.heartbeat_interval)))
+        beat = _Beat(controller_id, heartbeat, utcnow(), asyncio.get_running_loop().create_future())
+        self._inbox.append(beat)
+        self._waiting += 1
+        if self._taker is None or self._taker.done():
+            self._taker = asyncio.create_task(self._take(), name="heartbeat-batches")
+        self._arrived.set()
+        try:
+            return await beat.answer
+        finally:
+            self._waiting -= 1
+
+    async def close(self) -> None:
+        if self._taker is not None:
+            self._taker.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._taker
+            self._taker = None
+
+    async def _take(self) -> None:
+        """Take what queued while the previous batch was written: one batch at a time, as big as the
+        load makes it (one beat when idle, thousands under load)."""
+        while True:
+            await self._arrived.wait()
+            self._arrived.clear()
+            while self._inbox:
+                batch, self._inbox = self._inbox[:MAX_BATCH], self._inbox[MAX_BATCH:]
+                batch = [b for b in batch if not b.answer.done()]
+                try:
+                    await self._record(batch)
+                except Exception as exc:
+                    log.warning("%d heartbeat(s) not recorded: %s: %s", len(batch), type(exc).__name__,
+                                str(exc).splitlines()[0] if str(exc) else "")
+                    for b in batch:
+                        if not b.answer.done():
+                            b.answer.set_exception(Overloaded(
+                                "the heartbeat could not be recorded (the database is unavailable); beat again",
+                                retry_after=1, code="DATABASE_UNAVAILABLE"))
+
+    async def _record(self, batch: list[_Beat]) -> None:
+        self.metrics.heartbeat_batch.observe(len(batch))
+        ids = sorted({b.controller_id for b in batch})
+        rows: dict[str, list[RegistryRow]] = {cid: [] for cid in ids}
+        refused: dict[str, HubError] = {}
         async with self.db.session() as session:
-            controller = await session.get(ControllerModel, controller_id)
-            if controller is None:
-                if not heartbeat.url:
-                    raise NotFound(
-                        f"controller {controller_id!r} is not registered and sent no url to register it",
+            known = set(await session.scalars(select(ControllerModel.id).where(ControllerModel.id.in_(ids))))
+            new: dict[str, Heartbeat] = {}
+            arrived = {b.controller_id: b.arrived for b in batch}
+            for b in batch:
+                if b.controller_id in known or b.controller_id in new:
+                    continue
+                if not b.heartbeat.url:
+                    refused[b.controller_id] = NotFound(
+                        f"controller {b.controller_id!r} is not registered and sent no url to register it",
                         code="CONTROLLER_NOT_FOUND",
                     )
-                # A controller that knows the hub's key joins by beating (like a Nomad client).
-                session.add(ControllerModel(id=controller_id, url=heartbeat.url.rstrip("/"),
-                                            server_type=heartbeat.server_type, status="unknown"))
-                log.info("controller %s registered itself at %s", controller_id, heartbeat.url)
-            rows = await self._rows(session, controller_id)
-            # What the controller audited itself (at most 1000 a beat, the wire's bound); committed before
-            # the answer, which is what lets the controller drop them. Under a savepoint: events the
-            # database refuses never fail the heartbeat (hub.services.audit.insert_shipped).
-            await insert_shipped(session, heartbeat.audit, controller_source(controller_id))
-        listed_at = utcnow() - timedelta(seconds=heartbeat.listing_age + PUSH_LAG)
-        result = self.observe(controller_id, heartbeat.health, heartbeat.containers, rows, pushed=True,
-                              listed_at=listed_at)
-        return HeartbeatAnswer(
-            interval=self.settings.heartbeat_interval, grace=self.settings.heartbeat_grace, stop=result.stop
-        )
+                else:
+                    new[b.controller_id] = b.heartbeat
+            if new:
+                # A controller that knows the hub's key joins by beating (like a Nomad client); two replicas
+                # registering it at once both succeed.
+                await session.execute(
+                    self._insert_ignoring_conflicts(ControllerModel),
+                    [{"id": cid, "url": hb.url.rstrip("/"), "server_type": hb.server_type, "status": "unknown",
+                      # It pushes: the poller leaves it alone from the start.
+                      "last_push_at": arrived[cid]}
+                     for cid, hb in new.items() if hb.url],
+                )
+                for cid, hb in new.items():
+                    log.info("controller %s registered itself at %s", cid, hb.url)
+            for row in await session.execute(_rows_query(ContainerRegistryModel.controller_id.in_(ids))):
+                rows[row[0]].append(RegistryRow(*row[1:]))
+            # What the controllers audited themselves (at most 1000 a beat, the wire's bound); committed before
+            # the answers, which is what lets the controllers drop them. Under a savepoint each: events the
+            # database refuses never fail a heartbeat (hub.services.audit.insert_shipped).
+            for b in batch:
+                if b.heartbeat.audit and b.controller_id not in refused:
+                    await insert_shipped(session, b.heartbeat.audit, controller_source(b.controller_id))
+        for b in batch:
+            if b.answer.done():
+                continue
+            if b.controller_id in refused:
+                b.answer.set_exception(refused[b.controller_id])
+                continue
+            hb = b.heartbeat
+            listed_at = b.arrived - timedelta(seconds=hb.listing_age + PUSH_LAG)
+            result = self.observe(b.controller_id, hb.health, hb.containers, rows[b.controller_id], pushed=True,
+                                  listed_at=listed_at, at=b.arrived)
+            b.answer.set_result(HeartbeatAnswer(
+                interval=self.settings.heartbeat_interval, grace=self.settings.heartbeat_grace, stop=result.stop))
+
+    def _insert_ignoring_conflicts(self, model: Any) -> Any:
+        dialect_insert = sqlite_insert if self.db.is_sqlite else pg_insert
+        return dialect_insert(model).on_conflict_do_nothing(index_elements=["id"])
 
     async def _rows(self, session: Any, controller_id: str) -> list[RegistryRow]:
-        found = await session.execute(
-            select(
-                ContainerRegistryModel.id,
-                ContainerRegistryModel.service_id,
-                ContainerRegistryModel.epoch,
-                ContainerRegistryModel.container_id,
-                ContainerRegistryModel.status,
-                ContainerRegistryModel.health,
-                ContainerRegistryModel.health_restarts,
-                ContainerRegistryModel.updated_at,
-            ).where(ContainerRegistryModel.controller_id == controller_id)
-        )
-        return [RegistryRow(*r) for r in found]
+        found = await session.execute(_rows_query(ContainerRegistryModel.controller_id == controller_id))
+        return [RegistryRow(*r[1:]) for r in found]
 
     async def rows_for(self, controller_id: str) -> list[RegistryRow]:
         async with self.db.session() as session:
             return await self._rows(session, controller_id)
 
     def observe(self, controller_id: str, health: ControllerHealth, containers: list[HeartbeatContainer],
-                rows: list[RegistryRow], *, pushed: bool, listed_at: datetime | None = None) -> FenceResult:
+                rows: list[RegistryRow], *, pushed: bool, listed_at: datetime | None = None,
+                at: datetime | None = None) -> FenceResult:
         """Record one observation; ``listed_at`` is when the container listing was taken, at the latest.
 
         A pushed heartbeat's listing was taken before it arrived: it is dated by the
-        age it reports plus ``PUSH_LAG``, so it never overwrites a change the hub made meanwhile.
+        age it reports plus ``PUSH_LAG``, so it never overwrites a change the hub made meanwhile; ``at`` is
+        when it arrived (the controller was heard then).
         """
-        now = utcnow()
+        now = at or utcnow()
         listed_at = listed_at or now - timedelta(seconds=PUSH_LAG)
         if not health.docker:
             # No fresh listing (Docker is down or hung): nothing can be judged missing, gone or orphan.
@@ -169,6 +264,7 @@ class HeartbeatIngest:
         """Write everything observed since the last flush in one transaction, then what the monitor
         has to write (alerts that opened or resolved, history buckets that are over) in another."""
         await self._flush_observations()
+        await self.keys.flush()
         await self.monitor.flush()
 
     async def _flush_observations(self) -> None:
@@ -252,6 +348,12 @@ class HeartbeatIngest:
                         ContainerRegistryModel.id.in_(list(gone)), ContainerRegistryModel.status == "stale"
                     )
                 )
+
+
+def _rows_query(where: Any) -> Any:
+    R = ContainerRegistryModel
+    return select(R.controller_id, R.id, R.service_id, R.epoch, R.container_id, R.status, R.health,
+                  R.health_restarts, R.updated_at).where(where)
 
 
 def _by_id(model: Any, sample: dict[str, Any]) -> Any:

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import time
+from datetime import datetime
+
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import make_transient_to_detached
 
+from hub.db import Database
 from hub.errors import Conflict, Unauthorized
 from hub.models import ApiTokenModel, UserModel
 from hub.security import TOKEN_PREFIX, hash_token, mint_token
@@ -45,3 +50,43 @@ async def authenticate(session: AsyncSession, token: str) -> UserModel:
     if row is None:
         raise Unauthorized("invalid or revoked token")
     return row.user
+
+
+class UserAuth:
+    """Bearer tokens to users, remembered for ``ttl`` seconds (``MMANAGER_AUTH_CACHE_SECONDS``).
+
+    A read then costs no database round trip for its authentication; a token
+    revoked in the database is refused within ``ttl``. Refusals are not
+    remembered (an unknown token always asks the database). Each call gets a
+    user instance of its own, detached (as one loaded by a session that has
+    closed), so a handler may attach it to its session as before.
+    """
+
+    # Past this many remembered tokens the memory is emptied (a bound, not an eviction policy).
+    MAX_ENTRIES = 100_000
+
+    def __init__(self, db: Database, ttl: float) -> None:
+        self.db = db
+        self.ttl = ttl
+        self._known: dict[str, tuple[tuple[int, str, bool, datetime], float]] = {}
+
+    async def authenticate(self, token: str) -> UserModel:
+        digest = hash_token(token)
+        now = time.monotonic()
+        hit = self._known.get(digest)
+        if hit is not None and now - hit[1] < self.ttl:
+            return _detached(*hit[0])
+        async with self.db.session() as session:
+            found = await authenticate(session, token)
+            fields = (found.id, found.username, found.is_admin, found.created_at)
+        if self.ttl > 0:
+            if len(self._known) >= self.MAX_ENTRIES:
+                self._known.clear()
+            self._known[digest] = (fields, now)
+        return _detached(*fields)
+
+
+def _detached(user_id: int, username: str, is_admin: bool, created_at: datetime) -> UserModel:
+    user = UserModel(id=user_id, username=username, is_admin=is_admin, created_at=created_at)
+    make_transient_to_detached(user)
+    return user

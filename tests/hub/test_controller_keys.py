@@ -132,6 +132,8 @@ async def test_two_active_keys_at_most_and_a_revoked_key_is_refused_at_once(hub:
     # Revoking again changes nothing.
     assert (await hub.client.delete(f"/api/admin/controllers/ctl-x/keys/{a['id']}")).status_code == 204
 
+    # last_used_at is written with the heartbeats' flush (every 0.5 s while the hub runs).
+    await hub.parts.ingest.flush()
     listed = {k["id"]: k for k in (await hub.client.get("/api/admin/controllers/ctl-x/keys")).json()}
     assert listed[a["id"]]["revoked_at"] is not None and listed[b["id"]]["revoked_at"] is None
     assert listed[b["id"]]["last_used_at"] is not None

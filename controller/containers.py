@@ -43,9 +43,7 @@ from controller.errors import (
     ControllerError,
     CopyFailed,
     DockerUnavailable,
-    ImageNotFound,
     InvalidRequest,
-    NotFound,
     StaleEpoch,
     StartFailed,
 )
@@ -55,8 +53,6 @@ from controller.schemas import CopyResult, DirectoryCopy, FileCopy
 from controller.spec import ContainerSpec, build_spec
 from controller.sync import SyncGuard
 from mmanager.wire import (
-    LABEL_EPOCH,
-    LABEL_SERVICE,
     ActionResult,
     ContainerCreate,
     ContainerCreated,
@@ -121,6 +117,9 @@ class ContainerService:
     # -- create ------------------------------------------------------------
 
     async def create(self, config: ContainerCreate) -> ContainerCreated:
+        """Three Docker round trips for a new container: one listing, the create, the start (with the
+        inspect that reads its outcome on the same pool thread). The listing serves both the idempotency
+        lookup and the admission count; a missing image is the create's own refusal."""
         settings = self.settings
         spec = build_spec(
             config,
@@ -131,58 +130,58 @@ class ContainerService:
             default_memory=parse_memory(settings.default_memory_limit),
         )
         self.sync.check()
-        if not config.service_id:
-            return await self._create_new(config, spec)
-        await self.seed_epochs()
-        epoch = config.epoch or 0
+        if config.service_id:
+            await self.seed_epochs()
+        # The service's lock spans the start too: a concurrent duplicate waits and then finds the container.
         async with self._lock(config.service_id):
-            self._fence(config.service_id, epoch)
-            existing = await self.runtime.list_containers(
-                all=True, labels={LABEL_SERVICE: config.service_id, LABEL_EPOCH: str(epoch)}, detailed=False
-            )
-            if existing:
-                return await self._reuse(existing[0])
-            return await self._create_new(config, spec)
+            if config.service_id:
+                self._fence(config.service_id, config.epoch or 0)
+            async with self._admission:
+                managed = await self.runtime.list_containers(all=True, detailed=False)
+                existing = _same_create(managed, config)
+                if existing is None:
+                    container_id = await self._admit(config, spec, managed)
+            if existing is not None:
+                return await self._reuse(existing)
+            return await self._start_new(container_id)
 
     async def _reuse(self, container: ContainerInfo) -> ContainerCreated:
-        if container.status not in _LIVE:
-            try:
-                await self.runtime.start(container.id)
-            except DockerUnavailable:
-                raise
-            except ControllerError as exc:
-                raise StartFailed(f"existing container would not start: {exc.message}", exc.details) from None
-        return _created(await self.runtime.get_container(container.id), created=False)
-
-    async def _create_new(self, config: ContainerCreate, spec: ContainerSpec) -> ContainerCreated:
-        # Checked before admission: with no registry reachable, an implicit pull could only hang.
-        if not await self.runtime.image_exists(spec.image):
-            raise ImageNotFound(
-                f"image {spec.image!r} is not present on this host; pull it first", {"image": spec.image}
-            )
-        async with self._admission:
-            managed = await self.runtime.list_containers(all=True, detailed=False)
-            limit = self.settings.max_containers
-            if len(managed) >= limit:
-                raise CapacityExceeded(
-                    f"this controller already manages {len(managed)} of at most {limit} containers",
-                    {"managed": len(managed), "max_containers": limit},
-                )
-            if config.gpu_count or config.gpu_device_ids:
-                gpus = choose_gpus(self.gpus, gpus_in_use(managed), config.gpu_count, config.gpu_device_ids)
-                spec = replace(spec, gpu_device_ids=gpus, labels={**spec.labels, LABEL_GPUS: ",".join(gpus)})
-            container_id = await self.runtime.create_container(spec)
+        if container.status in _LIVE:
+            return _created(await self.runtime.get_container(container.id), created=False)
         try:
-            await self.runtime.start(container_id)
+            info = await self.runtime.start_created(container.id)
+        except DockerUnavailable:
+            raise
+        except ControllerError as exc:
+            raise StartFailed(f"existing container would not start: {exc.message}", exc.details) from None
+        if info is None:
+            raise StartFailed("existing container exited at once and was removed (auto_remove)")
+        return _created(info, created=False)
+
+    async def _admit(self, config: ContainerCreate, spec: ContainerSpec, managed: list[ContainerInfo]) -> str:
+        """Capacity, GPU choice and the Docker create, under the admission lock (``managed`` listed under it)."""
+        limit = self.settings.max_containers
+        if len(managed) >= limit:
+            raise CapacityExceeded(
+                f"this controller already manages {len(managed)} of at most {limit} containers",
+                {"managed": len(managed), "max_containers": limit},
+            )
+        if config.gpu_count or config.gpu_device_ids:
+            gpus = choose_gpus(self.gpus, gpus_in_use(managed), config.gpu_count, config.gpu_device_ids)
+            spec = replace(spec, gpu_device_ids=gpus, labels={**spec.labels, LABEL_GPUS: ",".join(gpus)})
+        # No image check first: Docker's create refuses a missing image itself (ImageNotFound), pulling nothing.
+        return await self.runtime.create_container(spec)
+
+    async def _start_new(self, container_id: str) -> ContainerCreated:
+        try:
+            info = await self.runtime.start_created(container_id)
         except ControllerError as exc:
             await self._discard(container_id)
             if isinstance(exc, DockerUnavailable):
                 raise
             raise StartFailed(f"container would not start and was removed: {exc.message}", exc.details) from None
-        try:
-            info = await self.runtime.get_container(container_id)
-        except NotFound:
-            raise StartFailed("container exited at once and was removed (auto_remove)") from None
+        if info is None:
+            raise StartFailed("container exited at once and was removed (auto_remove)")
         log.info(
             "created container %s (%s) for service %s epoch %s", info.name, info.id[:12], info.service_id, info.epoch
         )
@@ -297,6 +296,17 @@ def _file_target(body: FileCopy) -> str:
             raise InvalidRequest("file_name must be a plain file name when container_path is a folder")
         path = posixpath.join(path, name)
     return archives.container_path(path)
+
+
+def _same_create(managed: list[ContainerInfo], config: ContainerCreate) -> ContainerInfo | None:
+    """The container a create with this ``(service_id, epoch)`` made before, if any (none without a service)."""
+    if not config.service_id:
+        return None
+    epoch = config.epoch or 0
+    for info in managed:
+        if info.service_id == config.service_id and info.epoch == epoch:
+            return info
+    return None
 
 
 def _created(info: ContainerInfo, *, created: bool) -> ContainerCreated:

@@ -150,14 +150,23 @@ class FakeRuntime:
         if self.create_delay:
             await asyncio.sleep(self.create_delay)
         if spec.image not in self.images:
-            raise ImageNotFound(f"image {spec.image!r} is not present on this host; pull it first")
+            raise ImageNotFound(
+                f"image {spec.image!r} is not present on this host; pull it first", {"image": spec.image}
+            )
         if spec.name and any(c.name == spec.name for c in self.containers.values()):
             raise NameConflict(f"a container named {spec.name!r} already exists")
         self.creates += 1
         return self.add_container(spec, status="created").id
 
-    async def start(self, container_id: str) -> None:
+    async def start_created(self, container_id: str) -> ContainerInfo | None:
         container = self._find(container_id)
+        self._start(container)
+        return self._info(container)
+
+    async def start(self, container_id: str) -> None:
+        self._start(self._find(container_id))
+
+    def _start(self, container: FakeContainer) -> None:
         if container.spec.image in self.failing_images:
             container.status = "exited"
             raise DockerError("OCI runtime create failed (fake)")
@@ -229,9 +238,6 @@ class FakeRuntime:
         return 0, ""
 
     # -- images ----------------------------------------------------------
-
-    async def image_exists(self, name: str) -> bool:
-        return (await self.inspect_image(name)).exists
 
     async def list_images(self) -> list[ImageSummary]:
         self._up()

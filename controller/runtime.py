@@ -30,7 +30,7 @@ import docker
 import docker.errors
 import requests
 import urllib3
-from docker.models.containers import Container
+from docker.models.containers import Container, _create_container_args
 from docker.types import DeviceRequest, LogConfig, Mount
 from docker.utils import parse_repository_tag
 
@@ -80,6 +80,7 @@ class Runtime(Protocol):
     async def get_container(self, container_id: str) -> ContainerInfo: ...
     async def network_address(self, container_id: str) -> str | None: ...
     async def create_container(self, spec: ContainerSpec) -> str: ...
+    async def start_created(self, container_id: str) -> ContainerInfo | None: ...
     async def start(self, container_id: str) -> None: ...
     async def stop(self, container_id: str, timeout: int) -> None: ...
     async def restart(self, container_id: str, timeout: int) -> None: ...
@@ -89,7 +90,6 @@ class Runtime(Protocol):
     async def stats(self, container_id: str) -> ContainerStats: ...
     async def put_archive(self, container_id: str, data: bytes) -> None: ...
     async def exec(self, container_id: str, argv: list[str]) -> tuple[int, str]: ...
-    async def image_exists(self, name: str) -> bool: ...
     async def list_images(self) -> list[ImageSummary]: ...
     async def inspect_image(self, name: str) -> ImageDetail: ...
     async def remove_image(self, name: str, force: bool) -> list[dict[str, str]]: ...
@@ -151,10 +151,13 @@ class DockerRuntime:
             container = client.containers.get(container_id)
         except docker.errors.NotFound:
             container = None
-        labels = container.labels if container else {}
-        if labels.get(LABEL_MANAGED) != "true" or labels.get(LABEL_CONTROLLER) != self._server_id:
+        if container is None or not self._ours(container.labels):
             raise NotFound(f"no container {container_id!r} managed by this controller")
         return container
+
+    def _ours(self, labels: dict[str, str] | None) -> bool:
+        labels = labels or {}
+        return labels.get(LABEL_MANAGED) == "true" and labels.get(LABEL_CONTROLLER) == self._server_id
 
     def _filters(self, labels: dict[str, str] | None) -> dict[str, list[str]]:
         wanted = {LABEL_MANAGED: "true", LABEL_CONTROLLER: self._server_id, **(labels or {})}
@@ -222,7 +225,12 @@ class DockerRuntime:
         return await self._run(address)
 
     async def create_container(self, spec: ContainerSpec) -> str:
-        """Create (not start) the container; on any failure nothing is left behind."""
+        """Create (not start) the container; on any failure nothing is left behind.
+
+        One round trip: the SDK's ``containers.create`` inspects what it made, which nothing here reads. A
+        missing image is Docker's answer to the create itself (404, or 400 for a reference that no image can
+        have), raised as ImageNotFound: the API's create never pulls, so it answers at once, registry or not.
+        """
 
         def create(client: docker.DockerClient) -> str:
             kwargs = _create_kwargs(spec)
@@ -236,27 +244,56 @@ class DockerRuntime:
                 else:
                     # No NVIDIA runtime: say which GPUs were assigned, so placement works (and is testable) anywhere.
                     kwargs["environment"].append(f"NVIDIA_VISIBLE_DEVICES={','.join(spec.gpu_device_ids)}")
+            # The SDK's own translation of run()/create() kwargs: the same HostConfig containers.create makes.
+            kwargs.update(image=spec.image, version=client.api._version)
+            missing = ImageNotFound(
+                f"image {spec.image!r} is not present on this host; pull it first", {"image": spec.image}
+            )
             try:
-                container = client.containers.create(spec.image, **kwargs)
+                container_id: str = client.api.create_container(**_create_container_args(kwargs))["Id"]
             except docker.errors.ImageNotFound:
-                raise ImageNotFound(f"image {spec.image!r} is not present on this host; pull it first") from None
+                raise missing from None
             except docker.errors.NotFound as exc:
                 raise InvalidContainerConfig(str(exc.explanation)) from None
             except docker.errors.APIError as exc:
                 if exc.status_code == 409:
                     raise NameConflict(f"a container named {spec.name!r} already exists") from None
+                if exc.status_code == 400 and "invalid reference format" in str(exc.explanation):
+                    raise missing from None
                 raise
             try:
                 for network in spec.networks[1:]:
-                    client.networks.get(network).connect(container)
+                    client.api.connect_container_to_network(container_id, network)
             except Exception as exc:
-                container.remove(force=True)
+                client.api.remove_container(container_id, force=True)
                 if isinstance(exc, docker.errors.NotFound):
                     raise InvalidContainerConfig(f"network not found: {exc.explanation}") from None
                 raise
-            return container.id
+            return container_id
 
         return await self._run(create)
+
+    async def start_created(self, container_id: str) -> ContainerInfo | None:
+        """Start a container this controller itself just created or listed, and inspect it once started.
+
+        The id comes from our own create (or a listing filtered on our labels), so no inspect before the
+        start: the start and the inspect that reads its outcome (the ports Docker picked, the state) are
+        the only round trips, on one pool thread. The inspect's labels are still checked, so nothing
+        foreign is ever answered as ours. None when the start succeeded but the container is gone by the
+        inspect (an ``auto_remove`` one that exited at once); a failed start raises as ``start`` does.
+        """
+
+        def start(client: docker.DockerClient) -> ContainerInfo | None:
+            client.api.start(container_id)
+            try:
+                attrs = client.api.inspect_container(container_id)
+            except docker.errors.NotFound:
+                return None
+            if not self._ours((attrs.get("Config") or {}).get("Labels")):
+                raise NotFound(f"no container {container_id!r} managed by this controller")
+            return _container_info(attrs)
+
+        return await self._run(start)
 
     async def start(self, container_id: str) -> None:
         await self._run(lambda client: self._managed(client, container_id).start())
@@ -358,9 +395,6 @@ class DockerRuntime:
         return await self._run(run)
 
     # -- images ----------------------------------------------------------
-
-    async def image_exists(self, name: str) -> bool:
-        return (await self.inspect_image(name)).exists
 
     async def list_images(self) -> list[ImageSummary]:
         def listing(client: docker.DockerClient) -> list[ImageSummary]:

@@ -191,12 +191,27 @@ async def test_max_containers_counts_stopped_ones_too(start_controller: StartCon
     assert (await ctl.create(example_image)).status_code == 201
 
 
-async def test_unknown_image_is_refused_fast_and_leaves_nothing(ctl: Ctl, docker_client: docker.DockerClient) -> None:
+async def test_concurrent_creates_never_exceed_max_containers(
+    start_controller: StartController, example_image: str, docker_client: docker.DockerClient
+) -> None:
+    ctl = await start_controller(max_containers=2)
+    responses = await asyncio.gather(*(ctl.create(example_image, service_id=f"svc-cap-{i}", epoch=1) for i in range(4)))
+    codes = sorted((r.status_code, r.json().get("error", {}).get("code")) for r in responses)
+    assert codes == [(201, None), (201, None), (409, "CAPACITY_EXCEEDED"), (409, "CAPACITY_EXCEEDED")]
+    assert len(managed(docker_client, ctl.server_id)) == 2
+
+
+# No image can have the second name (Docker answers its create with 400, "invalid reference format").
+@pytest.mark.parametrize("image", ["registry.invalid/none:latest", "Not/A::Reference"])
+async def test_unknown_image_is_refused_fast_and_leaves_nothing(
+    ctl: Ctl, docker_client: docker.DockerClient, image: str
+) -> None:
     started = time.monotonic()
-    response = await ctl.create("registry.invalid/none:latest", name=f"{ctl.server_id}-ghost")
+    response = await ctl.create(image, name=f"{ctl.server_id}-ghost")
     assert time.monotonic() - started < 5
     assert response.status_code == 404
     assert response.json()["error"]["code"] == "IMAGE_NOT_FOUND"
+    assert response.json()["error"]["details"] == {"image": image}
     assert managed(docker_client, ctl.server_id) == []
 
 

@@ -10,6 +10,7 @@ import logging
 import tarfile
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pynvml
 import pytest
@@ -18,14 +19,16 @@ import uvicorn
 from controller import app as controller_app
 from controller import archives
 from controller.config import ControllerSettings, parse_gpu_devices
-from controller.errors import DockerUnavailable, GpuUnavailable, InvalidRequest, SpecForbidden
+from controller.containers import ContainerService
+from controller.errors import DockerUnavailable, GpuUnavailable, ImageNotFound, InvalidRequest, SpecForbidden
 from controller.fake import FakeRuntime
 from controller.gpu import choose_gpus, detect_gpus
 from controller.runtime import DockerRuntime
-from controller.spec import build_spec
+from controller.schemas import ImageDetail
+from controller.spec import ContainerSpec, build_spec
 from mmanager.images import EXAMPLE_IMAGE
-from mmanager.wire import ContainerCreate, GpuInfo
-from tests.controller.conftest import KEY, Ctl, StartController
+from mmanager.wire import ContainerCreate, ContainerInfo, GpuInfo
+from tests.controller.conftest import KEY, Ctl, StartController, make_settings
 
 # -- settings ---------------------------------------------------------------
 
@@ -299,6 +302,64 @@ async def test_epochs_are_seeded_from_existing_labels(start_fake: StartControlle
     stale = await ctl.create(EXAMPLE_IMAGE, service_id="svc", epoch=6)
     assert stale.json()["error"]["code"] == "STALE_EPOCH"
     assert (await ctl.create(EXAMPLE_IMAGE, service_id="svc", epoch=8)).status_code == 201
+
+
+class CountingRuntime(FakeRuntime):
+    """The fake, recording which runtime methods a create calls (each is a Docker round trip, or two)."""
+
+    def __init__(self, server_id: str) -> None:
+        super().__init__(server_id)
+        self.calls: list[str] = []
+
+    async def list_containers(self, **kwargs: Any) -> list[ContainerInfo]:
+        self.calls.append("list_containers")
+        return await super().list_containers(**kwargs)
+
+    async def get_container(self, container_id: str) -> ContainerInfo:
+        self.calls.append("get_container")
+        return await super().get_container(container_id)
+
+    async def create_container(self, spec: ContainerSpec) -> str:
+        self.calls.append("create_container")
+        return await super().create_container(spec)
+
+    async def start_created(self, container_id: str) -> ContainerInfo:
+        self.calls.append("start_created")
+        return await super().start_created(container_id)
+
+    async def start(self, container_id: str) -> None:
+        self.calls.append("start")
+        await super().start(container_id)
+
+    async def inspect_image(self, name: str) -> ImageDetail:
+        self.calls.append("inspect_image")
+        return await super().inspect_image(name)
+
+
+async def test_a_create_lists_once_and_inspects_nothing_before_the_start() -> None:
+    """The create path's round trips: one listing (idempotency and admission), the create, the start with
+    its inspect. No image inspect (the create refuses a missing image), no label check of our own id."""
+    runtime = CountingRuntime("count-ctl")
+    service = ContainerService(make_settings("count-ctl", max_containers=5), runtime, [])
+    await service.seed_epochs()
+    runtime.calls.clear()
+    config = ContainerCreate(image=EXAMPLE_IMAGE, service_id="svc", epoch=1)
+    first = await service.create(config)
+    assert (first.created, first.status) == (True, "running")
+    assert runtime.calls == ["list_containers", "create_container", "start_created"]
+
+    runtime.calls.clear()
+    again = await service.create(config)
+    assert (again.container_id, again.created) == (first.container_id, False)
+    assert runtime.calls == ["list_containers", "get_container"]
+
+    runtime.calls.clear()
+    missing = ContainerCreate(image="no-such-image:1", service_id="svc2", epoch=1)
+    with pytest.raises(ImageNotFound) as refused:
+        await service.create(missing)
+    assert refused.value.details == {"image": "no-such-image:1"}
+    assert runtime.calls == ["list_containers", "create_container"]
+    assert len(runtime.containers) == 1
 
 
 async def test_failed_start_leaves_no_container(fake_ctl: Ctl, fake: FakeRuntime) -> None:

@@ -94,6 +94,7 @@ async def _set_enabled(hub: HubDep, admin: AdminUser, controller_id: str, enable
                        OperationModel.status == "running")
                 .values(status="failed", error="cancelled: the controller was enabled again", finished_at=utcnow())
             )
+    hub.services.placement.stale()
     await hub.ops.finish(op)
     return controller_out(controller)
 

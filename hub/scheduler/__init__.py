@@ -1,5 +1,5 @@
 """Placement, as pure functions over an immutable view of the cluster."""
 
-from hub.scheduler.placement import ControllerView, Placement, PlacementRequest, Rejection, place
+from hub.scheduler.placement import CandidateIndex, ControllerView, Placement, PlacementRequest, Rejection, place
 
-__all__ = ["ControllerView", "Placement", "PlacementRequest", "Rejection", "place"]
+__all__ = ["CandidateIndex", "ControllerView", "Placement", "PlacementRequest", "Rejection", "place"]

@@ -195,6 +195,18 @@ def compute(snapshot: Snapshot, now: datetime) -> list[Action]:
         if c.draining:
             draining.add(c.id)
 
+    # One exclusion set per controller moved off, shared by its moves: a mass failover moves thousands
+    # of services off hundreds of lost controllers, and a set built per move costs lost × moves a tick.
+    gone = frozenset(lost)
+    excluding: dict[str | None, frozenset[str]] = {}
+
+    def without(on: str | None) -> frozenset[str]:
+        if on is None or on in gone:
+            return gone
+        if on not in excluding:
+            excluding[on] = gone | {on}
+        return excluding[on]
+
     occupied: set[str] = set()
     for s in snapshot.services:
         if s.controller_id is not None:
@@ -204,16 +216,16 @@ def compute(snapshot: Snapshot, now: datetime) -> list[Action]:
         on = s.controller_id
         if s.desired_state == "running":
             if s.status in UNSETTLED or on is None:
-                actions.append(Move(s.id, "resume", frozenset(lost), on))
+                actions.append(Move(s.id, "resume", gone, on))
             elif on in lost:
-                actions.append(Move(s.id, "controller_lost", frozenset(lost | {on}), on))
+                actions.append(Move(s.id, "controller_lost", without(on), on))
             elif on in draining:
-                actions.append(Move(s.id, "drain", frozenset(lost | {on}), on))
+                actions.append(Move(s.id, "drain", without(on), on))
             elif s.health == "unhealthy" and s.health_restarts >= snapshot.max_health_restarts:
-                actions.append(Move(s.id, "unhealthy", frozenset(lost | {on}), on))
+                actions.append(Move(s.id, "unhealthy", without(on), on))
         elif on in draining and on not in lost:
             # A stopped service moves too (it stays stopped): draining hands everything over.
-            actions.append(Move(s.id, "drain", frozenset(lost | {on}), on))
+            actions.append(Move(s.id, "drain", without(on), on))
     for c in snapshot.controllers:
         if c.draining and not ({c.id} & (occupied | snapshot.moving_from | snapshot.hosting)):
             actions.append(FinishDrain(c.id))

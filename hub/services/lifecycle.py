@@ -12,23 +12,31 @@ Invariants:
   owner's ``users`` row lock; a create that fails removes its service, so it
   holds no quota (except an acknowledged ``?wait=false`` create that only
   lacked a controller: it stays, ``lost``, for the reconciler to finish);
-- placements are serialised by one lock, so two concurrent creates never both
-  take the last slot of a controller; calls on one service are serialised by
-  that service's lock.
+- placements are decided one at a time against this process's in-memory view
+  (``PlacementCache``: a snapshot of the database at most ``PLACEMENT_MAX_AGE``
+  seconds old, plus every reservation this process made since), each decision
+  and its reservation in one synchronous step, so two concurrent creates never
+  both take the last slot of a controller; the database stays the authority: a
+  registry row is only inserted while its controller is healthy, enabled and not
+  draining, and a placement that finds nothing looks again at a fresh snapshot.
+  Calls on one service are serialised by that service's lock.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import re
+import time
 from collections import defaultdict
 from collections.abc import Awaitable
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from pydantic import ValidationError
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import Text, case, cast, delete, func, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.config import HubSettings
@@ -54,9 +62,11 @@ from hub.models import (
     OperationModel,
     ServiceModel,
     UserModel,
+    new_id,
     utcnow,
 )
-from hub.scheduler import Placement, PlacementRequest, place
+from hub.scheduler import CandidateIndex, ControllerView, Placement, PlacementRequest, place
+from hub.scheduler.placement import GIB
 from hub.scheduler.reconcile import UNSETTLED
 from hub.schemas import Endpoint, ServiceOut, ServicePatch, ServiceSpec
 from hub.services.controllers import ControllerRegistry, get_controller
@@ -74,6 +84,10 @@ _DOCKER_TO_STATUS = {"running": "running", "created": "starting", "restarting": 
 CREATE_ATTEMPTS = 3
 # Seconds a failover waits for the new copy's first passing probe before it records the move anyway.
 FAILOVER_HEALTH_WAIT = 15.0
+# Placement reads the controllers from a snapshot at most this old (plus this process's own reservations
+# since); older, a placement waits for a fresh one. In between, one is taken in the background.
+PLACEMENT_MAX_AGE = 1.0
+PLACEMENT_REFRESH_AFTER = 0.5
 
 
 def docker_status(state: str, desired: str) -> str:
@@ -133,6 +147,194 @@ async def _settle_row(session: AsyncSession, row: ContainerRegistryModel) -> boo
     return True
 
 
+class _LookAgain(Exception):
+    """Raised inside a transaction to roll it back: the in-memory view found no place; look at a fresh one."""
+
+
+class _Superseded(Exception):
+    """Raised inside a transaction to roll it back: another operation completed the service first."""
+
+
+def _values(obj: Any) -> dict[str, Any]:
+    """An ORM object's column values, for a Core INSERT (no unit of work, no identity map); a column left
+    unset gets its default (an autoincremented key its next value)."""
+    return {c.key: value for c in obj.__table__.columns if (value := getattr(obj, c.key)) is not None}
+
+
+async def _insert(session: AsyncSession, obj: Any) -> None:
+    await session.execute(insert(obj.__table__).values(_values(obj)))
+
+
+async def _insert_row_if_placeable(session: AsyncSession, row: ContainerRegistryModel) -> bool:
+    """Insert the registry row only while its controller is healthy, enabled and not draining: the
+    database has the last word on a decision made from the in-memory view."""
+    table = ContainerRegistryModel.__table__
+    values = _values(row)
+    c = ControllerModel
+    done = await session.execute(
+        insert(table).from_select(
+            list(values),
+            select(*(literal(v, table.c[k].type).label(k) for k, v in values.items())).where(
+                c.id == row.controller_id, c.status == "healthy", c.enabled.is_(True), c.draining.is_(False)
+            ),
+        )
+    )
+    return done.rowcount == 1  # type: ignore[attr-defined]
+
+
+async def load_views(session: AsyncSession) -> tuple[list[ControllerView], dict[str, str]]:
+    """Every controller as placement sees it, with what the registry reserves on it, and the URLs.
+
+    ``ControllerRegistry.snapshot``'s answer, by column reads: no ORM objects, no health document.
+    """
+    c = ControllerModel
+    controllers = (await session.execute(select(
+        c.id, c.url, c.server_type, c.enabled, c.draining, c.status, c.priority, c.weight, c.max_containers,
+        c.containers_running, c.cpu_cores, c.memory_total_gb, c.gpus,
+    ))).all()
+    r = ContainerRegistryModel
+    usage = {
+        cid: (n, memory, cpu)
+        for cid, n, memory, cpu in await session.execute(
+            select(r.controller_id, func.count(), func.coalesce(func.sum(r.memory_bytes), 0),
+                   func.coalesce(func.sum(r.cpu_limit), 0.0)).group_by(r.controller_id)
+        )
+    }
+    gpus_used: dict[str, set[str]] = {}
+    for cid, devices in await session.execute(
+        select(r.controller_id, r.gpu_devices).where(cast(r.gpu_devices, Text) != "[]")
+    ):
+        if devices:
+            gpus_used.setdefault(cid, set()).update(str(d) for d in devices)
+    views = []
+    for (cid, _, server_type, enabled, draining, status, priority, weight, max_containers, running, cores,
+         memory_gb, gpus) in controllers:
+        n, memory, cpu = usage.get(cid, (0, 0, 0.0))
+        views.append(ControllerView(
+            id=cid, server_type=server_type, enabled=enabled, draining=draining, healthy=status == "healthy",
+            priority=priority, weight=weight, max_containers=max_containers, containers=max(n, running),
+            cpu_cores=cores, cpu_reserved=float(cpu), memory_total=int(memory_gb * GIB), memory_reserved=int(memory),
+            gpus=tuple(str(g.get("index")) for g in gpus or ()), gpus_used=frozenset(gpus_used.get(cid, ())),
+        ))
+    return views, {row[0]: row[1] for row in controllers}
+
+
+@dataclass(slots=True, eq=False)
+class Held:
+    """One placement this process made: counted in its view until a snapshot taken after its row was
+    committed counts it instead."""
+
+    controller_id: str
+    memory: int
+    cpu: float
+    gpus: tuple[str, ...]
+    committed_at: float | None = None
+
+
+class PlacementCache:
+    """The controllers as placement sees them, kept in memory between snapshots of the database.
+
+    A snapshot (``load_views``: two grouped reads and one of the controllers' columns)
+    is taken when the last one is older than ``refresh_after`` (in the background)
+    or ``max_age`` (the placement waits for it), or than 10 (20) times what the last
+    one took, whichever is longer. On top of it, every placement this
+    process made and whose row the snapshot could not have seen yet (not committed
+    when it began). Controllers a call just failed to reach sit out until
+    ``avoid_for`` seconds pass or a placement finds nothing without them.
+    """
+
+    def __init__(self, db: Database, max_age: float = PLACEMENT_MAX_AGE,
+                 refresh_after: float = PLACEMENT_REFRESH_AFTER, avoid_for: float = 6.0) -> None:
+        self.db = db
+        self.max_age = max_age
+        self.refresh_after = refresh_after
+        self.avoid_for = avoid_for
+        self._index: CandidateIndex | None = None
+        self.urls: dict[str, str] = {}
+        self._taken_at = -math.inf
+        self._invalid_at = -math.inf
+        self._held: set[Held] = set()
+        self._avoid: dict[str, float] = {}
+        self._lock = asyncio.Lock()
+        self._background: asyncio.Task[None] | None = None
+        # Seconds the last snapshot took: the background one is taken no more often than every 10 of them,
+        # so it costs at most a tenth of the time (10,000 controllers: about 0.1 s a snapshot).
+        self._cost = 0.0
+
+    @property
+    def current(self) -> CandidateIndex:
+        """The view as it is (``index()`` awaited before)."""
+        assert self._index is not None
+        return self._index
+
+    async def index(self, fresh: bool = False) -> CandidateIndex:
+        now = time.monotonic()
+        age = now - self._taken_at
+        if fresh or self._index is None or age > max(self.max_age, 20 * self._cost) or self._invalid_at >= self._taken_at:
+            if fresh:
+                self._avoid.clear()
+            await self.refresh(now)
+        elif age > max(self.refresh_after, 10 * self._cost) and (self._background is None or self._background.done()):
+            self._background = asyncio.create_task(self.refresh(now))
+        assert self._index is not None
+        return self._index
+
+    async def refresh(self, asked_at: float) -> None:
+        async with self._lock:
+            if self._taken_at >= asked_at and self._invalid_at < self._taken_at:
+                return  # taken meanwhile, after the caller asked
+            started = time.monotonic()
+            async with self.db.session() as session:
+                views, urls = await load_views(session)
+            # A row committed before this snapshot's reads began is in it; the others are added on top.
+            self._held = {h for h in self._held if h.committed_at is None or h.committed_at >= started}
+            avoided = {cid for cid, until in self._avoid.items() if until > started}
+            self._avoid = {cid: self._avoid[cid] for cid in avoided}
+            index = CandidateIndex(views)
+            for cid in avoided:
+                index.forget(cid)
+            for h in self._held:
+                index.reserve(h.controller_id, h.memory, h.cpu, h.gpus)
+            self._index, self.urls, self._taken_at = index, urls, started
+            self._cost = time.monotonic() - started
+
+    def hold(self, decision: Placement, request: PlacementRequest) -> Held:
+        """Count a placement in the view at once (no await between a decision and this)."""
+        assert self._index is not None and decision.controller_id is not None
+        held = Held(decision.controller_id, request.memory, request.cpu, decision.gpu_devices)
+        self._held.add(held)
+        self._index.reserve(held.controller_id, held.memory, held.cpu, held.gpus)
+        return held
+
+    def committed(self, held: Held) -> None:
+        held.committed_at = time.monotonic()
+
+    def release(self, held: Held) -> None:
+        """The placement's row is gone (or never committed). Counted in a snapshot already, it stays
+        counted there (a little too much) until the next one."""
+        if held in self._held:
+            self._held.discard(held)
+            if self._index is not None:
+                self._index.release(held.controller_id, held.memory, held.cpu, held.gpus)
+
+    def unfit(self, controller_id: str) -> None:
+        """The database refused a placement there: out of the view until a fresh snapshot, taken next."""
+        if self._index is not None:
+            self._index.forget(controller_id)
+        self._invalid_at = time.monotonic()
+
+    def stale(self) -> None:
+        """A controller's row changed here (enabled, disabled, drained): the next placement takes a fresh
+        snapshot. Other replicas see the change with their next one (at most ``max_age`` later)."""
+        self._invalid_at = time.monotonic()
+
+    def avoid(self, controller_id: str) -> None:
+        """A call could not reach it: no placements there for a while, unless nothing else fits."""
+        self._avoid[controller_id] = time.monotonic() + self.avoid_for
+        if self._index is not None:
+            self._index.forget(controller_id)
+
+
 class ServiceManager:
     def __init__(
         self,
@@ -149,7 +351,7 @@ class ServiceManager:
         self.ops = ops
         self.settings = settings
         self.metrics = metrics
-        self._placement_lock = asyncio.Lock()
+        self.placement = PlacementCache(db, avoid_for=settings.heartbeat_grace)
         self._owner_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._service_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -232,27 +434,148 @@ class ServiceManager:
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
-    async def _place(self, session: AsyncSession, spec: ServiceSpec, exclude: frozenset[str] = frozenset(),
-                     target: str | None = None) -> Placement:
-        views = await self.controllers.snapshot(session)
-        if target is not None:
-            if target not in {v.id for v in views}:
-                raise NotFound(f"controller {target!r} not found", code="CONTROLLER_NOT_FOUND")
-            views = [v for v in views if v.id == target]
-        request = PlacementRequest(
+    @staticmethod
+    def _request(spec: ServiceSpec, exclude: frozenset[str] = frozenset()) -> PlacementRequest:
+        return PlacementRequest(
             memory=spec.resources.memory_bytes,
             cpu=spec.resources.cpu_limit or 0.0,
             gpu_count=spec.resources.gpu_count,
             server_type=spec.server_type,
             exclude=exclude,
         )
-        decision = place(views, request)
-        if not decision.placed:
+
+    def _decide(self, request: PlacementRequest, target: str | None, final: bool) -> tuple[Placement, Held]:
+        """Decide where from the view, and hold it there, in one synchronous step (no other placement
+        sees the view in between). Nothing found: ``_LookAgain`` (the caller takes a fresh snapshot, outside
+        its transaction: waiting for one while holding a pooled connection could starve the pool), or,
+        on a fresh one (``final``), the error."""
+        index = self.placement.current
+        if target is not None:
+            view = index.get(target)
+            if view is None:
+                if final:
+                    raise NotFound(f"controller {target!r} not found", code="CONTROLLER_NOT_FOUND")
+                raise _LookAgain
+            decision = place([view], request)
+        else:
+            decision = index.place(request)
+        if decision.placed:
+            return decision, self.placement.hold(decision, request)
+        if final:
             raise NoFeasibleController(
                 "no controller can run this service",
                 {"rejections": [r.as_dict() for r in decision.rejections]},
             )
-        return decision
+        raise _LookAgain
+
+    def _new_row(self, service: ServiceModel, spec: ServiceSpec, epoch: int, decision: Placement
+                 ) -> ContainerRegistryModel:
+        assert decision.controller_id is not None
+        now = utcnow()
+        return ContainerRegistryModel(
+            id=new_id(),
+            service_id=service.id,
+            controller_id=decision.controller_id,
+            container_id=None,
+            container_name=container_name(service, epoch, decision.controller_id),
+            image=spec.image,
+            status="creating",
+            epoch=epoch,
+            health="unknown",
+            health_restarts=0,
+            memory_bytes=spec.resources.memory_bytes,
+            cpu_limit=spec.resources.cpu_limit or 0.0,
+            gpu_devices=list(decision.gpu_devices),
+            created_at=now,
+            updated_at=now,
+        )
+
+    async def _hold_row(self, session: AsyncSession, service: ServiceModel, spec: ServiceSpec, epoch: int,
+                        exclude: frozenset[str], target: str | None, final: bool
+                        ) -> tuple[ContainerRegistryModel, ControllerModel, Held]:
+        """Choose a controller and insert its ``creating`` row in the caller's transaction; the hold is
+        released if that transaction does not commit (the caller calls ``placement.committed`` when it did).
+        The caller has awaited ``placement.index()`` just before (outside the transaction)."""
+        refused: set[str] = set()
+        for _ in range(CREATE_ATTEMPTS):
+            decision, held = self._decide(self._request(spec, exclude | refused), target, final)
+            row = self._new_row(service, spec, epoch, decision)
+            try:
+                placeable = await _insert_row_if_placeable(session, row)
+            except BaseException:
+                self.placement.release(held)
+                raise
+            if placeable:
+                controller = ControllerModel(id=row.controller_id, url=self.placement.urls[row.controller_id])
+                return row, controller, held
+            self.placement.release(held)
+            self.placement.unfit(row.controller_id)
+            refused.add(row.controller_id)
+        raise NoFeasibleController("no controller can run this service (each chosen one was refused)",
+                                   {"refused": sorted(refused)})
+
+    async def _reserve(self, service: ServiceModel, spec: ServiceSpec, exclude: frozenset[str],
+                       target: str | None, epoch: int) -> tuple[ContainerRegistryModel, ControllerModel, Held]:
+        """Choose a controller and hold a registry row on it (committed when this returns)."""
+        for final in (False, True):
+            await self.placement.index(fresh=final)
+            held: Held | None = None
+            try:
+                async with self.db.session() as session:
+                    row, controller, held = await self._hold_row(session, service, spec, epoch, exclude, target,
+                                                                 final)
+            except _LookAgain:
+                continue
+            except BaseException:
+                if held is not None:
+                    self.placement.release(held)
+                raise
+            self.placement.committed(held)
+            return row, controller, held
+        raise AssertionError("unreachable: a fresh look decides or raises")
+
+    async def _deploy(self, service: ServiceModel, spec: ServiceSpec, epoch: int,
+                      exclude: frozenset[str] = frozenset(), target: str | None = None,
+                      first: tuple[ContainerRegistryModel, ControllerModel, Held] | None = None,
+                      ) -> tuple[ContainerRegistryModel, ControllerModel, dict[str, int | None], str]:
+        """Place and create-and-start one container; on failure nothing stays reserved.
+
+        ``first``: a placement already held (the create's, made in its first transaction).
+        A controller that cannot be reached is skipped and the next best one tried.
+        """
+        tried: set[str] = set()
+        last_error: HubError | None = None
+        for attempt in range(CREATE_ATTEMPTS):
+            if attempt == 0 and first is not None:
+                row, controller, held = first
+            else:
+                try:
+                    row, controller, held = await self._reserve(service, spec, exclude | tried, target, epoch)
+                except NoFeasibleController:
+                    if last_error is not None:
+                        raise last_error from None
+                    raise
+            try:
+                created = await self.client.create(
+                    controller.id, controller.url,
+                    self._container_config(service, spec, epoch, held.gpus, row.container_name),
+                )
+            except HubError as exc:
+                async with self.db.session() as session:
+                    await session.execute(delete(ContainerRegistryModel).where(ContainerRegistryModel.id == row.id))
+                self.placement.release(held)
+                if isinstance(exc, ControllerUnavailable) and target is None:
+                    tried.add(controller.id)
+                    self.placement.avoid(controller.id)
+                    last_error = exc
+                    continue
+                raise
+            row.container_id = created.container_id
+            row.container_name = created.name
+            row.status = "running" if created.status == "running" else created.status
+            return row, controller, created.ports, created.status
+        assert last_error is not None
+        raise last_error
 
     def _container_config(self, service: ServiceModel, spec: ServiceSpec, epoch: int,
                           gpus: tuple[str, ...], name: str) -> ContainerCreate:
@@ -286,145 +609,107 @@ class ServiceManager:
         except PolicyViolation as exc:
             raise SpecForbidden(exc.message, exc.details) from None
 
-    async def _reserve(self, service: ServiceModel, spec: ServiceSpec, exclude: frozenset[str],
-                       target: str | None, epoch: int) -> tuple[ContainerRegistryModel, ControllerModel, tuple[str, ...]]:
-        """Choose a controller and hold a registry row on it, in one serialised step."""
-        async with self._placement_lock, self.db.session() as session:
-            decision = await self._place(session, spec, exclude, target)
-            assert decision.controller_id is not None
-            controller = await get_controller(session, decision.controller_id)
-            row = ContainerRegistryModel(
-                service_id=service.id,
-                controller_id=controller.id,
-                container_name=container_name(service, epoch, controller.id),
-                image=spec.image,
-                status="creating",
-                epoch=epoch,
-                memory_bytes=spec.resources.memory_bytes,
-                cpu_limit=spec.resources.cpu_limit or 0.0,
-                gpu_devices=list(decision.gpu_devices),
-            )
-            session.add(row)
-        return row, controller, decision.gpu_devices
-
-    async def _deploy(self, service: ServiceModel, spec: ServiceSpec, epoch: int,
-                      exclude: frozenset[str] = frozenset(), target: str | None = None
-                      ) -> tuple[ContainerRegistryModel, ControllerModel, dict[str, int | None], str]:
-        """Place and create-and-start one container; on failure nothing stays reserved.
-
-        A controller that cannot be reached is skipped and the next best one tried.
-        """
-        tried: set[str] = set()
-        last_error: HubError | None = None
-        for _ in range(CREATE_ATTEMPTS):
-            try:
-                row, controller, gpus = await self._reserve(service, spec, exclude | tried, target, epoch)
-            except NoFeasibleController:
-                if last_error is not None:
-                    raise last_error from None
-                raise
-            try:
-                created = await self.client.create(
-                    controller.id, controller.url, self._container_config(service, spec, epoch, gpus, row.container_name)
-                )
-            except HubError as exc:
-                async with self.db.session() as session:
-                    await session.execute(delete(ContainerRegistryModel).where(ContainerRegistryModel.id == row.id))
-                if isinstance(exc, ControllerUnavailable) and target is None:
-                    tried.add(controller.id)
-                    last_error = exc
-                    continue
-                raise
-            row.container_id = created.container_id
-            row.container_name = created.name
-            row.status = "running" if created.status == "running" else created.status
-            return row, controller, created.ports, created.status
-        assert last_error is not None
-        raise last_error
-
     # ----------------------------------------------------------------- create
 
     async def create(self, user: UserModel, username: str, repo: str, spec: ServiceSpec,
                      wait: bool = True) -> ServiceModel | OperationModel:
-        async with self.db.session() as session:
-            owner = user
-            if username != user.username:
-                if not user.is_admin:
-                    raise NotFound(f"user {username!r} not found", code="USER_NOT_FOUND")
+        owner = user
+        if username != user.username:
+            if not user.is_admin:
+                raise NotFound(f"user {username!r} not found", code="USER_NOT_FOUND")
+            async with self.db.session() as session:
                 found = await session.scalar(select(UserModel).where(UserModel.username == username))
-                if found is None:
-                    raise NotFound(f"user {username!r} not found", code="USER_NOT_FOUND")
-                owner = found
+            if found is None:
+                raise NotFound(f"user {username!r} not found", code="USER_NOT_FOUND")
+            owner = found
         self._check_policy(spec)
+        now = utcnow()
+        service = ServiceModel(
+            id=new_id(), name=spec.name, owner_id=owner.id, repo=repo, spec=spec.model_dump(mode="json"), version=1,
+            desired_state="running", status="pending", status_message=None, controller_id=None, container_id=None,
+            epoch=1, endpoint=None, gpu_devices=[], health="unknown", created_at=now, updated_at=now,
+        )
+        service.owner = owner
         # The quota holds across replicas through the owner's row lock (NO KEY UPDATE, so inserts that
         # only reference the user are not held up), taken before the count and held until the new
         # service is committed. The per-owner asyncio lock in front of it keeps a burst of one owner's
         # creates from each holding a pooled connection while waiting on that row, and serialises them
         # on SQLite (single replica only), whose driver begins the transaction at the first write, too
         # late to cover the count.
+        #
+        # One transaction: the service, its first history entry, the running create operation and the
+        # placement's ``creating`` registry row. So the operation is durable before the controller is
+        # touched, a pending service is never seen without its running create (or the reconciler would
+        # take it for an interrupted one and start it a second time), and a create interrupted after the
+        # commit is finished by the reconciler at the same controller, idempotently (_resume_or_deploy).
         async with self._owner_locks[owner.id]:
-            async with self.db.session() as session:
-                await session.execute(
-                    select(UserModel.id).where(UserModel.id == owner.id).with_for_update(key_share=True)
-                )
-                count = await session.scalar(select(func.count()).where(ServiceModel.owner_id == owner.id)) or 0
-                limit = self.settings.max_services_per_user
-                if not owner.is_admin and count >= limit:
-                    raise QuotaExceeded(
-                        f"user {owner.username!r} already has {count} services (max_services_per_user={limit})",
-                        {"limit": limit, "current": count},
-                    )
-                clash = await session.scalar(
-                    select(ServiceModel.id).where(ServiceModel.owner_id == owner.id, ServiceModel.name == spec.name)
-                )
-                if clash is not None:
-                    raise Conflict(f"service {spec.name!r} already exists (id {clash})", code="SERVICE_EXISTS")
-                # Fail before anything is written when nothing could run it.
-                await self._place(session, spec)
-                service = ServiceModel(
-                    name=spec.name,
-                    owner_id=owner.id,
-                    repo=repo,
-                    spec=spec.model_dump(mode="json"),
-                    status="pending",
-                    desired_state="running",
-                    epoch=1,
-                )
-                service.owner = owner
-                session.add(service)
-                await session.flush()
-                session.add(
-                    DeploymentHistoryModel(
-                        service_id=service.id, version=1, spec=service.spec, image=spec.image,
-                        reason="create", actor=user.username,
-                    )
-                )
-                # In the same transaction: a pending service is never seen without its running create,
-                # or the reconciler would take it for an interrupted one and start it a second time.
-                op = self.ops.add(session, "create", user.username, service_id=service.id,
-                                  details={"epoch": 1, "version": 1})
-        work = self._guarded(op, self._run_create(service, spec, op, acknowledged=not wait))
+            for final in (False, True):
+                await self.placement.index(fresh=final)
+                held: Held | None = None
+                try:
+                    async with self.db.session() as session:
+                        await session.execute(
+                            select(UserModel.id).where(UserModel.id == owner.id).with_for_update(key_share=True)
+                        )
+                        count, clash = (await session.execute(
+                            select(func.count(), func.max(case((ServiceModel.name == spec.name, ServiceModel.id))))
+                            .where(ServiceModel.owner_id == owner.id)
+                        )).one()
+                        limit = self.settings.max_services_per_user
+                        if not owner.is_admin and count >= limit:
+                            raise QuotaExceeded(
+                                f"user {owner.username!r} already has {count} services (max_services_per_user={limit})",
+                                {"limit": limit, "current": count},
+                            )
+                        if clash is not None:
+                            raise Conflict(f"service {spec.name!r} already exists (id {clash})", code="SERVICE_EXISTS")
+                        await _insert(session, service)
+                        await _insert(session, DeploymentHistoryModel(
+                            service_id=service.id, version=1, spec=service.spec, image=spec.image,
+                            reason="create", actor=user.username, created_at=now,
+                        ))
+                        op = self.ops.new("create", user.username, service_id=service.id,
+                                          details={"epoch": 1, "version": 1})
+                        await _insert(session, op)
+                        # Fails (and rolls all of it back) when nothing could run it.
+                        row, controller, held = await self._hold_row(
+                            session, service, spec, 1, frozenset(), None, final)
+                except _LookAgain:
+                    continue
+                except BaseException:
+                    if held is not None:
+                        self.placement.release(held)
+                    raise
+                break
+        assert held is not None
+        self.placement.committed(held)
+        self.ops.active.add(op.id)
+        work = self._guarded(op, self._run_create(service, spec, op, acknowledged=not wait,
+                                                  first=(row, controller, held)))
         if not wait:
             self.spawn(work)
             return op
         return await work
 
     async def _run_create(self, service: ServiceModel, spec: ServiceSpec, op: OperationModel,
-                          acknowledged: bool = False) -> ServiceModel:
+                          acknowledged: bool = False,
+                          first: tuple[ContainerRegistryModel, ControllerModel, Held] | None = None) -> ServiceModel:
         """``acknowledged``: the caller already has its 202, so a create that fails only because
         controllers are unreachable or full right now is kept (status ``lost``) for the reconciler
-        to finish; bad input (an unknown image) still removes it."""
+        to finish; bad input (an unknown image) still removes it. ``first``: the placement the
+        create's transaction committed."""
         async with self._service_locks[service.id]:
-            current = await self._reload_or_none(service.id)
-            if current is None or current.status != "pending" or current.epoch != service.epoch:
-                # Finished (or deleted) by someone else meanwhile: nothing left to do here.
-                await self.ops.finish(op, None if current else "service was deleted",
-                                      details={"completed_elsewhere": True})
-                if current is None:
-                    raise NotFound(f"service {service.id!r} not found", code="SERVICE_NOT_FOUND")
-                return current
+            if acknowledged:
+                current = await self._reload_or_none(service.id)
+                if current is None or current.status != "pending" or current.epoch != service.epoch:
+                    # Finished (or deleted) by someone else meanwhile: nothing left to do here.
+                    await self.ops.finish(op, None if current else "service was deleted",
+                                          details={"completed_elsewhere": True})
+                    if current is None:
+                        raise NotFound(f"service {service.id!r} not found", code="SERVICE_NOT_FOUND")
+                    return current
             try:
-                row, controller, ports, status = await self._deploy(service, spec, service.epoch)
+                row, controller, ports, status = await self._deploy(service, spec, service.epoch, first=first)
             except HubError as exc:
                 if acknowledged and isinstance(exc, ControllerUnavailable | NoFeasibleController):
                     async with self.db.session() as session:
@@ -438,26 +723,40 @@ class ServiceManager:
                 await self.ops.finish(op, f"{exc.code}: {exc.message}")
                 self._service_locks.pop(service.id, None)
                 raise
-            async with self.db.session() as session:
-                # Locked until commit: no other operation can claim an epoch between the check and the write.
-                fresh = await _locked(session, service.id)
-                superseded = (fresh is None or fresh.epoch != service.epoch or fresh.controller_id is not None
-                              or not await _settle_row(session, row))
-                if fresh is not None and not superseded:
-                    fresh.health = row.health or "unknown"
-                    fresh.controller_id = controller.id
-                    fresh.container_id = row.container_id
-                    fresh.gpu_devices = row.gpu_devices
-                    fresh.status = docker_status(status, "running")
-                    fresh.endpoint = endpoint_for(controller.url, ports).model_dump()
-                    fresh.status_message = None
-            if superseded or fresh is None:
+            settled = {
+                "controller_id": controller.id, "container_id": row.container_id, "gpu_devices": row.gpu_devices,
+                "status": docker_status(status, "running"), "endpoint": endpoint_for(controller.url, ports).model_dump(),
+                "status_message": None, "updated_at": utcnow(),
+            }
+            # One transaction: the container on its row, the service pointing at it, the operation ended.
+            # The service's UPDATE is conditional (its epoch, no container yet), as good as its row lock.
+            try:
+                async with self.db.session() as session:
+                    if not await _settle_row(session, row):
+                        raise _Superseded
+                    settled["health"] = row.health or "unknown"
+                    done = await session.execute(
+                        update(ServiceModel)
+                        .where(ServiceModel.id == service.id, ServiceModel.epoch == service.epoch,
+                               ServiceModel.controller_id.is_(None))
+                        .values(**settled)
+                        .execution_options(synchronize_session=False)
+                    )
+                    if done.rowcount != 1:  # type: ignore[attr-defined]
+                        raise _Superseded
+                    await self.ops.finish_in(session, op, controller_id=controller.id, container_id=row.container_id)
+            except _Superseded:
                 # Someone else finished (or deleted) this service meanwhile: ours would be a second copy.
                 await self._discard(controller.id, row)
                 await self.ops.finish(op, "SUPERSEDED: another operation completed this service first")
-                raise Conflict("another operation completed this service first", code="CONCURRENT_CHANGE")
-            await self.ops.finish(op, controller_id=controller.id, container_id=row.container_id)
-            return fresh
+                raise Conflict("another operation completed this service first", code="CONCURRENT_CHANGE") from None
+            except BaseException:
+                op.status, op.error, op.finished_at = "running", None, None  # not ended: _guarded records it
+                raise
+            self.ops.finished(op)
+            for key, value in settled.items():
+                setattr(service, key, value)
+            return service
 
     # ----------------------------------------------- start / stop / restart
 
@@ -1016,6 +1315,7 @@ class ServiceManager:
             # With the flag, so the reconciler never finishes a drain whose operation is not there yet.
             op = self.ops.add(session, "drain", user.username, controller_id=controller_id,
                               details={"services": count})
+        self.placement.stale()
         if not wait:
             return op
         deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout

@@ -31,10 +31,17 @@ class OperationLog:
         # but not here lost its ending to a database outage: it is recovered like a dead replica's.
         self.active: set[str] = set()
 
+    def new(self, operation: str, actor: str, **fields: Any) -> OperationModel:
+        """A running operation, every column set, for the caller to insert in its transaction (and to
+        add to ``active`` once that committed)."""
+        values: dict[str, Any] = {"service_id": None, "controller_id": None, "container_id": None, "error": None,
+                                  "details": {}, "finished_at": None, **fields}
+        return OperationModel(id=new_id(), operation=operation, status="running", actor=actor,
+                              hub_replica=self.replica_id, created_at=utcnow(), **values)
+
     def add(self, session: AsyncSession, operation: str, actor: str, **fields: Any) -> OperationModel:
         """Begin an operation inside the caller's transaction (it is durable when that commits)."""
-        op = OperationModel(id=new_id(), operation=operation, status="running", actor=actor,
-                            hub_replica=self.replica_id, **{"details": {}, **fields})
+        op = self.new(operation, actor, **fields)
         self.active.add(op.id)
         session.add(op)
         return op
@@ -58,6 +65,7 @@ class OperationLog:
             container_id=container_id,
             details=details or {},
             hub_replica=self.replica_id,
+            created_at=utcnow(),
         )
         self.active.add(op.id)
         try:
@@ -96,6 +104,20 @@ class OperationLog:
         error: str | None = None,
         **changes: Any,
     ) -> OperationModel:
+        try:
+            async with self.db.session() as session:
+                await self.finish_in(session, op, error, **changes)
+        finally:
+            self.active.discard(op.id)
+        return self.finished(op)
+
+    async def finish_in(self, session: AsyncSession, op: OperationModel, error: str | None = None,
+                        **changes: Any) -> None:
+        """End ``op`` inside the caller's transaction; call ``finished(op)`` once that committed.
+
+        One UPDATE by id (a merge would read the row first); an operation whose row is
+        not there (its beginning was rolled back) is inserted as it ends.
+        """
         op.status = "failed" if error else "succeeded"
         op.error = error
         op.finished_at = utcnow()
@@ -105,17 +127,26 @@ class OperationLog:
                     op.details = {**op.details, **value}
             else:
                 setattr(op, key, value)
-        try:
-            async with self.db.session() as session:
-                await session.merge(op)
-        finally:
-            self.active.discard(op.id)
-        duration = (op.finished_at - op.created_at).total_seconds()
+        written = await session.execute(
+            update(OperationModel)
+            .where(OperationModel.id == op.id)
+            .values(status=op.status, error=op.error, finished_at=op.finished_at, details=op.details,
+                    controller_id=op.controller_id, container_id=op.container_id, service_id=op.service_id)
+            .execution_options(synchronize_session=False)
+        )
+        if written.rowcount != 1:  # type: ignore[attr-defined]
+            await session.merge(op)
+
+    def finished(self, op: OperationModel) -> OperationModel:
+        """After ``finish_in``'s transaction committed: metrics and the log line."""
+        self.active.discard(op.id)
+        duration = (op.finished_at - op.created_at).total_seconds() if op.finished_at and op.created_at else 0.0
         self.metrics.operations.labels(op.operation, op.status).inc()
         self.metrics.operation_duration.labels(op.operation).observe(duration)
-        log.log(logging.WARNING if error else logging.INFO, "operation %s %s of service %s on %s by %s %s in %.2fs%s",
+        log.log(logging.WARNING if op.error else logging.INFO,
+                "operation %s %s of service %s on %s by %s %s in %.2fs%s",
                 op.operation, op.id, op.service_id, op.controller_id, op.actor, op.status, duration,
-                f": {error}" if error else "")
+                f": {op.error}" if op.error else "")
         return op
 
 

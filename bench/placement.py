@@ -1,0 +1,418 @@
+"""Placement throughput: services created through the public API and acknowledged running, per second.
+
+A real hub process (``mmanager hub serve``, started as ``tests/procs.py`` does) on a
+throwaway PostgreSQL cluster with fsync on (a create's 201 means it is durable), N
+simulated controllers (``bench.sim``, mixed cpu and gpu servers, registering themselves
+by heartbeat) in this process, then S services created by C concurrent clients, each a
+user of its own (``POST /api/admin/users``), each sending ``POST /api/{user}/bench/services``
+back to back on one keep-alive connection (``bench.sim.http.Client``: cheap, so the
+cores go to the hub). A create answers 201 once the controller acknowledged the
+container running, so each 201 is one service placed, created and running. A share of
+the services asks for a GPU (they must land on gpu servers, on a GPU no other service
+holds); the others are CPU services (cpu servers, as long as one has room).
+
+Measured over the window from the first request to the last answer: creates per
+second, overall and the median of the per-second counts (the first and last second
+left out: partial), the create latency p50/p99, and the CPU of the hub, PostgreSQL
+(postmaster and backends) and this process (simulator and clients together), in
+cores. Then it checks what was made, through the database and the simulator: every
+service that got its 201 is ``running`` on a controller that is healthy, enabled,
+alive in the simulator and of the right type, with its container there at the
+service's epoch; no GPU held twice; no controller over its MAX_CONTAINERS; one
+registry row per service; and a sample read back through ``GET /api/services/{id}``.
+
+Heartbeats: the hub's interval (``--interval``) is its own setting for the run; at
+the default 2 s, 10,000 controllers are 5,000 beats a second, which is the heartbeat
+benchmark's load, not this one's. The default here (30 s, grace 90 s) keeps
+heartbeats to a few hundred a second, so the window measures placement.
+
+The baseline, measured in the same run, is the first size (100 controllers, 1,000
+services by default). ``--max-seconds`` bounds each window (clients stop starting
+creates then), so a slow hub is measured on what it made in that time.
+
+    python -m bench.placement [--sizes 100:1000,10000:20000] [--clients 64] [--profile [DIR]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import json
+import os
+import random
+import statistics
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import asyncpg
+
+from bench.heartbeats import _Cpu, _fsync_on, asyncpg_dsn
+from bench.pyspy import Recording, profile_dir
+from bench.sim import SimOptions, Simulator
+from bench.sim.http import Client, ClientError
+from tests.pg import create_database, local_cluster
+from tests.procs import LocalDeployment
+
+TARGET_PER_S = 2000
+IMAGE = "sim/model:latest"
+
+
+def _say(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def spec_for(i: int, gpu: bool) -> dict[str, Any]:
+    resources: dict[str, Any] = {"cpu_limit": 0.1, "memory_limit": "64MB"}
+    if gpu:
+        resources["gpu_count"] = 1
+    return {"name": f"s{i}", "image": IMAGE, "ports": {"5000": None}, "resources": resources}
+
+
+@dataclass
+class _Creates:
+    started: list[float] = field(default_factory=list)
+    done: list[float] = field(default_factory=list)
+    latencies: list[float] = field(default_factory=list)
+    ok: dict[str, dict[str, Any]] = field(default_factory=dict)  # service id -> what the 201 said
+    failed: collections.Counter[str] = field(default_factory=collections.Counter)
+
+
+async def _client(hub_url: str, username: str, token: str, indices: list[int], gpu: set[int], until: float,
+                  out: _Creates) -> None:
+    client = Client(hub_url, 1)
+    headers = {"authorization": f"Bearer {token}"}
+    path = f"/api/{username}/bench/services"
+    try:
+        for i in indices:
+            if time.monotonic() >= until:
+                return
+            body = json.dumps(spec_for(i, i in gpu)).encode()
+            began = time.monotonic()
+            out.started.append(began)
+            try:
+                status, answer = await client.request("POST", path, body, headers, timeout=120)
+            except ClientError as exc:
+                out.failed[f"no answer: {exc}"[:80]] += 1
+                continue
+            ended = time.monotonic()
+            if status == 201:
+                data = json.loads(answer)
+                out.ok[data["id"]] = {"status": data["status"], "controller_id": data["controller_id"],
+                                      "container_id": data["container_id"], "gpu": i in gpu, "owner": username}
+                out.done.append(ended)
+                out.latencies.append(ended - began)
+            else:
+                try:
+                    code = json.loads(answer)["error"]["code"]
+                except (ValueError, KeyError, TypeError):
+                    code = answer[:60].decode(errors="replace")
+                out.failed[f"{status} {code}"] += 1
+    finally:
+        await client.aclose()
+
+
+async def _admin(hub_url: str, token: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
+    client = Client(hub_url, 1)
+    try:
+        status, answer = await client.request(method, path, json.dumps(body).encode() if body is not None else b"",
+                                              {"authorization": f"Bearer {token}"}, timeout=60)
+    finally:
+        await client.aclose()
+    return status, json.loads(answer) if answer else None
+
+
+def _rates(done: list[float], start: float, end: float) -> tuple[list[int], float]:
+    """Creates finished in each whole second of the window, and the overall rate."""
+    seconds = max(end - start, 1e-9)
+    buckets = [0] * (int(seconds) + 1)
+    for t in done:
+        buckets[min(int(t - start), len(buckets) - 1)] += 1
+    return buckets, len(done) / seconds
+
+
+async def verify(db_url: str, sim: Simulator, creates: _Creates, *, hub_url: str | None = None,
+                 token: str | None = None, sample: int = 50) -> dict[str, Any]:
+    """What was made, checked against the database, the simulator and (a sample) the API; a list of problems."""
+    problems: list[str] = []
+    conn = await asyncpg.connect(asyncpg_dsn(db_url))
+    try:
+        services = {r["id"]: r for r in await conn.fetch(
+            "SELECT id, status, controller_id, container_id, epoch, gpu_devices::text AS gpus, "
+            "(spec->'resources'->>'gpu_count')::int AS gpu_count FROM model_services")}
+        controllers = {r["id"]: r for r in await conn.fetch(
+            "SELECT id, status, server_type, enabled, draining, max_containers FROM mmanager_controllers")}
+        rows = collections.Counter(r["service_id"] for r in await conn.fetch(
+            "SELECT service_id FROM container_registry WHERE status <> 'stale'"))
+        operations = dict(await conn.fetch(
+            "SELECT status, count(*) FROM container_operations WHERE operation = 'create' GROUP BY status"))
+    finally:
+        await conn.close()
+    missing = set(creates.ok) - set(services)
+    if missing:
+        problems.append(f"{len(missing)} services answered 201 are not in the table")
+    extra = set(services) - set(creates.ok)
+    if extra:
+        problems.append(f"{len(extra)} services in the table were never answered 201")
+    per_controller: collections.Counter[str] = collections.Counter()
+    gpus_taken: collections.Counter[tuple[str, str]] = collections.Counter()
+    bad: collections.Counter[str] = collections.Counter()
+    for sid, answered in creates.ok.items():
+        row = services.get(sid)
+        if row is None:
+            continue
+        cid = row["controller_id"]
+        if answered["status"] != "running":
+            bad["answered not running"] += 1
+        if row["status"] != "running":
+            bad[f"status {row['status']}"] += 1
+        if cid is None or cid != answered["controller_id"]:
+            bad["controller differs from the 201's"] += 1
+            continue
+        controller, simulated = controllers.get(cid), sim.controllers.get(cid)
+        if controller is None or simulated is None:
+            bad["on an unknown controller"] += 1
+            continue
+        per_controller[cid] += 1
+        if not simulated.alive:
+            bad["on a dead controller"] += 1
+        if controller["status"] != "healthy" or not controller["enabled"] or controller["draining"]:
+            bad[f"on a controller {controller['status']}"] += 1
+        wants_gpu = bool(row["gpu_count"])
+        if wants_gpu != (controller["server_type"] == "gpu"):
+            bad["wrong server type"] += 1
+        gpus = json.loads(row["gpus"] or "[]")
+        if len(gpus) != (row["gpu_count"] or 0):
+            bad["wrong GPU count"] += 1
+        for g in gpus:
+            gpus_taken[(cid, str(g))] += 1
+        container = simulated.containers.get(row["container_id"] or "")
+        if container is None or container.service_id != sid or container.epoch != row["epoch"] \
+                or container.status != "running":
+            bad["no running container at its epoch on the controller"] += 1
+        if rows[sid] != 1:
+            bad[f"{rows[sid]} registry rows"] += 1
+    if bad:
+        problems.extend(f"{n} services: {what}" for what, n in bad.items())
+    shared = sum(1 for n in gpus_taken.values() if n > 1)
+    if shared:
+        problems.append(f"{shared} GPUs held by more than one service")
+    over = [cid for cid, n in per_controller.items() if n > controllers[cid]["max_containers"]]
+    if over:
+        problems.append(f"{len(over)} controllers over MAX_CONTAINERS")
+    if operations.get("running"):
+        problems.append(f"{operations['running']} create operations still running")
+    if hub_url and token and creates.ok:
+        client = Client(hub_url, 1)
+        try:
+            for sid in random.Random(0).sample(sorted(creates.ok), min(sample, len(creates.ok))):
+                try:
+                    status, answer = await client.request("GET", f"/api/services/{sid}", b"",
+                                                          {"authorization": f"Bearer {token}"}, timeout=60)
+                except ClientError as exc:
+                    problems.append(f"GET /api/services/{sid}: {exc}")
+                    break
+                read = json.loads(answer)
+                if status != 200 or read["status"] != "running" or read["controller_id"] != services[sid]["controller_id"]:
+                    problems.append(f"GET /api/services/{sid}: {status} {read.get('status')}")
+        finally:
+            await client.aclose()
+    loads = list(per_controller.values())
+    live = [c for c in sim.controllers.values() if c.alive]
+    return {
+        "services_in_table": len(services),
+        "running": sum(1 for r in services.values() if r["status"] == "running"),
+        "controllers_used": len(per_controller),
+        "controllers_alive": len(live),
+        "per_controller_max": max(loads, default=0),
+        "per_controller_median": statistics.median(loads) if loads else 0,
+        "create_operations": operations,
+        "problems": problems,
+    }
+
+
+async def measure(hub_url: str, db_url: str, admin_token: str, key: str, controllers: int, services: int, *,
+                  clients: int = 64, gpu_share: float = 0.05, gpu_servers: float = 0.2, kill: int = 0,
+                  max_seconds: float = 600.0, hub_pids: list[int] | None = None, pg_pids: list[int] | None = None,
+                  profile_out: Path | None = None, register_timeout: float | None = None,
+                  sim_connections: int = 64, ramp: float | None = None) -> dict[str, Any]:
+    """``controllers`` simulated controllers, then ``services`` creates by ``clients`` users at once; the rates,
+    latencies, CPU and the check of what was made."""
+    prefix = f"pl{controllers}"
+    # First beats spread at 250 a second: registration is the heartbeat benchmark's subject, not this one's.
+    options = SimOptions(count=controllers, key=key, hub_url=hub_url, id_prefix=prefix, connections=sim_connections,
+                         server_types={"cpu": 1 - gpu_servers, "gpu": gpu_servers}, max_containers=100,
+                         ramp=controllers / 250 if ramp is None else ramp)
+    conn = await asyncpg.connect(asyncpg_dsn(db_url))
+    try:
+        async with Simulator(options) as sim:
+            # Registered and healthy: only then does the hub place on them (and a controller takes creates
+            # only after a heartbeat round trip, SyncGuard).
+            deadline = time.monotonic() + (register_timeout or 60 + controllers / 25)
+            while True:
+                healthy = await conn.fetchval(
+                    "SELECT count(*) FROM mmanager_controllers WHERE status = 'healthy' AND id LIKE $1", prefix + "-%")
+                synced = sum(c.beats_ok > 0 for c in sim.controllers.values())
+                if healthy >= controllers and synced >= controllers:
+                    break
+                if time.monotonic() > deadline:
+                    if healthy < 0.95 * controllers:
+                        raise RuntimeError(f"only {healthy} of {controllers} controllers healthy ({synced} synced)")
+                    break  # measured all the same, with the count said
+                await asyncio.sleep(0.5)
+            _say(f"{controllers} controllers: {healthy} registered and healthy")
+            users = []
+            for u in range(clients):
+                status, body = await _admin(hub_url, admin_token, "POST", "/api/admin/users",
+                                            {"username": f"u{u}", "is_admin": False})
+                if status != 201:
+                    raise RuntimeError(f"creating user u{u}: {status} {body}")
+                users.append((body["username"], body["token"]))
+            killed = sorted(sim.controllers, key=lambda c: random.Random(1).random())[:kill] if kill else []
+            sim.kill(killed)
+            rng = random.Random(2)
+            gpu = {i for i in range(services) if rng.random() < gpu_share}
+            creates = _Creates()
+            hub_cpu, pg_cpu = _Cpu(hub_pids or []), _Cpu(pg_pids or [])
+            own_cpu0 = time.process_time()
+            recording = Recording(hub_pids[0], profile_out).start() if profile_out and hub_pids else None
+            start = time.monotonic()
+            _say(f"{controllers} controllers: {services} creates by {clients} clients"
+                 + (f", {len(killed)} controllers killed" if killed else ""))
+            try:
+                await asyncio.gather(*(
+                    _client(hub_url, name, token, list(range(n, services, clients)), gpu, start + max_seconds, creates)
+                    for n, (name, token) in enumerate(users)))
+            finally:
+                end = time.monotonic()
+                if recording is not None:
+                    await asyncio.to_thread(recording.stop)
+            wall = end - start
+            cores = {"hub": hub_cpu.used() / wall, "postgres": pg_cpu.used() / wall,
+                     "simulator_and_clients": (time.process_time() - own_cpu0) / wall}
+            _say(f"{controllers} controllers: {len(creates.ok)} created in {wall:.1f} s; checking")
+            checked = await verify(db_url, sim, creates, hub_url=hub_url, token=admin_token)
+    finally:
+        await conn.close()
+    buckets, overall = _rates(creates.done, start, end)
+    inner = buckets[1:-1] or buckets
+    return {
+        "controllers": controllers,
+        "services": services,
+        "clients": clients,
+        "healthy_at_start": healthy,
+        "killed": len(killed),
+        "created": len(creates.ok),
+        "failed": dict(creates.failed),
+        "window_s": round(wall, 2),
+        "per_s_overall": round(overall, 1),
+        "per_s_median": statistics.median(inner) if inner else 0,
+        "per_s_by_second": buckets,
+        "latency_p50_ms": round((_pct(creates.latencies, 0.5) or 0) * 1000, 1),
+        "latency_p99_ms": round((_pct(creates.latencies, 0.99) or 0) * 1000, 1),
+        "cpu_cores": {k: round(v, 2) for k, v in cores.items()},
+        "check": checked,
+        "profile": recording.summary(top=25) if recording is not None else None,
+    }
+
+
+def _size(text: str) -> tuple[int, int]:
+    controllers, _, services = text.partition(":")
+    return int(controllers), int(services)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="100:1000,10000:20000",
+                        help="controllers:services, comma-separated; the first is the baseline")
+    parser.add_argument("--clients", type=int, default=64, help="concurrent clients, each a user of its own")
+    parser.add_argument("--gpu-share", type=float, default=0.05, help="share of services asking for one GPU")
+    parser.add_argument("--kill", type=float, default=0.01,
+                        help="share of controllers killed just before the creates (the hub still thinks them up)")
+    parser.add_argument("--interval", type=float, default=30.0, help="MMANAGER_HEARTBEAT_INTERVAL")
+    parser.add_argument("--grace", type=float, default=90.0, help="MMANAGER_HEARTBEAT_GRACE")
+    parser.add_argument("--max-seconds", type=float, default=300.0, help="at most this long per window")
+    parser.add_argument("--profile", nargs="?", type=Path, const=True, default=None, metavar="DIR",
+                        help="py-spy on the hub during the largest size's window")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/placement.json"))
+    parser.add_argument("--workdir", type=Path, help="keep the hub's logs here (default: a temporary folder)")
+    args = parser.parse_args()
+    sizes = [_size(s) for s in args.sizes.split(",")]
+    results: dict[str, Any] = {"clients": args.clients, "interval_s": args.interval, "grace_s": args.grace,
+                               "gpu_share": args.gpu_share, "kill_share": args.kill, "runs": []}
+    with ExitStack() as stack:
+        from_env = os.environ.get("MMANAGER_BENCH_DATABASE_URL")
+        cluster = None if from_env else stack.enter_context(local_cluster())
+        server = from_env or cluster.url  # type: ignore[union-attr]
+        if cluster is not None:
+            asyncio.run(_fsync_on(server))
+        pg_pids = [int((cluster.data / "postmaster.pid").read_text().split()[0])] if cluster else []
+        workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-pl-")))
+        profiles = profile_dir(args.profile, workdir)
+        for n, (controllers, services) in enumerate(sizes):
+            db_url = asyncio.run(create_database(server, "pl"))
+            quota = services // args.clients + 1
+            dep = LocalDeployment(db_url, workdir / str(n), interval=args.interval, grace=args.grace,
+                                  extra_hub_env={"LOG_LEVEL": "WARNING", "MMANAGER_RATE_LIMIT": "0",
+                                                 "MMANAGER_MAX_SERVICES_PER_USER": str(quota)})
+            dep.plan_hubs(1)
+            token = dep.create_admin()
+            try:
+                dep.start()
+                hub = dep.hub(0)
+                assert hub.popen is not None
+                largest = (controllers, services) == max(sizes)
+                run = asyncio.run(measure(
+                    hub.url, db_url, token, dep.key, controllers, services, clients=args.clients,
+                    gpu_share=args.gpu_share, kill=int(controllers * args.kill), max_seconds=args.max_seconds,
+                    hub_pids=[hub.popen.pid], pg_pids=pg_pids,
+                    profile_out=profiles / f"placement-{controllers}.pyspy" if profiles and largest else None))
+            finally:
+                dep.stop()
+            results["runs"].append(run)
+            print(json.dumps({k: v for k, v in run.items() if k not in ("profile", "per_s_by_second")}), flush=True)
+    base = results["runs"][0]
+    for run in results["runs"]:
+        run["median_vs_baseline"] = round(run["per_s_median"] / base["per_s_median"], 2) if base["per_s_median"] else None
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"\nbaseline: {base['controllers']} controllers; {args.clients} clients; heartbeat interval "
+          f"{args.interval:g} s; {args.gpu_share:.0%} GPU services; {args.kill:.0%} of controllers killed")
+    print("| controllers | services created | per s (median of seconds) | per s (overall) | vs baseline "
+          "| create p50 / p99 | hub / postgres / simulator+clients cores | failed | check |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results["runs"]:
+        c = r["cpu_cores"]
+        check = "ok" if not r["check"]["problems"] else "; ".join(r["check"]["problems"])
+        print(f"| {r['controllers']} | {r['created']} of {r['services']} | **{r['per_s_median']}** "
+              f"| {r['per_s_overall']} | {r['median_vs_baseline']}x | {r['latency_p50_ms']} / {r['latency_p99_ms']} ms "
+              f"| {c['hub']} / {c['postgres']} / {c['simulator_and_clients']} | {sum(r['failed'].values())} "
+              f"| {check} |")
+    for r in results["runs"]:
+        if r.get("profile"):
+            prof = r["profile"]
+            print(f"\nhub profile at {r['controllers']} controllers, {prof['samples']} samples, by package:")
+            for row in prof["packages"][:10]:
+                print(f"  {row['share']:6.1%}  {row['package']}")
+            print("inclusive, the project's functions:")
+            for row in prof["inclusive"]:
+                print(f"  {row['share']:6.1%}  {row['function']}")
+            print("self:")
+            for row in prof["self"]:
+                print(f"  {row['share']:6.1%}  {row['function']}")
+
+
+if __name__ == "__main__":
+    main()

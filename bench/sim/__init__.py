@@ -2,6 +2,6 @@
 one asyncio process, speaking the controller HTTP API and pushing heartbeats, without Docker."""
 
 from bench.sim.controller import SimContainer, SimController
-from bench.sim.simulator import SimOptions, Simulator
+from bench.sim.simulator import SimOptions, Simulator, layout
 
-__all__ = ["SimContainer", "SimController", "SimOptions", "Simulator"]
+__all__ = ["SimContainer", "SimController", "SimOptions", "Simulator", "layout"]

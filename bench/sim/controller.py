@@ -20,7 +20,7 @@ import itertools
 import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -178,6 +178,15 @@ class SimController:
         self.epochs[service_id] = 1
         self._changed()
         return container
+
+    def adopt(self, containers: Iterable[SimContainer]) -> None:
+        """Containers already running when the simulation starts, exactly as a database seeded for them
+        says (``bench.seed``): their ids, names, epochs, ports and labels are the registry's."""
+        for container in containers:
+            self.containers[container.id] = container
+            if container.service_id is not None and container.epoch is not None:
+                self.epochs[container.service_id] = max(container.epoch, self.epochs.get(container.service_id, 0))
+        self._changed()
 
     # -- the controller API ------------------------------------------------
 

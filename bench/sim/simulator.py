@@ -23,10 +23,10 @@ import asyncio
 import ipaddress
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from bench.sim.controller import BeatHook, SimController
+from bench.sim.controller import BeatHook, SimContainer, SimController
 from bench.sim.http import Client, Request, Response, Server
 from mmanager.wire import GpuInfo, ServerType
 
@@ -60,6 +60,9 @@ class SimOptions:
     # Running containers each controller starts with (for a density measurement; a real hub would
     # order them removed as orphans).
     preload: int = 0
+    # Containers each controller starts with, by controller id: the ones a seeded database says run
+    # there (``bench.seed``), so the hub finds every service where it expects it.
+    containers: Mapping[str, Sequence[SimContainer]] = field(default_factory=dict)
 
 
 class Simulator:
@@ -82,17 +85,18 @@ class Simulator:
         rng = random.Random(o.seed)
         types: list[ServerType] = list(o.server_types)  # type: ignore[arg-type]
         weights = [o.server_types[t] for t in types]
-        for i, address in enumerate(_addresses(o.first_address, o.count)):
+        for controller_id, address in layout(o):
             server_type = rng.choices(types, weights)[0] if len(types) > 1 else types[0]
             gpus = ([GpuInfo(index=str(g), model=o.gpu_model, memory_mb=o.gpu_memory_mb)
                      for g in range(o.gpus_per_server)] if server_type == "gpu" else [])
             controller = SimController(
-                f"{o.id_prefix}-{i:05d}", address, port, key=o.key, server_type=server_type,
+                controller_id, address, port, key=o.key, server_type=server_type,
                 max_containers=o.max_containers, cpu_cores=o.cpu_cores, memory_gb=o.memory_gb, gpus=gpus,
                 healthy_after=o.healthy_after, heartbeats=o.hub_url is not None,
             )
             for k in range(o.preload):
                 controller.preload(f"pre-{controller.id}-{k}", "sim/preloaded:latest")
+            controller.adopt(o.containers.get(controller.id, ()))
             self.controllers[controller.id] = controller
             self._by_address[address] = controller
         if o.hub_url:
@@ -178,6 +182,12 @@ class Simulator:
                         log.exception("heartbeat of %s failed unexpectedly", controller.id)
             # Beats keep their cadence; a late one goes again at once (as controller.heartbeat does).
             await asyncio.sleep(max(0.0, began + controller.interval - loop.time()))
+
+
+def layout(options: SimOptions) -> list[tuple[str, str]]:
+    """The controllers ``Simulator(options)`` runs, in order: (id, loopback address)."""
+    return [(f"{options.id_prefix}-{i:05d}", address)
+            for i, address in enumerate(_addresses(options.first_address, options.count))]
 
 
 def _addresses(first: str, count: int) -> list[str]:

@@ -2,9 +2,10 @@
 drains, recovery of interrupted operations, and polling of controllers that do
 not push heartbeats.
 
-Each reconciler tick reads one snapshot, asks the pure ``compute()`` what to
-do, and applies it: lost controllers are marked, services are moved in
-parallel (bounded), drains are finished. A move that fails is retried with a
+Each reconciler tick reads one snapshot (only the controllers and services a
+rule could act on: a few indexed reads whatever the fleet's size), asks the
+pure ``compute()`` what to do, and applies it: lost controllers are marked in
+one statement, services are moved in parallel (bounded), drains are finished. A move that fails is retried with a
 growing delay; one that is running is never started twice.
 """
 
@@ -33,6 +34,7 @@ from hub.models import (
     utcnow,
 )
 from hub.scheduler.reconcile import (
+    UNSETTLED,
     ControllerState,
     FinishDrain,
     MarkLost,
@@ -46,6 +48,11 @@ from hub.services.lifecycle import ServiceManager
 from mmanager.wire import ContainerUsage, HeartbeatContainer, seconds_since
 
 log = logging.getLogger(__name__)
+
+# Controllers marked lost per statement (bound parameters stay far below PostgreSQL's 32,767).
+LOST_CHUNK = 5000
+# Lost controllers logged one by one in a tick; beyond, one line says how many more.
+LOST_LOGGED = 20
 
 
 class Reconciler(LoopService):
@@ -82,10 +89,8 @@ class Reconciler(LoopService):
         snapshot = await self._snapshot(now, live)
         actions = compute(snapshot, now)
         # A controller whose lost-mark found a fresh heartbeat (written since the snapshot) is not lost.
-        reprieved = set()
-        for action in actions:
-            if isinstance(action, MarkLost) and not await self._mark_lost(action, now):
-                reprieved.add(action.controller_id)
+        losing = [action for action in actions if isinstance(action, MarkLost)]
+        reprieved = {a.controller_id for a in losing} - await self._mark_lost(losing, now) if losing else set()
         for action in actions:
             if isinstance(action, Move) and not (action.reason == "controller_lost" and
                                                  action.from_controller in reprieved):
@@ -112,27 +117,47 @@ class Reconciler(LoopService):
         return live | {self.replica_id}
 
     async def _snapshot(self, now: datetime, live: set[str]) -> Snapshot:
+        """What ``compute()`` needs, and no more: the controllers that may be lost or are draining, and
+        the services some rule could act on. A tick costs a few indexed reads, not a read of every
+        controller and service (at 10,000 controllers and 100,000 services, the whole tables every half
+        second took most of a core): a service on a healthy controller, settled and not failing its
+        health check, yields no action, so leaving it out of the snapshot changes no decision.
+        """
+        cutoff = now - timedelta(seconds=self.settings.heartbeat_grace)
+        c, s, current = ControllerModel, ServiceModel, ContainerRegistryModel
+        # A superset of the lost ones (compute() also counts the grace from leader_since).
+        watched = or_(c.status != "healthy", c.draining.is_(True), c.last_heartbeat_at.is_(None),
+                      c.last_heartbeat_at < cutoff)
+        columns = (s.id, s.desired_state, s.status, s.controller_id, current.health, current.health_restarts)
+        on_current = and_(current.service_id == s.id, current.container_id == s.container_id)
         async with self.db.session() as session:
             controllers = [
-                ControllerState(c.id, c.status, c.last_heartbeat_at, c.enabled, c.draining)
-                for c in await session.scalars(select(ControllerModel))
+                ControllerState(*row)
+                for row in await session.execute(
+                    select(c.id, c.status, c.last_heartbeat_at, c.enabled, c.draining).where(watched))
             ]
-            current = ContainerRegistryModel
-            rows = await session.execute(
-                select(
-                    ServiceModel.id, ServiceModel.desired_state, ServiceModel.status, ServiceModel.controller_id,
-                    current.health, current.health_restarts,
-                ).join(
-                    current,
-                    and_(current.service_id == ServiceModel.id, current.container_id == ServiceModel.container_id),
-                    isouter=True,
-                )
-            )
+            rows: dict[str, Any] = {}
+            for query in (
+                # Unsettled: a create, migrate or failover that did not finish.
+                select(*columns).outerjoin(current, on_current).where(
+                    s.desired_state == "running", or_(s.status.in_(sorted(UNSETTLED)), s.controller_id.is_(None))),
+                # On a controller that may be lost, or is draining.
+                select(*columns).outerjoin(current, on_current).where(
+                    s.controller_id.in_(select(c.id).where(watched).scalar_subquery())),
+                # Failing its health check after the restarts its controller was allowed.
+                select(*columns).join(current, on_current).where(
+                    s.desired_state == "running", current.health == "unhealthy",
+                    current.health_restarts >= self.settings.max_health_restarts),
+            ):
+                for row in await session.execute(query):
+                    rows[row[0]] = row
+            draining = sorted(ctl.id for ctl in controllers if ctl.draining)
             hosting = frozenset(
                 await session.scalars(
-                    select(ContainerRegistryModel.controller_id).where(ContainerRegistryModel.status != "stale").distinct()
+                    select(current.controller_id).distinct()
+                    .where(current.status != "stale", current.controller_id.in_(draining))
                 )
-            )
+            ) if draining else frozenset()
             busy = set(
                 await session.scalars(
                     select(OperationModel.service_id).where(
@@ -145,7 +170,7 @@ class Reconciler(LoopService):
         busy |= set(self._moving)
         services = [
             ServiceState(sid, desired, status, controller_id, health or "unknown", restarts or 0, sid in busy)
-            for sid, desired, status, controller_id, health, restarts in rows
+            for sid, desired, status, controller_id, health, restarts in sorted(rows.values(), key=lambda r: r[0])
         ]
         return Snapshot(controllers, services, self.leader_since, self.settings.heartbeat_grace,
                         self.settings.max_health_restarts,
@@ -174,24 +199,33 @@ class Reconciler(LoopService):
         if result.rowcount:  # type: ignore[attr-defined]
             log.warning("recovered %d operation(s) left running by a stopped hub replica", result.rowcount)  # type: ignore[attr-defined]
 
-    async def _mark_lost(self, action: MarkLost, now: datetime) -> bool:
-        """Mark the controller unhealthy unless a heartbeat arrived meanwhile; True if it is lost."""
+    async def _mark_lost(self, actions: list[MarkLost], now: datetime) -> set[str]:
+        """Mark the controllers unhealthy, all in one statement per chunk, except those whose heartbeat
+        arrived meanwhile; returns the ones that are lost."""
         cutoff = now - timedelta(seconds=self.settings.heartbeat_grace)
+        silent = {a.controller_id: a.silent_for for a in actions}
+        ids = sorted(silent)
+        lost: set[str] = set()
         async with self.db.session() as session:
-            result = await session.execute(
-                update(ControllerModel)
-                .where(
-                    ControllerModel.id == action.controller_id,
-                    or_(ControllerModel.last_heartbeat_at.is_(None), ControllerModel.last_heartbeat_at < cutoff),
-                )
-                .values(status="unhealthy", error_message=f"no heartbeat for {action.silent_for:.1f}s")
-                .execution_options(synchronize_session=False)
-            )
-        if not result.rowcount:  # type: ignore[attr-defined]
-            return False
-        log.warning("controller %s is lost: no heartbeat for %.1fs", action.controller_id, action.silent_for)
-        self.metrics.controller_up.labels(action.controller_id).set(0)
-        return True
+            for i in range(0, len(ids), LOST_CHUNK):
+                lost.update(await session.scalars(
+                    update(ControllerModel)
+                    .where(
+                        ControllerModel.id.in_(ids[i:i + LOST_CHUNK]),
+                        or_(ControllerModel.last_heartbeat_at.is_(None), ControllerModel.last_heartbeat_at < cutoff),
+                    )
+                    .values(status="unhealthy",
+                            error_message=f"no heartbeat for over {self.settings.heartbeat_grace:g}s")
+                    .returning(ControllerModel.id)
+                    .execution_options(synchronize_session=False)
+                ))
+        for controller_id in sorted(lost)[:LOST_LOGGED]:
+            log.warning("controller %s is lost: no heartbeat for %.1fs", controller_id, silent[controller_id])
+        if len(lost) > LOST_LOGGED:
+            log.warning("%d more controllers are lost (%d in all)", len(lost) - LOST_LOGGED, len(lost))
+        for controller_id in lost:
+            self.metrics.controller_up.labels(controller_id).set(0)
+        return lost
 
     def _start_move(self, action: Move, now: datetime) -> None:
         sid = action.service_id
@@ -253,6 +287,9 @@ class Reconciler(LoopService):
         log.info("controller %s is drained", controller_id)
 
 
+POLL_CONCURRENCY = 64
+
+
 class ControllerPoller(LoopService):
     """Polls controllers that do not push heartbeats (no MMANAGER_HUB_URL), through the same
     fencing as pushed heartbeats: stale and orphan copies are removed by the hub itself."""
@@ -276,7 +313,15 @@ class ControllerPoller(LoopService):
                     )
                 )
             )
-        await asyncio.gather(*(self.poll(cid, url) for cid, url in controllers))
+        # At most POLL_CONCURRENCY at once: httpx's pool scans its waiting requests for each one it serves,
+        # so thousands of calls at once (a burst of controllers that have not pushed yet) stall the loop.
+        slots = asyncio.Semaphore(POLL_CONCURRENCY)
+
+        async def bounded(cid: str, url: str) -> None:
+            async with slots:
+                await self.poll(cid, url)
+
+        await asyncio.gather(*(bounded(cid, url) for cid, url in controllers))
 
     async def poll(self, controller_id: str, url: str) -> None:
         timeout = min(3.0, self.settings.heartbeat_interval * 1.5)

@@ -25,7 +25,12 @@ class Database:
         else:
             engine_kw.setdefault("pool_size", 20)
             engine_kw.setdefault("max_overflow", 20)
-            engine_kw.setdefault("pool_pre_ping", True)
+            # No ping before each checkout (a round trip on every session): a connection the server dropped
+            # fails its first statement instead, which invalidates the whole pool at once (SQLAlchemy treats a
+            # disconnect as "every connection older than now is suspect"), so a restart costs the calls in
+            # flight a 503 and nothing more. Recycled before idle timeouts on the way can cut them.
+            engine_kw.setdefault("pool_pre_ping", False)
+            engine_kw.setdefault("pool_recycle", 600)
             # Fail fast while the server is down or restarting: callers get a 503, not a hang.
             engine_kw.setdefault("pool_timeout", 10)
             engine_kw.setdefault("connect_args", {"timeout": 5})
@@ -33,6 +38,9 @@ class Database:
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
+        # Reads that need no transaction: every statement commits on its own, no BEGIN or COMMIT round trips.
+        self.readmaker = async_sessionmaker(self.engine.execution_options(isolation_level="AUTOCOMMIT"),
+                                            expire_on_commit=False)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -44,6 +52,13 @@ class Database:
             except BaseException:
                 await session.rollback()
                 raise
+
+    @asynccontextmanager
+    async def reader(self) -> AsyncIterator[AsyncSession]:
+        """A session for a read that one statement answers (or several that need not agree with each
+        other): no transaction around it, so one round trip per statement. Never write through it."""
+        async with self.readmaker() as session:
+            yield session
 
     async def dispose(self) -> None:
         await self.engine.dispose()

@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select
 
-from hub.deps import CurrentUser, HubDep, SessionDep
+from hub.deps import CurrentUser, HubDep, ReaderDep, SessionDep
 from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel, utcnow
 from hub.routers.paging import Limit, Offset
 from hub.schemas import (
@@ -54,8 +54,10 @@ async def list_services(user: CurrentUser, hub: HubDep, session: SessionDep,
 
 
 @router.get("/services/{service_id}", response_model=ServiceOut)
-async def get_service(service_id: str, user: CurrentUser, hub: HubDep, session: SessionDep) -> ServiceOut:
-    return hub.services.to_out(await hub.services.get_for(session, user, service_id))
+async def get_service(service_id: str, user: CurrentUser, hub: HubDep, session: ReaderDep) -> Response:
+    # The status read every client polls: one statement, no transaction, the answer serialised once.
+    out = hub.services.to_out(await hub.services.get_for(session, user, service_id))
+    return Response(out.model_dump_json(), media_type="application/json")
 
 
 @router.patch("/services/{service_id}", response_model=ServiceOut)

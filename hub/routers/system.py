@@ -19,7 +19,7 @@ router = APIRouter(tags=["system"])
 @router.get("/health")
 async def health(hub: HubDep) -> Any:
     try:
-        async with hub.db.session() as session:
+        async with hub.db.reader() as session:
             await session.execute(text("SELECT 1"))
     except Exception as exc:
         raise HubError("database unreachable", code="DATABASE_UNAVAILABLE", status_code=503) from exc

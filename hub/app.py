@@ -176,7 +176,8 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     hub = hub or build_hub(settings)
 
     async def on_lead(since: datetime) -> None:
-        hub.reconciler = Reconciler(hub.db, settings, hub.services, hub.metrics, hub.replica_id, since)
+        hub.reconciler = Reconciler(hub.db, settings, hub.services, hub.metrics, hub.replica_id, since,
+                                    pace=hub.ingest.pace)
         hub.reconciler.start()
         hub.poller.start()
 
@@ -190,6 +191,8 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _dump_tasks_on_sigusr1()
         await hub.controllers.sync_from_config()
+        # The pace first: the first answers and the first judgement of silence are for this fleet's size.
+        await hub.ingest.count_controllers()
         flusher = HeartbeatFlusher(hub.ingest, min(0.5, settings.heartbeat_interval / 4))
         supervisor = Supervisor(hub.db, hub.replica_id, min(1.0, settings.heartbeat_grace / 3), on_lead, on_follow,
                                 on_beat=hub.ops.recover_own)

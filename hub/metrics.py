@@ -28,6 +28,10 @@ class HubMetrics:
         self.heartbeats_shed = Counter(
             "mmanager_heartbeats_shed_total",
             "Heartbeats answered 503 at once because MMANAGER_HEARTBEAT_BACKLOG were already waiting", registry=r)
+        self.heartbeat_interval = Gauge(
+            "mmanager_heartbeat_interval_seconds",
+            "The heartbeat interval the hub answers (MMANAGER_HEARTBEAT_INTERVAL, stretched for a fleet bigger than "
+            "MMANAGER_HEARTBEAT_MAX_RATE allows)", registry=r)
         self.heartbeat_batch = Histogram(
             "mmanager_heartbeat_batch_size", "Heartbeats recorded together in one transaction",
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000), registry=r)

@@ -10,6 +10,7 @@ heartbeat and density benchmarks' own code, for a second or two each.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -51,6 +52,12 @@ async def _until(check: Callable[[], Awaitable[Any]], timeout: float = 30.0, wha
 async def hub_url(db: Database) -> AsyncIterator[str]:
     settings = HubSettings(database_url=db.url, api_key=KEY, heartbeat_interval=0.5, heartbeat_grace=2,
                            orphan_grace=1)
+    async with _serve(settings) as url:
+        yield url
+
+
+@contextlib.asynccontextmanager
+async def _serve(settings: HubSettings) -> AsyncIterator[str]:
     port = _free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None,
                                            log_level="warning"))
@@ -118,6 +125,45 @@ async def test_simulated_controllers_register_run_and_fail_over(hub_url: str, db
 
         await _until(fenced, what="the stale copy to be removed")
         assert [c.id for c in second.containers.values()] == [after["container_id"]]
+
+
+async def test_a_fleet_over_the_heartbeat_rate_is_told_to_beat_slower(db: Database) -> None:
+    """20 controllers at a 0.5 s interval would send 40 beats a second; MMANAGER_HEARTBEAT_MAX_RATE=20
+    has the hub answer a 1 s interval and a grace stretched alike (4 s), which its failure detection
+    then keeps to (hub.services.pace)."""
+    settings = HubSettings(database_url=db.url, api_key=KEY, heartbeat_interval=0.5, heartbeat_grace=2,
+                           heartbeat_max_rate=20)
+    async with db.session() as session:
+        _, token = await create_user(session, "root", is_admin=True)
+    async with _serve(settings) as url:
+        sim = Simulator(SimOptions(count=COUNT, key=KEY, hub_url=url, ramp=0.2))
+        api = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
+        async with sim, api:
+            async def listed() -> list[dict[str, Any]]:
+                return (await api.get("/api/admin/controllers", params={"limit": 1000})).json()
+
+            async def told_to_slow_down() -> bool:
+                every = await listed()
+                return (len(every) == COUNT and all(c["status"] == "healthy" for c in every)
+                        and all(c.interval == 1.0 for c in sim.controllers.values()))
+
+            await _until(told_to_slow_down, what="every controller registered and told a 1 s interval")
+            assert "mmanager_heartbeat_interval_seconds 1.0" in (await api.get("/metrics")).text
+            before = sim.stats()["beats_ok"]
+            await asyncio.sleep(3)
+            # About 20 a second now (40 at the configured interval).
+            assert sim.stats()["beats_ok"] - before <= 3 * 20 * 1.25
+
+            victim = sorted(sim.controllers)[0]
+            sim.kill([victim])
+
+            async def lost() -> dict[str, Any] | None:
+                row = (await api.get(f"/api/admin/controllers/{victim}")).json()
+                return row if row["status"] == "unhealthy" else None
+
+            row = await _until(lost, what="the silent controller declared lost")
+            assert row["error"] == "no heartbeat for over 4s"
+            assert [c["id"] for c in await listed() if c["status"] != "healthy"] == [victim]
 
 
 async def test_heartbeat_benchmark_measures(hub_url: str, db: Database) -> None:

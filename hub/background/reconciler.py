@@ -45,6 +45,7 @@ from hub.scheduler.reconcile import (
 )
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
+from hub.services.pace import HeartbeatPace
 from mmanager.wire import ContainerUsage, HeartbeatContainer, seconds_since
 
 log = logging.getLogger(__name__)
@@ -59,7 +60,7 @@ class Reconciler(LoopService):
     name = "reconciler"
 
     def __init__(self, db: Database, settings: HubSettings, services: ServiceManager, metrics: HubMetrics,
-                 replica_id: str, leader_since: datetime) -> None:
+                 replica_id: str, leader_since: datetime, pace: HeartbeatPace | None = None) -> None:
         # Detection latency is the grace plus up to one tick: tick often (a tick is two cheap reads).
         super().__init__(min(0.5, settings.heartbeat_interval / 4), jitter=0.05)
         self.db = db
@@ -68,6 +69,8 @@ class Reconciler(LoopService):
         self.metrics = metrics
         self.replica_id = replica_id
         self.leader_since = leader_since
+        # The grace controllers were told (stretched for a big fleet: hub.services.pace).
+        self.pace = pace or HeartbeatPace(settings)
         self._moving: dict[str, asyncio.Task[Any]] = {}
         self._moving_from: dict[str, str | None] = {}
         self._failures: dict[str, int] = {}
@@ -77,7 +80,7 @@ class Reconciler(LoopService):
 
     async def run_once(self) -> None:
         now = utcnow()
-        grace = timedelta(seconds=self.settings.heartbeat_grace)
+        grace = timedelta(seconds=self.pace.detection_grace)
         if self._last_ok is not None and now - self._last_ok > grace:
             # This loop could not look for longer than the grace (database outage, stalled process):
             # heartbeats were not recorded meanwhile either, so every controller gets a fresh grace.
@@ -123,7 +126,8 @@ class Reconciler(LoopService):
         second took most of a core): a service on a healthy controller, settled and not failing its
         health check, yields no action, so leaving it out of the snapshot changes no decision.
         """
-        cutoff = now - timedelta(seconds=self.settings.heartbeat_grace)
+        grace = self.pace.detection_grace
+        cutoff = now - timedelta(seconds=grace)
         c, s, current = ControllerModel, ServiceModel, ContainerRegistryModel
         # A superset of the lost ones (compute() also counts the grace from leader_since).
         watched = or_(c.status != "healthy", c.draining.is_(True), c.last_heartbeat_at.is_(None),
@@ -172,7 +176,7 @@ class Reconciler(LoopService):
             ServiceState(sid, desired, status, controller_id, health or "unknown", restarts or 0, sid in busy)
             for sid, desired, status, controller_id, health, restarts in sorted(rows.values(), key=lambda r: r[0])
         ]
-        return Snapshot(controllers, services, self.leader_since, self.settings.heartbeat_grace,
+        return Snapshot(controllers, services, self.leader_since, grace,
                         self.settings.max_health_restarts,
                         frozenset(c for c in self._moving_from.values() if c is not None), hosting)
 
@@ -202,7 +206,8 @@ class Reconciler(LoopService):
     async def _mark_lost(self, actions: list[MarkLost], now: datetime) -> set[str]:
         """Mark the controllers unhealthy, all in one statement per chunk, except those whose heartbeat
         arrived meanwhile; returns the ones that are lost."""
-        cutoff = now - timedelta(seconds=self.settings.heartbeat_grace)
+        grace = self.pace.detection_grace
+        cutoff = now - timedelta(seconds=grace)
         silent = {a.controller_id: a.silent_for for a in actions}
         ids = sorted(silent)
         lost: set[str] = set()
@@ -215,7 +220,7 @@ class Reconciler(LoopService):
                         or_(ControllerModel.last_heartbeat_at.is_(None), ControllerModel.last_heartbeat_at < cutoff),
                     )
                     .values(status="unhealthy",
-                            error_message=f"no heartbeat for over {self.settings.heartbeat_grace:g}s")
+                            error_message=f"no heartbeat for over {grace:g}s")
                     .returning(ControllerModel.id)
                     .execution_options(synchronize_session=False)
                 ))
@@ -304,7 +309,7 @@ class ControllerPoller(LoopService):
         self.ingest = ingest
 
     async def run_once(self) -> None:
-        pushed_after = utcnow() - timedelta(seconds=3 * self.settings.heartbeat_interval)
+        pushed_after = utcnow() - timedelta(seconds=3 * self.ingest.pace.interval)
         async with self.db.session() as session:
             controllers = list(
                 await session.execute(

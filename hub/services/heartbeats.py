@@ -27,6 +27,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
+import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -45,6 +47,7 @@ from hub.services.audit import controller_source, insert_shipped
 from hub.services.controller_keys import ControllerKeyAuth
 from hub.services.controllers import healthy_fields
 from hub.services.monitoring import Monitor
+from hub.services.pace import HeartbeatPace
 from mmanager.wire import (
     ControllerHealth,
     HealthCapabilities,
@@ -63,6 +66,8 @@ PUSH_LAG = 1.0
 
 # Beats recorded in one transaction at most (the rest wait for the next one).
 MAX_BATCH = 2000
+# Seconds between counts of the controllers, for the pace (a registration counts at once).
+PACE_EVERY = 5.0
 
 
 @dataclass
@@ -87,7 +92,9 @@ class HeartbeatIngest:
         self.settings = settings
         self.metrics = metrics
         self.keys = ControllerKeyAuth(db, settings)
-        self.monitor = Monitor(db, settings, metrics)
+        self.pace = HeartbeatPace(settings)
+        self.monitor = Monitor(db, settings, metrics, self.pace)
+        self._paced_at = -math.inf
         self._observations: dict[str, _Observation] = {}
         # Row updates with when they were observed: an observation never overwrites a newer change.
         self._updates: dict[str, tuple[RowUpdate, datetime]] = {}
@@ -102,7 +109,7 @@ class HeartbeatIngest:
 
     @property
     def orphan_grace(self) -> float:
-        return self.settings.orphan_grace or max(2 * self.settings.heartbeat_grace, 10.0)
+        return self.settings.orphan_grace or max(2 * self.pace.grace, 10.0)
 
     # ------------------------------------------------------------- receive
 
@@ -120,7 +127,7 @@ class HeartbeatIngest:
         if self._waiting >= self.settings.heartbeat_backlog:
             self.metrics.heartbeats_shed.inc()
             raise Overloaded(f"the hub has {self._waiting} heartbeats waiting; beat again later",
-                             retry_after=max(1, round(self.settings.heartbeat_interval)))
+                             retry_after=max(1, round(self.pace.interval)))
         beat = _Beat(controller_id, heartbeat, utcnow(), asyncio.get_running_loop().create_future())
         self._inbox.append(beat)
         self._waiting += 1
@@ -190,6 +197,7 @@ class HeartbeatIngest:
                 )
                 for cid, hb in new.items():
                     log.info("controller %s registered itself at %s", cid, hb.url)
+                self._set_pace(self.pace.controllers + len(new))
             for row in await session.execute(_rows_query(ContainerRegistryModel.controller_id.in_(ids))):
                 rows[row[0]].append(RegistryRow(*row[1:]))
             # What the controllers audited themselves (at most 1000 a beat, the wire's bound); committed before
@@ -209,7 +217,7 @@ class HeartbeatIngest:
             result = self.observe(b.controller_id, hb.health, hb.containers, rows[b.controller_id], pushed=True,
                                   listed_at=listed_at, at=b.arrived)
             b.answer.set_result(HeartbeatAnswer(
-                interval=self.settings.heartbeat_interval, grace=self.settings.heartbeat_grace, stop=result.stop))
+                interval=self.pace.interval, grace=self.pace.grace, stop=result.stop))
 
     def _insert_ignoring_conflicts(self, model: Any) -> Any:
         dialect_insert = sqlite_insert if self.db.is_sqlite else pg_insert
@@ -240,7 +248,7 @@ class HeartbeatIngest:
             return FenceResult()
         # A row written after the controller took its listing may name a container the listing
         # could not have shown yet; only older rows can be declared missing.
-        settle = timedelta(seconds=2 * self.settings.heartbeat_interval + 2)
+        settle = timedelta(seconds=2 * self.pace.interval + 2)
         result = fence(rows, containers, self.orphan_grace, missing_before=min(now - settle, listed_at))
         self._observations[controller_id] = _Observation(now, health, pushed)
         self.monitor.observe(controller_id, health, containers,
@@ -266,6 +274,23 @@ class HeartbeatIngest:
         await self._flush_observations()
         await self.keys.flush()
         await self.monitor.flush()
+        if time.monotonic() - self._paced_at > PACE_EVERY:
+            await self.count_controllers()
+
+    async def count_controllers(self) -> None:
+        """Count the registered controllers and set the pace for them (``hub.services.pace``)."""
+        async with self.db.session() as session:
+            count = await session.scalar(select(func.count()).select_from(ControllerModel)) or 0
+        self._paced_at = time.monotonic()
+        self._set_pace(count)
+
+    def _set_pace(self, controllers: int) -> None:
+        before = self.pace.interval
+        self.pace.update(controllers)
+        self.metrics.heartbeat_interval.set(self.pace.interval)
+        if self.pace.interval != before:
+            log.info("heartbeat interval now %gs, grace %gs (%d controllers, MMANAGER_HEARTBEAT_MAX_RATE=%g)",
+                     self.pace.interval, self.pace.grace, controllers, self.settings.heartbeat_max_rate)
 
     async def _flush_observations(self) -> None:
         async with self._flush_lock:

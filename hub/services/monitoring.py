@@ -41,6 +41,7 @@ from hub.config import HubSettings
 from hub.db import Database
 from hub.metrics import ALERT_KINDS, HubMetrics
 from hub.models import AlertModel, ServiceMetricModel, new_id, utcnow
+from hub.services.pace import HeartbeatPace
 from mmanager.wire import ControllerHealth, HeartbeatContainer
 
 log = logging.getLogger(__name__)
@@ -169,10 +170,12 @@ COUNTERS = ("network_rx_bytes", "network_tx_bytes", "block_read_bytes", "block_w
 
 
 class Monitor:
-    def __init__(self, db: Database, settings: HubSettings, metrics: HubMetrics) -> None:
+    def __init__(self, db: Database, settings: HubSettings, metrics: HubMetrics,
+                 pace: HeartbeatPace | None = None) -> None:
         self.db = db
         self.settings = settings
         self.metrics = metrics
+        self.pace = pace or HeartbeatPace(settings)
         self.thresholds = Thresholds.of(settings)
         # What this replica believes is open: key -> the reading that opened it.
         self._active: dict[AlertKey, Reading] = {}
@@ -343,7 +346,7 @@ class Monitor:
 
     def _forget_silent(self) -> None:
         """Controllers silent for longer than the grace lose their container series (their alerts stay)."""
-        cutoff = time.monotonic() - self.settings.heartbeat_grace
+        cutoff = time.monotonic() - self.pace.detection_grace
         for controller_id in [cid for cid, seen in self._seen.items() if seen < cutoff]:
             del self._seen[controller_id]
             self._sampled.pop(controller_id, None)

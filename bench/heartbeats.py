@@ -36,7 +36,6 @@ import asyncio
 import collections
 import contextlib
 import json
-import os
 import shutil
 import statistics
 import subprocess
@@ -50,32 +49,17 @@ from typing import Any
 
 import asyncpg
 import psutil
-from sqlalchemy.engine import make_url
 
+from bench.common import asyncpg_dsn, durable_server, percentile, say
 from bench.sim import SimController, SimOptions, Simulator
-from tests.pg import create_database, local_cluster
+from tests.pg import create_database
 from tests.procs import LocalDeployment
 
 POLL_EVERY = 0.1
 
 
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
-
-
 def _ms(value: float | None) -> float | None:
     return None if value is None else round(value * 1000, 1)
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def asyncpg_dsn(url: str) -> str:
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 @dataclass
@@ -163,7 +147,7 @@ async def measure(hub_url: str, db_url: str, key: str, count: int, *, seconds: f
             # One more interval: the registration wave is over, beats are in their steady rhythm.
             await asyncio.sleep(max(c.interval for c in sim.controllers.values()))
             interval = statistics.median(c.interval for c in sim.controllers.values())
-            _say(f"{count} controllers: {registered} registered, measuring {seconds:g} s")
+            say(f"{count} controllers: {registered} registered, measuring {seconds:g} s")
             hub_cpu, pg_cpu = _Cpu(hub_pids or []), _Cpu(pg_pids or [])
             sim_cpu0 = time.process_time()
             window.start = time.time()
@@ -178,7 +162,7 @@ async def measure(hub_url: str, db_url: str, key: str, count: int, *, seconds: f
             while window.unseen and time.time() - waited < settle:
                 window.seen(await rows(), time.time())
                 await asyncio.sleep(POLL_EVERY)
-            _say(f"{count} controllers: window done, {window.unseen} beats not yet visible")
+            say(f"{count} controllers: window done, {window.unseen} beats not yet visible")
             if after_window is not None:
                 await after_window()
             sim_errors = sim.errors
@@ -198,10 +182,10 @@ async def measure(hub_url: str, db_url: str, key: str, count: int, *, seconds: f
         "statuses": dict(window.statuses),
         "simulator_errors": sim_errors,
         "never_visible": window.unseen,
-        "answer_p50_ms": _ms(_pct(window.acks, 0.5)),
-        "answer_p99_ms": _ms(_pct(window.acks, 0.99)),
-        "visible_p50_ms": _ms(_pct(window.visible, 0.5)),
-        "visible_p99_ms": _ms(_pct(window.visible, 0.99)),
+        "answer_p50_ms": _ms(percentile(window.acks, 0.5)),
+        "answer_p99_ms": _ms(percentile(window.acks, 0.99)),
+        "visible_p50_ms": _ms(percentile(window.visible, 0.5)),
+        "visible_p99_ms": _ms(percentile(window.visible, 0.99)),
         "cpu_cores": {k: round(v, 2) for k, v in cores.items()},
     }
 
@@ -242,15 +226,6 @@ def profile(pid: int, seconds: int, out: Path) -> dict[str, Any]:
             "self": [(f, round(n * share, 1)) for f, n in own.most_common(25)]}
 
 
-async def _fsync_on(server_url: str) -> None:
-    conn = await asyncpg.connect(asyncpg_dsn(server_url))
-    try:
-        await conn.execute("ALTER SYSTEM SET fsync = on")
-        await conn.execute("SELECT pg_reload_conf()")
-    finally:
-        await conn.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--counts", default="100,1000,5000,10000", help="controller counts; the first is the baseline")
@@ -271,13 +246,7 @@ def main() -> None:
     results: dict[str, Any] = {"interval_s": args.interval, "grace_s": args.grace, "max_rate": args.max_rate,
                                "seconds": args.seconds, "runs": []}
     with ExitStack() as stack:
-        from_env = os.environ.get("MMANAGER_BENCH_DATABASE_URL")
-        cluster = None if from_env else stack.enter_context(local_cluster())
-        server = from_env or cluster.url  # type: ignore[union-attr]
-        if cluster is not None:
-            # The test cluster runs without fsync; durable means fsync.
-            asyncio.run(_fsync_on(server))
-        pg_pids = [int((cluster.data / "postmaster.pid").read_text().split()[0])] if cluster else []
+        server, pg_pids = durable_server(stack)
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-hb-")))
         for count in counts:
             db_url = asyncio.run(create_database(server, "hb"))

@@ -27,7 +27,6 @@ import asyncio
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -38,17 +37,14 @@ import asyncpg
 import httpx
 import psutil
 
-from bench.seed import Seeded, all_beating, asyncpg_dsn, churn, seeded_hub, state
+from bench.common import asyncpg_dsn, say
+from bench.seed import Seeded, all_beating, churn, seeded_hub, state
 from bench.sim import Simulator
 from tests.pg import local_cluster
 
 MIB = 1024**2
 SAMPLE_EVERY = 10.0
 PAGE = 1000
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
 
 
 def memory(pid: int | None) -> dict[str, float]:
@@ -103,7 +99,7 @@ async def steady(db_url: str, sim: Simulator, seeded: Seeded, seconds: float, *,
         await sim.start()
         ready = await all_beating(conn, seeded.controllers, began, beat_timeout)
         at_ready = memory(pid)
-        _say(f"{len(seeded.controllers)} controllers beating after {ready:.1f}s: {at_ready}")
+        say(f"{len(seeded.controllers)} controllers beating after {ready:.1f}s: {at_ready}")
         before = await state(conn)
         samples = []
         window = time.monotonic()
@@ -151,7 +147,7 @@ def main() -> None:
         for count, services in (_size(s) for s in args.sizes.split(",")):
             with seeded_hub(server, workdir / str(count), count, services, interval=args.interval, grace=grace,
                             hub_env={"MMANAGER_RATE_LIMIT": "0"}) as hub:
-                _say(f"seeded {services} services on {count} controllers in {hub.seed_seconds:.1f}s; "
+                say(f"seeded {services} services on {count} controllers in {hub.seed_seconds:.1f}s; "
                      f"hub at start: {memory(hub.pid)}")
                 at_start = memory(hub.pid)
                 run = asyncio.run(measure(hub.url, hub.db_url, hub.simulator(), hub.seeded, args.steady,

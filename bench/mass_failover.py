@@ -25,7 +25,6 @@ import argparse
 import asyncio
 import json
 import os
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -35,23 +34,19 @@ from typing import Any
 import asyncpg
 import psutil
 
+from bench.common import asyncpg_dsn, percentile, say
 from bench.pyspy import Recording
-from bench.seed import Seeded, all_beating, asyncpg_dsn, seeded_hub
+from bench.seed import Seeded, all_beating, seeded_hub
 from bench.sim import Simulator
 from tests.pg import local_cluster
 
 POLL_EVERY = 0.1
 
 
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
 def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return round(ordered[min(len(ordered) - 1, int(q * len(ordered)))], 3)
+    """A percentile in seconds, to the millisecond."""
+    value = percentile(values, q)
+    return None if value is None else round(value, 3)
 
 
 def victims(seeded: Seeded, kill: int) -> list[str]:
@@ -110,7 +105,7 @@ async def measure(hub_url: str, db_url: str, sim: Simulator, seeded: Seeded, kil
             dead = victims(seeded, kill)
             dead_set = set(dead)
             affected = sorted(sid for sid, cid in seeded.placement.items() if cid in dead_set)
-            _say(f"{len(seeded.controllers)} controllers beating after {ready:.1f}s; killing {len(dead)} "
+            say(f"{len(seeded.controllers)} controllers beating after {ready:.1f}s; killing {len(dead)} "
                  f"({len(affected)} services)")
             if profile is not None:
                 profile.start()
@@ -190,7 +185,7 @@ def main() -> None:
         for count, services, kill in sizes:
             with seeded_hub(server, workdir / str(count), count, services, interval=args.interval,
                             grace=args.grace, healthy_after=args.healthy_after) as hub:
-                _say(f"seeded {services} services on {count} controllers in {hub.seed_seconds:.1f}s")
+                say(f"seeded {services} services on {count} controllers in {hub.seed_seconds:.1f}s")
                 recording = (Recording(hub.pid, workdir / "profile.txt", rate=100)
                              if args.profile and count == max(s[0] for s in sizes) else None)
                 run = asyncio.run(measure(hub.url, hub.db_url, hub.simulator(), hub.seeded, kill,

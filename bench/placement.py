@@ -39,10 +39,8 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import random
 import statistics
-import sys
 import tempfile
 import time
 from contextlib import ExitStack
@@ -52,26 +50,16 @@ from typing import Any
 
 import asyncpg
 
-from bench.heartbeats import _Cpu, _fsync_on, asyncpg_dsn
+from bench.common import asyncpg_dsn, durable_server, percentile, say
+from bench.heartbeats import _Cpu
 from bench.pyspy import Recording, profile_dir
 from bench.sim import SimOptions, Simulator
 from bench.sim.http import Client, ClientError
-from tests.pg import create_database, local_cluster
+from tests.pg import create_database
 from tests.procs import LocalDeployment
 
 TARGET_PER_S = 2000
 IMAGE = "sim/model:latest"
-
-
-def _say(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def _pct(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
 def spec_for(i: int, gpu: bool) -> dict[str, Any]:
@@ -272,7 +260,7 @@ async def measure(hub_url: str, db_url: str, admin_token: str, key: str, control
                         raise RuntimeError(f"only {healthy} of {controllers} controllers healthy ({synced} synced)")
                     break  # measured all the same, with the count said
                 await asyncio.sleep(0.5)
-            _say(f"{controllers} controllers: {healthy} registered and healthy")
+            say(f"{controllers} controllers: {healthy} registered and healthy")
             users = []
             for u in range(clients):
                 status, body = await _admin(hub_url, admin_token, "POST", "/api/admin/users",
@@ -289,7 +277,7 @@ async def measure(hub_url: str, db_url: str, admin_token: str, key: str, control
             own_cpu0 = time.process_time()
             recording = Recording(hub_pids[0], profile_out).start() if profile_out and hub_pids else None
             start = time.monotonic()
-            _say(f"{controllers} controllers: {services} creates by {clients} clients"
+            say(f"{controllers} controllers: {services} creates by {clients} clients"
                  + (f", {len(killed)} controllers killed" if killed else ""))
             try:
                 await asyncio.gather(*(
@@ -302,7 +290,7 @@ async def measure(hub_url: str, db_url: str, admin_token: str, key: str, control
             wall = end - start
             cores = {"hub": hub_cpu.used() / wall, "postgres": pg_cpu.used() / wall,
                      "simulator_and_clients": (time.process_time() - own_cpu0) / wall}
-            _say(f"{controllers} controllers: {len(creates.ok)} created in {wall:.1f} s; checking")
+            say(f"{controllers} controllers: {len(creates.ok)} created in {wall:.1f} s; checking")
             checked = await verify(db_url, sim, creates, hub_url=hub_url, token=admin_token)
     finally:
         await conn.close()
@@ -320,8 +308,8 @@ async def measure(hub_url: str, db_url: str, admin_token: str, key: str, control
         "per_s_overall": round(overall, 1),
         "per_s_median": statistics.median(inner) if inner else 0,
         "per_s_by_second": buckets,
-        "latency_p50_ms": round((_pct(creates.latencies, 0.5) or 0) * 1000, 1),
-        "latency_p99_ms": round((_pct(creates.latencies, 0.99) or 0) * 1000, 1),
+        "latency_p50_ms": round((percentile(creates.latencies, 0.5) or 0) * 1000, 1),
+        "latency_p99_ms": round((percentile(creates.latencies, 0.99) or 0) * 1000, 1),
         "cpu_cores": {k: round(v, 2) for k, v in cores.items()},
         "check": checked,
         "profile": recording.summary(top=25) if recording is not None else None,
@@ -353,12 +341,7 @@ def main() -> None:
     results: dict[str, Any] = {"clients": args.clients, "interval_s": args.interval, "grace_s": args.grace,
                                "gpu_share": args.gpu_share, "kill_share": args.kill, "runs": []}
     with ExitStack() as stack:
-        from_env = os.environ.get("MMANAGER_BENCH_DATABASE_URL")
-        cluster = None if from_env else stack.enter_context(local_cluster())
-        server = from_env or cluster.url  # type: ignore[union-attr]
-        if cluster is not None:
-            asyncio.run(_fsync_on(server))
-        pg_pids = [int((cluster.data / "postmaster.pid").read_text().split()[0])] if cluster else []
+        server, pg_pids = durable_server(stack)
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-pl-")))
         profiles = profile_dir(args.profile, workdir)
         for n, (controllers, services) in enumerate(sizes):

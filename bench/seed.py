@@ -32,8 +32,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import asyncpg
-from sqlalchemy.engine import make_url
 
+from bench.common import asyncpg_dsn
 from bench.sim import SimContainer, SimOptions, Simulator, layout
 from hub.migrate import upgrade
 from hub.models import ServiceModel
@@ -50,11 +50,6 @@ CONTAINER_PORT = "5000"
 FIRST_HOST_PORT = 20000
 ADMIN = "root"
 REPO = "bench"
-
-
-def asyncpg_dsn(url: str) -> str:
-    """An asyncpg DSN from a SQLAlchemy URL (``postgresql+asyncpg://``) or a plain one."""
-    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
 def spec_for(name: str) -> dict[str, Any]:

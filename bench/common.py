@@ -1,0 +1,52 @@
+"""What every benchmark script shares: its progress lines, its percentiles, its database address."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+from contextlib import ExitStack
+
+import asyncpg
+from sqlalchemy.engine import make_url
+
+from tests.pg import local_cluster
+
+
+def say(line: str) -> None:
+    """A progress line, on stderr (stdout carries the results)."""
+    print(line, file=sys.stderr, flush=True)
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    """The value at quantile ``q`` (nearest rank, no interpolation); None for no values."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def asyncpg_dsn(url: str) -> str:
+    """A SQLAlchemy URL (``postgresql+asyncpg://…``) as asyncpg's own connect() takes it."""
+    return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def durable_server(stack: ExitStack) -> tuple[str, list[int]]:
+    """The PostgreSQL server to measure on, and its postmaster's pid (for its CPU): MMANAGER_BENCH_DATABASE_URL,
+    or a throwaway cluster closed with ``stack``, with fsync turned back on (the test cluster runs without
+    it; a commit the hub answers for must be durable)."""
+    from_env = os.environ.get("MMANAGER_BENCH_DATABASE_URL")
+    if from_env:
+        return from_env, []
+    cluster = stack.enter_context(local_cluster())
+    asyncio.run(_fsync_on(cluster.url))
+    return cluster.url, [int((cluster.data / "postmaster.pid").read_text().split()[0])]
+
+
+async def _fsync_on(server_url: str) -> None:
+    conn = await asyncpg.connect(asyncpg_dsn(server_url))
+    try:
+        await conn.execute("ALTER SYSTEM SET fsync = on")
+        await conn.execute("SELECT pg_reload_conf()")
+    finally:
+        await conn.close()

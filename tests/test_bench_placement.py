@@ -10,48 +10,27 @@ container there at its epoch, no GPU held twice, no controller over its cap, one
 
 from __future__ import annotations
 
-import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import pytest
-import uvicorn
 
 from bench.placement import measure
-from hub.app import create_app
 from hub.config import HubSettings
 from hub.db import Database
 from hub.services.users import create_user
+from tests.served import served_hub
 
 KEY = "bench-key-" + "p" * 32
 CONTROLLERS = 20
 SERVICES = 50
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 async def hub_url(db: Database) -> AsyncIterator[str]:
     settings = HubSettings(database_url=db.url, api_key=KEY, heartbeat_interval=1, heartbeat_grace=5,
                            rate_limit=0, max_services_per_user=SERVICES)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None,
-                                           log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    for _ in range(200):
-        if server.started:
-            break
-        await asyncio.sleep(0.1)
-    assert server.started, "the hub did not start listening"
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
+    async with served_hub(settings) as url:
+        yield url
 
 
 async def test_placement_benchmark_places_every_service_where_it_may_run(hub_url: str, db: Database) -> None:

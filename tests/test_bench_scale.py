@@ -12,30 +12,21 @@ seeded by ``bench.seed`` with 100 services on 20 simulated controllers. Correctn
 
 from __future__ import annotations
 
-import asyncio
-import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
-from typing import Any
 
 import pytest
-import uvicorn
 
 from bench import hub_memory, mass_failover
 from bench.seed import Seeded, seed
 from bench.sim import SimOptions, Simulator
-from hub.app import create_app
 from hub.config import HubSettings
 from hub.db import Database
+from tests.pg import _free_port
+from tests.served import served_hub
 
 KEY = "bench-key-" + "x" * 32
 CONTROLLERS, SERVICES = 20, 100
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -48,14 +39,6 @@ class Fleet:
         return Simulator(replace(self.options, hub_url=self.hub_url, containers=self.seeded.containers))
 
 
-async def _until(check: Callable[[], Awaitable[Any]], timeout: float, what: str) -> None:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while not await check():
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
-
-
 @pytest.fixture
 async def fleet(db: Database) -> AsyncIterator[Fleet]:
     """The database seeded first, then a hub started on it (as after a restart of a loaded hub)."""
@@ -64,16 +47,8 @@ async def fleet(db: Database) -> AsyncIterator[Fleet]:
     seeded = await seed(db.url, options, SERVICES, migrate=False)
     settings = HubSettings(database_url=db.url, api_key=KEY, heartbeat_interval=0.5, heartbeat_grace=2,
                            rate_limit=0)
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None,
-                                           log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    await _until(lambda: asyncio.sleep(0, server.started), 20, "the hub to listen")
-    try:
-        yield Fleet(f"http://127.0.0.1:{port}", seeded, options)
-    finally:
-        server.should_exit = True
-        await task
+    async with served_hub(settings) as url:
+        yield Fleet(url, seeded, options)
 
 
 async def test_seeded_fleet_beats_without_churn_and_reads_whole(fleet: Fleet, db: Database) -> None:

@@ -10,31 +10,23 @@ heartbeat and density benchmarks' own code, for a second or two each.
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
-import uvicorn
 
 from bench.density import null_hub
 from bench.heartbeats import measure
 from bench.sim import SimOptions, Simulator
-from hub.app import create_app
 from hub.config import HubSettings
 from hub.db import Database
 from hub.services.users import create_user
+from tests.pg import _free_port
+from tests.served import served_hub
 
 KEY = "bench-key-" + "x" * 32
 COUNT = 20
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def _until(check: Callable[[], Awaitable[Any]], timeout: float = 30.0, what: str = "") -> Any:
@@ -52,22 +44,8 @@ async def _until(check: Callable[[], Awaitable[Any]], timeout: float = 30.0, wha
 async def hub_url(db: Database) -> AsyncIterator[str]:
     settings = HubSettings(database_url=db.url, api_key=KEY, heartbeat_interval=0.5, heartbeat_grace=2,
                            orphan_grace=1)
-    async with _serve(settings) as url:
+    async with served_hub(settings) as url:
         yield url
-
-
-@contextlib.asynccontextmanager
-async def _serve(settings: HubSettings) -> AsyncIterator[str]:
-    port = _free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None,
-                                           log_level="warning"))
-    task = asyncio.create_task(server.serve())
-    await _until(lambda: asyncio.sleep(0, server.started), 20, "the hub to listen")
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        await task
 
 
 async def test_simulated_controllers_register_run_and_fail_over(hub_url: str, db: Database) -> None:
@@ -135,7 +113,7 @@ async def test_a_fleet_over_the_heartbeat_rate_is_told_to_beat_slower(db: Databa
                            heartbeat_max_rate=20)
     async with db.session() as session:
         _, token = await create_user(session, "root", is_admin=True)
-    async with _serve(settings) as url:
+    async with served_hub(settings) as url:
         sim = Simulator(SimOptions(count=COUNT, key=KEY, hub_url=url, ramp=0.2))
         api = httpx.AsyncClient(base_url=url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
         async with sim, api:

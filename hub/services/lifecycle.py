@@ -30,7 +30,7 @@ import math
 import re
 import time
 from collections import defaultdict
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import urlparse
@@ -515,13 +515,18 @@ class ServiceManager:
                                    {"refused": sorted(refused)})
 
     async def _reserve(self, service: ServiceModel, spec: ServiceSpec, exclude: frozenset[str],
-                       target: str | None, epoch: int) -> tuple[ContainerRegistryModel, ControllerModel, Held]:
-        """Choose a controller and hold a registry row on it (committed when this returns)."""
+                       target: str | None, epoch: int,
+                       write_first: Callable[[AsyncSession], Awaitable[None]] | None = None,
+                       ) -> tuple[ContainerRegistryModel, ControllerModel, Held]:
+        """Choose a controller and hold a registry row on it (committed when this returns), in one
+        transaction with what ``write_first`` writes (run again if a fresh view must be taken)."""
         for final in (False, True):
             await self.placement.index(fresh=final)
             held: Held | None = None
             try:
                 async with self.db.session() as session:
+                    if write_first is not None:
+                        await write_first(session)
                     row, controller, held = await self._hold_row(session, service, spec, epoch, exclude, target,
                                                                  final)
             except _LookAgain:
@@ -642,47 +647,36 @@ class ServiceManager:
         # touched, a pending service is never seen without its running create (or the reconciler would
         # take it for an interrupted one and start it a second time), and a create interrupted after the
         # commit is finished by the reconciler at the same controller, idempotently (_resume_or_deploy).
+        op: OperationModel | None = None
+
+        async def write_first(session: AsyncSession) -> None:
+            nonlocal op
+            await session.execute(select(UserModel.id).where(UserModel.id == owner.id).with_for_update(key_share=True))
+            count, clash = (await session.execute(
+                select(func.count(), func.max(case((ServiceModel.name == spec.name, ServiceModel.id))))
+                .where(ServiceModel.owner_id == owner.id)
+            )).one()
+            limit = self.settings.max_services_per_user
+            if not owner.is_admin and count >= limit:
+                raise QuotaExceeded(
+                    f"user {owner.username!r} already has {count} services (max_services_per_user={limit})",
+                    {"limit": limit, "current": count},
+                )
+            if clash is not None:
+                raise Conflict(f"service {spec.name!r} already exists (id {clash})", code="SERVICE_EXISTS")
+            await _insert(session, service)
+            await _insert(session, DeploymentHistoryModel(
+                service_id=service.id, version=1, spec=service.spec, image=spec.image,
+                reason="create", actor=user.username, created_at=now,
+            ))
+            op = self.ops.new("create", user.username, service_id=service.id, details={"epoch": 1, "version": 1})
+            await _insert(session, op)
+
         async with self._owner_locks[owner.id]:
-            for final in (False, True):
-                await self.placement.index(fresh=final)
-                held: Held | None = None
-                try:
-                    async with self.db.session() as session:
-                        await session.execute(
-                            select(UserModel.id).where(UserModel.id == owner.id).with_for_update(key_share=True)
-                        )
-                        count, clash = (await session.execute(
-                            select(func.count(), func.max(case((ServiceModel.name == spec.name, ServiceModel.id))))
-                            .where(ServiceModel.owner_id == owner.id)
-                        )).one()
-                        limit = self.settings.max_services_per_user
-                        if not owner.is_admin and count >= limit:
-                            raise QuotaExceeded(
-                                f"user {owner.username!r} already has {count} services (max_services_per_user={limit})",
-                                {"limit": limit, "current": count},
-                            )
-                        if clash is not None:
-                            raise Conflict(f"service {spec.name!r} already exists (id {clash})", code="SERVICE_EXISTS")
-                        await _insert(session, service)
-                        await _insert(session, DeploymentHistoryModel(
-                            service_id=service.id, version=1, spec=service.spec, image=spec.image,
-                            reason="create", actor=user.username, created_at=now,
-                        ))
-                        op = self.ops.new("create", user.username, service_id=service.id,
-                                          details={"epoch": 1, "version": 1})
-                        await _insert(session, op)
-                        # Fails (and rolls all of it back) when nothing could run it.
-                        row, controller, held = await self._hold_row(
-                            session, service, spec, 1, frozenset(), None, final)
-                except _LookAgain:
-                    continue
-                except BaseException:
-                    if held is not None:
-                        self.placement.release(held)
-                    raise
-                break
-        assert held is not None
-        self.placement.committed(held)
+            # The placement's row in the same transaction: it fails (and rolls all of it back) when nothing
+            # could run the service.
+            row, controller, held = await self._reserve(service, spec, frozenset(), None, 1, write_first)
+        assert op is not None
         self.ops.active.add(op.id)
         work = self._guarded(op, self._run_create(service, spec, op, acknowledged=not wait,
                                                   first=(row, controller, held)))

@@ -293,6 +293,9 @@ class Reconciler(LoopService):
 
 
 POLL_CONCURRENCY = 64
+# A controller that pushed is polled once silent for this many intervals, and at least this many seconds.
+PUSH_FALLBACK_INTERVALS = 10
+PUSH_FALLBACK_MIN = 60.0
 
 
 class ControllerPoller(LoopService):
@@ -309,7 +312,11 @@ class ControllerPoller(LoopService):
         self.ingest = ingest
 
     async def run_once(self) -> None:
-        pushed_after = utcnow() - timedelta(seconds=3 * self.ingest.pace.interval)
+        # A controller that pushes is not polled while it may just be late, or dead (a failover of
+        # thousands would poll every late one, slowing the hub, making more beats late): only once its
+        # pushes stopped for long after its grace (it was restarted without MMANAGER_HUB_URL, say).
+        pushed_after = utcnow() - timedelta(seconds=max(PUSH_FALLBACK_INTERVALS * self.ingest.pace.interval,
+                                                        PUSH_FALLBACK_MIN))
         async with self.db.session() as session:
             controllers = list(
                 await session.execute(

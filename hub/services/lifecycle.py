@@ -851,9 +851,12 @@ class ServiceManager:
                 )
                 if row.container_id is None or row.container_id != service.container_id
             ]
+            # Only the controllers those rows are on (a failover of thousands must not read the fleet each).
             healthy = {
-                c.id: c for c in await session.scalars(select(ControllerModel).where(ControllerModel.status == "healthy"))
-            }
+                c.id: c for c in await session.scalars(select(ControllerModel).where(
+                    ControllerModel.status == "healthy",
+                    ControllerModel.id.in_(sorted({row.controller_id for row in pending}))))
+            } if pending else {}
         for row in pending:
             controller = healthy.get(row.controller_id)
             usable = (

@@ -174,6 +174,7 @@ def main() -> None:
     parser.add_argument("--healthy-after", type=float, default=0.2,
                         help="seconds from a container's start to its health check passing")
     parser.add_argument("--profile", action="store_true", help="py-spy on the hub during the largest recovery")
+    parser.add_argument("--profile-raw", type=Path, help="keep py-spy's raw (collapsed) samples there")
     parser.add_argument("--out", type=Path, default=Path("bench/results/mass_failover.json"))
     args = parser.parse_args()
     sizes = [_size(s) for s in args.sizes.split(",")]
@@ -186,7 +187,7 @@ def main() -> None:
             with seeded_hub(server, workdir / str(count), count, services, interval=args.interval,
                             grace=args.grace, healthy_after=args.healthy_after) as hub:
                 say(f"seeded {services} services on {count} controllers in {hub.seed_seconds:.1f}s")
-                recording = (Recording(hub.pid, workdir / "profile.txt", rate=100)
+                recording = (Recording(hub.pid, args.profile_raw or workdir / "profile.txt", rate=100)
                              if args.profile and count == max(s[0] for s in sizes) else None)
                 run = asyncio.run(measure(hub.url, hub.db_url, hub.simulator(), hub.seeded, kill,
                                           beat_timeout=60 + count / 50, profile=recording, pid=hub.pid))

@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -310,21 +312,36 @@ class ControllerPoller(LoopService):
         self.settings = settings
         self.client = client
         self.ingest = ingest
+        # When each silent pushing controller was last polled (time.monotonic()).
+        self._fallback_polled: dict[str, float] = {}
 
     async def run_once(self) -> None:
         # A controller that pushes is not polled while it may just be late, or dead (a failover of
         # thousands would poll every late one, slowing the hub, making more beats late): only once its
-        # pushes stopped for long after its grace (it was restarted without MMANAGER_HUB_URL, say).
-        pushed_after = utcnow() - timedelta(seconds=max(PUSH_FALLBACK_INTERVALS * self.ingest.pace.interval,
-                                                        PUSH_FALLBACK_MIN))
+        # pushes stopped for long after its grace (it was restarted without MMANAGER_HUB_URL, say), and
+        # then once per that long (a dead one is asked whether it answers again, not every tick).
+        fallback = max(PUSH_FALLBACK_INTERVALS * self.ingest.pace.interval, PUSH_FALLBACK_MIN)
+        pushed_after = utcnow() - timedelta(seconds=fallback)
         async with self.db.session() as session:
-            controllers = list(
+            found = list(
                 await session.execute(
-                    select(ControllerModel.id, ControllerModel.url).where(
+                    select(ControllerModel.id, ControllerModel.url, ControllerModel.last_push_at.is_not(None)).where(
                         or_(ControllerModel.last_push_at.is_(None), ControllerModel.last_push_at < pushed_after)
                     )
                 )
             )
+        now = time.monotonic()
+        controllers: list[tuple[str, str]] = []
+        polled: dict[str, float] = {}
+        for cid, url, pushed in found:
+            if pushed:
+                last = self._fallback_polled.get(cid, -math.inf)
+                if now - last < fallback:
+                    polled[cid] = last
+                    continue
+                polled[cid] = now
+            controllers.append((cid, url))
+        self._fallback_polled = polled
         # At most POLL_CONCURRENCY at once: httpx's pool scans its waiting requests for each one it serves,
         # so thousands of calls at once (a burst of controllers that have not pushed yet) stall the loop.
         slots = asyncio.Semaphore(POLL_CONCURRENCY)

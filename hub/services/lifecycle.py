@@ -82,8 +82,11 @@ T = TypeVar("T")
 # Docker's container states, as the service status a user sees.
 _DOCKER_TO_STATUS = {"running": "running", "created": "starting", "restarting": "starting", "paused": "stopped"}
 CREATE_ATTEMPTS = 3
-# Seconds a failover waits for the new copy's first passing probe before it records the move anyway.
+# Seconds a failover's new copy is watched for its first passing probe after the move is recorded
+# (outside the move's slot, so slow probes never slow a mass failover), by at most HEALTH_FOLLOWERS
+# at once; beyond, its controller's heartbeats report its health.
 FAILOVER_HEALTH_WAIT = 15.0
+HEALTH_FOLLOWERS = 64
 # Placement reads the controllers from a snapshot at most this old (plus this process's own reservations
 # since); older, a placement waits for a fresh one. In between, one is taken in the background.
 PLACEMENT_MAX_AGE = 1.0
@@ -355,6 +358,7 @@ class ServiceManager:
         self._owner_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._service_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._followers: set[asyncio.Task[None]] = set()
         self.log_streams = LogStreamSlots(settings.max_log_streams, settings.max_log_streams_per_user)
 
     # ------------------------------------------------------------------ reads
@@ -431,6 +435,8 @@ class ServiceManager:
             raise
 
     async def shutdown(self, timeout: float = 30.0) -> None:
+        for task in self._followers:
+            task.cancel()  # only a quicker health report is lost
         if self._tasks:
             await asyncio.wait(set(self._tasks), timeout=timeout)
 
@@ -818,15 +824,16 @@ class ServiceManager:
 
     # ------------------------------------------- redeploy: update, rollback, migrate
 
-    async def _claim_epoch(self, service_id: str, seen: int) -> int:
-        """Take the next epoch, or fail if another operation (maybe on another replica) took it first."""
-        async with self.db.session() as session:
-            claimed = await session.execute(
-                update(ServiceModel)
-                .where(ServiceModel.id == service_id, ServiceModel.epoch == seen)
-                .values(epoch=seen + 1, status="migrating", updated_at=utcnow())
-                .execution_options(synchronize_session=False)
-            )
+    @staticmethod
+    async def _claim_epoch_in(session: AsyncSession, service_id: str, seen: int) -> int:
+        """Take the next epoch in the caller's transaction, or fail if another operation (maybe on
+        another replica) took it first."""
+        claimed = await session.execute(
+            update(ServiceModel)
+            .where(ServiceModel.id == service_id, ServiceModel.epoch == seen)
+            .values(epoch=seen + 1, status="migrating", updated_at=utcnow())
+            .execution_options(synchronize_session=False)
+        )
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
             raise Conflict("another operation changed the service meanwhile; retry", code="CONCURRENT_CHANGE")
         return seen + 1
@@ -877,22 +884,33 @@ class ServiceManager:
             # Its container, if the controller made one, has no row now: the controller removes it as an orphan.
             async with self.db.session() as session:
                 await session.execute(delete(ContainerRegistryModel).where(ContainerRegistryModel.id == row.id))
-        epoch = await self._claim_epoch(service.id, service.epoch)
-        row, controller, ports, status = await self._deploy(service, spec, epoch, exclude, target)
+        # The next epoch is claimed in the transaction that holds the placement's row: no epoch is used
+        # up when nothing can run the service, and a move costs one transaction less.
+        epoch = service.epoch + 1
+
+        async def claim(session: AsyncSession) -> None:
+            await self._claim_epoch_in(session, service.id, service.epoch)
+
+        first = await self._reserve(service, spec, exclude, target, epoch, claim)
+        row, controller, ports, status = await self._deploy(service, spec, epoch, exclude, target, first=first)
         return row, controller, ports, status, epoch
 
     async def _await_healthy(self, controller: ControllerModel, container_id: str,
-                             timeout: float | None = None) -> None:
-        """Wait until the controller's probe passes on the new container."""
+                             timeout: float | None = None, backoff: bool = False) -> None:
+        """Wait until the controller's probe passes on the new container (asking every 0.25 s, or,
+        with ``backoff``, ever less often up to every 2 s)."""
         timeout = timeout or self.settings.health_timeout
         deadline = asyncio.get_running_loop().time() + timeout
         last = "unknown"
+        pause = 0.25
         while asyncio.get_running_loop().time() < deadline:
             info = await self.client.inspect(controller.id, controller.url, container_id)
             last = f"{info.status}/{info.health}"
             if info.status == "running" and info.health == "healthy":
                 return
-            await asyncio.sleep(0.25)
+            await asyncio.sleep(pause)
+            if backoff:
+                pause = min(pause * 2, 2.0)
         raise Conflict(
             f"the new container did not pass its health check within {timeout:g}s ({last}); "
             "the old one keeps serving",
@@ -907,8 +925,9 @@ class ServiceManager:
         then retire the old one: no gap for a planned move.
 
         Without ``wait_healthy`` (failover: the old copy is gone anyway) the new copy is
-        kept whatever its check says, but its health is still awaited for a short while so
-        the service reads healthy as soon as it is, not a heartbeat later.
+        recorded as soon as it runs, whatever its check says; its probe is then followed for a
+        short while (``_follow_health``) so the service reads healthy as soon as it is, not a
+        heartbeat later.
 
         The old copy's registry row becomes ``stale`` in the same transaction
         that makes the new one current, so from then on every heartbeat of its
@@ -921,12 +940,6 @@ class ServiceManager:
             await self._restore_status(service.id, prior_status)
             raise
         healthy = False
-        if spec.health_check is not None and row.container_id and not wait_healthy:
-            try:
-                await self._await_healthy(controller, row.container_id, FAILOVER_HEALTH_WAIT)
-                healthy = True
-            except HubError:
-                pass  # kept: a copy that runs is better than none; heartbeats report its health
         if wait_healthy and spec.health_check is not None and row.container_id:
             try:
                 await self._await_healthy(controller, row.container_id)
@@ -953,7 +966,50 @@ class ServiceManager:
             await self._discard(controller.id, row)
             raise Conflict("another operation changed the service meanwhile; retry", code="CONCURRENT_CHANGE")
         await self._after_finalize(fresh, row, controller, op, epoch, old_controller_id, reason)
+        if not healthy and spec.health_check is not None and row.container_id and fresh.desired_state == "running":
+            self._follow_health(fresh.id, epoch, controller, row)
         return await self._reload(service.id) if fresh.desired_state == "stopped" else fresh
+
+    def _follow_health(self, service_id: str, epoch: int, controller: ControllerModel,
+                       row: ContainerRegistryModel) -> None:
+        """Record the new copy healthy when its probe first passes, if that is within
+        FAILOVER_HEALTH_WAIT; in a task of its own, at most HEALTH_FOLLOWERS at once (beyond, and
+        after, its controller's heartbeats report its health)."""
+        if len(self._followers) >= HEALTH_FOLLOWERS or row.container_id is None:
+            return
+        container_id = row.container_id
+
+        async def follow() -> None:
+            try:
+                await self._await_healthy(controller, container_id, FAILOVER_HEALTH_WAIT, backoff=True)
+            except HubError:
+                return
+            now = utcnow()
+            async with self.db.session() as session:
+                await session.execute(
+                    update(ServiceModel)
+                    .where(ServiceModel.id == service_id, ServiceModel.epoch == epoch,
+                           ServiceModel.container_id == container_id, ServiceModel.health != "healthy")
+                    .values(health="healthy", updated_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+                await session.execute(
+                    update(ContainerRegistryModel)
+                    .where(ContainerRegistryModel.id == row.id, ContainerRegistryModel.container_id == container_id,
+                           ContainerRegistryModel.status != "stale")
+                    .values(health="healthy", updated_at=now)
+                    .execution_options(synchronize_session=False)
+                )
+
+        async def guarded() -> None:
+            try:
+                await follow()
+            except Exception as exc:  # only a quicker health report is lost
+                log.warning("could not follow the health of service %s: %s", service_id, exc)
+
+        task = asyncio.create_task(guarded(), name=f"health-{service_id}")
+        self._followers.add(task)
+        task.add_done_callback(self._followers.discard)
 
     @staticmethod
     async def _finalize(session: AsyncSession, fresh: ServiceModel, row: ContainerRegistryModel,

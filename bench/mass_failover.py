@@ -131,6 +131,7 @@ async def measure(hub_url: str, db_url: str, sim: Simulator, seeded: Seeded, kil
             # Stale-copy cleanup and heartbeats settle: the moved copies' controllers report them.
             await asyncio.sleep(max(c.interval for c in sim.controllers.values()) * 2)
             result = await outcome(conn, sim, seeded, dead_set)
+            result["failed_beats"] = sim.failures()
             operations = dict(await conn.fetch(
                 "SELECT operation || ':' || status, count(*) FROM container_operations "
                 "WHERE operation <> 'create' GROUP BY 1"))
@@ -174,6 +175,10 @@ def main() -> None:
     parser.add_argument("--healthy-after", type=float, default=0.2,
                         help="seconds from a container's start to its health check passing")
     parser.add_argument("--profile", action="store_true", help="py-spy on the hub during the largest recovery")
+    parser.add_argument("--connections", type=int, default=1024,
+                        help="the simulator's connections to the hub, for all heartbeats (real controllers have one "
+                             "each: too few, and beats queue in the simulator until they time out)")
+    parser.add_argument("--workdir", type=Path, help="keep the hubs' logs there (default: a temporary directory)")
     parser.add_argument("--profile-raw", type=Path, help="keep py-spy's raw (collapsed) samples there")
     parser.add_argument("--out", type=Path, default=Path("bench/results/mass_failover.json"))
     args = parser.parse_args()
@@ -182,14 +187,14 @@ def main() -> None:
                                "healthy_after_s": args.healthy_after, "runs": []}
     with ExitStack() as stack:
         server = os.environ.get("MMANAGER_BENCH_DATABASE_URL") or stack.enter_context(local_cluster()).url
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-failover-")))
+        workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-failover-")))
         for count, services, kill in sizes:
             with seeded_hub(server, workdir / str(count), count, services, interval=args.interval,
                             grace=args.grace, healthy_after=args.healthy_after) as hub:
                 say(f"seeded {services} services on {count} controllers in {hub.seed_seconds:.1f}s")
                 recording = (Recording(hub.pid, args.profile_raw or workdir / "profile.txt", rate=100)
                              if args.profile and count == max(s[0] for s in sizes) else None)
-                run = asyncio.run(measure(hub.url, hub.db_url, hub.simulator(), hub.seeded, kill,
+                run = asyncio.run(measure(hub.url, hub.db_url, hub.simulator(connections=args.connections), hub.seeded, kill,
                                           beat_timeout=60 + count / 50, profile=recording, pid=hub.pid))
                 if recording is not None:
                     results["profile"] = {"controllers": count, **recording.summary(25)}

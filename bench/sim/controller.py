@@ -16,6 +16,7 @@ files, image routes, stats sampling, audit events.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import math
 import time
@@ -126,6 +127,8 @@ class SimController:
         self.beating = heartbeats
         self.beats_ok = 0
         self.beats_failed = 0
+        # Failed beats by why: "no answer" or the hub's status.
+        self.failures: collections.Counter[str] = collections.Counter()
         self.stops_applied = 0
         self._health_json: bytes | None = None
         self._auth = f"Bearer {key}"
@@ -335,6 +338,7 @@ class SimController:
                                                   timeout=min(max(self.sync.grace / 2, 1.0), 5.0))
         except ClientError:
             self.beats_failed += 1
+            self.failures["no answer"] += 1
             if hook is not None:
                 hook(self, sent, None, None)
             return False
@@ -342,6 +346,7 @@ class SimController:
             hook(self, sent, time.time(), status)
         if status != 200 or not self.alive:
             self.beats_failed += 1
+            self.failures[str(status) if self.alive else "dead"] += 1
             return False
         self.beats_ok += 1
         parsed = HeartbeatAnswer.model_validate_json(answer)

@@ -20,6 +20,7 @@ with the containers it had (stale copies the next heartbeat's stop orders remove
 from __future__ import annotations
 
 import asyncio
+import collections
 import ipaddress
 import logging
 import random
@@ -157,6 +158,13 @@ class Simulator:
             "stops_applied": sum(c.stops_applied for c in cs),
             "errors": sum(self.errors.values()),
         }
+
+    def failures(self) -> dict[str, int]:
+        """Failed beats of live controllers, by why ("no answer", or the hub's status)."""
+        total: collections.Counter[str] = collections.Counter()
+        for c in self.controllers.values():
+            total.update(c.failures)
+        return dict(total)
 
     async def _dispatch(self, request: Request) -> Response | None:
         controller = self._by_address.get(request.local[0])

@@ -21,6 +21,7 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import and_, delete, or_, select, update
 
+from hub.background.backpressure import AdaptiveLimit, LoopLag
 from hub.background.base import LoopService
 from hub.config import HubSettings
 from hub.controller_client import ControllerClient
@@ -77,7 +78,10 @@ class Reconciler(LoopService):
         self._moving_from: dict[str, str | None] = {}
         self._failures: dict[str, int] = {}
         self._not_before: dict[str, datetime] = {}
-        self._slots = asyncio.Semaphore(settings.reconcile_concurrency)
+        # Moves at once: at most MMANAGER_RECONCILE_CONCURRENCY, fewer while the event loop runs late
+        # (hub.background.backpressure: a mass failover must not make heartbeats late).
+        self.move_slots = AdaptiveLimit(settings.reconcile_concurrency)
+        self._lag = LoopLag(self.move_slots)
         self._last_ok: datetime | None = None
 
     async def run_once(self) -> None:
@@ -104,8 +108,13 @@ class Reconciler(LoopService):
                 await self._finish_drain(action.controller_id)
         self._last_ok = utcnow()
 
+    def start(self) -> None:
+        super().start()
+        self._lag.start()
+
     async def stop(self) -> None:
         await super().stop()
+        await self._lag.stop()
         if self._moving:
             await asyncio.wait(set(self._moving.values()), timeout=30)
 
@@ -250,7 +259,7 @@ class Reconciler(LoopService):
 
     async def _move(self, action: Move) -> None:
         sid = action.service_id
-        async with self._slots:
+        async with self.move_slots.slot():
             try:
                 result = await self.services.move(sid, action.reason, action.exclude,
                                                   expected_controller=action.from_controller)

@@ -903,6 +903,8 @@ class ServiceManager:
         deadline = asyncio.get_running_loop().time() + timeout
         last = "unknown"
         pause = 0.25
+        if backoff:
+            await asyncio.sleep(pause)  # a container that just started has not passed a probe yet
         while asyncio.get_running_loop().time() < deadline:
             info = await self.client.inspect(controller.id, controller.url, container_id)
             last = f"{info.status}/{info.health}"

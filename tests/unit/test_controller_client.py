@@ -1,0 +1,60 @@
+"""The hub's controller client retries only what is safe to repeat: reads and idempotent calls, three
+attempts in all, on transport errors and 502/503/504; anything else is tried once."""
+
+from __future__ import annotations
+
+import httpx
+import pytest
+
+from hub.config import HubSettings
+from hub.controller_client import ControllerClient
+from hub.errors import ControllerRejected, ControllerUnavailable
+
+KEY = "test-key-" + "x" * 32
+INFO = {"id": "c1", "container_id": "c1", "name": "svc", "image": "img", "status": "running", "health": "healthy"}
+
+
+def client_failing(failures: list[int | None]) -> tuple[ControllerClient, list[str]]:
+    """A client whose controller answers each call with the next of ``failures`` (None: a refused
+    connection, a status: that status), and then 200."""
+    calls: list[str] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        calls.append(f"{request.method} {request.url.path}")
+        if failures:
+            failure = failures.pop(0)
+            if failure is None:
+                raise httpx.ConnectError("refused", request=request)
+            return httpx.Response(failure, json={"error": {"code": "BUSY", "message": "busy"}})
+        return httpx.Response(200, json=INFO)
+
+    settings = HubSettings(database_url="sqlite+aiosqlite://", api_key=KEY)
+    return ControllerClient(settings, transport=httpx.MockTransport(answer)), calls
+
+
+async def test_a_read_is_tried_three_times_in_all() -> None:
+    client, calls = client_failing([None, 503])
+    info = await client.inspect("ctl", "http://ctl:8001", "c1")
+    assert info.id == "c1" and len(calls) == 3
+
+    client, calls = client_failing([None, 502, 504])
+    with pytest.raises(ControllerUnavailable) as unavailable:
+        await client.inspect("ctl", "http://ctl:8001", "c1")
+    assert unavailable.value.code == "BUSY" and len(calls) == 3
+
+    client, calls = client_failing([None, None, None])
+    with pytest.raises(ControllerUnavailable):
+        await client.inspect("ctl", "http://ctl:8001", "c1")
+    assert len(calls) == 3
+
+
+async def test_what_is_not_safe_to_repeat_is_tried_once_and_a_refusal_is_never_retried() -> None:
+    client, calls = client_failing([None])
+    with pytest.raises(ControllerUnavailable):
+        await client.health("ctl", "http://ctl:8001")
+    assert calls == ["GET /health"]
+
+    client, calls = client_failing([409])
+    with pytest.raises(ControllerRejected) as raised:
+        await client.inspect("ctl", "http://ctl:8001", "c1")
+    assert raised.value.status_code == 409 and len(calls) == 1

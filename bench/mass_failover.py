@@ -13,7 +13,8 @@ database names), no service is left on a dead controller, and no other service m
 
 The baseline, measured in the same run, is the small size (100 controllers, 10 killed).
 
-    python -m bench.mass_failover [--sizes 100:200:10,10000:20000:1000] [--interval 2] [--grace 6] [--profile]
+    python -m bench.mass_failover [--sizes 100:200:10,10000:20000:1000] [--interval 2] [--grace 6]
+        [--connections 1024] [--workdir DIR] [--profile [--profile-raw FILE]]
 
 ``--profile`` records the hub with py-spy (``bench.pyspy``) from the kill until the last service is
 back, at the largest size, and prints where its time went.

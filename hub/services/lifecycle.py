@@ -898,11 +898,12 @@ class ServiceManager:
     async def _await_healthy(self, controller: ControllerModel, container_id: str,
                              timeout: float | None = None, backoff: bool = False) -> None:
         """Wait until the controller's probe passes on the new container (asking every 0.25 s, or,
-        with ``backoff``, ever less often up to every 2 s)."""
+        with ``backoff``, so for 2 s and then ever less often, up to every 2 s)."""
         timeout = timeout or self.settings.health_timeout
         deadline = asyncio.get_running_loop().time() + timeout
         last = "unknown"
         pause = 0.25
+        slow_after = asyncio.get_running_loop().time() + 2.0
         if backoff:
             await asyncio.sleep(pause)  # a container that just started has not passed a probe yet
         while asyncio.get_running_loop().time() < deadline:
@@ -911,7 +912,7 @@ class ServiceManager:
             if info.status == "running" and info.health == "healthy":
                 return
             await asyncio.sleep(pause)
-            if backoff:
+            if backoff and asyncio.get_running_loop().time() > slow_after:
                 pause = min(pause * 2, 2.0)
         raise Conflict(
             f"the new container did not pass its health check within {timeout:g}s ({last}); "

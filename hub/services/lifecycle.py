@@ -185,6 +185,29 @@ async def _insert_row_if_placeable(session: AsyncSession, row: ContainerRegistry
     return done.rowcount == 1  # type: ignore[attr-defined]
 
 
+# A service's registry rows of creates begun and never finished, and the healthy controllers they are on.
+Unfinished = tuple[list[ContainerRegistryModel], dict[str, ControllerModel]]
+
+
+async def _unfinished(session: AsyncSession, service: ServiceModel) -> Unfinished:
+    """Rows of ``service`` that are neither its current container nor superseded: creates begun by an
+    operation that never finished (a heartbeat may already have seen them run); and of the controllers
+    those rows are on, the healthy ones (only those: a failover of thousands must not read the fleet each)."""
+    pending = [
+        row for row in await session.scalars(
+            select(ContainerRegistryModel).where(
+                ContainerRegistryModel.service_id == service.id, ContainerRegistryModel.status != "stale"
+            )
+        )
+        if row.container_id is None or row.container_id != service.container_id
+    ]
+    if not pending:
+        return pending, {}
+    healthy = await session.scalars(select(ControllerModel).where(
+        ControllerModel.status == "healthy", ControllerModel.id.in_(sorted({row.controller_id for row in pending}))))
+    return pending, {c.id: c for c in healthy}
+
+
 async def load_views(session: AsyncSession) -> tuple[list[ControllerView], dict[str, str]]:
     """Every controller as placement sees it, with what the registry reserves on it, and the URLs.
 
@@ -839,31 +862,19 @@ class ServiceManager:
         return seen + 1
 
     async def _resume_or_deploy(self, service: ServiceModel, spec: ServiceSpec, exclude: frozenset[str],
-                                target: str | None) -> tuple[ContainerRegistryModel, ControllerModel,
-                                                             dict[str, int | None], str, int]:
+                                target: str | None, unfinished: Unfinished | None = None,
+                                ) -> tuple[ContainerRegistryModel, ControllerModel, dict[str, int | None], str, int]:
         """Finish a create that an interrupted operation began, or claim a new epoch and deploy.
 
         A ``creating`` row at the service's current epoch is the create of an
         operation that did not finish (its hub stopped): repeating that create is
         idempotent on the controller, so the container is made at most once.
+        ``unfinished``: those rows, when the caller read them already.
         """
-        async with self.db.session() as session:
-            # Rows of this service that are neither its current container nor superseded: creates
-            # begun by an operation that never finished (a heartbeat may already have seen them run).
-            pending = [
-                row for row in await session.scalars(
-                    select(ContainerRegistryModel).where(
-                        ContainerRegistryModel.service_id == service.id, ContainerRegistryModel.status != "stale"
-                    )
-                )
-                if row.container_id is None or row.container_id != service.container_id
-            ]
-            # Only the controllers those rows are on (a failover of thousands must not read the fleet each).
-            healthy = {
-                c.id: c for c in await session.scalars(select(ControllerModel).where(
-                    ControllerModel.status == "healthy",
-                    ControllerModel.id.in_(sorted({row.controller_id for row in pending}))))
-            } if pending else {}
+        if unfinished is None:
+            async with self.db.session() as session:
+                unfinished = await _unfinished(session, service)
+        pending, healthy = unfinished
         for row in pending:
             controller = healthy.get(row.controller_id)
             usable = (
@@ -923,7 +934,7 @@ class ServiceManager:
     async def _replace(self, service: ServiceModel, spec: ServiceSpec, op: OperationModel,
                        exclude: frozenset[str] = frozenset(), target: str | None = None,
                        version: int | None = None, reason: str | None = None,
-                       wait_healthy: bool = True) -> ServiceModel:
+                       wait_healthy: bool = True, unfinished: Unfinished | None = None) -> ServiceModel:
         """Start a copy at a new epoch, wait until it runs (and is healthy, if it has a check),
         then retire the old one: no gap for a planned move.
 
@@ -938,7 +949,8 @@ class ServiceManager:
         """
         prior_status = service.status
         try:
-            row, controller, ports, status, epoch = await self._resume_or_deploy(service, spec, exclude, target)
+            row, controller, ports, status, epoch = await self._resume_or_deploy(service, spec, exclude, target,
+                                                                                 unfinished)
         except HubError:
             await self._restore_status(service.id, prior_status)
             raise
@@ -1131,24 +1143,34 @@ class ServiceManager:
         Returns None when there was nothing (left) to do.
         """
         async with self._service_locks[service_id]:
-            service = await self._reload_or_none(service_id)
-            if service is None or service.controller_id != expected_controller:
-                return None
-            if reason == "resume" and (service.status not in UNSETTLED or await self._still_serving(service)):
-                return None
+            if reason == "resume":
+                service = await self._reload_or_none(service_id)
+                if service is None or service.controller_id != expected_controller:
+                    return None
+                if service.status not in UNSETTLED or await self._still_serving(service):
+                    return None
             operation = {"controller_lost": "failover", "resume": "recover"}.get(reason, "migrate")
-            op = await self.ops.begin(
-                operation, "system", service_id=service.id, controller_id=service.controller_id,
-                container_id=service.container_id,
-                details={"reason": reason, "from_epoch": service.epoch, "from_controller": service.controller_id},
-            )
+            # One transaction: the service read, its operation begun, its unfinished creates read.
+            async with self.db.session() as session:
+                found = await session.get(ServiceModel, service_id)
+                if found is None or found.controller_id != expected_controller:
+                    return None
+                service = found
+                op = self.ops.new(
+                    operation, "system", service_id=service.id, controller_id=service.controller_id,
+                    container_id=service.container_id,
+                    details={"reason": reason, "from_epoch": service.epoch, "from_controller": service.controller_id},
+                )
+                session.add(op)
+                unfinished = await _unfinished(session, service)
+            self.ops.active.add(op.id)
             # No request carries a move: its operation id tags its log lines and its controller calls
             # (the reconciler runs each move in a task of its own, so this stays within it).
             bind_request_id(op.id)
             try:
                 fresh = await self._guarded(op, self._replace(
                     service, ServiceSpec.model_validate(service.spec), op, exclude=exclude, reason=reason,
-                    wait_healthy=reason in ("drain", "unhealthy"),
+                    wait_healthy=reason in ("drain", "unhealthy"), unfinished=unfinished,
                 ))
             except HubError as exc:
                 if op.status == "running":

@@ -3,10 +3,10 @@
 The leader's moves (failover, drain, recovery) run in the same event loop that answers heartbeats.
 A mass failover of thousands could take all of it, make heartbeats late, and so get live controllers
 declared lost, which means more moves: a collapse. So moves run at most ``limit`` at once, a limit
-that halves while the event loop runs late and grows back while it keeps up (additive increase,
-multiplicative decrease, as TCP's congestion window does). How late the loop runs is how much later
-than asked a short sleep wakes up (``LoopLag``), which grows with everything that is ready to run
-ahead of it, the heartbeats included.
+that halves while the hub is saturated and grows back while it keeps up (additive increase,
+multiplicative decrease, as TCP's congestion window does). Saturated: the process used more than
+``BUSY`` of a core over the last half second (work then queues: every request waits longer), or the
+event loop ran late, a short sleep waking up much later than asked (``LoopLag``).
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import collections
 import contextlib
 import logging
 import statistics
+import time
 from collections.abc import AsyncIterator
 
 log = logging.getLogger(__name__)
@@ -25,6 +26,10 @@ log = logging.getLogger(__name__)
 # is no sign of too many moves; thousands of ready tasks make every sample late.
 LATE = 0.1
 ON_TIME = 0.03
+# The share of one core (the process's CPU time over the window's) above which the limit halves, and
+# under which (and the lag under ON_TIME) it grows again.
+BUSY = 0.9
+NOT_BUSY = 0.75
 # The sampling period, and how many samples make a window.
 SAMPLE_EVERY = 0.05
 WINDOW = 10
@@ -67,11 +72,11 @@ class AdaptiveLimit:
         self.active -= 1
         self._wake()
 
-    def adjust(self, lag: float) -> None:
-        """One window's lag: halve the limit when late, grow it when on time."""
-        if lag > LATE:
+    def adjust(self, lag: float, busy: float = 0.0) -> None:
+        """One window's lag and CPU use: halve the limit when saturated, grow it when keeping up."""
+        if lag > LATE or busy > BUSY:
             self.limit = max(self.minimum, self.limit // 2)
-        elif lag < ON_TIME and self.limit < self.maximum:
+        elif lag < ON_TIME and busy < NOT_BUSY and self.limit < self.maximum:
             self.limit = min(self.maximum, self.limit + max(1, self.maximum // 16))
             self._wake()
 
@@ -85,11 +90,13 @@ class AdaptiveLimit:
 
 
 class LoopLag:
-    """Samples how late the event loop wakes a sleeper, and hands each window's median to ``limit``."""
+    """Samples how late the event loop wakes a sleeper and how much CPU the process uses, and hands
+    each window's median lag and CPU share to ``limit``."""
 
     def __init__(self, limit: AdaptiveLimit) -> None:
         self.limit = limit
         self.lag = 0.0
+        self.busy = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -106,12 +113,15 @@ class LoopLag:
         loop = asyncio.get_running_loop()
         while True:
             samples = []
+            began, cpu = loop.time(), time.process_time()
             for _ in range(WINDOW):
                 due = loop.time() + SAMPLE_EVERY
                 await asyncio.sleep(SAMPLE_EVERY)
                 samples.append(loop.time() - due)
             self.lag = statistics.median(samples)
+            self.busy = (time.process_time() - cpu) / max(loop.time() - began, 1e-6)
             before = self.limit.limit
-            self.limit.adjust(self.lag)
+            self.limit.adjust(self.lag, self.busy)
             if self.limit.limit != before:
-                log.info("moves at once: %d (event loop %.0f ms late)", self.limit.limit, 1000 * self.lag)
+                log.info("moves at once: %d (event loop %.0f ms late, %.0f %% of a core)", self.limit.limit,
+                         1000 * self.lag, 100 * self.busy)

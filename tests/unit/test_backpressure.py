@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from hub.background.backpressure import LATE, ON_TIME, AdaptiveLimit, LoopLag
+from hub.background.backpressure import BUSY, LATE, NOT_BUSY, ON_TIME, AdaptiveLimit, LoopLag
 
 
 async def test_the_limit_halves_when_late_and_grows_back_when_on_time() -> None:
@@ -21,6 +21,16 @@ async def test_the_limit_halves_when_late_and_grows_back_when_on_time() -> None:
     for _ in range(100):
         limit.adjust(0.0)
     assert limit.limit == 32  # never above the configured concurrency
+
+
+async def test_a_saturated_process_halves_the_limit_even_with_an_event_loop_on_time() -> None:
+    limit = AdaptiveLimit(32)
+    limit.adjust(0.0, busy=BUSY + 0.05)
+    assert limit.limit == 16
+    limit.adjust(0.0, busy=(BUSY + NOT_BUSY) / 2)
+    assert limit.limit == 16  # busy, not saturated: kept
+    limit.adjust(0.0, busy=NOT_BUSY - 0.1)
+    assert limit.limit == 18
 
 
 async def test_no_more_run_at_once_than_the_limit_and_waiters_go_in_as_it_grows() -> None:
@@ -64,6 +74,6 @@ async def test_a_blocked_event_loop_lowers_the_limit() -> None:
             await asyncio.sleep(0)
             if limit.limit < 32:
                 break
-        assert limit.limit == 16 and lag.lag > LATE
+        assert limit.limit == 16 and (lag.lag > LATE or lag.busy > BUSY)
     finally:
         await lag.stop()

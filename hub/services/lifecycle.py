@@ -598,9 +598,15 @@ class ServiceManager:
                 async with self.db.session() as session:
                     await session.execute(delete(ContainerRegistryModel).where(ContainerRegistryModel.id == row.id))
                 self.placement.release(held)
-                if isinstance(exc, ControllerUnavailable) and target is None:
+                # Unreachable, or full after all (another replica took its last slot meanwhile, or
+                # containers the hub does not know of): the next best controller is tried.
+                full = isinstance(exc, ControllerRejected) and exc.code == "CAPACITY_EXCEEDED"
+                if (isinstance(exc, ControllerUnavailable) or full) and target is None:
                     tried.add(controller.id)
-                    self.placement.avoid(controller.id)
+                    if full:
+                        self.placement.unfit(controller.id)
+                    else:
+                        self.placement.avoid(controller.id)
                     last_error = exc
                     continue
                 raise

@@ -31,6 +31,9 @@ class Router(httpx.AsyncBaseTransport):
     def __init__(self) -> None:
         self.apps: dict[str, httpx.ASGITransport] = {}
         self.down: set[str] = set()
+        # Hosts whose creates are refused as a full controller refuses them (its last slot taken by
+        # something the hub has not seen yet: another replica's create, a container made by hand).
+        self.full: set[str] = set()
 
     def add(self, host: str, app: Any) -> None:
         self.apps[host] = httpx.ASGITransport(app=app)
@@ -39,6 +42,9 @@ class Router(httpx.AsyncBaseTransport):
         host = request.url.host
         if host in self.down or host not in self.apps:
             raise httpx.ConnectError(f"{host} is unreachable", request=request)
+        if host in self.full and request.method == "POST" and request.url.path == "/containers/":
+            return httpx.Response(409, json={"error": {"code": "CAPACITY_EXCEEDED",
+                                                       "message": "this controller runs its maximum of containers"}})
         return await self.apps[host].handle_async_request(request)
 
 

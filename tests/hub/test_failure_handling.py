@@ -248,3 +248,12 @@ async def test_a_controller_registered_at_another_controllers_url_touches_nothin
     container.reload()
     assert container.id == service["container_id"] and container.status == "running"
     assert (await cluster.hub.get(f"/api/services/{service['id']}")).json()["status"] == "running"
+
+
+async def test_a_create_refused_by_a_full_controller_goes_to_the_next_one(cluster: Cluster) -> None:
+    gpu, cpu1, cpu2 = cluster.controller_ids
+    cluster.router.full.add(cluster.hosts[cpu1])
+    r = await cluster.hub.post("/api/admin/repo/services", json=SPEC)
+    assert r.status_code == 201, r.text
+    assert r.json()["controller_id"] != cpu1 and r.json()["status"] == "running"
+    assert len(cluster.containers(**{"mmanager.service": r.json()["id"]})) == 1

@@ -381,7 +381,7 @@ class ServiceManager:
         self._owner_locks: defaultdict[int, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._service_locks: defaultdict[str, asyncio.Lock] = defaultdict(asyncio.Lock)
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._followers: set[asyncio.Task[None]] = set()
+        self._followers: set[asyncio.Task[Any]] = set()
         self.log_streams = LogStreamSlots(settings.max_log_streams, settings.max_log_streams_per_user)
 
     # ------------------------------------------------------------------ reads
@@ -427,20 +427,22 @@ class ServiceManager:
 
     # --------------------------------------------------------------- plumbing
 
-    def spawn(self, work: Awaitable[Any]) -> None:
-        """Run an operation in the background (``?wait=false``); errors are in its record."""
+    def spawn(self, work: Awaitable[Any], tasks: set[asyncio.Task[Any]] | None = None) -> None:
+        """Run an operation in the background (``?wait=false``; errors are in its record), or, held in
+        ``tasks`` instead of those shutdown waits for, a follow-up of one (``_follow_health``)."""
 
         async def guarded() -> None:
             try:
                 await work
             except HubError:
-                pass  # already recorded on the operation
+                pass  # already recorded on the operation (a follow-up's: it ends with nothing to record)
             except Exception:
                 log.exception("background operation crashed")
 
+        held = self._tasks if tasks is None else tasks
         task = asyncio.create_task(guarded())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        held.add(task)
+        task.add_done_callback(held.discard)
 
     async def _guarded(self, op: OperationModel, work: Awaitable[T]) -> T:
         """Run an operation's work; whatever escapes it (a database outage, a bug) still ends the
@@ -854,9 +856,9 @@ class ServiceManager:
     # ------------------------------------------- redeploy: update, rollback, migrate
 
     @staticmethod
-    async def _claim_epoch_in(session: AsyncSession, service_id: str, seen: int) -> int:
-        """Take the next epoch in the caller's transaction, or fail if another operation (maybe on
-        another replica) took it first."""
+    async def _claim_epoch_in(session: AsyncSession, service_id: str, seen: int) -> None:
+        """Take the next epoch (``seen + 1``) in the caller's transaction, or fail if another operation
+        (maybe on another replica) took it first."""
         claimed = await session.execute(
             update(ServiceModel)
             .where(ServiceModel.id == service_id, ServiceModel.epoch == seen)
@@ -865,7 +867,6 @@ class ServiceManager:
         )
         if claimed.rowcount != 1:  # type: ignore[attr-defined]
             raise Conflict("another operation changed the service meanwhile; retry", code="CONCURRENT_CHANGE")
-        return seen + 1
 
     async def _resume_or_deploy(self, service: ServiceModel, spec: ServiceSpec, exclude: frozenset[str],
                                 target: str | None, unfinished: Unfinished | None = None,
@@ -1001,10 +1002,7 @@ class ServiceManager:
         container_id = row.container_id
 
         async def follow() -> None:
-            try:
-                await self._await_healthy(controller, container_id, FAILOVER_HEALTH_WAIT, backoff=True)
-            except HubError:
-                return
+            await self._await_healthy(controller, container_id, FAILOVER_HEALTH_WAIT, backoff=True)
             now = utcnow()
             async with self.db.session() as session:
                 await session.execute(
@@ -1022,15 +1020,7 @@ class ServiceManager:
                     .execution_options(synchronize_session=False)
                 )
 
-        async def guarded() -> None:
-            try:
-                await follow()
-            except Exception as exc:  # only a quicker health report is lost
-                log.warning("could not follow the health of service %s: %s", service_id, exc)
-
-        task = asyncio.create_task(guarded(), name=f"health-{service_id}")
-        self._followers.add(task)
-        task.add_done_callback(self._followers.discard)
+        self.spawn(follow(), self._followers)
 
     @staticmethod
     async def _finalize(session: AsyncSession, fresh: ServiceModel, row: ContainerRegistryModel,

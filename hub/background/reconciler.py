@@ -78,7 +78,7 @@ class Reconciler(LoopService):
         self._moving_from: dict[str, str | None] = {}
         self._failures: dict[str, int] = {}
         self._not_before: dict[str, datetime] = {}
-        # Moves at once: at most MMANAGER_RECONCILE_CONCURRENCY, fewer while the event loop runs late
+        # Moves at once: at most MMANAGER_RECONCILE_CONCURRENCY, fewer while the hub is saturated
         # (hub.background.backpressure: a mass failover must not make heartbeats late).
         self.move_slots = AdaptiveLimit(settings.reconcile_concurrency)
         self._lag = LoopLag(self.move_slots)

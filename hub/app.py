@@ -28,6 +28,7 @@ from hub.controller_client import ControllerClient
 from hub.db import Database
 from hub.deps import Hub
 from hub.errors import HubError
+from hub.fastlane import FastLane
 from hub.metrics import HubMetrics
 from hub.models import new_id
 from hub.ratelimit import RateLimiter
@@ -86,8 +87,10 @@ def _dump_tasks_on_sigusr1() -> None:
 
 
 # What the database failing looks like: SQLAlchemy's wrapped errors, and what asyncpg raises unwrapped
-# (refused or reset connections, "the database system is starting up").
-DATABASE_ERRORS: tuple[type[BaseException], ...] = (DBAPIError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError)
+# (refused or reset connections, "the database system is starting up", a connection cut just before a
+# statement: "another operation is in progress").
+DATABASE_ERRORS: tuple[type[BaseException], ...] = (DBAPIError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
+                                                     asyncpg.exceptions.InternalClientError)
 
 
 def _caused_by(exc: BaseException | None, types: tuple[type[BaseException], ...]) -> bool:
@@ -219,6 +222,9 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.add_middleware(BodyLimit, limit_for=lambda scope: settings.max_heartbeat_bytes
                        if HEARTBEAT_PATH.match(scope["path"]) else settings.max_request_bytes)
     app.add_middleware(AuditMiddleware, record=AuditLog(hub.db).record, skip=skip_heartbeats)
+    # The status read skips the framework when it can (hub.fastlane); request ids still cover it.
+    build = app.build_middleware_stack
+    app.build_middleware_stack = lambda: FastLane(build(), hub)  # type: ignore[method-assign]
     install_request_ids(app)
     app.include_router(system.router)
     app.include_router(services.router)

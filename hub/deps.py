@@ -73,15 +73,6 @@ async def get_session(hub: HubDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
-async def get_reader(hub: HubDep) -> AsyncIterator[AsyncSession]:
-    async with hub.db.reader() as session:
-        yield session
-
-
-# A read-only handler's session: no transaction, one round trip per statement (``Database.reader``).
-ReaderDep = Annotated[AsyncSession, Depends(get_reader, scope="function")]
-
-
 def bearer(request: Request) -> str:
     header = request.headers.get("authorization", "")
     scheme, _, token = header.partition(" ")

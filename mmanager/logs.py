@@ -44,6 +44,8 @@ request_id_var: ContextVar[str | None] = ContextVar("mmanager_request_id", defau
 # Successful calls that come every few seconds from every controller, prober and scraper: their access
 # lines are dropped unless LOG_LEVEL is DEBUG.
 _ROUTINE = re.compile(r"^/(health|metrics|api/controllers/[^/?]+/heartbeat)(\?|$)")
+# The status read clients poll (a GET of one service; hub.fastlane), as routine as a health check.
+_POLL = re.compile(r"^/api/services/[^/?]+(\?|$)")
 
 
 class LogSettings(BaseSettings):
@@ -117,7 +119,7 @@ class _RequestIdFilter(logging.Filter):
 
 
 class _QuietRoutine(logging.Filter):
-    """Drops the access lines of successful health checks, scrapes and heartbeats above DEBUG."""
+    """Drops the access lines of successful health checks, scrapes, heartbeats and status polls above DEBUG."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.name != "uvicorn.access" or logging.getLogger().level <= logging.DEBUG:
@@ -125,7 +127,8 @@ class _QuietRoutine(logging.Filter):
         args = record.args
         # uvicorn's access record: (client, method, path with query, HTTP version, status).
         if isinstance(args, tuple) and len(args) == 5 and isinstance(args[4], int) and args[4] < 400:
-            return not _ROUTINE.match(str(args[2]))
+            path = str(args[2])
+            return not (_ROUTINE.match(path) or (args[1] == "GET" and _POLL.match(path)))
         return True
 
 

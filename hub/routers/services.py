@@ -10,7 +10,7 @@ from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select
 
-from hub.deps import CurrentUser, HubDep, ReaderDep, SessionDep
+from hub.deps import CurrentUser, HubDep, SessionDep
 from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel, utcnow
 from hub.routers.paging import Limit, Offset
 from hub.schemas import (
@@ -54,9 +54,9 @@ async def list_services(user: CurrentUser, hub: HubDep, session: SessionDep,
 
 
 @router.get("/services/{service_id}", response_model=ServiceOut)
-async def get_service(service_id: str, user: CurrentUser, hub: HubDep, session: ReaderDep) -> Response:
+async def get_service(service_id: str, user: CurrentUser, hub: HubDep) -> Response:
     # The status read every client polls: one statement, no transaction, the answer serialised once.
-    out = hub.services.to_out(await hub.services.get_for(session, user, service_id))
+    out = await hub.services.read(user, service_id)
     return Response(out.model_dump_json(), media_type="application/json")
 
 

@@ -32,11 +32,12 @@ import time
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from types import SimpleNamespace
 from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from pydantic import ValidationError
-from sqlalchemy import Text, case, cast, delete, func, insert, literal, select, update
+from sqlalchemy import Text, bindparam, case, cast, delete, func, insert, literal, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.config import HubSettings
@@ -71,6 +72,7 @@ from hub.scheduler.reconcile import UNSETTLED
 from hub.schemas import Endpoint, ServiceOut, ServicePatch, ServiceSpec
 from hub.services.controllers import ControllerRegistry, get_controller
 from hub.services.operations import OperationLog
+from hub.services.users import Identity
 from mmanager.logs import bind_request_id
 from mmanager.policy import PolicyViolation, check_spec
 from mmanager.streams import ClosingStream
@@ -393,12 +395,22 @@ class ServiceManager:
             raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
         return service
 
-    def to_out(self, service: ServiceModel) -> ServiceOut:
+    async def read(self, user: UserModel | Identity, service_id: str) -> ServiceOut:
+        """The status read every client polls: the service as the hub knows it, with its owner's name, in
+        one statement on a connection outside any transaction (no ORM session, no identity map)."""
+        row = await self.db.first(_READ, {"id": service_id})
+        if row is None or not (user.is_admin or row["owner_id"] == user.id):
+            raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
+        return self.to_out(SimpleNamespace(**row), owner=row["owner_name"])  # type: ignore[arg-type]
+
+    def to_out(self, service: ServiceModel, owner: str | None = None) -> ServiceOut:
+        """``service`` may be a row with the model's columns; ``owner``, the owner's name, then too."""
         endpoint = Endpoint.model_validate(service.endpoint) if service.endpoint else None
+        owner = owner if owner is not None else service.owner.username
         return ServiceOut(
             id=service.id,
             name=service.name,
-            owner=service.owner.username,
+            owner=owner,
             repo=service.repo,
             spec=service.spec,
             version=service.version,
@@ -409,15 +421,15 @@ class ServiceManager:
             container_id=service.container_id,
             epoch=service.epoch,
             endpoint=endpoint,
-            url=self._url(service, endpoint),
+            url=self._url(service, owner, endpoint),
             health=service.health,
             created_at=service.created_at,
             updated_at=service.updated_at,
         )
 
-    def _url(self, service: ServiceModel, endpoint: Endpoint | None) -> str | None:
+    def _url(self, service: ServiceModel, owner: str, endpoint: Endpoint | None) -> str | None:
         if self.settings.service_domain:
-            return f"http://{service.name}-{service.owner.username}.{self.settings.service_domain}"
+            return f"http://{service.name}-{owner}.{self.settings.service_domain}"
         if endpoint is None or service.status != "running":
             return None
         for port in endpoint.ports.values():
@@ -1400,3 +1412,11 @@ class ServiceManager:
                     return fresh
             await asyncio.sleep(0.2)
         return op
+
+
+# The status read's one statement (ServiceManager.read): built once, so its cache key is computed once.
+_READ = (
+    select(*ServiceModel.__table__.c, UserModel.username.label("owner_name"))
+    .join_from(ServiceModel, UserModel, ServiceModel.owner_id == UserModel.id)
+    .where(ServiceModel.id == bindparam("id"))
+)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
+from typing import NamedTuple
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -52,6 +53,15 @@ async def authenticate(session: AsyncSession, token: str) -> UserModel:
     return row.user
 
 
+class Identity(NamedTuple):
+    """A user as authentication knows it, without an ORM instance (``UserAuth.remembered``)."""
+
+    id: int
+    username: str
+    is_admin: bool
+    created_at: datetime
+
+
 class UserAuth:
     """Bearer tokens to users, remembered for ``ttl`` seconds (``MMANAGER_AUTH_CACHE_SECONDS``).
 
@@ -69,6 +79,13 @@ class UserAuth:
         self.db = db
         self.ttl = ttl
         self._known: dict[str, tuple[tuple[int, str, bool, datetime], float]] = {}
+
+    def remembered(self, token: str) -> Identity | None:
+        """Who ``token`` is, when it was accepted less than ``ttl`` ago; None otherwise (no database)."""
+        hit = self._known.get(hash_token(token))
+        if hit is not None and time.monotonic() - hit[1] < self.ttl:
+            return Identity(*hit[0])
+        return None
 
     async def authenticate(self, token: str) -> UserModel:
         digest = hash_token(token)

@@ -223,10 +223,14 @@ def test_routine_access_lines_are_dropped_above_debug(tmp_path: Path, restore_ro
     access = logging.getLogger("uvicorn.access")
     for level in ("INFO", "DEBUG"):
         setup_logging(LogSettings(LOG_FILE=str(path), LOG_FORMAT="json", LOG_LEVEL=level))
-        for target, status in (("/health", 200), ("/metrics", 200), ("/api/controllers/c1/heartbeat", 200),
-                               ("/api/controllers/c1/heartbeat", 401), ("/api/services", 200)):
-            access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", "GET", target, "1.1", status)
+        for method, target, status in (
+                ("GET", "/health", 200), ("GET", "/metrics", 200), ("POST", "/api/controllers/c1/heartbeat", 200),
+                ("POST", "/api/controllers/c1/heartbeat", 401), ("GET", "/api/services", 200),
+                ("GET", "/api/services/s1", 200), ("GET", "/api/services/s1", 404),
+                ("DELETE", "/api/services/s1", 204)):
+            access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", method, target, "1.1", status)
     lines = [json.loads(line)["message"] for line in path.read_text().splitlines()]
-    # At INFO: the refused heartbeat and the API call; at DEBUG: all five.
-    assert len(lines) == 2 + 5
-    assert 'heartbeat HTTP/1.1" 401' in lines[0] and "/api/services" in lines[1]
+    # At INFO: the refused heartbeat, the list, the status read that failed and the delete; at DEBUG: all eight.
+    assert len(lines) == 4 + 8
+    assert 'heartbeat HTTP/1.1" 401' in lines[0] and '"GET /api/services HTTP' in lines[1]
+    assert '/api/services/s1 HTTP/1.1" 404' in lines[2] and '"DELETE /api/services/s1' in lines[3]

@@ -1,0 +1,143 @@
+"""The status read's fast lane (hub.fastlane) on real PostgreSQL: it answers what the application
+would, byte for byte, and hands everything else (refusals, bodies, other methods, the rate limit, a
+database that went away) to the application, which answers and audits it as before."""
+
+from __future__ import annotations
+
+from typing import Any
+from urllib.parse import unquote
+
+import asyncpg
+import httpx
+from sqlalchemy.engine import make_url
+from starlette.types import Receive, Scope, Send
+
+from hub.app import create_app
+from hub.fastlane import FastLane
+from hub.ratelimit import RateLimiter
+from mmanager.images import EXAMPLE_IMAGE
+from tests.hub.conftest import Cluster
+
+SPEC = {"name": "polled", "image": EXAMPLE_IMAGE, "ports": {"5000": None}, "resources": {"memory_limit": "32MB"}}
+
+
+class Counting:
+    """The application behind the lane, counting the calls that reach it."""
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.calls: list[tuple[str, str]] = []
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            self.calls.append((scope["method"], scope["path"]))
+        await self.app(scope, receive, send)
+
+
+def lane_over(cluster: Cluster) -> tuple[httpx.AsyncClient, Counting]:
+    """A client through the lane in front of the hub's application (the parts the cluster runs)."""
+    app = create_app(cluster.parts.settings, hub=cluster.parts)
+    behind = Counting(app)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=FastLane(behind, cluster.parts)),
+                               base_url="http://hub", timeout=60)
+    return client, behind
+
+
+async def test_the_lane_answers_a_status_read_as_the_application_does(cluster: Cluster) -> None:
+    alice = await cluster.user("alice")
+    created = await cluster.hub.post("/api/alice/lab/services", json=SPEC, headers=alice)
+    assert created.status_code == 201, created.text
+    sid = created.json()["id"]
+    client, behind = lane_over(cluster)
+    async with client:
+        # The application's own answer (its route, dependencies and ORM), then the lane's.
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=behind.app), base_url="http://hub") as app:
+            direct = await app.get(f"/api/services/{sid}", headers=alice)
+        assert behind.calls == []
+        fast = await client.get(f"/api/services/{sid}", headers=alice)
+        assert behind.calls == []  # answered by the lane
+        assert fast.status_code == direct.status_code == 200
+        assert fast.content == direct.content
+        assert fast.headers["content-type"] == direct.headers["content-type"] == "application/json"
+        assert fast.headers["content-length"] == direct.headers["content-length"]
+        body = fast.json()
+        assert body["id"] == sid and body["owner"] == "alice" and body["status"] == "running"
+        assert body["spec"]["image"] == EXAMPLE_IMAGE and body["url"].startswith("http://")
+        # The list (the ORM's rows) says the same of it.
+        listed = (await cluster.hub.get("/api/services", headers=alice)).json()
+        assert [s for s in listed if s["id"] == sid] == [body]
+        # An admin sees it too: the first time through the application (a token this replica has not
+        # accepted yet), then through the lane.
+        admin = cluster.as_user(cluster.admin_token)
+        assert (await client.get(f"/api/services/{sid}", headers=admin)).json() == body
+        assert behind.calls == [("GET", f"/api/services/{sid}")]
+        assert (await client.get(f"/api/services/{sid}", headers=admin)).json() == body
+        assert len(behind.calls) == 1
+
+
+async def test_the_lane_hands_everything_else_to_the_application(cluster: Cluster) -> None:
+    alice = await cluster.user("alice")
+    bob = await cluster.user("bob")
+    sid = (await cluster.hub.post("/api/alice/lab/services", json=SPEC, headers=alice)).json()["id"]
+    await cluster.hub.get("/api/services", headers=bob)  # bob's token is known to the hub now
+    client, behind = lane_over(cluster)
+    async with client:
+        cases = [
+            ("GET", f"/api/services/{sid}", {}, None, 401, "UNAUTHORIZED"),
+            ("GET", f"/api/services/{sid}", {"Authorization": "Bearer not-a-token"}, None, 401, "UNAUTHORIZED"),
+            ("GET", f"/api/services/{sid}", bob, None, 404, "SERVICE_NOT_FOUND"),  # another user's
+            ("GET", "/api/services/no-such-service", alice, None, 404, "SERVICE_NOT_FOUND"),
+            ("GET", "/api/services/a%00b", alice, None, 422, "INVALID_VALUE"),  # PostgreSQL refuses NUL in text
+            ("GET", f"/api/services/{sid}", alice, b"x" * (2 << 20), 413, "PAYLOAD_TOO_LARGE"),
+            ("PATCH", f"/api/services/{sid}", alice, b'{"no_such_field": 1}', 422, "VALIDATION_ERROR"),
+            ("GET", f"/api/services/{sid}/history", alice, None, 200, None),
+        ]
+        for method, path, headers, body, status, code in cases:
+            before = len(behind.calls)
+            r = await client.request(method, path, headers=headers, content=body)
+            assert r.status_code == status, (method, path, r.text)
+            if code is not None:
+                assert r.json()["error"]["code"] == code
+            assert behind.calls[before:] == [(method, unquote(path))], (method, path)
+    # The application audited the refusals it answered, as ever (a 404 for bob, named as bob).
+    rows = (await cluster.hub.get("/api/admin/audit", params={"actor": "bob"})).json()
+    assert [(r["method"], r["path"], r["status_code"]) for r in rows] == [("GET", f"/api/services/{sid}", 404)]
+
+
+async def test_a_caller_over_the_rate_limit_is_refused_by_the_application(cluster: Cluster) -> None:
+    alice = await cluster.user("alice")
+    sid = (await cluster.hub.post("/api/alice/lab/services", json=SPEC, headers=alice)).json()["id"]
+    cluster.parts.limiter = RateLimiter(rate=0.01, burst=2)
+    try:
+        client, behind = lane_over(cluster)
+        async with client:
+            codes = [(await client.get(f"/api/services/{sid}", headers=alice)).status_code for _ in range(3)]
+            assert codes == [200, 200, 429]
+            # The two within the burst by the lane, the refusal by the application (with its Retry-After).
+            assert behind.calls == [("GET", f"/api/services/{sid}")]
+            r = await client.get(f"/api/services/{sid}", headers=alice)
+            assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
+            assert r.json()["error"]["code"] == "RATE_LIMITED"
+    finally:
+        cluster.parts.limiter = None
+
+
+async def test_status_reads_recover_at_once_when_the_database_cuts_every_connection(cluster: Cluster) -> None:
+    alice = await cluster.user("alice")
+    sid = (await cluster.hub.post("/api/alice/lab/services", json=SPEC, headers=alice)).json()["id"]
+    for _ in range(5):
+        assert (await cluster.hub.get(f"/api/services/{sid}", headers=alice)).status_code == 200
+    # What a restart of PostgreSQL does to the hub's pooled connections.
+    url = make_url(cluster.db.url)
+    admin = await asyncpg.connect(host=url.host, port=url.port, user=url.username, database=url.database)
+    try:
+        cut = await admin.fetchval(
+            "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+            "WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    finally:
+        await admin.close()
+    assert cut >= 1
+    # The lane's read finds its connection gone and hands the call over; the pool starts afresh.
+    codes = [(await cluster.hub.get(f"/api/services/{sid}", headers=alice)).status_code for _ in range(5)]
+    assert codes == [200] * 5
+    assert (await cluster.hub.get(f"/api/services/{sid}", headers=alice)).json()["id"] == sid

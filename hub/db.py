@@ -10,6 +10,7 @@ The hottest reads (the status read, ``/health``) skip the ORM: ``Database.first(
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any
@@ -19,6 +20,8 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.util import greenlet_spawn
+
+log = logging.getLogger(__name__)
 
 
 class Database:
@@ -48,7 +51,7 @@ class Database:
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         # Reads that need no transaction (``first`` on SQLite): no BEGIN or COMMIT around the statement.
         self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        # Statements ``first`` ran, compiled for the driver: (SQL, parameter names in order, their values when bound).
+        # Statements ``first`` ran, compiled for the driver (``_compile``).
         self._compiled: dict[Executable, tuple[str, tuple[str, ...], dict[str, Any]]] = {}
 
     @asynccontextmanager
@@ -65,10 +68,13 @@ class Database:
     async def first(self, statement: Executable, params: dict[str, Any]) -> Mapping[str, Any] | None:
         """The first row of a read that one statement answers, as a mapping, outside any transaction.
 
-        For the hottest reads (the status read): on PostgreSQL the statement, compiled once, goes straight
-        to asyncpg on a pooled connection (no SQLAlchemy connection, execution context or result around it:
-        a third of the read's cost; the driver's codecs are SQLAlchemy's, so JSON comes back decoded and
-        times as they are). A connection that failed is dropped from the pool, not handed out again.
+        For the hottest reads (the status read, ``/health``): on PostgreSQL the statement, compiled once, goes
+        straight to asyncpg on a pooled connection (no SQLAlchemy connection, execution context or result
+        around it: a third of the read's cost). What SQLAlchemy's types would do to values is skipped, so
+        only for statements whose columns need nothing done (strings, numbers, ``timestamptz``, JSON, which
+        the driver decodes with SQLAlchemy's codecs); no expanding (IN list) parameters. A connection that
+        fails as disconnected is dropped and the pool's older ones are replaced as they are next taken,
+        as SQLAlchemy does after a disconnect.
         """
         if self.is_sqlite:
             async with self.autocommit.connect() as conn:
@@ -76,44 +82,63 @@ class Database:
             return row._mapping if row is not None else None
         compiled = self._compiled.get(statement)
         if compiled is None:
-            done = statement.compile(dialect=self.engine.dialect)
-            compiled = self._compiled[statement] = (str(done), tuple(done.positiontup or ()), done.params)
-        sql, names, defaults = compiled
-        args = [params[name] if name in params else defaults[name] for name in names]
+            compiled = self._compiled[statement] = self._compile(statement)
+        sql, names, bound = compiled
+        args = []
+        for name in names:
+            if name in params:
+                args.append(params[name])
+            elif name in bound:
+                args.append(bound[name])
+            else:
+                raise KeyError(f"parameter {name!r} has no value")
         raw = await self.engine.raw_connection()
+        conn = raw.driver_connection
         try:
-            row = await raw.driver_connection.fetchrow(sql, *args)
+            row = await conn.fetchrow(sql, *args)
         except (TimeoutError, asyncio.CancelledError) as exc:
             # Cut off half-way: what the connection holds is unknown.
             await greenlet_spawn(raw.invalidate, exc)
             raise
         except BaseException as exc:
-            if _disconnect(exc):
-                await greenlet_spawn(raw.invalidate, exc)
-                # As SQLAlchemy does on a disconnect: every pooled connection is suspect (the server restarted),
-                # so the pool starts afresh and the next call gets a new one.
-                await self.engine.dispose(close=False)
+            if _disconnect(exc, conn):
+                log.warning("a database connection failed (%s): replacing the pool's connections",
+                            type(exc).__name__)
+                # SQLAlchemy's own handling of a disconnect (Connection._handle_dbapi_exception): this one is
+                # closed, and every connection opened before now is replaced when it is next taken.
+                await greenlet_spawn(self.engine.sync_engine.pool._invalidate, raw, exc)
             else:
                 await greenlet_spawn(raw.close)
             raise
         await greenlet_spawn(raw.close)
         return row
 
+    def _compile(self, statement: Executable) -> tuple[str, tuple[str, ...], dict[str, Any]]:
+        """(SQL for the driver, its parameter names in order, the values bound in the statement itself)."""
+        done = statement.compile(dialect=self.engine.dialect)
+        if any(bind.expanding for bind in done.binds.values()):
+            raise ValueError("Database.first takes no expanding (IN list) parameters")
+        bound = {name: bind.value for name, bind in done.binds.items() if not bind.required}
+        return str(done), tuple(done.positiontup or ()), bound
+
     async def dispose(self) -> None:
         await self.engine.dispose()
 
 
-def _disconnect(exc: BaseException) -> bool:
-    """Whether the connection may be unusable: anything but an error the server sent about the statement.
+def _disconnect(exc: BaseException, conn: Any) -> bool:
+    """Whether the connection is unusable after ``exc``, as opposed to the statement having failed.
 
-    A connection the server cut while it sat in the pool can fail as closed, reset, "terminating connection
-    due to administrator command", or, when the cut arrived just before the statement, with asyncpg's
-    ``InternalClientError`` ("another operation is in progress"): all of them drop it.
+    A connection the server cut while it sat in the pool fails as closed, reset, "terminating connection due
+    to administrator command", or, when the cut arrived just before the statement, with asyncpg's
+    ``InternalClientError`` ("another operation is in progress").
     """
-    if isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError)):
+    if isinstance(exc, (ValueError, asyncpg.exceptions.QueryCanceledError)):
+        # An argument asyncpg cannot encode (the input's fault); a statement timeout or a cancel.
+        return False
+    if isinstance(exc, (OSError, asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
+                        asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)):
         return True
-    # (asyncpg refusing to encode an argument is a ValueError: the input's fault, not the connection's.)
-    return not isinstance(exc, (asyncpg.PostgresError, ValueError))
+    return bool(conn.is_closed())
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

@@ -26,7 +26,7 @@ import re
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hub.deps import Hub
+from hub.deps import RATE_CHARGED, Hub
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +41,11 @@ class FastLane:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "GET":
-            found = _PATH.fullmatch(scope["path"])
+            path = scope["path"]
+            root = scope.get("root_path", "")
+            if root and path.startswith(root):
+                path = path[len(root):]  # as Starlette routes (behind a proxy's prefix)
+            found = _PATH.fullmatch(path)
             if found is not None:
                 body = await self._read(scope, found.group(1))
                 if body is not None:
@@ -53,25 +57,30 @@ class FastLane:
 
     async def _read(self, scope: Scope, service_id: str) -> bytes | None:
         """The answer's body, or None when the application must answer (see the module's text)."""
-        token = None
+        authorization = None
         for key, value in scope["headers"]:
-            if key == b"authorization":
-                scheme, _, rest = value.decode("latin-1").partition(" ")
-                if scheme.lower() == "bearer":
-                    token = rest.strip()
-            elif key in (b"content-length", b"transfer-encoding"):
+            if key in (b"content-length", b"transfer-encoding"):
                 return None  # a body: the application's limits decide what becomes of it
-        if not token:
+            if key == b"authorization" and authorization is None:
+                authorization = value  # the first, as the application reads it
+        if authorization is None:
+            return None
+        scheme, _, token = authorization.decode("latin-1").partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
             return None
         hub = self.hub
         user = hub.users.remembered(token)
         if user is None:
             return None
+        if hub.limiter is not None:
+            if hub.limiter.acquire(user.id):
+                return None  # refused (no token taken): the application refuses it again, with its 429
+            # Taken: if the application ends up answering, it must not take another.
+            scope.setdefault("state", {})[RATE_CHARGED] = True
         try:
             out = await hub.services.read(user, service_id)
         except Exception as exc:  # noqa: BLE001 - the application answers it, and logs what it must
             log.debug("the fast lane hands %s to the application: %s", scope["path"], type(exc).__name__)
             return None
-        if hub.limiter is not None and hub.limiter.acquire(user.id):
-            return None  # refused: the application refuses it again, with its 429 and audit row
         return out.model_dump_json().encode()

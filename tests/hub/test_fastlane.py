@@ -50,9 +50,15 @@ async def test_the_lane_answers_a_status_read_as_the_application_does(cluster: C
     sid = created.json()["id"]
     client, behind = lane_over(cluster)
     async with client:
-        # The application's own answer (its route, dependencies and ORM), then the lane's.
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=behind.app), base_url="http://hub") as app:
-            direct = await app.get(f"/api/services/{sid}", headers=alice)
+        # The route's own answer (the application's lane cannot answer while no token is remembered), then
+        # the lane's.
+        users = cluster.parts.users
+        ttl, users.ttl = users.ttl, 0
+        try:
+            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=behind.app), base_url="http://hub") as app:
+                direct = await app.get(f"/api/services/{sid}", headers=alice)
+        finally:
+            users.ttl = ttl
         assert behind.calls == []
         fast = await client.get(f"/api/services/{sid}", headers=alice)
         assert behind.calls == []  # answered by the lane
@@ -91,6 +97,12 @@ async def test_the_lane_hands_everything_else_to_the_application(cluster: Cluste
             ("GET", f"/api/services/{sid}", alice, b"x" * (2 << 20), 413, "PAYLOAD_TOO_LARGE"),
             ("PATCH", f"/api/services/{sid}", alice, b'{"no_such_field": 1}', 422, "VALIDATION_ERROR"),
             ("GET", f"/api/services/{sid}/history", alice, None, 200, None),
+            # Two Authorization headers: the first counts, as in the application.
+            ("GET", f"/api/services/{sid}", [("Authorization", "Basic eDp5"), ("Authorization", alice["Authorization"])],
+             None, 401, "UNAUTHORIZED"),
+            ("GET", f"/api/services/{sid}", [("Authorization", bob["Authorization"]),
+                                              ("Authorization", alice["Authorization"])], None, 404,
+             "SERVICE_NOT_FOUND"),
         ]
         for method, path, headers, body, status, code in cases:
             before = len(behind.calls)
@@ -99,27 +111,43 @@ async def test_the_lane_hands_everything_else_to_the_application(cluster: Cluste
             if code is not None:
                 assert r.json()["error"]["code"] == code
             assert behind.calls[before:] == [(method, unquote(path))], (method, path)
-    # The application audited the refusals it answered, as ever (a 404 for bob, named as bob).
+    # The application audited the refusals it answered, as ever (bob's two 404s, named as bob).
     rows = (await cluster.hub.get("/api/admin/audit", params={"actor": "bob"})).json()
-    assert [(r["method"], r["path"], r["status_code"]) for r in rows] == [("GET", f"/api/services/{sid}", 404)]
+    assert [(r["method"], r["path"], r["status_code"]) for r in rows] == [("GET", f"/api/services/{sid}", 404)] * 2
 
 
 async def test_a_caller_over_the_rate_limit_is_refused_by_the_application(cluster: Cluster) -> None:
     alice = await cluster.user("alice")
     sid = (await cluster.hub.post("/api/alice/lab/services", json=SPEC, headers=alice)).json()["id"]
-    cluster.parts.limiter = RateLimiter(rate=0.01, burst=2)
+    services = cluster.parts.services
+    reads: list[str] = []
+    read = services.read
+
+    async def counted(user: Any, service_id: str) -> Any:
+        reads.append(service_id)
+        return await read(user, service_id)
+
+    services.read = counted
+    cluster.parts.limiter = RateLimiter(rate=0.01, burst=3)
     try:
         client, behind = lane_over(cluster)
         async with client:
-            codes = [(await client.get(f"/api/services/{sid}", headers=alice)).status_code for _ in range(3)]
-            assert codes == [200, 200, 429]
-            # The two within the burst by the lane, the refusal by the application (with its Retry-After).
-            assert behind.calls == [("GET", f"/api/services/{sid}")]
+            paths = [f"/api/services/{sid}", f"/api/services/{sid}", "/api/services/missing"]
+            codes = [(await client.get(path, headers=alice)).status_code for path in paths]
+            assert codes == [200, 200, 404]
+            # A call the lane took a token for and handed on (a missing service) costs one token, not two.
+            assert (await client.get(f"/api/services/{sid}", headers=alice)).status_code == 429
+            # The two within the burst by the lane, the 404 and the refusal by the application; the refused
+            # call read nothing.
+            assert behind.calls == [("GET", "/api/services/missing"), ("GET", f"/api/services/{sid}")]
+            assert reads == [sid, sid, "missing", "missing"]
             r = await client.get(f"/api/services/{sid}", headers=alice)
             assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
             assert r.json()["error"]["code"] == "RATE_LIMITED"
+            assert len(reads) == 4
     finally:
         cluster.parts.limiter = None
+        del services.read
 
 
 async def test_status_reads_recover_at_once_when_the_database_cuts_every_connection(cluster: Cluster) -> None:
@@ -137,7 +165,16 @@ async def test_status_reads_recover_at_once_when_the_database_cuts_every_connect
     finally:
         await admin.close()
     assert cut >= 1
-    # The lane's read finds its connection gone and hands the call over; the pool starts afresh.
+    # The lane's read finds its connection gone and hands the call over; the pool replaces its connections.
     codes = [(await cluster.hub.get(f"/api/services/{sid}", headers=alice)).status_code for _ in range(5)]
     assert codes == [200] * 5
     assert (await cluster.hub.get(f"/api/services/{sid}", headers=alice)).json()["id"] == sid
+    # And no more connections than the pool keeps: the dropped ones were closed, not left open.
+    admin = await asyncpg.connect(host=url.host, port=url.port, user=url.username, database=url.database)
+    try:
+        open_now = await admin.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND pid <> pg_backend_pid()")
+    finally:
+        await admin.close()
+    pool = cluster.parts.db.engine.pool
+    assert open_now <= pool.size() + pool._max_overflow + 2  # (+ the fixture's own Database)

@@ -73,12 +73,18 @@ async def get_session(hub: HubDep) -> AsyncIterator[AsyncSession]:
 SessionDep = Annotated[AsyncSession, Depends(get_session, scope="function")]
 
 
-def bearer(request: Request) -> str:
-    header = request.headers.get("authorization", "")
+def bearer_token(header: str) -> str | None:
+    """The token of an ``Authorization`` header's value ``Bearer <token>``; None for anything else."""
     scheme, _, token = header.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
+    token = token.strip()
+    return token if scheme.lower() == "bearer" and token else None
+
+
+def bearer(request: Request) -> str:
+    token = bearer_token(request.headers.get("authorization", ""))
+    if token is None:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
-    return token.strip()
+    return token
 
 
 # Set in a request's state by hub.fastlane when it took the call's rate-limit token and then handed the call on.

@@ -26,7 +26,7 @@ import re
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from hub.deps import RATE_CHARGED, Hub
+from hub.deps import RATE_CHARGED, Hub, bearer_token
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +63,8 @@ class FastLane:
                 return None  # a body: the application's limits decide what becomes of it
             if key == b"authorization" and authorization is None:
                 authorization = value  # the first, as the application reads it
-        if authorization is None:
-            return None
-        scheme, _, token = authorization.decode("latin-1").partition(" ")
-        token = token.strip()
-        if scheme.lower() != "bearer" or not token:
+        token = bearer_token(authorization.decode("latin-1")) if authorization is not None else None
+        if token is None:
             return None
         hub = self.hub
         user = hub.users.remembered(token)

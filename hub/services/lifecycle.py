@@ -187,6 +187,13 @@ async def _insert_row_if_placeable(session: AsyncSession, row: ContainerRegistry
     return done.rowcount == 1  # type: ignore[attr-defined]
 
 
+def _require_visible(user: UserModel | Identity, owner_id: int | None, service_id: str) -> None:
+    """A service (owned by ``owner_id``; None: there is none) is seen by its owner and admins; for anyone
+    else it does not exist."""
+    if owner_id is None or not (user.is_admin or owner_id == user.id):
+        raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
+
+
 # A service's registry rows of creates begun and never finished, and the healthy controllers they are on.
 Unfinished = tuple[list[ContainerRegistryModel], dict[str, ControllerModel]]
 
@@ -391,16 +398,15 @@ class ServiceManager:
     async def get_for(self, session: AsyncSession, user: UserModel, service_id: str) -> ServiceModel:
         """The service, if ``user`` may see it; another user's service does not exist for them."""
         service = await session.get(ServiceModel, service_id)
-        if service is None or not (user.is_admin or service.owner_id == user.id):
-            raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
-        return service
+        _require_visible(user, service.owner_id if service is not None else None, service_id)
+        return service  # type: ignore[return-value]
 
     async def read(self, user: UserModel | Identity, service_id: str) -> ServiceOut:
         """The status read every client polls: the service as the hub knows it, with its owner's name, in
         one statement on a connection outside any transaction (no ORM session, no identity map)."""
         row = await self.db.first(_READ, {"id": service_id})
-        if row is None or not (user.is_admin or row["owner_id"] == user.id):
-            raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
+        _require_visible(user, row["owner_id"] if row is not None else None, service_id)
+        assert row is not None
         return self.to_out(SimpleNamespace(**row), owner=row["owner_name"])  # type: ignore[arg-type]
 
     def to_out(self, service: ServiceModel, owner: str | None = None) -> ServiceOut:

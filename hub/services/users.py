@@ -78,29 +78,30 @@ class UserAuth:
     def __init__(self, db: Database, ttl: float) -> None:
         self.db = db
         self.ttl = ttl
-        self._known: dict[str, tuple[tuple[int, str, bool, datetime], float]] = {}
+        self._known: dict[str, tuple[Identity, float]] = {}
+
+    def _fresh(self, digest: str, now: float) -> Identity | None:
+        hit = self._known.get(digest)
+        return hit[0] if hit is not None and now - hit[1] < self.ttl else None
 
     def remembered(self, token: str) -> Identity | None:
         """Who ``token`` is, when it was accepted less than ``ttl`` ago; None otherwise (no database)."""
-        hit = self._known.get(hash_token(token))
-        if hit is not None and time.monotonic() - hit[1] < self.ttl:
-            return Identity(*hit[0])
-        return None
+        return self._fresh(hash_token(token), time.monotonic())
 
     async def authenticate(self, token: str) -> UserModel:
         digest = hash_token(token)
         now = time.monotonic()
-        hit = self._known.get(digest)
-        if hit is not None and now - hit[1] < self.ttl:
-            return _detached(*hit[0])
+        who = self._fresh(digest, now)
+        if who is not None:
+            return _detached(*who)
         async with self.db.session() as session:
             found = await authenticate(session, token)
-            fields = (found.id, found.username, found.is_admin, found.created_at)
+            who = Identity(found.id, found.username, found.is_admin, found.created_at)
         if self.ttl > 0:
             if len(self._known) >= self.MAX_ENTRIES:
                 self._known.clear()
-            self._known[digest] = (fields, now)
-        return _detached(*fields)
+            self._known[digest] = (who, now)
+        return _detached(*who)
 
 
 def _detached(user_id: int, username: str, is_admin: bool, created_at: datetime) -> UserModel:

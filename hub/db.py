@@ -4,24 +4,116 @@ Request handlers get one session (``SessionDep``) that commits once when the
 handler returns. Lifecycle work that calls controllers commits in several short
 transactions instead (the pending operation must be durable before the
 controller is touched), so it opens its own sessions from ``Database.session()``.
-The hottest reads (the status read, ``/health``) skip the ORM: ``Database.first()``.
+The hottest paths skip the ORM: reads (the status read, ``/health``) through
+``Database.first()``, the create's writes through ``Database.transaction()``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, Protocol
 
 import asyncpg
-from sqlalchemy import event
-from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker, create_async_engine
+from sqlalchemy import Insert, Table, bindparam, event, insert
+from sqlalchemy.ext.asyncio import (
+    AsyncConnection,
+    AsyncEngine,
+    AsyncSession,
+    async_sessionmaker,
+    create_async_engine,
+)
 from sqlalchemy.sql.base import Executable
 from sqlalchemy.util import greenlet_spawn
 
 log = logging.getLogger(__name__)
+
+# What ``Database._compile`` keeps of a statement: its SQL for asyncpg, its parameter names in order, the values
+# bound in the statement itself, and the bind processors of the parameters whose type has one.
+_Compiled = tuple[str, tuple[str, ...], dict[str, Any], dict[str, Callable[[Any], Any]]]
+
+
+class Tx(Protocol):
+    """Core statements in one transaction: ``Database.transaction()``, or an ORM session's (``SessionTx``).
+
+    Statements are built once (module constants with ``bindparam``s) and given their values here.
+    """
+
+    async def execute(self, statement: Executable, params: Mapping[str, Any]) -> int:
+        """Run a statement; the number of rows it wrote."""
+        ...
+
+    async def first(self, statement: Executable, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        """The first row a statement answers (a SELECT, or a write with RETURNING), or None."""
+        ...
+
+
+_INSERTS: dict[Table, Insert] = {}
+
+
+async def insert_values(tx: Tx, table: Table, values: Mapping[str, Any]) -> None:
+    """Insert one row: ``values`` has every column but the table's autoincremented key (the database's)."""
+    statement = _INSERTS.get(table)
+    if statement is None:
+        statement = _INSERTS[table] = insert(table).inline().values(
+            {c.key: bindparam(c.key, type_=c.type) for c in table.columns if c is not table.autoincrement_column}
+        )
+    await tx.execute(statement, values)
+
+
+async def insert_row(tx: Tx, obj: Any) -> None:
+    """Insert an ORM object's row as it is (no unit of work, no identity map)."""
+    table = obj.__table__
+    await insert_values(tx, table, {c.key: getattr(obj, c.key) for c in table.columns
+                                    if c is not table.autoincrement_column})
+
+
+class CoreTx:
+    """``Tx`` on a SQLAlchemy connection (SQLite's ``Database.transaction()``)."""
+
+    def __init__(self, conn: AsyncConnection) -> None:
+        self.conn = conn
+
+    async def execute(self, statement: Executable, params: Mapping[str, Any]) -> int:
+        return int((await self.conn.execute(statement, dict(params))).rowcount)  # type: ignore[attr-defined]
+
+    async def first(self, statement: Executable, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        row = (await self.conn.execute(statement, dict(params))).first()
+        return row._mapping if row is not None else None
+
+
+class SessionTx:
+    """``Tx`` inside an ORM session's transaction, for the statements a session's work shares with a
+    ``Database.transaction()``'s."""
+
+    def __init__(self, session: AsyncSession) -> None:
+        self.session = session
+
+    async def execute(self, statement: Executable, params: Mapping[str, Any]) -> int:
+        return int((await self.session.execute(statement, dict(params))).rowcount)  # type: ignore[attr-defined]
+
+    async def first(self, statement: Executable, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        row = (await self.session.execute(statement, dict(params))).first()
+        return row._mapping if row is not None else None
+
+
+class _RawTx:
+    """``Tx`` straight through asyncpg (PostgreSQL's ``Database.transaction()``)."""
+
+    def __init__(self, db: Database, conn: asyncpg.Connection) -> None:
+        self.db = db
+        self.conn = conn
+
+    async def execute(self, statement: Executable, params: Mapping[str, Any]) -> int:
+        status: str = await self.conn.execute(*self.db._bind(statement, params))
+        # "INSERT 0 1", "UPDATE 3", "DELETE 0": the count is the last word.
+        last = status.rpartition(" ")[2]
+        return int(last) if last.isdigit() else 0
+
+    async def first(self, statement: Executable, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
+        return await self.conn.fetchrow(*self.db._bind(statement, params))
 
 
 class Database:
@@ -51,8 +143,8 @@ class Database:
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         # Reads that need no transaction (``first`` on SQLite): no BEGIN or COMMIT around the statement.
         self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
-        # Statements ``first`` ran, compiled for the driver (``_compile``).
-        self._compiled: dict[Executable, tuple[str, tuple[str, ...], dict[str, Any]]] = {}
+        # Statements run straight through asyncpg (``first``, ``transaction``), compiled for it (``_compile``).
+        self._compiled: dict[Executable, _Compiled] = {}
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -65,37 +157,58 @@ class Database:
                 await session.rollback()
                 raise
 
-    async def first(self, statement: Executable, params: dict[str, Any]) -> Mapping[str, Any] | None:
+    async def first(self, statement: Executable, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
         """The first row of a read that one statement answers, as a mapping, outside any transaction.
 
         For the hottest reads (the status read, ``/health``): on PostgreSQL the statement, compiled once, goes
         straight to asyncpg on a pooled connection (no SQLAlchemy connection, execution context or result
-        around it: a third of the read's cost). What SQLAlchemy's types would do to values is skipped, so
-        only for statements whose columns need nothing done (strings, numbers, ``timestamptz``, JSON, which
-        the driver decodes with SQLAlchemy's codecs); no expanding (IN list) parameters. A connection that
-        fails as disconnected is dropped and the pool's older ones are replaced as they are next taken,
-        as SQLAlchemy does after a disconnect.
+        around it: a third of the read's cost). Values go in through the columns' own bind processors; what
+        comes out is the driver's (strings, numbers, ``timestamptz``, JSON, which the driver decodes with
+        SQLAlchemy's codecs), so only for reads whose columns need nothing more done. No expanding (IN list)
+        parameters. A connection that fails as disconnected is dropped and the pool's older ones are
+        replaced as they are next taken, as SQLAlchemy does after a disconnect.
         """
         if self.is_sqlite:
             async with self.autocommit.connect() as conn:
                 row = (await conn.execute(statement, params)).first()
             return row._mapping if row is not None else None
-        compiled = self._compiled.get(statement)
-        if compiled is None:
-            compiled = self._compiled[statement] = self._compile(statement)
-        sql, names, bound = compiled
-        args = []
-        for name in names:
-            if name in params:
-                args.append(params[name])
-            elif name in bound:
-                args.append(bound[name])
-            else:
-                raise KeyError(f"parameter {name!r} has no value")
+        async with self._raw() as conn:
+            return await conn.fetchrow(*self._bind(statement, params))
+
+    @asynccontextmanager
+    async def transaction(self) -> AsyncIterator[Tx]:
+        """One transaction of Core statements (``Tx``), committed on success and rolled back on any error.
+
+        For the writes on the create path, the hub's busiest: on PostgreSQL each statement, compiled once,
+        goes straight to asyncpg (no ORM session, SQLAlchemy connection or result: most of a create's CPU
+        went there), with the same handling of a lost connection as ``first``. On SQLite a Core connection.
+        """
+        if self.is_sqlite:
+            async with self.engine.begin() as conn:
+                yield CoreTx(conn)
+            return
+        async with self._raw() as conn:
+            began = conn.transaction()
+            await began.start()
+            try:
+                yield _RawTx(self, conn)
+            except BaseException as exc:
+                if not isinstance(exc, TimeoutError | asyncio.CancelledError):  # those drop the connection (_raw)
+                    try:
+                        await began.rollback()
+                    except BaseException:
+                        conn.terminate()  # a connection that cannot roll back is not given back to the pool
+                raise
+            await began.commit()
+
+    @asynccontextmanager
+    async def _raw(self) -> AsyncIterator[asyncpg.Connection]:
+        """A pooled asyncpg connection, given back when done; dropped (and the pool's older ones with it)
+        when it failed as disconnected or was cut off half-way."""
         raw = await self.engine.raw_connection()
         conn = raw.driver_connection
         try:
-            row = await conn.fetchrow(sql, *args)
+            yield conn
         except (TimeoutError, asyncio.CancelledError) as exc:
             # Cut off half-way: what the connection holds is unknown.
             await greenlet_spawn(raw.invalidate, exc)
@@ -111,15 +224,36 @@ class Database:
                 await greenlet_spawn(raw.close)
             raise
         await greenlet_spawn(raw.close)
-        return row
 
-    def _compile(self, statement: Executable) -> tuple[str, tuple[str, ...], dict[str, Any]]:
-        """(SQL for the driver, its parameter names in order, the values bound in the statement itself)."""
-        done = statement.compile(dialect=self.engine.dialect)
+    def _bind(self, statement: Executable, params: Mapping[str, Any]) -> list[Any]:
+        """The statement's SQL for asyncpg and its arguments in order, through the columns' bind processors."""
+        compiled = self._compiled.get(statement)
+        if compiled is None:
+            compiled = self._compiled[statement] = self._compile(statement)
+        sql, names, bound, processors = compiled
+        args: list[Any] = [sql]
+        for name in names:
+            if name in params:
+                value = params[name]
+            elif name in bound:
+                value = bound[name]
+            else:
+                raise KeyError(f"parameter {name!r} has no value")
+            process = processors.get(name)
+            args.append(process(value) if process is not None and value is not None else value)
+        return args
+
+    def _compile(self, statement: Executable) -> _Compiled:
+        """(SQL for the driver, its parameter names in order, the values bound in the statement itself, the
+        bind processors of the parameters whose type has one)."""
+        dialect = self.engine.dialect
+        done = statement.compile(dialect=dialect)
         if any(bind.expanding for bind in done.binds.values()):
-            raise ValueError("Database.first takes no expanding (IN list) parameters")
+            raise ValueError("raw statements take no expanding (IN list) parameters")
         bound = {name: bind.value for name, bind in done.binds.items() if not bind.required}
-        return str(done), tuple(done.positiontup or ()), bound
+        processors = {name: process for name, bind in done.binds.items()
+                      if (process := bind.type.bind_processor(dialect)) is not None}
+        return str(done), tuple(done.positiontup or ()), bound, processors
 
     async def dispose(self) -> None:
         await self.engine.dispose()

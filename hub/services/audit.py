@@ -23,7 +23,7 @@ from typing import Any
 from sqlalchemy import Select, insert, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hub.db import Database
+from hub.db import Database, insert_values
 from hub.models import AuditModel
 from mmanager.audit import WIDTHS, clean_event, clean_text, event_line, result_of
 from mmanager.wire import AuditEvent
@@ -38,6 +38,7 @@ MAX_DETAILS = 4096
 # Successful heartbeats are not audited: one every 2 s per controller would drown everything else.
 # Refused ones are (a wrong key, a body that is not a heartbeat).
 HEARTBEAT_PATH = re.compile(r"^/api/controllers/[^/]+/heartbeat$")
+_AUDIT = AuditModel.__table__
 
 
 def skip_heartbeats(method: str, path: str, status: int) -> bool:
@@ -132,8 +133,8 @@ class AuditLog:
 
     async def _write(self, event: AuditEvent) -> None:
         try:
-            async with self.db.session() as session:
-                await insert_events(session, [event], HUB)
+            async with self.db.transaction() as tx:
+                await insert_values(tx, _AUDIT, _row(event, HUB))
         except Exception as exc:
             log.warning("audit event not written to the database (%s: %s): %s", type(exc).__name__, exc,
                         event_line(event, source=HUB))

@@ -37,12 +37,12 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from pydantic import ValidationError
-from sqlalchemy import Text, bindparam, case, cast, delete, func, insert, literal, select, update
+from sqlalchemy import Text, bindparam, case, cast, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.config import HubSettings
 from hub.controller_client import ControllerClient
-from hub.db import Database
+from hub.db import Database, SessionTx, Tx, insert_row
 from hub.errors import (
     Conflict,
     ControllerRejected,
@@ -129,26 +129,54 @@ async def _locked(session: AsyncSession, service_id: str) -> ServiceModel | None
     )
 
 
-async def _settle_row(session: AsyncSession, row: ContainerRegistryModel) -> bool:
+_REGISTRY = ContainerRegistryModel.__table__
+_SERVICES = ServiceModel.__table__
+_CONTROLLERS = ControllerModel.__table__
+_SETTLE_ROW = (
+    update(_REGISTRY)
+    .where(_REGISTRY.c.id == bindparam("row_id"), _REGISTRY.c.status != "stale")
+    .values(container_id=bindparam("container_id"), container_name=bindparam("container_name"),
+            status=bindparam("status"), updated_at=bindparam("updated_at"))
+    .returning(_REGISTRY.c.health)
+)
+
+
+# The create's end: its service pointing at the container, unless another operation got there first.
+_SETTLE_CREATED = (
+    update(_SERVICES)
+    .where(_SERVICES.c.id == bindparam("service_id"), _SERVICES.c.epoch == bindparam("at_epoch"),
+           _SERVICES.c.controller_id.is_(None))
+    .values({key: bindparam(key, type_=_SERVICES.c[key].type) for key in (
+        "controller_id", "container_id", "gpu_devices", "status", "endpoint", "status_message", "updated_at",
+        "health")})
+)
+_CLAIM_EPOCH = (
+    update(_SERVICES)
+    .where(_SERVICES.c.id == bindparam("service_id"), _SERVICES.c.epoch == bindparam("seen"))
+    .values(epoch=bindparam("next_epoch"), status="migrating", updated_at=bindparam("updated_at"))
+)
+# A create's count of its owner's services, and the id of one already named as the new one, under the
+# owner's row lock (NO KEY UPDATE: inserts that only reference the user are not held up).
+_LOCK_OWNER = select(UserModel.id).where(UserModel.id == bindparam("owner_id")).with_for_update(key_share=True)
+_OWNED = select(
+    func.count().label("count"),
+    func.max(case((ServiceModel.name == bindparam("name"), ServiceModel.id))).label("clash"),
+).where(ServiceModel.owner_id == bindparam("owner_id"))
+
+
+async def _settle_row(tx: Tx, row: ContainerRegistryModel) -> bool:
     """Record the created container on its reserved row, unless the row was superseded meanwhile.
 
     An explicit UPDATE rather than a merge: a merge would write back the row's old
     ``updated_at`` and could un-stale a row another operation retired. What a
     heartbeat already recorded on the row (its health) is kept and copied onto ``row``.
     """
-    found = (
-        await session.execute(
-            update(ContainerRegistryModel)
-            .where(ContainerRegistryModel.id == row.id, ContainerRegistryModel.status != "stale")
-            .values(container_id=row.container_id, container_name=row.container_name, status=row.status,
-                    updated_at=utcnow())
-            .returning(ContainerRegistryModel.health)
-            .execution_options(synchronize_session=False)
-        )
-    ).first()
+    found = await tx.first(_SETTLE_ROW, {"row_id": row.id, "container_id": row.container_id,
+                                         "container_name": row.container_name, "status": row.status,
+                                         "updated_at": utcnow()})
     if found is None:
         return False
-    row.health = found[0]
+    row.health = found["health"]
     return True
 
 
@@ -160,31 +188,22 @@ class _Superseded(Exception):
     """Raised inside a transaction to roll it back: another operation completed the service first."""
 
 
-def _values(obj: Any) -> dict[str, Any]:
-    """An ORM object's column values, for a Core INSERT (no unit of work, no identity map); a column left
-    unset gets its default (an autoincremented key its next value)."""
-    return {c.key: value for c in obj.__table__.columns if (value := getattr(obj, c.key)) is not None}
+_ROW_COLUMNS = [c.key for c in _REGISTRY.columns]
+# The registry row, inserted only while its controller is healthy, enabled and not draining.
+_INSERT_ROW_IF_PLACEABLE = insert(_REGISTRY).from_select(
+    _ROW_COLUMNS,
+    select(*(bindparam(key, type_=_REGISTRY.c[key].type).label(key) for key in _ROW_COLUMNS)).where(
+        _CONTROLLERS.c.id == bindparam("place_on"), _CONTROLLERS.c.status == "healthy",
+        _CONTROLLERS.c.enabled.is_(True), _CONTROLLERS.c.draining.is_(False),
+    ),
+)
 
 
-async def _insert(session: AsyncSession, obj: Any) -> None:
-    await session.execute(insert(obj.__table__).values(_values(obj)))
-
-
-async def _insert_row_if_placeable(session: AsyncSession, row: ContainerRegistryModel) -> bool:
+async def _insert_row_if_placeable(tx: Tx, row: ContainerRegistryModel) -> bool:
     """Insert the registry row only while its controller is healthy, enabled and not draining: the
     database has the last word on a decision made from the in-memory view."""
-    table = ContainerRegistryModel.__table__
-    values = _values(row)
-    c = ControllerModel
-    done = await session.execute(
-        insert(table).from_select(
-            list(values),
-            select(*(literal(v, table.c[k].type).label(k) for k, v in values.items())).where(
-                c.id == row.controller_id, c.status == "healthy", c.enabled.is_(True), c.draining.is_(False)
-            ),
-        )
-    )
-    return done.rowcount == 1  # type: ignore[attr-defined]
+    values = {key: getattr(row, key) for key in _ROW_COLUMNS}
+    return await tx.execute(_INSERT_ROW_IF_PLACEABLE, {**values, "place_on": row.controller_id}) == 1
 
 
 def _require_visible(user: UserModel | Identity, owner_id: int | None, service_id: str) -> None:
@@ -539,7 +558,7 @@ class ServiceManager:
             updated_at=now,
         )
 
-    async def _hold_row(self, session: AsyncSession, service: ServiceModel, spec: ServiceSpec, epoch: int,
+    async def _hold_row(self, tx: Tx, service: ServiceModel, spec: ServiceSpec, epoch: int,
                         exclude: frozenset[str], target: str | None, final: bool
                         ) -> tuple[ContainerRegistryModel, ControllerModel, Held]:
         """Choose a controller and insert its ``creating`` row in the caller's transaction; the hold is
@@ -550,7 +569,7 @@ class ServiceManager:
             decision, held = self._decide(self._request(spec, exclude | refused), target, final)
             row = self._new_row(service, spec, epoch, decision)
             try:
-                placeable = await _insert_row_if_placeable(session, row)
+                placeable = await _insert_row_if_placeable(tx, row)
             except BaseException:
                 self.placement.release(held)
                 raise
@@ -565,7 +584,7 @@ class ServiceManager:
 
     async def _reserve(self, service: ServiceModel, spec: ServiceSpec, exclude: frozenset[str],
                        target: str | None, epoch: int,
-                       write_first: Callable[[AsyncSession], Awaitable[None]] | None = None,
+                       write_first: Callable[[Tx], Awaitable[None]] | None = None,
                        ) -> tuple[ContainerRegistryModel, ControllerModel, Held]:
         """Choose a controller and hold a registry row on it (committed when this returns), in one
         transaction with what ``write_first`` writes (run again if a fresh view must be taken)."""
@@ -573,11 +592,10 @@ class ServiceManager:
             await self.placement.index(fresh=final)
             held: Held | None = None
             try:
-                async with self.db.session() as session:
+                async with self.db.transaction() as tx:
                     if write_first is not None:
-                        await write_first(session)
-                    row, controller, held = await self._hold_row(session, service, spec, epoch, exclude, target,
-                                                                 final)
+                        await write_first(tx)
+                    row, controller, held = await self._hold_row(tx, service, spec, epoch, exclude, target, final)
             except _LookAgain:
                 continue
             except BaseException:
@@ -704,13 +722,12 @@ class ServiceManager:
         # commit is finished by the reconciler at the same controller, idempotently (_resume_or_deploy).
         op: OperationModel | None = None
 
-        async def write_first(session: AsyncSession) -> None:
+        async def write_first(tx: Tx) -> None:
             nonlocal op
-            await session.execute(select(UserModel.id).where(UserModel.id == owner.id).with_for_update(key_share=True))
-            count, clash = (await session.execute(
-                select(func.count(), func.max(case((ServiceModel.name == spec.name, ServiceModel.id))))
-                .where(ServiceModel.owner_id == owner.id)
-            )).one()
+            await tx.first(_LOCK_OWNER, {"owner_id": owner.id})
+            found = await tx.first(_OWNED, {"owner_id": owner.id, "name": spec.name})
+            assert found is not None  # an aggregate answers one row
+            count, clash = found["count"], found["clash"]
             limit = self.settings.max_services_per_user
             if not owner.is_admin and count >= limit:
                 raise QuotaExceeded(
@@ -719,13 +736,13 @@ class ServiceManager:
                 )
             if clash is not None:
                 raise Conflict(f"service {spec.name!r} already exists (id {clash})", code="SERVICE_EXISTS")
-            await _insert(session, service)
-            await _insert(session, DeploymentHistoryModel(
+            await insert_row(tx, service)
+            await insert_row(tx, DeploymentHistoryModel(
                 service_id=service.id, version=1, spec=service.spec, image=spec.image,
                 reason="create", actor=user.username, created_at=now,
             ))
             op = self.ops.new("create", user.username, service_id=service.id, details={"epoch": 1, "version": 1})
-            await _insert(session, op)
+            await insert_row(tx, op)
 
         async with self._owner_locks[owner.id]:
             # The placement's row in the same transaction: it fails (and rolls all of it back) when nothing
@@ -780,20 +797,14 @@ class ServiceManager:
             # One transaction: the container on its row, the service pointing at it, the operation ended.
             # The service's UPDATE is conditional (its epoch, no container yet), as good as its row lock.
             try:
-                async with self.db.session() as session:
-                    if not await _settle_row(session, row):
+                async with self.db.transaction() as tx:
+                    if not await _settle_row(tx, row):
                         raise _Superseded
                     settled["health"] = row.health or "unknown"
-                    done = await session.execute(
-                        update(ServiceModel)
-                        .where(ServiceModel.id == service.id, ServiceModel.epoch == service.epoch,
-                               ServiceModel.controller_id.is_(None))
-                        .values(**settled)
-                        .execution_options(synchronize_session=False)
-                    )
-                    if done.rowcount != 1:  # type: ignore[attr-defined]
+                    if await tx.execute(_SETTLE_CREATED, {**settled, "service_id": service.id,
+                                                          "at_epoch": service.epoch}) != 1:
                         raise _Superseded
-                    await self.ops.finish_in(session, op, controller_id=controller.id, container_id=row.container_id)
+                    await self.ops.finish_in(tx, op, controller_id=controller.id, container_id=row.container_id)
             except _Superseded:
                 # Someone else finished (or deleted) this service meanwhile: ours would be a second copy.
                 await self._discard(controller.id, row)
@@ -874,16 +885,11 @@ class ServiceManager:
     # ------------------------------------------- redeploy: update, rollback, migrate
 
     @staticmethod
-    async def _claim_epoch_in(session: AsyncSession, service_id: str, seen: int) -> None:
+    async def _claim_epoch_in(tx: Tx, service_id: str, seen: int) -> None:
         """Take the next epoch (``seen + 1``) in the caller's transaction, or fail if another operation
         (maybe on another replica) took it first."""
-        claimed = await session.execute(
-            update(ServiceModel)
-            .where(ServiceModel.id == service_id, ServiceModel.epoch == seen)
-            .values(epoch=seen + 1, status="migrating", updated_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
-        if claimed.rowcount != 1:  # type: ignore[attr-defined]
+        if await tx.execute(_CLAIM_EPOCH, {"service_id": service_id, "seen": seen, "next_epoch": seen + 1,
+                                           "updated_at": utcnow()}) != 1:
             raise Conflict("another operation changed the service meanwhile; retry", code="CONCURRENT_CHANGE")
 
     async def _resume_or_deploy(self, service: ServiceModel, spec: ServiceSpec, exclude: frozenset[str],
@@ -924,8 +930,8 @@ class ServiceManager:
         # up when nothing can run the service, and a move costs one transaction less.
         epoch = service.epoch + 1
 
-        async def claim(session: AsyncSession) -> None:
-            await self._claim_epoch_in(session, service.id, service.epoch)
+        async def claim(tx: Tx) -> None:
+            await self._claim_epoch_in(tx, service.id, service.epoch)
 
         first = await self._reserve(service, spec, exclude, target, epoch, claim)
         row, controller, ports, status = await self._deploy(service, spec, epoch, exclude, target, first=first)
@@ -994,7 +1000,7 @@ class ServiceManager:
         async with self.db.session() as session:
             # Locked until commit: no other operation can claim an epoch between the check and the write.
             locked = await _locked(session, service.id)
-            superseded = locked is None or locked.epoch != epoch or not await _settle_row(session, row)
+            superseded = locked is None or locked.epoch != epoch or not await _settle_row(SessionTx(session), row)
             if superseded or locked is None:
                 fresh = None
             else:

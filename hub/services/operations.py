@@ -11,14 +11,23 @@ import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Select, select, update
+from sqlalchemy import Select, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hub.db import Database
+from hub.db import Database, Tx, insert_row
 from hub.metrics import HubMetrics
 from hub.models import OperationModel, new_id, utcnow
 
 log = logging.getLogger(__name__)
+
+_OPERATIONS = OperationModel.__table__
+# What an operation's end writes.
+_FINISHED = ("status", "error", "finished_at", "details", "controller_id", "container_id", "service_id")
+_FINISH = (
+    update(_OPERATIONS)
+    .where(_OPERATIONS.c.id == bindparam("op_id"))
+    .values({key: bindparam(key, type_=_OPERATIONS.c[key].type) for key in _FINISHED})
+)
 
 
 class OperationLog:
@@ -105,18 +114,18 @@ class OperationLog:
         **changes: Any,
     ) -> OperationModel:
         try:
-            async with self.db.session() as session:
-                await self.finish_in(session, op, error, **changes)
+            async with self.db.transaction() as tx:
+                await self.finish_in(tx, op, error, **changes)
         finally:
             self.active.discard(op.id)
         return self.finished(op)
 
-    async def finish_in(self, session: AsyncSession, op: OperationModel, error: str | None = None,
+    async def finish_in(self, tx: Tx, op: OperationModel, error: str | None = None,
                         **changes: Any) -> None:
         """End ``op`` inside the caller's transaction; call ``finished(op)`` once that committed.
 
-        One UPDATE by id (a merge would read the row first); an operation whose row is
-        not there (its beginning was rolled back) is inserted as it ends.
+        One UPDATE by id; an operation whose row is not there (its beginning was rolled
+        back) is inserted as it ends.
         """
         op.status = "failed" if error else "succeeded"
         op.error = error
@@ -127,15 +136,8 @@ class OperationLog:
                     op.details = {**op.details, **value}
             else:
                 setattr(op, key, value)
-        written = await session.execute(
-            update(OperationModel)
-            .where(OperationModel.id == op.id)
-            .values(status=op.status, error=op.error, finished_at=op.finished_at, details=op.details,
-                    controller_id=op.controller_id, container_id=op.container_id, service_id=op.service_id)
-            .execution_options(synchronize_session=False)
-        )
-        if written.rowcount != 1:  # type: ignore[attr-defined]
-            await session.merge(op)
+        if await tx.execute(_FINISH, {"op_id": op.id, **{key: getattr(op, key) for key in _FINISHED}}) != 1:
+            await insert_row(tx, op)
 
     def finished(self, op: OperationModel) -> OperationModel:
         """After ``finish_in``'s transaction committed: metrics and the log line."""

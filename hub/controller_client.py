@@ -85,7 +85,7 @@ class PoolPerController(httpx.AsyncBaseTransport):
     100 controllers; a pool per controller holds the few connections that controller's calls need.
     """
 
-    def __init__(self, verify: ssl.SSLContext, max_pools: int = 256, per_controller: int = 32,
+    def __init__(self, verify: ssl.SSLContext, max_pools: int = 256, per_controller: int = 200,
                  keepalive: int = 4) -> None:
         self._verify = verify
         self._max_pools = max_pools
@@ -135,6 +135,8 @@ class ControllerClient:
             # Controllers on https are verified against MMANAGER_TLS_CA (else the system store),
             # and the hub presents its own certificate for controllers that require one.
             transport=transport or PoolPerController(settings.tls.client_context()),
+            # For the transports httpx makes itself (a proxy from the environment).
+            verify=settings.tls.client_context(),
         )
         # The hub admits at most max_log_streams of them (hub.logstreams), so this pool never makes one wait.
         self.stream_http = httpx.AsyncClient(

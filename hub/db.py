@@ -200,8 +200,10 @@ class Database:
                 if not isinstance(exc, TimeoutError | asyncio.CancelledError):  # those drop the connection (_raw)
                     try:
                         await began.rollback()
-                    except BaseException:
+                    except BaseException as failed:
                         conn.terminate()  # a connection that cannot roll back is not given back to the pool
+                        if isinstance(failed, asyncio.CancelledError):
+                            raise  # the caller's cancellation, not the body's error
                 raise
             await began.commit()
 
@@ -224,6 +226,8 @@ class Database:
                 # SQLAlchemy's own handling of a disconnect (Connection._handle_dbapi_exception): this one is
                 # closed, and every connection opened before now is replaced when it is next taken.
                 await greenlet_spawn(self.engine.sync_engine.pool._invalidate, raw, exc)
+            elif conn.is_closed():
+                await greenlet_spawn(raw.invalidate, exc)  # closed here (a failed rollback): this one only
             else:
                 await greenlet_spawn(raw.close)
             raise

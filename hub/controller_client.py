@@ -130,13 +130,13 @@ class ControllerClient:
                  metrics: HubMetrics | None = None) -> None:
         self.settings = settings
         self.metrics = metrics
+        # Controllers on https are verified against MMANAGER_TLS_CA (else the system store), and the hub
+        # presents its own certificate for controllers that require one: one context for every pool.
+        tls = settings.tls.client_context()
         self.http = httpx.AsyncClient(
             timeout=httpx.Timeout(settings.controller_timeout, connect=5.0),
-            # Controllers on https are verified against MMANAGER_TLS_CA (else the system store),
-            # and the hub presents its own certificate for controllers that require one.
-            transport=transport or PoolPerController(settings.tls.client_context()),
-            # For the transports httpx makes itself (a proxy from the environment).
-            verify=settings.tls.client_context(),
+            transport=transport or PoolPerController(tls),
+            verify=tls,  # for the transports httpx makes itself (a proxy from the environment)
         )
         # The hub admits at most max_log_streams of them (hub.logstreams), so this pool never makes one wait.
         self.stream_http = httpx.AsyncClient(
@@ -145,7 +145,7 @@ class ControllerClient:
                 max_connections=settings.max_log_streams, max_keepalive_connections=min(settings.max_log_streams, 8)
             ),
             transport=transport,
-            verify=settings.tls.client_context(),
+            verify=tls,
         )
 
     async def aclose(self) -> None:

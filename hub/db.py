@@ -36,7 +36,7 @@ _Compiled = tuple[str, tuple[str, ...], dict[str, Any], dict[str, Callable[[Any]
 
 
 class Tx(Protocol):
-    """Core statements in one transaction: ``Database.transaction()``, or an ORM session's (``SessionTx``).
+    """Core statements in one transaction: ``Database.transaction()``, or an ORM session's (``CoreTx``).
 
     Statements are built once (module constants with ``bindparam``s) and given their values here.
     """
@@ -71,9 +71,10 @@ async def insert_row(tx: Tx, obj: Any) -> None:
 
 
 class CoreTx:
-    """``Tx`` on a SQLAlchemy connection (SQLite's ``Database.transaction()``)."""
+    """``Tx`` through SQLAlchemy: a Core connection (SQLite's ``Database.transaction()``, ``first``), or an
+    ORM session, for the statements a session's work shares with a ``Database.transaction()``'s."""
 
-    def __init__(self, conn: AsyncConnection) -> None:
+    def __init__(self, conn: AsyncConnection | AsyncSession) -> None:
         self.conn = conn
 
     async def execute(self, statement: Executable, params: Mapping[str, Any]) -> int:
@@ -81,21 +82,6 @@ class CoreTx:
 
     async def first(self, statement: Executable, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
         row = (await self.conn.execute(statement, dict(params))).first()
-        return row._mapping if row is not None else None
-
-
-class SessionTx:
-    """``Tx`` inside an ORM session's transaction, for the statements a session's work shares with a
-    ``Database.transaction()``'s."""
-
-    def __init__(self, session: AsyncSession) -> None:
-        self.session = session
-
-    async def execute(self, statement: Executable, params: Mapping[str, Any]) -> int:
-        return int((await self.session.execute(statement, dict(params))).rowcount)  # type: ignore[attr-defined]
-
-    async def first(self, statement: Executable, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
-        row = (await self.session.execute(statement, dict(params))).first()
         return row._mapping if row is not None else None
 
 
@@ -174,10 +160,9 @@ class Database:
         """
         if self.is_sqlite:
             async with self.autocommit.connect() as conn:
-                row = (await conn.execute(statement, params)).first()
-            return row._mapping if row is not None else None
+                return await CoreTx(conn).first(statement, params)
         async with self._raw() as conn:
-            return await conn.fetchrow(*self._bind(statement, params))
+            return await _RawTx(self, conn).first(statement, params)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:

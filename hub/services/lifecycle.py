@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.config import HubSettings
 from hub.controller_client import ControllerClient
-from hub.db import Database, SessionTx, Tx, insert_row
+from hub.db import CoreTx, Database, Tx, insert_row
 from hub.errors import (
     Conflict,
     ControllerRejected,
@@ -1000,7 +1000,7 @@ class ServiceManager:
         async with self.db.session() as session:
             # Locked until commit: no other operation can claim an epoch between the check and the write.
             locked = await _locked(session, service.id)
-            superseded = locked is None or locked.epoch != epoch or not await _settle_row(SessionTx(session), row)
+            superseded = locked is None or locked.epoch != epoch or not await _settle_row(CoreTx(session), row)
             if superseded or locked is None:
                 fresh = None
             else:

@@ -41,6 +41,17 @@ async def counts(cluster: Cluster) -> tuple[int, int]:
     return services or 0, registry or 0
 
 
+async def fill_the_quota(cluster: Cluster, path: str, headers: dict[str, str]) -> None:
+    """With one service made already: four more are created, the sixth is refused by
+    max_services_per_user (5) and writes nothing."""
+    for i in range(4):
+        r = await cluster.hub.post(path, json={**SPEC, "name": f"q{i}"}, headers=headers)
+        assert r.status_code == 201, r.text
+    r = await cluster.hub.post(path, json={**SPEC, "name": "q5"}, headers=headers)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "QUOTA_EXCEEDED"
+    assert await counts(cluster) == (5, 5)
+
+
 async def test_create_runs_the_container_where_placement_says(cluster: Cluster) -> None:
     alice = await cluster.user("alice")
     r = await cluster.hub.post("/api/alice/genomics/services", json=SPEC, headers=alice)
@@ -235,13 +246,7 @@ async def test_quota_and_tenancy(cluster: Cluster) -> None:
     assert (await cluster.hub.post("/api/alice/r/services", json={**SPEC, "name": "x"}, headers=bob)).status_code == 404
     assert (await cluster.hub.get("/api/admin/controllers", headers=bob)).status_code == 403
 
-    # max_services_per_user (5)
-    for i in range(4):
-        r = await cluster.hub.post("/api/alice/r/services", json={**SPEC, "name": f"q{i}"}, headers=alice)
-        assert r.status_code == 201, r.text
-    r = await cluster.hub.post("/api/alice/r/services", json={**SPEC, "name": "q5"}, headers=alice)
-    assert r.status_code == 409 and r.json()["error"]["code"] == "QUOTA_EXCEEDED"
-    assert await counts(cluster) == (5, 5)
+    await fill_the_quota(cluster, "/api/alice/r/services", alice)
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,7 @@ import pytest
 from hub.db import Database
 from hub.migrate import upgrade
 from tests.hub.conftest import Cluster
-from tests.hub.test_services_api import SPEC, counts
+from tests.hub.test_services_api import SPEC, counts, fill_the_quota
 
 
 @pytest.fixture
@@ -50,12 +50,7 @@ async def test_create_refusals_move_and_delete_on_sqlite(cluster: Cluster) -> No
     r = await cluster.hub.post("/api/alice/genomics/services", json=SPEC, headers=alice)
     assert r.status_code == 409 and r.json()["error"]["code"] == "SERVICE_EXISTS"
     assert await counts(cluster) == (1, 1)
-    for i in range(4):
-        r = await cluster.hub.post("/api/alice/genomics/services", json={**SPEC, "name": f"q{i}"}, headers=alice)
-        assert r.status_code == 201, r.text
-    r = await cluster.hub.post("/api/alice/genomics/services", json={**SPEC, "name": "q5"}, headers=alice)
-    assert r.status_code == 409 and r.json()["error"]["code"] == "QUOTA_EXCEEDED"
-    assert await counts(cluster) == (5, 5)
+    await fill_the_quota(cluster, "/api/alice/genomics/services", alice)
 
     # A move claims the next epoch and records the new copy where it was sent.
     target = next(c for c in cluster.controller_ids[1:] if c != service["controller_id"])

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
 import asyncpg
-from sqlalchemy import Insert, Table, bindparam, event, insert
+from sqlalchemy import ARRAY, ColumnElement, Insert, Table, any_, bindparam, event, insert
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -48,6 +48,22 @@ class Tx(Protocol):
     async def first(self, statement: Executable, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
         """The first row a statement answers (a SELECT, or a write with RETURNING), or None."""
         ...
+
+    async def all(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
+        """Every row a statement answers."""
+        ...
+
+    async def executemany(self, statement: Executable, rows: Sequence[Mapping[str, Any]]) -> None:
+        """Run a statement once for each of ``rows`` (their values), in one round trip where the driver can."""
+        ...
+
+
+def any_of(column: ColumnElement[Any], name: str, *, sqlite: bool) -> ColumnElement[bool]:
+    """``column`` equal to one of the list given as parameter ``name``: on PostgreSQL ``= ANY`` of an array
+    (one statement, compiled once, for lists of any length, as ``Tx`` statements must be), on SQLite an IN."""
+    if sqlite:
+        return column.in_(bindparam(name, expanding=True))
+    return column == any_(bindparam(name, type_=ARRAY(column.type)))
 
 
 _INSERTS: dict[Table, Insert] = {}
@@ -84,6 +100,13 @@ class CoreTx:
         row = (await self.conn.execute(statement, dict(params))).first()
         return row._mapping if row is not None else None
 
+    async def all(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
+        return (await self.conn.execute(statement, dict(params))).mappings().all()
+
+    async def executemany(self, statement: Executable, rows: Sequence[Mapping[str, Any]]) -> None:
+        if rows:
+            await self.conn.execute(statement, [dict(r) for r in rows])
+
 
 class _RawTx:
     """``Tx`` straight through asyncpg (PostgreSQL's ``Database.transaction()``)."""
@@ -100,6 +123,14 @@ class _RawTx:
 
     async def first(self, statement: Executable, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
         return await self.conn.fetchrow(*self.db._bind(statement, params))
+
+    async def all(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
+        return await self.conn.fetch(*self.db._bind(statement, params))
+
+    async def executemany(self, statement: Executable, rows: Sequence[Mapping[str, Any]]) -> None:
+        if rows:
+            binds = [self.db._bind(statement, r) for r in rows]
+            await self.conn.executemany(binds[0][0], [b[1:] for b in binds])
 
 
 class Database:
@@ -163,6 +194,14 @@ class Database:
                 return await CoreTx(conn).first(statement, params)
         async with self._raw() as conn:
             return await _RawTx(self, conn).first(statement, params)
+
+    async def all(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
+        """Every row of a read, outside any transaction, as ``first`` reads (the heartbeats' batches)."""
+        if self.is_sqlite:
+            async with self.autocommit.connect() as conn:
+                return await CoreTx(conn).all(statement, params)
+        async with self._raw() as conn:
+            return await _RawTx(self, conn).all(statement, params)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:

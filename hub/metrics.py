@@ -15,6 +15,7 @@ class HubMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
+        self._controller_series: dict[str, tuple[Gauge, ...]] = {}
         self.controller_up = Gauge("mmanager_controller_up", "1 when the controller is healthy", ["controller"], registry=r)
         self.containers_running = Gauge(
             "mmanager_containers_running", "Managed containers running, as the controller reports", ["controller"], registry=r
@@ -73,11 +74,17 @@ class HubMetrics:
         }
 
     def observe_controller(self, controller_id: str, up: bool, running: int, load: float, memory: float) -> None:
-        self.controller_up.labels(controller_id).set(1 if up else 0)
+        # Every controller's four series, each flush (twice a second): looked up once, not by labels() each time.
+        series = self._controller_series.get(controller_id)
+        if series is None:
+            series = self._controller_series[controller_id] = tuple(
+                g.labels(controller_id)
+                for g in (self.controller_up, self.containers_running, self.load_percentage, self.memory_usage_percent))
+        series[0].set(1 if up else 0)
         if up:
-            self.containers_running.labels(controller_id).set(running)
-            self.load_percentage.labels(controller_id).set(load)
-            self.memory_usage_percent.labels(controller_id).set(memory)
+            series[1].set(running)
+            series[2].set(load)
+            series[3].set(memory)
 
     def set_service_counts(self, counts: dict[str, int]) -> None:
         for status in SERVICE_STATUSES:

@@ -182,7 +182,28 @@ class ControllerKeyAuth:
         self._generation += 1
         self._reloading = None
 
-    async def _current(self) -> _Snapshot:
+    def remembered(self, controller_id: str, token: str) -> bool:
+        """Whether the snapshot alone accepts ``token`` for ``controller_id``: no database, nothing to log.
+
+        For the heartbeat's fast lane (hub.fastlane). False also when it cannot tell without the database
+        (a key it does not know, a snapshot too old) or would refuse, or on the shared key's first use (its
+        warning is ``authenticate``'s): the caller then asks ``authenticate``, which decides and says why.
+        """
+        snapshot = self._usable()
+        if snapshot is None:
+            return False
+        key = snapshot.by_hash.get(hash_token(token))
+        if key is not None:
+            if key.controller_id != controller_id or key.revoked:
+                return False
+            self._use(key.id)
+            return True
+        return (controller_id not in snapshot.owners
+                and (self.settings.dev_mode or controller_id in self._warned)
+                and self._is_shared_key(controller_id, token))
+
+    def _usable(self) -> _Snapshot | None:
+        """The snapshot, when fresh enough to decide by; a reload starts once it is older than the TTL."""
         ttl = self.settings.auth_cache_seconds
         snapshot = self._snapshot
         age = time.monotonic() - snapshot.taken
@@ -190,11 +211,16 @@ class ControllerKeyAuth:
             return snapshot
         if self._reloading is None or self._reloading.done():
             self._reloading = asyncio.create_task(self._reload())
-        if age < 2 * ttl:
-            # Slightly old: used while one reload runs for everyone (a reload failing leaves it as it is).
+        # Slightly old: used while one reload runs for everyone (a reload failing leaves it as it is).
+        return snapshot if age < 2 * ttl else None
+
+    async def _current(self) -> _Snapshot:
+        snapshot = self._usable()
+        if snapshot is not None:
             return snapshot
         # Never loaded, forgotten, or too old (the database was away): wait for the reload (its error,
         # the database's, is the caller's: a 503).
+        assert self._reloading is not None
         await asyncio.shield(self._reloading)
         return self._snapshot
 

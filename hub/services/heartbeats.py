@@ -38,7 +38,7 @@ from sqlalchemy.dialects.postgresql import insert as pg_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 
 from hub.config import HubSettings
-from hub.db import Database
+from hub.db import Database, any_of
 from hub.errors import HubError, InvalidRequest, NotFound, Overloaded
 from hub.metrics import HubMetrics
 from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel, utcnow
@@ -106,6 +106,12 @@ class HeartbeatIngest:
         self._waiting = 0
         self._arrived = asyncio.Event()
         self._taker: asyncio.Task[None] | None = None
+        # The statements of the steady state, built once (hub.db: compiled once, sent straight to the driver).
+        sqlite = db.is_sqlite
+        C = ControllerModel.__table__
+        self._known = select(C.c.id).where(any_of(C.c.id, "ids", sqlite=sqlite))
+        self._registry_rows = _rows_query(any_of(ContainerRegistryModel.__table__.c.controller_id, "ids", sqlite=sqlite))
+        self._controller_updates: dict[tuple[str, ...], Any] = {}
 
     @property
     def orphan_grace(self) -> float:
@@ -116,6 +122,11 @@ class HeartbeatIngest:
     async def authenticate(self, controller_id: str, token: str) -> None:
         """Whether ``token`` may speak for ``controller_id`` (hub.services.controller_keys)."""
         await self.keys.authenticate(controller_id, token)
+
+    def refuses(self, controller_id: str, heartbeat: Heartbeat) -> bool:
+        """Whether ``receive`` refuses this beat at once (before its batch): sent to another controller's
+        path, or too many beats waiting."""
+        return heartbeat.server_id != controller_id or self._waiting >= self.settings.heartbeat_backlog
 
     async def receive(self, controller_id: str, heartbeat: Heartbeat) -> HeartbeatAnswer:
         """Answer one pushed heartbeat (already authenticated), once its batch is committed."""
@@ -171,20 +182,46 @@ class HeartbeatIngest:
         ids = sorted({b.controller_id for b in batch})
         rows: dict[str, list[RegistryRow]] = {cid: [] for cid in ids}
         refused: dict[str, HubError] = {}
+        # The steady state (known controllers, nothing to store) is two reads straight through the driver
+        # (hub.db), however many beats: no ORM session, no transaction.
+        known = {r["id"] for r in await self.db.all(self._known, {"ids": ids})}
+        for r in await self.db.all(self._registry_rows, {"ids": ids}):
+            rows[r["controller_id"]].append(RegistryRow(
+                r["id"], r["service_id"], r["epoch"], r["container_id"], r["status"], r["health"],
+                r["health_restarts"], r["updated_at"]))
+        new: dict[str, Heartbeat] = {}
+        for b in batch:
+            if b.controller_id in known or b.controller_id in new:
+                continue
+            if not b.heartbeat.url:
+                refused[b.controller_id] = NotFound(
+                    f"controller {b.controller_id!r} is not registered and sent no url to register it",
+                    code="CONTROLLER_NOT_FOUND",
+                )
+            else:
+                new[b.controller_id] = b.heartbeat
+        shipping = [b for b in batch if b.heartbeat.audit and b.controller_id not in refused]
+        if new or shipping:
+            await self._store(new, {b.controller_id: b.arrived for b in batch}, shipping)
+        for b in batch:
+            if b.answer.done():
+                continue
+            if b.controller_id in refused:
+                b.answer.set_exception(refused[b.controller_id])
+                continue
+            hb = b.heartbeat
+            listed_at = b.arrived - timedelta(seconds=hb.listing_age + PUSH_LAG)
+            result = self.observe(b.controller_id, hb.health, hb.containers, rows[b.controller_id], pushed=True,
+                                  listed_at=listed_at, at=b.arrived)
+            b.answer.set_result(HeartbeatAnswer(
+                interval=self.pace.interval, grace=self.pace.grace, stop=result.stop))
+
+    async def _store(self, new: dict[str, Heartbeat], arrived: dict[str, datetime], shipping: list[_Beat]) -> None:
+        """In one transaction, committed before the beats are answered: register the controllers that are new,
+        and store what the controllers audited themselves (at most 1000 events a beat, the wire's bound), which
+        is what lets them drop those events. Under a savepoint each: events the database refuses never fail a
+        heartbeat (hub.services.audit.insert_shipped)."""
         async with self.db.session() as session:
-            known = set(await session.scalars(select(ControllerModel.id).where(ControllerModel.id.in_(ids))))
-            new: dict[str, Heartbeat] = {}
-            arrived = {b.controller_id: b.arrived for b in batch}
-            for b in batch:
-                if b.controller_id in known or b.controller_id in new:
-                    continue
-                if not b.heartbeat.url:
-                    refused[b.controller_id] = NotFound(
-                        f"controller {b.controller_id!r} is not registered and sent no url to register it",
-                        code="CONTROLLER_NOT_FOUND",
-                    )
-                else:
-                    new[b.controller_id] = b.heartbeat
             if new:
                 # A controller that knows the hub's key joins by beating (like a Nomad client); two replicas
                 # registering it at once both succeed.
@@ -198,26 +235,21 @@ class HeartbeatIngest:
                 for cid, hb in new.items():
                     log.info("controller %s registered itself at %s", cid, hb.url)
                 self._set_pace(self.pace.controllers + len(new))
-            for row in await session.execute(_rows_query(ContainerRegistryModel.controller_id.in_(ids))):
-                rows[row[0]].append(RegistryRow(*row[1:]))
-            # What the controllers audited themselves (at most 1000 a beat, the wire's bound); committed before
-            # the answers, which is what lets the controllers drop them. Under a savepoint each: events the
-            # database refuses never fail a heartbeat (hub.services.audit.insert_shipped).
-            for b in batch:
-                if b.heartbeat.audit and b.controller_id not in refused:
-                    await insert_shipped(session, b.heartbeat.audit, controller_source(b.controller_id))
-        for b in batch:
-            if b.answer.done():
-                continue
-            if b.controller_id in refused:
-                b.answer.set_exception(refused[b.controller_id])
-                continue
-            hb = b.heartbeat
-            listed_at = b.arrived - timedelta(seconds=hb.listing_age + PUSH_LAG)
-            result = self.observe(b.controller_id, hb.health, hb.containers, rows[b.controller_id], pushed=True,
-                                  listed_at=listed_at, at=b.arrived)
-            b.answer.set_result(HeartbeatAnswer(
-                interval=self.pace.interval, grace=self.pace.grace, stop=result.stop))
+            for b in shipping:
+                await insert_shipped(session, b.heartbeat.audit, controller_source(b.controller_id))
+
+    def _controller_update(self, sample: dict[str, Any]) -> Any:
+        """The UPDATE of controller rows by id that sets the columns of ``sample``: one per shape, built once."""
+        shape = tuple(sorted(sample))
+        statement = self._controller_updates.get(shape)
+        if statement is None:
+            table = ControllerModel.__table__
+            statement = self._controller_updates[shape] = (
+                update(table)
+                .where(table.c.id == bindparam("b_id"))
+                .values({key: bindparam(f"b_{key}", type_=table.c[key].type) for key in shape if key != "id"})
+            )
+        return statement
 
     def _insert_ignoring_conflicts(self, model: Any) -> Any:
         dialect_insert = sqlite_insert if self.db.is_sqlite else pg_insert
@@ -316,26 +348,29 @@ class HeartbeatIngest:
 
     async def _write(self, observations: dict[str, _Observation], updates: dict[str, tuple[RowUpdate, datetime]],
                      gone: set[str]) -> None:
-        async with self.db.session() as session:
-            known = set(
-                await session.scalars(select(ControllerModel.id).where(ControllerModel.id.in_(list(observations))))
-            ) if observations else set()
-            good, bad = [], []
-            for controller_id, obs in observations.items():
-                if controller_id not in known:
-                    continue
-                h = obs.health
-                if obs.error is None and h.status == "healthy":
-                    good.append({"id": controller_id, **healthy_fields(h, obs.at),
-                                 **({"last_push_at": obs.at} if obs.pushed else {})})
-                else:
-                    bad.append({"id": controller_id, "error_message": obs.error or h.error or "unhealthy",
-                                **({"last_push_at": obs.at} if obs.pushed else {})})
-            # One executemany per shape, however many controllers (rows gone meanwhile are skipped).
+        good, bad = [], []
+        now = utcnow()
+        for controller_id, obs in observations.items():
+            h = obs.health
+            if obs.error is None and h.status == "healthy":
+                row = {"id": controller_id, **healthy_fields(h, obs.at)}
+            else:
+                row = {"id": controller_id, "error_message": obs.error or h.error or "unhealthy"}
+            if obs.pushed:
+                row["last_push_at"] = obs.at
+            row["updated_at"] = now
+            (good if obs.error is None and h.status == "healthy" else bad).append(row)
+        if good or bad:
+            # One executemany per shape, however many controllers (rows gone meanwhile are skipped), in id order
+            # (the order of the locks); straight through the driver (hub.db).
             good.sort(key=lambda r: r["id"])
             bad.sort(key=lambda r: r["id"])
-            for batch in _same_keys(good) + _same_keys(bad):
-                await session.execute(_by_id(ControllerModel, batch[0]), [_bind(r) for r in batch])
+            async with self.db.transaction() as tx:
+                for batch in _same_keys(good) + _same_keys(bad):
+                    await tx.executemany(self._controller_update(batch[0]), [_bind(r) for r in batch])
+        if not (updates or gone):
+            return
+        async with self.db.session() as session:
             if updates:
                 # Locks are taken services first, then registry rows, each in id order: the order every
                 # lifecycle transaction uses too, so concurrent writers wait instead of deadlocking.
@@ -381,13 +416,6 @@ def _rows_query(where: Any) -> Any:
                   R.health_restarts, R.updated_at).where(where)
 
 
-def _by_id(model: Any, sample: dict[str, Any]) -> Any:
-    table = model.__table__
-    return (
-        update(table)
-        .where(table.c.id == bindparam("b_id"))
-        .values({key: bindparam(f"b_{key}") for key in sample if key != "id"})
-    )
 
 
 def _bind(row: dict[str, Any]) -> dict[str, Any]:

@@ -1,0 +1,165 @@
+"""The heartbeat's fast lane (hub.fastlane) and its writes straight through the driver, on real PostgreSQL and
+on SQLite (``mmanager dev``): a beat the lane answers gets the route's answer and is recorded as the route
+records it; everything else (a key it does not remember, a body it cannot take, a beat its batch refuses)
+reaches the application with the body as sent, and is answered and audited there once."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select
+
+from hub.app import build_hub, create_app
+from hub.config import HubSettings
+from hub.db import Database
+from hub.fastlane import FastLane
+from hub.migrate import upgrade
+from hub.models import AuditModel, ControllerModel
+from hub.services.users import create_user
+from tests.hub.conftest import KEY
+from tests.hub.test_controller_keys import CONTROLLERS, KeyHub, Unreachable
+from tests.hub.test_failure_handling import heartbeat
+from tests.hub.test_fastlane import Counting
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def database(request: pytest.FixtureRequest, db: Database, tmp_path: Path) -> AsyncIterator[Database]:
+    if request.param == "postgresql":
+        yield db
+        return
+    url = f"sqlite+aiosqlite:///{tmp_path / 'dev.db'}"
+    await asyncio.to_thread(upgrade, url)
+    sqlite = Database(url)
+    yield sqlite
+    await sqlite.dispose()
+
+
+@pytest.fixture
+async def lane(database: Database) -> AsyncIterator[tuple[KeyHub, Counting]]:
+    """A hub (its controllers registered, never reached) with a client through the lane in front of it; the
+    ``Counting`` records what the lane handed to the application."""
+    entries = [{"id": cid, "url": f"http://{cid}.test:8001"} for cid in CONTROLLERS]
+    settings = HubSettings(database_url=database.url, api_key=KEY, controllers=json.dumps(entries),
+                           max_heartbeat_bytes=64 * 1024, _env_file=None)
+    parts = build_hub(settings, db=Database(database.url), transport=Unreachable())
+    app = create_app(settings, hub=parts, run_loops=False)
+    behind = Counting(app)
+    async with app.router.lifespan_context(app):
+        async with database.session() as session:
+            _, token = await create_user(session, "root", is_admin=True)
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=FastLane(behind, parts)),
+                                     base_url="http://hub", headers={"Authorization": f"Bearer {token}"}) as client:
+            yield KeyHub(client, parts, database), behind
+
+
+async def test_the_lane_answers_a_beat_as_the_application_does_and_records_it(
+        lane: tuple[KeyHub, Counting]) -> None:
+    hub, behind = lane
+    key = (await hub.mint("ctl-x"))["key"]
+    path = "/api/controllers/ctl-x/heartbeat"
+    # The first beat after a key was minted: the snapshot is reloaded by the application's check.
+    direct = await hub.beat("ctl-x", key)
+    assert behind.calls[-1] == ("POST", path)
+    handed = len(behind.calls)
+    first_seen = await hub.last_heartbeat("ctl-x")
+    assert first_seen is not None
+
+    fast = await hub.beat("ctl-x", key, heartbeat("ctl-x", [], url=None))
+    assert len(behind.calls) == handed  # answered by the lane
+    assert fast.status_code == direct.status_code == 200
+    assert fast.content == direct.content
+    assert fast.headers["content-type"] == direct.headers["content-type"] == "application/json"
+    assert fast.json() == {"interval": 2.0, "grace": 6.0, "stop": []}
+    # Recorded: the controller's row says when it was heard, and what it reported.
+    seen = await hub.last_heartbeat("ctl-x")
+    assert seen > first_seen
+    async with hub.db.session() as session:
+        row = await session.get(ControllerModel, "ctl-x")
+    assert (row.status, row.max_containers, row.memory_usage_percent, row.cpu_cores) == ("healthy", 20, 50.0, 2)
+    assert row.health_data["version"] == "t" and row.last_push_at == seen
+    # The key's use is noted as the application notes it.
+    await hub.parts.ingest.flush()
+    [listed] = (await hub.client.get("/api/admin/controllers/ctl-x/keys")).json()
+    assert listed["last_used_at"] is not None
+
+
+async def test_the_lane_hands_everything_else_to_the_application(lane: tuple[KeyHub, Counting]) -> None:
+    hub, behind = lane
+    key = (await hub.mint("ctl-x"))["key"]
+    assert (await hub.beat("ctl-x", key)).status_code == 200  # the key is remembered from now on
+    auth = {"Authorization": f"Bearer {key}"}
+    shared = {"Authorization": f"Bearer {KEY}"}
+    big = json.dumps({**heartbeat("ctl-x", []), "pad": "x" * (70 * 1024)}).encode()
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield json.dumps(heartbeat("ctl-x", [])).encode()
+
+    cases: list[tuple[str, str, dict[str, str], Any, int, str | None]] = [
+        ("no key", "ctl-x", {"Authorization": ""}, heartbeat("ctl-x", []), 401, "UNAUTHORIZED"),
+        ("a wrong key", "ctl-x", {"Authorization": "Bearer mmc_wrong"}, heartbeat("ctl-x", []), 401,
+         "CONTROLLER_KEY_INVALID"),
+        ("another controller's key", "ctl-y", auth, heartbeat("ctl-y", []), 401, "CONTROLLER_KEY_INVALID"),
+        ("a body that is not JSON", "ctl-x", auth, b"{not json", 400, "MALFORMED_JSON"),
+        ("a body the wire refuses", "ctl-x", auth, {"server_id": "ctl-x"}, 422, "VALIDATION_ERROR"),
+        ("another controller's beat", "ctl-x", auth, heartbeat("ctl-y", []), 422, "SERVER_ID_MISMATCH"),
+        ("over MMANAGER_MAX_HEARTBEAT_BYTES", "ctl-x", auth, big, 413, "PAYLOAD_TOO_LARGE"),
+        # The shared key's first use for a controller is warned about by the application; the second
+        # time the lane takes it, and its batch refuses it: the application answers it again.
+        ("unknown, without a url", "edge-1", shared, heartbeat("edge-1", []), 404, "CONTROLLER_NOT_FOUND"),
+        ("unknown, without a url, again", "edge-1", shared, heartbeat("edge-1", []), 404, "CONTROLLER_NOT_FOUND"),
+        ("a chunked body", "ctl-x", auth, chunked, 200, None),
+    ]
+    for what, cid, headers, body, status, code in cases:
+        before = len(behind.calls)
+        if callable(body):
+            content = body()
+        elif isinstance(body, bytes):
+            content = body
+        else:
+            content = json.dumps(body).encode()
+        r = await hub.client.post(f"/api/controllers/{cid}/heartbeat", content=content,
+                                  headers={**headers, "Content-Type": "application/json"})
+        assert r.status_code == status, (what, r.text)
+        if code is not None:
+            assert r.json()["error"]["code"] == code, what
+        assert behind.calls[before:] == [("POST", f"/api/controllers/{cid}/heartbeat")], what
+
+    async with hub.db.session() as session:
+        assert await session.get(ControllerModel, "edge-1") is None
+        # Each refusal audited once, by the application.
+        audited = await session.scalar(select(func.count()).select_from(AuditModel).where(
+            AuditModel.path.like("/api/controllers/%/heartbeat")))
+    assert audited == sum(1 for case in cases if case[4] >= 400)
+    # A remembered key's beat still goes through the lane afterwards.
+    before = len(behind.calls)
+    assert (await hub.beat("ctl-x", key)).status_code == 200
+    assert len(behind.calls) == before
+
+
+async def test_a_controller_joins_by_beating_through_the_lane_with_what_it_audited(
+        lane: tuple[KeyHub, Counting]) -> None:
+    hub, behind = lane
+    # Without a url the application refuses it (and warns, once, of the shared key)...
+    r = await hub.beat("edge-3", KEY, heartbeat("edge-3", []))
+    assert (r.status_code, r.json()["error"]["code"]) == (404, "CONTROLLER_NOT_FOUND")
+    before = len(behind.calls)
+    # ...with one, the lane takes it, and its batch registers the controller and stores what it audited.
+    event = {"at": "2026-12-04T10:00:00Z", "actor": "root", "method": "POST", "path": "/containers/",
+             "status_code": 403, "error_code": "POLICY_DENIED"}
+    body = {**heartbeat("edge-3", [], url="http://edge-3.test:8001/"), "audit": [event]}
+    r = await hub.beat("edge-3", KEY, body)
+    assert r.status_code == 200, r.text
+    assert len(behind.calls) == before
+    async with hub.db.session() as session:
+        row = await session.get(ControllerModel, "edge-3")
+        shipped = list(await session.scalars(select(AuditModel).where(AuditModel.source == "controller:edge-3")))
+    assert row is not None and (row.url, row.server_type) == ("http://edge-3.test:8001", "cpu")
+    assert row.last_push_at is not None
+    assert [(a.method, a.path, a.status_code, a.error_code) for a in shipped] == \
+        [("POST", "/containers/", 403, "POLICY_DENIED")]

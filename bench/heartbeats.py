@@ -233,9 +233,11 @@ def main() -> None:
     parser.add_argument("--grace", type=float, default=6.0, help="MMANAGER_HEARTBEAT_GRACE")
     parser.add_argument("--max-rate", type=float, default=0.0,
                         help="MMANAGER_HEARTBEAT_MAX_RATE (default 0: off, so the hub takes the full offered load; "
-                             "the hub's own default stretches the interval past 250 beats a second)")
+                             "the hub's own default stretches the interval past 1000 beats a second)")
     parser.add_argument("--seconds", type=float, default=20.0)
-    parser.add_argument("--connections", type=int, default=64, help="simulator connections to the hub")
+    parser.add_argument("--connections", type=int, default=1024,
+                        help="simulator connections to the hub (real controllers each have their own; too few queue beats "
+                             "in the simulator past their timeout)")
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-seconds", type=int, default=15)
     parser.add_argument("--profile-at", type=int, help="the controller count to profile at (default: the largest)")

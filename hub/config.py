@@ -49,7 +49,7 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     heartbeat_grace: float = Field(default=6.0, gt=0)
     # Heartbeats a second the whole fleet may send (0: no limit): a fleet bigger than interval × this is
     # answered a longer interval and grace, stretched alike (hub.services.pace).
-    heartbeat_max_rate: float = Field(default=250.0, ge=0)
+    heartbeat_max_rate: float = Field(default=1000.0, ge=0)
     # Heartbeats received and not yet recorded past which new ones are answered 503 with Retry-After at once
     # (the controller tries again at its next beat) instead of queueing past the controllers' timeouts.
     heartbeat_backlog: int = Field(default=5000, ge=1)

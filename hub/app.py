@@ -180,7 +180,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
 
     async def on_lead(since: datetime) -> None:
         hub.reconciler = Reconciler(hub.db, settings, hub.services, hub.metrics, hub.replica_id, since,
-                                    pace=hub.ingest.pace)
+                                    ingest=hub.ingest)
         hub.reconciler.start()
         hub.poller.start()
 

@@ -11,7 +11,7 @@ reconciler loop applies the actions; tests feed snapshots and times directly.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
@@ -147,6 +147,9 @@ class Snapshot:
     moving_from: frozenset[str] = frozenset()
     # Controllers that still hold a registry row that is not stale (a create in flight counts).
     hosting: frozenset[str] = frozenset()
+    # When this replica last heard each controller (its beat arrived), whether or not that is written yet:
+    # a hub slow to record beats must not declare the controllers that sent them lost.
+    heard: Mapping[str, datetime] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -184,6 +187,8 @@ def compute(snapshot: Snapshot, now: datetime) -> list[Action]:
     draining: set[str] = set()
     for c in snapshot.controllers:
         heard = max(c.last_heartbeat_at or snapshot.leader_since, snapshot.leader_since)
+        if c.id in snapshot.heard:
+            heard = max(heard, snapshot.heard[c.id])
         silent = now - heard
         if silent > grace:
             lost.add(c.id)

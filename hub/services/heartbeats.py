@@ -30,7 +30,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from sqlalchemy import bindparam, case, delete, func, or_, select, update
@@ -68,6 +68,9 @@ PUSH_LAG = 1.0
 MAX_BATCH = 2000
 # Seconds between counts of the controllers, for the pace (a registration counts at once).
 PACE_EVERY = 5.0
+# How long this replica remembers when it last heard a controller (far longer than any grace).
+HEARD_KEPT = timedelta(hours=1)
+_NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 @dataclass
@@ -106,6 +109,9 @@ class HeartbeatIngest:
         self._waiting = 0
         self._arrived = asyncio.Event()
         self._taker: asyncio.Task[None] | None = None
+        # When each controller was last heard by this replica: a beat's arrival, before its batch or the flush
+        # records it (the reconciler counts silence from here too: hub.scheduler.reconcile.Snapshot.heard).
+        self.heard: dict[str, datetime] = {}
         # The statements of the steady state, built once (hub.db: compiled once, sent straight to the driver).
         sqlite = db.is_sqlite
         C = ControllerModel.__table__
@@ -135,11 +141,16 @@ class HeartbeatIngest:
                 f"heartbeat from {heartbeat.server_id!r} sent to the path of {controller_id!r}",
                 code="SERVER_ID_MISMATCH",
             )
+        arrived = utcnow()
+        if heartbeat.health.status == "healthy":
+            # Heard even when shed: the controller lives, only this hub is behind. (A controller that says it
+            # is unhealthy is not heard: its silence still counts, as its last_heartbeat_at stays.)
+            self.heard[controller_id] = arrived
         if self._waiting >= self.settings.heartbeat_backlog:
             self.metrics.heartbeats_shed.inc()
             raise Overloaded(f"the hub has {self._waiting} heartbeats waiting; beat again later",
                              retry_after=max(1, round(self.pace.interval)))
-        beat = _Beat(controller_id, heartbeat, utcnow(), asyncio.get_running_loop().create_future())
+        beat = _Beat(controller_id, heartbeat, arrived, asyncio.get_running_loop().create_future())
         self._inbox.append(beat)
         self._waiting += 1
         if self._taker is None or self._taker.done():
@@ -274,6 +285,8 @@ class HeartbeatIngest:
         """
         now = at or utcnow()
         listed_at = listed_at or now - timedelta(seconds=PUSH_LAG)
+        if health.status == "healthy" and now > self.heard.get(controller_id, _NEVER):
+            self.heard[controller_id] = now
         if not health.docker:
             # No fresh listing (Docker is down or hung): nothing can be judged missing, gone or orphan.
             self._observations[controller_id] = _Observation(now, health, pushed)
@@ -315,6 +328,9 @@ class HeartbeatIngest:
             count = await session.scalar(select(func.count()).select_from(ControllerModel)) or 0
         self._paced_at = time.monotonic()
         self._set_pace(count)
+        # Controllers not heard for an hour (deleted, or long gone) are forgotten.
+        forgotten = utcnow() - HEARD_KEPT
+        self.heard = {cid: at for cid, at in self.heard.items() if at > forgotten}
 
     def _set_pace(self, controllers: int) -> None:
         before = self.pace.interval

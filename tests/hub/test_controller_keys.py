@@ -7,6 +7,7 @@ run): only what they push matters."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -60,18 +61,26 @@ class KeyHub:
             return (await session.get(ControllerModel, controller_id)).last_heartbeat_at
 
 
-@pytest.fixture
-async def hub(db: Database) -> AsyncIterator[KeyHub]:
+@contextlib.asynccontextmanager
+async def key_hub(db: Database, **settings: Any) -> AsyncIterator[KeyHub]:
+    """A hub without its loops (``settings``: more of HubSettings), its controllers registered, never reached."""
     entries = [{"id": cid, "url": f"http://{cid}.test:8001"} for cid in CONTROLLERS]
-    settings = HubSettings(database_url=db.url, api_key=KEY, controllers=json.dumps(entries), _env_file=None)
-    parts = build_hub(settings, db=Database(db.url), transport=Unreachable())
-    app = create_app(settings, hub=parts, run_loops=False)
+    hub_settings = HubSettings(database_url=db.url, api_key=KEY, controllers=json.dumps(entries), _env_file=None,
+                               **settings)
+    parts = build_hub(hub_settings, db=Database(db.url), transport=Unreachable())
+    app = create_app(hub_settings, hub=parts, run_loops=False)
     async with app.router.lifespan_context(app):
         async with db.session() as session:
             _, token = await create_user(session, "root", is_admin=True)
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub",
                                      headers={"Authorization": f"Bearer {token}"}) as client:
             yield KeyHub(client, parts, db)
+
+
+@pytest.fixture
+async def hub(db: Database) -> AsyncIterator[KeyHub]:
+    async with key_hub(db) as found:
+        yield found
 
 
 async def test_a_key_is_shown_once_and_stored_as_its_hash_only(hub: KeyHub) -> None:

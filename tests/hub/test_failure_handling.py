@@ -120,7 +120,13 @@ async def test_unreachable_controller_fails_over_and_is_fenced_on_return(cluster
 
     now = await until(moved, 15, "failover to the other cpu controller")
     assert all(s["epoch"] == 2 for s in now)
-    ops = (await cluster.hub.get("/api/admin/operations", params={"operation": "failover"})).json()
+
+    async def ended() -> Any:
+        # A failover's operation ends just after its service reads moved (the old copies' removal is tried first).
+        ops = (await cluster.hub.get("/api/admin/operations", params={"operation": "failover"})).json()
+        return ops if all(o["status"] != "running" for o in ops) else None
+
+    ops = await until(ended, 5, "the failovers' operations ended")
     assert sorted(o["service_id"] for o in ops) == sorted(s["id"] for s in services)
     assert all(o["status"] == "succeeded" and o["details"]["reason"] == "controller_lost" for o in ops)
     assert (await cluster.hub.get(f"/api/admin/controllers/{cpu1}")).json()["status"] == "unhealthy"

@@ -103,6 +103,17 @@ def test_a_silent_controller_is_lost_after_the_grace_and_its_services_move_elsew
     assert not any(isinstance(a, Move) and a.service_id == "s2" for a in actions)
 
 
+def test_a_beat_heard_but_not_yet_written_keeps_its_controller() -> None:
+    # The table says a was last heard at 0 (the hub is behind on writing beats); this replica heard it at 12.
+    controllers = [healthy("a", last=0), healthy("b", last=0)]
+    snap = Snapshot(controllers, [svc("s1", "a"), svc("s2", "b")], T0, 6, heard={"a": at(12), "b": at(1)})
+    actions = compute(snap, at(16.5))
+    assert [a for a in actions if isinstance(a, MarkLost)] == [MarkLost("b", 15.5)]
+    assert [a.service_id for a in actions if isinstance(a, Move)] == ["s2"]
+    # Heard no later than the table says: the table decides.
+    assert MarkLost("a", 16.5) in compute(Snapshot(controllers, [], T0, 6, heard={"a": at(0)}), at(16.5))
+
+
 def test_a_fresh_leader_gives_every_controller_a_full_grace() -> None:
     # The hub was down for a minute: every heartbeat in the table is old.
     controllers = [healthy("a", last=0), healthy("b", last=0)]

@@ -112,6 +112,8 @@ class HeartbeatIngest:
         # When each controller was last heard by this replica: a beat's arrival, before its batch or the flush
         # records it (the reconciler counts silence from here too: hub.scheduler.reconcile.Snapshot.heard).
         self.heard: dict[str, datetime] = {}
+        # The longest a beat waited for its answer since ``longest_wait`` was last asked (moves yield to it).
+        self._longest_wait = 0.0
         # The statements of the steady state, built once (hub.db: compiled once, sent straight to the driver).
         sqlite = db.is_sqlite
         C = ControllerModel.__table__
@@ -153,6 +155,7 @@ class HeartbeatIngest:
         beat = _Beat(controller_id, heartbeat, arrived, asyncio.get_running_loop().create_future())
         self._inbox.append(beat)
         self._waiting += 1
+        began = time.monotonic()
         if self._taker is None or self._taker.done():
             self._taker = asyncio.create_task(self._take(), name="heartbeat-batches")
         self._arrived.set()
@@ -160,6 +163,12 @@ class HeartbeatIngest:
             return await beat.answer
         finally:
             self._waiting -= 1
+            self._longest_wait = max(self._longest_wait, time.monotonic() - began)
+
+    def longest_wait(self) -> float:
+        """The longest a beat waited for its answer (seconds) since the last call (hub.background.backpressure)."""
+        longest, self._longest_wait = self._longest_wait, 0.0
+        return longest
 
     async def close(self) -> None:
         if self._taker is not None:

@@ -56,12 +56,27 @@ def build_hub(settings: HubSettings, db: Database | None = None,
     ops = OperationLog(db, metrics, replica_id)
     controllers = ControllerRegistry(db, client, settings, metrics)
     manager = ServiceManager(db, client, controllers, ops, settings, metrics)
-    ingest = HeartbeatIngest(db, settings, metrics)
+    ingest = HeartbeatIngest(heartbeat_database(db), settings, metrics)
     poller = ControllerPoller(db, settings, client, ingest)
     limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
     users = UserAuth(db, settings.auth_cache_seconds)
     return Hub(settings, db, client, metrics, ops, controllers, manager, ingest, poller, replica_id, users,
                limiter=limiter)
+
+
+# The heartbeats' own connections (their batches' reads, the flush, the keys' snapshot, the monitor): at most
+# this many, plus as many again in a burst.
+HEARTBEAT_POOL = 4
+
+
+def heartbeat_database(db: Database) -> Database:
+    """A pool of the heartbeats' own on PostgreSQL (a bulkhead): a mass failover's moves can hold every
+    connection of the main pool at once, and a beat that waited behind them for a connection (its key's
+    snapshot reloaded, its batch read, its controller's row written) came late enough to get a live
+    controller declared lost. SQLite (``mmanager dev``) has one writer anyway: the same database."""
+    if db.is_sqlite:
+        return db
+    return Database(db.url, pool_size=HEARTBEAT_POOL, max_overflow=HEARTBEAT_POOL)
 
 
 def _error(status: int, code: str, message: str, details: Any = None,
@@ -214,6 +229,8 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
             await hub.services.shutdown()
             await hub.client.aclose()
             await hub.db.dispose()
+            if hub.ingest.db is not hub.db:
+                await hub.ingest.db.dispose()
 
     app = FastAPI(title="mManager hub", version=__version__, lifespan=lifespan)
     app.state.hub = hub

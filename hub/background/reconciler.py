@@ -397,7 +397,8 @@ class ControllerPoller(LoopService):
             )
             for c in listing
         ]
-        rows = await self.ingest.rows_for(controller_id)
+        # Through the poller's pool: up to POLL_CONCURRENCY polls at once must not queue the heartbeats' reads.
+        rows = await self.ingest.rows_for(controller_id, self.db)
         result = self.ingest.observe(controller_id, health, containers, rows, pushed=False, listed_at=listed_at)
         for order in result.stop:
             try:

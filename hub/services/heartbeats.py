@@ -279,8 +279,9 @@ class HeartbeatIngest:
         found = await session.execute(_rows_query(ContainerRegistryModel.controller_id == controller_id))
         return [RegistryRow(*r[1:]) for r in found]
 
-    async def rows_for(self, controller_id: str) -> list[RegistryRow]:
-        async with self.db.session() as session:
+    async def rows_for(self, controller_id: str, db: Database | None = None) -> list[RegistryRow]:
+        """The controller's registry rows, read through ``db`` (default: the heartbeats' own pool)."""
+        async with (db or self.db).session() as session:
             return await self._rows(session, controller_id)
 
     def observe(self, controller_id: str, health: ControllerHealth, containers: list[HeartbeatContainer],

@@ -1,6 +1,7 @@
 """Failure detection counts silence from when this hub heard a controller, not from when it got round to
 writing that down: a hub behind on recording beats (a mass failover taking its CPU, a slow database) must
-not declare the controllers that sent them lost, which would move their services for nothing."""
+not declare the controllers that sent them lost, which would move their services for nothing. And beats
+never wait for a database connection behind the moves: they have a pool of their own."""
 
 from __future__ import annotations
 
@@ -74,3 +75,24 @@ async def test_a_controller_that_says_it_is_unhealthy_is_not_heard(hub: KeyHub) 
             assert (await hub.beat(cid, KEY, body)).status_code == 200
     await reconciler.run_once()
     assert await statuses(hub) == {"ctl-x": "unhealthy", "ctl-y": "healthy", "ctl-z": "healthy"}
+
+
+async def test_beats_are_answered_while_the_main_pool_is_taken(hub: KeyHub) -> None:
+    """A mass failover's moves can hold every connection of the main pool; the heartbeats have their own."""
+    assert (await hub.beat("ctl-x", KEY)).status_code == 200  # the key is remembered
+    engine = hub.parts.db.engine
+    held = []
+    try:
+        for _ in range(engine.pool.size() + engine.pool._max_overflow):  # type: ignore[attr-defined]
+            held.append(await engine.connect())
+        began = asyncio.get_running_loop().time()
+        answered = await hub.beat("ctl-x", KEY)
+        assert answered.status_code == 200, answered.text
+        assert asyncio.get_running_loop().time() - began < 2  # not after the main pool's 10 s timeout
+        await hub.parts.ingest.flush()
+        async with hub.parts.ingest.db.session() as session:
+            seen = (await session.get(ControllerModel, "ctl-x")).last_heartbeat_at
+        assert utcnow() - seen < timedelta(seconds=2)
+    finally:
+        for conn in held:
+            await conn.close()

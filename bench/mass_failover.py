@@ -36,6 +36,7 @@ import asyncpg
 import psutil
 
 from bench.common import asyncpg_dsn, percentile, say
+from bench.heartbeats import _Cpu
 from bench.pyspy import Recording
 from bench.seed import Seeded, all_beating, seeded_hub
 from bench.sim import Simulator
@@ -93,7 +94,7 @@ async def outcome(conn: asyncpg.Connection, sim: Simulator, seeded: Seeded, dead
 
 async def measure(hub_url: str, db_url: str, sim: Simulator, seeded: Seeded, kill: int, *,
                   beat_timeout: float = 120.0, recover_timeout: float = 300.0, profile: Recording | None = None,
-                  pid: int | None = None) -> dict[str, Any]:
+                  pid: int | None = None, pg_pids: list[int] | None = None) -> dict[str, Any]:
     """Start ``sim``, wait until every controller beats, kill ``kill`` of them, time the recovery
     (and, with the hub's ``pid``, the CPU the hub used from the kill until the last service was back)."""
     conn = await asyncpg.connect(asyncpg_dsn(db_url))
@@ -111,6 +112,8 @@ async def measure(hub_url: str, db_url: str, sim: Simulator, seeded: Seeded, kil
             if profile is not None:
                 profile.start()
             cpu_before = _cpu(pid)
+            # The rest of this 2-core machine's load meanwhile: the simulator (this process) and PostgreSQL.
+            pg_cpu, sim_cpu_before = _Cpu(pg_pids or []), time.process_time()
             killed_at = time.time()
             sim.kill(dead)
             back: dict[str, float] = {}
@@ -127,6 +130,7 @@ async def measure(hub_url: str, db_url: str, sim: Simulator, seeded: Seeded, kil
                     marked.setdefault(r["id"], now)
                 await asyncio.sleep(POLL_EVERY)
             cpu_used = _cpu(pid) - cpu_before
+            others = {"simulator": time.process_time() - sim_cpu_before, "postgres": pg_cpu.used()}
             if profile is not None:
                 profile.stop()
             # Stale-copy cleanup and heartbeats settle: the moved copies' controllers report them.
@@ -150,6 +154,8 @@ async def measure(hub_url: str, db_url: str, sim: Simulator, seeded: Seeded, kil
         "marked_lost_max_s": round(max(marked.values()), 3) if marked else None,
         "after_lost_to_last_back_s": round(max(times) - max(marked.values()), 3) if times and marked else None,
         "hub_cpu_s": round(cpu_used, 2),
+        "simulator_cpu_s": round(others["simulator"], 2),
+        "postgres_cpu_s": round(others["postgres"], 2) if pg_pids else None,
         "operations": {k: int(v) for k, v in operations.items()},
         **result,
     }
@@ -187,7 +193,11 @@ def main() -> None:
     results: dict[str, Any] = {"interval_s": args.interval, "grace_s": args.grace,
                                "healthy_after_s": args.healthy_after, "runs": []}
     with ExitStack() as stack:
-        server = os.environ.get("MMANAGER_BENCH_DATABASE_URL") or stack.enter_context(local_cluster()).url
+        pg_pids: list[int] = []
+        server = os.environ.get("MMANAGER_BENCH_DATABASE_URL")
+        if not server:
+            cluster = stack.enter_context(local_cluster())
+            server, pg_pids = cluster.url, [int((cluster.data / "postmaster.pid").read_text().split()[0])]
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-failover-")))
         for count, services, kill in sizes:
             with seeded_hub(server, workdir / str(count), count, services, interval=args.interval,
@@ -196,7 +206,8 @@ def main() -> None:
                 recording = (Recording(hub.pid, args.profile_raw or workdir / "profile.txt", rate=100)
                              if args.profile and count == max(s[0] for s in sizes) else None)
                 run = asyncio.run(measure(hub.url, hub.db_url, hub.simulator(connections=args.connections), hub.seeded, kill,
-                                          beat_timeout=60 + count / 50, profile=recording, pid=hub.pid))
+                                          beat_timeout=60 + count / 50, profile=recording, pid=hub.pid,
+                                          pg_pids=pg_pids))
                 if recording is not None:
                     results["profile"] = {"controllers": count, **recording.summary(25)}
             results["runs"].append(run)
@@ -210,13 +221,15 @@ def main() -> None:
     print(f"\nheartbeat interval {args.interval:g} s, grace {args.grace:g} s, health check passes "
           f"{args.healthy_after:g} s after a start; baseline: {base['controllers']} controllers")
     print("| controllers | services | killed | affected | back p50 / p99 / max | × baseline (p50) "
-          "| marked lost p50 / max | lost → last back | hub CPU kill → last back | problems |")
+          "| marked lost p50 / max | lost → last back | CPU kill → last back: hub / postgres / simulator "
+          "| problems |")
     print("|---|---|---|---|---|---|---|---|---|---|")
     for r in results["runs"]:
         print(f"| {r['controllers']} | {r['services']} | {r['killed']} | {r['affected']} "
               f"| {r['recovery_p50_s']} / {r['recovery_p99_s']} / {r['recovery_max_s']} s "
               f"| {r.get('p50_vs_baseline')} | {r['marked_lost_p50_s']} / {r['marked_lost_max_s']} s "
-              f"| {r['after_lost_to_last_back_s']} s | {r['hub_cpu_s']} s | {r['problems']} |")
+              f"| {r['after_lost_to_last_back_s']} s | {r['hub_cpu_s']} / {r.get('postgres_cpu_s')} / "
+              f"{r.get('simulator_cpu_s')} s | {r['problems']} |")
     if "profile" in results:
         prof = results["profile"]
         print(f"\nhub profile during the recovery at {prof['controllers']} controllers ({prof['samples']} samples, "

@@ -61,11 +61,10 @@ from mmanager.wire import (
     HeartbeatAnswer,
     HeartbeatContainer,
     StopOrder,
+    answer_wait,
     seconds_since,
 )
 
-# Seconds one hub gets to answer a heartbeat: grace / 2, within these bounds.
-MIN_HTTP_TIMEOUT, MAX_HTTP_TIMEOUT = 1.0, 5.0
 # Seconds Docker gets to say what runs, per heartbeat.
 DOCKER_BUDGET = 4.0
 # Seconds stop() waits for the cancelled loop.
@@ -285,7 +284,7 @@ class HeartbeatAgent:
 
     async def _send_to(self, hub_url: str, body: dict[str, object]) -> HeartbeatAnswer:
         assert self._client is not None, "start() the agent first"
-        timeout = min(max(self.sync.grace / 2, MIN_HTTP_TIMEOUT), MAX_HTTP_TIMEOUT)
+        timeout = answer_wait(self.sync.grace)
         try:
             response = await self._client.post(
                 hub_url + self.path, json=body, timeout=timeout,

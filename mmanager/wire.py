@@ -226,6 +226,15 @@ class ErrorEnvelope(WireModel):
 
 # -- heartbeats: controller -> hub (POST /api/controllers/{id}/heartbeat) --------
 
+# Seconds a controller waits for a hub's answer to a heartbeat: half the grace, within these bounds.
+MIN_ANSWER_WAIT, MAX_ANSWER_WAIT = 1.0, 5.0
+
+
+def answer_wait(grace: float) -> float:
+    """How long a controller waits for a hub to answer a heartbeat, with ``grace`` the hub's last answer."""
+    return min(max(grace / 2, MIN_ANSWER_WAIT), MAX_ANSWER_WAIT)
+
+
 
 class ContainerUsage(WireModel):
     """The latest Docker stats sample of a running container (controller.stats), as ``docker stats``

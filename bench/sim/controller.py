@@ -58,6 +58,7 @@ from mmanager.wire import (
     HeartbeatAnswer,
     HeartbeatContainer,
     ServerType,
+    answer_wait,
     parse_memory,
 )
 
@@ -335,7 +336,7 @@ class SimController:
         sent = time.time()
         try:
             status, answer = await client.request("POST", self._path, body, {"authorization": self._auth},
-                                                  timeout=min(max(self.sync.grace / 2, 1.0), 5.0))
+                                                  timeout=answer_wait(self.sync.grace))
         except ClientError:
             self.beats_failed += 1
             self.failures["no answer"] += 1

@@ -56,6 +56,7 @@ from mmanager.wire import (
     Heartbeat,
     HeartbeatAnswer,
     HeartbeatContainer,
+    answer_wait,
 )
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class HeartbeatIngest:
         # When each controller was last heard by this replica: a beat's arrival, before its batch or the flush
         # records it (the reconciler counts silence from here too: hub.scheduler.reconcile.Snapshot.heard).
         self.heard: dict[str, datetime] = {}
-        # The longest a beat waited for its answer since ``longest_wait`` was last asked (moves yield to it).
+        # The longest a beat waited for its answer since ``lateness`` was last asked (moves yield to it).
         self._longest_wait = 0.0
         # The statements of the steady state, built once (hub.db: compiled once, sent straight to the driver).
         sqlite = db.is_sqlite
@@ -165,10 +166,12 @@ class HeartbeatIngest:
             self._waiting -= 1
             self._longest_wait = max(self._longest_wait, time.monotonic() - began)
 
-    def longest_wait(self) -> float:
-        """The longest a beat waited for its answer (seconds) since the last call (hub.background.backpressure)."""
+    def lateness(self) -> float:
+        """The longest a beat waited for its answer since the last call, as a share of how long its controller
+        waits for one (``mmanager.wire.answer_wait``; 1: it gave up): moves yield to it
+        (hub.background.backpressure)."""
         longest, self._longest_wait = self._longest_wait, 0.0
-        return longest
+        return longest / answer_wait(self.pace.grace)
 
     async def close(self) -> None:
         if self._taker is not None:

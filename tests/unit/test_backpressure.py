@@ -44,11 +44,11 @@ async def test_a_saturated_process_halves_the_limit_even_with_an_event_loop_on_t
 
 async def test_late_heartbeats_halve_the_limit_whatever_the_loop_and_cpu_say() -> None:
     limit = AdaptiveLimit(32)
-    limit.adjust(0.0, busy=0.1, beat_wait=BEAT_LATE * 2)
+    limit.adjust(0.0, busy=0.1, beat_late=BEAT_LATE * 2)
     assert limit.limit == 16
-    limit.adjust(0.0, busy=0.1, beat_wait=(BEAT_LATE + BEAT_ON_TIME) / 2)
+    limit.adjust(0.0, busy=0.1, beat_late=(BEAT_LATE + BEAT_ON_TIME) / 2)
     assert limit.limit == 16  # answered a little late: kept
-    limit.adjust(0.0, busy=0.1, beat_wait=BEAT_ON_TIME / 2)
+    limit.adjust(0.0, busy=0.1, beat_late=BEAT_ON_TIME / 2)
     assert limit.limit == 18
 
 
@@ -62,7 +62,7 @@ async def test_the_sampler_asks_the_heartbeats_how_long_they_waited() -> None:
             await asyncio.sleep(0.05)
             if limit.limit < 32:
                 break
-        assert limit.limit == 16 and lag.waited == BEAT_LATE * 3
+        assert limit.limit == 16 and lag.late == BEAT_LATE * 3
     finally:
         await lag.stop()
 

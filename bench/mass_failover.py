@@ -14,7 +14,7 @@ database names), no service is left on a dead controller, and no other service m
 The baseline, measured in the same run, is the small size (100 controllers, 10 killed).
 
     python -m bench.mass_failover [--sizes 100:200:10,10000:20000:1000] [--interval 2] [--grace 6]
-        [--connections 1024] [--workdir DIR] [--profile [--profile-raw FILE]]
+        [--connections 2048] [--workdir DIR] [--profile [--profile-raw FILE]]
 
 ``--profile`` records the hub with py-spy (``bench.pyspy``) from the kill until the last service is
 back, at the largest size, and prints where its time went.
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("--healthy-after", type=float, default=0.2,
                         help="seconds from a container's start to its health check passing")
     parser.add_argument("--profile", action="store_true", help="py-spy on the hub during the largest recovery")
-    parser.add_argument("--connections", type=int, default=1024,
+    parser.add_argument("--connections", type=int, default=2048,
                         help="the simulator's connections to the hub, for all heartbeats (real controllers have one "
                              "each: too few, and beats queue in the simulator until they time out)")
     parser.add_argument("--workdir", type=Path, help="keep the hubs' logs there (default: a temporary directory)")

@@ -6,10 +6,7 @@ declared lost, which means more moves: a collapse. So moves run at most ``limit`
 that halves while the hub is saturated and grows back while it keeps up (additive increase,
 multiplicative decrease, as TCP's congestion window does). Saturated: the process used more than
 ``BUSY`` of a core over the last half second (work then queues: every request waits longer), or the
-event loop ran late, a short sleep waking up much later than asked (``LoopLag``), or a heartbeat
-waited for its answer longer than ``BEAT_LATE`` of the time its controller waits for one, whatever held
-it up (a database slowed by the moves' writes, a machine whose cores the hub shares): the heartbeats
-themselves say they are late.
+event loop ran late, a short sleep waking up much later than asked (``LoopLag``).
 """
 
 from __future__ import annotations
@@ -20,7 +17,7 @@ import contextlib
 import logging
 import statistics
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 log = logging.getLogger(__name__)
 
@@ -33,11 +30,6 @@ ON_TIME = 0.03
 # under which (and the lag under ON_TIME) it grows again.
 BUSY = 0.9
 NOT_BUSY = 0.75
-# The longest wait of a heartbeat for its answer in a window, as a share of how long its controller waits
-# for one (half the grace, 1 to 5 s: mmanager.wire.answer_wait), above which the limit halves, and under
-# which (with the rest on time) it grows again.
-BEAT_LATE = 1.0 / 3
-BEAT_ON_TIME = 0.15
 # The sampling period, and how many samples make a window.
 SAMPLE_EVERY = 0.05
 WINDOW = 10
@@ -80,12 +72,11 @@ class AdaptiveLimit:
         self.active -= 1
         self._wake()
 
-    def adjust(self, lag: float, busy: float = 0.0, beat_late: float = 0.0) -> None:
-        """One window's lag, CPU use and heartbeats' lateness: halve the limit when saturated, grow it
-        when keeping up."""
-        if lag > LATE or busy > BUSY or beat_late > BEAT_LATE:
+    def adjust(self, lag: float, busy: float = 0.0) -> None:
+        """One window's lag and CPU use: halve the limit when saturated, grow it when keeping up."""
+        if lag > LATE or busy > BUSY:
             self.limit = max(self.minimum, self.limit // 2)
-        elif lag < ON_TIME and busy < NOT_BUSY and beat_late < BEAT_ON_TIME and self.limit < self.maximum:
+        elif lag < ON_TIME and busy < NOT_BUSY and self.limit < self.maximum:
             self.limit = min(self.maximum, self.limit + max(1, self.maximum // 16))
             self._wake()
 
@@ -100,15 +91,12 @@ class AdaptiveLimit:
 
 class LoopLag:
     """Samples how late the event loop wakes a sleeper and how much CPU the process uses, and hands
-    each window's median lag and CPU share to ``limit``, with the heartbeats' lateness meanwhile
-    (``beat_late``: called once a window, it returns that and starts over)."""
+    each window's median lag and CPU share to ``limit``."""
 
-    def __init__(self, limit: AdaptiveLimit, beat_late: Callable[[], float] | None = None) -> None:
+    def __init__(self, limit: AdaptiveLimit) -> None:
         self.limit = limit
-        self.beat_late = beat_late or (lambda: 0.0)
         self.lag = 0.0
         self.busy = 0.0
-        self.late = 0.0
         self._task: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -132,10 +120,8 @@ class LoopLag:
                 samples.append(loop.time() - due)
             self.lag = statistics.median(samples)
             self.busy = (time.process_time() - cpu) / max(loop.time() - began, 1e-6)
-            self.late = self.beat_late()
             before = self.limit.limit
-            self.limit.adjust(self.lag, self.busy, self.late)
+            self.limit.adjust(self.lag, self.busy)
             if self.limit.limit != before:
-                log.info("moves at once: %d (event loop %.0f ms late, %.0f %% of a core, a heartbeat waited %.0f %% "
-                         "of its controller's patience)", self.limit.limit, 1000 * self.lag, 100 * self.busy,
-                         100 * self.late)
+                log.info("moves at once: %d (event loop %.0f ms late, %.0f %% of a core)", self.limit.limit,
+                         1000 * self.lag, 100 * self.busy)

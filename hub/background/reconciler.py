@@ -84,7 +84,7 @@ class Reconciler(LoopService):
         # Moves at once: at most MMANAGER_RECONCILE_CONCURRENCY, fewer while the hub is saturated
         # (hub.background.backpressure: a mass failover must not make heartbeats late).
         self.move_slots = AdaptiveLimit(settings.reconcile_concurrency)
-        self._lag = LoopLag(self.move_slots, ingest.lateness if ingest is not None else None)
+        self._lag = LoopLag(self.move_slots)
         self._last_ok: datetime | None = None
 
     async def run_once(self) -> None:

@@ -56,7 +56,6 @@ from mmanager.wire import (
     Heartbeat,
     HeartbeatAnswer,
     HeartbeatContainer,
-    answer_wait,
 )
 
 log = logging.getLogger(__name__)
@@ -113,8 +112,6 @@ class HeartbeatIngest:
         # When each controller was last heard by this replica: a beat's arrival, before its batch or the flush
         # records it (the reconciler counts silence from here too: hub.scheduler.reconcile.Snapshot.heard).
         self.heard: dict[str, datetime] = {}
-        # The longest a beat waited for its answer since ``lateness`` was last asked (moves yield to it).
-        self._longest_wait = 0.0
         # The statements of the steady state, built once (hub.db: compiled once, sent straight to the driver).
         sqlite = db.is_sqlite
         C = ControllerModel.__table__
@@ -156,7 +153,6 @@ class HeartbeatIngest:
         beat = _Beat(controller_id, heartbeat, arrived, asyncio.get_running_loop().create_future())
         self._inbox.append(beat)
         self._waiting += 1
-        began = time.monotonic()
         if self._taker is None or self._taker.done():
             self._taker = asyncio.create_task(self._take(), name="heartbeat-batches")
         self._arrived.set()
@@ -164,14 +160,6 @@ class HeartbeatIngest:
             return await beat.answer
         finally:
             self._waiting -= 1
-            self._longest_wait = max(self._longest_wait, time.monotonic() - began)
-
-    def lateness(self) -> float:
-        """The longest a beat waited for its answer since the last call, as a share of how long its controller
-        waits for one (``mmanager.wire.answer_wait``; 1: it gave up): moves yield to it
-        (hub.background.backpressure)."""
-        longest, self._longest_wait = self._longest_wait, 0.0
-        return longest / answer_wait(self.pace.grace)
 
     async def close(self) -> None:
         if self._taker is not None:

@@ -36,10 +36,6 @@ async def statuses(hub: KeyHub) -> dict[str, str]:
 async def test_a_beat_heard_but_not_yet_written_keeps_its_controller(hub: KeyHub) -> None:
     for cid in CONTROLLERS:
         assert (await hub.beat(cid, KEY)).status_code == 200
-    # How late the beats were answered, as a share of their controllers' patience (moves yield when that grows:
-    # hub.background.backpressure).
-    assert 0 < hub.parts.ingest.lateness() < 1
-    assert hub.parts.ingest.lateness() == 0  # asked again: nothing waited since
     await hub.parts.ingest.flush()
     assert set((await statuses(hub)).values()) == {"healthy"}
     parts = hub.parts

@@ -228,9 +228,11 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
             await hub.ingest.close()
             await hub.services.shutdown()
             await hub.client.aclose()
-            await hub.db.dispose()
-            if hub.ingest.db is not hub.db:
-                await hub.ingest.db.dispose()
+            try:
+                await hub.db.dispose()
+            finally:
+                if hub.ingest.db is not hub.db:
+                    await hub.ingest.db.dispose()
 
     app = FastAPI(title="mManager hub", version=__version__, lifespan=lifespan)
     app.state.hub = hub

@@ -235,7 +235,6 @@ def answer_wait(grace: float) -> float:
     return min(max(grace / 2, MIN_ANSWER_WAIT), MAX_ANSWER_WAIT)
 
 
-
 class ContainerUsage(WireModel):
     """The latest Docker stats sample of a running container (controller.stats), as ``docker stats``
     computes it. ``sampled_at`` (the controller's clock) tells a new sample from one repeated by the

@@ -388,6 +388,8 @@ class ControllerPoller(LoopService):
             self.ingest.observe_failure(controller_id, f"{type(exc).__name__}: {exc}")
             return
         now = utcnow()
+        # Heard now, before its rows are read (the main pool may be busy with a mass failover's moves).
+        self.ingest.hear(controller_id, health, now)
         containers = [
             HeartbeatContainer(
                 container_id=c.id, name=c.name, service_id=c.service_id, epoch=c.epoch, state=c.status,
@@ -397,7 +399,7 @@ class ControllerPoller(LoopService):
             )
             for c in listing
         ]
-        # Through the poller's pool: up to POLL_CONCURRENCY polls at once must not queue the heartbeats' reads.
+        # Through the main pool: up to POLL_CONCURRENCY polls at once must not queue the heartbeats' reads.
         rows = await self.ingest.rows_for(controller_id, self.db)
         result = self.ingest.observe(controller_id, health, containers, rows, pushed=False, listed_at=listed_at)
         for order in result.stop:

@@ -129,6 +129,13 @@ class HeartbeatIngest:
         """Whether ``token`` may speak for ``controller_id`` (hub.services.controller_keys)."""
         await self.keys.authenticate(controller_id, token)
 
+    def hear(self, controller_id: str, health: ControllerHealth, at: datetime) -> None:
+        """The controller answered or beat at ``at`` (authenticated, its identity checked), before anything is
+        read or written for it. One that says it is unhealthy is not heard: its silence still counts, as its
+        ``last_heartbeat_at`` stays."""
+        if health.status == "healthy" and at > self.heard.get(controller_id, _NEVER):
+            self.heard[controller_id] = at
+
     def refuses(self, controller_id: str, heartbeat: Heartbeat) -> bool:
         """Whether ``receive`` refuses this beat at once (before its batch): sent to another controller's
         path, or too many beats waiting."""
@@ -142,10 +149,8 @@ class HeartbeatIngest:
                 code="SERVER_ID_MISMATCH",
             )
         arrived = utcnow()
-        if heartbeat.health.status == "healthy":
-            # Heard even when shed: the controller lives, only this hub is behind. (A controller that says it
-            # is unhealthy is not heard: its silence still counts, as its last_heartbeat_at stays.)
-            self.heard[controller_id] = arrived
+        # Heard even when shed: the controller lives, only this hub is behind.
+        self.hear(controller_id, heartbeat.health, arrived)
         if self._waiting >= self.settings.heartbeat_backlog:
             self.metrics.heartbeats_shed.inc()
             raise Overloaded(f"the hub has {self._waiting} heartbeats waiting; beat again later",
@@ -286,8 +291,7 @@ class HeartbeatIngest:
         """
         now = at or utcnow()
         listed_at = listed_at or now - timedelta(seconds=PUSH_LAG)
-        if health.status == "healthy" and now > self.heard.get(controller_id, _NEVER):
-            self.heard[controller_id] = now
+        self.hear(controller_id, health, now)
         if not health.docker:
             # No fresh listing (Docker is down or hung): nothing can be judged missing, gone or orphan.
             self._observations[controller_id] = _Observation(now, health, pushed)

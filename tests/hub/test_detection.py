@@ -85,11 +85,11 @@ async def test_beats_are_answered_while_the_main_pool_is_taken(hub: KeyHub) -> N
         began = asyncio.get_running_loop().time()
         answered = await hub.beat("ctl-x", KEY)
         assert answered.status_code == 200, answered.text
-        assert asyncio.get_running_loop().time() - began < 2  # not after the main pool's 10 s timeout
+        assert asyncio.get_running_loop().time() - began < 5  # not after the main pool's 10 s timeout
         await hub.parts.ingest.flush()
         async with hub.parts.ingest.db.session() as session:
             seen = (await session.get(ControllerModel, "ctl-x")).last_heartbeat_at
-        assert utcnow() - seen < timedelta(seconds=2)
+        assert utcnow() - seen < timedelta(seconds=5)
     finally:
         for conn in held:
             await conn.close()

@@ -65,6 +65,8 @@ from mmanager.wire import (
     seconds_since,
 )
 
+# Seconds before a first heartbeat that failed is tried again (doubled each time, up to the interval).
+FIRST_RETRY = 0.25
 # Seconds Docker gets to say what runs, per heartbeat.
 DOCKER_BUDGET = 4.0
 # Seconds stop() waits for the cancelled loop.
@@ -164,6 +166,7 @@ class HeartbeatAgent:
 
     async def _run(self) -> None:
         clock = self.sync.clock
+        retry = FIRST_RETRY
         while True:
             began = clock()
             try:
@@ -171,7 +174,12 @@ class HeartbeatAgent:
             except Exception as exc:
                 self._failed(type(exc).__name__, f"unexpected error: {exc!r}", exc_info=True)
             # Beats keep their cadence; one that ran late (or a process that was frozen) goes again at once.
-            await asyncio.sleep(max(0.0, began + self.interval - clock()))
+            pause = began + self.interval - clock()
+            if self.sync.age() is None:
+                # Never through to the hub yet (started before it, as `mmanager dev` starts them): this
+                # controller takes no work until it is, so it tries again sooner, then ever less soon.
+                pause, retry = min(pause, retry), retry * 2
+            await asyncio.sleep(max(0.0, pause))
 
     # -- one beat ----------------------------------------------------------
 

@@ -237,6 +237,21 @@ async def test_the_interval_comes_from_the_hub(start_fake: StartController, hub:
     assert len(hub.beats) - count >= 5  # at 0.3 s there would be at most 4
 
 
+async def test_a_controller_started_before_its_hub_joins_soon_after_it(start_fake: StartController) -> None:
+    hub = FakeHub(mode="down")
+    ctl = await start_fake(hub_transport=hub.transport(), hub_url=HUB, controller_url="http://ctl.test:8001")
+    beats = agent(ctl)
+    assert beats.interval == 2.0  # the configured interval: no answer has named another yet
+    await eventually(lambda: beats.failures >= 2, what="two failed first heartbeats")
+    assert_not_synced(await ctl.create(EXAMPLE_IMAGE))
+    hub.mode = "ok"
+    up = time.monotonic()
+    await eventually(lambda: synced(ctl), what="the first round trip")
+    # Well before the next beat at its 2 s cadence: the first one is retried sooner (0.25 s, doubling).
+    assert time.monotonic() - up < 1.5
+    assert hub.beats
+
+
 @pytest.mark.parametrize("mode", ["error", "unauthorized", "garbage", "wrong", "down"])
 async def test_a_failing_hub_does_not_stop_the_heartbeats(
     hub_ctl: Ctl, hub: FakeHub, mode: str, caplog: pytest.LogCaptureFixture

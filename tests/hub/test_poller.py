@@ -1,10 +1,12 @@
 """Whom the leader polls: controllers that do not push, every tick; one that pushes only after a long
 silence, and then once per that silence (a mass failure must not turn into a storm of polls of
-dead or merely late controllers). Real PostgreSQL; the controllers are a client that records the
-calls and answers none, as dead servers do."""
+dead or merely late controllers); and a poll that answered counts at once, before the poller's reads.
+Real PostgreSQL; the controllers are a client that records the calls and answers none, as dead servers
+do, or one that answers healthy."""
 
 from __future__ import annotations
 
+import asyncio
 from datetime import timedelta
 from typing import Any
 
@@ -15,6 +17,8 @@ from hub.errors import ControllerUnavailable
 from hub.metrics import HubMetrics
 from hub.models import ControllerModel, utcnow
 from hub.services.heartbeats import HeartbeatIngest
+from mmanager.wire import ControllerHealth
+from tests.hub.test_failure_handling import heartbeat
 
 KEY = "test-key-" + "x" * 32
 
@@ -60,3 +64,38 @@ async def test_pushing_controllers_are_polled_only_after_a_long_silence_and_then
     client.asked.clear()
     await poller.run_once()
     assert sorted(client.asked) == ["gone", "polled"]
+
+
+class Answering:
+    """Every controller answers healthy, with no containers."""
+
+    async def health(self, controller_id: str, url: str, **_: Any) -> Any:
+        return ControllerHealth.model_validate(heartbeat(controller_id, [])["health"])
+
+    async def list_containers(self, controller_id: str, url: str) -> list[Any]:
+        return []
+
+
+async def test_a_polled_controller_is_heard_before_its_rows_are_read(db: Database) -> None:
+    """A poll that answered counts even while the poller's pool is taken (a mass failover's moves): its
+    controller is not declared lost for the hub's own wait."""
+    settings = HubSettings(database_url=db.url, api_key=KEY, heartbeat_interval=2, heartbeat_grace=6)
+    async with db.session() as session:
+        session.add(ControllerModel(id="polled", url="http://polled:8001", status="healthy"))
+    busy = Database(db.url, pool_size=1, max_overflow=0)
+    ingest = HeartbeatIngest(db, settings, HubMetrics())
+    poller = ControllerPoller(busy, settings, Answering(), ingest)  # type: ignore[arg-type]
+    held = await busy.engine.connect()
+    try:
+        before = utcnow()
+        poll = asyncio.create_task(poller.poll("polled", "http://polled:8001"))
+        for _ in range(100):
+            if "polled" in ingest.heard:
+                break
+            await asyncio.sleep(0.01)
+        assert ingest.heard["polled"] >= before
+        assert not poll.done()  # still waiting for a connection to read its rows
+    finally:
+        await held.close()
+    await poll
+    await busy.dispose()

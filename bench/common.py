@@ -10,7 +10,7 @@ from contextlib import ExitStack
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from tests.pg import local_cluster
+from tests.pg import LocalCluster, local_cluster
 
 
 def say(line: str) -> None:
@@ -40,7 +40,12 @@ def durable_server(stack: ExitStack) -> tuple[str, list[int]]:
         return from_env, []
     cluster = stack.enter_context(local_cluster())
     asyncio.run(_fsync_on(cluster.url))
-    return cluster.url, [int((cluster.data / "postmaster.pid").read_text().split()[0])]
+    return cluster.url, [postmaster_pid(cluster)]
+
+
+def postmaster_pid(cluster: LocalCluster) -> int:
+    """The pid of a throwaway cluster's server process (its backends are its children)."""
+    return int((cluster.data / "postmaster.pid").read_text().split()[0])
 
 
 async def _fsync_on(server_url: str) -> None:

@@ -35,7 +35,7 @@ from typing import Any
 import asyncpg
 import psutil
 
-from bench.common import asyncpg_dsn, percentile, say
+from bench.common import asyncpg_dsn, percentile, postmaster_pid, say
 from bench.heartbeats import _Cpu
 from bench.pyspy import Recording
 from bench.seed import Seeded, all_beating, seeded_hub
@@ -197,7 +197,7 @@ def main() -> None:
         server = os.environ.get("MMANAGER_BENCH_DATABASE_URL")
         if not server:
             cluster = stack.enter_context(local_cluster())
-            server, pg_pids = cluster.url, [int((cluster.data / "postmaster.pid").read_text().split()[0])]
+            server, pg_pids = cluster.url, [postmaster_pid(cluster)]
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-failover-")))
         for count, services, kill in sizes:
             with seeded_hub(server, workdir / str(count), count, services, interval=args.interval,

@@ -63,8 +63,7 @@ class Reconciler(LoopService):
     name = "reconciler"
 
     def __init__(self, db: Database, settings: HubSettings, services: ServiceManager, metrics: HubMetrics,
-                 replica_id: str, leader_since: datetime, pace: HeartbeatPace | None = None,
-                 ingest: HeartbeatIngest | None = None) -> None:
+                 replica_id: str, leader_since: datetime, ingest: HeartbeatIngest | None = None) -> None:
         # Detection latency is the grace plus up to one tick: tick often (a tick is two cheap reads).
         super().__init__(min(0.5, settings.heartbeat_interval / 4), jitter=0.05)
         self.db = db
@@ -74,7 +73,7 @@ class Reconciler(LoopService):
         self.replica_id = replica_id
         self.leader_since = leader_since
         # The grace controllers were told (stretched for a big fleet: hub.services.pace).
-        self.pace = pace or (ingest.pace if ingest is not None else HeartbeatPace(settings))
+        self.pace = ingest.pace if ingest is not None else HeartbeatPace(settings)
         # This replica's heartbeats: when it last heard each controller, written or not.
         self.ingest = ingest
         self._moving: dict[str, asyncio.Task[Any]] = {}
@@ -192,10 +191,8 @@ class Reconciler(LoopService):
         ]
         return Snapshot(controllers, services, self.leader_since, grace,
                         self.settings.max_health_restarts,
-                        frozenset(c for c in self._moving_from.values() if c is not None), hosting, self._heard())
-
-    def _heard(self) -> dict[str, datetime]:
-        return self.ingest.heard if self.ingest is not None else {}
+                        frozenset(c for c in self._moving_from.values() if c is not None), hosting,
+                        self.ingest.heard if self.ingest is not None else {})
 
     # -------------------------------------------------------------- actions
 
@@ -226,9 +223,7 @@ class Reconciler(LoopService):
         grace = self.pace.detection_grace
         cutoff = now - timedelta(seconds=grace)
         silent = {a.controller_id: a.silent_for for a in actions}
-        # Heard since the snapshot was read (its beat may not be written yet): not lost.
-        heard = self._heard()
-        ids = sorted(cid for cid in silent if heard.get(cid, cutoff) <= cutoff)
+        ids = sorted(silent)
         lost: set[str] = set()
         async with self.db.session() as session:
             for i in range(0, len(ids), LOST_CHUNK):

@@ -275,9 +275,9 @@ class HeartbeatIngest:
         found = await session.execute(_rows_query(ContainerRegistryModel.controller_id == controller_id))
         return [RegistryRow(*r[1:]) for r in found]
 
-    async def rows_for(self, controller_id: str, db: Database | None = None) -> list[RegistryRow]:
-        """The controller's registry rows, read through ``db`` (default: the heartbeats' own pool)."""
-        async with (db or self.db).session() as session:
+    async def rows_for(self, controller_id: str, db: Database) -> list[RegistryRow]:
+        """The controller's registry rows, read through ``db`` (the poller's: not the heartbeats' own pool)."""
+        async with db.session() as session:
             return await self._rows(session, controller_id)
 
     def observe(self, controller_id: str, health: ControllerHealth, containers: list[HeartbeatContainer],
@@ -287,11 +287,10 @@ class HeartbeatIngest:
 
         A pushed heartbeat's listing was taken before it arrived: it is dated by the
         age it reports plus ``PUSH_LAG``, so it never overwrites a change the hub made meanwhile; ``at`` is
-        when it arrived (the controller was heard then).
+        when it arrived. The caller has called ``hear`` already (as soon as the beat arrived, or the poll answered).
         """
         now = at or utcnow()
         listed_at = listed_at or now - timedelta(seconds=PUSH_LAG)
-        self.hear(controller_id, health, now)
         if not health.docker:
             # No fresh listing (Docker is down or hung): nothing can be judged missing, gone or orphan.
             self._observations[controller_id] = _Observation(now, health, pushed)

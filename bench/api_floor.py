@@ -17,7 +17,10 @@ Routes, cheapest first, so the differences say what each layer costs:
 - ``GET /health``: unauthenticated, one ``SELECT 1``: the baseline;
 - ``GET /api/services/{id}``: the status read the issue's target is about
   (authentication, then the service as the hub knows it, kept current by the
-  controller's heartbeats);
+  controller's heartbeats), every connection reading the same service;
+- the same read, each connection reading a service of its own (as many
+  services as connections): reads that come together share a statement
+  (``hub.db.Gathered``) but no row;
 - ``GET /api/services/{id}/status``: the same, refreshed from the controller
   first (a call to the controller, which inspects the container in Docker,
   then a write): bounded by the controller and Docker, not by the hub.
@@ -92,21 +95,24 @@ async def _one_connection(host: str, port: int, request: bytes, until: float, la
         writer.close()
 
 
-async def _load(url: str, path: str, token: str | None, connections: int, seconds: float, warmup: float,
-                on_measure: Callable[[], None] = lambda: None) -> list[float]:
+async def _load(url: str, path: str | list[str], token: str | None, connections: int, seconds: float,
+                warmup: float, on_measure: Callable[[], None] = lambda: None) -> list[float]:
     """``connections`` loops of back-to-back GETs for ``warmup`` + ``seconds``; the latencies of the requests
-    begun after the warm-up. ``on_measure`` is called when the measured window opens."""
+    begun after the warm-up. ``on_measure`` is called when the measured window opens. Given several paths,
+    connection i asks for path i (modulo their number)."""
     parsed = urlparse(url)
     assert parsed.hostname is not None and parsed.port is not None
     auth = f"Authorization: Bearer {token}\r\n" if token else ""
-    request = (f"GET {path} HTTP/1.1\r\nHost: {parsed.hostname}:{parsed.port}\r\n{auth}"
-               "Accept: application/json\r\n\r\n").encode()
+    paths = [path] if isinstance(path, str) else path
+    requests = [(f"GET {p} HTTP/1.1\r\nHost: {parsed.hostname}:{parsed.port}\r\n{auth}"
+                 "Accept: application/json\r\n\r\n").encode() for p in paths]
     latencies: list[float] = []
     now = time.perf_counter()
     warmup_until, until = now + warmup, now + warmup + seconds
     asyncio.get_running_loop().call_later(warmup, on_measure)
-    await asyncio.gather(*(_one_connection(parsed.hostname, parsed.port, request, until, latencies, warmup_until)
-                           for _ in range(connections)))
+    await asyncio.gather(*(_one_connection(parsed.hostname, parsed.port, requests[i % len(requests)], until,
+                                           latencies, warmup_until)
+                           for i in range(connections)))
     return latencies
 
 
@@ -153,7 +159,7 @@ async def _pg_counters(db_url: str) -> dict[str, int]:
     return {"sessions": row["sessions"], "transactions": row["transactions"]}
 
 
-def phase(url: str, path: str, token: str | None, connections: int, seconds: float, warmup: float,
+def phase(url: str, path: str | list[str], token: str | None, connections: int, seconds: float, warmup: float,
           procs: dict[str, list[psutil.Process]], db_url: str) -> dict[str, Any]:
     """One route under load; CPU per process group over the measured window (the warm-up left out), and
     what the requests cost PostgreSQL: connections opened and transactions, per request."""
@@ -178,7 +184,7 @@ def phase(url: str, path: str, token: str | None, connections: int, seconds: flo
     ordered = sorted(latencies)
     rps = len(latencies) / wall
     return {
-        "path": path,
+        "path": path if isinstance(path, str) else f"{path[0]} … ({len(path)} services)",
         "requests": len(latencies),
         "requests_per_s": round(rps),
         "p50_ms": round(statistics.median(ordered) * 1000, 2),
@@ -196,7 +202,8 @@ def phase(url: str, path: str, token: str | None, connections: int, seconds: flo
 
 def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, seconds: float = 10.0,
             warmup: float = 1.0, connections: int = 32, profile_dir: Path | None = None) -> dict[str, Any]:
-    dep = LocalDeployment(db_url, workdir, extra_hub_env={"MMANAGER_RATE_LIMIT": "0"})
+    dep = LocalDeployment(db_url, workdir, extra_hub_env={
+        "MMANAGER_RATE_LIMIT": "0", "MMANAGER_MAX_SERVICES_PER_USER": str(connections + 1)})
     dep.plan_hubs(1)
     ctl = dep.add_controller("alpha")
     token = dep.create_admin()
@@ -208,6 +215,14 @@ def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, s
         created = client.post("/api/root/bench/services", json=SPEC)
         created.raise_for_status()
         service_id = created.json()["id"]
+        # As many more as connections, one for each: reads of different services, which share no row.
+        others = []
+        for i in range(connections):
+            made = client.post("/api/root/bench/services", json={**SPEC, "name": f"read-me-{i}",
+                                                                  "resources": {**SPEC["resources"], "cpu_limit": 0.02}})
+            if made.status_code != 201:
+                raise BadAnswer(f"service {i} of {connections}: HTTP {made.status_code}: {made.text[:300]}")
+            others.append(f"/api/services/{made.json()['id']}")
         assert dep.hub(0).popen is not None and ctl.popen is not None
         hub = psutil.Process(dep.hub(0).popen.pid)
         pg_port = urlparse(db_url.replace("+asyncpg", "")).port or 5432
@@ -215,6 +230,7 @@ def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, s
             "docs": ("/docs", None),
             "health": ("/health", None),
             "service": (f"/api/services/{service_id}", token),
+            "services": (others, token),
             "status": (f"/api/services/{service_id}/status", token),
         }
         results: dict[str, Any] = {"connections": connections, "seconds": seconds}
@@ -260,7 +276,7 @@ def main() -> None:
     print("\n| route | requests/s | p50 | p99 | hub cores | requests/s per hub core | postgres cores "
           "| controller cores | load generator cores | PG connections opened / request | PG transactions / request |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for name in ("docs", "health", "service", "status"):
+    for name in ("docs", "health", "service", "services", "status"):
         r = result[name]
         c = r["cores_used"]
         print(f"| `GET {r['path']}` | {r['requests_per_s']} | {r['p50_ms']} ms | {r['p99_ms']} ms | {c['hub']} "
@@ -268,7 +284,9 @@ def main() -> None:
               f"| {c['load generator']} | {r['pg_connections_per_request']} | {r['pg_transactions_per_request']} |")
     per_core = result["service"]["requests_per_s_per_hub_core"]
     print(f"\nstatus reads (GET /api/services/{{id}}): {per_core} per hub core (target >= {TARGET_PER_CORE}); "
-          f"ratio to /health: {result['service']['requests_per_s'] / result['health']['requests_per_s']:.2f}")
+          f"ratio to /health: {result['service']['requests_per_s'] / result['health']['requests_per_s']:.2f}; "
+          f"reads of {args.connections} services, one per connection: "
+          f"{result['services']['requests_per_s_per_hub_core']} per hub core")
     for name, summary in result.get("profiles", {}).items():
         print(f"\nhub profile, {name} ({summary['samples']} samples on CPU), by package:")
         for row in summary["packages"][:10]:

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import Receive, Scope, Send
 
 from hub.background.leader import Supervisor
 from hub.background.reconciler import ControllerPoller, HeartbeatFlusher, Reconciler
@@ -42,7 +43,7 @@ from hub.services.users import UserAuth
 from mmanager import __version__
 from mmanager.audit import AuditMiddleware
 from mmanager.limits import BodyLimit, BodyTooLarge, too_large
-from mmanager.logs import install_request_ids
+from mmanager.logs import RequestIdMiddleware
 
 log = logging.getLogger(__name__)
 
@@ -189,6 +190,20 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(500, "INTERNAL_ERROR", "an unexpected error occurred; see the hub's log")
 
 
+class HubApp(FastAPI):
+    """The hub's FastAPI application with the fast lane (``hub.fastlane``) in front of all of it, inside only
+    the request ids (and the access line): a status read or a heartbeat the lane answers skips the framework
+    from its very entry (FastAPI's own per-call telemetry check, Starlette's app scope), everything else
+    goes on to FastAPI untouched."""
+
+    def __init__(self, hub: Hub, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._front = RequestIdMiddleware(FastLane(super().__call__, hub))
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await self._front(scope, receive, send)
+
+
 def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_loops: bool = True) -> FastAPI:
     settings = settings or HubSettings()
     hub = hub or build_hub(settings)
@@ -234,17 +249,13 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
                 if hub.ingest.db is not hub.db:
                     await hub.ingest.db.dispose()
 
-    app = FastAPI(title="mManager hub", version=__version__, lifespan=lifespan)
+    app = HubApp(hub, title="mManager hub", version=__version__, lifespan=lifespan)
     app.state.hub = hub
     _install_error_handlers(app)
     # The audit, added last, is the outer one: it sees the body limit's 413s too.
     app.add_middleware(BodyLimit, limit_for=lambda scope: settings.max_heartbeat_bytes
                        if HEARTBEAT_PATH.match(scope["path"]) else settings.max_request_bytes)
     app.add_middleware(AuditMiddleware, record=AuditLog(hub.db).record, skip=skip_heartbeats)
-    # The status read skips the framework when it can (hub.fastlane); request ids still cover it.
-    build = app.build_middleware_stack
-    app.build_middleware_stack = lambda: FastLane(build(), hub)  # type: ignore[method-assign]
-    install_request_ids(app)
     app.include_router(system.router)
     app.include_router(services.router)
     app.include_router(admin.router)

@@ -41,7 +41,7 @@ def test_overhead_small(db_url: str, example_image: str, docker_client: docker.D
 def test_api_floor_small(db_url: str, example_image: str, docker_client: docker.DockerClient, tmp_path: Path) -> None:
     result = api_floor.measure(db_url, tmp_path, docker_client, seconds=0.5, warmup=0.1, connections=4)
     assert result["connections"] == 4
-    for route in ("docs", "health", "service", "status"):
+    for route in ("docs", "health", "service", "services", "status"):
         r = result[route]
         assert r["requests"] > 0 and r["requests_per_s"] > 0
         assert 0 < r["p50_ms"] <= r["p99_ms"]
@@ -52,6 +52,7 @@ def test_api_floor_small(db_url: str, example_image: str, docker_client: docker.
     # behind /status.
     assert result["docs"]["pg_transactions_per_request"] < 0.5
     assert result["service"]["pg_transactions_per_request"] > 0
+    assert result["services"]["path"].endswith("(4 services)")
     assert result["status"]["cores_used"]["controller"] > 0
 
 

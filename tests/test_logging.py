@@ -79,7 +79,7 @@ def test_one_request_is_found_on_hub_and_controller_by_its_id(
     ctl_text = "\n".join(e["message"] for e in ctl_lines)
     assert "POST /containers" in ctl_text, ctl_text
     assert created.json()["id"] in ctl_text, ctl_text  # "created container … for service <id>"
-    assert {e["logger"] for e in ctl_lines} >= {"uvicorn.access", "controller.containers"}
+    assert {e["logger"] for e in ctl_lines} >= {"mmanager.access", "controller.containers"}
 
     hub_all = json_lines(hub_log)
     assert any(e["level"] == "INFO" and e["logger"].startswith("uvicorn") for e in hub_all)

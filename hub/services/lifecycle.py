@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.config import HubSettings
 from hub.controller_client import ControllerClient
-from hub.db import CoreTx, Database, Tx, insert_row
+from hub.db import CoreTx, Database, Gathered, Tx, any_of, insert_row
 from hub.errors import (
     Conflict,
     ControllerRejected,
@@ -411,6 +411,7 @@ class ServiceManager:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._followers: set[asyncio.Task[Any]] = set()
         self.log_streams = LogStreamSlots(settings.max_log_streams, settings.max_log_streams_per_user)
+        self._reads = _reads(db)
 
     # ------------------------------------------------------------------ reads
 
@@ -422,8 +423,9 @@ class ServiceManager:
 
     async def read(self, user: UserModel | Identity, service_id: str) -> ServiceOut:
         """The status read every client polls: the service as the hub knows it, with its owner's name, in
-        one statement on a connection outside any transaction (no ORM session, no identity map)."""
-        row = await self.db.first(_READ, {"id": service_id})
+        one statement on a connection outside any transaction (no ORM session, no identity map), shared by
+        the reads that come at the same time."""
+        row = await self._reads.first(service_id)
         _require_visible(user, row["owner_id"] if row is not None else None, service_id)
         assert row is not None
         return self.to_out(SimpleNamespace(**row), owner=row["owner_name"])  # type: ignore[arg-type]
@@ -1426,9 +1428,9 @@ class ServiceManager:
         return op
 
 
-# The status read's one statement (ServiceManager.read): built once, so its cache key is computed once.
-_READ = (
-    select(*ServiceModel.__table__.c, UserModel.username.label("owner_name"))
-    .join_from(ServiceModel, UserModel, ServiceModel.owner_id == UserModel.id)
-    .where(ServiceModel.id == bindparam("id"))
-)
+def _reads(db: Database) -> Gathered:
+    """The status reads (ServiceManager.read): the services of a list of ids with their owners' names, in one
+    statement built once (so its cache key is computed once) for the calls that come together."""
+    return Gathered(db, select(*ServiceModel.__table__.c, UserModel.username.label("owner_name"))
+                    .join_from(ServiceModel, UserModel, ServiceModel.owner_id == UserModel.id)
+                    .where(any_of(ServiceModel.id, "keys", sqlite=db.is_sqlite)), "id")

@@ -1,6 +1,6 @@
 """``Database.transaction()`` on real PostgreSQL (straight through asyncpg): all of a transaction or
 none of it, whatever ends it (an error in its body, a statement the database refuses, a cancel), and
-the pool's connections fit for the next one afterwards."""
+the pool's connections fit for the next one afterwards; and reads made together (``Gathered``)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import asyncpg
 import pytest
 from sqlalchemy import func, select
 
-from hub.db import Database, insert_row
+from hub.db import Database, Gathered, any_of, insert_row
 from hub.metrics import HubMetrics
 from hub.models import OperationModel
 from hub.services.operations import OperationLog
@@ -70,3 +70,59 @@ async def test_a_transaction_is_written_whole_or_not_at_all(db: Database) -> Non
     async with db.session() as session:
         [row] = await session.scalars(select(OperationModel).where(OperationModel.id == kept.id))
     assert (row.details, row.status, row.created_at.tzinfo is not None) == ({"epoch": 1}, "running", True)
+
+
+async def test_reads_made_together_share_a_statement_and_see_what_was_committed_before_them(db: Database) -> None:
+    ops = OperationLog(db, HubMetrics())
+    first, second = ops.new("create", "alice"), ops.new("stop", "alice")
+    async with db.transaction() as tx:
+        await insert_row(tx, first)
+        await insert_row(tx, second)
+    table = OperationModel.__table__
+    statement = select(table.c.id, table.c.status).where(any_of(table.c.id, "keys", sqlite=db.is_sqlite))
+    sent: list[list[str]] = []
+    hold = asyncio.Event()
+    hold.set()
+    real_all = db.all
+
+    async def counted(stmt: object, params: dict[str, list[str]]) -> object:
+        sent.append(sorted(params["keys"]))
+        rows = await real_all(stmt, params)  # type: ignore[arg-type]
+        await hold.wait()  # read already, answered late
+        return rows
+
+    db.all = counted  # type: ignore[method-assign]
+    reads = Gathered(db, statement, "id", in_flight=1)
+
+    # Fifty reads at once, of two rows and one that does not exist: a statement or two, every answer right.
+    keys = [first.id, second.id, "missing"] * 17
+    rows = await asyncio.gather(*(reads.first(k) for k in keys[:50]))
+    assert [(r["id"], r["status"]) if r else None for r in rows] == [
+        (first.id, first.status) if k == first.id else (second.id, second.status) if k == second.id else None
+        for k in keys[:50]]
+    assert 1 <= len(sent) <= 2 and sorted(set(sum(sent, []))) == sorted({first.id, second.id, "missing"})
+
+    # A read made while a statement is on its way waits for the next one: it sees what was committed before it.
+    sent.clear()
+    hold.clear()
+    early = asyncio.create_task(reads.first(first.id))
+    while not sent:
+        await asyncio.sleep(0.01)
+    async with db.transaction() as tx:
+        await tx.execute(table.update().where(table.c.id == first.id).values(status="succeeded"), {})
+    late = asyncio.create_task(reads.first(first.id))
+    await asyncio.sleep(0.1)
+    hold.set()
+    assert first.status != "succeeded" and (await early)["status"] == first.status  # type: ignore[index]
+    assert (await late)["status"] == "succeeded"  # type: ignore[index]
+    assert len(sent) == 2
+
+    # A statement that fails fails every read it carried, and the next read goes through.
+    async def broken(stmt: object, params: object) -> object:
+        raise asyncpg.PostgresConnectionError("gone")
+
+    db.all = broken  # type: ignore[method-assign]
+    failed = await asyncio.gather(*(reads.first(k) for k in (first.id, second.id)), return_exceptions=True)
+    assert all(isinstance(f, asyncpg.PostgresConnectionError) for f in failed)
+    db.all = real_all  # type: ignore[method-assign]
+    assert (await reads.first(second.id))["status"] == second.status  # type: ignore[index]

@@ -14,6 +14,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from controller.config import ControllerSettings
 from hub.config import HubSettings
@@ -22,6 +23,7 @@ from mmanager.logs import (
     JsonFormatter,
     LogFileError,
     LogSettings,
+    RequestIdMiddleware,
     TextFormatter,
     bind_request_id,
     clean_request_id,
@@ -218,19 +220,34 @@ def test_setup_appends_to_the_file_and_refuses_one_it_cannot_open(tmp_path: Path
         setup_logging(LogSettings(LOG_FILE=str(tmp_path / "file" / "mm.log")))
 
 
-def test_routine_access_lines_are_dropped_above_debug(tmp_path: Path, restore_root_logging: None) -> None:
+async def test_routine_access_lines_are_dropped_above_debug(tmp_path: Path, restore_root_logging: None) -> None:
     path = tmp_path / "access.log"
-    access = logging.getLogger("uvicorn.access")
+
+    async def answer(scope: Scope, receive: Receive, send: Send) -> None:
+        # The status each call asks for, as the application would answer it.
+        status = int(scope["query_string"].decode().rpartition("=")[2] or 200)
+        await send({"type": "http.response.start", "status": status, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+    app = RequestIdMiddleware(answer)
     for level in ("INFO", "DEBUG"):
         setup_logging(LogSettings(LOG_FILE=str(path), LOG_FORMAT="json", LOG_LEVEL=level))
-        for method, target, status in (
-                ("GET", "/health", 200), ("GET", "/metrics", 200), ("POST", "/api/controllers/c1/heartbeat", 200),
-                ("POST", "/api/controllers/c1/heartbeat", 401), ("GET", "/api/services", 200),
-                ("GET", "/api/services/s1", 200), ("GET", "/api/services/s1", 404),
-                ("DELETE", "/api/services/s1", 204)):
-            access.info('%s - "%s %s HTTP/%s" %d', "127.0.0.1:1", method, target, "1.1", status)
-    lines = [json.loads(line)["message"] for line in path.read_text().splitlines()]
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as client:
+            for method, target, status in (
+                    ("GET", "/health", 200), ("GET", "/metrics", 200), ("POST", "/api/controllers/c1/heartbeat", 200),
+                    ("POST", "/api/controllers/c1/heartbeat", 401), ("GET", "/api/services", 200),
+                    ("GET", "/api/services/s1", 200), ("GET", "/api/services/s1", 404),
+                    ("DELETE", "/api/services/s1", 204)):
+                answered = await client.request(method, target, params={"status": status})
+                assert answered.status_code == status
+    entries = [json.loads(line) for line in path.read_text().splitlines()]
+    entries = [e for e in entries if e["logger"] != "httpx"]  # this client's own lines, at DEBUG
+    lines = [e["message"] for e in entries]
     # At INFO: the refused heartbeat, the list, the status read that failed and the delete; at DEBUG: all eight.
-    assert len(lines) == 4 + 8
-    assert 'heartbeat HTTP/1.1" 401' in lines[0] and '"GET /api/services HTTP' in lines[1]
-    assert '/api/services/s1 HTTP/1.1" 404' in lines[2] and '"DELETE /api/services/s1' in lines[3]
+    assert len(lines) == 4 + 8, lines
+    assert {e["logger"] for e in entries} == {"mmanager.access"} and all(e.get("request_id") for e in entries)
+    assert lines[0] == '127.0.0.1:123 - "POST /api/controllers/c1/heartbeat?status=401 HTTP/1.1" 401'
+    assert '"GET /api/services?status=200 HTTP' in lines[1]
+    assert '/api/services/s1?status=404 HTTP/1.1" 404' in lines[2] and '"DELETE /api/services/s1' in lines[3]
+    # uvicorn's own access line is off: the middleware's is the only one.
+    assert not logging.getLogger("uvicorn.access").hasHandlers()

@@ -18,11 +18,11 @@ import socket
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 
-from sqlalchemy import delete, text, update
+from sqlalchemy import bindparam, delete, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from hub.background.base import LoopService
-from hub.db import Database
+from hub.db import Database, insert_row
 from hub.models import HubReplicaModel, utcnow
 
 log = logging.getLogger(__name__)
@@ -31,6 +31,11 @@ log = logging.getLogger(__name__)
 # Seconds the leader waits for its lock connection to answer before it steps down.
 CHECK_TIMEOUT = 5.0
 ADVISORY_LOCK_KEY = 0x6D6D616E61676572 & 0x7FFFFFFFFFFFFFFF
+
+
+# A replica's beat (every supervisor tick), built once.
+_BEAT = (update(HubReplicaModel.__table__).where(HubReplicaModel.__table__.c.id == bindparam("id"))
+         .values(last_seen_at=bindparam("now"), is_leader=bindparam("leading")))
 
 
 class Leadership:
@@ -141,15 +146,11 @@ class Supervisor(LoopService):
             await self.on_beat()
 
     async def _beat(self) -> None:
-        async with self.db.session() as session:
-            done = await session.execute(
-                update(HubReplicaModel)
-                .where(HubReplicaModel.id == self.replica_id)
-                .values(last_seen_at=utcnow(), is_leader=self.leading)
-            )
-            if done.rowcount == 0:  # type: ignore[attr-defined]
-                session.add(HubReplicaModel(id=self.replica_id, hostname=socket.gethostname(), pid=os.getpid(),
-                                            is_leader=self.leading))
+        now = utcnow()
+        async with self.db.transaction() as tx:
+            if not await tx.execute(_BEAT, {"id": self.replica_id, "now": now, "leading": self.leading}):
+                await insert_row(tx, HubReplicaModel(id=self.replica_id, hostname=socket.gethostname(), pid=os.getpid(),
+                                                     is_leader=self.leading, started_at=now, last_seen_at=now))
 
     async def stop(self) -> None:
         await super().stop()

@@ -12,20 +12,23 @@ growing delay; one that is running is never started twice.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import time
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import and_, delete, or_, select, update
+from sqlalchemy import and_, bindparam, delete, or_, select, update
+from sqlalchemy.sql.base import Executable
 
 from hub.background.backpressure import AdaptiveLimit, LoopLag
 from hub.background.base import LoopService
 from hub.config import HubSettings
 from hub.controller_client import ControllerClient
-from hub.db import Database
+from hub.db import Database, any_of
 from hub.errors import HubError
 from hub.metrics import HubMetrics
 from hub.models import (
@@ -59,6 +62,66 @@ LOST_CHUNK = 5000
 LOST_LOGGED = 20
 
 
+# Operations in progress.
+ACTIVE = ("pending", "running")
+# How often a tick also deletes the rows of replicas gone for an hour.
+REPLICA_SWEEP = timedelta(minutes=1)
+
+
+@dataclass(frozen=True)
+class _TickStatements:
+    """A tick's statements, built once (compiled once, sent straight through asyncpg on PostgreSQL): a tick
+    of a quiet hub was a tenth of a core on this VM in ORM sessions and statements built anew each time."""
+
+    replicas: Executable
+    old_replicas: Executable
+    recover: Executable
+    controllers: Executable
+    unsettled: Executable
+    on_watched: Executable
+    failing: Executable
+    hosting: Executable
+    busy: Executable
+
+
+@functools.cache
+def _tick_statements(sqlite: bool) -> _TickStatements:
+    c, s, current = ControllerModel.__table__.c, ServiceModel.__table__.c, ContainerRegistryModel.__table__.c
+    ops, replicas = OperationModel.__table__, HubReplicaModel.__table__
+    o = ops.c
+    # A superset of the lost ones (compute() also counts the grace from leader_since), and the draining.
+    watched = or_(c.status != "healthy", c.draining.is_(True), c.last_heartbeat_at.is_(None),
+                  c.last_heartbeat_at < bindparam("cutoff"))
+    columns = (s.id, s.desired_state, s.status, s.controller_id, current.health, current.health_restarts)
+    on_current = and_(current.service_id == s.id, current.container_id == s.container_id)
+    services, registry = ServiceModel.__table__, ContainerRegistryModel.__table__
+    active = any_of(o.status, "active", sqlite=sqlite)
+    return _TickStatements(
+        replicas=select(replicas.c.id).where(replicas.c.last_seen_at >= bindparam("cutoff")),
+        old_replicas=delete(replicas).where(replicas.c.last_seen_at < bindparam("before")),
+        recover=update(ops).where(
+            active, o.operation != "drain",
+            or_(o.hub_replica.is_(None), ~any_of(o.hub_replica, "live", sqlite=sqlite)),
+        ).values(status="failed", finished_at=bindparam("now"),
+                 error="interrupted: the hub replica running it stopped; the reconciler finishes its work"),
+        controllers=select(c.id, c.status, c.last_heartbeat_at, c.enabled, c.draining).where(watched),
+        # Unsettled: a create, migrate or failover that did not finish.
+        unsettled=select(*columns).select_from(services.outerjoin(registry, on_current)).where(
+            s.desired_state == "running", or_(any_of(s.status, "unsettled", sqlite=sqlite), s.controller_id.is_(None))),
+        # On a controller that may be lost, or is draining.
+        on_watched=select(*columns).select_from(services.outerjoin(registry, on_current)).where(
+            s.controller_id.in_(select(c.id).where(watched).scalar_subquery())),
+        # Failing its health check after the restarts its controller was allowed.
+        failing=select(*columns).select_from(services.join(registry, on_current)).where(
+            s.desired_state == "running", current.health == "unhealthy",
+            current.health_restarts >= bindparam("restarts")),
+        hosting=select(current.controller_id).distinct().where(
+            current.status != "stale", any_of(current.controller_id, "draining", sqlite=sqlite)),
+        busy=select(o.service_id).where(active, any_of(o.hub_replica, "live", sqlite=sqlite),
+                                        o.service_id.is_not(None)),
+    )
+
+
 class Reconciler(LoopService):
     name = "reconciler"
 
@@ -85,6 +148,9 @@ class Reconciler(LoopService):
         self.move_slots = AdaptiveLimit(settings.reconcile_concurrency)
         self._lag = LoopLag(self.move_slots)
         self._last_ok: datetime | None = None
+        self._reads = _tick_statements(db.is_sqlite)
+        # When the rows of long-gone replicas were last deleted.
+        self._swept: datetime | None = None
 
     async def run_once(self) -> None:
         now = utcnow()
@@ -124,12 +190,12 @@ class Reconciler(LoopService):
 
     async def _live_replicas(self, now: datetime) -> set[str]:
         cutoff = now - timedelta(seconds=self.settings.heartbeat_grace)
-        async with self.db.session() as session:
-            live = set(await session.scalars(select(HubReplicaModel.id).where(HubReplicaModel.last_seen_at >= cutoff)))
+        live = {row[0] for row in await self.db.all(self._reads.replicas, {"cutoff": cutoff})}
+        if self._swept is None or now - self._swept > REPLICA_SWEEP:
             # Rows of replicas gone for an hour are only clutter.
-            await session.execute(
-                delete(HubReplicaModel).where(HubReplicaModel.last_seen_at < now - timedelta(hours=1))
-            )
+            async with self.db.transaction() as tx:
+                await tx.execute(self._reads.old_replicas, {"before": now - timedelta(hours=1)})
+            self._swept = now
         return live | {self.replica_id}
 
     async def _snapshot(self, now: datetime, live: set[str]) -> Snapshot:
@@ -140,50 +206,18 @@ class Reconciler(LoopService):
         health check, yields no action, so leaving it out of the snapshot changes no decision.
         """
         grace = self.pace.detection_grace
-        cutoff = now - timedelta(seconds=grace)
-        c, s, current = ControllerModel, ServiceModel, ContainerRegistryModel
-        # A superset of the lost ones (compute() also counts the grace from leader_since).
-        watched = or_(c.status != "healthy", c.draining.is_(True), c.last_heartbeat_at.is_(None),
-                      c.last_heartbeat_at < cutoff)
-        columns = (s.id, s.desired_state, s.status, s.controller_id, current.health, current.health_restarts)
-        on_current = and_(current.service_id == s.id, current.container_id == s.container_id)
-        async with self.db.session() as session:
-            controllers = [
-                ControllerState(*row)
-                for row in await session.execute(
-                    select(c.id, c.status, c.last_heartbeat_at, c.enabled, c.draining).where(watched))
-            ]
-            rows: dict[str, Any] = {}
-            for query in (
-                # Unsettled: a create, migrate or failover that did not finish.
-                select(*columns).outerjoin(current, on_current).where(
-                    s.desired_state == "running", or_(s.status.in_(sorted(UNSETTLED)), s.controller_id.is_(None))),
-                # On a controller that may be lost, or is draining.
-                select(*columns).outerjoin(current, on_current).where(
-                    s.controller_id.in_(select(c.id).where(watched).scalar_subquery())),
-                # Failing its health check after the restarts its controller was allowed.
-                select(*columns).join(current, on_current).where(
-                    s.desired_state == "running", current.health == "unhealthy",
-                    current.health_restarts >= self.settings.max_health_restarts),
-            ):
-                for row in await session.execute(query):
-                    rows[row[0]] = row
-            draining = sorted(ctl.id for ctl in controllers if ctl.draining)
-            hosting = frozenset(
-                await session.scalars(
-                    select(current.controller_id).distinct()
-                    .where(current.status != "stale", current.controller_id.in_(draining))
-                )
-            ) if draining else frozenset()
-            busy = set(
-                await session.scalars(
-                    select(OperationModel.service_id).where(
-                        OperationModel.status.in_(("pending", "running")),
-                        OperationModel.hub_replica.in_(live),
-                        OperationModel.service_id.is_not(None),
-                    )
-                )
-            )
+        reads, db = self._reads, self.db
+        params = {"cutoff": now - timedelta(seconds=grace), "unsettled": sorted(UNSETTLED),
+                  "restarts": self.settings.max_health_restarts}
+        controllers = [ControllerState(*row) for row in await db.all(reads.controllers, params)]
+        rows: dict[str, Any] = {}
+        for query in (reads.unsettled, reads.on_watched, reads.failing):
+            for row in await db.all(query, params):
+                rows[row[0]] = row
+        draining = sorted(ctl.id for ctl in controllers if ctl.draining)
+        hosting = frozenset(row[0] for row in await db.all(reads.hosting, {"draining": draining})
+                            ) if draining else frozenset()
+        busy = {row[0] for row in await db.all(reads.busy, {"active": list(ACTIVE), "live": sorted(live)})}
         busy |= set(self._moving)
         services = [
             ServiceState(sid, desired, status, controller_id, health or "unknown", restarts or 0, sid in busy)
@@ -202,20 +236,10 @@ class Reconciler(LoopService):
 
         Drains are not failed: they are finished by whoever completes them.
         """
-        async with self.db.session() as session:
-            result = await session.execute(
-                update(OperationModel)
-                .where(
-                    OperationModel.status.in_(("pending", "running")),
-                    OperationModel.operation != "drain",
-                    or_(OperationModel.hub_replica.is_(None), OperationModel.hub_replica.not_in(live)),
-                )
-                .values(status="failed", finished_at=now,
-                        error="interrupted: the hub replica running it stopped; the reconciler finishes its work")
-                .execution_options(synchronize_session=False)
-            )
-        if result.rowcount:  # type: ignore[attr-defined]
-            log.warning("recovered %d operation(s) left running by a stopped hub replica", result.rowcount)  # type: ignore[attr-defined]
+        async with self.db.transaction() as tx:
+            recovered = await tx.execute(self._reads.recover, {"active": list(ACTIVE), "live": sorted(live), "now": now})
+        if recovered:
+            log.warning("recovered %d operation(s) left running by a stopped hub replica", recovered)
 
     async def _mark_lost(self, actions: list[MarkLost], now: datetime) -> set[str]:
         """Mark the controllers unhealthy, all in one statement per chunk, except those whose heartbeat

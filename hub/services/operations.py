@@ -7,14 +7,15 @@ afterwards, so a crash leaves a visible trace instead of nothing.
 
 from __future__ import annotations
 
+import functools
 import logging
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import Select, bindparam, select, update
+from sqlalchemy import Select, Update, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hub.db import Database, Tx, insert_row
+from hub.db import Database, Tx, any_of, insert_row
 from hub.metrics import HubMetrics
 from hub.models import OperationModel, new_id, utcnow
 
@@ -28,6 +29,20 @@ _FINISH = (
     .where(_OPERATIONS.c.id == bindparam("op_id"))
     .values({key: bindparam(key, type_=_OPERATIONS.c[key].type) for key in _FINISHED})
 )
+
+
+@functools.cache
+def _recover_own(sqlite: bool) -> Update:
+    """``OperationLog.recover_own``'s statement, built once (it runs every second on every replica)."""
+    o = _OPERATIONS.c
+    return update(_OPERATIONS).where(
+        o.hub_replica == bindparam("replica"),
+        any_of(o.status, "active", sqlite=sqlite),
+        o.operation != "drain",  # finished by the reconciler, not by this process
+        o.created_at < bindparam("before"),
+        ~any_of(o.id, "here", sqlite=sqlite),
+    ).values(status="failed", finished_at=bindparam("now"),
+             error="interrupted: its end could not be recorded (database outage); the reconciler finishes its work")
 
 
 class OperationLog:
@@ -88,24 +103,12 @@ class OperationLog:
     async def recover_own(self) -> int:
         """Fail this replica's operations that are "running" in the table but no longer here: their
         ending was lost to a database outage. Each replica runs this for itself, leader or not."""
-        before = utcnow() - timedelta(seconds=1)  # anything begun since is too young to judge
-        active = set(self.active)
-        async with self.db.session() as session:
-            result = await session.execute(
-                update(OperationModel)
-                .where(
-                    OperationModel.hub_replica == self.replica_id,
-                    OperationModel.status.in_(("pending", "running")),
-                    OperationModel.operation != "drain",  # finished by the reconciler, not by this process
-                    OperationModel.created_at < before,
-                    OperationModel.id.not_in(active or {""}),
-                )
-                .values(status="failed", finished_at=utcnow(),
-                        error="interrupted: its end could not be recorded (database outage); the reconciler "
-                              "finishes its work")
-                .execution_options(synchronize_session=False)
-            )
-        return int(result.rowcount or 0)  # type: ignore[attr-defined]
+        now = utcnow()
+        async with self.db.transaction() as tx:
+            # Anything begun in the last second is too young to judge.
+            return await tx.execute(_recover_own(self.db.is_sqlite), {
+                "replica": self.replica_id, "active": ["pending", "running"], "before": now - timedelta(seconds=1),
+                "here": sorted(self.active), "now": now})
 
     async def finish(
         self,

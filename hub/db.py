@@ -35,6 +35,27 @@ log = logging.getLogger(__name__)
 _Compiled = tuple[str, tuple[str, ...], dict[str, Any], dict[str, Callable[[Any], Any]]]
 
 
+_NO_VALUE = object()
+# A statement's SQL for asyncpg and what makes its arguments, in order, of a mapping of values.
+_Binder = tuple[str, Callable[[Mapping[str, Any]], list[Any]]]
+
+
+def _binder(sql: str, names: tuple[str, ...], bound: dict[str, Any],
+            processors: dict[str, Callable[[Any], Any]]) -> _Binder:
+    order = [(name, bound.get(name, _NO_VALUE), processors.get(name)) for name in names]
+
+    def arguments(params: Mapping[str, Any]) -> list[Any]:
+        args: list[Any] = []
+        for name, default, process in order:
+            value = params.get(name, default)
+            if value is _NO_VALUE:
+                raise KeyError(f"parameter {name!r} has no value")
+            args.append(process(value) if process is not None and value is not None else value)
+        return args
+
+    return sql, arguments
+
+
 class Tx(Protocol):
     """Core statements in one transaction: ``Database.transaction()``, or an ORM session's (``CoreTx``).
 
@@ -129,8 +150,8 @@ class _RawTx:
 
     async def executemany(self, statement: Executable, rows: Sequence[Mapping[str, Any]]) -> None:
         if rows:
-            binds = [self.db._bind(statement, r) for r in rows]
-            await self.conn.executemany(binds[0][0], [b[1:] for b in binds])
+            sql, arguments = self.db._binder(statement)
+            await self.conn.executemany(sql, [arguments(r) for r in rows])
 
 
 class Database:
@@ -165,7 +186,7 @@ class Database:
         # Reads that need no transaction (``first`` on SQLite): no BEGIN or COMMIT around the statement.
         self.autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         # Statements run straight through asyncpg (``first``, ``transaction``), compiled for it (``_compile``).
-        self._compiled: dict[Executable, _Compiled] = {}
+        self._binders: dict[Executable, _Binder] = {}
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -259,21 +280,16 @@ class Database:
 
     def _bind(self, statement: Executable, params: Mapping[str, Any]) -> list[Any]:
         """The statement's SQL for asyncpg and its arguments in order, through the columns' bind processors."""
-        compiled = self._compiled.get(statement)
-        if compiled is None:
-            compiled = self._compiled[statement] = self._compile(statement)
-        sql, names, bound, processors = compiled
-        args: list[Any] = [sql]
-        for name in names:
-            if name in params:
-                value = params[name]
-            elif name in bound:
-                value = bound[name]
-            else:
-                raise KeyError(f"parameter {name!r} has no value")
-            process = processors.get(name)
-            args.append(process(value) if process is not None and value is not None else value)
-        return args
+        sql, arguments = self._binder(statement)
+        return [sql, *arguments(params)]
+
+    def _binder(self, statement: Executable) -> _Binder:
+        """The statement's SQL for asyncpg, and what makes its arguments of a mapping of values; made once
+        a statement."""
+        binder = self._binders.get(statement)
+        if binder is None:
+            binder = self._binders[statement] = _binder(*self._compile(statement))
+        return binder
 
     def _compile(self, statement: Executable) -> _Compiled:
         """(SQL for the driver, its parameter names in order, the values bound in the statement itself, the

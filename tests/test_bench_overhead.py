@@ -1,4 +1,4 @@
-"""Small runs of bench.overhead and bench.api_floor: the benchmark code still works and its
+"""Small runs of bench.overhead, bench.api_floor and bench.idle: the benchmark code still works and its
 output has its fields (correctness, not timing: nothing here compares a number with a target)."""
 
 from __future__ import annotations
@@ -8,7 +8,7 @@ from pathlib import Path
 import docker
 import pytest
 
-from bench import api_floor, overhead
+from bench import api_floor, idle, overhead
 from bench.pyspy import summarize
 from tests.pg import create_database
 
@@ -54,6 +54,12 @@ def test_api_floor_small(db_url: str, example_image: str, docker_client: docker.
     assert result["service"]["pg_transactions_per_request"] > 0
     assert result["services"]["path"].endswith("(4 services)")
     assert result["status"]["cores_used"]["controller"] > 0
+
+
+def test_idle_small(db_url: str, example_image: str, docker_client: docker.DockerClient, tmp_path: Path) -> None:
+    result = idle.measure(db_url, tmp_path, docker_client, services=2, seconds=1.0, settle=0.2)
+    assert result["services"] == 2 and result["seconds"] == 1.0
+    assert result["hub_cores"] > 0  # its loops run, and are counted
 
 
 def test_profile_summary() -> None:

@@ -95,6 +95,12 @@ async def test_simulated_controllers_register_run_and_fail_over(hub_url: str, db
         assert [(c.id, c.epoch) for c in second.containers.values()] == [(after["container_id"], after["epoch"])]
         assert (await api.get(f"/api/admin/controllers/{first}")).json()["status"] == "unhealthy"
 
+        async def healthy_again() -> bool:
+            now = (await api.get(f"/api/services/{service['id']}")).json()
+            return now["container_id"] == after["container_id"] and now["health"] == "healthy"
+
+        await _until(healthy_again, what="the moved copy's health check to reach the hub")
+
         # Back from the dead: its stale copy goes (a stop order in a heartbeat's answer, or the hub's own delete).
         sim.revive([first])
 

@@ -141,6 +141,20 @@ _SETTLE_ROW = (
 )
 
 
+# A moved copy's probe passed (ServiceManager._follow_health): the service, if still at that copy, and the
+# copy's row, unless retired meanwhile, read healthy.
+_FOLLOWED_SERVICE = (
+    update(_SERVICES)
+    .where(_SERVICES.c.id == bindparam("service_id"), _SERVICES.c.epoch == bindparam("epoch"),
+           _SERVICES.c.container_id == bindparam("container_id"), _SERVICES.c.health != "healthy")
+    .values(health="healthy", updated_at=bindparam("updated_at"))
+)
+_FOLLOWED_ROW = (
+    update(_REGISTRY)
+    .where(_REGISTRY.c.id == bindparam("row_id"), _REGISTRY.c.container_id == bindparam("container_id"),
+           _REGISTRY.c.status != "stale")
+    .values(health="healthy", updated_at=bindparam("updated_at"))
+)
 # The create's end: its service pointing at the container, unless another operation got there first.
 _SETTLE_CREATED = (
     update(_SERVICES)
@@ -1029,22 +1043,11 @@ class ServiceManager:
 
         async def follow() -> None:
             await self._await_healthy(controller, container_id, FAILOVER_HEALTH_WAIT, backoff=True)
-            now = utcnow()
-            async with self.db.session() as session:
-                await session.execute(
-                    update(ServiceModel)
-                    .where(ServiceModel.id == service_id, ServiceModel.epoch == epoch,
-                           ServiceModel.container_id == container_id, ServiceModel.health != "healthy")
-                    .values(health="healthy", updated_at=now)
-                    .execution_options(synchronize_session=False)
-                )
-                await session.execute(
-                    update(ContainerRegistryModel)
-                    .where(ContainerRegistryModel.id == row.id, ContainerRegistryModel.container_id == container_id,
-                           ContainerRegistryModel.status != "stale")
-                    .values(health="healthy", updated_at=now)
-                    .execution_options(synchronize_session=False)
-                )
+            values = {"service_id": service_id, "epoch": epoch, "container_id": container_id, "row_id": row.id,
+                      "updated_at": utcnow()}
+            async with self.db.transaction() as tx:
+                await tx.execute(_FOLLOWED_SERVICE, values)
+                await tx.execute(_FOLLOWED_ROW, values)
 
         self.spawn(follow(), self._followers)
 

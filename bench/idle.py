@@ -1,0 +1,105 @@
+"""A quiet hub's CPU: what the hub's loops cost when nobody calls it.
+
+A hub and one controller as real processes (``mmanager``), a throwaway PostgreSQL cluster (or
+MMANAGER_BENCH_DATABASE_URL), the real Docker engine running ``--services`` services of the locally
+built example image. Once they run, the hub's CPU is read with psutil over ``--seconds`` while only its
+own loops (the reconciler's tick, the replica's beat, the poller, the heartbeat flush) and the
+controller's heartbeats run. With ``--profile`` (needs py-spy), the hub is then sampled for as long again
+and its busiest functions are listed.
+
+    python -m bench.idle [--services 5] [--seconds 30] [--profile [DIR]]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import tempfile
+import time
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import docker
+import psutil
+
+from bench.api_floor import SPEC
+from bench.pyspy import Recording, profile_dir
+from mmanager.images import build_example_image
+from tests.pg import create_database, local_cluster
+from tests.procs import LocalDeployment, api, wait_for
+
+
+def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, services: int = 5,
+            seconds: float = 30.0, settle: float = 5.0, profile: Path | None = None) -> dict[str, Any]:
+    dep = LocalDeployment(db_url, workdir, extra_hub_env={"MMANAGER_MAX_SERVICES_PER_USER": str(services + 1)})
+    dep.plan_hubs(1)
+    ctl = dep.add_controller("alpha")
+    token = dep.create_admin()
+    try:
+        dep.start()
+        client = api(dep.hub(0).url, token)
+        wait_for(lambda: client.get(f"/api/admin/controllers/{ctl.name}").json()["status"] == "healthy", 30,
+                 what="the controller healthy")
+        for i in range(services):
+            made = client.post("/api/root/bench/services", json={
+                **SPEC, "name": f"idle-{i}", "resources": {**SPEC["resources"], "cpu_limit": 0.02}})
+            if made.status_code != 201:
+                raise RuntimeError(f"service {i}: HTTP {made.status_code}: {made.text[:300]}")
+        client.close()
+        time.sleep(settle)  # the creates' follow-ups done
+        assert dep.hub(0).popen is not None
+        hub = psutil.Process(dep.hub(0).popen.pid)
+        before, started = hub.cpu_times(), time.perf_counter()
+        time.sleep(seconds)
+        after, wall = hub.cpu_times(), time.perf_counter() - started
+        result: dict[str, Any] = {
+            "services": services, "seconds": seconds,
+            "hub_cores": round((after.user + after.system - before.user - before.system) / wall, 4),
+        }
+        if profile is not None:
+            recording = Recording(hub.pid, profile / "idle.pyspy").start()
+            try:
+                time.sleep(seconds)
+            finally:
+                recording.stop()
+            result["profile"] = recording.summary(top=20)
+        return result
+    finally:
+        dep.stop(docker_client)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--services", type=int, default=5)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--profile", nargs="?", type=Path, const=True, default=None, metavar="DIR",
+                        help="also sample the hub with py-spy (files in DIR, default a temporary folder)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results/idle.json"))
+    args = parser.parse_args()
+    docker_client = docker.from_env()
+    build_example_image(docker_client)
+    with ExitStack() as stack:
+        server = os.environ.get("MMANAGER_BENCH_DATABASE_URL") or stack.enter_context(local_cluster()).url
+        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-")))
+        db_url = asyncio.run(create_database(server, "bench"))
+        result = measure(db_url, workdir / "run", docker_client, services=args.services, seconds=args.seconds,
+                         profile=profile_dir(args.profile, workdir))
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    print(f"a quiet hub, 1 controller, {args.services} services, {args.seconds:g} s: "
+          f"{result['hub_cores']} hub cores")
+    summary = result.get("profile")
+    if summary:
+        print(f"\nhub profile ({summary['samples']} samples on CPU), by package:")
+        for row in summary["packages"][:10]:
+            print(f"  {row['share']:6.1%}  {row['package']}")
+        print("self:")
+        for row in summary["self"][:15]:
+            print(f"  {row['share']:6.1%}  {row['function']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -33,15 +33,20 @@ async def pg_url(pg_server: str) -> str:
 
 @pytest.fixture
 async def db(pg_url: str) -> AsyncIterator[Database]:
-    database = Database(pg_url)
+    database = await emptied(Database(pg_url))
+    yield database
+    await database.dispose()
+
+
+async def emptied(database: Database) -> Database:
+    """``database`` (PostgreSQL) with every table emptied."""
     async with database.session() as session:
         tables = ", ".join(t.name for t in Base.metadata.sorted_tables)
         # audit_log refuses TRUNCATE (a trigger); the replica role, for this transaction only (SET LOCAL,
         # the test cluster's user is a superuser), fires no triggers.
         await session.execute(text("SET LOCAL session_replication_role = replica"))
         await session.execute(text(f"TRUNCATE {tables} RESTART IDENTITY CASCADE"))
-    yield database
-    await database.dispose()
+    return database
 
 
 @pytest.fixture(scope="session")

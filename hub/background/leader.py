@@ -34,7 +34,7 @@ ADVISORY_LOCK_KEY = 0x6D6D616E61676572 & 0x7FFFFFFFFFFFFFFF
 
 
 # A replica's beat (every supervisor tick), built once.
-_BEAT = (update(HubReplicaModel.__table__).where(HubReplicaModel.__table__.c.id == bindparam("id"))
+_BEAT = (update(HubReplicaModel.__table__).where(HubReplicaModel.__table__.c.id == bindparam("replica_id"))
          .values(last_seen_at=bindparam("now"), is_leader=bindparam("leading")))
 
 
@@ -148,7 +148,7 @@ class Supervisor(LoopService):
     async def _beat(self) -> None:
         now = utcnow()
         async with self.db.transaction() as tx:
-            if not await tx.execute(_BEAT, {"id": self.replica_id, "now": now, "leading": self.leading}):
+            if not await tx.execute(_BEAT, {"replica_id": self.replica_id, "now": now, "leading": self.leading}):
                 await insert_row(tx, HubReplicaModel(id=self.replica_id, hostname=socket.gethostname(), pid=os.getpid(),
                                                      is_leader=self.leading, started_at=now, last_seen_at=now))
 

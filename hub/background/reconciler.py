@@ -190,7 +190,7 @@ class Reconciler(LoopService):
 
     async def _live_replicas(self, now: datetime) -> set[str]:
         cutoff = now - timedelta(seconds=self.settings.heartbeat_grace)
-        live = {row[0] for row in await self.db.all(self._reads.replicas, {"cutoff": cutoff})}
+        live = {row["id"] for row in await self.db.all(self._reads.replicas, {"cutoff": cutoff})}
         if self._swept is None or now - self._swept > REPLICA_SWEEP:
             # Rows of replicas gone for an hour are only clutter.
             async with self.db.transaction() as tx:
@@ -209,19 +209,20 @@ class Reconciler(LoopService):
         reads, db = self._reads, self.db
         params = {"cutoff": now - timedelta(seconds=grace), "unsettled": sorted(UNSETTLED),
                   "restarts": self.settings.max_health_restarts}
-        controllers = [ControllerState(*row) for row in await db.all(reads.controllers, params)]
+        controllers = [ControllerState(**row) for row in await db.all(reads.controllers, params)]
         rows: dict[str, Any] = {}
         for query in (reads.unsettled, reads.on_watched, reads.failing):
             for row in await db.all(query, params):
-                rows[row[0]] = row
+                rows[row["id"]] = row
         draining = sorted(ctl.id for ctl in controllers if ctl.draining)
-        hosting = frozenset(row[0] for row in await db.all(reads.hosting, {"draining": draining})
+        hosting = frozenset(row["controller_id"] for row in await db.all(reads.hosting, {"draining": draining})
                             ) if draining else frozenset()
-        busy = {row[0] for row in await db.all(reads.busy, {"active": list(ACTIVE), "live": sorted(live)})}
+        busy = {row["service_id"] for row in await db.all(reads.busy, {"active": list(ACTIVE), "live": sorted(live)})}
         busy |= set(self._moving)
         services = [
-            ServiceState(sid, desired, status, controller_id, health or "unknown", restarts or 0, sid in busy)
-            for sid, desired, status, controller_id, health, restarts in sorted(rows.values(), key=lambda r: r[0])
+            ServiceState(sid, r["desired_state"], r["status"], r["controller_id"], r["health"] or "unknown",
+                         r["health_restarts"] or 0, sid in busy)
+            for sid, r in sorted(rows.items())
         ]
         return Snapshot(controllers, services, self.leader_since, grace,
                         self.settings.max_health_restarts,

@@ -25,6 +25,7 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import math
 import re
@@ -37,7 +38,7 @@ from typing import Any, TypeVar
 from urllib.parse import urlparse
 
 from pydantic import ValidationError
-from sqlalchemy import Text, bindparam, case, cast, delete, func, insert, select, update
+from sqlalchemy import Select, Text, bindparam, case, cast, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.config import HubSettings
@@ -145,13 +146,13 @@ _SETTLE_ROW = (
 # copy's row, unless retired meanwhile, read healthy.
 _FOLLOWED_SERVICE = (
     update(_SERVICES)
-    .where(_SERVICES.c.id == bindparam("service_id"), _SERVICES.c.epoch == bindparam("epoch"),
-           _SERVICES.c.container_id == bindparam("container_id"), _SERVICES.c.health != "healthy")
+    .where(_SERVICES.c.id == bindparam("service_id"), _SERVICES.c.epoch == bindparam("at_epoch"),
+           _SERVICES.c.container_id == bindparam("copy_id"), _SERVICES.c.health != "healthy")
     .values(health="healthy", updated_at=bindparam("updated_at"))
 )
 _FOLLOWED_ROW = (
     update(_REGISTRY)
-    .where(_REGISTRY.c.id == bindparam("row_id"), _REGISTRY.c.container_id == bindparam("container_id"),
+    .where(_REGISTRY.c.id == bindparam("row_id"), _REGISTRY.c.container_id == bindparam("copy_id"),
            _REGISTRY.c.status != "stale")
     .values(health="healthy", updated_at=bindparam("updated_at"))
 )
@@ -231,22 +232,38 @@ def _require_visible(user: UserModel | Identity, owner_id: int | None, service_i
 Unfinished = tuple[list[ContainerRegistryModel], dict[str, ControllerModel]]
 
 
-async def _unfinished(session: AsyncSession, service: ServiceModel) -> Unfinished:
+_PENDING_ROWS = select(_REGISTRY).where(_REGISTRY.c.service_id == bindparam("service_id"),
+                                        _REGISTRY.c.status != "stale")
+# A move's service, with what of its owner a move needs (the owner's volumes are named by id and name).
+_MOVED = (select(_SERVICES, UserModel.__table__.c.username.label("owner_username"),
+                 UserModel.__table__.c.is_admin.label("owner_is_admin"))
+          .join_from(_SERVICES, UserModel.__table__, _SERVICES.c.owner_id == UserModel.__table__.c.id)
+          .where(_SERVICES.c.id == bindparam("service_id")))
+_STALE_COPIES = (
+    select(_REGISTRY.c.id, _REGISTRY.c.controller_id, _REGISTRY.c.container_id, _CONTROLLERS.c.status)
+    .select_from(_REGISTRY.outerjoin(_CONTROLLERS, _CONTROLLERS.c.id == _REGISTRY.c.controller_id))
+    .where(_REGISTRY.c.service_id == bindparam("service_id"), _REGISTRY.c.status == "stale")
+)
+
+
+@functools.cache
+def _healthy_controllers(sqlite: bool) -> Select[Any]:
+    return select(_CONTROLLERS).where(_CONTROLLERS.c.status == "healthy", any_of(_CONTROLLERS.c.id, "ids", sqlite=sqlite))
+
+
+async def _unfinished(tx: Tx, service: ServiceModel, *, sqlite: bool) -> Unfinished:
     """Rows of ``service`` that are neither its current container nor superseded: creates begun by an
     operation that never finished (a heartbeat may already have seen them run); and of the controllers
-    those rows are on, the healthy ones (only those: a failover of thousands must not read the fleet each)."""
+    those rows are on, the healthy ones (only those: a failover of thousands must not read the fleet each).
+    Rows and controllers as objects of no session, read with Core statements built once."""
     pending = [
-        row for row in await session.scalars(
-            select(ContainerRegistryModel).where(
-                ContainerRegistryModel.service_id == service.id, ContainerRegistryModel.status != "stale"
-            )
-        )
-        if row.container_id is None or row.container_id != service.container_id
+        ContainerRegistryModel(**row) for row in await tx.all(_PENDING_ROWS, {"service_id": service.id})
+        if row["container_id"] is None or row["container_id"] != service.container_id
     ]
     if not pending:
         return pending, {}
-    healthy = await session.scalars(select(ControllerModel).where(
-        ControllerModel.status == "healthy", ControllerModel.id.in_(sorted({row.controller_id for row in pending}))))
+    ids = sorted({row.controller_id for row in pending})
+    healthy = [ControllerModel(**row) for row in await tx.all(_healthy_controllers(sqlite), {"ids": ids})]
     return pending, {c.id: c for c in healthy}
 
 
@@ -919,8 +936,8 @@ class ServiceManager:
         ``unfinished``: those rows, when the caller read them already.
         """
         if unfinished is None:
-            async with self.db.session() as session:
-                unfinished = await _unfinished(session, service)
+            async with self.db.transaction() as tx:
+                unfinished = await _unfinished(tx, service, sqlite=self.db.is_sqlite)
         pending, healthy = unfinished
         for row in pending:
             controller = healthy.get(row.controller_id)
@@ -1043,7 +1060,7 @@ class ServiceManager:
 
         async def follow() -> None:
             await self._await_healthy(controller, container_id, FAILOVER_HEALTH_WAIT, backoff=True)
-            values = {"service_id": service_id, "epoch": epoch, "container_id": container_id, "row_id": row.id,
+            values = {"service_id": service_id, "at_epoch": epoch, "copy_id": container_id, "row_id": row.id,
                       "updated_at": utcnow()}
             async with self.db.transaction() as tx:
                 await tx.execute(_FOLLOWED_SERVICE, values)
@@ -1125,17 +1142,11 @@ class ServiceManager:
 
     async def _retire_stale(self, service_id: str) -> int:
         """Remove superseded copies on controllers that answer; the others are told on their next heartbeat."""
-        async with self.db.session() as session:
-            stale = list(
-                await session.execute(
-                    select(ContainerRegistryModel.id, ContainerRegistryModel.controller_id,
-                           ContainerRegistryModel.container_id, ControllerModel.status)
-                    .join(ControllerModel, ControllerModel.id == ContainerRegistryModel.controller_id, isouter=True)
-                    .where(ContainerRegistryModel.service_id == service_id, ContainerRegistryModel.status == "stale")
-                )
-            )
+        stale = await self.db.all(_STALE_COPIES, {"service_id": service_id})
         removed = 0
-        for row_id, controller_id, container_id, controller_status in stale:
+        for copy in stale:
+            row_id, controller_id, container_id = copy["id"], copy["controller_id"], copy["container_id"]
+            controller_status = copy["status"]
             if controller_status != "healthy" or container_id is None:
                 continue
             if await self._remove_container(controller_id, container_id):
@@ -1175,19 +1186,24 @@ class ServiceManager:
                 if service.status not in UNSETTLED or await self._still_serving(service):
                     return None
             operation = {"controller_lost": "failover", "resume": "recover"}.get(reason, "migrate")
-            # One transaction: the service read, its operation begun, its unfinished creates read.
-            async with self.db.session() as session:
-                found = await session.get(ServiceModel, service_id)
-                if found is None or found.controller_id != expected_controller:
+            # One transaction of Core statements: the service read, its operation begun, its unfinished
+            # creates read (in ORM sessions, a third of a move's CPU).
+            async with self.db.transaction() as tx:
+                found = await tx.first(_MOVED, {"service_id": service_id})
+                if found is None or found["controller_id"] != expected_controller:
                     return None
-                service = found
+                values = dict(found)
+                owner = UserModel(id=values["owner_id"], username=values.pop("owner_username"),
+                                  is_admin=values.pop("owner_is_admin"))
+                service = ServiceModel(**values)
+                service.owner = owner
                 op = self.ops.new(
                     operation, "system", service_id=service.id, controller_id=service.controller_id,
                     container_id=service.container_id,
                     details={"reason": reason, "from_epoch": service.epoch, "from_controller": service.controller_id},
                 )
-                session.add(op)
-                unfinished = await _unfinished(session, service)
+                await insert_row(tx, op)
+                unfinished = await _unfinished(tx, service, sqlite=self.db.is_sqlite)
             self.ops.active.add(op.id)
             # No request carries a move: its operation id tags its log lines and its controller calls
             # (the reconciler runs each move in a task of its own, so this stays within it).

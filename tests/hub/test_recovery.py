@@ -1,23 +1,44 @@
-"""Operations nobody will finish are failed, on real PostgreSQL: a replica's own whose end was lost to a
-database outage (``OperationLog.recover_own``, every replica every second), and those of replicas that
-stopped (the leader's reconciler); a drain, the young, and what a live replica still runs are left alone.
-And a replica's row: written on its first beat, kept fresh on the next."""
+"""The loops of a quiet hub, on real PostgreSQL (statements straight through asyncpg) and on SQLite (the
+same statements through SQLAlchemy Core, ``mmanager dev``'s database).
+
+Operations nobody will finish are failed: a replica's own whose end was lost to a database outage
+(``OperationLog.recover_own``, every replica every second), and those of replicas that stopped (the
+leader's reconciler); a drain, the young, and what a live replica still runs are left alone. A replica's
+row: written on its first beat, kept fresh on the next. And a whole reconciler tick: a silent controller
+is marked lost, one that beats is not."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import AsyncIterator
 from datetime import datetime, timedelta
+from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import select
 
 from hub.background.leader import Supervisor
 from hub.background.reconciler import Reconciler
 from hub.db import Database, insert_row
 from hub.metrics import HubMetrics
-from hub.models import HubReplicaModel, OperationModel, utcnow
+from hub.migrate import upgrade
+from hub.models import ControllerModel, HubReplicaModel, OperationModel, utcnow
 from hub.services.operations import OperationLog
+from tests.conftest import emptied
 from tests.hub.test_controller_keys import key_hub
+
+
+@pytest.fixture(params=["postgresql", "sqlite"])
+async def db(request: pytest.FixtureRequest, pg_url: str, tmp_path: Path) -> AsyncIterator[Database]:
+    if request.param == "postgresql":
+        database = await emptied(Database(pg_url))
+    else:
+        url = f"sqlite+aiosqlite:///{tmp_path / 'dev.db'}"
+        await asyncio.to_thread(upgrade, url)
+        database = Database(url)
+    yield database
+    await database.dispose()
 
 
 async def statuses(db: Database) -> dict[str, tuple[str, str | None]]:
@@ -86,3 +107,22 @@ async def test_a_replica_writes_its_row_then_keeps_it_fresh(db: Database) -> Non
         again = await session.get(HubReplicaModel, "replica-1")
     assert again is not None and again.is_leader and again.last_seen_at > first.last_seen_at
     assert again.started_at == first.started_at
+
+
+async def test_a_tick_marks_a_silent_controller_lost_and_no_other(db: Database) -> None:
+    async with key_hub(db, heartbeat_interval=0.5, heartbeat_grace=1.5) as hub:
+        now = utcnow()
+        async with db.session() as session:
+            for cid, heard in (("silent", now - timedelta(seconds=30)), ("beating", now)):
+                session.add(ControllerModel(id=cid, url=f"http://{cid}.test:8001", status="healthy",
+                                            last_heartbeat_at=heard))
+        parts = hub.parts
+        reconciler = Reconciler(parts.db, parts.settings, parts.services, parts.metrics, parts.replica_id,
+                                utcnow() - timedelta(hours=1), ingest=parts.ingest)
+        await reconciler.run_once()
+        assert reconciler._last_ok is not None  # the whole tick ran
+        async with db.session() as session:
+            found = {c.id: (c.status, c.error_message) for c in await session.scalars(
+                select(ControllerModel).where(ControllerModel.id.in_(["silent", "beating"])))}
+    assert found["beating"] == ("healthy", None)
+    assert found["silent"][0] == "unhealthy" and "no heartbeat" in str(found["silent"][1])

@@ -55,9 +55,14 @@ def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, s
         before, started = hub.cpu_times(), time.perf_counter()
         time.sleep(seconds)
         after, wall = hub.cpu_times(), time.perf_counter() - started
+        # A loop that fails on every tick costs CPU too (and logs it): the measure counts only a hub whose
+        # loops work.
+        errors = [line for line in dep.hub(0).log.read_text(errors="replace").splitlines()
+                  if " ERROR " in line or "Traceback" in line]
         result: dict[str, Any] = {
             "services": services, "seconds": seconds,
             "hub_cores": round((after.user + after.system - before.user - before.system) / wall, 4),
+            "hub_error_lines": len(errors), "first_errors": errors[:5],
         }
         if profile is not None:
             recording = Recording(hub.pid, profile / "idle.pyspy").start()
@@ -90,7 +95,7 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"a quiet hub, 1 controller, {args.services} services, {args.seconds:g} s: "
-          f"{result['hub_cores']} hub cores")
+          f"{result['hub_cores']} hub cores; {result['hub_error_lines']} error lines in the hub's log")
     summary = result.get("profile")
     if summary:
         print(f"\nhub profile ({summary['samples']} samples on CPU), by package:")

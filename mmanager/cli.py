@@ -7,6 +7,7 @@ import contextlib
 import gc
 import getpass
 import json
+import logging
 import secrets
 import signal
 import socket
@@ -294,6 +295,8 @@ def dev(port: int = 8000,
     token_file.chmod(0o600)
 
     async def serve() -> None:
+        # As uvicorn's log_level below quiets its own loggers: no access line for every call in this terminal.
+        logging.getLogger("mmanager.access").setLevel(logging.WARNING)
         ctl = _SharedLoopServer(uvicorn.Config(create_controller(ctl_settings), host="127.0.0.1", port=ctl_port,
                                                log_config=None, log_level="warning"))
         hub = _SharedLoopServer(uvicorn.Config(create_hub(hub_settings), host="127.0.0.1", port=port,

@@ -222,8 +222,12 @@ class RequestIdMiddleware:
         rid = clean_request_id(incoming) or new_request_id()
         header = (_HEADER_KEY, rid.encode())
 
+        started = False
+
         async def send_with_id(message: Message) -> None:
+            nonlocal started
             if message["type"] == "http.response.start":
+                started = True
                 headers = [h for h in message.get("headers", ()) if h[0].lower() != _HEADER_KEY]
                 message = {**message, "headers": [*headers, header]}
                 _access_line(scope, message["status"])
@@ -232,6 +236,10 @@ class RequestIdMiddleware:
         token = request_id_var.set(rid)
         try:
             await self.app(scope, receive, send_with_id)
+        except Exception:
+            if not started:
+                _access_line(scope, 500)  # uvicorn answers it 500 itself, past this middleware
+            raise
         finally:
             request_id_var.reset(token)
 

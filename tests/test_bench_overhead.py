@@ -60,6 +60,7 @@ def test_idle_small(db_url: str, example_image: str, docker_client: docker.Docke
     result = idle.measure(db_url, tmp_path, docker_client, services=2, seconds=1.0, settle=0.2)
     assert result["services"] == 2 and result["seconds"] == 1.0
     assert result["hub_cores"] > 0  # its loops run, and are counted
+    assert result["hub_error_lines"] == 0, result["first_errors"]  # and work (a failing tick would log)
 
 
 def test_profile_summary() -> None:

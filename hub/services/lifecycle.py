@@ -1060,11 +1060,12 @@ class ServiceManager:
 
         async def follow() -> None:
             await self._await_healthy(controller, container_id, FAILOVER_HEALTH_WAIT, backoff=True)
-            values = {"service_id": service_id, "at_epoch": epoch, "copy_id": container_id, "row_id": row.id,
-                      "updated_at": utcnow()}
+            now = utcnow()
             async with self.db.transaction() as tx:
-                await tx.execute(_FOLLOWED_SERVICE, values)
-                await tx.execute(_FOLLOWED_ROW, values)
+                # Each statement only its own values: on SQLite, SQLAlchemy would SET a value named after a column.
+                await tx.execute(_FOLLOWED_SERVICE, {"service_id": service_id, "at_epoch": epoch,
+                                                     "copy_id": container_id, "updated_at": now})
+                await tx.execute(_FOLLOWED_ROW, {"row_id": row.id, "copy_id": container_id, "updated_at": now})
 
         self.spawn(follow(), self._followers)
 

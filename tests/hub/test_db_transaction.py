@@ -126,3 +126,30 @@ async def test_reads_made_together_share_a_statement_and_see_what_was_committed_
     assert all(isinstance(f, asyncpg.PostgresConnectionError) for f in failed)
     db.all = real_all  # type: ignore[method-assign]
     assert (await reads.first(second.id))["status"] == second.status  # type: ignore[index]
+
+
+async def test_a_read_made_as_the_last_statement_ends_is_sent_and_a_refused_key_fails_only_its_own(
+        db: Database) -> None:
+    ops = OperationLog(db, HubMetrics())
+    first, second = ops.new("create", "alice"), ops.new("stop", "alice")
+    async with db.transaction() as tx:
+        await insert_row(tx, first)
+        await insert_row(tx, second)
+    table = OperationModel.__table__
+    statement = select(table.c.id, table.c.status).where(any_of(table.c.id, "keys", sqlite=db.is_sqlite))
+    reads = Gathered(db, statement, "id", in_flight=1)
+
+    async def one_then_another() -> tuple[object, object]:
+        row = await reads.first(first.id)
+        # Made as soon as its own read is answered, while the statement's sender is ending: it is sent too.
+        return row, await reads.first(second.id)
+
+    one, another = await asyncio.wait_for(one_then_another(), 5)
+    assert (one["id"], another["id"]) == (first.id, second.id)  # type: ignore[index]
+
+    # PostgreSQL refuses a NUL in a string: the statement of the three keys fails, the two good ones are
+    # read again alone and answered; only the bad one's call fails.
+    got = await asyncio.gather(reads.first(first.id), reads.first("bad\x00id"), reads.first(second.id),
+                               return_exceptions=True)
+    assert got[0]["id"] == first.id and got[2]["id"] == second.id  # type: ignore[index]
+    assert isinstance(got[1], asyncpg.PostgresError)

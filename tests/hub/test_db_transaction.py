@@ -5,10 +5,11 @@ the pool's connections fit for the next one afterwards; and reads made together 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import asyncpg
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import Select, func, select
 
 from hub.db import Database, Gathered, any_of, insert_row
 from hub.metrics import HubMetrics
@@ -72,14 +73,20 @@ async def test_a_transaction_is_written_whole_or_not_at_all(db: Database) -> Non
     assert (row.details, row.status, row.created_at.tzinfo is not None) == ({"epoch": 1}, "running", True)
 
 
-async def test_reads_made_together_share_a_statement_and_see_what_was_committed_before_them(db: Database) -> None:
+async def two_operations(db: Database) -> tuple[OperationModel, OperationModel, Select[Any]]:
+    """Two operations stored, and the statement that reads operations by a list of ids (``keys``)."""
     ops = OperationLog(db, HubMetrics())
     first, second = ops.new("create", "alice"), ops.new("stop", "alice")
     async with db.transaction() as tx:
         await insert_row(tx, first)
         await insert_row(tx, second)
     table = OperationModel.__table__
-    statement = select(table.c.id, table.c.status).where(any_of(table.c.id, "keys", sqlite=db.is_sqlite))
+    return first, second, select(table.c.id, table.c.status).where(any_of(table.c.id, "keys", sqlite=db.is_sqlite))
+
+
+async def test_reads_made_together_share_a_statement_and_see_what_was_committed_before_them(db: Database) -> None:
+    first, second, statement = await two_operations(db)
+    table = OperationModel.__table__
     sent: list[list[str]] = []
     hold = asyncio.Event()
     hold.set()
@@ -130,13 +137,7 @@ async def test_reads_made_together_share_a_statement_and_see_what_was_committed_
 
 async def test_a_read_made_as_the_last_statement_ends_is_sent_and_a_refused_key_fails_only_its_own(
         db: Database) -> None:
-    ops = OperationLog(db, HubMetrics())
-    first, second = ops.new("create", "alice"), ops.new("stop", "alice")
-    async with db.transaction() as tx:
-        await insert_row(tx, first)
-        await insert_row(tx, second)
-    table = OperationModel.__table__
-    statement = select(table.c.id, table.c.status).where(any_of(table.c.id, "keys", sqlite=db.is_sqlite))
+    first, second, statement = await two_operations(db)
     reads = Gathered(db, statement, "id", in_flight=1)
 
     async def one_then_another() -> tuple[object, object]:

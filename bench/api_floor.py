@@ -39,9 +39,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Iterable
 from contextlib import ExitStack
@@ -54,9 +52,10 @@ import docker
 import psutil
 from sqlalchemy.engine import make_url
 
-from bench.pyspy import Recording, profile_dir
+from bench.common import scratch
+from bench.pyspy import Recording, print_summary, profile_dir
 from mmanager.images import EXAMPLE_IMAGE, build_example_image
-from tests.pg import create_database, local_cluster
+from tests.pg import create_database
 from tests.procs import LocalDeployment, api, wait_for
 
 SPEC = {"image": EXAMPLE_IMAGE, "ports": {"5000": None}, "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"},
@@ -265,8 +264,7 @@ def main() -> None:
     docker_client = docker.from_env()
     build_example_image(docker_client, EXAMPLE_IMAGE)
     with ExitStack() as stack:
-        server = os.environ.get("MMANAGER_BENCH_DATABASE_URL") or stack.enter_context(local_cluster()).url
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-")))
+        server, workdir = scratch(stack)
         db_url = asyncio.run(create_database(server, "bench"))
         result = measure(db_url, workdir / "run", docker_client, seconds=args.seconds, connections=args.connections,
                          profile_dir=profile_dir(args.profile, workdir))
@@ -288,12 +286,7 @@ def main() -> None:
           f"reads of {args.connections} services, one per connection: "
           f"{result['services']['requests_per_s_per_hub_core']} per hub core")
     for name, summary in result.get("profiles", {}).items():
-        print(f"\nhub profile, {name} ({summary['samples']} samples on CPU), by package:")
-        for row in summary["packages"][:10]:
-            print(f"  {row['share']:6.1%}  {row['package']}")
-        print("self:")
-        for row in summary["self"][:15]:
-            print(f"  {row['share']:6.1%}  {row['function']}")
+        print_summary(summary, f"hub profile, {name}")
 
 
 if __name__ == "__main__":

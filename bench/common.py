@@ -5,7 +5,9 @@ from __future__ import annotations
 import asyncio
 import os
 import sys
+import tempfile
 from contextlib import ExitStack
+from pathlib import Path
 
 import asyncpg
 from sqlalchemy.engine import make_url
@@ -29,6 +31,13 @@ def percentile(values: list[float], q: float) -> float | None:
 def asyncpg_dsn(url: str) -> str:
     """A SQLAlchemy URL (``postgresql+asyncpg://…``) as asyncpg's own connect() takes it."""
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
+
+
+def scratch(stack: ExitStack, prefix: str = "mm-bench-") -> tuple[str, Path]:
+    """The PostgreSQL server to measure on (MMANAGER_BENCH_DATABASE_URL, or a throwaway cluster) and a
+    temporary folder for the run, both closed with ``stack``."""
+    server = os.environ.get("MMANAGER_BENCH_DATABASE_URL") or stack.enter_context(local_cluster()).url
+    return server, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
 
 
 def durable_server(stack: ExitStack) -> tuple[str, list[int]]:

@@ -22,9 +22,7 @@ import argparse
 import asyncio
 import collections
 import json
-import os
 import statistics
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -32,8 +30,9 @@ from typing import Any
 
 import docker
 
+from bench.common import scratch
 from mmanager.images import EXAMPLE_IMAGE, build_example_image
-from tests.pg import create_database, local_cluster
+from tests.pg import create_database
 from tests.procs import LocalDeployment, api, wait_for
 
 SPEC = {
@@ -104,8 +103,7 @@ def main() -> None:
     build_example_image(docker_client, EXAMPLE_IMAGE)
     results: dict[str, Any] = {}
     with ExitStack() as stack:
-        server = os.environ.get("MMANAGER_BENCH_DATABASE_URL") or stack.enter_context(local_cluster()).url
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-")))
+        server, workdir = scratch(stack)
         for label, (interval, grace) in SCENARIOS.items():
             runs = []
             for r in range(args.runs):

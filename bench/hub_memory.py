@@ -25,9 +25,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -37,10 +35,9 @@ import asyncpg
 import httpx
 import psutil
 
-from bench.common import asyncpg_dsn, say
+from bench.common import asyncpg_dsn, say, scratch
 from bench.seed import Seeded, all_beating, churn, seeded_hub, state
 from bench.sim import Simulator
-from tests.pg import local_cluster
 
 MIB = 1024**2
 SAMPLE_EVERY = 10.0
@@ -142,8 +139,7 @@ def main() -> None:
     grace = args.grace or 3 * args.interval
     results: dict[str, Any] = {"interval_s": args.interval, "grace_s": grace, "steady_s": args.steady, "runs": []}
     with ExitStack() as stack:
-        server = os.environ.get("MMANAGER_BENCH_DATABASE_URL") or stack.enter_context(local_cluster()).url
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-memory-")))
+        server, workdir = scratch(stack, "mm-bench-memory-")
         for count, services in (_size(s) for s in args.sizes.split(",")):
             with seeded_hub(server, workdir / str(count), count, services, interval=args.interval, grace=grace,
                             hub_env={"MMANAGER_RATE_LIMIT": "0"}) as hub:

@@ -15,8 +15,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
-import tempfile
 import time
 from contextlib import ExitStack
 from pathlib import Path
@@ -26,9 +24,10 @@ import docker
 import psutil
 
 from bench.api_floor import SPEC
-from bench.pyspy import Recording, profile_dir
+from bench.common import scratch
+from bench.pyspy import Recording, print_summary, profile_dir
 from mmanager.images import build_example_image
-from tests.pg import create_database, local_cluster
+from tests.pg import create_database
 from tests.procs import LocalDeployment, api, wait_for
 
 
@@ -87,8 +86,7 @@ def main() -> None:
     docker_client = docker.from_env()
     build_example_image(docker_client)
     with ExitStack() as stack:
-        server = os.environ.get("MMANAGER_BENCH_DATABASE_URL") or stack.enter_context(local_cluster()).url
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-")))
+        server, workdir = scratch(stack)
         db_url = asyncio.run(create_database(server, "bench"))
         result = measure(db_url, workdir / "run", docker_client, services=args.services, seconds=args.seconds,
                          profile=profile_dir(args.profile, workdir))
@@ -96,14 +94,8 @@ def main() -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(f"a quiet hub, 1 controller, {args.services} services, {args.seconds:g} s: "
           f"{result['hub_cores']} hub cores; {result['hub_error_lines']} error lines in the hub's log")
-    summary = result.get("profile")
-    if summary:
-        print(f"\nhub profile ({summary['samples']} samples on CPU), by package:")
-        for row in summary["packages"][:10]:
-            print(f"  {row['share']:6.1%}  {row['package']}")
-        print("self:")
-        for row in summary["self"][:15]:
-            print(f"  {row['share']:6.1%}  {row['function']}")
+    if result.get("profile"):
+        print_summary(result["profile"], "hub profile")
 
 
 if __name__ == "__main__":

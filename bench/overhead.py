@@ -30,10 +30,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import random
 import statistics
-import tempfile
 import time
 import uuid
 from contextlib import ExitStack
@@ -47,14 +45,15 @@ import httpx
 from docker.types import LogConfig
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.pyspy import Recording, profile_dir
+from bench.common import scratch
+from bench.pyspy import Recording, print_summary, profile_dir
 from controller.config import ControllerSettings
 from controller.runtime import _create_kwargs
 from controller.spec import build_spec
 from hub.schemas import ServiceSpec
 from mmanager.images import EXAMPLE_IMAGE, build_example_image
 from mmanager.wire import ContainerCreate, parse_memory
-from tests.pg import create_database, local_cluster
+from tests.pg import create_database
 from tests.procs import LocalDeployment, api, wait_for
 
 # No health check: a create answers once the container runs, on every path.
@@ -275,8 +274,7 @@ def main() -> None:
     docker_client = docker.from_env()
     build_example_image(docker_client, EXAMPLE_IMAGE)
     with ExitStack() as stack:
-        server = os.environ.get("MMANAGER_BENCH_DATABASE_URL") or stack.enter_context(local_cluster()).url
-        workdir = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-")))
+        server, workdir = scratch(stack)
         db_url = asyncio.run(create_database(server, "bench"))
         profiles = profile_dir(args.profile, workdir)
         profile = profiles / "overhead-hub.pyspy" if profiles else None
@@ -300,12 +298,7 @@ def main() -> None:
         print(f"hub path, means: the hub's call to the controller {result['hub_controller_call_mean_ms']} ms, "
               f"the rest (the hub's own work and waits) {result['hub_own_ms']} ms")
     if "hub_profile" in result:
-        print(f"\nhub profile ({result['hub_profile']['samples']} samples on CPU), by package:")
-        for row in result["hub_profile"]["packages"]:
-            print(f"  {row['share']:6.1%}  {row['package']}")
-        print("self:")
-        for row in result["hub_profile"]["self"]:
-            print(f"  {row['share']:6.1%}  {row['function']}")
+        print_summary(result["hub_profile"], "hub profile", packages=None, own=None)
 
 
 if __name__ == "__main__":

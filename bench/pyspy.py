@@ -129,6 +129,16 @@ def _package(frame: str) -> str:
     return head.removesuffix(".py") or "?"
 
 
+def print_summary(summary: dict[str, Any], title: str, packages: int | None = 10, own: int | None = 15) -> None:
+    """A ``summary()`` as the benchmarks print it: ``title``, the busiest packages, then functions by own time."""
+    print(f"\n{title} ({summary['samples']} samples on CPU), by package:")
+    for row in summary["packages"][:packages]:
+        print(f"  {row['share']:6.1%}  {row['package']}")
+    print("self:")
+    for row in summary["self"][:own]:
+        print(f"  {row['share']:6.1%}  {row['function']}")
+
+
 def profile_dir(arg: Path | bool | None, workdir: Path) -> Path | None:
     """Where ``--profile [DIR]`` keeps the raw samples: DIR, or a folder in the run's workdir; None: no profile."""
     if arg is None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from typing import Any, Protocol
 
@@ -389,7 +389,7 @@ class Gathered:
                     future.set_result(row)
 
 
-def _fail(batches: Any, exc: BaseException | None) -> None:
+def _fail(batches: Iterable[list[asyncio.Future[Any]]], exc: BaseException | None) -> None:
     """Fail every call still waiting in ``batches`` (lists of futures) with ``exc``; None: cancel them."""
     for futures in batches:
         for future in futures:

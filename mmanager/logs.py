@@ -248,7 +248,7 @@ def _access_line(scope: Scope, status: int) -> None:
     if not access_log.isEnabledFor(logging.INFO):
         return
     method = scope["method"]
-    if access_log.getEffectiveLevel() > logging.DEBUG and _routine(method, scope["path"], status):
+    if not access_log.isEnabledFor(logging.DEBUG) and _routine(method, scope["path"], status):
         return
     access_log.info('%s - "%s %s HTTP/%s" %d', get_client_addr(scope), method, get_path_with_query_string(scope),
                     scope["http_version"], status)

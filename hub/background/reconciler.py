@@ -51,6 +51,7 @@ from hub.scheduler.reconcile import (
 )
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
+from hub.services.operations import ACTIVE
 from hub.services.pace import HeartbeatPace
 from mmanager.wire import ContainerUsage, HeartbeatContainer, seconds_since
 
@@ -62,8 +63,6 @@ LOST_CHUNK = 5000
 LOST_LOGGED = 20
 
 
-# Operations in progress.
-ACTIVE = ("pending", "running")
 # How often a tick also deletes the rows of replicas gone for an hour.
 REPLICA_SWEEP = timedelta(minutes=1)
 

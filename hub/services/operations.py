@@ -22,6 +22,8 @@ from hub.models import OperationModel, new_id, utcnow
 log = logging.getLogger(__name__)
 
 _OPERATIONS = OperationModel.__table__
+# An operation's statuses while it is in progress.
+ACTIVE = ("pending", "running")
 # What an operation's end writes.
 _FINISHED = ("status", "error", "finished_at", "details", "controller_id", "container_id", "service_id")
 _FINISH = (
@@ -107,7 +109,7 @@ class OperationLog:
         async with self.db.transaction() as tx:
             # Anything begun in the last second is too young to judge.
             return await tx.execute(_recover_own(self.db.is_sqlite), {
-                "replica": self.replica_id, "active": ["pending", "running"], "before": now - timedelta(seconds=1),
+                "replica": self.replica_id, "active": list(ACTIVE), "before": now - timedelta(seconds=1),
                 "here": sorted(self.active), "now": now})
 
     async def finish(

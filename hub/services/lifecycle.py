@@ -31,7 +31,7 @@ import math
 import re
 import time
 from collections import defaultdict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from types import SimpleNamespace
 from typing import Any, TypeVar
@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.config import HubSettings
 from hub.controller_client import ControllerClient
-from hub.db import CoreTx, Database, Gathered, Tx, any_of, insert_row
+from hub.db import Database, Gathered, Tx, any_of, insert_row
 from hub.errors import (
     Conflict,
     ControllerRejected,
@@ -123,16 +123,27 @@ def endpoint_for(controller_url: str, ports: dict[str, int | None]) -> Endpoint:
     return Endpoint(host=host, ports={key.split("/")[0]: value for key, value in ports.items()})
 
 
-async def _locked(session: AsyncSession, service_id: str) -> ServiceModel | None:
-    """The service, its row locked until the transaction ends (SQLite locks the whole database anyway)."""
-    return await session.scalar(
-        select(ServiceModel).where(ServiceModel.id == service_id).with_for_update(of=ServiceModel)
-    )
-
-
 _REGISTRY = ContainerRegistryModel.__table__
 _SERVICES = ServiceModel.__table__
 _CONTROLLERS = ControllerModel.__table__
+_HISTORY = DeploymentHistoryModel.__table__
+# A replace's settle (ServiceManager._replace): the service, its row locked until the transaction ends
+# (SQLite locks the whole database anyway), made to point at the new copy; every other copy stale.
+_LOCK_SERVICE = select(_SERVICES).where(_SERVICES.c.id == bindparam("service_id")).with_for_update()
+_FINALIZED = ("epoch", "controller_id", "container_id", "gpu_devices", "spec", "health", "version", "status",
+              "endpoint", "status_message", "updated_at")
+_FINALIZE = (
+    update(_SERVICES)
+    .where(_SERVICES.c.id == bindparam("service_id"))
+    .values({key: bindparam(key, type_=_SERVICES.c[key].type) for key in _FINALIZED})
+)
+_RETIRE_OTHERS = (
+    update(_REGISTRY)
+    .where(_REGISTRY.c.service_id == bindparam("of_service"), _REGISTRY.c.id != bindparam("keep_row"))
+    .values(status="stale", updated_at=bindparam("updated_at"))
+)
+_LATEST_VERSION = select(func.max(_HISTORY.c.version).label("latest")).where(
+    _HISTORY.c.service_id == bindparam("service_id"))
 _SETTLE_ROW = (
     update(_REGISTRY)
     .where(_REGISTRY.c.id == bindparam("row_id"), _REGISTRY.c.status != "stale")
@@ -244,6 +255,11 @@ _STALE_COPIES = (
     .select_from(_REGISTRY.outerjoin(_CONTROLLERS, _CONTROLLERS.c.id == _REGISTRY.c.controller_id))
     .where(_REGISTRY.c.service_id == bindparam("service_id"), _REGISTRY.c.status == "stale")
 )
+
+
+def _removable(stale: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """Of ``_STALE_COPIES``, those whose controller answers now (the others are told on its next heartbeat)."""
+    return [copy for copy in stale if copy["status"] == "healthy" and copy["container_id"] is not None]
 
 
 @functools.cache
@@ -1029,22 +1045,36 @@ class ServiceManager:
                     await session.execute(delete(ContainerRegistryModel).where(ContainerRegistryModel.id == row.id))
                 await self._restore_status(service.id, prior_status)
                 raise
-        old_controller_id = service.controller_id
-        async with self.db.session() as session:
-            # Locked until commit: no other operation can claim an epoch between the check and the write.
-            locked = await _locked(session, service.id)
-            superseded = locked is None or locked.epoch != epoch or not await _settle_row(CoreTx(session), row)
-            if superseded or locked is None:
-                fresh = None
-            else:
-                fresh = locked
-                await self._finalize(session, fresh, row, controller, spec, op, epoch, ports, status,
-                                     version, reason, healthy)
-        if fresh is None:
+        details = self._moved_details(epoch, service.controller_id, controller, reason)
+        ended = False
+        try:
+            async with self.db.transaction() as tx:
+                # Locked until commit: no other operation can claim an epoch between the check and the write.
+                locked = await tx.first(_LOCK_SERVICE, {"service_id": service.id})
+                if locked is None or locked["epoch"] != epoch or not await _settle_row(tx, row):
+                    raise _Superseded
+                fresh = await self._finalize(tx, locked, service.owner, row, controller, spec, op, epoch, ports,
+                                             status, version, reason, healthy)
+                # No old copy to remove now (a failover's is on a lost controller) and nothing to stop: the
+                # operation ends in this transaction too.
+                if fresh.desired_state != "stopped" and not _removable(
+                        await tx.all(_STALE_COPIES, {"service_id": service.id})):
+                    await self.ops.finish_in(tx, op, controller_id=controller.id, container_id=row.container_id,
+                                             details={**details, "old_containers_removed": 0})
+                    ended = True
+        except _Superseded:
             # A newer epoch was claimed meanwhile (another replica's move): it wins, ours goes.
             await self._discard(controller.id, row)
-            raise Conflict("another operation changed the service meanwhile; retry", code="CONCURRENT_CHANGE")
-        await self._after_finalize(fresh, row, controller, op, epoch, old_controller_id, reason)
+            raise Conflict("another operation changed the service meanwhile; retry",
+                           code="CONCURRENT_CHANGE") from None
+        except BaseException:
+            if ended:
+                op.status, op.error, op.finished_at = "running", None, None  # not ended: _guarded records it
+            raise
+        if ended:
+            self.ops.finished(op)
+        else:
+            await self._after_finalize(fresh, row, controller, op, epoch, details)
         if not healthy and spec.health_check is not None and row.container_id and fresh.desired_state == "running":
             self._follow_health(fresh.id, epoch, controller, row)
         return await self._reload(service.id) if fresh.desired_state == "stopped" else fresh
@@ -1070,49 +1100,49 @@ class ServiceManager:
         self.spawn(follow(), self._followers)
 
     @staticmethod
-    async def _finalize(session: AsyncSession, fresh: ServiceModel, row: ContainerRegistryModel,
+    async def _finalize(tx: Tx, locked: Mapping[str, Any], owner: UserModel, row: ContainerRegistryModel,
                         controller: ControllerModel, spec: ServiceSpec, op: OperationModel, epoch: int,
                         ports: dict[str, int | None], status: str, version: int | None, reason: str | None,
-                        healthy: bool) -> None:
-        """Make the new copy current and every other copy stale, in the caller's transaction."""
-        fresh.epoch = epoch
-        fresh.controller_id = controller.id
-        fresh.container_id = row.container_id
-        fresh.gpu_devices = row.gpu_devices
-        fresh.spec = spec.model_dump(mode="json")
-        fresh.health = "healthy" if healthy else row.health or "unknown"
+                        healthy: bool) -> ServiceModel:
+        """Make the new copy current and every other copy stale, in the caller's transaction, which holds
+        the service's row lock (``locked``, the row as it read it); the service as it now is, an object of
+        no session."""
+        now = utcnow()
+        changes: dict[str, Any] = {
+            "epoch": epoch, "controller_id": controller.id, "container_id": row.container_id,
+            "gpu_devices": row.gpu_devices, "spec": spec.model_dump(mode="json"),
+            "health": "healthy" if healthy else row.health or "unknown", "version": locked["version"],
+            "status": docker_status(status, "running"), "endpoint": endpoint_for(controller.url, ports).model_dump(),
+            "status_message": None, "updated_at": now,
+        }
         if version is not None:
             # Numbered here, under the service's row lock: two redeploys that planned the same number
             # (concurrent calls, or two replicas) get consecutive ones.
-            latest = await session.scalar(
-                select(func.max(DeploymentHistoryModel.version)).where(DeploymentHistoryModel.service_id == fresh.id)
-            )
-            version = max(version, (latest or 0) + 1)
-            fresh.version = version
-            session.add(
-                DeploymentHistoryModel(
-                    service_id=fresh.id, version=version, spec=fresh.spec, image=spec.image,
-                    reason=reason or op.operation, actor=op.actor,
-                )
-            )
-        fresh.status = docker_status(status, "running")
-        fresh.endpoint = endpoint_for(controller.url, ports).model_dump()
-        fresh.status_message = None
-        await session.execute(
-            update(ContainerRegistryModel)
-            .where(ContainerRegistryModel.service_id == fresh.id, ContainerRegistryModel.id != row.id)
-            .values(status="stale", updated_at=utcnow())
-            .execution_options(synchronize_session=False)
-        )
+            latest = await tx.first(_LATEST_VERSION, {"service_id": locked["id"]})
+            changes["version"] = version = max(version, ((latest or {}).get("latest") or 0) + 1)
+            await insert_row(tx, DeploymentHistoryModel(
+                service_id=locked["id"], version=version, spec=changes["spec"], image=spec.image,
+                reason=reason or op.operation, actor=op.actor, created_at=now,
+            ))
+        await tx.execute(_FINALIZE, {**changes, "service_id": locked["id"]})
+        await tx.execute(_RETIRE_OTHERS, {"of_service": locked["id"], "keep_row": row.id, "updated_at": now})
+        fresh = ServiceModel(**{**dict(locked), **changes})
+        fresh.owner = owner
+        return fresh
 
-    async def _after_finalize(self, fresh: ServiceModel, row: ContainerRegistryModel, controller: ControllerModel,
-                              op: OperationModel, epoch: int, old_controller_id: str | None,
-                              reason: str | None) -> None:
-        """Retire the old copies, keep a stopped service stopped, and close the operation."""
-        details: dict[str, Any] = {"epoch": epoch, "from_controller": old_controller_id, "to_controller": controller.id}
+    @staticmethod
+    def _moved_details(epoch: int, old_controller_id: str | None, controller: ControllerModel,
+                       reason: str | None) -> dict[str, Any]:
+        details: dict[str, Any] = {"epoch": epoch, "from_controller": old_controller_id,
+                                   "to_controller": controller.id}
         if reason:
             details["reason"] = reason
-        details["old_containers_removed"] = await self._retire_stale(fresh.id)
+        return details
+
+    async def _after_finalize(self, fresh: ServiceModel, row: ContainerRegistryModel, controller: ControllerModel,
+                              op: OperationModel, epoch: int, details: dict[str, Any]) -> None:
+        """Retire the old copies, keep a stopped service stopped, and close the operation."""
+        details = {**details, "old_containers_removed": await self._retire_stale(fresh.id)}
         if fresh.desired_state == "stopped":
             await self.client.action(controller.id, controller.url, row.container_id or "", "stop", epoch=epoch)
             async with self.db.session() as session:
@@ -1143,13 +1173,9 @@ class ServiceManager:
 
     async def _retire_stale(self, service_id: str) -> int:
         """Remove superseded copies on controllers that answer; the others are told on their next heartbeat."""
-        stale = await self.db.all(_STALE_COPIES, {"service_id": service_id})
         removed = 0
-        for copy in stale:
+        for copy in _removable(await self.db.all(_STALE_COPIES, {"service_id": service_id})):
             row_id, controller_id, container_id = copy["id"], copy["controller_id"], copy["container_id"]
-            controller_status = copy["status"]
-            if controller_status != "healthy" or container_id is None:
-                continue
             if await self._remove_container(controller_id, container_id):
                 removed += 1
                 async with self.db.session() as session:

@@ -20,6 +20,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
 from hub.background.leader import Supervisor
@@ -34,7 +35,7 @@ from hub.metrics import HubMetrics
 from hub.models import new_id
 from hub.ratelimit import RateLimiter
 from hub.routers import admin, audit, controllers, prometheus, services, system
-from hub.services.audit import HEARTBEAT_PATH, AuditLog, skip_heartbeats
+from hub.services.audit import CLIENT_CLOSED, HEARTBEAT_PATH, AuditLog, skip_routine
 from hub.services.controllers import ControllerRegistry
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
@@ -160,6 +161,13 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def body_too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
         return too_large(exc.limit)
 
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, _: ClientDisconnect) -> JSONResponse:
+        # Nobody to answer, nothing done: no traceback (an overloaded hub whose callers give up would
+        # otherwise spend its time writing them, each twice, and fall further behind).
+        log.debug("%s %s: the caller went away before its request was read", request.method, request.url.path)
+        return _error(CLIENT_CLOSED, "CLIENT_DISCONNECTED", "the caller went away before its request was read")
+
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 401: "UNAUTHORIZED", 403: "FORBIDDEN"}
@@ -255,7 +263,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     # The audit, added last, is the outer one: it sees the body limit's 413s too.
     app.add_middleware(BodyLimit, limit_for=lambda scope: settings.max_heartbeat_bytes
                        if HEARTBEAT_PATH.match(scope["path"]) else settings.max_request_bytes)
-    app.add_middleware(AuditMiddleware, record=AuditLog(hub.db).record, skip=skip_heartbeats)
+    app.add_middleware(AuditMiddleware, record=AuditLog(hub.db).record, skip=skip_routine)
     app.include_router(system.router)
     app.include_router(services.router)
     app.include_router(admin.router)

@@ -47,6 +47,7 @@ from hub.scheduler.reconcile import (
     Move,
     ServiceState,
     Snapshot,
+    at_risk,
     compute,
 )
 from hub.services.heartbeats import HeartbeatIngest
@@ -77,7 +78,7 @@ class _TickStatements:
     recover: Executable
     controllers: Executable
     unsettled: Executable
-    on_watched: Executable
+    on_at_risk: Executable
     failing: Executable
     hosting: Executable
     busy: Executable
@@ -107,9 +108,9 @@ def _tick_statements(sqlite: bool) -> _TickStatements:
         # Unsettled: a create, migrate or failover that did not finish.
         unsettled=select(*columns).select_from(services.outerjoin(registry, on_current)).where(
             s.desired_state == "running", or_(any_of(s.status, "unsettled", sqlite=sqlite), s.controller_id.is_(None))),
-        # On a controller that may be lost, or is draining.
-        on_watched=select(*columns).select_from(services.outerjoin(registry, on_current)).where(
-            s.controller_id.in_(select(c.id).where(watched).scalar_subquery())),
+        # On a controller that is lost, or draining (hub.scheduler.reconcile.at_risk, of the watched ones).
+        on_at_risk=select(*columns).select_from(services.outerjoin(registry, on_current)).where(
+            any_of(s.controller_id, "at_risk", sqlite=sqlite)),
         # Failing its health check after the restarts its controller was allowed.
         failing=select(*columns).select_from(services.join(registry, on_current)).where(
             s.desired_state == "running", current.health == "unhealthy",
@@ -208,12 +209,25 @@ class Reconciler(LoopService):
         reads, db = self._reads, self.db
         params = {"cutoff": now - timedelta(seconds=grace), "unsettled": sorted(UNSETTLED),
                   "restarts": self.settings.max_health_restarts}
-        controllers = [ControllerState(**row) for row in await db.all(reads.controllers, params)]
+        heard = self.ingest.heard if self.ingest is not None else {}
+        # The database's watched controllers are silent only there when this replica heard them since (a
+        # fleet's first beats, not yet written: all of them when a hub starts) or since it became leader:
+        # those yield no action, and neither they nor their services are taken into the snapshot.
+        cutoff = params["cutoff"]
+        may_be_silent = self.leader_since <= cutoff
+        controllers = [
+            ControllerState(**row) for row in await db.all(reads.controllers, params)
+            if row["status"] != "healthy" or row["draining"] or (may_be_silent and heard.get(row["id"], cutoff) <= cutoff)
+        ]
+        lost, draining_ids, _ = at_risk(controllers, now, grace, self.leader_since, heard)
+        queries = [(reads.unsettled, params), (reads.failing, params)]
+        if lost or draining_ids:
+            queries.append((reads.on_at_risk, {"at_risk": sorted(lost | draining_ids)}))
         rows: dict[str, Any] = {}
-        for query in (reads.unsettled, reads.on_watched, reads.failing):
-            for row in await db.all(query, params):
+        for query, values in queries:
+            for row in await db.all(query, values):
                 rows[row["id"]] = row
-        draining = sorted(ctl.id for ctl in controllers if ctl.draining)
+        draining = sorted(draining_ids)
         hosting = frozenset(row["controller_id"] for row in await db.all(reads.hosting, {"draining": draining})
                             ) if draining else frozenset()
         busy = {row["service_id"] for row in await db.all(reads.busy, {"active": list(ACTIVE), "live": sorted(live)})}
@@ -225,8 +239,7 @@ class Reconciler(LoopService):
         ]
         return Snapshot(controllers, services, self.leader_since, grace,
                         self.settings.max_health_restarts,
-                        frozenset(c for c in self._moving_from.values() if c is not None), hosting,
-                        self.ingest.heard if self.ingest is not None else {})
+                        frozenset(c for c in self._moving_from.values() if c is not None), hosting, heard)
 
     # -------------------------------------------------------------- actions
 

@@ -180,25 +180,35 @@ Action = MarkLost | Move | FinishDrain
 UNSETTLED = frozenset({"pending", "lost", "migrating"})
 
 
-def compute(snapshot: Snapshot, now: datetime) -> list[Action]:
-    actions: list[Action] = []
-    grace = timedelta(seconds=snapshot.grace)
+def at_risk(controllers: Iterable[ControllerState], now: datetime, grace: float, leader_since: datetime,
+            heard: Mapping[str, datetime]) -> tuple[set[str], set[str], list[MarkLost]]:
+    """Of ``controllers``: the lost ones (silent past the grace, counted from when this hub became leader at
+    the earliest, or marked lost and not yet back through a heartbeat), the draining ones, and the lost
+    ones to mark. Only services on these can be moved for their controller's sake."""
+    span = timedelta(seconds=grace)
     lost: set[str] = set()
     draining: set[str] = set()
-    for c in snapshot.controllers:
-        heard = max(c.last_heartbeat_at or snapshot.leader_since, snapshot.leader_since)
-        if c.id in snapshot.heard:
-            heard = max(heard, snapshot.heard[c.id])
-        silent = now - heard
-        if silent > grace:
+    marks: list[MarkLost] = []
+    for c in controllers:
+        last = max(c.last_heartbeat_at or leader_since, leader_since)
+        if c.id in heard:
+            last = max(last, heard[c.id])
+        silent = now - last
+        if silent > span:
             lost.add(c.id)
             if c.status != "unhealthy":
-                actions.append(MarkLost(c.id, silent.total_seconds()))
+                marks.append(MarkLost(c.id, silent.total_seconds()))
         elif c.status == "unhealthy":
             # Seen again, but not yet through a heartbeat that fenced its stale copies.
             lost.add(c.id)
         if c.draining:
             draining.add(c.id)
+    return lost, draining, marks
+
+
+def compute(snapshot: Snapshot, now: datetime) -> list[Action]:
+    lost, draining, marks = at_risk(snapshot.controllers, now, snapshot.grace, snapshot.leader_since, snapshot.heard)
+    actions: list[Action] = list(marks)
 
     # One exclusion set per controller moved off, shared by its moves: a mass failover moves thousands
     # of services off hundreds of lost controllers, and a set built per move costs lost × moves a tick.

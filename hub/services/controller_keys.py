@@ -162,6 +162,10 @@ class ControllerKeyAuth:
                 f"controller {controller_id!r} has keys of its own: the shared key is no longer accepted for it",
                 code="CONTROLLER_KEY_INVALID",
             )
+        self._warn_shared(controller_id)
+
+    def _warn_shared(self, controller_id: str) -> None:
+        """Once per controller: it authenticates with the shared key."""
         # (`mmanager dev` runs its one controller on the shared key on purpose: no warning there.)
         if controller_id not in self._warned and not self.settings.dev_mode:
             self._warned.add(controller_id)
@@ -183,11 +187,12 @@ class ControllerKeyAuth:
         self._reloading = None
 
     def remembered(self, controller_id: str, token: str) -> bool:
-        """Whether the snapshot alone accepts ``token`` for ``controller_id``: no database, nothing to log.
+        """Whether the snapshot alone accepts ``token`` for ``controller_id``: no database.
 
         For the heartbeat's fast lane (hub.fastlane). False also when it cannot tell without the database
-        (a key it does not know, a snapshot too old) or would refuse, or on the shared key's first use (its
-        warning is ``authenticate``'s): the caller then asks ``authenticate``, which decides and says why.
+        (a key it does not know, a snapshot too old) or would refuse: the caller then asks ``authenticate``,
+        which decides and says why. The shared key's first use for a controller is warned about here too, as
+        ``authenticate`` does: a fleet's first beats (thousands at once when a hub starts) stay in the lane.
         """
         snapshot = self._usable()
         if snapshot is None:
@@ -198,9 +203,10 @@ class ControllerKeyAuth:
                 return False
             self._use(key.id)
             return True
-        return (controller_id not in snapshot.owners
-                and (self.settings.dev_mode or controller_id in self._warned)
-                and self._is_shared_key(controller_id, token))
+        if controller_id in snapshot.owners or not self._is_shared_key(controller_id, token):
+            return False
+        self._warn_shared(controller_id)
+        return True
 
     def _usable(self) -> _Snapshot | None:
         """The snapshot, when fresh enough to decide by; a reload starts once it is older than the TTL."""

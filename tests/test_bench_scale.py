@@ -1,10 +1,12 @@
-"""The seeded scale benchmarks' small versions (issue 6): ``bench.hub_memory`` and ``bench.mass_failover``
+"""The seeded scale benchmarks' small versions (issue 6): ``bench.hub_memory``, ``bench.mass_failover`` and
+``bench.first_beats``
 run their own code against a hub served on a real port (in process, on real PostgreSQL), over a database
 seeded by ``bench.seed`` with 100 services on 20 simulated controllers. Correctness only, no timing:
 
 - the seed is consistent: once the controllers beat, the hub finds every service where the database
   says, and over a few heartbeat intervals records no operation, changes no service and orders no
   container stopped; every API list and ``/metrics`` answers with every seeded row and controller;
+- a fleet's first beats, all at once: every controller beats, none is taken for lost, nothing moves;
 - after 2 controllers die at once, every one of their services runs on a live controller at a new
   epoch, as the one copy the simulator holds there; no service is left on a dead controller and no
   other service moved.
@@ -16,12 +18,14 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 import pytest
+from sqlalchemy import func, select
 
-from bench import hub_memory, mass_failover
+from bench import first_beats, hub_memory, mass_failover
 from bench.seed import Seeded, seed
 from bench.sim import SimOptions, Simulator
 from hub.config import HubSettings
 from hub.db import Database
+from hub.models import OperationModel
 from tests.pg import _free_port
 from tests.served import served_hub
 
@@ -80,3 +84,15 @@ async def test_mass_failover_moves_every_affected_service_once(fleet: Fleet, db:
     assert run["services_in_database"] == SERVICES
     assert run["copies_on_live_controllers"] == SERVICES
     assert run["operations"] == {"failover:succeeded": affected}
+
+
+async def test_a_fleet_starting_at_once_all_beats_and_nothing_moves(fleet: Fleet, db: Database) -> None:
+    async def operations() -> int | None:
+        async with db.session() as session:
+            return await session.scalar(select(func.count()).select_from(OperationModel))
+
+    seeded = await operations()  # the seed's creates
+    run = await first_beats.measure(db.url, fleet.simulator(), fleet.seeded, seconds=30)
+    assert run["all_beating_after_s"] is not None, run
+    assert run["beating_at_end"] == CONTROLLERS and run["failed_beats"] == {}
+    assert await operations() == seeded  # no controller was taken for lost: no failover, no move

@@ -242,11 +242,8 @@ def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, s
             results["profiles"] = {}
             for name in ("service", "status"):
                 path, auth = routes[name]
-                recording = Recording(hub.pid, profile_dir / f"api_floor-{name}.pyspy").start()
-                try:
+                with Recording(hub.pid, profile_dir / f"api_floor-{name}.pyspy") as recording:
                     asyncio.run(_load(dep.hub(0).url, path, auth, connections, seconds, 0.0))
-                finally:
-                    recording.stop()
                 results["profiles"][name] = recording.summary(top=20)
         return results
     finally:

@@ -64,11 +64,8 @@ def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, s
             "hub_error_lines": len(errors), "first_errors": errors[:5],
         }
         if profile is not None:
-            recording = Recording(hub.pid, profile / "idle.pyspy").start()
-            try:
+            with Recording(hub.pid, profile / "idle.pyspy") as recording:
                 time.sleep(seconds)
-            finally:
-                recording.stop()
             result["profile"] = recording.summary(top=20)
         return result
     finally:

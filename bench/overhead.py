@@ -139,7 +139,6 @@ def measure(db_url: str, workdir: Path, runs: int, docker_client: docker.DockerC
     spec = ServiceSpec.model_validate({**SPEC, "name": "probe"})
     times: dict[str, list[float]] = {way: [] for way in WAYS}
     op_seconds: list[float] = []
-    recording: Recording | None = None
     try:
         dep.start()
         client = api(dep.hub(0).url, token)
@@ -216,13 +215,11 @@ def measure(db_url: str, workdir: Path, runs: int, docker_client: docker.DockerC
         summary = None
         if profile is not None:
             assert dep.hub(0).popen is not None
-            recording = Recording(dep.hub(0).popen.pid, profile).start()
-            for i in range(runs):
-                _, service_id = via_hub(runs + i)
-                client.delete(f"/api/services/{service_id}").raise_for_status()
-            recording, stopping = None, recording
-            stopping.stop()
-            summary = stopping.summary()
+            with Recording(dep.hub(0).popen.pid, profile) as recording:
+                for i in range(runs):
+                    _, service_id = via_hub(runs + i)
+                    client.delete(f"/api/services/{service_id}").raise_for_status()
+            summary = recording.summary()
         for op in client.get("/api/admin/operations", params={"operation": "create", "limit": 1000}).json():
             if op["service_id"] in timed_services and op["status"] == "succeeded" and op["finished_at"]:
                 op_seconds.append(_seconds(op["created_at"], op["finished_at"]))
@@ -231,8 +228,6 @@ def measure(db_url: str, workdir: Path, runs: int, docker_client: docker.DockerC
         return {"times": times, "operation_s": op_seconds,
                 "controller_call_mean_s": hub_call, "differences": differences, "profile": summary}
     finally:
-        if recording is not None:
-            recording.stop()
         dep.stop(docker_client)
         for c in docker_client.containers.list(all=True, filters={"label": f"mmanager.controller={direct_settings.server_id}"}):
             c.remove(force=True)

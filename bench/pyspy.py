@@ -60,6 +60,12 @@ class Recording:
         )
         return self
 
+    def __enter__(self) -> Recording:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
     def stop(self) -> None:
         """py-spy writes its file on SIGINT, as on Ctrl-C."""
         assert self._proc is not None

@@ -1055,10 +1055,11 @@ class ServiceManager:
                     raise _Superseded
                 fresh = await self._finalize(tx, locked, service.owner, row, controller, spec, op, epoch, ports,
                                              status, version, reason, healthy)
-                # No old copy to remove now (a failover's is on a lost controller) and nothing to stop: the
-                # operation ends in this transaction too.
-                if fresh.desired_state != "stopped" and not _removable(
-                        await tx.all(_STALE_COPIES, {"service_id": service.id})):
+                # The old copies whose controller answers now, read once: removed after the commit. None to
+                # remove (a failover's is on a lost controller) and nothing to stop: the operation ends in
+                # this transaction too.
+                removable = _removable(await tx.all(_STALE_COPIES, {"service_id": service.id}))
+                if fresh.desired_state != "stopped" and not removable:
                     await self.ops.finish_in(tx, op, controller_id=controller.id, container_id=row.container_id,
                                              details={**details, "old_containers_removed": 0})
                     ended = True
@@ -1074,7 +1075,7 @@ class ServiceManager:
         if ended:
             self.ops.finished(op)
         else:
-            await self._after_finalize(fresh, row, controller, op, epoch, details)
+            await self._after_finalize(fresh, row, controller, op, epoch, details, removable)
         if not healthy and spec.health_check is not None and row.container_id and fresh.desired_state == "running":
             self._follow_health(fresh.id, epoch, controller, row)
         return await self._reload(service.id) if fresh.desired_state == "stopped" else fresh
@@ -1140,9 +1141,11 @@ class ServiceManager:
         return details
 
     async def _after_finalize(self, fresh: ServiceModel, row: ContainerRegistryModel, controller: ControllerModel,
-                              op: OperationModel, epoch: int, details: dict[str, Any]) -> None:
-        """Retire the old copies, keep a stopped service stopped, and close the operation."""
-        details = {**details, "old_containers_removed": await self._retire_stale(fresh.id)}
+                              op: OperationModel, epoch: int, details: dict[str, Any],
+                              removable: list[Mapping[str, Any]]) -> None:
+        """Retire the old copies (``removable``: those on controllers that answer), keep a stopped service
+        stopped, and close the operation."""
+        details = {**details, "old_containers_removed": await self._retire_stale(removable)}
         if fresh.desired_state == "stopped":
             await self.client.action(controller.id, controller.url, row.container_id or "", "stop", epoch=epoch)
             async with self.db.session() as session:
@@ -1171,10 +1174,11 @@ class ServiceManager:
             else:
                 fresh.status = prior
 
-    async def _retire_stale(self, service_id: str) -> int:
-        """Remove superseded copies on controllers that answer; the others are told on their next heartbeat."""
+    async def _retire_stale(self, removable: list[Mapping[str, Any]]) -> int:
+        """Remove superseded copies on controllers that answer (``_removable``); the others are told on their
+        next heartbeat."""
         removed = 0
-        for copy in _removable(await self.db.all(_STALE_COPIES, {"service_id": service_id})):
+        for copy in removable:
             row_id, controller_id, container_id = copy["id"], copy["controller_id"], copy["container_id"]
             if await self._remove_container(controller_id, container_id):
                 removed += 1

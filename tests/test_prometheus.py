@@ -205,6 +205,8 @@ def prometheus_server(tmp_path: Path, hub_url: str) -> Iterator[httpx.Client]:
         stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
+            # Until its storage and configuration are loaded, Prometheus answers 503 "Service Unavailable".
+            wait_for(lambda: client.get("/-/ready").raise_for_status(), 20, what="Prometheus ready")
             yield client
     except BaseException:
         print((tmp_path / "prometheus.log").read_text()[-4000:])
@@ -232,7 +234,7 @@ def test_prometheus_finds_and_scrapes_the_hub_and_a_controller(deployment: Local
     started = time.monotonic()
     with prometheus_server(tmp_path, deployment.hub(0).url) as prom:
         def targets_up() -> dict[str, dict[str, Any]] | None:
-            active = prom.get("/api/v1/targets", params={"state": "active"}).json()["data"]["activeTargets"]
+            active = prom.get("/api/v1/targets", params={"state": "active"}).raise_for_status().json()["data"]["activeTargets"]
             by_job = {t["labels"]["job"]: t for t in active}
             return by_job if len(active) == 2 and all(t["health"] == "up" for t in active) else None
 

@@ -91,7 +91,7 @@ async def _client(hub_url: str, username: str, token: str, indices: list[int], g
             began = time.monotonic()
             out.started.append(began)
             try:
-                status, answer = await client.request("POST", path, body, headers, timeout=120)
+                status, answer, _ = await client.request("POST", path, body, headers, timeout=120)
             except ClientError as exc:
                 out.failed[f"no answer: {exc}"[:80]] += 1
                 continue
@@ -115,7 +115,7 @@ async def _client(hub_url: str, username: str, token: str, indices: list[int], g
 async def _admin(hub_url: str, token: str, method: str, path: str, body: Any = None) -> tuple[int, Any]:
     client = Client(hub_url, 1)
     try:
-        status, answer = await client.request(method, path, json.dumps(body).encode() if body is not None else b"",
+        status, answer, _ = await client.request(method, path, json.dumps(body).encode() if body is not None else b"",
                                               {"authorization": f"Bearer {token}"}, timeout=60)
     finally:
         await client.aclose()
@@ -207,7 +207,7 @@ async def verify(db_url: str, sim: Simulator, creates: _Creates, *, hub_url: str
         try:
             for sid in random.Random(0).sample(sorted(creates.ok), min(sample, len(creates.ok))):
                 try:
-                    status, answer = await client.request("GET", f"/api/services/{sid}", b"",
+                    status, answer, _ = await client.request("GET", f"/api/services/{sid}", b"",
                                                           {"authorization": f"Bearer {token}"}, timeout=60)
                 except ClientError as exc:
                     problems.append(f"GET /api/services/{sid}: {exc}")

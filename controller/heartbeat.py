@@ -22,7 +22,10 @@ containers to stop: each is force-removed through ``ContainerService`` (so
 the service's lock holds; one already gone is fine). A round trip whose stop
 orders were all carried out re-opens the sync guard (``controller.sync``).
 
-Nothing is retried within a beat: the next beat is the retry. Failures (hub
+Nothing is retried within a beat: the next beat is the retry, and after a
+failure it waits a jittered backoff (``mmanager.wire.beat_pause``), at least
+the Retry-After of a hub that sheds beats, so that a fleet whose beats all went
+unanswered at once does not send them all again at once. Failures (hub
 down, an error status, an answer that is not a heartbeat answer) are logged,
 the first of a run and then at most once a minute, and recoveries are logged
 too; none ends the loop. Docker is read with a budget: when it does not
@@ -62,11 +65,11 @@ from mmanager.wire import (
     HeartbeatContainer,
     StopOrder,
     answer_wait,
+    beat_pause,
+    retry_after_seconds,
     seconds_since,
 )
 
-# Seconds before a first heartbeat that failed is tried again (doubled each time, up to the interval).
-FIRST_RETRY = 0.25
 # Seconds Docker gets to say what runs, per heartbeat.
 DOCKER_BUDGET = 4.0
 # Seconds stop() waits for the cancelled loop.
@@ -87,10 +90,12 @@ REFUSED_BODY = frozenset({"HTTP 400", "HTTP 422"})
 
 
 class _BeatFailed(Exception):
-    def __init__(self, kind: str, message: str) -> None:
+    def __init__(self, kind: str, message: str, retry_after: float | None = None) -> None:
         super().__init__(message)
         self.kind = kind
         self.message = message
+        # Seconds the hub asked to be left alone (Retry-After of a 503 or 429).
+        self.retry_after = retry_after
 
 
 class HeartbeatAgent:
@@ -126,8 +131,9 @@ class HeartbeatAgent:
         self.path = f"/api/controllers/{quote(settings.server_id, safe='')}/heartbeat"
         self.interval = DEFAULT_INTERVAL
         self.sequence = 0
-        # Failed beats in a row.
+        # Failed beats in a row, and the Retry-After of the last one (None: the hub asked for none).
         self.failures = 0
+        self.retry_after: float | None = None
         self.last_answer: HeartbeatAnswer | None = None
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
@@ -166,20 +172,18 @@ class HeartbeatAgent:
 
     async def _run(self) -> None:
         clock = self.sync.clock
-        retry = FIRST_RETRY
         while True:
             began = clock()
+            self.retry_after = None
             try:
                 await self.beat(began)
             except Exception as exc:
                 self._failed(type(exc).__name__, f"unexpected error: {exc!r}", exc_info=True)
-            # Beats keep their cadence; one that ran late (or a process that was frozen) goes again at once.
-            pause = began + self.interval - clock()
-            if self.sync.age() is None:
-                # Never through to the hub yet (started before it, as `mmanager dev` starts them): this
-                # controller takes no work until it is, so it tries again sooner, then ever less soon.
-                pause, retry = min(pause, retry), retry * 2
-            await asyncio.sleep(max(0.0, pause))
+            # Beats keep their cadence (one that ran late, or a process that was frozen, goes again at
+            # once); one that failed goes again after a jittered backoff (mmanager.wire.beat_pause), sooner
+            # than the cadence while no hub ever answered (started before it, as `mmanager dev` starts them).
+            await asyncio.sleep(beat_pause(began + self.interval - clock(), self.interval, self.failures,
+                                           answered=self.last_answer is not None, retry_after=self.retry_after))
 
     # -- one beat ----------------------------------------------------------
 
@@ -193,6 +197,7 @@ class HeartbeatAgent:
             answer = await self._send(heartbeat)
         except _BeatFailed as exc:
             self._failed(exc.kind, exc.message)
+            self.retry_after = exc.retry_after
             # A body the hub refuses (400, 422) that carried audit events: the next beat goes without
             # them, to tell whether they are what it refuses (an event no hub version should take must
             # not cut this controller off). A probe that fails too clears the suspicion.
@@ -286,8 +291,11 @@ class HeartbeatAgent:
             return answer
         if len(failures) == 1:
             raise failures[0][1]
+        # When every hub asked to be left alone, the next beat goes when the first of them allows.
+        waits = [f.retry_after for _, f in failures if f.retry_after is not None]
         raise _BeatFailed(
-            " | ".join(f.kind for _, f in failures), "; ".join(f"{url}: {f.message}" for url, f in failures)
+            " | ".join(f.kind for _, f in failures), "; ".join(f"{url}: {f.message}" for url, f in failures),
+            min(waits) if len(waits) == len(failures) else None,
         )
 
     async def _send_to(self, hub_url: str, body: dict[str, object]) -> HeartbeatAnswer:
@@ -304,7 +312,8 @@ class HeartbeatAgent:
             raise _BeatFailed(type(exc).__name__, f"hub unreachable: {type(exc).__name__} {exc}".rstrip()) from None
         if not response.is_success:
             raise _BeatFailed(
-                f"HTTP {response.status_code}", f"the hub answered {response.status_code}: {_excerpt(response)}"
+                f"HTTP {response.status_code}", f"the hub answered {response.status_code}: {_excerpt(response)}",
+                retry_after_seconds(response.status_code, response.headers.get("retry-after"), MAX_INTERVAL),
             )
         try:
             return HeartbeatAnswer.model_validate_json(response.content)

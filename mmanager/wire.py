@@ -12,7 +12,10 @@ written strictly (we only ever send fields declared here).
 
 from __future__ import annotations
 
+import math
+import random
 import re
+from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
@@ -233,6 +236,47 @@ MIN_ANSWER_WAIT, MAX_ANSWER_WAIT = 1.0, 5.0
 def answer_wait(grace: float) -> float:
     """How long a controller waits for a hub to answer a heartbeat, with ``grace`` the hub's last answer."""
     return min(max(grace / 2, MIN_ANSWER_WAIT), MAX_ANSWER_WAIT)
+
+
+def retry_after_seconds(status: int, value: str | None, most: float) -> float | None:
+    """The seconds a hub's 503 or 429 asked for in its Retry-After (``value``), at most ``most``; None for
+    another status, or a value that is not seconds (a date counts as none: a hub sends seconds)."""
+    if status not in (429, 503) or value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return min(seconds, most) if seconds >= 0 and math.isfinite(seconds) else None
+
+
+# Seconds before a heartbeat that failed is tried again, the first time (doubled for each failure in a row).
+FIRST_RETRY = 0.25
+
+
+def beat_pause(due: float, interval: float, failures: int, *, answered: bool, retry_after: float | None = None,
+               rand: Callable[[], float] = random.random) -> float:
+    """Seconds until a controller's next heartbeat. ``due``: seconds until its cadence's next beat (negative
+    when the last one ran late); ``failures``: how many beats in a row failed, the last one included;
+    ``answered``: whether a hub has ever answered this controller; ``retry_after``: the Retry-After of the
+    hub's refusal (a 503 while it sheds beats).
+
+    A beat answered keeps the cadence: the next goes on time, at once when late. One that failed is tried
+    again after a backoff, ``FIRST_RETRY`` doubled per failure in a row up to the interval, and jittered to
+    between half and all of that: a fleet whose beats all went unanswered together (a hub overwhelmed by the
+    first beats of thousands of controllers, before any was told the paced interval) does not send them all
+    again at once, and a hub behind its beats catches up instead of answering beats no one waits for any
+    more. A controller never answered tries again at that pace rather than its interval (it takes no work
+    until it is answered); one that was answered goes no sooner than its cadence, and so no more often than
+    the hub asked. A hub that answered Retry-After is given that long, plus up to a fifth more.
+    """
+    if not failures:
+        return max(0.0, due)
+    backoff = min(FIRST_RETRY * 2 ** min(failures - 1, 30), interval) * (1 + rand()) / 2
+    pause = max(due, backoff) if answered else backoff
+    if retry_after is not None:
+        pause = max(pause, retry_after * (1 + rand() / 5))
+    return pause
 
 
 class ContainerUsage(WireModel):

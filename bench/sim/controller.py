@@ -59,7 +59,9 @@ from mmanager.wire import (
     HeartbeatContainer,
     ServerType,
     answer_wait,
+    beat_pause,
     parse_memory,
+    retry_after_seconds,
 )
 
 _LIVE = frozenset({"running", "restarting", "paused"})
@@ -130,6 +132,10 @@ class SimController:
         self.beats_failed = 0
         # Failed beats by why: "no answer" or the hub's status.
         self.failures: collections.Counter[str] = collections.Counter()
+        # As controller.heartbeat keeps them: failed beats in a row, the last one's Retry-After, ever answered.
+        self.in_a_row = 0
+        self.retry_after: float | None = None
+        self.answered = False
         self.stops_applied = 0
         self._health_json: bytes | None = None
         self._auth = f"Bearer {key}"
@@ -329,27 +335,37 @@ class SimController:
         ).model_dump_json(warnings=False).encode()
         return shell.replace(b'"health":null', b'"health":' + self._health_json, 1)
 
+    def pause(self, due: float) -> float:
+        """Seconds until the next beat, ``due`` being the cadence's (controller.heartbeat: mmanager.wire.beat_pause)."""
+        return beat_pause(due, self.interval, self.in_a_row, answered=self.answered, retry_after=self.retry_after)
+
+    def _failed(self, why: str, retry_after: float | None = None) -> bool:
+        self.beats_failed += 1
+        self.failures[why] += 1
+        self.in_a_row += 1
+        self.retry_after = retry_after
+        return False
+
     async def beat(self, client: Client, hook: BeatHook | None = None) -> bool:
         began = self.sync.clock()
         self.sequence += 1
         body = self.heartbeat_body()
         sent = time.time()
         try:
-            status, answer = await client.request("POST", self._path, body, {"authorization": self._auth},
-                                                  timeout=answer_wait(self.sync.grace))
+            status, answer, headers = await client.request("POST", self._path, body, {"authorization": self._auth},
+                                                           timeout=answer_wait(self.sync.grace))
         except ClientError:
-            self.beats_failed += 1
-            self.failures["no answer"] += 1
             if hook is not None:
                 hook(self, sent, None, None)
-            return False
+            return self._failed("no answer")
         if hook is not None:
             hook(self, sent, time.time(), status)
-        if status != 200 or not self.alive:
-            self.beats_failed += 1
-            self.failures[str(status) if self.alive else "dead"] += 1
-            return False
+        if not self.alive:
+            return self._failed("dead")
+        if status != 200:
+            return self._failed(str(status), retry_after_seconds(status, headers.get("retry-after"), MAX_INTERVAL))
         self.beats_ok += 1
+        self.in_a_row, self.retry_after, self.answered = 0, None, True
         parsed = HeartbeatAnswer.model_validate_json(answer)
         for order in parsed.stop:
             if self.containers.pop(order.container_id, None) is not None:

@@ -206,7 +206,8 @@ class Client:
         self._idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter, float]] = []
 
     async def request(self, method: str, path: str, body: bytes = b"", headers: dict[str, str] | None = None,
-                      timeout: float = 10.0) -> tuple[int, bytes]:
+                      timeout: float = 10.0) -> tuple[int, bytes, dict[str, str]]:
+        """The answer's status, body and headers (names in lower case)."""
         # The timeout covers waiting for a connection too, as a real controller's covers connecting:
         # a beat queued behind a saturated hub fails like one that got no answer.
         try:
@@ -216,7 +217,7 @@ class Client:
             raise ClientError(f"no answer within {timeout:g} s") from None
 
     async def _request(self, method: str, path: str, body: bytes, headers: dict[str, str] | None,
-                       timeout: float) -> tuple[int, bytes]:
+                       timeout: float) -> tuple[int, bytes, dict[str, str]]:
         async with self._slots:
             loop = asyncio.get_running_loop()
             # Connections idle for longer than the server keeps them (uvicorn: 5 s) are not reused.
@@ -235,20 +236,20 @@ class Client:
                 raise ClientError(f"{type(exc).__name__}: {exc}") from None
 
     async def _over(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], method: str, path: str,
-                    body: bytes, headers: dict[str, str] | None, timeout: float) -> tuple[int, bytes]:
+                    body: bytes, headers: dict[str, str] | None, timeout: float) -> tuple[int, bytes, dict[str, str]]:
         try:
-            status, answer, keep = await asyncio.wait_for(self._exchange(conn, method, path, body, headers), timeout)
+            status, answer, fields = await asyncio.wait_for(self._exchange(conn, method, path, body, headers), timeout)
         except BaseException:
             conn[1].close()
             raise
-        if keep:
+        if fields.get("connection", "").lower() != "close":
             self._idle.append((*conn, asyncio.get_running_loop().time()))
         else:
             conn[1].close()
-        return status, answer
+        return status, answer, fields
 
     async def _exchange(self, conn: tuple[asyncio.StreamReader, asyncio.StreamWriter], method: str, path: str,
-                        body: bytes, headers: dict[str, str] | None) -> tuple[int, bytes, bool]:
+                        body: bytes, headers: dict[str, str] | None) -> tuple[int, bytes, dict[str, str]]:
         reader, writer = conn
         extra = "".join(f"{k}: {v}\r\n" for k, v in (headers or {}).items())
         writer.write(
@@ -269,7 +270,7 @@ class Client:
             answer = b"".join(c[:-2] for c in chunks)
         else:
             answer = await reader.readexactly(int(fields.get("content-length", "0")))
-        return status, answer, fields.get("connection", "").lower() != "close"
+        return status, answer, fields
 
     async def aclose(self) -> None:
         for _, writer, _ in self._idle:

@@ -188,8 +188,8 @@ class Simulator:
                     self.errors[type(exc).__name__] = self.errors.get(type(exc).__name__, 0) + 1
                     if sum(self.errors.values()) == 1:
                         log.exception("heartbeat of %s failed unexpectedly", controller.id)
-            # Beats keep their cadence; a late one goes again at once (as controller.heartbeat does).
-            await asyncio.sleep(max(0.0, began + controller.interval - loop.time()))
+            # Beats keep their cadence, a failed one goes again after a jittered backoff (controller.heartbeat).
+            await asyncio.sleep(controller.pause(began + controller.interval - loop.time()))
 
 
 def layout(options: SimOptions) -> list[tuple[str, str]]:

@@ -32,6 +32,7 @@ class FakeHub:
     interval: float = 0.05
     grace: float = 5.0
     # ok | error (500) | unauthorized (401) | garbage (200, not JSON) | wrong (JSON, not an answer) | down
+    # | shed (503 with Retry-After: 1, as a hub with too many beats waiting answers)
     mode: str = "ok"
     # Seconds to wait before answering, and a gate that holds every answer until set.
     delay: float = 0.0
@@ -52,6 +53,9 @@ class FakeHub:
             await self.gate.wait()
         if self.delay:
             await asyncio.sleep(self.delay)
+        if self.mode == "shed":
+            return httpx.Response(503, headers={"Retry-After": "1"},
+                                  json={"error": {"code": "OVERLOADED", "message": "beat again later"}})
         if self.mode == "error":
             return httpx.Response(500, json={"error": {"code": "INTERNAL_ERROR", "message": "boom"}})
         if self.mode == "unauthorized":
@@ -250,6 +254,19 @@ async def test_a_controller_started_before_its_hub_joins_soon_after_it(start_fak
     # Well before the next beat at its 2 s cadence: the first one is retried sooner (0.25 s, doubling).
     assert time.monotonic() - up < 1.5
     assert hub.beats
+
+
+async def test_a_hub_that_sheds_beats_is_left_alone_as_long_as_it_asks(hub_ctl: Ctl, hub: FakeHub) -> None:
+    await eventually(lambda: synced(hub_ctl), what="first round trip")
+    hub.mode = "shed"
+    count = len(hub.beats)
+    await eventually(lambda: len(hub.beats) >= count + 3, within=10, what="three beats refused")
+    shed = hub.received[count:]
+    # The interval is 0.05 s: without the Retry-After there would be some forty beats in two seconds.
+    gaps = [b - a for a, b in zip(shed, shed[1:], strict=False)]
+    assert all(1.0 <= gap < 2.5 for gap in gaps), gaps
+    hub.mode = "ok"
+    await eventually(lambda: agent(hub_ctl).failures == 0, within=5, what="beats answered again")
 
 
 @pytest.mark.parametrize("mode", ["error", "unauthorized", "garbage", "wrong", "down"])

@@ -4,9 +4,9 @@ A hub process on a database seeded (``bench.seed``) with ``--services`` services
 simulated controllers, which then all start beating within one interval (2 s), as a lab's servers do
 when the hub (or the whole room) comes back. Each controller learns the paced interval (hub.services.pace)
 only from its first answer, so until then the hub is offered far more beats a second than its pace allows;
-a beat that gets no answer within the controller's wait (half the grace) is sent again at once. Every
-5 s the number of controllers beating (a beat recorded since the start, and healthy) is printed; the run
-ends when all beat or after ``--seconds``. Results: ``bench/results/first_beats.json``.
+a beat that gets no answer within the controller's wait (half the grace) is sent again after a jittered
+backoff (``mmanager.wire.beat_pause``). Every second the number of controllers beating (a beat recorded
+since the start, and healthy) is printed; the run ends when all beat or after ``--seconds``. Results: ``bench/results/first_beats.json``.
 
     python -m bench.first_beats [--controllers 10000] [--services 20000] [--seconds 120]
 """
@@ -39,7 +39,7 @@ async def measure(db_url: str, sim: Simulator, seeded: Seeded, seconds: float) -
     try:
         async with sim:
             while time.time() - began < seconds:
-                await asyncio.sleep(5)
+                await asyncio.sleep(1)
                 beating = await conn.fetchval(
                     "SELECT count(*) FROM mmanager_controllers WHERE status = 'healthy' "
                     "AND extract(epoch FROM last_heartbeat_at) >= $1", began)

@@ -29,7 +29,7 @@ from hub.config import HubSettings
 from hub.controller_client import ControllerClient
 from hub.db import Database
 from hub.deps import Hub
-from hub.errors import HubError
+from hub.errors import HubError, error_response
 from hub.fastlane import FastLane
 from hub.metrics import HubMetrics
 from hub.models import new_id
@@ -79,12 +79,6 @@ def heartbeat_database(db: Database) -> Database:
     if db.is_sqlite:
         return db
     return Database(db.url, pool_size=HEARTBEAT_POOL, max_overflow=HEARTBEAT_POOL)
-
-
-def _error(status: int, code: str, message: str, details: Any = None,
-           headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message, "details": details}}, status_code=status,
-                        headers=headers)
 
 
 def _dump_tasks_on_sigusr1() -> None:
@@ -145,7 +139,7 @@ def _database_refused_value(exc: BaseException) -> bool:
 def _install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(HubError)
     async def hub_error(_: Request, exc: HubError) -> JSONResponse:
-        return _error(exc.status_code, exc.code, exc.message, exc.details, exc.headers)
+        return exc.response()
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
@@ -155,7 +149,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         malformed = any(d["type"] == "json_invalid" for d in details)
         code = "MALFORMED_JSON" if malformed else "VALIDATION_ERROR"
         message = "the body is not valid JSON" if malformed else "the request is invalid"
-        return _error(422 if not malformed else 400, code, message, details)
+        return error_response(422 if not malformed else 400, code, message, details)
 
     @app.exception_handler(BodyTooLarge)
     async def body_too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
@@ -166,23 +160,23 @@ def _install_error_handlers(app: FastAPI) -> None:
         # Nobody to answer, nothing done: no traceback (an overloaded hub whose callers give up would
         # otherwise spend its time writing them, each twice, and fall further behind).
         log.debug("%s %s: the caller went away before its request was read", request.method, request.url.path)
-        return _error(CLIENT_CLOSED, "CLIENT_DISCONNECTED", "the caller went away before its request was read")
+        return error_response(CLIENT_CLOSED, "CLIENT_DISCONNECTED", "the caller went away before its request was read")
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 401: "UNAUTHORIZED", 403: "FORBIDDEN"}
-        return _error(exc.status_code, codes.get(exc.status_code, "HTTP_ERROR"), str(exc.detail))
+        return error_response(exc.status_code, codes.get(exc.status_code, "HTTP_ERROR"), str(exc.detail))
 
     async def database_error(_: Request, exc: Exception) -> JSONResponse:
         if _database_conflict(exc):
             log.warning("a write lost a race: %s", type(exc).__name__)
-            return _error(409, "CONCURRENT_CHANGE", "another call changed the same thing meanwhile; retry")
+            return error_response(409, "CONCURRENT_CHANGE", "another call changed the same thing meanwhile; retry")
         if _database_refused_value(exc):
             log.warning("the database refused a value: %s", type(exc).__name__)
-            return _error(422, "INVALID_VALUE", "the request holds a value that cannot be stored "
+            return error_response(422, "INVALID_VALUE", "the request holds a value that cannot be stored "
                           "(e.g. a NUL character or a number out of range)")
         log.warning("database error: %s", exc)
-        return _error(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
+        return error_response(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
 
     for error in DATABASE_ERRORS:
         app.add_exception_handler(error, database_error)
@@ -193,9 +187,9 @@ def _install_error_handlers(app: FastAPI) -> None:
             return await database_error(request, exc)
         if _database_outage(exc):
             log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
-            return _error(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
+            return error_response(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
         log.exception("unexpected error")
-        return _error(500, "INTERNAL_ERROR", "an unexpected error occurred; see the hub's log")
+        return error_response(500, "INTERNAL_ERROR", "an unexpected error occurred; see the hub's log")
 
 
 class HubApp(FastAPI):

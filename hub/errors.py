@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from starlette.responses import JSONResponse
+
 
 class HubError(Exception):
     status_code = 400
@@ -20,6 +22,9 @@ class HubError(Exception):
             self.code = code
         if status_code is not None:
             self.status_code = status_code
+
+    def response(self) -> JSONResponse:
+        return error_response(self.status_code, self.code, self.message, self.details, self.headers)
 
 
 class Unauthorized(HubError):
@@ -102,3 +107,10 @@ class ControllerRejected(HubError):
 
     status_code = 422
     code = "CONTROLLER_REJECTED"
+
+
+def error_response(status: int, code: str, message: str, details: Any = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    """The hub's error envelope, ``{"error": {"code", "message", "details"}}``."""
+    return JSONResponse({"error": {"code": code, "message": message, "details": details}}, status_code=status,
+                        headers=headers)

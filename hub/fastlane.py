@@ -16,17 +16,20 @@ there either.
 A heartbeat is answered here when it carries its length (no chunked body)
 within ``MMANAGER_MAX_HEARTBEAT_BYTES``, a key this replica's snapshot accepts
 for that controller without the database (``ControllerKeyAuth.remembered``), a
-body the wire's model takes, the controller's own id, and the hub is not
-shedding beats: it goes to the same ``HeartbeatIngest.receive`` and gets the
-route's answer. Otherwise, or when its batch refuses it, the application gets
-the call with the body the lane read, and does it all again itself.
+body the wire's model takes, and the controller's own id: it goes to the same
+``HeartbeatIngest.receive`` and gets the route's answer. Otherwise, or when its
+batch refuses it, the application gets the call with the body the lane read,
+and does it all again itself.
 
 Everything else goes to the application untouched, which then does the whole
 call itself: an unknown or new token or key, a missing service, another user's
 service, a refusal by the rate limiter, a database error (the application
 answers it with its own 503). So every error, every audit row and every header of
 a refusal comes from one place; the lane only skips work for the call that
-succeeds.
+succeeds. One refusal is the lane's own: a beat shed because too many wait
+(``503 HUB_BUSY`` with Retry-After, the same ``HubError.response()`` the
+application gives), with no audit row (``mmanager_heartbeats_shed_total``
+counts them), since an overloaded hub's cheapest answer must be its refusal.
 """
 
 from __future__ import annotations
@@ -38,7 +41,7 @@ from pydantic import ValidationError
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hub.deps import RATE_CHARGED, Hub, bearer_token
-from hub.errors import HubError
+from hub.errors import HubError, Overloaded
 from mmanager.wire import Heartbeat
 
 log = logging.getLogger(__name__)
@@ -103,10 +106,15 @@ class FastLane:
             heartbeat = Heartbeat.model_validate_json(raw)
         except ValidationError:
             heartbeat = None
-        if heartbeat is not None and not hub.ingest.refuses(controller_id, heartbeat):
+        if heartbeat is not None and heartbeat.server_id == controller_id:
             try:
                 answer = await hub.ingest.receive(controller_id, heartbeat)
             except HubError as exc:
+                if isinstance(exc, Overloaded) and exc.code == Overloaded.code:
+                    # Shed (too many beats waiting): under overload the refusal must be the cheapest answer
+                    # the hub gives, not the framework's whole path and an audit row each.
+                    await exc.response()(scope, receive, send)
+                    return
                 # Refused by its batch (nothing of it was recorded): the application does it again and answers.
                 log.debug("the fast lane hands a heartbeat of %s to the application: %s", controller_id, exc.code)
             else:

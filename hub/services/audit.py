@@ -47,9 +47,11 @@ CLIENT_CLOSED = 499
 
 
 def skip_routine(method: str, path: str, status: int) -> bool:
-    """Calls with no audit row: heartbeats that succeed, and calls whose caller went away before anything
-    was done (an overloaded hub's callers giving up must not cost it a write each)."""
-    return status == CLIENT_CLOSED or (status < 400 and HEARTBEAT_PATH.match(path) is not None)
+    """Calls with no audit row: heartbeats that succeed or that a busy hub refused (503: shed, or the
+    database unavailable; counted in ``mmanager_heartbeats_shed_total``, and beaten again), and calls whose
+    caller went away before anything was done (an overloaded hub's callers giving up, or beats it sheds, must
+    not cost it a write each)."""
+    return status == CLIENT_CLOSED or ((status < 400 or status == 503) and HEARTBEAT_PATH.match(path) is not None)
 
 
 def _utc(moment: datetime) -> datetime:

@@ -136,10 +136,14 @@ class HeartbeatIngest:
         if health.status == "healthy" and at > self.heard.get(controller_id, _NEVER):
             self.heard[controller_id] = at
 
-    def refuses(self, controller_id: str, heartbeat: Heartbeat) -> bool:
-        """Whether ``receive`` refuses this beat at once (before its batch): sent to another controller's
-        path, or too many beats waiting."""
-        return heartbeat.server_id != controller_id or self._waiting >= self.settings.heartbeat_backlog
+    def _shed(self) -> Overloaded | None:
+        """The refusal of a beat arriving now, when too many wait: shed, not queued past the controllers'
+        timeouts (they beat again after its Retry-After, the interval)."""
+        if self._waiting < self.settings.heartbeat_backlog:
+            return None
+        self.metrics.heartbeats_shed.inc()
+        return Overloaded(f"the hub has {self._waiting} heartbeats waiting; beat again later",
+                          retry_after=max(1, round(self.pace.interval)))
 
     async def receive(self, controller_id: str, heartbeat: Heartbeat) -> HeartbeatAnswer:
         """Answer one pushed heartbeat (already authenticated), once its batch is committed."""
@@ -151,10 +155,9 @@ class HeartbeatIngest:
         arrived = utcnow()
         # Heard even when shed: the controller lives, only this hub is behind.
         self.hear(controller_id, heartbeat.health, arrived)
-        if self._waiting >= self.settings.heartbeat_backlog:
-            self.metrics.heartbeats_shed.inc()
-            raise Overloaded(f"the hub has {self._waiting} heartbeats waiting; beat again later",
-                             retry_after=max(1, round(self.pace.interval)))
+        shed = self._shed()
+        if shed is not None:
+            raise shed
         beat = _Beat(controller_id, heartbeat, arrived, asyncio.get_running_loop().create_future())
         self._inbox.append(beat)
         self._waiting += 1

@@ -195,3 +195,59 @@ async def test_a_caller_gone_before_its_body_was_read_costs_no_traceback(
         assert await session.scalar(select(func.count()).select_from(ControllerModel).where(
             ControllerModel.id == "ctl-gone")) == 0
         assert await session.scalar(select(func.count()).select_from(AuditModel)) == 0
+
+
+def shed_count(metrics: str) -> float:
+    return next(float(line.split()[1]) for line in metrics.splitlines()
+                if line.startswith("mmanager_heartbeats_shed_total "))
+
+
+async def test_a_beat_shed_is_refused_by_the_lane_itself_with_retry_after_and_no_audit_row(
+        lane: tuple[KeyHub, Counting], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past MMANAGER_HEARTBEAT_BACKLOG beats waiting, a beat is refused at once: 503 HUB_BUSY with the interval
+    as Retry-After, by the lane (not the framework's whole path) and without an audit row each, since the
+    refusal must be the cheapest thing an overloaded hub does; the metric counts it."""
+    hub, behind = lane
+    key = (await hub.mint("ctl-x"))["key"]
+    assert (await hub.beat("ctl-x", key)).status_code == 200  # the key is remembered from now on
+    ingest = hub.parts.ingest
+    monkeypatch.setattr(ingest.settings, "heartbeat_backlog", 1)
+    held, record = asyncio.Event(), ingest._record
+
+    async def slow(batch: Any) -> None:
+        await held.wait()
+        await record(batch)
+
+    monkeypatch.setattr(ingest, "_record", slow)
+    shed_before = shed_count((await hub.client.get("/metrics")).text)
+    waiting = asyncio.create_task(hub.beat("ctl-x", key))
+    for _ in range(100):
+        if ingest._waiting:
+            break
+        await asyncio.sleep(0.01)
+    handed = len(behind.calls)
+    shed = await hub.beat("ctl-x", key)
+    assert shed.status_code == 503, shed.text
+    assert shed.json()["error"]["code"] == "HUB_BUSY" and shed.headers["retry-after"] == "2"
+    assert len(behind.calls) == handed  # refused by the lane
+    assert shed_count((await hub.client.get("/metrics")).text) == shed_before + 1
+    held.set()
+    assert (await waiting).status_code == 200
+    # Through the application too (a chunked body goes there), a shed beat leaves no audit row.
+    held.clear()
+    waiting = asyncio.create_task(hub.beat("ctl-x", key))
+    await asyncio.sleep(0.1)
+
+    async def chunked() -> AsyncIterator[bytes]:
+        yield json.dumps(heartbeat("ctl-x", [])).encode()
+
+    r = await hub.client.post("/api/controllers/ctl-x/heartbeat", content=chunked(),
+                              headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
+    assert (r.status_code, r.json()["error"]["code"]) == (503, "HUB_BUSY")
+    assert behind.calls[-1] == ("POST", "/api/controllers/ctl-x/heartbeat")
+    held.set()
+    assert (await waiting).status_code == 200
+    await asyncio.sleep(0.5)  # the audit's writes are batched: none comes
+    async with hub.db.session() as session:
+        assert await session.scalar(select(func.count()).select_from(AuditModel).where(
+            AuditModel.path.like("/api/controllers/%/heartbeat"))) == 0

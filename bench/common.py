@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 import sys
 import tempfile
 from contextlib import ExitStack
@@ -33,9 +34,17 @@ def asyncpg_dsn(url: str) -> str:
     return make_url(url).set(drivername="postgresql").render_as_string(hide_password=False)
 
 
+def exit_on_sigterm() -> None:
+    """SIGTERM (``timeout``, ``kill``) stops this benchmark as Ctrl-C does: its ExitStack stops the hubs,
+    controllers and throwaway PostgreSQL cluster it started (an orphaned hub went on retrying its moves on
+    most of a core, with 2 GiB, after the benchmark was gone)."""
+    signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
+
+
 def scratch(stack: ExitStack, prefix: str = "mm-bench-") -> tuple[str, Path]:
     """The PostgreSQL server to measure on (MMANAGER_BENCH_DATABASE_URL, or a throwaway cluster) and a
-    temporary folder for the run, both closed with ``stack``."""
+    temporary folder for the run, both closed with ``stack`` (also when stopped by SIGTERM)."""
+    exit_on_sigterm()
     server = os.environ.get("MMANAGER_BENCH_DATABASE_URL") or stack.enter_context(local_cluster()).url
     return server, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
 
@@ -43,7 +52,8 @@ def scratch(stack: ExitStack, prefix: str = "mm-bench-") -> tuple[str, Path]:
 def durable_server(stack: ExitStack) -> tuple[str, list[int]]:
     """The PostgreSQL server to measure on, and its postmaster's pid (for its CPU): MMANAGER_BENCH_DATABASE_URL,
     or a throwaway cluster closed with ``stack``, with fsync turned back on (the test cluster runs without
-    it; a commit the hub answers for must be durable)."""
+    it; a commit the hub answers for must be durable). Stopped by SIGTERM, it is closed too."""
+    exit_on_sigterm()
     from_env = os.environ.get("MMANAGER_BENCH_DATABASE_URL")
     if from_env:
         return from_env, []

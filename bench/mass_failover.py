@@ -35,7 +35,7 @@ from typing import Any
 import asyncpg
 import psutil
 
-from bench.common import asyncpg_dsn, percentile, postmaster_pid, say
+from bench.common import asyncpg_dsn, exit_on_sigterm, percentile, postmaster_pid, say
 from bench.heartbeats import _Cpu
 from bench.pyspy import Recording
 from bench.seed import Seeded, all_beating, seeded_hub
@@ -192,6 +192,7 @@ def main() -> None:
     sizes = [_size(s) for s in args.sizes.split(",")]
     results: dict[str, Any] = {"interval_s": args.interval, "grace_s": args.grace,
                                "healthy_after_s": args.healthy_after, "runs": []}
+    exit_on_sigterm()
     with ExitStack() as stack:
         pg_pids: list[int] = []
         server = os.environ.get("MMANAGER_BENCH_DATABASE_URL")

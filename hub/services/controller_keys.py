@@ -15,7 +15,9 @@ is looked up in the database at once, so a new key works on its first beat.
 The shared ``MMANAGER_API_KEY`` (or the ``api_key`` of the controller's entry
 in ``MMANAGER_CONTROLLERS``) still authenticates, for compatibility, a
 controller that has never had a key of its own; the hub logs a warning once
-per controller. Once a controller has had a key, revoked or not, the shared
+per controller, for the first ``SHARED_WARN_EACH``; beyond those, one line every
+``SHARED_WARN_EVERY`` seconds counts the others (a fleet of ten thousand on
+the shared key must not write ten thousand lines at each start). Once a controller has had a key, revoked or not, the shared
 key no longer speaks for it: revoking a leaked key must not reopen the older,
 weaker way in.
 """
@@ -125,14 +127,24 @@ class _Snapshot:
         self.owners.add(key.controller_id)
 
 
+# Controllers warned about one by one for beating with the shared key; beyond them, one line at most this
+# often (seconds) counts the others.
+SHARED_WARN_EACH = 10
+SHARED_WARN_EVERY = 60.0
+
+
 class ControllerKeyAuth:
     """Decides whether a bearer key may speak for a controller on the heartbeat path."""
 
     def __init__(self, db: Database, settings: HubSettings) -> None:
         self.db = db
         self.settings = settings
-        # Controllers already warned about in this process for beating with the shared key.
+        # Controllers already warned about in this process for beating with the shared key; of those beyond
+        # SHARED_WARN_EACH, how many the next counting line names, and whether it is due already.
         self._warned: set[str] = set()
+        self._uncounted = 0
+        self._count_due: asyncio.TimerHandle | None = None
+        self.warn_every = SHARED_WARN_EVERY
         # Key id -> when this process last wrote its last_used_at (monotonic seconds).
         self._touched: dict[str, float] = {}
         # Keys used since the last write of last_used_at (written by ``flush``).
@@ -165,16 +177,39 @@ class ControllerKeyAuth:
         self._warn_shared(controller_id)
 
     def _warn_shared(self, controller_id: str) -> None:
-        """Once per controller: it authenticates with the shared key."""
+        """Once per controller: it authenticates with the shared key (beyond SHARED_WARN_EACH, counted)."""
         # (`mmanager dev` runs its one controller on the shared key on purpose: no warning there.)
-        if controller_id not in self._warned and not self.settings.dev_mode:
-            self._warned.add(controller_id)
+        if controller_id in self._warned or self.settings.dev_mode:
+            return
+        self._warned.add(controller_id)
+        if len(self._warned) <= SHARED_WARN_EACH:
             log.warning(
                 "controller %s authenticates its heartbeats with the shared MMANAGER_API_KEY; give it a key of "
                 "its own (`mmanager controllers key-create %s`, then MMANAGER_CONTROLLER_KEY_FILE on the controller)",
                 controller_id,
                 controller_id,
             )
+            return
+        self._uncounted += 1
+        if self._count_due is None:
+            # The first counting line a second after the first one uncounted (a fleet's start in one line),
+            # then at most one each warn_every seconds.
+            self._count_due = asyncio.get_running_loop().call_later(1.0, self._count_shared)
+
+    def _count_shared(self) -> None:
+        log.warning(
+            "%d more controllers authenticate their heartbeats with the shared MMANAGER_API_KEY (%d in all since "
+            "this hub started); give each a key of its own (`mmanager controllers key-create <id>`)",
+            self._uncounted, len(self._warned),
+        )
+        self._uncounted = 0
+        self._count_due = asyncio.get_running_loop().call_later(self.warn_every, self._next_count)
+
+    def _next_count(self) -> None:
+        if self._uncounted:
+            self._count_shared()
+        else:
+            self._count_due = None
 
     def _is_shared_key(self, controller_id: str, token: str) -> bool:
         expected = self.settings.key_for(controller_id)

@@ -205,6 +205,34 @@ def test_the_cli_mints_lists_and_revokes_keys_on_the_hub_host(pg_url: str) -> No
     assert unknown.exit_code == 2 and "not found" in unknown.output
 
 
+async def test_a_fleet_on_the_shared_key_is_warned_about_one_by_one_then_counted(
+        hub: KeyHub, caplog: pytest.LogCaptureFixture) -> None:
+    """Ten thousand controllers on the shared key must not write ten thousand warnings at each start: the first
+    ten are named, the others counted in one line, then at most one line each ``warn_every`` seconds."""
+    caplog.set_level(logging.WARNING, logger="hub.services.controller_keys")
+    hub.parts.ingest.keys.warn_every = 0.5
+    fleet = [f"edge-{i:02d}" for i in range(25)]
+    for _ in range(2):
+        for cid in fleet:
+            r = await hub.beat(cid, KEY, heartbeat(cid, [], url=f"http://{cid}.test:8001"))
+            assert r.status_code == 200, r.text
+    await asyncio.sleep(1.3)
+
+    def lines() -> tuple[list[str], list[str]]:
+        warned = [r.getMessage() for r in caplog.records if "shared MMANAGER_API_KEY" in r.getMessage()]
+        return [w for w in warned if w.startswith("controller ")], [w for w in warned if "more controllers" in w]
+
+    named, counted = lines()
+    assert [n.split()[1] for n in named] == fleet[:10]
+    assert len(counted) == 1 and counted[0].startswith("15 more controllers") and "(25 in all" in counted[0]
+    r = await hub.beat("edge-late", KEY, heartbeat("edge-late", [], url="http://edge-late.test:8001"))
+    assert r.status_code == 200
+    await asyncio.sleep(0.8)
+    named, counted = lines()
+    assert len(named) == 10 and len(counted) == 2 and counted[1].startswith("1 more controllers")
+    assert KEY not in caplog.text
+
+
 async def test_controllers_sharing_the_hub_key_are_warned_about(db: Database, caplog: pytest.LogCaptureFixture) -> None:
     """One shared MMANAGER_API_KEY drives every controller: the operator hears about it at start-up."""
     entries = [{"id": cid, "url": f"http://{cid}.test:8001"} for cid in CONTROLLERS]

@@ -77,6 +77,7 @@ class _TickStatements:
     old_replicas: Executable
     recover: Executable
     controllers: Executable
+    controllers_led_briefly: Executable
     unsettled: Executable
     on_at_risk: Executable
     failing: Executable
@@ -105,6 +106,11 @@ def _tick_statements(sqlite: bool) -> _TickStatements:
         ).values(status="failed", finished_at=bindparam("now"),
                  error="interrupted: the hub replica running it stopped; the reconciler finishes its work"),
         controllers=select(c.id, c.status, c.last_heartbeat_at, c.enabled, c.draining).where(watched),
+        # Before this replica has led for a grace, no silence counts (compute() counts it from leader_since):
+        # of the watched, only those not healthy, or draining. A hub restarted under a big fleet read every
+        # controller twice a second until their first beats were written (a second a tick at 10,000).
+        controllers_led_briefly=select(c.id, c.status, c.last_heartbeat_at, c.enabled, c.draining).where(
+            or_(c.status != "healthy", c.draining.is_(True))),
         # Unsettled: a create, migrate or failover that did not finish.
         unsettled=select(*columns).select_from(services.outerjoin(registry, on_current)).where(
             s.desired_state == "running", or_(any_of(s.status, "unsettled", sqlite=sqlite), s.controller_id.is_(None))),
@@ -216,7 +222,8 @@ class Reconciler(LoopService):
         cutoff = params["cutoff"]
         may_be_silent = self.leader_since <= cutoff
         controllers = [
-            ControllerState(**row) for row in await db.all(reads.controllers, params)
+            ControllerState(**row)
+            for row in await db.all(reads.controllers if may_be_silent else reads.controllers_led_briefly, params)
             if row["status"] != "healthy" or row["draining"] or (may_be_silent and heard.get(row["id"], cutoff) <= cutoff)
         ]
         lost, draining_ids, _ = at_risk(controllers, now, grace, self.leader_since, heard)

@@ -25,6 +25,7 @@ too, with resolved alerts of that age.
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import math
 import time
@@ -177,8 +178,11 @@ class Monitor:
         self.metrics = metrics
         self.pace = pace or HeartbeatPace(settings)
         self.thresholds = Thresholds.of(settings)
-        # What this replica believes is open: key -> the reading that opened it.
+        # What this replica believes is open: key -> the reading that opened it; and the keys by controller
+        # (a report can open or resolve only its own controller's: it is judged against those alone, not
+        # every open alert on every beat).
         self._active: dict[AlertKey, Reading] = {}
+        self._active_of: dict[str, set[AlertKey]] = {}
         self._to_open: dict[AlertKey, tuple[Reading, datetime]] = {}
         self._to_resolve: dict[AlertKey, datetime] = {}
         self._loaded_at: float | None = None
@@ -188,6 +192,7 @@ class Monitor:
         # The labels of each controller's container series, by container id; when it last reported;
         # those with a disk series.
         self._series: dict[str, dict[str, tuple[str, str, str]]] = {}
+        self._children: dict[tuple[str, str, str], tuple[tuple[str, Any], ...]] = {}
         self._seen: dict[str, float] = {}
         self._disk: set[str] = set()
         self._pruned_at: float | None = None
@@ -202,16 +207,20 @@ class Monitor:
         self._seen[controller_id] = time.monotonic()
         self._export(controller_id, health, containers)
         readings, covered = readings_of(controller_id, health, containers)
-        verdict = judge(self._active, readings, self.thresholds, covered)
+        verdict = judge(self._active_of.get(controller_id, ()), readings, self.thresholds, covered)
         for reading in verdict.opened:
             self._active[reading.key] = reading
+            self._active_of.setdefault(controller_id, set()).add(reading.key)
             self._to_open[reading.key] = (reading, now)
             self._to_resolve.pop(reading.key, None)
         for key in verdict.resolved:
             self._active.pop(key, None)
+            self._active_of.get(controller_id, set()).discard(key)
             if self._to_open.pop(key, None) is None:
                 self._to_resolve[key] = now
-        self._count_active()
+        if verdict.opened or verdict.resolved:
+            # Only then do the counts change (they were counted on every beat: every open alert, each time).
+            self._count_active()
         if not health.docker:
             return
         at = bucket_start(now, self.settings.metrics_resolution)
@@ -231,24 +240,36 @@ class Monitor:
         if not health.docker:
             return
         series = {}
+        # The sample each current copy's series was last set from: a controller samples every 10 s and beats
+        # every 2 s, so most beats repeat the last sample, and its values are set already.
+        before = self._sampled.get(controller_id, {})
         for c in containers:
             if c.usage is None or c.state != "running":
                 continue
             labels = series[c.container_id] = (controller_id, c.service_id or "", c.name)
-            for name, gauge in self.metrics.container_usage.items():
-                gauge.labels(*labels).set(getattr(c.usage, name))
+            children = self._children.get(labels)
+            if children is None:
+                # Looked up once per series, not by labels() for every metric of every container on every beat.
+                children = self._children[labels] = tuple(
+                    (name, gauge.labels(*labels)) for name, gauge in self.metrics.container_usage.items())
+            elif before.get(c.container_id) == c.usage.sampled_at:
+                continue
+            for name, child in children:
+                child.set(getattr(c.usage, name))
         self._drop_series(self._series.get(controller_id, {}), keep=series)
         self._series[controller_id] = series
 
     def _drop_series(self, old: Mapping[str, tuple[str, str, str]], keep: Mapping[str, tuple[str, str, str]]) -> None:
         # By labels, not by id: a container re-created under its name keeps its series.
         for labels in set(old.values()) - set(keep.values()):
+            self._children.pop(labels, None)
             for gauge in self.metrics.container_usage.values():
                 gauge.remove(*labels)
 
     def _count_active(self) -> None:
+        counts = collections.Counter(key[0] for key in self._active)
         for kind in ALERT_KINDS:
-            self.metrics.alerts_active.labels(kind).set(sum(1 for key in self._active if key[0] == kind))
+            self.metrics.alerts_active.labels(kind).set(counts[kind])
 
     # --------------------------------------------------------------- flush
 
@@ -337,6 +358,9 @@ class Monitor:
         for key in self._to_resolve:
             active.pop(key, None)
         self._active = active
+        self._active_of = {}
+        for key in active:
+            self._active_of.setdefault(key[1], set()).add(key)
         self._count_active()
 
     async def _prune(self, session: Any, now: datetime) -> None:

@@ -216,20 +216,28 @@ async def test_a_fleet_on_the_shared_key_is_warned_about_one_by_one_then_counted
         for cid in fleet:
             r = await hub.beat(cid, KEY, heartbeat(cid, [], url=f"http://{cid}.test:8001"))
             assert r.status_code == 200, r.text
-    await asyncio.sleep(1.3)
 
     def lines() -> tuple[list[str], list[str]]:
         warned = [r.getMessage() for r in caplog.records if "shared MMANAGER_API_KEY" in r.getMessage()]
         return [w for w in warned if w.startswith("controller ")], [w for w in warned if "more controllers" in w]
 
+    async def counted_lines(count: int) -> list[str]:
+        # The counting line comes a second after the first controller it counts, then at most each warn_every.
+        for _ in range(40):
+            if len(lines()[1]) >= count:
+                break
+            await asyncio.sleep(0.1)
+        return lines()[1]
+
+    counted = await counted_lines(1)
+    await asyncio.sleep(0.6)  # past warn_every: nothing more to count, no second line
     named, counted = lines()
     assert [n.split()[1] for n in named] == fleet[:10]
     assert len(counted) == 1 and counted[0].startswith("15 more controllers") and "(25 in all" in counted[0]
     r = await hub.beat("edge-late", KEY, heartbeat("edge-late", [], url="http://edge-late.test:8001"))
     assert r.status_code == 200
-    await asyncio.sleep(0.8)
-    named, counted = lines()
-    assert len(named) == 10 and len(counted) == 2 and counted[1].startswith("1 more controllers")
+    counted = await counted_lines(2)
+    assert len(lines()[0]) == 10 and len(counted) == 2 and counted[1].startswith("1 more controllers")
     assert KEY not in caplog.text
 
 

@@ -220,11 +220,16 @@ async def test_a_beat_shed_is_refused_by_the_lane_itself_with_retry_after_and_no
 
     monkeypatch.setattr(ingest, "_record", slow)
     shed_before = shed_count((await hub.client.get("/metrics")).text)
-    waiting = asyncio.create_task(hub.beat("ctl-x", key))
-    for _ in range(100):
-        if ingest._waiting:
-            break
-        await asyncio.sleep(0.01)
+
+    async def one_waiting() -> asyncio.Task[httpx.Response]:
+        task = asyncio.create_task(hub.beat("ctl-x", key))
+        for _ in range(500):
+            if ingest._waiting:
+                return task
+            await asyncio.sleep(0.01)
+        raise AssertionError("the beat never reached its batch")
+
+    waiting = await one_waiting()
     handed = len(behind.calls)
     shed = await hub.beat("ctl-x", key)
     assert shed.status_code == 503, shed.text
@@ -235,8 +240,7 @@ async def test_a_beat_shed_is_refused_by_the_lane_itself_with_retry_after_and_no
     assert (await waiting).status_code == 200
     # Through the application too (a chunked body goes there), a shed beat leaves no audit row.
     held.clear()
-    waiting = asyncio.create_task(hub.beat("ctl-x", key))
-    await asyncio.sleep(0.1)
+    waiting = await one_waiting()
 
     async def chunked() -> AsyncIterator[bytes]:
         yield json.dumps(heartbeat("ctl-x", [])).encode()

@@ -94,6 +94,7 @@ def _tick_statements(sqlite: bool) -> _TickStatements:
     watched = or_(c.status != "healthy", c.draining.is_(True), c.last_heartbeat_at.is_(None),
                   c.last_heartbeat_at < bindparam("cutoff"))
     columns = (s.id, s.desired_state, s.status, s.controller_id, current.health, current.health_restarts)
+    controller_columns = (c.id, c.status, c.last_heartbeat_at, c.enabled, c.draining)
     on_current = and_(current.service_id == s.id, current.container_id == s.container_id)
     services, registry = ServiceModel.__table__, ContainerRegistryModel.__table__
     active = any_of(o.status, "active", sqlite=sqlite)
@@ -105,12 +106,11 @@ def _tick_statements(sqlite: bool) -> _TickStatements:
             or_(o.hub_replica.is_(None), ~any_of(o.hub_replica, "live", sqlite=sqlite)),
         ).values(status="failed", finished_at=bindparam("now"),
                  error="interrupted: the hub replica running it stopped; the reconciler finishes its work"),
-        controllers=select(c.id, c.status, c.last_heartbeat_at, c.enabled, c.draining).where(watched),
+        controllers=select(*controller_columns).where(watched),
         # Before this replica has led for a grace, no silence counts (compute() counts it from leader_since):
         # of the watched, only those not healthy, or draining. A hub restarted under a big fleet read every
         # controller twice a second until their first beats were written (a second a tick at 10,000).
-        controllers_led_briefly=select(c.id, c.status, c.last_heartbeat_at, c.enabled, c.draining).where(
-            or_(c.status != "healthy", c.draining.is_(True))),
+        controllers_led_briefly=select(*controller_columns).where(or_(c.status != "healthy", c.draining.is_(True))),
         # Unsettled: a create, migrate or failover that did not finish.
         unsettled=select(*columns).select_from(services.outerjoin(registry, on_current)).where(
             s.desired_state == "running", or_(any_of(s.status, "unsettled", sqlite=sqlite), s.controller_id.is_(None))),

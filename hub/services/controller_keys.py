@@ -17,9 +17,9 @@ in ``MMANAGER_CONTROLLERS``) still authenticates, for compatibility, a
 controller that has never had a key of its own; the hub logs a warning once
 per controller, for the first ``SHARED_WARN_EACH``; beyond those, one line every
 ``SHARED_WARN_EVERY`` seconds counts the others (a fleet of ten thousand on
-the shared key must not write ten thousand lines at each start). Once a controller has had a key, revoked or not, the shared
-key no longer speaks for it: revoking a leaked key must not reopen the older,
-weaker way in.
+the shared key must not write ten thousand lines at each start). Once a
+controller has had a key, revoked or not, the shared key no longer speaks for
+it: revoking a leaked key must not reopen the older, weaker way in.
 """
 
 from __future__ import annotations

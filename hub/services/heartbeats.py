@@ -136,15 +136,6 @@ class HeartbeatIngest:
         if health.status == "healthy" and at > self.heard.get(controller_id, _NEVER):
             self.heard[controller_id] = at
 
-    def _shed(self) -> Overloaded | None:
-        """The refusal of a beat arriving now, when too many wait: shed, not queued past the controllers'
-        timeouts (they beat again after its Retry-After, the interval)."""
-        if self._waiting < self.settings.heartbeat_backlog:
-            return None
-        self.metrics.heartbeats_shed.inc()
-        return Overloaded(f"the hub has {self._waiting} heartbeats waiting; beat again later",
-                          retry_after=max(1, round(self.pace.interval)))
-
     async def receive(self, controller_id: str, heartbeat: Heartbeat) -> HeartbeatAnswer:
         """Answer one pushed heartbeat (already authenticated), once its batch is committed."""
         if heartbeat.server_id != controller_id:
@@ -155,9 +146,11 @@ class HeartbeatIngest:
         arrived = utcnow()
         # Heard even when shed: the controller lives, only this hub is behind.
         self.hear(controller_id, heartbeat.health, arrived)
-        shed = self._shed()
-        if shed is not None:
-            raise shed
+        if self._waiting >= self.settings.heartbeat_backlog:
+            # Shed, not queued past the controllers' timeouts: they beat again after the Retry-After.
+            self.metrics.heartbeats_shed.inc()
+            raise Overloaded(f"the hub has {self._waiting} heartbeats waiting; beat again later",
+                             retry_after=max(1, round(self.pace.interval)))
         beat = _Beat(controller_id, heartbeat, arrived, asyncio.get_running_loop().create_future())
         self._inbox.append(beat)
         self._waiting += 1

@@ -178,11 +178,10 @@ class Monitor:
         self.metrics = metrics
         self.pace = pace or HeartbeatPace(settings)
         self.thresholds = Thresholds.of(settings)
-        # What this replica believes is open: key -> the reading that opened it; and the keys by controller
-        # (a report can open or resolve only its own controller's: it is judged against those alone, not
-        # every open alert on every beat).
-        self._active: dict[AlertKey, Reading] = {}
-        self._active_of: dict[str, set[AlertKey]] = {}
+        # What this replica believes is open, by controller: key -> the reading that opened it (a report can
+        # open or resolve only its own controller's: it is judged against those alone, not every open alert
+        # on every beat).
+        self._active: dict[str, dict[AlertKey, Reading]] = {}
         self._to_open: dict[AlertKey, tuple[Reading, datetime]] = {}
         self._to_resolve: dict[AlertKey, datetime] = {}
         self._loaded_at: float | None = None
@@ -207,15 +206,13 @@ class Monitor:
         self._seen[controller_id] = time.monotonic()
         self._export(controller_id, health, containers)
         readings, covered = readings_of(controller_id, health, containers)
-        verdict = judge(self._active_of.get(controller_id, ()), readings, self.thresholds, covered)
+        verdict = judge(self._active.get(controller_id, {}), readings, self.thresholds, covered)
         for reading in verdict.opened:
-            self._active[reading.key] = reading
-            self._active_of.setdefault(controller_id, set()).add(reading.key)
+            self._active.setdefault(controller_id, {})[reading.key] = reading
             self._to_open[reading.key] = (reading, now)
             self._to_resolve.pop(reading.key, None)
         for key in verdict.resolved:
-            self._active.pop(key, None)
-            self._active_of.get(controller_id, set()).discard(key)
+            self._active.get(controller_id, {}).pop(key, None)
             if self._to_open.pop(key, None) is None:
                 self._to_resolve[key] = now
         if verdict.opened or verdict.resolved:
@@ -267,7 +264,7 @@ class Monitor:
                 gauge.remove(*labels)
 
     def _count_active(self) -> None:
-        counts = collections.Counter(key[0] for key in self._active)
+        counts = collections.Counter(key[0] for alerts in self._active.values() for key in alerts)
         for kind in ALERT_KINDS:
             self.metrics.alerts_active.labels(kind).set(counts[kind])
 
@@ -357,10 +354,9 @@ class Monitor:
         active = {**stored, **{key: reading for key, (reading, _) in self._to_open.items()}}
         for key in self._to_resolve:
             active.pop(key, None)
-        self._active = active
-        self._active_of = {}
-        for key in active:
-            self._active_of.setdefault(key[1], set()).add(key)
+        self._active = {}
+        for key, reading in active.items():
+            self._active.setdefault(key[1], {})[key] = reading
         self._count_active()
 
     async def _prune(self, session: Any, now: datetime) -> None:

@@ -31,9 +31,12 @@ RESULTS = Path(__file__).parent / "results" / "first_beats.json"
 
 
 async def measure(db_url: str, sim: Simulator, seeded: Seeded, seconds: float) -> dict[str, Any]:
-    """Start ``sim`` (the seed's controllers) and wait until every controller beats, at most ``seconds``."""
+    """Start ``sim`` (the seed's controllers) and wait until every controller beats, at most ``seconds``. Also:
+    the operations the hub began while the fleet beat (none, unless it took a controller for lost)."""
     conn = await asyncpg.connect(asyncpg_dsn(db_url))
     count = len(seeded.controllers)
+    operations = "SELECT count(*) FROM container_operations"
+    before = await conn.fetchval(operations)
     began = time.time()
     timeline: list[tuple[float, int]] = []
     try:
@@ -48,12 +51,14 @@ async def measure(db_url: str, sim: Simulator, seeded: Seeded, seconds: float) -
                 if beating == count:
                     break
             failures = sim.failures()
+            # Counted before the fleet stops beating: once it has, the hub rightly takes it for lost.
+            began_operations = await conn.fetchval(operations) - before
     finally:
         await conn.close()
     done = timeline[-1][1] == count if timeline else False
     return {"controllers": count, "services": len(seeded.placement), "all_beating_after_s":
             timeline[-1][0] if done else None, "beating_at_end": timeline[-1][1] if timeline else 0,
-            "failed_beats": failures, "timeline": timeline}
+            "failed_beats": failures, "operations": began_operations, "timeline": timeline}
 
 
 def main() -> None:

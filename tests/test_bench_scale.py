@@ -18,14 +18,12 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, replace
 
 import pytest
-from sqlalchemy import func, select
 
 from bench import first_beats, hub_memory, mass_failover
 from bench.seed import Seeded, seed
 from bench.sim import SimOptions, Simulator
 from hub.config import HubSettings
 from hub.db import Database
-from hub.models import OperationModel
 from tests.pg import _free_port
 from tests.served import served_hub
 
@@ -87,12 +85,10 @@ async def test_mass_failover_moves_every_affected_service_once(fleet: Fleet, db:
 
 
 async def test_a_fleet_starting_at_once_all_beats_and_nothing_moves(fleet: Fleet, db: Database) -> None:
-    async def operations() -> int | None:
-        async with db.session() as session:
-            return await session.scalar(select(func.count()).select_from(OperationModel))
-
-    seeded = await operations()  # the seed's creates
     run = await first_beats.measure(db.url, fleet.simulator(), fleet.seeded, seconds=30)
     assert run["all_beating_after_s"] is not None, run
     assert run["beating_at_end"] == CONTROLLERS and run["failed_beats"] == {}
-    assert await operations() == seeded  # no controller was taken for lost: no failover, no move
+    # No controller was taken for lost while the fleet beat: no failover, no move. (Counted by the run
+    # itself: a count after it stopped the fleet raced the hub's grace, 2 s here, and lost when the
+    # simulator took that long to stop.)
+    assert run["operations"] == 0

@@ -308,6 +308,29 @@ class Database:
         await self.engine.dispose()
 
 
+class Rendered:
+    """The last answer rendered from each of the most recently read keys' rows, used again while the row read
+    is the same (equal, column for column) as the one it was rendered from; rendered anew when it is not.
+
+    At most ``most`` keys are kept; past that the one kept longest goes. A read still reads its row every
+    time (an answer is never older than its read), only the rendering is skipped.
+    """
+
+    def __init__(self, most: int) -> None:
+        self.most = most
+        self._last: dict[Any, tuple[Mapping[str, Any], bytes]] = {}
+
+    def get(self, key: Any, row: Mapping[str, Any], render: Callable[[], bytes]) -> bytes:
+        last = self._last.get(key)
+        if last is not None and (last[0] is row or last[0] == row):
+            return last[1]
+        body = render()
+        if last is None and len(self._last) >= self.most:
+            del self._last[next(iter(self._last))]
+        self._last[key] = (row, body)
+        return body
+
+
 class Gathered:
     """Reads of one row by its key, made together: the calls that come while a read is on its way are
     answered by the next one, a single statement for all their keys (as a DataLoader does).

@@ -9,8 +9,8 @@ call (bench.api_floor, docs/BENCHMARKS.md), and so does a heartbeat
 request-id middleware, and answers the case of each that needs none of it. A
 status read: a GET without a body, from a token this replica accepted less
 than ``MMANAGER_AUTH_CACHE_SECONDS`` ago, within the caller's rate limit, for a
-service the caller may see. The answer is the route's own (``ServiceManager.read``
-and ``to_out``, the same bytes and headers), and such a call writes no audit row
+service the caller may see. The answer is the route's own (``ServiceManager.read_json``:
+``to_out``'s JSON, the same bytes and headers), and such a call writes no audit row
 there either.
 
 A heartbeat is answered here when it carries its length (no chunked body)
@@ -143,11 +143,10 @@ class FastLane:
             # Taken: if the application ends up answering, it must not take another.
             scope.setdefault("state", {})[RATE_CHARGED] = True
         try:
-            out = await hub.services.read(user, service_id)
+            return await hub.services.read_json(user, service_id)
         except Exception as exc:  # noqa: BLE001 - the application answers it, and logs what it must
             log.debug("the fast lane hands %s to the application: %s", scope["path"], type(exc).__name__)
             return None
-        return out.model_dump_json().encode()
 
 
 async def _ok(send: Send, body: bytes) -> None:

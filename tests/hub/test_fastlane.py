@@ -9,6 +9,7 @@ from urllib.parse import unquote
 
 import asyncpg
 import httpx
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from starlette.types import Receive, Scope, Send
 
@@ -81,6 +82,36 @@ async def test_the_lane_answers_a_status_read_as_the_application_does(cluster: C
         assert len(behind.calls) == 1
 
 
+async def test_a_read_shows_each_change_of_the_service_however_it_was_made(cluster: Cluster) -> None:
+    """The lane renders a service's answer again only when its row changed (``Rendered``): a change made
+    behind the hub's back, straight in the database, shows on the next read, and another user still
+    cannot see a service whose answer was rendered for its owner."""
+    alice = await cluster.user("alice")
+    bob = await cluster.user("bob")
+    sid = (await cluster.hub.post("/api/alice/lab/services", json=SPEC, headers=alice)).json()["id"]
+    await cluster.hub.get("/api/services", headers=bob)  # bob's token is known to the hub now
+    client, behind = lane_over(cluster)
+    async with client:
+        first = await client.get(f"/api/services/{sid}", headers=alice)
+        assert first.status_code == 200 and first.json()["status_message"] != "changed in the database"
+        assert (await client.get(f"/api/services/{sid}", headers=alice)).content == first.content
+        async with cluster.db.session() as session, session.begin():
+            await session.execute(text("UPDATE model_services SET status_message = 'changed in the database' "
+                                       "WHERE id = :id"), {"id": sid})
+        changed = await client.get(f"/api/services/{sid}", headers=alice)
+        assert changed.json()["status_message"] == "changed in the database"
+        assert {k: v for k, v in changed.json().items() if k != "status_message"} == \
+            {k: v for k, v in first.json().items() if k != "status_message"}
+        stopped = await cluster.hub.post(f"/api/services/{sid}/stop", headers=alice)
+        assert stopped.status_code == 200, stopped.text
+        after = await client.get(f"/api/services/{sid}", headers=alice)
+        assert after.json()["status"] == "stopped" and after.json()["url"] is None
+        assert behind.calls == []  # every read above was the lane's
+        refused = await client.get(f"/api/services/{sid}", headers=bob)
+        assert refused.status_code == 404 and refused.json()["error"]["code"] == "SERVICE_NOT_FOUND"
+        assert behind.calls == [("GET", f"/api/services/{sid}")]
+
+
 async def test_the_lane_hands_everything_else_to_the_application(cluster: Cluster) -> None:
     alice = await cluster.user("alice")
     bob = await cluster.user("bob")
@@ -121,13 +152,17 @@ async def test_a_caller_over_the_rate_limit_is_refused_by_the_application(cluste
     sid = (await cluster.hub.post("/api/alice/lab/services", json=SPEC, headers=alice)).json()["id"]
     services = cluster.parts.services
     reads: list[str] = []
-    read = services.read
+    read, read_json = services.read, services.read_json
 
     async def counted(user: Any, service_id: str) -> Any:
         reads.append(service_id)
         return await read(user, service_id)
 
-    services.read = counted
+    async def counted_json(user: Any, service_id: str) -> Any:
+        reads.append(service_id)
+        return await read_json(user, service_id)
+
+    services.read, services.read_json = counted, counted_json  # the application's and the lane's
     cluster.parts.limiter = RateLimiter(rate=0.01, burst=3)
     try:
         client, behind = lane_over(cluster)
@@ -147,7 +182,7 @@ async def test_a_caller_over_the_rate_limit_is_refused_by_the_application(cluste
             assert len(reads) == 4
     finally:
         cluster.parts.limiter = None
-        del services.read
+        del services.read, services.read_json
 
 
 async def test_status_reads_recover_at_once_when_the_database_cuts_every_connection(cluster: Cluster) -> None:

@@ -9,6 +9,7 @@ import pytest
 from sqlalchemy import func, select
 
 from hub.models import ContainerRegistryModel, OperationModel, ServiceModel
+from hub.services.lifecycle import load_views
 from mmanager.images import EXAMPLE_IMAGE
 from tests.hub.conftest import Cluster
 
@@ -108,6 +109,15 @@ async def test_gpu_service_lands_on_gpu_controller_with_its_devices(cluster: Clu
     reasons = {x["controller_id"]: x["code"] for x in error["details"]["rejections"]}
     assert reasons[cluster.controller_ids[0]] == "GPUS"
     assert reasons[cluster.controller_ids[1]] == "SERVER_TYPE"
+
+    # The placement's snapshot, read straight through the driver, counts what the registry holds there.
+    views, urls = await load_views(cluster.db)
+    view = {v.id: v for v in views}[cluster.controller_ids[0]]
+    assert view.gpus == ("0", "1") and view.gpus_used == {"0", "1"} and view.healthy and view.enabled
+    assert view.containers == 1 and view.memory_reserved == 64 * 2**20 and view.memory_total > 0
+    assert view.server_type == "gpu" and urls[cluster.controller_ids[0]].startswith("http://")
+    others = [v for v in views if v.id in cluster.controller_ids[1:]]
+    assert len(others) == 2 and all(v.containers == 0 and not v.gpus_used and v.memory_reserved == 0 for v in others)
 
 
 async def test_lifecycle_stop_start_restart_logs_status_delete(cluster: Cluster) -> None:

@@ -58,7 +58,8 @@ def _binder(sql: str, names: tuple[str, ...], bound: dict[str, Any],
 
 
 class Tx(Protocol):
-    """Core statements in one transaction: ``Database.transaction()``, or an ORM session's (``CoreTx``).
+    """Core statements in one transaction: ``Database.transaction()``, or an ORM session's (``CoreTx``); or
+    the ``Database`` itself, where each statement is a transaction of its own.
 
     Statements are built once (module constants with ``bindparam``s) and given their values here.
     """
@@ -224,6 +225,25 @@ class Database:
                 return await CoreTx(conn).all(statement, params)
         async with self._raw() as conn:
             return await _RawTx(self, conn).all(statement, params)
+
+    async def execute(self, statement: Executable, params: Mapping[str, Any]) -> int:
+        """A write that stands alone, committed by itself; the number of rows it wrote.
+
+        On PostgreSQL the statement goes straight to asyncpg outside any transaction block: the server runs
+        it in a transaction of its own and commits it before answering, as durable as one in
+        ``transaction()``, in one round trip where BEGIN, the statement and COMMIT take three (an audit
+        row, written before every mutating call is answered, is one). On SQLite in a transaction.
+        """
+        if self.is_sqlite:
+            async with self.transaction() as tx:
+                return await tx.execute(statement, params)
+        async with self._raw() as conn:
+            return await _RawTx(self, conn).execute(statement, params)
+
+    async def executemany(self, statement: Executable, rows: Sequence[Mapping[str, Any]]) -> None:
+        """``Tx.executemany`` in a transaction of its own (so the rows are written all or none)."""
+        async with self.transaction() as tx:
+            await tx.executemany(statement, rows)
 
     @asynccontextmanager
     async def transaction(self) -> AsyncIterator[Tx]:

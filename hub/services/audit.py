@@ -142,8 +142,7 @@ class AuditLog:
 
     async def _write(self, event: AuditEvent) -> None:
         try:
-            async with self.db.transaction() as tx:
-                await insert_values(tx, _AUDIT, _row(event, HUB))
+            await insert_values(self.db, _AUDIT, _row(event, HUB))  # one statement, committed by itself
         except Exception as exc:
             log.warning("audit event not written to the database (%s: %s): %s", type(exc).__name__, exc,
                         event_line(event, source=HUB))

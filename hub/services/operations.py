@@ -119,8 +119,8 @@ class OperationLog:
         **changes: Any,
     ) -> OperationModel:
         try:
-            async with self.db.transaction() as tx:
-                await self.finish_in(tx, op, error, **changes)
+            # Each statement committed by itself: the UPDATE, or (its beginning rolled back) the INSERT.
+            await self.finish_in(self.db, op, error, **changes)
         finally:
             self.active.discard(op.id)
         return self.finished(op)

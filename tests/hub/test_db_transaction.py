@@ -73,6 +73,29 @@ async def test_a_transaction_is_written_whole_or_not_at_all(db: Database) -> Non
     assert (row.details, row.status, row.created_at.tzinfo is not None) == ({"epoch": 1}, "running", True)
 
 
+async def test_a_statement_run_on_the_database_itself_is_committed_alone(db: Database) -> None:
+    """``Database.execute``: each statement a transaction of its own, seen by every other connection once it
+    returns; one the database refuses writes nothing and leaves the pool's connections fit; an operation
+    ended there (``OperationLog.finish``) is ended in the table."""
+    ops = OperationLog(db, HubMetrics())
+    op = ops.new("create", "alice")
+    await insert_row(db, op)
+    assert await stored(db) == {op.id}
+    with pytest.raises(asyncpg.UniqueViolationError):
+        await insert_row(db, op)
+    assert await stored(db) == {op.id}
+    ended = await ops.finish(op, "it failed")
+    assert ended.status == "failed"
+    # Ended although its row was never written (its beginning rolled back): inserted as it ends.
+    orphan = ops.new("stop", "bob")
+    await ops.finish(orphan)
+    async with db.session() as session:
+        rows = {r.id: (r.status, r.error) for r in await session.scalars(select(OperationModel))}
+    assert rows == {op.id: ("failed", "it failed"), orphan.id: ("succeeded", None)}
+    await asyncio.gather(*(insert_row(db, ops.new("restart", "carol")) for _ in range(8)))
+    assert len(await stored(db)) == 10
+
+
 async def two_operations(db: Database) -> tuple[OperationModel, OperationModel, Select[Any]]:
     """Two operations stored, and the statement that reads operations by a list of ids (``keys``)."""
     ops = OperationLog(db, HubMetrics())

@@ -30,7 +30,7 @@ The baseline, measured in the same run, is the first size (100 controllers, 1,00
 services by default). ``--max-seconds`` bounds each window (clients stop starting
 creates then), so a slow hub is measured on what it made in that time.
 
-    python -m bench.placement [--sizes 100:1000,10000:20000] [--clients 64] [--profile [DIR]]
+    python -m bench.placement [--sizes 100:1000,10000:20000] [--clients 64] [--connections 2048] [--profile [DIR]]
 """
 
 from __future__ import annotations
@@ -291,6 +291,7 @@ async def measure(hub_url: str, db_url: str, admin_token: str, key: str, control
             cores = {"hub": hub_cpu.used() / wall, "postgres": pg_cpu.used() / wall,
                      "simulator_and_clients": (time.process_time() - own_cpu0) / wall}
             say(f"{controllers} controllers: {len(creates.ok)} created in {wall:.1f} s; checking")
+            failed_beats = sim.failures()
             checked = await verify(db_url, sim, creates, hub_url=hub_url, token=admin_token)
     finally:
         await conn.close()
@@ -312,6 +313,9 @@ async def measure(hub_url: str, db_url: str, admin_token: str, key: str, control
         "latency_p99_ms": round((percentile(creates.latencies, 0.99) or 0) * 1000, 1),
         "cpu_cores": {k: round(v, 2) for k, v in cores.items()},
         "check": checked,
+        # Beats the simulated controllers sent in vain, by why ("no answer" within their wait, or the hub's
+        # status): a hub too busy to hear its controllers takes live ones for lost.
+        "failed_beats": failed_beats,
         "profile": recording.summary(top=25) if recording is not None else None,
     }
 
@@ -332,6 +336,10 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=30.0, help="MMANAGER_HEARTBEAT_INTERVAL")
     parser.add_argument("--grace", type=float, default=90.0, help="MMANAGER_HEARTBEAT_GRACE")
     parser.add_argument("--max-seconds", type=float, default=300.0, help="at most this long per window")
+    parser.add_argument("--connections", type=int, default=2048,
+                        help="the simulator's connections to the hub, for all heartbeats (real controllers have one "
+                             "each; with too few, beats queue in the simulator past their wait and live controllers "
+                             "are taken for lost)")
     parser.add_argument("--profile", nargs="?", type=Path, const=True, default=None, metavar="DIR",
                         help="py-spy on the hub during the largest size's window")
     parser.add_argument("--out", type=Path, default=Path("bench/results/placement.json"))
@@ -360,6 +368,7 @@ def main() -> None:
                 run = asyncio.run(measure(
                     hub.url, db_url, token, dep.key, controllers, services, clients=args.clients,
                     gpu_share=args.gpu_share, kill=int(controllers * args.kill), max_seconds=args.max_seconds,
+                    sim_connections=args.connections,
                     hub_pids=[hub.popen.pid], pg_pids=pg_pids,
                     profile_out=profiles / f"placement-{controllers}.pyspy" if profiles and largest else None))
             finally:

@@ -44,6 +44,15 @@ def lane_over(cluster: Cluster) -> tuple[httpx.AsyncClient, Counting]:
     return client, behind
 
 
+async def alices_service_and_bob(cluster: Cluster) -> tuple[dict[str, str], dict[str, str], str]:
+    """Alice's and Bob's headers (both tokens known to the hub) and the id of a service of Alice's."""
+    alice = await cluster.user("alice")
+    bob = await cluster.user("bob")
+    sid = (await cluster.hub.post("/api/alice/lab/services", json=SPEC, headers=alice)).json()["id"]
+    await cluster.hub.get("/api/services", headers=bob)  # bob's token is known to the hub now
+    return alice, bob, sid
+
+
 async def test_the_lane_answers_a_status_read_as_the_application_does(cluster: Cluster) -> None:
     alice = await cluster.user("alice")
     created = await cluster.hub.post("/api/alice/lab/services", json=SPEC, headers=alice)
@@ -86,10 +95,7 @@ async def test_a_read_shows_each_change_of_the_service_however_it_was_made(clust
     """The lane renders a service's answer again only when its row changed (``Rendered``): a change made
     behind the hub's back, straight in the database, shows on the next read, and another user still
     cannot see a service whose answer was rendered for its owner."""
-    alice = await cluster.user("alice")
-    bob = await cluster.user("bob")
-    sid = (await cluster.hub.post("/api/alice/lab/services", json=SPEC, headers=alice)).json()["id"]
-    await cluster.hub.get("/api/services", headers=bob)  # bob's token is known to the hub now
+    alice, bob, sid = await alices_service_and_bob(cluster)
     client, behind = lane_over(cluster)
     async with client:
         first = await client.get(f"/api/services/{sid}", headers=alice)
@@ -113,10 +119,7 @@ async def test_a_read_shows_each_change_of_the_service_however_it_was_made(clust
 
 
 async def test_the_lane_hands_everything_else_to_the_application(cluster: Cluster) -> None:
-    alice = await cluster.user("alice")
-    bob = await cluster.user("bob")
-    sid = (await cluster.hub.post("/api/alice/lab/services", json=SPEC, headers=alice)).json()["id"]
-    await cluster.hub.get("/api/services", headers=bob)  # bob's token is known to the hub now
+    alice, bob, sid = await alices_service_and_bob(cluster)
     client, behind = lane_over(cluster)
     async with client:
         cases = [

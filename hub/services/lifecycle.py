@@ -1501,8 +1501,8 @@ class ServiceManager:
 
 
 def _reads(db: Database) -> Gathered:
-    """The status reads (ServiceManager.read): the services of a list of ids with their owners' names, in one
-    statement built once (so its cache key is computed once) for the calls that come together."""
+    """The status reads (ServiceManager.read, read_json): the services of a list of ids with their owners'
+    names, in one statement built once (so its cache key is computed once) for the calls that come together."""
     return Gathered(db, select(*ServiceModel.__table__.c, UserModel.username.label("owner_name"))
                     .join_from(ServiceModel, UserModel, ServiceModel.owner_id == UserModel.id)
                     .where(any_of(ServiceModel.id, "keys", sqlite=db.is_sqlite)), "id")

@@ -286,16 +286,16 @@ async def _unfinished(tx: Tx, service: ServiceModel, *, sqlite: bool) -> Unfinis
     return pending, {c.id: c for c in healthy}
 
 
-_C = ControllerModel.__table__.c
-_R = ContainerRegistryModel.__table__.c
 # The placement snapshot's three reads, built once (``load_views``).
-_VIEW_CONTROLLERS = select(_C.id, _C.url, _C.server_type, _C.enabled, _C.draining, _C.status, _C.priority, _C.weight,
-                           _C.max_containers, _C.containers_running, _C.cpu_cores, _C.memory_total_gb, _C.gpus)
-_VIEW_USAGE = (select(_R.controller_id, func.count().label("n"),
-                      func.coalesce(func.sum(_R.memory_bytes), 0).label("memory"),
-                      func.coalesce(func.sum(_R.cpu_limit), 0.0).label("cpu"))
-               .group_by(_R.controller_id))
-_VIEW_GPUS = select(_R.controller_id, _R.gpu_devices).where(cast(_R.gpu_devices, Text) != "[]")
+_VIEW_CONTROLLERS = select(*(_CONTROLLERS.c[name] for name in (
+    "id", "url", "server_type", "enabled", "draining", "status", "priority", "weight", "max_containers",
+    "containers_running", "cpu_cores", "memory_total_gb", "gpus")))
+_VIEW_USAGE = (select(_REGISTRY.c.controller_id, func.count().label("n"),
+                      func.coalesce(func.sum(_REGISTRY.c.memory_bytes), 0).label("memory"),
+                      func.coalesce(func.sum(_REGISTRY.c.cpu_limit), 0.0).label("cpu"))
+               .group_by(_REGISTRY.c.controller_id))
+_VIEW_GPUS = (select(_REGISTRY.c.controller_id, _REGISTRY.c.gpu_devices)
+              .where(cast(_REGISTRY.c.gpu_devices, Text) != "[]"))
 
 
 async def load_views(db: Database) -> tuple[list[ControllerView], dict[str, str]]:

@@ -29,6 +29,7 @@ from hub.schemas import (
 )
 from hub.services.controller_keys import create_key, list_keys, revoke_key
 from hub.services.controllers import controller_out, get_controller
+from hub.services.lifecycle import load_views
 from hub.services.monitoring import alert_out, alerts_query
 from hub.services.operations import operations_query
 from hub.services.users import create_user
@@ -192,7 +193,7 @@ async def list_operations(_: AdminUser, session: SessionDep, service_id: str | N
 
 @router.get("/resources/usage")
 async def resources_usage(_: AdminUser, hub: HubDep, session: SessionDep) -> Any:
-    views = {v.id: v for v in await hub.controllers.snapshot(session)}
+    views = {v.id: v for v in (await load_views(hub.db))[0]}
     rows = list(await session.scalars(select(ControllerModel).order_by(ControllerModel.id)))
     per_status = dict(
         (await session.execute(select(ServiceModel.status, func.count()).group_by(ServiceModel.status))).all()

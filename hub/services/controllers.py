@@ -11,7 +11,6 @@ import logging
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.config import HubSettings
@@ -19,9 +18,7 @@ from hub.controller_client import ControllerClient
 from hub.db import Database
 from hub.errors import Conflict, HubError, NotFound
 from hub.metrics import HubMetrics
-from hub.models import ContainerRegistryModel, ControllerModel, utcnow
-from hub.scheduler import ControllerView
-from hub.scheduler.placement import GIB
+from hub.models import ControllerModel, utcnow
 from hub.schemas import ControllerIn, ControllerOut
 from mmanager.wire import ControllerHealth
 
@@ -139,47 +136,3 @@ class ControllerRegistry:
         self.metrics.observe_controller(
             row.id, row.status == "healthy", row.containers_running, row.load_percentage, row.memory_usage_percent
         )
-
-    async def snapshot(self, session: AsyncSession) -> list[ControllerView]:
-        """An immutable view of every controller with what the registry has reserved on it."""
-        controllers = list(await session.scalars(select(ControllerModel)))
-        usage = {
-            row.controller_id: row
-            for row in await session.execute(
-                select(
-                    ContainerRegistryModel.controller_id,
-                    func.count().label("containers"),
-                    func.coalesce(func.sum(ContainerRegistryModel.memory_bytes), 0).label("memory"),
-                    func.coalesce(func.sum(ContainerRegistryModel.cpu_limit), 0.0).label("cpu"),
-                ).group_by(ContainerRegistryModel.controller_id)
-            )
-        }
-        gpus_used: dict[str, set[str]] = {}
-        for controller_id, devices in await session.execute(
-            select(ContainerRegistryModel.controller_id, ContainerRegistryModel.gpu_devices)
-        ):
-            if devices:
-                gpus_used.setdefault(controller_id, set()).update(str(d) for d in devices)
-        views = []
-        for c in controllers:
-            u: Any = usage.get(c.id)
-            views.append(
-                ControllerView(
-                    id=c.id,
-                    server_type=c.server_type,
-                    enabled=c.enabled,
-                    draining=c.draining,
-                    healthy=c.status == "healthy",
-                    priority=c.priority,
-                    weight=c.weight,
-                    max_containers=c.max_containers,
-                    containers=max(u.containers if u else 0, c.containers_running),
-                    cpu_cores=c.cpu_cores,
-                    cpu_reserved=float(u.cpu) if u else 0.0,
-                    memory_total=int(c.memory_total_gb * GIB),
-                    memory_reserved=int(u.memory) if u else 0,
-                    gpus=tuple(str(g.get("index")) for g in c.gpus),
-                    gpus_used=frozenset(gpus_used.get(c.id, ())),
-                )
-            )
-        return views

@@ -299,9 +299,10 @@ _VIEW_GPUS = (select(_REGISTRY.c.controller_id, _REGISTRY.c.gpu_devices)
 
 
 async def load_views(db: Database) -> tuple[list[ControllerView], dict[str, str]]:
-    """Every controller as placement sees it, with what the registry reserves on it, and the URLs.
+    """Every controller as placement sees it, with what the registry reserves on it, and the URLs (also the
+    admin's ``/resources/usage``).
 
-    ``ControllerRegistry.snapshot``'s answer, by column reads: no ORM objects, no health document. Three
+    By column reads: no ORM objects, no health document. Three
     statements built once, straight through the driver (``Database.all``), sent together on PostgreSQL: a
     create that must wait for a fresh snapshot waits one round trip, not three in an ORM session.
     """

@@ -118,6 +118,16 @@ async def test_gpu_service_lands_on_gpu_controller_with_its_devices(cluster: Clu
     assert view.server_type == "gpu" and urls[cluster.controller_ids[0]].startswith("http://")
     others = [v for v in views if v.id in cluster.controller_ids[1:]]
     assert len(others) == 2 and all(v.containers == 0 and not v.gpus_used and v.memory_reserved == 0 for v in others)
+    # The admin's usage report counts from the same snapshot.
+    usage = await cluster.hub.get("/api/admin/resources/usage")
+    assert usage.status_code == 200, usage.text
+    reported = {c["id"]: c for c in usage.json()["controllers"]}
+    gpu = reported[cluster.controller_ids[0]]
+    assert (gpu["containers"], gpu["gpus_total"], gpu["gpus_used"], gpu["memory_reserved_bytes"]) == (1, 2, 2, 64 * 2**20)
+    assert all(reported[cid]["containers"] == 0 and reported[cid]["gpus_used"] == 0
+               for cid in cluster.controller_ids[1:])
+    totals = usage.json()["totals"]
+    assert totals["gpus_used"] == 2 and totals["containers"] == 1
 
 
 async def test_lifecycle_stop_start_restart_logs_status_delete(cluster: Cluster) -> None:

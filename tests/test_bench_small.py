@@ -16,6 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
+from bench import floors
 from bench.density import null_hub
 from bench.heartbeats import measure
 from bench.sim import SimOptions, Simulator
@@ -172,3 +173,21 @@ async def test_density_null_hub_round_trip() -> None:
             assert sim.stats()["containers"] == 10
     finally:
         hub.cancel()
+
+
+def test_floors_measure_each_kind_of_request() -> None:
+    """The floors benchmark (``bench.floors``): a beat parsed, a create's call with httpx and with the
+    simulator's client, a create relayed from the load generator through uvicorn to the simulator's
+    server; each one answered as it should be (the load generator counts 200s only, the relay answers
+    200 only for the server's 201), and the cores the targets would need follow from the rates."""
+    results = floors.measure(seconds=0.5, connections=4, warmup=0.2, origins=4)
+    for name in ("beat", "call_httpx", "call_httpx_one_pool", "call_bare", "create"):
+        assert results[name]["requests"] > 0, name
+        assert results[name]["p50_ms"] <= results[name]["p99_ms"], name
+    assert results["call_httpx"]["origins"] == 4 and results["call_httpx_one_pool"]["origins"] == 1
+    assert results["beat"]["body_bytes"] > 500  # a heartbeat with its containers, not an empty body
+    targets = results["against_targets"]
+    assert targets["hub_cores_for_the_beats_http_alone"] == round(
+        floors.BEATS_TARGET / results["beat"]["per_server_core"], 2)
+    assert targets["hub_cores_for_the_creates_http_alone"] == round(
+        floors.CREATES_TARGET / results["create"]["per_server_core"], 2)

@@ -191,3 +191,4 @@ def test_floors_measure_each_kind_of_request() -> None:
         floors.BEATS_TARGET / results["beat"]["per_server_core"], 2)
     assert targets["hub_cores_for_the_creates_http_alone"] == round(
         floors.CREATES_TARGET / results["create"]["per_server_core"], 2)
+    assert targets["creates_per_s_all_cores_http_alone"] >= results["create"]["per_s"] * 0.5

@@ -4,7 +4,8 @@ heartbeats, and after its API has been read.
 A real hub process (``mmanager hub serve``, as ``bench.heartbeats`` starts it) on a throwaway
 PostgreSQL cluster seeded (``bench.seed``) with S running services on N simulated controllers
 (``bench.sim``), which beat at the hub's interval with the containers the database says they
-run. Measured on the hub process (psutil): RSS and USS (memory only this process holds)
+run, each running one with its stats sample (``--usage-every``: a new one every 10 s, as a real
+controller's, so the hub keeps and exports every container's usage). Measured on the hub process (psutil): RSS and USS (memory only this process holds)
 once every controller's heartbeat has been recorded, then every 10 s over ``--steady`` seconds
 of beats (does it grow?), then after the API has been read: every page of the service and
 controller lists, the first pages of containers and operations, the fleet-wide resource usage
@@ -134,15 +135,19 @@ def main() -> None:
     parser.add_argument("--interval", type=float, default=2.0, help="MMANAGER_HEARTBEAT_INTERVAL")
     parser.add_argument("--grace", type=float, help="MMANAGER_HEARTBEAT_GRACE (default: 3 intervals)")
     parser.add_argument("--steady", type=float, default=180.0, help="seconds of steady beats watched")
+    parser.add_argument("--usage-every", type=float, default=10.0,
+                        help="seconds between the stats samples of each container in the beats, as a real "
+                             "controller sends them (0: no usage in the beats, as before stop 22)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/hub_memory.json"))
     args = parser.parse_args()
     grace = args.grace or 3 * args.interval
-    results: dict[str, Any] = {"interval_s": args.interval, "grace_s": grace, "steady_s": args.steady, "runs": []}
+    results: dict[str, Any] = {"interval_s": args.interval, "grace_s": grace, "steady_s": args.steady,
+                               "usage_every_s": args.usage_every or None, "runs": []}
     with ExitStack() as stack:
         server, workdir = scratch(stack, "mm-bench-memory-")
         for count, services in (_size(s) for s in args.sizes.split(",")):
             with seeded_hub(server, workdir / str(count), count, services, interval=args.interval, grace=grace,
-                            hub_env={"MMANAGER_RATE_LIMIT": "0"}) as hub:
+                            hub_env={"MMANAGER_RATE_LIMIT": "0"}, usage_every=args.usage_every or None) as hub:
                 say(f"seeded {services} services on {count} controllers in {hub.seed_seconds:.1f}s; "
                      f"hub at start: {memory(hub.pid)}")
                 at_start = memory(hub.pid)

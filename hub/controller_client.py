@@ -162,7 +162,7 @@ class ControllerClient:
 
     async def _send(self, controller_id: str, base_url: str, method: str, path: str, *, call: str,
                     **kw: Any) -> httpx.Response:
-        """One call, timed into ``mmanager_controller_call_duration_seconds{controller, call}``
+        """One call, timed into ``mmanager_controller_call_duration_seconds{call}``
         (retries included: what the caller waited), whatever its outcome."""
         started = time.monotonic()
         try:
@@ -172,7 +172,7 @@ class ControllerClient:
 
     def _timed(self, controller_id: str, call: str, started: float) -> None:
         if self.metrics is not None:
-            self.metrics.controller_calls.labels(controller_id, call).observe(time.monotonic() - started)
+            self.metrics.controller_calls.labels(call).observe(time.monotonic() - started)
 
     async def _exchange(
         self,

@@ -1,31 +1,115 @@
 """The hub's Prometheus metrics (SPEC section 7), on a registry of its own so
-that several hubs in one process (tests, dev mode) do not collide."""
+that several hubs in one process (tests, dev mode) do not collide.
+
+The families with a series per controller, per service or per container are ``WideGauges``, written
+into the exposition directly rather than through ``prometheus_client``: with 10,000 controllers and
+100,000 services they are about 850,000 lines, and prometheus_client kept an object with a lock for
+each (640 MiB) and wrote each line in about 23 µs, so a scrape held the hub's one core for 23 s
+(Prometheus gives up after 10). ``bench/metrics_scrape.py`` measures it.
+"""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from collections.abc import Iterable, Mapping, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 from mmanager.wire import USAGE_LABELS, USAGE_METRICS
 
 SERVICE_STATUSES = ("pending", "starting", "running", "stopped", "failed", "migrating", "unhealthy", "lost")
 ALERT_KINDS = ("cpu", "memory", "disk")
 
+# Each controller's series (SPEC section 7), by the name WideGauges.set is given.
+CONTROLLER_GAUGES = {
+    "up": ("mmanager_controller_up", "1 when the controller is healthy"),
+    "running": ("mmanager_containers_running", "Managed containers running, as the controller reports"),
+    "load": ("mmanager_load_percentage", "Managed containers as a share of MAX_CONTAINERS"),
+    "memory": ("mmanager_memory_usage_percent", "Host memory in use on the controller's server"),
+    "disk": ("mmanager_disk_usage_percent", "Disk in use where the controller's Docker keeps its data"),
+}
+SERVICE_HEALTH = {"health": ("mmanager_service_health",
+                             "1 healthy, 0 unhealthy (services of unknown health are left out)")}
+
+
+def _escape_label(value: str) -> str:
+    return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
+
+
+def _escape_help(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("\n", "\\n")
+
+
+class WideGauges:
+    """Gauges that share their label names and have many series (one per controller, service or container),
+    written straight into Prometheus's text format (``render``).
+
+    A series is its labels' text, made once, and one value per gauge (None: that gauge has no series for
+    these labels). What ``prometheus_client`` would write for the same values (tests/unit/test_metrics.py).
+    """
+
+    def __init__(self, gauges: Mapping[str, tuple[str, str]], labelnames: Sequence[str]) -> None:
+        self.fields = tuple(gauges)
+        self._index = {field: i for i, field in enumerate(self.fields)}
+        self._names = [name for name, _ in gauges.values()]
+        self._heads = [f"# HELP {name} {_escape_help(text)}\n# TYPE {name} gauge\n" for name, text in gauges.values()]
+        self.labelnames = tuple(labelnames)
+        self._series: dict[tuple[str, ...], tuple[str, list[float | None]]] = {}
+
+    def _new(self, labels: tuple[str, ...]) -> tuple[str, list[float | None]]:
+        if len(labels) != len(self.labelnames):
+            raise ValueError(f"labels {labels!r} for {self.labelnames!r}")
+        text = ",".join(f'{name}="{_escape_label(value)}"' for name, value in zip(self.labelnames, labels, strict=True))
+        series = self._series[labels] = ("{" + text + "}", [None] * len(self.fields))
+        return series
+
+    def set(self, labels: tuple[str, ...], **values: float | None) -> None:
+        """Set (None: remove) some gauges' series for these labels."""
+        series = self._series.get(labels) or self._new(labels)
+        for field, value in values.items():
+            series[1][self._index[field]] = value
+        if all(v is None for v in series[1]):
+            del self._series[labels]
+
+    def set_all(self, labels: tuple[str, ...], values: Iterable[float]) -> None:
+        """Every gauge's value for these labels, in the order of ``fields``."""
+        series = self._series.get(labels) or self._new(labels)
+        series[1][:] = values
+
+    def get(self, labels: tuple[str, ...], field: str) -> float | None:
+        series = self._series.get(labels)
+        return None if series is None else series[1][self._index[field]]
+
+    def remove(self, labels: tuple[str, ...]) -> None:
+        self._series.pop(labels, None)
+
+    def replace(self, values: Mapping[tuple[str, ...], float], field: str) -> None:
+        """Only these series, with these values (the labels' text of those kept is reused)."""
+        i = self._index[field]
+        old, self._series = self._series, {}
+        for labels, value in values.items():
+            series = old.get(labels) or self._new(labels)
+            series[1][i] = value
+            self._series[labels] = series
+
+    def __len__(self) -> int:
+        return len(self._series)
+
+    def render(self) -> str:
+        parts: list[str] = []
+        series = list(self._series.values())
+        for i, (head, name) in enumerate(zip(self._heads, self._names, strict=True)):
+            parts.append(head)
+            parts.extend([f"{name}{text} {float(values[i])!r}\n" for text, values in series if values[i] is not None])
+        return "".join(parts)
+
 
 class HubMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self._controller_series: dict[str, tuple[Gauge, ...]] = {}
-        self.controller_up = Gauge("mmanager_controller_up", "1 when the controller is healthy", ["controller"], registry=r)
-        self.containers_running = Gauge(
-            "mmanager_containers_running", "Managed containers running, as the controller reports", ["controller"], registry=r
-        )
-        self.load_percentage = Gauge(
-            "mmanager_load_percentage", "Managed containers as a share of MAX_CONTAINERS", ["controller"], registry=r
-        )
-        self.memory_usage_percent = Gauge(
-            "mmanager_memory_usage_percent", "Host memory in use on the controller's server", ["controller"], registry=r
-        )
+        self.controllers = WideGauges(CONTROLLER_GAUGES, ("controller",))
+        self.containers = WideGauges(USAGE_METRICS, USAGE_LABELS)
+        self.service_health = WideGauges(SERVICE_HEALTH, ("service",))
         self.heartbeats_shed = Counter(
             "mmanager_heartbeats_shed_total",
             "Heartbeats answered 503 at once because MMANAGER_HEARTBEAT_BACKLOG were already waiting", registry=r)
@@ -51,48 +135,41 @@ class HubMetrics:
         self.controller_calls = Histogram(
             "mmanager_controller_call_duration_seconds",
             "Time the hub's calls to controllers take, retries included",
-            ["controller", "call"],
+            # Not by controller: with 10,000 controllers that label made 680,000 of a scrape's lines and most
+            # of its 37 s (bench/metrics_scrape.py). A controller that does not answer shows as mmanager_controller_up.
+            ["call"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
             registry=r,
-        )
-        self.service_health = Gauge(
-            "mmanager_service_health", "1 healthy, 0 unhealthy (services of unknown health are left out)",
-            ["service"], registry=r,
         )
         self.alerts_active = Gauge("mmanager_alerts_active", "Open usage alerts", ["kind"], registry=r)
         self.alerts_total = Counter("mmanager_alerts_total", "Usage alerts opened", ["kind"], registry=r)
         for kind in ALERT_KINDS:
             self.alerts_active.labels(kind).set(0)
             self.alerts_total.labels(kind)
-        self.disk_usage_percent = Gauge(
-            "mmanager_disk_usage_percent", "Disk in use where the controller's Docker keeps its data",
-            ["controller"], registry=r,
-        )
-        self.container_usage = {
-            field: Gauge(name, text, USAGE_LABELS, registry=r)
-            for field, (name, text) in USAGE_METRICS.items()
-        }
 
     def observe_controller(self, controller_id: str, up: bool, running: int, load: float, memory: float) -> None:
-        # Every controller's four series, each flush (twice a second): looked up once, not by labels() each time.
-        series = self._controller_series.get(controller_id)
-        if series is None:
-            series = self._controller_series[controller_id] = tuple(
-                g.labels(controller_id)
-                for g in (self.controller_up, self.containers_running, self.load_percentage, self.memory_usage_percent))
-        series[0].set(1 if up else 0)
         if up:
-            series[1].set(running)
-            series[2].set(load)
-            series[3].set(memory)
+            self.controllers.set((controller_id,), up=1, running=running, load=load, memory=memory)
+        else:
+            self.controllers.set((controller_id,), up=0)
+
+    def controller_down(self, controller_id: str) -> None:
+        self.controllers.set((controller_id,), up=0)
 
     def set_service_counts(self, counts: dict[str, int]) -> None:
         for status in SERVICE_STATUSES:
             self.services.labels(status).set(counts.get(status, 0))
 
-    def set_service_health(self, health: dict[str, str]) -> None:
+    def set_service_health(self, health: Mapping[str, str]) -> None:
         """Every service's health at once (services of unknown health, and deleted ones, have no series)."""
-        self.service_health.clear()
-        for service_id, state in health.items():
-            if state in ("healthy", "unhealthy"):
-                self.service_health.labels(service_id).set(1 if state == "healthy" else 0)
+        self.service_health.replace({(service_id,): 1 if state == "healthy" else 0 for service_id, state in health.items()
+                                     if state in ("healthy", "unhealthy")}, "health")
+
+    def wide(self) -> str:
+        """The exposition of the wide families, to follow ``generate_latest(registry)``."""
+        return self.controllers.render() + self.containers.render() + self.service_health.render()
+
+
+def exposition(metrics: HubMetrics) -> bytes:
+    """What ``/metrics`` answers: the registry's families, then the wide ones."""
+    return generate_latest(metrics.registry) + metrics.wide().encode()

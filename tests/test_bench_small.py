@@ -15,6 +15,7 @@ from typing import Any
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import floors
 from bench.density import null_hub
@@ -53,7 +54,7 @@ async def test_simulated_controllers_register_run_and_fail_over(hub_url: str, db
     async with db.session() as session:
         _, token = await create_user(session, "root", is_admin=True)
     sim = Simulator(SimOptions(count=COUNT, key=KEY, hub_url=hub_url, ramp=0.2,
-                               server_types={"cpu": 0.75, "gpu": 0.25}))
+                               server_types={"cpu": 0.75, "gpu": 0.25}, usage_every=0.5))
     api = httpx.AsyncClient(base_url=hub_url, headers={"Authorization": f"Bearer {token}"}, timeout=30)
     async with sim, api:
         async def all_healthy() -> bool:
@@ -83,6 +84,20 @@ async def test_simulated_controllers_register_run_and_fail_over(hub_url: str, db
             return (await api.get(f"/api/services/{service['id']}")).json()["health"] == "healthy"
 
         await _until(healthy, what="the simulated health check to reach the hub")
+
+        # What the controller reported shows in one scrape of the hub: its container's stats, the service's health.
+        async def scraped() -> dict[str, list[float]] | None:
+            text = (await api.get("/metrics")).text
+            found = {name: [s.value for f in text_string_to_metric_families(text) for s in f.samples
+                            if s.name == name and s.labels.get(label) == value]
+                     for name, label, value in (("mmanager_container_cpu_percent", "service", service["id"]),
+                                                ("mmanager_service_health", "service", service["id"]),
+                                                ("mmanager_controller_up", "controller", first))}
+            return found if all(found.values()) else None
+
+        series = await _until(scraped, what="the container's usage on the hub's /metrics")
+        assert 5 <= series["mmanager_container_cpu_percent"][0] < 35  # the simulator's samples
+        assert series["mmanager_service_health"] == [1.0] and series["mmanager_controller_up"] == [1.0]
 
         sim.kill([first])
 

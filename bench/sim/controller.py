@@ -49,6 +49,7 @@ from mmanager.wire import (
     ContainerCreated,
     ContainerInfo,
     ContainerList,
+    ContainerUsage,
     ControllerHealth,
     GpuInfo,
     HealthCapabilities,
@@ -87,6 +88,9 @@ class SimContainer:
     cpu_limit: float | None
     has_health_check: bool
     status: str = "running"
+    # The latest docker stats sample its beats carry, and the sampling period it is of.
+    usage: ContainerUsage | None = None
+    usage_period: int = -1
     created: str = field(default_factory=lambda: datetime.now(UTC).isoformat())
     created_at: float = field(default_factory=time.monotonic)
     started_at: float = field(default_factory=time.monotonic)
@@ -109,7 +113,7 @@ class SimContainer:
 class SimController:
     def __init__(self, controller_id: str, address: str, port: int, *, key: str, server_type: ServerType,
                  max_containers: int, cpu_cores: float, memory_gb: float, gpus: list[GpuInfo],
-                 healthy_after: float, heartbeats: bool) -> None:
+                 healthy_after: float, heartbeats: bool, usage_every: float | None = None) -> None:
         self.id = controller_id
         self.address = address
         self.url = f"http://{address}:{port}"
@@ -120,6 +124,7 @@ class SimController:
         self.memory_gb = memory_gb
         self.gpus = gpus
         self.healthy_after = healthy_after
+        self.usage_every = usage_every
         self.containers: dict[str, SimContainer] = {}
         self.epochs: dict[str, int] = {}
         self.sync = SyncGuard(required=heartbeats)
@@ -325,6 +330,7 @@ class SimController:
             HeartbeatContainer(
                 container_id=c.id, name=c.name, service_id=c.service_id, epoch=c.epoch, state=c.status,
                 health=c.health(now, self.healthy_after), age_seconds=round(now - c.created_at, 3), ports=c.ports,
+                usage=self._usage(c) if self.usage_every and c.status == "running" else None,
             )
             for c in self.containers.values()
         ]
@@ -334,6 +340,21 @@ class SimController:
             health=None, containers=entries, listing_age=0.0, audit=[],
         ).model_dump_json(warnings=False).encode()
         return shell.replace(b'"health":null', b'"health":' + self._health_json, 1)
+
+    def _usage(self, c: SimContainer) -> ContainerUsage:
+        """The container's stats sample of the current period (made once a period, as a controller samples):
+        modest values, below every alert threshold; its I/O counters grow from period to period."""
+        assert self.usage_every is not None
+        period = int(time.time() // self.usage_every)
+        if c.usage is None or c.usage_period != period:
+            memory = (c.memory_limit or 512 << 20) // 4
+            c.usage = ContainerUsage(
+                sampled_at=datetime.fromtimestamp(period * self.usage_every, UTC), cpu_percent=float(5 + period % 30),
+                memory_bytes=memory, memory_percent=25.0, network_rx_bytes=period % 10**6 * 1500,
+                network_tx_bytes=period % 10**6 * 700, block_read_bytes=4096, block_write_bytes=period % 10**6 * 4096,
+            )
+            c.usage_period = period
+        return c.usage
 
     def pause(self, due: float) -> float:
         """Seconds until the next beat, ``due`` being the cadence's (controller.heartbeat: mmanager.wire.beat_pause)."""

@@ -64,6 +64,9 @@ class SimOptions:
     # Containers each controller starts with, by controller id: the ones a seeded database says run
     # there (``bench.seed``), so the hub finds every service where it expects it.
     containers: Mapping[str, Sequence[SimContainer]] = field(default_factory=dict)
+    # Seconds between the docker stats samples each running container carries in its beats (a real
+    # controller samples every 10 s, MMANAGER_STATS_INTERVAL); None: beats carry no usage.
+    usage_every: float | None = None
 
 
 class Simulator:
@@ -93,7 +96,7 @@ class Simulator:
             controller = SimController(
                 controller_id, address, port, key=o.key, server_type=server_type,
                 max_containers=o.max_containers, cpu_cores=o.cpu_cores, memory_gb=o.memory_gb, gpus=gpus,
-                healthy_after=o.healthy_after, heartbeats=o.hub_url is not None,
+                healthy_after=o.healthy_after, heartbeats=o.hub_url is not None, usage_every=o.usage_every,
             )
             for k in range(o.preload):
                 controller.preload(f"pre-{controller.id}-{k}", "sim/preloaded:latest")

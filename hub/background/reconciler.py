@@ -287,7 +287,7 @@ class Reconciler(LoopService):
         if len(lost) > LOST_LOGGED:
             log.warning("%d more controllers are lost (%d in all)", len(lost) - LOST_LOGGED, len(lost))
         for controller_id in lost:
-            self.metrics.controller_up.labels(controller_id).set(0)
+            self.metrics.controller_down(controller_id)
         return lost
 
     def _start_move(self, action: Move, now: datetime) -> None:

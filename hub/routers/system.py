@@ -5,11 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Response
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from sqlalchemy import func, literal, select
 
 from hub.deps import HubDep
 from hub.errors import HubError
+from hub.metrics import exposition
 from hub.models import ControllerModel, ServiceModel
 from mmanager import __version__
 
@@ -40,7 +41,7 @@ async def metrics(hub: HubDep) -> Response:
         # for a controller whose heartbeats go to another replica (no stale 0 keeps ControllerDown firing).
         controllers = dict((await session.execute(select(ControllerModel.id, ControllerModel.status))).all())
     for controller_id, status in controllers.items():
-        hub.metrics.controller_up.labels(controller_id).set(1 if status == "healthy" else 0)
+        hub.metrics.controllers.set((controller_id,), up=1 if status == "healthy" else 0)
     hub.metrics.set_service_counts(counts)
     hub.metrics.set_service_health(health)
-    return Response(generate_latest(hub.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(exposition(hub.metrics), media_type=CONTENT_TYPE_LATEST)

@@ -191,7 +191,6 @@ class Monitor:
         # The labels of each controller's container series, by container id; when it last reported;
         # those with a disk series.
         self._series: dict[str, dict[str, tuple[str, str, str]]] = {}
-        self._children: dict[tuple[str, str, str], tuple[tuple[str, Any], ...]] = {}
         self._seen: dict[str, float] = {}
         self._disk: set[str] = set()
         self._pruned_at: float | None = None
@@ -232,7 +231,7 @@ class Monitor:
 
     def _export(self, controller_id: str, health: ControllerHealth, containers: list[HeartbeatContainer]) -> None:
         if health.disk_usage_percent is not None:
-            self.metrics.disk_usage_percent.labels(controller_id).set(health.disk_usage_percent)
+            self.metrics.controllers.set((controller_id,), disk=health.disk_usage_percent)
             self._disk.add(controller_id)
         if not health.docker:
             return
@@ -240,28 +239,22 @@ class Monitor:
         # The sample each current copy's series was last set from: a controller samples every 10 s and beats
         # every 2 s, so most beats repeat the last sample, and its values are set already.
         before = self._sampled.get(controller_id, {})
+        known = self._series.get(controller_id, {})
+        usage = self.metrics.containers
         for c in containers:
             if c.usage is None or c.state != "running":
                 continue
             labels = series[c.container_id] = (controller_id, c.service_id or "", c.name)
-            children = self._children.get(labels)
-            if children is None:
-                # Looked up once per series, not by labels() for every metric of every container on every beat.
-                children = self._children[labels] = tuple(
-                    (name, gauge.labels(*labels)) for name, gauge in self.metrics.container_usage.items())
-            elif before.get(c.container_id) == c.usage.sampled_at:
+            if known.get(c.container_id) == labels and before.get(c.container_id) == c.usage.sampled_at:
                 continue
-            for name, child in children:
-                child.set(getattr(c.usage, name))
-        self._drop_series(self._series.get(controller_id, {}), keep=series)
+            usage.set_all(labels, [getattr(c.usage, name) for name in usage.fields])
+        self._drop_series(known, keep=series)
         self._series[controller_id] = series
 
     def _drop_series(self, old: Mapping[str, tuple[str, str, str]], keep: Mapping[str, tuple[str, str, str]]) -> None:
         # By labels, not by id: a container re-created under its name keeps its series.
         for labels in set(old.values()) - set(keep.values()):
-            self._children.pop(labels, None)
-            for gauge in self.metrics.container_usage.values():
-                gauge.remove(*labels)
+            self.metrics.containers.remove(labels)
 
     def _count_active(self) -> None:
         counts = collections.Counter(key[0] for alerts in self._active.values() for key in alerts)
@@ -373,7 +366,7 @@ class Monitor:
             self._drop_series(self._series.pop(controller_id, {}), keep={})
             if controller_id in self._disk:
                 self._disk.discard(controller_id)
-                self.metrics.disk_usage_percent.remove(controller_id)
+                self.metrics.controllers.set((controller_id,), disk=None)
 
 
 def _sort_key(key: AlertKey) -> tuple[str, str, str]:

@@ -124,8 +124,7 @@ def test_a_containers_series_follow_each_new_sample_and_a_repeated_one_changes_n
         return [HeartbeatContainer(container_id="k1", name="a", service_id="s1", state="running", usage=usage)]
 
     def cpu_series() -> float | None:
-        return metrics.registry.get_sample_value("mmanager_container_cpu_percent",
-                                                 {"controller": "c1", "service": "s1", "container": "a"})
+        return metrics.containers.get(("c1", "s1", "a"), "cpu_percent")
 
     monitor.observe("c1", _health(), report(first, 20), {"k1"})
     monitor.observe("c1", _health(), report(first, 20), {"k1"})  # the controller's next beat, same sample

@@ -105,7 +105,7 @@ async def steady(db_url: str, sim: Simulator, seeded: Seeded, seconds: float, *,
             await asyncio.sleep(min(SAMPLE_EVERY, seconds - elapsed))
             samples.append({"t_s": round(time.monotonic() - window, 1), **memory(pid)})
         after = await state(conn)
-        beats = sim.stats()
+        beats = {**sim.stats(), "failed_by_why": sim.failures()}
     finally:
         await conn.close()
     return {"beating_after_s": round(ready, 1), "at_ready": at_ready, "samples": samples,
@@ -138,16 +138,20 @@ def main() -> None:
     parser.add_argument("--usage-every", type=float, default=10.0,
                         help="seconds between the stats samples of each container in the beats, as a real "
                              "controller sends them (0: no usage in the beats, as before stop 22)")
+    parser.add_argument("--connections", type=int, default=2048,
+                        help="the simulator's connections to the hub, for all heartbeats (real controllers have one "
+                             "each; 64, as before stop 22, leaves beats waiting for one past their timeout)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/hub_memory.json"))
     args = parser.parse_args()
     grace = args.grace or 3 * args.interval
     results: dict[str, Any] = {"interval_s": args.interval, "grace_s": grace, "steady_s": args.steady,
-                               "usage_every_s": args.usage_every or None, "runs": []}
+                               "usage_every_s": args.usage_every or None, "connections": args.connections, "runs": []}
     with ExitStack() as stack:
         server, workdir = scratch(stack, "mm-bench-memory-")
         for count, services in (_size(s) for s in args.sizes.split(",")):
             with seeded_hub(server, workdir / str(count), count, services, interval=args.interval, grace=grace,
-                            hub_env={"MMANAGER_RATE_LIMIT": "0"}, usage_every=args.usage_every or None) as hub:
+                            hub_env={"MMANAGER_RATE_LIMIT": "0"}, usage_every=args.usage_every or None,
+                            connections=args.connections) as hub:
                 say(f"seeded {services} services on {count} controllers in {hub.seed_seconds:.1f}s; "
                      f"hub at start: {memory(hub.pid)}")
                 at_start = memory(hub.pid)

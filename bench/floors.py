@@ -41,8 +41,10 @@ from typing import Any
 
 import psutil
 
+from bench import api_floor
 from bench.api_floor import _one_connection
-from bench.common import say
+from bench.common import percentile, say
+from tests.pg import _free_port
 
 # The targets of issue 6 that are rates of requests.
 BEATS_TARGET = 10_000
@@ -206,12 +208,6 @@ async def _call(url: str, client_kind: str, connections: int, seconds: float, wa
 
 # ------------------------------------------------------------------ the driver
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -252,17 +248,15 @@ class _Servers:
 
 
 def _cpu(proc: psutil.Process) -> float:
-    t = proc.cpu_times()
-    return t.user + t.system
+    return api_floor._cpu([proc])
 
 
 def _stats(latencies: list[float], wall: float) -> dict[str, Any]:
-    ordered = sorted(latencies)
     return {
-        "requests": len(ordered),
-        "per_s": round(len(ordered) / wall),
-        "p50_ms": round(statistics.median(ordered) * 1000, 2),
-        "p99_ms": round(ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))] * 1000, 2),
+        "requests": len(latencies),
+        "per_s": round(len(latencies) / wall),
+        "p50_ms": round(statistics.median(latencies) * 1000, 2),
+        "p99_ms": round((percentile(latencies, 0.99) or 0.0) * 1000, 2),
     }
 
 

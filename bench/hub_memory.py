@@ -3,13 +3,14 @@ heartbeats, and after its API has been read.
 
 A real hub process (``mmanager hub serve``, as ``bench.heartbeats`` starts it) on a throwaway
 PostgreSQL cluster seeded (``bench.seed``) with S running services on N simulated controllers
-(``bench.sim``), which beat at the hub's interval with the containers the database says they
-run, each running one with its stats sample (``--usage-every``: a new one every 10 s, as a real
+(``bench.sim``), which beat at the hub's interval with the containers the database says they run,
+each running one with its stats sample (``--usage-every``: a new one every 10 s, as a real
 controller's, so the hub keeps and exports every container's usage). Measured on the hub process
 (psutil): RSS and USS (memory only this process holds) once every controller's heartbeat has been
-recorded, then every 10 s over ``--steady`` seconds of beats (does it grow?), then after the API has been read: every page of the service and
-controller lists, the first pages of containers and operations, the fleet-wide resource usage
-and Prometheus targets, and ``/metrics`` (its size and time; it carries series per controller).
+recorded, then every 10 s over ``--steady`` seconds of beats (does it grow?), then after the API has
+been read: every page of the service and controller lists, the first pages of containers and
+operations, the fleet-wide resource usage and Prometheus targets, and ``/metrics`` (its size and
+time; it carries series per controller).
 The seed must cause no churn: over the steady window no operation is recorded and no service
 changes (``bench.seed.churn``).
 

@@ -65,9 +65,9 @@ def test_idle_small(db_url: str, example_image: str, docker_client: docker.Docke
 
 def test_profile_summary() -> None:
     collapsed = "\n".join([
-        f"process 1;main (/x/lib/python3.11/asyncio/runners.py:44);get_for ({ROOT}/hub/services/lifecycle.py:10);"
+        f"process 1;main (/x/lib/python3.11/asyncio/runners.py:44);get_for ({ROOT}/hub/services/lifecycle/manager.py:10);"
         "execute (/x/site-packages/sqlalchemy/orm/session.py:5) 6",
-        f"process 1;main (/x/lib/python3.11/asyncio/runners.py:44);get_for ({ROOT}/hub/services/lifecycle.py:12) 2",
+        f"process 1;main (/x/lib/python3.11/asyncio/runners.py:44);get_for ({ROOT}/hub/services/lifecycle/manager.py:12) 2",
         "process 1;main (/x/lib/python3.11/asyncio/runners.py:44);dumps (/x/lib/python3.11/json/encoder.py:1) 2",
     ])
     summary = summarize(collapsed)
@@ -76,4 +76,4 @@ def test_profile_summary() -> None:
     assert {"package": "sqlalchemy", "share": 0.6} in summary["packages"]
     assert {"package": "json", "share": 0.2} in summary["packages"]
     # Lines of one function are one entry; only the project's functions are in the inclusive list.
-    assert summary["inclusive"] == [{"function": "get_for (hub/services/lifecycle.py)", "share": 0.8}]
+    assert summary["inclusive"] == [{"function": "get_for (hub/services/lifecycle/manager.py)", "share": 0.8}]

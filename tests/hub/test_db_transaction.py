@@ -11,9 +11,10 @@ import asyncpg
 import pytest
 from sqlalchemy import Select, func, select
 
-from hub.db import Database, Gathered, any_of, insert_row
+from hub.db import Database, any_of, insert_row
 from hub.metrics import HubMetrics
 from hub.models import OperationModel
+from hub.services.lifecycle.reads import Gathered
 from hub.services.operations import OperationLog
 
 

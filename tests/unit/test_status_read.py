@@ -11,9 +11,9 @@ import pytest
 
 from hub.app import build_hub
 from hub.config import HubSettings
-from hub.db import Rendered
 from hub.errors import NotFound
 from hub.models import Base, ServiceModel, UserModel
+from hub.services.lifecycle.reads import Rendered
 from hub.services.users import Identity
 
 

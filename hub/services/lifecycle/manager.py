@@ -43,7 +43,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.config import HubSettings
 from hub.controller_client import ControllerClient
-from hub.db import Database, Gathered, Rendered, Tx, any_of, insert_row
+from hub.db import Database, Tx, any_of, insert_row
 from hub.errors import (
     Conflict,
     ControllerRejected,
@@ -72,6 +72,7 @@ from hub.scheduler.placement import GIB
 from hub.scheduler.reconcile import UNSETTLED
 from hub.schemas import Endpoint, ServiceOut, ServicePatch, ServiceSpec
 from hub.services.controllers import ControllerRegistry, get_controller
+from hub.services.lifecycle.reads import Gathered, Rendered
 from hub.services.operations import OperationLog
 from hub.services.users import Identity
 from mmanager.logs import bind_request_id

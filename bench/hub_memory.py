@@ -138,10 +138,10 @@ def main() -> None:
     parser.add_argument("--steady", type=float, default=180.0, help="seconds of steady beats watched")
     parser.add_argument("--usage-every", type=float, default=10.0,
                         help="seconds between the stats samples of each container in the beats, as a real "
-                             "controller sends them (0: no usage in the beats, as before stop 22)")
+                             "controller sends them (0: no usage in the beats)")
     parser.add_argument("--connections", type=int, default=2048,
                         help="the simulator's connections to the hub, for all heartbeats (real controllers have one "
-                             "each; 64, as before stop 22, leaves beats waiting for one past their timeout)")
+                             "each; 64 leaves beats waiting for one past their timeout)")
     parser.add_argument("--out", type=Path, default=Path("bench/results/hub_memory.json"))
     args = parser.parse_args()
     grace = args.grace or 3 * args.interval

@@ -4,7 +4,7 @@ The hub's registry (``hub.metrics.HubMetrics``) filled as a fleet of ``N`` contr
 fills it once it has run for a while: each controller's gauges (up, containers, load, memory, disk),
 each service's health, each running container's seven usage gauges, and the hub's calls to each
 controller (create, inspect, delete, list) timed in ``mmanager_controller_call_duration_seconds``.
-Then the exposition the ``/metrics`` route answers (``prometheus_client.generate_latest``) is made
+Then the exposition the ``/metrics`` route answers (``hub.metrics.exposition``) is made
 ``--scrapes`` times: its median seconds (the hub's one core is busy for that long, every scrape, while
 heartbeats and creates wait), its size, and its lines by metric family.
 
@@ -36,7 +36,7 @@ CALLS = ("create", "inspect", "delete", "list")
 
 def filled(controllers: int, services: int) -> HubMetrics:
     """The hub's metrics as a fleet of this size leaves them: every series a running hub would have set.
-    (Through the hub's own calls; also those of the code before stop 22, for paired runs.)"""
+    (Through the hub's own calls, so that it also fills older code's metrics, for paired runs.)"""
     metrics = HubMetrics()
     wide = hasattr(metrics, "containers")
     ids = [f"ctl-{i:05d}" for i in range(controllers)]
@@ -68,7 +68,7 @@ def filled(controllers: int, services: int) -> HubMetrics:
 
 def scrape(metrics: HubMetrics) -> bytes:
     """What the hub's ``/metrics`` answers, its database reads left out."""
-    written = getattr(hub_metrics, "exposition", None)  # the route's own; the code before had none
+    written = getattr(hub_metrics, "exposition", None)  # the route's own; older code, run for pairs, has none
     return written(metrics) if written is not None else generate_latest(metrics.registry)
 
 

@@ -3,9 +3,8 @@
 ``py-spy`` (``.venv/bin/pip install py-spy``) samples the process from outside, so the
 process runs unchanged. It samples with ``--gil``: only the thread holding the GIL, i.e.
 the time spent running Python. Without it py-spy decides from the OS which threads are
-busy, and on this VM it counted idle ones as busy (``Condition.wait`` in a pool thread;
-a third to two thirds of all samples in asyncio's socket ``write`` although the process
-spent under a fifth of its CPU in the kernel). The kernel's part, socket sends and
+busy, and it counts idle ones as busy (``Condition.wait`` in a pool thread, asyncio's
+socket ``write`` far beyond the process's system time). The kernel's part, socket sends and
 receives, is what ``psutil`` shows as system time; the benchmarks report it beside.
 The raw output (one collapsed stack and its count per line) is summarised into the
 functions with the most samples, inclusive (anywhere on the stack) and self (the

@@ -81,8 +81,8 @@ class PoolPerController(httpx.AsyncBaseTransport):
 
     httpcore's pool looks at every one of its connections on each request and at each response's end
     (closed? expired? has the server hung up, one ``poll`` per idle connection?). One pool for the whole
-    fleet, up to 200 connections, made that scan a fifth of the hub's CPU while it placed services on
-    100 controllers; a pool per controller holds the few connections that controller's calls need.
+    fleet makes that scan grow with the fleet; a pool per controller holds the few connections that
+    controller's calls need.
     """
 
     def __init__(self, verify: ssl.SSLContext, max_pools: int = 256, per_controller: int = 200,

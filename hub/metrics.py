@@ -2,10 +2,10 @@
 that several hubs in one process (tests, dev mode) do not collide.
 
 The families with a series per controller, per service or per container are ``WideGauges``, written
-into the exposition directly rather than through ``prometheus_client``: with 10,000 controllers and
-100,000 services they are about 850,000 lines, and prometheus_client kept an object with a lock for
-each (about 640 MiB) and wrote each line in about 25 µs: tens of seconds of the hub's one core per
-scrape (Prometheus gives up after 10). ``bench/metrics_scrape.py`` measures it.
+into the exposition directly rather than through ``prometheus_client``, which keeps an object with a
+lock for each series and validates and escapes every line again on every scrape: a large fleet has
+hundreds of thousands of such lines, and a scrape must stay well within Prometheus's timeout while
+the hub's one event loop waits. ``bench/metrics_scrape.py`` measures it.
 """
 
 from __future__ import annotations
@@ -135,8 +135,8 @@ class HubMetrics:
         self.controller_calls = Histogram(
             "mmanager_controller_call_duration_seconds",
             "Time the hub's calls to controllers take, retries included",
-            # Not by controller: with 10,000 controllers that label made 680,000 of a scrape's 1.5 million lines
-            # (bench/metrics_scrape.py). A controller that does not answer shows as mmanager_controller_up.
+            # Not by controller: that label gives every controller a histogram per kind of call, most of a
+            # large fleet's scrape. A controller that does not answer shows as mmanager_controller_up.
             ["call"],
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 120),
             registry=r,

@@ -43,9 +43,9 @@ HUB_GC_THRESHOLDS = (20_000, 20, 20)
 def _server_gc() -> None:
     """Set the collector up for a long-running hub: what is loaded by now (modules, classes, schemas: about
     200,000 objects) is frozen out of every later collection, and collections come less often. With Python's
-    defaults a hub taking 2,500 heartbeats a second spent a quarter of its time in the collector, each full
-    collection a pause of about 0.2 s (bench.heartbeats, docs/BENCHMARKS.md). Only cycles wait longer to be
-    freed; everything else is freed by reference counting as before."""
+    defaults a hub under heavy heartbeat load spends much of its time in the collector, and each full
+    collection pauses every request waiting. Only cycles wait longer to be freed; everything else is freed
+    by reference counting as before."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*HUB_GC_THRESHOLDS)

@@ -1,8 +1,8 @@
 """A minimal HTTP/1.1 server and keep-alive client on bare asyncio, for the simulator.
 
-Why not uvicorn and httpx: without httptools, uvicorn parses with h11 and a
-FastAPI request costs about a millisecond; httpx costs about as much per call
-on the client side. Ten thousand simulated controllers beating every two
+Why not uvicorn and httpx: without httptools, uvicorn parses with h11, and a
+FastAPI request, like an httpx call on the client side, costs several times
+what this protocol does. Ten thousand simulated controllers beating every two
 seconds and answering the hub's placements would then need several cores of
 their own, and on a small machine the simulator would measure itself instead
 of the hub. What the peers send here is narrow: the hub's httpx client (bodies

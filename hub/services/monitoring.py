@@ -215,7 +215,7 @@ class Monitor:
             if self._to_open.pop(key, None) is None:
                 self._to_resolve[key] = now
         if verdict.opened or verdict.resolved:
-            # Only then do the counts change (they were counted on every beat: every open alert, each time).
+            # Only then do the counts change: counting every open alert on every beat would grow with the fleet.
             self._count_active()
         if not health.docker:
             return

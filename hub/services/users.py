@@ -1,4 +1,8 @@
-"""Users and their API tokens."""
+"""Users and their API tokens: created, minted and checked.
+
+A token is returned once and stored as its hash only. A token revoked in the database is
+refused within ``MMANAGER_AUTH_CACHE_SECONDS`` on every replica (``UserAuth``).
+"""
 
 from __future__ import annotations
 
@@ -69,7 +73,7 @@ class UserAuth:
     revoked in the database is refused within ``ttl``. Refusals are not
     remembered (an unknown token always asks the database). Each call gets a
     user instance of its own, detached (as one loaded by a session that has
-    closed), so a handler may attach it to its session as before.
+    closed), so a handler may attach it to its session like one it loaded itself.
     """
 
     # Past this many remembered tokens the memory is emptied (a bound, not an eviction policy).

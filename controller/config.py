@@ -16,11 +16,22 @@ from typing import Annotated, Any
 from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import NoDecode, SettingsConfigDict
 
-from controller.credentials import read_key_file
 from mmanager.keys import key_problem
 from mmanager.logs import LogSettings
 from mmanager.settings import SpecPolicySettings, TlsSettings
 from mmanager.wire import GpuInfo, ServerType, parse_memory
+
+
+def read_key_file(path: Path, *, dev_mode: bool = False) -> str:
+    """The key in ``path`` (surrounding whitespace dropped); ValueError saying why when it is unfit."""
+    try:
+        key = path.read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ValueError(f"MMANAGER_CONTROLLER_KEY_FILE {path} cannot be read: {exc}") from None
+    problem = "it is empty" if not key else None if dev_mode else key_problem(key)
+    if problem:
+        raise ValueError(f"the key in MMANAGER_CONTROLLER_KEY_FILE {path} is unfit: {problem}")
+    return key
 
 
 def parse_gpu_devices(value: str) -> list[GpuInfo]:

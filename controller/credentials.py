@@ -21,27 +21,10 @@ from __future__ import annotations
 import hmac
 import logging
 import os
-from pathlib import Path
-from typing import TYPE_CHECKING
 
-from mmanager.keys import key_problem
-
-if TYPE_CHECKING:
-    from controller.config import ControllerSettings
+from controller.config import ControllerSettings, read_key_file
 
 log = logging.getLogger(__name__)
-
-
-def read_key_file(path: Path, *, dev_mode: bool = False) -> str:
-    """The key in ``path`` (surrounding whitespace dropped); ValueError saying why when it is unfit."""
-    try:
-        key = path.read_text().strip()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"MMANAGER_CONTROLLER_KEY_FILE {path} cannot be read: {exc}") from None
-    problem = "it is empty" if not key else None if dev_mode else key_problem(key)
-    if problem:
-        raise ValueError(f"the key in MMANAGER_CONTROLLER_KEY_FILE {path} is unfit: {problem}")
-    return key
 
 
 def accepts_hub_key(settings: ControllerSettings, token: str) -> bool:

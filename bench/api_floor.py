@@ -54,7 +54,7 @@ from sqlalchemy.engine import make_url
 
 from bench.common import scratch
 from bench.pyspy import Recording, print_summary, profile_dir
-from mmanager.images import EXAMPLE_IMAGE, build_example_image
+from examples.images import EXAMPLE_IMAGE, build_example_image
 from tests.pg import create_database
 from tests.procs import LocalDeployment, api, wait_for
 

@@ -31,7 +31,7 @@ from typing import Any
 import docker
 
 from bench.common import scratch
-from mmanager.images import EXAMPLE_IMAGE, build_example_image
+from examples.images import EXAMPLE_IMAGE, build_example_image
 from tests.pg import create_database
 from tests.procs import LocalDeployment, api, wait_for
 

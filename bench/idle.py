@@ -26,7 +26,7 @@ import psutil
 from bench.api_floor import SPEC
 from bench.common import scratch
 from bench.pyspy import Recording, print_summary, profile_dir
-from mmanager.images import build_example_image
+from examples.images import build_example_image
 from tests.pg import create_database
 from tests.procs import LocalDeployment, api, wait_for
 

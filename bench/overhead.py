@@ -50,8 +50,8 @@ from bench.pyspy import Recording, print_summary, profile_dir
 from controller.config import ControllerSettings
 from controller.runtime import _create_kwargs
 from controller.spec import build_spec
+from examples.images import EXAMPLE_IMAGE, build_example_image
 from hub.schemas import ServiceSpec
-from mmanager.images import EXAMPLE_IMAGE, build_example_image
 from mmanager.wire import ContainerCreate, parse_memory
 from tests.pg import create_database
 from tests.procs import LocalDeployment, api, wait_for

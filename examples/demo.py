@@ -13,7 +13,7 @@ from pathlib import Path
 
 import httpx
 
-from mmanager.images import EXAMPLE_IMAGE, build_example_image
+from examples.images import EXAMPLE_IMAGE, build_example_image
 
 PORT = int(os.environ.get("MMANAGER_DEMO_PORT", "8000"))
 HUB = f"http://127.0.0.1:{PORT}"

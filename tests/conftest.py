@@ -10,10 +10,10 @@ import docker
 import pytest
 from sqlalchemy import text
 
+from examples.images import EXAMPLE_IMAGE, build_example_image
 from hub.db import Database
 from hub.migrate import upgrade
 from hub.models import Base
-from mmanager.images import EXAMPLE_IMAGE, build_example_image
 from tests.pg import create_database, throwaway_cluster
 
 

@@ -21,7 +21,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from mmanager.images import EXAMPLE_IMAGE
+from examples.images import EXAMPLE_IMAGE
 from tests.pg import create_database
 from tests.procs import MMANAGER, LocalDeployment, api, stopped_after, wait_for
 

@@ -18,7 +18,7 @@ import docker
 import httpx
 import pytest
 
-from mmanager.images import EXAMPLE_IMAGE
+from examples.images import EXAMPLE_IMAGE
 from tests.pg import _free_port, create_database, wait_for_port
 
 KEY = uuid.uuid4().hex + uuid.uuid4().hex

@@ -18,7 +18,7 @@ import docker
 import httpx
 import pytest
 
-from mmanager.images import EXAMPLE_IMAGE
+from examples.images import EXAMPLE_IMAGE
 from tests.pg import create_database, local_cluster
 from tests.procs import LocalDeployment, api, running_copies, stopped_after, wait_for
 

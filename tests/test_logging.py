@@ -14,7 +14,7 @@ from typing import Any
 import docker
 import pytest
 
-from mmanager.images import EXAMPLE_IMAGE
+from examples.images import EXAMPLE_IMAGE
 from tests.pg import create_database
 from tests.procs import MMANAGER, LocalDeployment, api, stopped_after, wait_for
 

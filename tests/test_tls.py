@@ -17,8 +17,8 @@ import trustme
 from pydantic import ValidationError
 
 from controller.config import ControllerSettings
+from examples.images import EXAMPLE_IMAGE
 from hub.config import HubSettings
-from mmanager.images import EXAMPLE_IMAGE
 from tests.pg import create_database
 from tests.procs import LocalDeployment, stopped_after, wait_for
 

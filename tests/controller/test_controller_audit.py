@@ -20,8 +20,8 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 from controller.audit import AuditTrail
+from examples.images import EXAMPLE_IMAGE
 from mmanager.audit import AuditMiddleware, Coalescer
-from mmanager.images import EXAMPLE_IMAGE
 from mmanager.wire import AuditEvent, Heartbeat
 from tests.controller.conftest import KEY, Ctl, StartController, eventually
 from tests.controller.test_controller_heartbeat import HUB, FakeHub

@@ -20,7 +20,7 @@ from controller.fake import FakeRuntime
 from controller.heartbeat import HeartbeatAgent
 from controller.spec import build_spec
 from controller.sync import SyncGuard
-from mmanager.images import EXAMPLE_IMAGE
+from examples.images import EXAMPLE_IMAGE
 from mmanager.wire import ContainerCreate, Heartbeat, HeartbeatAnswer, StopOrder
 from tests.controller.conftest import KEY, Ctl, StartController, eventually
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import docker
 
-from mmanager.images import EXAMPLE_IMAGE
+from examples.images import EXAMPLE_IMAGE
 from tests.controller.conftest import Ctl, StartController
 from tests.hostile_specs import CORPUS
 

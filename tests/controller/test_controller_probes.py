@@ -17,7 +17,7 @@ from controller.fake import FakeRuntime
 from controller.heartbeat import HeartbeatAgent
 from controller.probes import Prober, probe_host
 from controller.spec import build_spec
-from mmanager.images import EXAMPLE_IMAGE
+from examples.images import EXAMPLE_IMAGE
 from mmanager.wire import LABEL_HEALTH_CHECK, ContainerCreate, HealthCheck
 from tests.controller.conftest import Ctl, eventually, make_settings
 

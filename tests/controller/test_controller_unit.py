@@ -26,7 +26,7 @@ from controller.gpu import choose_gpus, detect_gpus
 from controller.runtime import DockerRuntime
 from controller.schemas import ImageDetail
 from controller.spec import ContainerSpec, build_spec
-from mmanager.images import EXAMPLE_IMAGE
+from examples.images import EXAMPLE_IMAGE
 from mmanager.wire import ContainerCreate, ContainerInfo, GpuInfo
 from tests.controller.conftest import KEY, Ctl, StartController, make_settings
 

@@ -23,11 +23,11 @@ from sqlalchemy import func, select
 
 from controller.app import create_app as create_controller_app
 from controller.config import ControllerSettings
+from examples.images import EXAMPLE_IMAGE
 from hub.db import Database
 from hub.models import AuditModel, ServiceModel
 from hub.services.audit import AuditLog
 from mmanager.audit import COALESCE_PER_KEY, COALESCE_WINDOW
-from mmanager.images import EXAMPLE_IMAGE
 from mmanager.wire import AuditEvent
 from tests.hub.conftest import KEY, Cluster
 from tests.pg import _free_port as free_port

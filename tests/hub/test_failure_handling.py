@@ -11,8 +11,8 @@ import asyncio
 import time
 from typing import Any
 
+from examples.images import EXAMPLE_IMAGE
 from hub.models import ContainerRegistryModel
-from mmanager.images import EXAMPLE_IMAGE
 from tests.hub.conftest import KEY, Cluster
 
 SPEC = {"name": "svc", "image": EXAMPLE_IMAGE, "ports": {"5000": None},

@@ -13,10 +13,10 @@ from sqlalchemy import text
 from sqlalchemy.engine import make_url
 from starlette.types import Receive, Scope, Send
 
+from examples.images import EXAMPLE_IMAGE
 from hub.app import create_app
 from hub.fastlane import FastLane
 from hub.ratelimit import RateLimiter
-from mmanager.images import EXAMPLE_IMAGE
 from tests.hub.conftest import Cluster
 
 SPEC = {"name": "polled", "image": EXAMPLE_IMAGE, "ports": {"5000": None}, "resources": {"memory_limit": "32MB"}}

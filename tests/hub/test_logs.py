@@ -14,8 +14,8 @@ import httpx
 import pytest
 from sqlalchemy import select
 
+from examples.images import EXAMPLE_IMAGE
 from hub.models import UserModel
-from mmanager.images import EXAMPLE_IMAGE
 from tests.hub.conftest import Cluster
 
 

@@ -22,6 +22,7 @@ from sqlalchemy import select
 
 from controller.app import create_app as create_controller_app
 from controller.config import ControllerSettings
+from examples.images import EXAMPLE_IMAGE
 from hub.app import build_hub, create_app
 from hub.config import HubSettings
 from hub.db import Database
@@ -30,7 +31,6 @@ from hub.migrate import upgrade
 from hub.models import AlertModel, ServiceMetricModel
 from hub.services.monitoring import Monitor, service_history
 from hub.services.users import create_user
-from mmanager.images import EXAMPLE_IMAGE
 from mmanager.wire import (
     ContainerUsage,
     ControllerHealth,

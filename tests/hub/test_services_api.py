@@ -8,9 +8,9 @@ import httpx
 import pytest
 from sqlalchemy import func, select
 
+from examples.images import EXAMPLE_IMAGE
 from hub.models import ContainerRegistryModel, OperationModel, ServiceModel
 from hub.services.lifecycle import load_views
-from mmanager.images import EXAMPLE_IMAGE
 from tests.hub.conftest import Cluster
 
 SPEC = {

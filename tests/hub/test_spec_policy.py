@@ -7,8 +7,8 @@ import docker
 import httpx
 from sqlalchemy import func, select
 
+from examples.images import EXAMPLE_IMAGE
 from hub.models import ContainerRegistryModel, OperationModel, ServiceModel
-from mmanager.images import EXAMPLE_IMAGE
 from mmanager.policy import ALLOWED_CAPABILITIES
 from tests.hostile_specs import CORPUS
 from tests.hub.conftest import KEY, Cluster

@@ -17,10 +17,10 @@ import pytest
 from fastapi.routing import APIRoute, iter_route_contexts
 from sqlalchemy import func, select
 
+from examples.images import EXAMPLE_IMAGE
 from hub.app import build_hub, create_app
 from hub.db import Database
 from hub.models import ContainerRegistryModel, OperationModel, ServiceModel, UserModel
-from mmanager.images import EXAMPLE_IMAGE
 from tests.hub.conftest import Cluster
 
 SPEC = {

@@ -91,10 +91,10 @@ def create_app(
             await service.seed_epochs()
         except DockerUnavailable as exc:
             log.warning("Docker is unreachable at start-up (%s); epochs will be read on first use", exc.message)
-        await prober.start()
-        await sampler.start()
+        prober.start()
+        sampler.start()
         if heartbeat is not None:
-            await heartbeat.start()
+            heartbeat.start()
         log.info(
             "controller %s (%s) ready: at most %d containers, %d GPU(s), hub %s",
             settings.server_id,

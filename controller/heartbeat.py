@@ -56,6 +56,7 @@ from controller.probes import Prober
 from controller.runtime import Runtime
 from controller.stats import StatsSampler
 from controller.sync import DEFAULT_INTERVAL
+from mmanager.loops import LoopService
 from mmanager.wire import (
     AuditEvent,
     ContainerInfo,
@@ -98,7 +99,12 @@ class _BeatFailed(Exception):
         self.retry_after = retry_after
 
 
-class HeartbeatAgent:
+class HeartbeatAgent(LoopService):
+    name = "heartbeat"
+    cancel_on_stop = True
+    # Bounded: a beat stuck somewhere uncancellable must not hold up the controller's shutdown.
+    stop_wait = STOP_WAIT
+
     def __init__(
         self,
         settings: ControllerSettings,
@@ -113,6 +119,7 @@ class HeartbeatAgent:
     ) -> None:
         if not settings.hub_url:
             raise ValueError("heartbeats need MMANAGER_HUB_URL")
+        super().__init__(DEFAULT_INTERVAL, jitter=0.0)
         self.settings = settings
         self.runtime = runtime
         self.containers = containers
@@ -129,7 +136,6 @@ class HeartbeatAgent:
         # The hub that answered last: beats go there first.
         self.current = 0
         self.path = f"/api/controllers/{quote(settings.server_id, safe='')}/heartbeat"
-        self.interval = DEFAULT_INTERVAL
         self.sequence = 0
         # Failed beats in a row, and the Retry-After of the last one (None: the hub asked for none).
         self.failures = 0
@@ -137,7 +143,8 @@ class HeartbeatAgent:
         self.last_answer: HeartbeatAnswer | None = None
         self._transport = transport
         self._client: httpx.AsyncClient | None = None
-        self._task: asyncio.Task[None] | None = None
+        # When the beat under way began (``sync.clock()`` time): the cadence counts from there.
+        self._began = self.sync.clock()
         self._last_listing: list[ContainerInfo] = []
         self._listed_clock = self.sync.clock()
         self._failure_kind: str | None = None
@@ -147,7 +154,7 @@ class HeartbeatAgent:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def start(self) -> None:
+    def start(self) -> None:
         if self._task is not None:
             return
         self._client = httpx.AsyncClient(
@@ -156,34 +163,28 @@ class HeartbeatAgent:
             # certificate goes along for a hub that requires one (MMANAGER_TLS_CLIENT_AUTH).
             verify=self.settings.tls.client_context(),
         )
-        self._task = asyncio.create_task(self._run(), name="heartbeat")
+        super().start()
 
     async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            # Bounded: a beat stuck somewhere uncancellable must not hold up the controller's shutdown.
-            _, pending = await asyncio.wait({self._task}, timeout=STOP_WAIT)
-            if pending:
-                log.warning("the heartbeat task did not stop within %ss; leaving it", STOP_WAIT)
-            self._task = None
+        await super().stop()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
 
-    async def _run(self) -> None:
-        clock = self.sync.clock
-        while True:
-            began = clock()
-            self.retry_after = None
-            try:
-                await self.beat(began)
-            except Exception as exc:
-                self._failed(type(exc).__name__, f"unexpected error: {exc!r}", exc_info=True)
-            # Beats keep their cadence (one that ran late, or a process that was frozen, goes again at
-            # once); one that failed goes again after a jittered backoff (mmanager.wire.beat_pause), sooner
-            # than the cadence while no hub ever answered (started before it, as `mmanager dev` starts them).
-            await asyncio.sleep(beat_pause(began + self.interval - clock(), self.interval, self.failures,
-                                           answered=self.last_answer is not None, retry_after=self.retry_after))
+    async def run_once(self) -> None:
+        self._began = self.sync.clock()
+        self.retry_after = None
+        await self.beat(self._began)
+
+    def failed(self, exc: Exception) -> None:
+        self._failed(type(exc).__name__, f"unexpected error: {exc!r}", exc_info=True)
+
+    def next_delay(self, took: float) -> float:
+        # Beats keep their cadence (one that ran late, or a process that was frozen, goes again at
+        # once); one that failed goes again after a jittered backoff (mmanager.wire.beat_pause), sooner
+        # than the cadence while no hub ever answered (started before it, as `mmanager dev` starts them).
+        return beat_pause(self._began + self.interval - self.sync.clock(), self.interval, self.failures,
+                          answered=self.last_answer is not None, retry_after=self.retry_after)
 
     # -- one beat ----------------------------------------------------------
 

@@ -40,6 +40,7 @@ import ipaddress
 import logging
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import httpx
 from pydantic import ValidationError
@@ -48,6 +49,7 @@ from controller.config import ControllerSettings
 from controller.containers import ContainerService
 from controller.errors import ControllerError, NotFound
 from controller.runtime import Runtime
+from mmanager.loops import LoopService
 from mmanager.wire import LABEL_HEALTH_CHECK, ContainerInfo, HealthCheck, HealthState, seconds_since
 
 # Seconds between ticks, and between probes of a container that has not passed yet.
@@ -101,7 +103,12 @@ class _Probe:
         self.last_counted = None
 
 
-class Prober:
+class Prober(LoopService):
+    name = "health-prober"
+    cancel_on_stop = True
+    # Bounded: a probe stuck somewhere uncancellable must not hold up the controller's shutdown.
+    stop_wait = 5.0
+
     def __init__(
         self,
         settings: ControllerSettings,
@@ -113,6 +120,7 @@ class Prober:
         max_concurrent: int = MAX_PROBES,
         transport: httpx.AsyncBaseTransport | None = None,
     ) -> None:
+        super().__init__(tick, jitter=0.0)
         self.runtime = runtime
         self.containers = containers
         self.tick_seconds = tick
@@ -126,7 +134,8 @@ class Prober:
         self._tasks: set[asyncio.Task[None]] = set()
         self._semaphore: asyncio.Semaphore | None = None
         self._client: httpx.AsyncClient | None = None
-        self._loop: asyncio.Task[None] | None = None
+        # Listing the containers fails (Docker away): said once, until it answers again.
+        self._paused = False
 
     # -- what the API and heartbeats report ------------------------------
 
@@ -141,10 +150,11 @@ class Prober:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def start(self) -> None:
-        if self._loop is not None:
+    def start(self) -> None:
+        if self._task is not None:
             return
         self._semaphore = asyncio.Semaphore(self._max_concurrent)
+        self._paused = False
         self._client = httpx.AsyncClient(
             transport=self._transport,
             # A probe goes straight to the container: never through a proxy from the environment.
@@ -153,38 +163,36 @@ class Prober:
             # No keep-alive: a restarted service would leave dead pooled connections behind.
             limits=httpx.Limits(max_connections=self._max_concurrent, max_keepalive_connections=0),
         )
-        self._loop = asyncio.create_task(self._run(), name="health-prober")
+        super().start()
+
+    def running(self) -> set[asyncio.Task[Any]]:
+        return super().running() | self._tasks
 
     async def stop(self) -> None:
-        tasks = [t for t in (self._loop, *self._tasks) if t is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            # Bounded: a probe stuck somewhere uncancellable must not hold up the controller's shutdown.
-            _, pending = await asyncio.wait(tasks, timeout=5.0)
-            if pending:
-                log.warning("%d probe task(s) did not stop within 5s; leaving them", len(pending))
-        self._loop = None
+        await super().stop()
         self._tasks.clear()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
 
-    async def _run(self) -> None:
-        paused = False
-        while True:
-            try:
-                await self.tick()
-                if paused:
-                    log.info("health probes resumed: Docker answers again")
-                    paused = False
-            except ControllerError as exc:
-                if not paused:
-                    log.warning("health probes paused: cannot list the containers: %s", exc.message)
-                    paused = True
-            except Exception:
-                log.exception("health prober tick failed")
-            await asyncio.sleep(self.tick_seconds)
+    def next_delay(self, took: float) -> float:
+        # A fixed pause after each tick, however long it took: probes run as their own tasks.
+        return self.tick_seconds
+
+    def failed(self, exc: Exception) -> None:
+        log.exception("health prober tick failed")
+
+    async def run_once(self) -> None:
+        try:
+            await self.tick()
+        except ControllerError as exc:
+            if not self._paused:
+                log.warning("health probes paused: cannot list the containers: %s", exc.message)
+                self._paused = True
+            return
+        if self._paused:
+            log.info("health probes resumed: Docker answers again")
+            self._paused = False
 
     # -- one tick ----------------------------------------------------------
 

@@ -17,9 +17,7 @@ fails keeps the previous sample until the next interval.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
-import time
 from datetime import UTC, datetime
 
 from controller.config import ControllerSettings
@@ -27,6 +25,7 @@ from controller.errors import ControllerError, NotFound
 from controller.health import ControllerMetrics
 from controller.runtime import Runtime
 from controller.schemas import ContainerStats
+from mmanager.loops import LoopService
 from mmanager.wire import ContainerInfo, ContainerUsage
 
 # Stats reads in flight at once; each holds a Docker connection (of 32) for about a second.
@@ -48,15 +47,18 @@ def usage_of(stats: ContainerStats, now: datetime) -> ContainerUsage:
     )
 
 
-class StatsSampler:
+class StatsSampler(LoopService):
+    name = "stats-sampler"
+    # A round (about a second of Docker's own readings) is not waited for on the way out.
+    cancel_on_stop = True
+
     def __init__(self, settings: ControllerSettings, runtime: Runtime, metrics: ControllerMetrics,
                  *, max_concurrent: int = MAX_SAMPLES) -> None:
-        self.interval = settings.stats_interval
+        super().__init__(settings.stats_interval, jitter=0.0)
         self.runtime = runtime
         self.metrics = metrics
         self._max_concurrent = max_concurrent
         self._latest: dict[str, ContainerUsage] = {}
-        self._task: asyncio.Task[None] | None = None
 
     def usage(self, container_id: str) -> ContainerUsage | None:
         return self._latest.get(container_id)
@@ -70,30 +72,18 @@ class StatsSampler:
 
     # -- lifecycle ---------------------------------------------------------
 
-    async def start(self) -> None:
-        if self._task is None and self.interval > 0:
-            self._task = asyncio.create_task(self._run(), name="stats-sampler")
+    def start(self) -> None:
+        if self.interval > 0:
+            super().start()
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    def failed(self, exc: Exception) -> None:
+        if isinstance(exc, ControllerError):
+            log.warning("stats sampling skipped: %s", exc.message)
+        else:
+            log.exception("stats sampling failed")
 
-    async def _run(self) -> None:
-        while True:
-            began = time.monotonic()
-            try:
-                await self.run_once()
-            except ControllerError as exc:
-                log.warning("stats sampling skipped: %s", exc.message)
-            except Exception:
-                log.exception("stats sampling failed")
-            took = time.monotonic() - began
-            if took > self.interval:
-                log.warning("sampling stats took %.1fs, longer than MMANAGER_STATS_INTERVAL (%gs)", took, self.interval)
-            await asyncio.sleep(max(self.interval - took, 0.0))
+    def overran(self, took: float) -> None:
+        log.warning("sampling stats took %.1fs, longer than MMANAGER_STATS_INTERVAL (%gs)", took, self.interval)
 
     # -- one round ---------------------------------------------------------
 

@@ -23,8 +23,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
+from hub.background.flusher import HeartbeatFlusher
 from hub.background.leader import Supervisor
-from hub.background.reconciler import ControllerPoller, HeartbeatFlusher, Reconciler
+from hub.background.poller import ControllerPoller
+from hub.background.reconciler import Reconciler
 from hub.config import HubSettings
 from hub.controller_client import ControllerClient
 from hub.db import Database

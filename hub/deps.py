@@ -25,7 +25,8 @@ from hub.services.users import UserAuth
 from mmanager.audit import identify
 
 if TYPE_CHECKING:
-    from hub.background.reconciler import ControllerPoller, Reconciler
+    from hub.background.poller import ControllerPoller
+    from hub.background.reconciler import Reconciler
 
 
 @dataclass

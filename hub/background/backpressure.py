@@ -19,6 +19,8 @@ import statistics
 import time
 from collections.abc import AsyncIterator
 
+from mmanager.loops import LoopService
+
 log = logging.getLogger(__name__)
 
 # A window's median lag (seconds) above which the limit halves, and under which it grows again. The
@@ -89,39 +91,35 @@ class AdaptiveLimit:
                 free -= 1
 
 
-class LoopLag:
+class LoopLag(LoopService):
     """Samples how late the event loop wakes a sleeper and how much CPU the process uses, and hands
     each window's median lag and CPU share to ``limit``."""
 
+    name = "loop-lag"
+    cancel_on_stop = True
+
     def __init__(self, limit: AdaptiveLimit) -> None:
+        super().__init__(SAMPLE_EVERY * WINDOW, jitter=0.0)
         self.limit = limit
         self.lag = 0.0
         self.busy = 0.0
-        self._task: asyncio.Task[None] | None = None
 
-    def start(self) -> None:
-        self._task = asyncio.create_task(self._run(), name="loop-lag")
+    def next_delay(self, took: float) -> float:
+        # Windows follow one another: the samples are the loop's pace.
+        return 0.0
 
-    async def stop(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _run(self) -> None:
+    async def run_once(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            samples = []
-            began, cpu = loop.time(), time.process_time()
-            for _ in range(WINDOW):
-                due = loop.time() + SAMPLE_EVERY
-                await asyncio.sleep(SAMPLE_EVERY)
-                samples.append(loop.time() - due)
-            self.lag = statistics.median(samples)
-            self.busy = (time.process_time() - cpu) / max(loop.time() - began, 1e-6)
-            before = self.limit.limit
-            self.limit.adjust(self.lag, self.busy)
-            if self.limit.limit != before:
-                log.info("moves at once: %d (event loop %.0f ms late, %.0f %% of a core)", self.limit.limit,
-                         1000 * self.lag, 100 * self.busy)
+        samples = []
+        began, cpu = loop.time(), time.process_time()
+        for _ in range(WINDOW):
+            due = loop.time() + SAMPLE_EVERY
+            await asyncio.sleep(SAMPLE_EVERY)
+            samples.append(loop.time() - due)
+        self.lag = statistics.median(samples)
+        self.busy = (time.process_time() - cpu) / max(loop.time() - began, 1e-6)
+        before = self.limit.limit
+        self.limit.adjust(self.lag, self.busy)
+        if self.limit.limit != before:
+            log.info("moves at once: %d (event loop %.0f ms late, %.0f %% of a core)", self.limit.limit,
+                     1000 * self.lag, 100 * self.busy)

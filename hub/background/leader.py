@@ -21,9 +21,9 @@ from datetime import datetime
 from sqlalchemy import bindparam, delete, text, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from hub.background.base import LoopService
 from hub.db import Database, insert_row
 from hub.models import HubReplicaModel, utcnow
+from mmanager.loops import LoopService
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,5 @@
-"""The loops only the leading replica runs: failure detection and failover,
-drains, recovery of interrupted operations, and polling of controllers that do
-not push heartbeats.
+"""The reconciler, which only the leading replica runs: failure detection and
+failover, drains, and recovery of interrupted operations.
 
 Each reconciler tick reads one snapshot (only the controllers and services a
 rule could act on: a few indexed reads whatever the fleet's size), asks the
@@ -14,20 +13,15 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import math
-import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy import and_, bindparam, delete, or_, select, update
 from sqlalchemy.sql.base import Executable
 
 from hub.background.backpressure import AdaptiveLimit, LoopLag
-from hub.background.base import LoopService
 from hub.config import HubSettings
-from hub.controller_client import ControllerClient
 from hub.db import Database, any_of
 from hub.errors import HubError
 from hub.metrics import HubMetrics
@@ -54,7 +48,7 @@ from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
 from hub.services.operations import ACTIVE
 from hub.services.pace import HeartbeatPace
-from mmanager.wire import ContainerUsage, HeartbeatContainer, seconds_since
+from mmanager.loops import LoopService
 
 log = logging.getLogger(__name__)
 
@@ -348,132 +342,3 @@ class Reconciler(LoopService):
             self.metrics.operations.labels("drain", "succeeded").inc()
             self.metrics.operation_duration.labels("drain").observe((now - op.created_at).total_seconds())
         log.info("controller %s is drained", controller_id)
-
-
-POLL_CONCURRENCY = 64
-# A controller that pushed is polled once silent for this many intervals, and at least this many seconds.
-PUSH_FALLBACK_INTERVALS = 10
-PUSH_FALLBACK_MIN = 60.0
-
-
-class ControllerPoller(LoopService):
-    """Polls controllers that do not push heartbeats (no MMANAGER_HUB_URL), through the same
-    fencing as pushed heartbeats: stale and orphan copies are removed by the hub itself."""
-
-    name = "controller-poller"
-
-    def __init__(self, db: Database, settings: HubSettings, client: ControllerClient, ingest: HeartbeatIngest) -> None:
-        super().__init__(settings.heartbeat_interval)
-        self.db = db
-        self.settings = settings
-        self.client = client
-        self.ingest = ingest
-        # When each silent pushing controller was last polled (time.monotonic()).
-        self._fallback_polled: dict[str, float] = {}
-
-    async def run_once(self) -> None:
-        # A controller that pushes is not polled while it may just be late, or dead (a failover of
-        # thousands would poll every late one, slowing the hub, making more beats late): only once its
-        # pushes stopped for long after its grace (it was restarted without MMANAGER_HUB_URL, say), and
-        # then once per that long (a dead one is asked whether it answers again, not every tick).
-        fallback = max(PUSH_FALLBACK_INTERVALS * self.ingest.pace.interval, PUSH_FALLBACK_MIN)
-        pushed_after = utcnow() - timedelta(seconds=fallback)
-        async with self.db.session() as session:
-            found = list(
-                await session.execute(
-                    select(ControllerModel.id, ControllerModel.url, ControllerModel.last_push_at.is_not(None)).where(
-                        or_(ControllerModel.last_push_at.is_(None), ControllerModel.last_push_at < pushed_after)
-                    )
-                )
-            )
-        now = time.monotonic()
-        controllers: list[tuple[str, str]] = []
-        polled: dict[str, float] = {}
-        for cid, url, pushed in found:
-            if pushed:
-                last = self._fallback_polled.get(cid, -math.inf)
-                if now - last < fallback:
-                    polled[cid] = last
-                    continue
-                polled[cid] = now
-            controllers.append((cid, url))
-        self._fallback_polled = polled
-        # At most POLL_CONCURRENCY at once: httpx's pool scans its waiting requests for each one it serves,
-        # so thousands of calls at once (a burst of controllers that have not pushed yet) stall the loop.
-        slots = asyncio.Semaphore(POLL_CONCURRENCY)
-
-        async def bounded(cid: str, url: str) -> None:
-            async with slots:
-                await self.poll(cid, url)
-
-        await asyncio.gather(*(bounded(cid, url) for cid, url in controllers))
-
-    async def poll(self, controller_id: str, url: str) -> None:
-        timeout = min(3.0, self.settings.heartbeat_interval * 1.5)
-        listed_at = utcnow()
-        try:
-            health = await self.client.health(controller_id, url, timeout=timeout)
-            if health.server_id != controller_id:
-                # Another controller answers at this URL (a typo on registration, a reused address): its
-                # containers are not this controller's, and treating them as orphans would remove them.
-                self.ingest.observe_failure(
-                    controller_id, f"the controller at {url} is {health.server_id!r}, not {controller_id!r}")
-                return
-            listing = await self.client.list_containers(controller_id, url) if health.status == "healthy" else []
-        except HubError as exc:
-            self.ingest.observe_failure(controller_id, exc.message)
-            return
-        except Exception as exc:  # a malformed answer is as bad as none
-            self.ingest.observe_failure(controller_id, f"{type(exc).__name__}: {exc}")
-            return
-        now = utcnow()
-        # Heard now, before its rows are read (the main pool may be busy with a mass failover's moves).
-        self.ingest.hear(controller_id, health, now)
-        containers = [
-            HeartbeatContainer(
-                container_id=c.id, name=c.name, service_id=c.service_id, epoch=c.epoch, state=c.status,
-                health=c.health, health_restarts=c.health_restarts,
-                age_seconds=max(seconds_since(c.created, now) or 0.0, 0.0), ports=c.ports,
-                usage=_usage(c.resource_usage),
-            )
-            for c in listing
-        ]
-        # Through the main pool: up to POLL_CONCURRENCY polls at once must not queue the heartbeats' reads.
-        rows = await self.ingest.rows_for(controller_id, self.db)
-        result = self.ingest.observe(controller_id, health, containers, rows, pushed=False, listed_at=listed_at)
-        for order in result.stop:
-            try:
-                await self.client.action(controller_id, url, order.container_id, "delete", force="true")
-                log.info("removed %s container %s on %s", order.reason, order.container_id[:12], controller_id)
-            except HubError as exc:
-                log.warning("could not remove %s container %s on %s: %s", order.reason, order.container_id[:12],
-                            controller_id, exc.message)
-
-
-def _usage(resource_usage: dict[str, Any] | None) -> ContainerUsage | None:
-    """Our controllers list each container's latest stats sample as ``resource_usage``; others
-    (a GeoML-Hub mManager) may put something else there, which is no sample."""
-    try:
-        return ContainerUsage.model_validate(resource_usage) if resource_usage else None
-    except ValidationError:
-        return None
-
-
-class HeartbeatFlusher(LoopService):
-    """Writes what heartbeats said, on every replica, a few times per heartbeat interval."""
-
-    name = "heartbeat-flusher"
-
-    def __init__(self, ingest: HeartbeatIngest, interval: float) -> None:
-        super().__init__(interval, jitter=0.0)
-        self.ingest = ingest
-
-    async def run_once(self) -> None:
-        await self.ingest.flush()
-
-    async def stop(self) -> None:
-        await super().stop()
-        try:
-            await self.ingest.flush()
-        except Exception as exc:
-            log.warning("could not write the last heartbeats: %s", exc)

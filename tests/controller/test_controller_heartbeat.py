@@ -305,7 +305,7 @@ async def test_the_agent_stops_with_the_app(fake: FakeRuntime, hub: FakeHub) -> 
     async with app.router.lifespan_context(app):
         await eventually(lambda: hub.beats, what="a heartbeat")
         task = app.state.heartbeat._task
-        probes = app.state.prober._loop
+        probes = app.state.prober._task
     assert task.done() and probes.done()
     count = len(hub.beats)
     await asyncio.sleep(0.2)

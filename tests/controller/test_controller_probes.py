@@ -69,7 +69,7 @@ async def rig() -> AsyncIterator[Rig]:
     service = ContainerService(settings, fake, [])
     services = Services()
     prober = Prober(settings, fake, service, tick=0.02, transport=httpx.MockTransport(services.handle))
-    await prober.start()
+    prober.start()
     try:
         yield Rig(fake, service, prober, services)
     finally:

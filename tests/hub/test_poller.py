@@ -10,7 +10,7 @@ import asyncio
 from datetime import timedelta
 from typing import Any
 
-from hub.background.reconciler import PUSH_FALLBACK_MIN, ControllerPoller
+from hub.background.poller import PUSH_FALLBACK_MIN, ControllerPoller
 from hub.config import HubSettings
 from hub.db import Database
 from hub.errors import ControllerUnavailable

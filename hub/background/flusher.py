@@ -1,0 +1,32 @@
+"""Writes what heartbeats said, on every replica: ``HeartbeatIngest`` keeps
+them in memory and this loop flushes them a few times per heartbeat interval,
+and once more on the way out."""
+
+from __future__ import annotations
+
+import logging
+
+from hub.services.heartbeats import HeartbeatIngest
+from mmanager.loops import LoopService
+
+log = logging.getLogger(__name__)
+
+
+class HeartbeatFlusher(LoopService):
+    """Writes what heartbeats said, on every replica, a few times per heartbeat interval."""
+
+    name = "heartbeat-flusher"
+
+    def __init__(self, ingest: HeartbeatIngest, interval: float) -> None:
+        super().__init__(interval, jitter=0.0)
+        self.ingest = ingest
+
+    async def run_once(self) -> None:
+        await self.ingest.flush()
+
+    async def stop(self) -> None:
+        await super().stop()
+        try:
+            await self.ingest.flush()
+        except Exception as exc:
+            log.warning("could not write the last heartbeats: %s", exc)

@@ -1,0 +1,94 @@
+"""One small base for every background loop, the hub's and the controller's.
+
+``run_once()`` per iteration, the first right at ``start()``; ``next_delay()``
+says how long until the next (by default the interval, jittered, less what
+the iteration took); an iteration that raises is handed to ``failed()`` and
+never ends the loop. ``stop()`` lets the iteration in progress finish, or,
+with ``cancel_on_stop``, cancels it. Tests call ``run_once()`` directly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import time
+from abc import ABC, abstractmethod
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+
+class LoopService(ABC):
+    name = "loop"
+    # Whether stop() cancels the iteration in progress (and whatever else running() names) instead of
+    # waiting for it to finish, and how long it then waits for them (None: until they are gone).
+    cancel_on_stop = False
+    stop_wait: float | None = None
+
+    def __init__(self, interval: float, jitter: float = 0.1) -> None:
+        self.interval = interval
+        self.jitter = jitter
+        self._stopped = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    @abstractmethod
+    async def run_once(self) -> None: ...
+
+    def next_delay(self, took: float) -> float:
+        """Seconds from the end of an iteration that took ``took`` seconds to the start of the next."""
+        if took > self.interval:
+            self.overran(took)
+        return max(self.interval * (1 + random.uniform(-self.jitter, self.jitter)) - took, 0.0)
+
+    def overran(self, took: float) -> None:
+        log.warning("%s: iteration took %.2fs, longer than its %.2fs interval", self.name, took, self.interval)
+
+    def failed(self, exc: Exception) -> None:
+        """An iteration raised ``exc``; called inside its ``except``."""
+        log.exception("%s: iteration failed", self.name)
+
+    def running(self) -> set[asyncio.Task[Any]]:
+        """What ``stop()`` waits for: the loop, and what a subclass runs beside it."""
+        return {self._task} if self._task is not None else set()
+
+    def start(self) -> None:
+        if self._task is not None:
+            return
+        self._stopped.clear()
+        self._task = asyncio.create_task(self._run(), name=self.name)
+
+    async def stop(self) -> None:
+        self._stopped.set()
+        tasks = self.running()
+        if tasks:
+            if self.cancel_on_stop:
+                for task in tasks:
+                    task.cancel()
+            # wait() rather than await: whatever the loop ended with, stopping it must not raise.
+            _, pending = await asyncio.wait(tasks, timeout=self.stop_wait if self.cancel_on_stop else None)
+            if pending:
+                # Bounded: a task stuck somewhere uncancellable must not hold up the shutdown.
+                log.warning("%s: %d task(s) did not stop within %gs; leaving them", self.name, len(pending),
+                            self.stop_wait)
+        self._task = None
+
+    async def _run(self) -> None:
+        while not self._stopped.is_set():
+            started = time.monotonic()
+            try:
+                await self.run_once()
+            except asyncio.CancelledError:
+                current = asyncio.current_task()
+                if current is not None and current.cancelling():
+                    raise  # the loop itself is being cancelled
+                # Something the iteration awaited was cancelled under it (a peer shutting down):
+                # an iteration error like any other.
+                log.warning("%s: iteration was cancelled from below", self.name)
+            except Exception as exc:
+                self.failed(exc)
+            delay = self.next_delay(time.monotonic() - started)
+            try:
+                await asyncio.wait_for(self._stopped.wait(), timeout=delay)
+            except TimeoutError:
+                pass

@@ -19,17 +19,14 @@ from contextlib import asynccontextmanager
 
 import httpx
 import uvicorn
-from fastapi import Depends, FastAPI, Request
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from controller.audit import AuditTrail
 from controller.config import ControllerSettings
 from controller.containers import ContainerService
 from controller.deps import require_api_key
-from controller.errors import ControllerError, DockerUnavailable, InvalidRequest
+from controller.errors import DockerUnavailable
 from controller.gpu import detect_gpus
 from controller.health import ControllerMetrics
 from controller.heartbeat import HeartbeatAgent
@@ -43,9 +40,9 @@ from controller.stats import StatsSampler
 from controller.sync import SyncGuard
 from mmanager import __version__
 from mmanager.audit import AuditMiddleware
-from mmanager.limits import BodyLimit, BodyTooLarge, too_large
+from mmanager.errors import install_error_handlers
+from mmanager.limits import BodyLimit
 from mmanager.logs import install_request_ids, setup_logging
-from mmanager.wire import ErrorBody, ErrorEnvelope
 
 log = logging.getLogger(__name__)
 
@@ -129,7 +126,8 @@ def create_app(
     app.add_middleware(AuditMiddleware, record=audit.record)
     app.add_middleware(StripTrailingSlash)
     install_request_ids(app)
-    _install_error_handlers(app)
+    install_error_handlers(app, log=log, internal_message="internal error; the controller's log has the details",
+                           http_codes=_HTTP_CODES)
     app.include_router(system_routes.router)
     app.include_router(container_routes.router, dependencies=[Depends(require_api_key)])
     app.include_router(image_routes.router, dependencies=[Depends(require_api_key)])
@@ -154,43 +152,6 @@ class StripTrailingSlash:
             if scope.get("raw_path"):
                 scope["raw_path"] = scope["raw_path"].rstrip(b"/") or b"/"
         await self.app(scope, receive, send)
-
-
-def _error(
-    status: int, code: str, message: str, details: object = None, headers: dict[str, str] | None = None
-) -> JSONResponse:
-    body = ErrorEnvelope(error=ErrorBody(code=code, message=message, details=details))
-    return JSONResponse(body.model_dump(mode="json"), status_code=status, headers=headers)
-
-
-def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(ControllerError)
-    async def controller_error(request: Request, exc: ControllerError) -> JSONResponse:
-        return JSONResponse(exc.envelope(), status_code=exc.status_code, headers=exc.headers)
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        # Only loc/msg/type: the raw errors may carry the input (a key, a file) and unserialisable objects.
-        problems = [
-            {"loc": list(e.get("loc", ())), "msg": str(e.get("msg", "")), "type": str(e.get("type", ""))}
-            for e in exc.errors()
-        ]
-        summary = "; ".join(f"{'.'.join(map(str, p['loc']))}: {p['msg']}" for p in problems)
-        return _error(422, InvalidRequest.code, f"invalid request: {summary}", problems)
-
-    @app.exception_handler(BodyTooLarge)
-    async def body_too_large(request: Request, exc: BodyTooLarge) -> JSONResponse:
-        return too_large(exc.limit)
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        code = _HTTP_CODES.get(exc.status_code, "HTTP_ERROR")
-        return _error(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
-
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
-        return _error(500, "INTERNAL_ERROR", "internal error; the controller's log has the details")
 
 
 def run(settings: ControllerSettings, host: str = "0.0.0.0", port: int | None = None) -> None:

@@ -1,37 +1,25 @@
-"""One error hierarchy for the controller.
+"""The controller's errors.
 
-Everything below the routers raises these (never ``HTTPException``); one
-handler in ``controller.app`` turns them into ``{"error": {"code", "message",
-"details"}}`` with the class's status.
+Everything below the routers raises these (never ``HTTPException``); the
+handlers of ``mmanager.errors`` (the base both sides share) turn them into
+``{"error": {"code", "message", "details"}}`` with the class's status.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
-from mmanager.wire import ErrorBody, ErrorEnvelope
+from mmanager.errors import AppError
 
 
-class ControllerError(Exception):
-    status_code = 400
-    code = "BAD_REQUEST"
-    headers: ClassVar[dict[str, str] | None] = None
-
-    def __init__(self, message: str, details: Any = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.details = details
-
-    def envelope(self) -> dict[str, Any]:
-        return ErrorEnvelope(error=ErrorBody(code=self.code, message=self.message, details=self.details)).model_dump(
-            mode="json"
-        )
+class ControllerError(AppError):
+    """Every error the controller answers; 400 ``BAD_REQUEST`` unless a subclass says otherwise."""
 
 
 class Unauthorized(ControllerError):
     status_code = 401
     code = "UNAUTHORIZED"
-    headers: ClassVar[dict[str, str] | None] = {"WWW-Authenticate": "Bearer"}
+    headers = {"WWW-Authenticate": "Bearer"}
 
 
 class NotFound(ControllerError):
@@ -120,7 +108,7 @@ class TooManyLogStreams(ControllerError):
 
     status_code = 429
     code = "TOO_MANY_LOG_STREAMS"
-    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "5"}
+    headers = {"Retry-After": "5"}
 
 
 class DockerUnavailable(ControllerError):
@@ -138,4 +126,4 @@ class ControllerNotSynced(ControllerError):
 
     status_code = 503
     code = "CONTROLLER_NOT_SYNCED"
-    headers: ClassVar[dict[str, str] | None] = {"Retry-After": "2"}
+    headers = {"Retry-After": "2"}

@@ -16,10 +16,8 @@ from typing import Any
 import asyncpg
 import httpx
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, IntegrityError
-from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 from starlette.types import Receive, Scope, Send
 
@@ -31,7 +29,7 @@ from hub.config import HubSettings
 from hub.controller_client import ControllerClient
 from hub.db import Database
 from hub.deps import Hub
-from hub.errors import HubError, error_response
+from hub.errors import error_response
 from hub.fastlane import FastLane
 from hub.metrics import HubMetrics
 from hub.models import new_id
@@ -45,7 +43,8 @@ from hub.services.operations import OperationLog
 from hub.services.users import UserAuth
 from mmanager import __version__
 from mmanager.audit import AuditMiddleware
-from mmanager.limits import BodyLimit, BodyTooLarge, too_large
+from mmanager.errors import install_error_handlers
+from mmanager.limits import BodyLimit
 from mmanager.logs import RequestIdMiddleware
 
 log = logging.getLogger(__name__)
@@ -139,35 +138,13 @@ def _database_refused_value(exc: BaseException) -> bool:
 
 
 def _install_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(HubError)
-    async def hub_error(_: Request, exc: HubError) -> JSONResponse:
-        return exc.response()
+    internal = "an unexpected error occurred; see the hub's log"
 
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(_: Request, exc: RequestValidationError) -> JSONResponse:
-        details = [
-            {"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")} for e in exc.errors()
-        ]
-        malformed = any(d["type"] == "json_invalid" for d in details)
-        code = "MALFORMED_JSON" if malformed else "VALIDATION_ERROR"
-        message = "the body is not valid JSON" if malformed else "the request is invalid"
-        return error_response(422 if not malformed else 400, code, message, details)
-
-    @app.exception_handler(BodyTooLarge)
-    async def body_too_large(_: Request, exc: BodyTooLarge) -> JSONResponse:
-        return too_large(exc.limit)
-
-    @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, _: ClientDisconnect) -> JSONResponse:
         # Nobody to answer, nothing done: no traceback (an overloaded hub whose callers give up would
         # otherwise spend its time writing them, each twice, and fall further behind).
         log.debug("%s %s: the caller went away before its request was read", request.method, request.url.path)
         return error_response(CLIENT_CLOSED, "CLIENT_DISCONNECTED", "the caller went away before its request was read")
-
-    @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
-        codes = {404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 401: "UNAUTHORIZED", 403: "FORBIDDEN"}
-        return error_response(exc.status_code, codes.get(exc.status_code, "HTTP_ERROR"), str(exc.detail))
 
     async def database_error(_: Request, exc: Exception) -> JSONResponse:
         if _database_conflict(exc):
@@ -180,10 +157,6 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.warning("database error: %s", exc)
         return error_response(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
 
-    for error in DATABASE_ERRORS:
-        app.add_exception_handler(error, database_error)
-
-    @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         if _database_refused_value(exc) or _database_conflict(exc):
             return await database_error(request, exc)
@@ -191,7 +164,16 @@ def _install_error_handlers(app: FastAPI) -> None:
             log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
             return error_response(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
         log.exception("unexpected error")
-        return error_response(500, "INTERNAL_ERROR", "an unexpected error occurred; see the hub's log")
+        return error_response(500, "INTERNAL_ERROR", internal)
+
+    install_error_handlers(
+        app, log=log, internal_message=internal,
+        http_codes={404: "NOT_FOUND", 405: "METHOD_NOT_ALLOWED", 401: "UNAUTHORIZED", 403: "FORBIDDEN"},
+        # The hub's answers, kept as they were: no headers from Starlette's HTTP errors, a generic message
+        # for an invalid request, and 400 for a body that is not JSON.
+        http_headers=False, invalid_message=lambda _: "the request is invalid", malformed_json=True,
+        extra={ClientDisconnect: client_gone, **dict.fromkeys(DATABASE_ERRORS, database_error), Exception: unexpected},
+    )
 
 
 class HubApp(FastAPI):

@@ -1,30 +1,16 @@
-"""One error hierarchy for the hub. Services raise these; one handler in
-``hub.app`` turns them into ``{"error": {"code", "message", "details"}}``."""
+"""The hub's errors. Services raise these; ``mmanager.errors`` (the base both
+sides share) turns them into ``{"error": {"code", "message", "details"}}``."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from starlette.responses import JSONResponse
+from mmanager.errors import AppError
+from mmanager.errors import error_response as error_response
 
 
-class HubError(Exception):
-    status_code = 400
-    code = "BAD_REQUEST"
-    # Extra response headers (Retry-After on a 429).
-    headers: dict[str, str] | None = None
-
-    def __init__(self, message: str, details: Any = None, *, code: str | None = None, status_code: int | None = None):
-        super().__init__(message)
-        self.message = message
-        self.details = details
-        if code is not None:
-            self.code = code
-        if status_code is not None:
-            self.status_code = status_code
-
-    def response(self) -> JSONResponse:
-        return error_response(self.status_code, self.code, self.message, self.details, self.headers)
+class HubError(AppError):
+    """Every error the hub answers; 400 ``BAD_REQUEST`` unless a subclass says otherwise."""
 
 
 class Unauthorized(HubError):
@@ -107,10 +93,3 @@ class ControllerRejected(HubError):
 
     status_code = 422
     code = "CONTROLLER_REJECTED"
-
-
-def error_response(status: int, code: str, message: str, details: Any = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    """The hub's error envelope, ``{"error": {"code", "message", "details"}}``."""
-    return JSONResponse({"error": {"code": code, "message": message, "details": details}}, status_code=status,
-                        headers=headers)

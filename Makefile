@@ -27,8 +27,9 @@ demo: install
 test: install system-deps
 	$(BIN)/python -m pytest -q tests
 
+# Every test that needs neither Docker nor PostgreSQL and is quick; the markers are in pyproject.toml.
 unit: install
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q -m "not docker and not postgres and not slow" tests
 
 # The hub and controller images, FROM a Python base made here with debootstrap (no registry needed);
 # each step is skipped or cached when done before. docs/OPERATIONS.md#building-the-images.

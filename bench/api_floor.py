@@ -55,8 +55,9 @@ from sqlalchemy.engine import make_url
 from bench.common import scratch
 from bench.pyspy import Recording, print_summary, profile_dir
 from examples.images import EXAMPLE_IMAGE, build_example_image
-from tests.pg import create_database
-from tests.procs import LocalDeployment, api, wait_for
+from tests.support.pg import create_database
+from tests.support.poll import wait_until
+from tests.support.procs import LocalDeployment, api
 
 SPEC = {"image": EXAMPLE_IMAGE, "ports": {"5000": None}, "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"},
         "name": "read-me"}
@@ -209,7 +210,7 @@ def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, s
     try:
         dep.start()
         client = api(dep.hub(0).url, token)
-        wait_for(lambda: client.get(f"/api/admin/controllers/{ctl.name}").json()["status"] == "healthy", 30,
+        wait_until(lambda: client.get(f"/api/admin/controllers/{ctl.name}").json()["status"] == "healthy", 30,
                  what="the controller healthy")
         created = client.post("/api/root/bench/services", json=SPEC)
         created.raise_for_status()

@@ -13,7 +13,7 @@ from pathlib import Path
 import asyncpg
 from sqlalchemy.engine import make_url
 
-from tests.pg import LocalCluster, local_cluster
+from tests.support.pg import LocalCluster, local_cluster
 
 
 def say(line: str) -> None:

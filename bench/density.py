@@ -29,7 +29,7 @@ from typing import Any
 import psutil
 
 from bench.sim.http import Request, Response, Server
-from tests.pg import _free_port, wait_for_port
+from tests.support.net import free_port, wait_for_port
 
 MIB = 1024 * 1024
 
@@ -52,7 +52,7 @@ def _beats(path: str) -> int:
 
 
 def one(count: int, preload: int, interval: float, seconds: float, warmup: float) -> dict[str, Any]:
-    port, hub_port = _free_port(), _free_port()
+    port, hub_port = free_port(), free_port()
     key = uuid.uuid4().hex * 2
     hub = subprocess.Popen([sys.executable, "-m", "bench.density", "--null-hub", str(hub_port),
                             "--interval", str(interval)])

@@ -32,8 +32,9 @@ import docker
 
 from bench.common import scratch
 from examples.images import EXAMPLE_IMAGE, build_example_image
-from tests.pg import create_database
-from tests.procs import LocalDeployment, api, wait_for
+from tests.support.pg import create_database
+from tests.support.poll import wait_until
+from tests.support.procs import LocalDeployment, api
 
 SPEC = {
     "image": EXAMPLE_IMAGE,
@@ -58,17 +59,17 @@ def one_run(db_url: str, workdir: Path, interval: float, grace: float, n: int,
     try:
         dep.start()
         client = api(dep.hub(0).url, token)
-        wait_for(lambda: all(c["status"] == "healthy" for c in client.get("/api/admin/controllers").json()), 30)
+        wait_until(lambda: all(c["status"] == "healthy" for c in client.get("/api/admin/controllers").json()), 30)
         # Baseline: one plain create, until its health check passes.
         started = time.monotonic()
         base = client.post("/api/root/bench/services", json={**SPEC, "name": "baseline"}).json()
-        wait_for(lambda: client.get(f"/api/services/{base['id']}").json()["health"] == "healthy", 60, interval=0.05)
+        wait_until(lambda: client.get(f"/api/services/{base['id']}").json()["health"] == "healthy", 60, interval=0.05)
         baseline = time.monotonic() - started
         client.delete(f"/api/services/{base['id']}")
 
         services = [client.post("/api/root/bench/services", json={**SPEC, "name": f"svc-{i}"}).json()
                     for i in range(n)]
-        wait_for(lambda: all(s["health"] == "healthy" for s in client.get("/api/services").json()), 60)
+        wait_until(lambda: all(s["health"] == "healthy" for s in client.get("/api/services").json()), 60)
         victim = collections.Counter(s["controller_id"] for s in services).most_common(1)[0][0]
         moving = {s["id"] for s in services if s["controller_id"] == victim}
 

@@ -30,7 +30,6 @@ import argparse
 import asyncio
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -44,7 +43,7 @@ import psutil
 from bench import api_floor
 from bench.api_floor import _one_connection
 from bench.common import percentile, say
-from tests.pg import _free_port
+from tests.support.net import free_port, wait_for_port
 
 # The targets of issue 6 that are rates of requests.
 BEATS_TARGET = 10_000
@@ -208,18 +207,6 @@ async def _call(url: str, client_kind: str, connections: int, seconds: float, wa
 
 # ------------------------------------------------------------------ the driver
 
-def _wait_listening(port: int, proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"a server exited with {proc.returncode} before listening on {port}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on {port} after {timeout:g} s")
-
-
 class _Servers:
     """Subprocesses of this module (``serve``/``sink``), stopped on exit."""
 
@@ -227,11 +214,11 @@ class _Servers:
         self.procs: list[subprocess.Popen[bytes]] = []
 
     def start(self, *args: str) -> tuple[int, psutil.Process]:
-        port = _free_port()
+        port = free_port()
         proc = subprocess.Popen([sys.executable, "-m", "bench.floors", *args, "--port", str(port)],
                                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
         self.procs.append(proc)
-        _wait_listening(port, proc)
+        wait_for_port(port, proc=proc)
         return port, psutil.Process(proc.pid)
 
     def __enter__(self) -> _Servers:

@@ -52,8 +52,8 @@ import psutil
 
 from bench.common import asyncpg_dsn, durable_server, percentile, say
 from bench.sim import SimController, SimOptions, Simulator
-from tests.pg import create_database
-from tests.procs import LocalDeployment
+from tests.support.pg import create_database
+from tests.support.procs import LocalDeployment
 
 POLL_EVERY = 0.1
 

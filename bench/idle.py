@@ -27,8 +27,9 @@ from bench.api_floor import SPEC
 from bench.common import scratch
 from bench.pyspy import Recording, print_summary, profile_dir
 from examples.images import build_example_image
-from tests.pg import create_database
-from tests.procs import LocalDeployment, api, wait_for
+from tests.support.pg import create_database
+from tests.support.poll import wait_until
+from tests.support.procs import LocalDeployment, api
 
 
 def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, services: int = 5,
@@ -40,7 +41,7 @@ def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, s
     try:
         dep.start()
         client = api(dep.hub(0).url, token)
-        wait_for(lambda: client.get(f"/api/admin/controllers/{ctl.name}").json()["status"] == "healthy", 30,
+        wait_until(lambda: client.get(f"/api/admin/controllers/{ctl.name}").json()["status"] == "healthy", 30,
                  what="the controller healthy")
         for i in range(services):
             made = client.post("/api/root/bench/services", json={

@@ -40,7 +40,7 @@ from bench.heartbeats import _Cpu
 from bench.pyspy import Recording
 from bench.seed import Seeded, all_beating, seeded_hub
 from bench.sim import Simulator
-from tests.pg import local_cluster
+from tests.support.pg import local_cluster
 
 POLL_EVERY = 0.1
 

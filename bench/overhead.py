@@ -53,8 +53,9 @@ from controller.spec import build_spec
 from examples.images import EXAMPLE_IMAGE, build_example_image
 from hub.schemas import ServiceSpec
 from mmanager.wire import ContainerCreate, parse_memory
-from tests.pg import create_database
-from tests.procs import LocalDeployment, api, wait_for
+from tests.support.pg import create_database
+from tests.support.poll import wait_until
+from tests.support.procs import LocalDeployment, api
 
 # No health check: a create answers once the container runs, on every path.
 SPEC = {"image": EXAMPLE_IMAGE, "ports": {"5000": None}, "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"}}
@@ -142,7 +143,7 @@ def measure(db_url: str, workdir: Path, runs: int, docker_client: docker.DockerC
     try:
         dep.start()
         client = api(dep.hub(0).url, token)
-        wait_for(lambda: client.get(f"/api/admin/controllers/{hubbed.name}").json()["status"] == "healthy", 30,
+        wait_until(lambda: client.get(f"/api/admin/controllers/{hubbed.name}").json()["status"] == "healthy", 30,
                  what="the controller healthy")
         controller = httpx.Client(base_url=solo.url, headers={"Authorization": f"Bearer {dep.key}"}, timeout=60)
 

@@ -55,8 +55,8 @@ from bench.heartbeats import _Cpu
 from bench.pyspy import Recording, profile_dir
 from bench.sim import SimOptions, Simulator
 from bench.sim.http import Client, ClientError
-from tests.pg import create_database
-from tests.procs import LocalDeployment
+from tests.support.pg import create_database
+from tests.support.procs import LocalDeployment
 
 TARGET_PER_S = 2000
 IMAGE = "sim/model:latest"

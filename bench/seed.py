@@ -41,8 +41,9 @@ from hub.schemas import ServiceSpec
 from hub.security import TOKEN_PREFIX, hash_token, mint_token
 from hub.services.lifecycle import container_name
 from mmanager.wire import LABEL_CONTROLLER, LABEL_EPOCH, LABEL_MANAGED, LABEL_SERVICE
-from tests.pg import _free_port, create_database
-from tests.procs import LocalDeployment
+from tests.support.net import free_port
+from tests.support.pg import create_database
+from tests.support.procs import LocalDeployment
 
 IMAGE = "sim/model:1"
 CONTAINER_PORT = "5000"
@@ -263,10 +264,10 @@ def seeded_hub(server_url: str, workdir: Path, count: int, services: int, *, int
                grace: float = 6.0, prefix: str = "sim", hub_env: dict[str, str] | None = None,
                **sim: Any) -> Iterator[SeededHub]:
     """A new database on ``server_url`` seeded with ``services`` services on ``count`` simulated
-    controllers, and a hub process (``mmanager hub serve``, as ``tests.procs`` starts it) on it."""
+    controllers, and a hub process (``mmanager hub serve``, as ``tests.support.procs`` starts it) on it."""
     db_url = asyncio.run(create_database(server_url, "seed"))
     deployment = LocalDeployment(db_url, workdir, interval=interval, grace=grace)
-    options = SimOptions(count=count, key=deployment.key, port=_free_port(), id_prefix=prefix,
+    options = SimOptions(count=count, key=deployment.key, port=free_port(), id_prefix=prefix,
                          max_containers=max(100, -(-services // count) * 2), **sim)
     began = time.monotonic()
     seeded = asyncio.run(seed(db_url, options, services))

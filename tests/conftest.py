@@ -1,5 +1,8 @@
 """Shared fixtures: a throwaway PostgreSQL cluster, databases migrated to
-head, and the example image built on the real Docker engine."""
+head, and the example image built on the real Docker engine; and the
+markers: a test that uses the PostgreSQL fixtures is ``postgres``, one that
+uses Docker's is ``docker``, so ``-m "not docker and not postgres"`` runs
+without either."""
 
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ from examples.images import EXAMPLE_IMAGE, build_example_image
 from hub.db import Database
 from hub.migrate import upgrade
 from hub.models import Base
-from tests.pg import create_database, throwaway_cluster
+from tests.support.pg import create_database, throwaway_cluster
 
 
 @pytest.fixture(scope="session")
@@ -60,6 +63,20 @@ def docker_client() -> Iterator[docker.DockerClient]:
 @pytest.fixture(scope="session")
 def example_image(docker_client: docker.DockerClient) -> str:
     return build_example_image(docker_client, EXAMPLE_IMAGE)
+
+
+# The fixtures that reach each outside system; a test that starts one itself carries the mark explicitly.
+POSTGRES_FIXTURES = frozenset({"pg_server"})
+DOCKER_FIXTURES = frozenset({"docker_client"})
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        used = set(getattr(item, "fixturenames", ()))
+        if used & POSTGRES_FIXTURES:
+            item.add_marker(pytest.mark.postgres)
+        if used & DOCKER_FIXTURES:
+            item.add_marker(pytest.mark.docker)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -22,8 +22,11 @@ from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
 from examples.images import EXAMPLE_IMAGE
-from tests.pg import create_database
-from tests.procs import MMANAGER, LocalDeployment, api, stopped_after, wait_for
+from tests.support.pg import create_database
+from tests.support.poll import wait_until
+from tests.support.procs import MMANAGER, LocalDeployment, api, stopped_after
+
+pytestmark = pytest.mark.slow
 
 SEED = os.environ.get("MM_FUZZ_SEED", "20261123")
 ST = str(Path(sys.executable).with_name("st"))
@@ -101,7 +104,7 @@ def test_fuzzed_api_never_answers_5xx_and_no_secret_is_kept_in_clear(
     controller.env["MMANAGER_CONTROLLER_KEY"] = controller_key
     controller.start().wait_listening()
     admin = api(dep.hub(0).url, admin_token)
-    wait_for(lambda: admin.get(f"/api/admin/controllers/{controller.name}").json()["status"] == "healthy", 20,
+    wait_until(lambda: admin.get(f"/api/admin/controllers/{controller.name}").json()["status"] == "healthy", 20,
              what="the controller healthy")
     created = admin.post("/api/admin/users", json={"username": "alice"})
     assert created.status_code == 201, created.text

@@ -17,7 +17,7 @@ from sqlalchemy.exc import DBAPIError
 from hub.db import Database
 from hub.migrate import upgrade
 from hub.services.users import create_user
-from tests.pg import _bin, create_database
+from tests.support.pg import _bin, create_database
 
 
 def libpq(url: str) -> str:

@@ -12,8 +12,9 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 
-from tests.procs import wait_for
+from tests.support.poll import wait_until
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -27,6 +28,8 @@ def _ours(proc: psutil.Process, since: float) -> bool:
         return False
 
 
+@pytest.mark.postgres  # the benchmark starts its own cluster
+@pytest.mark.slow
 def test_a_benchmark_stopped_with_sigterm_stops_its_hub_and_its_database(tmp_path: Path) -> None:
     since = time.time() - 1
     # A grace of a minute: after the kill the run waits for detection, long past when it is stopped.
@@ -41,7 +44,7 @@ def test_a_benchmark_stopped_with_sigterm_stops_its_hub_and_its_database(tmp_pat
             kinds = {"hub" if "hub serve" in " ".join(p.cmdline()) else "postgres" for p in found}
             return found if kinds == {"hub", "postgres"} and "killing" in (tmp_path / "bench.log").read_text() else None
 
-        running = wait_for(started, 90, interval=0.5, what="the benchmark's hub and database, and its kill")
+        running = wait_until(started, 90, interval=0.5, what="the benchmark's hub and database, and its kill")
         bench.send_signal(signal.SIGTERM)
         code = bench.wait(timeout=60)
         _, alive = psutil.wait_procs(running, timeout=30)

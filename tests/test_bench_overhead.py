@@ -10,7 +10,7 @@ import pytest
 
 from bench import api_floor, idle, overhead
 from bench.pyspy import summarize
-from tests.pg import create_database
+from tests.support.pg import create_database
 
 ROOT = Path(__file__).resolve().parent.parent
 

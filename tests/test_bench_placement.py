@@ -18,7 +18,7 @@ from bench.placement import measure
 from hub.config import HubSettings
 from hub.db import Database
 from hub.services.users import create_user
-from tests.served import served_hub
+from tests.support.served import served_hub
 
 KEY = "bench-key-" + "p" * 32
 CONTROLLERS = 20

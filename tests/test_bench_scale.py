@@ -24,8 +24,8 @@ from bench.seed import Seeded, seed
 from bench.sim import SimOptions, Simulator
 from hub.config import HubSettings
 from hub.db import Database
-from tests.pg import _free_port
-from tests.served import served_hub
+from tests.support.net import free_port
+from tests.support.served import served_hub
 
 KEY = "bench-key-" + "x" * 32
 CONTROLLERS, SERVICES = 20, 100
@@ -44,7 +44,7 @@ class Fleet:
 @pytest.fixture
 async def fleet(db: Database) -> AsyncIterator[Fleet]:
     """The database seeded first, then a hub started on it (as after a restart of a loaded hub)."""
-    options = SimOptions(count=CONTROLLERS, key=KEY, port=_free_port(), id_prefix="scale", ramp=0.2,
+    options = SimOptions(count=CONTROLLERS, key=KEY, port=free_port(), id_prefix="scale", ramp=0.2,
                          healthy_after=0.1)
     seeded = await seed(db.url, options, SERVICES, migrate=False)
     settings = HubSettings(database_url=db.url, api_key=KEY, heartbeat_interval=0.5, heartbeat_grace=2,

@@ -10,7 +10,7 @@ heartbeat and density benchmarks' own code, for a second or two each.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from typing import Any
 
 import httpx
@@ -24,22 +24,12 @@ from bench.sim import SimOptions, Simulator
 from hub.config import HubSettings
 from hub.db import Database
 from hub.services.users import create_user
-from tests.pg import _free_port
-from tests.served import served_hub
+from tests.support.net import free_port
+from tests.support.poll import eventually
+from tests.support.served import served_hub
 
 KEY = "bench-key-" + "x" * 32
 COUNT = 20
-
-
-async def _until(check: Callable[[], Awaitable[Any]], timeout: float = 30.0, what: str = "") -> Any:
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        result = await check()
-        if result:
-            return result
-        if asyncio.get_running_loop().time() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await asyncio.sleep(0.1)
 
 
 @pytest.fixture
@@ -61,7 +51,7 @@ async def test_simulated_controllers_register_run_and_fail_over(hub_url: str, db
             listed = (await api.get("/api/admin/controllers", params={"limit": 1000})).json()
             return len(listed) == COUNT and all(c["status"] == "healthy" for c in listed)
 
-        await _until(all_healthy, what="every simulated controller registered and healthy")
+        await eventually(all_healthy, 30, what="every simulated controller registered and healthy", interval=0.1)
         listed = {c["id"]: c for c in (await api.get("/api/admin/controllers", params={"limit": 1000})).json()}
         assert listed.keys() == sim.controllers.keys()
         for cid, controller in sim.controllers.items():
@@ -83,7 +73,7 @@ async def test_simulated_controllers_register_run_and_fail_over(hub_url: str, db
         async def healthy() -> bool:
             return (await api.get(f"/api/services/{service['id']}")).json()["health"] == "healthy"
 
-        await _until(healthy, what="the simulated health check to reach the hub")
+        await eventually(healthy, 30, what="the simulated health check to reach the hub", interval=0.1)
 
         # What the controller reported shows in one scrape of the hub: its container's stats, the service's health.
         async def scraped() -> dict[str, list[float]] | None:
@@ -95,7 +85,7 @@ async def test_simulated_controllers_register_run_and_fail_over(hub_url: str, db
                                                 ("mmanager_controller_up", "controller", first))}
             return found if all(found.values()) else None
 
-        series = await _until(scraped, what="the container's usage on the hub's /metrics")
+        series = await eventually(scraped, 30, what="the container's usage on the hub's /metrics", interval=0.1)
         assert 5 <= series["mmanager_container_cpu_percent"][0] < 35  # the simulator's samples
         assert series["mmanager_service_health"] == [1.0] and series["mmanager_controller_up"] == [1.0]
 
@@ -105,7 +95,7 @@ async def test_simulated_controllers_register_run_and_fail_over(hub_url: str, db
             now = (await api.get(f"/api/services/{service['id']}")).json()
             return now if now["controller_id"] != first and now["status"] == "running" else None
 
-        after = await _until(moved, what="the service to fail over")
+        after = await eventually(moved, 30, what="the service to fail over", interval=0.1)
         assert after["epoch"] > service["epoch"]
         second = sim.controllers[after["controller_id"]]
         assert [(c.id, c.epoch) for c in second.containers.values()] == [(after["container_id"], after["epoch"])]
@@ -115,7 +105,7 @@ async def test_simulated_controllers_register_run_and_fail_over(hub_url: str, db
             now = (await api.get(f"/api/services/{service['id']}")).json()
             return now["container_id"] == after["container_id"] and now["health"] == "healthy"
 
-        await _until(healthy_again, what="the moved copy's health check to reach the hub")
+        await eventually(healthy_again, 30, what="the moved copy's health check to reach the hub", interval=0.1)
 
         # Back from the dead: its stale copy goes (a stop order in a heartbeat's answer, or the hub's own delete).
         sim.revive([first])
@@ -123,7 +113,7 @@ async def test_simulated_controllers_register_run_and_fail_over(hub_url: str, db
         async def fenced() -> bool:
             return not sim.controllers[first].containers
 
-        await _until(fenced, what="the stale copy to be removed")
+        await eventually(fenced, 30, what="the stale copy to be removed", interval=0.1)
         assert [c.id for c in second.containers.values()] == [after["container_id"]]
 
 
@@ -147,7 +137,8 @@ async def test_a_fleet_over_the_heartbeat_rate_is_told_to_beat_slower(db: Databa
                 return (len(every) == COUNT and all(c["status"] == "healthy" for c in every)
                         and all(c.interval == 1.0 for c in sim.controllers.values()))
 
-            await _until(told_to_slow_down, what="every controller registered and told a 1 s interval")
+            await eventually(told_to_slow_down, 30, what="every controller registered and told a 1 s interval",
+                             interval=0.1)
             assert "mmanager_heartbeat_interval_seconds 1.0" in (await api.get("/metrics")).text
             before = sim.stats()["beats_ok"]
             await asyncio.sleep(3)
@@ -161,7 +152,7 @@ async def test_a_fleet_over_the_heartbeat_rate_is_told_to_beat_slower(db: Databa
                 row = (await api.get(f"/api/admin/controllers/{victim}")).json()
                 return row if row["status"] == "unhealthy" else None
 
-            row = await _until(lost, what="the silent controller declared lost")
+            row = await eventually(lost, 30, what="the silent controller declared lost", interval=0.1)
             assert row["error"] == "no heartbeat for over 4s"
             assert [c["id"] for c in await listed() if c["status"] != "healthy"] == [victim]
 
@@ -178,12 +169,12 @@ async def test_heartbeat_benchmark_measures(hub_url: str, db: Database) -> None:
 
 async def test_density_null_hub_round_trip() -> None:
     """``bench.density``'s set-up, small: simulated controllers beat to the null hub and obey its interval."""
-    port = _free_port()
+    port = free_port()
     hub = asyncio.create_task(null_hub(port, 0.1))
     try:
         async with Simulator(SimOptions(count=5, key=KEY, hub_url=f"http://127.0.0.1:{port}", preload=2,
                                         ramp=0.05)) as sim:
-            await _until(lambda: asyncio.sleep(0, sim.stats()["beats_ok"] >= 20), 10, "beats to the null hub")
+            await eventually(lambda: sim.stats()["beats_ok"] >= 20, 10, "beats to the null hub", interval=0.1)
             assert all(c.interval == 0.1 for c in sim.controllers.values())
             assert sim.stats()["containers"] == 10
     finally:

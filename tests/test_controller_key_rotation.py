@@ -18,8 +18,9 @@ import httpx
 import pytest
 
 from tests.hub.test_failure_handling import heartbeat
-from tests.pg import create_database
-from tests.procs import MMANAGER, LocalDeployment, api, stopped_after, wait_for
+from tests.support.pg import create_database
+from tests.support.poll import wait_until
+from tests.support.procs import MMANAGER, LocalDeployment, api, stopped_after
 
 INTERVAL = 0.5
 
@@ -75,14 +76,14 @@ def test_a_key_rotates_without_a_failed_heartbeat(deployment: LocalDeployment, t
     write_key(key_file, key_a)
     ctl.env["MMANAGER_CONTROLLER_KEY_FILE"] = str(key_file)
     ctl.start().wait_listening()
-    wait_for(lambda: keys()[a_id]["last_used_at"], 15, what="heartbeats with key A")
+    wait_until(lambda: keys()[a_id]["last_used_at"], 15, what="heartbeats with key A")
 
     # Rotation: add B, switch the controller by rewriting its file, let a few beats go, revoke A.
     created = client.post(f"/api/admin/controllers/{cid}/keys")
     assert created.status_code == 201, created.text
     b_id, key_b = created.json()["id"], created.json()["key"]
     write_key(key_file, key_b)
-    wait_for(lambda: keys()[b_id]["last_used_at"], 10, what="heartbeats with key B")
+    wait_until(lambda: keys()[b_id]["last_used_at"], 10, what="heartbeats with key B")
     time.sleep(4 * INTERVAL)
     assert client.delete(f"/api/admin/controllers/{cid}/keys/{a_id}").status_code == 204
     revoked_at = datetime.now(UTC)
@@ -97,7 +98,7 @@ def test_a_key_rotates_without_a_failed_heartbeat(deployment: LocalDeployment, t
         heard = datetime.fromisoformat(controller["last_heartbeat_at"])
         return controller["status"] == "healthy" and heard > revoked_at + timedelta(seconds=4 * INTERVAL)
 
-    wait_for(beats_after_revoke, 10, what="heartbeats well after the revoke")
+    wait_until(beats_after_revoke, 10, what="heartbeats well after the revoke")
     assert heartbeat_failures(ctl.url) == 0
     controller_log = ctl.log.read_text()
     assert not re.search(r"heartbeat to \S+ failed", controller_log), controller_log[-2000:]

@@ -26,7 +26,7 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
-from tests.pg import create_database
+from tests.support.pg import create_database
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -60,6 +60,7 @@ def _compose_config(file: Path, env: dict[str, str], tmp_path: Path, *more: Path
     )
 
 
+@pytest.mark.docker  # docker-compose
 def test_root_compose_file_validates_with_the_stack(tmp_path: Path) -> None:
     result = _compose_config(ROOT / "docker-compose.yml", ROOT_ENV, tmp_path)
     assert result.returncode == 0, result.stderr
@@ -88,6 +89,7 @@ def test_root_compose_file_validates_with_the_stack(tmp_path: Path) -> None:
         assert (DEPLOY / path).exists(), path
 
 
+@pytest.mark.docker  # docker-compose
 @pytest.mark.parametrize("missing", sorted(ROOT_ENV))
 def test_root_compose_file_refuses_to_run_without_each_secret(missing: str, tmp_path: Path) -> None:
     env = {k: v for k, v in ROOT_ENV.items() if k != missing}
@@ -96,6 +98,7 @@ def test_root_compose_file_refuses_to_run_without_each_secret(missing: str, tmp_
     assert missing in result.stderr
 
 
+@pytest.mark.docker  # docker-compose
 def test_controller_compose_file_validates_with_the_seed_variables(tmp_path: Path) -> None:
     result = _compose_config(DEPLOY / "controller/docker-compose.yml", CONTROLLER_ENV, tmp_path)
     assert result.returncode == 0, result.stderr

@@ -19,7 +19,8 @@ import httpx
 import pytest
 
 from examples.images import EXAMPLE_IMAGE
-from tests.pg import _free_port, create_database, wait_for_port
+from tests.support.net import free_port, wait_for_port
+from tests.support.pg import create_database
 
 KEY = uuid.uuid4().hex + uuid.uuid4().hex
 MMANAGER = [sys.executable, "-m", "mmanager.cli"]
@@ -43,7 +44,7 @@ def system(db_url: str, example_image: str, docker_client: docker.DockerClient, 
     layout = [("gpu", "gpu", 1, 100, "0:A100:81920"), ("cpu-a", "cpu", 1, 100, None), ("cpu-b", "cpu", 2, 100, None)]
     controllers = []
     for name, server_type, priority, weight, gpus in layout:
-        port = _free_port()
+        port = free_port()
         cid = f"e2e{run}-{name}"
         env = {"MMANAGER_API_KEY": KEY, "SERVER_ID": cid, "SERVER_TYPE": server_type, "MAX_CONTAINERS": "10",
                "CONTROLLER_URL": f"http://127.0.0.1:{port}", "PUBLISH_IP": "127.0.0.1", "PORT": str(port)}
@@ -52,7 +53,7 @@ def system(db_url: str, example_image: str, docker_client: docker.DockerClient, 
         procs.append(spawn(["controller", "serve", "--host", "127.0.0.1"], env, tmp_path / f"{cid}.log"))
         controllers.append({"id": cid, "url": f"http://127.0.0.1:{port}", "server_type": server_type,
                             "priority": priority, "weight": weight})
-    hub_port = _free_port()
+    hub_port = free_port()
     hub_env = {"MMANAGER_DATABASE_URL": db_url, "MMANAGER_API_KEY": KEY, "MMANAGER_CONTROLLERS": json.dumps(controllers),
                "MMANAGER_HEARTBEAT_INTERVAL": "1", "MMANAGER_HEARTBEAT_GRACE": "3"}
     created = subprocess.run([*MMANAGER, "users", "create", "root", "--admin"], env={**os.environ, **hub_env},

@@ -19,8 +19,11 @@ import httpx
 import pytest
 
 from examples.images import EXAMPLE_IMAGE
-from tests.pg import create_database, local_cluster
-from tests.procs import LocalDeployment, api, running_copies, stopped_after, wait_for
+from tests.support.pg import create_database, local_cluster
+from tests.support.poll import wait_until
+from tests.support.procs import LocalDeployment, api, running_copies, stopped_after
+
+pytestmark = pytest.mark.slow
 
 SPEC = {"image": EXAMPLE_IMAGE, "ports": {"5000": None}, "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"}}
 
@@ -44,7 +47,7 @@ def three_controllers(dep: LocalDeployment, hubs: int = 1) -> tuple[httpx.Client
     token = dep.create_admin()
     dep.start(hubs)
     client = api(dep.hub(0).url, token)
-    wait_for(lambda: all(c["status"] == "healthy" for c in client.get("/api/admin/controllers").json()), 20,
+    wait_until(lambda: all(c["status"] == "healthy" for c in client.get("/api/admin/controllers").json()), 20,
              what="all controllers healthy")
     return client, ids
 
@@ -61,7 +64,7 @@ def settled(client: httpx.Client, expected: set[str], avoid: str | None = None) 
 def assert_exactly_one_copy(docker_client: docker.DockerClient, services: list[dict[str, Any]],
                             within: float = 0) -> None:
     """Each service runs once, where the hub says; ``within``: stale or orphan copies may take that long to go."""
-    wait_for(lambda: all(len(running_copies(docker_client, s["id"])) == 1 for s in services), within or 0.5,
+    wait_until(lambda: all(len(running_copies(docker_client, s["id"])) == 1 for s in services), within or 0.5,
              what="one running copy per service")
     for s in services:
         copies = running_copies(docker_client, s["id"])
@@ -80,7 +83,7 @@ def test_controller_killed_while_services_are_created(deployment: LocalDeploymen
         assert answer.status_code == 202, answer.text
         acknowledged.append(answer.json()["service_id"])
     victim = ids[0]
-    wait_for(lambda: docker_client.containers.list(filters={"label": f"mmanager.controller={victim}"}), 20,
+    wait_until(lambda: docker_client.containers.list(filters={"label": f"mmanager.controller={victim}"}), 20,
              what="a container on the victim")
     deployment.controllers[victim].kill()
     # The server is gone with its containers. Docker may still finish a start the dead process
@@ -90,7 +93,7 @@ def test_controller_killed_while_services_are_created(deployment: LocalDeploymen
             c.kill()
         time.sleep(1)
 
-    services = wait_for(lambda: settled(client, set(acknowledged), avoid=victim), 40, what="every service running")
+    services = wait_until(lambda: settled(client, set(acknowledged), avoid=victim), 40, what="every service running")
     assert_exactly_one_copy(docker_client, services)
     moved = [s for s in services if s["epoch"] > 1]
     failovers = client.get("/api/admin/operations", params={"operation": "failover"}).json()
@@ -116,14 +119,14 @@ def test_frozen_controller_comes_back_and_its_stale_copies_go(deployment: LocalD
     proc = deployment.controllers[victim]
     proc.signal(signal.SIGSTOP)
     try:
-        wait_for(lambda: settled(client, {s["id"] for s in created}, avoid=victim), 30,
+        wait_until(lambda: settled(client, {s["id"] for s in created}, avoid=victim), 30,
                  what="services moved off the frozen controller")
     finally:
         proc.signal(signal.SIGCONT)
     # While it was frozen its old copies kept running: two copies for a moment, by design (it was unreachable).
     resumed = time.monotonic()
     for s in on_victim:
-        wait_for(lambda s=s: len(running_copies(docker_client, s["id"])) == 1, deployment.interval + 3,
+        wait_until(lambda s=s: len(running_copies(docker_client, s["id"])) == 1, deployment.interval + 3,
                  interval=0.1, what=f"the stale copy of {s['name']} removed")
     took = time.monotonic() - resumed
     assert took < deployment.interval + 3
@@ -132,10 +135,10 @@ def test_frozen_controller_comes_back_and_its_stale_copies_go(deployment: LocalD
         old = [c for c in docker_client.containers.list(all=True, filters={"label": f"mmanager.service={s['id']}"})
                if c.labels["mmanager.controller"] == victim]
         assert old == [], "stale copies are removed, not only stopped"
-    wait_for(lambda: client.get(f"/api/admin/controllers/{victim}").json()["status"] == "healthy", 10,
+    wait_until(lambda: client.get(f"/api/admin/controllers/{victim}").json()["status"] == "healthy", 10,
              what="the controller healthy again")
     # Its stale registry rows are gone with the containers.
-    wait_for(lambda: not [r for r in client.get("/api/admin/containers", params={"limit": 1000}).json()
+    wait_until(lambda: not [r for r in client.get("/api/admin/containers", params={"limit": 1000}).json()
                           if r["status"] == "stale"], 10, what="stale registry rows released")
 
 
@@ -156,10 +159,10 @@ def test_hub_killed_during_a_drain_converges(deployment: LocalDeployment, docker
     deployment.hub(0).start().wait_listening(30)
 
     ids_created = {s["id"] for s in created}
-    services = wait_for(lambda: settled(client, ids_created, avoid=target), 40, what="drain finished after restart")
+    services = wait_until(lambda: settled(client, ids_created, avoid=target), 40, what="drain finished after restart")
     # A copy the killed hub had started may be adopted, or removed as an orphan after its grace.
     assert_exactly_one_copy(docker_client, services, within=15)
-    controller = wait_for(lambda: (c := client.get(f"/api/admin/controllers/{target}").json())["status"] != "draining"
+    controller = wait_until(lambda: (c := client.get(f"/api/admin/controllers/{target}").json())["status"] != "draining"
                           and c, 20, what="drain done")
     assert controller["enabled"] is False
     assert not docker_client.containers.list(all=True, filters={"label": f"mmanager.controller={target}"})
@@ -186,7 +189,7 @@ def test_second_replica_takes_over_failure_detection(deployment: LocalDeployment
 
     first.kill()
     killed = time.monotonic()
-    wait_for(lambda: httpx.get(f"{second.url}/health").json()["leader"], deployment.grace + 2, interval=0.1,
+    wait_until(lambda: httpx.get(f"{second.url}/health").json()["leader"], deployment.grace + 2, interval=0.1,
              what="the second replica leading")
     assert time.monotonic() - killed <= deployment.grace + 2
     # Controllers keep beating to the replica that is left, so none is lost for the hub's death.
@@ -195,13 +198,14 @@ def test_second_replica_takes_over_failure_detection(deployment: LocalDeployment
 
     victim = created[0]["controller_id"]
     deployment.controllers[victim].kill()
-    services = wait_for(lambda: settled(backup, {s["id"] for s in created}, avoid=victim), 30,
+    services = wait_until(lambda: settled(backup, {s["id"] for s in created}, avoid=victim), 30,
                         what="failover run by the second replica")
     failovers = backup.get("/api/admin/operations", params={"operation": "failover"}).json()
     assert failovers and all(o["status"] == "succeeded" for o in failovers)
     assert {s["id"] for s in services if s["epoch"] > 1} == {o["service_id"] for o in failovers}
 
 
+@pytest.mark.postgres  # a cluster of its own, to stop and start
 def test_postgres_down_longer_than_the_grace_under_load(example_image: str, docker_client: docker.DockerClient, tmp_path: Path) -> None:
     with local_cluster() as pg:
         db_url = asyncio.run(create_database(pg.url, "pgr"))
@@ -230,22 +234,22 @@ def test_postgres_down_longer_than_the_grace_under_load(example_image: str, dock
             worker = threading.Thread(target=load)
             worker.start()
             try:
-                wait_for(lambda: len(acknowledged) >= 3, 30, what="some creates before the restart")
+                wait_until(lambda: len(acknowledged) >= 3, 30, what="some creates before the restart")
                 pg.stop()
                 # Longer than the grace: heartbeats cannot be recorded meanwhile, yet no controller may
                 # be declared lost for the database's outage.
                 time.sleep(dep.grace + 1.5)
                 down = dict(statuses)
                 pg.start()
-                wait_for(lambda: client.get("/api/services").status_code == 200, 30, what="the hub answering again")
+                wait_until(lambda: client.get("/api/services").status_code == 200, 30, what="the hub answering again")
                 before = len(acknowledged)
-                wait_for(lambda: len(acknowledged) > before + 2, 30, what="creates succeeding again")
+                wait_until(lambda: len(acknowledged) > before + 2, 30, what="creates succeeding again")
             finally:
                 stop.set()
                 worker.join(60)
             assert statuses[503] > 0, f"the hub should answer 503 while the database is down: {down}"
             assert statuses[500] == 0, dict(statuses)
-            services = wait_for(lambda: settled(client, set(acknowledged) | {
+            services = wait_until(lambda: settled(client, set(acknowledged) | {
                 s["id"] for s in client.get("/api/services").json()}), 40, what="every acknowledged service running")
             assert set(acknowledged) <= {s["id"] for s in services}
             assert_exactly_one_copy(docker_client, services)

@@ -15,8 +15,9 @@ import docker
 import pytest
 
 from examples.images import EXAMPLE_IMAGE
-from tests.pg import create_database
-from tests.procs import MMANAGER, LocalDeployment, api, stopped_after, wait_for
+from tests.support.pg import create_database
+from tests.support.poll import wait_until
+from tests.support.procs import MMANAGER, LocalDeployment, api, stopped_after
 
 SPEC = {"image": EXAMPLE_IMAGE, "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"}}
 
@@ -53,7 +54,7 @@ def test_one_request_is_found_on_hub_and_controller_by_its_id(
     token = deployment.create_admin()
     deployment.start()
     client = api(deployment.hub().url, token)
-    wait_for(lambda: client.get("/api/admin/controllers").json()[0]["status"] == "healthy", 20,
+    wait_until(lambda: client.get("/api/admin/controllers").json()[0]["status"] == "healthy", 20,
              what="the controller healthy")
 
     created = client.post("/api/root/lab/services", json={**SPEC, "name": "traced"},
@@ -71,8 +72,8 @@ def test_one_request_is_found_on_hub_and_controller_by_its_id(
         return [e for e in json_lines(path) if e.get("request_id") == "abc123"] if path.exists() else []
 
     # The access lines are written once the answers are sent: wait for them rather than race.
-    hub_lines = wait_for(lambda: len(traced(hub_log)) >= 2 and traced(hub_log), 10, what="the hub's lines of abc123")
-    ctl_lines = wait_for(lambda: traced(ctl_log), 10, what="the controller's lines of abc123")
+    hub_lines = wait_until(lambda: len(traced(hub_log)) >= 2 and traced(hub_log), 10, what="the hub's lines of abc123")
+    ctl_lines = wait_until(lambda: traced(ctl_log), 10, what="the controller's lines of abc123")
     hub_text = "\n".join(e["message"] for e in hub_lines)
     assert "POST /api/root/lab/services" in hub_text, hub_text
     assert "operation create" in hub_text and created.json()["id"] in hub_text, hub_text
@@ -106,7 +107,7 @@ def test_log_level_warning_drops_info_lines(deployment: LocalDeployment, tmp_pat
     client = api(deployment.hub().url, token)
     assert client.get("/api/services").status_code == 200
     assert client.get("/api/services/nope").status_code == 404
-    wait_for(lambda: "shared MMANAGER_API_KEY" in hub_log.read_text(), 10, what="the hub's warning")
+    wait_until(lambda: "shared MMANAGER_API_KEY" in hub_log.read_text(), 10, what="the hub's warning")
     deployment.stop()
     # Start-up, served requests, heartbeats and shutdown all log at INFO: none of it is here.
     hub_entries, ctl_entries = json_lines(hub_log), json_lines(ctl_log)

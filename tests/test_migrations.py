@@ -15,7 +15,7 @@ from sqlalchemy.ext.asyncio import create_async_engine
 
 from hub.migrate import downgrade, upgrade
 from hub.models import Base
-from tests.pg import create_database
+from tests.support.pg import create_database
 
 TABLES = {
     "mmanager_controllers",
@@ -68,7 +68,7 @@ async def _audit_log_is_append_only(url: str) -> None:
         await engine.dispose()
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+@pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.postgres), "sqlite"])
 async def fresh_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
     if request.param == "sqlite":
         return f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"

@@ -28,8 +28,10 @@ from hub.app import build_hub, create_app
 from hub.config import HubSettings
 from hub.db import Database
 from hub.services.users import create_user
-from tests.pg import _free_port, create_database
-from tests.procs import LocalDeployment, stopped_after, wait_for
+from tests.support.net import free_port
+from tests.support.pg import create_database
+from tests.support.poll import wait_until
+from tests.support.procs import LocalDeployment, stopped_after
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMETHEUS = ROOT / "deploy" / "prometheus"
@@ -197,7 +199,7 @@ def prometheus_server(tmp_path: Path, hub_url: str) -> Iterator[httpx.Client]:
     sd.update(url=f"{hub_url}/api/admin/prometheus/targets", refresh_interval="1s")
     sd["authorization"]["credentials_file"] = str(token_file)
     (tmp_path / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     log = (tmp_path / "prometheus.log").open("wb")
     proc = subprocess.Popen(
         ["prometheus", f"--config.file={tmp_path / 'prometheus.yml'}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
@@ -206,7 +208,7 @@ def prometheus_server(tmp_path: Path, hub_url: str) -> Iterator[httpx.Client]:
     try:
         with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=5) as client:
             # Until its storage and configuration are loaded, Prometheus answers 503 "Service Unavailable".
-            wait_for(lambda: client.get("/-/ready").raise_for_status(), 20, what="Prometheus ready")
+            wait_until(lambda: client.get("/-/ready").raise_for_status(), 20, what="Prometheus ready")
             yield client
     except BaseException:
         print((tmp_path / "prometheus.log").read_text()[-4000:])
@@ -238,7 +240,7 @@ def test_prometheus_finds_and_scrapes_the_hub_and_a_controller(deployment: Local
             by_job = {t["labels"]["job"]: t for t in active}
             return by_job if len(active) == 2 and all(t["health"] == "up" for t in active) else None
 
-        targets = wait_for(targets_up, 25, interval=0.5, what="the hub and the controller up in Prometheus")
+        targets = wait_until(targets_up, 25, interval=0.5, what="the hub and the controller up in Prometheus")
         hub, controller = targets["mmanager-hub"], targets["mmanager-controller"]
         assert hub["scrapeUrl"] == f"{deployment.hub(0).url}/metrics"
         assert controller["scrapeUrl"] == f"{deployment.controllers[cid].url}/metrics"
@@ -249,7 +251,7 @@ def test_prometheus_finds_and_scrapes_the_hub_and_a_controller(deployment: Local
             found["mmanager_controller_up"] = series(prom, f'mmanager_controller_up{{controller="{cid}"}} == 1')
             return found if all(found.values()) else None
 
-        found = wait_for(seed_series, max(1.0, 30 - (time.monotonic() - started)), interval=0.5,
+        found = wait_until(seed_series, max(1.0, 30 - (time.monotonic() - started)), interval=0.5,
                          what="the seed's metrics in Prometheus")
         assert found["mmanager_controller_up"][0]["metric"]["job"] == "mmanager-hub"
         assert float(found["mmanager_memory_usage_percent"][0]["value"][1]) > 0

@@ -19,8 +19,9 @@ from pydantic import ValidationError
 from controller.config import ControllerSettings
 from examples.images import EXAMPLE_IMAGE
 from hub.config import HubSettings
-from tests.pg import create_database
-from tests.procs import LocalDeployment, stopped_after, wait_for
+from tests.support.pg import create_database
+from tests.support.poll import wait_until
+from tests.support.procs import LocalDeployment, stopped_after
 
 KEY = secrets.token_hex(32)
 
@@ -133,7 +134,7 @@ def test_hub_and_controller_on_mutual_tls(deployment: LocalDeployment, pki: dict
             return next((c for c in api.get("/api/admin/controllers").json()
                          if c["id"] == cid and c["status"] == "healthy"), None)
 
-        controller = wait_for(joined, 20, what="the controller's heartbeats to reach the hub")
+        controller = wait_until(joined, 20, what="the controller's heartbeats to reach the hub")
         assert controller["url"].startswith("https://")
 
         # The hub calls the controller over HTTPS, presenting its certificate; the container answers.
@@ -144,7 +145,7 @@ def test_hub_and_controller_on_mutual_tls(deployment: LocalDeployment, pki: dict
         service = created.json()
         assert service["controller_id"] == cid and service["status"] == "running"
         assert service["url"].startswith("http://127.0.0.1:")
-        answer = wait_for(lambda: httpx.get(f"{service['url']}/health", timeout=2), 10, what="the service to answer")
+        answer = wait_until(lambda: httpx.get(f"{service['url']}/health", timeout=2), 10, what="the service to answer")
         assert answer.json() == {"status": "healthy"}
 
         # A client that does not trust our CA refuses the hub's certificate.

@@ -9,8 +9,6 @@ in-memory ``FakeRuntime``.
 
 from __future__ import annotations
 
-import asyncio
-import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from contextlib import AsyncExitStack, asynccontextmanager
@@ -121,11 +119,3 @@ async def start_fake(fake: FakeRuntime) -> AsyncIterator[StartController]:
 async def fake_ctl(start_fake: StartController) -> Ctl:
     return await start_fake()
 
-
-async def eventually(predicate: Callable[[], object], within: float = 3.0, what: str = "condition") -> None:
-    """Poll a condition with a deadline (the controller's background tasks work on their own time)."""
-    deadline = time.monotonic() + within
-    while not predicate():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {within} s")
-        await asyncio.sleep(0.01)

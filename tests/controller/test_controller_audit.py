@@ -23,8 +23,9 @@ from controller.audit import AuditTrail
 from examples.images import EXAMPLE_IMAGE
 from mmanager.audit import AuditMiddleware, Coalescer
 from mmanager.wire import AuditEvent, Heartbeat
-from tests.controller.conftest import KEY, Ctl, StartController, eventually
+from tests.controller.conftest import KEY, Ctl, StartController
 from tests.controller.test_controller_heartbeat import HUB, FakeHub
+from tests.support.poll import eventually
 
 SECRET = "s3cret-env-value-0042"
 

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from controller.config import ControllerSettings
-from tests.controller.conftest import KEY, StartController, eventually
+from tests.controller.conftest import KEY, StartController
 from tests.controller.test_controller_heartbeat import HUB, FakeHub
+from tests.support.poll import eventually
 
 KEY_ENV = ("MMANAGER_API_KEY", "MMANAGER_API_KEY_NEXT", "MMANAGER_CONTROLLER_KEY", "MMANAGER_CONTROLLER_KEY_FILE",
            "MMANAGER_DEV", "MMANAGER_DEV_MODE", "SERVER_ID")

@@ -22,7 +22,8 @@ from controller.spec import build_spec
 from controller.sync import SyncGuard
 from examples.images import EXAMPLE_IMAGE
 from mmanager.wire import ContainerCreate, Heartbeat, HeartbeatAnswer, StopOrder
-from tests.controller.conftest import KEY, Ctl, StartController, eventually
+from tests.controller.conftest import KEY, Ctl, StartController
+from tests.support.poll import eventually
 
 HUB = "http://hub.test"
 

@@ -19,7 +19,8 @@ from controller.probes import Prober, probe_host
 from controller.spec import build_spec
 from examples.images import EXAMPLE_IMAGE
 from mmanager.wire import LABEL_HEALTH_CHECK, ContainerCreate, HealthCheck
-from tests.controller.conftest import Ctl, eventually, make_settings
+from tests.controller.conftest import Ctl, make_settings
+from tests.support.poll import eventually
 
 # -- the rules, over the in-memory runtime ------------------------------------
 

@@ -15,7 +15,8 @@ from controller.health import ControllerMetrics
 from controller.schemas import ContainerStats
 from controller.stats import StatsSampler
 from mmanager.wire import ContainerInfo, Heartbeat, HeartbeatAnswer
-from tests.controller.conftest import StartController, eventually, make_settings
+from tests.controller.conftest import StartController, make_settings
+from tests.support.poll import eventually
 
 BURN = ["sh", "-c", "trap 'exit 0' TERM; while :; do :; done"]
 

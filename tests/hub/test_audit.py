@@ -30,7 +30,7 @@ from hub.services.audit import AuditLog
 from mmanager.audit import COALESCE_PER_KEY, COALESCE_WINDOW
 from mmanager.wire import AuditEvent
 from tests.hub.conftest import KEY, Cluster
-from tests.pg import _free_port as free_port
+from tests.support.net import free_port as free_port
 
 SECRET_ENV = "hunter2-" + uuid.uuid4().hex
 SPEC = {"name": "audited", "image": EXAMPLE_IMAGE, "env": {"DB_PASSWORD": SECRET_ENV},

@@ -8,26 +8,15 @@ with real processes that push."""
 from __future__ import annotations
 
 import asyncio
-import time
 from typing import Any
 
 from examples.images import EXAMPLE_IMAGE
 from hub.models import ContainerRegistryModel
 from tests.hub.conftest import KEY, Cluster
+from tests.support.poll import eventually
 
 SPEC = {"name": "svc", "image": EXAMPLE_IMAGE, "ports": {"5000": None},
         "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"}}
-
-
-async def until(check: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = await check()
-        if last:
-            return last
-        await asyncio.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}; last: {last!r}")
 
 
 def heartbeat(controller_id: str, containers: list[dict[str, Any]], url: str | None = None) -> dict[str, Any]:
@@ -92,13 +81,14 @@ async def test_heartbeat_answers_what_to_stop_and_joins_new_controllers(cluster:
         two = await _get(cluster, f"/api/services/{other['id']}", "health", "healthy")
         return (one, two) if one and two else None
 
-    svc, svc2 = await until(beat_and_look, 8, "health")
+    svc, svc2 = await eventually(beat_and_look, 8, "health", interval=0.1)
     assert svc["status"] == svc2["status"] == "running"
 
     r = await cluster.hub.post("/api/controllers/edge-new/heartbeat", headers=key,
                                json=heartbeat("edge-new", [], url="http://edge-new.test:8001"))
     assert r.status_code == 200, r.text
-    joined = await until(lambda: _get(cluster, "/api/admin/controllers/edge-new", "status", "healthy"), 5, "join")
+    joined = await eventually(lambda: _get(cluster, "/api/admin/controllers/edge-new", "status", "healthy"), 5, "join",
+                              interval=0.1)
     assert joined["url"] == "http://edge-new.test:8001" and joined["last_heartbeat_at"]
 
 
@@ -118,7 +108,7 @@ async def test_unreachable_controller_fails_over_and_is_fenced_on_return(cluster
         now = [(await cluster.hub.get(f"/api/services/{s['id']}")).json() for s in services]
         return now if all(s["controller_id"] == cpu2 and s["status"] == "running" for s in now) else None
 
-    now = await until(moved, 15, "failover to the other cpu controller")
+    now = await eventually(moved, 15, "failover to the other cpu controller", interval=0.1)
     assert all(s["epoch"] == 2 for s in now)
 
     async def ended() -> Any:
@@ -126,7 +116,7 @@ async def test_unreachable_controller_fails_over_and_is_fenced_on_return(cluster
         ops = (await cluster.hub.get("/api/admin/operations", params={"operation": "failover"})).json()
         return ops if all(o["status"] != "running" for o in ops) else None
 
-    ops = await until(ended, 5, "the failovers' operations ended")
+    ops = await eventually(ended, 5, "the failovers' operations ended", interval=0.1)
     assert sorted(o["service_id"] for o in ops) == sorted(s["id"] for s in services)
     assert all(o["status"] == "succeeded" and o["details"]["reason"] == "controller_lost" for o in ops)
     assert (await cluster.hub.get(f"/api/admin/controllers/{cpu1}")).json()["status"] == "unhealthy"
@@ -142,7 +132,7 @@ async def test_unreachable_controller_fails_over_and_is_fenced_on_return(cluster
         rows = (await cluster.hub.get("/api/admin/containers")).json()
         return not old and all(r["status"] == "running" for r in rows) and len(rows) == 2
 
-    await until(fenced, 10, "stale copies removed from the returning controller")
+    await eventually(fenced, 10, "stale copies removed from the returning controller", interval=0.1)
     assert (await cluster.hub.get(f"/api/admin/controllers/{cpu1}")).json()["status"] == "healthy"
 
 
@@ -174,7 +164,7 @@ async def test_delete_while_the_controller_is_away_cleans_up_when_it_returns(clu
     async def gone() -> bool:
         return not cluster.containers(**{"mmanager.service": service["id"]})
 
-    await until(gone, 10, "the orphan removed")
+    await eventually(gone, 10, "the orphan removed", interval=0.1)
 
 
 async def test_planned_move_waits_for_the_health_check(cluster: Cluster) -> None:
@@ -209,7 +199,7 @@ async def test_a_service_that_stays_unhealthy_is_restarted_in_place_then_moved(c
     async def healthy() -> Any:
         return await _get(cluster, f"/api/services/{service['id']}", "health", "healthy")
 
-    await until(healthy, 10, "the first copy healthy")
+    await eventually(healthy, 10, "the first copy healthy", interval=0.1)
     # Break this copy for good: in-place restarts keep its filesystem, so they cannot cure it.
     cluster.docker.containers.get(first).exec_run(["rm", "/www/health"])
 
@@ -217,16 +207,16 @@ async def test_a_service_that_stays_unhealthy_is_restarted_in_place_then_moved(c
         now = (await cluster.hub.get(f"/api/services/{service['id']}")).json()
         return now if now["container_id"] != first and now["health"] == "healthy" else None
 
-    now = await until(moved, 40, "the service moved to a fresh, healthy copy")
+    now = await eventually(moved, 40, "the service moved to a fresh, healthy copy", interval=0.1)
     assert now["status"] == "running" and now["epoch"] == 2
     async def move_done() -> Any:
         ops = (await cluster.hub.get("/api/admin/operations", params={"service_id": service["id"]})).json()
         return [o for o in ops if o["operation"] == "migrate" and o["status"] != "running"]
 
-    [move] = await until(move_done, 10, "the move recorded")
+    [move] = await eventually(move_done, 10, "the move recorded", interval=0.1)
     assert move["status"] == "succeeded" and move["details"]["reason"] == "unhealthy"
     # The broken copy was restarted in place first (max_health_restarts=3), then retired.
-    await until(lambda: _no_copy(cluster, first), 10, "the broken copy removed")
+    await eventually(lambda: _no_copy(cluster, first), 10, "the broken copy removed", interval=0.1)
 
 
 async def _no_copy(cluster: Cluster, container_id: str) -> bool:
@@ -247,7 +237,7 @@ async def test_a_controller_registered_at_another_controllers_url_touches_nothin
         found = (await cluster.hub.get("/api/admin/controllers/impostor")).json()
         return found if found["status"] == "unhealthy" and cpu1 in (found["error"] or "") else None
 
-    await until(refused, 5, "the impostor seen as not the controller at that address")
+    await eventually(refused, 5, "the impostor seen as not the controller at that address", interval=0.1)
     # Well past the orphan grace (2 s here): cpu1's container is still there and running.
     await asyncio.sleep(3)
     [container] = cluster.containers(**{"mmanager.service": service["id"]})

@@ -8,7 +8,6 @@ slots show which are open.
 from __future__ import annotations
 
 import asyncio
-import time
 
 import httpx
 import pytest
@@ -17,6 +16,7 @@ from sqlalchemy import select
 from examples.images import EXAMPLE_IMAGE
 from hub.models import UserModel
 from tests.hub.conftest import Cluster
+from tests.support.poll import eventually
 
 
 async def service_of(cluster: Cluster, name: str, **spec: object) -> tuple[dict[str, str], str, int]:
@@ -30,13 +30,6 @@ async def service_of(cluster: Cluster, name: str, **spec: object) -> tuple[dict[
     return headers, r.json()["id"], user_id
 
 
-async def until(predicate: object, what: str, within: float = 10) -> None:
-    deadline = time.monotonic() + within
-    while not predicate():  # type: ignore[operator]
-        assert time.monotonic() < deadline, what
-        await asyncio.sleep(0.02)
-
-
 async def test_a_user_over_the_follow_cap_is_refused_while_another_user_still_follows(cluster: Cluster) -> None:
     slots = cluster.parts.services.log_streams
     cap = cluster.parts.settings.max_log_streams_per_user
@@ -48,7 +41,7 @@ async def test_a_user_over_the_follow_cap_is_refused_while_another_user_still_fo
                                                    headers=headers))
 
     alices = [follow(alice, alice_sid) for _ in range(cap)]
-    await until(lambda: slots.open_for(alice_id) == cap, "alice's streams never opened")
+    await eventually(lambda: slots.open_for(alice_id) == cap, 10, "alice's streams to open", interval=0.02)
 
     refused = await cluster.hub.get(f"/api/services/{alice_sid}/logs", params={"follow": "true"}, headers=alice)
     assert refused.status_code == 429, refused.text
@@ -58,7 +51,7 @@ async def test_a_user_over_the_follow_cap_is_refused_while_another_user_still_fo
     assert (await cluster.hub.get(f"/api/services/{alice_sid}/logs", headers=alice)).status_code == 200
 
     bobs = follow(bob, bob_sid)
-    await until(lambda: slots.open_for(bob_id) == 1, "bob's stream was not let through")
+    await eventually(lambda: slots.open_for(bob_id) == 1, 10, "bob's stream let through", interval=0.02)
     assert not bobs.done()
 
     # Streams end with their containers, and give their slots back.

@@ -7,9 +7,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -40,7 +39,8 @@ from mmanager.wire import (
     HeartbeatContainer,
 )
 from tests.hub.conftest import KEY, Cluster, Router
-from tests.pg import create_database
+from tests.support.pg import create_database
+from tests.support.poll import eventually
 
 BURN = ["sh", "-c", "trap 'exit 0' TERM; while :; do :; done"]
 
@@ -76,17 +76,6 @@ async def monitored(db: Database, docker_client: docker.DockerClient, example_im
                         container.remove(force=True)
 
 
-async def until(check: Callable[[], Awaitable[Any]], within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        found = await check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what}: not within {within} s")
-        await asyncio.sleep(0.25)
-
-
 def metric(text: str, name: str, **labels: str) -> list[float]:
     return [s.value for family in text_string_to_metric_families(text) for s in family.samples
             if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())]
@@ -111,7 +100,7 @@ async def test_a_busy_service_opens_an_alert_shows_in_metrics_and_history_and_re
         assert r.status_code == 200, r.text
         return [a for a in r.json() if a["service_id"] == sid]
 
-    [alert] = await until(open_cpu_alert, 20, "a cpu alert for the busy service")
+    [alert] = await eventually(open_cpu_alert, 20, "a cpu alert for the busy service", interval=0.25)
     assert alert["controller_id"] == cid and alert["value"] >= 40 and alert["threshold"] == 40
     assert alert["active"] and alert["resolved_at"] is None
     # The disk of the controller's Docker is fuller than 0.01 %.
@@ -123,7 +112,7 @@ async def test_a_busy_service_opens_an_alert_shows_in_metrics_and_history_and_re
         text = (await hub.get("/metrics")).text
         return text if metric(text, "mmanager_service_health", service=healthy_sid) == [1.0] else None
 
-    text = await until(scraped, 15, "the healthy service's health on /metrics")
+    text = await eventually(scraped, 15, "the healthy service's health on /metrics", interval=0.25)
     assert metric(text, "mmanager_container_cpu_percent", controller=cid, service=sid)[0] > 50
     assert 0 < metric(text, "mmanager_container_memory_bytes", controller=cid, service=sid)[0] <= 64 * 2**20
     assert metric(text, "mmanager_alerts_active", kind="cpu") == [1.0]
@@ -139,7 +128,7 @@ async def test_a_busy_service_opens_an_alert_shows_in_metrics_and_history_and_re
         assert r.status_code == 200, r.text
         return [p for p in r.json()["points"] if p["cpu_percent_max"] > 50]
 
-    [point, *_] = await until(history, 10, "history points")
+    [point, *_] = await eventually(history, 10, "history points", interval=0.25)
     assert point["samples"] >= 1 and 0 < point["memory_bytes_max"] <= 64 * 2**20
     r = await hub.get(f"/api/services/{sid}/metrics", params={"resolution": 3600}, headers=alice)
     assert r.json()["resolution"] == 3600 and len(r.json()["points"]) <= 2
@@ -158,14 +147,14 @@ async def test_a_busy_service_opens_an_alert_shows_in_metrics_and_history_and_re
         r = await hub.get("/api/admin/alerts", params={"active": "false", "kind": "cpu"})
         return [a for a in r.json() if a["id"] == alert["id"] and a["resolved_at"]]
 
-    await until(resolved, 10, "the alert resolved")
+    await eventually(resolved, 10, "the alert resolved", interval=0.25)
     assert await open_cpu_alert() == []
     text = (await hub.get("/metrics")).text
     assert metric(text, "mmanager_alerts_active", kind="cpu") == [0.0]
     assert metric(text, "mmanager_container_cpu_percent", service=sid) == []
 
 
-@pytest.fixture(params=["postgresql", "sqlite"])
+@pytest.fixture(params=[pytest.param("postgresql", marks=pytest.mark.postgres), "sqlite"])
 async def any_db(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Database]:
     if request.param == "sqlite":
         url = f"sqlite+aiosqlite:///{tmp_path / 'm.db'}"

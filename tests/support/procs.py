@@ -11,7 +11,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -22,7 +21,7 @@ from typing import Any
 import docker
 import httpx
 
-from tests.pg import _free_port, wait_for_port
+from tests.support.net import free_port, wait_for_port
 
 MMANAGER = [sys.executable, "-m", "mmanager.cli"]
 
@@ -44,7 +43,7 @@ class Proc:
         return self
 
     def wait_listening(self, timeout: float = 20) -> Proc:
-        wait_for_port(self.port, timeout)
+        wait_for_port(self.port, timeout, self.popen)
         return self
 
     def signal(self, sig: int) -> None:
@@ -100,13 +99,13 @@ class LocalDeployment:
 
     def plan_hubs(self, n: int) -> None:
         """Pick the hub ports up front, so controllers know every replica's URL."""
-        self.hub_ports = [_free_port() for _ in range(n)]
+        self.hub_ports = [free_port() for _ in range(n)]
 
     def add_controller(self, name: str, server_type: str = "cpu", priority: int = 1, weight: int = 100,
                        max_containers: int = 40, gpus: str | None = None, push: bool = True,
                        listed: bool = True) -> Proc:
         """``listed=False``: left out of MMANAGER_CONTROLLERS, the hub learns of it from its heartbeats only."""
-        port = _free_port()
+        port = free_port()
         cid = f"{name}-{self.run}"
         env = {"MMANAGER_API_KEY": self.key, "SERVER_ID": cid, "SERVER_TYPE": server_type,
                "MAX_CONTAINERS": str(max_containers), "CONTROLLER_URL": f"{self.scheme}://127.0.0.1:{port}",
@@ -185,22 +184,6 @@ def stopped_after(dep: LocalDeployment, request: Any, docker_client: docker.Dock
 
 def api(base_url: str, token: str) -> httpx.Client:
     return httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
-
-
-def wait_for(check: Any, timeout: float, interval: float = 0.2, what: str = "condition") -> Any:
-    """Poll ``check()`` until it returns something truthy; its last value otherwise fails the test."""
-    deadline = time.monotonic() + timeout
-    last: Any = None
-    while time.monotonic() < deadline:
-        try:
-            last = check()
-        except (httpx.TransportError, httpx.HTTPStatusError) as exc:
-            last = exc
-        else:
-            if last:
-                return last
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}; last: {last!r}")
 
 
 def running_copies(docker_client: docker.DockerClient, service_id: str) -> list[Any]:

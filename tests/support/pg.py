@@ -13,16 +13,16 @@ import glob
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
 import asyncpg
 from sqlalchemy.engine import make_url
+
+from tests.support.net import free_port
 
 
 def _bin(name: str) -> str:
@@ -35,19 +35,13 @@ def _bin(name: str) -> str:
     raise RuntimeError(f"PostgreSQL's {name} is missing: `apt-get install postgresql` (make test does this)")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class LocalCluster:
     """A PostgreSQL cluster in a temporary directory, run by the ``postgres`` user when we are root."""
 
     def __init__(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="mmanager-pg-"))
         self.data = self.root / "data"
-        self.port = _free_port()
+        self.port = free_port()
         self.prefix: list[str] = []
         if os.geteuid() == 0:
             pw = pwd.getpwnam("postgres")
@@ -109,11 +103,3 @@ async def create_database(server_url: str, prefix: str = "mm") -> str:
         await conn.close()
     return url.set(database=name).render_as_string(hide_password=False)
 
-
-def wait_for_port(port: int, timeout: float = 20.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
-            return
-        time.sleep(0.1)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")

@@ -11,21 +11,20 @@ import uvicorn
 
 from hub.app import create_app
 from hub.config import HubSettings
-from tests.pg import _free_port
+from tests.support.net import free_port
+from tests.support.poll import eventually
 
 
 @asynccontextmanager
 async def served_hub(settings: HubSettings, start_timeout: float = 20.0) -> AsyncIterator[str]:
     """The hub's URL once it listens; stopped (its lifespan run to the end) on the way out."""
-    port = _free_port()
+    port = free_port()
     server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None,
                                            log_level="warning"))
     task = asyncio.create_task(server.serve())
-    deadline = asyncio.get_running_loop().time() + start_timeout
-    while not server.started and not task.done() and asyncio.get_running_loop().time() < deadline:
-        await asyncio.sleep(0.1)
     try:
-        assert server.started, "the hub did not start listening"
+        await eventually(lambda: server.started or task.done(), start_timeout, "the hub to start listening")
+        assert server.started, "the hub stopped before it listened"
         yield f"http://127.0.0.1:{port}"
     finally:
         server.should_exit = True

@@ -42,7 +42,7 @@ def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, s
         dep.start()
         client = api(dep.hub(0).url, token)
         wait_until(lambda: client.get(f"/api/admin/controllers/{ctl.name}").json()["status"] == "healthy", 30,
-                 what="the controller healthy")
+                   what="the controller healthy")
         for i in range(services):
             made = client.post("/api/root/bench/services", json={
                 **SPEC, "name": f"idle-{i}", "resources": {**SPEC["resources"], "cpu_limit": 0.02}})

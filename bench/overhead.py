@@ -144,7 +144,7 @@ def measure(db_url: str, workdir: Path, runs: int, docker_client: docker.DockerC
         dep.start()
         client = api(dep.hub(0).url, token)
         wait_until(lambda: client.get(f"/api/admin/controllers/{hubbed.name}").json()["status"] == "healthy", 30,
-                 what="the controller healthy")
+                   what="the controller healthy")
         controller = httpx.Client(base_url=solo.url, headers={"Authorization": f"Bearer {dep.key}"}, timeout=60)
 
         def via_hub(i: int) -> tuple[float, str]:

@@ -105,7 +105,7 @@ def test_fuzzed_api_never_answers_5xx_and_no_secret_is_kept_in_clear(
     controller.start().wait_listening()
     admin = api(dep.hub(0).url, admin_token)
     wait_until(lambda: admin.get(f"/api/admin/controllers/{controller.name}").json()["status"] == "healthy", 20,
-             what="the controller healthy")
+               what="the controller healthy")
     created = admin.post("/api/admin/users", json={"username": "alice"})
     assert created.status_code == 201, created.text
     alice_token = created.json()["token"]

@@ -9,16 +9,14 @@ checked.
 
 from __future__ import annotations
 
-import asyncio
 import os
 import re
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
-import time
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 import httpx
@@ -26,7 +24,9 @@ import pytest
 import yaml
 from sqlalchemy.engine import make_url
 
+from tests.support.net import free_port
 from tests.support.pg import create_database
+from tests.support.poll import eventually
 
 ROOT = Path(__file__).resolve().parent.parent
 DEPLOY = ROOT / "deploy"
@@ -204,40 +204,33 @@ def _entrypoint_env(url: str, **extra: str) -> dict[str, str]:
 
 
 def test_hub_entrypoint_gives_up_on_a_missing_database_without_showing_its_password(tmp_path: Path) -> None:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]  # nothing listens here
+    port = free_port()  # nothing listens here
     password = "s3cret-" + secrets.token_hex(8)
     url = f"postgresql+asyncpg://mmanager:{password}@127.0.0.1:{port}/mmanager"
-    started = time.monotonic()
+    # It gives up after its wait (MMANAGER_DB_WAIT), well within the 15 s it is given here.
     result = subprocess.run([str(DEPLOY / "hub/entrypoint.sh")], env=_entrypoint_env(url, MMANAGER_DB_WAIT="1"),
-                            cwd=tmp_path, capture_output=True, text=True, timeout=30)
+                            cwd=tmp_path, capture_output=True, text=True, timeout=15)
     assert result.returncode == 1
     assert f"database 127.0.0.1:{port}/mmanager did not answer in time" in result.stderr
     assert password not in result.stderr + result.stdout
-    assert time.monotonic() - started < 15
 
 
 async def test_hub_entrypoint_migrates_then_serves(pg_server: str, tmp_path: Path) -> None:
     url = await create_database(pg_server, "entrypoint")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     proc = subprocess.Popen([str(DEPLOY / "hub/entrypoint.sh"), "--host", "127.0.0.1", "--port", str(port)],
                             env=_entrypoint_env(url), cwd=tmp_path, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     try:
-        health = None
         async with httpx.AsyncClient() as client:
-            for _ in range(200):
+            async def health_or_exit() -> dict[str, Any]:
                 if proc.poll() is not None:
-                    break
-                try:
-                    health = (await client.get(f"http://127.0.0.1:{port}/health", timeout=2)).json()
-                    break
-                except httpx.HTTPError:
-                    await asyncio.sleep(0.1)
-        assert health is not None, proc.communicate(timeout=5)[0] if proc.poll() is not None else "no answer"
+                    return {"exited": proc.returncode}
+                return (await client.get(f"http://127.0.0.1:{port}/health", timeout=2)).json()
+
+            health = await eventually(health_or_exit, 20, "the hub's /health", interval=0.1,
+                                      retry_on=(httpx.HTTPError,))
+        assert "exited" not in health, proc.communicate(timeout=5)[0]
         assert health["status"] == "healthy" and health["database"] is True
         # `mmanager db upgrade` ran: the schema is at the newest revision.
         u = make_url(url)

@@ -9,7 +9,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from examples.images import EXAMPLE_IMAGE
 from tests.support.net import free_port, wait_for_port
 from tests.support.pg import create_database
+from tests.support.poll import wait_until
 
 KEY = uuid.uuid4().hex + uuid.uuid4().hex
 MMANAGER = [sys.executable, "-m", "mmanager.cli"]
@@ -82,24 +82,16 @@ def system(db_url: str, example_image: str, docker_client: docker.DockerClient, 
 
 def get_with_retry(url: str, timeout: float = 10) -> httpx.Response:
     """A service's port is published before the process inside listens; give it a moment."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            return httpx.get(url, timeout=2)
-        except httpx.TransportError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.1)
+    return wait_until(lambda: httpx.get(url, timeout=2), timeout, f"an answer from {url}", interval=0.1,
+                      retry_on=(httpx.TransportError,))
 
 
 def wait_healthy(api: httpx.Client, n: int, timeout: float = 20) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+    def all_healthy() -> list[dict] | None:
         controllers = api.get("/api/admin/controllers").json()
-        if sum(c["status"] == "healthy" for c in controllers) == n:
-            return controllers
-        time.sleep(0.2)
-    raise AssertionError(f"controllers never all healthy: {controllers}")
+        return controllers if sum(c["status"] == "healthy" for c in controllers) == n else None
+
+    return wait_until(all_healthy, timeout, f"{n} controllers healthy", retry_on=())
 
 
 def test_real_processes_real_engine_real_database(system: dict, docker_client: docker.DockerClient) -> None:

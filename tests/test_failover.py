@@ -48,7 +48,7 @@ def three_controllers(dep: LocalDeployment, hubs: int = 1) -> tuple[httpx.Client
     dep.start(hubs)
     client = api(dep.hub(0).url, token)
     wait_until(lambda: all(c["status"] == "healthy" for c in client.get("/api/admin/controllers").json()), 20,
-             what="all controllers healthy")
+               what="all controllers healthy")
     return client, ids
 
 
@@ -65,7 +65,7 @@ def assert_exactly_one_copy(docker_client: docker.DockerClient, services: list[d
                             within: float = 0) -> None:
     """Each service runs once, where the hub says; ``within``: stale or orphan copies may take that long to go."""
     wait_until(lambda: all(len(running_copies(docker_client, s["id"])) == 1 for s in services), within or 0.5,
-             what="one running copy per service")
+               what="one running copy per service")
     for s in services:
         copies = running_copies(docker_client, s["id"])
         assert [c.id for c in copies] == [s["container_id"]], (s["name"], [c.name for c in copies])
@@ -84,7 +84,7 @@ def test_controller_killed_while_services_are_created(deployment: LocalDeploymen
         acknowledged.append(answer.json()["service_id"])
     victim = ids[0]
     wait_until(lambda: docker_client.containers.list(filters={"label": f"mmanager.controller={victim}"}), 20,
-             what="a container on the victim")
+               what="a container on the victim")
     deployment.controllers[victim].kill()
     # The server is gone with its containers. Docker may still finish a start the dead process
     # asked for (here every controller shares one engine), so look twice.
@@ -120,23 +120,19 @@ def test_frozen_controller_comes_back_and_its_stale_copies_go(deployment: LocalD
     proc.signal(signal.SIGSTOP)
     try:
         wait_until(lambda: settled(client, {s["id"] for s in created}, avoid=victim), 30,
-                 what="services moved off the frozen controller")
+                   what="services moved off the frozen controller")
     finally:
         proc.signal(signal.SIGCONT)
     # While it was frozen its old copies kept running: two copies for a moment, by design (it was unreachable).
-    resumed = time.monotonic()
-    for s in on_victim:
-        wait_until(lambda s=s: len(running_copies(docker_client, s["id"])) == 1, deployment.interval + 3,
-                 interval=0.1, what=f"the stale copy of {s['name']} removed")
-    took = time.monotonic() - resumed
-    assert took < deployment.interval + 3
+    wait_until(lambda: all(len(running_copies(docker_client, s["id"])) == 1 for s in on_victim),
+               deployment.interval + 3, interval=0.1, what="every stale copy removed")
     assert_exactly_one_copy(docker_client, [client.get(f"/api/services/{s['id']}").json() for s in created])
     for s in on_victim:
         old = [c for c in docker_client.containers.list(all=True, filters={"label": f"mmanager.service={s['id']}"})
                if c.labels["mmanager.controller"] == victim]
         assert old == [], "stale copies are removed, not only stopped"
     wait_until(lambda: client.get(f"/api/admin/controllers/{victim}").json()["status"] == "healthy", 10,
-             what="the controller healthy again")
+               what="the controller healthy again")
     # Its stale registry rows are gone with the containers.
     wait_until(lambda: not [r for r in client.get("/api/admin/containers", params={"limit": 1000}).json()
                           if r["status"] == "stale"], 10, what="stale registry rows released")
@@ -163,7 +159,7 @@ def test_hub_killed_during_a_drain_converges(deployment: LocalDeployment, docker
     # A copy the killed hub had started may be adopted, or removed as an orphan after its grace.
     assert_exactly_one_copy(docker_client, services, within=15)
     controller = wait_until(lambda: (c := client.get(f"/api/admin/controllers/{target}").json())["status"] != "draining"
-                          and c, 20, what="drain done")
+                            and c, 20, what="drain done")
     assert controller["enabled"] is False
     assert not docker_client.containers.list(all=True, filters={"label": f"mmanager.controller={target}"})
     ops = client.get("/api/admin/operations", params={"controller_id": target, "operation": "drain"}).json()
@@ -188,10 +184,8 @@ def test_second_replica_takes_over_failure_detection(deployment: LocalDeployment
     assert all(s["status"] == "running" for s in created)
 
     first.kill()
-    killed = time.monotonic()
     wait_until(lambda: httpx.get(f"{second.url}/health").json()["leader"], deployment.grace + 2, interval=0.1,
-             what="the second replica leading")
-    assert time.monotonic() - killed <= deployment.grace + 2
+               what="the second replica leading")
     # Controllers keep beating to the replica that is left, so none is lost for the hub's death.
     time.sleep(deployment.grace + 1)
     assert all(c["status"] == "healthy" for c in backup.get("/api/admin/controllers").json())
@@ -199,7 +193,7 @@ def test_second_replica_takes_over_failure_detection(deployment: LocalDeployment
     victim = created[0]["controller_id"]
     deployment.controllers[victim].kill()
     services = wait_until(lambda: settled(backup, {s["id"] for s in created}, avoid=victim), 30,
-                        what="failover run by the second replica")
+                          what="failover run by the second replica")
     failovers = backup.get("/api/admin/operations", params={"operation": "failover"}).json()
     assert failovers and all(o["status"] == "succeeded" for o in failovers)
     assert {s["id"] for s in services if s["epoch"] > 1} == {o["service_id"] for o in failovers}

@@ -55,7 +55,7 @@ def test_one_request_is_found_on_hub_and_controller_by_its_id(
     deployment.start()
     client = api(deployment.hub().url, token)
     wait_until(lambda: client.get("/api/admin/controllers").json()[0]["status"] == "healthy", 20,
-             what="the controller healthy")
+               what="the controller healthy")
 
     created = client.post("/api/root/lab/services", json={**SPEC, "name": "traced"},
                           headers={"X-Request-ID": "abc123"})

@@ -252,7 +252,7 @@ def test_prometheus_finds_and_scrapes_the_hub_and_a_controller(deployment: Local
             return found if all(found.values()) else None
 
         found = wait_until(seed_series, max(1.0, 30 - (time.monotonic() - started)), interval=0.5,
-                         what="the seed's metrics in Prometheus")
+                           what="the seed's metrics in Prometheus")
         assert found["mmanager_controller_up"][0]["metric"]["job"] == "mmanager-hub"
         assert float(found["mmanager_memory_usage_percent"][0]["value"][1]) > 0
         # One `controller` label, no `exported_controller` copy (honor_labels).

@@ -15,7 +15,8 @@ from tests.support.poll import eventually
 
 async def get_when_up(url: str, within: float = 5.0) -> httpx.Response:
     async with httpx.AsyncClient(timeout=2) as client:
-        return await eventually(lambda: client.get(url), within, f"an answer from {url}", retry_on=(httpx.TransportError,))
+        return await eventually(lambda: client.get(url), within, f"an answer from {url}", interval=0.05,
+                                retry_on=(httpx.TransportError,))
 
 
 def managed(docker_client: docker.DockerClient, server_id: str) -> list:

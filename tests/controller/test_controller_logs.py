@@ -7,7 +7,6 @@ Streams go through a real uvicorn server: httpx's in-process transport buffers w
 from __future__ import annotations
 
 import asyncio
-import time
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 
@@ -18,6 +17,7 @@ from fastapi import FastAPI
 
 from controller.runtime import _POOL_THREADS
 from tests.controller.conftest import AUTH, Ctl, StartController
+from tests.support.poll import eventually
 
 
 @asynccontextmanager
@@ -46,12 +46,11 @@ async def follow(stack: AsyncExitStack, client: httpx.AsyncClient, cid: str) -> 
 
 async def assert_prompt(ctl: Ctl, client: httpx.AsyncClient, image: str) -> None:
     """Listing and creating answer within seconds while the streams are open."""
-    started = time.monotonic()
-    listing = await asyncio.wait_for(client.get("/containers", params={"all": "true"}), 5)
-    assert listing.status_code == 200 and listing.json()["containers"]
-    created = await asyncio.wait_for(client.post("/containers", json={"image": image}), 10)
+    async with asyncio.timeout(10):
+        listing = await asyncio.wait_for(client.get("/containers", params={"all": "true"}), 5)
+        assert listing.status_code == 200 and listing.json()["containers"]
+        created = await client.post("/containers", json={"image": image})
     assert created.status_code == 201, created.text
-    assert time.monotonic() - started < 10
 
 
 async def test_follow_streams_over_the_cap_are_refused_and_a_closed_one_frees_its_slot(
@@ -71,13 +70,11 @@ async def test_follow_streams_over_the_cap_are_refused_and_a_closed_one_frees_it
         await assert_prompt(ctl, client, example_image)
 
         await first.aclose()
-        deadline = time.monotonic() + 5
-        while True:
+        async def slot_free() -> bool:
             async with client.stream("GET", f"/containers/{cid}/logs", params={"follow": "true"}) as third:
-                if third.status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "closing a stream never freed its slot"
-            await asyncio.sleep(0.05)
+                return third.status_code == 200
+
+        await eventually(slot_free, 5, "closing a stream to free its slot", interval=0.05)
 
 
 async def test_as_many_streams_as_docker_threads_leave_docker_calls_free(

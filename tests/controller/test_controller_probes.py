@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import docker
 import httpx
@@ -215,13 +215,12 @@ async def test_a_real_service_becomes_healthy(ctl: Ctl, example_image: str, dock
     labels = docker_client.api.inspect_container(container_id)["Config"]["Labels"]
     assert json.loads(labels[LABEL_HEALTH_CHECK]) == HealthCheck.model_validate(check).model_dump()
 
-    deadline = time.monotonic() + 10
-    while True:
+    async def healthy() -> dict[str, Any] | None:
         info = (await ctl.client.get(f"/containers/{container_id}")).json()
-        if info["health"] == "healthy" or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.1)
-    assert (info["health"], info["health_restarts"]) == ("healthy", 0)
+        return info if info["health"] == "healthy" else None
+
+    info = await eventually(healthy, 10, "the service healthy", interval=0.1)
+    assert info["health_restarts"] == 0
     listed = (await ctl.client.get("/containers/")).json()["containers"]
     assert [(c["id"], c["health"]) for c in listed] == [(container_id, "healthy")]
 
@@ -235,13 +234,11 @@ async def test_a_real_unhealthy_service_is_restarted_in_place(
     container_id = response.json()["container_id"]
     first_start = started_at(docker_client, container_id)
 
-    deadline = time.monotonic() + 15
-    while True:
+    async def restarted() -> dict[str, Any] | None:
         info = (await ctl.client.get(f"/containers/{container_id}")).json()
-        if info["health_restarts"] >= 1 or time.monotonic() > deadline:
-            break
-        await asyncio.sleep(0.1)
-    assert info["health_restarts"] >= 1, info
+        return info if info["health_restarts"] >= 1 else None
+
+    info = await eventually(restarted, 15, "a health restart", interval=0.1)
     assert info["health"] in ("unknown", "unhealthy")
     # The same container, started again.
     assert started_at(docker_client, container_id) != first_start

@@ -3,9 +3,6 @@ on /metrics, in the listing and in heartbeats; its series go when it stops."""
 
 from __future__ import annotations
 
-import asyncio
-import time
-
 import httpx
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
@@ -14,7 +11,7 @@ from controller.errors import DockerUnavailable, NotFound
 from controller.health import ControllerMetrics
 from controller.schemas import ContainerStats
 from controller.stats import StatsSampler
-from mmanager.wire import ContainerInfo, Heartbeat, HeartbeatAnswer
+from mmanager.wire import ContainerInfo, Heartbeat, HeartbeatAnswer, HeartbeatContainer
 from tests.controller.conftest import StartController, make_settings
 from tests.support.poll import eventually
 
@@ -45,15 +42,11 @@ async def test_a_busy_container_shows_on_metrics_listing_and_heartbeats(start_co
     container_id = r.json()["container_id"]
     labels = (("container", "burner"), ("controller", ctl.server_id), ("service", "svc-burn"))
 
-    deadline = time.monotonic() + 15
-    cpu: dict[tuple[tuple[str, str], ...], float] = {}
-    while time.monotonic() < deadline:
+    async def burning() -> str | None:
         text = (await ctl.client.get("/metrics")).text
-        cpu = samples(text, "mmanager_container_cpu_percent")
-        if cpu.get(labels, 0) > 50:
-            break
-        await asyncio.sleep(0.3)
-    assert cpu.get(labels, 0) > 50, cpu
+        return text if samples(text, "mmanager_container_cpu_percent").get(labels, 0) > 50 else None
+
+    text = await eventually(burning, 15, "the burner's cpu above 50 % on /metrics", interval=0.3)
     memory = samples(text, "mmanager_container_memory_bytes")[labels]
     assert 0 < memory <= 64 * 2**20
     assert 0 < samples(text, "mmanager_container_memory_percent")[labels] <= 100
@@ -66,18 +59,23 @@ async def test_a_busy_container_shows_on_metrics_listing_and_heartbeats(start_co
     [listed] = (await ctl.client.get("/containers/")).json()["containers"]
     assert listed["resource_usage"]["cpu_percent"] > 50
     # For a hub that is pushed to: the heartbeat does, and the controller's disk use.
-    await asyncio.sleep(0.7)
-    [entry] = [c for c in beats[-1].containers if c.container_id == container_id]
-    assert entry.usage is not None and entry.usage.cpu_percent > 50 and entry.usage.memory_bytes > 0
+    def beat_with_usage() -> tuple[Heartbeat, HeartbeatContainer] | None:
+        beat = beats[-1]
+        entries = [c for c in beat.containers
+                   if c.container_id == container_id and c.usage is not None and c.usage.cpu_percent > 50]
+        return (beat, entries[0]) if entries else None
+
+    beat, entry = await eventually(beat_with_usage, 5, "a heartbeat carrying the burner's usage")
+    assert entry.usage is not None and entry.usage.memory_bytes > 0
     # The same measure (the disk may fill a little in between: other work shares it).
-    assert beats[-1].health.disk_usage_percent is not None and abs(beats[-1].health.disk_usage_percent - disk) < 2
+    assert beat.health.disk_usage_percent is not None and abs(beat.health.disk_usage_percent - disk) < 2
 
     r = await ctl.client.post(f"/containers/{container_id}/stop", params={"timeout": 2})
     assert r.status_code == 200, r.text
-    deadline = time.monotonic() + 5
-    while labels in samples((await ctl.client.get("/metrics")).text, "mmanager_container_cpu_percent"):
-        assert time.monotonic() < deadline, "the stopped container's series stayed"
-        await asyncio.sleep(0.2)
+    async def series_gone() -> bool:
+        return labels not in samples((await ctl.client.get("/metrics")).text, "mmanager_container_cpu_percent")
+
+    await eventually(series_gone, 5, "the stopped container's series to go", interval=0.2)
     [listed] = (await ctl.client.get("/containers/", params={"all": "true"})).json()["containers"]
     assert listed["resource_usage"] is None
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import time
+import asyncio
 import uuid
 from urllib.parse import quote
 
@@ -76,9 +76,7 @@ async def test_everything_but_health_and_metrics_needs_the_key(ctl: Ctl, header:
 
 async def test_unreachable_docker_is_503_and_quick(start_controller: StartController) -> None:
     ctl = await start_controller(docker_host="unix:///nonexistent.sock")
-    started = time.monotonic()
-    response = await ctl.client.get("/health")
-    assert time.monotonic() - started < 3
+    response = await asyncio.wait_for(ctl.client.get("/health"), 3)
     assert response.status_code == 503
     health = response.json()
     assert (health["status"], health["docker"], health["server_id"]) == ("unhealthy", False, ctl.server_id)
@@ -160,9 +158,8 @@ async def test_images_list_inspect_delete_prune(
 
 
 async def test_pull_without_a_registry_fails_fast_and_clearly(ctl: Ctl) -> None:
-    started = time.monotonic()
-    response = await ctl.client.post("/images/pull", json={"image": "registry.invalid/none:latest", "auth": None})
-    assert time.monotonic() - started < 10
+    response = await asyncio.wait_for(
+        ctl.client.post("/images/pull", json={"image": "registry.invalid/none:latest", "auth": None}), 10)
     assert response.status_code == 502
     body = response.json()
     assert body["status"] == "error"

@@ -14,6 +14,7 @@ import tarfile
 import zipfile
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import docker
 import httpx
@@ -21,6 +22,7 @@ import pytest
 import uvicorn
 
 from tests.controller.conftest import AUTH, Ctl
+from tests.support.poll import eventually
 
 
 def b64(data: bytes) -> str:
@@ -59,11 +61,11 @@ async def served(ctl: Ctl) -> AsyncIterator[tuple[str, uvicorn.Server]]:
 
 async def test_logs_as_json(ctl: Ctl, example_image: str) -> None:
     cid = (await ctl.create(example_image, environment={"MODEL_NAME": "dnabert2"})).json()["container_id"]
-    for _ in range(50):
+    async def some_logs() -> dict[str, Any] | None:
         body = (await ctl.client.get(f"/containers/{cid}/logs", params={"lines": 100})).json()
-        if body["logs"]:
-            break
-        await asyncio.sleep(0.05)
+        return body if body["logs"] else None
+
+    body = await eventually(some_logs, 5, "the container's first log lines", interval=0.05)
     assert body["container_id"] == cid
     assert "model service dnabert2 listening on 5000" in body["logs"]
     assert body["lines"] == len(body["logs"].splitlines())
@@ -85,11 +87,8 @@ async def test_follow_streams_and_stops_when_the_client_leaves(
                 if b"listening on 5000" in received:
                     break
         # The container keeps running: only the client's leaving can end this response.
-        for _ in range(100):
-            if not server.server_state.tasks:
-                break
-            await asyncio.sleep(0.05)
-        assert not server.server_state.tasks
+        await eventually(lambda: not server.server_state.tasks, 5, "the response to end with its client",
+                         interval=0.05)
     assert (await ctl.client.get(f"/containers/{cid}")).json()["status"] == "running"
 
 

@@ -99,11 +99,11 @@ async def test_containers_rotate_their_logs_and_a_tail_keeps_the_newest_bytes(
     log_config = docker_client.containers.get(cid).attrs["HostConfig"]["LogConfig"]
     assert log_config == {"Type": "json-file", "Config": {"max-size": "2m", "max-file": "2"}}
 
-    for _ in range(100):
+    async def whole() -> str | None:
         logs = (await ctl.client.get(f"/containers/{cid}/logs", params={"lines": 100_000})).json()["logs"]
-        if "line-2000-" in logs:
-            break
-        await asyncio.sleep(0.05)
+        return logs if "line-2000-" in logs else None
+
+    logs = await eventually(whole, 10, "the last line in the tail", interval=0.05)
     assert len(logs.encode()) <= 4096
     assert logs.startswith("line-") and logs.endswith("line-2000-aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\n")
     assert "line-1-" not in logs

@@ -30,7 +30,8 @@ from hub.services.audit import AuditLog
 from mmanager.audit import COALESCE_PER_KEY, COALESCE_WINDOW
 from mmanager.wire import AuditEvent
 from tests.hub.conftest import KEY, Cluster
-from tests.support.net import free_port as free_port
+from tests.support.net import free_port
+from tests.support.poll import eventually
 
 SECRET_ENV = "hunter2-" + uuid.uuid4().hex
 SPEC = {"name": "audited", "image": EXAMPLE_IMAGE, "env": {"DB_PASSWORD": SECRET_ENV},
@@ -188,10 +189,7 @@ async def test_a_controllers_refusals_reach_the_hub_with_its_heartbeats(cluster:
     async with pushing_controller(cluster, "push") as (app, cid), httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://ctl", headers={"Authorization": f"Bearer {KEY}"}
     ) as ctl:
-        for _ in range(100):
-            if app.state.containers.sync.in_sync:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: app.state.containers.sync.in_sync, 5, "the controller in sync", interval=0.05)
         hostile = await ctl.post("/containers/", json={
             "image": EXAMPLE_IMAGE, "environment": {"TOKEN": SECRET_ENV}, "labels": {"mmanager.service": "mine"}})
         assert 400 <= hostile.status_code < 500, hostile.text
@@ -199,23 +197,18 @@ async def test_a_controllers_refusals_reach_the_hub_with_its_heartbeats(cluster:
         assert (await ctl.get("/containers/", headers={"Authorization": "Bearer wrong"})).status_code == 401
 
         source = f"controller:{cid}"
-        rows: list[dict[str, Any]] = []
-        for _ in range(100):
+        async def both_shipped() -> list[dict[str, Any]] | None:
             rows = await audit(cluster, source=source)
-            if len(rows) >= 2:
-                break
-            await asyncio.sleep(0.05)
+            return rows if len(rows) >= 2 else None
+
+        rows = await eventually(both_shipped, 10, "both refusals in the hub's log", interval=0.05)
         create = one(rows, method="POST", path="/containers")
         assert (create["actor"], create["status_code"], create["error_code"], create["result"]) == (
             "hub", hostile.status_code, code, "refused")
         assert one(rows, method="GET", path="/containers")["actor"] == "anonymous"
         assert SECRET_ENV not in json.dumps(rows)
         # Shipped once acknowledged, and gone from the controller's queue.
-        for _ in range(100):
-            if not len(app.state.audit):
-                break
-            await asyncio.sleep(0.05)
-        assert len(app.state.audit) == 0
+        await eventually(lambda: len(app.state.audit) == 0, 5, "the controller's queue emptied", interval=0.05)
         # Its successful heartbeats are not in the log; a refused one is.
         assert app.state.heartbeat.sequence > 1
         assert not [r for r in await audit(cluster, actor=source) if "heartbeat" in r["path"]]
@@ -245,26 +238,16 @@ async def test_a_nul_in_a_path_is_audited_and_never_cuts_a_controller_off(cluste
     async with pushing_controller(cluster, "nul") as (app, cid), httpx.AsyncClient(
             transport=httpx.ASGITransport(app=app), base_url="http://ctl") as ctl:
         agent = app.state.heartbeat
-        for _ in range(100):
-            if agent.last_answer is not None:
-                break
-            await asyncio.sleep(0.05)
+        await eventually(lambda: agent.last_answer is not None, 5, "a first answer", interval=0.05)
         assert (await ctl.get("/containers/%00")).status_code == 401
-        rows: list[dict[str, Any]] = []
-        for _ in range(100):
-            rows = await audit(cluster, source=f"controller:{cid}")
-            if rows:
-                break
-            await asyncio.sleep(0.05)
+        rows = await eventually(lambda: audit(cluster, source=f"controller:{cid}"), 10,
+                                "the refusal in the hub's log", interval=0.05)
         event = one(rows, method="GET")
         assert (event["path"], event["target"], event["actor"]) == ("/containers/\ufffd", "\ufffd", "anonymous")
         # Heartbeats go on succeeding, and the hub keeps the controller healthy.
         beats = agent.sequence
-        for _ in range(100):
-            if agent.sequence >= beats + 3:
-                break
-            await asyncio.sleep(0.05)
-        assert agent.sequence >= beats + 3 and agent.failures == 0 and len(app.state.audit) == 0
+        await eventually(lambda: agent.sequence >= beats + 3, 5, "three more heartbeats", interval=0.05)
+        assert agent.failures == 0 and len(app.state.audit) == 0
         await cluster.parts.ingest.flush()
         [controller] = [c for c in (await cluster.hub.get("/api/admin/controllers")).json() if c["id"] == cid]
         assert controller["status"] == "healthy"

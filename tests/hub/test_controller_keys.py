@@ -30,6 +30,7 @@ from hub.services.users import create_user
 from mmanager.cli import app as cli
 from tests.hub.conftest import KEY
 from tests.hub.test_failure_handling import heartbeat
+from tests.support.poll import eventually
 
 CONTROLLERS = ("ctl-x", "ctl-y", "ctl-z")
 
@@ -223,10 +224,7 @@ async def test_a_fleet_on_the_shared_key_is_warned_about_one_by_one_then_counted
 
     async def counted_lines(count: int) -> list[str]:
         # The counting line comes a second after the first controller it counts, then at most each warn_every.
-        for _ in range(40):
-            if len(lines()[1]) >= count:
-                break
-            await asyncio.sleep(0.1)
+        await eventually(lambda: len(lines()[1]) >= count, 5, f"{count} counting lines", interval=0.1)
         return lines()[1]
 
     counted = await counted_lines(1)

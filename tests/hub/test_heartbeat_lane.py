@@ -26,6 +26,7 @@ from tests.hub.conftest import KEY
 from tests.hub.test_controller_keys import CONTROLLERS, KeyHub, Unreachable
 from tests.hub.test_failure_handling import heartbeat
 from tests.hub.test_fastlane import Counting
+from tests.support.poll import eventually
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -223,11 +224,8 @@ async def test_a_beat_shed_is_refused_by_the_lane_itself_with_retry_after_and_no
 
     async def one_waiting() -> asyncio.Task[httpx.Response]:
         task = asyncio.create_task(hub.beat("ctl-x", key))
-        for _ in range(500):
-            if ingest._waiting:
-                return task
-            await asyncio.sleep(0.01)
-        raise AssertionError("the beat never reached its batch")
+        await eventually(lambda: ingest._waiting, 5, "the beat to reach its batch")
+        return task
 
     waiting = await one_waiting()
     handed = len(behind.calls)

@@ -68,10 +68,10 @@ async def test_a_tail_through_the_hub_keeps_the_newest_bytes(cluster: Cluster, m
     monkeypatch.setattr(cluster.parts.settings, "max_log_bytes", 2048)
     script = "for i in $(seq 1 1000); do echo line-$i-bbbbbbbbbbbbbbbbbbbbbbbb; done; exec sleep 600"
     alice, sid, _ = await service_of(cluster, "alice", command=["sh", "-c", script])
-    for _ in range(100):
+    async def whole() -> str | None:
         logs = (await cluster.hub.get(f"/api/services/{sid}/logs", params={"tail": 100_000}, headers=alice)).text
-        if "line-1000-" in logs:
-            break
-        await asyncio.sleep(0.05)
+        return logs if "line-1000-" in logs else None
+
+    logs = await eventually(whole, 10, "the last line in the tail", interval=0.05)
     assert len(logs.encode()) <= 2048
     assert logs.startswith("line-") and logs.endswith("line-1000-bbbbbbbbbbbbbbbbbbbbbbbb\n")

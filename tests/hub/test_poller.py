@@ -19,6 +19,7 @@ from hub.models import ControllerModel, utcnow
 from hub.services.heartbeats import HeartbeatIngest
 from mmanager.wire import ControllerHealth
 from tests.hub.test_failure_handling import heartbeat
+from tests.support.poll import eventually
 
 KEY = "test-key-" + "x" * 32
 
@@ -89,10 +90,7 @@ async def test_a_polled_controller_is_heard_before_its_rows_are_read(db: Databas
     try:
         before = utcnow()
         poll = asyncio.create_task(poller.poll("polled", "http://polled:8001"))
-        for _ in range(100):
-            if "polled" in ingest.heard:
-                break
-            await asyncio.sleep(0.01)
+        await eventually(lambda: "polled" in ingest.heard, 2, "the poll's heartbeat heard")
         assert ingest.heard["polled"] >= before
         assert not poll.done()  # still waiting for a connection to read its rows
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import httpx
 import pytest
@@ -12,6 +13,7 @@ from examples.images import EXAMPLE_IMAGE
 from hub.models import ContainerRegistryModel, OperationModel, ServiceModel
 from hub.services.lifecycle import load_views
 from tests.hub.conftest import Cluster
+from tests.support.poll import eventually
 
 SPEC = {
     "name": "dnabert2",
@@ -27,12 +29,8 @@ SPEC = {
 
 async def get_health(url: str) -> httpx.Response:
     async with httpx.AsyncClient() as client:
-        for _ in range(50):
-            try:
-                return await client.get(f"{url}/health", timeout=2)
-            except httpx.TransportError:
-                await asyncio.sleep(0.1)
-    raise AssertionError(f"{url} never answered")
+        return await eventually(lambda: client.get(f"{url}/health", timeout=2), 10, f"an answer from {url}",
+                                interval=0.1, retry_on=(httpx.TransportError,))
 
 
 async def counts(cluster: Cluster) -> tuple[int, int]:
@@ -230,11 +228,11 @@ async def test_wait_false_answers_202_with_the_operation(cluster: Cluster) -> No
     assert r.status_code == 202, r.text
     op = r.json()
     assert op["operation"] == "create" and op["status"] == "running"
-    for _ in range(100):
+    async def finished() -> list[dict[str, Any]] | None:
         ops = (await cluster.hub.get("/api/admin/operations", params={"service_id": op["service_id"]})).json()
-        if ops[0]["status"] != "running":
-            break
-        await asyncio.sleep(0.1)
+        return ops if ops[0]["status"] != "running" else None
+
+    ops = await eventually(finished, 20, "the create's operation finished", interval=0.1)
     assert ops[0]["status"] == "succeeded"
     assert (await cluster.hub.get(f"/api/services/{op['service_id']}")).json()["status"] == "running"
 

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import httpx
 
 from hub.controller_client import PoolPerController
+from tests.support.poll import eventually
 
 
 @dataclass
@@ -58,13 +59,6 @@ async def http_server() -> AsyncIterator[Server]:
         listening.close()
 
 
-async def settled(check: object) -> None:
-    for _ in range(100):
-        if check():  # type: ignore[operator]
-            return
-        await asyncio.sleep(0.01)
-
-
 async def test_a_controllers_calls_reuse_its_connection_and_pools_past_the_bound_close_idle_first() -> None:
     async with http_server() as a, http_server() as b, http_server() as c:
         transport = PoolPerController(ssl.create_default_context(), max_pools=2)
@@ -77,7 +71,7 @@ async def test_a_controllers_calls_reuse_its_connection_and_pools_past_the_bound
 
             # A third controller: the least recently used pool (b's) is closed, a's kept.
             assert (await client.get(f"{c.url}/")).text == "ok"
-            await settled(lambda: b.closed == 1)
+            await eventually(lambda: b.closed == 1, 2, "the pool closed")
             assert (a.closed, b.closed, c.closed) == (0, 1, 0)
 
             # a's response is still being read when its pool is the least recently used: a new pool
@@ -87,13 +81,13 @@ async def test_a_controllers_calls_reuse_its_connection_and_pools_past_the_bound
                 assert await anext(chunks) == b"first"
                 assert (await client.get(f"{c.url}/")).text == "ok"
                 assert (await client.get(f"{b.url}/")).text == "ok"
-                await settled(lambda: c.closed == 1)
+                await eventually(lambda: c.closed == 1, 2, "the pool closed")
                 assert (a.closed, c.closed) == (0, 1)
                 a.release.set()
                 assert [chunk async for chunk in chunks] == [b"last"]
             # Read to the end, a's pool is idle, and the next to go.
             assert (await client.get(f"{c.url}/")).text == "ok"
-            await settled(lambda: a.closed == 1)
+            await eventually(lambda: a.closed == 1, 2, "the pool closed")
             assert (a.opened, a.closed, b.opened, c.opened) == (1, 1, 2, 2)
-        await settled(lambda: b.closed == 2 and c.closed == 2)
+        await eventually(lambda: b.closed == 2 and c.closed == 2, 2, "the pool closed")
         assert (b.closed, c.closed) == (2, 2)  # the client's close closes every pool

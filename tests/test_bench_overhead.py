@@ -20,6 +20,7 @@ async def db_url(pg_server: str) -> str:
     return await create_database(pg_server, "bench")
 
 
+@pytest.mark.slow
 def test_overhead_small(db_url: str, example_image: str, docker_client: docker.DockerClient, tmp_path: Path) -> None:
     raw = overhead.measure(db_url, tmp_path, 2, docker_client)
     result = overhead.summarize(raw)
@@ -38,6 +39,7 @@ def test_overhead_small(db_url: str, example_image: str, docker_client: docker.D
     assert not docker_client.containers.list(all=True, filters={"name": "mm-bench-"})
 
 
+@pytest.mark.slow
 def test_api_floor_small(db_url: str, example_image: str, docker_client: docker.DockerClient, tmp_path: Path) -> None:
     result = api_floor.measure(db_url, tmp_path, docker_client, seconds=0.5, warmup=0.1, connections=4)
     assert result["connections"] == 4
@@ -56,6 +58,7 @@ def test_api_floor_small(db_url: str, example_image: str, docker_client: docker.
     assert result["status"]["cores_used"]["controller"] > 0
 
 
+@pytest.mark.slow
 def test_idle_small(db_url: str, example_image: str, docker_client: docker.DockerClient, tmp_path: Path) -> None:
     result = idle.measure(db_url, tmp_path, docker_client, services=2, seconds=1.0, settle=0.2)
     assert result["services"] == 2 and result["seconds"] == 1.0

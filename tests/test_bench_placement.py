@@ -33,6 +33,7 @@ async def hub_url(db: Database) -> AsyncIterator[str]:
         yield url
 
 
+@pytest.mark.slow
 async def test_placement_benchmark_places_every_service_where_it_may_run(hub_url: str, db: Database) -> None:
     async with db.session() as session:
         _, token = await create_user(session, "root", is_admin=True)

@@ -27,6 +27,8 @@ from hub.db import Database
 from tests.support.net import free_port
 from tests.support.served import served_hub
 
+pytestmark = pytest.mark.slow
+
 KEY = "bench-key-" + "x" * 32
 CONTROLLERS, SERVICES = 20, 100
 

@@ -40,6 +40,7 @@ async def hub_url(db: Database) -> AsyncIterator[str]:
         yield url
 
 
+@pytest.mark.slow
 async def test_simulated_controllers_register_run_and_fail_over(hub_url: str, db: Database) -> None:
     async with db.session() as session:
         _, token = await create_user(session, "root", is_admin=True)
@@ -117,6 +118,7 @@ async def test_simulated_controllers_register_run_and_fail_over(hub_url: str, db
         assert [c.id for c in second.containers.values()] == [after["container_id"]]
 
 
+@pytest.mark.slow
 async def test_a_fleet_over_the_heartbeat_rate_is_told_to_beat_slower(db: Database) -> None:
     """20 controllers at a 0.5 s interval would send 40 beats a second; MMANAGER_HEARTBEAT_MAX_RATE=20
     has the hub answer a 1 s interval and a grace stretched alike (4 s), which its failure detection
@@ -157,6 +159,7 @@ async def test_a_fleet_over_the_heartbeat_rate_is_told_to_beat_slower(db: Databa
             assert [c["id"] for c in await listed() if c["status"] != "healthy"] == [victim]
 
 
+@pytest.mark.slow
 async def test_heartbeat_benchmark_measures(hub_url: str, db: Database) -> None:
     """``bench.heartbeats``' measurement, small: every accepted beat becomes visible in the table."""
     result = await measure(hub_url, db.url, KEY, 10, seconds=1.5, settle=10)
@@ -181,6 +184,7 @@ async def test_density_null_hub_round_trip() -> None:
         hub.cancel()
 
 
+@pytest.mark.slow
 def test_floors_measure_each_kind_of_request() -> None:
     """The floors benchmark (``bench.floors``): a beat parsed, a create's call with httpx and with the
     simulator's client, a create relayed from the load generator through uvicorn to the simulator's

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
 
 from mmanager.loops import LoopService
+from tests.support.poll import eventually
 
 
 class Counting(LoopService):
@@ -29,12 +29,6 @@ class Counting(LoopService):
         self.failures.append(exc)
 
 
-async def until(condition: Callable[[], bool]) -> None:
-    async with asyncio.timeout(5):
-        while not condition():
-            await asyncio.sleep(0.005)
-
-
 async def test_the_first_iteration_runs_at_start_and_a_failure_does_not_end_the_loop() -> None:
     loop = Counting(interval=3600, fail_first=True)
     loop.start()
@@ -55,7 +49,7 @@ async def test_next_delay_decides_when_the_next_iteration_runs() -> None:
     loop = Scripted(interval=3600)
     loop.start()
     try:
-        await until(lambda: loop.runs == 3)
+        await eventually(lambda: loop.runs == 3, 5, "three runs", interval=0.005)
         await asyncio.sleep(0.05)
         assert loop.runs == 3 and len(loop.delays) == 3
     finally:

@@ -30,7 +30,7 @@ import docker
 import docker.errors
 import requests
 import urllib3
-from docker.models.containers import Container, _create_container_args
+from docker.models.containers import Container
 from docker.types import DeviceRequest, LogConfig, Mount
 from docker.utils import parse_repository_tag
 
@@ -233,24 +233,26 @@ class DockerRuntime:
         """
 
         def create(client: docker.DockerClient) -> str:
-            kwargs = _create_kwargs(spec)
-            kwargs["log_config"] = self._log_config
+            config, host = _create_kwargs(spec)
+            host["log_config"] = self._log_config
             if not spec.gpu_device_ids:
                 # On a server whose default runtime is NVIDIA's, a container without this sees every GPU.
-                kwargs["environment"].append("NVIDIA_VISIBLE_DEVICES=void")
+                config["environment"].append("NVIDIA_VISIBLE_DEVICES=void")
             if spec.gpu_device_ids:
                 if "nvidia" in (client.info().get("Runtimes") or {}):
-                    kwargs["device_requests"] = [DeviceRequest(device_ids=spec.gpu_device_ids, capabilities=[["gpu"]])]
+                    host["device_requests"] = [DeviceRequest(device_ids=spec.gpu_device_ids, capabilities=[["gpu"]])]
                 else:
                     # No NVIDIA runtime: say which GPUs were assigned, so placement works (and is testable) anywhere.
-                    kwargs["environment"].append(f"NVIDIA_VISIBLE_DEVICES={','.join(spec.gpu_device_ids)}")
-            # The SDK's own translation of run()/create() kwargs: the same HostConfig containers.create makes.
-            kwargs.update(image=spec.image, version=client.api._version)
+                    config["environment"].append(f"NVIDIA_VISIBLE_DEVICES={','.join(spec.gpu_device_ids)}")
+            host_config = client.api.create_host_config(**host)  # for the API version the client negotiated
+            # Every published port exposed too ("8000/tcp" as ("8000", "tcp")), as containers.create does.
+            ports = [tuple(key.split("/", 1)) for key in sorted(host_config.get("PortBindings") or ())]
             missing = ImageNotFound(
                 f"image {spec.image!r} is not present on this host; pull it first", {"image": spec.image}
             )
             try:
-                container_id: str = client.api.create_container(**_create_container_args(kwargs))["Id"]
+                container_id: str = client.api.create_container(
+                    spec.image, host_config=host_config, ports=ports or None, **config)["Id"]
             except docker.errors.ImageNotFound:
                 raise missing from None
             except docker.errors.NotFound as exc:
@@ -488,10 +490,14 @@ def _api_error(exc: docker.errors.APIError) -> ControllerError:
     return DockerError(message, {"docker_status": exc.status_code})
 
 
-def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
-    kwargs: dict[str, Any] = {
+def _create_kwargs(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The keyword arguments of ``APIClient.create_container`` and of ``APIClient.create_host_config``
+    for ``spec``: what the SDK's ``containers.create`` sends for the same container, made with public calls."""
+    config: dict[str, Any] = {
         "labels": spec.labels,
         "environment": [f"{key}={value}" for key, value in spec.environment.items()],
+    }
+    host: dict[str, Any] = {
         "auto_remove": spec.auto_remove,
         # The hardening every managed container gets (controller.spec), whatever its spec asked.
         "security_opt": list(spec.security_opt),
@@ -500,16 +506,16 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
         "cgroupns": "private",
     }
     if spec.cap_add:
-        kwargs["cap_add"] = spec.cap_add
+        host["cap_add"] = spec.cap_add
     if spec.ports:
         # (ip, None) publishes on that address with a port Docker picks.
-        kwargs["ports"] = {
+        host["port_bindings"] = {
             key: (spec.publish_ip, host_port) if spec.publish_ip else host_port for key, host_port in spec.ports.items()
         }
     if spec.volumes:
         # Mounts with an explicit type rather than binds: a named volume can never be read as a host
         # path, and only an allow-listed host path (controller.spec resolved it) is a bind.
-        kwargs["mounts"] = [
+        host["mounts"] = [
             Mount(
                 target=mount["bind"],
                 source=source,
@@ -520,19 +526,18 @@ def _create_kwargs(spec: ContainerSpec) -> dict[str, Any]:
             )
             for source, mount in spec.volumes.items()
         ]
+    optional_config = {"name": spec.name, "command": spec.command, "working_dir": spec.working_dir}
+    config.update({key: value for key, value in optional_config.items() if value is not None})
+    optional_host = {"mem_limit": spec.mem_limit, "nano_cpus": spec.nano_cpus, "restart_policy": spec.restart_policy,
+                     "network_mode": spec.network_mode}
+    host.update({key: value for key, value in optional_host.items() if value is not None})
     if spec.networks:
-        kwargs["network"] = spec.networks[0]
-    optional = {
-        "name": spec.name,
-        "command": spec.command,
-        "working_dir": spec.working_dir,
-        "mem_limit": spec.mem_limit,
-        "nano_cpus": spec.nano_cpus,
-        "restart_policy": spec.restart_policy,
-        "network_mode": spec.network_mode,
-    }
-    kwargs.update({key: value for key, value in optional.items() if value is not None})
-    return kwargs
+        # The first network is the container's network mode (the others are connected after the create);
+        # ``{network: None}`` as NetworkingConfig is what containers.create sends with it: kept, so the
+        # request is the same.
+        host["network_mode"] = spec.networks[0]
+        config["networking_config"] = {spec.networks[0]: None}
+    return config, host
 
 
 def _int_or_none(value: str | None) -> int | None:

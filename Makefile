@@ -31,6 +31,12 @@ test: install system-deps
 unit: install
 	$(BIN)/python -m pytest -q -m "not docker and not postgres and not slow" tests
 
+# ruff over the whole tree, tests included; mypy over hub/, controller/, mmanager/ and bench/ ([tool.mypy]).
+.PHONY: lint
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/mypy
+
 # The hub and controller images, FROM a Python base made here with debootstrap (no registry needed);
 # each step is skipped or cached when done before. docs/OPERATIONS.md#building-the-images.
 images: system-deps

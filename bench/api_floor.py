@@ -59,8 +59,8 @@ from tests.support.pg import create_database
 from tests.support.poll import wait_until
 from tests.support.procs import LocalDeployment, api
 
-SPEC = {"image": EXAMPLE_IMAGE, "ports": {"5000": None}, "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"},
-        "name": "read-me"}
+SPEC: dict[str, Any] = {"image": EXAMPLE_IMAGE, "ports": {"5000": None},
+                        "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"}, "name": "read-me"}
 TARGET_PER_CORE = 5000
 
 
@@ -141,7 +141,7 @@ def _cpu(procs: Iterable[psutil.Process], children: bool = False) -> float:
 def _postgres(port: int) -> list[psutil.Process]:
     """The PostgreSQL postmaster listening on ``port`` (its backends are its children); none if not local."""
     for conn in psutil.net_connections(kind="tcp"):
-        if conn.status == psutil.CONN_LISTEN and conn.laddr.port == port and conn.pid:
+        if conn.status == psutil.CONN_LISTEN and conn.laddr and conn.laddr.port == port and conn.pid:
             return [psutil.Process(conn.pid)]
     return []
 
@@ -156,6 +156,7 @@ async def _pg_counters(db_url: str) -> dict[str, int]:
                                   "FROM pg_stat_database WHERE datname = current_database()")
     finally:
         await conn.close()
+    assert row is not None  # pg_stat_database has a row for every database
     return {"sessions": row["sessions"], "transactions": row["transactions"]}
 
 
@@ -223,10 +224,12 @@ def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, s
             if made.status_code != 201:
                 raise BadAnswer(f"service {i} of {connections}: HTTP {made.status_code}: {made.text[:300]}")
             others.append(f"/api/services/{made.json()['id']}")
-        assert dep.hub(0).popen is not None and ctl.popen is not None
-        hub = psutil.Process(dep.hub(0).popen.pid)
+        hub_popen = dep.hub(0).popen
+        assert hub_popen is not None and ctl.popen is not None
+        hub = psutil.Process(hub_popen.pid)
         pg_port = urlparse(db_url.replace("+asyncpg", "")).port or 5432
-        routes = {
+        # Each route's path, or paths read in turn, and its bearer token.
+        routes: dict[str, tuple[str | list[str], str | None]] = {
             "docs": ("/docs", None),
             "health": ("/health", None),
             "service": (f"/api/services/{service_id}", token),

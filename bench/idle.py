@@ -50,8 +50,9 @@ def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, s
                 raise RuntimeError(f"service {i}: HTTP {made.status_code}: {made.text[:300]}")
         client.close()
         time.sleep(settle)  # the creates' follow-ups done
-        assert dep.hub(0).popen is not None
-        hub = psutil.Process(dep.hub(0).popen.pid)
+        hub_popen = dep.hub(0).popen
+        assert hub_popen is not None
+        hub = psutil.Process(hub_popen.pid)
         before, started = hub.cpu_times(), time.perf_counter()
         time.sleep(seconds)
         after, wall = hub.cpu_times(), time.perf_counter() - started

@@ -137,9 +137,9 @@ async def measure(hub_url: str, db_url: str, sim: Simulator, seeded: Seeded, kil
             await asyncio.sleep(max(c.interval for c in sim.controllers.values()) * 2)
             result = await outcome(conn, sim, seeded, dead_set)
             result["failed_beats"] = sim.failures()
-            operations = dict(await conn.fetch(
+            operations: dict[str, int] = {r[0]: r[1] for r in await conn.fetch(
                 "SELECT operation || ':' || status, count(*) FROM container_operations "
-                "WHERE operation <> 'create' GROUP BY 1"))
+                "WHERE operation <> 'create' GROUP BY 1")}
     finally:
         await conn.close()
     times = list(back.values())

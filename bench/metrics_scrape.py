@@ -39,13 +39,15 @@ def filled(controllers: int, services: int) -> HubMetrics:
     (Through the hub's own calls, so that it also fills older code's metrics, for paired runs.)"""
     metrics = HubMetrics()
     wide = hasattr(metrics, "containers")
+    # The older code's per-series gauges (the else branches) are not attributes of today's class.
+    older: Any = metrics
     ids = [f"ctl-{i:05d}" for i in range(controllers)]
     for cid in ids:
         metrics.observe_controller(cid, True, services // max(1, controllers), 40.0, 55.5)
         if wide:
             metrics.controllers.set((cid,), disk=61.2)
         else:
-            metrics.disk_usage_percent.labels(cid).set(61.2)
+            older.disk_usage_percent.labels(cid).set(61.2)
     health = {}
     for i in range(services):
         sid = f"{i:016x}"
@@ -55,14 +57,14 @@ def filled(controllers: int, services: int) -> HubMetrics:
         if wide:
             metrics.containers.set_all(labels, [12345.0] * len(metrics.containers.fields))
         else:
-            for gauge in metrics.container_usage.values():
+            for gauge in older.container_usage.values():
                 gauge.labels(*labels).set(12345.0)
     metrics.set_service_health(health)
     by_controller = "controller" in metrics.controller_calls._labelnames  # as the hub's metrics name them
     for cid in ids:
         for call in CALLS:
-            labels = {"call": call, "controller": cid} if by_controller else {"call": call}
-            metrics.controller_calls.labels(**labels).observe(0.012)
+            call_labels = {"call": call, "controller": cid} if by_controller else {"call": call}
+            metrics.controller_calls.labels(**call_labels).observe(0.012)
     return metrics
 
 

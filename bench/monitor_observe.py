@@ -24,9 +24,11 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from pydantic import SecretStr
+
 from hub.config import HubSettings
 from hub.metrics import HubMetrics
-from hub.services.monitoring import Monitor, Reading
+from hub.services.monitoring import AlertKey, Monitor, Reading
 from mmanager.wire import (
     ContainerUsage,
     ControllerHealth,
@@ -55,9 +57,10 @@ def _report(sampled_at: datetime) -> tuple[ControllerHealth, list[HeartbeatConta
 
 def measure(open_alerts: int, calls: int, repeats: int = 7) -> dict[str, Any]:
     """Microseconds per ``observe`` of one controller, with ``open_alerts`` open on others."""
-    monitor = Monitor(None, HubSettings(api_key="k" * 32, _env_file=None), HubMetrics())  # type: ignore[arg-type]
-    others = {("disk", f"full-{i:05d}", None): Reading(("disk", f"full-{i:05d}", None), 95.0)
-              for i in range(open_alerts)}
+    settings = HubSettings(api_key=SecretStr("k" * 32), _env_file=None)
+    monitor = Monitor(None, settings, HubMetrics())  # type: ignore[arg-type]  # observe never reads the database
+    others: dict[AlertKey, Reading] = {
+        ("disk", f"full-{i:05d}", None): Reading(("disk", f"full-{i:05d}", None), 95.0) for i in range(open_alerts)}
     monitor._reloaded(others)
     # Two samples, five reports each: every fifth report brings a new one.
     now = datetime.now(UTC)

@@ -175,6 +175,7 @@ def measure(db_url: str, workdir: Path, runs: int, docker_client: docker.DockerC
             # run() answers after the start without inspecting again; check it outside the timing.
             container.reload()
             assert container.status == "running", container.status
+            assert container.id is not None  # run() answers the container it made, id and all
             return took, container.id
 
         def compare_once() -> dict[str, Any]:
@@ -215,8 +216,9 @@ def measure(db_url: str, workdir: Path, runs: int, docker_client: docker.DockerC
         # The hub's creates again, this time sampled by py-spy (which slows what it samples: kept out of the timings).
         summary = None
         if profile is not None:
-            assert dep.hub(0).popen is not None
-            with Recording(dep.hub(0).popen.pid, profile) as recording:
+            hub_popen = dep.hub(0).popen
+            assert hub_popen is not None
+            with Recording(hub_popen.pid, profile) as recording:
                 for i in range(runs):
                     _, service_id = via_hub(runs + i)
                     client.delete(f"/api/services/{service_id}").raise_for_status()

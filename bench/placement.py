@@ -144,8 +144,8 @@ async def verify(db_url: str, sim: Simulator, creates: _Creates, *, hub_url: str
             "SELECT id, status, server_type, enabled, draining, max_containers FROM mmanager_controllers")}
         rows = collections.Counter(r["service_id"] for r in await conn.fetch(
             "SELECT service_id FROM container_registry WHERE status <> 'stale'"))
-        operations = dict(await conn.fetch(
-            "SELECT status, count(*) FROM container_operations WHERE operation = 'create' GROUP BY status"))
+        operations: dict[str, int] = {r[0]: r[1] for r in await conn.fetch(
+            "SELECT status, count(*) FROM container_operations WHERE operation = 'create' GROUP BY status")}
     finally:
         await conn.close()
     missing = set(creates.ok) - set(services)

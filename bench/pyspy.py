@@ -26,7 +26,7 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 _PROJECT = {"hub", "controller", "mmanager"}
 _ROOT = str(Path(__file__).resolve().parent.parent) + "/"
@@ -144,7 +144,7 @@ def print_summary(summary: dict[str, Any], title: str, packages: int | None = 10
         print(f"  {row['share']:6.1%}  {row['function']}")
 
 
-def profile_dir(arg: Path | bool | None, workdir: Path) -> Path | None:
+def profile_dir(arg: Path | Literal[True] | None, workdir: Path) -> Path | None:
     """Where ``--profile [DIR]`` keeps the raw samples: DIR, or a folder in the run's workdir; None: no profile."""
     if arg is None:
         return None

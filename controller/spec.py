@@ -219,6 +219,7 @@ def _nano_cpus(value: float | None) -> int | None:
 def _restart_policy(value: str | dict[str, Any] | None) -> dict[str, Any] | None:
     if value is None or value == "":
         return None
+    retries: Any  # as the caller wrote it: int() below refuses what is not a count
     if isinstance(value, dict):
         name = value.get("Name", value.get("name"))
         retries = value.get("MaximumRetryCount", value.get("maximum_retry_count", 0))

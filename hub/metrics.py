@@ -99,7 +99,8 @@ class WideGauges:
         series = list(self._series.values())
         for i, (head, name) in enumerate(zip(self._heads, self._names, strict=True)):
             parts.append(head)
-            parts.extend([f"{name}{text} {float(values[i])!r}\n" for text, values in series if values[i] is not None])
+            parts.extend([f"{name}{text} {float(value)!r}\n"
+                          for text, values in series if (value := values[i]) is not None])
         return "".join(parts)
 
 

@@ -250,6 +250,8 @@ def dev(port: int = 8000,
         state_dir: Annotated[Path, typer.Option(help="where the dev database and token live")] = Path(".mmanager"),
         controller_port: Annotated[int | None, typer.Option(help="default: port + 1")] = None) -> None:
     """All-in-one: the hub on embedded SQLite and one local controller, like `nomad agent -dev`."""
+    from pydantic import SecretStr
+
     from controller.app import create_app as create_controller
     from controller.config import ControllerSettings
     from hub.app import create_app as create_hub
@@ -275,7 +277,7 @@ def dev(port: int = 8000,
         PUBLISH_IP="127.0.0.1", MMANAGER_HUB_URL=f"http://127.0.0.1:{port}", MMANAGER_DEV=True,
     )
     hub_settings = HubSettings(
-        database_url=db_url, api_key=key, dev_mode=True,
+        database_url=db_url, api_key=SecretStr(key), dev_mode=True,
         controllers=json.dumps([{"id": controller_id, "url": controller_url, "server_type": "cpu"}]),
     )
 

@@ -250,8 +250,9 @@ def _access_line(scope: Scope, status: int) -> None:
     method = scope["method"]
     if not access_log.isEnabledFor(logging.DEBUG) and _routine(method, scope["path"], status):
         return
-    access_log.info('%s - "%s %s HTTP/%s" %d', get_client_addr(scope), method, get_path_with_query_string(scope),
-                    scope["http_version"], status)
+    client = get_client_addr(scope)  # type: ignore[arg-type]  # uvicorn's TypedDict of this HTTP scope
+    path = get_path_with_query_string(scope)  # type: ignore[arg-type]  # (Starlette's Scope: a plain mapping)
+    access_log.info('%s - "%s %s HTTP/%s" %d', client, method, path, scope["http_version"], status)
 
 
 def install_request_ids(app: Any) -> None:

@@ -55,6 +55,7 @@ from mmanager.wire import (
     HealthCapabilities,
     HealthContainers,
     HealthResources,
+    HealthState,
     Heartbeat,
     HeartbeatAnswer,
     HeartbeatContainer,
@@ -95,7 +96,7 @@ class SimContainer:
     created_at: float = field(default_factory=time.monotonic)
     started_at: float = field(default_factory=time.monotonic)
 
-    def health(self, now: float, healthy_after: float) -> str:
+    def health(self, now: float, healthy_after: float) -> HealthState:
         if not self.has_health_check or self.status != "running":
             return "unknown"
         return "healthy" if now - self.started_at >= healthy_after else "unknown"
@@ -284,7 +285,8 @@ class SimController:
         if config.service_id:
             labels[LABEL_SERVICE] = config.service_id
             labels[LABEL_EPOCH] = str(config.epoch or 0)
-        ports = {(k if "/" in k else f"{k}/tcp"): (v or next(_ports)) for k, v in (config.ports or {}).items()}
+        ports: dict[str, int | None] = {(k if "/" in k else f"{k}/tcp"): (v or next(_ports))
+                                        for k, v in (config.ports or {}).items()}
         container = SimContainer(
             id=container_id, name=config.name or f"sim-{container_id[:12]}", image=config.image,
             service_id=config.service_id, epoch=(config.epoch or 0) if config.service_id else None, labels=labels,
@@ -337,7 +339,8 @@ class SimController:
         # The model with a placeholder health, the cached health spliced in: same JSON as Heartbeat(...) gives.
         shell = Heartbeat.model_construct(
             server_id=self.id, url=self.url, server_type=self.server_type, sequence=self.sequence,
-            health=None, containers=entries, listing_age=0.0, audit=[],
+            health=None,  # type: ignore[arg-type]  # the placeholder; model_construct does not validate
+            containers=entries, listing_age=0.0, audit=[],
         ).model_dump_json(warnings=False).encode()
         return shell.replace(b'"health":null', b'"health":' + self._health_json, 1)
 

@@ -44,7 +44,7 @@ class SimOptions:
     first_address: str = "127.1.0.1"
     id_prefix: str = "sim"
     # Shares of server types, e.g. {"cpu": 0.8, "gpu": 0.2}; the gpu ones get `gpus_per_server` GPUs.
-    server_types: dict[str, float] = field(default_factory=lambda: {"cpu": 1.0})
+    server_types: dict[ServerType, float] = field(default_factory=lambda: {"cpu": 1.0})
     gpus_per_server: int = 4
     gpu_model: str = "A100"
     gpu_memory_mb: int = 81920
@@ -87,7 +87,7 @@ class Simulator:
         o = self.options
         port = await self.server.start()
         rng = random.Random(o.seed)
-        types: list[ServerType] = list(o.server_types)  # type: ignore[arg-type]
+        types = list(o.server_types)
         weights = [o.server_types[t] for t in types]
         for controller_id, address in layout(o):
             server_type = rng.choices(types, weights)[0] if len(types) > 1 else types[0]

@@ -134,7 +134,9 @@ async def service_metrics(
     elif since.tzinfo is None:
         since = since.replace(tzinfo=UTC)
     points = await metrics_history(session, service.id, since, step)
-    return ServiceMetricsOut(service_id=service.id, since=since, resolution=step, points=points)
+    # The points are the service's plain dicts: validated into MetricPoints here.
+    return ServiceMetricsOut.model_validate({"service_id": service.id, "since": since, "resolution": step,
+                                             "points": points})
 
 
 @router.post("/services/{service_id}/rollback", response_model=ServiceOut)

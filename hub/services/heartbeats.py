@@ -364,7 +364,8 @@ class HeartbeatIngest:
 
     async def _write(self, observations: dict[str, _Observation], updates: dict[str, tuple[RowUpdate, datetime]],
                      gone: set[str]) -> None:
-        good, bad = [], []
+        good: list[dict[str, Any]] = []
+        bad: list[dict[str, Any]] = []
         now = utcnow()
         for controller_id, obs in observations.items():
             h = obs.health

@@ -80,7 +80,11 @@ def sdk_kwargs(config: ContainerCreate, settings: ControllerSettings) -> dict[st
     spec = build_spec(config, server_id=settings.server_id, publish_ip=settings.publish_ip,
                       policy=settings.spec_policy, pids_limit=settings.pids_limit,
                       default_memory=parse_memory(settings.default_memory_limit))
-    kwargs = _create_kwargs(spec)
+    config_kwargs, host = _create_kwargs(spec)
+    # containers.run takes the host config's arguments by the same names, but the published ports as ``ports``.
+    if "port_bindings" in host:
+        host["ports"] = host.pop("port_bindings")
+    kwargs = {**config_kwargs, **host}
     kwargs["log_config"] = LogConfig(type=LogConfig.types.JSON,
                                      config={"max-size": settings.log_max_size, "max-file": str(settings.log_max_files)})
     kwargs["environment"].append("NVIDIA_VISIBLE_DEVICES=void")

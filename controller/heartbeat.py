@@ -319,8 +319,9 @@ class HeartbeatAgent(LoopService):
         try:
             return HeartbeatAnswer.model_validate_json(response.content)
         except ValidationError as exc:
-            first = exc.errors()[0] if exc.errors() else {}
-            problem = f"{'.'.join(map(str, first.get('loc', ())))}: {first.get('msg', exc)}".lstrip(": ")
+            errors = exc.errors()
+            problem = (f"{'.'.join(map(str, errors[0]['loc']))}: {errors[0]['msg']}".lstrip(": ") if errors
+                       else str(exc))
             raise _BeatFailed("bad answer", f"the hub's answer is not a heartbeat answer ({problem})") from None
 
     # -- stop orders -------------------------------------------------------

@@ -123,7 +123,7 @@ class DockerRuntime:
                 kwargs: dict[str, Any] = {"version": "auto", "timeout": PING_TIMEOUT, "max_pool_size": 32}
                 host = self._settings.docker_host
                 client = docker.DockerClient(base_url=host, **kwargs) if host else docker.from_env(**kwargs)
-                client.api.timeout = self._settings.docker_timeout
+                client.api.timeout = self._settings.docker_timeout  # type: ignore[assignment]  # seconds as a float: the stubs say int, requests takes either
                 self._client = client
             return self._client
 
@@ -159,7 +159,7 @@ class DockerRuntime:
         labels = labels or {}
         return labels.get(LABEL_MANAGED) == "true" and labels.get(LABEL_CONTROLLER) == self._server_id
 
-    def _filters(self, labels: dict[str, str] | None) -> dict[str, list[str]]:
+    def _filters(self, labels: dict[str, str] | None) -> dict[str, str | list[str] | bool]:
         wanted = {LABEL_MANAGED: "true", LABEL_CONTROLLER: self._server_id, **(labels or {})}
         return {"label": [f"{key}={value}" for key, value in wanted.items()]}
 
@@ -378,7 +378,10 @@ class DockerRuntime:
     async def stats(self, container_id: str) -> ContainerStats:
         def stats(client: docker.DockerClient) -> ContainerStats:
             container = self._managed(client, container_id)
-            return _summarize_stats(container.id, container.name, container.status, container.stats(stream=False))
+            sample = container.stats(stream=False)
+            # Not streamed: one sample, as a dict; a container got by id has its id and name.
+            assert isinstance(sample, dict) and container.id is not None and container.name is not None
+            return _summarize_stats(container.id, container.name, container.status, sample)
 
         return await self._run(stats)
 
@@ -392,7 +395,10 @@ class DockerRuntime:
     async def exec(self, container_id: str, argv: list[str]) -> tuple[int, str]:
         def run(client: docker.DockerClient) -> tuple[int, str]:
             result = self._managed(client, container_id).exec_run(argv)
-            return result.exit_code, result.output.decode("utf-8", errors="replace")
+            exit_code, output = result.exit_code, result.output
+            # Neither streamed nor detached: Docker answers the exit code and the whole output at once.
+            assert exit_code is not None and isinstance(output, bytes)
+            return exit_code, output.decode("utf-8", errors="replace")
 
         return await self._run(run)
 

@@ -209,10 +209,11 @@ class AsyncpgTx:
         return int(last) if last.isdigit() else 0
 
     async def first(self, statement: Executable, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
-        return await self.conn.fetchrow(*self.binders.bind(statement, params))
+        # asyncpg's Record is a read-only mapping; its stubs don't say so.
+        return await self.conn.fetchrow(*self.binders.bind(statement, params))  # type: ignore[return-value]
 
     async def all(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
-        return await self.conn.fetch(*self.binders.bind(statement, params))
+        return await self.conn.fetch(*self.binders.bind(statement, params))  # type: ignore[return-value]
 
     async def executemany(self, statement: Executable, rows: Sequence[Mapping[str, Any]]) -> None:
         if rows:
@@ -273,7 +274,7 @@ class AsyncpgConnector:
         """A pooled asyncpg connection, given back when done; dropped (and the pool's older ones with it)
         when it failed as disconnected or was cut off half-way."""
         raw = await self.engine.raw_connection()
-        conn: asyncpg.Connection = raw.driver_connection
+        conn: asyncpg.Connection = raw.driver_connection  # type: ignore[assignment]  # a pooled connection has its driver's
         try:
             yield conn
         except (TimeoutError, asyncio.CancelledError) as exc:

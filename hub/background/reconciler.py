@@ -207,7 +207,7 @@ class Reconciler(LoopService):
         """
         grace = self.pace.detection_grace
         reads, db = self._reads, self.db
-        params = {"cutoff": now - timedelta(seconds=grace), "unsettled": sorted(UNSETTLED),
+        params: dict[str, Any] = {"cutoff": now - timedelta(seconds=grace), "unsettled": sorted(UNSETTLED),
                   "restarts": self.settings.max_health_restarts}
         heard = self.ingest.heard if self.ingest is not None else {}
         # The database's watched controllers are silent only there when this replica heard them since (a

@@ -73,13 +73,14 @@ def fence(rows: Iterable[RegistryRow], containers: Iterable[HeartbeatContainer],
     for c in containers:
         if not c.service_id or c.epoch is None:
             continue
-        row = by_key.get((c.service_id, c.epoch))
-        if row is None:
+        found = by_key.get((c.service_id, c.epoch))
+        if found is None:
             if c.age_seconds >= orphan_grace:
                 result.stop.append(
                     StopOrder(container_id=c.container_id, service_id=c.service_id, epoch=c.epoch, reason="orphan")
                 )
             continue
+        row = found
         seen.add(row.id)
         if row.status == "stale":
             result.stop.append(

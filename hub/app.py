@@ -35,6 +35,7 @@ from hub.metrics import HubMetrics
 from hub.models import new_id
 from hub.ratelimit import RateLimiter
 from hub.routers import admin, audit, controllers, prometheus, services, system
+from hub.scheduler.snapshot import PlacementCache
 from hub.services.audit import CLIENT_CLOSED, HEARTBEAT_PATH, AuditLog, skip_routine
 from hub.services.controllers import ControllerRegistry
 from hub.services.heartbeats import HeartbeatIngest
@@ -57,8 +58,9 @@ def build_hub(settings: HubSettings, db: Database | None = None,
     metrics = HubMetrics()
     client = ControllerClient(settings, transport=transport, metrics=metrics)
     ops = OperationLog(db, metrics, replica_id)
-    controllers = ControllerRegistry(db, client, settings, metrics)
-    manager = ServiceManager(db, client, controllers, ops, settings, metrics)
+    placement = PlacementCache(db, avoid_for=settings.heartbeat_grace)
+    controllers = ControllerRegistry(db, client, settings, metrics, ops, placement)
+    manager = ServiceManager(db, client, ops, settings, metrics, placement)
     ingest = HeartbeatIngest(heartbeat_database(db), settings, metrics)
     poller = ControllerPoller(db, settings, client, ingest)
     limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None

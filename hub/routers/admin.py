@@ -14,6 +14,7 @@ from hub.deps import AdminUser, HubDep, SessionDep
 from hub.errors import HubError, NotFound
 from hub.models import ContainerRegistryModel, ControllerModel, OperationModel, ServiceModel, utcnow
 from hub.routers.paging import Limit, Offset
+from hub.scheduler.snapshot import load_views
 from hub.schemas import (
     AlertOut,
     ControllerIn,
@@ -29,7 +30,6 @@ from hub.schemas import (
 )
 from hub.services.controller_keys import create_key, list_keys, revoke_key
 from hub.services.controllers import controller_out, get_controller
-from hub.services.lifecycle import load_views
 from hub.services.monitoring import alert_out, alerts_query
 from hub.services.operations import operations_query
 from hub.services.users import create_user
@@ -112,7 +112,7 @@ async def disable_controller(controller_id: str, admin: AdminUser, hub: HubDep) 
 
 @router.post("/controllers/{controller_id}/drain", response_model=ControllerOut)
 async def drain_controller(controller_id: str, admin: AdminUser, hub: HubDep, wait: bool = True) -> Any:
-    result = await hub.services.drain(admin, controller_id, wait=wait)
+    result = await hub.controllers.drain(admin, controller_id, wait=wait)
     if isinstance(result, ControllerModel):
         return controller_out(result)
     return JSONResponse(OperationOut.model_validate(result, from_attributes=True).model_dump(mode="json"),

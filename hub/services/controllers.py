@@ -1,16 +1,19 @@
-"""Controllers: registration, health, and the snapshot placement reads.
+"""Controllers: registration, health and drains.
 
 A controller's ``status`` changes only through ``ControllerRegistry.record_health``
 (what a poll saw) and the admin actions here, so the metrics and the table
-cannot disagree.
+cannot disagree. A change that takes a controller out of placement (a drain) is
+told to the placement cache at once.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from datetime import datetime, timedelta
 from typing import Any
 
+from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.config import HubSettings
@@ -18,8 +21,10 @@ from hub.controller_client import ControllerClient
 from hub.db import Database
 from hub.errors import Conflict, HubError, NotFound
 from hub.metrics import HubMetrics
-from hub.models import ControllerModel, utcnow
+from hub.models import ControllerModel, OperationModel, ServiceModel, UserModel, utcnow
+from hub.scheduler.snapshot import PlacementCache
 from hub.schemas import ControllerIn, ControllerOut
+from hub.services.operations import OperationLog
 from mmanager.wire import ControllerHealth
 
 log = logging.getLogger(__name__)
@@ -70,11 +75,14 @@ async def get_controller(session: AsyncSession, controller_id: str) -> Controlle
 
 
 class ControllerRegistry:
-    def __init__(self, db: Database, client: ControllerClient, settings: HubSettings, metrics: HubMetrics) -> None:
+    def __init__(self, db: Database, client: ControllerClient, settings: HubSettings, metrics: HubMetrics,
+                 ops: OperationLog, placement: PlacementCache) -> None:
         self.db = db
         self.client = client
         self.settings = settings
         self.metrics = metrics
+        self.ops = ops
+        self.placement = placement
 
     async def sync_from_config(self) -> None:
         """Upsert ``MMANAGER_CONTROLLERS``: the configuration wins over the table at start-up."""
@@ -136,3 +144,33 @@ class ControllerRegistry:
         self.metrics.observe_controller(
             row.id, row.status == "healthy", row.containers_running, row.load_percentage, row.memory_usage_percent
         )
+
+    async def drain(self, user: UserModel, controller_id: str, wait: bool = True) -> ControllerModel | OperationModel:
+        """Disable the controller and have the reconciler move everything off it.
+
+        The reconciler (on whichever replica runs the loops) does the moves and
+        finishes this operation, so a drain survives a hub restart half-way.
+        The call waits up to ``drain_timeout`` and then answers with the
+        operation still running (202) rather than failing.
+        """
+        async with self.db.session() as session:
+            controller = await get_controller(session, controller_id)
+            controller.draining = True
+            controller.enabled = False
+            count = await session.scalar(
+                select(func.count()).where(ServiceModel.controller_id == controller_id)
+            ) or 0
+            # With the flag, so the reconciler never finishes a drain whose operation is not there yet.
+            op = self.ops.add(session, "drain", user.username, controller_id=controller_id,
+                              details={"services": count})
+        self.placement.stale()
+        if not wait:
+            return op
+        deadline = asyncio.get_running_loop().time() + self.settings.drain_timeout
+        while asyncio.get_running_loop().time() < deadline:
+            async with self.db.session() as session:
+                fresh = await get_controller(session, controller_id)
+                if not fresh.draining:
+                    return fresh
+            await asyncio.sleep(0.2)
+        return op

@@ -1,8 +1,9 @@
-"""The operation history (``container_operations``).
+"""The operation history (``container_operations``) and the one protocol every operation follows.
 
-Every lifecycle call is recorded here: a row is committed as ``running``
-before the controller is touched and finished as ``succeeded`` or ``failed``
-afterwards, so a crash leaves a visible trace instead of nothing.
+Every lifecycle call is recorded here: a row is committed as ``running`` before the controller is touched
+and finished as ``succeeded`` or ``failed`` afterwards, so a crash leaves a visible trace instead of nothing.
+An operation this process runs is in ``OperationLog.active`` from its beginning until its end is committed
+(``running``); one ``running`` in the table but not there lost its end and is recovered (``recover_own``).
 """
 
 from __future__ import annotations
@@ -10,12 +11,14 @@ from __future__ import annotations
 import functools
 import logging
 from datetime import timedelta
+from types import TracebackType
 from typing import Any
 
 from sqlalchemy import Select, Update, bindparam, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.db import Database, Tx, any_of, insert_row
+from hub.errors import HubError
 from hub.metrics import HubMetrics
 from hub.models import OperationModel, new_id, utcnow
 
@@ -58,17 +61,17 @@ class OperationLog:
         self.active: set[str] = set()
 
     def new(self, operation: str, actor: str, **fields: Any) -> OperationModel:
-        """A running operation, every column set, for the caller to insert in its transaction (and to
-        add to ``active`` once that committed)."""
+        """A running operation, every column set, for the caller to insert in its transaction (and to run,
+        ``running``, once that committed)."""
         values: dict[str, Any] = {"service_id": None, "controller_id": None, "container_id": None, "error": None,
                                   "details": {}, "finished_at": None, **fields}
         return OperationModel(id=new_id(), operation=operation, status="running", actor=actor,
                               hub_replica=self.replica_id, created_at=utcnow(), **values)
 
     def add(self, session: AsyncSession, operation: str, actor: str, **fields: Any) -> OperationModel:
-        """Begin an operation inside the caller's transaction (it is durable when that commits)."""
+        """Begin an operation inside the caller's ORM transaction (it is durable when that commits), for
+        whoever finishes it (a drain's, the reconciler)."""
         op = self.new(operation, actor, **fields)
-        self.active.add(op.id)
         session.add(op)
         return op
 
@@ -102,6 +105,11 @@ class OperationLog:
             raise
         return op
 
+    def running(self, op: OperationModel) -> Running:
+        """Run ``op`` here: it counts as active from this call on, and its context (``async with``) ends it
+        as failed if the body raises before its end was committed."""
+        return Running(self, op)
+
     async def recover_own(self) -> int:
         """Fail this replica's operations that are "running" in the table but no longer here: their
         ending was lost to a database outage. Each replica runs this for itself, leader or not."""
@@ -129,8 +137,9 @@ class OperationLog:
                         **changes: Any) -> None:
         """End ``op`` inside the caller's transaction; call ``finished(op)`` once that committed.
 
-        One UPDATE by id; an operation whose row is not there (its beginning was rolled
-        back) is inserted as it ends.
+        Until then the end is pending: ``op`` stays active, and if that transaction does not commit,
+        ``running`` records the failure that ended it. One UPDATE by id; an operation whose row is not there
+        (its beginning was rolled back) is inserted as it ends.
         """
         op.status = "failed" if error else "succeeded"
         op.error = error
@@ -155,6 +164,35 @@ class OperationLog:
                 op.operation, op.id, op.service_id, op.controller_id, op.actor, op.status, duration,
                 f": {op.error}" if op.error else "")
         return op
+
+
+class Running:
+    """An operation run by this process (``OperationLog.running``): active until its end is committed, by
+    ``finish`` or by ``finish_in`` and then ``finished``; an error that escapes the body before then ends
+    it as failed with ``CODE: message`` (a ``HubError``) or ``INTERNAL_ERROR: Type: message``."""
+
+    __slots__ = ("log", "op")
+
+    def __init__(self, log: OperationLog, op: OperationModel) -> None:
+        self.log = log
+        self.op = op
+        log.active.add(op.id)
+
+    async def __aenter__(self) -> OperationModel:
+        return self.op
+
+    async def __aexit__(self, kind: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if exc is None or self.op.id not in self.log.active:
+            return
+        # Whatever escaped (a database outage, a bug) still ends the operation, or at least lets it be
+        # recovered (``recover_own``) once the database is back.
+        error = (f"{exc.code}: {exc.message}" if isinstance(exc, HubError)
+                 else f"INTERNAL_ERROR: {type(exc).__name__}: {exc}")
+        try:
+            await self.log.finish(self.op, error[:2000])
+        except Exception:
+            log.warning("could not record the end of operation %s; it will be recovered", self.op.id)
 
 
 def operations_query(

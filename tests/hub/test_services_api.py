@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 
 from examples.images import EXAMPLE_IMAGE
 from hub.models import ContainerRegistryModel, OperationModel, ServiceModel
-from hub.services.lifecycle import load_views
+from hub.scheduler.snapshot import load_views
 from tests.hub.conftest import Cluster
 from tests.support.poll import eventually
 

@@ -1,8 +1,12 @@
-"""The status read's two halves kept off the database and the renderer: ``Gathered`` sends the reads that
+"""Reading a service: who may see it (``get_for``), the status read every client polls (``Reads.read``,
+``read_json``) and the answer's shape (``Reads.to_out``).
+
+The status read's two halves kept off the database and the renderer: ``Gathered`` sends the reads that
 come together as one statement, ``Rendered`` keeps each service's answer until its row changes.
 
 Invariant: an answer is never older than its call; a row is always read by a statement sent after the
-call was made, and an answer is reused only while that row is equal to the one it was rendered from.
+call was made, and an answer is reused only while that row is equal to the one it was rendered from. A
+service is seen by its owner and admins only; for anyone else it does not exist.
 """
 
 from __future__ import annotations
@@ -10,11 +14,102 @@ from __future__ import annotations
 import asyncio
 import contextvars
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from types import SimpleNamespace
 from typing import Any
 
+from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.base import Executable
 
+from hub.config import HubSettings
 from hub.db import Database
+from hub.errors import NotFound
+from hub.models import ServiceModel, UserModel
+from hub.schemas import Endpoint, ServiceOut
+from hub.services.lifecycle.sql import status_read
+from hub.services.users import Identity
+
+# The status reads' answers kept for rendering again only when their service changed (``read_json``): a
+# few MiB at most.
+RENDERED_READS = 4096
+
+
+def require_visible(user: UserModel | Identity, owner_id: int | None, service_id: str) -> None:
+    """A service (owned by ``owner_id``; None: there is none) is seen by its owner and admins; for anyone
+    else it does not exist."""
+    if owner_id is None or not (user.is_admin or owner_id == user.id):
+        raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
+
+
+async def get_for(session: AsyncSession, user: UserModel, service_id: str) -> ServiceModel:
+    """The service, if ``user`` may see it; another user's service does not exist for them."""
+    service = await session.get(ServiceModel, service_id)
+    require_visible(user, service.owner_id if service is not None else None, service_id)
+    return service  # type: ignore[return-value]
+
+
+class Reads:
+    """The status read and the answer's shape."""
+
+    def __init__(self, db: Database, settings: HubSettings) -> None:
+        self.settings = settings
+        # The calls that come together share one statement, built once (so its cache key is computed once).
+        self._gathered = Gathered(db, status_read(db.is_sqlite), "id")
+        self._rendered = Rendered(RENDERED_READS)
+
+    async def read(self, user: UserModel | Identity, service_id: str) -> ServiceOut:
+        """The status read every client polls: the service as the hub knows it, with its owner's name, in
+        one statement on a connection outside any transaction (no ORM session, no identity map), shared by
+        the reads that come at the same time."""
+        row = await self._row(user, service_id)
+        return self.to_out(SimpleNamespace(**row), owner=row["owner_name"])  # type: ignore[arg-type]
+
+    async def read_json(self, user: UserModel | Identity, service_id: str) -> bytes:
+        """``read``'s answer as the JSON the route sends, rendered again only when the service's row changed
+        since it was last rendered (a service polled by many clients, or by one at a fast cadence, is mostly
+        unchanged between two polls)."""
+        row = await self._row(user, service_id)
+        return self._rendered.get(service_id, row, lambda: self.to_out(
+            SimpleNamespace(**row), owner=row["owner_name"]).model_dump_json().encode())  # type: ignore[arg-type]
+
+    async def _row(self, user: UserModel | Identity, service_id: str) -> Mapping[str, Any]:
+        row = await self._gathered.first(service_id)
+        require_visible(user, row["owner_id"] if row is not None else None, service_id)
+        assert row is not None
+        return row
+
+    def to_out(self, service: ServiceModel, owner: str | None = None) -> ServiceOut:
+        """``service`` may be a row with the model's columns; ``owner``, the owner's name, then too."""
+        endpoint = Endpoint.model_validate(service.endpoint) if service.endpoint else None
+        owner = owner if owner is not None else service.owner.username
+        return ServiceOut(
+            id=service.id,
+            name=service.name,
+            owner=owner,
+            repo=service.repo,
+            spec=service.spec,
+            version=service.version,
+            desired_state=service.desired_state,  # type: ignore[arg-type]
+            status=service.status,
+            status_message=service.status_message,
+            controller_id=service.controller_id,
+            container_id=service.container_id,
+            epoch=service.epoch,
+            endpoint=endpoint,
+            url=self._url(service, owner, endpoint),
+            health=service.health,
+            created_at=service.created_at,
+            updated_at=service.updated_at,
+        )
+
+    def _url(self, service: ServiceModel, owner: str, endpoint: Endpoint | None) -> str | None:
+        if self.settings.service_domain:
+            return f"http://{service.name}-{owner}.{self.settings.service_domain}"
+        if endpoint is None or service.status != "running":
+            return None
+        for port in endpoint.ports.values():
+            if port:
+                return f"http://{endpoint.host}:{port}"
+        return None
 
 
 class Rendered:

@@ -1,0 +1,166 @@
+"""What a user does to a service's container where it runs: start, stop and restart it (``lifecycle``),
+read its status (``refresh``) and logs, and delete the service.
+
+Invariant: each call here that changes a service is one operation (start, stop, restart, delete) run under
+the service's lock; a container found gone on start or restart is replaced (``Replacer``), not reported
+missing while the service is meant to run.
+"""
+
+from __future__ import annotations
+
+from hub.errors import Conflict, ControllerRejected, ControllerUnavailable, NotFound
+from hub.logstreams import LogStreamSlots
+from hub.models import ControllerModel, OperationModel, ServiceModel, UserModel
+from hub.schemas import ServiceSpec
+from hub.services.controllers import get_controller
+from hub.services.lifecycle import sql
+from hub.services.lifecycle.context import Lifecycle
+from hub.services.lifecycle.deploy import docker_status, endpoint_for
+from hub.services.lifecycle.reads import get_for
+from hub.services.lifecycle.replace import Replacement, Replacer
+from mmanager.streams import ClosingStream
+
+
+class Actions:
+    def __init__(self, ctx: Lifecycle, replacer: Replacer, log_streams: LogStreamSlots) -> None:
+        self.ctx = ctx
+        self.replacer = replacer
+        self.log_streams = log_streams
+
+    async def lifecycle(self, user: UserModel, service_id: str, action: str,
+                        wait: bool = True) -> ServiceModel | OperationModel:
+        ctx = self.ctx
+        async with ctx.db.session() as session:
+            service = await get_for(session, user, service_id)
+        op = await ctx.ops.begin(
+            action, user.username, service_id=service.id, controller_id=service.controller_id,
+            container_id=service.container_id, details={"epoch": service.epoch},
+        )
+        work = self._run_lifecycle(service.id, action, op)
+        if not wait:
+            ctx.spawn(work)
+            return op
+        return await work
+
+    async def _run_lifecycle(self, service_id: str, action: str, op: OperationModel) -> ServiceModel:
+        ctx = self.ctx
+        async with ctx.ops.running(op), ctx.service_locks[service_id]:
+            async with ctx.db.session() as session:
+                service = await session.get(ServiceModel, service_id)
+                if service is None:
+                    await ctx.ops.finish(op, "service was deleted")
+                    raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
+                service.desired_state = "stopped" if action == "stop" else "running"
+            if service.container_id is None or service.controller_id is None:
+                raise Conflict("service has no container", code="NO_CONTAINER")
+            async with ctx.db.session() as session:
+                controller = await get_controller(session, service.controller_id)
+            params = {"timeout": 10} if action == "stop" else {}
+            try:
+                await ctx.client.action(
+                    controller.id, controller.url, service.container_id, action, epoch=service.epoch, **params
+                )
+            except ControllerRejected as exc:
+                if exc.status_code != 404 or action == "stop":
+                    raise
+                # The container is gone (removed by hand, or its server was rebuilt): make a new one.
+                await self.replacer.replace(Replacement(service, ServiceSpec.model_validate(service.spec), op))
+                return await ctx.reload(service_id)
+            info = await ctx.client.inspect(controller.id, controller.url, service.container_id)
+            async with ctx.db.session() as session:
+                fresh = await session.get(ServiceModel, service_id)
+                assert fresh is not None
+                fresh.status = docker_status(info.status, fresh.desired_state)
+                fresh.endpoint = endpoint_for(controller.url, info.ports).model_dump() if info.status == "running" else None
+                fresh.status_message = None
+                await session.execute(sql.COPY_STATUS, {"of_container": service.container_id, "status": info.status})
+            await ctx.ops.finish(op)
+            return fresh
+
+    async def refresh(self, user: UserModel, service_id: str) -> ServiceModel:
+        """The service with its status read from the controller, when it can be reached."""
+        ctx = self.ctx
+        async with ctx.db.session() as session:
+            service = await get_for(session, user, service_id)
+            if service.controller_id is None or service.container_id is None:
+                return service
+            controller = await session.get(ControllerModel, service.controller_id)
+        if controller is None:
+            return service
+        try:
+            info = await ctx.client.inspect(controller.id, controller.url, service.container_id)
+        except ControllerRejected as exc:
+            if exc.status_code != 404:
+                raise
+            status, message, endpoint = "failed", "container not found on its controller", None
+        except ControllerUnavailable as exc:
+            async with ctx.db.session() as session:
+                fresh = await session.get(ServiceModel, service_id)
+                assert fresh is not None
+                fresh.status_message = exc.message
+            return fresh
+        else:
+            status = docker_status(info.status, service.desired_state)
+            message = None if status in ("running", "stopped") else f"container is {info.status}"
+            endpoint = endpoint_for(controller.url, info.ports).model_dump() if info.status == "running" else None
+        async with ctx.db.session() as session:
+            fresh = await session.get(ServiceModel, service_id)
+            assert fresh is not None
+            if fresh.epoch == service.epoch:
+                fresh.status, fresh.status_message, fresh.endpoint = status, message, endpoint
+        return fresh
+
+    async def logs(self, user: UserModel, service_id: str, tail: int, follow: bool) -> str | ClosingStream:
+        ctx = self.ctx
+        async with ctx.db.session() as session:
+            service = await get_for(session, user, service_id)
+            if service.container_id is None or service.controller_id is None:
+                raise Conflict("service has no container yet", code="NO_CONTAINER")
+            controller = await get_controller(session, service.controller_id)
+        if not follow:
+            return await ctx.client.logs(controller.id, controller.url, service.container_id, tail)
+        # After the ownership check: another user's service is a 404 whatever the caller has open.
+        release = self.log_streams.acquire(user.id, user.username)
+        try:
+            stream = await ctx.client.follow_logs(controller.id, controller.url, service.container_id, tail)
+        except BaseException:
+            release()
+            raise
+        return stream.on_close(release)
+
+    async def delete(self, user: UserModel, service_id: str) -> None:
+        ctx = self.ctx
+        async with ctx.db.session() as session:
+            service = await get_for(session, user, service_id)
+        op = await ctx.ops.begin(
+            "delete", user.username, service_id=service.id, controller_id=service.controller_id,
+            container_id=service.container_id,
+        )
+        await self._run_delete(service, op)
+        ctx.service_locks.pop(service.id, None)
+
+    async def _run_delete(self, service: ServiceModel, op: OperationModel) -> None:
+        ctx = self.ctx
+        async with ctx.ops.running(op), ctx.service_locks[service.id]:
+            async with ctx.db.session() as session:
+                containers = list(await session.execute(sql.SERVICE_COPIES, {"service_id": service.id}))
+            left: list[str] = []
+            for controller_id, container_id in containers:
+                if container_id is None:
+                    continue
+                async with ctx.db.session() as session:
+                    controller = await session.get(ControllerModel, controller_id)
+                if controller is None:
+                    continue
+                try:
+                    await ctx.client.action(controller.id, controller.url, container_id, "delete", force="true")
+                except ControllerRejected as exc:
+                    if exc.status_code != 404:
+                        raise
+                except ControllerUnavailable:
+                    # With the service gone, the container has no registry row: the controller is
+                    # told to remove it (an orphan) on its next heartbeat, whenever it comes back.
+                    left.append(controller_id)
+            async with ctx.db.session() as session:
+                await session.execute(sql.DELETE_SERVICE, {"service_id": service.id})
+            await ctx.ops.finish(op, details={"left_for_controller_cleanup": left} if left else None)

@@ -1,0 +1,77 @@
+"""What the lifecycle's parts share: the hub's parts they call, the placement cache, the locks and the
+background tasks.
+
+Invariant: calls on one service are serialised by that service's lock (``service_locks``), on every
+path that changes it; a burst of one owner's creates, by that owner's (``owner_locks``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import defaultdict
+from collections.abc import Awaitable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hub.config import HubSettings
+from hub.controller_client import ControllerClient
+from hub.db import Database
+from hub.errors import HubError, NotFound
+from hub.metrics import HubMetrics
+from hub.models import ServiceModel
+from hub.scheduler.snapshot import PlacementCache
+from hub.services.operations import OperationLog
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class Lifecycle:
+    """The state the lifecycle's parts share, one per hub process."""
+
+    db: Database
+    client: ControllerClient
+    ops: OperationLog
+    settings: HubSettings
+    metrics: HubMetrics
+    placement: PlacementCache
+    owner_locks: defaultdict[int, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    service_locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    # Operations run in the background (``?wait=false``): shutdown waits for them.
+    tasks: set[asyncio.Task[Any]] = field(default_factory=set)
+    # Follow-ups of moves (``Replacer.follow_health``): shutdown cancels them.
+    followers: set[asyncio.Task[Any]] = field(default_factory=set)
+
+    def spawn(self, work: Awaitable[Any], tasks: set[asyncio.Task[Any]] | None = None) -> None:
+        """Run an operation in the background (``?wait=false``; errors are in its record), or, held in
+        ``tasks`` instead of those shutdown waits for, a follow-up of one."""
+
+        async def guarded() -> None:
+            try:
+                await work
+            except HubError:
+                pass  # already recorded on the operation (a follow-up's: it ends with nothing to record)
+            except Exception:
+                log.exception("background operation crashed")
+
+        held = self.tasks if tasks is None else tasks
+        task = asyncio.create_task(guarded())
+        held.add(task)
+        task.add_done_callback(held.discard)
+
+    async def shutdown(self, timeout: float) -> None:
+        for task in self.followers:
+            task.cancel()  # only a quicker health report is lost
+        if self.tasks:
+            await asyncio.wait(set(self.tasks), timeout=timeout)
+
+    async def reload_or_none(self, service_id: str) -> ServiceModel | None:
+        async with self.db.session() as session:
+            return await session.get(ServiceModel, service_id)
+
+    async def reload(self, service_id: str) -> ServiceModel:
+        service = await self.reload_or_none(service_id)
+        if service is None:
+            raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
+        return service

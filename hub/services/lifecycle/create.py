@@ -1,0 +1,152 @@
+"""Creating a service: its row, its first history entry, its create operation and its first placement in
+one transaction, then its container.
+
+Invariant: an owner never has more than ``max_services_per_user`` services, whatever the concurrency and
+however many replicas: creates count and insert under the owner's ``users`` row lock; a create that fails
+removes its service, so it holds no quota (except an acknowledged ``?wait=false`` create that only lacked
+a controller: it stays, ``lost``, for the reconciler to finish).
+"""
+
+from __future__ import annotations
+
+from hub.db import Tx, insert_row
+from hub.errors import Conflict, ControllerUnavailable, HubError, NoFeasibleController, NotFound, QuotaExceeded
+from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel, UserModel, new_id, utcnow
+from hub.schemas import ServiceSpec
+from hub.services.lifecycle import sql
+from hub.services.lifecycle.context import Lifecycle
+from hub.services.lifecycle.deploy import Deployer, Reserved, Superseded, docker_status, endpoint_for, settle_row
+from hub.services.operations import Running
+
+
+class Creator:
+    def __init__(self, ctx: Lifecycle, deployer: Deployer) -> None:
+        self.ctx = ctx
+        self.deployer = deployer
+
+    async def create(self, user: UserModel, username: str, repo: str, spec: ServiceSpec,
+                     wait: bool = True) -> ServiceModel | OperationModel:
+        ctx = self.ctx
+        owner = user
+        if username != user.username:
+            if not user.is_admin:
+                raise NotFound(f"user {username!r} not found", code="USER_NOT_FOUND")
+            async with ctx.db.session() as session:
+                found = await session.scalar(sql.OWNER_BY_NAME, {"username": username})
+            if found is None:
+                raise NotFound(f"user {username!r} not found", code="USER_NOT_FOUND")
+            owner = found
+        self.deployer.check_policy(spec)
+        now = utcnow()
+        service = ServiceModel(
+            id=new_id(), name=spec.name, owner_id=owner.id, repo=repo, spec=spec.model_dump(mode="json"), version=1,
+            desired_state="running", status="pending", status_message=None, controller_id=None, container_id=None,
+            epoch=1, endpoint=None, gpu_devices=[], health="unknown", created_at=now, updated_at=now,
+        )
+        service.owner = owner
+        # The quota holds across replicas through the owner's row lock (NO KEY UPDATE, so inserts that
+        # only reference the user are not held up), taken before the count and held until the new
+        # service is committed. The per-owner asyncio lock in front of it keeps a burst of one owner's
+        # creates from each holding a pooled connection while waiting on that row, and serialises them
+        # on SQLite (single replica only), whose driver begins the transaction at the first write, too
+        # late to cover the count.
+        #
+        # One transaction: the service, its first history entry, the running create operation and the
+        # placement's ``creating`` registry row. So the operation is durable before the controller is
+        # touched, a pending service is never seen without its running create (or the reconciler would
+        # take it for an interrupted one and start it a second time), and a create interrupted after the
+        # commit is finished by the reconciler at the same controller, idempotently (``Replacer``).
+        op: OperationModel | None = None
+
+        async def write_first(tx: Tx) -> None:
+            nonlocal op
+            await tx.first(sql.LOCK_OWNER, {"owner_id": owner.id})
+            found = await tx.first(sql.OWNED, {"owner_id": owner.id, "name": spec.name})
+            assert found is not None  # an aggregate answers one row
+            count, clash = found["count"], found["clash"]
+            limit = ctx.settings.max_services_per_user
+            if not owner.is_admin and count >= limit:
+                raise QuotaExceeded(
+                    f"user {owner.username!r} already has {count} services (max_services_per_user={limit})",
+                    {"limit": limit, "current": count},
+                )
+            if clash is not None:
+                raise Conflict(f"service {spec.name!r} already exists (id {clash})", code="SERVICE_EXISTS")
+            await insert_row(tx, service)
+            await insert_row(tx, DeploymentHistoryModel(
+                service_id=service.id, version=1, spec=service.spec, image=spec.image,
+                reason="create", actor=user.username, created_at=now,
+            ))
+            op = ctx.ops.new("create", user.username, service_id=service.id, details={"epoch": 1, "version": 1})
+            await insert_row(tx, op)
+
+        async with ctx.owner_locks[owner.id]:
+            # The placement's row in the same transaction: it fails (and rolls all of it back) when nothing
+            # could run the service.
+            first = await self.deployer.reserve(service, spec, frozenset(), None, 1, write_first)
+        assert op is not None
+        # Running from the commit on, also while a background create waits for its task to start.
+        work = self._run(ctx.ops.running(op), service, spec, acknowledged=not wait, first=first)
+        if not wait:
+            ctx.spawn(work)
+            return op
+        return await work
+
+    async def _run(self, running: Running, service: ServiceModel, spec: ServiceSpec, acknowledged: bool,
+                   first: Reserved) -> ServiceModel:
+        """``acknowledged``: the caller already has its 202, so a create that fails only because
+        controllers are unreachable or full right now is kept (status ``lost``) for the reconciler
+        to finish; bad input (an unknown image) still removes it. ``first``: the placement the
+        create's transaction committed."""
+        ctx = self.ctx
+        async with running as op, ctx.service_locks[service.id]:
+            if acknowledged:
+                current = await ctx.reload_or_none(service.id)
+                if current is None or current.status != "pending" or current.epoch != service.epoch:
+                    # Finished (or deleted) by someone else meanwhile: nothing left to do here.
+                    await ctx.ops.finish(op, None if current else "service was deleted",
+                                         details={"completed_elsewhere": True})
+                    if current is None:
+                        raise NotFound(f"service {service.id!r} not found", code="SERVICE_NOT_FOUND")
+                    return current
+            try:
+                copy = await self.deployer.deploy(service, spec, service.epoch, first=first)
+            except HubError as exc:
+                if acknowledged and isinstance(exc, ControllerUnavailable | NoFeasibleController):
+                    async with ctx.db.session() as session:
+                        kept = await session.get(ServiceModel, service.id)
+                        if kept is not None:
+                            kept.status, kept.status_message = "lost", f"{exc.code}: {exc.message}"
+                    await ctx.ops.finish(op, f"{exc.code}: {exc.message}; the reconciler retries it")
+                    raise
+                async with ctx.db.session() as session:
+                    await session.execute(sql.DELETE_SERVICE, {"service_id": service.id})
+                ctx.service_locks.pop(service.id, None)
+                raise  # the operation ends with the error (``running``)
+            row, controller = copy.row, copy.controller
+            settled = {
+                "controller_id": controller.id, "container_id": row.container_id, "gpu_devices": row.gpu_devices,
+                "status": docker_status(copy.status, "running"),
+                "endpoint": endpoint_for(controller.url, copy.ports).model_dump(),
+                "status_message": None, "updated_at": utcnow(),
+            }
+            # One transaction: the container on its row, the service pointing at it, the operation ended.
+            # The service's UPDATE is conditional (its epoch, no container yet), as good as its row lock.
+            try:
+                async with ctx.db.transaction() as tx:
+                    if not await settle_row(tx, row):
+                        raise Superseded
+                    settled["health"] = row.health or "unknown"
+                    if await tx.execute(sql.SETTLE_CREATED, {**settled, "service_id": service.id,
+                                                             "at_epoch": service.epoch}) != 1:
+                        raise Superseded
+                    await ctx.ops.finish_in(tx, op, controller_id=controller.id, container_id=row.container_id)
+            except Superseded:
+                # Someone else finished (or deleted) this service meanwhile: ours would be a second copy.
+                await self.deployer.discard(controller.id, row)
+                await ctx.ops.finish(op, "SUPERSEDED: another operation completed this service first")
+                raise Conflict("another operation completed this service first", code="CONCURRENT_CHANGE") from None
+            ctx.ops.finished(op)
+            for key, value in settled.items():
+                setattr(service, key, value)
+            return service

@@ -1,0 +1,338 @@
+"""Placing one copy of a service and making its container: the placement decision and its hold, the
+``creating`` registry row, the container's configuration and the controller's create.
+
+Invariants:
+- a ``container_registry`` row exists, marked ``creating``, from the moment a controller is chosen, so
+  concurrent placements count it; it is removed if the create fails, so a failed create leaves neither
+  container nor row behind;
+- placements are decided one at a time against this process's in-memory view (``PlacementCache``), each
+  decision and its hold in one synchronous step, so two concurrent creates never both take the last slot
+  of a controller; the database stays the authority: a registry row is only inserted while its controller
+  is healthy, enabled and not draining, and a placement that finds nothing looks again at a fresh snapshot.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from urllib.parse import urlparse
+
+from hub.db import Tx
+from hub.errors import (
+    ControllerRejected,
+    ControllerUnavailable,
+    HubError,
+    NoFeasibleController,
+    NotFound,
+    SpecForbidden,
+)
+from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel, UserModel, new_id, utcnow
+from hub.scheduler import Placement, PlacementRequest, place
+from hub.scheduler.snapshot import Held
+from hub.schemas import Endpoint, ServiceSpec
+from hub.services.lifecycle import sql
+from hub.services.lifecycle.context import Lifecycle
+from mmanager.policy import PolicyViolation, check_spec
+from mmanager.wire import ContainerCreate, HealthCheck
+
+log = logging.getLogger(__name__)
+
+# Docker's container states, as the service status a user sees.
+_DOCKER_TO_STATUS = {"running": "running", "created": "starting", "restarting": "starting", "paused": "stopped"}
+CREATE_ATTEMPTS = 3
+
+
+def docker_status(state: str, desired: str) -> str:
+    if state in _DOCKER_TO_STATUS:
+        return _DOCKER_TO_STATUS[state]
+    return "failed" if desired == "running" else "stopped"
+
+
+def container_name(service: ServiceModel, epoch: int, controller_id: str) -> str:
+    """Unique per Docker engine even when several controllers share one (tests, a dev box)."""
+    where = re.sub(r"[^A-Za-z0-9_.-]", "-", controller_id)[:32]
+    return f"mm-{service.name}-{service.id[:8]}-{epoch}-{where}"
+
+
+def volume_name(owner: UserModel, volume: str) -> str:
+    """The Docker volume behind a service's named volume: one per owner, so no user mounts another's data.
+
+    The owner's id comes first and ends at the first ``-``, which makes the name
+    unambiguous although usernames and volume names may both contain ``-``
+    (``alice`` + ``x-data`` and ``alice-x`` + ``data`` are different volumes).
+    """
+    return f"mm-{owner.id}-{owner.username}-{volume}"
+
+
+def endpoint_for(controller_url: str, ports: dict[str, int | None]) -> Endpoint:
+    host = urlparse(controller_url).hostname or ""
+    return Endpoint(host=host, ports={key.split("/")[0]: value for key, value in ports.items()})
+
+
+@dataclass(slots=True)
+class Reserved:
+    """A placement held: its ``creating`` row (committed), the controller it is on and its hold in the view."""
+
+    row: ContainerRegistryModel
+    controller: ControllerModel
+    held: Held
+
+
+@dataclass(slots=True)
+class Deployed:
+    """A copy made: its row (container id and name set), its controller, its ports and Docker's status."""
+
+    row: ContainerRegistryModel
+    controller: ControllerModel
+    ports: dict[str, int | None]
+    status: str
+
+    @property
+    def epoch(self) -> int:
+        return self.row.epoch
+
+
+class LookAgain(Exception):
+    """Raised inside a transaction to roll it back: the in-memory view found no place; look at a fresh one."""
+
+
+class Superseded(Exception):
+    """Raised inside a transaction to roll it back: another operation completed the service first."""
+
+
+async def settle_row(tx: Tx, row: ContainerRegistryModel) -> bool:
+    """Record the created container on its reserved row, unless the row was superseded meanwhile.
+
+    An explicit UPDATE rather than a merge: a merge would write back the row's old
+    ``updated_at`` and could un-stale a row another operation retired. What a
+    heartbeat already recorded on the row (its health) is kept and copied onto ``row``.
+    """
+    found = await tx.first(sql.SETTLE_ROW, {"row_id": row.id, "container_id": row.container_id,
+                                            "container_name": row.container_name, "status": row.status,
+                                            "updated_at": utcnow()})
+    if found is None:
+        return False
+    row.health = found["health"]
+    return True
+
+
+async def _insert_row_if_placeable(tx: Tx, row: ContainerRegistryModel) -> bool:
+    """Insert the registry row only while its controller is healthy, enabled and not draining: the
+    database has the last word on a decision made from the in-memory view."""
+    values = {key: getattr(row, key) for key in sql.ROW_COLUMNS}
+    return await tx.execute(sql.INSERT_ROW_IF_PLACEABLE, {**values, "place_on": row.controller_id}) == 1
+
+
+def _request(spec: ServiceSpec, exclude: frozenset[str] = frozenset()) -> PlacementRequest:
+    return PlacementRequest(
+        memory=spec.resources.memory_bytes,
+        cpu=spec.resources.cpu_limit or 0.0,
+        gpu_count=spec.resources.gpu_count,
+        server_type=spec.server_type,
+        exclude=exclude,
+    )
+
+
+def _new_row(service: ServiceModel, spec: ServiceSpec, epoch: int, decision: Placement) -> ContainerRegistryModel:
+    assert decision.controller_id is not None
+    now = utcnow()
+    return ContainerRegistryModel(
+        id=new_id(),
+        service_id=service.id,
+        controller_id=decision.controller_id,
+        container_id=None,
+        container_name=container_name(service, epoch, decision.controller_id),
+        image=spec.image,
+        status="creating",
+        epoch=epoch,
+        health="unknown",
+        health_restarts=0,
+        memory_bytes=spec.resources.memory_bytes,
+        cpu_limit=spec.resources.cpu_limit or 0.0,
+        gpu_devices=list(decision.gpu_devices),
+        created_at=now,
+        updated_at=now,
+    )
+
+
+class Deployer:
+    """Places copies and makes their containers."""
+
+    def __init__(self, ctx: Lifecycle) -> None:
+        self.ctx = ctx
+
+    def check_policy(self, spec: ServiceSpec) -> None:
+        """The spec policy (``mmanager.policy``), checked before anything is written; controllers check again."""
+        try:
+            check_spec(self.ctx.settings.spec_policy, image=spec.image, labels=spec.labels, ports=spec.ports,
+                       volume_sources=spec.volumes, cap_add=spec.cap_add, environment=spec.env)
+        except PolicyViolation as exc:
+            raise SpecForbidden(exc.message, exc.details) from None
+
+    def _decide(self, request: PlacementRequest, target: str | None, final: bool) -> tuple[Placement, Held]:
+        """Decide where from the view, and hold it there, in one synchronous step (no other placement
+        sees the view in between). Nothing found: ``LookAgain`` (the caller takes a fresh snapshot, outside
+        its transaction: waiting for one while holding a pooled connection could starve the pool), or,
+        on a fresh one (``final``), the error."""
+        placement = self.ctx.placement
+        index = placement.current
+        if target is not None:
+            view = index.get(target)
+            if view is None:
+                if final:
+                    raise NotFound(f"controller {target!r} not found", code="CONTROLLER_NOT_FOUND")
+                raise LookAgain
+            decision = place([view], request)
+        else:
+            decision = index.place(request)
+        if decision.placed:
+            return decision, placement.hold(decision, request)
+        if final:
+            raise NoFeasibleController(
+                "no controller can run this service",
+                {"rejections": [r.as_dict() for r in decision.rejections]},
+            )
+        raise LookAgain
+
+    async def _hold_row(self, tx: Tx, service: ServiceModel, spec: ServiceSpec, epoch: int,
+                        exclude: frozenset[str], target: str | None, final: bool) -> Reserved:
+        """Choose a controller and insert its ``creating`` row in the caller's transaction; the hold is
+        released if that transaction does not commit (the caller calls ``placement.committed`` when it did).
+        The caller has awaited ``placement.index()`` just before (outside the transaction)."""
+        placement = self.ctx.placement
+        refused: set[str] = set()
+        for _ in range(CREATE_ATTEMPTS):
+            decision, held = self._decide(_request(spec, exclude | refused), target, final)
+            row = _new_row(service, spec, epoch, decision)
+            try:
+                placeable = await _insert_row_if_placeable(tx, row)
+            except BaseException:
+                placement.release(held)
+                raise
+            if placeable:
+                controller = ControllerModel(id=row.controller_id, url=placement.urls[row.controller_id])
+                return Reserved(row, controller, held)
+            placement.release(held)
+            placement.unfit(row.controller_id)
+            refused.add(row.controller_id)
+        raise NoFeasibleController("no controller can run this service (each chosen one was refused)",
+                                   {"refused": sorted(refused)})
+
+    async def reserve(self, service: ServiceModel, spec: ServiceSpec, exclude: frozenset[str],
+                      target: str | None, epoch: int,
+                      write_first: Callable[[Tx], Awaitable[None]] | None = None) -> Reserved:
+        """Choose a controller and hold a registry row on it (committed when this returns), in one
+        transaction with what ``write_first`` writes (run again if a fresh view must be taken)."""
+        placement = self.ctx.placement
+        for final in (False, True):
+            await placement.index(fresh=final)
+            reserved: Reserved | None = None
+            try:
+                async with self.ctx.db.transaction() as tx:
+                    if write_first is not None:
+                        await write_first(tx)
+                    reserved = await self._hold_row(tx, service, spec, epoch, exclude, target, final)
+            except LookAgain:
+                continue
+            except BaseException:
+                if reserved is not None:
+                    placement.release(reserved.held)
+                raise
+            placement.committed(reserved.held)
+            return reserved
+        raise AssertionError("unreachable: a fresh look decides or raises")
+
+    async def deploy(self, service: ServiceModel, spec: ServiceSpec, epoch: int,
+                     exclude: frozenset[str] = frozenset(), target: str | None = None,
+                     first: Reserved | None = None) -> Deployed:
+        """Place and create-and-start one container; on failure nothing stays reserved.
+
+        ``first``: a placement already held (the create's, made in its first transaction).
+        A controller that cannot be reached is skipped and the next best one tried.
+        """
+        ctx = self.ctx
+        tried: set[str] = set()
+        last_error: HubError | None = None
+        for attempt in range(CREATE_ATTEMPTS):
+            if attempt == 0 and first is not None:
+                reserved = first
+            else:
+                try:
+                    reserved = await self.reserve(service, spec, exclude | tried, target, epoch)
+                except NoFeasibleController:
+                    if last_error is not None:
+                        raise last_error from None
+                    raise
+            row, controller = reserved.row, reserved.controller
+            try:
+                created = await ctx.client.create(
+                    controller.id, controller.url,
+                    self.container_config(service, spec, epoch, reserved.held.gpus, row.container_name),
+                )
+            except HubError as exc:
+                await sql.delete_row(ctx.db, row.id)
+                ctx.placement.release(reserved.held)
+                # Unreachable, or full after all (another replica took its last slot meanwhile, or
+                # containers the hub does not know of): the next best controller is tried.
+                full = isinstance(exc, ControllerRejected) and exc.code == "CAPACITY_EXCEEDED"
+                if (isinstance(exc, ControllerUnavailable) or full) and target is None:
+                    tried.add(controller.id)
+                    if full:
+                        ctx.placement.unfit(controller.id)
+                    else:
+                        ctx.placement.avoid(controller.id)
+                    last_error = exc
+                    continue
+                raise
+            row.container_id = created.container_id
+            row.container_name = created.name
+            row.status = "running" if created.status == "running" else created.status
+            return Deployed(row, controller, created.ports, created.status)
+        assert last_error is not None
+        raise last_error
+
+    def container_config(self, service: ServiceModel, spec: ServiceSpec, epoch: int,
+                         gpus: tuple[str, ...], name: str) -> ContainerCreate:
+        return ContainerCreate(
+            name=name,
+            image=spec.image,
+            command=spec.command,
+            environment=dict(spec.env),
+            ports={(k if "/" in k else f"{k}/tcp"): v for k, v in spec.ports.items()},
+            # A source that is a path passed the spec policy's host-path allow-list (check_policy).
+            volumes={(source if source.startswith("/") else volume_name(service.owner, source)):
+                     {"bind": path, "mode": "ro" if source.startswith("/") else "rw"}
+                     for source, path in spec.volumes.items()},
+            memory_limit=spec.resources.memory_limit,
+            cpu_limit=spec.resources.cpu_limit,
+            restart_policy=spec.restart_policy,
+            labels=dict(spec.labels),
+            service_id=service.id,
+            epoch=epoch,
+            gpu_count=len(gpus),
+            gpu_device_ids=list(gpus) or None,
+            health_check=HealthCheck.model_validate(spec.health_check.model_dump()) if spec.health_check else None,
+            cap_add=list(spec.cap_add) or None,
+        )
+
+    async def discard(self, controller_id: str, row: ContainerRegistryModel) -> None:
+        """Remove a container we made but must not keep, and its row (else its heartbeat removes it)."""
+        if row.container_id:
+            await self.remove_container(controller_id, row.container_id)
+        await sql.delete_row(self.ctx.db, row.id)
+
+    async def remove_container(self, controller_id: str, container_id: str) -> bool:
+        async with self.ctx.db.session() as session:
+            controller = await session.get(ControllerModel, controller_id)
+        if controller is None:
+            return False
+        try:
+            await self.ctx.client.action(controller.id, controller.url, container_id, "delete", force="true")
+            return True
+        except ControllerRejected as exc:
+            return exc.status_code == 404
+        except HubError as exc:
+            log.warning("could not remove old container %s on %s: %s", container_id, controller_id, exc.message)
+            return False

@@ -1,0 +1,162 @@
+"""Every statement the lifecycle sends, built once at import (so each is compiled once and its cache key
+computed once), and the one deletion of a registry row.
+
+Invariant: a statement here binds every value it is given by name and writes only the columns it names
+(on SQLite, SQLAlchemy would also SET a parameter named after a column).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from sqlalchemy import Select, bindparam, case, delete, func, insert, select, update
+
+from hub.db import Database, any_of
+from hub.models import (
+    ContainerRegistryModel,
+    ControllerModel,
+    DeploymentHistoryModel,
+    ServiceModel,
+    UserModel,
+)
+
+REGISTRY = ContainerRegistryModel.__table__
+SERVICES = ServiceModel.__table__
+CONTROLLERS = ControllerModel.__table__
+HISTORY = DeploymentHistoryModel.__table__
+USERS = UserModel.__table__
+
+
+@functools.cache
+def status_read(sqlite: bool) -> Select[Any]:
+    """The status reads' statement: the services of a list of ids (``keys``) with their owners' names."""
+    return (select(*SERVICES.c, UserModel.username.label("owner_name"))
+            .join_from(ServiceModel, UserModel, ServiceModel.owner_id == UserModel.id)
+            .where(any_of(ServiceModel.id, "keys", sqlite=sqlite)))
+
+
+# ---------------------------------------------------------------- create
+
+# A create's owner named by an admin.
+OWNER_BY_NAME = select(UserModel).where(UserModel.username == bindparam("username"))
+# A create's count of its owner's services, and the id of one already named as the new one, under the
+# owner's row lock (NO KEY UPDATE: inserts that only reference the user are not held up).
+LOCK_OWNER = select(UserModel.id).where(UserModel.id == bindparam("owner_id")).with_for_update(key_share=True)
+OWNED = select(
+    func.count().label("count"),
+    func.max(case((ServiceModel.name == bindparam("name"), ServiceModel.id))).label("clash"),
+).where(ServiceModel.owner_id == bindparam("owner_id"))
+
+ROW_COLUMNS = [c.key for c in REGISTRY.columns]
+# The registry row, inserted only while its controller is healthy, enabled and not draining.
+INSERT_ROW_IF_PLACEABLE = insert(REGISTRY).from_select(
+    ROW_COLUMNS,
+    select(*(bindparam(key, type_=REGISTRY.c[key].type).label(key) for key in ROW_COLUMNS)).where(
+        CONTROLLERS.c.id == bindparam("place_on"), CONTROLLERS.c.status == "healthy",
+        CONTROLLERS.c.enabled.is_(True), CONTROLLERS.c.draining.is_(False),
+    ),
+)
+# The created container on its reserved row, unless the row was superseded meanwhile.
+SETTLE_ROW = (
+    update(REGISTRY)
+    .where(REGISTRY.c.id == bindparam("row_id"), REGISTRY.c.status != "stale")
+    .values(container_id=bindparam("container_id"), container_name=bindparam("container_name"),
+            status=bindparam("status"), updated_at=bindparam("updated_at"))
+    .returning(REGISTRY.c.health)
+)
+# The create's end: its service pointing at the container, unless another operation got there first.
+SETTLE_CREATED = (
+    update(SERVICES)
+    .where(SERVICES.c.id == bindparam("service_id"), SERVICES.c.epoch == bindparam("at_epoch"),
+           SERVICES.c.controller_id.is_(None))
+    .values({key: bindparam(key, type_=SERVICES.c[key].type) for key in (
+        "controller_id", "container_id", "gpu_devices", "status", "endpoint", "status_message", "updated_at",
+        "health")})
+)
+
+# ------------------------------------------------------------------ moves
+
+CLAIM_EPOCH = (
+    update(SERVICES)
+    .where(SERVICES.c.id == bindparam("service_id"), SERVICES.c.epoch == bindparam("seen"))
+    .values(epoch=bindparam("next_epoch"), status="migrating", updated_at=bindparam("updated_at"))
+)
+# A replace's settle: the service, its row locked until the transaction ends (SQLite locks the whole
+# database anyway), made to point at the new copy; every other copy stale.
+LOCK_SERVICE = select(SERVICES).where(SERVICES.c.id == bindparam("service_id")).with_for_update()
+FINALIZED = ("epoch", "controller_id", "container_id", "gpu_devices", "spec", "health", "version", "status",
+             "endpoint", "status_message", "updated_at")
+FINALIZE = (
+    update(SERVICES)
+    .where(SERVICES.c.id == bindparam("service_id"))
+    .values({key: bindparam(key, type_=SERVICES.c[key].type) for key in FINALIZED})
+)
+RETIRE_OTHERS = (
+    update(REGISTRY)
+    .where(REGISTRY.c.service_id == bindparam("of_service"), REGISTRY.c.id != bindparam("keep_row"))
+    .values(status="stale", updated_at=bindparam("updated_at"))
+)
+LATEST_VERSION = select(func.max(HISTORY.c.version).label("latest")).where(
+    HISTORY.c.service_id == bindparam("service_id"))
+PAST_VERSION = select(DeploymentHistoryModel).where(
+    DeploymentHistoryModel.service_id == bindparam("service_id"),
+    DeploymentHistoryModel.version == bindparam("version"))
+# A moved copy's probe passed: the service, if still at that copy, and the copy's row, unless retired
+# meanwhile, read healthy.
+FOLLOWED_SERVICE = (
+    update(SERVICES)
+    .where(SERVICES.c.id == bindparam("service_id"), SERVICES.c.epoch == bindparam("at_epoch"),
+           SERVICES.c.container_id == bindparam("copy_id"), SERVICES.c.health != "healthy")
+    .values(health="healthy", updated_at=bindparam("updated_at"))
+)
+FOLLOWED_ROW = (
+    update(REGISTRY)
+    .where(REGISTRY.c.id == bindparam("row_id"), REGISTRY.c.container_id == bindparam("copy_id"),
+           REGISTRY.c.status != "stale")
+    .values(health="healthy", updated_at=bindparam("updated_at"))
+)
+# A service's rows that are not superseded (of them, those not its current container are unfinished creates).
+PENDING_ROWS = select(REGISTRY).where(REGISTRY.c.service_id == bindparam("service_id"),
+                                      REGISTRY.c.status != "stale")
+
+
+@functools.cache
+def healthy_controllers(sqlite: bool) -> Select[Any]:
+    """The healthy ones of a list of controllers (``ids``)."""
+    return select(CONTROLLERS).where(CONTROLLERS.c.status == "healthy", any_of(CONTROLLERS.c.id, "ids", sqlite=sqlite))
+
+
+# A move's service, with what of its owner a move needs (the owner's volumes are named by id and name).
+MOVED = (select(SERVICES, USERS.c.username.label("owner_username"), USERS.c.is_admin.label("owner_is_admin"))
+         .join_from(SERVICES, USERS, SERVICES.c.owner_id == USERS.c.id)
+         .where(SERVICES.c.id == bindparam("service_id")))
+# A service's superseded copies, with their controllers' status (those that answer now are removed at once).
+STALE_COPIES = (
+    select(REGISTRY.c.id, REGISTRY.c.controller_id, REGISTRY.c.container_id, CONTROLLERS.c.status)
+    .select_from(REGISTRY.outerjoin(CONTROLLERS, CONTROLLERS.c.id == REGISTRY.c.controller_id))
+    .where(REGISTRY.c.service_id == bindparam("service_id"), REGISTRY.c.status == "stale")
+)
+# A service marked lost: the row of its current container.
+SERVING_ROW = select(ContainerRegistryModel).where(
+    ContainerRegistryModel.service_id == bindparam("service_id"),
+    ContainerRegistryModel.container_id == bindparam("container_id"))
+
+# ---------------------------------------------------------------- actions
+
+# What Docker said of a container, on its registry rows.
+COPY_STATUS = (update(REGISTRY).where(REGISTRY.c.container_id == bindparam("of_container"))
+               .values(status=bindparam("status")))
+# A service's copies, to delete with it.
+SERVICE_COPIES = select(ContainerRegistryModel.controller_id, ContainerRegistryModel.container_id).where(
+    ContainerRegistryModel.service_id == bindparam("service_id"))
+DELETE_SERVICE = delete(SERVICES).where(SERVICES.c.id == bindparam("service_id"))
+
+DELETE_ROW = delete(REGISTRY).where(REGISTRY.c.id == bindparam("row_id"))
+
+
+async def delete_row(db: Database, row_id: str) -> None:
+    """Remove a registry row: its reservation ends; a container it held, if any, becomes an orphan that its
+    controller removes on its next heartbeat, unless the caller removed it first."""
+    async with db.session() as session:
+        await session.execute(DELETE_ROW, {"row_id": row_id})

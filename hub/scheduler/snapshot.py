@@ -112,7 +112,7 @@ class PlacementCache:
         self._lock = asyncio.Lock()
         self._background: asyncio.Task[None] | None = None
         # Seconds the last snapshot took: the background one is taken no more often than every 10 of them,
-        # so it costs at most a tenth of the time (10,000 controllers: about 0.1 s a snapshot).
+        # so it costs at most a tenth of the time however big the fleet.
         self._cost = 0.0
 
     @property

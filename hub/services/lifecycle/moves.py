@@ -111,8 +111,8 @@ class Mover:
                 if current.status not in UNSETTLED or await self._still_serving(current):
                     return None
             operation = {"controller_lost": "failover", "resume": "recover"}.get(reason, "migrate")
-            # One transaction of Core statements: the service read, its operation begun, its unfinished
-            # creates read (in ORM sessions, a third of a move's CPU).
+            # One transaction of Core statements, not ORM sessions (a mass failover makes thousands of moves):
+            # the service read, its operation begun, its unfinished creates read.
             async with ctx.db.transaction() as tx:
                 found = await tx.first(sql.MOVED, {"service_id": service_id})
                 if found is None or found["controller_id"] != expected_controller:

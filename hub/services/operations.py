@@ -200,7 +200,7 @@ def operations_query(
     controller_id: str | None = None,
     status: str | None = None,
     operation: str | None = None,
-) -> Select[tuple[OperationModel]]:
+) -> Select[OperationModel]:
     query = select(OperationModel).order_by(OperationModel.created_at.desc(), OperationModel.id)
     if service_id:
         query = query.where(OperationModel.service_id == service_id)

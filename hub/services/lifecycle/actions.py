@@ -87,6 +87,7 @@ class Actions:
             controller = await session.get(ControllerModel, service.controller_id)
         if controller is None:
             return service
+        message: str | None
         try:
             info = await ctx.client.inspect(controller.id, controller.url, service.container_id)
         except ControllerRejected as exc:

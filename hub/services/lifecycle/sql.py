@@ -33,7 +33,7 @@ def status_read(sqlite: bool) -> Select[Any]:
     """The status reads' statement: the services of a list of ids (``keys``) with their owners' names."""
     return (select(*SERVICES.c, UserModel.username.label("owner_name"))
             .join_from(ServiceModel, UserModel, ServiceModel.owner_id == UserModel.id)
-            .where(any_of(ServiceModel.id, "keys", sqlite=sqlite)))
+            .where(any_of(SERVICES.c.id, "keys", sqlite=sqlite)))
 
 
 # ---------------------------------------------------------------- create

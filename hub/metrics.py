@@ -1,4 +1,4 @@
-"""The hub's Prometheus metrics (SPEC section 7), on a registry of its own so
+"""The hub's Prometheus metrics (docs/OPERATIONS.md), on a registry of its own so
 that several hubs in one process (tests, dev mode) do not collide.
 
 The families with a series per controller, per service or per container are ``WideGauges``, written
@@ -19,7 +19,7 @@ from mmanager.wire import USAGE_LABELS, USAGE_METRICS
 SERVICE_STATUSES = ("pending", "starting", "running", "stopped", "failed", "migrating", "unhealthy", "lost")
 ALERT_KINDS = ("cpu", "memory", "disk")
 
-# Each controller's series (SPEC section 7), by the name WideGauges.set is given.
+# Each controller's series, by the name WideGauges.set is given.
 CONTROLLER_GAUGES = {
     "up": ("mmanager_controller_up", "1 when the controller is healthy"),
     "running": ("mmanager_containers_running", "Managed containers running, as the controller reports"),

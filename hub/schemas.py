@@ -1,4 +1,4 @@
-"""The hub's public API shapes (SPEC section 3). Input models forbid unknown
+"""The hub's public API shapes (docs/API.md). Input models forbid unknown
 fields; output models are what the API promises."""
 
 from __future__ import annotations

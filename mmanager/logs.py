@@ -52,7 +52,7 @@ _POLL = re.compile(r"^/api/services/[^/?]+(\?|$)")
 
 
 class LogSettings(BaseSettings):
-    """The same names on the hub and the controllers (SPEC section 2)."""
+    """The same names on the hub and the controllers (docs/OPERATIONS.md, Logs)."""
 
     log_level: str = Field(default="INFO", validation_alias=AliasChoices("LOG_LEVEL", "MMANAGER_LOG_LEVEL"))
     # None: stderr. A file is appended to, created if missing.

@@ -23,7 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 WIRE_VERSION = 1
 
-# Docker label keys (SPEC section 6). Only the controller writes them.
+# Docker label keys (docs/API.md, Controller API). Only the controller writes them.
 LABEL_MANAGED = "mmanager.managed"
 LABEL_CONTROLLER = "mmanager.controller"
 LABEL_SERVICE = "mmanager.service"

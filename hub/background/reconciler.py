@@ -22,7 +22,7 @@ from sqlalchemy.sql.base import Executable
 
 from hub.background.backpressure import AdaptiveLimit, LoopLag
 from hub.config import HubSettings
-from hub.db import Database, any_of
+from hub.db import CoreTx, Database, any_of
 from hub.errors import HubError
 from hub.metrics import HubMetrics
 from hub.models import (
@@ -321,13 +321,15 @@ class Reconciler(LoopService):
             log.info("service %s moved (%s) to %s", sid, action.reason, result.controller_id)
 
     async def _finish_drain(self, controller_id: str) -> None:
-        now = utcnow()
+        """The controller is empty: it stops draining and its drain operations end, in one transaction
+        (whichever replica began them)."""
+        ops = self.services.ctx.ops
         async with self.db.session() as session:
             await session.execute(
                 update(ControllerModel).where(ControllerModel.id == controller_id, ControllerModel.draining.is_(True))
                 .values(draining=False, enabled=False)
             )
-            ops = list(
+            drains = list(
                 await session.scalars(
                     select(OperationModel).where(
                         OperationModel.operation == "drain",
@@ -336,9 +338,8 @@ class Reconciler(LoopService):
                     )
                 )
             )
-            for op in ops:
-                op.status, op.finished_at = "succeeded", now
-        for op in ops:
-            self.metrics.operations.labels("drain", "succeeded").inc()
-            self.metrics.operation_duration.labels("drain").observe((now - op.created_at).total_seconds())
+            for op in drains:
+                await ops.finish_in(CoreTx(session), op)
+        for op in drains:
+            ops.finished(op)
         log.info("controller %s is drained", controller_id)

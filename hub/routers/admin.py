@@ -1,4 +1,4 @@
-"""The admin API (SPEC section 3): controllers, the container registry,
+"""The admin API (docs/API.md, Admin): controllers, the container registry,
 operations, resource usage, usage alerts and users."""
 
 from __future__ import annotations

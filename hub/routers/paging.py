@@ -1,4 +1,4 @@
-"""Paging parameters shared by every list endpoint (SPEC: ``limit`` default 100, at most 1000)."""
+"""Paging parameters shared by every list endpoint (``limit`` default 100, at most 1000)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The services API (SPEC section 3), at the seed's paths."""
+"""The services API (docs/API.md, Services), at the seed's paths."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Where a service should run (SPEC section 8).
+"""Where a service should run (docs/ARCHITECTURE.md, Placement).
 
 ``place()`` is pure: it reads a snapshot of the controllers and the request and
 returns a decision; it does no I/O and holds no state, so a test can build the

@@ -11,7 +11,6 @@ import signal
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from datetime import datetime
-from typing import Any
 
 import asyncpg
 import httpx
@@ -19,7 +18,6 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from starlette.requests import ClientDisconnect
-from starlette.types import Receive, Scope, Send
 
 from hub.background.flusher import HeartbeatFlusher
 from hub.background.leader import Supervisor
@@ -30,7 +28,6 @@ from hub.controller_client import ControllerClient
 from hub.db import Database
 from hub.deps import Hub
 from hub.errors import error_response
-from hub.fastlane import FastLane
 from hub.metrics import HubMetrics
 from hub.models import new_id
 from hub.ratelimit import RateLimiter
@@ -46,7 +43,7 @@ from mmanager import __version__
 from mmanager.audit import AuditMiddleware
 from mmanager.errors import install_error_handlers
 from mmanager.limits import BodyLimit
-from mmanager.logs import RequestIdMiddleware
+from mmanager.logs import install_request_ids
 
 log = logging.getLogger(__name__)
 
@@ -178,20 +175,6 @@ def _install_error_handlers(app: FastAPI) -> None:
     )
 
 
-class HubApp(FastAPI):
-    """The hub's FastAPI application with the fast lane (``hub.fastlane``) in front of all of it, inside only
-    the request ids (and the access line): a status read or a heartbeat the lane answers skips the framework
-    from its very entry (FastAPI's own per-call telemetry check, Starlette's app scope), everything else
-    goes on to FastAPI untouched."""
-
-    def __init__(self, hub: Hub, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self._front = RequestIdMiddleware(FastLane(super().__call__, hub))
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        await self._front(scope, receive, send)
-
-
 def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_loops: bool = True) -> FastAPI:
     settings = settings or HubSettings()
     hub = hub or build_hub(settings)
@@ -237,8 +220,11 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
                 if hub.ingest.db is not hub.db:
                     await hub.ingest.db.dispose()
 
-    app = HubApp(hub, title="mManager hub", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="mManager hub", version=__version__, lifespan=lifespan, telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.hub = hub
+    # The two calls made all the time, first among the routes: found at once, answered without FastAPI's
+    # request handling (hub.routers.hot).
+    app.router.routes[:0] = [services.status_read(), controllers.heartbeat_route()]
     _install_error_handlers(app)
     # The audit, added last, is the outer one: it sees the body limit's 413s too.
     app.add_middleware(BodyLimit, limit_for=lambda scope: settings.max_heartbeat_bytes
@@ -249,6 +235,5 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.include_router(admin.router)
     app.include_router(prometheus.router)
     app.include_router(audit.router)
-    app.include_router(controllers.router)
-    controllers.document_bodies(app)
+    install_request_ids(app)
     return app

@@ -1,14 +1,15 @@
-"""FastAPI dependencies, as ``Annotated`` aliases."""
+"""FastAPI dependencies, as ``Annotated`` aliases, and ``admit``: every call's authentication and rate
+limit, the same for the routes FastAPI runs and for the hot routes (``hub.routers.hot``)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Coroutine
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated
 
-from fastapi import Depends, Request, Response
-from fastapi.routing import APIRoute
+from fastapi import Depends, Request
 from sqlalchemy.ext.asyncio import AsyncSession
+from starlette.types import Scope
 
 from hub.config import HubSettings
 from hub.controller_client import ControllerClient
@@ -21,8 +22,8 @@ from hub.services.controllers import ControllerRegistry
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
 from hub.services.operations import OperationLog
-from hub.services.users import UserAuth
-from mmanager.audit import identify
+from hub.services.users import Identity, UserAuth, as_user
+from mmanager.audit import identify_call
 
 if TYPE_CHECKING:
     from hub.background.poller import ControllerPoller
@@ -81,26 +82,47 @@ def bearer_token(header: str) -> str | None:
     return token if scheme.lower() == "bearer" and token else None
 
 
-def bearer(request: Request) -> str:
-    token = bearer_token(request.headers.get("authorization", ""))
+def call_bearer(scope: Scope) -> str:
+    """The bearer token of a call (its first ``Authorization`` header, as ``Request.headers`` reads it)."""
+    for key, value in scope["headers"]:
+        if key == b"authorization":
+            token = bearer_token(value.decode("latin-1"))
+            break
+    else:
+        token = None
     if token is None:
         raise Unauthorized("missing bearer token: send 'Authorization: Bearer <token>'")
     return token
 
 
-# Set in a request's state by hub.fastlane when it took the call's rate-limit token and then handed the call on.
-RATE_CHARGED = "rate_charged"
+def bearer(request: Request) -> str:
+    return call_bearer(request.scope)
+
+
+async def admit(hub: Hub, scope: Scope) -> Identity:
+    """Who makes this call, and whether they may make it now: the token's user (``Unauthorized``), named
+    for the audit trail, then one token of the user's rate limit (``RateLimited``), taken before anything
+    is done so that a refused call has done nothing. Every route a user calls goes through here: the
+    dependencies below, and the status read (``hub.routers.hot``)."""
+    who = await hub.users.identity(call_bearer(scope))
+    identify_call(scope, who.username)
+    if hub.limiter is not None:
+        wait = hub.limiter.acquire(who.id)
+        if wait:
+            raise RateLimited(f"too many requests from {who.username!r}; retry in {wait}s", retry_after=wait)
+    return who
+
+
+async def admit_controller(hub: Hub, scope: Scope, controller_id: str) -> None:
+    """Whether the call's key may speak for ``controller_id`` (``Unauthorized`` if not), named for the audit
+    trail: the heartbeat checks it before it reads its body, so a caller without a valid key costs one key
+    lookup, never a parse."""
+    await hub.ingest.authenticate(controller_id, call_bearer(scope))
+    identify_call(scope, f"controller:{controller_id}")
 
 
 async def get_current_user(request: Request, hub: HubDep) -> UserModel:
-    user = await hub.users.authenticate(bearer(request))
-    identify(request, user.username)
-    if hub.limiter is not None and not getattr(request.state, RATE_CHARGED, False):
-        # Before the handler runs, so a refused call has done nothing.
-        wait = hub.limiter.acquire(user.id)
-        if wait:
-            raise RateLimited(f"too many requests from {user.username!r}; retry in {wait}s", retry_after=wait)
-    return user
+    return as_user(await admit(hub, request.scope))
 
 
 CurrentUser = Annotated[UserModel, Depends(get_current_user)]
@@ -113,35 +135,3 @@ async def get_admin(user: CurrentUser) -> UserModel:
 
 
 AdminUser = Annotated[UserModel, Depends(get_admin)]
-
-
-class ControllerRoute(APIRoute):
-    """A route only a controller's key reaches (``/api/controllers/{controller_id}/...``).
-
-    The key is checked before FastAPI reads and parses the body (it reads the body
-    before it runs any dependency), so a caller without a valid key costs one key
-    lookup, never a parse.
-    """
-
-    def get_route_handler(self) -> Callable[[Request], Coroutine[Any, Any, Response]]:
-        handler = super().get_route_handler()
-
-        async def authenticated(request: Request) -> Response:
-            controller_id = request.path_params["controller_id"]
-            await request.app.state.hub.ingest.authenticate(controller_id, bearer(request))
-            request.state.controller_id = controller_id
-            identify(request, f"controller:{controller_id}")
-            return await handler(request)
-
-        return authenticated
-
-
-async def authenticate_controller(request: Request, hub: HubDep, controller_id: str) -> str:
-    """The controller id, once its key is checked (by ``ControllerRoute``, before the body is read)."""
-    if getattr(request.state, "controller_id", None) != controller_id:
-        await hub.ingest.authenticate(controller_id, bearer(request))
-    identify(request, f"controller:{controller_id}")
-    return controller_id
-
-
-ControllerAuth = Annotated[str, Depends(authenticate_controller)]

@@ -127,6 +127,11 @@ def identify(request: HTTPConnection, actor: str) -> None:
     setattr(request.state, ACTOR_ATTR, actor)
 
 
+def identify_call(scope: Scope, actor: str) -> None:
+    """``identify`` for a call without a ``Request`` (a pure ASGI route): the same state, the scope's."""
+    scope.setdefault("state", {})[ACTOR_ATTR] = actor
+
+
 def result_of(status_code: int) -> str:
     """ok | refused (4xx) | error (5xx): the audit log's ``result``."""
     if status_code >= 500:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -54,10 +53,14 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         limit = self.limit_for(scope)
-        declared = Headers(scope=scope).get("content-length")
-        if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-            await too_large(limit)(scope, receive, send)
-            return
+        for key, value in scope["headers"]:
+            # (The first, as ``Headers.get`` reads it, without building a ``Headers``: this runs on every call.)
+            if key == b"content-length":
+                declared = value.decode("latin-1").strip()
+                if declared.isdigit() and int(declared) > limit:
+                    await too_large(limit)(scope, receive, send)
+                    return
+                break
         received = 0
         started = False
 

@@ -47,7 +47,7 @@ request_id_var: ContextVar[str | None] = ContextVar("mmanager_request_id", defau
 # Successful calls that come every few seconds from every controller, prober and scraper: their access
 # lines are dropped unless LOG_LEVEL is DEBUG.
 _ROUTINE = re.compile(r"^/(health|metrics|api/controllers/[^/?]+/heartbeat)(\?|$)")
-# The status read clients poll (a GET of one service; hub.fastlane), as routine as a health check.
+# The status read clients poll (a GET of one service; hub.routers.services), as routine as a health check.
 _POLL = re.compile(r"^/api/services/[^/?]+(\?|$)")
 
 

@@ -3,31 +3,41 @@
 from __future__ import annotations
 
 import json
-from typing import Any
 
-from fastapi import APIRouter, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
+from starlette.types import Receive, Scope, Send
 
-from hub.deps import ControllerRoute
+from hub.deps import Hub, admit_controller
+from hub.errors import Overloaded
+from hub.routers.hot import HotRoute, read_body, send_json
 from mmanager.wire import Heartbeat, HeartbeatAnswer
 
-router = APIRouter(prefix="/api/controllers", tags=["controllers"], route_class=ControllerRoute)
+
+async def receive_heartbeat(scope: Scope, receive: Receive, send: Send) -> None:
+    """``POST /api/controllers/{controller_id}/heartbeat``, every controller's every few seconds (a
+    ``HotRoute``): the key checked before the body is read, the body parsed and the answer written by
+    pydantic's core directly, the beat recorded with its batch (``HeartbeatIngest.receive``)."""
+    hub: Hub = scope["app"].state.hub
+    controller_id = scope["path_params"]["controller_id"]
+    await admit_controller(hub, scope, controller_id)
+    heartbeat = _parse(await read_body(receive))
+    try:
+        answer = await hub.ingest.receive(controller_id, heartbeat)
+    except Overloaded as exc:
+        if exc.code != "DATABASE_UNAVAILABLE":
+            raise  # shed (HUB_BUSY): the cheapest answer an overloaded hub gives
+        # Its batch failed on the database (a connection a restart dropped, which the pool then replaces):
+        # once more, so that a controller does not see the restart.
+        answer = await hub.ingest.receive(controller_id, heartbeat)
+    await send_json(send, answer.model_dump_json().encode())
 
 
-@router.post(
-    "/{controller_id}/heartbeat",
-    response_model=HeartbeatAnswer,
-    openapi_extra={"requestBody": {"required": True, "content": {"application/json": {
-        "schema": {"$ref": "#/components/schemas/Heartbeat"}}}}},
-)
-async def heartbeat(controller_id: str, request: Request) -> Response:
-    # The hot path of every controller: the body is parsed and the answer written by pydantic's core
-    # directly (no dependency solving, no intermediate dicts). ControllerRoute has checked the key.
-    raw = await request.body()
+def _parse(raw: bytes) -> Heartbeat:
+    """The body as the wire's model; what it refuses, as FastAPI's validation refuses a body."""
     try:
         try:
-            body = Heartbeat.model_validate_json(raw)
+            return Heartbeat.model_validate_json(raw)
         except ValidationError as exc:
             if not any(e["type"] == "json_invalid" for e in exc.errors()):
                 raise
@@ -36,26 +46,18 @@ async def heartbeat(controller_id: str, request: Request) -> Response:
                 parsed = json.loads(raw)
             except ValueError:
                 raise exc from None
-            body = Heartbeat.model_validate(parsed)
+            return Heartbeat.model_validate(parsed)
     except ValidationError as exc:
         raise RequestValidationError([{**e, "loc": ("body", *e["loc"])} for e in exc.errors(include_url=False)]) \
             from None
-    answer = await request.app.state.hub.ingest.receive(controller_id, body)
-    return Response(answer.model_dump_json(), media_type="application/json")
 
 
-def document_bodies(app: FastAPI) -> None:
-    """Put the heartbeat's schema in the OpenAPI document (the route reads its body itself)."""
-    generate = app.openapi
+# The heartbeat's declaration, for the OpenAPI document (no docstring: it would become the operation's
+# description): ``receive_heartbeat`` answers it.
+async def heartbeat(controller_id: str, body: Heartbeat) -> None:
+    raise NotImplementedError
 
-    def openapi() -> dict[str, Any]:
-        if app.openapi_schema is None:
-            schema = generate()
-            wire = Heartbeat.model_json_schema(ref_template="#/components/schemas/{model}")
-            components = schema.setdefault("components", {}).setdefault("schemas", {})
-            for name, definition in wire.pop("$defs", {}).items():
-                components.setdefault(name, definition)
-            components.setdefault("Heartbeat", wire)
-        return app.openapi_schema  # type: ignore[return-value]
 
-    app.openapi = openapi  # type: ignore[method-assign]
+def heartbeat_route() -> HotRoute:
+    return HotRoute("/api/controllers/{controller_id}/heartbeat", heartbeat, receive_heartbeat, methods=["POST"],
+                    response_model=HeartbeatAnswer, tags=["controllers"], name="heartbeat")

@@ -9,9 +9,12 @@ from typing import Any
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select
+from starlette.types import Receive, Scope, Send
 
-from hub.deps import CurrentUser, HubDep, SessionDep
+from hub.deps import CurrentUser, Hub, HubDep, SessionDep, admit
+from hub.errors import HubError
 from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel, utcnow
+from hub.routers.hot import HotRoute, send_json
 from hub.routers.paging import Limit, Offset
 from hub.schemas import (
     DeploymentOut,
@@ -53,11 +56,33 @@ async def list_services(user: CurrentUser, hub: HubDep, session: SessionDep,
     return [hub.services.to_out(s) for s in await session.scalars(query)]
 
 
-@router.get("/services/{service_id}", response_model=ServiceOut)
-async def get_service(service_id: str, user: CurrentUser, hub: HubDep) -> Response:
-    # The status read every client polls: one statement, no transaction, the answer serialised once.
-    out = await hub.services.read(user, service_id)
-    return Response(out.model_dump_json(), media_type="application/json")
+async def read_service(scope: Scope, receive: Receive, send: Send) -> None:
+    """``GET /api/services/{service_id}``, the status read every client polls (a ``HotRoute``): one
+    statement shared with the reads made at the same time, the answer rendered again only when the service
+    changed (``ServiceManager.read_json``)."""
+    hub: Hub = scope["app"].state.hub
+    user = await admit(hub, scope)
+    service_id = scope["path_params"]["service_id"]
+    try:
+        body = await hub.services.read_json(user, service_id)
+    except HubError:
+        raise
+    except Exception:
+        # A connection the database dropped (a restart) fails the first statement sent on it, and the pool
+        # then replaces its connections (hub.db): read once more, so that a poll does not see the restart.
+        body = await hub.services.read_json(user, service_id)
+    await send_json(send, body)
+
+
+# The status read's declaration, for the OpenAPI document (no docstring: it would become the operation's
+# description): ``read_service`` answers it.
+async def get_service(service_id: str) -> None:
+    raise NotImplementedError
+
+
+def status_read() -> HotRoute:
+    return HotRoute("/api/services/{service_id}", get_service, read_service, methods=["GET"],
+                    response_model=ServiceOut, tags=["services"], name="get_service")
 
 
 @router.patch("/services/{service_id}", response_model=ServiceOut)

@@ -221,28 +221,6 @@ class ControllerKeyAuth:
         self._generation += 1
         self._reloading = None
 
-    def remembered(self, controller_id: str, token: str) -> bool:
-        """Whether the snapshot alone accepts ``token`` for ``controller_id``: no database.
-
-        For the heartbeat's fast lane (hub.fastlane). False also when it cannot tell without the database
-        (a key it does not know, a snapshot too old) or would refuse: the caller then asks ``authenticate``,
-        which decides and says why. The shared key's first use for a controller is warned about here too, as
-        ``authenticate`` does: a fleet's first beats (thousands at once when a hub starts) stay in the lane.
-        """
-        snapshot = self._usable()
-        if snapshot is None:
-            return False
-        key = snapshot.by_hash.get(hash_token(token))
-        if key is not None:
-            if key.controller_id != controller_id or key.revoked:
-                return False
-            self._use(key.id)
-            return True
-        if controller_id in snapshot.owners or not self._is_shared_key(controller_id, token):
-            return False
-        self._warn_shared(controller_id)
-        return True
-
     def _usable(self) -> _Snapshot | None:
         """The snapshot, when fresh enough to decide by; a reload starts once it is older than the TTL."""
         ttl = self.settings.auth_cache_seconds

@@ -58,7 +58,7 @@ async def authenticate(session: AsyncSession, token: str) -> UserModel:
 
 
 class Identity(NamedTuple):
-    """A user as authentication knows it, without an ORM instance (``UserAuth.remembered``)."""
+    """A user as authentication knows it, without an ORM instance (``UserAuth.identity``)."""
 
     id: int
     username: str
@@ -88,16 +88,14 @@ class UserAuth:
         hit = self._known.get(digest)
         return hit[0] if hit is not None and now - hit[1] < self.ttl else None
 
-    def remembered(self, token: str) -> Identity | None:
-        """Who ``token`` is, when it was accepted less than ``ttl`` ago; None otherwise (no database)."""
-        return self._fresh(hash_token(token), time.monotonic())
-
-    async def authenticate(self, token: str) -> UserModel:
+    async def identity(self, token: str) -> Identity:
+        """Who ``token`` is: from memory when it was accepted less than ``ttl`` ago, else from the database
+        (``Unauthorized`` when it knows no such token)."""
         digest = hash_token(token)
         now = time.monotonic()
         who = self._fresh(digest, now)
         if who is not None:
-            return _detached(*who)
+            return who
         async with self.db.session() as session:
             found = await authenticate(session, token)
             who = Identity(found.id, found.username, found.is_admin, found.created_at)
@@ -105,7 +103,15 @@ class UserAuth:
             if len(self._known) >= self.MAX_ENTRIES:
                 self._known.clear()
             self._known[digest] = (who, now)
-        return _detached(*who)
+        return who
+
+    async def authenticate(self, token: str) -> UserModel:
+        return as_user(await self.identity(token))
+
+
+def as_user(who: Identity) -> UserModel:
+    """``who`` as a user instance of its own, detached (as one loaded by a session that has closed)."""
+    return _detached(*who)
 
 
 def _detached(user_id: int, username: str, is_admin: bool, created_at: datetime) -> UserModel:

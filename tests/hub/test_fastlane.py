@@ -1,6 +1,6 @@
-"""The status read's fast lane (hub.fastlane) on real PostgreSQL: it answers what the application
-would, byte for byte, and hands everything else (refusals, bodies, other methods, the rate limit, a
-database that went away) to the application, which answers and audits it as before."""
+"""The status read (a ``HotRoute``, hub.routers.hot) on real PostgreSQL: a token remembered or one read from
+the database, a rendering reused or made again, the answer is the same, byte for byte; refusals, bodies,
+other methods, the rate limit and a database that went away are answered and audited as for any route."""
 
 from __future__ import annotations
 
@@ -11,37 +11,19 @@ import asyncpg
 import httpx
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
-from starlette.types import Receive, Scope, Send
 
 from examples.images import EXAMPLE_IMAGE
 from hub.app import create_app
-from hub.fastlane import FastLane
 from hub.ratelimit import RateLimiter
 from tests.hub.conftest import Cluster
 
 SPEC = {"name": "polled", "image": EXAMPLE_IMAGE, "ports": {"5000": None}, "resources": {"memory_limit": "32MB"}}
 
 
-class Counting:
-    """The application behind the lane, counting the calls that reach it."""
-
-    def __init__(self, app: Any) -> None:
-        self.app = app
-        self.calls: list[tuple[str, str]] = []
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http":
-            self.calls.append((scope["method"], scope["path"]))
-        await self.app(scope, receive, send)
-
-
-def lane_over(cluster: Cluster) -> tuple[httpx.AsyncClient, Counting]:
-    """A client through the lane in front of the hub's application (the parts the cluster runs)."""
+def client_of(cluster: Cluster) -> httpx.AsyncClient:
+    """A client of the hub's application (the parts the cluster runs), in this process."""
     app = create_app(cluster.parts.settings, hub=cluster.parts)
-    behind = Counting(app)
-    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=FastLane(behind, cluster.parts)),
-                               base_url="http://hub", timeout=60)
-    return client, behind
+    return httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub", timeout=60)
 
 
 async def alices_service_and_bob(cluster: Cluster) -> tuple[dict[str, str], dict[str, str], str]:
@@ -53,51 +35,48 @@ async def alices_service_and_bob(cluster: Cluster) -> tuple[dict[str, str], dict
     return alice, bob, sid
 
 
-async def test_the_lane_answers_a_status_read_as_the_application_does(cluster: Cluster) -> None:
+async def test_a_status_read_answers_the_same_bytes_however_its_token_and_rendering_were_found(
+        cluster: Cluster) -> None:
     alice = await cluster.user("alice")
     created = await cluster.hub.post("/api/alice/lab/services", json=SPEC, headers=alice)
     assert created.status_code == 201, created.text
     sid = created.json()["id"]
-    client, behind = lane_over(cluster)
-    async with client:
-        # The route's own answer (the application's lane cannot answer while no token is remembered), then
-        # the lane's.
+    async with client_of(cluster) as client:
+        # The first read: its token read from the database (none is remembered), then one whose token and
+        # rendering are remembered.
         users = cluster.parts.users
         ttl, users.ttl = users.ttl, 0
         try:
-            async with httpx.AsyncClient(transport=httpx.ASGITransport(app=behind.app), base_url="http://hub") as app:
-                direct = await app.get(f"/api/services/{sid}", headers=alice)
+            first = await client.get(f"/api/services/{sid}", headers=alice)
         finally:
             users.ttl = ttl
-        assert behind.calls == []
+        await client.get(f"/api/services/{sid}", headers=alice)
         fast = await client.get(f"/api/services/{sid}", headers=alice)
-        assert behind.calls == []  # answered by the lane
-        assert fast.status_code == direct.status_code == 200
-        assert fast.content == direct.content
-        assert fast.headers["content-type"] == direct.headers["content-type"] == "application/json"
-        assert fast.headers["content-length"] == direct.headers["content-length"]
+        assert fast.status_code == first.status_code == 200
+        assert fast.content == first.content
+        assert fast.headers["content-type"] == first.headers["content-type"] == "application/json"
+        assert fast.headers["content-length"] == first.headers["content-length"]
+        # The service rendered from scratch (``read``, the model) is the same bytes too.
+        who = await users.identity(alice["Authorization"].removeprefix("Bearer "))
+        assert (await cluster.parts.services.read(who, sid)).model_dump_json().encode() == fast.content
         body = fast.json()
         assert body["id"] == sid and body["owner"] == "alice" and body["status"] == "running"
         assert body["spec"]["image"] == EXAMPLE_IMAGE and body["url"].startswith("http://")
         # The list (the ORM's rows) says the same of it.
         listed = (await cluster.hub.get("/api/services", headers=alice)).json()
         assert [s for s in listed if s["id"] == sid] == [body]
-        # An admin sees it too: the first time through the application (a token this replica has not
-        # accepted yet), then through the lane.
+        # An admin sees it too: the first time with a token this replica has not accepted yet, then again.
         admin = cluster.as_user(cluster.admin_token)
         assert (await client.get(f"/api/services/{sid}", headers=admin)).json() == body
-        assert behind.calls == [("GET", f"/api/services/{sid}")]
         assert (await client.get(f"/api/services/{sid}", headers=admin)).json() == body
-        assert len(behind.calls) == 1
 
 
 async def test_a_read_shows_each_change_of_the_service_however_it_was_made(cluster: Cluster) -> None:
-    """The lane renders a service's answer again only when its row changed (``Rendered``): a change made
+    """A read renders a service's answer again only when its row changed (``Rendered``): a change made
     behind the hub's back, straight in the database, shows on the next read, and another user still
     cannot see a service whose answer was rendered for its owner."""
     alice, bob, sid = await alices_service_and_bob(cluster)
-    client, behind = lane_over(cluster)
-    async with client:
+    async with client_of(cluster) as client:
         first = await client.get(f"/api/services/{sid}", headers=alice)
         assert first.status_code == 200 and first.json()["status_message"] != "changed in the database"
         assert (await client.get(f"/api/services/{sid}", headers=alice)).content == first.content
@@ -112,16 +91,13 @@ async def test_a_read_shows_each_change_of_the_service_however_it_was_made(clust
         assert stopped.status_code == 200, stopped.text
         after = await client.get(f"/api/services/{sid}", headers=alice)
         assert after.json()["status"] == "stopped" and after.json()["url"] is None
-        assert behind.calls == []  # every read above was the lane's
         refused = await client.get(f"/api/services/{sid}", headers=bob)
         assert refused.status_code == 404 and refused.json()["error"]["code"] == "SERVICE_NOT_FOUND"
-        assert behind.calls == [("GET", f"/api/services/{sid}")]
 
 
-async def test_the_lane_hands_everything_else_to_the_application(cluster: Cluster) -> None:
+async def test_refusals_bodies_and_other_routes_are_answered_and_audited(cluster: Cluster) -> None:
     alice, bob, sid = await alices_service_and_bob(cluster)
-    client, behind = lane_over(cluster)
-    async with client:
+    async with client_of(cluster) as client:
         cases = [
             ("GET", f"/api/services/{sid}", {}, None, 401, "UNAUTHORIZED"),
             ("GET", f"/api/services/{sid}", {"Authorization": "Bearer not-a-token"}, None, 401, "UNAUTHORIZED"),
@@ -131,7 +107,7 @@ async def test_the_lane_hands_everything_else_to_the_application(cluster: Cluste
             ("GET", f"/api/services/{sid}", alice, b"x" * (2 << 20), 413, "PAYLOAD_TOO_LARGE"),
             ("PATCH", f"/api/services/{sid}", alice, b'{"no_such_field": 1}', 422, "VALIDATION_ERROR"),
             ("GET", f"/api/services/{sid}/history", alice, None, 200, None),
-            # Two Authorization headers: the first counts, as in the application.
+            # Two Authorization headers: the first counts, as ``Request.headers`` reads them.
             ("GET", f"/api/services/{sid}", [("Authorization", "Basic eDp5"), ("Authorization", alice["Authorization"])],
              None, 401, "UNAUTHORIZED"),
             ("GET", f"/api/services/{sid}", [("Authorization", bob["Authorization"]),
@@ -139,18 +115,16 @@ async def test_the_lane_hands_everything_else_to_the_application(cluster: Cluste
              "SERVICE_NOT_FOUND"),
         ]
         for method, path, headers, body, status, code in cases:
-            before = len(behind.calls)
             r = await client.request(method, path, headers=headers, content=body)
-            assert r.status_code == status, (method, path, r.text)
+            assert r.status_code == status, (method, path, unquote(path), r.text)
             if code is not None:
                 assert r.json()["error"]["code"] == code
-            assert behind.calls[before:] == [(method, unquote(path))], (method, path)
-    # The application audited the refusals it answered, as ever (bob's two 404s, named as bob).
+    # The refusals are audited, as ever (bob's two 404s, named as bob).
     rows = (await cluster.hub.get("/api/admin/audit", params={"actor": "bob"})).json()
     assert [(r["method"], r["path"], r["status_code"]) for r in rows] == [("GET", f"/api/services/{sid}", 404)] * 2
 
 
-async def test_a_caller_over_the_rate_limit_is_refused_by_the_application(cluster: Cluster) -> None:
+async def test_a_caller_over_the_rate_limit_is_refused_before_anything_is_read(cluster: Cluster) -> None:
     alice = await cluster.user("alice")
     sid = (await cluster.hub.post("/api/alice/lab/services", json=SPEC, headers=alice)).json()["id"]
     services = cluster.parts.services
@@ -165,24 +139,21 @@ async def test_a_caller_over_the_rate_limit_is_refused_by_the_application(cluste
         reads.append(service_id)
         return await read_json(user, service_id)
 
-    services.read, services.read_json = counted, counted_json  # the application's and the lane's
+    services.read, services.read_json = counted, counted_json
     cluster.parts.limiter = RateLimiter(rate=0.01, burst=3)
     try:
-        client, behind = lane_over(cluster)
-        async with client:
+        async with client_of(cluster) as client:
             paths = [f"/api/services/{sid}", f"/api/services/{sid}", "/api/services/missing"]
             codes = [(await client.get(path, headers=alice)).status_code for path in paths]
             assert codes == [200, 200, 404]
-            # A call the lane took a token for and handed on (a missing service) costs one token, not two.
+            # A refused read (a missing service) costs one token, as any call.
             assert (await client.get(f"/api/services/{sid}", headers=alice)).status_code == 429
-            # The two within the burst by the lane, the 404 and the refusal by the application; the refused
-            # call read nothing.
-            assert behind.calls == [("GET", "/api/services/missing"), ("GET", f"/api/services/{sid}")]
-            assert reads == [sid, sid, "missing", "missing"]
+            # The refused call read nothing.
+            assert reads == [sid, sid, "missing"]
             r = await client.get(f"/api/services/{sid}", headers=alice)
             assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
             assert r.json()["error"]["code"] == "RATE_LIMITED"
-            assert len(reads) == 4
+            assert len(reads) == 3
     finally:
         cluster.parts.limiter = None
         del services.read, services.read_json
@@ -203,7 +174,7 @@ async def test_status_reads_recover_at_once_when_the_database_cuts_every_connect
     finally:
         await admin.close()
     assert cut >= 1
-    # The lane's read finds its connection gone and hands the call over; the pool replaces its connections.
+    # The read finds its connection gone and reads once more; the pool replaces its connections.
     codes = [(await cluster.hub.get(f"/api/services/{sid}", headers=alice)).status_code for _ in range(5)]
     assert codes == [200] * 5
     assert (await cluster.hub.get(f"/api/services/{sid}", headers=alice)).json()["id"] == sid

@@ -1,7 +1,7 @@
-"""The heartbeat's fast lane (hub.fastlane) and its writes straight through the driver, on real PostgreSQL and
-on SQLite (``mmanager dev``): a beat the lane answers gets the route's answer and is recorded as the route
-records it; everything else (a key it does not remember, a body it cannot take, a beat its batch refuses)
-reaches the application with the body as sent, and is answered and audited there once."""
+"""The heartbeat (a ``HotRoute``, hub.routers.hot) and its writes straight through the driver, on real
+PostgreSQL and on SQLite (``mmanager dev``): a beat whose key the snapshot holds gets the same answer as the
+first, which reloaded it, and is recorded as that one was; everything else (a key it does not know, a body it
+cannot take, a beat its batch refuses) is answered and audited once."""
 
 from __future__ import annotations
 
@@ -18,14 +18,12 @@ from sqlalchemy import func, select
 from hub.app import build_hub, create_app
 from hub.config import HubSettings
 from hub.db import Database
-from hub.fastlane import FastLane
 from hub.migrate import upgrade
 from hub.models import AuditModel, ControllerModel
 from hub.services.users import create_user
 from tests.hub.conftest import KEY
 from tests.hub.test_controller_keys import CONTROLLERS, KeyHub, Unreachable
 from tests.hub.test_failure_handling import heartbeat
-from tests.hub.test_fastlane import Counting
 from tests.support.poll import eventually
 
 
@@ -42,37 +40,33 @@ async def database(request: pytest.FixtureRequest, db: Database, tmp_path: Path)
 
 
 @pytest.fixture
-async def lane(database: Database) -> AsyncIterator[tuple[KeyHub, Counting]]:
-    """A hub (its controllers registered, never reached) with a client through the lane in front of it; the
-    ``Counting`` records what the lane handed to the application."""
+async def lane(database: Database) -> AsyncIterator[KeyHub]:
+    """A hub (its controllers registered, never reached) with a client of its application."""
     entries = [{"id": cid, "url": f"http://{cid}.test:8001"} for cid in CONTROLLERS]
     settings = HubSettings(database_url=database.url, api_key=KEY, controllers=json.dumps(entries),
                            max_heartbeat_bytes=64 * 1024, _env_file=None)
     parts = build_hub(settings, db=Database(database.url), transport=Unreachable())
     app = create_app(settings, hub=parts, run_loops=False)
-    behind = Counting(app)
     async with app.router.lifespan_context(app):
         async with database.session() as session:
             _, token = await create_user(session, "root", is_admin=True)
-        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=FastLane(behind, parts)),
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app),
                                      base_url="http://hub", headers={"Authorization": f"Bearer {token}"}) as client:
-            yield KeyHub(client, parts, database), behind
+            yield KeyHub(client, parts, database)
 
 
-async def test_the_lane_answers_a_beat_as_the_application_does_and_records_it(
-        lane: tuple[KeyHub, Counting]) -> None:
-    hub, behind = lane
+async def test_a_beat_on_a_remembered_key_is_answered_as_the_first_and_recorded(
+        lane: KeyHub) -> None:
+    hub = lane
     key = (await hub.mint("ctl-x"))["key"]
     path = "/api/controllers/ctl-x/heartbeat"
-    # The first beat after a key was minted: the snapshot is reloaded by the application's check.
+    # The first beat after a key was minted: the snapshot is reloaded by the key's check.
     direct = await hub.beat("ctl-x", key)
-    assert behind.calls[-1] == ("POST", path)
-    handed = len(behind.calls)
+    assert path == "/api/controllers/ctl-x/heartbeat"
     first_seen = await hub.last_heartbeat("ctl-x")
     assert first_seen is not None
 
     fast = await hub.beat("ctl-x", key, heartbeat("ctl-x", [], url=None))
-    assert len(behind.calls) == handed  # answered by the lane
     assert fast.status_code == direct.status_code == 200
     assert fast.content == direct.content
     assert fast.headers["content-type"] == direct.headers["content-type"] == "application/json"
@@ -90,8 +84,8 @@ async def test_the_lane_answers_a_beat_as_the_application_does_and_records_it(
     assert listed["last_used_at"] is not None
 
 
-async def test_the_lane_hands_everything_else_to_the_application(lane: tuple[KeyHub, Counting]) -> None:
-    hub, behind = lane
+async def test_everything_else_is_answered_and_audited_once(lane: KeyHub) -> None:
+    hub = lane
     key = (await hub.mint("ctl-x"))["key"]
     assert (await hub.beat("ctl-x", key)).status_code == 200  # the key is remembered from now on
     auth = {"Authorization": f"Bearer {key}"}
@@ -110,14 +104,12 @@ async def test_the_lane_hands_everything_else_to_the_application(lane: tuple[Key
         ("a body the wire refuses", "ctl-x", auth, {"server_id": "ctl-x"}, 422, "VALIDATION_ERROR"),
         ("another controller's beat", "ctl-x", auth, heartbeat("ctl-y", []), 422, "SERVER_ID_MISMATCH"),
         ("over MMANAGER_MAX_HEARTBEAT_BYTES", "ctl-x", auth, big, 413, "PAYLOAD_TOO_LARGE"),
-        # The shared key's first use for a controller is warned about by the application; the second
-        # time the lane takes it, and its batch refuses it: the application answers it again.
+        # The shared key's first use for a controller is warned about; its batch refuses it, both times.
         ("unknown, without a url", "edge-1", shared, heartbeat("edge-1", []), 404, "CONTROLLER_NOT_FOUND"),
         ("unknown, without a url, again", "edge-1", shared, heartbeat("edge-1", []), 404, "CONTROLLER_NOT_FOUND"),
         ("a chunked body", "ctl-x", auth, chunked, 200, None),
     ]
     for what, cid, headers, body, status, code in cases:
-        before = len(behind.calls)
         if callable(body):
             content = body()
         elif isinstance(body, bytes):
@@ -129,34 +121,29 @@ async def test_the_lane_hands_everything_else_to_the_application(lane: tuple[Key
         assert r.status_code == status, (what, r.text)
         if code is not None:
             assert r.json()["error"]["code"] == code, what
-        assert behind.calls[before:] == [("POST", f"/api/controllers/{cid}/heartbeat")], what
 
     async with hub.db.session() as session:
         assert await session.get(ControllerModel, "edge-1") is None
-        # Each refusal audited once, by the application.
+        # Each refusal audited once.
         audited = await session.scalar(select(func.count()).select_from(AuditModel).where(
             AuditModel.path.like("/api/controllers/%/heartbeat")))
     assert audited == sum(1 for case in cases if case[4] >= 400)
-    # A remembered key's beat still goes through the lane afterwards.
-    before = len(behind.calls)
+    # A remembered key's beat is still taken afterwards.
     assert (await hub.beat("ctl-x", key)).status_code == 200
-    assert len(behind.calls) == before
 
 
-async def test_a_controller_joins_by_beating_through_the_lane_with_what_it_audited(
-        lane: tuple[KeyHub, Counting]) -> None:
-    hub, behind = lane
-    # Without a url the application refuses it (and warns, once, of the shared key)...
+async def test_a_controller_joins_by_beating_with_what_it_audited(
+        lane: KeyHub) -> None:
+    hub = lane
+    # Without a url it is refused (and the shared key warned about, once)...
     r = await hub.beat("edge-3", KEY, heartbeat("edge-3", []))
     assert (r.status_code, r.json()["error"]["code"]) == (404, "CONTROLLER_NOT_FOUND")
-    before = len(behind.calls)
-    # ...with one, the lane takes it, and its batch registers the controller and stores what it audited.
+    # ...with one, its batch registers the controller and stores what it audited.
     event = {"at": "2026-12-04T10:00:00Z", "actor": "root", "method": "POST", "path": "/containers/",
              "status_code": 403, "error_code": "POLICY_DENIED"}
     body = {**heartbeat("edge-3", [], url="http://edge-3.test:8001/"), "audit": [event]}
     r = await hub.beat("edge-3", KEY, body)
     assert r.status_code == 200, r.text
-    assert len(behind.calls) == before
     async with hub.db.session() as session:
         row = await session.get(ControllerModel, "edge-3")
         shipped = list(await session.scalars(select(AuditModel).where(AuditModel.source == "controller:edge-3")))
@@ -167,11 +154,11 @@ async def test_a_controller_joins_by_beating_through_the_lane_with_what_it_audit
 
 
 async def test_a_caller_gone_before_its_body_was_read_costs_no_traceback(
-        lane: tuple[KeyHub, Counting], caplog: pytest.LogCaptureFixture) -> None:
+        lane: KeyHub, caplog: pytest.LogCaptureFixture) -> None:
     """An overloaded hub's callers give up and hang up; the application then finds no body to read. That is
     no error of the hub's: nothing is done, nothing is logged above DEBUG (each traceback, written twice,
     cost more than a beat, and made an overloaded hub fall further behind)."""
-    keyhub, behind = lane
+    keyhub = lane
     sent: list[dict[str, Any]] = []
 
     async def gone() -> dict[str, Any]:
@@ -187,7 +174,7 @@ async def test_a_caller_gone_before_its_body_was_read_costs_no_traceback(
              "headers": [(b"host", b"hub"), (b"authorization", f"Bearer {KEY}".encode()),
                          (b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]}
     with caplog.at_level("INFO"):
-        await behind.app(scope, gone, send)  # the application itself: the lane only hands it such calls
+        await create_app(keyhub.parts.settings, hub=keyhub.parts, run_loops=False)(scope, gone, send)
     # (The shared key's warning, once for the controller, is the only line above INFO.)
     assert not [r.getMessage() for r in caplog.records if r.levelno >= 40 or r.exc_info]
     assert sent and sent[0]["status"] == 499
@@ -203,12 +190,12 @@ def shed_count(metrics: str) -> float:
                 if line.startswith("mmanager_heartbeats_shed_total "))
 
 
-async def test_a_beat_shed_is_refused_by_the_lane_itself_with_retry_after_and_no_audit_row(
-        lane: tuple[KeyHub, Counting], monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_a_beat_shed_is_refused_at_once_with_retry_after_and_no_audit_row(
+        lane: KeyHub, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past MMANAGER_HEARTBEAT_BACKLOG beats waiting, a beat is refused at once: 503 HUB_BUSY with the interval
-    as Retry-After, by the lane (not the framework's whole path) and without an audit row each, since the
+    as Retry-After, without an audit row each, since the
     refusal must be the cheapest thing an overloaded hub does; the metric counts it."""
-    hub, behind = lane
+    hub = lane
     key = (await hub.mint("ctl-x"))["key"]
     assert (await hub.beat("ctl-x", key)).status_code == 200  # the key is remembered from now on
     ingest = hub.parts.ingest
@@ -228,15 +215,13 @@ async def test_a_beat_shed_is_refused_by_the_lane_itself_with_retry_after_and_no
         return task
 
     waiting = await one_waiting()
-    handed = len(behind.calls)
     shed = await hub.beat("ctl-x", key)
     assert shed.status_code == 503, shed.text
     assert shed.json()["error"]["code"] == "HUB_BUSY" and shed.headers["retry-after"] == "2"
-    assert len(behind.calls) == handed  # refused by the lane
     assert shed_count((await hub.client.get("/metrics")).text) == shed_before + 1
     held.set()
     assert (await waiting).status_code == 200
-    # Through the application too (a chunked body goes there), a shed beat leaves no audit row.
+    # With a chunked body too, a shed beat leaves no audit row.
     held.clear()
     waiting = await one_waiting()
 
@@ -246,7 +231,6 @@ async def test_a_beat_shed_is_refused_by_the_lane_itself_with_retry_after_and_no
     r = await hub.client.post("/api/controllers/ctl-x/heartbeat", content=chunked(),
                               headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"})
     assert (r.status_code, r.json()["error"]["code"]) == (503, "HUB_BUSY")
-    assert behind.calls[-1] == ("POST", "/api/controllers/ctl-x/heartbeat")
     held.set()
     assert (await waiting).status_code == 200
     await asyncio.sleep(0.5)  # the audit's writes are batched: none comes

@@ -220,7 +220,10 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
                 if hub.ingest.db is not hub.db:
                     await hub.ingest.db.dispose()
 
-    app = FastAPI(title="mManager hub", version=__version__, lifespan=lifespan, telemetry={"tracing": False, "metrics": False, "logs": False})
+    # FastAPI's OpenTelemetry off: the hub exports none (its metrics are Prometheus', at /metrics), and checking
+    # for a configured provider costs every call more than the status read's own code.
+    app = FastAPI(title="mManager hub", version=__version__, lifespan=lifespan,
+                  telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.hub = hub
     # The two calls made all the time, first among the routes: found at once, answered without FastAPI's
     # request handling (hub.routers.hot).

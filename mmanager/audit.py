@@ -289,7 +289,7 @@ class AuditMiddleware:
             if message["type"] == "http.response.start":
                 status = message["status"]
                 audited = (method in MUTATING or 400 <= status < 500) and not (
-                    self.skip is not None and self.skip(method, scope["path"], status)
+                    self.skip is not None and self.skip(method, _route_path(scope), status)
                 )
             elif message["type"] == "http.response.body" and audited and not recorded:
                 chunk = message.get("body", b"")
@@ -308,6 +308,13 @@ class AuditMiddleware:
                 status = status or 500
                 await record()
             raise
+
+
+def _route_path(scope: Scope) -> str:
+    """The path as the routes match it: behind a proxy's prefix (``root_path``), without the prefix."""
+    path: str = scope["path"]
+    root = scope.get("root_path", "")
+    return path[len(root):] if root and path.startswith(root) else path
 
 
 def _event(scope: Scope, state: dict[str, Any], status: int, body: bytes) -> AuditEvent:

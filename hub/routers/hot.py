@@ -26,9 +26,10 @@ class HotRoute(APIRoute):
     def __init__(self, path: str, declaration: Callable[..., Any], answer: ASGIApp, **kwargs: Any) -> None:
         super().__init__(path, declaration, **kwargs)
         self.answer = answer
+        self._answered = frozenset(self.methods or ())
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] in self.methods:
+        if scope["method"] in self._answered:
             await self.answer(scope, receive, send)
         else:
             await super().handle(scope, receive, send)  # 405, with Allow

@@ -220,8 +220,8 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
                 if hub.ingest.db is not hub.db:
                     await hub.ingest.db.dispose()
 
-    # FastAPI's OpenTelemetry off: the hub exports none (its metrics are Prometheus', at /metrics), and checking
-    # for a configured provider costs every call more than the status read's own code.
+    # FastAPI's OpenTelemetry off: the hub exports none (its metrics are Prometheus', at /metrics), and with it on
+    # FastAPI looks for a configured provider on every call, the status reads and heartbeats included.
     app = FastAPI(title="mManager hub", version=__version__, lifespan=lifespan,
                   telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.hub = hub

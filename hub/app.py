@@ -32,6 +32,7 @@ from hub.metrics import HubMetrics
 from hub.models import new_id
 from hub.ratelimit import RateLimiter
 from hub.routers import admin, audit, controllers, prometheus, services, system
+from hub.routers.hot import HotApp
 from hub.scheduler.snapshot import PlacementCache
 from hub.services.audit import CLIENT_CLOSED, HEARTBEAT_PATH, AuditLog, skip_routine
 from hub.services.controllers import ControllerRegistry
@@ -40,7 +41,7 @@ from hub.services.lifecycle import ServiceManager
 from hub.services.operations import OperationLog
 from hub.services.users import UserAuth
 from mmanager import __version__
-from mmanager.audit import AuditMiddleware
+from mmanager.audit import AuditMiddleware, Coalescer
 from mmanager.errors import install_error_handlers
 from mmanager.limits import BodyLimit
 from mmanager.logs import install_request_ids
@@ -222,17 +223,18 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
 
     # FastAPI's OpenTelemetry off: the hub exports none (its metrics are Prometheus', at /metrics), and with it on
     # FastAPI looks for a configured provider on every call, the status reads and heartbeats included.
-    app = FastAPI(title="mManager hub", version=__version__, lifespan=lifespan,
-                  telemetry={"tracing": False, "metrics": False, "logs": False})
+    app = HotApp(title="mManager hub", version=__version__, lifespan=lifespan,
+                 telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.hub = hub
-    # The two calls made all the time, first among the routes: found at once, answered without FastAPI's
-    # request handling (hub.routers.hot).
+    # The two calls made all the time, dispatched ahead of FastAPI's layers (hub.routers.hot); first among the
+    # routes too, so the router finds them at once when it must (a wrong method's 405).
     app.router.routes[:0] = [services.status_read(), controllers.heartbeat_route()]
     _install_error_handlers(app)
     # The audit, added last, is the outer one: it sees the body limit's 413s too.
     app.add_middleware(BodyLimit, limit_for=lambda scope: settings.max_heartbeat_bytes
                        if HEARTBEAT_PATH.match(scope["path"]) else settings.max_request_bytes)
-    app.add_middleware(AuditMiddleware, record=AuditLog(hub.db).record, skip=skip_routine)
+    # One coalescer for every copy of the audit middleware (the hot routes run theirs: hub.routers.hot).
+    app.add_middleware(AuditMiddleware, record=AuditLog(hub.db).record, skip=skip_routine, coalescer=Coalescer())
     app.include_router(system.router)
     app.include_router(services.router)
     app.include_router(admin.router)

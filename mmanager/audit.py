@@ -279,35 +279,40 @@ class AuditMiddleware:
         captured: list[bytes] = []
         size = 0
 
-        async def record() -> None:
-            nonlocal recorded
-            recorded = True
-            await self.record(_event(scope, state, status, b"".join(captured) if size <= MAX_CAPTURE else b""))
-
-        async def audit_send(message: Message) -> None:
-            nonlocal status, audited, size
-            if message["type"] == "http.response.start":
+        # Not a coroutine function: a call that is not audited (most) costs no coroutine of its own per message.
+        def audit_send(message: Message) -> Awaitable[None]:
+            nonlocal status, audited, size, recorded
+            kind = message["type"]
+            if kind == "http.response.start":
                 status = message["status"]
                 audited = (method in MUTATING or 400 <= status < 500) and not (
                     self.skip is not None and self.skip(method, _route_path(scope), status)
                 )
-            elif message["type"] == "http.response.body" and audited and not recorded:
+            elif audited and not recorded and kind == "http.response.body":
                 chunk = message.get("body", b"")
                 size += len(chunk)
                 if size <= MAX_CAPTURE:
                     captured.append(chunk)
                 if not message.get("more_body", False):
-                    await record()
-            await send(message)
+                    recorded = True
+                    return self._record_then(_event(scope, state, status, _captured(captured, size)), send, message)
+            return send(message)
 
         try:
             await self.app(scope, receive, audit_send)
         except Exception:
             # The server's last-resort handler answers 500 once this propagates.
             if not recorded and (audited or (not status and method in MUTATING)):
-                status = status or 500
-                await record()
+                await self.record(_event(scope, state, status or 500, _captured(captured, size)))
             raise
+
+    async def _record_then(self, event: AuditEvent, send: Send, message: Message) -> None:
+        await self.record(event)
+        await send(message)
+
+
+def _captured(chunks: list[bytes], size: int) -> bytes:
+    return b"".join(chunks) if size <= MAX_CAPTURE else b""
 
 
 def _route_path(scope: Scope) -> str:

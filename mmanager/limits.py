@@ -9,6 +9,10 @@
   on from its body parsing to the app's error handler, so the handler never
   runs with a body cut short.
 
+A call with a ``Content-Length`` within the limit, or with no body (neither
+header: RFC 9112, 6.3), passes on untouched: the server delivers no more than
+the length it framed the body by.
+
 Starlette's ``RequestBodyLimitMiddleware`` (and FastAPI's ``max_body_size``) only
 check ``Content-Length`` once the body is read, after a handler that does not
 read it has already run, and answer in plain text; hence this one.
@@ -52,15 +56,27 @@ class BodyLimit:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        limit = self.limit_for(scope)
+        declared: bytes | None = None
+        chunked = False
         for key, value in scope["headers"]:
-            # (The first, as ``Headers.get`` reads it, without building a ``Headers``: this runs on every call.)
             if key == b"content-length":
-                declared = value.decode("latin-1").strip()
-                if declared.isdigit() and int(declared) > limit:
+                if declared is None:
+                    declared = value  # the first, as ``Headers.get`` reads it
+            elif key == b"transfer-encoding":
+                chunked = True
+        if declared is None and not chunked:
+            await self.app(scope, receive, send)
+            return
+        limit = self.limit_for(scope)
+        if declared is not None:
+            length = declared.decode("latin-1").strip()
+            if length.isdigit():
+                if int(length) > limit:
                     await too_large(limit)(scope, receive, send)
                     return
-                break
+                if not chunked:
+                    await self.app(scope, receive, send)
+                    return
         received = 0
         started = False
 

@@ -23,6 +23,7 @@ import logging
 import os
 import re
 import sys
+from collections.abc import Awaitable
 from contextvars import ContextVar
 from datetime import UTC, datetime
 from pathlib import Path
@@ -218,20 +219,27 @@ class RequestIdMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        incoming = next((v for k, v in scope.get("headers", ()) if k == _HEADER_KEY), None)
-        rid = clean_request_id(incoming) or new_request_id()
+        incoming = None
+        for key, value in scope.get("headers", ()):
+            if key == _HEADER_KEY:
+                incoming = value
+                break
+        rid = clean_request_id(incoming) if incoming is not None else None
+        if rid is None:
+            rid = new_request_id()
         header = (_HEADER_KEY, rid.encode())
 
         started = False
 
-        async def send_with_id(message: Message) -> None:
+        # Not a coroutine function: no coroutine of its own per message.
+        def send_with_id(message: Message) -> Awaitable[None]:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
                 headers = [h for h in message.get("headers", ()) if h[0].lower() != _HEADER_KEY]
                 message = {**message, "headers": [*headers, header]}
                 _access_line(scope, message["status"])
-            await send(message)
+            return send(message)
 
         token = request_id_var.set(rid)
         try:

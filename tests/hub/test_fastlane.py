@@ -187,3 +187,32 @@ async def test_status_reads_recover_at_once_when_the_database_cuts_every_connect
         await admin.close()
     pool = cluster.parts.db.engine.pool
     assert open_now <= pool.size() + pool._max_overflow + 2  # (+ the fixture's own Database)
+
+
+async def test_the_status_read_refuses_as_an_ordinary_route_and_is_documented(cluster: Cluster) -> None:
+    """The same refusal from the hot route and from a route FastAPI runs: the same status, envelope and
+    headers (but the request id); and the OpenAPI document describes both hot routes."""
+    alice, bob, sid = await alices_service_and_bob(cluster)
+    async with client_of(cluster) as client:
+        pairs = [
+            ({}, f"/api/services/{sid}", "/api/services", 401),  # no token
+            (bob, f"/api/services/{sid}", f"/api/services/{sid}/history", 404),  # another user's service
+        ]
+        for headers, hot, ordinary, status in pairs:
+            fast = await client.get(hot, headers=headers)
+            slow = await client.get(ordinary, headers=headers)
+            assert fast.status_code == slow.status_code == status, (hot, fast.text, slow.text)
+            assert fast.content == slow.content
+            assert {k: v for k, v in fast.headers.items() if k != "x-request-id"} == \
+                   {k: v for k, v in slow.headers.items() if k != "x-request-id"}
+            assert fast.headers["x-request-id"] and slow.headers["x-request-id"]
+        # Another method on the hot path: the router's 405, as for any route.
+        wrong = await client.put(f"/api/services/{sid}", headers=alice)
+        assert (wrong.status_code, wrong.json()["error"]["code"]) == (405, "METHOD_NOT_ALLOWED")
+        paths = (await client.get("/openapi.json")).json()["paths"]
+    read = paths["/api/services/{service_id}"]["get"]
+    assert read["responses"]["200"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/ServiceOut"}
+    beat = paths["/api/controllers/{controller_id}/heartbeat"]["post"]
+    assert beat["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/Heartbeat"}
+    assert beat["responses"]["200"]["content"]["application/json"]["schema"] == \
+        {"$ref": "#/components/schemas/HeartbeatAnswer"}

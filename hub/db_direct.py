@@ -101,7 +101,8 @@ class CoreTx:
         self.conn = conn
 
     async def execute(self, statement: Executable, params: Mapping[str, Any]) -> int:
-        return int((await self.conn.execute(statement, dict(params))).rowcount)  # type: ignore[attr-defined]
+        result = await self.conn.execute(statement, dict(params))
+        return int(result.rowcount)  # type: ignore[attr-defined]  # a DML statement's result is a CursorResult
 
     async def first(self, statement: Executable, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
         row = (await self.conn.execute(statement, dict(params))).first()
@@ -209,11 +210,10 @@ class AsyncpgTx:
         return int(last) if last.isdigit() else 0
 
     async def first(self, statement: Executable, params: Mapping[str, Any]) -> Mapping[str, Any] | None:
-        # asyncpg's Record is a read-only mapping; its stubs don't say so.
-        return await self.conn.fetchrow(*self.binders.bind(statement, params))  # type: ignore[return-value]
+        return await self.conn.fetchrow(*self.binders.bind(statement, params))  # type: ignore[return-value]  # a Record is a Mapping
 
     async def all(self, statement: Executable, params: Mapping[str, Any]) -> Sequence[Mapping[str, Any]]:
-        return await self.conn.fetch(*self.binders.bind(statement, params))  # type: ignore[return-value]
+        return await self.conn.fetch(*self.binders.bind(statement, params))  # type: ignore[return-value]  # Records are Mappings
 
     async def executemany(self, statement: Executable, rows: Sequence[Mapping[str, Any]]) -> None:
         if rows:

@@ -38,7 +38,7 @@ def controller_out(c: ControllerModel) -> ControllerOut:
         enabled=c.enabled,
         priority=c.priority,
         weight=c.weight,
-        status="draining" if c.draining else c.status,  # type: ignore[arg-type]
+        status="draining" if c.draining else c.status,  # type: ignore[arg-type]  # the column holds the Literal's values
         last_heartbeat_at=c.last_heartbeat_at,
         max_containers=c.max_containers,
         containers_running=c.containers_running,

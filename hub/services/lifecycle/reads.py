@@ -44,7 +44,7 @@ async def get_for(session: AsyncSession, user: UserModel, service_id: str) -> Se
     """The service, if ``user`` may see it; another user's service does not exist for them."""
     service = await session.get(ServiceModel, service_id)
     require_visible(user, service.owner_id if service is not None else None, service_id)
-    return service  # type: ignore[return-value]
+    return service  # type: ignore[return-value]  # require_visible raised for None
 
 
 class Reads:
@@ -61,7 +61,7 @@ class Reads:
         one statement on a connection outside any transaction (no ORM session, no identity map), shared by
         the reads that come at the same time."""
         row = await self._row(user, service_id)
-        return self.to_out(SimpleNamespace(**row), owner=row["owner_name"])  # type: ignore[arg-type]
+        return self.to_out(SimpleNamespace(**row), owner=row["owner_name"])  # type: ignore[arg-type]  # a row has the model's columns
 
     async def read_json(self, user: UserModel | Identity, service_id: str) -> bytes:
         """``read``'s answer as the JSON the route sends, rendered again only when the service's row changed
@@ -69,7 +69,8 @@ class Reads:
         unchanged between two polls)."""
         row = await self._row(user, service_id)
         return self._rendered.get(service_id, row, lambda: self.to_out(
-            SimpleNamespace(**row), owner=row["owner_name"]).model_dump_json().encode())  # type: ignore[arg-type]
+            SimpleNamespace(**row),  # type: ignore[arg-type]  # a row has the model's columns
+            owner=row["owner_name"]).model_dump_json().encode())
 
     async def _row(self, user: UserModel | Identity, service_id: str) -> Mapping[str, Any]:
         row = await self._gathered.first(service_id)
@@ -88,7 +89,7 @@ class Reads:
             repo=service.repo,
             spec=service.spec,
             version=service.version,
-            desired_state=service.desired_state,  # type: ignore[arg-type]
+            desired_state=service.desired_state,  # type: ignore[arg-type]  # the column holds the Literal's values
             status=service.status,
             status_message=service.status_message,
             controller_id=service.controller_id,

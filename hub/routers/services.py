@@ -11,7 +11,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select
 from starlette.types import Receive, Scope, Send
 
-from hub.deps import CurrentUser, Hub, HubDep, SessionDep, admit
+from hub.deps import CurrentUser, Hub, HubDep, SessionDep, admit, admit_remembered
 from hub.errors import HubError
 from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel, utcnow
 from hub.routers.hot import HotRoute, send_json
@@ -61,7 +61,9 @@ async def read_service(scope: Scope, receive: Receive, send: Send) -> None:
     statement shared with the reads made at the same time, the answer rendered again only when the service
     changed (``ServiceManager.read_json``)."""
     hub: Hub = scope["app"].state.hub
-    user = await admit(hub, scope)
+    user = admit_remembered(hub, scope)
+    if user is None:
+        user = await admit(hub, scope)
     service_id = scope["path_params"]["service_id"]
     try:
         body = await hub.services.read_json(user, service_id)

@@ -88,17 +88,19 @@ class HotDispatch:
         by_status = {k: v for k, v in handlers.items() if isinstance(k, int)}
         by_type: dict[Any, Handler] = {HTTPException: ExceptionMiddleware(stack).http_exception}
         by_type.update((k, v) for k, v in handlers.items() if not isinstance(k, int))
-        self.routes: list[tuple[HotRoute, ASGIApp]] = []
+        # Each method's hot routes, in the router's order: a call is tested against those of its method only.
+        self.routes: dict[str, list[tuple[HotRoute, ASGIApp]]] = {}
         for route in app.router.routes:
             if isinstance(route, HotRoute):
                 chain: ASGIApp = _Handled(route.answer, by_type, by_status)
                 for cls, args, kwargs in reversed(app.user_middleware):
                     chain = cls(chain, *args, **kwargs)
-                self.routes.append((route, chain))
+                for method in route.answered:
+                    self.routes.setdefault(method, []).append((route, chain))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            for route, chain in self.routes:
+            for route, chain in self.routes.get(scope["method"], ()):
                 child = route.full_match(scope)
                 if child is not None:
                     scope.setdefault("router", self.router)

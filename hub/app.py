@@ -228,7 +228,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.state.hub = hub
     # The two calls made all the time, dispatched ahead of FastAPI's layers (hub.routers.hot); first among the
     # routes too, so the router finds them at once when it must (a wrong method's 405).
-    app.router.routes[:0] = [services.status_read(), controllers.heartbeat_route()]
+    app.router.routes[:0] = [services.status_read(hub), controllers.heartbeat_route(hub)]
     _install_error_handlers(app)
     # The audit, added last, is the outer one: it sees the body limit's 413s too.
     app.add_middleware(BodyLimit, limit_for=lambda scope: settings.max_heartbeat_bytes

@@ -103,8 +103,22 @@ async def admit(hub: Hub, scope: Scope) -> Identity:
     """Who makes this call, and whether they may make it now: the token's user (``Unauthorized``), named
     for the audit trail, then one token of the user's rate limit (``RateLimited``), taken before anything
     is done so that a refused call has done nothing. Every route a user calls goes through here: the
-    dependencies below, and the status read (``hub.routers.hot``)."""
-    who = await hub.users.identity(call_bearer(scope))
+    dependencies below, and the status read (``hub.routers.hot``), which tries ``admit_remembered`` first."""
+    who = admit_remembered(hub, scope)
+    if who is None:
+        who = _admitted(hub, scope, await hub.users.identity(call_bearer(scope)))
+    return who
+
+
+def admit_remembered(hub: Hub, scope: Scope) -> Identity | None:
+    """``admit`` for a token this replica accepted less than ``MMANAGER_AUTH_CACHE_SECONDS`` ago, without
+    the database and without a coroutine; None (nothing done) when the token is not remembered, which
+    ``admit`` then asks the database about. Its refusals (``Unauthorized``, ``RateLimited``) are ``admit``'s."""
+    who = hub.users.remembered(call_bearer(scope))
+    return None if who is None else _admitted(hub, scope, who)
+
+
+def _admitted(hub: Hub, scope: Scope, who: Identity) -> Identity:
     identify_call(scope, who.username)
     if hub.limiter is not None:
         wait = hub.limiter.acquire(who.id)

@@ -236,8 +236,12 @@ class RequestIdMiddleware:
             nonlocal started
             if message["type"] == "http.response.start":
                 started = True
-                headers = [h for h in message.get("headers", ()) if h[0].lower() != _HEADER_KEY]
-                message = {**message, "headers": [*headers, header]}
+                headers = []
+                for item in message.get("headers", ()):  # (a loop: a comprehension is a call of its own)
+                    if item[0].lower() != _HEADER_KEY:
+                        headers.append(item)
+                headers.append(header)
+                message = {**message, "headers": headers}
                 _access_line(scope, message["status"])
             return send(message)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from functools import partial
 
 from fastapi.exceptions import RequestValidationError
 from pydantic import ValidationError
@@ -14,11 +15,10 @@ from hub.routers.hot import HotRoute, read_body, send_json
 from mmanager.wire import Heartbeat, HeartbeatAnswer
 
 
-async def receive_heartbeat(scope: Scope, receive: Receive, send: Send) -> None:
+async def receive_heartbeat(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
     """``POST /api/controllers/{controller_id}/heartbeat``, every controller's every few seconds (a
-    ``HotRoute``): the key checked before the body is read, the body parsed and the answer written by
-    pydantic's core directly, the beat recorded with its batch (``HeartbeatIngest.receive``)."""
-    hub: Hub = scope["app"].state.hub
+    ``HotRoute``, bound to ``hub``): the key checked before the body is read, the body parsed and the answer
+    written by pydantic's core directly, the beat recorded with its batch (``HeartbeatIngest.receive``)."""
     controller_id = scope["path_params"]["controller_id"]
     await admit_controller(hub, scope, controller_id)
     heartbeat = _parse(await read_body(receive))
@@ -58,6 +58,7 @@ async def heartbeat(controller_id: str, body: Heartbeat) -> None:
     raise NotImplementedError
 
 
-def heartbeat_route() -> HotRoute:
-    return HotRoute("/api/controllers/{controller_id}/heartbeat", heartbeat, receive_heartbeat, methods=["POST"],
-                    response_model=HeartbeatAnswer, tags=["controllers"], name="heartbeat")
+def heartbeat_route(hub: Hub) -> HotRoute:
+    """The heartbeat's route, answered for ``hub`` (as ``services.status_read``)."""
+    return HotRoute("/api/controllers/{controller_id}/heartbeat", heartbeat, partial(receive_heartbeat, hub),
+                    methods=["POST"], response_model=HeartbeatAnswer, tags=["controllers"], name="heartbeat")

@@ -29,7 +29,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException
 from starlette.middleware.exceptions import ExceptionMiddleware
 from starlette.requests import ClientDisconnect, Request
-from starlette.routing import Match
+from starlette.routing import get_route_path
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 _JSON = (b"content-type", b"application/json")
@@ -42,6 +42,20 @@ class HotRoute(APIRoute):
         super().__init__(path, declaration, **kwargs)
         self.answer = answer
         self.answered = frozenset(self.methods or ())
+
+    def full_match(self, scope: Scope) -> Scope | None:
+        """The child scope of a full match, as ``matches`` gives it for a top-level route (its own regex on the
+        routed path, the parameters converted, ``route`` set); None for any other call. It is all of
+        ``matches`` that ``HotDispatch`` needs: a call there is not yet inside an included router's context."""
+        if scope["method"] not in self.answered:
+            return None
+        found = self.path_regex.match(get_route_path(scope))
+        if found is None:
+            return None
+        params = dict(scope.get("path_params", {}))
+        for key, value in found.groupdict().items():
+            params[key] = self.param_convertors[key].convert(value)
+        return {"endpoint": self.endpoint, "path_params": params, "route": self}
 
     async def handle(self, scope: Scope, receive: Receive, send: Send) -> None:
         # Reached through the router only for another method (405), or where no ``HotDispatch`` runs.
@@ -74,35 +88,34 @@ class HotDispatch:
         by_status = {k: v for k, v in handlers.items() if isinstance(k, int)}
         by_type: dict[Any, Handler] = {HTTPException: ExceptionMiddleware(stack).http_exception}
         by_type.update((k, v) for k, v in handlers.items() if not isinstance(k, int))
-        self.routes: list[tuple[HotRoute, frozenset[str], ASGIApp]] = []
+        # Each method's hot routes, in the router's order: a call is tested against those of its method only.
+        self.routes: dict[str, list[tuple[HotRoute, ASGIApp]]] = {}
         for route in app.router.routes:
             if isinstance(route, HotRoute):
                 chain: ASGIApp = _Handled(route.answer, by_type, by_status)
                 for cls, args, kwargs in reversed(app.user_middleware):
                     chain = cls(chain, *args, **kwargs)
-                self.routes.append((route, route.answered, chain))
+                for method in route.answered:
+                    self.routes.setdefault(method, []).append((route, chain))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
-            method = scope["method"]
-            for route, methods, chain in self.routes:
-                # The method first: it is the cheaper test, and only a full match is dispatched here.
-                if method in methods:
-                    match, child = route.matches(scope)
-                    if match is Match.FULL:
-                        scope.setdefault("router", self.router)
-                        scope.update(child)
-                        try:
-                            await chain(scope, receive, send)
-                        except Exception as exc:
-                            # As ``ServerErrorMiddleware``: the application's answer to an unexpected error,
-                            # then the error raised on for the server to log. (A hot ``answer`` sends its
-                            # answer last, once nothing of its own can fail: no answer has started here.)
-                            if self.error_handler is not None:
-                                response = await _call(self.error_handler, Request(scope), exc)
-                                await response(scope, receive, send)
-                            raise
-                        return
+            for route, chain in self.routes.get(scope["method"], ()):
+                child = route.full_match(scope)
+                if child is not None:
+                    scope.setdefault("router", self.router)
+                    scope.update(child)
+                    try:
+                        await chain(scope, receive, send)
+                    except Exception as exc:
+                        # As ``ServerErrorMiddleware``: the application's answer to an unexpected error,
+                        # then the error raised on for the server to log. (A hot ``answer`` sends its
+                        # answer last, once nothing of its own can fail: no answer has started here.)
+                        if self.error_handler is not None:
+                            response = await _call(self.error_handler, Request(scope), exc)
+                            await response(scope, receive, send)
+                        raise
+                    return
         await self.stack(scope, receive, send)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from fastapi import APIRouter, Query, Response
@@ -11,7 +12,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select
 from starlette.types import Receive, Scope, Send
 
-from hub.deps import CurrentUser, Hub, HubDep, SessionDep, admit
+from hub.deps import CurrentUser, Hub, HubDep, SessionDep, admit, admit_remembered
 from hub.errors import HubError
 from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel, utcnow
 from hub.routers.hot import HotRoute, send_json
@@ -56,12 +57,13 @@ async def list_services(user: CurrentUser, hub: HubDep, session: SessionDep,
     return [hub.services.to_out(s) for s in await session.scalars(query)]
 
 
-async def read_service(scope: Scope, receive: Receive, send: Send) -> None:
-    """``GET /api/services/{service_id}``, the status read every client polls (a ``HotRoute``): one
-    statement shared with the reads made at the same time, the answer rendered again only when the service
-    changed (``ServiceManager.read_json``)."""
-    hub: Hub = scope["app"].state.hub
-    user = await admit(hub, scope)
+async def read_service(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
+    """``GET /api/services/{service_id}``, the status read every client polls (a ``HotRoute``, bound to
+    ``hub``): one statement shared with the reads made at the same time, the answer rendered again only when
+    the service changed (``ServiceManager.read_json``)."""
+    user = admit_remembered(hub, scope)
+    if user is None:
+        user = await admit(hub, scope)
     service_id = scope["path_params"]["service_id"]
     try:
         body = await hub.services.read_json(user, service_id)
@@ -80,8 +82,10 @@ async def get_service(service_id: str) -> None:
     raise NotImplementedError
 
 
-def status_read() -> HotRoute:
-    return HotRoute("/api/services/{service_id}", get_service, read_service, methods=["GET"],
+def status_read(hub: Hub) -> HotRoute:
+    """The status read's route, answered for ``hub`` (the application's, ``app.state.hub``: bound once rather
+    than looked up through ``State`` on every call)."""
+    return HotRoute("/api/services/{service_id}", get_service, partial(read_service, hub), methods=["GET"],
                     response_model=ServiceOut, tags=["services"], name="get_service")
 
 

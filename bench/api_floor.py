@@ -20,7 +20,7 @@ Routes, cheapest first, so the differences say what each layer costs:
   controller's heartbeats), every connection reading the same service;
 - the same read, each connection reading a service of its own (as many
   services as connections): reads that come together share a statement
-  (``hub.db.Gathered``) but no row;
+  (``hub.services.lifecycle.reads.Gathered``) but no row;
 - ``GET /api/services/{id}/status``: the same, refreshed from the controller
   first (a call to the controller, which inspects the container in Docker,
   then a write): bounded by the controller and Docker, not by the hub.

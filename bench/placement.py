@@ -1,6 +1,6 @@
 """Placement throughput: services created through the public API and acknowledged running, per second.
 
-A real hub process (``mmanager hub serve``, started as ``tests/procs.py`` does) on a
+A real hub process (``mmanager hub serve``, started as ``tests/support/procs.py`` does) on a
 throwaway PostgreSQL cluster with fsync on (a create's 201 means it is durable), N
 simulated controllers (``bench.sim``, mixed cpu and gpu servers, registering themselves
 by heartbeat) in this process, then S services created by C concurrent clients, each a

@@ -36,7 +36,7 @@ async def _diff_and_tables(url: str) -> tuple[list, set[str]]:
     engine = create_async_engine(url)
     try:
         async with engine.connect() as conn:
-            def check(sync_conn):  # type: ignore[no-untyped-def]
+            def check(sync_conn):
                 ctx = MigrationContext.configure(sync_conn, opts={"compare_type": True})
                 return compare_metadata(ctx, Base.metadata), set(inspect(sync_conn).get_table_names())
 

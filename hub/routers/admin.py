@@ -83,20 +83,22 @@ async def _set_enabled(hub: HubDep, admin: AdminUser, controller_id: str, enable
     async with hub.db.session() as session:
         await get_controller(session, controller_id)
     op = await hub.ops.begin(operation, admin.username, controller_id=controller_id)
-    async with hub.db.session() as session:
-        controller = await get_controller(session, controller_id)
-        controller.enabled = enabled
-        if enabled and controller.draining:
-            controller.draining = False
-            # Enabling cancels a drain in progress; what already moved stays where it went.
-            await session.execute(
-                update(OperationModel)
-                .where(OperationModel.operation == "drain", OperationModel.controller_id == controller_id,
-                       OperationModel.status == "running")
-                .values(status="failed", error="cancelled: the controller was enabled again", finished_at=utcnow())
-            )
-    hub.services.placement.stale()
-    await hub.ops.finish(op)
+    async with hub.ops.running(op):
+        async with hub.db.session() as session:
+            controller = await get_controller(session, controller_id)
+            controller.enabled = enabled
+            if enabled and controller.draining:
+                controller.draining = False
+                # Enabling cancels a drain in progress; what already moved stays where it went.
+                await session.execute(
+                    update(OperationModel)
+                    .where(OperationModel.operation == "drain", OperationModel.controller_id == controller_id,
+                           OperationModel.status == "running")
+                    .values(status="failed", error="cancelled: the controller was enabled again",
+                            finished_at=utcnow())
+                )
+        hub.services.placement.stale()
+        await hub.ops.finish(op)
     return controller_out(controller)
 
 

@@ -71,7 +71,7 @@ async def read_service(hub: Hub, scope: Scope, receive: Receive, send: Send) -> 
         raise
     except Exception:
         # A connection the database dropped (a restart) fails the first statement sent on it, and the pool
-        # then replaces its connections (hub.db): read once more, so that a poll does not see the restart.
+        # then replaces its connections (hub.db_direct): read once more, so that a poll does not see the restart.
         body = await hub.services.read_json(user, service_id)
     await send_json(send, body)
 

@@ -112,7 +112,7 @@ class HeartbeatIngest:
         # When each controller was last heard by this replica: a beat's arrival, before its batch or the flush
         # records it (the reconciler counts silence from here too: hub.scheduler.reconcile.Snapshot.heard).
         self.heard: dict[str, datetime] = {}
-        # The statements of the steady state, built once (hub.db: compiled once, sent straight to the driver).
+        # The statements of the steady state, built once (hub.db_direct: compiled once, sent straight to the driver).
         sqlite = db.is_sqlite
         C = ControllerModel.__table__
         self._known = select(C.c.id).where(any_of(C.c.id, "ids", sqlite=sqlite))
@@ -195,7 +195,7 @@ class HeartbeatIngest:
         rows: dict[str, list[RegistryRow]] = {cid: [] for cid in ids}
         refused: dict[str, HubError] = {}
         # The steady state (known controllers, nothing to store) is two reads straight through the driver
-        # (hub.db), however many beats: no ORM session, no transaction.
+        # (hub.db_direct), however many beats: no ORM session, no transaction.
         known = {r["id"] for r in await self.db.all(self._known, {"ids": ids})}
         for r in await self.db.all(self._registry_rows, {"ids": ids}):
             rows[r["controller_id"]].append(RegistryRow(
@@ -379,7 +379,7 @@ class HeartbeatIngest:
             (good if obs.error is None and h.status == "healthy" else bad).append(row)
         if good or bad:
             # One executemany per shape, however many controllers (rows gone meanwhile are skipped), in id order
-            # (the order of the locks); straight through the driver (hub.db).
+            # (the order of the locks); straight through the driver (hub.db_direct).
             good.sort(key=lambda r: r["id"])
             bad.sort(key=lambda r: r["id"])
             async with self.db.transaction() as tx:

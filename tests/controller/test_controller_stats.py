@@ -102,7 +102,7 @@ class _Runtime:
 async def test_sampler_keeps_a_sample_through_a_failed_read_and_forgets_containers_that_went() -> None:
     runtime = _Runtime()
     metrics = ControllerMetrics("c1")
-    sampler = StatsSampler(make_settings("c1", stats_interval=1), runtime, metrics)  # type: ignore[arg-type]
+    sampler = StatsSampler(make_settings("c1", stats_interval=1), runtime, metrics)
 
     def cpu() -> dict[str, float]:
         found = samples(generate_latest(metrics.registry).decode(), "mmanager_container_cpu_percent")
@@ -124,4 +124,4 @@ async def test_sampler_keeps_a_sample_through_a_failed_read_and_forgets_containe
     await sampler.run_once()
     assert sampler.usage("a") is None and cpu() == {"n-b": 20.0}
     info = ContainerInfo(id="b", container_id="b", name="n-b", image="i", status="running")
-    assert sampler.decorate(info).resource_usage["cpu_percent"] == 20.0  # type: ignore[index]
+    assert sampler.decorate(info).resource_usage["cpu_percent"] == 20.0

@@ -118,11 +118,11 @@ async def test_reads_made_together_share_a_statement_and_see_what_was_committed_
 
     async def counted(stmt: object, params: dict[str, list[str]]) -> object:
         sent.append(sorted(params["keys"]))
-        rows = await real_all(stmt, params)  # type: ignore[arg-type]
+        rows = await real_all(stmt, params)
         await hold.wait()  # read already, answered late
         return rows
 
-    db.all = counted  # type: ignore[method-assign]
+    db.all = counted
     reads = Gathered(db, statement, "id", in_flight=1)
 
     # Fifty reads at once, of two rows and one that does not exist: a statement or two, every answer right.
@@ -144,19 +144,19 @@ async def test_reads_made_together_share_a_statement_and_see_what_was_committed_
     late = asyncio.create_task(reads.first(first.id))
     await asyncio.sleep(0.1)
     hold.set()
-    assert first.status != "succeeded" and (await early)["status"] == first.status  # type: ignore[index]
-    assert (await late)["status"] == "succeeded"  # type: ignore[index]
+    assert first.status != "succeeded" and (await early)["status"] == first.status
+    assert (await late)["status"] == "succeeded"
     assert len(sent) == 2
 
     # A statement that fails fails every read it carried, and the next read goes through.
     async def broken(stmt: object, params: object) -> object:
         raise asyncpg.PostgresConnectionError("gone")
 
-    db.all = broken  # type: ignore[method-assign]
+    db.all = broken
     failed = await asyncio.gather(*(reads.first(k) for k in (first.id, second.id)), return_exceptions=True)
     assert all(isinstance(f, asyncpg.PostgresConnectionError) for f in failed)
-    db.all = real_all  # type: ignore[method-assign]
-    assert (await reads.first(second.id))["status"] == second.status  # type: ignore[index]
+    db.all = real_all
+    assert (await reads.first(second.id))["status"] == second.status
 
 
 async def test_a_read_made_as_the_last_statement_ends_is_sent_and_a_refused_key_fails_only_its_own(
@@ -170,11 +170,11 @@ async def test_a_read_made_as_the_last_statement_ends_is_sent_and_a_refused_key_
         return row, await reads.first(second.id)
 
     one, another = await asyncio.wait_for(one_then_another(), 5)
-    assert (one["id"], another["id"]) == (first.id, second.id)  # type: ignore[index]
+    assert (one["id"], another["id"]) == (first.id, second.id)
 
     # PostgreSQL refuses a NUL in a string: the statement of the three keys fails, the two good ones are
     # read again alone and answered; only the bad one's call fails.
     got = await asyncio.gather(reads.first(first.id), reads.first("bad\x00id"), reads.first(second.id),
                                return_exceptions=True)
-    assert got[0]["id"] == first.id and got[2]["id"] == second.id  # type: ignore[index]
+    assert got[0]["id"] == first.id and got[2]["id"] == second.id
     assert isinstance(got[1], asyncpg.PostgresError)

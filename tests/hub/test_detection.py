@@ -80,7 +80,7 @@ async def test_beats_are_answered_while_the_main_pool_is_taken(hub: KeyHub) -> N
     engine = hub.parts.db.engine
     held = []
     try:
-        for _ in range(engine.pool.size() + engine.pool._max_overflow):  # type: ignore[attr-defined]
+        for _ in range(engine.pool.size() + engine.pool._max_overflow):
             held.append(await engine.connect())
         # Answered within 5 s: not after the main pool's 10 s timeout.
         answered = await asyncio.wait_for(hub.beat("ctl-x", KEY), 5)

@@ -48,7 +48,7 @@ async def test_pushing_controllers_are_polled_only_after_a_long_silence_and_then
             ControllerModel(id="beating", url="http://beating:8001", status="healthy", last_push_at=now),
         ])
     client = Unreachable()
-    poller = ControllerPoller(db, settings, client, HeartbeatIngest(db, settings, HubMetrics()))  # type: ignore[arg-type]
+    poller = ControllerPoller(db, settings, client, HeartbeatIngest(db, settings, HubMetrics()))
 
     await poller.run_once()
     # Silent past the grace (6 s) but not for long: maybe late, maybe dead; its heartbeats decide.
@@ -85,7 +85,7 @@ async def test_a_polled_controller_is_heard_before_its_rows_are_read(db: Databas
         session.add(ControllerModel(id="polled", url="http://polled:8001", status="healthy"))
     busy = Database(db.url, pool_size=1, max_overflow=0)
     ingest = HeartbeatIngest(db, settings, HubMetrics())
-    poller = ControllerPoller(busy, settings, Answering(), ingest)  # type: ignore[arg-type]
+    poller = ControllerPoller(busy, settings, Answering(), ingest)
     held = await busy.engine.connect()
     try:
         before = utcnow()

@@ -20,7 +20,7 @@ LEGIT = {"name": "legit", "image": EXAMPLE_IMAGE, "ports": {"5000": None},
 async def written(cluster: Cluster) -> tuple[int, int, int]:
     """Services, registry rows and operations in the database."""
     async with cluster.db.session() as session:
-        return tuple([  # type: ignore[return-value]
+        return tuple([
             await session.scalar(select(func.count()).select_from(model)) or 0
             for model in (ServiceModel, ContainerRegistryModel, OperationModel)
         ])

@@ -90,7 +90,7 @@ def app_with_ids() -> FastAPI:
 
     @app.get("/stream")
     async def stream() -> StreamingResponse:
-        async def chunks() -> Iterator[bytes]:  # type: ignore[misc]
+        async def chunks() -> Iterator[bytes]:
             for i in range(3):
                 yield f"{request_id_var.get()}:{i}\n".encode()
         return StreamingResponse(chunks(), media_type="text/plain")

@@ -90,7 +90,7 @@ def test_a_report_opens_and_resolves_its_own_controllers_alerts_and_leaves_the_o
     """Judged against its own controller's open alerts only (judging each beat against every open alert cost
     0.4 ms a beat at 1,000 open alerts, bench.monitor_observe), with the same outcome."""
     metrics = HubMetrics()
-    monitor = Monitor(None, HubSettings(api_key="k" * 32, alert_disk_percent=85, _env_file=None), metrics)  # type: ignore[arg-type]
+    monitor = Monitor(None, HubSettings(api_key="k" * 32, alert_disk_percent=85, _env_file=None), metrics)
     # As stored: c2's and c3's disks are over; c1 has none open.
     monitor._reloaded({("disk", "c2", None): Reading(("disk", "c2", None), 90.0),
                        ("disk", "c3", None): Reading(("disk", "c3", None), 95.0)})
@@ -116,7 +116,7 @@ def test_the_monitor_benchmark_measures_a_report_that_changes_nothing() -> None:
 
 def test_a_containers_series_follow_each_new_sample_and_a_repeated_one_changes_nothing() -> None:
     metrics = HubMetrics()
-    monitor = Monitor(None, HubSettings(api_key="k" * 32, _env_file=None), metrics)  # type: ignore[arg-type]
+    monitor = Monitor(None, HubSettings(api_key="k" * 32, _env_file=None), metrics)
     first = datetime(2026, 1, 1, tzinfo=UTC)
 
     def report(sampled_at: datetime, cpu: float) -> list[HeartbeatContainer]:

@@ -26,7 +26,7 @@ class Written:
 
 
 def log_on(db: Written) -> OperationLog:
-    return OperationLog(db, HubMetrics())  # type: ignore[arg-type]
+    return OperationLog(db, HubMetrics())
 
 
 async def test_an_error_that_escapes_the_body_ends_the_operation_once() -> None:
@@ -69,13 +69,13 @@ async def test_an_end_whose_transaction_did_not_commit_is_no_end() -> None:
     op = ops.new("create", "alice")
     with pytest.raises(ConnectionResetError):
         async with ops.running(op):
-            await ops.finish_in(db, op, controller_id="c1")  # type: ignore[arg-type]
+            await ops.finish_in(db, op, controller_id="c1")
             raise ConnectionResetError("the commit failed")
     assert db.ends == [("succeeded", None), ("failed", "INTERNAL_ERROR: ConnectionResetError: the commit failed")]
     assert op.status == "failed" and op.controller_id == "c1" and not ops.active
 
     committed = ops.new("create", "alice")
     async with ops.running(committed):
-        await ops.finish_in(db, committed)  # type: ignore[arg-type]
+        await ops.finish_in(db, committed)
         ops.finished(committed)
     assert committed.status == "succeeded" and not ops.active

@@ -86,11 +86,11 @@ def snapshot(controllers: list[ControllerState], services: list[ServiceState], l
 
 
 def healthy(cid: str, last: float = 0, **kw: object) -> ControllerState:
-    return ControllerState(cid, "healthy", at(last), **kw)  # type: ignore[arg-type]
+    return ControllerState(cid, "healthy", at(last), **kw)
 
 
 def svc(sid: str, on: str | None, status: str = "running", desired: str = "running", **kw: object) -> ServiceState:
-    return ServiceState(sid, desired, status, on, **kw)  # type: ignore[arg-type]
+    return ServiceState(sid, desired, status, on, **kw)
 
 
 def test_a_silent_controller_is_lost_after_the_grace_and_its_services_move_elsewhere() -> None:

@@ -1,4 +1,4 @@
-"""``ServiceManager``: the one front object the routers, the fast lane and the reconciler call. It holds the
+"""``ServiceManager``: the one front object the routers, the hot routes and the reconciler call. It holds the
 lifecycle's parts, built on one shared ``Lifecycle`` context, and hands each call to the part that owns it.
 
 The delegating methods return the part's awaitable rather than awaiting it: no frame of their own on the

@@ -40,7 +40,7 @@ async def database(request: pytest.FixtureRequest, db: Database, tmp_path: Path)
 
 
 @pytest.fixture
-async def lane(database: Database) -> AsyncIterator[KeyHub]:
+async def keyed_hub(database: Database) -> AsyncIterator[KeyHub]:
     """A hub (its controllers registered, never reached) with a client of its application."""
     entries = [{"id": cid, "url": f"http://{cid}.test:8001"} for cid in CONTROLLERS]
     settings = HubSettings(database_url=database.url, api_key=KEY, controllers=json.dumps(entries),
@@ -56,8 +56,8 @@ async def lane(database: Database) -> AsyncIterator[KeyHub]:
 
 
 async def test_a_beat_on_a_remembered_key_is_answered_as_the_first_and_recorded(
-        lane: KeyHub) -> None:
-    hub = lane
+        keyed_hub: KeyHub) -> None:
+    hub = keyed_hub
     key = (await hub.mint("ctl-x"))["key"]
     path = "/api/controllers/ctl-x/heartbeat"
     # The first beat after a key was minted: the snapshot is reloaded by the key's check.
@@ -84,8 +84,8 @@ async def test_a_beat_on_a_remembered_key_is_answered_as_the_first_and_recorded(
     assert listed["last_used_at"] is not None
 
 
-async def test_everything_else_is_answered_and_audited_once(lane: KeyHub) -> None:
-    hub = lane
+async def test_everything_else_is_answered_and_audited_once(keyed_hub: KeyHub) -> None:
+    hub = keyed_hub
     key = (await hub.mint("ctl-x"))["key"]
     assert (await hub.beat("ctl-x", key)).status_code == 200  # the key is remembered from now on
     auth = {"Authorization": f"Bearer {key}"}
@@ -133,8 +133,8 @@ async def test_everything_else_is_answered_and_audited_once(lane: KeyHub) -> Non
 
 
 async def test_a_controller_joins_by_beating_with_what_it_audited(
-        lane: KeyHub) -> None:
-    hub = lane
+        keyed_hub: KeyHub) -> None:
+    hub = keyed_hub
     # Without a url it is refused (and the shared key warned about, once)...
     r = await hub.beat("edge-3", KEY, heartbeat("edge-3", []))
     assert (r.status_code, r.json()["error"]["code"]) == (404, "CONTROLLER_NOT_FOUND")
@@ -154,11 +154,11 @@ async def test_a_controller_joins_by_beating_with_what_it_audited(
 
 
 async def test_a_caller_gone_before_its_body_was_read_costs_no_traceback(
-        lane: KeyHub, caplog: pytest.LogCaptureFixture) -> None:
+        keyed_hub: KeyHub, caplog: pytest.LogCaptureFixture) -> None:
     """An overloaded hub's callers give up and hang up; the application then finds no body to read. That is
     no error of the hub's: nothing is done, nothing is logged above DEBUG (each traceback, written twice,
     cost more than a beat, and made an overloaded hub fall further behind)."""
-    keyhub = lane
+    keyhub = keyed_hub
     sent: list[dict[str, Any]] = []
 
     async def gone() -> dict[str, Any]:
@@ -191,11 +191,11 @@ def shed_count(metrics: str) -> float:
 
 
 async def test_a_beat_shed_is_refused_at_once_with_retry_after_and_no_audit_row(
-        lane: KeyHub, monkeypatch: pytest.MonkeyPatch) -> None:
+        keyed_hub: KeyHub, monkeypatch: pytest.MonkeyPatch) -> None:
     """Past MMANAGER_HEARTBEAT_BACKLOG beats waiting, a beat is refused at once: 503 HUB_BUSY with the interval
     as Retry-After, without an audit row each, since the
     refusal must be the cheapest thing an overloaded hub does; the metric counts it."""
-    hub = lane
+    hub = keyed_hub
     key = (await hub.mint("ctl-x"))["key"]
     assert (await hub.beat("ctl-x", key)).status_code == 200  # the key is remembered from now on
     ingest = hub.parts.ingest

@@ -44,7 +44,7 @@ class Actions:
 
     async def _run_lifecycle(self, service_id: str, action: str, op: OperationModel) -> ServiceModel:
         ctx = self.ctx
-        async with ctx.ops.running(op), ctx.service_locks[service_id]:
+        async with ctx.service_locks[service_id], ctx.ops.running(op):
             async with ctx.db.session() as session:
                 service = await session.get(ServiceModel, service_id)
                 if service is None:
@@ -142,7 +142,7 @@ class Actions:
 
     async def _run_delete(self, service: ServiceModel, op: OperationModel) -> None:
         ctx = self.ctx
-        async with ctx.ops.running(op), ctx.service_locks[service.id]:
+        async with ctx.service_locks[service.id], ctx.ops.running(op):
             async with ctx.db.session() as session:
                 containers = list(await session.execute(sql.SERVICE_COPIES, {"service_id": service.id}))
             left: list[str] = []

@@ -99,7 +99,7 @@ class Creator:
         to finish; bad input (an unknown image) still removes it. ``first``: the placement the
         create's transaction committed."""
         ctx = self.ctx
-        async with running as op, ctx.service_locks[service.id]:
+        async with ctx.service_locks[service.id], running as op:
             if acknowledged:
                 current = await ctx.reload_or_none(service.id)
                 if current is None or current.status != "pending" or current.epoch != service.epoch:

@@ -65,7 +65,7 @@ class Mover:
     async def _run_redeploy(self, service_id: str, spec: ServiceSpec | None, op: OperationModel,
                             exclude: frozenset[str], target: str | None, version: int | None) -> ServiceModel:
         ctx = self.ctx
-        async with ctx.ops.running(op), ctx.service_locks[service_id]:
+        async with ctx.service_locks[service_id], ctx.ops.running(op):
             service = await ctx.reload(service_id)
             if target is not None and target == service.controller_id:
                 raise Conflict("the service already runs on that controller", code="SAME_CONTROLLER")

@@ -230,10 +230,12 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     # routes too, so the router finds them at once when it must (a wrong method's 405).
     app.router.routes[:0] = [services.status_read(hub), controllers.heartbeat_route(hub)]
     _install_error_handlers(app)
-    # The audit, added last, is the outer one: it sees the body limit's 413s too.
+    # The audit, added last, is the outer one: it sees the body limit's 413s too. The hot routes run a copy of
+    # each (hub.routers.hot.HotDispatch, built from these same arguments): state a middleware keeps across calls
+    # must be passed in, shared, as the audit's coalescer is.
     app.add_middleware(BodyLimit, limit_for=lambda scope: settings.max_heartbeat_bytes
                        if HEARTBEAT_PATH.match(scope["path"]) else settings.max_request_bytes)
-    # One coalescer for every copy of the audit middleware (the hot routes run theirs: hub.routers.hot).
+    # One coalescer for both copies of the audit middleware.
     app.add_middleware(AuditMiddleware, record=AuditLog(hub.db).record, skip=skip_routine, coalescer=Coalescer())
     app.include_router(system.router)
     app.include_router(services.router)

@@ -53,9 +53,9 @@ def _parse(raw: bytes) -> Heartbeat:
 
 
 # The heartbeat's declaration, for the OpenAPI document (no docstring: it would become the operation's
-# description): ``receive_heartbeat`` answers it.
+# description). Never called: a HotRoute hands every call it takes to ``receive_heartbeat``.
 async def heartbeat(controller_id: str, body: Heartbeat) -> None:
-    raise NotImplementedError
+    raise NotImplementedError("HotRoute answers through receive_heartbeat")
 
 
 def heartbeat_route(hub: Hub) -> HotRoute:

@@ -77,9 +77,9 @@ async def read_service(hub: Hub, scope: Scope, receive: Receive, send: Send) -> 
 
 
 # The status read's declaration, for the OpenAPI document (no docstring: it would become the operation's
-# description): ``read_service`` answers it.
+# description). Never called: a HotRoute hands every call it takes to ``read_service``.
 async def get_service(service_id: str) -> None:
-    raise NotImplementedError
+    raise NotImplementedError("HotRoute answers through read_service")
 
 
 def status_read(hub: Hub) -> HotRoute:

@@ -20,6 +20,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from starlette.requests import ClientDisconnect
 
 from hub.background.flusher import HeartbeatFlusher
+from hub.background.gateway import GatewayPublisher, GatewayWatch
 from hub.background.leader import Supervisor
 from hub.background.poller import ControllerPoller
 from hub.background.reconciler import Reconciler
@@ -31,11 +32,12 @@ from hub.errors import error_response
 from hub.metrics import HubMetrics
 from hub.models import new_id
 from hub.ratelimit import RateLimiter
-from hub.routers import admin, audit, controllers, prometheus, services, system
+from hub.routers import admin, audit, controllers, gateway, prometheus, services, system
 from hub.routers.hot import HotApp
 from hub.scheduler.snapshot import PlacementCache
 from hub.services.audit import CLIENT_CLOSED, HEARTBEAT_PATH, AuditLog, skip_routine
 from hub.services.controllers import ControllerRegistry
+from hub.services.gateway import GatewayDirectory, GatewayTable
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
 from hub.services.operations import OperationLog
@@ -58,13 +60,15 @@ def build_hub(settings: HubSettings, db: Database | None = None,
     ops = OperationLog(db, metrics, replica_id)
     placement = PlacementCache(db, avoid_for=settings.heartbeat_grace)
     controllers = ControllerRegistry(db, client, settings, metrics, ops, placement)
-    manager = ServiceManager(db, client, ops, settings, metrics, placement)
+    gateway = GatewayTable(db, settings)
+    gateways = GatewayDirectory(gateway, settings.gateway_url)
+    manager = ServiceManager(db, client, ops, settings, metrics, placement, gateways)
     ingest = HeartbeatIngest(heartbeat_database(db), settings, metrics)
     poller = ControllerPoller(db, settings, client, ingest)
     limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
     users = UserAuth(db, settings.auth_cache_seconds)
     return Hub(settings, db, client, metrics, ops, controllers, manager, ingest, poller, replica_id, users,
-               limiter=limiter)
+               gateway, gateways, limiter=limiter)
 
 
 # The heartbeats' own connections (their batches' reads, the flush, the keys' snapshot, the monitor): at most
@@ -180,13 +184,18 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     settings = settings or HubSettings()
     hub = hub or build_hub(settings)
 
+    publisher = GatewayPublisher(hub.gateway, settings.gateway_publish_interval)
+    watch = GatewayWatch(hub.gateways)
+
     async def on_lead(since: datetime) -> None:
+        publisher.start()
         hub.reconciler = Reconciler(hub.db, settings, hub.services, hub.metrics, hub.replica_id, since,
                                     ingest=hub.ingest)
         hub.reconciler.start()
         hub.poller.start()
 
     async def on_follow() -> None:
+        await publisher.stop()
         await hub.poller.stop()
         if hub.reconciler is not None:
             await hub.reconciler.stop()
@@ -206,11 +215,14 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
             await hub.refresh_controllers()
             flusher.start()
             supervisor.start()
+            watch.start()
         try:
             yield
         finally:
             if run_loops:
+                await watch.stop()
                 await supervisor.stop()
+                await publisher.stop()
                 await flusher.stop()
             await hub.ingest.close()
             await hub.services.shutdown()
@@ -241,6 +253,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.include_router(services.router)
     app.include_router(admin.router)
     app.include_router(prometheus.router)
+    app.include_router(gateway.router)
     app.include_router(audit.router)
     install_request_ids(app)
     return app

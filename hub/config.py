@@ -62,8 +62,13 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     # second (0 = off) and the burst a user may spend at once.
     rate_limit: float = Field(default=50.0, ge=0)
     rate_burst: int = Field(default=200, ge=1)
-    service_domain: str | None = None
+    # Hosts {service}.{owner}.{service_domain} route to a service at the gateway, besides /s/{owner}/{service}/.
+    service_domain: str | None = Field(default=None, pattern=r"^[A-Za-z0-9]([A-Za-z0-9.-]{0,251}[A-Za-z0-9])?$")
     service_idle_timeout: int = Field(default=30, ge=0)
+    # The URL a service's `url` starts with; empty: the advertised URL of a live gateway (hub.services.gateway).
+    gateway_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
+    # How often the leader checks whether the routing table changed (a cheap read when it did not).
+    gateway_publish_interval: float = Field(default=0.25, gt=0, le=60)
     # Seconds the hub waits on a controller for one call; creating a container
     # can include an image pull-free create and start, so it gets more.
     controller_timeout: float = Field(default=30.0, gt=0)
@@ -105,7 +110,7 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     prometheus_token: SecretStr | None = None
     dev_mode: bool = False
 
-    @field_validator("prometheus_token", mode="before")
+    @field_validator("prometheus_token", "gateway_url", "service_domain", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # MMANAGER_PROMETHEUS_TOKEN= (as a compose file may pass it) means no such token.

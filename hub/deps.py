@@ -19,6 +19,7 @@ from hub.metrics import HubMetrics
 from hub.models import UserModel
 from hub.ratelimit import RateLimiter
 from hub.services.controllers import ControllerRegistry
+from hub.services.gateway import GatewayDirectory, GatewayTable
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
 from hub.services.operations import OperationLog
@@ -45,6 +46,8 @@ class Hub:
     poller: ControllerPoller
     replica_id: str
     users: UserAuth
+    gateway: GatewayTable
+    gateways: GatewayDirectory
     # Set while this replica leads.
     reconciler: Reconciler | None = None
     # Per-user request rate on this replica; None when MMANAGER_RATE_LIMIT is 0.

@@ -328,3 +328,43 @@ class ServiceMetricModel(Base):
     network_tx_bytes: Mapped[int] = mapped_column(BigInteger)
     block_read_bytes: Mapped[int] = mapped_column(BigInteger)
     block_write_bytes: Mapped[int] = mapped_column(BigInteger)
+
+
+class ServiceKeyModel(Base):
+    """A key that opens a private service's gateway route. Only its SHA-256 is kept (the key itself is a
+    random 256-bit token shown once), so the hash is what the gateway compares: no gateway holds a key."""
+
+    __tablename__ = "service_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    service_id: Mapped[str] = mapped_column(ForeignKey("model_services.id", ondelete="CASCADE"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    name: Mapped[str | None] = mapped_column(String(64), default=None)
+    created_by: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class GatewayModel(Base):
+    """A gateway (``mmanager gateway serve``) as it last reported itself: where it answers and which
+    version of the routing table it has applied."""
+
+    __tablename__ = "gateways"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    url: Mapped[str] = mapped_column(String(512))
+    version: Mapped[int] = mapped_column(Integer, default=0)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class GatewayRoutesModel(Base):
+    """The routing table the gateways apply: one row (id 1), written by the leading hub replica only,
+    its ``version`` raised on each change."""
+
+    __tablename__ = "gateway_routes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer)
+    body: Mapped[dict[str, Any]] = mapped_column()
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow)

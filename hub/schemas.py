@@ -116,6 +116,16 @@ Labels = Annotated[dict[str, str], AfterValidator(_labels)]
 Command = Annotated[str | list[str] | None, AfterValidator(_command)]
 Ports = Annotated[dict[PortKey, int | None], Field(max_length=64), AfterValidator(_ports)]
 Volumes = Annotated[dict[str, str], Field(max_length=64), AfterValidator(_volumes)]
+def _body_size(value: str) -> str:
+    size = parse_memory(value)
+    if size > MAX_BODY:
+        raise ValueError("max_body_size is at most 1GB")
+    return value
+
+
+MAX_BODY = 1024**3
+MAX_RATE_LIMIT = 1_000_000
+MaxBody = Annotated[str, Field(max_length=32), AfterValidator(_body_size)]
 # Checked against mmanager.policy.ALLOWED_CAPABILITIES by the spec policy.
 Capabilities = Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z_]{1,64}$")]], Field(max_length=32)]
 
@@ -133,6 +143,10 @@ class ServiceSpec(StrictModel):
     volumes: Volumes = Field(default_factory=dict)
     labels: Labels = Field(default_factory=dict)
     cap_add: Capabilities = Field(default_factory=list)
+    # At the gateway (docs/API.md, The gateway): a key needed, requests a minute per client IP, the body size.
+    private: bool = False
+    rate_limit_per_minute: int = Field(default=100, ge=0, le=MAX_RATE_LIMIT)
+    max_body_size: MaxBody = "10MB"
 
 
 class ServicePatch(StrictModel):
@@ -149,6 +163,9 @@ class ServicePatch(StrictModel):
     volumes: Volumes | None = None
     labels: Labels | None = None
     cap_add: Capabilities | None = None
+    private: bool | None = None
+    rate_limit_per_minute: int | None = Field(default=None, ge=0, le=MAX_RATE_LIMIT)
+    max_body_size: MaxBody | None = None
 
 
 class RollbackRequest(StrictModel):
@@ -333,3 +350,35 @@ class ServiceMetricsOut(BaseModel):
     since: datetime
     resolution: int
     points: list[MetricPoint]
+
+
+class GatewayReport(StrictModel):
+    """A gateway's heartbeat: where it answers, and the routing table's version it has applied."""
+
+    url: str = Field(min_length=1, max_length=512, pattern=r"^https?://[^\s]+$")
+    version: int = Field(ge=0)
+
+
+class GatewayOut(BaseModel):
+    id: str
+    url: str
+    version: int
+    created_at: datetime
+    last_seen_at: datetime
+
+
+class ServiceKeyCreate(StrictModel):
+    name: str | None = Field(default=None, max_length=64, pattern=NAME_PATTERN)
+
+
+class ServiceKeyOut(BaseModel):
+    id: str
+    name: str | None
+    prefix: str
+    created_by: str
+    created_at: datetime
+
+
+class ServiceKeyCreated(ServiceKeyOut):
+    # Shown once: the hub keeps only its SHA-256.
+    key: str

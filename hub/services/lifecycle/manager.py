@@ -21,6 +21,7 @@ from hub.metrics import HubMetrics
 from hub.models import OperationModel, ServiceModel, UserModel
 from hub.scheduler.snapshot import PlacementCache
 from hub.schemas import ServiceOut, ServicePatch, ServiceSpec
+from hub.services.gateway import GatewayDirectory
 from hub.services.lifecycle import reads
 from hub.services.lifecycle.actions import Actions
 from hub.services.lifecycle.context import Lifecycle
@@ -42,13 +43,14 @@ class ServiceManager:
         settings: HubSettings,
         metrics: HubMetrics,
         placement: PlacementCache,
+        gateways: GatewayDirectory,
     ) -> None:
         self.placement = placement
         self.log_streams = LogStreamSlots(settings.max_log_streams, settings.max_log_streams_per_user)
         self.ctx = Lifecycle(db, client, ops, settings, metrics, self.placement)
         deployer = Deployer(self.ctx)
         replacer = Replacer(self.ctx, deployer)
-        self._reads = reads.Reads(db, settings)
+        self._reads = reads.Reads(db, settings, gateways)
         self._creator = Creator(self.ctx, deployer)
         self._mover = Mover(self.ctx, deployer, replacer)
         self._actions = Actions(self.ctx, replacer, self.log_streams)

@@ -8,11 +8,13 @@ tightened since that version ran).
 
 from __future__ import annotations
 
+from typing import Any
+
 from pydantic import ValidationError
 
 from hub.db import insert_row
 from hub.errors import Conflict, InvalidRequest, NotFound
-from hub.models import ContainerRegistryModel, ControllerModel, OperationModel, ServiceModel, UserModel
+from hub.models import ContainerRegistryModel, ControllerModel, OperationModel, ServiceModel, UserModel, utcnow
 from hub.scheduler.reconcile import UNSETTLED
 from hub.schemas import ServicePatch, ServiceSpec
 from hub.services.controllers import get_controller
@@ -22,6 +24,9 @@ from hub.services.lifecycle.deploy import Deployer
 from hub.services.lifecycle.reads import get_for
 from hub.services.lifecycle.replace import Replacement, Replacer, read_unfinished
 from mmanager.logs import bind_request_id
+
+# Spec fields only the gateways act on: a change of these alone starts no new container.
+GATEWAY_ONLY = frozenset({"private", "rate_limit_per_minute", "max_body_size"})
 
 
 class Mover:
@@ -93,7 +98,23 @@ class Mover:
         except ValidationError as exc:
             raise InvalidRequest("the patched spec is invalid",
                                  [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]) from None
+        if set(changes) <= GATEWAY_ONLY:
+            return await self._update_at_gateway(user, service_id, spec, changes)
         return await self.redeploy(user, service_id, "update", spec=spec, wait=wait)
+
+    async def _update_at_gateway(self, user: UserModel, service_id: str, spec: ServiceSpec,
+                                 changes: dict[str, Any]) -> ServiceModel:
+        """A change the gateways apply alone: the spec is written with its operation, already succeeded;
+        the container, its version and its deployment history stay as they are."""
+        ctx = self.ctx
+        async with ctx.service_locks[service_id], ctx.db.session() as session:
+            service = await get_for(session, user, service_id)
+            service.spec = {**service.spec, **{key: getattr(spec, key) for key in changes}}
+            op = ctx.ops.new("update", user.username, service_id=service.id, controller_id=service.controller_id,
+                             container_id=service.container_id, details={"gateway": changes})
+            op.status, op.finished_at = "succeeded", utcnow()
+            session.add(op)
+        return service
 
     async def move(self, service_id: str, reason: str, exclude: frozenset[str] = frozenset(),
                    expected_controller: str | None = None) -> ServiceModel | None:

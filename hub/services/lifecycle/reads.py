@@ -25,6 +25,7 @@ from hub.db import Database
 from hub.errors import NotFound
 from hub.models import ServiceModel, UserModel
 from hub.schemas import Endpoint, ServiceOut
+from hub.services.gateway import GatewayDirectory
 from hub.services.lifecycle.sql import status_read
 from hub.services.users import Identity
 
@@ -50,8 +51,9 @@ async def get_for(session: AsyncSession, user: UserModel, service_id: str) -> Se
 class Reads:
     """The status read and the answer's shape."""
 
-    def __init__(self, db: Database, settings: HubSettings) -> None:
+    def __init__(self, db: Database, settings: HubSettings, gateways: GatewayDirectory) -> None:
         self.settings = settings
+        self.gateways = gateways
         # The calls that come together share one statement, built once (so its cache key is computed once).
         self._gathered = Gathered(db, status_read(db.is_sqlite), "id")
         self._rendered = Rendered(RENDERED_READS)
@@ -68,7 +70,8 @@ class Reads:
         since it was last rendered (a service polled by many clients, or by one at a fast cadence, is mostly
         unchanged between two polls)."""
         row = await self._row(user, service_id)
-        return self._rendered.get(service_id, row, lambda: self.to_out(
+        # Keyed by the gateway's URL too: the answer's ``url`` starts with it.
+        return self._rendered.get((service_id, self.gateways.url), row, lambda: self.to_out(
             SimpleNamespace(**row),  # type: ignore[arg-type]  # a row has the model's columns
             owner=row["owner_name"]).model_dump_json().encode())
 
@@ -103,8 +106,10 @@ class Reads:
         )
 
     def _url(self, service: ServiceModel, owner: str, endpoint: Endpoint | None) -> str | None:
-        if self.settings.service_domain:
-            return f"http://{service.name}-{owner}.{self.settings.service_domain}"
+        """The gateway's URL for the service once a gateway runs; before that, where its container answers."""
+        routed = self.gateways.service_url(owner, service.name)
+        if routed is not None:
+            return routed
         if endpoint is None or service.status != "running":
             return None
         for port in endpoint.ports.values():

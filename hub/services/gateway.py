@@ -1,0 +1,183 @@
+"""The gateways' routing table: derived from the hub's tables by a pure function (``routing_table``),
+published by the leading replica only (``GatewayTable.publish``), fetched by every gateway (``current``),
+which reports the version it has applied (``report``). ``GatewayDirectory`` keeps, on every replica, the
+gateway URL that a service's ``url`` is built on.
+
+Invariant: a version names one table and versions only rise: a new version is written when, and only
+when, the table differs from the last one written, so a hub restart that finds its tables unchanged
+publishes nothing new, and one that finds them changed converges the gateways with the next version.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.exc import IntegrityError
+
+from hub.config import HubSettings
+from hub.db import Database
+from hub.models import GatewayModel, GatewayRoutesModel, ServiceKeyModel, ServiceModel, UserModel, utcnow
+from mmanager.wire import parse_memory
+
+log = logging.getLogger(__name__)
+
+# Seed 000's limit: 100 requests a minute per client IP, unless a service says otherwise.
+DEFAULT_RATE_LIMIT = 100
+DEFAULT_MAX_BODY = "10MB"
+# A gateway unheard for this long is no longer offered as a service's URL.
+GATEWAY_LIVE = timedelta(seconds=15)
+
+SERVICES = ServiceModel.__table__
+KEYS = ServiceKeyModel.__table__
+ROUTES = GatewayRoutesModel.__table__
+GATEWAYS = GatewayModel.__table__
+
+# Cheap enough to send every publish tick: the table is derived again only when this changes.
+FINGERPRINT = select(
+    select(func.count()).select_from(SERVICES).scalar_subquery().label("services"),
+    select(func.max(SERVICES.c.updated_at)).scalar_subquery().label("services_changed"),
+    select(func.count()).select_from(KEYS).scalar_subquery().label("keys"),
+    select(func.max(KEYS.c.created_at)).scalar_subquery().label("keys_changed"),
+)
+ROUTED = (select(SERVICES.c.id, SERVICES.c.name, UserModel.username.label("owner"), SERVICES.c.spec,
+                 SERVICES.c.status, SERVICES.c.desired_state, SERVICES.c.endpoint, SERVICES.c.controller_id,
+                 SERVICES.c.container_id)
+          .join_from(ServiceModel, UserModel, ServiceModel.owner_id == UserModel.id))
+ROUTED_KEYS = select(KEYS.c.service_id, KEYS.c.key_hash)
+CURRENT = select(ROUTES.c.version, ROUTES.c.body).where(ROUTES.c.id == 1)
+FIRST_VERSION = insert(ROUTES).values(id=1, version=1, body=bindparam("body"), updated_at=bindparam("now"))
+NEXT_VERSION = (update(ROUTES).where(ROUTES.c.id == 1)
+                .values(version=ROUTES.c.version + 1, body=bindparam("body"), updated_at=bindparam("now")))
+REPORTED = (update(GATEWAYS).where(GATEWAYS.c.id == bindparam("gateway_id"))
+            .values(url=bindparam("url"), version=bindparam("version"), last_seen_at=bindparam("now")))
+FIRST_REPORT = insert(GATEWAYS).values(id=bindparam("gateway_id"), url=bindparam("url"),
+                                       version=bindparam("version"), created_at=bindparam("now"),
+                                       last_seen_at=bindparam("now"))
+LIVE_URL = (select(GATEWAYS.c.url).where(GATEWAYS.c.last_seen_at >= bindparam("since"))
+            .order_by(GATEWAYS.c.created_at, GATEWAYS.c.id).limit(1))
+
+
+def serving_port(spec: Mapping[str, Any]) -> str | None:
+    """The container port the gateway sends a service's requests to: its health check's, else its first
+    TCP port; None for a service that publishes none."""
+    check = spec.get("health_check")
+    if check:
+        return str(check["port"])
+    for key in spec.get("ports") or {}:
+        number, _, proto = key.partition("/")
+        if proto in ("", "tcp"):
+            return number
+    return None
+
+
+def _replicas(service: Mapping[str, Any]) -> list[dict[str, Any]]:
+    endpoint = service["endpoint"]
+    port = serving_port(service["spec"])
+    if service["desired_state"] != "running" or not endpoint or port is None:
+        return []
+    published = (endpoint.get("ports") or {}).get(port)
+    if not published:
+        return []
+    return [{"id": service["container_id"] or service["id"], "controller_id": service["controller_id"],
+             "address": f"{endpoint['host']}:{published}", "state": "ready"}]
+
+
+def routing_table(services: Iterable[Mapping[str, Any]], keys: Iterable[Mapping[str, Any]],
+                  domain: str | None) -> dict[str, Any]:
+    """The routing table a gateway applies, from the services (each with its owner's name) and the private
+    services' key hashes. Deterministic: the same rows in any order give an equal table."""
+    routes = []
+    for service in sorted(services, key=lambda s: (s["owner"], s["name"])):
+        spec = service["spec"]
+        check = spec.get("health_check")
+        routes.append({
+            "id": service["id"], "owner": service["owner"], "name": service["name"], "state": service["status"],
+            "private": bool(spec.get("private", False)),
+            "rate_limit_per_minute": spec.get("rate_limit_per_minute", DEFAULT_RATE_LIMIT),
+            "max_body_bytes": parse_memory(spec.get("max_body_size") or DEFAULT_MAX_BODY),
+            # None: no HTTP health check declared, so the gateway checks that the port accepts connections.
+            "health_path": check["path"] if check else None,
+            "replicas": sorted(_replicas(service), key=lambda r: r["id"]),
+        })
+    private = {route["id"] for route in routes if route["private"]}
+    hashes = sorted((k["service_id"], k["key_hash"]) for k in keys if k["service_id"] in private)
+    return {"domain": domain, "services": routes,
+            "service_keys": [{"service_id": service_id, "sha256": digest} for service_id, digest in hashes]}
+
+
+class GatewayTable:
+    """The published routing table and the gateways' reports of what they applied."""
+
+    def __init__(self, db: Database, settings: HubSettings) -> None:
+        self.db = db
+        self.settings = settings
+        # What the tables looked like when the table was last derived (None: never, e.g. after a restart).
+        self._fingerprint: Mapping[str, Any] | None = None
+
+    async def publish(self) -> int | None:
+        """Derive the table again if the tables changed, and write it as a new version if it differs from
+        the last; the version written, or None. The leader's alone to call."""
+        fingerprint = await self.db.first(FINGERPRINT, {})
+        if fingerprint is not None and fingerprint == self._fingerprint:
+            return None
+        services = await self.db.all(ROUTED, {})
+        keys = await self.db.all(ROUTED_KEYS, {})
+        body = routing_table(services, keys, self.settings.service_domain)
+        async with self.db.transaction() as tx:
+            current = await tx.first(CURRENT, {})
+            now = utcnow()
+            if current is None:
+                await tx.execute(FIRST_VERSION, {"body": body, "now": now})
+                version: int | None = 1
+            elif current["body"] != body:
+                await tx.execute(NEXT_VERSION, {"body": body, "now": now})
+                version = current["version"] + 1
+            else:
+                version = None
+        self._fingerprint = fingerprint
+        if version is not None:
+            log.info("gateway routing table: version %d (%d services)", version, len(body["services"]))
+        return version
+
+    async def current(self) -> tuple[int, dict[str, Any]] | None:
+        """The last version published and its table; None before the first."""
+        row = await self.db.first(CURRENT, {})
+        return None if row is None else (row["version"], row["body"])
+
+    async def report(self, gateway_id: str, url: str, version: int) -> None:
+        """A gateway's heartbeat: where it answers and the version it has applied."""
+        values = {"gateway_id": gateway_id, "url": url, "version": version, "now": utcnow()}
+        if await self.db.execute(REPORTED, values):
+            return
+        try:
+            await self.db.execute(FIRST_REPORT, values)
+        except IntegrityError:
+            # Its first two reports crossed on two replicas: the other one's insert stands.
+            await self.db.execute(REPORTED, values)
+
+    async def live_url(self) -> str | None:
+        """The URL of the longest-registered gateway heard from recently."""
+        row = await self.db.first(LIVE_URL, {"since": utcnow() - GATEWAY_LIVE})
+        return None if row is None else row["url"]
+
+
+class GatewayDirectory:
+    """The gateway URL a service's ``url`` starts with, known without a database read: the configured
+    ``MMANAGER_GATEWAY_URL``, else a live gateway's advertised URL, looked up by ``refresh``."""
+
+    def __init__(self, table: GatewayTable, configured: str | None) -> None:
+        self.table = table
+        self.configured = configured.rstrip("/") if configured else None
+        self.url: str | None = self.configured
+
+    async def refresh(self) -> None:
+        if self.configured is None:
+            found = await self.table.live_url()
+            self.url = found.rstrip("/") if found else None
+
+    def service_url(self, owner: str, name: str) -> str | None:
+        return None if self.url is None else f"{self.url}/s/{owner}/{name}/"

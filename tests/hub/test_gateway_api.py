@@ -1,0 +1,129 @@
+"""The gateways' side of the hub on real PostgreSQL and Docker: the routing table follows the services,
+gateways report themselves and give services their URL, and private services' keys are kept hashed."""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any
+
+from hub.config import HubSettings
+from tests.hub.conftest import KEY, Cluster
+from tests.hub.test_services_api import SPEC
+from tests.support.poll import eventually
+
+GATEWAY = {"Authorization": f"Bearer {KEY}"}
+
+
+async def routes(cluster: Cluster, headers: dict[str, str] = GATEWAY) -> dict[str, Any]:
+    r = await cluster.hub.get("/api/gateway/routes", headers=headers)
+    assert r.status_code == 200, r.text
+    assert r.headers["etag"] == f'"{r.json()["version"]}"'
+    return r.json()
+
+
+async def table_where(cluster: Cluster, check: Any) -> dict[str, Any] | None:
+    table = await routes(cluster)
+    return table if check(table) else None
+
+
+async def route_of(cluster: Cluster, name: str, check: Any = lambda route: True) -> dict[str, Any]:
+    async def found() -> dict[str, Any] | None:
+        for route in (await routes(cluster))["services"]:
+            if route["name"] == name and check(route):
+                return route
+        return None
+    return await eventually(found, 10, f"the route of {name} as expected", interval=0.05)
+
+
+async def test_the_routing_table_follows_the_service(cluster: Cluster) -> None:
+    alice = await cluster.user("alice")
+    r = await cluster.hub.post("/api/alice/genomics/services", json=SPEC, headers=alice)
+    assert r.status_code == 201, r.text
+    service = r.json()
+    route = await route_of(cluster, "dnabert2", lambda route: route["replicas"])
+    endpoint = service["endpoint"]
+    assert route["owner"] == "alice" and route["id"] == service["id"] and route["health_path"] == "/health"
+    assert route["replicas"] == [{"id": service["container_id"], "controller_id": service["controller_id"],
+                                  "address": f"{endpoint['host']}:{endpoint['ports']['5000']}", "state": "ready"}]
+
+    table = await routes(cluster)
+    unchanged = await cluster.hub.get("/api/gateway/routes", headers={**GATEWAY, "If-None-Match": f'"{table["version"]}"'})
+    assert unchanged.status_code == 304
+
+    assert (await cluster.hub.post(f"/api/services/{service['id']}/stop", headers=alice)).status_code == 200
+    stopped = await route_of(cluster, "dnabert2", lambda route: not route["replicas"])
+    assert (await routes(cluster))["version"] > table["version"] and stopped["state"] == "stopped"
+
+    assert (await cluster.hub.delete(f"/api/services/{service['id']}", headers=alice)).status_code in (200, 204)
+    await eventually(lambda: table_where(cluster, lambda table: not table["services"]), 10,
+                     "the service's route gone", interval=0.05)
+
+
+async def test_only_the_hub_key_or_an_admin_reads_the_table(cluster: Cluster) -> None:
+    alice = await cluster.user("alice")
+    assert (await cluster.hub.get("/api/gateway/routes", headers=alice)).status_code == 403
+    assert (await cluster.hub.get("/api/gateway/routes", headers={"Authorization": "Bearer nope"})).status_code == 401
+    await routes(cluster, headers=cluster.as_user(cluster.admin_token))
+    r = await cluster.hub.put("/api/gateways/gw-1", json={"url": "http://gw.lab:8080", "version": 1}, headers=alice)
+    assert r.status_code == 403
+
+
+async def test_a_live_gateway_gives_services_their_url(cluster: Cluster) -> None:
+    alice = await cluster.user("alice")
+    service = (await cluster.hub.post("/api/alice/genomics/services", json=SPEC, headers=alice)).json()
+    assert service["url"].startswith("http://127.0.0.1:") or service["url"].startswith("http://")
+    for bad in ({"url": "gw.lab", "version": 1}, {"url": "http://gw.lab", "version": -1}, {"url": "http://gw.lab"}):
+        r = await cluster.hub.put("/api/gateways/gw-1", json=bad, headers=GATEWAY)
+        assert r.status_code == 422, bad
+    r = await cluster.hub.put("/api/gateways/gw-1", json={"url": "http://gw.lab:8080/", "version": 3}, headers=GATEWAY)
+    assert r.status_code == 204, r.text
+    await cluster.parts.gateways.refresh()
+    read = (await cluster.hub.get(f"/api/services/{service['id']}", headers=alice)).json()
+    assert read["url"] == "http://gw.lab:8080/s/alice/dnabert2/"
+    listed = (await cluster.hub.get("/api/admin/gateways")).json()
+    assert [(g["id"], g["url"], g["version"]) for g in listed] == [("gw-1", "http://gw.lab:8080/", 3)]
+
+
+def test_an_empty_gateway_url_is_unset() -> None:
+    assert HubSettings(gateway_url="", service_domain="", api_key=KEY).gateway_url is None
+
+
+async def test_private_services_keys_are_shown_once_and_routed_as_hashes(cluster: Cluster) -> None:
+    alice, bob = await cluster.user("alice"), await cluster.user("bob")
+    service = (await cluster.hub.post("/api/alice/genomics/services", json=SPEC, headers=alice)).json()
+    sid = service["id"]
+    r = await cluster.hub.patch(f"/api/services/{sid}", json={"private": True, "rate_limit_per_minute": 600},
+                                headers=alice)
+    assert r.status_code == 200, r.text
+    # A gateway setting changes no container and makes no new version.
+    patched = r.json()
+    assert (patched["container_id"], patched["version"]) == (service["container_id"], service["version"])
+    assert patched["spec"]["private"] is True
+    history = (await cluster.hub.get("/api/admin/operations", params={"service_id": sid, "operation": "update"})).json()
+    assert [(op["status"], op["details"]) for op in history] == [
+        ("succeeded", {"gateway": {"private": True, "rate_limit_per_minute": 600}})]
+    await route_of(cluster, "dnabert2", lambda route: route["private"] and route["rate_limit_per_minute"] == 600)
+
+    r = await cluster.hub.post(f"/api/services/{sid}/keys", json={"name": "ci"}, headers=alice)
+    assert r.status_code == 201, r.text
+    created = r.json()
+    key = created["key"]
+    assert key.startswith("mms_") and created["prefix"] == key[:8]
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    await eventually(lambda: table_where(cluster, lambda t: t["service_keys"] == [{"service_id": sid, "sha256": digest}]),
+                     10, "the key's hash in the table", interval=0.05)
+    listed = (await cluster.hub.get(f"/api/services/{sid}/keys", headers=alice)).json()
+    assert [k["id"] for k in listed] == [created["id"]] and "key" not in listed[0]
+    assert key not in (await cluster.hub.get("/api/gateway/routes", headers=GATEWAY)).text
+
+    # Another user's service does not exist for bob, nor its keys.
+    assert (await cluster.hub.post(f"/api/services/{sid}/keys", headers=bob)).status_code == 404
+    assert (await cluster.hub.get(f"/api/services/{sid}/keys", headers=bob)).status_code == 404
+    assert (await cluster.hub.delete(f"/api/services/{sid}/keys/{created['id']}", headers=bob)).status_code == 404
+    for bad in ({"rate_limit_per_minute": -1}, {"max_body_size": "2GB"}, {"private": "maybe"}):
+        assert (await cluster.hub.patch(f"/api/services/{sid}", json=bad, headers=alice)).status_code == 422
+
+    assert (await cluster.hub.delete(f"/api/services/{sid}/keys/{created['id']}", headers=alice)).status_code == 204
+    assert (await cluster.hub.delete(f"/api/services/{sid}/keys/{created['id']}", headers=alice)).status_code == 404
+    await eventually(lambda: table_where(cluster, lambda t: t["service_keys"] == []), 10, "the key's hash gone",
+                     interval=0.05)

@@ -1,0 +1,61 @@
+"""The routing table is a pure function of the services and their keys."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hub.services.gateway import routing_table, serving_port
+
+
+def service(name: str, owner: str = "alice", **kw: Any) -> dict[str, Any]:
+    spec = {"name": name, "image": "x", "ports": {"5000": None},
+            "health_check": {"path": "/health", "port": 5000}, **kw.pop("spec", {})}
+    return {"id": f"id-{owner}-{name}", "name": name, "owner": owner, "spec": spec, "status": "running",
+            "desired_state": "running", "endpoint": {"host": "10.1.0.7", "ports": {"5000": 32768}},
+            "controller_id": "c1", "container_id": f"ctr-{name}", **kw}
+
+
+def test_a_running_service_routes_to_its_published_port() -> None:
+    table = routing_table([service("dnabert")], [], "models.lab")
+    assert table["domain"] == "models.lab"
+    [route] = table["services"]
+    assert route == {"id": "id-alice-dnabert", "owner": "alice", "name": "dnabert", "state": "running",
+                     "private": False, "rate_limit_per_minute": 100, "max_body_bytes": 10 * 1024**2,
+                     "health_path": "/health",
+                     "replicas": [{"id": "ctr-dnabert", "controller_id": "c1", "address": "10.1.0.7:32768",
+                                   "state": "ready"}]}
+
+
+def test_stopped_or_unpublished_services_keep_their_route_without_replicas() -> None:
+    table = routing_table([service("a", desired_state="stopped"), service("b", endpoint=None),
+                           service("c", spec={"ports": {}, "health_check": None})], [], None)
+    assert [(r["name"], r["replicas"]) for r in table["services"]] == [("a", []), ("b", []), ("c", [])]
+
+
+def test_the_port_is_the_health_checks_else_the_first_tcp_one() -> None:
+    assert serving_port({"ports": {"53/udp": None, "8080/tcp": None}}) == "8080"
+    assert serving_port({"ports": {"8080": None}, "health_check": {"port": 9000, "path": "/"}}) == "9000"
+    assert serving_port({"ports": {"53/udp": None}}) is None
+    [route] = routing_table([service("t", spec={"health_check": None})], [], None)["services"]
+    assert route["health_path"] is None and route["replicas"][0]["address"] == "10.1.0.7:32768"
+
+
+def test_the_gateway_settings_come_from_the_spec() -> None:
+    [route] = routing_table([service("p", spec={"private": True, "rate_limit_per_minute": 0,
+                                                "max_body_size": "1MB"})], [], None)["services"]
+    assert (route["private"], route["rate_limit_per_minute"], route["max_body_bytes"]) == (True, 0, 1024**2)
+
+
+def test_only_private_services_keys_are_listed() -> None:
+    services = [service("open"), service("closed", spec={"private": True})]
+    keys = [{"service_id": "id-alice-open", "key_hash": "a" * 64},
+            {"service_id": "id-alice-closed", "key_hash": "c" * 64}]
+    assert routing_table(services, keys, None)["service_keys"] == [{"service_id": "id-alice-closed",
+                                                                    "sha256": "c" * 64}]
+
+
+def test_the_same_rows_in_any_order_give_the_same_table() -> None:
+    rows = [service("b", owner="bob"), service("a"), service("c", spec={"private": True})]
+    keys = [{"service_id": "id-alice-c", "key_hash": h * 64} for h in "fe"]
+    assert routing_table(rows, keys, None) == routing_table(rows[::-1], keys[::-1], None)
+    assert [r["name"] for r in routing_table(rows, keys, None)["services"]] == ["a", "c", "b"]

@@ -69,6 +69,8 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     gateway_url: str | None = Field(default=None, pattern=r"^https?://[^\s]+$")
     # How often the leader checks whether the routing table changed (a cheap read when it did not).
     gateway_publish_interval: float = Field(default=0.25, gt=0, le=60)
+    # How long a planned move waits for the live gateways to stop routing to the copy it retires.
+    gateway_drain_timeout: float = Field(default=30.0, ge=0)
     # Seconds the hub waits on a controller for one call; creating a container
     # can include an image pull-free create and start, so it gets more.
     controller_timeout: float = Field(default=30.0, gt=0)

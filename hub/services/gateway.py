@@ -10,12 +10,14 @@ publishes nothing new, and one that finds them changed converges the gateways wi
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import time
 from collections.abc import Iterable, Mapping
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import bindparam, case, func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from hub.config import HubSettings
@@ -30,6 +32,8 @@ DEFAULT_RATE_LIMIT = 100
 DEFAULT_MAX_BODY = "10MB"
 # A gateway unheard for this long is no longer offered as a service's URL.
 GATEWAY_LIVE = timedelta(seconds=15)
+# How often a move waiting for the gateways asks whether they have caught up.
+DRAIN_POLL = 0.1
 
 SERVICES = ServiceModel.__table__
 KEYS = ServiceKeyModel.__table__
@@ -57,6 +61,10 @@ REPORTED = (update(GATEWAYS).where(GATEWAYS.c.id == bindparam("gateway_id"))
 FIRST_REPORT = insert(GATEWAYS).values(id=bindparam("gateway_id"), url=bindparam("url"),
                                        version=bindparam("version"), created_at=bindparam("now"),
                                        last_seen_at=bindparam("now"))
+# Of the live gateways, how many have not applied a version yet.
+LAGGING = select(func.count().label("live"),
+                 func.coalesce(func.sum(case((GATEWAYS.c.version < bindparam("version"), 1), else_=0)), 0)
+                 .label("lagging")).where(GATEWAYS.c.last_seen_at >= bindparam("since"))
 LIVE_URL = (select(GATEWAYS.c.url).where(GATEWAYS.c.last_seen_at >= bindparam("since"))
             .order_by(GATEWAYS.c.created_at, GATEWAYS.c.id).limit(1))
 
@@ -109,6 +117,14 @@ def routing_table(services: Iterable[Mapping[str, Any]], keys: Iterable[Mapping[
             "service_keys": [{"service_id": service_id, "sha256": digest} for service_id, digest in hashes]}
 
 
+def _routes_only(table: Mapping[str, Any], service_id: str, serving: str | None, retired: set[str]) -> bool:
+    for route in table["services"]:
+        if route["id"] == service_id:
+            ids = {replica["id"] for replica in route["replicas"]}
+            return not ids & retired and (serving is None or serving in ids)
+    return not retired
+
+
 class GatewayTable:
     """The published routing table and the gateways' reports of what they applied."""
 
@@ -158,6 +174,27 @@ class GatewayTable:
         except IntegrityError:
             # Its first two reports crossed on two replicas: the other one's insert stands.
             await self.db.execute(REPORTED, values)
+
+    async def drained(self, service_id: str, serving: str | None, retired: Iterable[str], timeout: float) -> bool:
+        """Wait until every live gateway has applied a table in which the service routes to ``serving`` and
+        no longer to the ``retired`` replicas, so that these can go without a request lost: a gateway reports
+        a version once the replicas it removed have finished their requests. False when that took longer
+        than ``timeout`` (the caller goes on: a gateway that lags is as good as one that died)."""
+        retired = set(retired)
+        deadline = time.monotonic() + timeout
+        version: int | None = None
+        while True:
+            if version is None:
+                current = await self.current()
+                if current is not None and _routes_only(current[1], service_id, serving, retired):
+                    version = current[0]
+            counts = await self.db.first(LAGGING, {"since": utcnow() - GATEWAY_LIVE, "version": version or 0})
+            if counts is None or counts["live"] == 0 or (version is not None and counts["lagging"] == 0):
+                return True
+            if time.monotonic() >= deadline:
+                log.warning("the gateways did not apply the new route of service %s within %gs", service_id, timeout)
+                return False
+            await asyncio.sleep(DRAIN_POLL)
 
     async def live_url(self) -> str | None:
         """The URL of the longest-registered gateway heard from recently."""

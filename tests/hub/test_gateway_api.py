@@ -3,6 +3,7 @@ gateways report themselves and give services their URL, and private services' ke
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from typing import Any
 
@@ -127,3 +128,30 @@ async def test_private_services_keys_are_shown_once_and_routed_as_hashes(cluster
     assert (await cluster.hub.delete(f"/api/services/{sid}/keys/{created['id']}", headers=alice)).status_code == 404
     await eventually(lambda: table_where(cluster, lambda t: t["service_keys"] == []), 10, "the key's hash gone",
                      interval=0.05)
+
+
+async def test_a_move_removes_the_old_copy_only_once_the_gateways_route_past_it(cluster: Cluster) -> None:
+    service = (await cluster.hub.post("/api/admin/repo/services", json=SPEC)).json()
+    old = service["container_id"]
+    [entry] = (await cluster.hub.get("/api/admin/containers")).json()
+    live = await routes(cluster)
+    assert (await cluster.hub.put("/api/gateways/gw-1", json={"url": "http://gw.lab:8080", "version": live["version"]},
+                                  headers=GATEWAY)).status_code == 204
+    target = cluster.controller_ids[2]
+    move = asyncio.create_task(cluster.hub.post(f"/api/admin/containers/{entry['id']}/migrate",
+                                                json={"target_controller": target}))
+    route = await route_of(cluster, "dnabert2", lambda route: route["replicas"] and route["replicas"][0]["id"] != old)
+    new = route["replicas"][0]["id"]
+    version = (await routes(cluster))["version"]
+    # The gateway has not applied the table that routes past the old copy: the old copy stays.
+    await asyncio.sleep(0)
+    assert not move.done()
+    assert {c.id for c in cluster.containers(**{"mmanager.service": service["id"]})} >= {old, new}
+    assert (await cluster.hub.put("/api/gateways/gw-1", json={"url": "http://gw.lab:8080", "version": version},
+                                  headers=GATEWAY)).status_code == 204
+    moved = await asyncio.wait_for(move, 10)
+    assert moved.status_code == 200, moved.text
+    assert [c.id for c in cluster.containers(**{"mmanager.service": service["id"]})] == [new]
+    [op] = (await cluster.hub.get("/api/admin/operations",
+                                  params={"service_id": service["id"], "operation": "migrate"})).json()
+    assert op["details"]["gateways_drained"] is True

@@ -21,6 +21,7 @@ from hub.errors import HubError, NotFound
 from hub.metrics import HubMetrics
 from hub.models import ServiceModel
 from hub.scheduler.snapshot import PlacementCache
+from hub.services.gateway import GatewayTable
 from hub.services.operations import OperationLog
 
 log = logging.getLogger(__name__)
@@ -36,6 +37,8 @@ class Lifecycle:
     settings: HubSettings
     metrics: HubMetrics
     placement: PlacementCache
+    # The gateways' routing table: a move waits for them before it removes a copy they route to.
+    gateway: GatewayTable | None = None
     owner_locks: defaultdict[int, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     service_locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     # Operations run in the background (``?wait=false``): shutdown waits for them.

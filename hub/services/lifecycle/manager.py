@@ -47,7 +47,7 @@ class ServiceManager:
     ) -> None:
         self.placement = placement
         self.log_streams = LogStreamSlots(settings.max_log_streams, settings.max_log_streams_per_user)
-        self.ctx = Lifecycle(db, client, ops, settings, metrics, self.placement)
+        self.ctx = Lifecycle(db, client, ops, settings, metrics, self.placement, gateways.table)
         deployer = Deployer(self.ctx)
         replacer = Replacer(self.ctx, deployer)
         self._reads = reads.Reads(db, settings, gateways)

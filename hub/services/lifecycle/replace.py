@@ -296,6 +296,11 @@ class Replacer:
         """Retire the old copies (``removable``: those on controllers that answer), keep a stopped service
         stopped, and close the operation."""
         ctx, row, controller = self.ctx, copy.row, copy.controller
+        if removable and ctx.gateway is not None:
+            # No request lost: the gateways route to the new copy, and have let the old ones finish theirs.
+            details["gateways_drained"] = await ctx.gateway.drained(
+                fresh.id, row.container_id if fresh.desired_state == "running" else None,
+                [c["container_id"] for c in removable], ctx.settings.gateway_drain_timeout)
         details = {**details, "old_containers_removed": await self._retire_stale(removable)}
         if fresh.desired_state == "stopped":
             await ctx.client.action(controller.id, controller.url, row.container_id or "", "stop", epoch=copy.epoch)

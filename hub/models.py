@@ -353,6 +353,8 @@ class GatewayModel(Base):
 
     id: Mapped[str] = mapped_column(String(128), primary_key=True)
     url: Mapped[str] = mapped_column(String(512))
+    # Where Prometheus scrapes it (HAProxy's exporter at /metrics, the latency histograms at /metrics/latency).
+    metrics_url: Mapped[str | None] = mapped_column(String(512), default=None)
     version: Mapped[int] = mapped_column(Integer, default=0)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)

@@ -356,12 +356,14 @@ class GatewayReport(StrictModel):
     """A gateway's heartbeat: where it answers, and the routing table's version it has applied."""
 
     url: str = Field(min_length=1, max_length=512, pattern=r"^https?://[^\s]+$")
+    metrics_url: str | None = Field(default=None, min_length=1, max_length=512, pattern=r"^https?://[^\s]+$")
     version: int = Field(ge=0)
 
 
 class GatewayOut(BaseModel):
     id: str
     url: str
+    metrics_url: str | None
     version: int
     created_at: datetime
     last_seen_at: datetime

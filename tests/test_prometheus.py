@@ -161,6 +161,25 @@ async def test_targets_lists_every_public_hub_url(db: Database) -> None:
     ]
 
 
+async def test_targets_lists_the_gateways_two_exporters(db: Database) -> None:
+    async with db.session() as session:
+        _, admin = await create_user(session, "root", is_admin=True)
+    async with hub_client(db.url) as client:
+        gateway = {"Authorization": f"Bearer {KEY}"}
+        for gid, report in (("gw-a", {"url": "http://gw-a.lab:8080", "metrics_url": "http://gw-a.lab:8081",
+                                      "version": 1}),
+                            ("gw-b", {"url": "http://gw-b.lab:8080", "version": 1})):
+            assert (await client.put(f"/api/gateways/{gid}", json=report, headers=gateway)).status_code == 204
+        answer = await client.get("/api/admin/prometheus/targets", headers={"Authorization": f"Bearer {admin}"})
+    assert answer.status_code == 200, answer.text
+    # gw-b said nowhere to scrape it.
+    assert [group for group in answer.json() if group["labels"]["job"] == "mmanager-gateway"] == [
+        {"targets": ["gw-a.lab:8081"], "labels": {"job": "mmanager-gateway", "gateway": "gw-a", "__scheme__": "http",
+                                                  "__metrics_path__": path}}
+        for path in ("/metrics", "/metrics/latency")
+    ]
+
+
 def test_unfit_prometheus_settings_are_refused_without_echoing_them() -> None:
     with pytest.raises(ValidationError) as refused:
         HubSettings(api_key=KEY, prometheus_token="changeme")

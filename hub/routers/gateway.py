@@ -62,7 +62,7 @@ async def routes(request: Request, _: GatewayCaller, hub: HubDep) -> Any:
 @router.put("/gateways/{gateway_id}", status_code=204)
 async def report(gateway_id: Annotated[str, Path(max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")], report: GatewayReport, _: GatewayCaller, hub: HubDep) -> Response:
     """A gateway's heartbeat: its advertised URL and the routing version it has applied."""
-    await hub.gateway.report(gateway_id, report.url, report.version)
+    await hub.gateway.report(gateway_id, report.url, report.version, report.metrics_url)
     return Response(status_code=204)
 
 

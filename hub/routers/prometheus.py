@@ -1,4 +1,4 @@
-"""``GET /api/admin/prometheus/targets``: Prometheus HTTP service discovery of the hubs and controllers.
+"""``GET /api/admin/prometheus/targets``: Prometheus HTTP service discovery of the hubs, controllers and gateways.
 
 It answers an admin token, or the token in ``MMANAGER_PROMETHEUS_TOKEN``, which reaches nothing else:
 the Prometheus server (often a separate monitoring host, alongside Grafana) then holds a key that
@@ -9,6 +9,7 @@ be written into configuration before the hub's database has any user in it.
 from __future__ import annotations
 
 import hmac
+from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
@@ -16,13 +17,15 @@ from sqlalchemy import select
 
 from hub.deps import HubDep, SessionDep, bearer, get_current_user
 from hub.errors import Forbidden
-from hub.models import ControllerModel
+from hub.models import ControllerModel, GatewayModel, utcnow
 from hub.services.prometheus import sd_targets
 from mmanager.audit import identify
 
 router = APIRouter(prefix="/api/admin/prometheus", tags=["admin"])
 
 PROMETHEUS_ACTOR = "prometheus"
+# How long a gateway that stopped reporting stays a target.
+SCRAPED_FOR = timedelta(hours=1)
 
 
 async def prometheus_reader(request: Request, hub: HubDep) -> str:
@@ -43,8 +46,11 @@ PrometheusReader = Annotated[str, Depends(prometheus_reader)]
 
 @router.get("/targets")
 async def targets(request: Request, _: PrometheusReader, hub: HubDep, session: SessionDep) -> list[dict[str, Any]]:
-    """The ``http_sd`` answer: every hub replica (``MMANAGER_PUBLIC_URL``, else the URL this call came to)
-    and every registered controller, enabled or not (a disabled one still runs services)."""
+    """The ``http_sd`` answer: every hub replica (``MMANAGER_PUBLIC_URL``, else the URL this call came to),
+    every registered controller, enabled or not (a disabled one still runs services), and the gateways."""
     hub_urls = hub.settings.public_urls or [str(request.base_url)]
     controllers = await session.scalars(select(ControllerModel).order_by(ControllerModel.id))
-    return sd_targets(hub_urls, controllers)
+    # Gateways heard from lately: one gone for good drops out; one down for a while is scraped as down.
+    gateways = await session.scalars(select(GatewayModel).where(GatewayModel.last_seen_at >= utcnow() - SCRAPED_FOR)
+                                     .order_by(GatewayModel.id))
+    return sd_targets(hub_urls, controllers, gateways)

@@ -57,10 +57,11 @@ FIRST_VERSION = insert(ROUTES).values(id=1, version=1, body=bindparam("body"), u
 NEXT_VERSION = (update(ROUTES).where(ROUTES.c.id == 1)
                 .values(version=ROUTES.c.version + 1, body=bindparam("body"), updated_at=bindparam("now")))
 REPORTED = (update(GATEWAYS).where(GATEWAYS.c.id == bindparam("gateway_id"))
-            .values(url=bindparam("url"), version=bindparam("version"), last_seen_at=bindparam("now")))
+            .values(url=bindparam("url"), metrics_url=bindparam("metrics_url"), version=bindparam("version"),
+                    last_seen_at=bindparam("now")))
 FIRST_REPORT = insert(GATEWAYS).values(id=bindparam("gateway_id"), url=bindparam("url"),
-                                       version=bindparam("version"), created_at=bindparam("now"),
-                                       last_seen_at=bindparam("now"))
+                                       metrics_url=bindparam("metrics_url"), version=bindparam("version"),
+                                       created_at=bindparam("now"), last_seen_at=bindparam("now"))
 # Of the live gateways, how many have not applied a version yet.
 LAGGING = select(func.count().label("live"),
                  func.coalesce(func.sum(case((GATEWAYS.c.version < bindparam("version"), 1), else_=0)), 0)
@@ -164,9 +165,10 @@ class GatewayTable:
         row = await self.db.first(CURRENT, {})
         return None if row is None else (row["version"], row["body"])
 
-    async def report(self, gateway_id: str, url: str, version: int) -> None:
-        """A gateway's heartbeat: where it answers and the version it has applied."""
-        values = {"gateway_id": gateway_id, "url": url, "version": version, "now": utcnow()}
+    async def report(self, gateway_id: str, url: str, version: int, metrics_url: str | None = None) -> None:
+        """A gateway's heartbeat: where it answers (and is scraped) and the version it has applied."""
+        values = {"gateway_id": gateway_id, "url": url, "metrics_url": metrics_url, "version": version,
+                  "now": utcnow()}
         if await self.db.execute(REPORTED, values):
             return
         try:

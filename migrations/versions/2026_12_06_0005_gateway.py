@@ -38,6 +38,7 @@ def upgrade() -> None:
     op.create_table('gateways',
     sa.Column('id', sa.String(length=128), nullable=False),
     sa.Column('url', sa.String(length=512), nullable=False),
+    sa.Column('metrics_url', sa.String(length=512), nullable=True),
     sa.Column('version', sa.Integer(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('last_seen_at', sa.DateTime(timezone=True), nullable=False),

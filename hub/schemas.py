@@ -345,11 +345,35 @@ class MetricPoint(BaseModel):
     block_write_bytes: int
 
 
+class TrafficSummary(BaseModel):
+    requests: int
+    # Responses by status class ("2xx", "4xx", ...), the gateway's own (429, 503) included.
+    responses: dict[str, int]
+    errors_5xx: int
+    # p50, p95, p99 in seconds, estimated from the histogram's buckets; null with no requests.
+    latency_seconds: dict[str, float | None]
+    mean_seconds: float | None
+
+
+class ReplicaTraffic(TrafficSummary):
+    # The gateway's server name for the replica; null for answers no replica gave (429, 401, 503).
+    replica: str | None
+
+
+class TrafficOut(TrafficSummary):
+    """Requests through the gateways since each started (Prometheus has the rates)."""
+
+    replicas: list[ReplicaTraffic]
+    gateways: list[str]
+    unreachable_gateways: list[str]
+
+
 class ServiceMetricsOut(BaseModel):
     service_id: str
     since: datetime
     resolution: int
     points: list[MetricPoint]
+    traffic: TrafficOut
 
 
 class GatewayReport(StrictModel):

@@ -27,6 +27,7 @@ from hub.schemas import (
     ServiceSpec,
 )
 from hub.services.monitoring import service_history as metrics_history
+from hub.services.traffic import service_traffic
 from mmanager.streams import ClosingStreamingResponse
 
 router = APIRouter(prefix="/api", tags=["services"])
@@ -154,8 +155,10 @@ async def service_metrics(
     resolution: int = Query(60, ge=1, le=86400, description="seconds per point; rounded up to a multiple "
                                                              "of MMANAGER_METRICS_RESOLUTION"),
 ) -> ServiceMetricsOut:
-    """The service's downsampled resource use (CPU, memory, network and block I/O) for trends."""
+    """The service's downsampled resource use (CPU, memory, network and block I/O) for trends, and its
+    traffic through the gateways (requests, responses by status class, latency quantiles), per replica."""
     service = await hub.services.get_for(session, user, service_id)
+    traffic = await service_traffic(hub.db, service.owner.username, service.name)
     stored = hub.settings.metrics_resolution
     step = int(math.ceil(max(resolution, stored) / stored) * stored)
     if since is None:
@@ -165,7 +168,7 @@ async def service_metrics(
     points = await metrics_history(session, service.id, since, step)
     # The points are the service's plain dicts: validated into MetricPoints here.
     return ServiceMetricsOut.model_validate({"service_id": service.id, "since": since, "resolution": step,
-                                             "points": points})
+                                             "points": points, "traffic": traffic})
 
 
 @router.post("/services/{service_id}/rollback", response_model=ServiceOut)

@@ -20,7 +20,7 @@ from sqlalchemy.exc import DBAPIError, IntegrityError
 from starlette.requests import ClientDisconnect
 
 from hub.background.flusher import HeartbeatFlusher
-from hub.background.gateway import GatewayPublisher, GatewayWatch
+from hub.background.gateway import GatewayPublisher, GatewayWatch, IdleWatch
 from hub.background.leader import Supervisor
 from hub.background.poller import ControllerPoller
 from hub.background.reconciler import Reconciler
@@ -186,15 +186,18 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
 
     publisher = GatewayPublisher(hub.gateway, settings.gateway_publish_interval)
     watch = GatewayWatch(hub.gateways)
+    idle = IdleWatch(hub.db, hub.services, settings)
 
     async def on_lead(since: datetime) -> None:
         publisher.start()
+        idle.start()
         hub.reconciler = Reconciler(hub.db, settings, hub.services, hub.metrics, hub.replica_id, since,
                                     ingest=hub.ingest)
         hub.reconciler.start()
         hub.poller.start()
 
     async def on_follow() -> None:
+        await idle.stop()
         await publisher.stop()
         await hub.poller.stop()
         if hub.reconciler is not None:
@@ -223,6 +226,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
                 await watch.stop()
                 await supervisor.stop()
                 await publisher.stop()
+                await idle.stop()
                 await flusher.stop()
             await hub.ingest.close()
             await hub.services.shutdown()

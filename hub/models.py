@@ -356,6 +356,8 @@ class GatewayModel(Base):
     # Where Prometheus scrapes it (HAProxy's exporter at /metrics, the latency histograms at /metrics/latency).
     metrics_url: Mapped[str | None] = mapped_column(String(512), default=None)
     version: Mapped[int] = mapped_column(Integer, default=0)
+    # Requests it has routed to each service since it started (service id -> count): what idle stop reads.
+    traffic: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
 

@@ -125,6 +125,7 @@ def _body_size(value: str) -> str:
 
 MAX_BODY = 1024**3
 MAX_RATE_LIMIT = 1_000_000
+MAX_IDLE_TIMEOUT = 30 * 86400
 MaxBody = Annotated[str, Field(max_length=32), AfterValidator(_body_size)]
 # Checked against mmanager.policy.ALLOWED_CAPABILITIES by the spec policy.
 Capabilities = Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z_]{1,64}$")]], Field(max_length=32)]
@@ -147,6 +148,8 @@ class ServiceSpec(StrictModel):
     private: bool = False
     rate_limit_per_minute: int = Field(default=100, ge=0, le=MAX_RATE_LIMIT)
     max_body_size: MaxBody = "10MB"
+    # Seconds without gateway traffic before the service is stopped as idle; None: MMANAGER_SERVICE_IDLE_TIMEOUT.
+    idle_timeout: int | None = Field(default=None, ge=0, le=MAX_IDLE_TIMEOUT)
 
 
 class ServicePatch(StrictModel):
@@ -166,6 +169,7 @@ class ServicePatch(StrictModel):
     private: bool | None = None
     rate_limit_per_minute: int | None = Field(default=None, ge=0, le=MAX_RATE_LIMIT)
     max_body_size: MaxBody | None = None
+    idle_timeout: int | None = Field(default=None, ge=0, le=MAX_IDLE_TIMEOUT)
 
 
 class RollbackRequest(StrictModel):
@@ -382,6 +386,9 @@ class GatewayReport(StrictModel):
     url: str = Field(min_length=1, max_length=512, pattern=r"^https?://[^\s]+$")
     metrics_url: str | None = Field(default=None, min_length=1, max_length=512, pattern=r"^https?://[^\s]+$")
     version: int = Field(ge=0)
+    # Requests routed to each service (by id) since the gateway started.
+    traffic: dict[Annotated[str, Field(max_length=32)], Annotated[int, Field(ge=0)]] = Field(
+        default_factory=dict, max_length=100_000)
 
 
 class GatewayOut(BaseModel):

@@ -1,17 +1,32 @@
-"""The gateway's two loops: the leader publishes the routing table (``GatewayPublisher``), every replica
-keeps the live gateway's URL for services' ``url`` (``GatewayWatch``)."""
+"""The gateway's loops: the leader publishes the routing table (``GatewayPublisher``) and stops the services
+that had no gateway traffic for their idle timeout (``IdleWatch``); every replica keeps the live gateway's
+URL for services' ``url`` (``GatewayWatch``)."""
 
 from __future__ import annotations
 
 import logging
+import time
+from collections import defaultdict
 
-from hub.services.gateway import GatewayDirectory, GatewayTable
+from sqlalchemy import bindparam, select
+
+from hub.config import HubSettings
+from hub.db import Database
+from hub.models import GatewayModel, ServiceModel, utcnow
+from hub.services.gateway import GATEWAY_LIVE, GatewayDirectory, GatewayTable
+from hub.services.lifecycle import ServiceManager
 from mmanager.loops import LoopService
 
 log = logging.getLogger(__name__)
 
 # How often a replica looks up the live gateway's URL (it changes when a gateway comes or goes).
 WATCH_INTERVAL = 2.0
+# How often the leader looks for idle services (an idle timeout is minutes by default).
+IDLE_INTERVAL = 1.0
+
+_TRAFFIC = select(GatewayModel.traffic).where(GatewayModel.last_seen_at >= bindparam("since"))
+_RUNNING = select(ServiceModel.id, ServiceModel.spec).where(ServiceModel.status == "running",
+                                                           ServiceModel.desired_state == "running")
 
 
 class GatewayPublisher(LoopService):
@@ -38,3 +53,62 @@ class GatewayWatch(LoopService):
 
     async def run_once(self) -> None:
         await self.directory.refresh()
+
+
+class IdleWatch(LoopService):
+    """The leader's: a running service whose requests through the live gateways have not changed for its idle
+    timeout (``idle_timeout``, else ``MMANAGER_SERVICE_IDLE_TIMEOUT`` minutes) is stopped as ``idle``.
+
+    What it has seen is kept in memory, so a new leader (or a restarted hub) gives every service a full
+    timeout again; with no live gateway there is no traffic to judge by, and nothing is stopped.
+    """
+
+    name = "idle-watch"
+
+    def __init__(self, db: Database, services: ServiceManager, settings: HubSettings,
+                 interval: float = IDLE_INTERVAL) -> None:
+        super().__init__(interval)
+        self.db = db
+        self.services = services
+        self.default_timeout = settings.service_idle_timeout * 60
+        # Service id -> (its requests through the gateways, when that count last changed or was first seen).
+        self._seen: dict[str, tuple[int, float]] = {}
+        self._stopping: set[str] = set()
+
+    async def run_once(self) -> None:
+        reports = await self.db.all(_TRAFFIC, {"since": utcnow() - GATEWAY_LIVE})
+        if not reports:
+            self._seen.clear()
+            return
+        totals: dict[str, int] = defaultdict(int)
+        for report in reports:
+            for service_id, requests in (report["traffic"] or {}).items():
+                totals[service_id] += requests
+        now = time.monotonic()
+        seen: dict[str, tuple[int, float]] = {}
+        for row in await self.db.all(_RUNNING, {}):
+            service_id, timeout = row["id"], row["spec"].get("idle_timeout")
+            timeout = self.default_timeout if timeout is None else timeout
+            if timeout <= 0:
+                continue
+            requests = totals.get(service_id, 0)
+            last = self._seen.get(service_id)
+            if last is None or last[0] != requests:
+                seen[service_id] = (requests, now)
+                continue
+            seen[service_id] = last
+            if now - last[1] >= timeout and service_id not in self._stopping:
+                self._stop(service_id, now - last[1])
+        self._seen = seen
+
+    def _stop(self, service_id: str, idle_for: float) -> None:
+        self._stopping.add(service_id)
+
+        async def stop() -> None:
+            try:
+                if await self.services.idle_stop(service_id, idle_for) is not None:
+                    log.info("service %s stopped: no requests through the gateways for %.0fs", service_id, idle_for)
+            finally:
+                self._stopping.discard(service_id)
+
+        self.services.spawn(stop())

@@ -62,8 +62,18 @@ async def routes(request: Request, _: GatewayCaller, hub: HubDep) -> Any:
 @router.put("/gateways/{gateway_id}", status_code=204)
 async def report(gateway_id: Annotated[str, Path(max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.:-]*$")], report: GatewayReport, _: GatewayCaller, hub: HubDep) -> Response:
     """A gateway's heartbeat: its advertised URL and the routing version it has applied."""
-    await hub.gateway.report(gateway_id, report.url, report.version, report.metrics_url)
+    await hub.gateway.report(gateway_id, report.url, report.version, report.metrics_url, report.traffic)
     return Response(status_code=204)
+
+
+@router.post("/gateway/wake/{service_id}")
+async def wake(service_id: str, caller: GatewayCaller, hub: HubDep) -> Response:
+    """A request waits at a gateway for an ``idle`` service: start it (202, in the background); 200 when it
+    is not idle (running, starting, or stopped by its owner: then the gateway answers 503)."""
+    op = await hub.services.wake(service_id, caller)
+    if op is None:
+        return JSONResponse({"waking": False}, status_code=200)
+    return JSONResponse({"waking": True, "operation_id": op.id}, status_code=202)
 
 
 @router.get("/admin/gateways", response_model=list[GatewayOut], tags=["admin"])

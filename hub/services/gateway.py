@@ -58,10 +58,11 @@ NEXT_VERSION = (update(ROUTES).where(ROUTES.c.id == 1)
                 .values(version=ROUTES.c.version + 1, body=bindparam("body"), updated_at=bindparam("now")))
 REPORTED = (update(GATEWAYS).where(GATEWAYS.c.id == bindparam("gateway_id"))
             .values(url=bindparam("url"), metrics_url=bindparam("metrics_url"), version=bindparam("version"),
-                    last_seen_at=bindparam("now")))
+                    traffic=bindparam("traffic"), last_seen_at=bindparam("now")))
 FIRST_REPORT = insert(GATEWAYS).values(id=bindparam("gateway_id"), url=bindparam("url"),
                                        metrics_url=bindparam("metrics_url"), version=bindparam("version"),
-                                       created_at=bindparam("now"), last_seen_at=bindparam("now"))
+                                       traffic=bindparam("traffic"), created_at=bindparam("now"),
+                                       last_seen_at=bindparam("now"))
 # Of the live gateways, how many have not applied a version yet.
 LAGGING = select(func.count().label("live"),
                  func.coalesce(func.sum(case((GATEWAYS.c.version < bindparam("version"), 1), else_=0)), 0)
@@ -165,10 +166,12 @@ class GatewayTable:
         row = await self.db.first(CURRENT, {})
         return None if row is None else (row["version"], row["body"])
 
-    async def report(self, gateway_id: str, url: str, version: int, metrics_url: str | None = None) -> None:
-        """A gateway's heartbeat: where it answers (and is scraped) and the version it has applied."""
+    async def report(self, gateway_id: str, url: str, version: int, metrics_url: str | None = None,
+                     traffic: Mapping[str, int] | None = None) -> None:
+        """A gateway's heartbeat: where it answers (and is scraped), the version it has applied and the
+        requests it has routed to each service."""
         values = {"gateway_id": gateway_id, "url": url, "metrics_url": metrics_url, "version": version,
-                  "now": utcnow()}
+                  "traffic": dict(traffic or {}), "now": utcnow()}
         if await self.db.execute(REPORTED, values):
             return
         try:

@@ -458,10 +458,12 @@ def _service_update(u: RowUpdate, observed_at: datetime) -> Any:
         values["status"] = "starting"
     elif u.status == "missing":
         # Removed behind our back: the reconciler makes a new one when it should run.
-        values["status"] = case((s.desired_state == "running", "lost"), else_="stopped")
+        values["status"] = case((s.desired_state == "running", "lost"), (s.status == "idle", "idle"), else_="stopped")
         values["endpoint"] = None
     else:
-        values["status"] = case((s.desired_state == "running", "failed"), else_="stopped")
+        # An idle service (stopped for want of traffic) stays idle: the next request wakes it.
+        values["status"] = case((s.desired_state == "running", "failed"), (s.status == "idle", "idle"),
+                                else_="stopped")
     return (
         update(s)
         .where(s.id == u.service_id, s.container_id == u.container_id, s.status.not_in(UNSETTLED),

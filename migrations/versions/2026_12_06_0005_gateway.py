@@ -40,6 +40,7 @@ def upgrade() -> None:
     sa.Column('url', sa.String(length=512), nullable=False),
     sa.Column('metrics_url', sa.String(length=512), nullable=True),
     sa.Column('version', sa.Integer(), nullable=False),
+    sa.Column('traffic', sa.JSON(), nullable=False),
     sa.Column('created_at', sa.DateTime(timezone=True), nullable=False),
     sa.Column('last_seen_at', sa.DateTime(timezone=True), nullable=False),
     sa.PrimaryKeyConstraint('id', name=op.f('pk_gateways'))

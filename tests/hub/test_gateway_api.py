@@ -52,8 +52,8 @@ async def test_the_routing_table_follows_the_service(cluster: Cluster) -> None:
     assert unchanged.status_code == 304
 
     assert (await cluster.hub.post(f"/api/services/{service['id']}/stop", headers=alice)).status_code == 200
-    stopped = await route_of(cluster, "dnabert2", lambda route: not route["replicas"])
-    assert (await routes(cluster))["version"] > table["version"] and stopped["state"] == "stopped"
+    await route_of(cluster, "dnabert2", lambda route: not route["replicas"] and route["state"] == "stopped")
+    assert (await routes(cluster))["version"] > table["version"]
 
     assert (await cluster.hub.delete(f"/api/services/{service['id']}", headers=alice)).status_code in (200, 204)
     await eventually(lambda: table_where(cluster, lambda table: not table["services"]), 10,
@@ -155,3 +155,50 @@ async def test_a_move_removes_the_old_copy_only_once_the_gateways_route_past_it(
     [op] = (await cluster.hub.get("/api/admin/operations",
                                   params={"service_id": service["id"], "operation": "migrate"})).json()
     assert op["details"]["gateways_drained"] is True
+
+
+async def report(cluster: Cluster, traffic: dict[str, int]) -> None:
+    r = await cluster.hub.put("/api/gateways/gw-1", headers=GATEWAY,
+                              json={"url": "http://gw.lab:8080", "version": 0, "traffic": traffic})
+    assert r.status_code == 204, r.text
+
+
+async def test_a_service_without_gateway_traffic_goes_idle_and_a_request_wakes_it(cluster: Cluster) -> None:
+    alice = await cluster.user("alice")
+    service = (await cluster.hub.post("/api/alice/genomics/services", json={**SPEC, "idle_timeout": 2},
+                                      headers=alice)).json()
+    sid = service["id"]
+    # Traffic that keeps flowing keeps it running, however long.
+    for requests in range(1, 12):
+        await report(cluster, {sid: requests})
+        await asyncio.sleep(0.3)
+        assert (await cluster.hub.get(f"/api/services/{sid}", headers=alice)).json()["status"] == "running"
+
+    idle = await eventually(lambda: service_where(cluster, sid, lambda s: s["status"] == "idle"), 15,
+                            "the service idle", interval=0.1)
+    assert idle["desired_state"] == "stopped" and idle["endpoint"] is None
+    assert cluster.docker.containers.get(service["container_id"]).status == "exited"
+    route = await route_of(cluster, "dnabert2", lambda route: route["state"] == "idle")
+    assert route["replicas"] == []
+    # Heartbeats see an exited container: the service stays idle, not stopped.
+    await cluster.parts.refresh_controllers()
+    assert (await cluster.hub.get(f"/api/services/{sid}", headers=alice)).json()["status"] == "idle"
+
+    # A user cannot wake it through the gateway's route; the gateway can, once.
+    assert (await cluster.hub.post(f"/api/gateway/wake/{sid}", headers=alice)).status_code == 403
+    r = await cluster.hub.post(f"/api/gateway/wake/{sid}", headers=GATEWAY)
+    assert r.status_code == 202 and r.json()["waking"] is True, r.text
+    awake = await eventually(lambda: service_where(cluster, sid, lambda s: s["status"] == "running"), 15,
+                             "the service running again", interval=0.1)
+    assert awake["desired_state"] == "running" and awake["container_id"] == service["container_id"]
+    again = await cluster.hub.post(f"/api/gateway/wake/{sid}", headers=GATEWAY)
+    assert again.status_code == 200 and again.json()["waking"] is False
+    ops = (await cluster.hub.get("/api/admin/operations", params={"service_id": sid})).json()
+    assert [(op["operation"], op["status"], op["actor"]) for op in ops if op["operation"] in ("idle_stop", "wake")] \
+        == [("wake", "succeeded", "gateway"), ("idle_stop", "succeeded", "system")]
+    assert (await cluster.hub.post("/api/gateway/wake/nope", headers=GATEWAY)).status_code == 404
+
+
+async def service_where(cluster: Cluster, sid: str, check: Any) -> dict[str, Any] | None:
+    service = (await cluster.hub.get(f"/api/services/{sid}")).json()
+    return service if check(service) else None

@@ -26,6 +26,8 @@ class Actions:
         self.ctx = ctx
         self.replacer = replacer
         self.log_streams = log_streams
+        # Services whose wake is under way here: the requests that pile up at a gateway wake them once.
+        self._waking: set[str] = set()
 
     async def lifecycle(self, user: UserModel, service_id: str, action: str,
                         wait: bool = True) -> ServiceModel | OperationModel:
@@ -42,7 +44,45 @@ class Actions:
             return op
         return await work
 
-    async def _run_lifecycle(self, service_id: str, action: str, op: OperationModel) -> ServiceModel:
+    async def idle_stop(self, service_id: str, idle_for: float) -> ServiceModel | None:
+        """Stop a service nobody has called through the gateways for ``idle_for`` seconds, freeing what it
+        holds: it reads ``idle`` until the next request through a gateway wakes it (``wake``). None when it
+        no longer runs (stopped or moved meanwhile)."""
+        service = await self.ctx.reload_or_none(service_id)
+        if service is None or service.desired_state != "running" or service.status != "running":
+            return None
+        op = await self.ctx.ops.begin("idle_stop", "system", service_id=service.id,
+                                      controller_id=service.controller_id, container_id=service.container_id,
+                                      details={"epoch": service.epoch, "idle_seconds": round(idle_for)})
+        return await self._run_lifecycle(service.id, "stop", op, idle=True)
+
+    async def wake(self, service_id: str, actor: str) -> OperationModel | None:
+        """Start an ``idle`` service again, in the background, for a request waiting at a gateway; None when
+        it is not idle (already waking, running, or stopped by its owner, which a request must not undo)."""
+        ctx = self.ctx
+        service = await ctx.reload_or_none(service_id)
+        if service is None:
+            raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
+        if service.status != "idle" or service_id in self._waking:
+            return None
+        self._waking.add(service_id)
+        try:
+            op = await ctx.ops.begin("wake", actor, service_id=service.id, controller_id=service.controller_id,
+                                     container_id=service.container_id, details={"epoch": service.epoch})
+        except BaseException:
+            self._waking.discard(service_id)
+            raise
+
+        async def work() -> None:
+            try:
+                await self._run_lifecycle(service_id, "start", op)
+            finally:
+                self._waking.discard(service_id)
+
+        ctx.spawn(work())
+        return op
+
+    async def _run_lifecycle(self, service_id: str, action: str, op: OperationModel, idle: bool = False) -> ServiceModel:
         ctx = self.ctx
         async with ctx.service_locks[service_id], ctx.ops.running(op):
             async with ctx.db.session() as session:
@@ -70,7 +110,8 @@ class Actions:
             async with ctx.db.session() as session:
                 fresh = await session.get(ServiceModel, service_id)
                 assert fresh is not None
-                fresh.status = docker_status(info.status, fresh.desired_state)
+                fresh.status = "idle" if idle and info.status != "running" else docker_status(info.status,
+                                                                                           fresh.desired_state)
                 fresh.endpoint = endpoint_for(controller.url, info.ports).model_dump() if info.status == "running" else None
                 fresh.status_message = None
                 await session.execute(sql.COPY_STATUS, {"of_container": service.container_id, "status": info.status})
@@ -102,6 +143,8 @@ class Actions:
             return fresh
         else:
             status = docker_status(info.status, service.desired_state)
+            if status == "stopped" and service.status == "idle":
+                status = "idle"
             message = None if status in ("running", "stopped") else f"container is {info.status}"
             endpoint = endpoint_for(controller.url, info.ports).model_dump() if info.status == "running" else None
         async with ctx.db.session() as session:

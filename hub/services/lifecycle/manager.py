@@ -80,6 +80,14 @@ class ServiceManager:
         """Start, stop or restart the service's container."""
         return self._actions.lifecycle(user, service_id, action, wait)
 
+    def idle_stop(self, service_id: str, idle_for: float) -> Awaitable[ServiceModel | None]:
+        """Stop a service that had no gateway traffic for ``idle_for`` seconds; it reads ``idle``."""
+        return self._actions.idle_stop(service_id, idle_for)
+
+    def wake(self, service_id: str, actor: str) -> Awaitable[OperationModel | None]:
+        """Start an ``idle`` service again for a request at a gateway (None: it is not idle)."""
+        return self._actions.wake(service_id, actor)
+
     def redeploy(self, user: UserModel, service_id: str, operation: str, *, spec: ServiceSpec | None = None,
                  rollback_to: int | None = None, exclude_current: bool = False, target: str | None = None,
                  wait: bool = True) -> Awaitable[ServiceModel | OperationModel]:

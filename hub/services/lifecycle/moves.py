@@ -26,7 +26,7 @@ from hub.services.lifecycle.replace import Replacement, Replacer, read_unfinishe
 from mmanager.logs import bind_request_id
 
 # Spec fields only the gateways act on: a change of these alone starts no new container.
-GATEWAY_ONLY = frozenset({"private", "rate_limit_per_minute", "max_body_size"})
+GATEWAY_ONLY = frozenset({"private", "rate_limit_per_minute", "max_body_size", "idle_timeout"})
 
 
 class Mover:

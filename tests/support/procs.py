@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import uuid
@@ -83,6 +84,7 @@ class LocalDeployment:
     hub_ports: list[int] = field(default_factory=list)
     hubs: list[Proc] = field(default_factory=list)
     controllers: dict[str, Proc] = field(default_factory=dict)
+    gateways: dict[str, Proc] = field(default_factory=dict)
     entries: list[dict[str, Any]] = field(default_factory=list)
     extra_hub_env: dict[str, str] = field(default_factory=dict)
     # MMANAGER_TLS_* for every hub and controller; with a certificate, they all serve https.
@@ -144,6 +146,20 @@ class LocalDeployment:
                                   self.hub_env, self.workdir / f"hub{len(self.hubs)}.log", port, self.scheme))
         return self.hubs[i]
 
+    def add_gateway(self, name: str = "gw", hub: int = 0) -> Proc:
+        """A gateway (``mmanager gateway serve``) following hub replica ``hub``; started with ``start``, or
+        by hand after it. Its metrics port is ``port + 1``."""
+        port = free_port()
+        while not _free(port + 1):
+            port = free_port()
+        env = {"MMANAGER_HUB_URL": f"{self.scheme}://127.0.0.1:{self.hub_ports[hub]}", "MMANAGER_API_KEY": self.key,
+               "MMANAGER_GATEWAY_POLL": "0.1", "LOG_LEVEL": "INFO"}
+        proc = Proc(name, ["gateway", "serve", "--host", "127.0.0.1", "--port", str(port),
+                           "--state-dir", str(self.workdir / name), "--id", name], env,
+                    self.workdir / f"{name}.log", port)
+        self.gateways[name] = proc
+        return proc
+
     def start(self, hubs: int = 1) -> None:
         for proc in self.controllers.values():
             proc.start()
@@ -153,9 +169,13 @@ class LocalDeployment:
             self.hub(i).start()
             # The first replica migrates the database; the others start once it answers.
             self.hub(i).wait_listening(30)
+        for proc in self.gateways.values():
+            proc.start()
+        for proc in self.gateways.values():
+            proc.wait_listening()
 
     def stop(self, docker_client: docker.DockerClient | None = None) -> None:
-        for proc in [*self.hubs, *self.controllers.values()]:
+        for proc in [*self.gateways.values(), *self.hubs, *self.controllers.values()]:
             proc.stop()
         if docker_client is not None:
             for cid in self.controllers:
@@ -165,7 +185,7 @@ class LocalDeployment:
     def logs(self) -> str:
         """The tail of every process's log (MM_LOG_TAIL characters each), for a failed test's report."""
         tail = int(os.environ.get("MM_LOG_TAIL", "3000"))
-        procs = [*self.hubs, *self.controllers.values()]
+        procs = [*self.hubs, *self.controllers.values(), *self.gateways.values()]
         return "\n".join(f"--- {p.log.name}\n{p.log.read_text()[-tail:]}" for p in procs if p.log.exists())
 
 
@@ -180,6 +200,15 @@ def stopped_after(dep: LocalDeployment, request: Any, docker_client: docker.Dock
         if failed is not None and failed.failed:
             print(dep.logs())
         dep.stop(docker_client)
+
+
+def _free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def api(base_url: str, token: str) -> httpx.Client:

@@ -1,0 +1,88 @@
+"""A real HAProxy (Debian's 2.6, ``haproxy -db``) run on a configuration written for a test or a benchmark,
+and tiny HTTP servers to put behind it. The gateway's Lua module is ``LATENCY_LUA``."""
+
+from __future__ import annotations
+
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+from tests.support.net import wait_for_port
+
+ROOT = Path(__file__).resolve().parents[2]
+LATENCY_LUA = ROOT / "gateway" / "latency.lua"
+
+
+@contextmanager
+def running_haproxy(config: str, workdir: Path, ports: list[int], name: str = "haproxy") -> Iterator[Path]:
+    """HAProxy on ``config`` (checked with ``-c`` first) until the block ends, once every port of ``ports``
+    listens; yields its log, printed when the block fails."""
+    path = workdir / f"{name}.cfg"
+    path.write_text(config)
+    check = subprocess.run(["haproxy", "-c", "-q", "-f", str(path)], capture_output=True, text=True, timeout=30)
+    assert check.returncode == 0, check.stdout + check.stderr
+    log_path = workdir / f"{name}.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(["haproxy", "-db", "-f", str(path)], stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+        try:
+            for port in ports:
+                wait_for_port(port, 20, proc)
+            yield log_path
+        except BaseException:
+            print(log_path.read_text()[-4000:])
+            raise
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
+
+
+class _Replica(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    server: _ReplicaServer
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        if self.server.delay:
+            time.sleep(self.server.delay)
+        status = 500 if self.path.endswith("/fail") else 200
+        body = b"ok\n"
+        self.send_response(status)
+        self.send_header("x-replica", self.server.name)
+        self.send_header("content-length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, format: str, *args: object) -> None:
+        pass
+
+
+class _ReplicaServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, name: str, delay: float) -> None:
+        self.name = name
+        self.delay = delay
+        super().__init__(("127.0.0.1", 0), _Replica)
+
+
+@contextmanager
+def replica(name: str, delay: float = 0.0) -> Iterator[int]:
+    """A model server stand-in on a port of the kernel's choice (yielded), until the block ends: every GET
+    answers after ``delay`` seconds, 500 for a path ending in ``/fail``, else 200, with header ``x-replica: <name>``."""
+    server = _ReplicaServer(name, delay)
+    thread = threading.Thread(target=server.serve_forever, name=f"replica-{name}", daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=5)

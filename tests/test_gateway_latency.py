@@ -1,0 +1,142 @@
+"""The gateway's latency histograms (gateway/latency.lua) in a real HAProxy with two threads: every response
+counted once in its (service, replica, status class) series, whichever thread served it, HAProxy's own
+responses (429, 503) included; a slow replica's observations in the buckets above its delay; the sums no
+larger than what the clients measured; HAProxy's own exporter served beside it."""
+
+from __future__ import annotations
+
+import collections
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.support.haproxy import LATENCY_LUA, replica, running_haproxy
+from tests.support.net import free_port
+
+# Runs HAProxy: not part of `make unit`.
+pytestmark = pytest.mark.slow
+
+METRIC = "mmanager_gateway_request_duration_seconds"
+SLOW = 0.05
+
+CONFIG = """\
+global
+    nbthread 2
+    lua-load {lua}
+
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 30s
+    timeout server 30s
+
+frontend gateway
+    # One listener per thread, so that both threads serve requests.
+    bind 127.0.0.1:{port0} thread 1
+    bind 127.0.0.1:{port1} thread 2
+    http-request set-var(txn.mm_t0) date(0,us)
+    http-after-response set-var(txn.mm_obs) lua.mm_latency_observe
+    http-after-response set-header x-thread %[thread]
+    use_backend gone if {{ path_beg /s/alice/gone/ }}
+    default_backend model
+
+backend model
+    http-request set-var(txn.mm_service) str(alice/model)
+    http-request deny deny_status 429 if {{ path_end /limited }}
+    balance roundrobin
+    server fast 127.0.0.1:{fast}
+    server slow 127.0.0.1:{slow}
+
+backend gone
+    http-request set-var(txn.mm_service) str(alice/gone)
+    server lost 127.0.0.1:{closed} disabled
+
+frontend metrics
+    bind 127.0.0.1:{metrics}
+    http-request use-service prometheus-exporter if {{ path /metrics }}
+    http-request use-service lua.mm_latency_metrics if {{ path /metrics/latency }}
+"""
+
+
+@dataclass
+class Gateway:
+    ports: tuple[int, int]
+    metrics: int
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    with replica("fast") as fast, replica("slow", SLOW) as slow:
+        gw = Gateway((free_port(), free_port()), free_port())
+        config = CONFIG.format(lua=LATENCY_LUA, port0=gw.ports[0], port1=gw.ports[1], fast=fast, slow=slow,
+                               closed=free_port(), metrics=gw.metrics)
+        with running_haproxy(config, tmp_path, [*gw.ports, gw.metrics]):
+            yield gw
+
+
+def code_class(status: int) -> str:
+    return f"{status // 100}xx"
+
+
+def test_every_response_is_observed_once_per_service_replica_and_class(gateway: Gateway) -> None:
+    paths = (["/s/alice/model/predict"] * 40 + ["/s/alice/model/fail"] * 10 + ["/s/alice/model/limited"] * 6
+             + ["/s/alice/gone/predict"] * 6)
+
+    def send(i: int) -> tuple[str, str, str, float, str]:
+        port = gateway.ports[i % 2]
+        started = time.perf_counter()
+        # A connection per request, as many clients would open.
+        answer = httpx.get(f"http://127.0.0.1:{port}{paths[i]}", timeout=10)
+        took = time.perf_counter() - started
+        service = "alice/gone" if "/gone/" in paths[i] else "alice/model"
+        return service, answer.headers.get("x-replica", ""), code_class(answer.status_code), took, \
+            answer.headers["x-thread"]
+
+    with ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(send, range(len(paths))))
+    sent = collections.Counter(a[:3] for a in answers)
+    measured: dict[tuple[str, str, str], float] = collections.defaultdict(float)
+    for service, replica_name, code, took, _ in answers:
+        measured[service, replica_name, code] += took
+    assert {a[4] for a in answers} == {"0", "1"}, "both threads served requests"
+    assert sent["alice/model", "", "4xx"] == 6 and sent["alice/gone", "", "5xx"] == 6, sent
+    assert sent["alice/model", "fast", "2xx"] and sent["alice/model", "slow", "2xx"], sent
+
+    # The observation is made before the response leaves HAProxy: nothing to wait for.
+    text = httpx.get(f"http://127.0.0.1:{gateway.metrics}/metrics/latency", timeout=10).text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    assert families[METRIC].type == "histogram"
+    counts: dict[tuple[str, str, str], float] = {}
+    sums: dict[tuple[str, str, str], float] = {}
+    buckets: dict[tuple[str, str, str], dict[float, float]] = collections.defaultdict(dict)
+    for sample in families[METRIC].samples:
+        key = (sample.labels["service"], sample.labels["replica"], sample.labels["code"])
+        if sample.name == METRIC + "_count":
+            counts[key] = sample.value
+        elif sample.name == METRIC + "_sum":
+            sums[key] = sample.value
+        elif sample.name == METRIC + "_bucket":
+            buckets[key][float(sample.labels["le"])] = sample.value
+
+    assert counts == dict(sent)
+    for key, by_le in buckets.items():
+        cumulative = [by_le[le] for le in sorted(by_le)]
+        assert cumulative == sorted(cumulative) and cumulative[-1] == counts[key], key
+        # HAProxy's clock runs inside the client's: no observation is longer than the client waited.
+        assert 0 <= sums[key] <= measured[key], key
+    for key in (("alice/model", "slow", "2xx"), ("alice/model", "slow", "5xx")):
+        if key in sent:
+            assert all(value == 0 for le, value in buckets[key].items() if le < SLOW), (key, buckets[key])
+            assert sums[key] >= SLOW * counts[key], key
+    # Made by HAProxy with no server up: counted as the service's 5xx, with no replica.
+    assert counts["alice/gone", "", "5xx"] == 6
+
+    promex = httpx.get(f"http://127.0.0.1:{gateway.metrics}/metrics", timeout=10)
+    assert promex.status_code == 200
+    assert 'haproxy_backend_http_responses_total{proxy="model",code="2xx"}' in promex.text

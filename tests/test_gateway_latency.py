@@ -16,19 +16,20 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.support.haproxy import LATENCY_LUA, replica, running_haproxy
+from gateway import latency
+from tests.support.haproxy import replica, running_haproxy
 from tests.support.net import free_port
 
 # Runs HAProxy: not part of `make unit`.
 pytestmark = pytest.mark.slow
 
-METRIC = "mmanager_gateway_request_duration_seconds"
+METRIC = latency.METRIC
 SLOW = 0.05
 
 CONFIG = """\
 global
     nbthread 2
-    lua-load {lua}
+    {load}
 
 defaults
     mode http
@@ -40,27 +41,30 @@ frontend gateway
     # One listener per thread, so that both threads serve requests.
     bind 127.0.0.1:{port0} thread 1
     bind 127.0.0.1:{port1} thread 2
-    http-request set-var(txn.mm_t0) date(0,us)
-    http-after-response set-var(txn.mm_obs) lua.mm_latency_observe
+    {start}
+    {observe0}
+    {observe1}
     http-after-response set-header x-thread %[thread]
+    # Made by the frontend, before any backend: the service is the frontend's name.
+    http-request return status 401 if {{ path_beg /s/alice/private/ }}
     use_backend gone if {{ path_beg /s/alice/gone/ }}
     default_backend model
 
 backend model
-    http-request set-var(txn.mm_service) str(alice/model)
+    {model_rule}
     http-request deny deny_status 429 if {{ path_end /limited }}
     balance roundrobin
     server fast 127.0.0.1:{fast}
     server slow 127.0.0.1:{slow}
 
 backend gone
-    http-request set-var(txn.mm_service) str(alice/gone)
+    {gone_rule}
     server lost 127.0.0.1:{closed} disabled
 
 frontend metrics
     bind 127.0.0.1:{metrics}
     http-request use-service prometheus-exporter if {{ path /metrics }}
-    http-request use-service lua.mm_latency_metrics if {{ path /metrics/latency }}
+    {serve}
 """
 
 
@@ -74,8 +78,11 @@ class Gateway:
 def gateway(tmp_path: Path) -> Iterator[Gateway]:
     with replica("fast") as fast, replica("slow", SLOW) as slow:
         gw = Gateway((free_port(), free_port()), free_port())
-        config = CONFIG.format(lua=LATENCY_LUA, port0=gw.ports[0], port1=gw.ports[1], fast=fast, slow=slow,
-                               closed=free_port(), metrics=gw.metrics)
+        config = CONFIG.format(load=latency.LOAD, start=latency.START, observe0=latency.OBSERVE[0],
+                               observe1=latency.OBSERVE[1], serve=latency.SERVE,
+                               model_rule=latency.service_rule("alice", "model"),
+                               gone_rule=latency.service_rule("alice", "gone"), port0=gw.ports[0],
+                               port1=gw.ports[1], fast=fast, slow=slow, closed=free_port(), metrics=gw.metrics)
         with running_haproxy(config, tmp_path, [*gw.ports, gw.metrics]):
             yield gw
 
@@ -86,7 +93,7 @@ def code_class(status: int) -> str:
 
 def test_every_response_is_observed_once_per_service_replica_and_class(gateway: Gateway) -> None:
     paths = (["/s/alice/model/predict"] * 40 + ["/s/alice/model/fail"] * 10 + ["/s/alice/model/limited"] * 6
-             + ["/s/alice/gone/predict"] * 6)
+             + ["/s/alice/gone/predict"] * 6 + ["/s/alice/private/predict"] * 4)
 
     def send(i: int) -> tuple[str, str, str, float, str]:
         port = gateway.ports[i % 2]
@@ -94,7 +101,8 @@ def test_every_response_is_observed_once_per_service_replica_and_class(gateway: 
         # A connection per request, as many clients would open.
         answer = httpx.get(f"http://127.0.0.1:{port}{paths[i]}", timeout=10)
         took = time.perf_counter() - started
-        service = "alice/gone" if "/gone/" in paths[i] else "alice/model"
+        service = next((name for part, name in (("/gone/", "alice/gone"), ("/private/", "gateway"))
+                        if part in paths[i]), "alice/model")
         return service, answer.headers.get("x-replica", ""), code_class(answer.status_code), took, \
             answer.headers["x-thread"]
 
@@ -106,10 +114,11 @@ def test_every_response_is_observed_once_per_service_replica_and_class(gateway: 
         measured[service, replica_name, code] += took
     assert {a[4] for a in answers} == {"0", "1"}, "both threads served requests"
     assert sent["alice/model", "", "4xx"] == 6 and sent["alice/gone", "", "5xx"] == 6, sent
+    assert sent["gateway", "", "4xx"] == 4, sent
     assert sent["alice/model", "fast", "2xx"] and sent["alice/model", "slow", "2xx"], sent
 
     # The observation is made before the response leaves HAProxy: nothing to wait for.
-    text = httpx.get(f"http://127.0.0.1:{gateway.metrics}/metrics/latency", timeout=10).text
+    text = httpx.get(f"http://127.0.0.1:{gateway.metrics}{latency.PATH}", timeout=10).text
     families = {f.name: f for f in text_string_to_metric_families(text)}
     assert families[METRIC].type == "histogram"
     counts: dict[tuple[str, str, str], float] = {}

@@ -1,5 +1,5 @@
 """A real HAProxy (Debian's 2.6, ``haproxy -db``) run on a configuration written for a test or a benchmark,
-and tiny HTTP servers to put behind it. The gateway's Lua module is ``LATENCY_LUA``."""
+and tiny HTTP servers to put behind it."""
 
 from __future__ import annotations
 
@@ -12,9 +12,6 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 from tests.support.net import wait_for_port
-
-ROOT = Path(__file__).resolve().parents[2]
-LATENCY_LUA = ROOT / "gateway" / "latency.lua"
 
 
 @contextmanager

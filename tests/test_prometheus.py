@@ -1,10 +1,11 @@
 """Prometheus and Grafana: the shipped scrape config and alert rules checked and unit-tested with the real
 ``promtool``; the hub's ``http_sd`` endpoint; a real Prometheus server scraping a real hub and controller
-found through it; and the Grafana dashboard's queries checked against the metrics the hub and a controller
-really expose."""
+found through it; and the Grafana dashboard's queries checked against the metrics the hub, a controller and
+a gateway (HAProxy with its latency histograms) really expose."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import re
@@ -28,6 +29,7 @@ from hub.app import build_hub, create_app
 from hub.config import HubSettings
 from hub.db import Database
 from hub.services.users import create_user
+from tests.support.haproxy import latency_exposition
 from tests.support.net import free_port
 from tests.support.pg import create_database
 from tests.support.poll import wait_until
@@ -298,7 +300,8 @@ def exposed_names(text: str) -> set[str]:
     return names
 
 
-async def live_metric_names(db: Database) -> set[str]:
+async def live_metric_names(db: Database, workdir: Path) -> set[str]:
+    """What the hub, a controller and a gateway's latency histograms (a real HAProxy) expose."""
     async with hub_client(db.url) as client:
         hub_text = (await client.get("/metrics")).text
     settings = ControllerSettings(_env_file=None, api_key=KEY, server_id=f"prom-{uuid.uuid4().hex[:6]}", gpu_devices=[])
@@ -306,7 +309,8 @@ async def live_metric_names(db: Database) -> set[str]:
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://ctl") as client:
             controller_text = (await client.get("/metrics")).text
-    return exposed_names(hub_text) | exposed_names(controller_text)
+    gateway_text = await asyncio.to_thread(latency_exposition, workdir)
+    return exposed_names(hub_text) | exposed_names(controller_text) | exposed_names(gateway_text)
 
 
 def dashboard_queries(dashboard: dict[str, Any]) -> list[str]:
@@ -322,22 +326,22 @@ def dashboard_queries(dashboard: dict[str, Any]) -> list[str]:
     return queries
 
 
-async def test_grafana_dashboard_queries_name_metrics_the_hub_and_controllers_expose(db: Database,
-                                                                                    tmp_path: Path) -> None:
+async def test_grafana_dashboard_queries_name_metrics_the_hub_controllers_and_gateways_expose(
+        db: Database, tmp_path: Path) -> None:
     dashboard = json.loads((GRAFANA / "dashboards" / "mmanager.json").read_text())
     queries = dashboard_queries(dashboard)
     used = {name for query in queries for name in METRIC.findall(query)}
     assert used >= {"mmanager_load_percentage", "mmanager_controller_up", "mmanager_failovers_total",
                     "mmanager_operation_duration_seconds_bucket", "mmanager_container_cpu_percent",
-                    "mmanager_container_memory_bytes"}
-    exposed = await live_metric_names(db)
+                    "mmanager_container_memory_bytes", "mmanager_gateway_request_duration_seconds_bucket"}
+    exposed = await live_metric_names(db, tmp_path)
     assert used - exposed == set(), "the dashboard queries metrics nobody exposes"
     rule_names = {name for rule in alert_rules().values() for name in METRIC.findall(rule["expr"])}
     assert rule_names - exposed == set(), "the alert rules name metrics nobody exposes"
 
     # Every query is valid PromQL: promtool parses them as recording rules, Grafana's variables filled in.
     filled = [q.replace("$__rate_interval", "1m").replace("$__range", "1h").replace("$controller", ".*")
-              for q in queries if not q.startswith("label_values(")]
+              .replace("$service", ".*") for q in queries if not q.startswith("label_values(")]
     rules = {"groups": [{"name": "dashboard", "rules": [{"record": f"dashboard:q{i}", "expr": q}
                                                        for i, q in enumerate(filled)]}]}
     (tmp_path / "dashboard-rules.yml").write_text(yaml.safe_dump(rules))

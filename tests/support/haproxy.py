@@ -1,5 +1,5 @@
 """A real HAProxy (Debian's 2.6, ``haproxy -db``) run on a configuration written for a test or a benchmark,
-and tiny HTTP servers to put behind it."""
+and tiny HTTP servers to put behind it; what the gateway's latency histograms expose."""
 
 from __future__ import annotations
 
@@ -11,7 +11,10 @@ from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from tests.support.net import wait_for_port
+import httpx
+
+from gateway import latency
+from tests.support.net import free_port, wait_for_port
 
 
 @contextmanager
@@ -83,3 +86,39 @@ def replica(name: str, delay: float = 0.0) -> Iterator[int]:
         server.shutdown()
         server.server_close()
         thread.join(timeout=5)
+
+
+_EXPOSITION = """\
+global
+    {load}
+defaults
+    mode http
+    timeout connect 2s
+    timeout client 10s
+    timeout server 10s
+frontend gateway
+    bind 127.0.0.1:{port}
+    {start}
+    {observe0}
+    {observe1}
+    default_backend nobody
+backend nobody
+    {service}
+    server lost 127.0.0.1:{port} disabled
+frontend metrics
+    bind 127.0.0.1:{metrics}
+    {serve}
+"""
+
+
+def latency_exposition(workdir: Path) -> str:
+    """What a gateway's ``/metrics/latency`` answers once it has observed one request (a 503: no replica)."""
+    port, metrics = free_port(), free_port()
+    config = _EXPOSITION.format(load=latency.LOAD, start=latency.START, observe0=latency.OBSERVE[0],
+                                observe1=latency.OBSERVE[1], service=latency.service_rule("alice", "model"),
+                                serve=latency.SERVE, port=port, metrics=metrics)
+    with running_haproxy(config, workdir, [port, metrics], "exposition"):
+        assert httpx.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 503
+        answer = httpx.get(f"http://127.0.0.1:{metrics}{latency.PATH}", timeout=10)
+        answer.raise_for_status()
+        return answer.text

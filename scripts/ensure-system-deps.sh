@@ -2,8 +2,8 @@
 # Install what the project needs from the OS when it is missing: Debian's
 # docker.io (the engine), postgresql (server binaries, for the tests' throwaway
 # cluster), busybox-static (the example image is built FROM scratch around
-# it), prometheus (promtool and the server, for the monitoring tests) and
-# docker-compose. With "demo" as the first argument only Docker and busybox are needed.
+# it), prometheus (promtool and the server, for the monitoring tests),
+# docker-compose and haproxy (the gateway). With "demo" as the first argument only Docker and busybox are needed.
 set -euo pipefail
 
 need=()
@@ -18,6 +18,8 @@ if [ "${1:-}" != demo ]; then
     # and docker-compose validates the compose files.
     command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
     command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || need+=(docker-compose)
+    # The gateway's latency histograms are tested in a real HAProxy.
+    command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 fi
 if command -v dpkg >/dev/null 2>&1 && ! dpkg -s busybox-static >/dev/null 2>&1; then
     need+=(busybox-static)

@@ -36,14 +36,15 @@
 --
 -- Memory: one series (19 numbers) per (service, replica, code) seen, and one cache entry per distinct
 -- observation key. A replica that is gone leaves its series until a scrape finds it unchanged for
--- IDLE_DROP seconds and drops it (a later request starts it again from zero, which Prometheus reads as
--- a counter reset). A reload starts a new process, hence new counters, as for HAProxy's own exporter.
+-- IDLE_DROP seconds (an hour, or MMANAGER_GATEWAY_SERIES_IDLE in HAProxy's environment) and drops it
+-- (a later request starts it again from zero, which Prometheus reads as a counter reset). A reload starts a new process, hence new counters, as for HAProxy's own exporter.
 
 local METRIC = "mmanager_gateway_request_duration_seconds"
 -- Model inference: from a cached answer in a millisecond to a long generation in a minute.
 local BUCKETS = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60}
 local NB = #BUCKETS
-local IDLE_DROP = 3600
+-- Seconds a series may stay unchanged before a scrape drops it (the environment's, for the tests).
+local IDLE_DROP = tonumber(os.getenv("MMANAGER_GATEWAY_SERIES_IDLE") or "") or 3600
 local CLASSES = {["1"] = "1xx", ["2"] = "2xx", ["3"] = "3xx", ["4"] = "4xx", ["5"] = "5xx"}
 
 local BOUND_US, LE = {}, {}

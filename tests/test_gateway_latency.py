@@ -9,6 +9,7 @@ import collections
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from gateway import latency
 from tests.support.haproxy import replica, running_haproxy
 from tests.support.net import free_port
+from tests.support.poll import wait_until
 
 # Runs HAProxy: not part of `make unit`.
 pytestmark = pytest.mark.slow
@@ -74,8 +76,8 @@ class Gateway:
     metrics: int
 
 
-@pytest.fixture
-def gateway(tmp_path: Path) -> Iterator[Gateway]:
+@contextmanager
+def running_gateway(workdir: Path, env: dict[str, str] | None = None) -> Iterator[Gateway]:
     with replica("fast") as fast, replica("slow", SLOW) as slow:
         gw = Gateway((free_port(), free_port()), free_port())
         config = CONFIG.format(load=latency.LOAD, start=latency.START, observe0=latency.OBSERVE[0],
@@ -83,8 +85,27 @@ def gateway(tmp_path: Path) -> Iterator[Gateway]:
                                model_rule=latency.service_rule("alice", "model"),
                                gone_rule=latency.service_rule("alice", "gone"), port0=gw.ports[0],
                                port1=gw.ports[1], fast=fast, slow=slow, closed=free_port(), metrics=gw.metrics)
-        with running_haproxy(config, tmp_path, [*gw.ports, gw.metrics]):
+        with running_haproxy(config, workdir, [*gw.ports, gw.metrics], env=env):
             yield gw
+
+
+@pytest.fixture
+def gateway(tmp_path: Path) -> Iterator[Gateway]:
+    with running_gateway(tmp_path) as gw:
+        yield gw
+
+
+def histogram(gw: Gateway) -> dict[str, dict[tuple[str, str, str], float]]:
+    """The gateway's histogram series now: sample name -> (service, replica, code) -> value (buckets left
+    out)."""
+    text = httpx.get(f"http://127.0.0.1:{gw.metrics}{latency.PATH}", timeout=10).text
+    series: dict[str, dict[tuple[str, str, str], float]] = collections.defaultdict(dict)
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name in (METRIC + "_count", METRIC + "_sum"):
+                series[sample.name][sample.labels["service"], sample.labels["replica"], sample.labels["code"]] = \
+                    sample.value
+    return series
 
 
 def code_class(status: int) -> str:
@@ -149,3 +170,15 @@ def test_every_response_is_observed_once_per_service_replica_and_class(gateway: 
     promex = httpx.get(f"http://127.0.0.1:{gateway.metrics}/metrics", timeout=10)
     assert promex.status_code == 200
     assert 'haproxy_backend_http_responses_total{proxy="model",code="2xx"}' in promex.text
+
+
+def test_a_series_left_idle_is_dropped_and_starts_again_from_zero(tmp_path: Path) -> None:
+    with running_gateway(tmp_path, env={"MMANAGER_GATEWAY_SERIES_IDLE": "1"}) as gw:
+        url = f"http://127.0.0.1:{gw.ports[0]}/s/alice/model/fail"
+        for _ in range(3):
+            assert httpx.get(url, timeout=10).status_code == 500
+        assert sum(histogram(gw)[METRIC + "_count"].values()) == 3
+        # Dropped by a scrape once unchanged for longer than a second.
+        wait_until(lambda: not histogram(gw)[METRIC + "_count"], 10, "the idle series dropped", retry_on=())
+        answer = httpx.get(url, timeout=10)
+        assert histogram(gw)[METRIC + "_count"] == {("alice/model", answer.headers["x-replica"], "5xx"): 1}

@@ -21,9 +21,10 @@
 -- response, HAProxy's own included (http-response sees the servers' only). 2.6 allows no Lua action
 -- there, so a native rule writes the observation as one string (elapsed microseconds, status class,
 -- backend, server, service) and a Lua converter records it: a converter is called with that string
--- alone, where a Lua action or sample fetch is handed a new transaction object each time, several
--- times the cost. The converter returns nothing, so the second set-var sets nothing. A response made
--- before the start rule ran (an error of the request parser) has no txn.mm_t0 and is not observed.
+-- alone, where a Lua action or sample fetch is handed a new transaction object each time, which costs
+-- more than all the rest of the observation. The converter's answer means nothing: the second set-var
+-- merely overwrites the string with it. A response made before the start rule ran has no txn.mm_t0,
+-- an empty elapsed time, and is not observed.
 --
 -- Labels: service is txn.mm_service, else the backend's name (the frontend's own, for a response
 -- made before a backend was chosen); replica is the server's name, "" when no server answered; code
@@ -32,12 +33,14 @@
 -- Threads: loaded with lua-load, one Lua state shared by every thread under HAProxy's Lua lock. With
 -- lua-load-per-thread each thread would count into tables of its own and the exposition, served by
 -- one thread, would report that thread's requests only: wrong counts whenever nbthread > 1. The lock
--- is held for one table lookup and a few additions per response, so the threads rarely wait on it.
+-- is held for two substrings, a table lookup and a few additions per response, so the threads rarely
+-- wait on it.
 --
--- Memory: one series (19 numbers) per (service, replica, code) seen, and one cache entry per distinct
--- observation key. A replica that is gone leaves its series until a scrape finds it unchanged for
--- IDLE_DROP seconds (an hour, or MMANAGER_GATEWAY_SERIES_IDLE in HAProxy's environment) and drops it
--- (a later request starts it again from zero, which Prometheus reads as a counter reset). A reload starts a new process, hence new counters, as for HAProxy's own exporter.
+-- Memory: one series (20 numbers and its labels) per (service, replica, code) seen, and one cache
+-- entry per distinct observation key. A replica that is gone leaves its series until a scrape finds it
+-- unchanged for IDLE_DROP seconds (an hour, or MMANAGER_GATEWAY_SERIES_IDLE in HAProxy's environment)
+-- and drops it; a later request starts it again from zero, which Prometheus reads as a counter reset.
+-- A reload starts a new process, hence new counters, as it does for HAProxy's own exporter.
 
 local METRIC = "mmanager_gateway_request_duration_seconds"
 -- Model inference: from a cached answer in a millisecond to a long generation in a minute.
@@ -71,7 +74,7 @@ local function series_of(key)
     if code == nil then
         return nil
     end
-    -- Log-format writes "-" for a variable that is not set, <NOSRV> when no server was chosen.
+    -- Empty (or "-" in a log line) for a variable that is not set; <NOSRV> when no server was chosen.
     if service == "" or service == "-" then
         service = backend
     end
@@ -96,7 +99,7 @@ local function observe(value)
     if space == nil then
         return nil
     end
-    -- "-": no start recorded for this request.
+    -- Empty: no start recorded for this request.
     local us = tonumber(value:sub(1, space - 1))
     if us == nil then
         return nil

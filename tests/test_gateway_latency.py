@@ -1,7 +1,8 @@
 """The gateway's latency histograms (gateway/latency.lua) in a real HAProxy with two threads: every response
 counted once in its (service, replica, status class) series, whichever thread served it, HAProxy's own
-responses (429, 503) included; a slow replica's observations in the buckets above its delay; the sums no
-larger than what the clients measured; HAProxy's own exporter served beside it."""
+responses (401, 429, 503) included, those answered before the start rule not at all; a slow replica's
+observations in the buckets above its delay; the sums no larger than what the clients measured; HAProxy's
+own exporter served beside it; and a series left idle dropped."""
 
 from __future__ import annotations
 
@@ -43,6 +44,8 @@ frontend gateway
     # One listener per thread, so that both threads serve requests.
     bind 127.0.0.1:{port0} thread 1
     bind 127.0.0.1:{port1} thread 2
+    # Answered before the start rule: not observed.
+    http-request return status 404 if {{ path /early }}
     {start}
     {observe0}
     {observe1}
@@ -114,7 +117,7 @@ def code_class(status: int) -> str:
 
 def test_every_response_is_observed_once_per_service_replica_and_class(gateway: Gateway) -> None:
     paths = (["/s/alice/model/predict"] * 40 + ["/s/alice/model/fail"] * 10 + ["/s/alice/model/limited"] * 6
-             + ["/s/alice/gone/predict"] * 6 + ["/s/alice/private/predict"] * 4)
+             + ["/s/alice/gone/predict"] * 6 + ["/s/alice/private/predict"] * 4 + ["/early"] * 2)
 
     def send(i: int) -> tuple[str, str, str, float, str]:
         port = gateway.ports[i % 2]
@@ -122,13 +125,16 @@ def test_every_response_is_observed_once_per_service_replica_and_class(gateway: 
         # A connection per request, as many clients would open.
         answer = httpx.get(f"http://127.0.0.1:{port}{paths[i]}", timeout=10)
         took = time.perf_counter() - started
-        service = next((name for part, name in (("/gone/", "alice/gone"), ("/private/", "gateway"))
-                        if part in paths[i]), "alice/model")
+        service = next((name for part, name in (("/gone/", "alice/gone"), ("/private/", "gateway"),
+                                                ("/early", "early")) if part in paths[i]), "alice/model")
         return service, answer.headers.get("x-replica", ""), code_class(answer.status_code), took, \
             answer.headers["x-thread"]
 
     with ThreadPoolExecutor(8) as pool:
         answers = list(pool.map(send, range(len(paths))))
+    early = [a for a in answers if a[0] == "early"]
+    assert [a[2] for a in early] == ["4xx", "4xx"]
+    answers = [a for a in answers if a[0] != "early"]
     sent = collections.Counter(a[:3] for a in answers)
     measured: dict[tuple[str, str, str], float] = collections.defaultdict(float)
     for service, replica_name, code, took, _ in answers:

@@ -20,12 +20,13 @@ import httpx
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
+from gateway.latency import METRIC, PATH
 from hub.db import Database
 from hub.models import GatewayModel, utcnow
 from hub.services.gateway import GATEWAY_LIVE
 
-HISTOGRAM = "mmanager_gateway_request_duration_seconds"
-LATENCY_PATH = "/metrics/latency"
+HISTOGRAM = METRIC
+LATENCY_PATH = PATH
 QUANTILES = (0.5, 0.95, 0.99)
 READ_TIMEOUT = 2.0
 

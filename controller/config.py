@@ -83,6 +83,9 @@ class ControllerSettings(SpecPolicySettings, TlsSettings, LogSettings):
     # Where heartbeats go: one hub URL, or several hub replicas' comma-separated. None: the hub polls only.
     hub_url: str | None = Field(default=None, validation_alias="MMANAGER_HUB_URL")
     controller_url: str | None = Field(default=None, validation_alias="CONTROLLER_URL")
+    # Hold a presence stream open to the hub beside the heartbeats (controller.presence): the hub then
+    # detects this process's death at once instead of after the heartbeat grace.
+    presence: bool = Field(default=True, validation_alias="MMANAGER_PRESENCE")
     port: int = Field(default=8001, ge=1, le=65535, validation_alias=AliasChoices("PORT", "MMANAGER_PORT"))
     # None: detect through NVML. A list (even empty) replaces detection.
     gpu_devices: Annotated[list[GpuInfo] | None, NoDecode] = Field(default=None, validation_alias="GPU_DEVICES")

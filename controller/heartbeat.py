@@ -22,6 +22,11 @@ containers to stop: each is force-removed through ``ContainerService`` (so
 the service's lock holds; one already gone is fine). A round trip whose stop
 orders were all carried out re-opens the sync guard (``controller.sync``).
 
+Once a hub has answered, the agent also holds a presence stream open to the
+replica its beats go to (``controller.presence``; ``MMANAGER_PRESENCE=false``
+turns it off), so that the hub learns of this process's death at once; it runs
+beside the beats and never holds one up.
+
 Nothing is retried within a beat: the next beat is the retry, and after a
 failure it waits a jittered backoff (``mmanager.wire.beat_pause``), at least
 the Retry-After of a hub that sheds beats, so that a fleet whose beats all went
@@ -52,6 +57,7 @@ from controller.containers import ContainerService
 from controller.credentials import HeartbeatKey
 from controller.errors import ControllerError, NotFound
 from controller.health import ControllerMetrics, collect_health, docker_down_health
+from controller.presence import PresenceAgent
 from controller.probes import Prober
 from controller.runtime import Runtime
 from controller.stats import StatsSampler
@@ -151,6 +157,8 @@ class HeartbeatAgent(LoopService):
         # The audit events of the last beat the hub refused as a bad body, until a beat without them tells.
         self._refused_audit: list[AuditEvent] | None = None
         self._warned_at = -math.inf
+        self.presence = (PresenceAgent(settings, lambda: self.hub_url, self.key.current, transport=transport)
+                         if settings.presence else None)
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -166,6 +174,8 @@ class HeartbeatAgent(LoopService):
         super().start()
 
     async def stop(self) -> None:
+        if self.presence is not None:
+            await self.presence.stop()
         await super().stop()
         if self._client is not None:
             await self._client.aclose()
@@ -366,6 +376,8 @@ class HeartbeatAgent(LoopService):
                 answer.interval,
                 answer.grace,
             )
+        if self.last_answer is None and self.presence is not None:
+            self.presence.start()
         self.failures = 0
         self._failure_kind = None
         self.last_answer = answer

@@ -35,12 +35,13 @@ from hub.ratelimit import RateLimiter
 from hub.routers import admin, audit, controllers, gateway, prometheus, services, system
 from hub.routers.hot import HotApp
 from hub.scheduler.snapshot import PlacementCache
-from hub.services.audit import CLIENT_CLOSED, HEARTBEAT_PATH, AuditLog, skip_routine
+from hub.services.audit import CLIENT_CLOSED, HEARTBEAT_PATH, PRESENCE_PATH, AuditLog, skip_routine
 from hub.services.controllers import ControllerRegistry
 from hub.services.gateway import GatewayDirectory, GatewayTable
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
 from hub.services.operations import OperationLog
+from hub.services.presence import PresenceWatch
 from hub.services.users import UserAuth
 from mmanager import __version__
 from mmanager.audit import AuditMiddleware, Coalescer
@@ -49,6 +50,10 @@ from mmanager.limits import BodyLimit
 from mmanager.logs import install_request_ids
 
 log = logging.getLogger(__name__)
+
+# A presence stream's body is read and dropped as it comes (hub.services.presence), and it lasts as long as its
+# controller runs: no limit that a long-lived controller's keepalives could reach.
+PRESENCE_BYTES = 2**62
 
 
 def build_hub(settings: HubSettings, db: Database | None = None,
@@ -67,8 +72,9 @@ def build_hub(settings: HubSettings, db: Database | None = None,
     poller = ControllerPoller(db, settings, client, ingest)
     limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
     users = UserAuth(db, settings.auth_cache_seconds)
+    presence = PresenceWatch(db, client, ingest, metrics)
     return Hub(settings, db, client, metrics, ops, controllers, manager, ingest, poller, replica_id, users,
-               gateway, gateways, limiter=limiter)
+               gateway, gateways, presence, limiter=limiter)
 
 
 # The heartbeats' own connections (their batches' reads, the flush, the keys' snapshot, the monitor): at most
@@ -250,9 +256,11 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     # each (hub.routers.hot.HotDispatch, built from these same arguments): state a middleware keeps across calls
     # must be passed in, shared, as the audit's coalescer is.
     app.add_middleware(BodyLimit, limit_for=lambda scope: settings.max_heartbeat_bytes
-                       if HEARTBEAT_PATH.match(scope["path"]) else settings.max_request_bytes)
+                       if HEARTBEAT_PATH.match(scope["path"]) else PRESENCE_BYTES
+                       if PRESENCE_PATH.match(scope["path"]) else settings.max_request_bytes)
     # One coalescer for both copies of the audit middleware.
     app.add_middleware(AuditMiddleware, record=AuditLog(hub.db).record, skip=skip_routine, coalescer=Coalescer())
+    app.include_router(controllers.router)
     app.include_router(system.router)
     app.include_router(services.router)
     app.include_router(admin.router)

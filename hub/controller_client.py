@@ -233,6 +233,17 @@ class ControllerClient:
                                    timeout=timeout)
         return ControllerHealth.model_validate(response.json())
 
+    async def refuses(self, url: str, timeout: float) -> bool:
+        """Whether the controller at ``url`` refuses connections (nothing listens there: its process is gone),
+        as opposed to answering (whatever it answers), timing out or failing some other way."""
+        try:
+            await self.http.get(url.rstrip("/") + "/health", timeout=timeout)
+        except httpx.ConnectError as exc:
+            return refused(exc)
+        except httpx.HTTPError:
+            return False
+        return False
+
     async def create(self, controller_id: str, url: str, config: ContainerCreate) -> ContainerCreated:
         """Create and start; a controller that has not yet fenced its stale copies since it came
         back (503 CONTROLLER_NOT_SYNCED) gets until its next heartbeat or two before it counts as down."""
@@ -322,6 +333,20 @@ class ControllerClient:
                 return
 
         return ClosingStream(chunks(), response.aclose)
+
+
+def refused(exc: BaseException) -> bool:
+    """Whether a failed connection was refused at every address tried (what ``exc`` was caused by)."""
+    current: BaseException | None = exc
+    for _ in range(10):
+        if current is None:
+            return False
+        if isinstance(current, ConnectionRefusedError):
+            return True
+        if isinstance(current, BaseExceptionGroup):
+            return all(refused(inner) for inner in current.exceptions)
+        current = current.__cause__ or current.__context__
+    return False
 
 
 def _error_from(controller_id: str, response: httpx.Response) -> HubError:

@@ -23,6 +23,7 @@ from hub.services.gateway import GatewayDirectory, GatewayTable
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
 from hub.services.operations import OperationLog
+from hub.services.presence import PresenceWatch
 from hub.services.users import Identity, UserAuth, as_user
 from mmanager.audit import identify_call
 
@@ -48,6 +49,7 @@ class Hub:
     users: UserAuth
     gateway: GatewayTable
     gateways: GatewayDirectory
+    presence: PresenceWatch
     # Set while this replica leads.
     reconciler: Reconciler | None = None
     # Per-user request rate on this replica; None when MMANAGER_RATE_LIMIT is 0.

@@ -121,6 +121,14 @@ class HubMetrics:
         self.heartbeat_batch = Histogram(
             "mmanager_heartbeat_batch_size", "Heartbeats recorded together in one transaction",
             buckets=(1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000), registry=r)
+        self.controllers_suspected = Counter(
+            "mmanager_controllers_suspected_total",
+            "Controllers whose presence stream broke without a bye, by what the probe of their address found "
+            "(confirmed: refused, marked lost at once; cleared: left to the heartbeat grace)", ["outcome"], registry=r)
+        self.presence_streams = Gauge(
+            "mmanager_presence_streams", "Presence streams controllers hold open to this replica", registry=r)
+        for outcome in ("confirmed", "cleared"):
+            self.controllers_suspected.labels(outcome)
         self.failovers = Counter("mmanager_failovers_total", "Services moved off a lost controller", registry=r)
         self.operations = Counter(
             "mmanager_operations_total", "Lifecycle operations by outcome", ["operation", "status"], registry=r

@@ -94,7 +94,13 @@ def hub_serve(host: Host = "0.0.0.0", port: int = 8000,
     # No log_config and no log_level: uvicorn's error and access logs go through the handler just set up.
     app = create_app(settings)
     _server_gc()
-    uvicorn.run(app, host=host, port=port, log_config=None, **settings.tls.server_options())
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, **settings.tls.server_options())
+    server = _Server(config, closing=app.state.hub.presence.close)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        # As uvicorn.run: a hub that never listened (its port taken, say) exits with uvicorn's startup failure.
+        raise SystemExit(3)
 
 
 @controller_app.command("serve")
@@ -237,7 +243,21 @@ def _free_port(port: int) -> bool:
             return False
 
 
-class _SharedLoopServer(uvicorn.Server):
+class _Server(uvicorn.Server):
+    """A uvicorn server that tells its app when it begins to shut down (``closing``), before it waits for the
+    calls in flight to end: the calls that never end on their own (controllers' presence streams) end then."""
+
+    def __init__(self, config: uvicorn.Config, closing: Callable[[], None] | None = None) -> None:
+        super().__init__(config)
+        self.closing = closing
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        if self.closing is not None:
+            self.closing()
+        await super().shutdown(sockets)
+
+
+class _SharedLoopServer(_Server):
     """A uvicorn server that leaves signals to its caller: two of them share one loop in dev mode."""
 
     @contextlib.contextmanager
@@ -301,8 +321,9 @@ def dev(port: int = 8000,
         logging.getLogger("mmanager.access").setLevel(logging.WARNING)
         ctl = _SharedLoopServer(uvicorn.Config(create_controller(ctl_settings), host="127.0.0.1", port=ctl_port,
                                                log_config=None, log_level="warning"))
-        hub = _SharedLoopServer(uvicorn.Config(create_hub(hub_settings), host="127.0.0.1", port=port,
-                                               log_config=None, log_level="warning"))
+        hub_app = create_hub(hub_settings)
+        hub = _SharedLoopServer(uvicorn.Config(hub_app, host="127.0.0.1", port=port, log_config=None,
+                                               log_level="warning"), closing=hub_app.state.hub.presence.close)
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, lambda: setattr(hub, "should_exit", True))

@@ -2,8 +2,8 @@
 
 ``run_once()`` per iteration, the first right at ``start()``; ``next_delay()``
 says how long until the next (by default the interval, jittered, less what
-the iteration took); an iteration that raises is handed to ``failed()`` and
-never ends the loop. ``stop()`` lets the iteration in progress finish, or,
+the iteration took), and ``wake()`` cuts that wait short; an iteration that
+raises is handed to ``failed()`` and never ends the loop. ``stop()`` lets the iteration in progress finish, or,
 with ``cancel_on_stop``, cancels it. Tests call ``run_once()`` directly.
 """
 
@@ -30,6 +30,8 @@ class LoopService(ABC):
         self.interval = interval
         self.jitter = jitter
         self._stopped = asyncio.Event()
+        # Set by wake() and stop(): the wait between iterations ends early.
+        self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
     @abstractmethod
@@ -52,14 +54,20 @@ class LoopService(ABC):
         """What ``stop()`` waits for: the loop, and what a subclass runs beside it."""
         return {self._task} if self._task is not None else set()
 
+    def wake(self) -> None:
+        """Run the next iteration now, or right after the one in progress."""
+        self._woken.set()
+
     def start(self) -> None:
         if self._task is not None:
             return
         self._stopped.clear()
+        self._woken.clear()
         self._task = asyncio.create_task(self._run(), name=self.name)
 
     async def stop(self) -> None:
         self._stopped.set()
+        self._woken.set()
         tasks = self.running()
         if tasks:
             if self.cancel_on_stop:
@@ -89,6 +97,7 @@ class LoopService(ABC):
                 self.failed(exc)
             delay = self.next_delay(time.monotonic() - started)
             try:
-                await asyncio.wait_for(self._stopped.wait(), timeout=delay)
+                await asyncio.wait_for(self._woken.wait(), timeout=delay)
             except TimeoutError:
                 pass
+            self._woken.clear()

@@ -1,18 +1,23 @@
-"""Controller-facing endpoints: heartbeats, authenticated with the controller's key."""
+"""Controller-facing endpoints, authenticated with the controller's key: heartbeats, and presence streams."""
 
 from __future__ import annotations
 
 import json
 from functools import partial
 
+from fastapi import APIRouter, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.types import Receive, Scope, Send
 
-from hub.deps import Hub, admit_controller
-from hub.errors import Overloaded
+from hub.deps import Hub, HubDep, admit_controller
+from hub.errors import Overloaded, error_response
 from hub.routers.hot import HotRoute, read_body, send_json
+from hub.services.audit import CLIENT_CLOSED
 from mmanager.wire import Heartbeat, HeartbeatAnswer
+
+router = APIRouter(prefix="/api/controllers", tags=["controllers"])
 
 
 async def receive_heartbeat(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
@@ -62,3 +67,23 @@ def heartbeat_route(hub: Hub) -> HotRoute:
     """The heartbeat's route, answered for ``hub`` (as ``services.status_read``)."""
     return HotRoute("/api/controllers/{controller_id}/heartbeat", heartbeat, partial(receive_heartbeat, hub),
                     methods=["POST"], response_model=HeartbeatAnswer, tags=["controllers"], name="heartbeat")
+
+
+@router.post("/{controller_id}/presence", response_model=None, responses={503: {"description": "shutting down"}})
+async def presence(controller_id: str, request: Request, hub: HubDep) -> JSONResponse:
+    """A controller's presence stream (``controller.presence``): held open, its body never ending on its own,
+    until the controller ends it with ``bye`` (a planned stop) or its connection is lost, which has the hub
+    probe the controller at once and mark it lost when its address refuses connections
+    (``hub.services.presence``). Not a heartbeat: it neither counts as one nor holds a database connection."""
+    await admit_controller(hub, request.scope, controller_id)
+    ended = await hub.presence.hold(request.receive)
+    if ended == "lost":
+        if await hub.presence.suspect(controller_id) == "confirmed" and hub.reconciler is not None:
+            # This replica leads: its reconciler acts on the mark now rather than at its next tick.
+            hub.reconciler.wake()
+        # Nobody reads it.
+        return error_response(CLIENT_CLOSED, "CLIENT_DISCONNECTED", "the controller went away")
+    if ended == "closing":
+        raise Overloaded("this hub replica is shutting down; open the stream to another", retry_after=1,
+                         code="HUB_SHUTTING_DOWN")
+    return JSONResponse({"ended": ended})

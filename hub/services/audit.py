@@ -38,6 +38,9 @@ MAX_DETAILS = 4096
 # Successful heartbeats are not audited: one every 2 s per controller would drown everything else.
 # Refused ones are (a wrong key, a body that is not a heartbeat).
 HEARTBEAT_PATH = re.compile(r"^/api/controllers/[^/]+/heartbeat$")
+PRESENCE_PATH = re.compile(r"^/api/controllers/[^/]+/presence$")
+# The calls controllers make all the time: heartbeats and presence streams (each stream's end is a call's end).
+_ROUTINE_PATH = re.compile(r"^/api/controllers/[^/]+/(?:heartbeat|presence)$")
 _AUDIT = AuditModel.__table__
 
 
@@ -47,11 +50,12 @@ CLIENT_CLOSED = 499
 
 
 def skip_routine(method: str, path: str, status: int) -> bool:
-    """Calls with no audit row: heartbeats that succeed or that a busy hub refused (503: shed, or the
-    database unavailable; counted in ``mmanager_heartbeats_shed_total``, and beaten again), and calls whose
-    caller went away before anything was done (an overloaded hub's callers giving up, or beats it sheds, must
-    not cost it a write each)."""
-    return status == CLIENT_CLOSED or ((status < 400 or status == 503) and HEARTBEAT_PATH.match(path) is not None)
+    """Calls with no audit row: heartbeats and presence streams that succeed or that a busy hub refused (503:
+    shed, the database unavailable or the replica shutting down; counted in ``mmanager_heartbeats_shed_total``,
+    and beaten again), and calls whose caller went away before anything was done (an overloaded hub's callers
+    giving up, or beats it sheds, must not cost it a write each; a presence stream whose controller died is
+    the controller's mark, not an audit row)."""
+    return status == CLIENT_CLOSED or ((status < 400 or status == 503) and _ROUTINE_PATH.match(path) is not None)
 
 
 def _utc(moment: datetime) -> datetime:

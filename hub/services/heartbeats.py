@@ -70,6 +70,8 @@ MAX_BATCH = 2000
 PACE_EVERY = 5.0
 # How long this replica remembers when it last heard a controller (far longer than any grace).
 HEARD_KEPT = timedelta(hours=1)
+# How long what a controller said before its process was found gone is dropped (far longer than a flush).
+GONE_KEPT = timedelta(minutes=1)
 _NEVER = datetime.min.replace(tzinfo=UTC)
 
 
@@ -112,6 +114,8 @@ class HeartbeatIngest:
         # When each controller was last heard by this replica: a beat's arrival, before its batch or the flush
         # records it (the reconciler counts silence from here too: hub.scheduler.reconcile.Snapshot.heard).
         self.heard: dict[str, datetime] = {}
+        # Controllers whose process was found gone (hub.services.presence), and when.
+        self._gone_at: dict[str, datetime] = {}
         # The statements of the steady state, built once (hub.db_direct: compiled once, sent straight to the driver).
         sqlite = db.is_sqlite
         C = ControllerModel.__table__
@@ -135,6 +139,12 @@ class HeartbeatIngest:
         ``last_heartbeat_at`` stays."""
         if health.status == "healthy" and at > self.heard.get(controller_id, _NEVER):
             self.heard[controller_id] = at
+
+    def gone(self, controller_id: str, at: datetime) -> None:
+        """The controller's process was found gone at ``at``: what it said before and is not written yet is
+        dropped, so that a beat it sent just before it died cannot mark it healthy again after it is marked
+        lost. A beat that arrives later (it was restarted) is written as any."""
+        self._gone_at[controller_id] = at
 
     async def receive(self, controller_id: str, heartbeat: Heartbeat) -> HeartbeatAnswer:
         """Answer one pushed heartbeat (already authenticated), once its batch is committed."""
@@ -345,6 +355,8 @@ class HeartbeatIngest:
             observations, self._observations = self._observations, {}
             updates, self._updates = self._updates, {}
             gone, self._gone = self._gone, set()
+            if self._gone_at:
+                observations = self._without_gone(observations)
             if not (observations or updates or gone):
                 return
             try:
@@ -361,6 +373,12 @@ class HeartbeatIngest:
                 self.metrics.observe_controller(
                     controller_id, up, h.containers.running, h.load_percentage, h.memory_usage_percent
                 )
+
+    def _without_gone(self, observations: dict[str, _Observation]) -> dict[str, _Observation]:
+        kept = utcnow() - GONE_KEPT
+        self._gone_at = {cid: at for cid, at in self._gone_at.items() if at > kept}
+        return {cid: obs for cid, obs in observations.items()
+                if cid not in self._gone_at or obs.at > self._gone_at[cid]}
 
     async def _write(self, observations: dict[str, _Observation], updates: dict[str, tuple[RowUpdate, datetime]],
                      gone: set[str]) -> None:

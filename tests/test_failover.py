@@ -259,3 +259,59 @@ def test_postgres_down_longer_than_the_grace_under_load(example_image: str, dock
             raise
         finally:
             dep.stop(docker_client)
+
+
+@pytest.fixture
+def long_grace(db_url: str, example_image: str, docker_client: docker.DockerClient,
+               tmp_path: Path, request: pytest.FixtureRequest) -> Iterator[LocalDeployment]:
+    """1 s heartbeats and a 6 s grace: what presence (controller.presence) detects shows well inside it."""
+    dep = LocalDeployment(db_url, tmp_path, interval=1.0, grace=6.0)
+    with stopped_after(dep, request, docker_client):
+        yield dep
+
+
+def test_a_killed_controller_fails_over_well_within_the_grace(long_grace: LocalDeployment,
+                                                             docker_client: docker.DockerClient) -> None:
+    dep = long_grace
+    client, ids = three_controllers(dep)
+    created = [client.post("/api/root/lab/services", json={**SPEC, "name": f"pre-{i}"}).json() for i in range(3)]
+    victim = created[0]["controller_id"]
+    moving = {s["id"] for s in created if s["controller_id"] == victim}
+    killed = time.monotonic()
+    dep.controllers[victim].kill()
+    services = wait_until(lambda: settled(client, {s["id"] for s in created}, avoid=victim), dep.grace / 2,
+                          interval=0.05, what="the services running elsewhere within half the grace")
+    took = time.monotonic() - killed
+    print(f"kill -9 to every service running elsewhere: {took:.2f} s (grace {dep.grace:g} s)")
+    row = client.get(f"/api/admin/controllers/{victim}").json()
+    assert row["status"] == "unhealthy" and "refuses connections" in row["error"], row
+    failovers = client.get("/api/admin/operations", params={"operation": "failover"}).json()
+    assert {o["service_id"] for o in failovers if o["status"] == "succeeded"} == moving
+    assert {s["id"] for s in services if s["epoch"] > 1} == moving
+    metrics = httpx.get(f"{dep.hub(0).url}/metrics").text
+    assert 'mmanager_controllers_suspected_total{outcome="confirmed"} 1.0' in metrics
+    # The live controllers' streams end with the hub: it stops at once, not after uvicorn's wait for them.
+    stopping = time.monotonic()
+    dep.hub(0).stop()
+    # (uvicorn raises the SIGTERM it caught again once it has shut down: -15, where a SIGKILL would be -9.)
+    assert dep.hub(0).popen is not None and dep.hub(0).popen.returncode == -signal.SIGTERM
+    assert time.monotonic() - stopping < 5
+
+
+def test_a_controller_stopped_gracefully_is_left_to_the_grace(long_grace: LocalDeployment,
+                                                             docker_client: docker.DockerClient) -> None:
+    dep = long_grace
+    client, ids = three_controllers(dep)
+    created = [client.post("/api/root/lab/services", json={**SPEC, "name": f"bye-{i}"}).json() for i in range(3)]
+    victim = created[0]["controller_id"]
+    stopped = time.monotonic()
+    dep.controllers[victim].stop()  # SIGTERM: its presence stream ends with bye
+    row = wait_until(lambda: (c := client.get(f"/api/admin/controllers/{victim}").json())["status"] == "unhealthy"
+                     and c, dep.grace + 5, interval=0.1, what="the controller lost after the grace")
+    took = time.monotonic() - stopped
+    # Silence counts from its last beat, up to an interval before the SIGTERM.
+    assert took > dep.grace - dep.interval - 0.5, took
+    assert row["error"].startswith("no heartbeat"), row
+    metrics = httpx.get(f"{dep.hub(0).url}/metrics").text
+    assert 'mmanager_controllers_suspected_total{outcome="confirmed"} 0.0' in metrics
+    wait_until(lambda: settled(client, {s["id"] for s in created}, avoid=victim), 30, what="the failover after it")

@@ -87,6 +87,7 @@ class LocalDeployment:
     gateways: dict[str, Proc] = field(default_factory=dict)
     entries: list[dict[str, Any]] = field(default_factory=list)
     extra_hub_env: dict[str, str] = field(default_factory=dict)
+    extra_controller_env: dict[str, str] = field(default_factory=dict)
     # MMANAGER_TLS_* for every hub and controller; with a certificate, they all serve https.
     tls_env: dict[str, str] = field(default_factory=dict)
 
@@ -111,7 +112,8 @@ class LocalDeployment:
         cid = f"{name}-{self.run}"
         env = {"MMANAGER_API_KEY": self.key, "SERVER_ID": cid, "SERVER_TYPE": server_type,
                "MAX_CONTAINERS": str(max_containers), "CONTROLLER_URL": f"{self.scheme}://127.0.0.1:{port}",
-               "PUBLISH_IP": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "INFO", **self.tls_env}
+               "PUBLISH_IP": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "INFO", **self.tls_env,
+               **self.extra_controller_env}
         if gpus:
             env["GPU_DEVICES"] = gpus
         if push:

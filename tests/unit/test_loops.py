@@ -101,3 +101,17 @@ async def test_a_second_start_is_a_no_op_and_a_stopped_loop_starts_again() -> No
         assert loop.runs == 2
     finally:
         await loop.stop()
+
+
+async def test_wake_runs_the_next_iteration_now() -> None:
+    loop = Counting(interval=3600)
+    loop.start()
+    try:
+        await eventually(lambda: loop.runs == 1, 5, "the first run", interval=0.005)
+        loop.wake()
+        await eventually(lambda: loop.runs == 2, 5, "a run at once, not after the hour", interval=0.005)
+        # Woken once, it runs once: then the interval again.
+        await asyncio.sleep(0.05)
+        assert loop.runs == 2
+    finally:
+        await loop.stop()

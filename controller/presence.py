@@ -73,8 +73,12 @@ class PresenceAgent(LoopService):
     async def stop(self) -> None:
         """End the open stream with ``bye`` and wait (``BYE_WAIT`` at most) for the hub's answer."""
         self._ending.set()
+        # The loop ends once the stream in progress has said bye (at once when none is open)...
+        self._stopped.set()
+        self.wake()
         if self._task is not None:
             await asyncio.wait({self._task}, timeout=BYE_WAIT)
+        # ...or is cancelled, its connection closed, when the hub does not answer in time.
         await super().stop()
         if self._client is not None:
             await self._client.aclose()

@@ -23,10 +23,12 @@ app = typer.Typer(help="mManager hub: orchestrate model-service containers acros
                   no_args_is_help=True)
 hub_app = typer.Typer(help="The central hub.", no_args_is_help=True)
 controller_app = typer.Typer(help="The per-server controller agent.", no_args_is_help=True)
+gateway_app = typer.Typer(help="The gateway: HAProxy configured from the hub's routing table.", no_args_is_help=True)
 db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
 users_app = typer.Typer(help="Users and API tokens.", no_args_is_help=True)
 app.add_typer(hub_app, name="hub")
 app.add_typer(controller_app, name="controller")
+app.add_typer(gateway_app, name="gateway")
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
 controllers_app = typer.Typer(help="Controllers' heartbeat keys, straight on the hub's database (on the hub host).",
@@ -121,6 +123,45 @@ def controller_serve(host: Host = "0.0.0.0", port: Annotated[int | None, typer.O
     try:
         run(settings, host=host, port=port)
     except LogFileError as exc:
+        _fail(str(exc))
+
+
+@gateway_app.command("serve")
+def gateway_serve(
+        host: Annotated[str | None, typer.Option(help="address to listen on (default 0.0.0.0)")] = None,
+        port: Annotated[int | None, typer.Option(help="port the services are served on (default 8080)")] = None,
+        advertise_url: Annotated[str | None, typer.Option(
+            help="the URL clients reach this gateway by (default http://{host}:{port}, 0.0.0.0 as the hostname)")] = None,
+        metrics_port: Annotated[int | None, typer.Option(help="HAProxy's /metrics and /healthz (default port + 1)")] = None,
+        state_dir: Annotated[Path | None, typer.Option(
+            help="haproxy.cfg, its maps and sockets (default /var/lib/mmanager/gateway)")] = None,
+        id: Annotated[str | None, typer.Option("--id", help="this gateway's id on the hub (default hostname-port)")] = None,
+        poll: Annotated[float | None, typer.Option(help="seconds between polls of the routing table (default 0.5)")] = None,
+) -> None:
+    """Run a gateway: a HAProxy that serves the hub's services, following its routing table.
+    Settings: MMANAGER_HUB_URL, MMANAGER_API_KEY and MMANAGER_GATEWAY_* (the options win)."""
+    import shutil
+
+    from pydantic import ValidationError
+
+    from gateway.agent import serve
+    from gateway.haproxy import HAProxyError
+    from gateway.settings import GatewaySettings
+
+    given = {"MMANAGER_GATEWAY_HOST": host, "MMANAGER_GATEWAY_PORT": port,
+             "MMANAGER_GATEWAY_ADVERTISE_URL": advertise_url, "MMANAGER_GATEWAY_METRICS_PORT": metrics_port,
+             "MMANAGER_GATEWAY_STATE_DIR": state_dir, "MMANAGER_GATEWAY_ID": id, "MMANAGER_GATEWAY_POLL": poll}
+    try:
+        settings = GatewaySettings(**{k: v for k, v in given.items() if v is not None})  # type: ignore[arg-type]
+    except ValidationError as exc:
+        _fail("gateway settings: " + _problems(exc))
+        return
+    if shutil.which(settings.haproxy) is None:
+        _fail(f"{settings.haproxy} not found: install HAProxy 2.6+ (Debian: apt-get install haproxy)")
+    _setup_logs(settings)
+    try:
+        asyncio.run(serve(settings))
+    except HAProxyError as exc:
         _fail(str(exc))
 
 

@@ -2,7 +2,7 @@
 
 Pure: ``runtime_plan(old, new, settings)`` reads two tables and returns the commands, or None when
 only a reload can do it. Invariant: the runtime path is taken only when the configuration without its
-servers and service keys (the *skeleton*) renders to the same bytes for both tables, so after the
+servers and service keys (the *skeleton*) and the route maps render to the same bytes for both tables, so after the
 commands the worker serves what a reload of the new files would serve: the same servers (the same
 ``server_args``), the same key map.
 """
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from gateway.config import KEYS_MAP, RenderSettings, render, render_maps, server_args
+from gateway.config import HOSTS_MAP, KEYS_MAP, PATHS_MAP, RenderSettings, render, render_maps, server_args
 from gateway.routes import Replica, RoutingTable
 
 
@@ -29,6 +29,13 @@ def skeleton(table: RoutingTable) -> RoutingTable:
     return table.model_copy(update={"services": services, "service_keys": (), "version": 0})
 
 
+def _fixed(table: RoutingTable, settings: RenderSettings) -> tuple[str, str, str]:
+    """What the runtime path never changes: the skeleton's configuration and the route maps."""
+    bare = skeleton(table)
+    maps = render_maps(bare)
+    return render(bare, settings), maps[PATHS_MAP], maps[HOSTS_MAP]
+
+
 def _split(address: str) -> tuple[str, str]:
     host, port = address.rsplit(":", 1)
     return host.strip("[]"), port
@@ -38,7 +45,7 @@ def runtime_plan(old: RoutingTable, new: RoutingTable, settings: RenderSettings,
                  pending: frozenset[str] = frozenset()) -> RuntimePlan | None:
     """The runtime commands that take a worker serving ``old`` to ``new``; None: reload. ``pending``:
     servers removed earlier whose deletion has not gone through yet (one coming back needs a reload)."""
-    if render(skeleton(old), settings) != render(skeleton(new), settings):
+    if _fixed(old, settings) != _fixed(new, settings):
         return None
     plan = RuntimePlan()
     before = {s.backend: {r.id: r for r in s.usable_replicas()} for s in old.usable_services()}

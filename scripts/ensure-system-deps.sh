@@ -3,7 +3,8 @@
 # docker.io (the engine), postgresql (server binaries, for the tests' throwaway
 # cluster), busybox-static (the example image is built FROM scratch around
 # it), prometheus (promtool and the server, for the monitoring tests),
-# docker-compose and haproxy (the gateway). With "demo" as the first argument only Docker and busybox are needed.
+# docker-compose and haproxy (the gateway). With "demo" as the first argument only Docker, busybox and
+# haproxy are needed.
 set -euo pipefail
 
 need=()
@@ -18,9 +19,10 @@ if [ "${1:-}" != demo ]; then
     # and docker-compose validates the compose files.
     command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
     command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || need+=(docker-compose)
-    # The gateway's latency histograms are tested in a real HAProxy.
-    command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 fi
+# The gateway (`mmanager gateway serve`, the demo's too) runs HAProxy; its latency histograms are
+# tested in a real one.
+command -v haproxy >/dev/null 2>&1 || need+=(haproxy)
 if command -v dpkg >/dev/null 2>&1 && ! dpkg -s busybox-static >/dev/null 2>&1; then
     need+=(busybox-static)
 fi

@@ -260,3 +260,18 @@ def test_hub_entrypoint_runs_another_command_when_given_one(tmp_path: Path) -> N
     assert result.returncode == 0, result.stderr
     assert "upgrade" in result.stdout
     assert shutil.which("mmanager", path=str(VENV_BIN))
+
+
+def test_gateway_systemd_unit_is_accepted_by_systemd(tmp_path: Path) -> None:
+    unit = (DEPLOY / "gateway/mmanager-gateway.service").read_text()
+    for directive in ("User=mmanager", "EnvironmentFile=/etc/mmanager/gateway.env", "Restart=always",
+                      "NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=mmanager mmanager/gateway"):
+        assert re.search(rf"^{re.escape(directive)}$", unit, re.M), directive
+    assert "--state-dir /var/lib/mmanager/gateway" in unit
+    fake = tmp_path / "mmanager"
+    fake.write_text("#!/bin/sh\n")
+    fake.chmod(0o755)
+    good = tmp_path / "mmanager-gateway.service"
+    good.write_text(unit.replace("/opt/mmanager/venv/bin/mmanager", str(fake)))
+    result = subprocess.run(["systemd-analyze", "verify", str(good)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr

@@ -4,6 +4,7 @@ replicas, following a fake hub's routing table that each test edits while a clie
 from __future__ import annotations
 
 import hashlib
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -241,3 +242,24 @@ def test_applies_are_hitless_under_load(hub: FakeHub, gateway: Gateway, replicas
     print("applies:", kinds)
     assert load.failures == 0, load.errors[:5]
     assert [k.split(" ")[0] for k in kinds[-6:]] == ["runtime", "runtime", "runtime", "reload", "reload", "runtime"]
+
+
+def test_without_the_hub_it_serves_the_last_table_applied(hub: FakeHub, gateway: Gateway,
+                                                          replicas: dict[str, Replica]) -> None:
+    publish(hub, services=[service(SID, "alice", "dnabert", [replicas["a"].entry()])])
+    hub.stop()
+    gateway.stop()
+    gateway.start()
+    assert httpx.get(gateway.url + f"{ROUTE}/p").json()["server"] == "a"
+
+
+def test_haproxy_goes_with_an_agent_killed_outright(hub: FakeHub, gateway: Gateway) -> None:
+    assert gateway.proc is not None
+    gateway.proc.kill()  # the agent alone, not its session: HAProxy must not outlive it
+    gateway.proc.wait(5)
+
+    def port_free() -> bool:
+        with socket.socket() as s:
+            return s.connect_ex(("127.0.0.1", gateway.port)) != 0
+
+    wait_until(port_free, 10, "HAProxy gone with its agent", interval=0.05, retry_on=())

@@ -226,6 +226,8 @@ def test_applies_are_hitless_under_load(hub: FakeHub, gateway: Gateway, replicas
         b_served = load.servers["b"]
         step("replica removed", None, services=[service(SID, "alice", "dnabert", [a.entry(), c.entry()])])
         assert load.servers["b"] == b_served
+        # Taken out of the running worker: deleted once its last connection went.
+        wait_until(lambda: f"server svc_{SID}/b deleted" in gateway.log.read_text(), 10, "b deleted", interval=0.05)
         step("service added (reload)", None, services=[service(SID, "alice", "dnabert", [a.entry(), c.entry()]),
                                                          service("s2", "bob", "new", [b.entry()])])
         step("limits changed (reload)", None,
@@ -234,6 +236,11 @@ def test_applies_are_hitless_under_load(hub: FakeHub, gateway: Gateway, replicas
         step("replica re-added", "b",
              services=[service(SID, "alice", "dnabert", [a.entry(), b.entry(), c.entry()],
                                max_body_bytes=10_000_000), service("s2", "bob", "new", [b.entry()])])
+        after = load.mark()
+        for limit in range(1000, 1010):  # ten reloads back to back
+            publish(hub, services=[service(SID, "alice", "dnabert", [a.entry(), b.entry(), c.entry()],
+                                           max_body_bytes=limit), service("s2", "bob", "new", [b.entry()])])
+        wait_until(lambda: after() >= 400, 20, "requests through the reloads", interval=0.05)
     finally:
         load.stop()
     kinds = applies(gateway)
@@ -241,7 +248,8 @@ def test_applies_are_hitless_under_load(hub: FakeHub, gateway: Gateway, replicas
     print("apply to live (s):", {k: round(v, 3) for k, v in live.items()})
     print("applies:", kinds)
     assert load.failures == 0, load.errors[:5]
-    assert [k.split(" ")[0] for k in kinds[-6:]] == ["runtime", "runtime", "runtime", "reload", "reload", "runtime"]
+    assert [k.split(" ")[0] for k in kinds[-16:]] == ["runtime", "runtime", "runtime", "reload", "reload", "runtime",
+                                                      *["reload"] * 10]
 
 
 def test_without_the_hub_it_serves_the_last_table_applied(hub: FakeHub, gateway: Gateway,

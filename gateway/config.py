@@ -191,10 +191,11 @@ def _backend(service: RouteService, settings: RenderSettings) -> str:
         lines += [
             f"    http-request return status 413 content-type application/json string {too_large} "
             f"if {{ req.hdr_val(content-length) gt {most} }}",
-            # A chunked body has no length up front: what arrives (up to a buffer's worth) is measured.
-            f"    http-request wait-for-body time {BODY_WAIT} at-least {most + 1} if {{ req.hdr(transfer-encoding) -m found }}",
+            # A body without a length up front (chunked, or HTTP/2 frames): what arrives, up to a buffer's
+            # worth, is measured. A request known to have no body passes the wait at once.
+            f"    http-request wait-for-body time {BODY_WAIT} at-least {most + 1} if !{{ req.hdr(content-length) -m found }}",
             f"    http-request return status 413 content-type application/json string {too_large} "
-            f"if {{ req.hdr(transfer-encoding) -m found }} {{ req.body_size gt {most} }}",
+            f"if !{{ req.hdr(content-length) -m found }} {{ req.body_size gt {most} }}",
         ]
     if service.private:
         lines += [

@@ -20,6 +20,8 @@ class Server(ThreadingHTTPServer):
 class Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server_version = "echo"
+    # Headers and body go out in two writes: without this, Nagle holds the body for the client's delayed ACK.
+    disable_nagle_algorithm = True
     healthy = True
 
     def log_message(self, format: str, *args: object) -> None:

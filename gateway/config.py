@@ -22,6 +22,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from gateway import latency
 from gateway.routes import Replica, RouteService, RoutingTable
 
 PATHS_MAP = "paths.map"
@@ -102,6 +103,7 @@ global
     # The listeners pass to each new worker on a reload through this socket: no connection is refused.
     stats socket {settings.stats_socket} mode 600 level admin expose-fd listeners
     stats timeout 30s
+    {latency.LOAD}
     # An old worker serves its open connections this long after a reload at most.
     hard-stop-after 10m
 """
@@ -134,6 +136,7 @@ def _frontend(table: RoutingTable, settings: RenderSettings) -> str:
     lines = [
         "frontend gateway",
         f"    bind {_bind(settings.host, settings.port)}",
+        f"    {latency.START}",
     ]
     if table.usable_domain:
         lines.append(f"    http-request set-var(txn.backend) req.hdr(host),field(1,:),lower,map_str({settings.path(HOSTS_MAP)})")
@@ -146,6 +149,7 @@ def _frontend(table: RoutingTable, settings: RenderSettings) -> str:
         "    acl by_path var(txn.route) -m found",
         '    http-request set-header X-Forwarded-Prefix "/s/%[var(txn.route)]" if by_path',
         "    http-request set-path %[path,regsub(^/s/[^/]+/[^/]+/?,/)] if by_path",
+        *(f"    {rule}" for rule in latency.OBSERVE),
         "    use_backend %[var(txn.backend)]",
         "",
     ]
@@ -157,6 +161,7 @@ def _metrics(settings: RenderSettings) -> str:
     bind {_bind(settings.host, settings.metrics_port)}
     no log
     http-request use-service prometheus-exporter if {{ path /metrics }}
+    {latency.SERVE}
     http-request return status 200 content-type text/plain string ok if {{ path /healthz }}
     http-request return status 404 content-type application/json string {_error("NOT_FOUND", "only /metrics and /healthz")}
 """
@@ -166,14 +171,18 @@ def _backend(service: RouteService, settings: RenderSettings) -> str:
     lines = [
         f"backend {service.backend}",
         f"    # {service.owner}/{service.name}",
+        f"    {latency.service_rule(service.owner, service.name)}",
         "    balance roundrobin",
         "    retries 3",
         "    retry-on conn-failure",
         "    option redispatch 1",
-        "    option httpchk",
-        f"    http-check send meth GET uri {service.health_path} ver HTTP/1.1 hdr Host gateway",
-        "    http-check expect status 200-299",
     ]
+    if service.health_path is not None:
+        lines += [
+            "    option httpchk",
+            f"    http-check send meth GET uri {service.health_path} ver HTTP/1.1 hdr Host gateway",
+            "    http-check expect status 200-299",
+        ]
     limit = service.rate_limit_per_minute
     if limit:
         # A client over the limit is told to wait long enough for one request's share of the minute to pass.

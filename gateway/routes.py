@@ -48,12 +48,14 @@ class RouteService(Lenient):
     private: bool = False
     rate_limit_per_minute: int = Field(default=0, ge=0)
     max_body_bytes: int = Field(default=0, ge=0)
-    health_path: str = "/health"
+    # None: the service declares no HTTP check; its replicas are checked by connecting to them.
+    health_path: str | None = None
     replicas: tuple[Replica, ...] = ()
 
     @property
     def valid(self) -> bool:
-        return all(map(safe_name, (self.id, self.owner, self.name))) and bool(_SAFE_PATH.match(self.health_path))
+        path_ok = self.health_path is None or bool(_SAFE_PATH.match(self.health_path))
+        return all(map(safe_name, (self.id, self.owner, self.name))) and path_ok
 
     @property
     def backend(self) -> str:

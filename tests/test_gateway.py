@@ -89,6 +89,8 @@ def test_routes_by_path_and_by_host_with_the_prefix_stripped(hub: FakeHub, gatew
     metrics = httpx.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics").text
     assert f'haproxy_backend_http_requests_total{{proxy="svc_{SID}"}}' in metrics
     assert httpx.get(f"http://127.0.0.1:{gateway.metrics_port}/healthz").status_code == 200
+    latency = httpx.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics/latency").text
+    assert 'mmanager_gateway_request_duration_seconds_count{service="alice/dnabert",replica="a",code="2xx"}' in latency
 
 
 def test_balances_over_replicas_and_a_drained_one_gets_no_new_request(

@@ -74,11 +74,14 @@ def test_metrics_and_the_runtime_socket() -> None:
 
 
 def test_a_backend_retries_only_what_never_reached_a_replica() -> None:
-    cfg = backend(render(table(svc(replicas=(rep("r1"), rep("r2", 2, "drain")))), SETTINGS), "s1")
+    cfg = backend(render(table(svc(replicas=(rep("r1"), rep("r2", 2, "drain")), health_path="/health")), SETTINGS),
+                  "s1")
     assert "retry-on conn-failure\n" in cfg
     assert "option redispatch 1" in cfg
     assert "http-check send meth GET uri /health" in cfg
     assert "server r1 127.0.0.1:32768 check inter 1s" in cfg
+    # No HTTP check declared: a replica is checked by connecting to it.
+    assert "httpchk" not in backend(render(table(svc(health_path=None)), SETTINGS), "s1")
     # A draining replica gets no new request.
     assert cfg.splitlines()[-1].startswith("    server r2 127.0.0.1:2 check") and cfg.rstrip().endswith(" disabled")
     assert '"SERVICE_UNAVAILABLE"' in cfg and "hdr Retry-After 2" in cfg and "{ nbsrv eq 0 } !{ stopping }" in cfg

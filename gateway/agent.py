@@ -5,12 +5,15 @@ changed table, and register with the hub (``PUT /api/gateways/{id}``) after each
 ``heartbeat`` seconds. Invariants: only this loop writes the state directory or talks to HAProxy, so
 applies never interleave; the files on disk always describe the last table applied (a HAProxy started
 or reloaded from them serves it); a table is applied through the runtime API when ``gateway.plan``
-allows it, else by a checked reload, and counts as applied only once HAProxy serves it.
+allows it, else by a checked reload, and counts as applied only once HAProxy serves it. The version
+reported to the hub is the last applied whose removed replicas have finished their requests (no
+session left on their servers, the old workers that served them gone): the hub retires a replica on that word.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -83,6 +86,14 @@ class GatewayAgent(LoopService):
         # Servers taken out by the runtime API whose `del server` has not gone through yet.
         self.pending: set[str] = set()
         self.refused_version: int | None = None
+        # The version reported to the hub: the last applied whose removed replicas have finished their
+        # requests (the hub retires a replica once every gateway reports a table without it).
+        self.reported = 0
+        # Old workers (retired by a reload that removed replicas) still finishing requests.
+        self.retiring: set[int] = set()
+        # Requests per service counted by the workers before the current one (its counters start at 0).
+        self.traffic_base: dict[str, int] = {}
+        self.last_traffic: dict[str, int] = {}
         self.last_beat = float("-inf")
         self.beat_due = True
         self._hub_up: bool | None = None
@@ -93,6 +104,7 @@ class GatewayAgent(LoopService):
         """Start HAProxy with the last table applied (or none), before the hub is reached at all."""
         self.settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.applied = self._saved()
+        self.reported = self.applied.version
         self._write(self.applied)
         await self.proxy.start()
         log.info("gateway %s on %s:%s (metrics on %s), following %s", self.settings.id, self.settings.host,
@@ -111,8 +123,10 @@ class GatewayAgent(LoopService):
     async def run_once(self) -> None:
         if not self.proxy.running:
             log.error("haproxy is gone; starting it again from %s", self.proxy.config)
+            self.traffic_base = dict(self.last_traffic)
             await self.proxy.start()
             self.pending.clear()
+            self.retiring.clear()
         table = await self.fetch()
         if table is not None:
             table = await resolve(table)
@@ -120,6 +134,7 @@ class GatewayAgent(LoopService):
                 await self.apply(table)
         if self.pending:
             await self._delete_pending()
+        await self._settle()
         if self.beat_due or time.monotonic() - self.last_beat >= self.settings.heartbeat:
             await self.beat()
 
@@ -161,6 +176,10 @@ class GatewayAgent(LoopService):
                           "version %s:\n%s", table.version, self.applied.version, problem)
                 return
             self._write(table)
+            removed = _servers(self.applied) - _servers(table)
+            before = (await self.proxy.workers())[0] if removed else []
+            with contextlib.suppress(OSError, TimeoutError):
+                self.traffic_base = await self.traffic()
             try:
                 await self.proxy.reload()
             except HAProxyError:
@@ -168,6 +187,7 @@ class GatewayAgent(LoopService):
                 await self.proxy.stop(grace=0)
                 raise
             self.pending.clear()
+            self.retiring.update(before)
         self.applied = table
         self.beat_due = True
         write_atomically(self.settings.state_dir / SAVED, table.model_dump_json())
@@ -180,13 +200,41 @@ class GatewayAgent(LoopService):
         self.beat_due = False
         url = f"{self.settings.hub_url}/api/gateways/{self.settings.id}"
         try:
-            response = await self.client.put(url, headers=self.headers,
-                                             json={"url": self.settings.advertise_url, "version": self.applied.version})
+            traffic = await self.traffic()
+        except (OSError, TimeoutError):
+            traffic = self.last_traffic
+        body = {"url": self.settings.advertise_url, "metrics_url": self.settings.metrics_url,
+                "version": self.reported, "traffic": traffic}
+        try:
+            response = await self.client.put(url, headers=self.headers, json=body)
             response.raise_for_status()
         except httpx.HTTPError as exc:
             self._hub(False, f"registration not accepted: {exc}")
 
+    async def traffic(self) -> dict[str, int]:
+        """Requests routed to each service (by id) since this agent started HAProxy."""
+        counts = dict(self.traffic_base)
+        for backend, requests in (await self.proxy.requests()).items():
+            if backend.startswith("svc_"):
+                service_id = backend.removeprefix("svc_")
+                counts[service_id] = counts.get(service_id, 0) + requests
+        # The hub takes service ids of 32 characters at most: anything longer is not one of its services.
+        self.last_traffic = {k: v for k, v in counts.items() if len(k) <= 32}
+        return self.last_traffic
+
     # --------------------------------------------------------------- helpers
+
+    async def _settle(self) -> None:
+        """Report the applied version once the replicas it removed have no request left in HAProxy."""
+        if self.retiring:
+            _, old, _ = await self.proxy.processes()
+            self.retiring &= set(old)
+        # A server taken out at runtime may wait for its idle connections to go before HAProxy deletes
+        # it; what counts here is that no request of its is left.
+        busy = self.pending & await self.proxy.busy_servers() if self.pending else set()
+        if not busy and not self.retiring and self.reported != self.applied.version:
+            self.reported = self.applied.version
+            self.beat_due = True
 
     async def _run_plan(self, plan: RuntimePlan) -> None:
         for command in plan.commands:
@@ -235,6 +283,10 @@ class GatewayAgent(LoopService):
             log.warning("hub %s: %s; serving version %s and retrying", self.settings.hub_url, problem,
                         self.applied.version)
         self._hub_up = up
+
+
+def _servers(table: RoutingTable) -> set[str]:
+    return {f"{s.backend}/{r.id}" for s in table.usable_services() for r in s.usable_replicas()}
 
 
 async def serve(settings: GatewaySettings) -> None:

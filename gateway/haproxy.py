@@ -106,8 +106,15 @@ class HAProxy:
 
     async def workers(self) -> tuple[list[int], int]:
         """The current workers' pids and the master's failed reload count (``show proc``)."""
+        current, _, failed = await self.processes()
+        return current, failed
+
+    async def processes(self) -> tuple[list[int], list[int], int]:
+        """The current workers' pids, the old workers' (a reload retired them: they finish what they
+        serve) and the master's failed reload count."""
         text = await ask(self.master_socket, "show proc")
         current: list[int] = []
+        old: list[int] = []
         failed = 0
         section = "master"
         for line in text.splitlines():
@@ -119,9 +126,9 @@ class HAProxy:
                 continue
             if section == "master" and "[failed:" in line:
                 failed = int(line.split("[failed:")[1].split("]")[0])
-            elif section == "workers" and fields[0].isdigit():
-                current.append(int(fields[0]))
-        return current, failed
+            elif section in ("workers", "old workers") and fields[0].isdigit():
+                (current if section == "workers" else old).append(int(fields[0]))
+        return current, old, failed
 
     async def reload(self, timeout: float = 15.0) -> None:
         """Reload the master (same command line, the configuration file re-read); return once a new
@@ -145,6 +152,32 @@ class HAProxy:
     async def command(self, command: str) -> str:
         """One runtime API command on the current worker; its answer, stripped."""
         return (await ask(self.stats_socket, command)).strip()
+
+    async def stats(self, kind: int, columns: tuple[str, ...]) -> dict[str, list[int]]:
+        """``show stat`` of backends (``kind`` 2) or servers (4): the numeric ``columns`` by
+        ``backend`` or ``backend/server``."""
+        lines = (await self.command(f"show stat -1 {kind} -1")).splitlines()
+        if not lines or not lines[0].startswith("# "):
+            return {}
+        header = lines[0][2:].split(",")
+        px, sv = header.index("pxname"), header.index("svname")
+        wanted = [header.index(column) for column in columns]
+        out = {}
+        for line in lines[1:]:
+            fields = line.split(",")
+            if len(fields) < len(header):
+                continue
+            name = fields[px] if kind == 2 else f"{fields[px]}/{fields[sv]}"
+            out[name] = [int(fields[i]) if fields[i].isdigit() else 0 for i in wanted]
+        return out
+
+    async def requests(self) -> dict[str, int]:
+        """HTTP requests each backend has received since this worker started."""
+        return {name: values[0] for name, values in (await self.stats(2, ("req_tot",))).items()}
+
+    async def busy_servers(self) -> set[str]:
+        """``backend/server`` of the servers with a request in progress or queued."""
+        return {name for name, (cur, queued) in (await self.stats(4, ("scur", "qcur"))).items() if cur or queued}
 
     async def stop(self, grace: float = 5.0) -> None:
         """A soft stop (the worker finishes what it serves), hard after ``grace`` seconds."""

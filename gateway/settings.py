@@ -1,7 +1,7 @@
 """The gateway agent's settings: the hub to follow (``MMANAGER_HUB_URL``, ``MMANAGER_API_KEY``) and its
 own (``MMANAGER_GATEWAY_*``); the ``mmanager gateway serve`` options override them.
 
-Invariant: a built ``GatewaySettings`` is complete: the metrics port, the advertised URL and the
+Invariant: a built ``GatewaySettings`` is complete: the metrics port and URL, the advertised URL and the
 gateway's id are filled in from the listening address when not given.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 import socket
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -31,6 +32,8 @@ class GatewaySettings(LogSettings):
     metrics_port: int | None = Field(default=None, ge=1, le=65535, validation_alias="MMANAGER_GATEWAY_METRICS_PORT")
     # None: http://{host}:{port}, with 0.0.0.0 (or ::) replaced by this machine's name.
     advertise_url: str | None = Field(default=None, validation_alias="MMANAGER_GATEWAY_ADVERTISE_URL")
+    # None: the advertised URL's host, the metrics port and /metrics. Handed to the hub for its scrape targets.
+    metrics_url: str | None = Field(default=None, validation_alias="MMANAGER_GATEWAY_METRICS_URL")
     # None: {hostname}-{port}.
     id: str | None = Field(default=None, validation_alias="MMANAGER_GATEWAY_ID")
     # haproxy.cfg, its map files, its sockets and the last routing table applied.
@@ -57,7 +60,7 @@ class GatewaySettings(LogSettings):
             raise ValueError("MMANAGER_GATEWAY_STATE_DIR must have no spaces, quotes, '#' or ','")
         return value.absolute()
 
-    @field_validator("metrics_port", "advertise_url", "id", mode="before")
+    @field_validator("metrics_port", "advertise_url", "metrics_url", "id", mode="before")
     @classmethod
     def _blank_is_unset(cls, value: Any) -> Any:
         return None if isinstance(value, str) and not value.strip() else value
@@ -71,6 +74,9 @@ class GatewaySettings(LogSettings):
         if self.advertise_url is None:
             host = socket.gethostname() if self.host in ("0.0.0.0", "::", "") else self.host
             self.advertise_url = f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
+        if self.metrics_url is None:
+            host = urlsplit(self.advertise_url).hostname or socket.gethostname()
+            self.metrics_url = f"http://{f'[{host}]' if ':' in host else host}:{self.metrics_port}/metrics"
         if self.id is None:
             self.id = f"{socket.gethostname()}-{self.port}"
         return self

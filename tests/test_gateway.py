@@ -7,6 +7,7 @@ import hashlib
 import socket
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -17,7 +18,7 @@ from tests.support.poll import wait_until
 
 pytestmark = pytest.mark.slow
 
-SID = "9f2c0000-0000-4000-8000-000000000001"
+SID = "9f2c0000000040008000000000000001"
 ROUTE = "/s/alice/dnabert"
 
 
@@ -83,8 +84,12 @@ def test_routes_by_path_and_by_host_with_the_prefix_stripped(hub: FakeHub, gatew
         assert (by_host["server"], by_host["path"], by_host["prefix"]) == ("a", "/predict?x=1", None)
         assert client.get("/s/x/y", headers={"Host": "dnabertx.alice.models.lab"}).json()["path"] == "/s/x/y"
     # The agent registered itself with the version it serves, at the URL it was told to advertise.
+    wait_until(lambda: (hub.last_registration() or {}).get("traffic", {}).get(SID) == 4, 10,
+               "the four requests to alice/dnabert reported", interval=0.05)
     registration = hub.last_registration()
-    assert registration == {"url": f"http://127.0.0.1:{gateway.port}", "version": version}
+    assert registration == {"url": f"http://127.0.0.1:{gateway.port}", "version": version,
+                            "metrics_url": f"http://127.0.0.1:{gateway.metrics_port}/metrics",
+                            "traffic": {SID: 4, "other": 2}}
     assert hub.registrations[-1][0] == "/api/gateways/gw-test"
     metrics = httpx.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics").text
     assert f'haproxy_backend_http_requests_total{{proxy="svc_{SID}"}}' in metrics
@@ -273,3 +278,34 @@ def test_haproxy_goes_with_an_agent_killed_outright(hub: FakeHub, gateway: Gatew
             return s.connect_ex(("127.0.0.1", gateway.port)) != 0
 
     wait_until(port_free, 10, "HAProxy gone with its agent", interval=0.05, retry_on=())
+
+
+@pytest.mark.parametrize("how", ["runtime API", "reload"])
+def test_a_removed_replica_finishes_its_requests_before_the_version_is_reported(
+        hub: FakeHub, gateway: Gateway, replicas: dict[str, Replica], how: str) -> None:
+    """The hub retires a replica once the gateways report a table without it: by then no request of
+    its may be left in HAProxy, whether the table was applied at runtime or by a reload."""
+    a, b = replicas["a"], replicas["b"]
+    before = publish(hub, services=[service(SID, "alice", "dnabert", [b.entry()])])
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(httpx.get, gateway.url + f"{ROUTE}/slow", timeout=10)
+        wait_until(lambda: _in_flight(gateway) > 0, 5, "the slow request at b", interval=0.01)
+        extra = [service("s2", "bob", "new", [a.entry()])] if how == "reload" else []
+        version = hub.set(services=[service(SID, "alice", "dnabert", [a.entry()]), *extra])
+        wait_until(lambda: applies(gateway)[-1].startswith(how) and f"version {version} applied" in
+                   gateway.log.read_text(), 5, "the new table applied", interval=0.01)
+        assert (hub.last_registration() or {}).get("version") == before
+        answer = slow.result()
+    assert answer.status_code == 200 and answer.json()["server"] == "b"
+    wait_until(lambda: (hub.last_registration() or {}).get("version") == version, 10, "the new version reported",
+               interval=0.01)
+    assert httpx.get(gateway.url + f"{ROUTE}/p").json()["server"] == "a"
+
+
+def _in_flight(gateway: Gateway) -> int:
+    """Requests HAProxy's gateway frontend holds now."""
+    text = httpx.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics").text
+    for line in text.splitlines():
+        if line.startswith('haproxy_frontend_current_sessions{proxy="gateway"}'):
+            return int(float(line.split()[-1]))
+    return 0

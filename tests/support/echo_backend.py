@@ -2,13 +2,14 @@
 
 HTTP/1.1 with keep-alive, one thread per connection. ``/health`` answers 200 (503 after
 ``/admin/unhealthy``); anything else answers JSON with this replica's name, the path and query it
-received, the body's length and the headers a test looks at.
+received, the body's length and the headers a test looks at; ``/slow...`` after a second.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -54,6 +55,8 @@ class Handler(BaseHTTPRequestHandler):
             return
         if self.path == "/admin/unhealthy":
             Handler.healthy = False
+        if self.path.startswith("/slow"):
+            time.sleep(1.0)
         self._answer(200, {"server": self.server.name, "path": self.path, "body": len(body),  # type: ignore[attr-defined]
                            "authorization": self.headers.get("Authorization"),
                            "prefix": self.headers.get("X-Forwarded-Prefix")})

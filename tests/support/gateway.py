@@ -142,7 +142,7 @@ class Gateway:
 
     def start(self) -> Gateway:
         env = {**os.environ, "MMANAGER_HUB_URL": self.hub.url, "MMANAGER_API_KEY": self.hub.key,
-               "LOG_LEVEL": "DEBUG"}
+               "MMANAGER_GATEWAY_HEARTBEAT": "0.5", "LOG_LEVEL": "DEBUG"}
         args = [sys.executable, "-m", "mmanager.cli", "gateway", "serve", "--host", "127.0.0.1", "--port",
                 str(self.port), "--metrics-port", str(self.metrics_port), "--state-dir", str(self.state_dir),
                 "--id", "gw-test", "--poll", "0.1"]

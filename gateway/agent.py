@@ -79,7 +79,9 @@ class GatewayAgent(LoopService):
         super().__init__(settings.poll, jitter=0.0)
         self.settings = settings
         self.render_settings = settings.render_settings
-        self.proxy = HAProxy(settings.state_dir, settings.haproxy)
+        self.proxy = HAProxy(settings.state_dir, settings.haproxy, {
+            "MMANAGER_HUB_URL": settings.hub_url, "MMANAGER_API_KEY": settings.api_key.get_secret_value(),
+            "MMANAGER_GATEWAY_WAKE_HOLD": f"{settings.wake_hold:g}"})
         self.client = client or httpx.AsyncClient(timeout=5.0)
         self.headers = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"}
         self.applied = RoutingTable()

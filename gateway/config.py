@@ -10,8 +10,9 @@ would have written.
 Requests: the Host ``{service}.{owner}.{domain}`` routes first, path unchanged; else
 ``/s/{owner}/{service}[/...]`` routes by an exact key ``owner/service`` (so ``/s/a/bc`` never reaches
 ``b``) with the prefix stripped (``/s/a/b`` forwards ``/``) and sent on in ``X-Forwarded-Prefix``.
-Each service is one backend: its rate limit (429), body limit (413), service key (401) and a 503 at once
-when it has no usable replica, then roundrobin over its replicas. Only what never reached a replica is
+Each service is one backend: its rate limit (429), body limit (413), service key (401); with no usable
+replica, a wake call to the hub (``wake.lua``: held while an idle service starts) and else a 503 at once;
+then roundrobin over its replicas. Only what never reached a replica is
 retried (``retry-on conn-failure``), on another replica.
 """
 
@@ -29,6 +30,8 @@ PATHS_MAP = "paths.map"
 HOSTS_MAP = "hosts.map"
 KEYS_MAP = "keys.map"
 CONFIG = "haproxy.cfg"
+# Holds a request to a service that has no usable replica while the hub wakes it (an idle service).
+WAKE_LUA = Path(__file__).with_name("wake.lua")
 # Seconds a client is told to wait when a service has no replica to serve it.
 UNAVAILABLE_RETRY_AFTER = 2
 # How long a chunked body may take to arrive before its size is judged on what came.
@@ -104,6 +107,7 @@ global
     stats socket {settings.stats_socket} mode 600 level admin expose-fd listeners
     stats timeout 30s
     {latency.LOAD}
+    lua-load {WAKE_LUA}
     # An old worker serves its open connections this long after a reload at most.
     hard-stop-after 10m
 """
@@ -217,6 +221,7 @@ def _backend(service: RouteService, settings: RenderSettings) -> str:
         ]
     unavailable = _error("SERVICE_UNAVAILABLE", f"{service.owner}/{service.name} has no replica able to answer; "
                          "retry shortly")
+    lines.append(f"    http-request lua.mm_wake {service.id} if {{ nbsrv eq 0 }} !{{ stopping }}")
     # Not in a worker that a reload is retiring: its backends count no server any more, yet it forwards
     # the last requests of its keep-alive connections (idle-close-on-response) to them.
     lines.append(f"    http-request return status 503 content-type application/json hdr Retry-After "

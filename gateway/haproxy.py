@@ -71,8 +71,10 @@ def write_atomically(path: Path, text: str) -> None:
 
 
 class HAProxy:
-    def __init__(self, state_dir: Path, binary: str = "haproxy") -> None:
+    def __init__(self, state_dir: Path, binary: str = "haproxy", env: Mapping[str, str] | None = None) -> None:
         self.state_dir = state_dir
+        # HAProxy's environment on top of the agent's (what its Lua reads: never in the files).
+        self.env = dict(env or {})
         self.config = state_dir / "haproxy.cfg"
         self.master_socket = state_dir / "master.sock"
         self.stats_socket = state_dir / "haproxy.sock"
@@ -89,7 +91,7 @@ class HAProxy:
             stale.unlink(missing_ok=True)
         self.proc = await asyncio.create_subprocess_exec(
             self.binary, "-W", "-db", "-f", str(self.config), "-S", str(self.master_socket),
-            preexec_fn=_die_with_parent, stdin=asyncio.subprocess.DEVNULL)
+            preexec_fn=_die_with_parent, stdin=asyncio.subprocess.DEVNULL, env={**os.environ, **self.env})
         log.info("haproxy started (master pid %s)", self.proc.pid)
         deadline = time.monotonic() + timeout
         while True:

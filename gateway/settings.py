@@ -42,6 +42,8 @@ class GatewaySettings(LogSettings):
     poll: float = Field(default=0.5, gt=0, le=60, validation_alias="MMANAGER_GATEWAY_POLL")
     # Seconds between registrations with the hub when nothing changes (one follows every apply as well).
     heartbeat: float = Field(default=5.0, gt=0, le=60, validation_alias="MMANAGER_GATEWAY_HEARTBEAT")
+    # Seconds a request to an idle service is held while the hub starts it (gateway/wake.lua).
+    wake_hold: float = Field(default=60.0, ge=0, le=600, validation_alias="MMANAGER_GATEWAY_WAKE_HOLD")
     haproxy: str = Field(default="haproxy", validation_alias="MMANAGER_GATEWAY_HAPROXY")
 
     @field_validator("hub_url")

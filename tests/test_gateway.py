@@ -309,3 +309,21 @@ def _in_flight(gateway: Gateway) -> int:
         if line.startswith('haproxy_frontend_current_sessions{proxy="gateway"}'):
             return int(float(line.split()[-1]))
     return 0
+
+
+def test_a_request_to_an_idle_service_wakes_it_and_is_answered_once_it_serves(
+        hub: FakeHub, gateway: Gateway, replicas: dict[str, Replica]) -> None:
+    hub.idle.add(SID)
+    publish(hub, services=[service(SID, "alice", "dnabert", [], state="idle")])
+    with ThreadPoolExecutor(1) as pool:
+        started = time.monotonic()
+        held = pool.submit(httpx.post, gateway.url + f"{ROUTE}/predict", json={"x": 1}, timeout=30)
+        wait_until(lambda: SID in hub.wakes, 5, "the hub asked to wake the service", interval=0.01)
+        assert not held.done()
+        # The hub starts a replica and publishes it (the agent adds it at runtime): the request goes on.
+        hub.idle.discard(SID)
+        publish(hub, services=[service(SID, "alice", "dnabert", [replicas["a"].entry()])])
+        answer = held.result()
+    print(f"\nheld {time.monotonic() - started:.3f} s while the service woke")
+    assert answer.status_code == 200 and answer.json()["server"] == "a"
+    assert applies(gateway)[-1].startswith("runtime API")

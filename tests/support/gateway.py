@@ -25,7 +25,8 @@ from tests.support.net import free_port, wait_for_port
 
 
 class FakeHub:
-    """``GET /api/gateway/routes`` (with ``If-None-Match``) and ``PUT /api/gateways/{id}``, on a thread.
+    """``GET /api/gateway/routes`` (with ``If-None-Match``), ``PUT /api/gateways/{id}`` and
+    ``POST /api/gateway/wake/{service id}``, on a thread.
     ``set(...)`` publishes a new table under the next version."""
 
     def __init__(self, key: str) -> None:
@@ -33,6 +34,9 @@ class FakeHub:
         self.lock = threading.Lock()
         self.table: dict[str, Any] = {"version": 1, "domain": None, "services": [], "service_keys": []}
         self.registrations: list[tuple[str, dict[str, Any]]] = []
+        # Services the wake endpoint answers 202 for (it is starting them), and the wakes asked for.
+        self.idle: set[str] = set()
+        self.wakes: list[str] = []
         self.port = free_port()
         hub = self
 
@@ -59,6 +63,16 @@ class FakeHub:
                 if self.headers.get("If-None-Match") == f'"{version}"':
                     return self._send(304)
                 self._send(200, table)
+
+            def do_POST(self) -> None:
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                if self.headers.get("Authorization") != f"Bearer {hub.key}":
+                    return self._send(401)
+                service_id = self.path.rsplit("/", 1)[-1]
+                with hub.lock:
+                    hub.wakes.append(service_id)
+                    waking = service_id in hub.idle
+                self._send(202 if waking else 200, json.dumps({"waking": waking}).encode())
 
             def do_PUT(self) -> None:
                 body = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))

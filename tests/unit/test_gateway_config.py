@@ -85,6 +85,8 @@ def test_a_backend_retries_only_what_never_reached_a_replica() -> None:
     # A draining replica gets no new request.
     assert cfg.splitlines()[-1].startswith("    server r2 127.0.0.1:2 check") and cfg.rstrip().endswith(" disabled")
     assert '"SERVICE_UNAVAILABLE"' in cfg and "hdr Retry-After 2" in cfg and "{ nbsrv eq 0 } !{ stopping }" in cfg
+    # Before it, a request to a service with no replica asks the hub to wake it (gateway/wake.lua).
+    assert cfg.index("http-request lua.mm_wake s1 if { nbsrv eq 0 } !{ stopping }") < cfg.index("status 503")
 
 
 def test_limits_appear_only_when_set() -> None:

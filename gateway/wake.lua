@@ -1,0 +1,59 @@
+-- Wake on request: a request to a service with no usable replica asks the hub to wake it
+-- (POST /api/gateway/wake/{service id}) and, when the hub answers that it is waking it (202: the
+-- service was idle), is held until a replica of its backend is usable, for HOLD seconds at most;
+-- then it goes on (to the replica, or to the backend's 503). Any other answer (200: not idle, an
+-- error, no hub) lets the request go on at once, and for a second no request of that service asks
+-- again, so a service that is down does not turn every request into a call to the hub.
+--
+-- HAProxy configuration (2.6), the backend's rule before its 503 rule:
+--   global
+--       lua-load /path/to/wake.lua
+--   backend <each service>
+--       http-request lua.mm_wake <service id> if { nbsrv eq 0 } !{ stopping }
+--
+-- The hub's URL and key come from HAProxy's environment (MMANAGER_HUB_URL, MMANAGER_API_KEY: the agent
+-- starts HAProxy with them), never from the configuration file. A replica added through the runtime API
+-- shows in the same worker, so the held request sees it.
+
+local HUB = os.getenv("MMANAGER_HUB_URL")
+local KEY = os.getenv("MMANAGER_API_KEY")
+local HOLD = tonumber(os.getenv("MMANAGER_GATEWAY_WAKE_HOLD") or "") or 60
+local POLL_MS = 50
+local QUIET = 1
+
+-- Service id -> when the hub last said it is not waking it.
+local not_waking = {}
+
+local function wake(service_id)
+    if HUB == nil or KEY == nil then
+        return false
+    end
+    local client = core.httpclient()
+    local ok, answer = pcall(client.post, client, {
+        url = HUB .. "/api/gateway/wake/" .. service_id,
+        headers = {["Authorization"] = {"Bearer " .. KEY}, ["Content-Length"] = {"0"}},
+        body = "",
+    })
+    return ok and answer ~= nil and answer.status == 202
+end
+
+core.register_action("mm_wake", {"http-req"}, function(txn, service_id)
+    local now = core.now().sec
+    local last = not_waking[service_id]
+    if last ~= nil and now - last < QUIET then
+        return
+    end
+    if not wake(service_id) then
+        not_waking[service_id] = now
+        return
+    end
+    not_waking[service_id] = nil
+    -- nbsrv, as the 503 rule reads it: the backend's servers as they are now, runtime additions included.
+    local deadline = now + HOLD
+    while core.now().sec < deadline do
+        if (tonumber(txn.f:nbsrv()) or 0) > 0 then
+            return
+        end
+        core.msleep(POLL_MS)
+    end
+end, 1)

@@ -80,7 +80,7 @@ class GatewayAgent(LoopService):
         self.settings = settings
         self.render_settings = settings.render_settings
         self.proxy = HAProxy(settings.state_dir, settings.haproxy, {
-            "MMANAGER_HUB_URL": settings.hub_url, "MMANAGER_API_KEY": settings.api_key.get_secret_value(),
+            "MMANAGER_HUB_URL": settings.hub_urls[0], "MMANAGER_API_KEY": settings.api_key.get_secret_value(),
             "MMANAGER_GATEWAY_WAKE_HOLD": f"{settings.wake_hold:g}"})
         self.client = client or httpx.AsyncClient(timeout=5.0)
         self.headers = {"Authorization": f"Bearer {settings.api_key.get_secret_value()}"}
@@ -99,6 +99,8 @@ class GatewayAgent(LoopService):
         self.last_beat = float("-inf")
         self.beat_due = True
         self._hub_up: bool | None = None
+        # The hub replica asked first; the next one when it does not answer.
+        self._hub_index = 0
 
     # --------------------------------------------------------------- lifecycle
 
@@ -146,7 +148,7 @@ class GatewayAgent(LoopService):
         if self.applied.version:
             headers["If-None-Match"] = f'"{self.applied.version}"'
         try:
-            response = await self.client.get(f"{self.settings.hub_url}/api/gateway/routes", headers=headers)
+            response = await self.client.get(f"{self.hub}/api/gateway/routes", headers=headers)
             if response.status_code == 304:
                 self._hub(True)
                 return None
@@ -200,7 +202,7 @@ class GatewayAgent(LoopService):
         """Register with the hub: this gateway's URL and the version it serves."""
         self.last_beat = time.monotonic()
         self.beat_due = False
-        url = f"{self.settings.hub_url}/api/gateways/{self.settings.id}"
+        url = f"{self.hub}/api/gateways/{self.settings.id}"
         try:
             traffic = await self.traffic()
         except (OSError, TimeoutError):
@@ -277,8 +279,16 @@ class GatewayAgent(LoopService):
             log.warning("%s unreadable (%s); starting with no routes", path, exc)
             return RoutingTable()
 
+    @property
+    def hub(self) -> str:
+        urls = self.settings.hub_urls
+        return urls[self._hub_index % len(urls)]
+
     def _hub(self, up: bool, problem: str = "") -> None:
-        """Log the hub going away and coming back, not every poll in between."""
+        """Log the hub going away and coming back, not every poll in between; a hub that failed hands
+        the next call to the next replica."""
+        if not up:
+            self._hub_index += 1
         if up and self._hub_up is False:
             log.info("hub %s reachable again", self.settings.hub_url)
         elif not up and self._hub_up is not False:

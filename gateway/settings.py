@@ -24,6 +24,7 @@ class GatewaySettings(LogSettings):
     model_config = SettingsConfigDict(env_file=".env", extra="ignore", populate_by_name=True,
                                       hide_input_in_errors=True)
 
+    # One hub URL, or several hub replicas' comma-separated (the next is tried when one does not answer).
     hub_url: str = Field(validation_alias="MMANAGER_HUB_URL")
     api_key: SecretStr = Field(validation_alias="MMANAGER_API_KEY")
     host: str = Field(default="0.0.0.0", validation_alias="MMANAGER_GATEWAY_HOST")
@@ -48,11 +49,15 @@ class GatewaySettings(LogSettings):
 
     @field_validator("hub_url")
     @classmethod
-    def _one_url(cls, value: str) -> str:
-        value = value.strip().rstrip("/")
-        if not value.startswith(("http://", "https://")):
-            raise ValueError("MMANAGER_HUB_URL must be an http(s) URL")
-        return value
+    def _urls(cls, value: str) -> str:
+        urls = [url.strip().rstrip("/") for url in value.split(",") if url.strip()]
+        if not urls or not all(url.startswith(("http://", "https://")) for url in urls):
+            raise ValueError("MMANAGER_HUB_URL must be an http(s) URL, or several comma-separated")
+        return ",".join(urls)
+
+    @property
+    def hub_urls(self) -> list[str]:
+        return self.hub_url.split(",")
 
     @field_validator("state_dir")
     @classmethod

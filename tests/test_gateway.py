@@ -14,6 +14,7 @@ import httpx
 import pytest
 
 from tests.support.gateway import FakeHub, Gateway, Load, Replica, service
+from tests.support.net import free_port
 from tests.support.poll import wait_until
 
 pytestmark = pytest.mark.slow
@@ -327,3 +328,14 @@ def test_a_request_to_an_idle_service_wakes_it_and_is_answered_once_it_serves(
     print(f"\nheld {time.monotonic() - started:.3f} s while the service woke")
     assert answer.status_code == 200 and answer.json()["server"] == "a"
     assert applies(gateway)[-1].startswith("runtime API")
+
+
+def test_the_next_hub_replica_answers_when_the_first_does_not(hub: FakeHub, tmp_path: Path,
+                                                              replicas: dict[str, Replica]) -> None:
+    gw = Gateway(hub, tmp_path / "state", tmp_path / "gateway.log",
+                 hub_url=f"http://127.0.0.1:{free_port()},{hub.url}").start()
+    try:
+        publish(hub, services=[service(SID, "alice", "dnabert", [replicas["a"].entry()])])
+        assert httpx.get(gw.url + f"{ROUTE}/p").json()["server"] == "a"
+    finally:
+        gw.stop()

@@ -149,13 +149,15 @@ class Gateway:
     port: int = field(default_factory=free_port)
     metrics_port: int = field(default_factory=free_port)
     proc: subprocess.Popen[bytes] | None = None
+    # MMANAGER_HUB_URL; None: the fake hub's.
+    hub_url: str | None = None
 
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> Gateway:
-        env = {**os.environ, "MMANAGER_HUB_URL": self.hub.url, "MMANAGER_API_KEY": self.hub.key,
+        env = {**os.environ, "MMANAGER_HUB_URL": self.hub_url or self.hub.url, "MMANAGER_API_KEY": self.hub.key,
                "MMANAGER_GATEWAY_HEARTBEAT": "0.5", "LOG_LEVEL": "DEBUG"}
         args = [sys.executable, "-m", "mmanager.cli", "gateway", "serve", "--host", "127.0.0.1", "--port",
                 str(self.port), "--metrics-port", str(self.metrics_port), "--state-dir", str(self.state_dir),

@@ -214,7 +214,7 @@ def _backend(service: RouteService, settings: RenderSettings) -> str:
         lines += [
             f'    http-request set-var-fmt(txn.key) "{service.id}:%[http_auth_bearer,sha2(256),hex,lower]"',
             "    http-request return status 401 content-type application/json hdr WWW-Authenticate Bearer "
-            f"string {_error('UNAUTHORIZED', 'this service needs a valid service key (Authorization: Bearer)')} "
+            f"string {_error('SERVICE_KEY_REQUIRED', 'this service needs a valid service key (Authorization: Bearer)')} "
             f"if !{{ var(txn.key),map_str({settings.path(KEYS_MAP)}) -m found }}",
             # The key opens the gateway only; the replica never sees it.
             "    http-request del-header Authorization",

@@ -1,6 +1,7 @@
 -- Wake on request: a request to a service with no usable replica asks the hub to wake it
 -- (POST /api/gateway/wake/{service id}) and, when the hub answers that it is waking it (202: the
--- service was idle), is held until a replica of its backend is usable, for HOLD seconds at most;
+-- service was idle) or that its new copy is on its way (202 with "hold": seconds, a failover), is held
+-- until a replica of its backend is usable, for HOLD seconds (or that hold, if less) at most;
 -- then it goes on (to the replica, or to the backend's 503). Any other answer (200: not idle, an
 -- error, no hub) lets the request go on at once, and for a second no request of that service asks
 -- again, so a service that is down does not turn every request into a call to the hub.
@@ -34,22 +35,39 @@ local function wake(service_id)
         headers = {["Authorization"] = {"Bearer " .. KEY}, ["Content-Length"] = {"0"}},
         body = "",
     })
-    return ok and answer ~= nil and answer.status == 202
+    if not ok or answer == nil or answer.status ~= 202 then
+        return nil
+    end
+    -- A failover's answer says how long its new copy is worth waiting for; an idle service's does not.
+    local hold = tonumber(string.match(answer.body or "", '"hold"%s*:%s*([%d.]+)') or "")
+    if hold == nil or hold > HOLD then
+        return HOLD
+    end
+    return hold
 end
+
+-- Service id -> until when requests are held for it: the requests that come meanwhile wait for the same
+-- copy without asking the hub again.
+local holding = {}
 
 core.register_action("mm_wake", {"http-req"}, function(txn, service_id)
     local now = core.now().sec
-    local last = not_waking[service_id]
-    if last ~= nil and now - last < QUIET then
-        return
+    local deadline = holding[service_id]
+    if deadline == nil or now >= deadline then
+        local last = not_waking[service_id]
+        if last ~= nil and now - last < QUIET then
+            return
+        end
+        local hold = wake(service_id)
+        if hold == nil then
+            not_waking[service_id] = now
+            return
+        end
+        not_waking[service_id] = nil
+        deadline = now + hold
+        holding[service_id] = deadline
     end
-    if not wake(service_id) then
-        not_waking[service_id] = now
-        return
-    end
-    not_waking[service_id] = nil
     -- nbsrv, as the 503 rule reads it: the backend's servers as they are now, runtime additions included.
-    local deadline = now + HOLD
     while core.now().sec < deadline do
         if (tonumber(txn.f:nbsrv()) or 0) > 0 then
             return

@@ -71,6 +71,9 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     gateway_publish_interval: float = Field(default=0.25, gt=0, le=60)
     # How long a planned move waits for the live gateways to stop routing to the copy it retires.
     gateway_drain_timeout: float = Field(default=30.0, ge=0)
+    # Seconds a gateway holds a request for a running service it has no replica for (a failover under way)
+    # before its 503.
+    gateway_replace_hold: float = Field(default=5.0, ge=0, le=300)
     # Seconds the hub waits on a controller for one call; creating a container
     # can include an image pull-free create and start, so it gets more.
     controller_timeout: float = Field(default=30.0, gt=0)

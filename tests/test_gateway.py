@@ -200,7 +200,7 @@ def test_a_private_service_needs_one_of_its_keys(hub: FakeHub, gateway: Gateway,
                         {"Authorization": f"Basic {key}"}):
             answer = client.get(f"{ROUTE}/p", headers=headers)
             assert answer.status_code == 401, headers
-            assert answer.json()["error"]["code"] == "UNAUTHORIZED"
+            assert answer.json()["error"]["code"] == "SERVICE_KEY_REQUIRED"
         answer = client.get(f"{ROUTE}/p", headers={"Authorization": f"Bearer {key}"})
         assert answer.status_code == 200
         assert answer.json()["authorization"] is None  # the key stays at the gateway

@@ -68,12 +68,17 @@ async def report(gateway_id: Annotated[str, Path(max_length=128, pattern=r"^[A-Z
 
 @router.post("/gateway/wake/{service_id}")
 async def wake(service_id: str, caller: GatewayCaller, hub: HubDep) -> Response:
-    """A request waits at a gateway for an ``idle`` service: start it (202, in the background); 200 when it
-    is not idle (running, starting, or stopped by its owner: then the gateway answers 503)."""
+    """A request waits at a gateway for a service with no copy to serve it. An ``idle`` service is started
+    (202, in the background; the gateway holds the request up to its own bound); one whose new copy is on
+    its way (a failover) answers 202 with ``hold``, the seconds worth waiting for it; anything else 200:
+    the gateway answers 503 at once (stopped by its owner, or no copy in sight)."""
     op = await hub.services.wake(service_id, caller)
-    if op is None:
-        return JSONResponse({"waking": False}, status_code=200)
-    return JSONResponse({"waking": True, "operation_id": op.id}, status_code=202)
+    if op is not None:
+        return JSONResponse({"waking": True, "operation_id": op.id}, status_code=202)
+    if await hub.services.replacing(service_id):
+        return JSONResponse({"waking": False, "replacing": True, "hold": hub.settings.gateway_replace_hold},
+                            status_code=202)
+    return JSONResponse({"waking": False}, status_code=200)
 
 
 @router.get("/admin/gateways", response_model=list[GatewayOut], tags=["admin"])

@@ -191,8 +191,13 @@ async def test_a_service_without_gateway_traffic_goes_idle_and_a_request_wakes_i
     awake = await eventually(lambda: service_where(cluster, sid, lambda s: s["status"] == "running"), 15,
                              "the service running again", interval=0.1)
     assert awake["desired_state"] == "running" and awake["container_id"] == service["container_id"]
+    # Running: a gateway that found no replica for it (a copy lost before the hub knew) may hold requests.
     again = await cluster.hub.post(f"/api/gateway/wake/{sid}", headers=GATEWAY)
-    assert again.status_code == 200 and again.json()["waking"] is False
+    assert again.status_code == 202 and again.json() == {"waking": False, "replacing": True, "hold": 5.0}
+    # Stopped by its owner: no request may start it, nor wait for it.
+    assert (await cluster.hub.post(f"/api/services/{sid}/stop", headers=alice)).status_code == 200
+    stopped = await cluster.hub.post(f"/api/gateway/wake/{sid}", headers=GATEWAY)
+    assert stopped.status_code == 200 and stopped.json() == {"waking": False}
     ops = (await cluster.hub.get("/api/admin/operations", params={"service_id": sid})).json()
     assert [(op["operation"], op["status"], op["actor"]) for op in ops if op["operation"] in ("idle_stop", "wake")] \
         == [("wake", "succeeded", "gateway"), ("idle_stop", "succeeded", "system")]

@@ -191,8 +191,9 @@ class Load:
         self.outcomes: Counter[str] = Counter()
         self.servers: Counter[str] = Counter()
         self.errors: list[str] = []
-        # time.monotonic() of each failure.
+        # time.monotonic() of each failure; of each 200's sending and answer.
         self.failed_at: list[float] = []
+        self.answered: list[tuple[float, float]] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=lambda: asyncio.run(self._run()), daemon=True)
 
@@ -227,11 +228,15 @@ class Load:
         period = self.connections / self.rate
         next_at = time.monotonic() + index * period / self.connections
         while not self._stop.is_set():
+            sent = time.monotonic()
             try:
                 response = await client.get(self.url)
                 self.outcomes[str(response.status_code)] += 1
                 if response.status_code == 200:
-                    self.servers[response.json()["server"]] += 1
+                    self.answered.append((sent, time.monotonic()))
+                    # The echo replicas say who answered; a real service may not.
+                    answer = response.json()
+                    self.servers[answer.get("server", "") if isinstance(answer, dict) else ""] += 1
                 else:
                     self.errors.append(f"{response.status_code} {response.text[:200]}")
                     self.failed_at.append(time.monotonic())

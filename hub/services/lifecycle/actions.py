@@ -8,9 +8,11 @@ missing while the service is meant to run.
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 from hub.errors import Conflict, ControllerRejected, ControllerUnavailable, NotFound
 from hub.logstreams import LogStreamSlots
-from hub.models import ControllerModel, OperationModel, ServiceModel, UserModel
+from hub.models import ControllerModel, OperationModel, ServiceModel, UserModel, utcnow
 from hub.schemas import ServiceSpec
 from hub.services.controllers import get_controller
 from hub.services.lifecycle import sql
@@ -19,6 +21,9 @@ from hub.services.lifecycle.deploy import docker_status, endpoint_for
 from hub.services.lifecycle.reads import get_for
 from hub.services.lifecycle.replace import Replacement, Replacer
 from mmanager.streams import ClosingStream
+
+# A service without a settled copy for longer than this is not "being replaced" for a waiting request.
+REPLACING_RECENTLY = timedelta(seconds=30)
 
 
 class Actions:
@@ -81,6 +86,17 @@ class Actions:
 
         ctx.spawn(work())
         return op
+
+    async def replacing(self, service_id: str) -> bool:
+        """Whether a copy of the service may serve again soon, for a request a gateway found no replica for:
+        the service should run and its copy has not failed for good. A gateway may notice a copy gone before
+        the hub does (a killed container, a controller whose loss is not confirmed yet), so a service the hub
+        still believes running counts too; one without a settled copy for long (no controller takes it) and
+        one whose container failed do not."""
+        service = await self.ctx.reload_or_none(service_id)
+        if service is None or service.desired_state != "running" or service.status == "failed":
+            return False
+        return service.status in ("running", "unhealthy") or utcnow() - service.updated_at < REPLACING_RECENTLY
 
     async def _run_lifecycle(self, service_id: str, action: str, op: OperationModel, idle: bool = False) -> ServiceModel:
         ctx = self.ctx

@@ -88,6 +88,10 @@ class ServiceManager:
         """Start an ``idle`` service again for a request at a gateway (None: it is not idle)."""
         return self._actions.wake(service_id, actor)
 
+    def replacing(self, service_id: str) -> Awaitable[bool]:
+        """Whether a new copy of the service is on its way (a request may wait for it at a gateway)."""
+        return self._actions.replacing(service_id)
+
     def redeploy(self, user: UserModel, service_id: str, operation: str, *, spec: ServiceSpec | None = None,
                  rollback_to: int | None = None, exclude_current: bool = False, target: str | None = None,
                  wait: bool = True) -> Awaitable[ServiceModel | OperationModel]:

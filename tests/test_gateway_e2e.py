@@ -1,0 +1,231 @@
+"""The gateway end to end, as a lab runs it: the hub, two controllers and a gateway (HAProxy run by
+``mmanager gateway serve``) as real processes on real PostgreSQL and the real Docker engine; clients call
+the service's gateway URL only, at 200 requests a second, while the hub moves the service around."""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+
+from examples.images import EXAMPLE_IMAGE
+from tests.support.gateway import Load
+from tests.support.pg import create_database
+from tests.support.poll import wait_until
+from tests.support.procs import LocalDeployment, api, stopped_after
+
+SPEC: dict[str, Any] = {
+    "name": "dnabert2", "image": EXAMPLE_IMAGE, "ports": {"5000": None},
+    "health_check": {"path": "/health", "port": 5000, "interval": 1, "start_period": 5},
+    "resources": {"cpu_limit": 0.5, "memory_limit": "32MB"},
+    # One client sends 200 a second here: seed 000's 100 a minute would refuse most.
+    "rate_limit_per_minute": 0,
+}
+
+
+@pytest.fixture
+async def db_url(pg_server: str) -> str:
+    return await create_database(pg_server, "gw")
+
+
+@dataclass
+class Lab:
+    dep: LocalDeployment
+    token: str
+
+    @property
+    def gateway(self) -> str:
+        return self.dep.gateways["gw"].url
+
+    def hub(self) -> httpx.Client:
+        return api(self.dep.hub().url, self.token)
+
+
+@pytest.fixture
+def lab(db_url: str, example_image: str, docker_client: docker.DockerClient, tmp_path: Path,
+        request: pytest.FixtureRequest) -> Iterator[Lab]:
+    dep = LocalDeployment(db_url, tmp_path, extra_hub_env={"MMANAGER_RATE_LIMIT": "0"})
+    dep.plan_hubs(1)
+    dep.add_controller("a")
+    dep.add_controller("b")
+    dep.add_gateway()
+    token = dep.create_admin()
+    dep.start()
+    with stopped_after(dep, request, docker_client):
+        yield Lab(dep, token)
+
+
+def create(lab: Lab, **spec: Any) -> dict[str, Any]:
+    with lab.hub() as client:
+        created = client.post("/api/root/lab/services", json={**SPEC, **spec})
+        assert created.status_code == 201, created.text
+        service = created.json()
+        gateway = lab.gateway
+        service = wait_until(lambda: _if(client.get(f"/api/services/{service['id']}").json(),
+                                         lambda s: s["url"].startswith(gateway)), 20, "the service's gateway URL")
+    assert service["url"] == f"{gateway}/s/root/{spec.get('name', SPEC['name'])}/"
+    wait_until(lambda: _answers(service["url"] + "health"), 20, "the gateway answering for the service")
+    return service
+
+
+def _route(lab: Lab, service_id: str) -> dict[str, Any]:
+    with lab.hub() as client:
+        return next(r for r in client.get("/api/gateway/routes").json()["services"] if r["id"] == service_id)
+
+
+def _if(value: Any, check: Any) -> Any:
+    return value if check(value) else None
+
+
+def _answers(url: str, **kw: Any) -> bool:
+    try:
+        return httpx.get(url, timeout=2, **kw).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def under_load(url: str, action: Any) -> Load:
+    """``action`` while a client sends 200 requests a second to ``url``; the load, stopped, with at least a
+    second of answers after the action."""
+    load = Load(url, rate=200, connections=8).start()
+    try:
+        wait_until(lambda: load.outcomes["200"] >= 100, 10, "the load flowing")
+        action()
+        after = load.mark()
+        wait_until(lambda: after() >= 200, 10, "a second of load after the move")
+    finally:
+        load.stop()
+    return load
+
+
+def test_the_url_is_the_gateways_by_path_and_by_host(lab: Lab) -> None:
+    service = create(lab)
+    health = httpx.get(service["url"] + "health", timeout=5)
+    assert health.status_code == 200 and health.json() == {"status": "healthy"}
+    info = httpx.get(service["url"] + "model/info", timeout=5)
+    assert info.json()["name"] == "example"
+    # Another user's or an unknown service: the gateway's own 404.
+    missing = httpx.get(lab.gateway + "/s/root/nope/health", timeout=5)
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "NOT_FOUND"
+
+
+@pytest.mark.parametrize("move", ["migrate", "drain", "update"])
+def test_a_planned_move_loses_no_request(lab: Lab, move: str) -> None:
+    service = create(lab)
+    url = service["url"] + "health"
+    source = service["controller_id"]
+    target = next(c for c in lab.dep.controllers if c != source)
+
+    def act() -> None:
+        with lab.hub() as client:
+            if move == "migrate":
+                [entry] = client.get("/api/admin/containers", params={"service_id": service["id"]}).json()
+                r = client.post(f"/api/admin/containers/{entry['id']}/migrate", json={"target_controller": target})
+            elif move == "drain":
+                r = client.post(f"/api/admin/controllers/{source}/drain")
+            else:
+                r = client.patch(f"/api/services/{service['id']}", json={"env": {"MODEL_NAME": "v2"}})
+            assert r.status_code == 200, r.text
+            moved = client.get(f"/api/services/{service['id']}").json()
+        assert moved["container_id"] != service["container_id"]
+        if move != "update":
+            assert moved["controller_id"] == target
+
+    load = under_load(url, act)
+    # The hub keeps the old copy until the gateway no longer sends it anything (hub.services.gateway.drained),
+    # and the gateway switches by its runtime API: nothing of theirs drops a request. What this machine adds:
+    # both controllers share one Docker engine, and while it starts the new container, the old one's
+    # docker-proxy may accept connections and close them unanswered for some 30 ms (seen in a quarter of the
+    # runs: HAProxy's log shows no failed request, a capture shows the closes). Servers of their own do not
+    # share that; the count is printed and bounded here (docs/BENCHMARKS.md, Gateway: moves).
+    print(f"{move} at 200/s: {load.failures} failed of {load.sent}")
+    assert load.failures <= 10, (load.outcomes, load.errors[:5])
+    assert load.sent >= 300
+
+
+def test_a_lost_single_copy_holds_requests_until_its_failover_serves(
+        lab: Lab, docker_client: docker.DockerClient) -> None:
+    service = create(lab)
+    url = service["url"] + "health"
+    load = Load(url, rate=200, connections=8).start()
+    try:
+        wait_until(lambda: load.outcomes["200"] >= 100, 10, "the load flowing")
+        lab.dep.controllers[service["controller_id"]].kill()
+        docker_client.containers.get(service["container_id"]).kill()
+        killed_at = time.monotonic()
+        wait_until(lambda: any(sent > killed_at + 0.5 for sent, _ in load.answered), 30,
+                   "answers again from the new copy")
+        after = load.mark()
+        wait_until(lambda: after() >= 200, 10, "a second of answers from the new copy")
+    finally:
+        load.stop()
+    # The gateway held what came meanwhile (hub: the service is being replaced) and sent it to the new copy.
+    # Only what was inside the killed container at that instant is lost: cut off, as by any proxy.
+    failed = [t - killed_at for t in load.failed_at]
+    assert len(failed) <= 10 and all(t < 0.2 for t in failed), (load.outcomes, failed, load.errors[:5])
+    back = min(done for sent, done in load.answered if sent > killed_at) - killed_at
+    print(f"single copy lost at 200/s: {len(failed)} requests cut off in the killed container, "
+          f"{load.outcomes['503']} answered 503; first answer from the new copy {back:.2f}s after the kill")
+
+
+def test_a_private_service_needs_its_key(lab: Lab) -> None:
+    service = create(lab, name="private-model")
+    url = service["url"] + "health"
+    with lab.hub() as client:
+        assert client.patch(f"/api/services/{service['id']}", json={"private": True}).status_code == 200
+        wait_until(lambda: httpx.get(url).status_code == 401, 10, "the route closed")
+        refused = httpx.get(url, headers={"Authorization": "Bearer mms_wrong"})
+        assert refused.status_code == 401 and refused.json()["error"]["code"] == "SERVICE_KEY_REQUIRED"
+        created = client.post(f"/api/services/{service['id']}/keys", json={"name": "ci"}).json()
+        key = created["key"]
+        assert hashlib.sha256(key.encode()).hexdigest() not in key
+        wait_until(lambda: _answers(url, headers={"Authorization": f"Bearer {key}"}), 10, "the key accepted")
+        assert client.delete(f"/api/services/{service['id']}/keys/{created['id']}").status_code == 204
+        wait_until(lambda: httpx.get(url, headers={"Authorization": f"Bearer {key}"}).status_code == 401, 10,
+                   "the revoked key refused")
+
+
+def applied(lab: Lab) -> None:
+    """Wait until the gateway has applied the hub's current routing table."""
+    with lab.hub() as client:
+        version = client.get("/api/gateway/routes").json()["version"]
+        wait_until(lambda: client.get("/api/admin/gateways").json()[0]["version"] >= version, 10,
+                   "the gateway on the current routing table")
+
+
+def test_the_rate_limit_answers_429_with_retry_after(lab: Lab) -> None:
+    service = create(lab, name="limited")
+    url = service["url"] + "health"
+    with lab.hub() as client:
+        assert client.patch(f"/api/services/{service['id']}", json={"rate_limit_per_minute": 5}).status_code == 200
+    wait_until(lambda: _route(lab, service["id"])["rate_limit_per_minute"] == 5, 10, "the limit published")
+    applied(lab)
+    codes = [httpx.get(url).status_code for _ in range(8)]
+    assert codes.count(200) == 5 and codes[-1] == 429, codes
+    limited = httpx.get(url)
+    assert limited.status_code == 429 and int(limited.headers["retry-after"]) > 0
+
+
+def test_an_idle_service_is_stopped_and_woken_by_a_request(lab: Lab,
+                                                           docker_client: docker.DockerClient) -> None:
+    service = create(lab, name="sleepy", idle_timeout=2)
+    url = service["url"] + "health"
+    with lab.hub() as client:
+        wait_until(lambda: client.get(f"/api/services/{service['id']}").json()["status"] == "idle", 30,
+                   "the service idle")
+        assert docker_client.containers.get(service["container_id"]).status == "exited"
+        started = time.monotonic()
+        woken = httpx.get(url, timeout=60)
+        cold = time.monotonic() - started
+        assert woken.status_code == 200, woken.text
+        assert client.get(f"/api/services/{service['id']}").json()["status"] == "running"
+        ops = client.get("/api/admin/operations", params={"service_id": service["id"]}).json()
+        assert {"idle_stop", "wake"} <= {op["operation"] for op in ops}
+    print(f"cold start through the gateway: {cold:.2f}s")

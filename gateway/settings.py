@@ -33,7 +33,9 @@ class GatewaySettings(LogSettings):
     metrics_port: int | None = Field(default=None, ge=1, le=65535, validation_alias="MMANAGER_GATEWAY_METRICS_PORT")
     # None: http://{host}:{port}, with 0.0.0.0 (or ::) replaced by this machine's name.
     advertise_url: str | None = Field(default=None, validation_alias="MMANAGER_GATEWAY_ADVERTISE_URL")
-    # None: the advertised URL's host, the metrics port and /metrics. Handed to the hub for its scrape targets.
+    # Where the metrics frontend answers (its base URL: HAProxy's exporter is at /metrics under it, the latency
+    # histograms at /metrics/latency). None: the advertised URL's host and the metrics port. Handed to the hub,
+    # which lists both for Prometheus and reads the histograms for GET /api/services/{id}/metrics.
     metrics_url: str | None = Field(default=None, validation_alias="MMANAGER_GATEWAY_METRICS_URL")
     # None: {hostname}-{port}.
     id: str | None = Field(default=None, validation_alias="MMANAGER_GATEWAY_ID")
@@ -83,7 +85,7 @@ class GatewaySettings(LogSettings):
             self.advertise_url = f"http://{f'[{host}]' if ':' in host else host}:{self.port}"
         if self.metrics_url is None:
             host = urlsplit(self.advertise_url).hostname or socket.gethostname()
-            self.metrics_url = f"http://{f'[{host}]' if ':' in host else host}:{self.metrics_port}/metrics"
+            self.metrics_url = f"http://{f'[{host}]' if ':' in host else host}:{self.metrics_port}"
         if self.id is None:
             self.id = f"{socket.gethostname()}-{self.port}"
         return self

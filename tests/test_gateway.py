@@ -89,7 +89,7 @@ def test_routes_by_path_and_by_host_with_the_prefix_stripped(hub: FakeHub, gatew
                "the four requests to alice/dnabert reported", interval=0.05)
     registration = hub.last_registration()
     assert registration == {"url": f"http://127.0.0.1:{gateway.port}", "version": version,
-                            "metrics_url": f"http://127.0.0.1:{gateway.metrics_port}/metrics",
+                            "metrics_url": f"http://127.0.0.1:{gateway.metrics_port}",
                             "traffic": {SID: 4, "other": 2}}
     assert hub.registrations[-1][0] == "/api/gateways/gw-test"
     metrics = httpx.get(f"http://127.0.0.1:{gateway.metrics_port}/metrics").text

@@ -115,6 +115,20 @@ def test_the_url_is_the_gateways_by_path_and_by_host(lab: Lab) -> None:
     missing = httpx.get(lab.gateway + "/s/root/nope/health", timeout=5)
     assert missing.status_code == 404 and missing.json()["error"]["code"] == "NOT_FOUND"
 
+    # Its traffic, read from the gateway's histograms, and the gateway's two exporters for Prometheus.
+    with lab.hub() as client:
+        traffic = client.get(f"/api/services/{service['id']}/metrics").json()["traffic"]
+        assert traffic["gateways"] == ["gw"] and traffic["unreachable_gateways"] == []
+        assert traffic["requests"] >= 2 and traffic["responses"]["2xx"] >= 2
+        assert traffic["latency_seconds"]["p50"] is not None
+        assert [r["replica"] for r in traffic["replicas"]] == [service["container_id"]]
+        targets = client.get("/api/admin/prometheus/targets").json()
+    scraped = {g["labels"]["__metrics_path__"]: g for g in targets if g["labels"]["job"] == "mmanager-gateway"}
+    assert set(scraped) == {"/metrics", "/metrics/latency"}
+    for path, group in scraped.items():
+        answer = httpx.get(f"http://{group['targets'][0]}{path}", timeout=5)
+        assert answer.status_code == 200 and "haproxy_" in answer.text or path.endswith("latency"), path
+
 
 @pytest.mark.parametrize("move", ["migrate", "drain", "update"])
 def test_a_planned_move_loses_no_request(lab: Lab, move: str) -> None:

@@ -1,6 +1,6 @@
-"""`make demo`: start `mmanager dev`, deploy the example model service through
-the hub's HTTP API as a user would, show where it answers, and keep serving
-until interrupted (Ctrl-C removes the example service and stops the hub)."""
+"""`make demo`: start `mmanager dev` (hub, controller and gateway), deploy the example model service
+through the hub's HTTP API as a user would, show its gateway URL answering, and keep serving until
+interrupted (Ctrl-C removes the example service and stops the hub)."""
 
 from __future__ import annotations
 
@@ -56,6 +56,33 @@ def wait_for_controller(api: httpx.Client, timeout: float = 30) -> None:
     sys.exit("the local controller did not become healthy")
 
 
+def wait_for_gateway_url(api: httpx.Client, service_id: str, timeout: float = 20) -> str:
+    """The service's URL once the gateway serves it (`mmanager dev` runs one when HAProxy is installed);
+    without a gateway, where its container answers."""
+    deadline = time.monotonic() + timeout
+    url = ""
+    while time.monotonic() < deadline:
+        url = api.get(f"/api/services/{service_id}").json()["url"] or ""
+        if "/s/" in url:
+            return url
+        time.sleep(0.2)
+    say("no gateway is running (is haproxy installed?): the container's own address instead")
+    return url.rstrip("/") + "/"
+
+
+def wait_for_answer(url: str, timeout: float = 20) -> httpx.Response:
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            answer = httpx.get(url, timeout=5)
+            if answer.status_code == 200 or time.monotonic() > deadline:
+                return answer
+        except httpx.HTTPError:
+            if time.monotonic() > deadline:
+                raise
+        time.sleep(0.2)
+
+
 def deploy(api: httpx.Client) -> dict:
     for service in api.get("/api/services").json():
         if service["name"] == SPEC["name"]:
@@ -85,10 +112,10 @@ def main() -> None:
         status = api.get(f"/api/services/{service_id}/status").json()
         say(f"service {status['name']} ({service_id}) is {status['status']} on {status['controller_id']}, "
             f"container {status['container_id'][:12]}")
-        url = status["url"]
-        answer = httpx.get(f"{url}/health", timeout=5)
-        say(f"{url}/health answers {answer.status_code}: {answer.text.strip()}")
-        say(f"try: curl {url}/model/info")
+        url = wait_for_gateway_url(api, service_id)
+        answer = wait_for_answer(f"{url}health")
+        say(f"its gateway URL {url} answers: GET {url}health -> {answer.status_code} {answer.text.strip()}")
+        say(f"try: curl {url}model/info")
         say(f"     curl -H 'Authorization: Bearer {token}' {HUB}/api/services/{service_id}/status")
         say("serving until Ctrl-C")
         proc.wait()

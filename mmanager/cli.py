@@ -9,6 +9,7 @@ import getpass
 import json
 import logging
 import secrets
+import shutil
 import signal
 import socket
 from collections.abc import Awaitable, Callable, Iterator
@@ -309,8 +310,11 @@ class _SharedLoopServer(_Server):
 @app.command("dev")
 def dev(port: int = 8000,
         state_dir: Annotated[Path, typer.Option(help="where the dev database and token live")] = Path(".mmanager"),
-        controller_port: Annotated[int | None, typer.Option(help="default: port + 1")] = None) -> None:
-    """All-in-one: the hub on embedded SQLite and one local controller, like `nomad agent -dev`."""
+        controller_port: Annotated[int | None, typer.Option(help="default: port + 1")] = None,
+        gateway_port: Annotated[int | None, typer.Option(
+            help="the gateway's (its metrics on the next port); default: port + 2; 0: no gateway")] = None) -> None:
+    """All-in-one: the hub on embedded SQLite, one local controller and a gateway (HAProxy, when installed),
+    like `nomad agent -dev`."""
     from pydantic import SecretStr
 
     from controller.app import create_app as create_controller
@@ -324,9 +328,14 @@ def dev(port: int = 8000,
 
     _setup_logs(LogSettings())
     ctl_port = controller_port or port + 1
-    for p in (port, ctl_port):
+    gw_port = port + 2 if gateway_port is None else gateway_port
+    if gw_port and shutil.which("haproxy") is None:
+        console.print("[yellow]no gateway[/yellow]: haproxy is not installed (Debian: apt-get install haproxy); "
+                      "services are reached at their containers' ports")
+        gw_port = 0
+    for p in (port, ctl_port, *((gw_port, gw_port + 1) if gw_port else ())):
         if not _free_port(p):
-            _fail(f"port {p} is in use; pick others with --port / --controller-port")
+            _fail(f"port {p} is in use; pick others with --port / --controller-port / --gateway-port")
     state_dir.mkdir(parents=True, exist_ok=True)
     db_url = f"sqlite+aiosqlite:///{(state_dir / 'dev.db').resolve()}"
     upgrade(db_url)
@@ -341,6 +350,12 @@ def dev(port: int = 8000,
         database_url=db_url, api_key=SecretStr(key), dev_mode=True,
         controllers=json.dumps([{"id": controller_id, "url": controller_url, "server_type": "cpu"}]),
     )
+    gw_settings = None
+    if gw_port:
+        from gateway.settings import GatewaySettings
+        gw_settings = GatewaySettings(
+            hub_url=f"http://127.0.0.1:{port}", api_key=SecretStr(key), host="127.0.0.1", port=gw_port,
+            state_dir=(state_dir / "gateway").resolve(), id="dev-gateway", poll=0.2)
 
     async def bootstrap() -> str:
         db = Database(db_url)
@@ -374,12 +389,21 @@ def dev(port: int = 8000,
         hub_task = asyncio.create_task(hub.serve())
         while not hub.started and not hub_task.done():
             await asyncio.sleep(0.05)
+        gateway = None
+        if hub.started and gw_settings is not None:
+            from gateway.agent import GatewayAgent
+            gateway = GatewayAgent(gw_settings)
+            await gateway.open()
+            gateway.start()
         if hub.started:
-            console.print(f"[green]mManager dev[/green]: hub http://127.0.0.1:{port}  controller {controller_url}")
+            console.print(f"[green]mManager dev[/green]: hub http://127.0.0.1:{port}  controller {controller_url}"
+                          + (f"  gateway http://127.0.0.1:{gw_port}" if gateway else ""))
             console.print(f"admin user 'dev', token in {token_file}:\n  export MMANAGER_TOKEN={token}")
         try:
             await hub_task
         finally:
+            if gateway is not None:
+                await gateway.close()
             # The hub goes first so it never calls a controller that is already gone.
             ctl.should_exit = True
             await ctl_task

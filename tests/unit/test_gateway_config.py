@@ -152,7 +152,7 @@ def test_replica_changes_go_through_the_runtime_api() -> None:
         "set server svc_s1/r1 addr 127.0.0.1 port 5",
         "set server svc_s1/r2 state drain",
         "add server svc_s1/r3 127.0.0.1:3 check inter 1s fastinter 500ms downinter 1s fall 2 rise 1 observe "
-        "layer4 error-limit 1 on-error mark-down",
+        "layer4 error-limit 10 on-error mark-down",
         "enable health svc_s1/r3",
         "set server svc_s1/r3 state ready",
         f"add map /var/lib/gw/keys.map s1:{'cd' * 32} s1",

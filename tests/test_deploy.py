@@ -113,7 +113,7 @@ def test_root_compose_file_runs_a_gateway_following_the_hub(tmp_path: Path) -> N
     assert env["MMANAGER_API_KEY"] == services["hub"]["environment"]["MMANAGER_API_KEY"]
     # Users get the published port; Prometheus, on the compose network, the metrics port by name.
     assert env["MMANAGER_GATEWAY_ADVERTISE_URL"] == "http://localhost:8080"
-    assert env["MMANAGER_GATEWAY_METRICS_URL"] == f"http://gateway:{env['MMANAGER_GATEWAY_METRICS_PORT']}/metrics"
+    assert env["MMANAGER_GATEWAY_METRICS_URL"] == f"http://gateway:{env['MMANAGER_GATEWAY_METRICS_PORT']}"
     assert _published(gateway) == {env["MMANAGER_GATEWAY_PORT"]: "8080", env["MMANAGER_GATEWAY_METRICS_PORT"]: "8081"}
     # The replicas are at the controller's host (host networking): that name must resolve in the gateway.
     assert "host.docker.internal:host-gateway" in gateway["extra_hosts"]

@@ -24,25 +24,25 @@ def _no_ambient_settings(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Non
 def test_the_metrics_url_follows_the_advertised_host_and_the_metrics_port() -> None:
     settings = GatewaySettings(**BASE, MMANAGER_GATEWAY_ADVERTISE_URL="http://models.lab.example:9000")
     assert settings.metrics_port == 8081
-    assert settings.metrics_url == "http://models.lab.example:8081/metrics"
+    assert settings.metrics_url == "http://models.lab.example:8081"
     assert settings.id == f"{socket.gethostname()}-8080"
 
 
 def test_a_metrics_url_of_its_own_wins_and_a_blank_one_is_unset() -> None:
     settings = GatewaySettings(**BASE, MMANAGER_GATEWAY_ADVERTISE_URL="http://localhost:8080",
-                               MMANAGER_GATEWAY_METRICS_URL="http://gateway:8081/metrics")
+                               MMANAGER_GATEWAY_METRICS_URL="http://gateway:8081")
     assert settings.advertise_url == "http://localhost:8080"
-    assert settings.metrics_url == "http://gateway:8081/metrics"
+    assert settings.metrics_url == "http://gateway:8081"
     settings = GatewaySettings(**BASE, MMANAGER_GATEWAY_ADVERTISE_URL="http://localhost:8080",
                                MMANAGER_GATEWAY_METRICS_URL=" ")
-    assert settings.metrics_url == "http://localhost:8081/metrics"
+    assert settings.metrics_url == "http://localhost:8081"
 
 
 def test_the_same_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     for name, value in {**BASE, "MMANAGER_GATEWAY_PORT": "9080", "MMANAGER_GATEWAY_METRICS_PORT": "9090",
-                        "MMANAGER_GATEWAY_METRICS_URL": "http://gateway:9090/metrics"}.items():
+                        "MMANAGER_GATEWAY_METRICS_URL": "http://gateway:9090"}.items():
         monkeypatch.setenv(name, value)
     settings = GatewaySettings()  # type: ignore[call-arg]
     assert (settings.port, settings.metrics_port) == (9080, 9090)
-    assert settings.metrics_url == "http://gateway:9090/metrics"
+    assert settings.metrics_url == "http://gateway:9090"
     assert settings.advertise_url == f"http://{socket.gethostname()}:9080"

@@ -37,12 +37,13 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# The hub and controller images, FROM a Python base made here with debootstrap (no registry needed);
+# The hub, controller and gateway images, FROM a Python base made here with debootstrap (no registry needed);
 # each step is skipped or cached when done before. docs/OPERATIONS.md#building-the-images.
 images: system-deps
 	bash scripts/build-base-image.sh
 	docker build -f deploy/Dockerfile --target hub -t mmanager/hub:latest .
 	docker build -f deploy/Dockerfile --target controller -t mmanager/controller:latest .
+	docker build -f deploy/Dockerfile --target gateway -t mmanager/gateway:latest .
 
 clean:
 	rm -rf $(VENV) .mmanager *.egg-info .pytest_cache

@@ -66,7 +66,7 @@ def test_root_compose_file_validates_with_the_stack(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     services = config["services"]
-    assert set(services) == {"hub", "postgres", "prometheus", "grafana", "controller"}
+    assert set(services) == {"hub", "postgres", "prometheus", "grafana", "controller", "gateway"}
     assert services["postgres"]["image"] == "postgres:16"
     assert (services["hub"]["build"]["dockerfile"], services["hub"]["build"]["target"]) == ("deploy/Dockerfile", "hub")
     assert services["hub"]["build"]["args"]["BASE_IMAGE"] == "mmanager/python-base:bookworm"
@@ -87,6 +87,47 @@ def test_root_compose_file_validates_with_the_stack(tmp_path: Path) -> None:
     assert f"{DEPLOY / 'grafana/dashboards'}:/var/lib/grafana/dashboards" in grafana_mounts
     for path in ("prometheus/prometheus.yml", "prometheus/alerts.yml", "grafana/provisioning", "grafana/dashboards"):
         assert (DEPLOY / path).exists(), path
+
+
+def _published(service: dict[str, Any]) -> dict[str, str]:
+    """Container port -> published port, from either of docker-compose's spellings."""
+    ports = {}
+    for port in service["ports"]:
+        if isinstance(port, dict):
+            ports[str(port["target"])] = str(port["published"])
+        else:
+            *_, published, target = str(port).split(":")
+            ports[target.removesuffix("/tcp")] = published
+    return ports
+
+
+@pytest.mark.docker  # docker-compose
+def test_root_compose_file_runs_a_gateway_following_the_hub(tmp_path: Path) -> None:
+    result = _compose_config(ROOT / "docker-compose.yml", ROOT_ENV, tmp_path)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    gateway = services["gateway"]
+    assert (gateway["build"]["dockerfile"], gateway["build"]["target"]) == ("deploy/Dockerfile", "gateway")
+    env = gateway["environment"]
+    assert env["MMANAGER_HUB_URL"] == "http://hub:8000"
+    assert env["MMANAGER_API_KEY"] == services["hub"]["environment"]["MMANAGER_API_KEY"]
+    # Users get the published port; Prometheus, on the compose network, the metrics port by name.
+    assert env["MMANAGER_GATEWAY_ADVERTISE_URL"] == "http://localhost:8080"
+    assert env["MMANAGER_GATEWAY_METRICS_URL"] == f"http://gateway:{env['MMANAGER_GATEWAY_METRICS_PORT']}"
+    assert _published(gateway) == {env["MMANAGER_GATEWAY_PORT"]: "8080", env["MMANAGER_GATEWAY_METRICS_PORT"]: "8081"}
+    # The replicas are at the controller's host (host networking): that name must resolve in the gateway.
+    assert "host.docker.internal:host-gateway" in gateway["extra_hosts"]
+    assert any(str(v).endswith(":/var/lib/mmanager/gateway:rw") for v in gateway["volumes"])
+    # The settings the operator sets in .env reach it, and the hub's gateway settings reach the hub.
+    more = {**ROOT_ENV, "MMANAGER_GATEWAY_ADVERTISE_URL": "http://models.lab.example", "GATEWAY_PORT": "9080",
+            "MMANAGER_GATEWAY_URL": "http://lb.lab.example", "MMANAGER_SERVICE_DOMAIN": "models.lab.example"}
+    result = _compose_config(ROOT / "docker-compose.yml", more, tmp_path)
+    assert result.returncode == 0, result.stderr
+    services = yaml.safe_load(result.stdout)["services"]
+    assert services["gateway"]["environment"]["MMANAGER_GATEWAY_ADVERTISE_URL"] == "http://models.lab.example"
+    assert _published(services["gateway"])["8080"] == "9080"
+    assert services["hub"]["environment"]["MMANAGER_GATEWAY_URL"] == "http://lb.lab.example"
+    assert services["hub"]["environment"]["MMANAGER_SERVICE_DOMAIN"] == "models.lab.example"
 
 
 @pytest.mark.docker  # docker-compose
@@ -129,13 +170,17 @@ def test_dockerfiles_build_from_the_local_base_image() -> None:
     text = (DEPLOY / "Dockerfile").read_text()
     assert "ARG BASE_IMAGE=mmanager/python-base:bookworm\nFROM ${BASE_IMAGE} AS app\n" in text
     # One file, the two images as targets on the shared stage: what the compose files and `make images` build.
-    assert "FROM app AS hub\n" in text and "FROM app AS controller\n" in text
+    assert "FROM app AS hub\n" in text and "FROM app AS controller\n" in text and "FROM app AS gateway\n" in text
+    assert "COPY gateway gateway\n" in text
+    # The gateway's image has HAProxy, from Debian, without the recommended extras, and runs the agent.
+    assert "apt-get install -y -qq --no-install-recommends haproxy" in text
+    assert 'ENTRYPOINT ["mmanager", "gateway", "serve"]' in text
     # Everything the images COPY gets through .dockerignore, and secrets do not.
     ignore = [line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
               if line.strip() and not line.startswith("#")]
     assert ignore[0] == "*"  # nothing else (.env, .venv, .git, databases) goes to the engine
     for path in ("pyproject.toml", "README.md", "alembic.ini", "migrations", "hub", "controller", "mmanager",
-                 "deploy/hub/entrypoint.sh"):
+                 "gateway", "deploy/hub/entrypoint.sh"):
         assert f"!{path}" in ignore, path
     assert not any(".env" in line or ".git" in line for line in ignore)
 

@@ -1,4 +1,5 @@
-"""The gateway against calling the container directly, at ``--connections`` (32) connections.
+"""The gateway: its cost against calling the container directly, an idle service's cold start against a
+plain create, and a lost single copy's failover as a client of the gateway sees it.
 
 A hub, one controller and one gateway (``mmanager gateway serve``: HAProxy) as real processes on real
 PostgreSQL and Docker, running the example model service (busybox httpd, which closes each connection
@@ -8,9 +9,16 @@ the service's gateway URL (``/s/{owner}/{name}/health``, keep-alive to HAProxy, 
 connection to the container per request, as the direct client must). The phases alternate
 (direct, gateway, direct, gateway, …, ``--rounds`` each) so that drift hits both alike; reported: the
 median of each phase's requests per second and p50/p99, the gateway's added p50 (goal ≤ 1 ms) and its
-throughput ratio (goal ≥ 0.9). Results: ``bench/results/gateway.json``.
+throughput ratio (goal ≥ 0.9).
 
-    python -m bench.gateway [--seconds 5] [--connections 32] [--rounds 3]
+Then, ``--runs`` times each (medians): a create of the service (``?wait=true``: placed, started, healthy)
+against its cold start once idle (the first request through the gateway, which wakes it, until its
+answer); and a failover: the controller running the service's only copy is killed (``kill -9``, and its
+container with ``docker kill``) while a client sends 200 requests a second through the gateway: the time
+from the kill until a request sent after it is answered, and the requests that failed.
+Results: ``bench/results/gateway.json``.
+
+    python -m bench.gateway [--seconds 5] [--connections 32] [--rounds 3] [--runs 3]
 """
 
 from __future__ import annotations
@@ -80,10 +88,12 @@ async def phase(url: str, connections: int, seconds: float, warmup: float) -> di
             "p99_ms": 1000 * (percentile(latencies, 0.99) or 0), "errors": len(errors)}
 
 
-def measure(workdir: Path, db_url: str, *, seconds: float, connections: int, rounds: int) -> dict[str, Any]:
+def measure(workdir: Path, db_url: str, *, seconds: float, connections: int, rounds: int,
+            runs: int) -> dict[str, Any]:
     dep = LocalDeployment(db_url, workdir, extra_hub_env={"MMANAGER_RATE_LIMIT": "0"})
     dep.plan_hubs(1)
-    dep.add_controller("c1", max_containers=4)
+    dep.add_controller("c1", max_containers=8)
+    dep.add_controller("c2", max_containers=8)
     gateway = dep.add_gateway()
     token = dep.create_admin()
     dep.start()
@@ -97,20 +107,75 @@ def measure(workdir: Path, db_url: str, *, seconds: float, connections: int, rou
             url = hub.get(f"/api/services/{service['id']}").json()["url"] + "health"
         direct = f"http://127.0.0.1:{service['endpoint']['ports']['5000']}/health"
         wait_until(lambda: httpx.get(url).status_code == 200, 30, "the gateway answering for the service")
-        runs: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
+        phases: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
         for _ in range(rounds):
             for name, target in (("direct", direct), ("gateway", url)):
                 result = asyncio.run(phase(target, connections, seconds, min(1.0, seconds / 5)))
                 say(f"{name}: {result['requests_per_s']:.0f}/s p50 {result['p50_ms']:.2f} ms "
                     f"p99 {result['p99_ms']:.2f} ms errors {result['errors']}")
-                runs[name].append(result)
+                phases[name].append(result)
+        with api(dep.hub().url, token) as hub:
+            hub.delete(f"/api/services/{service['id']}")
+            cold = [cold_start(hub, gateway.url, i) for i in range(runs)]
+            failovers = [failover(dep, hub, i) for i in range(runs)]
     finally:
         dep.stop(docker.from_env())
     med = {name: {key: statistics.median(r[key] for r in results) for key in results[0]}
-           for name, results in runs.items()}
-    return {"connections": connections, "seconds": seconds, "rounds": rounds, "runs": runs, "median": med,
+           for name, results in phases.items()}
+    create_s = statistics.median(c["create_s"] for c in cold)
+    cold_s = statistics.median(c["cold_start_s"] for c in cold)
+    return {"connections": connections, "seconds": seconds, "rounds": rounds, "runs": phases, "median": med,
             "added_p50_ms": med["gateway"]["p50_ms"] - med["direct"]["p50_ms"],
-            "throughput_ratio": med["gateway"]["requests_per_s"] / med["direct"]["requests_per_s"]}
+            "throughput_ratio": med["gateway"]["requests_per_s"] / med["direct"]["requests_per_s"],
+            "cold": cold, "create_s": create_s, "cold_start_s": cold_s, "cold_over_create": cold_s / create_s,
+            "failovers": failovers,
+            "failover_back_s": statistics.median(f["back_s"] for f in failovers),
+            "failover_failed": statistics.median(f["failed"] for f in failovers)}
+
+
+def cold_start(hub: httpx.Client, gateway: str, i: int) -> dict[str, float]:
+    started = time.monotonic()
+    created = hub.post("/api/root/bench/services", json={**SPEC, "name": f"cold{i}", "idle_timeout": 1})
+    assert created.status_code == 201, created.text
+    create_s = time.monotonic() - started
+    sid = created.json()["id"]
+    url = f"{gateway}/s/root/cold{i}/health"
+    wait_until(lambda: httpx.get(url).status_code == 200, 30, "the gateway serving it")
+    wait_until(lambda: hub.get(f"/api/services/{sid}").json()["status"] == "idle", 60, "the service idle")
+    started = time.monotonic()
+    answer = httpx.get(url, timeout=60)
+    cold_s = time.monotonic() - started
+    assert answer.status_code == 200, answer.text
+    hub.delete(f"/api/services/{sid}")
+    say(f"create {create_s:.2f}s, cold start through the gateway {cold_s:.2f}s")
+    return {"create_s": create_s, "cold_start_s": cold_s}
+
+
+def failover(dep: LocalDeployment, hub: httpx.Client, i: int) -> dict[str, float]:
+    from tests.support.gateway import Load
+
+    created = hub.post("/api/root/bench/services", json={**SPEC, "name": f"lost{i}"})
+    assert created.status_code == 201, created.text
+    service = created.json()
+    url = f"{dep.gateways['gw'].url}/s/root/lost{i}/health"
+    wait_until(lambda: httpx.get(url).status_code == 200, 30, "the gateway serving it")
+    load = Load(url, rate=200, connections=8).start()
+    try:
+        wait_until(lambda: load.outcomes["200"] >= 100, 10, "the load flowing")
+        victim = dep.controllers[service["controller_id"]]
+        victim.kill()
+        docker.from_env().containers.get(service["container_id"]).kill()
+        killed = time.monotonic()
+        wait_until(lambda: any(sent > killed for sent, _ in load.answered), 30, "an answer from the new copy")
+    finally:
+        load.stop()
+    back = min(done for sent, done in load.answered if sent > killed) - killed
+    victim.start().wait_listening()
+    wait_until(lambda: hub.get(f"/api/admin/controllers/{victim.name}").json()["status"] == "healthy", 30,
+               "the killed controller back")
+    hub.delete(f"/api/services/{service['id']}")
+    say(f"failover: answered again {back:.2f}s after the kill, {load.failures} failed of {load.sent}")
+    return {"back_s": back, "failed": load.failures, "sent": load.sent}
 
 
 def main() -> None:
@@ -118,17 +183,20 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--connections", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
     build_example_image(docker.from_env())
     with ExitStack() as stack:
         server, workdir = scratch(stack, "mm-bench-gateway-")
         db_url = asyncio.run(create_database(server, "bench"))
         result = measure(workdir / "run", db_url, seconds=args.seconds, connections=args.connections,
-                         rounds=args.rounds)
+                         rounds=args.rounds, runs=args.runs)
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=2) + "\n")
     say(f"added p50 {result['added_p50_ms']:.2f} ms (goal ≤ 1), throughput ratio {result['throughput_ratio']:.2f} "
-        f"(goal ≥ 0.9); {RESULTS}")
+        f"(goal ≥ 0.9); cold start {result['cold_start_s']:.2f}s against a create's {result['create_s']:.2f}s "
+        f"({result['cold_over_create']:.2f}); a lost copy answered again after {result['failover_back_s']:.2f}s; "
+        f"{RESULTS}")
 
 
 if __name__ == "__main__":

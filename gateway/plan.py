@@ -61,8 +61,13 @@ def runtime_plan(old: RoutingTable, new: RoutingTable, settings: RenderSettings,
             elif had[rid].address != replica.address:
                 host, port = _split(replica.address)
                 plan.commands.append(f"set server {name} addr {host} port {port}")
-            if rid not in had or had[rid].state != replica.state:
-                plan.commands.append(f"set server {name} state {replica.state}")
+            admin = "drain" if replica.state == "drain" else "ready"
+            if rid not in had or _admin(had[rid]) != admin:
+                plan.commands.append(f"set server {name} state {admin}")
+            if rid not in had and replica.state == "starting":
+                # Down (once out of maintenance, which would undo it) until its first check passes: a
+                # container just started may not listen yet.
+                plan.commands.append(f"set server {name} health down")
         for rid in sorted(set(had) - set(now)):
             name = f"{service.backend}/{rid}"
             plan.commands.append(f"set server {name} state maint")
@@ -73,6 +78,10 @@ def runtime_plan(old: RoutingTable, new: RoutingTable, settings: RenderSettings,
     plan.commands += [f"add map {keys} {line}" for line in sorted(new_keys - old_keys)]
     plan.commands += [f"del map {keys} {line.split()[0]}" for line in sorted(old_keys - new_keys)]
     return plan
+
+
+def _admin(replica: Replica) -> str:
+    return "drain" if replica.state == "drain" else "ready"
 
 
 def _add(name: str, replica: Replica) -> list[str]:

@@ -31,7 +31,8 @@ class Lenient(BaseModel):
 class Replica(Lenient):
     id: str
     address: str
-    state: Literal["ready", "drain"] = "ready"
+    # starting: not yet seen healthy by the hub; the gateway sends it nothing until its own check passes.
+    state: Literal["ready", "drain", "starting"] = "ready"
 
     @property
     def valid(self) -> bool:

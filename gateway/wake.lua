@@ -50,28 +50,44 @@ end
 -- copy without asking the hub again.
 local holding = {}
 
-core.register_action("mm_wake", {"http-req"}, function(txn, service_id)
-    local now = core.now().sec
+-- Ask the hub (unless a hold for the service is already running), and return until when to wait; nil: not.
+local function hold_until(service_id, now)
     local deadline = holding[service_id]
-    if deadline == nil or now >= deadline then
-        local last = not_waking[service_id]
-        if last ~= nil and now - last < QUIET then
-            return
-        end
-        local hold = wake(service_id)
-        if hold == nil then
-            not_waking[service_id] = now
-            return
-        end
-        not_waking[service_id] = nil
-        deadline = now + hold
-        holding[service_id] = deadline
+    if deadline ~= nil and now < deadline then
+        return deadline
     end
-    -- nbsrv, as the 503 rule reads it: the backend's servers as they are now, runtime additions included.
-    while core.now().sec < deadline do
-        if (tonumber(txn.f:nbsrv()) or 0) > 0 then
+    local last = not_waking[service_id]
+    if last ~= nil and now - last < QUIET then
+        return nil
+    end
+    local hold = wake(service_id)
+    if hold == nil then
+        not_waking[service_id] = now
+        return nil
+    end
+    not_waking[service_id] = nil
+    holding[service_id] = now + hold
+    return now + hold
+end
+
+core.register_action("mm_wake", {"http-req"}, function(txn, service_id)
+    local started = core.now().sec
+    local deadline = hold_until(service_id, started)
+    -- A hold that ends with no replica asks again: the service may have changed meanwhile (a request that
+    -- came while it was being stopped as idle is held as for a running one, then wakes it). Never longer
+    -- than HOLD in all.
+    while deadline ~= nil do
+        -- nbsrv, as the 503 rule reads it: the backend's servers as they are now, runtime additions included.
+        while core.now().sec < deadline do
+            if (tonumber(txn.f:nbsrv()) or 0) > 0 then
+                return
+            end
+            core.msleep(POLL_MS)
+        end
+        local now = core.now().sec
+        if now - started >= HOLD then
             return
         end
-        core.msleep(POLL_MS)
+        deadline = hold_until(service_id, now)
     end
 end, 1)

@@ -49,7 +49,7 @@ FINGERPRINT = select(
 )
 ROUTED = (select(SERVICES.c.id, SERVICES.c.name, UserModel.username.label("owner"), SERVICES.c.spec,
                  SERVICES.c.status, SERVICES.c.desired_state, SERVICES.c.endpoint, SERVICES.c.controller_id,
-                 SERVICES.c.container_id)
+                 SERVICES.c.container_id, SERVICES.c.health)
           .join_from(ServiceModel, UserModel, ServiceModel.owner_id == UserModel.id))
 ROUTED_KEYS = select(KEYS.c.service_id, KEYS.c.key_hash)
 CURRENT = select(ROUTES.c.version, ROUTES.c.body).where(ROUTES.c.id == 1)
@@ -92,8 +92,11 @@ def _replicas(service: Mapping[str, Any]) -> list[dict[str, Any]]:
     published = (endpoint.get("ports") or {}).get(port)
     if not published:
         return []
+    # A copy with a health check that the hub has not seen pass (one just started, or woken) is "starting":
+    # the gateway waits for its own check before it sends it anything.
+    checked = not service["spec"].get("health_check") or service.get("health") == "healthy"
     return [{"id": service["container_id"] or service["id"], "controller_id": service["controller_id"],
-             "address": f"{endpoint['host']}:{published}", "state": "ready"}]
+             "address": f"{endpoint['host']}:{published}", "state": "ready" if checked else "starting"}]
 
 
 def routing_table(services: Iterable[Mapping[str, Any]], keys: Iterable[Mapping[str, Any]],

@@ -41,7 +41,8 @@ async def test_the_routing_table_follows_the_service(cluster: Cluster) -> None:
     r = await cluster.hub.post("/api/alice/genomics/services", json=SPEC, headers=alice)
     assert r.status_code == 201, r.text
     service = r.json()
-    route = await route_of(cluster, "dnabert2", lambda route: route["replicas"])
+    # Ready once the hub has seen its check pass ("starting" until then: the gateway checks it first).
+    route = await route_of(cluster, "dnabert2", lambda route: route["replicas"] and route["replicas"][0]["state"] == "ready")
     endpoint = service["endpoint"]
     assert route["owner"] == "alice" and route["id"] == service["id"] and route["health_path"] == "/health"
     assert route["replicas"] == [{"id": service["container_id"], "controller_id": service["controller_id"],

@@ -151,7 +151,7 @@ def test_replica_changes_go_through_the_runtime_api() -> None:
     assert plan.commands == [
         "set server svc_s1/r1 addr 127.0.0.1 port 5",
         "set server svc_s1/r2 state drain",
-        "add server svc_s1/r3 127.0.0.1:3 check inter 1s fastinter 500ms downinter 1s fall 2 rise 1 observe "
+        "add server svc_s1/r3 127.0.0.1:3 check inter 1s fastinter 500ms downinter 250ms fall 2 rise 1 observe "
         "layer4 error-limit 10 on-error mark-down",
         "enable health svc_s1/r3",
         "set server svc_s1/r3 state ready",
@@ -163,6 +163,17 @@ def test_replica_changes_go_through_the_runtime_api() -> None:
     assert gone is not None
     assert gone.commands == ["set server svc_s1/r1 state maint", "set server svc_s1/r2 state maint"]
     assert gone.deletions == ["svc_s1/r1", "svc_s1/r2"]
+
+
+def test_a_starting_replica_is_added_down_until_its_check_passes() -> None:
+    plan = runtime_plan(table(svc(replicas=())), table(svc(replicas=(rep("r1", 1, "starting"),))), SETTINGS)
+    assert plan is not None
+    assert plan.commands[1:] == ["enable health svc_s1/r1", "set server svc_s1/r1 state ready",
+                                 "set server svc_s1/r1 health down"]
+    # Seen healthy by the hub later: nothing to do, its check brought it up already.
+    later = runtime_plan(table(svc(replicas=(rep("r1", 1, "starting"),))), table(svc(replicas=(rep("r1", 1),))),
+                         SETTINGS)
+    assert later is not None and later.commands == []
 
 
 @pytest.mark.parametrize("new", [

@@ -12,7 +12,7 @@ def service(name: str, owner: str = "alice", **kw: Any) -> dict[str, Any]:
             "health_check": {"path": "/health", "port": 5000}, **kw.pop("spec", {})}
     return {"id": f"id-{owner}-{name}", "name": name, "owner": owner, "spec": spec, "status": "running",
             "desired_state": "running", "endpoint": {"host": "10.1.0.7", "ports": {"5000": 32768}},
-            "controller_id": "c1", "container_id": f"ctr-{name}", **kw}
+            "controller_id": "c1", "container_id": f"ctr-{name}", "health": "healthy", **kw}
 
 
 def test_a_running_service_routes_to_its_published_port() -> None:
@@ -24,6 +24,13 @@ def test_a_running_service_routes_to_its_published_port() -> None:
                      "health_path": "/health",
                      "replicas": [{"id": "ctr-dnabert", "controller_id": "c1", "address": "10.1.0.7:32768",
                                    "state": "ready"}]}
+
+
+def test_a_copy_not_seen_healthy_yet_is_starting() -> None:
+    [route] = routing_table([service("new", health="unknown")], [], None)["services"]
+    assert route["replicas"][0]["state"] == "starting"
+    [unchecked] = routing_table([service("tcp", health="unknown", spec={"health_check": None})], [], None)["services"]
+    assert unchecked["replicas"][0]["state"] == "ready"
 
 
 def test_stopped_or_unpublished_services_keep_their_route_without_replicas() -> None:

@@ -33,6 +33,8 @@ class Actions:
         self.log_streams = log_streams
         # Services whose wake is under way here: the requests that pile up at a gateway wake them once.
         self._waking: set[str] = set()
+        # Services being stopped as idle here.
+        self._idling: set[str] = set()
 
     async def lifecycle(self, user: UserModel, service_id: str, action: str,
                         wait: bool = True) -> ServiceModel | OperationModel:
@@ -59,7 +61,12 @@ class Actions:
         op = await self.ctx.ops.begin("idle_stop", "system", service_id=service.id,
                                       controller_id=service.controller_id, container_id=service.container_id,
                                       details={"epoch": service.epoch, "idle_seconds": round(idle_for)})
-        return await self._run_lifecycle(service.id, "stop", op, idle=True)
+        # A request that comes meanwhile is held (``replacing``), then wakes it.
+        self._idling.add(service.id)
+        try:
+            return await self._run_lifecycle(service.id, "stop", op, idle=True)
+        finally:
+            self._idling.discard(service.id)
 
     async def wake(self, service_id: str, actor: str) -> OperationModel | None:
         """Start an ``idle`` service again, in the background, for a request waiting at a gateway; None when
@@ -93,6 +100,8 @@ class Actions:
         the hub does (a killed container, a controller whose loss is not confirmed yet), so a service the hub
         still believes running counts too; one without a settled copy for long (no controller takes it) and
         one whose container failed do not."""
+        if service_id in self._idling:
+            return True
         service = await self.ctx.reload_or_none(service_id)
         if service is None or service.desired_state != "running" or service.status == "failed":
             return False
@@ -109,6 +118,9 @@ class Actions:
                 service.desired_state = "stopped" if action == "stop" else "running"
             if service.container_id is None or service.controller_id is None:
                 raise Conflict("service has no container", code="NO_CONTAINER")
+            if action == "stop" and ctx.gateway is not None:
+                # The gateways stop sending it requests, and let those under way finish, before it stops.
+                await ctx.gateway.drained(service_id, None, [service.container_id], ctx.settings.gateway_drain_timeout)
             async with ctx.db.session() as session:
                 controller = await get_controller(session, service.controller_id)
             params = {"timeout": 10} if action == "stop" else {}

@@ -246,6 +246,7 @@ class GatewayAgent(LoopService):
             if not is_success(command, answer):
                 raise RuntimeApplyError(f"{command!r} answered {answer!r}")
         self.pending.update(plan.deletions)
+        self.pending.difference_update(plan.revived)
 
     async def _delete_pending(self) -> None:
         """Delete the servers taken out earlier; HAProxy refuses while one still has connections."""

@@ -21,6 +21,8 @@ class RuntimePlan:
     commands: list[str] = field(default_factory=list)
     # `backend/server` to delete once they have no connection left (they are in maintenance by then).
     deletions: list[str] = field(default_factory=list)
+    # Servers taken out earlier, not deleted yet, that serve again (a woken service's same container).
+    revived: list[str] = field(default_factory=list)
 
 
 def skeleton(table: RoutingTable) -> RoutingTable:
@@ -54,9 +56,12 @@ def runtime_plan(old: RoutingTable, new: RoutingTable, settings: RenderSettings,
         now = {r.id: r for r in service.usable_replicas()}
         for rid, replica in now.items():
             name = f"{service.backend}/{rid}"
-            if rid not in had:
-                if name in pending:
-                    return None
+            if rid not in had and name in pending:
+                # Still there, in maintenance: put back where it now answers, instead of added again.
+                host, port = _split(replica.address)
+                plan.commands.append(f"set server {name} addr {host} port {port}")
+                plan.revived.append(name)
+            elif rid not in had:
                 plan.commands += _add(name, replica)
             elif had[rid].address != replica.address:
                 host, port = _split(replica.address)

@@ -176,6 +176,14 @@ def test_a_starting_replica_is_added_down_until_its_check_passes() -> None:
     assert later is not None and later.commands == []
 
 
+def test_a_replica_back_before_its_deletion_went_through_is_revived_not_reloaded() -> None:
+    plan = runtime_plan(table(svc(replicas=())), table(svc(replicas=(rep("r1", 7, "starting"),))), SETTINGS,
+                        frozenset({"svc_s1/r1"}))
+    assert plan is not None and plan.revived == ["svc_s1/r1"]
+    assert plan.commands == ["set server svc_s1/r1 addr 127.0.0.1 port 7", "set server svc_s1/r1 state ready",
+                             "set server svc_s1/r1 health down"]
+
+
 @pytest.mark.parametrize("new", [
     table(svc(), svc("s2", name="b")),                          # a service added
     table(),                                                    # removed
@@ -186,12 +194,6 @@ def test_a_starting_replica_is_added_down_until_its_check_passes() -> None:
 ])
 def test_anything_else_reloads(new: RoutingTable) -> None:
     assert runtime_plan(table(svc()), new, SETTINGS) is None
-
-
-def test_a_server_still_being_deleted_comes_back_by_a_reload() -> None:
-    old, new = table(svc()), table(svc(replicas=(rep("r1"),)))
-    assert runtime_plan(old, new, SETTINGS, frozenset({"svc_s1/r1"})) is None
-    assert runtime_plan(old, new, SETTINGS, frozenset({"svc_s1/other"})) is not None
 
 
 def test_only_haproxys_success_answers_count() -> None:

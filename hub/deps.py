@@ -3,11 +3,13 @@ limit, the same for the routes FastAPI runs and for the hot routes (``hub.router
 
 from __future__ import annotations
 
+import hmac
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated
 
 from fastapi import Depends, Request
+from pydantic import SecretStr
 from sqlalchemy.ext.asyncio import AsyncSession
 from starlette.types import Scope
 
@@ -145,6 +147,19 @@ async def get_current_user(request: Request, hub: HubDep) -> UserModel:
 
 
 CurrentUser = Annotated[UserModel, Depends(get_current_user)]
+
+
+async def key_or_admin(request: Request, hub: Hub, key: SecretStr | None, actor: str, refusal: str) -> str:
+    """Who asks, for a route a machine reaches with a key of its own: ``actor`` for that key (named for the
+    audit trail), else an admin user's name; anyone else is refused with ``refusal``."""
+    token = bearer(request)
+    if key is not None and hmac.compare_digest(token.encode(), key.get_secret_value().encode()):
+        identify_call(request.scope, actor)
+        return actor
+    user = await get_current_user(request, hub)
+    if not user.is_admin:
+        raise Forbidden(refusal, code="ADMIN_REQUIRED")
+    return user.username
 
 
 async def get_admin(user: CurrentUser) -> UserModel:

@@ -7,19 +7,16 @@ A gateway authenticates with the hub's ``MMANAGER_API_KEY`` (as controllers do),
 
 from __future__ import annotations
 
-import hmac
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Path, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
-from hub.deps import AdminUser, CurrentUser, HubDep, SessionDep, bearer, get_current_user
-from hub.errors import Forbidden
+from hub.deps import AdminUser, CurrentUser, HubDep, SessionDep, key_or_admin
 from hub.models import GatewayModel
 from hub.schemas import GatewayOut, GatewayReport, ServiceKeyCreate, ServiceKeyCreated, ServiceKeyOut
 from hub.services import service_keys
-from mmanager.audit import identify
 
 router = APIRouter(prefix="/api", tags=["gateway"])
 
@@ -28,15 +25,8 @@ GATEWAY_ACTOR = "gateway"
 
 async def gateway_caller(request: Request, hub: HubDep) -> str:
     """Who asks: ``gateway`` for the hub's API key, else an admin user's name."""
-    token = bearer(request)
-    expected = hub.settings.api_key
-    if expected is not None and hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
-        identify(request, GATEWAY_ACTOR)
-        return GATEWAY_ACTOR
-    user = await get_current_user(request, hub)
-    if not user.is_admin:
-        raise Forbidden("this needs the hub's API key or an admin token", code="ADMIN_REQUIRED")
-    return user.username
+    return await key_or_admin(request, hub, hub.settings.api_key, GATEWAY_ACTOR,
+                              "this needs the hub's API key or an admin token")
 
 
 GatewayCaller = Annotated[str, Depends(gateway_caller)]

@@ -8,18 +8,15 @@ be written into configuration before the hub's database has any user in it.
 
 from __future__ import annotations
 
-import hmac
 from datetime import timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
 
-from hub.deps import HubDep, SessionDep, bearer, get_current_user
-from hub.errors import Forbidden
+from hub.deps import HubDep, SessionDep, key_or_admin
 from hub.models import ControllerModel, GatewayModel, utcnow
 from hub.services.prometheus import sd_targets
-from mmanager.audit import identify
 
 router = APIRouter(prefix="/api/admin/prometheus", tags=["admin"])
 
@@ -30,15 +27,8 @@ SCRAPED_FOR = timedelta(hours=1)
 
 async def prometheus_reader(request: Request, hub: HubDep) -> str:
     """Who asks: ``prometheus`` for the discovery token, else an admin user's name."""
-    token = bearer(request)
-    expected = hub.settings.prometheus_token
-    if expected is not None and hmac.compare_digest(token.encode(), expected.get_secret_value().encode()):
-        identify(request, PROMETHEUS_ACTOR)
-        return PROMETHEUS_ACTOR
-    user = await get_current_user(request, hub)
-    if not user.is_admin:
-        raise Forbidden("this needs an admin token or MMANAGER_PROMETHEUS_TOKEN", code="ADMIN_REQUIRED")
-    return user.username
+    return await key_or_admin(request, hub, hub.settings.prometheus_token, PROMETHEUS_ACTOR,
+                              "this needs an admin token or MMANAGER_PROMETHEUS_TOKEN")
 
 
 PrometheusReader = Annotated[str, Depends(prometheus_reader)]

@@ -171,6 +171,7 @@ def test_a_lost_single_copy_holds_requests_until_its_failover_serves(
     load = Load(url, rate=200, connections=8).start()
     try:
         wait_until(lambda: load.outcomes["200"] >= 100, 10, "the load flowing")
+        kill_began = time.monotonic()
         lab.dep.controllers[service["controller_id"]].kill()
         docker_client.containers.get(service["container_id"]).kill()
         killed_at = time.monotonic()
@@ -183,7 +184,10 @@ def test_a_lost_single_copy_holds_requests_until_its_failover_serves(
     # The gateway held what came meanwhile (hub: the service is being replaced) and sent it to the new copy.
     # Only what was inside the killed container at that instant is lost: cut off, as by any proxy.
     failed = [t - killed_at for t in load.failed_at]
-    assert len(failed) <= 15 and all(t < 1.5 for t in failed), (load.outcomes, failed, load.errors[:5])
+    # Nothing fails once the container is dead and the gateway has seen it (half a second at most), and
+    # nothing is answered 503: only what was under way in the copy as it died.
+    assert all(kill_began - killed_at <= t < 0.5 for t in failed), (load.outcomes, failed, load.errors[:5])
+    assert "503" not in load.outcomes, load.outcomes
     back = min(done for sent, done in load.answered if sent > killed_at) - killed_at
     print(f"single copy lost at 200/s: {len(failed)} requests cut off in the killed container, "
           f"{load.outcomes['503']} answered 503; first answer from the new copy {back:.2f}s after the kill")

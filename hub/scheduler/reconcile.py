@@ -12,7 +12,7 @@ reconciler loop applies the actions; tests feed snapshots and times directly.
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
 from mmanager.wire import HeartbeatContainer, StopOrder
@@ -53,10 +53,13 @@ class FenceResult:
 
 
 def fence(rows: Iterable[RegistryRow], containers: Iterable[HeartbeatContainer], orphan_grace: float,
-          missing_before: datetime | None = None) -> FenceResult:
+          missing_before: datetime | None = None, drained_before: datetime | None = None) -> FenceResult:
     """What one controller must stop, given its registry rows and what it runs.
 
     - a container whose row is ``stale`` (a newer epoch runs elsewhere) stops at once;
+    - one whose row is ``draining`` (superseded by a planned move that waits for the gateways to stop
+      sending it requests, and then removes it) is left alone, unless the row was last written before
+      ``drained_before`` (the move's hub died meanwhile): then it is stale;
     - a container of ours with no row at all stops once it is older than
       ``orphan_grace``: its service was deleted, or a create was lost half-way
       (the registry row is written before the controller is asked, so a young
@@ -67,6 +70,9 @@ def fence(rows: Iterable[RegistryRow], containers: Iterable[HeartbeatContainer],
     """
     by_key: dict[tuple[str, int], RegistryRow] = {}
     for row in rows:
+        if row.status == "draining" and drained_before is not None and row.updated_at is not None \
+                and row.updated_at < drained_before:
+            row = replace(row, status="stale")
         by_key[(row.service_id, row.epoch)] = row
     result = FenceResult()
     seen: set[str] = set()
@@ -82,6 +88,8 @@ def fence(rows: Iterable[RegistryRow], containers: Iterable[HeartbeatContainer],
             continue
         row = found
         seen.add(row.id)
+        if row.status == "draining":
+            continue
         if row.status == "stale":
             result.stop.append(
                 StopOrder(container_id=c.container_id, service_id=c.service_id, epoch=c.epoch, reason="stale_epoch")
@@ -99,7 +107,7 @@ def fence(rows: Iterable[RegistryRow], containers: Iterable[HeartbeatContainer],
     for row in by_key.values():
         if row.id in seen:
             continue
-        if row.status == "stale":
+        if row.status in ("stale", "draining"):
             result.gone.append(row.id)
         elif row.status not in ("creating", "missing") and (
             missing_before is None or (row.updated_at is not None and row.updated_at < missing_before)

@@ -68,6 +68,8 @@ PUSH_LAG = 1.0
 MAX_BATCH = 2000
 # Seconds between counts of the controllers, for the pace (a registration counts at once).
 PACE_EVERY = 5.0
+# Seconds past MMANAGER_GATEWAY_DRAIN_TIMEOUT after which a copy still draining is fenced as stale.
+DRAIN_SLACK = 60.0
 # How long this replica remembers when it last heard a controller (far longer than any grace).
 HEARD_KEPT = timedelta(hours=1)
 # How long what a controller said before its process was found gone is dropped (far longer than a flush).
@@ -304,7 +306,10 @@ class HeartbeatIngest:
         # A row written after the controller took its listing may name a container the listing
         # could not have shown yet; only older rows can be declared missing.
         settle = timedelta(seconds=2 * self.pace.interval + 2)
-        result = fence(rows, containers, self.orphan_grace, missing_before=min(now - settle, listed_at))
+        # A copy left draining by a move whose hub died is fenced once the move could no longer be waiting.
+        drained_before = now - timedelta(seconds=self.settings.gateway_drain_timeout + DRAIN_SLACK)
+        result = fence(rows, containers, self.orphan_grace, missing_before=min(now - settle, listed_at),
+                       drained_before=drained_before)
         self._observations[controller_id] = _Observation(now, health, pushed)
         self.monitor.observe(controller_id, health, containers,
                              {r.container_id for r in rows if r.container_id and r.status != "stale"})

@@ -175,3 +175,19 @@ def test_a_drain_is_not_done_while_a_create_onto_it_is_in_flight() -> None:
     draining = healthy("a", last=99, enabled=False, draining=True)
     snap = Snapshot([draining, healthy("b", last=99)], [svc("s1", "b")], T0, 6, hosting=frozenset({"a", "b"}))
     assert compute(snap, at(100)) == []
+
+
+def test_a_draining_copy_is_left_running_until_its_move_could_no_longer_be_waiting() -> None:
+    from datetime import UTC, datetime, timedelta
+
+    from hub.scheduler.reconcile import RegistryRow, fence
+    from mmanager.wire import HeartbeatContainer
+
+    now = datetime.now(UTC)
+    row = RegistryRow("r1", "s1", 1, "c1", "draining", "healthy", 0, now - timedelta(seconds=5))
+    running = [HeartbeatContainer(container_id="c1", name="mm-s1", service_id="s1", epoch=1, state="running", health="healthy",
+                                  health_restarts=0, age_seconds=60.0, ports={})]
+    assert fence([row], running, 10.0, drained_before=now - timedelta(seconds=90)).stop == []
+    old = RegistryRow("r1", "s1", 1, "c1", "draining", "healthy", 0, now - timedelta(seconds=120))
+    [order] = fence([old], running, 10.0, drained_before=now - timedelta(seconds=90)).stop
+    assert order.reason == "stale_epoch"

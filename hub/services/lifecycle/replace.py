@@ -156,6 +156,10 @@ class Replacer:
                 # remove (a failover's is on a lost controller) and nothing to stop: the operation ends in
                 # this transaction too.
                 removable = _removable(await tx.all(sql.STALE_COPIES, {"service_id": service.id}))
+                if removable and ctx.gateway is not None:
+                    # Not fenced by their controllers' next heartbeats while the gateways may still send
+                    # them requests: this move removes them once they no longer do.
+                    await tx.execute(sql.DRAINING, {"of_service": service.id, "updated_at": utcnow()})
                 if fresh.desired_state != "stopped" and not removable:
                     await ctx.ops.finish_in(tx, op, controller_id=controller.id, container_id=row.container_id,
                                             details={**details, "old_containers_removed": 0})

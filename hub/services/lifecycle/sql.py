@@ -118,7 +118,7 @@ FOLLOWED_ROW = (
 )
 # A service's rows that are not superseded (of them, those not its current container are unfinished creates).
 PENDING_ROWS = select(REGISTRY).where(REGISTRY.c.service_id == bindparam("service_id"),
-                                      REGISTRY.c.status != "stale")
+                                      REGISTRY.c.status != "stale", REGISTRY.c.status != "draining")
 
 
 @functools.cache
@@ -137,6 +137,10 @@ STALE_COPIES = (
     .select_from(REGISTRY.outerjoin(CONTROLLERS, CONTROLLERS.c.id == REGISTRY.c.controller_id))
     .where(REGISTRY.c.service_id == bindparam("service_id"), REGISTRY.c.status == "stale")
 )
+# Superseded copies a planned move keeps until the gateways stop sending them requests: heartbeats leave
+# them alone (hub.scheduler.reconcile.fence) until the move removes them.
+DRAINING = (update(REGISTRY).where(REGISTRY.c.service_id == bindparam("of_service"), REGISTRY.c.status == "stale")
+            .values(status="draining", updated_at=bindparam("updated_at")))
 # A service marked lost: the row of its current container.
 SERVING_ROW = select(ContainerRegistryModel).where(
     ContainerRegistryModel.service_id == bindparam("service_id"),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from prometheus_client.metrics_core import Metric
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy import select
 
@@ -71,13 +72,13 @@ def histogram_quantile(q: float, buckets: Mapping[float, float]) -> float | None
     return lower
 
 
-def summarize(expositions: Iterable[str], service: str) -> dict[str, Any]:
+def summarize(expositions: Iterable[Iterable[Metric]], service: str) -> dict[str, Any]:
     """The traffic of ``service`` (``owner/name``, the histogram's ``service`` label) in the gateways'
-    expositions: in all, and per replica."""
+    expositions (each parsed: ``parse``): in all, and per replica."""
     whole = _Series()
     replicas: dict[str, _Series] = defaultdict(_Series)
-    for text in expositions:
-        for family in text_string_to_metric_families(text):
+    for families in expositions:
+        for family in families:
             if family.name != HISTOGRAM:
                 continue
             for sample in family.samples:
@@ -109,20 +110,20 @@ async def service_traffic(db: Database, owner: str, name: str) -> dict[str, Any]
     async with httpx.AsyncClient(timeout=READ_TIMEOUT) as client:
         answers = await asyncio.gather(*(client.get((g.metrics_url or "").rstrip("/") + LATENCY_PATH)
                                          for g in gateways), return_exceptions=True)
-    read, unreachable, texts = [], [], []
+    read, unreachable, parsed = [], [], []
     for gateway, answer in zip(gateways, answers, strict=True):
-        if isinstance(answer, httpx.Response) and answer.status_code == 200 and _parses(answer.text):
-            read.append(gateway.id)
-            texts.append(answer.text)
-        else:
+        families = parse(answer.text) if isinstance(answer, httpx.Response) and answer.status_code == 200 else None
+        if families is None:
             unreachable.append(gateway.id)
-    return {**summarize(texts, f"{owner}/{name}"), "gateways": read, "unreachable_gateways": unreachable}
+        else:
+            read.append(gateway.id)
+            parsed.append(families)
+    return {**summarize(parsed, f"{owner}/{name}"), "gateways": read, "unreachable_gateways": unreachable}
 
 
-def _parses(text: str) -> bool:
+def parse(text: str) -> list[Metric] | None:
+    """An exposition's metric families; None when it is not one."""
     try:
-        for _ in text_string_to_metric_families(text):
-            pass
+        return list(text_string_to_metric_families(text))
     except ValueError:
-        return False
-    return True
+        return None

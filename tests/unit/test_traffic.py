@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hub.services.traffic import histogram_quantile, summarize
+from hub.services.traffic import histogram_quantile, parse, summarize
 
 H = "mmanager_gateway_request_duration_seconds"
 
@@ -32,12 +32,17 @@ def test_two_gateways_are_summed_per_service_and_per_replica() -> None:
     one += exposition("alice/dnabert", "", "5xx", {"0.1": 2, "0.5": 2, "+Inf": 2}, 0.0).split("\n", 1)[1]
     one += exposition("bob/other", "r9", "2xx", {"0.1": 100, "0.5": 100, "+Inf": 100}, 1.0).split("\n", 1)[1]
     two = exposition("alice/dnabert", "r2", "2xx", {"0.1": 0, "0.5": 8, "+Inf": 8}, 2.0)
-    traffic = summarize([one, two], "alice/dnabert")
+    traffic = summarize([parse(one) or [], parse(two) or []], "alice/dnabert")
     assert traffic["requests"] == 20 and traffic["responses"] == {"2xx": 18, "5xx": 2}
     assert traffic["errors_5xx"] == 2 and traffic["mean_seconds"] == pytest.approx(3.0 / 20)
     assert [(r["replica"], r["requests"]) for r in traffic["replicas"]] == [(None, 2), ("r1", 10), ("r2", 8)]
     assert traffic["latency_seconds"]["p50"] == pytest.approx(0.1)
     assert 0.1 < traffic["latency_seconds"]["p95"] <= 0.5
+
+
+def test_what_is_not_an_exposition_does_not_parse() -> None:
+    assert parse("<html>502 Bad Gateway</html>") is None
+    assert parse("") == []
 
 
 def test_a_service_without_traffic_has_no_quantiles() -> None:

@@ -50,7 +50,7 @@ class ServiceManager:
         self.ctx = Lifecycle(db, client, ops, settings, metrics, self.placement, gateways.table)
         deployer = Deployer(self.ctx)
         replacer = Replacer(self.ctx, deployer)
-        self._reads = reads.Reads(db, settings, gateways)
+        self._reads = reads.Reads(db, gateways)
         self._creator = Creator(self.ctx, deployer)
         self._mover = Mover(self.ctx, deployer, replacer)
         self._actions = Actions(self.ctx, replacer, self.log_streams)

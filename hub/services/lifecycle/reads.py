@@ -20,7 +20,6 @@ from typing import Any
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.base import Executable
 
-from hub.config import HubSettings
 from hub.db import Database
 from hub.errors import NotFound
 from hub.models import ServiceModel, UserModel
@@ -51,8 +50,7 @@ async def get_for(session: AsyncSession, user: UserModel, service_id: str) -> Se
 class Reads:
     """The status read and the answer's shape."""
 
-    def __init__(self, db: Database, settings: HubSettings, gateways: GatewayDirectory) -> None:
-        self.settings = settings
+    def __init__(self, db: Database, gateways: GatewayDirectory) -> None:
         self.gateways = gateways
         # The calls that come together share one statement, built once (so its cache key is computed once).
         self._gathered = Gathered(db, status_read(db.is_sqlite), "id")

@@ -15,7 +15,7 @@ from pathlib import Path
 import docker
 import httpx
 
-from tests.support.net import free_port
+from tests.support.net import free_port, port_free
 from tests.support.poll import wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,7 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_demo_prints_a_gateway_url_that_answers(example_image: str, docker_client: docker.DockerClient,
                                                     tmp_path: Path) -> None:
     port = free_port()
-    while not all(_free(p) for p in (port + 1, port + 2, port + 3)):
+    while not all(port_free(p) for p in (port + 1, port + 2, port + 3)):
         port = free_port()
     env = {**os.environ, "MMANAGER_DEMO_PORT": str(port), "PYTHONPATH": str(ROOT)}
     demo = subprocess.Popen([sys.executable, "-m", "examples.demo"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
@@ -48,14 +48,4 @@ def test_the_demo_prints_a_gateway_url_that_answers(example_image: str, docker_c
     left = docker_client.containers.list(all=True, filters={"label": f"mmanager.controller=dev-{socket.gethostname()}"})
     assert left == [], [c.name for c in left]
     # Nothing of it is left listening: the hub, the controller, the gateway and its HAProxy are gone.
-    assert all(_free(p) for p in (port, port + 1, port + 2, port + 3)), "a demo process still listens"
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+    assert all(port_free(p) for p in (port, port + 1, port + 2, port + 3)), "a demo process still listens"

@@ -210,18 +210,10 @@ def test_systemd_unit_is_accepted_by_systemd(tmp_path: Path) -> None:
     families = re.search(r"^RestrictAddressFamilies=(.*)$", unit, re.M)
     assert families and "AF_UNIX" in families.group(1).split()
 
-    # `systemd-analyze verify` also checks that ExecStart exists: point it at a stand-in.
-    fake = tmp_path / "mmanager"
-    fake.write_text("#!/bin/sh\n")
-    fake.chmod(0o755)
-    good = tmp_path / "mmanager-controller.service"
-    good.write_text(unit.replace("/opt/mmanager/venv/bin/mmanager", str(fake)))
-    result = subprocess.run(["systemd-analyze", "verify", str(good)], capture_output=True, text=True, timeout=60)
+    result = _verify_unit(unit, tmp_path, "mmanager-controller.service")
     assert result.returncode == 0, result.stderr
     # And the check can fail: a misspelt directive is refused.
-    bad = tmp_path / "broken.service"
-    bad.write_text(good.read_text().replace("Restart=always", "Restart=allways"))
-    result = subprocess.run(["systemd-analyze", "verify", str(bad)], capture_output=True, text=True, timeout=60)
+    result = _verify_unit(unit.replace("Restart=always", "Restart=allways"), tmp_path, "broken.service")
     assert "allways" in result.stderr
 
 
@@ -313,10 +305,16 @@ def test_gateway_systemd_unit_is_accepted_by_systemd(tmp_path: Path) -> None:
                       "NoNewPrivileges=yes", "ProtectSystem=strict", "StateDirectory=mmanager mmanager/gateway"):
         assert re.search(rf"^{re.escape(directive)}$", unit, re.M), directive
     assert "--state-dir /var/lib/mmanager/gateway" in unit
+    result = _verify_unit(unit, tmp_path, "mmanager-gateway.service")
+    assert result.returncode == 0, result.stderr
+
+
+def _verify_unit(unit: str, tmp_path: Path, name: str) -> subprocess.CompletedProcess[str]:
+    """`systemd-analyze verify` of a unit file's text. It also checks that ExecStart exists: the unit's
+    /opt/mmanager/venv/bin/mmanager is pointed at a stand-in."""
     fake = tmp_path / "mmanager"
     fake.write_text("#!/bin/sh\n")
     fake.chmod(0o755)
-    good = tmp_path / "mmanager-gateway.service"
-    good.write_text(unit.replace("/opt/mmanager/venv/bin/mmanager", str(fake)))
-    result = subprocess.run(["systemd-analyze", "verify", str(good)], capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    path = tmp_path / name
+    path.write_text(unit.replace("/opt/mmanager/venv/bin/mmanager", str(fake)))
+    return subprocess.run(["systemd-analyze", "verify", str(path)], capture_output=True, text=True, timeout=60)

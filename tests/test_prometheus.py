@@ -30,7 +30,7 @@ from hub.config import HubSettings
 from hub.db import Database
 from hub.services.users import create_user
 from tests.support.haproxy import latency_exposition
-from tests.support.net import free_port
+from tests.support.net import free_port, terminate
 from tests.support.pg import create_database
 from tests.support.poll import wait_until
 from tests.support.procs import LocalDeployment, stopped_after
@@ -235,12 +235,7 @@ def prometheus_server(tmp_path: Path, hub_url: str) -> Iterator[httpx.Client]:
         print((tmp_path / "prometheus.log").read_text()[-4000:])
         raise
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=5)
+        terminate(proc)
         log.close()
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import httpx
 
 from gateway import latency
-from tests.support.net import free_port, wait_for_port
+from tests.support.net import free_port, terminate, wait_for_port
 
 
 @contextmanager
@@ -41,12 +41,7 @@ def running_haproxy(config: str, workdir: Path, ports: list[int], name: str = "h
             print(log_path.read_text()[-4000:])
             raise
         finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=5)
+            terminate(proc)
 
 
 class _Replica(BaseHTTPRequestHandler):

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import uuid
@@ -22,7 +21,7 @@ from typing import Any
 import docker
 import httpx
 
-from tests.support.net import free_port, wait_for_port
+from tests.support.net import free_port, port_free, wait_for_port
 
 MMANAGER = [sys.executable, "-m", "mmanager.cli"]
 
@@ -152,7 +151,7 @@ class LocalDeployment:
         """A gateway (``mmanager gateway serve``) following hub replica ``hub``; started with ``start``, or
         by hand after it. Its metrics port is ``port + 1``."""
         port = free_port()
-        while not _free(port + 1):
+        while not port_free(port + 1):
             port = free_port()
         env = {"MMANAGER_HUB_URL": f"{self.scheme}://127.0.0.1:{self.hub_ports[hub]}", "MMANAGER_API_KEY": self.key,
                "MMANAGER_GATEWAY_POLL": "0.1", "LOG_LEVEL": "INFO"}
@@ -202,15 +201,6 @@ def stopped_after(dep: LocalDeployment, request: Any, docker_client: docker.Dock
         if failed is not None and failed.failed:
             print(dep.logs())
         dep.stop(docker_client)
-
-
-def _free(port: int) -> bool:
-    with socket.socket() as s:
-        try:
-            s.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
 
 
 def api(base_url: str, token: str) -> httpx.Client:

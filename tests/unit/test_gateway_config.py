@@ -130,8 +130,7 @@ def test_bad_replicas_and_route_clashes_are_left_out() -> None:
 
 
 def test_rendered_configurations_pass_haproxys_check(tmp_path: Path) -> None:
-    if shutil.which("haproxy") is None:
-        pytest.skip("haproxy is not installed (scripts/ensure-system-deps.sh)")
+    assert shutil.which("haproxy"), "haproxy is not installed: make system-deps (scripts/ensure-system-deps.sh)"
     settings = RenderSettings("127.0.0.1", 8080, 8081, tmp_path)
     for t in (table(), table(domain=None), table(
             svc("s1", replicas=(rep("r1"), rep("r2", 2, "drain")), private=True, rate_limit_per_minute=100,

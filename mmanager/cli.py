@@ -141,8 +141,6 @@ def gateway_serve(
 ) -> None:
     """Run a gateway: a HAProxy that serves the hub's services, following its routing table.
     Settings: MMANAGER_HUB_URL, MMANAGER_API_KEY and MMANAGER_GATEWAY_* (the options win)."""
-    import shutil
-
     from pydantic import ValidationError
 
     from gateway.agent import serve

@@ -17,6 +17,7 @@ from hub.deps import AdminUser, CurrentUser, HubDep, SessionDep, key_or_admin
 from hub.models import GatewayModel
 from hub.schemas import GatewayOut, GatewayReport, ServiceKeyCreate, ServiceKeyCreated, ServiceKeyOut
 from hub.services import service_keys
+from hub.services.gateway import routing_table
 
 router = APIRouter(prefix="/api", tags=["gateway"])
 
@@ -40,7 +41,7 @@ async def routes(request: Request, _: GatewayCaller, hub: HubDep) -> Any:
     body: dict[str, Any]
     if current is None:
         # Nothing published yet (a leader is about to): an empty table that any later version replaces.
-        version, body = 0, {"domain": hub.settings.service_domain, "services": [], "service_keys": []}
+        version, body = 0, routing_table([], [], hub.settings.service_domain)
     else:
         version, body = current
     etag = f'"{version}"'

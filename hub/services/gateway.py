@@ -23,13 +23,14 @@ from sqlalchemy.exc import IntegrityError
 from hub.config import HubSettings
 from hub.db import Database
 from hub.models import GatewayModel, GatewayRoutesModel, ServiceKeyModel, ServiceModel, UserModel, utcnow
+from hub.schemas import ServiceSpec
 from mmanager.wire import parse_memory
 
 log = logging.getLogger(__name__)
 
-# Seed 000's limit: 100 requests a minute per client IP, unless a service says otherwise.
-DEFAULT_RATE_LIMIT = 100
-DEFAULT_MAX_BODY = "10MB"
+# What a spec stored before these fields existed gets: the spec's own defaults.
+DEFAULT_RATE_LIMIT = ServiceSpec.model_fields["rate_limit_per_minute"].default
+DEFAULT_MAX_BODY = ServiceSpec.model_fields["max_body_size"].default
 # A gateway unheard for this long is no longer offered as a service's URL.
 GATEWAY_LIVE = timedelta(seconds=15)
 # How often a move waiting for the gateways asks whether they have caught up.

@@ -63,10 +63,10 @@ async def wake(service_id: str, caller: GatewayCaller, hub: HubDep) -> Response:
     (202, in the background; the gateway holds the request up to its own bound); one whose new copy is on
     its way (a failover) answers 202 with ``hold``, the seconds worth waiting for it; anything else 200:
     the gateway answers 503 at once (stopped by its owner, or no copy in sight)."""
-    op = await hub.services.wake(service_id, caller)
-    if op is not None:
-        return JSONResponse({"waking": True, "operation_id": op.id}, status_code=202)
-    if await hub.services.replacing(service_id):
+    woken = await hub.services.wake(service_id, caller)
+    if woken.operation is not None:
+        return JSONResponse({"waking": True, "operation_id": woken.operation.id}, status_code=202)
+    if woken.replacing:
         return JSONResponse({"waking": False, "replacing": True, "hold": hub.settings.gateway_replace_hold},
                             status_code=202)
     return JSONResponse({"waking": False}, status_code=200)

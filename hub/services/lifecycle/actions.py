@@ -8,6 +8,7 @@ missing while the service is meant to run.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from datetime import timedelta
 
 from hub.errors import Conflict, ControllerRejected, ControllerUnavailable, NotFound
@@ -24,6 +25,14 @@ from mmanager.streams import ClosingStream
 
 # A service without a settled copy for longer than this is not "being replaced" for a waiting request.
 REPLACING_RECENTLY = timedelta(seconds=30)
+
+
+@dataclass(frozen=True, slots=True)
+class Woken:
+    """A wake's answer: the operation that starts an idle service, or whether a copy may serve soon."""
+
+    operation: OperationModel | None
+    replacing: bool
 
 
 class Actions:
@@ -68,15 +77,15 @@ class Actions:
         finally:
             self._idling.discard(service.id)
 
-    async def wake(self, service_id: str, actor: str) -> OperationModel | None:
-        """Start an ``idle`` service again, in the background, for a request waiting at a gateway; None when
-        it is not idle (already waking, running, or stopped by its owner, which a request must not undo)."""
+    async def wake(self, service_id: str, actor: str) -> Woken:
+        """For a request a gateway found no replica for: start an ``idle`` service again, in the background
+        (``operation``); or say whether a copy of it may serve again soon (``replacing``)."""
         ctx = self.ctx
         service = await ctx.reload_or_none(service_id)
         if service is None:
             raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
         if service.status != "idle" or service_id in self._waking:
-            return None
+            return Woken(None, self._replacing(service))
         self._waking.add(service_id)
         try:
             op = await ctx.ops.begin("wake", actor, service_id=service.id, controller_id=service.controller_id,
@@ -92,18 +101,17 @@ class Actions:
                 self._waking.discard(service_id)
 
         ctx.spawn(work())
-        return op
+        return Woken(op, False)
 
-    async def replacing(self, service_id: str) -> bool:
-        """Whether a copy of the service may serve again soon, for a request a gateway found no replica for:
-        the service should run and its copy has not failed for good. A gateway may notice a copy gone before
-        the hub does (a killed container, a controller whose loss is not confirmed yet), so a service the hub
-        still believes running counts too; one without a settled copy for long (no controller takes it) and
-        one whose container failed do not."""
-        if service_id in self._idling:
+    def _replacing(self, service: ServiceModel) -> bool:
+        """Whether a copy of the service may serve again soon: it is being stopped as idle here (the request
+        then wakes it), or it should run and its copy has not failed for good. A gateway may notice a copy gone
+        before the hub does (a killed container, a controller whose loss is not confirmed yet), so a service
+        the hub still believes running counts too; one without a settled copy for long (no controller takes
+        it) and one whose container failed do not."""
+        if service.id in self._idling:
             return True
-        service = await self.ctx.reload_or_none(service_id)
-        if service is None or service.desired_state != "running" or service.status == "failed":
+        if service.desired_state != "running" or service.status == "failed":
             return False
         return service.status in ("running", "unhealthy") or utcnow() - service.updated_at < REPLACING_RECENTLY
 

@@ -23,7 +23,7 @@ from hub.scheduler.snapshot import PlacementCache
 from hub.schemas import ServiceOut, ServicePatch, ServiceSpec
 from hub.services.gateway import GatewayDirectory
 from hub.services.lifecycle import reads
-from hub.services.lifecycle.actions import Actions
+from hub.services.lifecycle.actions import Actions, Woken
 from hub.services.lifecycle.context import Lifecycle
 from hub.services.lifecycle.create import Creator
 from hub.services.lifecycle.deploy import Deployer
@@ -84,13 +84,9 @@ class ServiceManager:
         """Stop a service that had no gateway traffic for ``idle_for`` seconds; it reads ``idle``."""
         return self._actions.idle_stop(service_id, idle_for)
 
-    def wake(self, service_id: str, actor: str) -> Awaitable[OperationModel | None]:
-        """Start an ``idle`` service again for a request at a gateway (None: it is not idle)."""
+    def wake(self, service_id: str, actor: str) -> Awaitable[Woken]:
+        """For a request at a gateway: start an ``idle`` service again, or say whether a copy may serve soon."""
         return self._actions.wake(service_id, actor)
-
-    def replacing(self, service_id: str) -> Awaitable[bool]:
-        """Whether a new copy of the service is on its way (a request may wait for it at a gateway)."""
-        return self._actions.replacing(service_id)
 
     def redeploy(self, user: UserModel, service_id: str, operation: str, *, spec: ServiceSpec | None = None,
                  rollback_to: int | None = None, exclude_current: bool = False, target: str | None = None,

@@ -5,14 +5,14 @@ URL for services' ``url`` (``GatewayWatch``)."""
 from __future__ import annotations
 
 import logging
-import time
 from collections import defaultdict
+from datetime import datetime
 
-from sqlalchemy import bindparam, select
+from sqlalchemy import bindparam, func, select
 
 from hub.config import HubSettings
 from hub.db import Database
-from hub.models import GatewayModel, ServiceModel, utcnow
+from hub.models import GatewayModel, OperationModel, ServiceModel, utcnow
 from hub.services.gateway import GATEWAY_LIVE, GatewayDirectory, GatewayTable
 from hub.services.lifecycle import ServiceManager
 from mmanager.loops import LoopService
@@ -25,8 +25,12 @@ WATCH_INTERVAL = 2.0
 IDLE_INTERVAL = 1.0
 
 _TRAFFIC = select(GatewayModel.traffic).where(GatewayModel.last_seen_at >= bindparam("since"))
-_RUNNING = select(ServiceModel.id, ServiceModel.spec).where(ServiceModel.status == "running",
-                                                           ServiceModel.desired_state == "running")
+# A lifecycle operation counts as activity: without it, a service woken (or started) between two rounds
+# would be judged by the traffic count it had before it stopped, and stopped again at once.
+_LAST_OPERATION = (select(func.max(func.coalesce(OperationModel.finished_at, OperationModel.created_at)))
+                   .where(OperationModel.service_id == ServiceModel.id).scalar_subquery())
+_RUNNING = select(ServiceModel.id, ServiceModel.spec, _LAST_OPERATION.label("last_operation")).where(
+    ServiceModel.status == "running", ServiceModel.desired_state == "running")
 
 
 class GatewayPublisher(LoopService):
@@ -56,8 +60,9 @@ class GatewayWatch(LoopService):
 
 
 class IdleWatch(LoopService):
-    """The leader's: a running service whose requests through the live gateways have not changed for its idle
-    timeout (``idle_timeout``, else ``MMANAGER_SERVICE_IDLE_TIMEOUT`` minutes) is stopped as ``idle``.
+    """The leader's: a running service whose requests through the live gateways have not changed, and that had
+    no lifecycle operation, for its idle timeout (``idle_timeout``, else ``MMANAGER_SERVICE_IDLE_TIMEOUT``
+    minutes) is stopped as ``idle``.
 
     What it has seen is kept in memory, so a new leader (or a restarted hub) gives every service a full
     timeout again; with no live gateway there is no traffic to judge by, and nothing is stopped.
@@ -72,7 +77,7 @@ class IdleWatch(LoopService):
         self.services = services
         self.default_timeout = settings.service_idle_timeout * 60
         # Service id -> (its requests through the gateways, when that count last changed or was first seen).
-        self._seen: dict[str, tuple[int, float]] = {}
+        self._seen: dict[str, tuple[int, datetime]] = {}
         self._stopping: set[str] = set()
 
     async def run_once(self) -> None:
@@ -84,8 +89,8 @@ class IdleWatch(LoopService):
         for report in reports:
             for service_id, requests in (report["traffic"] or {}).items():
                 totals[service_id] += requests
-        now = time.monotonic()
-        seen: dict[str, tuple[int, float]] = {}
+        now = utcnow()
+        seen: dict[str, tuple[int, datetime]] = {}
         for row in await self.db.all(_RUNNING, {}):
             service_id, timeout = row["id"], row["spec"].get("idle_timeout")
             timeout = self.default_timeout if timeout is None else timeout
@@ -97,8 +102,10 @@ class IdleWatch(LoopService):
                 seen[service_id] = (requests, now)
                 continue
             seen[service_id] = last
-            if now - last[1] >= timeout and service_id not in self._stopping:
-                self._stop(service_id, now - last[1])
+            active = max(last[1], row["last_operation"] or last[1])
+            idle_for = (now - active).total_seconds()
+            if idle_for >= timeout and service_id not in self._stopping:
+                self._stop(service_id, idle_for)
         self._seen = seen
 
     def _stop(self, service_id: str, idle_for: float) -> None:

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+from datetime import timedelta
 from typing import Any
 
+from hub.background.gateway import IdleWatch
 from hub.config import HubSettings
+from hub.models import utcnow
 from tests.hub.conftest import KEY, Cluster
 from tests.hub.test_services_api import SPEC
 from tests.support.poll import eventually
@@ -193,6 +196,13 @@ async def test_a_service_without_gateway_traffic_goes_idle_and_a_request_wakes_i
     awake = await eventually(lambda: service_where(cluster, sid, lambda s: s["status"] == "running"), 15,
                              "the service running again", interval=0.1)
     assert awake["desired_state"] == "running" and awake["container_id"] == service["container_id"]
+    # A leader that last judged it before it went idle (its traffic unchanged since, for longer than the
+    # timeout) does not stop it again: the wake is activity.
+    watch = IdleWatch(cluster.db, cluster.parts.services, cluster.parts.settings)
+    watch._seen[sid] = (11, utcnow() - timedelta(hours=1))
+    await report(cluster, {sid: 11})
+    await watch.run_once()
+    assert not watch._stopping and sid in watch._seen
     # Running: a gateway that found no replica for it (a copy lost before the hub knew) may hold requests.
     again = await cluster.hub.post(f"/api/gateway/wake/{sid}", headers=GATEWAY)
     assert again.status_code == 202 and again.json() == {"waking": False, "replacing": True, "hold": 5.0}

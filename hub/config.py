@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hub.schemas import MAX_REPLICAS
 from mmanager.keys import key_problem
 from mmanager.logs import LogSettings
 from mmanager.settings import SpecPolicySettings, TlsSettings
@@ -54,6 +55,8 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     # (the controller tries again at its next beat) instead of queueing past the controllers' timeouts.
     heartbeat_backlog: int = Field(default=5000, ge=1)
     max_services_per_user: int = Field(default=5, ge=0)
+    # The most replicas one service may ask for (a spec's ``replicas`` above it is refused).
+    max_replicas: int = Field(default=64, ge=1, le=MAX_REPLICAS)
     # Seconds a replica trusts its in-memory copy of controller keys and user tokens: a revoke made on
     # another replica, or from the command line, is refused by this one within this time (0: every call
     # asks the database).

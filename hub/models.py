@@ -150,6 +150,9 @@ class ServiceModel(Base):
     endpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     gpu_devices: Mapped[list[Any]] = mapped_column(default=list)
     health: Mapped[str] = mapped_column(String(16), default="unknown")
+    # The copies it should run (its spec's ``replicas``); controller_id, container_id, endpoint and health
+    # above are its primary copy's, and ``epoch`` the last epoch any of its copies was given.
+    replicas: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -180,6 +183,11 @@ class ContainerRegistryModel(Base):
     memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     cpu_limit: Mapped[float] = mapped_column(Float, default=0.0)
     gpu_devices: Mapped[list[Any]] = mapped_column(default=list)
+    # One of the service's replicas: set when its create settled (a row without it that is not superseded
+    # is a create an interrupted operation began); its status leaves it when superseded.
+    serving: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
+    # Where the copy answers (host and published ports), once it runs.
+    endpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -126,6 +126,8 @@ def _body_size(value: str) -> str:
 MAX_BODY = 1024**3
 MAX_RATE_LIMIT = 1_000_000
 MAX_IDLE_TIMEOUT = 30 * 86400
+# The most replicas a spec may name at all; MMANAGER_MAX_REPLICAS caps it lower.
+MAX_REPLICAS = 1000
 MaxBody = Annotated[str, Field(max_length=32), AfterValidator(_body_size)]
 # Checked against mmanager.policy.ALLOWED_CAPABILITIES by the spec policy.
 Capabilities = Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z_]{1,64}$")]], Field(max_length=32)]
@@ -150,6 +152,8 @@ class ServiceSpec(StrictModel):
     max_body_size: MaxBody = "10MB"
     # Seconds without gateway traffic before the service is stopped as idle; None: MMANAGER_SERVICE_IDLE_TIMEOUT.
     idle_timeout: int | None = Field(default=None, ge=0, le=MAX_IDLE_TIMEOUT)
+    # Copies of the container, spread over controllers, behind one gateway route.
+    replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
 
 
 class ServicePatch(StrictModel):
@@ -170,6 +174,7 @@ class ServicePatch(StrictModel):
     rate_limit_per_minute: int | None = Field(default=None, ge=0, le=MAX_RATE_LIMIT)
     max_body_size: MaxBody | None = None
     idle_timeout: int | None = Field(default=None, ge=0, le=MAX_IDLE_TIMEOUT)
+    replicas: int | None = Field(default=None, ge=1, le=MAX_REPLICAS)
 
 
 class RollbackRequest(StrictModel):
@@ -183,6 +188,16 @@ class MigrateRequest(StrictModel):
 class Endpoint(BaseModel):
     host: str
     ports: dict[str, int | None]
+
+
+class ReplicaOut(BaseModel):
+    """One copy of a service: its container (or, while it is being made, its registry row's id)."""
+
+    id: str
+    controller_id: str
+    state: str
+    health: str
+    endpoint: Endpoint | None
 
 
 class ServiceOut(BaseModel):
@@ -201,6 +216,7 @@ class ServiceOut(BaseModel):
     endpoint: Endpoint | None
     url: str | None
     health: str
+    replicas: list[ReplicaOut]
     created_at: datetime
     updated_at: datetime
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-from sqlalchemy import and_, bindparam, delete, or_, select, update
+from sqlalchemy import and_, bindparam, delete, func, or_, select, update
 from sqlalchemy.sql.base import Executable
 
 from hub.background.backpressure import AdaptiveLimit, LoopLag
@@ -75,6 +75,9 @@ class _TickStatements:
     unsettled: Executable
     on_at_risk: Executable
     failing: Executable
+    replicas_at_risk: Executable
+    failing_replicas: Executable
+    short: Executable
     hosting: Executable
     busy: Executable
 
@@ -91,6 +94,14 @@ def _tick_statements(sqlite: bool) -> _TickStatements:
     controller_columns = (c.id, c.status, c.last_heartbeat_at, c.enabled, c.draining)
     on_current = and_(current.service_id == s.id, current.container_id == s.container_id)
     services, registry = ServiceModel.__table__, ContainerRegistryModel.__table__
+    # A service's replicas other than its primary copy (whose rules are the service's own).
+    # (Inequalities, not NOT IN: these statements go straight through the driver, which takes no expanding list.)
+    other = and_(current.service_id == s.id, current.serving.is_(True), current.status != "stale",
+                 current.status != "draining", or_(s.container_id.is_(None), current.container_id != s.container_id))
+    replica_columns = (s.id, s.desired_state, s.status, current.controller_id, current.health, current.health_restarts)
+    counted = (select(func.count()).where(current.service_id == s.id, current.serving.is_(True),
+                                          *(current.status != status for status in ("stale", "draining", "missing")))
+               .correlate(services).scalar_subquery())
     active = any_of(o.status, "active", sqlite=sqlite)
     return _TickStatements(
         replicas=select(replicas.c.id).where(replicas.c.last_seen_at >= bindparam("cutoff")),
@@ -115,6 +126,16 @@ def _tick_statements(sqlite: bool) -> _TickStatements:
         failing=select(*columns).select_from(services.join(registry, on_current)).where(
             s.desired_state == "running", current.health == "unhealthy",
             current.health_restarts >= bindparam("restarts")),
+        replicas_at_risk=select(*replica_columns).select_from(services.join(registry, other)).where(
+            any_of(current.controller_id, "at_risk", sqlite=sqlite)),
+        failing_replicas=select(*replica_columns).select_from(services.join(registry, other)).where(
+            s.desired_state == "running", current.health == "unhealthy",
+            current.health_restarts >= bindparam("restarts")),
+        # Fewer replicas than it should have (a create or scale that could not place them all, a copy gone):
+        # only services of several replicas (one replica's loss is its own status).
+        short=select(s.id, s.desired_state, s.status, s.controller_id).where(
+            s.replicas > 1, s.desired_state == "running", *(s.status != status for status in sorted(UNSETTLED)),
+            s.replicas > counted),
         hosting=select(current.controller_id).distinct().where(
             current.status != "stale", any_of(current.controller_id, "draining", sqlite=sqlite)),
         busy=select(o.service_id).where(active, any_of(o.hub_replica, "live", sqlite=sqlite),
@@ -221,12 +242,19 @@ class Reconciler(LoopService):
         ]
         lost, draining_ids, _ = at_risk(controllers, now, grace, self.leader_since, heard)
         queries = [(reads.unsettled, params), (reads.failing, params)]
+        replica_queries = [(reads.failing_replicas, params)]
         if lost or draining_ids:
             queries.append((reads.on_at_risk, {"at_risk": sorted(lost | draining_ids)}))
-        rows: dict[str, Any] = {}
+            replica_queries.append((reads.replicas_at_risk, {"at_risk": sorted(lost | draining_ids)}))
+        # Keyed by service, and for a replica other than the primary copy by its controller too.
+        rows: dict[tuple[str, str], Any] = {}
         for query, values in queries:
             for row in await db.all(query, values):
-                rows[row["id"]] = row
+                rows[(row["id"], "")] = row
+        for query, values in replica_queries:
+            for row in await db.all(query, values):
+                rows.setdefault((row["id"], row["controller_id"]), row)
+        short = {row["id"]: row for row in await db.all(reads.short, {})}
         draining = sorted(draining_ids)
         hosting = frozenset(row["controller_id"] for row in await db.all(reads.hosting, {"draining": draining})
                             ) if draining else frozenset()
@@ -234,9 +262,10 @@ class Reconciler(LoopService):
         busy |= set(self._moving)
         services = [
             ServiceState(sid, r["desired_state"], r["status"], r["controller_id"], r["health"] or "unknown",
-                         r["health_restarts"] or 0, sid in busy)
-            for sid, r in sorted(rows.items())
-        ]
+                         r["health_restarts"] or 0, sid in busy, replica=bool(on))
+            for (sid, on), r in sorted(rows.items())
+        ] + [ServiceState(sid, r["desired_state"], r["status"], r["controller_id"], busy=sid in busy, short=True)
+             for sid, r in sorted(short.items())]
         return Snapshot(controllers, services, self.leader_since, grace,
                         self.settings.max_health_restarts,
                         frozenset(c for c in self._moving_from.values() if c is not None), hosting, heard)

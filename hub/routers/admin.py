@@ -168,10 +168,10 @@ async def migrate_container(entry_id: str, admin: AdminUser, hub: HubDep, body: 
             raise NotFound(f"registry entry {entry_id!r} not found", code="CONTAINER_NOT_FOUND")
     target = body.target_controller if body else None
     result = await hub.services.redeploy(
-        admin, entry.service_id, "migrate", exclude_current=target is None, target=target, wait=wait
-    )
+        admin, entry.service_id, "migrate", exclude_current=target is None, target=target, replacing=entry.id,
+        wait=wait)
     if isinstance(result, ServiceModel):
-        return hub.services.to_out(result)
+        return await hub.services.out(result)
     return JSONResponse(OperationOut.model_validate(result, from_attributes=True).model_dump(mode="json"),
                         status_code=202)
 

@@ -41,7 +41,7 @@ async def routes(request: Request, _: GatewayCaller, hub: HubDep) -> Any:
     body: dict[str, Any]
     if current is None:
         # Nothing published yet (a leader is about to): an empty table that any later version replaces.
-        version, body = 0, routing_table([], [], hub.settings.service_domain)
+        version, body = 0, routing_table([], [], [], hub.settings.service_domain)
     else:
         version, body = current
     etag = f'"{version}"'

@@ -35,18 +35,18 @@ router = APIRouter(prefix="/api", tags=["services"])
 Wait = Query(True, description="wait for the operation to finish; false answers 202 with the operation")
 
 
-def _answer(hub: HubDep, result: ServiceModel | OperationModel, created: bool = False) -> Any:
+async def _answer(hub: HubDep, result: ServiceModel | OperationModel, created: bool = False) -> Any:
     if isinstance(result, OperationModel):
         return JSONResponse(OperationOut.model_validate(result, from_attributes=True).model_dump(mode="json"),
                             status_code=202)
-    body = hub.services.to_out(result).model_dump(mode="json")
+    body = (await hub.services.out(result)).model_dump(mode="json")
     return JSONResponse(body, status_code=201 if created else 200)
 
 
 @router.post("/{username}/{repo}/services", status_code=201, response_model=ServiceOut)
 async def create_service(username: str, repo: str, spec: ServiceSpec, user: CurrentUser, hub: HubDep,
                          wait: bool = Wait) -> Any:
-    return _answer(hub, await hub.services.create(user, username, repo, spec, wait=wait), created=True)
+    return await _answer(hub, await hub.services.create(user, username, repo, spec, wait=wait), created=True)
 
 
 @router.get("/services", response_model=list[ServiceOut])
@@ -55,7 +55,7 @@ async def list_services(user: CurrentUser, hub: HubDep, session: SessionDep,
     query = select(ServiceModel).order_by(ServiceModel.created_at, ServiceModel.id).limit(limit).offset(offset)
     if not user.is_admin:
         query = query.where(ServiceModel.owner_id == user.id)
-    return [hub.services.to_out(s) for s in await session.scalars(query)]
+    return [await hub.services.out(s) for s in await session.scalars(query)]
 
 
 async def read_service(hub: Hub, scope: Scope, receive: Receive, send: Send) -> None:
@@ -93,27 +93,27 @@ def status_read(hub: Hub) -> HotRoute:
 @router.patch("/services/{service_id}", response_model=ServiceOut)
 async def update_service(service_id: str, patch: ServicePatch, user: CurrentUser, hub: HubDep,
                          wait: bool = Wait) -> Any:
-    return _answer(hub, await hub.services.update(user, service_id, patch, wait=wait))
+    return await _answer(hub, await hub.services.update(user, service_id, patch, wait=wait))
 
 
 @router.post("/services/{service_id}/start", response_model=ServiceOut)
 async def start_service(service_id: str, user: CurrentUser, hub: HubDep, wait: bool = Wait) -> Any:
-    return _answer(hub, await hub.services.lifecycle(user, service_id, "start", wait=wait))
+    return await _answer(hub, await hub.services.lifecycle(user, service_id, "start", wait=wait))
 
 
 @router.post("/services/{service_id}/stop", response_model=ServiceOut)
 async def stop_service(service_id: str, user: CurrentUser, hub: HubDep, wait: bool = Wait) -> Any:
-    return _answer(hub, await hub.services.lifecycle(user, service_id, "stop", wait=wait))
+    return await _answer(hub, await hub.services.lifecycle(user, service_id, "stop", wait=wait))
 
 
 @router.post("/services/{service_id}/restart", response_model=ServiceOut)
 async def restart_service(service_id: str, user: CurrentUser, hub: HubDep, wait: bool = Wait) -> Any:
-    return _answer(hub, await hub.services.lifecycle(user, service_id, "restart", wait=wait))
+    return await _answer(hub, await hub.services.lifecycle(user, service_id, "restart", wait=wait))
 
 
 @router.get("/services/{service_id}/status", response_model=ServiceOut)
 async def service_status(service_id: str, user: CurrentUser, hub: HubDep) -> ServiceOut:
-    return hub.services.to_out(await hub.services.refresh(user, service_id))
+    return await hub.services.out(await hub.services.refresh(user, service_id))
 
 
 @router.get("/services/{service_id}/logs", response_class=PlainTextResponse)
@@ -174,4 +174,4 @@ async def service_metrics(
 @router.post("/services/{service_id}/rollback", response_model=ServiceOut)
 async def rollback_service(service_id: str, body: RollbackRequest, user: CurrentUser, hub: HubDep,
                            wait: bool = Wait) -> Any:
-    return _answer(hub, await hub.services.redeploy(user, service_id, "rollback", rollback_to=body.version, wait=wait))
+    return await _answer(hub, await hub.services.redeploy(user, service_id, "rollback", rollback_to=body.version, wait=wait))

@@ -141,6 +141,11 @@ class ServiceState:
     health_restarts: int = 0
     # A live hub replica is running an operation on it: leave it alone.
     busy: bool = False
+    # One of its replicas other than its primary copy (on ``controller_id``, with that copy's health): only
+    # its controller's loss or drain, or its failing health, move it.
+    replica: bool = False
+    # It runs fewer replicas than it should: one is added (or one found gone replaced).
+    short: bool = False
 
 
 @dataclass(frozen=True)
@@ -172,7 +177,7 @@ class Move:
     """Run the service's container somewhere else (or, for ``resume``, anywhere that works)."""
 
     service_id: str
-    reason: str  # controller_lost | drain | unhealthy | resume
+    reason: str  # controller_lost | drain | unhealthy | resume | replicas
     exclude: frozenset[str] = frozenset()
     # Where the service is in the snapshot; the move is dropped if that changed before it runs.
     from_controller: str | None = None
@@ -238,8 +243,11 @@ def compute(snapshot: Snapshot, now: datetime) -> list[Action]:
         if s.busy:
             continue
         on = s.controller_id
+        if s.short:
+            actions.append(Move(s.id, "replicas", gone, None))
+            continue
         if s.desired_state == "running":
-            if s.status in UNSETTLED or on is None:
+            if (s.status in UNSETTLED or on is None) and not s.replica:
                 actions.append(Move(s.id, "resume", gone, on))
             elif on in lost:
                 actions.append(Move(s.id, "controller_lost", without(on), on))

@@ -22,7 +22,15 @@ from sqlalchemy.exc import IntegrityError
 
 from hub.config import HubSettings
 from hub.db import Database
-from hub.models import GatewayModel, GatewayRoutesModel, ServiceKeyModel, ServiceModel, UserModel, utcnow
+from hub.models import (
+    ContainerRegistryModel,
+    GatewayModel,
+    GatewayRoutesModel,
+    ServiceKeyModel,
+    ServiceModel,
+    UserModel,
+    utcnow,
+)
 from hub.schemas import ServiceSpec
 from mmanager.wire import parse_memory
 
@@ -37,6 +45,7 @@ GATEWAY_LIVE = timedelta(seconds=15)
 DRAIN_POLL = 0.1
 
 SERVICES = ServiceModel.__table__
+REGISTRY = ContainerRegistryModel.__table__
 KEYS = ServiceKeyModel.__table__
 ROUTES = GatewayRoutesModel.__table__
 GATEWAYS = GatewayModel.__table__
@@ -45,13 +54,19 @@ GATEWAYS = GatewayModel.__table__
 FINGERPRINT = select(
     select(func.count()).select_from(SERVICES).scalar_subquery().label("services"),
     select(func.max(SERVICES.c.updated_at)).scalar_subquery().label("services_changed"),
+    select(func.count()).select_from(REGISTRY).scalar_subquery().label("copies"),
+    select(func.max(REGISTRY.c.updated_at)).scalar_subquery().label("copies_changed"),
     select(func.count()).select_from(KEYS).scalar_subquery().label("keys"),
     select(func.max(KEYS.c.created_at)).scalar_subquery().label("keys_changed"),
 )
 ROUTED = (select(SERVICES.c.id, SERVICES.c.name, UserModel.username.label("owner"), SERVICES.c.spec,
-                 SERVICES.c.status, SERVICES.c.desired_state, SERVICES.c.endpoint, SERVICES.c.controller_id,
-                 SERVICES.c.container_id, SERVICES.c.health)
+                 SERVICES.c.status, SERVICES.c.desired_state)
           .join_from(ServiceModel, UserModel, ServiceModel.owner_id == UserModel.id))
+# The copies a gateway may send requests to: the services' replicas that run (not those superseded, nor
+# those draining: a move or scale-down takes them out of the table first).
+ROUTED_COPIES = select(REGISTRY.c.service_id, REGISTRY.c.container_id, REGISTRY.c.controller_id, REGISTRY.c.endpoint,
+                       REGISTRY.c.health).where(REGISTRY.c.serving.is_(True), REGISTRY.c.status == "running",
+                                                REGISTRY.c.endpoint.is_not(None))
 ROUTED_KEYS = select(KEYS.c.service_id, KEYS.c.key_hash)
 CURRENT = select(ROUTES.c.version, ROUTES.c.body).where(ROUTES.c.id == 1)
 FIRST_VERSION = insert(ROUTES).values(id=1, version=1, body=bindparam("body"), updated_at=bindparam("now"))
@@ -85,25 +100,32 @@ def serving_port(spec: Mapping[str, Any]) -> str | None:
     return None
 
 
-def _replicas(service: Mapping[str, Any]) -> list[dict[str, Any]]:
-    endpoint = service["endpoint"]
+def _replicas(service: Mapping[str, Any], copies: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     port = serving_port(service["spec"])
-    if service["desired_state"] != "running" or not endpoint or port is None:
+    if service["desired_state"] != "running" or port is None:
         return []
-    published = (endpoint.get("ports") or {}).get(port)
-    if not published:
-        return []
-    # A copy with a health check that the hub has not seen pass (one just started, or woken) is "starting":
-    # the gateway waits for its own check before it sends it anything.
-    checked = not service["spec"].get("health_check") or service.get("health") == "healthy"
-    return [{"id": service["container_id"] or service["id"], "controller_id": service["controller_id"],
-             "address": f"{endpoint['host']}:{published}", "state": "ready" if checked else "starting"}]
+    replicas = []
+    for copy in copies:
+        published = (copy["endpoint"].get("ports") or {}).get(port)
+        if not published:
+            continue
+        # A copy with a health check that the hub has not seen pass (one just started, or woken) is
+        # "starting": the gateway waits for its own check before it sends it anything.
+        checked = not service["spec"].get("health_check") or copy["health"] == "healthy"
+        replicas.append({"id": copy["container_id"], "controller_id": copy["controller_id"],
+                         "address": f"{copy['endpoint']['host']}:{published}",
+                         "state": "ready" if checked else "starting"})
+    return replicas
 
 
-def routing_table(services: Iterable[Mapping[str, Any]], keys: Iterable[Mapping[str, Any]],
-                  domain: str | None) -> dict[str, Any]:
-    """The routing table a gateway applies, from the services (each with its owner's name) and the private
-    services' key hashes. Deterministic: the same rows in any order give an equal table."""
+def routing_table(services: Iterable[Mapping[str, Any]], copies: Iterable[Mapping[str, Any]],
+                  keys: Iterable[Mapping[str, Any]], domain: str | None) -> dict[str, Any]:
+    """The routing table a gateway applies, from the services (each with its owner's name), their running
+    replicas' registry rows and the private services' key hashes. Deterministic: the same rows in any
+    order give an equal table."""
+    by_service: dict[str, list[Mapping[str, Any]]] = {}
+    for copy in copies:
+        by_service.setdefault(copy["service_id"], []).append(copy)
     routes = []
     for service in sorted(services, key=lambda s: (s["owner"], s["name"])):
         spec = service["spec"]
@@ -115,7 +137,7 @@ def routing_table(services: Iterable[Mapping[str, Any]], keys: Iterable[Mapping[
             "max_body_bytes": parse_memory(spec.get("max_body_size") or DEFAULT_MAX_BODY),
             # None: no HTTP health check declared, so the gateway checks that the port accepts connections.
             "health_path": check["path"] if check else None,
-            "replicas": sorted(_replicas(service), key=lambda r: r["id"]),
+            "replicas": sorted(_replicas(service, by_service.get(service["id"], ())), key=lambda r: r["id"]),
         })
     private = {route["id"] for route in routes if route["private"]}
     hashes = sorted((k["service_id"], k["key_hash"]) for k in keys if k["service_id"] in private)
@@ -147,8 +169,9 @@ class GatewayTable:
         if fingerprint is not None and fingerprint == self._fingerprint:
             return None
         services = await self.db.all(ROUTED, {})
+        copies = await self.db.all(ROUTED_COPIES, {})
         keys = await self.db.all(ROUTED_KEYS, {})
-        body = routing_table(services, keys, self.settings.service_domain)
+        body = routing_table(services, copies, keys, self.settings.service_domain)
         async with self.db.transaction() as tx:
             current = await tx.first(CURRENT, {})
             now = utcnow()

@@ -1,18 +1,27 @@
-"""The routing table is a pure function of the services and their keys."""
+"""The routing table is a pure function of the services, their replicas and their keys."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from hub.services.gateway import routing_table, serving_port
+from hub.services.gateway import routing_table as table_of
+from hub.services.gateway import serving_port
 
 
 def service(name: str, owner: str = "alice", **kw: Any) -> dict[str, Any]:
+    """A service row, with (under ``copies``) its one running replica's registry row, unless told otherwise."""
     spec = {"name": name, "image": "x", "ports": {"5000": None},
             "health_check": {"path": "/health", "port": 5000}, **kw.pop("spec", {})}
-    return {"id": f"id-{owner}-{name}", "name": name, "owner": owner, "spec": spec, "status": "running",
-            "desired_state": "running", "endpoint": {"host": "10.1.0.7", "ports": {"5000": 32768}},
-            "controller_id": "c1", "container_id": f"ctr-{name}", "health": "healthy", **kw}
+    sid = f"id-{owner}-{name}"
+    endpoint = kw.pop("endpoint", {"host": "10.1.0.7", "ports": {"5000": 32768}})
+    copies = [{"service_id": sid, "container_id": f"ctr-{name}", "controller_id": "c1", "endpoint": endpoint,
+               "health": kw.pop("health", "healthy")}] if endpoint else []
+    return {"id": sid, "name": name, "owner": owner, "spec": spec, "status": "running",
+            "desired_state": "running", "copies": kw.pop("copies", copies), **kw}
+
+
+def routing_table(services: list[dict[str, Any]], keys: list[dict[str, Any]], domain: str | None) -> dict[str, Any]:
+    return table_of(services, [copy for s in services for copy in s["copies"]], keys, domain)
 
 
 def test_a_running_service_routes_to_its_published_port() -> None:
@@ -66,3 +75,13 @@ def test_the_same_rows_in_any_order_give_the_same_table() -> None:
     keys = [{"service_id": "id-alice-c", "key_hash": h * 64} for h in "fe"]
     assert routing_table(rows, keys, None) == routing_table(rows[::-1], keys[::-1], None)
     assert [r["name"] for r in routing_table(rows, keys, None)["services"]] == ["a", "c", "b"]
+
+
+def test_every_replica_is_a_server_of_its_route() -> None:
+    copies = [{"service_id": "id-alice-big", "container_id": f"ctr-{i}", "controller_id": f"c{i}",
+               "endpoint": {"host": f"10.1.0.{i}", "ports": {"5000": 30000 + i}},
+               "health": "healthy" if i != 2 else "starting"} for i in (3, 1, 2)]
+    [route] = routing_table([service("big", copies=copies)], [], None)["services"]
+    assert [(r["id"], r["controller_id"], r["address"], r["state"]) for r in route["replicas"]] == [
+        ("ctr-1", "c1", "10.1.0.1:30001", "ready"), ("ctr-2", "c2", "10.1.0.2:30002", "starting"),
+        ("ctr-3", "c3", "10.1.0.3:30003", "ready")]

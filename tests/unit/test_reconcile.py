@@ -191,3 +191,19 @@ def test_a_draining_copy_is_left_running_until_its_move_could_no_longer_be_waiti
     old = RegistryRow("r1", "s1", 1, "c1", "draining", "healthy", 0, now - timedelta(seconds=120))
     [order] = fence([old], running, 10.0, drained_before=now - timedelta(seconds=90)).stop
     assert order.reason == "stale_epoch"
+
+
+def test_a_replica_moves_off_its_lost_controller_and_a_short_service_gets_one_more() -> None:
+    controllers = [ControllerState("a", "unhealthy", at(0)), healthy("b", last=99), healthy("c", last=99)]
+    services = [
+        # Its primary copy on b is fine; the replica on a is lost, even while the service is mid-move.
+        svc("two", "b"), svc("two", "a", status="migrating", replica=True),
+        # A replica that keeps failing its check after its restarts is moved like a primary copy.
+        svc("sick", "c", replica=True, health="unhealthy", health_restarts=3),
+        # Fewer replicas than it should run: one more, wherever fits (nothing to move away from).
+        svc("short", "b", short=True),
+    ]
+    moves = [a for a in compute(snapshot(controllers, services), at(100)) if isinstance(a, Move)]
+    assert moves == [Move("two", "controller_lost", frozenset({"a"}), "a"),
+                     Move("sick", "unhealthy", frozenset({"a", "c"}), "c"),
+                     Move("short", "replicas", frozenset({"a"}), None)]

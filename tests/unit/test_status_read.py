@@ -37,7 +37,7 @@ async def test_the_read_matches_the_orm_and_hides_other_users_services(tmp_path:
             await session.flush()
             sid, alice_id, bob_id = service.id, alice.id, bob.id
         async with db.session() as session:
-            expected = hub.services.to_out(await session.get(ServiceModel, sid))
+            expected = await hub.services.out(await session.get(ServiceModel, sid))
 
         read = await hub.services.read(Identity(alice_id, "alice", False, datetime.now(UTC)), sid)
         assert read == expected

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any
 
 from hub.errors import Conflict, ControllerRejected, ControllerUnavailable, NotFound
 from hub.logstreams import LogStreamSlots
@@ -126,33 +127,60 @@ class Actions:
                 service.desired_state = "stopped" if action == "stop" else "running"
             if service.container_id is None or service.controller_id is None:
                 raise Conflict("service has no container", code="NO_CONTAINER")
+            copies = await self._copies(service)
             if action == "stop" and ctx.gateway is not None:
                 # The gateways stop sending it requests, and let those under way finish, before it stops.
-                await ctx.gateway.drained(service_id, None, [service.container_id], ctx.settings.gateway_drain_timeout)
-            async with ctx.db.session() as session:
-                controller = await get_controller(session, service.controller_id)
+                await ctx.gateway.drained(service_id, None, [container for _, container in copies],
+                                          ctx.settings.gateway_drain_timeout)
             params = {"timeout": 10} if action == "stop" else {}
-            try:
-                await ctx.client.action(
-                    controller.id, controller.url, service.container_id, action, epoch=service.epoch, **params
-                )
-            except ControllerRejected as exc:
-                if exc.status_code != 404 or action == "stop":
-                    raise
-                # The container is gone (removed by hand, or its server was rebuilt): make a new one.
-                await self.replacer.replace(Replacement(service, ServiceSpec.model_validate(service.spec), op))
-                return await ctx.reload(service_id)
-            info = await ctx.client.inspect(controller.id, controller.url, service.container_id)
+            # The service's own status follows its primary copy; each copy's row, its own.
+            primary: tuple[str, Any] | None = None
+            for controller_id, container_id in copies:
+                async with ctx.db.session() as session:
+                    controller = await get_controller(session, controller_id)
+                try:
+                    # The service's epoch is the newest of its copies': it speaks for every one of them.
+                    await ctx.client.action(controller.id, controller.url, container_id, action, epoch=service.epoch,
+                                            **params)
+                except ControllerRejected as exc:
+                    if exc.status_code != 404 or action == "stop":
+                        raise
+                    if len(copies) == 1:
+                        # The container is gone (removed by hand, or its server was rebuilt): make a new one.
+                        await self.replacer.replace(Replacement(service, ServiceSpec.model_validate(service.spec), op))
+                        return await ctx.reload(service_id)
+                    # One replica of several: the reconciler replaces it, as it would a copy a heartbeat found gone.
+                    await self._record(container_id, "missing", None)
+                    continue
+                info = await ctx.client.inspect(controller.id, controller.url, container_id)
+                endpoint = endpoint_for(controller.url, info.ports).model_dump() if info.status == "running" else None
+                await self._record(container_id, info.status, endpoint)
+                if container_id == service.container_id:
+                    primary = (info.status, endpoint)
             async with ctx.db.session() as session:
                 fresh = await session.get(ServiceModel, service_id)
                 assert fresh is not None
-                fresh.status = "idle" if idle and info.status != "running" else docker_status(info.status,
-                                                                                           fresh.desired_state)
-                fresh.endpoint = endpoint_for(controller.url, info.ports).model_dump() if info.status == "running" else None
-                fresh.status_message = None
-                await session.execute(sql.COPY_STATUS, {"of_container": service.container_id, "status": info.status})
+                if primary is not None:
+                    status, fresh.endpoint = primary
+                    fresh.status = "idle" if idle and status != "running" else docker_status(status, fresh.desired_state)
+                    fresh.status_message = None
             await ctx.ops.finish(op)
             return fresh
+
+    async def _copies(self, service: ServiceModel) -> list[tuple[str, str]]:
+        """The service's replicas (controller, container), primary first; a service whose rows predate
+        replicas has its own container only."""
+        async with self.ctx.db.session() as session:
+            rows = [(row.controller_id, row.container_id) for row in
+                    (await session.execute(sql.REPLICA_ROWS, {"service_id": service.id})) if row.container_id]
+        assert service.controller_id is not None and service.container_id is not None
+        own = (service.controller_id, service.container_id)
+        return [own] + [copy for copy in rows if copy != own]
+
+    async def _record(self, container_id: str, status: str, endpoint: dict[str, Any] | None) -> None:
+        async with self.ctx.db.session() as session:
+            await session.execute(sql.COPY_STATUS, {"of_container": container_id, "status": status,
+                                                    "endpoint": endpoint, "updated_at": utcnow()})
 
     async def refresh(self, user: UserModel, service_id: str) -> ServiceModel:
         """The service with its status read from the controller, when it can be reached."""

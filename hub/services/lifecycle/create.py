@@ -1,5 +1,5 @@
-"""Creating a service: its row, its first history entry, its create operation and its first placement in
-one transaction, then its container.
+"""Creating a service: its row, its first history entry, its create operation and the placement of all its
+replicas (one batch) in one transaction, then their containers, settled together.
 
 Invariant: an owner never has more than ``max_services_per_user`` services, whatever the concurrency and
 however many replicas: creates count and insert under the owner's ``users`` row lock; a create that fails
@@ -9,13 +9,32 @@ a controller: it stays, ``lost``, for the reconciler to finish).
 
 from __future__ import annotations
 
+import asyncio
+from typing import Any
+
 from hub.db import Tx, insert_row
-from hub.errors import Conflict, ControllerUnavailable, HubError, NoFeasibleController, NotFound, QuotaExceeded
+from hub.errors import (
+    Conflict,
+    ControllerUnavailable,
+    HubError,
+    InvalidRequest,
+    NoFeasibleController,
+    NotFound,
+    QuotaExceeded,
+)
 from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel, UserModel, new_id, utcnow
 from hub.schemas import ServiceSpec
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
-from hub.services.lifecycle.deploy import Deployer, Reserved, Superseded, docker_status, endpoint_for, settle_row
+from hub.services.lifecycle.deploy import (
+    Deployed,
+    Deployer,
+    Reserved,
+    Superseded,
+    docker_status,
+    endpoint_for,
+    settle_row,
+)
 from hub.services.operations import Running
 
 
@@ -37,11 +56,14 @@ class Creator:
                 raise NotFound(f"user {username!r} not found", code="USER_NOT_FOUND")
             owner = found
         self.deployer.check_policy(spec)
+        check_replicas(spec.replicas, ctx.settings.max_replicas)
         now = utcnow()
+        # Each copy has an epoch of its own: the service's is the last one given.
         service = ServiceModel(
             id=new_id(), name=spec.name, owner_id=owner.id, repo=repo, spec=spec.model_dump(mode="json"), version=1,
             desired_state="running", status="pending", status_message=None, controller_id=None, container_id=None,
-            epoch=1, endpoint=None, gpu_devices=[], health="unknown", created_at=now, updated_at=now,
+            epoch=spec.replicas, endpoint=None, gpu_devices=[], health="unknown", replicas=spec.replicas,
+            created_at=now, updated_at=now,
         )
         service.owner = owner
         # The quota holds across replicas through the owner's row lock (NO KEY UPDATE, so inserts that
@@ -65,10 +87,10 @@ class Creator:
             assert found is not None  # an aggregate answers one row
             count, clash = found["count"], found["clash"]
             limit = ctx.settings.max_services_per_user
-            if not owner.is_admin and count >= limit:
+            if not owner.is_admin and count + spec.replicas > limit:
                 raise QuotaExceeded(
-                    f"user {owner.username!r} already has {count} services (max_services_per_user={limit})",
-                    {"limit": limit, "current": count},
+                    f"user {owner.username!r} already runs {count} service replicas; {spec.replicas} more would "
+                    f"pass max_services_per_user={limit}", {"limit": limit, "current": count},
                 )
             if clash is not None:
                 raise Conflict(f"service {spec.name!r} already exists (id {clash})", code="SERVICE_EXISTS")
@@ -77,13 +99,17 @@ class Creator:
                 service_id=service.id, version=1, spec=service.spec, image=spec.image,
                 reason="create", actor=user.username, created_at=now,
             ))
-            op = ctx.ops.new("create", user.username, service_id=service.id, details={"epoch": 1, "version": 1})
+            details: dict[str, Any] = {"epoch": 1, "version": 1}
+            if spec.replicas > 1:
+                details["replicas"] = spec.replicas
+            op = ctx.ops.new("create", user.username, service_id=service.id, details=details)
             await insert_row(tx, op)
 
         async with ctx.owner_locks[owner.id]:
-            # The placement's row in the same transaction: it fails (and rolls all of it back) when nothing
+            # The placements' rows in the same transaction: it fails (and rolls all of it back) when nothing
             # could run the service.
-            first = await self.deployer.reserve(service, spec, frozenset(), None, 1, write_first)
+            first = await self.deployer.reserve_many(service, spec, frozenset(), None,
+                                                     list(range(1, spec.replicas + 1)), write_first)
         assert op is not None
         # Running from the commit on, also while a background create waits for its task to start.
         work = self._run(ctx.ops.running(op), service, spec, acknowledged=not wait, first=first)
@@ -93,7 +119,7 @@ class Creator:
         return await work
 
     async def _run(self, running: Running, service: ServiceModel, spec: ServiceSpec, acknowledged: bool,
-                   first: Reserved) -> ServiceModel:
+                   first: list[Reserved]) -> ServiceModel:
         """``acknowledged``: the caller already has its 202, so a create that fails only because
         controllers are unreachable or full right now is kept (status ``lost``) for the reconciler
         to finish; bad input (an unknown image) still removes it. ``first``: the placement the
@@ -110,7 +136,7 @@ class Creator:
                         raise NotFound(f"service {service.id!r} not found", code="SERVICE_NOT_FOUND")
                     return current
             try:
-                copy = await self.deployer.deploy(service, spec, service.epoch, first=first)
+                copies = await self._deploy_all(service, spec, first)
             except HubError as exc:
                 if acknowledged and isinstance(exc, ControllerUnavailable | NoFeasibleController):
                     async with ctx.db.session() as session:
@@ -123,30 +149,65 @@ class Creator:
                     await session.execute(sql.DELETE_SERVICE, {"service_id": service.id})
                 ctx.service_locks.pop(service.id, None)
                 raise  # the operation ends with the error (``running``)
+            for made in copies:
+                made.row.endpoint = endpoint_for(made.controller.url, made.ports).model_dump()
+            copy = copies[0]
             row, controller = copy.row, copy.controller
             settled = {
                 "controller_id": controller.id, "container_id": row.container_id, "gpu_devices": row.gpu_devices,
-                "status": docker_status(copy.status, "running"),
-                "endpoint": endpoint_for(controller.url, copy.ports).model_dump(),
+                "status": docker_status(copy.status, "running"), "endpoint": row.endpoint,
                 "status_message": None, "updated_at": utcnow(),
             }
-            # One transaction: the container on its row, the service pointing at it, the operation ended.
-            # The service's UPDATE is conditional (its epoch, no container yet), as good as its row lock.
+            # One transaction: the containers on their rows, the service pointing at the first, the operation
+            # ended. The service's UPDATE is conditional (its epoch, no container yet), as good as its row lock.
             try:
                 async with ctx.db.transaction() as tx:
-                    if not await settle_row(tx, row):
-                        raise Superseded
+                    for made in copies:
+                        if not await settle_row(tx, made.row):
+                            raise Superseded
                     settled["health"] = row.health or "unknown"
                     if await tx.execute(sql.SETTLE_CREATED, {**settled, "service_id": service.id,
                                                              "at_epoch": service.epoch}) != 1:
                         raise Superseded
-                    await ctx.ops.finish_in(tx, op, controller_id=controller.id, container_id=row.container_id)
+                    await ctx.ops.finish_in(
+                        tx, op, controller_id=controller.id, container_id=row.container_id,
+                        details={"replicas_made": len(copies)} if spec.replicas > 1 else None)
             except Superseded:
                 # Someone else finished (or deleted) this service meanwhile: ours would be a second copy.
-                await self.deployer.discard(controller.id, row)
+                for made in copies:
+                    await self.deployer.discard(made.controller.id, made.row)
                 await ctx.ops.finish(op, "SUPERSEDED: another operation completed this service first")
                 raise Conflict("another operation completed this service first", code="CONCURRENT_CHANGE") from None
             ctx.ops.finished(op)
             for key, value in settled.items():
                 setattr(service, key, value)
             return service
+
+    async def _deploy_all(self, service: ServiceModel, spec: ServiceSpec, placed: list[Reserved]) -> list[Deployed]:
+        """Make the containers of the placed replicas: those on one controller one after the other, lowest
+        epoch first (a controller refuses an epoch older than one it has seen), the controllers side by side.
+        The copies made, in epoch order; a replica that could not be made anywhere is left to the reconciler,
+        which makes the missing ones; none made: the first error."""
+        by_controller: dict[str, list[Reserved]] = {}
+        for held in placed:
+            by_controller.setdefault(held.row.controller_id, []).append(held)
+        made: list[Deployed] = []
+        errors: list[HubError] = []
+
+        async def on(queue: list[Reserved]) -> None:
+            for held in sorted(queue, key=lambda h: h.row.epoch):
+                try:
+                    made.append(await self.deployer.deploy(service, spec, held.row.epoch, first=held))
+                except HubError as exc:
+                    errors.append(exc)
+
+        await asyncio.gather(*(on(queue) for queue in by_controller.values()))
+        if not made:
+            raise errors[0]
+        return sorted(made, key=lambda copy: copy.epoch)
+
+
+def check_replicas(replicas: int, cap: int) -> None:
+    if replicas > cap:
+        raise InvalidRequest(f"replicas={replicas} is above this hub's cap of {cap} (MMANAGER_MAX_REPLICAS)",
+                             {"replicas": replicas, "max_replicas": cap}, code="TOO_MANY_REPLICAS")

@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import re
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from urllib.parse import urlparse
 
 from hub.db import Tx
@@ -111,7 +111,7 @@ async def settle_row(tx: Tx, row: ContainerRegistryModel) -> bool:
     """
     found = await tx.first(sql.SETTLE_ROW, {"row_id": row.id, "container_id": row.container_id,
                                             "container_name": row.container_name, "status": row.status,
-                                            "updated_at": utcnow()})
+                                            "endpoint": row.endpoint, "updated_at": utcnow()})
     if found is None:
         return False
     row.health = found["health"]
@@ -152,6 +152,8 @@ def _new_row(service: ServiceModel, spec: ServiceSpec, epoch: int, decision: Pla
         memory_bytes=spec.resources.memory_bytes,
         cpu_limit=spec.resources.cpu_limit or 0.0,
         gpu_devices=list(decision.gpu_devices),
+        serving=False,
+        endpoint=None,
         created_at=now,
         updated_at=now,
     )
@@ -171,11 +173,13 @@ class Deployer:
         except PolicyViolation as exc:
             raise SpecForbidden(exc.message, exc.details) from None
 
-    def _decide(self, request: PlacementRequest, target: str | None, final: bool) -> tuple[Placement, Held]:
+    def _decide(self, request: PlacementRequest, target: str | None, final: bool,
+                spread: frozenset[str] = frozenset()) -> tuple[Placement, Held]:
         """Decide where from the view, and hold it there, in one synchronous step (no other placement
-        sees the view in between). Nothing found: ``LookAgain`` (the caller takes a fresh snapshot, outside
-        its transaction: waiting for one while holding a pooled connection could starve the pool), or,
-        on a fresh one (``final``), the error."""
+        sees the view in between): on none of ``spread`` (the controllers holding the service's other
+        replicas) while another fits. Nothing found: ``LookAgain`` (the caller takes a fresh snapshot,
+        outside its transaction: waiting for one while holding a pooled connection could starve the
+        pool), or, on a fresh one (``final``), the error."""
         placement = self.ctx.placement
         index = placement.current
         if target is not None:
@@ -186,7 +190,8 @@ class Deployer:
                 raise LookAgain
             decision = place([view], request)
         else:
-            decision = index.place(request)
+            spread_out = index.place(replace(request, exclude=request.exclude | spread)) if spread else None
+            decision = spread_out if spread_out is not None and spread_out.placed else index.place(request)
         if decision.placed:
             return decision, placement.hold(decision, request)
         if final:
@@ -197,14 +202,15 @@ class Deployer:
         raise LookAgain
 
     async def _hold_row(self, tx: Tx, service: ServiceModel, spec: ServiceSpec, epoch: int,
-                        exclude: frozenset[str], target: str | None, final: bool) -> Reserved:
+                        exclude: frozenset[str], target: str | None, final: bool,
+                        spread: frozenset[str] = frozenset()) -> Reserved:
         """Choose a controller and insert its ``creating`` row in the caller's transaction; the hold is
         released if that transaction does not commit (the caller calls ``placement.committed`` when it did).
         The caller has awaited ``placement.index()`` just before (outside the transaction)."""
         placement = self.ctx.placement
         refused: set[str] = set()
         for _ in range(CREATE_ATTEMPTS):
-            decision, held = self._decide(_request(spec, exclude | refused), target, final)
+            decision, held = self._decide(_request(spec, exclude | refused), target, final, spread)
             row = _new_row(service, spec, epoch, decision)
             try:
                 placeable = await _insert_row_if_placeable(tx, row)
@@ -222,31 +228,48 @@ class Deployer:
 
     async def reserve(self, service: ServiceModel, spec: ServiceSpec, exclude: frozenset[str],
                       target: str | None, epoch: int,
-                      write_first: Callable[[Tx], Awaitable[None]] | None = None) -> Reserved:
+                      write_first: Callable[[Tx], Awaitable[None]] | None = None,
+                      spread: frozenset[str] = frozenset()) -> Reserved:
         """Choose a controller and hold a registry row on it (committed when this returns), in one
         transaction with what ``write_first`` writes (run again if a fresh view must be taken)."""
+        return (await self.reserve_many(service, spec, exclude, target, [epoch], write_first, spread))[0]
+
+    async def reserve_many(self, service: ServiceModel, spec: ServiceSpec, exclude: frozenset[str],
+                           target: str | None, epochs: list[int],
+                           write_first: Callable[[Tx], Awaitable[None]] | None = None,
+                           spread: frozenset[str] = frozenset()) -> list[Reserved]:
+        """One placement batch: a registry row for each of ``epochs``, each on a controller holding none of
+        the others (nor any of ``spread``) while another fits, all committed in one transaction with what
+        ``write_first`` writes (run again if a fresh view must be taken)."""
         placement = self.ctx.placement
         for final in (False, True):
             await placement.index(fresh=final)
-            reserved: Reserved | None = None
+            reserved: list[Reserved] = []
             try:
                 async with self.ctx.db.transaction() as tx:
                     if write_first is not None:
                         await write_first(tx)
-                    reserved = await self._hold_row(tx, service, spec, epoch, exclude, target, final)
+                    taken = spread
+                    for epoch in epochs:
+                        held = await self._hold_row(tx, service, spec, epoch, exclude, target, final, taken)
+                        reserved.append(held)
+                        taken = taken | {held.row.controller_id}
             except LookAgain:
+                for held in reserved:
+                    placement.release(held.held)
                 continue
             except BaseException:
-                if reserved is not None:
-                    placement.release(reserved.held)
+                for held in reserved:
+                    placement.release(held.held)
                 raise
-            placement.committed(reserved.held)
+            for held in reserved:
+                placement.committed(held.held)
             return reserved
         raise AssertionError("unreachable: a fresh look decides or raises")
 
     async def deploy(self, service: ServiceModel, spec: ServiceSpec, epoch: int,
                      exclude: frozenset[str] = frozenset(), target: str | None = None,
-                     first: Reserved | None = None) -> Deployed:
+                     first: Reserved | None = None, spread: frozenset[str] = frozenset()) -> Deployed:
         """Place and create-and-start one container; on failure nothing stays reserved.
 
         ``first``: a placement already held (the create's, made in its first transaction).
@@ -260,7 +283,7 @@ class Deployer:
                 reserved = first
             else:
                 try:
-                    reserved = await self.reserve(service, spec, exclude | tried, target, epoch)
+                    reserved = await self.reserve(service, spec, exclude | tried, target, epoch, spread=spread)
                 except NoFeasibleController:
                     if last_error is not None:
                         raise last_error from None

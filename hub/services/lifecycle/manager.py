@@ -66,8 +66,9 @@ class ServiceManager:
     def read_json(self, user: UserModel | Identity, service_id: str) -> Awaitable[bytes]:
         return self._reads.read_json(user, service_id)
 
-    def to_out(self, service: ServiceModel, owner: str | None = None) -> ServiceOut:
-        return self._reads.to_out(service, owner)
+    def out(self, service: ServiceModel) -> Awaitable[ServiceOut]:
+        """The API's answer for ``service``, with its replicas."""
+        return self._reads.out(service)
 
     # --------------------------------------------------------------- changes
 
@@ -90,10 +91,11 @@ class ServiceManager:
 
     def redeploy(self, user: UserModel, service_id: str, operation: str, *, spec: ServiceSpec | None = None,
                  rollback_to: int | None = None, exclude_current: bool = False, target: str | None = None,
-                 wait: bool = True) -> Awaitable[ServiceModel | OperationModel]:
-        """Update, roll back or migrate the service: a new copy replaces the current one."""
+                 replacing: str | None = None, wait: bool = True) -> Awaitable[ServiceModel | OperationModel]:
+        """Update or roll back the service (rolling over its replicas), or migrate one replica (``replacing``,
+        its registry row; None: the primary copy)."""
         return self._mover.redeploy(user, service_id, operation, spec=spec, rollback_to=rollback_to,
-                                    exclude_current=exclude_current, target=target, wait=wait)
+                                    exclude_current=exclude_current, target=target, replacing=replacing, wait=wait)
 
     def update(self, user: UserModel, service_id: str, patch: ServicePatch,
                wait: bool = True) -> Awaitable[ServiceModel | OperationModel]:

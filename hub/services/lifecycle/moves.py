@@ -1,25 +1,32 @@
-"""Moving a service to a new copy: what a user asks (update, rollback, migrate: ``redeploy``) and what the
-reconciler asks (failover, drain, an unhealthy copy, recovery of an interrupted operation: ``move``).
+"""Moving a service to new copies: what a user asks (update, rollback, migrate: ``redeploy``; a change of
+``replicas``: ``scale``) and what the reconciler asks (failover, drain, an unhealthy copy, a missing
+replica, recovery of an interrupted operation: ``move``).
 
-Invariant: every move is one operation that ends in ``Replacer.replace`` under the service's lock; a
-spec it deploys passed the spec policy when the move was asked (a rollback's too: the policy may have
-tightened since that version ran).
+Invariants: every move is one operation under the service's lock whose copies are made by
+``Replacer.replace``; a spec it deploys passed the spec policy when the move was asked (a rollback's too:
+the policy may have tightened since that version ran). An update or rollback of several replicas rolls:
+one replica at a time, each new one serving (healthy) before the one it replaces goes; one such roll per
+service at a time. A scale-down removes the copies on the least-loaded controllers, each only after the
+gateways stopped sending it requests.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import bindparam, or_, select
 
-from hub.db import insert_row
-from hub.errors import Conflict, InvalidRequest, NotFound
+from hub.db import any_of, insert_row
+from hub.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
 from hub.models import ContainerRegistryModel, ControllerModel, OperationModel, ServiceModel, UserModel, utcnow
 from hub.scheduler.reconcile import UNSETTLED
 from hub.schemas import ServicePatch, ServiceSpec
 from hub.services.controllers import get_controller
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
+from hub.services.lifecycle.create import check_replicas
 from hub.services.lifecycle.deploy import Deployer
 from hub.services.lifecycle.reads import get_for
 from hub.services.lifecycle.replace import Replacement, Replacer, read_unfinished
@@ -27,6 +34,23 @@ from mmanager.logs import bind_request_id
 
 # Spec fields only the gateways act on: a change of these alone starts no new container.
 GATEWAY_ONLY = frozenset({"private", "rate_limit_per_minute", "max_body_size", "idle_timeout"})
+# Operations that roll a new spec over the replicas: one at a time per service.
+ROLLING = ("update", "rollback")
+_ROLLING_NOW = (select(OperationModel.id).where(
+    OperationModel.service_id == bindparam("service_id"),
+    or_(*(OperationModel.operation == operation for operation in ROLLING)),
+    or_(OperationModel.status == "pending", OperationModel.status == "running")).limit(1))
+# Where a scale-down looks first: the least-loaded controllers' copies.
+_LOADS = select(ControllerModel.id, ControllerModel.load_percentage, ControllerModel.containers_running)
+# The replica of a service on a controller (a reconciler's move of one replica of several).
+_REPLICA_ON = (select(ContainerRegistryModel.id).where(
+    ContainerRegistryModel.service_id == bindparam("service_id"),
+    ContainerRegistryModel.controller_id == bindparam("controller_id"), ContainerRegistryModel.serving.is_(True),
+    ContainerRegistryModel.status != "stale", ContainerRegistryModel.status != "draining").order_by(ContainerRegistryModel.epoch).limit(1))
+# A replica whose container was found gone: replaced before another is added.
+_MISSING_REPLICA = (select(ContainerRegistryModel.id).where(
+    ContainerRegistryModel.service_id == bindparam("service_id"), ContainerRegistryModel.serving.is_(True),
+    ContainerRegistryModel.status == "missing").order_by(ContainerRegistryModel.epoch).limit(1))
 
 
 class Mover:
@@ -34,10 +58,33 @@ class Mover:
         self.ctx = ctx
         self.deployer = deployer
         self.replacer = replacer
+        # Services whose roll was asked here and has not ended.
+        self._rolling: set[str] = set()
 
     async def redeploy(self, user: UserModel, service_id: str, operation: str, *, spec: ServiceSpec | None = None,
                        rollback_to: int | None = None, exclude_current: bool = False, target: str | None = None,
-                       wait: bool = True) -> ServiceModel | OperationModel:
+                       replacing: str | None = None, wait: bool = True) -> ServiceModel | OperationModel:
+        """``replacing``: the registry row of the replica to migrate (None: the primary's)."""
+        if operation not in ROLLING:
+            return await self._redeploy(user, service_id, operation, spec, rollback_to, exclude_current, target,
+                                        replacing, wait)
+        # Refused at once, not queued behind the lock: the second roll would undo what the user watches.
+        if service_id in self._rolling:
+            raise Conflict("an update of this service is rolling out; wait for it to end", code="UPDATE_IN_PROGRESS")
+        self._rolling.add(service_id)
+        try:
+            rolling = await self.ctx.db.first(_ROLLING_NOW, {"service_id": service_id})
+            if rolling is not None:
+                raise Conflict(f"an update of this service is rolling out (operation {rolling['id']}); wait for it "
+                               "to end", {"operation_id": rolling["id"]}, code="UPDATE_IN_PROGRESS")
+            return await self._redeploy(user, service_id, operation, spec, rollback_to, exclude_current, target,
+                                        replacing, wait)
+        finally:
+            self._rolling.discard(service_id)
+
+    async def _redeploy(self, user: UserModel, service_id: str, operation: str, spec: ServiceSpec | None,
+                        rollback_to: int | None, exclude_current: bool, target: str | None, replacing: str | None,
+                        wait: bool) -> ServiceModel | OperationModel:
         ctx = self.ctx
         async with ctx.db.session() as session:
             service = await get_for(session, user, service_id)
@@ -60,23 +107,137 @@ class Mover:
             details={"from_epoch": service.epoch, **({"version": version} if version else {}),
                      **({"rollback_to": rollback_to} if rollback_to else {})},
         )
-        exclude = frozenset({service.controller_id}) if exclude_current and service.controller_id else frozenset()
-        work = self._run_redeploy(service.id, spec, op, exclude, target, version)
+        work = self._run_redeploy(service.id, spec, op, exclude_current, target, version, replacing)
+        if not wait:
+            if operation in ROLLING:
+                # Refused again until the background roll ends.
+                self._rolling.add(service.id)
+                work = self._then_unmark(work, service.id)
+            ctx.spawn(work)
+            return op
+        return await work
+
+    async def _then_unmark(self, work: Any, service_id: str) -> ServiceModel:
+        try:
+            return await work
+        finally:
+            self._rolling.discard(service_id)
+
+    async def _run_redeploy(self, service_id: str, spec: ServiceSpec | None, op: OperationModel,
+                            exclude_current: bool, target: str | None, version: int | None,
+                            replacing: str | None) -> ServiceModel:
+        ctx = self.ctx
+        async with ctx.service_locks[service_id], ctx.ops.running(op):
+            service = await ctx.reload(service_id)
+            copies = await self._replicas(service_id)
+            moved_from = service.controller_id
+            if replacing is not None:
+                row = next((copy for copy in copies if copy["id"] == replacing), None)
+                if row is None:
+                    raise Conflict("that registry entry is no longer one of the service's replicas",
+                                   code="NOT_A_REPLICA")
+                moved_from = row["controller_id"]
+            if target is not None and target == moved_from:
+                raise Conflict("the service already runs on that controller", code="SAME_CONTROLLER")
+            exclude = frozenset({moved_from}) if exclude_current and moved_from else frozenset()
+            if spec is None:
+                spec = ServiceSpec.model_validate(service.spec)
+            if op.operation not in ROLLING or (len(copies) <= 1 and spec.replicas == service.replicas):
+                return await self.replacer.replace(Replacement(service, spec, op, exclude, target, version,
+                                                               replacing=replacing))
+            # A roll: the primary last, so the service's own container changes once, at the end.
+            copies.sort(key=lambda row: row["container_id"] == service.container_id)
+            for step, copy in enumerate(copies):
+                service = await ctx.reload(service_id)
+                await self.replacer.replace(Replacement(service, spec, op, version=version if step == 0 else None,
+                                                        replacing=copy["id"], finish=False))
+            await self._converge(service_id, spec, op)
+            await ctx.ops.finish(op, details={"replicas_rolled": len(copies), "replicas": spec.replicas})
+            return await ctx.reload(service_id)
+
+    async def _replicas(self, service_id: str) -> list[Mapping[str, Any]]:
+        return list(await self.ctx.db.all(sql.REPLICA_ROWS, {"service_id": service_id}))
+
+    async def scale(self, user: UserModel, service_id: str, spec: ServiceSpec, changes: dict[str, Any],
+                    wait: bool = True) -> ServiceModel | OperationModel:
+        """A change of ``replicas`` (with, maybe, fields only the gateways act on): copies are added, or the
+        least-loaded controllers' removed; the others keep serving as they are."""
+        ctx = self.ctx
+        async with ctx.db.session() as session:
+            service = await get_for(session, user, service_id)
+        op = await ctx.ops.begin("scale", user.username, service_id=service.id, controller_id=service.controller_id,
+                                 container_id=service.container_id,
+                                 details={"from_replicas": service.replicas, "to_replicas": spec.replicas})
+        work = self._run_scale(service.id, spec, changes, op)
         if not wait:
             ctx.spawn(work)
             return op
         return await work
 
-    async def _run_redeploy(self, service_id: str, spec: ServiceSpec | None, op: OperationModel,
-                            exclude: frozenset[str], target: str | None, version: int | None) -> ServiceModel:
+    async def _run_scale(self, service_id: str, spec: ServiceSpec, changes: dict[str, Any],
+                         op: OperationModel) -> ServiceModel:
         ctx = self.ctx
         async with ctx.service_locks[service_id], ctx.ops.running(op):
             service = await ctx.reload(service_id)
-            if target is not None and target == service.controller_id:
-                raise Conflict("the service already runs on that controller", code="SAME_CONTROLLER")
-            if spec is None:
-                spec = ServiceSpec.model_validate(service.spec)
-            return await self.replacer.replace(Replacement(service, spec, op, exclude, target, version))
+            merged = ServiceSpec.model_validate({**service.spec, **{key: getattr(spec, key) for key in changes}})
+            details = await self._converge(service_id, merged, op)
+            await ctx.ops.finish(op, details=details)
+            return await ctx.reload(service_id)
+
+    async def _converge(self, service_id: str, spec: ServiceSpec, op: OperationModel) -> dict[str, Any]:
+        """Make the service run ``spec.replicas`` copies (recorded first, so the reconciler finishes what an
+        interrupted scale began): one more at a time, spread, or the least-loaded controllers' removed."""
+        ctx = self.ctx
+        service = await ctx.reload(service_id)
+        async with ctx.db.transaction() as tx:
+            if spec.replicas > service.replicas and not service.owner.is_admin:
+                # The quota counts every replica, under the owner's row lock as a create does.
+                await tx.first(sql.LOCK_OWNER, {"owner_id": service.owner_id})
+                found = await tx.first(sql.OWNED, {"owner_id": service.owner_id, "name": service.name})
+                current, limit = (found or {}).get("count") or 0, ctx.settings.max_services_per_user
+                if current - service.replicas + spec.replicas > limit:
+                    raise QuotaExceeded(
+                        f"user {service.owner.username!r} runs {current} service replicas; {spec.replicas} for "
+                        f"this one would pass max_services_per_user={limit}", {"limit": limit, "current": current})
+            await tx.execute(sql.SET_REPLICAS, {"service_id": service_id, "replicas": spec.replicas,
+                                                "spec": spec.model_dump(mode="json"), "updated_at": utcnow()})
+        copies = await self._replicas(service_id)
+        added = removed = 0
+        while len(copies) + added < spec.replicas:
+            service = await ctx.reload(service_id)
+            await self.replacer.replace(Replacement(service, spec, op, adding=True, finish=False, reason="scale"))
+            added += 1
+        if len(copies) > spec.replicas:
+            loads = {row["id"]: (row["load_percentage"], row["containers_running"]) for row in await ctx.db.all(
+                _LOADS.where(any_of(ControllerModel.__table__.c.id, "ids", sqlite=ctx.db.is_sqlite)),
+                {"ids": sorted({copy["controller_id"] for copy in copies})})}
+            copies.sort(key=lambda copy: (*loads.get(copy["controller_id"], (0.0, 0)), -copy["epoch"]))
+            for copy in copies[:len(copies) - spec.replicas]:
+                await self._remove_replica(service_id, copy)
+                removed += 1
+        return {"replicas": spec.replicas, "added": added, "removed": removed}
+
+    async def _remove_replica(self, service_id: str, copy: Mapping[str, Any]) -> None:
+        """Take one replica out: the gateways stop sending it requests, then its container goes. Its row is
+        ``draining`` meanwhile (heartbeats leave it alone); if the service's primary copy, another takes over."""
+        ctx = self.ctx
+        async with ctx.db.transaction() as tx:
+            await tx.execute(sql.DRAIN_ROW, {"row_id": copy["id"], "updated_at": utcnow()})
+            service = await tx.first(sql.LOCK_SERVICE, {"service_id": service_id})
+            if service is not None and service["container_id"] == copy["container_id"]:
+                heir = next((row for row in await tx.all(sql.REPLICA_ROWS, {"service_id": service_id})), None)
+                if heir is not None:
+                    await tx.execute(sql.REPOINT, {
+                        "service_id": service_id, "controller_id": heir["controller_id"],
+                        "container_id": heir["container_id"], "gpu_devices": heir["gpu_devices"],
+                        "endpoint": heir["endpoint"], "health": heir["health"], "updated_at": utcnow()})
+        if copy["container_id"] is None:
+            await sql.delete_row(ctx.db, copy["id"])
+            return
+        if ctx.gateway is not None:
+            await ctx.gateway.drained(service_id, None, [copy["container_id"]], ctx.settings.gateway_drain_timeout)
+        if await self.deployer.remove_container(copy["controller_id"], copy["container_id"]):
+            await sql.delete_row(ctx.db, copy["id"])
 
     async def update(self, user: UserModel, service_id: str, patch: ServicePatch,
                      wait: bool = True) -> ServiceModel | OperationModel:
@@ -98,7 +259,11 @@ class Mover:
         except ValidationError as exc:
             raise InvalidRequest("the patched spec is invalid",
                                  [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]) from None
-        if set(changes) <= GATEWAY_ONLY:
+        if "replicas" in changes:
+            check_replicas(spec.replicas, self.ctx.settings.max_replicas)
+        if set(changes) <= GATEWAY_ONLY | {"replicas"}:
+            if spec.replicas != service.replicas:
+                return await self.scale(user, service_id, spec, changes, wait)
             return await self._update_at_gateway(user, service_id, spec, changes)
         return await self.redeploy(user, service_id, "update", spec=spec, wait=wait)
 
@@ -118,8 +283,10 @@ class Mover:
 
     async def move(self, service_id: str, reason: str, exclude: frozenset[str] = frozenset(),
                    expected_controller: str | None = None) -> ServiceModel | None:
-        """Move a service for the reconciler: off a lost or draining controller, away from a
-        container that stays unhealthy, or to finish what an interrupted operation began.
+        """Move a service's copy for the reconciler: off a lost or draining controller (the copy there, of
+        the service's replicas), away from a container that stays unhealthy, or to finish what an
+        interrupted operation began; or (``replicas``) replace a replica found gone, else add one, for a
+        service with fewer than it should have.
 
         Returns None when there was nothing (left) to do.
         """
@@ -131,13 +298,31 @@ class Mover:
                     return None
                 if current.status not in UNSETTLED or await self._still_serving(current):
                     return None
-            operation = {"controller_lost": "failover", "resume": "recover"}.get(reason, "migrate")
+            operation = {"controller_lost": "failover", "resume": "recover", "replicas": "scale"}.get(reason, "migrate")
             # One transaction of Core statements, not ORM sessions (a mass failover makes thousands of moves):
             # the service read, its operation begun, its unfinished creates read.
             async with ctx.db.transaction() as tx:
                 found = await tx.first(sql.MOVED, {"service_id": service_id})
-                if found is None or found["controller_id"] != expected_controller:
+                if found is None:
                     return None
+                replacing: str | None = None
+                adding = False
+                if reason == "replicas":
+                    missing = await tx.first(_MISSING_REPLICA, {"service_id": service_id})
+                    if missing is not None:
+                        replacing = missing["id"]
+                    else:
+                        have = len(await tx.all(sql.REPLICA_ROWS, {"service_id": service_id}))
+                        if have >= found["replicas"] or found["desired_state"] != "running":
+                            return None
+                        adding = True
+                elif found["controller_id"] != expected_controller:
+                    # Not its primary copy: one of its other replicas, if it has one there.
+                    on = None if expected_controller is None else await tx.first(
+                        _REPLICA_ON, {"service_id": service_id, "controller_id": expected_controller})
+                    if on is None:
+                        return None
+                    replacing = on["id"]
                 values = dict(found)
                 owner = UserModel(id=values["owner_id"], username=values.pop("owner_username"),
                                   is_admin=values.pop("owner_is_admin"))
@@ -156,7 +341,8 @@ class Mover:
                 bind_request_id(op.id)
                 fresh = await self.replacer.replace(Replacement(
                     service, ServiceSpec.model_validate(service.spec), op, exclude=exclude, reason=reason,
-                    wait_healthy=reason in ("drain", "unhealthy"), unfinished=unfinished,
+                    wait_healthy=reason in ("drain", "unhealthy"), unfinished=unfinished, replacing=replacing,
+                    adding=adding,
                 ))
             if reason == "controller_lost":
                 ctx.metrics.failovers.inc()

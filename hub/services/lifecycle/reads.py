@@ -23,9 +23,9 @@ from sqlalchemy.sql.base import Executable
 from hub.db import Database
 from hub.errors import NotFound
 from hub.models import ServiceModel, UserModel
-from hub.schemas import Endpoint, ServiceOut
+from hub.schemas import Endpoint, ReplicaOut, ServiceOut
 from hub.services.gateway import GatewayDirectory
-from hub.services.lifecycle.sql import status_read
+from hub.services.lifecycle.sql import REPLICA_ROWS, status_read
 from hub.services.users import Identity
 
 # The status reads' answers kept for rendering again only when their service changed (``read_json``): a
@@ -51,6 +51,7 @@ class Reads:
     """The status read and the answer's shape."""
 
     def __init__(self, db: Database, gateways: GatewayDirectory) -> None:
+        self.db = db
         self.gateways = gateways
         # The calls that come together share one statement, built once (so its cache key is computed once).
         self._gathered = Gathered(db, status_read(db.is_sqlite), "id")
@@ -59,19 +60,31 @@ class Reads:
     async def read(self, user: UserModel | Identity, service_id: str) -> ServiceOut:
         """The status read every client polls: the service as the hub knows it, with its owner's name, in
         one statement on a connection outside any transaction (no ORM session, no identity map), shared by
-        the reads that come at the same time."""
+        the reads that come at the same time; a service of several replicas takes a second one, for them."""
         row = await self._row(user, service_id)
-        return self.to_out(SimpleNamespace(**row), owner=row["owner_name"])  # type: ignore[arg-type]  # a row has the model's columns
+        copies = await self._copies(row)
+        return self.to_out(SimpleNamespace(**row), owner=row["owner_name"], copies=copies)  # type: ignore[arg-type]  # a row has the model's columns
 
     async def read_json(self, user: UserModel | Identity, service_id: str) -> bytes:
-        """``read``'s answer as the JSON the route sends, rendered again only when the service's row changed
-        since it was last rendered (a service polled by many clients, or by one at a fast cadence, is mostly
-        unchanged between two polls)."""
+        """``read``'s answer as the JSON the route sends, rendered again only when the service's row (and
+        its replicas' rows) changed since it was last rendered (a service polled by many clients, or by one
+        at a fast cadence, is mostly unchanged between two polls)."""
         row = await self._row(user, service_id)
+        copies = await self._copies(row)
         # Keyed by the gateway's URL too: the answer's ``url`` starts with it.
-        return self._rendered.get((service_id, self.gateways.url), row, lambda: self.to_out(
+        return self._rendered.get((service_id, self.gateways.url), (row, copies), lambda: self.to_out(
             SimpleNamespace(**row),  # type: ignore[arg-type]  # a row has the model's columns
-            owner=row["owner_name"]).model_dump_json().encode())
+            owner=row["owner_name"], copies=copies).model_dump_json().encode())
+
+    async def out(self, service: ServiceModel) -> ServiceOut:
+        """The answer for a service read by the caller, with its replicas."""
+        return self.to_out(service, copies=await self._copies({"id": service.id, "replicas": service.replicas}))
+
+    async def _copies(self, row: Mapping[str, Any]) -> Sequence[Mapping[str, Any]] | None:
+        """The replicas' rows of a service that has several (one replica is the service's own row)."""
+        if row["replicas"] <= 1:
+            return None
+        return await self.db.all(REPLICA_ROWS, {"service_id": row["id"]})
 
     async def _row(self, user: UserModel | Identity, service_id: str) -> Mapping[str, Any]:
         row = await self._gathered.first(service_id)
@@ -79,10 +92,24 @@ class Reads:
         assert row is not None
         return row
 
-    def to_out(self, service: ServiceModel, owner: str | None = None) -> ServiceOut:
-        """``service`` may be a row with the model's columns; ``owner``, the owner's name, then too."""
+    def to_out(self, service: ServiceModel, owner: str | None = None,
+               copies: Sequence[Mapping[str, Any]] | None = None) -> ServiceOut:
+        """``service`` may be a row with the model's columns; ``owner``, the owner's name, then too.
+        ``copies``: its replicas' registry rows (None: its one copy is the service's own container)."""
         endpoint = Endpoint.model_validate(service.endpoint) if service.endpoint else None
         owner = owner if owner is not None else service.owner.username
+        if copies is not None:
+            # The primary copy first, then by epoch.
+            copies = sorted(copies, key=lambda copy: copy["container_id"] != service.container_id)
+            replicas = [ReplicaOut(id=copy["container_id"] or copy["id"], controller_id=copy["controller_id"],
+                                   state=copy["status"], health=copy["health"],
+                                   endpoint=copy["endpoint"] if copy["status"] == "running" else None)
+                        for copy in copies]
+        elif service.controller_id is not None:
+            replicas = [ReplicaOut(id=service.container_id or service.id, controller_id=service.controller_id,
+                                   state=service.status, health=service.health, endpoint=endpoint)]
+        else:
+            replicas = []
         return ServiceOut(
             id=service.id,
             name=service.name,
@@ -99,6 +126,7 @@ class Reads:
             endpoint=endpoint,
             url=self._url(service, owner, endpoint),
             health=service.health,
+            replicas=replicas,
             created_at=service.created_at,
             updated_at=service.updated_at,
         )
@@ -126,9 +154,9 @@ class Rendered:
 
     def __init__(self, most: int) -> None:
         self.most = most
-        self._last: dict[Any, tuple[Mapping[str, Any], bytes]] = {}
+        self._last: dict[Any, tuple[Any, bytes]] = {}
 
-    def get(self, key: Any, row: Mapping[str, Any], render: Callable[[], bytes]) -> bytes:
+    def get(self, key: Any, row: Any, render: Callable[[], bytes]) -> bytes:
         last = self._last.get(key)
         if last is not None and (last[0] is row or last[0] == row):
             return last[1]

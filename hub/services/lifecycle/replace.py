@@ -1,13 +1,15 @@
-"""Replacing a service's copy by a new one at a new epoch: the step every move, update, rollback,
-failover and recovery ends in (``Replacer.replace``).
+"""Replacing one of a service's copies (replicas) by a new one at a new epoch, or adding one: the step every
+move, update, rollback, scale-up, failover and recovery ends in (``Replacer.replace``).
 
 Invariants:
 - a new epoch is claimed in the transaction that holds the new copy's placement, conditionally on the
-  epoch read, so two operations (maybe on two replicas) never both claim it and a placement that finds
-  nothing uses no epoch up;
-- the new copy becomes current, and every other copy ``stale``, in one transaction that holds the
-  service's row lock, so from then on every heartbeat of an old copy's controller tells it to stop it,
+  epoch read, so two operations (maybe on two hub replicas) never both claim it and a placement that
+  finds nothing uses no epoch up; every copy of a service has an epoch of its own;
+- the new copy becomes a replica, and the one it replaces ``stale``, in one transaction that holds the
+  service's row lock, so from then on every heartbeat of the old copy's controller tells it to stop it,
   even if the hub dies right after; a copy whose epoch was overtaken meanwhile is discarded instead;
+- the service's own controller, container and endpoint are its primary copy's: a new copy takes them
+  over only from the copy it replaces (or when the service has no other);
 - a create that an interrupted operation began (a ``creating`` row at the service's epoch) is finished
   at the same controller, where repeating it is idempotent, before any new one is placed.
 """
@@ -46,11 +48,12 @@ HEALTH_FOLLOWERS = 64
 
 @dataclass(slots=True)
 class Unfinished:
-    """A service's registry rows of creates begun and never finished (``pending``), and the healthy
-    controllers they are on (``healthy``, by id)."""
+    """A service's registry rows of creates begun and never finished (``pending``), the healthy
+    controllers they are on (``healthy``, by id), and its replicas (``serving``)."""
 
     pending: list[ContainerRegistryModel]
     healthy: dict[str, ControllerModel]
+    serving: list[ContainerRegistryModel] = field(default_factory=list)
 
 
 @dataclass(slots=True)
@@ -61,6 +64,8 @@ class Replacement:
     deployment history's number a changed spec plans to take (None: the spec is the service's own).
     ``reason``: why it moves (recorded on the operation and in the history). Without ``wait_healthy``
     (failover) the new copy is recorded as soon as it runs. ``unfinished``: those rows, read already.
+    ``replacing``: the id of the replica's row the new copy replaces (None: the primary's); with ``adding``
+    it replaces none and is one more replica.
     """
 
     service: ServiceModel
@@ -72,6 +77,10 @@ class Replacement:
     reason: str | None = None
     wait_healthy: bool = True
     unfinished: Unfinished | None = None
+    replacing: str | None = None
+    adding: bool = False
+    # False: one step of several (a rolling update, a scale-up); the caller ends ``op``.
+    finish: bool = True
 
 
 async def read_unfinished(tx: Tx, service: ServiceModel, *, sqlite: bool) -> Unfinished:
@@ -79,15 +88,24 @@ async def read_unfinished(tx: Tx, service: ServiceModel, *, sqlite: bool) -> Unf
     operation that never finished (a heartbeat may already have seen them run); and of the controllers
     those rows are on, the healthy ones (only those: a failover of thousands must not read the fleet each).
     Rows and controllers as objects of no session, read with Core statements built once."""
-    pending = [
-        ContainerRegistryModel(**row) for row in await tx.all(sql.PENDING_ROWS, {"service_id": service.id})
-        if row["container_id"] is None or row["container_id"] != service.container_id
-    ]
+    live = [ContainerRegistryModel(**row) for row in await tx.all(sql.LIVE_ROWS, {"service_id": service.id})]
+    pending = [row for row in live if not row.serving]
+    serving = sorted((row for row in live if row.serving), key=lambda row: row.epoch)
     if not pending:
-        return Unfinished(pending, {})
+        return Unfinished(pending, {}, serving)
     ids = sorted({row.controller_id for row in pending})
     healthy = [ControllerModel(**row) for row in await tx.all(sql.healthy_controllers(sqlite), {"ids": ids})]
-    return Unfinished(pending, {c.id: c for c in healthy})
+    return Unfinished(pending, {c.id: c for c in healthy}, serving)
+
+
+def _replaced(plan: Replacement, copies: Unfinished) -> ContainerRegistryModel | None:
+    """The replica the new copy replaces: the one named, else the primary (the service's container)."""
+    if plan.adding:
+        return None
+    for row in copies.serving:
+        if row.id == plan.replacing or (plan.replacing is None and row.container_id == plan.service.container_id):
+            return row
+    return None
 
 
 def _removable(stale: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
@@ -103,11 +121,13 @@ def _moved_details(epoch: int, old_controller_id: str | None, controller: Contro
     return details
 
 
-async def claim_epoch_in(tx: Tx, service_id: str, seen: int) -> None:
+async def claim_epoch_in(tx: Tx, service_id: str, seen: int, beside: bool = False) -> None:
     """Take the next epoch (``seen + 1``) in the caller's transaction, or fail if another operation
-    (maybe on another replica) took it first."""
-    if await tx.execute(sql.CLAIM_EPOCH, {"service_id": service_id, "seen": seen, "next_epoch": seen + 1,
-                                          "updated_at": utcnow()}) != 1:
+    (maybe on another hub replica) took it first. The service reads ``migrating`` meanwhile, unless the
+    copy is made ``beside`` others that keep serving."""
+    statement = sql.CLAIM_EPOCH_BESIDE if beside else sql.CLAIM_EPOCH
+    if await tx.execute(statement, {"service_id": service_id, "seen": seen, "next_epoch": seen + 1,
+                                    "updated_at": utcnow()}) != 1:
         raise Conflict("another operation changed the service meanwhile; retry", code="CONCURRENT_CHANGE")
 
 
@@ -127,12 +147,21 @@ class Replacer:
         """
         ctx, service, spec, op = self.ctx, plan.service, plan.spec, plan.op
         prior_status = service.status
+        if plan.unfinished is None:
+            async with ctx.db.transaction() as tx:
+                plan.unfinished = await read_unfinished(tx, service, sqlite=ctx.db.is_sqlite)
+        old = _replaced(plan, plan.unfinished)
+        others = [row for row in plan.unfinished.serving if old is None or row.id != old.id]
+        primary = service.container_id is None or not others or (
+            old is not None and old.container_id == service.container_id)
         try:
-            copy = await self._resume_or_deploy(plan)
+            copy = await self._resume_or_deploy(plan, beside=not primary,
+                                                spread=frozenset(row.controller_id for row in others))
         except HubError:
             await self._restore_status(service.id, prior_status)
             raise
         row, controller = copy.row, copy.controller
+        row.endpoint = endpoint_for(controller.url, copy.ports).model_dump()
         healthy = False
         if plan.wait_healthy and spec.health_check is not None and row.container_id:
             try:
@@ -143,7 +172,10 @@ class Replacer:
                 await sql.delete_row(ctx.db, row.id)
                 await self._restore_status(service.id, prior_status)
                 raise
-        details = _moved_details(copy.epoch, service.controller_id, controller, plan.reason)
+        details = _moved_details(copy.epoch, old.controller_id if old is not None else None, controller,
+                                 plan.reason)
+        if not primary or plan.adding:
+            details["replica"] = "added" if plan.adding else "replaced"
         ended = False
         try:
             async with ctx.db.transaction() as tx:
@@ -151,7 +183,7 @@ class Replacer:
                 locked = await tx.first(sql.LOCK_SERVICE, {"service_id": service.id})
                 if locked is None or locked["epoch"] != copy.epoch or not await settle_row(tx, row):
                     raise Superseded
-                fresh = await self._finalize(tx, locked, plan, copy, healthy)
+                fresh = await self._finalize(tx, locked, plan, copy, healthy, primary, old.id if old else None)
                 # The old copies whose controller answers now, read once: removed after the commit. None to
                 # remove (a failover's is on a lost controller) and nothing to stop: the operation ends in
                 # this transaction too.
@@ -160,7 +192,7 @@ class Replacer:
                     # Not fenced by their controllers' next heartbeats while the gateways may still send
                     # them requests: this move removes them once they no longer do.
                     await tx.execute(sql.DRAINING, {"of_service": service.id, "updated_at": utcnow()})
-                if fresh.desired_state != "stopped" and not removable:
+                if fresh.desired_state != "stopped" and not removable and plan.finish:
                     await ctx.ops.finish_in(tx, op, controller_id=controller.id, container_id=row.container_id,
                                             details={**details, "old_containers_removed": 0})
                     ended = True
@@ -171,14 +203,15 @@ class Replacer:
                            code="CONCURRENT_CHANGE") from None
         if ended:
             ctx.ops.finished(op)
-        else:
-            await self._after_finalize(fresh, copy, op, details, removable)
+        elif plan.finish or removable:
+            await self._after_finalize(fresh, copy, op, details, removable, plan.finish)
         if not healthy and spec.health_check is not None and row.container_id and fresh.desired_state == "running":
             self._follow_health(fresh.id, copy.epoch, controller, row)
         return await ctx.reload(service.id) if fresh.desired_state == "stopped" else fresh
 
-    async def _resume_or_deploy(self, plan: Replacement) -> Deployed:
-        """Finish a create that an interrupted operation began, or claim a new epoch and deploy.
+    async def _resume_or_deploy(self, plan: Replacement, beside: bool, spread: frozenset[str]) -> Deployed:
+        """Finish a create that an interrupted operation began, or claim a new epoch and deploy (on a
+        controller none of ``spread`` while another fits).
 
         A ``creating`` row at the service's current epoch is the create of an
         operation that did not finish (its hub stopped): repeating that create is
@@ -186,9 +219,7 @@ class Replacer:
         """
         ctx, service, spec = self.ctx, plan.service, plan.spec
         unfinished = plan.unfinished
-        if unfinished is None:
-            async with ctx.db.transaction() as tx:
-                unfinished = await read_unfinished(tx, service, sqlite=ctx.db.is_sqlite)
+        assert unfinished is not None  # read by replace()
         for row in unfinished.pending:
             controller = unfinished.healthy.get(row.controller_id)
             usable = (
@@ -213,10 +244,10 @@ class Replacer:
         epoch = service.epoch + 1
 
         async def claim(tx: Tx) -> None:
-            await claim_epoch_in(tx, service.id, service.epoch)
+            await claim_epoch_in(tx, service.id, service.epoch, beside)
 
-        first = await self.deployer.reserve(service, spec, plan.exclude, plan.target, epoch, claim)
-        return await self.deployer.deploy(service, spec, epoch, plan.exclude, plan.target, first=first)
+        first = await self.deployer.reserve(service, spec, plan.exclude, plan.target, epoch, claim, spread)
+        return await self.deployer.deploy(service, spec, epoch, plan.exclude, plan.target, first=first, spread=spread)
 
     async def _await_healthy(self, controller: ControllerModel, container_id: str,
                              timeout: float | None = None, backoff: bool = False) -> None:
@@ -266,20 +297,23 @@ class Replacer:
 
     @staticmethod
     async def _finalize(tx: Tx, locked: Mapping[str, Any], plan: Replacement, copy: Deployed,
-                        healthy: bool) -> ServiceModel:
-        """Make the new copy current and every other copy stale, in the caller's transaction, which holds
-        the service's row lock (``locked``, the row as it read it); the service as it now is, an object of
-        no session."""
+                        healthy: bool, primary: bool, replaced: str | None) -> ServiceModel:
+        """Make the new copy a replica (the primary one if ``primary``) and the one it replaces
+        (``replaced``, a row id), with any create left unfinished, stale, in the caller's transaction, which
+        holds the service's row lock (``locked``, the row as it read it); the service as it now is, an
+        object of no session."""
         now = utcnow()
         row, controller, op = copy.row, copy.controller, plan.op
         changes: dict[str, Any] = {
-            "epoch": copy.epoch, "controller_id": controller.id, "container_id": row.container_id,
-            "gpu_devices": row.gpu_devices, "spec": plan.spec.model_dump(mode="json"),
-            "health": "healthy" if healthy else row.health or "unknown", "version": locked["version"],
-            "status": docker_status(copy.status, "running"),
-            "endpoint": endpoint_for(controller.url, copy.ports).model_dump(),
-            "status_message": None, "updated_at": now,
+            "epoch": copy.epoch, "spec": plan.spec.model_dump(mode="json"), "version": locked["version"],
+            "updated_at": now,
         }
+        if primary:
+            changes.update({
+                "controller_id": controller.id, "container_id": row.container_id, "gpu_devices": row.gpu_devices,
+                "health": "healthy" if healthy else row.health or "unknown",
+                "status": docker_status(copy.status, "running"), "endpoint": row.endpoint, "status_message": None,
+            })
         if plan.version is not None:
             # Numbered here, under the service's row lock: two redeploys that planned the same number
             # (concurrent calls, or two replicas) get consecutive ones.
@@ -289,16 +323,17 @@ class Replacer:
                 service_id=locked["id"], version=version, spec=changes["spec"], image=plan.spec.image,
                 reason=plan.reason or op.operation, actor=op.actor, created_at=now,
             ))
-        await tx.execute(sql.FINALIZE, {**changes, "service_id": locked["id"]})
-        await tx.execute(sql.RETIRE_OTHERS, {"of_service": locked["id"], "keep_row": row.id, "updated_at": now})
+        await tx.execute(sql.FINALIZE if primary else sql.FINALIZE_BESIDE, {**changes, "service_id": locked["id"]})
+        await tx.execute(sql.RETIRE_REPLACED, {"of_service": locked["id"], "keep_row": row.id,
+                                               "replaced_row": replaced or "", "updated_at": now})
         fresh = ServiceModel(**{**dict(locked), **changes})
         fresh.owner = plan.service.owner
         return fresh
 
     async def _after_finalize(self, fresh: ServiceModel, copy: Deployed, op: OperationModel,
-                              details: dict[str, Any], removable: list[Mapping[str, Any]]) -> None:
+                              details: dict[str, Any], removable: list[Mapping[str, Any]], finish: bool) -> None:
         """Retire the old copies (``removable``: those on controllers that answer), keep a stopped service
-        stopped, and close the operation."""
+        stopped, and close the operation (unless the caller ends it: not ``finish``)."""
         ctx, row, controller = self.ctx, copy.row, copy.controller
         if removable and ctx.gateway is not None:
             # No request lost: the gateways route to the new copy, and have let the old ones finish theirs.
@@ -312,7 +347,8 @@ class Replacer:
                 stopped = await session.get(ServiceModel, fresh.id)
                 assert stopped is not None
                 stopped.status, stopped.endpoint = "stopped", None
-        await ctx.ops.finish(op, controller_id=controller.id, container_id=row.container_id, details=details)
+        if finish:
+            await ctx.ops.finish(op, controller_id=controller.id, container_id=row.container_id, details=details)
 
     async def _restore_status(self, service_id: str, prior: str) -> None:
         """After a failed move the old copy (if any) keeps serving; say what the service is."""

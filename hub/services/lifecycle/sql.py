@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from sqlalchemy import Select, bindparam, case, delete, func, insert, select, update
+from sqlalchemy import Select, bindparam, case, delete, func, insert, or_, select, update
 
 from hub.db import Database, any_of
 from hub.models import (
@@ -40,11 +40,11 @@ def status_read(sqlite: bool) -> Select[Any]:
 
 # A create's owner named by an admin.
 OWNER_BY_NAME = select(UserModel).where(UserModel.username == bindparam("username"))
-# A create's count of its owner's services, and the id of one already named as the new one, under the
-# owner's row lock (NO KEY UPDATE: inserts that only reference the user are not held up).
+# A create's count of its owner's replicas (the quota counts each), and the id of one already named as the
+# new one, under the owner's row lock (NO KEY UPDATE: inserts that only reference the user are not held up).
 LOCK_OWNER = select(UserModel.id).where(UserModel.id == bindparam("owner_id")).with_for_update(key_share=True)
 OWNED = select(
-    func.count().label("count"),
+    func.coalesce(func.sum(ServiceModel.replicas), 0).label("count"),
     func.max(case((ServiceModel.name == bindparam("name"), ServiceModel.id))).label("clash"),
 ).where(ServiceModel.owner_id == bindparam("owner_id"))
 
@@ -57,12 +57,14 @@ INSERT_ROW_IF_PLACEABLE = insert(REGISTRY).from_select(
         CONTROLLERS.c.enabled.is_(True), CONTROLLERS.c.draining.is_(False),
     ),
 )
-# The created container on its reserved row, unless the row was superseded meanwhile.
+# The created container on its reserved row, one of the service's replicas from now on, unless the row was
+# superseded meanwhile.
 SETTLE_ROW = (
     update(REGISTRY)
     .where(REGISTRY.c.id == bindparam("row_id"), REGISTRY.c.status != "stale")
     .values(container_id=bindparam("container_id"), container_name=bindparam("container_name"),
-            status=bindparam("status"), updated_at=bindparam("updated_at"))
+            status=bindparam("status"), endpoint=bindparam("endpoint", type_=REGISTRY.c.endpoint.type),
+            serving=True, updated_at=bindparam("updated_at"))
     .returning(REGISTRY.c.health)
 )
 # The create's end: its service pointing at the container, unless another operation got there first.
@@ -82,6 +84,12 @@ CLAIM_EPOCH = (
     .where(SERVICES.c.id == bindparam("service_id"), SERVICES.c.epoch == bindparam("seen"))
     .values(epoch=bindparam("next_epoch"), status="migrating", updated_at=bindparam("updated_at"))
 )
+# The same for a copy beside others that keep serving: the service's status stays what it is.
+CLAIM_EPOCH_BESIDE = (
+    update(SERVICES)
+    .where(SERVICES.c.id == bindparam("service_id"), SERVICES.c.epoch == bindparam("seen"))
+    .values(epoch=bindparam("next_epoch"), updated_at=bindparam("updated_at"))
+)
 # A replace's settle: the service, its row locked until the transaction ends (SQLite locks the whole
 # database anyway), made to point at the new copy; every other copy stale.
 LOCK_SERVICE = select(SERVICES).where(SERVICES.c.id == bindparam("service_id")).with_for_update()
@@ -92,9 +100,18 @@ FINALIZE = (
     .where(SERVICES.c.id == bindparam("service_id"))
     .values({key: bindparam(key, type_=SERVICES.c[key].type) for key in FINALIZED})
 )
-RETIRE_OTHERS = (
+# A copy that is not the primary: the service takes its epoch (and a changed spec) only.
+FINALIZE_BESIDE = (
+    update(SERVICES)
+    .where(SERVICES.c.id == bindparam("service_id"))
+    .values({key: bindparam(key, type_=SERVICES.c[key].type) for key in ("epoch", "spec", "version", "updated_at")})
+)
+# The replaced replica (if any) and creates begun and never finished, but not the new copy, nor the other
+# replicas.
+RETIRE_REPLACED = (
     update(REGISTRY)
-    .where(REGISTRY.c.service_id == bindparam("of_service"), REGISTRY.c.id != bindparam("keep_row"))
+    .where(REGISTRY.c.service_id == bindparam("of_service"), REGISTRY.c.id != bindparam("keep_row"),
+           or_(REGISTRY.c.id == bindparam("replaced_row"), REGISTRY.c.serving.is_(False)))
     .values(status="stale", updated_at=bindparam("updated_at"))
 )
 LATEST_VERSION = select(func.max(HISTORY.c.version).label("latest")).where(
@@ -116,9 +133,13 @@ FOLLOWED_ROW = (
            REGISTRY.c.status != "stale")
     .values(health="healthy", updated_at=bindparam("updated_at"))
 )
-# A service's rows that are not superseded (of them, those not its current container are unfinished creates).
-PENDING_ROWS = select(REGISTRY).where(REGISTRY.c.service_id == bindparam("service_id"),
-                                      REGISTRY.c.status != "stale", REGISTRY.c.status != "draining")
+# A service's rows that are not superseded: its replicas (``serving``) and creates begun and never finished.
+LIVE_ROWS = select(REGISTRY).where(REGISTRY.c.service_id == bindparam("service_id"),
+                                   REGISTRY.c.status != "stale", REGISTRY.c.status != "draining")
+# A service's replicas, primary first, then by epoch.
+REPLICA_ROWS = (select(REGISTRY).where(REGISTRY.c.service_id == bindparam("service_id"), REGISTRY.c.serving.is_(True),
+                                       REGISTRY.c.status != "stale", REGISTRY.c.status != "draining")
+                .order_by(REGISTRY.c.epoch))
 
 
 @functools.cache
@@ -150,7 +171,22 @@ SERVING_ROW = select(ContainerRegistryModel).where(
 
 # What Docker said of a container, on its registry rows.
 COPY_STATUS = (update(REGISTRY).where(REGISTRY.c.container_id == bindparam("of_container"))
-               .values(status=bindparam("status")))
+               .values(status=bindparam("status"), endpoint=bindparam("endpoint", type_=REGISTRY.c.endpoint.type),
+                       updated_at=bindparam("updated_at")))
+# A replica removed by a scale-down, marked so while the gateways stop sending it requests.
+DRAIN_ROW = (update(REGISTRY).where(REGISTRY.c.id == bindparam("row_id"))
+             .values(status="draining", updated_at=bindparam("updated_at")))
+# The service's primary copy moved to another of its replicas (its own was scaled away).
+REPOINT = (
+    update(SERVICES)
+    .where(SERVICES.c.id == bindparam("service_id"))
+    .values({key: bindparam(key, type_=SERVICES.c[key].type) for key in (
+        "controller_id", "container_id", "gpu_devices", "endpoint", "health", "updated_at")})
+)
+# A scale's new count.
+SET_REPLICAS = (update(SERVICES).where(SERVICES.c.id == bindparam("service_id"))
+                .values(replicas=bindparam("replicas"), spec=bindparam("spec", type_=SERVICES.c.spec.type),
+                        updated_at=bindparam("updated_at")))
 # A service's copies, to delete with it.
 SERVICE_COPIES = select(ContainerRegistryModel.controller_id, ContainerRegistryModel.container_id).where(
     ContainerRegistryModel.service_id == bindparam("service_id"))

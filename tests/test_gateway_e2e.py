@@ -237,8 +237,8 @@ def test_with_two_replicas_a_killed_controller_costs_only_what_its_copy_held(
     # and retry-on conn-failure resends those).
     load, _, failed = kill_under_load(lab, docker_client, service["url"] + "health", victim["controller_id"],
                                       victim["id"], 1.0)
-    print(f"2 replicas, one controller killed at 200/s: {len(failed)} failed of {load.sent} "
-          f"(all within {max(failed, default=0):.2f}s of the kill)")
+    print(f"2 replicas, one controller killed at 200/s: {len(failed)} failed of {load.sent}, "
+          f"the last {max(failed, default=0):+.2f}s from the kill's end")
 
 
 def test_a_private_service_needs_its_key(lab: Lab) -> None:

@@ -118,8 +118,11 @@ async def service_status(service_id: str, user: CurrentUser, hub: HubDep) -> Ser
 
 @router.get("/services/{service_id}/logs", response_class=PlainTextResponse)
 async def service_logs(service_id: str, user: CurrentUser, hub: HubDep,
-                       tail: int = Query(100, ge=0, le=100_000), follow: bool = False) -> Response:
-    result = await hub.services.logs(user, service_id, tail, follow)
+                       tail: int = Query(100, ge=0, le=100_000), follow: bool = False,
+                       replica: str | None = Query(None, max_length=128,
+                                                   description="a replica's id (its container); default the primary")
+                       ) -> Response:
+    result = await hub.services.logs(user, service_id, tail, follow, replica)
     if isinstance(result, str):
         return PlainTextResponse(result)
     # Closing: the caller's stream slot and the controller connection are given back however it ends.

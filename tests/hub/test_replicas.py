@@ -57,6 +57,19 @@ async def test_replicas_are_placed_in_one_batch_spread_over_controllers_and_list
         assert (await get_health(f"http://127.0.0.1:{rep['endpoint']['ports']['5000']}")).status_code == 200
     [create] = await ops_of(cluster, sid, "create")
     assert create["status"] == "succeeded" and create["details"]["replicas"] == 2
+    # Each replica's logs, by its id; the primary's by default; another service's container is none of its.
+    other = next(rep["id"] for rep in replicas if rep["id"] != created["container_id"])
+    texts = []
+    for params, container in (({}, created["container_id"]), ({"replica": other}, other)):
+        r = await cluster.hub.get(f"/api/services/{sid}/logs", params={**params, "tail": 100_000})
+        assert r.status_code == 200, r.text
+        # Its whole log so far (the probes add lines as it runs): it names the clients' ports, each copy's own.
+        assert r.text.startswith("model service") and "response:200" in r.text, r.text
+        assert cluster.docker.containers.get(container).logs().decode().startswith(r.text)
+        texts.append(r.text)
+    assert texts[0] != texts[1]
+    r = await cluster.hub.get(f"/api/services/{sid}/logs", params={"replica": "nope"})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "REPLICA_NOT_FOUND"
 
     # A third fits only on the GPU controller (CPU services prefer CPU ones): it goes there rather than doubling up.
     three = (await cluster.hub.post("/api/admin/repo/services", json={**SPEC, "name": "three", "replicas": 3})).json()

@@ -218,19 +218,28 @@ class Actions:
                 fresh.status, fresh.status_message, fresh.endpoint = status, message, endpoint
         return fresh
 
-    async def logs(self, user: UserModel, service_id: str, tail: int, follow: bool) -> str | ClosingStream:
+    async def logs(self, user: UserModel, service_id: str, tail: int, follow: bool,
+                   replica: str | None = None) -> str | ClosingStream:
+        """The logs of the service's primary copy, or of the replica named (its container's id)."""
         ctx = self.ctx
         async with ctx.db.session() as session:
             service = await get_for(session, user, service_id)
             if service.container_id is None or service.controller_id is None:
                 raise Conflict("service has no container yet", code="NO_CONTAINER")
-            controller = await get_controller(session, service.controller_id)
+            controller_id, container_id = service.controller_id, service.container_id
+            if replica is not None and replica != container_id:
+                found = next((row for row in await session.execute(sql.REPLICA_ROWS, {"service_id": service.id})
+                              if row.container_id == replica), None)
+                if found is None:
+                    raise NotFound(f"service {service_id!r} has no replica {replica!r}", code="REPLICA_NOT_FOUND")
+                controller_id, container_id = found.controller_id, replica
+            controller = await get_controller(session, controller_id)
         if not follow:
-            return await ctx.client.logs(controller.id, controller.url, service.container_id, tail)
+            return await ctx.client.logs(controller.id, controller.url, container_id, tail)
         # After the ownership check: another user's service is a 404 whatever the caller has open.
         release = self.log_streams.acquire(user.id, user.username)
         try:
-            stream = await ctx.client.follow_logs(controller.id, controller.url, service.container_id, tail)
+            stream = await ctx.client.follow_logs(controller.id, controller.url, container_id, tail)
         except BaseException:
             release()
             raise

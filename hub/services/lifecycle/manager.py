@@ -112,8 +112,9 @@ class ServiceManager:
     def refresh(self, user: UserModel, service_id: str) -> Awaitable[ServiceModel]:
         return self._actions.refresh(user, service_id)
 
-    def logs(self, user: UserModel, service_id: str, tail: int, follow: bool) -> Awaitable[str | ClosingStream]:
-        return self._actions.logs(user, service_id, tail, follow)
+    def logs(self, user: UserModel, service_id: str, tail: int, follow: bool,
+             replica: str | None = None) -> Awaitable[str | ClosingStream]:
+        return self._actions.logs(user, service_id, tail, follow, replica)
 
     # --------------------------------------------------------------- plumbing
 

@@ -1,5 +1,4 @@
-"""Replicas: a service's wanted count of copies, and on each registry row whether it is one of them and
-where it answers.
+"""Replicas: each service's count of copies; on each registry row, whether it is one and its endpoint.
 
 Revision ID: 0006
 Revises: 0005

@@ -187,7 +187,7 @@ class ContainerRegistryModel(Base):
     # is a create an interrupted operation began); its status leaves it when superseded.
     serving: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     # Where the copy answers (host and published ports), once it runs.
-    endpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    endpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 

@@ -60,6 +60,8 @@ LOST_LOGGED = 20
 
 # How often a tick also deletes the rows of replicas gone for an hour.
 REPLICA_SWEEP = timedelta(minutes=1)
+# How often a tick also counts every running service's copies (a scan of them all: not twice a second).
+RECOUNT_EVERY = timedelta(seconds=5)
 
 
 @dataclass(frozen=True)
@@ -77,7 +79,7 @@ class _TickStatements:
     failing: Executable
     replicas_at_risk: Executable
     failing_replicas: Executable
-    short: Executable
+    recount: Executable
     hosting: Executable
     busy: Executable
 
@@ -98,7 +100,8 @@ def _tick_statements(sqlite: bool) -> _TickStatements:
     # (Inequalities, not NOT IN: these statements go straight through the driver, which takes no expanding list.)
     other = and_(current.service_id == s.id, current.serving.is_(True), current.status != "stale",
                  current.status != "draining", or_(s.container_id.is_(None), current.container_id != s.container_id))
-    replica_columns = (s.id, s.desired_state, s.status, current.controller_id, current.health, current.health_restarts)
+    replica_columns = (s.id, s.desired_state, s.status, current.controller_id, current.health, current.health_restarts,
+                       current.id.label("row_id"))
     counted = (select(func.count()).where(current.service_id == s.id, current.serving.is_(True),
                                           *(current.status != status for status in ("stale", "draining", "missing")))
                .correlate(services).scalar_subquery())
@@ -131,11 +134,11 @@ def _tick_statements(sqlite: bool) -> _TickStatements:
         failing_replicas=select(*replica_columns).select_from(services.join(registry, other)).where(
             s.desired_state == "running", current.health == "unhealthy",
             current.health_restarts >= bindparam("restarts")),
-        # Fewer replicas than it should have (a create or scale that could not place them all, a copy gone):
-        # only services of several replicas (one replica's loss is its own status).
-        short=select(s.id, s.desired_state, s.status, s.controller_id).where(
-            s.replicas > 1, s.desired_state == "running", *(s.status != status for status in sorted(UNSETTLED)),
-            s.replicas > counted),
+        # Not the replicas it should have: a copy found gone, a create or scale that could not finish (a
+        # single copy's loss shows in its status, which the rules above act on).
+        recount=select(s.id, s.desired_state, s.status, s.controller_id).where(
+            s.desired_state == "running", *(s.status != status for status in sorted(UNSETTLED)),
+            s.replicas != counted),
         hosting=select(current.controller_id).distinct().where(
             current.status != "stale", any_of(current.controller_id, "draining", sqlite=sqlite)),
         busy=select(o.service_id).where(active, any_of(o.hub_replica, "live", sqlite=sqlite),
@@ -170,8 +173,9 @@ class Reconciler(LoopService):
         self._lag = LoopLag(self.move_slots)
         self._last_ok: datetime | None = None
         self._reads = _tick_statements(db.is_sqlite)
-        # When the rows of long-gone replicas were last deleted.
+        # When the rows of long-gone replicas were last deleted, and services' copies last counted.
         self._swept: datetime | None = None
+        self._recounted: datetime | None = None
 
     async def run_once(self) -> None:
         now = utcnow()
@@ -254,7 +258,10 @@ class Reconciler(LoopService):
         for query, values in replica_queries:
             for row in await db.all(query, values):
                 rows.setdefault((row["id"], row["controller_id"]), row)
-        short = {row["id"]: row for row in await db.all(reads.short, {})}
+        recount: dict[str, Any] = {}
+        if self._recounted is None or now - self._recounted >= RECOUNT_EVERY:
+            recount = {row["id"]: row for row in await db.all(reads.recount, {})}
+            self._recounted = now
         draining = sorted(draining_ids)
         hosting = frozenset(row["controller_id"] for row in await db.all(reads.hosting, {"draining": draining})
                             ) if draining else frozenset()
@@ -262,10 +269,10 @@ class Reconciler(LoopService):
         busy |= set(self._moving)
         services = [
             ServiceState(sid, r["desired_state"], r["status"], r["controller_id"], r["health"] or "unknown",
-                         r["health_restarts"] or 0, sid in busy, replica=bool(on))
+                         r["health_restarts"] or 0, sid in busy, replica=r["row_id"] if on else None)
             for (sid, on), r in sorted(rows.items())
-        ] + [ServiceState(sid, r["desired_state"], r["status"], r["controller_id"], busy=sid in busy, short=True)
-             for sid, r in sorted(short.items())]
+        ] + [ServiceState(sid, r["desired_state"], r["status"], r["controller_id"], busy=sid in busy, recount=True)
+             for sid, r in sorted(recount.items())]
         return Snapshot(controllers, services, self.leader_since, grace,
                         self.settings.max_health_restarts,
                         frozenset(c for c in self._moving_from.values() if c is not None), hosting, heard)
@@ -331,7 +338,7 @@ class Reconciler(LoopService):
         async with self.move_slots.slot():
             try:
                 result = await self.services.move(sid, action.reason, action.exclude,
-                                                  expected_controller=action.from_controller)
+                                                  expected_controller=action.from_controller, replica=action.replica)
             except HubError as exc:
                 failures = self._failures.get(sid, 0) + 1
                 self._failures[sid] = failures

@@ -141,11 +141,11 @@ class ServiceState:
     health_restarts: int = 0
     # A live hub replica is running an operation on it: leave it alone.
     busy: bool = False
-    # One of its replicas other than its primary copy (on ``controller_id``, with that copy's health): only
-    # its controller's loss or drain, or its failing health, move it.
-    replica: bool = False
-    # It runs fewer replicas than it should: one is added (or one found gone replaced).
-    short: bool = False
+    # One of its replicas other than its primary copy (its registry row; on ``controller_id``, with that
+    # copy's health): only its controller's loss or drain, or its failing health, move it.
+    replica: str | None = None
+    # Its replicas are not its count (a copy found gone, a create or scale that could not finish): recounted.
+    recount: bool = False
 
 
 @dataclass(frozen=True)
@@ -181,6 +181,8 @@ class Move:
     exclude: frozenset[str] = frozenset()
     # Where the service is in the snapshot; the move is dropped if that changed before it runs.
     from_controller: str | None = None
+    # The registry row of the replica it moves, when not the service's primary copy.
+    replica: str | None = None
 
 
 @dataclass(frozen=True)
@@ -243,21 +245,21 @@ def compute(snapshot: Snapshot, now: datetime) -> list[Action]:
         if s.busy:
             continue
         on = s.controller_id
-        if s.short:
+        if s.recount:
             actions.append(Move(s.id, "replicas", gone, None))
             continue
         if s.desired_state == "running":
-            if (s.status in UNSETTLED or on is None) and not s.replica:
+            if (s.status in UNSETTLED or on is None) and s.replica is None:
                 actions.append(Move(s.id, "resume", gone, on))
             elif on in lost:
-                actions.append(Move(s.id, "controller_lost", without(on), on))
+                actions.append(Move(s.id, "controller_lost", without(on), on, s.replica))
             elif on in draining:
-                actions.append(Move(s.id, "drain", without(on), on))
+                actions.append(Move(s.id, "drain", without(on), on, s.replica))
             elif s.health == "unhealthy" and s.health_restarts >= snapshot.max_health_restarts:
-                actions.append(Move(s.id, "unhealthy", without(on), on))
+                actions.append(Move(s.id, "unhealthy", without(on), on, s.replica))
         elif on in draining and on not in lost:
             # A stopped service moves too (it stays stopped): draining hands everything over.
-            actions.append(Move(s.id, "drain", without(on), on))
+            actions.append(Move(s.id, "drain", without(on), on, s.replica))
     for c in snapshot.controllers:
         if c.draining and not ({c.id} & (occupied | snapshot.moving_from | snapshot.hosting)):
             actions.append(FinishDrain(c.id))

@@ -54,7 +54,10 @@ GATEWAYS = GatewayModel.__table__
 FINGERPRINT = select(
     select(func.count()).select_from(SERVICES).scalar_subquery().label("services"),
     select(func.max(SERVICES.c.updated_at)).scalar_subquery().label("services_changed"),
-    select(func.count()).select_from(REGISTRY).scalar_subquery().label("copies"),
+    # Heartbeats date a copy's change by when its controller saw it, which may be older than the newest
+    # change: its health and status are summed in too (each row counts 1, healthy 2 more, running 4 more).
+    select(func.sum(1 + case((REGISTRY.c.health == "healthy", 2), else_=0)
+                    + case((REGISTRY.c.status == "running", 4), else_=0))).scalar_subquery().label("copies"),
     select(func.max(REGISTRY.c.updated_at)).scalar_subquery().label("copies_changed"),
     select(func.count()).select_from(KEYS).scalar_subquery().label("keys"),
     select(func.max(KEYS.c.created_at)).scalar_subquery().label("keys_changed"),
@@ -106,7 +109,7 @@ def _replicas(service: Mapping[str, Any], copies: Iterable[Mapping[str, Any]]) -
         return []
     replicas = []
     for copy in copies:
-        published = (copy["endpoint"].get("ports") or {}).get(port)
+        published = ((copy["endpoint"] or {}).get("ports") or {}).get(port)
         if not published:
             continue
         # A copy with a health check that the hub has not seen pass (one just started, or woken) is

@@ -445,7 +445,8 @@ class HeartbeatIngest:
             if gone:
                 await session.execute(
                     delete(ContainerRegistryModel).where(
-                        ContainerRegistryModel.id.in_(list(gone)), ContainerRegistryModel.status == "stale"
+                        ContainerRegistryModel.id.in_(list(gone)),
+                        or_(ContainerRegistryModel.status == "stale", ContainerRegistryModel.status == "draining"),
                     )
                 )
 

@@ -4,12 +4,15 @@ over them one at a time, and replaces the copy of a controller it lost while the
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import httpx
 import pytest
+from sqlalchemy import update
 
 from examples.images import EXAMPLE_IMAGE
+from hub.models import ServiceModel
 from tests.hub.conftest import Cluster
 from tests.hub.test_services_api import counts, get_health
 from tests.support.poll import eventually
@@ -191,3 +194,54 @@ async def test_the_quota_counts_every_replica(cluster: Cluster) -> None:
     assert len(running(cluster, sid)) == 3 and (await service(cluster, sid))["spec"]["replicas"] == 3
     r = await cluster.hub.post("/api/alice/lab/services", json={**SPEC, "name": "more", "replicas": 2}, headers=alice)
     assert r.status_code == 201, r.text
+
+
+async def test_the_reconciler_brings_a_service_to_its_count(cluster: Cluster) -> None:
+    """What an interrupted scale leaves (its count written, its copies not yet made or removed), and a
+    replica whose container vanished, are finished by the reconciler."""
+    sid = (await cluster.hub.post("/api/admin/repo/services", json={**SPEC, "replicas": 2})).json()["id"]
+
+    async def count_is(n: int) -> None:
+        async with cluster.db.session() as session:
+            await session.execute(update(ServiceModel).where(ServiceModel.id == sid).values(replicas=n))
+
+    async def replicas(n: int) -> dict[str, Any] | None:
+        now = await service(cluster, sid)
+        return now if len(now["replicas"]) == n and len(running(cluster, sid)) == n else None
+
+    await count_is(3)
+    await eventually(lambda: replicas(3), 30, "a third replica added", interval=0.2)
+    await count_is(1)
+    one = await eventually(lambda: replicas(1), 30, "the excess removed", interval=0.2)
+    assert one["status"] == "running" and one["replicas"][0]["id"] == one["container_id"]
+    # The last copy removed behind the hub's back: its heartbeat finds it gone, and a new one runs.
+    await count_is(2)
+    two = await eventually(lambda: replicas(2), 30, "a second replica added", interval=0.2)
+    other = next(rep for rep in two["replicas"] if rep["id"] != two["container_id"])
+    cluster.docker.containers.get(other["id"]).remove(force=True)
+    again = await eventually(lambda: _if(replicas(2), lambda s: other["id"] not in {r["id"] for r in s["replicas"]}),
+                             30, "the vanished replica replaced", interval=0.2)
+    assert again["container_id"] == two["container_id"]
+    scales = [op for op in await ops_of(cluster, sid, "scale") if op["actor"] == "system"]
+    assert scales and all(op["status"] == "succeeded" for op in scales)
+
+
+async def _if(found: Any, check: Any) -> Any:
+    value = await found
+    return value if value is not None and check(value) else None
+
+
+async def test_a_rollback_or_a_queued_update_keeps_the_count_of_replicas(cluster: Cluster) -> None:
+    sid = (await cluster.hub.post("/api/admin/repo/services", json=SPEC)).json()["id"]
+    assert (await cluster.hub.patch(f"/api/services/{sid}", json={"replicas": 2})).status_code == 200
+    # Version 1 ran one replica; rolling back to it changes the spec, not the count.
+    r = await cluster.hub.post(f"/api/services/{sid}/rollback", json={"version": 1})
+    assert r.status_code == 200, r.text
+    assert r.json()["spec"]["replicas"] == 2 and len(r.json()["replicas"]) == 2
+    # An update queued behind a scale does not undo it.
+    scale, update_ = await asyncio.gather(
+        cluster.hub.patch(f"/api/services/{sid}", json={"replicas": 3}),
+        cluster.hub.patch(f"/api/services/{sid}", json={"env": {"V": "2"}}))
+    assert scale.status_code == 200 and update_.status_code == 200, (scale.text, update_.text)
+    after = await service(cluster, sid)
+    assert after["spec"]["replicas"] == 3 and len(after["replicas"]) == 3 and len(running(cluster, sid)) == 3

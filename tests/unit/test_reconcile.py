@@ -193,17 +193,17 @@ def test_a_draining_copy_is_left_running_until_its_move_could_no_longer_be_waiti
     assert order.reason == "stale_epoch"
 
 
-def test_a_replica_moves_off_its_lost_controller_and_a_short_service_gets_one_more() -> None:
+def test_a_replica_moves_off_its_lost_controller_and_a_miscounted_service_is_recounted() -> None:
     controllers = [ControllerState("a", "unhealthy", at(0)), healthy("b", last=99), healthy("c", last=99)]
     services = [
         # Its primary copy on b is fine; the replica on a is lost, even while the service is mid-move.
-        svc("two", "b"), svc("two", "a", status="migrating", replica=True),
+        svc("two", "b"), svc("two", "a", status="migrating", replica="row-2"),
         # A replica that keeps failing its check after its restarts is moved like a primary copy.
-        svc("sick", "c", replica=True, health="unhealthy", health_restarts=3),
-        # Fewer replicas than it should run: one more, wherever fits (nothing to move away from).
-        svc("short", "b", short=True),
+        svc("sick", "c", replica="row-s", health="unhealthy", health_restarts=3),
+        # Not the replicas it should run: recounted, wherever fits (nothing to move away from).
+        svc("short", "b", recount=True),
     ]
     moves = [a for a in compute(snapshot(controllers, services), at(100)) if isinstance(a, Move)]
-    assert moves == [Move("two", "controller_lost", frozenset({"a"}), "a"),
-                     Move("sick", "unhealthy", frozenset({"a", "c"}), "c"),
+    assert moves == [Move("two", "controller_lost", frozenset({"a"}), "a", "row-2"),
+                     Move("sick", "unhealthy", frozenset({"a", "c"}), "c", "row-s"),
                      Move("short", "replicas", frozenset({"a"}), None)]

@@ -178,9 +178,12 @@ class Actions:
         return [own] + [copy for copy in rows if copy != own]
 
     async def _record(self, container_id: str, status: str, endpoint: dict[str, Any] | None) -> None:
+        values = {"of_container": container_id, "status": status, "updated_at": utcnow()}
         async with self.ctx.db.session() as session:
-            await session.execute(sql.COPY_STATUS, {"of_container": container_id, "status": status,
-                                                    "endpoint": endpoint, "updated_at": utcnow()})
+            if endpoint is None:
+                await session.execute(sql.COPY_STATUS, values)
+            else:
+                await session.execute(sql.COPY_RUNS, {**values, "endpoint": endpoint})
 
     async def refresh(self, user: UserModel, service_id: str) -> ServiceModel:
         """The service with its status read from the controller, when it can be reached."""

@@ -102,9 +102,9 @@ class ServiceManager:
         return self._mover.update(user, service_id, patch, wait)
 
     def move(self, service_id: str, reason: str, exclude: frozenset[str] = frozenset(),
-             expected_controller: str | None = None) -> Awaitable[ServiceModel | None]:
+             expected_controller: str | None = None, replica: str | None = None) -> Awaitable[ServiceModel | None]:
         """The reconciler's move (``Mover.move``); None when there was nothing (left) to do."""
-        return self._mover.move(service_id, reason, exclude, expected_controller)
+        return self._mover.move(service_id, reason, exclude, expected_controller, replica)
 
     def delete(self, user: UserModel, service_id: str) -> Awaitable[None]:
         return self._actions.delete(user, service_id)

@@ -42,15 +42,11 @@ _ROLLING_NOW = (select(OperationModel.id).where(
     or_(OperationModel.status == "pending", OperationModel.status == "running")).limit(1))
 # Where a scale-down looks first: the least-loaded controllers' copies.
 _LOADS = select(ControllerModel.id, ControllerModel.load_percentage, ControllerModel.containers_running)
-# The replica of a service on a controller (a reconciler's move of one replica of several).
-_REPLICA_ON = (select(ContainerRegistryModel.id).where(
-    ContainerRegistryModel.service_id == bindparam("service_id"),
+# A replica of a service, on the controller a reconciler's move takes it off.
+_REPLICA_ROW = (select(ContainerRegistryModel.id).where(
+    ContainerRegistryModel.id == bindparam("row_id"), ContainerRegistryModel.service_id == bindparam("service_id"),
     ContainerRegistryModel.controller_id == bindparam("controller_id"), ContainerRegistryModel.serving.is_(True),
-    ContainerRegistryModel.status != "stale", ContainerRegistryModel.status != "draining").order_by(ContainerRegistryModel.epoch).limit(1))
-# A replica whose container was found gone: replaced before another is added.
-_MISSING_REPLICA = (select(ContainerRegistryModel.id).where(
-    ContainerRegistryModel.service_id == bindparam("service_id"), ContainerRegistryModel.serving.is_(True),
-    ContainerRegistryModel.status == "missing").order_by(ContainerRegistryModel.epoch).limit(1))
+    ContainerRegistryModel.status != "stale", ContainerRegistryModel.status != "draining"))
 
 
 class Mover:
@@ -63,11 +59,14 @@ class Mover:
 
     async def redeploy(self, user: UserModel, service_id: str, operation: str, *, spec: ServiceSpec | None = None,
                        rollback_to: int | None = None, exclude_current: bool = False, target: str | None = None,
-                       replacing: str | None = None, wait: bool = True) -> ServiceModel | OperationModel:
-        """``replacing``: the registry row of the replica to migrate (None: the primary's)."""
+                       replacing: str | None = None, rescale: bool = False,
+                       wait: bool = True) -> ServiceModel | OperationModel:
+        """``replacing``: the registry row of the replica to migrate (None: the primary's). ``rescale``: the
+        spec's ``replicas`` is asked for too; else the service keeps the count it has when the roll begins (a
+        rollback to a version that ran another count, an update queued behind a scale)."""
         if operation not in ROLLING:
             return await self._redeploy(user, service_id, operation, spec, rollback_to, exclude_current, target,
-                                        replacing, wait)
+                                        replacing, rescale, wait)
         # Refused at once, not queued behind the lock: the second roll would undo what the user watches.
         if service_id in self._rolling:
             raise Conflict("an update of this service is rolling out; wait for it to end", code="UPDATE_IN_PROGRESS")
@@ -78,13 +77,13 @@ class Mover:
                 raise Conflict(f"an update of this service is rolling out (operation {rolling['id']}); wait for it "
                                "to end", {"operation_id": rolling["id"]}, code="UPDATE_IN_PROGRESS")
             return await self._redeploy(user, service_id, operation, spec, rollback_to, exclude_current, target,
-                                        replacing, wait)
+                                        replacing, rescale, wait)
         finally:
             self._rolling.discard(service_id)
 
     async def _redeploy(self, user: UserModel, service_id: str, operation: str, spec: ServiceSpec | None,
                         rollback_to: int | None, exclude_current: bool, target: str | None, replacing: str | None,
-                        wait: bool) -> ServiceModel | OperationModel:
+                        rescale: bool, wait: bool) -> ServiceModel | OperationModel:
         ctx = self.ctx
         async with ctx.db.session() as session:
             service = await get_for(session, user, service_id)
@@ -107,7 +106,7 @@ class Mover:
             details={"from_epoch": service.epoch, **({"version": version} if version else {}),
                      **({"rollback_to": rollback_to} if rollback_to else {})},
         )
-        work = self._run_redeploy(service.id, spec, op, exclude_current, target, version, replacing)
+        work = self._run_redeploy(service.id, spec, op, exclude_current, target, version, replacing, rescale)
         if not wait:
             if operation in ROLLING:
                 # Refused again until the background roll ends.
@@ -125,7 +124,7 @@ class Mover:
 
     async def _run_redeploy(self, service_id: str, spec: ServiceSpec | None, op: OperationModel,
                             exclude_current: bool, target: str | None, version: int | None,
-                            replacing: str | None) -> ServiceModel:
+                            replacing: str | None, rescale: bool) -> ServiceModel:
         ctx = self.ctx
         async with ctx.service_locks[service_id], ctx.ops.running(op):
             service = await ctx.reload(service_id)
@@ -142,6 +141,8 @@ class Mover:
             exclude = frozenset({moved_from}) if exclude_current and moved_from else frozenset()
             if spec is None:
                 spec = ServiceSpec.model_validate(service.spec)
+            elif not rescale:
+                spec = spec.model_copy(update={"replicas": service.replicas})
             if op.operation not in ROLLING or (len(copies) <= 1 and spec.replicas == service.replicas):
                 return await self.replacer.replace(Replacement(service, spec, op, exclude, target, version,
                                                                replacing=replacing))
@@ -202,11 +203,18 @@ class Mover:
             await tx.execute(sql.SET_REPLICAS, {"service_id": service_id, "replicas": spec.replicas,
                                                 "spec": spec.model_dump(mode="json"), "updated_at": utcnow()})
         copies = await self._replicas(service_id)
+        # A replica whose container was found gone is replaced before one is added, or else goes.
+        gone = [copy for copy in copies if copy["status"] == "missing"]
+        copies = [copy for copy in copies if copy["status"] != "missing"]
         added = removed = 0
         while len(copies) + added < spec.replicas:
             service = await ctx.reload(service_id)
-            await self.replacer.replace(Replacement(service, spec, op, adding=True, finish=False, reason="scale"))
+            replacing = gone.pop(0)["id"] if gone else None
+            await self.replacer.replace(Replacement(service, spec, op, adding=replacing is None, replacing=replacing,
+                                                    finish=False, reason="scale"))
             added += 1
+        for copy in gone:
+            await self._remove_replica(service_id, copy)
         if len(copies) > spec.replicas:
             loads = {row["id"]: (row["load_percentage"], row["containers_running"]) for row in await ctx.db.all(
                 _LOADS.where(any_of(ControllerModel.__table__.c.id, "ids", sqlite=ctx.db.is_sqlite)),
@@ -222,8 +230,9 @@ class Mover:
         ``draining`` meanwhile (heartbeats leave it alone); if the service's primary copy, another takes over."""
         ctx = self.ctx
         async with ctx.db.transaction() as tx:
-            await tx.execute(sql.DRAIN_ROW, {"row_id": copy["id"], "updated_at": utcnow()})
+            # The service's row lock first, then the registry row: the order heartbeats and moves take them.
             service = await tx.first(sql.LOCK_SERVICE, {"service_id": service_id})
+            await tx.execute(sql.DRAIN_ROW, {"row_id": copy["id"], "updated_at": utcnow()})
             if service is not None and service["container_id"] == copy["container_id"]:
                 heir = next((row for row in await tx.all(sql.REPLICA_ROWS, {"service_id": service_id})), None)
                 if heir is not None:
@@ -265,7 +274,7 @@ class Mover:
             if spec.replicas != service.replicas:
                 return await self.scale(user, service_id, spec, changes, wait)
             return await self._update_at_gateway(user, service_id, spec, changes)
-        return await self.redeploy(user, service_id, "update", spec=spec, wait=wait)
+        return await self.redeploy(user, service_id, "update", spec=spec, rescale="replicas" in changes, wait=wait)
 
     async def _update_at_gateway(self, user: UserModel, service_id: str, spec: ServiceSpec,
                                  changes: dict[str, Any]) -> ServiceModel:
@@ -282,15 +291,18 @@ class Mover:
         return service
 
     async def move(self, service_id: str, reason: str, exclude: frozenset[str] = frozenset(),
-                   expected_controller: str | None = None) -> ServiceModel | None:
-        """Move a service's copy for the reconciler: off a lost or draining controller (the copy there, of
-        the service's replicas), away from a container that stays unhealthy, or to finish what an
-        interrupted operation began; or (``replicas``) replace a replica found gone, else add one, for a
-        service with fewer than it should have.
+                   expected_controller: str | None = None, replica: str | None = None) -> ServiceModel | None:
+        """Move a service's copy for the reconciler: off a lost or draining controller, away from a container
+        that stays unhealthy (the primary copy, or ``replica``: the row of another of its replicas, on
+        ``expected_controller``), or to finish what an interrupted operation began; or (``replicas``) replace
+        a replica found gone, else add one or remove one, for a service whose count of replicas is not its
+        spec's.
 
         Returns None when there was nothing (left) to do.
         """
         ctx = self.ctx
+        if reason == "replicas":
+            return await self._recount(service_id)
         async with ctx.service_locks[service_id]:
             if reason == "resume":
                 current = await ctx.reload_or_none(service_id)
@@ -298,7 +310,7 @@ class Mover:
                     return None
                 if current.status not in UNSETTLED or await self._still_serving(current):
                     return None
-            operation = {"controller_lost": "failover", "resume": "recover", "replicas": "scale"}.get(reason, "migrate")
+            operation = {"controller_lost": "failover", "resume": "recover"}.get(reason, "migrate")
             # One transaction of Core statements, not ORM sessions (a mass failover makes thousands of moves):
             # the service read, its operation begun, its unfinished creates read.
             async with ctx.db.transaction() as tx:
@@ -306,23 +318,15 @@ class Mover:
                 if found is None:
                     return None
                 replacing: str | None = None
-                adding = False
-                if reason == "replicas":
-                    missing = await tx.first(_MISSING_REPLICA, {"service_id": service_id})
-                    if missing is not None:
-                        replacing = missing["id"]
-                    else:
-                        have = len(await tx.all(sql.REPLICA_ROWS, {"service_id": service_id}))
-                        if have >= found["replicas"] or found["desired_state"] != "running":
-                            return None
-                        adding = True
-                elif found["controller_id"] != expected_controller:
-                    # Not its primary copy: one of its other replicas, if it has one there.
-                    on = None if expected_controller is None else await tx.first(
-                        _REPLICA_ON, {"service_id": service_id, "controller_id": expected_controller})
+                if replica is not None:
+                    # One of its replicas other than the primary: still there, and still one of them.
+                    on = await tx.first(_REPLICA_ROW, {"service_id": service_id, "row_id": replica,
+                                                       "controller_id": expected_controller})
                     if on is None:
                         return None
-                    replacing = on["id"]
+                    replacing = replica
+                elif found["controller_id"] != expected_controller:
+                    return None
                 values = dict(found)
                 owner = UserModel(id=values["owner_id"], username=values.pop("owner_username"),
                                   is_admin=values.pop("owner_is_admin"))
@@ -342,11 +346,33 @@ class Mover:
                 fresh = await self.replacer.replace(Replacement(
                     service, ServiceSpec.model_validate(service.spec), op, exclude=exclude, reason=reason,
                     wait_healthy=reason in ("drain", "unhealthy"), unfinished=unfinished, replacing=replacing,
-                    adding=adding,
                 ))
             if reason == "controller_lost":
                 ctx.metrics.failovers.inc()
             return fresh
+
+    async def _recount(self, service_id: str) -> ServiceModel | None:
+        """The reconciler's fix of a service whose replicas are not its count: a copy found gone is replaced,
+        then one is added, or the excess removed (an interrupted scale). None when the count was right."""
+        ctx = self.ctx
+        async with ctx.service_locks[service_id]:
+            service = await ctx.reload_or_none(service_id)
+            if service is None or service.desired_state != "running" or service.status in UNSETTLED:
+                return None
+            copies = await self._replicas(service_id)
+            missing = next((copy for copy in copies if copy["status"] == "missing"), None)
+            live = len(copies) - sum(copy["status"] == "missing" for copy in copies)
+            if missing is None and live == service.replicas:
+                return None
+            op = await ctx.ops.begin("scale", "system", service_id=service.id, controller_id=service.controller_id,
+                                     container_id=service.container_id,
+                                     details={"reason": "replicas", "to_replicas": service.replicas, "running": live})
+            async with ctx.ops.running(op):
+                bind_request_id(op.id)
+                spec = ServiceSpec.model_validate(service.spec).model_copy(update={"replicas": service.replicas})
+                details = await self._converge(service_id, spec, op)
+                await ctx.ops.finish(op, details=details)
+            return await ctx.reload(service_id)
 
     async def _still_serving(self, service: ServiceModel) -> bool:
         """A service marked lost whose container turned out fine (its controller came back in time)."""

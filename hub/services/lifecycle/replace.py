@@ -183,6 +183,11 @@ class Replacer:
                 locked = await tx.first(sql.LOCK_SERVICE, {"service_id": service.id})
                 if locked is None or locked["epoch"] != copy.epoch or not await settle_row(tx, row):
                     raise Superseded
+                if healthy:
+                    # The gateways read the row: a copy whose probe passed is routed at once, not "starting".
+                    await tx.execute(sql.FOLLOWED_ROW, {"row_id": row.id, "copy_id": row.container_id,
+                                                        "updated_at": utcnow()})
+                    row.health = "healthy"
                 fresh = await self._finalize(tx, locked, plan, copy, healthy, primary, old.id if old else None)
                 # The old copies whose controller answers now, read once: removed after the commit. None to
                 # remove (a failover's is on a lost controller) and nothing to stop: the operation ends in
@@ -203,7 +208,7 @@ class Replacer:
                            code="CONCURRENT_CHANGE") from None
         if ended:
             ctx.ops.finished(op)
-        elif plan.finish or removable:
+        elif plan.finish or removable or fresh.desired_state == "stopped":
             await self._after_finalize(fresh, copy, op, details, removable, plan.finish)
         if not healthy and spec.health_check is not None and row.container_id and fresh.desired_state == "running":
             self._follow_health(fresh.id, copy.epoch, controller, row)

@@ -169,10 +169,14 @@ SERVING_ROW = select(ContainerRegistryModel).where(
 
 # ---------------------------------------------------------------- actions
 
-# What Docker said of a container, on its registry rows.
+# What Docker said of a container, on its registry rows: its status, and where it answers when it runs (a
+# copy that stopped keeps its last endpoint: routing goes by the status, and a copy its controller restarts
+# answers there again).
 COPY_STATUS = (update(REGISTRY).where(REGISTRY.c.container_id == bindparam("of_container"))
-               .values(status=bindparam("status"), endpoint=bindparam("endpoint", type_=REGISTRY.c.endpoint.type),
-                       updated_at=bindparam("updated_at")))
+               .values(status=bindparam("status"), updated_at=bindparam("updated_at")))
+COPY_RUNS = (update(REGISTRY).where(REGISTRY.c.container_id == bindparam("of_container"))
+             .values(status=bindparam("status"), endpoint=bindparam("endpoint", type_=REGISTRY.c.endpoint.type),
+                     updated_at=bindparam("updated_at")))
 # A replica removed by a scale-down, marked so while the gateways stop sending it requests.
 DRAIN_ROW = (update(REGISTRY).where(REGISTRY.c.id == bindparam("row_id"))
              .values(status="draining", updated_at=bindparam("updated_at")))

@@ -202,7 +202,7 @@ def test_a_lost_single_copy_holds_requests_until_its_failover_serves(
           f"{load.outcomes['503']} answered 503; first answer from the new copy {back:.2f}s after the kill")
 
 
-@pytest.mark.parametrize("move", ["update", "scale-down"])
+@pytest.mark.parametrize("move", ["update", "restart", "scale-down"])
 def test_a_roll_or_scale_down_of_two_replicas_loses_no_request(lab: Lab, move: str) -> None:
     service = create(lab, replicas=2)
     assert sorted(r["controller_id"] for r in service["replicas"]) == sorted(lab.dep.controllers)
@@ -210,11 +210,17 @@ def test_a_roll_or_scale_down_of_two_replicas_loses_no_request(lab: Lab, move: s
 
     def act() -> None:
         with lab.hub() as client:
-            change = {"env": {"MODEL_NAME": "v2"}} if move == "update" else {"replicas": 1}
-            r = client.patch(f"/api/services/{service['id']}", json=change)
+            if move == "restart":
+                r = client.post(f"/api/services/{service['id']}/restart")
+            else:
+                change = {"env": {"MODEL_NAME": "v2"}} if move == "update" else {"replicas": 1}
+                r = client.patch(f"/api/services/{service['id']}", json=change)
             assert r.status_code == 200, r.text
         after = r.json()
-        if move == "update":
+        if move == "restart":
+            assert {rep["id"] for rep in after["replicas"]} == {rep["id"] for rep in service["replicas"]}
+            assert all(rep["state"] == "running" for rep in after["replicas"])
+        elif move == "update":
             assert after["version"] == 2 and len(after["replicas"]) == 2
             assert not {rep["id"] for rep in after["replicas"]} & {rep["id"] for rep in service["replicas"]}
         else:

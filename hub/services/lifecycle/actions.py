@@ -8,11 +8,12 @@ missing while the service is meant to run.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 
-from hub.errors import Conflict, ControllerRejected, ControllerUnavailable, NotFound
+from hub.errors import Conflict, ControllerRejected, ControllerUnavailable, HubError, NotFound
 from hub.logstreams import LogStreamSlots
 from hub.models import ControllerModel, OperationModel, ServiceModel, UserModel, utcnow
 from hub.schemas import ServiceSpec
@@ -133,17 +134,28 @@ class Actions:
                 await ctx.gateway.drained(service_id, None, [container for _, container in copies],
                                           ctx.settings.gateway_drain_timeout)
             params = {"timeout": 10} if action == "stop" else {}
+            # A restart of several replicas rolls: each copy leaves the gateways' tables, restarts, and comes
+            # back once it serves (healthy), so the others answer meanwhile.
+            rolling = action == "restart" and len(copies) > 1 and ctx.gateway is not None
+            checked = service.spec.get("health_check") is not None
             # The service's own status follows its primary copy; each copy's row, its own.
             primary: tuple[str, Any] | None = None
             for controller_id, container_id in copies:
                 async with ctx.db.session() as session:
                     controller = await get_controller(session, controller_id)
+                if rolling:
+                    assert ctx.gateway is not None
+                    async with ctx.db.session() as session:
+                        await session.execute(sql.DRAIN_COPY, {"of_container": container_id, "updated_at": utcnow()})
+                    await ctx.gateway.drained(service_id, None, [container_id], ctx.settings.gateway_drain_timeout)
                 try:
                     # The service's epoch is the newest of its copies': it speaks for every one of them.
                     await ctx.client.action(controller.id, controller.url, container_id, action, epoch=service.epoch,
                                             **params)
                 except ControllerRejected as exc:
                     if exc.status_code != 404 or action == "stop":
+                        if rolling:
+                            await self._record(container_id, "running", None)  # as it was: it keeps serving
                         raise
                     if len(copies) == 1:
                         # The container is gone (removed by hand, or its server was rebuilt): make a new one.
@@ -153,6 +165,9 @@ class Actions:
                     await self._record(container_id, "missing", None)
                     continue
                 info = await ctx.client.inspect(controller.id, controller.url, container_id)
+                if rolling and checked and info.status == "running":
+                    with contextlib.suppress(HubError):  # back in the table anyway: the gateway's check judges it
+                        await self.replacer.await_healthy(controller, container_id)
                 endpoint = endpoint_for(controller.url, info.ports).model_dump() if info.status == "running" else None
                 await self._record(container_id, info.status, endpoint)
                 if container_id == service.container_id:

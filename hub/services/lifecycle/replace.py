@@ -165,7 +165,7 @@ class Replacer:
         healthy = False
         if plan.wait_healthy and spec.health_check is not None and row.container_id:
             try:
-                await self._await_healthy(controller, row.container_id)
+                await self.await_healthy(controller, row.container_id)
                 healthy = True
             except HubError:
                 await self.deployer.remove_container(controller.id, row.container_id)
@@ -254,7 +254,7 @@ class Replacer:
         first = await self.deployer.reserve(service, spec, plan.exclude, plan.target, epoch, claim, spread)
         return await self.deployer.deploy(service, spec, epoch, plan.exclude, plan.target, first=first, spread=spread)
 
-    async def _await_healthy(self, controller: ControllerModel, container_id: str,
+    async def await_healthy(self, controller: ControllerModel, container_id: str,
                              timeout: float | None = None, backoff: bool = False) -> None:
         """Wait until the controller's probe passes on the new container (asking every 0.25 s, or,
         with ``backoff``, so for 2 s and then ever less often, up to every 2 s)."""
@@ -290,7 +290,7 @@ class Replacer:
         container_id = row.container_id
 
         async def follow() -> None:
-            await self._await_healthy(controller, container_id, FAILOVER_HEALTH_WAIT, backoff=True)
+            await self.await_healthy(controller, container_id, FAILOVER_HEALTH_WAIT, backoff=True)
             now = utcnow()
             async with ctx.db.transaction() as tx:
                 # Each statement only its own values: on SQLite, SQLAlchemy would SET a value named after a column.

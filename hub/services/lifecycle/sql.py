@@ -177,6 +177,9 @@ COPY_STATUS = (update(REGISTRY).where(REGISTRY.c.container_id == bindparam("of_c
 COPY_RUNS = (update(REGISTRY).where(REGISTRY.c.container_id == bindparam("of_container"))
              .values(status=bindparam("status"), endpoint=bindparam("endpoint", type_=REGISTRY.c.endpoint.type),
                      updated_at=bindparam("updated_at")))
+# A copy a rolling restart takes out of the gateways' tables until it serves again (heartbeats leave it be).
+DRAIN_COPY = (update(REGISTRY).where(REGISTRY.c.container_id == bindparam("of_container"), REGISTRY.c.status != "stale")
+              .values(status="draining", updated_at=bindparam("updated_at")))
 # A replica removed by a scale-down, marked so while the gateways stop sending it requests.
 DRAIN_ROW = (update(REGISTRY).where(REGISTRY.c.id == bindparam("row_id"))
              .values(status="draining", updated_at=bindparam("updated_at")))

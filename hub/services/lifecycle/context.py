@@ -1,8 +1,9 @@
-"""What the lifecycle's parts share: the hub's parts they call, the placement cache, the locks and the
-background tasks.
+"""What the lifecycle's parts share: the hub's parts they call, the placement cache, the locks, the bound on
+the copies made at once and the background tasks.
 
 Invariant: calls on one service are serialised by that service's lock (``service_locks``), on every
-path that changes it; a burst of one owner's creates, by that owner's (``owner_locks``).
+path that changes it; a burst of one owner's creates, by that owner's (``owner_locks``); creates make at
+most ``COPIES_AT_ONCE`` containers at a time, all of them together (``making``).
 """
 
 from __future__ import annotations
@@ -26,6 +27,10 @@ from hub.services.operations import OperationLog
 
 log = logging.getLogger(__name__)
 
+# Below the controller client's pools kept (``PoolPerController``'s ``max_pools``), so the pools in use are
+# never what it must look past to close one.
+COPIES_AT_ONCE = 128
+
 
 @dataclass(eq=False)
 class Lifecycle:
@@ -41,6 +46,10 @@ class Lifecycle:
     gateway: GatewayTable | None = None
     owner_locks: defaultdict[int, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     service_locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
+    # Copies being made at once, the controllers' creates of every create together: each holds a connection
+    # to its controller, so a burst of creates of many replicas each queues here rather than opening
+    # thousands of connections at once and starving the hub's own requests.
+    making: asyncio.Semaphore = field(default_factory=lambda: asyncio.Semaphore(COPIES_AT_ONCE))
     # Operations run in the background (``?wait=false``): shutdown waits for them.
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     # Follow-ups of moves (``Replacer.follow_health``): shutdown cancels them.

@@ -33,7 +33,7 @@ from hub.services.lifecycle.deploy import (
     Superseded,
     docker_status,
     endpoint_for,
-    settle_row,
+    settle_rows,
 )
 from hub.services.operations import Running
 
@@ -162,9 +162,8 @@ class Creator:
             # ended. The service's UPDATE is conditional (its epoch, no container yet), as good as its row lock.
             try:
                 async with ctx.db.transaction() as tx:
-                    for made in copies:
-                        if not await settle_row(tx, made.row):
-                            raise Superseded
+                    if not await settle_rows(tx, [made.row for made in copies], ctx.db.is_sqlite):
+                        raise Superseded
                     settled["health"] = row.health or "unknown"
                     if await tx.execute(sql.SETTLE_CREATED, {**settled, "service_id": service.id,
                                                              "at_epoch": service.epoch}) != 1:
@@ -185,7 +184,8 @@ class Creator:
 
     async def _deploy_all(self, service: ServiceModel, spec: ServiceSpec, placed: list[Reserved]) -> list[Deployed]:
         """Make the containers of the placed replicas: those on one controller one after the other, lowest
-        epoch first (a controller refuses an epoch older than one it has seen), the controllers side by side.
+        epoch first (a controller refuses an epoch older than one it has seen), the controllers side by side
+        (``making`` bounds how many, with every other create's).
         The copies made, in epoch order; a replica that could not be made anywhere is left to the reconciler,
         which makes the missing ones; none made: the first error."""
         by_controller: dict[str, list[Reserved]] = {}
@@ -197,7 +197,8 @@ class Creator:
         async def on(queue: list[Reserved]) -> None:
             for held in sorted(queue, key=lambda h: h.row.epoch):
                 try:
-                    made.append(await self.deployer.deploy(service, spec, held.row.epoch, first=held))
+                    async with self.ctx.making:
+                        made.append(await self.deployer.deploy(service, spec, held.row.epoch, first=held))
                 except HubError as exc:
                     errors.append(exc)
 

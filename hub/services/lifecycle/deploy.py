@@ -8,7 +8,8 @@ Invariants:
 - placements are decided one at a time against this process's in-memory view (``PlacementCache``), each
   decision and its hold in one synchronous step, so two concurrent creates never both take the last slot
   of a controller; the database stays the authority: a registry row is only inserted while its controller
-  is healthy, enabled and not draining, and a placement that finds nothing looks again at a fresh snapshot.
+  is healthy, enabled and not draining (a batch's rows together, those refused decided again elsewhere),
+  and a placement that finds nothing looks again at a fresh snapshot.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import logging
 import re
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
+from typing import Any
 from urllib.parse import urlparse
 
 from hub.db import Tx
@@ -102,6 +104,11 @@ class Superseded(Exception):
     """Raised inside a transaction to roll it back: another operation completed the service first."""
 
 
+def _settled(row: ContainerRegistryModel) -> dict[str, Any]:
+    return {"row_id": row.id, "container_id": row.container_id, "container_name": row.container_name,
+            "status": row.status, "endpoint": row.endpoint, "updated_at": utcnow()}
+
+
 async def settle_row(tx: Tx, row: ContainerRegistryModel) -> bool:
     """Record the created container on its reserved row, unless the row was superseded meanwhile.
 
@@ -109,20 +116,40 @@ async def settle_row(tx: Tx, row: ContainerRegistryModel) -> bool:
     ``updated_at`` and could un-stale a row another operation retired. What a
     heartbeat already recorded on the row (its health) is kept and copied onto ``row``.
     """
-    found = await tx.first(sql.SETTLE_ROW, {"row_id": row.id, "container_id": row.container_id,
-                                            "container_name": row.container_name, "status": row.status,
-                                            "endpoint": row.endpoint, "updated_at": utcnow()})
+    found = await tx.first(sql.SETTLE_ROW, _settled(row))
     if found is None:
         return False
     row.health = found["health"]
     return True
 
 
-async def _insert_row_if_placeable(tx: Tx, row: ContainerRegistryModel) -> bool:
-    """Insert the registry row only while its controller is healthy, enabled and not draining: the
-    database has the last word on a decision made from the in-memory view."""
-    values = {key: getattr(row, key) for key in sql.ROW_COLUMNS}
-    return await tx.execute(sql.INSERT_ROW_IF_PLACEABLE, {**values, "place_on": row.controller_id}) == 1
+async def settle_rows(tx: Tx, rows: list[ContainerRegistryModel], sqlite: bool) -> bool:
+    """``settle_row`` for each of ``rows``, False if any was superseded meanwhile. A batch: the UPDATE for
+    each row in one round trip, then one read of them all (the rows it updated stay locked until the
+    transaction ends, so what the read finds is what the UPDATE left)."""
+    if len(rows) == 1:
+        return await settle_row(tx, rows[0])
+    await tx.executemany(sql.SETTLE_EACH, [_settled(row) for row in rows])
+    found = {r["id"]: r for r in await tx.all(sql.settled_rows(sqlite), {"ids": [row.id for row in rows]})}
+    for row in rows:
+        read = found.get(row.id)
+        if read is None or read["status"] == "stale" or read["container_id"] != row.container_id:
+            return False
+        row.health = read["health"]
+    return True
+
+
+async def _insert_rows_if_placeable(tx: Tx, rows: list[ContainerRegistryModel], sqlite: bool) -> set[str]:
+    """Insert each registry row only while its controller is healthy, enabled and not draining (the database
+    has the last word on a decision made from the in-memory view); the ids of the rows inserted. One row:
+    one statement. A batch: the same statement for each row in one round trip, then one read of which are
+    there (a refusal is rare; it must still be known row by row)."""
+    values = [{**{key: getattr(row, key) for key in sql.ROW_COLUMNS}, "place_on": row.controller_id} for row in rows]
+    if len(rows) == 1:
+        return {rows[0].id} if await tx.execute(sql.INSERT_ROW_IF_PLACEABLE, values[0]) == 1 else set()
+    await tx.executemany(sql.INSERT_ROW_IF_PLACEABLE, values)
+    found = await tx.all(sql.rows_present(sqlite), {"ids": [row.id for row in rows]})
+    return {r["id"] for r in found}
 
 
 def _request(spec: ServiceSpec, exclude: frozenset[str] = frozenset()) -> PlacementRequest:
@@ -201,28 +228,53 @@ class Deployer:
             )
         raise LookAgain
 
-    async def _hold_row(self, tx: Tx, service: ServiceModel, spec: ServiceSpec, epoch: int,
-                        exclude: frozenset[str], target: str | None, final: bool,
-                        spread: frozenset[str] = frozenset()) -> Reserved:
-        """Choose a controller and insert its ``creating`` row in the caller's transaction; the hold is
-        released if that transaction does not commit (the caller calls ``placement.committed`` when it did).
-        The caller has awaited ``placement.index()`` just before (outside the transaction)."""
+    async def _hold_rows(self, tx: Tx, service: ServiceModel, spec: ServiceSpec, epochs: list[int],
+                         exclude: frozenset[str], target: str | None, final: bool,
+                         spread: frozenset[str] = frozenset()) -> list[Reserved]:
+        """Choose a controller for each of ``epochs``, each on none of the others (nor of ``spread``) while
+        another fits, and insert their ``creating`` rows in the caller's transaction, all decided first and
+        inserted together; the rows the database refused are decided again without their controllers. On
+        any error, every hold is released; on success the holds are the caller's to release if its
+        transaction does not commit (it calls ``placement.committed`` when it did). The caller has awaited
+        ``placement.index()`` just before (outside the transaction)."""
         placement = self.ctx.placement
+        sqlite = self.ctx.db.is_sqlite
         refused: set[str] = set()
-        for _ in range(CREATE_ATTEMPTS):
-            decision, held = self._decide(_request(spec, exclude | refused), target, final, spread)
-            row = _new_row(service, spec, epoch, decision)
-            try:
-                placeable = await _insert_row_if_placeable(tx, row)
-            except BaseException:
+        placed: list[Reserved] = []
+        batch: list[tuple[ContainerRegistryModel, Held]] = []
+        taken = set(spread)
+        todo = epochs
+        try:
+            for _ in range(CREATE_ATTEMPTS):
+                batch = []
+                for epoch in todo:
+                    decision, held = self._decide(_request(spec, exclude | refused), target, final,
+                                                  frozenset(taken))
+                    batch.append((_new_row(service, spec, epoch, decision), held))
+                    taken.add(held.controller_id)
+                inserted = await _insert_rows_if_placeable(tx, [row for row, _ in batch], sqlite)
+                todo = []
+                for row, held in batch:
+                    if row.id in inserted:
+                        controller = ControllerModel(id=row.controller_id, url=placement.urls[row.controller_id])
+                        placed.append(Reserved(row, controller, held))
+                        continue
+                    placement.release(held)
+                    placement.unfit(row.controller_id)
+                    refused.add(row.controller_id)
+                    taken.discard(row.controller_id)
+                    todo.append(row.epoch)
+                batch = []
+                if not todo:
+                    return sorted(placed, key=lambda r: r.row.epoch)
+        except BaseException:
+            for _, held in batch:
                 placement.release(held)
-                raise
-            if placeable:
-                controller = ControllerModel(id=row.controller_id, url=placement.urls[row.controller_id])
-                return Reserved(row, controller, held)
-            placement.release(held)
-            placement.unfit(row.controller_id)
-            refused.add(row.controller_id)
+            for reserved in placed:
+                placement.release(reserved.held)
+            raise
+        for reserved in placed:
+            placement.release(reserved.held)
         raise NoFeasibleController("no controller can run this service (each chosen one was refused)",
                                    {"refused": sorted(refused)})
 
@@ -249,11 +301,7 @@ class Deployer:
                 async with self.ctx.db.transaction() as tx:
                     if write_first is not None:
                         await write_first(tx)
-                    taken = spread
-                    for epoch in epochs:
-                        held = await self._hold_row(tx, service, spec, epoch, exclude, target, final, taken)
-                        reserved.append(held)
-                        taken = taken | {held.row.controller_id}
+                    reserved = await self._hold_rows(tx, service, spec, epochs, exclude, target, final, spread)
             except LookAgain:
                 for held in reserved:
                     placement.release(held.held)

@@ -57,16 +57,33 @@ INSERT_ROW_IF_PLACEABLE = insert(REGISTRY).from_select(
         CONTROLLERS.c.enabled.is_(True), CONTROLLERS.c.draining.is_(False),
     ),
 )
+
+
+@functools.cache
+def rows_present(sqlite: bool) -> Select[Any]:
+    """Which of a batch's registry rows (``ids``) are there: the ones whose controller took them."""
+    return select(REGISTRY.c.id).where(any_of(REGISTRY.c.id, "ids", sqlite=sqlite))
+
+
 # The created container on its reserved row, one of the service's replicas from now on, unless the row was
 # superseded meanwhile.
-SETTLE_ROW = (
+SETTLE_EACH = (
     update(REGISTRY)
     .where(REGISTRY.c.id == bindparam("row_id"), REGISTRY.c.status != "stale")
     .values(container_id=bindparam("container_id"), container_name=bindparam("container_name"),
             status=bindparam("status"), endpoint=bindparam("endpoint", type_=REGISTRY.c.endpoint.type),
             serving=True, updated_at=bindparam("updated_at"))
-    .returning(REGISTRY.c.health)
 )
+SETTLE_ROW = SETTLE_EACH.returning(REGISTRY.c.health)
+
+
+@functools.cache
+def settled_rows(sqlite: bool) -> Select[Any]:
+    """A batch's rows (``ids``) after SETTLE_EACH: which took their container (a superseded one did not)."""
+    return select(REGISTRY.c.id, REGISTRY.c.container_id, REGISTRY.c.status, REGISTRY.c.health).where(
+        any_of(REGISTRY.c.id, "ids", sqlite=sqlite))
+
+
 # The create's end: its service pointing at the container, unless another operation got there first.
 SETTLE_CREATED = (
     update(SERVICES)

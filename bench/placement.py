@@ -43,7 +43,8 @@ import random
 import statistics
 import tempfile
 import time
-from contextlib import ExitStack
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import ExitStack, asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -52,11 +53,11 @@ import asyncpg
 
 from bench.common import asyncpg_dsn, durable_server, percentile, say
 from bench.heartbeats import _Cpu
-from bench.pyspy import Recording, profile_dir
+from bench.pyspy import Recording, print_summary, profile_dir
 from bench.sim import SimOptions, Simulator
 from bench.sim.http import Client, ClientError
 from tests.support.pg import create_database
-from tests.support.procs import LocalDeployment
+from tests.support.procs import LocalDeployment, Proc
 
 TARGET_PER_S = 2000
 IMAGE = "sim/model:latest"
@@ -78,16 +79,26 @@ class _Creates:
     failed: collections.Counter[str] = field(default_factory=collections.Counter)
 
 
+def _created(data: dict[str, Any], gpu: bool, owner: str) -> tuple[str, dict[str, Any]]:
+    """A 201's service: its id and what the check compares (the 201 said it runs there)."""
+    return data["id"], {"status": data["status"], "controller_id": data["controller_id"],
+                        "container_id": data["container_id"], "gpu": gpu, "owner": owner}
+
+
 async def _client(hub_url: str, username: str, token: str, indices: list[int], gpu: set[int], until: float,
-                  out: _Creates) -> None:
+                  out: _Creates, *, spec: Callable[[int, bool], dict[str, Any]] = spec_for, query: str = "",
+                  expect: int = 201,
+                  record: Callable[[dict[str, Any], bool, str], tuple[str, dict[str, Any]]] = _created) -> None:
+    """One user's creates, back to back on one keep-alive connection; each answered ``expect`` goes to
+    ``out.ok`` as ``record`` reads it."""
     client = Client(hub_url, 1)
     headers = {"authorization": f"Bearer {token}"}
-    path = f"/api/{username}/bench/services"
+    path = f"/api/{username}/bench/services{query}"
     try:
         for i in indices:
             if time.monotonic() >= until:
                 return
-            body = json.dumps(spec_for(i, i in gpu)).encode()
+            body = json.dumps(spec(i, i in gpu)).encode()
             began = time.monotonic()
             out.started.append(began)
             try:
@@ -96,10 +107,9 @@ async def _client(hub_url: str, username: str, token: str, indices: list[int], g
                 out.failed[f"no answer: {exc}"[:80]] += 1
                 continue
             ended = time.monotonic()
-            if status == 201:
-                data = json.loads(answer)
-                out.ok[data["id"]] = {"status": data["status"], "controller_id": data["controller_id"],
-                                      "container_id": data["container_id"], "gpu": i in gpu, "owner": username}
+            if status == expect:
+                key, value = record(json.loads(answer), i in gpu, username)
+                out.ok[key] = value
                 out.done.append(ended)
                 out.latencies.append(ended - began)
             else:
@@ -202,33 +212,151 @@ async def verify(db_url: str, sim: Simulator, creates: _Creates, *, hub_url: str
         problems.append(f"{len(over)} controllers over MAX_CONTAINERS")
     if operations.get("running"):
         problems.append(f"{operations['running']} create operations still running")
-    if hub_url and token and creates.ok:
-        client = Client(hub_url, 1)
+    if hub_url and token:
         try:
-            for sid in random.Random(0).sample(sorted(creates.ok), min(sample, len(creates.ok))):
-                try:
-                    status, answer, _ = await client.request("GET", f"/api/services/{sid}", b"",
-                                                          {"authorization": f"Bearer {token}"}, timeout=60)
-                except ClientError as exc:
-                    problems.append(f"GET /api/services/{sid}: {exc}")
-                    break
-                read = json.loads(answer)
+            for sid, status, read in await read_back(hub_url, token, list(creates.ok), sample):
                 if status != 200 or read["status"] != "running" or read["controller_id"] != services[sid]["controller_id"]:
                     problems.append(f"GET /api/services/{sid}: {status} {read.get('status')}")
-        finally:
-            await client.aclose()
-    loads = list(per_controller.values())
+        except ClientError as exc:
+            problems.append(f"GET /api/services/{{id}}: {exc}")
     live = [c for c in sim.controllers.values() if c.alive]
     return {
         "services_in_table": len(services),
         "running": sum(1 for r in services.values() if r["status"] == "running"),
-        "controllers_used": len(per_controller),
         "controllers_alive": len(live),
-        "per_controller_max": max(loads, default=0),
-        "per_controller_median": statistics.median(loads) if loads else 0,
+        **loads(per_controller.values()),
         "create_operations": operations,
         "problems": problems,
     }
+
+
+async def read_back(hub_url: str, token: str, ids: list[str], sample: int) -> list[tuple[str, int, dict[str, Any]]]:
+    """``GET /api/services/{id}`` of a sample of ``ids`` (the same sample for the same ids): id, status, body."""
+    client = Client(hub_url, 1)
+    read = []
+    try:
+        for sid in random.Random(0).sample(sorted(ids), min(sample, len(ids))):
+            status, answer, _ = await client.request("GET", f"/api/services/{sid}", b"",
+                                                  {"authorization": f"Bearer {token}"}, timeout=60)
+            read.append((sid, status, json.loads(answer)))
+    finally:
+        await client.aclose()
+    return read
+
+
+def loads(per_controller: Iterable[int]) -> dict[str, Any]:
+    """How the placements spread: the controllers used, and the most and the median any one holds."""
+    counts = list(per_controller)
+    return {"controllers_used": len(counts), "per_controller_max": max(counts, default=0),
+            "per_controller_median": statistics.median(counts) if counts else 0}
+
+
+@dataclass
+class Measured:
+    """A measured window: its bounds (``time.monotonic()``), the CPU of the hub, PostgreSQL and this process
+    in cores over it, and the hub's profile if one was taken."""
+
+    start: float
+    recording: Recording | None = None
+    end: float = 0.0
+    cores: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def wall(self) -> float:
+        return max(self.end - self.start, 1e-9)
+
+
+@asynccontextmanager
+async def measured(hub_pids: list[int], pg_pids: list[int], profile_out: Path | None = None) -> AsyncIterator[Measured]:
+    """The window of the block: its CPU by process, and (``profile_out``) py-spy on the hub meanwhile."""
+    hub_cpu, pg_cpu = _Cpu(hub_pids), _Cpu(pg_pids)
+    own_cpu0 = time.process_time()
+    recording = Recording(hub_pids[0], profile_out).start() if profile_out and hub_pids else None
+    window = Measured(time.monotonic(), recording)
+    try:
+        yield window
+    finally:
+        window.end = time.monotonic()
+        if recording is not None:
+            await asyncio.to_thread(recording.stop)
+        window.cores = {"hub": hub_cpu.used() / window.wall, "postgres": pg_cpu.used() / window.wall,
+                        "simulator_and_clients": (time.process_time() - own_cpu0) / window.wall}
+
+
+def fleet_options(hub_url: str, key: str, controllers: int, prefix: str, *, gpu_servers: float = 0.2,
+                  connections: int = 64, ramp: float | None = None) -> SimOptions:
+    """The simulated fleet: mixed cpu and gpu servers of 100 containers each, registering by heartbeat."""
+    # First beats spread at 250 a second: registration is the heartbeat benchmark's subject, not this one's.
+    return SimOptions(count=controllers, key=key, hub_url=hub_url, id_prefix=prefix, connections=connections,
+                      server_types={"cpu": 1 - gpu_servers, "gpu": gpu_servers}, max_containers=100,
+                      ramp=controllers / 250 if ramp is None else ramp)
+
+
+async def registered(conn: asyncpg.Connection, sim: Simulator, prefix: str,
+                     register_timeout: float | None = None) -> int:
+    """Wait until the fleet is registered and healthy (only then does the hub place on it, and a controller
+    takes creates only after a heartbeat round trip, SyncGuard); the count of healthy controllers."""
+    controllers = len(sim.controllers)
+    deadline = time.monotonic() + (register_timeout or 60 + controllers / 25)
+    while True:
+        healthy: int = await conn.fetchval(
+            "SELECT count(*) FROM mmanager_controllers WHERE status = 'healthy' AND id LIKE $1", prefix + "-%")
+        synced = sum(c.beats_ok > 0 for c in sim.controllers.values())
+        if healthy >= controllers and synced >= controllers:
+            break
+        if time.monotonic() > deadline:
+            if healthy < 0.95 * controllers:
+                raise RuntimeError(f"only {healthy} of {controllers} controllers healthy ({synced} synced)")
+            break  # measured all the same, with the count said
+        await asyncio.sleep(0.5)
+    say(f"{controllers} controllers: {healthy} registered and healthy")
+    return healthy
+
+
+@asynccontextmanager
+async def fleet(hub_url: str, db_url: str, key: str, controllers: int, prefix: str, *, gpu_servers: float = 0.2,
+                connections: int = 64, ramp: float | None = None,
+                register_timeout: float | None = None) -> AsyncIterator[tuple[asyncpg.Connection, Simulator, int]]:
+    """``controllers`` simulated controllers (``fleet_options``) registered and healthy: a connection to the
+    database, the simulator and the count of healthy controllers."""
+    conn = await asyncpg.connect(asyncpg_dsn(db_url))
+    try:
+        async with Simulator(fleet_options(hub_url, key, controllers, prefix, gpu_servers=gpu_servers,
+                                           connections=connections, ramp=ramp)) as sim:
+            yield conn, sim, await registered(conn, sim, prefix, register_timeout)
+    finally:
+        await conn.close()
+
+
+async def make_users(hub_url: str, admin_token: str, names: list[str]) -> list[tuple[str, str]]:
+    """Users through the admin API: (username, token) each."""
+    users = []
+    for name in names:
+        status, body = await _admin(hub_url, admin_token, "POST", "/api/admin/users",
+                                    {"username": name, "is_admin": False})
+        if status != 201:
+            raise RuntimeError(f"creating user {name}: {status} {body}")
+        users.append((body["username"], body["token"]))
+    return users
+
+
+@contextmanager
+def bench_hub(server: str, workdir: Path, *, interval: float, grace: float,
+              env: dict[str, str]) -> Iterator[tuple[LocalDeployment, Proc, str, str]]:
+    """A hub process on a new database of ``server``: the deployment, the hub, an admin's token, the
+    database's URL; stopped on the way out."""
+    db_url = asyncio.run(create_database(server, "pl"))
+    dep = LocalDeployment(db_url, workdir, interval=interval, grace=grace,
+                          extra_hub_env={"LOG_LEVEL": "WARNING", "MMANAGER_RATE_LIMIT": "0", **env})
+    dep.plan_hubs(1)
+    token = dep.create_admin()
+    try:
+        dep.start()
+        hub = dep.hub(0)
+        assert hub.popen is not None
+        yield dep, hub, token, db_url
+    finally:
+        dep.stop()
 
 
 async def measure(hub_url: str, db_url: str, admin_token: str, key: str, controllers: int, services: int, *,
@@ -238,63 +366,25 @@ async def measure(hub_url: str, db_url: str, admin_token: str, key: str, control
                   sim_connections: int = 64, ramp: float | None = None) -> dict[str, Any]:
     """``controllers`` simulated controllers, then ``services`` creates by ``clients`` users at once; the rates,
     latencies, CPU and the check of what was made."""
-    prefix = f"pl{controllers}"
-    # First beats spread at 250 a second: registration is the heartbeat benchmark's subject, not this one's.
-    options = SimOptions(count=controllers, key=key, hub_url=hub_url, id_prefix=prefix, connections=sim_connections,
-                         server_types={"cpu": 1 - gpu_servers, "gpu": gpu_servers}, max_containers=100,
-                         ramp=controllers / 250 if ramp is None else ramp)
-    conn = await asyncpg.connect(asyncpg_dsn(db_url))
-    try:
-        async with Simulator(options) as sim:
-            # Registered and healthy: only then does the hub place on them (and a controller takes creates
-            # only after a heartbeat round trip, SyncGuard).
-            deadline = time.monotonic() + (register_timeout or 60 + controllers / 25)
-            while True:
-                healthy = await conn.fetchval(
-                    "SELECT count(*) FROM mmanager_controllers WHERE status = 'healthy' AND id LIKE $1", prefix + "-%")
-                synced = sum(c.beats_ok > 0 for c in sim.controllers.values())
-                if healthy >= controllers and synced >= controllers:
-                    break
-                if time.monotonic() > deadline:
-                    if healthy < 0.95 * controllers:
-                        raise RuntimeError(f"only {healthy} of {controllers} controllers healthy ({synced} synced)")
-                    break  # measured all the same, with the count said
-                await asyncio.sleep(0.5)
-            say(f"{controllers} controllers: {healthy} registered and healthy")
-            users = []
-            for u in range(clients):
-                status, body = await _admin(hub_url, admin_token, "POST", "/api/admin/users",
-                                            {"username": f"u{u}", "is_admin": False})
-                if status != 201:
-                    raise RuntimeError(f"creating user u{u}: {status} {body}")
-                users.append((body["username"], body["token"]))
-            killed = sorted(sim.controllers, key=lambda c: random.Random(1).random())[:kill] if kill else []
-            sim.kill(killed)
-            rng = random.Random(2)
-            gpu = {i for i in range(services) if rng.random() < gpu_share}
-            creates = _Creates()
-            hub_cpu, pg_cpu = _Cpu(hub_pids or []), _Cpu(pg_pids or [])
-            own_cpu0 = time.process_time()
-            recording = Recording(hub_pids[0], profile_out).start() if profile_out and hub_pids else None
-            start = time.monotonic()
-            say(f"{controllers} controllers: {services} creates by {clients} clients"
-                 + (f", {len(killed)} controllers killed" if killed else ""))
-            try:
-                await asyncio.gather(*(
-                    _client(hub_url, name, token, list(range(n, services, clients)), gpu, start + max_seconds, creates)
-                    for n, (name, token) in enumerate(users)))
-            finally:
-                end = time.monotonic()
-                if recording is not None:
-                    await asyncio.to_thread(recording.stop)
-            wall = end - start
-            cores = {"hub": hub_cpu.used() / wall, "postgres": pg_cpu.used() / wall,
-                     "simulator_and_clients": (time.process_time() - own_cpu0) / wall}
-            say(f"{controllers} controllers: {len(creates.ok)} created in {wall:.1f} s; checking")
-            failed_beats = sim.failures()
-            checked = await verify(db_url, sim, creates, hub_url=hub_url, token=admin_token)
-    finally:
-        await conn.close()
+    async with fleet(hub_url, db_url, key, controllers, f"pl{controllers}", gpu_servers=gpu_servers,
+                     connections=sim_connections, ramp=ramp, register_timeout=register_timeout) as (_, sim, healthy):
+        users = await make_users(hub_url, admin_token, [f"u{u}" for u in range(clients)])
+        killed = sorted(sim.controllers, key=lambda c: random.Random(1).random())[:kill] if kill else []
+        sim.kill(killed)
+        rng = random.Random(2)
+        gpu = {i for i in range(services) if rng.random() < gpu_share}
+        creates = _Creates()
+        say(f"{controllers} controllers: {services} creates by {clients} clients"
+             + (f", {len(killed)} controllers killed" if killed else ""))
+        async with measured(hub_pids or [], pg_pids or [], profile_out) as window:
+            await asyncio.gather(*(
+                _client(hub_url, name, token, list(range(n, services, clients)), gpu,
+                        window.start + max_seconds, creates)
+                for n, (name, token) in enumerate(users)))
+        start, end, wall, cores, recording = window.start, window.end, window.wall, window.cores, window.recording
+        say(f"{controllers} controllers: {len(creates.ok)} created in {wall:.1f} s; checking")
+        failed_beats = sim.failures()
+        checked = await verify(db_url, sim, creates, hub_url=hub_url, token=admin_token)
     buckets, overall = _rates(creates.done, start, end)
     inner = buckets[1:-1] or buckets
     return {
@@ -353,16 +443,9 @@ def main() -> None:
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-pl-")))
         profiles = profile_dir(args.profile, workdir)
         for n, (controllers, services) in enumerate(sizes):
-            db_url = asyncio.run(create_database(server, "pl"))
             quota = services // args.clients + 1
-            dep = LocalDeployment(db_url, workdir / str(n), interval=args.interval, grace=args.grace,
-                                  extra_hub_env={"LOG_LEVEL": "WARNING", "MMANAGER_RATE_LIMIT": "0",
-                                                 "MMANAGER_MAX_SERVICES_PER_USER": str(quota)})
-            dep.plan_hubs(1)
-            token = dep.create_admin()
-            try:
-                dep.start()
-                hub = dep.hub(0)
+            with bench_hub(server, workdir / str(n), interval=args.interval, grace=args.grace,
+                           env={"MMANAGER_MAX_SERVICES_PER_USER": str(quota)}) as (dep, hub, token, db_url):
                 assert hub.popen is not None
                 largest = (controllers, services) == max(sizes)
                 run = asyncio.run(measure(
@@ -371,8 +454,6 @@ def main() -> None:
                     sim_connections=args.connections,
                     hub_pids=[hub.popen.pid], pg_pids=pg_pids,
                     profile_out=profiles / f"placement-{controllers}.pyspy" if profiles and largest else None))
-            finally:
-                dep.stop()
             results["runs"].append(run)
             print(json.dumps({k: v for k, v in run.items() if k not in ("profile", "per_s_by_second")}), flush=True)
     base = results["runs"][0]
@@ -394,16 +475,7 @@ def main() -> None:
               f"| {check} |")
     for r in results["runs"]:
         if r.get("profile"):
-            prof = r["profile"]
-            print(f"\nhub profile at {r['controllers']} controllers, {prof['samples']} samples, by package:")
-            for row in prof["packages"][:10]:
-                print(f"  {row['share']:6.1%}  {row['package']}")
-            print("inclusive, the project's functions:")
-            for row in prof["inclusive"]:
-                print(f"  {row['share']:6.1%}  {row['function']}")
-            print("self:")
-            for row in prof["self"]:
-                print(f"  {row['share']:6.1%}  {row['function']}")
+            print_summary(r["profile"], f"hub profile at {r['controllers']} controllers", own=None, inclusive=None)
 
 
 if __name__ == "__main__":

@@ -134,11 +134,17 @@ def _package(frame: str) -> str:
     return head.removesuffix(".py") or "?"
 
 
-def print_summary(summary: dict[str, Any], title: str, packages: int | None = 10, own: int | None = 15) -> None:
-    """A ``summary()`` as the benchmarks print it: ``title``, the busiest packages, then functions by own time."""
+def print_summary(summary: dict[str, Any], title: str, packages: int | None = 10, own: int | None = 15,
+                  inclusive: int | None = 0) -> None:
+    """A ``summary()`` as the benchmarks print it: ``title``, the busiest packages, the project's functions
+    by inclusive time (``inclusive`` of them; None: all), then functions by own time."""
     print(f"\n{title} ({summary['samples']} samples on CPU), by package:")
     for row in summary["packages"][:packages]:
         print(f"  {row['share']:6.1%}  {row['package']}")
+    if inclusive != 0:
+        print("inclusive, the project's functions:")
+        for row in summary["inclusive"][:inclusive]:
+            print(f"  {row['share']:6.1%}  {row['function']}")
     print("self:")
     for row in summary["self"][:own]:
         print(f"  {row['share']:6.1%}  {row['function']}")

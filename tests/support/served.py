@@ -11,15 +11,17 @@ import uvicorn
 
 from hub.app import create_app
 from hub.config import HubSettings
+from hub.deps import Hub
 from tests.support.net import free_port
 from tests.support.poll import eventually
 
 
 @asynccontextmanager
-async def served_hub(settings: HubSettings, start_timeout: float = 20.0) -> AsyncIterator[str]:
-    """The hub's URL once it listens; stopped (its lifespan run to the end) on the way out."""
+async def served_hub(settings: HubSettings, start_timeout: float = 20.0, hub: Hub | None = None) -> AsyncIterator[str]:
+    """The hub's URL once it listens (``hub``: its parts, built by the caller to reach them); stopped (its
+    lifespan run to the end) on the way out."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None,
+    server = uvicorn.Server(uvicorn.Config(create_app(settings, hub), host="127.0.0.1", port=port, log_config=None,
                                            log_level="warning"))
     task = asyncio.create_task(server.serve())
     try:

@@ -162,7 +162,8 @@ def _request(spec: ServiceSpec, exclude: frozenset[str] = frozenset()) -> Placem
     )
 
 
-def _new_row(service: ServiceModel, spec: ServiceSpec, epoch: int, decision: Placement) -> ContainerRegistryModel:
+def _new_row(service: ServiceModel, spec: ServiceSpec, epoch: int, decision: Placement,
+             request: PlacementRequest) -> ContainerRegistryModel:
     assert decision.controller_id is not None
     now = utcnow()
     return ContainerRegistryModel(
@@ -176,8 +177,8 @@ def _new_row(service: ServiceModel, spec: ServiceSpec, epoch: int, decision: Pla
         epoch=epoch,
         health="unknown",
         health_restarts=0,
-        memory_bytes=spec.resources.memory_bytes,
-        cpu_limit=spec.resources.cpu_limit or 0.0,
+        memory_bytes=request.memory,
+        cpu_limit=request.cpu,
         gpu_devices=list(decision.gpu_devices),
         serving=False,
         endpoint=None,
@@ -247,10 +248,10 @@ class Deployer:
         try:
             for _ in range(CREATE_ATTEMPTS):
                 batch = []
+                request = _request(spec, exclude | refused)
                 for epoch in todo:
-                    decision, held = self._decide(_request(spec, exclude | refused), target, final,
-                                                  frozenset(taken))
-                    batch.append((_new_row(service, spec, epoch, decision), held))
+                    decision, held = self._decide(request, target, final, frozenset(taken))
+                    batch.append((_new_row(service, spec, epoch, decision, request), held))
                     taken.add(held.controller_id)
                 inserted = await _insert_rows_if_placeable(tx, [row for row, _ in batch], sqlite)
                 todo = []

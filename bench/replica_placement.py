@@ -185,7 +185,8 @@ async def phase(name: str, hub_url: str, conn: asyncpg.Connection, sim: Simulato
 
     # The starts: until every accepted service is settled (running, or given up) or the bound.
     running = given_up = 0
-    async with measured(hub_pids, pg_pids) as starts:
+    starts_profile = profile_out.with_name(profile_out.stem + "-starts.pyspy") if profile_out else None
+    async with measured(hub_pids, pg_pids, starts_profile) as starts:
         while time.monotonic() < end + start_bound:
             running, given_up = await _settled(conn, f"{name}-")
             if running + given_up >= len(creates.ok):
@@ -225,6 +226,7 @@ async def phase(name: str, hub_url: str, conn: asyncpg.Connection, sim: Simulato
         "start_cpu_cores": {k: round(v, 2) for k, v in starts.cores.items()},
         "check": checked,
         "profile": window.recording.summary(top=25) if window.recording is not None else None,
+        "starts_profile": starts.recording.summary(top=25) if starts.recording is not None else None,
     }
 
 
@@ -281,6 +283,8 @@ def _table(result: dict[str, Any]) -> None:
     for r in result["phases"]:
         if r.get("profile"):
             print_summary(r["profile"], f"hub profile, {r['phase']} window", own=None, inclusive=None)
+        if r.get("starts_profile"):
+            print_summary(r["starts_profile"], f"hub profile, {r['phase']} starts", own=None, inclusive=None)
 
 
 def main() -> None:
@@ -300,6 +304,8 @@ def main() -> None:
     parser.add_argument("--connections", type=int, default=2048, help="the simulator's connections to the hub")
     parser.add_argument("--profile", nargs="?", type=Path, const=True, default=None, metavar="DIR",
                         help="py-spy on the hub during the window of the creates of --replicas")
+    parser.add_argument("--hub-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="a setting of the hub's for the run (to see what a part costs), again for more")
     parser.add_argument("--out", type=Path, default=Path("bench/results/replica_placement.json"))
     parser.add_argument("--workdir", type=Path, help="keep the hub's logs here (default: a temporary folder)")
     args = parser.parse_args()
@@ -311,7 +317,8 @@ def main() -> None:
         server, pg_pids = durable_server(stack)
         workdir = args.workdir or Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="mm-bench-rp-")))
         profiles = profile_dir(args.profile, workdir)
-        env = {"MMANAGER_MAX_SERVICES_PER_USER": str(quota), "MMANAGER_MAX_REPLICAS": str(max(args.replicas, 64))}
+        env = {"MMANAGER_MAX_SERVICES_PER_USER": str(quota), "MMANAGER_MAX_REPLICAS": str(max(args.replicas, 64)),
+               **dict(setting.split("=", 1) for setting in args.hub_env)}
         with bench_hub(server, workdir, interval=args.interval, grace=args.grace, env=env) as (dep, hub, token, db):
             assert hub.popen is not None
             result = asyncio.run(measure(
@@ -320,12 +327,12 @@ def main() -> None:
                 sim_connections=args.connections, hub_pids=[hub.popen.pid], pg_pids=pg_pids,
                 profile_out=profiles / "replica-placement.pyspy" if profiles else None))
     result.update(clients=args.clients, interval_s=args.interval, gpu_share=args.gpu_share,
-                  target_per_s=TARGET_PER_S)
+                  target_per_s=TARGET_PER_S, hub_env=args.hub_env)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     for r in result["phases"]:
         print(json.dumps({k: v for k, v in r.items()
-                          if k not in ("profile", "creates_per_s_by_second", "started_by_second")}), flush=True)
+                          if k not in ("profile", "starts_profile", "creates_per_s_by_second", "started_by_second")}), flush=True)
     _table(result)
 
 

@@ -33,6 +33,11 @@ _RUNNING = select(ServiceModel.id, ServiceModel.spec, _LAST_OPERATION.label("las
     ServiceModel.status == "running", ServiceModel.desired_state == "running")
 
 
+# A publish of a large table (tens of thousands of replicas) holds the event loop for a while: the next one
+# waits this many times as long, so publishing takes at most about a fifth of the leader's time.
+PUBLISH_PAUSE = 4.0
+
+
 class GatewayPublisher(LoopService):
     """The leader's: a new version of the routing table whenever the services or their keys changed."""
 
@@ -44,6 +49,9 @@ class GatewayPublisher(LoopService):
 
     async def run_once(self) -> None:
         await self.table.publish()
+
+    def next_delay(self, took: float) -> float:
+        return max(self.interval - took, PUBLISH_PAUSE * took)
 
 
 class GatewayWatch(LoopService):

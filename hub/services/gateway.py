@@ -72,6 +72,7 @@ ROUTED_COPIES = select(REGISTRY.c.service_id, REGISTRY.c.container_id, REGISTRY.
                                                 REGISTRY.c.endpoint.is_not(None))
 ROUTED_KEYS = select(KEYS.c.service_id, KEYS.c.key_hash)
 CURRENT = select(ROUTES.c.version, ROUTES.c.body).where(ROUTES.c.id == 1)
+CURRENT_VERSION = select(ROUTES.c.version).where(ROUTES.c.id == 1).with_for_update()
 FIRST_VERSION = insert(ROUTES).values(id=1, version=1, body=bindparam("body"), updated_at=bindparam("now"))
 NEXT_VERSION = (update(ROUTES).where(ROUTES.c.id == 1)
                 .values(version=ROUTES.c.version + 1, body=bindparam("body"), updated_at=bindparam("now")))
@@ -164,6 +165,9 @@ class GatewayTable:
         self.settings = settings
         # What the tables looked like when the table was last derived (None: never, e.g. after a restart).
         self._fingerprint: Mapping[str, Any] | None = None
+        # The version this process last wrote or read, and its table: a large table is compared here, not
+        # decoded from the database again on every change.
+        self._published: tuple[int, dict[str, Any]] | None = None
 
     async def publish(self) -> int | None:
         """Derive the table again if the tables changed, and write it as a new version if it differs from
@@ -176,16 +180,26 @@ class GatewayTable:
         keys = await self.db.all(ROUTED_KEYS, {})
         body = routing_table(services, copies, keys, self.settings.service_domain)
         async with self.db.transaction() as tx:
-            current = await tx.first(CURRENT, {})
+            # The version alone, locked: the table itself is read only when another process wrote it since.
+            latest = await tx.first(CURRENT_VERSION, {})
             now = utcnow()
-            if current is None:
+            if latest is None:
                 await tx.execute(FIRST_VERSION, {"body": body, "now": now})
                 version: int | None = 1
-            elif current["body"] != body:
-                await tx.execute(NEXT_VERSION, {"body": body, "now": now})
-                version = current["version"] + 1
             else:
-                version = None
+                known = self._published
+                if known is None or known[0] != latest["version"]:
+                    current = await tx.first(CURRENT, {})
+                    assert current is not None  # locked above
+                    known = (current["version"], current["body"])
+                if known[1] != body:
+                    await tx.execute(NEXT_VERSION, {"body": body, "now": now})
+                    version = known[0] + 1
+                else:
+                    version = None
+                    self._published = known
+        if version is not None:
+            self._published = (version, body)
         self._fingerprint = fingerprint
         if version is not None:
             log.info("gateway routing table: version %d (%d services)", version, len(body["services"]))

@@ -193,12 +193,15 @@ class Creator:
             by_controller.setdefault(held.row.controller_id, []).append(held)
         made: list[Deployed] = []
         errors: list[HubError] = []
+        # A copy its controller could not make is placed again away from its siblings while another fits.
+        siblings = frozenset(by_controller)
 
         async def on(queue: list[Reserved]) -> None:
             for held in sorted(queue, key=lambda h: h.row.epoch):
                 try:
                     async with self.ctx.making:
-                        made.append(await self.deployer.deploy(service, spec, held.row.epoch, first=held))
+                        made.append(await self.deployer.deploy(service, spec, held.row.epoch, first=held,
+                                                               spread=siblings))
                 except HubError as exc:
                     errors.append(exc)
 

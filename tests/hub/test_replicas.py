@@ -29,9 +29,10 @@ async def service(cluster: Cluster, sid: str) -> dict[str, Any]:
 
 
 def running(cluster: Cluster, sid: str) -> dict[str, str]:
-    """The service's containers that run, by container id: their controller."""
-    return {c.id: c.labels["mmanager.controller"] for c in cluster.containers(**{"mmanager.service": sid})
-            if c.status == "running"}
+    """The service's containers that run, by container id: their controller (one listing: a container the
+    hub removes meanwhile is simply not in it)."""
+    listed = cluster.docker.api.containers(filters={"label": [f"mmanager.service={sid}"], "status": "running"})
+    return {c["Id"]: c["Labels"]["mmanager.controller"] for c in listed}
 
 
 async def ops_of(cluster: Cluster, sid: str, operation: str) -> list[dict[str, Any]]:
@@ -222,8 +223,13 @@ async def test_the_reconciler_brings_a_service_to_its_count(cluster: Cluster) ->
     again = await eventually(lambda: _if(replicas(2), lambda s: other["id"] not in {r["id"] for r in s["replicas"]}),
                              30, "the vanished replica replaced", interval=0.2)
     assert again["container_id"] == two["container_id"]
-    scales = [op for op in await ops_of(cluster, sid, "scale") if op["actor"] == "system"]
-    assert scales and all(op["status"] == "succeeded" for op in scales)
+
+    async def ended() -> list[dict[str, Any]] | None:
+        ops = [op for op in await ops_of(cluster, sid, "scale") if op["actor"] == "system"]
+        return ops if ops and all(op["status"] != "running" for op in ops) else None
+
+    scales = await eventually(ended, 10, "the reconciler's scales ended", interval=0.1)
+    assert all(op["status"] == "succeeded" for op in scales), [(op["status"], op["error"]) for op in scales]
 
 
 async def _if(found: Any, check: Any) -> Any:
@@ -245,3 +251,22 @@ async def test_a_rollback_or_a_queued_update_keeps_the_count_of_replicas(cluster
     assert scale.status_code == 200 and update_.status_code == 200, (scale.text, update_.text)
     after = await service(cluster, sid)
     assert after["spec"]["replicas"] == 3 and len(after["replicas"]) == 3 and len(running(cluster, sid)) == 3
+
+
+async def test_every_replica_holds_gpus_of_its_own(cluster: Cluster) -> None:
+    gpu = cluster.controller_ids[0]
+    spec = {**SPEC, "name": "evo2", "resources": {"gpu_count": 1, "memory_limit": "32MB"}}
+    # One GPU controller with two GPUs: two replicas fit there (no other controller may take them), one each.
+    r = await cluster.hub.post("/api/admin/models/services", json={**spec, "replicas": 2})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+    assert [rep["controller_id"] for rep in r.json()["replicas"]] == [gpu, gpu]
+    devices = sorted(next(e for e in c.attrs["Config"]["Env"] if e.startswith("NVIDIA_VISIBLE_DEVICES="))
+                     for c in cluster.containers(**{"mmanager.service": sid}))
+    assert devices == ["NVIDIA_VISIBLE_DEVICES=0", "NVIDIA_VISIBLE_DEVICES=1"]
+    # Both GPUs are held: a third replica has nowhere to go, and nothing changes.
+    r = await cluster.hub.patch(f"/api/services/{sid}", json={"replicas": 3})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "NO_FEASIBLE_CONTROLLER", r.text
+    r = await cluster.hub.post("/api/admin/models/services", json={**spec, "name": "evo2-b"})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "NO_FEASIBLE_CONTROLLER", r.text
+    assert len(running(cluster, sid)) == 2 and (await service(cluster, sid))["spec"]["replicas"] == 2

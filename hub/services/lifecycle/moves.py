@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from sqlalchemy import bindparam, or_, select
 
 from hub.db import any_of, insert_row
-from hub.errors import Conflict, InvalidRequest, NotFound, QuotaExceeded
+from hub.errors import Conflict, InvalidRequest, NoFeasibleController, NotFound, QuotaExceeded
 from hub.models import ContainerRegistryModel, ControllerModel, OperationModel, ServiceModel, UserModel, utcnow
 from hub.scheduler.reconcile import UNSETTLED
 from hub.schemas import ServicePatch, ServiceSpec
@@ -152,7 +152,7 @@ class Mover:
                 service = await ctx.reload(service_id)
                 await self.replacer.replace(Replacement(service, spec, op, version=version if step == 0 else None,
                                                         replacing=copy["id"], finish=False))
-            await self._converge(service_id, spec, op)
+            await self._converge(service_id, spec, op, asked=rescale)
             await ctx.ops.finish(op, details={"replicas_rolled": len(copies), "replicas": spec.replicas})
             return await ctx.reload(service_id)
 
@@ -185,9 +185,12 @@ class Mover:
             await ctx.ops.finish(op, details=details)
             return await ctx.reload(service_id)
 
-    async def _converge(self, service_id: str, spec: ServiceSpec, op: OperationModel) -> dict[str, Any]:
+    async def _converge(self, service_id: str, spec: ServiceSpec, op: OperationModel,
+                        asked: bool = True) -> dict[str, Any]:
         """Make the service run ``spec.replicas`` copies (recorded first, so the reconciler finishes what an
-        interrupted scale began): one more at a time, spread, or the least-loaded controllers' removed."""
+        interrupted scale began): one more at a time, spread, or the least-loaded controllers' removed.
+        ``asked``: a user's count, which goes back to what runs if no controller can take one more (the
+        reconciler's own recount keeps the count and tries again)."""
         ctx = self.ctx
         service = await ctx.reload(service_id)
         async with ctx.db.transaction() as tx:
@@ -210,8 +213,18 @@ class Mover:
         while len(copies) + added < spec.replicas:
             service = await ctx.reload(service_id)
             replacing = gone.pop(0)["id"] if gone else None
-            await self.replacer.replace(Replacement(service, spec, op, adding=replacing is None, replacing=replacing,
-                                                    finish=False, reason="scale"))
+            try:
+                await self.replacer.replace(Replacement(service, spec, op, adding=replacing is None,
+                                                        replacing=replacing, finish=False, reason="scale"))
+            except NoFeasibleController:
+                if not asked:
+                    raise
+                # No controller can take one more: the count is what runs (a scale-up refused changes nothing).
+                have = spec.model_copy(update={"replicas": max(len(copies) + added, 1)})
+                async with ctx.db.transaction() as tx:
+                    await tx.execute(sql.SET_REPLICAS, {"service_id": service_id, "replicas": have.replicas,
+                                                        "spec": have.model_dump(mode="json"), "updated_at": utcnow()})
+                raise
             added += 1
         for copy in gone:
             await self._remove_replica(service_id, copy)
@@ -370,7 +383,7 @@ class Mover:
             async with ctx.ops.running(op):
                 bind_request_id(op.id)
                 spec = ServiceSpec.model_validate(service.spec).model_copy(update={"replicas": service.replicas})
-                details = await self._converge(service_id, spec, op)
+                details = await self._converge(service_id, spec, op, asked=False)
                 await ctx.ops.finish(op, details=details)
             return await ctx.reload(service_id)
 

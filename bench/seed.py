@@ -8,7 +8,7 @@ so ``seed()`` writes, with COPY, what those creates would have left behind:
   healthy, pushing heartbeats, at the URL the simulator will answer on,
 - ``model_services``: each ``running`` and ``healthy`` at epoch 1 on its controller, with its
   endpoint, the spec a create stores (``ServiceSpec.model_dump``) and the owner's quota ignored,
-- ``container_registry``: one ``running`` row per service at epoch 1, the container's id and name,
+- ``container_registry``: one ``running`` row per service at epoch 1 (its one replica, with its endpoint), the container's id and name,
 - ``container_operations``: one succeeded ``create`` per service,
 - ``service_deployment_history``: version 1 of each service,
 
@@ -148,7 +148,7 @@ async def seed(db_url: str, options: SimOptions, services: int, *, owners: int =
                     controller_id, container_id, 1, endpoint, "[]", health, started, started))
                 registry_rows.append((
                     uuid.uuid4().hex, service_id, controller_id, container_id, cname, IMAGE, "running", 1, health, 0,
-                    64 * 1024**2, 0.1, "[]", started, started))
+                    64 * 1024**2, 0.1, "[]", True, endpoint, started, started))
                 op_rows.append((
                     uuid.uuid4().hex, service_id, controller_id, container_id, "create", "succeeded", None,
                     owner_names[owner], json.dumps({"epoch": 1, "version": 1}), replica, started, started))
@@ -178,8 +178,8 @@ async def seed(db_url: str, options: SimOptions, services: int, *, owners: int =
                 "updated_at"), service_rows)
             await _copy(conn, "container_registry", (
                 "id", "service_id", "controller_id", "container_id", "container_name", "image", "status", "epoch",
-                "health", "health_restarts", "memory_bytes", "cpu_limit", "gpu_devices", "created_at",
-                "updated_at"), registry_rows)
+                "health", "health_restarts", "memory_bytes", "cpu_limit", "gpu_devices", "serving", "endpoint",
+                "created_at", "updated_at"), registry_rows)
             await _copy(conn, "container_operations", (
                 "id", "service_id", "controller_id", "container_id", "operation", "status", "error", "actor",
                 "details", "hub_replica", "created_at", "finished_at"), op_rows)

@@ -193,6 +193,9 @@ async def test_a_service_without_gateway_traffic_goes_idle_and_a_request_wakes_i
     assert (await cluster.hub.post(f"/api/gateway/wake/{sid}", headers=alice)).status_code == 403
     r = await cluster.hub.post(f"/api/gateway/wake/{sid}", headers=GATEWAY)
     assert r.status_code == 202 and r.json()["waking"] is True, r.text
+    # Another gateway asking while it wakes holds its requests too, and starts nothing more.
+    meanwhile = await cluster.hub.post(f"/api/gateway/wake/{sid}", headers=GATEWAY)
+    assert meanwhile.status_code == 202 and meanwhile.json() == {"waking": False, "replacing": True, "hold": 5.0}
     awake = await eventually(lambda: service_where(cluster, sid, lambda s: s["status"] == "running"), 15,
                              "the service running again", interval=0.1)
     assert awake["desired_state"] == "running" and awake["container_id"] == service["container_id"]

@@ -86,7 +86,10 @@ class Actions:
         service = await ctx.reload_or_none(service_id)
         if service is None:
             raise NotFound(f"service {service_id!r} not found", code="SERVICE_NOT_FOUND")
-        if service.status != "idle" or service_id in self._waking:
+        if service_id in self._waking:
+            # Started already (another gateway's request, or one that came meanwhile): hold it too.
+            return Woken(None, True)
+        if service.status != "idle":
             return Woken(None, self._replacing(service))
         self._waking.add(service_id)
         try:

@@ -32,7 +32,6 @@ from hub.services.lifecycle.deploy import (
     Reserved,
     Superseded,
     docker_status,
-    endpoint_for,
     settle_rows,
 )
 from hub.services.operations import Running
@@ -149,8 +148,6 @@ class Creator:
                     await session.execute(sql.DELETE_SERVICE, {"service_id": service.id})
                 ctx.service_locks.pop(service.id, None)
                 raise  # the operation ends with the error (``running``)
-            for made in copies:
-                made.row.endpoint = endpoint_for(made.controller.url, made.ports).model_dump()
             copy = copies[0]
             row, controller = copy.row, copy.controller
             settled = {

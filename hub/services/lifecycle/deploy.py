@@ -37,7 +37,7 @@ from hub.schemas import Endpoint, ServiceSpec
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
 from mmanager.policy import PolicyViolation, check_spec
-from mmanager.wire import ContainerCreate, HealthCheck
+from mmanager.wire import ContainerCreate, ContainerCreated, HealthCheck
 
 log = logging.getLogger(__name__)
 
@@ -84,12 +84,19 @@ class Reserved:
 
 @dataclass(slots=True)
 class Deployed:
-    """A copy made: its row (container id and name set), its controller, its ports and Docker's status."""
+    """A copy made: its row (container id and name, status and endpoint set), its controller and Docker's
+    status."""
 
     row: ContainerRegistryModel
     controller: ControllerModel
-    ports: dict[str, int | None]
     status: str
+
+    @classmethod
+    def made(cls, row: ContainerRegistryModel, controller: ControllerModel, created: ContainerCreated) -> Deployed:
+        """What the controller's create made, recorded on the copy's row (not yet written)."""
+        row.container_id, row.container_name, row.status = created.container_id, created.name, created.status
+        row.endpoint = endpoint_for(controller.url, created.ports).model_dump()
+        return cls(row, controller, created.status)
 
     @property
     def epoch(self) -> int:
@@ -358,10 +365,7 @@ class Deployer:
                     last_error = exc
                     continue
                 raise
-            row.container_id = created.container_id
-            row.container_name = created.name
-            row.status = "running" if created.status == "running" else created.status
-            return Deployed(row, controller, created.ports, created.status)
+            return Deployed.made(row, controller, created)
         assert last_error is not None
         raise last_error
 

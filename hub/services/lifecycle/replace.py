@@ -35,7 +35,7 @@ from hub.models import (
 from hub.schemas import ServiceSpec
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
-from hub.services.lifecycle.deploy import Deployed, Deployer, Superseded, docker_status, endpoint_for, settle_row
+from hub.services.lifecycle.deploy import Deployed, Deployer, Superseded, docker_status, settle_row
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,6 @@ class Replacer:
             await self._restore_status(service.id, prior_status)
             raise
         row, controller = copy.row, copy.controller
-        row.endpoint = endpoint_for(controller.url, copy.ports).model_dump()
         healthy = False
         if plan.wait_healthy and spec.health_check is not None and row.container_id:
             try:
@@ -239,9 +238,7 @@ class Replacer:
                 except HubError as exc:
                     log.warning("could not resume the create of %s on %s: %s", service.id, controller.id, exc.message)
                 else:
-                    row.container_id, row.container_name = created.container_id, created.name
-                    row.status = created.status
-                    return Deployed(row, controller, created.ports, created.status)
+                    return Deployed.made(row, controller, created)
             # Its container, if the controller made one, has no row now: the controller removes it as an orphan.
             await sql.delete_row(ctx.db, row.id)
         # The next epoch is claimed in the transaction that holds the placement's row: no epoch is used

@@ -81,16 +81,7 @@ class Creator:
 
         async def write_first(tx: Tx) -> None:
             nonlocal op
-            await tx.first(sql.LOCK_OWNER, {"owner_id": owner.id})
-            found = await tx.first(sql.OWNED, {"owner_id": owner.id, "name": spec.name})
-            assert found is not None  # an aggregate answers one row
-            count, clash = found["count"], found["clash"]
-            limit = ctx.settings.max_services_per_user
-            if not owner.is_admin and count + spec.replicas > limit:
-                raise QuotaExceeded(
-                    f"user {owner.username!r} already runs {count} service replicas; {spec.replicas} more would "
-                    f"pass max_services_per_user={limit}", {"limit": limit, "current": count},
-                )
+            clash = await hold_quota(tx, owner, spec.name, spec.replicas, ctx.settings.max_services_per_user)
             if clash is not None:
                 raise Conflict(f"service {spec.name!r} already exists (id {clash})", code="SERVICE_EXISTS")
             await insert_row(tx, service)
@@ -206,6 +197,19 @@ class Creator:
         if not made:
             raise errors[0]
         return sorted(made, key=lambda copy: copy.epoch)
+
+
+async def hold_quota(tx: Tx, owner: UserModel, name: str, more: int, limit: int) -> str | None:
+    """Under the owner's row lock (held until the caller's transaction ends), refuse ``more`` replicas past
+    the quota (``limit``; admins are exempt); the id of the owner's service named ``name``, if there is one."""
+    await tx.first(sql.LOCK_OWNER, {"owner_id": owner.id})
+    found = await tx.first(sql.OWNED, {"owner_id": owner.id, "name": name})
+    assert found is not None  # an aggregate answers one row
+    count = found["count"]
+    if not owner.is_admin and count + more > limit:
+        raise QuotaExceeded(f"user {owner.username!r} already runs {count} service replicas; {more} more would "
+                            f"pass max_services_per_user={limit}", {"limit": limit, "current": count})
+    return found["clash"]
 
 
 def check_replicas(replicas: int, cap: int) -> None:

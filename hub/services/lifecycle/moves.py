@@ -18,15 +18,15 @@ from typing import Any
 from pydantic import ValidationError
 from sqlalchemy import bindparam, or_, select
 
-from hub.db import any_of, insert_row
-from hub.errors import Conflict, InvalidRequest, NoFeasibleController, NotFound, QuotaExceeded
+from hub.db import Tx, any_of, insert_row
+from hub.errors import Conflict, InvalidRequest, NoFeasibleController, NotFound
 from hub.models import ContainerRegistryModel, ControllerModel, OperationModel, ServiceModel, UserModel, utcnow
 from hub.scheduler.reconcile import UNSETTLED
 from hub.schemas import ServicePatch, ServiceSpec
 from hub.services.controllers import get_controller
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
-from hub.services.lifecycle.create import check_replicas
+from hub.services.lifecycle.create import check_replicas, hold_quota
 from hub.services.lifecycle.deploy import Deployer
 from hub.services.lifecycle.reads import get_for
 from hub.services.lifecycle.replace import Replacement, Replacer, read_unfinished
@@ -194,17 +194,11 @@ class Mover:
         ctx = self.ctx
         service = await ctx.reload(service_id)
         async with ctx.db.transaction() as tx:
-            if spec.replicas > service.replicas and not service.owner.is_admin:
-                # The quota counts every replica, under the owner's row lock as a create does.
-                await tx.first(sql.LOCK_OWNER, {"owner_id": service.owner_id})
-                found = await tx.first(sql.OWNED, {"owner_id": service.owner_id, "name": service.name})
-                current, limit = (found or {}).get("count") or 0, ctx.settings.max_services_per_user
-                if current - service.replicas + spec.replicas > limit:
-                    raise QuotaExceeded(
-                        f"user {service.owner.username!r} runs {current} service replicas; {spec.replicas} for "
-                        f"this one would pass max_services_per_user={limit}", {"limit": limit, "current": current})
-            await tx.execute(sql.SET_REPLICAS, {"service_id": service_id, "replicas": spec.replicas,
-                                                "spec": spec.model_dump(mode="json"), "updated_at": utcnow()})
+            if spec.replicas > service.replicas:
+                # The quota counts every replica, as a create does.
+                await hold_quota(tx, service.owner, service.name, spec.replicas - service.replicas,
+                                 ctx.settings.max_services_per_user)
+            await self._set_count(tx, service_id, spec)
         copies = await self._replicas(service_id)
         # A replica whose container was found gone is replaced before one is added, or else goes.
         gone = [copy for copy in copies if copy["status"] == "missing"]
@@ -220,10 +214,9 @@ class Mover:
                 if not asked:
                     raise
                 # No controller can take one more: the count is what runs (a scale-up refused changes nothing).
-                have = spec.model_copy(update={"replicas": max(len(copies) + added, 1)})
                 async with ctx.db.transaction() as tx:
-                    await tx.execute(sql.SET_REPLICAS, {"service_id": service_id, "replicas": have.replicas,
-                                                        "spec": have.model_dump(mode="json"), "updated_at": utcnow()})
+                    await self._set_count(tx, service_id,
+                                          spec.model_copy(update={"replicas": max(len(copies) + added, 1)}))
                 raise
             added += 1
         for copy in gone:
@@ -237,6 +230,12 @@ class Mover:
                 await self._remove_replica(service_id, copy)
                 removed += 1
         return {"replicas": spec.replicas, "added": added, "removed": removed}
+
+    @staticmethod
+    async def _set_count(tx: Tx, service_id: str, spec: ServiceSpec) -> None:
+        """The service's count of replicas, and its spec with it."""
+        await tx.execute(sql.SET_REPLICAS, {"service_id": service_id, "replicas": spec.replicas,
+                                            "spec": spec.model_dump(mode="json"), "updated_at": utcnow()})
 
     async def _remove_replica(self, service_id: str, copy: Mapping[str, Any]) -> None:
         """Take one replica out: the gateways stop sending it requests, then its container goes. Its row is

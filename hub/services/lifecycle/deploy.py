@@ -137,7 +137,7 @@ async def settle_rows(tx: Tx, rows: list[ContainerRegistryModel], sqlite: bool) 
     if len(rows) == 1:
         return await settle_row(tx, rows[0])
     await tx.executemany(sql.SETTLE_EACH, [_settled(row) for row in rows])
-    found = {r["id"]: r for r in await tx.all(sql.settled_rows(sqlite), {"ids": [row.id for row in rows]})}
+    found = {r["id"]: r for r in await tx.all(sql.batch_rows(sqlite), {"ids": [row.id for row in rows]})}
     for row in rows:
         read = found.get(row.id)
         if read is None or read["status"] == "stale" or read["container_id"] != row.container_id:
@@ -155,7 +155,7 @@ async def _insert_rows_if_placeable(tx: Tx, rows: list[ContainerRegistryModel], 
     if len(rows) == 1:
         return {rows[0].id} if await tx.execute(sql.INSERT_ROW_IF_PLACEABLE, values[0]) == 1 else set()
     await tx.executemany(sql.INSERT_ROW_IF_PLACEABLE, values)
-    found = await tx.all(sql.rows_present(sqlite), {"ids": [row.id for row in rows]})
+    found = await tx.all(sql.batch_rows(sqlite), {"ids": [row.id for row in rows]})
     return {r["id"] for r in found}
 
 

@@ -60,9 +60,11 @@ INSERT_ROW_IF_PLACEABLE = insert(REGISTRY).from_select(
 
 
 @functools.cache
-def rows_present(sqlite: bool) -> Select[Any]:
-    """Which of a batch's registry rows (``ids``) are there: the ones whose controller took them."""
-    return select(REGISTRY.c.id).where(any_of(REGISTRY.c.id, "ids", sqlite=sqlite))
+def batch_rows(sqlite: bool) -> Select[Any]:
+    """A batch's registry rows (``ids``) as they are now: after INSERT_ROW_IF_PLACEABLE, those whose controller
+    took them; after SETTLE_EACH, which took their container (a superseded one did not)."""
+    return select(REGISTRY.c.id, REGISTRY.c.container_id, REGISTRY.c.status, REGISTRY.c.health).where(
+        any_of(REGISTRY.c.id, "ids", sqlite=sqlite))
 
 
 # The created container on its reserved row, one of the service's replicas from now on, unless the row was
@@ -75,13 +77,6 @@ SETTLE_EACH = (
             serving=True, updated_at=bindparam("updated_at"))
 )
 SETTLE_ROW = SETTLE_EACH.returning(REGISTRY.c.health)
-
-
-@functools.cache
-def settled_rows(sqlite: bool) -> Select[Any]:
-    """A batch's rows (``ids``) after SETTLE_EACH: which took their container (a superseded one did not)."""
-    return select(REGISTRY.c.id, REGISTRY.c.container_id, REGISTRY.c.status, REGISTRY.c.health).where(
-        any_of(REGISTRY.c.id, "ids", sqlite=sqlite))
 
 
 # The create's end: its service pointing at the container, unless another operation got there first.
@@ -153,7 +148,7 @@ FOLLOWED_ROW = (
 # A service's rows that are not superseded: its replicas (``serving``) and creates begun and never finished.
 LIVE_ROWS = select(REGISTRY).where(REGISTRY.c.service_id == bindparam("service_id"),
                                    REGISTRY.c.status != "stale", REGISTRY.c.status != "draining")
-# A service's replicas, primary first, then by epoch.
+# A service's replicas, by epoch.
 REPLICA_ROWS = (select(REGISTRY).where(REGISTRY.c.service_id == bindparam("service_id"), REGISTRY.c.serving.is_(True),
                                        REGISTRY.c.status != "stale", REGISTRY.c.status != "draining")
                 .order_by(REGISTRY.c.epoch))

@@ -78,7 +78,6 @@ class _TickStatements:
     on_at_risk: Executable
     failing: Executable
     replicas_at_risk: Executable
-    failing_replicas: Executable
     recount: Executable
     hosting: Executable
     busy: Executable
@@ -100,8 +99,9 @@ def _tick_statements(sqlite: bool) -> _TickStatements:
     # (Inequalities, not NOT IN: these statements go straight through the driver, which takes no expanding list.)
     other = and_(current.service_id == s.id, current.serving.is_(True), current.status != "stale",
                  current.status != "draining", or_(s.container_id.is_(None), current.container_id != s.container_id))
-    replica_columns = (s.id, s.desired_state, s.status, current.controller_id, current.health, current.health_restarts,
-                       current.id.label("row_id"))
+    # A copy's rule: the service, and the copy (its controller, health, row, and whether it is the primary).
+    copy_columns = (s.id, s.desired_state, s.status, current.controller_id, current.health, current.health_restarts,
+                    current.id.label("row_id"), (current.container_id == s.container_id).label("primary"))
     counted = (select(func.count()).where(current.service_id == s.id, current.serving.is_(True),
                                           *(current.status != status for status in ("stale", "draining", "missing")))
                .correlate(services).scalar_subquery())
@@ -125,15 +125,14 @@ def _tick_statements(sqlite: bool) -> _TickStatements:
         # On a controller that is lost, or draining (hub.scheduler.reconcile.at_risk, of the watched ones).
         on_at_risk=select(*columns).select_from(services.outerjoin(registry, on_current)).where(
             any_of(s.controller_id, "at_risk", sqlite=sqlite)),
-        # Failing its health check after the restarts its controller was allowed.
-        failing=select(*columns).select_from(services.join(registry, on_current)).where(
+        # A copy (the primary or another replica) failing its health check after the restarts its controller
+        # was allowed.
+        failing=select(*copy_columns).select_from(services.join(registry, or_(on_current, other))).where(
             s.desired_state == "running", current.health == "unhealthy",
             current.health_restarts >= bindparam("restarts")),
-        replicas_at_risk=select(*replica_columns).select_from(services.join(registry, other)).where(
+        # A replica other than the primary on a controller at risk (the primary's is ``on_at_risk``).
+        replicas_at_risk=select(*copy_columns).select_from(services.join(registry, other)).where(
             any_of(current.controller_id, "at_risk", sqlite=sqlite)),
-        failing_replicas=select(*replica_columns).select_from(services.join(registry, other)).where(
-            s.desired_state == "running", current.health == "unhealthy",
-            current.health_restarts >= bindparam("restarts")),
         # Not the replicas it should have: a copy found gone, a create or scale that could not finish (a
         # single copy's loss shows in its status, which the rules above act on).
         recount=select(s.id, s.desired_state, s.status, s.controller_id).where(
@@ -245,19 +244,22 @@ class Reconciler(LoopService):
             if row["status"] != "healthy" or row["draining"] or (may_be_silent and heard.get(row["id"], cutoff) <= cutoff)
         ]
         lost, draining_ids, _ = at_risk(controllers, now, grace, self.leader_since, heard)
-        queries = [(reads.unsettled, params), (reads.failing, params)]
-        replica_queries = [(reads.failing_replicas, params)]
+        queries = [(reads.unsettled, params)]
+        copy_queries = [(reads.failing, params)]
         if lost or draining_ids:
             queries.append((reads.on_at_risk, {"at_risk": sorted(lost | draining_ids)}))
-            replica_queries.append((reads.replicas_at_risk, {"at_risk": sorted(lost | draining_ids)}))
+            copy_queries.append((reads.replicas_at_risk, {"at_risk": sorted(lost | draining_ids)}))
         # Keyed by service, and for a replica other than the primary copy by its controller too.
         rows: dict[tuple[str, str], Any] = {}
         for query, values in queries:
             for row in await db.all(query, values):
                 rows[(row["id"], "")] = row
-        for query, values in replica_queries:
+        for query, values in copy_queries:
             for row in await db.all(query, values):
-                rows.setdefault((row["id"], row["controller_id"]), row)
+                if row["primary"]:
+                    rows[(row["id"], "")] = row
+                else:
+                    rows.setdefault((row["id"], row["controller_id"]), row)
         recount: dict[str, Any] = {}
         if self._recounted is None or now - self._recounted >= RECOUNT_EVERY:
             recount = {row["id"]: row for row in await db.all(reads.recount, {})}

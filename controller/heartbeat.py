@@ -266,7 +266,7 @@ class HeartbeatAgent(LoopService):
         return health, listed
 
     def _entry(self, info: ContainerInfo) -> HeartbeatContainer:
-        health, restarts = self.prober.health(info.id)
+        health, restarts, detail = self.prober.report(info.id)
         age = seconds_since(info.created)
         return HeartbeatContainer(
             container_id=info.id,
@@ -276,6 +276,7 @@ class HeartbeatAgent(LoopService):
             state=info.status,
             health=health,
             health_restarts=restarts,
+            health_detail=detail,
             age_seconds=round(max(age or 0.0, 0.0), 3),
             ports=info.ports,
             usage=self.sampler.usage(info.id) if self.sampler is not None else None,

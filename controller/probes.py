@@ -31,12 +31,30 @@ Health per container (kept in memory, by container id):
   prober did not make (restart policy, the hub's restart) resets it too.
 - Containers without a check are ``unknown`` with whatever restart count
   they have (none).
+
+Golden-inference probes: a check may carry a ``probe`` (path, body, expect,
+tolerance). After each start (the controller's, Docker's, a restart in
+place), once the GET first passes, the prober POSTs ``body`` as JSON to the
+probe's path on the check's port, once, and compares the JSON answer with
+``expect`` (``mmanager.golden.mismatch``). The container is ``healthy`` only
+after both pass; then only the GET runs, every ``interval``, until the next
+start. A failed connection, a timeout or a 502/503/504 is tried again
+(``PROBE_ATTEMPTS`` in all, within the one probe) and then counts as a failed
+health probe (restarts in place included). Any other answer that does not
+match (another status, not JSON, a value out of tolerance) is a wrong answer:
+the container is ``unhealthy`` at once, with a ``health_detail`` that says
+where and what (``probe /predict: data.x: expected 0.41, got 0.98``), and it
+stays so, neither probed nor restarted, until it is started again: a restart
+cannot fix wrong weights, and the hub keeps it out of the gateway. An
+unhealthy container's ``health_detail`` is the last failed probe's result;
+a healthy or unknown one has none.
 """
 
 from __future__ import annotations
 
 import asyncio
 import ipaddress
+import json
 import logging
 import time
 from dataclasses import dataclass
@@ -49,8 +67,17 @@ from controller.config import ControllerSettings
 from controller.containers import ContainerService
 from controller.errors import ControllerError, NotFound
 from controller.runtime import Runtime
+from mmanager.golden import mismatch
 from mmanager.loops import LoopService
-from mmanager.wire import LABEL_HEALTH_CHECK, ContainerInfo, HealthCheck, HealthState, seconds_since
+from mmanager.wire import (
+    LABEL_HEALTH_CHECK,
+    PROBE_FAILED,
+    ContainerInfo,
+    GoldenProbe,
+    HealthCheck,
+    HealthState,
+    seconds_since,
+)
 
 # Seconds between ticks, and between probes of a container that has not passed yet.
 TICK = 0.25
@@ -58,6 +85,18 @@ TICK = 0.25
 MAX_PROBES = 32
 # Seconds Docker waits for a clean stop when restarting an unhealthy container.
 RESTART_TIMEOUT = 10
+# Tries of a golden-inference probe that finds no answer (connection refused, timeout, 502/503/504),
+# PROBE_PAUSE seconds apart, before it counts as one failed health probe.
+PROBE_ATTEMPTS = 3
+PROBE_PAUSE = 0.5
+# A golden probe may wait this many times the check's timeout (and at least PROBE_MIN_TIMEOUT seconds):
+# an inference is slower than /health, the first one most of all.
+PROBE_TIMEOUT_FACTOR = 2.0
+PROBE_MIN_TIMEOUT = 5.0
+# The most of a golden probe's answer that is read.
+PROBE_MAX_ANSWER = 16 * 1024 * 1024
+# Answers that say the service is not ready yet, not that it is wrong.
+_NOT_YET = frozenset({502, 503, 504})
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +133,12 @@ class _Probe:
     last_counted: float | None = None
     busy: bool = False
     last_result: str | None = None
+    # The golden probe matched since the start being judged (or the check has none).
+    verified: bool = False
+    # The golden probe got a wrong answer: unhealthy, not probed again until the next start.
+    wrong: bool = False
+    # Why it is unhealthy; None otherwise.
+    detail: str | None = None
 
     def reset(self) -> None:
         self.health = "unknown"
@@ -101,6 +146,9 @@ class _Probe:
         self.passed = False
         self.started_at = None
         self.last_counted = None
+        self.verified = False
+        self.wrong = False
+        self.detail = None
 
 
 class Prober(LoopService):
@@ -144,9 +192,24 @@ class Prober(LoopService):
         probe = self._probes.get(container_id)
         return (probe.health if probe else "unknown"), self._restarts.get(container_id, 0)
 
+    def report(self, container_id: str) -> tuple[HealthState, int, str | None]:
+        """``(health, health_restarts, health_detail)`` of a container, by its full id."""
+        probe = self._probes.get(container_id)
+        if probe is None:
+            return "unknown", self._restarts.get(container_id, 0), None
+        return probe.health, self._restarts.get(container_id, 0), probe.detail
+
     def decorate(self, info: ContainerInfo) -> ContainerInfo:
-        health, restarts = self.health(info.id)
-        return info.model_copy(update={"health": health, "health_restarts": restarts})
+        health, restarts, detail = self.report(info.id)
+        return info.model_copy(update={"health": health, "health_restarts": restarts, "health_detail": detail})
+
+    def started(self, container_id: str) -> None:
+        """The API (re)started a container: judged afresh now, not once a probe sees its new StartedAt
+        (a golden probe's wrong answer is not probed again until then)."""
+        probe = self._probes.get(container_id)
+        if probe is not None and not probe.busy:
+            probe.reset()
+            probe.next_at = 0.0
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -260,8 +323,9 @@ class Prober(LoopService):
         finally:
             probe.busy = False
 
-    async def _attempt(self, container_id: str, probe: _Probe) -> tuple[bool, str] | None:
-        """``(passed, what happened)``, or None when there is nothing to judge (not running, gone)."""
+    async def _attempt(self, container_id: str, probe: _Probe) -> tuple[bool, str, bool] | None:
+        """``(passed, what happened, a golden probe's wrong answer)``, or None when there is nothing to
+        judge (not running, gone, or waiting for its next start after a wrong answer)."""
         try:
             info = await self.runtime.get_container(container_id)
         except NotFound:
@@ -274,39 +338,98 @@ class Prober(LoopService):
             log.info("container %s was started again; judging its health afresh", info.name)
             probe.reset()
         probe.started_at = started
-        url = await self._url(container_id, probe.check, info)
-        if url is None:
-            return False, f"port {probe.check.port} is not published and the container has no network address"
+        if probe.wrong:
+            probe.next_at = time.monotonic() + probe.check.interval
+            return None
+        base = await self._url(container_id, probe.check, info)
+        if base is None:
+            return False, f"port {probe.check.port} is not published and the container has no network address", False
+        url = base + "/" + probe.check.path.lstrip("/")
         assert self._client is not None
         try:
             async with self._client.stream("GET", url, timeout=probe.check.timeout) as response:
                 status = response.status_code
         except httpx.TimeoutException:
-            return False, f"GET {url}: no answer within {probe.check.timeout:g} s"
+            return False, f"GET {url}: no answer within {probe.check.timeout:g} s", False
         except httpx.HTTPError as exc:
-            return False, f"GET {url}: {type(exc).__name__} {exc}".rstrip()
-        return 200 <= status < 400, f"GET {url}: HTTP {status}"
+            return False, f"GET {url}: {type(exc).__name__} {exc}".rstrip(), False
+        if not 200 <= status < 400:
+            return False, f"GET {url}: HTTP {status}", False
+        golden = probe.check.probe
+        if golden is None or probe.verified:
+            return True, f"GET {url}: HTTP {status}", False
+        return await self._golden(base, golden, probe.check.timeout)
+
+    async def _golden(self, base: str, golden: GoldenProbe, check_timeout: float) -> tuple[bool, str, bool]:
+        """POST the probe's body and compare the answer: ``(matched, what happened, a wrong answer)``."""
+        path = "/" + golden.path.lstrip("/")
+        url = base + path
+        timeout = max(check_timeout * PROBE_TIMEOUT_FACTOR, PROBE_MIN_TIMEOUT)
+        assert self._client is not None
+        result = ""
+        for attempt in range(PROBE_ATTEMPTS):
+            if attempt:
+                await asyncio.sleep(PROBE_PAUSE)
+            try:
+                async with self._client.stream("POST", url, json=golden.body, timeout=timeout) as response:
+                    status = response.status_code
+                    if status in _NOT_YET:
+                        result = f"POST {url}: HTTP {status}"
+                        continue
+                    if not 200 <= status < 300:
+                        return False, f"{PROBE_FAILED}{path}: HTTP {status}", True
+                    answer = bytearray()
+                    async for chunk in response.aiter_bytes():
+                        answer += chunk
+                        if len(answer) > PROBE_MAX_ANSWER:
+                            return False, f"{PROBE_FAILED}{path}: the answer is larger than {PROBE_MAX_ANSWER} bytes", True
+            except httpx.TimeoutException:
+                result = f"POST {url}: no answer within {timeout:g} s"
+                continue
+            except httpx.HTTPError as exc:
+                result = f"POST {url}: {type(exc).__name__} {exc}".rstrip()
+                continue
+            try:
+                got = json.loads(answer)
+            except ValueError:
+                return False, f"{PROBE_FAILED}{path}: the answer is not JSON", True
+            found = mismatch(got, golden.expect, golden.tolerance)
+            if found is not None:
+                return False, f"{PROBE_FAILED}{path}: {found}", True
+            return True, f"POST {url}: the expected answer", False
+        return False, result, False
 
     async def _url(self, container_id: str, check: HealthCheck, info: ContainerInfo) -> str | None:
-        path = "/" + check.path.lstrip("/")
+        """``http://host:port`` where the check's port answers."""
         published = info.ports.get(f"{check.port}/tcp")
         if published:
-            return f"http://{_url_host(self._host)}:{published}{path}"
+            return f"http://{_url_host(self._host)}:{published}"
         address = await self.runtime.network_address(container_id)
         if not address:
             return None
-        return f"http://{_url_host(address)}:{check.port}{path}"
+        return f"http://{_url_host(address)}:{check.port}"
 
-    async def _judge(self, container_id: str, probe: _Probe, passed: bool, result: str) -> None:
+    async def _judge(self, container_id: str, probe: _Probe, passed: bool, result: str, wrong: bool) -> None:
         now = time.monotonic()
         check = probe.check
         probe.last_result = result
+        if wrong:
+            # Final until the next start: restarting it in place cannot fix what it computes.
+            probe.health = "unhealthy"
+            probe.wrong = True
+            probe.detail = result
+            probe.next_at = now + check.interval
+            log.warning("container %s is unhealthy: its golden-inference probe failed (%s); not restarting it",
+                        container_id[:12], result)
+            return
         if passed:
             if probe.health != "healthy":
                 log.info("container %s is healthy (%s)", container_id[:12], result)
             probe.health = "healthy"
             probe.passed = True
+            probe.verified = True
             probe.failures = 0
+            probe.detail = None
             probe.next_at = now + check.interval
             return
         if not probe.passed:
@@ -330,6 +453,7 @@ class Prober(LoopService):
             )
             return
         probe.health = "unhealthy"
+        probe.detail = result
         log.warning(
             "container %s is unhealthy after %d failed probes (last: %s); restarting it",
             container_id[:12],

@@ -150,6 +150,8 @@ class ServiceModel(Base):
     endpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     gpu_devices: Mapped[list[Any]] = mapped_column(default=list)
     health: Mapped[str] = mapped_column(String(16), default="unknown")
+    # Why its primary copy is unhealthy (a golden-inference probe's wrong answer, the last failed check).
+    health_detail: Mapped[str | None] = mapped_column(Text, default=None)
     # The copies it should run (its spec's ``replicas``); controller_id, container_id, endpoint and health
     # above are its primary copy's, and ``epoch`` the last epoch any of its copies was given.
     replicas: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
@@ -180,6 +182,8 @@ class ContainerRegistryModel(Base):
     epoch: Mapped[int] = mapped_column(Integer, default=1)
     health: Mapped[str] = mapped_column(String(16), default="unknown", server_default="unknown")
     health_restarts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # Why the copy is unhealthy, as its controller says; null when healthy or unknown.
+    health_detail: Mapped[str | None] = mapped_column(Text, default=None)
     memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
     cpu_limit: Mapped[float] = mapped_column(Float, default=0.0)
     gpu_devices: Mapped[list[Any]] = mapped_column(default=list)

@@ -3,6 +3,7 @@ fields; output models are what the API promises."""
 
 from __future__ import annotations
 
+import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
@@ -61,6 +62,30 @@ class HealthCheckSpec(StrictModel):
     failure_threshold: int = Field(default=3, ge=1, le=100)
     # Seconds after a start during which failures do not count, unless a probe has passed.
     start_period: float = Field(default=30.0, ge=0, le=3600)
+
+
+# The most a golden-inference probe's body, and its expected answer, may take as JSON.
+MAX_PROBE_JSON = 64 * 1024
+
+
+def _json_capped(value: Any) -> Any:
+    try:
+        size = len(json.dumps(value, separators=(",", ":"), allow_nan=False))
+    except ValueError:
+        raise ValueError("must be plain JSON (no NaN or infinity)") from None
+    if size > MAX_PROBE_JSON:
+        raise ValueError(f"is {size} bytes as JSON; at most {MAX_PROBE_JSON}")
+    return value
+
+
+class ProbeSpec(StrictModel):
+    """A golden-inference probe (docs/API.md): ``body`` POSTed as JSON to ``path`` on the health check's
+    port once after each start; the answer must match ``expect`` (numbers within ``tolerance``)."""
+
+    path: str = Field(pattern=r"^/", max_length=512)
+    body: Annotated[dict[str, Any], AfterValidator(_json_capped)]
+    expect: Annotated[Any, AfterValidator(_json_capped)]
+    tolerance: float = Field(default=1e-4, ge=0, allow_inf_nan=False)
 
 
 PortKey = str
@@ -142,6 +167,8 @@ class ServiceSpec(StrictModel):
     resources: Resources = Field(default_factory=Resources)
     server_type: Literal["gpu", "cpu", "edge"] | None = None
     health_check: HealthCheckSpec | None = None
+    # Checked once after each start, on the health check's port (so a probe needs a health_check).
+    probe: ProbeSpec | None = None
     restart_policy: Literal["no", "always", "unless-stopped", "on-failure"] = "unless-stopped"
     volumes: Volumes = Field(default_factory=dict)
     labels: Labels = Field(default_factory=dict)
@@ -166,6 +193,8 @@ class ServicePatch(StrictModel):
     resources: Resources | None = None
     server_type: Literal["gpu", "cpu", "edge"] | None = None
     health_check: HealthCheckSpec | None = None
+    # Replaced whole (its body and expected answer are the user's JSON, not merged).
+    probe: ProbeSpec | None = None
     restart_policy: Literal["no", "always", "unless-stopped", "on-failure"] | None = None
     volumes: Volumes | None = None
     labels: Labels | None = None
@@ -197,6 +226,8 @@ class ReplicaOut(BaseModel):
     controller_id: str
     state: str
     health: str
+    # Why the copy is unhealthy (a golden-inference probe's wrong answer, the last failed check); else null.
+    health_detail: str | None = None
     endpoint: Endpoint | None
 
 
@@ -216,6 +247,8 @@ class ServiceOut(BaseModel):
     endpoint: Endpoint | None
     url: str | None
     health: str
+    # The primary copy's health_detail.
+    health_detail: str | None = None
     replicas: list[ReplicaOut]
     created_at: datetime
     updated_at: datetime

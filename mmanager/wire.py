@@ -80,6 +80,30 @@ class WireModel(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
 
+# A detail of a container's health that starts with this is a golden-inference probe's wrong answer: final
+# until the container starts again (docs/API.md, Golden-inference probes).
+PROBE_FAILED = "probe "
+
+
+def probe_failed(detail: str | None) -> bool:
+    """Whether a container's ``health_detail`` says its golden-inference probe got a wrong answer."""
+    return detail is not None and detail.startswith(PROBE_FAILED)
+
+
+def _none(value: Any) -> bool:
+    return value is None
+
+
+class GoldenProbe(WireModel):
+    """A fixed input POSTed to the service once after each start (``path``, ``body``), and the answer it
+    must give (``expect``, numbers within ``tolerance``): mmanager.golden."""
+
+    path: str
+    body: dict[str, Any] = Field(default_factory=dict)
+    expect: Any = None
+    tolerance: float = Field(default=1e-4, ge=0)
+
+
 class HealthCheck(WireModel):
     """An HTTP probe of the service inside its container."""
 
@@ -91,6 +115,8 @@ class HealthCheck(WireModel):
     failure_threshold: int = Field(default=3, ge=1, le=100)
     # Seconds after a (re)start during which failures do not count, unless a probe has passed.
     start_period: float = Field(default=30.0, ge=0, le=3600)
+    # Sent to the check's port once the check first passes after a start; left out when there is none.
+    probe: GoldenProbe | None = Field(default=None, exclude_if=_none)
 
 
 class ContainerCreate(WireModel):
@@ -157,6 +183,8 @@ class ContainerInfo(WireModel):
     health: HealthState = "unknown"
     # Times the controller restarted it in place because it stayed unhealthy.
     health_restarts: int = 0
+    # Why it is unhealthy (the last failed probe, or a golden probe's wrong answer); left out when none.
+    health_detail: str | None = Field(default=None, exclude_if=_none)
 
 
 class ContainerList(WireModel):
@@ -319,6 +347,8 @@ class HeartbeatContainer(WireModel):
     state: str
     health: HealthState = "unknown"
     health_restarts: int = 0
+    # As ContainerInfo's: sent only when there is one.
+    health_detail: str | None = Field(default=None, exclude_if=_none)
     # Seconds since Docker created it, by the controller's clock (no clock skew to worry about).
     age_seconds: float = 0.0
     ports: dict[str, int | None] = Field(default_factory=dict)

@@ -45,8 +45,10 @@ async def inspect(container_id: str, runtime: RuntimeDep, prober: ProberDep, sta
 
 
 @router.post("/{container_id}/start", response_model=ActionResult)
-async def start(container_id: str, containers: ContainersDep, epoch: Epoch = None) -> ActionResult:
-    return await containers.start(container_id, epoch)
+async def start(container_id: str, containers: ContainersDep, prober: ProberDep, epoch: Epoch = None) -> ActionResult:
+    result = await containers.start(container_id, epoch)
+    prober.started(result.container_id)
+    return result
 
 
 @router.post("/{container_id}/stop", response_model=ActionResult)
@@ -58,9 +60,11 @@ async def stop(
 
 @router.post("/{container_id}/restart", response_model=ActionResult)
 async def restart(
-    container_id: str, containers: ContainersDep, timeout: Timeout = 10, epoch: Epoch = None
+    container_id: str, containers: ContainersDep, prober: ProberDep, timeout: Timeout = 10, epoch: Epoch = None
 ) -> ActionResult:
-    return await containers.restart(container_id, timeout, epoch)
+    result = await containers.restart(container_id, timeout, epoch)
+    prober.started(result.container_id)
+    return result
 
 
 @router.delete("/{container_id}", response_model=ActionResult)

@@ -111,7 +111,7 @@ class ControllerPoller(LoopService):
         containers = [
             HeartbeatContainer(
                 container_id=c.id, name=c.name, service_id=c.service_id, epoch=c.epoch, state=c.status,
-                health=c.health, health_restarts=c.health_restarts,
+                health=c.health, health_restarts=c.health_restarts, health_detail=c.health_detail,
                 age_seconds=max(seconds_since(c.created, now) or 0.0, 0.0), ports=c.ports,
                 usage=_usage(c.resource_usage),
             )

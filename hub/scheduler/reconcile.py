@@ -41,6 +41,8 @@ class RowUpdate:
     health: str
     health_restarts: int
     ports: dict[str, int | None]
+    # Written with the health it explains (compared with nothing: it changes only with the health).
+    health_detail: str | None = None
 
 
 @dataclass
@@ -102,7 +104,8 @@ def fence(rows: Iterable[RegistryRow], containers: Iterable[HeartbeatContainer],
             c.container_id,
         ):
             result.updates.append(
-                RowUpdate(row.id, row.service_id, c.container_id, c.state, c.health, c.health_restarts, c.ports)
+                RowUpdate(row.id, row.service_id, c.container_id, c.state, c.health, c.health_restarts, c.ports,
+                          c.health_detail)
             )
     for row in by_key.values():
         if row.id in seen:

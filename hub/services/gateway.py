@@ -116,6 +116,10 @@ def _replicas(service: Mapping[str, Any], copies: Iterable[Mapping[str, Any]]) -
         # A copy with a health check that the hub has not seen pass (one just started, or woken) is
         # "starting": the gateway waits for its own check before it sends it anything.
         checked = not service["spec"].get("health_check") or copy["health"] == "healthy"
+        if not checked and service["spec"].get("probe"):
+            # The gateway's own check is a GET of the health path: it cannot tell a wrong answer, so a copy
+            # with a golden-inference probe is routed only once the hub has seen it pass.
+            continue
         replicas.append({"id": copy["container_id"], "controller_id": copy["controller_id"],
                          "address": f"{copy['endpoint']['host']}:{published}",
                          "state": "ready" if checked else "starting"})

@@ -434,12 +434,14 @@ class HeartbeatIngest:
                     update(table)
                     .where(table.c.id == bindparam("b_id"), table.c.updated_at < bindparam("b_at"), ~service_newer)
                     .values(status=bindparam("b_status"), health=bindparam("b_health"),
-                            health_restarts=bindparam("b_restarts"), updated_at=bindparam("b_at"),
+                            health_restarts=bindparam("b_restarts"), health_detail=bindparam("b_detail"),
+                            updated_at=bindparam("b_at"),
                             container_id=func.coalesce(bindparam("b_container_id"), table.c.container_id))
                 )
                 await session.execute(stmt, [
                     {"b_id": u.id, "b_at": at, "b_status": u.status, "b_health": u.health,
-                     "b_restarts": u.health_restarts, "b_container_id": u.container_id or None}
+                     "b_restarts": u.health_restarts, "b_detail": u.health_detail,
+                     "b_container_id": u.container_id or None}
                     for u, at in ordered
                 ])
             if gone:
@@ -475,7 +477,7 @@ def _service_update(u: RowUpdate, observed_at: datetime) -> Any:
     s = ServiceModel
     # Dated by the observation, not the write: the registry row (updated next, with the same date)
     # then sees no newer change to the service and follows it.
-    values: dict[str, Any] = {"health": u.health, "updated_at": observed_at}
+    values: dict[str, Any] = {"health": u.health, "health_detail": u.health_detail, "updated_at": observed_at}
     if u.status == "running":
         values["status"] = "unhealthy" if u.health == "unhealthy" else "running"
     elif u.status in ("created", "restarting"):

@@ -26,6 +26,7 @@ from hub.errors import (
     ControllerRejected,
     ControllerUnavailable,
     HubError,
+    InvalidRequest,
     NoFeasibleController,
     NotFound,
     SpecForbidden,
@@ -40,6 +41,16 @@ from mmanager.policy import PolicyViolation, check_spec
 from mmanager.wire import ContainerCreate, ContainerCreated, HealthCheck
 
 log = logging.getLogger(__name__)
+
+def wire_check(spec: ServiceSpec) -> HealthCheck | None:
+    """The spec's health check as the controller takes it, with the golden-inference probe it carries."""
+    if spec.health_check is None:
+        return None
+    check = spec.health_check.model_dump()
+    if spec.probe is not None:
+        check["probe"] = spec.probe.model_dump()
+    return HealthCheck.model_validate(check)
+
 
 # Docker's container states, as the service status a user sees.
 _DOCKER_TO_STATUS = {"running": "running", "created": "starting", "restarting": "starting", "paused": "stopped"}
@@ -201,7 +212,11 @@ class Deployer:
         self.ctx = ctx
 
     def check_policy(self, spec: ServiceSpec) -> None:
-        """The spec policy (``mmanager.policy``), checked before anything is written; controllers check again."""
+        """The spec policy (``mmanager.policy``), checked before anything is written; controllers check again.
+        A golden-inference probe is sent to the health check's port: refused without a check."""
+        if spec.probe is not None and spec.health_check is None:
+            raise InvalidRequest("a probe is sent to the health check's port: give a health_check with it",
+                                 {"field": "probe"}, code="PROBE_NEEDS_HEALTH_CHECK")
         try:
             check_spec(self.ctx.settings.spec_policy, image=spec.image, labels=spec.labels, ports=spec.ports,
                        volume_sources=spec.volumes, cap_add=spec.cap_add, environment=spec.env)
@@ -389,7 +404,7 @@ class Deployer:
             epoch=epoch,
             gpu_count=len(gpus),
             gpu_device_ids=list(gpus) or None,
-            health_check=HealthCheck.model_validate(spec.health_check.model_dump()) if spec.health_check else None,
+            health_check=wire_check(spec),
             cap_add=list(spec.cap_add) or None,
         )
 

@@ -251,7 +251,8 @@ class Mover:
                     await tx.execute(sql.REPOINT, {
                         "service_id": service_id, "controller_id": heir["controller_id"],
                         "container_id": heir["container_id"], "gpu_devices": heir["gpu_devices"],
-                        "endpoint": heir["endpoint"], "health": heir["health"], "updated_at": utcnow()})
+                        "endpoint": heir["endpoint"], "health": heir["health"],
+                        "health_detail": heir["health_detail"], "updated_at": utcnow()})
         if copy["container_id"] is None:
             await sql.delete_row(ctx.db, copy["id"])
             return

@@ -103,11 +103,13 @@ class Reads:
             copies = sorted(copies, key=lambda copy: copy["container_id"] != service.container_id)
             replicas = [ReplicaOut(id=copy["container_id"] or copy["id"], controller_id=copy["controller_id"],
                                    state=copy["status"], health=copy["health"],
+                                   health_detail=copy["health_detail"],
                                    endpoint=copy["endpoint"] if copy["status"] == "running" else None)
                         for copy in copies]
         elif service.controller_id is not None:
             replicas = [ReplicaOut(id=service.container_id or service.id, controller_id=service.controller_id,
-                                   state=service.status, health=service.health, endpoint=endpoint)]
+                                   state=service.status, health=service.health,
+                                   health_detail=service.health_detail, endpoint=endpoint)]
         else:
             replicas = []
         return ServiceOut(
@@ -126,6 +128,7 @@ class Reads:
             endpoint=endpoint,
             url=self._url(service, owner, endpoint),
             health=service.health,
+            health_detail=service.health_detail,
             replicas=replicas,
             created_at=service.created_at,
             updated_at=service.updated_at,

@@ -36,6 +36,7 @@ from hub.schemas import ServiceSpec
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
 from hub.services.lifecycle.deploy import Deployed, Deployer, Superseded, docker_status, settle_row
+from mmanager.wire import probe_failed
 
 log = logging.getLogger(__name__)
 
@@ -267,6 +268,13 @@ class Replacer:
             last = f"{info.status}/{info.health}"
             if info.status == "running" and info.health == "healthy":
                 return
+            if info.status == "running" and probe_failed(info.health_detail):
+                # Final until it starts again: no use waiting out the timeout.
+                raise Conflict(f"the new container failed its golden-inference probe: {info.health_detail}; "
+                               "the old one keeps serving", {"health_detail": info.health_detail},
+                               code="PROBE_FAILED")
+            if info.health_detail:
+                last = f"{last}: {info.health_detail}"
             await asyncio.sleep(pause)
             if backoff and asyncio.get_running_loop().time() > slow_after:
                 pause = min(pause * 2, 2.0)
@@ -314,6 +322,7 @@ class Replacer:
             changes.update({
                 "controller_id": controller.id, "container_id": row.container_id, "gpu_devices": row.gpu_devices,
                 "health": "healthy" if healthy else row.health or "unknown",
+                "health_detail": None if healthy else row.health_detail,
                 "status": docker_status(copy.status, "running"), "endpoint": row.endpoint, "status_message": None,
             })
         if plan.version is not None:

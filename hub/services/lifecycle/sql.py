@@ -105,8 +105,8 @@ CLAIM_EPOCH_BESIDE = (
 # A replace's settle: the service, its row locked until the transaction ends (SQLite locks the whole
 # database anyway), made to point at the new copy; every other copy stale.
 LOCK_SERVICE = select(SERVICES).where(SERVICES.c.id == bindparam("service_id")).with_for_update()
-FINALIZED = ("epoch", "controller_id", "container_id", "gpu_devices", "spec", "health", "version", "status",
-             "endpoint", "status_message", "updated_at")
+FINALIZED = ("epoch", "controller_id", "container_id", "gpu_devices", "spec", "health", "health_detail", "version",
+             "status", "endpoint", "status_message", "updated_at")
 FINALIZE = (
     update(SERVICES)
     .where(SERVICES.c.id == bindparam("service_id"))
@@ -137,13 +137,13 @@ FOLLOWED_SERVICE = (
     update(SERVICES)
     .where(SERVICES.c.id == bindparam("service_id"), SERVICES.c.epoch == bindparam("at_epoch"),
            SERVICES.c.container_id == bindparam("copy_id"), SERVICES.c.health != "healthy")
-    .values(health="healthy", updated_at=bindparam("updated_at"))
+    .values(health="healthy", health_detail=None, updated_at=bindparam("updated_at"))
 )
 FOLLOWED_ROW = (
     update(REGISTRY)
     .where(REGISTRY.c.id == bindparam("row_id"), REGISTRY.c.container_id == bindparam("copy_id"),
            REGISTRY.c.status != "stale")
-    .values(health="healthy", updated_at=bindparam("updated_at"))
+    .values(health="healthy", health_detail=None, updated_at=bindparam("updated_at"))
 )
 # A service's rows that are not superseded: its replicas (``serving``) and creates begun and never finished.
 LIVE_ROWS = select(REGISTRY).where(REGISTRY.c.service_id == bindparam("service_id"),
@@ -200,7 +200,7 @@ REPOINT = (
     update(SERVICES)
     .where(SERVICES.c.id == bindparam("service_id"))
     .values({key: bindparam(key, type_=SERVICES.c[key].type) for key in (
-        "controller_id", "container_id", "gpu_devices", "endpoint", "health", "updated_at")})
+        "controller_id", "container_id", "gpu_devices", "endpoint", "health", "health_detail", "updated_at")})
 )
 # A scale's new count.
 SET_REPLICAS = (update(SERVICES).where(SERVICES.c.id == bindparam("service_id"))

@@ -1,0 +1,100 @@
+"""Golden-inference probes through the hub's API on real PostgreSQL and the real Docker engine: a probe
+needs a health check; a copy whose probe gets a wrong answer never enters the routing table and says why
+in the service's status; an update to a version that answers wrong fails with that reason while the old
+copies keep serving."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from tests.hub.conftest import Cluster
+from tests.hub.test_gateway_api import routes
+from tests.hub.test_replicas import ops_of, running, service
+from tests.support.poll import eventually
+from tests.support.probe_image import GOOD, build_probe_image
+
+WRONG = 0.9871
+DETAIL = f"probe /cgi-bin/predict: data.prediction: expected {GOOD}, got {WRONG}"
+CHECK = {"path": "/health", "port": 5000, "interval": 1}
+PROBE = {"path": "/cgi-bin/predict", "body": {"sequence": "ACGT"}, "expect": {"data": {"prediction": GOOD}},
+         "tolerance": 1e-6}
+
+
+@pytest.fixture
+def spec(cluster: Cluster) -> dict[str, Any]:
+    image = build_probe_image(cluster.docker)
+    return {"name": "golden", "image": image, "ports": {"5000": None},
+            "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"}, "health_check": CHECK, "probe": PROBE}
+
+
+async def route(cluster: Cluster, sid: str) -> dict[str, Any]:
+    return next(r for r in (await routes(cluster))["services"] if r["id"] == sid)
+
+
+async def test_a_probe_needs_a_health_check_and_nothing_is_written(cluster: Cluster, spec: dict[str, Any]) -> None:
+    bare = {key: value for key, value in spec.items() if key != "health_check"}
+    r = await cluster.hub.post("/api/admin/repo/services", json=bare)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "PROBE_NEEDS_HEALTH_CHECK", r.text
+    assert (await cluster.hub.get("/api/services")).json() == []
+    assert cluster.containers() == []
+    bad = await cluster.hub.post("/api/admin/repo/services", json={**spec, "probe": {**PROBE, "path": "predict"}})
+    assert bad.status_code == 422, bad.text
+    # Nor can an update take the check away from a probe.
+    sid = (await cluster.hub.post("/api/admin/repo/services", json=spec)).json()["id"]
+    r = await cluster.hub.patch(f"/api/services/{sid}", json={"health_check": None})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "PROBE_NEEDS_HEALTH_CHECK", r.text
+    after = await service(cluster, sid)
+    assert after["version"] == 1 and after["spec"]["health_check"] is not None
+    assert await ops_of(cluster, sid, "update") == []
+
+
+async def test_a_copy_that_answers_wrong_never_serves_and_says_why(cluster: Cluster, spec: dict[str, Any]) -> None:
+    r = await cluster.hub.post("/api/admin/repo/services", json={**spec, "env": {"PREDICTION": str(WRONG)}})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+
+    async def judged() -> dict[str, Any] | None:
+        found = await service(cluster, sid)
+        return found if found["health"] == "unhealthy" else None
+
+    found = await eventually(judged, 20, "the service unhealthy", interval=0.2)
+    assert found["status"] == "unhealthy" and found["health_detail"] == DETAIL
+    assert [(rep["health"], rep["health_detail"]) for rep in found["replicas"]] == [("unhealthy", DETAIL)]
+    status = (await cluster.hub.get(f"/api/services/{sid}/status")).json()
+    assert status["health_detail"] == DETAIL
+    assert (await route(cluster, sid))["replicas"] == []
+    # Left as it is (its probe says a restart cannot help): not restarted, not moved.
+    [container] = cluster.containers(**{"mmanager.service": sid})
+    assert container.attrs["RestartCount"] == 0 and container.status == "running"
+
+
+async def test_an_update_to_a_version_that_answers_wrong_fails_and_the_old_copies_serve(
+    cluster: Cluster, spec: dict[str, Any]
+) -> None:
+    r = await cluster.hub.post("/api/admin/repo/services", json={**spec, "replicas": 2})
+    assert r.status_code == 201, r.text
+    sid = r.json()["id"]
+
+    async def ready() -> dict[str, Any] | None:
+        table = await route(cluster, sid)
+        return table if len(table["replicas"]) == 2 and all(x["state"] == "ready" for x in table["replicas"]) else None
+
+    before = await eventually(ready, 20, "both copies routed", interval=0.2)
+    serving = running(cluster, sid)
+    assert set(serving) == {x["id"] for x in before["replicas"]}
+
+    r = await cluster.hub.patch(f"/api/services/{sid}", json={"env": {"PREDICTION": str(WRONG)}})
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "PROBE_FAILED" and DETAIL in error["message"], error
+    [op] = await ops_of(cluster, sid, "update")
+    assert op["status"] == "failed" and DETAIL in op["error"], op
+    # The old copies keep serving, routed as they were; the bad one is gone.
+    after = await service(cluster, sid)
+    assert after["version"] == 1 and after["status"] == "running" and after["health"] == "healthy"
+    assert after["spec"]["env"] == {}
+    assert running(cluster, sid) == serving
+    assert await ready() is not None
+    assert {x["id"] for x in (await route(cluster, sid))["replicas"]} == set(serving)

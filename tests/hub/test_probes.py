@@ -50,10 +50,40 @@ async def test_a_probe_needs_a_health_check_and_nothing_is_written(cluster: Clus
     assert await ops_of(cluster, sid, "update") == []
 
 
-async def test_a_copy_that_answers_wrong_never_serves_and_says_why(cluster: Cluster, spec: dict[str, Any]) -> None:
-    r = await cluster.hub.post("/api/admin/repo/services", json={**spec, "env": {"PREDICTION": str(WRONG)}})
+async def test_a_create_waits_for_the_probe_and_a_wrong_answer_fails_it(cluster: Cluster,
+                                                                          spec: dict[str, Any]) -> None:
+    r = await cluster.hub.post("/api/admin/repo/services", json=spec)
     assert r.status_code == 201, r.text
-    sid = r.json()["id"]
+    created = r.json()
+    # Answered once the probe passed: healthy, and routed as soon as the table is published again.
+    assert created["health"] == "healthy" and created["health_detail"] is None
+
+    async def routed() -> list[str] | None:
+        states = [x["state"] for x in (await route(cluster, created["id"]))["replicas"]]
+        return states or None
+
+    assert await eventually(routed, 10, "the copy routed", interval=0.1) == ["ready"]
+
+    r = await cluster.hub.post("/api/admin/repo/services", json={**spec, "name": "garbage",
+                                                                 "env": {"PREDICTION": str(WRONG)}})
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "PROBE_FAILED" and DETAIL in error["message"], error
+    assert error["details"]["health_detail"] == DETAIL
+    # Like any failed create: no service left, its container removed, the operation failed with the reason.
+    assert [s["name"] for s in (await cluster.hub.get("/api/services")).json()] == ["golden"]
+    ops = (await cluster.hub.get("/api/admin/operations", params={"operation": "create"})).json()
+    [failed] = [op for op in ops if op["status"] == "failed"]
+    assert DETAIL in failed["error"], failed
+    assert cluster.containers(**{"mmanager.service": failed["service_id"]}) == []
+
+
+async def test_a_copy_that_answers_wrong_never_serves_and_says_why(cluster: Cluster, spec: dict[str, Any]) -> None:
+    # Acknowledged at once (?wait=false): the service stays, and its status says what its probe found.
+    r = await cluster.hub.post("/api/admin/repo/services", params={"wait": "false"},
+                               json={**spec, "env": {"PREDICTION": str(WRONG)}})
+    assert r.status_code == 202, r.text
+    sid = r.json()["service_id"]
 
     async def judged() -> dict[str, Any] | None:
         found = await service(cluster, sid)
@@ -81,7 +111,7 @@ async def test_an_update_to_a_version_that_answers_wrong_fails_and_the_old_copie
         table = await route(cluster, sid)
         return table if len(table["replicas"]) == 2 and all(x["state"] == "ready" for x in table["replicas"]) else None
 
-    before = await eventually(ready, 20, "both copies routed", interval=0.2)
+    before = await eventually(ready, 10, "both copies routed", interval=0.1)
     serving = running(cluster, sid)
     assert set(serving) == {x["id"] for x in before["replicas"]}
 

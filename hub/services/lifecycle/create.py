@@ -4,7 +4,8 @@ replicas (one batch) in one transaction, then their containers, settled together
 Invariant: an owner never has more than ``max_services_per_user`` services, whatever the concurrency and
 however many replicas: creates count and insert under the owner's ``users`` row lock; a create that fails
 removes its service, so it holds no quota (except an acknowledged ``?wait=false`` create that only lacked
-a controller: it stays, ``lost``, for the reconciler to finish).
+a controller: it stays, ``lost``, for the reconciler to finish). A create that waits, of a service with a
+golden-inference probe, waits for the probe's verdict too: a wrong answer fails it (``PROBE_FAILED``).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from typing import Any
 from hub.db import Tx, insert_row
 from hub.errors import (
     Conflict,
+    ControllerRejected,
     ControllerUnavailable,
     HubError,
     InvalidRequest,
@@ -35,6 +37,10 @@ from hub.services.lifecycle.deploy import (
     settle_rows,
 )
 from hub.services.operations import Running
+from mmanager.wire import probe_failed
+
+# Seconds between two asks for a golden-inference probe's verdict.
+VERDICT_POLL = 0.25
 
 
 class Creator:
@@ -125,8 +131,11 @@ class Creator:
                     if current is None:
                         raise NotFound(f"service {service.id!r} not found", code="SERVICE_NOT_FOUND")
                     return current
+            verified = False
             try:
                 copies = await self._deploy_all(service, spec, first)
+                if spec.probe is not None and not acknowledged:
+                    verified = await self._verdicts(copies)
             except HubError as exc:
                 if acknowledged and isinstance(exc, ControllerUnavailable | NoFeasibleController):
                     async with ctx.db.session() as session:
@@ -152,7 +161,12 @@ class Creator:
                 async with ctx.db.transaction() as tx:
                     if not await settle_rows(tx, [made.row for made in copies], ctx.db.is_sqlite):
                         raise Superseded
-                    settled["health"] = row.health or "unknown"
+                    settled["health"] = "healthy" if verified else row.health or "unknown"
+                    if verified:
+                        # Seen passing: routed at once, not a heartbeat later.
+                        for made in copies:
+                            await tx.execute(sql.FOLLOWED_ROW, {"row_id": made.row.id, "copy_id": made.row.container_id,
+                                                                "updated_at": utcnow()})
                     if await tx.execute(sql.SETTLE_CREATED, {**settled, "service_id": service.id,
                                                              "at_epoch": service.epoch}) != 1:
                         raise Superseded
@@ -169,6 +183,42 @@ class Creator:
             for key, value in settled.items():
                 setattr(service, key, value)
             return service
+
+    async def _verdicts(self, copies: list[Deployed]) -> bool:
+        """Wait for the golden-inference probe of every copy made: True once all passed; False when one
+        gave no verdict within ``MMANAGER_HEALTH_TIMEOUT`` (the create goes on; the status read shows it
+        later). A wrong answer raises 409 ``PROBE_FAILED`` with it, the copies made removed (the caller
+        removes the service)."""
+        ctx = self.ctx
+        deadline = asyncio.get_running_loop().time() + ctx.settings.health_timeout
+
+        async def verdict(copy: Deployed) -> bool:
+            controller, container_id = copy.controller, copy.row.container_id
+            if container_id is None:
+                return False
+            while asyncio.get_running_loop().time() < deadline:
+                try:
+                    info = await ctx.client.inspect(controller.id, controller.url, container_id)
+                except (ControllerUnavailable, ControllerRejected):
+                    return False  # no verdict to be had from there now: the heartbeats bring it
+                if info.status == "running" and info.health == "healthy":
+                    return True
+                if info.status == "running" and probe_failed(info.health_detail):
+                    raise Conflict(f"the service failed its golden-inference probe: {info.health_detail}",
+                                   {"health_detail": info.health_detail, "container_id": container_id},
+                                   code="PROBE_FAILED")
+                await asyncio.sleep(VERDICT_POLL)
+            return False
+
+        waits = [asyncio.ensure_future(verdict(copy)) for copy in copies]
+        try:
+            return all(await asyncio.gather(*waits))
+        except HubError:
+            for wait in waits:
+                wait.cancel()
+            for made in copies:
+                await self.deployer.discard(made.controller.id, made.row)
+            raise
 
     async def _deploy_all(self, service: ServiceModel, spec: ServiceSpec, placed: list[Reserved]) -> list[Deployed]:
         """Make the containers of the placed replicas: those on one controller one after the other, lowest

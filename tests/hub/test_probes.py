@@ -9,8 +9,9 @@ from typing import Any
 
 import pytest
 
-from tests.hub.conftest import Cluster
-from tests.hub.test_gateway_api import routes
+from tests.hub.conftest import KEY, Cluster
+from tests.hub.test_audit import heartbeat
+from tests.hub.test_gateway_api import routes, table_where
 from tests.hub.test_replicas import ops_of, running, service
 from tests.support.poll import eventually
 from tests.support.probe_image import GOOD, build_probe_image
@@ -128,3 +129,30 @@ async def test_an_update_to_a_version_that_answers_wrong_fails_and_the_old_copie
     assert running(cluster, sid) == serving
     assert await ready() is not None
     assert {x["id"] for x in (await route(cluster, sid))["replicas"]} == set(serving)
+
+
+async def test_a_pushed_heartbeat_carries_the_detail_to_the_status(cluster: Cluster, spec: dict[str, Any]) -> None:
+    created = (await cluster.hub.post("/api/admin/repo/services", json=spec)).json()
+    sid, cid = created["id"], created["controller_id"]
+    [container] = cluster.containers(**{"mmanager.service": sid})
+
+    def beat(health: str, detail: str | None) -> dict[str, Any]:
+        entry = {"container_id": container.id, "name": container.name, "service_id": sid, "epoch": created["epoch"],
+                 "state": "running", "health": health, "age_seconds": 5.0,
+                 "ports": {"5000/tcp": created["endpoint"]["ports"]["5000"]}}
+        if detail is not None:
+            entry["health_detail"] = detail
+        return heartbeat(cid, containers=[entry])
+
+    async def pushed(health: str, detail: str | None) -> dict[str, Any] | None:
+        r = await cluster.hub.post(f"/api/controllers/{cid}/heartbeat", json=beat(health, detail),
+                                   headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200, r.text
+        found = await service(cluster, sid)
+        return found if (found["health"], found["health_detail"]) == (health, detail) else None
+
+    found = await eventually(lambda: pushed("unhealthy", DETAIL), 10, "the detail recorded", interval=0.3)
+    assert found["status"] == "unhealthy"
+    await eventually(lambda: table_where(cluster, lambda t: not any(
+        r["replicas"] for r in t["services"] if r["id"] == sid)), 10, "the copy out of the routing table")
+    await eventually(lambda: pushed("healthy", None), 10, "the detail cleared", interval=0.3)

@@ -93,8 +93,9 @@ async def test_a_copy_that_answers_wrong_never_serves_and_says_why(cluster: Clus
     found = await eventually(judged, 20, "the service unhealthy", interval=0.2)
     assert found["status"] == "unhealthy" and found["health_detail"] == DETAIL
     assert [(rep["health"], rep["health_detail"]) for rep in found["replicas"]] == [("unhealthy", DETAIL)]
+    # The live read says the same.
     status = (await cluster.hub.get(f"/api/services/{sid}/status")).json()
-    assert status["health_detail"] == DETAIL
+    assert (status["status"], status["health"], status["health_detail"]) == ("unhealthy", "unhealthy", DETAIL)
     assert (await route(cluster, sid))["replicas"] == []
     # Left as it is (its probe says a restart cannot help): not restarted, not moved.
     [container] = cluster.containers(**{"mmanager.service": sid})

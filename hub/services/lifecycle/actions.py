@@ -24,6 +24,7 @@ from hub.services.lifecycle.deploy import docker_status, endpoint_for
 from hub.services.lifecycle.reads import get_for
 from hub.services.lifecycle.replace import Replacement, Replacer
 from mmanager.streams import ClosingStream
+from mmanager.wire import ContainerInfo
 
 # A service without a settled copy for longer than this is not "being replaced" for a waiting request.
 REPLACING_RECENTLY = timedelta(seconds=30)
@@ -214,6 +215,7 @@ class Actions:
         if controller is None:
             return service
         message: str | None
+        info: ContainerInfo | None = None
         try:
             info = await ctx.client.inspect(controller.id, controller.url, service.container_id)
         except ControllerRejected as exc:
@@ -232,11 +234,16 @@ class Actions:
                 status = "idle"
             message = None if status in ("running", "stopped") else f"container is {info.status}"
             endpoint = endpoint_for(controller.url, info.ports).model_dump() if info.status == "running" else None
+            if status == "running" and info.health == "unhealthy":
+                # As a heartbeat has it: a copy that runs and fails its check (or its golden probe) is unhealthy.
+                status = "unhealthy"
         async with ctx.db.session() as session:
             fresh = await session.get(ServiceModel, service_id)
             assert fresh is not None
             if fresh.epoch == service.epoch:
                 fresh.status, fresh.status_message, fresh.endpoint = status, message, endpoint
+                if info is not None and info.status == "running":
+                    fresh.health, fresh.health_detail = info.health, info.health_detail
         return fresh
 
     async def logs(self, user: UserModel, service_id: str, tail: int, follow: bool,

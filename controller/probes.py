@@ -95,6 +95,8 @@ PROBE_TIMEOUT_FACTOR = 2.0
 PROBE_MIN_TIMEOUT = 5.0
 # The most of a golden probe's answer that is read.
 PROBE_MAX_ANSWER = 16 * 1024 * 1024
+# The longest health_detail a wrong answer gets.
+MAX_DETAIL = 1024
 # Answers that say the service is not ready yet, not that it is wrong.
 _NOT_YET = frozenset({502, 503, 504})
 
@@ -364,6 +366,7 @@ class Prober(LoopService):
         """POST the probe's body and compare the answer: ``(matched, what happened, a wrong answer)``."""
         path = "/" + golden.path.lstrip("/")
         url = base + path
+        path = path if len(path) <= 128 else path[:125] + "..."
         timeout = max(check_timeout * PROBE_TIMEOUT_FACTOR, PROBE_MIN_TIMEOUT)
         assert self._client is not None
         result = ""
@@ -395,7 +398,9 @@ class Prober(LoopService):
                 return False, f"{PROBE_FAILED}{path}: the answer is not JSON", True
             found = mismatch(got, golden.expect, golden.tolerance)
             if found is not None:
-                return False, f"{PROBE_FAILED}{path}: {found}", True
+                # Bounded: the path in it is made of the expected answer's keys, which may be long.
+                detail = f"{PROBE_FAILED}{path}: {found}"
+                return False, detail if len(detail) <= MAX_DETAIL else detail[: MAX_DETAIL - 3] + "...", True
             return True, f"POST {url}: the expected answer", False
         return False, result, False
 

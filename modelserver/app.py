@@ -1,0 +1,291 @@
+"""The HTTP face of the model service: seed 000's endpoints and envelopes, and nothing else.
+
+``create_app(settings)`` builds the app; its lifespan loads the model on the model's one worker thread
+(``/health`` answers 503 ``MODEL_NOT_LOADED`` until then, and for good if loading failed). Handlers parse,
+check, hand the items to the ``Batcher`` and wrap the answer; every answer, refusals included, is an envelope
+with a ``timestamp`` and the ``request_id`` (the ``X-Request-ID`` the client sent, else a new UUID, echoed
+as a header). ``ServiceError``s map to their code and status in one handler; anything unexpected is a 500
+``INTERNAL_ERROR`` envelope, and FastAPI's 422 never reaches a client.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import re
+import time
+import uuid
+from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import torch
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import Response
+from prometheus_client import CONTENT_TYPE_LATEST
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from modelserver.backends import Backend, Item
+from modelserver.backends import load as load_backend
+from modelserver.batching import Batcher
+from modelserver.config import ModelConfig, Settings, load_config
+from modelserver.errors import InternalError, InvalidRequest, ModelNotLoaded, PredictionFailed, ServiceError
+from modelserver.metrics import Metrics, human, memory_bytes
+from modelserver.schemas import BatchRequest, PredictRequest, parse, to_items
+
+log = logging.getLogger("modelserver")
+
+_REQUEST_ID = re.compile(r"^[\x21-\x7e]{1,128}$")
+
+
+def timestamp() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def _json(status: int, body: dict[str, Any]) -> Response:
+    return Response(json.dumps(body, separators=(",", ":"), ensure_ascii=False), status,
+                    media_type="application/json")
+
+
+def ok(request: Request, message: str, data: Any) -> Response:
+    return _json(200, {"success": True, "message": message, "data": data, "timestamp": timestamp(),
+                       "request_id": request.state.request_id})
+
+
+def refusal(request_id: str, status: int, code: str, message: str, details: Any) -> Response:
+    return _json(status, {"success": False, "message": message, "error": {"code": code, "details": details},
+                          "timestamp": timestamp(), "request_id": request_id})
+
+
+class RequestIdMiddleware:
+    """Gives each request its id (``scope["state"]["request_id"]``) and echoes it as ``X-Request-ID``; an
+    exception nothing else handled becomes an ``INTERNAL_ERROR`` envelope here, so it carries the id too."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        sent = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        request_id = sent if _REQUEST_ID.match(sent) else str(uuid.uuid4())
+        scope.setdefault("state", {})["request_id"] = request_id
+        header = (b"x-request-id", request_id.encode())
+        started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+                message["headers"] = [*message.get("headers", []), header]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            log.exception("unhandled error on %s", scope.get("path"))
+            if started:
+                raise
+            response = refusal(request_id, 500, InternalError.code, InternalError.message, "unexpected server error")
+            await response(scope, receive, send_with_id)
+
+
+@dataclass
+class Loaded:
+    config: ModelConfig
+    backend: Backend
+    batcher: Batcher[Item, dict[str, Any]]
+
+
+class ModelService:
+    """The model this process serves, once loaded, and what the endpoints share: metrics, the worker thread."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.metrics.loaded.set(0)
+        self.executor = ThreadPoolExecutor(1, thread_name_prefix="model")
+        self.loaded: Loaded | None = None
+        self.problem = "the model is loading"
+        self.started = time.monotonic()
+
+    async def load(self) -> None:
+        try:
+            config = load_config(self.settings)
+            backend = await asyncio.get_running_loop().run_in_executor(
+                self.executor, load_backend, config, self.settings.type_dir)
+        except ServiceError as exc:
+            self.problem = exc.details
+            log.error("model not loaded: %s", exc.details)
+            return
+        except Exception as exc:
+            self.problem = f"loading the model failed: {exc!r}"
+            log.exception("model not loaded")
+            return
+        batcher: Batcher[Item, dict[str, Any]] = Batcher(
+            backend.run, self.executor, enabled=config.batching.enabled,
+            max_batch_size=config.batching.max_batch_size, max_wait_s=config.batching.max_wait_ms / 1000,
+            observe=self.metrics.observe_batch)
+        batcher.start()
+        self.loaded = Loaded(config, backend, batcher)
+        self.metrics.device.labels(backend.device.type, config.name).set(1)
+        self.metrics.loaded.set(1)
+        log.info("serving %s on %s (batching %s)", config.name, backend.device, config.batching.enabled)
+
+    async def close(self) -> None:
+        if self.loaded is not None:
+            await self.loaded.batcher.stop()
+        self.executor.shutdown(wait=False, cancel_futures=True)
+
+    def ready(self) -> Loaded:
+        if self.loaded is None:
+            raise ModelNotLoaded(self.problem)
+        return self.loaded
+
+    async def answer(self, loaded: Loaded, items: list[Item]) -> list[dict[str, Any]]:
+        try:
+            return await loaded.batcher.submit(items)
+        except ServiceError:
+            raise
+        except Exception as exc:
+            log.exception("prediction failed")
+            raise PredictionFailed(f"{type(exc).__name__}: {exc}") from exc
+
+
+async def _body(request: Request) -> Any:
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+
+
+def _gpu_utilization() -> float | None:
+    if not torch.cuda.is_available():
+        return None
+    try:
+        return torch.cuda.utilization() / 100
+    except Exception:  # needs pynvml, which the image may lack
+        return None
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    service = ModelService(settings or Settings())
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loading = asyncio.create_task(service.load())
+        yield
+        loading.cancel()
+        await service.close()
+
+    app = FastAPI(title="modelserver", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.service = service
+    app.add_middleware(RequestIdMiddleware)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> Response:
+        return refusal(request.state.request_id, exc.status, exc.code, exc.message, exc.details)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        code = InvalidRequest.code if exc.status_code < 500 else InternalError.code
+        return refusal(request.state.request_id, exc.status_code, code, str(exc.detail), f"{request.method} "
+                       f"{request.url.path}: {exc.detail}")
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
+        return refusal(request.state.request_id, 400, InvalidRequest.code, InvalidRequest.message, str(exc.errors()))
+
+    @app.get("/health")
+    async def health(request: Request) -> Response:
+        loaded = service.ready()
+        return ok(request, "Service is healthy", {
+            "status": "healthy", "model": loaded.config.name, "version": loaded.config.version,
+            "uptime": round(time.monotonic() - service.started, 3), "gpu_available": torch.cuda.is_available(),
+            "memory_usage": human(memory_bytes()), "device": loaded.backend.device.type})
+
+    @app.get("/model/info")
+    async def model_info(request: Request) -> Response:
+        loaded = service.ready()
+        config = loaded.config
+        data = config.model_dump(mode="json", include={
+            "name", "model_type", "version", "description", "tasks", "input_format", "output_format",
+            "max_sequence_length", "supported_species", "alphabet", "batching", "limits", "architecture"})
+        data["device"] = loaded.backend.device.type
+        data["weights"] = {"file": config.weights.file, "seed": config.weights.seed,
+                           "sha256": loaded.backend.weights_sha256}
+        data["probe"] = config.probe.model_dump(mode="json") if config.probe else None
+        return ok(request, "Model information", data)
+
+    def _task_label(loaded: Loaded | None, task: Any) -> str:
+        if loaded is None:
+            return "unknown"
+        if task is None:
+            return loaded.config.tasks[0]
+        return task if task in loaded.config.tasks else "unknown"
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        began = time.perf_counter()
+        task: Any = None
+        outcome = "failed"
+        try:
+            loaded = service.ready()
+            body = parse(PredictRequest, await _body(request))
+            task = body.task_type
+            items = to_items([body.sequence], body.task_type, body.options, loaded.config)
+            answer = (await service.answer(loaded, items))[0]
+            outcome = "success"
+        except ServiceError as exc:
+            outcome = "invalid" if exc.status < 500 else "failed"
+            raise
+        finally:
+            service.metrics.observe_request("/predict", _task_label(service.loaded, task), outcome,
+                                            time.perf_counter() - began, 1)
+        return ok(request, "Prediction complete", {
+            "prediction": answer["prediction"], "confidence": answer["confidence"],
+            "processing_time": round(time.perf_counter() - began, 6), "sequence_length": len(items[0].sequence),
+            "details": answer["details"]})
+
+    @app.post("/predict/batch")
+    async def predict_batch(request: Request) -> Response:
+        began = time.perf_counter()
+        task: Any = None
+        outcome = "failed"
+        count = 0
+        try:
+            loaded = service.ready()
+            body = parse(BatchRequest, await _body(request))
+            task = body.task_type
+            items = to_items(body.sequences, body.task_type, body.options, loaded.config, batch=True)
+            count = len(items)
+            answers = await service.answer(loaded, items)
+            outcome = "success"
+        except ServiceError as exc:
+            outcome = "invalid" if exc.status < 500 else "failed"
+            raise
+        finally:
+            service.metrics.observe_request("/predict/batch", _task_label(service.loaded, task), outcome,
+                                            time.perf_counter() - began, count)
+        predictions = [{"sequence": item.sequence, "prediction": a["prediction"], "confidence": a["confidence"],
+                        "sequence_length": len(item.sequence), "details": a["details"]}
+                       for item, a in zip(items, answers, strict=True)]
+        return ok(request, "Batch prediction complete", {
+            "predictions": predictions, "processing_time": round(time.perf_counter() - began, 6),
+            "total_sequences": len(predictions)})
+
+    @app.get("/metrics")
+    async def metrics(request: Request) -> Response:
+        if "application/json" in request.headers.get("accept", ""):
+            return ok(request, "Metrics", service.metrics.summary(service.settings.model_dir, _gpu_utilization()))
+        return Response(service.metrics.text(), media_type=CONTENT_TYPE_LATEST)
+
+    return app

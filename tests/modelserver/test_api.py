@@ -1,0 +1,193 @@
+"""Seed 000's API contract on the real app over HTTP: envelopes, request ids, limits, alphabets, codes."""
+
+from __future__ import annotations
+
+import re
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from modelserver.config import Settings
+from tests.support.modelserver import served_model
+from tests.support.poll import wait_until
+
+TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+PROMOTER = "TATAAAAGGCGCGCCGCGTATAAATAGGCGCCGGCCAATCACGCGTTATAAAGCGCGCTATAAAAG"
+
+
+def envelope(response: httpx.Response, status: int = 200) -> Any:
+    """The answer's ``data``, after checking the success envelope and the request id header."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"success", "message", "data", "timestamp", "request_id"}
+    assert body["success"] is True and body["message"]
+    assert TIMESTAMP.match(body["timestamp"])
+    assert response.headers["x-request-id"] == body["request_id"]
+    return body["data"]
+
+
+def refused(response: httpx.Response, status: int, code: str) -> str:
+    """The refusal's details, after checking the error envelope."""
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"success", "message", "error", "timestamp", "request_id"}
+    assert body["success"] is False and body["message"]
+    assert body["error"]["code"] == code, body
+    assert TIMESTAMP.match(body["timestamp"])
+    assert response.headers["x-request-id"] == body["request_id"]
+    return str(body["error"]["details"])
+
+
+def test_every_endpoint_answers_an_envelope_with_the_request_id(dnabert2: str) -> None:
+    with httpx.Client(base_url=dnabert2) as client:
+        for method, path, body in [("GET", "/health", None), ("GET", "/model/info", None),
+                                   ("POST", "/predict", {"sequence": "ACGT"}),
+                                   ("POST", "/predict/batch", {"sequences": ["ACGT"]})]:
+            given = f"req-{uuid.uuid4()}"
+            response = client.request(method, path, json=body, headers={"X-Request-ID": given})
+            envelope(response)
+            assert response.json()["request_id"] == given
+            fresh = client.request(method, path, json=body)
+            uuid.UUID(envelope(fresh) and fresh.json()["request_id"])
+        metrics = client.get("/metrics", headers={"Accept": "application/json", "X-Request-ID": "m-1"})
+        assert envelope(metrics)["model_metrics"]["total_requests"] >= 2
+        assert metrics.json()["request_id"] == "m-1"
+        refusal = client.post("/predict", content=b"{", headers={"X-Request-ID": "bad-1"})
+        refused(refusal, 400, "INVALID_REQUEST")
+        assert refusal.json()["request_id"] == "bad-1"
+
+
+def test_health_and_model_info(dnabert2: str) -> None:
+    health = envelope(httpx.get(f"{dnabert2}/health"))
+    assert health["status"] == "healthy" and health["model"] == "DNABERT2" and health["version"] == "1.0.0"
+    assert health["device"] == "cpu" and health["gpu_available"] in (True, False)
+    assert health["uptime"] >= 0 and health["memory_usage"].endswith("B")
+    info = envelope(httpx.get(f"{dnabert2}/model/info"))
+    assert info["name"] == "DNABERT2" and info["tasks"] == ["promoter_prediction"]
+    assert info["max_sequence_length"] == 5120 and info["supported_species"]
+    assert info["input_format"]["type"] == "string" and info["output_format"]["range"] == [0, 1]
+    assert info["device"] == "cpu" and re.fullmatch(r"[0-9a-f]{64}", info["weights"]["sha256"])
+    assert info["batching"] == {"enabled": True, "max_batch_size": 32, "max_wait_ms": 5.0}
+    assert info["limits"] == {"max_batch_sequences": 100, "max_sequence_chars": 5120}
+    assert info["probe"]["path"] == "/predict" and info["probe"]["expect"]["success"] is True
+
+
+def test_predict_and_batch(dnabert2: str) -> None:
+    data = envelope(httpx.post(f"{dnabert2}/predict", json={"sequence": PROMOTER,
+                                                            "options": {"return_confidence": True, "batch_size": 1}}))
+    assert set(data) == {"prediction", "confidence", "processing_time", "sequence_length", "details"}
+    assert 0 <= data["prediction"] <= 1 and 0.5 <= data["confidence"] <= 1 and data["sequence_length"] == 66
+    assert data["details"]["class"] in ("promoter", "non_promoter")
+    assert data["details"]["probability"] == data["prediction"]
+    # Lower case is read as upper case.
+    lower = envelope(httpx.post(f"{dnabert2}/predict", json={"sequence": PROMOTER.lower()}))
+    assert lower["prediction"] == data["prediction"]
+    quiet = envelope(httpx.post(f"{dnabert2}/predict", json={"sequence": PROMOTER,
+                                                             "options": {"return_confidence": False}}))
+    assert quiet["confidence"] is None and quiet["prediction"] == data["prediction"]
+
+    sequences = [PROMOTER, "ACGT" * 30, "N" * 10, "gattaca"]
+    batch = envelope(httpx.post(f"{dnabert2}/predict/batch", json={"sequences": sequences,
+                                                                   "task_type": "promoter_prediction"}))
+    assert batch["total_sequences"] == 4 and batch["processing_time"] >= 0
+    assert [p["sequence"] for p in batch["predictions"]] == [s.upper() for s in sequences]
+    assert batch["predictions"][0]["prediction"] == data["prediction"]
+    assert all(set(p) >= {"sequence", "prediction", "confidence", "details"} for p in batch["predictions"])
+
+
+def test_a_full_batch_of_long_sequences_is_answered(dnabert2: str) -> None:
+    sequences = [("ACGTTGCA" * 640)[: 5120 - i] for i in range(100)]
+    batch = envelope(httpx.post(f"{dnabert2}/predict/batch", json={"sequences": sequences}, timeout=60))
+    assert batch["total_sequences"] == 100
+    alone = envelope(httpx.post(f"{dnabert2}/predict", json={"sequence": sequences[37]}))
+    assert batch["predictions"][37]["prediction"] == alone["prediction"]
+
+
+@pytest.mark.parametrize(("body", "needle"), [
+    (b"{", "not valid JSON"),
+    (b"[1, 2]", "body"),
+    (b'{"task_type": "promoter_prediction"}', "sequence"),
+    (b'{"sequence": 5}', "sequence"),
+    (b'{"sequence": "ACGT", "options": {"return_confidence": "yes"}}', "return_confidence"),
+    (b'{"sequence": "ACGT", "options": {"temperature": 1}}', "temperature"),
+    (b'{"sequence": "ACGT", "sequnce": "ACGT"}', "sequnce"),
+    (b'{"sequence": "ACGT", "task_type": "embedding"}', "embedding"),
+])
+def test_invalid_requests(dnabert2: str, body: bytes, needle: str) -> None:
+    details = refused(httpx.post(f"{dnabert2}/predict", content=body), 400, "INVALID_REQUEST")
+    assert needle in details
+
+
+def test_batch_limits(dnabert2: str) -> None:
+    assert "101" in refused(httpx.post(f"{dnabert2}/predict/batch", json={"sequences": ["ACGT"] * 101}),
+                            400, "INVALID_REQUEST")
+    refused(httpx.post(f"{dnabert2}/predict/batch", json={"sequences": []}), 400, "INVALID_REQUEST")
+    refused(httpx.post(f"{dnabert2}/predict/batch", json={"sequences": "ACGT"}), 400, "INVALID_REQUEST")
+    details = refused(httpx.post(f"{dnabert2}/predict/batch", json={"sequences": ["ACGT", "A" * 5121]}),
+                      400, "SEQUENCE_TOO_LONG")
+    assert "sequences[1]" in details and "5121" in details
+    details = refused(httpx.post(f"{dnabert2}/predict/batch", json={"sequences": ["ACGT", "ACGU"]}),
+                      400, "INVALID_SEQUENCE")
+    assert "sequences[1]" in details and "'U' at position 3" in details
+
+
+def test_sequence_limits_and_alphabet(dnabert2: str) -> None:
+    envelope(httpx.post(f"{dnabert2}/predict", json={"sequence": "A" * 5120}))
+    assert "5121" in refused(httpx.post(f"{dnabert2}/predict", json={"sequence": "A" * 5121}),
+                             400, "SEQUENCE_TOO_LONG")
+    assert "'M' at position 0" in refused(httpx.post(f"{dnabert2}/predict", json={"sequence": "MKTAYIAK"}),
+                                          400, "INVALID_SEQUENCE")
+    assert "' ' at position 4" in refused(httpx.post(f"{dnabert2}/predict", json={"sequence": "ACGT ACGT"}),
+                                          400, "INVALID_SEQUENCE")
+    assert "empty" in refused(httpx.post(f"{dnabert2}/predict", json={"sequence": ""}), 400, "INVALID_SEQUENCE")
+
+
+def test_unknown_paths_and_methods_answer_envelopes(dnabert2: str) -> None:
+    refused(httpx.get(f"{dnabert2}/nowhere"), 404, "INVALID_REQUEST")
+    refused(httpx.get(f"{dnabert2}/predict"), 405, "INVALID_REQUEST")
+
+
+def test_metrics(dnabert2: str) -> None:
+    httpx.post(f"{dnabert2}/predict", json={"sequence": "ACGT"})
+    httpx.post(f"{dnabert2}/predict", json={"sequence": "ACGU"})
+    response = httpx.get(f"{dnabert2}/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    assert 'modelserver_requests_total{endpoint="/predict",outcome="success",task="promoter_prediction"}' in text
+    assert 'modelserver_requests_total{endpoint="/predict",outcome="invalid",task="promoter_prediction"}' in text
+    assert 'modelserver_request_duration_seconds_bucket{endpoint="/predict",le="0.005"}' in text
+    assert "modelserver_batch_size_bucket" in text and "modelserver_batch_duration_seconds_count" in text
+    assert 'modelserver_sequences_total{task="promoter_prediction"}' in text
+    assert 'modelserver_device_info{device="cpu",model="DNABERT2"} 1.0' in text
+    assert "modelserver_model_loaded 1.0" in text
+    summary = envelope(httpx.get(f"{dnabert2}/metrics", headers={"Accept": "application/json"}))
+    model = summary["model_metrics"]
+    assert model["total_requests"] == model["successful_requests"] + model["failed_requests"]
+    assert model["failed_requests"] >= 1 and model["average_response_time"] > 0
+    assert set(summary["system_metrics"]) == {"cpu_usage", "memory_usage", "disk_usage", "network_io"}
+
+
+def test_model_not_loaded(tmp_path: Path) -> None:
+    settings = Settings(model_dir=tmp_path, model_type="dnabert2", model_device="cpu")
+    with served_model(settings) as url:
+        for method, path, body in [("GET", "/health", None), ("GET", "/model/info", None),
+                                   ("POST", "/predict", {"sequence": "ACGT"}),
+                                   ("POST", "/predict/batch", {"sequences": ["ACGT"]})]:
+            details = refused(httpx.request(method, f"{url}{path}", json=body), 503, "MODEL_NOT_LOADED")
+            assert "model_config.json" in details
+        assert "modelserver_model_loaded 0.0" in httpx.get(f"{url}/metrics").text
+
+
+def test_weights_that_do_not_load(tmp_path: Path, model_dir: Path) -> None:
+    (tmp_path / "dnabert2").mkdir()
+    (tmp_path / "dnabert2" / "model_config.json").write_bytes((model_dir / "dnabert2" / "model_config.json").read_bytes())
+    (tmp_path / "dnabert2" / "model.safetensors").write_bytes(b"garbage")
+    with served_model(Settings(model_dir=tmp_path, model_type="dnabert2", model_device="cpu")) as url:
+        def failed() -> str | None:
+            details = refused(httpx.get(f"{url}/health"), 503, "MODEL_NOT_LOADED")
+            return None if "loading" in details else details
+
+        assert "cannot read the weights" in wait_until(failed, 20, "the load to fail")

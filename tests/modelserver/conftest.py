@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,9 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return out
 
 
+@contextmanager
 def serve(model_dir: Path, model_type: str, **overrides: object) -> Iterator[str]:
+    """The URL of ``model_type`` served from ``model_dir`` on the CPU, loaded (``overrides``: more settings)."""
     settings = Settings(model_dir=model_dir, model_type=model_type, model_device="cpu", **overrides)  # type: ignore[arg-type]
     with served_model(settings) as url:
         wait_loaded(url)
@@ -29,14 +32,17 @@ def serve(model_dir: Path, model_type: str, **overrides: object) -> Iterator[str
 
 @pytest.fixture(scope="session")
 def dnabert2(model_dir: Path) -> Iterator[str]:
-    yield from serve(model_dir, "dnabert2")
+    with serve(model_dir, "dnabert2") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
 def lucaone(model_dir: Path) -> Iterator[str]:
-    yield from serve(model_dir, "lucaone")
+    with serve(model_dir, "lucaone") as url:
+        yield url
 
 
 @pytest.fixture(scope="session")
 def evo2(model_dir: Path) -> Iterator[str]:
-    yield from serve(model_dir, "evo2")
+    with serve(model_dir, "evo2") as url:
+        yield url

@@ -10,6 +10,8 @@ the other items of its batch (the networks mask their padding; everything runs i
 from __future__ import annotations
 
 import hashlib
+import math
+import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -156,10 +158,32 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def cpu_limit() -> int | None:
+    """The CPUs this process may use: its affinity and its cgroup's CPU quota (a container's ``--cpus``)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None
+    for quota_file, period_file in (("/sys/fs/cgroup/cpu.max", None),
+                                    ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "/sys/fs/cgroup/cpu/cpu.cfs_period_us")):
+        try:
+            fields = Path(quota_file).read_text().split()
+            if period_file is not None:
+                fields.append(Path(period_file).read_text().strip())
+        except OSError:
+            continue
+        if len(fields) >= 2 and fields[0] not in ("max", "-1"):
+            quota = max(1, math.ceil(int(fields[0]) / int(fields[1])))
+            cpus = min(cpus, quota) if cpus else quota
+        break
+    return cpus
+
+
 def load(config: ModelConfig, directory: Path) -> Backend:
-    """The model of ``config`` from ``directory`` on its device, warmed up; ``ModelNotLoaded`` if it cannot be."""
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    """The model of ``config`` from ``directory`` on its device, warmed up; ``ModelNotLoaded`` if it cannot be.
+
+    torch's threads: ``config.threads``, else no more than the CPUs the process may use (torch counts the
+    machine's cores, and more threads than a container's quota get throttled)."""
+    limit = config.threads or cpu_limit()
+    if limit and (config.threads or limit < torch.get_num_threads()):
+        torch.set_num_threads(limit)
     device = pick_device(config.device)
     backend: Backend
     if config.model_type == "evo2":

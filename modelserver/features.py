@@ -138,7 +138,7 @@ def reference(sequence: str) -> dict[str, Any]:
 
 # Letter codes for the vectorised path: A C G T are 0-3, N is 4, padding 5.
 _PAD = 5
-_CODE = torch.full((256,), _PAD, dtype=torch.long)
+_CODE = torch.full((256,), _PAD, dtype=torch.uint8)
 for _i, _letter in enumerate("ACGTN"):
     _CODE[ord(_letter)] = _i
 _LN_P = torch.tensor([LN_P[c] for c in CODONS] + [0.0], dtype=torch.float64)
@@ -147,25 +147,25 @@ _SCORED = torch.tensor([c in LN_W for c in CODONS] + [False], dtype=torch.float6
 
 
 def encode(sequences: Sequence[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes (batch, length) with A C G T N = 0-4 and padding 5, length a multiple of ``WINDOW``; lengths)."""
+    """(codes (batch, length), uint8, with A C G T N = 0-4 and padding 5, length a multiple of ``WINDOW``;
+    lengths)."""
     longest = max((len(s) for s in sequences), default=0)
     width = -(-longest // WINDOW) * WINDOW
-    raw = torch.zeros((len(sequences), width), dtype=torch.uint8)
-    for i, seq in enumerate(sequences):
-        if seq:
-            raw[i, : len(seq)] = torch.frombuffer(bytearray(seq.upper().encode("ascii")), dtype=torch.uint8)
+    blob = bytearray(b"".join(s.upper().encode("ascii").ljust(width, b"\0") for s in sequences))
+    raw = torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
+    raw = raw.view(len(sequences), width)
     lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
     return _CODE[raw.long()].to(device), lengths.to(device)
 
 
-def _runs(codes: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
-    """Each position's run length so far (0 on N and padding); a run also restarts where ``starts`` is set."""
-    position = torch.arange(codes.shape[1], device=codes.device).expand_as(codes)
+def _runs(codes: torch.Tensor) -> torch.Tensor:
+    """Each position's run length so far: how many times its base repeats up to it (0 on N and padding)."""
+    position = torch.arange(codes.shape[1], device=codes.device, dtype=torch.int32).expand_as(codes)
     base = codes < 4
     previous = torch.nn.functional.pad(codes, (1, 0), value=_PAD)[:, :-1]
-    start = starts | (codes != previous) | ~base
-    first = torch.cummax(torch.where(start, position, torch.zeros_like(position)), dim=1).values
-    return torch.where(base, position - first + 1, torch.zeros_like(position))
+    start = (codes != previous) | ~base
+    first = torch.cummax(torch.where(start, position, 0), dim=1).values
+    return torch.where(base, position - first + 1, 0)
 
 
 def _entropy_bits(counts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
@@ -184,12 +184,15 @@ def extract_tensors(codes: torch.Tensor, lengths: torch.Tensor) -> dict[str, tor
     n_bases = base.sum(1).to(f64)
     gc_content = torch.where(n_bases > 0, gc.sum(1).to(f64) / n_bases.clamp(min=1), torch.zeros_like(n_bases))
 
-    triples = codes.view(batch, width // 3, 3)
-    ok = (triples < 4).all(2)
-    index = torch.where(ok, triples[..., 0] * 16 + triples[..., 1] * 4 + triples[..., 2], torch.full_like(ok, 64,
-                        dtype=torch.long))
-    ones = ok.to(f64)
-    counts = torch.zeros((batch, 65), dtype=f64, device=dev).scatter_add_(1, index, ones)[:, :64]
+    # Codon counts per window, in one bincount over (window, codon) keys; a codon with N or padding is key 64.
+    triples = codes.view(batch, windows, WINDOW // 3, 3)
+    ok = (triples < 4).all(3)
+    wide = triples.long()
+    index = torch.where(ok, wide[..., 0] * 16 + wide[..., 1] * 4 + wide[..., 2], 64)
+    keys = index + torch.arange(batch * windows, device=dev).view(batch, windows, 1) * 65
+    w_counts = torch.bincount(keys.flatten(), minlength=batch * windows * 65).view(batch, windows, 65)[..., :64]
+    w_counts = w_counts.to(f64)
+    counts = w_counts.sum(1)
     total = counts.sum(1)
     ln_p, ln_w, scored = _LN_P.to(dev), _LN_W.to(dev), _SCORED.to(dev)
     avg_loglik = torch.where(total > 0, (counts * ln_p[:64]).sum(1) / total.clamp(min=1) / 3, torch.zeros_like(total))
@@ -197,19 +200,17 @@ def extract_tensors(codes: torch.Tensor, lengths: torch.Tensor) -> dict[str, tor
     cai = torch.where(n_scored > 0, torch.exp((counts * ln_w[:64]).sum(1) / n_scored.clamp(min=1)),
                       torch.zeros_like(n_scored))
 
-    no_starts = torch.zeros_like(base)
-    longest = _runs(codes, no_starts).max(1).values if width else torch.zeros(batch, dtype=torch.long, device=dev)
-    window_starts = (torch.arange(width, device=dev) % WINDOW == 0).expand_as(base)
-    window_runs = _runs(codes, window_starts).view(batch, windows, WINDOW).max(2).values
+    runs = _runs(codes)
+    longest = runs.max(1).values.long() if width else torch.zeros(batch, dtype=torch.long, device=dev)
+    # A run seen inside a window is at most as long as the window so far.
+    offset = torch.arange(1, WINDOW + 1, device=dev, dtype=torch.int32)
+    window_runs = torch.minimum(runs.view(batch, windows, WINDOW), offset).max(2).values
 
     w_bases = base.view(batch, windows, WINDOW).sum(2).to(f64)
     w_gc = torch.where(w_bases > 0, gc.view(batch, windows, WINDOW).sum(2).to(f64) / w_bases.clamp(min=1),
                        torch.zeros_like(w_bases))
     distance = torch.clamp(torch.maximum(GC_LOW - w_gc, w_gc - GC_HIGH), min=0.0)
     gc_score = 1.0 - torch.clamp(distance / GC_FALLOFF, max=1.0)
-    per_window = WINDOW // 3
-    w_counts = torch.zeros((batch, windows, 65), dtype=f64, device=dev).scatter_add_(
-        2, index.view(batch, windows, per_window), ones.view(batch, windows, per_window))[..., :64]
     w_total = w_counts.sum(2)
     w_max = torch.log2(torch.clamp(w_total, min=2, max=64))
     entropy_score = torch.where(w_total >= 2, _entropy_bits(w_counts, w_total) / w_max, torch.zeros_like(w_total))

@@ -63,6 +63,8 @@ CARDS: dict[str, dict[str, Any]] = {
         "input_format": {"type": "string", "description": "coding DNA sequence (ACGTN)",
                          "example": "ATGGCTAAAGGTGAAGAACTGTTCACCGGT"},
         "output_format": {"type": "object", "description": "confidence, likelihood and composition features"},
+        # Elementwise feature maths gains little from intra-op threads and loses much on a shared CPU:
+        # scale it with replicas instead.
         "supported_species": ["E_coli"], "alphabet": "dna", "threads": 1,
     },
 }

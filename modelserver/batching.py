@@ -74,7 +74,17 @@ class Batcher(Generic[T, R]):
         waiting = [_Waiting(item, loop.create_future()) for item in items]
         self._queue.extend(waiting)
         self._arrived.set()
-        return list(await asyncio.gather(*(w.future for w in waiting)))
+        try:
+            return list(await asyncio.gather(*(w.future for w in waiting)))
+        except BaseException:
+            # The first failure is raised; the request's other items need no answer, and their errors are
+            # marked as seen.
+            for w in waiting:
+                if not w.future.done():
+                    w.future.cancel()
+                elif not w.future.cancelled():
+                    w.future.exception()
+            raise
 
     async def _alone(self, items: list[T]) -> list[R]:
         answers: list[R] = []

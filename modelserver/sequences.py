@@ -36,6 +36,10 @@ def check(sequence: str, max_chars: int, protein: bool, where: str = "sequence")
     ``protein`` admits the 20 standard amino acids and X besides DNA's ``ACGTN``."""
     if len(sequence) > max_chars:
         raise SequenceTooLong(f"{where} has {len(sequence)} characters; the limit is {max_chars}")
+    if not sequence.isascii():
+        # Before upper-casing: some non-ASCII letters upper-case to ASCII ones ("ı" to "I").
+        position, letter = next((i, c) for i, c in enumerate(sequence) if not c.isascii())
+        raise InvalidSequence(f"{where} has {letter!r} at position {position} (0-based); only ASCII letters")
     upper = sequence.upper()
     if not upper:
         raise InvalidSequence(f"{where} is empty")

@@ -122,3 +122,16 @@ async def test_32_concurrent_clients_get_the_answers_of_unbatched_requests(model
         assert (g["prediction"], g["confidence"], g["details"]) == (e["prediction"], e["confidence"], e["details"])
     ones, count = batch_histogram(text)
     assert count < 32 and ones < count, "no batch held more than one request"
+
+
+async def test_concurrent_requests_of_different_tasks_share_batches(lucaone: str) -> None:
+    bodies = [{"sequence": seq, "task_type": task, "options": options}
+              for seq in ("MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "ACGTACGGTTAGC", "MSTNPKPQRKTKRNTNRRPQDVKFPGG")
+              for task, options in (("embedding", {"embedding_dimension": 4}), ("classification", {}),
+                                    ("property_prediction", {"return_confidence": False}))]
+    with httpx.Client(base_url=lucaone) as client:
+        expected = [client.post("/predict", json=body).json()["data"] for body in bodies]
+    async with httpx.AsyncClient(base_url=lucaone) as client:
+        got = [r.json()["data"] for r in await asyncio.gather(*(client.post("/predict", json=b) for b in bodies))]
+    strip = [{k: v for k, v in d.items() if k != "processing_time"} for d in expected]
+    assert [{k: v for k, v in d.items() if k != "processing_time"} for d in got] == strip

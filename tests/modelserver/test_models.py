@@ -47,7 +47,7 @@ def test_lucaone_classification_and_properties(lucaone: str) -> None:
     assert [p["details"]["molecule"] for p in batch["predictions"]] == ["protein", "dna"]
 
 
-@pytest.mark.parametrize("letter", ["B", "J", "O", "U", "Z", "*", "-", "1"])
+@pytest.mark.parametrize("letter", ["B", "J", "O", "U", "Z", "*", "-", "1", "ı", "é"])
 def test_lucaone_alphabet(lucaone: str, letter: str) -> None:
     details = refused(httpx.post(f"{lucaone}/predict", json={"sequence": "MKT" + letter + "A"}), 400,
                       "INVALID_SEQUENCE")

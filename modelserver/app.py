@@ -5,7 +5,8 @@
 check, hand the items to the ``Batcher`` and wrap the answer; every answer, refusals included, is an envelope
 with a ``timestamp`` and the ``request_id`` (the ``X-Request-ID`` the client sent, else a new UUID, echoed
 as a header). ``ServiceError``s map to their code and status in one handler; anything unexpected is a 500
-``INTERNAL_ERROR`` envelope, and FastAPI's 422 never reaches a client.
+``INTERNAL_ERROR`` envelope. Bodies are parsed by the handlers themselves (``schemas.parse``), so FastAPI's
+422 never reaches a client.
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ from typing import Any
 
 import torch
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -199,10 +199,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         code = InvalidRequest.code if exc.status_code < 500 else InternalError.code
         return refusal(request.state.request_id, exc.status_code, code, str(exc.detail), f"{request.method} "
                        f"{request.url.path}: {exc.detail}")
-
-    @app.exception_handler(RequestValidationError)
-    async def validation_error(request: Request, exc: RequestValidationError) -> Response:
-        return refusal(request.state.request_id, 400, InvalidRequest.code, InvalidRequest.message, str(exc.errors()))
 
     @app.get("/health")
     async def health(request: Request) -> Response:

@@ -124,8 +124,7 @@ class FeatureBackend(Backend):
 
     def answers(self, items: list[Item]) -> list[tuple[Any, float | None, dict[str, Any]]]:
         sequences = [item.sequence for item in items]
-        codes, lengths = features.encode(sequences, self.device)
-        columns = features.extract_tensors(codes, lengths)
+        columns = features.extract_tensors(features.encode(sequences, self.device))
         values = {name: columns[name].tolist() for name in features.FIELDS}
         counts = columns["codon_counts"].tolist() if any(item.return_codon_usage for item in items) else None
         out: list[tuple[Any, float | None, dict[str, Any]]] = []

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -141,101 +142,127 @@ _PAD = 5
 _CODE = torch.full((256,), _PAD, dtype=torch.uint8)
 for _i, _letter in enumerate("ACGTN"):
     _CODE[ord(_letter)] = _i
-_LN_P = torch.tensor([LN_P[c] for c in CODONS] + [0.0], dtype=torch.float64)
-_LN_W = torch.tensor([LN_W.get(c, 0.0) for c in CODONS] + [0.0], dtype=torch.float64)
-_SCORED = torch.tensor([c in LN_W for c in CODONS] + [False], dtype=torch.float64)
+_LN_P = torch.tensor([LN_P[c] for c in CODONS], dtype=torch.float64)
+_LN_W = torch.tensor([LN_W.get(c, 0.0) for c in CODONS], dtype=torch.float64)
+_SCORED = torch.tensor([c in LN_W for c in CODONS], dtype=torch.float64)
+_CODONS_PER_WINDOW = WINDOW // 3
 
 
-def encode(sequences: Sequence[str], device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
-    """(codes (batch, length), uint8, with A C G T N = 0-4 and padding 5, length a multiple of ``WINDOW``;
-    lengths)."""
-    longest = max((len(s) for s in sequences), default=0)
-    width = -(-longest // WINDOW) * WINDOW
-    blob = bytearray(b"".join(s.upper().encode("ascii").ljust(width, b"\0") for s in sequences))
+@dataclass(frozen=True)
+class Packed:
+    """A batch laid out as windows: row r of ``codes`` (rows, WINDOW), uint8, A C G T N = 0-4 and padding 5,
+    is window ``r - first_row[seq]`` of sequence ``row_seq[r]``; sequence i has ``windows[i]`` rows."""
+
+    codes: torch.Tensor
+    row_seq: torch.Tensor
+    first_row: torch.Tensor
+    windows: torch.Tensor
+    lengths: torch.Tensor
+
+
+def encode(sequences: Sequence[str], device: torch.device | str = "cpu") -> Packed:
+    """The batch packed into windows, each sequence padded to a whole number of windows (no padding to the
+    longest: a batch costs what its sequences' lengths add up to)."""
+    blob = bytearray(b"".join(s.upper().encode("ascii").ljust(-(-len(s) // WINDOW) * WINDOW, b"\0")
+                              for s in sequences))
     raw = torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
-    raw = raw.view(len(sequences), width)
     lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
-    return _CODE[raw.long()].to(device), lengths.to(device)
+    windows = torch.div(lengths + WINDOW - 1, WINDOW, rounding_mode="floor")
+    first_row = torch.cumsum(windows, 0) - windows
+    row_seq = torch.repeat_interleave(torch.arange(len(sequences)), windows)
+    codes = torch.take(_CODE, raw.long()).view(-1, WINDOW)
+    return Packed(codes.to(device), row_seq.to(device), first_row.to(device), windows.to(device), lengths.to(device))
 
 
-def _runs(codes: torch.Tensor) -> torch.Tensor:
-    """Each position's run length so far: how many times its base repeats up to it (0 on N and padding)."""
-    position = torch.arange(codes.shape[1], device=codes.device, dtype=torch.int32).expand_as(codes)
-    base = codes < 4
-    previous = torch.nn.functional.pad(codes, (1, 0), value=_PAD)[:, :-1]
-    start = (codes != previous) | ~base
-    first = torch.cummax(torch.where(start, position, 0), dim=1).values
-    return torch.where(base, position - first + 1, 0)
+def _clog2(limit: int, device: torch.device) -> torch.Tensor:
+    """c * log2(c) for c in 0..limit (0 for 0): entropies from integer counts by one lookup."""
+    c = torch.arange(limit + 1, dtype=torch.float64, device=device)
+    return c * torch.log2(c.clamp(min=1))
 
 
-def _entropy_bits(counts: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
-    p = counts / total.clamp(min=1).unsqueeze(-1)
-    # 0.0 - x rather than -x: an empty sum gives 0.0, not -0.0.
-    return 0.0 - torch.where(p > 0, p * torch.log2(p.clamp(min=1e-300)), torch.zeros_like(p)).sum(-1)
+def _entropy_bits(counts: torch.Tensor, total: torch.Tensor, clog: torch.Tensor) -> torch.Tensor:
+    """Entropy in bits of each row of integer ``counts`` summing to ``total``: log2 m - sum(c log2 c) / m."""
+    m = total.to(torch.float64)
+    h = torch.log2(m.clamp(min=1)) - torch.take(clog, counts).sum(-1) / m.clamp(min=1)
+    # 0.0 + clamp: an empty row gives 0.0, not -0.0, and rounding never gives a hair below 0.
+    return torch.where(total > 0, h.clamp(min=0.0), 0.0) + 0.0
 
 
-def extract_tensors(codes: torch.Tensor, lengths: torch.Tensor) -> dict[str, torch.Tensor]:
+def _segment(values: torch.Tensor, packed: Packed, batch: int, reduce: str) -> torch.Tensor:
+    """Per sequence: ``reduce`` (sum, amax, amin) of its rows' ``values``; 0 for a sequence without rows."""
+    out = torch.zeros((batch, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    if reduce == "sum":
+        return out.index_add_(0, packed.row_seq, values)
+    index = packed.row_seq.view(-1, *([1] * (values.dim() - 1))).expand_as(values)
+    return out.scatter_reduce_(0, index, values, reduce, include_self=False)
+
+
+def extract_tensors(packed: Packed) -> dict[str, torch.Tensor]:
     """Every feature of ``FIELDS`` as a (batch,) tensor, plus ``codon_counts`` (batch, 64)."""
-    batch, width = codes.shape
-    dev, f64 = codes.device, torch.float64
-    windows = width // WINDOW
-    base = codes < 4
-    gc = (codes == 1) | (codes == 2)
-    n_bases = base.sum(1).to(f64)
-    gc_content = torch.where(n_bases > 0, gc.sum(1).to(f64) / n_bases.clamp(min=1), torch.zeros_like(n_bases))
+    codes, dev, f64 = packed.codes, packed.codes.device, torch.float64
+    rows, batch = codes.shape[0], packed.lengths.shape[0]
+    row_ids = torch.arange(rows, device=dev, dtype=torch.int32).unsqueeze(1)
 
-    # Codon counts per window, in one bincount over (window, codon) keys; a codon with N or padding is key 64.
-    triples = codes.view(batch, windows, WINDOW // 3, 3)
-    ok = (triples < 4).all(3)
-    wide = triples.long()
-    index = torch.where(ok, wide[..., 0] * 16 + wide[..., 1] * 4 + wide[..., 2], 64)
-    keys = index + torch.arange(batch * windows, device=dev).view(batch, windows, 1) * 65
-    w_counts = torch.bincount(keys.flatten(), minlength=batch * windows * 65).view(batch, windows, 65)[..., :64]
-    w_counts = w_counts.to(f64)
-    counts = w_counts.sum(1)
-    total = counts.sum(1)
-    ln_p, ln_w, scored = _LN_P.to(dev), _LN_W.to(dev), _SCORED.to(dev)
-    avg_loglik = torch.where(total > 0, (counts * ln_p[:64]).sum(1) / total.clamp(min=1) / 3, torch.zeros_like(total))
-    n_scored = (counts * scored[:64]).sum(1)
-    cai = torch.where(n_scored > 0, torch.exp((counts * ln_w[:64]).sum(1) / n_scored.clamp(min=1)),
-                      torch.zeros_like(n_scored))
+    # Letter counts per window (A C G T N padding), one bincount over (window, letter) keys.
+    letters = torch.bincount((codes.int() + row_ids * 6).flatten(), minlength=rows * 6).view(rows, 6)
+    w_bases = letters[:, :4].sum(1)
+    w_gc = letters[:, 1] + letters[:, 2]
+    # Codon counts per window likewise; a codon with N or padding is key 64.
+    triples = codes.view(rows, _CODONS_PER_WINDOW, 3)
+    index = torch.where(triples.amax(2) < 4, triples[..., 0] * 16 + triples[..., 1] * 4 + triples[..., 2], 64).int()
+    w_counts = torch.bincount((index + row_ids * 65).flatten(), minlength=rows * 65).view(rows, 65)[:, :64]
+    # And per sequence, from the same keys (rows of one sequence are consecutive).
+    seq_keys = index + packed.row_seq.int().unsqueeze(1) * 65
+    counts = torch.bincount(seq_keys.flatten(), minlength=batch * 65).view(batch, 65)[:, :64]
+    w_total = w_counts.sum(1)
 
-    runs = _runs(codes)
-    longest = runs.max(1).values.long() if width else torch.zeros(batch, dtype=torch.long, device=dev)
+    # Run lengths: a run starts where the letter changes or a sequence starts; N and padding count 0.
+    flat = codes.flatten()
+    previous = torch.empty_like(flat)
+    if flat.numel():
+        previous[0] = _PAD
+        previous[1:] = flat[:-1]
+        previous[packed.first_row[packed.windows > 0] * WINDOW] = _PAD
+    position = torch.arange(flat.numel(), device=dev, dtype=torch.int32)
+    first = torch.cummax(position.masked_fill(flat == previous, 0), dim=0).values
+    runs = (position + 1 - first).masked_fill_(flat >= 4, 0).view(rows, WINDOW)
     # A run seen inside a window is at most as long as the window so far.
     offset = torch.arange(1, WINDOW + 1, device=dev, dtype=torch.int32)
-    window_runs = torch.minimum(runs.view(batch, windows, WINDOW), offset).max(2).values
+    window_runs = torch.minimum(runs, offset).amax(1) if rows else torch.zeros(0, dtype=torch.int32, device=dev)
+    longest = _segment(runs.amax(1) if rows else torch.zeros(0, dtype=torch.int32, device=dev), packed, batch,
+                       "amax")
 
-    w_bases = base.view(batch, windows, WINDOW).sum(2).to(f64)
-    w_gc = torch.where(w_bases > 0, gc.view(batch, windows, WINDOW).sum(2).to(f64) / w_bases.clamp(min=1),
-                       torch.zeros_like(w_bases))
-    distance = torch.clamp(torch.maximum(GC_LOW - w_gc, w_gc - GC_HIGH), min=0.0)
+    gc_frac = torch.where(w_bases > 0, w_gc / w_bases.clamp(min=1), 0.0).to(f64)
+    distance = torch.clamp(torch.maximum(GC_LOW - gc_frac, gc_frac - GC_HIGH), min=0.0)
     gc_score = 1.0 - torch.clamp(distance / GC_FALLOFF, max=1.0)
-    w_total = w_counts.sum(2)
-    w_max = torch.log2(torch.clamp(w_total, min=2, max=64))
-    entropy_score = torch.where(w_total >= 2, _entropy_bits(w_counts, w_total) / w_max, torch.zeros_like(w_total))
+    w_max = torch.log2(torch.clamp(w_total, min=2, max=64).to(f64))
+    entropy_score = torch.where(w_total >= 2, _entropy_bits(w_counts, w_total, _clog2(_CODONS_PER_WINDOW, dev))
+                                / w_max, 0.0)
     run_score = 1.0 - torch.clamp((window_runs - RUN_FREE).clamp(min=0).to(f64) / RUN_FALLOFF, max=1.0)
     confidence = GC_WEIGHT * gc_score + ENTROPY_WEIGHT * entropy_score + HOMOPOLYMER_WEIGHT * run_score
 
-    n_windows = torch.div(lengths + WINDOW - 1, WINDOW, rounding_mode="floor")
-    present = torch.arange(windows, device=dev).unsqueeze(0) < n_windows.unsqueeze(1)
-    count = n_windows.to(f64)
-    zero = torch.zeros(batch, dtype=f64, device=dev)
-    mean = torch.where(count > 0, (confidence * present).sum(1) / count.clamp(min=1), zero)
-    spread = torch.where(present, (confidence - mean.unsqueeze(1)) ** 2, torch.zeros_like(confidence))
-    has = count > 0
+    n_windows = packed.windows.to(f64).clamp(min=1)
+    mean = _segment(confidence, packed, batch, "sum") / n_windows
+    spread = _segment((confidence - mean[packed.row_seq]) ** 2, packed, batch, "sum")
+
+    total = counts.sum(1)
+    bases = _segment(letters[:, :4], packed, batch, "sum").sum(1)
+    gc_count = _segment(w_gc, packed, batch, "sum")
+    per_codon = total.to(f64).clamp(min=1)
+    avg_loglik = torch.where(total > 0, (counts.to(f64) @ _LN_P.to(dev)) / per_codon / 3, 0.0)
+    n_scored = counts.to(f64) @ _SCORED.to(dev)
+    cai = torch.where(n_scored > 0, torch.exp((counts.to(f64) @ _LN_W.to(dev)) / n_scored.clamp(min=1)), 0.0)
+    longest_possible = int(total.max()) if batch else 0
     return {
-        "sequence_length": lengths,
+        "sequence_length": packed.lengths,
         "avg_confidence": mean,
-        "max_confidence": torch.where(has, torch.where(present, confidence, -math.inf).amax(1)
-                                      if windows else zero, zero),
-        "min_confidence": torch.where(has, torch.where(present, confidence, math.inf).amin(1)
-                                      if windows else zero, zero),
-        "std_confidence": torch.where(has, torch.sqrt(spread.sum(1) / count.clamp(min=1)), zero),
+        "max_confidence": _segment(confidence, packed, batch, "amax"),
+        "min_confidence": _segment(confidence, packed, batch, "amin"),
+        "std_confidence": torch.sqrt(spread / n_windows),
         "avg_loglik": avg_loglik,
         "perplexity": torch.exp(-avg_loglik),
-        "gc_content": gc_content,
-        "codon_entropy": _entropy_bits(counts, total),
+        "gc_content": torch.where(bases > 0, gc_count / bases.clamp(min=1), 0.0).to(f64),
+        "codon_entropy": _entropy_bits(counts, total, _clog2(longest_possible, dev)),
         "cai": cai,
         "longest_homopolymer": longest,
         "codon_counts": counts,
@@ -246,7 +273,7 @@ def extract(sequences: Sequence[str], device: torch.device | str = "cpu") -> lis
     """The features of every sequence (the same dicts as ``reference``), computed for the batch at once."""
     if not sequences:
         return []
-    columns = extract_tensors(*encode(sequences, device))
+    columns = extract_tensors(encode(sequences, device))
     values = {name: columns[name].tolist() for name in FIELDS}
     return [dict({name: values[name][i] for name in FIELDS}, backend=BACKEND, model_version=MODEL_VERSION)
             for i in range(len(sequences))]

@@ -8,6 +8,7 @@ alone and in any batch.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 
 import torch
@@ -22,7 +23,9 @@ PROTEIN_TOKENS = {letter: i + 1 + len(DNA) for i, letter in enumerate(PROTEIN)}
 VOCAB_SIZE = 1 + len(DNA) + len(PROTEIN)
 
 _DNA_SET = frozenset(DNA)
-_PROTEIN_SET = frozenset(PROTEIN)
+# The first letter outside an alphabet, in either case (literal letters only: "ı" is no "i").
+_NOT_DNA = re.compile(f"[^{DNA}{DNA.lower()}]")
+_NOT_PROTEIN = re.compile(f"[^{DNA}{PROTEIN}{DNA.lower()}{PROTEIN.lower()}]")
 
 
 def is_dna(sequence: str) -> bool:
@@ -36,19 +39,14 @@ def check(sequence: str, max_chars: int, protein: bool, where: str = "sequence")
     ``protein`` admits the 20 standard amino acids and X besides DNA's ``ACGTN``."""
     if len(sequence) > max_chars:
         raise SequenceTooLong(f"{where} has {len(sequence)} characters; the limit is {max_chars}")
-    if not sequence.isascii():
-        # Before upper-casing: some non-ASCII letters upper-case to ASCII ones ("ı" to "I").
-        position, letter = next((i, c) for i, c in enumerate(sequence) if not c.isascii())
-        raise InvalidSequence(f"{where} has {letter!r} at position {position} (0-based); only ASCII letters")
-    upper = sequence.upper()
-    if not upper:
+    if not sequence:
         raise InvalidSequence(f"{where} is empty")
-    allowed = _PROTEIN_SET | _DNA_SET if protein else _DNA_SET
-    if not allowed.issuperset(upper):
-        position, letter = next((i, c) for i, c in enumerate(upper) if c not in allowed)
+    # Matched before upper-casing, case-insensitively: some non-ASCII letters upper-case to ASCII ones.
+    bad = (_NOT_PROTEIN if protein else _NOT_DNA).search(sequence)
+    if bad is not None:
         kind = "DNA (ACGTN) or protein (ACDEFGHIKLMNPQRSTVWY, X)" if protein else "DNA (ACGTN)"
-        raise InvalidSequence(f"{where} has {letter!r} at position {position} (0-based); expected {kind}")
-    return upper
+        raise InvalidSequence(f"{where} has {bad.group()!r} at position {bad.start()} (0-based); expected {kind}")
+    return sequence.upper()
 
 
 def _table(tokens: dict[str, int]) -> torch.Tensor:

@@ -232,7 +232,7 @@ def extract_tensors(packed: Packed) -> dict[str, torch.Tensor]:
     longest = _segment(runs.amax(1) if rows else torch.zeros(0, dtype=torch.int32, device=dev), packed, batch,
                        "amax")
 
-    gc_frac = torch.where(w_bases > 0, w_gc / w_bases.clamp(min=1), 0.0).to(f64)
+    gc_frac = torch.where(w_bases > 0, w_gc.to(f64) / w_bases.clamp(min=1), 0.0)
     distance = torch.clamp(torch.maximum(GC_LOW - gc_frac, gc_frac - GC_HIGH), min=0.0)
     gc_score = 1.0 - torch.clamp(distance / GC_FALLOFF, max=1.0)
     w_max = torch.log2(torch.clamp(w_total, min=2, max=64).to(f64))
@@ -261,7 +261,7 @@ def extract_tensors(packed: Packed) -> dict[str, torch.Tensor]:
         "std_confidence": torch.sqrt(spread / n_windows),
         "avg_loglik": avg_loglik,
         "perplexity": torch.exp(-avg_loglik),
-        "gc_content": torch.where(bases > 0, gc_count / bases.clamp(min=1), 0.0).to(f64),
+        "gc_content": torch.where(bases > 0, gc_count.to(f64) / bases.clamp(min=1), 0.0),
         "codon_entropy": _entropy_bits(counts, total, _clog2(longest_possible, dev)),
         "cai": cai,
         "longest_homopolymer": longest,

@@ -1,5 +1,6 @@
 """The weights builder: the same seed gives the same bytes and the probes of ``modelserver/catalog.json``; the
-served model answers its own probe; the configuration's environment overrides."""
+served model passes its own probe (by ``mmanager.golden``, the controller's rule); the environment overrides
+the configuration."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-from hub.schemas import HealthCheckSpec, Resources
+from hub.schemas import HealthCheckSpec, ProbeSpec, Resources
+from mmanager.golden import mismatch
 from modelserver.backends import sha256
 from modelserver.config import MODEL_TYPES, ModelConfig, Settings, load_config
 from modelserver.errors import ModelNotLoaded
@@ -19,18 +21,6 @@ from modelserver.weights import CATALOG, build_type, catalog_entry, main
 
 def catalog() -> dict[str, Any]:
     return {entry["name"]: entry for entry in json.loads(CATALOG.read_text())}
-
-
-def same(got: Any, want: Any, tolerance: float) -> bool:
-    """The probe's rule: objects by the expected keys, lists elementwise, numbers within ``tolerance``."""
-    if isinstance(want, dict):
-        return isinstance(got, dict) and all(k in got and same(got[k], v, tolerance) for k, v in want.items())
-    if isinstance(want, list):
-        return isinstance(got, list) and len(got) == len(want) and all(
-            same(g, w, tolerance) for g, w in zip(got, want, strict=True))
-    if isinstance(want, float | int) and not isinstance(want, bool):
-        return isinstance(got, float | int) and abs(got - want) <= tolerance
-    return bool(got == want)
 
 
 def test_regenerated_weights_give_the_catalog_probes(model_dir: Path) -> None:
@@ -51,12 +41,13 @@ def test_the_same_seed_gives_the_same_bytes(tmp_path: Path, model_dir: Path) -> 
     assert other.probe is not None and other.probe.model_dump(mode="json") == catalog()["dnabert2"]["probe"]
     changed = build_type("dnabert2", tmp_path / "seed1", seed=1)
     assert changed.probe is not None
-    assert not same(changed.probe.expect, other.probe.expect, other.probe.tolerance)
+    assert mismatch(changed.probe.expect, other.probe.expect, other.probe.tolerance) is not None
 
 
 def test_catalog_entries_make_hub_specs() -> None:
     for name, entry in catalog().items():
         Resources.model_validate(entry["resources"])
+        ProbeSpec.model_validate(entry["probe"])
         assert HealthCheckSpec.model_validate(entry["health_check"]).path == "/health"
         assert entry["image"] == "mmanager/modelserver:latest" and entry["environment"] == {"MODEL_TYPE": name}
         assert entry["ports"] == {"8000/tcp": None} and entry["replicas"] == 1
@@ -67,7 +58,7 @@ def test_each_served_model_passes_its_own_probe(dnabert2: str, lucaone: str, evo
     for model_type, url in (("dnabert2", dnabert2), ("lucaone", lucaone), ("evo2", evo2)):
         probe = entries[model_type]["probe"]
         answer = httpx.post(url + probe["path"], json=probe["body"]).json()
-        assert same(answer, probe["expect"], probe["tolerance"]), (model_type, answer)
+        assert mismatch(answer, probe["expect"], probe["tolerance"]) is None, (model_type, answer)
         assert httpx.get(f"{url}/model/info").json()["data"]["probe"] == probe
 
 

@@ -29,11 +29,12 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from modelserver.backends import Item
 from modelserver.config import Settings
 from modelserver.errors import InternalError, InvalidRequest, ServiceError
 from modelserver.metrics import human, memory_bytes
 from modelserver.schemas import BatchRequest, PredictRequest, parse, to_items
-from modelserver.service import Loaded, ModelService
+from modelserver.service import ModelService
 
 log = logging.getLogger("modelserver")
 
@@ -155,47 +156,30 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         data["probe"] = config.probe.model_dump(mode="json") if config.probe else None
         return ok(request, "Model information", data)
 
-    def _task_label(loaded: Loaded | None, task: Any) -> str:
-        if loaded is None:
+    def _task_label(task: Any) -> str:
+        """A bounded label: the model's tasks, or ``unknown``."""
+        if service.loaded is None:
             return "unknown"
         if task is None:
-            return loaded.config.tasks[0]
-        return task if task in loaded.config.tasks else "unknown"
+            return service.loaded.config.tasks[0]
+        return task if task in service.loaded.config.tasks else "unknown"
 
-    @app.post("/predict")
-    async def predict(request: Request) -> Response:
+    async def infer(request: Request, endpoint: str) -> tuple[list[Item], list[dict[str, Any]], float]:
+        """The checked items of a ``/predict`` or ``/predict/batch`` request, their answers and when it began;
+        the request counted in the metrics whatever happens."""
         began = time.perf_counter()
         task: Any = None
-        outcome = "failed"
+        outcome, count = "failed", 0
         try:
             loaded = service.ready()
-            body = parse(PredictRequest, await _body(request))
+            raw = await _body(request)
+            body: PredictRequest | BatchRequest = (parse(BatchRequest, raw) if endpoint == "/predict/batch"
+                                                   else parse(PredictRequest, raw))
             task = body.task_type
-            items = to_items([body.sequence], body.task_type, body.options, loaded.config)
-            answer = (await service.answer(loaded, items))[0]
-            outcome = "success"
-        except ServiceError as exc:
-            outcome = "invalid" if exc.status < 500 else "failed"
-            raise
-        finally:
-            service.metrics.observe_request("/predict", _task_label(service.loaded, task), outcome,
-                                            time.perf_counter() - began, 1)
-        return ok(request, "Prediction complete", {
-            "prediction": answer["prediction"], "confidence": answer["confidence"],
-            "processing_time": round(time.perf_counter() - began, 6), "sequence_length": len(items[0].sequence),
-            "details": answer["details"]})
-
-    @app.post("/predict/batch")
-    async def predict_batch(request: Request) -> Response:
-        began = time.perf_counter()
-        task: Any = None
-        outcome = "failed"
-        count = 0
-        try:
-            loaded = service.ready()
-            body = parse(BatchRequest, await _body(request))
-            task = body.task_type
-            items = to_items(body.sequences, body.task_type, body.options, loaded.config, batch=True)
+            if isinstance(body, BatchRequest):
+                items = to_items(body.sequences, body.task_type, body.options, loaded.config, batch=True)
+            else:
+                items = to_items([body.sequence], body.task_type, body.options, loaded.config)
             count = len(items)
             answers = await service.answer(loaded, items)
             outcome = "success"
@@ -203,8 +187,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             outcome = "invalid" if exc.status < 500 else "failed"
             raise
         finally:
-            service.metrics.observe_request("/predict/batch", _task_label(service.loaded, task), outcome,
-                                            time.perf_counter() - began, count)
+            service.metrics.observe_request(endpoint, _task_label(task), outcome, time.perf_counter() - began, count)
+        return items, answers, began
+
+    @app.post("/predict")
+    async def predict(request: Request) -> Response:
+        items, answers, began = await infer(request, "/predict")
+        answer = answers[0]
+        return ok(request, "Prediction complete", {
+            "prediction": answer["prediction"], "confidence": answer["confidence"],
+            "processing_time": round(time.perf_counter() - began, 6), "sequence_length": len(items[0].sequence),
+            "details": answer["details"]})
+
+    @app.post("/predict/batch")
+    async def predict_batch(request: Request) -> Response:
+        items, answers, began = await infer(request, "/predict/batch")
         predictions = [{"sequence": item.sequence, "prediction": a["prediction"], "confidence": a["confidence"],
                         "sequence_length": len(item.sequence), "details": a["details"]}
                        for item, a in zip(items, answers, strict=True)]

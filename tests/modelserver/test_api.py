@@ -10,8 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
+from modelserver.app import create_app
 from modelserver.config import Settings
-from tests.support.modelserver import served_model
+from modelserver.service import ModelService
+from tests.support.modelserver import served_model, wait_loaded
 from tests.support.poll import wait_until
 
 TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
@@ -191,3 +193,27 @@ def test_weights_that_do_not_load(tmp_path: Path, model_dir: Path) -> None:
             return None if "loading" in details else details
 
         assert "cannot read the weights" in (wait_until(failed, 20, "the load to fail") or "")
+
+
+def test_a_failing_model_and_an_unexpected_error(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = create_app(Settings(model_dir=model_dir, model_type="dnabert2", model_device="cpu"))
+    service: ModelService = app.state.service
+    with served_model(app) as url:
+        wait_loaded(url)
+        assert service.loaded is not None
+
+        def broken(items: list[Any]) -> list[Any]:
+            raise RuntimeError("the device fell over")
+
+        monkeypatch.setattr(service.loaded.batcher, "_run", broken)
+        for path, body in (("/predict", {"sequence": "ACGT"}), ("/predict/batch", {"sequences": ["ACGT", "GG"]})):
+            assert "the device fell over" in refused(httpx.post(url + path, json=body), 500, "PREDICTION_FAILED")
+        assert 'outcome="failed"' in httpx.get(f"{url}/metrics").text
+
+        def unexpected() -> Any:
+            raise KeyError("a bug")
+
+        monkeypatch.setattr(service, "ready", unexpected)
+        response = httpx.get(f"{url}/health", headers={"X-Request-ID": "oops-1"})
+        refused(response, 500, "INTERNAL_ERROR")
+        assert response.json()["request_id"] == "oops-1" and "a bug" not in response.text

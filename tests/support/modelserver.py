@@ -14,6 +14,7 @@ from pathlib import Path
 
 import httpx
 import uvicorn
+from fastapi import FastAPI
 
 from modelserver.app import create_app
 from modelserver.config import Settings
@@ -24,11 +25,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 @contextmanager
-def served_model(settings: Settings, start_timeout: float = 30.0) -> Iterator[str]:
-    """The service's URL once it listens (the model may still be loading: see ``wait_loaded``); stopped on
-    the way out."""
+def served_model(settings: Settings | FastAPI, start_timeout: float = 30.0) -> Iterator[str]:
+    """The service (or an app ``create_app`` made) served; its URL once it listens (the model may still be
+    loading: see ``wait_loaded``); stopped on the way out."""
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=port, log_config=None,
+    app = settings if isinstance(settings, FastAPI) else create_app(settings)
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_config=None,
                                            log_level="warning", access_log=False))
     thread = threading.Thread(target=server.run, name=f"modelserver-{port}", daemon=True)
     thread.start()

@@ -3,6 +3,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# The model service's torch: the CPU build (pip prefers the index's 2.13.0+cpu to PyPI's CUDA 2.13.0).
+TORCH_VERSION ?= 2.13.0
+TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
 .PHONY: install demo test unit system-deps images clean
 
@@ -11,7 +14,8 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q 'torch==$(TORCH_VERSION)' --extra-index-url '$(TORCH_INDEX_URL)'
+	$(BIN)/pip install -q -e '.[dev,models]'
 	touch $(STAMP)
 
 # Docker engine, PostgreSQL server binaries and a static busybox for the locally built images.
@@ -37,13 +41,15 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# The hub, controller and gateway images, FROM a Python base made here with debootstrap (no registry needed);
-# each step is skipped or cached when done before. docs/OPERATIONS.md#building-the-images.
+# The hub, controller and gateway images, FROM a Python base made here with debootstrap (no registry needed),
+# and the reference model service's (torch's CPU wheel, weights made at build time); each step is skipped or
+# cached when done before. docs/OPERATIONS.md#building-the-images.
 images: system-deps
 	bash scripts/build-base-image.sh
 	docker build -f deploy/Dockerfile --target hub -t mmanager/hub:latest .
 	docker build -f deploy/Dockerfile --target controller -t mmanager/controller:latest .
 	docker build -f deploy/Dockerfile --target gateway -t mmanager/gateway:latest .
+	bash scripts/build-modelserver-image.sh
 
 clean:
 	rm -rf $(VENV) .mmanager *.egg-info .pytest_cache

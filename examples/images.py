@@ -1,9 +1,12 @@
-"""Small images built locally, for the demo and the tests.
+"""Images built locally, for the demo and the tests.
 
 There may be no registry to pull from, so the example model service is built
 ``FROM scratch`` around a static busybox: ``httpd`` serves ``/health`` and
 ``/model/info`` on port 5000. Building needs the ``busybox-static`` binary
 (Debian's package of that name) on the machine that talks to the engine.
+The reference model service's image (torch, seed 000's API) is built by
+scripts/build-modelserver-image.sh, which skips a build whose sources are
+unchanged; ``build_modelserver_image`` runs it.
 """
 
 from __future__ import annotations
@@ -11,12 +14,15 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import subprocess
 import tarfile
 from pathlib import Path
 
 import docker
 
 EXAMPLE_IMAGE = "mmanager/example-model:latest"
+MODELSERVER_IMAGE = "mmanager/modelserver:latest"
+ROOT = Path(__file__).resolve().parents[1]
 BUSYBOX_CANDIDATES = ("/bin/busybox", "/usr/bin/busybox", "/usr/local/bin/busybox")
 
 _DOCKERFILE = """\
@@ -93,3 +99,9 @@ def build_example_image(client: docker.DockerClient | None = None, tag: str = EX
         pass
     client.images.build(fileobj=_context(find_static_busybox()), custom_context=True, tag=tag, rm=True)
     return tag
+
+
+def build_modelserver_image() -> str:
+    """Build the reference model service's image unless an image of the same sources is there; its tag."""
+    subprocess.run(["bash", str(ROOT / "scripts/build-modelserver-image.sh")], check=True)
+    return MODELSERVER_IMAGE

@@ -13,7 +13,7 @@ import docker
 import pytest
 from sqlalchemy import text
 
-from examples.images import EXAMPLE_IMAGE, build_example_image
+from examples.images import EXAMPLE_IMAGE, build_example_image, build_modelserver_image
 from hub.db import Database
 from hub.migrate import upgrade
 from hub.models import Base
@@ -63,6 +63,12 @@ def docker_client() -> Iterator[docker.DockerClient]:
 @pytest.fixture(scope="session")
 def example_image(docker_client: docker.DockerClient) -> str:
     return build_example_image(docker_client, EXAMPLE_IMAGE)
+
+
+@pytest.fixture(scope="session")
+def modelserver_image(docker_client: docker.DockerClient) -> str:
+    """The reference model service's image (built once, then only when its sources change)."""
+    return build_modelserver_image()
 
 
 # The fixtures that reach each outside system; a test that starts one itself carries the mark explicitly.

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -57,14 +58,26 @@ def model_process(model_dir: Path, model_type: str, **env: str) -> Iterator[str]
     port = free_port()
     environment = {**os.environ, "PYTHONPATH": str(ROOT), "MODEL_DIR": str(model_dir), "MODEL_TYPE": model_type,
                    "HOST": "127.0.0.1", "PORT": str(port), **env}
-    proc = subprocess.Popen([sys.executable, "-m", "modelserver"], env=environment, cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    try:
-        wait_for_port(port, timeout=60, proc=proc)
-        url = f"http://127.0.0.1:{port}"
-        wait_loaded(url)
-        yield url
-    finally:
-        terminate(proc)
-        if proc.stderr is not None:
-            proc.stderr.close()
+    # A file, not a pipe: a pipe nobody reads fills up and stops the server mid-benchmark.
+    with tempfile.TemporaryFile() as log:
+        proc = subprocess.Popen([sys.executable, "-m", "modelserver"], env=environment, cwd=ROOT, stdout=log,
+                                stderr=subprocess.STDOUT)
+        try:
+            try:
+                wait_for_port(port, timeout=60, proc=proc)
+            except RuntimeError as exc:
+                log.seek(0)
+                raise RuntimeError(f"{exc}: {log.read().decode(errors='replace')[-2000:]}") from None
+            url = f"http://127.0.0.1:{port}"
+            wait_loaded(url)
+            yield url
+        finally:
+            terminate(proc)
+
+
+def build_weights(model_dir: Path, *types: str) -> Path:
+    """The weights and configs of ``types`` (every type when none) made under ``model_dir``; ``model_dir``."""
+    subprocess.run([sys.executable, "-m", "modelserver.weights", "--out", str(model_dir),
+                    *(["--types", *types] if types else [])], check=True, cwd=ROOT,
+                   env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return model_dir

@@ -32,7 +32,7 @@ from hub.errors import error_response
 from hub.metrics import HubMetrics
 from hub.models import new_id
 from hub.ratelimit import RateLimiter
-from hub.routers import admin, audit, controllers, gateway, prometheus, services, system
+from hub.routers import admin, audit, controllers, gateway, models, prometheus, services, system
 from hub.routers.hot import HotApp
 from hub.scheduler.snapshot import PlacementCache
 from hub.services.audit import CLIENT_CLOSED, HEARTBEAT_PATH, PRESENCE_PATH, AuditLog, skip_routine
@@ -267,5 +267,6 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.include_router(prometheus.router)
     app.include_router(gateway.router)
     app.include_router(audit.router)
+    app.include_router(models.router)
     install_request_ids(app)
     return app

@@ -384,3 +384,23 @@ class GatewayRoutesModel(Base):
     version: Mapped[int] = mapped_column(Integer)
     body: Mapped[dict[str, Any]] = mapped_column()
     updated_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ModelTypeModel(Base):
+    """A model type of the catalog (``GET /api/models``): what a service created with ``"model": name`` gets
+    for each spec field its create leaves out. ``spec`` holds the other service spec fields it fills in (ports,
+    health_check, env, ...) under ServiceSpec's names. Services keep a copy, never a reference: changing or
+    deleting a type leaves the services made from it as they are."""
+
+    __tablename__ = "model_types"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    task: Mapped[str] = mapped_column(String(64))
+    description: Mapped[str] = mapped_column(Text, default="")
+    image: Mapped[str] = mapped_column(String(512))
+    resources: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    replicas: Mapped[int] = mapped_column(Integer, default=1)
+    probe: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)

@@ -181,6 +181,23 @@ class ServiceSpec(StrictModel):
     idle_timeout: int | None = Field(default=None, ge=0, le=MAX_IDLE_TIMEOUT)
     # Copies of the container, spread over controllers, behind one gateway route.
     replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
+    # The model type (GET /api/models) the service was made from: shown, never followed after the create.
+    model: str | None = Field(default=None, min_length=1, max_length=63, pattern=NAME_PATTERN)
+
+
+class ServiceCreate(ServiceSpec):
+    """A create's body: a ServiceSpec, except that with ``model`` the image may be left out too, and every
+    field left out comes from that model type (``hub.services.catalog.model_spec``)."""
+
+    # Optional here only: the spec a service is made with always has one (``model_spec`` fills it in).
+    image: str | None = Field(  # type: ignore[assignment]
+        default=None, min_length=1, max_length=512, pattern=r"^[^\s]+$")
+
+    @model_validator(mode="after")
+    def _image_or_model(self) -> ServiceCreate:
+        if self.image is None and self.model is None:
+            raise ValueError("image is required, unless model names a model type (GET /api/models)")
+        return self
 
 
 class ServicePatch(StrictModel):
@@ -464,3 +481,37 @@ class ServiceKeyOut(BaseModel):
 class ServiceKeyCreated(ServiceKeyOut):
     # Shown once: the hub keeps only its SHA-256.
     key: str
+
+
+class ModelTypeIn(StrictModel):
+    """A model type as an admin registers it, the shape of each entry of ``modelserver/catalog.json``: the
+    service spec fields it fills in (``environment`` is the spec's ``env``), any other spec field under
+    ``spec`` (command, volumes, labels, ...); other keys are refused."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN)
+    task: str = Field(min_length=1, max_length=64)
+    description: str = Field(default="", max_length=4096)
+    image: str = Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")
+    resources: Resources = Field(default_factory=Resources)
+    replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
+    probe: dict[str, Any] | None = None
+    ports: Ports = Field(default_factory=dict)
+    health_check: HealthCheckSpec | None = None
+    environment: Env = Field(default_factory=dict)
+    spec: dict[str, Any] = Field(default_factory=dict, max_length=64)
+
+
+class ModelTypeOut(BaseModel):
+    name: str
+    task: str
+    description: str
+    image: str
+    resources: dict[str, Any]
+    replicas: int
+    probe: dict[str, Any] | None
+    ports: dict[str, int | None]
+    health_check: dict[str, Any] | None
+    environment: dict[str, str]
+    spec: dict[str, Any]
+    created_at: datetime
+    updated_at: datetime

@@ -29,6 +29,7 @@ TABLES = {
     "audit_log",
     "alerts",
     "service_metrics",
+    "model_types",
 }
 
 

@@ -21,10 +21,10 @@ from hub.schemas import (
     DeploymentOut,
     OperationOut,
     RollbackRequest,
+    ServiceCreate,
     ServiceMetricsOut,
     ServiceOut,
     ServicePatch,
-    ServiceSpec,
 )
 from hub.services.monitoring import service_history as metrics_history
 from hub.services.traffic import service_traffic
@@ -44,7 +44,7 @@ async def _answer(hub: HubDep, result: ServiceModel | OperationModel, created: b
 
 
 @router.post("/{username}/{repo}/services", status_code=201, response_model=ServiceOut)
-async def create_service(username: str, repo: str, spec: ServiceSpec, user: CurrentUser, hub: HubDep,
+async def create_service(username: str, repo: str, spec: ServiceCreate, user: CurrentUser, hub: HubDep,
                          wait: bool = Wait) -> Any:
     return await _answer(hub, await hub.services.create(user, username, repo, spec, wait=wait), created=True)
 

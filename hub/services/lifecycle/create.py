@@ -26,6 +26,7 @@ from hub.errors import (
 )
 from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel, UserModel, new_id, utcnow
 from hub.schemas import ServiceSpec
+from hub.services.catalog import model_spec
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
 from hub.services.lifecycle.deploy import (
@@ -60,6 +61,8 @@ class Creator:
             if found is None:
                 raise NotFound(f"user {username!r} not found", code="USER_NOT_FOUND")
             owner = found
+        if spec.model is not None:
+            spec = await model_spec(ctx.db, spec)
         self.deployer.check_policy(spec)
         check_replicas(spec.replicas, ctx.settings.max_replicas)
         now = utcnow()

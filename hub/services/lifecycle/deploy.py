@@ -26,10 +26,8 @@ from hub.errors import (
     ControllerRejected,
     ControllerUnavailable,
     HubError,
-    InvalidRequest,
     NoFeasibleController,
     NotFound,
-    SpecForbidden,
 )
 from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel, UserModel, new_id, utcnow
 from hub.scheduler import Placement, PlacementRequest, place
@@ -37,7 +35,7 @@ from hub.scheduler.snapshot import Held
 from hub.schemas import Endpoint, ServiceSpec
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
-from mmanager.policy import PolicyViolation, check_spec
+from hub.services.policy import check_policy
 from mmanager.wire import ContainerCreate, ContainerCreated, HealthCheck
 
 log = logging.getLogger(__name__)
@@ -214,14 +212,7 @@ class Deployer:
     def check_policy(self, spec: ServiceSpec) -> None:
         """The spec policy (``mmanager.policy``), checked before anything is written; controllers check again.
         A golden-inference probe is sent to the health check's port: refused without a check."""
-        if spec.probe is not None and spec.health_check is None:
-            raise InvalidRequest("a probe is sent to the health check's port: give a health_check with it",
-                                 {"field": "probe"}, code="PROBE_NEEDS_HEALTH_CHECK")
-        try:
-            check_spec(self.ctx.settings.spec_policy, image=spec.image, labels=spec.labels, ports=spec.ports,
-                       volume_sources=spec.volumes, cap_add=spec.cap_add, environment=spec.env)
-        except PolicyViolation as exc:
-            raise SpecForbidden(exc.message, exc.details) from None
+        check_policy(self.ctx.settings.spec_policy, spec)
 
     def _decide(self, request: PlacementRequest, target: str | None, final: bool,
                 spread: frozenset[str] = frozenset()) -> tuple[Placement, Held]:

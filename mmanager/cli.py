@@ -35,6 +35,9 @@ app.add_typer(users_app, name="users")
 controllers_app = typer.Typer(help="Controllers' heartbeat keys, straight on the hub's database (on the hub host).",
                               no_args_is_help=True)
 app.add_typer(controllers_app, name="controllers")
+models_app = typer.Typer(help="The model catalog (GET /api/models), straight on the hub's database (on the hub host).",
+                         no_args_is_help=True)
+app.add_typer(models_app, name="models")
 
 console = Console(stderr=True)
 T = TypeVar("T")
@@ -270,6 +273,31 @@ def controllers_key_revoke(controller_id: str, key_id: str) -> None:
 
     row = _on_database(lambda session: revoke_key(session, controller_id, key_id))
     console.print(f"key {row.id} ({row.prefix}…) of controller {controller_id} is revoked")
+
+
+@models_app.command("register")
+def models_register(file: Annotated[Path, typer.Option("--file", "-f", help="a JSON list of model types "
+                                                       "(modelserver/catalog.json's shape), or one type")]) -> None:
+    """Create or replace each model type of FILE, all or none, under the spec policy of this environment."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from hub.schemas import ModelTypeIn
+    from hub.services.catalog import register
+    from mmanager.settings import SpecPolicySettings
+
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, ValueError) as exc:
+        _fail(f"{file}: {exc}")
+        return
+    try:
+        bodies = TypeAdapter(list[ModelTypeIn]).validate_python(raw if isinstance(raw, list) else [raw])
+    except ValidationError as exc:
+        _fail(f"{file}: {_problems(exc)}")
+        return
+    policy = SpecPolicySettings().spec_policy
+    for name, created in _on_database(lambda session: register(session, bodies, policy)):
+        console.print(f"{'created' if created else 'replaced'} model type {name}")
 
 
 def _free_port(port: int) -> bool:

@@ -3,12 +3,18 @@ names one gets every spec field it leaves out, with real controllers on the real
 
 from __future__ import annotations
 
+import asyncio
+import json
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import func, select
+from typer.testing import CliRunner
 
 from examples.images import EXAMPLE_IMAGE
+from hub.db import Database
 from hub.models import ModelTypeModel, ServiceModel
+from mmanager.cli import app as cli
 from tests.hub.conftest import Cluster
 
 TYPE: dict[str, Any] = {
@@ -164,3 +170,42 @@ async def test_a_create_from_a_type_gets_what_it_leaves_out(cluster: Cluster) ->
                                       json={"env": {"MODEL_TYPE": "dnabert2"}})
     assert patched.status_code == 200, patched.text
     assert patched.json()["spec"]["model"] == "dnabert2" and patched.json()["version"] == 2
+
+
+def test_the_cli_registers_a_catalog_file_all_or_none(db: Database, tmp_path: Path) -> None:
+    """``mmanager models register -f``: modelserver/catalog.json's shape, created then replaced; a file with
+    one bad type registers none of it."""
+    runner = CliRunner()
+    pg_url = db.url
+    env = {"MMANAGER_DATABASE_URL": pg_url}
+    catalog = tmp_path / "catalog.json"
+    catalog.write_text(json.dumps([TYPE, {**TYPE, "name": "lucaone", "task": "embedding"}]))
+    first = runner.invoke(cli, ["models", "register", "-f", str(catalog)], env=env)
+    assert first.exit_code == 0, first.output
+    assert "created model type dnabert2" in first.output and "created model type lucaone" in first.output
+    catalog.write_text(json.dumps([{**TYPE, "image": "other:2"}, {**TYPE, "name": "evo2", "task": "features"}]))
+    again = runner.invoke(cli, ["models", "register", "-f", str(catalog)], env=env)
+    assert again.exit_code == 0, again.output
+    assert "replaced model type dnabert2" in again.output and "created model type evo2" in again.output
+
+    async def rows() -> list[tuple[str, str]]:
+        db = Database(pg_url)
+        try:
+            async with db.session() as session:
+                return [(r.name, r.image) for r in await session.scalars(
+                    select(ModelTypeModel).order_by(ModelTypeModel.name))]
+        finally:
+            await db.dispose()
+
+    expected = [("dnabert2", "other:2"), ("evo2", EXAMPLE_IMAGE), ("lucaone", EXAMPLE_IMAGE)]
+    assert asyncio.run(rows()) == expected
+    for bad, says in [([{**TYPE, "image": "third:3"}, {**TYPE, "name": "x", "gpus": 1}], "gpus"),
+                      ([{**TYPE, "image": "third:3"}, {**TYPE, "name": "x", "spec": {"restart_policy": "often"}}],
+                       "restart_policy"),
+                      ([TYPE, TYPE], "named twice")]:
+        catalog.write_text(json.dumps(bad))
+        refused = runner.invoke(cli, ["models", "register", "-f", str(catalog)], env=env)
+        assert refused.exit_code == 2 and says in refused.output, refused.output
+    catalog.write_text("{not json")
+    assert runner.invoke(cli, ["models", "register", "-f", str(catalog)], env=env).exit_code == 2
+    assert asyncio.run(rows()) == expected

@@ -34,8 +34,7 @@ TYPE: dict[str, Any] = {
 async def stored(cluster: Cluster) -> list[tuple[str, str]]:
     """Each stored type's name and image."""
     async with cluster.db.session() as session:
-        return [tuple(r) for r in await session.execute(  # type: ignore[misc]
-            select(ModelTypeModel.name, ModelTypeModel.image).order_by(ModelTypeModel.name))]
+        return [(r.name, r.image) for r in await session.scalars(select(ModelTypeModel).order_by(ModelTypeModel.name))]
 
 
 async def services(cluster: Cluster) -> int:

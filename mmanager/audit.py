@@ -333,8 +333,9 @@ def _event(scope: Scope, state: dict[str, Any], status: int, body: bytes) -> Aud
             error_code = _text(error.get("code"), 64)
             message = _text(error.get("message"), MAX_MESSAGE)
         elif target is None and status < 300:
-            # What a create made: the new service's id, the new container's, the new user.
-            target = _text(answer.get("id") or answer.get("container_id") or answer.get("username"), 160)
+            # What a create made: the new service's id, the new container's, the new user, the new model type.
+            target = _text(answer.get("id") or answer.get("container_id") or answer.get("username")
+                           or answer.get("name"), 160)
     if error_code is None and status >= 500 and not body:
         error_code = "INTERNAL_ERROR"
     details: dict[str, Any] = {}

@@ -494,7 +494,7 @@ class ModelTypeIn(StrictModel):
     image: str = Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")
     resources: Resources = Field(default_factory=Resources)
     replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
-    probe: dict[str, Any] | None = None
+    probe: ProbeSpec | None = None
     ports: Ports = Field(default_factory=dict)
     health_check: HealthCheckSpec | None = None
     environment: Env = Field(default_factory=dict)

@@ -26,9 +26,6 @@ from mmanager.policy import SpecPolicy
 
 # The spec fields a type keeps in columns or at the top of its shape; ``spec`` holds only the others.
 OWN_FIELDS = frozenset({"name", "model", "image", "resources", "replicas", "probe", "ports", "health_check", "env"})
-# Carried into the spec only once ServiceSpec has the field (the probe is another part's: until then a
-# type's probe is stored and shown, as an object or null).
-_PROBE_IN_SPEC = "probe" in ServiceSpec.model_fields
 
 
 def _not_found(name: str) -> NotFound:
@@ -38,7 +35,8 @@ def _not_found(name: str) -> NotFound:
 def checked(body: ModelTypeIn, policy: SpecPolicy) -> dict[str, Any]:
     """The type's ``spec`` column: what ``body`` fills in beyond its columns, under ServiceSpec's names,
     after the whole type was validated as the spec of a service named like it, and allowed by ``policy``.
-    ``InvalidRequest`` (422 ``INVALID_MODEL_TYPE``) or ``SpecForbidden`` (403) otherwise."""
+    ``InvalidRequest`` (422 ``INVALID_MODEL_TYPE``, or ``PROBE_NEEDS_HEALTH_CHECK``) or ``SpecForbidden`` (403)
+    otherwise."""
     taken = sorted(OWN_FIELDS & body.spec.keys())
     if taken:
         raise InvalidRequest(f"spec may not hold {', '.join(taken)}: give them at the top of the model type",
@@ -47,9 +45,8 @@ def checked(body: ModelTypeIn, policy: SpecPolicy) -> dict[str, Any]:
         **body.spec, "name": body.name, "image": body.image, "resources": body.resources.model_dump(),
         "replicas": body.replicas, "ports": body.ports, "env": body.environment,
         "health_check": body.health_check.model_dump() if body.health_check else None,
+        "probe": body.probe.model_dump() if body.probe else None,
     }
-    if _PROBE_IN_SPEC and body.probe is not None:
-        fields["probe"] = body.probe
     try:
         spec = ServiceSpec.model_validate(fields)
     except ValidationError as exc:
@@ -63,7 +60,8 @@ def checked(body: ModelTypeIn, policy: SpecPolicy) -> dict[str, Any]:
 def _write(row: ModelTypeModel, body: ModelTypeIn, spec: dict[str, Any]) -> None:
     row.task, row.description, row.image = body.task, body.description, body.image
     row.resources = body.resources.model_dump(mode="json")
-    row.replicas, row.probe, row.spec = body.replicas, body.probe, spec
+    row.replicas, row.spec = body.replicas, spec
+    row.probe = body.probe.model_dump(mode="json") if body.probe else None
 
 
 def types_query() -> Select[ModelTypeModel]:
@@ -151,9 +149,8 @@ async def model_spec(db: Database, given: ServiceSpec) -> ServiceSpec:
         row = await session.get(ModelTypeModel, given.model)
     if row is None:
         raise _not_found(given.model)
-    fields: dict[str, Any] = {"image": row.image, "resources": row.resources, "replicas": row.replicas, **row.spec}
-    if _PROBE_IN_SPEC and row.probe is not None:
-        fields["probe"] = row.probe
+    fields: dict[str, Any] = {"image": row.image, "resources": row.resources, "replicas": row.replicas,
+                              "probe": row.probe, **row.spec}
     asked = given.model_dump(mode="json", exclude_unset=True)
     if asked.get("image") is None:
         asked.pop("image", None)

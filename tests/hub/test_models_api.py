@@ -14,8 +14,13 @@ from typer.testing import CliRunner
 from examples.images import EXAMPLE_IMAGE
 from hub.db import Database
 from hub.models import ModelTypeModel, ServiceModel
+from hub.schemas import ServiceCreate
+from hub.services.catalog import model_spec
 from mmanager.cli import app as cli
+from tests.conftest import emptied
 from tests.hub.conftest import Cluster
+
+REFERENCE_CATALOG = Path(__file__).parents[2] / "modelserver" / "catalog.json"
 
 TYPE: dict[str, Any] = {
     "name": "dnabert2",
@@ -104,6 +109,8 @@ async def test_bad_types_are_refused_with_a_code_and_change_nothing(cluster: Clu
         ({**TYPE, "name": "x", "replicas": 0}, 422, "VALIDATION_ERROR"),
         ({**TYPE, "name": "x", "ports": {"http": None}}, 422, "VALIDATION_ERROR"),
         ({**TYPE, "name": "x", "probe": [1, 2]}, 422, "VALIDATION_ERROR"),
+        ({**TYPE, "name": "x", "probe": {**TYPE["probe"], "path": "predict"}}, 422, "VALIDATION_ERROR"),
+        ({**TYPE, "name": "x", "health_check": None}, 422, "PROBE_NEEDS_HEALTH_CHECK"),
         ({**TYPE, "name": "x", "gpu": True}, 422, "VALIDATION_ERROR"),
         ({k: v for k, v in TYPE.items() if k != "task"} | {"name": "x"}, 422, "VALIDATION_ERROR"),
         # What only the service spec knows: the type could not make a valid service.
@@ -152,6 +159,12 @@ async def test_a_create_from_a_type_gets_what_it_leaves_out(cluster: Cluster) ->
     read = (await cluster.hub.get(f"/api/services/{service['id']}", headers=alice)).json()
     assert read["spec"]["model"] == "dnabert2"
 
+    # The type's probe is the spec's too (asked of the catalog alone: the example image has no model).
+    assert (await cluster.hub.post("/api/admin/models", json={**TYPE, "name": "probed"})).status_code == 201
+    probed = await model_spec(cluster.db, ServiceCreate(name="x", model="probed"))
+    assert probed.probe is not None and probed.probe.model_dump() == TYPE["probe"]
+    assert (probed.image, probed.env) == (EXAMPLE_IMAGE, TYPE["environment"])
+
     # An unknown type, or a merge that is no valid spec, writes nothing.
     for body, status, code in [
         ({"name": "x", "model": "nope"}, 404, "MODEL_NOT_FOUND"),
@@ -179,6 +192,15 @@ def test_the_cli_registers_a_catalog_file_all_or_none(db: Database, tmp_path: Pa
     runner = CliRunner()
     pg_url = db.url
     env = {"MMANAGER_DATABASE_URL": pg_url}
+    reference = runner.invoke(cli, ["models", "register", "-f", str(REFERENCE_CATALOG)], env=env)
+    assert reference.exit_code == 0, reference.output
+    names = [t["name"] for t in json.loads(REFERENCE_CATALOG.read_text())]
+    assert all(f"created model type {name}" in reference.output for name in names)
+
+    async def empty() -> None:
+        await (await emptied(Database(pg_url))).dispose()
+
+    asyncio.run(empty())
     catalog = tmp_path / "catalog.json"
     catalog.write_text(json.dumps([TYPE, {**TYPE, "name": "lucaone", "task": "embedding"}]))
     first = runner.invoke(cli, ["models", "register", "-f", str(catalog)], env=env)

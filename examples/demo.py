@@ -1,10 +1,13 @@
-"""`make demo`: start `mmanager dev` (hub, controller and gateway), deploy the example model service
-through the hub's HTTP API as a user would, show its gateway URL answering, and keep serving until
-interrupted (Ctrl-C removes the example service and stops the hub)."""
+"""`make demo`: start `mmanager dev` (hub, controller and gateway), register the reference model types
+(modelserver/catalog.json), deploy the DNABERT2-style model service from its type through the hub's HTTP
+API as a user would, call `/predict` through its gateway URL and print that `curl` and its answer, and
+keep serving until interrupted (Ctrl-C removes the service and stops the hub)."""
 
 from __future__ import annotations
 
+import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -13,19 +16,16 @@ from pathlib import Path
 
 import httpx
 
-from examples.images import EXAMPLE_IMAGE, build_example_image
+from examples.images import MODELSERVER_IMAGE, build_modelserver_image
 
 PORT = int(os.environ.get("MMANAGER_DEMO_PORT", "8000"))
 HUB = f"http://127.0.0.1:{PORT}"
 STATE = Path(".mmanager")
-SPEC = {
-    "name": "example",
-    "image": EXAMPLE_IMAGE,
-    "ports": {"5000": None},
-    "env": {"MODEL_NAME": "example"},
-    "resources": {"cpu_limit": 0.5, "memory_limit": "128MB"},
-    "health_check": {"path": "/health", "port": 5000, "interval": 5},
-}
+CATALOG = Path(__file__).resolve().parents[1] / "modelserver" / "catalog.json"
+# Everything else comes from the model type: image, resources, port, health check, golden probe.
+SPEC = {"name": "dnabert2", "model": "dnabert2"}
+PREDICT = {"sequence": "TTGACAATTAATCATCGGCTCGTATAATGTGTGGAATTGTGAGCGGATAACAATTTCACACAGGAAACAGCTATGACCATG",
+           "task_type": "promoter_prediction"}
 
 
 def say(message: str) -> None:
@@ -70,11 +70,11 @@ def wait_for_gateway_url(api: httpx.Client, service_id: str, timeout: float = 20
     return url.rstrip("/") + "/"
 
 
-def wait_for_answer(url: str, timeout: float = 20) -> httpx.Response:
+def wait_for_answer(url: str, body: dict, timeout: float = 30) -> httpx.Response:
     deadline = time.monotonic() + timeout
     while True:
         try:
-            answer = httpx.get(url, timeout=5)
+            answer = httpx.post(url, json=body, timeout=30)
             if answer.status_code == 200 or time.monotonic() > deadline:
                 return answer
         except httpx.HTTPError:
@@ -83,22 +83,33 @@ def wait_for_answer(url: str, timeout: float = 20) -> httpx.Response:
         time.sleep(0.2)
 
 
+def register_models(api: httpx.Client) -> None:
+    """The reference types, as an admin registers them (`mmanager models register -f` does the same)."""
+    for entry in json.loads(CATALOG.read_text()):
+        response = api.post("/api/admin/models", json=entry)
+        if response.status_code == 409:
+            response = api.put(f"/api/admin/models/{entry['name']}", json=entry)
+        if response.status_code not in (200, 201):
+            sys.exit(f"registering model type {entry['name']} failed: {response.status_code} {response.text}")
+    say("model types: " + ", ".join(f"{m['name']} ({m['task']})" for m in api.get("/api/models").json()))
+
+
 def deploy(api: httpx.Client) -> dict:
     for service in api.get("/api/services").json():
         if service["name"] == SPEC["name"]:
-            say(f"removing the example service left from an earlier run ({service['id']})")
+            say(f"removing the {SPEC['name']} service left from an earlier run ({service['id']})")
             api.delete(f"/api/services/{service['id']}").raise_for_status()
-    response = api.post("/api/dev/examples/services", json=SPEC)
+    response = api.post("/api/dev/demo/services", json=SPEC)
     if response.status_code != 201:
         sys.exit(f"create failed: {response.status_code} {response.text}")
     return response.json()
 
 
 def main() -> None:
-    say(f"building {EXAMPLE_IMAGE} locally (FROM scratch + static busybox)")
-    build_example_image()
+    say(f"building {MODELSERVER_IMAGE} locally (torch's CPU wheel; skipped when built before)")
+    build_modelserver_image()
     say(f"starting `mmanager dev --port {PORT}`")
-    # Its own session: Ctrl-C reaches only this script, which removes the example before stopping the hub.
+    # Its own session: Ctrl-C reaches only this script, which removes the service before stopping the hub.
     proc = subprocess.Popen([sys.executable, "-m", "mmanager.cli", "dev", "--port", str(PORT)], start_new_session=True)
     service_id = None
     try:
@@ -106,15 +117,19 @@ def main() -> None:
         token = (STATE / "dev-token").read_text().strip()
         api = httpx.Client(base_url=HUB, headers={"Authorization": f"Bearer {token}"}, timeout=120)
         wait_for_controller(api)
-        say("deploying the example service: POST /api/dev/examples/services")
+        register_models(api)
+        say("deploying the dnabert2 model service from its type: POST /api/dev/demo/services "
+            + json.dumps(SPEC))
         service = deploy(api)
         service_id = service["id"]
         status = api.get(f"/api/services/{service_id}/status").json()
         say(f"service {status['name']} ({service_id}) is {status['status']} on {status['controller_id']}, "
             f"container {status['container_id'][:12]}")
         url = wait_for_gateway_url(api, service_id)
-        answer = wait_for_answer(f"{url}health")
-        say(f"its gateway URL {url} answers: GET {url}health -> {answer.status_code} {answer.text.strip()}")
+        answer = wait_for_answer(f"{url}predict", PREDICT)
+        say(f"its gateway URL {url} answers:")
+        print(f"$ curl -s -X POST {url}predict -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(PREDICT))}")
+        print(json.dumps(answer.json(), indent=2), flush=True)
         say(f"try: curl {url}model/info")
         say(f"     curl -H 'Authorization: Bearer {token}' {HUB}/api/services/{service_id}/status")
         say("serving until Ctrl-C")
@@ -123,7 +138,7 @@ def main() -> None:
         pass
     finally:
         if service_id and proc.poll() is None:
-            say("removing the example service")
+            say(f"removing the {SPEC['name']} service")
             try:
                 api.delete(f"/api/services/{service_id}")
             except httpx.HTTPError as exc:

@@ -1,8 +1,10 @@
-"""`make demo` as a new user runs it: `mmanager dev` (hub, controller and gateway) comes up, the example
-service is deployed, its gateway URL is printed and answers; Ctrl-C removes it and stops everything."""
+"""`make demo` as a new user runs it: `mmanager dev` (hub, controller and gateway) comes up, the reference
+model types are registered and the dnabert2 model service is deployed from its type, the `curl` of a
+prediction through its gateway URL is printed with its answer; Ctrl-C removes it and stops everything."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -13,7 +15,6 @@ import threading
 from pathlib import Path
 
 import docker
-import httpx
 
 from tests.support.net import free_port, port_free
 from tests.support.poll import wait_until
@@ -21,8 +22,8 @@ from tests.support.poll import wait_until
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_demo_prints_a_gateway_url_that_answers(example_image: str, docker_client: docker.DockerClient,
-                                                    tmp_path: Path) -> None:
+def test_the_demo_prints_a_prediction_through_the_gateway(modelserver_image: str, docker_client: docker.DockerClient,
+                                                         tmp_path: Path) -> None:
     port = free_port()
     while not all(port_free(p) for p in (port + 1, port + 2, port + 3)):
         port = free_port()
@@ -33,19 +34,38 @@ def test_the_demo_prints_a_gateway_url_that_answers(example_image: str, docker_c
     reader = threading.Thread(target=lambda: lines.extend(iter(demo.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
     reader.start()
     try:
-        said = wait_until(lambda: next((line for line in lines if "answers" in line), None), 90,
+        said = wait_until(lambda: next((line for line in lines if "answers" in line), None), 120,
                           "the demo saying where the service answers")
         url = re.search(r"gateway URL (\S+) answers", said)
         assert url is not None, said
-        assert url.group(1) == f"http://127.0.0.1:{port + 2}/s/dev/example/"
-        answer = httpx.get(url.group(1) + "health", timeout=5)
-        assert answer.status_code == 200 and answer.json() == {"status": "healthy"}
+        assert url.group(1) == f"http://127.0.0.1:{port + 2}/s/dev/dnabert2/"
+        printed = wait_until(lambda: _printed_answer(lines), 10, "the printed curl and its answer")
+        # The printed curl, run as a user would copy it, gives the printed answer (but its request id and time).
+        curl = subprocess.run(printed[0][2:], shell=True, capture_output=True, text=True, timeout=30)
+        again = json.loads(curl.stdout)
+        assert again["success"] is True and printed[1]["success"] is True
+        assert again["data"]["prediction"] == printed[1]["data"]["prediction"]
+        assert 0 <= again["data"]["prediction"] <= 1 and again["data"]["details"]["class"] in ("promoter", "non_promoter")
     finally:
         os.killpg(demo.pid, signal.SIGINT)
         demo.wait(60)
     output = "".join(lines)
-    assert "removing the example service" in output, output[-2000:]
+    assert "removing the dnabert2 service" in output, output[-2000:]
     left = docker_client.containers.list(all=True, filters={"label": f"mmanager.controller=dev-{socket.gethostname()}"})
     assert left == [], [c.name for c in left]
     # Nothing of it is left listening: the hub, the controller, the gateway and its HAProxy are gone.
     assert all(port_free(p) for p in (port, port + 1, port + 2, port + 3)), "a demo process still listens"
+
+
+def _printed_answer(lines: list[str]) -> tuple[str, dict] | None:
+    """The ``$ curl …`` line and the JSON answer printed under it, once all of it is printed."""
+    text = "".join(lines)
+    start = text.find("$ curl ")
+    if start < 0:
+        return None
+    command, _, rest = text[start:].partition("\n")
+    try:
+        answer, _ = json.JSONDecoder().raw_decode(rest)
+    except ValueError:
+        return None
+    return command, answer

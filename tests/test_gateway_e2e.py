@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -17,9 +16,9 @@ import pytest
 
 from examples.images import EXAMPLE_IMAGE
 from tests.support.gateway import Load
+from tests.support.lab import Lab, running_lab
 from tests.support.pg import create_database
 from tests.support.poll import wait_until
-from tests.support.procs import LocalDeployment, api, stopped_after
 
 SPEC: dict[str, Any] = {
     "name": "dnabert2", "image": EXAMPLE_IMAGE, "ports": {"5000": None},
@@ -35,31 +34,11 @@ async def db_url(pg_server: str) -> str:
     return await create_database(pg_server, "gw")
 
 
-@dataclass
-class Lab:
-    dep: LocalDeployment
-    token: str
-
-    @property
-    def gateway(self) -> str:
-        return self.dep.gateways["gw"].url
-
-    def hub(self) -> httpx.Client:
-        return api(self.dep.hub().url, self.token)
-
-
 @pytest.fixture
 def lab(db_url: str, example_image: str, docker_client: docker.DockerClient, tmp_path: Path,
         request: pytest.FixtureRequest) -> Iterator[Lab]:
-    dep = LocalDeployment(db_url, tmp_path, extra_hub_env={"MMANAGER_RATE_LIMIT": "0"})
-    dep.plan_hubs(1)
-    dep.add_controller("a")
-    dep.add_controller("b")
-    dep.add_gateway()
-    token = dep.create_admin()
-    dep.start()
-    with stopped_after(dep, request, docker_client):
-        yield Lab(dep, token)
+    with running_lab(db_url, tmp_path, request, docker_client) as lab:
+        yield lab
 
 
 def create(lab: Lab, **spec: Any) -> dict[str, Any]:

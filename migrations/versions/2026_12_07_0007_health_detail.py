@@ -1,5 +1,4 @@
-"""Health detail: why a copy (and a service's primary copy) is unhealthy, such as a golden-inference
-probe's wrong answer; null when there is nothing to say.
+"""Health detail: why a copy (and a service's primary copy) is unhealthy, e.g. a probe's wrong answer.
 
 Revision ID: 0007
 Revises: 0006

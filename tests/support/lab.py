@@ -1,0 +1,43 @@
+"""A lab as the end-to-end tests run it: the hub, two controllers (``a`` and ``b``) and a gateway (``gw``) as
+real processes on real PostgreSQL and the real Docker engine, with an admin's token; stopped (and its
+containers removed) when the test ends."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import docker
+import httpx
+import pytest
+
+from tests.support.procs import LocalDeployment, api, stopped_after
+
+
+@dataclass
+class Lab:
+    dep: LocalDeployment
+    token: str
+
+    @property
+    def gateway(self) -> str:
+        return self.dep.gateways["gw"].url
+
+    def hub(self) -> httpx.Client:
+        return api(self.dep.hub().url, self.token)
+
+
+@contextmanager
+def running_lab(db_url: str, tmp_path: Path, request: pytest.FixtureRequest,
+                docker_client: docker.DockerClient) -> Iterator[Lab]:
+    dep = LocalDeployment(db_url, tmp_path, extra_hub_env={"MMANAGER_RATE_LIMIT": "0"})
+    dep.plan_hubs(1)
+    dep.add_controller("a")
+    dep.add_controller("b")
+    dep.add_gateway()
+    token = dep.create_admin()
+    dep.start()
+    with stopped_after(dep, request, docker_client):
+        yield Lab(dep, token)

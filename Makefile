@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# The model service's torch: the CPU build (pip prefers the index's 2.13.0+cpu to PyPI's CUDA 2.13.0).
+# The model service's torch: the CPU build (pip prefers the index's 2.13.0+cpu to PyPI's CUDA 2.13.0);
+# alone, so that only torch is looked up there, and its dependencies come from pip's own indexes after.
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 
@@ -14,7 +15,7 @@ install: $(STAMP)
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q 'torch==$(TORCH_VERSION)' --extra-index-url '$(TORCH_INDEX_URL)'
+	$(BIN)/pip install -q --no-deps 'torch==$(TORCH_VERSION)' --extra-index-url '$(TORCH_INDEX_URL)'
 	$(BIN)/pip install -q -e '.[dev,models]'
 	touch $(STAMP)
 

@@ -185,8 +185,8 @@ def test_dockerfiles_build_from_the_local_base_image() -> None:
     assert not any(".env" in line or ".git" in line for line in ignore)
 
 
-@pytest.mark.parametrize("script", ["scripts/build-base-image.sh", "deploy/controller/install.sh",
-                                    "deploy/hub/entrypoint.sh"])
+@pytest.mark.parametrize("script", ["scripts/build-base-image.sh", "scripts/build-modelserver-image.sh",
+                                    "deploy/controller/install.sh", "deploy/hub/entrypoint.sh"])
 def test_scripts_parse(script: str) -> None:
     shell = "sh" if script.endswith("entrypoint.sh") else "bash"
     result = subprocess.run([shell, "-n", str(ROOT / script)], capture_output=True, text=True)
@@ -199,6 +199,38 @@ def test_base_image_script_help() -> None:
                             capture_output=True, text=True, timeout=10)
     assert result.returncode == 0
     assert "debootstrap" in result.stdout and "--force" in result.stdout
+
+
+@pytest.mark.docker  # docker-compose
+def test_model_service_compose_files_validate_cpu_and_gpu(tmp_path: Path) -> None:
+    """The reference model services standalone, and the GPU override asking each for an NVIDIA device."""
+    cpu = _compose_config(DEPLOY / "modelserver/docker-compose.yml", {}, tmp_path)
+    assert cpu.returncode == 0, cpu.stderr
+    services = yaml.safe_load(cpu.stdout)["services"]
+    assert {name: s["environment"]["MODEL_TYPE"] for name, s in services.items()} == {
+        "dnabert2": "dnabert2", "lucaone": "lucaone", "evo2": "evo2"}
+    assert all(s["image"] == "mmanager/modelserver:latest" for s in services.values())
+    gpu = _compose_config(DEPLOY / "modelserver/docker-compose.yml", {}, tmp_path,
+                          DEPLOY / "modelserver/docker-compose.gpu.yml")
+    assert gpu.returncode == 0, gpu.stderr
+    services = yaml.safe_load(gpu.stdout)["services"]
+    for name in ("dnabert2", "lucaone"):
+        [device] = services[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert device["driver"] == "nvidia" and device["capabilities"] == ["gpu"]
+        assert services[name]["image"] == "mmanager/modelserver:gpu"
+    # The GPU image is the CPU one's service with CUDA torch: same package, same weights step, same command.
+    cpu_file = (DEPLOY / "modelserver/Dockerfile").read_text()
+    gpu_file = (DEPLOY / "modelserver/Dockerfile.gpu").read_text()
+    for line in ("RUN python -m modelserver.weights --out /opt/modelserver/models && python -c \"import modelserver.app\"",
+                 'CMD ["python", "-m", "modelserver"]', "USER modelserver"):
+        assert line in cpu_file and line in gpu_file, line
+
+
+def test_model_service_image_script_help() -> None:
+    result = subprocess.run(["bash", str(ROOT / "scripts/build-modelserver-image.sh"), "--help"],
+                            capture_output=True, text=True, timeout=10)
+    assert result.returncode == 0
+    assert "--gpu" in result.stdout and "torch" in result.stdout
 
 
 def test_systemd_unit_is_accepted_by_systemd(tmp_path: Path) -> None:

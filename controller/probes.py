@@ -48,6 +48,11 @@ stays so, neither probed nor restarted, until it is started again: a restart
 cannot fix wrong weights, and the hub keeps it out of the gateway. An
 unhealthy container's ``health_detail`` is the last failed probe's result;
 a healthy or unknown one has none.
+
+Each start being judged is a generation of the container's probe state
+(bumped by ``started()``, busy or not, and by a StartedAt change): a probe's
+result counts only for the generation it was sent in, so an answer the old
+process gave before a restart never judges the new one.
 """
 
 from __future__ import annotations
@@ -141,8 +146,11 @@ class _Probe:
     wrong: bool = False
     # Why it is unhealthy; None otherwise.
     detail: str | None = None
+    # The start being judged: a probe's result counts only for the generation it was sent in.
+    generation: int = 0
 
     def reset(self) -> None:
+        self.generation += 1
         self.health = "unknown"
         self.failures = 0
         self.passed = False
@@ -207,9 +215,10 @@ class Prober(LoopService):
 
     def started(self, container_id: str) -> None:
         """The API (re)started a container: judged afresh now, not once a probe sees its new StartedAt
-        (a golden probe's wrong answer is not probed again until then)."""
+        (a golden probe's wrong answer is not probed again until then). A probe in flight meanwhile may
+        have been answered by the old process: the new generation discards its result."""
         probe = self._probes.get(container_id)
-        if probe is not None and not probe.busy:
+        if probe is not None:
             probe.reset()
             probe.next_at = 0.0
 
@@ -316,7 +325,12 @@ class Prober(LoopService):
             async with self._semaphore:
                 outcome = await self._attempt(container_id, probe)
             if outcome is not None and self._probes.get(container_id) is probe:
-                await self._judge(container_id, probe, *outcome)
+                generation, passed, result, wrong = outcome
+                if generation == probe.generation:
+                    await self._judge(container_id, probe, passed, result, wrong)
+                else:
+                    # Started again while it was in flight: the new start gets a probe of its own.
+                    probe.next_at = 0.0
         except ControllerError as exc:
             # Docker trouble: the tick says so once; try again next tick.
             log.debug("health probe of %s skipped: %s", container_id[:12], exc.message)
@@ -325,9 +339,10 @@ class Prober(LoopService):
         finally:
             probe.busy = False
 
-    async def _attempt(self, container_id: str, probe: _Probe) -> tuple[bool, str, bool] | None:
-        """``(passed, what happened, a golden probe's wrong answer)``, or None when there is nothing to
-        judge (not running, gone, or waiting for its next start after a wrong answer)."""
+    async def _attempt(self, container_id: str, probe: _Probe) -> tuple[int, bool, str, bool] | None:
+        """``(generation, passed, what happened, a golden probe's wrong answer)``, the generation being the
+        start it judges, or None when there is nothing to judge (not running, gone, or waiting for its next
+        start after a wrong answer)."""
         try:
             info = await self.runtime.get_container(container_id)
         except NotFound:
@@ -343,24 +358,26 @@ class Prober(LoopService):
         if probe.wrong:
             probe.next_at = time.monotonic() + probe.check.interval
             return None
+        generation = probe.generation
         base = await self._url(container_id, probe.check, info)
         if base is None:
-            return False, f"port {probe.check.port} is not published and the container has no network address", False
+            return (generation, False,
+                    f"port {probe.check.port} is not published and the container has no network address", False)
         url = base + "/" + probe.check.path.lstrip("/")
         assert self._client is not None
         try:
             async with self._client.stream("GET", url, timeout=probe.check.timeout) as response:
                 status = response.status_code
         except httpx.TimeoutException:
-            return False, f"GET {url}: no answer within {probe.check.timeout:g} s", False
+            return generation, False, f"GET {url}: no answer within {probe.check.timeout:g} s", False
         except httpx.HTTPError as exc:
-            return False, f"GET {url}: {type(exc).__name__} {exc}".rstrip(), False
+            return generation, False, f"GET {url}: {type(exc).__name__} {exc}".rstrip(), False
         if not 200 <= status < 400:
-            return False, f"GET {url}: HTTP {status}", False
+            return generation, False, f"GET {url}: HTTP {status}", False
         golden = probe.check.probe
         if golden is None or probe.verified:
-            return True, f"GET {url}: HTTP {status}", False
-        return await self._golden(base, golden, probe.check.timeout)
+            return generation, True, f"GET {url}: HTTP {status}", False
+        return (generation, *await self._golden(base, golden, probe.check.timeout))
 
     async def _golden(self, base: str, golden: GoldenProbe, check_timeout: float) -> tuple[bool, str, bool]:
         """POST the probe's body and compare the answer: ``(matched, what happened, a wrong answer)``."""

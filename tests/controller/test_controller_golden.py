@@ -135,6 +135,44 @@ async def test_a_wrong_answer_is_unhealthy_at_once_and_never_restarted(rig: Rig)
     await eventually(lambda: rig.prober.report(container_id) == ("healthy", 0, None), what="healthy after a start")
 
 
+async def test_an_answer_from_before_a_restart_never_judges_the_new_start(rig: Rig) -> None:
+    # The first probe's POST is held in flight; the old process's answer is right.
+    held, release = asyncio.Event(), asyncio.Event()
+    handle = rig.model.handle
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        response = await handle(request)
+        if request.method == "POST" and not release.is_set():
+            held.set()
+            await release.wait()
+        return response
+
+    rig.prober._transport = httpx.MockTransport(slow)
+    await rig.prober.stop()
+    rig.prober.start()
+    container_id = await rig.create(failure_threshold=1)
+    await asyncio.wait_for(held.wait(), 5)
+    # Restarted meanwhile onto weights that answer wrong: the answer in flight speaks for the old process.
+    await rig.service.restart(container_id, timeout=0)
+    rig.prober.started(container_id)
+    rig.model.answer = {"success": True, "data": {"prediction": 0.9871, "label": "p"}}
+    seen: list[str] = []
+
+    async def watch() -> None:
+        while True:
+            seen.append(rig.prober.health(container_id)[0])
+            await asyncio.sleep(0.002)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        release.set()
+        await eventually(lambda: rig.prober.health(container_id)[0] == "unhealthy", what="unhealthy")
+    finally:
+        watcher.cancel()
+    assert "healthy" not in seen, seen
+    assert rig.prober.report(container_id)[2] == "probe /predict: data.prediction: expected 0.4123, got 0.9871"
+
+
 @pytest.mark.parametrize(("status", "answer", "detail"), [
     (500, {"error": "boom"}, "probe /predict: HTTP 500"),
     (422, {"error": "bad"}, "probe /predict: HTTP 422"),

@@ -5,16 +5,18 @@ copies keep serving."""
 
 from __future__ import annotations
 
+import asyncio
+import time
 from typing import Any
 
 import pytest
 
 from tests.hub.conftest import KEY, Cluster
 from tests.hub.test_audit import heartbeat
-from tests.hub.test_gateway_api import routes, table_where
+from tests.hub.test_gateway_api import GATEWAY, routes, table_where
 from tests.hub.test_replicas import ops_of, running, service
 from tests.support.poll import eventually
-from tests.support.probe_image import GOOD, build_probe_image
+from tests.support.probe_image import GOOD, build_probe_image, corrupt_on_restart
 
 WRONG = 0.9871
 DETAIL = f"probe /cgi-bin/predict: data.prediction: expected {GOOD}, got {WRONG}"
@@ -100,6 +102,9 @@ async def test_a_copy_that_answers_wrong_never_serves_and_says_why(cluster: Clus
     # Left as it is (its probe says a restart cannot help): not restarted, not moved.
     [container] = cluster.containers(**{"mmanager.service": sid})
     assert container.attrs["RestartCount"] == 0 and container.status == "running"
+    # So a request at a gateway is not held for a copy that will not come: it answers 503 at once.
+    woken = await cluster.hub.post(f"/api/gateway/wake/{sid}", headers=GATEWAY)
+    assert woken.status_code == 200 and woken.json() == {"waking": False}, woken.text
 
 
 async def test_an_update_to_a_version_that_answers_wrong_fails_and_the_old_copies_serve(
@@ -157,3 +162,61 @@ async def test_a_pushed_heartbeat_carries_the_detail_to_the_status(cluster: Clus
     await eventually(lambda: table_where(cluster, lambda t: not any(
         r["replicas"] for r in t["services"] if r["id"] == sid)), 10, "the copy out of the routing table")
     await eventually(lambda: pushed("healthy", None), 10, "the detail cleared", interval=0.3)
+
+
+@pytest.mark.parametrize("replicas", [1, 2], ids=["one-copy", "rolling"])
+async def test_a_copy_restarted_onto_wrong_weights_is_never_routed(cluster: Cluster, spec: dict[str, Any],
+                                                                   replicas: int) -> None:
+    r = await cluster.hub.post("/api/admin/repo/services", json={**spec, "replicas": replicas})
+    assert r.status_code == 201, r.text
+    created = r.json()
+    sid, primary = created["id"], created["container_id"]
+
+    async def ready() -> dict[str, Any] | None:
+        table = await route(cluster, sid)
+        return table if len(table["replicas"]) == replicas else None
+
+    await eventually(ready, 10, "the copies routed", interval=0.1)
+    # Its weights change on disk: it answers right until it starts again.
+    container = cluster.docker.containers.get(primary)
+    first_start = container.attrs["State"]["StartedAt"]
+    corrupt_on_restart(container, WRONG)
+
+    routed: list[bool] = []
+    restarted = asyncio.Event()
+
+    async def watch() -> None:
+        # Whether the routing table read after the copy started again has it, each time (a table published
+        # before the restart began may still be the current one for a moment).
+        while True:
+            if cluster.docker.api.inspect_container(primary)["State"]["StartedAt"] != first_start:
+                routed.append(primary in {x["id"] for x in (await route(cluster, sid))["replicas"]})
+                restarted.set()
+            await asyncio.sleep(0.02)
+
+    watcher = asyncio.create_task(watch())
+    try:
+        r = await cluster.hub.post(f"/api/services/{sid}/restart")
+        assert r.status_code == 409, r.text
+        error = r.json()["error"]
+        assert error["code"] == "PROBE_FAILED" and DETAIL in error["message"], error
+        await asyncio.wait_for(restarted.wait(), 5)
+        # After it too, a few heartbeats and publishes on.
+        deadline = time.monotonic() + 2
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+    finally:
+        watcher.cancel()
+    # Out of the table from the moment it started again (or from the first table published since), for good.
+    assert routed and not routed[-1], routed
+    assert not any(routed[routed.index(False):]), routed
+    found = await service(cluster, sid)
+    assert (found["status"], found["health"], found["health_detail"]) == ("unhealthy", "unhealthy", DETAIL)
+    by_id = {rep["id"]: rep for rep in found["replicas"]}
+    assert (by_id[primary]["health"], by_id[primary]["health_detail"]) == ("unhealthy", DETAIL)
+    [op] = await ops_of(cluster, sid, "restart")
+    assert op["status"] == "failed" and DETAIL in op["error"], op
+    # A rolling restart stops at the copy that answers wrong: the other one, not restarted, keeps serving.
+    others = {x["id"] for x in (await route(cluster, sid))["replicas"]}
+    assert others == set(running(cluster, sid)) - {primary}
+    assert len(others) == replicas - 1

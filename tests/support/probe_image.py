@@ -1,6 +1,8 @@
 """A tiny image for golden-inference probe tests: the example image's static busybox, whose ``httpd``
 serves ``/health`` and answers ``POST /cgi-bin/predict`` with ``{"data": {"prediction": $PREDICTION}}``
-(0.4123 unless the container's environment says otherwise), so a "corrupted model" is one env var away.
+(0.4123 unless the container's environment says otherwise), so a "corrupted model" is one env var away;
+a file ``/prediction`` in the container, read at each start as a model's weights are, overrides it from the
+next start on (``corrupt_on_restart``).
 Built locally like the example image (examples/images.py); never pulled."""
 
 from __future__ import annotations
@@ -13,7 +15,7 @@ import docker
 from examples.images import find_static_busybox
 
 PROBE_IMAGE = "mmanager/probe-test:latest"
-REVISION = "1"
+REVISION = "2"
 GOOD = 0.4123
 
 _DOCKERFILE = """\
@@ -24,7 +26,7 @@ RUN ["/bin/busybox", "--install", "-s", "/bin"]
 EXPOSE 5000
 ENV PREDICTION={good}
 LABEL org.mmanager.probe-test.revision={revision}
-CMD ["/bin/sh", "-c", "trap 'exit 0' TERM INT; httpd -f -p 5000 -h /www & wait"]
+CMD ["/bin/sh", "-c", "trap 'exit 0' TERM INT; [ -f /prediction ] && export PREDICTION=$(cat /prediction); httpd -f -p 5000 -h /www & wait"]
 """
 # httpd hands the CGI its own environment: PREDICTION is the container's.
 _PREDICT = """#!/bin/sh
@@ -62,3 +64,9 @@ def build_probe_image(client: docker.DockerClient) -> str:
         pass
     client.images.build(fileobj=_context(), custom_context=True, tag=PROBE_IMAGE, rm=True)
     return PROBE_IMAGE
+
+
+def corrupt_on_restart(container: docker.models.containers.Container, prediction: float) -> None:
+    """Make a running container answer ``prediction`` from its next start on (its weights changed on disk)."""
+    code, output = container.exec_run(["/bin/sh", "-c", f"echo {prediction} > /prediction"])
+    assert code == 0, output

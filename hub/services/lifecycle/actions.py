@@ -8,7 +8,6 @@ missing while the service is meant to run.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -24,7 +23,7 @@ from hub.services.lifecycle.deploy import docker_status, endpoint_for
 from hub.services.lifecycle.reads import get_for
 from hub.services.lifecycle.replace import Replacement, Replacer
 from mmanager.streams import ClosingStream
-from mmanager.wire import ContainerInfo
+from mmanager.wire import ContainerInfo, probe_failed
 
 # A service without a settled copy for longer than this is not "being replaced" for a waiting request.
 REPLACING_RECENTLY = timedelta(seconds=30)
@@ -114,10 +113,11 @@ class Actions:
         then wakes it), or it should run and its copy has not failed for good. A gateway may notice a copy gone
         before the hub does (a killed container, a controller whose loss is not confirmed yet), so a service
         the hub still believes running counts too; one without a settled copy for long (no controller takes
-        it) and one whose container failed do not."""
+        it), one whose container failed, and one whose copy failed its golden-inference probe (left as it is
+        until someone starts it again: no restart can fix it) do not."""
         if service.id in self._idling:
             return True
-        if service.desired_state != "running" or service.status == "failed":
+        if service.desired_state != "running" or service.status == "failed" or probe_failed(service.health_detail):
             return False
         return service.status in ("running", "unhealthy") or utcnow() - service.updated_at < REPLACING_RECENTLY
 
@@ -142,6 +142,9 @@ class Actions:
             # back once it serves (healthy), so the others answer meanwhile.
             rolling = action == "restart" and len(copies) > 1 and ctx.gateway is not None
             checked = service.spec.get("health_check") is not None
+            # A copy with a golden-inference probe that starts again is judged afresh: routed only once the
+            # new start passes it (its health from before says nothing of what it computes now).
+            probed = action != "stop" and checked and bool(service.spec.get("probe"))
             # The service's own status follows its primary copy; each copy's row, its own.
             primary: tuple[str, Any] | None = None
             for controller_id, container_id in copies:
@@ -150,8 +153,12 @@ class Actions:
                 if rolling:
                     assert ctx.gateway is not None
                     async with ctx.db.session() as session:
-                        await session.execute(sql.DRAIN_COPY, {"of_container": container_id, "updated_at": utcnow()})
+                        await session.execute(sql.DRAIN_PROBED_COPY if probed else sql.DRAIN_COPY,
+                                              {"of_container": container_id, "updated_at": utcnow()})
                     await ctx.gateway.drained(service_id, None, [container_id], ctx.settings.gateway_drain_timeout)
+                elif probed:
+                    async with ctx.db.session() as session:
+                        await session.execute(sql.UNJUDGED_COPY, {"of_container": container_id, "updated_at": utcnow()})
                 try:
                     # The service's epoch is the newest of its copies': it speaks for every one of them.
                     await ctx.client.action(controller.id, controller.url, container_id, action, epoch=service.epoch,
@@ -169,10 +176,22 @@ class Actions:
                     await self._record(container_id, "missing", None)
                     continue
                 info = await ctx.client.inspect(controller.id, controller.url, container_id)
-                if rolling and checked and info.status == "running":
-                    with contextlib.suppress(HubError):  # back in the table anyway: the gateway's check judges it
-                        await self.replacer.await_healthy(controller, container_id)
                 endpoint = endpoint_for(controller.url, info.ports).model_dump() if info.status == "running" else None
+                if (rolling or probed) and checked and info.status == "running":
+                    try:
+                        await self.replacer.await_healthy(controller, container_id)
+                    except HubError as exc:
+                        if exc.code != "PROBE_FAILED":
+                            pass  # back in the table anyway: the gateway's check, or a heartbeat, judges it
+                        else:
+                            # It answers wrong: recorded so, out of the gateways' tables, and the restart
+                            # stops here (the copies not restarted yet keep serving).
+                            await self._probe_failed(service_id, container_id, container_id == service.container_id,
+                                                     endpoint, (exc.details or {}).get("health_detail"))
+                            raise
+                    else:
+                        if probed:
+                            await self._judged(container_id, "healthy", None)
                 await self._record(container_id, info.status, endpoint)
                 if container_id == service.container_id:
                     primary = (info.status, endpoint)
@@ -203,6 +222,25 @@ class Actions:
                 await session.execute(sql.COPY_STATUS, values)
             else:
                 await session.execute(sql.COPY_RUNS, {**values, "endpoint": endpoint})
+
+    async def _judged(self, container_id: str, health: str, detail: str | None) -> None:
+        async with self.ctx.db.session() as session:
+            await session.execute(sql.JUDGED_COPY, {"of_container": container_id, "health": health,
+                                                    "health_detail": detail, "updated_at": utcnow()})
+
+    async def _probe_failed(self, service_id: str, container_id: str, primary: bool,
+                            endpoint: dict[str, Any] | None, detail: str | None) -> None:
+        """A copy that started again and failed its golden-inference probe: its row, and the service's status
+        when it is the primary copy, say so (as a heartbeat would)."""
+        await self._judged(container_id, "unhealthy", detail)
+        await self._record(container_id, "running", endpoint)
+        if not primary:
+            return
+        async with self.ctx.db.session() as session:
+            fresh = await session.get(ServiceModel, service_id)
+            if fresh is not None and fresh.container_id == container_id:
+                fresh.status, fresh.endpoint, fresh.status_message = "unhealthy", endpoint, None
+                fresh.health, fresh.health_detail = "unhealthy", detail
 
     async def refresh(self, user: UserModel, service_id: str) -> ServiceModel:
         """The service with its status read from the controller, when it can be reached."""

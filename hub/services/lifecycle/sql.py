@@ -192,6 +192,15 @@ COPY_RUNS = (update(REGISTRY).where(REGISTRY.c.container_id == bindparam("of_con
 # A copy a rolling restart takes out of the gateways' tables until it serves again (heartbeats leave it be).
 DRAIN_COPY = (update(REGISTRY).where(REGISTRY.c.container_id == bindparam("of_container"), REGISTRY.c.status != "stale")
               .values(status="draining", updated_at=bindparam("updated_at")))
+# The same for a copy with a golden-inference probe: its health from before says nothing of the new start.
+DRAIN_PROBED_COPY = DRAIN_COPY.values(health="unknown", health_detail=None)
+# A copy with a golden-inference probe that starts again: unknown until the new start passes it.
+UNJUDGED_COPY = (update(REGISTRY).where(REGISTRY.c.container_id == bindparam("of_container"))
+                 .values(health="unknown", health_detail=None, updated_at=bindparam("updated_at")))
+# What a golden-inference probe found of a copy that started again.
+JUDGED_COPY = (update(REGISTRY).where(REGISTRY.c.container_id == bindparam("of_container"))
+               .values(health=bindparam("health"), health_detail=bindparam("health_detail"),
+                       updated_at=bindparam("updated_at")))
 # A replica removed by a scale-down, marked so while the gateways stop sending it requests.
 DRAIN_ROW = (update(REGISTRY).where(REGISTRY.c.id == bindparam("row_id"))
              .values(status="draining", updated_at=bindparam("updated_at")))

@@ -62,7 +62,7 @@ def docker_down_health(settings: ControllerSettings, error: str) -> ControllerHe
         containers=HealthContainers(running=0, max_allowed=settings.max_containers, managed=0),
         resources=HealthResources(cpu_cores=0, memory_total_gb=0, memory_available_gb=0),
         load_percentage=0,
-        capabilities=HealthCapabilities(gpu_support=False, max_memory_gb=0, gpus=[]),
+        capabilities=HealthCapabilities(gpu_support=False, max_memory_gb=0, gpus=[], golden_probes=True),
         error=error,
         **_common(settings, psutil.virtual_memory().percent),
     )
@@ -96,6 +96,7 @@ async def collect_health(settings: ControllerSettings, runtime: Runtime, gpus: l
             gpu_support=bool(gpus),
             max_memory_gb=memory_total_gb,
             gpus=[gpu.model_copy(update={"in_use": gpu.index in busy}) for gpu in gpus],
+            golden_probes=True,
         ),
         disk_usage_percent=disk,
         **common,

@@ -215,6 +215,9 @@ class HealthCapabilities(WireModel):
     gpu_support: bool
     max_memory_gb: float
     gpus: list[GpuInfo] = Field(default_factory=list)
+    # It runs a health check's golden-inference probe (``HealthCheck.probe``). False from a controller that
+    # does not say so: an older one ignores the probe and would call a copy that computes garbage healthy.
+    golden_probes: bool = False
 
 
 class ControllerHealth(WireModel):

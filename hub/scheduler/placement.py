@@ -48,6 +48,8 @@ class ControllerView:
     memory_reserved: int = 0
     gpus: tuple[str, ...] = ()
     gpus_used: frozenset[str] = frozenset()
+    # It runs golden-inference probes (its health report says so).
+    golden_probes: bool = False
 
     @property
     def free_gpus(self) -> list[str]:
@@ -61,6 +63,8 @@ class PlacementRequest:
     gpu_count: int = 0
     server_type: str | None = None
     exclude: frozenset[str] = frozenset()
+    # The service has a golden-inference probe: only a controller that runs them may take it.
+    golden_probe: bool = False
 
 
 @dataclass(frozen=True)
@@ -113,6 +117,12 @@ def _server_type(c: ControllerView, r: PlacementRequest) -> Rejection | None:
     return None
 
 
+def _golden_probes(c: ControllerView, r: PlacementRequest) -> Rejection | None:
+    if r.golden_probe and not c.golden_probes:
+        return Rejection(c.id, "NO_GOLDEN_PROBES", "controller does not run golden probes")
+    return None
+
+
 def _container_cap(c: ControllerView, r: PlacementRequest) -> Rejection | None:
     if c.containers >= c.max_containers:
         return Rejection(c.id, "MAX_CONTAINERS", f"at MAX_CONTAINERS ({c.containers}/{c.max_containers})")
@@ -143,7 +153,8 @@ def _cpu(c: ControllerView, r: PlacementRequest) -> Rejection | None:
 
 
 # Cheap checks first; the first failing one is the controller's reason.
-CHECKS: tuple[Check, ...] = (_excluded, _disabled, _unhealthy, _server_type, _container_cap, _gpus, _memory, _cpu)
+CHECKS: tuple[Check, ...] = (_excluded, _disabled, _unhealthy, _server_type, _golden_probes, _container_cap, _gpus,
+                             _memory, _cpu)
 
 
 def feasibility(c: ControllerView, r: PlacementRequest) -> Rejection | None:

@@ -31,7 +31,9 @@ PLACEMENT_REFRESH_AFTER = 0.5
 # The placement snapshot's three reads, built once (``load_views``).
 _VIEW_CONTROLLERS = select(*(_CONTROLLERS.c[name] for name in (
     "id", "url", "server_type", "enabled", "draining", "status", "priority", "weight", "max_containers",
-    "containers_running", "cpu_cores", "memory_total_gb", "gpus")))
+    "containers_running", "cpu_cores", "memory_total_gb", "gpus")),
+    # One flag of the last health report, not the document: whether it runs golden-inference probes.
+    _CONTROLLERS.c.health_data[("capabilities", "golden_probes")].as_boolean().label("golden_probes"))
 _VIEW_USAGE = (select(_REGISTRY.c.controller_id, func.count().label("n"),
                       func.coalesce(func.sum(_REGISTRY.c.memory_bytes), 0).label("memory"),
                       func.coalesce(func.sum(_REGISTRY.c.cpu_limit), 0.0).label("cpu"))
@@ -68,7 +70,7 @@ async def load_views(db: Database) -> tuple[list[ControllerView], dict[str, str]
             max_containers=c["max_containers"], containers=max(n, c["containers_running"]), cpu_cores=c["cpu_cores"],
             cpu_reserved=float(cpu), memory_total=int(c["memory_total_gb"] * GIB), memory_reserved=int(memory),
             gpus=tuple(str(g.get("index")) for g in c["gpus"] or ()),
-            gpus_used=frozenset(gpus_used.get(cid, ())),
+            gpus_used=frozenset(gpus_used.get(cid, ())), golden_probes=bool(c["golden_probes"]),
         ))
     return views, {c["id"]: c["url"] for c in controllers}
 

@@ -38,6 +38,7 @@ async def test_health_reports_capacity_and_usage(
         "gpu_support": False,
         "max_memory_gb": health["resources"]["memory_total_gb"],
         "gpus": [],
+        "golden_probes": True,
     }
 
 

@@ -33,7 +33,8 @@ def spec(cluster: Cluster) -> dict[str, Any]:
 
 
 async def route(cluster: Cluster, sid: str) -> dict[str, Any]:
-    return next(r for r in (await routes(cluster))["services"] if r["id"] == sid)
+    """The service's route; one without replicas while the table published has no route for it yet."""
+    return next((r for r in (await routes(cluster))["services"] if r["id"] == sid), {"id": sid, "replicas": []})
 
 
 async def test_a_probe_needs_a_health_check_and_nothing_is_written(cluster: Cluster, spec: dict[str, Any]) -> None:
@@ -220,3 +221,28 @@ async def test_a_copy_restarted_onto_wrong_weights_is_never_routed(cluster: Clus
     others = {x["id"] for x in (await route(cluster, sid))["replicas"]}
     assert others == set(running(cluster, sid)) - {primary}
     assert len(others) == replicas - 1
+
+
+async def test_a_probed_service_is_not_placed_on_a_controller_that_does_not_run_probes(
+    cluster: Cluster, spec: dict[str, Any]
+) -> None:
+    # Every controller reports as an older one does: no golden_probes among its capabilities (it would
+    # ignore the probe and call a copy that computes garbage healthy after the GET alone).
+    for cid in cluster.controller_ids:
+        r = await cluster.hub.post(f"/api/controllers/{cid}/heartbeat", json=heartbeat(cid),
+                                   headers={"Authorization": f"Bearer {KEY}"})
+        assert r.status_code == 200, r.text
+    await cluster.parts.ingest.flush()
+    cluster.parts.services.placement.stale()
+    r = await cluster.hub.post("/api/admin/repo/services", json=spec)
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "NO_FEASIBLE_CONTROLLER", error
+    reasons = {x["controller_id"]: (x["code"], x["reason"]) for x in error["details"]["rejections"]}
+    assert reasons == {cid: ("NO_GOLDEN_PROBES", "controller does not run golden probes")
+                       for cid in cluster.controller_ids}
+    assert cluster.containers() == []
+    # A service without a probe is placed there as before.
+    bare = {key: value for key, value in spec.items() if key != "probe"}
+    r = await cluster.hub.post("/api/admin/repo/services", json={**bare, "name": "plain"})
+    assert r.status_code == 201, r.text

@@ -118,3 +118,31 @@ def test_existing_load_counts_against_weight():
     nodes = [node("heavy", weight=200, containers=10), node("light", weight=100, containers=2)]
     # heavy would be at 11/200 = 0.055, light at 3/100 = 0.03
     assert place(nodes, PlacementRequest()).controller_id == "light"
+
+
+def test_a_probed_service_goes_only_where_golden_probes_run():
+    from hub.scheduler.placement import CandidateIndex
+
+    old, new = node("a-old", priority=0), node("b-new", golden_probes=True)
+    probed = PlacementRequest(golden_probe=True)
+    # A controller that does not say it runs them (an older one) is skipped, with the reason.
+    decision = place([old, new], probed)
+    assert decision.controller_id == "b-new"
+    assert CandidateIndex([old, new]).place(probed).controller_id == "b-new"
+    refused = place([old], probed)
+    assert not refused.placed
+    assert [(r.controller_id, r.code, r.reason) for r in refused.rejections] == [
+        ("a-old", "NO_GOLDEN_PROBES", "controller does not run golden probes")]
+    assert CandidateIndex([old]).place(probed).rejections == refused.rejections
+    # A service without a probe goes anywhere, as before.
+    assert place([old, new], PlacementRequest()).controller_id == "a-old"
+
+
+def test_the_controller_advertises_golden_probes():
+    from controller.health import docker_down_health
+    from mmanager.wire import HealthCapabilities
+    from tests.controller.conftest import make_settings
+
+    assert docker_down_health(make_settings("c"), "down").capabilities.golden_probes is True
+    # A report without the field (an older controller) reads as one that does not run them.
+    assert HealthCapabilities.model_validate({"gpu_support": False, "max_memory_gb": 1}).golden_probes is False

@@ -175,6 +175,7 @@ def _request(spec: ServiceSpec, exclude: frozenset[str] = frozenset()) -> Placem
         gpu_count=spec.resources.gpu_count,
         server_type=spec.server_type,
         exclude=exclude,
+        golden_probe=spec.probe is not None,
     )
 
 

@@ -221,6 +221,12 @@ async def test_a_copy_restarted_onto_wrong_weights_is_never_routed(cluster: Clus
     others = {x["id"] for x in (await route(cluster, sid))["replicas"]}
     assert others == set(running(cluster, sid)) - {primary}
     assert len(others) == replicas - 1
+    # Its weights mended, a restart passes the probe: healthy again, and routed.
+    corrupt_on_restart(cluster.docker.containers.get(primary), GOOD)
+    r = await cluster.hub.post(f"/api/services/{sid}/restart")
+    assert r.status_code == 200, r.text
+    assert (r.json()["status"], r.json()["health"], r.json()["health_detail"]) == ("running", "healthy", None)
+    await eventually(ready, 10, "every copy routed again", interval=0.1)
 
 
 async def test_a_probed_service_is_not_placed_on_a_controller_that_does_not_run_probes(

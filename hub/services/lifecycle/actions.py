@@ -147,6 +147,7 @@ class Actions:
             probed = action != "stop" and checked and bool(service.spec.get("probe"))
             # The service's own status follows its primary copy; each copy's row, its own.
             primary: tuple[str, Any] | None = None
+            primary_healthy = False
             for controller_id, container_id in copies:
                 async with ctx.db.session() as session:
                     controller = await get_controller(session, controller_id)
@@ -181,17 +182,18 @@ class Actions:
                     try:
                         await self.replacer.await_healthy(controller, container_id)
                     except HubError as exc:
-                        if exc.code != "PROBE_FAILED":
-                            pass  # back in the table anyway: the gateway's check, or a heartbeat, judges it
-                        else:
+                        if exc.code == "PROBE_FAILED":
                             # It answers wrong: recorded so, out of the gateways' tables, and the restart
                             # stops here (the copies not restarted yet keep serving).
                             await self._probe_failed(service_id, container_id, container_id == service.container_id,
                                                      endpoint, (exc.details or {}).get("health_detail"))
                             raise
+                        # Otherwise back in the table anyway: the gateway's check, or a heartbeat, judges it.
                     else:
                         if probed:
                             await self._judged(container_id, "healthy", None)
+                            if container_id == service.container_id:
+                                primary_healthy = True
                 await self._record(container_id, info.status, endpoint)
                 if container_id == service.container_id:
                     primary = (info.status, endpoint)
@@ -202,6 +204,8 @@ class Actions:
                     status, fresh.endpoint = primary
                     fresh.status = "idle" if idle and status != "running" else docker_status(status, fresh.desired_state)
                     fresh.status_message = None
+                    if primary_healthy:
+                        fresh.health, fresh.health_detail = "healthy", None
             await ctx.ops.finish(op)
             return fresh
 

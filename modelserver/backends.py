@@ -123,16 +123,15 @@ class FeatureBackend(Backend):
     average window confidence, the details every feature."""
 
     def answers(self, items: list[Item]) -> list[tuple[Any, float | None, dict[str, Any]]]:
-        sequences = [item.sequence for item in items]
-        columns = features.extract_tensors(features.encode(sequences, self.device))
-        values = {name: columns[name].tolist() for name in features.FIELDS}
+        columns = features.extract_tensors(features.encode([item.sequence for item in items], self.device))
+        # Column by column: one list per feature, floats rounded in one comprehension each.
+        values = [[round(v, DIGITS) for v in column.tolist()] if column.is_floating_point() else column.tolist()
+                  for column in (columns[name] for name in features.FIELDS)]
         counts = columns["codon_counts"].tolist() if any(item.return_codon_usage for item in items) else None
         out: list[tuple[Any, float | None, dict[str, Any]]] = []
-        for i, item in enumerate(items):
-            details: dict[str, Any] = {name: (_round(values[name][i]) if isinstance(values[name][i], float)
-                                              else values[name][i]) for name in features.FIELDS}
-            details["backend"] = features.BACKEND
-            details["model_version"] = features.MODEL_VERSION
+        for i, (item, row) in enumerate(zip(items, zip(*values, strict=True), strict=True)):
+            details: dict[str, Any] = dict(zip(features.FIELDS, row, strict=True), backend=features.BACKEND,
+                                           model_version=features.MODEL_VERSION)
             if counts is not None and item.return_codon_usage:
                 details["codon_usage"] = {codon: int(n) for codon, n in zip(features.CODONS, counts[i], strict=True)
                                           if n}

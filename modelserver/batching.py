@@ -18,17 +18,22 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Generic, TypeVar
+from typing import Generic, TypeVar
 
 T = TypeVar("T")
 R = TypeVar("R")
 
 
 @dataclass
-class _Waiting(Generic[T]):
-    item: T
-    future: asyncio.Future[Any]
+class _Waiting(Generic[T, R]):
+    """One request in the queue: its items, the answers of those already run, and the one future its caller
+    awaits (a request's items are tracked together, not one future each)."""
+
+    items: list[T]
+    future: asyncio.Future[list[R]]
     arrived: float = field(default_factory=time.monotonic)
+    taken: int = 0
+    answers: list[R] = field(default_factory=list)
 
 
 class Batcher(Generic[T, R]):
@@ -43,7 +48,7 @@ class Batcher(Generic[T, R]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self._observe = observe
-        self._queue: deque[_Waiting[T]] = deque()
+        self._queue: deque[_Waiting[T, R]] = deque()
         self._arrived = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         # With batching off, requests still take turns on the one thread.
@@ -70,21 +75,13 @@ class Batcher(Generic[T, R]):
         """The answers to ``items``, in order."""
         if not self.enabled:
             return await self._alone(items)
-        loop = asyncio.get_running_loop()
-        waiting = [_Waiting(item, loop.create_future()) for item in items]
-        self._queue.extend(waiting)
+        if not items:
+            return []
+        waiting: _Waiting[T, R] = _Waiting(items, asyncio.get_running_loop().create_future())
+        self._queue.append(waiting)
         self._arrived.set()
-        try:
-            return list(await asyncio.gather(*(w.future for w in waiting)))
-        except BaseException:
-            # The first failure is raised; the request's other items need no answer, and their errors are
-            # marked as seen.
-            for w in waiting:
-                if not w.future.done():
-                    w.future.cancel()
-                elif not w.future.cancelled():
-                    w.future.exception()
-            raise
+        # A caller that goes away cancels the future; its items still waiting are then skipped.
+        return await waiting.future
 
     async def _alone(self, items: list[T]) -> list[R]:
         answers: list[R] = []
@@ -100,13 +97,33 @@ class Batcher(Generic[T, R]):
             self._observe(len(items), time.perf_counter() - began)
         return answers
 
+    def _waiting_items(self) -> int:
+        return sum(len(w.items) - w.taken for w in self._queue if not w.future.done())
+
+    def _take(self) -> list[tuple[_Waiting[T, R], int, int]]:
+        """The next batch: up to ``max_batch_size`` items from the head of the queue, as (request, start, end)."""
+        batch: list[tuple[_Waiting[T, R], int, int]] = []
+        room = self.max_batch_size
+        while self._queue and room:
+            waiting = self._queue[0]
+            if waiting.future.done():
+                self._queue.popleft()
+                continue
+            start = waiting.taken
+            end = min(len(waiting.items), start + room)
+            batch.append((waiting, start, end))
+            waiting.taken, room = end, room - (end - start)
+            if end == len(waiting.items):
+                self._queue.popleft()
+        return batch
+
     async def _loop(self) -> None:
         while True:
             if not self._queue:
                 self._arrived.clear()
                 await self._arrived.wait()
             deadline = self._queue[0].arrived + self.max_wait_s
-            while len(self._queue) < self.max_batch_size:
+            while self._waiting_items() < self.max_batch_size:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     break
@@ -115,18 +132,19 @@ class Batcher(Generic[T, R]):
                     await asyncio.wait_for(self._arrived.wait(), left)
                 except TimeoutError:
                     break
-            batch = [self._queue.popleft() for _ in range(min(self.max_batch_size, len(self._queue)))]
-            # A caller that went away (cancelled) needs no answer.
-            batch = [w for w in batch if not w.future.done()]
+            batch = self._take()
             if not batch:
                 continue
             try:
-                answers = await self._execute([w.item for w in batch])
+                answers = await self._execute([item for w, start, end in batch for item in w.items[start:end]])
             except Exception as exc:
-                for w in batch:
+                for w, _, _ in batch:
                     if not w.future.done():
                         w.future.set_exception(exc)
                 continue
-            for w, answer in zip(batch, answers, strict=True):
-                if not w.future.done():
-                    w.future.set_result(answer)
+            offset = 0
+            for w, start, end in batch:
+                w.answers.extend(answers[offset:offset + end - start])
+                offset += end - start
+                if end == len(w.items) and not w.future.done():
+                    w.future.set_result(w.answers)

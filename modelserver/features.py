@@ -137,15 +137,18 @@ def reference(sequence: str) -> dict[str, Any]:
     }
 
 
-# Letter codes for the vectorised path: A C G T are 0-3, N is 4, padding 5.
+# Letter codes for the vectorised path: A C G T are 0-3, N is 4, anything else (padding) 5, either case; the
+# bytes are translated before torch sees them. Bit 2 is set exactly for N and padding.
 _PAD = 5
-_CODE = torch.full((256,), _PAD, dtype=torch.uint8)
-for _i, _letter in enumerate("ACGTN"):
-    _CODE[ord(_letter)] = _i
+_CODE = bytes(_PAD if chr(b).upper() not in "ACGTN" else "ACGTN".index(chr(b).upper()) for b in range(256))
 _LN_P = torch.tensor([LN_P[c] for c in CODONS], dtype=torch.float64)
 _LN_W = torch.tensor([LN_W.get(c, 0.0) for c in CODONS], dtype=torch.float64)
 _SCORED = torch.tensor([c in LN_W for c in CODONS], dtype=torch.float64)
+# One matrix product gives, per sequence, the sums of ln p, of ln w and the number of codons CAI counts.
+_CODON_WEIGHTS = torch.stack([_LN_P, _LN_W, _SCORED], 1)
 _CODONS_PER_WINDOW = WINDOW // 3
+# Key 64: a codon with an N or padding, counted apart and left out of every codon feature.
+_NO_CODON = 64
 
 
 @dataclass(frozen=True)
@@ -163,15 +166,16 @@ class Packed:
 def encode(sequences: Sequence[str], device: torch.device | str = "cpu") -> Packed:
     """The batch packed into windows, each sequence padded to a whole number of windows (no padding to the
     longest: a batch costs what its sequences' lengths add up to)."""
-    blob = bytearray(b"".join(s.upper().encode("ascii").ljust(-(-len(s) // WINDOW) * WINDOW, b"\0")
-                              for s in sequences))
-    raw = torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
-    lengths = torch.tensor([len(s) for s in sequences], dtype=torch.long)
-    windows = torch.div(lengths + WINDOW - 1, WINDOW, rounding_mode="floor")
+    sizes = [len(s) for s in sequences]
+    blob = bytearray(b"".join(s.encode("ascii") + b"\0" * (-n % WINDOW) for s, n in zip(sequences, sizes, strict=True))
+                     .translate(_CODE))
+    codes = torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
+    lengths = torch.tensor(sizes, dtype=torch.long)
+    windows = torch.tensor([-(-n // WINDOW) for n in sizes], dtype=torch.long)
     first_row = torch.cumsum(windows, 0) - windows
     row_seq = torch.repeat_interleave(torch.arange(len(sequences)), windows)
-    codes = torch.take(_CODE, raw.long()).view(-1, WINDOW)
-    return Packed(codes.to(device), row_seq.to(device), first_row.to(device), windows.to(device), lengths.to(device))
+    return Packed(codes.view(-1, WINDOW).to(device), row_seq.to(device), first_row.to(device), windows.to(device),
+                  lengths.to(device))
 
 
 def _clog2(limit: int, device: torch.device) -> torch.Tensor:
@@ -197,40 +201,61 @@ def _segment(values: torch.Tensor, packed: Packed, batch: int, reduce: str) -> t
     return out.scatter_reduce_(0, index, values, reduce, include_self=False)
 
 
+def _runs(packed: Packed, bases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The longest homopolymer run of each window (counted from the window's start) and of each sequence
+    (across its windows), int32. ``bases`` (rows, WINDOW), uint8, is 1 where the letter is one of A C G T.
+
+    ``same`` is 1 where a base repeats the letter before it in its sequence; the run at a base is 1 plus the
+    number of consecutive ``same`` ending there (0 on N and padding). That count is built by doubling: with
+    ``streak`` the count capped at 2**k, a position whose count reached the cap adds the capped count 2**k
+    positions back, which caps it at 2**(k + 1); once no count reaches its cap, every count is exact. So a batch
+    costs a few elementwise passes per doubling of its longest run, in uint8 while the counts fit in it."""
+    codes = packed.codes
+    rows, dev = codes.shape[0], codes.device
+    flat = codes.view(-1)
+    streak = torch.zeros(flat.shape, dtype=torch.uint8, device=dev)
+    if rows:
+        torch.eq(flat[1:], flat[:-1], out=streak[1:])
+        streak.view(rows, WINDOW)[packed.first_row[packed.windows > 0], 0] = 0
+        streak.mul_(bases.view(-1))
+    cap, shift = 1, 0
+    while rows and int(streak.max()) >= cap:
+        if cap == 128:
+            streak = streak.int()  # the next doubling needs more than 8 bits
+        streak[cap:].add_((streak[cap:] >> shift) * streak[:-cap])
+        cap, shift = cap * 2, shift + 1
+    runs = streak.view(rows, WINDOW).add_(bases)
+    # A run seen inside a window is at most as long as the window so far.
+    offset = torch.arange(1, WINDOW + 1, device=dev, dtype=runs.dtype)
+    window_runs = torch.minimum(runs, offset).int().amax(1)
+    return window_runs, _segment(runs.int().amax(1), packed, packed.lengths.shape[0], "amax")
+
+
 def extract_tensors(packed: Packed) -> dict[str, torch.Tensor]:
     """Every feature of ``FIELDS`` as a (batch,) tensor, plus ``codon_counts`` (batch, 64)."""
-    codes, dev, f64 = packed.codes, packed.codes.device, torch.float64
+    codes, dev, f64, i32 = packed.codes, packed.codes.device, torch.float64, torch.int32
     rows, batch = codes.shape[0], packed.lengths.shape[0]
-    row_ids = torch.arange(rows, device=dev, dtype=torch.int32).unsqueeze(1)
 
-    # Letter counts per window (A C G T N padding), one bincount over (window, letter) keys.
-    letters = torch.bincount((codes.int() + row_ids * 6).flatten(), minlength=rows * 6).view(rows, 6)
-    w_bases = letters[:, :4].sum(1)
-    w_gc = letters[:, 1] + letters[:, 2]
-    # Codon counts per window likewise; a codon with N or padding is key 64.
-    triples = codes.view(rows, _CODONS_PER_WINDOW, 3)
-    index = torch.where(triples.amax(2) < 4, triples[..., 0] * 16 + triples[..., 1] * 4 + triples[..., 2], 64).int()
-    w_counts = torch.bincount((index + row_ids * 65).flatten(), minlength=rows * 65).view(rows, 65)[:, :64]
-    # And per sequence, from the same keys (rows of one sequence are consecutive).
-    seq_keys = index + packed.row_seq.int().unsqueeze(1) * 65
-    counts = torch.bincount(seq_keys.flatten(), minlength=batch * 65).view(batch, 65)[:, :64]
+    # Letters per window: bases (A C G T: bit 2 clear) and G + C (C = 01, G = 10: the two low bits differ).
+    bases = (codes >> 2) ^ 1
+    w_bases = bases.sum(1, dtype=i32)
+    w_gc = ((codes ^ (codes >> 1)) & bases).sum(1, dtype=i32)
+    # Codon keys 0-63 (16 a + 4 b + c), or _NO_CODON when a letter is N or padding, from shifted copies of the
+    # whole batch (contiguous, so cheap), keeping every third.
+    flat = codes.view(-1)
+    if rows:
+        first, second, third = flat[:-2], flat[1:-1], flat[2:]
+        keys = (((first << 4) | (second << 2) | third) & 63 | ((first | second | third) & 4) << 4)[::3]
+        keys = keys.clamp_(max=_NO_CODON).to(i32).view(rows, _CODONS_PER_WINDOW)
+    else:
+        keys = torch.zeros((0, _CODONS_PER_WINDOW), dtype=i32, device=dev)
+    # Codon counts per window, one bincount over (window, key) pairs.
+    row_ids = torch.arange(0, rows * 65, 65, device=dev, dtype=i32).unsqueeze(1)
+    w_counts = torch.bincount((keys + row_ids).view(-1), minlength=rows * 65).view(rows, 65)
+    w_counts[:, _NO_CODON] = 0
     w_total = w_counts.sum(1)
-
-    # Run lengths: a run starts where the letter changes or a sequence starts; N and padding count 0.
-    flat = codes.flatten()
-    previous = torch.empty_like(flat)
-    if flat.numel():
-        previous[0] = _PAD
-        previous[1:] = flat[:-1]
-        previous[packed.first_row[packed.windows > 0] * WINDOW] = _PAD
-    position = torch.arange(flat.numel(), device=dev, dtype=torch.int32)
-    first = torch.cummax(position.masked_fill(flat == previous, 0), dim=0).values
-    runs = (position + 1 - first).masked_fill_(flat >= 4, 0).view(rows, WINDOW)
-    # A run seen inside a window is at most as long as the window so far.
-    offset = torch.arange(1, WINDOW + 1, device=dev, dtype=torch.int32)
-    window_runs = torch.minimum(runs, offset).amax(1) if rows else torch.zeros(0, dtype=torch.int32, device=dev)
-    longest = _segment(runs.amax(1) if rows else torch.zeros(0, dtype=torch.int32, device=dev), packed, batch,
-                       "amax")
+    counts = _segment(w_counts, packed, batch, "sum")
+    window_runs, longest = _runs(packed, bases.view(rows, WINDOW))
 
     gc_frac = torch.where(w_bases > 0, w_gc.to(f64) / w_bases.clamp(min=1), 0.0)
     distance = torch.clamp(torch.maximum(GC_LOW - gc_frac, gc_frac - GC_HIGH), min=0.0)
@@ -245,13 +270,15 @@ def extract_tensors(packed: Packed) -> dict[str, torch.Tensor]:
     mean = _segment(confidence, packed, batch, "sum") / n_windows
     spread = _segment((confidence - mean[packed.row_seq]) ** 2, packed, batch, "sum")
 
+    counts = counts[:, :64]
     total = counts.sum(1)
-    bases = _segment(letters[:, :4], packed, batch, "sum").sum(1)
-    gc_count = _segment(w_gc, packed, batch, "sum")
+    bases_gc = _segment(torch.stack([w_bases, w_gc], 1), packed, batch, "sum")
+    seq_bases, gc_count = bases_gc[:, 0], bases_gc[:, 1]
     per_codon = total.to(f64).clamp(min=1)
-    avg_loglik = torch.where(total > 0, (counts.to(f64) @ _LN_P.to(dev)) / per_codon / 3, 0.0)
-    n_scored = counts.to(f64) @ _SCORED.to(dev)
-    cai = torch.where(n_scored > 0, torch.exp((counts.to(f64) @ _LN_W.to(dev)) / n_scored.clamp(min=1)), 0.0)
+    sums = counts.to(f64) @ _CODON_WEIGHTS.to(dev)
+    avg_loglik = torch.where(total > 0, sums[:, 0] / per_codon / 3, 0.0)
+    n_scored = sums[:, 2]
+    cai = torch.where(n_scored > 0, torch.exp(sums[:, 1] / n_scored.clamp(min=1)), 0.0)
     longest_possible = int(total.max()) if batch else 0
     return {
         "sequence_length": packed.lengths,
@@ -261,7 +288,7 @@ def extract_tensors(packed: Packed) -> dict[str, torch.Tensor]:
         "std_confidence": torch.sqrt(spread / n_windows),
         "avg_loglik": avg_loglik,
         "perplexity": torch.exp(-avg_loglik),
-        "gc_content": torch.where(bases > 0, gc_count.to(f64) / bases.clamp(min=1), 0.0),
+        "gc_content": torch.where(seq_bases > 0, gc_count.to(f64) / seq_bases.clamp(min=1), 0.0),
         "codon_entropy": _entropy_bits(counts, total, _clog2(longest_possible, dev)),
         "cai": cai,
         "longest_homopolymer": longest,

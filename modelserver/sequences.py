@@ -26,6 +26,8 @@ _DNA_SET = frozenset(DNA)
 # The first letter outside an alphabet, in either case (literal letters only: "ı" is no "i").
 _NOT_DNA = re.compile(f"[^{DNA}{DNA.lower()}]")
 _NOT_PROTEIN = re.compile(f"[^{DNA}{PROTEIN}{DNA.lower()}{PROTEIN.lower()}]")
+_DNA_BYTES = (DNA + DNA.lower()).encode("ascii")
+_PROTEIN_BYTES = (DNA + PROTEIN + DNA.lower() + PROTEIN.lower()).encode("ascii")
 
 
 def is_dna(sequence: str) -> bool:
@@ -41,7 +43,11 @@ def check(sequence: str, max_chars: int, protein: bool, where: str = "sequence")
         raise SequenceTooLong(f"{where} has {len(sequence)} characters; the limit is {max_chars}")
     if not sequence:
         raise InvalidSequence(f"{where} is empty")
-    # Matched before upper-casing, case-insensitively: some non-ASCII letters upper-case to ASCII ones.
+    # Checked before upper-casing, case-insensitively: some non-ASCII letters upper-case to ASCII ones. An ASCII
+    # sequence is in its alphabet when deleting the alphabet's bytes leaves nothing (one C pass); the pattern
+    # finds the first letter outside it only for a refusal's message.
+    if sequence.isascii() and not sequence.encode("ascii").translate(None, _PROTEIN_BYTES if protein else _DNA_BYTES):
+        return sequence.upper()
     bad = (_NOT_PROTEIN if protein else _NOT_DNA).search(sequence)
     if bad is not None:
         kind = "DNA (ACGTN) or protein (ACDEFGHIKLMNPQRSTVWY, X)" if protein else "DNA (ACGTN)"

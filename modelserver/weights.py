@@ -66,6 +66,9 @@ CARDS: dict[str, dict[str, Any]] = {
         # Elementwise feature maths gains little from intra-op threads and loses much on a shared CPU:
         # scale it with replicas instead.
         "supported_species": ["E_coli"], "alphabet": "dna", "threads": 1,
+        # Its cost per batch is mostly per operation, not per record: a batch as large as a request may be
+        # runs a /predict/batch request whole.
+        "batching": {"enabled": True, "max_batch_size": 100, "max_wait_ms": 5.0},
     },
 }
 

@@ -25,6 +25,7 @@ The maths (sequence upper-cased, n letters):
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -192,108 +193,144 @@ def _entropy_bits(counts: torch.Tensor, total: torch.Tensor, clog: torch.Tensor)
     return torch.where(total > 0, h.clamp(min=0.0), 0.0) + 0.0
 
 
-def _segment(values: torch.Tensor, packed: Packed, batch: int, reduce: str) -> torch.Tensor:
+def _segment(values: torch.Tensor, row_seq: torch.Tensor, batch: int, reduce: str) -> torch.Tensor:
     """Per sequence: ``reduce`` (sum, amax, amin) of its rows' ``values``; 0 for a sequence without rows."""
-    out = torch.zeros((batch, *values.shape[1:]), dtype=values.dtype, device=values.device)
+    out = values.new_zeros([batch] + list(values.shape[1:]))
     if reduce == "sum":
-        return out.index_add_(0, packed.row_seq, values)
-    index = packed.row_seq.view(-1, *([1] * (values.dim() - 1))).expand_as(values)
+        return out.index_add_(0, row_seq, values)
+    index = row_seq.unsqueeze(1).expand_as(values) if values.dim() == 2 else row_seq
     return out.scatter_reduce_(0, index, values, reduce, include_self=False)
 
 
-def _runs(packed: Packed, bases: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The longest homopolymer run of each window (counted from the window's start) and of each sequence
-    (across its windows), int32. ``bases`` (rows, WINDOW), uint8, is 1 where the letter is one of A C G T.
+class _Kernel(torch.nn.Module):
+    """The vectorised features as one TorchScript module (its constants compiled in)."""
 
-    ``same`` is 1 where a base repeats the letter before it in its sequence; the run at a base is 1 plus the
-    number of consecutive ``same`` ending there (0 on N and padding). That count is built by doubling: with
-    ``streak`` the count capped at 2**k, a position whose count reached the cap adds the capped count 2**k
-    positions back, which caps it at 2**(k + 1); once no count reaches its cap, every count is exact. So a batch
-    costs a few elementwise passes per doubling of its longest run, in uint8 while the counts fit in it."""
-    codes = packed.codes
-    rows, dev = codes.shape[0], codes.device
-    flat = codes.view(-1)
-    streak = torch.zeros(flat.shape, dtype=torch.uint8, device=dev)
-    if rows:
-        torch.eq(flat[1:], flat[:-1], out=streak[1:])
-        streak.view(rows, WINDOW)[packed.first_row[packed.windows > 0], 0] = 0
-        streak.mul_(bases.view(-1))
-    cap, shift = 1, 0
-    while rows and int(streak.max()) >= cap:
-        if cap == 128:
-            streak = streak.int()  # the next doubling needs more than 8 bits
-        streak[cap:].add_((streak[cap:] >> shift) * streak[:-cap])
-        cap, shift = cap * 2, shift + 1
-    runs = streak.view(rows, WINDOW).add_(bases)
-    # A run seen inside a window is at most as long as the window so far.
-    offset = torch.arange(1, WINDOW + 1, device=dev, dtype=runs.dtype)
-    window_runs = torch.minimum(runs, offset).int().amax(1)
-    return window_runs, _segment(runs.int().amax(1), packed, packed.lengths.shape[0], "amax")
+    __constants__ = ["window", "codons_per_window", "no_codon", "gc_low", "gc_high", "gc_falloff", "run_free",
+                     "run_falloff", "gc_weight", "entropy_weight", "homopolymer_weight"]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.window = WINDOW
+        self.codons_per_window = _CODONS_PER_WINDOW
+        self.no_codon = _NO_CODON
+        self.gc_low = GC_LOW
+        self.gc_high = GC_HIGH
+        self.gc_falloff = GC_FALLOFF
+        self.run_free = RUN_FREE
+        self.run_falloff = RUN_FALLOFF
+        self.gc_weight = GC_WEIGHT
+        self.entropy_weight = ENTROPY_WEIGHT
+        self.homopolymer_weight = HOMOPOLYMER_WEIGHT
+
+    def runs(self, codes: torch.Tensor, bases: torch.Tensor, first_row: torch.Tensor, windows: torch.Tensor,
+             row_seq: torch.Tensor, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The longest homopolymer run of each window (counted from the window's start) and of each sequence
+        (across its windows), int32. ``bases`` (rows, WINDOW), uint8, is 1 where the letter is one of A C G T.
+
+        ``streak`` starts 1 where a base repeats the letter before it in its sequence; the run at a base is 1 plus the
+        number of consecutive such ones ending there (0 on N and padding). That count is built by doubling: with
+        ``streak`` the count capped at 2**k, a position whose count reached the cap adds the capped count 2**k
+        positions back, which caps it at 2**(k + 1); once no count reaches its cap, every count is exact. So a batch
+        costs a few elementwise passes per doubling of its longest run, in uint8 while the counts fit in it."""
+        rows = codes.shape[0]
+        flat = codes.view(-1)
+        streak = torch.zeros(flat.shape, dtype=torch.uint8, device=codes.device)
+        if rows > 0:
+            streak[1:] = flat[1:] == flat[:-1]
+            streak.view(rows, self.window).select(1, 0).index_fill_(0, first_row[windows > 0], 0)
+            streak.mul_(bases.view(-1))
+        cap, shift = 1, 0
+        while rows > 0 and int(streak.max()) >= cap:
+            if cap == 128:
+                streak = streak.int()  # the next doubling needs more than 8 bits
+            streak[cap:].add_(torch.bitwise_right_shift(streak[cap:], shift) * streak[:-cap])
+            cap, shift = cap * 2, shift + 1
+        runs = streak.view(rows, self.window) + bases
+        # A run seen inside a window is at most as long as the window so far.
+        offset = torch.arange(1, self.window + 1, device=codes.device, dtype=runs.dtype)
+        window_runs = torch.minimum(runs, offset).int().amax(1)
+        return window_runs, _segment(runs.int().amax(1), row_seq, batch, "amax")
+
+    def forward(self, codes: torch.Tensor, row_seq: torch.Tensor, first_row: torch.Tensor, windows: torch.Tensor,
+                  lengths: torch.Tensor, codon_weights: torch.Tensor) -> dict[str, torch.Tensor]:
+        """``extract_tensors`` on a ``Packed`` batch's tensors; ``codon_weights`` is ``_CODON_WEIGHTS``."""
+        dev, f64, i32 = codes.device, torch.float64, torch.int32
+        rows, batch = codes.shape[0], lengths.shape[0]
+
+        # Letters per window: bases (A C G T: bit 2 clear) and G + C (C = 01, G = 10: the two low bits differ).
+        bases = torch.bitwise_xor(torch.bitwise_right_shift(codes, 2), 1)
+        w_bases = bases.sum(1, dtype=i32)
+        w_gc = torch.bitwise_and(torch.bitwise_xor(codes, torch.bitwise_right_shift(codes, 1)), bases).sum(1, dtype=i32)
+        # Codon keys 0-63 (16 a + 4 b + c), or _NO_CODON when a letter is N or padding (bit 2), from shifted copies
+        # of the whole batch (contiguous, so cheap), keeping every third.
+        flat = codes.view(-1)
+        keys = torch.zeros((0, self.codons_per_window), dtype=i32, device=dev)
+        if rows > 0:
+            first, second, third = flat[:-2], flat[1:-1], flat[2:]
+            packed = torch.bitwise_or(torch.bitwise_or(torch.bitwise_left_shift(first, 4),
+                                                       torch.bitwise_left_shift(second, 2)), third)
+            bad = torch.bitwise_and(torch.bitwise_or(torch.bitwise_or(first, second), third), 4)
+            whole = torch.bitwise_or(torch.bitwise_and(packed, 63), torch.bitwise_left_shift(bad, 4))
+            keys = whole[::3].clamp_(max=self.no_codon).to(i32).view(rows, self.codons_per_window)
+        # Codon counts per window and per sequence, one bincount each over (window or sequence, key) pairs.
+        row_keys = keys + torch.arange(0, rows * 65, 65, device=dev, dtype=i32).unsqueeze(1)
+        w_counts = torch.bincount(row_keys.view(-1), minlength=rows * 65).view(rows, 65)
+        w_total = self.codons_per_window - w_counts.select(1, self.no_codon)
+        w_counts.select(1, self.no_codon).zero_()
+        seq_keys = keys + (row_seq * 65).to(i32).unsqueeze(1)
+        counts = torch.bincount(seq_keys.view(-1), minlength=batch * 65).view(batch, 65)[:, :self.no_codon]
+        window_runs, longest = self.runs(codes, bases, first_row, windows, row_seq, batch)
+
+        gc_frac = torch.where(w_bases > 0, w_gc.to(f64) / w_bases.clamp(min=1), 0.0)
+        distance = torch.clamp(torch.maximum(self.gc_low - gc_frac, gc_frac - self.gc_high), min=0.0)
+        gc_score = 1.0 - torch.clamp(distance / self.gc_falloff, max=1.0)
+        w_max = torch.log2(torch.clamp(w_total, min=2, max=64).to(f64))
+        entropy_score = torch.where(w_total >= 2, _entropy_bits(w_counts, w_total, _clog2(self.codons_per_window, dev))
+                                    / w_max, 0.0)
+        run_score = 1.0 - torch.clamp((window_runs - self.run_free).clamp(min=0).to(f64) / self.run_falloff, max=1.0)
+        confidence = self.gc_weight * gc_score + self.entropy_weight * entropy_score + self.homopolymer_weight * run_score
+
+        n_windows = windows.to(f64).clamp(min=1)
+        mean = _segment(confidence, row_seq, batch, "sum") / n_windows
+        spread = _segment((confidence - mean.index_select(0, row_seq)) ** 2, row_seq, batch, "sum")
+
+        total = counts.sum(1)
+        bases_gc = _segment(torch.stack([w_bases, w_gc], 1), row_seq, batch, "sum")
+        seq_bases, gc_count = bases_gc[:, 0], bases_gc[:, 1]
+        per_codon = total.to(f64).clamp(min=1)
+        sums = counts.to(f64) @ codon_weights
+        avg_loglik = torch.where(total > 0, sums[:, 0] / per_codon / 3, 0.0)
+        n_scored = sums[:, 2]
+        cai = torch.where(n_scored > 0, torch.exp(sums[:, 1] / n_scored.clamp(min=1)), 0.0)
+        longest_possible = int(total.max()) if batch > 0 else 0
+        return {
+            "sequence_length": lengths,
+            "avg_confidence": mean,
+            "max_confidence": _segment(confidence, row_seq, batch, "amax"),
+            "min_confidence": _segment(confidence, row_seq, batch, "amin"),
+            "std_confidence": torch.sqrt(spread / n_windows),
+            "avg_loglik": avg_loglik,
+            "perplexity": torch.exp(-avg_loglik),
+            "gc_content": torch.where(seq_bases > 0, gc_count.to(f64) / seq_bases.clamp(min=1), 0.0),
+            "codon_entropy": _entropy_bits(counts, total, _clog2(longest_possible, dev)),
+            "cai": cai,
+            "longest_homopolymer": longest,
+            "codon_counts": counts,
+        }
+
+
+# Compiled once, as one TorchScript graph: it runs without the GIL and without Python between its operations,
+# so the server's event loop keeps its core while a batch computes (torch.jit.script is deprecated in favour
+# of torch.compile, which needs a C++ toolchain at run time and compiles per shape).
+with warnings.catch_warnings():
+    warnings.simplefilter("ignore", DeprecationWarning)
+    _KERNEL = torch.jit.script(_Kernel())
 
 
 def extract_tensors(packed: Packed) -> dict[str, torch.Tensor]:
     """Every feature of ``FIELDS`` as a (batch,) tensor, plus ``codon_counts`` (batch, 64)."""
-    codes, dev, f64, i32 = packed.codes, packed.codes.device, torch.float64, torch.int32
-    rows, batch = codes.shape[0], packed.lengths.shape[0]
-
-    # Letters per window: bases (A C G T: bit 2 clear) and G + C (C = 01, G = 10: the two low bits differ).
-    bases = (codes >> 2) ^ 1
-    w_bases = bases.sum(1, dtype=i32)
-    w_gc = ((codes ^ (codes >> 1)) & bases).sum(1, dtype=i32)
-    # Codon keys 0-63 (16 a + 4 b + c), or _NO_CODON when a letter is N or padding, from shifted copies of the
-    # whole batch (contiguous, so cheap), keeping every third.
-    flat = codes.view(-1)
-    if rows:
-        first, second, third = flat[:-2], flat[1:-1], flat[2:]
-        keys = (((first << 4) | (second << 2) | third) & 63 | ((first | second | third) & 4) << 4)[::3]
-        keys = keys.clamp_(max=_NO_CODON).to(i32).view(rows, _CODONS_PER_WINDOW)
-    else:
-        keys = torch.zeros((0, _CODONS_PER_WINDOW), dtype=i32, device=dev)
-    # Codon counts per window, one bincount over (window, key) pairs.
-    row_ids = torch.arange(0, rows * 65, 65, device=dev, dtype=i32).unsqueeze(1)
-    w_counts = torch.bincount((keys + row_ids).view(-1), minlength=rows * 65).view(rows, 65)
-    w_counts[:, _NO_CODON] = 0
-    w_total = w_counts.sum(1)
-    counts = _segment(w_counts, packed, batch, "sum")
-    window_runs, longest = _runs(packed, bases.view(rows, WINDOW))
-
-    gc_frac = torch.where(w_bases > 0, w_gc.to(f64) / w_bases.clamp(min=1), 0.0)
-    distance = torch.clamp(torch.maximum(GC_LOW - gc_frac, gc_frac - GC_HIGH), min=0.0)
-    gc_score = 1.0 - torch.clamp(distance / GC_FALLOFF, max=1.0)
-    w_max = torch.log2(torch.clamp(w_total, min=2, max=64).to(f64))
-    entropy_score = torch.where(w_total >= 2, _entropy_bits(w_counts, w_total, _clog2(_CODONS_PER_WINDOW, dev))
-                                / w_max, 0.0)
-    run_score = 1.0 - torch.clamp((window_runs - RUN_FREE).clamp(min=0).to(f64) / RUN_FALLOFF, max=1.0)
-    confidence = GC_WEIGHT * gc_score + ENTROPY_WEIGHT * entropy_score + HOMOPOLYMER_WEIGHT * run_score
-
-    n_windows = packed.windows.to(f64).clamp(min=1)
-    mean = _segment(confidence, packed, batch, "sum") / n_windows
-    spread = _segment((confidence - mean[packed.row_seq]) ** 2, packed, batch, "sum")
-
-    counts = counts[:, :64]
-    total = counts.sum(1)
-    bases_gc = _segment(torch.stack([w_bases, w_gc], 1), packed, batch, "sum")
-    seq_bases, gc_count = bases_gc[:, 0], bases_gc[:, 1]
-    per_codon = total.to(f64).clamp(min=1)
-    sums = counts.to(f64) @ _CODON_WEIGHTS.to(dev)
-    avg_loglik = torch.where(total > 0, sums[:, 0] / per_codon / 3, 0.0)
-    n_scored = sums[:, 2]
-    cai = torch.where(n_scored > 0, torch.exp(sums[:, 1] / n_scored.clamp(min=1)), 0.0)
-    longest_possible = int(total.max()) if batch else 0
-    return {
-        "sequence_length": packed.lengths,
-        "avg_confidence": mean,
-        "max_confidence": _segment(confidence, packed, batch, "amax"),
-        "min_confidence": _segment(confidence, packed, batch, "amin"),
-        "std_confidence": torch.sqrt(spread / n_windows),
-        "avg_loglik": avg_loglik,
-        "perplexity": torch.exp(-avg_loglik),
-        "gc_content": torch.where(seq_bases > 0, gc_count.to(f64) / seq_bases.clamp(min=1), 0.0),
-        "codon_entropy": _entropy_bits(counts, total, _clog2(longest_possible, dev)),
-        "cai": cai,
-        "longest_homopolymer": longest,
-        "codon_counts": counts,
-    }
+    weights = _CODON_WEIGHTS.to(packed.codes.device)
+    return _KERNEL(packed.codes, packed.row_seq, packed.first_row, packed.windows, packed.lengths, weights)
 
 
 def extract(sequences: Sequence[str], device: torch.device | str = "cpu") -> list[dict[str, Any]]:

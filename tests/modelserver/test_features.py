@@ -32,6 +32,16 @@ def test_vectorised_equals_reference() -> None:
         assert_same(got, features.reference(sequence))
 
 
+def test_runs_of_every_length_across_windows_and_sequences() -> None:
+    """The run lengths are built by doubling, in 8 bits while they fit: runs about each power of two, runs
+    across window boundaries, a run a whole sequence long, and runs that end where the next sequence starts."""
+    sequences = ["A" * n for n in (1, 2, 3, 4, 7, 8, 9, 63, 64, 65, 127, 128, 129, 130, 255, 256, 257, 5120)]
+    sequences += ["C" * 98 + "G" * 200 + "T", "ACGT" * 20 + "T" * 150 + "N" + "T" * 150, "G" * 99 + "g" * 99,
+                  "N" * 99 + "A" * 129, "T" * 140, "T" * 140 + "A"]
+    for got, sequence in zip(features.extract(sequences), sequences, strict=True):
+        assert_same(got, features.reference(sequence))
+
+
 def test_a_sequence_gives_the_same_features_alone_and_in_any_batch() -> None:
     rng = random.Random(5)
     sequences = [random_dna(rng, rng.randint(0, 900)) for _ in range(30)]

@@ -168,8 +168,8 @@ def encode(sequences: Sequence[str], device: torch.device | str = "cpu") -> Pack
     """The batch packed into windows, each sequence padded to a whole number of windows (no padding to the
     longest: a batch costs what its sequences' lengths add up to)."""
     sizes = [len(s) for s in sequences]
-    blob = bytearray(b"".join(s.encode("ascii") + b"\0" * (-n % WINDOW) for s, n in zip(sequences, sizes, strict=True))
-                     .translate(_CODE))
+    blob = bytearray("".join([s.ljust(n + -n % WINDOW, "\0") for s, n in zip(sequences, sizes, strict=True)])
+                     .encode("ascii").translate(_CODE))
     codes = torch.frombuffer(blob, dtype=torch.uint8) if blob else torch.zeros(0, dtype=torch.uint8)
     lengths = torch.tensor(sizes, dtype=torch.long)
     windows = torch.tensor([-(-n // WINDOW) for n in sizes], dtype=torch.long)

@@ -1,6 +1,7 @@
 """Dynamic batching: the one place where requests become forward passes.
 
-Callers ``await batcher.submit(items)``. With batching on, items wait in one queue; a batch closes when
+Callers ``await batcher.submit(items)``. With batching on, requests wait in one queue (a request is one entry
+with one future, however many items it has, and is answered when its last item has run); a batch closes when
 ``max_batch_size`` items wait or ``max_wait`` has passed since its oldest item arrived, whichever is first, and
 runs on the model's single worker thread while the next batch gathers. A request with more items than
 ``max_batch_size`` is split across batches; each caller gets its own items' answers back, in order. With

@@ -1,8 +1,9 @@
 """The model a process serves and what its endpoints share: the one worker thread every model call runs on,
 the batcher in front of it, and the metrics.
 
-Invariant: ``ready()`` is the only way to reach the model; until ``load()`` succeeded it raises
-``MODEL_NOT_LOADED`` with the reason (still loading, or why loading failed).
+Invariant: ``ready()`` is the only way to reach the model; until ``load()`` succeeded, and again once the batcher
+takes no more work (stopped, or its loop died), it raises ``MODEL_NOT_LOADED`` with the reason (still loading,
+why loading failed, why the batcher stopped), so ``/health`` fails rather than requests hanging.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from typing import Any
 
 from modelserver.backends import Backend, Item
 from modelserver.backends import load as load_backend
-from modelserver.batching import Batcher
+from modelserver.batching import Batcher, BatcherStopped
 from modelserver.config import ModelConfig, Settings, load_config
 from modelserver.errors import ModelNotLoaded, PredictionFailed, ServiceError
 from modelserver.metrics import Metrics
@@ -74,6 +75,8 @@ class ModelService:
     def ready(self) -> Loaded:
         if self.loaded is None:
             raise ModelNotLoaded(self.problem)
+        if self.loaded.batcher.failure is not None:
+            raise ModelNotLoaded(self.loaded.batcher.failure)
         return self.loaded
 
     async def answer(self, loaded: Loaded, items: list[Item]) -> list[dict[str, Any]]:
@@ -81,6 +84,8 @@ class ModelService:
             return await loaded.batcher.submit(items)
         except ServiceError:
             raise
+        except BatcherStopped as exc:
+            raise ModelNotLoaded(str(exc)) from exc
         except Exception as exc:
             log.exception("prediction failed")
             raise PredictionFailed(f"{type(exc).__name__}: {exc}") from exc

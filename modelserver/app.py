@@ -5,8 +5,8 @@
 check, hand the items to the ``Batcher`` and wrap the answer; every answer, refusals included, is an envelope
 with a ``timestamp`` and the ``request_id`` (the ``X-Request-ID`` the client sent, else a new UUID, echoed
 as a header). ``ServiceError``s map to their code and status in one handler; anything unexpected is a 500
-``INTERNAL_ERROR`` envelope. Bodies are parsed by the handlers themselves (``schemas.parse``), so FastAPI's
-422 never reaches a client.
+``INTERNAL_ERROR`` envelope. Bodies are read up to ``MODEL_MAX_BODY_BYTES`` (413 ``INVALID_REQUEST`` past it)
+and parsed by the handlers themselves (``schemas.parse``), so FastAPI's 422 never reaches a client.
 """
 
 from __future__ import annotations
@@ -31,9 +31,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from modelserver.backends import Item
 from modelserver.config import Settings
-from modelserver.errors import InternalError, InvalidRequest, ServiceError
+from modelserver.errors import BodyTooLarge, InternalError, InvalidRequest, ServiceError
 from modelserver.metrics import human, memory_bytes
-from modelserver.schemas import BatchRequest, PredictRequest, parse, to_items
+from modelserver.schemas import BatchRequest, PredictRequest, check_batch_length, parse, to_items
 from modelserver.service import ModelService
 
 log = logging.getLogger("modelserver")
@@ -94,10 +94,22 @@ class RequestIdMiddleware:
             await response(scope, receive, send_with_id)
 
 
-async def _body(request: Request) -> Any:
-    raw = await request.body()
+async def _body(request: Request, limit: int) -> Any:
+    """The body's JSON, read no further than ``limit`` bytes (``BodyTooLarge`` past them)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise BodyTooLarge(f"the body has {declared} bytes; at most {limit} (MODEL_MAX_BODY_BYTES)")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(f"the body is over {limit} bytes (MODEL_MAX_BODY_BYTES)")
+        chunks.append(chunk)
     try:
-        return json.loads(raw)
+        return json.loads(b"".join(chunks))
+    except RecursionError:
+        raise InvalidRequest("the body is not valid JSON: it nests too deeply") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
 
@@ -172,9 +184,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         outcome, count = "failed", 0
         try:
             loaded = service.ready()
-            raw = await _body(request)
-            body: PredictRequest | BatchRequest = (parse(BatchRequest, raw) if endpoint == "/predict/batch"
-                                                   else parse(PredictRequest, raw))
+            raw = await _body(request, service.settings.model_max_body_bytes)
+            body: PredictRequest | BatchRequest
+            if endpoint == "/predict/batch":
+                check_batch_length(raw, loaded.config.limits.max_batch_sequences)
+                body = parse(BatchRequest, raw)
+            else:
+                body = parse(PredictRequest, raw)
             task = body.task_type
             if isinstance(body, BatchRequest):
                 items = to_items(body.sequences, body.task_type, body.options, loaded.config, batch=True)

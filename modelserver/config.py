@@ -11,6 +11,8 @@ Environment (every one optional):
 - ``MODEL_MAX_BATCH_SIZE``: the most sequences one forward pass takes (default 32).
 - ``MODEL_MAX_WAIT_MS``: how long the first waiting request waits for company (default 5).
 - ``MODEL_THREADS``: torch's intra-op threads (default: torch's own choice).
+- ``MODEL_MAX_BODY_BYTES``: the largest request body read (default 1 MiB: a full batch of 100 x 5,120
+  characters with room for the JSON around it); a larger one is refused with 413 ``INVALID_REQUEST``.
 - ``HOST``, ``PORT``: where ``python -m modelserver`` listens (default ``0.0.0.0:8000``).
 
 Invariant: an environment variable that is set wins over the file; one that is unset leaves the file's value.
@@ -98,6 +100,7 @@ class Settings(BaseSettings):
     model_max_batch_size: int | None = Field(None, ge=1, le=1024)
     model_max_wait_ms: float | None = Field(None, ge=0, le=10_000)
     model_threads: int | None = Field(None, ge=1)
+    model_max_body_bytes: int = Field(1 << 20, ge=1024)
     host: str = "0.0.0.0"
     port: int = 8000
 

@@ -21,6 +21,13 @@ class InvalidRequest(ServiceError):
     message = "Invalid request parameters"
 
 
+class BodyTooLarge(InvalidRequest):
+    """A body over ``MODEL_MAX_BODY_BYTES``: seed 000's ``INVALID_REQUEST`` code, with HTTP's own status for it."""
+
+    status = 413
+    message = "Request body too large"
+
+
 class InvalidSequence(ServiceError):
     code = "INVALID_SEQUENCE"
     status = 400

@@ -44,14 +44,27 @@ class BatchRequest(_Strict):
 
 T = TypeVar("T", bound=BaseModel)
 
+# A refusal names at most this many problems: a body can hold many more than a client needs to read.
+MAX_PROBLEMS = 10
+
 
 def parse(model: type[T], body: Any) -> T:
     """``body`` (decoded JSON) as ``model``, or ``InvalidRequest`` naming each problem."""
     try:
         return model.model_validate(body)
     except ValidationError as exc:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in exc.errors())
+        errors = exc.errors()
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'body'}: {e['msg']}" for e in errors[:MAX_PROBLEMS])
+        if len(errors) > MAX_PROBLEMS:
+            problems += f"; and {len(errors) - MAX_PROBLEMS} more problems"
         raise InvalidRequest(problems) from None
+
+
+def check_batch_length(body: Any, limit: int) -> None:
+    """Refuse a ``/predict/batch`` body of more than ``limit`` sequences before any of them is validated."""
+    sequences = body.get("sequences") if isinstance(body, dict) else None
+    if isinstance(sequences, list) and len(sequences) > limit:
+        raise InvalidRequest(f"{len(sequences)} sequences; at most {limit} a batch")
 
 
 def to_items(sequences: list[str], task_type: str | None, options: Options, config: ModelConfig,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import uuid
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -217,3 +219,69 @@ def test_a_failing_model_and_an_unexpected_error(model_dir: Path, monkeypatch: p
         response = httpx.get(f"{url}/health", headers={"X-Request-ID": "oops-1"})
         refused(response, 500, "INTERNAL_ERROR")
         assert response.json()["request_id"] == "oops-1" and "a bug" not in response.text
+
+
+def test_oversized_and_pathological_bodies(dnabert2: str) -> None:
+    limit = 1 << 20
+    too_big = b'{"sequence": "' + b"A" * limit + b'"}'
+    assert "MODEL_MAX_BODY_BYTES" in refused(httpx.post(f"{dnabert2}/predict", content=too_big),
+                                             413, "INVALID_REQUEST")
+
+    def chunked() -> Iterator[bytes]:
+        yield too_big[:limit // 2]
+        yield too_big[limit // 2:]
+
+    # No Content-Length: the cap holds while the body is read.
+    refused(httpx.post(f"{dnabert2}/predict", content=chunked()), 413, "INVALID_REQUEST")
+    assert "nests too deeply" in refused(httpx.post(f"{dnabert2}/predict", content=b"[" * 100_000),
+                                         400, "INVALID_REQUEST")
+    many = httpx.post(f"{dnabert2}/predict/batch", json={"sequences": [1] * 200_000})
+    assert "200000 sequences; at most 100" in refused(many, 400, "INVALID_REQUEST")
+    assert len(many.content) < 2_000
+    details = refused(httpx.post(f"{dnabert2}/predict/batch", json={"sequences": [1] * 100}), 400, "INVALID_REQUEST")
+    assert details.count("sequences.") == 10 and details.endswith("and 90 more problems")
+
+
+def test_a_poisoned_input_fails_only_its_own_request(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = create_app(Settings(model_dir=model_dir, model_type="dnabert2", model_device="cpu",
+                              model_max_wait_ms=200))  # type: ignore[call-arg]
+    service: ModelService = app.state.service
+    with served_model(app) as url:
+        wait_loaded(url)
+        assert service.loaded is not None
+        run = service.loaded.batcher._run
+        sizes: list[int] = []
+
+        def poisoned(items: list[Any]) -> list[Any]:
+            sizes.append(len(items))
+            if any(item.sequence == "ACGTNNNN" for item in items):
+                raise RuntimeError("poisoned input")
+            return run(items)
+
+        monkeypatch.setattr(service.loaded.batcher, "_run", poisoned)
+        with ThreadPoolExecutor(3) as pool:
+            answers = list(pool.map(lambda s: httpx.post(f"{url}/predict", json={"sequence": s}, timeout=30),
+                                    ["ACGTACGT", "ACGTNNNN", "GGGGCCCC"]))
+        assert "poisoned input" in refused(answers[1], 500, "PREDICTION_FAILED")
+        assert envelope(answers[0])["sequence_length"] == 8 and envelope(answers[2])["sequence_length"] == 8
+        assert max(sizes) > 1, "the requests never shared a batch"
+
+
+def test_a_dead_batcher_makes_the_service_not_ready(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    app = create_app(Settings(model_dir=model_dir, model_type="dnabert2", model_device="cpu"))
+    service: ModelService = app.state.service
+    with served_model(app) as url:
+        wait_loaded(url)
+        assert service.loaded is not None
+
+        async def broken() -> list[Any]:
+            raise ValueError("a bug in the loop")
+
+        # The loop is waiting in the real _gather: the request is answered, the next round dies.
+        monkeypatch.setattr(service.loaded.batcher, "_gather", broken)
+        envelope(httpx.post(f"{url}/predict", json={"sequence": "ACGT"}))
+        details = wait_until(lambda: service.loaded is not None and service.loaded.batcher.failure, 5,
+                             "the loop to die")
+        assert "a bug in the loop" in str(details)
+        assert "a bug in the loop" in refused(httpx.get(f"{url}/health"), 503, "MODEL_NOT_LOADED")
+        refused(httpx.post(f"{url}/predict", json={"sequence": "ACGT"}, timeout=5), 503, "MODEL_NOT_LOADED")

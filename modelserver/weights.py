@@ -20,10 +20,10 @@ from typing import Any
 
 import torch
 
-from modelserver import nets
-from modelserver.backends import load
+from modelserver import features, nets
+from modelserver.backends import Backend, load
 from modelserver.config import CONFIG_FILE, MODEL_TYPES, WEIGHTS_FILE, ModelConfig, Probe
-from modelserver.schemas import PredictRequest, parse, to_items
+from modelserver.schemas import BatchRequest, PredictRequest, parse, to_items
 
 IMAGE = "mmanager/modelserver:latest"
 PORT = 8000
@@ -72,20 +72,30 @@ CARDS: dict[str, dict[str, Any]] = {
     },
 }
 
-PROBES: dict[str, dict[str, Any]] = {
-    "dnabert2": {"sequence": "TATAAAAGGCGCGCCGCGTATAAATAGGCGCCGGCCAATCACGCGTTATAAAGCGCGCTATAAAAG",
-                 "task_type": "promoter_prediction"},
-    "lucaone": {"sequence": "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQ", "task_type": "embedding",
-                "options": {"embedding_dimension": 8}},
-    "evo2": {"sequence": "ATGGCTAAAGGTGAAGAACTGTTCACCGGTGTTGTTCCGATCCTGGTTGAACTGGATGGTGATGTTAACGGCCACAAATTC"
-                         "AGCGTTAGCGGTGAAGGTGAAGGTGATGCGACCTACGGCAAACTGACCCTGAAATTCATCTGCACCACCTAA",
-             "task_type": "extract_features"},
+# Each type's probe: the path and the fixed body posted to it. Every input letter (each DNA one, each amino
+# acid, at several patch offsets) and every part of the network counts in the answer: lucaone's embedding
+# reaches the property and certainty heads through all of its dimensions, for a DNA and a protein sequence;
+# evo2's two sequences of different lengths (one with N and a long run) are padded in one batch.
+PROBES: dict[str, tuple[str, dict[str, Any]]] = {
+    "dnabert2": ("/predict", {
+        "sequence": "TATAAAAGGCGCGCCGCGTATAAATAGGCGCCGGCCAATCACGCGTTATAAAGCGCGCTATAAAAGN",
+        "task_type": "promoter_prediction"}),
+    "lucaone": ("/predict/batch", {
+        "sequences": ["ACGTNACGGTTAGCCATGCAAGTNNCGATCGGATCCTTAGGCAATG",
+                      "MKTAYIAKQRQISFVKSHFSRQLEERLGLIEVQACDEFGHIKLMNPQRSTVWYXW"],
+        "task_type": "property_prediction"}),
+    "evo2": ("/predict/batch", {
+        "sequences": ["ATGGCTAAAGGTGAAGAACTGTTCACCGGTGTTGTTCCGATCCTGGTTGAACTGGATGGTGATGTTAACGGCCACAAATTC"
+                      "AGCGTTAGCGGTGAAGGTGAAGGTGATGCGACCTACGGCAAACTGACCCTGAAATTCATCTGCACCACCTAA",
+                      "ATGAAAAAAAAAAAAAACNGCGCGCGCTTTCGATTAGCCATGGCCGATCGATCCTTGGAAGGCCTTAACCGGTTAACGTACG"
+                      "TTGCAGCTGATCGGGGGGGGATCCATGCATGCAAGCTTGGTACCTAA"],
+        "task_type": "extract_features"}),
 }
-# What of each probe's answer is compared (of data.details, the keys listed).
+# What of each probe's answer is compared (of each answer's details, the keys listed).
 PROBE_DETAILS: dict[str, tuple[str, ...]] = {
     "dnabert2": ("class", "probability"),
-    "lucaone": ("embedding_dimension", "molecule"),
-    "evo2": ("gc_content", "codon_entropy", "cai", "avg_loglik", "longest_homopolymer"),
+    "lucaone": ("molecule", "properties"),
+    "evo2": features.FIELDS,
 }
 RESOURCES: dict[str, dict[str, Any]] = {
     "dnabert2": {"cpu_limit": 1.0, "memory_limit": "1g"},
@@ -119,18 +129,31 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
             f.write(ctypes.string_at(tensor.data_ptr(), tensor.numel() * 4))
 
 
+def probe_expect(model_type: str, backend: Backend, config: ModelConfig) -> dict[str, Any]:
+    """What ``backend`` answers to ``model_type``'s probe, as the probe's ``expect``: the answers' predictions,
+    confidences, lengths and ``PROBE_DETAILS``."""
+    path, body = PROBES[model_type]
+    batch = path == "/predict/batch"
+    request = parse(BatchRequest, body) if batch else parse(PredictRequest, body)
+    sequences = request.sequences if isinstance(request, BatchRequest) else [request.sequence]
+    items = to_items(sequences, request.task_type, request.options, config, batch=batch)
+    answers = []
+    for sequence, answer in zip(sequences, backend.run(items), strict=True):
+        data = {"prediction": answer["prediction"], "sequence_length": len(sequence),
+                "details": {key: answer["details"][key] for key in PROBE_DETAILS[model_type]}}
+        if answer["confidence"] is not None:
+            data["confidence"] = answer["confidence"]
+        answers.append(data)
+    if batch:
+        return {"success": True, "data": {"predictions": answers, "total_sequences": len(answers)}}
+    return {"success": True, "data": answers[0]}
+
+
 def probe_for(model_type: str, config: ModelConfig, directory: Path) -> Probe:
     """The golden probe of the weights in ``directory``: ``PROBES``' input and the answer they give on the CPU."""
-    body = PROBES[model_type]
-    request = parse(PredictRequest, body)
     backend = load(config.model_copy(update={"device": "cpu"}), directory)
-    items = to_items([request.sequence], request.task_type, request.options, config)
-    answer = backend.run(items)[0]
-    details = {key: answer["details"][key] for key in PROBE_DETAILS[model_type]}
-    data = {"prediction": answer["prediction"], "sequence_length": len(request.sequence), "details": details}
-    if answer["confidence"] is not None:
-        data["confidence"] = answer["confidence"]
-    return Probe(path="/predict", body=body, expect={"success": True, "data": data}, tolerance=TOLERANCE)
+    path, body = PROBES[model_type]
+    return Probe(path=path, body=body, expect=probe_expect(model_type, backend, config), tolerance=TOLERANCE)
 
 
 def build_type(model_type: str, out: Path, seed: int = 0) -> ModelConfig:

@@ -244,7 +244,7 @@ def test_oversized_and_pathological_bodies(dnabert2: str) -> None:
 
 def test_a_poisoned_input_fails_only_its_own_request(model_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     app = create_app(Settings(model_dir=model_dir, model_type="dnabert2", model_device="cpu",
-                              model_max_wait_ms=200))  # type: ignore[call-arg]
+                              model_max_wait_ms=200))
     service: ModelService = app.state.service
     with served_model(app) as url:
         wait_loaded(url)

@@ -103,7 +103,7 @@ async def test_a_failed_batch_fails_only_the_request_that_fails_alone(executor: 
 
 
 async def test_a_short_answer_fails_the_batch_not_the_loop(executor: ThreadPoolExecutor) -> None:
-    batcher = Batcher(lambda items: items[:-1], executor, enabled=True, max_batch_size=4, max_wait_s=0.01)
+    batcher: Batcher[int, int] = Batcher(lambda items: items[:-1], executor, enabled=True, max_batch_size=4, max_wait_s=0.01)
     batcher.start()
     try:
         with pytest.raises(RuntimeError, match="answered 1 of 2 items"):
@@ -140,7 +140,7 @@ async def test_stop_resolves_the_running_and_waiting_requests(executor: ThreadPo
 
 async def test_a_dead_loop_fails_its_requests_and_refuses_new_ones(executor: ThreadPoolExecutor,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
-    batcher = Batcher(recording([]), executor, enabled=True, max_batch_size=4, max_wait_s=0.01)
+    batcher: Batcher[int, int] = Batcher(recording([]), executor, enabled=True, max_batch_size=4, max_wait_s=0.01)
 
     async def broken() -> list[object]:
         await asyncio.sleep(0.05)

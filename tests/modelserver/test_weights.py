@@ -1,22 +1,27 @@
 """The weights builder: the same seed gives the same bytes and the probes of ``modelserver/catalog.json``; the
-served model passes its own probe (by ``mmanager.golden``, the controller's rule); the environment overrides
-the configuration."""
+served model passes its own probe (by ``mmanager.golden``, the controller's rule) and a model with any one part
+corrupted fails it; the environment overrides the configuration."""
 
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import torch
+from torch import nn
 
 from hub.schemas import HealthCheckSpec, ProbeSpec, Resources
 from mmanager.golden import mismatch
-from modelserver.backends import sha256
+from modelserver import features
+from modelserver.backends import load, sha256
 from modelserver.config import MODEL_TYPES, ModelConfig, Settings, load_config
 from modelserver.errors import ModelNotLoaded
-from modelserver.weights import CATALOG, build_type, catalog_entry, main
+from modelserver.sequences import DNA_TOKENS, PROTEIN_TOKENS, VOCAB_SIZE
+from modelserver.weights import CATALOG, build_type, catalog_entry, main, probe_expect
 
 
 def catalog() -> dict[str, Any]:
@@ -86,3 +91,57 @@ def test_environment_overrides_the_file(model_dir: Path, monkeypatch: pytest.Mon
     monkeypatch.setenv("MODEL_TYPE", "nothing")
     with pytest.raises(ModelNotLoaded):
         load_config(Settings())
+
+
+def _tokens(tokens: dict[str, int], factor: float) -> Callable[[nn.Module], None]:
+    """Multiply the embedding rows of ``tokens`` (at every patch offset) by ``factor``."""
+    def corrupt(net: nn.Module) -> None:
+        weight = net.get_parameter("encoder.embed.weight")
+        rows = [row for row in range(weight.shape[0]) if row % VOCAB_SIZE in set(tokens.values())]
+        weight[rows] *= factor
+    return corrupt
+
+
+def _scale(factor: float, *names: str, rows: slice = slice(None)) -> Callable[[nn.Module], None]:
+    """Multiply the parameters ``names`` (their ``rows``) by ``factor``."""
+    def corrupt(net: nn.Module) -> None:
+        for name in names:
+            net.get_parameter(name)[rows] *= factor
+    return corrupt
+
+
+CORRUPTIONS: list[tuple[str, str, Callable[[nn.Module], None]]] = [
+    ("dnabert2", "the head", _scale(-5, "head.weight")),
+    ("dnabert2", "the head's bias", _scale(3, "head.bias")),
+    ("dnabert2", "every DNA token embedding", _tokens(DNA_TOKENS, -3)),
+    ("dnabert2", "the N embedding", _tokens({"N": DNA_TOKENS["N"]}, -3)),
+    ("dnabert2", "one conv layer", _scale(-5, "encoder.convs.1.weight")),
+    ("lucaone", "the classify and property heads", _scale(-5, "classify.weight", "properties.weight")),
+    ("lucaone", "the property head", _scale(-5, "properties.weight")),
+    ("lucaone", "the certainty head", _scale(-5, "certainty.weight")),
+    ("lucaone", "embedding dimensions 8-767", _scale(-5, "project.weight", rows=slice(8, None))),
+    ("lucaone", "every DNA token embedding", _tokens(DNA_TOKENS, -3)),
+    ("lucaone", "every protein token embedding", _tokens(PROTEIN_TOKENS, -3)),
+    ("lucaone", "one conv layer", _scale(-5, "encoder.convs.1.weight")),
+]
+
+
+@pytest.mark.parametrize(("model_type", "part", "corrupt"), CORRUPTIONS, ids=[f"{t}: {p}" for t, p, _ in CORRUPTIONS])
+def test_a_model_with_one_part_corrupted_fails_its_probe(model_dir: Path, model_type: str, part: str,
+                                                         corrupt: Callable[[nn.Module], None]) -> None:
+    probe = catalog()[model_type]["probe"]
+    config = ModelConfig.model_validate_json((model_dir / model_type / "model_config.json").read_text())
+    backend = load(config.model_copy(update={"device": "cpu"}), model_dir / model_type)
+    assert mismatch(probe_expect(model_type, backend, config), probe["expect"], probe["tolerance"]) is None
+    with torch.no_grad():
+        corrupt(backend.net)  # type: ignore[attr-defined]
+    assert mismatch(probe_expect(model_type, backend, config), probe["expect"], probe["tolerance"]) is not None, part
+
+
+def test_the_evo2_probe_checks_every_feature_of_a_padded_batch() -> None:
+    probe = catalog()["evo2"]["probe"]
+    assert probe["path"] == "/predict/batch"
+    sequences = probe["body"]["sequences"]
+    assert len({len(s) for s in sequences}) == len(sequences) > 1 and any("N" in s for s in sequences)
+    for answer in probe["expect"]["data"]["predictions"]:
+        assert set(answer["details"]) == set(features.FIELDS)

@@ -3,8 +3,9 @@
 ``load(config, directory)`` picks the device (CUDA when torch sees one, unless the config says otherwise),
 reads the safetensors weights and warms the model up. ``Backend.run(items)`` is one forward pass over all of
 the items, whatever their tasks and options, and returns each item's ``{prediction, confidence, details}``
-with floats rounded to ``DIGITS`` decimals. Invariant: an item's answer depends on the item alone, never on
-the other items of its batch (the networks mask their padding; everything runs in float64).
+with floats rounded to ``DIGITS`` decimals. Invariant: an item's answer depends on the item alone, up to
+floating-point rounding: the networks mask their padding and run in float64, but a batch's kernels may group
+sums differently, so raw outputs agree to about 1e-15 and a rounded last digit can, rarely, differ.
 """
 
 from __future__ import annotations

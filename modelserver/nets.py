@@ -3,7 +3,7 @@
 Both share ``Encoder``: tokens are grouped into patches of ``patch`` letters (one embedding row per letter and
 offset, summed), then ``layers`` residual 1-D convolutions, then a mean over the sequence's own patches. The
 cost is linear in the length (no attention), and a padded position is zeroed after every layer, so a
-sequence's result does not depend on the batch it runs in. ``init_weights`` fills every parameter from one
+sequence's result does not depend on the batch it runs in (beyond how the kernels group their sums). ``init_weights`` fills every parameter from one
 ``torch.Generator`` in sorted-name order, so a seed gives the same weights on every machine.
 """
 

@@ -97,8 +97,9 @@ def test_a_sequence_gives_the_same_numbers_alone_and_in_a_padded_batch(model_dir
 
         together = raw(sequences)
         for i, seq in enumerate(sequences):
-            assert torch.allclose(raw([seq])[0], together[i], rtol=0, atol=1e-6)
-    # And through the backend's rounding: exactly equal.
+            assert torch.allclose(raw([seq])[0], together[i], rtol=0, atol=1e-12)
+    # And through the backend's rounding: equal for these sequences (a value on a rounding boundary could
+    # differ in its last digit).
     task = config.tasks[0]
     batched = backend.run([Item(s, task) for s in sequences])
     assert batched == [backend.run([Item(s, task)])[0] for s in sequences]

@@ -125,7 +125,11 @@ class Batcher(Generic[T, R]):
         if len(answers) != len(items):
             raise RuntimeError(f"the model answered {len(answers)} of {len(items)} items")
         if self._observe is not None:
-            self._observe(len(items), time.perf_counter() - began)
+            try:
+                self._observe(len(items), time.perf_counter() - began)
+            except Exception:
+                # A metrics bug must not fail answers the model gave.
+                log.exception("observing a batch failed")
         return answers
 
     def _waiting_items(self) -> int:

@@ -76,6 +76,7 @@ class ModelService:
         if self.loaded is None:
             raise ModelNotLoaded(self.problem)
         if self.loaded.batcher.failure is not None:
+            self.metrics.loaded.set(0)
             raise ModelNotLoaded(self.loaded.batcher.failure)
         return self.loaded
 

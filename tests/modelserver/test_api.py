@@ -285,3 +285,4 @@ def test_a_dead_batcher_makes_the_service_not_ready(model_dir: Path, monkeypatch
         assert "a bug in the loop" in str(details)
         assert "a bug in the loop" in refused(httpx.get(f"{url}/health"), 503, "MODEL_NOT_LOADED")
         refused(httpx.post(f"{url}/predict", json={"sequence": "ACGT"}, timeout=5), 503, "MODEL_NOT_LOADED")
+        assert "modelserver_model_loaded 0.0" in httpx.get(f"{url}/metrics").text

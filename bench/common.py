@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
 import tempfile
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import asyncpg
 from sqlalchemy.engine import make_url
@@ -27,6 +29,25 @@ def percentile(values: list[float], q: float) -> float | None:
         return None
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def post_request(port: int, path: str, payload: Any) -> bytes:
+    """A whole HTTP/1.1 POST of ``payload`` as JSON to 127.0.0.1:``port``, encoded once, to send as it is."""
+    body = json.dumps(payload).encode()
+    return (f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> bytes:
+    """Send a prepared request on a keep-alive connection and read its answer's body; a load generator's
+    whole cost per call, so that on a machine it shares with the server it takes little of the cores."""
+    writer.write(request)
+    head = await reader.readuntil(b"\r\n\r\n")
+    if head[9:12] != b"200":
+        raise RuntimeError(f"an answer other than 200: {head[:300]!r}")
+    length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                  if line.lower().startswith(b"content-length:"))
+    return await reader.readexactly(length)
 
 
 def asyncpg_dsn(url: str) -> str:

@@ -2,7 +2,9 @@
 under ``--clients`` concurrent clients, each sending ``/predict`` calls back to back, once with
 batching on and once with ``MODEL_BATCHING=0`` (every call run alone), side by side in one run.
 
-Each phase: a warm-up, then ``--seconds`` of load; requests a second, p50 and p99 latency of the calls
+Each client is a keep-alive connection sending requests encoded before the run (the load generator shares
+the machine's cores with the service, so it does as little as it can). Each phase: a warm-up, then
+``--seconds`` of load; requests a second, p50 and p99 latency of the calls
 begun in the window. The two services take turns for ``--rounds`` rounds (the order alternating) and
 the medians are reported, so whatever else the machine does falls on both alike. The sequences are
 random promoter-length DNA (``--length`` nt, fixed seed); the answers of both services are checked to
@@ -26,7 +28,7 @@ from typing import Any
 
 import httpx
 
-from bench.common import exit_on_sigterm, percentile, say
+from bench.common import exchange, exit_on_sigterm, percentile, post_request, say
 from tests.support.modelserver import build_weights, model_process
 
 
@@ -35,30 +37,34 @@ def sequences(count: int, length: int, seed: int = 2) -> list[str]:
     return ["".join(rng.choice("ACGT") for _ in range(length)) for _ in range(count)]
 
 
-async def _client(http: httpx.AsyncClient, url: str, pool: list[str], offset: int, until: float, measure_from: float,
-                  latencies: list[float], answers: dict[str, float]) -> None:
+async def _client(port: int, requests: list[tuple[str, bytes]], offset: int, until: float, measure_from: float,
+                  latencies: list[float], answers: dict[str, bytes]) -> None:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
     i = offset
-    while (started := time.perf_counter()) < until:
-        seq = pool[i % len(pool)]
-        i += 1
-        response = await http.post(f"{url}/predict", json={"sequence": seq, "task_type": "promoter_prediction"})
-        response.raise_for_status()
-        if started >= measure_from:
-            latencies.append(time.perf_counter() - started)
-        answers[seq] = response.json()["data"]["prediction"]
+    try:
+        while (started := time.perf_counter()) < until:
+            seq, request = requests[i % len(requests)]
+            i += 1
+            answer = await exchange(reader, writer, request)
+            if started >= measure_from:
+                latencies.append(time.perf_counter() - started)
+            answers[seq] = answer
+    finally:
+        writer.close()
 
 
 async def _phase(url: str, pool: list[str], clients: int, seconds: float, warmup: float) -> dict[str, Any]:
+    port = int(url.rsplit(":", 1)[1])
+    requests = [(seq, post_request(port, "/predict", {"sequence": seq, "task_type": "promoter_prediction"}))
+                for seq in pool]
     latencies: list[float] = []
-    answers: dict[str, float] = {}
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(timeout=60, limits=limits) as http:
-        now = time.perf_counter()
-        measure_from, until = now + warmup, now + warmup + seconds
-        await asyncio.gather(*(_client(http, url, pool, k * 7, until, measure_from, latencies, answers)
-                               for k in range(clients)))
+    raw: dict[str, bytes] = {}
+    now = time.perf_counter()
+    measure_from, until = now + warmup, now + warmup + seconds
+    await asyncio.gather(*(_client(port, requests, k * 7, until, measure_from, latencies, raw) for k in range(clients)))
     p50, p99 = percentile(latencies, 0.5), percentile(latencies, 0.99)
     assert p50 is not None and p99 is not None
+    answers = {seq: json.loads(body)["data"]["prediction"] for seq, body in raw.items()}
     return {"requests_per_s": len(latencies) / seconds, "p50_ms": p50 * 1000, "p99_ms": p99 * 1000,
             "answers": answers}
 

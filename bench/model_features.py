@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import exit_on_sigterm, say
+from bench.common import exchange, exit_on_sigterm, post_request, say
 from modelserver import features
 from tests.support.modelserver import build_weights, model_process
 
@@ -57,25 +57,14 @@ async def _connection(port: int, requests: list[bytes], answers: dict[int, bytes
     try:
         while not queue.empty():
             index = queue.get_nowait()
-            writer.write(requests[index])
-            head = await reader.readuntil(b"\r\n\r\n")
-            if head[9:12] != b"200":
-                raise RuntimeError(f"an answer other than 200: {head[:200]!r}")
-            length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))
-            answers[index] = await reader.readexactly(length)
+            answers[index] = await exchange(reader, writer, requests[index])
     finally:
         writer.close()
 
 
-def _request(port: int, batch: list[str]) -> bytes:
-    body = json.dumps({"sequences": batch, "task_type": "extract_features"}).encode()
-    return (f"POST /predict/batch HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
-
-
 async def _served(port: int, sequences: list[str], clients: int) -> tuple[float, dict[int, Any]]:
-    requests = [_request(port, sequences[i:i + BATCH]) for i in range(0, len(sequences), BATCH)]
+    requests = [post_request(port, "/predict/batch", {"sequences": sequences[i:i + BATCH], "task_type": "extract_features"})
+                for i in range(0, len(sequences), BATCH)]
     raw: dict[int, bytes] = {}
     # Warm-up: the first batch pays for lazy initialisation.
     warm: asyncio.Queue[int] = asyncio.Queue()

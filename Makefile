@@ -36,7 +36,8 @@ test: install system-deps
 unit: install
 	$(BIN)/python -m pytest -q -m "not docker and not postgres and not slow" tests
 
-# ruff over the whole tree, tests included; mypy over hub/, controller/, mmanager/ and bench/ ([tool.mypy]).
+# ruff over the whole tree, tests included; mypy over hub/, controller/, mmanager/, gateway/, modelserver/ and bench/
+# ([tool.mypy]).
 .PHONY: lint
 lint: install
 	$(BIN)/ruff check .

@@ -28,6 +28,7 @@ from controller.containers import ContainerService
 from controller.deps import require_api_key
 from controller.errors import DockerUnavailable
 from controller.gpu import detect_gpus
+from controller.gpu_monitor import GpuMonitor
 from controller.health import ControllerMetrics
 from controller.heartbeat import HeartbeatAgent
 from controller.probes import Prober
@@ -74,10 +75,11 @@ def create_app(
     prober = Prober(settings, runtime, service)
     metrics = ControllerMetrics(settings.server_id)
     sampler = StatsSampler(settings, runtime, metrics)
+    gpu_monitor = GpuMonitor(settings.stats_interval, metrics)
     audit = AuditTrail(settings.server_id, settings.audit_buffer)
     heartbeat = (
         HeartbeatAgent(settings, runtime, service, prober, transport=hub_transport, metrics=metrics, audit=audit,
-                       sampler=sampler)
+                       sampler=sampler, gpu_monitor=gpu_monitor)
         if settings.hub_url
         else None
     )
@@ -90,6 +92,7 @@ def create_app(
             log.warning("Docker is unreachable at start-up (%s); epochs will be read on first use", exc.message)
         prober.start()
         sampler.start()
+        gpu_monitor.start()
         if heartbeat is not None:
             heartbeat.start()
         log.info(
@@ -106,6 +109,7 @@ def create_app(
             if heartbeat is not None:
                 await heartbeat.stop()
             await sampler.stop()
+            await gpu_monitor.stop()
             await prober.stop()
             if owns_runtime:
                 await runtime.close()
@@ -117,6 +121,7 @@ def create_app(
     app.state.containers = service
     app.state.prober = prober
     app.state.stats = sampler
+    app.state.gpu_monitor = gpu_monitor
     app.state.heartbeat = heartbeat
     app.state.metrics = metrics
     app.state.audit = audit

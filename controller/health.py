@@ -7,6 +7,7 @@ memory from the daemon, which is what containers can actually get.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import shutil
 from typing import Any
@@ -20,14 +21,18 @@ from controller.gpu import gpus_in_use
 from controller.runtime import Runtime
 from mmanager import __version__
 from mmanager.wire import (
+    GPU_LABELS,
+    GPU_METRICS,
     USAGE_LABELS,
     USAGE_METRICS,
     ContainerUsage,
     ControllerHealth,
     GpuInfo,
+    GpuUsage,
     HealthCapabilities,
     HealthContainers,
     HealthResources,
+    gpu_values,
 )
 
 GB = 1024**3
@@ -143,6 +148,7 @@ class ControllerMetrics:
         }
         # The label values of each container's series, by container id, to remove them when it goes.
         self._series: dict[str, tuple[str, str, str]] = {}
+        self._gpu = [Gauge(name, text, GPU_LABELS, registry=self.registry) for name, text in GPU_METRICS.values()]
 
     def heartbeat_failed(self) -> None:
         self._heartbeat_failures.inc()
@@ -157,6 +163,17 @@ class ControllerMetrics:
             for field, gauge in self._usage.items():
                 gauge.labels(*series[cid]).set(getattr(usage, field))
         self._series = series
+
+    def set_gpus(self, samples: list[GpuUsage]) -> None:
+        """Each GPU's latest sample (controller.gpu_monitor); a value NVML could not read has no series."""
+        for sample in samples:
+            labels = (self.server_id, sample.index)
+            for gauge, value in zip(self._gpu, gpu_values(sample), strict=True):
+                if value is None:
+                    with contextlib.suppress(KeyError):
+                        gauge.remove(*labels)
+                else:
+                    gauge.labels(*labels).set(value)
 
     def render(self, health: ControllerHealth) -> bytes:
         self._running.set(health.containers.running)

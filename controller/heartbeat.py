@@ -56,6 +56,7 @@ from controller.config import ControllerSettings
 from controller.containers import ContainerService
 from controller.credentials import HeartbeatKey
 from controller.errors import ControllerError, NotFound
+from controller.gpu_monitor import GpuMonitor, with_gpu_usage
 from controller.health import ControllerMetrics, collect_health, docker_down_health
 from controller.presence import PresenceAgent
 from controller.probes import Prober
@@ -122,6 +123,7 @@ class HeartbeatAgent(LoopService):
         metrics: ControllerMetrics | None = None,
         audit: AuditTrail | None = None,
         sampler: StatsSampler | None = None,
+        gpu_monitor: GpuMonitor | None = None,
     ) -> None:
         if not settings.hub_url:
             raise ValueError("heartbeats need MMANAGER_HUB_URL")
@@ -133,6 +135,7 @@ class HeartbeatAgent(LoopService):
         self.metrics = metrics
         self.audit = audit
         self.sampler = sampler
+        self.gpu_monitor = gpu_monitor
         # Read before every beat: a key file rewritten by an operator is picked up without a restart.
         self.key = HeartbeatKey(settings)
         self.sync = containers.sync
@@ -246,7 +249,7 @@ class HeartbeatAgent(LoopService):
             url=self.settings.controller_url,
             server_type=self.settings.server_type,
             sequence=sequence,
-            health=health,
+            health=with_gpu_usage(health, self.gpu_monitor),
             containers=[self._entry(info) for info in listed],
             # The hub dates the listing by this, so it never overrides a newer change with it.
             listing_age=round(max(self.sync.clock() - self._listed_clock, 0.0), 3),

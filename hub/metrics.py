@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-from mmanager.wire import USAGE_LABELS, USAGE_METRICS
+from mmanager.wire import GPU_LABELS, GPU_METRICS, USAGE_LABELS, USAGE_METRICS
 
 SERVICE_STATUSES = ("pending", "starting", "running", "stopped", "failed", "migrating", "unhealthy", "lost")
 ALERT_KINDS = ("cpu", "memory", "disk")
@@ -70,8 +70,8 @@ class WideGauges:
         if all(v is None for v in series[1]):
             del self._series[labels]
 
-    def set_all(self, labels: tuple[str, ...], values: Iterable[float]) -> None:
-        """Every gauge's value for these labels, in the order of ``fields``."""
+    def set_all(self, labels: tuple[str, ...], values: Iterable[float | None]) -> None:
+        """Every gauge's value for these labels, in the order of ``fields`` (None: that gauge has no series)."""
         series = self._series.get(labels) or self._new(labels)
         series[1][:] = values
 
@@ -111,6 +111,7 @@ class HubMetrics:
         self.controllers = WideGauges(CONTROLLER_GAUGES, ("controller",))
         self.containers = WideGauges(USAGE_METRICS, USAGE_LABELS)
         self.service_health = WideGauges(SERVICE_HEALTH, ("service",))
+        self.gpus = WideGauges(GPU_METRICS, GPU_LABELS)
         self.heartbeats_shed = Counter(
             "mmanager_heartbeats_shed_total",
             "Heartbeats answered 503 at once because MMANAGER_HEARTBEAT_BACKLOG were already waiting", registry=r)
@@ -176,7 +177,8 @@ class HubMetrics:
 
     def wide(self) -> str:
         """The exposition of the wide families, to follow ``generate_latest(registry)``."""
-        return self.controllers.render() + self.containers.render() + self.service_health.render()
+        return (self.controllers.render() + self.containers.render() + self.service_health.render()
+                + self.gpus.render())
 
 
 def exposition(metrics: HubMetrics) -> bytes:

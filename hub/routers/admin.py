@@ -201,6 +201,7 @@ async def resources_usage(_: AdminUser, hub: HubDep, session: SessionDep) -> Any
         (await session.execute(select(ServiceModel.status, func.count()).group_by(ServiceModel.status))).all()
     )
     controllers = []
+    gpu_usage = hub.ingest.monitor.gpu_usage
     for c in rows:
         v = views[c.id]
         controllers.append(
@@ -218,6 +219,8 @@ async def resources_usage(_: AdminUser, hub: HubDep, session: SessionDep) -> Any
                 "memory_reserved_bytes": v.memory_reserved,
                 "gpus_total": len(v.gpus),
                 "gpus_used": len(v.gpus_used),
+                # Each GPU's latest NVML sample, as this hub replica last heard it (empty: none reported).
+                "gpu_usage": [g.model_dump(mode="json") for g in gpu_usage.get(c.id, ())],
             }
         )
     return {

@@ -43,7 +43,7 @@ from hub.db import Database
 from hub.metrics import ALERT_KINDS, HubMetrics
 from hub.models import AlertModel, ServiceMetricModel, new_id, utcnow
 from hub.services.pace import HeartbeatPace
-from mmanager.wire import ControllerHealth, HeartbeatContainer
+from mmanager.wire import ControllerHealth, GpuUsage, HeartbeatContainer, gpu_values
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,8 @@ class Monitor:
         self._series: dict[str, dict[str, tuple[str, str, str]]] = {}
         self._seen: dict[str, float] = {}
         self._disk: set[str] = set()
+        # Each controller's latest GPU samples (ControllerHealth.gpu_usage), for /metrics and the usage API.
+        self.gpu_usage: dict[str, list[GpuUsage]] = {}
         self._pruned_at: float | None = None
         self._lock = asyncio.Lock()
 
@@ -233,6 +235,8 @@ class Monitor:
         if health.disk_usage_percent is not None:
             self.metrics.controllers.set((controller_id,), disk=health.disk_usage_percent)
             self._disk.add(controller_id)
+        if health.gpu_usage or controller_id in self.gpu_usage:
+            self._export_gpus(controller_id, health.gpu_usage)
         if not health.docker:
             return
         series = {}
@@ -250,6 +254,20 @@ class Monitor:
             usage.set_all(labels, [getattr(c.usage, name) for name in usage.fields])
         self._drop_series(known, keep=series)
         self._series[controller_id] = series
+
+    def _export_gpus(self, controller_id: str, samples: list[GpuUsage]) -> None:
+        before = {s.index: s.sampled_at for s in self.gpu_usage.get(controller_id, ())}
+        gauges = self.metrics.gpus
+        for sample in samples:
+            # Beats repeat the last sample until the controller takes the next: its values are set already.
+            if before.pop(sample.index, None) != sample.sampled_at:
+                gauges.set_all((controller_id, sample.index), gpu_values(sample))
+        for index in before:
+            gauges.remove((controller_id, index))
+        if samples:
+            self.gpu_usage[controller_id] = samples
+        else:
+            self.gpu_usage.pop(controller_id, None)
 
     def _drop_series(self, old: Mapping[str, tuple[str, str, str]], keep: Mapping[str, tuple[str, str, str]]) -> None:
         # By labels, not by id: a container re-created under its name keeps its series.
@@ -364,6 +382,8 @@ class Monitor:
             del self._seen[controller_id]
             self._sampled.pop(controller_id, None)
             self._drop_series(self._series.pop(controller_id, {}), keep={})
+            if controller_id in self.gpu_usage:
+                self._export_gpus(controller_id, [])
             if controller_id in self._disk:
                 self._disk.discard(controller_id)
                 self.metrics.controllers.set((controller_id,), disk=None)

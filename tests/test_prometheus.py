@@ -328,7 +328,8 @@ async def test_grafana_dashboard_queries_name_metrics_the_hub_controllers_and_ga
     used = {name for query in queries for name in METRIC.findall(query)}
     assert used >= {"mmanager_load_percentage", "mmanager_controller_up", "mmanager_failovers_total",
                     "mmanager_operation_duration_seconds_bucket", "mmanager_container_cpu_percent",
-                    "mmanager_container_memory_bytes", "mmanager_gateway_request_duration_seconds_bucket"}
+                    "mmanager_container_memory_bytes", "mmanager_gateway_request_duration_seconds_bucket",
+                    "mmanager_gpu_utilization_percent", "mmanager_gpu_memory_used_bytes", "mmanager_gpu_lost"}
     exposed = await live_metric_names(db, tmp_path)
     assert used - exposed == set(), "the dashboard queries metrics nobody exposes"
     rule_names = {name for rule in alert_rules().values() for name in METRIC.findall(rule["expr"])}

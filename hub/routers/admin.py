@@ -201,7 +201,6 @@ async def resources_usage(_: AdminUser, hub: HubDep, session: SessionDep) -> Any
         (await session.execute(select(ServiceModel.status, func.count()).group_by(ServiceModel.status))).all()
     )
     controllers = []
-    gpu_usage = hub.ingest.monitor.gpu_usage
     for c in rows:
         v = views[c.id]
         controllers.append(
@@ -219,8 +218,8 @@ async def resources_usage(_: AdminUser, hub: HubDep, session: SessionDep) -> Any
                 "memory_reserved_bytes": v.memory_reserved,
                 "gpus_total": len(v.gpus),
                 "gpus_used": len(v.gpus_used),
-                # Each GPU's latest NVML sample, as this hub replica last heard it (empty: none reported).
-                "gpu_usage": [g.model_dump(mode="json") for g in gpu_usage.get(c.id, ())],
+                # Each GPU's latest NVML sample, from the controller's last healthy report (empty: none).
+                "gpu_usage": (c.health_data or {}).get("gpu_usage", []),
             }
         )
     return {

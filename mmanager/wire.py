@@ -98,6 +98,40 @@ def _empty(value: Any) -> bool:
     return not value
 
 
+class GpuUsage(WireModel):
+    """One GPU's latest NVML sample (controller.gpu_monitor). A field NVML cannot read on this GPU is None;
+    ``lost``: NVML no longer answers for the GPU (it fell off the bus, or is gone); ``error``: what NVML
+    said when a read failed."""
+
+    index: str
+    sampled_at: datetime
+    lost: bool = False
+    error: str | None = Field(default=None, exclude_if=_none)
+    utilization_percent: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    memory_used_bytes: int | None = Field(default=None, ge=0)
+    memory_total_bytes: int | None = Field(default=None, ge=0)
+    temperature_celsius: float | None = Field(default=None, allow_inf_nan=False)
+    power_watts: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+
+
+# The Prometheus gauge of each GpuUsage field, as controllers export them and the hub re-exports them,
+# labelled GPU_LABELS (the gpu label is the NVML index). A field that is None has no series.
+GPU_METRICS = {
+    "utilization_percent": ("mmanager_gpu_utilization_percent", "GPU busy time over the last sample period, percent"),
+    "memory_used_bytes": ("mmanager_gpu_memory_used_bytes", "GPU memory in use (VRAM), bytes"),
+    "memory_total_bytes": ("mmanager_gpu_memory_total_bytes", "GPU memory (VRAM) in all, bytes"),
+    "temperature_celsius": ("mmanager_gpu_temperature_celsius", "GPU core temperature, degrees Celsius"),
+    "power_watts": ("mmanager_gpu_power_watts", "GPU power draw, watts"),
+    "lost": ("mmanager_gpu_lost", "1 when NVML no longer answers for the GPU"),
+}
+GPU_LABELS = ("controller", "gpu")
+
+
+def gpu_values(usage: GpuUsage) -> list[float | None]:
+    """The sample's value for each of GPU_METRICS, in its order (None: no series)."""
+    return [None if (value := getattr(usage, field)) is None else float(value) for field in GPU_METRICS]
+
+
 class GoldenProbe(WireModel):
     """A fixed input POSTed to the service once after each start (``path``, ``body``), and the answer it
     must give (``expect``, numbers within ``tolerance``): mmanager.golden."""
@@ -203,40 +237,6 @@ class GpuInfo(WireModel):
     in_use: bool = False
 
 
-class GpuUsage(WireModel):
-    """One GPU's latest NVML sample (controller.gpu_monitor). A field NVML cannot read on this GPU is None;
-    ``lost``: NVML no longer answers for the GPU (it fell off the bus, or is gone); ``error``: what NVML
-    said when a read failed."""
-
-    index: str
-    sampled_at: datetime
-    lost: bool = False
-    error: str | None = Field(default=None, exclude_if=_none)
-    utilization_percent: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    memory_used_bytes: int | None = Field(default=None, ge=0)
-    memory_total_bytes: int | None = Field(default=None, ge=0)
-    temperature_celsius: float | None = Field(default=None, allow_inf_nan=False)
-    power_watts: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-
-
-# The Prometheus gauge of each GpuUsage field, as controllers export them and the hub re-exports them,
-# labelled GPU_LABELS (the gpu label is the NVML index). A field that is None has no series.
-GPU_METRICS = {
-    "utilization_percent": ("mmanager_gpu_utilization_percent", "GPU busy time over the last sample period, percent"),
-    "memory_used_bytes": ("mmanager_gpu_memory_used_bytes", "GPU memory in use (VRAM), bytes"),
-    "memory_total_bytes": ("mmanager_gpu_memory_total_bytes", "GPU memory (VRAM) in all, bytes"),
-    "temperature_celsius": ("mmanager_gpu_temperature_celsius", "GPU core temperature, degrees Celsius"),
-    "power_watts": ("mmanager_gpu_power_watts", "GPU power draw, watts"),
-    "lost": ("mmanager_gpu_lost", "1 when NVML no longer answers for the GPU"),
-}
-GPU_LABELS = ("controller", "gpu")
-
-
-def gpu_values(usage: GpuUsage) -> list[float | None]:
-    """The sample's value for each of GPU_METRICS, in its order (None: no series)."""
-    return [None if (value := getattr(usage, field)) is None else float(value) for field in GPU_METRICS]
-
-
 class HealthContainers(WireModel):
     running: int
     max_allowed: int
@@ -271,10 +271,10 @@ class ControllerHealth(WireModel):
     memory_usage_percent: float
     capabilities: HealthCapabilities
     error: str | None = None
-    # Of the file system holding Docker's data root (else "/"), as df counts it; None: not measured.
-    disk_usage_percent: float | None = Field(default=None, ge=0, le=100)
     # Each GPU's latest NVML sample; sent only by a controller that has GPUs NVML can read.
     gpu_usage: list[GpuUsage] = Field(default_factory=list, exclude_if=_empty)
+    # Of the file system holding Docker's data root (else "/"), as df counts it; None: not measured.
+    disk_usage_percent: float | None = Field(default=None, ge=0, le=100)
 
 
 class ActionResult(WireModel):

@@ -7,8 +7,9 @@ cluster from plain values and assert on the choice and on every rejection.
 Order of work, after Nomad's scheduler:
 1. feasibility: small predicates, cheap ones first; each failure is recorded as
    a ``Rejection`` naming the controller and why;
-2. hardware match: GPU services only on ``gpu`` controllers; CPU services on
-   ``cpu`` controllers when one is feasible, otherwise on the others;
+2. hardware match: GPU services only on ``gpu`` controllers, on GPUs of the model
+   and VRAM they ask; CPU services on ``cpu`` controllers when one is feasible,
+   otherwise on the others;
 3. the smallest priority value among the candidates wins;
 4. inside that tier, the controller whose containers-per-weight would be lowest
    after the placement takes it, so load follows weight (150 carries 1.5× of
@@ -20,15 +21,22 @@ controller: the eligible controllers sit in one heap per server type, ordered by
 placement pops entries until one passes every check (those that fail for this
 request go back). It is still pure: the caller builds it from a snapshot and
 tells it what it reserved.
+
+GPUs are held whole (``gpus_used``) or shared (``gpu_shared``: the VRAM budget
+committed on each); never both. A shared ask (``gpu_memory``) goes best-fit: to
+the GPU, across the tier, whose remaining budget is the smallest that still fits,
+so whole GPUs stay free for large models.
 """
 
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from types import MappingProxyType
 
 GIB = 1024**3
+_NO_SHARES: Mapping[str, int] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -50,10 +58,21 @@ class ControllerView:
     gpus_used: frozenset[str] = frozenset()
     # It runs golden-inference probes (its health report says so).
     golden_probes: bool = False
+    # Per GPU of ``gpus``, in the same order: its model name and its VRAM in bytes (0: not reported).
+    gpu_models: tuple[str, ...] = ()
+    gpu_memory: tuple[int, ...] = ()
+    # GPU index -> the VRAM budget its shared tenants hold; a GPU in it is not free for a whole ask.
+    gpu_shared: Mapping[str, int] = field(default_factory=lambda: _NO_SHARES)
 
     @property
     def free_gpus(self) -> list[str]:
-        return [g for g in self.gpus if g not in self.gpus_used]
+        return [g for g in self.gpus if g not in self.gpus_used and not self.gpu_shared.get(g)]
+
+    def gpu_model(self, i: int) -> str:
+        return self.gpu_models[i] if i < len(self.gpu_models) else ""
+
+    def gpu_total(self, i: int) -> int:
+        return self.gpu_memory[i] if i < len(self.gpu_memory) else 0
 
 
 @dataclass(frozen=True)
@@ -65,6 +84,15 @@ class PlacementRequest:
     exclude: frozenset[str] = frozenset()
     # The service has a golden-inference probe: only a controller that runs them may take it.
     golden_probe: bool = False
+    # Only GPUs whose model name contains this (case-insensitively), with at least this much VRAM.
+    gpu_model: str | None = None
+    gpu_min_memory: int = 0
+    # A VRAM budget on one shared GPU instead of whole GPUs (then gpu_count is 0).
+    gpu_memory: int = 0
+
+    @property
+    def wants_gpu(self) -> bool:
+        return self.gpu_count > 0 or self.gpu_memory > 0
 
 
 @dataclass(frozen=True)
@@ -82,6 +110,8 @@ class Placement:
     controller_id: str | None
     gpu_devices: tuple[str, ...] = ()
     rejections: tuple[Rejection, ...] = field(default_factory=tuple)
+    # The VRAM budget taken on ``gpu_devices`` (one shared GPU); 0 when they are held whole.
+    gpu_memory: int = 0
 
     @property
     def placed(self) -> bool:
@@ -112,7 +142,7 @@ def _unhealthy(c: ControllerView, r: PlacementRequest) -> Rejection | None:
 def _server_type(c: ControllerView, r: PlacementRequest) -> Rejection | None:
     if r.server_type is not None and c.server_type != r.server_type:
         return Rejection(c.id, "SERVER_TYPE", f"service asks for a {r.server_type} server, this is {c.server_type}")
-    if r.gpu_count > 0 and c.server_type != "gpu":
+    if r.wants_gpu and c.server_type != "gpu":
         return Rejection(c.id, "SERVER_TYPE", f"service needs GPUs, this is a {c.server_type} server")
     return None
 
@@ -129,8 +159,54 @@ def _container_cap(c: ControllerView, r: PlacementRequest) -> Rejection | None:
     return None
 
 
+def _kind(c: ControllerView, r: PlacementRequest) -> tuple[list[int], Rejection | None]:
+    """The positions of ``c.gpus`` of the model and VRAM asked, or why there are none."""
+    model = r.gpu_model.lower() if r.gpu_model else None
+    matching = [i for i in range(len(c.gpus)) if model is None or model in c.gpu_model(i).lower()]
+    if not matching:
+        have = sorted(set(c.gpu_models)) or ["none reported"]
+        return [], Rejection(c.id, "GPU_MODEL", f"no {r.gpu_model} GPU (has {', '.join(have)})")
+    if r.gpu_min_memory:
+        matching = [i for i in matching if c.gpu_total(i) >= r.gpu_min_memory]
+        if not matching:
+            return [], Rejection(c.id, "GPU_MEMORY", f"no GPU{' ' + r.gpu_model if model else ''} with "
+                                                     f"{r.gpu_min_memory / GIB:.1f} GiB of VRAM")
+    return matching, None
+
+
+def _whole_gpus(c: ControllerView, r: PlacementRequest) -> list[str]:
+    """The free GPUs (no whole holder, no shared tenant) of the model and VRAM asked, in inventory order."""
+    matching, _ = _kind(c, r)
+    return [c.gpus[i] for i in matching if c.gpus[i] not in c.gpus_used and not c.gpu_shared.get(c.gpus[i])]
+
+
+def _shared_fit(c: ControllerView, r: PlacementRequest) -> tuple[int, str] | None:
+    """Best fit for a shared ask: (remaining budget after it, GPU) for the GPU left with the least, or None."""
+    matching, _ = _kind(c, r)
+    best: tuple[int, str] | None = None
+    for i in matching:
+        g = c.gpus[i]
+        if g in c.gpus_used:
+            continue
+        left = c.gpu_total(i) - c.gpu_shared.get(g, 0) - r.gpu_memory
+        if left >= 0 and (best is None or (left, g) < best):
+            best = (left, g)
+    return best
+
+
 def _gpus(c: ControllerView, r: PlacementRequest) -> Rejection | None:
-    free = len(c.free_gpus)
+    if not r.wants_gpu:
+        return None
+    if r.gpu_model or r.gpu_min_memory:
+        _, rejection = _kind(c, r)
+        if rejection is not None:
+            return rejection
+    if r.gpu_memory:
+        if _shared_fit(c, r) is None:
+            return Rejection(c.id, "NO_SHARED_GPU",
+                             f"no GPU not held whole with {r.gpu_memory / GIB:.1f} GiB of VRAM budget left")
+        return None
+    free = len(_whole_gpus(c, r)) if (r.gpu_model or r.gpu_min_memory or c.gpu_shared) else len(c.free_gpus)
     if r.gpu_count > free:
         return Rejection(c.id, "GPUS", f"needs {r.gpu_count} free GPU(s), has {free} of {len(c.gpus)}")
     return None
@@ -169,10 +245,28 @@ def _load_after(c: ControllerView) -> float:
     return (c.containers + 1) / c.weight
 
 
-def _best(candidates: Sequence[ControllerView]) -> ControllerView:
+def _best(candidates: Sequence[ControllerView], request: PlacementRequest | None = None) -> ControllerView:
     top = min(c.priority for c in candidates)
     tier = [c for c in candidates if c.priority == top]
+    if request is not None and request.gpu_memory:
+        # Packing beats spreading for shared GPUs: the tightest fit in the tier, then load.
+        def fit(c: ControllerView) -> int:
+            found = _shared_fit(c, request)
+            return found[0] if found is not None else 1 << 62
+        return min(tier, key=lambda c: (fit(c), _load_after(c), c.id))
     return min(tier, key=lambda c: (_load_after(c), c.id))
+
+
+def _decision(chosen: ControllerView, request: PlacementRequest, rejections: tuple[Rejection, ...]) -> Placement:
+    if request.gpu_memory:
+        found = _shared_fit(chosen, request)
+        assert found is not None
+        return Placement(chosen.id, (found[1],), rejections, gpu_memory=request.gpu_memory)
+    if request.gpu_model or request.gpu_min_memory or chosen.gpu_shared:
+        gpus = tuple(_whole_gpus(chosen, request)[: request.gpu_count])
+    else:
+        gpus = tuple(chosen.free_gpus[: request.gpu_count])
+    return Placement(chosen.id, gpus, rejections)
 
 
 def place(controllers: Iterable[ControllerView], request: PlacementRequest) -> Placement:
@@ -186,7 +280,7 @@ def place(controllers: Iterable[ControllerView], request: PlacementRequest) -> P
             rejections.append(rejection)
     if not feasible:
         return Placement(None, (), tuple(rejections))
-    if request.gpu_count == 0 and request.server_type is None:
+    if not request.wants_gpu and request.server_type is None:
         preferred = [c for c in feasible if c.server_type == "cpu"]
         if preferred:
             rejections.extend(
@@ -195,9 +289,7 @@ def place(controllers: Iterable[ControllerView], request: PlacementRequest) -> P
                 if c.server_type != "cpu"
             )
             feasible = preferred
-    chosen = _best(feasible)
-    gpus = tuple(chosen.free_gpus[: request.gpu_count])
-    return Placement(chosen.id, gpus, tuple(rejections))
+    return _decision(_best(feasible, request), request, tuple(rejections))
 
 
 def _eligible(c: ControllerView) -> bool:
@@ -251,6 +343,9 @@ class CandidateIndex:
         return None
 
     def place(self, request: PlacementRequest) -> Placement:
+        if request.gpu_memory:
+            # Best fit is not the heaps' order: one pass over the controllers (a lab has few GPU ones).
+            return place(self._views.values(), request)
         if request.gpu_count > 0:
             groups = [["gpu"]] if request.server_type in (None, "gpu") else []
         elif request.server_type is not None:
@@ -270,28 +365,49 @@ class CandidateIndex:
                 heapq.heappush(self._heaps[server_type], key)
         if chosen is None:
             return place(self._views.values(), request)
-        return Placement(chosen.id, tuple(chosen.free_gpus[: request.gpu_count]), ())
+        return _decision(chosen, request, ())
 
     def _update(self, c: ControllerView) -> None:
         self._views[c.id] = c
         if _eligible(c):
             heapq.heappush(self._heaps.setdefault(c.server_type, []), _key(c))
 
-    def reserve(self, controller_id: str, memory: int, cpu: float, gpus: Iterable[str]) -> None:
+    def reserve(self, controller_id: str, memory: int, cpu: float, gpus: Iterable[str], gpu_memory: int = 0) -> None:
+        """Count a placement; with ``gpu_memory`` its GPUs are shared (that budget on each), else held whole."""
         c = self._views.get(controller_id)
         if c is not None:
+            if gpu_memory:
+                shared, used = _shares(c.gpu_shared, gpus, gpu_memory), c.gpus_used
+            else:
+                shared, used = c.gpu_shared, c.gpus_used | frozenset(gpus)
             self._update(replace(c, containers=c.containers + 1, memory_reserved=c.memory_reserved + memory,
-                                 cpu_reserved=c.cpu_reserved + cpu, gpus_used=c.gpus_used | frozenset(gpus)))
+                                 cpu_reserved=c.cpu_reserved + cpu, gpus_used=used, gpu_shared=shared))
 
-    def release(self, controller_id: str, memory: int, cpu: float, gpus: Iterable[str]) -> None:
+    def release(self, controller_id: str, memory: int, cpu: float, gpus: Iterable[str], gpu_memory: int = 0) -> None:
         c = self._views.get(controller_id)
         if c is not None:
+            if gpu_memory:
+                shared, used = _shares(c.gpu_shared, gpus, -gpu_memory), c.gpus_used
+            else:
+                shared, used = c.gpu_shared, c.gpus_used - frozenset(gpus)
             self._update(replace(c, containers=max(c.containers - 1, 0),
                                  memory_reserved=max(c.memory_reserved - memory, 0),
-                                 cpu_reserved=max(c.cpu_reserved - cpu, 0.0), gpus_used=c.gpus_used - frozenset(gpus)))
+                                 cpu_reserved=max(c.cpu_reserved - cpu, 0.0), gpus_used=used, gpu_shared=shared))
 
     def forget(self, controller_id: str) -> None:
         """Take a controller out of placement until the next snapshot (the database says it is unfit)."""
         c = self._views.get(controller_id)
         if c is not None:
             self._views[controller_id] = replace(c, healthy=False)
+
+
+def _shares(shared: Mapping[str, int], gpus: Iterable[str], delta: int) -> Mapping[str, int]:
+    """``shared`` with ``delta`` bytes of budget added on each of ``gpus`` (a GPU at 0 leaves it)."""
+    out = dict(shared)
+    for g in gpus:
+        left = out.get(g, 0) + delta
+        if left > 0:
+            out[g] = left
+        else:
+            out.pop(g, None)
+    return MappingProxyType(out)

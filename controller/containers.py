@@ -47,7 +47,15 @@ from controller.errors import (
     StaleEpoch,
     StartFailed,
 )
-from controller.gpu import LABEL_GPUS, choose_gpus, gpus_in_use
+from controller.gpu import (
+    LABEL_GPU_MEMORY,
+    LABEL_GPUS,
+    choose_gpus,
+    choose_shared_gpu,
+    gpu_shares,
+    gpus_in_use,
+    share_environment,
+)
 from controller.runtime import Runtime
 from controller.schemas import CopyResult, DirectoryCopy, FileCopy
 from controller.spec import ContainerSpec, build_spec
@@ -166,7 +174,14 @@ class ContainerService:
                 f"this controller already manages {len(managed)} of at most {limit} containers",
                 {"managed": len(managed), "max_containers": limit},
             )
-        if config.gpu_count or config.gpu_device_ids:
+        if config.gpu_memory:
+            # A share of one GPU: the label records it (a restarted controller sees it), the environment says it.
+            whole, shared = gpu_shares(managed)
+            index = choose_shared_gpu(self.gpus, whole, shared, config.gpu_memory, config.gpu_device_ids)
+            spec = replace(spec, gpu_device_ids=[index],
+                           environment={**spec.environment, **share_environment(config.gpu_memory)},
+                           labels={**spec.labels, LABEL_GPUS: index, LABEL_GPU_MEMORY: str(config.gpu_memory)})
+        elif config.gpu_count or config.gpu_device_ids:
             gpus = choose_gpus(self.gpus, gpus_in_use(managed), config.gpu_count, config.gpu_device_ids)
             spec = replace(spec, gpu_device_ids=gpus, labels={**spec.labels, LABEL_GPUS: ",".join(gpus)})
         # No image check first: Docker's create refuses a missing image itself (ImageNotFound), pulling nothing.

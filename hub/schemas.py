@@ -8,6 +8,7 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from mmanager.policy import command_problem, environment_problem, labels_problem
 from mmanager.wire import parse_memory
@@ -16,6 +17,7 @@ NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
 MAX_MEMORY = 4 * 1024**4  # 4 TiB: no server in a lab has more
 MAX_CPUS = 1024.0
 MAX_GPUS = 16
+MAX_GPU_MEMORY = 1024**4
 
 
 class StrictModel(BaseModel):
@@ -27,6 +29,24 @@ class Resources(StrictModel):
     memory_limit: str | None = Field(default=None, max_length=32)
     gpu_required: bool = False
     gpu_count: int = Field(default=0, ge=0, le=MAX_GPUS)
+    # Only GPUs whose model name contains this, case-insensitively ("A100" matches "NVIDIA A100-SXM4-80GB").
+    gpu_model: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
+    # Only GPUs with at least this much VRAM each ("40GB").
+    gpu_min_memory: str | None = Field(default=None, max_length=32)
+    # A VRAM budget on one shared GPU ("8GB") instead of whole GPUs.
+    gpu_memory: str | None = Field(default=None, max_length=32)
+
+    @field_validator("gpu_min_memory", "gpu_memory")
+    @classmethod
+    def _vram(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        size = parse_memory(value)
+        if size < 64 * 1024**2:
+            raise PydanticCustomError("gpu_memory_too_small", "a VRAM size must be at least 64MB")
+        if size > MAX_GPU_MEMORY:
+            raise PydanticCustomError("gpu_memory_too_large", "a VRAM size is larger than any GPU (at most 1TB)")
+        return value
 
     @field_validator("memory_limit")
     @classmethod
@@ -42,6 +62,15 @@ class Resources(StrictModel):
 
     @model_validator(mode="after")
     def _gpu(self) -> Resources:
+        if self.gpu_memory is not None:
+            # A share of one GPU, never whole ones too: placement keeps the two kinds of GPU apart.
+            if self.gpu_count > 0:
+                raise PydanticCustomError("gpu_memory_with_gpu_count",
+                                          "gpu_memory (a share of one GPU) excludes gpu_count (whole GPUs)")
+            self.gpu_required = True
+            return self
+        if (self.gpu_model is not None or self.gpu_min_memory is not None) and self.gpu_count == 0:
+            self.gpu_required = True
         if self.gpu_required and self.gpu_count == 0:
             self.gpu_count = 1
         if self.gpu_count > 0:
@@ -51,6 +80,14 @@ class Resources(StrictModel):
     @property
     def memory_bytes(self) -> int:
         return parse_memory(self.memory_limit) if self.memory_limit else 0
+
+    @property
+    def gpu_memory_bytes(self) -> int:
+        return parse_memory(self.gpu_memory) if self.gpu_memory else 0
+
+    @property
+    def gpu_min_memory_bytes(self) -> int:
+        return parse_memory(self.gpu_min_memory) if self.gpu_min_memory else 0
 
 
 class HealthCheckSpec(StrictModel):

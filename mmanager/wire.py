@@ -182,6 +182,8 @@ class ContainerCreate(WireModel):
     epoch: int | None = Field(default=None, ge=0)
     gpu_count: int = Field(default=0, ge=0)
     gpu_device_ids: list[str] | None = None
+    # A VRAM budget (bytes) on one shared GPU (``gpu_device_ids``) instead of whole GPUs.
+    gpu_memory: int | None = Field(default=None, ge=1)
     health_check: HealthCheck | None = None
     # Capabilities to add; only mmanager.policy.ALLOWED_CAPABILITIES are accepted.
     cap_add: list[str] | None = None

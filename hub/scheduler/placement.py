@@ -36,7 +36,7 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 GIB = 1024**3
-_NO_SHARES: Mapping[str, int] = MappingProxyType({})
+NO_GPU_SHARES: Mapping[str, int] = MappingProxyType({})
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class ControllerView:
     gpu_models: tuple[str, ...] = ()
     gpu_memory: tuple[int, ...] = ()
     # GPU index -> the VRAM budget its shared tenants hold; a GPU in it is not free for a whole ask.
-    gpu_shared: Mapping[str, int] = field(default_factory=lambda: _NO_SHARES)
+    gpu_shared: Mapping[str, int] = field(default_factory=lambda: NO_GPU_SHARES)
 
     @property
     def free_gpus(self) -> list[str]:
@@ -169,7 +169,7 @@ def _kind(c: ControllerView, r: PlacementRequest) -> tuple[list[int], Rejection 
     if r.gpu_min_memory:
         matching = [i for i in matching if c.gpu_total(i) >= r.gpu_min_memory]
         if not matching:
-            return [], Rejection(c.id, "GPU_MEMORY", f"no GPU{' ' + r.gpu_model if model else ''} with "
+            return [], Rejection(c.id, "GPU_MEMORY", f"no GPU{' ' + r.gpu_model if r.gpu_model else ''} with "
                                                      f"{r.gpu_min_memory / GIB:.1f} GiB of VRAM")
     return matching, None
 

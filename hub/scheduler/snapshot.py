@@ -14,15 +14,18 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
+from types import MappingProxyType
 
 from sqlalchemy import Text, cast, func, select
 
 from hub.db import Database
-from hub.models import ContainerRegistryModel, ControllerModel
-from hub.scheduler.placement import GIB, CandidateIndex, ControllerView, Placement, PlacementRequest
+from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel
+from hub.scheduler.placement import GIB, NO_GPU_SHARES, CandidateIndex, ControllerView, Placement, PlacementRequest
+from mmanager.wire import parse_memory
 
 _REGISTRY = ContainerRegistryModel.__table__
 _CONTROLLERS = ControllerModel.__table__
+_SERVICES = ServiceModel.__table__
 # Placement reads the controllers from a snapshot at most this old (plus this process's own reservations
 # since); older, a placement waits for a fresh one. In between, one is taken in the background.
 PLACEMENT_MAX_AGE = 1.0
@@ -38,7 +41,10 @@ _VIEW_USAGE = (select(_REGISTRY.c.controller_id, func.count().label("n"),
                       func.coalesce(func.sum(_REGISTRY.c.memory_bytes), 0).label("memory"),
                       func.coalesce(func.sum(_REGISTRY.c.cpu_limit), 0.0).label("cpu"))
                .group_by(_REGISTRY.c.controller_id))
-_VIEW_GPUS = (select(_REGISTRY.c.controller_id, _REGISTRY.c.gpu_devices)
+# A row's GPUs; shared (its service's ``resources.gpu_memory``, the budget on each) or else held whole.
+_VIEW_GPUS = (select(_REGISTRY.c.controller_id, _REGISTRY.c.gpu_devices,
+                     _SERVICES.c.spec[("resources", "gpu_memory")].as_string().label("gpu_memory"))
+              .join(_SERVICES, _SERVICES.c.id == _REGISTRY.c.service_id)
               .where(cast(_REGISTRY.c.gpu_devices, Text) != "[]"))
 
 
@@ -57,9 +63,15 @@ async def load_views(db: Database) -> tuple[list[ControllerView], dict[str, str]
         controllers, usage_rows, gpu_rows = await asyncio.gather(*reads)
     usage = {r["controller_id"]: (r["n"], r["memory"], r["cpu"]) for r in usage_rows}
     gpus_used: dict[str, set[str]] = {}
+    shared: dict[str, dict[str, int]] = {}
     for r in gpu_rows:
         if r["gpu_devices"]:
-            gpus_used.setdefault(r["controller_id"], set()).update(str(d) for d in r["gpu_devices"])
+            if r["gpu_memory"]:
+                budget, on = parse_memory(r["gpu_memory"]), shared.setdefault(r["controller_id"], {})
+                for d in r["gpu_devices"]:
+                    on[str(d)] = on.get(str(d), 0) + budget
+            else:
+                gpus_used.setdefault(r["controller_id"], set()).update(str(d) for d in r["gpu_devices"])
     views = []
     for c in controllers:
         cid = c["id"]
@@ -71,6 +83,9 @@ async def load_views(db: Database) -> tuple[list[ControllerView], dict[str, str]
             cpu_reserved=float(cpu), memory_total=int(c["memory_total_gb"] * GIB), memory_reserved=int(memory),
             gpus=tuple(str(g.get("index")) for g in c["gpus"] or ()),
             gpus_used=frozenset(gpus_used.get(cid, ())), golden_probes=bool(c["golden_probes"]),
+            gpu_models=tuple(str(g.get("model") or "") for g in c["gpus"] or ()),
+            gpu_memory=tuple(int(g.get("memory_mb") or 0) * 1024**2 for g in c["gpus"] or ()),
+            gpu_shared=MappingProxyType(shared[cid]) if cid in shared else NO_GPU_SHARES,
         ))
     return views, {c["id"]: c["url"] for c in controllers}
 
@@ -85,6 +100,8 @@ class Held:
     cpu: float
     gpus: tuple[str, ...]
     committed_at: float | None = None
+    # The VRAM budget on each of ``gpus`` when they are shared; 0: held whole.
+    gpu_memory: int = 0
 
 
 class PlacementCache:
@@ -149,16 +166,17 @@ class PlacementCache:
             for cid in avoided:
                 index.forget(cid)
             for h in self._held:
-                index.reserve(h.controller_id, h.memory, h.cpu, h.gpus)
+                index.reserve(h.controller_id, h.memory, h.cpu, h.gpus, h.gpu_memory)
             self._index, self.urls, self._taken_at = index, urls, started
             self._cost = time.monotonic() - started
 
     def hold(self, decision: Placement, request: PlacementRequest) -> Held:
         """Count a placement in the view at once (no await between a decision and this)."""
         assert self._index is not None and decision.controller_id is not None
-        held = Held(decision.controller_id, request.memory, request.cpu, decision.gpu_devices)
+        held = Held(decision.controller_id, request.memory, request.cpu, decision.gpu_devices,
+                    gpu_memory=decision.gpu_memory)
         self._held.add(held)
-        self._index.reserve(held.controller_id, held.memory, held.cpu, held.gpus)
+        self._index.reserve(held.controller_id, held.memory, held.cpu, held.gpus, held.gpu_memory)
         return held
 
     def committed(self, held: Held) -> None:
@@ -170,7 +188,7 @@ class PlacementCache:
         if held in self._held:
             self._held.discard(held)
             if self._index is not None:
-                self._index.release(held.controller_id, held.memory, held.cpu, held.gpus)
+                self._index.release(held.controller_id, held.memory, held.cpu, held.gpus, held.gpu_memory)
 
     def unfit(self, controller_id: str) -> None:
         """The database refused a placement there: out of the view until a fresh snapshot, taken next."""

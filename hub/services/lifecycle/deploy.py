@@ -174,6 +174,9 @@ def _request(spec: ServiceSpec, exclude: frozenset[str] = frozenset()) -> Placem
         cpu=spec.resources.cpu_limit or 0.0,
         gpu_count=spec.resources.gpu_count,
         server_type=spec.server_type,
+        gpu_model=spec.resources.gpu_model,
+        gpu_min_memory=spec.resources.gpu_min_memory_bytes,
+        gpu_memory=spec.resources.gpu_memory_bytes,
         exclude=exclude,
         golden_probe=spec.probe is not None,
     )
@@ -396,6 +399,7 @@ class Deployer:
             epoch=epoch,
             gpu_count=len(gpus),
             gpu_device_ids=list(gpus) or None,
+            gpu_memory=spec.resources.gpu_memory_bytes or None,
             health_check=wire_check(spec),
             cap_add=list(spec.cap_add) or None,
         )

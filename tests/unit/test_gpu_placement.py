@@ -80,7 +80,7 @@ def test_shares_pack_then_open_a_new_gpu_and_release():
     placed = []
     for _ in range(4):
         d = index.place(request)
-        assert d.placed
+        assert d.controller_id is not None
         index.reserve(d.controller_id, 0, 0.0, d.gpu_devices, d.gpu_memory)
         placed.append(d.gpu_devices)
     # Two 10 GB budgets fill a 24 GB card before the second is opened.
@@ -97,6 +97,7 @@ def test_shares_pack_then_open_a_new_gpu_and_release():
 def test_whole_reservation_blocks_shares():
     index = CandidateIndex([gpu("a", A100)])
     d = index.place(PlacementRequest(gpu_count=1))
+    assert d.controller_id is not None
     index.reserve(d.controller_id, 0, 0.0, d.gpu_devices)
     rejection = index.place(PlacementRequest(gpu_memory=GIB)).rejections
     assert [r.code for r in rejection] == ["NO_SHARED_GPU"]

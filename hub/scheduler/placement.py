@@ -318,6 +318,8 @@ class CandidateIndex:
                 self._heaps.setdefault(v.server_type, []).append(_key(v))
         for heap in self._heaps.values():
             heapq.heapify(heap)
+        # The controllers with GPUs: where a shared-GPU ask looks.
+        self._gpu_ids = [cid for cid, v in self._views.items() if v.gpus]
 
     def views(self) -> list[ControllerView]:
         return list(self._views.values())
@@ -344,8 +346,10 @@ class CandidateIndex:
 
     def place(self, request: PlacementRequest) -> Placement:
         if request.gpu_memory:
-            # Best fit is not the heaps' order: one pass over the controllers (a lab has few GPU ones).
-            return place(self._views.values(), request)
+            # Best fit is not the heaps' order: one pass over the GPU controllers (all of them for the
+            # rejections when none fits).
+            shared = place((self._views[cid] for cid in self._gpu_ids), request)
+            return replace(shared, rejections=()) if shared.placed else place(self._views.values(), request)
         if request.gpu_count > 0:
             groups = [["gpu"]] if request.server_type in (None, "gpu") else []
         elif request.server_type is not None:

@@ -24,17 +24,23 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+def _unset(value: Any) -> bool:
+    return value is None
+
+
 class Resources(StrictModel):
     cpu_limit: float | None = Field(default=None, gt=0, le=MAX_CPUS)
     memory_limit: str | None = Field(default=None, max_length=32)
     gpu_required: bool = False
     gpu_count: int = Field(default=0, ge=0, le=MAX_GPUS)
     # Only GPUs whose model name contains this, case-insensitively ("A100" matches "NVIDIA A100-SXM4-80GB").
-    gpu_model: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$")
+    # The three are left out of the output when not given: specs stored before them read the same.
+    gpu_model: str | None = Field(default=None, min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9 ._-]*$",
+                                  exclude_if=_unset)
     # Only GPUs with at least this much VRAM each ("40GB").
-    gpu_min_memory: str | None = Field(default=None, max_length=32)
+    gpu_min_memory: str | None = Field(default=None, max_length=32, exclude_if=_unset)
     # A VRAM budget on one shared GPU ("8GB") instead of whole GPUs.
-    gpu_memory: str | None = Field(default=None, max_length=32)
+    gpu_memory: str | None = Field(default=None, max_length=32, exclude_if=_unset)
 
     @field_validator("gpu_min_memory", "gpu_memory")
     @classmethod

@@ -80,6 +80,8 @@ class ControllerSettings(SpecPolicySettings, TlsSettings, LogSettings):
     # None: the Docker SDK's own defaults (DOCKER_HOST from the environment, else the local socket).
     docker_host: str | None = Field(default=None, validation_alias="DOCKER_HOST")
     docker_timeout: float = Field(default=60, gt=0, validation_alias="DOCKER_TIMEOUT")
+    # Seconds a create waits for the pull of an image this host lacks before answering IMAGE_PULL_FAILED.
+    pull_timeout: float = Field(default=600, gt=0, validation_alias="MMANAGER_PULL_TIMEOUT")
     # Where heartbeats go: one hub URL, or several hub replicas' comma-separated. None: the hub polls only.
     hub_url: str | None = Field(default=None, validation_alias="MMANAGER_HUB_URL")
     controller_url: str | None = Field(default=None, validation_alias="CONTROLLER_URL")

@@ -43,6 +43,8 @@ from controller.errors import (
     ControllerError,
     CopyFailed,
     DockerUnavailable,
+    ImageNotFound,
+    ImageNotPresent,
     InvalidRequest,
     StaleEpoch,
     StartFailed,
@@ -127,7 +129,9 @@ class ContainerService:
     async def create(self, config: ContainerCreate) -> ContainerCreated:
         """Three Docker round trips for a new container: one listing, the create, the start (with the
         inspect that reads its outcome on the same pool thread). The listing serves both the idempotency
-        lookup and the admission count; a missing image is the create's own refusal."""
+        lookup and the admission count; a missing image is the create's own refusal (ImageNotPresent),
+        and only then is it pulled, outside the admission lock (other services' creates go on meanwhile,
+        this service's wait on its lock), and the admission made again."""
         settings = self.settings
         spec = build_spec(
             config,
@@ -144,13 +148,28 @@ class ContainerService:
         async with self._lock(config.service_id):
             if config.service_id:
                 self._fence(config.service_id, config.epoch or 0)
-            async with self._admission:
-                managed = await self.runtime.list_containers(all=True, detailed=False)
-                existing = _same_create(managed, config)
-                if existing is None:
-                    container_id = await self._admit(config, spec, managed)
+            container_id: str | None = None
+            for pulled in (False, True):
+                async with self._admission:
+                    managed = await self.runtime.list_containers(all=True, detailed=False)
+                    existing = _same_create(managed, config)
+                    if existing is None:
+                        try:
+                            container_id = await self._admit(config, spec, managed)
+                        except ImageNotPresent as exc:
+                            if pulled:
+                                # Gone again between the pull and the create (a prune).
+                                raise ImageNotFound(exc.message, exc.details) from None
+                            container_id = None
+                if container_id is not None or existing is not None:
+                    break
+                await self.runtime.pull_missing(spec.image)
+                if config.service_id:
+                    # A pull takes long: a newer epoch may have been seen meanwhile.
+                    self._fence(config.service_id, config.epoch or 0)
             if existing is not None:
                 return await self._reuse(existing)
+            assert container_id is not None
             return await self._start_new(container_id)
 
     async def _reuse(self, container: ContainerInfo) -> ContainerCreated:
@@ -184,7 +203,7 @@ class ContainerService:
         elif config.gpu_count or config.gpu_device_ids:
             gpus = choose_gpus(self.gpus, gpus_in_use(managed), config.gpu_count, config.gpu_device_ids)
             spec = replace(spec, gpu_device_ids=gpus, labels={**spec.labels, LABEL_GPUS: ",".join(gpus)})
-        # No image check first: Docker's create refuses a missing image itself (ImageNotFound), pulling nothing.
+        # No image check first: Docker's create refuses a missing image itself (ImageNotPresent).
         return await self.runtime.create_container(spec)
 
     async def _start_new(self, container_id: str) -> ContainerCreated:

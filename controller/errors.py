@@ -31,6 +31,14 @@ class ImageNotFound(NotFound):
     code = "IMAGE_NOT_FOUND"
 
 
+class ImageNotPresent(ImageNotFound):
+    """Docker's create found no such image on this host, for a reference a registry may have.
+
+    ``ContainerService.create`` pulls it (``Runtime.pull_missing``) and creates again; answered as
+    IMAGE_NOT_FOUND only where nothing pulls.
+    """
+
+
 class Conflict(ControllerError):
     status_code = 409
     code = "CONFLICT"

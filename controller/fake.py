@@ -271,6 +271,11 @@ class FakeRuntime:
         self._up()
         raise ImagePullFailed(f"pulling {name!r} failed: no registry reachable (fake)", {"image": name})
 
+    async def pull_missing(self, image: str) -> None:
+        # Never reached: the fake's create refuses a missing image as ImageNotFound, not ImageNotPresent.
+        self._up()
+        raise ImagePullFailed(f"pulling {image!r} failed: no registry reachable (fake)", {"image": image})
+
     async def close(self) -> None:
         return None
 

@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -43,6 +45,7 @@ from controller.errors import (
     DockerUnavailable,
     ImageInUse,
     ImageNotFound,
+    ImageNotPresent,
     ImagePullFailed,
     InvalidContainerConfig,
     InvalidRequest,
@@ -58,6 +61,8 @@ from mmanager.wire import LABEL_CONTROLLER, LABEL_EPOCH, LABEL_MANAGED, LABEL_SE
 
 # /health must answer quickly even when the daemon hangs.
 PING_TIMEOUT = 3.0
+
+log = logging.getLogger(__name__)
 _POOL_THREADS = 64
 
 T = TypeVar("T")
@@ -95,6 +100,7 @@ class Runtime(Protocol):
     async def remove_image(self, name: str, force: bool) -> list[dict[str, str]]: ...
     async def prune_images(self) -> tuple[list[str], int]: ...
     async def pull_image(self, name: str, auth: dict[str, Any] | None) -> ImageDetail: ...
+    async def pull_missing(self, image: str) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -228,8 +234,9 @@ class DockerRuntime:
         """Create (not start) the container; on any failure nothing is left behind.
 
         One round trip: the SDK's ``containers.create`` inspects what it made, which nothing here reads. A
-        missing image is Docker's answer to the create itself (404, or 400 for a reference that no image can
-        have), raised as ImageNotFound: the API's create never pulls, so it answers at once, registry or not.
+        missing image is Docker's answer to the create itself (404, raised as ImageNotPresent: the caller
+        pulls with ``pull_missing`` and creates again), so a host that has the image pays nothing more. A
+        reference no image can have (Docker's 400) is ImageNotFound, nothing to pull.
         """
 
         def create(client: docker.DockerClient) -> str:
@@ -254,7 +261,7 @@ class DockerRuntime:
                 container_id: str = client.api.create_container(
                     spec.image, host_config=host_config, ports=ports or None, **config)["Id"]
             except docker.errors.ImageNotFound:
-                raise missing from None
+                raise ImageNotPresent(missing.message, missing.details) from None
             except docker.errors.NotFound as exc:
                 raise InvalidContainerConfig(str(exc.explanation)) from None
             except docker.errors.APIError as exc:
@@ -274,6 +281,43 @@ class DockerRuntime:
             return container_id
 
         return await self._run(create)
+
+    async def pull_missing(self, image: str) -> None:
+        """Pull ``image`` for a create that found it missing, off the event loop, bounded by ``MMANAGER_PULL_TIMEOUT``.
+
+        The outcome (layers fetched, the image's size, seconds) is logged. A registry that lacks the image
+        or refuses it answers 404 (the caller's image, not this host's fault), an unreachable registry 502,
+        a pull past the timeout 504: all IMAGE_PULL_FAILED, with the image and the registry's message in
+        the details. A timed-out pull goes on in its pool thread until Docker ends it.
+        """
+        repository, tag = parse_repository_tag(image)
+        started = time.monotonic()
+
+        def failed(message: str, status: int) -> ImagePullFailed:
+            return ImagePullFailed(f"pulling {image!r} failed: {message}", {"image": image, "registry": message},
+                                   status_code=status)
+
+        def pull(client: docker.DockerClient) -> tuple[int, int]:
+            layers: set[str] = set()
+            try:
+                # tag None: the SDK pulls ":latest", as Docker's create would have looked up.
+                for event in client.api.pull(repository, tag=tag, stream=True, decode=True):
+                    if event.get("error"):
+                        raise failed(str(event["error"]), 502)
+                    if event.get("status") == "Pull complete" and event.get("id"):
+                        layers.add(str(event["id"]))
+            except docker.errors.APIError as exc:
+                raise failed(str(exc.explanation or exc), 404 if exc.status_code == 404 else 502) from None
+            size = int(client.api.inspect_image(image if tag else f"{image}:latest").get("Size") or 0)
+            return len(layers), size
+
+        timeout = self._settings.pull_timeout
+        try:
+            layers, size = await asyncio.wait_for(self._run(pull), timeout)
+        except TimeoutError:
+            raise failed(f"no answer within {timeout:g} s (MMANAGER_PULL_TIMEOUT)", 504) from None
+        log.info("pulled image %s for a create: %d layers, %d bytes, %.1f s",
+                 image, layers, size, time.monotonic() - started)
 
     async def start_created(self, container_id: str) -> ContainerInfo | None:
         """Start a container this controller itself just created or listed, and inspect it once started.

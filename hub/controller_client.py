@@ -368,6 +368,11 @@ def _error_from(controller_id: str, response: httpx.Response) -> HubError:
         # The hub's key was refused: an operator's problem, not the caller's credentials.
         # (SPEC_FORBIDDEN is the controller's spec policy refusing the spec: the caller's, passed on.)
         return ControllerUnavailable(message, details, code="CONTROLLER_AUTH_FAILED")
+    if code == "IMAGE_PULL_FAILED":
+        # The service's image could not be had (the registry lacks it, refuses it, or cannot be reached):
+        # a refusal about the caller's spec whatever the controller's status, never the controller being
+        # down. Deployer.deploy tries the next eligible controller on it.
+        return ControllerRejected(message, details, code=code, status_code=422)
     if response.status_code >= 500:
         return ControllerUnavailable(message, details, code=code if code != "CONTROLLER_ERROR" else None)
     # A missing image is the caller's bad input, whatever status the controller chose for it.

@@ -364,13 +364,16 @@ class Deployer:
                 await sql.delete_row(ctx.db, row.id)
                 ctx.placement.release(reserved.held)
                 # Unreachable, or full after all (another replica took its last slot meanwhile, or
-                # containers the hub does not know of): the next best controller is tried.
+                # containers the hub does not know of), or its pull of the image failed (the registry
+                # unreachable from there, or lacking the image): the next best controller is tried. When
+                # none is left, the last refusal is the answer (a pull's names the image and the registry).
                 full = isinstance(exc, ControllerRejected) and exc.code == "CAPACITY_EXCEEDED"
-                if (isinstance(exc, ControllerUnavailable) or full) and target is None:
+                pull = isinstance(exc, ControllerRejected) and exc.code == "IMAGE_PULL_FAILED"
+                if (isinstance(exc, ControllerUnavailable) or full or pull) and target is None:
                     tried.add(controller.id)
                     if full:
                         ctx.placement.unfit(controller.id)
-                    else:
+                    elif not pull:
                         ctx.placement.avoid(controller.id)
                     last_error = exc
                     continue

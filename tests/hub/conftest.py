@@ -34,6 +34,10 @@ class Router(httpx.AsyncBaseTransport):
         # Hosts whose creates are refused as a full controller refuses them (its last slot taken by
         # something the hub has not seen yet: another replica's create, a container made by hand).
         self.full: set[str] = set()
+        # Hosts whose creates are refused as a controller whose pull of the image failed refuses them,
+        # and the hosts that refused so, in order.
+        self.pull_fails: set[str] = set()
+        self.pull_refused: list[str] = []
 
     def add(self, host: str, app: Any) -> None:
         self.apps[host] = httpx.ASGITransport(app=app)
@@ -45,6 +49,11 @@ class Router(httpx.AsyncBaseTransport):
         if host in self.full and request.method == "POST" and request.url.path == "/containers/":
             return httpx.Response(409, json={"error": {"code": "CAPACITY_EXCEEDED",
                                                        "message": "this controller runs its maximum of containers"}})
+        if host in self.pull_fails and request.method == "POST" and request.url.path == "/containers/":
+            self.pull_refused.append(host)
+            return httpx.Response(404, json={"error": {
+                "code": "IMAGE_PULL_FAILED", "message": "pulling 'x' failed: manifest unknown",
+                "details": {"image": "x", "registry": "manifest unknown"}}})
         return await self.apps[host].handle_async_request(request)
 
 

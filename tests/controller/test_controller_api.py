@@ -189,16 +189,19 @@ async def test_concurrent_creates_never_exceed_max_containers(
     assert len(managed(docker_client, ctl.server_id)) == 2
 
 
-# No image can have the second name (Docker answers its create with 400, "invalid reference format").
-@pytest.mark.parametrize("image", ["registry.invalid/none:latest", "Not/A::Reference"])
+# No image can have the second name (Docker answers its create with 400, "invalid reference format"):
+# nothing is pulled. The first is pulled, and its registry cannot be resolved.
+@pytest.mark.parametrize(("image", "status", "code"), [("registry.invalid/none:latest", 502, "IMAGE_PULL_FAILED"),
+                                                       ("Not/A::Reference", 404, "IMAGE_NOT_FOUND")])
 async def test_unknown_image_is_refused_fast_and_leaves_nothing(
-    ctl: Ctl, docker_client: docker.DockerClient, image: str
+    ctl: Ctl, docker_client: docker.DockerClient, image: str, status: int, code: str
 ) -> None:
-    # Answered at once: the create never pulls, so no registry is waited for.
-    response = await asyncio.wait_for(ctl.create(image, name=f"{ctl.server_id}-ghost"), 5)
-    assert response.status_code == 404
-    assert response.json()["error"]["code"] == "IMAGE_NOT_FOUND"
-    assert response.json()["error"]["details"] == {"image": image}
+    response = await asyncio.wait_for(ctl.create(image, name=f"{ctl.server_id}-ghost"), 10)
+    assert response.status_code == status
+    error = response.json()["error"]
+    assert error["code"] == code and error["details"]["image"] == image
+    if code == "IMAGE_PULL_FAILED":
+        assert image in error["message"] and "registry.invalid" in error["details"]["registry"]
     assert managed(docker_client, ctl.server_id) == []
 
 

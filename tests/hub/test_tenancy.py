@@ -220,7 +220,7 @@ async def test_a_failed_create_holds_no_quota(cluster: Cluster) -> None:
     alice = await cluster.user("alice")
     async with replica(cluster, max_services_per_user=1) as hub:
         r = await hub.post("/api/alice/r/services", json={**SPEC, "image": "no-such-image-anywhere:1"}, headers=alice)
-        assert r.status_code == 422 and r.json()["error"]["code"] == "IMAGE_NOT_FOUND", r.text
+        assert r.status_code == 422 and r.json()["error"]["code"] == "IMAGE_PULL_FAILED", r.text
         r = await hub.post("/api/alice/r/services", json=SPEC, headers=alice)
         assert r.status_code == 201, r.text
         r = await hub.post("/api/alice/r/services", json={**SPEC, "name": "two"}, headers=alice)

@@ -68,6 +68,7 @@ from mmanager.wire import (
     ContainerCreated,
     ContainerInfo,
     GpuInfo,
+    ImagePulled,
     parse_memory,
 )
 
@@ -149,7 +150,8 @@ class ContainerService:
             if config.service_id:
                 self._fence(config.service_id, config.epoch or 0)
             container_id: str | None = None
-            for pulled in (False, True):
+            pulled: ImagePulled | None = None
+            for again in (False, True):
                 async with self._admission:
                     managed = await self.runtime.list_containers(all=True, detailed=False)
                     existing = _same_create(managed, config)
@@ -157,20 +159,20 @@ class ContainerService:
                         try:
                             container_id = await self._admit(config, spec, managed)
                         except ImageNotPresent as exc:
-                            if pulled:
+                            if again:
                                 # Gone again between the pull and the create (a prune).
                                 raise ImageNotFound(exc.message, exc.details) from None
                             container_id = None
                 if container_id is not None or existing is not None:
                     break
-                await self.runtime.pull_missing(spec.image)
+                pulled = await self.runtime.pull_missing(spec.image)
                 if config.service_id:
                     # A pull takes long: a newer epoch may have been seen meanwhile.
                     self._fence(config.service_id, config.epoch or 0)
             if existing is not None:
                 return await self._reuse(existing)
             assert container_id is not None
-            return await self._start_new(container_id)
+            return await self._start_new(container_id, pulled)
 
     async def _reuse(self, container: ContainerInfo) -> ContainerCreated:
         if container.status in _LIVE:
@@ -206,7 +208,7 @@ class ContainerService:
         # No image check first: Docker's create refuses a missing image itself (ImageNotPresent).
         return await self.runtime.create_container(spec)
 
-    async def _start_new(self, container_id: str) -> ContainerCreated:
+    async def _start_new(self, container_id: str, pulled: ImagePulled | None = None) -> ContainerCreated:
         try:
             info = await self.runtime.start_created(container_id)
         except ControllerError as exc:
@@ -219,7 +221,7 @@ class ContainerService:
         log.info(
             "created container %s (%s) for service %s epoch %s", info.name, info.id[:12], info.service_id, info.epoch
         )
-        return _created(info, created=True)
+        return _created(info, created=True, image_pull=pulled)
 
     async def _discard(self, container_id: str) -> None:
         try:
@@ -343,7 +345,7 @@ def _same_create(managed: list[ContainerInfo], config: ContainerCreate) -> Conta
     return None
 
 
-def _created(info: ContainerInfo, *, created: bool) -> ContainerCreated:
+def _created(info: ContainerInfo, *, created: bool, image_pull: ImagePulled | None = None) -> ContainerCreated:
     return ContainerCreated(
         container_id=info.id,
         name=info.name,
@@ -353,4 +355,5 @@ def _created(info: ContainerInfo, *, created: bool) -> ContainerCreated:
         epoch=info.epoch,
         created=created,
         gpu_device_ids=info.gpu_device_ids,
+        image_pull=image_pull,
     )

@@ -33,7 +33,7 @@ from controller.gpu import label_gpu_ids
 from controller.runtime import HostInfo
 from controller.schemas import ContainerStats, ImageDetail, ImageSummary
 from controller.spec import ContainerSpec
-from mmanager.wire import LABEL_CONTROLLER, LABEL_EPOCH, LABEL_MANAGED, LABEL_SERVICE, ContainerInfo
+from mmanager.wire import LABEL_CONTROLLER, LABEL_EPOCH, LABEL_MANAGED, LABEL_SERVICE, ContainerInfo, ImagePulled
 
 GB = 1024**3
 
@@ -271,7 +271,7 @@ class FakeRuntime:
         self._up()
         raise ImagePullFailed(f"pulling {name!r} failed: no registry reachable (fake)", {"image": name})
 
-    async def pull_missing(self, image: str) -> None:
+    async def pull_missing(self, image: str) -> ImagePulled:
         # Never reached: the fake's create refuses a missing image as ImageNotFound, not ImageNotPresent.
         self._up()
         raise ImagePullFailed(f"pulling {image!r} failed: no registry reachable (fake)", {"image": image})

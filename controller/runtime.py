@@ -57,7 +57,7 @@ from controller.gpu import label_gpu_ids
 from controller.schemas import ContainerStats, ImageDetail, ImageSummary
 from controller.spec import ContainerSpec
 from mmanager.streams import ClosingStream, newest_bytes
-from mmanager.wire import LABEL_CONTROLLER, LABEL_EPOCH, LABEL_MANAGED, LABEL_SERVICE, ContainerInfo
+from mmanager.wire import LABEL_CONTROLLER, LABEL_EPOCH, LABEL_MANAGED, LABEL_SERVICE, ContainerInfo, ImagePulled
 
 # /health must answer quickly even when the daemon hangs.
 PING_TIMEOUT = 3.0
@@ -100,7 +100,7 @@ class Runtime(Protocol):
     async def remove_image(self, name: str, force: bool) -> list[dict[str, str]]: ...
     async def prune_images(self) -> tuple[list[str], int]: ...
     async def pull_image(self, name: str, auth: dict[str, Any] | None) -> ImageDetail: ...
-    async def pull_missing(self, image: str) -> None: ...
+    async def pull_missing(self, image: str) -> ImagePulled: ...
     async def close(self) -> None: ...
 
 
@@ -282,10 +282,10 @@ class DockerRuntime:
 
         return await self._run(create)
 
-    async def pull_missing(self, image: str) -> None:
+    async def pull_missing(self, image: str) -> ImagePulled:
         """Pull ``image`` for a create that found it missing, off the event loop, bounded by ``MMANAGER_PULL_TIMEOUT``.
 
-        The outcome (layers fetched, the image's size, seconds) is logged. A registry that lacks the image
+        The outcome (layers fetched, the image's size, seconds) is logged and returned. A registry that lacks the image
         or refuses it answers 404 (the caller's image, not this host's fault), an unreachable registry 502,
         a pull past the timeout 504: all IMAGE_PULL_FAILED, with the image and the registry's message in
         the details. A timed-out pull goes on in its pool thread until Docker ends it.
@@ -316,8 +316,10 @@ class DockerRuntime:
             layers, size = await asyncio.wait_for(self._run(pull), timeout)
         except TimeoutError:
             raise failed(f"no answer within {timeout:g} s (MMANAGER_PULL_TIMEOUT)", 504) from None
+        pulled = ImagePulled(image=image, layers=layers, bytes=size, seconds=round(time.monotonic() - started, 3))
         log.info("pulled image %s for a create: %d layers, %d bytes, %.1f s",
-                 image, layers, size, time.monotonic() - started)
+                 image, layers, size, pulled.seconds)
+        return pulled
 
     async def start_created(self, container_id: str) -> ContainerInfo | None:
         """Start a container this controller itself just created or listed, and inspect it once started.

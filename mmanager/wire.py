@@ -189,6 +189,15 @@ class ContainerCreate(WireModel):
     cap_add: list[str] | None = None
 
 
+class ImagePulled(WireModel):
+    """A pull a controller made for a create that found the image missing: shown in the hub's operation."""
+
+    image: str
+    layers: int = 0  # layers fetched ("Pull complete"); those already on the host are not counted
+    bytes: int = 0  # the image's size once pulled
+    seconds: float = 0.0
+
+
 class ContainerCreated(WireModel):
     success: bool = True
     container_id: str
@@ -200,6 +209,8 @@ class ContainerCreated(WireModel):
     # False when an identical (service_id, epoch) create had already run.
     created: bool = True
     gpu_device_ids: list[str] = Field(default_factory=list)
+    # Set when this create pulled the image first.
+    image_pull: ImagePulled | None = None
 
 
 class ContainerInfo(WireModel):

@@ -20,14 +20,22 @@ from controller import app as controller_app
 from controller import archives
 from controller.config import ControllerSettings, parse_gpu_devices
 from controller.containers import ContainerService
-from controller.errors import DockerUnavailable, GpuUnavailable, ImageNotFound, InvalidRequest, SpecForbidden
+from controller.errors import (
+    DockerUnavailable,
+    GpuUnavailable,
+    ImageNotFound,
+    ImageNotPresent,
+    ImagePullFailed,
+    InvalidRequest,
+    SpecForbidden,
+)
 from controller.fake import FakeRuntime
 from controller.gpu import choose_gpus, detect_gpus
 from controller.runtime import DockerRuntime
 from controller.schemas import ImageDetail
 from controller.spec import ContainerSpec, build_spec
 from examples.images import EXAMPLE_IMAGE
-from mmanager.wire import ContainerCreate, ContainerInfo, GpuInfo
+from mmanager.wire import ContainerCreate, ContainerInfo, GpuInfo, ImagePulled
 from tests.controller.conftest import KEY, Ctl, StartController, make_settings
 
 # -- settings ---------------------------------------------------------------
@@ -360,6 +368,52 @@ async def test_a_create_lists_once_and_inspects_nothing_before_the_start() -> No
     assert refused.value.details == {"image": "no-such-image:1"}
     assert runtime.calls == ["list_containers", "create_container"]
     assert len(runtime.containers) == 1
+
+
+class PullingRuntime(CountingRuntime):
+    """The counting fake with a registry behind it: a missing image is ImageNotPresent, and pulled
+    when ``registry`` has it."""
+
+    def __init__(self, server_id: str, registry: set[str]) -> None:
+        super().__init__(server_id)
+        self.registry = registry
+
+    async def create_container(self, spec: ContainerSpec) -> str:
+        try:
+            return await super().create_container(spec)
+        except ImageNotFound as exc:
+            raise ImageNotPresent(exc.message, exc.details) from None
+
+    async def pull_missing(self, image: str) -> ImagePulled:
+        self.calls.append("pull_missing")
+        if image not in self.registry:
+            raise ImagePullFailed(f"pulling {image!r} failed: manifest unknown", {"image": image},
+                                  status_code=404)
+        self.images[image] = "sha256:" + "0" * 64
+        return ImagePulled(image=image, layers=2, bytes=1024, seconds=0.5)
+
+
+async def test_a_create_pulls_a_missing_image_and_creates_again() -> None:
+    runtime = PullingRuntime("pull-ctl", {"lab/model:1"})
+    service = ContainerService(make_settings("pull-ctl", max_containers=5), runtime, [])
+    await service.seed_epochs()
+    runtime.calls.clear()
+    made = await service.create(ContainerCreate(image="lab/model:1", service_id="svc", epoch=1))
+    assert (made.created, made.status) == (True, "running")
+    assert made.image_pull == ImagePulled(image="lab/model:1", layers=2, bytes=1024, seconds=0.5)
+    assert runtime.calls == ["list_containers", "create_container", "pull_missing",
+                             "list_containers", "create_container", "start_created"]
+
+    # Present now: no pull, nothing said of one.
+    again = await service.create(ContainerCreate(image="lab/model:1", service_id="svc2", epoch=1))
+    assert again.image_pull is None
+
+    runtime.calls.clear()
+    with pytest.raises(ImagePullFailed) as failed:
+        await service.create(ContainerCreate(image="lab/none:1", service_id="svc3", epoch=1))
+    assert (failed.value.status_code, failed.value.details) == (404, {"image": "lab/none:1"})
+    assert runtime.calls == ["list_containers", "create_container", "pull_missing"]
+    assert len(runtime.containers) == 2
 
 
 async def test_failed_start_leaves_no_container(fake_ctl: Ctl, fake: FakeRuntime) -> None:

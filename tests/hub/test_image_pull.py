@@ -76,6 +76,10 @@ async def test_a_create_pulls_the_image_from_a_registry(
     [container] = cluster.containers(**{"mmanager.service": service["id"]})
     assert container.status == "running" and container.image.id == docker_client.images.get(EXAMPLE_IMAGE).id
     assert pushed in docker_client.images.get(pushed).tags
+    # The pull shows in the create's operation (its layers are the example image's, already here).
+    [op] = (await cluster.hub.get("/api/admin/operations", params={"service_id": service["id"]})).json()
+    pull = op["details"]["image_pull"]
+    assert pull["image"] == pushed and pull["bytes"] > 0 and pull["seconds"] >= 0 and pull["layers"] >= 0
 
     # A tag the registry lacks: refused, naming the image and what the registry said; nothing made.
     missing = pushed.rsplit(":", 1)[0] + ":missing"

@@ -173,9 +173,12 @@ class Creator:
                     if await tx.execute(sql.SETTLE_CREATED, {**settled, "service_id": service.id,
                                                              "at_epoch": service.epoch}) != 1:
                         raise Superseded
+                    done: dict[str, Any] = {"replicas_made": len(copies)} if spec.replicas > 1 else {}
+                    pulls = [made.image_pull for made in copies if made.image_pull is not None]
+                    if pulls:
+                        done["image_pull"] = pulls[0] if len(pulls) == 1 else pulls
                     await ctx.ops.finish_in(
-                        tx, op, controller_id=controller.id, container_id=row.container_id,
-                        details={"replicas_made": len(copies)} if spec.replicas > 1 else None)
+                        tx, op, controller_id=controller.id, container_id=row.container_id, details=done or None)
             except Superseded:
                 # Someone else finished (or deleted) this service meanwhile: ours would be a second copy.
                 for made in copies:

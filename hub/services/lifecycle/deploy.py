@@ -94,18 +94,20 @@ class Reserved:
 @dataclass(slots=True)
 class Deployed:
     """A copy made: its row (container id and name, status and endpoint set), its controller and Docker's
-    status."""
+    status; ``image_pull``, the pull its controller made first (for the operation's details), if any."""
 
     row: ContainerRegistryModel
     controller: ControllerModel
     status: str
+    image_pull: dict[str, Any] | None = None
 
     @classmethod
     def made(cls, row: ContainerRegistryModel, controller: ControllerModel, created: ContainerCreated) -> Deployed:
         """What the controller's create made, recorded on the copy's row (not yet written)."""
         row.container_id, row.container_name, row.status = created.container_id, created.name, created.status
         row.endpoint = endpoint_for(controller.url, created.ports).model_dump()
-        return cls(row, controller, created.status)
+        pulled = created.image_pull.model_dump() if created.image_pull is not None else None
+        return cls(row, controller, created.status, pulled)
 
     @property
     def epoch(self) -> int:

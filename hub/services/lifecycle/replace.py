@@ -176,6 +176,8 @@ class Replacer:
                                  plan.reason)
         if not primary or plan.adding:
             details["replica"] = "added" if plan.adding else "replaced"
+        if copy.image_pull is not None:
+            details["image_pull"] = copy.image_pull
         ended = False
         try:
             async with ctx.db.transaction() as tx:

@@ -61,9 +61,9 @@ from mmanager.wire import LABEL_CONTROLLER, LABEL_EPOCH, LABEL_MANAGED, LABEL_SE
 
 # /health must answer quickly even when the daemon hangs.
 PING_TIMEOUT = 3.0
+_POOL_THREADS = 64
 
 log = logging.getLogger(__name__)
-_POOL_THREADS = 64
 
 T = TypeVar("T")
 
@@ -283,12 +283,13 @@ class DockerRuntime:
         return await self._run(create)
 
     async def pull_missing(self, image: str) -> ImagePulled:
-        """Pull ``image`` for a create that found it missing, off the event loop, bounded by ``MMANAGER_PULL_TIMEOUT``.
+        """Pull ``image`` for a create that found it missing: off the event loop, within ``MMANAGER_PULL_TIMEOUT``.
 
-        The outcome (layers fetched, the image's size, seconds) is logged and returned. A registry that lacks the image
-        or refuses it answers 404 (the caller's image, not this host's fault), an unreachable registry 502,
-        a pull past the timeout 504: all IMAGE_PULL_FAILED, with the image and the registry's message in
-        the details. A timed-out pull goes on in its pool thread until Docker ends it.
+        The outcome (layers fetched, the image's size, seconds) is logged and returned. A registry that
+        lacks the image or refuses it answers 404 (the caller's image, not this host's fault), an
+        unreachable registry 502, a pull past the timeout 504: all IMAGE_PULL_FAILED, with the image and
+        the registry's message in the details. A timed-out pull goes on in its pool thread until Docker
+        ends it; the create has answered by then.
         """
         repository, tag = parse_repository_tag(image)
         started = time.monotonic()
@@ -308,6 +309,9 @@ class DockerRuntime:
                         layers.add(str(event["id"]))
             except docker.errors.APIError as exc:
                 raise failed(str(exc.explanation or exc), 404 if exc.status_code == 404 else 502) from None
+            except requests.exceptions.ReadTimeout:
+                # DOCKER_TIMEOUT seconds without one progress event: the registry stalls the pull.
+                raise failed(f"no progress within {self._settings.docker_timeout:g} s", 504) from None
             size = int(client.api.inspect_image(image if tag else f"{image}:latest").get("Size") or 0)
             return len(layers), size
 

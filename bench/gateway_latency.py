@@ -33,7 +33,7 @@ import httpx
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import exit_on_sigterm, percentile, say
+from bench.common import exchange, exit_on_sigterm, percentile, say
 from gateway import latency
 from tests.support.haproxy import running_haproxy
 from tests.support.net import free_port
@@ -82,13 +82,7 @@ async def _connection(port: int, until: float, measure_from: float, latencies: l
     request = f"GET /s/bench/model/predict HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode()
     try:
         while (started := time.perf_counter()) < until:
-            writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            if head[9:12] != b"200":
-                raise RuntimeError(f"an answer other than 200: {head[:200]!r}")
-            length = next(int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
-                          if line.lower().startswith(b"content-length:"))
-            await reader.readexactly(length)
+            await exchange(reader, writer, request)
             done[0] += 1
             if started >= measure_from:
                 latencies.append(time.perf_counter() - started)

@@ -165,7 +165,8 @@ class ContainerService:
                             container_id = None
                 if container_id is not None or existing is not None:
                     break
-                pulled = await self.runtime.pull_missing(spec.image)
+                auth = config.registry_auth.docker_auth() if config.registry_auth is not None else None
+                pulled = await self.runtime.pull_missing(spec.image, auth)
                 if config.service_id:
                     # A pull takes long: a newer epoch may have been seen meanwhile.
                     self._fence(config.service_id, config.epoch or 0)

@@ -271,7 +271,7 @@ class FakeRuntime:
         self._up()
         raise ImagePullFailed(f"pulling {name!r} failed: no registry reachable (fake)", {"image": name})
 
-    async def pull_missing(self, image: str) -> ImagePulled:
+    async def pull_missing(self, image: str, auth: dict[str, str] | None = None) -> ImagePulled:
         # Never reached: the fake's create refuses a missing image as ImageNotFound, not ImageNotPresent.
         self._up()
         raise ImagePullFailed(f"pulling {image!r} failed: no registry reachable (fake)", {"image": image})

@@ -100,7 +100,7 @@ class Runtime(Protocol):
     async def remove_image(self, name: str, force: bool) -> list[dict[str, str]]: ...
     async def prune_images(self) -> tuple[list[str], int]: ...
     async def pull_image(self, name: str, auth: dict[str, Any] | None) -> ImageDetail: ...
-    async def pull_missing(self, image: str) -> ImagePulled: ...
+    async def pull_missing(self, image: str, auth: dict[str, str] | None = None) -> ImagePulled: ...
     async def close(self) -> None: ...
 
 
@@ -282,8 +282,9 @@ class DockerRuntime:
 
         return await self._run(create)
 
-    async def pull_missing(self, image: str) -> ImagePulled:
-        """Pull ``image`` for a create that found it missing: off the event loop, within ``MMANAGER_PULL_TIMEOUT``.
+    async def pull_missing(self, image: str, auth: dict[str, str] | None = None) -> ImagePulled:
+        """Pull ``image`` for a create that found it missing: off the event loop, within ``MMANAGER_PULL_TIMEOUT``,
+        logged in with ``auth`` (Docker's ``auth_config``: username, password) when the registry needs it.
 
         The outcome (layers fetched, the image's size, seconds) is logged and returned. A registry that
         lacks the image or refuses it answers 404 (the caller's image, not this host's fault), an
@@ -302,7 +303,7 @@ class DockerRuntime:
             layers: set[str] = set()
             try:
                 # tag None: the SDK pulls ":latest", as Docker's create would have looked up.
-                for event in client.api.pull(repository, tag=tag, stream=True, decode=True):
+                for event in client.api.pull(repository, tag=tag, stream=True, decode=True, auth_config=auth):
                     if event.get("error"):
                         raise failed(str(event["error"]), 502)
                     if event.get("status") == "Pull complete" and event.get("id"):

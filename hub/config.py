@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, m
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hub.schemas import MAX_REPLICAS
+from hub.sealing import Sealer, parse_key
 from mmanager.keys import key_problem
 from mmanager.logs import LogSettings
 from mmanager.settings import SpecPolicySettings, TlsSettings
@@ -46,6 +47,10 @@ class DatabaseSettings(BaseSettings):
 class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings):
     controllers: str = ""
     api_key: SecretStr | None = None
+    # Seals what the hub stores of users' secrets (a service's registry_auth): base64 of 32 bytes, given
+    # itself or in a file (mode 600). Without one, a spec with secrets is refused (HUB_KEY_MISSING).
+    hub_key: SecretStr | None = None
+    hub_key_file: Path | None = None
     heartbeat_interval: float = Field(default=2.0, gt=0)
     heartbeat_grace: float = Field(default=6.0, gt=0)
     # Heartbeats a second the whole fleet may send (0: no limit): a fleet bigger than interval × this is
@@ -118,7 +123,7 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     prometheus_token: SecretStr | None = None
     dev_mode: bool = False
 
-    @field_validator("prometheus_token", "gateway_url", "service_domain", mode="before")
+    @field_validator("prometheus_token", "gateway_url", "service_domain", "hub_key", "hub_key_file", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # MMANAGER_PROMETHEUS_TOKEN= (as a compose file may pass it) means no such token.
@@ -126,6 +131,9 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
 
     @model_validator(mode="after")
     def _refuse_weak_keys(self) -> HubSettings:
+        if self.hub_key is not None and self.hub_key_file is not None:
+            raise ValueError("set MMANAGER_HUB_KEY or MMANAGER_HUB_KEY_FILE, not both")
+        _ = self.sealer  # an unfit or unreadable hub key stops the hub at its start, not at a create
         if self.dev_mode:
             return self
         keys = [("MMANAGER_API_KEY", self.api_key.get_secret_value() if self.api_key else None)]
@@ -156,6 +164,20 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
         if isinstance(data, dict):
             data = data.get("controllers", data.get("mmanager_controllers", []))
         return [ControllerEntry.model_validate(item) for item in data]
+
+    @cached_property
+    def sealer(self) -> Sealer | None:
+        """What seals the hub's stored secrets (``hub.sealing``); None when no hub key is set."""
+        if self.hub_key_file is not None:
+            try:
+                text = self.hub_key_file.read_text()
+            except OSError as exc:
+                raise ValueError(f"MMANAGER_HUB_KEY_FILE {self.hub_key_file} cannot be read: {exc.strerror}") from None
+        elif self.hub_key is not None:
+            text = self.hub_key.get_secret_value()
+        else:
+            return None
+        return Sealer(parse_key(text))
 
     @property
     def public_urls(self) -> list[str]:

@@ -39,6 +39,12 @@ class Conflict(HubError):
     code = "CONFLICT"
 
 
+class HubKeyMissing(Conflict):
+    """A spec carries a secret (``registry_auth``) and the hub has no key to seal it with."""
+
+    code = "HUB_KEY_MISSING"
+
+
 class NoFeasibleController(Conflict):
     code = "NO_FEASIBLE_CONTROLLER"
 

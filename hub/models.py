@@ -157,6 +157,8 @@ class ServiceModel(Base):
     replicas: Mapped[int] = mapped_column(Integer, default=1, server_default="1")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    # The spec's registry_auth, sealed (hub.sealing): opened only for a controller's create, never shown.
+    registry_auth_sealed: Mapped[str | None] = mapped_column(Text, default=None)
 
     owner: Mapped[UserModel] = relationship(lazy="joined")
 

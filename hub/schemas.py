@@ -7,7 +7,7 @@ import json
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
 from mmanager.policy import command_problem, environment_problem, labels_problem
@@ -201,6 +201,14 @@ MaxBody = Annotated[str, Field(max_length=32), AfterValidator(_body_size)]
 Capabilities = Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z_]{1,64}$")]], Field(max_length=32)]
 
 
+class RegistryAuthIn(StrictModel):
+    """A service's registry credentials (``registry_auth``): write-only. Never dumped with its spec (the
+    field is excluded), kept sealed under the hub key (``hub.services.registry_auth``)."""
+
+    username: str = Field(min_length=1, max_length=255)
+    password: SecretStr = Field(min_length=1, max_length=4096)
+
+
 class ServiceSpec(StrictModel):
     name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN)
     image: str = Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")
@@ -226,6 +234,8 @@ class ServiceSpec(StrictModel):
     replicas: int = Field(default=1, ge=1, le=MAX_REPLICAS)
     # The model type (GET /api/models) the service was made from: shown, never followed after the create.
     model: str | None = Field(default=None, min_length=1, max_length=63, pattern=NAME_PATTERN)
+    # Write-only: sealed into the service's row, never part of the stored or shown spec (exclude).
+    registry_auth: RegistryAuthIn | None = Field(default=None, exclude=True)
 
 
 class ServiceCreate(ServiceSpec):
@@ -264,6 +274,8 @@ class ServicePatch(StrictModel):
     max_body_size: MaxBody | None = None
     idle_timeout: int | None = Field(default=None, ge=0, le=MAX_IDLE_TIMEOUT)
     replicas: int | None = Field(default=None, ge=1, le=MAX_REPLICAS)
+    # Sets or replaces the credentials; null clears them. Never part of the spec (exclude).
+    registry_auth: RegistryAuthIn | None = Field(default=None, exclude=True)
 
 
 class RollbackRequest(StrictModel):

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer
 
 WIRE_VERSION = 1
 
@@ -157,6 +157,23 @@ class HealthCheck(WireModel):
     probe: GoldenProbe | None = Field(default=None, exclude_if=_none)
 
 
+class RegistryAuth(WireModel):
+    """Credentials for the registry of a create's image: used for the pull a missing image needs, never
+    stored or logged by the controller. The password shows as ``**********`` in a repr; only the JSON that
+    crosses the wire carries it."""
+
+    username: str = Field(min_length=1, max_length=255)
+    password: SecretStr = Field(min_length=1, max_length=4096)
+
+    @field_serializer("password", when_used="json")
+    def _reveal(self, value: SecretStr) -> str:
+        return value.get_secret_value()
+
+    def docker_auth(self) -> dict[str, str]:
+        """As Docker's ``auth_config`` takes it."""
+        return {"username": self.username, "password": self.password.get_secret_value()}
+
+
 class ContainerCreate(WireModel):
     """The create body: GeoML-Hub's container config plus what our hub adds."""
 
@@ -187,6 +204,8 @@ class ContainerCreate(WireModel):
     health_check: HealthCheck | None = None
     # Capabilities to add; only mmanager.policy.ALLOWED_CAPABILITIES are accepted.
     cap_add: list[str] | None = None
+    # For the pull of a missing image, from a registry that needs a login.
+    registry_auth: RegistryAuth | None = Field(default=None, exclude_if=_none)
 
 
 class ImagePulled(WireModel):

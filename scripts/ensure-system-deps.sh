@@ -3,7 +3,7 @@
 # docker.io (the engine), postgresql (server binaries, for the tests' throwaway
 # cluster), busybox-static (the example image is built FROM scratch around
 # it), prometheus (promtool and the server, for the monitoring tests),
-# docker-compose and haproxy (the gateway), docker-registry (a real registry for the pull tests). With "demo" as the first argument only Docker, busybox and
+# docker-compose and haproxy (the gateway), docker-registry and apache2-utils (a real registry for the pull tests, and htpasswd for its logins). With "demo" as the first argument only Docker, busybox and
 # haproxy are needed.
 set -euo pipefail
 
@@ -21,6 +21,8 @@ if [ "${1:-}" != demo ]; then
     command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || need+=(docker-compose)
     # A controller pulls a missing image on create: tested against a real registry on 127.0.0.1.
     command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
+    # A registry that needs a login: its bcrypt htpasswd file is written with htpasswd.
+    command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
 fi
 # The gateway (`mmanager gateway serve`, the demo's too) runs HAProxy; its latency histograms are
 # tested in a real one.

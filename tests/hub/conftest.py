@@ -4,8 +4,10 @@ through an in-process router: each controller's URL host maps to its app."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
+import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -23,6 +25,8 @@ from hub.db import Database
 from hub.services.users import create_user
 
 KEY = "test-key-" + "x" * 32
+# The hub key that seals services' registry credentials (MMANAGER_HUB_KEY): base64 of 32 bytes.
+HUB_KEY = base64.b64encode(os.urandom(32)).decode()
 
 
 class Router(httpx.AsyncBaseTransport):
@@ -115,7 +119,7 @@ async def cluster(db: Database, docker_client: docker.DockerClient, example_imag
         entries.append({"id": cid, "url": f"http://{host}:8001", "server_type": server_type,
                         "priority": priority, "weight": weight})
         ids.append(cid)
-    settings = HubSettings(database_url=db.url, api_key=KEY, controllers=json.dumps(entries),
+    settings = HubSettings(database_url=db.url, api_key=KEY, hub_key=HUB_KEY, controllers=json.dumps(entries),
                            heartbeat_interval=0.5, heartbeat_grace=3, orphan_grace=2, health_timeout=8)
     hub = build_hub(settings, db=Database(db.url), transport=router)
     app = create_app(settings, hub=hub)

@@ -26,6 +26,7 @@ from hub.errors import (
 )
 from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel, UserModel, new_id, utcnow
 from hub.schemas import ServiceSpec
+from hub.services import registry_auth
 from hub.services.catalog import model_spec
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
@@ -61,6 +62,8 @@ class Creator:
             if found is None:
                 raise NotFound(f"user {username!r} not found", code="USER_NOT_FOUND")
             owner = found
+        # Sealed first: model_spec makes a new spec, and the spec's dump never holds the credentials.
+        sealed = registry_auth.seal(ctx.settings.sealer, spec.registry_auth) if spec.registry_auth else None
         if spec.model is not None:
             spec = await model_spec(ctx.db, spec)
         self.deployer.check_policy(spec)
@@ -71,7 +74,7 @@ class Creator:
             id=new_id(), name=spec.name, owner_id=owner.id, repo=repo, spec=spec.model_dump(mode="json"), version=1,
             desired_state="running", status="pending", status_message=None, controller_id=None, container_id=None,
             epoch=spec.replicas, endpoint=None, gpu_devices=[], health="unknown", replicas=spec.replicas,
-            created_at=now, updated_at=now,
+            created_at=now, updated_at=now, registry_auth_sealed=sealed,
         )
         service.owner = owner
         # The quota holds across replicas through the owner's row lock (NO KEY UPDATE, so inserts that

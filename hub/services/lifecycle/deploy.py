@@ -33,6 +33,7 @@ from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel, Us
 from hub.scheduler import Placement, PlacementRequest, place
 from hub.scheduler.snapshot import Held
 from hub.schemas import Endpoint, ServiceSpec
+from hub.services import registry_auth
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
 from hub.services.policy import check_policy
@@ -407,6 +408,7 @@ class Deployer:
             gpu_memory=spec.resources.gpu_memory_bytes or None,
             health_check=wire_check(spec),
             cap_add=list(spec.cap_add) or None,
+            registry_auth=registry_auth.opened(self.ctx.settings.sealer, service.registry_auth_sealed, service.id),
         )
 
     async def discard(self, controller_id: str, row: ContainerRegistryModel) -> None:

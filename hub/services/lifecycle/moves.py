@@ -29,7 +29,8 @@ from hub.services.lifecycle.context import Lifecycle
 from hub.services.lifecycle.create import check_replicas, hold_quota
 from hub.services.lifecycle.deploy import Deployer
 from hub.services.lifecycle.reads import get_for
-from hub.services.lifecycle.replace import Replacement, Replacer, read_unfinished
+from hub.services.lifecycle.replace import Replacement, Replacer, Sealed, read_unfinished
+from hub.services.registry_auth import seal
 from mmanager.logs import bind_request_id
 
 # Spec fields only the gateways act on: a change of these alone starts no new container.
@@ -60,13 +61,14 @@ class Mover:
     async def redeploy(self, user: UserModel, service_id: str, operation: str, *, spec: ServiceSpec | None = None,
                        rollback_to: int | None = None, exclude_current: bool = False, target: str | None = None,
                        replacing: str | None = None, rescale: bool = False,
-                       wait: bool = True) -> ServiceModel | OperationModel:
+                       wait: bool = True, registry_auth: Sealed | None = None) -> ServiceModel | OperationModel:
         """``replacing``: the registry row of the replica to migrate (None: the primary's). ``rescale``: the
         spec's ``replicas`` is asked for too; else the service keeps the count it has when the roll begins (a
-        rollback to a version that ran another count, an update queued behind a scale)."""
+        rollback to a version that ran another count, an update queued behind a scale). ``registry_auth``: an
+        update's new sealed credentials (None in it: cleared), used by its creates and stored with its spec."""
         if operation not in ROLLING:
             return await self._redeploy(user, service_id, operation, spec, rollback_to, exclude_current, target,
-                                        replacing, rescale, wait)
+                                        replacing, rescale, wait, registry_auth)
         # Refused at once, not queued behind the lock: the second roll would undo what the user watches.
         if service_id in self._rolling:
             raise Conflict("an update of this service is rolling out; wait for it to end", code="UPDATE_IN_PROGRESS")
@@ -77,13 +79,14 @@ class Mover:
                 raise Conflict(f"an update of this service is rolling out (operation {rolling['id']}); wait for it "
                                "to end", {"operation_id": rolling["id"]}, code="UPDATE_IN_PROGRESS")
             return await self._redeploy(user, service_id, operation, spec, rollback_to, exclude_current, target,
-                                        replacing, rescale, wait)
+                                        replacing, rescale, wait, registry_auth)
         finally:
             self._rolling.discard(service_id)
 
     async def _redeploy(self, user: UserModel, service_id: str, operation: str, spec: ServiceSpec | None,
                         rollback_to: int | None, exclude_current: bool, target: str | None, replacing: str | None,
-                        rescale: bool, wait: bool) -> ServiceModel | OperationModel:
+                        rescale: bool, wait: bool, registry_auth: Sealed | None = None
+                        ) -> ServiceModel | OperationModel:
         ctx = self.ctx
         async with ctx.db.session() as session:
             service = await get_for(session, user, service_id)
@@ -106,7 +109,8 @@ class Mover:
             details={"from_epoch": service.epoch, **({"version": version} if version else {}),
                      **({"rollback_to": rollback_to} if rollback_to else {})},
         )
-        work = self._run_redeploy(service.id, spec, op, exclude_current, target, version, replacing, rescale)
+        work = self._run_redeploy(service.id, spec, op, exclude_current, target, version, replacing, rescale,
+                                  registry_auth)
         if not wait:
             if operation in ROLLING:
                 # Refused again until the background roll ends.
@@ -124,10 +128,19 @@ class Mover:
 
     async def _run_redeploy(self, service_id: str, spec: ServiceSpec | None, op: OperationModel,
                             exclude_current: bool, target: str | None, version: int | None,
-                            replacing: str | None, rescale: bool) -> ServiceModel:
+                            replacing: str | None, rescale: bool, registry_auth: Sealed | None = None
+                            ) -> ServiceModel:
         ctx = self.ctx
-        async with ctx.service_locks[service_id], ctx.ops.running(op):
+
+        async def reload() -> ServiceModel:
             service = await ctx.reload(service_id)
+            if registry_auth is not None:
+                # The update's credentials for its creates; its first replace stores them with its spec.
+                service.registry_auth_sealed = registry_auth[0]
+            return service
+
+        async with ctx.service_locks[service_id], ctx.ops.running(op):
+            service = await reload()
             copies = await self._replicas(service_id)
             moved_from = service.controller_id
             if replacing is not None:
@@ -145,13 +158,14 @@ class Mover:
                 spec = spec.model_copy(update={"replicas": service.replicas})
             if op.operation not in ROLLING or (len(copies) <= 1 and spec.replicas == service.replicas):
                 return await self.replacer.replace(Replacement(service, spec, op, exclude, target, version,
-                                                               replacing=replacing))
+                                                               replacing=replacing, registry_auth=registry_auth))
             # A roll: the primary last, so the service's own container changes once, at the end.
             copies.sort(key=lambda row: row["container_id"] == service.container_id)
             for step, copy in enumerate(copies):
-                service = await ctx.reload(service_id)
+                service = await reload()
                 await self.replacer.replace(Replacement(service, spec, op, version=version if step == 0 else None,
-                                                        replacing=copy["id"], finish=False))
+                                                        replacing=copy["id"], finish=False,
+                                                        registry_auth=registry_auth if step == 0 else None))
             await self._converge(service_id, spec, op, asked=rescale)
             await ctx.ops.finish(op, details={"replicas_rolled": len(copies), "replicas": spec.replicas})
             return await ctx.reload(service_id)
@@ -266,7 +280,12 @@ class Mover:
         async with self.ctx.db.session() as session:
             service = await get_for(session, user, service_id)
         changes = patch.model_dump(mode="json", exclude_unset=True)
-        if not changes:
+        # Write-only and never in the dump: given (set, replaced) or null (cleared), it is sealed here first.
+        auth: Sealed | None = None
+        if "registry_auth" in patch.model_fields_set:
+            auth = (seal(self.ctx.settings.sealer, patch.registry_auth)
+                    if patch.registry_auth is not None else None,)
+        if not changes and auth is None:
             raise InvalidRequest("the patch changes nothing", code="EMPTY_PATCH")
         # A merge patch (RFC 7396) at the spec's structure: a field given as null goes back to its default,
         # and the sub-objects merge field by field ({"resources": {"cpu_limit": 1}} keeps the GPUs and memory).
@@ -284,10 +303,32 @@ class Mover:
         if "replicas" in changes:
             check_replicas(spec.replicas, self.ctx.settings.max_replicas)
         if set(changes) <= GATEWAY_ONLY | {"replicas"}:
+            # No new container: the credentials serve the next pull (a scale-up's, a move's), stored first.
+            if auth is not None:
+                service = await self._set_registry_auth(user, service_id, auth[0], record=not changes)
+                if not changes:
+                    return service
             if spec.replicas != service.replicas:
                 return await self.scale(user, service_id, spec, changes, wait)
             return await self._update_at_gateway(user, service_id, spec, changes)
-        return await self.redeploy(user, service_id, "update", spec=spec, rescale="replicas" in changes, wait=wait)
+        return await self.redeploy(user, service_id, "update", spec=spec, rescale="replicas" in changes, wait=wait,
+                                   registry_auth=auth)
+
+    async def _set_registry_auth(self, user: UserModel, service_id: str, sealed: str | None,
+                                 record: bool) -> ServiceModel:
+        """Store (or, None, clear) the service's sealed registry credentials; with ``record``, as an update
+        operation of its own, already succeeded (its details say set or cleared, never what)."""
+        ctx = self.ctx
+        async with ctx.service_locks[service_id], ctx.db.session() as session:
+            service = await get_for(session, user, service_id)
+            service.registry_auth_sealed = sealed
+            if record:
+                op = ctx.ops.new("update", user.username, service_id=service.id, controller_id=service.controller_id,
+                                 container_id=service.container_id,
+                                 details={"registry_auth": "set" if sealed is not None else "cleared"})
+                op.status, op.finished_at = "succeeded", utcnow()
+                session.add(op)
+        return service
 
     async def _update_at_gateway(self, user: UserModel, service_id: str, spec: ServiceSpec,
                                  changes: dict[str, Any]) -> ServiceModel:

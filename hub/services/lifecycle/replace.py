@@ -57,6 +57,10 @@ class Unfinished:
     serving: list[ContainerRegistryModel] = field(default_factory=list)
 
 
+# A change of a service's sealed registry credentials: the new value, None when they are cleared.
+Sealed = tuple[str | None]
+
+
 @dataclass(slots=True)
 class Replacement:
     """What a replace is asked: the service (with its owner) and the spec its new copy runs, under ``op``.
@@ -82,6 +86,8 @@ class Replacement:
     adding: bool = False
     # False: one step of several (a rolling update, a scale-up); the caller ends ``op``.
     finish: bool = True
+    # An update's new registry credentials (``Sealed``), stored with its spec; None: unchanged.
+    registry_auth: Sealed | None = None
 
 
 async def read_unfinished(tx: Tx, service: ServiceModel, *, sqlite: bool) -> Unfinished:
@@ -339,6 +345,10 @@ class Replacer:
         await tx.execute(sql.FINALIZE if primary else sql.FINALIZE_BESIDE, {**changes, "service_id": locked["id"]})
         await tx.execute(sql.RETIRE_REPLACED, {"of_service": locked["id"], "keep_row": row.id,
                                                "replaced_row": replaced or "", "updated_at": now})
+        if plan.registry_auth is not None:
+            changes["registry_auth_sealed"] = plan.registry_auth[0]
+            await tx.execute(sql.SET_REGISTRY_AUTH, {"service_id": locked["id"], "sealed": plan.registry_auth[0],
+                                                     "updated_at": now})
         fresh = ServiceModel(**{**dict(locked), **changes})
         fresh.owner = plan.service.owner
         return fresh

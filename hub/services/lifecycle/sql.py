@@ -215,6 +215,9 @@ REPOINT = (
 SET_REPLICAS = (update(SERVICES).where(SERVICES.c.id == bindparam("service_id"))
                 .values(replicas=bindparam("replicas"), spec=bindparam("spec", type_=SERVICES.c.spec.type),
                         updated_at=bindparam("updated_at")))
+# A service's registry credentials, sealed (a PATCH's registry_auth: set, replaced or cleared).
+SET_REGISTRY_AUTH = (update(SERVICES).where(SERVICES.c.id == bindparam("service_id"))
+                     .values(registry_auth_sealed=bindparam("sealed"), updated_at=bindparam("updated_at")))
 # A service's copies, to delete with it.
 SERVICE_COPIES = select(ContainerRegistryModel.controller_id, ContainerRegistryModel.container_id).where(
     ContainerRegistryModel.service_id == bindparam("service_id"))

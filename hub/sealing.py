@@ -1,0 +1,70 @@
+"""Sealing secrets the hub stores (a service's registry credentials): AES-256-GCM under the hub key.
+
+A sealed value is text, ``<key id>:<urlsafe base64 of nonce + ciphertext>``; the key id is the first bytes of
+the key's SHA-256, so a value sealed under one key is told apart from another's (a later key rotation opens
+with the key its id names). Invariant: nothing leaves this module in clear except what ``open`` returns, and
+a value sealed here opens only under the same key (the AEAD refuses any change to it: ``SealError``).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import os
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+KEY_BYTES = 32
+_NONCE_BYTES = 12
+# Authenticated with every value: a sealed value of another purpose or product does not open here.
+_CONTEXT = b"mmanager-sealed-v1"
+
+
+class SealError(ValueError):
+    """A sealed value that does not open: another key's, cut, or changed."""
+
+
+def parse_key(text: str) -> bytes:
+    """The hub key from its text: base64 (standard or urlsafe, as ``openssl rand -base64 32`` writes it) of
+    exactly 32 bytes. Raises ``ValueError`` saying what is wrong, never echoing the key."""
+    raw = text.strip().replace("-", "+").replace("_", "/")
+    try:
+        key = base64.b64decode(raw + "=" * (-len(raw) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("the hub key is not base64; make one with `openssl rand -base64 32`") from None
+    if len(key) != KEY_BYTES:
+        raise ValueError(f"the hub key is {len(key)} bytes, not {KEY_BYTES}; make one with `openssl rand -base64 32`")
+    return key
+
+
+def key_id(key: bytes) -> str:
+    return hashlib.sha256(key).hexdigest()[:8]
+
+
+class Sealer:
+    """Seals and opens values under one hub key."""
+
+    def __init__(self, key: bytes) -> None:
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"a hub key is {KEY_BYTES} bytes")
+        self._aead = AESGCM(key)
+        self.key_id = key_id(key)
+
+    def seal(self, value: bytes | str) -> str:
+        data = value.encode() if isinstance(value, str) else value
+        nonce = os.urandom(_NONCE_BYTES)
+        sealed = nonce + self._aead.encrypt(nonce, data, _CONTEXT + self.key_id.encode())
+        return f"{self.key_id}:{base64.urlsafe_b64encode(sealed).decode()}"
+
+    def open(self, sealed: str) -> str:
+        kid, _, body = sealed.partition(":")
+        if kid != self.key_id:
+            raise SealError(f"sealed under another hub key (id {kid!r}; this hub's is {self.key_id!r})")
+        try:
+            raw = base64.urlsafe_b64decode(body.encode())
+            data = self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], _CONTEXT + kid.encode())
+        except (binascii.Error, ValueError, InvalidTag):
+            raise SealError("the sealed value is damaged or was changed") from None
+        return data.decode()

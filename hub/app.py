@@ -32,7 +32,7 @@ from hub.errors import error_response
 from hub.metrics import HubMetrics
 from hub.models import new_id
 from hub.ratelimit import RateLimiter
-from hub.routers import admin, audit, controllers, gateway, models, prometheus, services, system
+from hub.routers import admin, audit, controllers, gateway, images, models, prometheus, services, system
 from hub.routers.hot import HotApp
 from hub.scheduler.snapshot import PlacementCache
 from hub.services.audit import CLIENT_CLOSED, HEARTBEAT_PATH, PRESENCE_PATH, AuditLog, skip_routine
@@ -264,6 +264,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.include_router(system.router)
     app.include_router(services.router)
     app.include_router(admin.router)
+    app.include_router(images.router)
     app.include_router(prometheus.router)
     app.include_router(gateway.router)
     app.include_router(audit.router)

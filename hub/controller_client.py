@@ -36,6 +36,7 @@ from mmanager.wire import (
     ContainerInfo,
     ContainerList,
     ControllerHealth,
+    RegistryAuth,
 )
 
 RETRY_STATUSES = {502, 503, 504}
@@ -268,6 +269,30 @@ class ControllerClient:
             json=config.model_dump(mode="json", exclude_none=True),
         )
         return ContainerCreated.model_validate(response.json())
+
+    async def images(self, controller_id: str, url: str) -> list[dict[str, Any]]:
+        """The images on the controller's engine, as it lists them (``GET /images``)."""
+        response = await self._send(controller_id, url, "GET", "/images", call="images", idempotent=True)
+        images = response.json().get("images")
+        return images if isinstance(images, list) else []
+
+    async def pull_image(self, controller_id: str, url: str, image: str,
+                         auth: RegistryAuth | None = None) -> dict[str, Any]:
+        """Have the controller pull ``image`` (logged in with ``auth``); the image as it then has it."""
+        body: dict[str, Any] = {"image": image}
+        if auth is not None:
+            body["auth"] = auth.model_dump(mode="json")
+        response = await self._send(controller_id, url, "POST", "/images/pull", call="image_pull", idempotent=True,
+                                    timeout=self.settings.controller_create_timeout, json=body)
+        image_detail = response.json().get("image")
+        return image_detail if isinstance(image_detail, dict) else {}
+
+    async def prune_images(self, controller_id: str, url: str) -> tuple[list[str], int]:
+        """Have the controller remove its unused (dangling) images: their ids, and the bytes freed."""
+        response = await self._send(controller_id, url, "POST", "/images/prune", call="image_prune",
+                                    idempotent=True, timeout=self.settings.controller_create_timeout)
+        body = response.json()
+        return [str(i) for i in body.get("images_deleted") or []], int(body.get("space_reclaimed") or 0)
 
     async def action(
         self, controller_id: str, url: str, container_id: str, action: str, epoch: int | None = None, **params: Any

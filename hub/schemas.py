@@ -570,3 +570,35 @@ class ModelTypeOut(BaseModel):
     spec: dict[str, Any]
     created_at: datetime
     updated_at: datetime
+
+
+# The admin image API (docs/API.md, Images): the controllers named, each once.
+ControllerIds = Annotated[list[Annotated[str, Field(min_length=1, max_length=128, pattern=NAME_PATTERN)]],
+                          Field(min_length=1, max_length=256)]
+
+
+class ImagePullIn(StrictModel):
+    image: str = Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")
+    controllers: ControllerIds
+    # For a registry that needs a login: sent to each controller for this pull only, never stored.
+    registry_auth: RegistryAuthIn | None = Field(default=None, exclude=True)
+
+
+class ImagePruneIn(StrictModel):
+    controllers: ControllerIds
+
+
+class ImageOutcome(BaseModel):
+    """What one controller did: ``ok``, with what it pulled or pruned, or the error it answered."""
+
+    controller_id: str
+    ok: bool
+    image: dict[str, Any] | None = None
+    images_deleted: list[str] | None = None
+    space_reclaimed: int | None = None
+    error: dict[str, Any] | None = None
+
+
+class ControllerImagesOut(BaseModel):
+    controller_id: str
+    images: list[dict[str, Any]]

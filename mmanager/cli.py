@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import gc
 import getpass
@@ -372,8 +373,13 @@ def dev(port: int = 8000,
         MMANAGER_API_KEY=key, SERVER_ID=controller_id, SERVER_TYPE="cpu", CONTROLLER_URL=controller_url,
         PUBLISH_IP="127.0.0.1", MMANAGER_HUB_URL=f"http://127.0.0.1:{port}", MMANAGER_DEV=True,
     )
+    # The hub key stays with the database it seals registry credentials in (MMANAGER_HUB_KEY_FILE).
+    hub_key_file = state_dir / "hub-key"
+    if not hub_key_file.exists():
+        hub_key_file.touch(mode=0o600)
+        hub_key_file.write_text(base64.b64encode(secrets.token_bytes(32)).decode() + "\n")
     hub_settings = HubSettings(
-        database_url=db_url, api_key=SecretStr(key), dev_mode=True,
+        database_url=db_url, api_key=SecretStr(key), dev_mode=True, hub_key_file=hub_key_file.resolve(),
         controllers=json.dumps([{"id": controller_id, "url": controller_url, "server_type": "cpu"}]),
     )
     gw_settings = None

@@ -9,6 +9,7 @@ checked.
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import secrets
@@ -36,6 +37,7 @@ ROOT_ENV = {
     "MMANAGER_API_KEY": secrets.token_hex(32),
     "POSTGRES_PASSWORD": secrets.token_hex(16),
     "MMANAGER_PROMETHEUS_TOKEN": secrets.token_hex(32),
+    "MMANAGER_HUB_KEY": base64.b64encode(secrets.token_bytes(32)).decode(),
     "GRAFANA_ADMIN_PASSWORD": secrets.token_hex(8),
 }
 CONTROLLER_ENV = {
@@ -74,6 +76,7 @@ def test_root_compose_file_validates_with_the_stack(tmp_path: Path) -> None:
     assert hub_env["MMANAGER_DATABASE_URL"] == (
         f"postgresql+asyncpg://mmanager:{ROOT_ENV['POSTGRES_PASSWORD']}@postgres:5432/mmanager")
     assert hub_env["MMANAGER_API_KEY"] == ROOT_ENV["MMANAGER_API_KEY"]
+    assert hub_env["MMANAGER_HUB_KEY"] == ROOT_ENV["MMANAGER_HUB_KEY"]
     controller = services["controller"]
     assert (controller["build"]["dockerfile"], controller["build"]["target"]) == ("deploy/Dockerfile", "controller")
     assert any(v.startswith("/var/run/docker.sock:/var/run/docker.sock") for v in controller["volumes"])

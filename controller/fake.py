@@ -33,7 +33,15 @@ from controller.gpu import label_gpu_ids
 from controller.runtime import HostInfo
 from controller.schemas import ContainerStats, ImageDetail, ImageSummary
 from controller.spec import ContainerSpec
-from mmanager.wire import LABEL_CONTROLLER, LABEL_EPOCH, LABEL_MANAGED, LABEL_SERVICE, ContainerInfo, ImagePulled
+from mmanager.wire import (
+    LABEL_CONTROLLER,
+    LABEL_EPOCH,
+    LABEL_MANAGED,
+    LABEL_SERVICE,
+    ContainerInfo,
+    ImagePulled,
+    ImagePullProgress,
+)
 
 GB = 1024**3
 
@@ -275,6 +283,9 @@ class FakeRuntime:
         # Never reached: the fake's create refuses a missing image as ImageNotFound, not ImageNotPresent.
         self._up()
         raise ImagePullFailed(f"pulling {image!r} failed: no registry reachable (fake)", {"image": image})
+
+    def pull_progress(self) -> list[ImagePullProgress]:
+        return []  # the fake never pulls
 
     async def close(self) -> None:
         return None

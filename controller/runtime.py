@@ -54,10 +54,19 @@ from controller.errors import (
     TooManyLogStreams,
 )
 from controller.gpu import label_gpu_ids
+from controller.pulls import Pulls, PullTracker
 from controller.schemas import ContainerStats, ImageDetail, ImageSummary
 from controller.spec import ContainerSpec
 from mmanager.streams import ClosingStream, newest_bytes
-from mmanager.wire import LABEL_CONTROLLER, LABEL_EPOCH, LABEL_MANAGED, LABEL_SERVICE, ContainerInfo, ImagePulled
+from mmanager.wire import (
+    LABEL_CONTROLLER,
+    LABEL_EPOCH,
+    LABEL_MANAGED,
+    LABEL_SERVICE,
+    ContainerInfo,
+    ImagePulled,
+    ImagePullProgress,
+)
 
 # /health must answer quickly even when the daemon hangs.
 PING_TIMEOUT = 3.0
@@ -101,6 +110,7 @@ class Runtime(Protocol):
     async def prune_images(self) -> tuple[list[str], int]: ...
     async def pull_image(self, name: str, auth: dict[str, Any] | None) -> ImageDetail: ...
     async def pull_missing(self, image: str, auth: dict[str, str] | None = None) -> ImagePulled: ...
+    def pull_progress(self) -> list[ImagePullProgress]: ...
     async def close(self) -> None: ...
 
 
@@ -113,6 +123,8 @@ class DockerRuntime:
         self._pool = ThreadPoolExecutor(max_workers=_POOL_THREADS, thread_name_prefix="docker")
         self._log_pool = ThreadPoolExecutor(max_workers=settings.max_log_streams, thread_name_prefix="docker-logs")
         self._log_streams = 0
+        # The pulls of missing images running now, for GET /images/pulls.
+        self._pulls = Pulls()
         # Rotated by Docker: a tenant's stdout never fills /var/lib/docker.
         self._log_config = LogConfig(
             type=LogConfig.types.JSON,
@@ -299,13 +311,14 @@ class DockerRuntime:
             return ImagePullFailed(f"pulling {image!r} failed: {message}", {"image": image, "registry": message},
                                    status_code=status)
 
-        def pull(client: docker.DockerClient) -> tuple[int, int]:
+        def pull(client: docker.DockerClient, tracker: PullTracker) -> tuple[int, int]:
             layers: set[str] = set()
             try:
                 # tag None: the SDK pulls ":latest", as Docker's create would have looked up.
                 for event in client.api.pull(repository, tag=tag, stream=True, decode=True, auth_config=auth):
                     if event.get("error"):
                         raise failed(str(event["error"]), 502)
+                    tracker.event(event)
                     if event.get("status") == "Pull complete" and event.get("id"):
                         layers.add(str(event["id"]))
             except docker.errors.APIError as exc:
@@ -317,14 +330,21 @@ class DockerRuntime:
             return len(layers), size
 
         timeout = self._settings.pull_timeout
+        tracker = self._pulls.begin(image)
         try:
-            layers, size = await asyncio.wait_for(self._run(pull), timeout)
+            layers, size = await asyncio.wait_for(self._run(pull, tracker), timeout)
         except TimeoutError:
             raise failed(f"no answer within {timeout:g} s (MMANAGER_PULL_TIMEOUT)", 504) from None
+        finally:
+            self._pulls.end(tracker)
         pulled = ImagePulled(image=image, layers=layers, bytes=size, seconds=round(time.monotonic() - started, 3))
         log.info("pulled image %s for a create: %d layers, %d bytes, %.1f s",
                  image, layers, size, pulled.seconds)
         return pulled
+
+    def pull_progress(self) -> list[ImagePullProgress]:
+        """The pulls of missing images running now, each as far as Docker has reported it."""
+        return self._pulls.snapshot()
 
     async def start_created(self, container_id: str) -> ContainerInfo | None:
         """Start a container this controller itself just created or listed, and inspect it once started.

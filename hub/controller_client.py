@@ -36,6 +36,7 @@ from mmanager.wire import (
     ContainerInfo,
     ContainerList,
     ControllerHealth,
+    ImagePullProgress,
     RegistryAuth,
 )
 
@@ -286,6 +287,13 @@ class ControllerClient:
                                     timeout=self.settings.controller_create_timeout, json=body)
         image_detail = response.json().get("image")
         return image_detail if isinstance(image_detail, dict) else {}
+
+    async def image_pulls(self, controller_id: str, url: str, timeout: float) -> list[ImagePullProgress]:
+        """The pulls of missing images the controller's creates wait for now, with their progress."""
+        response = await self._send(controller_id, url, "GET", "/images/pulls", call="image_pulls", idempotent=False,
+                                    timeout=timeout)
+        body = response.json()
+        return [ImagePullProgress.model_validate(item) for item in body] if isinstance(body, list) else []
 
     async def prune_images(self, controller_id: str, url: str) -> tuple[list[str], int]:
         """Have the controller remove its unused (dangling) images: their ids, and the bytes freed."""

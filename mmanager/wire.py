@@ -217,6 +217,19 @@ class ImagePulled(WireModel):
     seconds: float = 0.0
 
 
+class ImagePullProgress(WireModel):
+    """A pull in progress on a controller (``GET /images/pulls``), from Docker's own progress events: the
+    layers it fetches (``layers_total`` counts each one Docker named, those it already had included, done
+    or not) and the bytes downloaded of those whose size Docker has said."""
+
+    image: str
+    layers_done: int = 0
+    layers_total: int = 0
+    bytes_done: int = 0
+    bytes_total: int = 0
+    seconds: float = 0.0
+
+
 class ContainerCreated(WireModel):
     success: bool = True
     container_id: str

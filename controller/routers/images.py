@@ -6,6 +6,7 @@ from fastapi import APIRouter
 
 from controller.deps import RuntimeDep
 from controller.schemas import ImageDetail, ImageList, ImagePull, ImagePullResult, ImageRemoved, ImagesPruned
+from mmanager.wire import ImagePullProgress
 
 router = APIRouter(prefix="/images", tags=["images"])
 
@@ -20,6 +21,12 @@ async def pull(body: ImagePull, runtime: RuntimeDep) -> ImagePullResult:
 async def prune(runtime: RuntimeDep) -> ImagesPruned:
     deleted, reclaimed = await runtime.prune_images()
     return ImagesPruned(images_deleted=deleted, space_reclaimed=reclaimed)
+
+
+@router.get("/pulls", response_model=list[ImagePullProgress])
+async def pulls(runtime: RuntimeDep) -> list[ImagePullProgress]:
+    """The pulls of missing images that creates are waiting for now, with their progress."""
+    return runtime.pull_progress()
 
 
 @router.get("", response_model=ImageList)

@@ -36,6 +36,14 @@ _FINISH = (
 )
 
 
+# A running operation's progress (``OperationLog.progress``).
+_PROGRESS = (
+    update(_OPERATIONS)
+    .where(_OPERATIONS.c.id == bindparam("op_id"), _OPERATIONS.c.status == "running")
+    .values(details=bindparam("details", type_=_OPERATIONS.c.details.type))
+)
+
+
 @functools.cache
 def _recover_own(sqlite: bool) -> Update:
     """``OperationLog.recover_own``'s statement, built once (it runs every second on every replica)."""
@@ -104,6 +112,13 @@ class OperationLog:
             self.active.discard(op.id)
             raise
         return op
+
+    async def progress(self, op: OperationModel, **details: Any) -> bool:
+        """Show how far a running ``op`` got: its details as they are plus ``details``, written while it is
+        still running (never over its end). ``op.details`` itself is left alone, so its end writes what it
+        began with and its own outcome, and the progress goes with it. Whether it was written."""
+        async with self.db.transaction() as tx:
+            return await tx.execute(_PROGRESS, {"op_id": op.id, "details": {**op.details, **details}}) == 1
 
     def running(self, op: OperationModel) -> Running:
         """Run ``op`` here: it counts as active from this call on, and its context (``async with``) ends it

@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import socket
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -58,3 +61,46 @@ def push(client: docker.DockerClient, image: str, repository: str, tag: str,
     finally:
         client.images.remove(f"{repository}:{tag}")
     return f"{repository}:{tag}"
+
+
+@contextlib.contextmanager
+def throttled(registry: str, bytes_per_second: int) -> Iterator[str]:
+    """A TCP proxy in front of ``registry`` that sends the registry's answers at most ``bytes_per_second``
+    (a slow link to it), so that a pull through it lasts long enough to be watched; yields its address."""
+    host, port = registry.rsplit(":", 1)
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    address = f"127.0.0.1:{listener.getsockname()[1]}"
+    stopping = threading.Event()
+    chunk = max(bytes_per_second // 20, 1024)
+
+    def pipe(source: socket.socket, sink: socket.socket, slow: bool) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(chunk):
+                sink.sendall(data)
+                if slow:
+                    time.sleep(len(data) / bytes_per_second)  # the link's pace, not a wait for an event
+        for end in (source, sink):
+            with contextlib.suppress(OSError):
+                end.shutdown(socket.SHUT_RDWR)
+
+    def serve() -> None:
+        while not stopping.is_set():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            upstream = socket.create_connection((host, int(port)))
+            threading.Thread(target=pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=pipe, args=(upstream, client, True), daemon=True).start()
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    try:
+        yield address
+    finally:
+        stopping.set()
+        server.join(timeout=5)
+        listener.close()

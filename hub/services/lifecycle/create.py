@@ -139,7 +139,7 @@ class Creator:
                     return current
             verified = False
             try:
-                copies = await self._deploy_all(service, spec, first)
+                copies = await self._deploy_all(service, spec, first, op)
                 if spec.probe is not None and not acknowledged:
                     verified = await self._verdicts(copies)
             except HubError as exc:
@@ -229,7 +229,8 @@ class Creator:
                 await self.deployer.discard(made.controller.id, made.row)
             raise
 
-    async def _deploy_all(self, service: ServiceModel, spec: ServiceSpec, placed: list[Reserved]) -> list[Deployed]:
+    async def _deploy_all(self, service: ServiceModel, spec: ServiceSpec, placed: list[Reserved],
+                          op: OperationModel | None = None) -> list[Deployed]:
         """Make the containers of the placed replicas: those on one controller one after the other, lowest
         epoch first (a controller refuses an epoch older than one it has seen), the controllers side by side
         (``making`` bounds how many, with every other create's).
@@ -248,7 +249,7 @@ class Creator:
                 try:
                     async with self.ctx.making:
                         made.append(await self.deployer.deploy(service, spec, held.row.epoch, first=held,
-                                                               spread=siblings))
+                                                               spread=siblings, op=op))
                 except HubError as exc:
                     errors.append(exc)
 

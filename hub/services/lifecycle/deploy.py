@@ -14,6 +14,8 @@ Invariants:
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 from collections.abc import Awaitable, Callable
@@ -29,7 +31,15 @@ from hub.errors import (
     NoFeasibleController,
     NotFound,
 )
-from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel, UserModel, new_id, utcnow
+from hub.models import (
+    ContainerRegistryModel,
+    ControllerModel,
+    OperationModel,
+    ServiceModel,
+    UserModel,
+    new_id,
+    utcnow,
+)
 from hub.scheduler import Placement, PlacementRequest, place
 from hub.scheduler.snapshot import Held
 from hub.schemas import Endpoint, ServiceSpec
@@ -51,6 +61,8 @@ def wire_check(spec: ServiceSpec) -> HealthCheck | None:
     return HealthCheck.model_validate(check)
 
 
+# Seconds a controller's create may take before the hub shows its pull's progress, and between two looks.
+PULL_PROGRESS_AFTER = 1.0
 # Docker's container states, as the service status a user sees.
 _DOCKER_TO_STATUS = {"running": "running", "created": "starting", "restarting": "starting", "paused": "stopped"}
 CREATE_ATTEMPTS = 3
@@ -338,11 +350,13 @@ class Deployer:
 
     async def deploy(self, service: ServiceModel, spec: ServiceSpec, epoch: int,
                      exclude: frozenset[str] = frozenset(), target: str | None = None,
-                     first: Reserved | None = None, spread: frozenset[str] = frozenset()) -> Deployed:
+                     first: Reserved | None = None, spread: frozenset[str] = frozenset(),
+                     op: OperationModel | None = None) -> Deployed:
         """Place and create-and-start one container; on failure nothing stays reserved.
 
         ``first``: a placement already held (the create's, made in its first transaction).
-        A controller that cannot be reached is skipped and the next best one tried.
+        A controller that cannot be reached is skipped and the next best one tried. ``op``: the operation
+        that shows the controller's pull of the image while the create waits for it.
         """
         ctx = self.ctx
         tried: set[str] = set()
@@ -359,10 +373,9 @@ class Deployer:
                     raise
             row, controller = reserved.row, reserved.controller
             try:
-                created = await ctx.client.create(
-                    controller.id, controller.url,
-                    self.container_config(service, spec, epoch, reserved.held.gpus, row.container_name),
-                )
+                created = await self._create(
+                    controller, self.container_config(service, spec, epoch, reserved.held.gpus, row.container_name),
+                    op)
             except HubError as exc:
                 await sql.delete_row(ctx.db, row.id)
                 ctx.placement.release(reserved.held)
@@ -384,6 +397,45 @@ class Deployer:
             return Deployed.made(row, controller, created)
         assert last_error is not None
         raise last_error
+
+    async def _create(self, controller: ControllerModel, config: ContainerCreate,
+                      op: OperationModel | None) -> ContainerCreated:
+        """The controller's create. One still waiting after PULL_PROGRESS_AFTER seconds is most likely
+        pulling the image: from then until it answers, ``op``'s ``details.image_pull`` shows the pull's
+        progress as the controller reports it. A create answered sooner costs one timer, nothing more."""
+        create = self.ctx.client.create(controller.id, controller.url, config)
+        if op is None:
+            return await create
+        stop = asyncio.Event()
+        watching: list[asyncio.Task[None]] = []
+
+        def watch() -> None:
+            watching.append(asyncio.create_task(self._show_pull(controller, config.image, op, stop)))
+
+        timer = asyncio.get_running_loop().call_later(PULL_PROGRESS_AFTER, watch)
+        try:
+            return await create
+        finally:
+            timer.cancel()
+            stop.set()
+            # Its last look ends first, so no progress is written after the create's outcome.
+            await asyncio.gather(*watching, return_exceptions=True)
+
+    async def _show_pull(self, controller: ControllerModel, image: str, op: OperationModel,
+                         stop: asyncio.Event) -> None:
+        """Until ``stop``: ask the controller how its pull of ``image`` goes, and write it into ``op``."""
+        ctx = self.ctx
+        while not stop.is_set():
+            try:
+                pulls = await ctx.client.image_pulls(controller.id, controller.url, timeout=3 * PULL_PROGRESS_AFTER)
+                found = next((pull for pull in pulls if pull.image == image), None)
+                if found is not None and not stop.is_set():
+                    await ctx.ops.progress(op, image_pull={**found.model_dump(), "controller_id": controller.id})
+            except Exception as exc:  # progress is a courtesy: the create's own answer must not wait on it
+                log.debug("no pull progress from %s for operation %s: %s", controller.id, op.id, exc)
+                return
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), PULL_PROGRESS_AFTER)
 
     def container_config(self, service: ServiceModel, spec: ServiceSpec, epoch: int,
                          gpus: tuple[str, ...], name: str) -> ContainerCreate:

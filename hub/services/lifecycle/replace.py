@@ -258,7 +258,8 @@ class Replacer:
             await claim_epoch_in(tx, service.id, service.epoch, beside)
 
         first = await self.deployer.reserve(service, spec, plan.exclude, plan.target, epoch, claim, spread)
-        return await self.deployer.deploy(service, spec, epoch, plan.exclude, plan.target, first=first, spread=spread)
+        return await self.deployer.deploy(service, spec, epoch, plan.exclude, plan.target, first=first, spread=spread,
+                                          op=plan.op)
 
     async def await_healthy(self, controller: ControllerModel, container_id: str,
                              timeout: float | None = None, backoff: bool = False) -> None:

@@ -30,8 +30,10 @@ USERS = UserModel.__table__
 
 @functools.cache
 def status_read(sqlite: bool) -> Select[Any]:
-    """The status reads' statement: the services of a list of ids (``keys``) with their owners' names."""
-    return (select(*SERVICES.c, UserModel.username.label("owner_name"))
+    """The status reads' statement: the services of a list of ids (``keys``) with their owners' names (not
+    their sealed registry credentials, which no read shows)."""
+    shown = [column for column in SERVICES.c if column.key != "registry_auth_sealed"]
+    return (select(*shown, UserModel.username.label("owner_name"))
             .join_from(ServiceModel, UserModel, ServiceModel.owner_id == UserModel.id)
             .where(any_of(SERVICES.c.id, "keys", sqlite=sqlite)))
 

@@ -197,6 +197,10 @@ class ControllerClient:
                 )
             except httpx.TransportError as exc:
                 raise _Retryable(exc) from exc
+            except httpx.InvalidURL as exc:
+                # A registered URL httpx cannot use (a host IDNA refuses): that controller cannot be reached.
+                raise ControllerUnavailable(f"controller {controller_id} has an unusable URL: {exc}",
+                                            {"controller_id": controller_id}) from None
             if response.status_code in RETRY_STATUSES:
                 raise _Retryable(_error_from(controller_id, response))
             return response

@@ -384,7 +384,7 @@ class PullingRuntime(CountingRuntime):
         except ImageNotFound as exc:
             raise ImageNotPresent(exc.message, exc.details) from None
 
-    async def pull_missing(self, image: str) -> ImagePulled:
+    async def pull_missing(self, image: str, auth: dict[str, str] | None = None) -> ImagePulled:
         self.calls.append("pull_missing")
         if image not in self.registry:
             raise ImagePullFailed(f"pulling {image!r} failed: manifest unknown", {"image": image},

@@ -117,6 +117,9 @@ async def test_bad_types_are_refused_with_a_code_and_change_nothing(cluster: Clu
         ({**TYPE, "name": "x", "spec": {"restart_policy": "sometimes"}}, 422, "INVALID_MODEL_TYPE"),
         ({**TYPE, "name": "x", "spec": {"no_such_field": 1}}, 422, "INVALID_MODEL_TYPE"),
         ({**TYPE, "name": "x", "spec": {"image": "elsewhere:1"}}, 422, "INVALID_MODEL_TYPE"),
+        # Credentials are each service's, given with its create: a type is stored and shown in clear.
+        ({**TYPE, "name": "x", "spec": {"registry_auth": {"username": "u", "password": "p"}}}, 422,
+         "INVALID_MODEL_TYPE"),
         # And what the spec policy refuses for any service.
         ({**TYPE, "name": "x", "spec": {"volumes": {"/etc": "/host-etc"}}}, 403, "SPEC_FORBIDDEN"),
     ]

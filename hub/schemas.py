@@ -600,5 +600,10 @@ class ImageOutcome(BaseModel):
 
 
 class ControllerImagesOut(BaseModel):
+    """A controller's images; ``ok`` false with the ``error`` it answered (or why it could not be asked),
+    as ``GET /api/admin/controllers/{id}/health`` answers for one that is down."""
+
     controller_id: str
+    ok: bool = True
     images: list[dict[str, Any]]
+    error: dict[str, Any] | None = None

@@ -7,6 +7,7 @@ from typing import Any
 from fastapi import APIRouter
 
 from hub.deps import AdminUser, HubDep, SessionDep
+from hub.errors import HubError
 from hub.schemas import ControllerImagesOut, ImageOutcome, ImagePruneIn, ImagePullIn
 from hub.services import images
 from hub.services.controllers import get_controller
@@ -17,8 +18,12 @@ router = APIRouter(prefix="/api/admin", tags=["admin"])
 @router.get("/controllers/{controller_id}/images", response_model=ControllerImagesOut)
 async def controller_images(controller_id: str, _: AdminUser, hub: HubDep, session: SessionDep) -> Any:
     controller = await get_controller(session, controller_id)
-    return ControllerImagesOut(controller_id=controller.id,
-                               images=await hub.client.images(controller.id, controller.url))
+    try:
+        listed = await hub.client.images(controller.id, controller.url)
+    except HubError as exc:
+        return ControllerImagesOut(controller_id=controller.id, ok=False, images=[],
+                                   error={"code": exc.code, "message": exc.message})
+    return ControllerImagesOut(controller_id=controller.id, images=listed)
 
 
 @router.post("/images/pull", response_model=list[ImageOutcome])

@@ -42,6 +42,12 @@ async def test_admin_image_routes_are_for_admins_and_check_their_input(cluster: 
         assert r.status_code == 403, r.text
     r = await cluster.hub.get("/api/admin/controllers/nowhere/images")
     assert r.status_code == 404 and r.json()["error"]["code"] == "CONTROLLER_NOT_FOUND"
+    # A controller that cannot be reached answers for itself, as its health does.
+    cluster.router.down.add(cluster.hosts[cid])
+    r = await cluster.hub.get(f"/api/admin/controllers/{cid}/images")
+    assert r.status_code == 200, r.text
+    assert (r.json()["ok"], r.json()["images"], r.json()["error"]["code"]) == (False, [], "CONTROLLER_UNAVAILABLE")
+    cluster.router.down.discard(cluster.hosts[cid])
     for path, body in (("/api/admin/images/pull", {"image": EXAMPLE_IMAGE, "controllers": [cid, "nowhere"]}),
                        ("/api/admin/images/prune", {"controllers": ["nowhere"]})):
         r = await cluster.hub.post(path, json=body)
@@ -85,7 +91,7 @@ async def test_pull_onto_chosen_controllers_with_a_login(
         assert outcome["ok"], outcome
         assert outcome["image"]["exists"] and private in outcome["image"]["tags"]
     listed = (await cluster.hub.get(f"/api/admin/controllers/{chosen[0]}/images")).json()
-    assert listed["controller_id"] == chosen[0]
+    assert listed["controller_id"] == chosen[0] and listed["ok"]
     assert any(f"{i['repository']}:{i['tag']}" == private for i in listed["images"])
     audit = (await cluster.hub.get("/api/admin/audit", params={"limit": 1000})).json()
     assert PASSWORD not in str(audit)

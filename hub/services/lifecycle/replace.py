@@ -82,6 +82,8 @@ class Replacement:
     adding: bool = False
     # False: one step of several (a rolling update, a scale-up); the caller ends ``op``.
     finish: bool = True
+    # Only on a GPU, never the spec's CPU fallback (a move back from it).
+    gpu_only: bool = False
 
 
 async def read_unfinished(tx: Tx, service: ServiceModel, *, sqlite: bool) -> Unfinished:
@@ -178,6 +180,8 @@ class Replacer:
             details["replica"] = "added" if plan.adding else "replaced"
         if copy.image_pull is not None:
             details["image_pull"] = copy.image_pull
+        if copy.fallback is not None:
+            details.update(copy.fallback)
         ended = False
         try:
             async with ctx.db.transaction() as tx:
@@ -251,8 +255,10 @@ class Replacer:
         async def claim(tx: Tx) -> None:
             await claim_epoch_in(tx, service.id, service.epoch, beside)
 
-        first = await self.deployer.reserve(service, spec, plan.exclude, plan.target, epoch, claim, spread)
-        return await self.deployer.deploy(service, spec, epoch, plan.exclude, plan.target, first=first, spread=spread)
+        first = await self.deployer.reserve(service, spec, plan.exclude, plan.target, epoch, claim, spread,
+                                            gpu_only=plan.gpu_only)
+        return await self.deployer.deploy(service, spec, epoch, plan.exclude, plan.target, first=first, spread=spread,
+                                          gpu_only=plan.gpu_only)
 
     async def await_healthy(self, controller: ControllerModel, container_id: str,
                              timeout: float | None = None, backoff: bool = False) -> None:

@@ -130,7 +130,7 @@ class VramWatch(LoopService):
             self.metrics.gpu_memory_restarted(info.service_id or "")
         if self.audit is not None:
             await self.audit.record(AuditEvent(
-                at=datetime.now(UTC), actor="controller", method="POST", path=f"/containers/{cid}/restart",
+                at=datetime.now(UTC), actor=self.audit.source, method="POST", path=f"/containers/{cid}/restart",
                 target=cid, status_code=200,
                 details={"reason": "gpu_memory_exceeded", "service_id": info.service_id,
                          "gpu": ",".join(info.gpu_device_ids), "used_bytes": size, "budget_bytes": budget,

@@ -79,8 +79,8 @@ async def test_over_budget_for_two_samples_is_restarted_audited_and_counted() ->
     assert world.runtime.containers[hog].restarts == 1
     assert world.restarts_counted() == {"svc-hog": 1.0}
     [event] = world.audit.batch()
-    assert (event.method, event.path, event.target, event.status_code) == (
-        "POST", f"/containers/{hog}/restart", hog, 200)
+    assert (event.actor, event.method, event.path, event.target, event.status_code) == (
+        "controller:ctl", "POST", f"/containers/{hog}/restart", hog, 200)
     assert event.details == {"reason": "gpu_memory_exceeded", "service_id": "svc-hog", "gpu": "0",
                              "used_bytes": 5 * GiB, "budget_bytes": 4 * GiB, "samples": 2}
     # The count starts again after a restart: one more sample over is not a second restart.

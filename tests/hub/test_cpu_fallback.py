@@ -4,9 +4,8 @@ back to a GPU by a planned move once one is free."""
 
 from __future__ import annotations
 
-import asyncio
 import uuid
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import docker
@@ -14,6 +13,7 @@ import pytest
 
 from examples.images import EXAMPLE_IMAGE
 from tests.hub.conftest import Cluster
+from tests.support.poll import eventually
 
 CHECK = {"path": "/health", "port": 5000, "interval": 1}
 HOG = {"name": "hog", "image": EXAMPLE_IMAGE, "resources": {"gpu_count": 2, "memory_limit": "64MB"}}
@@ -32,17 +32,6 @@ def fallback_spec(cpu_image: str, **more: Any) -> dict[str, Any]:
     return {"name": "dnabert2", "image": EXAMPLE_IMAGE, "health_check": CHECK,
             "resources": {"gpu_count": 1, "memory_limit": "64MB"},
             "cpu_fallback": {"image": cpu_image, "resources": {"memory_limit": "64MB", "cpu_limit": 0.5}}, **more}
-
-
-async def until(what: Callable[[], Awaitable[Any]], timeout: float = 60.0) -> Any:
-    """Ask ``what`` until it answers something true (the event awaited), at most ``timeout`` seconds."""
-    deadline = asyncio.get_running_loop().time() + timeout
-    while True:
-        found = await what()
-        if found:
-            return found
-        assert asyncio.get_running_loop().time() < deadline, "the awaited event did not come"
-        await asyncio.sleep(0.2)
 
 
 async def test_no_gpu_runs_the_cpu_variant_then_moves_back_when_one_frees(cluster: Cluster, cpu_image: str) -> None:
@@ -74,7 +63,7 @@ async def test_no_gpu_runs_the_cpu_variant_then_moves_back_when_one_frees(cluste
         read = (await cluster.hub.get(f"/api/services/{service['id']}")).json()
         return read if read["variant"] == "main" and read["status"] == "running" else None
 
-    moved = await until(back)
+    moved = await eventually(back, 60, "the service back on a GPU", interval=0.2)
     assert moved["controller_id"] == gpu_controller and moved["health"] == "healthy"
 
     async def ended() -> dict[str, Any] | None:
@@ -82,7 +71,7 @@ async def test_no_gpu_runs_the_cpu_variant_then_moves_back_when_one_frees(cluste
                                      params={"service_id": service["id"], "operation": "migrate"})).json()
         return ops[0] if len(ops) == 1 and ops[0]["status"] not in ("pending", "running") else None
 
-    op = await until(ended)
+    op = await eventually(ended, 30, "the move back's operation ended", interval=0.2)
     assert op["status"] == "succeeded" and op["actor"] == "system"
     assert op["details"]["reason"] == "gpu_free" and op["details"]["from_variant"] == "cpu_fallback"
     assert op["details"]["to_controller"] == gpu_controller

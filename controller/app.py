@@ -39,6 +39,7 @@ from controller.routers import system as system_routes
 from controller.runtime import DockerRuntime, Runtime
 from controller.stats import StatsSampler
 from controller.sync import SyncGuard
+from controller.vram import VramWatch
 from mmanager import __version__
 from mmanager.audit import AuditMiddleware
 from mmanager.errors import install_error_handlers
@@ -77,6 +78,8 @@ def create_app(
     sampler = StatsSampler(settings, runtime, metrics)
     gpu_monitor = GpuMonitor(settings.stats_interval, metrics)
     audit = AuditTrail(settings.server_id, settings.audit_buffer)
+    vram_watch = VramWatch(settings.stats_interval, runtime, service.heal, gpu_monitor,
+                           strikes=settings.gpu_memory_strikes, audit=audit, metrics=metrics)
     heartbeat = (
         HeartbeatAgent(settings, runtime, service, prober, transport=hub_transport, metrics=metrics, audit=audit,
                        sampler=sampler, gpu_monitor=gpu_monitor)
@@ -93,6 +96,7 @@ def create_app(
         prober.start()
         sampler.start()
         gpu_monitor.start()
+        vram_watch.start()
         if heartbeat is not None:
             heartbeat.start()
         log.info(
@@ -109,6 +113,7 @@ def create_app(
             if heartbeat is not None:
                 await heartbeat.stop()
             await sampler.stop()
+            await vram_watch.stop()
             await gpu_monitor.stop()
             await prober.stop()
             if owns_runtime:

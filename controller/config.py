@@ -111,6 +111,9 @@ class ControllerSettings(SpecPolicySettings, TlsSettings, LogSettings):
     log_max_files: int = Field(default=3, ge=1, le=100, validation_alias="MMANAGER_LOG_MAX_FILES")
     # Seconds between Docker stats samples of the running managed containers (controller.stats); 0: none.
     stats_interval: float = Field(default=10.0, ge=0, validation_alias="MMANAGER_STATS_INTERVAL")
+    # Consecutive samples (each MMANAGER_STATS_INTERVAL) a shared-GPU container may use more VRAM than its
+    # budget before it is restarted (controller.vram); 0: never.
+    gpu_memory_strikes: int = Field(default=2, ge=0, le=100, validation_alias="MMANAGER_GPU_MEMORY_STRIKES")
     @field_validator("api_key")
     @classmethod
     def _key_not_blank(cls, value: SecretStr) -> SecretStr:

@@ -110,6 +110,29 @@ class GpuMonitor(LoopService):
         except Exception:
             log.debug("nvmlShutdown failed", exc_info=True)
 
+    @property
+    def started(self) -> bool:
+        """NVML is open and the GPUs are sampled."""
+        return self._started
+
+    def process_memory(self) -> list[tuple[str, int, int]]:
+        """Each GPU's compute processes as (GPU index, host pid, VRAM bytes) (blocking). A GPU NVML refuses
+        is left out this round; a process whose use NVML does not give (no permission) is too."""
+        nvml: Any = self._nvml
+        found: list[tuple[str, int, int]] = []
+        for index in range(self._count):
+            try:
+                handle = nvml.nvmlDeviceGetHandleByIndex(index)
+                processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
+            except Exception as exc:
+                log.debug("GPU %d: NVML gave no processes (%s)", index, exc)
+                continue
+            for p in processes:
+                used = getattr(p, "usedGpuMemory", None)
+                if used is not None:
+                    found.append((str(index), int(p.pid), int(used)))
+        return found
+
     # -- sampling ----------------------------------------------------------
 
     async def run_once(self) -> None:

@@ -149,6 +149,12 @@ class ControllerMetrics:
         # The label values of each container's series, by container id, to remove them when it goes.
         self._series: dict[str, tuple[str, str, str]] = {}
         self._gpu = [Gauge(name, text, GPU_LABELS, registry=self.registry) for name, text in GPU_METRICS.values()]
+        self._gpu_memory_restarts = Counter(
+            "mmanager_gpu_memory_restarts", "Containers restarted for using more VRAM than their gpu_memory budget",
+            ["controller", "service"], registry=self.registry)
+
+    def gpu_memory_restarted(self, service_id: str) -> None:
+        self._gpu_memory_restarts.labels(self.server_id, service_id).inc()
 
     def heartbeat_failed(self) -> None:
         self._heartbeat_failures.inc()

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from starlette.requests import ClientDisconnect
 
+from hub.background.fallback import GpuReturn
 from hub.background.flusher import HeartbeatFlusher
 from hub.background.gateway import GatewayPublisher, GatewayWatch, IdleWatch
 from hub.background.leader import Supervisor
@@ -193,6 +194,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     publisher = GatewayPublisher(hub.gateway, settings.gateway_publish_interval)
     watch = GatewayWatch(hub.gateways)
     idle = IdleWatch(hub.db, hub.services, settings)
+    gpu_return = GpuReturn(hub.db, hub.services, settings)
 
     async def on_lead(since: datetime) -> None:
         publisher.start()
@@ -201,8 +203,10 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
                                     ingest=hub.ingest)
         hub.reconciler.start()
         hub.poller.start()
+        gpu_return.start()
 
     async def on_follow() -> None:
+        await gpu_return.stop()
         await idle.stop()
         await publisher.stop()
         await hub.poller.stop()
@@ -233,6 +237,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
                 await supervisor.stop()
                 await publisher.stop()
                 await idle.stop()
+                await gpu_return.stop()
                 await flusher.stop()
             await hub.ingest.close()
             await hub.services.shutdown()

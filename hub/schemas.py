@@ -96,6 +96,20 @@ class Resources(StrictModel):
         return parse_memory(self.gpu_min_memory) if self.gpu_min_memory else 0
 
 
+class CpuFallback(StrictModel):
+    """The CPU variant of a GPU service: its image and resources, run where no GPU fits."""
+
+    image: str = Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")
+    resources: Resources = Field(default_factory=Resources)
+
+    @model_validator(mode="after")
+    def _no_gpu(self) -> CpuFallback:
+        r = self.resources
+        if r.gpu_required or r.gpu_count or r.gpu_model or r.gpu_min_memory or r.gpu_memory:
+            raise PydanticCustomError("cpu_fallback_gpu", "cpu_fallback.resources may not ask for a GPU")
+        return self
+
+
 class HealthCheckSpec(StrictModel):
     path: str = Field(default="/health", pattern=r"^/", max_length=512)
     port: int = Field(ge=1, le=65535)
@@ -236,6 +250,15 @@ class ServiceSpec(StrictModel):
     model: str | None = Field(default=None, min_length=1, max_length=63, pattern=NAME_PATTERN)
     # Write-only: sealed into the service's row, never part of the stored or shown spec (exclude).
     registry_auth: RegistryAuthIn | None = Field(default=None, exclude=True)
+    # The CPU variant run when no GPU fits (docs/API.md, CPU fallback); left out of the output when not given.
+    cpu_fallback: CpuFallback | None = Field(default=None, exclude_if=_unset)
+
+    @model_validator(mode="after")
+    def _fallback_needs_gpu(self) -> ServiceSpec:
+        if self.cpu_fallback is not None and not self.resources.gpu_required:
+            raise PydanticCustomError("cpu_fallback_without_gpu",
+                                      "cpu_fallback is only for a service whose resources ask for a GPU")
+        return self
 
 
 class ServiceCreate(ServiceSpec):
@@ -276,6 +299,7 @@ class ServicePatch(StrictModel):
     replicas: int | None = Field(default=None, ge=1, le=MAX_REPLICAS)
     # Sets or replaces the credentials; null clears them. Never part of the spec (exclude).
     registry_auth: RegistryAuthIn | None = Field(default=None, exclude=True)
+    cpu_fallback: CpuFallback | None = None
 
 
 class RollbackRequest(StrictModel):
@@ -301,6 +325,8 @@ class ReplicaOut(BaseModel):
     # Why the copy is unhealthy (a golden-inference probe's wrong answer, the last failed check); else null.
     health_detail: str | None = None
     endpoint: Endpoint | None
+    # "cpu_fallback" while this copy runs the spec's CPU variant; else "main".
+    variant: Literal["main", "cpu_fallback"] = "main"
 
 
 class ServiceOut(BaseModel):
@@ -324,6 +350,8 @@ class ServiceOut(BaseModel):
     replicas: list[ReplicaOut]
     created_at: datetime
     updated_at: datetime
+    # "cpu_fallback" while the primary copy runs the spec's CPU variant (no GPU fitted); else "main".
+    variant: Literal["main", "cpu_fallback"] = "main"
 
 
 class ControllerIn(StrictModel):

@@ -30,8 +30,13 @@ if ! is_root; then
 fi
 
 echo "==> starting dockerd"
+# A dockerd that was killed leaves its pid file behind, and a new one refuses to start over it.
+if [ -f /var/run/docker.pid ] && ! kill -0 "$(cat /var/run/docker.pid)" 2>/dev/null; then
+    rm -f /var/run/docker.pid
+fi
 mkdir -p /var/log
-nohup dockerd >/var/log/mmanager-dockerd.log 2>&1 &
+# A session of its own: ending the shell or job that started it (a process-group kill) must not stop it.
+setsid nohup dockerd >/var/log/mmanager-dockerd.log 2>&1 </dev/null &
 for _ in $(seq 1 60); do
     if docker info >/dev/null 2>&1; then
         exit 0

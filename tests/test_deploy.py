@@ -161,6 +161,7 @@ def test_controller_compose_file_validates_with_the_seed_variables(tmp_path: Pat
     assert result.returncode == 0, result.stderr
     gpu = yaml.safe_load(result.stdout)["services"]["controller"]
     assert gpu["environment"]["SERVER_TYPE"] == "gpu"
+    assert gpu["pid"] == "host"  # the VRAM watch maps NVML's host pids to containers
     [device] = gpu["deploy"]["resources"]["reservations"]["devices"]
     assert (device["driver"], device["capabilities"]) == ("nvidia", ["utility"])
 

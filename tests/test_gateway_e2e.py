@@ -280,3 +280,40 @@ def test_an_idle_service_is_stopped_and_woken_by_a_request(lab: Lab,
         ops = client.get("/api/admin/operations", params={"service_id": service["id"]}).json()
         assert {"idle_stop", "wake"} <= {op["operation"] for op in ops}
     print(f"cold start through the gateway: {cold:.2f}s")
+
+
+@pytest.fixture
+def gpu_lab(db_url: str, example_image: str, docker_client: docker.DockerClient, tmp_path: Path,
+            request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """The lab with controller ``b`` a GPU server of one (configured) A100."""
+    with running_lab(db_url, tmp_path, request, docker_client, gpus={"b": "0:A100:81920"},
+                     hub_env={"MMANAGER_GPU_RETURN_INTERVAL": "1"}) as lab:
+        yield lab
+
+
+def test_the_move_back_from_cpu_fallback_loses_no_request(gpu_lab: Lab) -> None:
+    lab = gpu_lab
+    gpu = next(c for c in lab.dep.controllers if c.startswith("b-"))
+    with lab.hub() as client:
+        hog = client.post("/api/root/lab/services", json={**SPEC, "name": "hog", "ports": {},
+                                                          "health_check": None, "resources": {"gpu_count": 1}})
+        assert hog.status_code == 201 and hog.json()["controller_id"] == gpu, hog.text
+    service = create(lab, resources={"gpu_count": 1, "memory_limit": "32MB"},
+                     cpu_fallback={"image": EXAMPLE_IMAGE, "resources": {"cpu_limit": 0.5, "memory_limit": "32MB"}})
+    assert service["variant"] == "cpu_fallback" and service["controller_id"] != gpu
+
+    def act() -> None:
+        with lab.hub() as client:
+            assert client.delete(f"/api/services/{hog.json()['id']}").status_code == 204
+            moved = wait_until(lambda: _if(client.get(f"/api/services/{service['id']}").json(),
+                                           lambda s: s["variant"] == "main"), 30, "the service back on its GPU")
+            assert moved["controller_id"] == gpu
+            wait_until(lambda: [op for op in client.get("/api/admin/operations", params={
+                "service_id": service["id"], "operation": "migrate"}).json() if op["status"] == "succeeded"],
+                30, "the move back ended")
+
+    load = under_load(service["url"] + "health", act)
+    # As for any planned move (test_a_planned_move_loses_no_request): the new copy serves before the old goes.
+    print(f"move back from cpu fallback at 200/s: {load.failures} failed of {load.sent}")
+    assert load.failures <= 10, (load.outcomes, load.errors[:5])
+    assert load.sent >= 300

@@ -22,6 +22,10 @@ placement pops entries until one passes every check (those that fail for this
 request go back). It is still pure: the caller builds it from a snapshot and
 tells it what it reserved.
 
+CPU fallback: a GPU ask may carry a ``fallback`` request (its CPU variant's). Only when the GPU ask
+places nowhere is the fallback placed, by the same rules, and the decision says so (``fallback``) with
+the GPU ask's rejections (``gpu_rejections``); a GPU that fits always wins.
+
 GPUs are held whole (``gpus_used``) or shared (``gpu_shared``: the VRAM budget
 committed on each); never both. A shared ask (``gpu_memory``) goes best-fit: to
 the GPU, across the tier, whose remaining budget is the smallest that still fits,
@@ -112,6 +116,11 @@ class Placement:
     rejections: tuple[Rejection, ...] = field(default_factory=tuple)
     # The VRAM budget taken on ``gpu_devices`` (one shared GPU); 0 when they are held whole.
     gpu_memory: int = 0
+    # Placed as the CPU fallback (no GPU fitted): why the GPU ask placed nowhere.
+    fallback: bool = False
+    gpu_rejections: tuple[Rejection, ...] = ()
+    # Neither placed: why the fallback placed nowhere either (``rejections`` are the GPU ask's).
+    fallback_rejections: tuple[Rejection, ...] = ()
 
     @property
     def placed(self) -> bool:
@@ -269,7 +278,28 @@ def _decision(chosen: ControllerView, request: PlacementRequest, rejections: tup
     return Placement(chosen.id, gpus, rejections)
 
 
-def place(controllers: Iterable[ControllerView], request: PlacementRequest) -> Placement:
+def or_fallback(main: Placement, request: PlacementRequest, fallback: PlacementRequest | None,
+                place_fallback: Callable[[PlacementRequest], Placement]) -> Placement:
+    """The CPU fallback rule: ``main`` (the GPU ask's decision) when it placed, or when there is no
+    fallback; else the fallback's decision (``place_fallback``), marked as such with the GPU rejections."""
+    if main.placed or fallback is None or not request.wants_gpu:
+        return main
+    cpu = place_fallback(fallback)
+    if cpu.placed:
+        return replace(cpu, fallback=True, gpu_rejections=main.rejections)
+    return replace(main, fallback_rejections=cpu.rejections)
+
+
+def place(controllers: Iterable[ControllerView], request: PlacementRequest,
+          fallback: PlacementRequest | None = None) -> Placement:
+    """Where ``request`` goes; with ``fallback`` (a GPU ask's CPU variant), where that goes when no GPU fits."""
+    if fallback is None:
+        return _place(controllers, request)
+    views = list(controllers)
+    return or_fallback(_place(views, request), request, fallback, lambda cpu: _place(views, cpu))
+
+
+def _place(controllers: Iterable[ControllerView], request: PlacementRequest) -> Placement:
     rejections: list[Rejection] = []
     feasible: list[ControllerView] = []
     for c in sorted(controllers, key=lambda c: c.id):
@@ -344,7 +374,9 @@ class CandidateIndex:
                 return c
         return None
 
-    def place(self, request: PlacementRequest) -> Placement:
+    def place(self, request: PlacementRequest, fallback: PlacementRequest | None = None) -> Placement:
+        if fallback is not None:
+            return or_fallback(self.place(request), request, fallback, self.place)
         if request.gpu_memory:
             # Best fit is not the heaps' order: one pass over the GPU controllers (all of them for the
             # rejections when none fits).

@@ -31,11 +31,14 @@ class Lab:
 
 @contextmanager
 def running_lab(db_url: str, tmp_path: Path, request: pytest.FixtureRequest,
-                docker_client: docker.DockerClient) -> Iterator[Lab]:
-    dep = LocalDeployment(db_url, tmp_path, extra_hub_env={"MMANAGER_RATE_LIMIT": "0"})
+                docker_client: docker.DockerClient, gpus: dict[str, str] | None = None,
+                hub_env: dict[str, str] | None = None) -> Iterator[Lab]:
+    """``gpus``: a controller's name -> its GPU_DEVICES (it is then a ``gpu`` server)."""
+    dep = LocalDeployment(db_url, tmp_path, extra_hub_env={"MMANAGER_RATE_LIMIT": "0", **(hub_env or {})})
     dep.plan_hubs(1)
-    dep.add_controller("a")
-    dep.add_controller("b")
+    for name in ("a", "b"):
+        devices = (gpus or {}).get(name)
+        dep.add_controller(name, server_type="gpu" if devices else "cpu", gpus=devices)
     dep.add_gateway()
     token = dep.create_admin()
     dep.start()

@@ -52,8 +52,10 @@ class FakeGpu:
     total: int = 80 * GiB
     temperature: int = 40
     milliwatts: int = 100_000
-    # NVML error code per call name ("utilization", "memory", "temperature", "power", "handle").
+    # NVML error code per call name ("utilization", "memory", "temperature", "power", "handle", "processes").
     errors: dict[str, int] = field(default_factory=dict)
+    # Its compute processes: host pid -> VRAM bytes used (None: NVML does not give it, no permission).
+    processes: dict[int, int | None] = field(default_factory=dict)
 
 
 class FakeNvml:
@@ -64,7 +66,7 @@ class FakeNvml:
     def __init__(self, gpus: list[FakeGpu | None], *, init_error: int | None = None) -> None:
         self.gpus = gpus
         self.init_error = init_error
-        self.inits = self.shutdowns = 0
+        self.inits = self.shutdowns = self.process_reads = 0
 
     def nvmlInit(self) -> None:
         if self.init_error is not None:
@@ -104,6 +106,11 @@ class FakeNvml:
 
     def nvmlDeviceGetPowerUsage(self, handle: int) -> int:
         return self._gpu(handle, "power").milliwatts
+
+    def nvmlDeviceGetComputeRunningProcesses(self, handle: int) -> list[Any]:
+        self.process_reads += 1
+        return [SimpleNamespace(pid=pid, usedGpuMemory=used)
+                for pid, used in self._gpu(handle, "processes").processes.items()]
 
 
 def opened(nvml: FakeNvml, metrics: ControllerMetrics | None = None) -> GpuMonitor:

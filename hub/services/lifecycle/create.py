@@ -180,6 +180,12 @@ class Creator:
                     pulls = [made.image_pull for made in copies if made.image_pull is not None]
                     if pulls:
                         done["image_pull"] = pulls[0] if len(pulls) == 1 else pulls
+                    fell = [made.fallback for made in copies if made.fallback is not None]
+                    if fell:
+                        # Why no GPU fitted (the first such copy's reasons); with replicas, how many fell back.
+                        done.update(fell[0])
+                        if spec.replicas > 1:
+                            done["fallback_replicas"] = len(fell)
                     await ctx.ops.finish_in(
                         tx, op, controller_id=controller.id, container_id=row.container_id, details=done or None)
             except Superseded:

@@ -9,7 +9,10 @@ Invariants:
   decision and its hold in one synchronous step, so two concurrent creates never both take the last slot
   of a controller; the database stays the authority: a registry row is only inserted while its controller
   is healthy, enabled and not draining (a batch's rows together, those refused decided again elsewhere),
-  and a placement that finds nothing looks again at a fresh snapshot.
+  and a placement that finds nothing looks again at a fresh snapshot;
+- a GPU service with a ``cpu_fallback`` runs its CPU variant (that image and resources, no GPU) only when
+  no GPU fits on a fresh snapshot; a copy runs that variant exactly when its spec has a fallback and its
+  row holds no GPU (``runs_fallback``), so the variant needs no column of its own.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ import asyncio
 import contextlib
 import logging
 import re
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlparse
@@ -95,13 +98,40 @@ def endpoint_for(controller_url: str, ports: dict[str, int | None]) -> Endpoint:
     return Endpoint(host=host, ports={key.split("/")[0]: value for key, value in ports.items()})
 
 
+def runs_fallback(spec: ServiceSpec | Mapping[str, Any], gpus: Any) -> bool:
+    """Does a copy holding ``gpus`` run ``spec`` (a spec, or one as stored)'s CPU variant? (A GPU placement
+    always holds a GPU.)"""
+    fallback = spec.cpu_fallback if isinstance(spec, ServiceSpec) else spec.get("cpu_fallback")
+    return fallback is not None and not gpus
+
+
+def running_spec(spec: ServiceSpec, gpus: Any) -> ServiceSpec:
+    """The spec a copy holding ``gpus`` runs: ``spec``, or its CPU variant (its image and resources, the
+    server type no longer forced to ``gpu``)."""
+    if not runs_fallback(spec, gpus):
+        return spec
+    assert spec.cpu_fallback is not None
+    return spec.model_copy(update={
+        "image": spec.cpu_fallback.image, "resources": spec.cpu_fallback.resources,
+        "server_type": None if spec.server_type == "gpu" else spec.server_type, "cpu_fallback": None})
+
+
+def fallback_details(decision: Placement) -> dict[str, Any]:
+    """What an operation says of a copy placed as the CPU fallback: why no GPU fitted."""
+    codes = sorted({r.code for r in decision.gpu_rejections})
+    return {"fallback": "cpu", "fallback_reason": f"no GPU fits ({', '.join(codes) or 'no GPU controller'})",
+            "gpu_rejections": [r.as_dict() for r in decision.gpu_rejections]}
+
+
 @dataclass(slots=True)
 class Reserved:
-    """A placement held: its ``creating`` row (committed), the controller it is on and its hold in the view."""
+    """A placement held: its ``creating`` row (committed), the controller it is on and its hold in the view;
+    ``fallback``: the operation's details when it is the CPU fallback (``fallback_details``)."""
 
     row: ContainerRegistryModel
     controller: ControllerModel
     held: Held
+    fallback: dict[str, Any] | None = None
 
 
 @dataclass(slots=True)
@@ -113,14 +143,17 @@ class Deployed:
     controller: ControllerModel
     status: str
     image_pull: dict[str, Any] | None = None
+    # Placed as the CPU fallback: why (``fallback_details``).
+    fallback: dict[str, Any] | None = None
 
     @classmethod
-    def made(cls, row: ContainerRegistryModel, controller: ControllerModel, created: ContainerCreated) -> Deployed:
+    def made(cls, row: ContainerRegistryModel, controller: ControllerModel, created: ContainerCreated,
+             fallback: dict[str, Any] | None = None) -> Deployed:
         """What the controller's create made, recorded on the copy's row (not yet written)."""
         row.container_id, row.container_name, row.status = created.container_id, created.name, created.status
         row.endpoint = endpoint_for(controller.url, created.ports).model_dump()
         pulled = created.image_pull.model_dump() if created.image_pull is not None else None
-        return cls(row, controller, created.status, pulled)
+        return cls(row, controller, created.status, pulled, fallback)
 
     @property
     def epoch(self) -> int:
@@ -183,7 +216,8 @@ async def _insert_rows_if_placeable(tx: Tx, rows: list[ContainerRegistryModel], 
     return {r["id"] for r in found}
 
 
-def _request(spec: ServiceSpec, exclude: frozenset[str] = frozenset()) -> PlacementRequest:
+def placement_request(spec: ServiceSpec, exclude: frozenset[str] = frozenset()) -> PlacementRequest:
+    """What placing ``spec`` (its main variant) asks."""
     return PlacementRequest(
         memory=spec.resources.memory_bytes,
         cpu=spec.resources.cpu_limit or 0.0,
@@ -197,6 +231,18 @@ def _request(spec: ServiceSpec, exclude: frozenset[str] = frozenset()) -> Placem
     )
 
 
+def _fallback_request(spec: ServiceSpec, exclude: frozenset[str]) -> PlacementRequest | None:
+    """The placement of ``spec``'s CPU variant, if it has one: its resources, on any server type but the
+    one it pins other than ``gpu``."""
+    if spec.cpu_fallback is None:
+        return None
+    resources = spec.cpu_fallback.resources
+    return PlacementRequest(
+        memory=resources.memory_bytes, cpu=resources.cpu_limit or 0.0,
+        server_type=None if spec.server_type == "gpu" else spec.server_type,
+        exclude=exclude, golden_probe=spec.probe is not None)
+
+
 def _new_row(service: ServiceModel, spec: ServiceSpec, epoch: int, decision: Placement,
              request: PlacementRequest) -> ContainerRegistryModel:
     assert decision.controller_id is not None
@@ -207,7 +253,7 @@ def _new_row(service: ServiceModel, spec: ServiceSpec, epoch: int, decision: Pla
         controller_id=decision.controller_id,
         container_id=None,
         container_name=container_name(service, epoch, decision.controller_id),
-        image=spec.image,
+        image=spec.cpu_fallback.image if decision.fallback and spec.cpu_fallback else spec.image,
         status="creating",
         epoch=epoch,
         health="unknown",
@@ -234,63 +280,74 @@ class Deployer:
         check_policy(self.ctx.settings.spec_policy, spec)
 
     def _decide(self, request: PlacementRequest, target: str | None, final: bool,
-                spread: frozenset[str] = frozenset()) -> tuple[Placement, Held]:
+                spread: frozenset[str] = frozenset(),
+                fallback: PlacementRequest | None = None) -> tuple[Placement, Held, PlacementRequest]:
         """Decide where from the view, and hold it there, in one synchronous step (no other placement
         sees the view in between): on none of ``spread`` (the controllers holding the service's other
         replicas) while another fits. Nothing found: ``LookAgain`` (the caller takes a fresh snapshot,
         outside its transaction: waiting for one while holding a pooled connection could starve the
-        pool), or, on a fresh one (``final``), the error."""
+        pool), or, on a fresh one (``final``), the CPU ``fallback`` if one fits, else the error. Returns
+        the decision, its hold and the request it placed (``fallback`` when it did)."""
         placement = self.ctx.placement
         index = placement.current
+        # The CPU variant only on a fresh snapshot: a GPU the in-memory view has not seen freed wins.
+        cpu = fallback if final else None
         if target is not None:
             view = index.get(target)
             if view is None:
                 if final:
                     raise NotFound(f"controller {target!r} not found", code="CONTROLLER_NOT_FOUND")
                 raise LookAgain
-            decision = place([view], request)
+            decision = place([view], request, cpu)
         else:
             spread_out = index.place(replace(request, exclude=request.exclude | spread)) if spread else None
-            decision = spread_out if spread_out is not None and spread_out.placed else index.place(request)
+            decision = spread_out if spread_out is not None and spread_out.placed else index.place(request, cpu)
+            if decision.fallback and spread and cpu is not None:
+                apart = index.place(replace(cpu, exclude=cpu.exclude | spread))
+                if apart.placed:
+                    decision = replace(apart, fallback=True, gpu_rejections=decision.gpu_rejections)
         if decision.placed:
-            return decision, placement.hold(decision, request)
+            used = cpu if decision.fallback and cpu is not None else request
+            return decision, placement.hold(decision, used), used
         if final:
-            raise NoFeasibleController(
-                "no controller can run this service",
-                {"rejections": [r.as_dict() for r in decision.rejections]},
-            )
+            details: dict[str, Any] = {"rejections": [r.as_dict() for r in decision.rejections]}
+            if decision.fallback_rejections:
+                details["cpu_fallback_rejections"] = [r.as_dict() for r in decision.fallback_rejections]
+            raise NoFeasibleController("no controller can run this service", details)
         raise LookAgain
 
     async def _hold_rows(self, tx: Tx, service: ServiceModel, spec: ServiceSpec, epochs: list[int],
                          exclude: frozenset[str], target: str | None, final: bool,
-                         spread: frozenset[str] = frozenset()) -> list[Reserved]:
+                         spread: frozenset[str] = frozenset(), gpu_only: bool = False) -> list[Reserved]:
         """Choose a controller for each of ``epochs``, each on none of the others (nor of ``spread``) while
         another fits, and insert their ``creating`` rows in the caller's transaction, all decided first and
         inserted together; the rows the database refused are decided again without their controllers. On
         any error, every hold is released; on success the holds are the caller's to release if its
         transaction does not commit (it calls ``placement.committed`` when it did). The caller has awaited
-        ``placement.index()`` just before (outside the transaction)."""
+        ``placement.index()`` just before (outside the transaction). ``gpu_only``: never the CPU fallback."""
         placement = self.ctx.placement
         sqlite = self.ctx.db.is_sqlite
         refused: set[str] = set()
         placed: list[Reserved] = []
-        batch: list[tuple[ContainerRegistryModel, Held]] = []
+        batch: list[tuple[ContainerRegistryModel, Held, dict[str, Any] | None]] = []
         taken = set(spread)
         todo = epochs
         try:
             for _ in range(CREATE_ATTEMPTS):
                 batch = []
-                request = _request(spec, exclude | refused)
+                request = placement_request(spec, exclude | refused)
+                fallback = None if gpu_only else _fallback_request(spec, exclude | refused)
                 for epoch in todo:
-                    decision, held = self._decide(request, target, final, frozenset(taken))
-                    batch.append((_new_row(service, spec, epoch, decision, request), held))
+                    decision, held, used = self._decide(request, target, final, frozenset(taken), fallback)
+                    why = fallback_details(decision) if decision.fallback else None
+                    batch.append((_new_row(service, spec, epoch, decision, used), held, why))
                     taken.add(held.controller_id)
-                inserted = await _insert_rows_if_placeable(tx, [row for row, _ in batch], sqlite)
+                inserted = await _insert_rows_if_placeable(tx, [row for row, _, _ in batch], sqlite)
                 todo = []
-                for row, held in batch:
+                for row, held, why in batch:
                     if row.id in inserted:
                         controller = ControllerModel(id=row.controller_id, url=placement.urls[row.controller_id])
-                        placed.append(Reserved(row, controller, held))
+                        placed.append(Reserved(row, controller, held, why))
                         continue
                     placement.release(held)
                     placement.unfit(row.controller_id)
@@ -301,7 +358,7 @@ class Deployer:
                 if not todo:
                     return sorted(placed, key=lambda r: r.row.epoch)
         except BaseException:
-            for _, held in batch:
+            for _, held, _ in batch:
                 placement.release(held)
             for reserved in placed:
                 placement.release(reserved.held)
@@ -314,15 +371,16 @@ class Deployer:
     async def reserve(self, service: ServiceModel, spec: ServiceSpec, exclude: frozenset[str],
                       target: str | None, epoch: int,
                       write_first: Callable[[Tx], Awaitable[None]] | None = None,
-                      spread: frozenset[str] = frozenset()) -> Reserved:
+                      spread: frozenset[str] = frozenset(), gpu_only: bool = False) -> Reserved:
         """Choose a controller and hold a registry row on it (committed when this returns), in one
         transaction with what ``write_first`` writes (run again if a fresh view must be taken)."""
-        return (await self.reserve_many(service, spec, exclude, target, [epoch], write_first, spread))[0]
+        return (await self.reserve_many(service, spec, exclude, target, [epoch], write_first, spread,
+                                        gpu_only))[0]
 
     async def reserve_many(self, service: ServiceModel, spec: ServiceSpec, exclude: frozenset[str],
                            target: str | None, epochs: list[int],
                            write_first: Callable[[Tx], Awaitable[None]] | None = None,
-                           spread: frozenset[str] = frozenset()) -> list[Reserved]:
+                           spread: frozenset[str] = frozenset(), gpu_only: bool = False) -> list[Reserved]:
         """One placement batch: a registry row for each of ``epochs``, each on a controller holding none of
         the others (nor any of ``spread``) while another fits, all committed in one transaction with what
         ``write_first`` writes (run again if a fresh view must be taken)."""
@@ -334,7 +392,8 @@ class Deployer:
                 async with self.ctx.db.transaction() as tx:
                     if write_first is not None:
                         await write_first(tx)
-                    reserved = await self._hold_rows(tx, service, spec, epochs, exclude, target, final, spread)
+                    reserved = await self._hold_rows(tx, service, spec, epochs, exclude, target, final, spread,
+                                                     gpu_only)
             except LookAgain:
                 for held in reserved:
                     placement.release(held.held)
@@ -351,7 +410,7 @@ class Deployer:
     async def deploy(self, service: ServiceModel, spec: ServiceSpec, epoch: int,
                      exclude: frozenset[str] = frozenset(), target: str | None = None,
                      first: Reserved | None = None, spread: frozenset[str] = frozenset(),
-                     op: OperationModel | None = None) -> Deployed:
+                     op: OperationModel | None = None, gpu_only: bool = False) -> Deployed:
         """Place and create-and-start one container; on failure nothing stays reserved.
 
         ``first``: a placement already held (the create's, made in its first transaction).
@@ -366,7 +425,8 @@ class Deployer:
                 reserved = first
             else:
                 try:
-                    reserved = await self.reserve(service, spec, exclude | tried, target, epoch, spread=spread)
+                    reserved = await self.reserve(service, spec, exclude | tried, target, epoch, spread=spread,
+                                                  gpu_only=gpu_only)
                 except NoFeasibleController:
                     if last_error is not None:
                         raise last_error from None
@@ -394,7 +454,7 @@ class Deployer:
                     last_error = exc
                     continue
                 raise
-            return Deployed.made(row, controller, created)
+            return Deployed.made(row, controller, created, reserved.fallback)
         assert last_error is not None
         raise last_error
 
@@ -439,6 +499,7 @@ class Deployer:
 
     def container_config(self, service: ServiceModel, spec: ServiceSpec, epoch: int,
                          gpus: tuple[str, ...], name: str) -> ContainerCreate:
+        spec = running_spec(spec, gpus)
         return ContainerCreate(
             name=name,
             image=spec.image,

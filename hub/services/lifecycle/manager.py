@@ -106,6 +106,10 @@ class ServiceManager:
         """The reconciler's move (``Mover.move``); None when there was nothing (left) to do."""
         return self._mover.move(service_id, reason, exclude, expected_controller, replica)
 
+    def back_to_gpu(self, service_id: str, row_id: str) -> Awaitable[ServiceModel | None]:
+        """Move a copy that runs its CPU fallback back to a GPU (``Mover.back_to_gpu``)."""
+        return self._mover.back_to_gpu(service_id, row_id)
+
     def delete(self, user: UserModel, service_id: str) -> Awaitable[None]:
         return self._actions.delete(user, service_id)
 

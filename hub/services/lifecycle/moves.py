@@ -27,7 +27,7 @@ from hub.services.controllers import get_controller
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
 from hub.services.lifecycle.create import check_replicas, hold_quota
-from hub.services.lifecycle.deploy import Deployer
+from hub.services.lifecycle.deploy import Deployer, runs_fallback
 from hub.services.lifecycle.reads import get_for
 from hub.services.lifecycle.replace import Replacement, Replacer, Sealed, read_unfinished
 from hub.services.registry_auth import seal
@@ -404,6 +404,29 @@ class Mover:
             if reason == "controller_lost":
                 ctx.metrics.failovers.inc()
             return fresh
+
+    async def back_to_gpu(self, service_id: str, row_id: str) -> ServiceModel | None:
+        """Move one copy that runs the spec's CPU fallback (registry row ``row_id``) back to its GPU variant,
+        a planned move (the new copy healthy and routed before the old one goes), only onto a GPU: with
+        none free now the operation fails and the copy stays as it is. None when the copy is no longer a
+        fallback one (moved, removed, or the spec changed meanwhile)."""
+        ctx = self.ctx
+        async with ctx.service_locks[service_id]:
+            service = await ctx.reload_or_none(service_id)
+            if service is None or service.desired_state != "running" or service.status in UNSETTLED:
+                return None
+            copy = next((row for row in await self._replicas(service_id) if row["id"] == row_id), None)
+            if copy is None or copy["status"] != "running" or not runs_fallback(service.spec, copy["gpu_devices"]):
+                return None
+            op = await ctx.ops.begin("migrate", "system", service_id=service.id, controller_id=copy["controller_id"],
+                                     container_id=copy["container_id"],
+                                     details={"reason": "gpu_free", "from_variant": "cpu_fallback",
+                                              "to_variant": "main", "from_epoch": service.epoch})
+            async with ctx.ops.running(op):
+                bind_request_id(op.id)
+                return await self.replacer.replace(Replacement(
+                    service, ServiceSpec.model_validate(service.spec), op, reason="gpu_free", replacing=row_id,
+                    gpu_only=True))
 
     async def _recount(self, service_id: str) -> ServiceModel | None:
         """The reconciler's fix of a service whose replicas are not its count: a copy found gone is replaced,

@@ -15,7 +15,7 @@ import asyncio
 import contextvars
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from types import SimpleNamespace
-from typing import Any
+from typing import Any, Literal
 
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.sql.base import Executable
@@ -25,6 +25,7 @@ from hub.errors import NotFound
 from hub.models import ServiceModel, UserModel
 from hub.schemas import Endpoint, ReplicaOut, ServiceOut
 from hub.services.gateway import GatewayDirectory
+from hub.services.lifecycle.deploy import runs_fallback
 from hub.services.lifecycle.sql import REPLICA_ROWS, status_read
 from hub.services.users import Identity
 
@@ -104,12 +105,14 @@ class Reads:
             replicas = [ReplicaOut(id=copy["container_id"] or copy["id"], controller_id=copy["controller_id"],
                                    state=copy["status"], health=copy["health"],
                                    health_detail=copy["health_detail"],
-                                   endpoint=copy["endpoint"] if copy["status"] == "running" else None)
+                                   endpoint=copy["endpoint"] if copy["status"] == "running" else None,
+                                   variant=_variant(service.spec, copy["gpu_devices"]))
                         for copy in copies]
         elif service.controller_id is not None:
             replicas = [ReplicaOut(id=service.container_id or service.id, controller_id=service.controller_id,
                                    state=service.status, health=service.health,
-                                   health_detail=service.health_detail, endpoint=endpoint)]
+                                   health_detail=service.health_detail, endpoint=endpoint,
+                                   variant=_variant(service.spec, service.gpu_devices))]
         else:
             replicas = []
         return ServiceOut(
@@ -132,6 +135,7 @@ class Reads:
             replicas=replicas,
             created_at=service.created_at,
             updated_at=service.updated_at,
+            variant=_variant(service.spec, service.gpu_devices) if service.controller_id is not None else "main",
         )
 
     def _url(self, service: ServiceModel, owner: str, endpoint: Endpoint | None) -> str | None:
@@ -145,6 +149,10 @@ class Reads:
             if port:
                 return f"http://{endpoint.host}:{port}"
         return None
+
+
+def _variant(spec: Mapping[str, Any], gpus: Any) -> Literal["main", "cpu_fallback"]:
+    return "cpu_fallback" if runs_fallback(spec, gpus) else "main"
 
 
 class Rendered:

@@ -88,6 +88,8 @@ class Replacement:
     finish: bool = True
     # An update's new registry credentials (``Sealed``), stored with its spec; None: unchanged.
     registry_auth: Sealed | None = None
+    # Only on a GPU, never the spec's CPU fallback (a move back from it).
+    gpu_only: bool = False
 
 
 async def read_unfinished(tx: Tx, service: ServiceModel, *, sqlite: bool) -> Unfinished:
@@ -184,6 +186,8 @@ class Replacer:
             details["replica"] = "added" if plan.adding else "replaced"
         if copy.image_pull is not None:
             details["image_pull"] = copy.image_pull
+        if copy.fallback is not None:
+            details.update(copy.fallback)
         ended = False
         try:
             async with ctx.db.transaction() as tx:
@@ -257,9 +261,10 @@ class Replacer:
         async def claim(tx: Tx) -> None:
             await claim_epoch_in(tx, service.id, service.epoch, beside)
 
-        first = await self.deployer.reserve(service, spec, plan.exclude, plan.target, epoch, claim, spread)
+        first = await self.deployer.reserve(service, spec, plan.exclude, plan.target, epoch, claim, spread,
+                                            gpu_only=plan.gpu_only)
         return await self.deployer.deploy(service, spec, epoch, plan.exclude, plan.target, first=first, spread=spread,
-                                          op=plan.op)
+                                          op=plan.op, gpu_only=plan.gpu_only)
 
     async def await_healthy(self, controller: ControllerModel, container_id: str,
                              timeout: float | None = None, backoff: bool = False) -> None:

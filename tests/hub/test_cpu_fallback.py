@@ -1,0 +1,111 @@
+"""CPU fallback on real PostgreSQL with controllers on the real Docker engine (the GPU controller's inventory
+is ``GPU_DEVICES``: two A100s): a GPU service that finds no GPU runs its CPU variant, says why, and moves
+back to a GPU by a planned move once one is free."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import docker
+import pytest
+
+from examples.images import EXAMPLE_IMAGE
+from tests.hub.conftest import Cluster
+from tests.support.poll import eventually
+
+CHECK = {"path": "/health", "port": 5000, "interval": 1}
+HOG = {"name": "hog", "image": EXAMPLE_IMAGE, "resources": {"gpu_count": 2, "memory_limit": "64MB"}}
+
+
+@pytest.fixture
+def cpu_image(docker_client: docker.DockerClient, example_image: str) -> Iterator[str]:
+    """The CPU variant's image: the example model under a tag of its own (so the variant shows by its image)."""
+    tag = f"mm-cpu-variant:{uuid.uuid4().hex[:8]}"
+    docker_client.images.get(example_image).tag(tag)
+    yield tag
+    docker_client.images.remove(tag, noprune=True)
+
+
+def fallback_spec(cpu_image: str, **more: Any) -> dict[str, Any]:
+    return {"name": "dnabert2", "image": EXAMPLE_IMAGE, "health_check": CHECK,
+            "resources": {"gpu_count": 1, "memory_limit": "64MB"},
+            "cpu_fallback": {"image": cpu_image, "resources": {"memory_limit": "64MB", "cpu_limit": 0.5}}, **more}
+
+
+async def test_no_gpu_runs_the_cpu_variant_then_moves_back_when_one_frees(cluster: Cluster, cpu_image: str) -> None:
+    gpu_controller = cluster.controller_ids[0]
+    hog = await cluster.hub.post("/api/admin/repo/services", json=HOG)
+    assert hog.status_code == 201, hog.text
+    assert hog.json()["variant"] == "main"
+
+    r = await cluster.hub.post("/api/admin/repo/services", json=fallback_spec(cpu_image))
+    assert r.status_code == 201, r.text
+    service = r.json()
+    assert service["variant"] == "cpu_fallback" and service["controller_id"] != gpu_controller
+    assert service["replicas"][0]["variant"] == "cpu_fallback"
+    assert service["spec"]["cpu_fallback"]["image"] == cpu_image
+    [container] = cluster.containers(**{"mmanager.service": service["id"]})
+    assert container.attrs["Config"]["Image"] == cpu_image
+    assert "mmanager.gpus" not in container.attrs["Config"]["Labels"]
+    assert container.attrs["HostConfig"]["NanoCpus"] == 500_000_000
+    [create] = (await cluster.hub.get("/api/admin/operations",
+                                      params={"service_id": service["id"], "operation": "create"})).json()
+    assert create["status"] == "succeeded"
+    assert create["details"]["fallback"] == "cpu" and "GPUS" in create["details"]["fallback_reason"]
+    assert {x["controller_id"]: x["code"] for x in create["details"]["gpu_rejections"]}[gpu_controller] == "GPUS"
+
+    # The GPU hog goes: the leader's loop moves the service back to a GPU, healthy before the CPU copy goes.
+    assert (await cluster.hub.delete(f"/api/services/{hog.json()['id']}")).status_code == 204
+
+    async def back() -> dict[str, Any] | None:
+        read = (await cluster.hub.get(f"/api/services/{service['id']}")).json()
+        return read if read["variant"] == "main" and read["status"] == "running" else None
+
+    moved = await eventually(back, 60, "the service back on a GPU", interval=0.2)
+    assert moved["controller_id"] == gpu_controller and moved["health"] == "healthy"
+
+    async def ended() -> dict[str, Any] | None:
+        ops = (await cluster.hub.get("/api/admin/operations",
+                                     params={"service_id": service["id"], "operation": "migrate"})).json()
+        return ops[0] if len(ops) == 1 and ops[0]["status"] not in ("pending", "running") else None
+
+    op = await eventually(ended, 30, "the move back's operation ended", interval=0.2)
+    assert op["status"] == "succeeded" and op["actor"] == "system"
+    assert op["details"]["reason"] == "gpu_free" and op["details"]["from_variant"] == "cpu_fallback"
+    assert op["details"]["to_controller"] == gpu_controller
+    assert op["details"]["old_containers_removed"] == 1
+
+    [container] = cluster.containers(**{"mmanager.service": service["id"]})
+    assert container.attrs["Config"]["Image"] == EXAMPLE_IMAGE
+    assert container.attrs["Config"]["Labels"]["mmanager.gpus"] in ("0", "1")
+
+
+async def test_without_a_fallback_or_a_place_for_it_nothing_is_made(cluster: Cluster, cpu_image: str) -> None:
+    assert (await cluster.hub.post("/api/admin/repo/services", json=HOG)).status_code == 201
+    # No fallback: refused with the GPU reasons, as before.
+    plain = {k: v for k, v in fallback_spec(cpu_image).items() if k != "cpu_fallback"}
+    r = await cluster.hub.post("/api/admin/repo/services", json=plain)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "NO_FEASIBLE_CONTROLLER"
+    # A fallback too large for any server: both sets of reasons.
+    big = fallback_spec(cpu_image)
+    big["cpu_fallback"]["resources"]["memory_limit"] = "4TB"
+    r = await cluster.hub.post("/api/admin/repo/services", json=big)
+    assert r.status_code == 409, r.text
+    details = r.json()["error"]["details"]
+    assert {x["code"] for x in details["cpu_fallback_rejections"]} == {"MEMORY"}
+    services = (await cluster.hub.get("/api/services")).json()
+    assert [s["name"] for s in services] == ["hog"]
+
+
+@pytest.mark.parametrize(("change", "error_type"), [
+    ({"resources": {"memory_limit": "64MB"}}, "cpu_fallback_without_gpu"),
+    ({"cpu_fallback": {"image": "x", "resources": {"gpu_count": 1}}}, "cpu_fallback_gpu"),
+])
+async def test_a_fallback_that_cannot_be_is_refused(cluster: Cluster, cpu_image: str, change: dict,
+                                                    error_type: str) -> None:
+    r = await cluster.hub.post("/api/admin/repo/services", json={**fallback_spec(cpu_image), **change})
+    assert r.status_code == 422, r.text
+    assert error_type in [p["type"] for p in r.json()["error"]["details"]]
+    assert (await cluster.hub.get("/api/services")).json() == []

@@ -31,10 +31,12 @@ from controller.gpu import detect_gpus
 from controller.gpu_monitor import GpuMonitor
 from controller.health import ControllerMetrics
 from controller.heartbeat import HeartbeatAgent
+from controller.model_cache import ModelCache
 from controller.probes import Prober
 from controller.routers import audit as audit_routes
 from controller.routers import containers as container_routes
 from controller.routers import images as image_routes
+from controller.routers import models as model_routes
 from controller.routers import system as system_routes
 from controller.runtime import DockerRuntime, Runtime
 from controller.stats import StatsSampler
@@ -66,13 +68,14 @@ def create_app(
     """The controller app.
 
     Pass ``runtime`` to drive something other than the local Docker, and
-    ``hub_transport`` to carry heartbeats some other way than the network
+    ``hub_transport`` to carry heartbeats (and model-file downloads) some other way than the network
     (an in-process hub), as tests do.
     """
     owns_runtime = runtime is None
     runtime = runtime or DockerRuntime(settings)
     sync = SyncGuard(required=settings.hub_url is not None)
-    service = ContainerService(settings, runtime, detect_gpus(settings.gpu_devices), sync)
+    models = ModelCache(settings, runtime, transport=hub_transport)
+    service = ContainerService(settings, runtime, detect_gpus(settings.gpu_devices), sync, models)
     prober = Prober(settings, runtime, service)
     metrics = ControllerMetrics(settings.server_id)
     sampler = StatsSampler(settings, runtime, metrics)
@@ -116,6 +119,7 @@ def create_app(
             await vram_watch.stop()
             await gpu_monitor.stop()
             await prober.stop()
+            await models.aclose()
             if owns_runtime:
                 await runtime.close()
 
@@ -141,6 +145,7 @@ def create_app(
     app.include_router(system_routes.router)
     app.include_router(container_routes.router, dependencies=[Depends(require_api_key)])
     app.include_router(image_routes.router, dependencies=[Depends(require_api_key)])
+    app.include_router(model_routes.router, dependencies=[Depends(require_api_key)])
     app.include_router(audit_routes.router, dependencies=[Depends(require_api_key)])
     return app
 

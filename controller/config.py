@@ -114,6 +114,11 @@ class ControllerSettings(SpecPolicySettings, TlsSettings, LogSettings):
     # Consecutive samples (each MMANAGER_STATS_INTERVAL) a shared-GPU container may use more VRAM than its
     # budget before it is restarted (controller.vram); 0: never.
     gpu_memory_strikes: int = Field(default=2, ge=0, le=100, validation_alias="MMANAGER_GPU_MEMORY_STRIKES")
+    # The model-file cache (controller.model_cache): where files fetched from the hub's store are kept, one copy
+    # per digest shared read-only by every container here (a path the Docker daemon sees as the same path),
+    # and the most bytes it holds before the least recently used file no container mounts is evicted.
+    model_cache_dir: Path = Field(default=Path("/var/lib/mmanager/models"), validation_alias="MMANAGER_MODEL_CACHE_DIR")
+    model_cache_bytes: int = Field(default=100 * 1024**3, ge=1, validation_alias="MMANAGER_MODEL_CACHE_BYTES")
     @field_validator("api_key")
     @classmethod
     def _key_not_blank(cls, value: SecretStr) -> SecretStr:

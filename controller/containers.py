@@ -58,6 +58,7 @@ from controller.gpu import (
     gpus_in_use,
     share_environment,
 )
+from controller.model_cache import LABEL_MODELS, ModelCache, models_label
 from controller.runtime import Runtime
 from controller.schemas import CopyResult, DirectoryCopy, FileCopy
 from controller.spec import ContainerSpec, build_spec
@@ -80,10 +81,12 @@ log = logging.getLogger(__name__)
 
 class ContainerService:
     def __init__(
-        self, settings: ControllerSettings, runtime: Runtime, gpus: list[GpuInfo], sync: SyncGuard | None = None
+        self, settings: ControllerSettings, runtime: Runtime, gpus: list[GpuInfo], sync: SyncGuard | None = None,
+        models: ModelCache | None = None,
     ) -> None:
         self.settings = settings
         self.runtime = runtime
+        self.models = models or ModelCache(settings, runtime)
         self.gpus = gpus
         self.sync = sync or SyncGuard(required=False)
         self._epochs: dict[str, int] = {}
@@ -145,10 +148,19 @@ class ContainerService:
         self.sync.check()
         if config.service_id:
             await self.seed_epochs()
+        digests = [model.digest for model in config.models]
         # The service's lock spans the start too: a concurrent duplicate waits and then finds the container.
-        async with self._lock(config.service_id):
+        # Its model files stay pinned (never evicted) until the container that mounts them exists.
+        pins = self.models.pinned(digests) if digests else contextlib.nullcontext()
+        async with self._lock(config.service_id), pins:
             if config.service_id:
                 self._fence(config.service_id, config.epoch or 0)
+            if config.models:
+                binds = self._model_binds(config)
+                # Fetched and checked before anything is made: a sync that fails leaves no container.
+                await self.models.sync(digests)
+                spec = replace(spec, volumes={**spec.volumes, **binds},
+                               labels={**spec.labels, LABEL_MODELS: models_label(digests)})
             container_id: str | None = None
             pulled: ImagePulled | None = None
             for again in (False, True):
@@ -174,6 +186,16 @@ class ContainerService:
                 return await self._reuse(existing)
             assert container_id is not None
             return await self._start_new(container_id, pulled)
+
+    def _model_binds(self, config: ContainerCreate) -> dict[str, dict[str, str]]:
+        """The cached files bound read-only at their mounts."""
+        binds = {}
+        for model in config.models:
+            mount = model.mount
+            if not posixpath.isabs(mount) or ".." in mount.split("/") or mount.endswith("/"):
+                raise InvalidRequest(f"model {model.digest}: mount {mount!r} must be an absolute file path")
+            binds[str(self.models.path(model.digest))] = {"bind": mount, "mode": "ro"}
+        return binds
 
     async def _reuse(self, container: ContainerInfo) -> ContainerCreated:
         if container.status in _LIVE:

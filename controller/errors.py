@@ -135,3 +135,25 @@ class ControllerNotSynced(ControllerError):
     status_code = 503
     code = "CONTROLLER_NOT_SYNCED"
     headers = {"Retry-After": "2"}
+
+
+class ModelSyncFailed(ControllerError):
+    """A model file could not be fetched from the hub into this controller's cache (no hub URL, the hub
+    unreachable, the file not in its store, the cache full of files in use): the container is not made.
+    424, not a 5xx: the hub's client retries those, and the controller has already tried every hub it knows."""
+
+    status_code = 424
+    code = "MODEL_SYNC_FAILED"
+
+
+class ModelChecksumMismatch(ModelSyncFailed):
+    """The bytes fetched for a model file do not hash to its digest: they were dropped, never used."""
+
+    code = "MODEL_CHECKSUM_MISMATCH"
+
+
+class ModelCacheFull(ModelSyncFailed):
+    """The file does not fit in ``MMANAGER_MODEL_CACHE_BYTES`` even after evicting every file no container uses."""
+
+    status_code = 507
+    code = "MODEL_CACHE_FULL"

@@ -33,7 +33,7 @@ from hub.errors import error_response
 from hub.metrics import HubMetrics
 from hub.models import new_id
 from hub.ratelimit import RateLimiter
-from hub.routers import admin, audit, controllers, gateway, images, models, prometheus, services, system
+from hub.routers import admin, audit, controllers, gateway, images, model_files, models, prometheus, services, system
 from hub.routers.hot import HotApp
 from hub.scheduler.snapshot import PlacementCache
 from hub.services.audit import CLIENT_CLOSED, HEARTBEAT_PATH, PRESENCE_PATH, AuditLog, skip_routine
@@ -262,7 +262,8 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     # must be passed in, shared, as the audit's coalescer is.
     app.add_middleware(BodyLimit, limit_for=lambda scope: settings.max_heartbeat_bytes
                        if HEARTBEAT_PATH.match(scope["path"]) else PRESENCE_BYTES
-                       if PRESENCE_PATH.match(scope["path"]) else settings.max_request_bytes)
+                       if PRESENCE_PATH.match(scope["path"]) else settings.model_file_max_bytes
+                       if scope["path"] == model_files.UPLOAD_PATH else settings.max_request_bytes)
     # One coalescer for both copies of the audit middleware.
     app.add_middleware(AuditMiddleware, record=AuditLog(hub.db).record, skip=skip_routine, coalescer=Coalescer())
     app.include_router(controllers.router)
@@ -274,5 +275,6 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.include_router(gateway.router)
     app.include_router(audit.router)
     app.include_router(models.router)
+    app.include_router(model_files.router)
     install_request_ids(app)
     return app

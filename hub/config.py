@@ -106,6 +106,10 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     # to 1000 audit events (~0.5 KB each), so a big controller's beat outgrows 1 MiB.
     max_request_bytes: int = Field(default=1024**2, ge=1024)
     max_heartbeat_bytes: int = Field(default=8 * 1024**2, ge=1024)
+    # The model-file store (hub.services.model_files): its directory (shared by every hub replica), and the
+    # largest file an upload may bring; a bigger one answers 413 MODEL_FILE_TOO_LARGE.
+    model_store: Path = Path("./model-store")
+    model_file_max_bytes: int = Field(default=20 * 1024**3, ge=1)
     # Followed logs (GET /api/services/{id}/logs?follow=true) open at once on this replica, per user and
     # in all; more answer 429 TOO_MANY_LOG_STREAMS. Each holds a connection to a controller, from a
     # pool of their own. A logs call without follow answers at most max_log_bytes, the newest.

@@ -37,6 +37,8 @@ from mmanager.wire import (
     ContainerList,
     ControllerHealth,
     ImagePullProgress,
+    ModelsSynced,
+    ModelSync,
     RegistryAuth,
 )
 
@@ -306,6 +308,16 @@ class ControllerClient:
         body = response.json()
         return [str(i) for i in body.get("images_deleted") or []], int(body.get("space_reclaimed") or 0)
 
+    async def sync_models(self, controller_id: str, url: str, digests: list[str]) -> ModelsSynced:
+        """Have the controller fetch these model files into its cache now (``POST /models/sync``), ahead of a
+        create there; it answers once they are cached and checked."""
+        response = await self._send(
+            controller_id, url, "POST", "/models/sync", call="sync_models", idempotent=True,
+            timeout=self.settings.controller_create_timeout,
+            json=ModelSync(digests=digests).model_dump(mode="json"),
+        )
+        return ModelsSynced.model_validate(response.json())
+
     async def action(
         self, controller_id: str, url: str, container_id: str, action: str, epoch: int | None = None, **params: Any
     ) -> ActionResult:
@@ -372,6 +384,10 @@ class ControllerClient:
         return ClosingStream(chunks(), response.aclose)
 
 
+# A controller's refusals of a create whose model files it could not sync (controller.model_cache).
+MODEL_SYNC_CODES = frozenset({"MODEL_SYNC_FAILED", "MODEL_CHECKSUM_MISMATCH", "MODEL_CACHE_FULL"})
+
+
 def refused(exc: BaseException) -> bool:
     """Whether a failed connection was refused at every address tried (what ``exc`` was caused by)."""
     current: BaseException | None = exc
@@ -410,6 +426,10 @@ def _error_from(controller_id: str, response: httpx.Response) -> HubError:
         # a refusal about the caller's spec whatever the controller's status, never the controller being
         # down. Deployer.deploy tries the next eligible controller on it.
         return ControllerRejected(message, details, code=code, status_code=422)
+    if code in MODEL_SYNC_CODES:
+        # The controller could not fetch or check a model file: not the controller being down (it answered),
+        # and Deployer.deploy tries the next eligible controller on it, as on a failed pull.
+        return ControllerRejected(message, details, code=code, status_code=507 if code == "MODEL_CACHE_FULL" else 502)
     if response.status_code >= 500:
         return ControllerUnavailable(message, details, code=code if code != "CONTROLLER_ERROR" else None)
     # A missing image is the caller's bad input, whatever status the controller chose for it.

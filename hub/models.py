@@ -406,3 +406,17 @@ class ModelTypeModel(Base):
     spec: Mapped[dict[str, Any]] = mapped_column(default=dict)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ModelFileModel(Base):
+    """A file of the model-file store (``hub.services.model_files``): its bytes live in ``MMANAGER_MODEL_STORE``
+    under their sha256, and a row exists only once they are there, complete and checked. Services name it in
+    their spec's ``models`` by digest."""
+
+    __tablename__ = "model_files"
+
+    digest: Mapped[str] = mapped_column(String(71), primary_key=True)
+    name: Mapped[str] = mapped_column(String(128))
+    size: Mapped[int] = mapped_column(BigInteger)
+    uploaded_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -223,6 +223,44 @@ class RegistryAuthIn(StrictModel):
     password: SecretStr = Field(min_length=1, max_length=4096)
 
 
+DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
+# Where a model file is mounted when its entry names no mount: this directory, under the file's name in the store.
+MODEL_DIR = "/app/models"
+MAX_MODELS = 32
+
+
+def _empty(value: Any) -> bool:
+    return not value
+
+
+class ModelMount(StrictModel):
+    """A file of the hub's model-file store (``POST /api/model-files``), mounted read-only in the container."""
+
+    digest: str = Field(pattern=DIGEST_PATTERN)
+    # None: MODEL_DIR/{the file's name in the store}, filled in when the spec is accepted.
+    mount: str | None = Field(default=None, min_length=2, max_length=4096, pattern=r"^/[^\x00]*$")
+
+    @field_validator("mount")
+    @classmethod
+    def _plain_path(cls, value: str | None) -> str | None:
+        if value is not None and (value.endswith("/") or any(part in (".", "..") for part in value.split("/"))):
+            raise ValueError("a model's mount is an absolute file path, without '.' or '..' parts or a trailing '/'")
+        return value
+
+
+def _models(value: list[ModelMount]) -> list[ModelMount]:
+    mounts = [model.mount for model in value if model.mount is not None]
+    if len(set(mounts)) != len(mounts):
+        raise ValueError("two models are mounted at the same path")
+    digests = [model.digest for model in value]
+    if len(set(digests)) != len(digests):
+        raise ValueError("a model file is named twice")
+    return value
+
+
+Models = Annotated[list[ModelMount], Field(max_length=MAX_MODELS), AfterValidator(_models)]
+
+
 class ServiceSpec(StrictModel):
     name: str = Field(min_length=1, max_length=63, pattern=NAME_PATTERN)
     image: str = Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")
@@ -259,6 +297,9 @@ class ServiceSpec(StrictModel):
             raise PydanticCustomError("cpu_fallback_without_gpu",
                                       "cpu_fallback is only for a service whose resources ask for a GPU")
         return self
+    # Files of the model-file store, mounted read-only (left out of the output when none: specs stored before
+    # read the same).
+    models: Models = Field(default_factory=list, exclude_if=_empty)
 
 
 class ServiceCreate(ServiceSpec):
@@ -300,6 +341,7 @@ class ServicePatch(StrictModel):
     # Sets or replaces the credentials; null clears them. Never part of the spec (exclude).
     registry_auth: RegistryAuthIn | None = Field(default=None, exclude=True)
     cpu_fallback: CpuFallback | None = None
+    models: Models | None = None
 
 
 class RollbackRequest(StrictModel):
@@ -308,6 +350,8 @@ class RollbackRequest(StrictModel):
 
 class MigrateRequest(StrictModel):
     target_controller: str | None = None
+    # Move even though the service's volumes stay on the controller it leaves (else 409 VOLUME_STAYS_BEHIND).
+    leave_volumes: bool = False
 
 
 class Endpoint(BaseModel):
@@ -635,3 +679,13 @@ class ControllerImagesOut(BaseModel):
     ok: bool = True
     images: list[dict[str, Any]]
     error: dict[str, Any] | None = None
+
+
+class ModelFileOut(BaseModel):
+    """A file of the model-file store."""
+
+    digest: str
+    name: str
+    size: int
+    uploaded_by: str
+    created_at: datetime

@@ -17,7 +17,7 @@ import random
 import re
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_serializer
 
@@ -174,6 +174,32 @@ class RegistryAuth(WireModel):
         return {"username": self.username, "password": self.password.get_secret_value()}
 
 
+ModelDigest = Annotated[str, Field(pattern=r"^sha256:[0-9a-f]{64}$")]
+
+
+class ModelFile(WireModel):
+    """A file of the hub's model-file store that a container mounts read-only (``controller.model_cache``
+    fetches it from the hub by digest, ``sha256:<hex>``), and where the container sees it."""
+
+    digest: ModelDigest
+    mount: str
+
+
+class ModelSync(WireModel):
+    """``POST /models/sync`` on a controller: fetch the files of these digests into its cache now."""
+
+    digests: list[ModelDigest] = Field(max_length=256)
+
+
+class ModelsSynced(WireModel):
+    """What a sync did: the digests it fetched from the hub (the others were cached), the bytes and seconds."""
+
+    fetched: list[str] = Field(default_factory=list)
+    cached: list[str] = Field(default_factory=list)
+    bytes: int = 0
+    seconds: float = 0.0
+
+
 class ContainerCreate(WireModel):
     """The create body: GeoML-Hub's container config plus what our hub adds."""
 
@@ -206,6 +232,8 @@ class ContainerCreate(WireModel):
     cap_add: list[str] | None = None
     # For the pull of a missing image, from a registry that needs a login.
     registry_auth: RegistryAuth | None = Field(default=None, exclude_if=_none)
+    # Model files to sync into this controller's cache and bind read-only before the container starts.
+    models: list[ModelFile] = Field(default_factory=list, max_length=32, exclude_if=_empty)
 
 
 class ImagePulled(WireModel):

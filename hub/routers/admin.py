@@ -169,7 +169,7 @@ async def migrate_container(entry_id: str, admin: AdminUser, hub: HubDep, body: 
     target = body.target_controller if body else None
     result = await hub.services.redeploy(
         admin, entry.service_id, "migrate", exclude_current=target is None, target=target, replacing=entry.id,
-        wait=wait)
+        leave_volumes=body.leave_volumes if body else False, wait=wait)
     if isinstance(result, ServiceModel):
         return await hub.services.out(result)
     return JSONResponse(OperationOut.model_validate(result, from_attributes=True).model_dump(mode="json"),

@@ -143,7 +143,7 @@ async def test_a_move_removes_the_old_copy_only_once_the_gateways_route_past_it(
                                   headers=GATEWAY)).status_code == 204
     target = cluster.controller_ids[2]
     move = asyncio.create_task(cluster.hub.post(f"/api/admin/containers/{entry['id']}/migrate",
-                                                json={"target_controller": target}))
+                                                json={"target_controller": target, "leave_volumes": True}))
     route = await route_of(cluster, "dnabert2", lambda route: route["replicas"] and route["replicas"][0]["id"] != old)
     new = route["replicas"][0]["id"]
     version = (await routes(cluster))["version"]

@@ -213,7 +213,11 @@ async def test_migrate_moves_the_service_and_get_is_refused(cluster: Cluster) ->
     assert r.status_code == 405 and r.json()["error"]["code"] == "METHOD_NOT_ALLOWED"
 
     target = cluster.controller_ids[2]
+    # Its volume stays on its server: refused unless the caller accepts that.
     r = await cluster.hub.post(f"/api/admin/containers/{entry['id']}/migrate", json={"target_controller": target})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "VOLUME_STAYS_BEHIND", r.text
+    r = await cluster.hub.post(f"/api/admin/containers/{entry['id']}/migrate",
+                               json={"target_controller": target, "leave_volumes": True})
     assert r.status_code == 200, r.text
     moved = r.json()
     assert moved["controller_id"] == target and moved["epoch"] == 2

@@ -54,7 +54,8 @@ async def test_create_refusals_move_and_delete_on_sqlite(cluster: Cluster) -> No
 
     # A move claims the next epoch and records the new copy where it was sent.
     target = next(c for c in cluster.controller_ids[1:] if c != service["controller_id"])
-    r = await cluster.hub.post(f"/api/admin/containers/{entry['id']}/migrate", json={"target_controller": target})
+    r = await cluster.hub.post(f"/api/admin/containers/{entry['id']}/migrate",
+                               json={"target_controller": target, "leave_volumes": True})
     assert r.status_code == 200, r.text
     moved = r.json()
     assert (moved["controller_id"], moved["epoch"], moved["status"]) == (target, 2, "running")

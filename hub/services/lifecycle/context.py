@@ -23,6 +23,7 @@ from hub.metrics import HubMetrics
 from hub.models import ServiceModel
 from hub.scheduler.snapshot import PlacementCache
 from hub.services.gateway import GatewayTable
+from hub.services.model_files import ModelStore
 from hub.services.operations import OperationLog
 
 log = logging.getLogger(__name__)
@@ -54,6 +55,11 @@ class Lifecycle:
     tasks: set[asyncio.Task[Any]] = field(default_factory=set)
     # Follow-ups of moves (``Replacer.follow_health``): shutdown cancels them.
     followers: set[asyncio.Task[Any]] = field(default_factory=set)
+    # The model-file store, where a spec's ``models`` must be found (``hub.services.model_files``).
+    model_store: ModelStore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.model_store = ModelStore(self.settings.model_store)
 
     def spawn(self, work: Awaitable[Any], tasks: set[asyncio.Task[Any]] | None = None) -> None:
         """Run an operation in the background (``?wait=false``; errors are in its record), or, held in

@@ -67,6 +67,7 @@ class Creator:
         if spec.model is not None:
             spec = await model_spec(ctx.db, spec)
         self.deployer.check_policy(spec)
+        spec = await self.deployer.check_models(spec)
         check_replicas(spec.replicas, ctx.settings.max_replicas)
         now = utcnow()
         # Each copy has an epoch of its own: the service's is the last one given.

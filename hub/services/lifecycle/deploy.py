@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from typing import Any
 from urllib.parse import urlparse
 
+from hub.controller_client import MODEL_SYNC_CODES
 from hub.db import Tx
 from hub.errors import (
     ControllerRejected,
@@ -45,12 +46,13 @@ from hub.models import (
 )
 from hub.scheduler import Placement, PlacementRequest, place
 from hub.scheduler.snapshot import Held
-from hub.schemas import Endpoint, ServiceSpec
+from hub.schemas import MODEL_DIR, Endpoint, ServiceSpec
 from hub.services import registry_auth
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
+from hub.services.model_files import resolve_models
 from hub.services.policy import check_policy
-from mmanager.wire import ContainerCreate, ContainerCreated, HealthCheck
+from mmanager.wire import ContainerCreate, ContainerCreated, HealthCheck, ModelFile
 
 log = logging.getLogger(__name__)
 
@@ -279,6 +281,11 @@ class Deployer:
         A golden-inference probe is sent to the health check's port: refused without a check."""
         check_policy(self.ctx.settings.spec_policy, spec)
 
+    async def check_models(self, spec: ServiceSpec) -> ServiceSpec:
+        """The spec's model files found in the store, their mounts filled in (``resolve_models``); refused
+        before anything is written when one is missing. Nothing is read for a spec without models."""
+        return await resolve_models(self.ctx.db, self.ctx.model_store, spec)
+
     def _decide(self, request: PlacementRequest, target: str | None, final: bool,
                 spread: frozenset[str] = frozenset(),
                 fallback: PlacementRequest | None = None) -> tuple[Placement, Held, PlacementRequest]:
@@ -441,10 +448,11 @@ class Deployer:
                 ctx.placement.release(reserved.held)
                 # Unreachable, or full after all (another replica took its last slot meanwhile, or
                 # containers the hub does not know of), or its pull of the image failed (the registry
-                # unreachable from there, or lacking the image): the next best controller is tried. When
-                # none is left, the last refusal is the answer (a pull's names the image and the registry).
+                # unreachable from there, or lacking the image), or its sync of a model file failed: the
+                # next best controller is tried. When none is left, the last refusal is the answer (a
+                # pull's names the image and the registry).
                 full = isinstance(exc, ControllerRejected) and exc.code == "CAPACITY_EXCEEDED"
-                pull = isinstance(exc, ControllerRejected) and exc.code == "IMAGE_PULL_FAILED"
+                pull = isinstance(exc, ControllerRejected) and exc.code in ("IMAGE_PULL_FAILED", *MODEL_SYNC_CODES)
                 if (isinstance(exc, ControllerUnavailable) or full or pull) and target is None:
                     tried.add(controller.id)
                     if full:
@@ -522,6 +530,8 @@ class Deployer:
             health_check=wire_check(spec),
             cap_add=list(spec.cap_add) or None,
             registry_auth=registry_auth.opened(self.ctx.settings.sealer, service.registry_auth_sealed, service.id),
+            models=[ModelFile(digest=m.digest, mount=m.mount or f"{MODEL_DIR}/{m.digest.removeprefix('sha256:')}")
+                    for m in spec.models],
         )
 
     async def discard(self, controller_id: str, row: ContainerRegistryModel) -> None:

@@ -48,6 +48,7 @@ class ServiceManager:
         self.placement = placement
         self.log_streams = LogStreamSlots(settings.max_log_streams, settings.max_log_streams_per_user)
         self.ctx = Lifecycle(db, client, ops, settings, metrics, self.placement, gateways.table)
+        self.model_store = self.ctx.model_store
         deployer = Deployer(self.ctx)
         replacer = Replacer(self.ctx, deployer)
         self._reads = reads.Reads(db, gateways)
@@ -91,11 +92,13 @@ class ServiceManager:
 
     def redeploy(self, user: UserModel, service_id: str, operation: str, *, spec: ServiceSpec | None = None,
                  rollback_to: int | None = None, exclude_current: bool = False, target: str | None = None,
-                 replacing: str | None = None, wait: bool = True) -> Awaitable[ServiceModel | OperationModel]:
+                 replacing: str | None = None, leave_volumes: bool = False,
+                 wait: bool = True) -> Awaitable[ServiceModel | OperationModel]:
         """Update or roll back the service (rolling over its replicas), or migrate one replica (``replacing``,
-        its registry row; None: the primary copy)."""
+        its registry row; None: the primary copy; ``leave_volumes``: even though its volumes stay behind)."""
         return self._mover.redeploy(user, service_id, operation, spec=spec, rollback_to=rollback_to,
-                                    exclude_current=exclude_current, target=target, replacing=replacing, wait=wait)
+                                    exclude_current=exclude_current, target=target, replacing=replacing,
+                                    leave_volumes=leave_volumes, wait=wait)
 
     def update(self, user: UserModel, service_id: str, patch: ServicePatch,
                wait: bool = True) -> Awaitable[ServiceModel | OperationModel]:

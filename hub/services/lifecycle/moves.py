@@ -17,6 +17,7 @@ from typing import Any
 
 from pydantic import ValidationError
 from sqlalchemy import bindparam, or_, select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.db import Tx, any_of, insert_row
 from hub.errors import Conflict, InvalidRequest, NoFeasibleController, NotFound
@@ -29,7 +30,7 @@ from hub.services.lifecycle.context import Lifecycle
 from hub.services.lifecycle.create import check_replicas, hold_quota
 from hub.services.lifecycle.deploy import Deployer, runs_fallback
 from hub.services.lifecycle.reads import get_for
-from hub.services.lifecycle.replace import Replacement, Replacer, Sealed, read_unfinished
+from hub.services.lifecycle.replace import Replacement, Replacer, Sealed, read_unfinished, volumes_left
 from hub.services.registry_auth import seal
 from mmanager.logs import bind_request_id
 
@@ -50,6 +51,21 @@ _REPLICA_ROW = (select(ContainerRegistryModel.id).where(
     ContainerRegistryModel.status != "stale", ContainerRegistryModel.status != "draining"))
 
 
+async def refuse_volumes_left(session: AsyncSession, service: ServiceModel, replacing: str | None) -> None:
+    """A migrate that would leave the service's volumes behind is refused unless the caller accepts that: Docker
+    volumes (and host paths) live on their server, and the moved copy would start with empty ones. The error
+    names the controller of the copy that moves (``replacing``, its registry row; None: the primary)."""
+    volumes = volumes_left(ServiceSpec.model_validate(service.spec))
+    if not volumes:
+        return
+    row = await session.get(ContainerRegistryModel, replacing) if replacing is not None else None
+    on = row.controller_id if row is not None else service.controller_id
+    raise Conflict(
+        f"volume(s) {', '.join(repr(v) for v in volumes)} stay on controller {on}: volumes live on their "
+        "server and do not move with a service; migrate with leave_volumes=true to move without them",
+        {"volumes": volumes, "controller_id": on}, code="VOLUME_STAYS_BEHIND")
+
+
 class Mover:
     def __init__(self, ctx: Lifecycle, deployer: Deployer, replacer: Replacer) -> None:
         self.ctx = ctx
@@ -60,15 +76,17 @@ class Mover:
 
     async def redeploy(self, user: UserModel, service_id: str, operation: str, *, spec: ServiceSpec | None = None,
                        rollback_to: int | None = None, exclude_current: bool = False, target: str | None = None,
-                       replacing: str | None = None, rescale: bool = False,
+                       replacing: str | None = None, rescale: bool = False, leave_volumes: bool = False,
                        wait: bool = True, registry_auth: Sealed | None = None) -> ServiceModel | OperationModel:
         """``replacing``: the registry row of the replica to migrate (None: the primary's). ``rescale``: the
         spec's ``replicas`` is asked for too; else the service keeps the count it has when the roll begins (a
-        rollback to a version that ran another count, an update queued behind a scale). ``registry_auth``: an
-        update's new sealed credentials (None in it: cleared), used by its creates and stored with its spec."""
+        rollback to a version that ran another count, an update queued behind a scale). ``leave_volumes``: a
+        migrate of a service with volumes goes ahead without them (else 409 VOLUME_STAYS_BEHIND).
+        ``registry_auth``: an update's new sealed credentials (None in it: cleared), used by its creates and
+        stored with its spec."""
         if operation not in ROLLING:
             return await self._redeploy(user, service_id, operation, spec, rollback_to, exclude_current, target,
-                                        replacing, rescale, wait, registry_auth)
+                                        replacing, rescale, wait, registry_auth, leave_volumes)
         # Refused at once, not queued behind the lock: the second roll would undo what the user watches.
         if service_id in self._rolling:
             raise Conflict("an update of this service is rolling out; wait for it to end", code="UPDATE_IN_PROGRESS")
@@ -85,11 +103,13 @@ class Mover:
 
     async def _redeploy(self, user: UserModel, service_id: str, operation: str, spec: ServiceSpec | None,
                         rollback_to: int | None, exclude_current: bool, target: str | None, replacing: str | None,
-                        rescale: bool, wait: bool, registry_auth: Sealed | None = None
-                        ) -> ServiceModel | OperationModel:
+                        rescale: bool, wait: bool, registry_auth: Sealed | None = None,
+                        leave_volumes: bool = False) -> ServiceModel | OperationModel:
         ctx = self.ctx
         async with ctx.db.session() as session:
             service = await get_for(session, user, service_id)
+            if operation == "migrate" and not leave_volumes:
+                await refuse_volumes_left(session, service, replacing)
             version: int | None = None
             if rollback_to is not None:
                 past = await session.scalar(sql.PAST_VERSION, {"service_id": service.id, "version": rollback_to})
@@ -103,6 +123,7 @@ class Mover:
                 await get_controller(session, target)
         if spec is not None:
             self.deployer.check_policy(spec)
+            spec = await self.deployer.check_models(spec)
         op = await ctx.ops.begin(
             operation, user.username, service_id=service.id, controller_id=service.controller_id,
             container_id=service.container_id,

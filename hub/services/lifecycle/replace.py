@@ -122,6 +122,11 @@ def _removable(stale: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     return [copy for copy in stale if copy["status"] == "healthy" and copy["container_id"] is not None]
 
 
+def volumes_left(spec: ServiceSpec) -> list[str]:
+    """The volumes a copy leaves on its controller when it moves: named volumes by name, host paths by path."""
+    return sorted(spec.volumes)
+
+
 def _moved_details(epoch: int, old_controller_id: str | None, controller: ControllerModel,
                    reason: str | None) -> dict[str, Any]:
     details: dict[str, Any] = {"epoch": epoch, "from_controller": old_controller_id, "to_controller": controller.id}
@@ -188,6 +193,9 @@ class Replacer:
             details["image_pull"] = copy.image_pull
         if copy.fallback is not None:
             details.update(copy.fallback)
+        if spec.volumes and old is not None and old.controller_id != controller.id:
+            # Docker volumes (and host paths) are the server's own: the new copy starts with empty ones there.
+            details["volumes_left_behind"] = volumes_left(spec)
         ended = False
         try:
             async with ctx.db.transaction() as tx:

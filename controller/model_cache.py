@@ -1,0 +1,263 @@
+"""The model-file cache: files of the hub's store (``hub.services.model_files``) that this controller's
+containers mount read-only, fetched by digest before a container that names them is made.
+
+Layout: ``MMANAGER_MODEL_CACHE_DIR/sha256/<hex>``, one copy per digest shared by every container here, each
+bound read-only (``ContainerService.create``); ``tmp/`` holds downloads under way. Invariants:
+
+- a file appears at its digest's path only once its bytes were fetched whole and hash to that digest: a
+  download streams into ``tmp/`` while it is hashed and is renamed into place after the check; a mismatch
+  (``MODEL_CHECKSUM_MISMATCH``) drops it, and the container is not made;
+- the cache holds at most ``MMANAGER_MODEL_CACHE_BYTES``: room is made by evicting the least recently used
+  files (a use is a sync or a create naming it), never one a container on this server mounts (its
+  ``mmanager.models`` label names it, running or stopped: a stopped one may start again) nor one a create or
+  sync under way is about to mount (``_pins``); a file that cannot fit so is ``MODEL_CACHE_FULL``;
+- one download per digest at a time: a second sync of it waits for the first and finds it cached.
+
+Downloads go to ``MMANAGER_HUB_URL`` (each listed replica in turn until one answers) with the heartbeat key,
+at ``/api/controllers/{SERVER_ID}/model-files/{digest}``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import logging
+import os
+import time
+import uuid
+from collections import Counter
+from collections.abc import AsyncIterator, Iterable
+from pathlib import Path
+from typing import BinaryIO
+
+import httpx
+
+from controller.config import ControllerSettings
+from controller.credentials import HeartbeatKey
+from controller.errors import ModelCacheFull, ModelChecksumMismatch, ModelSyncFailed
+from controller.runtime import Runtime
+from mmanager.wire import ModelsSynced
+
+log = logging.getLogger(__name__)
+
+# The label on a container that names the model files it mounts (hex digests, comma-separated).
+LABEL_MODELS = "mmanager.models"
+# Bytes gathered before each write to disk: one thread hop per MiB, not per network chunk.
+_WRITE_BATCH = 1024**2
+
+
+def models_label(digests: Iterable[str]) -> str:
+    return ",".join(sorted(digest.removeprefix("sha256:") for digest in digests))
+
+
+class ModelCache:
+    def __init__(self, settings: ControllerSettings, runtime: Runtime,
+                 transport: httpx.AsyncBaseTransport | None = None) -> None:
+        self.settings = settings
+        self.runtime = runtime
+        self.root = settings.model_cache_dir.absolute()
+        self.files = self.root / "sha256"
+        self.tmp = self.root / "tmp"
+        self.limit = settings.model_cache_bytes
+        self.hub_urls = [url.strip().rstrip("/") for url in (settings.hub_url or "").split(",") if url.strip()]
+        self.key = HeartbeatKey(settings)
+        self._transport = transport
+        self._client: httpx.AsyncClient | None = None
+        self._pins: Counter[str] = Counter()
+        self._fetching: dict[str, asyncio.Lock] = {}
+        # Making room and renaming into place, one at a time: two downloads never both count the same free bytes.
+        self._room = asyncio.Lock()
+
+    def path(self, digest: str) -> Path:
+        return self.files / digest.removeprefix("sha256:")
+
+    async def aclose(self) -> None:
+        if self._client is not None:
+            await self._client.aclose()
+            self._client = None
+
+    @contextlib.asynccontextmanager
+    async def pinned(self, digests: Iterable[str]) -> AsyncIterator[None]:
+        """Never evicted while held (a create between its sync and its container's existence)."""
+        held = list(digests)
+        self._pins.update(held)
+        try:
+            yield
+        finally:
+            self._pins.subtract(held)
+            self._pins += Counter()  # drop the zeros
+
+    async def sync(self, digests: Iterable[str]) -> ModelsSynced:
+        """Every file of ``digests`` cached here, verified: fetched from the hub when missing, marked used when
+        present. Raises ``ModelSyncFailed`` (or its kinds) with nothing half-made left behind."""
+        started = time.monotonic()
+        done = ModelsSynced()
+        wanted = list(dict.fromkeys(digests))
+        async with self.pinned(wanted):
+            for digest in wanted:
+                lock = self._fetching.setdefault(digest, asyncio.Lock())
+                async with lock:
+                    if await asyncio.to_thread(_touch, self.path(digest)):
+                        done.cached.append(digest)
+                        continue
+                    done.bytes += await self._fetch(digest)
+                    done.fetched.append(digest)
+        done.seconds = round(time.monotonic() - started, 3)
+        if done.fetched:
+            log.info("fetched model file(s) %s from the hub: %d bytes in %.2f s", ", ".join(done.fetched),
+                     done.bytes, done.seconds)
+        return done
+
+    # -- fetching ----------------------------------------------------------
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            self._client = httpx.AsyncClient(
+                transport=self._transport, verify=self.settings.tls.client_context(),
+                # No overall bound: a large file takes as long as it takes while bytes keep coming.
+                timeout=httpx.Timeout(60.0, connect=5.0))
+        return self._client
+
+    async def _fetch(self, digest: str) -> int:
+        if not self.hub_urls:
+            raise ModelSyncFailed(f"model file {digest} is not cached here and this controller has no "
+                                  "MMANAGER_HUB_URL to fetch it from", {"digest": digest})
+        failures: list[str] = []
+        for hub in self.hub_urls:
+            url = f"{hub}/api/controllers/{self.settings.server_id}/model-files/{digest}"
+            try:
+                return await self._download(url, digest)
+            except httpx.TransportError as exc:
+                failures.append(f"{hub}: {type(exc).__name__}: {exc}")
+        raise ModelSyncFailed(f"model file {digest} could not be fetched from the hub: {'; '.join(failures)}",
+                              {"digest": digest, "hubs": failures})
+
+    async def _download(self, url: str, digest: str) -> int:
+        headers = {"Authorization": f"Bearer {self.key.current()}"}
+        async with self._http().stream("GET", url, headers=headers) as response:
+            if response.status_code != 200:
+                body = (await response.aread())[:500].decode(errors="replace")
+                raise ModelSyncFailed(f"the hub answered {response.status_code} for model file {digest}: {body}",
+                                      {"digest": digest, "status": response.status_code})
+            tmp = self.tmp / f"{digest.removeprefix('sha256:')}.{uuid.uuid4().hex}"
+            try:
+                await asyncio.to_thread(self._dirs)
+                out = await asyncio.to_thread(open, tmp, "wb")
+            except OSError as exc:
+                raise ModelSyncFailed(f"the model cache {self.root} cannot be written: {exc}",
+                                      {"digest": digest, "cache_dir": str(self.root)}) from None
+            try:
+                declared = response.headers.get("content-length")
+                if declared is not None and declared.isdigit():
+                    await self._make_room(int(declared), digest)
+                hasher = hashlib.sha256()
+                size, held, pending = 0, 0, []
+                async for chunk in response.aiter_bytes():
+                    hasher.update(chunk)
+                    size += len(chunk)
+                    if size > self.limit:
+                        raise ModelCacheFull(f"model file {digest} is larger than the whole cache "
+                                             f"(MMANAGER_MODEL_CACHE_BYTES {self.limit})",
+                                             {"digest": digest, "cache_bytes": self.limit})
+                    pending.append(chunk)
+                    held += len(chunk)
+                    if held >= _WRITE_BATCH:
+                        await asyncio.to_thread(out.writelines, pending)
+                        pending, held = [], 0
+                await asyncio.to_thread(_finish, out, pending)
+                got = "sha256:" + hasher.hexdigest()
+                if got != digest:
+                    raise ModelChecksumMismatch(
+                        f"model file {digest}: the {size} bytes fetched hash to {got}; dropped",
+                        {"digest": digest, "got": got, "bytes": size})
+                async with self._room:
+                    await self._evict(size, digest)
+                    await asyncio.to_thread(_publish, tmp, self.path(digest))
+            except BaseException:
+                out.close()
+                tmp.unlink(missing_ok=True)
+                raise
+        return size
+
+    def _dirs(self) -> None:
+        self.files.mkdir(parents=True, exist_ok=True)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+
+    # -- eviction ----------------------------------------------------------
+
+    async def _make_room(self, need: int, digest: str) -> None:
+        if need > self.limit:
+            raise ModelCacheFull(f"model file {digest} ({need} bytes) is larger than the whole cache "
+                                 f"(MMANAGER_MODEL_CACHE_BYTES {self.limit})",
+                                 {"digest": digest, "bytes": need, "cache_bytes": self.limit})
+        async with self._room:
+            await self._evict(need, digest)
+
+    async def _evict(self, need: int, digest: str) -> None:
+        """Evict least recently used files until ``need`` more bytes fit (the caller holds ``_room``)."""
+        entries = await asyncio.to_thread(_entries, self.files)
+        used = sum(size for _, size, _ in entries)
+        if used + need <= self.limit:
+            return
+        in_use = await self.mounted()
+        kept = in_use | {d.removeprefix("sha256:") for d in self._pins}
+        for name, size, _ in sorted(entries, key=lambda entry: entry[2]):
+            if used + need <= self.limit:
+                break
+            if name in kept:
+                continue
+            await asyncio.to_thread((self.files / name).unlink, missing_ok=True)
+            used -= size
+            log.info("evicted model file sha256:%s (%d bytes) from the cache", name, size)
+        if used + need > self.limit:
+            raise ModelCacheFull(
+                f"model file {digest} ({need} bytes) does not fit in the cache: {used} of "
+                f"{self.limit} bytes are held by files containers here mount",
+                {"digest": digest, "bytes": need, "cache_bytes": self.limit, "in_use_bytes": used})
+
+    async def mounted(self) -> set[str]:
+        """Hex digests that a managed container on this server (running or not) mounts."""
+        containers = await self.runtime.list_containers(all=True, detailed=False)
+        return {hexdigest for container in containers
+                for hexdigest in container.labels.get(LABEL_MODELS, "").split(",") if hexdigest}
+
+    def cached(self) -> list[tuple[str, int]]:
+        """``(digest, bytes)`` of every cached file, least recently used first."""
+        return [(f"sha256:{name}", size) for name, size, _ in sorted(_entries(self.files), key=lambda e: e[2])]
+
+
+def _entries(files: Path) -> list[tuple[str, int, float]]:
+    """(hex digest, size, last use) of each cached file."""
+    try:
+        found = list(os.scandir(files))
+    except FileNotFoundError:
+        return []
+    out = []
+    for entry in found:
+        with contextlib.suppress(FileNotFoundError):
+            st = entry.stat()
+            out.append((entry.name, st.st_size, st.st_mtime))
+    return out
+
+
+def _touch(path: Path) -> bool:
+    """Mark a cached file used now (its mtime orders eviction); False when it is not cached."""
+    try:
+        os.utime(path)
+    except (FileNotFoundError, NotADirectoryError):
+        return False
+    return True
+
+
+def _finish(out: BinaryIO, pending: list[bytes]) -> None:
+    out.writelines(pending)
+    out.flush()
+    os.fsync(out.fileno())
+    out.close()
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    # Read-only for everyone: no container, and no process here, changes what others mount.
+    os.chmod(tmp, 0o444)
+    os.replace(tmp, final)

@@ -1,0 +1,163 @@
+"""The controller's model-file cache on the fake runtime, with a stand-in hub (an httpx MockTransport serving
+files by digest): verified downloads, one copy per digest, least-recently-used eviction within a small
+cache that never evicts a file a container here mounts, and creates that bind the files read-only or are
+refused with nothing made."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import httpx
+import pytest
+
+from controller.containers import ContainerService
+from controller.errors import ModelCacheFull, ModelChecksumMismatch, ModelSyncFailed
+from controller.fake import FakeRuntime
+from controller.model_cache import LABEL_MODELS, ModelCache
+from controller.spec import ContainerSpec
+from examples.images import EXAMPLE_IMAGE
+from mmanager.wire import LABEL_CONTROLLER, LABEL_MANAGED, ContainerCreate, ModelFile
+from tests.controller.conftest import make_settings
+
+KB = 1024
+
+
+def digest_of(data: bytes) -> str:
+    return "sha256:" + hashlib.sha256(data).hexdigest()
+
+
+class Hub:
+    """Serves ``files`` at the controllers' download path; counts the downloads; ``corrupt`` serves other bytes."""
+
+    def __init__(self) -> None:
+        self.files: dict[str, bytes] = {}
+        self.downloads: list[str] = []
+        self.corrupt: set[str] = set()
+        self.auth: list[str] = []
+
+    def add(self, data: bytes) -> str:
+        digest = digest_of(data)
+        self.files[digest] = data
+        return digest
+
+    def handle(self, request: httpx.Request) -> httpx.Response:
+        self.auth.append(request.headers.get("authorization", ""))
+        digest = request.url.path.rsplit("/", 1)[-1]
+        if digest not in self.files:
+            return httpx.Response(404, json={"error": {"code": "MODEL_FILE_NOT_FOUND"}})
+        self.downloads.append(digest)
+        data = self.files[digest]
+        return httpx.Response(200, content=data[:-1] + b"!" if digest in self.corrupt else data)
+
+
+@pytest.fixture
+def hub() -> Hub:
+    return Hub()
+
+
+def cache_for(tmp_path: Path, hub: Hub, runtime: FakeRuntime, limit: int) -> ModelCache:
+    settings = make_settings("cache-ctl", hub_url="http://hub.test", model_cache_dir=tmp_path / "cache",
+                             model_cache_bytes=limit)
+    return ModelCache(settings, runtime, transport=httpx.MockTransport(hub.handle))
+
+
+def cached(cache: ModelCache) -> set[str]:
+    return {digest for digest, _ in cache.cached()}
+
+
+def leftovers(cache: ModelCache) -> list[str]:
+    return sorted(p.name for p in cache.tmp.iterdir()) if cache.tmp.exists() else []
+
+
+def mount_in_container(runtime: FakeRuntime, digest: str) -> None:
+    runtime.add_container(ContainerSpec(image=EXAMPLE_IMAGE, labels={
+        LABEL_MANAGED: "true", LABEL_CONTROLLER: runtime.server_id, LABEL_MODELS: digest.removeprefix("sha256:")}),
+        status="exited")
+
+
+async def test_a_sync_fetches_once_verifies_and_keeps_one_read_only_copy(tmp_path: Path, hub: Hub) -> None:
+    runtime = FakeRuntime("cache-ctl")
+    cache = cache_for(tmp_path, hub, runtime, 10 * KB)
+    a = hub.add(b"a" * KB)
+    first = await cache.sync([a, a])
+    assert (first.fetched, first.cached, first.bytes) == ([a], [], KB)
+    second = await cache.sync([a])
+    assert (second.fetched, second.cached) == ([], [a])
+    assert hub.downloads == [a]
+    path = cache.path(a)
+    assert path.read_bytes() == b"a" * KB and path.stat().st_mode & 0o777 == 0o444
+    # The controller's own key (here the shared one): the hub's download route checks it.
+    assert hub.auth == [f"Bearer {cache.settings.api_key.get_secret_value()}"]
+    await cache.aclose()
+
+
+async def test_the_least_recently_used_file_is_evicted_and_a_mounted_one_never(tmp_path: Path, hub: Hub) -> None:
+    runtime = FakeRuntime("cache-ctl")
+    cache = cache_for(tmp_path, hub, runtime, 3 * KB)
+    a, b, c, d, e = (hub.add(bytes([n]) * KB) for n in range(5))
+    for digest in (a, b, c):
+        await cache.sync([digest])
+    await cache.sync([a])  # a used again: b is now the least recently used
+    await cache.sync([d])
+    assert cached(cache) == {a, c, d}
+    # c is mounted by a container here (stopped: it may start again): the next eviction passes it over.
+    mount_in_container(runtime, c)
+    await cache.sync([e])
+    assert cached(cache) == {c, d, e}
+    assert sum(size for _, size in cache.cached()) <= 3 * KB
+    await cache.aclose()
+
+
+async def test_a_file_that_cannot_fit_is_refused_and_nothing_is_evicted_for_it(tmp_path: Path, hub: Hub) -> None:
+    runtime = FakeRuntime("cache-ctl")
+    cache = cache_for(tmp_path, hub, runtime, 2 * KB)
+    a, b, big = hub.add(b"a" * KB), hub.add(b"b" * KB), hub.add(b"x" * 3 * KB)
+    await cache.sync([a, b])
+    with pytest.raises(ModelCacheFull):
+        await cache.sync([big])
+    mount_in_container(runtime, a)
+    mount_in_container(runtime, b)
+    c = hub.add(b"c" * KB)
+    with pytest.raises(ModelCacheFull) as refused:
+        await cache.sync([c])
+    assert refused.value.details["in_use_bytes"] == 2 * KB
+    assert cached(cache) == {a, b} and leftovers(cache) == []
+    await cache.aclose()
+
+
+async def test_bytes_that_do_not_match_their_digest_are_dropped(tmp_path: Path, hub: Hub) -> None:
+    runtime = FakeRuntime("cache-ctl")
+    cache = cache_for(tmp_path, hub, runtime, 10 * KB)
+    a = hub.add(b"a" * KB)
+    hub.corrupt.add(a)
+    with pytest.raises(ModelChecksumMismatch) as mismatch:
+        await cache.sync([a])
+    assert mismatch.value.code == "MODEL_CHECKSUM_MISMATCH" and mismatch.value.details["digest"] == a
+    assert cached(cache) == set() and leftovers(cache) == []
+    missing = digest_of(b"nowhere")
+    with pytest.raises(ModelSyncFailed) as failed:
+        await cache.sync([missing])
+    assert failed.value.code == "MODEL_SYNC_FAILED" and failed.value.details["status"] == 404
+    await cache.aclose()
+
+
+async def test_a_create_binds_its_models_read_only_or_makes_nothing(tmp_path: Path, hub: Hub) -> None:
+    runtime = FakeRuntime("cache-ctl")
+    cache = cache_for(tmp_path, hub, runtime, 10 * KB)
+    service = ContainerService(cache.settings, runtime, [], models=cache)
+    a = hub.add(b"weights" * 100)
+    created = await service.create(ContainerCreate(image=EXAMPLE_IMAGE, service_id="s1", epoch=1,
+                                                   models=[ModelFile(digest=a, mount="/app/models/w.bin")]))
+    [container] = runtime.containers.values()
+    assert container.id == created.container_id
+    assert container.spec.volumes == {str(cache.path(a)): {"bind": "/app/models/w.bin", "mode": "ro"}}
+    assert container.spec.labels[LABEL_MODELS] == a.removeprefix("sha256:")
+
+    bad = hub.add(b"other")
+    hub.corrupt.add(bad)
+    with pytest.raises(ModelChecksumMismatch):
+        await service.create(ContainerCreate(image=EXAMPLE_IMAGE, service_id="s2", epoch=1,
+                                             models=[ModelFile(digest=bad, mount="/app/models/o.bin")]))
+    assert len(runtime.containers) == 1 and runtime.creates == 1
+    await cache.aclose()

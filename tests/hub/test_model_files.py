@@ -1,0 +1,282 @@
+"""Model files through the hub's API on real PostgreSQL and the real Docker engine, with two controllers that
+fetch from the hub as deployed ones do (``MMANAGER_HUB_URL``, their heartbeat key): an uploaded file is
+mounted read-only in a service's container, a migrated copy sees the same bytes, bad specs and deletes are
+refused, and a migrate that would leave a volume behind says so."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import uuid
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import docker
+import httpx
+import pytest
+
+from controller.app import create_app as create_controller_app
+from controller.config import ControllerSettings
+from examples.images import EXAMPLE_IMAGE
+from hub.app import build_hub, create_app
+from hub.config import HubSettings
+from hub.db import Database
+from hub.errors import ControllerRejected
+from hub.schemas import ServiceSpec
+from hub.services.model_files import presync
+from hub.services.users import create_user
+from tests.hub.conftest import KEY, Cluster, Router
+
+SPEC = {"name": "weights", "image": EXAMPLE_IMAGE, "ports": {"5000": None},
+        "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"}}
+# Small for the test: the limit and the cache are the same code at any size.
+MAX_FILE = 1024**2
+
+
+class LateTransport(httpx.AsyncBaseTransport):
+    """The controllers' way to the hub, which is built after them: to its app, in process."""
+
+    def __init__(self) -> None:
+        self.to: httpx.ASGITransport | None = None
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        assert self.to is not None
+        return await self.to.handle_async_request(request)
+
+
+@pytest.fixture
+async def cluster(db: Database, docker_client: docker.DockerClient, example_image: str,
+                  tmp_path: Path) -> AsyncIterator[Cluster]:
+    """Two CPU controllers whose model caches are under ``tmp_path``, and a hub whose store is there too."""
+    run = uuid.uuid4().hex[:6]
+    router, to_hub = Router(), LateTransport()
+    entries, ids, apps = [], [], []
+    for suffix, priority in (("m1", 1), ("m2", 2)):
+        cid = f"t{run}-{suffix}"
+        host = f"{cid}.test"
+        settings = ControllerSettings(
+            MMANAGER_API_KEY=KEY, SERVER_ID=cid, SERVER_TYPE="cpu", MAX_CONTAINERS=20,
+            CONTROLLER_URL=f"http://{host}:8001", PUBLISH_IP="127.0.0.1", GPU_DEVICES="",
+            MMANAGER_HUB_URL="http://hub.test", MMANAGER_PRESENCE="false",
+            MMANAGER_MODEL_CACHE_DIR=str(tmp_path / f"cache-{suffix}"), MMANAGER_MODEL_CACHE_BYTES=str(4 * MAX_FILE),
+        )
+        app = create_controller_app(settings, hub_transport=to_hub)
+        apps.append(app)
+        router.add(host, app)
+        entries.append({"id": cid, "url": f"http://{host}:8001", "server_type": "cpu", "priority": priority})
+        ids.append(cid)
+    settings = HubSettings(database_url=db.url, api_key=KEY, controllers=json.dumps(entries),
+                           heartbeat_interval=0.5, heartbeat_grace=3, orphan_grace=2, health_timeout=8,
+                           model_store=tmp_path / "store", model_file_max_bytes=MAX_FILE)
+    hub = build_hub(settings, db=Database(db.url), transport=router)
+    app = create_app(settings, hub=hub)
+    to_hub.to = httpx.ASGITransport(app=app)
+    async with app.router.lifespan_context(app):
+        contexts = [a.router.lifespan_context(a) for a in apps]
+        for ctx in contexts:
+            await ctx.__aenter__()
+        async with db.session() as session:
+            _, admin_token = await create_user(session, "admin", is_admin=True)
+        await hub.refresh_controllers()
+        client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub",
+                                   headers={"Authorization": f"Bearer {admin_token}"}, timeout=60)
+        cluster = Cluster(client, admin_token, db, router, docker_client, ids, parts=hub,
+                          hosts={cid: f"{cid}.test" for cid in ids})
+        try:
+            yield cluster
+        finally:
+            await client.aclose()
+            for ctx in reversed(contexts):
+                await ctx.__aexit__(None, None, None)
+            for container in cluster.containers():
+                with contextlib.suppress(docker.errors.NotFound, docker.errors.APIError):
+                    container.remove(force=True)
+
+
+async def upload(cluster: Cluster, data: bytes, name: str | None = None, **kw: Any) -> httpx.Response:
+    return await cluster.hub.post("/api/model-files", params={"name": name} if name else {}, content=data, **kw)
+
+
+def in_container(cluster: Cluster, container_id: str, command: str) -> tuple[int, str]:
+    code, out = cluster.docker.containers.get(container_id).exec_run(["sh", "-c", command])
+    return code, out.decode()
+
+
+def cache_files(tmp_path: Path, suffix: str) -> list[str]:
+    files = tmp_path / f"cache-{suffix}" / "sha256"
+    return sorted(os.listdir(files)) if files.exists() else []
+
+
+async def test_a_model_file_follows_its_service_read_only_and_byte_for_byte(cluster: Cluster, tmp_path: Path) -> None:
+    m1, m2 = cluster.controller_ids
+    data = os.urandom(300 * 1024)
+    hexdigest = hashlib.sha256(data).hexdigest()
+    r = await upload(cluster, data, "weights.bin")
+    assert r.status_code == 201, r.text
+    stored = r.json()
+    assert stored["digest"] == f"sha256:{hexdigest}" and stored["size"] == len(data)
+    assert (stored["name"], stored["uploaded_by"]) == ("weights.bin", "admin")
+    # The same bytes again: the file the store has.
+    again = await upload(cluster, data, "other-name")
+    assert again.status_code == 200 and again.json()["name"] == "weights.bin"
+    assert [f["digest"] for f in (await cluster.hub.get("/api/model-files")).json()] == [stored["digest"]]
+    download = await cluster.hub.get(f"/api/model-files/{stored['digest']}")
+    assert download.status_code == 200 and download.content == data
+
+    r = await cluster.hub.post("/api/admin/repo/services", json={**SPEC, "models": [{"digest": stored["digest"]}]})
+    assert r.status_code == 201, r.text
+    service = r.json()
+    # The mount left out: /app/models/ and the file's name in the store.
+    assert service["spec"]["models"] == [{"digest": stored["digest"], "mount": "/app/models/weights.bin"}]
+    assert service["controller_id"] == m1
+    code, out = in_container(cluster, service["container_id"], "sha256sum /app/models/weights.bin")
+    assert code == 0 and out.split()[0] == hexdigest, out
+    # Read-only: not even root in the container can change what every service here shares.
+    code, out = in_container(cluster, service["container_id"], "echo x >> /app/models/weights.bin")
+    assert code != 0 and "Read-only file system" in out, out
+    assert cache_files(tmp_path, "m1") == [hexdigest] and cache_files(tmp_path, "m2") == []
+
+    [entry] = (await cluster.hub.get("/api/admin/containers")).json()
+    r = await cluster.hub.post(f"/api/admin/containers/{entry['id']}/migrate", json={"target_controller": m2})
+    assert r.status_code == 200, r.text
+    moved = r.json()
+    assert moved["controller_id"] == m2
+    code, out = in_container(cluster, moved["container_id"], "sha256sum /app/models/weights.bin")
+    assert code == 0 and out.split()[0] == hexdigest, out
+    code, out = in_container(cluster, moved["container_id"], "rm -f /app/models/weights.bin")
+    assert code != 0, out
+    assert cache_files(tmp_path, "m2") == [hexdigest]
+
+    # A file a service names stays; once none does, an admin may delete it.
+    r = await cluster.hub.delete(f"/api/model-files/{stored['digest']}")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "MODEL_FILE_IN_USE", r.text
+    assert r.json()["error"]["details"]["services"] == [f"weights ({service['id']})"]
+    assert (await cluster.hub.delete(f"/api/services/{service['id']}")).status_code == 204
+    assert (await cluster.hub.delete(f"/api/model-files/{stored['digest']}")).status_code == 204
+    assert (await cluster.hub.get(f"/api/model-files/{stored['digest']}")).status_code == 404
+    assert list((tmp_path / "store" / "sha256").iterdir()) == []
+
+
+async def test_bad_model_specs_and_uploads_are_refused_and_change_nothing(cluster: Cluster, tmp_path: Path) -> None:
+    stored = (await upload(cluster, b"tiny model", "tiny.bin")).json()
+    digest = stored["digest"]
+    unknown = "sha256:" + "0" * 64
+    for models, code in [
+        ([{"digest": unknown}], "MODEL_FILE_NOT_FOUND"),
+        ([{"digest": "md5:abc"}], "VALIDATION_ERROR"),
+        ([{"digest": digest, "mount": "relative/path"}], "VALIDATION_ERROR"),
+        ([{"digest": digest, "mount": "/app/../etc/passwd"}], "VALIDATION_ERROR"),
+        ([{"digest": digest, "mount": "/a"}, {"digest": digest, "mount": "/b"}], "VALIDATION_ERROR"),
+        ([{"digest": digest, "mount": "/data"}], "MODEL_MOUNT_CONFLICT"),
+    ]:
+        r = await cluster.hub.post("/api/admin/repo/services",
+                                   json={**SPEC, "volumes": {"scratch": "/data"}, "models": models})
+        assert (r.status_code, r.json()["error"]["code"]) == (422, code), (models, r.text)
+    assert (await cluster.hub.get("/api/services")).json() == []
+    # A patch naming a missing file changes nothing either.
+    service = (await cluster.hub.post("/api/admin/repo/services", json=SPEC)).json()
+    r = await cluster.hub.patch(f"/api/services/{service['id']}", json={"models": [{"digest": unknown}]})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "MODEL_FILE_NOT_FOUND", r.text
+    assert (await cluster.hub.get(f"/api/services/{service['id']}")).json()["version"] == 1
+
+    # Over the limit, declared or streamed: 413, and nothing kept, not even a partial temporary file.
+    too_big = b"x" * (MAX_FILE + 1)
+    r = await upload(cluster, too_big)
+    assert r.status_code == 413 and r.json()["error"]["code"] == "PAYLOAD_TOO_LARGE", r.text
+
+    async def chunks() -> AsyncIterator[bytes]:
+        for start in range(0, len(too_big), 64 * 1024):
+            yield too_big[start:start + 64 * 1024]
+
+    r = await upload(cluster, chunks())  # type: ignore[arg-type]
+    assert r.status_code == 413 and r.json()["error"]["code"] == "PAYLOAD_TOO_LARGE", r.text
+    assert [f["digest"] for f in (await cluster.hub.get("/api/model-files")).json()] == [digest]
+    assert sorted(os.listdir(tmp_path / "store" / "sha256")) == [digest.removeprefix("sha256:")]
+    assert os.listdir(tmp_path / "store" / "tmp") == []
+    r = await upload(cluster, b"x", "../escape")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "INVALID_MODEL_FILE_NAME", r.text
+
+    # Controllers fetch with their own key, and only their own: a user token, or another id, is refused.
+    m1 = cluster.controller_ids[0]
+    path = f"/api/controllers/{m1}/model-files/{digest}"
+    ok = await cluster.hub.get(path, headers={"Authorization": f"Bearer {KEY}"})
+    assert ok.status_code == 200 and ok.content == b"tiny model"
+    assert (await cluster.hub.get(path)).status_code == 401
+    # Users may not delete files.
+    alice = await cluster.user("alice")
+    r = await cluster.hub.delete(f"/api/model-files/{digest}", headers=alice)
+    assert r.status_code == 403
+
+
+async def test_a_migrate_that_would_leave_a_volume_behind_is_refused_unless_accepted(cluster: Cluster) -> None:
+    m1, m2 = cluster.controller_ids
+    service = (await cluster.hub.post("/api/admin/repo/services",
+                                      json={**SPEC, "volumes": {"scratch": "/data"}})).json()
+    [mount] = cluster.docker.containers.get(service["container_id"]).attrs["Mounts"]
+    [entry] = (await cluster.hub.get("/api/admin/containers")).json()
+    r = await cluster.hub.post(f"/api/admin/containers/{entry['id']}/migrate", json={"target_controller": m2})
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "VOLUME_STAYS_BEHIND" and "'scratch'" in error["message"]
+    assert error["details"] == {"volumes": ["scratch"], "controller_id": m1}
+    assert [c.labels["mmanager.controller"] for c in cluster.containers(**{"mmanager.service": service["id"]})] == [m1]
+
+    r = await cluster.hub.post(f"/api/admin/containers/{entry['id']}/migrate",
+                               json={"target_controller": m2, "leave_volumes": True})
+    assert r.status_code == 200 and r.json()["controller_id"] == m2, r.text
+    [op] = (await cluster.hub.get("/api/admin/operations",
+                                  params={"service_id": service["id"], "operation": "migrate"})).json()
+    assert op["status"] == "succeeded" and op["details"]["volumes_left_behind"] == ["scratch"]
+    assert (await cluster.hub.delete(f"/api/services/{service['id']}")).status_code == 204
+    # The volume this test made (on the one Docker engine both controllers share).
+    with contextlib.suppress(docker.errors.NotFound):
+        cluster.docker.volumes.get(mount["Name"]).remove(force=True)
+
+
+async def test_a_likely_failover_target_is_synced_ahead_of_need(cluster: Cluster, tmp_path: Path) -> None:
+    """The seam of ``prefetch``: the hub has a controller fetch a spec's files now; a later create there finds them."""
+    m1, m2 = cluster.controller_ids
+    data = os.urandom(64 * 1024)
+    digest = (await upload(cluster, data, "pre.bin")).json()["digest"]
+    spec = ServiceSpec.model_validate({**SPEC, "models": [{"digest": digest, "mount": "/app/models/pre.bin"}]})
+    url = f"http://{cluster.hosts[m2]}:8001"
+    first = await presync(cluster.parts.client, m2, url, spec)
+    assert first is not None and (first.fetched, first.cached, first.bytes) == ([digest], [], len(data))
+    assert cache_files(tmp_path, "m2") == [digest.removeprefix("sha256:")] and cache_files(tmp_path, "m1") == []
+    again = await presync(cluster.parts.client, m2, url, spec)
+    assert again is not None and (again.fetched, again.cached) == ([], [digest])
+    assert await presync(cluster.parts.client, m2, url, ServiceSpec.model_validate(SPEC)) is None
+    async with httpx.AsyncClient(transport=cluster.router, base_url=url,
+                                 headers={"Authorization": f"Bearer {KEY}"}) as controller:
+        listed = (await controller.get("/models")).json()
+    assert listed == {"cache_bytes": 4 * MAX_FILE, "used_bytes": len(data),
+                      "files": [{"digest": digest, "bytes": len(data), "in_use": False}]}
+    # A file the store lacks: the controller's refusal, with its code.
+    missing = ServiceSpec.model_validate({**SPEC, "models": [{"digest": "sha256:" + "1" * 64, "mount": "/m"}]})
+    with pytest.raises(ControllerRejected) as refused:
+        await presync(cluster.parts.client, m2, url, missing)
+    assert refused.value.code == "MODEL_SYNC_FAILED" and refused.value.status_code == 502
+
+
+async def test_a_controller_that_cannot_sync_is_passed_over_and_none_left_fails_clearly(
+        cluster: Cluster, tmp_path: Path) -> None:
+    m1, m2 = cluster.controller_ids
+    digest = (await upload(cluster, b"needed everywhere", "needed.bin")).json()["digest"]
+    # m1's cache cannot be made (a file where its directory should be): its sync fails, m2 takes the service.
+    (tmp_path / "cache-m1").write_text("not a directory")
+    r = await cluster.hub.post("/api/admin/repo/services", json={**SPEC, "models": [{"digest": digest}]})
+    assert r.status_code == 201, r.text
+    assert r.json()["controller_id"] == m2
+    assert [c.labels["mmanager.controller"] for c in cluster.containers(**{"mmanager.service": r.json()["id"]})] == [m2]
+    # With m2's cache broken too, no controller is left: the last refusal, and no service.
+    (tmp_path / "cache-m2" / "sha256" / digest.removeprefix("sha256:")).unlink()
+    (tmp_path / "cache-m2" / "sha256").rmdir()
+    (tmp_path / "cache-m2" / "sha256").write_text("not a directory")
+    r = await cluster.hub.post("/api/admin/repo/services", json={**SPEC, "name": "other",
+                                                                 "models": [{"digest": digest}]})
+    assert r.status_code == 502 and r.json()["error"]["code"] == "MODEL_SYNC_FAILED", r.text
+    assert "cannot be written" in r.json()["error"]["message"]
+    assert [s["name"] for s in (await cluster.hub.get("/api/services")).json()] == ["weights"]

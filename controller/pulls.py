@@ -1,12 +1,13 @@
 """Pulls in progress on this controller, as Docker's streamed pull reports them, for ``GET /images/pulls``.
 
 A ``PullTracker`` folds one pull's progress events into layers and bytes done (fed from the pull's pool
-thread); ``Pulls`` holds the trackers of the pulls running now, one per image (the latest begun), and
-forgets each when its pull ends. Invariant: a snapshot only reads; each tracker is written by one thread.
+thread); ``Pulls`` holds the trackers of the pulls running now, each under a token of its own (two pulls
+of one image are two entries), and forgets each when its pull ends. Invariant: a snapshot only reads; each tracker is written by one thread.
 """
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from typing import Any
@@ -24,6 +25,7 @@ class PullTracker:
 
     def __init__(self, image: str) -> None:
         self.image = image
+        self.token = -1  # ``Pulls`` gives it one
         self.started = time.monotonic()
         # layer id -> [bytes downloaded, bytes in all (0: not said yet), done]
         self._layers: dict[str, list[Any]] = {}
@@ -54,19 +56,20 @@ class Pulls:
     """The pulls running on this controller now."""
 
     def __init__(self) -> None:
-        self._running: dict[str, PullTracker] = {}
+        self._running: dict[int, PullTracker] = {}
+        self._tokens = itertools.count()
         self._lock = threading.Lock()
 
     def begin(self, image: str) -> PullTracker:
         tracker = PullTracker(image)
         with self._lock:
-            self._running[image] = tracker
+            tracker.token = next(self._tokens)
+            self._running[tracker.token] = tracker
         return tracker
 
     def end(self, tracker: PullTracker) -> None:
         with self._lock:
-            if self._running.get(tracker.image) is tracker:
-                del self._running[tracker.image]
+            self._running.pop(tracker.token, None)
 
     def snapshot(self) -> list[ImagePullProgress]:
         with self._lock:

@@ -90,6 +90,9 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     # can include an image pull-free create and start, so it gets more.
     controller_timeout: float = Field(default=30.0, gt=0)
     controller_create_timeout: float = Field(default=120.0, gt=0)
+    # An admin pull (POST /api/admin/images/pull) waits for the whole pull: longer than a controller's own
+    # limit on one (MMANAGER_PULL_TIMEOUT, 600 s by default), so the controller's answer comes first.
+    controller_pull_timeout: float = Field(default=630.0, gt=0)
     # Failure handling. A container of ours that the registry does not know is removed once it is
     # older than orphan_grace (0: twice the heartbeat grace, at least 10 s).
     orphan_grace: float = Field(default=0.0, ge=0)

@@ -24,7 +24,7 @@ import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
 
 from hub.config import HubSettings
-from hub.errors import ControllerRejected, ControllerUnavailable, HubError
+from hub.errors import ControllerRejected, ControllerTimedOut, ControllerUnavailable, HubError
 from hub.metrics import HubMetrics
 from mmanager.logs import HEADER as REQUEST_ID_HEADER
 from mmanager.logs import current_request_id
@@ -187,8 +187,11 @@ class ControllerClient:
         *,
         idempotent: bool,
         timeout: float | None = None,
+        timeout_code: str | None = None,
         **kw: Any,
     ) -> httpx.Response:
+        """``timeout_code``: a call whose answer does not come in time fails with ``ControllerTimedOut`` (504)
+        and this code, not as an unreachable controller."""
         url = base_url.rstrip("/") + path
         attempts = 3 if idempotent else 1
 
@@ -228,6 +231,10 @@ class ControllerClient:
             cause = exc.cause
             if isinstance(cause, HubError):
                 raise cause from None
+            if timeout_code is not None and isinstance(cause, httpx.ReadTimeout):
+                raise ControllerTimedOut(
+                    f"controller {controller_id} did not answer within {timeout:g} s",
+                    {"controller_id": controller_id, "timeout": timeout}, code=timeout_code) from None
             raise ControllerUnavailable(
                 f"controller {controller_id} is unreachable: {type(cause).__name__}: {cause}",
                 {"controller_id": controller_id},
@@ -285,12 +292,15 @@ class ControllerClient:
 
     async def pull_image(self, controller_id: str, url: str, image: str,
                          auth: RegistryAuth | None = None) -> dict[str, Any]:
-        """Have the controller pull ``image`` (logged in with ``auth``); the image as it then has it."""
+        """Have the controller pull ``image`` (logged in with ``auth``); the image as it then has it. Asked
+        once (a pull may take minutes, and a repeat would send the credentials again), waiting up to
+        ``controller_pull_timeout``; no answer by then is 504 ``IMAGE_PULL_TIMEOUT``."""
         body: dict[str, Any] = {"image": image}
         if auth is not None:
             body["auth"] = auth.model_dump(mode="json")
-        response = await self._send(controller_id, url, "POST", "/images/pull", call="image_pull", idempotent=True,
-                                    timeout=self.settings.controller_create_timeout, json=body)
+        timeout = self.settings.controller_pull_timeout
+        response = await self._send(controller_id, url, "POST", "/images/pull", call="image_pull", idempotent=False,
+                                    timeout=timeout, timeout_code="IMAGE_PULL_TIMEOUT", json=body)
         image_detail = response.json().get("image")
         return image_detail if isinstance(image_detail, dict) else {}
 

@@ -94,6 +94,13 @@ class ControllerUnavailable(HubError):
     code = "CONTROLLER_UNAVAILABLE"
 
 
+class ControllerTimedOut(ControllerUnavailable):
+    """A controller took the call but did not answer it in time (a call not repeated: what it did is unknown)."""
+
+    status_code = 504
+    code = "CONTROLLER_TIMEOUT"
+
+
 class ControllerRejected(HubError):
     """A controller refused the call with a 4xx; its code and status are passed on."""
 

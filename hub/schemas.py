@@ -222,6 +222,18 @@ class RegistryAuthIn(StrictModel):
     username: str = Field(min_length=1, max_length=255)
     password: SecretStr = Field(min_length=1, max_length=4096)
 
+    @field_validator("username", "password", mode="after")
+    @classmethod
+    def _utf8(cls, value: str | SecretStr) -> str | SecretStr:
+        # A lone surrogate passes as a str but not as UTF-8 (its seal, the wire): refused here, not echoed.
+        text = value.get_secret_value() if isinstance(value, SecretStr) else value
+        try:
+            text.encode()
+        except UnicodeEncodeError:
+            raise PydanticCustomError("registry_auth_not_utf8",
+                                      "registry credentials must be valid Unicode text (UTF-8)") from None
+        return value
+
 
 DIGEST_PATTERN = r"^sha256:[0-9a-f]{64}$"
 # Where a model file is mounted when its entry names no mount: this directory, under the file's name in the store.

@@ -3,7 +3,8 @@
 A sealed value is text, ``<key id>:<urlsafe base64 of nonce + ciphertext>``; the key id is the first bytes of
 the key's SHA-256, so a value sealed under one key is told apart from another's (a later key rotation opens
 with the key its id names). Invariant: nothing leaves this module in clear except what ``open`` returns, and
-a value sealed here opens only under the same key (the AEAD refuses any change to it: ``SealError``).
+a value sealed here opens only under the same key and with the same associated data (what the value belongs
+to, authenticated but not stored in it): the AEAD refuses any change, and any other key or data (``SealError``).
 """
 
 from __future__ import annotations
@@ -52,19 +53,25 @@ class Sealer:
         self._aead = AESGCM(key)
         self.key_id = key_id(key)
 
-    def seal(self, value: bytes | str) -> str:
+    def seal(self, value: bytes | str, associated: bytes = b"") -> str:
+        """``value`` sealed; ``associated``: what it belongs to, needed again (the same) to open it."""
         data = value.encode() if isinstance(value, str) else value
         nonce = os.urandom(_NONCE_BYTES)
-        sealed = nonce + self._aead.encrypt(nonce, data, _CONTEXT + self.key_id.encode())
+        sealed = nonce + self._aead.encrypt(nonce, data, self._associated(self.key_id, associated))
         return f"{self.key_id}:{base64.urlsafe_b64encode(sealed).decode()}"
 
-    def open(self, sealed: str) -> str:
+    def open(self, sealed: str, associated: bytes = b"") -> str:
         kid, _, body = sealed.partition(":")
         if kid != self.key_id:
             raise SealError(f"sealed under another hub key (id {kid!r}; this hub's is {self.key_id!r})")
         try:
             raw = base64.urlsafe_b64decode(body.encode())
-            data = self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], _CONTEXT + kid.encode())
+            data = self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], self._associated(kid, associated))
+            return data.decode()
         except (binascii.Error, ValueError, InvalidTag):
-            raise SealError("the sealed value is damaged or was changed") from None
-        return data.decode()
+            raise SealError("the sealed value is damaged, was changed, or belongs to something else") from None
+
+    @staticmethod
+    def _associated(kid: str, associated: bytes) -> bytes:
+        # Length-prefixed, so no two (key id, data) pairs make the same bytes.
+        return _CONTEXT + kid.encode() + len(associated).to_bytes(4, "big") + associated

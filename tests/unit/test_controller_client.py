@@ -8,7 +8,7 @@ import pytest
 
 from hub.config import HubSettings
 from hub.controller_client import ControllerClient
-from hub.errors import ControllerRejected, ControllerUnavailable
+from hub.errors import ControllerRejected, ControllerTimedOut, ControllerUnavailable
 
 KEY = "test-key-" + "x" * 32
 INFO = {"id": "c1", "container_id": "c1", "name": "svc", "image": "img", "status": "running", "health": "healthy"}
@@ -58,3 +58,23 @@ async def test_what_is_not_safe_to_repeat_is_tried_once_and_a_refusal_is_never_r
     with pytest.raises(ControllerRejected) as raised:
         await client.inspect("ctl", "http://ctl:8001", "c1")
     assert raised.value.status_code == 409 and len(calls) == 1
+
+
+async def test_an_admin_pull_is_asked_once_with_the_pull_timeout() -> None:
+    """A pull may take minutes: it waits the hub's pull timeout (not the create's), and one that times out
+    is not asked again (that would send the credentials again) but answers 504 IMAGE_PULL_TIMEOUT."""
+    settings = HubSettings(database_url="sqlite+aiosqlite://", api_key=KEY)
+    assert settings.controller_pull_timeout > 600 >= settings.controller_create_timeout
+    asked: list[httpx.Request] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        asked.append(request)
+        raise httpx.ReadTimeout("no answer", request=request)
+
+    client = ControllerClient(settings, transport=httpx.MockTransport(answer))
+    with pytest.raises(ControllerTimedOut) as raised:
+        await client.pull_image("ctl", "http://ctl:8001", "registry.example/lab/big:1")
+    assert len(asked) == 1
+    assert asked[0].extensions["timeout"]["read"] == settings.controller_pull_timeout
+    assert (raised.value.status_code, raised.value.code) == (504, "IMAGE_PULL_TIMEOUT")
+    assert raised.value.details["controller_id"] == "ctl"

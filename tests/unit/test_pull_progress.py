@@ -1,8 +1,16 @@
-"""A pull's progress folded from Docker's streamed pull events (controller.pulls), as a real pull sends them."""
+"""A pull's progress folded from Docker's streamed pull events (controller.pulls), as a real pull sends them;
+and the hub's look at it never holding up the create's answer."""
 
 from __future__ import annotations
 
+import asyncio
+from types import SimpleNamespace
+
+import pytest
+
 from controller.pulls import Pulls
+from hub.services.lifecycle import deploy
+from mmanager.wire import ContainerCreate, ImagePullProgress
 
 EVENTS = [
     {"status": "Pulling from lab/model", "id": "v1"},
@@ -43,12 +51,42 @@ def test_layers_and_bytes_as_docker_reports_them() -> None:
     assert pulls.snapshot() == []
 
 
-def test_a_later_pull_of_the_same_image_is_the_one_shown() -> None:
+def test_two_pulls_of_the_same_image_are_both_shown() -> None:
     pulls = Pulls()
     first, second = pulls.begin("x:1"), pulls.begin("x:1")
+    first.event({"status": "Pulling fs layer", "id": "a"})
     second.event({"status": "Pulling fs layer", "id": "l"})
-    pulls.end(first)  # the first one's end does not hide the second
+    second.event({"status": "Pulling fs layer", "id": "m"})
+    assert sorted(p.layers_total for p in pulls.snapshot()) == [1, 2]
+    pulls.end(second)  # the second one's end does not hide the first, still running
     [now] = pulls.snapshot()
-    assert now.layers_total == 1
-    pulls.end(second)
+    assert (now.image, now.layers_total) == ("x:1", 1)
+    pulls.end(first)
     assert pulls.snapshot() == []
+
+
+async def test_the_creates_answer_does_not_wait_on_a_look_at_the_pull(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The create answers as soon as the controller does, even while a look at its pull is still in
+    flight (that look is cancelled, not awaited)."""
+    monkeypatch.setattr(deploy, "PULL_PROGRESS_AFTER", 0.0)
+    looking, answered, never = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    created = object()
+
+    async def create(controller_id: str, url: str, config: ContainerCreate) -> object:
+        await looking.wait()  # the create answers only once a look at its pull is in flight
+        answered.set()
+        return created
+
+    async def image_pulls(controller_id: str, url: str, timeout: float) -> list[ImagePullProgress]:
+        looking.set()
+        await never.wait()  # a slow controller: this look never ends by itself
+        return []
+
+    ctx = SimpleNamespace(client=SimpleNamespace(create=create, image_pulls=image_pulls))
+    deployer = deploy.Deployer(ctx)  # type: ignore[arg-type]
+    controller = SimpleNamespace(id="c1", url="http://c1:8001")
+    op = SimpleNamespace(id="op1", details={})
+    result = await asyncio.wait_for(
+        deployer._create(controller, ContainerCreate(image="x:1"), op),  # type: ignore[arg-type]
+        timeout=10)  # a bound for a failing run only: a hang is the failure
+    assert result is created and answered.is_set()

@@ -31,6 +31,17 @@ def test_a_sealed_value_opens_under_its_key_only() -> None:
         sealer.open(f"{kid}:not base64!")
 
 
+def test_a_value_opens_only_with_the_data_it_was_sealed_for() -> None:
+    sealer = Sealer(os.urandom(32))
+    sealed = sealer.seal("s3cret", b"svc-1\nregistry.example")
+    assert sealer.open(sealed, b"svc-1\nregistry.example") == "s3cret"
+    for other in (b"", b"svc-2\nregistry.example", b"svc-1\nother.example"):
+        with pytest.raises(SealError, match="belongs to something else"):
+            sealer.open(sealed, other)
+    with pytest.raises(SealError):
+        sealer.open(sealer.seal("s3cret"), b"svc-1\nregistry.example")
+
+
 def test_the_key_is_base64_of_32_bytes_either_alphabet() -> None:
     key = bytes(range(250, 256)) * 5 + b"\xfb\xff"  # bytes whose base64 has + and /
     assert parse_key(base64.b64encode(key).decode()) == key
@@ -55,3 +66,27 @@ def test_hub_key_settings(tmp_path: Path) -> None:
     with pytest.raises(ValidationError) as refused:
         HubSettings(dev_mode=True, hub_key="short-" + "k" * 9)
     assert "short-" not in str(refused.value)  # a refused key is never echoed
+
+
+def test_registry_credentials_go_only_to_their_service_and_registry(caplog: pytest.LogCaptureFixture) -> None:
+    from hub.schemas import RegistryAuthIn
+    from hub.services.registry_auth import opened, registry_host, seal
+
+    for image, host in (("python:3.12", "docker.io"), ("lab/model", "docker.io"), ("localhost/m:1", "localhost"),
+                        ("127.0.0.1:5000/lab/m:1", "127.0.0.1:5000"), ("Registry.Example/m@sha256:ab", "registry.example"),
+                        ("index.docker.io/lab/m", "docker.io"), ("host:5000/m", "host:5000")):
+        assert registry_host(image) == host, image
+    sealer = Sealer(os.urandom(32))
+    auth = RegistryAuthIn(username="lab", password="s3cret")  # type: ignore[arg-type]
+    sealed = seal(sealer, auth, "svc-1", "registry.example/lab/m:1")
+    assert "s3cret" not in sealed and sealed.startswith("registry.example ")
+    found = opened(sealer, sealed, "svc-1", "registry.example/lab/m:2")
+    assert found is not None and found.password.get_secret_value() == "s3cret"
+    assert opened(sealer, sealed, "svc-1", "other.example/lab/m:1") is None  # another registry: not sent
+    assert opened(sealer, sealed, "svc-2", "registry.example/lab/m:1") is None  # another service's row
+    # A stored value that opens but is not credentials: logged without its text (a validation error's
+    # text quotes its input, the password).
+    bad = "registry.example " + sealer.seal('{"username": "lab", "password": "\\ud800hunter2"}',
+                                            b"registry_auth\nsvc-1\nregistry.example")
+    assert opened(sealer, bad, "svc-1", "registry.example/lab/m:1") is None
+    assert "hunter2" not in caplog.text and "not valid credentials" in caplog.text

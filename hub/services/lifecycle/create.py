@@ -62,17 +62,20 @@ class Creator:
             if found is None:
                 raise NotFound(f"user {username!r} not found", code="USER_NOT_FOUND")
             owner = found
-        # Sealed first: model_spec makes a new spec, and the spec's dump never holds the credentials.
-        sealed = registry_auth.seal(ctx.settings.sealer, spec.registry_auth) if spec.registry_auth else None
+        # Taken first: model_spec makes a new spec, and the spec's dump never holds the credentials.
+        auth = spec.registry_auth
         if spec.model is not None:
             spec = await model_spec(ctx.db, spec)
         self.deployer.check_policy(spec)
         spec = await self.deployer.check_models(spec)
         check_replicas(spec.replicas, ctx.settings.max_replicas)
+        # Sealed for this service and the registry of the image it runs (the model type's, for one made so).
+        service_id = new_id()
+        sealed = registry_auth.seal(ctx.settings.sealer, auth, service_id, spec.image) if auth else None
         now = utcnow()
         # Each copy has an epoch of its own: the service's is the last one given.
         service = ServiceModel(
-            id=new_id(), name=spec.name, owner_id=owner.id, repo=repo, spec=spec.model_dump(mode="json"), version=1,
+            id=service_id, name=spec.name, owner_id=owner.id, repo=repo, spec=spec.model_dump(mode="json"), version=1,
             desired_state="running", status="pending", status_message=None, controller_id=None, container_id=None,
             epoch=spec.replicas, endpoint=None, gpu_devices=[], health="unknown", replicas=spec.replicas,
             created_at=now, updated_at=now, registry_auth_sealed=sealed,

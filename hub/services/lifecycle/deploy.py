@@ -443,9 +443,14 @@ class Deployer:
                 created = await self._create(
                     controller, self.container_config(service, spec, epoch, reserved.held.gpus, row.container_name),
                     op)
-            except HubError as exc:
-                await sql.delete_row(ctx.db, row.id)
+            except BaseException as exc:
+                # Whatever ended it (a refusal, a bug, a cancel), nothing stays reserved for it.
                 ctx.placement.release(reserved.held)
+                if not isinstance(exc, Exception):
+                    raise  # cancelled: the row stays ``creating`` for the reconciler, as an interrupted create's
+                await sql.delete_row(ctx.db, row.id)
+                if not isinstance(exc, HubError):
+                    raise
                 # Unreachable, or full after all (another replica took its last slot meanwhile, or
                 # containers the hub does not know of), or its pull of the image failed (the registry
                 # unreachable from there, or lacking the image), or its sync of a model file failed: the
@@ -486,8 +491,11 @@ class Deployer:
         finally:
             timer.cancel()
             stop.set()
-            # Its last look ends first, so no progress is written after the create's outcome.
-            await asyncio.gather(*watching, return_exceptions=True)
+            # Cancelled, not awaited: the answer does not wait on a look in flight. A write of progress that
+            # still lands is harmless: ``progress`` writes only while the operation runs, and its end
+            # rewrites the details without the progress.
+            for task in watching:
+                task.cancel()
 
     async def _show_pull(self, controller: ControllerModel, image: str, op: OperationModel,
                          stop: asyncio.Event) -> None:
@@ -529,7 +537,8 @@ class Deployer:
             gpu_memory=spec.resources.gpu_memory_bytes or None,
             health_check=wire_check(spec),
             cap_add=list(spec.cap_add) or None,
-            registry_auth=registry_auth.opened(self.ctx.settings.sealer, service.registry_auth_sealed, service.id),
+            registry_auth=registry_auth.opened(self.ctx.settings.sealer, service.registry_auth_sealed, service.id,
+                                               spec.image),
             models=[ModelFile(digest=m.digest, mount=m.mount or f"{MODEL_DIR}/{m.digest.removeprefix('sha256:')}")
                     for m in spec.models],
         )

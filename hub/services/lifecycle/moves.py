@@ -31,7 +31,7 @@ from hub.services.lifecycle.create import check_replicas, hold_quota
 from hub.services.lifecycle.deploy import Deployer, runs_fallback
 from hub.services.lifecycle.reads import get_for
 from hub.services.lifecycle.replace import Replacement, Replacer, Sealed, read_unfinished, volumes_left
-from hub.services.registry_auth import seal
+from hub.services.registry_auth import check_host, seal
 from mmanager.logs import bind_request_id
 
 # Spec fields only the gateways act on: a change of these alone starts no new container.
@@ -64,6 +64,13 @@ async def refuse_volumes_left(session: AsyncSession, service: ServiceModel, repl
         f"volume(s) {', '.join(repr(v) for v in volumes)} stay on controller {on}: volumes live on their "
         "server and do not move with a service; migrate with leave_volumes=true to move without them",
         {"volumes": volumes, "controller_id": on}, code="VOLUME_STAYS_BEHIND")
+
+
+def auth_details(registry_auth: Sealed | None) -> dict[str, str]:
+    """What an operation that carries new registry credentials says of them: set or cleared, never what."""
+    if registry_auth is None:
+        return {}
+    return {"registry_auth": "set" if registry_auth[0] is not None else "cleared"}
 
 
 class Mover:
@@ -128,7 +135,7 @@ class Mover:
             operation, user.username, service_id=service.id, controller_id=service.controller_id,
             container_id=service.container_id,
             details={"from_epoch": service.epoch, **({"version": version} if version else {}),
-                     **({"rollback_to": rollback_to} if rollback_to else {})},
+                     **({"rollback_to": rollback_to} if rollback_to else {}), **auth_details(registry_auth)},
         )
         work = self._run_redeploy(service.id, spec, op, exclude_current, target, version, replacing, rescale,
                                   registry_auth)
@@ -195,45 +202,52 @@ class Mover:
         return list(await self.ctx.db.all(sql.REPLICA_ROWS, {"service_id": service_id}))
 
     async def scale(self, user: UserModel, service_id: str, spec: ServiceSpec, changes: dict[str, Any],
-                    wait: bool = True) -> ServiceModel | OperationModel:
+                    wait: bool = True, registry_auth: Sealed | None = None) -> ServiceModel | OperationModel:
         """A change of ``replicas`` (with, maybe, fields only the gateways act on): copies are added, or the
-        least-loaded controllers' removed; the others keep serving as they are."""
+        least-loaded controllers' removed; the others keep serving as they are. ``registry_auth``: new sealed
+        credentials (None in it: cleared), stored with the new count (a scale refused keeps the old ones)."""
         ctx = self.ctx
         async with ctx.db.session() as session:
             service = await get_for(session, user, service_id)
         op = await ctx.ops.begin("scale", user.username, service_id=service.id, controller_id=service.controller_id,
                                  container_id=service.container_id,
-                                 details={"from_replicas": service.replicas, "to_replicas": spec.replicas})
-        work = self._run_scale(service.id, spec, changes, op)
+                                 details={"from_replicas": service.replicas, "to_replicas": spec.replicas,
+                                          **auth_details(registry_auth)})
+        work = self._run_scale(service.id, spec, changes, op, registry_auth)
         if not wait:
             ctx.spawn(work)
             return op
         return await work
 
     async def _run_scale(self, service_id: str, spec: ServiceSpec, changes: dict[str, Any],
-                         op: OperationModel) -> ServiceModel:
+                         op: OperationModel, registry_auth: Sealed | None = None) -> ServiceModel:
         ctx = self.ctx
         async with ctx.service_locks[service_id], ctx.ops.running(op):
             service = await ctx.reload(service_id)
             merged = ServiceSpec.model_validate({**service.spec, **{key: getattr(spec, key) for key in changes}})
-            details = await self._converge(service_id, merged, op)
+            details = await self._converge(service_id, merged, op, registry_auth=registry_auth)
             await ctx.ops.finish(op, details=details)
             return await ctx.reload(service_id)
 
     async def _converge(self, service_id: str, spec: ServiceSpec, op: OperationModel,
-                        asked: bool = True) -> dict[str, Any]:
+                        asked: bool = True, registry_auth: Sealed | None = None) -> dict[str, Any]:
         """Make the service run ``spec.replicas`` copies (recorded first, so the reconciler finishes what an
         interrupted scale began): one more at a time, spread, or the least-loaded controllers' removed.
         ``asked``: a user's count, which goes back to what runs if no controller can take one more (the
-        reconciler's own recount keeps the count and tries again)."""
+        reconciler's own recount keeps the count and tries again). ``registry_auth``: new credentials,
+        recorded with the count (so the copies added pull with them) and put back with it."""
         ctx = self.ctx
         service = await ctx.reload(service_id)
+        before = service.registry_auth_sealed
         async with ctx.db.transaction() as tx:
             if spec.replicas > service.replicas:
                 # The quota counts every replica, as a create does.
                 await hold_quota(tx, service.owner, service.name, spec.replicas - service.replicas,
                                  ctx.settings.max_services_per_user)
             await self._set_count(tx, service_id, spec)
+            if registry_auth is not None:
+                await tx.execute(sql.SET_REGISTRY_AUTH, {"service_id": service_id, "sealed": registry_auth[0],
+                                                         "updated_at": utcnow()})
         copies = await self._replicas(service_id)
         # A replica whose container was found gone is replaced before one is added, or else goes.
         gone = [copy for copy in copies if copy["status"] == "missing"]
@@ -252,6 +266,9 @@ class Mover:
                 async with ctx.db.transaction() as tx:
                     await self._set_count(tx, service_id,
                                           spec.model_copy(update={"replicas": max(len(copies) + added, 1)}))
+                    if registry_auth is not None:
+                        await tx.execute(sql.SET_REGISTRY_AUTH, {"service_id": service_id, "sealed": before,
+                                                                 "updated_at": utcnow()})
                 raise
             added += 1
         for copy in gone:
@@ -301,12 +318,9 @@ class Mover:
         async with self.ctx.db.session() as session:
             service = await get_for(session, user, service_id)
         changes = patch.model_dump(mode="json", exclude_unset=True)
-        # Write-only and never in the dump: given (set, replaced) or null (cleared), it is sealed here first.
-        auth: Sealed | None = None
-        if "registry_auth" in patch.model_fields_set:
-            auth = (seal(self.ctx.settings.sealer, patch.registry_auth)
-                    if patch.registry_auth is not None else None,)
-        if not changes and auth is None:
+        # Write-only and never in the dump: given (set, replaced) or null (cleared).
+        given = "registry_auth" in patch.model_fields_set
+        if not changes and not given:
             raise InvalidRequest("the patch changes nothing", code="EMPTY_PATCH")
         # A merge patch (RFC 7396) at the spec's structure: a field given as null goes back to its default,
         # and the sub-objects merge field by field ({"resources": {"cpu_limit": 1}} keeps the GPUs and memory).
@@ -323,44 +337,37 @@ class Mover:
                                  [{"loc": list(e["loc"]), "msg": e["msg"]} for e in exc.errors()]) from None
         if "replicas" in changes:
             check_replicas(spec.replicas, self.ctx.settings.max_replicas)
+        # Sealed for this service and the registry of the image it will run. Stored credentials go only to
+        # their own registry: an image on another one needs new credentials (or null) with it.
+        auth: Sealed | None = None
+        if given:
+            auth = (seal(self.ctx.settings.sealer, patch.registry_auth, service.id, spec.image)
+                    if patch.registry_auth is not None else None,)
+        elif "image" in changes:
+            check_host(service.registry_auth_sealed, spec.image)
+        # The credentials are stored with the change that carries them, in its transaction: a change refused
+        # leaves the old ones.
         if set(changes) <= GATEWAY_ONLY | {"replicas"}:
-            # No new container: the credentials serve the next pull (a scale-up's, a move's), stored first.
-            if auth is not None:
-                service = await self._set_registry_auth(user, service_id, auth[0], record=not changes)
-                if not changes:
-                    return service
             if spec.replicas != service.replicas:
-                return await self.scale(user, service_id, spec, changes, wait)
-            return await self._update_at_gateway(user, service_id, spec, changes)
+                return await self.scale(user, service_id, spec, changes, wait, registry_auth=auth)
+            return await self._update_at_gateway(user, service_id, spec, changes, auth)
         return await self.redeploy(user, service_id, "update", spec=spec, rescale="replicas" in changes, wait=wait,
                                    registry_auth=auth)
 
-    async def _set_registry_auth(self, user: UserModel, service_id: str, sealed: str | None,
-                                 record: bool) -> ServiceModel:
-        """Store (or, None, clear) the service's sealed registry credentials; with ``record``, as an update
-        operation of its own, already succeeded (its details say set or cleared, never what)."""
-        ctx = self.ctx
-        async with ctx.service_locks[service_id], ctx.db.session() as session:
-            service = await get_for(session, user, service_id)
-            service.registry_auth_sealed = sealed
-            if record:
-                op = ctx.ops.new("update", user.username, service_id=service.id, controller_id=service.controller_id,
-                                 container_id=service.container_id,
-                                 details={"registry_auth": "set" if sealed is not None else "cleared"})
-                op.status, op.finished_at = "succeeded", utcnow()
-                session.add(op)
-        return service
-
     async def _update_at_gateway(self, user: UserModel, service_id: str, spec: ServiceSpec,
-                                 changes: dict[str, Any]) -> ServiceModel:
-        """A change the gateways apply alone: the spec is written with its operation, already succeeded;
-        the container, its version and its deployment history stay as they are."""
+                                 changes: dict[str, Any], registry_auth: Sealed | None = None) -> ServiceModel:
+        """A change the gateways apply alone, or new registry credentials alone (they serve the next pull: a
+        scale-up's, a move's): the spec and the credentials are written with its operation, already
+        succeeded; the container, its version and its deployment history stay as they are."""
         ctx = self.ctx
         async with ctx.service_locks[service_id], ctx.db.session() as session:
             service = await get_for(session, user, service_id)
             service.spec = {**service.spec, **{key: getattr(spec, key) for key in changes}}
+            if registry_auth is not None:
+                service.registry_auth_sealed = registry_auth[0]
             op = ctx.ops.new("update", user.username, service_id=service.id, controller_id=service.controller_id,
-                             container_id=service.container_id, details={"gateway": changes})
+                             container_id=service.container_id,
+                             details={**({"gateway": changes} if changes else {}), **auth_details(registry_auth)})
             op.status, op.finished_at = "succeeded", utcnow()
             session.add(op)
         return service

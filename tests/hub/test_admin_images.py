@@ -121,8 +121,9 @@ async def test_prune_removes_only_unused_images(cluster: Cluster, docker_client:
         assert r.status_code == 200, r.text
         [outcome] = r.json()
         assert outcome["ok"] and outcome["controller_id"] == cluster.controller_ids[0], outcome
-        assert unused in outcome["images_deleted"] and used not in outcome["images_deleted"]
-        assert outcome["space_reclaimed"] >= 0
+        # The engine's dangling prune: another prune on this engine (a concurrent test's) may have taken
+        # ``unused`` first, so what counts is that it is gone and that what is used stays.
+        assert used not in outcome["images_deleted"] and last not in outcome["images_deleted"]
         with pytest.raises(docker.errors.ImageNotFound):
             docker_client.images.get(unused)
         docker_client.images.get(used)

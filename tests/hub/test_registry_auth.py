@@ -85,6 +85,12 @@ async def test_a_login_registry_pulls_with_the_services_credentials(
     _refused(r, second)
     after = (await hub.get(f"/api/services/{service['id']}")).json()
     assert (after["spec"]["image"], after["container_id"]) == (first, service["container_id"])
+    # An image on another registry (the same one by another name is another host to Docker) without new
+    # credentials: refused, nothing changes; the stored ones are never sent there.
+    elsewhere = second.replace("127.0.0.1:", "localhost:", 1)
+    r = await hub.patch(f"/api/services/{service['id']}", json={"image": elsewhere})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "REGISTRY_AUTH_HOST_MISMATCH", r.text
+    assert (await hub.get(f"/api/services/{service['id']}")).json()["spec"]["image"] == first
     # With no new credentials the stored (right) ones pull it.
     r = await hub.patch(f"/api/services/{service['id']}", json={"image": second})
     assert r.status_code == 200, r.text
@@ -121,8 +127,10 @@ async def test_a_login_registry_pulls_with_the_services_credentials(
         assert PASSWORD not in answer.text
     # The service, its status and its history show no credentials at all (operations say set or cleared).
     assert not any("registry_auth" in answer.text for answer in answers[:4])
-    changes = [op["details"].get("registry_auth") for op in answers[4].json() if op["operation"] == "update"]
-    assert sorted(filter(None, changes)) == ["cleared", "set"]
+    changes = [(op["status"], op["details"].get("registry_auth")) for op in answers[4].json()
+               if op["operation"] == "update"]
+    # Newest first: set alone, cleared alone, the image's update with none, the refused one with wrong ones.
+    assert changes == [("succeeded", "set"), ("succeeded", "cleared"), ("succeeded", None), ("failed", "set")]
     assert PASSWORD not in caplog.text
     async with cluster.db.session() as session:
         tables = (await session.execute(text(

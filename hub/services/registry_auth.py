@@ -81,6 +81,10 @@ def opened(sealer: Sealer | None, sealed: str | None, service_id: str, image: st
     if sealed is None:
         return None
     host = stored_host(sealed)
+    if host is None:
+        log.warning("service %s has registry credentials stored without their registry; they go nowhere "
+                    "until given again with a PATCH", service_id)
+        return None
     if host != registry_host(image):
         log.debug("service %s: its registry credentials are not for the registry of %s; creating without them",
                   service_id, image)

@@ -90,3 +90,24 @@ def test_registry_credentials_go_only_to_their_service_and_registry(caplog: pyte
                                             b"registry_auth\nsvc-1\nregistry.example")
     assert opened(sealer, bad, "svc-1", "registry.example/lab/m:1") is None
     assert "hunter2" not in caplog.text and "not valid credentials" in caplog.text
+
+
+def test_a_cpu_fallback_on_another_registry_gets_no_credentials() -> None:
+    from types import SimpleNamespace
+
+    from hub.models import ServiceModel
+    from hub.schemas import RegistryAuthIn, ServiceSpec
+    from hub.services.lifecycle.deploy import Deployer
+    from hub.services.registry_auth import seal
+
+    sealer = Sealer(os.urandom(32))
+    spec = ServiceSpec.model_validate({
+        "name": "m", "image": "registry.example/lab/m:gpu", "resources": {"gpu_required": True},
+        "cpu_fallback": {"image": "mirror.example/lab/m:cpu"}})
+    auth = RegistryAuthIn(username="lab", password="s3cret")  # type: ignore[arg-type]
+    service = ServiceModel(id="svc-1", registry_auth_sealed=seal(sealer, auth, "svc-1", spec.image))
+    deployer = Deployer(SimpleNamespace(settings=SimpleNamespace(sealer=sealer)))  # type: ignore[arg-type]
+    on_gpu = deployer.container_config(service, spec, 1, ("0",), "m-1")
+    assert on_gpu.image == spec.image and on_gpu.registry_auth is not None
+    on_cpu = deployer.container_config(service, spec, 1, (), "m-1")
+    assert on_cpu.image == "mirror.example/lab/m:cpu" and on_cpu.registry_auth is None

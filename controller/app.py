@@ -14,8 +14,9 @@ should: logging set up from LOG_LEVEL and LOG_FILE first.
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import httpx
 import uvicorn
@@ -81,7 +82,10 @@ def create_app(
     sampler = StatsSampler(settings, runtime, metrics)
     gpu_monitor = GpuMonitor(settings.stats_interval, metrics)
     audit = AuditTrail(settings.server_id, settings.audit_buffer)
-    vram_watch = VramWatch(settings.stats_interval, runtime, service.heal, gpu_monitor,
+    def restart_if_running(container_id: str, timeout: int) -> Awaitable[Any]:
+        return service.heal(container_id, timeout, if_running=True)
+
+    vram_watch = VramWatch(settings.stats_interval, runtime, restart_if_running, gpu_monitor,
                            strikes=settings.gpu_memory_strikes, audit=audit, metrics=metrics)
     heartbeat = (
         HeartbeatAgent(settings, runtime, service, prober, transport=hub_transport, metrics=metrics, audit=audit,

@@ -262,10 +262,15 @@ class ContainerService:
         self.sync.check()
         return await self.heal(container_id, timeout, epoch)
 
-    async def heal(self, container_id: str, timeout: int, epoch: int | None = None) -> ActionResult:
-        """Restart in place under the service's lock, without the sync guard (the health prober's restart)."""
+    async def heal(self, container_id: str, timeout: int, epoch: int | None = None, *,
+                   if_running: bool = False) -> ActionResult:
+        """Restart in place under the service's lock, without the sync guard (the health prober's restart).
+        ``if_running``: only a container still running under that lock (``ContainerNotRunning`` else), so a
+        container the hub stopped since the caller looked is not started again."""
 
         async def restart(cid: str) -> None:
+            if if_running and (await self.runtime.get_container(cid)).status != "running":
+                raise ContainerNotRunning(f"container {cid[:12]} is no longer running; not restarted")
             await self.runtime.restart(cid, timeout)
 
         # Healing a copy that turns out stale is harmless: the next heartbeat's stop order removes it.

@@ -79,9 +79,9 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     gateway_publish_interval: float = Field(default=0.25, gt=0, le=60)
     # How long a planned move waits for the live gateways to stop routing to the copy it retires.
     gateway_drain_timeout: float = Field(default=30.0, ge=0)
-    # How often the leader looks for copies running their CPU fallback that a freed GPU could take back,
-    # and how many such moves it starts per look (docs/API.md, CPU fallback).
-    gpu_return_interval: float = Field(default=5.0, gt=0, le=3600)
+    # How often the leader looks for copies running their CPU fallback that a freed GPU could take back
+    # (0: never), and how many such moves it starts per look (docs/API.md, CPU fallback).
+    gpu_return_interval: float = Field(default=5.0, ge=0, le=3600)
     gpu_return_batch: int = Field(default=4, ge=1, le=1000)
     # Seconds a gateway holds a request for a running service it has no replica for (a failover under way)
     # before its 503.

@@ -308,6 +308,11 @@ class ServiceSpec(StrictModel):
         if self.cpu_fallback is not None and not self.resources.gpu_required:
             raise PydanticCustomError("cpu_fallback_without_gpu",
                                       "cpu_fallback is only for a service whose resources ask for a GPU")
+        if self.cpu_fallback is not None and self.health_check is None:
+            # The move back to a GPU routes the new copy once its health check passes: without one it
+            # would route a copy still loading its model.
+            raise PydanticCustomError("cpu_fallback_needs_health_check",
+                                      "cpu_fallback needs a health_check (the move back to a GPU waits for it)")
         return self
     # Files of the model-file store, mounted read-only (left out of the output when none: specs stored before
     # read the same).

@@ -1,12 +1,13 @@
 """The spec policy (``mmanager.policy``) as the hub answers it: a refused spec is ``SpecForbidden`` (403),
-checked before anything is written (controllers check again). With it, the one rule across a spec's fields
-that its shape cannot say: a golden-inference probe needs a health check."""
+checked before anything is written (controllers check again), the CPU fallback's image by the same image
+rule. With it, the one rule across a spec's fields that its shape cannot say: a golden-inference probe
+needs a health check."""
 
 from __future__ import annotations
 
 from hub.errors import InvalidRequest, SpecForbidden
 from hub.schemas import ServiceSpec
-from mmanager.policy import PolicyViolation, SpecPolicy, check_spec
+from mmanager.policy import PolicyViolation, SpecPolicy, check_image, check_spec
 
 
 def check_policy(policy: SpecPolicy, spec: ServiceSpec) -> None:
@@ -17,5 +18,11 @@ def check_policy(policy: SpecPolicy, spec: ServiceSpec) -> None:
     try:
         check_spec(policy, image=spec.image, labels=spec.labels, ports=spec.ports,
                    volume_sources=spec.volumes, cap_add=spec.cap_add, environment=spec.env)
+        if spec.cpu_fallback is not None:
+            # The CPU variant runs its own image (the rest of its container is the main one's, checked above).
+            try:
+                check_image(policy, spec.cpu_fallback.image)
+            except PolicyViolation as exc:
+                raise PolicyViolation("cpu_fallback.image", exc.rule, exc.message) from None
     except PolicyViolation as exc:
         raise SpecForbidden(exc.message, exc.details) from None

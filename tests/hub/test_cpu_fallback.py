@@ -17,6 +17,8 @@ from tests.support.poll import eventually
 
 CHECK = {"path": "/health", "port": 5000, "interval": 1}
 HOG = {"name": "hog", "image": EXAMPLE_IMAGE, "resources": {"gpu_count": 2, "memory_limit": "64MB"}}
+# Holds the GPU the service does not: the GPU controller (two GPUs) is then full.
+ONE_GPU_HOG = {**HOG, "resources": {"gpu_count": 1, "memory_limit": "64MB"}}
 
 
 @pytest.fixture
@@ -102,6 +104,7 @@ async def test_without_a_fallback_or_a_place_for_it_nothing_is_made(cluster: Clu
 @pytest.mark.parametrize(("change", "error_type"), [
     ({"resources": {"memory_limit": "64MB"}}, "cpu_fallback_without_gpu"),
     ({"cpu_fallback": {"image": "x", "resources": {"gpu_count": 1}}}, "cpu_fallback_gpu"),
+    ({"health_check": None}, "cpu_fallback_needs_health_check"),
 ])
 async def test_a_fallback_that_cannot_be_is_refused(cluster: Cluster, cpu_image: str, change: dict,
                                                     error_type: str) -> None:
@@ -109,3 +112,79 @@ async def test_a_fallback_that_cannot_be_is_refused(cluster: Cluster, cpu_image:
     assert r.status_code == 422, r.text
     assert error_type in [p["type"] for p in r.json()["error"]["details"]]
     assert (await cluster.hub.get("/api/services")).json() == []
+
+
+async def _on_gpu_with_the_other_gpu_held(cluster: Cluster, cpu_image: str) -> dict[str, Any]:
+    r = await cluster.hub.post("/api/admin/repo/services", json=fallback_spec(cpu_image))
+    assert r.status_code == 201, r.text
+    service = r.json()
+    assert service["variant"] == "main" and service["controller_id"] == cluster.controller_ids[0]
+    assert (await cluster.hub.post("/api/admin/repo/services", json=ONE_GPU_HOG)).status_code == 201
+    return service
+
+
+async def _still_on_its_gpu(cluster: Cluster, service: dict[str, Any]) -> None:
+    read = (await cluster.hub.get(f"/api/services/{service['id']}")).json()
+    assert (read["variant"], read["controller_id"], read["container_id"], read["status"]) == (
+        "main", service["controller_id"], service["container_id"], "running")
+    [container] = cluster.containers(**{"mmanager.service": service["id"]})
+    assert container.attrs["Config"]["Image"] == EXAMPLE_IMAGE
+
+
+async def test_an_update_of_a_gpu_copy_never_takes_the_fallback(cluster: Cluster, cpu_image: str) -> None:
+    """The old copy holds its GPU until the new one is healthy: with no other GPU free the update is refused
+    as it was before fallbacks, not run for a while on the CPU and moved back."""
+    service = await _on_gpu_with_the_other_gpu_held(cluster, cpu_image)
+    r = await cluster.hub.patch(f"/api/services/{service['id']}", json={"env": {"V": "2"}})
+    assert r.status_code == 409, r.text
+    assert r.json()["error"]["code"] == "NO_FEASIBLE_CONTROLLER"
+    await _still_on_its_gpu(cluster, service)
+    ops = (await cluster.hub.get("/api/admin/operations", params={"service_id": service["id"]})).json()
+    assert "fallback" not in str([op["details"] for op in ops])
+
+
+async def test_a_move_of_a_gpu_copy_never_takes_the_fallback(cluster: Cluster, cpu_image: str) -> None:
+    service = await _on_gpu_with_the_other_gpu_held(cluster, cpu_image)
+    [entry] = (await cluster.hub.get("/api/admin/containers", params={"service_id": service["id"]})).json()
+    # Anywhere else: no GPU is free, so nowhere.
+    r = await cluster.hub.post(f"/api/admin/containers/{entry['id']}/migrate")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "NO_FEASIBLE_CONTROLLER", r.text
+    # Onto a named CPU server: refused too.
+    cpu = cluster.controller_ids[1]
+    r = await cluster.hub.post(f"/api/admin/containers/{entry['id']}/migrate", json={"target_controller": cpu})
+    assert r.status_code == 409 and r.json()["error"]["code"] == "NO_FEASIBLE_CONTROLLER", r.text
+    await _still_on_its_gpu(cluster, service)
+
+
+async def test_a_move_to_a_named_controller_never_takes_the_fallback(cluster: Cluster, cpu_image: str) -> None:
+    """A copy already on its fallback, moved to a named server: the user named where the service runs, not
+    a variant of it, so it is refused with the reason rather than run there as the fallback."""
+    assert (await cluster.hub.post("/api/admin/repo/services", json=HOG)).status_code == 201
+    service = (await cluster.hub.post("/api/admin/repo/services", json=fallback_spec(cpu_image))).json()
+    assert service["variant"] == "cpu_fallback"
+    [entry] = (await cluster.hub.get("/api/admin/containers", params={"service_id": service["id"]})).json()
+    other = next(c for c in cluster.controller_ids[1:] if c != service["controller_id"])
+    r = await cluster.hub.post(f"/api/admin/containers/{entry['id']}/migrate", json={"target_controller": other})
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "NO_FEASIBLE_CONTROLLER" and "never takes the CPU fallback" in error["message"]
+    assert error["details"]["cpu_fallback"] == "not for a named controller"
+    read = (await cluster.hub.get(f"/api/services/{service['id']}")).json()
+    assert (read["controller_id"], read["container_id"]) == (service["controller_id"], service["container_id"])
+
+
+async def test_the_fallback_image_obeys_the_image_allow_list(cluster: Cluster, cpu_image: str) -> None:
+    cluster.parts.settings.allowed_images = [EXAMPLE_IMAGE.rsplit(":", 1)[0]]
+    r = await cluster.hub.post("/api/admin/repo/services", json=fallback_spec(cpu_image))
+    assert r.status_code == 403, r.text
+    assert r.json()["error"]["details"] == {"field": "cpu_fallback.image", "rule": "image"}
+    assert (await cluster.hub.get("/api/services")).json() == []
+    allowed = fallback_spec(EXAMPLE_IMAGE)
+    r = await cluster.hub.post("/api/admin/repo/services", json=allowed)
+    assert r.status_code == 201, r.text
+    service = r.json()
+    r = await cluster.hub.patch(f"/api/services/{service['id']}",
+                                json={"cpu_fallback": {"image": cpu_image, "resources": {}}})
+    assert r.status_code == 403 and r.json()["error"]["details"]["field"] == "cpu_fallback.image", r.text
+    read = (await cluster.hub.get(f"/api/services/{service['id']}")).json()
+    assert read["version"] == service["version"] and read["spec"]["cpu_fallback"]["image"] == EXAMPLE_IMAGE

@@ -10,7 +10,7 @@ from pydantic import ValidationError
 from hub.scheduler import ControllerView, PlacementRequest, place
 from hub.scheduler.placement import GIB, CandidateIndex
 from hub.schemas import ServiceSpec
-from hub.services.lifecycle.deploy import running_spec, runs_fallback
+from hub.services.lifecycle.deploy import on_fallback, running_spec, runs_fallback
 
 
 def gpu(id: str, cards: int = 1, used: tuple[str, ...] = (), shared: dict[str, int] | None = None,
@@ -86,7 +86,8 @@ def test_index_counts_the_fallback_as_a_cpu_placement() -> None:
 
 
 SPEC = {"name": "s", "image": "gpu-image:1", "resources": {"gpu_count": 1, "memory_limit": "4GB"},
-        "server_type": "gpu", "cpu_fallback": {"image": "cpu-image:1", "resources": {"cpu_limit": 2, "memory_limit": "1GB"}}}
+        "server_type": "gpu", "health_check": {"port": 5000},
+        "cpu_fallback": {"image": "cpu-image:1", "resources": {"cpu_limit": 2, "memory_limit": "1GB"}}}
 
 
 def test_the_running_spec_is_the_variant_its_gpus_say() -> None:
@@ -108,8 +109,20 @@ def test_the_running_spec_is_the_variant_its_gpus_say() -> None:
     ({"resources": {"cpu_limit": 1}}, "cpu_fallback_without_gpu"),
     ({"cpu_fallback": {"resources": {}}}, "missing"),
     ({"cpu_fallback": {"image": "c", "extra": 1}}, "extra_forbidden"),
+    ({"health_check": None}, "cpu_fallback_needs_health_check"),
 ])
 def test_a_malformed_fallback_is_refused(change: dict, error_type: str) -> None:
     with pytest.raises(ValidationError) as info:
         ServiceSpec.model_validate({**SPEC, **change})
     assert error_type in [e["type"] for e in info.value.errors()]
+
+
+def test_a_copy_is_on_a_fallback_when_its_spec_asks_a_gpu_it_does_not_hold() -> None:
+    """Decided from the copy: one left on the CPU after its spec's fallback was cleared (or by a partial
+    rolling update) still reads as on a fallback, so the move back finds it."""
+    spec = ServiceSpec.model_validate(SPEC)
+    cleared = spec.model_copy(update={"cpu_fallback": None})
+    for s in (spec, cleared, spec.model_dump(mode="json"), cleared.model_dump(mode="json")):
+        assert on_fallback(s, []) and not on_fallback(s, ["0"])
+    plain = ServiceSpec.model_validate({"name": "p", "image": "x"})
+    assert not on_fallback(plain, []) and not on_fallback(plain.model_dump(mode="json"), [])

@@ -4,18 +4,22 @@ it, one without a budget, a transient peak and a process of no container are lef
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from controller.audit import AuditTrail
-from controller.errors import NotFound
+from controller.config import ControllerSettings
+from controller.containers import ContainerService
+from controller.errors import ContainerNotRunning, NotFound
 from controller.fake import FakeRuntime
 from controller.gpu import LABEL_GPU_MEMORY, LABEL_GPUS
 from controller.gpu_monitor import GpuMonitor
 from controller.health import ControllerMetrics
 from controller.spec import ContainerSpec
-from controller.vram import VramWatch, container_of, per_container
+from controller.vram import MAX_RESTARTS, RESTART_WINDOW, VramWatch, container_of, per_container
 from mmanager.wire import LABEL_CONTROLLER, LABEL_MANAGED, LABEL_SERVICE
 from tests.unit.test_gpu_monitor import FakeGpu, FakeNvml, health
 
@@ -47,8 +51,9 @@ class World:
             self.healed.append(cid)
             await self.runtime.restart(cid, timeout)
 
+        self.now = 0.0
         self.watch = VramWatch(10.0, self.runtime, heal, self.monitor, strikes=strikes, audit=self.audit,
-                               metrics=self.metrics, locate=self.pids.get)
+                               metrics=self.metrics, locate=self.pids.get, clock=lambda: self.now)
 
     def uses(self, cid: str, pid: int, size: int) -> None:
         self.pids[pid] = cid
@@ -149,3 +154,52 @@ def test_the_watch_starts_only_where_nvml_answers() -> None:
     idle = VramWatch(10.0, world.runtime, world.watch.heal, GpuMonitor(10.0, nvml=FakeNvml([])))
     idle.start()
     assert not idle.running()
+
+
+async def test_restarts_stop_after_the_cap_within_the_window_and_say_so() -> None:
+    world = World(strikes=1)
+    cid = shared(world.runtime, "svc", 4 * GiB)
+    world.uses(cid, 100, 5 * GiB)
+    for _ in range(MAX_RESTARTS + 3):
+        await world.watch.run_once()
+        world.now += 60
+    assert world.healed == [cid] * MAX_RESTARTS
+    events = world.audit.batch()
+    assert [e.details["reason"] for e in events] == ["gpu_memory_exceeded"] * MAX_RESTARTS + [
+        "gpu_memory_restarts_stopped"]
+    assert events[-1].details["restarts"] == MAX_RESTARTS and events[-1].status_code == 409
+    assert world.restarts_counted() == {"svc": float(MAX_RESTARTS)}
+    # Once the window has passed since those restarts, it is restarted again.
+    world.now += RESTART_WINDOW
+    await world.watch.run_once()
+    assert world.healed == [cid] * (MAX_RESTARTS + 1)
+
+
+async def test_processes_of_no_container_are_told_once(caplog: pytest.LogCaptureFixture) -> None:
+    """NVML's host pids map to no container when the controller sees another PID namespace."""
+    world = World()
+    cid = shared(world.runtime, "svc", 4 * GiB)
+    world.gpu.processes[100] = 5 * GiB  # the container's process, but /proc here does not show it
+    with caplog.at_level(logging.WARNING, logger="controller.vram"):
+        for _ in range(3):
+            await world.watch.run_once()
+    told = [r for r in caplog.records if "none maps to a container" in r.getMessage()]
+    assert len(told) == 1 and world.healed == []
+    world.uses(cid, 101, GiB)
+    await world.watch.run_once()
+    assert world.watch._unmapped_told
+
+
+async def test_a_container_stopped_before_the_lock_is_not_revived() -> None:
+    runtime = FakeRuntime("ctl")
+    service = ContainerService(ControllerSettings(api_key="k" * 32, server_id="ctl", server_type="cpu",
+                                                  publish_ip="127.0.0.1"), runtime, [])
+    cid = shared(runtime, "svc", 4 * GiB)
+    # The watch listed it running; the hub stops it before the restart takes the service's lock.
+    await runtime.stop(cid, 1)
+    with pytest.raises(ContainerNotRunning):
+        await service.heal(cid, 1, if_running=True)
+    assert (await runtime.get_container(cid)).status != "running"
+    # The health prober's restart (no if_running) is unchanged.
+    await service.heal(cid, 1)
+    assert (await runtime.get_container(cid)).status == "running"

@@ -11,8 +11,10 @@ Invariants:
   is healthy, enabled and not draining (a batch's rows together, those refused decided again elsewhere),
   and a placement that finds nothing looks again at a fresh snapshot;
 - a GPU service with a ``cpu_fallback`` runs its CPU variant (that image and resources, no GPU) only when
-  no GPU fits on a fresh snapshot; a copy runs that variant exactly when its spec has a fallback and its
-  row holds no GPU (``runs_fallback``), so the variant needs no column of its own.
+  no GPU fits on a fresh snapshot; a new copy is made as that variant exactly when its spec has a fallback
+  and its placement holds no GPU (``runs_fallback``); a copy is on a fallback exactly when its spec asks for
+  a GPU and its row holds none (``on_fallback``: decided from the copy, so a copy left by a partial roll or
+  by a spec whose fallback was cleared still reads as one), so the variant needs no column of its own.
 """
 
 from __future__ import annotations
@@ -105,6 +107,16 @@ def runs_fallback(spec: ServiceSpec | Mapping[str, Any], gpus: Any) -> bool:
     always holds a GPU.)"""
     fallback = spec.cpu_fallback if isinstance(spec, ServiceSpec) else spec.get("cpu_fallback")
     return fallback is not None and not gpus
+
+
+def on_fallback(spec: ServiceSpec | Mapping[str, Any], gpus: Any) -> bool:
+    """Does a serving copy holding ``gpus`` run without the GPU its ``spec`` (a spec, or one as stored) asks
+    for, that is a CPU variant (``running_spec``), whatever the spec says of its fallback now?"""
+    if isinstance(spec, ServiceSpec):
+        wants = spec.resources.gpu_required
+    else:
+        wants = bool((spec.get("resources") or {}).get("gpu_required"))
+    return wants and not gpus
 
 
 def running_spec(spec: ServiceSpec, gpus: Any) -> ServiceSpec:
@@ -275,6 +287,8 @@ class Deployer:
 
     def __init__(self, ctx: Lifecycle) -> None:
         self.ctx = ctx
+        # Rows held as a CPU fallback so far (a hint for ``GpuReturn``: it looks again when this grows).
+        self.fallbacks_placed = 0
 
     def check_policy(self, spec: ServiceSpec) -> None:
         """The spec policy (``mmanager.policy``), checked before anything is written; controllers check again.
@@ -305,7 +319,14 @@ class Deployer:
                 if final:
                     raise NotFound(f"controller {target!r} not found", code="CONTROLLER_NOT_FOUND")
                 raise LookAgain
-            decision = place([view], request, cpu)
+            # Never the CPU fallback on a named controller: the user asked for that server to run the
+            # service, not for a variant of it.
+            decision = place([view], request)
+            if not decision.placed and final and fallback is not None and request.wants_gpu:
+                raise NoFeasibleController(
+                    f"no GPU fits on controller {target!r}, and a move to a named controller never takes the "
+                    "CPU fallback", {"rejections": [r.as_dict() for r in decision.rejections],
+                                     "cpu_fallback": "not for a named controller"})
         else:
             spread_out = index.place(replace(request, exclude=request.exclude | spread)) if spread else None
             decision = spread_out if spread_out is not None and spread_out.placed else index.place(request, cpu)
@@ -355,6 +376,8 @@ class Deployer:
                     if row.id in inserted:
                         controller = ControllerModel(id=row.controller_id, url=placement.urls[row.controller_id])
                         placed.append(Reserved(row, controller, held, why))
+                        if why is not None:
+                            self.fallbacks_placed += 1
                         continue
                     placement.release(held)
                     placement.unfit(row.controller_id)

@@ -54,6 +54,7 @@ class ServiceManager:
         self._reads = reads.Reads(db, gateways)
         self._creator = Creator(self.ctx, deployer)
         self._mover = Mover(self.ctx, deployer, replacer)
+        self._deployer = deployer
         self._actions = Actions(self.ctx, replacer, self.log_streams)
 
     # ------------------------------------------------------------------ reads
@@ -108,6 +109,11 @@ class ServiceManager:
              expected_controller: str | None = None, replica: str | None = None) -> Awaitable[ServiceModel | None]:
         """The reconciler's move (``Mover.move``); None when there was nothing (left) to do."""
         return self._mover.move(service_id, reason, exclude, expected_controller, replica)
+
+    @property
+    def fallbacks_placed(self) -> int:
+        """Copies this hub has placed as a CPU fallback since it started (``GpuReturn`` looks again when it grows)."""
+        return self._deployer.fallbacks_placed
 
     def back_to_gpu(self, service_id: str, row_id: str) -> Awaitable[ServiceModel | None]:
         """Move a copy that runs its CPU fallback back to a GPU (``Mover.back_to_gpu``)."""

@@ -28,7 +28,7 @@ from hub.services.controllers import get_controller
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
 from hub.services.lifecycle.create import check_replicas, hold_quota
-from hub.services.lifecycle.deploy import Deployer, runs_fallback
+from hub.services.lifecycle.deploy import Deployer, on_fallback
 from hub.services.lifecycle.reads import get_for
 from hub.services.lifecycle.replace import Replacement, Replacer, Sealed, read_unfinished, volumes_left
 from hub.services.registry_auth import check_host, seal
@@ -71,6 +71,13 @@ def auth_details(registry_auth: Sealed | None) -> dict[str, str]:
     if registry_auth is None:
         return {}
     return {"registry_auth": "set" if registry_auth[0] is not None else "cleared"}
+
+
+def _holds_gpu(copy: Mapping[str, Any] | None) -> bool:
+    """A planned move (an update, a rollback, a user's migrate) of a copy that holds a GPU goes only onto a
+    GPU: its old copy keeps its GPU until the new one is healthy, so that GPU is not free yet, and taking the
+    CPU fallback for the while would cost a second move back (``GpuReturn``) and a stretch on the CPU."""
+    return copy is not None and bool(copy["gpu_devices"])
 
 
 class Mover:
@@ -185,15 +192,19 @@ class Mover:
             elif not rescale:
                 spec = spec.model_copy(update={"replicas": service.replicas})
             if op.operation not in ROLLING or (len(copies) <= 1 and spec.replicas == service.replicas):
+                moved = next((copy for copy in copies if copy["id"] == replacing
+                              or (replacing is None and copy["container_id"] == service.container_id)), None)
                 return await self.replacer.replace(Replacement(service, spec, op, exclude, target, version,
-                                                               replacing=replacing, registry_auth=registry_auth))
+                                                               replacing=replacing, registry_auth=registry_auth,
+                                                               gpu_only=_holds_gpu(moved)))
             # A roll: the primary last, so the service's own container changes once, at the end.
             copies.sort(key=lambda row: row["container_id"] == service.container_id)
             for step, copy in enumerate(copies):
                 service = await reload()
                 await self.replacer.replace(Replacement(service, spec, op, version=version if step == 0 else None,
                                                         replacing=copy["id"], finish=False,
-                                                        registry_auth=registry_auth if step == 0 else None))
+                                                        registry_auth=registry_auth if step == 0 else None,
+                                                        gpu_only=_holds_gpu(copy)))
             await self._converge(service_id, spec, op, asked=rescale)
             await ctx.ops.finish(op, details={"replicas_rolled": len(copies), "replicas": spec.replicas})
             return await ctx.reload(service_id)
@@ -439,12 +450,17 @@ class Mover:
         none free now the operation fails and the copy stays as it is. None when the copy is no longer a
         fallback one (moved, removed, or the spec changed meanwhile)."""
         ctx = self.ctx
+        if service_id in self._rolling:
+            return None
         async with ctx.service_locks[service_id]:
+            # Not while an update or rollback rolls (one queued before its lock too): it replaces the copy.
+            if service_id in self._rolling or await ctx.db.first(_ROLLING_NOW, {"service_id": service_id}):
+                return None
             service = await ctx.reload_or_none(service_id)
             if service is None or service.desired_state != "running" or service.status in UNSETTLED:
                 return None
             copy = next((row for row in await self._replicas(service_id) if row["id"] == row_id), None)
-            if copy is None or copy["status"] != "running" or not runs_fallback(service.spec, copy["gpu_devices"]):
+            if copy is None or copy["status"] != "running" or not on_fallback(service.spec, copy["gpu_devices"]):
                 return None
             op = await ctx.ops.begin("migrate", "system", service_id=service.id, controller_id=copy["controller_id"],
                                      container_id=copy["container_id"],

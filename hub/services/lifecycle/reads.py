@@ -25,7 +25,7 @@ from hub.errors import NotFound
 from hub.models import ServiceModel, UserModel
 from hub.schemas import Endpoint, ReplicaOut, ServiceOut
 from hub.services.gateway import GatewayDirectory
-from hub.services.lifecycle.deploy import runs_fallback
+from hub.services.lifecycle.deploy import on_fallback
 from hub.services.lifecycle.sql import REPLICA_ROWS, status_read
 from hub.services.users import Identity
 
@@ -152,7 +152,7 @@ class Reads:
 
 
 def _variant(spec: Mapping[str, Any], gpus: Any) -> Literal["main", "cpu_fallback"]:
-    return "cpu_fallback" if runs_fallback(spec, gpus) else "main"
+    return "cpu_fallback" if on_fallback(spec, gpus) else "main"
 
 
 class Rendered:

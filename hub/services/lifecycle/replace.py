@@ -250,6 +250,8 @@ class Replacer:
             usable = (
                 row.epoch == service.epoch and controller is not None and row.controller_id not in plan.exclude
                 and (plan.target is None or row.controller_id == plan.target)
+                # A GPU-only move finishes no create that holds no GPU (a CPU fallback's).
+                and not (plan.gpu_only and not row.gpu_devices)
             )
             if usable and controller is not None:
                 config = self.deployer.container_config(service, spec, row.epoch,

@@ -96,20 +96,6 @@ class Resources(StrictModel):
         return parse_memory(self.gpu_min_memory) if self.gpu_min_memory else 0
 
 
-class CpuFallback(StrictModel):
-    """The CPU variant of a GPU service: its image and resources, run where no GPU fits."""
-
-    image: str = Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")
-    resources: Resources = Field(default_factory=Resources)
-
-    @model_validator(mode="after")
-    def _no_gpu(self) -> CpuFallback:
-        r = self.resources
-        if r.gpu_required or r.gpu_count or r.gpu_model or r.gpu_min_memory or r.gpu_memory:
-            raise PydanticCustomError("cpu_fallback_gpu", "cpu_fallback.resources may not ask for a GPU")
-        return self
-
-
 class HealthCheckSpec(StrictModel):
     path: str = Field(default="/health", pattern=r"^/", max_length=512)
     port: int = Field(ge=1, le=65535)
@@ -213,6 +199,25 @@ MAX_REPLICAS = 1000
 MaxBody = Annotated[str, Field(max_length=32), AfterValidator(_body_size)]
 # Checked against mmanager.policy.ALLOWED_CAPABILITIES by the spec policy.
 Capabilities = Annotated[list[Annotated[str, Field(pattern=r"^[A-Za-z_]{1,64}$")]], Field(max_length=32)]
+
+
+class CpuFallback(StrictModel):
+    """The CPU variant of a GPU service: its image and resources, run where no GPU fits; its own command and
+    environment (merged over the service's ``env``, its keys winning) if given, and its own golden-inference
+    probe: none unless given (a CPU backend need not give a GPU model's golden answers)."""
+
+    image: str = Field(min_length=1, max_length=512, pattern=r"^[^\s]+$")
+    resources: Resources = Field(default_factory=Resources)
+    command: Command = Field(default=None, exclude_if=_unset)
+    env: Env | None = Field(default=None, exclude_if=_unset)
+    probe: ProbeSpec | None = Field(default=None, exclude_if=_unset)
+
+    @model_validator(mode="after")
+    def _no_gpu(self) -> CpuFallback:
+        r = self.resources
+        if r.gpu_required or r.gpu_count or r.gpu_model or r.gpu_min_memory or r.gpu_memory:
+            raise PydanticCustomError("cpu_fallback_gpu", "cpu_fallback.resources may not ask for a GPU")
+        return self
 
 
 class RegistryAuthIn(StrictModel):

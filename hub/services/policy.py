@@ -1,13 +1,13 @@
 """The spec policy (``mmanager.policy``) as the hub answers it: a refused spec is ``SpecForbidden`` (403),
-checked before anything is written (controllers check again), the CPU fallback's image by the same image
-rule. With it, the one rule across a spec's fields that its shape cannot say: a golden-inference probe
+checked before anything is written (controllers check again), the CPU fallback's image and env by the same
+rules. With it, the one rule across a spec's fields that its shape cannot say: a golden-inference probe
 needs a health check."""
 
 from __future__ import annotations
 
 from hub.errors import InvalidRequest, SpecForbidden
 from hub.schemas import ServiceSpec
-from mmanager.policy import PolicyViolation, SpecPolicy, check_image, check_spec
+from mmanager.policy import PolicyViolation, SpecPolicy, check_environment, check_image, check_spec
 
 
 def check_policy(policy: SpecPolicy, spec: ServiceSpec) -> None:
@@ -24,5 +24,9 @@ def check_policy(policy: SpecPolicy, spec: ServiceSpec) -> None:
                 check_image(policy, spec.cpu_fallback.image)
             except PolicyViolation as exc:
                 raise PolicyViolation("cpu_fallback.image", exc.rule, exc.message) from None
+            try:
+                check_environment(spec.cpu_fallback.env or {})
+            except PolicyViolation as exc:
+                raise PolicyViolation(f"cpu_fallback.{exc.field}", exc.rule, exc.message) from None
     except PolicyViolation as exc:
         raise SpecForbidden(exc.message, exc.details) from None

@@ -188,3 +188,19 @@ async def test_the_fallback_image_obeys_the_image_allow_list(cluster: Cluster, c
     assert r.status_code == 403 and r.json()["error"]["details"]["field"] == "cpu_fallback.image", r.text
     read = (await cluster.hub.get(f"/api/services/{service['id']}")).json()
     assert read["version"] == service["version"] and read["spec"]["cpu_fallback"]["image"] == EXAMPLE_IMAGE
+
+
+async def test_the_fallback_env_goes_over_the_services(cluster: Cluster, cpu_image: str) -> None:
+    assert (await cluster.hub.post("/api/admin/repo/services", json=HOG)).status_code == 201
+    spec = fallback_spec(cpu_image, env={"MODE": "gpu", "KEEP": "1"})
+    spec["cpu_fallback"]["env"] = {"MODE": "cpu"}
+    r = await cluster.hub.post("/api/admin/repo/services", json=spec)
+    assert r.status_code == 201 and r.json()["variant"] == "cpu_fallback", r.text
+    [container] = cluster.containers(**{"mmanager.service": r.json()["id"]})
+    env = container.attrs["Config"]["Env"]
+    assert "MODE=cpu" in env and "KEEP=1" in env and "MODE=gpu" not in env
+    # A GPU variable in the fallback's env is refused as in the service's own.
+    bad = fallback_spec(cpu_image, name="other")
+    bad["cpu_fallback"]["env"] = {"NVIDIA_VISIBLE_DEVICES": "all"}
+    r = await cluster.hub.post("/api/admin/repo/services", json=bad)
+    assert r.status_code == 403 and r.json()["error"]["details"]["field"] == "cpu_fallback.env.NVIDIA_VISIBLE_DEVICES"

@@ -126,3 +126,22 @@ def test_a_copy_is_on_a_fallback_when_its_spec_asks_a_gpu_it_does_not_hold() -> 
         assert on_fallback(s, []) and not on_fallback(s, ["0"])
     plain = ServiceSpec.model_validate({"name": "p", "image": "x"})
     assert not on_fallback(plain, []) and not on_fallback(plain.model_dump(mode="json"), [])
+
+
+def test_the_fallback_runs_its_own_command_env_and_probe() -> None:
+    """A CPU backend may start otherwise, need other settings, and not give a GPU model's golden answers:
+    the fallback's probe is its own, none unless given."""
+    probe = {"path": "/predict", "body": {"x": 1}, "expect": {"y": 2}}
+    spec = ServiceSpec.model_validate({**SPEC, "command": ["serve", "--gpu"], "env": {"A": "1", "B": "1"},
+                                       "probe": probe})
+    variant = running_spec(spec, ())
+    assert (variant.command, variant.env, variant.probe) == (["serve", "--gpu"], {"A": "1", "B": "1"}, None)
+    own = {**SPEC["cpu_fallback"], "command": ["serve", "--cpu"], "env": {"B": "2"},  # type: ignore[dict-item]
+           "probe": {**probe, "expect": {"y": 2.5}}}
+    spec = ServiceSpec.model_validate({**SPEC, "env": {"A": "1", "B": "1"}, "probe": probe, "cpu_fallback": own})
+    variant = running_spec(spec, ())
+    assert variant.command == ["serve", "--cpu"] and variant.env == {"A": "1", "B": "2"}
+    assert variant.probe is not None and variant.probe.expect == {"y": 2.5}
+    # The main variant is unchanged; a fallback stored without these fields reads as before.
+    assert running_spec(spec, ("0",)).env == {"A": "1", "B": "1"}
+    assert set(ServiceSpec.model_validate(SPEC).model_dump(mode="json")["cpu_fallback"]) == {"image", "resources"}

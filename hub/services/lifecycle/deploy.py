@@ -120,13 +120,17 @@ def on_fallback(spec: ServiceSpec | Mapping[str, Any], gpus: Any) -> bool:
 
 
 def running_spec(spec: ServiceSpec, gpus: Any) -> ServiceSpec:
-    """The spec a copy holding ``gpus`` runs: ``spec``, or its CPU variant (its image and resources, the
-    server type no longer forced to ``gpu``)."""
+    """The spec a copy holding ``gpus`` runs: ``spec``, or its CPU variant (its image and resources, its
+    command if it names one, its env over the spec's, its own probe or none, the server type no longer
+    forced to ``gpu``)."""
     if not runs_fallback(spec, gpus):
         return spec
-    assert spec.cpu_fallback is not None
+    fallback = spec.cpu_fallback
+    assert fallback is not None
     return spec.model_copy(update={
-        "image": spec.cpu_fallback.image, "resources": spec.cpu_fallback.resources,
+        "image": fallback.image, "resources": fallback.resources,
+        "command": fallback.command if fallback.command is not None else spec.command,
+        "env": {**spec.env, **fallback.env} if fallback.env else spec.env, "probe": fallback.probe,
         "server_type": None if spec.server_type == "gpu" else spec.server_type, "cpu_fallback": None})
 
 
@@ -254,7 +258,7 @@ def _fallback_request(spec: ServiceSpec, exclude: frozenset[str]) -> PlacementRe
     return PlacementRequest(
         memory=resources.memory_bytes, cpu=resources.cpu_limit or 0.0,
         server_type=None if spec.server_type == "gpu" else spec.server_type,
-        exclude=exclude, golden_probe=spec.probe is not None)
+        exclude=exclude, golden_probe=spec.cpu_fallback.probe is not None)
 
 
 def _new_row(service: ServiceModel, spec: ServiceSpec, epoch: int, decision: Placement,

@@ -10,8 +10,10 @@ from typing import Any
 
 import docker
 import pytest
+from sqlalchemy import update
 
 from examples.images import EXAMPLE_IMAGE
+from hub.models import ServiceModel
 from tests.hub.conftest import Cluster
 from tests.support.poll import eventually
 
@@ -204,3 +206,26 @@ async def test_the_fallback_env_goes_over_the_services(cluster: Cluster, cpu_ima
     bad["cpu_fallback"]["env"] = {"NVIDIA_VISIBLE_DEVICES": "all"}
     r = await cluster.hub.post("/api/admin/repo/services", json=bad)
     assert r.status_code == 403 and r.json()["error"]["details"]["field"] == "cpu_fallback.env.NVIDIA_VISIBLE_DEVICES"
+
+
+async def test_a_cpu_copy_whose_spec_lost_its_fallback_still_moves_back(cluster: Cluster, cpu_image: str) -> None:
+    """A copy on the CPU under a spec that no longer names a fallback (what a partial rolling update or
+    a cleared cpu_fallback leaves): it reads as on its fallback, and goes back to a GPU once one frees."""
+    hog = (await cluster.hub.post("/api/admin/repo/services", json=HOG)).json()
+    service = (await cluster.hub.post("/api/admin/repo/services", json=fallback_spec(cpu_image))).json()
+    assert service["variant"] == "cpu_fallback"
+    spec = {k: v for k, v in service["spec"].items() if k != "cpu_fallback"}
+    async with cluster.db.session() as session:
+        await session.execute(update(ServiceModel).where(ServiceModel.id == service["id"]).values(spec=spec))
+    read = (await cluster.hub.get(f"/api/services/{service['id']}")).json()
+    assert "cpu_fallback" not in read["spec"]
+    assert read["variant"] == "cpu_fallback" and read["replicas"][0]["variant"] == "cpu_fallback"
+
+    assert (await cluster.hub.delete(f"/api/services/{hog['id']}")).status_code == 204
+
+    async def back() -> dict[str, Any] | None:
+        now = (await cluster.hub.get(f"/api/services/{service['id']}")).json()
+        return now if now["variant"] == "main" and now["status"] == "running" else None
+
+    moved = await eventually(back, 60, "the service back on a GPU", interval=0.2)
+    assert moved["controller_id"] == cluster.controller_ids[0] and moved["health"] == "healthy"

@@ -229,3 +229,32 @@ async def test_a_cpu_copy_whose_spec_lost_its_fallback_still_moves_back(cluster:
 
     moved = await eventually(back, 60, "the service back on a GPU", interval=0.2)
     assert moved["controller_id"] == cluster.controller_ids[0] and moved["health"] == "healthy"
+
+
+async def test_no_move_back_while_an_update_rolls(cluster: Cluster, cpu_image: str) -> None:
+    """The update replaces the copy itself: a move back beside it would race it for the same copy."""
+    hog = (await cluster.hub.post("/api/admin/repo/services", json=HOG)).json()
+    service = (await cluster.hub.post("/api/admin/repo/services", json=fallback_spec(cpu_image))).json()
+    [entry] = (await cluster.hub.get("/api/admin/containers", params={"service_id": service["id"]})).json()
+    # An update of this hub's that is rolling (its operation begun, its replace not yet at the copy).
+    rolling = await cluster.parts.ops.begin("update", "admin", service_id=service["id"])
+    assert (await cluster.hub.delete(f"/api/services/{hog['id']}")).status_code == 204
+
+    assert await cluster.parts.services.back_to_gpu(service["id"], entry["id"]) is None
+    migrates = (await cluster.hub.get("/api/admin/operations",
+                                      params={"service_id": service["id"], "operation": "migrate"})).json()
+    assert migrates == []
+    assert (await cluster.hub.get(f"/api/services/{service['id']}")).json()["variant"] == "cpu_fallback"
+
+    await cluster.parts.ops.finish(rolling)
+    moved = await cluster.parts.services.back_to_gpu(service["id"], entry["id"])
+    if moved is None:  # the leader's own look got there first
+        moved = await eventually(
+            lambda: _on_gpu(cluster, service["id"]), 60, "the service back on a GPU", interval=0.2)
+    read = (await cluster.hub.get(f"/api/services/{service['id']}")).json()
+    assert read["variant"] == "main" and read["controller_id"] == cluster.controller_ids[0]
+
+
+async def _on_gpu(cluster: Cluster, service_id: str) -> dict[str, Any] | None:
+    read = (await cluster.hub.get(f"/api/services/{service_id}")).json()
+    return read if read["variant"] == "main" and read["status"] == "running" else None

@@ -103,7 +103,7 @@ def test_a_cpu_fallback_on_another_registry_gets_no_credentials() -> None:
     sealer = Sealer(os.urandom(32))
     spec = ServiceSpec.model_validate({
         "name": "m", "image": "registry.example/lab/m:gpu", "resources": {"gpu_required": True},
-        "cpu_fallback": {"image": "mirror.example/lab/m:cpu"}})
+        "health_check": {"port": 5000}, "cpu_fallback": {"image": "mirror.example/lab/m:cpu"}})
     auth = RegistryAuthIn(username="lab", password="s3cret")  # type: ignore[arg-type]
     service = ServiceModel(id="svc-1", registry_auth_sealed=seal(sealer, auth, "svc-1", spec.image))
     deployer = Deployer(SimpleNamespace(settings=SimpleNamespace(sealer=sealer)))  # type: ignore[arg-type]

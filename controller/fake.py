@@ -39,6 +39,7 @@ from mmanager.wire import (
     LABEL_MANAGED,
     LABEL_SERVICE,
     ContainerInfo,
+    HeldImage,
     ImagePulled,
     ImagePullProgress,
 )
@@ -75,6 +76,7 @@ class FakeRuntime:
         # Seconds each create takes, to let concurrent requests overlap.
         self.create_delay = 0.0
         self.creates = 0
+        self.pulls_done = 0
         self._ports = itertools.count(40000)
 
     def add_container(self, spec: ContainerSpec, status: str = "running") -> FakeContainer:
@@ -286,6 +288,10 @@ class FakeRuntime:
 
     def pull_progress(self) -> list[ImagePullProgress]:
         return []  # the fake never pulls
+
+    async def held_images(self) -> list[HeldImage]:
+        self._up()
+        return [HeldImage(id=image_id, tags=[name], size=1024) for name, image_id in self.images.items()]
 
     async def close(self) -> None:
         return None

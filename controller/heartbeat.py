@@ -58,6 +58,7 @@ from controller.credentials import HeartbeatKey
 from controller.errors import ControllerError, NotFound
 from controller.gpu_monitor import GpuMonitor, with_gpu_usage
 from controller.health import ControllerMetrics, collect_health, docker_down_health
+from controller.inventory import ImageInventory
 from controller.presence import PresenceAgent
 from controller.probes import Prober
 from controller.runtime import Runtime
@@ -71,6 +72,7 @@ from mmanager.wire import (
     Heartbeat,
     HeartbeatAnswer,
     HeartbeatContainer,
+    HeldImage,
     StopOrder,
     answer_wait,
     beat_pause,
@@ -156,6 +158,7 @@ class HeartbeatAgent(LoopService):
         self._began = self.sync.clock()
         self._last_listing: list[ContainerInfo] = []
         self._listed_clock = self.sync.clock()
+        self.images = ImageInventory(runtime, settings.images_interval, self.sync.clock)
         self._failure_kind: str | None = None
         # The audit events of the last beat the hub refused as a bad body, until a beat without them tells.
         self._refused_audit: list[AuditEvent] | None = None
@@ -244,6 +247,12 @@ class HeartbeatAgent(LoopService):
         except TimeoutError:
             health = docker_down_health(self.settings, f"Docker did not answer within {DOCKER_BUDGET:g} s")
             listed = self._last_listing
+        version, images = self.images.version, self.images.images
+        if health.docker:
+            try:
+                version, images = await asyncio.wait_for(self.images.current(), DOCKER_BUDGET)
+            except TimeoutError:
+                pass  # the last listing goes again; the next beat lists them
         return Heartbeat(
             server_id=self.settings.server_id,
             url=self.settings.controller_url,
@@ -254,7 +263,15 @@ class HeartbeatAgent(LoopService):
             # The hub dates the listing by this, so it never overrides a newer change with it.
             listing_age=round(max(self.sync.clock() - self._listed_clock, 0.0), 3),
             audit=self.audit.batch() if self.audit is not None and audit else [],
+            images_version=version,
+            images=self._images_to_send(version, images),
         )
+
+    def _images_to_send(self, version: str | None, images: list[HeldImage] | None) -> list[HeldImage] | None:
+        """The full list only while the hub's last answer did not hold this version (a new set, a hub that
+        restarted, another hub replica)."""
+        held = self.last_answer.images_version if self.last_answer is not None else None
+        return None if version is None or held == version else images
 
     async def _read_docker(self) -> tuple[ControllerHealth, list[ContainerInfo]]:
         health = await collect_health(self.settings, self.runtime, self.containers.gpus)

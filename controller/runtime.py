@@ -64,6 +64,7 @@ from mmanager.wire import (
     LABEL_MANAGED,
     LABEL_SERVICE,
     ContainerInfo,
+    HeldImage,
     ImagePulled,
     ImagePullProgress,
 )
@@ -86,6 +87,9 @@ class HostInfo:
 
 
 class Runtime(Protocol):
+    # Pulls made through this runtime, counted up (a change of the images the host holds).
+    pulls_done: int
+
     async def ping(self) -> bool: ...
     async def host_info(self) -> HostInfo: ...
     async def list_containers(
@@ -111,6 +115,7 @@ class Runtime(Protocol):
     async def pull_image(self, name: str, auth: dict[str, Any] | None) -> ImageDetail: ...
     async def pull_missing(self, image: str, auth: dict[str, str] | None = None) -> ImagePulled: ...
     def pull_progress(self) -> list[ImagePullProgress]: ...
+    async def held_images(self) -> list[HeldImage]: ...
     async def close(self) -> None: ...
 
 
@@ -125,6 +130,8 @@ class DockerRuntime:
         self._log_streams = 0
         # The pulls of missing images running now, for GET /images/pulls.
         self._pulls = Pulls()
+        # Pulls this runtime made: the heartbeats' image listing is taken again when it moves (controller.inventory).
+        self.pulls_done = 0
         # Rotated by Docker: a tenant's stdout never fills /var/lib/docker.
         self._log_config = LogConfig(
             type=LogConfig.types.JSON,
@@ -337,6 +344,7 @@ class DockerRuntime:
             raise failed(f"no answer within {timeout:g} s (MMANAGER_PULL_TIMEOUT)", 504) from None
         finally:
             self._pulls.end(tracker)
+        self.pulls_done += 1
         pulled = ImagePulled(image=image, layers=layers, bytes=size, seconds=round(time.monotonic() - started, 3))
         log.info("pulled image %s for a create: %d layers, %d bytes, %.1f s",
                  image, layers, size, pulled.seconds)
@@ -491,6 +499,16 @@ class DockerRuntime:
 
         return await self._run(listing)
 
+    async def held_images(self) -> list[HeldImage]:
+        """Every image on the host with all its names (one Docker call), for the heartbeats."""
+        def listing(client: docker.DockerClient) -> list[HeldImage]:
+            return [HeldImage(id=image["Id"], size=max(int(image.get("Size") or 0), 0),
+                              tags=[t for t in image.get("RepoTags") or () if t != "<none>:<none>"],
+                              digests=[d for d in image.get("RepoDigests") or () if d != "<none>@<none>"])
+                    for image in client.api.images()]
+
+        return await self._run(listing)
+
     async def inspect_image(self, name: str) -> ImageDetail:
         def inspect(client: docker.DockerClient) -> ImageDetail:
             try:
@@ -546,6 +564,7 @@ class DockerRuntime:
                 raise ImagePullFailed(f"pulling {name!r} failed: {exc.explanation or exc}", {"image": name}) from None
 
         await self._run(pull)
+        self.pulls_done += 1
         # Like Docker, a reference without tag or digest means ":latest".
         return await self.inspect_image(name if tag else f"{name}:latest")
 

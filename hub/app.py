@@ -24,6 +24,7 @@ from hub.background.flusher import HeartbeatFlusher
 from hub.background.gateway import GatewayPublisher, GatewayWatch, IdleWatch
 from hub.background.leader import Supervisor
 from hub.background.poller import ControllerPoller
+from hub.background.prefetch import Prefetcher
 from hub.background.reconciler import Reconciler
 from hub.config import HubSettings
 from hub.controller_client import ControllerClient
@@ -41,6 +42,7 @@ from hub.services.controllers import ControllerRegistry
 from hub.services.gateway import GatewayDirectory, GatewayTable
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
+from hub.services.locality import ImageSets
 from hub.services.operations import OperationLog
 from hub.services.presence import PresenceWatch
 from hub.services.users import UserAuth
@@ -64,12 +66,14 @@ def build_hub(settings: HubSettings, db: Database | None = None,
     metrics = HubMetrics()
     client = ControllerClient(settings, transport=transport, metrics=metrics)
     ops = OperationLog(db, metrics, replica_id)
-    placement = PlacementCache(db, avoid_for=settings.heartbeat_grace)
+    images = ImageSets()
+    placement = PlacementCache(db, avoid_for=settings.heartbeat_grace, images=images)
+    images.on_change = placement.stale
     controllers = ControllerRegistry(db, client, settings, metrics, ops, placement)
     gateway = GatewayTable(db, settings)
     gateways = GatewayDirectory(gateway, settings.gateway_url)
     manager = ServiceManager(db, client, ops, settings, metrics, placement, gateways)
-    ingest = HeartbeatIngest(heartbeat_database(db), settings, metrics)
+    ingest = HeartbeatIngest(heartbeat_database(db), settings, metrics, images)
     poller = ControllerPoller(db, settings, client, ingest)
     limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
     users = UserAuth(db, settings.auth_cache_seconds)
@@ -195,6 +199,9 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     watch = GatewayWatch(hub.gateways)
     idle = IdleWatch(hub.db, hub.services, settings)
     gpu_return = GpuReturn(hub.db, hub.services, settings)
+    prefetcher = (Prefetcher(hub.db, settings, hub.client, hub.services.placement, hub.ingest.images,
+                             hub.metrics)
+                  if settings.prefetch_interval > 0 else None)
 
     async def on_lead(since: datetime) -> None:
         publisher.start()
@@ -204,9 +211,13 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
         hub.reconciler.start()
         hub.poller.start()
         gpu_return.start()
+        if prefetcher is not None:
+            prefetcher.start()
 
     async def on_follow() -> None:
         await gpu_return.stop()
+        if prefetcher is not None:
+            await prefetcher.stop()
         await idle.stop()
         await publisher.stop()
         await hub.poller.stop()
@@ -238,6 +249,8 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
                 await publisher.stop()
                 await idle.stop()
                 await gpu_return.stop()
+                if prefetcher is not None:
+                    await prefetcher.stop()
                 await flusher.stop()
             await hub.ingest.close()
             await hub.services.shutdown()
@@ -253,6 +266,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app = HotApp(title="mManager hub", version=__version__, lifespan=lifespan,
                  telemetry={"tracing": False, "metrics": False, "logs": False})
     app.state.hub = hub
+    app.state.prefetcher = prefetcher
     # The two calls made all the time, dispatched ahead of FastAPI's layers (hub.routers.hot); first among the
     # routes too, so the router finds them at once when it must (a wrong method's 405).
     app.router.routes[:0] = [services.status_read(hub), controllers.heartbeat_route(hub)]

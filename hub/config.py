@@ -133,6 +133,12 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     # A token that reaches only GET /api/admin/prometheus/targets (besides admin tokens), for Prometheus.
     prometheus_token: SecretStr | None = None
     dev_mode: bool = False
+    # Pre-pull onto likely failover targets (hub.background.prefetch): seconds between the leader's passes (0: off),
+    # the image size from which every service's image is pre-pulled (0: only services with ``prefetch``), and
+    # how many targets each service gets.
+    prefetch_interval: float = Field(default=30.0, ge=0)
+    prefetch_min_image_bytes: int = Field(default=2 * 1024**3, ge=0)
+    prefetch_targets: int = Field(default=1, ge=1, le=16)
 
     @field_validator("prometheus_token", "gateway_url", "service_domain", "hub_key", "hub_key_file", mode="before")
     @classmethod

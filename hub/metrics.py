@@ -26,6 +26,7 @@ CONTROLLER_GAUGES = {
     "load": ("mmanager_load_percentage", "Managed containers as a share of MAX_CONTAINERS"),
     "memory": ("mmanager_memory_usage_percent", "Host memory in use on the controller's server"),
     "disk": ("mmanager_disk_usage_percent", "Disk in use where the controller's Docker keeps its data"),
+    "images": ("mmanager_controller_images", "Images the controller holds, as its heartbeats last listed them"),
 }
 SERVICE_HEALTH = {"health": ("mmanager_service_health",
                              "1 healthy, 0 unhealthy (services of unknown health are left out)")}
@@ -131,6 +132,11 @@ class HubMetrics:
         for outcome in ("confirmed", "cleared"):
             self.controllers_suspected.labels(outcome)
         self.failovers = Counter("mmanager_failovers_total", "Services moved off a lost controller", registry=r)
+        self.prefetch_pulls = Counter(
+            "mmanager_prefetch_pulls_total", "Images pre-pulled onto a likely failover target, by outcome",
+            ["outcome"], registry=r)
+        for outcome in ("pulled", "failed"):
+            self.prefetch_pulls.labels(outcome)
         self.operations = Counter(
             "mmanager_operations_total", "Lifecycle operations by outcome", ["operation", "status"], registry=r
         )

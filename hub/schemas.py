@@ -322,6 +322,9 @@ class ServiceSpec(StrictModel):
     # Files of the model-file store, mounted read-only (left out of the output when none: specs stored before
     # read the same).
     models: Models = Field(default_factory=list, exclude_if=_empty)
+    # Pre-pull the image onto the controllers a failover would pick next (hub.background.prefetch); left out of
+    # the output when false (specs stored before read the same).
+    prefetch: bool = Field(default=False, exclude_if=_empty)
 
 
 class ServiceCreate(ServiceSpec):
@@ -364,6 +367,7 @@ class ServicePatch(StrictModel):
     registry_auth: RegistryAuthIn | None = Field(default=None, exclude=True)
     cpu_fallback: CpuFallback | None = None
     models: Models | None = None
+    prefetch: bool | None = None
 
 
 class RollbackRequest(StrictModel):

@@ -486,6 +486,16 @@ class AuditEvent(WireModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+class HeldImage(WireModel):
+    """One image on the controller's Docker host, as its heartbeats report it: every name it answers to
+    (``tags``: repository:tag; ``digests``: repository@sha256 from a registry) and its ``id``."""
+
+    id: str
+    tags: list[str] = Field(default_factory=list)
+    digests: list[str] = Field(default_factory=list)
+    size: int = Field(default=0, ge=0)
+
+
 class Heartbeat(WireModel):
     server_id: str
     # CONTROLLER_URL: where the hub reaches this controller.
@@ -499,6 +509,10 @@ class Heartbeat(WireModel):
     listing_age: float = Field(default=0.0, ge=0)
     # What the controller audited since its last acknowledged heartbeat (bounded, oldest dropped).
     audit: list[AuditEvent] = Field(default_factory=list, max_length=1000)
+    # A digest of the images the host holds (None: not reported); ``images`` lists them only when the hub's last
+    # answer did not name this version, so an unchanged set costs the beat one short string.
+    images_version: str | None = Field(default=None, exclude_if=_none)
+    images: list[HeldImage] | None = Field(default=None, exclude_if=_none, max_length=10000)
 
 
 class StopOrder(WireModel):
@@ -516,3 +530,6 @@ class HeartbeatAnswer(WireModel):
     interval: float
     grace: float
     stop: list[StopOrder] = Field(default_factory=list)
+    # The image set version (``Heartbeat.images_version``) this hub holds for the controller; another one (or
+    # None) asks for the full list with the next beat.
+    images_version: str | None = Field(default=None, exclude_if=_none)

@@ -11,16 +11,22 @@ Order of work, after Nomad's scheduler:
    and VRAM they ask; CPU services on ``cpu`` controllers when one is feasible,
    otherwise on the others;
 3. the smallest priority value among the candidates wins;
-4. inside that tier, the controller whose containers-per-weight would be lowest
-   after the placement takes it, so load follows weight (150 carries 1.5× of
-   100); ties break on the controller id.
+4. inside that tier, a controller that holds the service's image already (image
+   locality: its heartbeats say so) before one that would pull it (one that
+   reported no images is not known to lack it: it is not put behind);
+5. then the controller whose containers-per-weight would be lowest after the
+   placement takes it, so load follows weight (150 carries 1.5× of 100); ties
+   break on the controller id.
 
 ``CandidateIndex`` makes the same choice as ``place()`` without a pass over every
 controller: the eligible controllers sit in one heap per server type, ordered by
 (priority, load after one more, id), which is the order ``_best`` picks by; a
 placement pops entries until one passes every check (those that fail for this
-request go back). It is still pure: the caller builds it from a snapshot and
-tells it what it reserved.
+request go back). When the one found lacks the image, image locality looks only
+at the controllers that hold it (``holders``, an index by image the caller keeps,
+else one built from the views) and those that reported no images, in the chosen
+one's tier. It is still pure: the caller builds it from a snapshot and tells it what
+it reserved.
 
 CPU fallback: a GPU ask may carry a ``fallback`` request (its CPU variant's). Only when the GPU ask
 places nowhere is the fallback placed, by the same rules, and the decision says so (``fallback``) with
@@ -29,7 +35,11 @@ the GPU ask's rejections (``gpu_rejections``); a GPU that fits always wins.
 GPUs are held whole (``gpus_used``) or shared (``gpu_shared``: the VRAM budget
 committed on each); never both. A shared ask (``gpu_memory``) goes best-fit: to
 the GPU, across the tier, whose remaining budget is the smallest that still fits,
-so whole GPUs stay free for large models.
+so whole GPUs stay free for large models; image locality breaks ties of fit.
+
+Images are matched by ``image_key``: ``busybox``, ``busybox:latest`` and
+``docker.io/library/busybox:latest`` are one image; a reference by digest
+(``repo@sha256:…``) or by id (``sha256:…``) matches the controllers that report it.
 """
 
 from __future__ import annotations
@@ -41,6 +51,29 @@ from types import MappingProxyType
 
 GIB = 1024**3
 NO_GPU_SHARES: Mapping[str, int] = MappingProxyType({})
+NO_IMAGES: frozenset[str] = frozenset()
+# ``Placement.reason`` when the chosen controller holds the image already.
+IMAGE_PRESENT = "image present"
+_DEFAULT_REGISTRIES = ("docker.io/", "index.docker.io/", "registry-1.docker.io/")
+
+
+def image_key(reference: str) -> str:
+    """The one spelling of an image reference that placement compares: Docker Hub's registry and
+    ``library/`` left out, ``:latest`` added when there is neither tag nor digest, a tag dropped beside a
+    digest (the digest is what Docker pulls)."""
+    if reference.startswith("sha256:"):
+        return reference
+    name, at, digest = reference.partition("@")
+    for registry in _DEFAULT_REGISTRIES:
+        if name.startswith(registry):
+            name = name[len(registry):]
+            break
+    if name.startswith("library/") and name.count("/") == 1:
+        name = name[len("library/"):]
+    last = name.rsplit("/", 1)[-1]
+    if at:
+        return f"{name.rsplit(':', 1)[0] if ':' in last else name}@{digest}"
+    return name if ":" in last else f"{name}:latest"
 
 
 @dataclass(frozen=True)
@@ -67,6 +100,9 @@ class ControllerView:
     gpu_memory: tuple[int, ...] = ()
     # GPU index -> the VRAM budget its shared tenants hold; a GPU in it is not free for a whole ask.
     gpu_shared: Mapping[str, int] = field(default_factory=lambda: NO_GPU_SHARES)
+    # The images it holds, each under every ``image_key`` it answers to (its heartbeats' report); None: it
+    # reported none (polled, or its beats go to another hub replica), so it is never put behind a holder.
+    images: frozenset[str] | None = None
 
     @property
     def free_gpus(self) -> list[str]:
@@ -93,6 +129,8 @@ class PlacementRequest:
     gpu_min_memory: int = 0
     # A VRAM budget on one shared GPU instead of whole GPUs (then gpu_count is 0).
     gpu_memory: int = 0
+    # The service's image as ``image_key`` spells it: a controller holding it goes first within its tier.
+    image: str | None = None
 
     @property
     def wants_gpu(self) -> bool:
@@ -121,6 +159,8 @@ class Placement:
     gpu_rejections: tuple[Rejection, ...] = ()
     # Neither placed: why the fallback placed nowhere either (``rejections`` are the GPU ask's).
     fallback_rejections: tuple[Rejection, ...] = ()
+    # Why this controller among its tier, when more than load decided: "image present".
+    reason: str = ""
 
     @property
     def placed(self) -> bool:
@@ -254,28 +294,40 @@ def _load_after(c: ControllerView) -> float:
     return (c.containers + 1) / c.weight
 
 
+def _lacks(c: ControllerView, request: PlacementRequest | None) -> bool:
+    """Whether placing there would pull the image, as far as its report says (False when the request names
+    none, or the controller reported no images: it is not known to lack it)."""
+    return (request is not None and request.image is not None and c.images is not None
+            and request.image not in c.images)
+
+
+def _holds(c: ControllerView, request: PlacementRequest) -> bool:
+    return request.image is not None and c.images is not None and request.image in c.images
+
+
 def _best(candidates: Sequence[ControllerView], request: PlacementRequest | None = None) -> ControllerView:
     top = min(c.priority for c in candidates)
     tier = [c for c in candidates if c.priority == top]
     if request is not None and request.gpu_memory:
-        # Packing beats spreading for shared GPUs: the tightest fit in the tier, then load.
+        # Packing beats spreading for shared GPUs: the tightest fit in the tier, then the image, then load.
         def fit(c: ControllerView) -> int:
             found = _shared_fit(c, request)
             return found[0] if found is not None else 1 << 62
-        return min(tier, key=lambda c: (fit(c), _load_after(c), c.id))
-    return min(tier, key=lambda c: (_load_after(c), c.id))
+        return min(tier, key=lambda c: (fit(c), _lacks(c, request), _load_after(c), c.id))
+    return min(tier, key=lambda c: (_lacks(c, request), _load_after(c), c.id))
 
 
 def _decision(chosen: ControllerView, request: PlacementRequest, rejections: tuple[Rejection, ...]) -> Placement:
+    reason = IMAGE_PRESENT if request.image is not None and _holds(chosen, request) else ""
     if request.gpu_memory:
         found = _shared_fit(chosen, request)
         assert found is not None
-        return Placement(chosen.id, (found[1],), rejections, gpu_memory=request.gpu_memory)
+        return Placement(chosen.id, (found[1],), rejections, gpu_memory=request.gpu_memory, reason=reason)
     if request.gpu_model or request.gpu_min_memory or chosen.gpu_shared:
         gpus = tuple(_whole_gpus(chosen, request)[: request.gpu_count])
     else:
         gpus = tuple(chosen.free_gpus[: request.gpu_count])
-    return Placement(chosen.id, gpus, rejections)
+    return Placement(chosen.id, gpus, rejections, reason=reason)
 
 
 def or_fallback(main: Placement, request: PlacementRequest, fallback: PlacementRequest | None,
@@ -331,6 +383,10 @@ def _key(c: ControllerView) -> tuple[int, float, str]:
     return (c.priority, _load_after(c), c.id)
 
 
+# A heap entry taken off while looking, and the heap it goes back to.
+Popped = tuple[list[tuple[int, float, str]], tuple[int, float, str]]
+
+
 class CandidateIndex:
     """The controllers of a snapshot, indexed so that a placement costs O(log n) rather than a pass over all.
 
@@ -339,13 +395,20 @@ class CandidateIndex:
     ``release()`` change one controller's counts after a placement or its undoing.
     """
 
-    def __init__(self, views: Iterable[ControllerView]) -> None:
+    def __init__(self, views: Iterable[ControllerView],
+                 holders: Callable[[str], Iterable[str]] | None = None) -> None:
         self._views: dict[str, ControllerView] = {}
         self._heaps: dict[str, list[tuple[int, float, str]]] = {}
+        # The same for the controllers that reported no images (as good as a holder for locality): where one
+        # is found when the heaps' best lacks the image. Built the first time that happens (a fleet that
+        # reported all or none of its images never needs it).
+        self._unreported: dict[str, list[tuple[int, float, str]]] | None = None
         for v in views:
             self._views[v.id] = v
             if _eligible(v):
                 self._heaps.setdefault(v.server_type, []).append(_key(v))
+        # The ids of the controllers holding an image (by ``image_key``); their views' ``images`` decide.
+        self._holders = holders if holders is not None else _holders_of(self._views.values())
         for heap in self._heaps.values():
             heapq.heapify(heap)
         # The controllers with GPUs: where a shared-GPU ask looks.
@@ -360,19 +423,48 @@ class CandidateIndex:
     def __len__(self) -> int:
         return len(self._views)
 
-    def _first(self, server_type: str, request: PlacementRequest,
-               popped: list[tuple[str, tuple[int, float, str]]]) -> ControllerView | None:
+    def _first(self, server_type: str, request: PlacementRequest, popped: list[Popped],
+               heaps: dict[str, list[tuple[int, float, str]]] | None = None) -> ControllerView | None:
         """The best controller of one type that passes every check; what was looked at goes to ``popped``."""
-        heap = self._heaps.get(server_type)
+        heaps = self._heaps if heaps is None else heaps
+        heap = heaps.get(server_type)
         while heap:
             key = heapq.heappop(heap)
             c = self._views.get(key[2])
             if c is None or _key(c) != key or not _eligible(c):
                 continue  # an entry from before a reserve/release: its current one is elsewhere in the heap
-            popped.append((server_type, key))
+            popped.append((heap, key))
             if feasibility(c, request) is None:
                 return c
         return None
+
+    def _holding(self, chosen: ControllerView, types: list[str], request: PlacementRequest,
+                 popped: list[Popped]) -> ControllerView | None:
+        """The best controller of ``chosen``'s tier (its priority, one of ``types``) that holds the image, or
+        reported none, and passes every check: no feasible controller has a smaller priority than the heaps'
+        best, so only its tier can hold a better one. A look at the image's holders and at the unreported
+        controllers' heaps, not at the tier."""
+        if request.image is None:
+            return None
+        if self._unreported is None:
+            self._unreported = {}
+            for v in self._views.values():
+                if v.images is None and _eligible(v):
+                    self._unreported.setdefault(v.server_type, []).append(_key(v))
+            for heap in self._unreported.values():
+                heapq.heapify(heap)
+        unreported = self._unreported
+        found = [c for t in types if (c := self._first(t, request, popped, unreported)) is not None
+                 and c.priority == chosen.priority]
+        best = min(found, key=_key) if found else None
+        for cid in self._holders(request.image):
+            c = self._views.get(cid)
+            if (c is None or c.priority != chosen.priority or c.server_type not in types or _lacks(c, request)
+                    or not _eligible(c) or (best is not None and _key(best) <= _key(c))
+                    or feasibility(c, request) is not None):
+                continue
+            best = c
+        return best
 
     def place(self, request: PlacementRequest, fallback: PlacementRequest | None = None) -> Placement:
         if fallback is not None:
@@ -388,17 +480,19 @@ class CandidateIndex:
             groups = [[request.server_type]]
         else:
             groups = [["cpu"], sorted(t for t in self._heaps if t != "cpu")]
-        popped: list[tuple[str, tuple[int, float, str]]] = []
+        popped: list[Popped] = []
         chosen: ControllerView | None = None
         try:
             for types in groups:
                 found = [c for t in types if (c := self._first(t, request, popped)) is not None]
                 if found:
                     chosen = min(found, key=_key)
+                    if request.image is not None and _lacks(chosen, request):
+                        chosen = self._holding(chosen, types, request, popped) or chosen
                     break
         finally:
-            for server_type, key in popped:
-                heapq.heappush(self._heaps[server_type], key)
+            for heap, key in popped:
+                heapq.heappush(heap, key)
         if chosen is None:
             return place(self._views.values(), request)
         return _decision(chosen, request, ())
@@ -407,6 +501,8 @@ class CandidateIndex:
         self._views[c.id] = c
         if _eligible(c):
             heapq.heappush(self._heaps.setdefault(c.server_type, []), _key(c))
+            if c.images is None and self._unreported is not None:
+                heapq.heappush(self._unreported.setdefault(c.server_type, []), _key(c))
 
     def reserve(self, controller_id: str, memory: int, cpu: float, gpus: Iterable[str], gpu_memory: int = 0) -> None:
         """Count a placement; with ``gpu_memory`` its GPUs are shared (that budget on each), else held whole."""
@@ -435,6 +531,14 @@ class CandidateIndex:
         c = self._views.get(controller_id)
         if c is not None:
             self._views[controller_id] = replace(c, healthy=False)
+
+
+def _holders_of(views: Iterable[ControllerView]) -> Callable[[str], Iterable[str]]:
+    by_image: dict[str, list[str]] = {}
+    for v in views:
+        for key in v.images or ():
+            by_image.setdefault(key, []).append(v.id)
+    return lambda key: by_image.get(key, ())
 
 
 def _shares(shared: Mapping[str, int], gpus: Iterable[str], delta: int) -> Mapping[str, int]:

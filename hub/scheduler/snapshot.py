@@ -13,14 +13,23 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from types import MappingProxyType
+from typing import Protocol
 
 from sqlalchemy import Text, cast, func, select
 
 from hub.db import Database
 from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel
-from hub.scheduler.placement import GIB, NO_GPU_SHARES, CandidateIndex, ControllerView, Placement, PlacementRequest
+from hub.scheduler.placement import (
+    GIB,
+    NO_GPU_SHARES,
+    CandidateIndex,
+    ControllerView,
+    Placement,
+    PlacementRequest,
+)
 from mmanager.wire import parse_memory
 
 _REGISTRY = ContainerRegistryModel.__table__
@@ -48,9 +57,11 @@ _VIEW_GPUS = (select(_REGISTRY.c.controller_id, _REGISTRY.c.gpu_devices,
               .where(cast(_REGISTRY.c.gpu_devices, Text) != "[]"))
 
 
-async def load_views(db: Database) -> tuple[list[ControllerView], dict[str, str]]:
+async def load_views(db: Database, images: Callable[[str], frozenset[str] | None] | None = None,
+                     ) -> tuple[list[ControllerView], dict[str, str]]:
     """Every controller as placement sees it, with what the registry reserves on it, and the URLs (also the
-    admin's ``/resources/usage``).
+    admin's ``/resources/usage``); ``images``: the image keys each holds, None when it reported none
+    (``hub.services.locality``).
 
     By column reads: no ORM objects, no health document. Three
     statements built once, straight through the driver (``Database.all``), sent together on PostgreSQL: a
@@ -86,8 +97,17 @@ async def load_views(db: Database) -> tuple[list[ControllerView], dict[str, str]
             gpu_models=tuple(str(g.get("model") or "") for g in c["gpus"] or ()),
             gpu_memory=tuple(int(g.get("memory_mb") or 0) * 1024**2 for g in c["gpus"] or ()),
             gpu_shared=MappingProxyType(shared[cid]) if cid in shared else NO_GPU_SHARES,
+            images=images(cid) if images is not None else None,
         ))
     return views, {c["id"]: c["url"] for c in controllers}
+
+
+class ImageLookup(Protocol):
+    """What placement reads of the image sets (``hub.services.locality.ImageSets``)."""
+
+    def keys(self, controller_id: str) -> frozenset[str] | None: ...
+
+    def holders(self, key: str) -> Iterable[str]: ...
 
 
 @dataclass(slots=True, eq=False)
@@ -102,6 +122,8 @@ class Held:
     committed_at: float | None = None
     # The VRAM budget on each of ``gpus`` when they are shared; 0: held whole.
     gpu_memory: int = 0
+    # The placement's reason beyond load (``Placement.reason``), for the operation's details.
+    reason: str = ""
 
 
 class PlacementCache:
@@ -117,8 +139,11 @@ class PlacementCache:
     """
 
     def __init__(self, db: Database, max_age: float = PLACEMENT_MAX_AGE,
-                 refresh_after: float = PLACEMENT_REFRESH_AFTER, avoid_for: float = 6.0) -> None:
+                 refresh_after: float = PLACEMENT_REFRESH_AFTER, avoid_for: float = 6.0,
+                 images: ImageLookup | None = None) -> None:
         self.db = db
+        # What each controller's heartbeats say it holds, for image locality (hub.services.locality).
+        self.images = images
         self.max_age = max_age
         self.refresh_after = refresh_after
         self.avoid_for = avoid_for
@@ -157,12 +182,13 @@ class PlacementCache:
             if self._taken_at >= asked_at and self._invalid_at < self._taken_at:
                 return  # taken meanwhile, after the caller asked
             started = time.monotonic()
-            views, urls = await load_views(self.db)
+            images = self.images
+            views, urls = await load_views(self.db, images.keys if images is not None else None)
             # A row committed before this snapshot's reads began is in it; the others are added on top.
             self._held = {h for h in self._held if h.committed_at is None or h.committed_at >= started}
             avoided = {cid for cid, until in self._avoid.items() if until > started}
             self._avoid = {cid: self._avoid[cid] for cid in avoided}
-            index = CandidateIndex(views)
+            index = CandidateIndex(views, images.holders if images is not None else None)
             for cid in avoided:
                 index.forget(cid)
             for h in self._held:
@@ -174,7 +200,7 @@ class PlacementCache:
         """Count a placement in the view at once (no await between a decision and this)."""
         assert self._index is not None and decision.controller_id is not None
         held = Held(decision.controller_id, request.memory, request.cpu, decision.gpu_devices,
-                    gpu_memory=decision.gpu_memory)
+                    gpu_memory=decision.gpu_memory, reason=decision.reason)
         self._held.add(held)
         self._index.reserve(held.controller_id, held.memory, held.cpu, held.gpus, held.gpu_memory)
         return held

@@ -16,6 +16,9 @@ What a beat says (health, container states) is kept in memory and written by
 thousand controllers beating every two seconds cost a few writes a second,
 not a thousand. Only changes are written for containers.
 
+The images a beat lists (only when its controller's set changed) replace what
+``hub.services.locality.ImageSets`` holds for it, in memory.
+
 Polled controllers (those that do not push) go through the same path: the
 monitor turns ``/health`` and ``/containers`` into the same observation.
 Usage (thresholds, alerts, history) is judged and written the same way, by
@@ -46,6 +49,7 @@ from hub.scheduler.reconcile import UNSETTLED, FenceResult, RegistryRow, RowUpda
 from hub.services.audit import controller_source, insert_shipped
 from hub.services.controller_keys import ControllerKeyAuth
 from hub.services.controllers import healthy_fields
+from hub.services.locality import ImageSets
 from hub.services.monitoring import Monitor
 from hub.services.pace import HeartbeatPace
 from mmanager.wire import (
@@ -94,13 +98,16 @@ class _Observation:
 
 
 class HeartbeatIngest:
-    def __init__(self, db: Database, settings: HubSettings, metrics: HubMetrics) -> None:
+    def __init__(self, db: Database, settings: HubSettings, metrics: HubMetrics,
+                 images: ImageSets | None = None) -> None:
         self.db = db
         self.settings = settings
         self.metrics = metrics
         self.keys = ControllerKeyAuth(db, settings)
         self.pace = HeartbeatPace(settings)
         self.monitor = Monitor(db, settings, metrics, self.pace)
+        # The images each controller holds, as its beats last listed them (hub.services.locality).
+        self.images = images if images is not None else ImageSets()
         self._paced_at = -math.inf
         self._observations: dict[str, _Observation] = {}
         # Row updates with when they were observed: an observation never overwrites a newer change.
@@ -237,8 +244,12 @@ class HeartbeatIngest:
             listed_at = b.arrived - timedelta(seconds=hb.listing_age + PUSH_LAG)
             result = self.observe(b.controller_id, hb.health, hb.containers, rows[b.controller_id], pushed=True,
                                   listed_at=listed_at, at=b.arrived)
+            if hb.images is not None:
+                self.images.update(b.controller_id, hb.images_version, hb.images)
+                self.metrics.controllers.set((b.controller_id,), images=len(hb.images))
             b.answer.set_result(HeartbeatAnswer(
-                interval=self.pace.interval, grace=self.pace.grace, stop=result.stop))
+                interval=self.pace.interval, grace=self.pace.grace, stop=result.stop,
+                images_version=self.images.version(b.controller_id) if hb.images_version is not None else None))
 
     async def _store(self, new: dict[str, Heartbeat], arrived: dict[str, datetime], shipping: list[_Beat]) -> None:
         """In one transaction, committed before the beats are answered: register the controllers that are new,

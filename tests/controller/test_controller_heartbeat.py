@@ -39,6 +39,8 @@ class FakeHub:
     delay: float = 0.0
     gate: asyncio.Event | None = None
     orders: Callable[[Heartbeat], list[StopOrder]] = lambda beat: []
+    # Echo the beats' image set version (a hub that took their list), or none (one that never did).
+    hold_images: bool = False
     beats: list[Heartbeat] = field(default_factory=list)
     received: list[float] = field(default_factory=list)
     requests: list[httpx.Request] = field(default_factory=list)
@@ -65,7 +67,8 @@ class FakeHub:
             return httpx.Response(200, text="<html>not a heartbeat answer</html>")
         if self.mode == "wrong":
             return httpx.Response(200, json={"interval": "soon"})
-        answer = HeartbeatAnswer(interval=self.interval, grace=self.grace, stop=self.orders(beat))
+        answer = HeartbeatAnswer(interval=self.interval, grace=self.grace, stop=self.orders(beat),
+                                 images_version=beat.images_version if self.hold_images else None)
         return httpx.Response(200, json=answer.model_dump(mode="json"))
 
     def transport(self) -> httpx.AsyncBaseTransport:
@@ -383,3 +386,23 @@ async def test_beats_go_on_to_the_next_hub_replica(start_fake: StartController) 
     await eventually(lambda: len(second.beats) >= seen + 3, what="more beats to the second hub")
     assert len(first.beats) == count
     assert agent(ctl).hub_url == "http://hub2.test"
+
+
+async def test_images_travel_only_when_the_hub_lacks_their_version(hub_ctl: Ctl, hub: FakeHub,
+                                                                    fake: FakeRuntime) -> None:
+    # A hub that does not echo the version gets the list with every beat.
+    await eventually(lambda: len(hub.beats) >= 2, what="two heartbeats")
+    first = hub.beats[0]
+    assert first.images_version and [i.tags for i in first.images or []] == [[EXAMPLE_IMAGE]]
+    assert all(b.images is not None for b in hub.beats[:2])
+    # One that holds it gets the version alone.
+    hub.hold_images = True
+    count = len(hub.beats)
+    await eventually(lambda: len(hub.beats) > count + 1, what="two more heartbeats")
+    assert hub.beats[-1].images is None and hub.beats[-1].images_version == first.images_version
+    # A pull through this controller: the next beat lists the new set, under a new version.
+    fake.images["lab/new:1"] = "sha256:" + "1" * 64
+    fake.pulls_done += 1
+    await eventually(lambda: hub.beats[-1].images_version != first.images_version, what="a beat with the new set")
+    changed = next(b for b in hub.beats if b.images_version != first.images_version)
+    assert changed.images is not None and {t for i in changed.images for t in i.tags} == {EXAMPLE_IMAGE, "lab/new:1"}

@@ -237,3 +237,24 @@ async def test_a_beat_shed_is_refused_at_once_with_retry_after_and_no_audit_row(
     async with hub.db.session() as session:
         assert await session.scalar(select(func.count()).select_from(AuditModel).where(
             AuditModel.path.like("/api/controllers/%/heartbeat"))) == 0
+
+
+async def test_a_beat_lists_its_images_once_and_the_hub_echoes_their_version(keyed_hub: KeyHub) -> None:
+    hub = keyed_hub
+    key = (await hub.mint("ctl-x"))["key"]
+    images = [{"id": "sha256:" + "a" * 64, "tags": ["127.0.0.1:5000/lab/m:1"],
+               "digests": ["127.0.0.1:5000/lab/m@sha256:" + "b" * 64], "size": 123}]
+    listed = await hub.beat("ctl-x", key, {**heartbeat("ctl-x", []), "images_version": "v1", "images": images})
+    assert listed.status_code == 200 and listed.json()["images_version"] == "v1"
+    sets = hub.parts.ingest.images
+    assert set(sets.holders("127.0.0.1:5000/lab/m:1")) == {"ctl-x"} and sets.size("127.0.0.1:5000/lab/m:1") == 123
+    # The same set again: the version alone, answered the same.
+    again = await hub.beat("ctl-x", key, {**heartbeat("ctl-x", []), "images_version": "v1"})
+    assert again.json()["images_version"] == "v1" and sets.has("ctl-x", "127.0.0.1:5000/lab/m:1")
+    # A version the hub does not hold, without its list: the answer names the one held (the list, please).
+    changed = await hub.beat("ctl-x", key, {**heartbeat("ctl-x", []), "images_version": "v2"})
+    assert changed.json()["images_version"] == "v1"
+    emptied = await hub.beat("ctl-x", key, {**heartbeat("ctl-x", []), "images_version": "v2", "images": []})
+    assert emptied.json()["images_version"] == "v2" and list(sets.holders("127.0.0.1:5000/lab/m:1")) == []
+    metrics = (await hub.client.get("/metrics")).text
+    assert 'mmanager_controller_images{controller="ctl-x"} 0' in metrics

@@ -105,14 +105,15 @@ class LocalDeployment:
 
     def add_controller(self, name: str, server_type: str = "cpu", priority: int = 1, weight: int = 100,
                        max_containers: int = 40, gpus: str | None = None, push: bool = True,
-                       listed: bool = True) -> Proc:
-        """``listed=False``: left out of MMANAGER_CONTROLLERS, the hub learns of it from its heartbeats only."""
+                       listed: bool = True, env: dict[str, str] | None = None) -> Proc:
+        """``listed=False``: left out of MMANAGER_CONTROLLERS, the hub learns of it from its heartbeats only;
+        ``env``: this controller's own settings on top (e.g. its DOCKER_HOST)."""
         port = free_port()
         cid = f"{name}-{self.run}"
         env = {"MMANAGER_API_KEY": self.key, "SERVER_ID": cid, "SERVER_TYPE": server_type,
                "MAX_CONTAINERS": str(max_containers), "CONTROLLER_URL": f"{self.scheme}://127.0.0.1:{port}",
                "PUBLISH_IP": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "INFO", **self.tls_env,
-               **self.extra_controller_env}
+               **self.extra_controller_env, **(env or {})}
         if gpus:
             env["GPU_DEVICES"] = gpus
         if push:

@@ -190,6 +190,8 @@ class Creator:
                         done.update(fell[0])
                         if spec.replicas > 1:
                             done["fallback_replicas"] = len(fell)
+                    if copies[0].placement:
+                        done["placement"] = copies[0].placement
                     await ctx.ops.finish_in(
                         tx, op, controller_id=controller.id, container_id=row.container_id, details=done or None)
             except Superseded:

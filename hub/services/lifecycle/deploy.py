@@ -47,6 +47,7 @@ from hub.models import (
     utcnow,
 )
 from hub.scheduler import Placement, PlacementRequest, place
+from hub.scheduler.placement import image_key
 from hub.scheduler.snapshot import Held
 from hub.schemas import MODEL_DIR, Endpoint, ServiceSpec
 from hub.services import registry_auth
@@ -155,7 +156,8 @@ class Reserved:
 @dataclass(slots=True)
 class Deployed:
     """A copy made: its row (container id and name, status and endpoint set), its controller and Docker's
-    status; ``image_pull``, the pull its controller made first (for the operation's details), if any."""
+    status; ``image_pull``, the pull its controller made first (for the operation's details), if any;
+    ``placement``: why that controller beyond its load (``Placement.reason``: "image present"), if anything."""
 
     row: ContainerRegistryModel
     controller: ControllerModel
@@ -163,6 +165,7 @@ class Deployed:
     image_pull: dict[str, Any] | None = None
     # Placed as the CPU fallback: why (``fallback_details``).
     fallback: dict[str, Any] | None = None
+    placement: str = ""
 
     @classmethod
     def made(cls, row: ContainerRegistryModel, controller: ControllerModel, created: ContainerCreated,
@@ -235,7 +238,7 @@ async def _insert_rows_if_placeable(tx: Tx, rows: list[ContainerRegistryModel], 
 
 
 def placement_request(spec: ServiceSpec, exclude: frozenset[str] = frozenset()) -> PlacementRequest:
-    """What placing ``spec`` (its main variant) asks."""
+    """What placing ``spec`` (its main variant) asks (also the prefetch loop's question)."""
     return PlacementRequest(
         memory=spec.resources.memory_bytes,
         cpu=spec.resources.cpu_limit or 0.0,
@@ -246,6 +249,7 @@ def placement_request(spec: ServiceSpec, exclude: frozenset[str] = frozenset()) 
         gpu_memory=spec.resources.gpu_memory_bytes,
         exclude=exclude,
         golden_probe=spec.probe is not None,
+        image=image_key(spec.image),
     )
 
 
@@ -258,7 +262,8 @@ def _fallback_request(spec: ServiceSpec, exclude: frozenset[str]) -> PlacementRe
     return PlacementRequest(
         memory=resources.memory_bytes, cpu=resources.cpu_limit or 0.0,
         server_type=None if spec.server_type == "gpu" else spec.server_type,
-        exclude=exclude, golden_probe=spec.cpu_fallback.probe is not None)
+        exclude=exclude, golden_probe=spec.cpu_fallback.probe is not None,
+        image=image_key(spec.cpu_fallback.image))
 
 
 def _new_row(service: ServiceModel, spec: ServiceSpec, epoch: int, decision: Placement,
@@ -494,7 +499,9 @@ class Deployer:
                     last_error = exc
                     continue
                 raise
-            return Deployed.made(row, controller, created, reserved.fallback)
+            made = Deployed.made(row, controller, created, reserved.fallback)
+            made.placement = reserved.held.reason
+            return made
         assert last_error is not None
         raise last_error
 

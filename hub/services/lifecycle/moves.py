@@ -36,6 +36,8 @@ from mmanager.logs import bind_request_id
 
 # Spec fields only the gateways act on: a change of these alone starts no new container.
 GATEWAY_ONLY = frozenset({"private", "rate_limit_per_minute", "max_body_size", "idle_timeout"})
+# Spec fields only the hub's own loops act on (the pre-pull, hub.background.prefetch): none either.
+HUB_ONLY = frozenset({"prefetch"})
 # Operations that roll a new spec over the replicas: one at a time per service.
 ROLLING = ("update", "rollback")
 _ROLLING_NOW = (select(OperationModel.id).where(
@@ -358,7 +360,7 @@ class Mover:
             check_host(service.registry_auth_sealed, spec.image)
         # The credentials are stored with the change that carries them, in its transaction: a change refused
         # leaves the old ones.
-        if set(changes) <= GATEWAY_ONLY | {"replicas"}:
+        if set(changes) <= GATEWAY_ONLY | HUB_ONLY | {"replicas"}:
             if spec.replicas != service.replicas:
                 return await self.scale(user, service_id, spec, changes, wait, registry_auth=auth)
             return await self._update_at_gateway(user, service_id, spec, changes, auth)

@@ -196,6 +196,8 @@ class Replacer:
         if spec.volumes and old is not None and old.controller_id != controller.id:
             # Docker volumes (and host paths) are the server's own: the new copy starts with empty ones there.
             details["volumes_left_behind"] = volumes_left(spec)
+        if copy.placement:
+            details["placement"] = copy.placement
         ended = False
         try:
             async with ctx.db.transaction() as tx:

@@ -1,0 +1,142 @@
+"""Image locality in placement, on the pure scheduler: a table of fleets and requests, each answered the same by
+``place()`` and by ``CandidateIndex`` (the many-replica path), with the reason; image references as keys."""
+
+import random
+from dataclasses import replace
+
+import pytest
+
+from hub.scheduler import CandidateIndex, ControllerView, PlacementRequest, place
+from hub.scheduler.placement import GIB, image_key
+from hub.services.locality import ImageSets
+from mmanager.wire import HeldImage
+
+IMG = image_key("127.0.0.1:5000/model:1")
+
+
+def node(id: str, *, has: bool = False, reported: bool = True, **kw) -> ControllerView:
+    images = (frozenset({IMG}) if has else frozenset()) if reported else None
+    base = dict(server_type="cpu", cpu_cores=16.0, memory_total=64 * GIB, images=images)
+    base.update(kw)
+    return ControllerView(id=id, **base)
+
+
+def gpu(id: str, *, has: bool = False, **kw) -> ControllerView:
+    return node(id, has=has, server_type="gpu", gpus=("0", "1"), gpu_models=("L4", "L4"),
+                gpu_memory=(24 * GIB, 24 * GIB), **kw)
+
+
+def holders_of(views: list[ControllerView]):
+    index: dict[str, set[str]] = {}
+    for v in views:
+        for key in v.images or ():
+            index.setdefault(key, set()).add(v.id)
+    return lambda key: index.get(key, ())
+
+
+CASES = [
+    # (name, fleet, request, chosen, reason)
+    ("the holder wins over a less loaded one in the tier",
+     [node("a", containers=0), node("b", has=True, containers=5)], PlacementRequest(image=IMG), "b", "image present"),
+    ("no holder: load decides as before",
+     [node("a", containers=3), node("b", containers=1)], PlacementRequest(image=IMG), "b", ""),
+    ("no image asked: load decides",
+     [node("a", containers=0), node("b", has=True, containers=5)], PlacementRequest(), "a", ""),
+    ("priority comes first: a holder in a worse tier loses",
+     [node("a", priority=1), node("b", has=True, priority=2)], PlacementRequest(image=IMG), "a", ""),
+    ("feasibility comes first: a full holder is not chosen",
+     [node("a"), node("b", has=True, containers=3, max_containers=3)], PlacementRequest(image=IMG), "a", ""),
+    ("a holder without the memory is not chosen",
+     [node("a"), node("b", has=True, memory_reserved=63 * GIB)], PlacementRequest(image=IMG, memory=2 * GIB), "a", ""),
+    ("an excluded holder (the one the service leaves) is not chosen",
+     [node("a"), node("b", has=True)], PlacementRequest(image=IMG, exclude=frozenset({"b"})), "a", ""),
+    ("a draining holder is not chosen",
+     [node("a"), node("b", has=True, draining=True)], PlacementRequest(image=IMG), "a", ""),
+    ("among holders, load decides",
+     [node("a", has=True, containers=4), node("b", has=True, containers=2), node("c")], PlacementRequest(image=IMG),
+     "b", "image present"),
+    ("among holders, weight counts in the load",
+     [node("a", has=True, containers=2, weight=300), node("b", has=True, containers=1)], PlacementRequest(image=IMG),
+     "a", "image present"),
+    ("a CPU service stays on cpu servers though an edge server holds the image",
+     [node("a"), node("e", has=True, server_type="edge")], PlacementRequest(image=IMG), "a", ""),
+    ("with no cpu server feasible, the holder among the others wins",
+     [node("a", max_containers=0), node("e1", server_type="edge"), node("e2", has=True, server_type="edge",
+                                                                        containers=4)],
+     PlacementRequest(image=IMG), "e2", "image present"),
+    ("GPU services: the holder among GPU servers with free GPUs",
+     [gpu("g1"), gpu("g2", has=True, containers=3), node("c", has=True)], PlacementRequest(image=IMG, gpu_count=1),
+     "g2", "image present"),
+    ("GPU services: a holder without free GPUs is not chosen",
+     [gpu("g1"), gpu("g2", has=True, gpus_used=frozenset({"0", "1"}))], PlacementRequest(image=IMG, gpu_count=1),
+     "g1", ""),
+    ("a controller that reported no images is not put behind a holder: load decides",
+     [node("a", reported=False, containers=0), node("b", has=True, containers=5)], PlacementRequest(image=IMG),
+     "a", ""),
+    ("an unreported controller beats one known to lack the image",
+     [node("a", containers=0), node("b", reported=False, containers=3), node("c", containers=1)],
+     PlacementRequest(image=IMG), "b", ""),
+    ("between a holder and an unreported one, load decides",
+     [node("a", has=True, containers=4), node("b", reported=False, containers=3), node("c", containers=0)],
+     PlacementRequest(image=IMG), "b", ""),
+    ("shared GPUs: best fit first, the image breaks ties of fit",
+     [gpu("g1"), gpu("g2", has=True, containers=2)], PlacementRequest(image=IMG, gpu_memory=8 * GIB), "g2",
+     "image present"),
+    ("shared GPUs: a tighter fit beats the image",
+     [gpu("g1", gpu_shared={"0": 8 * GIB}), gpu("g2", has=True)], PlacementRequest(image=IMG, gpu_memory=8 * GIB),
+     "g1", ""),
+]
+
+
+@pytest.mark.parametrize(("name", "fleet", "request_", "chosen", "reason"), CASES, ids=[c[0] for c in CASES])
+def test_locality_table(name, fleet, request_, chosen, reason):
+    for decision in (place(fleet, request_), CandidateIndex(fleet, holders_of(fleet)).place(request_),
+                     CandidateIndex(fleet).place(request_)):
+        assert decision.controller_id == chosen, name
+        assert decision.reason == reason, name
+
+
+def test_index_agrees_with_place_on_random_fleets():
+    """The index's fast path (heaps, then the image's holders) chooses as ``place()`` does, placement after
+    placement, on fleets of mixed tiers, types, loads and holders."""
+    rng = random.Random(25)
+    for _ in range(200):
+        fleet = [node(f"n{i}", has=rng.random() < 0.3, reported=rng.random() < 0.8, priority=rng.choice((1, 1, 2)),
+                      server_type=rng.choice(("cpu", "cpu", "edge")), containers=rng.randrange(6),
+                      max_containers=rng.randrange(3, 9), weight=rng.choice((100, 150))) for i in range(8)]
+        index = CandidateIndex(fleet, holders_of(fleet))
+        views = {v.id: v for v in fleet}
+        for _ in range(10):
+            request_ = PlacementRequest(image=IMG, memory=GIB)
+            want, got = place(views.values(), request_), index.place(request_)
+            assert (got.controller_id, got.reason) == (want.controller_id, want.reason)
+            if not want.placed:
+                break
+            v = views[want.controller_id]
+            views[v.id] = replace(v, containers=v.containers + 1, memory_reserved=v.memory_reserved + GIB)
+            index.reserve(v.id, GIB, 0.0, ())
+
+
+def test_image_key_spellings():
+    assert image_key("busybox") == image_key("busybox:latest") == image_key("docker.io/library/busybox:latest")
+    assert image_key("docker.io/me/x:1") == "me/x:1"
+    assert image_key("127.0.0.1:5000/model") == "127.0.0.1:5000/model:latest"
+    assert image_key("127.0.0.1:5000/model:1@sha256:ab") == "127.0.0.1:5000/model@sha256:ab"
+    assert image_key("sha256:ab") == "sha256:ab"
+
+
+def test_image_sets_index_by_every_name():
+    sets = ImageSets()
+    sets.update("a", "v1", [HeldImage(id="sha256:1", tags=["127.0.0.1:5000/model:1"],
+                                      digests=["127.0.0.1:5000/model@sha256:d"], size=500)])
+    sets.update("b", "v2", [HeldImage(id="sha256:1", tags=["127.0.0.1:5000/model:1"], size=500)])
+    assert set(sets.holders(IMG)) == {"a", "b"}
+    assert set(sets.holders(image_key("127.0.0.1:5000/model@sha256:d"))) == {"a"}
+    assert sets.size(IMG) == 500 and sets.version("a") == "v1"
+    sets.update("a", "v3", [])
+    assert set(sets.holders(IMG)) == {"b"} and sets.keys("a") == frozenset()
+    sets.forget("b")
+    assert list(sets.holders(IMG)) == [] and sets.size(IMG) == 0 and sets.version("b") is None
+    # Unreported is not empty: nothing is added to a controller that never listed its images.
+    assert sets.keys("b") is None and not sets.add("b", {IMG}, 1) and sets.keys("b") is None
+    assert sets.add("a", {IMG}, 7) and set(sets.holders(IMG)) == {"a"} and sets.size(IMG) == 7

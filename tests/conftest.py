@@ -7,6 +7,7 @@ without either."""
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator, Iterator
 
 import docker
@@ -18,6 +19,19 @@ from hub.db import Database
 from hub.migrate import upgrade
 from hub.models import Base
 from tests.support.pg import create_database, throwaway_cluster
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _model_store_outside_the_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    """Hub settings made without a model store of their own keep uploads in a temporary directory, never in
+    the working tree (the default ``./model-store``)."""
+    before = os.environ.get("MMANAGER_MODEL_STORE")
+    os.environ["MMANAGER_MODEL_STORE"] = str(tmp_path_factory.mktemp("model-store"))
+    yield
+    if before is None:
+        os.environ.pop("MMANAGER_MODEL_STORE", None)
+    else:
+        os.environ["MMANAGER_MODEL_STORE"] = before
 
 
 @pytest.fixture(scope="session")

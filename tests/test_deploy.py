@@ -105,6 +105,19 @@ def _published(service: dict[str, Any]) -> dict[str, str]:
 
 
 @pytest.mark.docker  # docker-compose
+def test_root_compose_file_keeps_the_model_store_on_a_named_volume(tmp_path: Path) -> None:
+    """Recreating the hub container keeps the uploaded model files: the store is a named volume."""
+    result = _compose_config(ROOT / "docker-compose.yml", ROOT_ENV, tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    hub = config["services"]["hub"]
+    store = hub["environment"]["MMANAGER_MODEL_STORE"]
+    mounts = [v for v in hub.get("volumes", ()) if isinstance(v, dict) and v.get("target") == store]
+    assert [(m["type"], m["source"]) for m in mounts] == [("volume", "hub-models")]
+    assert "hub-models" in config["volumes"]
+
+
+@pytest.mark.docker  # docker-compose
 def test_root_compose_file_runs_a_gateway_following_the_hub(tmp_path: Path) -> None:
     result = _compose_config(ROOT / "docker-compose.yml", ROOT_ENV, tmp_path)
     assert result.returncode == 0, result.stderr

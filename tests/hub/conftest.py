@@ -11,6 +11,7 @@ import os
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import docker
@@ -101,7 +102,7 @@ CONTROLLERS = [
 
 @pytest.fixture
 async def cluster(db: Database, docker_client: docker.DockerClient, example_image: str,
-                  request: pytest.FixtureRequest) -> AsyncIterator[Cluster]:
+                  request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[Cluster]:
     run = uuid.uuid4().hex[:6]
     router = Router()
     entries, ids, controller_apps = [], [], []
@@ -120,7 +121,8 @@ async def cluster(db: Database, docker_client: docker.DockerClient, example_imag
                         "priority": priority, "weight": weight})
         ids.append(cid)
     settings = HubSettings(database_url=db.url, api_key=KEY, hub_key=HUB_KEY, controllers=json.dumps(entries),
-                           heartbeat_interval=0.5, heartbeat_grace=3, orphan_grace=2, health_timeout=8)
+                           heartbeat_interval=0.5, heartbeat_grace=3, orphan_grace=2, health_timeout=8,
+                           model_store=tmp_path / "model-store")
     hub = build_hub(settings, db=Database(db.url), transport=router)
     app = create_app(settings, hub=hub)
     async with app.router.lifespan_context(app):

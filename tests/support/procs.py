@@ -112,7 +112,8 @@ class LocalDeployment:
         cid = f"{name}-{self.run}"
         env = {"MMANAGER_API_KEY": self.key, "SERVER_ID": cid, "SERVER_TYPE": server_type,
                "MAX_CONTAINERS": str(max_containers), "CONTROLLER_URL": f"{self.scheme}://127.0.0.1:{port}",
-               "PUBLISH_IP": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "INFO", **self.tls_env,
+               "PUBLISH_IP": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "INFO",
+               "MMANAGER_MODEL_CACHE_DIR": str(self.workdir / f"models-{cid}"), **self.tls_env,
                **self.extra_controller_env, **(env or {})}
         if gpus:
             env["GPU_DEVICES"] = gpus
@@ -132,7 +133,7 @@ class LocalDeployment:
         return {"MMANAGER_DATABASE_URL": self.db_url, "MMANAGER_API_KEY": self.key,
                 "MMANAGER_CONTROLLERS": json.dumps(self.entries),
                 "MMANAGER_HEARTBEAT_INTERVAL": str(self.interval), "MMANAGER_HEARTBEAT_GRACE": str(self.grace),
-                **self.tls_env, **self.extra_hub_env}
+                "MMANAGER_MODEL_STORE": str(self.workdir / "model-store"), **self.tls_env, **self.extra_hub_env}
 
     def create_admin(self) -> str:
         done = subprocess.run([*MMANAGER, "users", "create", "root", "--admin"],

@@ -13,6 +13,7 @@ should: logging set up from LOG_LEVEL and LOG_FILE first.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
@@ -96,6 +97,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        await asyncio.to_thread(models.start)
         try:
             await service.seed_epochs()
         except DockerUnavailable as exc:

@@ -7,10 +7,13 @@ bound read-only (``ContainerService.create``); ``tmp/`` holds downloads under wa
 - a file appears at its digest's path only once its bytes were fetched whole and hash to that digest: a
   download streams into ``tmp/`` while it is hashed and is renamed into place after the check; a mismatch
   (``MODEL_CHECKSUM_MISMATCH``) drops it, and the container is not made;
-- the cache holds at most ``MMANAGER_MODEL_CACHE_BYTES``: room is made by evicting the least recently used
-  files (a use is a sync or a create naming it), never one a container on this server mounts (its
-  ``mmanager.models`` label names it, running or stopped: a stopped one may start again) nor one a create or
-  sync under way is about to mount (``_pins``); a file that cannot fit so is ``MODEL_CACHE_FULL``;
+- the cache holds at most ``MMANAGER_MODEL_CACHE_BYTES``, downloads under way counted: room is made, once
+  a download is verified, by evicting the least recently used files (a use is a sync or a create naming it;
+  ties broken by an in-memory use counter, seeded from mtimes at start), never one a container on this
+  server mounts (its ``mmanager.models`` label names it, running or stopped: a stopped one may start again)
+  nor one a create or sync under way is about to mount (``_pins``); a file that cannot fit so is
+  ``MODEL_CACHE_FULL``. Pins are taken and files marked used under the same lock as eviction, and each
+  eviction looks at the live pins again before it removes a file;
 - one download per digest at a time: a second sync of it waits for the first and finds it cached.
 
 Downloads go to ``MMANAGER_HUB_URL`` (each listed replica in turn until one answers) with the heartbeat key,
@@ -24,6 +27,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import shutil
 import time
 import uuid
 from collections import Counter
@@ -66,11 +70,32 @@ class ModelCache:
         self._client: httpx.AsyncClient | None = None
         self._pins: Counter[str] = Counter()
         self._fetching: dict[str, asyncio.Lock] = {}
-        # Making room and renaming into place, one at a time: two downloads never both count the same free bytes.
+        # Making room, renaming into place, pinning and marking used, one at a time: two downloads never both
+        # count the same free bytes, and no file is evicted between a sync's pin (or use) and its mount.
         self._room = asyncio.Lock()
+        # Bytes each download under way has received (by its temporary file's name).
+        self._inflight: dict[str, int] = {}
+        # The order of last uses (hex digest -> a rising count): mtimes alone tie within their resolution.
+        self._uses: dict[str, int] = {}
+        self._clock = 0
 
     def path(self, digest: str) -> Path:
         return self.files / digest.removeprefix("sha256:")
+
+    def start(self) -> None:
+        """At start (in a thread): remove ``tmp/`` (downloads a stopped controller left; this controller is
+        the cache's only writer) and seed the use order from the files' mtimes."""
+        shutil.rmtree(self.tmp, ignore_errors=True)
+        for name, _, _ in sorted(_entries(self.files), key=lambda entry: (entry[2], entry[0])):
+            self._used(name)
+
+    def _used(self, hexdigest: str) -> None:
+        self._clock += 1
+        self._uses[hexdigest] = self._clock
+
+    def _order(self, entries: list[tuple[str, int, float]]) -> list[tuple[str, int, float]]:
+        """Least recently used first: by the use counter, then mtime, then name (deterministic)."""
+        return sorted(entries, key=lambda entry: (self._uses.get(entry[0], 0), entry[2], entry[0]))
 
     async def aclose(self) -> None:
         if self._client is not None:
@@ -81,7 +106,8 @@ class ModelCache:
     async def pinned(self, digests: Iterable[str]) -> AsyncIterator[None]:
         """Never evicted while held (a create between its sync and its container's existence)."""
         held = list(digests)
-        self._pins.update(held)
+        async with self._room:
+            self._pins.update(held)
         try:
             yield
         finally:
@@ -98,7 +124,11 @@ class ModelCache:
             for digest in wanted:
                 lock = self._fetching.setdefault(digest, asyncio.Lock())
                 async with lock:
-                    if await asyncio.to_thread(_touch, self.path(digest)):
+                    async with self._room:
+                        cached = await asyncio.to_thread(_touch, self.path(digest))
+                        if cached:
+                            self._used(digest.removeprefix("sha256:"))
+                    if cached:
                         done.cached.append(digest)
                         continue
                     done.bytes += await self._fetch(digest)
@@ -148,36 +178,40 @@ class ModelCache:
                 raise ModelSyncFailed(f"the model cache {self.root} cannot be written: {exc}",
                                       {"digest": digest, "cache_dir": str(self.root)}) from None
             try:
+                # A declared size over the whole cache is refused at once; nothing is evicted for a size
+                # the download has not shown yet (room is made once its bytes are checked).
                 declared = response.headers.get("content-length")
                 if declared is not None and declared.isdigit():
-                    await self._make_room(int(declared), digest)
+                    self._too_big(int(declared), digest)
                 hasher = hashlib.sha256()
                 size, held, pending = 0, 0, []
+                self._inflight[tmp.name] = 0
                 async for chunk in response.aiter_bytes():
-                    hasher.update(chunk)
                     size += len(chunk)
-                    if size > self.limit:
-                        raise ModelCacheFull(f"model file {digest} is larger than the whole cache "
-                                             f"(MMANAGER_MODEL_CACHE_BYTES {self.limit})",
-                                             {"digest": digest, "cache_bytes": self.limit})
+                    self._too_big(size, digest)
+                    self._inflight[tmp.name] = size
                     pending.append(chunk)
                     held += len(chunk)
                     if held >= _WRITE_BATCH:
-                        await asyncio.to_thread(out.writelines, pending)
+                        # Hashed in the same thread hop as written: the event loop never hashes a byte.
+                        await asyncio.to_thread(_write, out, hasher, pending)
                         pending, held = [], 0
-                await asyncio.to_thread(_finish, out, pending)
+                await asyncio.to_thread(_finish, out, hasher, pending)
                 got = "sha256:" + hasher.hexdigest()
                 if got != digest:
                     raise ModelChecksumMismatch(
                         f"model file {digest}: the {size} bytes fetched hash to {got}; dropped",
                         {"digest": digest, "got": got, "bytes": size})
                 async with self._room:
-                    await self._evict(size, digest)
+                    await self._evict(size, digest, own=tmp.name)
                     await asyncio.to_thread(_publish, tmp, self.path(digest))
+                    self._used(digest.removeprefix("sha256:"))
             except BaseException:
                 out.close()
                 tmp.unlink(missing_ok=True)
                 raise
+            finally:
+                self._inflight.pop(tmp.name, None)
         return size
 
     def _dirs(self) -> None:
@@ -186,28 +220,31 @@ class ModelCache:
 
     # -- eviction ----------------------------------------------------------
 
-    async def _make_room(self, need: int, digest: str) -> None:
-        if need > self.limit:
-            raise ModelCacheFull(f"model file {digest} ({need} bytes) is larger than the whole cache "
+    def _too_big(self, size: int, digest: str) -> None:
+        if size > self.limit:
+            raise ModelCacheFull(f"model file {digest} ({size} bytes or more) is larger than the whole cache "
                                  f"(MMANAGER_MODEL_CACHE_BYTES {self.limit})",
-                                 {"digest": digest, "bytes": need, "cache_bytes": self.limit})
-        async with self._room:
-            await self._evict(need, digest)
+                                 {"digest": digest, "bytes": size, "cache_bytes": self.limit})
 
-    async def _evict(self, need: int, digest: str) -> None:
-        """Evict least recently used files until ``need`` more bytes fit (the caller holds ``_room``)."""
+    def _pinned(self) -> set[str]:
+        return {d.removeprefix("sha256:") for d, count in self._pins.items() if count > 0}
+
+    async def _evict(self, need: int, digest: str, own: str = "") -> None:
+        """Evict least recently used files until ``need`` more bytes fit beside the other downloads under way
+        (the caller holds ``_room``)."""
         entries = await asyncio.to_thread(_entries, self.files)
-        used = sum(size for _, size, _ in entries)
+        used = sum(size for _, size, _ in entries) + sum(n for name, n in self._inflight.items() if name != own)
         if used + need <= self.limit:
             return
         in_use = await self.mounted()
-        kept = in_use | {d.removeprefix("sha256:") for d in self._pins}
-        for name, size, _ in sorted(entries, key=lambda entry: entry[2]):
+        for name, size, _ in self._order(entries):
             if used + need <= self.limit:
                 break
-            if name in kept:
+            # The live pins, looked at again for each file: never one a sync or create now holds.
+            if name in in_use or name in self._pinned():
                 continue
             await asyncio.to_thread((self.files / name).unlink, missing_ok=True)
+            self._uses.pop(name, None)
             used -= size
             log.info("evicted model file sha256:%s (%d bytes) from the cache", name, size)
         if used + need > self.limit:
@@ -224,7 +261,7 @@ class ModelCache:
 
     def cached(self) -> list[tuple[str, int]]:
         """``(digest, bytes)`` of every cached file, least recently used first."""
-        return [(f"sha256:{name}", size) for name, size, _ in sorted(_entries(self.files), key=lambda e: e[2])]
+        return [(f"sha256:{name}", size) for name, size, _ in self._order(_entries(self.files))]
 
 
 def _entries(files: Path) -> list[tuple[str, int, float]]:
@@ -250,8 +287,14 @@ def _touch(path: Path) -> bool:
     return True
 
 
-def _finish(out: BinaryIO, pending: list[bytes]) -> None:
+def _write(out: BinaryIO, hasher: hashlib._Hash, pending: list[bytes]) -> None:
+    for chunk in pending:
+        hasher.update(chunk)
     out.writelines(pending)
+
+
+def _finish(out: BinaryIO, hasher: hashlib._Hash, pending: list[bytes]) -> None:
+    _write(out, hasher, pending)
     out.flush()
     os.fsync(out.fileno())
     out.close()

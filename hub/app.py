@@ -228,6 +228,8 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         _dump_tasks_on_sigusr1()
+        # Uploads a killed replica left half-written; younger ones may be another replica's, under way.
+        await asyncio.to_thread(hub.services.model_store.sweep, settings.model_upload_grace)
         await hub.controllers.sync_from_config()
         # The pace first: the first answers and the first judgement of silence are for this fleet's size.
         await hub.ingest.count_controllers()

@@ -110,9 +110,19 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     max_request_bytes: int = Field(default=1024**2, ge=1024)
     max_heartbeat_bytes: int = Field(default=8 * 1024**2, ge=1024)
     # The model-file store (hub.services.model_files): its directory (shared by every hub replica), and the
-    # largest file an upload may bring; a bigger one answers 413 MODEL_FILE_TOO_LARGE.
+    # largest file an upload may bring; a bigger one answers 413 PAYLOAD_TOO_LARGE. The store holds at most
+    # model_store_max_bytes (507 MODEL_STORE_FULL past it), each user's uploads model_files_per_user_bytes
+    # (409 MODEL_FILE_QUOTA_EXCEEDED); each replica takes model_uploads at once (429 TOO_MANY_UPLOADS).
+    # Temporary files older than model_upload_grace seconds are a dead replica's and go at start.
     model_store: Path = Path("./model-store")
     model_file_max_bytes: int = Field(default=20 * 1024**3, ge=1)
+    model_store_max_bytes: int = Field(default=500 * 1024**3, ge=1)
+    model_files_per_user_bytes: int = Field(default=100 * 1024**3, ge=1)
+    model_uploads: int = Field(default=4, ge=1)
+    model_upload_grace: float = Field(default=24 * 3600.0, gt=0)
+    # A controller's sync of a create's model files before the create (POST /models/sync): a large file
+    # takes as long as it takes, and the create's own timeout then covers only the container.
+    model_sync_timeout: float = Field(default=1800.0, gt=0)
     # Followed logs (GET /api/services/{id}/logs?follow=true) open at once on this replica, per user and
     # in all; more answer 429 TOO_MANY_LOG_STREAMS. Each holds a connection to a controller, from a
     # pool of their own. A logs call without follow answers at most max_log_bytes, the newest.

@@ -318,12 +318,14 @@ class ControllerClient:
         body = response.json()
         return [str(i) for i in body.get("images_deleted") or []], int(body.get("space_reclaimed") or 0)
 
-    async def sync_models(self, controller_id: str, url: str, digests: list[str]) -> ModelsSynced:
+    async def sync_models(self, controller_id: str, url: str, digests: list[str],
+                          timeout: float | None = None) -> ModelsSynced:
         """Have the controller fetch these model files into its cache now (``POST /models/sync``), ahead of a
-        create there; it answers once they are cached and checked."""
+        create there; it answers once they are cached and checked. Sent once, with its own long timeout
+        (``MMANAGER_MODEL_SYNC_TIMEOUT``): a retry would only wait on the same transfer again."""
         response = await self._send(
-            controller_id, url, "POST", "/models/sync", call="sync_models", idempotent=True,
-            timeout=self.settings.controller_create_timeout,
+            controller_id, url, "POST", "/models/sync", call="sync_models", idempotent=False,
+            timeout=timeout or self.settings.model_sync_timeout,
             json=ModelSync(digests=digests).model_dump(mode="json"),
         )
         return ModelsSynced.model_validate(response.json())

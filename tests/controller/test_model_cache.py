@@ -5,8 +5,11 @@ refused with nothing made."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import os
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -19,6 +22,7 @@ from controller.spec import ContainerSpec
 from examples.images import EXAMPLE_IMAGE
 from mmanager.wire import LABEL_CONTROLLER, LABEL_MANAGED, ContainerCreate, ModelFile
 from tests.controller.conftest import make_settings
+from tests.support.poll import eventually
 
 KB = 1024
 
@@ -161,3 +165,76 @@ async def test_a_create_binds_its_models_read_only_or_makes_nothing(tmp_path: Pa
                                              models=[ModelFile(digest=bad, mount="/app/models/o.bin")]))
     assert len(runtime.containers) == 1 and runtime.creates == 1
     await cache.aclose()
+
+
+class BlockingRuntime(FakeRuntime):
+    """Holds an eviction in the middle: its look at the mounted files waits until ``go`` is set."""
+
+    def __init__(self, server_id: str) -> None:
+        super().__init__(server_id)
+        self.looking, self.go = asyncio.Event(), asyncio.Event()
+        self.block = False
+
+    async def list_containers(self, *args: Any, **kwargs: Any) -> Any:
+        if self.block:
+            self.looking.set()
+            await self.go.wait()
+        return await super().list_containers(*args, **kwargs)
+
+
+async def test_a_file_a_sync_reports_ready_is_never_evicted_by_an_eviction_under_way(tmp_path: Path, hub: Hub) -> None:
+    """A sync of a cached file (a create about to mount it) during another download's eviction: the file is
+    there when the sync answers, whichever of them goes first."""
+    runtime = BlockingRuntime("cache-ctl")
+    cache = cache_for(tmp_path, hub, runtime, 2 * KB)
+    a, b, c = (hub.add(bytes([n]) * KB) for n in range(3))
+    await cache.sync([a])
+    await cache.sync([b])
+    runtime.block = True
+    evicting = asyncio.create_task(cache.sync([c]))  # needs room: a, the least recently used, is its pick
+    await runtime.looking.wait()
+    using = asyncio.create_task(cache.sync([a]))
+    # The sync of a waits for the eviction under way (or, unfixed, answers at once from a snapshot).
+    await eventually(lambda: using.done() or cache._room.locked() and len(cache._room._waiters or ()) > 0,
+                     5, "the sync of a to answer or wait its turn")
+    runtime.go.set()
+    await asyncio.gather(evicting, using)
+    assert cache.path(a).is_file(), "a sync answered for a file then evicted"
+    assert cache.path(c).is_file()
+    await cache.aclose()
+
+
+async def test_nothing_is_evicted_for_a_download_that_fails_its_check(tmp_path: Path, hub: Hub) -> None:
+    runtime = FakeRuntime("cache-ctl")
+    cache = cache_for(tmp_path, hub, runtime, 2 * KB)
+    a, b, bad = (hub.add(bytes([n]) * KB) for n in range(3))
+    await cache.sync([a])
+    await cache.sync([b])
+    hub.corrupt.add(bad)  # declared at its full size, its bytes wrong
+    with pytest.raises(ModelChecksumMismatch):
+        await cache.sync([bad])
+    assert cached(cache) == {a, b} and leftovers(cache) == []
+    await cache.aclose()
+
+
+async def test_start_clears_tmp_and_equal_mtimes_evict_in_order_of_use(tmp_path: Path, hub: Hub) -> None:
+    runtime = FakeRuntime("cache-ctl")
+    cache = cache_for(tmp_path, hub, runtime, 3 * KB)
+    files = [hub.add(bytes([n]) * KB) for n in range(4)]
+    for digest in files[:3]:
+        await cache.sync([digest])
+    # Same mtime for all three: the use order alone (0, then 1, then 2) decides.
+    for digest in files[:3]:
+        os.utime(cache.path(digest), (1_000_000, 1_000_000))
+    cache.tmp.mkdir(parents=True, exist_ok=True)
+    (cache.tmp / "left-by-a-killed-download").write_bytes(b"partial")
+    await cache.sync([files[0]])  # 0 used again: 1 is now the least recently used
+    await cache.sync([files[3]])
+    assert cached(cache) == {files[0], files[2], files[3]}
+    await cache.aclose()
+    # A restart: tmp/ goes, and the order is seeded from the mtimes (ties by name), deterministically.
+    again = cache_for(tmp_path, hub, runtime, 3 * KB)
+    again.start()
+    assert leftovers(again) == []
+    assert again.cached()[0][0] == files[2]  # the oldest mtime of those left
+    await again.aclose()

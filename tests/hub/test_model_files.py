@@ -5,6 +5,7 @@ refused, and a migrate that would leave a volume behind says so."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import hashlib
 import json
@@ -17,6 +18,7 @@ from typing import Any
 import docker
 import httpx
 import pytest
+from sqlalchemy import text
 
 from controller.app import create_app as create_controller_app
 from controller.config import ControllerSettings
@@ -24,11 +26,12 @@ from examples.images import EXAMPLE_IMAGE
 from hub.app import build_hub, create_app
 from hub.config import HubSettings
 from hub.db import Database
-from hub.errors import ControllerRejected
+from hub.errors import ControllerRejected, InvalidRequest
 from hub.schemas import ServiceSpec
-from hub.services.model_files import presync
+from hub.services.model_files import lock_files, presync
 from hub.services.users import create_user
 from tests.hub.conftest import KEY, Cluster, Router
+from tests.support.poll import eventually
 
 SPEC = {"name": "weights", "image": EXAMPLE_IMAGE, "ports": {"5000": None},
         "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"}}
@@ -129,6 +132,10 @@ async def test_a_model_file_follows_its_service_read_only_and_byte_for_byte(clus
     r = await cluster.hub.post("/api/admin/repo/services", json={**SPEC, "models": [{"digest": stored["digest"]}]})
     assert r.status_code == 201, r.text
     service = r.json()
+    # The controller fetched the file before the create (its own long call): the operation says so.
+    [op] = (await cluster.hub.get("/api/admin/operations",
+                                  params={"service_id": service["id"], "operation": "create"})).json()
+    assert op["details"]["model_sync"]["files"] == 1 and op["details"]["model_sync"]["bytes"] == len(data), op
     # The mount left out: /app/models/ and the file's name in the store.
     assert service["spec"]["models"] == [{"digest": stored["digest"], "mount": "/app/models/weights.bin"}]
     assert service["controller_id"] == m1
@@ -205,10 +212,22 @@ async def test_bad_model_specs_and_uploads_are_refused_and_change_nothing(cluste
     ok = await cluster.hub.get(path, headers={"Authorization": f"Bearer {KEY}"})
     assert ok.status_code == 200 and ok.content == b"tiny model"
     assert (await cluster.hub.get(path)).status_code == 401
-    # Users may not delete files.
+    # Users may not delete another's files: to them it is not there to delete.
     alice = await cluster.user("alice")
     r = await cluster.hub.delete(f"/api/model-files/{digest}", headers=alice)
-    assert r.status_code == 403
+    assert r.status_code == 404 and r.json()["error"]["code"] == "MODEL_FILE_NOT_FOUND", r.text
+    assert [f["digest"] for f in (await cluster.hub.get("/api/model-files")).json()] == [digest]
+    # Mounts that normalise onto one path, or onto the kernel's trees or the root, are refused.
+    for models in ([{"digest": digest, "mount": "/data//"}], [{"digest": digest, "mount": "/proc/self/x"}],
+                   [{"digest": digest, "mount": "/sys/x"}], [{"digest": digest, "mount": "/dev/shm/x"}]):
+        r = await cluster.hub.post("/api/admin/repo/services",
+                                   json={**SPEC, "name": "bad", "volumes": {"scratch": "/data"}, "models": models})
+        assert r.status_code == 422, (models, r.text)
+    # A digest or name with a trailing newline is not one.
+    r = await cluster.hub.get(f"/api/model-files/{digest}%0A")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "MODEL_FILE_NOT_FOUND", r.text
+    r = await upload(cluster, b"x", "name\n")
+    assert r.status_code == 422 and r.json()["error"]["code"] == "INVALID_MODEL_FILE_NAME", r.text
 
 
 async def test_a_migrate_that_would_leave_a_volume_behind_is_refused_unless_accepted(cluster: Cluster) -> None:
@@ -280,3 +299,108 @@ async def test_a_controller_that_cannot_sync_is_passed_over_and_none_left_fails_
     assert r.status_code == 502 and r.json()["error"]["code"] == "MODEL_SYNC_FAILED", r.text
     assert "cannot be written" in r.json()["error"]["message"]
     assert [s["name"] for s in (await cluster.hub.get("/api/services")).json()] == ["weights"]
+
+
+async def test_the_store_the_users_and_the_uploads_at_once_are_bounded(cluster: Cluster, tmp_path: Path) -> None:
+    """No user fills the hub's disk: a store-wide limit (507), a per-user one (409) counted from the files they
+    uploaded, and a cap on uploads at once (429); each refusal keeps nothing."""
+    settings, store = cluster.parts.settings, cluster.parts.services.model_store
+    settings.model_store_max_bytes, settings.model_files_per_user_bytes = 3000, 2000
+    alice = await cluster.user("alice")
+    assert (await upload(cluster, b"a" * 1500, headers=alice)).status_code == 201
+    r = await upload(cluster, b"b" * 600, headers=alice)
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "MODEL_FILE_QUOTA_EXCEEDED"), r.text
+    assert r.json()["error"]["details"] == {"used_bytes": 1500, "limit_bytes": 2000}
+
+    async def streamed(data: bytes) -> AsyncIterator[bytes]:
+        for start in range(0, len(data), 100):
+            yield data[start:start + 100]
+
+    # Without a Content-Length too: refused as the stream passes what is left.
+    r = await upload(cluster, streamed(b"c" * 600), headers=alice)  # type: ignore[arg-type]
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "MODEL_FILE_QUOTA_EXCEEDED"), r.text
+    assert (await upload(cluster, b"d" * 1000)).status_code == 201  # the admin's own 1000
+    r = await upload(cluster, b"e" * 600)
+    assert (r.status_code, r.json()["error"]["code"]) == (507, "MODEL_STORE_FULL"), r.text
+    assert sorted(f["size"] for f in (await cluster.hub.get("/api/model-files")).json()) == [1000, 1500]
+    assert len(os.listdir(tmp_path / "store" / "sha256")) == 2 and os.listdir(tmp_path / "store" / "tmp") == []
+
+    # One upload at a time on this replica: a second one while the first streams is 429, the first completes.
+    settings.model_store_max_bytes = settings.model_files_per_user_bytes = 10**9
+    store.max_uploads = 1
+    flowing, finish = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"slow "
+        flowing.set()
+        await finish.wait()
+        yield b"upload"
+
+    first = asyncio.create_task(upload(cluster, slow()))  # type: ignore[arg-type]
+    await flowing.wait()
+    r = await upload(cluster, b"second")
+    assert (r.status_code, r.json()["error"]["code"]) == (429, "TOO_MANY_UPLOADS"), r.text
+    assert r.headers["Retry-After"]
+    finish.set()
+    assert (await first).status_code == 201
+    store.max_uploads = 4
+    # The same new bytes twice at once: one row, one 201 and one 200.
+    same = os.urandom(4096)
+    answers = await asyncio.gather(upload(cluster, same), upload(cluster, same))
+    assert sorted(r.status_code for r in answers) == [200, 201], [r.text for r in answers]
+    assert answers[0].json()["digest"] == answers[1].json()["digest"]
+
+
+async def test_a_user_deletes_their_own_file_unless_a_spec_names_it(cluster: Cluster) -> None:
+    alice, bob = await cluster.user("alice"), await cluster.user("bob")
+    own = (await upload(cluster, b"alice's", "a.bin", headers=alice)).json()["digest"]
+    kept = (await upload(cluster, b"alice's kept", "k.bin", headers=alice)).json()["digest"]
+    assert (await cluster.hub.delete(f"/api/model-files/{own}", headers=bob)).status_code == 404
+    assert (await cluster.hub.delete(f"/api/model-files/{own}", headers=alice)).status_code == 204
+    assert (await cluster.hub.get(f"/api/model-files/{own}")).status_code == 404
+    # Named only by a model type: kept, for the admin too.
+    r = await cluster.hub.post("/api/admin/models", json={
+        "name": "kept", "task": "embedding", "image": EXAMPLE_IMAGE,
+        "spec": {"models": [{"digest": kept, "mount": "/app/models/k.bin"}]}})
+    assert r.status_code == 201, r.text
+    for who in (alice, {}):
+        r = await cluster.hub.delete(f"/api/model-files/{kept}", headers=who)
+        assert (r.status_code, r.json()["error"]["code"]) == (409, "MODEL_FILE_IN_USE"), r.text
+        assert r.json()["error"]["details"]["services"] == ["model type kept"]
+    assert (await cluster.hub.delete("/api/admin/models/kept")).status_code == 204
+    assert (await cluster.hub.delete(f"/api/model-files/{kept}")).status_code == 204
+
+
+async def test_a_delete_waits_for_a_spec_being_written_and_then_sees_it(cluster: Cluster) -> None:
+    """The race of a delete with a create or update naming the file: the spec's transaction holds the file's
+    row (FOR SHARE) until it commits; the delete, which removes the row first, waits for it and then finds
+    the spec (409), instead of removing a file a service is about to mount."""
+    digest = (await upload(cluster, b"raced", "raced.bin")).json()["digest"]
+    service = (await cluster.hub.post("/api/admin/repo/services", json=SPEC)).json()
+    spec = ServiceSpec.model_validate({**SPEC, "models": [{"digest": digest, "mount": "/app/models/raced.bin"}]})
+    db = cluster.db
+    async with db.transaction() as tx:
+        await lock_files(tx, spec, sqlite=False)
+        await tx.execute(text("UPDATE services SET spec = CAST(:spec AS json) WHERE id = :id"),
+                         {"spec": json.dumps(spec.model_dump(mode="json")), "id": service["id"]})
+        deleting = asyncio.create_task(cluster.hub.delete(f"/api/model-files/{digest}"))
+
+        async def waiting() -> bool:
+            async with db.session() as session:
+                return bool(await session.scalar(text(
+                    "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                    "AND query LIKE 'DELETE FROM model_files%'")))
+
+        await eventually(waiting, 10, "the delete to wait on the spec's lock")
+    r = await deleting
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "MODEL_FILE_IN_USE"), r.text
+    assert (await cluster.hub.get(f"/api/model-files/{digest}")).status_code == 200
+    # And the other way round: a spec written after the delete committed is refused, its file gone.
+    async with db.session() as session:
+        await session.execute(text("UPDATE services SET spec = CAST(:spec AS json) WHERE id = :id"),
+                              {"spec": json.dumps(SPEC | {"name": service["name"]}), "id": service["id"]})
+    assert (await cluster.hub.delete(f"/api/model-files/{digest}")).status_code == 204
+    with pytest.raises(InvalidRequest) as refused:
+        async with db.transaction() as tx:
+            await lock_files(tx, spec, sqlite=False)
+    assert refused.value.code == "MODEL_FILE_NOT_FOUND"

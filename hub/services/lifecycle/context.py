@@ -59,7 +59,7 @@ class Lifecycle:
     model_store: ModelStore = field(init=False)
 
     def __post_init__(self) -> None:
-        self.model_store = ModelStore(self.settings.model_store)
+        self.model_store = ModelStore(self.settings.model_store, self.settings.model_uploads)
 
     def spawn(self, work: Awaitable[Any], tasks: set[asyncio.Task[Any]] | None = None) -> None:
         """Run an operation in the background (``?wait=false``; errors are in its record), or, held in

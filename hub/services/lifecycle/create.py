@@ -38,6 +38,7 @@ from hub.services.lifecycle.deploy import (
     docker_status,
     settle_rows,
 )
+from hub.services.model_files import lock_files
 from hub.services.operations import Running
 from mmanager.wire import probe_failed
 
@@ -97,6 +98,7 @@ class Creator:
 
         async def write_first(tx: Tx) -> None:
             nonlocal op
+            await lock_files(tx, spec, sqlite=ctx.db.is_sqlite)
             clash = await hold_quota(tx, owner, spec.name, spec.replicas, ctx.settings.max_services_per_user)
             if clash is not None:
                 raise Conflict(f"service {spec.name!r} already exists (id {clash})", code="SERVICE_EXISTS")
@@ -184,6 +186,9 @@ class Creator:
                     pulls = [made.image_pull for made in copies if made.image_pull is not None]
                     if pulls:
                         done["image_pull"] = pulls[0] if len(pulls) == 1 else pulls
+                    synced = [made.model_sync for made in copies if made.model_sync is not None]
+                    if synced:
+                        done["model_sync"] = synced[0] if len(synced) == 1 else synced
                     fell = [made.fallback for made in copies if made.fallback is not None]
                     if fell:
                         # Why no GPU fitted (the first such copy's reasons); with replicas, how many fell back.

@@ -34,6 +34,7 @@ from hub.errors import (
     ControllerRejected,
     ControllerUnavailable,
     HubError,
+    InvalidRequest,
     NoFeasibleController,
     NotFound,
 )
@@ -49,11 +50,11 @@ from hub.models import (
 from hub.scheduler import Placement, PlacementRequest, place
 from hub.scheduler.placement import image_key
 from hub.scheduler.snapshot import Held
-from hub.schemas import MODEL_DIR, Endpoint, ServiceSpec
+from hub.schemas import Endpoint, ModelMount, ServiceSpec
 from hub.services import registry_auth
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
-from hub.services.model_files import resolve_models
+from hub.services.model_files import presync, resolve_models
 from hub.services.policy import check_policy
 from mmanager.wire import ContainerCreate, ContainerCreated, HealthCheck, ModelFile
 
@@ -166,6 +167,8 @@ class Deployed:
     # Placed as the CPU fallback: why (``fallback_details``).
     fallback: dict[str, Any] | None = None
     placement: str = ""
+    # The controller's sync of the spec's model files before the create, when it fetched any.
+    model_sync: dict[str, Any] | None = None
 
     @classmethod
     def made(cls, row: ContainerRegistryModel, controller: ControllerModel, created: ContainerCreated,
@@ -289,6 +292,15 @@ def _new_row(service: ServiceModel, spec: ServiceSpec, epoch: int, decision: Pla
         created_at=now,
         updated_at=now,
     )
+
+
+def model_mount(model: ModelMount) -> str:
+    """Where the container sees a model file. Every accepted spec has its mounts filled in
+    (``resolve_models``: ``MODEL_DIR/<the file's name>``); one that has not is refused, not guessed at."""
+    if model.mount is None:
+        raise InvalidRequest(f"model file {model.digest} has no mount: the spec was not checked against the "
+                             "store", {"digest": model.digest}, code="MODEL_FILE_NOT_FOUND")
+    return model.mount
 
 
 class Deployer:
@@ -471,7 +483,12 @@ class Deployer:
                         raise last_error from None
                     raise
             row, controller = reserved.row, reserved.controller
+            synced = None
             try:
+                if spec.models:
+                    # First, with its own long timeout: the create's then covers only the container.
+                    synced = await presync(ctx.client, controller.id, controller.url, spec,
+                                           ctx.settings.model_sync_timeout)
                 created = await self._create(
                     controller, self.container_config(service, spec, epoch, reserved.held.gpus, row.container_name),
                     op)
@@ -501,6 +518,9 @@ class Deployer:
                 raise
             made = Deployed.made(row, controller, created, reserved.fallback)
             made.placement = reserved.held.reason
+            if synced is not None and synced.fetched:
+                made.model_sync = {"files": len(synced.fetched), "bytes": synced.bytes, "seconds": synced.seconds,
+                                   "controller_id": controller.id}
             return made
         assert last_error is not None
         raise last_error
@@ -573,8 +593,7 @@ class Deployer:
             cap_add=list(spec.cap_add) or None,
             registry_auth=registry_auth.opened(self.ctx.settings.sealer, service.registry_auth_sealed, service.id,
                                                spec.image),
-            models=[ModelFile(digest=m.digest, mount=m.mount or f"{MODEL_DIR}/{m.digest.removeprefix('sha256:')}")
-                    for m in spec.models],
+            models=[ModelFile(digest=m.digest, mount=model_mount(m)) for m in spec.models],
         )
 
     async def discard(self, controller_id: str, row: ContainerRegistryModel) -> None:

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hub.db import Tx, insert_row
-from hub.errors import Conflict, HubError
+from hub.errors import Conflict, HubError, InvalidRequest
 from hub.models import (
     ContainerRegistryModel,
     ControllerModel,
@@ -36,6 +36,7 @@ from hub.schemas import ServiceSpec
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
 from hub.services.lifecycle.deploy import Deployed, Deployer, Superseded, docker_status, settle_row
+from hub.services.model_files import lock_files
 from mmanager.wire import probe_failed
 
 log = logging.getLogger(__name__)
@@ -191,6 +192,8 @@ class Replacer:
             details["replica"] = "added" if plan.adding else "replaced"
         if copy.image_pull is not None:
             details["image_pull"] = copy.image_pull
+        if copy.model_sync is not None:
+            details["model_sync"] = copy.model_sync
         if copy.fallback is not None:
             details.update(copy.fallback)
         if spec.volumes and old is not None and old.controller_id != controller.id:
@@ -205,6 +208,9 @@ class Replacer:
                 locked = await tx.first(sql.LOCK_SERVICE, {"service_id": service.id})
                 if locked is None or locked["epoch"] != copy.epoch or not await settle_row(tx, row):
                     raise Superseded
+                if plan.version is not None:
+                    # A new spec: its model files held until it commits (a delete waits, then sees it).
+                    await lock_files(tx, spec, sqlite=ctx.db.is_sqlite)
                 if healthy:
                     # The gateways read the row: a copy whose probe passed is routed at once, not "starting".
                     await tx.execute(sql.FOLLOWED_ROW, {"row_id": row.id, "copy_id": row.container_id,
@@ -228,6 +234,10 @@ class Replacer:
             await self.deployer.discard(controller.id, row)
             raise Conflict("another operation changed the service meanwhile; retry",
                            code="CONCURRENT_CHANGE") from None
+        except InvalidRequest:
+            # A model file the new spec names was deleted meanwhile: the copy made for it goes.
+            await self.deployer.discard(controller.id, row)
+            raise
         if ended:
             ctx.ops.finished(op)
         elif plan.finish or removable or fresh.desired_state == "stopped":

@@ -67,6 +67,9 @@ def measure(db_url: str, workdir: Path, size: int, runs: int, docker_client: doc
     dep.add_controller("models")
     token = dep.create_admin()
     times: dict[str, list[float]] = {"cold": [], "warm": []}
+    # Bytes each create's sync fetched from the hub (its operation's details.model_sync): all of the file
+    # cold, none warm; a cold run that fetched nothing measured nothing.
+    fetched: dict[str, list[int]] = {"cold": [], "warm": []}
     try:
         dep.start()
         client = api(dep.hub(0).url, token)
@@ -91,13 +94,16 @@ def measure(db_url: str, workdir: Path, size: int, runs: int, docker_client: doc
                 times[kind].append(elapsed)
                 assert cached.stat().st_size == size
                 service = r.json()
+                [op] = client.get("/api/admin/operations",
+                                  params={"service_id": service["id"], "operation": "create"}).json()
+                fetched[kind].append(int((op["details"].get("model_sync") or {}).get("bytes", 0)))
                 client.delete(f"/api/services/{service['id']}").raise_for_status()
             say(f"run {run + 1}: cold {times['cold'][-1]:.2f} s, warm {times['warm'][-1]:.2f} s")
     finally:
         dep.stop(docker_client)
     cold, warm = statistics.median(times["cold"]), statistics.median(times["warm"])
     return {"size_mb": round(size / 1e6, 1), "runs": runs, "cold_p50_s": round(cold, 3), "warm_p50_s": round(warm, 3),
-            "cold_over_warm": round(cold / warm, 1) if warm else None,
+            "cold_over_warm": round(cold / warm, 1) if warm else None, "fetched_bytes": fetched,
             "fetch_mb_per_s": round(size / 1e6 / (cold - warm), 1) if cold > warm else None, "times": times}
 
 

@@ -381,7 +381,7 @@ async def test_a_delete_waits_for_a_spec_being_written_and_then_sees_it(cluster:
     db = cluster.db
     async with db.transaction() as tx:
         await lock_files(tx, spec, sqlite=False)
-        await tx.execute(text("UPDATE services SET spec = CAST(:spec AS json) WHERE id = :id"),
+        await tx.execute(text("UPDATE model_services SET spec = CAST(:spec AS json) WHERE id = :id"),
                          {"spec": json.dumps(spec.model_dump(mode="json")), "id": service["id"]})
         deleting = asyncio.create_task(cluster.hub.delete(f"/api/model-files/{digest}"))
 
@@ -397,7 +397,7 @@ async def test_a_delete_waits_for_a_spec_being_written_and_then_sees_it(cluster:
     assert (await cluster.hub.get(f"/api/model-files/{digest}")).status_code == 200
     # And the other way round: a spec written after the delete committed is refused, its file gone.
     async with db.session() as session:
-        await session.execute(text("UPDATE services SET spec = CAST(:spec AS json) WHERE id = :id"),
+        await session.execute(text("UPDATE model_services SET spec = CAST(:spec AS json) WHERE id = :id"),
                               {"spec": json.dumps(SPEC | {"name": service["name"]}), "id": service["id"]})
     assert (await cluster.hub.delete(f"/api/model-files/{digest}")).status_code == 204
     with pytest.raises(InvalidRequest) as refused:

@@ -112,8 +112,10 @@ def test_root_compose_file_keeps_the_model_store_on_a_named_volume(tmp_path: Pat
     config = yaml.safe_load(result.stdout)
     hub = config["services"]["hub"]
     store = hub["environment"]["MMANAGER_MODEL_STORE"]
-    mounts = [v for v in hub.get("volumes", ()) if isinstance(v, dict) and v.get("target") == store]
-    assert [(m["type"], m["source"]) for m in mounts] == [("volume", "hub-models")]
+    # Either of docker-compose's spellings: {type, source, target} or "source:target[:mode]".
+    mounts = [(v["source"], v["target"]) if isinstance(v, dict) else tuple(str(v).split(":")[:2])
+              for v in hub.get("volumes", ())]
+    assert ("hub-models", store) in mounts, mounts
     assert "hub-models" in config["volumes"]
 
 

@@ -28,7 +28,7 @@ from hub.config import HubSettings
 from hub.db import Database
 from hub.errors import ControllerRejected, InvalidRequest
 from hub.schemas import ServiceSpec
-from hub.services.model_files import lock_files, presync
+from hub.services.model_files import ModelStore, lock_files, presync
 from hub.services.users import create_user
 from tests.hub.conftest import KEY, Cluster, Router
 from tests.support.poll import eventually
@@ -404,3 +404,16 @@ async def test_a_delete_waits_for_a_spec_being_written_and_then_sees_it(cluster:
         async with db.transaction() as tx:
             await lock_files(tx, spec, sqlite=False)
     assert refused.value.code == "MODEL_FILE_NOT_FOUND"
+
+
+def test_a_hub_start_removes_only_temporary_files_older_than_the_grace(tmp_path: Path) -> None:
+    """Replicas share tmp/: an old file is a dead replica's upload, a young one may be another's under way."""
+    store = ModelStore(tmp_path / "store")
+    store.tmp.mkdir(parents=True)
+    old, young = store.tmp / "upload-old", store.tmp / "upload-young"
+    old.write_bytes(b"cut short")
+    young.write_bytes(b"streaming")
+    os.utime(old, (1_000_000, 1_000_000))
+    assert store.sweep(grace=3600) == 1
+    assert sorted(os.listdir(store.tmp)) == ["upload-young"]
+    assert ModelStore(tmp_path / "absent").sweep(grace=3600) == 0

@@ -238,3 +238,36 @@ async def test_start_clears_tmp_and_equal_mtimes_evict_in_order_of_use(tmp_path:
     assert leftovers(again) == []
     assert again.cached()[0][0] == files[2]  # the oldest mtime of those left
     await again.aclose()
+
+
+async def test_downloads_under_way_count_against_the_cache_limit(tmp_path: Path, hub: Hub) -> None:
+    """Files and the bytes of downloads still streaming stay within the limit together: a file published
+    while another streams makes room for what that one has received so far too."""
+    a, b, c = (bytes([n]) * KB for n in range(3))
+    da, db, dc = hub.add(a), hub.add(b), hub.add(c)
+    halfway, finish = asyncio.Event(), asyncio.Event()
+
+    async def slow_b() -> Any:
+        yield b[:KB // 2]
+        halfway.set()
+        await finish.wait()
+        yield b[KB // 2:]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith(db):
+            return httpx.Response(200, content=slow_b())
+        return hub.handle(request)
+
+    settings = make_settings("cache-ctl", hub_url="http://hub.test", model_cache_dir=tmp_path / "cache",
+                             model_cache_bytes=2 * KB)
+    cache = ModelCache(settings, FakeRuntime("cache-ctl"), transport=httpx.MockTransport(handle))
+    await cache.sync([da])
+    streaming = asyncio.create_task(cache.sync([db]))
+    await halfway.wait()  # b's first half received (counted before its next bytes are asked for)
+    await cache.sync([dc])
+    # Room for c beside the half of b under way: a, the least recently used, went.
+    assert cached(cache) == {dc}
+    finish.set()
+    await streaming
+    assert cached(cache) == {db, dc} and sum(size for _, size in cache.cached()) <= 2 * KB
+    await cache.aclose()

@@ -5,9 +5,8 @@ the specs only of those that want preparing: ``prefetch`` in the spec, or an ima
 ``MMANAGER_PREFETCH_MIN_IMAGE_BYTES`` as the heartbeats report its size), asks the pure planner
 (``hub.scheduler.prefetch``) for each one's next ``MMANAGER_PREFETCH_TARGETS`` failover targets, and
 prepares each (service, controller) pair in ``prepare``: the controller pulls the image unless its
-heartbeats say it holds it (with the service's registry credentials, opened for that pull only). That one
-call per pair is where whatever else must follow a service (its model
-files) is prepared too.
+heartbeats say it holds it (with the service's registry credentials, opened for that pull only), and a
+``prefetch`` service's model files are synced into its cache (``hub.services.model_files.presync``).
 
 Invariants: at most one preparation runs per pair, at most ``MAX_RUNNING`` at once, off the loop's tick; a
 pull that failed is not tried again on that controller for ``RETRY_AFTER`` seconds; a pull that succeeded
@@ -38,6 +37,7 @@ from hub.schemas import ServiceSpec
 from hub.services import registry_auth
 from hub.services.lifecycle.deploy import placement_request
 from hub.services.locality import ImageSets
+from hub.services.model_files import presync
 from mmanager.loops import LoopService
 
 log = logging.getLogger(__name__)
@@ -77,6 +77,8 @@ class Prefetcher(LoopService):
                        .where(any_of(_S.c.id, "ids", sqlite=db.is_sqlite)))
         # Each candidate's registry credentials, sealed (opened only for its pull).
         self._sealed: dict[str, str | None] = {}
+        # The specs of ``prefetch`` services that name model files: their targets sync those files too.
+        self._models: dict[str, ServiceSpec] = {}
         self._running: dict[Pair, asyncio.Task[None]] = {}
         self._failed: dict[Pair, float] = {}
         self._pulled: dict[Pair, float] = {}
@@ -116,13 +118,15 @@ class Prefetcher(LoopService):
         if not wanted:
             return []
         candidates = []
-        self._sealed = {}
+        self._sealed, self._models = {}, {}
         for r in await self.db.all(self._specs, {"ids": wanted}):
             try:
                 spec = ServiceSpec.model_validate(r["spec"])
             except ValidationError:
                 continue
             self._sealed[r["id"]] = r["registry_auth_sealed"]
+            if spec.prefetch and spec.models:
+                self._models[r["id"]] = spec
             request = placement_request(spec, frozenset(copies[r["id"]][0]))
             candidates.append(PrefetchCandidate(r["id"], request, spec.image, spec.prefetch))
         index = await self.placement.index()
@@ -133,7 +137,8 @@ class Prefetcher(LoopService):
         """Whether the pair has anything to prepare: an image the controller lacks and was not just pulled
         (nor failed to pull lately)."""
         pair = (target.service_id, target.controller_id)
-        return not target.image_present and pair not in self._failed and pair not in self._pulled
+        lacking = not target.image_present or target.service_id in self._models
+        return lacking and pair not in self._failed and pair not in self._pulled
 
     async def _prepare(self, pair: Pair, target: PrefetchTarget) -> None:
         try:
@@ -152,7 +157,8 @@ class Prefetcher(LoopService):
             self._running.pop(pair, None)
 
     async def prepare(self, target: PrefetchTarget) -> None:
-        """Make ``target.controller_id`` ready to take ``target.service_id`` over: its image pulled."""
+        """Make ``target.controller_id`` ready to take ``target.service_id`` over: its image pulled, and a
+        ``prefetch`` service's model files synced into its cache."""
         url = self.placement.urls.get(target.controller_id)
         if url is None:
             return
@@ -171,3 +177,11 @@ class Prefetcher(LoopService):
             log.info("pre-pulled %s onto %s for service %s (%s bytes, %.1f s)", target.image_ref,
                      target.controller_id, target.service_id, image.get("size"),
                      time.monotonic() - started)
+        spec = self._models.get(target.service_id)
+        if spec is not None:
+            # Its model files into the target's cache too (a sync of files it holds only marks them used):
+            # a failover there then waits for no transfer.
+            synced = await presync(self.client, target.controller_id, url, spec, self.settings.model_sync_timeout)
+            if synced is not None and synced.fetched:
+                log.info("pre-synced %d model file(s) onto %s for service %s (%d bytes, %.1f s)",
+                         len(synced.fetched), target.controller_id, target.service_id, synced.bytes, synced.seconds)

@@ -24,6 +24,7 @@ from controller.app import create_app as create_controller_app
 from controller.config import ControllerSettings
 from examples.images import EXAMPLE_IMAGE
 from hub.app import build_hub, create_app
+from hub.background.prefetch import Prefetcher
 from hub.config import HubSettings
 from hub.db import Database
 from hub.errors import ControllerRejected, InvalidRequest
@@ -417,3 +418,34 @@ def test_a_hub_start_removes_only_temporary_files_older_than_the_grace(tmp_path:
     assert store.sweep(grace=3600) == 1
     assert sorted(os.listdir(store.tmp)) == ["upload-young"]
     assert ModelStore(tmp_path / "absent").sweep(grace=3600) == 0
+
+
+async def test_a_prefetch_services_model_file_reaches_its_next_failover_target(cluster: Cluster,
+                                                                               tmp_path: Path) -> None:
+    """The pre-pull loop's pass prepares a ``prefetch`` service's next failover target: its model file is in
+    that controller's cache before any failover, and the service stays where it runs."""
+    m1, m2 = cluster.controller_ids
+    data = os.urandom(48 * 1024)
+    hexdigest = hashlib.sha256(data).hexdigest()
+    digest = (await upload(cluster, data, "follow.bin")).json()["digest"]
+    r = await cluster.hub.post("/api/admin/repo/services",
+                               json={**SPEC, "prefetch": True, "models": [{"digest": digest}]})
+    assert r.status_code == 201, r.text
+    service = r.json()
+    assert service["controller_id"] == m1 and cache_files(tmp_path, "m2") == []
+    hub = cluster.parts
+    prefetcher = Prefetcher(hub.db, hub.settings, hub.client, hub.services.placement, hub.ingest.images, hub.metrics)
+    await prefetcher.run_once()
+    assert [(t.service_id, t.controller_id) for t in prefetcher.targets] == [(service["id"], m2)]
+    await asyncio.gather(*prefetcher._running.values())
+    assert cache_files(tmp_path, "m2") == [hexdigest]
+    on = [c.labels["mmanager.controller"] for c in cluster.containers(**{"mmanager.service": service["id"]})]
+    assert on == [m1]
+    # A service without prefetch has nothing synced for it.
+    other = (await upload(cluster, b"not followed", "other.bin")).json()["digest"]
+    r = await cluster.hub.post("/api/admin/repo/services",
+                               json={**SPEC, "name": "stays", "models": [{"digest": other}]})
+    assert r.status_code == 201, r.text
+    await prefetcher.run_once()
+    await asyncio.gather(*prefetcher._running.values())
+    assert other.removeprefix("sha256:") not in cache_files(tmp_path, "m2")

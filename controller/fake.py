@@ -271,10 +271,12 @@ class FakeRuntime:
         if not force and any(c.spec.image == full for c in self.containers.values()):
             raise ImageInUse(f"image {name} is used by a container")
         del self.images[full]
+        self.pulls_done += 1
         return [{"Untagged": full}, {"Deleted": detail.id or ""}]
 
     async def prune_images(self) -> tuple[list[str], int]:
         self._up()
+        self.pulls_done += 1
         return [], 0
 
     async def pull_image(self, name: str, auth: dict[str, Any] | None) -> ImageDetail:

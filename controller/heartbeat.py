@@ -37,7 +37,10 @@ too; none ends the loop. Docker is read with a budget: when it does not
 answer in time (or at all), the heartbeat still goes out, saying so
 (``health.docker`` false, ``health.status`` unhealthy) and repeating the last
 container list Docker gave, so that a hung daemon makes the hub see an
-unhealthy controller, not one whose containers all vanished.
+unhealthy controller, not one whose containers all vanished. The image list
+(``controller.inventory``) is taken in the background and never waited for; a
+beat with it that the hub refuses as too large (413) is followed by one without
+it, and later lists are cut to fewer bytes.
 """
 
 from __future__ import annotations
@@ -97,6 +100,8 @@ log = logging.getLogger(__name__)
 
 # The failures of a heartbeat whose body the hub refused (not its key, not the hub's own trouble).
 REFUSED_BODY = frozenset({"HTTP 400", "HTTP 422"})
+# A body over the hub's limit (MMANAGER_MAX_HEARTBEAT_BYTES).
+TOO_LARGE = "HTTP 413"
 
 
 class _BeatFailed(Exception):
@@ -159,6 +164,8 @@ class HeartbeatAgent(LoopService):
         self._last_listing: list[ContainerInfo] = []
         self._listed_clock = self.sync.clock()
         self.images = ImageInventory(runtime, settings.images_interval, self.sync.clock)
+        # The hub refused the last beat, which carried the image list, as too large.
+        self._images_refused = False
         self._failure_kind: str | None = None
         # The audit events of the last beat the hub refused as a bad body, until a beat without them tells.
         self._refused_audit: list[AuditEvent] | None = None
@@ -183,6 +190,7 @@ class HeartbeatAgent(LoopService):
         if self.presence is not None:
             await self.presence.stop()
         await super().stop()
+        await self.images.close()
         if self._client is not None:
             await self._client.aclose()
             self._client = None
@@ -220,6 +228,9 @@ class HeartbeatAgent(LoopService):
             # not cut this controller off). A probe that fails too clears the suspicion.
             self._refused_audit = (heartbeat.audit if not probing and heartbeat.audit
                                    and exc.kind in REFUSED_BODY else None)
+            if exc.kind == TOO_LARGE and heartbeat.images:
+                self._images_refused = True
+                self.images.shrink()
             return False
         self._answered(answer)
         if self.audit is not None:
@@ -247,12 +258,14 @@ class HeartbeatAgent(LoopService):
         except TimeoutError:
             health = docker_down_health(self.settings, f"Docker did not answer within {DOCKER_BUDGET:g} s")
             listed = self._last_listing
-        version, images = self.images.version, self.images.images
         if health.docker:
-            try:
-                version, images = await asyncio.wait_for(self.images.current(), DOCKER_BUDGET)
-            except TimeoutError:
-                pass  # the last listing goes again; the next beat lists them
+            self.images.refresh()  # in the background: the beat goes with the last listing
+        version, images = self.images.version, self.images.images
+        if self._images_refused:
+            # The hub refused the last beat's body as too large while it carried the list: this one goes
+            # without (the hub then forgets the set it held), later ones with the list under a lower cap.
+            self._images_refused = False
+            version, images = None, None
         return Heartbeat(
             server_id=self.settings.server_id,
             url=self.settings.controller_url,
@@ -264,7 +277,8 @@ class HeartbeatAgent(LoopService):
             listing_age=round(max(self.sync.clock() - self._listed_clock, 0.0), 3),
             audit=self.audit.batch() if self.audit is not None and audit else [],
             images_version=version,
-            images=self._images_to_send(version, images),
+            images=(sent := self._images_to_send(version, images)),
+            images_partial=sent is not None and self.images.partial,
         )
 
     def _images_to_send(self, version: str | None, images: list[HeldImage] | None) -> list[HeldImage] | None:

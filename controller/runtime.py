@@ -87,7 +87,7 @@ class HostInfo:
 
 
 class Runtime(Protocol):
-    # Pulls made through this runtime, counted up (a change of the images the host holds).
+    # Pulls, removals and prunes of images made through this runtime, counted up (the held set changed).
     pulls_done: int
 
     async def ping(self) -> bool: ...
@@ -130,7 +130,8 @@ class DockerRuntime:
         self._log_streams = 0
         # The pulls of missing images running now, for GET /images/pulls.
         self._pulls = Pulls()
-        # Pulls this runtime made: the heartbeats' image listing is taken again when it moves (controller.inventory).
+        # Image pulls, removals and prunes this runtime made: the heartbeats' image listing is taken again when it
+        # moves (controller.inventory).
         self.pulls_done = 0
         # Rotated by Docker: a tenant's stdout never fills /var/lib/docker.
         self._log_config = LogConfig(
@@ -542,7 +543,9 @@ class DockerRuntime:
                     raise ImageInUse(str(exc.explanation)) from None
                 raise
 
-        return await self._run(remove)
+        removed = await self._run(remove)
+        self.pulls_done += 1  # the heartbeats' image listing is taken again
+        return removed
 
     async def prune_images(self) -> tuple[list[str], int]:
         def prune(client: docker.DockerClient) -> tuple[list[str], int]:
@@ -550,7 +553,9 @@ class DockerRuntime:
             deleted = [next(iter(item.values())) for item in result.get("ImagesDeleted") or []]
             return deleted, int(result.get("SpaceReclaimed") or 0)
 
-        return await self._run(prune)
+        pruned = await self._run(prune)
+        self.pulls_done += 1  # the heartbeats' image listing is taken again
+        return pruned
 
     async def pull_image(self, name: str, auth: dict[str, Any] | None) -> ImageDetail:
         repository, tag = parse_repository_tag(name)

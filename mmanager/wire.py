@@ -486,6 +486,10 @@ class AuditEvent(WireModel):
     details: dict[str, Any] = Field(default_factory=dict)
 
 
+# The most images one heartbeat lists (the controller caps its list, largest first, and marks it partial).
+MAX_HELD_IMAGES = 10000
+
+
 class HeldImage(WireModel):
     """One image on the controller's Docker host, as its heartbeats report it: every name it answers to
     (``tags``: repository:tag; ``digests``: repository@sha256 from a registry) and its ``id``."""
@@ -512,7 +516,9 @@ class Heartbeat(WireModel):
     # A digest of the images the host holds (None: not reported); ``images`` lists them only when the hub's last
     # answer did not name this version, so an unchanged set costs the beat one short string.
     images_version: str | None = Field(default=None, exclude_if=_none)
-    images: list[HeldImage] | None = Field(default=None, exclude_if=_none, max_length=10000)
+    images: list[HeldImage] | None = Field(default=None, exclude_if=_none, max_length=MAX_HELD_IMAGES)
+    # ``images`` left some out (the controller's caps): the hub takes the list as what the host holds.
+    images_partial: bool = Field(default=False, exclude_if=_empty)
 
 
 class StopOrder(WireModel):

@@ -18,10 +18,11 @@ import pytest
 
 from controller.fake import FakeRuntime
 from controller.heartbeat import HeartbeatAgent
+from controller.inventory import images_version
 from controller.spec import build_spec
 from controller.sync import SyncGuard
 from examples.images import EXAMPLE_IMAGE
-from mmanager.wire import ContainerCreate, Heartbeat, HeartbeatAnswer, StopOrder
+from mmanager.wire import ContainerCreate, Heartbeat, HeartbeatAnswer, HeldImage, StopOrder
 from tests.controller.conftest import KEY, Ctl, StartController
 from tests.support.poll import eventually
 
@@ -34,6 +35,7 @@ class FakeHub:
     grace: float = 5.0
     # ok | error (500) | unauthorized (401) | garbage (200, not JSON) | wrong (JSON, not an answer) | down
     # | shed (503 with Retry-After: 1, as a hub with too many beats waiting answers)
+    # | small (413 for a beat that lists images, as a hub whose body limit they pass)
     mode: str = "ok"
     # Seconds to wait before answering, and a gate that holds every answer until set.
     delay: float = 0.0
@@ -67,6 +69,8 @@ class FakeHub:
             return httpx.Response(200, text="<html>not a heartbeat answer</html>")
         if self.mode == "wrong":
             return httpx.Response(200, json={"interval": "soon"})
+        if self.mode == "small" and beat.images:
+            return httpx.Response(413, json={"error": {"code": "PAYLOAD_TOO_LARGE", "message": "too large"}})
         answer = HeartbeatAnswer(interval=self.interval, grace=self.grace, stop=self.orders(beat),
                                  images_version=beat.images_version if self.hold_images else None)
         return httpx.Response(200, json=answer.model_dump(mode="json"))
@@ -391,10 +395,13 @@ async def test_beats_go_on_to_the_next_hub_replica(start_fake: StartController) 
 async def test_images_travel_only_when_the_hub_lacks_their_version(hub_ctl: Ctl, hub: FakeHub,
                                                                     fake: FakeRuntime) -> None:
     # A hub that does not echo the version gets the list with every beat.
-    await eventually(lambda: len(hub.beats) >= 2, what="two heartbeats")
-    first = hub.beats[0]
-    assert first.images_version and [i.tags for i in first.images or []] == [[EXAMPLE_IMAGE]]
-    assert all(b.images is not None for b in hub.beats[:2])
+    # The listing is taken in the background: the beats before it say nothing of images.
+    await eventually(lambda: len([b for b in hub.beats if b.images_version]) >= 2, what="two heartbeats with images")
+    listed = [b for b in hub.beats if b.images_version]
+    first = listed[0]
+    assert [i.tags for i in first.images or []] == [[EXAMPLE_IMAGE]]
+    assert all(b.images is not None for b in listed[:2])
+    assert all(b.images is None for b in hub.beats if not b.images_version)
     # One that holds it gets the version alone.
     hub.hold_images = True
     count = len(hub.beats)
@@ -404,5 +411,72 @@ async def test_images_travel_only_when_the_hub_lacks_their_version(hub_ctl: Ctl,
     fake.images["lab/new:1"] = "sha256:" + "1" * 64
     fake.pulls_done += 1
     await eventually(lambda: hub.beats[-1].images_version != first.images_version, what="a beat with the new set")
-    changed = next(b for b in hub.beats if b.images_version != first.images_version)
+    changed = next(b for b in hub.beats if b.images_version not in (None, first.images_version))
     assert changed.images is not None and {t for i in changed.images for t in i.tags} == {EXAMPLE_IMAGE, "lab/new:1"}
+
+
+async def test_a_slow_image_listing_does_not_delay_the_beats(hub_ctl: Ctl, hub: FakeHub, fake: FakeRuntime,
+                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    await eventually(lambda: hub.beats and hub.beats[-1].images is not None, what="a beat with the images")
+    listed = fake.held_images
+    release = asyncio.Event()
+    calls = 0
+
+    async def slow() -> list[HeldImage]:
+        nonlocal calls
+        calls += 1
+        await release.wait()
+        return await listed()
+
+    monkeypatch.setattr(fake, "held_images", slow)
+    fake.images["lab/new:1"] = "sha256:" + "1" * 64
+    fake.pulls_done += 1
+    await eventually(lambda: calls == 1, what="the listing under way")
+    # Beats go on at their cadence with the last listing, and the listing is not started again meanwhile.
+    count = len(hub.beats)
+    await eventually(lambda: len(hub.beats) > count + 5, what="beats while the listing hangs")
+    assert calls == 1 and agent(hub_ctl).failures == 0
+    assert {t for i in hub.beats[-1].images or [] for t in i.tags} == {EXAMPLE_IMAGE}
+    assert all(b.health.docker for b in hub.beats[count:])
+    release.set()
+    await eventually(lambda: {t for i in hub.beats[-1].images or [] for t in i.tags} == {EXAMPLE_IMAGE, "lab/new:1"},
+                     what="a beat with the new listing")
+
+
+async def test_an_image_removal_lists_the_images_again(hub_ctl: Ctl, hub: FakeHub, fake: FakeRuntime) -> None:
+    fake.images["lab/gone:1"] = "sha256:" + "2" * 64
+    fake.pulls_done += 1
+    await eventually(lambda: hub.beats and any(t == "lab/gone:1" for i in hub.beats[-1].images or [] for t in i.tags),
+                     what="a beat with the image")
+    await fake.remove_image("lab/gone:1", force=True)
+    await eventually(lambda: hub.beats[-1].images is not None
+                     and all(t != "lab/gone:1" for i in hub.beats[-1].images for t in i.tags),
+                     what="a beat without the removed image")
+
+
+async def test_more_images_than_the_cap_go_as_a_partial_list(hub_ctl: Ctl, hub: FakeHub, fake: FakeRuntime) -> None:
+    agent(hub_ctl).images.max_images = 3
+    for n in range(5):
+        fake.images[f"lab/many:{n}"] = "sha256:" + str(n) * 64
+    fake.pulls_done += 1
+    await eventually(lambda: hub.beats and hub.beats[-1].images_partial, what="a beat with a partial list")
+    beat = hub.beats[-1]
+    assert beat.images is not None and len(beat.images) == 3
+    assert beat.images_version == images_version(beat.images)
+
+
+async def test_a_beat_too_large_for_the_hub_goes_again_without_the_images(hub_ctl: Ctl, hub: FakeHub) -> None:
+    await eventually(lambda: synced(hub_ctl), what="first round trip")
+    inventory = agent(hub_ctl).images
+    limit = inventory.max_bytes
+    count = len(hub.beats)
+    hub.mode = "small"
+    await eventually(lambda: any(b.images is None and b.images_version is None for b in hub.beats[count:]),
+                     what="a beat without the images")
+    assert inventory.max_bytes == limit // 2
+    # That beat was answered: the controller stays in touch with a hub whose body limit its list passes.
+    after = next(i for i, b in enumerate(hub.beats) if i >= count and b.images is None)
+    assert len(hub.beats) > after
+    hub.mode = "ok"
+    await eventually(lambda: agent(hub_ctl).failures == 0 and hub.beats[-1].images is not None,
+                     what="beats with the images again")

@@ -68,7 +68,7 @@ def build_hub(settings: HubSettings, db: Database | None = None,
     ops = OperationLog(db, metrics, replica_id)
     images = ImageSets()
     placement = PlacementCache(db, avoid_for=settings.heartbeat_grace, images=images)
-    images.on_change = placement.stale
+    images.on_change = placement.images_changed
     controllers = ControllerRegistry(db, client, settings, metrics, ops, placement)
     gateway = GatewayTable(db, settings)
     gateways = GatewayDirectory(gateway, settings.gateway_url)

@@ -22,10 +22,11 @@ Order of work, after Nomad's scheduler:
 controller: the eligible controllers sit in one heap per server type, ordered by
 (priority, load after one more, id), which is the order ``_best`` picks by; a
 placement pops entries until one passes every check (those that fail for this
-request go back). When the one found lacks the image, image locality looks only
-at the controllers that hold it (``holders``, an index by image the caller keeps,
-else one built from the views) and those that reported no images, in the chosen
-one's tier. It is still pure: the caller builds it from a snapshot and tells it what
+request go back). When the one found lacks the image, image locality looks in the
+same way at heaps of the controllers that hold it (one per image key, built the
+first time from ``holders``, an index by image the caller keeps, else one built
+from the views) and of those that reported no images, in the chosen one's tier.
+It is still pure: the caller builds it from a snapshot and tells it what
 it reserved.
 
 CPU fallback: a GPU ask may carry a ``fallback`` request (its CPU variant's). Only when the GPU ask
@@ -403,12 +404,17 @@ class CandidateIndex:
         # is found when the heaps' best lacks the image. Built the first time that happens (a fleet that
         # reported all or none of its images never needs it).
         self._unreported: dict[str, list[tuple[int, float, str]]] | None = None
+        # Per image key, the same for the controllers holding it: built the first time a placement's best
+        # lacks that image, kept up by ``_update`` and ``set_images`` after.
+        self._holding_heaps: dict[str, dict[str, list[tuple[int, float, str]]]] = {}
         for v in views:
             self._views[v.id] = v
             if _eligible(v):
                 self._heaps.setdefault(v.server_type, []).append(_key(v))
-        # The ids of the controllers holding an image (by ``image_key``); their views' ``images`` decide.
-        self._holders = holders if holders is not None else _holders_of(self._views.values())
+        # The ids of the controllers holding an image (by ``image_key``); their views' ``images`` decide. Without
+        # one from the caller, built from the views when first needed.
+        self._holders = holders
+        self._own_holders = holders is None
         for heap in self._heaps.values():
             heapq.heapify(heap)
         # The controllers with GPUs: where a shared-GPU ask looks.
@@ -424,27 +430,45 @@ class CandidateIndex:
         return len(self._views)
 
     def _first(self, server_type: str, request: PlacementRequest, popped: list[Popped],
-               heaps: dict[str, list[tuple[int, float, str]]] | None = None) -> ControllerView | None:
-        """The best controller of one type that passes every check; what was looked at goes to ``popped``."""
+               heaps: dict[str, list[tuple[int, float, str]]] | None = None,
+               member: Callable[[ControllerView], bool] | None = None) -> ControllerView | None:
+        """The best controller of one type that passes every check; what was looked at goes to ``popped``.
+        ``member``: whether a controller still belongs in ``heaps`` (one that left it is dropped)."""
         heaps = self._heaps if heaps is None else heaps
         heap = heaps.get(server_type)
         while heap:
             key = heapq.heappop(heap)
             c = self._views.get(key[2])
-            if c is None or _key(c) != key or not _eligible(c):
+            if c is None or _key(c) != key or not _eligible(c) or (member is not None and not member(c)):
                 continue  # an entry from before a reserve/release: its current one is elsewhere in the heap
             popped.append((heap, key))
             if feasibility(c, request) is None:
                 return c
         return None
 
+    def _holding_heap(self, image: str) -> dict[str, list[tuple[int, float, str]]]:
+        heaps = self._holding_heaps.get(image)
+        if heaps is None:
+            if self._holders is None:
+                self._holders = _holders_of(self._views.values())
+            heaps = {}
+            for cid in self._holders(image):
+                c = self._views.get(cid)
+                if c is not None and c.images is not None and image in c.images and _eligible(c):
+                    heaps.setdefault(c.server_type, []).append(_key(c))
+            for heap in heaps.values():
+                heapq.heapify(heap)
+            self._holding_heaps[image] = heaps
+        return heaps
+
     def _holding(self, chosen: ControllerView, types: list[str], request: PlacementRequest,
                  popped: list[Popped]) -> ControllerView | None:
         """The best controller of ``chosen``'s tier (its priority, one of ``types``) that holds the image, or
         reported none, and passes every check: no feasible controller has a smaller priority than the heaps'
-        best, so only its tier can hold a better one. A look at the image's holders and at the unreported
-        controllers' heaps, not at the tier."""
-        if request.image is None:
+        best, so only its tier can hold a better one. A look at the heaps of the image's holders and of the
+        unreported controllers, not at the tier."""
+        image = request.image
+        if image is None:
             return None
         if self._unreported is None:
             self._unreported = {}
@@ -453,18 +477,12 @@ class CandidateIndex:
                     self._unreported.setdefault(v.server_type, []).append(_key(v))
             for heap in self._unreported.values():
                 heapq.heapify(heap)
-        unreported = self._unreported
-        found = [c for t in types if (c := self._first(t, request, popped, unreported)) is not None
-                 and c.priority == chosen.priority]
-        best = min(found, key=_key) if found else None
-        for cid in self._holders(request.image):
-            c = self._views.get(cid)
-            if (c is None or c.priority != chosen.priority or c.server_type not in types or _lacks(c, request)
-                    or not _eligible(c) or (best is not None and _key(best) <= _key(c))
-                    or feasibility(c, request) is not None):
-                continue
-            best = c
-        return best
+        found: list[ControllerView] = []
+        for heaps, member in ((self._unreported, _unreported),
+                              (self._holding_heap(image), lambda c: c.images is not None and image in c.images)):
+            found.extend(c for t in types if (c := self._first(t, request, popped, heaps, member)) is not None
+                         and c.priority == chosen.priority)
+        return min(found, key=_key) if found else None
 
     def place(self, request: PlacementRequest, fallback: PlacementRequest | None = None) -> Placement:
         if fallback is not None:
@@ -500,9 +518,31 @@ class CandidateIndex:
     def _update(self, c: ControllerView) -> None:
         self._views[c.id] = c
         if _eligible(c):
-            heapq.heappush(self._heaps.setdefault(c.server_type, []), _key(c))
-            if c.images is None and self._unreported is not None:
-                heapq.heappush(self._unreported.setdefault(c.server_type, []), _key(c))
+            key = _key(c)
+            heapq.heappush(self._heaps.setdefault(c.server_type, []), key)
+            self._push_images(c, key)
+
+    def _push_images(self, c: ControllerView, key: tuple[int, float, str]) -> None:
+        """Its current entry in the heaps of the images it holds (those built), or of the unreported."""
+        if c.images is None:
+            if self._unreported is not None:
+                heapq.heappush(self._unreported.setdefault(c.server_type, []), key)
+            return
+        built = self._holding_heaps
+        for image in (built.keys() & c.images if len(built) < len(c.images) else c.images & built.keys()):
+            heapq.heappush(built[image].setdefault(c.server_type, []), key)
+
+    def set_images(self, controller_id: str, images: frozenset[str] | None) -> None:
+        """What a controller holds changed (its heartbeat said so): its view takes the new set in place."""
+        c = self._views.get(controller_id)
+        if c is None or c.images == images:
+            return
+        c = replace(c, images=images)
+        self._views[controller_id] = c
+        if self._own_holders:
+            self._holders = None  # built from the views: built again when next needed
+        if _eligible(c):
+            self._push_images(c, _key(c))
 
     def reserve(self, controller_id: str, memory: int, cpu: float, gpus: Iterable[str], gpu_memory: int = 0) -> None:
         """Count a placement; with ``gpu_memory`` its GPUs are shared (that budget on each), else held whole."""
@@ -531,6 +571,10 @@ class CandidateIndex:
         c = self._views.get(controller_id)
         if c is not None:
             self._views[controller_id] = replace(c, healthy=False)
+
+
+def _unreported(c: ControllerView) -> bool:
+    return c.images is None
 
 
 def _holders_of(views: Iterable[ControllerView]) -> Callable[[str], Iterable[str]]:

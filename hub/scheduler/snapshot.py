@@ -227,6 +227,12 @@ class PlacementCache:
         snapshot. Other replicas see the change with their next one (at most ``max_age`` later)."""
         self._invalid_at = time.monotonic()
 
+    def images_changed(self, controller_id: str) -> None:
+        """A controller's image set changed (its heartbeat said so): its view takes it in place, with no
+        snapshot (a snapshot taken later reads the sets afresh)."""
+        if self._index is not None and self.images is not None:
+            self._index.set_images(controller_id, self.images.keys(controller_id))
+
     def avoid(self, controller_id: str) -> None:
         """A call could not reach it: no placements there for a while, unless nothing else fits."""
         self._avoid[controller_id] = time.monotonic() + self.avoid_for

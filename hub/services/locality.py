@@ -25,8 +25,8 @@ def held_keys(image: HeldImage) -> set[str]:
 
 class ImageSets:
     def __init__(self) -> None:
-        # Called when a controller's set changed: placement's view is then taken afresh (a rare event).
-        self.on_change: Callable[[], None] | None = None
+        # Called with a controller's id when its set changed: placement's view takes it in place.
+        self.on_change: Callable[[str], None] | None = None
         self._versions: dict[str, str] = {}
         self._keys: dict[str, frozenset[str]] = {}
         self._holders: dict[str, set[str]] = {}
@@ -97,4 +97,4 @@ class ImageSets:
         else:
             self._keys[controller_id] = reported
         if reported != was and self.on_change is not None:
-            self.on_change()
+            self.on_change(controller_id)

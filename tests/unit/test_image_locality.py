@@ -8,6 +8,7 @@ import pytest
 
 from hub.scheduler import CandidateIndex, ControllerView, PlacementRequest, place
 from hub.scheduler.placement import GIB, image_key
+from hub.scheduler.snapshot import PlacementCache
 from hub.services.locality import ImageSets
 from mmanager.wire import HeldImage
 
@@ -96,25 +97,52 @@ def test_locality_table(name, fleet, request_, chosen, reason):
         assert decision.reason == reason, name
 
 
-def test_index_agrees_with_place_on_random_fleets():
-    """The index's fast path (heaps, then the image's holders) chooses as ``place()`` does, placement after
-    placement, on fleets of mixed tiers, types, loads and holders."""
+def random_request(rng: random.Random, fleet: list[ControllerView]) -> PlacementRequest:
+    kind = rng.choice(("cpu", "cpu", "gpu", "typed"))
+    exclude = frozenset(rng.sample([v.id for v in fleet], rng.choice((0, 0, 1, 2))))
+    if kind == "gpu":
+        return PlacementRequest(image=IMG, memory=GIB, gpu_count=rng.choice((1, 2)), exclude=exclude)
+    server_type = rng.choice(("cpu", "edge", "gpu")) if kind == "typed" else None
+    return PlacementRequest(image=IMG, memory=GIB, server_type=server_type, exclude=exclude)
+
+
+@pytest.mark.parametrize("holders", ["given", "built"])
+def test_index_agrees_with_place_on_random_fleets(holders):
+    """The index's fast path (heaps, then the heaps of the image's holders) chooses as ``place()`` does,
+    placement after placement, on fleets of mixed tiers, types, GPUs, loads and holders, with requests by type,
+    for GPUs and with exclusions, while controllers' image sets change between placements."""
     rng = random.Random(25)
-    for _ in range(200):
-        fleet = [node(f"n{i}", has=rng.random() < 0.3, reported=rng.random() < 0.8, priority=rng.choice((1, 1, 2)),
-                      server_type=rng.choice(("cpu", "cpu", "edge")), containers=rng.randrange(6),
-                      max_containers=rng.randrange(3, 9), weight=rng.choice((100, 150))) for i in range(8)]
-        index = CandidateIndex(fleet, holders_of(fleet))
+    for _ in range(300):
+        fleet = []
+        for i in range(10):
+            kw = dict(has=rng.random() < 0.3, reported=rng.random() < 0.8, priority=rng.choice((1, 1, 2)),
+                      containers=rng.randrange(6), max_containers=rng.randrange(3, 9), weight=rng.choice((100, 150)))
+            fleet.append(gpu(f"n{i}", **kw) if rng.random() < 0.3
+                         else node(f"n{i}", server_type=rng.choice(("cpu", "cpu", "edge")), **kw))
         views = {v.id: v for v in fleet}
-        for _ in range(10):
-            request_ = PlacementRequest(image=IMG, memory=GIB)
+
+        def live(key: str, views=views) -> list[str]:
+            # As ImageSets.holders: the current sets, not the snapshot's.
+            return [cid for cid, v in views.items() if v.images is not None and key in v.images]
+
+        index = CandidateIndex(fleet, live if holders == "given" else None)
+        for _ in range(12):
+            if rng.random() < 0.3:
+                # A heartbeat changed one controller's set (as PlacementCache.images_changed passes on).
+                v = rng.choice(list(views.values()))
+                images = rng.choice((None, frozenset(), frozenset({IMG})))
+                views[v.id] = replace(v, images=images)
+                index.set_images(v.id, images)
+            request_ = random_request(rng, fleet)
             want, got = place(views.values(), request_), index.place(request_)
-            assert (got.controller_id, got.reason) == (want.controller_id, want.reason)
+            assert (got.controller_id, got.reason, got.gpu_devices) == (want.controller_id, want.reason,
+                                                                        want.gpu_devices)
             if not want.placed:
-                break
+                continue
             v = views[want.controller_id]
-            views[v.id] = replace(v, containers=v.containers + 1, memory_reserved=v.memory_reserved + GIB)
-            index.reserve(v.id, GIB, 0.0, ())
+            views[v.id] = replace(v, containers=v.containers + 1, memory_reserved=v.memory_reserved + GIB,
+                                  gpus_used=v.gpus_used | frozenset(want.gpu_devices))
+            index.reserve(v.id, GIB, 0.0, want.gpu_devices)
 
 
 def test_image_key_spellings():
@@ -140,3 +168,27 @@ def test_image_sets_index_by_every_name():
     # Unreported is not empty: nothing is added to a controller that never listed its images.
     assert sets.keys("b") is None and not sets.add("b", {IMG}, 1) and sets.keys("b") is None
     assert sets.add("a", {IMG}, 7) and set(sets.holders(IMG)) == {"a"} and sets.size(IMG) == 7
+
+
+async def test_an_image_change_reaches_the_cached_view_without_a_snapshot(monkeypatch):
+    """A heartbeat with a new image set updates that controller's view in the cached index in place: the create
+    path that follows takes no snapshot of the database for it."""
+    sets = ImageSets()
+    cache = PlacementCache(None, images=sets)  # type: ignore[arg-type]
+    sets.on_change = cache.images_changed
+    loads = 0
+
+    async def load_views(db, images):
+        nonlocal loads
+        loads += 1
+        return [node("a"), replace(node("b", containers=3), images=images("b") if images else None)], {}
+
+    monkeypatch.setattr("hub.scheduler.snapshot.load_views", load_views)
+    sets.update("b", "v1", [])
+    assert (await cache.index()).place(PlacementRequest(image=IMG)).controller_id == "a"
+    sets.update("b", "v2", [HeldImage(id="sha256:1", tags=["127.0.0.1:5000/model:1"])])
+    decision = (await cache.index()).place(PlacementRequest(image=IMG))
+    assert (decision.controller_id, decision.reason, loads) == ("b", "image present", 1)
+    sets.update("b", "v3", [])
+    decision = (await cache.index()).place(PlacementRequest(image=IMG))
+    assert (decision.controller_id, loads) == ("a", 1)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
@@ -109,6 +109,8 @@ class ImageLookup(Protocol):
 
     def holders(self, key: str) -> Iterable[str]: ...
 
+    def retain(self, controller_ids: Collection[str], before: float) -> None: ...
+
 
 @dataclass(slots=True, eq=False)
 class Held:
@@ -184,6 +186,9 @@ class PlacementCache:
             started = time.monotonic()
             images = self.images
             views, urls = await load_views(self.db, images.keys if images is not None else None)
+            if images is not None:
+                # Controllers gone from the database lose their image sets (beats before this snapshot).
+                images.retain({v.id for v in views}, started)
             # A row committed before this snapshot's reads began is in it; the others are added on top.
             self._held = {h for h in self._held if h.committed_at is None or h.committed_at >= started}
             avoided = {cid for cid, until in self._avoid.items() if until > started}

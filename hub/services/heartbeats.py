@@ -17,7 +17,8 @@ thousand controllers beating every two seconds cost a few writes a second,
 not a thousand. Only changes are written for containers.
 
 The images a beat lists (only when its controller's set changed) replace what
-``hub.services.locality.ImageSets`` holds for it, in memory.
+``hub.services.locality.ImageSets`` holds for it, in memory; a beat without a list
+whose version is not the one held drops it.
 
 Polled controllers (those that do not push) go through the same path: the
 monitor turns ``/health`` and ``/containers`` into the same observation.
@@ -234,6 +235,8 @@ class HeartbeatIngest:
         shipping = [b for b in batch if b.heartbeat.audit and b.controller_id not in refused]
         if new or shipping:
             await self._store(new, {b.controller_id: b.arrived for b in batch}, shipping)
+        # A set counts while its controller beats here within the grace (hub.services.locality).
+        self.images.grace = self.pace.detection_grace
         for b in batch:
             if b.answer.done():
                 continue
@@ -244,8 +247,8 @@ class HeartbeatIngest:
             listed_at = b.arrived - timedelta(seconds=hb.listing_age + PUSH_LAG)
             result = self.observe(b.controller_id, hb.health, hb.containers, rows[b.controller_id], pushed=True,
                                   listed_at=listed_at, at=b.arrived)
+            self.images.beat(b.controller_id, hb.images_version, hb.images)
             if hb.images is not None:
-                self.images.update(b.controller_id, hb.images_version, hb.images)
                 self.metrics.controllers.set((b.controller_id,), images=len(hb.images))
             b.answer.set_result(HeartbeatAnswer(
                 interval=self.pace.interval, grace=self.pace.grace, stop=result.stop,

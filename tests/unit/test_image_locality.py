@@ -192,3 +192,33 @@ async def test_an_image_change_reaches_the_cached_view_without_a_snapshot(monkey
     sets.update("b", "v3", [])
     decision = (await cache.index()).place(PlacementRequest(image=IMG))
     assert (decision.controller_id, loads) == ("a", 1)
+
+
+def test_a_replica_drops_sets_it_can_no_longer_vouch_for():
+    now = [0.0]
+    sets = ImageSets(clock=lambda: now[0])
+    sets.grace = 10.0
+    held = [HeldImage(id="sha256:1", tags=["127.0.0.1:5000/model:1"])]
+    sets.beat("a", "v1", held)
+    assert sets.keys("a") is not None and IMG in sets.keys("a")
+    # Its beats went elsewhere for longer than the grace: not known to hold (nor lack) anything here.
+    now[0] = 11.0
+    assert sets.keys("a") is None and not sets.has("a", IMG)
+    # It beats here again with the version held: the set counts again.
+    sets.beat("a", "v1", None)
+    assert sets.has("a", IMG) and sets.version("a") == "v1"
+    # A beat without a version (its listing is off, or was refused) drops it.
+    sets.beat("a", None, None)
+    assert sets.keys("a") is None and sets.version("a") is None and list(sets.holders(IMG)) == []
+    # So does one naming another version than the one held (it changed while beating to another replica).
+    sets.beat("a", "v2", held)
+    sets.beat("a", "v3", None)
+    assert sets.keys("a") is None and sets.version("a") is None
+    # A controller gone from the database loses its set; one that beat here since the snapshot began keeps it.
+    sets.beat("a", "v2", held)
+    now[0] = 20.0
+    sets.beat("b", "v1", held)
+    sets.retain({"a"}, before=15.0)
+    assert sets.keys("b") is not None
+    sets.retain({"a"}, before=21.0)
+    assert sets.keys("b") is None and set(sets.holders(IMG)) == {"a"}

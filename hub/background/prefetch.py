@@ -4,14 +4,15 @@ Every ``MMANAGER_PREFETCH_INTERVAL`` seconds ``Prefetcher`` reads the running se
 the specs only of those that want preparing: ``prefetch`` in the spec, or an image of at least
 ``MMANAGER_PREFETCH_MIN_IMAGE_BYTES`` as the heartbeats report its size), asks the pure planner
 (``hub.scheduler.prefetch``) for each one's next ``MMANAGER_PREFETCH_TARGETS`` failover targets, and
-prepares each (service, controller) pair in ``prepare``: the controller pulls the image unless its
-heartbeats say it holds it (with the service's registry credentials, opened for that pull only), and a
-``prefetch`` service's model files are synced into its cache (``hub.services.model_files.presync``).
+prepares each target: the controller pulls the image unless its heartbeats say it holds it (``pull``, with
+the service's registry credentials, opened for that pull only), and a ``prefetch`` service's model files are
+synced into its cache (``prepare``, per (service, controller); ``hub.services.model_files.presync``).
 
-Invariants: at most one preparation runs per pair, at most ``MAX_RUNNING`` at once, off the loop's tick; a
-pull that failed is not tried again on that controller for ``RETRY_AFTER`` seconds; a pull that succeeded
-is not repeated while the controller's heartbeats catch up (``PULLED_KEPT``), and counts in the image sets at
-once, so a failover right after it places by it. Nothing here deletes anything.
+Invariants: at most one pull runs per (controller, image), whichever services want that image there, and one
+pre-sync per (service, controller), at most ``MAX_RUNNING`` tasks at once, off the loop's tick; a pull that
+failed is not tried again on that controller for ``RETRY_AFTER`` seconds; a pull that succeeded is not
+repeated while the controller's heartbeats catch up (``PULLED_KEPT``), and counts in the image sets at once,
+so a failover right after it places by it. Nothing here deletes anything.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Coroutine
 from typing import Any
 
 from pydantic import ValidationError
@@ -58,7 +60,13 @@ _COPIES = (select(_R.c.service_id, _R.c.controller_id, _R.c.image,
            .join(_S, _S.c.id == _R.c.service_id)
            .where(_S.c.desired_state == "running", _R.c.status != "stale"))
 
+# (service id, controller id): a model pre-sync. (controller id, image key): an image pull.
 Pair = tuple[str, str]
+Pull = tuple[str, str]
+
+
+def _message(exc: Exception) -> str:
+    return exc.message if isinstance(exc, HubError) else f"{type(exc).__name__}: {exc}"
 
 
 class Prefetcher(LoopService):
@@ -79,9 +87,15 @@ class Prefetcher(LoopService):
         self._sealed: dict[str, str | None] = {}
         # The specs of ``prefetch`` services that name model files: their targets sync those files too.
         self._models: dict[str, ServiceSpec] = {}
-        self._running: dict[Pair, asyncio.Task[None]] = {}
-        self._failed: dict[Pair, float] = {}
-        self._pulled: dict[Pair, float] = {}
+        # Running tasks: image pulls by (controller, image key), model pre-syncs by (service, controller).
+        self._running: dict[tuple[str, str, str], asyncio.Task[None]] = {}
+        # Image pulls by (controller, image key): failed (not tried again until then), done (not repeated until
+        # then, while the controller's heartbeats catch up).
+        self._failed: dict[Pull, float] = {}
+        self._pulled: dict[Pull, float] = {}
+        # Model pre-syncs by (service, controller): the same.
+        self._sync_failed: dict[Pair, float] = {}
+        self._synced: dict[Pair, float] = {}
         # The targets of the last pass.
         self.targets: list[PrefetchTarget] = []
 
@@ -95,16 +109,30 @@ class Prefetcher(LoopService):
     async def run_once(self) -> None:
         self.targets = await self.plan()
         now = time.monotonic()
-        self._failed = {pair: until for pair, until in self._failed.items() if until > now}
-        self._pulled = {pair: until for pair, until in self._pulled.items() if until > now}
+        self._failed = {k: until for k, until in self._failed.items() if until > now}
+        self._pulled = {k: until for k, until in self._pulled.items() if until > now}
+        self._sync_failed = {k: until for k, until in self._sync_failed.items() if until > now}
+        self._synced = {k: until for k, until in self._synced.items() if until > now}
         for target in self.targets:
-            pair = (target.service_id, target.controller_id)
             if len(self._running) >= MAX_RUNNING:
                 break
-            if pair in self._running or not self.wanted(target, now):
-                continue
-            task = asyncio.create_task(self._prepare(pair, target), name=f"prefetch-{target.controller_id}")
-            self._running[pair] = task
+            pull = (target.controller_id, image_key(target.image_ref))
+            if self.wanted(target, now) and len(self._running) < MAX_RUNNING:
+                # One pull per (controller, image), whichever services want it there.
+                self._start(("pull", *pull), self._pull(pull, target), target)
+            pair = (target.service_id, target.controller_id)
+            if (target.service_id in self._models and pair not in self._synced and pair not in self._sync_failed
+                    and ("sync", *pair) not in self._running and len(self._running) < MAX_RUNNING):
+                self._start(("sync", *pair), self._prepare(pair, target), target)
+
+    def _start(self, key: tuple[str, str, str], work: Coroutine[Any, Any, None], target: PrefetchTarget) -> None:
+        self._running[key] = asyncio.create_task(self._guarded(key, work), name=f"prefetch-{target.controller_id}")
+
+    async def _guarded(self, key: tuple[str, str, str], work: Coroutine[Any, Any, None]) -> None:
+        try:
+            await work
+        finally:
+            self._running.pop(key, None)
 
     async def plan(self) -> list[PrefetchTarget]:
         """The targets of every service that wants preparing, from the placement view as it is now."""
@@ -134,11 +162,24 @@ class Prefetcher(LoopService):
                              image_size=self.images.size, min_image_bytes=min_bytes)
 
     def wanted(self, target: PrefetchTarget, now: float) -> bool:
-        """Whether the pair has anything to prepare: an image the controller lacks and was not just pulled
-        (nor failed to pull lately)."""
-        pair = (target.service_id, target.controller_id)
-        lacking = not target.image_present or target.service_id in self._models
-        return lacking and pair not in self._failed and pair not in self._pulled
+        """Whether the target's controller needs the image pulled: it lacks it, and it was not just pulled
+        there (nor failed to pull lately), for this service or another."""
+        pull = (target.controller_id, image_key(target.image_ref))
+        return (not target.image_present and pull not in self._failed and pull not in self._pulled
+                and ("pull", *pull) not in self._running)
+
+    async def _pull(self, pull: Pull, target: PrefetchTarget) -> None:
+        try:
+            await self.pull(target)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            self._failed[pull] = time.monotonic() + RETRY_AFTER
+            self.metrics.prefetch_pulls.labels("failed").inc()
+            log.warning("could not pull %s onto controller %s for service %s: %s", target.image_ref,
+                        target.controller_id, target.service_id, _message(exc))
+        else:
+            self._pulled[pull] = max(self._pulled.get(pull, 0.0), time.monotonic() + PULLED_KEPT)
 
     async def _prepare(self, pair: Pair, target: PrefetchTarget) -> None:
         try:
@@ -146,41 +187,39 @@ class Prefetcher(LoopService):
         except asyncio.CancelledError:
             raise
         except Exception as exc:
-            self._failed[pair] = time.monotonic() + RETRY_AFTER
-            self.metrics.prefetch_pulls.labels("failed").inc()
-            message = exc.message if isinstance(exc, HubError) else f"{type(exc).__name__}: {exc}"
-            log.warning("could not prepare controller %s for service %s: %s", target.controller_id,
-                        target.service_id, message)
+            self._sync_failed[pair] = time.monotonic() + RETRY_AFTER
+            log.warning("could not sync the model files of service %s onto controller %s: %s", target.service_id,
+                        target.controller_id, _message(exc))
         else:
-            self._pulled[pair] = max(self._pulled.get(pair, 0.0), time.monotonic() + PULLED_KEPT)
-        finally:
-            self._running.pop(pair, None)
+            self._synced[pair] = time.monotonic() + PULLED_KEPT
 
-    async def prepare(self, target: PrefetchTarget) -> None:
-        """Make ``target.controller_id`` ready to take ``target.service_id`` over: its image pulled, and a
-        ``prefetch`` service's model files synced into its cache."""
+    async def pull(self, target: PrefetchTarget) -> None:
+        """Pull ``target``'s image onto its controller (with the service's registry credentials)."""
         url = self.placement.urls.get(target.controller_id)
         if url is None:
             return
-        if not target.image_present:
-            started = time.monotonic()
-            auth = registry_auth.opened(self.settings.sealer, self._sealed.get(target.service_id), target.service_id,
-                                        target.image_ref)
-            image: dict[str, Any] = await self.client.pull_image(target.controller_id, url, target.image_ref, auth)
-            # Known at once, ahead of the controller's next listing: a failover right after places by it.
-            keys = {image_key(target.image_ref), *map(image_key, image.get("tags") or ()),
-                    *([image_key(image["id"])] if image.get("id") else [])}
-            if not self.images.add(target.controller_id, keys, int(image.get("size") or 0)):
-                # It reports no images (polled): nothing will say it holds this one; not pulled again for long.
-                self._pulled[(target.service_id, target.controller_id)] = time.monotonic() + UNREPORTED_KEPT
-            self.metrics.prefetch_pulls.labels("pulled").inc()
-            log.info("pre-pulled %s onto %s for service %s (%s bytes, %.1f s)", target.image_ref,
-                     target.controller_id, target.service_id, image.get("size"),
-                     time.monotonic() - started)
+        started = time.monotonic()
+        auth = registry_auth.opened(self.settings.sealer, self._sealed.get(target.service_id), target.service_id,
+                                    target.image_ref)
+        image: dict[str, Any] = await self.client.pull_image(target.controller_id, url, target.image_ref, auth)
+        # Known at once, ahead of the controller's next listing: a failover right after places by it.
+        keys = {image_key(target.image_ref), *map(image_key, image.get("tags") or ()),
+                *([image_key(image["id"])] if image.get("id") else [])}
+        if not self.images.add(target.controller_id, keys, int(image.get("size") or 0)):
+            # It reports no images (polled): nothing will say it holds this one; not pulled again for long.
+            self._pulled[(target.controller_id, image_key(target.image_ref))] = time.monotonic() + UNREPORTED_KEPT
+        self.metrics.prefetch_pulls.labels("pulled").inc()
+        log.info("pre-pulled %s onto %s for service %s (%s bytes, %.1f s)", target.image_ref,
+                 target.controller_id, target.service_id, image.get("size"), time.monotonic() - started)
+
+    async def prepare(self, target: PrefetchTarget) -> None:
+        """Sync a ``prefetch`` service's model files into ``target.controller_id``'s cache (a sync of files it
+        holds only marks them used): a failover there then waits for no transfer."""
+        url = self.placement.urls.get(target.controller_id)
+        if url is None:
+            return
         spec = self._models.get(target.service_id)
         if spec is not None:
-            # Its model files into the target's cache too (a sync of files it holds only marks them used):
-            # a failover there then waits for no transfer.
             synced = await presync(self.client, target.controller_id, url, spec, self.settings.model_sync_timeout)
             if synced is not None and synced.fetched:
                 log.info("pre-synced %d model file(s) onto %s for service %s (%d bytes, %.1f s)",

@@ -120,4 +120,10 @@ def test_locality_and_prefetch(lab: tuple[LocalDeployment, httpx.Client], image:
     failover = _operation(client, warm["id"], "failover")
     assert "image_pull" not in (failover["details"] or {}), failover
     assert failover["details"]["placement"] == "image present"
-    assert c not in {moved["controller_id"]}
+    # The service without prefetch moved to a holder too, and the prefetch service's next failover target is c
+    # now (b is gone): its image is pre-pulled there in turn.
+    near_now = wait_until(lambda: (s := client.get(f"/api/services/{near['id']}").json())["status"] == "running"
+                          and s["controller_id"] != b and s, 40, what="the other service moved")
+    assert near_now["controller_id"] == a
+    wait_until(lambda: engines[1].client.images.get(image), 60, retry_on=(docker.errors.ImageNotFound,),
+               what="the image pre-pulled onto c, the next failover target")

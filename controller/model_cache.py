@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import os
 import shutil
@@ -33,7 +32,6 @@ import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Iterable
 from pathlib import Path
-from typing import BinaryIO
 
 import httpx
 
@@ -41,14 +39,13 @@ from controller.config import ControllerSettings
 from controller.credentials import HeartbeatKey
 from controller.errors import ModelCacheFull, ModelChecksumMismatch, ModelSyncFailed
 from controller.runtime import Runtime
+from mmanager.hashed import HashedWriter
 from mmanager.wire import ModelsSynced
 
 log = logging.getLogger(__name__)
 
 # The label on a container that names the model files it mounts (hex digests, comma-separated).
 LABEL_MODELS = "mmanager.models"
-# Bytes gathered before each write to disk: one thread hop per MiB, not per network chunk.
-_WRITE_BATCH = 1024**2
 
 
 def models_label(digests: Iterable[str]) -> str:
@@ -183,21 +180,15 @@ class ModelCache:
                 declared = response.headers.get("content-length")
                 if declared is not None and declared.isdigit():
                     self._too_big(int(declared), digest)
-                hasher = hashlib.sha256()
-                size, held, pending = 0, 0, []
+                writer = HashedWriter(out)
                 self._inflight[tmp.name] = 0
                 async for chunk in response.aiter_bytes():
-                    size += len(chunk)
+                    size = writer.size + len(chunk)
                     self._too_big(size, digest)
                     self._inflight[tmp.name] = size
-                    pending.append(chunk)
-                    held += len(chunk)
-                    if held >= _WRITE_BATCH:
-                        # Hashed in the same thread hop as written: the event loop never hashes a byte.
-                        await asyncio.to_thread(_write, out, hasher, pending)
-                        pending, held = [], 0
-                await asyncio.to_thread(_finish, out, hasher, pending)
-                got = "sha256:" + hasher.hexdigest()
+                    await writer.write(chunk)
+                size = writer.size
+                got = await writer.finish()
                 if got != digest:
                     raise ModelChecksumMismatch(
                         f"model file {digest}: the {size} bytes fetched hash to {got}; dropped",
@@ -285,19 +276,6 @@ def _touch(path: Path) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return False
     return True
-
-
-def _write(out: BinaryIO, hasher: hashlib._Hash, pending: list[bytes]) -> None:
-    for chunk in pending:
-        hasher.update(chunk)
-    out.writelines(pending)
-
-
-def _finish(out: BinaryIO, hasher: hashlib._Hash, pending: list[bytes]) -> None:
-    _write(out, hasher, pending)
-    out.flush()
-    os.fsync(out.fileno())
-    out.close()
 
 
 def _publish(tmp: Path, final: Path) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import os
 import posixpath
 import re
@@ -23,7 +22,6 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
-from typing import BinaryIO
 
 from sqlalchemy import Text, cast, delete, func, select
 from sqlalchemy.dialects.postgresql import insert as pg_insert
@@ -36,12 +34,11 @@ from hub.db_direct import Tx, any_of
 from hub.errors import Conflict, HubError, InvalidRequest, NotFound
 from hub.models import ModelFileModel, ModelTypeModel, ServiceModel
 from hub.schemas import DIGEST_PATTERN, MODEL_DIR, ModelMount, ServiceSpec
+from mmanager.hashed import HashedWriter
 from mmanager.wire import ModelsSynced
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 _DIGEST_RE = re.compile(DIGEST_PATTERN.removeprefix("^").removesuffix("$"))
-# Bytes gathered before each write to disk: one thread hop per MiB, not per network chunk.
-_WRITE_BATCH = 1024**2
 # Where a model file may not be mounted: the container's root itself, and the kernel's own trees.
 _FORBIDDEN_MOUNTS = ("/proc", "/sys", "/dev")
 
@@ -109,26 +106,18 @@ class ModelStore:
         removes the temporary file."""
         await asyncio.to_thread(self._dirs)
         tmp = self.tmp / f"upload-{uuid.uuid4().hex}"
-        hasher = hashlib.sha256()
-        size = 0
-        pending: list[bytes] = []
-        held = 0
         out = await asyncio.to_thread(open, tmp, "wb")
+        writer = HashedWriter(out)
         try:
             async for chunk in chunks:
                 if not chunk:
                     continue
-                size += len(chunk)
+                size = writer.size + len(chunk)
                 if limit is not None and size > limit:
                     raise (too_big(size) if too_big else StoreFull("the upload is over its limit"))
-                pending.append(chunk)
-                held += len(chunk)
-                if held >= _WRITE_BATCH:
-                    # Hashed in the same thread hop as written: the event loop never hashes a byte.
-                    await asyncio.to_thread(_write, out, hasher, pending)
-                    pending, held = [], 0
-            await asyncio.to_thread(_finish, out, hasher, pending)
-            digest = "sha256:" + hasher.hexdigest()
+                await writer.write(chunk)
+            size = writer.size
+            digest = await writer.finish()
             await asyncio.to_thread(os.replace, tmp, self.path(digest))
         except OSError as exc:
             out.close()
@@ -148,21 +137,6 @@ class ModelStore:
 
     def exists(self, digest: str) -> bool:
         return self.path(digest).is_file()
-
-
-def _write(out: BinaryIO, hasher: hashlib._Hash, pending: list[bytes]) -> None:
-    for chunk in pending:
-        hasher.update(chunk)
-    out.writelines(pending)
-
-
-def _finish(out: BinaryIO, hasher: hashlib._Hash, pending: list[bytes]) -> None:
-    """The last bytes hashed and written, flushed to disk, closed: a renamed file is a complete one after a
-    crash too."""
-    _write(out, hasher, pending)
-    out.flush()
-    os.fsync(out.fileno())
-    out.close()
 
 
 def check_name(name: str | None, digest: str) -> str:

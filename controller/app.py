@@ -80,8 +80,8 @@ def create_app(
     service = ContainerService(settings, runtime, detect_gpus(settings.gpu_devices), sync, models)
     prober = Prober(settings, runtime, service)
     metrics = ControllerMetrics(settings.server_id)
-    sampler = StatsSampler(settings, runtime, metrics)
     gpu_monitor = GpuMonitor(settings.stats_interval, metrics)
+    sampler = StatsSampler(settings, runtime, metrics, gpus=gpu_monitor)
     audit = AuditTrail(settings.server_id, settings.audit_buffer)
     def restart_if_running(container_id: str, timeout: int) -> Awaitable[Any]:
         return service.heal(container_id, timeout, if_running=True)

@@ -12,26 +12,55 @@ the hub, the container listing shows it as ``resource_usage`` (for a hub that
 polls), and ``/metrics`` exports it as ``mmanager_container_*`` gauges. A
 container that stops or goes away loses its sample and its series; a read that
 fails keeps the previous sample until the next interval.
+
+Where the GPU monitor runs (NVML answers), a container given GPUs also gets its
+VRAM (NVML's compute processes mapped to containers as ``controller.vram`` maps
+them) and its GPUs' mean utilisation from the monitor's latest samples: NVML
+gives no per-process utilisation, so a shared GPU's whole use shows in each of
+its containers.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import UTC, datetime
 
 from controller.config import ControllerSettings
 from controller.errors import ControllerError, NotFound
+from controller.gpu_monitor import GpuMonitor
 from controller.health import ControllerMetrics
 from controller.runtime import Runtime
 from controller.schemas import ContainerStats
+from controller.vram import container_of, per_container
 from mmanager.loops import LoopService
-from mmanager.wire import ContainerInfo, ContainerUsage
+from mmanager.wire import ContainerInfo, ContainerUsage, GpuUsage
 
 # Stats reads in flight at once; each holds a Docker connection (of 32) for about a second.
 MAX_SAMPLES = 16
 
 log = logging.getLogger(__name__)
+
+
+def gpu_use(running: list[ContainerInfo], samples: list[GpuUsage], processes: list[tuple[str, int, int]],
+            locate: Callable[[int], str | None]) -> dict[str, tuple[int | None, float | None]]:
+    """Each running container given GPUs: (VRAM bytes, mean utilisation percent of its GPUs). VRAM is None
+    when NVML's processes map to no container at all (no host PID namespace: nothing can be told), else
+    the sum over its processes (0: none); utilisation is None when no GPU of its has a reading."""
+    given = {c.id: c.gpu_device_ids for c in running if c.gpu_device_ids}
+    if not given:
+        return {}
+    located = {pid: locate(pid) for _, pid, _ in processes}
+    blind = bool(processes) and not any(located.values())
+    used = {} if blind else per_container(processes, set(given), located.get)
+    utilization = {s.index: s.utilization_percent for s in samples if not s.lost and s.utilization_percent is not None}
+    out: dict[str, tuple[int | None, float | None]] = {}
+    for cid, gpus in given.items():
+        readings = [utilization[g] for g in gpus if g in utilization]
+        out[cid] = (None if blind else used.get(cid, 0),
+                    round(sum(readings) / len(readings), 3) if readings else None)
+    return out
 
 
 def usage_of(stats: ContainerStats, now: datetime) -> ContainerUsage:
@@ -53,10 +82,13 @@ class StatsSampler(LoopService):
     cancel_on_stop = True
 
     def __init__(self, settings: ControllerSettings, runtime: Runtime, metrics: ControllerMetrics,
-                 *, max_concurrent: int = MAX_SAMPLES) -> None:
+                 *, max_concurrent: int = MAX_SAMPLES, gpus: GpuMonitor | None = None,
+                 locate: Callable[[int], str | None] = container_of) -> None:
         super().__init__(settings.stats_interval, jitter=0.0)
         self.runtime = runtime
         self.metrics = metrics
+        self.gpus = gpus
+        self.locate = locate
         self._max_concurrent = max_concurrent
         self._latest: dict[str, ContainerUsage] = {}
 
@@ -104,7 +136,15 @@ class StatsSampler(LoopService):
                 return info.id, usage_of(stats, datetime.now(UTC))
 
         results = dict(await asyncio.gather(*(sample(info) for info in running)))
-        self._latest = {cid: usage for cid, usage in results.items() if usage is not None}
+        latest = {cid: usage for cid, usage in results.items() if usage is not None}
+        if self.gpus is not None and self.gpus.started and any(info.gpu_device_ids for info in running):
+            processes = await asyncio.to_thread(self.gpus.process_memory)
+            use = await asyncio.to_thread(gpu_use, running, self.gpus.latest, processes, self.locate)
+            for cid, (memory, utilization) in use.items():
+                if cid in latest:
+                    latest[cid] = latest[cid].model_copy(
+                        update={"gpu_memory_bytes": memory, "gpu_util_percent": utilization})
+        self._latest = latest
         self.metrics.set_usage(
             {info.id: (info.service_id or "", info.name, self._latest[info.id])
              for info in running if info.id in self._latest}

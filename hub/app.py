@@ -26,6 +26,7 @@ from hub.background.leader import Supervisor
 from hub.background.poller import ControllerPoller
 from hub.background.prefetch import Prefetcher
 from hub.background.reconciler import Reconciler
+from hub.background.traffic_history import TrafficRecorder
 from hub.config import HubSettings
 from hub.controller_client import ControllerClient
 from hub.db import Database
@@ -199,6 +200,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     watch = GatewayWatch(hub.gateways)
     idle = IdleWatch(hub.db, hub.services, settings)
     gpu_return = GpuReturn(hub.db, hub.services, settings)
+    traffic = TrafficRecorder(hub.db, settings)
     prefetcher = (Prefetcher(hub.db, settings, hub.client, hub.services.placement, hub.ingest.images,
                              hub.metrics)
                   if settings.prefetch_interval > 0 else None)
@@ -211,10 +213,12 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
         hub.reconciler.start()
         hub.poller.start()
         gpu_return.start()
+        traffic.start()
         if prefetcher is not None:
             prefetcher.start()
 
     async def on_follow() -> None:
+        await traffic.stop()
         await gpu_return.stop()
         if prefetcher is not None:
             await prefetcher.stop()
@@ -251,6 +255,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
                 await publisher.stop()
                 await idle.stop()
                 await gpu_return.stop()
+                await traffic.stop()
                 if prefetcher is not None:
                     await prefetcher.stop()
                 await flusher.stop()

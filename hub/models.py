@@ -322,9 +322,11 @@ class AlertModel(Base):
 
 
 class ServiceMetricModel(Base):
-    """A service's resource use, one row per service per MMANAGER_METRICS_RESOLUTION (``at`` is the
-    bucket's start), kept for MMANAGER_METRICS_RETENTION. Network and block I/O are the container's
-    counters at the bucket's last sample (they restart from zero with a new container)."""
+    """A service's resource use and gateway traffic, one row per service per MMANAGER_METRICS_RESOLUTION
+    (``at`` is the bucket's start), kept for MMANAGER_METRICS_RETENTION. Network and block I/O are the
+    container's counters at the bucket's last sample (they restart from zero with a new container). The
+    heartbeat flusher writes the resource columns (``samples`` 0: a row the traffic recorder made, with
+    no sample), the leader's traffic recorder the traffic ones; neither overwrites the other's."""
 
     __tablename__ = "service_metrics"
 
@@ -342,6 +344,14 @@ class ServiceMetricModel(Base):
     network_tx_bytes: Mapped[int] = mapped_column(BigInteger)
     block_read_bytes: Mapped[int] = mapped_column(BigInteger)
     block_write_bytes: Mapped[int] = mapped_column(BigInteger)
+    # The peak VRAM of the service's containers and their GPUs' mean utilisation; None without a GPU.
+    gpu_memory_bytes_max: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    gpu_util_percent_avg: Mapped[float | None] = mapped_column(Float, default=None)
+    # Requests the gateways counted in the bucket, of which 5xx; the latency histogram's counts in it,
+    # cumulative by upper bound ("0.1", "+Inf"). None in rows older than the traffic history.
+    requests: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    errors_5xx: Mapped[int | None] = mapped_column(BigInteger, default=None)
+    latency_buckets: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
 
 
 class ServiceKeyModel(Base):

@@ -552,20 +552,31 @@ class AlertOut(BaseModel):
 
 
 class MetricPoint(BaseModel):
-    """A service's resource use over one ``resolution``-long bucket starting at ``at``."""
+    """A service's resource use and gateway traffic over one ``resolution``-long bucket starting at ``at``.
+    The resource values are null in a bucket with no container sample (``samples`` 0: only traffic)."""
 
     at: datetime
     samples: int
-    cpu_percent_avg: float
-    cpu_percent_max: float
-    memory_bytes_avg: int
-    memory_bytes_max: int
-    memory_percent_max: float
+    cpu_percent_avg: float | None
+    cpu_percent_max: float | None
+    memory_bytes_avg: int | None
+    memory_bytes_max: int | None
+    memory_percent_max: float | None
     # The container's counters at the bucket's last sample.
-    network_rx_bytes: int
-    network_tx_bytes: int
-    block_read_bytes: int
-    block_write_bytes: int
+    network_rx_bytes: int | None
+    network_tx_bytes: int | None
+    block_read_bytes: int | None
+    block_write_bytes: int | None
+    # Peak VRAM of the service's containers, mean utilisation of their GPUs; null without a GPU.
+    gpu_memory_bytes_max: int | None = None
+    gpu_util_percent_avg: float | None = None
+    # Requests the gateways counted in the bucket, of which 5xx (null in buckets older than this history),
+    # and latency quantiles estimated from the histogram's counts in it (null with no request).
+    requests: int | None = None
+    errors_5xx: int | None = None
+    latency_p50_seconds: float | None = None
+    latency_p95_seconds: float | None = None
+    latency_p99_seconds: float | None = None
 
 
 class TrafficSummary(BaseModel):

@@ -426,7 +426,11 @@ def beat_pause(due: float, interval: float, failures: int, *, answered: bool, re
 class ContainerUsage(WireModel):
     """The latest Docker stats sample of a running container (controller.stats), as ``docker stats``
     computes it. ``sampled_at`` (the controller's clock) tells a new sample from one repeated by the
-    next heartbeat; network and block I/O are counters since the container started."""
+    next heartbeat; network and block I/O are counters since the container started. On a host whose GPUs
+    NVML reads, a container given GPUs also carries its VRAM (its processes' summed, as NVML reports them;
+    None where they cannot be mapped to containers) and the mean utilisation of its GPUs (NVML has no
+    per-process utilisation: a GPU shared by several containers shows its whole use in each); both are
+    left out elsewhere."""
 
     sampled_at: datetime
     cpu_percent: float = Field(default=0.0, ge=0, allow_inf_nan=False)
@@ -436,6 +440,8 @@ class ContainerUsage(WireModel):
     network_tx_bytes: int = Field(default=0, ge=0)
     block_read_bytes: int = Field(default=0, ge=0)
     block_write_bytes: int = Field(default=0, ge=0)
+    gpu_memory_bytes: int | None = Field(default=None, ge=0, exclude_if=_none)
+    gpu_util_percent: float | None = Field(default=None, ge=0, allow_inf_nan=False, exclude_if=_none)
 
 
 # The Prometheus gauge of each ContainerUsage field, as controllers export them and the hub re-exports

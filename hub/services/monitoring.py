@@ -17,9 +17,11 @@ silent keeps its alerts open until it reports again (``ControllerDown`` says why
 
 History. Samples are deduplicated by the controller's sample time (heartbeats repeat the last one
 until the next is taken) and aggregated per service and bucket (average and peak of CPU and memory,
-the last I/O counters); only a service's current container counts, not a stale copy mid-move. A
-bucket is written once it is over; rows older than ``MMANAGER_METRICS_RETENTION`` go at that time
-too, with resolved alerts of that age.
+the last I/O counters, peak VRAM and mean GPU utilisation where the samples carry them); only a
+service's current container counts, not a stale copy mid-move. A bucket is written once it is over;
+rows older than ``MMANAGER_METRICS_RETENTION`` go at that time too, with resolved alerts of that age.
+The same rows hold the gateways' traffic (``hub.background.traffic_history`` writes those columns);
+``service_history`` reads both.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ from hub.db import Database
 from hub.metrics import ALERT_KINDS, HubMetrics
 from hub.models import AlertModel, ServiceMetricModel, new_id, utcnow
 from hub.services.pace import HeartbeatPace
+from hub.services.traffic import QUANTILES, add_histograms, histogram_quantile
 from mmanager.wire import ControllerHealth, GpuUsage, HeartbeatContainer, gpu_values
 
 log = logging.getLogger(__name__)
@@ -146,6 +149,9 @@ class Bucket:
     memory_max: int = 0
     memory_percent_max: float = 0.0
     counters: dict[str, int] = field(default_factory=dict)
+    gpu_memory_max: int | None = None
+    gpu_util_sum: float = 0.0
+    gpu_util_samples: int = 0
 
     def add(self, c: HeartbeatContainer) -> None:
         u = c.usage
@@ -157,6 +163,11 @@ class Bucket:
         self.memory_max = max(self.memory_max, u.memory_bytes)
         self.memory_percent_max = max(self.memory_percent_max, u.memory_percent)
         self.counters = {name: getattr(u, name) for name in COUNTERS}
+        if u.gpu_memory_bytes is not None:
+            self.gpu_memory_max = max(self.gpu_memory_max or 0, u.gpu_memory_bytes)
+        if u.gpu_util_percent is not None:
+            self.gpu_util_sum += u.gpu_util_percent
+            self.gpu_util_samples += 1
 
     def row(self, service_id: str, at: datetime) -> dict[str, Any]:
         return {
@@ -164,6 +175,11 @@ class Bucket:
             "cpu_percent_avg": round(self.cpu_sum / self.samples, 3), "cpu_percent_max": self.cpu_max,
             "memory_bytes_avg": self.memory_sum // self.samples, "memory_bytes_max": self.memory_max,
             "memory_percent_max": self.memory_percent_max, **self.counters,
+            "gpu_memory_bytes_max": self.gpu_memory_max,
+            "gpu_util_percent_avg": (round(self.gpu_util_sum / self.gpu_util_samples, 3)
+                                     if self.gpu_util_samples else None),
+            # No request counted yet: the traffic recorder adds to these (rows from before it are None).
+            "requests": 0, "errors_5xx": 0, "latency_buckets": None,
         }
 
 
@@ -414,6 +430,12 @@ async def _upsert_metrics(session: Any, rows: list[dict[str, Any]]) -> None:
     def mean(column: str) -> Any:
         return (getattr(old, column) * old.samples + getattr(new, column) * new.samples) / total
 
+    def either(column: str, both: Any) -> Any:
+        # GPU columns are None without a GPU: one side's value stands alone.
+        mine, theirs = getattr(old, column), getattr(new, column)
+        return case((theirs.is_(None), mine), (mine.is_(None), theirs), else_=both)
+
+    # The traffic columns are the traffic recorder's: a row it made first keeps them.
     stmt = stmt.on_conflict_do_update(
         index_elements=[old.service_id, old.at],
         set_={
@@ -424,6 +446,8 @@ async def _upsert_metrics(session: Any, rows: list[dict[str, Any]]) -> None:
             "memory_bytes_max": peak("memory_bytes_max"),
             "memory_percent_max": peak("memory_percent_max"),
             **{name: getattr(new, name) for name in COUNTERS},
+            "gpu_memory_bytes_max": either("gpu_memory_bytes_max", peak("gpu_memory_bytes_max")),
+            "gpu_util_percent_avg": either("gpu_util_percent_avg", mean("gpu_util_percent_avg")),
         },
     )
     await session.execute(stmt, rows)
@@ -454,31 +478,72 @@ ALERT_FIELDS = ("id", "kind", "controller_id", "service_id", "container_id", "co
 
 async def service_history(session: Any, service_id: str, since: datetime, resolution: int) -> list[dict[str, Any]]:
     """The stored buckets from ``since`` on, merged into buckets of ``resolution`` seconds (a multiple
-    of the stored one): sample-weighted averages, peaks, the last counters."""
+    of the stored one): sample-weighted averages, peaks, the last counters; requests summed and the
+    latency quantiles estimated from the summed histograms. A point with no sample has no resource
+    values (None); one with no request has no quantiles."""
     rows = await session.scalars(
         select(ServiceMetricModel)
         .where(ServiceMetricModel.service_id == service_id, ServiceMetricModel.at >= since)
         .order_by(ServiceMetricModel.at)
     )
-    merged: dict[datetime, dict[str, Any]] = {}
+    merged: dict[datetime, _Point] = {}
     for r in rows:
         at = bucket_start(r.at, resolution)
-        point = merged.get(at)
-        if point is None:
-            merged[at] = {"at": at, **{name: getattr(r, name) for name in POINT_FIELDS}}
-            continue
-        total = point["samples"] + r.samples
-        point["cpu_percent_avg"] = round(
-            (point["cpu_percent_avg"] * point["samples"] + r.cpu_percent_avg * r.samples) / total, 3)
-        point["memory_bytes_avg"] = (point["memory_bytes_avg"] * point["samples"]
-                                     + r.memory_bytes_avg * r.samples) // total
-        point["samples"] = total
-        for name in ("cpu_percent_max", "memory_bytes_max", "memory_percent_max"):
-            point[name] = max(point[name], getattr(r, name))
-        for name in COUNTERS:
-            point[name] = getattr(r, name)
-    return list(merged.values())
+        merged.setdefault(at, _Point(at)).add(r)
+    return [point.out() for point in merged.values()]
 
 
-POINT_FIELDS = ("samples", "cpu_percent_avg", "cpu_percent_max", "memory_bytes_avg", "memory_bytes_max",
-                "memory_percent_max", *COUNTERS)
+@dataclass
+class _Point:
+    """Stored rows merged into one point of the history."""
+
+    at: datetime
+    samples: int = 0
+    resources: dict[str, Any] = field(default_factory=dict)
+    gpu_memory_max: int | None = None
+    gpu_util: tuple[float, int] = (0.0, 0)
+    requests: int | None = None
+    errors_5xx: int | None = None
+    latency: dict[str, float] = field(default_factory=dict)
+
+    def add(self, r: ServiceMetricModel) -> None:
+        if r.samples > 0:
+            p, total = self.resources, self.samples + r.samples
+            if not p:
+                p.update({name: getattr(r, name) for name in RESOURCE_FIELDS})
+            else:
+                p["cpu_percent_avg"] = round(
+                    (p["cpu_percent_avg"] * self.samples + r.cpu_percent_avg * r.samples) / total, 3)
+                p["memory_bytes_avg"] = (p["memory_bytes_avg"] * self.samples + r.memory_bytes_avg * r.samples) // total
+                for name in ("cpu_percent_max", "memory_bytes_max", "memory_percent_max"):
+                    p[name] = max(p[name], getattr(r, name))
+                for name in COUNTERS:
+                    p[name] = getattr(r, name)
+            self.samples = total
+            if r.gpu_memory_bytes_max is not None:
+                self.gpu_memory_max = max(self.gpu_memory_max or 0, r.gpu_memory_bytes_max)
+            if r.gpu_util_percent_avg is not None:
+                weighted, n = self.gpu_util
+                self.gpu_util = (weighted + r.gpu_util_percent_avg * r.samples, n + r.samples)
+        if r.requests is not None:
+            self.requests = (self.requests or 0) + r.requests
+        if r.errors_5xx is not None:
+            self.errors_5xx = (self.errors_5xx or 0) + r.errors_5xx
+        if r.latency_buckets:
+            self.latency = add_histograms(self.latency, r.latency_buckets)
+
+    def out(self) -> dict[str, Any]:
+        weighted, n = self.gpu_util
+        buckets = {float(bound): count for bound, count in self.latency.items()}
+        return {
+            "at": self.at, "samples": self.samples,
+            **{name: self.resources.get(name) for name in RESOURCE_FIELDS},
+            "gpu_memory_bytes_max": self.gpu_memory_max,
+            "gpu_util_percent_avg": round(weighted / n, 3) if n else None,
+            "requests": self.requests, "errors_5xx": self.errors_5xx,
+            **{f"latency_p{round(q * 100)}_seconds": histogram_quantile(q, buckets) for q in QUANTILES},
+        }
+
+
+RESOURCE_FIELDS = ("cpu_percent_avg", "cpu_percent_max", "memory_bytes_avg", "memory_bytes_max",
+                   "memory_percent_max", *COUNTERS)

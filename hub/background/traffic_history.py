@@ -1,0 +1,140 @@
+"""The leader's traffic recorder: each service's requests through the gateways, per history bucket.
+
+Once per ``MMANAGER_METRICS_RESOLUTION``, just after each bucket starts, it reads every live gateway's
+latency histograms (``hub.services.traffic.read_gateways``) and keeps them in memory; what each series
+counted since the gateway's previous read (``increase``: never negative) is summed per service over the
+gateways and added to the ``service_metrics`` row of the bucket in which that previous read was taken
+(``requests``, ``errors_5xx``, ``latency_buckets``). The first read of a gateway is its baseline and
+counts nothing, unless the gateway registered after this recorder's previous round (it is new: all it
+counted came since). A gateway that does not answer keeps its baseline: its next read covers the gap.
+
+Invariant: only the leader writes these columns (the heartbeat flusher writes the others of the same
+rows, and leaves these alone), so adding to what a row holds is a read and a write in one transaction,
+never a race with another recorder.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+from sqlalchemy import select, tuple_
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
+
+from hub.config import HubSettings
+from hub.db import Database
+from hub.models import ServiceMetricModel, ServiceModel, UserModel, utcnow
+from hub.services.monitoring import COUNTERS, bucket_start
+from hub.services.traffic import (
+    Counts,
+    SeriesKey,
+    Traffic,
+    add_histograms,
+    increase,
+    per_service,
+    read_gateways,
+    series_of,
+)
+from mmanager.loops import LoopService
+
+log = logging.getLogger(__name__)
+
+# How far into a bucket the read is taken: little enough that nearly all of what it counts fell in the
+# previous bucket, enough that a clock tick late does not read twice in one.
+OFFSET = 0.05
+
+
+@dataclass
+class _Read:
+    at: datetime
+    series: dict[SeriesKey, Counts]
+
+
+class TrafficRecorder(LoopService):
+    name = "traffic-recorder"
+
+    def __init__(self, db: Database, settings: HubSettings) -> None:
+        super().__init__(settings.metrics_resolution, jitter=0.0)
+        self.db = db
+        self.offset = min(1.0, OFFSET * settings.metrics_resolution)
+        self._last: dict[str, _Read] = {}
+        self._round_at: datetime | None = None
+
+    def next_delay(self, took: float) -> float:
+        """Until ``offset`` seconds into the next bucket."""
+        now = time.time()
+        target = (int((now - self.offset) // self.interval) + 1) * self.interval + self.offset
+        return max(target - now, 0.0)
+
+    async def stop(self) -> None:
+        await super().stop()
+        # A leader again later has no baselines it can trust.
+        self._last.clear()
+        self._round_at = None
+
+    async def run_once(self) -> None:
+        now = utcnow()
+        read, unreachable = await read_gateways(self.db)
+        previous_round, self._round_at = self._round_at, now
+        by_bucket: dict[datetime, list[dict[SeriesKey, Counts]]] = {}
+        for gateway, families in read:
+            series = series_of(families)
+            before = self._last.get(gateway.id)
+            self._last[gateway.id] = _Read(now, series)
+            if before is not None:
+                by_bucket.setdefault(bucket_start(before.at, self.interval), []).append(increase(before.series, series))
+            elif previous_round is not None and gateway.created_at > previous_round:
+                by_bucket.setdefault(bucket_start(previous_round, self.interval), []).append(increase({}, series))
+        # Gone from the live list: its next read (if it comes back) is a baseline again.
+        live = {gateway.id for gateway, _ in read} | set(unreachable)
+        for gateway_id in [g for g in self._last if g not in live]:
+            del self._last[gateway_id]
+        traffic = {at: per_service(increases) for at, increases in by_bucket.items()}
+        traffic = {at: services for at, services in traffic.items() if services}
+        if traffic:
+            await record(self.db, traffic)
+
+
+async def record(db: Database, traffic: dict[datetime, dict[str, Traffic]]) -> None:
+    """Add each service's (``owner/name``) traffic to its row of each bucket; a service unknown (deleted
+    meanwhile, or a frontend's own answers) is left out."""
+    names = {tuple(service.split("/", 1)) for services in traffic.values() for service in services if "/" in service}
+    if not names:
+        return
+    async with db.session() as session:
+        ids = {f"{owner}/{name}": sid for sid, owner, name in (await session.execute(
+            select(ServiceModel.id, UserModel.username, ServiceModel.name)
+            .join(UserModel, UserModel.id == ServiceModel.owner_id)
+            .where(tuple_(UserModel.username, ServiceModel.name).in_(sorted(names))))).all()}
+        wanted = {(ids[service], at): t for at, services in traffic.items()
+                  for service, t in services.items() if service in ids}
+        if not wanted:
+            return
+        stored = (await session.execute(
+            select(ServiceMetricModel.service_id, ServiceMetricModel.at, ServiceMetricModel.requests,
+                   ServiceMetricModel.errors_5xx, ServiceMetricModel.latency_buckets)
+            .where(tuple_(ServiceMetricModel.service_id, ServiceMetricModel.at).in_(sorted(wanted))))).all()
+        for sid, at, requests, errors, buckets in stored:
+            t = wanted.get((sid, at))
+            if t is not None:
+                wanted[(sid, at)] = Traffic(t.requests + (requests or 0), t.errors_5xx + (errors or 0),
+                                            add_histograms(buckets or {}, t.buckets))
+        rows = [_row(sid, at, t) for (sid, at), t in sorted(wanted.items())]
+        insert = sqlite_insert if db.is_sqlite else pg_insert
+        stmt = insert(ServiceMetricModel)
+        stmt = stmt.on_conflict_do_update(
+            index_elements=[ServiceMetricModel.service_id, ServiceMetricModel.at],
+            set_={name: getattr(stmt.excluded, name) for name in ("requests", "errors_5xx", "latency_buckets")})
+        await session.execute(stmt, rows)
+
+
+def _row(service_id: str, at: datetime, t: Traffic) -> dict[str, Any]:
+    # A row of its own (no sample yet, maybe never): the resource columns are zero with samples 0, and
+    # the history shows them as None.
+    return {"service_id": service_id, "at": at, "samples": 0, "cpu_percent_avg": 0.0, "cpu_percent_max": 0.0,
+            "memory_bytes_avg": 0, "memory_bytes_max": 0, "memory_percent_max": 0.0, **dict.fromkeys(COUNTERS, 0),
+            "requests": t.requests, "errors_5xx": t.errors_5xx, "latency_buckets": t.buckets}

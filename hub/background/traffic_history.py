@@ -16,7 +16,7 @@ never a race with another recorder.
 from __future__ import annotations
 
 import logging
-import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
@@ -57,16 +57,17 @@ class _Read:
 class TrafficRecorder(LoopService):
     name = "traffic-recorder"
 
-    def __init__(self, db: Database, settings: HubSettings) -> None:
+    def __init__(self, db: Database, settings: HubSettings, clock: Callable[[], datetime] = utcnow) -> None:
         super().__init__(settings.metrics_resolution, jitter=0.0)
         self.db = db
+        self.clock = clock
         self.offset = min(1.0, OFFSET * settings.metrics_resolution)
         self._last: dict[str, _Read] = {}
         self._round_at: datetime | None = None
 
     def next_delay(self, took: float) -> float:
         """Until ``offset`` seconds into the next bucket."""
-        now = time.time()
+        now = self.clock().timestamp()
         target = (int((now - self.offset) // self.interval) + 1) * self.interval + self.offset
         return max(target - now, 0.0)
 
@@ -77,7 +78,7 @@ class TrafficRecorder(LoopService):
         self._round_at = None
 
     async def run_once(self) -> None:
-        now = utcnow()
+        now = self.clock()
         read, unreachable = await read_gateways(self.db)
         previous_round, self._round_at = self._round_at, now
         by_bucket: dict[datetime, list[dict[SeriesKey, Counts]]] = {}

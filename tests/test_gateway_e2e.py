@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,9 @@ SPEC: dict[str, Any] = {
 }
 
 
+RESOLUTION = 2
+
+
 @pytest.fixture
 async def db_url(pg_server: str) -> str:
     return await create_database(pg_server, "gw")
@@ -37,7 +41,9 @@ async def db_url(pg_server: str) -> str:
 @pytest.fixture
 def lab(db_url: str, example_image: str, docker_client: docker.DockerClient, tmp_path: Path,
         request: pytest.FixtureRequest) -> Iterator[Lab]:
-    with running_lab(db_url, tmp_path, request, docker_client) as lab:
+    # History buckets of 2 s, so that the traffic history's test sees its requests recorded soon.
+    with running_lab(db_url, tmp_path, request, docker_client,
+                     hub_env={"MMANAGER_METRICS_RESOLUTION": str(RESOLUTION)}) as lab:
         yield lab
 
 
@@ -52,6 +58,10 @@ def create(lab: Lab, **spec: Any) -> dict[str, Any]:
     assert service["url"] == f"{gateway}/s/root/{spec.get('name', SPEC['name'])}/"
     wait_until(lambda: _answers(service["url"] + "health"), 20, "the gateway answering for the service")
     return service
+
+
+def bucket(t: float) -> float:
+    return t // RESOLUTION * RESOLUTION
 
 
 def _route(lab: Lab, service_id: str) -> dict[str, Any]:
@@ -102,6 +112,26 @@ def test_the_url_is_the_gateways_by_path_and_by_host(lab: Lab) -> None:
         assert traffic["latency_seconds"]["p50"] is not None
         assert [r["replica"] for r in traffic["replicas"]] == [service["container_id"]]
         targets = client.get("/api/admin/prometheus/targets").json()
+
+        # The same requests in the service's history: each counted once, in the bucket it was sent in.
+        def recorded(more: int) -> dict[str, Any] | None:
+            body = client.get(f"/api/services/{service['id']}/metrics", params={"resolution": RESOLUTION}).json()
+            counted = sum(p["requests"] or 0 for p in body["points"])
+            return body if counted == body["traffic"]["requests"] >= more else None
+
+        before = wait_until(lambda: recorded(traffic["requests"]), 20, "the history counting every request")
+        sent_from = time.time()
+        for _ in range(7):
+            assert httpx.get(service["url"] + "health", timeout=5).status_code == 200
+        sent_until = time.time()
+        after = wait_until(lambda: recorded(before["traffic"]["requests"] + 7), 20, "the history counting 7 more")
+    counts = {p["at"]: p["requests"] or 0 for p in before["points"]}
+    added = {p["at"]: p for p in after["points"] if (p["requests"] or 0) != counts.get(p["at"], 0)}
+    assert sum(p["requests"] - counts.get(at, 0) for at, p in added.items()) == 7
+    # The recorder reads a tenth of a bucket into each: what came in that tenth is the bucket before's.
+    first, last = bucket(sent_from - RESOLUTION / 10), bucket(sent_until)
+    assert all(first <= datetime.fromisoformat(at).timestamp() <= last for at in added), (sent_from, added)
+    assert all(p["latency_p50_seconds"] is not None and p["errors_5xx"] == 0 for p in added.values())
     scraped = {g["labels"]["__metrics_path__"]: g for g in targets if g["labels"]["job"] == "mmanager-gateway"}
     assert set(scraped) == {"/metrics", "/metrics/latency"}
     for path, group in scraped.items():

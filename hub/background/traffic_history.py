@@ -6,7 +6,8 @@ counted since the gateway's previous read (``increase``: never negative) is summ
 gateways and added to the ``service_metrics`` row of the bucket in which that previous read was taken
 (``requests``, ``errors_5xx``, ``latency_buckets``). The first read of a gateway is its baseline and
 counts nothing, unless the gateway registered after this recorder's previous round (it is new: all it
-counted came since). A gateway that does not answer keeps its baseline: its next read covers the gap.
+counted came since). A gateway that does not answer keeps its baseline: its next read covers the gap;
+so does the next round after one whose write failed (baselines move only once written).
 
 Invariant: only the leader writes these columns (the heartbeat flusher writes the others of the same
 rows, and leaves these alone), so adding to what a row holds is a read and a write in one transaction,
@@ -80,24 +81,23 @@ class TrafficRecorder(LoopService):
     async def run_once(self) -> None:
         now = self.clock()
         read, unreachable = await read_gateways(self.db)
-        previous_round, self._round_at = self._round_at, now
+        # A gateway that does not answer keeps its baseline; one gone from the live list loses it (its next
+        # read, if it comes back, is a baseline again).
+        baselines = {g: r for g, r in self._last.items() if g in set(unreachable)}
         by_bucket: dict[datetime, list[dict[SeriesKey, Counts]]] = {}
         for gateway, families in read:
             series = series_of(families)
             before = self._last.get(gateway.id)
-            self._last[gateway.id] = _Read(now, series)
+            baselines[gateway.id] = _Read(now, series)
             if before is not None:
                 by_bucket.setdefault(bucket_start(before.at, self.interval), []).append(increase(before.series, series))
-            elif previous_round is not None and gateway.created_at > previous_round:
-                by_bucket.setdefault(bucket_start(previous_round, self.interval), []).append(increase({}, series))
-        # Gone from the live list: its next read (if it comes back) is a baseline again.
-        live = {gateway.id for gateway, _ in read} | set(unreachable)
-        for gateway_id in [g for g in self._last if g not in live]:
-            del self._last[gateway_id]
-        traffic = {at: per_service(increases) for at, increases in by_bucket.items()}
-        traffic = {at: services for at, services in traffic.items() if services}
+            elif self._round_at is not None and gateway.created_at > self._round_at:
+                by_bucket.setdefault(bucket_start(self._round_at, self.interval), []).append(increase({}, series))
+        traffic = {at: services for at, increases in by_bucket.items() if (services := per_service(increases))}
         if traffic:
             await record(self.db, traffic)
+        # Only once recorded: a round that failed to write is counted by the next.
+        self._last, self._round_at = baselines, now
 
 
 async def record(db: Database, traffic: dict[datetime, dict[str, Traffic]]) -> None:

@@ -1,7 +1,7 @@
 """The traffic and GPU history on PostgreSQL and SQLite: the recorder's rounds over gateways' expositions
 (two gateways, one restarting, one new) land as requests, 5xx and latency quantiles in the service's
 buckets, in the same rows as the heartbeats' resource samples whichever is written first; a bucket with
-traffic and no sample has no resource values; a GPU controller's samples (fake NVML) give the bucket's
+traffic and no sample has no resource values; a round whose write failed is counted by the next; a GPU controller's samples (fake NVML) give the bucket's
 peak VRAM and mean utilisation, and a CPU service has none."""
 
 from __future__ import annotations
@@ -162,6 +162,21 @@ async def test_recorded_traffic_lands_in_its_buckets_beside_the_samples(
         [late] = await service_history(session, sid, B + timedelta(seconds=120), RESOLUTION)
     assert (late["samples"], late["cpu_percent_avg"], late["network_rx_bytes"], late["requests"]) == (0, None, None, 1)
     assert late["latency_p50_seconds"] == pytest.approx(0.3)
+
+    # A round whose write fails is counted by the next, in the bucket of the last read that was recorded.
+    async def refused(*_: Any) -> None:
+        raise OSError("the database went away")
+
+    gateways.text["gw3"] = exposition({("alice/a", "2xx"): (0, 1, 5)})
+    with monkeypatch.context() as patched:
+        patched.setattr(traffic_history, "record", refused)
+        with pytest.raises(OSError):
+            await round_at(B + timedelta(seconds=240))
+    gateways.text["gw3"] = exposition({("alice/a", "2xx"): (0, 1, 6)})
+    await round_at(B + timedelta(seconds=300))
+    async with any_db.session() as session:
+        points = await service_history(session, sid, B + timedelta(seconds=180), RESOLUTION)
+    assert [(p["at"], p["requests"]) for p in points] == [(B + timedelta(seconds=180), 2)]
 
 
 def _gpu_container(runtime: FakeRuntime, service: str, gpus: str | None) -> str:

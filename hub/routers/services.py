@@ -158,8 +158,9 @@ async def service_metrics(
     resolution: int = Query(60, ge=1, le=86400, description="seconds per point; rounded up to a multiple "
                                                              "of MMANAGER_METRICS_RESOLUTION"),
 ) -> ServiceMetricsOut:
-    """The service's downsampled resource use (CPU, memory, network and block I/O) for trends, and its
-    traffic through the gateways (requests, responses by status class, latency quantiles), per replica."""
+    """The service's downsampled history for trends (CPU, memory, network and block I/O, GPU, and the
+    requests, 5xx and latency quantiles the gateways counted per point), and its traffic through the
+    gateways since each started (requests, responses by status class, latency quantiles), per replica."""
     service = await hub.services.get_for(session, user, service_id)
     traffic = await service_traffic(hub.db, service.owner.username, service.name)
     stored = hub.settings.metrics_resolution

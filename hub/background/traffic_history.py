@@ -16,7 +16,6 @@ never a race with another recorder.
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
@@ -41,8 +40,6 @@ from hub.services.traffic import (
     series_of,
 )
 from mmanager.loops import LoopService
-
-log = logging.getLogger(__name__)
 
 # How far into a bucket the read is taken: little enough that nearly all of what it counts fell in the
 # previous bucket, enough that a clock tick late does not read twice in one.

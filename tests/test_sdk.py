@@ -89,6 +89,7 @@ def test_the_sdk_deploys_predicts_follows_scales_and_deletes(lab: Lab, docker_cl
     scaled: list[OperationOut] = []
     out = svc.scale(2, progress=scaled.append)
     assert len(out.replicas) == 2 and scaled[-1].status == "succeeded"
+    assert scaled[-1].details["progress"] == {"done": 1, "total": 1, "unit": "replicas", "step": "2 replicas running"}
     assert len(running_copies(docker_client, svc.id)) == 2
 
     # Bad input: the hub's code, and nothing changed.

@@ -1,13 +1,18 @@
 """The user-scoped routes the clients read (docs/API.md, Your account and history), on real PostgreSQL and
 the real Docker engine: each user sees their own operations, audit entries and alerts and none of another's;
-an admin sees all; migrating through the service's route moves the replica it names."""
+an admin sees all; migrating through the service's route moves the replica it names; long operations show
+their progress."""
 
 from __future__ import annotations
 
 from typing import Any
 
+import httpx
+
 from examples.images import EXAMPLE_IMAGE
 from hub.models import AlertModel
+from hub.schemas import OperationOut
+from mmanager.client import AsyncClient
 from tests.hub.conftest import Cluster
 
 SPEC = {"name": "m", "image": EXAMPLE_IMAGE, "ports": {"5000": None}, "resources": {"memory_limit": "32MB"}}
@@ -95,3 +100,33 @@ async def test_migrate_moves_the_named_replica(cluster: Cluster) -> None:
     assert after[new] != before[moved]
     [op] = (await cluster.hub.get("/api/operations", params={"operation": "migrate"}, headers=alice)).json()
     assert op["status"] == "succeeded" and op["actor"] == "admin" and op["service_id"] == service["id"]
+
+
+async def test_scale_and_drain_show_their_progress_reaching_the_total(cluster: Cluster) -> None:
+    """Through the async SDK on the hub in process (its ASGI transport, as the console calls its own hub): each
+    poll's ``details.progress`` only grows, and the operation ends with it at its total."""
+    gpu, cpu1, cpu2 = cluster.controller_ids
+    transport = cluster.hub._transport
+    assert isinstance(transport, httpx.ASGITransport)
+    async with AsyncClient(url="http://hub", token=cluster.admin_token, transport=transport) as hub:
+        service = await hub.services.create({**SPEC, "name": "p"})
+        polls: list[OperationOut] = []
+        scaled = await hub.services.scale(service.id, 3, progress=polls.append)
+        assert len(scaled.replicas) == 3
+        seen = [p.details["progress"]["done"] for p in polls if "progress" in p.details]
+        assert seen == sorted(seen) and seen[-1] == 2
+        assert polls[-1].status == "succeeded"
+        assert polls[-1].details["progress"] == {"done": 2, "total": 2, "unit": "replicas",
+                                                 "step": "3 replicas running"}
+
+        await hub.services.create({**SPEC, "name": "q"}, progress=polls.append)
+        # A drain counts the services whose primary copy it hosts.
+        moving = sum(s.controller_id == cpu1 for s in await hub.services.list())
+        assert moving >= 1
+        drains: list[OperationOut] = []
+        drained = await hub.controllers.drain(cpu1, progress=drains.append)
+        assert drained.enabled is False and drained.status != "draining"
+        assert drains[-1].status == "succeeded"
+        assert drains[-1].details["progress"] == {"done": moving, "total": moving, "unit": "services",
+                                                  "step": f"{cpu1} drained"}
+        assert not cluster.containers(**{"mmanager.controller": cpu1})

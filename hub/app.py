@@ -37,6 +37,7 @@ from hub.models import new_id
 from hub.ratelimit import RateLimiter
 from hub.routers import admin, audit, controllers, gateway, images, model_files, models, prometheus, services, system
 from hub.routers.hot import HotApp
+from hub.routers.mine import router as mine_router
 from hub.scheduler.snapshot import PlacementCache
 from hub.services.audit import CLIENT_CLOSED, HEARTBEAT_PATH, PRESENCE_PATH, AuditLog, skip_routine
 from hub.services.controllers import ControllerRegistry
@@ -297,5 +298,6 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.include_router(audit.router)
     app.include_router(models.router)
     app.include_router(model_files.router)
+    app.include_router(mine_router)
     install_request_ids(app)
     return app

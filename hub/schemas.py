@@ -378,6 +378,9 @@ class MigrateRequest(StrictModel):
     target_controller: str | None = None
     # Move even though the service's volumes stay on the controller it leaves (else 409 VOLUME_STAYS_BEHIND).
     leave_volumes: bool = False
+    # The replica to move (``POST /api/services/{id}/migrate``): an id from the status's ``replicas``;
+    # default the primary copy.
+    replica: str | None = Field(default=None, min_length=1, max_length=128)
 
 
 class Endpoint(BaseModel):
@@ -490,6 +493,13 @@ class DeploymentOut(BaseModel):
 class UserIn(StrictModel):
     username: str = Field(min_length=1, max_length=64, pattern=NAME_PATTERN)
     is_admin: bool = False
+
+
+class MeOut(BaseModel):
+    """``GET /api/me``: who the token is."""
+
+    username: str
+    admin: bool
 
 
 class UserCreated(BaseModel):

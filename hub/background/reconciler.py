@@ -46,7 +46,7 @@ from hub.scheduler.reconcile import (
 )
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.lifecycle import ServiceManager
-from hub.services.operations import ACTIVE
+from hub.services.operations import ACTIVE, progress_of
 from hub.services.pace import HeartbeatPace
 from mmanager.loops import LoopService
 
@@ -356,6 +356,25 @@ class Reconciler(LoopService):
         self._not_before.pop(sid, None)
         if result is not None:
             log.info("service %s moved (%s) to %s", sid, action.reason, result.controller_id)
+        if action.reason == "drain" and action.from_controller is not None:
+            await self._drain_progress(action.from_controller)
+
+    async def _drain_progress(self, controller_id: str) -> None:
+        """After one of a drain's moves: its operations show how many of the services it began with have left
+        (``details.progress``). A courtesy: a read or write that fails is only logged."""
+        try:
+            async with self.db.session() as session:
+                drains = list(await session.scalars(select(OperationModel).where(
+                    OperationModel.operation == "drain", OperationModel.controller_id == controller_id,
+                    OperationModel.status == "running")))
+                left = await session.scalar(select(func.count()).where(ServiceModel.controller_id == controller_id))
+            for op in drains:
+                total = int(op.details.get("services", 0))
+                done = min(max(total - (left or 0), 0), total)
+                await self.services.ctx.ops.advance(op, done, total, "services",
+                                                    f"{done} of {total} services moved off {controller_id}")
+        except Exception as exc:
+            log.debug("no drain progress for %s: %s", controller_id, exc)
 
     async def _finish_drain(self, controller_id: str) -> None:
         """The controller is empty: it stops draining and its drain operations end, in one transaction
@@ -376,7 +395,9 @@ class Reconciler(LoopService):
                 )
             )
             for op in drains:
-                await ops.finish_in(CoreTx(session), op)
+                total = int(op.details.get("services", 0))
+                await ops.finish_in(CoreTx(session), op, details={"progress": progress_of(
+                    total, total, "services", f"{controller_id} drained")})
         for op in drains:
             ops.finished(op)
         log.info("controller %s is drained", controller_id)

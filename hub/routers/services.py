@@ -12,13 +12,14 @@ from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select
 from starlette.types import Receive, Scope, Send
 
-from hub.deps import CurrentUser, Hub, HubDep, SessionDep, admit, admit_remembered
-from hub.errors import HubError
-from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel, utcnow
+from hub.deps import AdminUser, CurrentUser, Hub, HubDep, SessionDep, admit, admit_remembered
+from hub.errors import HubError, NotFound
+from hub.models import ContainerRegistryModel, DeploymentHistoryModel, OperationModel, ServiceModel, UserModel, utcnow
 from hub.routers.hot import HotRoute, send_json
 from hub.routers.paging import Limit, Offset
 from hub.schemas import (
     DeploymentOut,
+    MigrateRequest,
     OperationOut,
     RollbackRequest,
     ServiceCreate,
@@ -51,10 +52,18 @@ async def create_service(username: str, repo: str, spec: ServiceCreate, user: Cu
 
 @router.get("/services", response_model=list[ServiceOut])
 async def list_services(user: CurrentUser, hub: HubDep, session: SessionDep,
-                        limit: int = Limit, offset: int = Offset) -> list[ServiceOut]:
+                        limit: int = Limit, offset: int = Offset,
+                        name: str | None = Query(None, max_length=63, description="only the services of this name"),
+                        owner: str | None = Query(None, max_length=64, description="only this user's services")
+                        ) -> list[ServiceOut]:
     query = select(ServiceModel).order_by(ServiceModel.created_at, ServiceModel.id).limit(limit).offset(offset)
     if not user.is_admin:
         query = query.where(ServiceModel.owner_id == user.id)
+    if name is not None:
+        query = query.where(ServiceModel.name == name)
+    if owner is not None:
+        query = query.where(ServiceModel.owner_id == select(UserModel.id).where(UserModel.username == owner)
+                            .scalar_subquery())
     return [await hub.services.out(s) for s in await session.scalars(query)]
 
 
@@ -179,3 +188,24 @@ async def service_metrics(
 async def rollback_service(service_id: str, body: RollbackRequest, user: CurrentUser, hub: HubDep,
                            wait: bool = Wait) -> Any:
     return await _answer(hub, await hub.services.redeploy(user, service_id, "rollback", rollback_to=body.version, wait=wait))
+
+
+@router.post("/services/{service_id}/migrate", response_model=ServiceOut)
+async def migrate_service(service_id: str, admin: AdminUser, hub: HubDep, body: MigrateRequest | None = None,
+                          wait: bool = Wait) -> Any:
+    """Move one replica (``replica``, an id from the status's ``replicas``; default the primary copy) to
+    ``target_controller`` or wherever the scheduler places it, as ``POST /api/admin/containers/{id}/migrate``."""
+    body = body or MigrateRequest()
+    replacing: str | None = None
+    if body.replica is not None:
+        async with hub.db.session() as session:
+            await hub.services.get_for(session, admin, service_id)
+            replacing = await session.scalar(
+                select(ContainerRegistryModel.id).where(
+                    ContainerRegistryModel.service_id == service_id,
+                    (ContainerRegistryModel.container_id == body.replica) | (ContainerRegistryModel.id == body.replica)))
+        if replacing is None:
+            raise NotFound(f"service {service_id!r} has no replica {body.replica!r}", code="REPLICA_NOT_FOUND")
+    return await _answer(hub, await hub.services.redeploy(
+        admin, service_id, "migrate", exclude_current=body.target_controller is None, target=body.target_controller,
+        replacing=replacing, leave_volumes=body.leave_volumes, wait=wait))

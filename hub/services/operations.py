@@ -120,6 +120,14 @@ class OperationLog:
         async with self.db.transaction() as tx:
             return await tx.execute(_PROGRESS, {"op_id": op.id, "details": {**op.details, **details}}) == 1
 
+    async def advance(self, op: OperationModel, done: int, total: int, unit: str, step: str) -> None:
+        """Show how far a long ``op`` got as its ``details.progress`` (``progress_of``), written while it runs.
+        A courtesy: a write that fails is only logged, and the operation goes on."""
+        try:
+            await self.progress(op, progress=progress_of(done, total, unit, step))
+        except Exception as exc:
+            log.debug("no progress written for operation %s: %s", op.id, exc)
+
     def running(self, op: OperationModel) -> Running:
         """Run ``op`` here: it counts as active from this call on, and its context (``async with``) ends it
         as failed if the body raises before its end was committed."""
@@ -208,6 +216,12 @@ class Running:
             await self.log.finish(self.op, error[:2000])
         except Exception:
             log.warning("could not record the end of operation %s; it will be recovered", self.op.id)
+
+
+def progress_of(done: int, total: int, unit: str, step: str) -> dict[str, Any]:
+    """A long operation's ``details.progress`` (docs/API.md): ``done`` of ``total`` ``unit`` (``bytes``,
+    ``replicas`` or ``services``), and the step it is at, in words."""
+    return {"done": done, "total": total, "unit": unit, "step": step}
 
 
 def operations_query(

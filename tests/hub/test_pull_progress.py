@@ -74,6 +74,9 @@ async def test_a_create_shows_its_pull_as_it_goes(cluster: Cluster, slow_image: 
     assert 0 < progress["layers_total"] and 0 <= progress["layers_done"] <= progress["layers_total"]
     assert 0 <= progress["bytes_done"] <= progress["bytes_total"] and progress["bytes_total"] >= LAYER_BYTES // 2
     assert seen["details"]["epoch"] == 1  # what the operation began with is kept beside it
+    # The same bytes as every long operation shows its progress (docs/API.md), for the clients' progress bars.
+    assert seen["details"]["progress"] == {"done": progress["bytes_done"], "total": progress["bytes_total"],
+                                           "unit": "bytes", "step": f"pulling {slow_image} on {progress['controller_id']}"}
 
     async def finished() -> dict[str, Any] | None:
         op = await operation()

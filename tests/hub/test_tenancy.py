@@ -137,6 +137,25 @@ async def test_another_users_ids_answer_404_on_every_route_and_change_nothing(cl
             # Nor is the model-file store: content-addressed, shared, deleted only by admins
             # (tests/hub/test_model_files.py).
             continue
+        if path in ("/api/me", "/api/operations", "/api/audit", "/api/alerts", "/api/operations/{operation_id}"):
+            # Scoped to the caller, whoever asks (tests/hub/test_client_routes.py): nothing of alice's.
+            assert method == "GET"
+            if path == "/api/operations/{operation_id}":
+                [op] = before["operations"]
+                r = await cluster.hub.get(f"/api/operations/{op['id']}", headers=bob)
+                assert r.status_code == 404 and r.json()["error"]["code"] == "OPERATION_NOT_FOUND", r.text
+            elif path == "/api/audit":
+                # Bob's own calls only (his refused tries at alice's ids among them).
+                assert {e["actor"] for e in (await cluster.hub.get(path, headers=bob)).json()} <= {"bob"}
+            else:
+                assert "alice" not in (await cluster.hub.get(path, headers=bob)).text
+            continue
+        if path == "/api/services/{service_id}/migrate":
+            # An admin's move: refused to every user alike, their own services' or not.
+            for target in (sid, ghost):
+                r = await cluster.hub.post(path.replace("{service_id}", target), headers=bob)
+                assert r.status_code == 403 and r.json()["error"]["code"] == "ADMIN_REQUIRED", r.text
+            continue
         if "{service_id}" in path:
             mine, theirs = path.replace("{service_id}", sid), path.replace("{service_id}", ghost)
             swap = (sid, ghost)

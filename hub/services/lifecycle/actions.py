@@ -22,6 +22,7 @@ from hub.services.lifecycle.context import Lifecycle
 from hub.services.lifecycle.deploy import docker_status, endpoint_for
 from hub.services.lifecycle.reads import get_for
 from hub.services.lifecycle.replace import Replacement, Replacer
+from hub.services.operations import progress_of
 from mmanager.streams import ClosingStream
 from mmanager.wire import ContainerInfo, probe_failed
 
@@ -148,6 +149,7 @@ class Actions:
             # The service's own status follows its primary copy; each copy's row, its own.
             primary: tuple[str, Any] | None = None
             primary_healthy = False
+            restarted = 0
             for controller_id, container_id in copies:
                 async with ctx.db.session() as session:
                     controller = await get_controller(session, controller_id)
@@ -197,6 +199,10 @@ class Actions:
                 await self._record(container_id, info.status, endpoint)
                 if container_id == service.container_id:
                     primary = (info.status, endpoint)
+                if rolling:
+                    restarted += 1
+                    await ctx.ops.advance(op, restarted, len(copies), "replicas",
+                                          f"replica {restarted} of {len(copies)} restarted")
             async with ctx.db.session() as session:
                 fresh = await session.get(ServiceModel, service_id)
                 assert fresh is not None
@@ -206,7 +212,8 @@ class Actions:
                     fresh.status_message = None
                     if primary_healthy:
                         fresh.health, fresh.health_detail = "healthy", None
-            await ctx.ops.finish(op)
+            await ctx.ops.finish(op, details={"progress": progress_of(
+                restarted, len(copies), "replicas", "every replica restarted")} if rolling else None)
             return fresh
 
     async def _copies(self, service: ServiceModel) -> list[tuple[str, str]]:

@@ -39,7 +39,7 @@ from hub.services.lifecycle.deploy import (
     settle_rows,
 )
 from hub.services.model_files import lock_files
-from hub.services.operations import Running
+from hub.services.operations import Running, progress_of
 from mmanager.wire import probe_failed
 
 # Seconds between two asks for a golden-inference probe's verdict.
@@ -182,7 +182,9 @@ class Creator:
                     if await tx.execute(sql.SETTLE_CREATED, {**settled, "service_id": service.id,
                                                              "at_epoch": service.epoch}) != 1:
                         raise Superseded
-                    done: dict[str, Any] = {"replicas_made": len(copies)} if spec.replicas > 1 else {}
+                    done: dict[str, Any] = {"replicas_made": len(copies), "progress": progress_of(
+                        len(copies), spec.replicas, "replicas", f"{len(copies)} of {spec.replicas} replicas made"),
+                    } if spec.replicas > 1 else {}
                     pulls = [made.image_pull for made in copies if made.image_pull is not None]
                     if pulls:
                         done["image_pull"] = pulls[0] if len(pulls) == 1 else pulls
@@ -269,6 +271,10 @@ class Creator:
                                                                spread=siblings, op=op))
                 except HubError as exc:
                     errors.append(exc)
+                    continue
+                if op is not None and len(placed) > 1:
+                    await self.ctx.ops.advance(op, len(made), len(placed), "replicas",
+                                               f"replica {len(made)} of {len(placed)} made")
 
         await asyncio.gather(*(on(queue) for queue in by_controller.values()))
         if not made:

@@ -31,6 +31,7 @@ from hub.services.lifecycle.create import check_replicas, hold_quota
 from hub.services.lifecycle.deploy import Deployer, on_fallback
 from hub.services.lifecycle.reads import get_for
 from hub.services.lifecycle.replace import Replacement, Replacer, Sealed, read_unfinished, volumes_left
+from hub.services.operations import progress_of
 from hub.services.registry_auth import check_host, seal
 from mmanager.logs import bind_request_id
 
@@ -207,8 +208,12 @@ class Mover:
                                                         replacing=copy["id"], finish=False,
                                                         registry_auth=registry_auth if step == 0 else None,
                                                         gpu_only=_holds_gpu(copy)))
+                await ctx.ops.advance(op, step + 1, len(copies), "replicas",
+                                      f"replica {step + 1} of {len(copies)} replaced")
             await self._converge(service_id, spec, op, asked=rescale)
-            await ctx.ops.finish(op, details={"replicas_rolled": len(copies), "replicas": spec.replicas})
+            await ctx.ops.finish(op, details={"replicas_rolled": len(copies), "replicas": spec.replicas,
+                                              "progress": progress_of(len(copies), len(copies), "replicas",
+                                                                      "every replica replaced")})
             return await ctx.reload(service_id)
 
     async def _replicas(self, service_id: str) -> list[Mapping[str, Any]]:
@@ -266,6 +271,8 @@ class Mover:
         gone = [copy for copy in copies if copy["status"] == "missing"]
         copies = [copy for copy in copies if copy["status"] != "missing"]
         added = removed = 0
+        # The copies to add (those found gone replaced first) or to take out, for the progress shown.
+        changes = abs(spec.replicas - len(copies))
         while len(copies) + added < spec.replicas:
             service = await ctx.reload(service_id)
             replacing = gone.pop(0)["id"] if gone else None
@@ -284,6 +291,8 @@ class Mover:
                                                                  "updated_at": utcnow()})
                 raise
             added += 1
+            await ctx.ops.advance(op, added, changes, "replicas", f"replica {len(copies) + added} of "
+                                                                  f"{spec.replicas} running")
         for copy in gone:
             await self._remove_replica(service_id, copy)
         if len(copies) > spec.replicas:
@@ -294,7 +303,12 @@ class Mover:
             for copy in copies[:len(copies) - spec.replicas]:
                 await self._remove_replica(service_id, copy)
                 removed += 1
-        return {"replicas": spec.replicas, "added": added, "removed": removed}
+                await ctx.ops.advance(op, removed, changes, "replicas", f"replica {removed} of {changes} removed")
+        details: dict[str, Any] = {"replicas": spec.replicas, "added": added, "removed": removed}
+        if changes:
+            details["progress"] = progress_of(added + removed, changes, "replicas",
+                                              f"{spec.replicas} replicas running")
+        return details
 
     @staticmethod
     async def _set_count(tx: Tx, service_id: str, spec: ServiceSpec) -> None:

@@ -1,0 +1,116 @@
+"""How every SDK call is written once for both clients: a method is a generator of steps (``Call``: one HTTP
+request; ``Pause``: wait between polls; ``Notify``: hand a value to the caller's callback) that returns its
+result, and the client's runner (``mmanager.client.transport``) carries the steps out, with httpx's sync or
+async client.
+
+Invariant: no step does I/O itself, so the same body serves ``Client`` (the ``op`` answers the result) and
+``AsyncClient`` (it answers a coroutine); ``Bound[Sync]`` / ``Bound[Async]`` tell the type checker which.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import AsyncGenerator, Callable, Coroutine, Generator, Mapping
+from dataclasses import dataclass
+from typing import Any, Concatenate, Generic, Literal, ParamSpec, TypeVar, overload
+
+from typing_extensions import TypeVar as DefaultTypeVar
+
+
+class Sync:
+    """The mode of ``Client``: each call answers its result."""
+
+
+class Async:
+    """The mode of ``AsyncClient``: each call answers a coroutine (a stream, an async iterator)."""
+
+
+M = DefaultTypeVar("M", Sync, Async, default=Sync)
+P = ParamSpec("P")
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Call:
+    """One HTTP request. ``path`` is the hub's, unless ``base`` (a service's gateway URL) is given; ``token``:
+    the bearer sent instead of the hub's (a service key), ``hub_token`` False sends none of the hub's."""
+
+    method: str
+    path: str
+    params: Mapping[str, Any] | None = None
+    json: Any = None
+    base: str | None = None
+    token: str | None = None
+    hub_token: bool = True
+    read: Literal["json", "text", "none"] = "json"
+
+
+@dataclass(frozen=True)
+class Pause:
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Notify:
+    callback: Callable[[Any], Any]
+    value: Any
+
+
+Step = Call | Pause | Notify
+Steps = Generator[Step, Any, T]
+
+
+class Bound(Generic[M]):
+    """Something whose ``op``s run on a client's runner: ``Bound[Sync]`` for ``Client``'s, ``Bound[Async]``
+    for ``AsyncClient``'s."""
+
+    def __init__(self, runner: Any) -> None:
+        self._runner = runner
+
+
+def _run(fn: Callable[..., Steps[Any]], owner: Bound[Any], /, *args: Any, **kwargs: Any) -> Any:
+    return owner._runner.run(fn(owner, *args, **kwargs))
+
+
+def _lines(fn: Callable[..., Steps[Any]], owner: Bound[Any], /, *args: Any, **kwargs: Any) -> Any:
+    return owner._runner.lines(fn(owner, *args, **kwargs))
+
+
+class op(Generic[P, T]):  # noqa: N801  (used as a decorator)
+    """A call written once as steps: on a ``Bound[Sync]`` it answers ``T``; on a ``Bound[Async]``, a
+    coroutine of ``T``."""
+
+    def __init__(self, fn: Callable[Concatenate[Any, P], Steps[T]]) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> op[P, T]: ...
+    @overload
+    def __get__(self, obj: Bound[Sync], owner: type | None = None) -> Callable[P, T]: ...
+    @overload
+    def __get__(self, obj: Bound[Async], owner: type | None = None) -> Callable[P, Coroutine[Any, Any, T]]: ...
+    def __get__(self, obj: Bound[Any] | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return functools.update_wrapper(functools.partial(_run, self.fn, obj), self.fn)
+
+
+class stream(Generic[P]):  # noqa: N801  (used as a decorator)
+    """A call whose steps end in the ``Call`` of a text stream: on a ``Bound[Sync]`` it answers an iterator
+    of its lines (a generator: ``close()`` ends the stream), on a ``Bound[Async]`` an async one (``aclose()``)."""
+
+    def __init__(self, fn: Callable[Concatenate[Any, P], Steps[Call]]) -> None:
+        self.fn = fn
+        self.__doc__ = fn.__doc__
+
+    @overload
+    def __get__(self, obj: None, owner: type | None = None) -> stream[P]: ...
+    @overload
+    def __get__(self, obj: Bound[Sync], owner: type | None = None) -> Callable[P, Generator[str, None, None]]: ...
+    @overload
+    def __get__(self, obj: Bound[Async], owner: type | None = None) -> Callable[P, AsyncGenerator[str, None]]: ...
+    def __get__(self, obj: Bound[Any] | None, owner: type | None = None) -> Any:
+        if obj is None:
+            return self
+        return functools.update_wrapper(functools.partial(_lines, self.fn, obj), self.fn)

@@ -1,0 +1,92 @@
+"""The client's login profiles: one JSON file, ``$MMANAGER_CONFIG`` or
+``${XDG_CONFIG_HOME:-~/.config}/mmanager/config.json``, shaped
+``{"current": "default", "profiles": {"<name>": {"url": ..., "token": ...}}}``.
+
+Invariant: the file is only ever replaced whole (written beside it, then renamed over it), with mode 0600
+from its creation on, so a reader never sees half a file and nobody else can read the tokens in it.
+``MMANAGER_HUB_URL`` and ``MMANAGER_TOKEN`` override the profile; ``MMANAGER_PROFILE`` picks one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from mmanager.client.errors import ApiError
+
+DEFAULT_PROFILE = "default"
+
+
+def path() -> Path:
+    explicit = os.environ.get("MMANAGER_CONFIG")
+    if explicit:
+        return Path(explicit).expanduser()
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base).expanduser() / "mmanager" / "config.json"
+
+
+def load(at: Path | None = None) -> dict[str, Any]:
+    """The configuration; an empty one (no profiles) when there is no file yet."""
+    at = at or path()
+    try:
+        data = json.loads(at.read_text())
+    except FileNotFoundError:
+        return {"current": DEFAULT_PROFILE, "profiles": {}}
+    except (OSError, ValueError) as exc:
+        raise ApiError(0, "CONFIG_UNREADABLE", f"cannot read {at}: {exc}") from None
+    if not isinstance(data, dict) or not isinstance(data.get("profiles", {}), dict):
+        raise ApiError(0, "CONFIG_UNREADABLE", f"{at} is not a mmanager configuration")
+    data.setdefault("current", DEFAULT_PROFILE)
+    data.setdefault("profiles", {})
+    return data
+
+
+def save(data: dict[str, Any], at: Path | None = None) -> Path:
+    """Replace the file with ``data`` atomically, mode 0600 (its folder 0700 when made here)."""
+    at = at or path()
+    at.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    # mkstemp creates the file 0600: the tokens are never readable by others, not even for a moment.
+    fd, temporary = tempfile.mkstemp(prefix=".config-", suffix=".json", dir=at.parent)
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(data, out, indent=2, sort_keys=True)
+            out.write("\n")
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, at)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+    return at
+
+
+def save_profile(name: str, url: str, token: str, make_current: bool = True, at: Path | None = None) -> Path:
+    data = load(at)
+    data["profiles"][name] = {"url": url.rstrip("/"), "token": token}
+    if make_current:
+        data["current"] = name
+    return save(data, at)
+
+
+def resolve(url: str | None = None, token: str | None = None,
+            profile: str | None = None) -> tuple[str, str | None]:
+    """The hub URL and token a client uses: the arguments, else ``MMANAGER_HUB_URL`` / ``MMANAGER_TOKEN``,
+    else the profile (``profile``, else ``MMANAGER_PROFILE``, else the configuration's current one)."""
+    url = url or os.environ.get("MMANAGER_HUB_URL") or None
+    token = token or os.environ.get("MMANAGER_TOKEN") or None
+    if url is None or token is None:
+        named = profile or os.environ.get("MMANAGER_PROFILE")
+        data = load()
+        entry = data["profiles"].get(named or data["current"])
+        if entry is None and named:
+            raise ApiError(0, "PROFILE_NOT_FOUND", f"no login profile {named!r} in {path()}")
+        if entry is not None:
+            url = url or entry.get("url")
+            token = token or entry.get("token")
+    if not url:
+        raise ApiError(0, "NOT_CONFIGURED",
+                       "no hub URL: pass url=, set MMANAGER_HUB_URL, or log in with 'mmanager login'")
+    return url.rstrip("/"), token

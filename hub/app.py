@@ -48,6 +48,8 @@ from hub.services.locality import ImageSets
 from hub.services.operations import OperationLog
 from hub.services.presence import PresenceWatch
 from hub.services.users import UserAuth
+from hub.ui import PATH as CONSOLE_PATH
+from hub.ui import console
 from mmanager import __version__
 from mmanager.audit import AuditMiddleware, Coalescer
 from mmanager.errors import install_error_handlers
@@ -300,4 +302,5 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.include_router(model_files.router)
     app.include_router(mine_router)
     install_request_ids(app)
+    app.mount(CONSOLE_PATH, console(app))
     return app

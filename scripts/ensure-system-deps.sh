@@ -3,7 +3,7 @@
 # docker.io (the engine), postgresql (server binaries, for the tests' throwaway
 # cluster), busybox-static (the example image is built FROM scratch around
 # it), prometheus (promtool and the server, for the monitoring tests),
-# docker-compose and haproxy (the gateway), docker-registry and apache2-utils (a real registry for the pull tests, and htpasswd for its logins). With "demo" as the first argument only Docker, busybox and
+# docker-compose and haproxy (the gateway), docker-registry and apache2-utils (a real registry for the pull tests, and htpasswd for its logins), chromium and chromium-driver (the console's browser test). With "demo" as the first argument only Docker, busybox and
 # haproxy are needed.
 set -euo pipefail
 
@@ -23,6 +23,9 @@ if [ "${1:-}" != demo ]; then
     command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)
     # A registry that needs a login: its bcrypt htpasswd file is written with htpasswd.
     command -v htpasswd >/dev/null 2>&1 || need+=(apache2-utils)
+    # The web console's browser test drives a headless Chromium through its WebDriver.
+    command -v chromium >/dev/null 2>&1 || need+=(chromium)
+    command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver)
 fi
 # The gateway (`mmanager gateway serve`, the demo's too) runs HAProxy; its latency histograms are
 # tested in a real one.

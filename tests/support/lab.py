@@ -32,9 +32,11 @@ class Lab:
 @contextmanager
 def running_lab(db_url: str, tmp_path: Path, request: pytest.FixtureRequest,
                 docker_client: docker.DockerClient, gpus: dict[str, str] | None = None,
-                hub_env: dict[str, str] | None = None) -> Iterator[Lab]:
-    """``gpus``: a controller's name -> its GPU_DEVICES (it is then a ``gpu`` server)."""
-    dep = LocalDeployment(db_url, tmp_path, extra_hub_env={"MMANAGER_RATE_LIMIT": "0", **(hub_env or {})})
+                hub_env: dict[str, str] | None = None, controller_env: dict[str, str] | None = None) -> Iterator[Lab]:
+    """``gpus``: a controller's name -> its GPU_DEVICES (it is then a ``gpu`` server); ``hub_env``,
+    ``controller_env``: settings on top, for the hub and for every controller."""
+    dep = LocalDeployment(db_url, tmp_path, extra_hub_env={"MMANAGER_RATE_LIMIT": "0", **(hub_env or {})},
+                          extra_controller_env=dict(controller_env or {}))
     dep.plan_hubs(1)
     for name in ("a", "b"):
         devices = (gpus or {}).get(name)

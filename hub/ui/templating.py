@@ -1,0 +1,32 @@
+"""The console's Jinja2 environment: autoescaping on for every template (what the hub returns, a service's
+name, labels and log lines included, is text in the page, never markup) and undefined names an error."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import jinja2
+from fastapi.templating import Jinja2Templates
+
+HERE = Path(__file__).parent
+
+
+def when(value: datetime | None) -> str:
+    return value.strftime("%Y-%m-%d %H:%M:%S") if value is not None else "—"
+
+
+def web_url(value: str | None) -> str | None:
+    """``value`` if it is an http(s) URL, for an ``href``; None otherwise (no ``javascript:`` links)."""
+    return value if value and urlsplit(value).scheme in ("http", "https") else None
+
+
+def short(value: str | None, n: int = 12) -> str:
+    return "—" if not value else value[:n]
+
+
+environment = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
+                                 undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
+environment.filters.update(when=when, web_url=web_url, short=short)
+templates = Jinja2Templates(env=environment)

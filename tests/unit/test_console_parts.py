@@ -1,0 +1,150 @@
+"""The console's parts that need no hub: its CSRF token and Origin check, its cookies, the headers on
+every answer (errors and static files included), and the charts' geometry. The pages themselves are
+tested in a real browser on a real hub (tests/test_console.py)."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import httpx
+import pytest
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import PlainTextResponse, Response
+from starlette.routing import Route
+
+from hub.ui import charts, security
+from hub.ui.templating import environment, web_url
+
+
+def request(url: str = "http://hub.example:8000/ui/services/x/delete", **headers: str) -> Request:
+    scheme, rest = url.split("://")
+    host, _, path = rest.partition("/")
+    raw = [(b"host", host.encode()), *((k.lower().encode(), v.encode()) for k, v in headers.items())]
+    return Request({"type": "http", "method": "POST", "scheme": scheme, "server": None, "path": "/" + path,
+                    "root_path": "", "query_string": b"", "headers": raw})
+
+
+def test_the_csrf_token_is_derived_from_the_session_and_reveals_nothing_of_it() -> None:
+    token = "mmh_secret-token"
+    assert security.csrf_token(token) == security.csrf_token(token)
+    assert security.csrf_token(token) != security.csrf_token(token + "x")
+    assert token not in security.csrf_token(token) and len(security.csrf_token(token)) == 64
+
+
+@pytest.mark.parametrize(("headers", "same"), [
+    ({"Origin": "http://hub.example:8000"}, True),
+    ({"Origin": "https://hub.example:8000"}, False),
+    ({"Origin": "http://evil.example"}, False),
+    ({"Origin": "null"}, False),
+    # An Origin decides, whatever the Referer says.
+    ({"Origin": "http://evil.example", "Referer": "http://hub.example:8000/ui/services"}, False),
+    ({"Referer": "http://hub.example:8000/ui/services"}, True),
+    ({"Referer": "http://hub.example:8000.evil.example/ui"}, False),
+    ({}, False),
+])
+def test_a_post_counts_as_the_consoles_own_only_from_its_origin(headers: dict[str, str], same: bool) -> None:
+    assert security.same_origin(request(**headers)) is same
+
+
+def test_a_post_without_the_right_token_or_origin_is_refused() -> None:
+    expected = security.csrf_token("t")
+    security.check_post(request(Origin="http://hub.example:8000"), expected, expected)
+    for sent in (None, "", "0" * 64, expected.upper()):
+        with pytest.raises(security.CsrfRefused) as refused:
+            security.check_post(request(Origin="http://hub.example:8000"), sent, expected)
+        assert refused.value.code == "CSRF_REFUSED" and refused.value.status_code == 403
+    with pytest.raises(security.CsrfRefused):
+        security.check_post(request(Origin="http://evil.example"), expected, expected)
+
+
+@pytest.mark.parametrize("scheme", ["http", "https"])
+def test_the_session_cookie_is_http_only_strict_on_the_console_and_secure_over_https(scheme: str) -> None:
+    response = Response()
+    security.set_session(response, request(f"{scheme}://hub.example/ui/login"), "mmh_token", "/ui")
+    cookie = next(v.decode() for k, v in response.raw_headers if k == b"set-cookie" and b"mm_session" in v)
+    attributes = {a.strip().split("=")[0].lower() for a in cookie.split(";")[1:]}
+    assert cookie.startswith("mm_session=mmh_token;")
+    assert {"httponly", "path", "samesite"} <= attributes and "Path=/ui" in cookie and "SameSite=strict" in cookie
+    assert ("secure" in attributes) is (scheme == "https")
+    cleared = Response()
+    security.clear_session(cleared, request(f"{scheme}://hub.example/ui/logout"), "/ui")
+    gone = next(v.decode() for k, v in cleared.raw_headers if k == b"set-cookie")
+    assert gone.startswith('mm_session="";') and "Max-Age=0" in gone and "Path=/ui" in gone
+
+
+async def test_every_answer_carries_the_headers_and_only_static_files_are_cached() -> None:
+    def boom(_: Request) -> Response:
+        raise RuntimeError("boom")
+
+    app = Starlette(routes=[Route("/page", lambda _: PlainTextResponse("x", headers={"X-Frame-Options": "SAMEORIGIN"})),
+                            Route("/static/console.css", lambda _: PlainTextResponse("css")),
+                            Route("/boom", boom)])
+    transport = httpx.ASGITransport(app=security.SecurityHeaders(app), raise_app_exceptions=False)
+    async with httpx.AsyncClient(transport=transport, base_url="http://hub") as client:
+        for path in ("/page", "/static/console.css", "/missing", "/boom"):
+            answer = await client.get(path)
+            assert answer.headers["content-security-policy"] == security.CSP, path
+            assert answer.headers.get_list("x-frame-options") == ["DENY"], path
+            assert answer.headers["x-content-type-options"] == "nosniff"
+            assert answer.headers["referrer-policy"] == "same-origin"
+            assert (answer.headers.get("cache-control") == "no-store") is (path != "/static/console.css"), path
+    assert "script-src 'self';" in security.CSP and "frame-ancestors 'none'" in security.CSP
+    assert "unsafe-inline" not in security.CSP
+
+
+def test_templates_escape_what_the_hub_returns_and_links_only_to_the_web() -> None:
+    page = environment.from_string("<td>{{ v }}</td>").render(v="<script>alert(1)</script>")
+    assert page == "<td>&lt;script&gt;alert(1)&lt;/script&gt;</td>"
+    assert web_url("https://gw.example/s/a/b/") == "https://gw.example/s/a/b/"
+    assert web_url("javascript:alert(1)") is None and web_url(None) is None
+
+
+T0 = datetime(2026, 12, 7, 10, 0, tzinfo=UTC)
+
+
+def test_a_chart_spans_its_window_and_breaks_where_nothing_was_measured() -> None:
+    times = [T0 + timedelta(minutes=i) for i in range(5)]
+    drawn = charts._chart("CPU", times, [("avg", [10.0, 20.0, None, 40.0, None])], charts.percent,
+                          start=T0, end=T0 + timedelta(minutes=4))
+    assert drawn is not None
+    (line,) = drawn.lines
+    # One stretch of two values is a line; the lone 40 after the gap is a dot at the window's 3/4.
+    assert line.path.count("M") == 1 and line.path.count("L") == 1
+    assert line.dots == [(charts.LEFT + (charts.WIDTH - charts.RIGHT - charts.LEFT) * 0.75, line.dots[0][1])]
+    assert drawn.top_label == "50%" and line.last == "40%"
+    assert (drawn.start_label, drawn.end_label) == ("10:00:00", "10:04:00 UTC")
+
+
+def test_no_chart_without_a_measured_value() -> None:
+    assert charts._chart("GPU", [T0], [("util", [None])], charts.percent) is None
+    assert charts._chart("GPU", [], [("util", [])], charts.percent) is None
+
+
+@pytest.mark.parametrize(("value", "binary", "top"), [
+    (0.0, False, 1.0), (0.3, False, 0.5), (7.0, False, 10.0), (17.0, False, 20.0), (100.0, False, 100.0),
+    (804 * 1024.0, True, 1000 * 1024.0), (3.2 * 1024**3, True, 5 * 1024**3),
+])
+def test_the_axis_top_is_a_round_number(value: float, binary: bool, top: float) -> None:
+    assert charts._nice(value, binary) == pytest.approx(top)
+
+
+def test_the_service_charts_draw_the_traffic_and_gpu_fields_where_present() -> None:
+    class Point:
+        def __init__(self, i: int, **extra: float | None) -> None:
+            self.at = T0 + timedelta(minutes=i)
+            self.cpu_percent_avg = self.cpu_percent_max = 5.0
+            self.memory_bytes_avg = self.memory_bytes_max = 1024.0**2
+            self.__dict__.update(extra)
+
+    plain = charts.service_charts([Point(0), Point(1)])
+    assert [c.title for c in plain] == ["CPU", "Memory"]
+    full = charts.service_charts([Point(0, requests=3, errors_5xx=0, latency_p50_seconds=0.01,
+                                        latency_p95_seconds=0.02, latency_p99_seconds=None,
+                                        gpu_util_percent_avg=50.0, gpu_memory_bytes_max=None),
+                                  Point(1, requests=5, errors_5xx=1, latency_p50_seconds=0.01,
+                                        latency_p95_seconds=0.03, latency_p99_seconds=None,
+                                        gpu_util_percent_avg=None, gpu_memory_bytes_max=None)])
+    assert [c.title for c in full] == ["CPU", "Memory", "Requests", "Latency", "GPU use"]
+    latency = next(c for c in full if c.title == "Latency")
+    assert [line.label for line in latency.lines] == ["p50", "p95"] and latency.lines[1].last == "30 ms"

@@ -125,10 +125,11 @@ class Story:
         self.wait().until(ec.text_to_be_present_in_element((By.ID, "whoami"), who))
 
 
-def test_the_console_in_a_browser(lab: Lab, browser: WebDriver) -> None:
+def test_the_console_in_a_browser(lab: Lab, browser: WebDriver, request: pytest.FixtureRequest) -> None:
     hub = lab.dep.hub().url
     story = Story(browser, hub + "/ui")
     sdk = Client(url=hub, token=lab.token)
+    request.addfinalizer(sdk.close)
 
     # The admin logs in: the login page first, for anyone not signed in.
     story.open("/services", "#token")
@@ -185,6 +186,12 @@ def test_the_console_in_a_browser(lab: Lab, browser: WebDriver) -> None:
                               ("/audit?actor=root", "#audit", "audit"), ("/alerts", "#alerts", "alerts")]:
         story.open(path, ready)
         story.shot(name)
+    # A confirmation declined changes nothing: the controller the service left stays enabled.
+    story.open("/controllers", "#controllers")
+    browser.find_element(By.CSS_SELECTOR, f"#disable-{source} button").click()
+    story.wait(5).until(ec.alert_is_present()).dismiss()
+    story.open("/controllers", f"#disable-{source}")
+    assert sdk.controllers.get(source).enabled
     story.open("/services", "#services")
     assert [r.get_attribute("data-service") for r in browser.find_elements(By.CSS_SELECTOR, "#services tbody tr")] \
         == [service_id]
@@ -198,6 +205,9 @@ def test_the_console_in_a_browser(lab: Lab, browser: WebDriver) -> None:
                              ({"confirmed": "yes", "csrf": csrf}, "https://evil.example")]:
             refused = forger.post(delete, data=form, headers={"Origin": origin})
             assert refused.status_code == 403 and "CSRF_REFUSED" in refused.text, (form, origin, refused.text)
+        # Without the page's script a change is not confirmed by the browser: the hub asks on a page instead.
+        asked = forger.post(delete, data={"csrf": csrf}, headers={"Origin": hub})
+        assert asked.status_code == 200 and "Delete console-demo?" in asked.text and 'value="yes"' in asked.text
         # Every answer of the console carries its headers: pages, errors, the static files.
         for path in ("/login", f"/services/{service_id}", "/nope", "/static/console.js"):
             answer = forger.get(f"{hub}/ui{path}")
@@ -226,6 +236,8 @@ def test_the_console_in_a_browser(lab: Lab, browser: WebDriver) -> None:
     assert "mm_session" not in {c["name"] for c in browser.get_cookies()}
     story.log_in(alice, "alice")
     assert browser.find_element(By.ID, "no-services")
+    assert [a.text for a in browser.find_elements(By.CSS_SELECTOR, "header nav a")] == [
+        "Services", "Deploy", "Operations", "Audit", "Alerts"]
     story.shot("services-other-user")
     with Client(url=hub, token=alice) as as_alice, pytest.raises(ApiError) as missing:
         as_alice.services.get(service_id)

@@ -335,8 +335,9 @@ async def follow_logs(request: Request, service_id: str, replica: str | None = N
     if not token:
         return PlainTextResponse("UNAUTHORIZED: sign in again", status_code=401)
     hub = request.app.state.hub
-    # ``admit`` reads the token where the API does, from an Authorization header.
-    scope = {**request.scope, "headers": [*request.scope["headers"], (b"authorization", f"Bearer {token}".encode())]}
+    # ``admit`` reads the token where the API does, from an Authorization header: the session's, alone.
+    headers = [(k, v) for k, v in request.scope["headers"] if k != b"authorization"]
+    scope = {**request.scope, "headers": [*headers, (b"authorization", f"Bearer {token}".encode())]}
     try:
         who = await admit(hub, scope)
         identify_call(request.scope, who.username)

@@ -148,3 +148,21 @@ def test_the_service_charts_draw_the_traffic_and_gpu_fields_where_present() -> N
     assert [c.title for c in full] == ["CPU", "Memory", "Requests", "Latency", "GPU use"]
     latency = next(c for c in full if c.title == "Latency")
     assert [line.label for line in latency.lines] == ["p50", "p95"] and latency.lines[1].last == "30 ms"
+
+
+def test_the_controllers_page_shows_load_health_and_gpus() -> None:
+    from hub.schemas import ControllerOut
+
+    gpu_server = ControllerOut(
+        id="gpu-01", url="http://10.0.0.5:8001", server_type="gpu", enabled=False, priority=1, weight=100,
+        status="healthy", last_heartbeat_at=T0, max_containers=10, containers_running=3, load_percentage=42.0,
+        memory_usage_percent=61.2, gpus=[{"index": "0", "model": "NVIDIA A100", "memory_mb": 40960, "in_use": True},
+                                         {"index": "1", "model": "<b>odd</b>", "memory_mb": 0}], error=None)
+    page = environment.get_template("controllers.html").render(
+        base="/ui", me={"username": "root", "admin": True}, csrf="c" * 64, error=None, done="",
+        controllers=[gpu_server])
+    assert 'value="42.0"' in page and "61%" in page and "3 / 10" in page
+    assert "#0 NVIDIA A100 · 40960 MiB · in use" in page and "#1 &lt;b&gt;odd&lt;/b&gt;" in page
+    # Disabled: it offers Enable (a plain form) and Drain (confirmed), each with the CSRF token.
+    assert 'action="/ui/controllers/gpu-01/enable"' in page and 'data-confirm="Drain gpu-01?' in page
+    assert page.count('name="csrf" value="' + "c" * 64 + '"') == 3  # log out, enable, drain

@@ -107,6 +107,7 @@ class Story:
 
     def shot(self, name: str) -> None:
         # The whole page's height, so that a screenshot shows the page and not just its top.
+        self.driver.set_window_size(1280, 1100)
         height = self.driver.execute_script("return document.documentElement.scrollHeight")
         self.driver.set_window_size(1280, max(1100, min(int(height) + 120, 4000)))
         self.driver.execute_script("window.scrollTo(0, 0)")

@@ -166,3 +166,39 @@ def test_the_controllers_page_shows_load_health_and_gpus() -> None:
     # Disabled: it offers Enable (a plain form) and Drain (confirmed), each with the CSRF token.
     assert 'action="/ui/controllers/gpu-01/enable"' in page and 'data-confirm="Drain gpu-01?' in page
     assert page.count('name="csrf" value="' + "c" * 64 + '"') == 3  # log out, enable, drain
+
+
+def test_the_deploy_form_reads_yaml_json_or_a_model_type_and_leaves_judging_to_the_api() -> None:
+    from hub.errors import HubError
+    from hub.ui.pages import _spec_of
+
+    assert _spec_of({"mode": "spec", "spec": "name: a\nimage: x:1\nreplicas: 2\n"}) == {
+        "name": "a", "image": "x:1", "replicas": 2}
+    assert _spec_of({"mode": "spec", "spec": '{"name": "a", "ports": {"5000": null}}'}) == {
+        "name": "a", "ports": {"5000": None}}
+    assert _spec_of({"mode": "model", "model": "dnabert2", "name": "d", "replicas": "3", "spec": "ignored"}) == {
+        "model": "dnabert2", "name": "d", "replicas": 3}
+    # Not a number: sent as it is, for the API's own validation error.
+    assert _spec_of({"mode": "model", "model": "m", "name": "d", "replicas": "many"})["replicas"] == "many"
+    for text in ("name: [unclosed", "- a list", "", "just text"):
+        with pytest.raises(HubError) as refused:
+            _spec_of({"mode": "spec", "spec": text})
+        assert refused.value.code == "INVALID_SPEC_TEXT" and refused.value.status_code == 422
+
+
+def test_an_api_error_is_shown_with_its_code_message_and_the_values_sent() -> None:
+    from hub.ui.pages import error_view
+    from mmanager.client import ApiError
+
+    refused = ApiError(422, "VALIDATION_ERROR", "the request is invalid", [
+        {"loc": ["body", "name"], "msg": "String should match pattern", "type": "string_pattern_mismatch"},
+        {"loc": ["body", "resources", "cpu_limit"], "msg": "Input should be greater than 0", "input": -1},
+        {"loc": ["body", "missing"], "msg": "Field required"}])
+    view = error_view(refused, {"name": "<script>", "resources": {"cpu_limit": -1}})
+    assert view == {"status": 422, "code": "VALIDATION_ERROR", "message": "the request is invalid", "lines": [
+        'name: String should match pattern (got "<script>")',
+        "resources.cpu_limit: Input should be greater than 0 (got -1)",
+        "missing: Field required"]}
+    # No HTTP answer carried it (an operation that failed while waited for): shown all the same.
+    failed = error_view(ApiError(0, "IMAGE_PULL_FAILED", "pulling 'x' failed", {"image": "x"}))
+    assert failed["status"] == 502 and failed["lines"] == ["image: x"]

@@ -33,7 +33,7 @@ from hub.ui import security
 from hub.ui.charts import service_charts
 from hub.ui.templating import templates
 from mmanager.audit import identify_call
-from mmanager.client import ApiError, AsyncClient
+from mmanager.client import ApiError, AsyncClient, Me
 
 router = APIRouter()
 
@@ -57,7 +57,7 @@ class SignIn(Exception):
 class Session:
     token: str
     api: AsyncClient
-    me: Any
+    me: Me
     csrf: str
 
 

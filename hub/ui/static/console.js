@@ -62,3 +62,7 @@ function followLog(button) {
 
 const follow = document.getElementById("follow");
 if (follow) follow.addEventListener("click", () => followLog(follow), { once: true });
+
+// The log's tail opens at its newest lines.
+const tail = document.getElementById("log-tail");
+if (tail) tail.scrollTop = tail.scrollHeight;

@@ -62,9 +62,9 @@ def _chart(title: str, times: Sequence[datetime], series: Sequence[Series], fmt:
     top = _nice(max(values), binary)
     span_x = WIDTH - RIGHT - LEFT
     span_y = HEIGHT - BOTTOM - TOP
-    times = [_utc(t) for t in times]
-    first = _utc(start if start is not None else times[0])
-    last_time = _utc(end if end is not None else times[-1])
+    times = [utc(t) for t in times]
+    first = utc(start if start is not None else times[0])
+    last_time = utc(end if end is not None else times[-1])
     span_t = (last_time - first).total_seconds()
 
     def x(i: int) -> float:
@@ -97,7 +97,8 @@ def _chart(title: str, times: Sequence[datetime], series: Sequence[Series], fmt:
     return Chart(title, lines, fmt(top), first.strftime(clock), last_time.strftime(clock + " UTC"))
 
 
-def _utc(moment: datetime) -> datetime:
+def utc(moment: datetime) -> datetime:
+    """``moment`` with a zone: UTC when it has none (as SQLite's times come back)."""
     return moment if moment.tzinfo is not None else moment.replace(tzinfo=UTC)
 
 

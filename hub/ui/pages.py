@@ -30,7 +30,7 @@ from hub.errors import HubError, InvalidRequest
 from hub.routers import services as services_api
 from hub.services.users import as_user
 from hub.ui import security
-from hub.ui.charts import service_charts
+from hub.ui.charts import service_charts, utc
 from hub.ui.templating import templates
 from mmanager.audit import identify_call
 from mmanager.client import ApiError, AsyncClient, Me
@@ -249,7 +249,7 @@ async def _service_page(request: Request, s: Session, service_id: str, status: i
         _optional(s.api.controllers.list()) if s.me.admin else _none(),
     )
     return render(request, "service.html", status, service=service, metrics=metrics, metrics_error=metrics_error,
-                  charts=service_charts(metrics.points, max(since, service.created_at), datetime.now(UTC))
+                  charts=service_charts(metrics.points, max(since, utc(service.created_at)), datetime.now(UTC))
                   if metrics else [], logs=logs, logs_error=logs_error,
                   history=history, operations=operations,
                   controllers=controllers[0] or [] if s.me.admin else [],

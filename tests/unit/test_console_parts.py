@@ -116,6 +116,12 @@ def test_a_chart_spans_its_window_and_breaks_where_nothing_was_measured() -> Non
     assert (drawn.start_label, drawn.end_label) == ("10:00:00", "10:04:00 UTC")
 
 
+def test_times_without_a_zone_count_as_utc() -> None:
+    naive = charts._chart("CPU", [datetime(2026, 12, 7, 10, 2)], [("avg", [1.0])], charts.percent,
+                          start=T0, end=T0 + timedelta(minutes=4))
+    assert naive is not None and naive.lines[0].dots[0][0] == charts.LEFT + (charts.WIDTH - charts.RIGHT - charts.LEFT) / 2
+
+
 def test_no_chart_without_a_measured_value() -> None:
     assert charts._chart("GPU", [T0], [("util", [None])], charts.percent) is None
     assert charts._chart("GPU", [], [("util", [])], charts.percent) is None

@@ -4,7 +4,8 @@ PostgreSQL and the real Docker engine).
 
 One user story, in order: the admin logs in, is refused a service named ``<script>…`` (the hub's error
 shown, escaped), deploys a service from the form, sees it running with its labels and environment shown
-as text, follows its log live, migrates it behind the confirmation and sees the operation; a forged POST
+as text, follows its log live, migrates it behind the confirmation and sees the operation, sees charts of
+its CPU, memory, requests and latency from the hub's history; a forged POST
 (no CSRF token, or from another origin) is refused and changes nothing; every answer carries the
 console's CSP and the browser reported no violation of it; a second user sees none of the admin's
 services, and the admin's service page by URL answers not found. Each page is saved as a screenshot in
@@ -218,11 +219,19 @@ def test_the_console_in_a_browser(lab: Lab, browser: WebDriver, request: pytest.
     violations = [e["message"] for e in browser.get_log("browser") if "Content Security Policy" in e["message"]]
     assert violations == []
 
-    # Its charts, from the hub's history: a line once the hub has stored two points.
-    story.wait(30).until(lambda d: d.get(f"{story.ui}/services/{service_id}?window=5m")
-                         or d.find_elements(By.CSS_SELECTOR, "#charts figure path"))
-    titles = [f.text.split()[0] for f in browser.find_elements(By.CSS_SELECTOR, "#charts figcaption")]
-    assert titles[:2] == ["CPU", "Memory"], titles
+    # Its charts, from the hub's history: resource use, and the requests a client sends through the gateway
+    # meanwhile with their latency, each a line once the hub has stored two points of it.
+    url = sdk.services.get(service_id).url
+    assert url is not None
+
+    def charted(driver: WebDriver) -> bool:
+        httpx.get(url + "health", timeout=5).raise_for_status()
+        driver.get(f"{story.ui}/services/{service_id}?window=5m")
+        drawn = {f.find_element(By.TAG_NAME, "strong").text for f in driver.find_elements(By.CSS_SELECTOR, "#charts figure")
+                 if f.find_elements(By.TAG_NAME, "path")}
+        return {"CPU", "Memory", "Requests", "Latency"} <= drawn
+
+    story.wait(40).until(charted)
     browser.find_element(By.ID, "follow").click()
     story.wait(20).until(ec.text_to_be_present_in_element((By.ID, "log-live"), "console-tick-"))
     story.shot("service")

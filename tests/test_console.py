@@ -255,3 +255,9 @@ def test_the_console_in_a_browser(lab: Lab, browser: WebDriver, request: pytest.
     story.open(f"/services/{service_id}", "#error")
     assert story.text("#error") == f"{missing.value.code}: {missing.value.message}"
     story.shot("service-not-found")
+    story.open("/controllers", "#error")
+    assert story.text("#error .code") == "ADMIN_REQUIRED"
+    # The followed log, the one page that calls the API's handler itself, answers her the same not found.
+    with httpx.Client(cookies={"mm_session": alice}, timeout=30) as as_her:
+        followed = as_her.get(f"{hub}/ui/services/{service_id}/logs/follow")
+    assert (followed.status_code, followed.text) == (404, f"{missing.value.code}: {missing.value.message}")

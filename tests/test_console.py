@@ -4,7 +4,7 @@ PostgreSQL and the real Docker engine).
 
 One user story, in order: the admin logs in, is refused a service named ``<script>…`` (the hub's error
 shown, escaped), deploys a service from the form, sees it running with its labels and environment shown
-as text, follows its log live, migrates it behind the confirmation and sees the operation, sees charts of
+as text, follows its log live, migrates and scales it behind the confirmation and sees the operations, sees charts of
 its CPU, memory, requests and latency from the hub's history; a forged POST
 (no CSRF token, or from another origin) is refused and changes nothing; every answer carries the
 console's CSP and the browser reported no violation of it; a second user sees none of the admin's
@@ -179,10 +179,23 @@ def test_the_console_in_a_browser(lab: Lab, browser: WebDriver, request: pytest.
     confirm.accept()
     story.wait(90).until(ec.text_to_be_present_in_element((By.ID, "done"), "migrate"))
     assert story.text("#service-controller") == target
+
+    # Scaled to two replicas behind its confirmation: both listed, one on each controller.
+    replicas = browser.find_element(By.CSS_SELECTOR, "#scale-form input[name=replicas]")
+    replicas.clear()
+    replicas.send_keys("2")
+    browser.find_element(By.CSS_SELECTOR, "#scale-form button").click()
+    confirm = story.wait(5).until(ec.alert_is_present())
+    assert confirm.text == "Scale console-demo to 2 replicas?"
+    confirm.accept()
+    story.wait(90).until(ec.text_to_be_present_in_element((By.ID, "done"), "scale"))
+    placed = [r.find_elements(By.TAG_NAME, "td")[1].text for r in browser.find_elements(By.CSS_SELECTOR, "#replicas tbody tr")]
+    assert sorted(placed) == sorted(lab.dep.controllers), placed
+
     story.open(f"/operations?service_id={service_id}", "#operations")
     rows = [(r.find_element(By.CLASS_NAME, "op-name").text, r.find_element(By.CLASS_NAME, "op-status").text)
             for r in browser.find_elements(By.CSS_SELECTOR, "#operations tbody tr[data-operation]")]
-    assert ("migrate", "succeeded") in rows and ("create", "succeeded") in rows, rows
+    assert {("create", "succeeded"), ("migrate", "succeeded"), ("scale", "succeeded")} <= set(rows), rows
     story.shot("operations")
 
     for path, ready, name in [("/services", "#services", "services"), ("/controllers", "#controllers", "controllers"),

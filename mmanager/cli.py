@@ -21,6 +21,8 @@ import typer
 import uvicorn
 from rich.console import Console
 
+from mmanager.commands import attach as attach_client_commands
+
 app = typer.Typer(help="mManager hub: orchestrate model-service containers across a lab's servers.",
                   no_args_is_help=True)
 hub_app = typer.Typer(help="The central hub.", no_args_is_help=True)
@@ -33,12 +35,15 @@ app.add_typer(controller_app, name="controller")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
-controllers_app = typer.Typer(help="Controllers' heartbeat keys, straight on the hub's database (on the hub host).",
+controllers_app = typer.Typer(help="Controllers over the hub's API (list, show, enable, disable, drain), and their "
+                                   "heartbeat keys straight on the hub's database (key-*, on the hub host).",
                               no_args_is_help=True)
 app.add_typer(controllers_app, name="controllers")
-models_app = typer.Typer(help="The model catalog (GET /api/models), straight on the hub's database (on the hub host).",
-                         no_args_is_help=True)
+models_app = typer.Typer(help="The model catalog over the hub's API (list, show), and register straight on the hub's "
+                              "database (on the hub host).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
+# The client commands (login, apply, services, ...): docs/CLI.md.
+attach_client_commands(app, controllers_app, models_app)
 
 console = Console(stderr=True)
 T = TypeVar("T")
@@ -444,4 +449,5 @@ def dev(port: int = 8000,
 
 
 if __name__ == "__main__":
-    app()
+    # As the installed script is called, so that shell completion's variable is _MMANAGER_COMPLETE either way.
+    app(prog_name="mmanager")

@@ -1,0 +1,21 @@
+"""The client commands of ``mmanager`` (docs/CLI.md): the hub's API through the SDK (``mmanager.client``),
+beside the server commands of ``mmanager.cli``. ``attach`` adds them to its app and to its ``controllers``
+and ``models`` groups; nothing here imports the SDK until a client command runs."""
+
+from __future__ import annotations
+
+import typer
+
+
+def attach(app: typer.Typer, controllers: typer.Typer, models: typer.Typer) -> None:
+    from mmanager.commands import alerts, apply, audit, catalog, login, operations, services
+    from mmanager.commands import controllers as controller_commands
+
+    app.command("login")(login.login)
+    app.command("apply")(apply.apply_command)
+    app.add_typer(services.app, name="services")
+    app.add_typer(operations.app, name="operations")
+    app.add_typer(alerts.app, name="alerts")
+    app.add_typer(audit.app, name="audit")
+    controller_commands.attach(controllers)
+    catalog.attach(models)

@@ -1,0 +1,55 @@
+"""``mmanager login``: keep a hub's URL and a token as a profile of the client config
+(``mmanager.client.config``), checked with ``GET /api/me`` before it is saved.
+
+Invariant: a token that the hub refuses, or a hub that cannot be reached, is never saved; the token is
+never printed or echoed (asked hidden, or read from stdin).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Annotated
+
+import typer
+from rich.markup import escape
+
+from mmanager.commands import render
+from mmanager.commands.session import USAGE, Json, Profile, api_errors, fail, stdout
+
+
+def login(
+    url: Annotated[str | None, typer.Argument(
+        help="the hub's URL, e.g. http://hub:8000 (default: MMANAGER_HUB_URL, else asked)", show_default=False)]
+    = None,
+    token: Annotated[str | None, typer.Option(
+        help="the API token (default: read from stdin when it is not a terminal, else asked without echo); "
+             "on the command line it stays in the shell's history")] = None,
+    profile: Profile = None,
+    json_out: Json = False,
+) -> None:
+    """Log in to a hub: check the token with it, then save both as a profile (and make it the current one)."""
+    from mmanager.client import Client, config
+
+    url = url or os.environ.get("MMANAGER_HUB_URL") or (
+        typer.prompt("Hub URL", err=True) if sys.stdin.isatty() else None)
+    if not url:
+        fail("USAGE", "no hub URL: give it (mmanager login http://hub:8000) or set MMANAGER_HUB_URL", USAGE)
+    if token is None:
+        token = (typer.prompt("Token", hide_input=True, err=True) if sys.stdin.isatty()
+                 else sys.stdin.readline()).strip()
+    if not token:
+        fail("USAGE", "no token: give --token, pipe it on stdin, or type it when asked", USAGE)
+    name = profile or "default"
+    with api_errors():
+        client = Client(url=url, token=token)
+        try:
+            me = client.me()
+        finally:
+            client.close()
+    config.save_profile(name, url, token, make_current=True)
+    if json_out:
+        render.print_json({"url": url, "profile": name, "username": me.username, "admin": me.admin})
+    else:
+        stdout().print(f"logged in to {escape(url)} as [bold]{escape(me.username)}[/bold]"
+                       f"{' (admin)' if me.admin else ''}; saved as profile {escape(name)!r}")

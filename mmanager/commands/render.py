@@ -1,0 +1,217 @@
+"""How the client commands show what the hub answered: the API's JSON as it is (``--json``), or rich tables
+and key-value views for a person.
+
+Invariant: every value from the hub is shown as text, never read as rich markup (a service may be named
+``[bold]`` or ``<script>``); a table row is one line when stdout is not a terminal (``session.stdout``).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+DASH = "-"
+
+
+def plain(value: Any) -> Any:
+    """The API's JSON of ``value``: pydantic models dumped as the hub sends them, lists and dicts walked."""
+    if hasattr(value, "model_dump"):  # a pydantic model; pydantic is not imported for mmanager's start
+        return value.model_dump(mode="json")
+    if isinstance(value, list | tuple):
+        return [plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def print_json(value: Any) -> None:
+    # print, not rich: JSON must reach a pipe exactly, without markup or wrapping.
+    print(json.dumps(plain(value), indent=2, ensure_ascii=False))
+
+
+def when(value: datetime | None, now: datetime | None = None) -> str:
+    """``2026-12-07 11:03:06 (5m ago)``, in UTC; ``-`` for none."""
+    if value is None:
+        return DASH
+    at = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    return f"{at:%Y-%m-%d %H:%M:%S} ({age(at, now)} ago)"
+
+
+def age(at: datetime, now: datetime | None = None) -> str:
+    seconds = max(0, int(((now or datetime.now(UTC)) - at).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit}"
+    return f"{seconds}s"
+
+
+def cell(value: Any) -> Text:
+    if value is None or value == "":
+        return Text(DASH)
+    if isinstance(value, bool):
+        return Text("yes" if value else "no")
+    if isinstance(value, datetime):
+        return Text(when(value))
+    if isinstance(value, dict | list):
+        return Text(json.dumps(value, ensure_ascii=False))
+    return Text(str(value))
+
+
+def table(console: Console, columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
+    grid = Table(*columns, box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
+    for row in rows:
+        grid.add_row(*(v if isinstance(v, Text) else cell(v) for v in row))
+    console.print(grid)
+
+
+def fields(console: Console, pairs: Iterable[tuple[str, Any]]) -> None:
+    """A key-value view of one object."""
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold")
+    grid.add_column()
+    for key, value in pairs:
+        grid.add_row(key, value if isinstance(value, Text) else cell(value))
+    console.print(grid)
+
+
+def styled(value: str, styles: dict[str, str]) -> Text:
+    return Text(value, style=styles.get(value, ""))
+
+
+STATUS = {"running": "green", "healthy": "green", "succeeded": "green", "ok": "green",
+          "pending": "yellow", "starting": "yellow", "draining": "yellow", "unknown": "yellow",
+          "stopped": "dim", "failed": "red", "error": "red", "unhealthy": "red", "refused": "red"}
+
+
+def status(value: str | None) -> Text:
+    return styled(value or DASH, STATUS)
+
+
+def endpoint(ep: Any) -> str:
+    if ep is None:
+        return DASH
+    ports = ", ".join(f"{k}->{v}" if v else k for k, v in ep.ports.items())
+    return f"{ep.host} {ports}".strip()
+
+
+# Services
+
+
+def services(console: Console, rows: Sequence[Any]) -> None:
+    table(console, ("NAME", "OWNER", "STATUS", "HEALTH", "REPLICAS", "VERSION", "URL", "ID"),
+          ([s.name, s.owner, status(s.status), status(s.health), replica_count(s), s.version, s.url, s.id]
+           for s in rows))
+
+
+def replica_count(s: Any) -> str:
+    """Copies running / copies asked for."""
+    running = sum(1 for r in s.replicas if r.state == "running")
+    return f"{running}/{s.spec.get('replicas', len(s.replicas))}"
+
+
+def service(console: Console, s: Any) -> None:
+    fields(console, [
+        ("name", s.name), ("id", s.id), ("owner", f"{s.owner}/{s.repo}"),
+        ("status", Text.assemble(status(s.status), f" ({s.status_message})" if s.status_message else "")),
+        ("desired", s.desired_state),
+        ("health", Text.assemble(status(s.health), f" ({s.health_detail})" if s.health_detail else "")),
+        ("version", s.version), ("image", s.spec.get("image")), ("url", s.url),
+        ("replicas", replica_count(s)), ("variant", s.variant), ("created", s.created_at), ("updated", s.updated_at),
+    ])
+    if s.replicas:
+        table(console, ("REPLICA", "CONTROLLER", "STATE", "HEALTH", "ENDPOINT", "VARIANT"),
+              ([r.id[:12], r.controller_id, status(r.state), status(r.health), endpoint(r.endpoint), r.variant]
+               for r in s.replicas))
+
+
+def history(console: Console, rows: Sequence[Any]) -> None:
+    table(console, ("VERSION", "CURRENT", "IMAGE", "REASON", "ACTOR", "CREATED"),
+          ([d.version, "*" if d.current else "", d.image, d.reason, d.actor, d.created_at] for d in rows))
+
+
+# Controllers
+
+
+def controllers(console: Console, rows: Sequence[Any]) -> None:
+    table(console, ("ID", "TYPE", "STATUS", "ENABLED", "CONTAINERS", "LOAD", "MEMORY", "GPUS", "HEARTBEAT"),
+          ([c.id, c.server_type, status(c.status), c.enabled, f"{c.containers_running}/{c.max_containers}",
+            f"{c.load_percentage:.0f}%", f"{c.memory_usage_percent:.0f}%", len(c.gpus),
+            age(c.last_heartbeat_at) + " ago" if c.last_heartbeat_at else DASH] for c in rows))
+
+
+def controller(console: Console, c: Any) -> None:
+    fields(console, [
+        ("id", c.id), ("url", c.url), ("type", c.server_type), ("status", status(c.status)), ("enabled", c.enabled),
+        ("priority", c.priority), ("weight", c.weight),
+        ("containers", f"{c.containers_running}/{c.max_containers}"), ("load", f"{c.load_percentage:.1f}%"),
+        ("memory", f"{c.memory_usage_percent:.1f}%"), ("heartbeat", c.last_heartbeat_at), ("error", c.error),
+    ])
+    if c.gpus:
+        # The controller's GpuInfo as its health reports it (mmanager.wire): index, model, memory_mb, in_use.
+        table(console, ("GPU", "MODEL", "MEMORY", "IN USE"),
+              ([g.get("index"), g.get("model"), f"{g['memory_mb']} MB" if g.get("memory_mb") else None,
+                g.get("in_use")] for g in c.gpus if isinstance(g, dict)))
+
+
+# Operations, alerts, audit, models
+
+
+def progress_text(op: Any) -> str:
+    found = (op.details or {}).get("progress")
+    if not isinstance(found, dict):
+        return DASH
+    from mmanager.commands.session import amount
+
+    total = found.get("total")
+    return f"{amount(found.get('done') or 0, total if isinstance(total, int | float) else None, str(found.get('unit') or ''))}" \
+           + (f" {found['step']}" if found.get("step") else "")
+
+
+def operations(console: Console, rows: Sequence[Any]) -> None:
+    table(console, ("ID", "OPERATION", "STATUS", "SERVICE", "CONTROLLER", "ACTOR", "CREATED", "PROGRESS", "ERROR"),
+          ([o.id, o.operation, status(o.status), o.service_id, o.controller_id, o.actor, o.created_at,
+            progress_text(o), o.error] for o in rows))
+
+
+def operation(console: Console, o: Any) -> None:
+    took = (o.finished_at - o.created_at).total_seconds() if o.finished_at else None
+    fields(console, [
+        ("id", o.id), ("operation", o.operation), ("status", status(o.status)), ("error", o.error),
+        ("service", o.service_id), ("controller", o.controller_id), ("container", o.container_id),
+        ("actor", o.actor), ("created", o.created_at), ("finished", o.finished_at),
+        ("took", f"{took:.1f}s" if took is not None else None), ("progress", progress_text(o)),
+        ("details", o.details or None),
+    ])
+
+
+def alerts(console: Console, rows: Sequence[Any]) -> None:
+    table(console, ("KIND", "CONTROLLER", "CONTAINER", "SERVICE", "VALUE", "THRESHOLD", "STARTED", "RESOLVED"),
+          ([a.kind, a.controller_id, a.container_name, a.service_id, f"{a.value:.1f}", f"{a.threshold:.1f}",
+            a.started_at, a.resolved_at if a.resolved_at else styled("active", {"active": "red"})] for a in rows))
+
+
+def audit(console: Console, rows: Sequence[Any]) -> None:
+    table(console, ("AT", "ACTOR", "SOURCE", "METHOD", "PATH", "STATUS", "RESULT", "CODE"),
+          ([a.at, a.actor, a.source, a.method, a.path, a.status_code, status(a.result), a.error_code] for a in rows))
+
+
+def models(console: Console, rows: Sequence[Any]) -> None:
+    table(console, ("NAME", "TASK", "IMAGE", "REPLICAS", "GPU", "DESCRIPTION"),
+          ([m.name, m.task, m.image, m.replicas, bool(m.resources.get("gpu_required")), m.description]
+           for m in rows))
+
+
+def model(console: Console, m: Any) -> None:
+    fields(console, [
+        ("name", m.name), ("task", m.task), ("description", m.description), ("image", m.image),
+        ("replicas", m.replicas), ("resources", m.resources), ("ports", m.ports), ("health_check", m.health_check),
+        ("probe", "yes" if m.probe else None), ("environment", m.environment or None), ("spec", m.spec or None),
+        ("updated", m.updated_at),
+    ])

@@ -1,0 +1,136 @@
+"""What every client command shares: its options (``--profile``, ``--json``), the SDK client it speaks
+through, the one-line errors it exits with, and the progress bar of a long operation.
+
+Invariant: a client command never shows a traceback for what the hub or the network did. Every
+``ApiError`` (``HUB_UNREACHABLE`` included) ends as one line ``error: CODE: message`` on stderr and exit
+status 1; a usage problem (a file that cannot be read, a refused confirmation) exits with 2. The SDK is
+imported when a command runs, never when ``mmanager`` starts: the server commands do not pay for it.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+if TYPE_CHECKING:
+    from rich.progress import Progress, TaskID
+
+    from mmanager.client import Client
+
+Profile = Annotated[str | None, typer.Option(
+    "--profile", "-p", envvar="MMANAGER_PROFILE", show_envvar=False,
+    help="the login profile to use (default: MMANAGER_PROFILE, else the config's current one); "
+         "MMANAGER_HUB_URL and MMANAGER_TOKEN override it")]
+Json = Annotated[bool, typer.Option("--json", help="print the API's JSON instead of tables")]
+
+USAGE = 2
+FAILED = 1
+
+
+def stdout(json: bool = False) -> Console:
+    """The console results go to: no colour and no wrapping when stdout is not a terminal (a pipe, a file),
+    so that every row of a table stays one line for grep."""
+    terminal = sys.stdout.isatty()
+    return Console(highlight=False, soft_wrap=not terminal, width=None if terminal else 100_000,
+                   no_color=json or not terminal)
+
+
+def fail(code: str, message: str, status: int = FAILED) -> NoReturn:
+    """One line on stderr, ``error: CODE: message``, and exit ``status``."""
+    Console(stderr=True, highlight=False).print(f"[red]error:[/red] {escape(code)}: {escape(message)}",
+                                                soft_wrap=True)
+    raise typer.Exit(status)
+
+
+def note(message: str) -> None:
+    """A line for the person, not the result: on stderr, so that stdout stays the result alone."""
+    Console(stderr=True, highlight=False).print(message, soft_wrap=True)
+
+
+@contextmanager
+def api_errors() -> Iterator[None]:
+    """Turns the SDK's errors into the one-line exit; Ctrl-C into exit status 130, quietly."""
+    from mmanager.client import ApiError
+
+    try:
+        yield
+    except ApiError as exc:
+        fail(exc.code, exc.message)
+    except KeyboardInterrupt:
+        raise typer.Exit(130) from None
+
+
+def make_client(profile: str | None) -> Client:
+    """The SDK client of a command: the environment (MMANAGER_HUB_URL, MMANAGER_TOKEN) over ``profile``."""
+    from mmanager.client import Client
+
+    return Client(profile=profile)
+
+
+@contextmanager
+def connect(profile: str | None) -> Iterator[Client]:
+    """A client for the length of one command, its errors turned into the one-line exit."""
+    with api_errors():
+        client = make_client(profile)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+def progress_fields(op: Any) -> dict[str, Any]:
+    """How a running operation (an ``OperationOut``) shows on a progress bar: its ``details.progress``
+    ``{done, total, unit, step}`` as the bar's fields; an operation that has reported none yet shows its
+    name and status, with no total (an indeterminate bar)."""
+    found = (op.details or {}).get("progress") if isinstance(op.details, dict) else None
+    if not isinstance(found, dict):
+        return {"description": f"{op.operation} {op.status}", "total": None, "completed": 0, "unit": ""}
+    total = found.get("total")
+    done = found.get("done") or 0
+    step = found.get("step") or op.status
+    return {"description": f"{op.operation}: {step}",
+            "total": total if isinstance(total, int | float) and total > 0 else None,
+            "completed": done, "unit": str(found.get("unit") or "")}
+
+
+def amount(done: float, total: float | None, unit: str) -> str:
+    """``12.5/40.0 MB``, ``1/3 replicas``: what a bar's count reads."""
+    if unit == "bytes":
+        from rich.filesize import decimal
+
+        return f"{decimal(int(done))}/{decimal(int(total))}" if total else decimal(int(done))
+    shown = f"{int(done)}/{int(total)}" if total else str(int(done))
+    return f"{shown} {unit}".rstrip()
+
+
+@contextmanager
+def progress_bar(json: bool, label: str) -> Iterator[Callable[[Any], None] | None]:
+    """The SDK's ``progress`` callback drawing a bar on a terminal, or None (no bar) with ``--json`` or when
+    stdout is not a terminal. The bar goes once the operation ends; the command prints the result."""
+    if json or not sys.stdout.isatty():
+        yield None
+        return
+    from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TextColumn, TimeElapsedColumn
+    from rich.text import Text
+
+    class Amount(ProgressColumn):
+        def render(self, task: Task) -> Text:
+            return Text(amount(task.completed, task.total, task.fields.get("unit", "")), style="progress.download")
+
+    bar: Progress = Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), Amount(),
+                             TimeElapsedColumn(), console=stdout(), transient=True)
+    task: TaskID = bar.add_task(escape(label), total=None, unit="")
+
+    def update(op: Any) -> None:
+        fields = progress_fields(op)
+        bar.update(task, description=escape(fields["description"]), total=fields["total"],
+                   completed=fields["completed"], unit=fields["unit"])
+
+    with bar:
+        yield update

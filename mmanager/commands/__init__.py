@@ -12,6 +12,7 @@ def attach(app: typer.Typer, controllers: typer.Typer, models: typer.Typer) -> N
     from mmanager.commands import controllers as controller_commands
 
     app.command("login")(login.login)
+    app.command("logout")(login.logout)
     app.command("apply")(apply.apply_command)
     app.add_typer(services.app, name="services")
     app.add_typer(operations.app, name="operations")

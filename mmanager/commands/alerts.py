@@ -17,11 +17,9 @@ def list_alerts(
     active: Annotated[bool, typer.Option("--active", help="only the open ones")] = False,
     json_out: Json = False, profile: Profile = None,
 ) -> None:
-    """List alerts, open ones first."""
+    """List alerts."""
     with connect(profile) as client:
-        rows = client.alerts.list()
-    if active:
-        rows = [a for a in rows if a.active]
+        rows = client.alerts.list(active=True if active else None)
     if json_out:
         render.print_json(rows)
     else:

@@ -42,7 +42,7 @@ def _said(json_out: bool, row: Any, what: str) -> None:
         render.print_json(row)
     else:
         stdout().print(f"[bold]{escape(row.id)}[/bold]: {what}; status {render.status(row.status).markup}, "
-                       f"{'enabled' if row.enabled else 'disabled'}, {row.containers_running} containers")
+                       f"{'enabled' if row.enabled else 'disabled'}")
 
 
 def enable_controller(controller_id: ControllerId, json_out: Json = False, profile: Profile = None) -> None:

@@ -53,3 +53,20 @@ def login(
     else:
         stdout().print(f"logged in to {escape(url)} as [bold]{escape(me.username)}[/bold]"
                        f"{' (admin)' if me.admin else ''}; saved as profile {escape(name)!r}")
+
+
+def logout(profile: Profile = None) -> None:
+    """Forget a login profile (default: the current one): its URL and token leave the config file. The token
+    itself stays valid on the hub (an admin revokes tokens)."""
+    from mmanager.client import config
+
+    with api_errors():
+        data = config.load()
+        name = profile or data["current"]
+        if name not in data["profiles"]:
+            fail("PROFILE_NOT_FOUND", f"no login profile {name!r} in {config.path()}")
+        del data["profiles"][name]
+        if data["current"] == name:
+            data["current"] = next(iter(data["profiles"]), config.DEFAULT_PROFILE)
+        at = config.save(data)
+    stdout().print(f"logged out: profile {escape(name)!r} removed from {escape(str(at))}")

@@ -65,7 +65,7 @@ def cell(value: Any) -> Text:
 
 
 def table(console: Console, columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
-    grid = Table(*columns, box=box.SIMPLE_HEAD, title=title, title_justify="left", pad_edge=False)
+    grid = Table(*columns, box=box.SIMPLE_HEAD, title=title, title_justify="left", show_edge=False, pad_edge=False)
     for row in rows:
         grid.add_row(*(v if isinstance(v, Text) else cell(v) for v in row))
     console.print(grid)

@@ -114,11 +114,14 @@ def migrate(
     to: Annotated[str | None, typer.Option("--to", help="the controller to move to (default: the hub picks)")]
     = None,
     replica: Annotated[str | None, typer.Option(help="move only this replica (its id in services status)")] = None,
+    leave_volumes: Annotated[bool, typer.Option(
+        "--leave-volumes", help="move even though the service's volumes stay on the server it leaves")] = False,
     json_out: Json = False, profile: Profile = None,
 ) -> None:
     """Move a service (or one replica) to another controller; the new copy serves before the old goes (admin)."""
     with connect(profile) as client, progress_bar(json_out, f"migrate {ref}") as bar:
-        service = client.services.migrate(ref, target=to, replica=replica, progress=bar)
+        service = client.services.migrate(ref, target=to, replica=replica, leave_volumes=leave_volumes,
+                                          progress=bar)
     done(json_out, service, "migrated" + (f" to {to}" if to else ""))
 
 

@@ -100,7 +100,9 @@ def progress_fields(op: Any) -> dict[str, Any]:
 
 
 def amount(done: float, total: float | None, unit: str) -> str:
-    """``12.5/40.0 MB``, ``1/3 replicas``: what a bar's count reads."""
+    """``12.5/40.0 MB``, ``1/3 replicas``: what a bar's count reads; nothing before the first progress."""
+    if not total and not done and not unit:
+        return ""
     if unit == "bytes":
         from rich.filesize import decimal
 

@@ -85,5 +85,6 @@ def test_amounts_read_as_their_unit() -> None:
     assert amount(1, 3, "replicas") == "1/3 replicas"
     assert amount(12_500_000, 40_000_000, "bytes") == "12.5 MB/40.0 MB"
     assert amount(2, None, "services") == "2 services"
+    assert amount(0, None, "") == ""
     assert render.progress_text(operation(progress={"done": 2, "total": 2, "unit": "services", "step": "drained"})) \
         == "2/2 services drained"

@@ -141,6 +141,9 @@ def test_a_user_manages_a_service_from_the_shell(lab: Lab, tmp_path: Path) -> No
     assert done.out.splitlines()[0] == "hello: new service"
     assert done.out.splitlines()[-1].startswith("hello: created, version 1, running, http")
     service = cli("services", "status", "hello", "--json").json()
+    # Completion names the user's services, asking the hub.
+    assert cli(_MMANAGER_COMPLETE="complete_bash", COMP_WORDS="mmanager services status he",
+               COMP_CWORD="3").out.split() == ["hello"]
     operations = cli("operations", "list", "--service", service["id"], "--json").json()
     assert cli("apply", "-f", str(spec)).out == "hello: unchanged\n"
     assert cli("operations", "list", "--service", service["id"], "--json").json() == operations
@@ -155,20 +158,18 @@ def test_a_user_manages_a_service_from_the_shell(lab: Lab, tmp_path: Path) -> No
     refused = cli("apply", "-f", str(bad), ok=False)
     one_error(refused, "VALIDATION_ERROR")
     assert "resources.memory_limit" in refused.err and refused.out == ""
-    after = cli("services", "status", "hello", "--json").json()
-    assert (after["version"], after["spec"]["resources"]["cpu_limit"]) == (2, 0.5)
-
-    # What runs, as tables and as the API's JSON.
-    assert row(cli("services", "list").out, "hello")[1:5] == ["root", "running", "healthy", "1/1"]
     listed = cli("services", "list", "--json").json()
-    assert [s["name"] for s in listed] == ["hello"] and listed[0]["id"] == service["id"]
-    status = cli("services", "status", "hello").out
-    assert "running" in status and service["id"] in status
+    assert [(s["id"], s["version"], s["spec"]["resources"]["cpu_limit"]) for s in listed] == [(service["id"], 2, 0.5)]
+
+    # What runs, as tables.
+    assert row(cli("services", "list").out, "hello")[1:5] == ["root", "running", "healthy", "1/1"]
+    shown = cli("services", "status", "hello").out
+    assert row(shown, "status")[1] == "running" and row(shown, "id")[1] == service["id"]
     assert "model service hello-two listening on 5000" in cli("services", "logs", "hello").out
 
     # Scale, in a terminal: a progress bar while it runs, in colour; then history and rollback.
-    status, terminal = in_a_terminal(cli, "services", "scale", "hello", "2")
-    assert status == 0, terminal
+    code, terminal = in_a_terminal(cli, "services", "scale", "hello", "2")
+    assert code == 0, terminal
     assert "━" in terminal and "scale" in terminal and "\x1b[" in terminal
     assert "hello: scaled to 2; status running, replicas 2/2, version 2" in plain_text(terminal)
     history = cli("services", "history", "hello").out
@@ -181,7 +182,7 @@ def test_a_user_manages_a_service_from_the_shell(lab: Lab, tmp_path: Path) -> No
 
     # Controllers: drain one (its copy moves to the other), then enable it again.
     assert row(cli("controllers", "list").out, a)[2:4] == ["healthy", "yes"]
-    with_copy = cli("services", "status", "hello", "--json").json()["replicas"][0]["controller_id"]
+    with_copy = rolled["replicas"][0]["controller_id"]
     other = b if with_copy == a else a
     done = cli("controllers", "drain", with_copy)
     assert done.out.startswith(f"{with_copy}: drained;")

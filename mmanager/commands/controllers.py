@@ -12,9 +12,14 @@ import typer
 from rich.markup import escape
 
 from mmanager.commands import render
-from mmanager.commands.session import Json, Profile, connect, progress_bar, stdout
+from mmanager.commands.session import Json, Profile, completions, connect, progress_bar, stdout
 
-ControllerId = Annotated[str, typer.Argument(help="the controller's id", show_default=False)]
+
+def _ids(ctx: typer.Context, incomplete: str) -> list[str]:
+    return completions(ctx, incomplete, lambda c: [row.id for row in c.controllers.list()])
+
+
+ControllerId = Annotated[str, typer.Argument(help="the controller's id", show_default=False, autocompletion=_ids)]
 
 
 def list_controllers(json_out: Json = False, profile: Profile = None) -> None:

@@ -14,11 +14,18 @@ import typer
 from rich.markup import escape
 
 from mmanager.commands import render
-from mmanager.commands.session import USAGE, Json, Profile, connect, fail, progress_bar, stdout
+from mmanager.commands.session import USAGE, Json, Profile, completions, connect, fail, progress_bar, stdout
 
 app = typer.Typer(help="Services: yours (an admin: everyone's), named by id or by the name of one of yours.",
                   no_args_is_help=True)
-Ref = Annotated[str, typer.Argument(help="the service: its id, or the name of one of yours", show_default=False)]
+
+
+def _own_names(ctx: typer.Context, incomplete: str) -> list[str]:
+    return completions(ctx, incomplete, lambda c: [s.name for s in c.services.list(owner=c.me().username, limit=1000)])
+
+
+Ref = Annotated[str, typer.Argument(help="the service: its id, or the name of one of yours", show_default=False,
+                                    autocompletion=_own_names)]
 
 
 def show(json_out: bool, value: Any, view: Any) -> None:
@@ -76,7 +83,7 @@ def logs(
             if json_out:
                 render.print_json({"logs": text})
             else:
-                sys.stdout.write(text)
+                sys.stdout.write(text if not text or text.endswith("\n") else text + "\n")
             return
         for line in client.services.follow_logs(ref, tail=tail, replica=replica):
             line = line.rstrip("\n")
@@ -157,6 +164,8 @@ def delete(ref: Ref, yes: Annotated[bool, typer.Option("--yes", "-y", help="do n
             except click.exceptions.Abort:
                 sure = False
             if not sure:
+                if not sys.stdin.isatty():
+                    print(file=sys.stderr)  # the answer read from a pipe was not echoed: end the question's line
                 fail("NOT_CONFIRMED", f"service {service.name} not deleted (--yes deletes without asking)", USAGE)
         client.services.delete(service.id)
     if json_out:

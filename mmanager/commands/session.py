@@ -84,6 +84,19 @@ def connect(profile: str | None) -> Iterator[Client]:
             client.close()
 
 
+def completions(ctx: typer.Context, incomplete: str, names: Callable[[Client], list[str]]) -> list[str]:
+    """Shell completion's candidates from the hub (``names(client)``), for the command's ``--profile``:
+    none, quietly, when the hub cannot say (not logged in, unreachable, slow): a completion never prints an
+    error into the user's command line."""
+    from mmanager.client import Client
+
+    try:
+        with Client(profile=ctx.params.get("profile"), timeout=3.0) as client:
+            return [name for name in names(client) if name.startswith(incomplete)]
+    except Exception:
+        return []
+
+
 def progress_fields(op: Any) -> dict[str, Any]:
     """How a running operation (an ``OperationOut``) shows on a progress bar: its ``details.progress``
     ``{done, total, unit, step}`` as the bar's fields; an operation that has reported none yet shows its

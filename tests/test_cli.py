@@ -9,6 +9,7 @@ import json
 import os
 import pty
 import re
+import signal
 import stat
 import subprocess
 import sys
@@ -166,6 +167,14 @@ def test_a_user_manages_a_service_from_the_shell(lab: Lab, tmp_path: Path) -> No
     shown = cli("services", "status", "hello").out
     assert row(shown, "status")[1] == "running" and row(shown, "id")[1] == service["id"]
     assert "model service hello-two listening on 5000" in cli("services", "logs", "hello").out
+    # logs -f prints lines as they come, and ends quietly on Ctrl-C.
+    following = subprocess.Popen([*MMANAGER, "services", "logs", "hello", "-f", "--tail", "1000"], cwd=tmp_path,
+                                 env=cli.env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert following.stdout is not None
+    assert next(following.stdout) == "model service hello-two listening on 5000\n"
+    following.send_signal(signal.SIGINT)
+    _, err = following.communicate(timeout=30)
+    assert (following.returncode, err) == (130, "")
 
     # Scale, in a terminal: a progress bar while it runs, in colour; then history and rollback.
     code, terminal = in_a_terminal(cli, "services", "scale", "hello", "2")

@@ -156,7 +156,9 @@ def plan(stored: dict[str, Any], spec: dict[str, Any]) -> Plan:
                         f"when it is made ({stored.get('model')!r}); delete it to make it from another")
     try:
         changes = ServicePatch.model_validate(given).model_dump(mode="json", exclude_unset=True)
-        current = ServiceSpec.model_validate(stored).model_dump(mode="json")
+        # Fields this client does not know (a newer hub's) are the hub's to keep: never compared, never sent.
+        current = ServiceSpec.model_validate({k: v for k, v in stored.items() if k in ServiceSpec.model_fields}
+                                             ).model_dump(mode="json")
         # As the hub merges a PATCH (hub.services.lifecycle.moves): null puts a field back to its default,
         # resources and health_check merge field by field, everything else is replaced whole.
         merged_changes = dict(changes)

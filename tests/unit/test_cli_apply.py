@@ -27,6 +27,10 @@ def test_a_spec_naming_only_some_fields_leaves_the_others() -> None:
     assert plan(stored(replicas=3, private=True), {"name": "hello", "env": {"MODE": "slow"}}).changes == []
 
 
+def test_a_field_this_client_does_not_know_is_left_to_the_hub() -> None:
+    assert plan({**stored(), "a_newer_field": 1}, dict(BASE)).patch == {}
+
+
 def test_sizes_compare_by_what_they_mean() -> None:
     spec = {**BASE, "resources": {"cpu_limit": 0.5, "memory_limit": "32768KB"}, "max_body_size": "10240KB"}
     assert plan(stored(), spec).patch == {}

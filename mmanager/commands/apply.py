@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
+from rich.console import Console
 from rich.markup import escape
 
 from mmanager.commands import render
@@ -226,7 +227,7 @@ def apply_command(
             check(spec, str(file))
     except SpecError as exc:
         fail(exc.code, exc.message, exc.status)
-    out = stdout(json_out)
+    out = None if json_out else stdout()
     results: list[dict[str, Any]] = []
     with connect(profile) as client:
         who = owner or client.me().username
@@ -240,44 +241,52 @@ def apply_command(
             except SpecError as exc:
                 fail(exc.code, exc.message, exc.status)
         for spec, existing, todo in plans:
-            name = spec["name"]
             if existing is None or todo is None:
-                if not json_out:
-                    out.print(f"[bold]{escape(name)}[/bold]: new service" + (" (dry run)" if dry_run else ""))
-                service = None
-                if not dry_run:
-                    with progress_bar(json_out, f"create {name}") as bar:
-                        service = client.services.create(spec, owner=owner, repo=repo, progress=bar)
-                    if not json_out:
-                        out.print(f"{escape(name)}: created, version {service.version}, "
-                                  f"{service.status}" + (f", {service.url}" if service.url else ""))
-                results.append({"name": name, "action": "create", "changes": [], "service": service})
-                continue
-            send = bool(todo.write_only) and (bool(todo.patch) or send_write_only)
-            if not todo.patch and not send:
-                if not json_out:
-                    out.print(f"[bold]{escape(name)}[/bold]: unchanged"
-                              + (f" ({', '.join(todo.write_only)}: write-only, not compared)" if todo.write_only
-                                 else ""))
-                results.append({"name": name, "action": "unchanged", "changes": [], "service": existing})
-                continue
-            if not json_out:
-                out.print(f"[bold]{escape(name)}[/bold]: "
-                          + ("changes" if todo.changes else "write-only fields only") + (" (dry run)" if dry_run else ""))
-                for change in todo.changes:
-                    out.print(f"  {escape(change.field)}: {escape(shown(change.old))} -> "
-                              f"{escape(shown(change.new))}")
-                for key in todo.write_only if send else ():
-                    out.print(f"  {escape(key)}: (write-only) sent")
-            service = existing
-            if not dry_run:
-                patch = {**todo.patch, **({k: spec[k] for k in todo.write_only} if send else {})}
-                with progress_bar(json_out, f"update {name}") as bar:
-                    service = client.services.update(existing.id, patch, progress=bar)
-                if not json_out:
-                    out.print(f"{escape(name)}: updated, version {service.version}, {service.status}")
-            results.append({"name": name, "action": "update",
-                            "changes": [{"field": c.field, "old": c.old, "new": c.new} for c in todo.changes],
-                            "write_only_sent": todo.write_only if send else [], "service": service})
+                results.append(_create(client, out, spec, owner, repo, dry_run))
+            else:
+                results.append(_update(client, out, spec, existing, todo, send_write_only, dry_run))
     if json_out:
         render.print_json({"dry_run": dry_run, "services": results})
+
+
+def _create(client: Any, out: Console | None, spec: dict[str, Any], owner: str | None, repo: str,
+            dry_run: bool) -> dict[str, Any]:
+    name = spec["name"]
+    if out:
+        out.print(f"[bold]{escape(name)}[/bold]: new service" + (" (dry run)" if dry_run else ""))
+    service = None
+    if not dry_run:
+        with progress_bar(out is None, f"create {name}") as bar:
+            service = client.services.create(spec, owner=owner, repo=repo, progress=bar)
+        if out:
+            out.print(f"{escape(name)}: created, version {service.version}, {service.status}"
+                      + (f", {escape(service.url)}" if service.url else ""))
+    return {"name": name, "action": "create", "changes": [], "service": service}
+
+
+def _update(client: Any, out: Console | None, spec: dict[str, Any], existing: Any, todo: Plan,
+            send_write_only: bool, dry_run: bool) -> dict[str, Any]:
+    name = spec["name"]
+    send = bool(todo.write_only) and (bool(todo.patch) or send_write_only)
+    if not todo.patch and not send:
+        if out:
+            out.print(f"[bold]{escape(name)}[/bold]: unchanged"
+                      + (f" ({', '.join(todo.write_only)}: write-only, not compared)" if todo.write_only else ""))
+        return {"name": name, "action": "unchanged", "changes": [], "service": existing}
+    if out:
+        out.print(f"[bold]{escape(name)}[/bold]: " + ("changes" if todo.changes else "write-only fields only")
+                  + (" (dry run)" if dry_run else ""))
+        for change in todo.changes:
+            out.print(f"  {escape(change.field)}: {escape(shown(change.old))} -> {escape(shown(change.new))}")
+        for key in todo.write_only if send else ():
+            out.print(f"  {escape(key)}: (write-only) {'would be sent' if dry_run else 'sent'}")
+    service = existing
+    if not dry_run:
+        patch = {**todo.patch, **({k: spec[k] for k in todo.write_only} if send else {})}
+        with progress_bar(out is None, f"update {name}") as bar:
+            service = client.services.update(existing.id, patch, progress=bar)
+        if out:
+            out.print(f"{escape(name)}: updated, version {service.version}, {service.status}")
+    return {"name": name, "action": "update",
+            "changes": [{"field": c.field, "old": c.old, "new": c.new} for c in todo.changes],
+            "write_only_sent": todo.write_only if send and not dry_run else [], "service": service}

@@ -55,7 +55,7 @@ def login(
                        f"{' (admin)' if me.admin else ''}; saved as profile {escape(name)!r}")
 
 
-def logout(profile: Profile = None) -> None:
+def logout(profile: Profile = None, json_out: Json = False) -> None:
     """Forget a login profile (default: the current one): its URL and token leave the config file. The token
     itself stays valid on the hub (an admin revokes tokens)."""
     from mmanager.client import config
@@ -69,4 +69,7 @@ def logout(profile: Profile = None) -> None:
         if data["current"] == name:
             data["current"] = next(iter(data["profiles"]), config.DEFAULT_PROFILE)
         at = config.save(data)
-    stdout().print(f"logged out: profile {escape(name)!r} removed from {escape(str(at))}")
+    if json_out:
+        render.print_json({"profile": name, "removed": True, "current": data["current"]})
+    else:
+        stdout().print(f"logged out: profile {escape(name)!r} removed from {escape(str(at))}")

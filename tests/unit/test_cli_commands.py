@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from hub.schemas import MeOut, ServiceOut, ServiceSpec
 from mmanager.cli import app
-from mmanager.client import ApiError
+from mmanager.client import ApiError, config
 from mmanager.commands import session
 
 NOW = datetime(2026, 12, 7, 11, 0, tzinfo=UTC)
@@ -148,3 +148,15 @@ def test_delete_asks_first(fake: FakeClient, tmp_path: Path) -> None:
 def test_an_unreadable_file_is_a_usage_error(fake: FakeClient, tmp_path: Path) -> None:
     done = run("apply", "-f", str(tmp_path / "none.yaml"))
     assert done.exit_code == 2 and done.stderr.startswith("error: INVALID_FILE: ")
+
+
+def test_logout_forgets_a_profile_and_picks_another_current(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMANAGER_CONFIG", str(tmp_path / "config.json"))
+    monkeypatch.delenv("MMANAGER_PROFILE", raising=False)
+    config.save_profile("lab1", "http://hub1:8000", "t1")
+    config.save_profile("lab2", "http://hub2:8000", "t2")
+    done = run("logout", "--json")
+    assert json.loads(done.stdout) == {"profile": "lab2", "removed": True, "current": "lab1"}
+    assert config.load() == {"current": "lab1", "profiles": {"lab1": {"url": "http://hub1:8000", "token": "t1"}}}
+    missing = run("logout", "--profile", "lab2")
+    assert missing.exit_code == 1 and missing.stderr.startswith("error: PROFILE_NOT_FOUND: ")

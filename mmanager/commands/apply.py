@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import json
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,11 +73,11 @@ def write_only_fields() -> tuple[str, ...]:
 
 
 def load(path: Path) -> list[dict[str, Any]]:
-    """The specs of a YAML or JSON file: one mapping, a list of them, or YAML documents (``---``)."""
+    """The specs of a YAML or JSON file (``-``: stdin): one mapping, a list of them, or YAML documents (``---``)."""
     import yaml
 
     try:
-        text = path.read_text()
+        text = sys.stdin.read() if str(path) == "-" else path.read_text()
     except OSError as exc:
         raise SpecError("INVALID_FILE", f"{path}: {exc.strerror or exc}", USAGE) from None
     try:
@@ -210,8 +211,8 @@ def shown(value: Any) -> str:
 
 
 def apply_command(
-    file: Annotated[Path, typer.Option("--file", "-f", help="service specs: YAML or JSON; one, a list, or "
-                                       "YAML documents separated by ---")],
+    file: Annotated[Path, typer.Option("--file", "-f", help="service specs: YAML or JSON (- reads stdin); one, a "
+                                       "list, or YAML documents separated by ---")],
     owner: Annotated[str | None, typer.Option(help="the services' owner (an admin's choice; default: you)")] = None,
     repo: Annotated[str, typer.Option(help="the repo a new service is made in")] = "default",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="show what would change; change nothing")] = False,

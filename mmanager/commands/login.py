@@ -42,12 +42,12 @@ def login(
         fail("USAGE", "no token: give --token, pipe it on stdin, or type it when asked", USAGE)
     name = profile or "default"
     with api_errors():
-        client = Client(url=url, token=token)
-        try:
+        with Client(url=url, token=token) as client:
             me = client.me()
-        finally:
-            client.close()
-    config.save_profile(name, url, token, make_current=True)
+        try:
+            config.save_profile(name, url, token, make_current=True)
+        except OSError as exc:
+            fail("CONFIG_UNWRITABLE", f"cannot write {config.path()}: {exc.strerror or exc}")
     if json_out:
         render.print_json({"url": url, "profile": name, "username": me.username, "admin": me.admin})
     else:
@@ -68,7 +68,10 @@ def logout(profile: Profile = None, json_out: Json = False) -> None:
         del data["profiles"][name]
         if data["current"] == name:
             data["current"] = next(iter(data["profiles"]), config.DEFAULT_PROFILE)
-        at = config.save(data)
+        try:
+            at = config.save(data)
+        except OSError as exc:
+            fail("CONFIG_UNWRITABLE", f"cannot write {config.path()}: {exc.strerror or exc}")
     if json_out:
         render.print_json({"profile": name, "removed": True, "current": data["current"]})
     else:

@@ -76,12 +76,8 @@ def make_client(profile: str | None) -> Client:
 @contextmanager
 def connect(profile: str | None) -> Iterator[Client]:
     """A client for the length of one command, its errors turned into the one-line exit."""
-    with api_errors():
-        client = make_client(profile)
-        try:
-            yield client
-        finally:
-            client.close()
+    with api_errors(), make_client(profile) as client:
+        yield client
 
 
 def completions(ctx: typer.Context, incomplete: str, names: Callable[[Client], list[str]]) -> list[str]:

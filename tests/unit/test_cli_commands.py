@@ -68,7 +68,10 @@ class FakeClient:
     def me(self) -> MeOut:
         return MeOut(username="alice", admin=False)
 
-    def close(self) -> None:
+    def __enter__(self) -> FakeClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
         pass
 
 
@@ -143,6 +146,10 @@ def test_delete_asks_first(fake: FakeClient, tmp_path: Path) -> None:
     assert kept.exit_code == 2 and "not deleted" in kept.stderr
     assert run("services", "delete", "hello", stdin="y\n").stdout.endswith("hello: deleted\n")
     assert fake.services.calls[-1] == ("delete", "a" * 32)
+
+
+def test_apply_reads_stdin(fake: FakeClient) -> None:
+    assert run("apply", "-f", "-", stdin=SPEC).stdout.splitlines()[0] == "hello: new service"
 
 
 def test_an_unreadable_file_is_a_usage_error(fake: FakeClient, tmp_path: Path) -> None:

@@ -62,7 +62,7 @@ def test_the_sdk_deploys_predicts_follows_scales_and_deletes(lab: Lab, docker_cl
     with lab.hub() as admin:
         tokens = {name: admin.post("/api/admin/users", json={"username": name}).json()["token"]
                   for name in ("alice", "bob")}
-    alice = Client(url=hub, token=tokens["alice"])
+    alice = lab.client(tokens["alice"])
     assert alice.me().username == "alice" and not alice.me().admin
 
     polls: list[OperationOut] = []
@@ -73,7 +73,8 @@ def test_the_sdk_deploys_predicts_follows_scales_and_deletes(lab: Lab, docker_cl
     # Predictions through the gateway, once it routes the new service.
     svc = wait_until(lambda: (s := alice.service("dnabert2")).url and s.url.startswith(lab.gateway) and s, 20,
                      "the service's gateway URL")
-    one = wait_until(lambda: svc.predict(SEQUENCE), 60, "a prediction", retry_on=(ApiError,))
+    # The deploy ended where the hub's own wait does, at the probe's verdict: the first prediction is served.
+    one = svc.predict(SEQUENCE)
     assert 0.0 <= one["prediction"] <= 1.0 and one["sequence_length"] == len(SEQUENCE)
     assert [p["sequence_length"] for p in svc.predict_batch([SEQUENCE, SEQUENCE[:40], SEQUENCE[:20]], chunk=2)] \
         == [len(SEQUENCE), 40, 20]
@@ -107,7 +108,7 @@ def test_the_sdk_deploys_predicts_follows_scales_and_deletes(lab: Lab, docker_cl
     assert (after.version, len(after.replicas), [s.name for s in alice.services.list()]) == \
         (before.version, 2, ["dnabert2"])
 
-    bob = Client(url=hub, token=tokens["bob"])
+    bob = lab.client(tokens["bob"])
     with pytest.raises(ApiError) as caught:
         bob.services.get(svc.id)
     assert (caught.value.status, caught.value.code) == (404, "SERVICE_NOT_FOUND")

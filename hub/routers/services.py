@@ -34,6 +34,9 @@ from mmanager.streams import ClosingStreamingResponse
 router = APIRouter(prefix="/api", tags=["services"])
 
 Wait = Query(True, description="wait for the operation to finish; false answers 202 with the operation")
+Watch = Query(False, description="with wait=false: the caller follows the operation to its end, so the create "
+                                 "runs as one that waits would (a failure removes the service; a probe's verdict "
+                                 "ends it), only the answer does not wait")
 
 
 async def _answer(hub: HubDep, result: ServiceModel | OperationModel, created: bool = False) -> Any:
@@ -46,8 +49,9 @@ async def _answer(hub: HubDep, result: ServiceModel | OperationModel, created: b
 
 @router.post("/{username}/{repo}/services", status_code=201, response_model=ServiceOut)
 async def create_service(username: str, repo: str, spec: ServiceCreate, user: CurrentUser, hub: HubDep,
-                         wait: bool = Wait) -> Any:
-    return await _answer(hub, await hub.services.create(user, username, repo, spec, wait=wait), created=True)
+                         wait: bool = Wait, watch: bool = Watch) -> Any:
+    return await _answer(hub, await hub.services.create(user, username, repo, spec, wait=wait, watch=watch),
+                         created=True)
 
 
 @router.get("/services", response_model=list[ServiceOut])

@@ -2,9 +2,11 @@
 models (``hub.schemas``): the namespaces ``services``, ``controllers``, ``operations``, ``audit``,
 ``alerts`` and ``models``, the client's own ``me`` and ``deploy``, and the ``Service`` handle.
 
-Invariant: a call that starts a long operation sends it with ``?wait=false`` and, when asked to wait, polls
-``GET /api/operations/{id}`` until it ends, handing each poll to ``progress``; a failed operation raises
-its ``ApiError``. A service is named by its id or by a name of the caller's own.
+Invariant: a call that starts a long operation and waits ends where the hub's own ``?wait=true`` ends (a
+create of a service with a probe: at its verdict). Without ``progress`` it is that call; with ``progress``
+it is sent with ``?wait=false`` (a create with ``&watch=true``: run as one that waits) and
+``GET /api/operations/{id}`` is polled until it ends, each poll handed to ``progress``. A failure raises
+its ``ApiError`` either way. A service is named by its id or by a name of the caller's own.
 """
 
 from __future__ import annotations
@@ -70,19 +72,33 @@ def _finished(operation: OperationOut) -> None:
         raise from_operation_error(operation.error, {"operation_id": operation.id, "operation": operation.operation})
 
 
-def _act(call: Call, wait: bool, progress: Progress | None) -> Steps[ServiceOut]:
-    """A service's long operation: sent without waiting, then (``wait``) waited for; the service as it is then."""
-    body = yield Call(call.method, call.path, params={**(call.params or {}), "wait": False}, json=call.json)
+def _launch(call: Call, wait: bool, progress: Progress | None, watch: bool = False) -> Steps[Any]:
+    """Send a long operation's ``call``. Waiting without ``progress``: with ``?wait=true``, the hub answers
+    once it is done. Else with ``?wait=false`` (and ``watch``, for a create that is waited for) and, when
+    waiting, the operation polled until it ends. The body the hub answered, or the operation (ended, when
+    waited for)."""
+    hub_waits = wait and progress is None
+    params = {**(call.params or {}), "wait": hub_waits, "watch": True if watch and wait and not hub_waits else None}
+    body = yield Call(call.method, call.path, params=params, json=call.json, waits=hub_waits)
     if "operation" not in body:
-        return ServiceOut.model_validate(body)  # answered at once (nothing to do)
+        return body  # done (or nothing to do)
     operation = OperationOut.model_validate(body)
     if wait:
+        # Also when the hub stopped waiting before the end (a drain past MMANAGER_DRAIN_TIMEOUT).
         operation = yield from _wait(operation.id, progress, None)
         _finished(operation)
     elif progress is not None:
         yield Notify(progress, operation)
-    assert operation.service_id is not None
-    return ServiceOut.model_validate((yield Call("GET", f"/api/services/{operation.service_id}")))
+    return operation
+
+
+def _act(call: Call, wait: bool, progress: Progress | None, watch: bool = False) -> Steps[ServiceOut]:
+    """A service's long operation (``_launch``); the service as it is then."""
+    body = yield from _launch(call, wait, progress, watch)
+    if not isinstance(body, OperationOut):
+        return ServiceOut.model_validate(body)
+    assert body.service_id is not None
+    return ServiceOut.model_validate((yield Call("GET", f"/api/services/{body.service_id}")))
 
 
 class ServicesApi(Bound[M]):
@@ -121,7 +137,7 @@ class ServicesApi(Bound[M]):
                progress: Progress | None = None) -> Steps[ServiceOut]:
         if owner is None:
             owner = (yield from _me(self._runner)).username
-        return (yield from _act(Call("POST", f"/api/{owner}/{repo}/services", json=spec), wait, progress))
+        return (yield from _act(Call("POST", f"/api/{owner}/{repo}/services", json=spec), wait, progress, watch=True))
 
     @op
     def update(self, ref: str, patch: dict[str, Any], wait: bool = True,
@@ -223,14 +239,8 @@ class ControllersApi(Bound[M]):
     def drain(self, controller_id: str, wait: bool = True, progress: Progress | None = None) -> Steps[ControllerOut]:
         """Disable the controller and move its services away; ``wait``: until they have all moved."""
         path = f"/api/admin/controllers/{controller_id}"
-        body = yield Call("POST", f"{path}/drain", params={"wait": False})
-        if "operation" in body:
-            operation = OperationOut.model_validate(body)
-            if wait:
-                operation = yield from _wait(operation.id, progress, None)
-                _finished(operation)
-            elif progress is not None:
-                yield Notify(progress, operation)
+        body = yield from _launch(Call("POST", f"{path}/drain"), wait, progress)
+        if isinstance(body, OperationOut):
             body = yield Call("GET", path)
         return ControllerOut.model_validate(body)
 
@@ -415,5 +425,5 @@ class Api(Bound[M]):
         if model is not None:
             body["model"] = model
         info = yield from _act(Call("POST", f"/api/{(yield from _me(self._runner)).username}/default/services",
-                                    json=body), True, progress)
+                                    json=body), True, progress, watch=True)
         return Service[M](self._runner, info, key)

@@ -33,7 +33,8 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Call:
     """One HTTP request. ``path`` is the hub's, unless ``base`` (a service's gateway URL) is given; ``token``:
-    the bearer sent instead of the hub's (a service key), ``hub_token`` False sends none of the hub's."""
+    the bearer sent instead of the hub's (a service key), ``hub_token`` False sends none of the hub's;
+    ``waits``: the hub answers once a long operation ends, so the answer has no read timeout."""
 
     method: str
     path: str
@@ -43,6 +44,7 @@ class Call:
     token: str | None = None
     hub_token: bool = True
     read: Literal["json", "text", "none"] = "json"
+    waits: bool = False
 
 
 @dataclass(frozen=True)

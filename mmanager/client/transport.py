@@ -28,7 +28,7 @@ def _request(client: httpx.Client | httpx.AsyncClient, hub: str, token: str | No
     if bearer:
         headers["Authorization"] = f"Bearer {bearer}"
     params = {k: _param(v) for k, v in (call.params or {}).items() if v is not None}
-    extensions = {"timeout": httpx.Timeout(client.timeout.connect, read=None).as_dict()} if streamed else None
+    extensions = {"timeout": httpx.Timeout(client.timeout.connect, read=None).as_dict()} if streamed or call.waits else None
     return client.build_request(call.method, url, params=params, json=call.json, headers=headers,
                                 extensions=extensions)
 

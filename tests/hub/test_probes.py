@@ -82,6 +82,34 @@ async def test_a_create_waits_for_the_probe_and_a_wrong_answer_fails_it(cluster:
     assert cluster.containers(**{"mmanager.service": failed["service_id"]}) == []
 
 
+async def test_a_watched_create_ends_at_the_verdict_like_one_that_waits(cluster: Cluster,
+                                                                         spec: dict[str, Any]) -> None:
+    """``?wait=false&watch=true`` (the SDK following a create's progress): answered at once, and its operation
+    ends where a create that waits answers: healthy and routed, or failed with the wrong answer and removed."""
+    async def ended(op_id: str) -> dict[str, Any] | None:
+        found = (await cluster.hub.get(f"/api/operations/{op_id}")).json()
+        return found if found["status"] not in ("pending", "running") else None
+
+    r = await cluster.hub.post("/api/admin/repo/services", params={"wait": "false", "watch": "true"}, json=spec)
+    assert r.status_code == 202, r.text
+    assert (await eventually(lambda: ended(r.json()["id"]), 30, "the create ended"))["status"] == "succeeded"
+    sid = r.json()["service_id"]
+    assert (await service(cluster, sid))["health"] == "healthy"
+
+    async def routed() -> bool:
+        return [x["state"] for x in (await route(cluster, sid))["replicas"]] == ["ready"]
+
+    assert await eventually(routed, 10, "the copy routed", interval=0.1)
+
+    r = await cluster.hub.post("/api/admin/repo/services", params={"wait": "false", "watch": "true"},
+                               json={**spec, "name": "garbage", "env": {"PREDICTION": str(WRONG)}})
+    assert r.status_code == 202, r.text
+    failed = await eventually(lambda: ended(r.json()["id"]), 30, "the create ended")
+    assert failed["status"] == "failed" and "PROBE_FAILED" in failed["error"] and DETAIL in failed["error"], failed
+    assert [s["name"] for s in (await cluster.hub.get("/api/services")).json()] == ["golden"]
+    assert cluster.containers(**{"mmanager.service": failed["service_id"]}) == []
+
+
 async def test_a_copy_that_answers_wrong_never_serves_and_says_why(cluster: Cluster, spec: dict[str, Any]) -> None:
     # Acknowledged at once (?wait=false): the service stays, and its status says what its probe found.
     r = await cluster.hub.post("/api/admin/repo/services", params={"wait": "false"},

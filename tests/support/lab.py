@@ -13,7 +13,8 @@ import docker
 import httpx
 import pytest
 
-from tests.support.procs import LocalDeployment, api, stopped_after
+from mmanager.client import Client
+from tests.support.procs import LocalDeployment, api, sdk, stopped_after
 
 
 @dataclass
@@ -26,7 +27,12 @@ class Lab:
         return self.dep.gateways["gw"].url
 
     def hub(self) -> httpx.Client:
+        """The admin's raw HTTP client (status codes and bodies as they are)."""
         return api(self.dep.hub().url, self.token)
+
+    def client(self, token: str | None = None) -> Client:
+        """The SDK's client, as the admin or as the user whose ``token`` is given."""
+        return sdk(self.dep.hub().url, token or self.token)
 
 
 @contextmanager

@@ -21,6 +21,7 @@ from typing import Any
 import docker
 import httpx
 
+from mmanager.client import Client
 from tests.support.net import free_port, port_free, wait_for_port
 
 MMANAGER = [sys.executable, "-m", "mmanager.cli"]
@@ -206,7 +207,14 @@ def stopped_after(dep: LocalDeployment, request: Any, docker_client: docker.Dock
 
 
 def api(base_url: str, token: str) -> httpx.Client:
+    """Raw HTTP to the hub's API, for what checks status codes and bodies as they are (or calls no SDK call
+    covers); ``sdk`` for the rest."""
     return httpx.Client(base_url=base_url, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+
+
+def sdk(base_url: str, token: str) -> Client:
+    """The hub's API through the SDK (``mmanager.client``), as users' programs speak to it."""
+    return Client(url=base_url, token=token, timeout=60)
 
 
 def running_copies(docker_client: docker.DockerClient, service_id: str) -> list[Any]:

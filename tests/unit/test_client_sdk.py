@@ -104,7 +104,8 @@ def test_waiting_hands_each_poll_to_progress_and_raises_a_failure(monkeypatch: p
     progress = {"done": 1, "total": 2, "unit": "replicas", "step": "replica 1 of 2 running"}
     c = client(script({
         ("POST", "/api/alice/default/services"): [httpx.Response(202, json=operation("running")),
-                                                  httpx.Response(202, json=operation("running"))],
+                                                  httpx.Response(202, json=operation("running")),
+                                                  httpx.Response(201, json=SERVICE)],
         ("GET", "/api/operations/op1"): [httpx.Response(200, json=operation("running", progress=progress)),
                                          httpx.Response(200, json=operation("succeeded")),
                                          httpx.Response(200, json=operation("failed"))],
@@ -114,11 +115,16 @@ def test_waiting_hands_each_poll_to_progress_and_raises_a_failure(monkeypatch: p
     service = c.services.create({"name": "m", "image": "x"}, owner="alice", progress=polls.append)
     assert service.status == "running"
     assert [(p.status, p.details.get("progress")) for p in polls] == [("running", progress), ("succeeded", None)]
-    assert seen[0] == "POST /api/alice/default/services?wait=false"
+    # Followed to its end, so the hub runs it as a create that waits.
+    assert seen[0] == "POST /api/alice/default/services?wait=false&watch=true"
     with pytest.raises(ApiError) as caught:
-        c.services.create({"name": "m", "image": "x"}, owner="alice")
+        c.services.create({"name": "m", "image": "x"}, owner="alice", progress=polls.append)
     assert (caught.value.code, caught.value.message) == ("IMAGE_PULL_FAILED", "no such image")
     assert caught.value.details["operation_id"] == "op1"
+    # No progress to show: the hub's own wait, answered with the service.
+    del seen[:]
+    assert c.services.create({"name": "m", "image": "x"}, owner="alice").id == SID
+    assert seen == ["POST /api/alice/default/services?wait=true"]
 
 
 def test_follow_logs_yields_lines() -> None:

@@ -4,8 +4,9 @@ replicas (one batch) in one transaction, then their containers, settled together
 Invariant: an owner never has more than ``max_services_per_user`` services, whatever the concurrency and
 however many replicas: creates count and insert under the owner's ``users`` row lock; a create that fails
 removes its service, so it holds no quota (except an acknowledged ``?wait=false`` create that only lacked
-a controller: it stays, ``lost``, for the reconciler to finish). A create that waits, of a service with a
-golden-inference probe, waits for the probe's verdict too: a wrong answer fails it (``PROBE_FAILED``).
+a controller: it stays, ``lost``, for the reconciler to finish). A create that waits (or one whose caller
+``watch``es its operation instead), of a service with a golden-inference probe, waits for the probe's
+verdict too: a wrong answer fails it (``PROBE_FAILED``).
 """
 
 from __future__ import annotations
@@ -52,7 +53,10 @@ class Creator:
         self.deployer = deployer
 
     async def create(self, user: UserModel, username: str, repo: str, spec: ServiceSpec,
-                     wait: bool = True) -> ServiceModel | OperationModel:
+                     wait: bool = True, watch: bool = False) -> ServiceModel | OperationModel:
+        """``wait`` False answers the running operation at once; ``watch`` (with it): its caller follows the
+        operation to its end, so it runs as a create that waits would (a failure removes the service, a
+        probe's verdict ends it), only in the background."""
         ctx = self.ctx
         owner = user
         if username != user.username:
@@ -120,21 +124,23 @@ class Creator:
                                                      list(range(1, spec.replicas + 1)), write_first)
         assert op is not None
         # Running from the commit on, also while a background create waits for its task to start.
-        work = self._run(ctx.ops.running(op), service, spec, acknowledged=not wait, first=first)
+        work = self._run(ctx.ops.running(op), service, spec, background=not wait,
+                         acknowledged=not wait and not watch, first=first)
         if not wait:
             ctx.spawn(work)
             return op
         return await work
 
-    async def _run(self, running: Running, service: ServiceModel, spec: ServiceSpec, acknowledged: bool,
-                   first: list[Reserved]) -> ServiceModel:
-        """``acknowledged``: the caller already has its 202, so a create that fails only because
-        controllers are unreachable or full right now is kept (status ``lost``) for the reconciler
-        to finish; bad input (an unknown image) still removes it. ``first``: the placement the
+    async def _run(self, running: Running, service: ServiceModel, spec: ServiceSpec, background: bool,
+                   acknowledged: bool, first: list[Reserved]) -> ServiceModel:
+        """``background``: run after the answer (someone may have finished the service meanwhile).
+        ``acknowledged``: the caller already has its 202 and does not watch the operation, so a create that
+        fails only because controllers are unreachable or full right now is kept (status ``lost``) for the
+        reconciler to finish; bad input (an unknown image) still removes it. ``first``: the placement the
         create's transaction committed."""
         ctx = self.ctx
         async with ctx.service_locks[service.id], running as op:
-            if acknowledged:
+            if background:
                 current = await ctx.reload_or_none(service.id)
                 if current is None or current.status != "pending" or current.epoch != service.epoch:
                     # Finished (or deleted) by someone else meanwhile: nothing left to do here.

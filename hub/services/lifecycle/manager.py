@@ -75,8 +75,8 @@ class ServiceManager:
     # --------------------------------------------------------------- changes
 
     def create(self, user: UserModel, username: str, repo: str, spec: ServiceSpec,
-               wait: bool = True) -> Awaitable[ServiceModel | OperationModel]:
-        return self._creator.create(user, username, repo, spec, wait)
+               wait: bool = True, watch: bool = False) -> Awaitable[ServiceModel | OperationModel]:
+        return self._creator.create(user, username, repo, spec, wait, watch)
 
     def lifecycle(self, user: UserModel, service_id: str, action: str,
                   wait: bool = True) -> Awaitable[ServiceModel | OperationModel]:

@@ -55,9 +55,10 @@ from sqlalchemy.engine import make_url
 from bench.common import scratch
 from bench.pyspy import Recording, print_summary, profile_dir
 from examples.images import EXAMPLE_IMAGE, build_example_image
+from mmanager.client import ApiError
 from tests.support.pg import create_database
 from tests.support.poll import wait_until
-from tests.support.procs import LocalDeployment, api
+from tests.support.procs import LocalDeployment, sdk
 
 SPEC: dict[str, Any] = {"image": EXAMPLE_IMAGE, "ports": {"5000": None},
                         "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"}, "name": "read-me"}
@@ -210,20 +211,20 @@ def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, s
     token = dep.create_admin()
     try:
         dep.start()
-        client = api(dep.hub(0).url, token)
-        wait_until(lambda: client.get(f"/api/admin/controllers/{ctl.name}").json()["status"] == "healthy", 30,
-                   what="the controller healthy")
-        created = client.post("/api/root/bench/services", json=SPEC)
-        created.raise_for_status()
-        service_id = created.json()["id"]
-        # As many more as connections, one for each: reads of different services, which share no row.
-        others = []
-        for i in range(connections):
-            made = client.post("/api/root/bench/services", json={**SPEC, "name": f"read-me-{i}",
-                                                                  "resources": {**SPEC["resources"], "cpu_limit": 0.02}})
-            if made.status_code != 201:
-                raise BadAnswer(f"service {i} of {connections}: HTTP {made.status_code}: {made.text[:300]}")
-            others.append(f"/api/services/{made.json()['id']}")
+        # The set-up through the SDK; the load itself is this module's own raw HTTP (its cost is measured).
+        with sdk(dep.hub(0).url, token) as client:
+            wait_until(lambda: client.controllers.get(ctl.name).status == "healthy", 30, what="the controller healthy")
+            service_id = client.services.create(SPEC, owner="root", repo="bench").id
+            # As many more as connections, one for each: reads of different services, which share no row.
+            others = []
+            for i in range(connections):
+                try:
+                    made = client.services.create({**SPEC, "name": f"read-me-{i}",
+                                                   "resources": {**SPEC["resources"], "cpu_limit": 0.02}},
+                                                  owner="root", repo="bench")
+                except ApiError as exc:
+                    raise BadAnswer(f"service {i} of {connections}: HTTP {exc.status}: {exc}") from exc
+                others.append(f"/api/services/{made.id}")
         hub_popen = dep.hub(0).popen
         assert hub_popen is not None and ctl.popen is not None
         hub = psutil.Process(hub_popen.pid)

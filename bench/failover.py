@@ -38,9 +38,10 @@ import docker
 
 from bench.common import scratch
 from examples.images import EXAMPLE_IMAGE, build_example_image
+from hub.schemas import ServiceOut
 from tests.support.pg import create_database
 from tests.support.poll import wait_until
-from tests.support.procs import LocalDeployment, api
+from tests.support.procs import LocalDeployment, sdk
 
 SPEC = {
     "image": EXAMPLE_IMAGE,
@@ -51,8 +52,8 @@ SPEC = {
 SCENARIOS = {"defaults (2 s heartbeat, 6 s grace)": (2.0, 6.0), "1 s heartbeat, 3 s grace": (1.0, 3.0)}
 
 
-def ready(service: dict[str, Any], avoid: str) -> bool:
-    return service["status"] == "running" and service["health"] == "healthy" and service["controller_id"] != avoid
+def ready(service: ServiceOut, avoid: str) -> bool:
+    return service.status == "running" and service.health == "healthy" and service.controller_id != avoid
 
 
 def one_run(db_url: str, workdir: Path, interval: float, grace: float, n: int,
@@ -65,20 +66,21 @@ def one_run(db_url: str, workdir: Path, interval: float, grace: float, n: int,
     token = dep.create_admin()
     try:
         dep.start()
-        client = api(dep.hub(0).url, token)
-        wait_until(lambda: all(c["status"] == "healthy" for c in client.get("/api/admin/controllers").json()), 30)
+        client = sdk(dep.hub(0).url, token)
+        wait_until(lambda: all(c.status == "healthy" for c in client.controllers.list()), 30)
         # Baseline: one plain create, until its health check passes.
         started = time.monotonic()
-        base = client.post("/api/root/bench/services", json={**SPEC, "name": "baseline"}).json()
-        wait_until(lambda: client.get(f"/api/services/{base['id']}").json()["health"] == "healthy", 60, interval=0.05)
+        base = client.services.create({**SPEC, "name": "baseline"}, owner="root", repo="bench")
+        wait_until(lambda: client.services.get(base.id).health == "healthy", 60, interval=0.05)
         baseline = time.monotonic() - started
-        client.delete(f"/api/services/{base['id']}")
+        client.services.delete(base.id)
 
-        services = [client.post("/api/root/bench/services", json={**SPEC, "name": f"svc-{i}"}).json()
+        services = [client.services.create({**SPEC, "name": f"svc-{i}"}, owner="root", repo="bench")
                     for i in range(n)]
-        wait_until(lambda: all(s["health"] == "healthy" for s in client.get("/api/services").json()), 60)
-        victim = collections.Counter(s["controller_id"] for s in services).most_common(1)[0][0]
-        moving = {s["id"] for s in services if s["controller_id"] == victim}
+        wait_until(lambda: all(s.health == "healthy" for s in client.services.list(limit=1000)), 60)
+        victim = collections.Counter(s.controller_id for s in services).most_common(1)[0][0]
+        assert victim is not None
+        moving = {s.id for s in services if s.controller_id == victim}
 
         dep.controllers[victim].kill()
         died = time.monotonic()
@@ -89,13 +91,12 @@ def one_run(db_url: str, workdir: Path, interval: float, grace: float, n: int,
         lost_at = None
         while len(done) < len(moving) and time.monotonic() - died < 120:
             now = time.monotonic() - died
-            for s in client.get("/api/services", params={"limit": 1000}).json():
-                if s["id"] in moving and s["id"] not in running and s["status"] == "running" \
-                        and s["controller_id"] != victim:
-                    running[s["id"]] = now
-                if s["id"] in moving and s["id"] not in done and ready(s, victim):
-                    done[s["id"]] = now
-            if lost_at is None and client.get(f"/api/admin/controllers/{victim}").json()["status"] == "unhealthy":
+            for s in client.services.list(limit=1000):
+                if s.id in moving and s.id not in running and s.status == "running" and s.controller_id != victim:
+                    running[s.id] = now
+                if s.id in moving and s.id not in done and ready(s, victim):
+                    done[s.id] = now
+            if lost_at is None and client.controllers.get(victim).status == "unhealthy":
                 lost_at = now
             time.sleep(0.05)
         if len(done) < len(moving):

@@ -42,7 +42,7 @@ from examples.images import EXAMPLE_IMAGE, build_example_image
 from tests.support.engines import Engine, docker_engine
 from tests.support.pg import create_database
 from tests.support.poll import wait_until
-from tests.support.procs import LocalDeployment, api
+from tests.support.procs import LocalDeployment, sdk
 from tests.support.registry import push, serve_registry
 
 LABEL = "org.mmanager.bench.failover-prefetch"
@@ -93,18 +93,16 @@ def one_run(db_url: str, workdir: Path, image: str, source: Engine, target: Engi
     try:
         dep.start()
         hub = dep.hub(0).url
-        client = api(hub, token)
-        wait_until(lambda: all(c["status"] == "healthy" for c in client.get("/api/admin/controllers").json()), 30)
+        client = sdk(hub, token)
+        wait_until(lambda: all(c.status == "healthy" for c in client.controllers.list()), 30)
         wait_until(lambda: all(_metric(hub, f'mmanager_controller_images{{controller="{cid}"}}') for cid in (src, dst)),
                    30, what="both controllers' images at the hub")
         spec = {"name": "big", "image": image, "ports": {"5000": None}, "prefetch": prefetch,
                 "resources": {"cpu_limit": 0.2, "memory_limit": "32MB"},
                 "health_check": {"path": "/health", "port": 5000, "interval": 0.5}}
-        r = client.post("/api/root/bench/services", json=spec)
-        assert r.status_code == 201, r.text
-        service = r.json()
-        assert service["controller_id"] == src, service
-        wait_until(lambda: client.get(f"/api/services/{service['id']}").json()["health"] == "healthy", 60,
+        service = client.services.create(spec, owner="root", repo="bench")
+        assert service.controller_id == src, service
+        wait_until(lambda: client.services.get(service.id).health == "healthy", 60,
                    interval=0.05, what="the service healthy on the source")
         prefetched = None
         if prefetch:
@@ -119,18 +117,18 @@ def one_run(db_url: str, workdir: Path, image: str, source: Engine, target: Engi
             c.kill()
 
         def moved() -> float | None:
-            s = client.get(f"/api/services/{service['id']}").json()
-            if s["controller_id"] == dst and s["status"] == "running" and s["health"] == "healthy":
+            s = client.services.get(service.id)
+            if s.controller_id == dst and s.status == "running" and s.health == "healthy":
                 return time.monotonic() - died
             return None
 
         healthy = wait_until(moved, 600, interval=0.05, what="the service healthy on the target")
-        ops = client.get("/api/admin/operations", params={"service_id": service["id"], "operation": "failover"}).json()
-        [failover] = [o for o in ops if o["status"] == "succeeded"]
-        pull = (failover["details"] or {}).get("image_pull")
+        ops = client.operations.list(service_id=service.id, operation="failover")
+        [failover] = [o for o in ops if o.status == "succeeded"]
+        pull = (failover.details or {}).get("image_pull")
         return {"prefetch": prefetch, "healthy_s": healthy, "prefetch_s": prefetched,
                 "failover_pulled": pull is not None, "pull_s": pull["seconds"] if pull else None,
-                "placement": (failover["details"] or {}).get("placement")}
+                "placement": (failover.details or {}).get("placement")}
     except BaseException:
         say(dep.logs())
         raise

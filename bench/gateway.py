@@ -38,9 +38,10 @@ import httpx
 
 from bench.common import percentile, say, scratch
 from examples.images import EXAMPLE_IMAGE, build_example_image
+from mmanager.client import Client
 from tests.support.pg import create_database
 from tests.support.poll import wait_until
-from tests.support.procs import LocalDeployment, api
+from tests.support.procs import LocalDeployment, sdk
 
 SPEC: dict[str, Any] = {"name": "bench", "image": EXAMPLE_IMAGE, "ports": {"5000": None},
                         "health_check": {"path": "/health", "port": 5000, "interval": 1},
@@ -98,14 +99,16 @@ def measure(workdir: Path, db_url: str, *, seconds: float, connections: int, rou
     token = dep.create_admin()
     dep.start()
     try:
-        with api(dep.hub().url, token) as hub:
-            created = hub.post("/api/root/bench/services", json=SPEC)
-            assert created.status_code == 201, created.text
-            service = created.json()
-            wait_until(lambda: hub.get(f"/api/services/{service['id']}").json()["url"].startswith(gateway.url),
-                       30, "the service's URL at the gateway")
-            url = hub.get(f"/api/services/{service['id']}").json()["url"] + "health"
-        direct = f"http://127.0.0.1:{service['endpoint']['ports']['5000']}/health"
+        with sdk(dep.hub().url, token) as hub:
+            service = hub.services.create(SPEC, owner="root", repo="bench")
+
+            def at_gateway() -> str:
+                url = hub.services.get(service.id).url or ""
+                return url if url.startswith(gateway.url) else ""
+
+            url = wait_until(at_gateway, 30, "the service's URL at the gateway") + "health"
+        assert service.endpoint is not None
+        direct = f"http://127.0.0.1:{service.endpoint.ports['5000']}/health"
         wait_until(lambda: httpx.get(url).status_code == 200, 30, "the gateway answering for the service")
         phases: dict[str, list[dict[str, Any]]] = {"direct": [], "gateway": []}
         for _ in range(rounds):
@@ -114,8 +117,8 @@ def measure(workdir: Path, db_url: str, *, seconds: float, connections: int, rou
                 say(f"{name}: {result['requests_per_s']:.0f}/s p50 {result['p50_ms']:.2f} ms "
                     f"p99 {result['p99_ms']:.2f} ms errors {result['errors']}")
                 phases[name].append(result)
-        with api(dep.hub().url, token) as hub:
-            hub.delete(f"/api/services/{service['id']}")
+        with sdk(dep.hub().url, token) as hub:
+            hub.services.delete(service.id)
             cold = [cold_start(hub, gateway.url, i) for i in range(runs)]
             failovers = [failover(dep, hub, i) for i in range(runs)]
     finally:
@@ -133,47 +136,43 @@ def measure(workdir: Path, db_url: str, *, seconds: float, connections: int, rou
             "failover_failed": statistics.median(f["failed"] for f in failovers)}
 
 
-def cold_start(hub: httpx.Client, gateway: str, i: int) -> dict[str, float]:
+def cold_start(hub: Client, gateway: str, i: int) -> dict[str, float]:
     started = time.monotonic()
-    created = hub.post("/api/root/bench/services", json={**SPEC, "name": f"cold{i}", "idle_timeout": 1})
-    assert created.status_code == 201, created.text
+    sid = hub.services.create({**SPEC, "name": f"cold{i}", "idle_timeout": 1}, owner="root", repo="bench").id
     create_s = time.monotonic() - started
-    sid = created.json()["id"]
     url = f"{gateway}/s/root/cold{i}/health"
     wait_until(lambda: httpx.get(url).status_code == 200, 30, "the gateway serving it")
-    wait_until(lambda: hub.get(f"/api/services/{sid}").json()["status"] == "idle", 60, "the service idle")
+    wait_until(lambda: hub.services.get(sid).status == "idle", 60, "the service idle")
     started = time.monotonic()
     answer = httpx.get(url, timeout=60)
     cold_s = time.monotonic() - started
     assert answer.status_code == 200, answer.text
-    hub.delete(f"/api/services/{sid}")
+    hub.services.delete(sid)
     say(f"create {create_s:.2f}s, cold start through the gateway {cold_s:.2f}s")
     return {"create_s": create_s, "cold_start_s": cold_s}
 
 
-def failover(dep: LocalDeployment, hub: httpx.Client, i: int) -> dict[str, float]:
+def failover(dep: LocalDeployment, hub: Client, i: int) -> dict[str, float]:
     from tests.support.gateway import Load
 
-    created = hub.post("/api/root/bench/services", json={**SPEC, "name": f"lost{i}"})
-    assert created.status_code == 201, created.text
-    service = created.json()
+    service = hub.services.create({**SPEC, "name": f"lost{i}"}, owner="root", repo="bench")
+    assert service.controller_id is not None and service.container_id is not None
     url = f"{dep.gateways['gw'].url}/s/root/lost{i}/health"
     wait_until(lambda: httpx.get(url).status_code == 200, 30, "the gateway serving it")
     load = Load(url, rate=200, connections=8).start()
     try:
         wait_until(lambda: load.outcomes["200"] >= 100, 10, "the load flowing")
-        victim = dep.controllers[service["controller_id"]]
+        victim = dep.controllers[service.controller_id]
         victim.kill()
-        docker.from_env().containers.get(service["container_id"]).kill()
+        docker.from_env().containers.get(service.container_id).kill()
         killed = time.monotonic()
         wait_until(lambda: any(sent > killed for sent, _ in load.answered), 30, "an answer from the new copy")
     finally:
         load.stop()
     back = min(done for sent, done in load.answered if sent > killed) - killed
     victim.start().wait_listening()
-    wait_until(lambda: hub.get(f"/api/admin/controllers/{victim.name}").json()["status"] == "healthy", 30,
-               "the killed controller back")
-    hub.delete(f"/api/services/{service['id']}")
+    wait_until(lambda: hub.controllers.get(victim.name).status == "healthy", 30, "the killed controller back")
+    hub.services.delete(service.id)
     say(f"failover: answered again {back:.2f}s after the kill, {load.failures} failed of {load.sent}")
     return {"back_s": back, "failed": load.failures, "sent": load.sent}
 

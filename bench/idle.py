@@ -29,7 +29,7 @@ from bench.pyspy import Recording, print_summary, profile_dir
 from examples.images import build_example_image
 from tests.support.pg import create_database
 from tests.support.poll import wait_until
-from tests.support.procs import LocalDeployment, api
+from tests.support.procs import LocalDeployment, sdk
 
 
 def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, services: int = 5,
@@ -40,15 +40,13 @@ def measure(db_url: str, workdir: Path, docker_client: docker.DockerClient, *, s
     token = dep.create_admin()
     try:
         dep.start()
-        client = api(dep.hub(0).url, token)
-        wait_until(lambda: client.get(f"/api/admin/controllers/{ctl.name}").json()["status"] == "healthy", 30,
-                   what="the controller healthy")
-        for i in range(services):
-            made = client.post("/api/root/bench/services", json={
-                **SPEC, "name": f"idle-{i}", "resources": {**SPEC["resources"], "cpu_limit": 0.02}})
-            if made.status_code != 201:
-                raise RuntimeError(f"service {i}: HTTP {made.status_code}: {made.text[:300]}")
-        client.close()
+        with sdk(dep.hub(0).url, token) as client:
+            wait_until(lambda: client.controllers.get(ctl.name).status == "healthy", 30, what="the controller healthy")
+            for i in range(services):
+                # An ApiError names the service's failure (its code and message).
+                client.services.create({**SPEC, "name": f"idle-{i}",
+                                        "resources": {**SPEC["resources"], "cpu_limit": 0.02}},
+                                       owner="root", repo="bench")
         time.sleep(settle)  # the creates' follow-ups done
         hub_popen = dep.hub(0).popen
         assert hub_popen is not None

@@ -29,9 +29,10 @@ import docker
 
 from bench.common import say, scratch
 from examples.images import EXAMPLE_IMAGE, build_example_image
+from mmanager.client import ApiError
 from tests.support.pg import create_database
 from tests.support.poll import wait_until
-from tests.support.procs import LocalDeployment, api
+from tests.support.procs import LocalDeployment, api, sdk
 
 SPEC = {"image": EXAMPLE_IMAGE, "resources": {"cpu_limit": 0.5, "memory_limit": "32MB"}}
 CHUNK = 1024**2
@@ -72,11 +73,13 @@ def measure(db_url: str, workdir: Path, size: int, runs: int, docker_client: doc
     fetched: dict[str, list[int]] = {"cold": [], "warm": []}
     try:
         dep.start()
-        client = api(dep.hub(0).url, token)
-        wait_until(lambda: all(c["status"] == "healthy" for c in client.get("/api/admin/controllers").json()), 30)
+        client = sdk(dep.hub(0).url, token)
+        wait_until(lambda: all(c.status == "healthy" for c in client.controllers.list()), 30)
         model = workdir / "model.bin"
         digest = write_model(model, size)
-        uploaded = client.post("/api/model-files", params={"name": "model.bin"}, content=_chunks(model))
+        # A model file's upload (a streamed body) is no SDK call: raw HTTP.
+        with api(dep.hub(0).url, token) as raw:
+            uploaded = raw.post("/api/model-files", params={"name": "model.bin"}, content=_chunks(model))
         uploaded.raise_for_status()
         assert uploaded.json()["digest"] == digest, uploaded.text
         cached = cache / "sha256" / digest.removeprefix("sha256:")
@@ -87,17 +90,15 @@ def measure(db_url: str, workdir: Path, size: int, runs: int, docker_client: doc
                     # Evicted as the cache's LRU would: no container mounts it between runs.
                     cached.unlink(missing_ok=True)
                 started = time.perf_counter()
-                r = client.post("/api/root/bench/services", json={**spec, "name": f"m{run}-{kind}"})
-                elapsed = time.perf_counter() - started
-                if r.status_code != 201:
-                    raise RuntimeError(f"create failed: {r.status_code} {r.text}\n{dep.logs()}")
-                times[kind].append(elapsed)
+                try:
+                    service = client.services.create({**spec, "name": f"m{run}-{kind}"}, owner="root", repo="bench")
+                except ApiError as exc:
+                    raise RuntimeError(f"create failed: {exc.status} {exc}\n{dep.logs()}") from exc
+                times[kind].append(time.perf_counter() - started)
                 assert cached.stat().st_size == size
-                service = r.json()
-                [op] = client.get("/api/admin/operations",
-                                  params={"service_id": service["id"], "operation": "create"}).json()
-                fetched[kind].append(int((op["details"].get("model_sync") or {}).get("bytes", 0)))
-                client.delete(f"/api/services/{service['id']}").raise_for_status()
+                [op] = client.operations.list(service_id=service.id, operation="create")
+                fetched[kind].append(int((op.details.get("model_sync") or {}).get("bytes", 0)))
+                client.services.delete(service.id)
             say(f"run {run + 1}: cold {times['cold'][-1]:.2f} s, warm {times['warm'][-1]:.2f} s")
     finally:
         dep.stop(docker_client)

@@ -21,11 +21,9 @@ from hub.schemas import AlertOut, AuditOut, MeOut, OperationOut
 from hub.services.audit import audit_query
 from hub.services.monitoring import alert_out, alerts_query
 from hub.services.operations import operations_query
+from hub.services.users import RESERVED_PREFIX, RESERVED_USERNAMES, SYSTEM_ACTOR
 
 router = APIRouter(prefix="/api", tags=["account"])
-
-# The actor of the hub's own operations (failover, idle stops): never a user's, whatever a user is named.
-SYSTEM_ACTOR = "system"
 
 
 def _owned(user: UserModel) -> Select[Any]:
@@ -84,7 +82,10 @@ async def list_audit(
     """As ``GET /api/admin/audit``; a user sees the entries of their own calls."""
     query = audit_query(actor=actor, result=result, source=source, method=method, since=since, target=target)
     if not user.is_admin:
-        query = query.where(AuditModel.actor == user.username)
+        # A user named as an actor that is no user (one created before such names were refused) is not
+        # shown the entries of those callers.
+        query = query.where(AuditModel.actor == user.username, AuditModel.actor.not_in(RESERVED_USERNAMES),
+                            AuditModel.actor.not_like(RESERVED_PREFIX + "%"))
     return [AuditOut.model_validate(row, from_attributes=True)
             for row in await session.scalars(query.limit(limit).offset(offset))]
 

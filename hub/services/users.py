@@ -6,6 +6,7 @@ refused within ``MMANAGER_AUTH_CACHE_SECONDS`` on every replica (``UserAuth``).
 
 from __future__ import annotations
 
+import re
 import time
 from datetime import datetime
 from typing import NamedTuple
@@ -15,13 +16,45 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 
 from hub.db import Database
-from hub.errors import Conflict, Unauthorized
+from hub.errors import Conflict, InvalidRequest, Unauthorized
 from hub.models import ApiTokenModel, UserModel
+from hub.schemas import NAME_PATTERN
 from hub.security import TOKEN_PREFIX, hash_token, mint_token
+from mmanager.audit import ANONYMOUS
+
+# The actors the audit log and the operations record for callers that are no user: unauthenticated
+# callers, the hub's own operations (failover, idle stops), the hub as the controllers' caller, and the
+# controllers (``controller:<id>``). A user of such a name would be taken for them (``GET /api/audit``
+# shows a user the entries whose actor is their name), so none may be created.
+SYSTEM_ACTOR = "system"
+HUB_ACTOR = "hub"
+RESERVED_USERNAMES = frozenset({ANONYMOUS, SYSTEM_ACTOR, HUB_ACTOR})
+RESERVED_PREFIX = "controller:"
+USERNAME_MAX = 64
+
+
+def reserved_username(username: str) -> bool:
+    """Whether ``username`` is, or looks like (any case), an actor that is no user."""
+    folded = username.casefold()
+    return folded in RESERVED_USERNAMES or folded.startswith(RESERVED_PREFIX)
+
+
+def check_username(username: str) -> None:
+    """Refuse (422) a name no user may have: a reserved actor's (``RESERVED_NAME``), or one the API's
+    ``UserIn`` would refuse (the CLI's names come here unchecked)."""
+    if reserved_username(username):
+        raise InvalidRequest(f"the user name {username!r} is reserved: the audit log records callers that are "
+                             f"no user under it", {"reserved": sorted(RESERVED_USERNAMES)
+                                                   + [RESERVED_PREFIX + "<id>"]}, code="RESERVED_NAME")
+    if not 0 < len(username) <= USERNAME_MAX or not re.fullmatch(NAME_PATTERN, username):
+        raise InvalidRequest(f"invalid user name {username!r}: 1 to {USERNAME_MAX} letters, digits, '_', '.' "
+                             f"or '-', starting with a letter or digit", code="VALIDATION_ERROR")
 
 
 async def create_user(session: AsyncSession, username: str, is_admin: bool = False) -> tuple[UserModel, str]:
-    """Create a user and its first token; the token is returned once and stored hashed."""
+    """Create a user and its first token; the token is returned once and stored hashed. A reserved or
+    malformed name is refused (``check_username``) and nothing is created."""
+    check_username(username)
     exists = await session.scalar(select(UserModel.id).where(UserModel.username == username))
     if exists is not None:
         raise Conflict(f"user {username!r} already exists", code="USER_EXISTS")

@@ -5,13 +5,21 @@ their progress."""
 
 from __future__ import annotations
 
+import asyncio
+from pathlib import Path
 from typing import Any
 
 import httpx
+from sqlalchemy import func, select
+from typer.testing import CliRunner
 
 from examples.images import EXAMPLE_IMAGE
-from hub.models import AlertModel
+from hub.db import Database
+from hub.migrate import upgrade
+from hub.models import AlertModel, AuditModel, UserModel
 from hub.schemas import OperationOut
+from hub.services.users import ensure_user, issue_token
+from mmanager.cli import app as cli
 from mmanager.client import AsyncClient
 from tests.hub.conftest import Cluster
 
@@ -64,6 +72,28 @@ async def test_each_user_sees_only_their_own(cluster: Cluster) -> None:
     assert (await cluster.hub.get("/api/audit", params={"actor": "bob"}, headers=alice)).json() == []
     assert {e["actor"] for e in (await cluster.hub.get("/api/audit", params={"limit": 1000})).json()} >= {
         "alice", "bob"}
+
+    # The names of the callers that are no user are refused, and nothing is created.
+    async def users() -> int:
+        async with cluster.db.session() as session:
+            return await session.scalar(select(func.count()).select_from(UserModel)) or 0
+
+    before = await users()
+    for name in ("anonymous", "system", "hub", "Anonymous"):
+        r = await cluster.hub.post("/api/admin/users", json={"username": name})
+        assert r.status_code == 422 and r.json()["error"]["code"] == "RESERVED_NAME", r.text
+    assert await users() == before
+    # A user of such a name from before they were refused sees none of those callers' entries.
+    assert (await cluster.hub.get("/api/services", headers={"Authorization": "Bearer nope"})).status_code == 401
+    async with cluster.db.session() as session:
+        session.add_all([AuditModel(actor=actor, method="POST", path="/containers", status_code=200, result="ok")
+                         for actor in ("hub", "system", "controller:x")])
+        named = {name: await issue_token(session, await ensure_user(session, name, False))
+                 for name in ("anonymous", "hub", "system")}
+    assert len((await cluster.hub.get("/api/audit", params={"actor": "anonymous"})).json()) >= 1
+    for name, token in named.items():
+        r = await cluster.hub.get("/api/audit", headers={"Authorization": f"Bearer {token}"})
+        assert r.status_code == 200 and r.json() == [], (name, r.text)
 
     # Alerts: those of a user's own services.
     async with cluster.db.session() as session:
@@ -130,3 +160,23 @@ async def test_scale_and_drain_show_their_progress_reaching_the_total(cluster: C
         assert drains[-1].details["progress"] == {"done": moving, "total": moving, "unit": "services",
                                                   "step": f"{cpu1} drained"}
         assert not cluster.containers(**{"mmanager.controller": cpu1})
+
+
+def test_the_cli_refuses_reserved_user_names(tmp_path: Path) -> None:
+    url = f"sqlite+aiosqlite:///{tmp_path / 'hub.db'}"
+    upgrade(url)
+    runner = CliRunner()
+    for name in ("anonymous", "system", "hub", "controller:a", "SYSTEM"):
+        done = runner.invoke(cli, ["users", "create", name], env={"MMANAGER_DATABASE_URL": url})
+        assert done.exit_code != 0 and "reserved" in done.output, (name, done.output)
+    assert runner.invoke(cli, ["users", "create", "carol"], env={"MMANAGER_DATABASE_URL": url}).exit_code == 0
+
+    async def names() -> list[str]:
+        db = Database(url)
+        try:
+            async with db.session() as session:
+                return list(await session.scalars(select(UserModel.username)))
+        finally:
+            await db.dispose()
+
+    assert asyncio.run(names()) == ["carol"]

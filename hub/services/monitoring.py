@@ -178,8 +178,8 @@ class Bucket:
             "gpu_memory_bytes_max": self.gpu_memory_max,
             "gpu_util_percent_avg": (round(self.gpu_util_sum / self.gpu_util_samples, 3)
                                      if self.gpu_util_samples else None),
-            # No request counted yet: the traffic recorder adds to these (rows from before it are None).
-            "requests": 0, "errors_5xx": 0, "latency_buckets": None,
+            # No traffic columns: only the traffic recorder writes them, and a bucket it did not count keeps
+            # them null (not counted, which is not 0 requests).
         }
 
 

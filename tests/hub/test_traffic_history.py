@@ -6,12 +6,14 @@ peak VRAM and mean utilisation, and a CPU service has none."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from sqlalchemy import select
 
 from controller.fake import FakeRuntime
 from controller.gpu import LABEL_GPUS
@@ -26,7 +28,7 @@ from hub.db import Database
 from hub.metrics import HubMetrics
 from hub.models import ServiceMetricModel, ServiceModel, UserModel
 from hub.services.monitoring import Bucket, Monitor, _upsert_metrics, service_history
-from hub.services.traffic import parse
+from hub.services.traffic import Traffic, parse
 from mmanager.wire import LABEL_CONTROLLER, LABEL_MANAGED, LABEL_SERVICE, HeartbeatContainer
 from tests.controller.conftest import make_settings
 from tests.hub.conftest import KEY
@@ -66,12 +68,14 @@ class Gateways:
                 for g, text in sorted(self.text.items())], []
 
 
-async def _service(db: Database, owner: str, name: str) -> str:
+async def _service(db: Database, owner: str, name: str, desired_state: str = "running") -> str:
     async with db.session() as session:
-        user = UserModel(username=owner)
-        session.add(user)
-        await session.flush()
-        service = ServiceModel(name=name, owner_id=user.id, repo="default", spec={})
+        user = await session.scalar(select(UserModel).where(UserModel.username == owner))
+        if user is None:
+            user = UserModel(username=owner)
+            session.add(user)
+            await session.flush()
+        service = ServiceModel(name=name, owner_id=user.id, repo="default", spec={}, desired_state=desired_state)
         session.add(service)
         await session.flush()
         return service.id
@@ -164,7 +168,7 @@ async def test_recorded_traffic_lands_in_its_buckets_beside_the_samples(
     assert late["latency_p50_seconds"] == pytest.approx(0.3)
 
     # A round whose write fails is counted by the next, in the bucket of the last read that was recorded.
-    async def refused(*_: Any) -> None:
+    async def refused(*_: Any, **__: Any) -> None:
         raise OSError("the database went away")
 
     gateways.text["gw3"] = exposition({("alice/a", "2xx"): (0, 1, 5)})
@@ -222,4 +226,62 @@ async def test_a_gpu_controllers_samples_give_the_buckets_vram_and_utilisation(a
     [cpu] = await eventually(history("s-cpu"), 10, "the CPU service's bucket written", interval=0.2)
     assert (gpu["gpu_memory_bytes_max"], gpu["gpu_util_percent_avg"]) == (8 * GiB, 60.0)
     assert (cpu["gpu_memory_bytes_max"], cpu["gpu_util_percent_avg"]) == (None, None)
-    assert gpu["requests"] == 0 and gpu["latency_p50_seconds"] is None
+    # No traffic recorder counted this bucket: its requests are unknown, not 0.
+    assert (gpu["requests"], gpu["errors_5xx"], gpu["latency_p50_seconds"]) == (None, None, None)
+
+
+async def test_a_bucket_counted_without_requests_is_zero_and_one_never_counted_is_null(
+        any_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
+    busy, idle = await _service(any_db, "carol", "busy"), await _service(any_db, "carol", "idle")
+    stopped = await _service(any_db, "carol", "stopped", desired_state="stopped")
+    gateways = Gateways()
+    monkeypatch.setattr(traffic_history, "read_gateways", gateways.read)
+    now = B
+    settings = HubSettings(database_url=any_db.url, api_key=KEY, metrics_resolution=RESOLUTION)
+    recorder = TrafficRecorder(any_db, settings, clock=lambda: now)
+
+    async def round_at(at: datetime) -> None:
+        nonlocal now
+        now = at + timedelta(seconds=recorder.offset)
+        await recorder.run_once()
+
+    # The heartbeats' samples of both running services, before the recorder ever counted (a new leader's
+    # first read is its baseline): bucket B - 60 is never counted.
+    await _write(any_db, [_resources(sid, at, 10.0) for sid in (busy, idle) for at in (B - timedelta(seconds=60), B)])
+    gateways.text = {"gw1": exposition({("carol/busy", "2xx"): (1, 0, 0)})}
+    await round_at(B)
+    gateways.text = {"gw1": exposition({("carol/busy", "2xx"): (3, 0, 0)})}
+    await round_at(B + timedelta(seconds=60))
+
+    async def shown(sid: str) -> list[tuple[Any, ...]]:
+        async with any_db.session() as session:
+            points = await service_history(session, sid, B - timedelta(minutes=5), RESOLUTION)
+        return [(p["at"], p["samples"], p["requests"], p["errors_5xx"], p["latency_p50_seconds"]) for p in points]
+
+    assert await shown(busy) == [(B - timedelta(seconds=60), 1, None, None, None),
+                                 (B, 1, 2, 0, pytest.approx(0.05))]
+    assert await shown(idle) == [(B - timedelta(seconds=60), 1, None, None, None), (B, 1, 0, 0, None)]
+    assert await shown(stopped) == []
+
+    # A round in which no service had a request counts 0 for both; then, with no gateway answering, the
+    # bucket is not counted.
+    await round_at(B + timedelta(seconds=120))
+    gateways.text = {}
+    await round_at(B + timedelta(seconds=180))
+    await _write(any_db, [_resources(idle, B + timedelta(seconds=s), 10.0) for s in (60, 120)])
+    assert (await shown(busy))[-1] == (B + timedelta(seconds=60), 0, 0, 0, None)
+    assert (await shown(idle))[-2:] == [(B + timedelta(seconds=60), 1, 0, 0, None),
+                                        (B + timedelta(seconds=120), 1, None, None, None)]
+
+
+async def test_concurrent_writes_of_one_bucket_add_up(any_db: Database) -> None:  # noqa: F811
+    sid = await _service(any_db, "dave", "d")
+    one = Traffic(1, 1, {"0.1": 1, "0.5": 1, "+Inf": 1})
+    slow = Traffic(2, 0, {"0.1": 0, "0.5": 0, "+Inf": 2})
+    writes = [{B: {"dave/d": one}}] * 6 + [{B: {"dave/d": slow}}] * 2
+    await asyncio.gather(*(traffic_history.record(any_db, w) for w in writes))
+    async with any_db.session() as session:
+        row = await session.get(ServiceMetricModel, (sid, B))
+        assert row is not None
+        assert (row.requests, row.errors_5xx) == (10, 6)
+        assert {le: float(n) for le, n in (row.latency_buckets or {}).items()} == {"0.1": 6.0, "0.5": 6.0, "+Inf": 10.0}

@@ -118,20 +118,30 @@ class GpuMonitor(LoopService):
     def process_memory(self) -> list[tuple[str, int, int]]:
         """Each GPU's compute processes as (GPU index, host pid, VRAM bytes) (blocking). A GPU NVML refuses
         is left out this round; a process whose use NVML does not give (no permission) is too."""
+        return self.process_reads()[0]
+
+    def process_reads(self) -> tuple[list[tuple[str, int, int]], set[str]]:
+        """``process_memory``'s processes, and the indexes of the GPUs whose process list NVML did not give
+        (the query failed or is unsupported): for those, no process listed is not no process."""
         nvml: Any = self._nvml
         found: list[tuple[str, int, int]] = []
+        unread: set[str] = set()
         for index in range(self._count):
             try:
                 handle = nvml.nvmlDeviceGetHandleByIndex(index)
                 processes = nvml.nvmlDeviceGetComputeRunningProcesses(handle)
             except Exception as exc:
                 log.debug("GPU %d: NVML gave no processes (%s)", index, exc)
+                unread.add(str(index))
+                continue
+            if processes is None:
+                unread.add(str(index))
                 continue
             for p in processes:
                 used = getattr(p, "usedGpuMemory", None)
                 if used is not None:
                     found.append((str(index), int(p.pid), int(used)))
-        return found
+        return found, unread
 
     # -- sampling ----------------------------------------------------------
 

@@ -17,14 +17,16 @@ Where the GPU monitor runs (NVML answers), a container given GPUs also gets its
 VRAM (NVML's compute processes mapped to containers as ``controller.vram`` maps
 them) and its GPUs' mean utilisation from the monitor's latest samples: NVML
 gives no per-process utilisation, so a shared GPU's whole use shows in each of
-its containers.
+its containers. A VRAM that cannot be told (NVML gave no process list for one
+of its GPUs) is None, not 0; NVML failing costs only these fields, never the
+round's CPU and memory samples.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from datetime import UTC, datetime
 
 from controller.config import ControllerSettings
@@ -43,22 +45,26 @@ MAX_SAMPLES = 16
 log = logging.getLogger(__name__)
 
 
-def gpu_use(running: list[ContainerInfo], samples: list[GpuUsage], processes: list[tuple[str, int, int]],
-            locate: Callable[[int], str | None]) -> dict[str, tuple[int | None, float | None]]:
+def gpu_use(running: list[ContainerInfo], samples: list[GpuUsage], processes: list[tuple[str, int, int]] | None,
+            locate: Callable[[int], str | None], unread: Collection[str] = ()) -> dict[str, tuple[int | None, float | None]]:
     """Each running container given GPUs: (VRAM bytes, mean utilisation percent of its GPUs). VRAM is None
-    when NVML's processes map to no container at all (no host PID namespace: nothing can be told), else
-    the sum over its processes (0: none); utilisation is None when no GPU of its has a reading."""
+    when it cannot be told: no process list at all (``processes`` None), a GPU of the container's whose
+    list NVML did not give (``unread``: failed or unsupported), or processes that map to no container at
+    all (no host PID namespace); else the sum over its processes (0: none). Utilisation is None when no GPU
+    of its has a reading."""
     given = {c.id: c.gpu_device_ids for c in running if c.gpu_device_ids}
     if not given:
         return {}
-    located = {pid: locate(pid) for _, pid, _ in processes}
-    blind = bool(processes) and not any(located.values())
-    used = {} if blind else per_container(processes, set(given), located.get)
+    listed = processes or []
+    located = {pid: locate(pid) for _, pid, _ in listed}
+    blind = processes is None or (bool(listed) and not any(located.values()))
+    used = {} if blind else per_container(listed, set(given), located.get)
     utilization = {s.index: s.utilization_percent for s in samples if not s.lost and s.utilization_percent is not None}
     out: dict[str, tuple[int | None, float | None]] = {}
     for cid, gpus in given.items():
         readings = [utilization[g] for g in gpus if g in utilization]
-        out[cid] = (None if blind else used.get(cid, 0),
+        known = not blind and not any(g in unread for g in gpus)
+        out[cid] = (used.get(cid, 0) if known else None,
                     round(sum(readings) / len(readings), 3) if readings else None)
     return out
 
@@ -138,14 +144,31 @@ class StatsSampler(LoopService):
         results = dict(await asyncio.gather(*(sample(info) for info in running)))
         latest = {cid: usage for cid, usage in results.items() if usage is not None}
         if self.gpus is not None and self.gpus.started and any(info.gpu_device_ids for info in running):
-            processes = await asyncio.to_thread(self.gpus.process_memory)
-            use = await asyncio.to_thread(gpu_use, running, self.gpus.latest, processes, self.locate)
-            for cid, (memory, utilization) in use.items():
-                if cid in latest:
-                    latest[cid] = latest[cid].model_copy(
-                        update={"gpu_memory_bytes": memory, "gpu_util_percent": utilization})
+            latest = await self._with_gpu_use(running, latest, self.gpus)
         self._latest = latest
         self.metrics.set_usage(
             {info.id: (info.service_id or "", info.name, self._latest[info.id])
              for info in running if info.id in self._latest}
         )
+
+    async def _with_gpu_use(self, running: list[ContainerInfo], latest: dict[str, ContainerUsage],
+                            gpus: GpuMonitor) -> dict[str, ContainerUsage]:
+        """``latest`` with the GPU containers' VRAM and utilisation. Whatever NVML does costs at most these
+        fields (left None), never the round's CPU and memory samples."""
+        processes: list[tuple[str, int, int]] | None
+        unread: set[str] = set()
+        try:
+            processes, unread = await asyncio.to_thread(gpus.process_reads)
+        except Exception:
+            log.warning("GPU processes unreadable this round: the containers' VRAM is unknown", exc_info=True)
+            processes = None
+        try:
+            use = await asyncio.to_thread(gpu_use, running, gpus.latest, processes, self.locate, unread)
+        except Exception:
+            log.warning("GPU use not told this round", exc_info=True)
+            return latest
+        out = dict(latest)
+        for cid, (memory, utilization) in use.items():
+            if cid in out:
+                out[cid] = out[cid].model_copy(update={"gpu_memory_bytes": memory, "gpu_util_percent": utilization})
+        return out

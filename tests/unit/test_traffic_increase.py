@@ -1,19 +1,29 @@
 """The traffic history's arithmetic (hub.services.traffic): what a gateway's series counted between two
 reads (never negative; a series that went down restarted from zero), summed per service over gateways,
 with its latency quantiles from the histogram's counts; the recorder's reads fall just after each bucket
-starts; and a GPU container's VRAM and utilisation as the controller's sampler reports them."""
+starts; and a GPU container's VRAM and utilisation as the controller's sampler reports them (fake NVML):
+unknown (None) where NVML gave no process list, 0 where it listed none, and NVML failing costs only those
+fields."""
 
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
-from controller.stats import gpu_use
+from controller.fake import FakeRuntime
+from controller.gpu import LABEL_GPUS
+from controller.gpu_monitor import NVML_ERROR_NOT_SUPPORTED, GpuMonitor
+from controller.health import ControllerMetrics
+from controller.spec import ContainerSpec
+from controller.stats import StatsSampler, gpu_use
 from hub.background.traffic_history import TrafficRecorder
 from hub.config import HubSettings
 from hub.services.traffic import Counts, add_histograms, histogram_quantile, increase, parse, per_service, series_of
-from mmanager.wire import ContainerInfo, GpuUsage
+from mmanager.wire import LABEL_CONTROLLER, LABEL_MANAGED, LABEL_SERVICE, ContainerInfo, GpuUsage
+from tests.controller.conftest import make_settings
+from tests.unit.test_gpu_monitor import FakeGpu, FakeNvml
 
 BOUNDS = ("0.1", "0.5", "+Inf")
 
@@ -110,3 +120,52 @@ def test_gpu_use_is_the_containers_vram_and_its_gpus_mean_utilisation() -> None:
     # Processes that map to no container at all (no host PID namespace): VRAM unknown, not zero.
     assert gpu_use(running, samples, processes, lambda pid: None)["a"] == (None, 50.0)
     assert gpu_use([_info("cpu", [])], samples, processes, pids.get) == {}
+    # A GPU whose process list NVML did not give (failed, unsupported): its containers' VRAM is unknown,
+    # where a GPU that listed none has 0; no process list at all: every VRAM unknown.
+    assert gpu_use(running, samples, processes, pids.get, unread={"2"}) == {
+        "a": (4 << 30, 50.0), "b": (2 << 30, 20.0), "c": (None, None)}
+    assert gpu_use(running, samples, [], pids.get, unread={"1"}) == {
+        "a": (None, 50.0), "b": (None, 20.0), "c": (0, None)}
+    assert {cid: vram for cid, (vram, _) in gpu_use(running, samples, None, pids.get).items()} == dict.fromkeys("abc")
+
+
+def _gpu_container(runtime: FakeRuntime, gpus: str | None) -> str:
+    labels = {LABEL_MANAGED: "true", LABEL_CONTROLLER: "ctl", LABEL_SERVICE: "s"}
+    if gpus:
+        labels[LABEL_GPUS] = gpus
+    return runtime.add_container(ContainerSpec(image="mmanager/example-model:latest", labels=labels)).id
+
+
+async def test_the_sampler_tells_unknown_vram_from_none_and_nvml_failing_costs_only_the_gpu_fields(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    runtime = FakeRuntime("ctl")
+    nvml = FakeNvml([FakeGpu(utilization=40), FakeGpu(utilization=60, errors={"processes": NVML_ERROR_NOT_SUPPORTED})])
+    monitor = GpuMonitor(10.0, nvml=nvml)
+    assert monitor.open()
+    monitor._started = True  # opened above; its loop is not run, its rounds are
+    await monitor.run_once()
+    listed, unsupported, cpu = _gpu_container(runtime, "0"), _gpu_container(runtime, "1"), _gpu_container(runtime, None)
+    sampler = StatsSampler(make_settings("ctl", stats_interval=1), runtime, ControllerMetrics("ctl"), gpus=monitor,
+                           locate=lambda pid: None)
+
+    def shown(cid: str) -> tuple[Any, ...]:
+        usage = sampler.usage(cid)
+        assert usage is not None
+        return usage.sampled_at, usage.gpu_memory_bytes, usage.gpu_util_percent
+
+    await sampler.run_once()
+    first = {cid: shown(cid) for cid in (listed, unsupported, cpu)}
+    # GPU 0 listed no process: 0 bytes; GPU 1's list is unsupported: unknown.
+    assert [v[1:] for v in first.values()] == [(0, 40.0), (None, 60.0), (None, None)]
+
+    def broken() -> Any:
+        raise RuntimeError("NVML went away")
+
+    monkeypatch.setattr(monitor, "process_reads", broken)
+    monkeypatch.setattr(monitor, "process_memory", broken)
+    await sampler.run_once()
+    # The round's samples are all there, newer; only the VRAM is unknown.
+    for cid, (sampled_at, _, utilization) in first.items():
+        at, vram, util = shown(cid)
+        assert at > sampled_at and vram is None and util == utilization
+

@@ -140,6 +140,12 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     # Where Prometheus reaches this hub: a base URL, or a comma-separated list of every replica's.
     # GET /api/admin/prometheus/targets lists them; empty: the URL that call came to.
     public_url: str = Field(default="", pattern=r"^\s*(https?://[^\s,]+\s*(,\s*https?://[^\s,]+\s*)*)?$")
+    # The web console (hub.ui): the hub's URL as browsers reach it (behind a TLS-terminating proxy, its https
+    # address; empty: each request's own scheme and host). A form's Origin must name it, and its scheme makes
+    # the session cookie Secure and __Host- prefixed. Not public_url: that one lists every replica's address.
+    console_url: str = Field(default="", pattern=r"^\s*(https?://[^\s,/]+(/[^\s,]*)?)?\s*$")
+    # The console's session cookie's lifetime (its Max-Age).
+    console_session_seconds: int = Field(default=12 * 3600, ge=60, le=90 * 86400)
     # A token that reaches only GET /api/admin/prometheus/targets (besides admin tokens), for Prometheus.
     prometheus_token: SecretStr | None = None
     dev_mode: bool = False

@@ -48,6 +48,11 @@ MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
 ANONYMOUS = "anonymous"
 # The request.state attribute identify() sets.
 ACTOR_ATTR = "audit_actor"
+# Set by an application mounted in an audited one (the hub's console, whose changes are audited as the API
+# calls it makes): ``SKIP_ATTR`` true keeps the call out of the trail, ``ERROR_ATTR`` names the error code
+# and message of an answer whose body is not the API's JSON error. Read when the answer starts.
+SKIP_ATTR = "audit_skip"
+ERROR_ATTR = "audit_error"
 # Path parameters that name what a call acts on, most specific first.
 TARGET_PARAMS = ("service_id", "entry_id", "container_id", "key_id", "controller_id", "name")
 # The most of an audited answer's body read for its error code or the id it created.
@@ -130,6 +135,18 @@ def identify(request: HTTPConnection, actor: str) -> None:
 def identify_call(scope: Scope, actor: str) -> None:
     """``identify`` for a call without a ``Request`` (a pure ASGI route): the same state, the scope's."""
     scope.setdefault("state", {})[ACTOR_ATTR] = actor
+
+
+def skip_call(scope: Scope, skip: bool = True) -> None:
+    """Keep this call out of the audit trail (``skip``), or back in it."""
+    scope.setdefault("state", {})[SKIP_ATTR] = skip
+
+
+def refused_call(scope: Scope, code: str, message: str) -> None:
+    """Audit this call, as refused with ``code`` and ``message`` (an answer that is not the API's JSON)."""
+    state = scope.setdefault("state", {})
+    state[SKIP_ATTR] = False
+    state[ERROR_ATTR] = (code, message)
 
 
 def result_of(status_code: int) -> str:
@@ -285,7 +302,7 @@ class AuditMiddleware:
             kind = message["type"]
             if kind == "http.response.start":
                 status = message["status"]
-                audited = (method in MUTATING or 400 <= status < 500) and not (
+                audited = (method in MUTATING or 400 <= status < 500) and not state.get(SKIP_ATTR) and not (
                     self.skip is not None and self.skip(method, _route_path(scope), status)
                 )
             elif audited and not recorded and kind == "http.response.body":
@@ -302,7 +319,7 @@ class AuditMiddleware:
             await self.app(scope, receive, audit_send)
         except Exception:
             # The server's last-resort handler answers 500 once this propagates.
-            if not recorded and (audited or (not status and method in MUTATING)):
+            if not recorded and (audited or (not status and method in MUTATING and not state.get(SKIP_ATTR))):
                 await self.record(_event(scope, state, status or 500, _captured(captured, size)))
             raise
 
@@ -336,6 +353,9 @@ def _event(scope: Scope, state: dict[str, Any], status: int, body: bytes) -> Aud
             # What a create made: the new service's id, the new container's, the new user, the new model type.
             target = _text(answer.get("id") or answer.get("container_id") or answer.get("username")
                            or answer.get("name"), 160)
+    if error_code is None and state.get(ERROR_ATTR):
+        code, said = state[ERROR_ATTR]
+        error_code, message = _text(code, 64), _text(said, MAX_MESSAGE)
     if error_code is None and status >= 500 and not body:
         error_code = "INTERNAL_ERROR"
     details: dict[str, Any] = {}

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from datetime import UTC, datetime, timedelta
 from functools import partial
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter, Query, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
@@ -58,9 +58,12 @@ async def create_service(username: str, repo: str, spec: ServiceCreate, user: Cu
 async def list_services(user: CurrentUser, hub: HubDep, session: SessionDep,
                         limit: int = Limit, offset: int = Offset,
                         name: str | None = Query(None, max_length=63, description="only the services of this name"),
-                        owner: str | None = Query(None, max_length=64, description="only this user's services")
+                        owner: str | None = Query(None, max_length=64, description="only this user's services"),
+                        order: Literal["oldest", "newest"] = Query("oldest", description="by creation time")
                         ) -> list[ServiceOut]:
-    query = select(ServiceModel).order_by(ServiceModel.created_at, ServiceModel.id).limit(limit).offset(offset)
+    ordering = (ServiceModel.created_at, ServiceModel.id) if order == "oldest" else (
+        ServiceModel.created_at.desc(), ServiceModel.id.desc())
+    query = select(ServiceModel).order_by(*ordering).limit(limit).offset(offset)
     if not user.is_admin:
         query = query.where(ServiceModel.owner_id == user.id)
     if name is not None:

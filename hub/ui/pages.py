@@ -3,10 +3,16 @@ on the hub's own application in process, with the signed-in user's token, so ten
 and error codes are the API's. The one exception is the followed log, which streams: it calls the API's
 own logs handler with the user the session's token admits.
 
-Every POST is checked (``security.check_post``) before anything is done; a change that cannot be undone
+Every POST is checked (``Site.check_post``) before anything is done; a change that cannot be undone
 is done only once confirmed (``confirmed=yes``: set by the page's script after the browser's dialog, or
-by the confirmation page that answers a form sent without it). An error the hub answers is shown as its
-code and message on the page it came from, with the hub's status.
+by the confirmation page that answers a form sent without it). A long operation is sent without waiting
+and waited for at most ``WAIT_SECONDS``; one still running then is shown, with its progress, on the page it
+concerns. An error the hub answers is shown as its code and message on the page it came from, with the
+hub's status, and never with a value sent under ``SECRET_FIELDS``.
+
+One console action is one audit row: the API call it makes (with the browser's address and this request's
+id). The ``/ui`` requests themselves are kept out of the trail (``hub.ui.console``), except the refusals the
+console makes itself (``refusal``): a CSRF refusal, a login refused before any API call, a bad form.
 """
 
 from __future__ import annotations
@@ -28,19 +34,27 @@ from starlette.datastructures import FormData
 from hub.deps import admit
 from hub.errors import HubError, InvalidRequest
 from hub.routers import services as services_api
+from hub.schemas import OperationOut
 from hub.services.users import as_user
 from hub.ui import security
 from hub.ui.charts import service_charts, utc
 from hub.ui.templating import templates
-from mmanager.audit import identify_call
+from mmanager.audit import identify_call, refused_call
 from mmanager.client import ApiError, AsyncClient, Me
+from mmanager.client.errors import from_operation_error
+from mmanager.logs import current_request_id
 
 router = APIRouter()
 
 # The in-process hub's address: a name only (the transport never opens a socket).
 INTERNAL_URL = "http://hub.console"
-# A deploy, a migration or a rollback is waited for in the request that asked for it.
-OPERATION_TIMEOUT = 600.0
+# One call to the in-process API (a long operation is not waited for within one).
+CALL_TIMEOUT = 60.0
+# Seconds a long operation (deploy, migrate, scale, rollback, drain...) is waited for in the browser's request;
+# one still running then is left to run, and its page shows its progress.
+WAIT_SECONDS = 20.0
+# Where the hub strips the values of a refused request, the console does not show them either.
+SECRET_FIELDS = frozenset({"registry_auth", "secrets", "env"})
 PAGE = 50
 # Lines of a service's log shown when its page opens.
 LOG_TAIL = 100
@@ -66,18 +80,44 @@ def base(request: Request) -> str:
     return str(request.scope.get("root_path", ""))
 
 
+def site(request: Request) -> security.Site:
+    site: security.Site = request.app.state.site
+    return site
+
+
+class _Correlated(httpx.AsyncBaseTransport):
+    """The in-process transport, each call carrying the browser's request's id (``X-Request-ID``): the API's
+    log lines and audit row of a console action name the request that made it."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, request_id: str | None) -> None:
+        self.inner = inner
+        self.request_id = request_id
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self.request_id:
+            request.headers["X-Request-ID"] = self.request_id
+        return await self.inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 def connect(request: Request, token: str) -> AsyncClient:
     """The SDK on this hub's own application, in process; the API sees the browser's address as the caller's."""
     client = request.client
     transport = httpx.ASGITransport(app=request.app.state.api,
                                     client=(client.host, client.port) if client else ("127.0.0.1", 0))
-    return AsyncClient(url=INTERNAL_URL, token=token, transport=transport, timeout=OPERATION_TIMEOUT)
+    return AsyncClient(url=INTERNAL_URL, token=token, transport=_Correlated(transport, current_request_id()),
+                       timeout=CALL_TIMEOUT)
 
 
 async def signed_in(request: Request) -> AsyncIterator[Session]:
-    token = request.cookies.get(security.SESSION_COOKIE)
+    token = site(request).session_token(request)
     if not token:
         raise SignIn()
+    if not security.well_formed(token):
+        # No API token looks like this one: an ended session (the cookie is cleared), not an error.
+        raise SignIn(expired=True)
     api = connect(request, token)
     try:
         try:
@@ -86,7 +126,7 @@ async def signed_in(request: Request) -> AsyncIterator[Session]:
             if exc.status == 401:
                 raise SignIn(expired=True) from None
             raise
-        # The audit row of a console call names its user, as the API calls it makes do.
+        # A refusal the console makes itself (its audit row) names the user, as the API calls it makes do.
         identify_call(request.scope, me.username)
         session = Session(token, api, me, security.csrf_token(token))
         request.state.session = session
@@ -101,7 +141,7 @@ SessionDep = Annotated[Session, Depends(signed_in)]
 async def posted(request: Request, session: SessionDep) -> FormData:
     """The POST's form, once its origin and CSRF token are checked."""
     form = await request.form()
-    security.check_post(request, form.get(security.CSRF_FIELD), session.csrf)
+    site(request).check_post(request, form.get(security.CSRF_FIELD), session.csrf)
     return form
 
 
@@ -115,16 +155,28 @@ def render(request: Request, template: str, status: int = 200, /, **context: Any
         "error": None, **context}, status_code=status)
 
 
+def refusal(request: Request, exc: ApiError | HubError, sent: Any = None) -> dict[str, Any]:
+    """``error_view``, and the audit row for a refusal the console made itself (a ``HubError``: no API call
+    was made, so no API audit row covers it). An ``ApiError`` is the API's answer, audited there."""
+    view = error_view(exc, sent)
+    if isinstance(exc, HubError):
+        refused_call(request.scope, exc.code, exc.message)
+    return view
+
+
 def error_view(exc: ApiError | HubError, sent: Any = None) -> dict[str, Any]:
     """The hub's error as the page shows it: its code, message and the fields its details name, each with
-    the value ``sent`` (the request's body) held there."""
+    the value ``sent`` (the request's body) held there, unless it lies under one of ``SECRET_FIELDS``."""
     details = exc.details
     lines: list[str] = []
     if isinstance(details, list):
         for item in details:
             if isinstance(item, dict) and "msg" in item:
                 loc = [p for p in item.get("loc", ()) if p != "body"]
-                value = item["input"] if "input" in item else _at(sent, loc)
+                if any(str(p) in SECRET_FIELDS for p in loc):
+                    value: Any = _MISSING
+                else:
+                    value = _without_secrets(item["input"] if "input" in item else _at(sent, loc))
                 got = "" if value is _MISSING else f" (got {json.dumps(value, default=str)[:200]})"
                 lines.append(f"{'.'.join(map(str, loc))}: {item['msg']}{got}")
     elif isinstance(details, dict):
@@ -135,6 +187,15 @@ def error_view(exc: ApiError | HubError, sent: Any = None) -> dict[str, Any]:
 
 
 _MISSING = object()
+
+
+def _without_secrets(value: Any) -> Any:
+    """``value`` with whatever lies under one of ``SECRET_FIELDS`` left out, at any depth."""
+    if isinstance(value, Mapping):
+        return {k: _without_secrets(v) for k, v in value.items() if str(k) not in SECRET_FIELDS}
+    if isinstance(value, list):
+        return [_without_secrets(v) for v in value]
+    return value
 
 
 def _at(value: Any, loc: list[Any]) -> Any:
@@ -169,7 +230,7 @@ def confirmation(request: Request, form: FormData, message: str, back: str) -> H
 
 @router.get("/", response_model=None)
 async def home(request: Request) -> Response:
-    return see(request, "/services" if request.cookies.get(security.SESSION_COOKIE) else "/login")
+    return see(request, "/services" if site(request).session_token(request) else "/login")
 
 
 @router.get("/login", response_model=None)
@@ -177,39 +238,50 @@ async def login_page(request: Request, expired: bool = False) -> Response:
     return _login_form(request, expired=expired)
 
 
-def _login_form(request: Request, status: int = 200, **context: Any) -> HTMLResponse:
+def _login_form(request: Request, status: int = 200, expired: bool = False, **context: Any) -> HTMLResponse:
     nonce = security.new_login_nonce()
-    response = render(request, "login.html", status, login_csrf=nonce, **context)
-    security.set_login_nonce(response, request, nonce, base(request))
+    response = render(request, "login.html", status, login_csrf=nonce, expired=expired, **context)
+    site(request).set_login_nonce(response, request, nonce, base(request))
     return response
 
 
 @router.post("/login", response_model=None)
 async def login(request: Request) -> Response:
     form = await request.form()
-    security.check_post(request, form.get(security.CSRF_FIELD), request.cookies.get(security.LOGIN_COOKIE) or "")
+    site(request).check_post(request, form.get(security.CSRF_FIELD), site(request).login_nonce(request) or "")
     token = str(form.get("token") or "").strip()
     if not token:
-        return _login_form(request, 422, error={"status": 422, "code": "TOKEN_REQUIRED",
-                                                "message": "paste your API token", "lines": []})
-    api = connect(request, token)
-    try:
-        me = await api.me()
-    except ApiError as exc:
-        view = error_view(exc)
-        return _login_form(request, view["status"], error=view)
-    finally:
-        await api.aclose()
-    identify_call(request.scope, me.username)
-    response = see(request, "/services")
-    security.set_session(response, request, token, base(request))
-    return response
+        refused = InvalidRequest("paste your API token", code="TOKEN_REQUIRED")
+    elif not security.well_formed(token):
+        refused = InvalidRequest(f"that is not an API token: one is printable ASCII without spaces, at most "
+                                 f"{security.MAX_TOKEN} characters", code="TOKEN_MALFORMED")
+    else:
+        api = connect(request, token)
+        try:
+            await api.me()
+        except ApiError as exc:
+            # The API refused the token: its own audit row (GET /api/me) says so.
+            view = error_view(exc)
+            return _login_form(request, view["status"], error=view)
+        finally:
+            await api.aclose()
+        response = see(request, "/services")
+        site(request).set_session(response, request, token, base(request))
+        return response
+    view = refusal(request, refused)
+    return _login_form(request, view["status"], error=view)
 
 
 @router.post("/logout", response_model=None)
-async def logout(request: Request, _: FormDep) -> Response:
+async def logout(request: Request) -> Response:
+    """Drops the session's cookie, whatever the API would say of its token (revoked, the hub's database down):
+    only the Origin and the form's CSRF token are checked. A cookie that holds no token is just dropped."""
+    token = site(request).session_token(request)
+    if token and security.well_formed(token):
+        form = await request.form()
+        site(request).check_post(request, form.get(security.CSRF_FIELD), security.csrf_token(token))
     response = see(request, "/login")
-    security.clear_session(response, request, base(request))
+    site(request).clear_session(response, request, base(request))
     return response
 
 
@@ -219,8 +291,11 @@ async def logout(request: Request, _: FormDep) -> Response:
 @router.get("/services", response_model=None)
 async def services_page(request: Request, s: SessionDep, name: str = "", owner: str = "",
                         done: str = "") -> Response:
-    services = await s.api.services.list(name=name or None, owner=owner or None)
-    return render(request, "services.html", services=services, name=name, owner=owner, done=done)
+    offset = _offset(request)
+    services = await s.api.services.list(name=name or None, owner=owner or None, limit=PAGE, offset=offset,
+                                         order="newest")
+    return render(request, "services.html", services=services, name=name, owner=owner, done=done,
+                  pages=_pages({"name": name, "owner": owner}, offset, len(services)))
 
 
 async def _optional(call: Any) -> tuple[Any, dict[str, Any] | None]:
@@ -236,7 +311,7 @@ WINDOWS = {"5m": (300, 5), "1h": (3600, 60), "6h": (6 * 3600, 300), "24h": (8640
 
 
 async def _service_page(request: Request, s: Session, service_id: str, status: int = 200,
-                        **context: Any) -> HTMLResponse:
+                        running: str = "", **context: Any) -> HTMLResponse:
     service = await s.api.services.get(service_id)
     window = request.query_params.get("window", "1h")
     span, resolution = WINDOWS.get(window, WINDOWS["1h"])
@@ -254,7 +329,7 @@ async def _service_page(request: Request, s: Session, service_id: str, status: i
                   history=history, operations=operations,
                   controllers=controllers[0] or [] if s.me.admin else [],
                   labels=_pairs(service.spec.get("labels")), env=_pairs(service.spec.get("env")),
-                  window=window if window in WINDOWS else "1h", windows=list(WINDOWS), **context)
+                  window=window if window in WINDOWS else "1h", windows=list(WINDOWS), running=running, **context)
 
 
 async def _none() -> tuple[None, None]:
@@ -266,8 +341,9 @@ def _pairs(value: Any) -> list[tuple[str, str]]:
 
 
 @router.get("/services/{service_id}", response_model=None)
-async def service_page(request: Request, service_id: str, s: SessionDep, done: str = "") -> Response:
-    return await _service_page(request, s, service_id, done=done)
+async def service_page(request: Request, service_id: str, s: SessionDep, done: str = "",
+                       running: str = "") -> Response:
+    return await _service_page(request, s, service_id, done=done, running=running)
 
 
 ACTIONS = {
@@ -284,8 +360,7 @@ ACTIONS = {
 @router.post("/services/{service_id}/{action}", response_model=None)
 async def service_action(request: Request, service_id: str, action: str, s: SessionDep, form: FormDep) -> Response:
     if action not in ACTIONS:
-        return render(request, "error.html", 404, error={"status": 404, "code": "NOT_FOUND",
-                                                         "message": f"no action {action!r}", "lines": []})
+        return _no_action(request, action)
     question = ACTIONS[action]
     if question is not None:
         service = await s.api.services.get(service_id)
@@ -295,27 +370,57 @@ async def service_action(request: Request, service_id: str, action: str, s: Sess
         if asked is not None:
             return asked
     try:
-        await _act(s, service_id, action, form)
+        running = await _act(s, service_id, action, form)
     except (ApiError, HubError) as exc:
-        view = error_view(exc)
+        view = refusal(request, exc)
         return await _service_page(request, s, service_id, view["status"], error=view)
     if action == "delete":
         return see(request, "/services", done=f"deleted {service_id}")
+    if running is not None:
+        return see(request, f"/services/{service_id}", running=f"{action} ({running.id})")
     return see(request, f"/services/{service_id}", done=action)
 
 
-async def _act(s: Session, service_id: str, action: str, form: FormData) -> None:
+def _no_action(request: Request, action: str) -> HTMLResponse:
+    refused_call(request.scope, "NOT_FOUND", f"no action {action!r}")
+    return render(request, "error.html", 404, error={"status": 404, "code": "NOT_FOUND",
+                                                     "message": f"no action {action!r}", "lines": []})
+
+
+async def _act(s: Session, service_id: str, action: str, form: FormData) -> OperationOut | None:
+    """Does ``action``; the operation it started if that is still running after ``WAIT_SECONDS``."""
     services = s.api.services
-    if action == "scale":
-        await services.scale(service_id, _whole(form, "replicas"))
-    elif action == "migrate":
-        await services.migrate(service_id, target=str(form.get("target") or "") or None)
-    elif action == "rollback":
-        await services.rollback(service_id, _whole(form, "version"))
-    elif action == "delete":
+    started: list[OperationOut] = []
+    if action == "delete":
         await services.delete(service_id)
+    elif action == "scale":
+        await services.scale(service_id, _whole(form, "replicas"), wait=False, progress=started.append)
+    elif action == "migrate":
+        await services.migrate(service_id, target=str(form.get("target") or "") or None, wait=False,
+                               progress=started.append)
+    elif action == "rollback":
+        await services.rollback(service_id, _whole(form, "version"), wait=False, progress=started.append)
     else:
-        await getattr(services, action)(service_id)
+        await getattr(services, action)(service_id, wait=False, progress=started.append)
+    return await settle(s.api, started)
+
+
+async def settle(api: AsyncClient, started: list[OperationOut], timeout: float | None = None) -> OperationOut | None:
+    """Waits at most ``timeout`` (``WAIT_SECONDS``) for the long operation a call sent without waiting handed
+    to ``started.append`` (nothing there: the call had nothing to do). None once it succeeded; its
+    ``ApiError`` if it failed; the operation itself if it is still running."""
+    if not started:
+        return None
+    operation = started[-1]
+    try:
+        operation = await api.operations.wait(operation.id, timeout=WAIT_SECONDS if timeout is None else timeout)
+    except ApiError as exc:
+        if exc.code == "WAIT_TIMEOUT":
+            return operation
+        raise
+    if operation.status != "succeeded":
+        raise from_operation_error(operation.error, {"operation_id": operation.id, "operation": operation.operation})
+    return None
 
 
 def _whole(form: FormData, name: str) -> int:
@@ -331,8 +436,9 @@ async def follow_logs(request: Request, service_id: str, replica: str | None = N
     """The service's log as it is written, streamed as plain text for the page's script. Not through the SDK
     (an in-process transport holds a whole answer before it hands it on): the API's own handler, for the
     user the session's token admits, so tenancy and the caps on open streams are the API's."""
-    token = request.cookies.get(security.SESSION_COOKIE)
-    if not token:
+    token = site(request).session_token(request)
+    if not token or not security.well_formed(token):
+        refused_call(request.scope, "UNAUTHORIZED", "sign in again")
         return PlainTextResponse("UNAUTHORIZED: sign in again", status_code=401)
     hub = request.app.state.hub
     # ``admit`` reads the token where the API does, from an Authorization header: the session's, alone.
@@ -343,6 +449,8 @@ async def follow_logs(request: Request, service_id: str, replica: str | None = N
         identify_call(request.scope, who.username)
         return await services_api.service_logs(service_id, as_user(who), hub, tail=0, follow=True, replica=replica)
     except HubError as exc:
+        # The API's own refusal, made here in process: no API call's audit row covers it.
+        refused_call(request.scope, exc.code, exc.message)
         return PlainTextResponse(f"{exc.code}: {exc.message}", status_code=exc.status_code)
 
 
@@ -366,14 +474,37 @@ async def _deploy_form(request: Request, s: Session, status: int = 200, **contex
 async def deploy(request: Request, s: SessionDep, form: FormDep) -> Response:
     fields = {k: str(v) for k, v in form.items() if isinstance(v, str) and k != security.CSRF_FIELD}
     spec: dict[str, Any] = {}
+    started: list[OperationOut] = []
     try:
         spec = _spec_of(fields)
-        service = await s.api.services.create(spec, owner=fields.get("owner") or None,
-                                              repo=fields.get("repo") or "default")
+        created = await s.api.services.create(spec, owner=fields.get("owner") or None,
+                                              repo=fields.get("repo") or "default", wait=False,
+                                              progress=started.append)
+        running = await settle(s.api, started)
     except (ApiError, HubError) as exc:
-        view = error_view(exc, spec)
-        return await _deploy_form(request, s, view["status"], fields=fields, error=view)
-    return see(request, f"/services/{service.id}", done="deployed")
+        view = refusal(request, exc, spec)
+        shown = _without_password(fields, spec)
+        if shown is not fields:
+            view["lines"].append("registry_auth.password: not shown again; type it again")
+        return await _deploy_form(request, s, view["status"], fields=shown, error=view)
+    if running is not None:
+        return see(request, f"/services/{created.id}", running=f"deploy ({running.id})")
+    return see(request, f"/services/{created.id}", done="deployed")
+
+
+def _without_password(fields: dict[str, str], spec: dict[str, Any]) -> dict[str, str]:
+    """The deploy form shown again after a refusal, without the registry password it was sent with (the hub
+    never shows it back either): the spec re-written with the password empty, or, when the text could not be
+    read as a spec, no text at all. ``fields`` itself when there was none."""
+    if fields.get("mode") == "model" or "registry_auth" not in fields.get("spec", ""):
+        return fields
+    text = ""
+    if "registry_auth" in spec:
+        auth = spec["registry_auth"]
+        user = auth.get("username") if isinstance(auth, Mapping) else None
+        kept = {**spec, "registry_auth": {"username": user if isinstance(user, str) else "", "password": ""}}
+        text = yaml.safe_dump(kept, sort_keys=False, allow_unicode=True)
+    return {**fields, "spec": text}
 
 
 def _spec_of(fields: Mapping[str, str]) -> dict[str, Any]:
@@ -391,7 +522,11 @@ def _spec_of(fields: Mapping[str, str]) -> dict[str, Any]:
     try:
         spec = yaml.safe_load(fields.get("spec", ""))
     except yaml.YAMLError as exc:
-        raise InvalidRequest(f"the spec is neither YAML nor JSON: {exc}", code="INVALID_SPEC_TEXT") from None
+        # The problem and where, not the parser's quote of the text (which may hold a password).
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        raise InvalidRequest(f"the spec is neither YAML nor JSON: {getattr(exc, 'problem', None) or 'unreadable'}"
+                             f"{where}", code="INVALID_SPEC_TEXT") from None
     if not isinstance(spec, dict):
         raise InvalidRequest("the spec must be a mapping of fields (YAML or JSON)", code="INVALID_SPEC_TEXT")
     return spec
@@ -416,15 +551,22 @@ CONTROLLER_ACTIONS = {
 async def controller_action(request: Request, controller_id: str, action: str, s: SessionDep,
                             form: FormDep) -> Response:
     if action not in CONTROLLER_ACTIONS:
-        return render(request, "error.html", 404, error={"status": 404, "code": "NOT_FOUND",
-                                                         "message": f"no action {action!r}", "lines": []})
+        return _no_action(request, action)
     question = CONTROLLER_ACTIONS[action]
     if question is not None:
         asked = confirmation(request, form, question.format(id=controller_id), "/controllers")
         if asked is not None:
             return asked
     try:
-        await getattr(s.api.controllers, action)(controller_id)
+        if action == "drain":
+            started: list[OperationOut] = []
+            await s.api.controllers.drain(controller_id, wait=False, progress=started.append)
+            running = await settle(s.api, started)
+            if running is not None:
+                return see(request, "/operations", controller_id=controller_id, operation="drain",
+                           running=f"drain ({running.id})")
+        else:
+            await getattr(s.api.controllers, action)(controller_id)
     except ApiError as exc:
         controllers, _ = await _optional(s.api.controllers.list())
         view = error_view(exc)
@@ -455,7 +597,7 @@ async def operations_page(request: Request, s: SessionDep) -> Response:
     operations = await s.api.operations.list(**{k: v or None for k, v in filters.items()}, limit=PAGE,
                                              offset=offset)
     return render(request, "operations.html", operations=operations, filters=filters,
-                  pages=_pages(filters, offset, len(operations)))
+                  pages=_pages(filters, offset, len(operations)), running=request.query_params.get("running", ""))
 
 
 @router.get("/audit", response_model=None)
@@ -483,4 +625,6 @@ def _pages(filters: Mapping[str, str], offset: int, shown: int) -> dict[str, str
 
 @router.get("/alerts", response_model=None)
 async def alerts_page(request: Request, s: SessionDep) -> Response:
-    return render(request, "alerts.html", alerts=await s.api.alerts.list())
+    offset = _offset(request)
+    alerts = await s.api.alerts.list(limit=PAGE, offset=offset)
+    return render(request, "alerts.html", alerts=alerts, pages=_pages({}, offset, len(alerts)))

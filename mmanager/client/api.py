@@ -115,9 +115,11 @@ class ServicesApi(Bound[M]):
 
     @op
     def list(self, name: str | None = None, owner: str | None = None, limit: int = 100,
-             offset: int = 0) -> Steps[builtins.list[ServiceOut]]:
-        body = yield Call("GET", "/api/services", params={"name": name, "owner": owner, "limit": limit,
-                                                         "offset": offset})
+             offset: int = 0, order: str = "oldest") -> Steps[builtins.list[ServiceOut]]:
+        """``order``: ``oldest`` or ``newest`` first, by creation time."""
+        params = {"name": name, "owner": owner, "limit": limit, "offset": offset,
+                  "order": None if order == "oldest" else order}
+        body = yield Call("GET", "/api/services", params=params)
         return [ServiceOut.model_validate(s) for s in body]
 
     @op

@@ -2,7 +2,8 @@
 PostgreSQL, with controllers on the real Docker engine: every mutating call
 and every refusal is in ``GET /api/admin/audit`` with who, what and how it
 ended, and nothing secret; a controller's own refusals arrive with its
-heartbeats; oversized bodies answer 413 and change nothing."""
+heartbeats; oversized bodies answer 413 and change nothing; a change made in the web console is one row,
+the API call's, under the browser's request id, and only the console's own refusals are rows of its own."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from hub.services.audit import AuditLog
 from mmanager.audit import COALESCE_PER_KEY, COALESCE_WINDOW
 from mmanager.wire import AuditEvent
 from tests.hub.conftest import KEY, Cluster
+from tests.support.console import ConsoleSession
 from tests.support.net import free_port
 from tests.support.poll import eventually
 
@@ -298,3 +300,33 @@ async def test_anonymous_refusals_are_bounded_per_caller(cluster: Cluster) -> No
     # a caller who authenticated is recorded in full.
     assert len(await audit(cluster, actor="anonymous")) == COALESCE_PER_KEY
     assert len(await audit(cluster, actor="alice")) == COALESCE_PER_KEY + 5
+
+
+async def test_a_console_action_is_one_row_and_only_its_own_refusals_are_its_rows(cluster: Cluster) -> None:
+    cid = cluster.controller_ids[2]
+    request_id = "console-" + uuid.uuid4().hex
+    # A browser: the hub's own transport, no Authorization header, cookies kept.
+    async with httpx.AsyncClient(transport=cluster.hub._transport, base_url="http://hub", timeout=60) as browser:
+        console = ConsoleSession(browser)
+        assert (await console.log_in(cluster.admin_token)).status_code == 303
+        disabled = await console.post(f"/ui/controllers/{cid}/disable", "/ui/controllers", {"confirmed": "yes"},
+                                      headers={"X-Request-ID": request_id})
+        assert disabled.status_code == 303, disabled.text
+        forged = await browser.post(f"/ui/controllers/{cid}/enable", data={"csrf": "0" * 64},
+                                    headers={"Origin": "http://hub"})
+        assert forged.status_code == 403
+        assert (await console.log_in("mmh_not-a-token")).status_code == 401
+        assert (await console.log_in("mmh_tökén")).status_code == 422
+
+    rows = await audit(cluster, actor="admin")
+    # The change: one row, the API call's, with the browser's address and the browser's request's id.
+    change = one(rows, method="POST", status_code=200)
+    assert change["path"] == f"/api/admin/controllers/{cid}/disable" and change["remote"] == "127.0.0.1"
+    assert change["details"]["request_id"] == request_id
+    # The console's own refusal, with its code; its pages and its login are no rows.
+    assert [(r["path"], r["error_code"]) for r in rows if r["path"].startswith("/ui")] == [
+        (f"/ui/controllers/{cid}/enable", "CSRF_REFUSED")]
+    # A token the API refused is its row (GET /api/me); one that cannot be a token is the console's.
+    anonymous = await audit(cluster, actor="anonymous")
+    assert sorted((r["path"], r["status_code"], r["error_code"]) for r in anonymous) == [
+        ("/api/me", 401, "UNAUTHORIZED"), ("/ui/login", 422, "TOKEN_MALFORMED")]

@@ -1,6 +1,7 @@
-"""The console's parts that need no hub: its CSRF token and Origin check, its cookies, the headers on
-every answer (errors and static files included), and the charts' geometry. The pages themselves are
-tested in a real browser on a real hub (tests/test_console.py)."""
+"""The console's parts that need no hub: its CSRF token and Origin check (behind a proxy too), its cookies,
+the headers on every answer (errors and static files included), what an error shows of the values sent, the
+bounded wait for a long operation, the audit of its own refusals, and the charts' geometry. The pages
+themselves are tested in a real browser on a real hub (tests/test_console.py)."""
 
 from __future__ import annotations
 
@@ -44,33 +45,93 @@ def test_the_csrf_token_is_derived_from_the_session_and_reveals_nothing_of_it() 
     ({}, False),
 ])
 def test_a_post_counts_as_the_consoles_own_only_from_its_origin(headers: dict[str, str], same: bool) -> None:
-    assert security.same_origin(request(**headers)) is same
+    assert security.Site().same_origin(request(**headers)) is same
+
+
+@pytest.mark.parametrize(("public", "headers", "same"), [
+    # Behind a TLS-terminating proxy the hub sees http://10.0.0.5:8000; browsers are at https://hub.example.
+    ("https://hub.example", {"Origin": "https://hub.example"}, True),
+    ("https://hub.example:443/", {"Origin": "https://hub.example"}, True),
+    ("https://Hub.Example/mm", {"Referer": "https://hub.example/mm/ui/services"}, True),
+    ("https://hub.example", {"Origin": "http://10.0.0.5:8000"}, False),
+    ("https://hub.example", {"Origin": "https://svc.owner.hub.example"}, False),
+    ("https://hub.example:8443", {"Origin": "https://hub.example"}, False),
+])
+def test_behind_a_proxy_a_post_must_come_from_the_console_url(public: str, headers: dict[str, str],
+                                                              same: bool) -> None:
+    assert security.Site(public).same_origin(request("http://10.0.0.5:8000/ui/logout", **headers)) is same
 
 
 def test_a_post_without_the_right_token_or_origin_is_refused() -> None:
+    site = security.Site()
     expected = security.csrf_token("t")
-    security.check_post(request(Origin="http://hub.example:8000"), expected, expected)
+    site.check_post(request(Origin="http://hub.example:8000"), expected, expected)
     for sent in (None, "", "0" * 64, expected.upper()):
         with pytest.raises(security.CsrfRefused) as refused:
-            security.check_post(request(Origin="http://hub.example:8000"), sent, expected)
+            site.check_post(request(Origin="http://hub.example:8000"), sent, expected)
         assert refused.value.code == "CSRF_REFUSED" and refused.value.status_code == 403
     with pytest.raises(security.CsrfRefused):
-        security.check_post(request(Origin="http://evil.example"), expected, expected)
+        site.check_post(request(Origin="http://evil.example"), expected, expected)
 
 
-@pytest.mark.parametrize("scheme", ["http", "https"])
-def test_the_session_cookie_is_http_only_strict_on_the_console_and_secure_over_https(scheme: str) -> None:
+def _set_cookies(response: Response) -> list[str]:
+    return [v.decode() for k, v in response.raw_headers if k == b"set-cookie"]
+
+
+def _attributes(cookie: str) -> dict[str, str]:
+    return {a.strip().partition("=")[0].lower(): a.strip().partition("=")[2] for a in cookie.split(";")[1:]}
+
+
+@pytest.mark.parametrize(("url", "public", "name", "path"), [
+    ("http://hub.example/ui/login", "", "mm_session", "/ui"),
+    # Over https: a __Host- cookie (Secure, Path=/, no Domain), which a sibling subdomain cannot set or shadow.
+    ("https://hub.example/ui/login", "", "__Host-mm_session", "/"),
+    # Behind a TLS-terminating proxy: the console URL's scheme decides, not the hop the hub sees.
+    ("http://10.0.0.5:8000/ui/login", "https://hub.example", "__Host-mm_session", "/"),
+    ("https://10.0.0.5:8000/ui/login", "http://hub.example", "mm_session", "/ui"),
+])
+def test_the_session_cookie_is_http_only_strict_bounded_and_secure_over_https(url: str, public: str, name: str,
+                                                                            path: str) -> None:
+    site = security.Site(public, session_seconds=3600)
     response = Response()
-    security.set_session(response, request(f"{scheme}://hub.example/ui/login"), "mmh_token", "/ui")
-    cookie = next(v.decode() for k, v in response.raw_headers if k == b"set-cookie" and b"mm_session" in v)
-    attributes = {a.strip().split("=")[0].lower() for a in cookie.split(";")[1:]}
-    assert cookie.startswith("mm_session=mmh_token;")
-    assert {"httponly", "path", "samesite"} <= attributes and "Path=/ui" in cookie and "SameSite=strict" in cookie
-    assert ("secure" in attributes) is (scheme == "https")
+    site.set_session(response, request(url), "mmh_token", "/ui")
+    cookie = next(c for c in _set_cookies(response) if "mm_session" in c)
+    attributes = _attributes(cookie)
+    assert cookie.startswith(f"{name}=mmh_token;")
+    assert "httponly" in attributes and attributes["samesite"] == "strict" and "domain" not in attributes
+    assert attributes["path"] == path and attributes["max-age"] == "3600"
+    assert ("secure" in attributes) is name.startswith("__Host-")
+    # The session's own cookie is the one read back; the other name is not.
+    assert site.session_token(request(url, Cookie=f"{name}=mmh_token")) == "mmh_token"
+    other = "mm_session" if name.startswith("__Host-") else "__Host-mm_session"
+    assert site.session_token(request(url, Cookie=f"{other}=mmh_token")) is None
     cleared = Response()
-    security.clear_session(cleared, request(f"{scheme}://hub.example/ui/logout"), "/ui")
-    gone = next(v.decode() for k, v in cleared.raw_headers if k == b"set-cookie")
-    assert gone.startswith('mm_session="";') and "Max-Age=0" in gone and "Path=/ui" in gone
+    site.clear_session(cleared, request(url), "/ui")
+    (gone,) = _set_cookies(cleared)
+    assert gone.startswith(f'{name}="";') and "Max-Age=0" in gone and _attributes(gone)["path"] == path
+    assert ("secure" in _attributes(gone)) is name.startswith("__Host-")
+
+
+@pytest.mark.parametrize(("token", "ok"), [
+    ("mmh_" + "A-z_9" * 8, True), ("x" * security.MAX_TOKEN, True), ("x" * (security.MAX_TOKEN + 1), False),
+    ("mmh_tökén", False), ("mmh_a b", False), ("mmh_\x00", False), ("mmh_\n", False), ("", False),
+])
+def test_only_printable_ascii_of_bounded_length_can_be_a_token(token: str, ok: bool) -> None:
+    assert security.well_formed(token) is ok
+
+
+def test_the_console_url_setting_takes_one_url_and_bounds_the_session() -> None:
+    from pydantic import ValidationError
+
+    from hub.config import HubSettings
+
+    key = {"api_key": "k" * 32}
+    assert HubSettings(**key, console_url="https://hub.example/mm").console_url == "https://hub.example/mm"
+    assert HubSettings(**key).console_url == "" and HubSettings(**key).console_session_seconds == 12 * 3600
+    for bad in ({"console_url": "hub.example"}, {"console_url": "https://a.example,https://b.example"},
+                {"console_session_seconds": 0}):
+        with pytest.raises(ValidationError):
+            HubSettings(**key, **bad)
 
 
 async def test_every_answer_carries_the_headers_and_only_static_files_are_cached() -> None:
@@ -208,3 +269,76 @@ def test_an_api_error_is_shown_with_its_code_message_and_the_values_sent() -> No
     # No HTTP answer carried it (an operation that failed while waited for): shown all the same.
     failed = error_view(ApiError(0, "IMAGE_PULL_FAILED", "pulling 'x' failed", {"image": "x"}))
     assert failed["status"] == 502 and failed["lines"] == ["image: x"]
+
+
+def test_an_error_never_shows_what_was_sent_under_registry_auth_secrets_or_env() -> None:
+    from hub.ui.pages import error_view
+    from mmanager.client import ApiError
+
+    password = "hunter2-registry-password"
+    sent = {"name": "a", "registry_auth": {"username": "u", "password": password}, "env": {"KEY": "env-secret"},
+            "secrets": ["s-secret"], "ports": {"5000": None}, "health_check": {"env": {"X": "nested-secret"}}}
+    refused = ApiError(422, "VALIDATION_ERROR", "the request is invalid", [
+        {"loc": ["body", "registry_auth", "password"], "msg": "Input should be a valid string"},
+        {"loc": ["body", "env", "KEY"], "msg": "Value error", "input": "env-secret"},
+        {"loc": ["body", "secrets", 0], "msg": "bad"},
+        {"loc": ["body", "health_check"], "msg": "bad"},
+        {"loc": ["body", "ports"], "msg": "bad"}])
+    lines = error_view(refused, sent)["lines"]
+    assert lines[:3] == ["registry_auth.password: Input should be a valid string", "env.KEY: Value error",
+                         "secrets.0: bad"]
+    # A value shown whole leaves out what it holds under those names, at any depth.
+    assert lines[3:] == ['health_check: bad (got {})', 'ports: bad (got {"5000": null})']
+    assert not any(s in str(lines) for s in (password, "env-secret", "s-secret", "nested-secret"))
+
+
+async def test_a_long_operation_is_waited_for_a_bounded_time_then_left_running() -> None:
+    from hub.ui.pages import settle
+    from mmanager.client import ApiError, AsyncClient
+
+    states = {"op-run": "running", "op-ok": "succeeded", "op-bad": "failed"}
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        op_id = request.url.path.rsplit("/", 1)[1]
+        return httpx.Response(200, json={
+            "id": op_id, "operation": "scale", "status": states[op_id], "service_id": "s" * 32, "controller_id": None,
+            "actor": "root", "details": {"progress": {"done": 1, "total": 2, "unit": "replicas", "step": "x"}},
+            "error": "IMAGE_PULL_FAILED: pulling failed" if op_id == "op-bad" else None,
+            "container_id": None, "finished_at": None, "created_at": "2026-12-07T10:00:00",
+            "updated_at": "2026-12-07T10:00:00"})
+
+    async with AsyncClient(url="http://hub", token="t", transport=httpx.MockTransport(answer)) as api:
+        started = [await api.operations.get("op-run")]
+        running = await settle(api, started, timeout=0.2)
+        assert running is not None and running.id == "op-run"
+        assert await settle(api, [await api.operations.get("op-ok")]) is None
+        assert await settle(api, []) is None  # nothing was to be done
+        with pytest.raises(ApiError) as failed:
+            await settle(api, [await api.operations.get("op-bad")])
+        assert failed.value.code == "IMAGE_PULL_FAILED"
+
+
+async def test_the_consoles_own_requests_are_audited_only_when_it_marks_a_refusal() -> None:
+    from mmanager.audit import AuditMiddleware, refused_call, skip_call
+    from mmanager.wire import AuditEvent
+
+    recorded: list[AuditEvent] = []
+
+    async def record(event: AuditEvent) -> None:
+        recorded.append(event)
+
+    def page(request: Request) -> Response:
+        skip_call(request.scope)
+        if request.query_params.get("refuse"):
+            refused_call(request.scope, "CSRF_REFUSED", "not from this console's pages")
+            return PlainTextResponse("<html>refused</html>", status_code=403)
+        return PlainTextResponse("<html>done</html>", status_code=303 if request.method == "POST" else 404)
+
+    app = AuditMiddleware(Starlette(routes=[Route("/ui/x", page, methods=["GET", "POST"])]), record=record)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:
+        await client.post("/ui/x")
+        await client.get("/ui/x")
+        await client.post("/ui/x?refuse=1")
+    (event,) = recorded
+    assert (event.path, event.status_code, event.error_code) == ("/ui/x", 403, "CSRF_REFUSED")
+    assert event.details["message"] == "not from this console's pages"

@@ -4,11 +4,13 @@ PostgreSQL and the real Docker engine).
 
 One user story, in order: the admin logs in, is refused a service named ``<script>…`` (the hub's error
 shown, escaped), deploys a service from the form, sees it running with its labels and environment shown
-as text, follows its log live, migrates and scales it behind the confirmation and sees the operations, sees charts of
+as text, follows its log live (and stops and follows again past the per-user cap of open streams: each
+stop gives its slot back), migrates and scales it behind the confirmation and sees the operations, sees charts of
 its CPU, memory, requests and latency from the hub's history; a forged POST
 (no CSRF token, or from another origin) is refused and changes nothing; every answer carries the
 console's CSP and the browser reported no violation of it; a second user sees none of the admin's
-services, and the admin's service page by URL answers not found. Each page is saved as a screenshot in
+services, and the admin's service page by URL answers not found; a refused call whose path holds
+``<script>`` is shown as text on the audit page. Each page is saved as a screenshot in
 ``$MMANAGER_TEST_ARTIFACTS/console`` (default ``test-artifacts/console``).
 """
 
@@ -18,7 +20,7 @@ import contextlib
 import json
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import docker
@@ -170,6 +172,21 @@ def test_the_console_in_a_browser(lab: Lab, browser: WebDriver, request: pytest.
     browser.find_element(By.ID, "follow").click()
     story.wait(20).until(ec.text_to_be_present_in_element((By.ID, "log-live"), "console-tick-"))
 
+    # Stopped (the button, or leaving the page) and followed again, more times than a user may hold streams
+    # open at once (4): each stop gives its slot back, or the hub would answer TOO_MANY_LOG_STREAMS.
+    def state_is(text: str) -> Callable[[WebDriver], bool]:
+        return lambda driver: driver.find_element(By.ID, "follow-state").text == text
+
+    for i in range(6):
+        if i % 2 == 0:
+            browser.find_element(By.ID, "follow").click()
+            story.wait(5).until(state_is("stopped"))
+        else:
+            story.open(f"/services/{service_id}", "#follow")
+        browser.find_element(By.ID, "follow").click()
+        story.wait(10).until(state_is("following"))
+    story.wait(20).until(ec.text_to_be_present_in_element((By.ID, "log-live"), "console-tick-"))
+
     # Migrated behind the confirmation, to the other controller; the operation is listed, succeeded.
     target = next(c for c in lab.dep.controllers if c != source)
     Select(browser.find_element(By.ID, "migrate-target")).select_by_value(target)
@@ -198,10 +215,16 @@ def test_the_console_in_a_browser(lab: Lab, browser: WebDriver, request: pytest.
     assert {("create", "succeeded"), ("migrate", "succeeded"), ("scale", "succeeded")} <= set(rows), rows
     story.shot("operations")
 
+    # A refused call whose path holds markup (a path no route takes: refused before anyone is authenticated).
+    assert httpx.get(f"{hub}/api/services/{XSS}", timeout=30).status_code == 404
     for path, ready, name in [("/services", "#services", "services"), ("/controllers", "#controllers", "controllers"),
                               ("/audit?actor=root", "#audit", "audit"), ("/alerts", "#alerts", "alerts")]:
         story.open(path, ready)
         story.shot(name)
+    # The audit page shows it as text: no script runs.
+    story.open("/audit?actor=anonymous", "#audit")
+    assert f"/api/services/{XSS}" in story.text("#audit")
+    story.no_script_ran()
     # A confirmation declined changes nothing: the controller the service left stays enabled.
     story.open("/controllers", "#controllers")
     browser.find_element(By.CSS_SELECTOR, f"#disable-{source} button").click()

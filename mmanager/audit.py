@@ -17,6 +17,11 @@ answer knows the event was handed over (on the hub: committed, unless the
 database is down or slow). ``record``
 must not raise; whatever happens there never fails the call.
 
+An application mounted inside an audited one may keep its own calls out of
+the trail (``skip_call``: the hub's console, whose changes are the API calls
+it makes, each audited) and name the code of a refusal whose answer is not
+the API's JSON (``refused_call``).
+
 Every event is cleaned where it is made (``clean_event``: control characters
 and lone surrogates replaced by U+FFFD, every text cut to its column's width),
 so a path like ``/containers/%00`` cannot make the hub's database refuse it.

@@ -1,7 +1,8 @@
 """The console's pages over HTTP, in process, on the hub with real PostgreSQL (no browser: what is checked is
 the hub's answer): a token that cannot be one is refused at login and a cookie holding one is an ended
 session, never a 500; logging out makes no API call; an error page never shows a value sent under
-``registry_auth``; the services page is newest first, a page at a time, with a link to the next."""
+``registry_auth``; the services and alerts pages are newest first, a page at a time, with a link to the
+next."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from hub.models import ServiceModel, UserModel
+from hub.models import AlertModel, ServiceModel, UserModel
 from hub.ui import pages, security
 from tests.hub.conftest import Cluster
 from tests.support.console import ConsoleSession, csrf_of
@@ -77,6 +78,8 @@ async def test_errors_hide_secrets_sent_and_the_services_page_is_newest_first_by
             for i in range(3):
                 session.add(ServiceModel(name=f"paged-{i}", owner_id=admin.id, repo="default", spec={},
                                          created_at=first + timedelta(minutes=i)))
+                session.add(AlertModel(kind="cpu", controller_id=f"alerting-{i}", value=90.0, threshold=80.0,
+                                       started_at=first + timedelta(minutes=i)))
             await session.commit()
         monkeypatch.setattr(pages, "PAGE", 2)
         page = await client.get("/ui/services")
@@ -87,3 +90,8 @@ async def test_errors_hide_secrets_sent_and_the_services_page_is_newest_first_by
         older = await client.get("/ui/services" + following.replace("&amp;", "&"))
         assert "paged-0" in older.text and "paged-2" not in older.text and 'id="previous-page"' in older.text
         assert csrf_of(older.text)
+
+        alerts = await client.get("/ui/alerts")
+        assert alerts.text.index("alerting-2") < alerts.text.index("alerting-1") and "alerting-0" not in alerts.text
+        older = await client.get("/ui/alerts?offset=2")
+        assert "alerting-0" in older.text and 'id="previous-page"' in older.text and 'id="next-page"' in alerts.text

@@ -4,12 +4,16 @@ Every lifecycle call is recorded here: a row is committed as ``running`` before 
 and finished as ``succeeded`` or ``failed`` afterwards, so a crash leaves a visible trace instead of nothing.
 An operation this process runs is in ``OperationLog.active`` from its beginning until its end is committed
 (``running``); one ``running`` in the table but not there lost its end and is recovered (``recover_own``).
+A running operation's progress is written by one place (``progress``, ``advance``, ``pulling``), key by key
+under the operation's own lock, so concurrent writers never drop each other's keys nor set ``done`` back.
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import logging
+from dataclasses import dataclass, field
 from datetime import timedelta
 from types import TracebackType
 from typing import Any
@@ -67,6 +71,8 @@ class OperationLog:
         # Operations this process is running right now. One of ours that is "running" in the table
         # but not here lost its ending to a database outage: it is recovered like a dead replica's.
         self.active: set[str] = set()
+        # What the progress writes of each running operation showed so far (``progress``).
+        self._shown: dict[str, _Shown] = {}
 
     def new(self, operation: str, actor: str, **fields: Any) -> OperationModel:
         """A running operation, every column set, for the caller to insert in its transaction (and to run,
@@ -113,20 +119,61 @@ class OperationLog:
             raise
         return op
 
-    async def progress(self, op: OperationModel, **details: Any) -> bool:
-        """Show how far a running ``op`` got: its details as they are plus ``details``, written while it is
-        still running (never over its end). ``op.details`` itself is left alone, so its end writes what it
-        began with and its own outcome, and the progress goes with it. Whether it was written."""
+    def _shown_of(self, op: OperationModel) -> _Shown:
+        if op.id not in self.active:
+            return _Shown()  # ended: a late write changes nothing (it needs the row still running)
+        return self._shown.setdefault(op.id, _Shown())
+
+    async def _show(self, op: OperationModel, shown: _Shown) -> bool:
         async with self.db.transaction() as tx:
-            return await tx.execute(_PROGRESS, {"op_id": op.id, "details": {**op.details, **details}}) == 1
+            return await tx.execute(_PROGRESS, {"op_id": op.id, "details": {**op.details, **shown.details}}) == 1
+
+    async def progress(self, op: OperationModel, **details: Any) -> bool:
+        """Show how far a running ``op`` got: its details as they are plus every key any progress write gave
+        it so far, ``details`` last, written while it is still running (never over its end). Writes of one
+        operation take turns (its lock), so the table gets them in the order they were merged. ``op.details``
+        itself is left alone, so its end writes what it began with and its own outcome, and the progress goes
+        with it. Whether it was written."""
+        shown = self._shown_of(op)
+        async with shown.lock:
+            shown.details.update(details)
+            return await self._show(op, shown)
+
+    def expect_steps(self, op: OperationModel) -> None:
+        """``op`` counts steps (replicas, services) from now on: its ``details.progress`` is theirs, and an
+        image pull shows only under ``image_pull``. Written by nothing (the next write shows it)."""
+        self._shown_of(op).steps = True
 
     async def advance(self, op: OperationModel, done: int, total: int, unit: str, step: str) -> None:
-        """Show how far a long ``op`` got as its ``details.progress`` (``progress_of``), written while it runs.
-        A courtesy: a write that fails is only logged, and the operation goes on."""
+        """Show how far a long ``op`` got as its ``details.progress`` (``progress_of``), written while it runs;
+        ``done`` never goes back (writers running side by side may report out of order). A courtesy: a write
+        that fails is only logged, and the operation goes on."""
+        shown = self._shown_of(op)
         try:
-            await self.progress(op, progress=progress_of(done, total, unit, step))
+            async with shown.lock:
+                shown.steps = True
+                before = shown.details.get("progress")
+                if (isinstance(before, dict) and before.get("unit") == unit and before.get("total") == total
+                        and before.get("done", 0) >= done):
+                    return
+                shown.details["progress"] = progress_of(done, total, unit, step)
+                await self._show(op, shown)
         except Exception as exc:
             log.debug("no progress written for operation %s: %s", op.id, exc)
+
+    async def pulling(self, op: OperationModel, controller_id: str, pull: dict[str, Any], step: str) -> None:
+        """Show a controller's image pull for ``op``: under ``details.image_pull`` (a list when several
+        controllers pull), and as its ``progress`` in bytes only while ``op`` counts no steps (a single copy's
+        create). Raises what the write raised."""
+        shown = self._shown_of(op)
+        async with shown.lock:
+            shown.pulls[controller_id] = {**pull, "controller_id": controller_id}
+            pulls = list(shown.pulls.values())
+            shown.details["image_pull"] = pulls[0] if len(pulls) == 1 else pulls
+            if not shown.steps:
+                shown.details["progress"] = progress_of(int(pull.get("bytes_done") or 0),
+                                                        int(pull.get("bytes_total") or 0), "bytes", step)
+            await self._show(op, shown)
 
     def running(self, op: OperationModel) -> Running:
         """Run ``op`` here: it counts as active from this call on, and its context (``async with``) ends it
@@ -154,6 +201,7 @@ class OperationLog:
             await self.finish_in(self.db, op, error, **changes)
         finally:
             self.active.discard(op.id)
+            self._shown.pop(op.id, None)
         return self.finished(op)
 
     async def finish_in(self, tx: Tx, op: OperationModel, error: str | None = None,
@@ -179,6 +227,7 @@ class OperationLog:
     def finished(self, op: OperationModel) -> OperationModel:
         """After ``finish_in``'s transaction committed: metrics and the log line."""
         self.active.discard(op.id)
+        self._shown.pop(op.id, None)
         duration = (op.finished_at - op.created_at).total_seconds() if op.finished_at and op.created_at else 0.0
         self.metrics.operations.labels(op.operation, op.status).inc()
         self.metrics.operation_duration.labels(op.operation).observe(duration)
@@ -187,6 +236,17 @@ class OperationLog:
                 op.operation, op.id, op.service_id, op.controller_id, op.actor, op.status, duration,
                 f": {op.error}" if op.error else "")
         return op
+
+
+@dataclass
+class _Shown:
+    """What a running operation's progress writes showed so far (``OperationLog.progress``): the keys
+    written, each controller's pull, and whether it counts steps; ``lock`` makes its writes take turns."""
+
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    details: dict[str, Any] = field(default_factory=dict)
+    pulls: dict[str, dict[str, Any]] = field(default_factory=dict)
+    steps: bool = False
 
 
 class Running:

@@ -5,8 +5,10 @@ models (``hub.schemas``): the namespaces ``services``, ``controllers``, ``operat
 Invariant: a call that starts a long operation and waits ends where the hub's own ``?wait=true`` ends (a
 create of a service with a probe: at its verdict). Without ``progress`` it is that call; with ``progress``
 it is sent with ``?wait=false`` (a create with ``&watch=true``: run as one that waits) and
-``GET /api/operations/{id}`` is polled until it ends, each poll handed to ``progress``. A failure raises
-its ``ApiError`` either way. A service is named by its id or by a name of the caller's own.
+``GET /api/operations/{id}`` is polled until it ends, each poll handed to ``progress``; so is it with a
+``timeout``, which bounds the whole wait (``WAIT_TIMEOUT``). Polls ride out a hub that is briefly away (a
+restart). A failure raises its ``ApiError`` either way. A service is named by its id, by a name of the
+caller's own, or by ``owner/name``; every value put into a path is quoted as one segment.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ import re
 import time
 from collections.abc import Callable, Sequence
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
+from urllib.parse import quote
 
 from hub.schemas import (
     AlertOut,
@@ -30,7 +33,9 @@ from hub.schemas import (
     ServiceOut,
 )
 from mmanager.client.calls import Bound, Call, M, Notify, Pause, Steps, op, stream
-from mmanager.client.errors import ApiError, from_operation_error
+from mmanager.client.errors import HUB_UNREACHABLE, ApiError, from_operation_error
+
+T = TypeVar("T")
 
 Progress = Callable[[OperationOut], Any]
 # An operation's statuses while it is in progress (hub.services.operations.ACTIVE).
@@ -41,6 +46,19 @@ _SERVICE_ID = re.compile(r"[0-9a-f]{32}")
 BATCH_LIMIT = 100
 # Seconds between two polls of an operation: from the first to the last.
 POLL_FIRST, POLL_MOST = 0.1, 1.0
+# A poll that finds the hub away (unreachable, or its proxy's 502/503/504: a restart) is tried again, the
+# pause doubling from the first to the most, for at most RETRY_FOR seconds in a row (or the wait's timeout).
+RETRY_FIRST, RETRY_MOST, RETRY_FOR = 0.5, 5.0, 300.0
+_AWAY = (502, 503, 504)
+
+
+def _seg(value: object) -> str:
+    """``value`` as one path segment: a ``/``, ``..`` or ``?`` in it cannot reach another route."""
+    return quote(str(value), safe="")
+
+
+def _away(exc: ApiError) -> bool:
+    return exc.code == HUB_UNREACHABLE or exc.status in _AWAY
 
 
 def _me(runner: Any) -> Steps[MeOut]:
@@ -50,21 +68,44 @@ def _me(runner: Any) -> Steps[MeOut]:
     return me
 
 
-def _wait(op_id: str, progress: Progress | None, timeout: float | None) -> Steps[OperationOut]:
-    """Poll the operation until it ends; ``progress`` gets it at each poll."""
-    deadline = None if timeout is None else time.monotonic() + timeout
-    delay = POLL_FIRST
+def _wait(op_id: str, progress: Progress | None, timeout: float | None,
+          deadline: float | None = None) -> Steps[OperationOut]:
+    """Poll the operation until it ends; ``progress`` gets it at each poll. ``timeout`` (or the monotonic
+    ``deadline``) bounds the wait: past it, ``WAIT_TIMEOUT`` with ``details.operation_id``."""
+    if deadline is None and timeout is not None:
+        deadline = time.monotonic() + timeout
+    delay, retry = POLL_FIRST, RETRY_FIRST
+    away_since: float | None = None
+    status = "running"
     while True:
-        operation = OperationOut.model_validate((yield Call("GET", f"/api/operations/{op_id}")))
+        try:
+            body = yield Call("GET", f"/api/operations/{_seg(op_id)}")
+        except ApiError as exc:
+            now = time.monotonic()
+            away_since = now if away_since is None else away_since
+            if not _away(exc) or now - away_since >= RETRY_FOR:
+                raise
+            if deadline is not None and now + retry >= deadline:
+                raise _timed_out(op_id, status, timeout) from exc
+            yield Pause(retry)
+            retry = min(retry * 2, RETRY_MOST)
+            continue
+        away_since, retry = None, RETRY_FIRST
+        operation = OperationOut.model_validate(body)
+        status = operation.status
         if progress is not None:
             yield Notify(progress, operation)
         if operation.status not in ACTIVE:
             return operation
         if deadline is not None and time.monotonic() >= deadline:
-            raise ApiError(0, "WAIT_TIMEOUT", f"operation {op_id} is still {operation.status} after {timeout} s",
-                           {"operation_id": op_id})
-        yield Pause(delay)
+            raise _timed_out(op_id, operation.status, timeout)
+        yield Pause(delay if deadline is None else max(0.0, min(delay, deadline - time.monotonic())))
         delay = min(delay * 1.5, POLL_MOST)
+
+
+def _timed_out(op_id: str, status: str, timeout: float | None) -> ApiError:
+    return ApiError(0, "WAIT_TIMEOUT", f"operation {op_id} is still {status} after {timeout} s (it goes on: "
+                                       "follow it with operations.wait)", {"operation_id": op_id})
 
 
 def _finished(operation: OperationOut) -> None:
@@ -72,12 +113,14 @@ def _finished(operation: OperationOut) -> None:
         raise from_operation_error(operation.error, {"operation_id": operation.id, "operation": operation.operation})
 
 
-def _launch(call: Call, wait: bool, progress: Progress | None, watch: bool = False) -> Steps[Any]:
-    """Send a long operation's ``call``. Waiting without ``progress``: with ``?wait=true``, the hub answers
-    once it is done. Else with ``?wait=false`` (and ``watch``, for a create that is waited for) and, when
-    waiting, the operation polled until it ends. The body the hub answered, or the operation (ended, when
-    waited for)."""
-    hub_waits = wait and progress is None
+def _launch(call: Call, wait: bool, progress: Progress | None, watch: bool = False,
+            timeout: float | None = None) -> Steps[Any]:
+    """Send a long operation's ``call``. Waiting without ``progress`` or ``timeout``: with ``?wait=true``, the
+    hub answers once it is done. Else with ``?wait=false`` (and ``watch``, for a create that is waited for)
+    and, when waiting, the operation polled until it ends or ``timeout`` seconds from now have passed. The
+    body the hub answered, or the operation (ended, when waited for)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    hub_waits = wait and progress is None and timeout is None
     params = {**(call.params or {}), "wait": hub_waits, "watch": True if watch and wait and not hub_waits else None}
     body = yield Call(call.method, call.path, params=params, json=call.json, waits=hub_waits)
     if "operation" not in body:
@@ -85,33 +128,62 @@ def _launch(call: Call, wait: bool, progress: Progress | None, watch: bool = Fal
     operation = OperationOut.model_validate(body)
     if wait:
         # Also when the hub stopped waiting before the end (a drain past MMANAGER_DRAIN_TIMEOUT).
-        operation = yield from _wait(operation.id, progress, None)
+        operation = yield from _wait(operation.id, progress, timeout, deadline)
         _finished(operation)
     elif progress is not None:
         yield Notify(progress, operation)
     return operation
 
 
-def _act(call: Call, wait: bool, progress: Progress | None, watch: bool = False) -> Steps[ServiceOut]:
+def _act(call: Call, wait: bool, progress: Progress | None, watch: bool = False,
+         timeout: float | None = None) -> Steps[ServiceOut]:
     """A service's long operation (``_launch``); the service as it is then."""
-    body = yield from _launch(call, wait, progress, watch)
+    body = yield from _launch(call, wait, progress, watch, timeout)
     if not isinstance(body, OperationOut):
         return ServiceOut.model_validate(body)
-    assert body.service_id is not None
-    return ServiceOut.model_validate((yield Call("GET", f"/api/services/{body.service_id}")))
+    if body.service_id is None:
+        raise ApiError(0, "BAD_ANSWER", f"operation {body.id} ({body.operation}) names no service",
+                       {"operation_id": body.id})
+    return ServiceOut.model_validate((yield Call("GET", f"/api/services/{_seg(body.service_id)}")))
 
 
 class ServicesApi(Bound[M]):
-    """``client.services``: a service is named by its id, or by a name of the caller's own (``ref``)."""
+    """``client.services``: a service is named by its id, by a name of the caller's own, or by
+    ``owner/name`` (an admin naming another user's service) (``ref``)."""
 
-    def _id(self, ref: str) -> Steps[str]:
-        if _SERVICE_ID.fullmatch(ref):
-            return ref
-        me = yield from _me(self._runner)
-        found = yield Call("GET", "/api/services", params={"name": ref, "owner": me.username})
+    def _by_name(self, ref: str) -> Steps[str]:
+        owner, _, name = ref.rpartition("/")
+        if not owner:
+            owner = (yield from _me(self._runner)).username
+        found = yield Call("GET", "/api/services", params={"name": name, "owner": owner})
         if not found:
-            raise ApiError(404, "SERVICE_NOT_FOUND", f"you have no service named {ref!r}")
+            raise ApiError(404, "SERVICE_NOT_FOUND", f"{owner} has no service named {name!r}")
         return str(found[0]["id"])
+
+    def _on(self, ref: str, steps: Callable[[str], Steps[T]]) -> Steps[T]:
+        """``steps`` run on the id of the service ``ref`` names. An id-shaped ref is tried as an id first,
+        with no look-up; answered SERVICE_NOT_FOUND, it may be a name (a service named with 32 hex digits)."""
+        if not _SERVICE_ID.fullmatch(ref):
+            return (yield from steps((yield from self._by_name(ref))))
+        try:
+            return (yield from steps(ref))
+        except ApiError as exc:
+            if exc.status != 404 or exc.code != "SERVICE_NOT_FOUND":
+                raise
+            missing = exc
+        try:
+            service_id = yield from self._by_name(ref)
+        except ApiError as exc:
+            if exc.status == 404:
+                raise missing from None
+            raise
+        return (yield from steps(service_id))
+
+    def _read(self, ref: str, tail: str = "", **call: Any) -> Steps[Any]:
+        """``GET /api/services/{id}{tail}`` of the service ``ref`` names."""
+        def steps(service_id: str) -> Steps[Any]:
+            return (yield Call("GET", f"/api/services/{_seg(service_id)}{tail}", **call))
+        return (yield from self._on(ref, steps))
 
     @op
     def list(self, name: str | None = None, owner: str | None = None, limit: int = 100,
@@ -125,96 +197,102 @@ class ServicesApi(Bound[M]):
     @op
     def get(self, ref: str) -> Steps[ServiceOut]:
         """The status read (``GET /api/services/{id}``)."""
-        service_id = yield from self._id(ref)
-        return ServiceOut.model_validate((yield Call("GET", f"/api/services/{service_id}")))
+        return ServiceOut.model_validate((yield from self._read(ref)))
 
     @op
     def status(self, ref: str) -> Steps[ServiceOut]:
         """The service as its controllers see it now (``GET /api/services/{id}/status``)."""
-        service_id = yield from self._id(ref)
-        return ServiceOut.model_validate((yield Call("GET", f"/api/services/{service_id}/status")))
+        return ServiceOut.model_validate((yield from self._read(ref, "/status")))
 
     @op
     def create(self, spec: dict[str, Any], owner: str | None = None, repo: str = "default", wait: bool = True,
-               progress: Progress | None = None) -> Steps[ServiceOut]:
+               progress: Progress | None = None, timeout: float | None = None) -> Steps[ServiceOut]:
         if owner is None:
             owner = (yield from _me(self._runner)).username
-        return (yield from _act(Call("POST", f"/api/{owner}/{repo}/services", json=spec), wait, progress, watch=True))
+        return (yield from _act(Call("POST", f"/api/{_seg(owner)}/{_seg(repo)}/services", json=spec), wait,
+                                progress, watch=True, timeout=timeout))
+
+    def _change(self, ref: str, method: str, tail: str, body: dict[str, Any] | None, wait: bool,
+                progress: Progress | None, timeout: float | None) -> Steps[ServiceOut]:
+        def steps(service_id: str) -> Steps[ServiceOut]:
+            return (yield from _act(Call(method, f"/api/services/{_seg(service_id)}{tail}", json=body), wait,
+                                    progress, timeout=timeout))
+        return (yield from self._on(ref, steps))
 
     @op
-    def update(self, ref: str, patch: dict[str, Any], wait: bool = True,
-               progress: Progress | None = None) -> Steps[ServiceOut]:
-        service_id = yield from self._id(ref)
-        return (yield from _act(Call("PATCH", f"/api/services/{service_id}", json=patch), wait, progress))
-
-    def _action(self, ref: str, action: str, wait: bool, progress: Progress | None,
-                body: dict[str, Any] | None = None) -> Steps[ServiceOut]:
-        service_id = yield from self._id(ref)
-        return (yield from _act(Call("POST", f"/api/services/{service_id}/{action}", json=body), wait, progress))
+    def update(self, ref: str, patch: dict[str, Any], wait: bool = True, progress: Progress | None = None,
+               timeout: float | None = None) -> Steps[ServiceOut]:
+        return (yield from self._change(ref, "PATCH", "", patch, wait, progress, timeout))
 
     @op
-    def start(self, ref: str, wait: bool = True, progress: Progress | None = None) -> Steps[ServiceOut]:
-        return (yield from self._action(ref, "start", wait, progress))
+    def start(self, ref: str, wait: bool = True, progress: Progress | None = None,
+              timeout: float | None = None) -> Steps[ServiceOut]:
+        return (yield from self._change(ref, "POST", "/start", None, wait, progress, timeout))
 
     @op
-    def stop(self, ref: str, wait: bool = True, progress: Progress | None = None) -> Steps[ServiceOut]:
-        return (yield from self._action(ref, "stop", wait, progress))
+    def stop(self, ref: str, wait: bool = True, progress: Progress | None = None,
+             timeout: float | None = None) -> Steps[ServiceOut]:
+        return (yield from self._change(ref, "POST", "/stop", None, wait, progress, timeout))
 
     @op
-    def restart(self, ref: str, wait: bool = True, progress: Progress | None = None) -> Steps[ServiceOut]:
-        return (yield from self._action(ref, "restart", wait, progress))
+    def restart(self, ref: str, wait: bool = True, progress: Progress | None = None,
+                timeout: float | None = None) -> Steps[ServiceOut]:
+        return (yield from self._change(ref, "POST", "/restart", None, wait, progress, timeout))
 
     @op
-    def scale(self, ref: str, replicas: int, wait: bool = True,
-              progress: Progress | None = None) -> Steps[ServiceOut]:
-        service_id = yield from self._id(ref)
-        return (yield from _act(Call("PATCH", f"/api/services/{service_id}", json={"replicas": replicas}),
-                                wait, progress))
+    def scale(self, ref: str, replicas: int, wait: bool = True, progress: Progress | None = None,
+              timeout: float | None = None) -> Steps[ServiceOut]:
+        return (yield from self._change(ref, "PATCH", "", {"replicas": replicas}, wait, progress, timeout))
 
     @op
     def migrate(self, ref: str, target: str | None = None, replica: str | None = None,
-                leave_volumes: bool = False, wait: bool = True,
-                progress: Progress | None = None) -> Steps[ServiceOut]:
+                leave_volumes: bool = False, wait: bool = True, progress: Progress | None = None,
+                timeout: float | None = None) -> Steps[ServiceOut]:
         """Move one replica (an id from the status's ``replicas``; default the primary) to ``target`` or
         wherever the scheduler places it (admin)."""
         body: dict[str, Any] = {"target_controller": target, "replica": replica, "leave_volumes": leave_volumes}
-        return (yield from self._action(ref, "migrate", wait, progress, body))
+        return (yield from self._change(ref, "POST", "/migrate", body, wait, progress, timeout))
 
     @op
-    def rollback(self, ref: str, version: int, wait: bool = True,
-                 progress: Progress | None = None) -> Steps[ServiceOut]:
-        return (yield from self._action(ref, "rollback", wait, progress, {"version": version}))
+    def rollback(self, ref: str, version: int, wait: bool = True, progress: Progress | None = None,
+                 timeout: float | None = None) -> Steps[ServiceOut]:
+        return (yield from self._change(ref, "POST", "/rollback", {"version": version}, wait, progress, timeout))
 
     @op
     def delete(self, ref: str) -> Steps[None]:
-        service_id = yield from self._id(ref)
-        yield Call("DELETE", f"/api/services/{service_id}", read="none")
+        def steps(service_id: str) -> Steps[None]:
+            yield Call("DELETE", f"/api/services/{_seg(service_id)}", read="none")
+        yield from self._on(ref, steps)
 
     @op
     def history(self, ref: str) -> Steps[builtins.list[DeploymentOut]]:
-        service_id = yield from self._id(ref)
-        return [DeploymentOut.model_validate(d) for d in (yield Call("GET", f"/api/services/{service_id}/history"))]
+        return [DeploymentOut.model_validate(d) for d in (yield from self._read(ref, "/history"))]
 
     @op
     def logs(self, ref: str, tail: int = 100, replica: str | None = None) -> Steps[str]:
-        service_id = yield from self._id(ref)
-        text = yield Call("GET", f"/api/services/{service_id}/logs", params={"tail": tail, "replica": replica},
-                          read="text")
-        return str(text)
+        return str((yield from self._read(ref, "/logs", params={"tail": tail, "replica": replica}, read="text")))
 
     @stream
     def follow_logs(self, ref: str, tail: int = 100, replica: str | None = None) -> Steps[Call]:
-        """The service's log lines as they come, until the iterator is closed or the service ends."""
-        service_id = yield from self._id(ref)
-        return Call("GET", f"/api/services/{service_id}/logs",
-                    params={"tail": tail, "replica": replica, "follow": True}, read="text")
+        """The service's log lines as they come, until the stream is closed (``close()``, a ``with`` block;
+        async: ``aclose()``, ``async with``) or the service ends. A stream quiet for ``FOLLOW_QUIET`` seconds
+        is opened again from its end; one whose hub has gone raises ``HUB_UNREACHABLE``."""
+        # The stream's answer comes later: an id-shaped ref is checked here, so a name can still be found.
+        service_id = yield from (self._on(ref, _exists) if _SERVICE_ID.fullmatch(ref) else self._by_name(ref))
+        return Call("GET", f"/api/services/{_seg(service_id)}/logs",
+                    params={"tail": tail, "replica": replica, "follow": True}, read="text",
+                    resume={"tail": 0})
 
     @op
     def metrics(self, ref: str, since: datetime | None = None, resolution: int = 60) -> Steps[ServiceMetricsOut]:
-        service_id = yield from self._id(ref)
-        body = yield Call("GET", f"/api/services/{service_id}/metrics",
-                          params={"since": since, "resolution": resolution})
+        body = yield from self._read(ref, "/metrics", params={"since": since, "resolution": resolution})
         return ServiceMetricsOut.model_validate(body)
+
+
+def _exists(service_id: str) -> Steps[str]:
+    """``service_id``, once the hub has said it is a service the caller may see."""
+    yield Call("GET", f"/api/services/{_seg(service_id)}", read="none")
+    return service_id
 
 
 class ControllersApi(Bound[M]):
@@ -227,21 +305,22 @@ class ControllersApi(Bound[M]):
 
     @op
     def get(self, controller_id: str) -> Steps[ControllerOut]:
-        return ControllerOut.model_validate((yield Call("GET", f"/api/admin/controllers/{controller_id}")))
+        return ControllerOut.model_validate((yield Call("GET", f"/api/admin/controllers/{_seg(controller_id)}")))
 
     @op
     def enable(self, controller_id: str) -> Steps[ControllerOut]:
-        return ControllerOut.model_validate((yield Call("POST", f"/api/admin/controllers/{controller_id}/enable")))
+        return ControllerOut.model_validate((yield Call("POST", f"/api/admin/controllers/{_seg(controller_id)}/enable")))
 
     @op
     def disable(self, controller_id: str) -> Steps[ControllerOut]:
-        return ControllerOut.model_validate((yield Call("POST", f"/api/admin/controllers/{controller_id}/disable")))
+        return ControllerOut.model_validate((yield Call("POST", f"/api/admin/controllers/{_seg(controller_id)}/disable")))
 
     @op
-    def drain(self, controller_id: str, wait: bool = True, progress: Progress | None = None) -> Steps[ControllerOut]:
+    def drain(self, controller_id: str, wait: bool = True, progress: Progress | None = None,
+              timeout: float | None = None) -> Steps[ControllerOut]:
         """Disable the controller and move its services away; ``wait``: until they have all moved."""
-        path = f"/api/admin/controllers/{controller_id}"
-        body = yield from _launch(Call("POST", f"{path}/drain"), wait, progress)
+        path = f"/api/admin/controllers/{_seg(controller_id)}"
+        body = yield from _launch(Call("POST", f"{path}/drain"), wait, progress, timeout=timeout)
         if isinstance(body, OperationOut):
             body = yield Call("GET", path)
         return ControllerOut.model_validate(body)
@@ -260,7 +339,7 @@ class OperationsApi(Bound[M]):
 
     @op
     def get(self, operation_id: str) -> Steps[OperationOut]:
-        return OperationOut.model_validate((yield Call("GET", f"/api/operations/{operation_id}")))
+        return OperationOut.model_validate((yield Call("GET", f"/api/operations/{_seg(operation_id)}")))
 
     @op
     def wait(self, operation_id: str, progress: Progress | None = None,
@@ -294,7 +373,7 @@ class ModelsApi(Bound[M]):
 
     @op
     def get(self, name: str) -> Steps[ModelTypeOut]:
-        return ModelTypeOut.model_validate((yield Call("GET", f"/api/models/{name}")))
+        return ModelTypeOut.model_validate((yield Call("GET", f"/api/models/{_seg(name)}")))
 
 
 class Service(Bound[M]):
@@ -326,27 +405,28 @@ class Service(Bound[M]):
 
     @op
     def refresh(self) -> Steps[ServiceOut]:
-        self.info = ServiceOut.model_validate((yield Call("GET", f"/api/services/{self.id}")))
+        self.info = ServiceOut.model_validate((yield Call("GET", f"/api/services/{_seg(self.id)}")))
         return self.info
 
     @op
     def status(self) -> Steps[ServiceOut]:
-        self.info = ServiceOut.model_validate((yield Call("GET", f"/api/services/{self.id}/status")))
+        self.info = ServiceOut.model_validate((yield Call("GET", f"/api/services/{_seg(self.id)}/status")))
         return self.info
 
     @op
-    def scale(self, replicas: int, wait: bool = True, progress: Progress | None = None) -> Steps[ServiceOut]:
-        self.info = yield from _act(Call("PATCH", f"/api/services/{self.id}", json={"replicas": replicas}),
-                                    wait, progress)
+    def scale(self, replicas: int, wait: bool = True, progress: Progress | None = None,
+              timeout: float | None = None) -> Steps[ServiceOut]:
+        self.info = yield from _act(Call("PATCH", f"/api/services/{_seg(self.id)}", json={"replicas": replicas}),
+                                    wait, progress, timeout=timeout)
         return self.info
 
     @op
     def delete(self) -> Steps[None]:
-        yield Call("DELETE", f"/api/services/{self.id}", read="none")
+        yield Call("DELETE", f"/api/services/{_seg(self.id)}", read="none")
 
     def _predict(self, path: str, body: dict[str, Any]) -> Steps[Any]:
         if self.url is None:
-            self.info = ServiceOut.model_validate((yield Call("GET", f"/api/services/{self.id}")))
+            self.info = ServiceOut.model_validate((yield Call("GET", f"/api/services/{_seg(self.id)}")))
             if self.url is None:
                 raise ApiError(0, "SERVICE_NOT_ROUTED", f"service {self.name!r} has no URL yet (status "
                                                         f"{self.info.status})")
@@ -414,18 +494,18 @@ class Api(Bound[M]):
     @op
     def service(self, ref: str, key: str | None = None) -> Steps[Service[M]]:
         """A handle on an existing service (``key``: a service key, for a private service's predictions)."""
-        service_id = yield from self.services._id(ref)
-        info = ServiceOut.model_validate((yield Call("GET", f"/api/services/{service_id}")))
+        info = ServiceOut.model_validate((yield from self.services._read(ref)))
         return Service[M](self._runner, info, key)
 
     @op
     def deploy(self, model: str | None = None, name: str | None = None, replicas: int = 1,
-               progress: Progress | None = None, key: str | None = None, **spec: Any) -> Steps[Service[M]]:
+               progress: Progress | None = None, key: str | None = None, timeout: float | None = None,
+               **spec: Any) -> Steps[Service[M]]:
         """Create a service (of the catalog's ``model``, named after it unless ``name``; any other spec field
-        in ``spec``) and wait until it runs."""
+        in ``spec``) and wait until it runs (at most ``timeout`` seconds: ``WAIT_TIMEOUT``)."""
         body = {**spec, "name": name or model, "replicas": replicas}
         if model is not None:
             body["model"] = model
-        info = yield from _act(Call("POST", f"/api/{(yield from _me(self._runner)).username}/default/services",
-                                    json=body), True, progress, watch=True)
+        info = yield from _act(Call("POST", f"/api/{_seg((yield from _me(self._runner)).username)}/default/services",
+                                    json=body), True, progress, watch=True, timeout=timeout)
         return Service[M](self._runner, info, key)

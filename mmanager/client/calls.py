@@ -34,7 +34,8 @@ T = TypeVar("T")
 class Call:
     """One HTTP request. ``path`` is the hub's, unless ``base`` (a service's gateway URL) is given; ``token``:
     the bearer sent instead of the hub's (a service key), ``hub_token`` False sends none of the hub's;
-    ``waits``: the hub answers once a long operation ends, so the answer has no read timeout."""
+    ``waits``: the hub answers once a long operation ends, so the answer gets the long read timeout of such a
+    wait; ``resume``: for a stream, the ``params`` that open it again from its end after a quiet spell."""
 
     method: str
     path: str
@@ -45,6 +46,7 @@ class Call:
     hub_token: bool = True
     read: Literal["json", "text", "none"] = "json"
     waits: bool = False
+    resume: Mapping[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -78,6 +80,53 @@ def _lines(fn: Callable[..., Steps[Any]], owner: Bound[Any], /, *args: Any, **kw
     return owner._runner.lines(fn(owner, *args, **kwargs))
 
 
+class Lines:
+    """The lines of a followed stream (``Client``): an iterator, and a context manager whose end (or
+    ``close()``) closes the stream and gives its connection back, also after a ``break``."""
+
+    def __init__(self, lines: Generator[str, None, None]) -> None:
+        self._lines = lines
+
+    def __iter__(self) -> Lines:
+        return self
+
+    def __next__(self) -> str:
+        return next(self._lines)
+
+    def close(self) -> None:
+        self._lines.close()
+
+    def __enter__(self) -> Lines:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncLines:
+    """The lines of a followed stream (``AsyncClient``): an async iterator, and an async context manager
+    whose end (or ``aclose()``) closes the stream. An ``async for`` left by ``break`` does not close it by
+    itself (an async generator is only finalized later): use ``async with`` or ``contextlib.aclosing``."""
+
+    def __init__(self, lines: AsyncGenerator[str, None]) -> None:
+        self._lines = lines
+
+    def __aiter__(self) -> AsyncLines:
+        return self
+
+    async def __anext__(self) -> str:
+        return await self._lines.__anext__()
+
+    async def aclose(self) -> None:
+        await self._lines.aclose()
+
+    async def __aenter__(self) -> AsyncLines:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
 class op(Generic[P, T]):  # noqa: N801  (used as a decorator)
     """A call written once as steps: on a ``Bound[Sync]`` it answers ``T``; on a ``Bound[Async]``, a
     coroutine of ``T``."""
@@ -99,8 +148,9 @@ class op(Generic[P, T]):  # noqa: N801  (used as a decorator)
 
 
 class stream(Generic[P]):  # noqa: N801  (used as a decorator)
-    """A call whose steps end in the ``Call`` of a text stream: on a ``Bound[Sync]`` it answers an iterator
-    of its lines (a generator: ``close()`` ends the stream), on a ``Bound[Async]`` an async one (``aclose()``)."""
+    """A call whose steps end in the ``Call`` of a text stream: on a ``Bound[Sync]`` it answers its ``Lines``
+    (``close()`` or a ``with`` block ends the stream), on a ``Bound[Async]`` its ``AsyncLines`` (``aclose()``,
+    ``async with``)."""
 
     def __init__(self, fn: Callable[Concatenate[Any, P], Steps[Call]]) -> None:
         self.fn = fn
@@ -109,9 +159,9 @@ class stream(Generic[P]):  # noqa: N801  (used as a decorator)
     @overload
     def __get__(self, obj: None, owner: type | None = None) -> stream[P]: ...
     @overload
-    def __get__(self, obj: Bound[Sync], owner: type | None = None) -> Callable[P, Generator[str, None, None]]: ...
+    def __get__(self, obj: Bound[Sync], owner: type | None = None) -> Callable[P, Lines]: ...
     @overload
-    def __get__(self, obj: Bound[Async], owner: type | None = None) -> Callable[P, AsyncGenerator[str, None]]: ...
+    def __get__(self, obj: Bound[Async], owner: type | None = None) -> Callable[P, AsyncLines]: ...
     def __get__(self, obj: Bound[Any] | None, owner: type | None = None) -> Any:
         if obj is None:
             return self

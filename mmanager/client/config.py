@@ -4,7 +4,8 @@
 
 Invariant: the file is only ever replaced whole (written beside it, then renamed over it), with mode 0600
 from its creation on, so a reader never sees half a file and nobody else can read the tokens in it.
-``MMANAGER_HUB_URL`` and ``MMANAGER_TOKEN`` override the profile; ``MMANAGER_PROFILE`` picks one.
+``MMANAGER_HUB_URL`` and ``MMANAGER_TOKEN`` override the profile (``resolve``: a token is never sent to a hub
+other than the one it was given for); ``MMANAGER_PROFILE`` picks the profile.
 """
 
 from __future__ import annotations
@@ -73,20 +74,36 @@ def save_profile(name: str, url: str, token: str, make_current: bool = True, at:
 
 def resolve(url: str | None = None, token: str | None = None,
             profile: str | None = None) -> tuple[str, str | None]:
-    """The hub URL and token a client uses: the arguments, else ``MMANAGER_HUB_URL`` / ``MMANAGER_TOKEN``,
-    else the profile (``profile``, else ``MMANAGER_PROFILE``, else the configuration's current one)."""
-    url = url or os.environ.get("MMANAGER_HUB_URL") or None
-    token = token or os.environ.get("MMANAGER_TOKEN") or None
-    if url is None or token is None:
+    """The hub URL and token a client uses. The URL: the argument, else ``MMANAGER_HUB_URL``, else the
+    profile's (``profile``, else ``MMANAGER_PROFILE``, else the configuration's current one). The token comes
+    from the URL's own level or a more explicit one, never a less explicit one: with a ``url`` argument only
+    the ``token`` argument; with ``MMANAGER_HUB_URL`` the argument or ``MMANAGER_TOKEN``; with the profile's
+    URL any of the three. A profile's token also goes with another level's URL that is the profile's own
+    URL; otherwise it is never sent to a hub other than the one it was saved for. No such token: None."""
+    levels = [(_bare(url), token or None), (_bare(os.environ.get("MMANAGER_HUB_URL")),
+                                            os.environ.get("MMANAGER_TOKEN") or None)]
+    explicit = next((level for level, (at, _) in enumerate(levels) if at), None)
+    if explicit is None or not any(secret for _, secret in levels[:explicit + 1]):
+        # The profile gives the URL, or may hold the token of the URL given.
         named = profile or os.environ.get("MMANAGER_PROFILE")
         data = load()
         entry = data["profiles"].get(named or data["current"])
         if entry is None and named:
             raise ApiError(0, "PROFILE_NOT_FOUND", f"no login profile {named!r} in {path()}")
-        if entry is not None:
-            url = url or entry.get("url")
-            token = token or entry.get("token")
-    if not url:
+        if isinstance(entry, dict):
+            levels.append((_bare(entry.get("url")), entry.get("token") or None))
+    chosen = next((level for level, (at, _) in enumerate(levels) if at), None)
+    if chosen is None:
         raise ApiError(0, "NOT_CONFIGURED",
                        "no hub URL: pass url=, set MMANAGER_HUB_URL, or log in with 'mmanager login'")
-    return url.rstrip("/"), token
+    hub = levels[chosen][0]
+    assert hub is not None
+    # A token set at the URL's level or above was meant for whatever URL it is used with; one below it only
+    # for its own level's URL (a profile's token is that hub's, not MMANAGER_HUB_URL's).
+    found = next((secret for level, (at, secret) in enumerate(levels)
+                  if secret and (level <= chosen or at == hub)), None)
+    return hub, found
+
+
+def _bare(url: str | None) -> str | None:
+    return url.rstrip("/") or None if url else None

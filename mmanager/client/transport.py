@@ -3,12 +3,14 @@
 
 Invariant: both turn an answer into a result, or into an ``ApiError``, in the same functions (``_request``,
 ``_result``), so the two clients cannot disagree; an ``ApiError`` is thrown into the call's steps, which may
-catch it (a name looked up) or let it through.
+catch it (a name looked up) or let it through. Every read has a finite timeout: a hub host that vanishes
+ends a call, a wait and a followed stream with an error instead of holding them forever.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import inspect
 import time
 from collections.abc import AsyncGenerator, Generator
@@ -16,8 +18,17 @@ from typing import Any
 
 import httpx
 
-from mmanager.client.calls import Call, Notify, Pause, Step, Steps, T
+from mmanager.client.calls import AsyncLines, Call, Lines, Notify, Pause, Step, Steps, T
 from mmanager.client.errors import HUB_UNREACHABLE, ApiError, from_answer
+
+# Seconds an answer to a call the hub waits on (``?wait=true``) may take: past the longest of the hub's own
+# bounded waits on one operation (a create's model sync, MMANAGER_MODEL_SYNC_TIMEOUT, then its pull and its
+# health check), so the hub always answers first while it is there.
+WAIT_READ = 3600.0
+# Seconds a followed stream may stay silent before it is opened again from its end (``Call.resume``): the
+# hub sends nothing while a service logs nothing, and a host that vanished sends nothing either; opening it
+# again tells the two apart (a hub that is gone answers HUB_UNREACHABLE).
+FOLLOW_QUIET = 300.0
 
 
 def _request(client: httpx.Client | httpx.AsyncClient, hub: str, token: str | None, call: Call,
@@ -28,7 +39,8 @@ def _request(client: httpx.Client | httpx.AsyncClient, hub: str, token: str | No
     if bearer:
         headers["Authorization"] = f"Bearer {bearer}"
     params = {k: _param(v) for k, v in (call.params or {}).items() if v is not None}
-    extensions = {"timeout": httpx.Timeout(client.timeout.connect, read=None).as_dict()} if streamed or call.waits else None
+    read = FOLLOW_QUIET if streamed else WAIT_READ if call.waits else None
+    extensions = {"timeout": httpx.Timeout(client.timeout.connect, read=read).as_dict()} if read else None
     return client.build_request(call.method, url, params=params, json=call.json, headers=headers,
                                 extensions=extensions)
 
@@ -42,6 +54,9 @@ def _param(value: Any) -> Any:
 
 
 def _unreachable(call: Call, hub: str, exc: httpx.TransportError) -> ApiError:
+    if call.waits and isinstance(exc, httpx.ReadTimeout):
+        return ApiError(0, "WAIT_TIMEOUT", f"{call.method} {call.path} had no answer after {WAIT_READ:.0f} s; the "
+                                           "operation may go on (see operations.list)")
     where = call.base or hub
     what = "the hub" if call.base is None else "the service"
     return ApiError(0, HUB_UNREACHABLE if call.base is None else "SERVICE_UNREACHABLE",
@@ -56,9 +71,19 @@ def _error(response: httpx.Response) -> ApiError:
     return from_answer(response.status_code, body, response.text)
 
 
+def _redirected(call: Call, response: httpx.Response) -> ApiError:
+    """A 3xx: a proxy or a wrong URL (http for https, a missing path), never the hub's answer to the call."""
+    where = response.headers.get("location") or "nowhere"
+    return ApiError(response.status_code, "REDIRECTED",
+                    f"{call.method} {response.request.url} was redirected to {where}: is the hub URL right?",
+                    {"location": response.headers.get("location")})
+
+
 def _result(call: Call, response: httpx.Response) -> Any:
     if response.status_code >= 400:
         raise _error(response)
+    if 300 <= response.status_code < 400:
+        raise _redirected(call, response)
     if call.read == "none" or response.status_code == 204:
         return None
     if call.read == "text":
@@ -68,6 +93,12 @@ def _result(call: Call, response: httpx.Response) -> Any:
     except ValueError:
         raise ApiError(response.status_code, "BAD_ANSWER",
                        f"{call.method} {call.path} answered something that is not JSON") from None
+
+
+def _resumed(call: Call) -> Call:
+    """A stream's call again, from its end (after a quiet spell: nothing was missed but what came while it
+    was opened again)."""
+    return dataclasses.replace(call, params={**(call.params or {}), **(call.resume or {})})
 
 
 class SyncRunner:
@@ -104,23 +135,32 @@ class SyncRunner:
                 except ApiError as exc:
                     error = exc
 
-    def lines(self, steps: Steps[Call]) -> Generator[str, None, None]:
+    def lines(self, steps: Steps[Call]) -> Lines:
+        return Lines(self._lines(steps))
+
+    def _lines(self, steps: Steps[Call]) -> Generator[str, None, None]:
         call = self.run(steps)
-        request = _request(self.http, self.url, self.token, call, streamed=True)
-        try:
-            response = self.http.send(request, stream=True)
-        except httpx.TransportError as exc:
-            raise _unreachable(call, self.url, exc) from None
-        try:
-            if response.status_code >= 400:
-                response.read()
-                raise _error(response)
+        while True:
+            request = _request(self.http, self.url, self.token, call, streamed=True)
             try:
-                yield from response.iter_lines()
+                response = self.http.send(request, stream=True)
             except httpx.TransportError as exc:
                 raise _unreachable(call, self.url, exc) from None
-        finally:
-            response.close()
+            try:
+                if response.status_code >= 300:
+                    response.read()
+                    raise _error(response) if response.status_code >= 400 else _redirected(call, response)
+                try:
+                    yield from response.iter_lines()
+                    return
+                except httpx.ReadTimeout:
+                    if call.resume is None:
+                        raise _unreachable(call, self.url, httpx.ReadTimeout("no line")) from None
+                except httpx.TransportError as exc:
+                    raise _unreachable(call, self.url, exc) from None
+            finally:
+                response.close()
+            call = _resumed(call)
 
     def close(self) -> None:
         self.http.close()
@@ -161,24 +201,33 @@ class AsyncRunner:
                 except ApiError as exc:
                     error = exc
 
-    async def lines(self, steps: Steps[Call]) -> AsyncGenerator[str, None]:
+    def lines(self, steps: Steps[Call]) -> AsyncLines:
+        return AsyncLines(self._lines(steps))
+
+    async def _lines(self, steps: Steps[Call]) -> AsyncGenerator[str, None]:
         call = await self.run(steps)
-        request = _request(self.http, self.url, self.token, call, streamed=True)
-        try:
-            response = await self.http.send(request, stream=True)
-        except httpx.TransportError as exc:
-            raise _unreachable(call, self.url, exc) from None
-        try:
-            if response.status_code >= 400:
-                await response.aread()
-                raise _error(response)
+        while True:
+            request = _request(self.http, self.url, self.token, call, streamed=True)
             try:
-                async for line in response.aiter_lines():
-                    yield line
+                response = await self.http.send(request, stream=True)
             except httpx.TransportError as exc:
                 raise _unreachable(call, self.url, exc) from None
-        finally:
-            await response.aclose()
+            try:
+                if response.status_code >= 300:
+                    await response.aread()
+                    raise _error(response) if response.status_code >= 400 else _redirected(call, response)
+                try:
+                    async for line in response.aiter_lines():
+                        yield line
+                    return
+                except httpx.ReadTimeout:
+                    if call.resume is None:
+                        raise _unreachable(call, self.url, httpx.ReadTimeout("no line")) from None
+                except httpx.TransportError as exc:
+                    raise _unreachable(call, self.url, exc) from None
+            finally:
+                await response.aclose()
+            call = _resumed(call)
 
     async def close(self) -> None:
         await self.http.aclose()

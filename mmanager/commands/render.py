@@ -167,10 +167,10 @@ def progress_text(op: Any) -> str:
     found = (op.details or {}).get("progress")
     if not isinstance(found, dict):
         return DASH
-    from mmanager.commands.session import amount
+    from mmanager.commands.session import amount, counted
 
-    total = found.get("total")
-    return f"{amount(found.get('done') or 0, total if isinstance(total, int | float) else None, str(found.get('unit') or ''))}" \
+    total = counted(found.get("total")) or None
+    return f"{amount(counted(found.get('done')), total, str(found.get('unit') or ''))}" \
            + (f" {found['step']}" if found.get("step") else "")
 
 

@@ -85,10 +85,11 @@ def logs(
             else:
                 sys.stdout.write(text if not text or text.endswith("\n") else text + "\n")
             return
-        for line in client.services.follow_logs(ref, tail=tail, replica=replica):
-            line = line.rstrip("\n")
-            sys.stdout.write((json.dumps(line, ensure_ascii=False) if json_out else line) + "\n")
-            sys.stdout.flush()
+        with client.services.follow_logs(ref, tail=tail, replica=replica) as lines:
+            for line in lines:
+                line = line.rstrip("\n")
+                sys.stdout.write((json.dumps(line, ensure_ascii=False) if json_out else line) + "\n")
+                sys.stdout.flush()
 
 
 def _action(verb: str, past: str) -> Any:

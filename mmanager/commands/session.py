@@ -26,7 +26,8 @@ if TYPE_CHECKING:
 Profile = Annotated[str | None, typer.Option(
     "--profile", "-p", envvar="MMANAGER_PROFILE", show_envvar=False,
     help="the login profile to use (default: MMANAGER_PROFILE, else the config's current one); "
-         "MMANAGER_HUB_URL and MMANAGER_TOKEN override it")]
+         "MMANAGER_HUB_URL overrides its URL (its token then goes only to its own URL) and "
+         "MMANAGER_TOKEN its token")]
 Json = Annotated[bool, typer.Option("--json", help="print the API's JSON instead of tables")]
 
 USAGE = 2
@@ -67,7 +68,8 @@ def api_errors() -> Iterator[None]:
 
 
 def make_client(profile: str | None) -> Client:
-    """The SDK client of a command: the environment (MMANAGER_HUB_URL, MMANAGER_TOKEN) over ``profile``."""
+    """The SDK client of a command: the environment (MMANAGER_HUB_URL, MMANAGER_TOKEN) over ``profile``, as
+    ``mmanager.client.config.resolve`` decides (a profile's token never goes to another hub)."""
     from mmanager.client import Client
 
     return Client(profile=profile)
@@ -100,12 +102,16 @@ def progress_fields(op: Any) -> dict[str, Any]:
     found = (op.details or {}).get("progress") if isinstance(op.details, dict) else None
     if not isinstance(found, dict):
         return {"description": f"{op.operation} {op.status}", "total": None, "completed": 0, "unit": ""}
-    total = found.get("total")
-    done = found.get("done") or 0
+    total, done = counted(found.get("total")), counted(found.get("done"))
     step = found.get("step") or op.status
-    return {"description": f"{op.operation}: {step}",
-            "total": total if isinstance(total, int | float) and total > 0 else None,
-            "completed": done, "unit": str(found.get("unit") or "")}
+    # A total of 0 (nothing to count yet) is no total: the bar stays indeterminate rather than divide by it.
+    return {"description": f"{op.operation}: {step}", "total": total or None, "completed": done,
+            "unit": str(found.get("unit") or "")}
+
+
+def counted(value: Any) -> float:
+    """A progress count as the hub reported it, or 0 for what is not a count (missing, negative, text)."""
+    return value if isinstance(value, int | float) and not isinstance(value, bool) and value > 0 else 0
 
 
 def amount(done: float, total: float | None, unit: str) -> str:

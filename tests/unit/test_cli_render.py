@@ -79,6 +79,11 @@ def test_progress_is_read_from_the_operations_details() -> None:
     # No progress reported yet: an indeterminate bar named after the operation.
     assert progress_fields(operation()) == {"description": "update running", "total": None, "completed": 0,
                                             "unit": ""}
+    # A total of 0, or counts that are not numbers: an indeterminate bar, never a division by zero.
+    assert progress_fields(operation(progress={"done": 5, "total": 0, "unit": "bytes", "step": "pulling"})) \
+        == {"description": "update: pulling", "total": None, "completed": 5, "unit": "bytes"}
+    assert progress_fields(operation(progress={"done": "x", "total": None, "unit": "replicas"}))["completed"] == 0
+    assert render.progress_text(operation(progress={"done": 3, "total": 0, "unit": "bytes"})) == "3 bytes"
 
 
 def test_amounts_read_as_their_unit() -> None:

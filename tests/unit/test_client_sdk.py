@@ -59,18 +59,19 @@ def no_profile(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> Iterator[Path
 def test_errors_carry_the_hubs_code_and_status() -> None:
     seen: list[str] = []
     c = client(script({
-        ("GET", f"/api/services/{SID}"): httpx.Response(404, json={"error": {
-            "code": "SERVICE_NOT_FOUND", "message": "service not found", "details": {"id": SID}}}),
+        ("GET", "/api/operations/op1"): httpx.Response(404, json={"error": {
+            "code": "OPERATION_NOT_FOUND", "message": "operation not found", "details": {"id": "op1"}}}),
         ("GET", "/api/me"): httpx.Response(502, text="<html>bad gateway</html>"),
     }, seen))
     with pytest.raises(ApiError) as caught:
-        c.services.get(SID)
-    assert (caught.value.status, caught.value.code, caught.value.details) == (404, "SERVICE_NOT_FOUND", {"id": SID})
-    assert str(caught.value) == "SERVICE_NOT_FOUND: service not found"
+        c.operations.get("op1")
+    assert (caught.value.status, caught.value.code, caught.value.details) == (404, "OPERATION_NOT_FOUND",
+                                                                              {"id": "op1"})
+    assert str(caught.value) == "OPERATION_NOT_FOUND: operation not found"
     with pytest.raises(ApiError) as caught:
         c.me()
     assert (caught.value.status, caught.value.code) == (502, "HTTP_502")
-    assert seen == [f"GET /api/services/{SID}", "GET /api/me"]
+    assert seen == ["GET /api/operations/op1", "GET /api/me"]
 
 
 def test_an_unreachable_hub_is_hub_unreachable() -> None:
@@ -129,9 +130,10 @@ def test_waiting_hands_each_poll_to_progress_and_raises_a_failure(monkeypatch: p
 
 def test_follow_logs_yields_lines() -> None:
     seen: list[str] = []
-    c = client(script({("GET", f"/api/services/{SID}/logs"): httpx.Response(200, text="one\ntwo\n")}, seen))
+    c = client(script({("GET", f"/api/services/{SID}"): httpx.Response(200, json=SERVICE),
+                        ("GET", f"/api/services/{SID}/logs"): httpx.Response(200, text="one\ntwo\n")}, seen))
     assert list(c.services.follow_logs(SID, tail=5)) == ["one", "two"]
-    assert seen == [f"GET /api/services/{SID}/logs?tail=5&follow=true"]
+    assert seen == [f"GET /api/services/{SID}", f"GET /api/services/{SID}/logs?tail=5&follow=true"]
 
 
 async def test_the_async_client_runs_the_same_calls() -> None:
@@ -141,13 +143,18 @@ async def test_the_async_client_runs_the_same_calls() -> None:
         ("GET", f"/api/services/{SID}/logs"): httpx.Response(200, text="one\ntwo\n"),
         ("DELETE", f"/api/services/{SID}"): httpx.Response(404, json={"error": {
             "code": "SERVICE_NOT_FOUND", "message": "gone", "details": None}}),
+        ("GET", "/api/me"): httpx.Response(200, json={"username": "alice", "admin": False}),
+        ("GET", "/api/services"): httpx.Response(200, json=[]),
     }, seen)
     async with AsyncClient(url="http://hub", token="t", transport=httpx.MockTransport(handler)) as c:
         assert (await c.services.get(SID)).name == "m"
         assert [line async for line in c.services.follow_logs(SID)] == ["one", "two"]
         with pytest.raises(ApiError) as caught:
             await c.services.delete(SID)
-        assert caught.value.code == "SERVICE_NOT_FOUND"
+        # Not an id, and no service of that name either: the id's own answer.
+        assert (caught.value.code, caught.value.message) == ("SERVICE_NOT_FOUND", "gone")
+        assert seen[-3:] == [f"DELETE /api/services/{SID}", "GET /api/me",
+                             f"GET /api/services?name={SID}&owner=alice"]
 
 
 def test_the_profile_file_is_private_and_replaced_whole(no_profile: Path) -> None:
@@ -178,3 +185,185 @@ def test_the_environment_overrides_the_profile(no_profile: Path, monkeypatch: py
     with pytest.raises(ApiError) as caught:
         config.resolve(profile="nope")
     assert caught.value.code == "PROFILE_NOT_FOUND"
+
+
+def test_a_profiles_token_goes_only_to_its_own_hub(no_profile: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    config.save_profile("default", "http://prod", "tok-prod")
+    # A URL from the environment or an argument, and no token beside it: the profile's token stays home.
+    monkeypatch.setenv("MMANAGER_HUB_URL", "http://staging")
+    assert config.resolve() == ("http://staging", None)
+    assert config.resolve(url="http://other") == ("http://other", None)
+    assert Client().url == "http://staging"
+    # The profile's own hub, named again, still gets its token.
+    monkeypatch.setenv("MMANAGER_HUB_URL", "http://prod/")
+    assert config.resolve() == ("http://prod", "tok-prod")
+    # An explicit token goes with the URL beside it or below it, never with a more explicit URL.
+    monkeypatch.setenv("MMANAGER_HUB_URL", "http://staging")
+    monkeypatch.setenv("MMANAGER_TOKEN", "tok-staging")
+    assert config.resolve() == ("http://staging", "tok-staging")
+    assert config.resolve(url="http://other") == ("http://other", None)
+    assert config.resolve(url="http://other", token="tok-other") == ("http://other", "tok-other")
+    monkeypatch.delenv("MMANAGER_HUB_URL")
+    assert config.resolve() == ("http://prod", "tok-staging")
+    assert config.resolve(token="tok-arg") == ("http://prod", "tok-arg")
+
+
+def test_an_id_shaped_name_and_an_owners_name_find_their_service() -> None:
+    hexname = "b" * 32
+    seen: list[str] = []
+    c = client(script({
+        ("GET", f"/api/services/{hexname}"): httpx.Response(404, json={"error": {
+            "code": "SERVICE_NOT_FOUND", "message": "not found", "details": None}}),
+        ("GET", "/api/me"): httpx.Response(200, json={"username": "alice", "admin": True}),
+        ("GET", "/api/services"): httpx.Response(200, json=[SERVICE]),
+        ("GET", f"/api/services/{SID}"): httpx.Response(200, json=SERVICE),
+        ("POST", f"/api/services/{SID}/stop"): httpx.Response(200, json=SERVICE),
+    }, seen))
+    # A service named with 32 hex digits: not an id the hub knows, so its name.
+    assert c.services.get(hexname).id == SID
+    assert seen == [f"GET /api/services/{hexname}", "GET /api/me", f"GET /api/services?name={hexname}&owner=alice",
+                    f"GET /api/services/{SID}"]
+    del seen[:]
+    # owner/name: another user's service (an admin's call), no look-up of who the caller is.
+    assert c.services.stop("bob/m").id == SID
+    assert seen == ["GET /api/services?name=m&owner=bob", f"POST /api/services/{SID}/stop?wait=true"]
+
+
+def test_path_values_are_quoted_as_one_segment() -> None:
+    seen: list[str] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.raw_path.decode())
+        if request.url.raw_path.startswith(b"/api/operations/"):
+            return httpx.Response(200, json=operation("succeeded"))
+        return httpx.Response(200, json={"name": "x"} if "models" in str(request.url) else [])
+    c = client(handle)
+    c.operations.get("../admin/users?x=1")
+    with pytest.raises(Exception):  # noqa: B017, PT011  (the answer is not a model; the path is what counts)
+        c.models.get("a/../../b")
+    with pytest.raises(Exception):  # noqa: B017, PT011
+        c.services.create({"name": "m"}, owner="../admin", repo="r?x", wait=False)
+    assert seen == ["/api/operations/..%2Fadmin%2Fusers%3Fx%3D1", "/api/models/a%2F..%2F..%2Fb",
+                    "/api/..%2Fadmin/r%3Fx/services?wait=false"]
+
+
+def test_a_redirect_is_an_error_not_a_success() -> None:
+    c = client(script({("GET", "/api/me"): httpx.Response(301, headers={"Location": "https://hub/api/me"})}, []))
+    with pytest.raises(ApiError) as caught:
+        c.me()
+    assert (caught.value.status, caught.value.code) == (301, "REDIRECTED")
+    assert "https://hub/api/me" in caught.value.message
+
+
+def test_an_operation_with_no_service_is_an_api_error() -> None:
+    answer = {**operation("succeeded"), "service_id": None}
+    c = client(script({("POST", f"/api/services/{SID}/restart"): httpx.Response(202, json=answer)}, []))
+    with pytest.raises(ApiError) as caught:
+        c.services.restart(SID, wait=False)
+    assert (caught.value.code, caught.value.details) == ("BAD_ANSWER", {"operation_id": "op1"})
+
+
+def test_a_wait_rides_out_a_hub_restart_and_is_bounded_by_its_timeout(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("mmanager.client.api.POLL_FIRST", 0.0)
+    monkeypatch.setattr("mmanager.client.api.RETRY_FIRST", 0.0)
+    polls: list[str] = []
+    restarting = [httpx.ConnectError("refused"), httpx.Response(503, text="no backend"),
+                  httpx.Response(502, text="bad gateway"), httpx.Response(200, json=operation("running")),
+                  httpx.Response(200, json=operation("succeeded"))]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        polls.append(f"{request.method} {request.url.path}?{request.url.query.decode()}")
+        if request.method == "PATCH":
+            return httpx.Response(202, json=operation("running"))
+        if request.url.path == f"/api/services/{SID}":
+            return httpx.Response(200, json=SERVICE)
+        answer = restarting.pop(0)
+        if isinstance(answer, Exception):
+            raise httpx.ConnectError(str(answer), request=request)
+        return answer
+    c = client(handle)
+    # A timeout waits by polling (the operation's id is known), through the hub's restart.
+    assert c.services.update(SID, {"replicas": 2}, timeout=60).id == SID
+    assert polls[0] == f"PATCH /api/services/{SID}?wait=false"
+    assert polls.count("GET /api/operations/op1?") == 5
+    # Past the timeout: WAIT_TIMEOUT, with the operation to follow.
+    restarting[:] = [httpx.Response(200, json=operation("running"))] * 3
+    with pytest.raises(ApiError) as caught:
+        c.services.update(SID, {"replicas": 2}, timeout=0)
+    assert (caught.value.code, caught.value.details) == ("WAIT_TIMEOUT", {"operation_id": "op1"})
+    # What is not the hub being away still ends the wait at once.
+    restarting[:] = [httpx.Response(500, json={"error": {"code": "INTERNAL_ERROR", "message": "x", "details": None}})]
+    with pytest.raises(ApiError) as caught:
+        c.operations.wait("op1")
+    assert caught.value.code == "INTERNAL_ERROR"
+
+
+def test_a_call_the_hub_waits_on_has_a_long_but_finite_read_timeout() -> None:
+    from mmanager.client.transport import WAIT_READ
+
+    reads: list[float | None] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        reads.append(request.extensions["timeout"]["read"])
+        return httpx.Response(200, json=SERVICE)
+    c = client(handle)
+    c.services.restart(SID)
+    c.services.get(SID)
+    assert reads == [WAIT_READ, 60.0]
+
+
+class Quiet(httpx.SyncByteStream):
+    """A followed log that sends its lines, then nothing (a read timeout), or ends."""
+
+    def __init__(self, lines: bytes, quiet: bool) -> None:
+        self.lines, self.quiet, self.closed = lines, quiet, False
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.lines
+        if self.quiet:
+            raise httpx.ReadTimeout("no data")
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_a_quiet_followed_log_is_opened_again_from_its_end_and_closes_with_its_block() -> None:
+    seen: list[str] = []
+    streams = [Quiet(b"one\n", quiet=True), Quiet(b"two\n", quiet=False), Quiet(b"a\nb\nc\n", quiet=False)]
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        seen.append(f"{request.url.path}?{request.url.query.decode()}")
+        if request.url.path.endswith("/logs"):
+            assert request.extensions["timeout"]["read"] is not None
+            return httpx.Response(200, stream=streams[len([s for s in seen if "/logs" in s]) - 1])
+        return httpx.Response(200, json=SERVICE)
+    c = client(handle)
+    assert list(c.services.follow_logs(SID, tail=5)) == ["one", "two"]
+    assert seen[1:] == [f"/api/services/{SID}/logs?tail=5&follow=true", f"/api/services/{SID}/logs?tail=0&follow=true"]
+    with c.services.follow_logs(SID) as lines:
+        for line in lines:
+            assert line == "a"
+            break
+    assert streams[2].closed
+
+
+async def test_an_async_followed_log_closes_with_its_block() -> None:
+    closed: list[bool] = []
+
+    class Stream(httpx.AsyncByteStream):
+        async def __aiter__(self) -> Any:
+            yield b"a\nb\n"
+
+        async def aclose(self) -> None:
+            closed.append(True)
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/logs"):
+            return httpx.Response(200, stream=Stream())
+        return httpx.Response(200, json=SERVICE)
+    async with AsyncClient(url="http://hub", token="t", transport=httpx.MockTransport(handle)) as c:
+        async with c.services.follow_logs(SID) as lines:
+            async for line in lines:
+                assert line == "a"
+                break
+        assert closed == [True]

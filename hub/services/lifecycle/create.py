@@ -268,6 +268,8 @@ class Creator:
         errors: list[HubError] = []
         # A copy its controller could not make is placed again away from its siblings while another fits.
         siblings = frozenset(by_controller)
+        if op is not None and len(placed) > 1:
+            self.ctx.ops.expect_steps(op)  # its progress counts replicas; a pull shows under image_pull
 
         async def on(queue: list[Reserved]) -> None:
             for held in sorted(queue, key=lambda h: h.row.epoch):

@@ -55,7 +55,6 @@ from hub.services import registry_auth
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
 from hub.services.model_files import presync, resolve_models
-from hub.services.operations import progress_of
 from hub.services.policy import check_policy
 from mmanager.wire import ContainerCreate, ContainerCreated, HealthCheck, ModelFile
 
@@ -561,9 +560,7 @@ class Deployer:
                 pulls = await ctx.client.image_pulls(controller.id, controller.url, timeout=3 * PULL_PROGRESS_AFTER)
                 found = next((pull for pull in pulls if pull.image == image), None)
                 if found is not None and not stop.is_set():
-                    await ctx.ops.progress(op, image_pull={**found.model_dump(), "controller_id": controller.id},
-                                           progress=progress_of(found.bytes_done, found.bytes_total, "bytes",
-                                                                f"pulling {image} on {controller.id}"))
+                    await ctx.ops.pulling(op, controller.id, found.model_dump(), f"pulling {image} on {controller.id}")
             except Exception as exc:  # progress is a courtesy: the create's own answer must not wait on it
                 log.debug("no pull progress from %s for operation %s: %s", controller.id, op.id, exc)
                 return

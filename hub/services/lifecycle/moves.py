@@ -202,6 +202,7 @@ class Mover:
                                                                gpu_only=_holds_gpu(moved)))
             # A roll: the primary last, so the service's own container changes once, at the end.
             copies.sort(key=lambda row: row["container_id"] == service.container_id)
+            ctx.ops.expect_steps(op)
             for step, copy in enumerate(copies):
                 service = await reload()
                 await self.replacer.replace(Replacement(service, spec, op, version=version if step == 0 else None,
@@ -273,6 +274,8 @@ class Mover:
         added = removed = 0
         # The copies to add (those found gone replaced first) or to take out, for the progress shown.
         changes = abs(spec.replicas - len(copies))
+        if changes:
+            ctx.ops.expect_steps(op)
         while len(copies) + added < spec.replicas:
             service = await ctx.reload(service_id)
             replacing = gone.pop(0)["id"] if gone else None

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+# First, before the imports that take a moment: Ctrl-C while they run exits quietly (mmanager.interrupt).
+from mmanager import interrupt
+
+# isort: split
 import asyncio
 import base64
 import contextlib
@@ -447,6 +451,9 @@ def dev(port: int = 8000,
 
     asyncio.run(serve())
 
+
+# The commands take Ctrl-C themselves from here on.
+interrupt.restore()
 
 if __name__ == "__main__":
     # As the installed script is called, so that shell completion's variable is _MMANAGER_COMPLETE either way.

@@ -2,7 +2,7 @@
 ``httpx.Client``, ``AsyncRunner`` on ``httpx.AsyncClient``.
 
 Invariant: both turn an answer into a result, or into an ``ApiError``, in the same functions (``_request``,
-``_result``), so the two clients cannot disagree; an ``ApiError`` is thrown into the call's steps, which may
+``_result``; a URL httpx refuses is ``INVALID_URL``), so the two clients cannot disagree; an ``ApiError`` is thrown into the call's steps, which may
 catch it (a name looked up) or let it through. Every read has a finite timeout: a hub host that vanishes
 ends a call, a wait and a followed stream with an error instead of holding them forever.
 """
@@ -63,6 +63,11 @@ def _unreachable(call: Call, hub: str, exc: httpx.TransportError) -> ApiError:
                     f"cannot reach {what} at {where}: {type(exc).__name__}: {exc}".rstrip(": "))
 
 
+def _invalid(call: Call, hub: str, exc: httpx.InvalidURL) -> ApiError:
+    """A URL httpx cannot send to (``InvalidURL`` is no ``TransportError``): the hub's, or a service's."""
+    return ApiError(0, "INVALID_URL", f"{call.method} {(call.base or hub) + call.path}: not a URL: {exc}")
+
+
 def _error(response: httpx.Response) -> ApiError:
     try:
         body = response.json()
@@ -114,6 +119,8 @@ class SyncRunner:
             response = self.http.send(_request(self.http, self.url, self.token, call))
         except httpx.TransportError as exc:
             raise _unreachable(call, self.url, exc) from None
+        except httpx.InvalidURL as exc:
+            raise _invalid(call, self.url, exc) from None
         return _result(call, response)
 
     def run(self, steps: Steps[T]) -> T:
@@ -141,11 +148,13 @@ class SyncRunner:
     def _lines(self, steps: Steps[Call]) -> Generator[str, None, None]:
         call = self.run(steps)
         while True:
-            request = _request(self.http, self.url, self.token, call, streamed=True)
             try:
+                request = _request(self.http, self.url, self.token, call, streamed=True)
                 response = self.http.send(request, stream=True)
             except httpx.TransportError as exc:
                 raise _unreachable(call, self.url, exc) from None
+            except httpx.InvalidURL as exc:
+                raise _invalid(call, self.url, exc) from None
             try:
                 if response.status_code >= 300:
                     response.read()
@@ -178,6 +187,8 @@ class AsyncRunner:
             response = await self.http.send(_request(self.http, self.url, self.token, call))
         except httpx.TransportError as exc:
             raise _unreachable(call, self.url, exc) from None
+        except httpx.InvalidURL as exc:
+            raise _invalid(call, self.url, exc) from None
         return _result(call, response)
 
     async def run(self, steps: Steps[T]) -> T:
@@ -207,11 +218,13 @@ class AsyncRunner:
     async def _lines(self, steps: Steps[Call]) -> AsyncGenerator[str, None]:
         call = await self.run(steps)
         while True:
-            request = _request(self.http, self.url, self.token, call, streamed=True)
             try:
+                request = _request(self.http, self.url, self.token, call, streamed=True)
                 response = await self.http.send(request, stream=True)
             except httpx.TransportError as exc:
                 raise _unreachable(call, self.url, exc) from None
+            except httpx.InvalidURL as exc:
+                raise _invalid(call, self.url, exc) from None
             try:
                 if response.status_code >= 300:
                     await response.aread()

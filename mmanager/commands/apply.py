@@ -6,16 +6,20 @@ it reads the stored spec and the file's, normalised the same way by the hub's ow
 (``ServicePatch``, merged as the hub merges a PATCH, then ``ServiceSpec``), and says what would change.
 
 Invariants: apply compares only the fields the file names (a field left out is left as the hub has it;
-``field: null`` puts it back to its default, as in a PATCH). Write-only fields (``registry_auth``, and any
-field the hub's ``ServiceSpec`` excludes from its output) cannot be read back, so they are never compared:
-they are sent with a create and with any other change, and alone only when asked (``--send-write-only``).
-Every spec of the file is checked before the first call: a file with one bad spec changes nothing.
+``field: null`` puts it back to its default, as in a PATCH). A spec made from a model type (``model:``) is
+compared as the hub's create would store it: its ``env`` over the type's ``environment`` (``filled``), so a
+second apply keeps the type's variables. Write-only fields (``registry_auth``, and any field the hub's
+``ServiceSpec`` excludes from its output) cannot be read back, so they are never compared: they are sent
+with a create and with any other change, and alone only when asked (``--send-write-only``). A file is read
+as JSON values (``as_json``: keys are strings, a YAML date is refused). Every spec of the file is checked
+before the first call: a file with one bad spec changes nothing.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,13 +28,15 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 
 from mmanager.commands import render
-from mmanager.commands.session import USAGE, Json, Profile, connect, fail, progress_bar, stdout
+from mmanager.commands.render import escape
+from mmanager.commands.session import USAGE, Json, Profile, connect, fail, note, progress_bar, stdout
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
+
+    from hub.schemas import ModelTypeOut
 
 # Fields a service is made with and that no PATCH changes: used to find (name) or to fill in (model) a service.
 CREATE_ONLY = ("name", "model")
@@ -93,7 +99,8 @@ def load(path: Path) -> list[dict[str, Any]]:
                 continue
             if not isinstance(spec, dict):
                 raise SpecError("VALIDATION_ERROR", f"{path}: a service spec is a mapping, not {type(spec).__name__}")
-            specs.append(spec)
+            name = spec.get("name")
+            specs.append(as_json(spec, f"{path}: " + (f"service {name!r}: " if isinstance(name, str) else "")))
     if not specs:
         raise SpecError("VALIDATION_ERROR", f"{path}: no service spec in the file")
     names = [s.get("name") for s in specs]
@@ -101,6 +108,48 @@ def load(path: Path) -> list[dict[str, Any]]:
     if twice:
         raise SpecError("VALIDATION_ERROR", f"{path}: service {twice[0]!r} is named twice")
     return specs
+
+
+# What YAML reads that JSON has no type for, by the name a person knows it by.
+_NOT_JSON = {"date": "date", "datetime": "timestamp", "bytes": "binary value (!!binary)", "set": "set (!!set)"}
+
+
+def as_json(value: Any, where: str, at: str = "") -> Any:
+    """``value`` (a loaded document) as the JSON the hub is sent: every mapping key a string (a YAML
+    ``5000:`` is ``"5000"``, ``true:`` is ``"true"``, as JSON would carry them), and every value a JSON one.
+    A value JSON has none for (a YAML date or timestamp, ``!!binary``, ``!!set``, a NaN or an infinity) is
+    refused (``INVALID_FILE``, naming the field): it is never turned into text the file did not spell."""
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, item in value.items():
+            name = _key(key, where, at)
+            if name in out:
+                raise SpecError("INVALID_FILE", f"{where}{at or 'spec'}: key {name!r} is given twice", USAGE)
+            out[name] = as_json(item, where, f"{at}.{name}" if at else name)
+        return out
+    if isinstance(value, list):
+        return [as_json(item, where, f"{at}[{index}]") for index, item in enumerate(value)]
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        if math.isfinite(value):
+            return value
+        raise SpecError("INVALID_FILE", f"{where}{at}: {value} is not a JSON number", USAGE)
+    kind = _NOT_JSON.get(type(value).__name__, type(value).__name__)
+    raise SpecError("INVALID_FILE", f"{where}{at or 'spec'}: a YAML {kind} ({value}) is not JSON: quote it to give "
+                    "a string", USAGE)
+
+
+def _key(key: Any, where: str, at: str) -> str:
+    if isinstance(key, str):
+        return key
+    if key is None or isinstance(key, bool | int | float):
+        if isinstance(key, float) and not math.isfinite(key):
+            raise SpecError("INVALID_FILE", f"{where}{at or 'spec'}: key {key} is not a JSON number", USAGE)
+        return json.dumps(key)
+    kind = _NOT_JSON.get(type(key).__name__, type(key).__name__)
+    raise SpecError("INVALID_FILE", f"{where}{at or 'spec'}: a key that is a YAML {kind} ({key}) is not JSON: "
+                    "quote it", USAGE)
 
 
 def problems(exc: ValidationError, prefix: str = "") -> str:
@@ -145,17 +194,41 @@ def leaves(old: Any, new: Any, path: tuple[str, ...]) -> Iterator[Change]:
         yield Change(".".join(path), old, new)
 
 
-def plan(stored: dict[str, Any], spec: dict[str, Any]) -> Plan:
-    """What ``spec`` (a file's, checked) changes in a service whose stored spec is ``stored``."""
+def needs_type(spec: dict[str, Any]) -> bool:
+    """Whether comparing ``spec`` needs its model type (``filled``): it names one, and a field the hub's
+    create fills from it otherwise than the file says (``env``, merged; ``image: null``, the type's)."""
+    return spec.get("model") is not None and ("env" in spec or ("image" in spec and spec["image"] is None))
+
+
+def filled(spec: dict[str, Any], model_type: ModelTypeOut) -> dict[str, Any]:
+    """``spec`` as the hub's create from ``model_type`` makes it (``hub.services.catalog.model_spec``), for the
+    fields it names: ``env`` over the type's ``environment``, and ``image: null`` the type's image. Every
+    other field the type fills (resources, health_check, ports, probe, replicas, its ``spec``) is replaced
+    whole by the file's at a create, as a PATCH replaces or merges it: compared as it is."""
+    out = dict(spec)
+    if isinstance(spec.get("env"), dict):
+        out["env"] = {**model_type.environment, **spec["env"]}
+    if "image" in spec and spec["image"] is None:
+        out["image"] = model_type.image
+    return out
+
+
+def plan(stored: dict[str, Any], spec: dict[str, Any], model_type: ModelTypeOut | None = None) -> Plan:
+    """What ``spec`` (a file's, checked) changes in a service whose stored spec is ``stored``; ``model_type``:
+    the type ``spec`` names, when ``needs_type``."""
     from pydantic import ValidationError
 
     from hub.schemas import ServicePatch, ServiceSpec
 
     write_only = write_only_fields()
-    given = {k: v for k, v in spec.items() if k not in CREATE_ONLY and k not in write_only}
     if spec.get("model") is not None and spec["model"] != stored.get("model"):
         raise SpecError("VALIDATION_ERROR", f"service {spec['name']!r}: model: a service's model type is chosen "
                         f"when it is made ({stored.get('model')!r}); delete it to make it from another")
+    if needs_type(spec):
+        if model_type is None or model_type.name != spec["model"]:
+            raise ValueError(f"plan of {spec['name']!r} needs its model type {spec['model']!r}")
+        spec = filled(spec, model_type)
+    given = {k: v for k, v in spec.items() if k not in CREATE_ONLY and k not in write_only}
     try:
         changes = ServicePatch.model_validate(given).model_dump(mode="json", exclude_unset=True)
         # Fields this client does not know (a newer hub's) are the hub's to keep: never compared, never sent.
@@ -231,23 +304,66 @@ def apply_command(
     out = None if json_out else stdout()
     results: list[dict[str, Any]] = []
     with connect(profile) as client:
-        who = owner or client.me().username
+        me = client.me()
+        if owner is not None and owner != me.username and not me.admin:
+            # The hub would answer USER_NOT_FOUND to the create, and a dry run would call every spec new.
+            fail("ADMIN_REQUIRED", f"--owner {owner}: only an admin applies another user's services "
+                                   f"(you are {me.username}, not an admin)")
+        who = owner or me.username
         # All planned before the first change: a spec the hub's merge would refuse changes nothing.
         plans: list[tuple[dict[str, Any], Any, Plan | None]] = []
+        types: dict[str, ModelTypeOut] = {}
         for spec in specs:
             found = [s for s in client.services.list(name=spec["name"], owner=who) if s.name == spec["name"]]
             existing = found[0] if found else None
             try:
-                plans.append((spec, existing, plan(existing.spec, spec) if existing else None))
+                kind = str(spec.get("model"))
+                if existing is not None and needs_type(spec) and kind == existing.spec.get("model"):
+                    types[kind] = types.get(kind) or _model_type(client, spec)
+                plans.append((spec, existing, plan(existing.spec, spec, types.get(kind)) if existing else None))
             except SpecError as exc:
                 fail(exc.code, exc.message, exc.status)
-        for spec, existing, todo in plans:
+        failed = _run(client, out, plans, owner, repo, send_write_only, dry_run, results)
+    if json_out:
+        render.print_json({"dry_run": dry_run, "services": results})
+    if failed is not None:
+        fail(failed.code, failed.message)
+
+
+def _model_type(client: Any, spec: dict[str, Any]) -> ModelTypeOut:
+    from mmanager.client import ApiError
+
+    try:
+        found: ModelTypeOut = client.models.get(spec["model"])
+    except ApiError as exc:
+        if exc.code != "MODEL_NOT_FOUND":
+            raise
+        raise SpecError("MODEL_NOT_FOUND", f"service {spec['name']!r}: model type {spec['model']!r} is gone, so "
+                        "which of its variables a create would add to env is unknown; leave model: out of the "
+                        "file to apply env as it is") from None
+    return found
+
+
+def _run(client: Any, out: Console | None, plans: list[tuple[dict[str, Any], Any, Plan | None]], owner: str | None,
+         repo: str, send_write_only: bool, dry_run: bool, results: list[dict[str, Any]]) -> Any:
+    """Apply each plan in turn into ``results``, up to the first that fails: that one's ``ApiError`` (its
+    result ``action: error``, the rest ``action: skipped``), or None when all were applied."""
+    from mmanager.client import ApiError
+
+    for index, (spec, existing, todo) in enumerate(plans):
+        try:
             if existing is None or todo is None:
                 results.append(_create(client, out, spec, owner, repo, dry_run))
             else:
                 results.append(_update(client, out, spec, existing, todo, send_write_only, dry_run))
-    if json_out:
-        render.print_json({"dry_run": dry_run, "services": results})
+        except ApiError as exc:
+            results.append({"name": spec["name"], "action": "error", "code": exc.code, "message": exc.message})
+            results.extend({"name": rest["name"], "action": "skipped"} for rest, _, _ in plans[index + 1:])
+            if out and index + 1 < len(plans):
+                note("not applied (an earlier spec failed): "
+                     + ", ".join(escape(rest["name"]) for rest, _, _ in plans[index + 1:]))
+            return exc
+    return None
 
 
 def _create(client: Any, out: Console | None, spec: dict[str, Any], owner: str | None, repo: str,

@@ -9,9 +9,9 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from mmanager.commands import render
+from mmanager.commands.render import escape
 from mmanager.commands.session import Json, Profile, completions, connect, progress_bar, stdout
 
 

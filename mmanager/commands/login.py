@@ -1,8 +1,8 @@
 """``mmanager login``: keep a hub's URL and a token as a profile of the client config
 (``mmanager.client.config``), checked with ``GET /api/me`` before it is saved.
 
-Invariant: a token that the hub refuses, or a hub that cannot be reached, is never saved; the token is
-never printed or echoed (asked hidden, or read from stdin).
+Invariant: a token that the hub refuses, a hub that cannot be reached, or a URL that is not an http(s) URL is
+never saved; the token is never printed or echoed (asked hidden, or read from stdin).
 """
 
 from __future__ import annotations
@@ -12,9 +12,9 @@ import sys
 from typing import Annotated
 
 import typer
-from rich.markup import escape
 
 from mmanager.commands import render
+from mmanager.commands.render import escape
 from mmanager.commands.session import USAGE, Json, Profile, api_errors, fail, stdout
 
 
@@ -24,7 +24,8 @@ def login(
     = None,
     token: Annotated[str | None, typer.Option(
         help="the API token (default: read from stdin when it is not a terminal, else asked without echo); "
-             "on the command line it stays in the shell's history")] = None,
+             "on the command line other local users see it (ps) and the shell's history keeps it: prefer "
+             "stdin, mmanager login URL < tokenfile")] = None,
     profile: Profile = None,
     json_out: Json = False,
 ) -> None:
@@ -35,6 +36,9 @@ def login(
         typer.prompt("Hub URL", err=True) if sys.stdin.isatty() else None)
     if not url:
         fail("USAGE", "no hub URL: give it (mmanager login http://hub:8000) or set MMANAGER_HUB_URL", USAGE)
+    with api_errors():
+        # Before the token is asked for: a URL no client can call is refused first.
+        url = config.check_url(url.rstrip("/"), "hub URL")
     if token is None:
         token = (typer.prompt("Token", hide_input=True, err=True) if sys.stdin.isatty()
                  else sys.stdin.readline()).strip()

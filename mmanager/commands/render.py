@@ -2,7 +2,9 @@
 and key-value views for a person.
 
 Invariant: every value from the hub is shown as text, never read as rich markup (a service may be named
-``[bold]`` or ``<script>``); a table row is one line when stdout is not a terminal (``session.stdout``).
+``[bold]`` or ``<script>``), and without its control characters (C0, DEL, C1: an escape sequence in a hub
+value never reaches the terminal; ``clean``); JSON carries them only as ``\\u`` escapes. A table row is one
+line when stdout is not a terminal (``session.stdout``). Logs are the one thing printed raw (``services logs``).
 """
 
 from __future__ import annotations
@@ -12,12 +14,33 @@ from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
-from rich import box
+from rich import box, markup
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
 DASH = "-"
+# The C0 controls, DEL and the C1 controls: removed from what is shown, a tab or a line break made a space
+# (a table row stays one line).
+_CONTROLS: dict[int, str | None] = {code: None for code in (*range(0x20), 0x7F, *range(0x80, 0xA0))}
+_CONTROLS.update({ord(space): " " for space in "\t\n\r"})
+# In JSON: the controls json.dumps leaves as they are (ensure_ascii=False escapes only C0), as \u escapes.
+_JSON_CONTROLS = {code: f"\\u{code:04x}" for code in (0x7F, *range(0x80, 0xA0))}
+
+
+def clean(value: str) -> str:
+    """``value`` without control characters: what a terminal would read as a command (ESC, CSI, BEL, a
+    carriage return that overwrites the line) is never printed from a hub value."""
+    return value.translate(_CONTROLS)
+
+
+def escape(value: str) -> str:
+    """``value`` (a hub's or a user's) for a rich markup string: cleaned, and its markup escaped."""
+    return markup.escape(clean(value))
+
+
+def text(value: str, style: str = "") -> Text:
+    return Text(clean(value), style=style)
 
 
 def plain(value: Any) -> Any:
@@ -33,7 +56,7 @@ def plain(value: Any) -> Any:
 
 def print_json(value: Any) -> None:
     # print, not rich: JSON must reach a pipe exactly, without markup or wrapping.
-    print(json.dumps(plain(value), indent=2, ensure_ascii=False))
+    print(json.dumps(plain(value), indent=2, ensure_ascii=False).translate(_JSON_CONTROLS))
 
 
 def when(value: datetime | None, now: datetime | None = None) -> str:
@@ -60,8 +83,8 @@ def cell(value: Any) -> Text:
     if isinstance(value, datetime):
         return Text(when(value))
     if isinstance(value, dict | list):
-        return Text(json.dumps(value, ensure_ascii=False))
-    return Text(str(value))
+        return text(json.dumps(value, ensure_ascii=False))
+    return text(str(value))
 
 
 def table(console: Console, columns: Sequence[str], rows: Iterable[Sequence[Any]], title: str | None = None) -> None:
@@ -82,7 +105,7 @@ def fields(console: Console, pairs: Iterable[tuple[str, Any]]) -> None:
 
 
 def styled(value: str, styles: dict[str, str]) -> Text:
-    return Text(value, style=styles.get(value, ""))
+    return text(value, styles.get(value, ""))
 
 
 STATUS = {"running": "green", "healthy": "green", "succeeded": "green", "ok": "green",
@@ -119,9 +142,9 @@ def replica_count(s: Any) -> str:
 def service(console: Console, s: Any) -> None:
     fields(console, [
         ("name", s.name), ("id", s.id), ("owner", f"{s.owner}/{s.repo}"),
-        ("status", Text.assemble(status(s.status), f" ({s.status_message})" if s.status_message else "")),
+        ("status", Text.assemble(status(s.status), text(f" ({s.status_message})" if s.status_message else ""))),
         ("desired", s.desired_state),
-        ("health", Text.assemble(status(s.health), f" ({s.health_detail})" if s.health_detail else "")),
+        ("health", Text.assemble(status(s.health), text(f" ({s.health_detail})" if s.health_detail else ""))),
         ("version", s.version), ("image", s.spec.get("image")), ("url", s.url),
         ("replicas", replica_count(s)), ("variant", s.variant), ("created", s.created_at), ("updated", s.updated_at),
     ])

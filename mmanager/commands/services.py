@@ -11,9 +11,9 @@ import sys
 from typing import Annotated, Any
 
 import typer
-from rich.markup import escape
 
 from mmanager.commands import render
+from mmanager.commands.render import escape
 from mmanager.commands.session import USAGE, Json, Profile, completions, connect, fail, progress_bar, stdout
 
 app = typer.Typer(help="Services: yours (an admin: everyone's), named by id or by the name of one of yours.",

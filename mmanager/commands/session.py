@@ -3,7 +3,8 @@ through, the one-line errors it exits with, and the progress bar of a long opera
 
 Invariant: a client command never shows a traceback for what the hub or the network did. Every
 ``ApiError`` (``HUB_UNREACHABLE`` included) ends as one line ``error: CODE: message`` on stderr and exit
-status 1; a usage problem (a file that cannot be read, a refused confirmation) exits with 2. The SDK is
+status 1; a usage problem (a file that cannot be read, a refused confirmation) exits with 2; Ctrl-C exits
+with 130, saying which operation goes on without the command when it was waiting for one. The SDK is
 imported when a command runs, never when ``mmanager`` starts: the server commands do not pay for it.
 """
 
@@ -16,7 +17,8 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
-from rich.markup import escape
+
+from mmanager.commands.render import escape
 
 if TYPE_CHECKING:
     from rich.progress import Progress, TaskID
@@ -25,13 +27,17 @@ if TYPE_CHECKING:
 
 Profile = Annotated[str | None, typer.Option(
     "--profile", "-p", envvar="MMANAGER_PROFILE", show_envvar=False,
-    help="the login profile to use (default: MMANAGER_PROFILE, else the config's current one); "
-         "MMANAGER_HUB_URL overrides its URL (its token then goes only to its own URL) and "
-         "MMANAGER_TOKEN its token")]
+    help="the login profile to use (default: MMANAGER_PROFILE, else the config's current one); a profile "
+         "named keeps its own URL and token unless MMANAGER_HUB_URL and MMANAGER_TOKEN are both set")]
 Json = Annotated[bool, typer.Option("--json", help="print the API's JSON instead of tables")]
 
 USAGE = 2
 FAILED = 1
+INTERRUPTED = 130
+
+# The long operation this command waits for: whether it asked for one, and the id its progress callback last
+# saw (what Ctrl-C leaves running on the hub).
+_waiting: dict[str, Any] = {"asked": False, "operation": None}
 
 
 def stdout(json: bool = False) -> Console:
@@ -56,20 +62,33 @@ def note(message: str) -> None:
 
 @contextmanager
 def api_errors() -> Iterator[None]:
-    """Turns the SDK's errors into the one-line exit; Ctrl-C into exit status 130, quietly."""
+    """Turns the SDK's errors into the one-line exit; Ctrl-C into exit status 130, with a line naming the
+    operation that goes on on the hub when the command was waiting for one (quietly otherwise)."""
     from mmanager.client import ApiError
 
+    _waiting.update(asked=False, operation=None)
     try:
         yield
     except ApiError as exc:
         fail(exc.code, exc.message)
     except KeyboardInterrupt:
-        raise typer.Exit(130) from None
+        interrupted()
+        raise typer.Exit(INTERRUPTED) from None
+
+
+def interrupted() -> None:
+    """What Ctrl-C leaves behind: the hub carries an operation on without the command that waited for it."""
+    found = _waiting["operation"]
+    if found:
+        note(f"interrupted; operation {escape(found)} continues on the hub: mmanager operations wait {escape(found)}")
+    elif _waiting["asked"]:
+        note("interrupted; what was asked may still go on on the hub: mmanager operations list")
 
 
 def make_client(profile: str | None) -> Client:
-    """The SDK client of a command: the environment (MMANAGER_HUB_URL, MMANAGER_TOKEN) over ``profile``, as
-    ``mmanager.client.config.resolve`` decides (a profile's token never goes to another hub)."""
+    """The SDK client of a command: ``profile`` and the environment (MMANAGER_HUB_URL, MMANAGER_TOKEN) as
+    ``mmanager.client.config.resolve`` decides (a profile's token never goes to another hub, nor another
+    hub's token to a profile named)."""
     from mmanager.client import Client
 
     return Client(profile=profile)
@@ -127,12 +146,32 @@ def amount(done: float, total: float | None, unit: str) -> str:
 
 
 @contextmanager
-def progress_bar(json: bool, label: str) -> Iterator[Callable[[Any], None] | None]:
-    """The SDK's ``progress`` callback drawing a bar on a terminal, or None (no bar) with ``--json`` or when
-    stdout is not a terminal. The bar goes once the operation ends; the command prints the result."""
-    if json or not sys.stdout.isatty():
-        yield None
-        return
+def progress_bar(json: bool, label: str) -> Iterator[Callable[[Any], None]]:
+    """The SDK's ``progress`` callback: it keeps the id of the operation (for Ctrl-C's line, ``interrupted``)
+    and draws a bar on a terminal; no bar with ``--json`` or when stdout is not a terminal. The bar goes once
+    the operation ends; the command prints the result."""
+    _waiting.update(asked=True, operation=None)
+
+    def seen(op: Any) -> None:
+        _waiting["operation"] = getattr(op, "id", None) or _waiting["operation"]
+
+    try:
+        if json or not sys.stdout.isatty():
+            yield seen
+        else:
+            with _drawn(label, seen) as update:
+                yield update
+    except KeyboardInterrupt:
+        raise  # what it saw stays for interrupted()
+    except BaseException:
+        _waiting.update(asked=False, operation=None)
+        raise
+    # Ended (or failed): what it waited for is over.
+    _waiting.update(asked=False, operation=None)
+
+
+@contextmanager
+def _drawn(label: str, seen: Callable[[Any], None]) -> Iterator[Callable[[Any], None]]:
     from rich.progress import BarColumn, Progress, ProgressColumn, SpinnerColumn, Task, TextColumn, TimeElapsedColumn
     from rich.text import Text
 
@@ -145,6 +184,7 @@ def progress_bar(json: bool, label: str) -> Iterator[Callable[[Any], None] | Non
     task: TaskID = bar.add_task(escape(label), total=None, unit="")
 
     def update(op: Any) -> None:
+        seen(op)
         fields = progress_fields(op)
         bar.update(task, description=escape(fields["description"]), total=fields["total"],
                    completed=fields["completed"], unit=fields["unit"])

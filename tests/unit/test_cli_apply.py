@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from hub.schemas import ServiceSpec
-from mmanager.commands.apply import Change, SpecError, check, load, plan
+from hub.schemas import ModelTypeOut, ServiceSpec
+from mmanager.commands.apply import Change, SpecError, check, load, needs_type, plan
+
+NOW = datetime(2026, 12, 7, 11, 0, tzinfo=UTC)
 
 BASE: dict[str, Any] = {"name": "hello", "image": "mmanager/example-model:latest", "ports": {"5000": None},
                         "resources": {"cpu_limit": 0.5, "memory_limit": "32MB"}, "env": {"MODE": "slow"}}
@@ -127,3 +130,84 @@ def test_a_missing_file_is_a_usage_error(tmp_path: Path) -> None:
     with pytest.raises(SpecError) as found:
         load(tmp_path / "none.yaml")
     assert (found.value.code, found.value.status) == ("INVALID_FILE", 2)
+
+
+TYPE = ModelTypeOut(name="dnabert2", task="embedding", description="", image="mmanager/dnabert2:1",
+                    resources={"memory_limit": "4GB"}, replicas=1, probe=None, ports={"5000": None},
+                    health_check=None, environment={"MODEL_ID": "zhihan/dnabert2", "MODE": "fast"}, spec={},
+                    created_at=NOW, updated_at=NOW)
+
+
+def made_from_type(**fields: Any) -> dict[str, Any]:
+    """A spec as the hub's create from TYPE stores it (hub.services.catalog.model_spec): the file's env over
+    the type's environment, every other field the file gives replacing the type's."""
+    env = {**TYPE.environment, **fields.pop("env", {})}
+    return stored(image=TYPE.image, model="dnabert2", env=env, **fields)
+
+
+def test_a_spec_from_a_model_type_keeps_the_types_variables() -> None:
+    spec = {"name": "hello", "model": "dnabert2", "env": {"MODE": "slow"}, "resources": {"memory_limit": "32MB"}}
+    current = made_from_type(env={"MODE": "slow"})
+    assert plan(current, spec, TYPE).patch == {}
+    changed = plan(current, {**spec, "env": {"MODE": "slow", "DEBUG": "1"}}, TYPE)
+    assert changed.changes == [Change("env.DEBUG", None, "1")]
+    # Sent as the hub would store it: the type's variables with the file's.
+    assert changed.patch == {"env": {"MODEL_ID": "zhihan/dnabert2", "MODE": "slow", "DEBUG": "1"}}
+    # A variable the file leaves out that the type does not give is the file's to remove.
+    assert plan(made_from_type(env={"MODE": "slow", "OLD": "x"}), spec, TYPE).changes == [Change("env.OLD", "x", None)]
+
+
+def test_image_null_with_a_model_type_is_the_types_image() -> None:
+    spec = {"name": "hello", "model": "dnabert2", "image": None, "env": {"MODE": "slow"}}
+    assert plan(made_from_type(env={"MODE": "slow"}), spec, TYPE).patch == {}
+
+
+def test_fields_a_type_fills_that_the_file_gives_compare_as_the_files() -> None:
+    # resources, ports, health_check, probe, replicas: a create replaces the type's with the file's whole.
+    spec = {"name": "hello", "model": "dnabert2", "resources": {"memory_limit": "32MB"}, "ports": {"8080": None},
+            "health_check": {"port": 8080}, "replicas": 2}
+    current = made_from_type(ports={"8080": None}, health_check={"port": 8080}, replicas=2)
+    assert plan(current, spec, TYPE).patch == {}
+    assert plan(current, {**spec, "replicas": 3}, TYPE).patch == {"replicas": 3}
+
+
+def test_the_plan_of_a_spec_from_a_type_needs_the_type() -> None:
+    spec = {"name": "hello", "model": "dnabert2", "env": {"MODE": "slow"}}
+    assert needs_type(spec) and not needs_type({"name": "hello", "model": "dnabert2", "replicas": 2})
+    assert not needs_type({"name": "hello", "env": {}})
+    with pytest.raises(ValueError, match="model type"):
+        plan(made_from_type(), spec)
+
+
+def test_a_file_is_read_as_json_values(tmp_path: Path) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text("name: hello\nimage: x\nports: {5000: null}\nlabels: {true: 'yes', 1.5: x}\n")
+    [spec] = load(path)
+    assert spec["ports"] == {"5000": None} and spec["labels"] == {"true": "yes", "1.5": "x"}
+    check(spec, str(path))
+
+
+@pytest.mark.parametrize(("text", "where"), [
+    ("probe: {body: {when: 2026-12-07}}", "spec.yaml: service 'hello': probe.body.when: a YAML date (2026-12-07) "
+                                          "is not JSON: quote it to give a string"),
+    ("probe: {expect: [1, 2026-12-07 10:00:00]}", "probe.expect[1]: a YAML timestamp"),
+    ("labels: {2026-12-07: x}", "labels: a key that is a YAML date"),
+    ("replicas: .nan", "replicas: nan is not a JSON number"),
+    ("ports: {5000: null, '5000': 1}", "ports: key '5000' is given twice"),
+    ("labels: !!set {a}", "labels: a YAML set"),
+])
+def test_what_json_has_no_value_for_is_refused_in_one_line(tmp_path: Path, text: str, where: str) -> None:
+    path = tmp_path / "spec.yaml"
+    path.write_text(f"name: hello\nimage: x\n{text}\n")
+    with pytest.raises(SpecError) as found:
+        load(path)
+    assert (found.value.code, found.value.status) == ("INVALID_FILE", 2)
+    assert where in found.value.message and "\n" not in found.value.message
+    assert found.value.message.startswith(f"{path}: service 'hello': ")
+
+
+def test_a_json_file_with_nan_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "spec.json"
+    path.write_text('{"name": "hello", "image": "x", "rate_limit_per_minute": NaN}')
+    with pytest.raises(SpecError, match="rate_limit_per_minute: nan is not a JSON number"):
+        load(path)

@@ -4,6 +4,8 @@ command against a real hub): which calls each makes, what it prints, and how it 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -11,7 +13,7 @@ from typing import Any
 import pytest
 from typer.testing import CliRunner
 
-from hub.schemas import MeOut, ServiceOut, ServiceSpec
+from hub.schemas import MeOut, ModelTypeOut, OperationOut, ServiceOut, ServiceSpec
 from mmanager.cli import app
 from mmanager.client import ApiError, config
 from mmanager.commands import session
@@ -29,10 +31,17 @@ def service_out(spec: dict[str, Any], version: int = 1) -> ServiceOut:
         "created_at": NOW, "updated_at": NOW})
 
 
+TYPE = ModelTypeOut(name="dnabert2", task="embedding", description="", image="img:1", resources={}, replicas=1,
+                    probe=None, ports={}, health_check=None, environment={"MODEL_ID": "zhihan/dnabert2"}, spec={},
+                    created_at=NOW, updated_at=NOW)
+
+
 class FakeServices:
     def __init__(self) -> None:
         self.rows: dict[str, ServiceOut] = {}
         self.calls: list[tuple[Any, ...]] = []
+        self.refused: set[str] = set()
+        self.interrupted = False
 
     def list(self, name: str | None = None, owner: str | None = None, limit: int = 100,
              offset: int = 0) -> list[ServiceOut]:
@@ -47,11 +56,21 @@ class FakeServices:
     def create(self, spec: dict[str, Any], owner: str | None = None, repo: str = "default", wait: bool = True,
                progress: Any = None) -> ServiceOut:
         self.calls.append(("create", spec))
+        if spec["name"] in self.refused:
+            raise ApiError(409, "QUOTA_EXCEEDED", "no room for it")
+        if spec.get("model"):
+            # As the hub's create from a type: the file's env over the type's environment.
+            spec = {**spec, "image": spec.get("image") or TYPE.image, "env": {**TYPE.environment, **spec.get("env", {})}}
         self.rows[spec["name"]] = service_out(spec)
         return self.rows[spec["name"]]
 
     def update(self, ref: str, patch: dict[str, Any], wait: bool = True, progress: Any = None) -> ServiceOut:
         self.calls.append(("update", ref, patch))
+        if self.interrupted:
+            progress(OperationOut(id="op-7", service_id="a" * 32, controller_id="c1", container_id=None,
+                                  operation="update", status="running", error=None, actor="alice", details={},
+                                  created_at=NOW, finished_at=None))
+            raise KeyboardInterrupt
         old = self.get(ref)
         self.rows[old.name] = service_out({**old.spec, **patch}, old.version + 1)
         return self.rows[old.name]
@@ -61,12 +80,25 @@ class FakeServices:
         del self.rows[self.get(ref).name]
 
 
+class FakeModels:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def get(self, name: str) -> ModelTypeOut:
+        self.calls += 1
+        if name != TYPE.name:
+            raise ApiError(404, "MODEL_NOT_FOUND", f"model type {name!r} not found")
+        return TYPE
+
+
 class FakeClient:
     def __init__(self) -> None:
         self.services = FakeServices()
+        self.models = FakeModels()
+        self.admin = False
 
     def me(self) -> MeOut:
-        return MeOut(username="alice", admin=False)
+        return MeOut(username="alice", admin=self.admin)
 
     def __enter__(self) -> FakeClient:
         return self
@@ -167,3 +199,92 @@ def test_logout_forgets_a_profile_and_picks_another_current(tmp_path: Path, monk
     assert config.load() == {"current": "lab1", "profiles": {"lab1": {"url": "http://hub1:8000", "token": "t1"}}}
     missing = run("logout", "--profile", "lab2")
     assert missing.exit_code == 1 and missing.stderr.startswith("error: PROFILE_NOT_FOUND: ")
+
+
+def test_apply_of_a_spec_from_a_model_type_is_unchanged_the_second_time(fake: FakeClient, tmp_path: Path) -> None:
+    spec = tmp_path / "hello.yaml"
+    spec.write_text("name: hello\nmodel: dnabert2\nenv: {MODE: slow}\n")
+    run("apply", "-f", str(spec))
+    assert fake.services.rows["hello"].spec["env"] == {"MODEL_ID": "zhihan/dnabert2", "MODE": "slow"}
+    assert run("apply", "-f", str(spec)).stdout == "hello: unchanged\n"
+    spec.write_text("name: hello\nmodel: dnabert2\nenv: {MODE: fast}\n")
+    assert run("apply", "-f", str(spec)).stdout.splitlines()[1] == "  env.MODE: slow -> fast"
+    assert fake.services.calls[-1][2] == {"env": {"MODEL_ID": "zhihan/dnabert2", "MODE": "fast"}}
+    assert fake.models.calls == 2  # once a run, for the specs that need it
+
+
+def test_apply_json_says_what_was_applied_before_a_spec_failed(fake: FakeClient, tmp_path: Path) -> None:
+    spec = tmp_path / "three.yaml"
+    spec.write_text(SPEC + "---\nname: full\nimage: img:1\n---\nname: last\nimage: img:1\n")
+    fake.services.refused.add("full")
+    done = run("apply", "-f", str(spec), "--json")
+    assert done.exit_code == 1
+    assert [(s["name"], s["action"]) for s in json.loads(done.stdout)["services"]] == [
+        ("hello", "create"), ("full", "error"), ("last", "skipped")]
+    assert json.loads(done.stdout)["services"][1] == {"name": "full", "action": "error", "code": "QUOTA_EXCEEDED",
+                                                      "message": "no room for it"}
+    assert done.stderr == "error: QUOTA_EXCEEDED: no room for it\n"
+    shown = run("apply", "-f", str(spec))
+    assert shown.exit_code == 1 and "not applied (an earlier spec failed): last" in shown.stderr
+
+
+def test_apply_for_another_owner_needs_an_admin(fake: FakeClient, tmp_path: Path) -> None:
+    spec = tmp_path / "hello.yaml"
+    spec.write_text(SPEC)
+    done = run("apply", "-f", str(spec), "--owner", "bob", "--dry-run")
+    assert (done.exit_code, done.stdout) == (1, "")
+    assert done.stderr.startswith("error: ADMIN_REQUIRED: --owner bob: ") and done.stderr.count("\n") == 1
+    assert run("apply", "-f", str(spec), "--owner", "alice", "--dry-run").exit_code == 0
+    fake.admin = True
+    assert run("apply", "-f", str(spec), "--owner", "bob", "--dry-run").stdout == "hello: new service (dry run)\n"
+
+
+def test_ctrl_c_names_the_operation_that_goes_on(fake: FakeClient, tmp_path: Path) -> None:
+    spec = tmp_path / "hello.yaml"
+    spec.write_text(SPEC)
+    run("apply", "-f", str(spec))
+    spec.write_text(SPEC + "replicas: 2\n")
+    fake.services.interrupted = True
+    done = run("apply", "-f", str(spec))
+    assert done.exit_code == 130
+    assert done.stderr == "interrupted; operation op-7 continues on the hub: mmanager operations wait op-7\n"
+
+
+def test_a_hub_value_in_an_error_cannot_drive_the_terminal(fake: FakeClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(ref: str) -> ServiceOut:
+        raise ApiError(409, "CONFLICT", "held by \x1b]0;owned\x07\x9b2Jx\nsecond line")
+
+    monkeypatch.setattr(fake.services, "get", refuse)
+    done = run("services", "delete", "hello", "--yes")
+    assert done.stderr == "error: CONFLICT: held by ]0;owned2Jx second line\n"
+
+
+@pytest.mark.parametrize(("url", "why"), [("http://[::1", "not a URL"), ("127.0.0.1:8000", "the scheme is missing")])
+def test_login_refuses_a_url_no_client_can_call(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, url: str,
+                                               why: str) -> None:
+    monkeypatch.setenv("MMANAGER_CONFIG", str(tmp_path / "config.json"))
+    done = run("login", url, "--token", "t")
+    assert done.exit_code == 1 and done.stderr.startswith(f"error: INVALID_URL: hub URL {url!r}: ")
+    assert why in done.stderr and done.stderr.count("\n") == 1
+    assert not (tmp_path / "config.json").exists()
+    monkeypatch.setenv("MMANAGER_HUB_URL", url)
+    monkeypatch.setenv("MMANAGER_TOKEN", "t")
+    listed = run("services", "list")
+    assert listed.exit_code == 1 and listed.stderr.startswith(f"error: INVALID_URL: MMANAGER_HUB_URL {url!r}: ")
+
+
+def test_ctrl_c_while_mmanager_starts_is_no_traceback() -> None:
+    # A real SIGINT while mmanager.cli imports uvicorn: the process exits 130 and prints nothing.
+    script = (
+        "import os, signal, sys\n"
+        "class Interrupt:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'uvicorn':\n"
+        "            os.kill(os.getpid(), signal.SIGINT)\n"
+        "sys.meta_path.insert(0, Interrupt())\n"
+        "sys.argv = ['mmanager', '--help']\n"
+        "from mmanager.cli import app\n"
+        "sys.exit(app())\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[2])
+    assert (done.returncode, done.stdout, done.stderr) == (130, "", "")

@@ -93,3 +93,23 @@ def test_amounts_read_as_their_unit() -> None:
     assert amount(0, None, "") == ""
     assert render.progress_text(operation(progress={"done": 2, "total": 2, "unit": "services", "step": "drained"})) \
         == "2/2 services drained"
+
+
+EVIL = "\x1b]0;owned\x07x\x1b[2J\x9b31my\r\n"
+
+
+def test_control_characters_from_the_hub_never_reach_the_terminal() -> None:
+    text = shown(render.services, [service(name="n" + EVIL)]) + shown(
+        render.service, service(status_message=EVIL, health_detail=EVIL))
+    assert not any(ord(c) < 0x20 and c != "\n" or 0x7F <= ord(c) < 0xA0 for c in text)
+    # What is left reads as the text around the codes, each row still one line.
+    assert "n]0;ownedx[2J31my" in next(line for line in text.splitlines() if line.startswith("n]"))
+    assert render.escape("[b]\x1b[31m") == "\\[b][31m"
+
+
+def test_json_escapes_the_controls_it_would_print_raw() -> None:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        render.print_json({"name": EVIL, "ok": "é"})
+    assert "\x1b" not in out.getvalue() and "\x9b" not in out.getvalue() and "é" in out.getvalue()
+    assert json.loads(out.getvalue()) == {"name": EVIL, "ok": "é"}

@@ -16,6 +16,7 @@ import pytest
 
 from hub.schemas import OperationOut
 from mmanager.client import HUB_UNREACHABLE, ApiError, AsyncClient, Client, config
+from mmanager.client.calls import Call
 
 SID = "a" * 32
 NOW = "2026-12-07T10:00:00Z"
@@ -176,15 +177,57 @@ def test_the_environment_overrides_the_profile(no_profile: Path, monkeypatch: py
     config.save_profile("lab", "http://hub-b", "tok-b", make_current=False)
     monkeypatch.setenv("MMANAGER_PROFILE", "lab")
     assert config.resolve() == ("http://hub-b", "tok-b")
+    # A token exported for hub A never goes to the hub of a profile named: it keeps its own URL and token...
     monkeypatch.setenv("MMANAGER_TOKEN", "tok-env")
-    assert config.resolve() == ("http://hub-b", "tok-env")
+    assert config.resolve() == ("http://hub-b", "tok-b")
+    monkeypatch.delenv("MMANAGER_PROFILE")
+    assert config.resolve(profile="lab") == ("http://hub-b", "tok-b")
+    assert Client(profile="lab").url == "http://hub-b"
+    # ...while the current profile, not named, takes it.
+    assert config.resolve() == ("http://hub-a", "tok-env")
+    monkeypatch.delenv("MMANAGER_TOKEN")
     monkeypatch.setenv("MMANAGER_HUB_URL", "http://hub-env")
+    assert config.resolve(profile="lab") == ("http://hub-b", "tok-b")
+    # Both set: the environment wins, both, even over a profile named (a CI job).
+    monkeypatch.setenv("MMANAGER_TOKEN", "tok-env")
+    monkeypatch.setenv("MMANAGER_PROFILE", "lab")
     assert config.resolve() == ("http://hub-env", "tok-env")
+    assert config.resolve(profile="lab") == ("http://hub-env", "tok-env")
     assert Client().url == "http://hub-env"
     monkeypatch.delenv("MMANAGER_HUB_URL")
     with pytest.raises(ApiError) as caught:
         config.resolve(profile="nope")
     assert caught.value.code == "PROFILE_NOT_FOUND"
+
+
+@pytest.mark.parametrize(("url", "why"), [
+    ("http://[::1", "not a URL"), ("127.0.0.1:8000", "the scheme is missing: give http:// or https://, e.g. "
+                                                     "http://127.0.0.1:8000"),
+    ("localhost:8000", "the scheme is missing"), ("http:/hub", "not a URL: give http://host:port"),
+    ("ftp://hub", "the scheme is 'ftp'"), ("http:///hub", "no host"), ("http://hub:70000", "port 70000 is out of range"),
+])
+def test_a_url_no_client_can_call_is_refused_saying_where_it_came_from(
+        no_profile: Path, monkeypatch: pytest.MonkeyPatch, url: str, why: str) -> None:
+    with pytest.raises(ApiError) as caught:
+        config.resolve(url=url)
+    assert (caught.value.code, caught.value.message.split(": ", 1)[0]) == ("INVALID_URL", f"the url argument {url!r}")
+    assert why in caught.value.message
+    monkeypatch.setenv("MMANAGER_HUB_URL", url)
+    with pytest.raises(ApiError, match="INVALID_URL: MMANAGER_HUB_URL"):
+        Client()
+    monkeypatch.delenv("MMANAGER_HUB_URL")
+    no_profile.parent.mkdir(parents=True, exist_ok=True)
+    no_profile.write_text(json.dumps({"current": "lab", "profiles": {"lab": {"url": url, "token": "t"}}}))
+    with pytest.raises(ApiError, match="INVALID_URL: the URL of login profile 'lab'"):
+        config.resolve()
+
+
+def test_a_url_httpx_refuses_later_is_an_api_error_not_a_traceback() -> None:
+    # A service's URL (the gateway's answer) goes through the same runner: httpx.InvalidURL is no TransportError.
+    c = Client(url="http://hub", token="t", transport=httpx.MockTransport(lambda request: httpx.Response(200)))
+    with pytest.raises(ApiError) as caught:
+        c._runner.send(Call("GET", "/predict", base="http://[::1"))
+    assert caught.value.code == "INVALID_URL"
 
 
 def test_a_profiles_token_goes_only_to_its_own_hub(no_profile: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -43,8 +43,8 @@ controllers_app = typer.Typer(help="Controllers over the hub's API (list, show, 
                                    "heartbeat keys straight on the hub's database (key-*, on the hub host).",
                               no_args_is_help=True)
 app.add_typer(controllers_app, name="controllers")
-models_app = typer.Typer(help="The model catalog over the hub's API (list, show), and register straight on the hub's "
-                              "database (on the hub host).", no_args_is_help=True)
+models_app = typer.Typer(help="The model catalog over the hub's API (list, show), the model-file store (files), "
+                              "and register straight on the hub's database (on the hub host).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 # The client commands (login, apply, services, ...): docs/CLI.md.
 attach_client_commands(app, controllers_app, models_app)

@@ -5,6 +5,7 @@ what the user reads: stdout, stderr and the exit status."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pty
@@ -205,6 +206,18 @@ def test_a_user_manages_a_service_from_the_shell(lab: Lab, tmp_path: Path) -> No
     ops = cli("operations", "list", "--service", service["id"]).out
     kinds = [cells[1] for cells in map(str.split, ops.splitlines()) if cells and re.fullmatch("[0-9a-f]{32}", cells[0])]
     assert kinds[-4:] == ["rollback", "scale", "update", "create"] and "migrate" in kinds, ops
+
+    # A model file uploaded in a terminal: a byte bar while it goes, then its digest; deleted by the digest.
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"\x07" * 300_000)
+    code, terminal = in_a_terminal(cli, "models", "files", "upload", str(weights), "--name", "weights.bin")
+    digest = "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert code == 0 and "━" in terminal and "upload weights.bin" in terminal, terminal
+    assert f"{digest}\nweights.bin: 300.0 kB stored; in a spec: models: [{{digest: {digest}}}]" \
+        in plain_text(terminal).replace("\r", ""), terminal
+    assert cli("models", "files", "delete", digest).out == f"{digest}: deleted\n"
+    # An admin lists a controller's images: the service's is there.
+    assert row(cli("images", "list", a).out, EXAMPLE_IMAGE.rpartition(":")[0])[1] == EXAMPLE_IMAGE.rpartition(":")[2]
 
     # Delete: asks first; a "no" keeps the service.
     kept = cli("services", "delete", "hello", stdin="n\n", ok=False)

@@ -1,11 +1,13 @@
 """The SDK (mmanager.client) against a real lab: the hub, two controllers and a gateway as real processes on
 real PostgreSQL and the real Docker engine, the reference model service deployed from the catalog. One user
 story: deploy with progress, predict through the gateway, status, follow the logs, scale, bad input refused
-with the hub's code and nothing changed, another user's service not found, the async client, delete."""
+with the hub's code and nothing changed, another user's service not found, the async client, a service key,
+a model file uploaded and deleted, a controller's images, delete."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import queue
 import threading
@@ -57,7 +59,8 @@ def first_line(lines: Iterator[str], wanted: str, timeout: float) -> str:
     return found.get(timeout=timeout)
 
 
-def test_the_sdk_deploys_predicts_follows_scales_and_deletes(lab: Lab, docker_client: docker.DockerClient) -> None:
+def test_the_sdk_deploys_predicts_follows_scales_and_deletes(lab: Lab, docker_client: docker.DockerClient,
+                                                             tmp_path: Path) -> None:
     hub = lab.dep.hub().url
     with lab.hub() as admin:
         tokens = {name: admin.post("/api/admin/users", json={"username": name}).json()["token"]
@@ -128,6 +131,32 @@ def test_the_sdk_deploys_predicts_follows_scales_and_deletes(lab: Lab, docker_cl
 
     status, patched = asyncio.run(asyncio.wait_for(from_async(), 30))
     assert status == "running" and patched and set(patched) == {f"/api/services/{svc.id}"}
+
+    # A service key: shown once, listed by its prefix only, another user's service's keys not found, revoked.
+    key = alice.services.keys.create("dnabert2", name="ci")
+    assert key.key.startswith(key.prefix) and [(k.id, k.name) for k in alice.services.keys.list("dnabert2")] \
+        == [(key.id, "ci")]
+    with pytest.raises(ApiError) as caught:
+        bob.services.keys.list(svc.id)
+    assert caught.value.code == "SERVICE_NOT_FOUND"
+    alice.services.keys.delete("dnabert2", key.id)
+    assert alice.services.keys.list("dnabert2") == []
+
+    # A model file: streamed up with its progress, listed, found by digest, deleted.
+    weights = tmp_path / "weights.bin"
+    weights.write_bytes(b"\x00\x01" * 1000)
+    sent: list[tuple[int, int]] = []
+    stored = alice.model_files.upload(weights, name="weights.bin", progress=lambda d, t: sent.append((d, t)))
+    assert (stored.name, stored.size, stored.uploaded_by, sent[-1]) == ("weights.bin", 2000, "alice", (2000, 2000))
+    assert stored.digest == "sha256:" + hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert [f.digest for f in bob.model_files.list()] == [stored.digest] and alice.model_files.get(stored.digest) == stored
+    alice.model_files.delete(stored.digest)
+    assert alice.model_files.list() == []
+
+    # An admin lists a controller's images: the model service's is there.
+    with lab.client(lab.token) as root:
+        listed = root.images.list(sorted(lab.dep.controllers)[0])
+    assert listed.ok and any(f"{i['repository']}:{i['tag']}" == DNABERT2["image"] for i in listed.images), listed
 
     svc.delete()
     with pytest.raises(ApiError) as caught:

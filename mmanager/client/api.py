@@ -1,6 +1,7 @@
 """The SDK's calls, each written once as steps (``mmanager.client.calls``) and typed with the hub's own wire
 models (``hub.schemas``): the namespaces ``services``, ``controllers``, ``operations``, ``audit``,
-``alerts`` and ``models``, the client's own ``me`` and ``deploy``, and the ``Service`` handle.
+``alerts``, ``models``, ``model_files`` and ``images`` (``services.keys``: a service's gateway keys), the
+client's own ``me`` and ``deploy``, and the ``Service`` handle.
 
 Invariant: a call that starts a long operation and waits ends where the hub's own ``?wait=true`` ends (a
 create of a service with a probe: at its verdict). Without ``progress`` it is that call; with ``progress``
@@ -14,9 +15,10 @@ caller's own, or by ``owner/name``; every value put into a path is quoted as one
 from __future__ import annotations
 
 import builtins
+import os
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import quote
@@ -24,15 +26,20 @@ from urllib.parse import quote
 from hub.schemas import (
     AlertOut,
     AuditOut,
+    ControllerImagesOut,
     ControllerOut,
     DeploymentOut,
+    ImageOutcome,
     MeOut,
+    ModelFileOut,
     ModelTypeOut,
     OperationOut,
+    ServiceKeyCreated,
+    ServiceKeyOut,
     ServiceMetricsOut,
     ServiceOut,
 )
-from mmanager.client.calls import Bound, Call, M, Notify, Pause, Steps, op, stream
+from mmanager.client.calls import Bound, Call, M, Notify, Pause, Steps, Upload, op, stream
 from mmanager.client.errors import HUB_UNREACHABLE, ApiError, from_operation_error
 
 T = TypeVar("T")
@@ -44,6 +51,8 @@ ACTIVE = ("pending", "running")
 _SERVICE_ID = re.compile(r"[0-9a-f]{32}")
 # The most sequences the reference model service takes in one /predict/batch (docs/MODELSERVER.md).
 BATCH_LIMIT = 100
+# The most rows a list answers in one page (hub.routers.paging).
+PAGE = 1000
 # Seconds between two polls of an operation: from the first to the last.
 POLL_FIRST, POLL_MOST = 0.1, 1.0
 # A poll that finds the hub away (unreachable, or its proxy's 502/503/504: a restart) is tried again, the
@@ -149,7 +158,13 @@ def _act(call: Call, wait: bool, progress: Progress | None, watch: bool = False,
 
 class ServicesApi(Bound[M]):
     """``client.services``: a service is named by its id, by a name of the caller's own, or by
-    ``owner/name`` (an admin naming another user's service) (``ref``)."""
+    ``owner/name`` (an admin naming another user's service) (``ref``). ``keys``: its gateway keys."""
+
+    keys: ServiceKeysApi[M]
+
+    def __init__(self, runner: Any) -> None:
+        super().__init__(runner)
+        self.keys = ServiceKeysApi[M](runner, self)
 
     def _by_name(self, ref: str) -> Steps[str]:
         owner, _, name = ref.rpartition("/")
@@ -289,6 +304,36 @@ class ServicesApi(Bound[M]):
         return ServiceMetricsOut.model_validate(body)
 
 
+class ServiceKeysApi(Bound[M]):
+    """``client.services.keys``: the keys a ``private`` service's callers send to its gateway route (its
+    owner's and admins')."""
+
+    _services: ServicesApi[M]
+
+    def __init__(self, runner: Any, services: ServicesApi[M]) -> None:
+        super().__init__(runner)
+        self._services = services
+
+    @op
+    def create(self, ref: str, name: str | None = None) -> Steps[ServiceKeyCreated]:
+        """A new key; its ``key`` is in this answer only (the hub keeps its SHA-256)."""
+        def steps(service_id: str) -> Steps[Any]:
+            return (yield Call("POST", f"/api/services/{_seg(service_id)}/keys", json={"name": name}))
+        return ServiceKeyCreated.model_validate((yield from self._services._on(ref, steps)))
+
+    @op
+    def list(self, ref: str) -> Steps[builtins.list[ServiceKeyOut]]:
+        """The service's keys, without the keys themselves."""
+        return [ServiceKeyOut.model_validate(k) for k in (yield from self._services._read(ref, "/keys"))]
+
+    @op
+    def delete(self, ref: str, key_id: str) -> Steps[None]:
+        """Revoke a key: the gateways refuse it within a second or so."""
+        def steps(service_id: str) -> Steps[None]:
+            yield Call("DELETE", f"/api/services/{_seg(service_id)}/keys/{_seg(key_id)}", read="none")
+        yield from self._services._on(ref, steps)
+
+
 def _exists(service_id: str) -> Steps[str]:
     """``service_id``, once the hub has said it is a service the caller may see."""
     yield Call("GET", f"/api/services/{_seg(service_id)}", read="none")
@@ -374,6 +419,79 @@ class ModelsApi(Bound[M]):
     @op
     def get(self, name: str) -> Steps[ModelTypeOut]:
         return ModelTypeOut.model_validate((yield Call("GET", f"/api/models/{_seg(name)}")))
+
+
+class ModelFilesApi(Bound[M]):
+    """``client.model_files``: the hub's model-file store, files named by the sha256 of their bytes
+    (``sha256:<hex>``) that a spec's ``models`` mounts read-only."""
+
+    @op
+    def upload(self, path: str | os.PathLike[str], name: str | None = None,
+               progress: Callable[[int, int], Any] | None = None) -> Steps[ModelFileOut]:
+        """Send the file at ``path`` as it is read, never whole in memory (``name``: default the digest's
+        hex); ``progress(done_bytes, total_bytes)`` as it goes. The same bytes uploaded before answer the
+        stored file (its first name kept)."""
+        body = yield Call("POST", "/api/model-files", params={"name": name},
+                          upload=Upload(os.fspath(path), progress))
+        return ModelFileOut.model_validate(body)
+
+    @op
+    def list(self, limit: int = 100, offset: int = 0) -> Steps[builtins.list[ModelFileOut]]:
+        """The stored files, oldest first."""
+        body = yield Call("GET", "/api/model-files", params={"limit": limit, "offset": offset})
+        return [ModelFileOut.model_validate(f) for f in body]
+
+    @op
+    def get(self, digest: str) -> Steps[ModelFileOut]:
+        """One stored file's record (found in the list; ``MODEL_FILE_NOT_FOUND`` when it is not there)."""
+        offset = 0
+        while True:
+            page = yield Call("GET", "/api/model-files", params={"limit": PAGE, "offset": offset})
+            for found in page:
+                if found.get("digest") == digest:
+                    return ModelFileOut.model_validate(found)
+            if len(page) < PAGE:
+                raise ApiError(404, "MODEL_FILE_NOT_FOUND", f"model file {digest} is not in the store")
+            offset += PAGE
+
+    @op
+    def delete(self, digest: str) -> Steps[None]:
+        """Remove a file of the caller's own (an admin: any); ``MODEL_FILE_IN_USE`` while a spec names it."""
+        yield Call("DELETE", f"/api/model-files/{_seg(digest)}", read="none")
+
+
+class ImagesApi(Bound[M]):
+    """``client.images`` (admin): the images on the controllers' servers. A pull or a prune asks each
+    named controller once and answers each one's outcome (``ok``, else its ``error``): one controller's
+    failure is no ``ApiError``, an unknown controller is (``CONTROLLER_NOT_FOUND``, and none is asked)."""
+
+    @op
+    def list(self, controller_id: str) -> Steps[ControllerImagesOut]:
+        """The images on the controller's server; ``ok`` false with its ``error`` when it cannot say."""
+        body = yield Call("GET", f"/api/admin/controllers/{_seg(controller_id)}/images")
+        return ControllerImagesOut.model_validate(body)
+
+    @op
+    def pull(self, image: str, controllers: str | Sequence[str],
+             registry_auth: Mapping[str, str] | None = None) -> Steps[builtins.list[ImageOutcome]]:
+        """Each controller pulls ``image``, all at once; the answer comes when all are done (the hub waits
+        up to ``MMANAGER_CONTROLLER_PULL_TIMEOUT`` for each). ``registry_auth`` ``{username, password}``:
+        for this pull only, never stored."""
+        body: dict[str, Any] = {"image": image, "controllers": _ids(controllers)}
+        if registry_auth is not None:
+            body["registry_auth"] = dict(registry_auth)
+        answer = yield Call("POST", "/api/admin/images/pull", json=body, waits=True)
+        return [ImageOutcome.model_validate(o) for o in answer]
+
+    @op
+    def prune(self, controllers: str | Sequence[str]) -> Steps[builtins.list[ImageOutcome]]:
+        """Each controller removes its engine's dangling images (untagged, used by no container)."""
+        answer = yield Call("POST", "/api/admin/images/prune", json={"controllers": _ids(controllers)}, waits=True)
+        return [ImageOutcome.model_validate(o) for o in answer]
+
+
+def _ids(controllers: str | Sequence[str]) -> builtins.list[str]:
+    return [controllers] if isinstance(controllers, str) else builtins.list(controllers)
 
 
 class Service(Bound[M]):
@@ -477,6 +595,8 @@ class Api(Bound[M]):
     audit: AuditApi[M]
     alerts: AlertsApi[M]
     models: ModelsApi[M]
+    model_files: ModelFilesApi[M]
+    images: ImagesApi[M]
 
     def __init__(self, runner: Any) -> None:
         super().__init__(runner)
@@ -486,6 +606,8 @@ class Api(Bound[M]):
         self.audit = AuditApi[M](runner)
         self.alerts = AlertsApi[M](runner)
         self.models = ModelsApi[M](runner)
+        self.model_files = ModelFilesApi[M](runner)
+        self.images = ImagesApi[M](runner)
 
     @op
     def me(self) -> Steps[MeOut]:

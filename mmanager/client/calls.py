@@ -35,7 +35,8 @@ class Call:
     """One HTTP request. ``path`` is the hub's, unless ``base`` (a service's gateway URL) is given; ``token``:
     the bearer sent instead of the hub's (a service key), ``hub_token`` False sends none of the hub's;
     ``waits``: the hub answers once a long operation ends, so the answer gets the long read timeout of such a
-    wait; ``resume``: for a stream, the ``params`` that open it again from its end after a quiet spell."""
+    wait; ``resume``: for a stream, the ``params`` that open it again from its end after a quiet spell;
+    ``upload``: a file sent as the raw request body."""
 
     method: str
     path: str
@@ -47,6 +48,17 @@ class Call:
     read: Literal["json", "text", "none"] = "json"
     waits: bool = False
     resume: Mapping[str, Any] | None = None
+    upload: Upload | None = None
+
+
+@dataclass(frozen=True)
+class Upload:
+    """A file sent as a call's raw body by the runner, which opens it and reads it a chunk at a time as the
+    request goes (never whole into memory), with its size as ``Content-Length``; ``progress(done_bytes,
+    total_bytes)`` is called before the first chunk and after each (awaited when it answers an awaitable)."""
+
+    path: str
+    progress: Callable[[int, int], Any] | None = None
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,8 @@
 Invariant: both turn an answer into a result, or into an ``ApiError``, in the same functions (``_request``,
 ``_result``; a URL httpx refuses is ``INVALID_URL``), so the two clients cannot disagree; an ``ApiError`` is thrown into the call's steps, which may
 catch it (a name looked up) or let it through. Every read has a finite timeout: a hub host that vanishes
-ends a call, a wait and a followed stream with an error instead of holding them forever.
+ends a call, a wait and a followed stream with an error instead of holding them forever. An upload's file
+is read a chunk at a time as it is sent, and closed once the call is answered.
 """
 
 from __future__ import annotations
@@ -12,13 +13,15 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import inspect
+import os
+import stat
 import time
 from collections.abc import AsyncGenerator, Generator
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx
 
-from mmanager.client.calls import AsyncLines, Call, Lines, Notify, Pause, Step, Steps, T
+from mmanager.client.calls import AsyncLines, Call, Lines, Notify, Pause, Step, Steps, T, Upload
 from mmanager.client.errors import HUB_UNREACHABLE, ApiError, from_answer
 
 # Seconds an answer to a call the hub waits on (``?wait=true``) may take: past the longest of the hub's own
@@ -29,20 +32,62 @@ WAIT_READ = 3600.0
 # hub sends nothing while a service logs nothing, and a host that vanished sends nothing either; opening it
 # again tells the two apart (a hub that is gone answers HUB_UNREACHABLE).
 FOLLOW_QUIET = 300.0
+# Bytes of an uploaded file read and sent at a time (``Call.upload``).
+UPLOAD_CHUNK = 1024**2
 
 
 def _request(client: httpx.Client | httpx.AsyncClient, hub: str, token: str | None, call: Call,
-             streamed: bool = False) -> httpx.Request:
+             streamed: bool = False, content: Any = None, size: int | None = None) -> httpx.Request:
     url = (call.base.rstrip("/") + call.path) if call.base else hub + call.path
     headers = {"Accept": "text/plain" if call.read == "text" else "application/json"}
+    if size is not None:
+        # Declared up front: the hub refuses a file over its limits before a byte of it is sent.
+        headers |= {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
     bearer = call.token or (token if call.hub_token else None)
     if bearer:
         headers["Authorization"] = f"Bearer {bearer}"
     params = {k: _param(v) for k, v in (call.params or {}).items() if v is not None}
     read = FOLLOW_QUIET if streamed else WAIT_READ if call.waits else None
     extensions = {"timeout": httpx.Timeout(client.timeout.connect, read=read).as_dict()} if read else None
-    return client.build_request(call.method, url, params=params, json=call.json, headers=headers,
-                                extensions=extensions)
+    return client.build_request(call.method, url, params=params, json=call.json, content=content,
+                                headers=headers, extensions=extensions)
+
+
+def _open(upload: Upload) -> tuple[BinaryIO, int]:
+    """The file to upload, open, and its size; one that is not a readable regular file is ``INVALID_FILE``."""
+    try:
+        if not stat.S_ISREG(os.stat(upload.path).st_mode):  # before open: a FIFO would block it
+            raise ApiError(0, "INVALID_FILE", f"{upload.path}: not a regular file")
+        handle = open(upload.path, "rb")  # noqa: SIM115  (closed by the runner's send, once answered)
+    except OSError as exc:
+        raise ApiError(0, "INVALID_FILE", f"{upload.path}: {exc.strerror or exc}") from None
+    return handle, os.fstat(handle.fileno()).st_size
+
+
+def _chunks(handle: BinaryIO, size: int, upload: Upload) -> Generator[bytes, None, None]:
+    """The file's first ``size`` bytes (what ``Content-Length`` declared), a chunk at a time."""
+    done = 0
+    if upload.progress is not None:
+        upload.progress(0, size)
+    while done < size and (chunk := handle.read(min(UPLOAD_CHUNK, size - done))):
+        yield chunk
+        done += len(chunk)
+        if upload.progress is not None:
+            upload.progress(done, size)
+
+
+async def _achunks(handle: BinaryIO, size: int, upload: Upload) -> AsyncGenerator[bytes, None]:
+    """``_chunks`` for the async client: the file read on a thread, ``progress`` awaited when it is async."""
+    async def told(done: int) -> None:
+        if upload.progress is not None and inspect.isawaitable(answered := upload.progress(done, size)):
+            await answered
+
+    done = 0
+    await told(0)
+    while done < size and (chunk := await asyncio.to_thread(handle.read, min(UPLOAD_CHUNK, size - done))):
+        yield chunk
+        done += len(chunk)
+        await told(done)
 
 
 def _param(value: Any) -> Any:
@@ -115,12 +160,18 @@ class SyncRunner:
         self.cache: dict[str, Any] = {}
 
     def send(self, call: Call) -> Any:
+        opened = _open(call.upload) if call.upload is not None else None
+        size = opened[1] if opened else None
         try:
-            response = self.http.send(_request(self.http, self.url, self.token, call))
+            content = _chunks(*opened, call.upload) if opened and call.upload else None
+            response = self.http.send(_request(self.http, self.url, self.token, call, content=content, size=size))
         except httpx.TransportError as exc:
             raise _unreachable(call, self.url, exc) from None
         except httpx.InvalidURL as exc:
             raise _invalid(call, self.url, exc) from None
+        finally:
+            if opened:
+                opened[0].close()
         return _result(call, response)
 
     def run(self, steps: Steps[T]) -> T:
@@ -183,12 +234,19 @@ class AsyncRunner:
         self.cache: dict[str, Any] = {}
 
     async def send(self, call: Call) -> Any:
+        opened = _open(call.upload) if call.upload is not None else None
+        size = opened[1] if opened else None
         try:
-            response = await self.http.send(_request(self.http, self.url, self.token, call))
+            content = _achunks(*opened, call.upload) if opened and call.upload else None
+            response = await self.http.send(_request(self.http, self.url, self.token, call, content=content,
+                                                     size=size))
         except httpx.TransportError as exc:
             raise _unreachable(call, self.url, exc) from None
         except httpx.InvalidURL as exc:
             raise _invalid(call, self.url, exc) from None
+        finally:
+            if opened:
+                opened[0].close()
         return _result(call, response)
 
     async def run(self, steps: Steps[T]) -> T:

@@ -8,7 +8,7 @@ import typer
 
 
 def attach(app: typer.Typer, controllers: typer.Typer, models: typer.Typer) -> None:
-    from mmanager.commands import alerts, apply, audit, catalog, login, operations, services
+    from mmanager.commands import alerts, apply, audit, catalog, images, login, model_files, operations, services
     from mmanager.commands import controllers as controller_commands
 
     app.command("login")(login.login)
@@ -18,5 +18,7 @@ def attach(app: typer.Typer, controllers: typer.Typer, models: typer.Typer) -> N
     app.add_typer(operations.app, name="operations")
     app.add_typer(alerts.app, name="alerts")
     app.add_typer(audit.app, name="audit")
+    app.add_typer(images.app, name="images")
     controller_commands.attach(controllers)
     catalog.attach(models)
+    models.add_typer(model_files.app, name="files")

@@ -238,3 +238,31 @@ def model(console: Console, m: Any) -> None:
         ("probe", "yes" if m.probe else None), ("environment", m.environment or None), ("spec", m.spec or None),
         ("updated", m.updated_at),
     ])
+
+
+# Model files, service keys, images
+
+
+def size(value: int) -> str:
+    """Bytes as a person reads them (``12.3 MB``)."""
+    from rich.filesize import decimal
+
+    return decimal(value)
+
+
+def model_files(console: Console, rows: Sequence[Any]) -> None:
+    table(console, ("DIGEST", "NAME", "SIZE", "UPLOADED BY", "CREATED"),
+          ([f.digest, f.name, size(f.size), f.uploaded_by, f.created_at] for f in rows))
+
+
+def service_keys(console: Console, rows: Sequence[Any]) -> None:
+    table(console, ("ID", "NAME", "PREFIX", "CREATED BY", "CREATED"),
+          ([k.id, k.name, k.prefix, k.created_by, k.created_at] for k in rows))
+
+
+def images(console: Console, rows: Sequence[Any]) -> None:
+    """A controller's images as it lists them: dicts of ``repository``, ``tag``, ``id``, ``size``, ``created``."""
+    table(console, ("REPOSITORY", "TAG", "ID", "SIZE", "CREATED"),
+          ([i.get("repository"), i.get("tag"), i.get("id"),
+            size(i["size"]) if isinstance(i.get("size"), int) else i.get("size"), i.get("created")]
+           for i in rows if isinstance(i, dict)))

@@ -14,7 +14,7 @@ import typer
 
 from mmanager.commands import render
 from mmanager.commands.render import escape
-from mmanager.commands.session import USAGE, Json, Profile, completions, connect, fail, progress_bar, stdout
+from mmanager.commands.session import USAGE, Json, Profile, completions, connect, fail, note, progress_bar, stdout
 
 app = typer.Typer(help="Services: yours (an admin: everyone's), named by id or by the name of one of yours.",
                   no_args_is_help=True)
@@ -173,3 +173,43 @@ def delete(ref: Ref, yes: Annotated[bool, typer.Option("--yes", "-y", help="do n
         render.print_json({"id": service.id, "name": service.name, "deleted": True})
     else:
         stdout().print(f"[bold]{escape(service.name)}[/bold]: deleted")
+
+
+keys_app = typer.Typer(help="A service's gateway keys: what callers of a private service send as "
+                            "`Authorization: Bearer KEY`.", no_args_is_help=True)
+app.add_typer(keys_app, name="keys")
+
+
+@keys_app.command("create")
+def create_key(ref: Ref, name: Annotated[str | None, typer.Option(help="a name to tell the key by")] = None,
+               json_out: Json = False, profile: Profile = None) -> None:
+    """Make a key for a service's gateway route; the key is printed this once (the hub keeps only its hash)."""
+    with connect(profile) as client:
+        row = client.services.keys.create(ref, name=name)
+    if json_out:
+        render.print_json(row)
+        return
+    render.fields(stdout(), [("id", row.id), ("name", row.name), ("prefix", row.prefix), ("key", row.key)])
+    note("the key is shown this once: the hub keeps only its SHA-256. Store it now; callers send it as "
+         "Authorization: Bearer KEY")
+
+
+@keys_app.command("list")
+def list_keys(ref: Ref, json_out: Json = False, profile: Profile = None) -> None:
+    """A service's keys (their prefixes, never the keys)."""
+    with connect(profile) as client:
+        rows = client.services.keys.list(ref)
+    show(json_out, rows, render.service_keys)
+
+
+@keys_app.command("delete")
+def delete_key(ref: Ref, key_id: Annotated[str, typer.Argument(help="the key's id (services keys list)",
+                                                                show_default=False)],
+               json_out: Json = False, profile: Profile = None) -> None:
+    """Revoke a service's key: the gateways refuse it within a second or so."""
+    with connect(profile) as client:
+        client.services.keys.delete(ref, key_id)
+    if json_out:
+        render.print_json({"service": ref, "id": key_id, "deleted": True})
+    else:
+        stdout().print(f"{escape(ref)}: key {escape(key_id)} revoked")

@@ -410,3 +410,125 @@ async def test_an_async_followed_log_closes_with_its_block() -> None:
                 assert line == "a"
                 break
         assert closed == [True]
+
+
+MODEL_FILE = {"digest": "sha256:" + "d" * 64, "name": "weights.bin", "size": 10, "uploaded_by": "alice",
+              "created_at": NOW}
+
+
+def test_an_upload_streams_the_file_a_chunk_at_a_time_with_its_length(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    monkeypatch.setattr("mmanager.client.transport.UPLOAD_CHUNK", 4)
+    path = tmp_path / "weights.bin"
+    path.write_bytes(b"0123456789")
+    sent: list[tuple[str, str | None, str | None, bytes]] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        sent.append((str(request.url), request.headers.get("content-length"),
+                     request.headers.get("transfer-encoding"), request.read()))
+        return httpx.Response(201, json=MODEL_FILE)
+    seen: list[tuple[int, int]] = []
+    out = client(handle).model_files.upload(path, name="weights.bin", progress=lambda d, t: seen.append((d, t)))
+    assert out.digest == MODEL_FILE["digest"] and out.size == 10
+    # Declared up front (the hub refuses an oversized file before it is sent), then read 4 bytes at a time.
+    assert sent == [("http://hub/api/model-files?name=weights.bin", "10", None, b"0123456789")]
+    assert seen == [(0, 10), (4, 10), (8, 10), (10, 10)]
+
+
+def test_an_unreadable_upload_is_an_api_error_and_sends_nothing(tmp_path: Path) -> None:
+    sent: list[str] = []
+    c = client(script({}, sent))
+    for path in (tmp_path / "missing", tmp_path):
+        with pytest.raises(ApiError) as caught:
+            c.model_files.upload(path)
+        assert caught.value.code == "INVALID_FILE" and str(path) in caught.value.message
+    assert sent == []
+
+
+async def test_the_async_client_uploads_with_an_async_progress(tmp_path: Path) -> None:
+    path = tmp_path / "w"
+    path.write_bytes(b"x" * 10)
+    bodies: list[bytes] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        bodies.append(request.content)
+        return httpx.Response(200, json=MODEL_FILE)
+    seen: list[int] = []
+
+    async def progress(done: int, total: int) -> None:
+        seen.append(done)
+    async with AsyncClient(url="http://hub", token="t", transport=httpx.MockTransport(handle)) as c:
+        assert (await c.model_files.upload(str(path), progress=progress)).name == "weights.bin"
+    assert bodies == [b"x" * 10] and seen == [0, 10]
+
+
+def test_model_files_list_get_and_delete() -> None:
+    seen: list[str] = []
+    c = client(script({
+        ("GET", "/api/model-files"): httpx.Response(200, json=[MODEL_FILE]),
+        ("DELETE", f"/api/model-files/{MODEL_FILE['digest']}"): httpx.Response(204),
+    }, seen))
+    assert [f.name for f in c.model_files.list()] == ["weights.bin"]
+    assert c.model_files.get(MODEL_FILE["digest"]).size == 10
+    with pytest.raises(ApiError) as caught:
+        c.model_files.get("sha256:" + "e" * 64)
+    assert (caught.value.status, caught.value.code) == (404, "MODEL_FILE_NOT_FOUND")
+    assert c.model_files.delete(MODEL_FILE["digest"]) is None
+    assert seen == ["GET /api/model-files?limit=100&offset=0", "GET /api/model-files?limit=1000&offset=0",
+                    "GET /api/model-files?limit=1000&offset=0", f"DELETE /api/model-files/{MODEL_FILE['digest']}"]
+
+
+KEY = {"id": "k1", "name": "ci", "prefix": "mmk_ab", "created_by": "alice", "created_at": NOW}
+
+
+def test_service_keys_are_made_listed_and_revoked_by_the_services_name() -> None:
+    seen: list[str] = []
+    bodies: list[Any] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        if request.method == "POST":
+            bodies.append(json.loads(request.content))
+        return script({
+            ("GET", "/api/me"): httpx.Response(200, json={"username": "alice", "admin": False}),
+            ("GET", "/api/services"): httpx.Response(200, json=[SERVICE]),
+            ("POST", f"/api/services/{SID}/keys"): httpx.Response(201, json={**KEY, "key": "mmk_abcdef"}),
+            ("GET", f"/api/services/{SID}/keys"): httpx.Response(200, json=[KEY]),
+            ("DELETE", f"/api/services/{SID}/keys/k1"): httpx.Response(204),
+        }, seen)(request)
+    c = client(handle)
+    assert c.services.keys.create("m", name="ci").key == "mmk_abcdef"
+    assert [k.prefix for k in c.services.keys.list("m")] == ["mmk_ab"]
+    assert c.services.keys.delete("m", "k1") is None
+    assert bodies == [{"name": "ci"}]
+    assert [s for s in seen if "keys" in s] == [f"POST /api/services/{SID}/keys", f"GET /api/services/{SID}/keys",
+                                               f"DELETE /api/services/{SID}/keys/k1"]
+
+
+def test_images_list_pull_and_prune_answer_each_controllers_outcome() -> None:
+    from mmanager.client.transport import WAIT_READ
+
+    sent: list[tuple[str, Any, float | None]] = []
+
+    def handle(request: httpx.Request) -> httpx.Response:
+        body = json.loads(request.content) if request.content else None
+        sent.append((request.url.path, body, request.extensions["timeout"]["read"]))
+        if request.url.path.endswith("/images"):
+            return httpx.Response(200, json={"controller_id": "a", "ok": True, "images": [
+                {"repository": "img", "tag": "1", "id": "sha256:1", "size": 5, "created": NOW}]})
+        if request.url.path.endswith("/pull"):
+            return httpx.Response(200, json=[
+                {"controller_id": "a", "ok": True, "image": {"exists": True, "id": "sha256:1"}},
+                {"controller_id": "b", "ok": False, "error": {"code": "IMAGE_PULL_FAILED", "message": "denied"}}])
+        return httpx.Response(200, json=[{"controller_id": "a", "ok": True, "images_deleted": [],
+                                          "space_reclaimed": 0}])
+    c = client(handle)
+    assert c.images.list("a").images[0]["repository"] == "img"
+    pulled = c.images.pull("img:1", ["a", "b"], registry_auth={"username": "u", "password": "p"})
+    assert [(o.controller_id, o.ok) for o in pulled] == [("a", True), ("b", False)]
+    assert c.images.prune("a")[0].space_reclaimed == 0
+    assert sent == [
+        ("/api/admin/controllers/a/images", None, 60.0),
+        # The hub answers once every controller's pull ended: the long read timeout of a call it waits on.
+        ("/api/admin/images/pull", {"image": "img:1", "controllers": ["a", "b"],
+                                    "registry_auth": {"username": "u", "password": "p"}}, WAIT_READ),
+        ("/api/admin/images/prune", {"controllers": ["a"]}, WAIT_READ)]

@@ -131,7 +131,8 @@ def main() -> None:
         print(f"$ curl -s -X POST {url}predict -H 'Content-Type: application/json' -d {shlex.quote(json.dumps(PREDICT))}")
         print(json.dumps(answer.json(), indent=2), flush=True)
         say(f"try: curl {url}model/info")
-        say(f"     curl -H 'Authorization: Bearer {token}' {HUB}/api/services/{service_id}/status")
+        say(f"     mmanager login {HUB} < {STATE / 'dev-token'} && mmanager services status {SPEC['name']}")
+        say(f"     the console: {HUB}/ui (log in with the token in {STATE / 'dev-token'})")
         say("serving until Ctrl-C")
         proc.wait()
     except KeyboardInterrupt:

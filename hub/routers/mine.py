@@ -7,18 +7,17 @@ admin sees everything, as through the admin routes. What a user may not see does
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any, Literal
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter
 from sqlalchemy import ColumnElement, Select, or_, select
 
 from hub.deps import CurrentUser, SessionDep
 from hub.errors import NotFound
 from hub.models import AlertModel, AuditModel, OperationModel, ServiceModel, UserModel
+from hub.routers.audit import AuditParamsDep
 from hub.routers.paging import Limit, Offset
 from hub.schemas import AlertOut, AuditOut, MeOut, OperationOut
-from hub.services.audit import audit_query
 from hub.services.monitoring import alert_out, alerts_query
 from hub.services.operations import operations_query
 from hub.services.users import RESERVED_PREFIX, RESERVED_USERNAMES, SYSTEM_ACTOR
@@ -67,27 +66,16 @@ async def get_operation(operation_id: str, user: CurrentUser, session: SessionDe
 
 
 @router.get("/audit", response_model=list[AuditOut])
-async def list_audit(
-    user: CurrentUser,
-    session: SessionDep,
-    actor: str | None = Query(None, max_length=160, description="a username, controller:<id> or anonymous"),
-    result: Literal["ok", "refused", "error"] | None = None,
-    source: str | None = Query(None, max_length=160, description="hub or controller:<id>"),
-    method: str | None = Query(None, max_length=8),
-    since: datetime | None = Query(None, description="events at or after this time (ISO 8601)"),
-    target: str | None = Query(None, max_length=160, description="a service, controller or container id"),
-    limit: int = Limit,
-    offset: int = Offset,
-) -> Any:
+async def list_audit(user: CurrentUser, session: SessionDep, params: AuditParamsDep) -> Any:
     """As ``GET /api/admin/audit``; a user sees the entries of their own calls."""
-    query = audit_query(actor=actor, result=result, source=source, method=method, since=since, target=target)
+    query = params.query()
     if not user.is_admin:
         # A user named as an actor that is no user (one created before such names were refused) is not
         # shown the entries of those callers.
         query = query.where(AuditModel.actor == user.username, AuditModel.actor.not_in(RESERVED_USERNAMES),
                             AuditModel.actor.not_like(RESERVED_PREFIX + "%"))
     return [AuditOut.model_validate(row, from_attributes=True)
-            for row in await session.scalars(query.limit(limit).offset(offset))]
+            for row in await session.scalars(params.page(query))]
 
 
 @router.get("/alerts", response_model=list[AlertOut])

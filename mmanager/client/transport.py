@@ -2,21 +2,24 @@
 ``httpx.Client``, ``AsyncRunner`` on ``httpx.AsyncClient``.
 
 Invariant: both turn an answer into a result, or into an ``ApiError``, in the same functions (``_request``,
-``_result``; a URL httpx refuses is ``INVALID_URL``), so the two clients cannot disagree; an ``ApiError`` is thrown into the call's steps, which may
-catch it (a name looked up) or let it through. Every read has a finite timeout: a hub host that vanishes
-ends a call, a wait and a followed stream with an error instead of holding them forever. An upload's file
-is read a chunk at a time as it is sent, and closed once the call is answered.
+``_sending``, ``_result``, ``_streaming``, ``_resume``; a URL httpx refuses is ``INVALID_URL``), so the two
+clients cannot disagree: each runner keeps only what differs between blocking and awaiting. An ``ApiError``
+is thrown into the call's steps, which may catch it (a name looked up) or let it through. Every read has a
+finite timeout: a hub host that vanishes ends a call, a wait and a followed stream with an error instead of
+holding them forever. An upload's file is read a chunk at a time as it is sent, and closed once the call is
+answered.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import inspect
 import os
 import stat
 import time
-from collections.abc import AsyncGenerator, Generator
+from collections.abc import AsyncGenerator, Generator, Iterator
 from typing import Any, BinaryIO
 
 import httpx
@@ -129,11 +132,14 @@ def _redirected(call: Call, response: httpx.Response) -> ApiError:
                     {"location": response.headers.get("location")})
 
 
+def _refused(call: Call, response: httpx.Response) -> ApiError:
+    """The error a 3xx or 4xx/5xx answer stands for (its body read)."""
+    return _error(response) if response.status_code >= 400 else _redirected(call, response)
+
+
 def _result(call: Call, response: httpx.Response) -> Any:
-    if response.status_code >= 400:
-        raise _error(response)
-    if 300 <= response.status_code < 400:
-        raise _redirected(call, response)
+    if response.status_code >= 300:
+        raise _refused(call, response)
     if call.read == "none" or response.status_code == 204:
         return None
     if call.read == "text":
@@ -151,6 +157,50 @@ def _resumed(call: Call) -> Call:
     return dataclasses.replace(call, params={**(call.params or {}), **(call.resume or {})})
 
 
+@contextlib.contextmanager
+def _sending(call: Call, hub: str) -> Iterator[tuple[BinaryIO, int] | None]:
+    """Around sending ``call``: its upload's file open (closed once answered), and httpx's errors as
+    ``ApiError``."""
+    opened = _open(call.upload) if call.upload is not None else None
+    try:
+        yield opened
+    except httpx.TransportError as exc:
+        raise _unreachable(call, hub, exc) from None
+    except httpx.InvalidURL as exc:
+        raise _invalid(call, hub, exc) from None
+    finally:
+        if opened:
+            opened[0].close()
+
+
+@contextlib.contextmanager
+def _streaming(call: Call, hub: str) -> Iterator[None]:
+    """Around reading a followed stream's lines: a quiet spell on a stream that can be resumed (``call.resume``)
+    ends the block without an error, for the stream to be opened again from its end; a quiet spell on any
+    other stream, and a lost connection, are ``ApiError``."""
+    try:
+        yield
+    except httpx.ReadTimeout:
+        if call.resume is None:
+            raise _unreachable(call, hub, httpx.ReadTimeout("no line")) from None
+    except httpx.TransportError as exc:
+        raise _unreachable(call, hub, exc) from None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Returned:
+    value: Any
+
+
+def _resume(steps: Steps[T], answer: Any) -> Step | _Returned:
+    """The call's next step, given the last one's answer (an ``ApiError`` is thrown into the steps), or what
+    the steps returned."""
+    try:
+        return steps.throw(answer) if isinstance(answer, ApiError) else steps.send(answer)
+    except StopIteration as stop:
+        return _Returned(stop.value)
+
+
 class SyncRunner:
     def __init__(self, url: str, token: str | None, timeout: float,
                  transport: httpx.BaseTransport | None = None) -> None:
@@ -160,38 +210,30 @@ class SyncRunner:
         self.cache: dict[str, Any] = {}
 
     def send(self, call: Call) -> Any:
-        opened = _open(call.upload) if call.upload is not None else None
-        size = opened[1] if opened else None
-        try:
+        with _sending(call, self.url) as opened:
             content = _chunks(*opened, call.upload) if opened and call.upload else None
-            response = self.http.send(_request(self.http, self.url, self.token, call, content=content, size=size))
-        except httpx.TransportError as exc:
-            raise _unreachable(call, self.url, exc) from None
-        except httpx.InvalidURL as exc:
-            raise _invalid(call, self.url, exc) from None
-        finally:
-            if opened:
-                opened[0].close()
+            response = self.http.send(_request(self.http, self.url, self.token, call, content=content,
+                                               size=opened[1] if opened else None))
         return _result(call, response)
 
     def run(self, steps: Steps[T]) -> T:
-        value: Any = None
-        error: ApiError | None = None
-        while True:
+        answer: Any = None
+        while not isinstance(step := _resume(steps, answer), _Returned):
+            answer = self._take(step)
+        return step.value
+
+    def _take(self, step: Step) -> Any:
+        """What carrying out ``step`` answers: a call's result or its ``ApiError``."""
+        if isinstance(step, Pause):
+            time.sleep(step.seconds)
+        elif isinstance(step, Notify):
+            step.callback(step.value)
+        else:
             try:
-                step: Step = steps.throw(error) if error is not None else steps.send(value)
-            except StopIteration as stop:
-                return stop.value
-            value, error = None, None
-            if isinstance(step, Pause):
-                time.sleep(step.seconds)
-            elif isinstance(step, Notify):
-                step.callback(step.value)
-            else:
-                try:
-                    value = self.send(step)
-                except ApiError as exc:
-                    error = exc
+                return self.send(step)
+            except ApiError as exc:
+                return exc
+        return None
 
     def lines(self, steps: Steps[Call]) -> Lines:
         return Lines(self._lines(steps))
@@ -199,25 +241,16 @@ class SyncRunner:
     def _lines(self, steps: Steps[Call]) -> Generator[str, None, None]:
         call = self.run(steps)
         while True:
-            try:
-                request = _request(self.http, self.url, self.token, call, streamed=True)
-                response = self.http.send(request, stream=True)
-            except httpx.TransportError as exc:
-                raise _unreachable(call, self.url, exc) from None
-            except httpx.InvalidURL as exc:
-                raise _invalid(call, self.url, exc) from None
+            with _sending(call, self.url):
+                response = self.http.send(_request(self.http, self.url, self.token, call, streamed=True),
+                                          stream=True)
             try:
                 if response.status_code >= 300:
                     response.read()
-                    raise _error(response) if response.status_code >= 400 else _redirected(call, response)
-                try:
+                    raise _refused(call, response)
+                with _streaming(call, self.url):
                     yield from response.iter_lines()
                     return
-                except httpx.ReadTimeout:
-                    if call.resume is None:
-                        raise _unreachable(call, self.url, httpx.ReadTimeout("no line")) from None
-                except httpx.TransportError as exc:
-                    raise _unreachable(call, self.url, exc) from None
             finally:
                 response.close()
             call = _resumed(call)
@@ -234,41 +267,31 @@ class AsyncRunner:
         self.cache: dict[str, Any] = {}
 
     async def send(self, call: Call) -> Any:
-        opened = _open(call.upload) if call.upload is not None else None
-        size = opened[1] if opened else None
-        try:
+        with _sending(call, self.url) as opened:
             content = _achunks(*opened, call.upload) if opened and call.upload else None
             response = await self.http.send(_request(self.http, self.url, self.token, call, content=content,
-                                                     size=size))
-        except httpx.TransportError as exc:
-            raise _unreachable(call, self.url, exc) from None
-        except httpx.InvalidURL as exc:
-            raise _invalid(call, self.url, exc) from None
-        finally:
-            if opened:
-                opened[0].close()
+                                                     size=opened[1] if opened else None))
         return _result(call, response)
 
     async def run(self, steps: Steps[T]) -> T:
-        value: Any = None
-        error: ApiError | None = None
-        while True:
+        answer: Any = None
+        while not isinstance(step := _resume(steps, answer), _Returned):
+            answer = await self._take(step)
+        return step.value
+
+    async def _take(self, step: Step) -> Any:
+        """``SyncRunner._take``, awaited; a ``Notify`` callback's answer awaited when it is awaitable."""
+        if isinstance(step, Pause):
+            await asyncio.sleep(step.seconds)
+        elif isinstance(step, Notify):
+            if inspect.isawaitable(answered := step.callback(step.value)):
+                await answered
+        else:
             try:
-                step: Step = steps.throw(error) if error is not None else steps.send(value)
-            except StopIteration as stop:
-                return stop.value
-            value, error = None, None
-            if isinstance(step, Pause):
-                await asyncio.sleep(step.seconds)
-            elif isinstance(step, Notify):
-                answered = step.callback(step.value)
-                if inspect.isawaitable(answered):
-                    await answered
-            else:
-                try:
-                    value = await self.send(step)
-                except ApiError as exc:
-                    error = exc
+                return await self.send(step)
+            except ApiError as exc:
+                return exc
+        return None
 
     def lines(self, steps: Steps[Call]) -> AsyncLines:
         return AsyncLines(self._lines(steps))
@@ -276,26 +299,17 @@ class AsyncRunner:
     async def _lines(self, steps: Steps[Call]) -> AsyncGenerator[str, None]:
         call = await self.run(steps)
         while True:
-            try:
-                request = _request(self.http, self.url, self.token, call, streamed=True)
-                response = await self.http.send(request, stream=True)
-            except httpx.TransportError as exc:
-                raise _unreachable(call, self.url, exc) from None
-            except httpx.InvalidURL as exc:
-                raise _invalid(call, self.url, exc) from None
+            with _sending(call, self.url):
+                response = await self.http.send(_request(self.http, self.url, self.token, call, streamed=True),
+                                                stream=True)
             try:
                 if response.status_code >= 300:
                     await response.aread()
-                    raise _error(response) if response.status_code >= 400 else _redirected(call, response)
-                try:
+                    raise _refused(call, response)
+                with _streaming(call, self.url):
                     async for line in response.aiter_lines():
                         yield line
                     return
-                except httpx.ReadTimeout:
-                    if call.resume is None:
-                        raise _unreachable(call, self.url, httpx.ReadTimeout("no line")) from None
-                except httpx.TransportError as exc:
-                    raise _unreachable(call, self.url, exc) from None
             finally:
                 await response.aclose()
             call = _resumed(call)

@@ -7,7 +7,7 @@ from typing import Annotated
 import typer
 
 from mmanager.commands import render
-from mmanager.commands.session import Json, Profile, connect, stdout
+from mmanager.commands.session import Json, Profile, connect, show
 
 app = typer.Typer(help="Alerts: a container's CPU, memory or disk use over its threshold.", no_args_is_help=True)
 
@@ -20,7 +20,4 @@ def list_alerts(
     """List alerts."""
     with connect(profile) as client:
         rows = client.alerts.list(active=True if active else None)
-    if json_out:
-        render.print_json(rows)
-    else:
-        render.alerts(stdout(), rows)
+    show(json_out, rows, render.alerts)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mmanager.commands import render
-from mmanager.commands.session import Json, Profile, connect, stdout
+from mmanager.commands.session import Json, Profile, connect, show
 
 app = typer.Typer(help="The audit log: every change, and every call refused.", no_args_is_help=True)
 
@@ -29,7 +29,4 @@ def list_audit(
     with connect(profile) as client:
         rows = client.audit.list(actor=actor, result=result, source=source, method=method, since=since,
                                  target=target, limit=limit, offset=offset)
-    if json_out:
-        render.print_json(rows)
-    else:
-        render.audit(stdout(), rows)
+    show(json_out, rows, render.audit)

@@ -8,17 +8,14 @@ from typing import Annotated
 import typer
 
 from mmanager.commands import render
-from mmanager.commands.session import Json, Profile, connect, stdout
+from mmanager.commands.session import Json, Profile, connect, show
 
 
 def list_models(json_out: Json = False, profile: Profile = None) -> None:
     """List the model types services can be made from (apply with `model: NAME`)."""
     with connect(profile) as client:
         rows = client.models.list()
-    if json_out:
-        render.print_json(rows)
-    else:
-        render.models(stdout(), rows)
+    show(json_out, rows, render.models)
 
 
 def show_model(name: Annotated[str, typer.Argument(help="the model type's name", show_default=False)],
@@ -26,10 +23,7 @@ def show_model(name: Annotated[str, typer.Argument(help="the model type's name",
     """One model type: the spec it fills in."""
     with connect(profile) as client:
         row = client.models.get(name)
-    if json_out:
-        render.print_json(row)
-    else:
-        render.model(stdout(), row)
+    show(json_out, row, render.model)
 
 
 def attach(group: typer.Typer) -> None:

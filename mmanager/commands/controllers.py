@@ -12,7 +12,7 @@ import typer
 
 from mmanager.commands import render
 from mmanager.commands.render import escape
-from mmanager.commands.session import Json, Profile, completions, connect, progress_bar, stdout
+from mmanager.commands.session import Json, Profile, completions, connect, progress_bar, show, stdout
 
 
 def _ids(ctx: typer.Context, incomplete: str) -> list[str]:
@@ -26,20 +26,14 @@ def list_controllers(json_out: Json = False, profile: Profile = None) -> None:
     """List the controllers: status, load, containers and GPUs (admin)."""
     with connect(profile) as client:
         rows = client.controllers.list()
-    if json_out:
-        render.print_json(rows)
-    else:
-        render.controllers(stdout(), rows)
+    show(json_out, rows, render.controllers)
 
 
 def show_controller(controller_id: ControllerId, json_out: Json = False, profile: Profile = None) -> None:
     """One controller, with its GPUs (admin)."""
     with connect(profile) as client:
         row = client.controllers.get(controller_id)
-    if json_out:
-        render.print_json(row)
-    else:
-        render.controller(stdout(), row)
+    show(json_out, row, render.controller)
 
 
 def _said(json_out: bool, row: Any, what: str) -> None:

@@ -17,7 +17,7 @@ import typer
 
 from mmanager.commands import render
 from mmanager.commands.render import escape
-from mmanager.commands.session import Json, Profile, connect, note, stdout
+from mmanager.commands.session import Json, Profile, connect, note, show, stdout
 
 app = typer.Typer(help="Model files: the hub's store of files a spec's `models` mounts read-only, named by "
                        "their sha256 digest.", no_args_is_help=True)
@@ -73,10 +73,7 @@ def list_files(
     """List the stored model files, oldest first."""
     with connect(profile) as client:
         rows = client.model_files.list(limit=limit, offset=offset)
-    if json_out:
-        render.print_json(rows)
-    else:
-        render.model_files(stdout(), rows)
+    show(json_out, rows, render.model_files)
 
 
 @app.command("delete")

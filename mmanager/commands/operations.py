@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from mmanager.commands import render
-from mmanager.commands.session import Json, Profile, connect, fail, progress_bar, stdout
+from mmanager.commands.session import Json, Profile, connect, fail, progress_bar, show
 
 app = typer.Typer(help="Operations: what the hub did (create, update, scale, migrate, drain, failover, ...).",
                   no_args_is_help=True)
@@ -29,10 +29,7 @@ def list_operations(
     with connect(profile) as client:
         rows = client.operations.list(service_id=service, controller_id=controller, status=status,
                                       operation=operation, limit=limit, offset=offset)
-    if json_out:
-        render.print_json(rows)
-    else:
-        render.operations(stdout(), rows)
+    show(json_out, rows, render.operations)
 
 
 @app.command("show")
@@ -40,10 +37,7 @@ def show_operation(operation_id: OperationId, json_out: Json = False, profile: P
     """One operation, with its details."""
     with connect(profile) as client:
         row = client.operations.get(operation_id)
-    if json_out:
-        render.print_json(row)
-    else:
-        render.operation(stdout(), row)
+    show(json_out, row, render.operation)
 
 
 @app.command("wait")
@@ -55,9 +49,6 @@ def wait_operation(
     """Wait for an operation to end, with a progress bar; exit status 1 if it failed."""
     with connect(profile) as client, progress_bar(json_out, f"operation {operation_id}") as bar:
         row = client.operations.wait(operation_id, progress=bar, timeout=timeout)
-    if json_out:
-        render.print_json(row)
-    else:
-        render.operation(stdout(), row)
+    show(json_out, row, render.operation)
     if row.status == "failed":
         fail("OPERATION_FAILED", f"operation {row.id} ({row.operation}) failed: {row.error or 'no reason given'}")

@@ -14,7 +14,7 @@ import typer
 
 from mmanager.commands import render
 from mmanager.commands.render import escape
-from mmanager.commands.session import USAGE, Json, Profile, completions, connect, fail, note, progress_bar, stdout
+from mmanager.commands.session import USAGE, Json, Profile, completions, connect, fail, note, progress_bar, show, stdout
 
 app = typer.Typer(help="Services: yours (an admin: everyone's), named by id or by the name of one of yours.",
                   no_args_is_help=True)
@@ -26,13 +26,6 @@ def _own_names(ctx: typer.Context, incomplete: str) -> list[str]:
 
 Ref = Annotated[str, typer.Argument(help="the service: its id, or the name of one of yours", show_default=False,
                                     autocompletion=_own_names)]
-
-
-def show(json_out: bool, value: Any, view: Any) -> None:
-    if json_out:
-        render.print_json(value)
-    else:
-        view(stdout(), value)
 
 
 def done(json_out: bool, service: Any, what: str) -> None:

@@ -1,5 +1,6 @@
 """What every client command shares: its options (``--profile``, ``--json``), the SDK client it speaks
-through, the one-line errors it exits with, and the progress bar of a long operation.
+through, how it shows a result (``show``: JSON, or a table), the one-line errors it exits with, and the
+progress bar of a long operation.
 
 Invariant: a client command never shows a traceback for what the hub or the network did. Every
 ``ApiError`` (``HUB_UNREACHABLE`` included) ends as one line ``error: CODE: message`` on stderr and exit
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 import typer
 from rich.console import Console
 
+from mmanager.commands import render
 from mmanager.commands.render import escape
 
 if TYPE_CHECKING:
@@ -46,6 +48,14 @@ def stdout(json: bool = False) -> Console:
     terminal = sys.stdout.isatty()
     return Console(highlight=False, soft_wrap=not terminal, width=None if terminal else 100_000,
                    no_color=json or not terminal)
+
+
+def show(json_out: bool, value: Any, view: Callable[[Console, Any], None]) -> None:
+    """A command's result: its JSON (``--json``), or drawn by ``view`` (a ``render`` function)."""
+    if json_out:
+        render.print_json(value)
+    else:
+        view(stdout(), value)
 
 
 def fail(code: str, message: str, status: int = FAILED) -> NoReturn:

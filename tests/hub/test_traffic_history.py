@@ -7,7 +7,7 @@ peak VRAM and mean utilisation, and a CPU service has none."""
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any
@@ -68,6 +68,26 @@ class Gateways:
                 for g, text in sorted(self.text.items())], []
 
 
+Round = Callable[[datetime], Awaitable[None]]
+
+
+def _recording(db: Database, monkeypatch: pytest.MonkeyPatch) -> tuple[Gateways, Round]:
+    """Fake gateways whose expositions the test sets, and one of the recorder's rounds over them, read at a
+    bucket's start (as the recorder does, its offset after)."""
+    gateways = Gateways()
+    monkeypatch.setattr(traffic_history, "read_gateways", gateways.read)
+    now = B
+    settings = HubSettings(database_url=db.url, api_key=KEY, metrics_resolution=RESOLUTION)
+    recorder = TrafficRecorder(db, settings, clock=lambda: now)
+
+    async def round_at(at: datetime) -> None:
+        nonlocal now
+        now = at + timedelta(seconds=recorder.offset)
+        await recorder.run_once()
+
+    return gateways, round_at
+
+
 async def _service(db: Database, owner: str, name: str, desired_state: str = "running") -> str:
     async with db.session() as session:
         user = await session.scalar(select(UserModel).where(UserModel.username == owner))
@@ -100,16 +120,7 @@ async def _write(db: Database, rows: list[dict[str, Any]]) -> None:
 async def test_recorded_traffic_lands_in_its_buckets_beside_the_samples(
         any_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     sid = await _service(any_db, "alice", "a")
-    gateways = Gateways()
-    monkeypatch.setattr(traffic_history, "read_gateways", gateways.read)
-    now = B
-    settings = HubSettings(database_url=any_db.url, api_key=KEY, metrics_resolution=RESOLUTION)
-    recorder = TrafficRecorder(any_db, settings, clock=lambda: now)
-
-    async def round_at(at: datetime) -> None:
-        nonlocal now
-        now = at + timedelta(seconds=recorder.offset)
-        await recorder.run_once()
+    gateways, round_at = _recording(any_db, monkeypatch)
 
     # Bucket B's samples are written before its traffic, bucket B+1's after.
     await _write(any_db, [_resources(sid, B, 40.0, gpu=(3 * GiB, 50.0))])
@@ -234,16 +245,7 @@ async def test_a_bucket_counted_without_requests_is_zero_and_one_never_counted_i
         any_db: Database, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     busy, idle = await _service(any_db, "carol", "busy"), await _service(any_db, "carol", "idle")
     stopped = await _service(any_db, "carol", "stopped", desired_state="stopped")
-    gateways = Gateways()
-    monkeypatch.setattr(traffic_history, "read_gateways", gateways.read)
-    now = B
-    settings = HubSettings(database_url=any_db.url, api_key=KEY, metrics_resolution=RESOLUTION)
-    recorder = TrafficRecorder(any_db, settings, clock=lambda: now)
-
-    async def round_at(at: datetime) -> None:
-        nonlocal now
-        now = at + timedelta(seconds=recorder.offset)
-        await recorder.run_once()
+    gateways, round_at = _recording(any_db, monkeypatch)
 
     # The heartbeats' samples of both running services, before the recorder ever counted (a new leader's
     # first read is its baseline): bucket B - 60 is never counted.

@@ -11,12 +11,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 from hub.schemas import MeOut, ModelTypeOut, OperationOut, ServiceOut, ServiceSpec
-from mmanager.cli import app
 from mmanager.client import ApiError, config
-from mmanager.commands import session
+from tests.support.cli_fake import FakeClientBase, run, use_client
 
 NOW = datetime(2026, 12, 7, 11, 0, tzinfo=UTC)
 SPEC = "name: hello\nimage: img:1\nresources: {memory_limit: 32MB}\n"
@@ -91,7 +89,7 @@ class FakeModels:
         return TYPE
 
 
-class FakeClient:
+class FakeClient(FakeClientBase):
     def __init__(self) -> None:
         self.services = FakeServices()
         self.models = FakeModels()
@@ -100,22 +98,10 @@ class FakeClient:
     def me(self) -> MeOut:
         return MeOut(username="alice", admin=self.admin)
 
-    def __enter__(self) -> FakeClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeClient:
-    client = FakeClient()
-    monkeypatch.setattr(session, "make_client", lambda profile: client)
-    return client
-
-
-def run(*args: str, stdin: str | None = None) -> Any:
-    return CliRunner().invoke(app, list(args), input=stdin)
+    return use_client(monkeypatch, FakeClient())
 
 
 def test_apply_creates_then_is_unchanged_then_patches_what_differs(fake: FakeClient, tmp_path: Path) -> None:

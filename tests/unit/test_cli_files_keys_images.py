@@ -9,12 +9,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from typer.testing import CliRunner
 
 from hub.schemas import ControllerImagesOut, ImageOutcome, ModelFileOut, ServiceKeyCreated, ServiceKeyOut
-from mmanager.cli import app
 from mmanager.client import ApiError
-from mmanager.commands import session
+from tests.support.cli_fake import FakeClientBase, run, use_client
 
 NOW = datetime(2026, 12, 7, 11, 0, tzinfo=UTC)
 DIGEST = "sha256:" + "d" * 64
@@ -86,29 +84,17 @@ class FakeImages:
         return [self._outcome(c, images_deleted=["sha256:2"], space_reclaimed=3_000_000) for c in controllers]
 
 
-class FakeClient:
+class FakeClient(FakeClientBase):
     def __init__(self) -> None:
         self.calls: list[tuple[Any, ...]] = []
         self.model_files = FakeFiles(self.calls)
         self.services = FakeServices(self.calls)
         self.images = FakeImages(self.calls)
 
-    def __enter__(self) -> FakeClient:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        pass
-
 
 @pytest.fixture
 def fake(monkeypatch: pytest.MonkeyPatch) -> FakeClient:
-    client = FakeClient()
-    monkeypatch.setattr(session, "make_client", lambda profile: client)
-    return client
-
-
-def run(*args: str, stdin: str | None = None) -> Any:
-    return CliRunner().invoke(app, list(args), input=stdin)
+    return use_client(monkeypatch, FakeClient())
 
 
 def test_upload_prints_the_digest_alone_on_stdout(fake: FakeClient, tmp_path: Path) -> None:

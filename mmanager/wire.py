@@ -30,6 +30,10 @@ LABEL_SERVICE = "mmanager.service"
 LABEL_EPOCH = "mmanager.epoch"
 # The service's HTTP health check, as JSON, so a restarted controller still probes it.
 LABEL_HEALTH_CHECK = "mmanager.health_check"
+# A batch job's container: its job and attempt ids (``mmanager.epoch`` is then the attempt's number). A job's
+# container never carries ``mmanager.service``.
+LABEL_JOB = "mmanager.job"
+LABEL_ATTEMPT = "mmanager.attempt"
 LABEL_PREFIX = "mmanager."
 
 ServerType = Literal["gpu", "cpu", "edge"]
@@ -296,6 +300,9 @@ class ContainerInfo(WireModel):
     health_restarts: int = 0
     # Why it is unhealthy (the last failed probe, or a golden probe's wrong answer); left out when none.
     health_detail: str | None = Field(default=None, exclude_if=_none)
+    # A batch job's container: its job and attempt (``epoch`` is the attempt's number); left out otherwise.
+    job_id: str | None = Field(default=None, exclude_if=_none)
+    attempt_id: str | None = Field(default=None, exclude_if=_none)
 
 
 class ContainerList(WireModel):
@@ -476,6 +483,9 @@ class HeartbeatContainer(WireModel):
     ports: dict[str, int | None] = Field(default_factory=dict)
     # The latest stats sample while it runs; None before the first one (or from an older controller).
     usage: ContainerUsage | None = None
+    # A batch job's container (``ContainerInfo``'s): the hub fences one whose attempt is no longer current.
+    job_id: str | None = Field(default=None, exclude_if=_none)
+    attempt_id: str | None = Field(default=None, exclude_if=_none)
 
 
 class AuditEvent(WireModel):
@@ -534,8 +544,9 @@ class StopOrder(WireModel):
     service_id: str | None = None
     epoch: int | None = None
     # stale_epoch: a newer copy runs elsewhere; orphan: no registry row (the service is gone
-    # or a create was lost half-way).
+    # or a create was lost half-way); stale_attempt: a job's attempt that is no longer its current one.
     reason: str
+    attempt_id: str | None = Field(default=None, exclude_if=_none)
 
 
 class HeartbeatAnswer(WireModel):
@@ -545,3 +556,93 @@ class HeartbeatAnswer(WireModel):
     # The image set version (``Heartbeat.images_version``) this hub holds for the controller; another one (or
     # None) asks for the full list with the next beat.
     images_version: str | None = Field(default=None, exclude_if=_none)
+
+
+# -- batch jobs (docs/API.md, Jobs; controller.jobs runs them, hub.services.jobs dispatches and collects) ----
+
+JobRunState = Literal["pulling", "starting", "running", "exited", "failed", "timed_out", "cancelled"]
+# The states in which a run's container no longer runs: its outputs and logs wait for the hub to collect them.
+JOB_RUN_ENDED: frozenset[str] = frozenset({"exited", "failed", "timed_out", "cancelled"})
+
+
+class JobInput(WireModel):
+    """A file of the hub's stores (an artifact or a model file, by digest) mounted read-only at
+    ``/inputs/{path}``; ``path`` is relative, without ``..``."""
+
+    digest: ModelDigest
+    path: str = Field(min_length=1, max_length=255)
+
+
+class JobRun(WireModel):
+    """``POST /jobs/`` on a controller: run one attempt of a job. Idempotent on ``attempt_id``; refused (409
+    STALE_EPOCH) when the controller has seen a newer ``number`` for ``job_id``."""
+
+    job_id: str = Field(min_length=1, max_length=64)
+    attempt_id: str = Field(min_length=1, max_length=64)
+    number: int = Field(ge=1)
+    name: str = Field(min_length=1, max_length=128)
+    image: str = Field(min_length=1, max_length=512)
+    command: list[str] = Field(default_factory=list, max_length=4096)
+    environment: dict[str, str] = Field(default_factory=dict)
+    inputs: list[JobInput] = Field(default_factory=list, max_length=256)
+    memory_limit: str | int | None = None
+    cpu_limit: float | None = None
+    gpu_count: int = Field(default=0, ge=0)
+    gpu_device_ids: list[str] | None = None
+    gpu_memory: int | None = Field(default=None, ge=1)
+    # Seconds from the container's start after which it is stopped and the run is ``timed_out``.
+    timeout: float | None = Field(default=None, gt=0)
+    registry_auth: RegistryAuth | None = Field(default=None, exclude_if=_none)
+
+
+class JobProgress(WireModel):
+    """What a job writes to ``$MMANAGER_PROGRESS_FILE`` (JSON, rewritten whole): ``done`` of ``total``
+    ``unit``s, and its own ``rate`` (units a second) when it has one."""
+
+    done: float = 0
+    total: float | None = None
+    unit: str = Field(default="items", max_length=32)
+    rate: float | None = None
+    message: str | None = Field(default=None, max_length=512)
+
+
+class JobRunInfo(WireModel):
+    """One attempt as its controller sees it."""
+
+    attempt_id: str
+    job_id: str
+    number: int
+    state: JobRunState
+    container_id: str | None = None
+    exit_code: int | None = None
+    # Why it failed to start or ended so (an image that cannot be pulled, the timeout, a cancel).
+    error: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    progress: JobProgress | None = None
+    # Ended and its outputs listed and checksummed (``GET /jobs/{attempt_id}/outputs``): ready to collect.
+    collectable: bool = False
+    log_bytes: int = 0
+    gpu_device_ids: list[str] = Field(default_factory=list)
+    image_pull: ImagePulled | None = None
+
+
+class JobRunList(WireModel):
+    """``GET /jobs/?since=V&wait=S``: every attempt this controller holds, and the version of that list (it
+    goes up with each change); with ``wait``, answered once the version passes ``since`` or after S seconds."""
+
+    version: int
+    runs: list[JobRunInfo]
+
+
+class JobOutputFile(WireModel):
+    path: str
+    size: int
+    sha256: str
+
+
+class JobOutputs(WireModel):
+    """``GET /jobs/{attempt_id}/outputs``: what the attempt left under ``/outputs``, each file checksummed."""
+
+    files: list[JobOutputFile]
+    log_bytes: int = 0

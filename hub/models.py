@@ -218,6 +218,8 @@ class OperationModel(Base):
     hub_replica: Mapped[str | None] = mapped_column(String(32), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    # A batch job's state change (hub.services.jobs): its job; service_id is then null.
+    job_id: Mapped[str | None] = mapped_column(String(32), default=None, index=True)
 
 
 class DeploymentHistoryModel(Base):
@@ -429,4 +431,115 @@ class ModelFileModel(Base):
     name: Mapped[str] = mapped_column(String(128))
     size: Mapped[int] = mapped_column(BigInteger)
     uploaded_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class PipelineModel(Base):
+    """A DAG of jobs submitted as one spec (``hub.services.jobs.pipelines``): its steps are rows of ``jobs``
+    that name it. Its status follows its steps'."""
+
+    __tablename__ = "pipelines"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    # pending | running | succeeded | failed | cancelled
+    status: Mapped[str] = mapped_column(String(16), default="pending", index=True)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+
+    owner: Mapped[UserModel] = relationship(lazy="joined")
+
+
+class JobModel(Base):
+    """A batch job (``hub.services.jobs``): queued while ``pending``, run as attempts (``job_attempts``) on
+    controllers. ``epoch`` is the number of its current attempt: only that attempt's end settles the job, and
+    a controller's container of any other is fenced."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (Index("ix_jobs_queue", "status", "priority", "created_at"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(63))
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    # The JobSpec as submitted (hub.job_schemas), without secrets.
+    spec: Mapped[dict[str, Any]] = mapped_column()
+    # pending | running | succeeded | failed | cancelled | timed_out
+    status: Mapped[str] = mapped_column(String(16), default="pending")
+    # Why it waits (the placement's verdict) or why it ended so.
+    status_message: Mapped[str | None] = mapped_column(Text, default=None)
+    # While pending: the placement's rejections, [{controller_id, reason}].
+    wait_reasons: Mapped[list[Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    # Attempts allowed after a failed or timed-out one.
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    timeout: Mapped[float | None] = mapped_column(Float, default=None)
+    # Attempts made so far, and the number of the current (last) one.
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    epoch: Mapped[int] = mapped_column(Integer, default=0)
+    pipeline_id: Mapped[str | None] = mapped_column(
+        ForeignKey("pipelines.id", ondelete="CASCADE"), default=None, index=True)
+    step: Mapped[str | None] = mapped_column(String(63), default=None)
+    # Job ids that must succeed before it may start (its inputs' producers, a pipeline's earlier steps).
+    needs: Mapped[list[Any]] = mapped_column(default=list)
+    # A retry's backoff: not started before this.
+    not_before: Mapped[datetime | None] = mapped_column(default=None)
+    # The current attempt's last JobProgress (mmanager.wire).
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    exit_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    owner: Mapped[UserModel] = relationship(lazy="joined")
+
+
+class JobAttemptModel(Base):
+    """One run of a job on one controller. While ``starting`` or ``running`` it holds its resources on that
+    controller as a registry row does (placement counts it)."""
+
+    __tablename__ = "job_attempts"
+    __table_args__ = (UniqueConstraint("job_id", "number"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    number: Mapped[int] = mapped_column(Integer)
+    controller_id: Mapped[str] = mapped_column(String(128), index=True)
+    container_id: Mapped[str | None] = mapped_column(String(128), default=None)
+    # starting | running | succeeded | failed | timed_out | cancelled | lost
+    status: Mapped[str] = mapped_column(String(16), default="starting", index=True)
+    exit_code: Mapped[int | None] = mapped_column(Integer, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    memory_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    cpu_limit: Mapped[float] = mapped_column(Float, default=0.0)
+    gpu_devices: Mapped[list[Any]] = mapped_column(default=list)
+    # The attempt's log, kept in the artifact store once collected.
+    log_digest: Mapped[str | None] = mapped_column(String(71), default=None)
+    log_size: Mapped[int] = mapped_column(BigInteger, default=0)
+    progress: Mapped[dict[str, Any] | None] = mapped_column(JSON(none_as_null=True), default=None)
+    # The hub replica that started it.
+    hub_replica: Mapped[str | None] = mapped_column(String(32), default=None)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(default=None)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
+class ArtifactModel(Base):
+    """A file in the artifact store (``hub.services.jobs.artifacts``), by sha256: an upload (a job's input)
+    or what an attempt left under ``/outputs``. A row exists only once its bytes are stored and checked."""
+
+    __tablename__ = "artifacts"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    owner_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    # An upload's file name, or an output's path under /outputs ('/'-separated).
+    name: Mapped[str] = mapped_column(String(255))
+    digest: Mapped[str] = mapped_column(String(71), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    job_id: Mapped[str | None] = mapped_column(ForeignKey("jobs.id", ondelete="SET NULL"), default=None, index=True)
+    attempt_id: Mapped[str | None] = mapped_column(String(32), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

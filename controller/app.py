@@ -33,11 +33,13 @@ from controller.gpu import detect_gpus
 from controller.gpu_monitor import GpuMonitor
 from controller.health import ControllerMetrics
 from controller.heartbeat import HeartbeatAgent
+from controller.jobs import JobRunner
 from controller.model_cache import ModelCache
 from controller.probes import Prober
 from controller.routers import audit as audit_routes
 from controller.routers import containers as container_routes
 from controller.routers import images as image_routes
+from controller.routers import jobs as job_routes
 from controller.routers import models as model_routes
 from controller.routers import system as system_routes
 from controller.runtime import DockerRuntime, Runtime
@@ -79,6 +81,7 @@ def create_app(
     models = ModelCache(settings, runtime, transport=hub_transport)
     service = ContainerService(settings, runtime, detect_gpus(settings.gpu_devices), sync, models)
     prober = Prober(settings, runtime, service)
+    jobs = JobRunner(settings, service)
     metrics = ControllerMetrics(settings.server_id)
     gpu_monitor = GpuMonitor(settings.stats_interval, metrics)
     sampler = StatsSampler(settings, runtime, metrics, gpus=gpu_monitor)
@@ -90,7 +93,7 @@ def create_app(
                            strikes=settings.gpu_memory_strikes, audit=audit, metrics=metrics)
     heartbeat = (
         HeartbeatAgent(settings, runtime, service, prober, transport=hub_transport, metrics=metrics, audit=audit,
-                       sampler=sampler, gpu_monitor=gpu_monitor)
+                       sampler=sampler, gpu_monitor=gpu_monitor, jobs=jobs)
         if settings.hub_url
         else None
     )
@@ -102,6 +105,7 @@ def create_app(
             await service.seed_epochs()
         except DockerUnavailable as exc:
             log.warning("Docker is unreachable at start-up (%s); epochs will be read on first use", exc.message)
+        jobs.start()
         prober.start()
         sampler.start()
         gpu_monitor.start()
@@ -125,6 +129,7 @@ def create_app(
             await vram_watch.stop()
             await gpu_monitor.stop()
             await prober.stop()
+            await jobs.stop()
             await models.aclose()
             if owns_runtime:
                 await runtime.close()
@@ -135,6 +140,7 @@ def create_app(
     app.state.runtime = runtime
     app.state.containers = service
     app.state.prober = prober
+    app.state.jobs = jobs
     app.state.stats = sampler
     app.state.gpu_monitor = gpu_monitor
     app.state.heartbeat = heartbeat
@@ -152,6 +158,7 @@ def create_app(
     app.include_router(container_routes.router, dependencies=[Depends(require_api_key)])
     app.include_router(image_routes.router, dependencies=[Depends(require_api_key)])
     app.include_router(model_routes.router, dependencies=[Depends(require_api_key)])
+    app.include_router(job_routes.router, dependencies=[Depends(require_api_key)])
     app.include_router(audit_routes.router, dependencies=[Depends(require_api_key)])
     return app
 

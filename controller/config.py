@@ -119,6 +119,9 @@ class ControllerSettings(SpecPolicySettings, TlsSettings, LogSettings):
     # and the most bytes it holds before the least recently used file no container mounts is evicted.
     model_cache_dir: Path = Field(default=Path("/var/lib/mmanager/models"), validation_alias="MMANAGER_MODEL_CACHE_DIR")
     model_cache_bytes: int = Field(default=100 * 1024**3, ge=1, validation_alias="MMANAGER_MODEL_CACHE_BYTES")
+    # Batch jobs' attempts (controller.jobs): one folder each (the request, outputs/, progress/, the log, the
+    # result), kept until the hub has collected them; a path the Docker daemon sees as the same path.
+    job_dir: Path = Field(default=Path("/var/lib/mmanager/jobs"), validation_alias="MMANAGER_JOB_DIR")
     # Seconds between listings of the images this host holds, for the heartbeats (controller.inventory); 0: never
     # reported. A pull by this controller lists them again at once.
     images_interval: float = Field(default=10.0, ge=0, validation_alias="MMANAGER_IMAGES_INTERVAL")

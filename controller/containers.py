@@ -17,6 +17,8 @@ and copy methods. Its invariants:
   the Docker create, so two creates can never both take the last slot or
   the same GPU.
 - A create that fails leaves no container behind.
+- A job's container (``controller.jobs``) is made by the same create, with ``JobParts``: idempotent on
+  its attempt, never labelled ``mmanager.service``.
 - With heartbeats on, create, start and restart are refused (503
   CONTROLLER_NOT_SYNCED) until a heartbeat round trip has removed the stale
   copies the hub named (``controller.sync``). Stop and remove never are: that
@@ -32,7 +34,7 @@ import logging
 import posixpath
 from collections.abc import Awaitable, Callable
 from contextlib import AbstractAsyncContextManager
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from weakref import WeakValueDictionary
 
 from controller import archives
@@ -61,9 +63,11 @@ from controller.gpu import (
 from controller.model_cache import LABEL_MODELS, ModelCache, models_label
 from controller.runtime import Runtime
 from controller.schemas import CopyResult, DirectoryCopy, FileCopy
-from controller.spec import ContainerSpec, build_spec
+from controller.spec import ContainerSpec, OwnMount, build_spec
 from controller.sync import SyncGuard
 from mmanager.wire import (
+    LABEL_ATTEMPT,
+    LABEL_SERVICE,
     ActionResult,
     ContainerCreate,
     ContainerCreated,
@@ -77,6 +81,20 @@ from mmanager.wire import (
 _LIVE = frozenset({"running", "restarting", "paused"})
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobParts:
+    """What a job's container gets beyond its create request (``controller.jobs``): its labels (``mmanager.job``,
+    ``mmanager.attempt``, ``mmanager.models``), set past the policy's refusal of reserved ``mmanager.*`` labels,
+    and the folders and files this controller made for it, bound as listed."""
+
+    labels: dict[str, str]
+    mounts: tuple[OwnMount, ...] = ()
+
+    @property
+    def attempt_id(self) -> str:
+        return self.labels[LABEL_ATTEMPT]
 
 
 class ContainerService:
@@ -130,7 +148,7 @@ class ContainerService:
 
     # -- create ------------------------------------------------------------
 
-    async def create(self, config: ContainerCreate) -> ContainerCreated:
+    async def create(self, config: ContainerCreate, job: JobParts | None = None) -> ContainerCreated:
         """Three Docker round trips for a new container: one listing, the create, the start (with the
         inspect that reads its outcome on the same pool thread). The listing serves both the idempotency
         lookup and the admission count; a missing image is the create's own refusal (ImageNotPresent),
@@ -145,6 +163,9 @@ class ContainerService:
             pids_limit=settings.pids_limit,
             default_memory=parse_memory(settings.default_memory_limit),
         )
+        if job is not None:
+            labels = {key: value for key, value in spec.labels.items() if key != LABEL_SERVICE}
+            spec = replace(spec, labels={**labels, **job.labels}, own_mounts=(*spec.own_mounts, *job.mounts))
         self.sync.check()
         if config.service_id:
             await self.seed_epochs()
@@ -166,7 +187,7 @@ class ContainerService:
             for again in (False, True):
                 async with self._admission:
                     managed = await self.runtime.list_containers(all=True, detailed=False)
-                    existing = _same_create(managed, config)
+                    existing = _same_create(managed, config, job)
                     if existing is None:
                         try:
                             container_id = await self._admit(config, spec, managed)
@@ -362,8 +383,11 @@ def _file_target(body: FileCopy) -> str:
     return archives.container_path(path)
 
 
-def _same_create(managed: list[ContainerInfo], config: ContainerCreate) -> ContainerInfo | None:
-    """The container a create with this ``(service_id, epoch)`` made before, if any (none without a service)."""
+def _same_create(managed: list[ContainerInfo], config: ContainerCreate, job: JobParts | None) -> ContainerInfo | None:
+    """The container a create with this ``(service_id, epoch)`` (a job's: its attempt) made before, if any
+    (none without a service or job)."""
+    if job is not None:
+        return next((info for info in managed if info.labels.get(LABEL_ATTEMPT) == job.attempt_id), None)
     if not config.service_id:
         return None
     epoch = config.epoch or 0

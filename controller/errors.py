@@ -60,6 +60,22 @@ class GpuUnavailable(Conflict):
     code = "GPU_UNAVAILABLE"
 
 
+class JobRunNotFound(NotFound):
+    code = "JOB_RUN_NOT_FOUND"
+
+
+class JobRunning(Conflict):
+    """The attempt's container has not ended yet: its outputs are not listed until it has."""
+
+    code = "JOB_RUNNING"
+
+
+class InvalidPath(ControllerError):
+    """A job's input or output path that is absolute, climbs out with ``..`` or has an empty segment."""
+
+    code = "INVALID_PATH"
+
+
 class ImageInUse(Conflict):
     code = "IMAGE_IN_USE"
 

@@ -34,8 +34,10 @@ from controller.runtime import HostInfo
 from controller.schemas import ContainerStats, ImageDetail, ImageSummary
 from controller.spec import ContainerSpec
 from mmanager.wire import (
+    LABEL_ATTEMPT,
     LABEL_CONTROLLER,
     LABEL_EPOCH,
+    LABEL_JOB,
     LABEL_MANAGED,
     LABEL_SERVICE,
     ContainerInfo,
@@ -59,6 +61,11 @@ class FakeContainer:
     host_ports: dict[str, int | None] = field(default_factory=dict)
     log_lines: list[str] = field(default_factory=list)
     files: dict[str, bytes] = field(default_factory=dict)
+    # Docker's State.ExitCode and FinishedAt of the last exit.
+    exit_code: int = 0
+    finished_at: str = "0001-01-01T00:00:00Z"
+    # Set while it is not running: what ``wait`` waits for.
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def name(self) -> str:
@@ -84,6 +91,8 @@ class FakeRuntime:
         container = FakeContainer(id=uuid.uuid4().hex * 2, spec=spec, status=status)
         if status == "running":
             container.started_at = container.created
+        else:
+            container.ended.set()
         self.containers[container.id] = container
         return container
 
@@ -119,12 +128,16 @@ class FakeRuntime:
                 "Status": container.status,
                 "Running": container.status == "running",
                 "StartedAt": container.started_at,
+                "FinishedAt": container.finished_at,
+                "ExitCode": container.exit_code,
             },
             created=container.created,
             ports=dict(container.host_ports) or dict.fromkeys(container.spec.ports),
             labels=labels,
             service_id=labels.get(LABEL_SERVICE) or None,
             epoch=int(epoch) if epoch is not None else None,
+            job_id=labels.get(LABEL_JOB) or None,
+            attempt_id=labels.get(LABEL_ATTEMPT) or None,
             memory_limit=container.spec.mem_limit,
             cpu_limit=container.spec.nano_cpus / 1e9 if container.spec.nano_cpus else None,
             gpu_device_ids=label_gpu_ids(labels),
@@ -181,14 +194,36 @@ class FakeRuntime:
             container.status = "exited"
             raise DockerError("OCI runtime create failed (fake)")
         container.status = "running"
+        container.ended.clear()
         container.started_at = datetime.now(UTC).isoformat()
         container.host_ports = {key: port or next(self._ports) for key, port in container.spec.ports.items()}
         container.log_lines.append(f"{container.name} started")
 
     async def stop(self, container_id: str, timeout: int) -> None:
         container = self._find(container_id)
-        container.status = "exited"
+        if container.status == "running":
+            # SIGTERM's exit, as a shell that traps nothing would have it.
+            self.exit(container.id, 143)
         container.host_ports = {}
+
+    def exit(self, container_id: str, code: int = 0, output: str = "") -> None:
+        """The container's process ends by itself with ``code``, having printed ``output``."""
+        container = self._find(container_id)
+        container.log_lines.extend(output.splitlines())
+        container.status = "exited"
+        container.exit_code = code
+        container.finished_at = datetime.now(UTC).isoformat()
+        container.ended.set()
+
+    async def wait(self, container_id: str, timeout: float) -> int | None:
+        container = self._find(container_id)
+        try:
+            await asyncio.wait_for(container.ended.wait(), timeout)
+        except TimeoutError:
+            return None
+        if container.id not in self.containers:
+            raise NotFound(f"no container {container_id!r} managed by this controller")
+        return container.exit_code
 
     async def restart(self, container_id: str, timeout: int) -> None:
         await self.stop(container_id, timeout)
@@ -205,6 +240,7 @@ class FakeRuntime:
         if container.status == "running" and not force:
             raise Conflict(f"container {container.name} is running: stop it first or force")
         del self.containers[container.id]
+        container.ended.set()
 
     async def logs(self, container_id: str, lines: int) -> str:
         container = self._find(container_id)

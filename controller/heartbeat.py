@@ -62,6 +62,7 @@ from controller.errors import ControllerError, NotFound
 from controller.gpu_monitor import GpuMonitor, with_gpu_usage
 from controller.health import ControllerMetrics, collect_health, docker_down_health
 from controller.inventory import ImageInventory
+from controller.jobs import JobRunner
 from controller.presence import PresenceAgent
 from controller.probes import Prober
 from controller.runtime import Runtime
@@ -131,6 +132,7 @@ class HeartbeatAgent(LoopService):
         audit: AuditTrail | None = None,
         sampler: StatsSampler | None = None,
         gpu_monitor: GpuMonitor | None = None,
+        jobs: JobRunner | None = None,
     ) -> None:
         if not settings.hub_url:
             raise ValueError("heartbeats need MMANAGER_HUB_URL")
@@ -143,6 +145,7 @@ class HeartbeatAgent(LoopService):
         self.audit = audit
         self.sampler = sampler
         self.gpu_monitor = gpu_monitor
+        self.jobs = jobs
         # Read before every beat: a key file rewritten by an operator is picked up without a restart.
         self.key = HeartbeatKey(settings)
         self.sync = containers.sync
@@ -314,6 +317,8 @@ class HeartbeatAgent(LoopService):
             age_seconds=round(max(age or 0.0, 0.0), 3),
             ports=info.ports,
             usage=self.sampler.usage(info.id) if self.sampler is not None else None,
+            job_id=info.job_id,
+            attempt_id=info.attempt_id,
         )
 
     @property
@@ -388,6 +393,15 @@ class HeartbeatAgent(LoopService):
 
     async def _stop(self, order: StopOrder) -> bool:
         what = f"container {order.container_id[:12]} (service {order.service_id}, epoch {order.epoch})"
+        attempt = order.attempt_id or (self.jobs.attempt_of(order.container_id) if self.jobs is not None else None)
+        if attempt is not None and self.jobs is not None:
+            # A job's attempt the hub no longer wants: its run is forgotten and its files go with the container.
+            what = f"container {order.container_id[:12]} (job attempt {attempt})"
+            try:
+                await self.jobs.discard(attempt)
+            except ControllerError as exc:
+                log.warning("could not drop %s as the hub ordered (%s): %s", what, order.reason, exc.message)
+                return False
         try:
             await self.containers.remove(order.container_id, force=True)
         except NotFound:

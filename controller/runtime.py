@@ -59,8 +59,10 @@ from controller.schemas import ContainerStats, ImageDetail, ImageSummary
 from controller.spec import ContainerSpec
 from mmanager.streams import ClosingStream, newest_bytes
 from mmanager.wire import (
+    LABEL_ATTEMPT,
     LABEL_CONTROLLER,
     LABEL_EPOCH,
+    LABEL_JOB,
     LABEL_MANAGED,
     LABEL_SERVICE,
     ContainerInfo,
@@ -103,6 +105,7 @@ class Runtime(Protocol):
     async def stop(self, container_id: str, timeout: int) -> None: ...
     async def restart(self, container_id: str, timeout: int) -> None: ...
     async def remove(self, container_id: str, force: bool) -> None: ...
+    async def wait(self, container_id: str, timeout: float) -> int | None: ...
     async def logs(self, container_id: str, lines: int) -> str: ...
     async def follow_logs(self, container_id: str, lines: int) -> AsyncIterator[bytes]: ...
     async def stats(self, container_id: str) -> ContainerStats: ...
@@ -127,6 +130,8 @@ class DockerRuntime:
         self._connect_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=_POOL_THREADS, thread_name_prefix="docker")
         self._log_pool = ThreadPoolExecutor(max_workers=settings.max_log_streams, thread_name_prefix="docker-logs")
+        # Job runs' waits (controller.jobs), one blocked thread each: apart, so they never starve the main pool.
+        self._wait_pool = ThreadPoolExecutor(max_workers=settings.max_containers, thread_name_prefix="docker-wait")
         self._log_streams = 0
         # The pulls of missing images running now, for GET /images/pulls.
         self._pulls = Pulls()
@@ -389,6 +394,23 @@ class DockerRuntime:
     async def remove(self, container_id: str, force: bool) -> None:
         await self._run(lambda client: self._managed(client, container_id).remove(force=force))
 
+    async def wait(self, container_id: str, timeout: float) -> int | None:
+        """The container's exit code once it is not running (at once if it is not), or None when it still
+        runs after ``timeout`` seconds. On the wait pool: each wait holds a thread blocked on Docker."""
+
+        def wait(client: docker.DockerClient) -> int | None:
+            self._managed(client, container_id)
+            try:
+                result = client.api.wait(container_id, timeout=timeout)  # type: ignore[arg-type]  # requests takes a float
+            except (requests.exceptions.ReadTimeout, requests.exceptions.ConnectionError) as exc:
+                # The read timing out is how "still running" looks (ConnectionError wraps urllib3's read timeout).
+                if isinstance(exc, requests.exceptions.ReadTimeout) or "timed out" in str(exc).lower():
+                    return None
+                raise
+            return int(result.get("StatusCode", -1))
+
+        return await self._run(wait, pool=self._wait_pool)
+
     async def logs(self, container_id: str, lines: int) -> str:
         """The last ``lines`` lines, cut to their newest ``MMANAGER_MAX_LOG_BYTES``.
 
@@ -578,6 +600,7 @@ class DockerRuntime:
             await self._run(lambda client: client.close())
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._log_pool.shutdown(wait=False, cancel_futures=True)
+        self._wait_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _api_error(exc: docker.errors.APIError) -> ControllerError:
@@ -627,6 +650,10 @@ def _create_kwargs(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any]]
             )
             for source, mount in spec.volumes.items()
         ]
+    if spec.own_mounts:
+        host["mounts"] = [*host.get("mounts", ()), *(
+            Mount(target=mount.target, source=mount.source, type="bind", read_only=mount.read_only)
+            for mount in spec.own_mounts)]
     optional_config = {"name": spec.name, "command": spec.command, "working_dir": spec.working_dir}
     config.update({key: value for key, value in optional_config.items() if value is not None})
     optional_host = {"mem_limit": spec.mem_limit, "nano_cpus": spec.nano_cpus, "restart_policy": spec.restart_policy,
@@ -680,6 +707,8 @@ def _container_info(attrs: dict[str, Any]) -> ContainerInfo:
         labels=labels,
         service_id=labels.get(LABEL_SERVICE) or None,
         epoch=_int_or_none(labels.get(LABEL_EPOCH)),
+        job_id=labels.get(LABEL_JOB) or None,
+        attempt_id=labels.get(LABEL_ATTEMPT) or None,
         memory_limit=host.get("Memory") or None,
         cpu_limit=(host.get("NanoCpus") or 0) / 1e9 or None,
         gpu_device_ids=label_gpu_ids(labels),
@@ -703,6 +732,8 @@ def _summary_info(summary: dict[str, Any]) -> ContainerInfo:
         labels=labels,
         service_id=labels.get(LABEL_SERVICE) or None,
         epoch=_int_or_none(labels.get(LABEL_EPOCH)),
+        job_id=labels.get(LABEL_JOB) or None,
+        attempt_id=labels.get(LABEL_ATTEMPT) or None,
         gpu_device_ids=label_gpu_ids(labels),
     )
 

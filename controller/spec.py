@@ -73,6 +73,16 @@ class ContainerSpec:
     cap_add: list[str] = field(default_factory=list)
     pids_limit: int = DEFAULT_PIDS_LIMIT
     security_opt: tuple[str, ...] = SECURITY_OPT
+    # Host paths this controller made itself (a job's folders, its input files in the model cache), never a
+    # path a request named: bound as listed, read-write where ``read_only`` is False.
+    own_mounts: tuple[OwnMount, ...] = ()
+
+
+@dataclass(frozen=True)
+class OwnMount:
+    source: str
+    target: str
+    read_only: bool = True
 
 
 def build_spec(

@@ -551,7 +551,7 @@ def manifest(outputs: Path) -> list[JobOutputFile]:
                 log.warning("output file %r is not named in UTF-8; not listed", relative)
                 continue
             files.append(JobOutputFile(path=relative, size=st.st_size, sha256=_sha256(full)))
-    return files
+    return sorted(files, key=lambda item: item.path)
 
 
 def _sha256(path: str) -> str:

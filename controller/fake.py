@@ -217,6 +217,8 @@ class FakeRuntime:
 
     async def wait(self, container_id: str, timeout: float) -> int | None:
         container = self._find(container_id)
+        if container.status != "running":
+            return container.exit_code
         try:
             await asyncio.wait_for(container.ended.wait(), timeout)
         except TimeoutError:

@@ -86,8 +86,8 @@ STOP_GRACE = 10
 RETRY_PAUSE = 2.0
 # A progress file larger than this is not read (a job's JobProgress is a few dozen bytes).
 MAX_PROGRESS_BYTES = 64 * 1024
-# Statuses of a container that has not ended.
-_LIVE = frozenset({"created", "running", "restarting", "paused"})
+# Statuses of a container that has not ended ("created" never started: it ends the run as failed).
+_LIVE = frozenset({"running", "restarting", "paused"})
 # Every line of Docker's log (the bytes kept are still the newest MMANAGER_MAX_LOG_BYTES).
 ALL_LINES = 1 << 31
 
@@ -324,6 +324,10 @@ class JobRunner:
                 if state.get("OOMKilled") and run.error is None:
                     run.error = "the job ran out of memory and was killed"
                 run.state = run.stopping or "exited"
+                if info.status == "created" and run.stopping is None:
+                    # Made but never started: the controller stopped in between.
+                    run.state, run.exit_code = "failed", None
+                    run.error = "the job's container was made but never started"
             else:
                 run.state = run.stopping or "failed"
                 if run.stopping is None:

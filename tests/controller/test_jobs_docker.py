@@ -5,6 +5,7 @@ outputs folder, so that nothing here waits on the clock."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -53,9 +54,9 @@ async def state(ctl: Ctl, attempt: str) -> dict[str, Any]:
 
 
 async def ended(ctl: Ctl, attempt: str, within: float = 15.0) -> dict[str, Any]:
-    async def check() -> dict[str, Any] | None:
+    async def check() -> dict[str, Any]:
         info = await state(ctl, attempt)
-        return info if info["collectable"] else None
+        return info if info["collectable"] else {}
 
     return await eventually(check, within=within, what=f"job run {attempt} collected", interval=0.05)
 
@@ -84,17 +85,20 @@ async def test_jobs_read_inputs_write_outputs_and_end_as_they_should(
     cancelled = await post(ctl, job(example_image, "cancel", FOREVER))
 
     # While it runs: its progress, and Docker's log.
-    async def progress() -> dict[str, Any] | None:
-        return (await state(ctl, "works"))["progress"]
+    async def progress() -> dict[str, Any]:
+        return (await state(ctl, "works"))["progress"] or {}
 
-    assert await eventually(progress, within=10, what="the job's progress") == {
-        "done": 1, "total": 2, "unit": "steps", "rate": None, "message": None}
+    seen: dict[str, Any] = await eventually(progress, within=10, what="the job's progress")
+    assert seen == {"done": 1, "total": 2, "unit": "steps", "rate": None, "message": None}
     running_log = await ctl.client.get("/jobs/works/logs")
     assert running_log.text == "waiting\n"
     assert cancelled["state"] == "running"
     stopped = await ctl.client.post("/jobs/cancel/cancel")
     assert stopped.json()["state"] == "cancelled" and stopped.json()["collectable"]
+    # A followed log goes on until the job ends (Docker's while it runs, the kept one if it ended first).
+    follow = asyncio.create_task(ctl.client.get("/jobs/works/logs", params={"follow": "true"}))
     go(ctl, "works")
+    assert (await follow).text == "waiting\nfinished\n"
 
     works = await ended(ctl, "works")
     assert (works["state"], works["exit_code"], works["error"]) == ("exited", 0, None)
@@ -138,11 +142,11 @@ async def test_a_restarted_controller_finds_a_running_job_again(
         script = "echo before; " + WAIT_FOR_GO + "echo after > /outputs/done"
         started = await post(first, job(example_image, "long", script))
     async with controller(server_id, tmp_path) as second:
-        async def running() -> dict[str, Any] | None:
+        async def running() -> dict[str, Any]:
             response = await second.client.get("/jobs/long")  # 404 until the pick-up has found it
-            return response.json() if response.status_code == 200 and response.json()["state"] == "running" else None
+            return response.json() if response.status_code == 200 and response.json()["state"] == "running" else {}
 
-        again = await eventually(running, within=10, what="the run picked up again")
+        again: dict[str, Any] = await eventually(running, within=10, what="the run picked up again")
         assert again["container_id"] == started["container_id"]
         go(second, "long")
         done = await ended(second, "long")

@@ -76,9 +76,9 @@ async def state(ctl: Ctl, attempt: str) -> dict[str, Any]:
 
 
 async def collectable(ctl: Ctl, attempt: str) -> dict[str, Any]:
-    async def check() -> dict[str, Any] | None:
+    async def check() -> dict[str, Any]:
         info = await state(ctl, attempt)
-        return info if info["collectable"] else None
+        return info if info["collectable"] else {}
 
     return await eventually(check, what=f"job run {attempt} collectable")
 
@@ -249,12 +249,14 @@ async def test_a_restarted_controller_picks_every_run_up_again(fake: FakeRuntime
         running = await run(first, attempt="r1", timeout=3600)
         exits = await run(first, attempt="r2")
         vanishes = await run(first, attempt="r3")
+        unstarted = await run(first, attempt="r5")
         done = await run(first, attempt="r4", number=3)
         fake.exit(done["container_id"], 0)
         await collectable(first, "r4")
     # While the controller is down: one ends, one's container is removed behind its back.
     fake.exit(exits["container_id"], 5, "bye")
     await fake.remove(vanishes["container_id"], force=True)
+    fake.containers[unstarted["container_id"]].status = "created"  # as if the start never came
 
     async with controller(fake, dirs) as second:
         r2 = await collectable(second, "r2")
@@ -262,6 +264,9 @@ async def test_a_restarted_controller_picks_every_run_up_again(fake: FakeRuntime
         assert (await second.client.get("/jobs/r2/logs")).text.endswith("bye\n")
         r3 = await collectable(second, "r3")
         assert r3["state"] == "failed" and "vanished" in r3["error"]
+        r5 = await collectable(second, "r5")
+        assert r5["state"] == "failed" and "never started" in r5["error"]
+        assert unstarted["container_id"] not in fake.containers
         r4 = await state(second, "r4")
         assert (r4["state"], r4["collectable"]) == ("exited", True)
         r1 = await state(second, "r1")

@@ -70,6 +70,13 @@ class JobRunning(Conflict):
     code = "JOB_RUNNING"
 
 
+class JobDirUnwritable(ControllerError):
+    """``MMANAGER_JOB_DIR`` cannot be written (missing permissions, a full disk): the run is not made."""
+
+    status_code = 507
+    code = "JOB_DIR_UNWRITABLE"
+
+
 class InvalidPath(ControllerError):
     """A job's input or output path that is absolute, climbs out with ``..`` or has an empty segment."""
 

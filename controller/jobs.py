@@ -46,6 +46,7 @@ from controller.errors import (
     ControllerError,
     DockerUnavailable,
     InvalidPath,
+    JobDirUnwritable,
     JobRunning,
     JobRunNotFound,
     NotFound,
@@ -201,7 +202,11 @@ class JobRunner:
             self.containers.sync.check()
             self._numbers[request.job_id] = request.number
             run = _Run(request, self.root / request.attempt_id)
-            await asyncio.to_thread(self._make_dir, request)
+            try:
+                await asyncio.to_thread(self._make_dir, request)
+            except OSError as exc:
+                raise JobDirUnwritable(f"the job folder {self.root} cannot be written: {exc}",
+                                       {"job_dir": str(self.root)}) from None
             self.runs[request.attempt_id] = run
             self._bump()
             try:
@@ -401,7 +406,8 @@ class JobRunner:
 
     def _scan(self) -> list[tuple[_Run, JobRunInfo | None, tuple[JobRunState, str] | None]]:
         shutil.rmtree(self.tmp, ignore_errors=True)
-        self.root.mkdir(parents=True, exist_ok=True)
+        if not self.root.is_dir():
+            return []  # made with the first run
         found = []
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
             if not entry.is_dir(follow_symlinks=False) or not _ATTEMPT_RE.match(entry.name):

@@ -381,6 +381,7 @@ def dev(port: int = 8000,
     ctl_settings = ControllerSettings(
         MMANAGER_API_KEY=key, SERVER_ID=controller_id, SERVER_TYPE="cpu", CONTROLLER_URL=controller_url,
         PUBLISH_IP="127.0.0.1", MMANAGER_HUB_URL=f"http://127.0.0.1:{port}", MMANAGER_DEV=True,
+        MMANAGER_JOB_DIR=(state_dir / "jobs").resolve(),
     )
     # The hub key stays with the database it seals registry credentials in (MMANAGER_HUB_KEY_FILE).
     hub_key_file = state_dir / "hub-key"

@@ -299,3 +299,13 @@ async def test_a_stale_attempt_order_drops_the_run(start_fake: StartController, 
     await eventually(lambda: not (ctl.settings.job_dir / "old").exists(), what="its folder removed")
     assert (await ctl.client.get("/jobs/old")).status_code == 404
     assert (await state(ctl, "new"))["state"] == "running" and kept["container_id"] in fake.containers
+
+
+async def test_a_job_folder_that_cannot_be_written_refuses_the_run(start_fake: StartController, fake: FakeRuntime,
+                                                                   tmp_path: Path) -> None:
+    blocked = tmp_path / "not-a-folder"
+    blocked.write_text("a file where the job folder should be")
+    ctl = await start_fake(job_dir=blocked, model_cache_dir=tmp_path / "models")
+    response = await ctl.client.post("/jobs/", json=job())
+    assert response.status_code == 507 and response.json()["error"]["code"] == "JOB_DIR_UNWRITABLE"
+    assert not fake.containers and (await ctl.client.get("/jobs")).json()["runs"] == []

@@ -114,7 +114,8 @@ class LocalDeployment:
         env = {"MMANAGER_API_KEY": self.key, "SERVER_ID": cid, "SERVER_TYPE": server_type,
                "MAX_CONTAINERS": str(max_containers), "CONTROLLER_URL": f"{self.scheme}://127.0.0.1:{port}",
                "PUBLISH_IP": "127.0.0.1", "PORT": str(port), "LOG_LEVEL": "INFO",
-               "MMANAGER_MODEL_CACHE_DIR": str(self.workdir / f"models-{cid}"), **self.tls_env,
+               "MMANAGER_MODEL_CACHE_DIR": str(self.workdir / f"models-{cid}"),
+               "MMANAGER_JOB_DIR": str(self.workdir / f"jobs-{cid}"), **self.tls_env,
                **self.extra_controller_env, **(env or {})}
         if gpus:
             env["GPU_DEVICES"] = gpus

@@ -17,7 +17,8 @@ Invariants:
   sync guard), idempotent on the attempt; an older attempt ``number`` than seen for the job is refused;
 - one task watches each attempt's container (Docker's wait) and enforces its timeout, counted from
   Docker's ``StartedAt``;
-- ``version`` goes up with every change of any attempt: the hub's long poll (``list``) waits on it.
+- ``version`` goes up with every change of any attempt, a rewritten progress file included (seen by the
+  long poll within ``PROGRESS_CHECK`` seconds): the hub's long poll (``list``) waits on it.
 """
 
 from __future__ import annotations
@@ -85,6 +86,8 @@ WAIT_CHUNK = 30.0
 STOP_GRACE = 10
 # Seconds before Docker is asked again after it failed to answer.
 RETRY_PAUSE = 2.0
+# Seconds between looks at the progress files while a long poll waits.
+PROGRESS_CHECK = 1.0
 # A progress file larger than this is not read (a job's JobProgress is a few dozen bytes).
 MAX_PROGRESS_BYTES = 64 * 1024
 # Statuses of a container that has not ended ("created" never started: it ends the run as failed).
@@ -144,6 +147,8 @@ class JobRunner:
         self._changed = asyncio.Event()
         self._ready = asyncio.Event()
         self._pickup: asyncio.Task[None] | None = None
+        # The progress files' modification times at the last look (long polls look every PROGRESS_CHECK s).
+        self._marks: dict[str, int | None] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -447,10 +452,27 @@ class JobRunner:
     async def list(self, since: int | None = None, wait: float = 0) -> JobRunList:
         """Every run; with ``since`` equal to the current version and a ``wait``, once it moves (or after it)."""
         if since is not None and since == self.version and wait > 0:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._changed.wait(), wait)
+            deadline = time.monotonic() + wait
+            while since == self.version and (left := deadline - time.monotonic()) > 0:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._changed.wait(), min(left, PROGRESS_CHECK))
+                await self._progress_moved()
+        # What this answer shows: a later rewrite of a progress file is a change for the next long poll.
+        self._marks = await self._progress_marks()
         version = self.version
         return JobRunList(version=version, runs=await self._infos(list(self.runs.values())))
+
+    async def _progress_marks(self) -> dict[str, int | None]:
+        runs = [run for run in self.runs.values() if not run.collectable]
+        return await asyncio.to_thread(lambda: {run.attempt_id: _mtime(run.dir / "progress" / PROGRESS_FILE)
+                                                for run in runs})
+
+    async def _progress_moved(self) -> None:
+        """A job rewrote its progress file since the last answer: a change (the version goes up)."""
+        marks = await self._progress_marks()
+        if any(self._marks.get(attempt) != mark for attempt, mark in marks.items()):
+            self._marks = marks
+            self._bump()
 
     async def outputs(self, attempt_id: str) -> JobOutputs:
         run = self._ended(attempt_id)
@@ -572,6 +594,13 @@ def _sha256(path: str) -> str:
         while chunk := source.read(1 << 20):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def _mtime(path: Path) -> int | None:
+    try:
+        return path.stat().st_mtime_ns
+    except OSError:
+        return None
 
 
 def read_progress(path: Path) -> JobProgress | None:

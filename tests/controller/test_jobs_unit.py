@@ -212,6 +212,15 @@ async def test_the_long_poll_answers_on_a_change(ctl: Ctl, fake: FakeRuntime) ->
     fake.exit(info["container_id"], 0)
     answered = (await poll).json()
     assert answered["version"] > version and answered["runs"][0]["attempt_id"] == "a1"
+    # A job rewriting its progress is a change too.
+    other = await run(ctl, attempt="a2")
+    version = answered["version"]
+    poll = asyncio.create_task(ctl.client.get("/jobs", params={"since": version, "wait": 30}))
+    await asyncio.sleep(0)
+    (mounted(container(fake, other), "/run/mmanager") / "progress.json").write_text('{"done": 1}')
+    moved = (await poll).json()
+    assert moved["version"] > version
+    assert next(r for r in moved["runs"] if r["attempt_id"] == "a2")["progress"]["done"] == 1
     # A version from before a restart (higher or lower than this one) is answered at once.
     assert (await ctl.client.get("/jobs", params={"since": version + 10**6, "wait": 30})).status_code == 200
 
@@ -283,20 +292,20 @@ async def test_a_stale_attempt_order_drops_the_run(start_fake: StartController, 
                                                   dirs: dict[str, Any]) -> None:
     hub = FakeHub()
     ctl = await start_fake(hub_transport=hub.transport(), hub_url=HUB, **dirs)
-    await eventually(lambda: ctl.app.state.containers.sync.in_sync, what="first round trip")
+    await eventually(lambda: ctl.app.state.containers.sync.in_sync, within=10, what="first round trip")
     stale = await run(ctl, attempt="old")
     kept = await run(ctl, attempt="new", number=2)
 
     def reported(beat: Heartbeat) -> bool:
         return any(c.attempt_id == "old" and c.job_id == "job-1" for c in beat.containers)
 
-    await eventually(lambda: any(reported(b) for b in hub.beats), what="the job container in a heartbeat")
+    await eventually(lambda: any(reported(b) for b in hub.beats), within=10, what="the job container in a heartbeat")
     order: Callable[[Heartbeat], list[StopOrder]] = lambda beat: [  # noqa: E731
         StopOrder(container_id=c.container_id, reason="stale_attempt", attempt_id=c.attempt_id)
         for c in beat.containers if c.attempt_id == "old"]
     hub.orders = order
-    await eventually(lambda: stale["container_id"] not in fake.containers, what="the stale attempt removed")
-    await eventually(lambda: not (ctl.settings.job_dir / "old").exists(), what="its folder removed")
+    await eventually(lambda: stale["container_id"] not in fake.containers, within=10, what="the stale attempt removed")
+    await eventually(lambda: not (ctl.settings.job_dir / "old").exists(), within=10, what="its folder removed")
     assert (await ctl.client.get("/jobs/old")).status_code == 404
     assert (await state(ctl, "new"))["state"] == "running" and kept["container_id"] in fake.containers
 

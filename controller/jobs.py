@@ -168,6 +168,9 @@ class JobRunner:
         self._pickup = None
 
     async def ready(self, within: float = 10.0) -> None:
+        """Return once the runs of before a restart are picked up again (DockerUnavailable after ``within`` s)."""
+        if self._ready.is_set():
+            return
         try:
             await asyncio.wait_for(self._ready.wait(), within)
         except TimeoutError:
@@ -527,6 +530,7 @@ class JobRunner:
 
     async def discard(self, attempt_id: str) -> bool:
         """A stale attempt the hub no longer wants: dropped like ``delete``; False when there is none."""
+        await self.ready()
         if attempt_id not in self.runs:
             return False
         async with self._lock(attempt_id):

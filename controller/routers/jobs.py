@@ -22,8 +22,11 @@ router = APIRouter(prefix="/jobs", tags=["jobs"])
 MAX_WAIT = 60.0
 
 
-def get_jobs(request: Request) -> JobRunner:
-    return request.app.state.jobs
+async def get_jobs(request: Request) -> JobRunner:
+    """The runner, once it has picked up the runs of before a restart: until then no run may look missing."""
+    jobs: JobRunner = request.app.state.jobs
+    await jobs.ready()
+    return jobs
 
 
 JobsDep = Annotated[JobRunner, Depends(get_jobs)]

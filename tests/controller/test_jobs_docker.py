@@ -143,8 +143,8 @@ async def test_a_restarted_controller_finds_a_running_job_again(
         started = await post(first, job(example_image, "long", script))
     async with controller(server_id, tmp_path) as second:
         async def running() -> dict[str, Any]:
-            response = await second.client.get("/jobs/long")  # 404 until the pick-up has found it
-            return response.json() if response.status_code == 200 and response.json()["state"] == "running" else {}
+            info = await state(second, "long")
+            return info if info["state"] == "running" else {}
 
         again: dict[str, Any] = await eventually(running, within=10, what="the run picked up again")
         assert again["container_id"] == started["container_id"]

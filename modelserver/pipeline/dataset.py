@@ -40,7 +40,7 @@ PROTEINS = ("DNA-directed RNA polymerase subunit", "Outer membrane protein", "AB
             "50S ribosomal protein", "Transcriptional regulator", "Uncharacterized protein",
             "Chaperone protein", "Glutamate synthase", "Putative lipoprotein", "Elongation factor")
 ORGANISM = "Escherichia coli (strain K12)"
-INVALID_EVERY = 400  # one row in this many is made invalid (or carries an ambiguity code)
+INVALID_EVERY = 100  # one row in this many is made invalid (or carries an ambiguity code)
 _LETTERS = np.frombuffer(b"ABCDEFGHIJKLMNOPQRSTUVWXYZ", dtype=np.uint8)
 _DIGITS = np.frombuffer(b"0123456789", dtype=np.uint8)
 

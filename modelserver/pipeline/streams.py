@@ -82,21 +82,26 @@ class FeaturesWriter:
 
 
 def read_features(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The elements of a features JSON array, streamed when it has ``FeaturesWriter``'s layout."""
+    """The elements of a features JSON array, streamed when it has ``FeaturesWriter``'s layout (any other
+    layout is read whole)."""
     with open(path, "rb") as f:
-        first = f.readline()
-        if first.strip() != b"[":
-            yield from orjson.loads(first + f.read())
-            return
-        for line in f:
+        streamed: bool | None = f.readline().strip() == b"["
+        for line in f if streamed else ():
             line = line.strip()
             if line in (b"", b"]"):
                 continue
-            if not line.startswith(b"{"):  # not one element a line: read the array whole
-                f.seek(0)
-                yield from orjson.loads(f.read())
-                return
-            yield orjson.loads(line[:-1] if line.endswith(b",") else line)
+            try:
+                element = orjson.loads(line[:-1] if line.endswith(b",") else line)
+            except orjson.JSONDecodeError:
+                if streamed is True:  # the first element is not one line: not this layout
+                    streamed = False
+                    break
+                raise
+            streamed = None  # an element was read: the layout is this one
+            yield element
+        if streamed is False:
+            f.seek(0)
+            yield from orjson.loads(f.read())
 
 
 class Progress:

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from modelserver.pipeline.streams import Progress, atomic_output, count_lines
+from modelserver.pipeline.streams import Progress, StepError, atomic_output, count_lines
 
 COLUMNS = ("Entry", "Reviewed", "Entry Name", "Protein names", "Gene Names", "Organism", "Length",
            "Subcellular location [CC]", "RefSeq_id", "Genome_id", "RefSeq_nn", "RefSeq_aa")
@@ -131,7 +131,7 @@ class Counts:
     skipped: Counter[str] = field(default_factory=Counter)
 
 
-class BadInput(Exception):
+class BadInput(StepError):
     """The input is not a TSV this step reads (its header lacks a required column)."""
 
 
@@ -199,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         convert(args.input, args.output, args.limit)
-    except (BadInput, FileNotFoundError) as e:
+    except (StepError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -26,7 +26,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from modelserver.pipeline.streams import FeaturesWriter, Progress, atomic_output, count_lines
+from modelserver.pipeline.streams import FeaturesWriter, Progress, StepError, atomic_output, count_lines
 
 TASK = "extract_features"
 SERVICE = "evo2-enhanced"
@@ -65,6 +65,8 @@ def kernel(device: str = "auto") -> Compute:
     limit = cpu_limit()
     if limit and limit < torch.get_num_threads():
         torch.set_num_threads(limit)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise StepError("--device cuda, but torch sees no GPU")
     where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                          "cpu" if device == "auto" else device)
 
@@ -142,7 +144,7 @@ def service(url: str, timeout: float = 300.0) -> Compute:
     return compute
 
 
-class ServiceRefused(Exception):
+class ServiceRefused(StepError):
     """The model service answered with an error (or is not an evo2 service)."""
 
 
@@ -234,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--batch-size must be at least 1")
     try:
         extract(args.input, args.output, args.limit, args.batch_size, args.device, args.service)
-    except (FileNotFoundError, ServiceRefused, OSError, orjson.JSONDecodeError) as e:
+    except (StepError, OSError, orjson.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

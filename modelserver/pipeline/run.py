@@ -16,7 +16,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import orjson
+
 from modelserver.pipeline import convert, enhance, features
+from modelserver.pipeline.streams import StepError
 
 RULE = "=" * 62
 
@@ -81,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         run(args.input, args.output_dir, args.limit, args.service, args.batch_size, args.device)
-    except (convert.BadInput, features.ServiceRefused, OSError) as e:
+    except (StepError, OSError, orjson.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

@@ -23,6 +23,10 @@ PROGRESS_ENV = "MMANAGER_PROGRESS_FILE"
 PRINT_EVERY = 10_000
 
 
+class StepError(Exception):
+    """Input or options a step cannot work with; the step prints it and exits with status 2."""
+
+
 @contextmanager
 def atomic_output(path: str | Path) -> Iterator[IO[bytes]]:
     """A binary file that becomes ``path`` once the block ends without an exception (never a partial file)."""

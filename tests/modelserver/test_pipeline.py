@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from modelserver import features as kernel_features
 from modelserver.pipeline import convert, dataset, enhance, features, run, streams
@@ -251,6 +252,13 @@ def test_the_service_mode_refuses_a_service_without_features(dnabert2: str, json
     assert "no extract_features task" in capsys.readouterr().err and not out.exists()
 
 
+def test_a_device_torch_does_not_see_is_refused(jsonl: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert features.main(["--input", str(jsonl), "--output", str(tmp_path / "f.json"), "--device", "cuda"]) == 2
+    assert "torch sees no GPU" in capsys.readouterr().err and not (tmp_path / "f.json").exists()
+
+
 def test_the_features_json_is_read_in_any_layout(features_json: Path, tmp_path: Path) -> None:
     elements = json.loads(features_json.read_text())
     pretty = tmp_path / "pretty.json"
@@ -319,7 +327,9 @@ def test_a_failed_step_leaves_no_output(tmp_path: Path) -> None:
     assert list(tmp_path.iterdir()) == []
 
 
-def test_the_runner_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_the_runner_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMANAGER_PROGRESS_FILE", str(tmp_path / "progress.json"))
     tsv = tmp_path / "small.tsv"
     dataset.write(tsv, 500, seed=1)
     result = run.run(tsv, tmp_path / "out")
@@ -334,6 +344,8 @@ def test_the_runner_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str
     assert [p.name for p in result.outputs.values()] == ["small.jsonl", "small_evo2_features.json",
                                                          "small_enhanced.jsonl"]
     enhanced = lines(result.outputs["3_enhance_expression"])
+    # the last step's: every record, enhanced or not
+    assert json.loads((tmp_path / "progress.json").read_text())["done"] == 496
     assert len(enhanced) == 496 and sum(r["expression"]["unit"] == "estimated_enhanced" for r in enhanced) == 495
 
 

@@ -85,6 +85,8 @@ def estimate_expression(reviewed: bool, location: str, length: int) -> tuple[flo
 
 def clean(sequence: str) -> str:
     """Upper-cased, without whitespace or ``*`` (a translated stop)."""
+    if sequence.isalpha():  # the common case, checked faster than the general one is done
+        return sequence.upper()
     return sequence.translate(_DROP).upper()
 
 

@@ -142,7 +142,7 @@ def enhance(input_path: str | Path, features_path: str | Path, output_path: str 
     progress = Progress(total=min(total, limit) if limit is not None else total)
     summary = Summary()
     with open(input_path, "rb") as f, atomic_output(output_path) as out:
-        lines = (line for line in f if line.strip())
+        lines = (line for line in f if not line.isspace())
         batch: list[bytes] = []
         for index, line in enumerate(itertools.islice(lines, limit)):
             if not line.endswith(b"\n"):

@@ -157,7 +157,7 @@ def read_sequences(path: str | Path, limit: int | None = None) -> Iterator[bytes
     that starts with the sequence, as step 1 writes them, has it cut out without parsing the rest."""
     start = len(_SEQUENCE_FIRST)
     with open(path, "rb") as f:
-        for line in itertools.islice((line for line in f if line.strip()), limit):
+        for line in itertools.islice((line for line in f if not line.isspace()), limit):
             if line.startswith(_SEQUENCE_FIRST):
                 end = line.find(b'"', start)
                 raw = line[start:end]

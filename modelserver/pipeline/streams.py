@@ -59,14 +59,6 @@ def count_lines(path: str | Path) -> int:
     return lines + (last != b"\n")
 
 
-def read_jsonl(path: str | Path) -> Iterator[dict[str, Any]]:
-    """The records of a JSONL file, one at a time (blank lines skipped)."""
-    with open(path, "rb") as f:
-        for line in f:
-            if line.strip():
-                yield orjson.loads(line)
-
-
 class FeaturesWriter:
     """Writes a JSON array one element per line: ``[``, the elements separated by ``,`` newlines, ``]``."""
 

@@ -8,7 +8,7 @@ a batch of records at a time; ``--service URL`` asks a running evo2 model servic
 input record, in the input's order; a record's features do not depend on the batch it was computed in.
 
     python -m modelserver.pipeline.features --input Ec.jsonl --output Ec_evo2_features.json [--limit N]
-        [--batch-size 2048] [--device auto|cpu|cuda] [--service URL]
+        [--batch-size 2048] [--device auto|cpu|cuda] [--threads 1] [--service URL]
 """
 
 from __future__ import annotations
@@ -19,7 +19,10 @@ import itertools
 import re
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -34,6 +37,9 @@ SERVICE = "evo2-enhanced"
 OUTPUT_FIELDS = ("sequence_length", "avg_confidence", "max_confidence", "min_confidence", "std_confidence",
                  "avg_loglik", "perplexity", "gc_content", "codon_entropy")
 DEFAULT_BATCH = 2048
+# The kernel's maths is elementwise and gains little from more threads, while OpenMP threads that wait for a
+# peer the scheduler took away lose much on a shared CPU; the step's second core serialises instead.
+DEFAULT_THREADS = 1
 SERVICE_BATCH = 100
 _NOT_DNA = re.compile("[^ACGTN]")
 
@@ -60,11 +66,6 @@ def kernel(device: str = "auto") -> Compute:
     import torch
 
     from modelserver import features
-    from modelserver.backends import cpu_limit
-
-    limit = cpu_limit()
-    if limit and limit < torch.get_num_threads():
-        torch.set_num_threads(limit)
     if device == "cuda" and not torch.cuda.is_available():
         raise StepError("--device cuda, but torch sees no GPU")
     where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -168,20 +169,27 @@ def read_sequences(path: str | Path, limit: int | None = None) -> Iterator[bytes
             yield value.upper().encode("utf-8") if isinstance(value, str) else b""
 
 
+def _timed(compute: Compute, sequences: list[str]) -> tuple[list[Answer], float]:
+    started = time.perf_counter()
+    return (compute(sequences) if sequences else []), time.perf_counter() - started
+
+
 def elements(sequences: Iterable[bytes], compute: Compute, batch_size: int,
              progress: Progress | None = None) -> Iterator[list[bytes]]:
-    """The features JSON's elements, serialised, one list a batch."""
-    index = 0
+    """The features JSON's elements, serialised, one list a batch. A batch computes in a worker thread while
+    this one reads the next and serialises the one before: the kernel runs without the GIL, and an HTTP call
+    waits without it."""
     it = iter(sequences)
-    while batch := list(itertools.islice(it, batch_size)):
-        started = time.perf_counter()
-        answers: list[Answer] = [(None, problem(raw)) for raw in batch]
-        good = [i for i, (_, error) in enumerate(answers) if error is None]
-        if good:
-            computed = compute([batch[i].decode("ascii") for i in good])
-            for i, answer in zip(good, computed, strict=True):
-                answers[i] = answer
-        share_ms = round((time.perf_counter() - started) * 1000 / len(batch), 3)
+    index = 0
+    pending: deque[tuple[list[Answer], list[int], Future[tuple[list[Answer], float]]]] = deque()
+
+    def finish() -> list[bytes]:
+        nonlocal index
+        answers, good, future = pending.popleft()
+        computed, seconds = future.result()
+        for i, answer in zip(good, computed, strict=True):
+            answers[i] = answer
+        share_ms = round(seconds * 1000 / len(answers), 3)
         out = []
         failed = 0
         for output, error in answers:
@@ -195,12 +203,42 @@ def elements(sequences: Iterable[bytes], compute: Compute, batch_size: int,
             out.append(orjson.dumps(element))
             index += 1
         if progress is not None:
-            progress.add(success=len(batch) - failed, failed=failed)
-        yield out
+            progress.add(success=len(answers) - failed, failed=failed)
+        return out
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="features") as pool:
+        while batch := list(itertools.islice(it, batch_size)):
+            answers: list[Answer] = [(None, problem(raw)) for raw in batch]
+            good = [i for i, (_, error) in enumerate(answers) if error is None]
+            future = pool.submit(_timed, compute, [batch[i].decode("ascii") for i in good])
+            pending.append((answers, good, future))
+            if len(pending) > 1:
+                yield finish()
+        while pending:
+            yield finish()
+
+
+@contextmanager
+def _torch_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``threads`` (at most the CPUs the process may use) for the block."""
+    if threads is None:
+        yield
+        return
+    import torch
+
+    from modelserver.backends import cpu_limit
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(threads, cpu_limit() or threads)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def extract(input_path: str | Path, output_path: str | Path, limit: int | None = None,
-            batch_size: int = DEFAULT_BATCH, device: str = "auto", service_url: str | None = None) -> Progress:
+            batch_size: int = DEFAULT_BATCH, device: str = "auto", service_url: str | None = None,
+            threads: int = DEFAULT_THREADS) -> Progress:
     """The features of the JSONL at ``input_path`` written to ``output_path``; the counts, in the progress."""
     total = count_lines(input_path)
     progress = Progress(total=min(total, limit) if limit is not None else total)
@@ -210,7 +248,7 @@ def extract(input_path: str | Path, output_path: str | Path, limit: int | None =
         batch_size = max(batch_size, SERVICE_BATCH)
     else:
         compute = kernel(device)
-    with atomic_output(output_path) as out:
+    with _torch_threads(None if service_url else threads), atomic_output(output_path) as out:
         writer = FeaturesWriter(out)
         for chunk in elements(read_sequences(input_path, limit), compute, batch_size, progress):
             writer.write_many(chunk)
@@ -229,13 +267,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="process at most this many records")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="records a kernel batch")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the kernel runs")
+    parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch's intra-op threads")
     parser.add_argument("--service", default=None, metavar="URL",
                         help="ask the evo2 model service at URL instead of running the kernel here")
     args = parser.parse_args(argv)
-    if args.batch_size < 1:
-        parser.error("--batch-size must be at least 1")
+    if args.batch_size < 1 or args.threads < 1:
+        parser.error("--batch-size and --threads must be at least 1")
     try:
-        extract(args.input, args.output, args.limit, args.batch_size, args.device, args.service)
+        extract(args.input, args.output, args.limit, args.batch_size, args.device, args.service, args.threads)
     except (StepError, OSError, orjson.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -36,7 +36,8 @@ def _banner(title: str) -> None:
 
 
 def run(input_path: str | Path, output_dir: str | Path, limit: int | None = None, service_url: str | None = None,
-        batch_size: int = features.DEFAULT_BATCH, device: str = "auto") -> Result:
+        batch_size: int = features.DEFAULT_BATCH, device: str = "auto",
+        threads: int = features.DEFAULT_THREADS) -> Result:
     """The three steps over ``input_path`` into ``output_dir``; the outputs and each step's seconds."""
     started = time.perf_counter()
     out = Path(output_dir)
@@ -55,7 +56,7 @@ def run(input_path: str | Path, output_dir: str | Path, limit: int | None = None
 
     _banner("STEP 2: Extracting Evo2 Features " + ("(Microservice)" if service_url else "(torch kernel)"))
     step = time.perf_counter()
-    features.extract(jsonl, features_json, limit, batch_size, device, service_url)
+    features.extract(jsonl, features_json, limit, batch_size, device, service_url, threads)
     result.seconds["features"] = time.perf_counter() - step
 
     _banner("STEP 3: Enhancing Expression Estimates")
@@ -81,9 +82,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--service", default=None, metavar="URL", help="features from the evo2 service at URL")
     parser.add_argument("--batch-size", type=int, default=features.DEFAULT_BATCH, help="records a kernel batch")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the kernel runs")
+    parser.add_argument("--threads", type=int, default=features.DEFAULT_THREADS, help="torch's intra-op threads")
     args = parser.parse_args(argv)
     try:
-        run(args.input, args.output_dir, args.limit, args.service, args.batch_size, args.device)
+        run(args.input, args.output_dir, args.limit, args.service, args.batch_size, args.device, args.threads)
     except (StepError, OSError, orjson.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -66,6 +66,7 @@ def kernel(device: str = "auto") -> Compute:
     import torch
 
     from modelserver import features
+
     if device == "cuda" and not torch.cuda.is_available():
         raise StepError("--device cuda, but torch sees no GPU")
     where = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
@@ -114,7 +115,8 @@ def service(url: str, timeout: float = 300.0) -> Compute:
         answer: dict[str, Any] = orjson.loads(data)
         if response.status >= 400 or not answer.get("success"):
             error = answer.get("error") or {}
-            raise ServiceRefused(f"{response.status} {error.get('code')}: {error.get('details') or answer.get('message')}")
+            raise ServiceRefused(f"{response.status} {error.get('code')}: {error.get('details') or answer.get('message')}",
+                                 response.status)
         return answer
 
     info = call("GET", "/model/info")["data"]
@@ -132,6 +134,8 @@ def service(url: str, timeout: float = 300.0) -> Compute:
             try:
                 predictions = call("POST", "/predict/batch", body)["data"]["predictions"]
             except ServiceRefused as e:
+                if e.status >= 500:  # the service's trouble, not the records': the step fails (and is retried)
+                    raise
                 for i in chunk:
                     answers[i] = (None, f"the service refused the batch: {e}")
                 continue
@@ -146,7 +150,11 @@ def service(url: str, timeout: float = 300.0) -> Compute:
 
 
 class ServiceRefused(StepError):
-    """The model service answered with an error (or is not an evo2 service)."""
+    """The model service answered with an error (``status``, its HTTP status), or is not an evo2 service."""
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
 
 
 _UPPER = bytes(range(256)).upper()

@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from modelserver.pipeline.streams import Progress, StepError, atomic_output, count_lines
+from modelserver.pipeline.streams import Progress, StepError, atomic_output, count_arg, count_lines
 
 COLUMNS = ("Entry", "Reviewed", "Entry Name", "Protein names", "Gene Names", "Organism", "Length",
            "Subcellular location [CC]", "RefSeq_id", "Genome_id", "RefSeq_nn", "RefSeq_aa")
@@ -197,7 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modelserver.pipeline.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="the UniProt-style TSV")
     parser.add_argument("--output", required=True, help="the JSONL to write")
-    parser.add_argument("--limit", type=int, default=None, help="stop after this many valid records")
+    parser.add_argument("--limit", type=count_arg, default=None, help="stop after this many valid records")
     args = parser.parse_args(argv)
     try:
         convert(args.input, args.output, args.limit)

@@ -21,7 +21,7 @@ import numpy as np
 
 from modelserver.features import AMINO_ACID, CODON_USAGE
 from modelserver.pipeline.convert import COLUMNS
-from modelserver.pipeline.streams import atomic_output
+from modelserver.pipeline.streams import atomic_output, count_arg
 
 SENSE = [c for c in CODON_USAGE if AMINO_ACID[c] != "*"]
 STOPS = [c for c in CODON_USAGE if AMINO_ACID[c] == "*"]
@@ -117,7 +117,7 @@ def write(path: str | Path, records: int, seed: int = 0) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modelserver.pipeline.dataset", description=__doc__.split("\n")[0])
-    parser.add_argument("--records", type=int, default=52_000, help="rows to write (a few invalid on purpose)")
+    parser.add_argument("--records", type=count_arg, default=52_000, help="rows to write (a few invalid on purpose)")
     parser.add_argument("--out", required=True, help="the TSV to write")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)

@@ -35,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from modelserver.pipeline.streams import Progress, atomic_output, count_lines, read_features
+from modelserver.pipeline.streams import Progress, atomic_output, count_arg, count_lines, read_features
 
 GC_OPTIMUM, GC_SPAN = 0.51, 0.15
 UNIFORM_PERPLEXITY, PERPLEXITY_SPAN = 4.0, 0.5
@@ -174,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", required=True, help="the JSONL dataset (step 1's output)")
     parser.add_argument("--features", required=True, help="the features JSON (step 2's output)")
     parser.add_argument("--output", required=True, help="the enhanced JSONL to write")
-    parser.add_argument("--limit", type=int, default=None, help="process at most this many records")
+    parser.add_argument("--limit", type=count_arg, default=None, help="process at most this many records")
     args = parser.parse_args(argv)
     try:
         enhance(args.input, args.features, args.output, args.limit)

@@ -29,7 +29,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from modelserver.pipeline.streams import FeaturesWriter, Progress, StepError, atomic_output, count_lines
+from modelserver.pipeline.streams import FeaturesWriter, Progress, StepError, atomic_output, count_arg, count_lines
 
 TASK = "extract_features"
 SERVICE = "evo2-enhanced"
@@ -272,7 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modelserver.pipeline.features", description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="the JSONL dataset (step 1's output)")
     parser.add_argument("--output", required=True, help="the features JSON to write")
-    parser.add_argument("--limit", type=int, default=None, help="process at most this many records")
+    parser.add_argument("--limit", type=count_arg, default=None, help="process at most this many records")
     parser.add_argument("--batch-size", type=int, default=DEFAULT_BATCH, help="records a kernel batch")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the kernel runs")
     parser.add_argument("--threads", type=int, default=DEFAULT_THREADS, help="torch's intra-op threads")

@@ -19,7 +19,7 @@ from pathlib import Path
 import orjson
 
 from modelserver.pipeline import convert, enhance, features
-from modelserver.pipeline.streams import StepError
+from modelserver.pipeline.streams import StepError, count_arg
 
 RULE = "=" * 62
 
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m modelserver.pipeline.run", description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="the UniProt-style TSV")
     parser.add_argument("--output-dir", required=True, help="where the three outputs go")
-    parser.add_argument("--limit", type=int, default=None, help="at most this many records (a quick run)")
+    parser.add_argument("--limit", type=count_arg, default=None, help="at most this many records (a quick run)")
     parser.add_argument("--service", default=None, metavar="URL", help="features from the evo2 service at URL")
     parser.add_argument("--batch-size", type=int, default=features.DEFAULT_BATCH, help="records a kernel batch")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"), help="where the kernel runs")

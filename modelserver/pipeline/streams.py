@@ -8,6 +8,7 @@ other valid layout of the same array is read too, whole.
 
 from __future__ import annotations
 
+import argparse
 import os
 import sys
 import tempfile
@@ -21,6 +22,17 @@ import orjson
 
 PROGRESS_ENV = "MMANAGER_PROGRESS_FILE"
 PRINT_EVERY = 10_000
+
+
+def count_arg(text: str) -> int:
+    """An argparse type: a count of records, 0 or more."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a whole number, 0 or more, not {text!r}")
+    return value
 
 
 class StepError(Exception):

@@ -234,10 +234,12 @@ def _torch_threads(threads: int | None) -> Iterator[None]:
         return
     import torch
 
-    from modelserver.backends import cpu_limit
-
     before = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(threads, cpu_limit() or threads)))
+    if threads > 1:  # more than one needs the CPUs the process may use (the backends' module is slow to load)
+        from modelserver.backends import cpu_limit
+
+        threads = max(1, min(threads, cpu_limit() or threads))
+    torch.set_num_threads(threads)
     try:
         yield
     finally:

@@ -22,6 +22,7 @@ from starlette.requests import ClientDisconnect
 from hub.background.fallback import GpuReturn
 from hub.background.flusher import HeartbeatFlusher
 from hub.background.gateway import GatewayPublisher, GatewayWatch, IdleWatch
+from hub.background.jobs import JobDispatcher, JobWatcher
 from hub.background.leader import Supervisor
 from hub.background.poller import ControllerPoller
 from hub.background.prefetch import Prefetcher
@@ -35,7 +36,19 @@ from hub.errors import error_response
 from hub.metrics import HubMetrics
 from hub.models import new_id
 from hub.ratelimit import RateLimiter
-from hub.routers import admin, audit, controllers, gateway, images, model_files, models, prometheus, services, system
+from hub.routers import (
+    admin,
+    audit,
+    controllers,
+    gateway,
+    images,
+    jobs,
+    model_files,
+    models,
+    prometheus,
+    services,
+    system,
+)
 from hub.routers.hot import HotApp
 from hub.routers.mine import router as mine_router
 from hub.scheduler.snapshot import PlacementCache
@@ -43,6 +56,10 @@ from hub.services.audit import CLIENT_CLOSED, HEARTBEAT_PATH, PRESENCE_PATH, Aud
 from hub.services.controllers import ControllerRegistry
 from hub.services.gateway import GatewayDirectory, GatewayTable
 from hub.services.heartbeats import HeartbeatIngest
+from hub.services.jobs.artifacts import LocalArtifactStore
+from hub.services.jobs.core import JobService
+from hub.services.jobs.queue import Dispatcher
+from hub.services.jobs.watch import Watcher
 from hub.services.lifecycle import ServiceManager
 from hub.services.locality import ImageSets
 from hub.services.operations import OperationLog
@@ -82,8 +99,12 @@ def build_hub(settings: HubSettings, db: Database | None = None,
     limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
     users = UserAuth(db, settings.auth_cache_seconds)
     presence = PresenceWatch(db, client, ingest, metrics)
+    store = LocalArtifactStore(settings.artifact_store)
+    job_service = JobService(db, settings, ops, store)
     return Hub(settings, db, client, metrics, ops, controllers, manager, ingest, poller, replica_id, users,
-               gateway, gateways, presence, limiter=limiter)
+               gateway, gateways, presence, limiter=limiter, jobs=job_service,
+               dispatcher=Dispatcher(db, client, ops, placement, replica_id),
+               watcher=Watcher(db, client, ops, store, wait=settings.job_watch_wait))
 
 
 # The heartbeats' own connections (their batches' reads, the flush, the keys' snapshot, the monitor): at most
@@ -204,6 +225,10 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     idle = IdleWatch(hub.db, hub.services, settings)
     gpu_return = GpuReturn(hub.db, hub.services, settings)
     traffic = TrafficRecorder(hub.db, settings)
+    assert hub.dispatcher is not None and hub.watcher is not None and hub.jobs is not None
+    dispatcher = JobDispatcher(hub.dispatcher, settings.job_poll_interval)
+    watcher = JobWatcher(hub.watcher)
+    hub.jobs.changed = hub.watcher.changed = dispatcher.wake
     prefetcher = (Prefetcher(hub.db, settings, hub.client, hub.services.placement, hub.ingest.images,
                              hub.metrics)
                   if settings.prefetch_interval > 0 else None)
@@ -217,10 +242,12 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
         hub.poller.start()
         gpu_return.start()
         traffic.start()
+        watcher.start()
         if prefetcher is not None:
             prefetcher.start()
 
     async def on_follow() -> None:
+        await watcher.stop()
         await traffic.stop()
         await gpu_return.stop()
         if prefetcher is not None:
@@ -234,9 +261,11 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        assert hub.jobs is not None
         _dump_tasks_on_sigusr1()
         # Uploads a killed replica left half-written; younger ones may be another replica's, under way.
         await asyncio.to_thread(hub.services.model_store.sweep, settings.model_upload_grace)
+        await asyncio.to_thread(hub.jobs.store.sweep, settings.model_upload_grace)
         await hub.controllers.sync_from_config()
         # The pace first: the first answers and the first judgement of silence are for this fleet's size.
         await hub.ingest.count_controllers()
@@ -249,10 +278,13 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
             flusher.start()
             supervisor.start()
             watch.start()
+            dispatcher.start()
         try:
             yield
         finally:
             if run_loops:
+                await dispatcher.stop()
+                await watcher.stop()
                 await watch.stop()
                 await supervisor.stop()
                 await publisher.stop()
@@ -287,7 +319,8 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.add_middleware(BodyLimit, limit_for=lambda scope: settings.max_heartbeat_bytes
                        if HEARTBEAT_PATH.match(scope["path"]) else PRESENCE_BYTES
                        if PRESENCE_PATH.match(scope["path"]) else settings.model_file_max_bytes
-                       if scope["path"] == model_files.UPLOAD_PATH else settings.max_request_bytes)
+                       if scope["path"] == model_files.UPLOAD_PATH else settings.artifact_max_bytes
+                       if scope["path"] == jobs.UPLOAD_PATH else settings.max_request_bytes)
     # One coalescer for both copies of the audit middleware.
     app.add_middleware(AuditMiddleware, record=AuditLog(hub.db).record, skip=skip_routine, coalescer=Coalescer())
     app.include_router(controllers.router)
@@ -300,6 +333,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.include_router(audit.router)
     app.include_router(models.router)
     app.include_router(model_files.router)
+    app.include_router(jobs.router)
     app.include_router(mine_router)
     install_request_ids(app)
     app.mount(CONSOLE_PATH, console(app))

@@ -120,6 +120,17 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     model_files_per_user_bytes: int = Field(default=100 * 1024**3, ge=1)
     model_uploads: int = Field(default=4, ge=1)
     model_upload_grace: float = Field(default=24 * 3600.0, gt=0)
+    # Batch jobs (hub.services.jobs): the artifact store's directory (shared by every hub replica, as the
+    # model store), the largest upload (413 PAYLOAD_TOO_LARGE), each user's uploads and outputs together
+    # (507 ARTIFACT_QUOTA_EXCEEDED for an upload past it), and the jobs a user may have pending or running
+    # (429 JOB_QUOTA_EXCEEDED). The queue is polled every job_poll_interval seconds (a submit or an attempt's
+    # end on this replica wakes it at once); the leader long-polls each controller for job_watch_wait seconds.
+    artifact_store: Path = Path("./artifact-store")
+    artifact_max_bytes: int = Field(default=5 * 1024**3, ge=1)
+    artifacts_per_user_bytes: int = Field(default=50 * 1024**3, ge=1)
+    max_jobs_per_user: int = Field(default=100, ge=0)
+    job_poll_interval: float = Field(default=0.5, gt=0, le=60)
+    job_watch_wait: float = Field(default=10.0, gt=0, le=120)
     # A controller's sync of a create's model files before the create (POST /models/sync): a large file
     # takes as long as it takes, and the create's own timeout then covers only the container.
     model_sync_timeout: float = Field(default=1800.0, gt=0)

@@ -37,6 +37,10 @@ from mmanager.wire import (
     ContainerList,
     ControllerHealth,
     ImagePullProgress,
+    JobOutputs,
+    JobRun,
+    JobRunInfo,
+    JobRunList,
     ModelsSynced,
     ModelSync,
     RegistryAuth,
@@ -392,6 +396,98 @@ class ControllerClient:
                     yield chunk
             except httpx.TransportError:
                 return
+
+        return ClosingStream(chunks(), response.aclose)
+
+    # -- batch jobs (controller.routers.jobs; hub.services.jobs) ------------------------------------------
+
+    async def run_job(self, controller_id: str, url: str, run: JobRun) -> JobRunInfo:
+        """``POST /jobs/``: start one attempt. Repeated safely (the controller is idempotent on the attempt id);
+        a controller not yet synced since it came back gets a heartbeat or two, as a create does."""
+        deadline = time.monotonic() + 2 * self.settings.heartbeat_interval + 1
+        while True:
+            try:
+                response = await self._send(controller_id, url, "POST", "/jobs/", call="job_run", idempotent=True,
+                                            timeout=self.settings.controller_create_timeout,
+                                            json=run.model_dump(mode="json", exclude_none=True))
+                return JobRunInfo.model_validate(response.json())
+            except ControllerUnavailable as exc:
+                if exc.code != "CONTROLLER_NOT_SYNCED" or time.monotonic() > deadline:
+                    raise
+            await asyncio.sleep(0.25)
+
+    async def job_runs(self, controller_id: str, url: str, since: int = 0, wait: float = 0) -> JobRunList:
+        """``GET /jobs/?since=&wait=``: every attempt it holds, once its list's version passes ``since`` or after
+        ``wait`` seconds (a long poll: asked once, with a timeout past the wait)."""
+        params: dict[str, Any] = {"since": since}
+        if wait:
+            params["wait"] = wait
+        response = await self._send(controller_id, url, "GET", "/jobs/", call="job_runs", idempotent=not wait,
+                                    timeout=wait + self.settings.controller_timeout, params=params)
+        return JobRunList.model_validate(response.json())
+
+    async def job_run(self, controller_id: str, url: str, attempt_id: str) -> JobRunInfo:
+        response = await self._send(controller_id, url, "GET", f"/jobs/{attempt_id}", call="job_run_info",
+                                    idempotent=True)
+        return JobRunInfo.model_validate(response.json())
+
+    async def job_outputs(self, controller_id: str, url: str, attempt_id: str) -> JobOutputs:
+        response = await self._send(controller_id, url, "GET", f"/jobs/{attempt_id}/outputs", call="job_outputs",
+                                    idempotent=True)
+        return JobOutputs.model_validate(response.json())
+
+    async def job_output(self, controller_id: str, url: str, attempt_id: str, path: str) -> ClosingStream:
+        """One output file's bytes as they come (the caller closes the stream)."""
+        return await self._stream(self.http, controller_id, url, f"/jobs/{attempt_id}/outputs/{path}", {},
+                                  "job_output")
+
+    async def job_logs(self, controller_id: str, url: str, attempt_id: str, *, follow: bool = False,
+                       lines: int | None = None) -> ClosingStream:
+        """The attempt's log: Docker's while it runs (followed: from the logs' own pool, as services' are), the
+        controller's kept file after."""
+        params: dict[str, Any] = {}
+        if follow:
+            params["follow"] = "true"
+        if lines is not None:
+            params["lines"] = lines
+        return await self._stream(self.stream_http if follow else self.http, controller_id, url,
+                                  f"/jobs/{attempt_id}/logs", params, "job_logs")
+
+    async def cancel_job(self, controller_id: str, url: str, attempt_id: str) -> JobRunInfo:
+        response = await self._send(controller_id, url, "POST", f"/jobs/{attempt_id}/cancel", call="job_cancel",
+                                    idempotent=True, timeout=self.settings.controller_create_timeout)
+        return JobRunInfo.model_validate(response.json())
+
+    async def delete_job(self, controller_id: str, url: str, attempt_id: str) -> None:
+        """Remove the attempt's container and what the controller kept of it; one it no longer holds is gone
+        already."""
+        try:
+            await self._send(controller_id, url, "DELETE", f"/jobs/{attempt_id}", call="job_delete", idempotent=True,
+                             timeout=self.settings.controller_create_timeout)
+        except ControllerRejected as exc:
+            if exc.status_code != 404:
+                raise
+
+    async def _stream(self, http: httpx.AsyncClient, controller_id: str, url: str, path: str,
+                      params: dict[str, Any], call: str) -> ClosingStream:
+        request = http.build_request("GET", url.rstrip("/") + path, params=params,
+                                     headers=self._headers(controller_id))
+        started = time.monotonic()
+        try:
+            response = await http.send(request, stream=True)
+        except httpx.TransportError as exc:
+            raise ControllerUnavailable(f"controller {controller_id} is unreachable: {exc}",
+                                        {"controller_id": controller_id}) from exc
+        finally:
+            self._timed(controller_id, call, started)
+        if response.status_code >= 400:
+            await response.aread()
+            await response.aclose()
+            raise _error_from(controller_id, response)
+
+        async def chunks() -> AsyncIterator[bytes]:
+            async for chunk in response.aiter_bytes():
+                yield chunk
 
         return ClosingStream(chunks(), response.aclose)
 

@@ -32,6 +32,9 @@ from mmanager.audit import identify_call
 if TYPE_CHECKING:
     from hub.background.poller import ControllerPoller
     from hub.background.reconciler import Reconciler
+    from hub.services.jobs.core import JobService
+    from hub.services.jobs.queue import Dispatcher
+    from hub.services.jobs.watch import Watcher
 
 
 @dataclass
@@ -56,6 +59,10 @@ class Hub:
     reconciler: Reconciler | None = None
     # Per-user request rate on this replica; None when MMANAGER_RATE_LIMIT is 0.
     limiter: RateLimiter | None = None
+    # Batch jobs (hub.services.jobs): the API's side, the queue (every replica), the watcher (the leader's).
+    jobs: JobService | None = None
+    dispatcher: Dispatcher | None = None
+    watcher: Watcher | None = None
 
     async def refresh_controllers(self) -> None:
         """Poll the controllers that do not push, and write what every controller said."""

@@ -465,6 +465,8 @@ class OperationOut(BaseModel):
     details: dict[str, Any]
     created_at: datetime
     finished_at: datetime | None
+    # A batch job's state change: its job (docs/API.md, Jobs).
+    job_id: str | None = None
 
 
 class RegistryOut(BaseModel):

@@ -113,16 +113,21 @@ class ControllerPoller(LoopService):
                 container_id=c.id, name=c.name, service_id=c.service_id, epoch=c.epoch, state=c.status,
                 health=c.health, health_restarts=c.health_restarts, health_detail=c.health_detail,
                 age_seconds=max(seconds_since(c.created, now) or 0.0, 0.0), ports=c.ports,
-                usage=_usage(c.resource_usage),
+                usage=_usage(c.resource_usage), job_id=c.job_id, attempt_id=c.attempt_id,
             )
             for c in listing
         ]
         # Through the main pool: up to POLL_CONCURRENCY polls at once must not queue the heartbeats' reads.
         rows = await self.ingest.rows_for(controller_id, self.db)
-        result = self.ingest.observe(controller_id, health, containers, rows, pushed=False, listed_at=listed_at)
+        attempts = await self.ingest.attempts_of(containers, self.db)
+        result = self.ingest.observe(controller_id, health, containers, rows, pushed=False, listed_at=listed_at,
+                                     attempts=attempts)
         for order in result.stop:
             try:
-                await self.client.action(controller_id, url, order.container_id, "delete", force="true")
+                if order.attempt_id is not None:
+                    await self.client.delete_job(controller_id, url, order.attempt_id)
+                else:
+                    await self.client.action(controller_id, url, order.container_id, "delete", force="true")
                 log.info("removed %s container %s on %s", order.reason, order.container_id[:12], controller_id)
             except HubError as exc:
                 log.warning("could not remove %s container %s on %s: %s", order.reason, order.container_id[:12],

@@ -14,7 +14,7 @@ from sqlalchemy import ColumnElement, Select, or_, select
 
 from hub.deps import CurrentUser, SessionDep
 from hub.errors import NotFound
-from hub.models import AlertModel, AuditModel, OperationModel, ServiceModel, UserModel
+from hub.models import AlertModel, AuditModel, JobModel, OperationModel, ServiceModel, UserModel
 from hub.routers.audit import AuditParamsDep
 from hub.routers.paging import Limit, Offset
 from hub.schemas import AlertOut, AuditOut, MeOut, OperationOut
@@ -30,11 +30,12 @@ def _owned(user: UserModel) -> Select[Any]:
 
 
 def visible_operations(query: Select[Any], user: UserModel) -> Select[Any]:
-    """``query`` narrowed to the operations ``user`` may see: those of their services, and their own calls on
-    services that are gone (a delete, a create that failed)."""
+    """``query`` narrowed to the operations ``user`` may see: those of their services and batch jobs, and their
+    own calls on services that are gone (a delete, a create that failed)."""
     if user.is_admin:
         return query
-    seen: ColumnElement[bool] = OperationModel.service_id.in_(_owned(user))
+    seen: ColumnElement[bool] = or_(OperationModel.service_id.in_(_owned(user)),
+                                    OperationModel.job_id.in_(select(JobModel.id).where(JobModel.owner_id == user.id)))
     if user.username != SYSTEM_ACTOR:
         gone = OperationModel.service_id.not_in(select(ServiceModel.id))
         seen = or_(seen, (OperationModel.actor == user.username) & gone)

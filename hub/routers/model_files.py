@@ -15,6 +15,7 @@ from sqlalchemy import select
 from hub.deps import CurrentUser, HubDep, SessionDep, admit_controller
 from hub.errors import NotFound
 from hub.models import ModelFileModel
+from hub.routers.jobs import controller_artifact
 from hub.routers.paging import Limit, Offset
 from hub.schemas import ModelFileOut
 from hub.services.model_files import ModelStore, allowance, check_name, delete_file, get_file, record
@@ -67,9 +68,16 @@ async def download(digest: str, _: CurrentUser, hub: HubDep, session: SessionDep
 @router.get("/controllers/{controller_id}/model-files/{digest}", response_class=StreamingResponse)
 async def controller_download(controller_id: str, digest: str, request: Request, hub: HubDep,
                               session: SessionDep) -> StreamingResponse:
-    """A controller's download, with its heartbeat key (``controller.model_cache``)."""
+    """A controller's download, with its heartbeat key (``controller.model_cache``): a model file, else a batch
+    job's input from the artifact store (one more read only when no model file has the digest)."""
     await admit_controller(hub, request.scope, controller_id)
-    return await _file(hub.services.model_store, session, digest)
+    try:
+        return await _file(hub.services.model_store, session, digest)
+    except NotFound:
+        artifact = await controller_artifact(hub, digest)
+        if artifact is None:
+            raise
+        return artifact
 
 
 @router.delete("/model-files/{digest}", status_code=204)

@@ -45,6 +45,20 @@ class RowUpdate:
     health_detail: str | None = None
 
 
+@dataclass(frozen=True)
+class AttemptState:
+    """A batch job's attempt as the fence judges its container: live only while ``starting`` or ``running``
+    and the job's current one (``number == job_epoch``)."""
+
+    number: int
+    status: str
+    job_epoch: int
+
+    @property
+    def live(self) -> bool:
+        return self.status in ("starting", "running") and self.number == self.job_epoch
+
+
 @dataclass
 class FenceResult:
     stop: list[StopOrder] = field(default_factory=list)
@@ -55,7 +69,8 @@ class FenceResult:
 
 
 def fence(rows: Iterable[RegistryRow], containers: Iterable[HeartbeatContainer], orphan_grace: float,
-          missing_before: datetime | None = None, drained_before: datetime | None = None) -> FenceResult:
+          missing_before: datetime | None = None, drained_before: datetime | None = None,
+          attempts: Mapping[str, AttemptState] | None = None) -> FenceResult:
     """What one controller must stop, given its registry rows and what it runs.
 
     - a container whose row is ``stale`` (a newer epoch runs elsewhere) stops at once;
@@ -67,6 +82,9 @@ def fence(rows: Iterable[RegistryRow], containers: Iterable[HeartbeatContainer],
       (the registry row is written before the controller is asked, so a young
       container without one is only ever a create still in flight elsewhere);
     - containers created outside the hub (no service label) are not ours to fence;
+    - a batch job's container (``attempt_id``) stops (``stale_attempt``) when its attempt is not live (ended,
+      lost, or not the job's current one), or has no row and is older than ``orphan_grace``; judged only
+      when ``attempts`` (the attempts the containers name) is given;
     - a row whose container is not reported is ``missing`` if it was last
       written before ``missing_before`` (younger rows may be newer than the listing).
     """
@@ -79,6 +97,13 @@ def fence(rows: Iterable[RegistryRow], containers: Iterable[HeartbeatContainer],
     result = FenceResult()
     seen: set[str] = set()
     for c in containers:
+        if c.attempt_id is not None:
+            if attempts is not None:
+                attempt = attempts.get(c.attempt_id)
+                if (attempt is None and c.age_seconds >= orphan_grace) or (attempt is not None and not attempt.live):
+                    result.stop.append(StopOrder(container_id=c.container_id, epoch=c.epoch, reason="stale_attempt",
+                                                 attempt_id=c.attempt_id))
+            continue
         if not c.service_id or c.epoch is None:
             continue
         found = by_key.get((c.service_id, c.epoch))

@@ -18,10 +18,10 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
 
-from sqlalchemy import Text, cast, func, select
+from sqlalchemy import Text, cast, func, select, union_all
 
 from hub.db import Database
-from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel
+from hub.models import ContainerRegistryModel, ControllerModel, JobAttemptModel, JobModel, ServiceModel
 from hub.scheduler.placement import (
     GIB,
     NO_GPU_SHARES,
@@ -35,6 +35,10 @@ from mmanager.wire import parse_memory
 _REGISTRY = ContainerRegistryModel.__table__
 _CONTROLLERS = ControllerModel.__table__
 _SERVICES = ServiceModel.__table__
+_ATTEMPTS = JobAttemptModel.__table__
+_JOBS = JobModel.__table__
+# A batch job's attempt holds its controller's resources while it is starting or running, as a registry row does.
+_LIVE_ATTEMPT = _ATTEMPTS.c.status.in_(("starting", "running"))
 # Placement reads the controllers from a snapshot at most this old (plus this process's own reservations
 # since); older, a placement waits for a fresh one. In between, one is taken in the background.
 PLACEMENT_MAX_AGE = 1.0
@@ -46,15 +50,23 @@ _VIEW_CONTROLLERS = select(*(_CONTROLLERS.c[name] for name in (
     "containers_running", "cpu_cores", "memory_total_gb", "gpus")),
     # One flag of the last health report, not the document: whether it runs golden-inference probes.
     _CONTROLLERS.c.health_data[("capabilities", "golden_probes")].as_boolean().label("golden_probes"))
-_VIEW_USAGE = (select(_REGISTRY.c.controller_id, func.count().label("n"),
-                      func.coalesce(func.sum(_REGISTRY.c.memory_bytes), 0).label("memory"),
-                      func.coalesce(func.sum(_REGISTRY.c.cpu_limit), 0.0).label("cpu"))
-               .group_by(_REGISTRY.c.controller_id))
+_HOLDERS = union_all(
+    select(_REGISTRY.c.controller_id, _REGISTRY.c.memory_bytes, _REGISTRY.c.cpu_limit),
+    select(_ATTEMPTS.c.controller_id, _ATTEMPTS.c.memory_bytes, _ATTEMPTS.c.cpu_limit).where(_LIVE_ATTEMPT),
+).subquery("holders")
+_VIEW_USAGE = (select(_HOLDERS.c.controller_id, func.count().label("n"),
+                      func.coalesce(func.sum(_HOLDERS.c.memory_bytes), 0).label("memory"),
+                      func.coalesce(func.sum(_HOLDERS.c.cpu_limit), 0.0).label("cpu"))
+               .group_by(_HOLDERS.c.controller_id))
 # A row's GPUs; shared (its service's ``resources.gpu_memory``, the budget on each) or else held whole.
 _VIEW_GPUS = (select(_REGISTRY.c.controller_id, _REGISTRY.c.gpu_devices,
                      _SERVICES.c.spec[("resources", "gpu_memory")].as_string().label("gpu_memory"))
               .join(_SERVICES, _SERVICES.c.id == _REGISTRY.c.service_id)
-              .where(cast(_REGISTRY.c.gpu_devices, Text) != "[]"))
+              .where(cast(_REGISTRY.c.gpu_devices, Text) != "[]")
+              .union_all(select(_ATTEMPTS.c.controller_id, _ATTEMPTS.c.gpu_devices,
+                                _JOBS.c.spec[("resources", "gpu_memory")].as_string().label("gpu_memory"))
+                         .join(_JOBS, _JOBS.c.id == _ATTEMPTS.c.job_id)
+                         .where(_LIVE_ATTEMPT, cast(_ATTEMPTS.c.gpu_devices, Text) != "[]")))
 
 
 async def load_views(db: Database, images: Callable[[str], frozenset[str] | None] | None = None,

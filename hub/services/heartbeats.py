@@ -45,8 +45,8 @@ from hub.config import HubSettings
 from hub.db import Database, any_of
 from hub.errors import HubError, InvalidRequest, NotFound, Overloaded
 from hub.metrics import HubMetrics
-from hub.models import ContainerRegistryModel, ControllerModel, ServiceModel, utcnow
-from hub.scheduler.reconcile import UNSETTLED, FenceResult, RegistryRow, RowUpdate, fence
+from hub.models import ContainerRegistryModel, ControllerModel, JobAttemptModel, JobModel, ServiceModel, utcnow
+from hub.scheduler.reconcile import UNSETTLED, AttemptState, FenceResult, RegistryRow, RowUpdate, fence
 from hub.services.audit import controller_source, insert_shipped
 from hub.services.controller_keys import ControllerKeyAuth
 from hub.services.controllers import healthy_fields
@@ -132,6 +132,9 @@ class HeartbeatIngest:
         self._known = select(C.c.id).where(any_of(C.c.id, "ids", sqlite=sqlite))
         self._registry_rows = _rows_query(any_of(ContainerRegistryModel.__table__.c.controller_id, "ids", sqlite=sqlite))
         self._controller_updates: dict[tuple[str, ...], Any] = {}
+        A, J = JobAttemptModel.__table__, JobModel.__table__
+        self._attempts = (select(A.c.id, A.c.number, A.c.status, J.c.epoch).join(J, J.c.id == A.c.job_id)
+                          .where(any_of(A.c.id, "ids", sqlite=sqlite)))
 
     @property
     def orphan_grace(self) -> float:
@@ -221,6 +224,7 @@ class HeartbeatIngest:
             rows[r["controller_id"]].append(RegistryRow(
                 r["id"], r["service_id"], r["epoch"], r["container_id"], r["status"], r["health"],
                 r["health_restarts"], r["updated_at"]))
+        attempts = await self.attempts_of([c for b in batch for c in b.heartbeat.containers])
         new: dict[str, Heartbeat] = {}
         for b in batch:
             if b.controller_id in known or b.controller_id in new:
@@ -246,7 +250,7 @@ class HeartbeatIngest:
             hb = b.heartbeat
             listed_at = b.arrived - timedelta(seconds=hb.listing_age + PUSH_LAG)
             result = self.observe(b.controller_id, hb.health, hb.containers, rows[b.controller_id], pushed=True,
-                                  listed_at=listed_at, at=b.arrived)
+                                  listed_at=listed_at, at=b.arrived, attempts=attempts)
             self.images.beat(b.controller_id, hb.images_version, hb.images)
             if hb.images is not None:
                 self.metrics.controllers.set((b.controller_id,), images=len(hb.images))
@@ -302,9 +306,19 @@ class HeartbeatIngest:
         async with db.session() as session:
             return await self._rows(session, controller_id)
 
+    async def attempts_of(self, containers: list[HeartbeatContainer], db: Database | None = None,
+                          ) -> dict[str, AttemptState] | None:
+        """The attempts the batch jobs' containers among ``containers`` name, for the fence: one read, and
+        none (None) when no container is a job's."""
+        ids = sorted({c.attempt_id for c in containers if c.attempt_id})
+        if not ids:
+            return None
+        return {r["id"]: AttemptState(r["number"], r["status"], r["epoch"])
+                for r in await (db or self.db).all(self._attempts, {"ids": ids})}
+
     def observe(self, controller_id: str, health: ControllerHealth, containers: list[HeartbeatContainer],
                 rows: list[RegistryRow], *, pushed: bool, listed_at: datetime | None = None,
-                at: datetime | None = None) -> FenceResult:
+                at: datetime | None = None, attempts: dict[str, AttemptState] | None = None) -> FenceResult:
         """Record one observation; ``listed_at`` is when the container listing was taken, at the latest.
 
         A pushed heartbeat's listing was taken before it arrived: it is dated by the
@@ -323,7 +337,7 @@ class HeartbeatIngest:
         # A copy left draining by a move whose hub died is fenced once the move could no longer be waiting.
         drained_before = now - timedelta(seconds=self.settings.gateway_drain_timeout + DRAIN_SLACK)
         result = fence(rows, containers, self.orphan_grace, missing_before=min(now - settle, listed_at),
-                       drained_before=drained_before)
+                       drained_before=drained_before, attempts=attempts)
         self._observations[controller_id] = _Observation(now, health, pushed)
         self.monitor.observe(controller_id, health, containers,
                              {r.container_id for r in rows if r.container_id and r.status != "stale"})

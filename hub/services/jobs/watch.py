@@ -1,0 +1,317 @@
+"""Following the attempts that run (the leading replica): progress into the rows, an ended attempt collected
+and settled, attempts on lost controllers given up, timeouts' backstop.
+
+An ended attempt is collected first (each output streamed into the artifact store and checked against the
+sha256 its controller gave; the log), then ONE transaction settles the attempt, its artifact rows and (when it
+is the job's current attempt) the job with its operation rows, and only then is the attempt deleted on its
+controller. Only the job's current attempt (``number == epoch``, job ``running``) settles the job.
+
+Invariants: nothing of a succeeded attempt is lost when a process is killed: a hub killed mid-collection leaves
+the attempt live and its controller keeps it, so the next leader collects again (the store dedups by digest);
+the controller deletes it only after the settling transaction committed. Rows change only when what they show
+changed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import lazyload
+
+from hub.controller_client import ControllerClient
+from hub.db import Database
+from hub.errors import HubError
+from hub.job_schemas import ATTEMPT_LIVE
+from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, JobModel, utcnow
+from hub.services.jobs.artifacts import ArtifactStore
+from hub.services.jobs.core import add_op, backoff
+from hub.services.operations import OperationLog
+from hub.services.users import SYSTEM_ACTOR
+from mmanager.wire import JOB_RUN_ENDED, JobRunInfo
+
+log = logging.getLogger(__name__)
+
+# Seconds past an attempt's timeout after which the hub stops waiting for its controller to report the end.
+TIMEOUT_GRACE = 30.0
+
+
+class ChecksumMismatch(Exception):
+    pass
+
+
+@dataclass
+class Collected:
+    status: str
+    exit_code: int | None
+    error: str | None
+    outputs: list[tuple[str, str, int]] = field(default_factory=list)
+    log_digest: str | None = None
+    log_size: int = 0
+
+
+def verdict(run: JobRunInfo) -> tuple[str, str | None]:
+    """The attempt's status from how its run ended, and why when it did not succeed."""
+    if run.state == "exited":
+        if run.exit_code == 0:
+            return "succeeded", None
+        return "failed", run.error or f"exited with code {run.exit_code}"
+    if run.state == "timed_out":
+        return "timed_out", run.error or "stopped at its timeout"
+    if run.state == "cancelled":
+        return "cancelled", run.error or "cancelled"
+    return "failed", run.error or "failed"
+
+
+class Watcher:
+    def __init__(self, db: Database, client: ControllerClient, ops: OperationLog, store: ArtifactStore,
+                 wait: float = 10.0, timeout_grace: float = TIMEOUT_GRACE) -> None:
+        self.db = db
+        self.client = client
+        self.ops = ops
+        self.store = store
+        self.wait = wait
+        self.timeout_grace = timeout_grace
+        # Something a dispatcher would want to know at once (a job's end, a job pending again).
+        self.changed: Callable[[], None] = lambda: None
+        self._polls: dict[str, asyncio.Task[None]] = {}
+
+    # ------------------------------------------------------------------------------------------ the tick
+
+    async def tick(self) -> None:
+        """Start a long poll for each controller with live attempts (end those with none); give up the
+        attempts on lost controllers; the timeouts' backstop."""
+        rows = (await self.db.all(select(JobAttemptModel.controller_id, ControllerModel.url, ControllerModel.status)
+                                  .select_from(JobAttemptModel)
+                                  .join(ControllerModel, ControllerModel.id == JobAttemptModel.controller_id,
+                                        isouter=True)
+                                  .where(JobAttemptModel.status.in_(ATTEMPT_LIVE)).distinct(), {}))
+        wanted: dict[str, str] = {}
+        lost: list[str] = []
+        for r in rows:
+            if r["status"] == "unhealthy" or r["url"] is None:
+                lost.append(r["controller_id"])
+            else:
+                wanted[r["controller_id"]] = r["url"]
+        for cid in [c for c in self._polls if c not in wanted or self._polls[c].done()]:
+            task = self._polls.pop(cid)
+            if cid not in wanted:
+                task.cancel()
+        for cid, url in wanted.items():
+            if cid not in self._polls:
+                self._polls[cid] = asyncio.create_task(self._poll(cid, url), name=f"job-watch-{cid}")
+        if lost:
+            await self.give_up(lost)
+        await self.backstop()
+
+    async def stop(self) -> None:
+        tasks = list(self._polls.values())
+        self._polls.clear()
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+
+    async def _poll(self, controller_id: str, url: str) -> None:
+        since = 0
+        while True:
+            try:
+                listing = await self.client.job_runs(controller_id, url, since=since, wait=self.wait if since else 0)
+                complete = await self.observe(controller_id, url, listing.runs)
+                # What could not be done now (a collection that failed) is tried again at the next answer.
+                since = listing.version if complete else 0
+                if not complete:
+                    await asyncio.sleep(1.0)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the poll goes on; silence makes a controller lost, not this
+                log.info("job watch of %s: %s: %s", controller_id, type(exc).__name__, exc)
+                since = 0
+                await asyncio.sleep(1.0)
+
+    # ----------------------------------------------------------------------------------- what runs say
+
+    async def observe(self, controller_id: str, url: str, runs: list[JobRunInfo]) -> bool:
+        """Take one listing of a controller's runs in; False when something is left to try again."""
+        ids = [r.attempt_id for r in runs]
+        if not ids:
+            return True
+        async with self.db.session() as session:
+            attempts = {a.id: a for a in await session.scalars(select(JobAttemptModel).where(
+                JobAttemptModel.id.in_(ids), JobAttemptModel.controller_id == controller_id))}
+            jobs = {j.id: j for j in await session.scalars(select(JobModel).options(lazyload(JobModel.owner)).where(
+                JobModel.id.in_({a.job_id for a in attempts.values()})))} if attempts else {}
+            ended, cancels = [], []
+            for run in runs:
+                attempt = attempts.get(run.attempt_id)
+                if attempt is None:
+                    continue  # not the hub's (the fence stops it), or settled: deleted below
+                job = jobs.get(attempt.job_id)
+                current = job is not None and job.status == "running" and job.epoch == attempt.number
+                if attempt.status not in ATTEMPT_LIVE:
+                    if run.state in JOB_RUN_ENDED:
+                        ended.append((run, False))
+                    continue
+                if run.state in JOB_RUN_ENDED:
+                    if run.collectable:
+                        ended.append((run, True))
+                    continue
+                if not current:
+                    cancels.append(run.attempt_id)
+                self._progress(attempt, job if current else None, run)
+        complete = True
+        for attempt_id in cancels:
+            try:
+                await self.client.cancel_job(controller_id, url, attempt_id)
+            except HubError as exc:
+                log.info("cancel of attempt %s on %s: %s", attempt_id, controller_id, exc)
+                complete = False
+        for run, live in ended:
+            try:
+                if live:
+                    await self.collect(controller_id, url, run)
+                await self.client.delete_job(controller_id, url, run.attempt_id)
+            except Exception as exc:  # noqa: BLE001 - tried again with the next listing
+                log.warning("collecting attempt %s on %s: %s: %s", run.attempt_id, controller_id,
+                            type(exc).__name__, exc)
+                complete = False
+        return complete
+
+    @staticmethod
+    def _progress(attempt: JobAttemptModel, job: JobModel | None, run: JobRunInfo) -> None:
+        progress = run.progress.model_dump(mode="json") if run.progress is not None else None
+        if run.state == "running" and attempt.status != "running":
+            attempt.status = "running"
+        if run.started_at is not None and attempt.started_at != run.started_at:
+            attempt.started_at = run.started_at
+        if run.container_id and attempt.container_id != run.container_id:
+            attempt.container_id = run.container_id
+        if progress != attempt.progress:
+            attempt.progress = progress
+        if job is not None and progress != job.progress:
+            job.progress = progress
+
+    # ------------------------------------------------------------------------------------------ collect
+
+    async def collect(self, controller_id: str, url: str, run: JobRunInfo) -> None:
+        """Store the ended attempt's outputs and log, then settle it in one transaction."""
+        status, error = verdict(run)
+        got = Collected(status, run.exit_code, error)
+        manifest = await self.client.job_outputs(controller_id, url, run.attempt_id)
+        for f in manifest.files:
+            stream = await self.client.job_output(controller_id, url, run.attempt_id, f.path)
+            try:
+                digest, size = await self.store.put(stream)
+            finally:
+                await stream.aclose()
+            if digest.removeprefix("sha256:") != f.sha256.removeprefix("sha256:"):
+                got.status, got.error = "failed", f"output {f.path!r} arrived with another sha256 than its controller's"
+                got.outputs = []
+                break
+            got.outputs.append((f.path, digest, size))
+        logs = await self.client.job_logs(controller_id, url, run.attempt_id)
+        try:
+            got.log_digest, got.log_size = await self.store.put(logs)
+        finally:
+            await logs.aclose()
+        await self.settle(run.attempt_id, got)
+
+    async def settle(self, attempt_id: str, got: Collected) -> bool:
+        """The attempt, its artifacts and (when current) its job in one transaction; False when another did it."""
+        lock = not self.db.is_sqlite
+        async with self.db.session() as session:
+            attempt = await session.get(JobAttemptModel, attempt_id)
+            if attempt is None:
+                return False
+            job = await session.get(JobModel, attempt.job_id, with_for_update=lock)
+            await session.refresh(attempt, with_for_update=lock)
+            if attempt.status not in ATTEMPT_LIVE or job is None:
+                return False
+            now = utcnow()
+            attempt.status, attempt.exit_code, attempt.error = got.status, got.exit_code, got.error
+            attempt.finished_at = now
+            attempt.log_digest, attempt.log_size = got.log_digest, got.log_size
+            for path, digest, size in got.outputs:
+                session.add(ArtifactModel(owner_id=job.owner_id, name=path, digest=digest, size=size, job_id=job.id,
+                                          attempt_id=attempt.id, created_at=now))
+            if job.status == "running" and job.epoch == attempt.number:
+                self._settle_job(session, job, attempt, got, now)
+        self.changed()
+        return True
+
+    def _settle_job(self, session: Any, job: JobModel, attempt: JobAttemptModel, got: Collected, now: Any) -> None:
+        job.exit_code = got.exit_code
+        if got.status == "succeeded":
+            job.status, job.finished_at, job.status_message = "succeeded", now, None
+            add_op(self.ops, session, "job_succeeded", SYSTEM_ACTOR, job, controller_id=attempt.controller_id)
+        elif got.status == "cancelled":
+            job.status, job.finished_at, job.status_message = "cancelled", now, got.error
+            add_op(self.ops, session, "job_cancelled", SYSTEM_ACTOR, job, controller_id=attempt.controller_id)
+        elif job.retries > 0:
+            job.retries -= 1
+            delay = backoff(job.attempts)
+            job.status, job.not_before = "pending", now + timedelta(seconds=delay)
+            job.status_message = f"attempt {attempt.number} {got.status}: {got.error}; retrying in {delay:g} s"
+            add_op(self.ops, session, "job_retry", SYSTEM_ACTOR, job, error=got.error,
+                   controller_id=attempt.controller_id, retry_in=delay)
+        else:
+            job.status, job.finished_at = got.status, now
+            job.status_message = f"attempt {attempt.number} {got.status}: {got.error}"
+            add_op(self.ops, session, "job_timed_out" if got.status == "timed_out" else "job_failed", SYSTEM_ACTOR,
+                   job, error=got.error, controller_id=attempt.controller_id)
+
+    # -------------------------------------------------------------------------------- lost and overdue
+
+    async def give_up(self, controller_ids: list[str]) -> int:
+        """The live attempts on controllers the hub declared lost become ``lost``; their jobs (when current)
+        pending again at once, not counted as a retry. How many."""
+        lock = not self.db.is_sqlite
+        n = 0
+        async with self.db.session() as session:
+            attempts = list(await session.scalars(select(JobAttemptModel).where(
+                JobAttemptModel.controller_id.in_(controller_ids), JobAttemptModel.status.in_(ATTEMPT_LIVE))
+                .with_for_update(skip_locked=True) if lock else select(JobAttemptModel).where(
+                JobAttemptModel.controller_id.in_(controller_ids), JobAttemptModel.status.in_(ATTEMPT_LIVE))))
+            now = utcnow()
+            for attempt in attempts:
+                attempt.status, attempt.finished_at = "lost", now
+                attempt.error = f"controller {attempt.controller_id} was lost"
+                job = await session.get(JobModel, attempt.job_id, with_for_update=lock)
+                if job is not None and job.status == "running" and job.epoch == attempt.number:
+                    job.status, job.progress = "pending", None
+                    job.status_message = f"attempt {attempt.number} lost with controller {attempt.controller_id}; " \
+                                         "placing it again"
+                    add_op(self.ops, session, "job_lost", SYSTEM_ACTOR, job, controller_id=attempt.controller_id)
+                n += 1
+        if n:
+            self.changed()
+        return n
+
+    async def backstop(self) -> int:
+        """Running attempts past their timeout and the grace with no end reported: cancelled on their controller
+        (best effort) and settled ``timed_out``."""
+        now = utcnow()
+        rows = (await self.db.all(select(JobAttemptModel.id, JobAttemptModel.controller_id, JobAttemptModel.started_at,
+                                         JobAttemptModel.created_at, JobModel.timeout, ControllerModel.url)
+                                  .join(JobModel, JobModel.id == JobAttemptModel.job_id)
+                                  .join(ControllerModel, ControllerModel.id == JobAttemptModel.controller_id,
+                                        isouter=True)
+                                  .where(JobAttemptModel.status.in_(ATTEMPT_LIVE), JobModel.timeout.is_not(None)), {}))
+        n = 0
+        for r in rows:
+            began = r["started_at"] or r["created_at"]
+            if began + timedelta(seconds=r["timeout"] + self.timeout_grace) > now:
+                continue
+            if r["url"]:
+                with contextlib.suppress(HubError):
+                    await self.client.cancel_job(r["controller_id"], r["url"], r["id"])
+            if await self.settle(r["id"], Collected("timed_out", None, "no end reported past its timeout")):
+                n += 1
+        return n

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import Protocol
 
-from sqlalchemy import Text, cast, func, select, union_all
+from sqlalchemy import Text, cast, func, or_, select, union_all
 
 from hub.db import Database
 from hub.models import ContainerRegistryModel, ControllerModel, JobAttemptModel, JobModel, ServiceModel
@@ -38,7 +38,7 @@ _SERVICES = ServiceModel.__table__
 _ATTEMPTS = JobAttemptModel.__table__
 _JOBS = JobModel.__table__
 # A batch job's attempt holds its controller's resources while it is starting or running, as a registry row does.
-_LIVE_ATTEMPT = _ATTEMPTS.c.status.in_(("starting", "running"))
+_LIVE_ATTEMPT = or_(_ATTEMPTS.c.status == "starting", _ATTEMPTS.c.status == "running")
 # Placement reads the controllers from a snapshot at most this old (plus this process's own reservations
 # since); older, a placement waits for a fresh one. In between, one is taken in the background.
 PLACEMENT_MAX_AGE = 1.0

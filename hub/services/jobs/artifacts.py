@@ -214,10 +214,10 @@ async def outs(session: AsyncSession, rows: list[ArtifactModel]) -> list[Artifac
     """Each row as the API shows it (its owner's name, its attempt's number): two reads for the whole page."""
     owner_ids = {r.owner_id for r in rows}
     names = dict((await session.execute(select(UserModel.id, UserModel.username)
-                                        .where(UserModel.id.in_(owner_ids)))).tuples().all()) if owner_ids else {}
+                                        .where(UserModel.id.in_(owner_ids)))).all()) if owner_ids else {}
     attempt_ids = {r.attempt_id for r in rows if r.attempt_id}
     numbers = dict((await session.execute(select(JobAttemptModel.id, JobAttemptModel.number)
-                                          .where(JobAttemptModel.id.in_(attempt_ids)))).tuples().all()) \
+                                          .where(JobAttemptModel.id.in_(attempt_ids)))).all()) \
         if attempt_ids else {}
     return [artifact_out(r, names.get(r.owner_id, "?"), numbers.get(r.attempt_id or "")) for r in rows]
 

@@ -268,8 +268,9 @@ class JobService:
                                                                                           JobAttemptModel | None]:
         """Cancel a pending or running job (409 JOB_FINISHED for one that ended): at once in the database; a
         running attempt stays live until the watcher collected its log (the caller tells its controller)."""
-        job = await self.get(session, user, job_id)
-        await session.refresh(job, with_for_update=not self.db.is_sqlite)
+        await self.get(session, user, job_id)
+        job = await lock_job(session, job_id, not self.db.is_sqlite)
+        assert job is not None
         if job.status in JOB_FINAL:
             raise Conflict(f"job {job_id} has ended ({job.status})", {"status": job.status}, code="JOB_FINISHED")
         live = None
@@ -291,6 +292,14 @@ async def output_digest(session: AsyncSession, job_id: str, path: str) -> tuple[
         JobAttemptModel, JobAttemptModel.id == ArtifactModel.attempt_id).where(
         ArtifactModel.job_id == job_id, ArtifactModel.name == path, JobAttemptModel.status == "succeeded"))).first()
     return None if row is None else (row[0], row[1])
+
+
+async def lock_job(session: AsyncSession, job_id: str, lock: bool) -> JobModel | None:
+    """The job's row, fresh, held until the transaction ends (``lock``: PostgreSQL; SQLite writes one at a time)."""
+    query = select(JobModel).where(JobModel.id == job_id).execution_options(populate_existing=True)
+    if lock:
+        query = query.with_for_update(of=JobModel)
+    return await session.scalar(query)
 
 
 def backoff(attempts: int) -> float:

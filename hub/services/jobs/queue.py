@@ -30,7 +30,7 @@ from hub.job_schemas import ArtifactInput, JobOutputInput
 from hub.models import ArtifactModel, JobAttemptModel, JobModel, utcnow
 from hub.scheduler.placement import Placement
 from hub.scheduler.snapshot import Held, PlacementCache
-from hub.services.jobs.core import add_op, job_request, output_digest, parse_spec
+from hub.services.jobs.core import add_op, job_request, lock_job, output_digest, parse_spec
 from hub.services.operations import OperationLog
 from hub.services.users import SYSTEM_ACTOR
 from mmanager.wire import JobInput, JobRun
@@ -83,7 +83,7 @@ class Dispatcher:
             needed: dict[str, str] = {}
             if wanted:
                 needed = dict((await session.execute(select(JobModel.id, JobModel.status)
-                                                     .where(JobModel.id.in_(wanted)))).tuples().all())
+                                                     .where(JobModel.id.in_(wanted)))).all())
             runnable = []
             for job in jobs:
                 bad = [n for n in job.needs or () if needed.get(n, "cancelled") in ("failed", "cancelled", "timed_out")]
@@ -106,7 +106,7 @@ class Dispatcher:
                 running = dict((await session.execute(
                     select(JobModel.owner_id, func.count()).where(JobModel.status == "running",
                                                                   JobModel.owner_id.in_(owners))
-                    .group_by(JobModel.owner_id))).tuples().all())
+                    .group_by(JobModel.owner_id))).all())
             index = await self.placement.index() if runnable else None
             held: list[Held] = []
             try:
@@ -214,7 +214,7 @@ class Dispatcher:
             if attempt is None or attempt.status not in ("starting", "running"):
                 return
             attempt.status, attempt.error, attempt.finished_at = "failed", f"not started: {error}", utcnow()
-            job = await session.get(JobModel, job_id, with_for_update=not self.db.is_sqlite)
+            job = await lock_job(session, job_id, not self.db.is_sqlite)
             if job is not None and job.status == "running" and job.epoch == number:
                 job.status = "pending"
                 job.status_message = f"attempt {number} could not start on {controller_id}: {error}; placing it again"

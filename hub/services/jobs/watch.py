@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import or_, select
 from sqlalchemy.orm import lazyload
 
 from hub.controller_client import ControllerClient
@@ -31,13 +31,15 @@ from hub.errors import HubError
 from hub.job_schemas import ATTEMPT_LIVE
 from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, JobModel, utcnow
 from hub.services.jobs.artifacts import ArtifactStore
-from hub.services.jobs.core import add_op, backoff
+from hub.services.jobs.core import add_op, backoff, lock_job
 from hub.services.operations import OperationLog
 from hub.services.users import SYSTEM_ACTOR
 from mmanager.wire import JOB_RUN_ENDED, JobRunInfo
 
 log = logging.getLogger(__name__)
 
+# A live attempt, for the statements sent straight to the driver (no IN list there).
+_LIVE = or_(JobAttemptModel.status == "starting", JobAttemptModel.status == "running")
 # Seconds past an attempt's timeout after which the hub stops waiting for its controller to report the end.
 TIMEOUT_GRACE = 30.0
 
@@ -91,7 +93,7 @@ class Watcher:
                                   .select_from(JobAttemptModel)
                                   .join(ControllerModel, ControllerModel.id == JobAttemptModel.controller_id,
                                         isouter=True)
-                                  .where(JobAttemptModel.status.in_(ATTEMPT_LIVE)).distinct(), {}))
+                                  .where(_LIVE).distinct(), {}))
         wanted: dict[str, str] = {}
         lost: list[str] = []
         for r in rows:
@@ -230,7 +232,7 @@ class Watcher:
             attempt = await session.get(JobAttemptModel, attempt_id)
             if attempt is None:
                 return False
-            job = await session.get(JobModel, attempt.job_id, with_for_update=lock)
+            job = await lock_job(session, attempt.job_id, lock)
             await session.refresh(attempt, with_for_update=lock)
             if attempt.status not in ATTEMPT_LIVE or job is None:
                 return False
@@ -283,7 +285,7 @@ class Watcher:
             for attempt in attempts:
                 attempt.status, attempt.finished_at = "lost", now
                 attempt.error = f"controller {attempt.controller_id} was lost"
-                job = await session.get(JobModel, attempt.job_id, with_for_update=lock)
+                job = await lock_job(session, attempt.job_id, lock)
                 if job is not None and job.status == "running" and job.epoch == attempt.number:
                     job.status, job.progress = "pending", None
                     job.status_message = f"attempt {attempt.number} lost with controller {attempt.controller_id}; " \
@@ -303,7 +305,7 @@ class Watcher:
                                   .join(JobModel, JobModel.id == JobAttemptModel.job_id)
                                   .join(ControllerModel, ControllerModel.id == JobAttemptModel.controller_id,
                                         isouter=True)
-                                  .where(JobAttemptModel.status.in_(ATTEMPT_LIVE), JobModel.timeout.is_not(None)), {}))
+                                  .where(_LIVE, JobModel.timeout.is_not(None)), {}))
         n = 0
         for r in rows:
             began = r["started_at"] or r["created_at"]

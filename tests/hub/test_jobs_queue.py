@@ -1,0 +1,351 @@
+"""The jobs' queue, watcher and fence on real PostgreSQL, with controllers faked at the HTTP boundary (what the
+real controller answers is tested in tests/test_jobs.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from sqlalchemy import func, select, update
+
+from hub.config import HubSettings
+from hub.controller_client import ControllerClient
+from hub.db import Database
+from hub.errors import Conflict, NotFound
+from hub.job_schemas import JobSpec
+from hub.metrics import HubMetrics
+from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, JobModel, OperationModel, UserModel, utcnow
+from hub.scheduler.reconcile import AttemptState, fence
+from hub.scheduler.snapshot import PlacementCache
+from hub.services.jobs.artifacts import LocalArtifactStore
+from hub.services.jobs.core import JobService
+from hub.services.jobs.queue import Dispatcher
+from hub.services.jobs.watch import Watcher
+from hub.services.operations import OperationLog
+from hub.services.users import create_user
+from mmanager.wire import HeartbeatContainer
+
+KEY = "test-key-" + "x" * 32
+
+
+class FakeControllers:
+    """Controllers as the hub's client sees them: runs started, their state, outputs and logs."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, dict[str, Any]]] = []
+        self.refuse: set[str] = set()
+        self.runs: dict[str, dict[str, Any]] = {}
+        self.outputs: dict[str, dict[str, bytes]] = {}
+        self.deleted: list[str] = []
+        self.cancelled: list[str] = []
+        self.wrong_sha: set[str] = set()
+
+    def end(self, attempt_id: str, exit_code: int, outputs: dict[str, bytes] | None = None) -> None:
+        self.runs[attempt_id].update(state="exited", exit_code=exit_code, collectable=True)
+        self.outputs[attempt_id] = outputs or {}
+
+    def handler(self, request: httpx.Request) -> httpx.Response:
+        host, path, method = request.url.host, request.url.path, request.method
+        if method == "POST" and path == "/jobs/":
+            if host in self.refuse:
+                return httpx.Response(409, json={"error": {"code": "CAPACITY_EXCEEDED", "message": "full"}})
+            body = json.loads(request.content)
+            self.started.append((host, body))
+            run = {"attempt_id": body["attempt_id"], "job_id": body["job_id"], "number": body["number"],
+                   "state": "running"}
+            self.runs[body["attempt_id"]] = run
+            return httpx.Response(201, json=run)
+        if method == "GET" and path == "/jobs/":
+            return httpx.Response(200, json={"version": 1, "runs": list(self.runs.values())})
+        parts = path.split("/")
+        attempt = parts[2]
+        if method == "DELETE":
+            self.deleted.append(attempt)
+            self.runs.pop(attempt, None)
+            return httpx.Response(200, json={})
+        if path.endswith("/cancel"):
+            self.cancelled.append(attempt)
+            self.runs[attempt].update(state="cancelled", collectable=True)
+            self.outputs.setdefault(attempt, {})
+            return httpx.Response(200, json=self.runs[attempt])
+        if path.endswith("/outputs"):
+            files = [{"path": p, "size": len(b), "sha256": hashlib.sha256(b + (b"x" if attempt in self.wrong_sha
+                                                                               else b"")).hexdigest()}
+                     for p, b in self.outputs[attempt].items()]
+            return httpx.Response(200, json={"files": files})
+        if "/outputs/" in path:
+            return httpx.Response(200, content=self.outputs[attempt]["/".join(parts[4:])])
+        if path.endswith("/logs"):
+            return httpx.Response(200, content=f"log of {attempt}\n".encode())
+        return httpx.Response(404, json={"error": {"code": "NOT_FOUND", "message": path}})
+
+
+class Parts:
+    def __init__(self, db: Database, tmp: Path, fake: FakeControllers) -> None:
+        self.db = db
+        self.fake = fake
+        self.settings = HubSettings(database_url=db.url, api_key=KEY, artifact_store=tmp / "artifacts",
+                                    max_jobs_per_user=5)
+        self.client = ControllerClient(self.settings, transport=httpx.MockTransport(fake.handler))
+        self.ops = OperationLog(db, HubMetrics())
+        self.store = LocalArtifactStore(tmp / "artifacts")
+        self.jobs = JobService(db, self.settings, self.ops, self.store)
+        self.dispatcher = self.new_dispatcher(db)
+        self.watcher = Watcher(db, self.client, self.ops, self.store, wait=0.1)
+
+    def new_dispatcher(self, db: Database) -> Dispatcher:
+        return Dispatcher(db, self.client, self.ops, PlacementCache(db, max_age=0.0, refresh_after=0.0, avoid_for=0.0))
+
+    async def controller(self, cid: str, max_containers: int = 100, server_type: str = "cpu") -> None:
+        async with self.db.session() as session:
+            session.add(ControllerModel(id=cid, url=f"http://{cid}:8001", server_type=server_type, status="healthy",
+                                        max_containers=max_containers, last_heartbeat_at=utcnow()))
+
+    async def user(self, name: str) -> UserModel:
+        async with self.db.session() as session:
+            user, _ = await create_user(session, name)
+        return user
+
+    async def job(self, user: UserModel, name: str = "j", **spec: Any) -> str:
+        return (await self.jobs.submit(user, JobSpec(name=name, image="busybox", command=["true"], **spec))).id
+
+    async def row(self, job_id: str) -> JobModel:
+        async with self.db.session() as session:
+            job = await session.get(JobModel, job_id)
+            assert job is not None
+            return job
+
+    async def attempts(self, job_id: str) -> list[JobAttemptModel]:
+        async with self.db.session() as session:
+            return list(await session.scalars(select(JobAttemptModel).where(JobAttemptModel.job_id == job_id)
+                                              .order_by(JobAttemptModel.number)))
+
+    async def ops_of(self, job_id: str) -> list[str]:
+        async with self.db.session() as session:
+            return list(await session.scalars(select(OperationModel.operation).where(OperationModel.job_id == job_id)
+                                              .order_by(OperationModel.created_at)))
+
+    async def settle_all(self, cid: str) -> None:
+        listing = await self.client.job_runs(cid, f"http://{cid}:8001")
+        assert await self.watcher.observe(cid, f"http://{cid}:8001", listing.runs)
+
+
+@pytest.fixture
+async def parts(db: Database, tmp_path: Path) -> Any:
+    fake = FakeControllers()
+    p = Parts(db, tmp_path, fake)
+    yield p
+    await p.client.aclose()
+
+
+async def test_queue_takes_priority_then_fair_share_then_age(parts: Parts) -> None:
+    await parts.controller("c1", max_containers=3)
+    alice, bob, carol = await parts.user("alice"), await parts.user("bob"), await parts.user("carol")
+    a1 = await parts.job(alice, "a1")
+    a2 = await parts.job(alice, "a2")
+    b1 = await parts.job(bob, "b1")
+    c1 = await parts.job(carol, "c1", priority=5)
+    assert await parts.dispatcher.dispatch_once() == 3
+    started = {body["job_id"] for _, body in parts.fake.started}
+    # carol's first (priority), then alice's oldest, then bob's (alice runs one already) before alice's second.
+    assert started == {c1, a1, b1}
+    waiting = await parts.row(a2)
+    assert waiting.status == "pending"
+    assert waiting.wait_reasons and waiting.wait_reasons[0]["code"] == "MAX_CONTAINERS"
+    assert "waiting for room" in (waiting.status_message or "")
+    assert await parts.ops_of(a1) == ["job_submit", "job_start"]
+
+
+async def test_two_dispatchers_never_start_one_job_twice(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    parts.settings.max_jobs_per_user = 100
+    ids = [await parts.job(user, f"j{i}") for i in range(30)]
+    other_db = Database(db.url)
+    try:
+        other = parts.new_dispatcher(other_db)
+        for _ in range(3):
+            await asyncio.gather(parts.dispatcher.dispatch_once(), other.dispatch_once())
+    finally:
+        await other_db.dispose()
+    started = [body["job_id"] for _, body in parts.fake.started]
+    assert sorted(started) == sorted(ids)
+    async with db.session() as session:
+        counts = dict((await session.execute(select(JobAttemptModel.job_id, func.count())
+                                             .group_by(JobAttemptModel.job_id))).all())
+    assert set(counts.values()) == {1}
+
+
+async def test_a_job_that_could_never_run_is_refused_and_nothing_is_written(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    with pytest.raises(Conflict) as refused:
+        await parts.job(user, resources={"gpu_count": 1})
+    assert refused.value.code == "NEVER_FITS"
+    assert refused.value.details["rejections"][0]["controller_id"] == "c1"
+    # A full controller is not a refusal: the job waits.
+    async with db.session() as session:
+        await session.execute(update(ControllerModel).values(containers_running=100, status="unhealthy"))
+    await parts.job(user)
+    async with db.session() as session:
+        assert await session.scalar(select(func.count()).select_from(JobModel)) == 1
+
+
+async def test_bad_inputs_are_refused_and_change_nothing(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    alice, bob = await parts.user("alice"), await parts.user("bob")
+    async with db.session() as session:
+        theirs = ArtifactModel(owner_id=bob.id, name="x.txt", digest="sha256:" + "0" * 64, size=1)
+        session.add(theirs)
+    bobs_job = await parts.job(bob)
+    for inputs, code in (([theirs.id], "ARTIFACT_NOT_FOUND"), (["f" * 32], "ARTIFACT_NOT_FOUND"),
+                         ([{"job": bobs_job, "path": "out.txt"}], "JOB_NOT_FOUND")):
+        with pytest.raises(NotFound) as refused:
+            await parts.job(alice, inputs=inputs)
+        assert refused.value.code == code
+    async with db.session() as session:
+        assert await session.scalar(select(func.count()).select_from(JobModel)
+                                    .where(JobModel.owner_id == alice.id)) == 0
+    # The quota: 429 with a code, nothing written.
+    for _ in range(5):
+        await parts.job(alice)
+    with pytest.raises(Exception) as over:
+        await parts.job(alice)
+    assert getattr(over.value, "code", None) == "JOB_QUOTA_EXCEEDED"
+
+
+async def test_cancel_a_pending_job_then_again(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    job_id = await parts.job(user)
+    async with db.session() as session:
+        await parts.jobs.cancel(session, user, job_id)
+    assert (await parts.row(job_id)).status == "cancelled"
+    with pytest.raises(Conflict) as again:
+        async with db.session() as session:
+            await parts.jobs.cancel(session, user, job_id)
+    assert again.value.code == "JOB_FINISHED"
+    assert await parts.dispatcher.dispatch_once() == 0
+    assert await parts.ops_of(job_id) == ["job_submit", "job_cancelled"]
+
+
+async def test_a_failed_attempt_is_retried_after_a_backoff_then_the_job_fails(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    job_id = await parts.job(user, retries=1)
+    await parts.dispatcher.dispatch_once()
+    first = (await parts.attempts(job_id))[0]
+    parts.fake.end(first.id, 3)
+    await parts.settle_all("c1")
+    job = await parts.row(job_id)
+    assert (job.status, job.retries) == ("pending", 0)
+    assert job.not_before is not None and job.not_before > utcnow() + timedelta(seconds=1)
+    assert first.id in parts.fake.deleted
+    # Not before its backoff.
+    assert await parts.dispatcher.dispatch_once() == 0
+    async with db.session() as session:
+        await session.execute(update(JobModel).values(not_before=utcnow()))
+    assert await parts.dispatcher.dispatch_once() == 1
+    second = (await parts.attempts(job_id))[1]
+    parts.fake.end(second.id, 3)
+    await parts.settle_all("c1")
+    job = await parts.row(job_id)
+    assert (job.status, job.exit_code, job.attempts) == ("failed", 3, 2)
+    assert await parts.ops_of(job_id) == ["job_submit", "job_start", "job_retry", "job_start", "job_failed"]
+
+
+async def test_outputs_are_collected_checked_and_feed_the_next_job(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    first = await parts.job(user, "first")
+    second = await parts.job(user, "second", inputs=[{"job": first, "path": "out/a.txt", "as": "a.txt"}])
+    assert await parts.dispatcher.dispatch_once() == 1
+    attempt = (await parts.attempts(first))[0]
+    parts.fake.end(attempt.id, 0, {"out/a.txt": b"hello"})
+    await parts.settle_all("c1")
+    assert (await parts.row(first)).status == "succeeded"
+    async with db.session() as session:
+        rows = list(await session.scalars(select(ArtifactModel).where(ArtifactModel.job_id == first)))
+        logged = await session.get(JobAttemptModel, attempt.id)
+    assert [(r.name, r.digest) for r in rows] == [("out/a.txt", "sha256:" + hashlib.sha256(b"hello").hexdigest())]
+    assert logged is not None and logged.log_digest and await parts.store.exists(logged.log_digest)
+    assert await parts.dispatcher.dispatch_once() == 1
+    run = [body for _, body in parts.fake.started if body["job_id"] == second][0]
+    assert run["inputs"] == [{"digest": rows[0].digest, "path": "a.txt"}]
+
+
+async def test_a_checksum_mismatch_fails_the_attempt(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    job_id = await parts.job(user)
+    await parts.dispatcher.dispatch_once()
+    attempt = (await parts.attempts(job_id))[0]
+    parts.fake.wrong_sha.add(attempt.id)
+    parts.fake.end(attempt.id, 0, {"x": b"1"})
+    await parts.settle_all("c1")
+    job = await parts.row(job_id)
+    assert job.status == "failed" and "sha256" in (job.status_message or "")
+
+
+async def test_a_needed_job_that_failed_cancels_its_dependant(parts: Parts) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    first = await parts.job(user, "first")
+    second = await parts.job(user, "second", inputs=[{"job": first, "path": "o"}])
+    await parts.dispatcher.dispatch_once()
+    parts.fake.end((await parts.attempts(first))[0].id, 1)
+    await parts.settle_all("c1")
+    await parts.dispatcher.dispatch_once()
+    job = await parts.row(second)
+    assert job.status == "cancelled" and first in (job.status_message or "")
+
+
+async def test_refused_and_lost_attempts_run_again_not_counted_as_retries(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    await parts.controller("c2")
+    user = await parts.user("alice")
+    job_id = await parts.job(user)
+    parts.fake.refuse.add("c1")
+    parts.fake.refuse.add("c2")
+    await parts.dispatcher.dispatch_once()
+    job = await parts.row(job_id)
+    assert (job.status, job.retries) == ("pending", 0)
+    assert [a.status for a in await parts.attempts(job_id)] == ["failed"]
+    parts.fake.refuse.clear()
+    await parts.dispatcher.dispatch_once()
+    running = (await parts.attempts(job_id))[-1]
+    async with db.session() as session:
+        await session.execute(update(ControllerModel).where(ControllerModel.id == running.controller_id)
+                              .values(status="unhealthy"))
+    parts.dispatcher.placement.stale()
+    await parts.watcher.tick()
+    await parts.watcher.stop()
+    job = await parts.row(job_id)
+    assert job.status == "pending"
+    assert (await parts.attempts(job_id))[-1].status == "lost"
+    assert "job_lost" in await parts.ops_of(job_id)
+    await parts.dispatcher.dispatch_once()
+    last = (await parts.attempts(job_id))[-1]
+    assert last.status == "starting" and last.controller_id != running.controller_id
+
+
+def test_the_fence_stops_job_containers_whose_attempt_is_not_current() -> None:
+    def container(attempt: str, age: float = 100.0) -> HeartbeatContainer:
+        return HeartbeatContainer(container_id=f"c-{attempt}", name=attempt, state="running", epoch=1,
+                                  age_seconds=age, job_id="j", attempt_id=attempt)
+
+    attempts = {"live": AttemptState(2, "running", 2), "old": AttemptState(1, "running", 2),
+                "ended": AttemptState(2, "succeeded", 2), "lost": AttemptState(2, "lost", 2)}
+    result = fence([], [container(a) for a in ("live", "old", "ended", "lost", "unknown")] +
+                   [container("young", age=1.0)], orphan_grace=10, attempts=attempts)
+    assert sorted((o.attempt_id, o.reason) for o in result.stop) == [
+        ("ended", "stale_attempt"), ("lost", "stale_attempt"), ("old", "stale_attempt"),
+        ("unknown", "stale_attempt")]
+    # Without the attempts read (a beat judged without it), job containers are left alone.
+    assert fence([], [container("old")], orphan_grace=10).stop == []

@@ -23,15 +23,18 @@ from tests.support.pg import create_database, throwaway_cluster
 
 @pytest.fixture(scope="session", autouse=True)
 def _model_store_outside_the_repo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
-    """Hub settings made without a model store of their own keep uploads in a temporary directory, never in
-    the working tree (the default ``./model-store``)."""
-    before = os.environ.get("MMANAGER_MODEL_STORE")
-    os.environ["MMANAGER_MODEL_STORE"] = str(tmp_path_factory.mktemp("model-store"))
+    """Hub settings made without a model store (or artifact store) of their own keep uploads in a temporary
+    directory, never in the working tree (the defaults ``./model-store``, ``./artifact-store``)."""
+    names = ("MMANAGER_MODEL_STORE", "MMANAGER_ARTIFACT_STORE")
+    before = {name: os.environ.get(name) for name in names}
+    for name in names:
+        os.environ[name] = str(tmp_path_factory.mktemp(name.lower()))
     yield
-    if before is None:
-        os.environ.pop("MMANAGER_MODEL_STORE", None)
-    else:
-        os.environ["MMANAGER_MODEL_STORE"] = before
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture(scope="session")

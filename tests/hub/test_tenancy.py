@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from examples.images import EXAMPLE_IMAGE
 from hub.app import build_hub, create_app
 from hub.db import Database
-from hub.models import ContainerRegistryModel, OperationModel, ServiceModel, UserModel
+from hub.models import ContainerRegistryModel, JobModel, OperationModel, ServiceModel, UserModel
 from tests.hub.conftest import Cluster
 
 SPEC = {
@@ -108,6 +108,20 @@ async def snapshot(cluster: Cluster, alice: dict[str, str], sid: str) -> dict[st
     }
 
 
+async def _alices_job_and_artifact(cluster: Cluster, alice: dict[str, str]) -> dict[str, str]:
+    """An upload of alice's, and a finished job of hers (written as the watcher leaves one: no controller runs it)."""
+    r = await cluster.hub.post("/api/artifacts", params={"name": "in.txt"}, content=b"alice's", headers=alice)
+    assert r.status_code == 201, r.text
+    async with cluster.db.session() as session:
+        owner = await session.scalar(select(UserModel.id).where(UserModel.username == "alice"))
+        job = JobModel(name="done", owner_id=owner, spec={"name": "done", "image": "busybox"}, status="succeeded",
+                       needs=[])
+        session.add(job)
+        await session.flush()
+        job_id = job.id
+    return {"job_id": job_id, "artifact_id": r.json()["id"]}
+
+
 async def test_another_users_ids_answer_404_on_every_route_and_change_nothing(cluster: Cluster) -> None:
     alice = await cluster.user("alice")
     bob = await cluster.user("bob")
@@ -124,6 +138,7 @@ async def test_another_users_ids_answer_404_on_every_route_and_change_nothing(cl
                    # Admins' and machines' routes (the gateways': tests/hub/test_gateway_api.py).
                    and not p.startswith(("/api/admin/", "/api/controllers/", "/api/gateway/", "/api/gateways/"))]
     tried = []
+    tried_jobs: dict[str, str] = {}
     for method, route, path in user_routes:
         if path == "/api/services":
             assert method == "GET"
@@ -132,6 +147,23 @@ async def test_another_users_ids_answer_404_on_every_route_and_change_nothing(cl
         if path in ("/api/models", "/api/models/{name}"):
             # The model catalog is no user's: every user reads the same one (tests/hub/test_models_api.py).
             assert method == "GET"
+            continue
+        if path.startswith(("/api/jobs", "/api/artifacts")):
+            # Alice's job and upload answer bob exactly as ids nobody has; the lists show him nothing of hers.
+            # (A submit naming another user's input: tests/hub/test_jobs_queue.py.)
+            if method == "POST" and path in ("/api/jobs", "/api/artifacts"):
+                continue
+            if "{" not in path:
+                assert method == "GET"
+                assert (await cluster.hub.get(path, headers=bob)).json() == []
+                continue
+            if not tried_jobs:
+                tried_jobs.update(await _alices_job_and_artifact(cluster, alice))
+            key = "job_id" if "{job_id}" in path else "artifact_id"
+            for target in (tried_jobs[key], ghost):
+                r = await cluster.hub.request(method, path.replace("{" + key + "}", target), headers=bob)
+                code = "JOB_NOT_FOUND" if key == "job_id" else "ARTIFACT_NOT_FOUND"
+                assert r.status_code == 404 and r.json()["error"]["code"] == code, f"{method} {path}: {r.text}"
             continue
         if path.startswith("/api/model-files"):
             # Nor is the model-file store: content-addressed, shared, deleted only by admins

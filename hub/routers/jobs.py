@@ -107,7 +107,16 @@ async def logs(job_id: str, user: CurrentUser, jobs: JobsDep, hub: HubDep,
     if row is None:
         return PlainTextResponse("")
     if row.status in ATTEMPT_LIVE and url:
-        stream = await hub.client.job_logs(row.controller_id, url, row.id, follow=follow, lines=tail)
+        # A followed log holds a connection as long as its client wants: one of the services' log slots.
+        release = hub.services.log_streams.acquire(user.id, user.username) if follow else None
+        try:
+            stream = await hub.client.job_logs(row.controller_id, url, row.id, follow=follow, lines=tail)
+        except BaseException:
+            if release is not None:
+                release()
+            raise
+        if release is not None:
+            stream.on_close(release)
         return ClosingStreamingResponse(stream, media_type="text/plain; charset=utf-8")
     if row.log_digest is None:
         return PlainTextResponse("")

@@ -23,6 +23,7 @@ from hub.metrics import HubMetrics
 from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, JobModel, OperationModel, UserModel, utcnow
 from hub.scheduler.reconcile import AttemptState, fence
 from hub.scheduler.snapshot import PlacementCache
+from hub.services.heartbeats import HeartbeatIngest
 from hub.services.jobs.artifacts import LocalArtifactStore
 from hub.services.jobs.core import JobService
 from hub.services.jobs.queue import Dispatcher
@@ -349,3 +350,33 @@ def test_the_fence_stops_job_containers_whose_attempt_is_not_current() -> None:
         ("unknown", "stale_attempt")]
     # Without the attempts read (a beat judged without it), job containers are left alone.
     assert fence([], [container("old")], orphan_grace=10).stop == []
+
+
+async def test_jobs_waiting_for_others_do_not_hide_a_runnable_one(parts: Parts) -> None:
+    await parts.controller("c1", max_containers=1)
+    user = await parts.user("alice")
+    parts.settings.max_jobs_per_user = 200
+    blocker = await parts.job(user, "blocker")
+    await parts.dispatcher.dispatch_once()
+    for i in range(70):
+        await parts.job(user, f"later{i}", inputs=[{"job": blocker, "path": "o"}])
+    async with parts.db.session() as session:
+        await session.execute(update(ControllerModel).values(max_containers=2))
+    parts.dispatcher.placement.stale()
+    runnable = await parts.job(user, "runnable")
+    assert await parts.dispatcher.dispatch_once() == 1
+    assert parts.fake.started[-1][1]["job_id"] == runnable
+
+
+async def test_a_beat_with_job_containers_reads_their_attempts_and_one_without_reads_nothing(parts: Parts) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    job_id = await parts.job(user)
+    await parts.dispatcher.dispatch_once()
+    attempt = (await parts.attempts(job_id))[0]
+    ingest = HeartbeatIngest(parts.db, parts.settings, HubMetrics())
+    service = HeartbeatContainer(container_id="s", name="s", state="running", service_id="x", epoch=1)
+    assert await ingest.attempts_of([service]) is None
+    job = HeartbeatContainer(container_id="j", name="j", state="running", epoch=1, job_id=job_id,
+                             attempt_id=attempt.id)
+    assert await ingest.attempts_of([service, job]) == {attempt.id: AttemptState(1, "starting", 1)}

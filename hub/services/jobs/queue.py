@@ -37,8 +37,9 @@ from mmanager.wire import JobInput, JobRun
 
 log = logging.getLogger(__name__)
 
-# Jobs claimed in one pass at most.
+# Jobs claimed in one page, and pages in one pass at most.
 BATCH = 64
+MAX_PAGES = 8
 
 
 @dataclass
@@ -76,7 +77,14 @@ class Dispatcher:
                      .order_by(JobModel.priority.desc(), JobModel.created_at, JobModel.id).limit(BATCH))
             if not self.db.is_sqlite:
                 query = query.with_for_update(skip_locked=True, of=JobModel)
-            jobs = list(await session.scalars(query))
+            # Jobs that wait for others (a pipeline's later steps) must not hide runnable ones behind them: more
+            # pages are claimed while the ones claimed hold fewer than a batch that could run.
+            jobs: list[JobModel] = []
+            for page in range(MAX_PAGES):
+                claimed = list(await session.scalars(query.offset(page * BATCH)))
+                jobs += claimed
+                if len(claimed) < BATCH or sum(1 for j in jobs if not j.needs) >= BATCH:
+                    break
             if not jobs:
                 return 0
             wanted = {n for j in jobs for n in j.needs or ()}

@@ -380,3 +380,36 @@ async def test_a_beat_with_job_containers_reads_their_attempts_and_one_without_r
     job = HeartbeatContainer(container_id="j", name="j", state="running", epoch=1, job_id=job_id,
                              attempt_id=attempt.id)
     assert await ingest.attempts_of([service, job]) == {attempt.id: AttemptState(1, "starting", 1)}
+
+
+async def test_a_cancelled_running_job_keeps_its_state_when_its_attempt_ends(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    job_id = await parts.job(user, retries=3)
+    await parts.dispatcher.dispatch_once()
+    async with db.session() as session:
+        job, live = await parts.jobs.cancel(session, user, job_id)
+    assert job.status == "cancelled" and live is not None
+    # The controller was not told (out of reach): the watcher tells it, then collects the end.
+    await parts.settle_all("c1")
+    assert parts.fake.cancelled == [live.id]
+    await parts.settle_all("c1")
+    [attempt] = await parts.attempts(job_id)
+    assert attempt.status == "cancelled" and attempt.log_digest is not None
+    assert (await parts.row(job_id)).status == "cancelled"
+    assert await parts.ops_of(job_id) == ["job_submit", "job_start", "job_cancelled"]
+
+
+async def test_an_attempt_past_its_timeout_with_no_end_reported_is_settled_timed_out(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    job_id = await parts.job(user, timeout=1)
+    await parts.dispatcher.dispatch_once()
+    parts.watcher.timeout_grace = 0
+    assert await parts.watcher.backstop() == 0
+    async with db.session() as session:
+        await session.execute(update(JobAttemptModel).values(created_at=utcnow() - timedelta(seconds=5)))
+    assert await parts.watcher.backstop() == 1
+    job = await parts.row(job_id)
+    assert job.status == "timed_out" and (await parts.attempts(job_id))[0].status == "timed_out"
+    assert parts.fake.cancelled

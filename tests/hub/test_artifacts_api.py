@@ -120,6 +120,11 @@ async def test_another_users_artifact_does_not_exist_for_them_and_one_in_use_is_
     r = await api.client.post("/api/jobs", headers=alice, json={"name": "j", "image": "busybox",
                                                                 "inputs": [{"artifact": art["id"], "path": "x/in"}]})
     assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    # The job's operations are its owner's to see, not another user's.
+    mine = [(o["operation"], o["job_id"]) for o in (await api.client.get("/api/operations", headers=alice)).json()]
+    assert mine == [("job_submit", job_id)]
+    assert (await api.client.get("/api/operations", headers=bob)).json() == []
     r = await api.client.delete(f"/api/artifacts/{art['id']}", headers=alice)
     assert r.status_code == 409 and r.json()["error"]["code"] == "ARTIFACT_IN_USE", r.text
     assert (await api.client.post(f"/api/jobs/{r.json()['error']['details']['jobs'][0]}/cancel",

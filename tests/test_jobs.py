@@ -1,11 +1,13 @@
 """Batch jobs end to end on a real lab (a hub, two controllers, the Docker engine, PostgreSQL), as a user runs
 them: an uploaded input read under /inputs and outputs written under /outputs, downloaded and checked by
 sha256; a job that feeds another; a failing job retried then failed; a timeout; a cancel; a job queued behind
-a full fleet that starts once room frees; and a job no controller could ever run, refused at once."""
+a full fleet that starts once room frees; a job whose controller is lost, run again elsewhere, its stale copy
+fenced; and a job no controller could ever run, refused at once."""
 
 from __future__ import annotations
 
 import hashlib
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -52,7 +54,8 @@ def job_in(hub: httpx.Client, job_id: str, *statuses: str, timeout: float = 30.0
     return wait_until(check, timeout, f"job {job_id} {'/'.join(statuses)}")
 
 
-def test_jobs_run_queue_retry_time_out_cancel_and_feed_each_other(lab: Lab, example_image: str) -> None:
+def test_jobs_run_queue_retry_time_out_cancel_and_feed_each_other(lab: Lab, example_image: str,
+                                                                  docker_client: docker.DockerClient) -> None:
     with lab.hub() as hub:
         # An input, uploaded.
         data = b"acgt\nttga\n"
@@ -111,6 +114,26 @@ def test_jobs_run_queue_retry_time_out_cancel_and_feed_each_other(lab: Lab, exam
         # The cancelled attempt's end is collected.
         wait_until(lambda: hub.get(f"/api/jobs/{blockers[0]['id']}").json()["attempts"][0]["status"] == "cancelled",
                    15, "the cancelled attempt settled")
+
+        # A controller frozen under a running job is declared lost: the job runs again on the other, and the
+        # frozen one's copy is stopped when it comes back (the heartbeat's fence), before it takes new work.
+        survivor = submit(hub, example_image, "survivor",
+                          f'if [ "$MMANAGER_ATTEMPT" = 1 ]; then {FOREVER}; fi; echo "$MMANAGER_ATTEMPT" > /outputs/n.txt')
+        victim = job_in(hub, survivor["id"], "running")["attempts"][0]["controller_id"]
+        wait_until(lambda: docker_client.containers.list(filters={"label": f"mmanager.job={survivor['id']}"}), 15,
+                   "the first attempt's container")
+        proc = lab.dep.controllers[victim]
+        proc.signal(signal.SIGSTOP)
+        try:
+            moved = job_in(hub, survivor["id"], "succeeded", "failed")
+        finally:
+            proc.signal(signal.SIGCONT)
+        assert [(a["status"], a["controller_id"] == victim) for a in moved["attempts"]] == [("lost", True),
+                                                                                           ("succeeded", False)]
+        [n] = hub.get(f"/api/jobs/{survivor['id']}/artifacts").json()
+        assert hub.get(n["url"]).text.strip() == "2"
+        wait_until(lambda: not docker_client.containers.list(filters={"label": f"mmanager.job={survivor['id']}"}),
+                   15, "the lost attempt's copy fenced")
 
         # Each change is in the owner's operation history.
         ops = [o["operation"] for o in hub.get("/api/operations", params={"limit": 1000}).json()

@@ -104,7 +104,9 @@ def build_hub(settings: HubSettings, db: Database | None = None,
     return Hub(settings, db, client, metrics, ops, controllers, manager, ingest, poller, replica_id, users,
                gateway, gateways, presence, limiter=limiter, jobs=job_service,
                dispatcher=Dispatcher(db, client, ops, placement, replica_id),
-               watcher=Watcher(db, client, ops, store, wait=settings.job_watch_wait))
+               watcher=Watcher(db, client, ops, store, wait=settings.job_watch_wait,
+                               # A start is tried at most three times, each within the create timeout.
+                               missing_grace=3 * settings.controller_create_timeout + 10))
 
 
 # The heartbeats' own connections (their batches' reads, the flush, the keys' snapshot, the monitor): at most

@@ -413,3 +413,20 @@ async def test_an_attempt_past_its_timeout_with_no_end_reported_is_settled_timed
     job = await parts.row(job_id)
     assert job.status == "timed_out" and (await parts.attempts(job_id))[0].status == "timed_out"
     assert parts.fake.cancelled
+
+
+async def test_an_attempt_its_controller_does_not_hold_is_placed_again(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    job_id = await parts.job(user)
+    await parts.dispatcher.dispatch_once()
+    [attempt] = await parts.attempts(job_id)
+    parts.fake.runs.clear()  # the controller lost it (or the request never arrived)
+    await parts.settle_all("c1")
+    assert (await parts.row(job_id)).status == "running"  # a start may still be on its way
+    async with db.session() as session:
+        await session.execute(update(JobAttemptModel).values(created_at=utcnow() - timedelta(hours=1)))
+    await parts.settle_all("c1")
+    job = await parts.row(job_id)
+    assert (job.status, job.retries) == ("pending", 0)
+    assert (await parts.attempts(job_id))[0].status == "failed"

@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 _LIVE = or_(JobAttemptModel.status == "starting", JobAttemptModel.status == "running")
 # Seconds past an attempt's timeout after which the hub stops waiting for its controller to report the end.
 TIMEOUT_GRACE = 30.0
+# Seconds after its row was written past which a live attempt its controller does not list was never started
+# there (the hub passes its start's own limit: each try of POST /jobs/ within MMANAGER_CONTROLLER_CREATE_TIMEOUT).
+MISSING_GRACE = 370.0
 
 
 class ChecksumMismatch(Exception):
@@ -73,13 +76,15 @@ def verdict(run: JobRunInfo) -> tuple[str, str | None]:
 
 class Watcher:
     def __init__(self, db: Database, client: ControllerClient, ops: OperationLog, store: ArtifactStore,
-                 wait: float = 10.0, timeout_grace: float = TIMEOUT_GRACE) -> None:
+                 wait: float = 10.0, timeout_grace: float = TIMEOUT_GRACE, missing_grace: float = MISSING_GRACE,
+                 ) -> None:
         self.db = db
         self.client = client
         self.ops = ops
         self.store = store
         self.wait = wait
         self.timeout_grace = timeout_grace
+        self.missing_grace = missing_grace
         # Something a dispatcher would want to know at once (a job's end, a job pending again).
         self.changed: Callable[[], None] = lambda: None
         self._polls: dict[str, asyncio.Task[None]] = {}
@@ -143,11 +148,18 @@ class Watcher:
     async def observe(self, controller_id: str, url: str, runs: list[JobRunInfo]) -> bool:
         """Take one listing of a controller's runs in; False when something is left to try again."""
         ids = [r.attempt_id for r in runs]
-        if not ids:
-            return True
         async with self.db.session() as session:
             attempts = {a.id: a for a in await session.scalars(select(JobAttemptModel).where(
-                JobAttemptModel.id.in_(ids), JobAttemptModel.controller_id == controller_id))}
+                JobAttemptModel.controller_id == controller_id,
+                or_(JobAttemptModel.id.in_(ids), JobAttemptModel.status.in_(ATTEMPT_LIVE))))}
+            # A live attempt its controller does not hold (its request never arrived, or it lost it), past the
+            # time a start may take: not started, and its job placed again at once (not counted as a retry).
+            cutoff = utcnow() - timedelta(seconds=self.missing_grace)
+            listed = set(ids)
+            missing = [a for a in attempts.values() if a.id not in listed and a.status in ATTEMPT_LIVE
+                       and a.created_at < cutoff]
+            if missing:
+                await self._vanished(session, missing)
             jobs = {j.id: j for j in await session.scalars(select(JobModel).options(lazyload(JobModel.owner)).where(
                 JobModel.id.in_({a.job_id for a in attempts.values()})))} if attempts else {}
             ended, cancels = [], []
@@ -185,6 +197,23 @@ class Watcher:
                             type(exc).__name__, exc)
                 complete = False
         return complete
+
+    async def _vanished(self, session: Any, attempts: list[JobAttemptModel]) -> None:
+        lock = not self.db.is_sqlite
+        now = utcnow()
+        for attempt in attempts:
+            job = await lock_job(session, attempt.job_id, lock)
+            await session.refresh(attempt, with_for_update=lock)
+            if attempt.status not in ATTEMPT_LIVE:
+                continue
+            attempt.status, attempt.finished_at = "failed", now
+            attempt.error = f"controller {attempt.controller_id} does not hold this attempt"
+            if job is not None and job.status == "running" and job.epoch == attempt.number:
+                job.status, job.progress = "pending", None
+                job.status_message = f"attempt {attempt.number}: {attempt.error}; placing it again"
+                add_op(self.ops, session, "job_start", SYSTEM_ACTOR, job, error=attempt.error,
+                       controller_id=attempt.controller_id)
+        self.changed()
 
     @staticmethod
     def _progress(attempt: JobAttemptModel, job: JobModel | None, run: JobRunInfo) -> None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 import posixpath
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import func, select
@@ -123,8 +122,7 @@ class JobService:
             raise NeverFits("no registered controller could ever run this job, even with nothing else on it",
                             {"rejections": rejections}, code="NEVER_FITS")
         all_needs = list(dict.fromkeys([*wanted, *needs]))
-        job = JobModel(name=spec.name, owner_id=user.id, spec=spec.model_dump(mode="json", by_alias=True,
-                                                                               exclude_unset=False),
+        job = JobModel(name=spec.name, owner_id=user.id, spec=spec.model_dump(mode="json", by_alias=True),
                        status="pending", priority=spec.priority, retries=spec.retries, timeout=spec.timeout,
                        attempts=0, epoch=0, needs=all_needs, pipeline_id=pipeline_id, step=step,
                        created_at=utcnow())
@@ -305,7 +303,3 @@ async def lock_job(session: AsyncSession, job_id: str, lock: bool) -> JobModel |
 def backoff(attempts: int) -> float:
     """Seconds before a retry after the ``attempts``-th attempt failed."""
     return float(min(2 ** attempts, 60))
-
-
-def now() -> datetime:
-    return utcnow()

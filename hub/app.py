@@ -51,6 +51,7 @@ from hub.routers import (
 )
 from hub.routers.hot import HotApp
 from hub.routers.mine import router as mine_router
+from hub.routers.pipelines import router as pipelines_router
 from hub.scheduler.snapshot import PlacementCache
 from hub.services.audit import CLIENT_CLOSED, HEARTBEAT_PATH, PRESENCE_PATH, AuditLog, skip_routine
 from hub.services.controllers import ControllerRegistry
@@ -337,6 +338,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.include_router(model_files.router)
     app.include_router(jobs.router)
     app.include_router(mine_router)
+    app.include_router(pipelines_router)
     install_request_ids(app)
     app.mount(CONSOLE_PATH, console(app))
     return app

@@ -1,0 +1,396 @@
+"""Pipelines: a DAG of jobs submitted as one spec (docs/API.md, Pipelines). A pipeline is a ``pipelines`` row and
+one ``jobs`` row per step, made in one transaction; the jobs queue runs the steps (a job starts once every job in
+its ``needs`` has succeeded), and this module validates, submits, cancels, retries and follows them.
+
+Invariants: a step's job ``needs`` the jobs of the steps it names in ``needs`` and of those whose outputs it takes,
+and its spec names those outputs as ``{job, path, as}``; the pipeline's status is derived from its steps' (and
+stored when it changes); a pending step that needs a step which ended without succeeding is cancelled, so the
+queue holds no job that can never start.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from hub.db import Database
+from hub.errors import Conflict, HubError, NotFound
+from hub.job_schemas import (
+    ArtifactInput,
+    AttemptOut,
+    JobOut,
+    JobOutputInput,
+    JobSpec,
+    PipelineOut,
+    PipelineSpec,
+    StepOutputInput,
+)
+from hub.models import (
+    ArtifactModel,
+    JobAttemptModel,
+    JobModel,
+    OperationModel,
+    PipelineModel,
+    UserModel,
+    new_id,
+    utcnow,
+)
+from hub.scheduler import dag
+
+PIPELINE_FINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
+# A step that ended so stops every step after it.
+STEP_STOPPED: frozenset[str] = frozenset({"failed", "timed_out", "cancelled"})
+
+
+class UnknownStep(HubError):
+    status_code = 422
+    code = "UNKNOWN_STEP"
+
+
+class PipelineCycle(HubError):
+    status_code = 422
+    code = "PIPELINE_CYCLE"
+
+
+class PipelineRunning(Conflict):
+    code = "PIPELINE_RUNNING"
+
+
+class NothingToRetry(Conflict):
+    code = "NOTHING_TO_RETRY"
+
+
+def pipeline_not_found(pipeline_id: str) -> NotFound:
+    return NotFound(f"pipeline {pipeline_id!r} not found", code="PIPELINE_NOT_FOUND")
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The spec's graph, pure.
+
+def step_graph(spec: PipelineSpec) -> dict[str, list[str]]:
+    """Each step and the steps it needs: those in its ``needs`` and those whose outputs it takes, in order."""
+    return {step.name: list(dict.fromkeys(
+        [*step.needs, *(i.step for i in step.inputs if isinstance(i, StepOutputInput))]))
+        for step in spec.steps}
+
+
+def check_graph(spec: PipelineSpec) -> dict[str, list[str]]:
+    """The spec's graph, once every step it names exists (``UnknownStep``) and it has no cycle (``PipelineCycle``)."""
+    graph = step_graph(spec)
+    missing = dag.unknown(graph)
+    if missing:
+        names = ", ".join(sorted({need for _, need in missing}))
+        raise UnknownStep(f"the pipeline has no step named {names}",
+                          [{"step": node, "needs": need} for node, need in missing])
+    cycle = dag.find_cycle(graph)
+    if cycle is not None:
+        raise PipelineCycle(f"the steps form a cycle: {' -> '.join(cycle)}", {"cycle": cycle})
+    return graph
+
+
+@dataclass(frozen=True)
+class StepState:
+    """What a pipeline's status is derived from: a step's job's status, whether it ever started, and the steps
+    of the same pipeline it needs."""
+
+    name: str
+    status: str
+    needs: tuple[str, ...] = ()
+    started: bool = False
+
+
+def stopped_steps(steps: Sequence[StepState]) -> set[str]:
+    """The pending steps that can never start: they need, directly or not, a step that ended unsucceeded."""
+    graph = {s.name: s.needs for s in steps}
+    ended = [s.name for s in steps if s.status in STEP_STOPPED]
+    pending = {s.name for s in steps if s.status == "pending"}
+    return (dag.downstream(graph, ended) & pending) if ended else set()
+
+
+def pipeline_status(steps: Sequence[StepState]) -> str:
+    """``running`` while a step runs or could still start once one has started; ``pending`` before any has;
+    ``succeeded`` when all did; else, once nothing can run any more, ``failed`` when a step failed or timed out,
+    ``cancelled`` when steps were cancelled."""
+    statuses = [s.status for s in steps]
+    if all(s == "succeeded" for s in statuses):
+        return "succeeded"
+    stopped = stopped_steps(steps)
+    live = [s for s in steps if s.status == "running" or (s.status == "pending" and s.name not in stopped)]
+    if live:
+        started = any(s.started or s.status != "pending" for s in steps)
+        return "running" if started else "pending"
+    if any(s in ("failed", "timed_out") for s in statuses):
+        return "failed"
+    return "cancelled"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reads.
+
+def _states(jobs: Sequence[JobModel]) -> list[StepState]:
+    steps = {j.id: j.step or j.id for j in jobs}
+    return [StepState(steps[j.id], j.status, tuple(steps[n] for n in j.needs if n in steps),
+                      j.attempts > 0 or j.started_at is not None) for j in jobs]
+
+
+def _in_spec_order(pipeline: PipelineModel, jobs: Iterable[JobModel]) -> list[JobModel]:
+    order = {step["name"]: i for i, step in enumerate(pipeline.spec.get("steps", []))}
+    return sorted(jobs, key=lambda j: (order.get(j.step or "", len(order)), j.created_at, j.id))
+
+
+async def _jobs_of(session: AsyncSession, pipeline_ids: Sequence[str], lock: bool = False) -> dict[str, list[JobModel]]:
+    query = select(JobModel).where(JobModel.pipeline_id.in_(pipeline_ids)).order_by(JobModel.id)
+    if lock:
+        query = query.with_for_update(of=JobModel)
+    found: dict[str, list[JobModel]] = {pid: [] for pid in pipeline_ids}
+    for job in (await session.scalars(query)).unique():
+        found[job.pipeline_id or ""].append(job)
+    return found
+
+
+async def _owned(session: AsyncSession, user: UserModel, pipeline_id: str, lock: bool = False) -> PipelineModel:
+    query = select(PipelineModel).where(PipelineModel.id == pipeline_id)
+    if lock:
+        query = query.with_for_update(of=PipelineModel)
+    pipeline = (await session.scalars(query)).unique().one_or_none()
+    if pipeline is None or (pipeline.owner_id != user.id and not user.is_admin):
+        raise pipeline_not_found(pipeline_id)
+    return pipeline
+
+
+def _job_out(job: JobModel, attempts: Sequence[JobAttemptModel], owner: str) -> JobOut:
+    return JobOut(
+        id=job.id, name=job.name, owner=owner, spec=job.spec, status=job.status,  # type: ignore[arg-type]
+        status_message=job.status_message, wait_reasons=job.wait_reasons, priority=job.priority,
+        retries=job.retries, timeout=job.timeout, exit_code=job.exit_code, progress=job.progress,  # type: ignore[arg-type]
+        pipeline_id=job.pipeline_id, step=job.step, needs=list(job.needs),
+        attempts=[AttemptOut.model_validate(a, from_attributes=True) for a in attempts],
+        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at)
+
+
+async def _render(session: AsyncSession, pipelines: Sequence[PipelineModel], jobs: dict[str, list[JobModel]],
+                  owner: str | None = None) -> list[PipelineOut]:
+    """The pipelines with their steps' jobs (a step's owner is its pipeline's); ``owner`` names the owner of
+    pipelines made in this transaction, whose ``owner`` relation is not loaded."""
+    job_ids = [j.id for js in jobs.values() for j in js]
+    attempts: dict[str, list[JobAttemptModel]] = {jid: [] for jid in job_ids}
+    if job_ids:
+        for attempt in await session.scalars(select(JobAttemptModel).where(JobAttemptModel.job_id.in_(job_ids))
+                                             .order_by(JobAttemptModel.job_id, JobAttemptModel.number)):
+            attempts[attempt.job_id].append(attempt)
+    out = []
+    for p in pipelines:
+        name = owner or p.owner.username
+        out.append(PipelineOut(
+            id=p.id, name=p.name, owner=name, spec=p.spec, status=p.status,  # type: ignore[arg-type]
+            steps=[_job_out(j, attempts[j.id], name) for j in _in_spec_order(p, jobs.get(p.id, []))],
+            created_at=p.created_at, updated_at=p.updated_at, finished_at=p.finished_at))
+    return out
+
+
+def _operation(job: JobModel, operation: str, actor: str, **details: Any) -> OperationModel:
+    now = utcnow()
+    return OperationModel(id=new_id(), operation=operation, status="succeeded", actor=actor, job_id=job.id,
+                          details={"pipeline_id": job.pipeline_id, "step": job.step, **details},
+                          created_at=now, finished_at=now)
+
+
+async def settle(session: AsyncSession, pipeline: PipelineModel, jobs: Sequence[JobModel],
+                 actor: str = "hub") -> None:
+    """Bring a pipeline up to date with its steps (their rows locked or just read in this transaction): its
+    pending steps that can never start are cancelled, and its status (and ``finished_at``) stored if it
+    changed."""
+    stopped = stopped_steps(_states(jobs))
+    now = utcnow()
+    for job in jobs:
+        if job.step in stopped and job.status == "pending":
+            job.status, job.finished_at, job.not_before = "cancelled", now, None
+            job.status_message = "not run: a step it needs did not succeed"
+            session.add(_operation(job, "job_cancelled", actor, reason="needs_stopped"))
+    status = pipeline_status(_states(jobs))
+    if status != pipeline.status:
+        pipeline.status = status
+        pipeline.finished_at = now if status in PIPELINE_FINAL else None
+        pipeline.updated_at = now
+
+
+async def get(session: AsyncSession, user: UserModel, pipeline_id: str) -> PipelineOut:
+    pipeline = await _owned(session, user, pipeline_id)
+    jobs = await _jobs_of(session, [pipeline.id])
+    if pipeline.status not in PIPELINE_FINAL:
+        await settle(session, pipeline, jobs[pipeline.id], user.username)
+        await session.flush()
+    [out] = await _render(session, [pipeline], jobs)
+    return out
+
+
+async def list_pipelines(session: AsyncSession, user: UserModel, *, status: str | None = None,
+                         name: str | None = None, limit: int = 100, offset: int = 0) -> list[PipelineOut]:
+    """The caller's pipelines (an admin's: everyone's), oldest first; the unfinished ones brought up to date
+    first, so that a filter on the status sees their status now."""
+    unfinished = select(PipelineModel).where(PipelineModel.status.not_in(PIPELINE_FINAL))
+    if not user.is_admin:
+        unfinished = unfinished.where(PipelineModel.owner_id == user.id)
+    live = list((await session.scalars(unfinished)).unique())
+    if live:
+        live_jobs = await _jobs_of(session, [p.id for p in live])
+        for p in live:
+            await settle(session, p, live_jobs[p.id], user.username)
+        await session.flush()
+    query = select(PipelineModel).order_by(PipelineModel.created_at, PipelineModel.id).limit(limit).offset(offset)
+    if not user.is_admin:
+        query = query.where(PipelineModel.owner_id == user.id)
+    if status is not None:
+        query = query.where(PipelineModel.status == status)
+    if name is not None:
+        query = query.where(PipelineModel.name == name)
+    pipelines = list((await session.scalars(query)).unique())
+    return await _render(session, pipelines, await _jobs_of(session, [p.id for p in pipelines]))
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Submit.
+
+async def check_inputs(session: AsyncSession, user: UserModel, specs: Iterable[JobSpec | Any]) -> None:
+    """Every artifact and job a spec's inputs name exists and is the caller's (404 ``ARTIFACT_NOT_FOUND``,
+    ``JOB_NOT_FOUND``: another user's looks exactly like one that does not exist)."""
+    artifacts: set[str] = set()
+    jobs: set[str] = set()
+    for spec in specs:
+        for ref in spec.inputs:
+            if isinstance(ref, str):
+                artifacts.add(ref)
+            elif isinstance(ref, ArtifactInput):
+                artifacts.add(ref.artifact)
+            elif isinstance(ref, JobOutputInput):
+                jobs.add(ref.job)
+    if artifacts:
+        found = set(await session.scalars(select(ArtifactModel.id).where(
+            ArtifactModel.id.in_(artifacts), ArtifactModel.owner_id == user.id)))
+        for missing in sorted(artifacts - found):
+            raise NotFound(f"artifact {missing!r} not found", {"artifact": missing}, code="ARTIFACT_NOT_FOUND")
+    if jobs:
+        found = set(await session.scalars(select(JobModel.id).where(JobModel.id.in_(jobs),
+                                                                    JobModel.owner_id == user.id)))
+        for missing in sorted(jobs - found):
+            raise NotFound(f"job {missing!r} not found", {"job": missing}, code="JOB_NOT_FOUND")
+
+
+def job_specs(spec: PipelineSpec, job_ids: dict[str, str]) -> dict[str, tuple[JobSpec, list[str]]]:
+    """Each step's JobSpec, its ``{step, path, as}`` inputs become ``{job, path, as}`` of that step's job, and
+    the job ids it needs (the steps it needs or takes outputs from, and the outside jobs whose outputs it takes)."""
+    graph = step_graph(spec)
+    out: dict[str, tuple[JobSpec, list[str]]] = {}
+    for step in spec.steps:
+        inputs: list[Any] = []
+        outside: list[str] = []
+        for ref in step.inputs:
+            if isinstance(ref, StepOutputInput):
+                inputs.append(JobOutputInput.model_validate(
+                    {"job": job_ids[ref.step], "path": ref.path, **({"as": ref.as_} if ref.as_ else {})}))
+            else:
+                if isinstance(ref, JobOutputInput):
+                    outside.append(ref.job)
+                inputs.append(ref)
+        fields = {name: getattr(step, name) for name in JobSpec.model_fields if name != "inputs"}
+        job_spec = JobSpec.model_validate({**fields, "inputs": inputs})
+        needs = list(dict.fromkeys([*(job_ids[s] for s in graph[step.name]), *outside]))
+        out[step.name] = (job_spec, needs)
+    return out
+
+
+async def submit(db: Database, user: UserModel, spec: PipelineSpec) -> PipelineOut:
+    """One transaction: the pipeline, a pending job per step and its ``job_submit`` operation. Bad specs
+    (unknown steps, a cycle, inputs missing or another user's) change nothing."""
+    graph = check_graph(spec)
+    async with db.session() as session:
+        await check_inputs(session, user, spec.steps)
+        now = utcnow()
+        pipeline = PipelineModel(id=new_id(), name=spec.name, owner_id=user.id,
+                                 spec=spec.model_dump(mode="json", by_alias=True), status="pending",
+                                 created_at=now, updated_at=now)
+        session.add(pipeline)
+        await session.flush()
+        job_ids = {step.name: new_id() for step in spec.steps}
+        specs = job_specs(spec, job_ids)
+        jobs = []
+        for name in dag.topological_order(graph):
+            job_spec, needs = specs[name]
+            job = JobModel(id=job_ids[name], name=job_spec.name, owner_id=user.id,
+                           spec=job_spec.model_dump(mode="json", by_alias=True), status="pending",
+                           priority=job_spec.priority, retries=job_spec.retries, timeout=job_spec.timeout,
+                           attempts=0, epoch=0, pipeline_id=pipeline.id, step=name, needs=needs,
+                           created_at=now, updated_at=now)
+            jobs.append(job)
+            session.add(job)
+        await session.flush()
+        session.add_all([_operation(job, "job_submit", user.username) for job in jobs])
+        [out] = await _render(session, [pipeline], {pipeline.id: jobs}, user.username)
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Cancel and retry.
+
+async def _cancel_running(session: AsyncSession, job: JobModel, actor: str) -> None:
+    """A running step's cancel: the jobs queue's own cancel, which tells the attempt's controller."""
+    now = utcnow()
+    job.status, job.finished_at, job.status_message = "cancelled", now, "cancelled with its pipeline"
+    session.add(_operation(job, "job_cancelled", actor, reason="pipeline_cancelled"))
+
+
+async def cancel(db: Database, user: UserModel, pipeline_id: str) -> PipelineOut:
+    """Every unfinished step cancelled: pending ones at once, running ones through the job's cancel. A
+    finished pipeline is answered as it is."""
+    async with db.session() as session:
+        pipeline = await _owned(session, user, pipeline_id, lock=True)
+        jobs = (await _jobs_of(session, [pipeline.id], lock=True))[pipeline.id]
+        now = utcnow()
+        for job in jobs:
+            if job.status == "pending":
+                job.status, job.finished_at, job.not_before = "cancelled", now, None
+                job.status_message = "cancelled with its pipeline"
+                session.add(_operation(job, "job_cancelled", user.username, reason="pipeline_cancelled"))
+            elif job.status == "running":
+                await _cancel_running(session, job, user.username)
+        await settle(session, pipeline, jobs, user.username)
+        await session.flush()
+        [out] = await _render(session, [pipeline], {pipeline.id: jobs})
+    return out
+
+
+async def retry(db: Database, user: UserModel, pipeline_id: str) -> PipelineOut:
+    """The steps that failed, timed out or were cancelled, and every step after them, pending again (each runs
+    as a new attempt, with its retries as at submit); the succeeded steps they need are not rerun: their outputs
+    are taken as they are. 409 ``PIPELINE_RUNNING`` while a step runs or may still start, 409
+    ``NOTHING_TO_RETRY`` when every step succeeded."""
+    async with db.session() as session:
+        pipeline = await _owned(session, user, pipeline_id, lock=True)
+        jobs = (await _jobs_of(session, [pipeline.id], lock=True))[pipeline.id]
+        await settle(session, pipeline, jobs, user.username)
+        if pipeline.status == "succeeded":
+            raise NothingToRetry(f"every step of pipeline {pipeline_id!r} succeeded")
+        if pipeline.status not in PIPELINE_FINAL:
+            raise PipelineRunning(f"pipeline {pipeline_id!r} is {pipeline.status}: cancel it, or wait for its end",
+                                  {"status": pipeline.status})
+        states = _states(jobs)
+        graph = {s.name: s.needs for s in states}
+        again = dag.downstream(graph, [s.name for s in states if s.status in STEP_STOPPED])
+        now = utcnow()
+        for job in jobs:
+            if job.step not in again:
+                continue
+            job.status, job.status_message, job.wait_reasons = "pending", None, None
+            job.retries = int(job.spec.get("retries", 0))
+            job.not_before = job.started_at = job.finished_at = None
+            job.exit_code, job.progress = None, None
+            job.updated_at = now
+            session.add(_operation(job, "job_retry", user.username, reason="pipeline_retry"))
+        await settle(session, pipeline, jobs, user.username)
+        await session.flush()
+        [out] = await _render(session, [pipeline], {pipeline.id: jobs})
+    return out

@@ -120,3 +120,16 @@ def test_the_steps_stopped_by_a_failure_are_the_pending_ones_after_it() -> None:
     steps = [st("a", "failed"), st("b", "pending", "a"), st("c", "pending", "b"), st("d", "pending"),
              st("e", "succeeded")]
     assert stopped_steps(steps) == {"b", "c"}
+
+
+def test_the_documented_example_is_a_valid_three_step_chain() -> None:
+    import json
+    import re
+    from pathlib import Path
+
+    text = (Path(__file__).parents[2] / "docs" / "API.md").read_text()
+    section = text[text.index("## Pipelines"):text.index("## Your account and history")]
+    [example] = re.findall(r"```json\n(.*?)```", section, re.S)
+    s = PipelineSpec.model_validate(json.loads(example))
+    assert check_graph(s) == {"to-jsonl": [], "features": ["to-jsonl"], "enhance": ["features", "to-jsonl"]}
+    assert dag.topological_order(check_graph(s)) == ["to-jsonl", "features", "enhance"]

@@ -145,7 +145,7 @@ def _in_spec_order(pipeline: PipelineModel, jobs: Iterable[JobModel]) -> list[Jo
 async def _jobs_of(session: AsyncSession, pipeline_ids: Sequence[str], lock: bool = False) -> dict[str, list[JobModel]]:
     query = select(JobModel).where(JobModel.pipeline_id.in_(pipeline_ids)).order_by(JobModel.id)
     if lock:
-        query = query.with_for_update(of=JobModel)
+        query = query.with_for_update(of=JobModel).execution_options(populate_existing=True)
     found: dict[str, list[JobModel]] = {pid: [] for pid in pipeline_ids}
     for job in (await session.scalars(query)).unique():
         found[job.pipeline_id or ""].append(job)
@@ -155,7 +155,7 @@ async def _jobs_of(session: AsyncSession, pipeline_ids: Sequence[str], lock: boo
 async def _owned(session: AsyncSession, user: UserModel, pipeline_id: str, lock: bool = False) -> PipelineModel:
     query = select(PipelineModel).where(PipelineModel.id == pipeline_id)
     if lock:
-        query = query.with_for_update(of=PipelineModel)
+        query = query.with_for_update(of=PipelineModel).execution_options(populate_existing=True)
     pipeline = (await session.scalars(query)).unique().one_or_none()
     if pipeline is None or (pipeline.owner_id != user.id and not user.is_admin):
         raise pipeline_not_found(pipeline_id)
@@ -218,13 +218,30 @@ async def settle(session: AsyncSession, pipeline: PipelineModel, jobs: Sequence[
         pipeline.updated_at = now
 
 
+def _unsettled(pipeline: PipelineModel, jobs: Sequence[JobModel]) -> bool:
+    """Whether ``settle`` would change anything (read without locks: only then are the rows locked)."""
+    states = _states(jobs)
+    return pipeline.status not in PIPELINE_FINAL and (
+        bool(stopped_steps(states)) or pipeline_status(states) != pipeline.status)
+
+
+async def _settled(session: AsyncSession, user: UserModel, pipeline: PipelineModel,
+                   jobs: list[JobModel]) -> list[JobModel]:
+    """The pipeline's steps, the pipeline settled first when it needs it: its row and its jobs' locked and read
+    again, so that a retry or the queue changing them meanwhile is not overwritten."""
+    if not _unsettled(pipeline, jobs):
+        return jobs
+    await _owned(session, user, pipeline.id, lock=True)
+    jobs = (await _jobs_of(session, [pipeline.id], lock=True))[pipeline.id]
+    await settle(session, pipeline, jobs, user.username)
+    await session.flush()
+    return jobs
+
+
 async def get(session: AsyncSession, user: UserModel, pipeline_id: str) -> PipelineOut:
     pipeline = await _owned(session, user, pipeline_id)
-    jobs = await _jobs_of(session, [pipeline.id])
-    if pipeline.status not in PIPELINE_FINAL:
-        await settle(session, pipeline, jobs[pipeline.id], user.username)
-        await session.flush()
-    [out] = await _render(session, [pipeline], jobs)
+    jobs = await _settled(session, user, pipeline, (await _jobs_of(session, [pipeline.id]))[pipeline.id])
+    [out] = await _render(session, [pipeline], {pipeline.id: jobs})
     return out
 
 
@@ -232,15 +249,15 @@ async def list_pipelines(session: AsyncSession, user: UserModel, *, status: str 
                          name: str | None = None, limit: int = 100, offset: int = 0) -> list[PipelineOut]:
     """The caller's pipelines (an admin's: everyone's), oldest first; the unfinished ones brought up to date
     first, so that a filter on the status sees their status now."""
-    unfinished = select(PipelineModel).where(PipelineModel.status.not_in(PIPELINE_FINAL))
+    # In id order: each is locked in turn when it needs settling, in the same order by every caller.
+    unfinished = select(PipelineModel).where(PipelineModel.status.not_in(PIPELINE_FINAL)).order_by(PipelineModel.id)
     if not user.is_admin:
         unfinished = unfinished.where(PipelineModel.owner_id == user.id)
     live = list((await session.scalars(unfinished)).unique())
     if live:
         live_jobs = await _jobs_of(session, [p.id for p in live])
         for p in live:
-            await settle(session, p, live_jobs[p.id], user.username)
-        await session.flush()
+            await _settled(session, user, p, live_jobs[p.id])
     query = select(PipelineModel).order_by(PipelineModel.created_at, PipelineModel.id).limit(limit).offset(offset)
     if not user.is_admin:
         query = query.where(PipelineModel.owner_id == user.id)

@@ -14,28 +14,28 @@ router = APIRouter(prefix="/api/pipelines", tags=["pipelines"])
 
 @router.post("", status_code=201, response_model=PipelineOut)
 async def submit_pipeline(spec: PipelineSpec, user: CurrentUser, hub: HubDep) -> PipelineOut:
-    return await pipelines.submit(hub.db, user, spec)
+    return await pipelines.submit(hub, user, spec)
 
 
 @router.get("", response_model=list[PipelineOut])
-async def list_pipelines(user: CurrentUser, session: SessionDep, limit: int = Limit, offset: int = Offset,
+async def list_pipelines(user: CurrentUser, hub: HubDep, session: SessionDep, limit: int = Limit, offset: int = Offset,
                          status: PipelineStatus | None = Query(None, description="only the pipelines in this status"),
                          name: str | None = Query(None, max_length=63, pattern=NAME_PATTERN,
                                                   description="only the pipelines of this name")
                          ) -> list[PipelineOut]:
-    return await pipelines.list_pipelines(session, user, status=status, name=name, limit=limit, offset=offset)
+    return await pipelines.list_pipelines(session, hub.ops, user, status=status, name=name, limit=limit, offset=offset)
 
 
 @router.get("/{pipeline_id}", response_model=PipelineOut)
-async def get_pipeline(pipeline_id: str, user: CurrentUser, session: SessionDep) -> PipelineOut:
-    return await pipelines.get(session, user, pipeline_id)
+async def get_pipeline(pipeline_id: str, user: CurrentUser, hub: HubDep, session: SessionDep) -> PipelineOut:
+    return await pipelines.get(session, hub.ops, user, pipeline_id)
 
 
 @router.post("/{pipeline_id}/cancel", response_model=PipelineOut)
 async def cancel_pipeline(pipeline_id: str, user: CurrentUser, hub: HubDep) -> PipelineOut:
-    return await pipelines.cancel(hub.db, user, pipeline_id)
+    return await pipelines.cancel(hub, user, pipeline_id)
 
 
 @router.post("/{pipeline_id}/retry", response_model=PipelineOut)
 async def retry_pipeline(pipeline_id: str, user: CurrentUser, hub: HubDep) -> PipelineOut:
-    return await pipelines.retry(hub.db, user, pipeline_id)
+    return await pipelines.retry(hub, user, pipeline_id)

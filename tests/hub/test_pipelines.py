@@ -2,8 +2,9 @@
 transaction (their needs and inputs rewritten to job ids), bad specs are refused with 4xx and change nothing,
 another user's pipelines are not seen, and cancel, retry and the derived status do what docs/API.md says.
 
-No controller is registered, so no step starts here: the steps' ends are written as the jobs queue writes
-them, and the pipeline is read back through the API."""
+The one controller registered is disabled and out of reach (as after an admin took it out), so the jobs are
+accepted (it could run them) but none starts: the steps' ends are written as the jobs queue writes them, and the
+pipeline is read back through the API."""
 
 from __future__ import annotations
 
@@ -18,9 +19,18 @@ from sqlalchemy import func, select, update
 from hub.app import build_hub, create_app
 from hub.config import HubSettings
 from hub.db import Database
-from hub.models import ArtifactModel, JobAttemptModel, JobModel, OperationModel, PipelineModel, UserModel, utcnow
+from hub.models import (
+    ArtifactModel,
+    ControllerModel,
+    JobAttemptModel,
+    JobModel,
+    OperationModel,
+    PipelineModel,
+    UserModel,
+    utcnow,
+)
 from hub.services.users import create_user
-from tests.hub.conftest import HUB_KEY, KEY
+from tests.hub.conftest import HUB_KEY, KEY, Router
 
 
 class Lab:
@@ -67,8 +77,11 @@ class Lab:
 
 @pytest.fixture
 async def lab(db: Database) -> AsyncIterator[Lab]:
+    async with db.session() as session:
+        session.add(ControllerModel(id="down", url="http://down.test:8001", server_type="cpu", enabled=False,
+                                    status="unreachable", cpu_cores=8, memory_total_gb=16, max_containers=10))
     settings = HubSettings(database_url=db.url, api_key=KEY, hub_key=HUB_KEY, controllers="[]")
-    hub = build_hub(settings, db=Database(db.url))
+    hub = build_hub(settings, db=Database(db.url), transport=Router())
     app = create_app(settings, hub=hub)
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub",
@@ -118,7 +131,7 @@ async def test_submit_makes_a_job_per_step_with_needs_and_inputs_rewritten(lab: 
     assert tsv["spec"]["inputs"] == [{"artifact": data, "path": "in.tsv"}]
     assert features["needs"] == [ids["to-jsonl"]]
     assert features["spec"]["inputs"] == [{"job": ids["to-jsonl"], "path": "records.jsonl", "as": "records.jsonl"}]
-    assert enhance["needs"] == [ids["to-jsonl"], ids["features"]]
+    assert sorted(enhance["needs"]) == sorted([ids["to-jsonl"], ids["features"]])
     assert enhance["spec"]["inputs"] == [{"job": ids["features"], "path": "features.jsonl", "as": None}]
     assert "needs" not in enhance["spec"] and enhance["spec"]["name"] == "enhance"
     # The rows say the same, and each job's submit is in the operation history.

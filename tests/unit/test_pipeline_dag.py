@@ -12,8 +12,8 @@ from hub.services.jobs.pipelines import (
     StepState,
     UnknownStep,
     check_graph,
-    job_specs,
     pipeline_status,
+    step_job_spec,
     stopped_steps,
 )
 
@@ -71,26 +71,19 @@ def test_check_graph_names_unknown_steps_and_the_cycle() -> None:
         == {"a": [], "b": ["a"]}
 
 
-def test_job_specs_rewrite_step_outputs_to_job_outputs_and_need_their_jobs() -> None:
-    outside = "e" * 32
+def test_a_step_becomes_a_job_spec_taking_its_steps_outputs_from_their_jobs() -> None:
     artifact = "f" * 32
     s = spec({"name": "tsv", "retries": 2},
-             {"name": "features", "inputs": [{"step": "tsv", "path": "data.jsonl", "as": "in.jsonl"}, artifact]},
-             {"name": "merge", "needs": ["tsv"], "inputs": [{"step": "features", "path": "f.jsonl"},
-                                                            {"job": outside, "path": "old.jsonl"}]})
-    ids = {"tsv": "a" * 32, "features": "b" * 32, "merge": "c" * 32}
-    out = job_specs(s, ids)
-    tsv, tsv_needs = out["tsv"]
-    assert tsv_needs == [] and tsv.retries == 2 and tsv.name == "tsv"
-    features, needs = out["features"]
-    assert needs == [ids["tsv"]]
-    assert features.model_dump(mode="json", by_alias=True)["inputs"] == [
-        {"job": ids["tsv"], "path": "data.jsonl", "as": "in.jsonl"}, artifact]
-    merge, needs = out["merge"]
-    assert needs == [ids["tsv"], ids["features"], outside]
-    assert merge.inputs == [JobOutputInput(job=ids["features"], path="f.jsonl"),
-                            JobOutputInput(job=outside, path="old.jsonl")]
-    assert "needs" not in merge.model_dump()
+             {"name": "features", "needs": ["tsv"],
+              "inputs": [{"step": "tsv", "path": "data.jsonl", "as": "in.jsonl"}, artifact,
+                         {"step": "tsv", "path": "other.jsonl"}]})
+    tsv, features = s.steps
+    ids = {"tsv": "a" * 32}
+    assert step_job_spec(tsv, {}).retries == 2 and step_job_spec(tsv, {}).name == "tsv"
+    job = step_job_spec(features, ids)
+    assert job.inputs == [JobOutputInput.model_validate({"job": ids["tsv"], "path": "data.jsonl", "as": "in.jsonl"}),
+                          artifact, JobOutputInput(job=ids["tsv"], path="other.jsonl")]
+    assert "needs" not in job.model_dump()
 
 
 def st(name: str, status: str, *needs: str, started: bool = False) -> StepState:

@@ -10,36 +10,26 @@ queue holds no job that can never start.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hub.db import Database
 from hub.errors import Conflict, HubError, NotFound
-from hub.job_schemas import (
-    ArtifactInput,
-    AttemptOut,
-    JobOut,
-    JobOutputInput,
-    JobSpec,
-    PipelineOut,
-    PipelineSpec,
-    StepOutputInput,
-)
-from hub.models import (
-    ArtifactModel,
-    JobAttemptModel,
-    JobModel,
-    OperationModel,
-    PipelineModel,
-    UserModel,
-    new_id,
-    utcnow,
-)
+from hub.job_schemas import JobOutputInput, JobSpec, PipelineOut, PipelineSpec, PipelineStep, StepOutputInput
+from hub.models import ControllerModel, JobAttemptModel, JobModel, PipelineModel, UserModel, new_id, utcnow
 from hub.scheduler import dag
+from hub.services.jobs.core import add_op, job_out
+from hub.services.operations import OperationLog
+from hub.services.users import SYSTEM_ACTOR
+
+if TYPE_CHECKING:
+    from hub.deps import Hub
+
+log = logging.getLogger(__name__)
 
 PIPELINE_FINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 # A step that ended so stops every step after it.
@@ -162,55 +152,30 @@ async def _owned(session: AsyncSession, user: UserModel, pipeline_id: str, lock:
     return pipeline
 
 
-def _job_out(job: JobModel, attempts: Sequence[JobAttemptModel], owner: str) -> JobOut:
-    return JobOut(
-        id=job.id, name=job.name, owner=owner, spec=job.spec, status=job.status,  # type: ignore[arg-type]
-        status_message=job.status_message, wait_reasons=job.wait_reasons, priority=job.priority,
-        retries=job.retries, timeout=job.timeout, exit_code=job.exit_code, progress=job.progress,  # type: ignore[arg-type]
-        pipeline_id=job.pipeline_id, step=job.step, needs=list(job.needs),
-        attempts=[AttemptOut.model_validate(a, from_attributes=True) for a in attempts],
-        created_at=job.created_at, started_at=job.started_at, finished_at=job.finished_at)
-
-
-async def _render(session: AsyncSession, pipelines: Sequence[PipelineModel], jobs: dict[str, list[JobModel]],
-                  owner: str | None = None) -> list[PipelineOut]:
-    """The pipelines with their steps' jobs (a step's owner is its pipeline's); ``owner`` names the owner of
-    pipelines made in this transaction, whose ``owner`` relation is not loaded."""
+async def _render(session: AsyncSession, pipelines: Sequence[PipelineModel],
+                  jobs: dict[str, list[JobModel]]) -> list[PipelineOut]:
+    """The pipelines with their steps' jobs, as ``GET /api/jobs/{id}`` renders them, in the spec's order."""
     job_ids = [j.id for js in jobs.values() for j in js]
     attempts: dict[str, list[JobAttemptModel]] = {jid: [] for jid in job_ids}
     if job_ids:
-        for attempt in await session.scalars(select(JobAttemptModel).where(JobAttemptModel.job_id.in_(job_ids))
-                                             .order_by(JobAttemptModel.job_id, JobAttemptModel.number)):
+        for attempt in await session.scalars(select(JobAttemptModel).where(JobAttemptModel.job_id.in_(job_ids))):
             attempts[attempt.job_id].append(attempt)
-    out = []
-    for p in pipelines:
-        name = owner or p.owner.username
-        out.append(PipelineOut(
-            id=p.id, name=p.name, owner=name, spec=p.spec, status=p.status,  # type: ignore[arg-type]
-            steps=[_job_out(j, attempts[j.id], name) for j in _in_spec_order(p, jobs.get(p.id, []))],
-            created_at=p.created_at, updated_at=p.updated_at, finished_at=p.finished_at))
-    return out
+    return [PipelineOut(
+        id=p.id, name=p.name, owner=p.owner.username, spec=p.spec, status=p.status,  # type: ignore[arg-type]
+        steps=[job_out(j, attempts[j.id]) for j in _in_spec_order(p, jobs.get(p.id, []))],
+        created_at=p.created_at, updated_at=p.updated_at, finished_at=p.finished_at) for p in pipelines]
 
 
-def _operation(job: JobModel, operation: str, actor: str, **details: Any) -> OperationModel:
-    now = utcnow()
-    return OperationModel(id=new_id(), operation=operation, status="succeeded", actor=actor, job_id=job.id,
-                          details={"pipeline_id": job.pipeline_id, "step": job.step, **details},
-                          created_at=now, finished_at=now)
-
-
-async def settle(session: AsyncSession, pipeline: PipelineModel, jobs: Sequence[JobModel],
-                 actor: str = "hub") -> None:
-    """Bring a pipeline up to date with its steps (their rows locked or just read in this transaction): its
-    pending steps that can never start are cancelled, and its status (and ``finished_at``) stored if it
-    changed."""
+async def settle(session: AsyncSession, ops: OperationLog, pipeline: PipelineModel, jobs: Sequence[JobModel]) -> None:
+    """Bring a pipeline up to date with its steps (their rows locked in this transaction): its pending steps
+    that can never start are cancelled, and its status (and ``finished_at``) stored if it changed."""
     stopped = stopped_steps(_states(jobs))
     now = utcnow()
     for job in jobs:
         if job.step in stopped and job.status == "pending":
-            job.status, job.finished_at, job.not_before = "cancelled", now, None
-            job.status_message = "not run: a step it needs did not succeed"
-            session.add(_operation(job, "job_cancelled", actor, reason="needs_stopped"))
+            job.status, job.finished_at, job.not_before, job.wait_reasons = "cancelled", now, None, None
+            job.status_message = "cancelled: a step it needs did not succeed"
+            add_op(ops, session, "job_cancelled", SYSTEM_ACTOR, job, pipeline_id=pipeline.id, reason="needs_stopped")
     status = pipeline_status(_states(jobs))
     if status != pipeline.status:
         pipeline.status = status
@@ -225,7 +190,7 @@ def _unsettled(pipeline: PipelineModel, jobs: Sequence[JobModel]) -> bool:
         bool(stopped_steps(states)) or pipeline_status(states) != pipeline.status)
 
 
-async def _settled(session: AsyncSession, user: UserModel, pipeline: PipelineModel,
+async def _settled(session: AsyncSession, ops: OperationLog, user: UserModel, pipeline: PipelineModel,
                    jobs: list[JobModel]) -> list[JobModel]:
     """The pipeline's steps, the pipeline settled first when it needs it: its row and its jobs' locked and read
     again, so that a retry or the queue changing them meanwhile is not overwritten."""
@@ -233,19 +198,19 @@ async def _settled(session: AsyncSession, user: UserModel, pipeline: PipelineMod
         return jobs
     await _owned(session, user, pipeline.id, lock=True)
     jobs = (await _jobs_of(session, [pipeline.id], lock=True))[pipeline.id]
-    await settle(session, pipeline, jobs, user.username)
+    await settle(session, ops, pipeline, jobs)
     await session.flush()
     return jobs
 
 
-async def get(session: AsyncSession, user: UserModel, pipeline_id: str) -> PipelineOut:
+async def get(session: AsyncSession, ops: OperationLog, user: UserModel, pipeline_id: str) -> PipelineOut:
     pipeline = await _owned(session, user, pipeline_id)
-    jobs = await _settled(session, user, pipeline, (await _jobs_of(session, [pipeline.id]))[pipeline.id])
+    jobs = await _settled(session, ops, user, pipeline, (await _jobs_of(session, [pipeline.id]))[pipeline.id])
     [out] = await _render(session, [pipeline], {pipeline.id: jobs})
     return out
 
 
-async def list_pipelines(session: AsyncSession, user: UserModel, *, status: str | None = None,
+async def list_pipelines(session: AsyncSession, ops: OperationLog, user: UserModel, *, status: str | None = None,
                          name: str | None = None, limit: int = 100, offset: int = 0) -> list[PipelineOut]:
     """The caller's pipelines (an admin's: everyone's), oldest first; the unfinished ones brought up to date
     first, so that a filter on the status sees their status now."""
@@ -257,7 +222,7 @@ async def list_pipelines(session: AsyncSession, user: UserModel, *, status: str 
     if live:
         live_jobs = await _jobs_of(session, [p.id for p in live])
         for p in live:
-            await _settled(session, user, p, live_jobs[p.id])
+            await _settled(session, ops, user, p, live_jobs[p.id])
     query = select(PipelineModel).order_by(PipelineModel.created_at, PipelineModel.id).limit(limit).offset(offset)
     if not user.is_admin:
         query = query.where(PipelineModel.owner_id == user.id)
@@ -272,123 +237,87 @@ async def list_pipelines(session: AsyncSession, user: UserModel, *, status: str 
 # ---------------------------------------------------------------------------------------------------------------
 # Submit.
 
-async def check_inputs(session: AsyncSession, user: UserModel, specs: Iterable[JobSpec | Any]) -> None:
-    """Every artifact and job a spec's inputs name exists and is the caller's (404 ``ARTIFACT_NOT_FOUND``,
-    ``JOB_NOT_FOUND``: another user's looks exactly like one that does not exist)."""
-    artifacts: set[str] = set()
-    jobs: set[str] = set()
-    for spec in specs:
-        for ref in spec.inputs:
-            if isinstance(ref, str):
-                artifacts.add(ref)
-            elif isinstance(ref, ArtifactInput):
-                artifacts.add(ref.artifact)
-            elif isinstance(ref, JobOutputInput):
-                jobs.add(ref.job)
-    if artifacts:
-        found = set(await session.scalars(select(ArtifactModel.id).where(
-            ArtifactModel.id.in_(artifacts), ArtifactModel.owner_id == user.id)))
-        for missing in sorted(artifacts - found):
-            raise NotFound(f"artifact {missing!r} not found", {"artifact": missing}, code="ARTIFACT_NOT_FOUND")
-    if jobs:
-        found = set(await session.scalars(select(JobModel.id).where(JobModel.id.in_(jobs),
-                                                                    JobModel.owner_id == user.id)))
-        for missing in sorted(jobs - found):
-            raise NotFound(f"job {missing!r} not found", {"job": missing}, code="JOB_NOT_FOUND")
+def step_job_spec(step: PipelineStep, job_ids: dict[str, str]) -> JobSpec:
+    """A step's JobSpec: its fields but ``needs``, its ``{step, path, as}`` inputs written as ``{job, path, as}``
+    of that step's job (``job_ids``: the jobs of the steps it needs, made before it)."""
+    inputs: list[Any] = [
+        JobOutputInput.model_validate({"job": job_ids[ref.step], "path": ref.path,
+                                       **({"as": ref.as_} if ref.as_ else {})})
+        if isinstance(ref, StepOutputInput) else ref for ref in step.inputs]
+    fields = {name: getattr(step, name) for name in JobSpec.model_fields if name != "inputs"}
+    return JobSpec.model_validate({**fields, "inputs": inputs})
 
 
-def job_specs(spec: PipelineSpec, job_ids: dict[str, str]) -> dict[str, tuple[JobSpec, list[str]]]:
-    """Each step's JobSpec, its ``{step, path, as}`` inputs become ``{job, path, as}`` of that step's job, and
-    the job ids it needs (the steps it needs or takes outputs from, and the outside jobs whose outputs it takes)."""
-    graph = step_graph(spec)
-    out: dict[str, tuple[JobSpec, list[str]]] = {}
-    for step in spec.steps:
-        inputs: list[Any] = []
-        outside: list[str] = []
-        for ref in step.inputs:
-            if isinstance(ref, StepOutputInput):
-                inputs.append(JobOutputInput.model_validate(
-                    {"job": job_ids[ref.step], "path": ref.path, **({"as": ref.as_} if ref.as_ else {})}))
-            else:
-                if isinstance(ref, JobOutputInput):
-                    outside.append(ref.job)
-                inputs.append(ref)
-        fields = {name: getattr(step, name) for name in JobSpec.model_fields if name != "inputs"}
-        job_spec = JobSpec.model_validate({**fields, "inputs": inputs})
-        needs = list(dict.fromkeys([*(job_ids[s] for s in graph[step.name]), *outside]))
-        out[step.name] = (job_spec, needs)
-    return out
-
-
-async def submit(db: Database, user: UserModel, spec: PipelineSpec) -> PipelineOut:
-    """One transaction: the pipeline, a pending job per step and its ``job_submit`` operation. Bad specs
-    (unknown steps, a cycle, inputs missing or another user's) change nothing."""
+async def submit(hub: Hub, user: UserModel, spec: PipelineSpec) -> PipelineOut:
+    """One transaction: the pipeline, and each step's job as ``POST /api/jobs`` makes one (its checks, its
+    ``job_submit`` operation), in an order where a step's job is made after those it needs. A refused spec (an
+    unknown step, a cycle, a step the jobs' checks refuse) changes nothing."""
+    assert hub.jobs is not None
     graph = check_graph(spec)
-    async with db.session() as session:
-        await check_inputs(session, user, spec.steps)
+    steps = {step.name: step for step in spec.steps}
+    async with hub.db.session() as session:
         now = utcnow()
         pipeline = PipelineModel(id=new_id(), name=spec.name, owner_id=user.id,
                                  spec=spec.model_dump(mode="json", by_alias=True), status="pending",
                                  created_at=now, updated_at=now)
+        pipeline.owner = user
         session.add(pipeline)
         await session.flush()
-        job_ids = {step.name: new_id() for step in spec.steps}
-        specs = job_specs(spec, job_ids)
+        job_ids: dict[str, str] = {}
         jobs = []
         for name in dag.topological_order(graph):
-            job_spec, needs = specs[name]
-            job = JobModel(id=job_ids[name], name=job_spec.name, owner_id=user.id,
-                           spec=job_spec.model_dump(mode="json", by_alias=True), status="pending",
-                           priority=job_spec.priority, retries=job_spec.retries, timeout=job_spec.timeout,
-                           attempts=0, epoch=0, pipeline_id=pipeline.id, step=name, needs=needs,
-                           created_at=now, updated_at=now)
+            job = await hub.jobs.prepare(session, user, step_job_spec(steps[name], job_ids),
+                                         needs=[job_ids[s] for s in graph[name]], pipeline_id=pipeline.id, step=name)
+            job_ids[name] = job.id
             jobs.append(job)
-            session.add(job)
-        await session.flush()
-        session.add_all([_operation(job, "job_submit", user.username) for job in jobs])
-        [out] = await _render(session, [pipeline], {pipeline.id: jobs}, user.username)
+        [out] = await _render(session, [pipeline], {pipeline.id: jobs})
+    hub.jobs.changed()
     return out
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # Cancel and retry.
 
-async def _cancel_running(session: AsyncSession, job: JobModel, actor: str) -> None:
-    """A running step's cancel: the jobs queue's own cancel, which tells the attempt's controller."""
-    now = utcnow()
-    job.status, job.finished_at, job.status_message = "cancelled", now, "cancelled with its pipeline"
-    session.add(_operation(job, "job_cancelled", actor, reason="pipeline_cancelled"))
-
-
-async def cancel(db: Database, user: UserModel, pipeline_id: str) -> PipelineOut:
-    """Every unfinished step cancelled: pending ones at once, running ones through the job's cancel. A
-    finished pipeline is answered as it is."""
-    async with db.session() as session:
+async def cancel(hub: Hub, user: UserModel, pipeline_id: str) -> PipelineOut:
+    """Every unfinished step cancelled as ``POST /api/jobs/{id}/cancel`` cancels a job; the controllers of the
+    running ones told once it is committed. A finished pipeline is answered as it is."""
+    assert hub.jobs is not None
+    lives = []
+    async with hub.db.session() as session:
         pipeline = await _owned(session, user, pipeline_id, lock=True)
         jobs = (await _jobs_of(session, [pipeline.id], lock=True))[pipeline.id]
-        now = utcnow()
         for job in jobs:
-            if job.status == "pending":
-                job.status, job.finished_at, job.not_before = "cancelled", now, None
-                job.status_message = "cancelled with its pipeline"
-                session.add(_operation(job, "job_cancelled", user.username, reason="pipeline_cancelled"))
-            elif job.status == "running":
-                await _cancel_running(session, job, user.username)
-        await settle(session, pipeline, jobs, user.username)
+            if job.status in ("pending", "running"):
+                _, live = await hub.jobs.cancel(session, user, job.id)
+                if live is not None:
+                    lives.append(live)
+        await settle(session, hub.ops, pipeline, jobs)
+        urls = dict((await session.execute(select(ControllerModel.id, ControllerModel.url).where(
+            ControllerModel.id.in_({a.controller_id for a in lives})))).tuples().all()) if lives else {}
         await session.flush()
         [out] = await _render(session, [pipeline], {pipeline.id: jobs})
+    for live in lives:
+        url = urls.get(live.controller_id)
+        if url is None:
+            continue
+        try:
+            await hub.client.cancel_job(live.controller_id, url, live.id)
+        except HubError as exc:
+            log.info("pipeline %s: controller %s was not told to cancel attempt %s now (%s); the watcher does it "
+                     "later", pipeline_id, live.controller_id, live.id, exc)
     return out
 
 
-async def retry(db: Database, user: UserModel, pipeline_id: str) -> PipelineOut:
+async def retry(hub: Hub, user: UserModel, pipeline_id: str) -> PipelineOut:
     """The steps that failed, timed out or were cancelled, and every step after them, pending again (each runs
     as a new attempt, with its retries as at submit); the succeeded steps they need are not rerun: their outputs
     are taken as they are. 409 ``PIPELINE_RUNNING`` while a step runs or may still start, 409
     ``NOTHING_TO_RETRY`` when every step succeeded."""
-    async with db.session() as session:
+    assert hub.jobs is not None
+    async with hub.db.session() as session:
         pipeline = await _owned(session, user, pipeline_id, lock=True)
         jobs = (await _jobs_of(session, [pipeline.id], lock=True))[pipeline.id]
-        await settle(session, pipeline, jobs, user.username)
+        await settle(session, hub.ops, pipeline, jobs)
         if pipeline.status == "succeeded":
             raise NothingToRetry(f"every step of pipeline {pipeline_id!r} succeeded")
         if pipeline.status not in PIPELINE_FINAL:
@@ -406,8 +335,10 @@ async def retry(db: Database, user: UserModel, pipeline_id: str) -> PipelineOut:
             job.not_before = job.started_at = job.finished_at = None
             job.exit_code, job.progress = None, None
             job.updated_at = now
-            session.add(_operation(job, "job_retry", user.username, reason="pipeline_retry"))
-        await settle(session, pipeline, jobs, user.username)
+            add_op(hub.ops, session, "job_retry", user.username, job, pipeline_id=pipeline.id,
+                   reason="pipeline_retry")
+        await settle(session, hub.ops, pipeline, jobs)
         await session.flush()
         [out] = await _render(session, [pipeline], {pipeline.id: jobs})
+    hub.jobs.changed()
     return out

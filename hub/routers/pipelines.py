@@ -12,7 +12,9 @@ from hub.services.jobs import pipelines
 
 router = APIRouter(prefix="/api/pipelines", tags=["pipelines"])
 
-@router.post("", status_code=201, response_model=PipelineOut)
+@router.post("", status_code=201, response_model=PipelineOut, responses={
+    404: {"description": "ARTIFACT_NOT_FOUND or JOB_NOT_FOUND: a step's input that is not the caller's"},
+    422: {"description": "UNKNOWN_STEP, PIPELINE_CYCLE (details.cycle), or a malformed spec"}})
 async def submit_pipeline(spec: PipelineSpec, user: CurrentUser, hub: HubDep) -> PipelineOut:
     return await pipelines.submit(hub, user, spec)
 
@@ -36,6 +38,7 @@ async def cancel_pipeline(pipeline_id: str, user: CurrentUser, hub: HubDep) -> P
     return await pipelines.cancel(hub, user, pipeline_id)
 
 
-@router.post("/{pipeline_id}/retry", response_model=PipelineOut)
+@router.post("/{pipeline_id}/retry", response_model=PipelineOut, responses={
+    409: {"description": "PIPELINE_RUNNING: a step runs or may still start; NOTHING_TO_RETRY: all succeeded"}})
 async def retry_pipeline(pipeline_id: str, user: CurrentUser, hub: HubDep) -> PipelineOut:
     return await pipelines.retry(hub, user, pipeline_id)

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select
 
 from hub.app import build_hub, create_app
 from hub.config import HubSettings
@@ -53,18 +53,25 @@ class Lab:
             return artifact.id
 
     async def set_step(self, pipeline: dict[str, Any], step: str, status: str) -> None:
-        """A step's job as the jobs queue leaves it: an attempt made, and the job ended (or running) so."""
+        """A step's job as the jobs queue leaves it: running on the (down) controller with a new attempt, or
+        ended so, with the attempt that ran it (a new one when it was not running)."""
         [job] = [j for j in pipeline["steps"] if j["step"] == step]
+        now = utcnow()
         async with self.db.session() as session:
-            number = (await session.scalar(select(func.count()).select_from(JobAttemptModel)
-                                           .where(JobAttemptModel.job_id == job["id"]))) + 1
-            attempt = "running" if status == "running" else status
-            session.add(JobAttemptModel(job_id=job["id"], number=number, controller_id="c1", status=attempt,
-                                        started_at=utcnow(), finished_at=None if status == "running" else utcnow()))
-            await session.execute(update(JobModel).where(JobModel.id == job["id"]).values(
-                status=status, attempts=number, epoch=number, started_at=utcnow(), retries=0,
-                exit_code=None if status in ("running", "succeeded") else 1,
-                finished_at=None if status == "running" else utcnow()))
+            row = (await session.scalars(select(JobModel).where(JobModel.id == job["id"])
+                                         .with_for_update(of=JobModel))).unique().one()
+            live = await session.scalar(select(JobAttemptModel).where(
+                JobAttemptModel.job_id == row.id, JobAttemptModel.number == row.epoch,
+                JobAttemptModel.status.in_(("starting", "running"))))
+            if live is None or status == "running":
+                row.attempts = row.epoch = row.attempts + 1
+                live = JobAttemptModel(job_id=row.id, number=row.epoch, controller_id="down", started_at=now)
+                session.add(live)
+            live.status = status
+            row.status, row.started_at, row.retries = status, now, 0
+            if status != "running":
+                live.finished_at = row.finished_at = now
+                row.exit_code = live.exit_code = 0 if status == "succeeded" else 1
 
     async def count(self, model: Any, *where: Any) -> int:
         async with self.db.session() as session:
@@ -113,6 +120,12 @@ async def read(lab: Lab, who: dict[str, str], pid: str) -> dict[str, Any]:
     return r.json()
 
 
+def stable(pipeline: dict[str, Any]) -> dict[str, Any]:
+    """The pipeline without what the queue rewrites while its steps wait (why they wait)."""
+    return {**pipeline, "steps": [{k: v for k, v in j.items() if k not in ("status_message", "wait_reasons")}
+                                  for j in pipeline["steps"]]}
+
+
 def statuses(pipeline: dict[str, Any]) -> dict[str, str]:
     return {j["step"]: j["status"] for j in pipeline["steps"]}
 
@@ -142,7 +155,7 @@ async def test_submit_makes_a_job_per_step_with_needs_and_inputs_rewritten(lab: 
         s: (ids[s], next(x["needs"] for x in p["steps"] if x["step"] == s), p["id"]) for s in ids}
     assert sorted((o.job_id, o.operation, o.actor) for o in ops) == sorted(
         (i, "job_submit", "alice") for i in ids.values())
-    assert await read(lab, alice, p["id"]) == p
+    assert stable(await read(lab, alice, p["id"])) == stable(p)
     # The spec is kept as given.
     assert p["spec"]["steps"][2]["inputs"] == [{"step": "features", "path": "features.jsonl", "as": None}]
 
@@ -154,9 +167,11 @@ async def test_submit_makes_a_job_per_step_with_needs_and_inputs_rewritten(lab: 
     ([{"name": "a"}, {"name": "b", "needs": ["nope"]}], 422, "UNKNOWN_STEP", [{"step": "b", "needs": "nope"}]),
     ([{"name": "a"}, {"name": "b", "inputs": [{"step": "ghost", "path": "x"}]}], 422, "UNKNOWN_STEP",
      [{"step": "b", "needs": "ghost"}]),
-    ([{"name": "a", "inputs": ["0" * 32]}], 404, "ARTIFACT_NOT_FOUND", {"artifact": "0" * 32}),
-    ([{"name": "a", "inputs": [{"job": "0" * 32, "path": "x"}]}], 404, "JOB_NOT_FOUND", {"job": "0" * 32}),
+    ([{"name": "a", "inputs": ["0" * 32]}], 404, "ARTIFACT_NOT_FOUND", {"missing": ["0" * 32]}),
+    ([{"name": "a", "inputs": [{"job": "0" * 32, "path": "x"}]}], 404, "JOB_NOT_FOUND", {"missing": ["0" * 32]}),
     ([{"name": "a"}, {"name": "a"}], 422, "VALIDATION_ERROR", None),
+    # The jobs' own checks, on a step made after another: the whole pipeline is refused.
+    ([{"name": "a"}, {"name": "b", "needs": ["a"], "resources": {"gpu_count": 1}}], 409, "NEVER_FITS", None),
 ])
 async def test_a_bad_spec_is_refused_and_changes_nothing(lab: Lab, steps: list[dict[str, Any]], status: int,
                                                          code: str, details: Any) -> None:
@@ -187,7 +202,7 @@ async def test_another_users_pipelines_and_artifacts_are_not_seen(lab: Lab) -> N
     r = await lab.hub.post("/api/pipelines", json=chain(data), headers=bob)
     assert r.status_code == 404 and r.json()["error"]["code"] == "ARTIFACT_NOT_FOUND", r.text
     assert await lab.rows() == (1, 3, 3)
-    assert await read(lab, alice, p["id"]) == p
+    assert stable(await read(lab, alice, p["id"])) == stable(p)
     # An admin sees and may act on everyone's.
     assert [x["id"] for x in (await lab.hub.get("/api/pipelines", headers=admin)).json()] == [p["id"]]
     assert (await read(lab, admin, p["id"]))["owner"] == "alice"
@@ -257,7 +272,7 @@ async def test_retry_reruns_the_failed_step_and_those_after_it_only(lab: Lab) ->
     assert again["steps"][0] == before["steps"][0]
     retried = {o for o in await lab_ops(lab, "job_retry")}
     assert retried == {features["id"], again["steps"][2]["id"]}
-    assert await read(lab, alice, p["id"]) == again
+    assert stable(await read(lab, alice, p["id"])) == stable(again)
 
     await lab.set_step(again, "features", "succeeded")
     await lab.set_step(again, "enhance", "succeeded")

@@ -293,7 +293,7 @@ async def cancel(hub: Hub, user: UserModel, pipeline_id: str) -> PipelineOut:
                     lives.append(live)
         await settle(session, hub.ops, pipeline, jobs)
         urls = dict((await session.execute(select(ControllerModel.id, ControllerModel.url).where(
-            ControllerModel.id.in_({a.controller_id for a in lives})))).tuples().all()) if lives else {}
+            ControllerModel.id.in_({a.controller_id for a in lives})))).all()) if lives else {}
         await session.flush()
         [out] = await _render(session, [pipeline], {pipeline.id: jobs})
     for live in lives:

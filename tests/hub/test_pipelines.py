@@ -30,23 +30,30 @@ from hub.models import (
     utcnow,
 )
 from hub.services.users import create_user
+from tests.conftest import emptied
 from tests.hub.conftest import HUB_KEY, KEY, Router
 
 
 class Lab:
-    def __init__(self, client: httpx.AsyncClient, db: Database) -> None:
+    """The hub of this module, seen by one test: its users' names are the test's own (``alice`` is
+    ``names["alice"]``), so the tests share one hub and its database without seeing each other's rows."""
+
+    def __init__(self, client: httpx.AsyncClient, db: Database, run: str) -> None:
         self.hub = client
         self.db = db
+        self.run = run
+        self.names: dict[str, str] = {}
 
     async def user(self, name: str, admin: bool = False) -> dict[str, str]:
+        self.names[name] = f"{name}-{self.run}"
         async with self.db.session() as session:
-            _, token = await create_user(session, name, admin)
+            _, token = await create_user(session, self.names[name], admin)
         return {"Authorization": f"Bearer {token}"}
 
     async def upload(self, owner: str, name: str) -> str:
         """An uploaded artifact's row, as the artifact store leaves it."""
         async with self.db.session() as session:
-            owner_id = await session.scalar(select(UserModel.id).where(UserModel.username == owner))
+            owner_id = await session.scalar(select(UserModel.id).where(UserModel.username == self.names[owner]))
             artifact = ArtifactModel(owner_id=owner_id, name=name, digest="sha256:" + "0" * 64, size=1)
             session.add(artifact)
             await session.flush()
@@ -78,12 +85,19 @@ class Lab:
             return await session.scalar(select(func.count()).select_from(model).where(*where)) or 0
 
     async def rows(self) -> tuple[int, int, int]:
-        return (await self.count(PipelineModel), await self.count(JobModel),
-                await self.count(OperationModel, OperationModel.job_id.is_not(None)))
+        """This test's users' pipelines, jobs and jobs' operations."""
+        mine = select(UserModel.id).where(UserModel.username.in_(self.names.values()))
+        return (await self.count(PipelineModel, PipelineModel.owner_id.in_(mine)),
+                await self.count(JobModel, JobModel.owner_id.in_(mine)),
+                await self.count(OperationModel, OperationModel.job_id.is_not(None),
+                                 OperationModel.actor.in_(self.names.values())))
 
 
-@pytest.fixture
-async def lab(db: Database) -> AsyncIterator[Lab]:
+@pytest.fixture(scope="module")
+async def hub_app(pg_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, Database]]:
+    """One hub for the module, on an emptied database with one controller registered that could run every
+    step here but is disabled and out of reach."""
+    db = await emptied(Database(pg_url))
     async with db.session() as session:
         session.add(ControllerModel(id="down", url="http://down.test:8001", server_type="cpu", enabled=False,
                                     status="unreachable", cpu_cores=8, memory_total_gb=16, max_containers=10))
@@ -93,7 +107,13 @@ async def lab(db: Database) -> AsyncIterator[Lab]:
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub",
                                      timeout=60) as client:
-            yield Lab(client, db)
+            yield client, db
+    await db.dispose()
+
+
+@pytest.fixture
+def lab(hub_app: tuple[httpx.AsyncClient, Database]) -> Lab:
+    return Lab(*hub_app, uuid.uuid4().hex[:8])
 
 
 def chain(data: str) -> dict[str, Any]:
@@ -134,11 +154,11 @@ async def test_submit_makes_a_job_per_step_with_needs_and_inputs_rewritten(lab: 
     alice = await lab.user("alice")
     data = await lab.upload("alice", "in.tsv")
     p = await submit(lab, alice, chain(data))
-    assert p["status"] == "pending" and p["owner"] == "alice" and p["finished_at"] is None
+    assert p["status"] == "pending" and p["owner"] == lab.names["alice"] and p["finished_at"] is None
     assert [j["step"] for j in p["steps"]] == ["to-jsonl", "features", "enhance"]
     ids = {j["step"]: j["id"] for j in p["steps"]}
     tsv, features, enhance = p["steps"]
-    assert all(j["status"] == "pending" and j["pipeline_id"] == p["id"] and j["owner"] == "alice"
+    assert all(j["status"] == "pending" and j["pipeline_id"] == p["id"] and j["owner"] == lab.names["alice"]
                for j in p["steps"])
     assert tsv["needs"] == [] and tsv["retries"] == 2
     assert tsv["spec"]["inputs"] == [{"artifact": data, "path": "in.tsv"}]
@@ -149,12 +169,13 @@ async def test_submit_makes_a_job_per_step_with_needs_and_inputs_rewritten(lab: 
     assert "needs" not in enhance["spec"] and enhance["spec"]["name"] == "enhance"
     # The rows say the same, and each job's submit is in the operation history.
     async with lab.db.session() as session:
-        jobs = {j.step: j for j in (await session.scalars(select(JobModel))).unique()}
-        ops = list(await session.scalars(select(OperationModel).where(OperationModel.job_id.is_not(None))))
+        jobs = {j.step: j for j in (await session.scalars(select(JobModel).where(JobModel.pipeline_id == p["id"])))
+                .unique()}
+        ops = list(await session.scalars(select(OperationModel).where(OperationModel.job_id.in_(ids.values()))))
     assert {s: (j.id, j.needs, j.pipeline_id) for s, j in jobs.items()} == {
         s: (ids[s], next(x["needs"] for x in p["steps"] if x["step"] == s), p["id"]) for s in ids}
     assert sorted((o.job_id, o.operation, o.actor) for o in ops) == sorted(
-        (i, "job_submit", "alice") for i in ids.values())
+        (i, "job_submit", lab.names["alice"]) for i in ids.values())
     assert stable(await read(lab, alice, p["id"])) == stable(p)
     # The spec is kept as given.
     assert p["spec"]["steps"][2]["inputs"] == [{"step": "features", "path": "features.jsonl", "as": None}]
@@ -204,8 +225,8 @@ async def test_another_users_pipelines_and_artifacts_are_not_seen(lab: Lab) -> N
     assert await lab.rows() == (1, 3, 3)
     assert stable(await read(lab, alice, p["id"])) == stable(p)
     # An admin sees and may act on everyone's.
-    assert [x["id"] for x in (await lab.hub.get("/api/pipelines", headers=admin)).json()] == [p["id"]]
-    assert (await read(lab, admin, p["id"]))["owner"] == "alice"
+    assert p["id"] in [x["id"] for x in (await lab.hub.get("/api/pipelines", headers=admin)).json()]
+    assert (await read(lab, admin, p["id"]))["owner"] == lab.names["alice"]
     r = await lab.hub.get("/api/pipelines", headers={"Authorization": ""})
     assert r.status_code == 401
 
@@ -219,12 +240,13 @@ async def test_cancel_cancels_every_unfinished_step(lab: Lab) -> None:
     cancelled = r.json()
     assert cancelled["status"] == "cancelled" and cancelled["finished_at"] is not None
     assert statuses(cancelled) == {"to-jsonl": "succeeded", "features": "cancelled", "enhance": "cancelled"}
-    ops = await lab.count(OperationModel, OperationModel.operation == "job_cancelled")
-    assert ops == 2
+    ids = [j["id"] for j in p["steps"]]
+    cancels = (OperationModel.operation == "job_cancelled", OperationModel.job_id.in_(ids))
+    assert await lab.count(OperationModel, *cancels) == 2
     # Again: nothing left to cancel, answered as it is.
     again = await lab.hub.post(f"/api/pipelines/{p['id']}/cancel", headers=alice)
     assert again.status_code == 200 and again.json() == cancelled
-    assert await lab.count(OperationModel, OperationModel.operation == "job_cancelled") == 2
+    assert await lab.count(OperationModel, *cancels) == 2
 
 
 async def test_status_follows_the_steps_and_a_failure_stops_the_steps_after_it(lab: Lab) -> None:
@@ -315,4 +337,5 @@ async def test_list_filters_and_pages(lab: Lab) -> None:
 
 async def lab_ops(lab: Lab, operation: str) -> list[str]:
     async with lab.db.session() as session:
-        return list(await session.scalars(select(OperationModel.job_id).where(OperationModel.operation == operation)))
+        return list(await session.scalars(select(OperationModel.job_id).where(
+            OperationModel.operation == operation, OperationModel.actor.in_(lab.names.values()))))

@@ -94,14 +94,16 @@ class Lab:
 
 
 @pytest.fixture(scope="module")
-async def hub_app(pg_url: str) -> AsyncIterator[tuple[httpx.AsyncClient, Database]]:
+async def hub_app(pg_url: str, tmp_path_factory: pytest.TempPathFactory
+                  ) -> AsyncIterator[tuple[httpx.AsyncClient, Database]]:
     """One hub for the module, on an emptied database with one controller registered that could run every
     step here but is disabled and out of reach."""
     db = await emptied(Database(pg_url))
     async with db.session() as session:
         session.add(ControllerModel(id="down", url="http://down.test:8001", server_type="cpu", enabled=False,
                                     status="unreachable", cpu_cores=8, memory_total_gb=16, max_containers=10))
-    settings = HubSettings(database_url=db.url, api_key=KEY, hub_key=HUB_KEY, controllers="[]")
+    settings = HubSettings(database_url=db.url, api_key=KEY, hub_key=HUB_KEY, controllers="[]",
+                           artifact_store=tmp_path_factory.mktemp("artifacts"))
     hub = build_hub(settings, db=Database(db.url), transport=Router())
     app = create_app(settings, hub=hub)
     async with app.router.lifespan_context(app):

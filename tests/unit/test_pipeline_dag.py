@@ -121,7 +121,8 @@ def test_the_documented_example_is_a_valid_three_step_chain() -> None:
     from pathlib import Path
 
     text = (Path(__file__).parents[2] / "docs" / "API.md").read_text()
-    section = text[text.index("## Pipelines"):text.index("## Your account and history")]
+    start = text.index("## Pipelines\n")
+    section = text[start:text.index("\n## ", start)]
     [example] = re.findall(r"```json\n(.*?)```", section, re.S)
     s = PipelineSpec.model_validate(json.loads(example))
     assert check_graph(s) == {"to-jsonl": [], "features": ["to-jsonl"], "enhance": ["features", "to-jsonl"]}

@@ -32,9 +32,10 @@ def _ours(proc: psutil.Process, since: float) -> bool:
 @pytest.mark.slow
 def test_a_benchmark_stopped_with_sigterm_stops_its_hub_and_its_database(tmp_path: Path) -> None:
     since = time.time() - 1
-    # A grace of a minute: after the kill the run waits for detection, long past when it is stopped.
+    # A grace of a minute: after the kill the run waits for detection, long past when it is stopped. A short
+    # interval: the run waits one interval after every controller beats before it kills.
     bench = subprocess.Popen(
-        [sys.executable, "-m", "bench.mass_failover", "--sizes", "20:20:2", "--interval", "10", "--grace", "60",
+        [sys.executable, "-m", "bench.mass_failover", "--sizes", "20:20:2", "--interval", "1", "--grace", "60",
          "--out", str(tmp_path / "out.json")],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=(tmp_path / "bench.log").open("wb"))
     running: list[psutil.Process] = []

@@ -162,10 +162,25 @@ async def test_a_move_removes_the_old_copy_only_once_the_gateways_route_past_it(
     assert op["details"]["gateways_drained"] is True
 
 
-async def report(cluster: Cluster, traffic: dict[str, int]) -> None:
+async def report(cluster: Cluster, traffic: dict[str, int], version: int = 0) -> None:
     r = await cluster.hub.put("/api/gateways/gw-1", headers=GATEWAY,
-                              json={"url": "http://gw.lab:8080", "version": 0, "traffic": traffic})
+                              json={"url": "http://gw.lab:8080", "version": version, "traffic": traffic})
     assert r.status_code == 204, r.text
+
+
+async def applying(cluster: Cluster, traffic: dict[str, int]) -> None:
+    """gw-1's beat as a live gateway sends it: the routing table's newest version applied, so that a stop
+    waiting for the gateways to route past a copy goes on at once."""
+    await report(cluster, traffic, (await routes(cluster))["version"])
+
+
+async def while_applying(cluster: Cluster, call: Any, traffic: dict[str, int]) -> Any:
+    """``call``'s response, awaited while gw-1 beats as a live gateway does."""
+    task = asyncio.ensure_future(call)
+    while not task.done():
+        await applying(cluster, traffic)
+        await asyncio.wait({task}, timeout=0.05)
+    return task.result()
 
 
 async def test_a_service_without_gateway_traffic_goes_idle_and_a_request_wakes_it(cluster: Cluster) -> None:
@@ -179,8 +194,12 @@ async def test_a_service_without_gateway_traffic_goes_idle_and_a_request_wakes_i
         await asyncio.sleep(0.3)
         assert (await cluster.hub.get(f"/api/services/{sid}", headers=alice)).json()["status"] == "running"
 
-    idle = await eventually(lambda: service_where(cluster, sid, lambda s: s["status"] == "idle"), 15,
-                            "the service idle", interval=0.1)
+    # The gateway beats on, its count unchanged, and applies the table without the stopped copy.
+    async def idle() -> dict[str, Any] | None:
+        await applying(cluster, {sid: 11})
+        return await service_where(cluster, sid, lambda s: s["status"] == "idle")
+
+    idle = await eventually(idle, 15, "the service idle", interval=0.1)
     assert idle["desired_state"] == "stopped" and idle["endpoint"] is None
     assert cluster.docker.containers.get(service["container_id"]).status == "exited"
     route = await route_of(cluster, "dnabert2", lambda route: route["state"] == "idle")
@@ -210,7 +229,8 @@ async def test_a_service_without_gateway_traffic_goes_idle_and_a_request_wakes_i
     again = await cluster.hub.post(f"/api/gateway/wake/{sid}", headers=GATEWAY)
     assert again.status_code == 202 and again.json() == {"waking": False, "replacing": True, "hold": 5.0}
     # Stopped by its owner: no request may start it, nor wait for it.
-    assert (await cluster.hub.post(f"/api/services/{sid}/stop", headers=alice)).status_code == 200
+    stop = cluster.hub.post(f"/api/services/{sid}/stop", headers=alice)
+    assert (await while_applying(cluster, stop, {sid: 11})).status_code == 200
     stopped = await cluster.hub.post(f"/api/gateway/wake/{sid}", headers=GATEWAY)
     assert stopped.status_code == 200 and stopped.json() == {"waking": False}
     ops = (await cluster.hub.get("/api/admin/operations", params={"service_id": sid})).json()

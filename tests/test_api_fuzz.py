@@ -118,7 +118,7 @@ def test_fuzzed_api_never_answers_5xx_and_no_secret_is_kept_in_clear(
     assert service.status_code == 201, service.text
     service_id = service.json()["id"]
 
-    # As an admin, with generated ids; then as alice, aimed at her real service (and her own name),
+    # As an admin, with generated ids; and as alice, aimed at her real service (and her own name),
     # so the service endpoints get past the 404 and into the lifecycle code.
     # follow=true streams a running service's logs until the client leaves: not a call that ends.
     # The two runs go at once, as two clients of the hub would: each waits on the hub between its requests,

@@ -5,6 +5,7 @@ over them one at a time, and replaces the copy of a controller it lost while the
 from __future__ import annotations
 
 import asyncio
+from datetime import timedelta
 from typing import Any
 
 import httpx
@@ -12,6 +13,7 @@ import pytest
 from sqlalchemy import update
 
 from examples.images import EXAMPLE_IMAGE
+from hub.background import reconciler
 from hub.models import ServiceModel
 from tests.hub.conftest import Cluster
 from tests.hub.test_services_api import counts, get_health
@@ -197,9 +199,12 @@ async def test_the_quota_counts_every_replica(cluster: Cluster) -> None:
     assert r.status_code == 201, r.text
 
 
-async def test_the_reconciler_brings_a_service_to_its_count(cluster: Cluster) -> None:
+async def test_the_reconciler_brings_a_service_to_its_count(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     """What an interrupted scale leaves (its count written, its copies not yet made or removed), and a
     replica whose container vanished, are finished by the reconciler."""
+    # It finds a count to bring about when it counts every service's copies, which a hub does every few
+    # seconds; counted more often here, each step does not wait out a whole period.
+    monkeypatch.setattr(reconciler, "RECOUNT_EVERY", timedelta(seconds=0.5))
     sid = (await cluster.hub.post("/api/admin/repo/services", json={**SPEC, "replicas": 2})).json()["id"]
 
     async def count_is(n: int) -> None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
+
 from examples.images import EXAMPLE_IMAGE
 from hub.models import ContainerRegistryModel
 from tests.hub.conftest import KEY, Cluster
@@ -167,7 +169,7 @@ async def test_delete_while_the_controller_is_away_cleans_up_when_it_returns(clu
     await eventually(gone, 10, "the orphan removed", interval=0.1)
 
 
-async def test_planned_move_waits_for_the_health_check(cluster: Cluster) -> None:
+async def test_planned_move_waits_for_the_health_check(cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
     gpu, cpu1, cpu2 = cluster.controller_ids
     good = {**SPEC, "name": "hc", "health_check": {"path": "/health", "port": 5000, "interval": 1}}
     service = (await cluster.hub.post("/api/admin/repo/services", json=good)).json()
@@ -177,7 +179,9 @@ async def test_planned_move_waits_for_the_health_check(cluster: Cluster) -> None
     assert r.json()["health"] == "healthy" and r.json()["controller_id"] == cpu2
     assert len(cluster.containers(**{"mmanager.service": service["id"]})) == 1
 
-    # A new spec whose check never passes: the move gives up and the old copy keeps serving.
+    # A new spec whose check never passes: the move gives up and the old copy keeps serving. It gives up when
+    # the health timeout has passed since the new copy started: a shorter one than the fixture's, waited out.
+    monkeypatch.setattr(cluster.parts.settings, "health_timeout", 3.0)
     r = await cluster.hub.patch(f"/api/services/{service['id']}",
                                 json={"health_check": {"path": "/nope", "port": 5000, "interval": 1}})
     assert r.status_code == 409 and r.json()["error"]["code"] == "HEALTH_CHECK_FAILED", r.text

@@ -1,7 +1,8 @@
 """The SDK's calls, each written once as steps (``mmanager.client.calls``) and typed with the hub's own wire
 models (``hub.schemas``): the namespaces ``services``, ``controllers``, ``operations``, ``audit``,
 ``alerts``, ``models``, ``model_files`` and ``images`` (``services.keys``: a service's gateway keys), the
-client's own ``me`` and ``deploy``, and the ``Service`` handle.
+client's own ``me`` and ``deploy``, and the ``Service`` handle; ``jobs``, ``artifacts`` and ``pipelines``
+are ``mmanager.client.jobs``'.
 
 Invariant: a call that starts a long operation and waits ends where the hub's own ``?wait=true`` ends (a
 create of a service with a probe: at its verdict). Without ``progress`` it is that call; with ``progress``
@@ -20,7 +21,7 @@ import re
 import time
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import quote
 
 from hub.schemas import (
@@ -41,6 +42,9 @@ from hub.schemas import (
 )
 from mmanager.client.calls import Bound, Call, M, Notify, Pause, Steps, Upload, op, stream
 from mmanager.client.errors import HUB_UNREACHABLE, ApiError, from_operation_error
+
+if TYPE_CHECKING:
+    from mmanager.client.jobs import ArtifactsApi, JobsApi, PipelinesApi
 
 T = TypeVar("T")
 
@@ -597,8 +601,14 @@ class Api(Bound[M]):
     models: ModelsApi[M]
     model_files: ModelFilesApi[M]
     images: ImagesApi[M]
+    jobs: JobsApi[M]
+    artifacts: ArtifactsApi[M]
+    pipelines: PipelinesApi[M]
 
     def __init__(self, runner: Any) -> None:
+        # Here, not at the top: mmanager.client.jobs builds on this module's helpers.
+        from mmanager.client.jobs import ArtifactsApi, JobsApi, PipelinesApi
+
         super().__init__(runner)
         self.services = ServicesApi[M](runner)
         self.controllers = ControllersApi[M](runner)
@@ -608,6 +618,9 @@ class Api(Bound[M]):
         self.models = ModelsApi[M](runner)
         self.model_files = ModelFilesApi[M](runner)
         self.images = ImagesApi[M](runner)
+        self.jobs = JobsApi[M](runner)
+        self.artifacts = ArtifactsApi[M](runner)
+        self.pipelines = PipelinesApi[M](runner)
 
     @op
     def me(self) -> Steps[MeOut]:

@@ -36,7 +36,7 @@ class Call:
     the bearer sent instead of the hub's (a service key), ``hub_token`` False sends none of the hub's;
     ``waits``: the hub answers once a long operation ends, so the answer gets the long read timeout of such a
     wait; ``resume``: for a stream, the ``params`` that open it again from its end after a quiet spell;
-    ``upload``: a file sent as the raw request body."""
+    ``upload``: a file sent as the raw request body; ``download``: the answer's body saved to a file."""
 
     method: str
     path: str
@@ -49,6 +49,7 @@ class Call:
     waits: bool = False
     resume: Mapping[str, Any] | None = None
     upload: Upload | None = None
+    download: Download | None = None
 
 
 @dataclass(frozen=True)
@@ -58,6 +59,20 @@ class Upload:
     total_bytes)`` is called before the first chunk and after each (awaited when it answers an awaitable)."""
 
     path: str
+    progress: Callable[[int, int], Any] | None = None
+
+
+@dataclass(frozen=True)
+class Download:
+    """A call's answer saved by the runner to ``path`` (its folder made if missing): written a chunk at a
+    time to a temporary file beside it, whose sha256 must be ``sha256`` (hex, when given) before it is
+    renamed to ``path``, so that ``path`` is either the whole, checked file or untouched. The call answers
+    ``path``. ``progress(done_bytes, total_bytes)`` as for an ``Upload`` (``total``: ``size``, else the
+    answer's ``Content-Length``, else 0)."""
+
+    path: str
+    sha256: str | None = None
+    size: int | None = None
     progress: Callable[[int, int], Any] | None = None
 
 

@@ -3,7 +3,9 @@
 
 Invariant: both turn an answer into a result, or into an ``ApiError``, in the same functions (``_request``,
 ``_sending``, ``_result``, ``_streaming``, ``_resume``; a URL httpx refuses is ``INVALID_URL``), so the two
-clients cannot disagree: each runner keeps only what differs between blocking and awaiting. An ``ApiError``
+clients cannot disagree: each runner keeps only what differs between blocking and awaiting. A download
+(``Call.download``) is written to a temporary file beside its path and renamed only once whole and checked
+(``_Sink``): an interrupted or corrupt download never leaves a file at its path. An ``ApiError``
 is thrown into the call's steps, which may catch it (a name looked up) or let it through. Every read has a
 finite timeout: a hub host that vanishes ends a call, a wait and a followed stream with an error instead of
 holding them forever. An upload's file is read a chunk at a time as it is sent, and closed once the call is
@@ -15,16 +17,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import inspect
 import os
 import stat
+import tempfile
 import time
 from collections.abc import AsyncGenerator, Generator, Iterator
 from typing import Any, BinaryIO
 
 import httpx
 
-from mmanager.client.calls import AsyncLines, Call, Lines, Notify, Pause, Step, Steps, T, Upload
+from mmanager.client.calls import AsyncLines, Call, Download, Lines, Notify, Pause, Step, Steps, T, Upload
 from mmanager.client.errors import HUB_UNREACHABLE, ApiError, from_answer
 
 # Seconds an answer to a call the hub waits on (``?wait=true``) may take: past the longest of the hub's own
@@ -42,7 +46,7 @@ UPLOAD_CHUNK = 1024**2
 def _request(client: httpx.Client | httpx.AsyncClient, hub: str, token: str | None, call: Call,
              streamed: bool = False, content: Any = None, size: int | None = None) -> httpx.Request:
     url = (call.base.rstrip("/") + call.path) if call.base else hub + call.path
-    headers = {"Accept": "text/plain" if call.read == "text" else "application/json"}
+    headers = {"Accept": "*/*" if call.download else "text/plain" if call.read == "text" else "application/json"}
     if size is not None:
         # Declared up front: the hub refuses a file over its limits before a byte of it is sent.
         headers |= {"Content-Type": "application/octet-stream", "Content-Length": str(size)}
@@ -187,6 +191,71 @@ def _streaming(call: Call, hub: str) -> Iterator[None]:
         raise _unreachable(call, hub, exc) from None
 
 
+class _Sink:
+    """Where a ``Download`` goes while it comes: a temporary file beside its path, hashed as it is written.
+    ``finish`` checks the whole and renames it to the path; ``abandon`` removes it."""
+
+    def __init__(self, download: Download, response: httpx.Response) -> None:
+        self.download = download
+        length = response.headers.get("content-length", "")
+        self.total = download.size if download.size is not None else int(length) if length.isdigit() else 0
+        self.done = 0
+        self.hash = hashlib.sha256()
+        parent = os.path.dirname(os.path.abspath(download.path))
+        try:
+            os.makedirs(parent, exist_ok=True)
+            fd, self.temp = tempfile.mkstemp(prefix=f".{os.path.basename(download.path)}.", suffix=".part",
+                                             dir=parent)
+        except OSError as exc:
+            raise ApiError(0, "INVALID_FILE", f"{download.path}: {exc.strerror or exc}") from None
+        self.handle = os.fdopen(fd, "wb")
+
+    def told(self) -> Any:
+        """What ``progress`` answered (an awaitable, for the async runner to await), or None."""
+        return None if self.download.progress is None else self.download.progress(self.done, self.total)
+
+    def write(self, chunk: bytes) -> Any:
+        self.handle.write(chunk)
+        self.hash.update(chunk)
+        self.done += len(chunk)
+        return self.told()
+
+    def finish(self) -> str:
+        self.handle.close()
+        path, expected = self.download.path, (self.download.sha256 or "").removeprefix("sha256:").lower()
+        if self.download.size is not None and self.done != self.download.size:
+            raise ApiError(0, "DOWNLOAD_INCOMPLETE", f"{path}: got {self.done} bytes of {self.download.size}")
+        if expected and self.hash.hexdigest() != expected:
+            raise ApiError(0, "DIGEST_MISMATCH", f"{path}: the bytes received hash to sha256:"
+                                                 f"{self.hash.hexdigest()}, not sha256:{expected}")
+        os.replace(self.temp, path)
+        return path
+
+    def abandon(self) -> None:
+        self.handle.close()
+        with contextlib.suppress(OSError):
+            os.unlink(self.temp)
+
+
+@contextlib.contextmanager
+def _saving(call: Call, hub: str, response: httpx.Response) -> Iterator[_Sink]:
+    """Around writing a download's body: its ``_Sink``, removed on any failure; httpx's and the file's
+    errors as ``ApiError``."""
+    assert call.download is not None
+    sink = _Sink(call.download, response)
+    try:
+        yield sink
+    except httpx.TransportError as exc:
+        sink.abandon()
+        raise _unreachable(call, hub, exc) from None
+    except OSError as exc:
+        sink.abandon()
+        raise ApiError(0, "INVALID_FILE", f"{call.download.path}: {exc.strerror or exc}") from None
+    except BaseException:
+        sink.abandon()
+        raise
+
+
 @dataclasses.dataclass(frozen=True)
 class _Returned:
     value: Any
@@ -210,11 +279,28 @@ class SyncRunner:
         self.cache: dict[str, Any] = {}
 
     def send(self, call: Call) -> Any:
+        if call.download is not None:
+            return self._download(call)
         with _sending(call, self.url) as opened:
             content = _chunks(*opened, call.upload) if opened and call.upload else None
             response = self.http.send(_request(self.http, self.url, self.token, call, content=content,
                                                size=opened[1] if opened else None))
         return _result(call, response)
+
+    def _download(self, call: Call) -> str:
+        with _sending(call, self.url):
+            response = self.http.send(_request(self.http, self.url, self.token, call), stream=True)
+        try:
+            if response.status_code >= 300:
+                response.read()
+                raise _refused(call, response)
+            with _saving(call, self.url, response) as sink:
+                sink.told()
+                for chunk in response.iter_bytes(UPLOAD_CHUNK):
+                    sink.write(chunk)
+                return sink.finish()
+        finally:
+            response.close()
 
     def run(self, steps: Steps[T]) -> T:
         answer: Any = None
@@ -267,11 +353,31 @@ class AsyncRunner:
         self.cache: dict[str, Any] = {}
 
     async def send(self, call: Call) -> Any:
+        if call.download is not None:
+            return await self._download(call)
         with _sending(call, self.url) as opened:
             content = _achunks(*opened, call.upload) if opened and call.upload else None
             response = await self.http.send(_request(self.http, self.url, self.token, call, content=content,
                                                      size=opened[1] if opened else None))
         return _result(call, response)
+
+    async def _download(self, call: Call) -> str:
+        with _sending(call, self.url):
+            response = await self.http.send(_request(self.http, self.url, self.token, call), stream=True)
+        try:
+            if response.status_code >= 300:
+                await response.aread()
+                raise _refused(call, response)
+            with _saving(call, self.url, response) as sink:
+                if inspect.isawaitable(told := sink.told()):
+                    await told
+                async for chunk in response.aiter_bytes(UPLOAD_CHUNK):
+                    # The file is written on the loop: a chunk's write is short beside its wait on the network.
+                    if inspect.isawaitable(told := sink.write(chunk)):
+                        await told
+                return sink.finish()
+        finally:
+            await response.aclose()
 
     async def run(self, steps: Steps[T]) -> T:
         answer: Any = None

@@ -8,7 +8,20 @@ import typer
 
 
 def attach(app: typer.Typer, controllers: typer.Typer, models: typer.Typer) -> None:
-    from mmanager.commands import alerts, apply, audit, catalog, images, login, model_files, operations, services
+    from mmanager.commands import (
+        alerts,
+        apply,
+        artifacts,
+        audit,
+        catalog,
+        images,
+        jobs,
+        login,
+        model_files,
+        operations,
+        pipelines,
+        services,
+    )
     from mmanager.commands import controllers as controller_commands
 
     app.command("login")(login.login)
@@ -19,6 +32,9 @@ def attach(app: typer.Typer, controllers: typer.Typer, models: typer.Typer) -> N
     app.add_typer(alerts.app, name="alerts")
     app.add_typer(audit.app, name="audit")
     app.add_typer(images.app, name="images")
+    app.add_typer(jobs.app, name="jobs")
+    app.add_typer(artifacts.app, name="artifacts")
+    app.add_typer(pipelines.app, name="pipelines")
     controller_commands.attach(controllers)
     catalog.attach(models)
     models.add_typer(model_files.app, name="files")

@@ -266,3 +266,103 @@ def images(console: Console, rows: Sequence[Any]) -> None:
           ([i.get("repository"), i.get("tag"), i.get("id"),
             size(i["size"]) if isinstance(i.get("size"), int) else i.get("size"), i.get("created")]
            for i in rows if isinstance(i, dict)))
+
+
+# Jobs, artifacts, pipelines
+
+JOB_STATUS = {**STATUS, "cancelled": "dim", "timed_out": "red", "lost": "red"}
+# How a rate's unit reads (``8,100 rec/s``); any other unit reads as it is.
+_RATE_UNITS = {"records": "rec", "bytes": "B", "items": "items"}
+
+
+def count(value: float) -> str:
+    """``12,000``; a fraction kept only below ten (``2.5``)."""
+    return f"{value:,.1f}" if value != int(value) and abs(value) < 10 else f"{value:,.0f}"
+
+
+def job_progress(p: Any, rate: float | None = None) -> str:
+    """A job's ``JobProgress`` as one line: ``12,000/52,000 records (8,100 rec/s)``; ``rate``: the one
+    measured between two polls, for a job that reports none. ``-`` for none."""
+    if p is None:
+        return DASH
+    shown = f"{count(p.done)}/{count(p.total)}" if p.total else count(p.done)
+    line = f"{shown} {p.unit}".rstrip()
+    speed = p.rate if p.rate is not None else rate
+    if speed is not None:
+        line += f" ({count(speed)} {_RATE_UNITS.get(p.unit, p.unit)}/s)"
+    return line
+
+
+def took(start: datetime | None, end: datetime | None) -> str | None:
+    if start is None:
+        return None
+    seconds = ((end or datetime.now(UTC)) - start).total_seconds()
+    return f"{seconds:.1f}s" if seconds < 60 else f"{int(seconds // 60)}m{int(seconds % 60):02d}s"
+
+
+def jobs(console: Console, rows: Sequence[Any]) -> None:
+    table(console, ("NAME", "OWNER", "STATUS", "ATTEMPTS", "PROGRESS", "CREATED", "TOOK", "ID"),
+          ([j.name, j.owner, styled(j.status, JOB_STATUS), len(j.attempts) or DASH, job_progress(j.progress),
+            j.created_at, took(j.started_at, j.finished_at), j.id] for j in rows))
+
+
+def job(console: Console, j: Any) -> None:
+    why = j.status_message or (f"exit code {j.exit_code}" if j.exit_code not in (None, 0) else "")
+    fields(console, [
+        ("name", j.name), ("id", j.id), ("owner", j.owner),
+        ("status", Text.assemble(styled(j.status, JOB_STATUS), text(f" ({why})" if why else ""))),
+        ("image", j.spec.get("image")), ("command", " ".join(map(str, [*j.spec.get("command", []),
+                                                                       *j.spec.get("args", [])])) or None),
+        ("progress", job_progress(j.progress)),
+        ("message", j.progress.message if j.progress is not None else None),
+        ("priority", j.priority), ("retries left", j.retries), ("timeout", f"{j.timeout:g}s" if j.timeout else None),
+        ("exit code", j.exit_code), ("pipeline", f"{j.pipeline_id} step {j.step}" if j.pipeline_id else None),
+        ("needs", ", ".join(j.needs) or None),
+        ("created", j.created_at), ("started", j.started_at), ("finished", j.finished_at),
+        ("took", took(j.started_at, j.finished_at)),
+    ])
+    if j.wait_reasons:
+        table(console, ("CONTROLLER", "WHY NOT THERE"),
+              ([r.get("controller_id"), r.get("reason")] for r in j.wait_reasons if isinstance(r, dict)),
+              title="waiting for room:")
+    if j.attempts:
+        table(console, ("ATTEMPT", "CONTROLLER", "STATUS", "EXIT", "PROGRESS", "LOG", "STARTED", "TOOK", "ERROR"),
+              ([a.number, a.controller_id, styled(a.status, JOB_STATUS), a.exit_code, job_progress(a.progress),
+                size(a.log_size) if a.log_size else None, a.started_at, took(a.started_at, a.finished_at), a.error]
+               for a in j.attempts))
+
+
+def artifacts(console: Console, rows: Sequence[Any]) -> None:
+    table(console, ("PATH", "SIZE", "JOB", "ATTEMPT", "SHA256", "CREATED", "ID"),
+          ([a.path, size(a.size), a.job_id, a.attempt, a.sha256.removeprefix("sha256:")[:12], a.created_at, a.id]
+           for a in rows))
+
+
+def pipelines(console: Console, rows: Sequence[Any]) -> None:
+    table(console, ("NAME", "OWNER", "STATUS", "STEPS", "CREATED", "FINISHED", "ID"),
+          ([p.name, p.owner, styled(p.status, JOB_STATUS), steps_done(p), p.created_at, p.finished_at, p.id]
+           for p in rows))
+
+
+def steps_done(p: Any) -> str:
+    """Steps succeeded / steps in all."""
+    total = len(p.spec.get("steps", [])) if isinstance(p.spec.get("steps"), list) else len(p.steps)
+    return f"{sum(1 for s in p.steps if s.status == 'succeeded')}/{total or len(p.steps)}"
+
+
+def pipeline_steps(p: Any, rates: dict[str, float] | None = None) -> Table:
+    grid = Table("STEP", "STATUS", "ATTEMPTS", "PROGRESS", "TOOK", "WHY", "JOB", box=box.SIMPLE_HEAD, show_edge=False,
+                 pad_edge=False)
+    for s in p.steps:
+        why = s.status_message or (f"exit code {s.exit_code}" if s.exit_code not in (None, 0) else None)
+        grid.add_row(cell(s.step or s.name), styled(s.status, JOB_STATUS), cell(len(s.attempts) or None),
+                     cell(job_progress(s.progress, (rates or {}).get(s.id))), cell(took(s.started_at, s.finished_at)),
+                     cell(why), cell(s.id))
+    return grid
+
+
+def pipeline(console: Console, p: Any) -> None:
+    fields(console, [("name", p.name), ("id", p.id), ("owner", p.owner), ("status", styled(p.status, JOB_STATUS)),
+                     ("steps", steps_done(p)), ("created", p.created_at), ("finished", p.finished_at)])
+    if p.steps:
+        console.print(pipeline_steps(p))

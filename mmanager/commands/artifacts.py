@@ -39,7 +39,7 @@ def upload(
         render.print_json(row)
         return
     print(row.id)
-    note(f"{escape(row.path)}: {render.size(row.size)} stored; in a job: inputs: [{row.id}] (mounted at "
+    note(f"{escape(row.path)}: {render.size(row.size)} stored; in a job: inputs: {escape(f'[{row.id}]')} (mounted at "
          f"/inputs/{escape(row.path)})")
 
 

@@ -135,7 +135,7 @@ def job_line(json_out: bool, label: str) -> Iterator[Callable[[Any], None]]:
         why = f" ({job.status_message})" if job.status == "pending" and job.status_message else ""
         bar.update(task, description=escape(f"{job.name} {job.status}{why}"),
                    total=(p.total or None) if p is not None else None, completed=p.done if p is not None else 0,
-                   line=escape(render.job_progress(p, rates.of(job)) if p is not None else ""))
+                   line=escape(render.job_progress(p, rates.of(job)) if p is not None else ""), refresh=True)
 
     with bar:
         yield update

@@ -284,7 +284,7 @@ def test_the_console_in_a_browser(lab: Lab, browser: WebDriver, request: pytest.
     story.log_in(alice, "alice")
     assert browser.find_element(By.ID, "no-services")
     assert [a.text for a in browser.find_elements(By.CSS_SELECTOR, "header nav a")] == [
-        "Services", "Deploy", "Operations", "Audit", "Alerts"]
+        "Services", "Deploy", "Jobs", "Operations", "Audit", "Alerts"]
     story.shot("services-other-user")
     with Client(url=hub, token=alice) as as_alice, pytest.raises(ApiError) as missing:
         as_alice.services.get(service_id)

@@ -33,6 +33,7 @@ from starlette.datastructures import FormData
 
 from hub.deps import admit
 from hub.errors import HubError, InvalidRequest
+from hub.job_schemas import JOB_FINAL
 from hub.routers import services as services_api
 from hub.schemas import OperationOut
 from hub.services.users import as_user
@@ -628,3 +629,48 @@ async def alerts_page(request: Request, s: SessionDep) -> Response:
     offset = _offset(request)
     alerts = await s.api.alerts.list(limit=PAGE, offset=offset)
     return render(request, "alerts.html", alerts=alerts, pages=_pages({}, offset, len(alerts)))
+
+
+# ------------------------------------------------------------------ jobs
+
+JOB_FILTERS = ("status", "name")
+
+
+@router.get("/jobs", response_model=None)
+async def jobs_page(request: Request, s: SessionDep, done: str = "") -> Response:
+    filters = _filters(request, JOB_FILTERS)
+    offset = _offset(request)
+    jobs = await s.api.jobs.list(status=filters["status"] or None, name=filters["name"] or None, limit=PAGE,
+                                 offset=offset)
+    return render(request, "jobs.html", jobs=jobs, filters=filters, done=done,
+                  pages=_pages(filters, offset, len(jobs)))
+
+
+async def _job_page(request: Request, s: Session, job_id: str, status: int = 200, **context: Any) -> HTMLResponse:
+    job = await s.api.jobs.get(job_id)
+    (logs, logs_error), (artifacts, artifacts_error) = await asyncio.gather(
+        _optional(s.api.jobs.logs(job.id, tail=LOG_TAIL)) if job.attempts else _none(),
+        _optional(s.api.jobs.artifacts(job.id)) if job.status in JOB_FINAL else _none())
+    return render(request, "job.html", status, job=job, logs=logs, logs_error=logs_error, artifacts=artifacts or [],
+                  artifacts_error=artifacts_error, final=job.status in JOB_FINAL,
+                  command=" ".join(map(str, [*job.spec.get("command", []), *job.spec.get("args", [])])),
+                  **{"done": "", **context})
+
+
+@router.get("/jobs/{job_id}", response_model=None)
+async def job_page(request: Request, job_id: str, s: SessionDep, done: str = "") -> Response:
+    """A job: its status and why it waits, its progress, its attempts, its log's tail and its outputs."""
+    return await _job_page(request, s, job_id, done=done)
+
+
+@router.post("/jobs/{job_id}/cancel", response_model=None)
+async def job_cancel(request: Request, job_id: str, s: SessionDep, form: FormDep) -> Response:
+    asked = confirmation(request, form, f"Cancel job {job_id}? Its container is stopped.", f"/jobs/{job_id}")
+    if asked is not None:
+        return asked
+    try:
+        job = await s.api.jobs.cancel(job_id)
+    except ApiError as exc:
+        view = error_view(exc)
+        return await _job_page(request, s, job_id, view["status"], error=view)
+    return see(request, f"/jobs/{job.id}", done="cancelled")

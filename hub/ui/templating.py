@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import jinja2
@@ -26,7 +27,14 @@ def short(value: str | None, n: int = 12) -> str:
     return "—" if not value else value[:n]
 
 
+def job_progress(value: Any) -> str:
+    """A job's ``JobProgress`` as the CLI reads it: ``12,000/52,000 records (8,100 rec/s)``; ``—`` for none."""
+    from mmanager.commands.render import job_progress as line
+
+    return "—" if value is None else line(value)
+
+
 environment = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True,
                                  undefined=jinja2.StrictUndefined, trim_blocks=True, lstrip_blocks=True)
-environment.filters.update(when=when, web_url=web_url, short=short)
+environment.filters.update(when=when, web_url=web_url, short=short, job_progress=job_progress)
 templates = Jinja2Templates(env=environment)

@@ -38,6 +38,10 @@ PIPELINE_FINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 # the polls slow down sooner than an operation's.
 JOB_POLL_FIRST, JOB_POLL_MOST = 0.2, max(POLL_MOST, 2.0)
 
+# The lines a followed log opened again after a quiet spell starts with: the hub's job logs take no
+# ``tail=0`` (from the end), so the last line before the quiet spell may show twice.
+RESUME_TAIL = 1
+
 JobProgress = Callable[[JobOut], Any]
 PipelineProgress = Callable[[PipelineOut], Any]
 ByteProgress = Callable[[int, int], Any]
@@ -78,6 +82,8 @@ class _Named(Bound[M]):
         if not owner:
             owner = (yield from _me(self._runner)).username
         found = yield Call("GET", self.path, params={"name": name, "owner": owner, "limit": PAGE})
+        # Also where the hub's list takes no ``owner`` (an admin's list holds everyone's).
+        found = [row for row in found if row.get("owner") == owner and row.get("name") == name]
         if not found:
             raise ApiError(404, self.code, f"{owner} has no {self.kind} named {name!r}")
         return str(_newest(found)["id"])
@@ -204,7 +210,7 @@ class JobsApi(_Named[M]):
         job_id = yield from self._on(ref, exists)
         return Call("GET", f"/api/jobs/{_seg(job_id)}/logs", params={"attempt": attempt, "tail": tail,
                                                                       "follow": True},
-                    read="text", resume={"tail": 0})
+                    read="text", resume={"tail": RESUME_TAIL})
 
     @op
     def artifacts(self, ref: str, attempt: int | None = None) -> Steps[builtins.list[ArtifactOut]]:

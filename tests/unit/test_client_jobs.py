@@ -102,15 +102,20 @@ def test_submit_without_wait_answers_the_queued_job_and_a_dict_goes_as_it_is() -
 
 def test_a_name_is_the_callers_newest_job_of_that_name_and_an_id_shaped_name_is_tried_as_a_name() -> None:
     older, newer = job(id=JID, created="2026-12-07T09:00:00Z"), job(id=JID2, created="2026-12-07T10:00:00Z")
-    hub = Hub({("GET", "/api/me"): ME, ("GET", "/api/jobs"): [[older, newer]],
-               ("GET", f"/api/jobs/{JID2}"): newer, ("POST", f"/api/jobs/{JID2}/cancel"): job("cancelled", id=JID2),
-               ("GET", f"/api/jobs/{'e' * 32}"): not_found("JOB_NOT_FOUND")})
+    # Another user's job of that name (an admin's list holds everyone's) is not the caller's.
+    theirs = {**job(id="9" * 32, created="2026-12-07T11:00:00Z"), "owner": "bob"}
+    hub = Hub({("GET", "/api/me"): ME, ("GET", "/api/jobs"): [[theirs, older, newer]],
+               ("GET", f"/api/jobs/{JID2}"): newer, ("POST", f"/api/jobs/{JID2}/cancel"): job("cancelled", id=JID2)})
     with hub.client() as c:
         assert c.jobs.get("train").id == JID2
         assert c.jobs.cancel("train").status == "cancelled"
-        assert c.jobs.get("e" * 32).id == JID2  # no job has that id: the newest named so
     assert hub.seen[:3] == ["GET /api/me", "GET /api/jobs?name=train&owner=alice&limit=1000", f"GET /api/jobs/{JID2}"]
-    assert hub.seen[-1] == f"GET /api/jobs/{JID2}"
+    hexed = "e" * 32
+    named = Hub({("GET", "/api/me"): ME, ("GET", f"/api/jobs/{hexed}"): not_found("JOB_NOT_FOUND"),
+                 ("GET", "/api/jobs"): [[job(id=JID2, name=hexed)]], ("GET", f"/api/jobs/{JID2}"): newer})
+    with named.client() as c:
+        assert c.jobs.get(hexed).id == JID2  # no job has that id: the newest named so
+    assert named.seen[-1] == f"GET /api/jobs/{JID2}"
     missing = Hub({("GET", "/api/me"): ME, ("GET", "/api/jobs"): [[]]})
     with missing.client() as c, pytest.raises(ApiError) as caught:
         c.jobs.logs("nope")

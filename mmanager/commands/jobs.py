@@ -186,6 +186,9 @@ def follow(client: Client, job: JobOut, json_out: bool) -> JobOut:
         last = job.attempts[-1] if job.attempts else None
         if last is None or last.number <= printed:
             return job
+        if printed:
+            # stderr: stdout stays the log alone.
+            note(f"-- attempt {last.number} on {escape(last.controller_id)} --")
         with client.jobs.follow_logs(job.id, attempt=last.number) as lines:
             for line in lines:
                 line = line.rstrip("\n")

@@ -259,14 +259,24 @@ def test_a_waited_job_that_failed_exits_1_with_its_reason(fake: FakeClient) -> N
 
 
 def test_follow_prints_each_attempts_log_then_the_end_on_stderr(fake: FakeClient) -> None:
-    fake.jobs.polls = [job_out("running", attempts=[attempt(1, "running")]),
-                       job_out("succeeded", attempts=[attempt(1, "succeeded")])]
+    first = job_out("running", attempts=[attempt(1, "running")])
+    second = job_out("running", attempts=[attempt(1, "failed"), attempt(2, "running")])
+    fake.jobs.polls = [first, second, job_out("succeeded", attempts=[attempt(1, "failed"), attempt(2, "succeeded")])]
+    waits = iter([[first], [second], fake.jobs.polls[2:]])
+    real_wait = fake.jobs.wait
+
+    def wait(ref: str, progress: Any = None, timeout: float | None = None) -> JobOut:
+        fake.jobs.polls = next(waits)
+        return real_wait(ref, progress, timeout)
+
+    fake.jobs.wait = wait  # type: ignore[method-assign]
     done = run("jobs", "run", "--image", "img", "--follow", "--", "echo", "hi")
     assert done.exit_code == 0, done.output
-    # The log is printed raw (as services logs), each attempt once; the end goes to stderr.
-    assert done.stdout == "attempt 1 says hi\n\x1b[31mraw\x1b[0m\n"
-    assert done.stderr.startswith("train: succeeded")
-    assert ("follow_logs", JID, 1, None) in fake.calls and ("closed", 1) in fake.calls
+    # The log is printed raw (as services logs), each attempt once; the rest goes to stderr.
+    assert done.stdout == "attempt 1 says hi\n\x1b[31mraw\x1b[0m\nattempt 2 says hi\n\x1b[31mraw\x1b[0m\n"
+    assert done.stderr.startswith("-- attempt 2 on a --\ntrain: succeeded")
+    assert [c for c in fake.calls if c[0] in ("follow_logs", "closed")] == [
+        ("follow_logs", JID, 1, None), ("closed", 1), ("follow_logs", JID, 2, None), ("closed", 2)]
 
 
 def test_list_show_and_why_a_job_waits(fake: FakeClient) -> None:

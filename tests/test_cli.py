@@ -24,6 +24,7 @@ import docker
 import pytest
 
 from examples.images import EXAMPLE_IMAGE
+from mmanager.client import Client
 from tests.support.lab import Lab, running_lab
 from tests.support.net import free_port
 from tests.support.pg import create_database
@@ -249,3 +250,24 @@ def test_shell_completion_completes_commands(tmp_path: Path) -> None:
     shown = subprocess.run(["bash", "-c", f"{shlex.join(MMANAGER)} --show-completion"], capture_output=True,
                            text=True, env=cli.env(), cwd=cli.home, timeout=120, check=False)
     assert shown.returncode == 0 and "_mmanager_completion" in shown.stdout, shown
+
+
+@pytest.mark.slow
+def test_a_user_runs_a_job_from_the_shell_and_fetches_its_outputs(lab: Lab, tmp_path: Path) -> None:
+    cli = Cli(tmp_path)
+    hub = lab.dep.hub().url
+    cli("login", hub, stdin=lab.token + "\n")
+    data = tmp_path / "reads.tsv"
+    data.write_text("id\tseq\nr1\tacgt\n")
+    script = "mkdir -p /outputs/out && tr a-z A-Z < /inputs/reads.tsv > /outputs/out/upper.tsv && echo converted"
+    # The local input is uploaded first, then the job runs; --wait ends with the job, status 0 as it succeeded.
+    done = cli("jobs", "run", "--image", EXAMPLE_IMAGE, "--input", str(data), "--name", "upper", "--memory", "32MB",
+               "--cpu", "0.5", "--wait", "--", "sh", "-c", script)
+    assert done.out.startswith("upper: succeeded after ") and "uploaded as artifact" in done.err, done
+    assert "converted" in cli("jobs", "logs", "upper").out
+    got = cli("jobs", "download", "upper", "--out", str(tmp_path / "results"))
+    assert got.out == f"{tmp_path}/results/out/upper.tsv\n"
+    assert (tmp_path / "results/out/upper.tsv").read_text() == "ID\tSEQ\nR1\tACGT\n"
+    with Client(url=hub, token=lab.token) as client:
+        job = client.jobs.get("upper")
+    assert (job.status, job.exit_code, [a.status for a in job.attempts]) == ("succeeded", 0, ["succeeded"])

@@ -12,7 +12,7 @@ import httpx
 import pytest
 from sqlalchemy import select
 
-from hub.models import AlertModel, ServiceModel, UserModel
+from hub.models import AlertModel, JobAttemptModel, JobModel, ServiceModel, UserModel, utcnow
 from hub.ui import pages, security
 from tests.hub.conftest import Cluster
 from tests.support.console import ConsoleSession, csrf_of
@@ -95,3 +95,36 @@ async def test_errors_hide_secrets_sent_and_the_services_page_is_newest_first_by
         assert alerts.text.index("alerting-2") < alerts.text.index("alerting-1") and "alerting-0" not in alerts.text
         older = await client.get("/ui/alerts?offset=2")
         assert "alerting-0" in older.text and 'id="previous-page"' in older.text and 'id="next-page"' in alerts.text
+
+
+async def test_the_jobs_pages_show_why_a_job_waits_its_attempts_and_progress_and_cancel_it(cluster: Cluster) -> None:
+    async with cluster.db.session() as session:
+        admin = await session.scalar(select(UserModel).where(UserModel.username == "admin"))
+        assert admin is not None
+        # Held back (not_before) so that no dispatcher takes it while the pages are read.
+        waiting = JobModel(name="feat", owner_id=admin.id, spec={"name": "feat", "image": "img:1", "command": ["run"]},
+                           status="pending", status_message="no controller has room <now>",
+                           wait_reasons=[{"controller_id": "gpu-01", "reason": "needs 1 GPU, 0 free"}],
+                           not_before=utcnow() + timedelta(days=1), attempts=1, epoch=1,
+                           progress={"done": 12_000, "total": 52_000, "unit": "records", "rate": 8_100})
+        session.add(waiting)
+        await session.flush()
+        session.add(JobAttemptModel(job_id=waiting.id, number=1, controller_id="gpu-02", status="lost",
+                                    error="controller gpu-02 was lost"))
+        await session.commit()
+    async with browser(cluster) as client:
+        console = ConsoleSession(client)
+        assert (await console.log_in(cluster.admin_token)).status_code == 303
+        listed = await client.get("/ui/jobs")
+        assert listed.status_code == 200, listed.text
+        assert f'href="/ui/jobs/{waiting.id}"' in listed.text and "12,000/52,000 records (8,100 rec/s)" in listed.text
+        page = await client.get(f"/ui/jobs/{waiting.id}")
+        assert page.status_code == 200, page.text
+        assert "no controller has room &lt;now&gt;" in page.text and "needs 1 GPU, 0 free" in page.text
+        assert "controller gpu-02 was lost" in page.text
+        done = await console.post(f"/ui/jobs/{waiting.id}/cancel", f"/ui/jobs/{waiting.id}", {"confirmed": "yes"})
+        assert done.status_code == 303 and done.headers["location"] == f"/ui/jobs/{waiting.id}?done=cancelled"
+        again = await console.post(f"/ui/jobs/{waiting.id}/cancel", f"/ui/jobs/{waiting.id}", {"confirmed": "yes"})
+        assert again.status_code == 409 and "JOB_FINISHED" in again.text
+        missing = await client.get("/ui/jobs/" + "0" * 32)
+        assert missing.status_code == 404 and "JOB_NOT_FOUND" in missing.text

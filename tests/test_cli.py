@@ -253,7 +253,7 @@ def test_shell_completion_completes_commands(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_user_runs_a_job_from_the_shell_and_fetches_its_outputs(lab: Lab, tmp_path: Path) -> None:
+def test_a_user_runs_a_job_and_a_pipeline_from_the_shell(lab: Lab, tmp_path: Path) -> None:
     cli = Cli(tmp_path)
     hub = lab.dep.hub().url
     cli("login", hub, stdin=lab.token + "\n")
@@ -271,3 +271,18 @@ def test_a_user_runs_a_job_from_the_shell_and_fetches_its_outputs(lab: Lab, tmp_
     with Client(url=hub, token=lab.token) as client:
         job = client.jobs.get("upper")
     assert (job.status, job.exit_code, [a.status for a in job.attempts]) == ("succeeded", 0, ["succeeded"])
+
+    # A pipeline whose second step reads the first's output: submitted and waited for, then its steps.
+    spec = tmp_path / "chain.yaml"
+    spec.write_text(f"""\
+name: chain
+steps:
+- {{name: make, image: {EXAMPLE_IMAGE}, resources: {{memory_limit: 32MB}},
+   command: [sh, -c, "mkdir -p /outputs/d && echo hello > /outputs/d/x.txt"]}}
+- {{name: shout, image: {EXAMPLE_IMAGE}, resources: {{memory_limit: 32MB}}, inputs: [{{step: make, path: d/x.txt}}],
+   command: [sh, -c, "tr a-z A-Z < /inputs/d/x.txt > /outputs/loud.txt"]}}
+""")
+    shown = cli("pipelines", "submit", "-f", str(spec), "--wait").out
+    assert row(shown, "status")[1] == "succeeded" and row(shown, "shout")[1] == "succeeded", shown
+    cli("jobs", "download", "shout", "--out", str(tmp_path / "loud"))
+    assert (tmp_path / "loud/loud.txt").read_text() == "HELLO\n"

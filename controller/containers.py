@@ -63,7 +63,7 @@ from controller.gpu import (
 from controller.model_cache import LABEL_MODELS, ModelCache, models_label
 from controller.runtime import Runtime
 from controller.schemas import CopyResult, DirectoryCopy, FileCopy
-from controller.spec import ContainerSpec, OwnMount, build_spec
+from controller.spec import JOB_CAP_DROP, ContainerSpec, OwnMount, build_spec
 from controller.sync import SyncGuard
 from mmanager.wire import (
     LABEL_ATTEMPT,
@@ -165,7 +165,8 @@ class ContainerService:
         )
         if job is not None:
             labels = {key: value for key, value in spec.labels.items() if key != LABEL_SERVICE}
-            spec = replace(spec, labels={**labels, **job.labels}, own_mounts=(*spec.own_mounts, *job.mounts))
+            spec = replace(spec, labels={**labels, **job.labels}, own_mounts=(*spec.own_mounts, *job.mounts),
+                           cap_drop=JOB_CAP_DROP)
         self.sync.check()
         if config.service_id:
             await self.seed_epochs()

@@ -248,6 +248,10 @@ class FakeRuntime:
         container = self._find(container_id)
         return "".join(line + "\n" for line in container.log_lines[-lines:] if lines)
 
+    async def log_bytes(self, container_id: str, lines: int) -> bytes:
+        # Lone surrogates stand for bytes that are not UTF-8 (a test's "\udcff" is the byte 0xff).
+        return (await self.logs(container_id, lines)).encode("utf-8", "surrogateescape")
+
     async def follow_logs(self, container_id: str, lines: int) -> AsyncIterator[bytes]:
         container = self._find(container_id)
 

@@ -38,6 +38,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any, cast
+from weakref import WeakValueDictionary
 
 from pydantic import ValidationError
 
@@ -94,6 +95,13 @@ MAX_PROGRESS_BYTES = 64 * 1024
 _LIVE = frozenset({"running", "restarting", "paused"})
 # Every line of Docker's log (the bytes kept are still the newest MMANAGER_MAX_LOG_BYTES).
 ALL_LINES = 1 << 31
+# The most output files, and bytes in all, an attempt may leave: past either its outputs are not collected
+# (it fails, saying why), so neither the controller's hashing nor the hub's collection runs without end.
+MAX_OUTPUT_FILES = 10_000
+MAX_OUTPUT_BYTES = 64 * 1024**3
+# In the job folder: the highest attempt number seen per job, one small file each (named by the job id's
+# sha256), so a restarted controller still refuses an attempt that ran and was deleted.
+NUMBERS_DIR = ".numbers"
 
 
 @dataclass
@@ -113,6 +121,8 @@ class _Run:
     # Why this controller stops it (``cancelled``, ``timed_out``): the state it ends in.
     stopping: JobRunState | None = None
     task: asyncio.Task[None] | None = None
+    # The kept manifest by path, read once from ``outputs.json``.
+    outputs: dict[str, JobOutputFile] | None = None
 
     @property
     def attempt_id(self) -> str:
@@ -139,16 +149,16 @@ class JobRunner:
         self.root = settings.job_dir.absolute()
         self.tmp = self.root / ".tmp"
         self.runs: dict[str, _Run] = {}
-        # The highest attempt number seen per job.
-        self._numbers: dict[str, int] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        # Entries vanish once no call holds or awaits them.
+        self._locks: WeakValueDictionary[str, asyncio.Lock] = WeakValueDictionary()
         # Started from the clock, so a restarted controller's versions pass those the hub saw before.
         self.version = int(time.time() * 1000)
         self._changed = asyncio.Event()
         self._ready = asyncio.Event()
         self._pickup: asyncio.Task[None] | None = None
-        # The progress files' modification times at the last look (long polls look every PROGRESS_CHECK s).
-        self._marks: dict[str, int | None] = {}
+        # The progress files' marks when the version last went up for them: a later rewrite is a change,
+        # whoever reads the list in between.
+        self._marks: dict[str, tuple[int, int, int] | None] = {}
 
     # -- lifecycle ---------------------------------------------------------
 
@@ -183,7 +193,10 @@ class JobRunner:
         self._changed = asyncio.Event()
 
     def _lock(self, attempt_id: str) -> asyncio.Lock:
-        return self._locks.setdefault(attempt_id, asyncio.Lock())
+        lock = self._locks.get(attempt_id)
+        if lock is None:
+            lock = self._locks[attempt_id] = asyncio.Lock()
+        return lock
 
     def _get(self, attempt_id: str) -> _Run:
         run = self.runs.get(attempt_id)
@@ -202,13 +215,18 @@ class JobRunner:
             run = self.runs.get(request.attempt_id)
             if run is not None:
                 return await self._info(run), False
-            seen = self._numbers.get(request.job_id)
-            if seen is not None and request.number < seen:
+            try:
+                seen = await asyncio.to_thread(self._seen_number, request.job_id)
+            except OSError as exc:
+                raise JobDirUnwritable(f"the job folder {self.root} cannot be read: {exc}",
+                                       {"job_dir": str(self.root)}) from None
+            # An unknown attempt with a number already seen ran here before and was deleted (or is another
+            # copy of a number that ran): never run again.
+            if seen is not None and request.number <= seen:
                 raise StaleEpoch(
-                    f"attempt {request.number} of job {request.job_id} is older than attempt {seen} already seen",
+                    f"attempt {request.number} of job {request.job_id} is not newer than attempt {seen} already seen",
                     {"job_id": request.job_id, "number": request.number, "current_number": seen})
             self.containers.sync.check()
-            self._numbers[request.job_id] = request.number
             run = _Run(request, self.root / request.attempt_id)
             try:
                 await asyncio.to_thread(self._make_dir, request)
@@ -221,28 +239,77 @@ class JobRunner:
                 created = await self._create(run)
             except BaseException:
                 self.runs.pop(request.attempt_id, None)
-                await asyncio.to_thread(shutil.rmtree, run.dir, True)
+                if await self._no_container(request.attempt_id):
+                    await asyncio.to_thread(shutil.rmtree, run.dir, True)
+                else:
+                    # A container made for it may be left (its discard failed): the folder it binds stays, and
+                    # the hub's stale-attempt order (or a restart's pick-up) deals with both.
+                    log.warning("job run %s failed to start and a container of it may remain; its folder is kept",
+                                request.attempt_id)
                 self._bump()
                 raise
+            with contextlib.suppress(OSError):
+                # Says a container was made: after a restart, one missing vanished (rather than never started).
+                await asyncio.to_thread(_write, run.dir / "container.json",
+                                        json.dumps({"container_id": created.container_id}).encode())
             run.container_id = created.container_id
             run.gpu_device_ids = list(created.gpu_device_ids)
             run.image_pull = created.image_pull
             run.started_at = datetime.now(UTC)
             run.state = "running"
             self._bump()
-            run.task = asyncio.create_task(self._watch(run))
+            run.task = self._watch_task(run)
             log.info("job %s attempt %s (%d) runs in container %s", request.job_id, request.attempt_id,
                      request.number, created.container_id[:12])
             return await self._info(run), True
 
+    async def _no_container(self, attempt_id: str) -> bool:
+        """No container of this attempt exists (False when Docker cannot tell)."""
+        try:
+            listed = await self.runtime.list_containers(all=True, labels={LABEL_ATTEMPT: attempt_id}, detailed=False)
+        except Exception:  # noqa: BLE001 - unknown is "may exist"
+            return False
+        return not any(c.attempt_id == attempt_id for c in listed)
+
+    def _own_root(self) -> None:
+        """The job folder, made private: the folders bound into jobs are writable by any user, and a job may
+        leave anything in them, so no host user but this controller's may reach inside."""
+        self.root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+
+    def _number_file(self, job_id: str) -> Path:
+        return self.root / NUMBERS_DIR / hashlib.sha256(job_id.encode()).hexdigest()
+
+    def _seen_number(self, job_id: str) -> int | None:
+        try:
+            return int(self._number_file(job_id).read_bytes())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            return None
+
+    def _see_number(self, job_id: str, number: int) -> None:
+        """Keep ``number`` as the job's highest seen (never lowers it)."""
+        seen = self._seen_number(job_id)
+        if seen is not None and seen >= number:
+            return
+        path = self._number_file(job_id)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
+        _write(path, str(number).encode())
+
     def _make_dir(self, request: JobRun) -> None:
+        self._own_root()
+        self._see_number(request.job_id, request.number)
         staging = self.tmp / f"{request.attempt_id}.{uuid.uuid4().hex}"
+        self.tmp.mkdir(mode=0o700, exist_ok=True)
+        staging.mkdir(mode=0o700)
         for sub in ("outputs", "progress"):
-            (staging / sub).mkdir(parents=True)
-            # Writable whatever user the image runs as.
+            (staging / sub).mkdir()
+            # Writable whatever user the image runs as; reached only through the private folders above.
             os.chmod(staging / sub, 0o777)
         _write(staging / "request.json", request.model_dump_json(exclude={"registry_auth"}).encode())
         os.replace(staging, self.root / request.attempt_id)
+        _sync_dir(self.root)
 
     async def _create(self, run: _Run) -> ContainerCreated:
         request = run.request
@@ -274,6 +341,11 @@ class JobRunner:
 
     # -- watching ----------------------------------------------------------
 
+    def _watch_task(self, run: _Run) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._watch(run))
+        task.add_done_callback(lambda done: _log_failure(done, f"watching job run {run.attempt_id}"))
+        return task
+
     async def _watch(self, run: _Run) -> None:
         container_id = run.container_id
         assert container_id is not None
@@ -295,13 +367,19 @@ class JobRunner:
             except ControllerError as exc:
                 log.warning("watching job run %s: %s; trying again", run.attempt_id, exc.message)
                 await asyncio.sleep(RETRY_PAUSE)
+            except OSError as exc:
+                log.warning("watching job run %s: %s; trying again", run.attempt_id, exc)
+                await asyncio.sleep(RETRY_PAUSE)
         while True:
             try:
                 await self._finish(run)
                 return
             except ControllerError as exc:
                 log.warning("collecting job run %s: %s; trying again", run.attempt_id, exc.message)
-                await asyncio.sleep(RETRY_PAUSE)
+            except OSError as exc:
+                # A full disk, say: the run stays unended (and its container kept) until its files are written.
+                log.warning("keeping what job run %s left: %s; trying again", run.attempt_id, exc)
+            await asyncio.sleep(RETRY_PAUSE)
 
     def _remaining(self, run: _Run) -> float | None:
         if run.request.timeout is None or run.started_at is None:
@@ -309,46 +387,54 @@ class JobRunner:
         deadline = run.started_at + timedelta(seconds=run.request.timeout)
         return (deadline - datetime.now(UTC)).total_seconds()
 
+    def _current(self, run: _Run) -> bool:
+        """Still this controller's run and not ended (not dropped, nor collected, meanwhile)."""
+        return self.runs.get(run.attempt_id) is run and not run.collectable
+
     async def _mark_stopping(self, run: _Run, state: JobRunState, error: str) -> None:
-        marker = json.dumps({"state": state, "error": error}).encode()
-        await asyncio.to_thread(_write, run.dir / "stop.json", marker)
-        run.stopping, run.error = state, error
-        self._bump()
+        """Under the attempt's lock: the run is still current and not already stopping."""
+        async with self._lock(run.attempt_id):
+            if not self._current(run) or run.stopping is not None:
+                return
+            marker = json.dumps({"state": state, "error": error}).encode()
+            await asyncio.to_thread(_write, run.dir / "stop.json", marker)
+            run.stopping, run.error = state, error
+            self._bump()
 
     async def _finish(self, run: _Run, vanished: str | None = None) -> None:
-        """Keep the ended container's log, outputs manifest and result, then remove it."""
+        """Keep the ended container's log, outputs manifest and result, then remove it. The run takes its final
+        state only once all of it is on disk."""
         async with self._lock(run.attempt_id):
-            if run.collectable or self.runs.get(run.attempt_id) is not run:
-                return
+            if self.runs.get(run.attempt_id) is not run or run.collectable:
+                return  # dropped or finished meanwhile
             info: ContainerInfo | None = None
             if run.container_id is not None:
                 with contextlib.suppress(NotFound):
                     info = await self.runtime.get_container(run.container_id)
             if info is not None and info.status in _LIVE:
                 return  # not ended (a stop that failed): the watch goes on
-            text = ""
+            data = b""
+            final: dict[str, Any] = {"state": run.stopping or "failed", "exit_code": run.exit_code, "error": run.error,
+                                     "started_at": run.started_at, "finished_at": run.finished_at}
             if info is not None:
                 with contextlib.suppress(NotFound):
-                    text = await self.runtime.logs(info.id, ALL_LINES)
+                    data = await self.runtime.log_bytes(info.id, ALL_LINES)
                 state = info.state or {}
-                run.exit_code = _int(state.get("ExitCode"))
-                run.started_at = _docker_time(state.get("StartedAt")) or run.started_at
-                run.finished_at = _docker_time(state.get("FinishedAt"))
-                if state.get("OOMKilled") and run.error is None:
-                    run.error = "the job ran out of memory and was killed"
-                run.state = run.stopping or "exited"
+                final["exit_code"] = _int(state.get("ExitCode"))
+                final["started_at"] = _docker_time(state.get("StartedAt")) or run.started_at
+                final["finished_at"] = _docker_time(state.get("FinishedAt"))
+                if state.get("OOMKilled") and final["error"] is None:
+                    final["error"] = "the job ran out of memory and was killed"
+                final["state"] = run.stopping or "exited"
                 if info.status == "created" and run.stopping is None:
                     # Made but never started: the controller stopped in between.
-                    run.state, run.exit_code = "failed", None
-                    run.error = "the job's container was made but never started"
-            else:
-                run.state = run.stopping or "failed"
-                if run.stopping is None:
-                    run.error = vanished or "the job's container vanished before it was collected"
-            run.finished_at = run.finished_at or datetime.now(UTC)
-            data = text.encode()
-            run.log_bytes = len(data)
-            await asyncio.to_thread(self._keep, run, data)
+                    final["state"], final["exit_code"] = "failed", None
+                    final["error"] = "the job's container was made but never started"
+            elif run.stopping is None:
+                final["error"] = vanished or "the job's container vanished before it was collected"
+            final["finished_at"] = final["finished_at"] or datetime.now(UTC)
+            final["log_bytes"] = len(data)
+            outputs = await asyncio.to_thread(self._keep, run, data, final)
             if info is not None:
                 try:
                     await self.runtime.remove(info.id, force=True)
@@ -357,17 +443,27 @@ class JobRunner:
                 except ControllerError as exc:
                     # Its result is on disk: the next pick-up removes it.
                     log.warning("could not remove the ended container of job run %s: %s", run.attempt_id, exc.message)
+            for key, value in final.items():
+                setattr(run, key, value)
+            run.outputs = outputs
             run.collectable = True
             log.info("job run %s ended: %s (exit code %s)", run.attempt_id, run.state, run.exit_code)
             self._bump()
 
-    def _keep(self, run: _Run, log_data: bytes) -> None:
+    def _keep(self, run: _Run, log_data: bytes, final: dict[str, Any]) -> dict[str, JobOutputFile]:
+        """Write the log, the manifest and the result; ``final`` gets the error of outputs over the limits."""
         _write(run.dir / "log.txt", log_data)
-        files = manifest(run.dir / "outputs")
+        try:
+            files = manifest(run.dir / "outputs")
+        except OutputsTooLarge as exc:
+            files = []
+            final["state"] = "failed"
+            final["error"] = f"{exc}; no output was collected" + (f" ({final['error']})" if final["error"] else "")
         _write(run.dir / "outputs.json", JobOutputs(files=files, log_bytes=len(log_data)).model_dump_json().encode())
         # Last: its presence says the attempt ended and everything above is on disk.
-        result = run.info().model_copy(update={"collectable": True})
+        result = run.info().model_copy(update={**final, "collectable": True})
         _write(run.dir / "result.json", result.model_dump_json(exclude={"progress", "image_pull"}).encode())
+        return {item.path: item for item in files}
 
     # -- restart -----------------------------------------------------------
 
@@ -378,44 +474,63 @@ class JobRunner:
                 break
             except DockerUnavailable as exc:
                 log.warning("cannot pick up job runs yet: %s; trying again", exc.message)
-                await asyncio.sleep(RETRY_PAUSE)
+            except Exception:  # noqa: BLE001 - whatever it was, the jobs API must not stay unready until a restart
+                log.exception("picking up job runs failed; trying again")
+            await asyncio.sleep(RETRY_PAUSE)
         self._ready.set()
 
     async def _pick_up(self) -> None:
+        """Each folder's run again (one in ``runs`` was picked up by an earlier try: not again)."""
         found = await asyncio.to_thread(self._scan)
         containers = await self.runtime.list_containers(all=True, detailed=False)
         by_attempt = {c.attempt_id: c for c in containers if c.attempt_id}
-        for run, result, marker in found:
+        for run, result, marker, made in found:
             if run.attempt_id in self.runs:
                 continue
             request = run.request
-            self._numbers[request.job_id] = max(request.number, self._numbers.get(request.job_id, 0))
-            self.runs[run.attempt_id] = run
+            await asyncio.to_thread(self._see_number, request.job_id, request.number)
             container = by_attempt.get(run.attempt_id)
             if result is not None:
                 _restore(run, result)
                 if container is not None:
                     with contextlib.suppress(NotFound):
                         await self.runtime.remove(container.id, force=True)
+                self.runs[run.attempt_id] = run
                 continue
             if marker is not None:
                 run.stopping, run.error = marker
-            if container is None:
+            detail = None
+            if container is not None:
+                with contextlib.suppress(NotFound):
+                    detail = await self.runtime.get_container(container.id)
+            unstarted = detail is not None and detail.status == "created" and marker is None
+            if (detail is None and not made) or unstarted:
+                # The controller stopped before its container was made (during the pull, say) or started: nothing
+                # ran. Dropped, so the hub finds the attempt missing and places the job again without counting
+                # a retry.
+                if detail is not None:
+                    with contextlib.suppress(NotFound):
+                        await self.runtime.remove(detail.id, force=True)
+                await asyncio.to_thread(shutil.rmtree, run.dir, True)
+                log.info("job run %s never got a container before the controller stopped; dropped", run.attempt_id)
+                continue
+            self.runs[run.attempt_id] = run
+            if detail is None:
                 await self._finish(run, "the job's container vanished while the controller was down")
                 continue
-            detail = await self.runtime.get_container(container.id)
             run.container_id = detail.id
             run.gpu_device_ids = list(detail.gpu_device_ids)
             run.started_at = _docker_time((detail.state or {}).get("StartedAt"))
             run.state = "running"
-            run.task = asyncio.create_task(self._watch(run))
+            run.task = self._watch_task(run)
             log.info("picked up job run %s again (container %s)", run.attempt_id, detail.id[:12])
         self._bump()
 
-    def _scan(self) -> list[tuple[_Run, JobRunInfo | None, tuple[JobRunState, str] | None]]:
+    def _scan(self) -> list[tuple[_Run, JobRunInfo | None, tuple[JobRunState, str] | None, bool]]:
         shutil.rmtree(self.tmp, ignore_errors=True)
         if not self.root.is_dir():
             return []  # made with the first run
+        self._own_root()
         found = []
         for entry in sorted(os.scandir(self.root), key=lambda e: e.name):
             if not entry.is_dir(follow_symlinks=False) or not _ATTEMPT_RE.match(entry.name):
@@ -432,7 +547,7 @@ class JobRunner:
             except (OSError, ValueError, KeyError) as exc:
                 log.warning("job folder %s cannot be read (%s); left as it is", folder, exc)
                 continue
-            found.append((_Run(request, folder), result, marker))
+            found.append((_Run(request, folder), result, marker, (folder / "container.json").exists()))
         return found
 
     # -- reads -------------------------------------------------------------
@@ -460,18 +575,20 @@ class JobRunner:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), min(left, PROGRESS_CHECK))
                 await self._progress_moved()
-        # What this answer shows: a later rewrite of a progress file is a change for the next long poll.
-        self._marks = await self._progress_marks()
+        else:
+            # What this answer shows is under its version: a rewrite seen now goes up first.
+            await self._progress_moved()
         version = self.version
         return JobRunList(version=version, runs=await self._infos(list(self.runs.values())))
 
-    async def _progress_marks(self) -> dict[str, int | None]:
+    async def _progress_marks(self) -> dict[str, tuple[int, int, int] | None]:
         runs = [run for run in self.runs.values() if not run.collectable]
-        return await asyncio.to_thread(lambda: {run.attempt_id: _mtime(run.dir / "progress" / PROGRESS_FILE)
+        return await asyncio.to_thread(lambda: {run.attempt_id: _mark(run.dir / "progress" / PROGRESS_FILE)
                                                 for run in runs})
 
     async def _progress_moved(self) -> None:
-        """A job rewrote its progress file since the last answer: a change (the version goes up)."""
+        """A job rewrote its progress file since the version last went up for one: a change. The marks change only
+        here, with the version, so no reader hides a rewrite from another."""
         marks = await self._progress_marks()
         if any(self._marks.get(attempt) != mark for attempt, mark in marks.items()):
             self._marks = marks
@@ -479,14 +596,20 @@ class JobRunner:
 
     async def outputs(self, attempt_id: str) -> JobOutputs:
         run = self._ended(attempt_id)
-        return await asyncio.to_thread(lambda: JobOutputs.model_validate_json((run.dir / "outputs.json").read_bytes()))
+        files = await self._manifest(run)
+        return JobOutputs(files=sorted(files.values(), key=lambda item: item.path), log_bytes=run.log_bytes)
+
+    async def _manifest(self, run: _Run) -> dict[str, JobOutputFile]:
+        if run.outputs is None:
+            kept = await asyncio.to_thread(lambda: JobOutputs.model_validate_json((run.dir / "outputs.json").read_bytes()))
+            run.outputs = {item.path: item for item in kept.files}
+        return run.outputs
 
     async def output_file(self, attempt_id: str, path: str) -> Path:
         """The host path of one file of the attempt's manifest."""
         _relative(path, "output path")
         run = self._ended(attempt_id)
-        listed = await self.outputs(attempt_id)
-        if path not in {item.path for item in listed.files}:
+        if path not in await self._manifest(run):
             raise NotFound(f"job run {attempt_id} left no output file {path!r}", {"path": path})
         return run.dir / "outputs" / path
 
@@ -513,9 +636,11 @@ class JobRunner:
     async def cancel(self, attempt_id: str) -> JobRunInfo:
         """Stop its container; it ends ``cancelled``, its outputs and log kept to collect."""
         run = self._get(attempt_id)
-        if run.collectable or run.state in JOB_RUN_ENDED or run.stopping is not None:
-            return await self._info(run)
+        # Under its lock: not a run dropped or collected since it was looked up.
         await self._mark_stopping(run, "cancelled", "cancelled")
+        run = self._get(attempt_id)
+        if run.collectable or run.state in JOB_RUN_ENDED or run.stopping != "cancelled":
+            return await self._info(run)
         if run.container_id is not None:
             with contextlib.suppress(NotFound):
                 await self.runtime.stop(run.container_id, STOP_GRACE)
@@ -532,6 +657,9 @@ class JobRunner:
         """A stale attempt the hub no longer wants: dropped like ``delete``; False when there is none."""
         await self.ready()
         if attempt_id not in self.runs:
+            # A folder left by a start that failed with its container (see ``run``) goes with it.
+            _check_attempt_id(attempt_id)
+            await asyncio.to_thread(shutil.rmtree, self.root / attempt_id, True)
             return False
         async with self._lock(attempt_id):
             run = self.runs.get(attempt_id)
@@ -548,7 +676,6 @@ class JobRunner:
                 await self.runtime.remove(run.container_id, force=True)
         await asyncio.to_thread(shutil.rmtree, run.dir, True)
         self.runs.pop(run.attempt_id, None)
-        self._locks.pop(run.attempt_id, None)
         log.info("job run %s dropped: container and files removed", run.attempt_id)
         self._bump()
 
@@ -557,19 +684,46 @@ class JobRunner:
 
 
 def _write(path: Path, data: bytes) -> None:
-    """``data`` at ``path`` whole or not at all (a temporary file renamed over it)."""
+    """``data`` at ``path`` whole or not at all (a temporary file renamed over it, the rename itself made
+    durable), readable by this controller's user only."""
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex}")
-    with open(tmp, "wb") as out:
-        out.write(data)
-        out.flush()
-        os.fsync(out.fileno())
-    os.replace(tmp, path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            out.write(data)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _sync_dir(path.parent)
+
+
+def _sync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _log_failure(task: asyncio.Task[None], what: str) -> None:
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.error("%s failed: %s", what, exc, exc_info=exc)
+
+
+class OutputsTooLarge(Exception):
+    """An attempt left more output files, or bytes, than are collected."""
 
 
 def manifest(outputs: Path) -> list[JobOutputFile]:
     """Every regular file under ``outputs`` with its size and sha256, by '/'-separated relative path; symlinks
-    and special files are neither followed nor listed."""
-    files = []
+    and special files are neither followed nor listed. More than ``MAX_OUTPUT_FILES`` files or
+    ``MAX_OUTPUT_BYTES`` bytes: OutputsTooLarge (counted before any is hashed)."""
+    found = []
+    total = 0
     for folder, dirs, names in os.walk(outputs, followlinks=False):
         dirs.sort()
         for name in sorted(names):
@@ -586,7 +740,13 @@ def manifest(outputs: Path) -> list[JobOutputFile]:
             except UnicodeEncodeError:
                 log.warning("output file %r is not named in UTF-8; not listed", relative)
                 continue
-            files.append(JobOutputFile(path=relative, size=st.st_size, sha256=_sha256(full)))
+            found.append((relative, full, st.st_size))
+            total += st.st_size
+            if len(found) > MAX_OUTPUT_FILES:
+                raise OutputsTooLarge(f"the job left more than {MAX_OUTPUT_FILES} output files")
+            if total > MAX_OUTPUT_BYTES:
+                raise OutputsTooLarge(f"the job left more than {MAX_OUTPUT_BYTES} bytes of output files")
+    files = [JobOutputFile(path=relative, size=size, sha256=_sha256(full)) for relative, full, size in found]
     return sorted(files, key=lambda item: item.path)
 
 
@@ -600,20 +760,32 @@ def _sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def _mtime(path: Path) -> int | None:
+def _mark(path: Path) -> tuple[int, int, int] | None:
+    """What changes when the file is rewritten (a rename over it makes a new inode, whatever the clock says)."""
     try:
-        return path.stat().st_mtime_ns
+        st = path.lstat()
     except OSError:
         return None
+    return st.st_mtime_ns, st.st_ino, st.st_size
 
 
 def read_progress(path: Path) -> JobProgress | None:
-    """The job's last progress; None when there is none, or it is malformed or half-written."""
+    """The job's last progress; None when there is none, or it is malformed, half-written, not finite, or not a
+    regular file. The job owns the folder: a FIFO there must not block this thread, nor a symlink be followed."""
     try:
-        with open(path, "rb") as source:
-            data = source.read(MAX_PROGRESS_BYTES + 1)
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        data = b""
+        while len(data) <= MAX_PROGRESS_BYTES and (chunk := os.read(fd, MAX_PROGRESS_BYTES + 1 - len(data))):
+            data += chunk
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
     if len(data) > MAX_PROGRESS_BYTES:
         return None
     try:
@@ -626,6 +798,7 @@ def _restore(run: _Run, result: JobRunInfo) -> None:
     run.state, run.container_id, run.exit_code, run.error = result.state, result.container_id, result.exit_code, result.error
     run.started_at, run.finished_at, run.log_bytes = result.started_at, result.finished_at, result.log_bytes
     run.gpu_device_ids, run.collectable = list(result.gpu_device_ids), True
+    run.outputs = None
 
 
 # -- checks --------------------------------------------------------------------

@@ -107,6 +107,7 @@ class Runtime(Protocol):
     async def remove(self, container_id: str, force: bool) -> None: ...
     async def wait(self, container_id: str, timeout: float) -> int | None: ...
     async def logs(self, container_id: str, lines: int) -> str: ...
+    async def log_bytes(self, container_id: str, lines: int) -> bytes: ...
     async def follow_logs(self, container_id: str, lines: int) -> AsyncIterator[bytes]: ...
     async def stats(self, container_id: str) -> ContainerStats: ...
     async def put_archive(self, container_id: str, data: bytes) -> None: ...
@@ -417,16 +418,19 @@ class DockerRuntime:
         Read as a stream and kept in a rolling buffer, so a tail of 100000 lines
         of 16 KiB each never sits in memory whole.
         """
+        return (await self.log_bytes(container_id, lines)).decode("utf-8", errors="replace")
+
+    async def log_bytes(self, container_id: str, lines: int) -> bytes:
+        """``logs`` as the container wrote them (a job's kept log: not decoded)."""
         limit = self._settings.max_log_bytes
 
-        def logs(client: docker.DockerClient) -> str:
+        def logs(client: docker.DockerClient) -> bytes:
             stream = self._managed(client, container_id).logs(stdout=True, stderr=True, stream=True, follow=False, tail=lines)
             try:
-                data = newest_bytes(stream, limit)
+                return newest_bytes(stream, limit)
             finally:
                 with contextlib.suppress(OSError, docker.errors.DockerException):
                     stream.close()
-            return data.decode("utf-8", errors="replace")
 
         return await self._run(logs)
 
@@ -631,6 +635,8 @@ def _create_kwargs(spec: ContainerSpec) -> tuple[dict[str, Any], dict[str, Any]]
     }
     if spec.cap_add:
         host["cap_add"] = spec.cap_add
+    if spec.cap_drop:
+        host["cap_drop"] = list(spec.cap_drop)
     if spec.ports:
         # (ip, None) publishes on that address with a port Docker picks.
         host["port_bindings"] = {

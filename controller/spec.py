@@ -48,6 +48,9 @@ DEFAULT_PIDS_LIMIT = 4096
 DEFAULT_MEMORY = 2 * 1024**3
 # Processes in the container can never gain privileges (setuid binaries, file capabilities).
 SECURITY_OPT = ("no-new-privileges:true",)
+# What a batch job's container never gets of Docker's default capabilities: no device nodes, no changing
+# its user or group, no setuid/setgid bits kept on the files it leaves in the host folders bound into it.
+JOB_CAP_DROP = ("FSETID", "MKNOD", "SETGID", "SETUID")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,7 @@ class ContainerSpec:
     cap_add: list[str] = field(default_factory=list)
     pids_limit: int = DEFAULT_PIDS_LIMIT
     security_opt: tuple[str, ...] = SECURITY_OPT
+    cap_drop: tuple[str, ...] = ()
     # Host paths this controller made itself (a job's folders, its input files in the model cache), never a
     # path a request named: bound as listed, read-write where ``read_only`` is False.
     own_mounts: tuple[OwnMount, ...] = ()

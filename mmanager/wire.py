@@ -599,6 +599,8 @@ class JobProgress(WireModel):
     """What a job writes to ``$MMANAGER_PROGRESS_FILE`` (JSON, rewritten whole): ``done`` of ``total``
     ``unit``s, and its own ``rate`` (units a second) when it has one."""
 
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)  # JSON has no NaN or Infinity
+
     done: float = 0
     total: float | None = None
     unit: str = Field(default="items", max_length=32)

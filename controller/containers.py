@@ -257,10 +257,11 @@ class ContainerService:
         try:
             info = await self.runtime.start_created(container_id)
         except ControllerError as exc:
-            await self._discard(container_id)
+            removed = await self._discard(container_id)
             if isinstance(exc, DockerUnavailable):
                 raise
-            raise StartFailed(f"container would not start and was removed: {exc.message}", exc.details) from None
+            what = "was removed" if removed else "could not be removed"
+            raise StartFailed(f"container would not start and {what}: {exc.message}", exc.details) from None
         if info is None:
             raise StartFailed("container exited at once and was removed (auto_remove)")
         log.info(
@@ -268,11 +269,13 @@ class ContainerService:
         )
         return _created(info, created=True, image_pull=pulled)
 
-    async def _discard(self, container_id: str) -> None:
+    async def _discard(self, container_id: str) -> bool:
         try:
             await self.runtime.remove(container_id, force=True)
         except ControllerError as exc:
             log.warning("could not remove container %s after a failed start: %s", container_id[:12], exc.message)
+            return False
+        return True
 
     # -- lifecycle ---------------------------------------------------------
 

@@ -215,24 +215,26 @@ class JobRunner:
             run = self.runs.get(request.attempt_id)
             if run is not None:
                 return await self._info(run), False
-            try:
-                seen = await asyncio.to_thread(self._seen_number, request.job_id)
-            except OSError as exc:
-                raise JobDirUnwritable(f"the job folder {self.root} cannot be read: {exc}",
-                                       {"job_dir": str(self.root)}) from None
-            # An unknown attempt with a number already seen ran here before and was deleted (or is another
-            # copy of a number that ran): never run again.
-            if seen is not None and request.number <= seen:
-                raise StaleEpoch(
-                    f"attempt {request.number} of job {request.job_id} is not newer than attempt {seen} already seen",
-                    {"job_id": request.job_id, "number": request.number, "current_number": seen})
             self.containers.sync.check()
             run = _Run(request, self.root / request.attempt_id)
-            try:
-                await asyncio.to_thread(self._make_dir, request)
-            except OSError as exc:
-                raise JobDirUnwritable(f"the job folder {self.root} cannot be written: {exc}",
-                                       {"job_dir": str(self.root)}) from None
+            async with self._lock(_job_key(request.job_id)):
+                try:
+                    seen = await asyncio.to_thread(self._seen_number, request.job_id)
+                except OSError as exc:
+                    raise JobDirUnwritable(f"the job folder {self.root} cannot be read: {exc}",
+                                           {"job_dir": str(self.root)}) from None
+                # An unknown attempt with a number already seen ran here before and was deleted (or is another
+                # copy of a number that ran): never run again.
+                if seen is not None and request.number <= seen:
+                    raise StaleEpoch(
+                        f"attempt {request.number} of job {request.job_id} is not newer than attempt {seen} "
+                        "already seen",
+                        {"job_id": request.job_id, "number": request.number, "current_number": seen})
+                try:
+                    await asyncio.to_thread(self._make_dir, request)
+                except OSError as exc:
+                    raise JobDirUnwritable(f"the job folder {self.root} cannot be written: {exc}",
+                                           {"job_dir": str(self.root)}) from None
             self.runs[request.attempt_id] = run
             self._bump()
             try:
@@ -240,6 +242,9 @@ class JobRunner:
             except BaseException:
                 self.runs.pop(request.attempt_id, None)
                 if await self._no_container(request.attempt_id):
+                    # Nothing ran: as if it was never asked (the number too, unless a newer one came meanwhile).
+                    async with self._lock(_job_key(request.job_id)):
+                        await asyncio.to_thread(self._unsee_number, request.job_id, request.number, seen)
                     await asyncio.to_thread(shutil.rmtree, run.dir, True)
                 else:
                     # A container made for it may be left (its discard failed): the folder it binds stays, and
@@ -296,6 +301,15 @@ class JobRunner:
         path = self._number_file(job_id)
         path.parent.mkdir(mode=0o700, exist_ok=True)
         _write(path, str(number).encode())
+
+    def _unsee_number(self, job_id: str, number: int, previous: int | None) -> None:
+        with contextlib.suppress(OSError):
+            if self._seen_number(job_id) != number:
+                return
+            if previous is None:
+                self._number_file(job_id).unlink()
+            else:
+                _write(self._number_file(job_id), str(previous).encode())
 
     def _make_dir(self, request: JobRun) -> None:
         self._own_root()
@@ -802,6 +816,11 @@ def _restore(run: _Run, result: JobRunInfo) -> None:
 
 
 # -- checks --------------------------------------------------------------------
+
+
+def _job_key(job_id: str) -> str:
+    """The lock of a job's attempt numbers (never an attempt id: those have no space)."""
+    return f"job {job_id}"
 
 
 def _check_attempt_id(attempt_id: str) -> None:

@@ -18,8 +18,11 @@ from typing import Any
 import httpx
 import pytest
 
+from controller import jobs as jobs_module
 from controller.app import create_app
+from controller.errors import DockerError, NotFound
 from controller.fake import FakeContainer, FakeRuntime
+from controller.jobs import JobRunner
 from examples.images import EXAMPLE_IMAGE
 from mmanager.wire import Heartbeat, JobRunInfo, StopOrder
 from tests.controller.conftest import AUTH, Ctl, StartController, make_settings
@@ -132,7 +135,8 @@ async def test_bad_requests_are_refused_and_leave_nothing(ctl: Ctl, fake: FakeRu
     # An input this controller cannot fetch (no hub): no container, no folder, no run.
     response = await ctl.client.post("/jobs/", json=job(inputs=[{"digest": digest_of(b"x"), "path": "x"}]))
     assert response.status_code == 424, response.text
-    assert not fake.containers and [p.name for p in ctl.settings.job_dir.iterdir()] == [".tmp"]
+    assert not fake.containers and [p.name for p in ctl.settings.job_dir.iterdir() if p.name != ".numbers"] == [".tmp"]
+    assert not list((ctl.settings.job_dir / ".numbers").iterdir())  # its number is not used up either
     assert (await ctl.client.get("/jobs/")).json()["runs"] == []
 
     await run(ctl, attempt="a2", number=2)
@@ -213,7 +217,7 @@ async def test_the_long_poll_answers_on_a_change(ctl: Ctl, fake: FakeRuntime) ->
     answered = (await poll).json()
     assert answered["version"] > version and answered["runs"][0]["attempt_id"] == "a1"
     # A job rewriting its progress is a change too.
-    other = await run(ctl, attempt="a2")
+    other = await run(ctl, attempt="a2", number=2)
     version = answered["version"]
     poll = asyncio.create_task(ctl.client.get("/jobs", params={"since": version, "wait": 30}))
     await asyncio.sleep(0)
@@ -256,10 +260,10 @@ async def controller(fake: FakeRuntime, dirs: dict[str, Any]) -> AsyncIterator[C
 async def test_a_restarted_controller_picks_every_run_up_again(fake: FakeRuntime, dirs: dict[str, Any]) -> None:
     async with controller(fake, dirs) as first:
         running = await run(first, attempt="r1", timeout=3600)
-        exits = await run(first, attempt="r2")
-        vanishes = await run(first, attempt="r3")
-        unstarted = await run(first, attempt="r5")
-        done = await run(first, attempt="r4", number=3)
+        exits = await run(first, attempt="r2", number=2)
+        vanishes = await run(first, attempt="r3", number=3)
+        unstarted = await run(first, attempt="r5", number=4)
+        done = await run(first, attempt="r4", number=5)
         fake.exit(done["container_id"], 0)
         await collectable(first, "r4")
     # While the controller is down: one ends, one's container is removed behind its back.
@@ -273,9 +277,9 @@ async def test_a_restarted_controller_picks_every_run_up_again(fake: FakeRuntime
         assert (await second.client.get("/jobs/r2/logs")).text.endswith("bye\n")
         r3 = await collectable(second, "r3")
         assert r3["state"] == "failed" and "vanished" in r3["error"]
-        r5 = await collectable(second, "r5")
-        assert r5["state"] == "failed" and "never started" in r5["error"]
-        assert unstarted["container_id"] not in fake.containers
+        # Never started: dropped, so that the hub places it again without counting a retry.
+        assert (await second.client.get("/jobs/r5")).status_code == 404
+        assert unstarted["container_id"] not in fake.containers and not (dirs["job_dir"] / "r5").exists()
         r4 = await state(second, "r4")
         assert (r4["state"], r4["collectable"]) == ("exited", True)
         r1 = await state(second, "r1")
@@ -318,3 +322,210 @@ async def test_a_job_folder_that_cannot_be_written_refuses_the_run(start_fake: S
     response = await ctl.client.post("/jobs/", json=job())
     assert response.status_code == 507 and response.json()["error"]["code"] == "JOB_DIR_UNWRITABLE"
     assert not fake.containers and (await ctl.client.get("/jobs")).json()["runs"] == []
+
+
+# -- what a job may do to its controller, and failures on the controller's side ---------------------------
+
+
+async def test_a_progress_file_that_is_no_plain_file_or_not_finite_reads_as_none(ctl: Ctl, fake: FakeRuntime,
+                                                                               tmp_path: Path) -> None:
+    info = await run(ctl)
+    progress = mounted(container(fake, info), "/run/mmanager") / "progress.json"
+    # A FIFO nobody writes to: a plain open would block the reading thread for good.
+    os.mkfifo(progress)
+    assert (await asyncio.wait_for(state(ctl, "a1"), 10))["progress"] is None
+    progress.unlink()
+    # A link to a file of the host's is not followed.
+    elsewhere = tmp_path / "host.json"
+    elsewhere.write_text('{"done": 5}')
+    os.symlink(elsewhere, progress)
+    assert (await state(ctl, "a1"))["progress"] is None
+    progress.unlink()
+    for text in ('{"done": NaN}', '{"done": 1, "total": Infinity}', '{"done": 1e999}', " " * (64 * 1024) + "{}"):
+        progress.write_text(text)
+        assert (await state(ctl, "a1"))["progress"] is None, text
+    listed = await ctl.client.get("/jobs/")
+    assert listed.status_code == 200 and "NaN" not in listed.text and listed.json()["runs"][0]["progress"] is None
+    progress.write_text('{"done": 2}')
+    assert (await state(ctl, "a1"))["progress"]["done"] == 2
+
+
+async def test_job_folders_are_private_and_the_container_gets_fewer_capabilities(ctl: Ctl, fake: FakeRuntime) -> None:
+    info = await run(ctl)
+    root = ctl.settings.job_dir
+    folder = root / "a1"
+
+    def mode(path: Path) -> int:
+        return path.stat().st_mode & 0o777
+
+    assert (mode(root), mode(folder), mode(folder / "request.json")) == (0o700, 0o700, 0o600)
+    # Writable by whatever user the image runs as, but reached only through the private folders.
+    assert (mode(folder / "outputs"), mode(folder / "progress")) == (0o777, 0o777)
+    spec = container(fake, info).spec
+    assert {"MKNOD", "SETUID", "SETGID", "FSETID"} <= set(spec.cap_drop)
+    assert "no-new-privileges:true" in spec.security_opt
+    fake.exit(info["container_id"], 0)
+    await collectable(ctl, "a1")
+    assert {mode(folder / name) for name in ("log.txt", "outputs.json", "result.json")} == {0o600}
+
+
+async def test_the_pick_up_is_tried_again_after_any_error(fake: FakeRuntime, dirs: dict[str, Any],
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("controller.jobs.RETRY_PAUSE", 0.01)
+    async with controller(fake, dirs) as first:
+        running = await run(first, attempt="r1")
+        gone = await run(first, attempt="r2", number=2)
+    scans = 0
+    original_scan = JobRunner._scan
+
+    def scan(self: JobRunner) -> Any:
+        nonlocal scans
+        scans += 1
+        if scans == 1:
+            raise PermissionError("the job folder cannot be read")
+        return original_scan(self)
+
+    monkeypatch.setattr(JobRunner, "_scan", scan)
+    # Listed, then gone when inspected: vanished, not a failed pick-up.
+    original_get = fake.get_container
+
+    async def get_container(container_id: str) -> Any:
+        if container_id == gone["container_id"]:
+            raise NotFound("no such container")
+        return await original_get(container_id)
+
+    monkeypatch.setattr(fake, "get_container", get_container)
+    async with controller(fake, dirs) as second:
+        assert (await state(second, "r1"))["container_id"] == running["container_id"]
+        r2 = await collectable(second, "r2")
+        assert r2["state"] == "failed" and "vanished" in r2["error"]
+        assert scans == 2
+
+
+async def test_a_full_disk_while_keeping_what_a_run_left_is_tried_again(ctl: Ctl, fake: FakeRuntime,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("controller.jobs.RETRY_PAUSE", 0.01)
+    info = await run(ctl)
+    runner: JobRunner = ctl.app.state.jobs
+    seen_between: list[str] = []
+    original = jobs_module.manifest
+
+    def manifest(outputs: Path) -> Any:
+        if not seen_between:
+            seen_between.append("failed")
+            raise OSError(28, "No space left on device")
+        # The failed try changed nothing of the run: no ended state that is never collected.
+        seen_between.append(runner.runs["a1"].state)
+        return original(outputs)
+
+    monkeypatch.setattr(jobs_module, "manifest", manifest)
+    fake.exit(info["container_id"], 0, "done")
+    ended = await collectable(ctl, "a1")
+    assert (ended["state"], ended["exit_code"]) == ("exited", 0)
+    assert seen_between == ["failed", "running"]
+
+
+async def test_a_deleted_attempt_is_not_run_again_even_after_a_restart(fake: FakeRuntime, dirs: dict[str, Any]) -> None:
+    async with controller(fake, dirs) as first:
+        info = await run(first, number=4)
+        fake.exit(info["container_id"], 0)
+        await collectable(first, "a1")
+        assert (await first.client.delete("/jobs/a1")).status_code == 204
+        for body in (job(number=4), job(attempt="b1", number=3)):
+            again = await first.client.post("/jobs/", json=body)
+            assert again.status_code == 409 and again.json()["error"]["code"] == "STALE_EPOCH", body
+        runner: JobRunner = first.app.state.jobs
+        assert not runner._locks  # none kept once no call holds one
+    async with controller(fake, dirs) as second:
+        again = await second.client.post("/jobs/", json=job(number=4))
+        assert again.status_code == 409 and again.json()["error"]["code"] == "STALE_EPOCH"
+        await run(second, attempt="a5", number=5)
+    assert fake.creates == 2
+
+
+async def test_a_progress_change_reaches_a_long_poll_whoever_read_the_list_first(ctl: Ctl, fake: FakeRuntime) -> None:
+    info = await run(ctl)
+    version = (await ctl.client.get("/jobs/")).json()["version"]
+    (mounted(container(fake, info), "/run/mmanager") / "progress.json").write_text('{"done": 1}')
+    # Another reader (a second hub replica, an operator) lists in between.
+    await ctl.client.get("/jobs/")
+    moved = (await ctl.client.get("/jobs/", params={"since": version, "wait": 5})).json()
+    assert moved["version"] > version and moved["runs"][0]["progress"]["done"] == 1
+
+
+async def test_an_attempt_whose_container_was_never_made_is_dropped_after_a_restart(
+        fake: FakeRuntime, dirs: dict[str, Any]) -> None:
+    async with controller(fake, dirs) as first:
+        await run(first)
+    # As the controller killed during the pull leaves it: the folder, no container.
+    folder = dirs["job_dir"] / "a1"
+    (folder / "container.json").unlink()
+    fake.containers.clear()
+    async with controller(fake, dirs) as second:
+        assert (await second.client.get("/jobs/a1")).status_code == 404
+        assert not folder.exists()
+
+
+async def test_a_cancel_waits_for_a_delete_in_progress(ctl: Ctl, fake: FakeRuntime) -> None:
+    await run(ctl)
+    runner: JobRunner = ctl.app.state.jobs
+    lock = runner._lock("a1")
+    async with lock:
+        cancel = asyncio.create_task(ctl.client.post("/jobs/a1/cancel"))
+        await eventually(lambda: bool(lock._waiters), what="the cancel waiting for the attempt's lock")
+        await runner._drop(runner.runs["a1"])  # what a DELETE does under the lock
+    response = await cancel
+    assert response.status_code == 404, response.text
+    assert not (ctl.settings.job_dir / "a1").exists()
+
+
+async def test_a_failed_start_keeps_the_folder_of_a_container_that_could_not_be_removed(
+        ctl: Ctl, fake: FakeRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    fake.failing_images.add(EXAMPLE_IMAGE)
+
+    async def remove(container_id: str, force: bool) -> None:
+        raise DockerError("the engine did not answer in time")
+
+    monkeypatch.setattr(fake, "remove", remove)
+    response = await ctl.client.post("/jobs/", json=job())
+    assert response.status_code == 422 and response.json()["error"]["code"] == "START_FAILED", response.text
+    assert "could not be removed" in response.json()["error"]["message"]
+    folder = ctl.settings.job_dir / "a1"
+    assert len(fake.containers) == 1 and folder.is_dir()
+    # The hub's stale-attempt order for its container takes the folder with it.
+    runner: JobRunner = ctl.app.state.jobs
+    assert await runner.discard("a1") is False
+    assert not folder.exists()
+
+
+async def test_outputs_over_the_limits_fail_the_run_and_the_manifest_is_read_once(
+        ctl: Ctl, fake: FakeRuntime, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(jobs_module, "MAX_OUTPUT_FILES", 3)
+    monkeypatch.setattr(jobs_module, "MAX_OUTPUT_BYTES", 100)
+    many = await run(ctl, attempt="many")
+    big = await run(ctl, attempt="big", number=2)
+    fits = await run(ctl, attempt="fits", number=3)
+    for index in range(4):
+        (mounted(container(fake, many), "/outputs") / f"{index}.txt").write_text("x")
+    (mounted(container(fake, big), "/outputs") / "big.bin").write_bytes(b"x" * 101)
+    (mounted(container(fake, fits), "/outputs") / "ok.txt").write_text("ok")
+    for info in (many, big, fits):
+        fake.exit(info["container_id"], 0)
+    ended = await collectable(ctl, "many")
+    assert ended["state"] == "failed" and "more than 3 output files" in ended["error"]
+    assert (await ctl.client.get("/jobs/many/outputs")).json()["files"] == []
+    ended = await collectable(ctl, "big")
+    assert ended["state"] == "failed" and "more than 100 bytes" in ended["error"]
+    assert (await collectable(ctl, "fits"))["state"] == "exited"
+    (ctl.settings.job_dir / "fits" / "outputs.json").unlink()  # the run's manifest is held, not read per file
+    assert (await ctl.client.get("/jobs/fits/outputs/ok.txt")).content == b"ok"
+    assert [f["path"] for f in (await ctl.client.get("/jobs/fits/outputs")).json()["files"]] == ["ok.txt"]
+
+
+async def test_the_kept_log_is_the_bytes_the_job_wrote(ctl: Ctl, fake: FakeRuntime) -> None:
+    info = await run(ctl)
+    fake.exit(info["container_id"], 0, "caf\udcff")  # the byte 0xff: not UTF-8
+    ended = await collectable(ctl, "a1")
+    kept = (ctl.settings.job_dir / "a1" / "log.txt").read_bytes()
+    assert kept.endswith(b"caf\xff\n") and ended["log_bytes"] == len(kept)
+    assert (await ctl.client.get("/jobs/a1/logs")).content == kept

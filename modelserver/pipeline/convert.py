@@ -21,7 +21,7 @@ from typing import Any
 
 import orjson
 
-from modelserver.pipeline.streams import Progress, StepError, atomic_output, count_arg, count_lines
+from modelserver.pipeline.streams import Progress, StepError, atomic_output, count_arg, count_lines, sigterm_exits
 
 COLUMNS = ("Entry", "Reviewed", "Entry Name", "Protein names", "Gene Names", "Organism", "Length",
            "Subcellular location [CC]", "RefSeq_id", "Genome_id", "RefSeq_nn", "RefSeq_aa")
@@ -140,7 +140,15 @@ class BadInput(StepError):
 def records(path: str | Path, counts: Counts, limit: int | None = None) -> Iterator[dict[str, Any]]:
     """The records of the TSV at ``path``, streamed; ``counts`` is kept up to date as rows are read."""
     source_file = Path(path).name
-    with open(path, encoding="utf-8", newline="") as f:
+    try:
+        yield from _records(path, source_file, counts, limit)
+    except UnicodeDecodeError as exc:
+        raise BadInput(f"{path}: not UTF-8 text ({exc})") from None
+
+
+def _records(path: str | Path, source_file: str, counts: Counts, limit: int | None) -> Iterator[dict[str, Any]]:
+    # utf-8-sig: a spreadsheet's export starts with a byte order mark, which is no part of the first column's name.
+    with open(path, encoding="utf-8-sig", newline="") as f:
         header = f.readline().rstrip("\r\n").split("\t")
         index = {name.strip(): i for i, name in enumerate(header)}
         missing = [name for name in REQUIRED if name not in index]
@@ -200,7 +208,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=count_arg, default=None, help="stop after this many valid records")
     args = parser.parse_args(argv)
     try:
-        convert(args.input, args.output, args.limit)
+        with sigterm_exits():
+            convert(args.input, args.output, args.limit)
     except (StepError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

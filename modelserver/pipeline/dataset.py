@@ -21,7 +21,7 @@ import numpy as np
 
 from modelserver.features import AMINO_ACID, CODON_USAGE
 from modelserver.pipeline.convert import COLUMNS
-from modelserver.pipeline.streams import atomic_output, count_arg
+from modelserver.pipeline.streams import atomic_output, count_arg, sigterm_exits
 
 SENSE = [c for c in CODON_USAGE if AMINO_ACID[c] != "*"]
 STOPS = [c for c in CODON_USAGE if AMINO_ACID[c] == "*"]
@@ -121,7 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="the TSV to write")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
-    write(args.out, args.records, args.seed)
+    with sigterm_exits():
+        write(args.out, args.records, args.seed)
     print(f"✓ Wrote {args.records:,} rows to {args.out}")
     return 0
 

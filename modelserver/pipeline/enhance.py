@@ -35,7 +35,7 @@ from typing import Any
 
 import orjson
 
-from modelserver.pipeline.streams import Progress, atomic_output, count_arg, count_lines, read_features
+from modelserver.pipeline.streams import Progress, atomic_output, count_arg, count_lines, read_features, sigterm_exits
 
 GC_OPTIMUM, GC_SPAN = 0.51, 0.15
 UNIFORM_PERPLEXITY, PERPLEXITY_SPAN = 4.0, 0.5
@@ -177,7 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--limit", type=count_arg, default=None, help="process at most this many records")
     args = parser.parse_args(argv)
     try:
-        enhance(args.input, args.features, args.output, args.limit)
+        with sigterm_exits():
+            enhance(args.input, args.features, args.output, args.limit)
     except (OSError, orjson.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -29,7 +29,15 @@ from urllib.parse import urlsplit
 
 import orjson
 
-from modelserver.pipeline.streams import FeaturesWriter, Progress, StepError, atomic_output, count_arg, count_lines
+from modelserver.pipeline.streams import (
+    FeaturesWriter,
+    Progress,
+    StepError,
+    atomic_output,
+    count_arg,
+    count_lines,
+    sigterm_exits,
+)
 
 TASK = "extract_features"
 SERVICE = "evo2-enhanced"
@@ -197,7 +205,7 @@ def elements(sequences: Iterable[bytes], compute: Compute, batch_size: int,
         computed, seconds = future.result()
         for i, answer in zip(good, computed, strict=True):
             answers[i] = answer
-        share_ms = round(seconds * 1000 / len(answers), 3)
+        share_ms = round(seconds * 1000 / len(answers))  # whole milliseconds, as the seed's service reports
         out = []
         failed = 0
         for output, error in answers:
@@ -284,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.batch_size < 1 or args.threads < 1:
         parser.error("--batch-size and --threads must be at least 1")
     try:
-        extract(args.input, args.output, args.limit, args.batch_size, args.device, args.service, args.threads)
+        with sigterm_exits():
+            extract(args.input, args.output, args.limit, args.batch_size, args.device, args.service, args.threads)
     except (StepError, OSError, orjson.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

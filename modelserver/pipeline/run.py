@@ -19,7 +19,7 @@ from pathlib import Path
 import orjson
 
 from modelserver.pipeline import convert, enhance, features
-from modelserver.pipeline.streams import StepError, count_arg
+from modelserver.pipeline.streams import StepError, count_arg, sigterm_exits
 
 RULE = "=" * 62
 
@@ -85,7 +85,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=features.DEFAULT_THREADS, help="torch's intra-op threads")
     args = parser.parse_args(argv)
     try:
-        run(args.input, args.output_dir, args.limit, args.service, args.batch_size, args.device, args.threads)
+        with sigterm_exits():
+            run(args.input, args.output_dir, args.limit, args.service, args.batch_size, args.device, args.threads)
     except (StepError, OSError, orjson.JSONDecodeError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
 from typing import IO, Any
 
 import orjson
@@ -37,6 +39,21 @@ def count_arg(text: str) -> int:
 
 class StepError(Exception):
     """Input or options a step cannot work with; the step prints it and exits with status 2."""
+
+
+def _terminated(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+@contextmanager
+def sigterm_exits() -> Iterator[None]:
+    """While the block runs, SIGTERM (a job's timeout or cancel: ``docker stop``) raises SystemExit, so that
+    ``atomic_output`` removes its temporary file rather than leave it in the outputs to be collected."""
+    previous = signal.signal(signal.SIGTERM, _terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @contextmanager

@@ -16,6 +16,7 @@ import torch
 
 from modelserver import features as kernel_features
 from modelserver.pipeline import convert, dataset, enhance, features, run, streams
+from tests.support.poll import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RECORD_KEYS = ["sequence", "protein_aa", "host", "expression", "extra_features", "metadata"]
@@ -187,6 +188,7 @@ def test_features_are_the_references_per_record(jsonl: Path, features_json: Path
         metadata = element["metadata"]
         assert list(metadata) == ["request_id", "processing_time_ms", "service"]
         assert metadata["request_id"] == f"record_{i}" and metadata["service"] == "evo2-enhanced"
+        assert type(metadata["processing_time_ms"]) is int  # whole milliseconds, as in the seed
         assert element["task"] == "extract_features"
         if "R" in rec["sequence"]:
             errors += 1
@@ -361,3 +363,62 @@ def test_a_step_runs_as_a_module_with_a_progress_file(tsv: Path, tmp_path: Path)
     progress = json.loads((tmp_path / "progress.json").read_text())
     assert progress["done"] == progress["total"] >= 100 and progress["unit"] == "records"
     assert not math.isnan(progress["rate"])
+
+
+def test_a_tsv_with_a_byte_order_mark_is_read_and_one_not_in_utf8_refused(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    plain = write_tsv(tmp_path / "plain.tsv", [{"Entry": "P1", "RefSeq_nn": "ATGGCC", "RefSeq_aa": "MA"}])
+    (tmp_path / "bom").mkdir()
+    marked = tmp_path / "bom" / "plain.tsv"  # the same name: the records name their source file
+    marked.write_bytes(b"\xef\xbb\xbf" + plain.read_bytes())
+    assert convert.main(["--input", str(marked), "--output", str(tmp_path / "marked.jsonl")]) == 0
+    assert lines(tmp_path / "marked.jsonl") == lines(convert_to(plain, tmp_path / "plain.jsonl"))
+    latin = tmp_path / "latin1.tsv"
+    latin.write_bytes(plain.read_bytes().replace(b"P1", b"P\xe91"))
+    assert convert.main(["--input", str(latin), "--output", str(tmp_path / "latin1.jsonl")]) == 2
+    assert "not UTF-8" in capsys.readouterr().err
+    assert not (tmp_path / "latin1.jsonl").exists() and not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def convert_to(tsv: Path, out: Path) -> Path:
+    convert.convert(tsv, out)
+    return out
+
+
+# A step held mid-output (its first record written, its output still a temporary file) until it is signalled.
+_HELD_STEP = """
+import signal, sys
+from pathlib import Path
+from modelserver.pipeline import convert
+records = convert.records
+
+def held(*args, **kwargs):
+    it = records(*args, **kwargs)
+    yield next(it)
+    Path(sys.argv[1]).touch()
+    while True:
+        signal.pause()
+
+convert.records = held
+sys.exit(convert.main(["--input", sys.argv[2], "--output", sys.argv[3]]))
+"""
+
+
+def test_a_step_stopped_by_sigterm_leaves_no_temporary_output(tsv: Path, tmp_path: Path) -> None:
+    """A job's timeout or cancel is Docker's SIGTERM: the half-written output must not stay to be collected."""
+    out = tmp_path / "outputs"
+    out.mkdir()
+    ready = tmp_path / "ready"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    step = subprocess.Popen([sys.executable, "-c", _HELD_STEP, str(ready), str(tsv), str(out / "Ec.jsonl")], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_until(lambda: ready.exists() or step.poll() is not None, 60, "the step holding its output", interval=0.05)
+        assert [p.name for p in out.iterdir() if p.name.endswith(".tmp")], "no temporary output while it works"
+        step.terminate()
+        assert step.wait(timeout=60) == 128 + 15
+    finally:
+        if step.poll() is None:
+            step.kill()
+            step.wait()
+    assert list(out.iterdir()) == []

@@ -7,11 +7,13 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import docker
 import httpx
 
 from controller.app import create_app
@@ -154,3 +156,36 @@ async def test_a_restarted_controller_finds_a_running_job_again(
         files = (await second.client.get("/jobs/long/outputs")).json()["files"]
         assert [f["path"] for f in files] == ["done"]
         assert (await second.client.get("/jobs/long/logs")).text == "before\n"
+
+
+NON_ROOT_IMAGE = "mmanager/job-non-root-test:latest"
+
+
+async def test_a_job_running_as_a_non_root_user_writes_its_outputs_and_progress_in_private_folders(
+    start_controller: StartController, example_image: str, docker_client: docker.DockerClient, tmp_path: Path
+) -> None:
+    """The job folders are 0700 on the host; the job, as an unprivileged user of its image, still writes
+    ``/outputs`` and its progress file, and runs without the capabilities a job never needs."""
+    dockerfile = f"FROM {example_image}\nUSER 10001:10001\n".encode()
+    docker_client.images.build(fileobj=io.BytesIO(dockerfile), tag=NON_ROOT_IMAGE, rm=True)
+    ctl = await start_controller(**dirs(tmp_path))
+    script = ('echo "{\\"done\\": 1}" > "$MMANAGER_PROGRESS_FILE"; ' + WAIT_FOR_GO
+              + "mkdir /outputs/sub && id -u > /outputs/sub/uid.txt")
+    started = await post(ctl, job(NON_ROOT_IMAGE, "nonroot", script))
+    host = docker_client.api.inspect_container(started["container_id"])["HostConfig"]
+    assert {"MKNOD", "SETUID", "SETGID", "FSETID"} <= set(host["CapDrop"] or [])
+    assert "no-new-privileges:true" in host["SecurityOpt"]
+    assert (ctl.settings.job_dir.stat().st_mode & 0o777, (ctl.settings.job_dir / "nonroot").stat().st_mode & 0o777) \
+        == (0o700, 0o700)
+
+    async def progress() -> dict[str, Any]:
+        return (await state(ctl, "nonroot"))["progress"] or {}
+
+    assert (await eventually(progress, within=10, what="the job's progress"))["done"] == 1
+    go(ctl, "nonroot")
+    done = await ended(ctl, "nonroot")
+    assert (done["state"], done["exit_code"]) == ("exited", 0), done
+    got = await ctl.client.get("/jobs/nonroot/outputs/sub/uid.txt")
+    assert got.status_code == 200 and got.text == "10001\n"
+    assert (await ctl.client.delete("/jobs/nonroot")).status_code == 204
+    assert not (ctl.settings.job_dir / "nonroot").exists()

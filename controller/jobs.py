@@ -672,8 +672,8 @@ class JobRunner:
         await self.ready()
         if attempt_id not in self.runs:
             # A folder left by a start that failed with its container (see ``run``) goes with it.
-            _check_attempt_id(attempt_id)
-            await asyncio.to_thread(shutil.rmtree, self.root / attempt_id, True)
+            if _ATTEMPT_RE.match(attempt_id):
+                await asyncio.to_thread(shutil.rmtree, self.root / attempt_id, True)
             return False
         async with self._lock(attempt_id):
             run = self.runs.get(attempt_id)

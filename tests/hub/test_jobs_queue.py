@@ -430,3 +430,17 @@ async def test_an_attempt_its_controller_does_not_hold_is_placed_again(parts: Pa
     job = await parts.row(job_id)
     assert (job.status, job.retries) == ("pending", 0)
     assert (await parts.attempts(job_id))[0].status == "failed"
+
+
+async def test_a_run_that_ended_before_any_listing_saw_it_keeps_its_start_time(parts: Parts) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    job = await parts.job(user, "short")
+    assert await parts.dispatcher.dispatch_once() == 1
+    attempt = (await parts.attempts(job))[0]
+    began = utcnow() - timedelta(seconds=1)
+    parts.fake.runs[attempt.id]["started_at"] = began.isoformat()
+    parts.fake.end(attempt.id, 0)
+    await parts.settle_all("c1")
+    [settled] = await parts.attempts(job)
+    assert (settled.status, settled.started_at) == ("succeeded", began)

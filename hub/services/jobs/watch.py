@@ -19,7 +19,7 @@ import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import or_, select
@@ -59,6 +59,8 @@ class Collected:
     outputs: list[tuple[str, str, int]] = field(default_factory=list)
     log_digest: str | None = None
     log_size: int = 0
+    # Docker's StartedAt as the controller reported it: a short run can end before any listing saw it run.
+    started_at: datetime | None = None
 
 
 def verdict(run: JobRunInfo) -> tuple[str, str | None]:
@@ -234,7 +236,7 @@ class Watcher:
     async def collect(self, controller_id: str, url: str, run: JobRunInfo) -> None:
         """Store the ended attempt's outputs and log, then settle it in one transaction."""
         status, error = verdict(run)
-        got = Collected(status, run.exit_code, error)
+        got = Collected(status, run.exit_code, error, started_at=run.started_at)
         manifest = await self.client.job_outputs(controller_id, url, run.attempt_id)
         for f in manifest.files:
             stream = await self.client.job_output(controller_id, url, run.attempt_id, f.path)
@@ -268,6 +270,8 @@ class Watcher:
             now = utcnow()
             attempt.status, attempt.exit_code, attempt.error = got.status, got.exit_code, got.error
             attempt.finished_at = now
+            if got.started_at is not None and attempt.started_at is None:
+                attempt.started_at = got.started_at
             attempt.log_digest, attempt.log_size = got.log_digest, got.log_size
             for path, digest, size in got.outputs:
                 session.add(ArtifactModel(owner_id=job.owner_id, name=path, digest=digest, size=size, job_id=job.id,

@@ -62,11 +62,14 @@ def exit_on_sigterm() -> None:
     signal.signal(signal.SIGTERM, lambda signum, _frame: sys.exit(128 + signum))
 
 
-def scratch(stack: ExitStack, prefix: str = "mm-bench-") -> tuple[str, Path]:
-    """The PostgreSQL server to measure on (MMANAGER_BENCH_DATABASE_URL, or a throwaway cluster) and a
-    temporary folder for the run, both closed with ``stack`` (also when stopped by SIGTERM)."""
+def scratch(stack: ExitStack, prefix: str = "mm-bench-", database: bool = True) -> tuple[str, Path]:
+    """The PostgreSQL server to measure on (MMANAGER_BENCH_DATABASE_URL, or a throwaway cluster; "" without
+    ``database``: the caller has one) and a temporary folder for the run, both closed with ``stack`` (also
+    when stopped by SIGTERM)."""
     exit_on_sigterm()
-    server = os.environ.get("MMANAGER_BENCH_DATABASE_URL") or stack.enter_context(local_cluster()).url
+    server = ""
+    if database:
+        server = os.environ.get("MMANAGER_BENCH_DATABASE_URL") or stack.enter_context(local_cluster()).url
     return server, Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
 
 

@@ -18,13 +18,14 @@ lost copies' ``times.txt`` read from the dead controller's job folder, the winne
 copies of one job ever ran at once, and for how long; no output of a lost attempt accepted; the seconds from the
 kill to the hub declaring the attempts lost and to the last job succeeding; how many attempts were ``lost``.
 
-    python -m bench.jobs_failover [--jobs 40] [--seconds 4] [--max-containers 8] [--modes server,controller]
+    python -m bench.jobs_failover [--jobs 40] [--seconds 8] [--max-containers 8] [--modes server,controller]
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import threading
@@ -34,6 +35,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import docker.errors
 import httpx
 
 from bench.common import say, scratch
@@ -93,6 +95,27 @@ class Events:
         self._thread.join(timeout=5)
 
 
+def _running(engine: Engine) -> list[str]:
+    """The ids of the engine's running job containers (no inspect per container: they come and go)."""
+    return [c["Id"] for c in engine.client.api.containers(filters={"label": "mmanager.job"})]
+
+
+def _kill_all(engine: Engine) -> float:
+    """Kill every running container of ``engine`` until none has run for a second: a start the dead controller
+    had asked for still completes after its death, and a dead server runs nothing. When the last one died."""
+    last = time.time()
+    quiet = time.monotonic()
+    while time.monotonic() - quiet < 1.0:
+        ids = _running(engine)
+        for cid in ids:
+            with contextlib.suppress(docker.errors.APIError):  # one that ended since it was listed
+                engine.client.api.kill(cid)
+        if ids:
+            last, quiet = time.time(), time.monotonic()
+        time.sleep(0.02)
+    return last
+
+
 def _drained(hub: httpx.Client) -> bool:
     return all(not hub.get("/api/jobs", params={"status": s, "limit": 1}).json() for s in ("pending", "running"))
 
@@ -111,8 +134,9 @@ def _lost_copies(jobdir: Path, offset: float) -> dict[tuple[str, int], tuple[flo
 def one_mode(mode: str, server: str, workdir: Path, engines: dict[str, Engine], n: int, seconds: float,
              max_containers: int) -> dict[str, Any]:
     for engine in engines.values():
-        for c in engine.client.containers.list(all=True):
-            c.remove(force=True)
+        for c in engine.client.api.containers(all=True):
+            with contextlib.suppress(docker.errors.NotFound):
+                engine.client.api.remove_container(c["Id"], force=True)
     db_url = asyncio.run(create_database(server, "jobsfailover"))
     dep = LocalDeployment(db_url, workdir / mode, interval=1.0, grace=3.0, extra_hub_env={
         "MMANAGER_RATE_LIMIT": "0", "MMANAGER_MAX_JOBS_PER_USER": str(n + 10),
@@ -139,15 +163,15 @@ def one_mode(mode: str, server: str, workdir: Path, engines: dict[str, Engine], 
 
             def mid_run() -> bool:
                 done = len(hub.get("/api/jobs", params={"status": "succeeded", "limit": 1000}).json())
-                return done >= n // 4 and bool(engines["a"].client.containers.list())
+                return done >= n // 4 and bool(_running(engines["a"]))
 
             wait_until(mid_run, 60 + 2 * n * seconds, interval=0.1, what="a quarter done and a running some")
-            running_on_victim = len(engines["a"].client.containers.list())
+            running_on_victim = len(_running(engines["a"]))
             killed = time.time()
             dep.controllers[victim].kill()
+            server_gone = None
             if mode == "server":
-                for c in engines["a"].client.containers.list():
-                    c.kill()
+                server_gone = _kill_all(engines["a"]) - killed
             say(f"{mode}: killed {victim} with {running_on_victim} job containers running on its engine")
             restarted = None
             if mode == "controller":
@@ -157,7 +181,7 @@ def one_mode(mode: str, server: str, workdir: Path, engines: dict[str, Engine], 
                 restarted = time.time() - killed
             wait_until(lambda: _drained(hub), 60 + 2 * n * seconds, interval=0.2, what="every job ended")
             # The engine's own copies stopped (fenced, or ended on their own) before what ran is compared.
-            wait_until(lambda: not engines["a"].client.containers.list(), 60, what="no job container left on a")
+            wait_until(lambda: not _running(engines["a"]), 60, what="no job container left on a")
             jobs = [hub.get(f"/api/jobs/{i}").json() for i in ids]
             written: dict[str, tuple[float | None, float | None]] = {}
             stale_outputs = 0
@@ -178,8 +202,10 @@ def one_mode(mode: str, server: str, workdir: Path, engines: dict[str, Engine], 
             ev.close()
         dep.stop()
     lost_copies = _lost_copies(workdir / mode / f"jobs-{victim}", offset)
-    return _judge(mode, jobs, written, lost_copies, events, killed, restarted, running_on_victim, stale_outputs,
-                  seconds)
+    result = _judge(mode, jobs, written, lost_copies, events, killed, restarted, running_on_victim, stale_outputs,
+                    seconds)
+    result["last_container_killed_after_s"] = round(server_gone, 2) if server_gone is not None else None
+    return result
 
 
 def _judge(mode: str, jobs: list[dict[str, Any]], written: dict[str, tuple[float | None, float | None]],
@@ -194,6 +220,10 @@ def _judge(mode: str, jobs: list[dict[str, Any]], written: dict[str, tuple[float
             span[0 if action == "start" else 1] = at
     hub_overlaps, two_won, real_overlaps, written_overlaps = 0, 0, [], []
     lost, lost_declared, moved = 0, [], 0
+    stale_ends = {"stopped early": 0, "ran to its end": 0}
+    stale_ends_after_kill: list[float] = []
+    errors: dict[str, int] = {}
+    examples: dict[str, str] = {}
     for job in jobs:
         attempts = sorted(job["attempts"], key=lambda a: a["number"])
         two_won += sum(a["status"] == "succeeded" for a in attempts) > 1
@@ -205,6 +235,15 @@ def _judge(mode: str, jobs: list[dict[str, Any]], written: dict[str, tuple[float
             if a["status"] == "lost":
                 lost += 1
                 lost_declared.append(_ts(a["finished_at"]) - killed)  # type: ignore[operator]
+                # How the lost copy's container ended: stopped before its sleep was over, or on its own.
+                start, die = ran.get((job["id"], a["number"], "a"), [None, None])
+                if start is not None and die is not None:
+                    stale_ends["stopped early" if die - start < seconds - 0.2 else "ran to its end"] += 1
+                    stale_ends_after_kill.append(die - killed)
+            if a["error"] and a["status"] != "lost":
+                reason = a["error"].split(":")[0][:60]
+                errors[reason] = errors.get(reason, 0) + 1
+                examples.setdefault(reason, a["error"][:300])
         moved += len(attempts) > 1
         spans = sorted(((s or 0.0, e if e is not None else float("inf")) for (j, _, _), (s, e) in ran.items()
                         if j == job["id"]))
@@ -216,8 +255,10 @@ def _judge(mode: str, jobs: list[dict[str, Any]], written: dict[str, tuple[float
             real_overlaps.append(worst)
         # The container's own words: a lost copy's last line before the winner's first.
         won = written.get(job["id"])
-        for (job_id, _), (start, end) in lost_copies.items():
-            if job_id == job["id"] and won is not None and won[0] is not None and start is not None:
+        winner = next((a["number"] for a in attempts if a["status"] == "succeeded"), None)
+        for (job_id, number), (start, end) in lost_copies.items():
+            if job_id == job["id"] and number != winner and won is not None and won[0] is not None \
+                    and start is not None:
                 stale_end = end if end is not None else killed
                 if stale_end > won[0]:
                     written_overlaps.append(stale_end - won[0])
@@ -231,7 +272,10 @@ def _judge(mode: str, jobs: list[dict[str, Any]], written: dict[str, tuple[float
         "succeeded": succeeded, "with_times_txt": sum(1 for w in written.values() if w[0] and w[1]),
         "no_job_lost": succeeded == len(jobs) and len(written) == len(jobs),
         "attempts": sum(len(j["attempts"]) for j in jobs), "attempts_lost": lost, "jobs_moved": moved,
-        "attempts_by_status": statuses, "copies_seen_by_the_engines": len(ran),
+        "attempts_by_status": statuses, "copies_seen_by_the_engines": len(ran), "other_attempts_errors": errors,
+        "other_attempts_error_examples": examples,
+        "lost_copies_ended": stale_ends,
+        "last_lost_copy_died_after_kill_s": round(max(stale_ends_after_kill), 2) if stale_ends_after_kill else None,
         "two_attempts_succeeded": two_won, "hub_record_overlaps": hub_overlaps,
         "copies_that_ran_at_once": len(real_overlaps),
         "max_overlap_s": round(max(real_overlaps), 2) if real_overlaps else 0.0,
@@ -245,7 +289,7 @@ def _judge(mode: str, jobs: list[dict[str, Any]], written: dict[str, tuple[float
     }
 
 
-def measure(jobs: int = 40, seconds: float = 4, max_containers: int = 8,
+def measure(jobs: int = 40, seconds: float = 8, max_containers: int = 8,
             modes: tuple[str, ...] = MODES, server: str | None = None) -> dict[str, Any]:
     """``server``: a PostgreSQL server's URL to make the databases on (else as ``bench.common.scratch``)."""
     load = os.getloadavg()
@@ -280,7 +324,7 @@ def table(result: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--jobs", type=int, default=40)
-    parser.add_argument("--seconds", type=int, default=4, help="each job's sleep")
+    parser.add_argument("--seconds", type=int, default=8, help="each job's sleep")
     parser.add_argument("--max-containers", type=int, default=8, help="per controller")
     parser.add_argument("--modes", default=",".join(MODES))
     parser.add_argument("--out", type=Path, default=Path("bench/results/jobs_failover.json"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+import time
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -444,3 +445,23 @@ async def test_a_run_that_ended_before_any_listing_saw_it_keeps_its_start_time(p
     await parts.settle_all("c1")
     [settled] = await parts.attempts(job)
     assert (settled.status, settled.started_at) == ("succeeded", began)
+
+
+async def test_a_snapshot_taken_during_a_pass_does_not_overfill_a_controller(parts: Parts,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    await parts.controller("c1", max_containers=2)
+    await parts.controller("c2", max_containers=2)
+    user = await parts.user("alice")
+    for i in range(5):
+        await parts.job(user, f"j{i}")
+    inputs = Dispatcher._inputs
+
+    async def refreshed(self: Dispatcher, session: Any, job: JobModel) -> Any:
+        # A background snapshot replacing the cache's index while the pass awaits.
+        await self.placement.refresh(time.monotonic())
+        return await inputs(self, session, job)
+
+    monkeypatch.setattr(Dispatcher, "_inputs", refreshed)
+    assert await parts.dispatcher.dispatch_once() == 4
+    hosts = [host for host, _ in parts.fake.started]
+    assert sorted(hosts) == ["c1", "c1", "c2", "c2"]

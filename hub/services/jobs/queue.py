@@ -122,7 +122,9 @@ class Dispatcher:
                     # Fair share, recounted as this pass starts jobs.
                     job = min(runnable, key=lambda j: (-j.priority, running.get(j.owner_id, 0), j.created_at, j.id))
                     runnable.remove(job)
-                    assert index is not None
+                    # The cache's current index, not the one the pass began with: a snapshot taken meanwhile (in
+                    # the background, while this pass awaited) replaced it, and holds count only in the new one.
+                    index = self.placement.current
                     start = await self._place(session, job, index, now)
                     if start is not None:
                         held.append(start.held)

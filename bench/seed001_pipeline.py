@@ -36,7 +36,7 @@ import subprocess
 import sys
 import time
 from contextlib import ExitStack
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -141,11 +141,13 @@ def through_hub(hub: httpx.Client, client: docker.DockerClient, tsv: Path, out_d
 
 
 def measure(hub: httpx.Client, client: docker.DockerClient, workdir: Path, records: int, runs: int = 1,
-            image: str = MODELSERVER_IMAGE) -> dict[str, Any]:
-    """``runs`` rounds, each the one-process runner then the hub on the same TSV, outputs compared."""
+            image: str = MODELSERVER_IMAGE, costs: bool = True) -> dict[str, Any]:
+    """``runs`` rounds, each the one-process runner then the hub on the same TSV, outputs compared; ``costs``:
+    also a container's and torch's import's own cost."""
     tsv = workdir / "Ec.tsv"
     dataset.write(tsv, records, 0)
-    costs = container_costs(client, image)
+    alone = container_costs(client, image) if costs else {}
+    load_before = os.getloadavg()[0]
     rounds = []
     for n in range(runs):
         local = one_process(tsv, workdir / f"local-{n}")
@@ -167,7 +169,9 @@ def measure(hub: httpx.Client, client: docker.DockerClient, workdir: Path, recor
         # The seed's time for this many records (its 342 s scale with the records).
         "hub_x_seed": round(SEED_SECONDS * scale / hub_s, 1), "one_process_x_seed": round(SEED_SECONDS * scale / local_s, 1),
         "hub_over_one_process": round(hub_s / local_s, 2), "goal_x_seed": GOAL,
-        "met": SEED_SECONDS * scale / hub_s >= GOAL, **costs, "rounds": rounds,
+        "met": SEED_SECONDS * scale / hub_s >= GOAL, **alone, "rounds": rounds,
+        # The machine's load (1 min) before and after: other work on it slows both sides.
+        "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
     }
 
 

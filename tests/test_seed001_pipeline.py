@@ -1,23 +1,22 @@
 """Seed 001's pipeline through the hub end to end, as a user runs it (``examples/seed001/run.py``) on a real lab
 (a hub, two controllers, the Docker engine, PostgreSQL) with the reference model image: a TSV made here uploaded,
 the three steps run as jobs, the enhanced JSONL downloaded, in the seed's format, with one line per valid row,
-the same bytes as the one-process runner gives on the same TSV, and each step's job showing its records done."""
+the same bytes as the one-process runner gives on the same TSV, and each step's job (and the CLI's table of the
+pipeline) showing its records done. The lab is the session's ``seed001_lab`` (tests/conftest.py)."""
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
-import docker
 import orjson
-import pytest
 
 from examples.seed001 import run as seed_run
 from modelserver.pipeline import dataset
-from tests.support.lab import Lab, running_lab
-from tests.support.pg import create_database
+from tests.support.lab import Lab
+from tests.support.procs import MMANAGER
 
 ROWS = 500
 # The dataset makes one row in 100 invalid, in turn: four kinds the converter skips, then an ambiguity code it
@@ -27,28 +26,15 @@ UNCHANGED = 1
 RECORD_KEYS = {"sequence", "protein_aa", "host", "expression", "extra_features", "metadata"}
 
 
-@pytest.fixture
-async def db_url(pg_server: str) -> str:
-    return await create_database(pg_server, "seed001")
-
-
-@pytest.fixture
-def lab(db_url: str, modelserver_image: str, docker_client: docker.DockerClient, tmp_path: Path,
-        request: pytest.FixtureRequest) -> Iterator[Lab]:
-    with running_lab(db_url, tmp_path, request, docker_client,
-                     hub_env={"MMANAGER_ARTIFACT_STORE": str(tmp_path / "artifacts")}) as lab:
-        yield lab
-
-
 def test_seed001_runs_as_a_pipeline_of_jobs_and_gives_the_one_process_runners_output(
-        lab: Lab, modelserver_image: str, tmp_path: Path) -> None:
+        seed001_lab: Lab, modelserver_image: str, tmp_path: Path) -> None:
     tsv = tmp_path / "Ec.tsv"
     dataset.write(tsv, ROWS, seed=1)
     # The one-process runner on the same TSV, meanwhile.
     local = subprocess.Popen([sys.executable, "-m", "modelserver.pipeline.run", "--input", str(tsv),
                               "--output-dir", str(tmp_path / "local")], stdout=subprocess.DEVNULL)
     said: list[str] = []
-    with lab.hub() as hub:
+    with seed001_lab.hub() as hub:
         result = seed_run.run(hub, tsv, tmp_path / "hub", image=modelserver_image, poll=0.1, timeout=120,
                               say=said.append)
     assert local.wait(timeout=120) == 0
@@ -82,3 +68,11 @@ def test_seed001_runs_as_a_pipeline_of_jobs_and_gives_the_one_process_runners_ou
     # What the run said as it followed: each step's status and its records done.
     assert any(line.split()[:2] == ["features", "succeeded"] and f"{VALID:,}/{VALID:,} records" in line
                for line in said), said
+    # And the CLI's table of the pipeline's steps.
+    shown = subprocess.run([*MMANAGER, "pipelines", "show", result.pipeline["id"]], capture_output=True, text=True,
+                           timeout=60, env={**os.environ, "MMANAGER_CONFIG": str(tmp_path / "cli.json"),
+                                            "MMANAGER_HUB_URL": seed001_lab.dep.hub().url,
+                                            "MMANAGER_TOKEN": seed001_lab.token})
+    assert shown.returncode == 0, shown.stderr
+    [row] = [line for line in shown.stdout.splitlines() if line.split()[:1] == ["features"]]
+    assert "succeeded" in row and f"{VALID}/{VALID} records" in row.replace(",", ""), shown.stdout

@@ -148,7 +148,7 @@ def measure(hub: httpx.Client, client: docker.DockerClient, workdir: Path, recor
     dataset.write(tsv, records, 0)
     alone = container_costs(client, image) if costs else {}
     load_before = os.getloadavg()[0]
-    rounds = []
+    rounds: list[dict[str, Any]] = []
     for n in range(runs):
         local = one_process(tsv, workdir / f"local-{n}")
         say(f"round {n + 1}: one process {local['seconds']:.2f} s {local['steps']}")

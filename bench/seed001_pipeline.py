@@ -28,12 +28,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import re
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from contextlib import ExitStack
 from datetime import datetime
@@ -84,16 +86,32 @@ def container_costs(client: docker.DockerClient, image: str) -> dict[str, float]
     return {"container_python_pass_s": round(empty, 3), "import_torch_s": round(float(out.decode().split()[-1]), 3)}
 
 
-def container_events(client: docker.DockerClient, since: float, until: float) -> dict[str, dict[str, float]]:
-    """Each job container's create, start and die times (epoch seconds), by job id, from the engine's events."""
-    found: dict[str, dict[str, float]] = {}
-    for event in client.events(since=int(since) - 1, until=int(until) + 2, decode=True,
-                               filters={"type": "container", "event": ["create", "start", "die"],
-                                        "label": "mmanager.job"}):
-        job = event["Actor"]["Attributes"].get("mmanager.job")
-        if job:
-            found.setdefault(job, {})[event["Action"]] = event["timeNano"] / 1e9
-    return found
+class ContainerEvents:
+    """Each job container's create, start and die times (epoch seconds), by job id, read live from the engine's
+    events while a run goes (the engine keeps only its last few hundred events, and other work makes more)."""
+
+    def __init__(self, client: docker.DockerClient) -> None:
+        self.found: dict[str, dict[str, float]] = {}
+        self._stream = client.events(decode=True, filters={"type": "container", "event": ["create", "start", "die"],
+                                                            "label": "mmanager.job"})
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    def _read(self) -> None:
+        with contextlib.suppress(Exception):  # the stream closed under it
+            for event in self._stream:
+                job = event["Actor"]["Attributes"].get("mmanager.job")
+                if job:
+                    self.found.setdefault(job, {})[event["Action"]] = event["timeNano"] / 1e9
+
+    def close(self, jobs: list[str], timeout: float = 5.0) -> dict[str, dict[str, float]]:
+        """The events, once every job in ``jobs`` was seen to die (or after ``timeout``)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and not all("die" in self.found.get(j, {}) for j in jobs):
+            time.sleep(0.05)
+        with contextlib.suppress(Exception):
+            self._stream.close()
+        return self.found
 
 
 def breakdown(pipeline: dict[str, Any], events: dict[str, dict[str, float]]) -> list[dict[str, Any]]:
@@ -125,11 +143,15 @@ def breakdown(pipeline: dict[str, Any], events: dict[str, dict[str, float]]) -> 
 def through_hub(hub: httpx.Client, client: docker.DockerClient, tsv: Path, out_dir: Path,
                 image: str = MODELSERVER_IMAGE) -> dict[str, Any]:
     """One run of ``examples.seed001.run`` and its cost, step by step and hand-over by hand-over."""
-    began = time.time()
-    result = seed_run.run(hub, tsv, out_dir, image=image, poll=0.1, say=lambda line: None)
+    events = ContainerEvents(client)
+    try:
+        result = seed_run.run(hub, tsv, out_dir, image=image, poll=0.1, say=lambda line: None)
+        seen = events.close([job["id"] for job in result.pipeline["steps"] if job["attempts"]])
+    finally:
+        events.close([], 0)
     if not result.succeeded:
         raise RuntimeError(f"the pipeline did not succeed: {json.dumps(result.pipeline)[:4000]}")
-    steps = breakdown(result.pipeline, container_events(client, began, time.time()))
+    steps = breakdown(result.pipeline, seen)
     sizes = {}
     for job in result.pipeline["steps"]:
         for artifact in hub.get(f"/api/jobs/{job['id']}/artifacts").json():

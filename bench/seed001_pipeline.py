@@ -211,6 +211,9 @@ def main() -> None:
         dep = LocalDeployment(db_url, workdir / "deployment",
                               extra_hub_env={"MMANAGER_ARTIFACT_STORE": str(workdir / "artifacts"),
                                              "MMANAGER_RATE_LIMIT": "0"})
+        # The hub's default heartbeat settings, not the tests' quick ones: a controller that misses a beat on a
+        # loaded machine is not declared lost under a step.
+        dep.interval, dep.grace = 2.0, 6.0
         dep.plan_hubs(1)
         dep.add_controller("a")
         dep.add_controller("b")

@@ -282,6 +282,23 @@ async def test_outputs_are_collected_checked_and_feed_the_next_job(parts: Parts,
     assert run["inputs"] == [{"digest": rows[0].digest, "path": "a.txt"}]
 
 
+async def test_the_last_progress_a_job_wrote_is_kept_when_it_ends(parts: Parts) -> None:
+    # A step that ends between two of the watcher's looks still shows its final count.
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    job_id = await parts.job(user)
+    await parts.dispatcher.dispatch_once()
+    attempt = (await parts.attempts(job_id))[0]
+    parts.fake.end(attempt.id, 0)
+    final = {"done": 496, "total": 496, "unit": "records", "rate": 1200.5}
+    parts.fake.runs[attempt.id]["progress"] = final
+    await parts.settle_all("c1")
+    job = await parts.row(job_id)
+    [settled] = await parts.attempts(job_id)
+    assert job.status == "succeeded" and job.progress is not None and settled.progress == job.progress
+    assert {k: job.progress[k] for k in final} == final
+
+
 async def test_a_checksum_mismatch_fails_the_attempt(parts: Parts, db: Database) -> None:
     await parts.controller("c1")
     user = await parts.user("alice")

@@ -61,6 +61,8 @@ class Collected:
     log_size: int = 0
     # Docker's StartedAt as the controller reported it: a short run can end before any listing saw it run.
     started_at: datetime | None = None
+    # The last progress the job wrote (its final count), kept on the attempt and the job.
+    progress: dict[str, Any] | None = None
 
 
 def verdict(run: JobRunInfo) -> tuple[str, str | None]:
@@ -236,7 +238,8 @@ class Watcher:
     async def collect(self, controller_id: str, url: str, run: JobRunInfo) -> None:
         """Store the ended attempt's outputs and log, then settle it in one transaction."""
         status, error = verdict(run)
-        got = Collected(status, run.exit_code, error, started_at=run.started_at)
+        got = Collected(status, run.exit_code, error, started_at=run.started_at,
+                        progress=run.progress.model_dump(mode="json") if run.progress is not None else None)
         manifest = await self.client.job_outputs(controller_id, url, run.attempt_id)
         for f in manifest.files:
             stream = await self.client.job_output(controller_id, url, run.attempt_id, f.path)
@@ -273,10 +276,14 @@ class Watcher:
             if got.started_at is not None and attempt.started_at is None:
                 attempt.started_at = got.started_at
             attempt.log_digest, attempt.log_size = got.log_digest, got.log_size
+            if got.progress is not None:
+                attempt.progress = got.progress
             for path, digest, size in got.outputs:
                 session.add(ArtifactModel(owner_id=job.owner_id, name=path, digest=digest, size=size, job_id=job.id,
                                           attempt_id=attempt.id, created_at=now))
             if job.status == "running" and job.epoch == attempt.number:
+                if got.progress is not None:
+                    job.progress = got.progress
                 self._settle_job(session, job, attempt, got, now)
         self.changed()
         return True

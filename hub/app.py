@@ -107,7 +107,9 @@ def build_hub(settings: HubSettings, db: Database | None = None,
                dispatcher=Dispatcher(db, client, ops, placement, replica_id),
                watcher=Watcher(db, client, ops, store, wait=settings.job_watch_wait,
                                # A start is tried at most three times, each within the create timeout.
-                               missing_grace=3 * settings.controller_create_timeout + 10))
+                               missing_grace=3 * settings.controller_create_timeout + 10,
+                               artifact_max_bytes=settings.artifact_max_bytes,
+                               artifacts_per_user_bytes=settings.artifacts_per_user_bytes))
 
 
 # The heartbeats' own connections (their batches' reads, the flush, the keys' snapshot, the monitor): at most

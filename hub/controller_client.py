@@ -19,6 +19,7 @@ import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_attempt, wait_exponential
@@ -438,8 +439,9 @@ class ControllerClient:
 
     async def job_output(self, controller_id: str, url: str, attempt_id: str, path: str) -> ClosingStream:
         """One output file's bytes as they come (the caller closes the stream)."""
-        return await self._stream(self.http, controller_id, url, f"/jobs/{attempt_id}/outputs/{path}", {},
-                                  "job_output")
+        # Quoted: a name may hold '?', '#' or '%' (the controller's route decodes it back).
+        return await self._stream(self.http, controller_id, url,
+                                  f"/jobs/{attempt_id}/outputs/{quote(path, safe='/')}", {}, "job_output")
 
     async def job_logs(self, controller_id: str, url: str, attempt_id: str, *, follow: bool = False,
                        lines: int | None = None) -> ClosingStream:

@@ -20,6 +20,10 @@ class JobDispatcher(LoopService):
     async def run_once(self) -> None:
         await self.dispatcher.dispatch_once()
 
+    async def stop(self) -> None:
+        await super().stop()
+        await self.dispatcher.stop()
+
 
 class JobWatcher(LoopService):
     name = "job-watcher"

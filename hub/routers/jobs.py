@@ -5,17 +5,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import unicodedata
 from collections.abc import AsyncIterator
 from typing import Annotated, Any
+from urllib.parse import quote
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 from fastapi.responses import JSONResponse, PlainTextResponse
 from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.deps import CurrentUser, Hub, HubDep, SessionDep
 from hub.errors import HubError
 from hub.job_schemas import ATTEMPT_LIVE, ArtifactOut, JobOut, JobSpec, JobStatus
-from hub.models import ArtifactModel, ControllerModel
+from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, JobModel
 from hub.routers.paging import Limit, Offset
 from hub.services.jobs.artifacts import (
     ArtifactQuotaExceeded,
@@ -170,8 +173,16 @@ async def upload(request: Request, user: CurrentUser, hub: HubDep, jobs: JobsDep
             raise quota()
     digest, size = await jobs.store.put(request.stream(), min(settings.artifact_max_bytes, max(quota_left, 0)),
                                         too_big)
+    def over(now_used: int) -> HubError:
+        return ArtifactQuotaExceeded(f"{user.username}'s artifacts hold {now_used} of their "
+                                     f"{settings.artifacts_per_user_bytes} bytes; delete some first",
+                                     {"used_bytes": now_used, "limit_bytes": settings.artifacts_per_user_bytes})
+
+    # Checked again where the row is written, under the user's row lock: uploads streamed side by side each
+    # passed the check above against the same bytes left.
     async with hub.db.session() as session:
-        row, new = await record_upload(session, user.id, name, digest, size)
+        row, new = await record_upload(session, user.id, name, digest, size, settings.artifacts_per_user_bytes,
+                                       not hub.db.is_sqlite, over)
         out = (await outs(session, [row]))[0]
     return JSONResponse(out.model_dump(mode="json"), status_code=201 if new else 200)
 
@@ -200,8 +211,16 @@ async def content(artifact_id: str, user: CurrentUser, hub: HubDep, jobs: JobsDe
 @router.delete("/artifacts/{artifact_id}", status_code=204,
                responses={409: {"description": "ARTIFACT_IN_USE: a pending or running job names it"}})
 async def delete(artifact_id: str, user: CurrentUser, jobs: JobsDep, session: SessionDep) -> Response:
-    await delete_artifact(session, jobs.store, artifact_id, user)
+    await delete_artifact(session, artifact_id, user)
     return Response(status_code=204)
+
+
+def content_disposition(filename: str) -> str:
+    """An attachment's header for any name (RFC 6266): an ASCII fallback and the UTF-8 name percent-encoded,
+    without quotes, backslashes or control characters (an output's name is whatever its job wrote)."""
+    clean = "".join(c for c in filename if c not in '"\\' and unicodedata.category(c)[0] != "C") or "download"
+    fallback = "".join(c if " " <= c <= "~" else "_" for c in clean)
+    return f"attachment; filename=\"{fallback}\"; filename*=UTF-8''{quote(clean, safe='')}"
 
 
 async def stream_digest(jobs: JobService, digest: str, size: int, filename: str) -> ClosingStreamingResponse:
@@ -216,18 +235,36 @@ async def stream_digest(jobs: JobService, digest: str, size: int, filename: str)
                 await chunks.aclose()  # type: ignore[attr-defined]
 
     headers = {"Content-Length": str(size), "X-Artifact-Digest": digest,
-               "Content-Disposition": f'attachment; filename="{filename}"'}
+               "Content-Disposition": content_disposition(filename)}
     return ClosingStreamingResponse(body(), media_type="application/octet-stream", headers=headers)
 
 
-async def controller_artifact(hub: Hub, digest: str) -> ClosingStreamingResponse | None:
+async def controller_artifact(hub: Hub, session: AsyncSession, controller_id: str,
+                              digest: str) -> ClosingStreamingResponse | None:
     """An artifact's bytes for a controller's download by digest (``controller.model_cache``), or None when no
-    artifact has that digest."""
+    live attempt on that controller takes an artifact with that digest as an input (a controller gets only what
+    it was asked to run with)."""
     if hub.jobs is None:
         return None
-    async with hub.db.session() as session:
-        size = await session.scalar(select(ArtifactModel.size).where(ArtifactModel.digest == digest).limit(1))
-    if size is None:
+    rows = (await session.execute(select(ArtifactModel.id, ArtifactModel.size, ArtifactModel.job_id,
+                                         ArtifactModel.name).where(ArtifactModel.digest == digest))).all()
+    if not rows:
         return None
-    return await stream_digest(hub.jobs, digest, size, digest.removeprefix("sha256:"))
+    specs = await session.scalars(select(JobModel.spec).join(JobAttemptModel, JobAttemptModel.job_id == JobModel.id)
+                                  .where(JobAttemptModel.controller_id == controller_id,
+                                         JobAttemptModel.status.in_(ATTEMPT_LIVE)))
+    ids: set[str] = set()
+    outputs: set[tuple[str, str]] = set()
+    for spec in specs:
+        for ref in spec.get("inputs") or ():
+            if isinstance(ref, str):
+                ids.add(ref)
+            elif isinstance(ref, dict) and "artifact" in ref:
+                ids.add(ref["artifact"])
+            elif isinstance(ref, dict) and "job" in ref:
+                outputs.add((ref["job"], ref.get("path", "")))
+    for artifact_id, size, job_id, name in rows:
+        if artifact_id in ids or (job_id, name) in outputs:
+            return await stream_digest(hub.jobs, digest, size, digest.removeprefix("sha256:"))
+    return None
 

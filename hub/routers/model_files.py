@@ -69,12 +69,13 @@ async def download(digest: str, _: CurrentUser, hub: HubDep, session: SessionDep
 async def controller_download(controller_id: str, digest: str, request: Request, hub: HubDep,
                               session: SessionDep) -> StreamingResponse:
     """A controller's download, with its heartbeat key (``controller.model_cache``): a model file, else a batch
-    job's input from the artifact store (one more read only when no model file has the digest)."""
+    job's input from the artifact store, only for a live attempt on this controller that takes it (more reads
+    only when no model file has the digest)."""
     await admit_controller(hub, request.scope, controller_id)
     try:
         return await _file(hub.services.model_store, session, digest)
     except NotFound:
-        artifact = await controller_artifact(hub, digest)
+        artifact = await controller_artifact(hub, session, controller_id, digest)
         if artifact is None:
             raise
         return artifact

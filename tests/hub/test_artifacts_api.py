@@ -1,9 +1,11 @@
 """The artifacts' routes on real PostgreSQL, through the hub's HTTP API in process: uploads streamed, hashed,
-size-limited with nothing kept past a limit, deduplicated; tenancy; a delete refused while a job names the
-artifact; the controllers' download by digest."""
+size-limited with nothing kept past a limit, deduplicated, the quota held by uploads side by side; tenancy; a
+delete refused while a job names the artifact, its bytes left to the sweep; a download of any name; the
+controllers' download by digest, only of their live attempts' inputs."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import os
 from collections.abc import AsyncIterator
@@ -12,20 +14,22 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 
 from hub.app import build_hub, create_app
 from hub.config import HubSettings
 from hub.db import Database
-from hub.models import ArtifactModel, ControllerModel, utcnow
+from hub.deps import Hub
+from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, utcnow
 from hub.services.users import create_user
 
 KEY = "test-key-" + "x" * 32
 
 
 class Api:
-    def __init__(self, client: httpx.AsyncClient, store: Path, db: Database) -> None:
+    def __init__(self, client: httpx.AsyncClient, store: Path, db: Database, hub: Hub) -> None:
         self.client = client
+        self.hub = hub
         self.store = store
         self.db = db
         self.tokens: dict[str, dict[str, str]] = {}
@@ -53,9 +57,11 @@ async def api(db: Database, tmp_path: Path) -> AsyncIterator[Api]:
     app = create_app(settings, hub=hub, run_loops=False)
     async with app.router.lifespan_context(app):
         async with db.session() as session:
-            session.add(ControllerModel(id="c1", url="http://c1:8001", status="healthy", last_heartbeat_at=utcnow()))
+            for cid in ("c1", "c2"):
+                session.add(ControllerModel(id=cid, url=f"http://{cid}:8001", status="healthy",
+                                            last_heartbeat_at=utcnow()))
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub") as client:
-            yield Api(client, tmp_path / "artifacts", db)
+            yield Api(client, tmp_path / "artifacts", db, hub)
 
 
 async def upload(api: Api, who: dict[str, str], name: str, data: bytes | Any, **headers: str) -> httpx.Response:
@@ -77,10 +83,23 @@ async def test_an_upload_is_stored_by_digest_listed_downloaded_and_deduplicated(
     content = await api.client.get(art["url"], headers=alice)
     assert content.content == data and content.headers["x-artifact-digest"] == digest
     assert [a["id"] for a in (await api.client.get("/api/artifacts", headers=alice)).json()] == [art["id"]]
-    # A controller fetches a job's input by digest, with its key, from the model files' route.
-    fetched = await api.client.get(f"/api/controllers/c1/model-files/{digest}",
-                                   headers={"Authorization": f"Bearer {KEY}"})
+    # A controller fetches a job's input by digest, with its key, from the model files' route: only one a live
+    # attempt on it takes.
+    def fetch(cid: str) -> Any:
+        return api.client.get(f"/api/controllers/{cid}/model-files/{digest}", headers={"Authorization": f"Bearer {KEY}"})
+
+    assert (await fetch("c1")).status_code == 404
+    r = await api.client.post("/api/jobs", headers=alice, json={"name": "j", "image": "busybox", "inputs": [art["id"]]})
+    assert r.status_code == 201, r.text
+    async with api.db.session() as session:
+        session.add(JobAttemptModel(job_id=r.json()["id"], number=1, controller_id="c1", status="starting",
+                                    created_at=utcnow(), log_size=0))
+    fetched = await fetch("c1")
     assert fetched.status_code == 200 and fetched.content == data
+    assert (await fetch("c2")).status_code == 404
+    async with api.db.session() as session:
+        await session.execute(update(JobAttemptModel).values(status="failed"))
+    assert (await fetch("c1")).status_code == 404
 
 
 async def test_uploads_past_a_limit_are_refused_and_leave_nothing(api: Api, db: Database) -> None:
@@ -130,4 +149,62 @@ async def test_another_users_artifact_does_not_exist_for_them_and_one_in_use_is_
     assert (await api.client.post(f"/api/jobs/{r.json()['error']['details']['jobs'][0]}/cancel",
                                   headers=alice)).json()["status"] == "cancelled"
     assert (await api.client.delete(f"/api/artifacts/{art['id']}", headers=alice)).status_code == 204
+    # The bytes are the sweep's, once older than its grace.
+    assert len(api.stored()) == 1
+    watcher = api.hub.watcher
+    assert watcher is not None
+    assert await watcher.sweep_store() == 0
+    watcher.sweep_grace = -1.0
+    assert await watcher.sweep_store() == 1
     assert api.stored() == []
+
+
+async def test_the_sweep_keeps_named_bytes_and_a_put_makes_old_bytes_new(api: Api) -> None:
+    alice = await api.user("alice")
+    kept = (await upload(api, alice, "kept.txt", b"kept")).json()
+    gone = (await upload(api, alice, "gone.txt", b"gone")).json()
+    assert (await api.client.delete(f"/api/artifacts/{gone['id']}", headers=alice)).status_code == 204
+    for name in api.stored():
+        os.utime(api.store / "sha256" / name, (1, 1))
+    # Uploaded again (and recorded) after the sweep listed it old: the put made it new, so it stays.
+    again = (await upload(api, alice, "gone.txt", b"gone")).json()
+    watcher = api.hub.watcher
+    assert watcher is not None
+    watcher.sweep_grace = 60.0
+    assert await watcher.sweep_store() == 0
+    assert sorted(api.stored()) == sorted(a["sha256"].removeprefix("sha256:") for a in (kept, again))
+    assert (await api.client.get(again["url"], headers=alice)).content == b"gone"
+
+
+async def test_a_download_of_any_name_has_a_safe_header(api: Api) -> None:
+    alice = await api.user("alice")
+    art = (await upload(api, alice, "x.txt", b"data")).json()
+    # An output's name is whatever its job wrote.
+    async with api.db.session() as session:
+        await session.execute(update(ArtifactModel).values(name='out/résumé "x"\r\nX-Evil: 1.txt'))
+    r = await api.client.get(art["url"], headers=alice)
+    assert r.status_code == 200 and r.content == b"data"
+    assert "x-evil" not in r.headers
+    assert r.headers["content-disposition"] == (
+        "attachment; filename=\"r_sum_ xX-Evil: 1.txt\"; filename*=UTF-8''r%C3%A9sum%C3%A9%20xX-Evil%3A%201.txt")
+
+
+async def test_uploads_side_by_side_cannot_both_spend_what_the_quota_has_left(api: Api, db: Database) -> None:
+    alice = await api.user("alice")
+    started, go = asyncio.Event(), asyncio.Event()
+
+    async def slow() -> AsyncIterator[bytes]:
+        yield b"a" * 2000
+        started.set()
+        await go.wait()
+        yield b"a" * 2000
+
+    # The first passed its check (nothing used) and streams; the second passes the same check and is recorded.
+    first = asyncio.create_task(upload(api, alice, "first.bin", slow()))
+    await started.wait()
+    assert (await upload(api, alice, "second.bin", b"b" * 4000)).status_code == 201
+    go.set()
+    r = await first
+    assert r.status_code == 507 and r.json()["error"]["code"] == "ARTIFACT_QUOTA_EXCEEDED", r.text
+    async with db.session() as session:
+        assert await session.scalar(select(func.count()).select_from(ArtifactModel)) == 1

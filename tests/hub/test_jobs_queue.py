@@ -13,12 +13,12 @@ from typing import Any
 
 import httpx
 import pytest
-from sqlalchemy import func, select, update
+from sqlalchemy import func, select, text, update
 
 from hub.config import HubSettings
 from hub.controller_client import ControllerClient
 from hub.db import Database
-from hub.errors import Conflict, NotFound
+from hub.errors import Conflict, InvalidRequest, NotFound
 from hub.job_schemas import JobSpec
 from hub.metrics import HubMetrics
 from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, JobModel, OperationModel, UserModel, utcnow
@@ -27,11 +27,12 @@ from hub.scheduler.snapshot import PlacementCache
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.jobs.artifacts import LocalArtifactStore
 from hub.services.jobs.core import JobService
-from hub.services.jobs.queue import Dispatcher
-from hub.services.jobs.watch import Watcher
+from hub.services.jobs.queue import MAX_UNCOUNTED_STARTS, Dispatcher
+from hub.services.jobs.watch import MAX_COLLECT_FAILURES, Watcher
 from hub.services.operations import OperationLog
 from hub.services.users import create_user
 from mmanager.wire import HeartbeatContainer
+from tests.support.poll import eventually
 
 KEY = "test-key-" + "x" * 32
 
@@ -47,16 +48,26 @@ class FakeControllers:
         self.deleted: list[str] = []
         self.cancelled: list[str] = []
         self.wrong_sha: set[str] = set()
+        # How a refusing controller refuses a start.
+        self.refusal = (409, "CAPACITY_EXCEEDED")
+        # An answer to every output file's GET instead of its bytes (a status), and the GETs made.
+        self.output_status: int | None = None
+        self.output_gets: list[str] = []
+        # Set: a start waits for it (a slow image pull).
+        self.gate: asyncio.Event | None = None
 
     def end(self, attempt_id: str, exit_code: int, outputs: dict[str, bytes] | None = None) -> None:
         self.runs[attempt_id].update(state="exited", exit_code=exit_code, collectable=True)
         self.outputs[attempt_id] = outputs or {}
 
-    def handler(self, request: httpx.Request) -> httpx.Response:
+    async def handler(self, request: httpx.Request) -> httpx.Response:
         host, path, method = request.url.host, request.url.path, request.method
         if method == "POST" and path == "/jobs/":
+            if self.gate is not None:
+                await self.gate.wait()
             if host in self.refuse:
-                return httpx.Response(409, json={"error": {"code": "CAPACITY_EXCEEDED", "message": "full"}})
+                status, code = self.refusal
+                return httpx.Response(status, json={"error": {"code": code, "message": f"refused: {code}"}})
             body = json.loads(request.content)
             self.started.append((host, body))
             run = {"attempt_id": body["attempt_id"], "job_id": body["job_id"], "number": body["number"],
@@ -82,6 +93,9 @@ class FakeControllers:
                      for p, b in self.outputs[attempt].items()]
             return httpx.Response(200, json={"files": files})
         if "/outputs/" in path:
+            self.output_gets.append("/".join(parts[4:]))
+            if self.output_status is not None:
+                return httpx.Response(self.output_status, json={"error": {"code": "X", "message": "no"}})
             return httpx.Response(200, content=self.outputs[attempt]["/".join(parts[4:])])
         if path.endswith("/logs"):
             return httpx.Response(200, content=f"log of {attempt}\n".encode())
@@ -100,6 +114,12 @@ class Parts:
         self.jobs = JobService(db, self.settings, self.ops, self.store)
         self.dispatcher = self.new_dispatcher(db)
         self.watcher = Watcher(db, self.client, self.ops, self.store, wait=0.1)
+
+    async def dispatch(self) -> int:
+        """One pass of the queue and the starts it made."""
+        n = await self.dispatcher.dispatch_once()
+        await self.dispatcher.drain()
+        return n
 
     def new_dispatcher(self, db: Database) -> Dispatcher:
         return Dispatcher(db, self.client, self.ops, PlacementCache(db, max_age=0.0, refresh_after=0.0, avoid_for=0.0))
@@ -153,7 +173,7 @@ async def test_queue_takes_priority_then_fair_share_then_age(parts: Parts) -> No
     a2 = await parts.job(alice, "a2")
     b1 = await parts.job(bob, "b1")
     c1 = await parts.job(carol, "c1", priority=5)
-    assert await parts.dispatcher.dispatch_once() == 3
+    assert await parts.dispatch() == 3
     started = {body["job_id"] for _, body in parts.fake.started}
     # carol's first (priority), then alice's oldest, then bob's (alice runs one already) before alice's second.
     assert started == {c1, a1, b1}
@@ -174,6 +194,7 @@ async def test_two_dispatchers_never_start_one_job_twice(parts: Parts, db: Datab
         other = parts.new_dispatcher(other_db)
         for _ in range(3):
             await asyncio.gather(parts.dispatcher.dispatch_once(), other.dispatch_once())
+            await asyncio.gather(parts.dispatcher.drain(), other.drain())
     finally:
         await other_db.dispose()
     started = [body["job_id"] for _, body in parts.fake.started]
@@ -233,7 +254,7 @@ async def test_cancel_a_pending_job_then_again(parts: Parts, db: Database) -> No
         async with db.session() as session:
             await parts.jobs.cancel(session, user, job_id)
     assert again.value.code == "JOB_FINISHED"
-    assert await parts.dispatcher.dispatch_once() == 0
+    assert await parts.dispatch() == 0
     assert await parts.ops_of(job_id) == ["job_submit", "job_cancelled"]
 
 
@@ -241,7 +262,7 @@ async def test_a_failed_attempt_is_retried_after_a_backoff_then_the_job_fails(pa
     await parts.controller("c1")
     user = await parts.user("alice")
     job_id = await parts.job(user, retries=1)
-    await parts.dispatcher.dispatch_once()
+    await parts.dispatch()
     first = (await parts.attempts(job_id))[0]
     parts.fake.end(first.id, 3)
     await parts.settle_all("c1")
@@ -250,10 +271,10 @@ async def test_a_failed_attempt_is_retried_after_a_backoff_then_the_job_fails(pa
     assert job.not_before is not None and job.not_before > utcnow() + timedelta(seconds=1)
     assert first.id in parts.fake.deleted
     # Not before its backoff.
-    assert await parts.dispatcher.dispatch_once() == 0
+    assert await parts.dispatch() == 0
     async with db.session() as session:
         await session.execute(update(JobModel).values(not_before=utcnow()))
-    assert await parts.dispatcher.dispatch_once() == 1
+    assert await parts.dispatch() == 1
     second = (await parts.attempts(job_id))[1]
     parts.fake.end(second.id, 3)
     await parts.settle_all("c1")
@@ -267,7 +288,7 @@ async def test_outputs_are_collected_checked_and_feed_the_next_job(parts: Parts,
     user = await parts.user("alice")
     first = await parts.job(user, "first")
     second = await parts.job(user, "second", inputs=[{"job": first, "path": "out/a.txt", "as": "a.txt"}])
-    assert await parts.dispatcher.dispatch_once() == 1
+    assert await parts.dispatch() == 1
     attempt = (await parts.attempts(first))[0]
     parts.fake.end(attempt.id, 0, {"out/a.txt": b"hello"})
     await parts.settle_all("c1")
@@ -277,7 +298,7 @@ async def test_outputs_are_collected_checked_and_feed_the_next_job(parts: Parts,
         logged = await session.get(JobAttemptModel, attempt.id)
     assert [(r.name, r.digest) for r in rows] == [("out/a.txt", "sha256:" + hashlib.sha256(b"hello").hexdigest())]
     assert logged is not None and logged.log_digest and await parts.store.exists(logged.log_digest)
-    assert await parts.dispatcher.dispatch_once() == 1
+    assert await parts.dispatch() == 1
     run = [body for _, body in parts.fake.started if body["job_id"] == second][0]
     assert run["inputs"] == [{"digest": rows[0].digest, "path": "a.txt"}]
 
@@ -303,7 +324,7 @@ async def test_a_checksum_mismatch_fails_the_attempt(parts: Parts, db: Database)
     await parts.controller("c1")
     user = await parts.user("alice")
     job_id = await parts.job(user)
-    await parts.dispatcher.dispatch_once()
+    await parts.dispatch()
     attempt = (await parts.attempts(job_id))[0]
     parts.fake.wrong_sha.add(attempt.id)
     parts.fake.end(attempt.id, 0, {"x": b"1"})
@@ -317,10 +338,10 @@ async def test_a_needed_job_that_failed_cancels_its_dependant(parts: Parts) -> N
     user = await parts.user("alice")
     first = await parts.job(user, "first")
     second = await parts.job(user, "second", inputs=[{"job": first, "path": "o"}])
-    await parts.dispatcher.dispatch_once()
+    await parts.dispatch()
     parts.fake.end((await parts.attempts(first))[0].id, 1)
     await parts.settle_all("c1")
-    await parts.dispatcher.dispatch_once()
+    await parts.dispatch()
     job = await parts.row(second)
     assert job.status == "cancelled" and first in (job.status_message or "")
 
@@ -332,12 +353,12 @@ async def test_refused_and_lost_attempts_run_again_not_counted_as_retries(parts:
     job_id = await parts.job(user)
     parts.fake.refuse.add("c1")
     parts.fake.refuse.add("c2")
-    await parts.dispatcher.dispatch_once()
+    await parts.dispatch()
     job = await parts.row(job_id)
     assert (job.status, job.retries) == ("pending", 0)
     assert [a.status for a in await parts.attempts(job_id)] == ["failed"]
     parts.fake.refuse.clear()
-    await parts.dispatcher.dispatch_once()
+    await parts.dispatch()
     running = (await parts.attempts(job_id))[-1]
     async with db.session() as session:
         await session.execute(update(ControllerModel).where(ControllerModel.id == running.controller_id)
@@ -349,7 +370,7 @@ async def test_refused_and_lost_attempts_run_again_not_counted_as_retries(parts:
     assert job.status == "pending"
     assert (await parts.attempts(job_id))[-1].status == "lost"
     assert "job_lost" in await parts.ops_of(job_id)
-    await parts.dispatcher.dispatch_once()
+    await parts.dispatch()
     last = (await parts.attempts(job_id))[-1]
     assert last.status == "starting" and last.controller_id != running.controller_id
 
@@ -375,14 +396,14 @@ async def test_jobs_waiting_for_others_do_not_hide_a_runnable_one(parts: Parts) 
     user = await parts.user("alice")
     parts.settings.max_jobs_per_user = 200
     blocker = await parts.job(user, "blocker")
-    await parts.dispatcher.dispatch_once()
+    await parts.dispatch()
     for i in range(70):
         await parts.job(user, f"later{i}", inputs=[{"job": blocker, "path": "o"}])
     async with parts.db.session() as session:
         await session.execute(update(ControllerModel).values(max_containers=2))
     parts.dispatcher.placement.stale()
     runnable = await parts.job(user, "runnable")
-    assert await parts.dispatcher.dispatch_once() == 1
+    assert await parts.dispatch() == 1
     assert parts.fake.started[-1][1]["job_id"] == runnable
 
 
@@ -390,7 +411,7 @@ async def test_a_beat_with_job_containers_reads_their_attempts_and_one_without_r
     await parts.controller("c1")
     user = await parts.user("alice")
     job_id = await parts.job(user)
-    await parts.dispatcher.dispatch_once()
+    await parts.dispatch()
     attempt = (await parts.attempts(job_id))[0]
     ingest = HeartbeatIngest(parts.db, parts.settings, HubMetrics())
     service = HeartbeatContainer(container_id="s", name="s", state="running", service_id="x", epoch=1)
@@ -404,7 +425,7 @@ async def test_a_cancelled_running_job_keeps_its_state_when_its_attempt_ends(par
     await parts.controller("c1")
     user = await parts.user("alice")
     job_id = await parts.job(user, retries=3)
-    await parts.dispatcher.dispatch_once()
+    await parts.dispatch()
     async with db.session() as session:
         job, live = await parts.jobs.cancel(session, user, job_id)
     assert job.status == "cancelled" and live is not None
@@ -422,22 +443,37 @@ async def test_an_attempt_past_its_timeout_with_no_end_reported_is_settled_timed
     await parts.controller("c1")
     user = await parts.user("alice")
     job_id = await parts.job(user, timeout=1)
-    await parts.dispatcher.dispatch_once()
+    await parts.dispatch()
     parts.watcher.timeout_grace = 0
     assert await parts.watcher.backstop() == 0
+    # Still pulling its image (not started): its timeout has not begun.
     async with db.session() as session:
         await session.execute(update(JobAttemptModel).values(created_at=utcnow() - timedelta(seconds=5)))
+    assert await parts.watcher.backstop() == 0
+    async with db.session() as session:
+        await session.execute(update(JobAttemptModel).values(started_at=utcnow() - timedelta(seconds=5)))
     assert await parts.watcher.backstop() == 1
     job = await parts.row(job_id)
     assert job.status == "timed_out" and (await parts.attempts(job_id))[0].status == "timed_out"
     assert parts.fake.cancelled
+    # One that never started at all is given the time its start may take, then timed out too.
+    other = await parts.job(user, timeout=1)
+    await parts.dispatch()
+    async with db.session() as session:
+        await session.execute(update(JobAttemptModel).where(JobAttemptModel.job_id == other)
+                              .values(created_at=utcnow() - timedelta(seconds=parts.watcher.missing_grace - 10)))
+    assert await parts.watcher.backstop() == 0
+    async with db.session() as session:
+        await session.execute(update(JobAttemptModel).where(JobAttemptModel.job_id == other)
+                              .values(created_at=utcnow() - timedelta(seconds=parts.watcher.missing_grace + 5)))
+    assert await parts.watcher.backstop() == 1
 
 
 async def test_an_attempt_its_controller_does_not_hold_is_placed_again(parts: Parts, db: Database) -> None:
     await parts.controller("c1")
     user = await parts.user("alice")
     job_id = await parts.job(user)
-    await parts.dispatcher.dispatch_once()
+    await parts.dispatch()
     [attempt] = await parts.attempts(job_id)
     parts.fake.runs.clear()  # the controller lost it (or the request never arrived)
     await parts.settle_all("c1")
@@ -454,7 +490,7 @@ async def test_a_run_that_ended_before_any_listing_saw_it_keeps_its_start_time(p
     await parts.controller("c1")
     user = await parts.user("alice")
     job = await parts.job(user, "short")
-    assert await parts.dispatcher.dispatch_once() == 1
+    assert await parts.dispatch() == 1
     attempt = (await parts.attempts(job))[0]
     began = utcnow() - timedelta(seconds=1)
     parts.fake.runs[attempt.id]["started_at"] = began.isoformat()
@@ -479,6 +515,171 @@ async def test_a_snapshot_taken_during_a_pass_does_not_overfill_a_controller(par
         return await inputs(self, session, job)
 
     monkeypatch.setattr(Dispatcher, "_inputs", refreshed)
-    assert await parts.dispatcher.dispatch_once() == 4
+    assert await parts.dispatch() == 4
     hosts = [host for host, _ in parts.fake.started]
     assert sorted(hosts) == ["c1", "c1", "c2", "c2"]
+
+
+async def test_a_controller_refusing_the_job_itself_counts_against_its_retries(parts: Parts) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    parts.fake.refuse.add("c1")
+    parts.fake.refusal = (422, "IMAGE_PULL_FAILED")
+    job_id = await parts.job(user, retries=1)
+    assert await parts.dispatch() == 1
+    job = await parts.row(job_id)
+    assert (job.status, job.retries) == ("pending", 0) and job.not_before is not None
+    async with parts.db.session() as session:
+        await session.execute(update(JobModel).values(not_before=utcnow()))
+    parts.dispatcher.placement.stale()  # the refusing controller is avoided only while another could do
+    assert await parts.dispatch() == 1
+    job = await parts.row(job_id)
+    assert job.status == "failed" and "IMAGE_PULL_FAILED" in (job.status_message or "")
+    assert [a.status for a in await parts.attempts(job_id)] == ["failed", "failed"]
+    assert await parts.ops_of(job_id) == ["job_submit", "job_start", "job_retry", "job_start", "job_failed"]
+
+
+async def test_passing_refusals_are_not_counted_but_only_so_many_times(parts: Parts) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    parts.fake.refuse.add("c1")
+    job_id = await parts.job(user)
+    for _ in range(MAX_UNCOUNTED_STARTS):
+        assert await parts.dispatch() == 1
+        assert (await parts.row(job_id)).status == "pending"
+        parts.dispatcher.placement.stale()
+    assert await parts.dispatch() == 1
+    job = await parts.row(job_id)
+    assert job.status == "failed" and "CAPACITY_EXCEEDED" in (job.status_message or "")
+    assert len(await parts.attempts(job_id)) == MAX_UNCOUNTED_STARTS + 1
+
+
+async def test_inputs_mounted_one_inside_another_are_refused(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    async with db.session() as session:
+        art = ArtifactModel(owner_id=user.id, name="a", digest="sha256:" + "0" * 64, size=1)
+        session.add(art)
+    for inputs in ([{"artifact": art.id, "path": "a"}, {"artifact": art.id, "path": "a/b"}],
+                   [art.id, {"artifact": art.id, "path": "a/x"}]):
+        with pytest.raises(InvalidRequest) as refused:
+            await parts.job(user, inputs=inputs)
+        assert refused.value.code == "INPUT_PATH_CONFLICT"
+    await parts.job(user, inputs=[{"artifact": art.id, "path": "a"}, {"artifact": art.id, "path": "ab/c"}])
+
+
+async def test_outputs_with_any_name_are_collected(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    job_id = await parts.job(user)
+    await parts.dispatch()
+    [attempt] = await parts.attempts(job_id)
+    names = ["what?.txt", "x#y", "a%41.txt", "dir/sp ace.txt"]
+    parts.fake.end(attempt.id, 0, {n: n.encode() for n in names})
+    await parts.settle_all("c1")
+    assert (await parts.row(job_id)).status == "succeeded"
+    async with db.session() as session:
+        rows = list(await session.scalars(select(ArtifactModel).where(ArtifactModel.job_id == job_id)))
+    assert sorted((r.name, r.size) for r in rows) == sorted((n, len(n)) for n in names)
+
+
+async def test_outputs_too_large_fail_the_attempt_at_once_without_a_retry(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    parts.watcher.artifact_max_bytes, parts.watcher.artifacts_per_user_bytes = 10, 15
+    for outputs in ({"big": b"x" * 11}, {"a": b"x" * 8, "b": b"x" * 8}):
+        job_id = await parts.job(user, retries=2)
+        await parts.dispatch()
+        [attempt] = await parts.attempts(job_id)
+        parts.fake.end(attempt.id, 0, outputs)
+        await parts.settle_all("c1")
+        job = await parts.row(job_id)
+        assert job.status == "failed" and "OUTPUTS_TOO_LARGE" in (job.status_message or ""), job.status_message
+        [attempt] = await parts.attempts(job_id)
+        assert attempt.log_digest is not None and attempt.id in parts.fake.deleted
+    assert parts.fake.output_gets == []
+    # Within both limits: collected.
+    job_id = await parts.job(user)
+    await parts.dispatch()
+    parts.fake.end((await parts.attempts(job_id))[0].id, 0, {"a": b"x" * 8})
+    await parts.settle_all("c1")
+    assert (await parts.row(job_id)).status == "succeeded"
+
+
+async def test_a_collection_that_keeps_failing_fails_the_attempt(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    url = "http://c1:8001"
+    # The controller fails (5xx) for each listed file: tried again, then the attempt fails and the job retries.
+    parts.fake.output_status = 500
+    job_id = await parts.job(user, retries=1)
+    await parts.dispatch()
+    [attempt] = await parts.attempts(job_id)
+    parts.fake.end(attempt.id, 0, {"o": b"1"})
+    for _ in range(MAX_COLLECT_FAILURES - 1):
+        assert not await parts.watcher.observe("c1", url, (await parts.client.job_runs("c1", url)).runs)
+        assert (await parts.attempts(job_id))[0].status == "starting"
+    assert not await parts.watcher.observe("c1", url, (await parts.client.job_runs("c1", url)).runs)
+    [attempt] = await parts.attempts(job_id)
+    assert attempt.status == "failed" and "could not be collected" in (attempt.error or "")
+    job = await parts.row(job_id)
+    assert (job.status, job.retries) == ("pending", 0)
+    await parts.settle_all("c1")  # and deleted on its controller
+    assert attempt.id in parts.fake.deleted
+    # A listed file the controller refuses (4xx): failed at once.
+    parts.fake.output_status = 404
+    async with db.session() as session:
+        await session.execute(update(JobModel).values(not_before=utcnow()))
+    await parts.dispatch()
+    second = (await parts.attempts(job_id))[1]
+    parts.fake.end(second.id, 0, {"o": b"1"})
+    assert not await parts.watcher.observe("c1", url, (await parts.client.job_runs("c1", url)).runs)
+    assert (await parts.attempts(job_id))[1].status == "failed"
+    assert (await parts.row(job_id)).status == "failed"
+
+
+async def test_a_pass_does_not_wait_for_a_slow_start_and_stop_cancels_it(parts: Parts) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    parts.fake.gate = asyncio.Event()
+    first = await parts.job(user, "first")
+    assert await parts.dispatcher.dispatch_once() == 1
+    # The start still waits on its controller; the next pass starts the next job meanwhile.
+    second = await parts.job(user, "second")
+    assert await parts.dispatcher.dispatch_once() == 1
+    assert parts.fake.started == []
+    assert {(await parts.row(j)).status for j in (first, second)} == {"running"}
+    await parts.dispatcher.stop()
+    assert parts.fake.started == []
+    parts.fake.gate.set()
+
+
+async def test_rows_are_locked_job_first_then_attempt(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    job_id = await parts.job(user)
+    await parts.dispatch()
+    [attempt] = await parts.attempts(job_id)
+    other = Database(db.url)
+
+    async def blocked() -> bool:
+        async with other.session() as s:
+            return bool(await s.scalar(text("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock'")))
+
+    try:
+        for step in (lambda: parts.dispatcher.unstart(job_id, attempt.id, 1, "c1", "refused"),
+                     lambda: parts.watcher.give_up(["c1"])):
+            async with other.session() as holder:
+                # Another writer holds the job's row (as settle or cancel does)...
+                await holder.execute(select(JobModel.id).where(JobModel.id == job_id).with_for_update())
+                task = asyncio.create_task(step())
+                await eventually(blocked, 10, "the step waiting on the job's row")
+                # ...and takes the attempt's next: the step must not hold it while it waits (a deadlock).
+                await holder.execute(select(JobAttemptModel).where(JobAttemptModel.id == attempt.id)
+                                     .with_for_update(nowait=True))
+            await task
+            async with db.session() as session:
+                await session.execute(update(JobAttemptModel).values(status="running"))
+                await session.execute(update(JobModel).values(status="running"))
+    finally:
+        await other.dispose()

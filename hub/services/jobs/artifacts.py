@@ -10,7 +10,9 @@ client library; nothing outside this module knows which store runs.
 
 Invariants: a digest is visible in a store only complete and checked; a row (``artifacts``) exists only once its
 bytes are stored. Many rows may name one digest (content addressing): the bytes go only when no row and no
-attempt's log names them. A user sees and uses only their own artifacts; an admin all.
+attempt's log names them, and only by the leader's sweep (``Watcher.sweep_store``) once they are older than its
+grace, never inline: an upload or a collection that put the same bytes a moment ago (a put makes the file new
+again) records its row well within the grace. A user sees and uses only their own artifacts; an admin all.
 """
 
 from __future__ import annotations
@@ -84,6 +86,15 @@ class ArtifactStore(ABC):
         """Drop what a killed replica left half-written more than ``grace`` seconds ago; how many."""
         return 0
 
+    async def stale(self, grace: float) -> list[str]:
+        """The digests whose bytes were last put more than ``grace`` seconds ago (the sweep's candidates)."""
+        return []
+
+    async def drop_stale(self, digest: str, grace: float) -> bool:
+        """Remove ``digest``'s bytes if they were still last put more than ``grace`` seconds ago; whether they
+        went."""
+        return False
+
 
 class LocalArtifactStore(ArtifactStore):
     """A directory: ``sha256/<hex>`` and ``tmp/`` for writes under way (every replica sees the same one)."""
@@ -118,6 +129,7 @@ class LocalArtifactStore(ArtifactStore):
                 await writer.write(chunk)
             size = writer.size
             digest = await writer.finish()
+            # The file is new even when the digest was stored already: its age is the sweep's grace.
             await asyncio.to_thread(os.replace, tmp, self.path(digest))
         except OSError as exc:
             out.close()
@@ -157,6 +169,39 @@ class LocalArtifactStore(ArtifactStore):
 
     async def delete(self, digest: str) -> None:
         await asyncio.to_thread(self.path(digest).unlink, missing_ok=True)
+
+    async def stale(self, grace: float) -> list[str]:
+        return await asyncio.to_thread(self._stale, time.time() - grace)
+
+    def _stale(self, cutoff: float) -> list[str]:
+        try:
+            entries = list(os.scandir(self.files))
+        except FileNotFoundError:
+            return []
+        out = []
+        for entry in entries:
+            with contextlib.suppress(FileNotFoundError):
+                if entry.is_file(follow_symlinks=False) and entry.stat().st_mtime < cutoff:
+                    out.append(f"sha256:{entry.name}")
+        return [d for d in out if DIGEST_RE.fullmatch(d)]
+
+    async def drop_stale(self, digest: str, grace: float) -> bool:
+        return await asyncio.to_thread(self._drop_stale, self.path(digest), time.time() - grace)
+
+    def _drop_stale(self, path: Path, cutoff: float) -> bool:
+        # Moved aside first, then judged by its age: a put that made it new again just before is put back
+        # (the same bytes), and one just after writes a file of its own.
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        aside = self.tmp / f"gc-{uuid.uuid4().hex}"
+        try:
+            os.rename(path, aside)
+        except FileNotFoundError:
+            return False
+        if aside.stat().st_mtime >= cutoff:
+            os.replace(aside, path)
+            return False
+        aside.unlink()
+        return True
 
     def sweep(self, grace: float) -> int:
         cutoff = time.time() - grace
@@ -227,13 +272,23 @@ async def used_bytes(session: AsyncSession, owner_id: int) -> int:
                                     .where(ArtifactModel.owner_id == owner_id)) or 0)
 
 
-async def record_upload(session: AsyncSession, owner_id: int, name: str, digest: str, size: int) -> tuple[ArtifactModel, bool]:
-    """The upload's row, and whether it is new: the same name and bytes uploaded again keep their first row."""
+async def record_upload(session: AsyncSession, owner_id: int, name: str, digest: str, size: int,
+                        quota: int | None = None, lock: bool = False,
+                        over: Callable[[int], Exception] | None = None) -> tuple[ArtifactModel, bool]:
+    """The upload's row, and whether it is new: the same name and bytes uploaded again keep their first row. A new
+    row is checked against ``quota`` under the owner's row lock (``lock``: PostgreSQL), so uploads that streamed
+    side by side cannot each spend what is left: ``over(used)`` is raised past it (the bytes are the sweep's)."""
+    if lock:
+        await session.execute(select(UserModel.id).where(UserModel.id == owner_id).with_for_update())
     found = await session.scalar(select(ArtifactModel).where(
         ArtifactModel.owner_id == owner_id, ArtifactModel.name == name, ArtifactModel.digest == digest,
         ArtifactModel.job_id.is_(None), ArtifactModel.attempt_id.is_(None)).limit(1))
     if found is not None:
         return found, False
+    if quota is not None:
+        used = await used_bytes(session, owner_id)
+        if used + size > quota:
+            raise (over(used) if over else ArtifactQuotaExceeded(f"the artifacts quota of {quota} bytes is spent"))
     row = ArtifactModel(owner_id=owner_id, name=name, digest=digest, size=size)
     session.add(row)
     await session.flush()
@@ -253,18 +308,10 @@ async def named_by_live_job(session: AsyncSession, artifact_id: str) -> list[str
     return found
 
 
-async def digest_unused(session: AsyncSession, digest: str) -> bool:
-    """No artifact row and no attempt's log names ``digest``."""
-    named = await session.scalar(select(func.count()).select_from(ArtifactModel).where(ArtifactModel.digest == digest))
-    logs = await session.scalar(select(func.count()).select_from(JobAttemptModel)
-                                .where(JobAttemptModel.log_digest == digest))
-    return not named and not logs
-
-
-async def delete_artifact(session: AsyncSession, store: ArtifactStore, artifact_id: str, user: UserModel) -> None:
+async def delete_artifact(session: AsyncSession, artifact_id: str, user: UserModel) -> None:
     """Remove one of the caller's uploads (an admin: anyone's); 409 ARTIFACT_IN_USE while a pending or running
     job names it; a job's output is kept with its job (409 ARTIFACT_IS_OUTPUT). The row goes in the caller's
-    transaction; the bytes after it committed, only when nothing else names them."""
+    transaction; the bytes are the sweep's, once nothing names them."""
     row = await get_artifact(session, artifact_id, user)
     if row.job_id is not None or row.attempt_id is not None:
         raise Conflict(f"artifact {artifact_id} is an output of job {row.job_id}; it is kept with its job",
@@ -273,8 +320,5 @@ async def delete_artifact(session: AsyncSession, store: ArtifactStore, artifact_
     if jobs:
         raise Conflict(f"artifact {artifact_id} is an input of {len(jobs)} pending or running job(s)",
                        {"jobs": jobs}, code="ARTIFACT_IN_USE")
-    digest = row.digest
     await session.delete(row)
     await session.commit()
-    if await digest_unused(session, digest):
-        await store.delete(digest)

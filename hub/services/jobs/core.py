@@ -149,7 +149,7 @@ class JobService:
 
     async def resolve_inputs(self, session: AsyncSession, user: UserModel, spec: JobSpec) -> list[str]:
         """Check every input names the caller's artifact or job output (404 ARTIFACT_NOT_FOUND,
-        JOB_NOT_FOUND) and no two share a mount path (422 INPUT_PATH_CONFLICT); the job ids it must wait for."""
+        JOB_NOT_FOUND) and no two share a mount path nor is one inside another's (422 INPUT_PATH_CONFLICT); the job ids it must wait for."""
         artifact_ids = [ref if isinstance(ref, str) else ref.artifact for ref in spec.inputs
                         if isinstance(ref, str | ArtifactInput)]
         job_refs = [ref for ref in spec.inputs if isinstance(ref, JobOutputInput)]
@@ -192,10 +192,14 @@ class JobService:
                 paths.append(ref.path or artifacts[ref.artifact].name)
             else:
                 paths.append(ref.as_ or ref.path)
-        clashes = sorted({posixpath.normpath(p) for p in paths if paths.count(p) > 1})
+        normal = [posixpath.normpath(p).strip("/") for p in paths]
+        clashes = sorted({p for p in normal if normal.count(p) > 1})
+        # One input inside another's path ('a' and 'a/b'): the controller cannot mount both.
+        given = set(normal)
+        clashes += sorted(f"{a} and {p}" for p in given for a in given if p.startswith(a + "/"))
         if clashes:
-            raise InvalidRequest("two inputs are mounted at the same path under /inputs", {"paths": clashes},
-                                 code="INPUT_PATH_CONFLICT")
+            raise InvalidRequest("two inputs are mounted at the same path under /inputs, or one inside the other",
+                                 {"paths": clashes}, code="INPUT_PATH_CONFLICT")
         return list(dict.fromkeys(needs))
 
     # ------------------------------------------------------------------------------------------------ reads

@@ -8,9 +8,12 @@ age. Each is placed (``PlacementCache``); in the same transaction its attempt is
 ``running`` (epoch and attempts + 1). Only after the commit are the controllers asked (``POST /jobs/``).
 
 Invariants: a job is claimed by one replica at a time (row locks), so no two replicas start one job twice; an
-attempt row exists before its controller is asked; a controller's refusal or silence fails that attempt and
-puts the job back to pending at once, not counted as a retry. A job that does not fit stays pending, its
-``status_message`` and ``wait_reasons`` written only when they change.
+attempt row exists before its controller is asked. A pass does not wait for the controllers: each start runs as a
+task of its own (``stop()`` cancels and awaits them). A controller's silence or a passing refusal (busy, stale,
+not synced) fails that attempt and puts the job back to pending at once, not counted as a retry, at most
+``MAX_UNCOUNTED_STARTS`` times per job; any other refusal (the image, the inputs, the spec) is a failed attempt
+counted against the job's retries. Rows are locked job first, then attempt. A job that does not fit stays
+pending, its ``status_message`` and ``wait_reasons`` written only when they change.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import func, or_, select
@@ -25,12 +29,12 @@ from sqlalchemy.orm import lazyload
 
 from hub.controller_client import ControllerClient
 from hub.db import Database
-from hub.errors import HubError
+from hub.errors import ControllerRejected, HubError
 from hub.job_schemas import ArtifactInput, JobOutputInput
 from hub.models import ArtifactModel, JobAttemptModel, JobModel, utcnow
 from hub.scheduler.placement import Placement
 from hub.scheduler.snapshot import Held, PlacementCache
-from hub.services.jobs.core import add_op, job_request, lock_job, output_digest, parse_spec
+from hub.services.jobs.core import add_op, backoff, job_request, lock_job, output_digest, parse_spec
 from hub.services.operations import OperationLog
 from hub.services.users import SYSTEM_ACTOR
 from mmanager.wire import JobInput, JobRun
@@ -40,6 +44,14 @@ log = logging.getLogger(__name__)
 # Jobs claimed in one page, and pages in one pass at most.
 BATCH = 64
 MAX_PAGES = 8
+# A controller's refusals that say nothing about the job (it is busy, behind, or saw a newer attempt): the job
+# is placed again at once, not counted as a retry. Any other refusal is the job's (its image, inputs, spec).
+PASSING_REFUSALS = frozenset({"STALE_EPOCH", "CAPACITY_EXCEEDED", "CONTROLLER_NOT_SYNCED", "MODEL_CACHE_FULL"})
+# Starts that failed without counting against the job's retries, past which each failure counts: a controller
+# that fails every start (a bug, a 5xx) must not keep a job cycling for ever.
+MAX_UNCOUNTED_STARTS = 5
+# How an uncounted failed start's attempt error begins (what the cap counts).
+NOT_STARTED = "not started: "
 
 
 @dataclass
@@ -66,9 +78,25 @@ class Dispatcher:
         self.ops = ops
         self.placement = placement
         self.replica_id = replica_id
+        # The starts under way (each a controller call that may take as long as an image pull).
+        self._starts: set[asyncio.Task[None]] = set()
+
+    async def stop(self) -> None:
+        """Cancel the starts under way and wait for them (an attempt left ``starting`` is the missing-attempt
+        check's: its controller either holds it or it is placed again)."""
+        tasks = list(self._starts)
+        for task in tasks:
+            task.cancel()
+        await self.drain()
+
+    async def drain(self) -> None:
+        """Wait for the starts under way to end."""
+        while self._starts:
+            await asyncio.wait(list(self._starts))
 
     async def dispatch_once(self) -> int:
-        """One pass over the queue; how many attempts it started (asked their controller)."""
+        """One pass over the queue; how many attempts it started (their controllers are asked by tasks of their
+        own: the pass does not wait for them)."""
         starts: list[_Start] = []
         async with self.db.session() as session:
             now = utcnow()
@@ -137,8 +165,10 @@ class Dispatcher:
                 raise
         for start in starts:
             self.placement.committed(start.held)
-        if starts:
-            await asyncio.gather(*(self._run(start) for start in starts))
+        for start in starts:
+            task = asyncio.create_task(self._run(start), name=f"job-start-{start.attempt_id}")
+            self._starts.add(task)
+            task.add_done_callback(self._starts.discard)
         return len(starts)
 
     async def _place(self, session: Any, job: JobModel, index: Any, now: Any) -> _Start | None:
@@ -204,28 +234,59 @@ class Dispatcher:
         return out
 
     async def _run(self, start: _Start) -> None:
-        """Ask the controller; a refusal or silence fails this attempt and the job is pending again at once."""
+        """Ask the controller; a refusal or silence fails this attempt (see the module's docstring for when that
+        counts against the job's retries)."""
+        counted = False
         try:
             await self.client.run_job(start.controller_id, start.url, start.run)
             return
         except HubError as exc:
             error = exc.message
+            counted = isinstance(exc, ControllerRejected) and exc.code not in PASSING_REFUSALS
         except Exception as exc:  # noqa: BLE001 - whatever it was, the job must not stay running on nothing
             error = f"{type(exc).__name__}: {exc}"
         log.warning("job %s attempt %d: controller %s refused or could not be reached: %s", start.job_id,
                     start.run.number, start.controller_id, error)
         self.placement.release(start.held)
         self.placement.avoid(start.controller_id)
-        await self.unstart(start.job_id, start.attempt_id, start.run.number, start.controller_id, error)
+        await self.unstart(start.job_id, start.attempt_id, start.run.number, start.controller_id, error,
+                           counted=counted)
 
-    async def unstart(self, job_id: str, attempt_id: str, number: int, controller_id: str, error: str) -> None:
+    async def unstart(self, job_id: str, attempt_id: str, number: int, controller_id: str, error: str, *,
+                      counted: bool = False) -> None:
+        """The attempt did not start: failed. ``counted`` (the controller refused the job itself), or past
+        ``MAX_UNCOUNTED_STARTS`` uncounted ones, it counts against the job's retries (with their backoff; the job
+        fails with the controller's error when none are left); else the job is placed again at once."""
+        lock = not self.db.is_sqlite
         async with self.db.session() as session:
-            attempt = await session.get(JobAttemptModel, attempt_id, with_for_update=not self.db.is_sqlite)
+            job = await lock_job(session, job_id, lock)
+            attempt = await session.get(JobAttemptModel, attempt_id, with_for_update=lock, populate_existing=True)
             if attempt is None or attempt.status not in ("starting", "running"):
                 return
-            attempt.status, attempt.error, attempt.finished_at = "failed", f"not started: {error}", utcnow()
-            job = await lock_job(session, job_id, not self.db.is_sqlite)
-            if job is not None and job.status == "running" and job.epoch == number:
+            now = utcnow()
+            if not counted:
+                uncounted = int(await session.scalar(select(func.count()).select_from(JobAttemptModel).where(
+                    JobAttemptModel.job_id == job_id, JobAttemptModel.id != attempt_id,
+                    JobAttemptModel.error.like(f"{NOT_STARTED}%"))) or 0)
+                counted = uncounted >= MAX_UNCOUNTED_STARTS
+            attempt.status, attempt.finished_at = "failed", now
+            attempt.error = f"could not start: {error}" if counted else f"{NOT_STARTED}{error}"
+            if job is None or job.status != "running" or job.epoch != number:
+                return
+            job.progress = None
+            if not counted:
                 job.status = "pending"
                 job.status_message = f"attempt {number} could not start on {controller_id}: {error}; placing it again"
                 add_op(self.ops, session, "job_start", SYSTEM_ACTOR, job, error=error, controller_id=controller_id)
+            elif job.retries > 0:
+                job.retries -= 1
+                delay = backoff(job.attempts)
+                job.status, job.not_before = "pending", now + timedelta(seconds=delay)
+                job.status_message = f"attempt {number} could not start on {controller_id}: {error}; " \
+                                     f"retrying in {delay:g} s"
+                add_op(self.ops, session, "job_retry", SYSTEM_ACTOR, job, error=error, controller_id=controller_id,
+                       retry_in=delay)
+            else:
+                job.status, job.finished_at = "failed", now
+                job.status_message = f"attempt {number} could not start on {controller_id}: {error}"
+                add_op(self.ops, session, "job_failed", SYSTEM_ACTOR, job, error=error, controller_id=controller_id)

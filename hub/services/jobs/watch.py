@@ -9,7 +9,11 @@ controller. Only the job's current attempt (``number == epoch``, job ``running``
 Invariants: nothing of a succeeded attempt is lost when a process is killed: a hub killed mid-collection leaves
 the attempt live and its controller keeps it, so the next leader collects again (the store dedups by digest);
 the controller deletes it only after the settling transaction committed. Rows change only when what they show
-changed.
+changed. Outputs past MMANAGER_ARTIFACT_MAX_BYTES or the owner's remaining quota (by the controller's manifest,
+before any byte is fetched) fail the attempt with OUTPUTS_TOO_LARGE, not retried; a collection that fails
+``MAX_COLLECT_FAILURES`` times (or at once when the controller refuses a listed file) fails the attempt, which
+then retries per its job's budget. Rows are locked job first, then attempt. The store's bytes that no row names
+are removed only by the sweep (``sweep_store``), past a grace, never inline.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -27,14 +32,14 @@ from sqlalchemy.orm import lazyload
 
 from hub.controller_client import ControllerClient
 from hub.db import Database
-from hub.errors import HubError
+from hub.errors import ControllerRejected, HubError
 from hub.job_schemas import ATTEMPT_LIVE
 from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, JobModel, utcnow
-from hub.services.jobs.artifacts import ArtifactStore
+from hub.services.jobs.artifacts import ArtifactStore, used_bytes
 from hub.services.jobs.core import add_op, backoff, lock_job
 from hub.services.operations import OperationLog
 from hub.services.users import SYSTEM_ACTOR
-from mmanager.wire import JOB_RUN_ENDED, JobRunInfo
+from mmanager.wire import JOB_RUN_ENDED, JobOutputFile, JobRunInfo
 
 log = logging.getLogger(__name__)
 
@@ -45,10 +50,22 @@ TIMEOUT_GRACE = 30.0
 # Seconds after its row was written past which a live attempt its controller does not list was never started
 # there (the hub passes its start's own limit: each try of POST /jobs/ within MMANAGER_CONTROLLER_CREATE_TIMEOUT).
 MISSING_GRACE = 370.0
+# Failed tries to collect one ended attempt, past which it is settled failed.
+MAX_COLLECT_FAILURES = 5
+# The store's sweep: how often (seconds), and how old unnamed bytes must be before they go (an upload or a
+# collection names its bytes within seconds of putting them).
+SWEEP_EVERY = 300.0
+SWEEP_GRACE = 3600.0
+# What an attempt's error starts with when its outputs were too large to keep (not retried).
+OUTPUTS_TOO_LARGE = "OUTPUTS_TOO_LARGE"
 
 
 class ChecksumMismatch(Exception):
     pass
+
+
+class OutputUnavailable(Exception):
+    """The controller refused a file its own manifest lists: trying again will not help."""
 
 
 @dataclass
@@ -63,6 +80,8 @@ class Collected:
     started_at: datetime | None = None
     # The last progress the job wrote (its final count), kept on the attempt and the job.
     progress: dict[str, Any] | None = None
+    # Failed for a reason a retry cannot change (the job fails, whatever retries it has left).
+    final: bool = False
 
 
 def verdict(run: JobRunInfo) -> tuple[str, str | None]:
@@ -81,7 +100,8 @@ def verdict(run: JobRunInfo) -> tuple[str, str | None]:
 class Watcher:
     def __init__(self, db: Database, client: ControllerClient, ops: OperationLog, store: ArtifactStore,
                  wait: float = 10.0, timeout_grace: float = TIMEOUT_GRACE, missing_grace: float = MISSING_GRACE,
-                 ) -> None:
+                 artifact_max_bytes: int | None = None, artifacts_per_user_bytes: int | None = None,
+                 sweep_every: float = SWEEP_EVERY, sweep_grace: float = SWEEP_GRACE) -> None:
         self.db = db
         self.client = client
         self.ops = ops
@@ -89,6 +109,13 @@ class Watcher:
         self.wait = wait
         self.timeout_grace = timeout_grace
         self.missing_grace = missing_grace
+        self.artifact_max_bytes = artifact_max_bytes
+        self.artifacts_per_user_bytes = artifacts_per_user_bytes
+        self.sweep_every = sweep_every
+        self.sweep_grace = sweep_grace
+        self._next_sweep = 0.0
+        # Failed collections per ended attempt (this leader's count; a new leader starts again).
+        self._failures: dict[str, int] = {}
         # Something a dispatcher would want to know at once (a job's end, a job pending again).
         self.changed: Callable[[], None] = lambda: None
         self._polls: dict[str, asyncio.Task[None]] = {}
@@ -120,6 +147,9 @@ class Watcher:
         if lost:
             await self.give_up(lost)
         await self.backstop()
+        if time.monotonic() >= self._next_sweep:
+            self._next_sweep = time.monotonic() + self.sweep_every
+            await self.sweep_store()
 
     async def stop(self) -> None:
         tasks = list(self._polls.values())
@@ -196,11 +226,27 @@ class Watcher:
                 if live:
                     await self.collect(controller_id, url, run)
                 await self.client.delete_job(controller_id, url, run.attempt_id)
-            except Exception as exc:  # noqa: BLE001 - tried again with the next listing
+                self._failures.pop(run.attempt_id, None)
+            except Exception as exc:  # noqa: BLE001 - tried again with the next listing, a few times
                 log.warning("collecting attempt %s on %s: %s: %s", run.attempt_id, controller_id,
                             type(exc).__name__, exc)
                 complete = False
+                if live:
+                    await self._collect_failed(run, exc)
         return complete
+
+    async def _collect_failed(self, run: JobRunInfo, exc: Exception) -> None:
+        """Count a failed collection; past the limit (or at once when a listed file is refused) the attempt is
+        settled failed (deleted on its controller with the next listing)."""
+        failures = self._failures[run.attempt_id] = self._failures.get(run.attempt_id, 0) + 1
+        if not isinstance(exc, OutputUnavailable) and failures < MAX_COLLECT_FAILURES:
+            return
+        self._failures.pop(run.attempt_id, None)
+        error = f"its outputs could not be collected ({failures} tries): {type(exc).__name__}: {exc}"
+        try:
+            await self.settle(run.attempt_id, Collected("failed", run.exit_code, error))
+        except Exception as again:  # noqa: BLE001 - the next listing tries again
+            log.warning("settling attempt %s: %s: %s", run.attempt_id, type(again).__name__, again)
 
     async def _vanished(self, session: Any, attempts: list[JobAttemptModel]) -> None:
         lock = not self.db.is_sqlite
@@ -241,14 +287,30 @@ class Watcher:
         got = Collected(status, run.exit_code, error, started_at=run.started_at,
                         progress=run.progress.model_dump(mode="json") if run.progress is not None else None)
         manifest = await self.client.job_outputs(controller_id, url, run.attempt_id)
-        for f in manifest.files:
-            stream = await self.client.job_output(controller_id, url, run.attempt_id, f.path)
+        too_large = await self._too_large(run.attempt_id, manifest.files)
+        if too_large is not None:
+            got.status, got.error, got.final = "failed", too_large, True
+        for f in manifest.files if too_large is None else ():
             try:
-                digest, size = await self.store.put(stream)
+                stream = await self.client.job_output(controller_id, url, run.attempt_id, f.path)
+            except ControllerRejected as exc:
+                if exc.status_code < 500:
+                    raise OutputUnavailable(f"output {f.path!r}: {exc.message}") from exc
+                raise
+
+            def longer(size: int, f: JobOutputFile = f) -> Exception:
+                return ChecksumMismatch(f"output {f.path!r} ran past the {f.size} bytes its controller listed")
+
+            try:
+                digest, size = await self.store.put(stream, f.size, longer)
+            except ChecksumMismatch as exc:
+                digest, size, got.error = "", 0, str(exc)
             finally:
                 await stream.aclose()
             if digest.removeprefix("sha256:") != f.sha256.removeprefix("sha256:"):
-                got.status, got.error = "failed", f"output {f.path!r} arrived with another sha256 than its controller's"
+                got.status = "failed"
+                if digest:
+                    got.error = f"output {f.path!r} arrived with another sha256 than its controller's"
                 got.outputs = []
                 break
             got.outputs.append((f.path, digest, size))
@@ -258,6 +320,26 @@ class Watcher:
         finally:
             await logs.aclose()
         await self.settle(run.attempt_id, got)
+
+    async def _too_large(self, attempt_id: str, files: list[JobOutputFile]) -> str | None:
+        """Why the outputs listed cannot be kept (a file past the per-artifact limit, or more than the owner's
+        quota has left), by the sizes the controller listed; None when they fit."""
+        if self.artifact_max_bytes is not None:
+            for f in files:
+                if f.size > self.artifact_max_bytes:
+                    return (f"{OUTPUTS_TOO_LARGE}: output {f.path!r} holds {f.size} bytes, more than an artifact "
+                            f"may (MMANAGER_ARTIFACT_MAX_BYTES={self.artifact_max_bytes})")
+        total = sum(f.size for f in files)
+        if self.artifacts_per_user_bytes is None or not total:
+            return None
+        async with self.db.session() as session:
+            owner = await session.scalar(select(JobModel.owner_id).join(
+                JobAttemptModel, JobAttemptModel.job_id == JobModel.id).where(JobAttemptModel.id == attempt_id))
+            used = await used_bytes(session, owner) if owner is not None else 0
+        if used + total > self.artifacts_per_user_bytes:
+            return (f"{OUTPUTS_TOO_LARGE}: the outputs hold {total} bytes and the owner's artifacts {used} of "
+                    f"their {self.artifacts_per_user_bytes}")
+        return None
 
     async def settle(self, attempt_id: str, got: Collected) -> bool:
         """The attempt, its artifacts and (when current) its job in one transaction; False when another did it."""
@@ -296,7 +378,7 @@ class Watcher:
         elif got.status == "cancelled":
             job.status, job.finished_at, job.status_message = "cancelled", now, got.error
             add_op(self.ops, session, "job_cancelled", SYSTEM_ACTOR, job, controller_id=attempt.controller_id)
-        elif job.retries > 0:
+        elif job.retries > 0 and not got.final:
             job.retries -= 1
             delay = backoff(job.attempts)
             job.status, job.not_before = "pending", now + timedelta(seconds=delay)
@@ -318,14 +400,16 @@ class Watcher:
         n = 0
         async with self.db.session() as session:
             attempts = list(await session.scalars(select(JobAttemptModel).where(
-                JobAttemptModel.controller_id.in_(controller_ids), JobAttemptModel.status.in_(ATTEMPT_LIVE))
-                .with_for_update(skip_locked=True) if lock else select(JobAttemptModel).where(
                 JobAttemptModel.controller_id.in_(controller_ids), JobAttemptModel.status.in_(ATTEMPT_LIVE))))
             now = utcnow()
             for attempt in attempts:
+                # The job's row first, then the attempt's (the order every writer of both keeps).
+                job = await lock_job(session, attempt.job_id, lock)
+                await session.refresh(attempt, with_for_update=lock)
+                if attempt.status not in ATTEMPT_LIVE:
+                    continue
                 attempt.status, attempt.finished_at = "lost", now
                 attempt.error = f"controller {attempt.controller_id} was lost"
-                job = await lock_job(session, attempt.job_id, lock)
                 if job is not None and job.status == "running" and job.epoch == attempt.number:
                     job.status, job.progress = "pending", None
                     job.status_message = f"attempt {attempt.number} lost with controller {attempt.controller_id}; " \
@@ -338,7 +422,8 @@ class Watcher:
 
     async def backstop(self) -> int:
         """Running attempts past their timeout and the grace with no end reported: cancelled on their controller
-        (best effort) and settled ``timed_out``."""
+        (best effort) and settled ``timed_out``. The timeout runs from the container's start; an attempt not
+        started yet (its image still pulling) is given the time its start may take on top."""
         now = utcnow()
         rows = (await self.db.all(select(JobAttemptModel.id, JobAttemptModel.controller_id, JobAttemptModel.started_at,
                                          JobAttemptModel.created_at, JobModel.timeout, ControllerModel.url)
@@ -348,8 +433,11 @@ class Watcher:
                                   .where(_LIVE, JobModel.timeout.is_not(None)), {}))
         n = 0
         for r in rows:
-            began = r["started_at"] or r["created_at"]
-            if began + timedelta(seconds=r["timeout"] + self.timeout_grace) > now:
+            if r["started_at"] is not None:
+                deadline = r["started_at"] + timedelta(seconds=r["timeout"] + self.timeout_grace)
+            else:
+                deadline = r["created_at"] + timedelta(seconds=self.missing_grace + r["timeout"] + self.timeout_grace)
+            if deadline > now:
                 continue
             if r["url"]:
                 with contextlib.suppress(HubError):
@@ -357,3 +445,23 @@ class Watcher:
             if await self.settle(r["id"], Collected("timed_out", None, "no end reported past its timeout")):
                 n += 1
         return n
+
+    # -------------------------------------------------------------------------------------------- sweep
+
+    async def sweep_store(self) -> int:
+        """Remove the store's bytes that no artifact row and no attempt's log names, once older than the grace
+        (what a deleted artifact, a refused upload or a failed collection left); how many went."""
+        old = await self.store.stale(self.sweep_grace)
+        removed = 0
+        for i in range(0, len(old), 500):
+            chunk = old[i:i + 500]
+            async with self.db.session() as session:
+                named = set(await session.scalars(select(ArtifactModel.digest).where(ArtifactModel.digest.in_(chunk))))
+                named |= set(await session.scalars(select(JobAttemptModel.log_digest)
+                                                   .where(JobAttemptModel.log_digest.in_(chunk))))
+            for digest in chunk:
+                if digest not in named and await self.store.drop_stale(digest, self.sweep_grace):
+                    removed += 1
+        if removed:
+            log.info("artifact store: removed %d unnamed file(s)", removed)
+        return removed

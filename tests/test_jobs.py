@@ -71,15 +71,22 @@ def test_jobs_run_queue_retry_time_out_cancel_and_feed_each_other(lab: Lab, exam
         assert {x["code"] for x in r.json()["error"]["details"]["rejections"]} == {"SERVER_TYPE"}
 
         # A job reading its input and writing outputs, and one fed by its output (it waits for it).
+        # Outputs may have any name a file may ('?', '#', '%' in a URL's path are quoted on the way).
+        odd = ["what?.txt", "x#y", "a%41.txt", "é ü.txt"]
         first = submit(hub, example_image, "upper", "echo reading; mkdir -p /outputs/out && "
-                       "tr a-z A-Z < /inputs/seq.txt > /outputs/out/upper.txt", inputs=[upload["id"]])
+                       "tr a-z A-Z < /inputs/seq.txt > /outputs/out/upper.txt && "
+                       "for n in " + " ".join(f"'{n}'" for n in odd) + "; do echo \"$n\" > \"/outputs/$n\"; done",
+                       inputs=[upload["id"]])
         second = submit(hub, example_image, "count", "wc -l < /inputs/upper.txt > /outputs/lines.txt",
                         inputs=[{"job": first["id"], "path": "out/upper.txt", "as": "upper.txt"}])
         assert second["needs"] == [first["id"]]
         done = job_in(hub, first["id"], "succeeded", "failed", "cancelled")
         assert done["status"] == "succeeded", done
-        [out] = hub.get(f"/api/jobs/{first['id']}/artifacts").json()
-        assert out["path"] == "out/upper.txt"
+        outs = {a["path"]: a for a in hub.get(f"/api/jobs/{first['id']}/artifacts").json()}
+        assert sorted(outs) == sorted(["out/upper.txt", *odd])
+        for n in odd:
+            assert hub.get(outs[n]["url"]).text == n + "\n"
+        out = outs["out/upper.txt"]
         body = hub.get(out["url"]).content
         assert body == data.upper() and out["sha256"] == "sha256:" + hashlib.sha256(body).hexdigest()
         assert "reading" in hub.get(f"/api/jobs/{first['id']}/logs").text

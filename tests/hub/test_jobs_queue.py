@@ -643,10 +643,10 @@ async def test_a_pass_does_not_wait_for_a_slow_start_and_stop_cancels_it(parts: 
     user = await parts.user("alice")
     parts.fake.gate = asyncio.Event()
     first = await parts.job(user, "first")
-    assert await parts.dispatcher.dispatch_once() == 1
+    assert await asyncio.wait_for(parts.dispatcher.dispatch_once(), 10) == 1
     # The start still waits on its controller; the next pass starts the next job meanwhile.
     second = await parts.job(user, "second")
-    assert await parts.dispatcher.dispatch_once() == 1
+    assert await asyncio.wait_for(parts.dispatcher.dispatch_once(), 10) == 1
     assert parts.fake.started == []
     assert {(await parts.row(j)).status for j in (first, second)} == {"running"}
     await parts.dispatcher.stop()

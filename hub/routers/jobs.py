@@ -20,6 +20,7 @@ from hub.errors import HubError
 from hub.job_schemas import ATTEMPT_LIVE, ArtifactOut, JobOut, JobSpec, JobStatus
 from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, JobModel
 from hub.routers.paging import Limit, Offset
+from hub.services.jobs import pipelines
 from hub.services.jobs.artifacts import (
     ArtifactQuotaExceeded,
     PayloadTooLarge,
@@ -92,6 +93,8 @@ async def cancel(job_id: str, user: CurrentUser, jobs: JobsDep, hub: HubDep) -> 
         except HubError as exc:
             log.info("job %s: its controller %s was not told to cancel now (%s); the watcher does it later",
                      job_id, live.controller_id, exc)
+    if job.pipeline_id is not None:
+        await pipelines.settle_ids(hub.db, hub.ops, [job.pipeline_id])
     async with hub.db.session() as session:
         return await jobs.out(session, await jobs.get(session, user, job_id))
 

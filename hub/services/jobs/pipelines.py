@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hub.db import Database
 from hub.errors import Conflict, HubError, NotFound
 from hub.job_schemas import JobOutputInput, JobSpec, PipelineOut, PipelineSpec, PipelineStep, StepOutputInput
 from hub.models import ControllerModel, JobAttemptModel, JobModel, PipelineModel, UserModel, new_id, utcnow
@@ -188,6 +189,25 @@ def _unsettled(pipeline: PipelineModel, jobs: Sequence[JobModel]) -> bool:
     states = _states(jobs)
     return pipeline.status not in PIPELINE_FINAL and (
         bool(stopped_steps(states)) or pipeline_status(states) != pipeline.status)
+
+
+async def settle_ids(db: Database, ops: OperationLog, pipeline_ids: Iterable[str | None]) -> None:
+    """The pipelines of steps that just ended (their transaction committed) brought up to date at once, each in a
+    transaction of its own, so that their stored status and ``finished_at`` follow without a read. Rows are locked
+    pipeline first, then its jobs, as every writer of both does, and only when something changes. Best effort: a
+    read of the pipeline settles what this missed."""
+    for pipeline_id in sorted({p for p in pipeline_ids if p}):
+        try:
+            async with db.session() as session:
+                pipeline = await session.scalar(select(PipelineModel).where(PipelineModel.id == pipeline_id))
+                if pipeline is None or not _unsettled(pipeline, (await _jobs_of(session, [pipeline_id]))[pipeline_id]):
+                    continue
+                pipeline = (await session.scalars(
+                    select(PipelineModel).where(PipelineModel.id == pipeline_id).with_for_update(of=PipelineModel)
+                    .execution_options(populate_existing=True))).unique().one()
+                await settle(session, ops, pipeline, (await _jobs_of(session, [pipeline_id], lock=True))[pipeline_id])
+        except Exception as exc:  # noqa: BLE001 - the next read of the pipeline settles it
+            log.warning("pipeline %s not settled now: %s: %s", pipeline_id, type(exc).__name__, exc)
 
 
 async def _settled(session: AsyncSession, ops: OperationLog, user: UserModel, pipeline: PipelineModel,

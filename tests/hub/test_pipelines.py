@@ -407,3 +407,24 @@ async def test_the_stored_status_follows_a_cancelled_step_and_the_queues_cascade
             break
         await asyncio.sleep(0.05)
     assert await stored(lab, q["id"]) == ("failed", True)
+
+
+async def test_retry_counts_against_the_job_quota_and_a_refusal_changes_nothing(lab: Lab,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    alice = await lab.user("alice")
+    p = await submit(lab, alice, chain(await lab.upload("alice", "in.tsv")))
+    await lab.set_step(p, "to-jsonl", "failed")
+    failed = await read(lab, alice, p["id"])
+    assert failed["status"] == "failed"
+    assert lab.app.jobs is not None
+    # Three steps would run again; alice has nothing pending or running now.
+    monkeypatch.setattr(lab.app.jobs.settings, "max_jobs_per_user", 2)
+    r = await lab.hub.post(f"/api/pipelines/{p['id']}/retry", headers=alice)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "JOB_QUOTA_EXCEEDED", r.text
+    assert r.json()["error"]["details"] == {"jobs": 0, "limit": 2}
+    assert await read(lab, alice, p["id"]) == failed
+    assert await lab_ops(lab, "job_retry") == []
+    monkeypatch.setattr(lab.app.jobs.settings, "max_jobs_per_user", 3)
+    r = await lab.hub.post(f"/api/pipelines/{p['id']}/retry", headers=alice)
+    assert r.status_code == 200, r.text
+    assert set(statuses(r.json()).values()) == {"pending"}

@@ -113,7 +113,7 @@ class JobService:
         """Validate ``spec`` for ``user`` and add its row and ``job_submit`` operation to ``session`` (the caller
         commits; a pipeline adds its steps so, all in one transaction). Refusals raise before anything is added."""
         check_job_policy(self.settings, spec)
-        await self._check_quota(session, user)
+        await self.check_quota(session, user)
         wanted = await self.resolve_inputs(session, user, spec)
         request = job_request(spec)
         views, _ = await load_views(self.db)
@@ -139,11 +139,13 @@ class JobService:
         self.changed()
         return out
 
-    async def _check_quota(self, session: AsyncSession, user: UserModel) -> None:
+    async def check_quota(self, session: AsyncSession, user: UserModel, adding: int = 1) -> None:
+        """429 JOB_QUOTA_EXCEEDED when ``adding`` more pending jobs would take ``user`` past
+        MMANAGER_MAX_JOBS_PER_USER pending or running."""
         limit = self.settings.max_jobs_per_user
         count = int(await session.scalar(select(func.count()).select_from(JobModel).where(
             JobModel.owner_id == user.id, JobModel.status.in_(("pending", "running")))) or 0)
-        if count + 1 > limit:
+        if count + adding > limit:
             raise JobQuotaExceeded(f"user {user.username!r} has {count} jobs pending or running, at most {limit}; "
                                    "wait for some to end or cancel some", {"jobs": count, "limit": limit})
 

@@ -346,6 +346,8 @@ async def retry(hub: Hub, user: UserModel, pipeline_id: str) -> PipelineOut:
         states = _states(jobs)
         graph = {s.name: s.needs for s in states}
         again = dag.downstream(graph, [s.name for s in states if s.status in STEP_STOPPED])
+        # The steps run again count against their owner's jobs, as at submit.
+        await hub.jobs.check_quota(session, pipeline.owner, sum(1 for j in jobs if j.step in again))
         now = utcnow()
         for job in jobs:
             if job.step not in again:

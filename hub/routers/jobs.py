@@ -33,7 +33,7 @@ from hub.services.jobs.artifacts import (
     used_bytes,
     visible,
 )
-from hub.services.jobs.core import JobService
+from hub.services.jobs.core import JobService, stop_attempts
 from mmanager.streams import ClosingStreamingResponse
 
 log = logging.getLogger(__name__)
@@ -85,14 +85,7 @@ async def cancel(job_id: str, user: CurrentUser, jobs: JobsDep, hub: HubDep) -> 
     still collected; a controller out of reach has it stopped when it comes back)."""
     async with hub.db.session() as session:
         job, live = await jobs.cancel(session, user, job_id)
-        url = await session.scalar(select(ControllerModel.url).where(ControllerModel.id == live.controller_id)) \
-            if live is not None else None
-    if live is not None and url:
-        try:
-            await hub.client.cancel_job(live.controller_id, url, live.id)
-        except HubError as exc:
-            log.info("job %s: its controller %s was not told to cancel now (%s); the watcher does it later",
-                     job_id, live.controller_id, exc)
+    await stop_attempts(hub.db, hub.client, [live], f"job {job_id}")
     if job.pipeline_id is not None:
         await pipelines.settle_ids(hub.db, hub.ops, [job.pipeline_id])
     async with hub.db.session() as session:

@@ -21,9 +21,9 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hub.db import Database
 from hub.errors import Conflict, HubError, NotFound
 from hub.job_schemas import JobOutputInput, JobSpec, PipelineOut, PipelineSpec, PipelineStep, StepOutputInput
-from hub.models import ControllerModel, JobAttemptModel, JobModel, PipelineModel, UserModel, new_id, utcnow
+from hub.models import JobAttemptModel, JobModel, PipelineModel, UserModel, new_id, utcnow
 from hub.scheduler import dag
-from hub.services.jobs.core import add_op, job_out
+from hub.services.jobs.core import add_op, job_out, stop_attempts
 from hub.services.operations import OperationLog
 from hub.services.users import SYSTEM_ACTOR
 
@@ -312,19 +312,9 @@ async def cancel(hub: Hub, user: UserModel, pipeline_id: str) -> PipelineOut:
                 if live is not None:
                     lives.append(live)
         await settle(session, hub.ops, pipeline, jobs)
-        urls = dict((await session.execute(select(ControllerModel.id, ControllerModel.url).where(
-            ControllerModel.id.in_({a.controller_id for a in lives})))).all()) if lives else {}
         await session.flush()
         [out] = await _render(session, [pipeline], {pipeline.id: jobs})
-    for live in lives:
-        url = urls.get(live.controller_id)
-        if url is None:
-            continue
-        try:
-            await hub.client.cancel_job(live.controller_id, url, live.id)
-        except HubError as exc:
-            log.info("pipeline %s: controller %s was not told to cancel attempt %s now (%s); the watcher does it "
-                     "later", pipeline_id, live.controller_id, live.id, exc)
+    await stop_attempts(hub.db, hub.client, lives, f"pipeline {pipeline_id}")
     return out
 
 

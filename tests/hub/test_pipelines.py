@@ -428,3 +428,22 @@ async def test_retry_counts_against_the_job_quota_and_a_refusal_changes_nothing(
     r = await lab.hub.post(f"/api/pipelines/{p['id']}/retry", headers=alice)
     assert r.status_code == 200, r.text
     assert set(statuses(r.json()).values()) == {"pending"}
+
+
+async def test_owner_narrows_an_admins_list_to_one_users_pipelines(lab: Lab) -> None:
+    alice = await lab.user("alice")
+    admin = await lab.user("root", admin=True)
+    theirs = await submit(lab, alice, chain(await lab.upload("alice", "in.tsv")))
+    mine = await submit(lab, admin, {"name": "own", "steps": [{"name": "only", "image": "img:1"}]})
+
+    async def ids(who: dict[str, str], owner: str) -> list[str]:
+        r = await lab.hub.get("/api/pipelines", params={"owner": owner}, headers=who)
+        assert r.status_code == 200, r.text
+        return [x["id"] for x in r.json()]
+
+    assert await ids(admin, lab.names["root"]) == [mine["id"]]
+    assert await ids(admin, lab.names["alice"]) == [theirs["id"]]
+    assert await ids(admin, "nobody-" + lab.run) == []
+    # A user names only their own: another's name finds nothing.
+    assert await ids(alice, lab.names["root"]) == []
+    assert await ids(alice, lab.names["alice"]) == [theirs["id"]]

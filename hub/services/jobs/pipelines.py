@@ -231,13 +231,17 @@ async def get(session: AsyncSession, ops: OperationLog, user: UserModel, pipelin
 
 
 async def list_pipelines(session: AsyncSession, ops: OperationLog, user: UserModel, *, status: str | None = None,
-                         name: str | None = None, limit: int = 100, offset: int = 0) -> list[PipelineOut]:
-    """The caller's pipelines (an admin's: everyone's), oldest first; the unfinished ones brought up to date
-    first, so that a filter on the status sees their status now."""
+                         name: str | None = None, owner: str | None = None, limit: int = 100,
+                         offset: int = 0) -> list[PipelineOut]:
+    """The caller's pipelines (an admin's: everyone's, ``owner`` narrows to one user's), oldest first; the
+    unfinished ones brought up to date first, so that a filter on the status sees their status now."""
+    owned_by = select(UserModel.id).where(UserModel.username == owner).scalar_subquery() if owner else None
     # In id order: each is locked in turn when it needs settling, in the same order by every caller.
     unfinished = select(PipelineModel).where(PipelineModel.status.not_in(PIPELINE_FINAL)).order_by(PipelineModel.id)
     if not user.is_admin:
         unfinished = unfinished.where(PipelineModel.owner_id == user.id)
+    if owned_by is not None:
+        unfinished = unfinished.where(PipelineModel.owner_id == owned_by)
     live = list((await session.scalars(unfinished)).unique())
     if live:
         live_jobs = await _jobs_of(session, [p.id for p in live])
@@ -250,6 +254,8 @@ async def list_pipelines(session: AsyncSession, ops: OperationLog, user: UserMod
         query = query.where(PipelineModel.status == status)
     if name is not None:
         query = query.where(PipelineModel.name == name)
+    if owned_by is not None:
+        query = query.where(PipelineModel.owner_id == owned_by)
     pipelines = list((await session.scalars(query)).unique())
     return await _render(session, pipelines, await _jobs_of(session, [p.id for p in pipelines]))
 

@@ -95,9 +95,9 @@ async def cancel(job_id: str, user: CurrentUser, jobs: JobsDep, hub: HubDep) -> 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
 async def logs(job_id: str, user: CurrentUser, jobs: JobsDep, hub: HubDep,
                attempt: int | None = Query(None, ge=1), follow: bool = False,
-               tail: int | None = Query(None, ge=1, le=100_000)) -> Any:
+               tail: int | None = Query(None, ge=0, le=100_000)) -> Any:
     """An attempt's log (the current one's by default): its controller's while it runs (``follow`` streams it),
-    the kept copy after."""
+    the kept copy after. ``tail``: the last N lines (0: none, so a follow sends only the lines still to come)."""
     async with hub.db.session() as session:
         job = await jobs.get(session, user, job_id)
         row = await jobs.attempt(session, job, attempt)
@@ -121,7 +121,7 @@ async def logs(job_id: str, user: CurrentUser, jobs: JobsDep, hub: HubDep,
         return PlainTextResponse("")
     text = (await read_all(jobs.store, row.log_digest, hub.settings.max_log_bytes)).decode("utf-8", "replace")
     if tail is not None:
-        text = "".join(text.splitlines(keepends=True)[-tail:])
+        text = "".join(text.splitlines(keepends=True)[-tail:]) if tail else ""
     return PlainTextResponse(text)
 
 

@@ -55,7 +55,9 @@ def system(db_url: str, example_image: str, docker_client: docker.DockerClient, 
                             "priority": priority, "weight": weight})
     hub_port = free_port()
     hub_env = {"MMANAGER_DATABASE_URL": db_url, "MMANAGER_API_KEY": KEY, "MMANAGER_CONTROLLERS": json.dumps(controllers),
-               "MMANAGER_HEARTBEAT_INTERVAL": "1", "MMANAGER_HEARTBEAT_GRACE": "3"}
+               "MMANAGER_HEARTBEAT_INTERVAL": "1", "MMANAGER_HEARTBEAT_GRACE": "3",
+               "MMANAGER_MODEL_STORE": str(tmp_path / "model-store"),
+               "MMANAGER_ARTIFACT_STORE": str(tmp_path / "artifact-store")}
     created = subprocess.run([*MMANAGER, "users", "create", "root", "--admin"], env={**os.environ, **hub_env},
                              capture_output=True, text=True, check=True)
     token = created.stdout.strip().splitlines()[-1]

@@ -20,6 +20,7 @@ from hub.errors import HubError
 from hub.job_schemas import ATTEMPT_LIVE, ArtifactOut, JobOut, JobSpec, JobStatus
 from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, JobModel
 from hub.routers.paging import Limit, Offset
+from hub.services.jobs import pipelines
 from hub.services.jobs.artifacts import (
     ArtifactQuotaExceeded,
     PayloadTooLarge,
@@ -32,7 +33,7 @@ from hub.services.jobs.artifacts import (
     used_bytes,
     visible,
 )
-from hub.services.jobs.core import JobService
+from hub.services.jobs.core import JobService, stop_attempts
 from mmanager.streams import ClosingStreamingResponse
 
 log = logging.getLogger(__name__)
@@ -84,14 +85,9 @@ async def cancel(job_id: str, user: CurrentUser, jobs: JobsDep, hub: HubDep) -> 
     still collected; a controller out of reach has it stopped when it comes back)."""
     async with hub.db.session() as session:
         job, live = await jobs.cancel(session, user, job_id)
-        url = await session.scalar(select(ControllerModel.url).where(ControllerModel.id == live.controller_id)) \
-            if live is not None else None
-    if live is not None and url:
-        try:
-            await hub.client.cancel_job(live.controller_id, url, live.id)
-        except HubError as exc:
-            log.info("job %s: its controller %s was not told to cancel now (%s); the watcher does it later",
-                     job_id, live.controller_id, exc)
+    await stop_attempts(hub.db, hub.client, [live], f"job {job_id}")
+    if job.pipeline_id is not None:
+        await pipelines.settle_ids(hub.db, hub.ops, [job.pipeline_id])
     async with hub.db.session() as session:
         return await jobs.out(session, await jobs.get(session, user, job_id))
 
@@ -99,9 +95,9 @@ async def cancel(job_id: str, user: CurrentUser, jobs: JobsDep, hub: HubDep) -> 
 @router.get("/jobs/{job_id}/logs", response_class=PlainTextResponse)
 async def logs(job_id: str, user: CurrentUser, jobs: JobsDep, hub: HubDep,
                attempt: int | None = Query(None, ge=1), follow: bool = False,
-               tail: int | None = Query(None, ge=1, le=100_000)) -> Any:
+               tail: int | None = Query(None, ge=0, le=100_000)) -> Any:
     """An attempt's log (the current one's by default): its controller's while it runs (``follow`` streams it),
-    the kept copy after."""
+    the kept copy after. ``tail``: the last N lines (0: none, so a follow sends only the lines still to come)."""
     async with hub.db.session() as session:
         job = await jobs.get(session, user, job_id)
         row = await jobs.attempt(session, job, attempt)
@@ -125,7 +121,7 @@ async def logs(job_id: str, user: CurrentUser, jobs: JobsDep, hub: HubDep,
         return PlainTextResponse("")
     text = (await read_all(jobs.store, row.log_digest, hub.settings.max_log_bytes)).decode("utf-8", "replace")
     if tail is not None:
-        text = "".join(text.splitlines(keepends=True)[-tail:])
+        text = "".join(text.splitlines(keepends=True)[-tail:]) if tail else ""
     return PlainTextResponse(text)
 
 

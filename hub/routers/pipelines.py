@@ -23,9 +23,12 @@ async def submit_pipeline(spec: PipelineSpec, user: CurrentUser, hub: HubDep) ->
 async def list_pipelines(user: CurrentUser, hub: HubDep, session: SessionDep, limit: int = Limit, offset: int = Offset,
                          status: PipelineStatus | None = Query(None, description="only the pipelines in this status"),
                          name: str | None = Query(None, max_length=63, pattern=NAME_PATTERN,
-                                                  description="only the pipelines of this name")
+                                                  description="only the pipelines of this name"),
+                         owner: str | None = Query(None, max_length=64,
+                                                   description="only this user's (an admin sees everyone's)")
                          ) -> list[PipelineOut]:
-    return await pipelines.list_pipelines(session, hub.ops, user, status=status, name=name, limit=limit, offset=offset)
+    return await pipelines.list_pipelines(session, hub.ops, user, status=status, name=name, owner=owner, limit=limit,
+                                          offset=offset)
 
 
 @router.get("/{pipeline_id}", response_model=PipelineOut)

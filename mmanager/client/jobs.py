@@ -38,9 +38,9 @@ PIPELINE_FINAL: frozenset[str] = frozenset({"succeeded", "failed", "cancelled"})
 # the polls slow down sooner than an operation's.
 JOB_POLL_FIRST, JOB_POLL_MOST = 0.2, max(POLL_MOST, 2.0)
 
-# The lines a followed log opened again after a quiet spell starts with: the hub's job logs take no
-# ``tail=0`` (from the end), so the last line before the quiet spell may show twice.
-RESUME_TAIL = 1
+# The lines a followed log opened again after a quiet spell starts with: none, only those still to come (as
+# the services' logs resume).
+RESUME_TAIL = 0
 
 JobProgress = Callable[[JobOut], Any]
 PipelineProgress = Callable[[PipelineOut], Any]

@@ -122,7 +122,7 @@ async def cluster(db: Database, docker_client: docker.DockerClient, example_imag
         ids.append(cid)
     settings = HubSettings(database_url=db.url, api_key=KEY, hub_key=HUB_KEY, controllers=json.dumps(entries),
                            heartbeat_interval=0.5, heartbeat_grace=3, orphan_grace=2, health_timeout=8,
-                           model_store=tmp_path / "model-store")
+                           model_store=tmp_path / "model-store", artifact_store=tmp_path / "artifact-store")
     hub = build_hub(settings, db=Database(db.url), transport=router)
     app = create_app(settings, hub=hub)
     async with app.router.lifespan_context(app):

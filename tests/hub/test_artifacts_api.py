@@ -20,7 +20,7 @@ from hub.app import build_hub, create_app
 from hub.config import HubSettings
 from hub.db import Database
 from hub.deps import Hub
-from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, utcnow
+from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, JobModel, utcnow
 from hub.services.users import create_user
 
 KEY = "test-key-" + "x" * 32
@@ -208,3 +208,32 @@ async def test_uploads_side_by_side_cannot_both_spend_what_the_quota_has_left(ap
     assert r.status_code == 507 and r.json()["error"]["code"] == "ARTIFACT_QUOTA_EXCEEDED", r.text
     async with db.session() as session:
         assert await session.scalar(select(func.count()).select_from(ArtifactModel)) == 1
+
+
+async def test_a_kept_job_log_is_read_whole_or_by_its_last_lines_and_tail_0_reads_none(api: Api) -> None:
+    alice = await api.user("alice")
+    r = await api.client.post("/api/jobs", headers=alice, json={"name": "j", "image": "busybox"})
+    assert r.status_code == 201, r.text
+    job_id = r.json()["id"]
+    assert api.hub.jobs is not None
+
+    async def chunks() -> AsyncIterator[bytes]:
+        yield b"one\ntwo\nthree\n"
+
+    digest, size = await api.hub.jobs.store.put(chunks())
+    # The attempt as the watcher leaves it once it collected the log.
+    async with api.db.session() as session:
+        session.add(JobAttemptModel(job_id=job_id, number=1, controller_id="c1", status="failed", exit_code=1,
+                                    created_at=utcnow(), finished_at=utcnow(), log_digest=digest, log_size=size))
+        await session.execute(update(JobModel).where(JobModel.id == job_id).values(
+            status="failed", epoch=1, attempts=1, finished_at=utcnow()))
+
+    async def logs(**params: Any) -> httpx.Response:
+        return await api.client.get(f"/api/jobs/{job_id}/logs", params=params, headers=alice)
+
+    assert (await logs()).text == "one\ntwo\nthree\n"
+    assert (await logs(tail=2)).text == "two\nthree\n"
+    # None of what is there: a follow from here sends only the lines still to come.
+    zero = await logs(tail=0)
+    assert zero.status_code == 200 and zero.text == ""
+    assert (await logs(tail=-1)).status_code == 422

@@ -26,7 +26,7 @@ from hub.scheduler.reconcile import AttemptState, fence
 from hub.scheduler.snapshot import PlacementCache
 from hub.services.heartbeats import HeartbeatIngest
 from hub.services.jobs.artifacts import LocalArtifactStore
-from hub.services.jobs.core import JobService
+from hub.services.jobs.core import JobService, stop_attempts
 from hub.services.jobs.queue import MAX_UNCOUNTED_STARTS, Dispatcher
 from hub.services.jobs.watch import MAX_COLLECT_FAILURES, Watcher
 from hub.services.operations import OperationLog
@@ -419,6 +419,18 @@ async def test_a_beat_with_job_containers_reads_their_attempts_and_one_without_r
     job = HeartbeatContainer(container_id="j", name="j", state="running", epoch=1, job_id=job_id,
                              attempt_id=attempt.id)
     assert await ingest.attempts_of([service, job]) == {attempt.id: AttemptState(1, "starting", 1)}
+
+
+async def test_stop_attempts_tells_the_controller_of_a_cancelled_running_job(parts: Parts, db: Database) -> None:
+    await parts.controller("c1")
+    user = await parts.user("alice")
+    job_id = await parts.job(user)
+    await parts.dispatch()
+    async with db.session() as session:
+        _, live = await parts.jobs.cancel(session, user, job_id)
+    assert live is not None
+    await stop_attempts(db, parts.client, [None, live], f"job {job_id}")
+    assert parts.fake.cancelled == [live.id]
 
 
 async def test_a_cancelled_running_job_keeps_its_state_when_its_attempt_ends(parts: Parts, db: Database) -> None:

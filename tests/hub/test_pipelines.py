@@ -8,6 +8,7 @@ pipeline is read back through the API."""
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +20,7 @@ from sqlalchemy import func, select
 from hub.app import build_hub, create_app
 from hub.config import HubSettings
 from hub.db import Database
+from hub.deps import Hub
 from hub.models import (
     ArtifactModel,
     ControllerModel,
@@ -29,6 +31,7 @@ from hub.models import (
     UserModel,
     utcnow,
 )
+from hub.services.jobs.watch import Collected
 from hub.services.users import create_user
 from tests.conftest import emptied
 from tests.hub.conftest import HUB_KEY, KEY, Router
@@ -38,9 +41,10 @@ class Lab:
     """The hub of this module, seen by one test: its users' names are the test's own (``alice`` is
     ``names["alice"]``), so the tests share one hub and its database without seeing each other's rows."""
 
-    def __init__(self, client: httpx.AsyncClient, db: Database, run: str) -> None:
+    def __init__(self, client: httpx.AsyncClient, db: Database, app: Hub, run: str) -> None:
         self.hub = client
         self.db = db
+        self.app = app
         self.run = run
         self.names: dict[str, str] = {}
 
@@ -95,7 +99,7 @@ class Lab:
 
 @pytest.fixture(scope="module")
 async def hub_app(pg_url: str, tmp_path_factory: pytest.TempPathFactory
-                  ) -> AsyncIterator[tuple[httpx.AsyncClient, Database]]:
+                  ) -> AsyncIterator[tuple[httpx.AsyncClient, Database, Hub]]:
     """One hub for the module, on an emptied database with one controller registered that could run every
     step here but is disabled and out of reach."""
     db = await emptied(Database(pg_url))
@@ -109,12 +113,12 @@ async def hub_app(pg_url: str, tmp_path_factory: pytest.TempPathFactory
     async with app.router.lifespan_context(app):
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://hub",
                                      timeout=60) as client:
-            yield client, db
+            yield client, db, hub
     await db.dispose()
 
 
 @pytest.fixture
-def lab(hub_app: tuple[httpx.AsyncClient, Database]) -> Lab:
+def lab(hub_app: tuple[httpx.AsyncClient, Database, Hub]) -> Lab:
     return Lab(*hub_app, uuid.uuid4().hex[:8])
 
 
@@ -341,3 +345,105 @@ async def lab_ops(lab: Lab, operation: str) -> list[str]:
     async with lab.db.session() as session:
         return list(await session.scalars(select(OperationModel.job_id).where(
             OperationModel.operation == operation, OperationModel.actor.in_(lab.names.values()))))
+
+
+async def stored(lab: Lab, pid: str) -> tuple[str, bool]:
+    """The pipeline's row as stored (no read through the API, which would settle it): its status, and whether
+    it has a ``finished_at``."""
+    async with lab.db.session() as session:
+        row = await session.get(PipelineModel, pid, populate_existing=True)
+        assert row is not None
+        return row.status, row.finished_at is not None
+
+
+async def live_attempt(lab: Lab, pipeline: dict[str, Any], step: str) -> str:
+    [job] = [j for j in pipeline["steps"] if j["step"] == step]
+    async with lab.db.session() as session:
+        attempt = await session.scalar(select(JobAttemptModel.id).where(
+            JobAttemptModel.job_id == job["id"], JobAttemptModel.status.in_(("starting", "running"))))
+        assert attempt is not None
+        return attempt
+
+
+async def test_the_stored_status_follows_when_the_watcher_settles_the_last_step(lab: Lab) -> None:
+    alice = await lab.user("alice")
+    assert lab.app.watcher is not None
+    p = await submit(lab, alice, chain(await lab.upload("alice", "in.tsv")))
+    await lab.set_step(p, "to-jsonl", "succeeded")
+    await lab.set_step(p, "features", "succeeded")
+    await lab.set_step(p, "enhance", "running")
+    assert await lab.app.watcher.settle(await live_attempt(lab, p, "enhance"), Collected("succeeded", 0, None))
+    assert await stored(lab, p["id"]) == ("succeeded", True)
+
+    failing = await submit(lab, alice, chain(await lab.upload("alice", "in.tsv")))
+    await lab.set_step(failing, "to-jsonl", "running")
+    assert await lab.app.watcher.settle(await live_attempt(lab, failing, "to-jsonl"),
+                                        Collected("failed", 1, "exited with code 1"))
+    # The steps after it can never start: cancelled with it, and the pipeline failed, all without a read.
+    assert await stored(lab, failing["id"]) == ("failed", True)
+    async with lab.db.session() as session:
+        steps = dict((await session.execute(select(JobModel.step, JobModel.status).where(
+            JobModel.pipeline_id == failing["id"]))).all())
+    assert steps == {"to-jsonl": "failed", "features": "cancelled", "enhance": "cancelled"}
+
+
+async def test_the_stored_status_follows_a_cancelled_step_and_the_queues_cascade(lab: Lab) -> None:
+    alice = await lab.user("alice")
+    p = await submit(lab, alice, chain(await lab.upload("alice", "in.tsv")))
+    r = await lab.hub.post(f"/api/jobs/{p['steps'][0]['id']}/cancel", headers=alice)
+    assert r.status_code == 200, r.text
+    assert await stored(lab, p["id"]) == ("cancelled", True)
+
+    # A step ended failed without the watcher (as the queue finds it): the queue's pass cancels the step after
+    # it, and settles the pipeline.
+    q = await submit(lab, alice, chain(await lab.upload("alice", "in.tsv")))
+    await lab.set_step(q, "to-jsonl", "succeeded")
+    await lab.set_step(q, "features", "failed")
+    assert lab.app.dispatcher is not None
+    await lab.app.dispatcher.dispatch_once()
+    # The hub's own queue loop may have taken the pass: wait for its settling to commit.
+    for _ in range(200):
+        if await stored(lab, q["id"]) == ("failed", True):
+            break
+        await asyncio.sleep(0.05)
+    assert await stored(lab, q["id"]) == ("failed", True)
+
+
+async def test_retry_counts_against_the_job_quota_and_a_refusal_changes_nothing(lab: Lab,
+                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    alice = await lab.user("alice")
+    p = await submit(lab, alice, chain(await lab.upload("alice", "in.tsv")))
+    await lab.set_step(p, "to-jsonl", "failed")
+    failed = await read(lab, alice, p["id"])
+    assert failed["status"] == "failed"
+    assert lab.app.jobs is not None
+    # Three steps would run again; alice has nothing pending or running now.
+    monkeypatch.setattr(lab.app.jobs.settings, "max_jobs_per_user", 2)
+    r = await lab.hub.post(f"/api/pipelines/{p['id']}/retry", headers=alice)
+    assert r.status_code == 429 and r.json()["error"]["code"] == "JOB_QUOTA_EXCEEDED", r.text
+    assert r.json()["error"]["details"] == {"jobs": 0, "limit": 2}
+    assert await read(lab, alice, p["id"]) == failed
+    assert await lab_ops(lab, "job_retry") == []
+    monkeypatch.setattr(lab.app.jobs.settings, "max_jobs_per_user", 3)
+    r = await lab.hub.post(f"/api/pipelines/{p['id']}/retry", headers=alice)
+    assert r.status_code == 200, r.text
+    assert set(statuses(r.json()).values()) == {"pending"}
+
+
+async def test_owner_narrows_an_admins_list_to_one_users_pipelines(lab: Lab) -> None:
+    alice = await lab.user("alice")
+    admin = await lab.user("root", admin=True)
+    theirs = await submit(lab, alice, chain(await lab.upload("alice", "in.tsv")))
+    mine = await submit(lab, admin, {"name": "own", "steps": [{"name": "only", "image": "img:1"}]})
+
+    async def ids(who: dict[str, str], owner: str) -> list[str]:
+        r = await lab.hub.get("/api/pipelines", params={"owner": owner}, headers=who)
+        assert r.status_code == 200, r.text
+        return [x["id"] for x in r.json()]
+
+    assert await ids(admin, lab.names["root"]) == [mine["id"]]
+    assert await ids(admin, lab.names["alice"]) == [theirs["id"]]
+    assert await ids(admin, "nobody-" + lab.run) == []
+    # A user names only their own: another's name finds nothing.
+    assert await ids(alice, lab.names["root"]) == []
+    assert await ids(alice, lab.names["alice"]) == [theirs["id"]]

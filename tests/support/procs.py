@@ -135,7 +135,8 @@ class LocalDeployment:
         return {"MMANAGER_DATABASE_URL": self.db_url, "MMANAGER_API_KEY": self.key,
                 "MMANAGER_CONTROLLERS": json.dumps(self.entries),
                 "MMANAGER_HEARTBEAT_INTERVAL": str(self.interval), "MMANAGER_HEARTBEAT_GRACE": str(self.grace),
-                "MMANAGER_MODEL_STORE": str(self.workdir / "model-store"), **self.tls_env, **self.extra_hub_env}
+                "MMANAGER_MODEL_STORE": str(self.workdir / "model-store"),
+                "MMANAGER_ARTIFACT_STORE": str(self.workdir / "artifact-store"), **self.tls_env, **self.extra_hub_env}
 
     def create_admin(self) -> str:
         done = subprocess.run([*MMANAGER, "users", "create", "root", "--admin"],

@@ -7,7 +7,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -227,3 +227,24 @@ def test_the_async_client_has_the_same_calls(tmp_path: Path) -> None:
 
     status, saved, seen = asyncio.run(main())
     assert status == "succeeded" and saved.read_bytes() == DATA and seen[0] == 0 and seen[-1] == len(DATA)
+
+
+class Quiet(httpx.SyncByteStream):
+    """A followed log that sends its lines, then nothing (a read timeout), or ends."""
+
+    def __init__(self, lines: bytes, quiet: bool) -> None:
+        self.lines, self.quiet = lines, quiet
+
+    def __iter__(self) -> Iterator[bytes]:
+        yield self.lines
+        if self.quiet:
+            raise httpx.ReadTimeout("no data")
+
+
+def test_a_quiet_followed_log_is_opened_again_with_only_the_lines_still_to_come() -> None:
+    hub = Hub({("GET", f"/api/jobs/{JID}"): job("running"), ("GET", f"/api/jobs/{JID}/logs"): [
+        httpx.Response(200, stream=Quiet(b"one\n", quiet=True)), httpx.Response(200, stream=Quiet(b"two\n", False))]})
+    with hub.client() as c, c.jobs.follow_logs(JID, tail=5) as lines:
+        # Each line once: the stream opened again takes none of those before it.
+        assert list(lines) == ["one", "two"]
+    assert hub.seen[1:] == [f"GET /api/jobs/{JID}/logs?tail=5&follow=true", f"GET /api/jobs/{JID}/logs?tail=0&follow=true"]

@@ -8,10 +8,11 @@ of a job's status writes one operation row naming it (``job_id``) in the same tr
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from collections.abc import Callable, Iterable
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import func, select
 from sqlalchemy.ext.asyncio import AsyncSession
@@ -20,12 +21,17 @@ from hub.config import HubSettings
 from hub.db import Database
 from hub.errors import Conflict, HubError, InvalidRequest, NotFound, SpecForbidden
 from hub.job_schemas import ATTEMPT_LIVE, JOB_FINAL, ArtifactInput, AttemptOut, JobOut, JobOutputInput, JobSpec
-from hub.models import ArtifactModel, JobAttemptModel, JobModel, OperationModel, UserModel, utcnow
+from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, JobModel, OperationModel, UserModel, utcnow
 from hub.scheduler.placement import NO_GPU_SHARES, PlacementRequest, image_key, place
 from hub.scheduler.snapshot import load_views
 from hub.services.jobs.artifacts import ArtifactStore
 from hub.services.operations import OperationLog
 from mmanager.policy import PolicyViolation, check_spec
+
+if TYPE_CHECKING:
+    from hub.controller_client import ControllerClient
+
+log = logging.getLogger(__name__)
 
 
 class JobQuotaExceeded(HubError):
@@ -113,7 +119,7 @@ class JobService:
         """Validate ``spec`` for ``user`` and add its row and ``job_submit`` operation to ``session`` (the caller
         commits; a pipeline adds its steps so, all in one transaction). Refusals raise before anything is added."""
         check_job_policy(self.settings, spec)
-        await self._check_quota(session, user)
+        await self.check_quota(session, user)
         wanted = await self.resolve_inputs(session, user, spec)
         request = job_request(spec)
         views, _ = await load_views(self.db)
@@ -139,11 +145,13 @@ class JobService:
         self.changed()
         return out
 
-    async def _check_quota(self, session: AsyncSession, user: UserModel) -> None:
+    async def check_quota(self, session: AsyncSession, user: UserModel, adding: int = 1) -> None:
+        """429 JOB_QUOTA_EXCEEDED when ``adding`` more pending jobs would take ``user`` past
+        MMANAGER_MAX_JOBS_PER_USER pending or running."""
         limit = self.settings.max_jobs_per_user
         count = int(await session.scalar(select(func.count()).select_from(JobModel).where(
             JobModel.owner_id == user.id, JobModel.status.in_(("pending", "running")))) or 0)
-        if count + 1 > limit:
+        if count + adding > limit:
             raise JobQuotaExceeded(f"user {user.username!r} has {count} jobs pending or running, at most {limit}; "
                                    "wait for some to end or cancel some", {"jobs": count, "limit": limit})
 
@@ -286,6 +294,27 @@ class JobService:
         add_op(self.ops, session, "job_cancelled", user.username, job,
                controller_id=live.controller_id if live else None)
         return job, live
+
+
+async def stop_attempts(db: Database, client: ControllerClient, attempts: Iterable[JobAttemptModel | None],
+                        what: str) -> None:
+    """Tell the controllers of cancelled jobs' live attempts to stop them, once the cancel committed. Best effort:
+    a controller out of reach (or one gone) is not waited for; the watcher cancels what runs for no running job."""
+    live = [a for a in attempts if a is not None]
+    if not live:
+        return
+    async with db.session() as session:
+        urls = dict((await session.execute(select(ControllerModel.id, ControllerModel.url).where(
+            ControllerModel.id.in_({a.controller_id for a in live})))).all())
+    for attempt in live:
+        url = urls.get(attempt.controller_id)
+        if not url:
+            continue
+        try:
+            await client.cancel_job(attempt.controller_id, url, attempt.id)
+        except HubError as exc:
+            log.info("%s: controller %s was not told to cancel attempt %s now (%s); the watcher does it later",
+                     what, attempt.controller_id, attempt.id, exc)
 
 
 async def output_digest(session: AsyncSession, job_id: str, path: str) -> tuple[str, int] | None:

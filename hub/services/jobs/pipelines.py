@@ -18,11 +18,12 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from hub.db import Database
 from hub.errors import Conflict, HubError, NotFound
 from hub.job_schemas import JobOutputInput, JobSpec, PipelineOut, PipelineSpec, PipelineStep, StepOutputInput
-from hub.models import ControllerModel, JobAttemptModel, JobModel, PipelineModel, UserModel, new_id, utcnow
+from hub.models import JobAttemptModel, JobModel, PipelineModel, UserModel, new_id, utcnow
 from hub.scheduler import dag
-from hub.services.jobs.core import add_op, job_out
+from hub.services.jobs.core import add_op, job_out, stop_attempts
 from hub.services.operations import OperationLog
 from hub.services.users import SYSTEM_ACTOR
 
@@ -190,6 +191,25 @@ def _unsettled(pipeline: PipelineModel, jobs: Sequence[JobModel]) -> bool:
         bool(stopped_steps(states)) or pipeline_status(states) != pipeline.status)
 
 
+async def settle_ids(db: Database, ops: OperationLog, pipeline_ids: Iterable[str | None]) -> None:
+    """The pipelines of steps that just ended (their transaction committed) brought up to date at once, each in a
+    transaction of its own, so that their stored status and ``finished_at`` follow without a read. Rows are locked
+    pipeline first, then its jobs, as every writer of both does, and only when something changes. Best effort: a
+    read of the pipeline settles what this missed."""
+    for pipeline_id in sorted({p for p in pipeline_ids if p}):
+        try:
+            async with db.session() as session:
+                pipeline = await session.scalar(select(PipelineModel).where(PipelineModel.id == pipeline_id))
+                if pipeline is None or not _unsettled(pipeline, (await _jobs_of(session, [pipeline_id]))[pipeline_id]):
+                    continue
+                pipeline = (await session.scalars(
+                    select(PipelineModel).where(PipelineModel.id == pipeline_id).with_for_update(of=PipelineModel)
+                    .execution_options(populate_existing=True))).unique().one()
+                await settle(session, ops, pipeline, (await _jobs_of(session, [pipeline_id], lock=True))[pipeline_id])
+        except Exception as exc:  # noqa: BLE001 - the next read of the pipeline settles it
+            log.warning("pipeline %s not settled now: %s: %s", pipeline_id, type(exc).__name__, exc)
+
+
 async def _settled(session: AsyncSession, ops: OperationLog, user: UserModel, pipeline: PipelineModel,
                    jobs: list[JobModel]) -> list[JobModel]:
     """The pipeline's steps, the pipeline settled first when it needs it: its row and its jobs' locked and read
@@ -211,13 +231,17 @@ async def get(session: AsyncSession, ops: OperationLog, user: UserModel, pipelin
 
 
 async def list_pipelines(session: AsyncSession, ops: OperationLog, user: UserModel, *, status: str | None = None,
-                         name: str | None = None, limit: int = 100, offset: int = 0) -> list[PipelineOut]:
-    """The caller's pipelines (an admin's: everyone's), oldest first; the unfinished ones brought up to date
-    first, so that a filter on the status sees their status now."""
+                         name: str | None = None, owner: str | None = None, limit: int = 100,
+                         offset: int = 0) -> list[PipelineOut]:
+    """The caller's pipelines (an admin's: everyone's, ``owner`` narrows to one user's), oldest first; the
+    unfinished ones brought up to date first, so that a filter on the status sees their status now."""
+    owned_by = select(UserModel.id).where(UserModel.username == owner).scalar_subquery() if owner else None
     # In id order: each is locked in turn when it needs settling, in the same order by every caller.
     unfinished = select(PipelineModel).where(PipelineModel.status.not_in(PIPELINE_FINAL)).order_by(PipelineModel.id)
     if not user.is_admin:
         unfinished = unfinished.where(PipelineModel.owner_id == user.id)
+    if owned_by is not None:
+        unfinished = unfinished.where(PipelineModel.owner_id == owned_by)
     live = list((await session.scalars(unfinished)).unique())
     if live:
         live_jobs = await _jobs_of(session, [p.id for p in live])
@@ -230,6 +254,8 @@ async def list_pipelines(session: AsyncSession, ops: OperationLog, user: UserMod
         query = query.where(PipelineModel.status == status)
     if name is not None:
         query = query.where(PipelineModel.name == name)
+    if owned_by is not None:
+        query = query.where(PipelineModel.owner_id == owned_by)
     pipelines = list((await session.scalars(query)).unique())
     return await _render(session, pipelines, await _jobs_of(session, [p.id for p in pipelines]))
 
@@ -292,19 +318,9 @@ async def cancel(hub: Hub, user: UserModel, pipeline_id: str) -> PipelineOut:
                 if live is not None:
                     lives.append(live)
         await settle(session, hub.ops, pipeline, jobs)
-        urls = dict((await session.execute(select(ControllerModel.id, ControllerModel.url).where(
-            ControllerModel.id.in_({a.controller_id for a in lives})))).all()) if lives else {}
         await session.flush()
         [out] = await _render(session, [pipeline], {pipeline.id: jobs})
-    for live in lives:
-        url = urls.get(live.controller_id)
-        if url is None:
-            continue
-        try:
-            await hub.client.cancel_job(live.controller_id, url, live.id)
-        except HubError as exc:
-            log.info("pipeline %s: controller %s was not told to cancel attempt %s now (%s); the watcher does it "
-                     "later", pipeline_id, live.controller_id, live.id, exc)
+    await stop_attempts(hub.db, hub.client, lives, f"pipeline {pipeline_id}")
     return out
 
 
@@ -326,6 +342,8 @@ async def retry(hub: Hub, user: UserModel, pipeline_id: str) -> PipelineOut:
         states = _states(jobs)
         graph = {s.name: s.needs for s in states}
         again = dag.downstream(graph, [s.name for s in states if s.status in STEP_STOPPED])
+        # The steps run again count against their owner's jobs, as at submit.
+        await hub.jobs.check_quota(session, pipeline.owner, sum(1 for j in jobs if j.step in again))
         now = utcnow()
         for job in jobs:
             if job.step not in again:

@@ -34,6 +34,7 @@ from hub.job_schemas import ArtifactInput, JobOutputInput
 from hub.models import ArtifactModel, JobAttemptModel, JobModel, utcnow
 from hub.scheduler.placement import Placement
 from hub.scheduler.snapshot import Held, PlacementCache
+from hub.services.jobs import pipelines
 from hub.services.jobs.core import add_op, backoff, job_request, lock_job, output_digest, parse_spec
 from hub.services.operations import OperationLog
 from hub.services.users import SYSTEM_ACTOR
@@ -98,6 +99,8 @@ class Dispatcher:
         """One pass over the queue; how many attempts it started (their controllers are asked by tasks of their
         own: the pass does not wait for them)."""
         starts: list[_Start] = []
+        # The pipelines whose steps this pass cancelled, settled once it committed.
+        stopped: set[str] = set()
         async with self.db.session() as session:
             now = utcnow()
             query = (select(JobModel).options(lazyload(JobModel.owner))
@@ -128,6 +131,8 @@ class Dispatcher:
                     job.status_message = f"cancelled: job {bad[0]} it needs ended {needed.get(bad[0], 'gone')}"
                     job.wait_reasons = None
                     add_op(self.ops, session, "job_cancelled", SYSTEM_ACTOR, job, needs=bad[0])
+                    if job.pipeline_id is not None:
+                        stopped.add(job.pipeline_id)
                     continue
                 waiting = [n for n in job.needs or () if needed.get(n) != "succeeded"]
                 if waiting:
@@ -163,6 +168,8 @@ class Dispatcher:
                 for h in held:
                     self.placement.release(h)
                 raise
+        if stopped:
+            await pipelines.settle_ids(self.db, self.ops, stopped)
         for start in starts:
             self.placement.committed(start.held)
         for start in starts:
@@ -258,6 +265,7 @@ class Dispatcher:
         ``MAX_UNCOUNTED_STARTS`` uncounted ones, it counts against the job's retries (with their backoff; the job
         fails with the controller's error when none are left); else the job is placed again at once."""
         lock = not self.db.is_sqlite
+        failed_in: str | None = None
         async with self.db.session() as session:
             job = await lock_job(session, job_id, lock)
             attempt = await session.get(JobAttemptModel, attempt_id, with_for_update=lock, populate_existing=True)
@@ -290,3 +298,6 @@ class Dispatcher:
                 job.status, job.finished_at = "failed", now
                 job.status_message = f"attempt {number} could not start on {controller_id}: {error}"
                 add_op(self.ops, session, "job_failed", SYSTEM_ACTOR, job, error=error, controller_id=controller_id)
+                failed_in = job.pipeline_id
+        if failed_in is not None:
+            await pipelines.settle_ids(self.db, self.ops, [failed_in])

@@ -33,8 +33,9 @@ from sqlalchemy.orm import lazyload
 from hub.controller_client import ControllerClient
 from hub.db import Database
 from hub.errors import ControllerRejected, HubError
-from hub.job_schemas import ATTEMPT_LIVE
+from hub.job_schemas import ATTEMPT_LIVE, JOB_FINAL
 from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, JobModel, utcnow
+from hub.services.jobs import pipelines
 from hub.services.jobs.artifacts import ArtifactStore, used_bytes
 from hub.services.jobs.core import add_op, backoff, lock_job
 from hub.services.operations import OperationLog
@@ -363,11 +364,16 @@ class Watcher:
             for path, digest, size in got.outputs:
                 session.add(ArtifactModel(owner_id=job.owner_id, name=path, digest=digest, size=size, job_id=job.id,
                                           attempt_id=attempt.id, created_at=now))
+            pipeline_id = None
             if job.status == "running" and job.epoch == attempt.number:
                 if got.progress is not None:
                     job.progress = got.progress
                 self._settle_job(session, job, attempt, got, now)
+                if job.status in JOB_FINAL:
+                    pipeline_id = job.pipeline_id
         self.changed()
+        if pipeline_id is not None:
+            await pipelines.settle_ids(self.db, self.ops, [pipeline_id])
         return True
 
     def _settle_job(self, session: Any, job: JobModel, attempt: JobAttemptModel, got: Collected, now: Any) -> None:

@@ -63,7 +63,7 @@ def fuzz(url: str, token: str, workdir: Path, name: str, examples: int,
          # bug ("AST constructor recursion depth mismatch") inside schemathesis, not in the hub.
          "--workers", "1",
          "--request-timeout", "30", "--report", "json", "--report-json-path", str(report)],
-        capture_output=True, text=True, timeout=400, cwd=workdir,
+        capture_output=True, text=True, timeout=800, cwd=workdir,
     )
     assert report.exists(), done.stdout[-4000:] + done.stderr[-4000:]
     result = json.loads(report.read_text())
@@ -89,6 +89,9 @@ async def every_stored_text(url: str) -> str:
         await engine.dispose()
 
 
+# Two schemathesis runs over every operation (jobs and pipelines included), each starting real containers:
+# minutes on two cores, more under load.
+@pytest.mark.timeout(900)
 def test_fuzzed_api_never_answers_5xx_and_no_secret_is_kept_in_clear(
         deployment: LocalDeployment, db_url: str, tmp_path: Path) -> None:
     dep = deployment

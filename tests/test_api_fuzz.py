@@ -43,6 +43,8 @@ def deployment(db_url: str, example_image: str, docker_client: docker.DockerClie
                request: pytest.FixtureRequest) -> Any:
     dep = LocalDeployment(db_url, tmp_path / "deploy", interval=1.0, grace=5.0,
                           extra_hub_env={"MMANAGER_RATE_LIMIT": "0", "MMANAGER_MAX_SERVICES_PER_USER": "3",
+                                         # Fuzzed jobs start real containers: as few as services.
+                                         "MMANAGER_MAX_JOBS_PER_USER": "3",
                                          # A fuzzed drain or migrate has nowhere to go: answer 202 soon.
                                          "MMANAGER_DRAIN_TIMEOUT": "3", "MMANAGER_HEALTH_TIMEOUT": "5"})
     with stopped_after(dep, request, docker_client):

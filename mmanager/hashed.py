@@ -8,6 +8,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import BinaryIO
 
 # Bytes gathered before one thread hop writes and hashes them.
@@ -49,3 +51,34 @@ class HashedWriter:
         self.out.flush()
         os.fsync(self.out.fileno())
         self.out.close()
+
+
+async def store_stream(chunks: AsyncIterator[bytes], tmp: Path, dest: Callable[[str], Path], limit: int | None,
+                       too_big: Callable[[int], Exception], disk_full: Callable[[str], Exception]) -> tuple[str, int]:
+    """Stream ``chunks`` into ``tmp``, hashed as they come, then rename it to ``dest(digest)``; the digest
+    (``sha256:<hex>``) and size. Past ``limit`` bytes ``too_big(size)`` is raised; a full disk (ENOSPC, EDQUOT)
+    raises ``disk_full(reason)``. Whatever stops the stream removes the temporary file."""
+    out = await asyncio.to_thread(open, tmp, "wb")
+    writer = HashedWriter(out)
+    try:
+        async for chunk in chunks:
+            if not chunk:
+                continue
+            size = writer.size + len(chunk)
+            if limit is not None and size > limit:
+                raise too_big(size)
+            await writer.write(chunk)
+        size = writer.size
+        digest = await writer.finish()
+        await asyncio.to_thread(os.replace, tmp, dest(digest))
+    except OSError as exc:
+        out.close()
+        tmp.unlink(missing_ok=True)
+        if exc.errno in (28, 122):  # ENOSPC, EDQUOT: the disk, not the request
+            raise disk_full(exc.strerror or "no space") from None
+        raise
+    except BaseException:
+        out.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return digest, size

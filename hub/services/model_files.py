@@ -34,7 +34,7 @@ from hub.db_direct import Tx, any_of
 from hub.errors import Conflict, HubError, InvalidRequest, NotFound
 from hub.models import ModelFileModel, ModelTypeModel, ServiceModel
 from hub.schemas import DIGEST_PATTERN, MODEL_DIR, ModelMount, ServiceSpec
-from mmanager.hashed import HashedWriter
+from mmanager.hashed import store_stream
 from mmanager.wire import ModelsSynced
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -105,31 +105,10 @@ class ModelStore:
         ``limit`` bytes, ``too_big(size)`` is raised. Whatever stops the stream (a limit, the caller gone)
         removes the temporary file."""
         await asyncio.to_thread(self._dirs)
-        tmp = self.tmp / f"upload-{uuid.uuid4().hex}"
-        out = await asyncio.to_thread(open, tmp, "wb")
-        writer = HashedWriter(out)
-        try:
-            async for chunk in chunks:
-                if not chunk:
-                    continue
-                size = writer.size + len(chunk)
-                if limit is not None and size > limit:
-                    raise (too_big(size) if too_big else StoreFull("the upload is over its limit"))
-                await writer.write(chunk)
-            size = writer.size
-            digest = await writer.finish()
-            await asyncio.to_thread(os.replace, tmp, self.path(digest))
-        except OSError as exc:
-            out.close()
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT: the disk, not the request
-                raise StoreFull(f"the model-file store's disk is full: {exc.strerror}") from None
-            raise
-        except BaseException:
-            out.close()
-            tmp.unlink(missing_ok=True)
-            raise
-        return digest, size
+        return await store_stream(
+            chunks, self.tmp / f"upload-{uuid.uuid4().hex}", self.path, limit,
+            too_big or (lambda size: StoreFull("the upload is over its limit")),
+            lambda why: StoreFull(f"the model-file store's disk is full: {why}"))
 
     def _dirs(self) -> None:
         self.files.mkdir(parents=True, exist_ok=True)

@@ -34,7 +34,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from hub.errors import Conflict, HubError, InvalidRequest, NotFound
 from hub.job_schemas import ArtifactOut
 from hub.models import ArtifactModel, JobAttemptModel, JobModel, UserModel
-from mmanager.hashed import HashedWriter
+from mmanager.hashed import store_stream
 
 DIGEST_RE = re.compile(r"sha256:[0-9a-f]{64}")
 # An upload's name: a file name, no directories.
@@ -116,32 +116,11 @@ class LocalArtifactStore(ArtifactStore):
     async def put(self, chunks: AsyncIterator[bytes], limit: int | None = None,
                   too_big: Callable[[int], Exception] | None = None) -> tuple[str, int]:
         await asyncio.to_thread(self._dirs)
-        tmp = self.tmp / f"put-{uuid.uuid4().hex}"
-        out = await asyncio.to_thread(open, tmp, "wb")
-        writer = HashedWriter(out)
-        try:
-            async for chunk in chunks:
-                if not chunk:
-                    continue
-                if limit is not None and writer.size + len(chunk) > limit:
-                    size = writer.size + len(chunk)
-                    raise (too_big(size) if too_big else PayloadTooLarge(f"more than {limit} bytes"))
-                await writer.write(chunk)
-            size = writer.size
-            digest = await writer.finish()
-            # The file is new even when the digest was stored already: its age is the sweep's grace.
-            await asyncio.to_thread(os.replace, tmp, self.path(digest))
-        except OSError as exc:
-            out.close()
-            tmp.unlink(missing_ok=True)
-            if exc.errno in (28, 122):  # ENOSPC, EDQUOT: the disk, not the request
-                raise ArtifactStoreFull(f"the artifact store's disk is full: {exc.strerror}") from None
-            raise
-        except BaseException:
-            out.close()
-            tmp.unlink(missing_ok=True)
-            raise
-        return digest, size
+        # The file is new even when the digest was stored already: its age is the sweep's grace.
+        return await store_stream(
+            chunks, self.tmp / f"put-{uuid.uuid4().hex}", self.path, limit,
+            too_big or (lambda size: PayloadTooLarge(f"more than {limit} bytes")),
+            lambda why: ArtifactStoreFull(f"the artifact store's disk is full: {why}"))
 
     async def open(self, digest: str) -> AsyncIterator[bytes]:
         try:

@@ -457,6 +457,11 @@ class JobRunner:
                 except ControllerError as exc:
                     # Its result is on disk: the next pick-up removes it.
                     log.warning("could not remove the ended container of job run %s: %s", run.attempt_id, exc.message)
+            if final["state"] == "exited" and final["exit_code"] == 0:
+                # A next step placed here (the hub prefers the controller that made a job's inputs) mounts
+                # them from the model cache instead of fetching back from the hub what this server made.
+                for item in outputs.values():
+                    await self.models.keep(f"sha256:{item.sha256}", run.dir / "outputs" / item.path, item.size)
             for key, value in final.items():
                 setattr(run, key, value)
             run.outputs = outputs

@@ -16,6 +16,9 @@ bound read-only (``ContainerService.create``); ``tmp/`` holds downloads under wa
   eviction looks at the live pins again before it removes a file;
 - one download per digest at a time: a second sync of it waits for the first and finds it cached.
 
+A job's outputs (``keep``) are copied in too, best effort, so a next step placed here mounts them without
+fetching back from the hub what this server made; they take room as a download does.
+
 Downloads go to ``MMANAGER_HUB_URL`` (each listed replica in turn until one answers) with the heartbeat key,
 at ``/api/controllers/{SERVER_ID}/model-files/{digest}``.
 """
@@ -37,7 +40,7 @@ import httpx
 
 from controller.config import ControllerSettings
 from controller.credentials import HeartbeatKey
-from controller.errors import ModelCacheFull, ModelChecksumMismatch, ModelSyncFailed
+from controller.errors import ControllerError, ModelCacheFull, ModelChecksumMismatch, ModelSyncFailed
 from controller.runtime import Runtime
 from mmanager.hashed import HashedWriter
 from mmanager.wire import ModelsSynced
@@ -205,6 +208,41 @@ class ModelCache:
                 self._inflight.pop(tmp.name, None)
         return size
 
+    async def keep(self, digest: str, source: Path, size: int) -> bool:
+        """Copy ``source``, a file this server made whose bytes hash to ``digest`` (an ended job's output,
+        hashed for its manifest), into the cache. Best effort: False when it does not fit or is gone.
+
+        Not hashed again: the job that wrote it has ended, and its folder is this controller's alone. A copy,
+        not a link: the job's user owns the output's inode and could change it through another path."""
+        if size > self.limit:
+            return False
+        hexdigest = digest.removeprefix("sha256:")
+        async with self._fetching.setdefault(digest, asyncio.Lock()):
+            async with self._room:
+                if await asyncio.to_thread(_touch, self.path(digest)):
+                    self._used(hexdigest)
+                    return True
+            tmp = self.tmp / f"{hexdigest}.{uuid.uuid4().hex}"
+            self._inflight[tmp.name] = size
+            kept = False
+            try:
+                await asyncio.to_thread(self._dirs)
+                if await asyncio.to_thread(_copy, source, tmp) != size:
+                    raise OSError(f"{source} changed size since it was hashed")
+                async with self._room:
+                    await self._evict(size, digest, own=tmp.name)
+                    await asyncio.to_thread(_publish, tmp, self.path(digest))
+                    self._used(hexdigest)
+                kept = True
+            except (OSError, ControllerError) as exc:
+                log.info("output %s not kept in the model cache: %s", digest, exc)
+            finally:
+                self._inflight.pop(tmp.name, None)
+                if not kept:
+                    with contextlib.suppress(OSError):
+                        tmp.unlink(missing_ok=True)
+        return kept
+
     def _dirs(self) -> None:
         self.files.mkdir(parents=True, exist_ok=True)
         self.tmp.mkdir(parents=True, exist_ok=True)
@@ -276,6 +314,19 @@ def _touch(path: Path) -> bool:
     except (FileNotFoundError, NotADirectoryError):
         return False
     return True
+
+
+def _copy(source: Path, target: Path) -> int:
+    """``source``'s bytes into a new ``target`` in the kernel (a link in its place is not followed)."""
+    fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        with open(target, "xb") as out:
+            copied = 0
+            while sent := os.sendfile(out.fileno(), fd, copied, 1 << 30):
+                copied += sent
+    finally:
+        os.close(fd)
+    return copied
 
 
 def _publish(tmp: Path, final: Path) -> None:

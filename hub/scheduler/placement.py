@@ -515,6 +515,15 @@ class CandidateIndex:
             return place(self._views.values(), request)
         return _decision(chosen, request, ())
 
+    def place_on(self, request: PlacementRequest, controller_id: str, instead_of: str) -> Placement | None:
+        """``request`` on ``controller_id`` (where a job's inputs already are, say), if it passes every check and
+        stands where ``instead_of``, this index's own choice, does: its server type and priority tier."""
+        c, chosen = self._views.get(controller_id), self._views.get(instead_of)
+        if (c is None or chosen is None or (c.priority, c.server_type) != (chosen.priority, chosen.server_type)
+                or not _eligible(c) or feasibility(c, request) is not None):
+            return None
+        return _decision(c, request, ())
+
     def _update(self, c: ControllerView) -> None:
         self._views[c.id] = c
         if _eligible(c):

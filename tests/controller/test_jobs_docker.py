@@ -127,6 +127,14 @@ async def test_jobs_read_inputs_write_outputs_and_end_as_they_should(
     assert (await ctl.client.delete("/jobs/works")).status_code == 204
     assert not (ctl.settings.job_dir / "works").exists()
 
+    # What it left stays in this server's model cache: a next job mounts it, with no hub to fetch it from.
+    assert ctl.settings.hub_url is None
+    await post(ctl, job(example_image, "next", "cat /inputs/upper.csv",
+                        inputs=[{"digest": f"sha256:{manifest[0]['sha256']}", "path": "upper.csv"}]))
+    following = await ended(ctl, "next")
+    assert (following["state"], following["exit_code"], following["error"]) == ("exited", 0, None)
+    assert (await ctl.client.get("/jobs/next/logs")).content == upper
+
 
 @asynccontextmanager
 async def controller(server_id: str, tmp_path: Path) -> AsyncIterator[Ctl]:

@@ -303,6 +303,27 @@ async def test_outputs_are_collected_checked_and_feed_the_next_job(parts: Parts,
     assert run["inputs"] == [{"digest": rows[0].digest, "path": "a.txt"}]
 
 
+async def test_a_job_is_placed_where_its_inputs_were_made_when_that_controller_fits(parts: Parts) -> None:
+    await parts.controller("c1")
+    await parts.controller("c2")
+    user = await parts.user("alice")
+
+    async def started_on(job_id: str) -> str:
+        parts.dispatcher.placement.stale()  # placed on a fresh snapshot, with the ended attempts gone from it
+        assert await parts.dispatch() == 1
+        return [host for host, body in parts.fake.started if body["job_id"] == job_id][0]
+
+    assert await started_on(await parts.job(user, "blocker")) == "c1"
+    first = await parts.job(user, "first")
+    assert await started_on(first) == "c2"  # c1 is busier
+    parts.fake.end((await parts.attempts(first))[0].id, 0, {"out.txt": b"made on c2"})
+    await parts.settle_all("c2")
+    assert await started_on(await parts.job(user, "busy")) == "c2"
+    # One job each: load alone would pick c1 (the first by id); the input was made on c2, which keeps it.
+    second = await parts.job(user, "second", inputs=[{"job": first, "path": "out.txt"}])
+    assert await started_on(second) == "c2"
+
+
 async def test_the_last_progress_a_job_wrote_is_kept_when_it_ends(parts: Parts) -> None:
     # A step that ends between two of the watcher's looks still shows its final count.
     await parts.controller("c1")

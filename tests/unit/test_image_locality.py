@@ -222,3 +222,21 @@ def test_a_replica_drops_sets_it_can_no_longer_vouch_for():
     assert sets.keys("b") is not None
     sets.retain({"a"}, before=21.0)
     assert sets.keys("b") is None and set(sets.holders(IMG)) == {"a"}
+
+
+@pytest.mark.parametrize(("name", "fleet", "request_", "near", "chosen"), [
+    ("the inputs' controller wins in the chosen one's tier", [node("a"), node("b", containers=3)],
+     PlacementRequest(), "b", "b"),
+    ("a full one is not taken", [node("a"), node("b", containers=3, max_containers=3)], PlacementRequest(), "b", None),
+    ("nor one in a worse tier", [node("a"), node("b", priority=2)], PlacementRequest(), "b", None),
+    ("nor one of another server type", [node("a"), gpu("b")], PlacementRequest(), "b", None),
+    ("nor a draining one", [node("a"), node("b", draining=True)], PlacementRequest(), "b", None),
+    ("nor an unknown one", [node("a")], PlacementRequest(), "gone", None),
+], ids=lambda v: v if isinstance(v, str) and " " in v else "")
+def test_place_on_takes_the_inputs_controller_only_where_the_choice_stands(name, fleet, request_, near,
+                                                                           chosen) -> None:
+    index = CandidateIndex(fleet)
+    choice = index.place(request_)
+    assert choice.controller_id == "a", name
+    found = index.place_on(request_, near, choice.controller_id)
+    assert (found.controller_id if found else None) == chosen, name

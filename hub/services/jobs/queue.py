@@ -192,6 +192,9 @@ class Dispatcher:
             job.status, job.finished_at, job.status_message, job.wait_reasons = "failed", now, inputs, None
             add_op(self.ops, session, "job_failed", SYSTEM_ACTOR, job, error=inputs)
             return None
+        near = await _made_most(session, inputs)
+        if near is not None and near != decision.controller_id:
+            decision = index.place_on(request, near, decision.controller_id) or decision
         url = self.placement.urls.get(decision.controller_id or "")
         if url is None:
             return None
@@ -301,3 +304,19 @@ class Dispatcher:
                 failed_in = job.pipeline_id
         if failed_in is not None:
             await pipelines.settle_ids(self.db, self.ops, [failed_in])
+
+
+async def _made_most(session: Any, inputs: list[JobInput]) -> str | None:
+    """The controller whose succeeded attempts made the most bytes of ``inputs``: it keeps what its jobs left
+    in its model cache, so an attempt placed there mounts them without a fetch (None: none was made by a job)."""
+    digests = list({item.digest for item in inputs})
+    if not digests:
+        return None
+    made = (select(JobAttemptModel.controller_id, ArtifactModel.digest, ArtifactModel.size)
+            .join(JobAttemptModel, JobAttemptModel.id == ArtifactModel.attempt_id)
+            .where(ArtifactModel.digest.in_(digests), JobAttemptModel.status == "succeeded")
+            .distinct().subquery())
+    row = (await session.execute(
+        select(made.c.controller_id).group_by(made.c.controller_id)
+        .order_by(func.sum(made.c.size).desc(), made.c.controller_id).limit(1))).first()
+    return None if row is None else row[0]

@@ -233,7 +233,16 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     assert hub.dispatcher is not None and hub.watcher is not None and hub.jobs is not None
     dispatcher = JobDispatcher(hub.dispatcher, settings.job_poll_interval)
     watcher = JobWatcher(hub.watcher)
-    hub.jobs.changed = hub.watcher.changed = dispatcher.wake
+    hub.jobs.changed = dispatcher.wake
+    placement = hub.dispatcher.placement
+
+    def attempt_ended() -> None:
+        # What it held is free now: the next pass places on a fresh snapshot, not one that still counts it
+        # (a pipeline's next step goes where its inputs were made only if that controller has room).
+        placement.stale()
+        dispatcher.wake()
+
+    hub.watcher.changed = attempt_ended
     prefetcher = (Prefetcher(hub.db, settings, hub.client, hub.services.placement, hub.ingest.images,
                              hub.metrics)
                   if settings.prefetch_interval > 0 else None)

@@ -49,11 +49,11 @@ def test_api_floor_small(db_url: str, example_image: str, docker_client: docker.
         assert 0 < r["p50_ms"] <= r["p99_ms"]
         assert set(r["cores_used"]) == {"hub", "postgres", "controller", "load generator"}
         assert r["cores_used"]["hub"] > 0 and r["requests_per_s_per_hub_core"] > 0
-    # No database behind /docs; the service read reaches it (the token is checked in memory, and
-    # PostgreSQL reports its counters lazily, so a short window sees only part of them); the controller
-    # behind /status.
+    # No database behind /docs; the service read reaches it (the token is checked in memory). PostgreSQL
+    # reports its transaction counters lazily, so a short window may see none of the read's: its CPU time
+    # shows it. The controller is behind /status.
     assert result["docs"]["pg_transactions_per_request"] < 0.5
-    assert result["service"]["pg_transactions_per_request"] > 0
+    assert result["service"]["cores_used"]["postgres"] > 0
     assert result["services"]["path"].endswith("(4 services)")
     assert result["status"]["cores_used"]["controller"] > 0
 

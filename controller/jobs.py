@@ -154,6 +154,8 @@ class JobRunner:
         # Started from the clock, so a restarted controller's versions pass those the hub saw before.
         self.version = int(time.time() * 1000)
         self._changed = asyncio.Event()
+        # Set once the server begins to shut down: long polls answer at once instead of holding it up.
+        self._closing = False
         self._ready = asyncio.Event()
         self._pickup: asyncio.Task[None] | None = None
         # The progress files' marks when the version last went up for them: a later rewrite is a change,
@@ -186,6 +188,11 @@ class JobRunner:
         except TimeoutError:
             raise DockerUnavailable("this controller is still picking up its job runs (Docker does not answer); "
                                     "retry shortly") from None
+
+    def closing(self) -> None:
+        """The server is shutting down: every long poll answers now, and later ones do not wait."""
+        self._closing = True
+        self._changed.set()
 
     def _bump(self) -> None:
         self.version += 1
@@ -590,7 +597,7 @@ class JobRunner:
         """Every run; with ``since`` equal to the current version and a ``wait``, once it moves (or after it)."""
         if since is not None and since == self.version and wait > 0:
             deadline = time.monotonic() + wait
-            while since == self.version and (left := deadline - time.monotonic()) > 0:
+            while not self._closing and since == self.version and (left := deadline - time.monotonic()) > 0:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._changed.wait(), min(left, PROGRESS_CHECK))
                 await self._progress_moved()

@@ -26,6 +26,7 @@ import uvicorn
 from rich.console import Console
 
 from mmanager.commands import attach as attach_client_commands
+from mmanager.serving import Server
 
 app = typer.Typer(help="mManager hub: orchestrate model-service containers across a lab's servers.",
                   no_args_is_help=True)
@@ -111,7 +112,7 @@ def hub_serve(host: Host = "0.0.0.0", port: int = 8000,
     app = create_app(settings)
     _server_gc()
     config = uvicorn.Config(app, host=host, port=port, log_config=None, **settings.tls.server_options())
-    server = _Server(config, closing=app.state.hub.presence.close)
+    server = Server(config, closing=app.state.hub.presence.close)
     with contextlib.suppress(KeyboardInterrupt):
         server.run()
     if not server.started:
@@ -321,21 +322,7 @@ def _free_port(port: int) -> bool:
             return False
 
 
-class _Server(uvicorn.Server):
-    """A uvicorn server that tells its app when it begins to shut down (``closing``), before it waits for the
-    calls in flight to end: the calls that never end on their own (controllers' presence streams) end then."""
-
-    def __init__(self, config: uvicorn.Config, closing: Callable[[], None] | None = None) -> None:
-        super().__init__(config)
-        self.closing = closing
-
-    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-        if self.closing is not None:
-            self.closing()
-        await super().shutdown(sockets)
-
-
-class _SharedLoopServer(_Server):
+class _SharedLoopServer(Server):
     """A uvicorn server that leaves signals to its caller: two of them share one loop in dev mode."""
 
     @contextlib.contextmanager
@@ -417,8 +404,9 @@ def dev(port: int = 8000,
     async def serve() -> None:
         # As uvicorn's log_level below quiets its own loggers: no access line for every call in this terminal.
         logging.getLogger("mmanager.access").setLevel(logging.WARNING)
-        ctl = _SharedLoopServer(uvicorn.Config(create_controller(ctl_settings), host="127.0.0.1", port=ctl_port,
-                                               log_config=None, log_level="warning"))
+        ctl_app = create_controller(ctl_settings)
+        ctl = _SharedLoopServer(uvicorn.Config(ctl_app, host="127.0.0.1", port=ctl_port, log_config=None,
+                                               log_level="warning"), closing=ctl_app.state.jobs.closing)
         hub_app = create_hub(hub_settings)
         hub = _SharedLoopServer(uvicorn.Config(hub_app, host="127.0.0.1", port=port, log_config=None,
                                                log_level="warning"), closing=hub_app.state.hub.presence.close)

@@ -15,8 +15,10 @@ from typing import Any
 
 import docker
 import httpx
+import uvicorn
 
 from controller.app import create_app
+from mmanager.serving import Server
 from tests.controller.conftest import AUTH, Ctl, StartController, make_settings
 from tests.support.poll import eventually
 
@@ -197,3 +199,33 @@ async def test_a_job_running_as_a_non_root_user_writes_its_outputs_and_progress_
     assert got.status_code == 200 and got.text == "10001\n"
     assert (await ctl.client.delete("/jobs/nonroot")).status_code == 204
     assert not (ctl.settings.job_dir / "nonroot").exists()
+
+
+async def test_a_stopping_controller_answers_its_long_polls_at_once(start_controller: StartController,
+                                                                   tmp_path: Path) -> None:
+    """uvicorn waits for the calls in flight before it stops: a long poll of the job runs (the hub's, up to a
+    minute) must not hold a controller's stop for its whole wait."""
+    ctl = await start_controller(**dirs(tmp_path))
+    jobs = ctl.app.state.jobs
+    server = Server(uvicorn.Config(ctl.app, host="127.0.0.1", port=0, lifespan="off", log_level="warning"),
+                    closing=jobs.closing)
+    serving = asyncio.create_task(server.serve())
+    await eventually(lambda: server.started, 10, "the controller listening", interval=0.01)
+    port = server.servers[0].sockets[0].getsockname()[1]
+    polling = asyncio.Event()
+    listing = jobs.list
+
+    async def watched(since: int | None = None, wait: float = 0) -> Any:
+        polling.set()
+        return await listing(since, wait)
+
+    jobs.list = watched
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", headers=AUTH, timeout=90) as client:
+        version = (await client.get("/jobs/")).json()["version"]
+        polling.clear()
+        poll = asyncio.create_task(client.get("/jobs/", params={"since": version, "wait": 60}))
+        await asyncio.wait_for(polling.wait(), 10)
+        server.should_exit = True
+        answer = await asyncio.wait_for(poll, 10)
+        await asyncio.wait_for(serving, 10)
+    assert answer.status_code == 200 and answer.json()["version"] == version

@@ -4,6 +4,7 @@ from a throwaway CA; and the settings refused at start-up when they cannot work.
 from __future__ import annotations
 
 import secrets
+import signal
 import ssl
 import subprocess
 import sys
@@ -165,3 +166,9 @@ def test_hub_and_controller_on_mutual_tls(deployment: LocalDeployment, pki: dict
         assert [s["name"] for s in api.get("/api/services").json()] == ["tls"]
         managed = docker_client.containers.list(all=True, filters={"label": f"mmanager.controller={cid}"})
         assert [c.id for c in managed] == [service["container_id"]]
+
+    # SIGTERM stops the hub by itself, though the controller keeps an idle TLS connection to it that never
+    # answers the hub's close_notify (Proc.stop kills what is still running 15 s after its SIGTERM).
+    hub = deployment.hub()
+    hub.stop()
+    assert hub.popen is not None and hub.popen.returncode == -signal.SIGTERM

@@ -6,6 +6,7 @@ it: kill -9, SIGSTOP and SIGCONT, restart.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +23,9 @@ from typing import Any
 import docker
 import httpx
 
+from hub.db import Database
+from hub.migrate import upgrade
+from hub.services.users import create_user
 from mmanager.client import Client
 from tests.support.net import free_port, port_free, wait_for_port
 
@@ -138,10 +143,22 @@ class LocalDeployment:
                 "MMANAGER_MODEL_STORE": str(self.workdir / "model-store"),
                 "MMANAGER_ARTIFACT_STORE": str(self.workdir / "artifact-store"), **self.tls_env, **self.extra_hub_env}
 
-    def create_admin(self) -> str:
-        done = subprocess.run([*MMANAGER, "users", "create", "root", "--admin"],
-                              env={**os.environ, **self.hub_env}, capture_output=True, text=True, check=True)
-        return done.stdout.strip().splitlines()[-1]
+    def create_admin(self, name: str = "root") -> str:
+        """What ``mmanager users create root --admin`` does (the database migrated, the user made), in this
+        process: a CLI process of its own would cost a lab's start a Python start and the hub's imports."""
+
+        async def create() -> str:
+            db = Database(self.db_url)
+            try:
+                async with db.session() as session:
+                    return (await create_user(session, name, True))[1]
+            finally:
+                await db.dispose()
+
+        upgrade(self.db_url)
+        # In a thread of its own: a caller may be inside a running event loop.
+        with ThreadPoolExecutor(1) as pool:
+            return pool.submit(asyncio.run, create()).result()
 
     def hub(self, i: int = 0) -> Proc:
         if not self.hub_ports:
@@ -167,18 +184,17 @@ class LocalDeployment:
         return proc
 
     def start(self, hubs: int = 1) -> None:
-        for proc in self.controllers.values():
+        # All at once, as a lab's servers come up: controllers and gateways retry the hub until it answers.
+        first = [*self.controllers.values(), *([self.hub(0)] if hubs else []), *self.gateways.values()]
+        for proc in first:
             proc.start()
-        for proc in self.controllers.values():
-            proc.wait_listening()
-        for i in range(hubs):
+        for proc in first:
+            # The hub migrates the database first.
+            proc.wait_listening(30)
+        for i in range(1, hubs):
+            # The other replicas start once the first answers (it migrated the database).
             self.hub(i).start()
-            # The first replica migrates the database; the others start once it answers.
             self.hub(i).wait_listening(30)
-        for proc in self.gateways.values():
-            proc.start()
-        for proc in self.gateways.values():
-            proc.wait_listening()
 
     def stop(self, docker_client: docker.DockerClient | None = None) -> None:
         for proc in [*self.gateways.values(), *self.hubs, *self.controllers.values()]:

@@ -18,7 +18,6 @@ from examples.images import EXAMPLE_IMAGE, build_example_image, build_modelserve
 from hub.db import Database
 from hub.migrate import upgrade
 from hub.models import Base
-from tests.support.lab import Lab, running_lab
 from tests.support.pg import create_database, throwaway_cluster
 
 
@@ -109,19 +108,3 @@ def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) ->
     outcome = yield
     report = outcome.get_result()
     setattr(item, f"rep_{report.when}", report)
-
-
-@pytest.fixture(scope="session")
-async def seed001_db(pg_server: str) -> str:
-    return await create_database(pg_server, "seed001")
-
-
-@pytest.fixture(scope="session")
-def seed001_lab(seed001_db: str, modelserver_image: str, docker_client: docker.DockerClient,
-                tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest) -> Iterator[Lab]:
-    """A lab (tests/support/lab.py) for seed 001's pipeline with the reference model image, started once and
-    shared by tests/test_seed001_pipeline.py and tests/test_bench_seed001.py."""
-    workdir = tmp_path_factory.mktemp("seed001-lab")
-    with running_lab(seed001_db, workdir, request, docker_client,
-                     hub_env={"MMANAGER_ARTIFACT_STORE": str(workdir / "artifacts")}) as lab:
-        yield lab

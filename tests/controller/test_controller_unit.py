@@ -14,7 +14,6 @@ from typing import Any
 
 import pynvml
 import pytest
-import uvicorn
 
 from controller import app as controller_app
 from controller import archives
@@ -35,6 +34,7 @@ from controller.runtime import DockerRuntime
 from controller.schemas import ImageDetail
 from controller.spec import ContainerSpec, build_spec
 from examples.images import EXAMPLE_IMAGE
+from mmanager.serving import Server
 from mmanager.wire import ContainerCreate, ContainerInfo, GpuInfo, ImagePulled
 from tests.controller.conftest import KEY, Ctl, StartController, make_settings
 
@@ -444,14 +444,17 @@ def test_run_logs_where_told_and_never_the_key(monkeypatch: pytest.MonkeyPatch, 
 
     served: dict[str, object] = {}
 
-    def fake_uvicorn_run(app: object, **kwargs: object) -> None:
-        served.update(kwargs, app=app)
-        logging.getLogger("controller").info("serving %s", kwargs["port"])
+    def fake_run(server: Server, sockets: object = None) -> None:
+        config = server.config
+        served.update(host=config.host, port=config.port, log_config=config.log_config, app=config.app,
+                      closing=server.closing)
+        server.started = True
+        logging.getLogger("controller").info("serving %s", config.port)
         logging.getLogger("uvicorn.error").debug("uvicorn at debug too")
 
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
-    monkeypatch.setattr(uvicorn, "run", fake_uvicorn_run)
+    monkeypatch.setattr(Server, "run", fake_run)
     log_file = tmp_path / "controller.log"
     settings = ControllerSettings(
         api_key="very-secret-key-0123456789", server_id="ctl", log_level="debug", log_file=log_file, gpu_devices=[],
@@ -466,6 +469,8 @@ def test_run_logs_where_told_and_never_the_key(monkeypatch: pytest.MonkeyPatch, 
         root.setLevel(level)
     # uvicorn gets no logging config of its own: its loggers go through the handler LOG_FILE set up.
     assert (served["host"], served["port"], served["log_config"]) == ("127.0.0.1", 8001, None)
+    # Its long polls answer as soon as it begins to stop.
+    assert served["closing"] == served["app"].state.jobs.closing  # type: ignore[attr-defined]
     text = log_file.read_text()
     assert "serving 8001" in text and "uvicorn at debug too" in text
     assert "very-secret-key-0123456789" not in text

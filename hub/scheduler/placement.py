@@ -517,9 +517,11 @@ class CandidateIndex:
 
     def place_on(self, request: PlacementRequest, controller_id: str, instead_of: str) -> Placement | None:
         """``request`` on ``controller_id`` (where a job's inputs already are, say), if it passes every check and
-        stands where ``instead_of``, this index's own choice, does: its server type and priority tier."""
+        stands where ``instead_of``, this index's own choice, does: its server type and priority tier, and the
+        image when the choice holds it (a pull costs more than a fetch of inputs, as a rule)."""
         c, chosen = self._views.get(controller_id), self._views.get(instead_of)
         if (c is None or chosen is None or (c.priority, c.server_type) != (chosen.priority, chosen.server_type)
+                or (_lacks(c, request) and not _lacks(chosen, request))
                 or not _eligible(c) or feasibility(c, request) is not None):
             return None
         return _decision(c, request, ())

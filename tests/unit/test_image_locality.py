@@ -232,6 +232,10 @@ def test_a_replica_drops_sets_it_can_no_longer_vouch_for():
     ("nor one of another server type", [node("a"), gpu("b")], PlacementRequest(), "b", None),
     ("nor a draining one", [node("a"), node("b", draining=True)], PlacementRequest(), "b", None),
     ("nor an unknown one", [node("a")], PlacementRequest(), "gone", None),
+    ("nor one without the image the choice holds", [node("a", has=True), node("b")], PlacementRequest(image=IMG),
+     "b", None),
+    ("where the choice would pull the image too, it may move", [node("a"), node("b", containers=3)], PlacementRequest(image=IMG),
+     "b", "b"),
 ], ids=lambda v: v if isinstance(v, str) and " " in v else "")
 def test_place_on_takes_the_inputs_controller_only_where_the_choice_stands(name, fleet, request_, near,
                                                                            chosen) -> None:

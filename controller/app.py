@@ -14,14 +14,12 @@ should: logging set up from LOG_LEVEL and LOG_FILE first.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 from typing import Any
 
 import httpx
-import uvicorn
 from fastapi import Depends, FastAPI
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -52,7 +50,7 @@ from mmanager.audit import AuditMiddleware
 from mmanager.errors import install_error_handlers
 from mmanager.limits import BodyLimit
 from mmanager.logs import install_request_ids, setup_logging
-from mmanager.serving import Server
+from mmanager.serving import serve
 
 log = logging.getLogger(__name__)
 
@@ -190,10 +188,5 @@ def run(settings: ControllerSettings, host: str = "0.0.0.0", port: int | None = 
     setup_logging(settings)
     app = create_app(settings)
     # No log_config and no log_level: uvicorn's loggers propagate to the handler just installed.
-    server = Server(uvicorn.Config(app, host=host, port=port or settings.port, log_config=None,
-                                   **settings.tls.server_options()), closing=app.state.jobs.closing)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run()
-    if not server.started:
-        # As uvicorn.run: a controller that never listened (its port taken, say) exits with uvicorn's failure.
-        raise SystemExit(3)
+    serve(app, app.state.jobs.closing, host=host, port=port or settings.port, log_config=None,
+          **settings.tls.server_options())

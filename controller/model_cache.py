@@ -124,11 +124,7 @@ class ModelCache:
             for digest in wanted:
                 lock = self._fetching.setdefault(digest, asyncio.Lock())
                 async with lock:
-                    async with self._room:
-                        cached = await asyncio.to_thread(_touch, self.path(digest))
-                        if cached:
-                            self._used(digest.removeprefix("sha256:"))
-                    if cached:
+                    if await self._mark_cached(digest):
                         done.cached.append(digest)
                         continue
                     done.bytes += await self._fetch(digest)
@@ -196,10 +192,7 @@ class ModelCache:
                     raise ModelChecksumMismatch(
                         f"model file {digest}: the {size} bytes fetched hash to {got}; dropped",
                         {"digest": digest, "got": got, "bytes": size})
-                async with self._room:
-                    await self._evict(size, digest, own=tmp.name)
-                    await asyncio.to_thread(_publish, tmp, self.path(digest))
-                    self._used(digest.removeprefix("sha256:"))
+                await self._install(tmp, digest, size)
             except BaseException:
                 out.close()
                 tmp.unlink(missing_ok=True)
@@ -216,23 +209,17 @@ class ModelCache:
         not a link: the job's user owns the output's inode and could change it through another path."""
         if size > self.limit:
             return False
-        hexdigest = digest.removeprefix("sha256:")
         async with self._fetching.setdefault(digest, asyncio.Lock()):
-            async with self._room:
-                if await asyncio.to_thread(_touch, self.path(digest)):
-                    self._used(hexdigest)
-                    return True
-            tmp = self.tmp / f"{hexdigest}.{uuid.uuid4().hex}"
+            if await self._mark_cached(digest):
+                return True
+            tmp = self.tmp / f"{digest.removeprefix('sha256:')}.{uuid.uuid4().hex}"
             self._inflight[tmp.name] = size
             kept = False
             try:
                 await asyncio.to_thread(self._dirs)
                 if await asyncio.to_thread(_copy, source, tmp) != size:
                     raise OSError(f"{source} changed size since it was hashed")
-                async with self._room:
-                    await self._evict(size, digest, own=tmp.name)
-                    await asyncio.to_thread(_publish, tmp, self.path(digest))
-                    self._used(hexdigest)
+                await self._install(tmp, digest, size)
                 kept = True
             except (OSError, ControllerError) as exc:
                 log.info("output %s not kept in the model cache: %s", digest, exc)
@@ -242,6 +229,21 @@ class ModelCache:
                     with contextlib.suppress(OSError):
                         tmp.unlink(missing_ok=True)
         return kept
+
+    async def _mark_cached(self, digest: str) -> bool:
+        """Whether the file is cached, marked used if so (under the eviction lock: not evicted meanwhile)."""
+        async with self._room:
+            if not await asyncio.to_thread(_touch, self.path(digest)):
+                return False
+            self._used(digest.removeprefix("sha256:"))
+            return True
+
+    async def _install(self, tmp: Path, digest: str, size: int) -> None:
+        """``tmp``, whole and checked, renamed into place once room is made for it, and marked used."""
+        async with self._room:
+            await self._evict(size, digest, own=tmp.name)
+            await asyncio.to_thread(_publish, tmp, self.path(digest))
+            self._used(digest.removeprefix("sha256:"))
 
     def _dirs(self) -> None:
         self.files.mkdir(parents=True, exist_ok=True)

@@ -26,7 +26,7 @@ import uvicorn
 from rich.console import Console
 
 from mmanager.commands import attach as attach_client_commands
-from mmanager.serving import Server
+from mmanager.serving import Server, serve
 
 app = typer.Typer(help="mManager hub: orchestrate model-service containers across a lab's servers.",
                   no_args_is_help=True)
@@ -111,13 +111,7 @@ def hub_serve(host: Host = "0.0.0.0", port: int = 8000,
     # No log_config and no log_level: uvicorn's error and access logs go through the handler just set up.
     app = create_app(settings)
     _server_gc()
-    config = uvicorn.Config(app, host=host, port=port, log_config=None, **settings.tls.server_options())
-    server = Server(config, closing=app.state.hub.presence.close)
-    with contextlib.suppress(KeyboardInterrupt):
-        server.run()
-    if not server.started:
-        # As uvicorn.run: a hub that never listened (its port taken, say) exits with uvicorn's startup failure.
-        raise SystemExit(3)
+    serve(app, app.state.hub.presence.close, host=host, port=port, log_config=None, **settings.tls.server_options())
 
 
 @controller_app.command("serve")
@@ -191,29 +185,9 @@ def db_upgrade(revision: str = "head") -> None:
 @users_app.command("create")
 def users_create(name: str, admin: Annotated[bool, typer.Option("--admin", help="may use /api/admin")] = False) -> None:
     """Create a user and print its API token (shown once)."""
-    from hub.config import DatabaseSettings
-    from hub.db import Database
-    from hub.errors import HubError
-    from hub.migrate import upgrade
     from hub.services.users import create_user
 
-    url = DatabaseSettings().database_url
-    upgrade(url)
-
-    async def run() -> str:
-        db = Database(url)
-        try:
-            async with db.session() as session:
-                _, token = await create_user(session, name, admin)
-            return token
-        finally:
-            await db.dispose()
-
-    try:
-        token = asyncio.run(run())
-    except HubError as exc:
-        _fail(exc.message)
-        return
+    _, token = _on_database(lambda session: create_user(session, name, admin))
     console.print(f"created {'admin ' if admin else ''}user {name}; its token is shown once:")
     print(token)
 
@@ -221,23 +195,11 @@ def users_create(name: str, admin: Annotated[bool, typer.Option("--admin", help=
 def _on_database(work: Callable[[Any], Awaitable[T]]) -> T:
     """Run ``work(session)`` in one transaction on MMANAGER_DATABASE_URL (migrated first)."""
     from hub.config import DatabaseSettings
-    from hub.db import Database
     from hub.errors import HubError
-    from hub.migrate import upgrade
-
-    url = DatabaseSettings().database_url
-    upgrade(url)
-
-    async def run() -> T:
-        db = Database(url)
-        try:
-            async with db.session() as session:
-                return await work(session)
-        finally:
-            await db.dispose()
+    from hub.migrate import on_migrated
 
     try:
-        return asyncio.run(run())
+        return on_migrated(DatabaseSettings().database_url, work)
     except HubError as exc:
         console.print(f"[red]error:[/red] {exc.message}")
         raise typer.Exit(2) from None

@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import socket
 from collections.abc import Callable
+from typing import Any
 
 import uvicorn
 
@@ -40,3 +41,13 @@ class Server(uvicorn.Server):
                 transport = getattr(connection, "transport", None)
                 if transport is not None and transport.is_closing() and not transport.get_write_buffer_size():
                     transport.abort()
+
+
+def serve(app: Any, closing: Callable[[], None] | None = None, **options: Any) -> None:
+    """Serve ``app`` (uvicorn.Config's ``options``) until SIGINT or SIGTERM; as uvicorn.run, exit with status 3
+    when it never listened (its port taken, say)."""
+    server = Server(uvicorn.Config(app, **options), closing=closing)
+    with contextlib.suppress(KeyboardInterrupt):
+        server.run()
+    if not server.started:
+        raise SystemExit(3)

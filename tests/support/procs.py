@@ -6,7 +6,6 @@ it: kill -9, SIGSTOP and SIGCONT, restart.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
@@ -23,8 +22,7 @@ from typing import Any
 import docker
 import httpx
 
-from hub.db import Database
-from hub.migrate import upgrade
+from hub.migrate import on_migrated
 from hub.services.users import create_user
 from mmanager.client import Client
 from tests.support.net import free_port, port_free, wait_for_port
@@ -144,21 +142,11 @@ class LocalDeployment:
                 "MMANAGER_ARTIFACT_STORE": str(self.workdir / "artifact-store"), **self.tls_env, **self.extra_hub_env}
 
     def create_admin(self, name: str = "root") -> str:
-        """What ``mmanager users create root --admin`` does (the database migrated, the user made), in this
-        process: a CLI process of its own would cost a lab's start a Python start and the hub's imports."""
-
-        async def create() -> str:
-            db = Database(self.db_url)
-            try:
-                async with db.session() as session:
-                    return (await create_user(session, name, True))[1]
-            finally:
-                await db.dispose()
-
-        upgrade(self.db_url)
+        """What ``mmanager users create root --admin`` does, in this process: a CLI process of its own would cost
+        a lab's start a Python start and the hub's imports."""
         # In a thread of its own: a caller may be inside a running event loop.
         with ThreadPoolExecutor(1) as pool:
-            return pool.submit(asyncio.run, create()).result()
+            return pool.submit(on_migrated, self.db_url, lambda session: create_user(session, name, True)).result()[1]
 
     def hub(self, i: int = 0) -> Proc:
         if not self.hub_ports:

@@ -43,8 +43,9 @@ def file_archive(target: str, content: bytes) -> bytes:
     return buf.getvalue()
 
 
-def directory_archive(target: str, archive: bytes) -> tuple[bytes, int]:
-    """Re-root an uploaded tar (any compression) or zip at ``target``; return it and its file count.
+def directory_archive(target: str, archive: bytes) -> tuple[bytes, int, list[str]]:
+    """Re-root an uploaded tar (any compression) or zip at ``target``; return it, its file count and the
+    folders it makes or fills (relative to ``target``, those only implied by an entry's path included).
 
     GeoML-Hub sends ``tar.add(directory, arcname=basename(directory))``: one
     top-level folder standing for the target itself, whatever its name. So a
@@ -59,16 +60,23 @@ def directory_archive(target: str, archive: bytes) -> tuple[bytes, int]:
         entries = [(name[len(wrapper) + 1 :], info, data) for name, info, data in entries if name != wrapper]
     buf = io.BytesIO()
     files = 0
+    folders: set[str] = set()
     with tarfile.open(fileobj=buf, mode="w") as tar:
         tar.addfile(root)
         for name, info, data in entries:
+            parent = posixpath.dirname(name)
+            while parent:
+                folders.add(parent)
+                parent = posixpath.dirname(parent)
+            if info.isdir():
+                folders.add(name)
             info.name = posixpath.join(root.name, name)
             if info.isreg():
                 files += 1
                 tar.addfile(info, io.BytesIO(data))
             else:
                 tar.addfile(info)
-    return buf.getvalue(), files
+    return buf.getvalue(), files, sorted(folders)
 
 
 def _wrapper_folder(entries: list[tuple[str, tarfile.TarInfo, bytes]]) -> str | None:

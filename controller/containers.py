@@ -37,7 +37,7 @@ from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, replace
 from weakref import WeakValueDictionary
 
-from controller import archives
+from controller import archives, copies
 from controller.config import ControllerSettings
 from controller.errors import (
     CapacityExceeded,
@@ -346,11 +346,11 @@ class ContainerService:
     # -- files -------------------------------------------------------------
 
     async def copy_file(self, container_id: str, body: FileCopy) -> CopyResult:
-        target = _file_target(body)
         # Decoding and packing megabytes is CPU work: off the event loop.
         content = await asyncio.to_thread(archives.decode_base64, body.content_base64, "content_base64")
-        data = await asyncio.to_thread(archives.file_archive, target, content)
         container = await self.runtime.get_container(container_id)
+        target = await copies.file_target(self.runtime, container.id, body)
+        data = await asyncio.to_thread(archives.file_archive, target, content)
         await self.runtime.put_archive(container.id, data)
         return CopyResult(
             container_id=container.id, path=target, files=1, size=len(content), message=f"copied to {target}"
@@ -360,14 +360,17 @@ class ContainerService:
         target = archives.container_path(body.container_path)
         raw = await asyncio.to_thread(archives.decode_base64, body.archive_base64, "archive_base64")
         # Unpacked before anything is removed: a bad archive must not cost the old folder.
-        data, files = await asyncio.to_thread(archives.directory_archive, target, raw)
+        data, files, folders = await asyncio.to_thread(archives.directory_archive, target, raw)
         container = await self.runtime.get_container(container_id)
+        if body.remove_existing and container.status != "running":
+            raise ContainerNotRunning(
+                "remove_existing needs the container running: the old folder is removed from inside it",
+                {"status": container.status},
+            )
+        await copies.check_directory(
+            self.runtime, container.id, target, folders, remove_existing=body.remove_existing
+        )
         if body.remove_existing:
-            if container.status != "running":
-                raise ContainerNotRunning(
-                    "remove_existing needs the container running: the old folder is removed from inside it",
-                    {"status": container.status},
-                )
             code, output = await self.runtime.exec(container.id, ["rm", "-rf", target])
             if code != 0:
                 raise CopyFailed(f"could not remove {target}: {output.strip()}", {"exit_code": code})
@@ -375,16 +378,6 @@ class ContainerService:
         return CopyResult(
             container_id=container.id, path=target, files=files, size=len(raw), message=f"copied to {target}"
         )
-
-
-def _file_target(body: FileCopy) -> str:
-    path = body.container_path
-    if body.is_directory or path.endswith("/"):
-        name = body.file_name or ""
-        if name in ("", ".", "..") or "/" in name:
-            raise InvalidRequest("file_name must be a plain file name when container_path is a folder")
-        path = posixpath.join(path, name)
-    return archives.container_path(path)
 
 
 def _same_create(managed: list[ContainerInfo], config: ContainerCreate, job: JobParts | None) -> ContainerInfo | None:

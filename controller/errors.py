@@ -91,6 +91,19 @@ class ContainerNotRunning(Conflict):
     code = "CONTAINER_NOT_RUNNING"
 
 
+class PathConflict(Conflict):
+    """A copy would put a file where the container has a folder, or a folder where it has a file: refused,
+    because a copy never removes what it did not name."""
+
+    code = "PATH_CONFLICT"
+
+
+class PathIsDirectory(PathConflict):
+    """A file copy whose ``container_path`` is an existing folder, with no ``file_name`` to write inside it."""
+
+    code = "PATH_IS_DIRECTORY"
+
+
 class InvalidRequest(ControllerError):
     status_code = 422
     code = "VALIDATION_ERROR"

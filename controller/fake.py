@@ -28,9 +28,10 @@ from controller.errors import (
     ImagePullFailed,
     NameConflict,
     NotFound,
+    PathConflict,
 )
 from controller.gpu import label_gpu_ids
-from controller.runtime import HostInfo
+from controller.runtime import MODE_DIR, HostInfo, PathStat
 from controller.schemas import ContainerStats, ImageDetail, ImageSummary
 from controller.spec import ContainerSpec
 from mmanager.wire import (
@@ -273,10 +274,20 @@ class FakeRuntime:
     async def put_archive(self, container_id: str, data: bytes) -> None:
         container = self._find(container_id)
         with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            for member in tar.getmembers():
+            members = tar.getmembers()
+            # As Docker with noOverwriteDirNonDir: refused whole, before anything is written.
+            for member in members:
+                path = "/" + member.name
+                there = _fake_stat(container.files, path)
+                if there is not None and there.is_dir != member.isdir():
+                    raise PathConflict(f"cannot overwrite {path} (fake)")
+            for member in members:
                 if member.isreg():
                     extracted = tar.extractfile(member)
                     container.files["/" + member.name] = extracted.read() if extracted else b""
+
+    async def stat_path(self, container_id: str, path: str) -> PathStat | None:
+        return _fake_stat(self._find(container_id).files, path)
 
     async def exec(self, container_id: str, argv: list[str]) -> tuple[int, str]:
         container = self._find(container_id)
@@ -343,3 +354,13 @@ class FakeRuntime:
 
 def _has_labels(wanted: dict[str, str], labels: dict[str, str]) -> bool:
     return all(labels.get(key) == value for key, value in wanted.items())
+
+
+def _fake_stat(files: dict[str, bytes], path: str) -> PathStat | None:
+    """A fake container holds files only: a folder is any path a file lies under."""
+    if path in files:
+        return PathStat(mode=0o644, size=len(files[path]))
+    prefix = path.rstrip("/") + "/"
+    if any(name.startswith(prefix) for name in files):
+        return PathStat(mode=MODE_DIR | 0o755)
+    return None

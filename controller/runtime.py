@@ -17,7 +17,9 @@ memory for unit tests of the layers above.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
+import json
 import logging
 import threading
 import time
@@ -40,7 +42,6 @@ from controller.config import ControllerSettings
 from controller.errors import (
     Conflict,
     ControllerError,
-    CopyFailed,
     DockerError,
     DockerUnavailable,
     ImageInUse,
@@ -51,6 +52,7 @@ from controller.errors import (
     InvalidRequest,
     NameConflict,
     NotFound,
+    PathConflict,
     TooManyLogStreams,
 )
 from controller.gpu import label_gpu_ids
@@ -88,6 +90,29 @@ class HostInfo:
     root_dir: str = ""
 
 
+# Go's os.FileMode bits, as Docker's path stat reports them.
+MODE_DIR = 1 << 31
+MODE_SYMLINK = 1 << 27
+
+
+@dataclass(frozen=True)
+class PathStat:
+    """What is at a path inside a container (the final component not followed, as ``lstat``)."""
+
+    mode: int
+    size: int = 0
+    # A symbolic link's target, made absolute by Docker; "" for anything else.
+    link_target: str = ""
+
+    @property
+    def is_dir(self) -> bool:
+        return bool(self.mode & MODE_DIR)
+
+    @property
+    def is_link(self) -> bool:
+        return bool(self.mode & MODE_SYMLINK)
+
+
 class Runtime(Protocol):
     # Pulls, removals and prunes of images made through this runtime, counted up (the held set changed).
     pulls_done: int
@@ -111,6 +136,7 @@ class Runtime(Protocol):
     async def follow_logs(self, container_id: str, lines: int) -> AsyncIterator[bytes]: ...
     async def stats(self, container_id: str) -> ContainerStats: ...
     async def put_archive(self, container_id: str, data: bytes) -> None: ...
+    async def stat_path(self, container_id: str, path: str) -> PathStat | None: ...
     async def exec(self, container_id: str, argv: list[str]) -> tuple[int, str]: ...
     async def list_images(self) -> list[ImageSummary]: ...
     async def inspect_image(self, name: str) -> ImageDetail: ...
@@ -492,11 +518,55 @@ class DockerRuntime:
         return await self._run(stats)
 
     async def put_archive(self, container_id: str, data: bytes) -> None:
+        """Unpack ``data`` at ``/``, never letting a file take a folder's place or a folder a file's.
+
+        The SDK's ``put_archive`` cannot ask for ``noOverwriteDirNonDir`` (``docker cp`` always does), so
+        the request is made here; without it Docker deletes a folder, and all in it, that a file entry
+        names. (Docker still turns a file of the image's own layers into a folder when an entry needs one
+        there: ``controller.copies`` looks first.)
+        """
+
         def put(client: docker.DockerClient) -> None:
-            if not self._managed(client, container_id).put_archive("/", data):
-                raise CopyFailed("Docker refused the archive")
+            container = self._managed(client, container_id)
+            try:
+                _archive_call(client, "PUT", container, {"path": "/", "noOverwriteDirNonDir": "true"}, data)
+            except docker.errors.APIError as exc:
+                message = str(exc.explanation or exc)
+                if "cannot overwrite" in message or "not a directory" in message:
+                    raise PathConflict(f"the copy would replace a folder with a file or a file with a folder: "
+                                       f"{message}") from None
+                raise
 
         await self._run(put)
+
+    async def stat_path(self, container_id: str, path: str) -> PathStat | None:
+        """What is at ``path`` (None: nothing), without exec: Docker's ``HEAD /containers/{id}/archive``, which
+        answers for a stopped container too."""
+
+        def stat(client: docker.DockerClient) -> PathStat | None:
+            container = self._managed(client, container_id)
+            try:
+                response = _archive_call(client, "HEAD", container, {"path": path})
+            except docker.errors.NotFound:
+                return None
+            except docker.errors.APIError:
+                # A HEAD answer has no body to say why; the same GET's does, before any content would come.
+                # A file on the way (ENOTDIR) means nothing is there, as much as a 404 does.
+                try:
+                    _archive_call(client, "GET", container, {"path": path}, stream=True).close()
+                except docker.errors.APIError as exc:
+                    if "not a directory" in str(exc.explanation):
+                        return None
+                    raise
+                raise DockerError(f"Docker could not stat {path}") from None
+            header = response.headers.get("X-Docker-Container-Path-Stat")
+            if not header:
+                raise DockerError(f"Docker gave no stat for {path}")
+            raw = json.loads(base64.b64decode(header))
+            return PathStat(mode=int(raw["mode"]), size=int(raw.get("size") or 0),
+                            link_target=raw.get("linkTarget") or "")
+
+        return await self._run(stat)
 
     async def exec(self, container_id: str, argv: list[str]) -> tuple[int, str]:
         def run(client: docker.DockerClient) -> tuple[int, str]:
@@ -605,6 +675,22 @@ class DockerRuntime:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._log_pool.shutdown(wait=False, cancel_futures=True)
         self._wait_pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _archive_call(
+    client: docker.DockerClient, method: str, container: Container, params: dict[str, str], data: bytes | None = None,
+    *, stream: bool = False,
+) -> requests.Response:
+    """``/containers/{id}/archive`` as the engine offers it: the SDK's own calls neither stat a path without
+    reading it whole (HEAD) nor pass ``noOverwriteDirNonDir``. Errors are the SDK's ``APIError``s."""
+    api = client.api
+    url = f"{api.base_url}/v{api.api_version}/containers/{container.id}/archive"
+    response = api.request(method, url, params=params, data=data, timeout=api.timeout, stream=stream)
+    try:
+        response.raise_for_status()
+    except requests.HTTPError as exc:
+        docker.errors.create_api_error_from_http_exception(exc)  # raises the SDK's APIError for it
+    return response
 
 
 def _api_error(exc: docker.errors.APIError) -> ControllerError:

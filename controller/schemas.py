@@ -27,7 +27,8 @@ class ContainerCreateRequest(ContainerCreate):
 
 
 class FileCopy(WireModel):
-    # The file's full path; with is_directory (or a trailing slash) the folder file_name goes into.
+    # Where the file lands, as docker cp decides (controller.copies): an existing folder takes it inside as
+    # file_name; any other path is the file's own. is_directory (or a trailing slash) says "a folder" outright.
     container_path: str
     content_base64: str
     file_name: str | None = None
@@ -35,7 +36,7 @@ class FileCopy(WireModel):
 
 
 class DirectoryCopy(WireModel):
-    # The folder the archive's content becomes.
+    # The folder the archive's content becomes: merged into what is there, or replaced with remove_existing.
     container_path: str
     archive_base64: str
     remove_existing: bool = True

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import posixpath
 import tarfile
 import zipfile
 from collections.abc import AsyncIterator
@@ -154,6 +155,83 @@ async def test_copy_a_file(ctl: Ctl, example_image: str, docker_client: docker.D
     assert relative.status_code == 422
 
 
+async def copy(ctl: Ctl, cid: str, path: str, content: bytes, name: str | None = None, **extra: Any) -> httpx.Response:
+    body = {"container_path": path, "content_base64": b64(content), **extra}
+    if name is not None:
+        body["file_name"] = name
+    return await ctl.client.post(f"/containers/{cid}/files", json=body)
+
+
+def read_file(docker_client: docker.DockerClient, container_id: str, path: str) -> bytes:
+    """The file's bytes through Docker's archive API: a stopped container too."""
+    stream, _ = docker_client.containers.get(container_id).get_archive(path)
+    with tarfile.open(fileobj=io.BytesIO(b"".join(stream))) as tar:
+        member = tar.extractfile(tar.getmembers()[0])
+        assert member is not None
+        return member.read()
+
+
+async def test_a_file_lands_as_docker_cp_lands_it(
+    ctl: Ctl, example_image: str, docker_client: docker.DockerClient
+) -> None:
+    cid = await running(ctl, example_image)
+    # A new path, GeoML-Hub's way (whole path, its base name): created, folders and all.
+    created = await copy(ctl, cid, "/app/data/keep.csv", b"keep", "keep.csv")
+    assert (created.status_code, created.json()["path"]) == (200, "/app/data/keep.csv"), created.text
+    # An existing folder and a file name: the file goes inside, the folder and its files stay.
+    inside = await copy(ctl, cid, "/app/data", b"inside", "x.csv")
+    assert (inside.status_code, inside.json()["path"]) == (200, "/app/data/x.csv"), inside.text
+    assert ls(docker_client, cid, "/app/data") == ["keep.csv", "x.csv"]
+    assert cat(docker_client, cid, "/app/data/keep.csv") == "keep"
+    # An existing file: overwritten.
+    again = await copy(ctl, cid, "/app/data/x.csv", b"newer", "x.csv")
+    assert (again.status_code, again.json()["path"]) == (200, "/app/data/x.csv")
+    assert cat(docker_client, cid, "/app/data/x.csv") == "newer"
+    # A link to a folder is followed, as docker cp follows it.
+    assert docker_client.containers.get(cid).exec_run(["ln", "-s", "/app/data", "/app/link"]).exit_code == 0
+    linked = await copy(ctl, cid, "/app/link", b"linked", "l.csv")
+    assert (linked.status_code, linked.json()["path"]) == (200, "/app/data/l.csv"), linked.text
+    assert cat(docker_client, cid, "/app/data/l.csv") == "linked"
+
+
+async def test_a_file_copy_never_replaces_what_it_did_not_name(
+    ctl: Ctl, example_image: str, docker_client: docker.DockerClient
+) -> None:
+    cid = await running(ctl, example_image)
+    await copy(ctl, cid, "/app/data/keep.csv", b"keep")
+    # A folder with no file name to write inside it.
+    nameless = await copy(ctl, cid, "/app/data", b"x")
+    assert (nameless.status_code, nameless.json()["error"]["code"]) == (409, "PATH_IS_DIRECTORY")
+    # The file inside a folder would itself be a folder.
+    onto_folder = await copy(ctl, cid, "/app", b"x", "data", is_directory=True)
+    assert (onto_folder.status_code, onto_folder.json()["error"]["code"]) == (409, "PATH_IS_DIRECTORY")
+    # A file where the path needs a folder: one copied in, and one of the image's own (Docker alone would
+    # turn busybox, the image's every command, into a folder).
+    for path in ("/app/data/keep.csv/y.csv", "/bin/busybox/y"):
+        under_file = await copy(ctl, cid, path, b"x", posixpath.basename(path))
+        assert (under_file.status_code, under_file.json()["error"]["code"]) == (409, "PATH_CONFLICT"), path
+    assert ls(docker_client, cid, "/app/data") == ["keep.csv"]
+    assert cat(docker_client, cid, "/app/data/keep.csv") == "keep"
+    assert docker_client.containers.get(cid).exec_run(["busybox", "true"]).exit_code == 0
+
+
+async def test_a_file_copy_into_a_stopped_container(
+    ctl: Ctl, example_image: str, docker_client: docker.DockerClient
+) -> None:
+    cid = await running(ctl, example_image)
+    await copy(ctl, cid, "/app/data/keep.csv", b"keep")
+    await ctl.client.post(f"/containers/{cid}/stop", params={"timeout": 0})
+    inside = await copy(ctl, cid, "/app/data", b"late", "late.csv")
+    assert (inside.status_code, inside.json()["path"]) == (200, "/app/data/late.csv"), inside.text
+    new = await copy(ctl, cid, "/app/new/n.csv", b"new", "n.csv")
+    assert (new.status_code, new.json()["path"]) == (200, "/app/new/n.csv"), new.text
+    assert (await copy(ctl, cid, "/app/data", b"x")).json()["error"]["code"] == "PATH_IS_DIRECTORY"
+    assert docker_client.containers.get(cid).status == "exited"
+    assert read_file(docker_client, cid, "/app/data/late.csv") == b"late"
+    assert read_file(docker_client, cid, "/app/data/keep.csv") == b"keep"
+    assert read_file(docker_client, cid, "/app/new/n.csv") == b"new"
+
+
 def geoml_tar(tmp_path: Path, files: dict[str, bytes], folder: str = "model") -> bytes:
     """What GeoML-Hub makes: tar.add(directory, arcname=basename(directory))."""
     root = tmp_path / folder
@@ -189,6 +267,16 @@ async def test_copy_a_directory(
     body = {"container_path": "/app/model", "archive_base64": b64(buf.getvalue()), "remove_existing": False}
     assert (await ctl.client.post(f"/containers/{cid}/directories", json=body)).json()["files"] == 2
     assert ls(docker_client, cid, "/app/model") == ["one.csv", "sub", "two.csv", "weights.bin"]
+
+    # A merge never turns a file into a folder or a folder into a file.
+    for clash in ({"weights.bin/inner.txt": b"x"}, {"sub": b"a file where a folder is"}):
+        body = {"container_path": "/app/model", "archive_base64": b64(geoml_tar(tmp_path / str(len(clash)) / next(
+            iter(clash)).replace("/", "_"), clash)), "remove_existing": False}
+        refused = await ctl.client.post(f"/containers/{cid}/directories", json=body)
+        assert (refused.status_code, refused.json()["error"]["code"]) == (409, "PATH_CONFLICT"), clash
+    assert ls(docker_client, cid, "/app/model") == ["one.csv", "sub", "two.csv", "weights.bin"]
+    assert cat(docker_client, cid, "/app/model/weights.bin") == "\x00\x01"
+    assert ls(docker_client, cid, "/app/model/sub") == ["config.json"]
 
     junk = {"container_path": "/app/model", "archive_base64": b64(b"not an archive"), "remove_existing": True}
     refused = await ctl.client.post(f"/containers/{cid}/directories", json=junk)

@@ -227,21 +227,21 @@ def names_in(data: bytes) -> list[str]:
 
 def test_directory_archive_unwraps_one_top_folder_whatever_its_name() -> None:
     wrapped = tar_of({"extract_model": None, "extract_model/w.bin": b"1", "extract_model/sub/c.json": b"{}"})
-    data, files = archives.directory_archive("/app/model", wrapped)
-    assert files == 2
+    data, files, folders = archives.directory_archive("/app/model", wrapped)
+    assert (files, folders) == (2, ["sub"])
     assert names_in(data) == ["app/model", "app/model/sub/c.json", "app/model/w.bin"]
 
-    loose, files = archives.directory_archive("/app/examples", tar_of({"a.csv": b"1", "b.csv": b"2"}, "w:gz"))
+    loose, files, _ = archives.directory_archive("/app/examples", tar_of({"a.csv": b"1", "b.csv": b"2"}, "w:gz"))
     assert (names_in(loose), files) == (["app/examples", "app/examples/a.csv", "app/examples/b.csv"], 2)
 
-    single, _ = archives.directory_archive("/app/x", tar_of({"only.txt": b"1"}))
+    single, _, _ = archives.directory_archive("/app/x", tar_of({"only.txt": b"1"}))
     assert names_in(single) == ["app/x", "app/x/only.txt"]
 
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w") as zf:
         zf.writestr("model/", "")
         zf.writestr("model/w.bin", "1")
-    zipped, files = archives.directory_archive("/app/model", buf.getvalue())
+    zipped, files, _ = archives.directory_archive("/app/model", buf.getvalue())
     assert (names_in(zipped), files) == (["app/model", "app/model/w.bin"], 1)
 
 
@@ -254,7 +254,7 @@ def test_hard_links_become_copies() -> None:
         link = tarfile.TarInfo("m/b.bin")
         link.type, link.linkname = tarfile.LNKTYPE, "m/a.bin"
         tar.addfile(link)
-    data, files = archives.directory_archive("/app/m", buf.getvalue())
+    data, files, _ = archives.directory_archive("/app/m", buf.getvalue())
     assert files == 2
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
         copy = tar.extractfile("app/m/b.bin")
@@ -262,7 +262,7 @@ def test_hard_links_become_copies() -> None:
 
 
 def test_archive_paths_cannot_climb_out_of_the_target() -> None:
-    data, _ = archives.directory_archive("/app/model", tar_of({"../../etc/passwd": b"x", "/abs/f": b"y"}))
+    data, _, _ = archives.directory_archive("/app/model", tar_of({"../../etc/passwd": b"x", "/abs/f": b"y"}))
     assert names_in(data) == ["app/model", "app/model/abs/f", "app/model/etc/passwd"]
     with pytest.raises(InvalidRequest):
         archives.directory_archive("/app/model", b"neither tar nor zip")
@@ -435,6 +435,11 @@ async def test_file_copies_over_the_fake(fake_ctl: Ctl, fake: FakeRuntime) -> No
     assert fake.containers[cid].files == {"/app/old/w.bin": b"w"}
     no_name = {"container_path": "/app/", "content_base64": content, "is_directory": True}
     assert (await fake_ctl.client.post(f"/containers/{cid}/files", json=no_name)).status_code == 422
+    inside = {"container_path": "/app/old", "content_base64": content, "file_name": "n.py"}
+    assert (await fake_ctl.client.post(f"/containers/{cid}/files", json=inside)).json()["path"] == "/app/old/n.py"
+    nameless = await fake_ctl.client.post(f"/containers/{cid}/files", json={**inside, "file_name": None})
+    assert (nameless.status_code, nameless.json()["error"]["code"]) == (409, "PATH_IS_DIRECTORY")
+    assert fake.containers[cid].files == {"/app/old/w.bin": b"w", "/app/old/n.py": b"print(1)"}
 
 
 # -- serving -------------------------------------------------------------------

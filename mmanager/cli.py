@@ -33,7 +33,7 @@ app = typer.Typer(help="mManager hub: orchestrate model-service containers acros
 hub_app = typer.Typer(help="The central hub.", no_args_is_help=True)
 controller_app = typer.Typer(help="The per-server controller agent.", no_args_is_help=True)
 gateway_app = typer.Typer(help="The gateway: HAProxy configured from the hub's routing table.", no_args_is_help=True)
-db_app = typer.Typer(help="Database schema.", no_args_is_help=True)
+db_app = typer.Typer(help="The hub's database: schema, backup and restore.", no_args_is_help=True)
 users_app = typer.Typer(help="Users and API tokens.", no_args_is_help=True)
 app.add_typer(hub_app, name="hub")
 app.add_typer(controller_app, name="controller")
@@ -180,6 +180,34 @@ def db_upgrade(revision: str = "head") -> None:
 
     upgrade(DatabaseSettings().database_url, revision)
     console.print(f"database at revision {revision}")
+
+
+@db_app.command("backup")
+def db_backup(file: Annotated[Path, typer.Argument(help="the dump to write (pg_dump's custom format)")]) -> None:
+    """Dump MMANAGER_DATABASE_URL into FILE (pg_dump -Fc; the hubs may keep running)."""
+    from hub import backup
+    from hub.config import DatabaseSettings
+
+    try:
+        backup.backup(DatabaseSettings().database_url, file)
+    except backup.BackupError as exc:
+        _fail(str(exc))
+    console.print(f"database backed up to {file}")
+
+
+@db_app.command("restore")
+def db_restore(file: Annotated[Path, typer.Argument(help="a dump of `mmanager db backup`")],
+               force: Annotated[bool, typer.Option(
+                   "--force", help="restore even though hub replicas seem to run on the database")] = False) -> None:
+    """Replace MMANAGER_DATABASE_URL's content with FILE's, then migrate it to head. Stop every hub first."""
+    from hub import backup
+    from hub.config import DatabaseSettings
+
+    try:
+        backup.restore(DatabaseSettings().database_url, file, force=force)
+    except backup.BackupError as exc:
+        _fail(str(exc))
+    console.print(f"database restored from {file}; start the hubs again")
 
 
 @users_app.command("create")

@@ -1,53 +1,133 @@
-"""Backup and restore as docs/OPERATIONS.md tells an operator to do it: ``pg_dump -Fc`` of a live hub
-database, ``pg_restore --clean --if-exists --no-owner`` into another one; the restored database holds
-the same rows, is at the head revision, and its audit log is still append-only."""
+"""Backup and restore as docs/OPERATIONS.md tells an operator to do it: ``mmanager db backup FILE`` of a live
+hub's database, every hub stopped, the data lost, ``mmanager db restore FILE``, the hub started again; every
+service, controller, operation and user is back, the database is at the head revision, and its audit log is
+still append-only. The commands run as an operator runs them (processes of their own, against a real hub, a
+real controller, real PostgreSQL and the real Docker engine)."""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
+import asyncpg
+import docker
+import httpx
 import pytest
 from alembic.config import Config
 from alembic.script import ScriptDirectory
 from sqlalchemy import text
+from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
+from examples.images import EXAMPLE_IMAGE
+from hub import backup
 from hub.db import Database
-from hub.migrate import upgrade
-from hub.services.users import create_user
-from tests.support.pg import _bin, create_database
+from tests.support.pg import create_database
+from tests.support.poll import wait_until
+from tests.support.procs import LocalDeployment, api, stopped_after
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
-def libpq(url: str) -> str:
-    return url.replace("postgresql+asyncpg://", "postgresql://")
+def mmanager(db_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "MMANAGER_DATABASE_URL": db_url,
+           "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    return subprocess.run([sys.executable, "-m", "mmanager.cli", "db", *args], env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
 
 
-async def test_a_dump_restores_into_an_empty_database(pg_server: str, tmp_path: Path) -> None:
+async def wipe(db_url: str) -> None:
+    """The data lost: every table gone."""
+    url = make_url(db_url)
+    conn = await asyncpg.connect(host=url.host, port=url.port, user=url.username, password=url.password,
+                                 database=url.database)
+    try:
+        await conn.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    finally:
+        await conn.close()
+
+
+def state(hub: httpx.Client) -> dict[str, Any]:
+    """What the admin sees: every service, controller and operation, by id."""
+    return {
+        "services": sorted((s["id"], s["name"], s["controller_id"]) for s in hub.get("/api/services").json()),
+        "controllers": sorted(c["id"] for c in hub.get("/api/admin/controllers").json()),
+        "operations": sorted((o["id"], o["status"]) for o in hub.get("/api/admin/operations").json()),
+    }
+
+
+def test_backup_delete_restore_brings_everything_back(
+    pg_server: str, example_image: str, docker_client: docker.DockerClient, tmp_path: Path,
+    request: pytest.FixtureRequest,
+) -> None:
+    db_url = asyncio.run(create_database(pg_server, "backup"))
+    dep = LocalDeployment(db_url, tmp_path, extra_hub_env={"MMANAGER_RATE_LIMIT": "0"})
+    dep.plan_hubs(1)
+    dep.add_controller("a")
+    token = dep.create_admin()
+    dep.start()
+    with stopped_after(dep, request, docker_client):
+        hub = api(dep.hub().url, token)
+        wait_until(lambda: [c for c in hub.get("/api/admin/controllers").json() if c["status"] == "healthy"], 20,
+                   "the controller healthy")
+        alice = hub.post("/api/admin/users", json={"username": "alice"})
+        assert alice.status_code == 201, alice.text
+        alice_token = alice.json()["token"]
+        spec = {"image": EXAMPLE_IMAGE, "ports": {"5000": None}, "resources": {"cpu_limit": 0.25, "memory_limit": "32MB"}}
+        for owner, who in (("root", hub), ("alice", api(dep.hub().url, alice_token))):
+            created = who.post(f"/api/{owner}/lab/services", json={**spec, "name": f"{owner}-svc"})
+            assert created.status_code == 201, created.text
+        before = state(hub)
+        assert len(before["services"]) == 2 and before["controllers"] and before["operations"]
+
+        dump = tmp_path / "hub.dump"
+        done = mmanager(db_url, "backup", str(dump))
+        assert done.returncode == 0, done.stderr
+        assert dump.read_bytes().startswith(b"PGDMP")
+
+        # A live hub on the database: refused, nothing touched.
+        refused = mmanager(db_url, "restore", str(dump))
+        assert refused.returncode == 2
+        assert "hub replica(s) are running" in refused.stderr and "stop every hub" in refused.stderr
+        assert state(hub) == before
+
+        dep.hubs[0].stop()
+        asyncio.run(wipe(db_url))
+        done = mmanager(db_url, "restore", str(dump))
+        assert done.returncode == 0, done.stderr
+        assert "restored" in done.stderr
+
+        dep.hubs[0].start().wait_listening(30)
+        assert state(hub) == before
+        assert api(dep.hub().url, alice_token).get("/api/me").json()["username"] == "alice"
+        # The restored hub still drives the services it knows: the controller's containers are its own.
+        for service_id, _, _ in before["services"]:
+            assert hub.get(f"/api/services/{service_id}/status").json()["status"] == "running"
+
+
+async def test_a_restore_is_at_head_and_keeps_the_audit_log_append_only(pg_server: str, tmp_path: Path) -> None:
     source = await create_database(pg_server, "live")
-    await asyncio.to_thread(upgrade, source)
+    await asyncio.to_thread(backup.upgrade, source)
     db = Database(source)
     try:
         async with db.session() as session:
-            await create_user(session, "alice")
             await session.execute(text(
                 "INSERT INTO audit_log (at, source, actor, method, path, status_code, result, details) "
                 "VALUES (now(), 'hub', 'alice', 'POST', '/api/alice/r/services', 201, 'ok', '{}')"))
     finally:
         await db.dispose()
-
     dump = tmp_path / "mmanager.dump"
-    subprocess.run([_bin("pg_dump"), "-Fc", "-d", libpq(source), "-f", str(dump)], check=True)
+    await asyncio.to_thread(backup.backup, source, dump)
     target = await create_database(pg_server, "restored")
-    subprocess.run([_bin("pg_restore"), "-d", libpq(target), "--clean", "--if-exists", "--no-owner", str(dump)],
-                   check=True, capture_output=True)
-    await asyncio.to_thread(upgrade, target)  # what the hub image's entrypoint does next: nothing left to do
+    await asyncio.to_thread(lambda: backup.restore(target, dump))
 
     restored = Database(target)
     try:
         async with restored.session() as session:
-            assert (await session.execute(text("SELECT username FROM users"))).scalars().all() == ["alice"]
             assert (await session.execute(text("SELECT actor FROM audit_log"))).scalars().all() == ["alice"]
             heads = (await session.execute(text("SELECT version_num FROM alembic_version"))).scalars().all()
         with pytest.raises(DBAPIError, match="append-only"):
@@ -56,3 +136,25 @@ async def test_a_dump_restores_into_an_empty_database(pg_server: str, tmp_path: 
     finally:
         await restored.dispose()
     assert heads == [ScriptDirectory.from_config(Config("alembic.ini")).get_current_head()]
+
+
+def test_the_tools_get_libpq_urls_and_the_password_only_in_their_environment() -> None:
+    target = backup.target("postgresql+asyncpg://hub:s3cr%40t@db-host:5433/mmanager?ssl=require")
+    assert target.url == "postgresql://hub@db-host:5433/mmanager?sslmode=require"
+    assert target.env["PGPASSWORD"] == "s3cr@t"
+    with pytest.raises(backup.BackupError, match="backups are for PostgreSQL"):
+        backup.target("sqlite+aiosqlite:///dev.db")
+
+
+def test_clear_refusals(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    url = "postgresql+asyncpg://hub@127.0.0.1:1/mmanager"
+    not_a_dump = tmp_path / "notes.txt"
+    not_a_dump.write_text("hello")
+    with pytest.raises(backup.BackupError, match="is not a dump of `mmanager db backup`"):
+        backup.restore(url, not_a_dump)
+    with pytest.raises(backup.BackupError, match="cannot read"):
+        backup.restore(url, tmp_path / "missing.dump")
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(backup.BackupError, match="pg_dump is not installed.*postgresql-client"):
+        backup.backup(url, tmp_path / "out.dump")
+    assert not (tmp_path / "out.dump").exists()

@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from starlette.requests import ClientDisconnect
 
+from hub.background.controllers_file import ControllersFileWatch
 from hub.background.fallback import GpuReturn
 from hub.background.flusher import HeartbeatFlusher
 from hub.background.gateway import GatewayPublisher, GatewayWatch, IdleWatch
@@ -281,6 +282,10 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
         await asyncio.to_thread(hub.services.model_store.sweep, settings.model_upload_grace)
         await asyncio.to_thread(hub.jobs.store.sweep, settings.model_upload_grace)
         await hub.controllers.sync_from_config()
+        controllers_file = settings.controllers_file
+        # Every replica watches: each holds the entries' keys in its own memory (hub.background.controllers_file).
+        file_watch = (ControllersFileWatch(hub.controllers, controllers_file, settings.controllers_watch_interval)
+                      if controllers_file is not None else None)
         # The pace first: the first answers and the first judgement of silence are for this fleet's size.
         await hub.ingest.count_controllers()
         flusher = HeartbeatFlusher(hub.ingest, min(0.5, settings.heartbeat_interval / 4))
@@ -293,9 +298,16 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
             supervisor.start()
             watch.start()
             dispatcher.start()
+        if file_watch is not None:
+            file_watch.install_sighup()
+            if run_loops and settings.controllers_watch_interval > 0:
+                file_watch.start()
         try:
             yield
         finally:
+            if file_watch is not None:
+                file_watch.remove_sighup()
+                await file_watch.stop()
             if run_loops:
                 await dispatcher.stop()
                 await watcher.stop()

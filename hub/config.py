@@ -32,6 +32,43 @@ class ControllerEntry(BaseModel):
     api_key: SecretStr | None = None
 
 
+def parse_controllers(raw: str) -> list[ControllerEntry]:
+    """``MMANAGER_CONTROLLERS``: inline JSON, or a YAML/JSON file's path; ids must be unique."""
+    raw = raw.strip()
+    if not raw:
+        return []
+    if raw[0] in "[{":
+        data: Any = json.loads(raw)
+    else:
+        data = yaml.safe_load(Path(raw).read_text())
+    if isinstance(data, dict):
+        data = data.get("controllers", data.get("mmanager_controllers", []))
+    if data is None:
+        data = []
+    if not isinstance(data, list):
+        raise ValueError("MMANAGER_CONTROLLERS must be a list of controllers (or a mapping with one under "
+                         "'controllers')")
+    entries = [ControllerEntry.model_validate(item) for item in data]
+    seen: set[str] = set()
+    for entry in entries:
+        if entry.id in seen:
+            raise ValueError(f"MMANAGER_CONTROLLERS names controller {entry.id!r} twice")
+        seen.add(entry.id)
+    return entries
+
+
+def _unfit(name: str, problem: str) -> str:
+    return (f"{name} is unfit for the hub↔controller key: {problem}. "
+            "Set a random key of 16+ characters (e.g. `openssl rand -hex 32`), "
+            "or run `mmanager dev` for a local playground.")
+
+
+def _check_entries(entries: list[ControllerEntry]) -> None:
+    for entry in entries:
+        if entry.api_key is not None and (problem := key_problem(entry.api_key.get_secret_value())):
+            raise ValueError(_unfit(f"api_key of controller {entry.id}", problem))
+
+
 class DatabaseSettings(BaseSettings):
     """Only where the database is: what migrations and user admin need, without the hub's key."""
 
@@ -45,7 +82,10 @@ class DatabaseSettings(BaseSettings):
 
 # DatabaseSettings last: of several bases, the last one's model_config wins (the env prefix among it).
 class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings):
+    # Inline JSON, or the path of a YAML/JSON file; a file is read again on SIGHUP and when it changes
+    # (hub.background.controllers_file), every controllers_watch_interval seconds (0: on SIGHUP only).
     controllers: str = ""
+    controllers_watch_interval: float = Field(default=5.0, ge=0, le=3600)
     api_key: SecretStr | None = None
     # Seals what the hub stores of users' secrets (a service's registry_auth): base64 of 32 bytes, given
     # itself or in a file (mode 600). Without one, a spec with secrets is refused (HUB_KEY_MISSING).
@@ -180,34 +220,35 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
         _ = self.sealer  # an unfit or unreadable hub key stops the hub at its start, not at a create
         if self.dev_mode:
             return self
-        keys = [("MMANAGER_API_KEY", self.api_key.get_secret_value() if self.api_key else None)]
-        for entry in self.controller_entries:
-            if entry.api_key is not None:
-                keys.append((f"api_key of controller {entry.id}", entry.api_key.get_secret_value()))
-        for name, key in keys:
-            problem = key_problem(key)
-            if problem:
-                raise ValueError(
-                    f"{name} is unfit for the hub↔controller key: {problem}. "
-                    "Set a random key of 16+ characters (e.g. `openssl rand -hex 32`), "
-                    "or run `mmanager dev` for a local playground."
-                )
+        problem = key_problem(self.api_key.get_secret_value() if self.api_key else None)
+        if problem:
+            raise ValueError(_unfit("MMANAGER_API_KEY", problem))
+        _check_entries(self.controller_entries)
         if self.prometheus_token is not None and (problem := key_problem(self.prometheus_token.get_secret_value())):
             raise ValueError(f"MMANAGER_PROMETHEUS_TOKEN is unfit: {problem}. Set a random token of 16+ characters.")
         return self
 
     @cached_property
     def controller_entries(self) -> list[ControllerEntry]:
+        """The entries in force: those read at the start, then those of the last good reload."""
+        return parse_controllers(self.controllers)
+
+    @property
+    def controllers_file(self) -> Path | None:
+        """The file MMANAGER_CONTROLLERS names, if it names one rather than holding the JSON itself."""
         raw = self.controllers.strip()
-        if not raw:
-            return []
-        if raw[0] in "[{":
-            data: Any = json.loads(raw)
-        else:
-            data = yaml.safe_load(Path(raw).read_text())
-        if isinstance(data, dict):
-            data = data.get("controllers", data.get("mmanager_controllers", []))
-        return [ControllerEntry.model_validate(item) for item in data]
+        return Path(raw) if raw and raw[0] not in "[{" else None
+
+    def read_controller_entries(self) -> list[ControllerEntry]:
+        """MMANAGER_CONTROLLERS read again, checked as at the start (ValueError or OSError: unfit)."""
+        entries = parse_controllers(self.controllers)
+        if not self.dev_mode:
+            _check_entries(entries)
+        return entries
+
+    def use_controller_entries(self, entries: list[ControllerEntry]) -> None:
+        """Put ``entries`` in force: the keys ``key_for`` presents come from them from now on."""
+        self.__dict__["controller_entries"] = list(entries)
 
     @cached_property
     def sealer(self) -> Sealer | None:

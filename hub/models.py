@@ -118,7 +118,10 @@ class ControllerModel(Base):
     # The last heartbeat the controller pushed itself; controllers that never push are polled.
     last_push_at: Mapped[datetime | None] = mapped_column(default=None)
     error_message: Mapped[str | None] = mapped_column(Text, default=None)
+    # What the controller reports (its MAX_CONTAINERS), and the admin's cap below it (null: none); placement
+    # uses the smaller (``effective_max_containers``).
     max_containers: Mapped[int] = mapped_column(Integer, default=100)
+    max_containers_cap: Mapped[int | None] = mapped_column(Integer, default=None)
     containers_running: Mapped[int] = mapped_column(Integer, default=0)
     load_percentage: Mapped[float] = mapped_column(Float, default=0.0)
     memory_usage_percent: Mapped[float] = mapped_column(Float, default=0.0)

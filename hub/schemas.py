@@ -427,13 +427,40 @@ class ServiceOut(BaseModel):
     variant: Literal["main", "cpu_fallback"] = "main"
 
 
+CONTROLLER_URL = r"^https?://[^\s/]+(:\d+)?/?$"
+MAX_CONTAINERS_CAP = 100_000
+
+
 class ControllerIn(StrictModel):
     id: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
-    url: str = Field(min_length=1, max_length=512, pattern=r"^https?://[^\s/]+(:\d+)?/?$")
+    url: str = Field(min_length=1, max_length=512, pattern=CONTROLLER_URL)
     server_type: Literal["gpu", "cpu", "edge"] = "cpu"
     enabled: bool = True
     priority: int = Field(default=1, ge=0, le=1000)
     weight: int = Field(default=100, ge=1, le=10000)
+
+
+class ControllerPatch(StrictModel):
+    """``PATCH /api/admin/controllers/{id}``: the fields given change, within ``ControllerIn``'s bounds.
+    ``max_containers`` is the admin's cap on what the hub places there (the controller's own
+    ``MAX_CONTAINERS`` still binds); null lifts it."""
+
+    priority: int | None = Field(default=None, ge=0, le=1000)
+    weight: int | None = Field(default=None, ge=1, le=10000)
+    max_containers: int | None = Field(default=None, ge=1, le=MAX_CONTAINERS_CAP)
+    server_type: Literal["gpu", "cpu", "edge"] | None = None
+    url: str | None = Field(default=None, min_length=1, max_length=512, pattern=CONTROLLER_URL)
+
+    @model_validator(mode="after")
+    def _something_and_no_nulls(self) -> ControllerPatch:
+        if not self.model_fields_set:
+            raise PydanticCustomError("empty_patch", "name at least one of priority, weight, max_containers, "
+                                                     "server_type, url")
+        nulls = sorted(f for f in self.model_fields_set - {"max_containers"} if getattr(self, f) is None)
+        if nulls:
+            raise PydanticCustomError("null_field", "{fields} cannot be null (only max_containers can: it lifts "
+                                                    "the cap)", {"fields": ", ".join(nulls)})
+        return self
 
 
 class ControllerOut(BaseModel):
@@ -445,7 +472,10 @@ class ControllerOut(BaseModel):
     weight: int
     status: Literal["healthy", "unhealthy", "unknown", "draining"]
     last_heartbeat_at: datetime | None
+    # What the hub places there at most: the controller's own MAX_CONTAINERS, or the admin's cap below
+    # it when smaller (``max_containers_cap``, null: none).
     max_containers: int
+    max_containers_cap: int | None = None
     containers_running: int
     load_percentage: float
     memory_usage_percent: float

@@ -58,6 +58,8 @@ ACTOR_ATTR = "audit_actor"
 # and message of an answer whose body is not the API's JSON error. Read when the answer starts.
 SKIP_ATTR = "audit_skip"
 ERROR_ATTR = "audit_error"
+# What a route adds to its call's event (``describe_call``): what it changed, before and after.
+DETAILS_ATTR = "audit_details"
 # Path parameters that name what a call acts on, most specific first.
 TARGET_PARAMS = ("service_id", "entry_id", "container_id", "key_id", "controller_id", "name")
 # The most of an audited answer's body read for its error code or the id it created.
@@ -140,6 +142,12 @@ def identify(request: HTTPConnection, actor: str) -> None:
 def identify_call(scope: Scope, actor: str) -> None:
     """``identify`` for a call without a ``Request`` (a pure ASGI route): the same state, the scope's."""
     scope.setdefault("state", {})[ACTOR_ATTR] = actor
+
+
+def describe_call(request: HTTPConnection, **details: Any) -> None:
+    """Add ``details`` to this call's audit event (never a secret: they are stored as given)."""
+    state = request.scope.setdefault("state", {})
+    state.setdefault(DETAILS_ATTR, {}).update(details)
 
 
 def skip_call(scope: Scope, skip: bool = True) -> None:
@@ -363,7 +371,7 @@ def _event(scope: Scope, state: dict[str, Any], status: int, body: bytes) -> Aud
         error_code, message = _text(code, 64), _text(said, MAX_MESSAGE)
     if error_code is None and status >= 500 and not body:
         error_code = "INTERNAL_ERROR"
-    details: dict[str, Any] = {}
+    details: dict[str, Any] = dict(state.get(DETAILS_ATTR) or {})
     if message:
         details["message"] = message
     # RequestIdMiddleware runs outside this one: the event names the call's log lines.

@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, Literal
 
-from fastapi import APIRouter, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from sqlalchemy import func, select, update
 
@@ -21,6 +21,7 @@ from hub.schemas import (
     ControllerKeyCreated,
     ControllerKeyOut,
     ControllerOut,
+    ControllerPatch,
     MigrateRequest,
     OperationOut,
     RegistryOut,
@@ -29,10 +30,11 @@ from hub.schemas import (
     UserIn,
 )
 from hub.services.controller_keys import create_key, list_keys, revoke_key
-from hub.services.controllers import controller_out, get_controller
+from hub.services.controllers import controller_out, get_controller, holdings
 from hub.services.monitoring import alert_out, alerts_query
 from hub.services.operations import operations_query
 from hub.services.users import create_user
+from mmanager.audit import describe_call
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
 
@@ -119,6 +121,50 @@ async def drain_controller(controller_id: str, admin: AdminUser, hub: HubDep, wa
         return controller_out(result)
     return JSONResponse(OperationOut.model_validate(result, from_attributes=True).model_dump(mode="json"),
                         status_code=202)
+
+
+# ---- controllers at run time: change, delete (issue 28) ---------------------------------------------------
+
+
+@router.patch("/controllers/{controller_id}", response_model=ControllerOut)
+async def update_controller(controller_id: str, body: ControllerPatch, request: Request, _: AdminUser,
+                            hub: HubDep, session: SessionDep) -> Any:
+    """Change priority, weight, the containers cap, server type or URL; the next placement uses them."""
+    row, changes = await hub.controllers.update(session, controller_id, body)
+    describe_call(request, changes=changes)
+    if "url" in changes:
+        # Asked at its new address at once, as a registration is: placeable again as soon as it answers there.
+        await hub.controllers.poll_one(session, row)
+    await session.commit()
+    if changes:
+        hub.services.placement.stale()
+    return controller_out(row)
+
+
+@router.delete("/controllers/{controller_id}", status_code=204)
+async def delete_controller(controller_id: str, request: Request, admin: AdminUser, hub: HubDep,
+                            drain: bool = False) -> Response:
+    """Delete a controller that holds nothing (409 ``CONTROLLER_HAS_SERVICES`` lists what it holds);
+    ``drain=true`` drains it first (waiting up to MMANAGER_DRAIN_TIMEOUT)."""
+    async with hub.db.session() as session:
+        row = await get_controller(session, controller_id)
+        before = controller_out(row).model_dump(mode="json", include={"url", "server_type", "priority", "weight"})
+        held = await holdings(session, controller_id)
+    if held and drain:
+        result = await hub.controllers.drain(admin, controller_id, wait=True)
+        if not isinstance(result, ControllerModel):
+            async with hub.db.session() as session:
+                held = await holdings(session, controller_id)
+            raise HubError(f"controller {controller_id!r} is still draining (operation {result.id}); DELETE it "
+                           f"again once the drain has finished", {"operation": result.id, **held},
+                           code="CONTROLLER_DRAINING", status_code=409)
+    describe_call(request, controller=before, drained=bool(held and drain))
+    async with hub.db.session() as session:
+        await hub.controllers.delete(session, controller_id)
+    hub.controllers.forget(controller_id)
+    hub.ingest.keys.forget()
+    await hub.ingest.count_controllers()
+    return Response(status_code=204)
 
 
 @router.get("/controllers/{controller_id}/keys", response_model=list[ControllerKeyOut])

@@ -47,7 +47,7 @@ PLACEMENT_REFRESH_AFTER = 0.5
 # The placement snapshot's three reads, built once (``load_views``).
 _VIEW_CONTROLLERS = select(*(_CONTROLLERS.c[name] for name in (
     "id", "url", "server_type", "enabled", "draining", "status", "priority", "weight", "max_containers",
-    "containers_running", "cpu_cores", "memory_total_gb", "gpus")),
+    "max_containers_cap", "containers_running", "cpu_cores", "memory_total_gb", "gpus")),
     # One flag of the last health report, not the document: whether it runs golden-inference probes.
     _CONTROLLERS.c.health_data[("capabilities", "golden_probes")].as_boolean().label("golden_probes"))
 _HOLDERS = union_all(
@@ -102,7 +102,9 @@ async def load_views(db: Database, images: Callable[[str], frozenset[str] | None
         views.append(ControllerView(
             id=cid, server_type=c["server_type"], enabled=c["enabled"], draining=c["draining"],
             healthy=c["status"] == "healthy", priority=c["priority"], weight=c["weight"],
-            max_containers=c["max_containers"], containers=max(n, c["containers_running"]), cpu_cores=c["cpu_cores"],
+            # The controller's own limit, or the admin's cap when smaller (PATCH /api/admin/controllers/{id}).
+            max_containers=min(c["max_containers"], c["max_containers_cap"] or c["max_containers"]),
+            containers=max(n, c["containers_running"]), cpu_cores=c["cpu_cores"],
             cpu_reserved=float(cpu), memory_total=int(c["memory_total_gb"] * GIB), memory_reserved=int(memory),
             gpus=tuple(str(g.get("index")) for g in c["gpus"] or ()),
             gpus_used=frozenset(gpus_used.get(cid, ())), golden_probes=bool(c["golden_probes"]),

@@ -374,6 +374,20 @@ class ControllersApi(Bound[M]):
             body = yield Call("GET", path)
         return ControllerOut.model_validate(body)
 
+    @op
+    def update(self, controller_id: str, **changes: Any) -> Steps[ControllerOut]:
+        """Change any of ``priority``, ``weight``, ``max_containers`` (the admin's cap; None lifts it),
+        ``server_type`` and ``url``; the next placement uses them."""
+        return ControllerOut.model_validate(
+            (yield Call("PATCH", f"/api/admin/controllers/{_seg(controller_id)}", json=changes)))
+
+    @op
+    def delete(self, controller_id: str, drain: bool = False) -> Steps[None]:
+        """Delete a controller that holds nothing (``CONTROLLER_HAS_SERVICES`` otherwise); ``drain``: move its
+        services off first (the hub answers once they have moved)."""
+        yield Call("DELETE", f"/api/admin/controllers/{_seg(controller_id)}",
+                   params={"drain": "true"} if drain else None, read="none", waits=drain)
+
 
 class OperationsApi(Bound[M]):
     """``client.operations``: a user's are those of their services."""

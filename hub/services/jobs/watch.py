@@ -120,6 +120,8 @@ class Watcher:
         # Something a dispatcher would want to know at once (a job's end, a job pending again).
         self.changed: Callable[[], None] = lambda: None
         self._polls: dict[str, asyncio.Task[None]] = {}
+        # The URL each long poll asks: a controller given a new one (PATCH, a reload) is asked there anew.
+        self._poll_urls: dict[str, str] = {}
 
     # ------------------------------------------------------------------------------------------ the tick
 
@@ -138,13 +140,16 @@ class Watcher:
                 lost.append(r["controller_id"])
             else:
                 wanted[r["controller_id"]] = r["url"]
-        for cid in [c for c in self._polls if c not in wanted or self._polls[c].done()]:
+        for cid in [c for c in self._polls
+                    if wanted.get(c) != self._poll_urls.get(c) or self._polls[c].done()]:
             task = self._polls.pop(cid)
-            if cid not in wanted:
+            self._poll_urls.pop(cid, None)
+            if not task.done():
                 task.cancel()
         for cid, url in wanted.items():
             if cid not in self._polls:
                 self._polls[cid] = asyncio.create_task(self._poll(cid, url), name=f"job-watch-{cid}")
+                self._poll_urls[cid] = url
         if lost:
             await self.give_up(lost)
         await self.backstop()
@@ -155,6 +160,7 @@ class Watcher:
     async def stop(self) -> None:
         tasks = list(self._polls.values())
         self._polls.clear()
+        self._poll_urls.clear()
         for task in tasks:
             task.cancel()
         for task in tasks:

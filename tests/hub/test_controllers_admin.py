@@ -1,0 +1,249 @@
+"""Controllers at run time: PATCH and DELETE /api/admin/controllers/{id} on real PostgreSQL, with controllers on
+the real Docker engine; and MMANAGER_CONTROLLERS read again from its file."""
+
+from __future__ import annotations
+
+import json
+import signal
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import func, select
+
+from hub.app import build_hub, create_app
+from hub.background.controllers_file import ControllersFileWatch
+from hub.config import HubSettings
+from hub.db import Database
+from hub.models import (
+    AuditModel,
+    ContainerRegistryModel,
+    ControllerKeyModel,
+    ControllerModel,
+    OperationModel,
+    ServiceModel,
+)
+from hub.services.controller_keys import create_key
+from hub.services.users import create_user
+from tests.hub.conftest import KEY, Cluster
+from tests.hub.test_services_api import SPEC
+from tests.support.poll import wait_until
+from tests.support.procs import LocalDeployment, api
+
+
+async def audit(cluster: Cluster, **params: Any) -> list[dict[str, Any]]:
+    r = await cluster.hub.get("/api/admin/audit", params=params)
+    assert r.status_code == 200, r.text
+    return list(r.json())
+
+
+async def create(cluster: Cluster, name: str) -> dict[str, Any]:
+    r = await cluster.hub.post("/api/admin/repo/services", json={**SPEC, "name": name})
+    assert r.status_code == 201, r.text
+    return dict(r.json())
+
+
+async def test_a_patch_is_what_the_next_placement_uses_and_is_audited(cluster: Cluster) -> None:
+    cpu1, cpu2 = cluster.controller_ids[1], cluster.controller_ids[2]
+    assert (await create(cluster, "before"))["controller_id"] == cpu1  # the best priority tier (1) of the cpus
+
+    r = await cluster.hub.patch(f"/api/admin/controllers/{cpu2}", json={"priority": 0, "weight": 150})
+    assert r.status_code == 200, r.text
+    assert (r.json()["priority"], r.json()["weight"]) == (0, 150)
+    assert (await create(cluster, "after"))["controller_id"] == cpu2
+
+    # A cap of one on cpu2, which runs one now: the next goes to cpu1 again; lifting it brings cpu2 back.
+    r = await cluster.hub.patch(f"/api/admin/controllers/{cpu2}", json={"max_containers": 1})
+    assert (r.json()["max_containers"], r.json()["max_containers_cap"]) == (1, 1)
+    assert (await create(cluster, "capped"))["controller_id"] == cpu1
+    r = await cluster.hub.patch(f"/api/admin/controllers/{cpu2}", json={"max_containers": None})
+    assert (r.json()["max_containers"], r.json()["max_containers_cap"]) == (20, None)  # the controller's own
+    assert (await create(cluster, "uncapped"))["controller_id"] == cpu2
+
+    [first, *_] = await audit(cluster, target=cpu2, method="PATCH", actor="admin")
+    assert first["status_code"] == 200 and first["details"]["changes"] == {
+        "max_containers": {"before": 1, "after": None}}
+    changed = [row["details"]["changes"] for row in await audit(cluster, target=cpu2, method="PATCH")]
+    assert {"priority": {"before": 2, "after": 0}, "weight": {"before": 100, "after": 150}} in changed
+
+
+async def test_a_new_url_is_where_the_hub_reaches_the_controller(cluster: Cluster) -> None:
+    cpu1 = cluster.controller_ids[1]
+    old, new = cluster.hosts[cpu1], f"moved-{cluster.hosts[cpu1]}"
+    cluster.router.apps[new] = cluster.router.apps[old]
+    cluster.router.down.add(old)
+    r = await cluster.hub.patch(f"/api/admin/controllers/{cpu1}", json={"url": f"http://{new}:8001/"})
+    assert r.status_code == 200, r.text
+    assert (r.json()["url"], r.json()["status"]) == (f"http://{new}:8001", "healthy")  # asked there at once
+    service = await create(cluster, "moved")
+    assert service["controller_id"] == cpu1 and service["endpoint"]["host"] == new
+    assert service["status"] == "running"
+
+
+@pytest.mark.parametrize("body", [
+    {"weight": -1}, {"weight": 0}, {"priority": -1}, {"priority": 1001}, {"max_containers": 0},
+    {"max_containers": 100_001}, {"server_type": "tpu"}, {"url": "ftp://host:1"}, {"url": "http://host/path"},
+    {"url": "http://a b"}, {}, {"priority": None}, {"enabled": False}, {"weight": "heavy"},
+])
+async def test_a_bad_patch_is_refused_and_changes_nothing(cluster: Cluster, body: dict[str, Any]) -> None:
+    cpu2 = cluster.controller_ids[2]
+    before = (await cluster.hub.get(f"/api/admin/controllers/{cpu2}")).json()
+    r = await cluster.hub.patch(f"/api/admin/controllers/{cpu2}", json=body)
+    assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_ERROR", (body, r.text)
+    after = (await cluster.hub.get(f"/api/admin/controllers/{cpu2}")).json()
+    assert {k: v for k, v in after.items() if k != "last_heartbeat_at"} == {
+        k: v for k, v in before.items() if k != "last_heartbeat_at"}
+
+
+async def test_unknown_controllers_and_non_admins_are_refused(cluster: Cluster) -> None:
+    r = await cluster.hub.patch("/api/admin/controllers/nope", json={"weight": 5})
+    assert r.status_code == 404 and r.json()["error"]["code"] == "CONTROLLER_NOT_FOUND"
+    r = await cluster.hub.delete("/api/admin/controllers/nope")
+    assert r.status_code == 404 and r.json()["error"]["code"] == "CONTROLLER_NOT_FOUND"
+    alice = await cluster.user("alice")
+    cpu2 = cluster.controller_ids[2]
+    assert (await cluster.hub.patch(f"/api/admin/controllers/{cpu2}", json={"weight": 5}, headers=alice)
+            ).status_code == 403
+    assert (await cluster.hub.delete(f"/api/admin/controllers/{cpu2}", headers=alice)).status_code == 403
+    assert (await cluster.hub.get(f"/api/admin/controllers/{cpu2}")).json()["weight"] == 100
+
+
+async def test_delete_refuses_a_controller_with_services_and_drains_when_asked(cluster: Cluster) -> None:
+    gpu, cpu1, cpu2 = cluster.controller_ids
+    service = await create(cluster, "held")
+    assert service["controller_id"] == cpu1
+    r = await cluster.hub.delete(f"/api/admin/controllers/{cpu1}")
+    assert r.status_code == 409, r.text
+    error = r.json()["error"]
+    assert error["code"] == "CONTROLLER_HAS_SERVICES"
+    assert error["details"]["services"] == [service["id"]] and error["details"]["containers_count"] == 1
+    assert (await cluster.hub.get(f"/api/admin/controllers/{cpu1}")).json()["enabled"] is True
+
+    # Asked to drain first: the service moves, then the controller goes, with its keys; its history stays.
+    async with cluster.db.session() as session:
+        await create_key(session, cpu1, created_by="admin")
+    r = await cluster.hub.delete(f"/api/admin/controllers/{cpu1}", params={"drain": "true"})
+    assert r.status_code == 204, r.text
+    moved = (await cluster.hub.get(f"/api/services/{service['id']}")).json()
+    assert moved["controller_id"] == cpu2 and moved["status"] == "running"
+    assert (await cluster.hub.get(f"/api/admin/controllers/{cpu1}")).status_code == 404
+    async with cluster.db.session() as session:
+        assert await session.scalar(select(func.count()).select_from(ControllerKeyModel)
+                                    .where(ControllerKeyModel.controller_id == cpu1)) == 0
+        assert await session.scalar(select(func.count()).select_from(ContainerRegistryModel)
+                                    .where(ContainerRegistryModel.controller_id == cpu1)) == 0
+        drains = list(await session.scalars(select(OperationModel).where(OperationModel.controller_id == cpu1)))
+    assert {(o.operation, o.status) for o in drains} >= {("create", "succeeded"), ("drain", "succeeded")}
+    [deleted, refused] = await audit(cluster, target=cpu1, method="DELETE")
+    assert (refused["status_code"], refused["error_code"]) == (409, "CONTROLLER_HAS_SERVICES")
+    assert deleted["status_code"] == 204 and deleted["details"]["drained"] is True
+    assert deleted["details"]["controller"]["url"] == f"http://{cluster.hosts[cpu1]}:8001"
+
+    # The next placement does without it; an empty controller goes at once.
+    assert (await create(cluster, "next"))["controller_id"] == cpu2
+    assert (await cluster.hub.delete(f"/api/admin/controllers/{gpu}")).status_code == 204
+    assert [c["id"] for c in (await cluster.hub.get("/api/admin/controllers")).json()] == [cpu2]
+
+
+# ---------------------------------------------------------------------------------- MMANAGER_CONTROLLERS reload
+
+
+def entry(cid: str, **fields: Any) -> dict[str, Any]:
+    return {"id": cid, "url": f"http://{cid}.invalid:8001", "server_type": "cpu", **fields}
+
+
+def write(path: Path, entries: list[dict[str, Any]] | str) -> None:
+    path.write_text(entries if isinstance(entries, str) else json.dumps({"controllers": entries}))
+
+
+async def rows(db: Database) -> dict[str, tuple[Any, ...]]:
+    async with db.session() as session:
+        return {c.id: (c.url, c.enabled, c.priority, c.weight)
+                for c in await session.scalars(select(ControllerModel))}
+
+
+async def test_a_changed_file_is_applied_without_a_restart(db: Database, tmp_path: Path) -> None:
+    path = tmp_path / "controllers.json"
+    write(path, [entry("a"), entry("b"), entry("c", api_key="c-key-" + "k" * 20)])
+    settings = HubSettings(database_url=db.url, api_key=KEY, controllers=str(path), controllers_watch_interval=0,
+                           model_store=tmp_path / "models", artifact_store=tmp_path / "artifacts")
+    hub = build_hub(settings, db=Database(db.url))
+    app = create_app(settings, hub=hub, run_loops=False)
+    async with app.router.lifespan_context(app):
+        assert set(await rows(db)) == {"a", "b", "c"}
+        async with db.session() as session:
+            owner, _ = await create_user(session, "owner")
+            session.add(ServiceModel(id="s1", name="held", owner_id=owner.id, repo="r", spec={}, controller_id="b"))
+        # An admin's change through the API survives an edit of the file that leaves that entry alone.
+        async with db.session() as session:
+            (await session.get(ControllerModel, "a")).weight = 7  # type: ignore[union-attr]
+        watch = ControllersFileWatch(hub.controllers, path, 1.0)
+
+        # a changed, b and c gone (b holds a service: disabled and kept), d new.
+        write(path, [entry("a", priority=5, weight=100), entry("d", weight=300)])
+        await watch.run_once()
+        assert await rows(db) == {"a": ("http://a.invalid:8001", True, 5, 100),
+                                  "b": ("http://b.invalid:8001", False, 1, 100),
+                                  "d": ("http://d.invalid:8001", True, 1, 300)}
+        assert [e.id for e in settings.controller_entries] == ["a", "d", "b"]
+        assert settings.key_for("c") == KEY  # its own key is no longer presented to anyone
+
+        started = [(e.target, e.details["action"]) for e in await audit_rows(db) if e.details["trigger"] == "start"]
+        assert started == [("a", "registered"), ("b", "registered"), ("c", "registered")]
+        events = {(e.target, e.details.get("action")): e for e in await audit_rows(db)
+                  if e.details["trigger"] == "file changed"}
+        assert set(events) == {("a", "updated"), ("b", "disabled"), ("c", "deleted"), ("d", "registered")}
+        assert all(e.actor == "system" and e.method == "RELOAD" for e in events.values())
+        assert events[("a", "updated")].details["changes"] == {"priority": {"before": 1, "after": 5},
+                                                               "weight": {"before": 7, "after": 100}}
+        assert events[("b", "disabled")].details["holds"]["services"] == ["s1"]
+
+        # A file that is not valid changes nothing, and says why once.
+        before = await rows(db)
+        for bad in ("[{\"id\": \"a\", \"url\": \"gopher://x\"}]", "{not json", [entry("a"), entry("a")],
+                    [entry("e", api_key="weakkey9")]):
+            write(path, bad)
+            await watch.run_once()
+            await watch.run_once()
+        assert await rows(db) == before
+        refused = [e for e in await audit_rows(db) if e.error_code == "CONTROLLERS_FILE_INVALID"]
+        assert len(refused) == 4 and "weakkey9" not in json.dumps([e.details for e in refused])
+
+        # Once b holds nothing, the next reload deletes it.
+        async with db.session() as session:
+            await session.delete(await session.get(ServiceModel, "s1"))
+        write(path, [entry("a", priority=5), entry("d", weight=300)])
+        await watch.run_once()
+        assert set(await rows(db)) == {"a", "d"}
+
+
+async def audit_rows(db: Database) -> list[Any]:
+    async with db.session() as session:
+        return list(await session.scalars(select(AuditModel).where(AuditModel.method == "RELOAD")
+                                          .order_by(AuditModel.id)))
+
+
+async def test_sighup_reloads_a_real_hub(db: Database, tmp_path: Path) -> None:
+    path = tmp_path / "controllers.yaml"
+    path.write_text("controllers:\n  - id: one\n    url: http://127.0.0.1:9\n")
+    dep = LocalDeployment(db.url, tmp_path / "lab", extra_hub_env={
+        "MMANAGER_CONTROLLERS": str(path), "MMANAGER_CONTROLLERS_WATCH_INTERVAL": "0"})
+    dep.plan_hubs(1)
+    hub = dep.hub(0)
+    try:
+        dep.start()
+        token = dep.create_admin()
+        with api(hub.url, token) as client:
+            def ids() -> list[str]:
+                return [c["id"] for c in client.get("/api/admin/controllers").raise_for_status().json()]
+
+            assert ids() == ["one"]
+            path.write_text("controllers:\n  - id: one\n    url: http://127.0.0.1:9\n"
+                            "  - id: two\n    url: http://127.0.0.1:10\n    weight: 50\n")
+            hub.signal(signal.SIGHUP)
+            wait_until(lambda: ids() == ["one", "two"], 10, "the controller added to the file", interval=0.1)
+            assert hub.popen is not None and hub.popen.poll() is None  # SIGHUP did not end it
+            events = client.get("/api/admin/audit", params={"actor": "system", "target": "two"}).json()
+            assert events[0]["details"]["trigger"] == "SIGHUP"
+    finally:
+        dep.stop()

@@ -43,7 +43,7 @@ lint: install
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
-# The hub, controller and gateway images, FROM a Python base made here with debootstrap (no registry needed),
+# The hub, controller, gateway and Alertmanager images, FROM a Python base made here with debootstrap (no registry needed),
 # and the reference model service's (torch's CPU wheel, weights made at build time); each step is skipped or
 # cached when done before. docs/OPERATIONS.md#building-the-images.
 images: system-deps
@@ -51,6 +51,7 @@ images: system-deps
 	docker build -f deploy/Dockerfile --target hub -t mmanager/hub:latest .
 	docker build -f deploy/Dockerfile --target controller -t mmanager/controller:latest .
 	docker build -f deploy/Dockerfile --target gateway -t mmanager/gateway:latest .
+	docker build -f deploy/alertmanager/Dockerfile -t mmanager/alertmanager:latest deploy/alertmanager
 	bash scripts/build-modelserver-image.sh
 
 clean:

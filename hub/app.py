@@ -19,6 +19,7 @@ from fastapi.responses import JSONResponse
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from starlette.requests import ClientDisconnect
 
+from hub.background.alertmanager import AlertPusher
 from hub.background.controllers_file import ControllersFileWatch
 from hub.background.fallback import GpuReturn
 from hub.background.flusher import HeartbeatFlusher
@@ -54,6 +55,7 @@ from hub.routers.hot import HotApp
 from hub.routers.mine import router as mine_router
 from hub.routers.pipelines import router as pipelines_router
 from hub.scheduler.snapshot import PlacementCache
+from hub.services.alertmanager import Alertmanagers
 from hub.services.audit import CLIENT_CLOSED, HEARTBEAT_PATH, PRESENCE_PATH, AuditLog, skip_routine
 from hub.services.controllers import ControllerRegistry
 from hub.services.gateway import GatewayDirectory, GatewayTable
@@ -247,6 +249,8 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     prefetcher = (Prefetcher(hub.db, settings, hub.client, hub.services.placement, hub.ingest.images,
                              hub.metrics)
                   if settings.prefetch_interval > 0 else None)
+    alert_push = (AlertPusher(hub.db, Alertmanagers(settings.alertmanager_urls), settings.alertmanager_interval)
+                  if settings.alertmanager_urls else None)
 
     async def on_lead(since: datetime) -> None:
         publisher.start()
@@ -260,8 +264,12 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
         watcher.start()
         if prefetcher is not None:
             prefetcher.start()
+        if alert_push is not None:
+            alert_push.start()
 
     async def on_follow() -> None:
+        if alert_push is not None:
+            await alert_push.stop()
         await watcher.stop()
         await traffic.stop()
         await gpu_return.stop()
@@ -319,7 +327,11 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
                 await traffic.stop()
                 if prefetcher is not None:
                     await prefetcher.stop()
+                if alert_push is not None:
+                    await alert_push.stop()
                 await flusher.stop()
+            if alert_push is not None:
+                await alert_push.alertmanagers.aclose()
             await hub.ingest.close()
             await hub.services.shutdown()
             await hub.client.aclose()

@@ -188,6 +188,11 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     alert_disk_percent: float = Field(default=85.0, gt=0, le=100)
     metrics_resolution: float = Field(default=60.0, ge=1, le=3600)
     metrics_retention: float = Field(default=7 * 86400.0, ge=60)
+    # Those alerts pushed to Alertmanager by the leader (hub.background.alertmanager): its base URL, or a
+    # comma-separated list of one cluster's members (each gets every alert); empty: not pushed. Open alerts are
+    # re-sent every alertmanager_interval seconds, resolved ones for a while after they resolve.
+    alertmanager_url: str = Field(default="", pattern=r"^\s*(https?://[^\s,]+\s*(,\s*https?://[^\s,]+\s*)*)?$")
+    alertmanager_interval: float = Field(default=30.0, ge=0.1, le=300)
     # Where Prometheus reaches this hub: a base URL, or a comma-separated list of every replica's.
     # GET /api/admin/prometheus/targets lists them; empty: the URL that call came to.
     public_url: str = Field(default="", pattern=r"^\s*(https?://[^\s,]+\s*(,\s*https?://[^\s,]+\s*)*)?$")
@@ -267,6 +272,10 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     @property
     def public_urls(self) -> list[str]:
         return [url.strip() for url in self.public_url.split(",") if url.strip()]
+
+    @property
+    def alertmanager_urls(self) -> list[str]:
+        return [url.strip().rstrip("/") for url in self.alertmanager_url.split(",") if url.strip()]
 
     def key_for(self, controller_id: str) -> str:
         """The key the hub presents to a controller: its own from the config, else the shared one."""

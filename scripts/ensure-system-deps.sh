@@ -2,7 +2,8 @@
 # Install what the project needs from the OS when it is missing: Debian's
 # docker.io (the engine), postgresql (server binaries, for the tests' throwaway
 # cluster), busybox-static (the example image is built FROM scratch around
-# it), prometheus (promtool and the server, for the monitoring tests),
+# it), prometheus (promtool and the server, for the monitoring tests), prometheus-alertmanager (amtool
+# and the server, for the alerting tests),
 # docker-compose and haproxy (the gateway), docker-registry and apache2-utils (a real registry for the pull tests, and htpasswd for its logins), chromium and chromium-driver (the console's browser test). With "demo" as the first argument only Docker, busybox and
 # haproxy are needed.
 set -euo pipefail
@@ -18,6 +19,9 @@ if [ "${1:-}" != demo ]; then
     # promtool tests the alert rules, a real Prometheus scrapes a real hub in the tests,
     # and docker-compose validates the compose files.
     command -v promtool >/dev/null 2>&1 && command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+    # amtool checks the shipped Alertmanager config; a real Alertmanager carries alerts to a test's webhook.
+    command -v amtool >/dev/null 2>&1 && command -v prometheus-alertmanager >/dev/null 2>&1 \
+        || need+=(prometheus-alertmanager)
     command -v docker-compose >/dev/null 2>&1 || docker compose version >/dev/null 2>&1 || need+=(docker-compose)
     # A controller pulls a missing image on create: tested against a real registry on 127.0.0.1.
     command -v docker-registry >/dev/null 2>&1 || need+=(docker-registry)

@@ -68,7 +68,7 @@ def test_root_compose_file_validates_with_the_stack(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     config = yaml.safe_load(result.stdout)
     services = config["services"]
-    assert set(services) == {"hub", "postgres", "prometheus", "grafana", "controller", "gateway"}
+    assert set(services) == {"hub", "postgres", "prometheus", "alertmanager", "grafana", "controller", "gateway"}
     assert services["postgres"]["image"] == "postgres:16"
     assert (services["hub"]["build"]["dockerfile"], services["hub"]["build"]["target"]) == ("deploy/Dockerfile", "hub")
     assert services["hub"]["build"]["args"]["BASE_IMAGE"] == "mmanager/python-base:bookworm"
@@ -88,8 +88,68 @@ def test_root_compose_file_validates_with_the_stack(tmp_path: Path) -> None:
     grafana_mounts = " ".join(str(v) for v in services["grafana"]["volumes"])
     assert f"{DEPLOY / 'grafana/provisioning'}:/etc/grafana/provisioning" in grafana_mounts
     assert f"{DEPLOY / 'grafana/dashboards'}:/var/lib/grafana/dashboards" in grafana_mounts
-    for path in ("prometheus/prometheus.yml", "prometheus/alerts.yml", "grafana/provisioning", "grafana/dashboards"):
+    for path in ("prometheus/prometheus.yml", "prometheus/alerts.yml", "grafana/provisioning", "grafana/dashboards",
+                 "alertmanager/alertmanager.yml", "alertmanager/Dockerfile"):
         assert (DEPLOY / path).exists(), path
+
+
+@pytest.mark.docker  # docker-compose
+def test_root_compose_file_runs_alertmanager_for_prometheus_and_the_hub(tmp_path: Path) -> None:
+    """Alertmanager built here from Debian's package, with the shipped configuration, its SMTP password as a
+    secret at the path that configuration reads, and both senders pointed at it by its compose name."""
+    result = _compose_config(ROOT / "docker-compose.yml", ROOT_ENV, tmp_path)
+    assert result.returncode == 0, result.stderr
+    config = yaml.safe_load(result.stdout)
+    services = config["services"]
+    am = services["alertmanager"]
+    assert am["build"]["context"] == str(DEPLOY / "alertmanager")
+    assert am["build"]["args"]["BASE_IMAGE"] == "mmanager/python-base:bookworm"
+    assert f"{DEPLOY / 'alertmanager/alertmanager.yml'}:/etc/alertmanager/alertmanager.yml:ro" in am["volumes"]
+    assert "alertmanager-data:/var/lib/alertmanager:rw" in am["volumes"]
+    assert _published(am) == {"9093": "9093"} and all(str(p).startswith("127.0.0.1:") for p in am["ports"])
+    assert [s["source"] for s in am["secrets"]] == ["alertmanager_smtp_password"]
+    assert config["secrets"]["alertmanager_smtp_password"]["file"] == str(DEPLOY / "secrets/smtp_password")
+    shipped = yaml.safe_load((DEPLOY / "alertmanager/alertmanager.yml").read_text())
+    assert shipped["global"]["smtp_auth_password_file"] == "/run/secrets/alertmanager_smtp_password"
+    # The image's command reads the mounted file and keeps its state in the volume.
+    dockerfile = (DEPLOY / "alertmanager/Dockerfile").read_text()
+    assert "apt-get install -y -qq --no-install-recommends prometheus-alertmanager" in dockerfile
+    assert "ARG BASE_IMAGE=mmanager/python-base:bookworm\nFROM ${BASE_IMAGE}\n" in dockerfile
+    for flag in ("--config.file=/etc/alertmanager/alertmanager.yml", "--storage.path=/var/lib/alertmanager",
+                 "--web.listen-address=:9093", "--cluster.listen-address="):
+        assert f'"{flag}"' in dockerfile, flag
+    # Prometheus and the hub send to it.
+    assert "alertmanager" in services["prometheus"]["depends_on"]
+    prometheus = yaml.safe_load((DEPLOY / "prometheus/prometheus.yml").read_text())
+    assert prometheus["alerting"]["alertmanagers"][0]["static_configs"] == [{"targets": ["alertmanager:9093"]}]
+    assert services["hub"]["environment"]["MMANAGER_ALERTMANAGER_URL"] == "http://alertmanager:9093"
+    assert "alertmanager-data" in config["volumes"]
+
+
+def _amtool(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["amtool", *map(str, args)], capture_output=True, text=True, timeout=30)
+
+
+def test_shipped_alertmanager_config_passes_amtool_and_emails_critical_alerts_too(tmp_path: Path) -> None:
+    shipped = DEPLOY / "alertmanager/alertmanager.yml"
+    result = _amtool("check-config", shipped)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "2 receivers" in result.stdout
+    # Where an alert goes, by amtool's reading of the routes.
+    for labels, receiver in ((["alertname=ControllerDown", "severity=critical"], "webhook-and-email"),
+                             (["alertname=MManagerUsageHigh", "kind=cpu", "severity=warning"], "webhook")):
+        result = _amtool("config", "routes", "test", f"--config.file={shipped}", *labels)
+        assert result.returncode == 0 and result.stdout.strip() == receiver, (labels, result.stdout, result.stderr)
+    receivers = {r["name"]: r for r in yaml.safe_load(shipped.read_text())["receivers"]}
+    assert all(hook["send_resolved"] for r in receivers.values() for hook in r.get("webhook_configs", ()))
+    [email] = receivers["webhook-and-email"]["email_configs"]
+    assert email["send_resolved"] and receivers["webhook-and-email"]["webhook_configs"] == \
+        receivers["webhook"]["webhook_configs"]
+    # And the check can fail: a misspelt field is refused.
+    broken = tmp_path / "broken.yml"
+    broken.write_text(shipped.read_text().replace("send_resolved:", "send_resolve:", 1))
+    result = _amtool("check-config", broken)
+    assert result.returncode != 0 and "send_resolve" in result.stdout + result.stderr
 
 
 def _published(service: dict[str, Any]) -> dict[str, str]:

@@ -13,6 +13,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from hub.app import build_hub, create_app
 from hub.config import HubSettings
 from hub.db import Database
 from hub.services.users import create_user
+from tests.support.alertmanager import alertmanager_server, webhook
 from tests.support.haproxy import latency_exposition
 from tests.support.net import free_port, terminate
 from tests.support.pg import create_database
@@ -208,14 +210,20 @@ def deployment(prom_db_url: str, docker_client: docker.DockerClient, tmp_path: P
 
 
 @contextlib.contextmanager
-def prometheus_server(tmp_path: Path, hub_url: str) -> Iterator[httpx.Client]:
-    """The shipped prometheus.yml with this deployment's hub, the token in a file and 1 s intervals."""
+def prometheus_server(tmp_path: Path, hub_url: str, alertmanager: str | None = None,
+                      rules: Path = PROMETHEUS / "alerts.yml") -> Iterator[httpx.Client]:
+    """The shipped prometheus.yml with this deployment's hub, the token in a file and 1 s intervals; its alerts
+    go to ``alertmanager`` (a base URL), or nowhere."""
     token_file = tmp_path / "mmanager_prometheus_token"
     token_file.write_text(SD_TOKEN + "\n")
     token_file.chmod(0o600)
     config = yaml.safe_load((PROMETHEUS / "prometheus.yml").read_text())
     config["global"].update(scrape_interval="1s", scrape_timeout="1s", evaluation_interval="1s")
-    config["rule_files"] = [str(PROMETHEUS / "alerts.yml")]
+    config["rule_files"] = [str(rules)]
+    if alertmanager is None:
+        del config["alerting"]
+    else:
+        config["alerting"]["alertmanagers"][0]["static_configs"] = [{"targets": [alertmanager.split("//", 1)[1]]}]
     sd = config["scrape_configs"][0]["http_sd_configs"][0]
     sd.update(url=f"{hub_url}/api/admin/prometheus/targets", refresh_interval="1s")
     sd["authorization"]["credentials_file"] = str(token_file)
@@ -277,6 +285,33 @@ def test_prometheus_finds_and_scrapes_the_hub_and_a_controller(deployment: Local
         rules = prom.get("/api/v1/rules").json()["data"]["groups"][0]["rules"]
         assert {r["name"] for r in rules} == set(alert_rules())
         assert series(prom, 'ALERTS{alertstate="firing"}') == []
+
+
+def test_a_controller_that_stops_answering_reaches_the_webhook_through_alertmanager(
+        deployment: LocalDeployment, tmp_path: Path) -> None:
+    """The shipped ControllerDown rule (its expression, labels and annotations; only its minute's wait dropped)
+    fires for a controller killed for real, and the alert reaches the test's webhook through a real
+    Alertmanager run with the shipped configuration (critical: the receiver that emails too)."""
+    rules = yaml.safe_load((PROMETHEUS / "alerts.yml").read_text())
+    [down] = [rule for group in rules["groups"] for rule in group["rules"] if rule.get("alert") == "ControllerDown"]
+    del down["for"]
+    (tmp_path / "alerts.yml").write_text(yaml.safe_dump(rules))
+    deployment.plan_hubs(1)
+    cid = deployment.add_controller("down").name
+    deployment.start()
+    with webhook() as hook, alertmanager_server(tmp_path, hook.url) as alertmanager, \
+            prometheus_server(tmp_path, deployment.hub(0).url, alertmanager, tmp_path / "alerts.yml") as prom:
+        wait_until(lambda: series(prom, f'mmanager_controller_up{{controller="{cid}"}} == 1'), 25, interval=0.25,
+                   what="the controller up in Prometheus")
+        killed = datetime.now(UTC)
+        deployment.controllers[cid].kill()
+        alert = hook.alert(lambda notification, alert: notification["receiver"] == "webhook-and-email"
+                           and alert["status"] == "firing" and alert["labels"]["alertname"] == "ControllerDown"
+                           and alert["labels"].get("controller") == cid
+                           and datetime.fromisoformat(alert["startsAt"]) >= killed, 30)
+    assert alert["labels"]["severity"] == "critical"
+    assert alert["annotations"]["summary"] == f"Controller {cid} is down"
+    assert "docs/OPERATIONS.md#alerts" in alert["annotations"]["description"]
 
 
 # ------------------------------------------------------------------ Grafana

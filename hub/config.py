@@ -80,17 +80,58 @@ class DatabaseSettings(BaseSettings):
     database_url: str = "sqlite+aiosqlite:///./mmanager.db"
 
 
-# DatabaseSettings last: of several bases, the last one's model_config wins (the env prefix among it).
-class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings):
+class HubKeySettings(DatabaseSettings):
+    """The hub key and where its sealed values are: what the hub and ``mmanager hub-key rotate`` need."""
+
+    # Seals what the hub stores of users' secrets (a service's registry_auth and secrets): base64 of 32
+    # bytes, given itself or in a file (mode 600). Without one, a spec with secrets is refused (HUB_KEY_MISSING).
+    hub_key: SecretStr | None = None
+    hub_key_file: Path | None = None
+    # Keys the hub still opens with but never seals under (a rotation under way, docs/OPERATIONS.md): base64
+    # keys separated by commas or whitespace, given themselves or in a file.
+    hub_key_previous: SecretStr | None = None
+    hub_key_previous_file: Path | None = None
+
+    @field_validator("hub_key", "hub_key_file", "hub_key_previous", "hub_key_previous_file", mode="before")
+    @classmethod
+    def _empty_key_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    @model_validator(mode="after")
+    def _one_source_each(self) -> HubKeySettings:
+        if self.hub_key is not None and self.hub_key_file is not None:
+            raise ValueError("set MMANAGER_HUB_KEY or MMANAGER_HUB_KEY_FILE, not both")
+        if self.hub_key_previous is not None and self.hub_key_previous_file is not None:
+            raise ValueError("set MMANAGER_HUB_KEY_PREVIOUS or MMANAGER_HUB_KEY_PREVIOUS_FILE, not both")
+        _ = self.sealer  # an unfit or unreadable hub key stops the hub at its start, not at a create
+        return self
+
+    @cached_property
+    def sealer(self) -> Sealer | None:
+        """What seals the hub's stored secrets (``hub.sealing``): under the hub key, opening with the previous
+        keys too; None when no hub key is set (previous keys alone are refused: nothing could seal)."""
+        text = _key_text("MMANAGER_HUB_KEY", self.hub_key, self.hub_key_file)
+        previous = _key_text("MMANAGER_HUB_KEY_PREVIOUS", self.hub_key_previous, self.hub_key_previous_file)
+        if text is None:
+            if previous is not None:
+                raise ValueError("MMANAGER_HUB_KEY_PREVIOUS is set without MMANAGER_HUB_KEY: set the new key too")
+            return None
+        keys = [] if previous is None else [k for k in previous.replace(",", "\n").split() if k]
+        try:
+            olds = [parse_key(k) for k in keys]
+        except ValueError as exc:
+            raise ValueError(f"MMANAGER_HUB_KEY_PREVIOUS: {exc}") from None
+        return Sealer(parse_key(text), olds)
+
+
+# DatabaseSettings (through HubKeySettings) last: of several bases, the last one's model_config wins (the env
+# prefix among it).
+class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, HubKeySettings):
     # Inline JSON, or the path of a YAML/JSON file; a file is read again on SIGHUP and when it changes
     # (hub.background.controllers_file), every controllers_watch_interval seconds (0: on SIGHUP only).
     controllers: str = ""
     controllers_watch_interval: float = Field(default=5.0, ge=0, le=3600)
     api_key: SecretStr | None = None
-    # Seals what the hub stores of users' secrets (a service's registry_auth): base64 of 32 bytes, given
-    # itself or in a file (mode 600). Without one, a spec with secrets is refused (HUB_KEY_MISSING).
-    hub_key: SecretStr | None = None
-    hub_key_file: Path | None = None
     heartbeat_interval: float = Field(default=2.0, gt=0)
     heartbeat_grace: float = Field(default=6.0, gt=0)
     # Heartbeats a second the whole fleet may send (0: no limit): a fleet bigger than interval × this is
@@ -212,7 +253,7 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
     prefetch_min_image_bytes: int = Field(default=2 * 1024**3, ge=0)
     prefetch_targets: int = Field(default=1, ge=1, le=16)
 
-    @field_validator("prometheus_token", "gateway_url", "service_domain", "hub_key", "hub_key_file", mode="before")
+    @field_validator("prometheus_token", "gateway_url", "service_domain", mode="before")
     @classmethod
     def _empty_is_unset(cls, value: Any) -> Any:
         # MMANAGER_PROMETHEUS_TOKEN= (as a compose file may pass it) means no such token.
@@ -220,9 +261,6 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
 
     @model_validator(mode="after")
     def _refuse_weak_keys(self) -> HubSettings:
-        if self.hub_key is not None and self.hub_key_file is not None:
-            raise ValueError("set MMANAGER_HUB_KEY or MMANAGER_HUB_KEY_FILE, not both")
-        _ = self.sealer  # an unfit or unreadable hub key stops the hub at its start, not at a create
         if self.dev_mode:
             return self
         problem = key_problem(self.api_key.get_secret_value() if self.api_key else None)
@@ -255,20 +293,6 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
         """Put ``entries`` in force: the keys ``key_for`` presents come from them from now on."""
         self.__dict__["controller_entries"] = list(entries)
 
-    @cached_property
-    def sealer(self) -> Sealer | None:
-        """What seals the hub's stored secrets (``hub.sealing``); None when no hub key is set."""
-        if self.hub_key_file is not None:
-            try:
-                text = self.hub_key_file.read_text()
-            except OSError as exc:
-                raise ValueError(f"MMANAGER_HUB_KEY_FILE {self.hub_key_file} cannot be read: {exc.strerror}") from None
-        elif self.hub_key is not None:
-            text = self.hub_key.get_secret_value()
-        else:
-            return None
-        return Sealer(parse_key(text))
-
     @property
     def public_urls(self) -> list[str]:
         return [url.strip() for url in self.public_url.split(",") if url.strip()]
@@ -283,3 +307,13 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, DatabaseSettings
             if entry.id == controller_id and entry.api_key is not None:
                 return entry.api_key.get_secret_value()
         return self.api_key.get_secret_value() if self.api_key else ""
+
+
+def _key_text(name: str, value: SecretStr | None, path: Path | None) -> str | None:
+    """A hub key setting's text: given itself (``name``) or in a file (``name``_FILE); None when unset."""
+    if path is not None:
+        try:
+            return path.read_text()
+        except OSError as exc:
+            raise ValueError(f"{name}_FILE {path} cannot be read: {exc.strerror}") from None
+    return value.get_secret_value() if value is not None else None

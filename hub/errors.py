@@ -40,9 +40,16 @@ class Conflict(HubError):
 
 
 class HubKeyMissing(Conflict):
-    """A spec carries a secret (``registry_auth``) and the hub has no key to seal it with."""
+    """A spec carries a secret (``registry_auth``, ``secrets``) and the hub has no key to seal it with."""
 
     code = "HUB_KEY_MISSING"
+
+
+class SecretsUnavailable(Conflict):
+    """A service's stored ``secrets`` do not open here (no hub key, or not the one they were sealed under):
+    its container is not made without them."""
+
+    code = "SECRETS_UNAVAILABLE"
 
 
 class NoFeasibleController(Conflict):

@@ -162,6 +162,8 @@ class ServiceModel(Base):
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
     # The spec's registry_auth, sealed (hub.sealing): opened only for a controller's create, never shown.
     registry_auth_sealed: Mapped[str | None] = mapped_column(Text, default=None)
+    # The spec's secrets, sealed (hub.services.secrets): opened only for a controller's create, never shown.
+    secrets_sealed: Mapped[str | None] = mapped_column(Text, default=None)
 
     owner: Mapped[UserModel] = relationship(lazy="joined")
 

@@ -4,13 +4,14 @@ fields; output models are what the API promises."""
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from mmanager.policy import command_problem, environment_problem, labels_problem
+from mmanager.policy import MAX_ENV_VALUE_BYTES, command_problem, environment_problem, labels_problem
 from mmanager.wire import parse_memory
 
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
@@ -180,6 +181,39 @@ def _volumes(value: dict[str, str]) -> dict[str, str]:
 
 
 Env = Annotated[dict[str, str], AfterValidator(_env)]
+
+# A secret's name is an environment variable's name (the container gets it as one).
+SECRET_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+MAX_SECRETS = 64
+MAX_SECRET_NAME = 128
+
+
+def _secrets(value: dict[str, SecretStr]) -> dict[str, SecretStr]:
+    """Names that are environment variable names, values that Docker can carry. No error here quotes a
+    value, nor a name that is not a name (a value pasted where its name goes would be echoed)."""
+    for position, name in enumerate(value, 1):
+        if len(name) > MAX_SECRET_NAME or not SECRET_NAME.fullmatch(name):
+            raise PydanticCustomError(
+                "secret_name_invalid", "secret {position} of the map is not named as an environment variable "
+                "([A-Za-z_][A-Za-z0-9_]*, at most {limit} characters)", {"position": position, "limit": MAX_SECRET_NAME})
+    for name, secret in value.items():
+        text = secret.get_secret_value()
+        try:
+            size = len(text.encode())
+        except UnicodeEncodeError:
+            raise PydanticCustomError("secret_value_invalid", "secret {name}: not valid Unicode text (UTF-8)",
+                                      {"name": name}) from None
+        if "\x00" in text:
+            raise PydanticCustomError("secret_value_invalid", "secret {name}: holds a NUL character, which no "
+                                      "environment variable can", {"name": name})
+        if size > MAX_ENV_VALUE_BYTES:
+            raise PydanticCustomError("secret_value_invalid", "secret {name}: larger than {limit} bytes",
+                                      {"name": name, "limit": MAX_ENV_VALUE_BYTES})
+    return value
+
+
+# A spec's secrets: name -> value, write-only (hub.services.secrets).
+Secrets = Annotated[dict[str, SecretStr], Field(max_length=MAX_SECRETS), AfterValidator(_secrets)]
 Labels = Annotated[dict[str, str], AfterValidator(_labels)]
 Command = Annotated[str | list[str] | None, AfterValidator(_command)]
 Ports = Annotated[dict[PortKey, int | None], Field(max_length=64), AfterValidator(_ports)]
@@ -305,6 +339,8 @@ class ServiceSpec(StrictModel):
     model: str | None = Field(default=None, min_length=1, max_length=63, pattern=NAME_PATTERN)
     # Write-only: sealed into the service's row, never part of the stored or shown spec (exclude).
     registry_auth: RegistryAuthIn | None = Field(default=None, exclude=True)
+    # Write-only, as registry_auth: environment variables of the container, sealed into the service's row.
+    secrets: Secrets | None = Field(default=None, exclude=True)
     # The CPU variant run when no GPU fits (docs/API.md, CPU fallback); left out of the output when not given.
     cpu_fallback: CpuFallback | None = Field(default=None, exclude_if=_unset)
 
@@ -365,6 +401,8 @@ class ServicePatch(StrictModel):
     replicas: int | None = Field(default=None, ge=1, le=MAX_REPLICAS)
     # Sets or replaces the credentials; null clears them. Never part of the spec (exclude).
     registry_auth: RegistryAuthIn | None = Field(default=None, exclude=True)
+    # Replaces the whole map (a new version, rolled out); null clears it. Never part of the spec (exclude).
+    secrets: Secrets | None = Field(default=None, exclude=True)
     cpu_fallback: CpuFallback | None = None
     models: Models | None = None
     prefetch: bool | None = None

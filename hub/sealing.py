@@ -1,10 +1,13 @@
-"""Sealing secrets the hub stores (a service's registry credentials): AES-256-GCM under the hub key.
+"""Sealing secrets the hub stores (a service's registry credentials and ``secrets``): AES-256-GCM under
+the hub key.
 
 A sealed value is text, ``<key id>:<urlsafe base64 of nonce + ciphertext>``; the key id is the first bytes of
-the key's SHA-256, so a value sealed under one key is told apart from another's (a later key rotation opens
-with the key its id names). Invariant: nothing leaves this module in clear except what ``open`` returns, and
-a value sealed here opens only under the same key and with the same associated data (what the value belongs
-to, authenticated but not stored in it): the AEAD refuses any change, and any other key or data (``SealError``).
+the key's SHA-256, so a value sealed under one key is told apart from another's. A ``Sealer`` seals under its
+current key and opens with the current key or any previous one (``MMANAGER_HUB_KEY_PREVIOUS``) the value's id
+names: so a key rotation needs no hub to stop (``mmanager hub-key rotate`` re-seals what the old key sealed).
+Invariant: nothing leaves this module in clear except what ``open`` returns, and a value sealed here opens
+only under the same key and with the same associated data (what the value belongs to, authenticated but not
+stored in it): the AEAD refuses any change, and any other key or data (``SealError``).
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import base64
 import binascii
 import hashlib
 import os
+from collections.abc import Sequence
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
@@ -45,13 +49,25 @@ def key_id(key: bytes) -> str:
 
 
 class Sealer:
-    """Seals and opens values under one hub key."""
+    """Seals under the current hub key; opens with it or with a previous one (a rotation under way)."""
 
-    def __init__(self, key: bytes) -> None:
-        if len(key) != KEY_BYTES:
+    def __init__(self, key: bytes, previous: Sequence[bytes] = ()) -> None:
+        if any(len(k) != KEY_BYTES for k in (key, *previous)):
             raise ValueError(f"a hub key is {KEY_BYTES} bytes")
         self._aead = AESGCM(key)
         self.key_id = key_id(key)
+        # The current key last: a previous key that is the current one again opens as the current one.
+        self._opens = {key_id(k): AESGCM(k) for k in (*previous, key)}
+
+    @property
+    def previous_ids(self) -> list[str]:
+        """The ids of the keys this sealer only opens with."""
+        return [kid for kid in self._opens if kid != self.key_id]
+
+    @staticmethod
+    def sealed_key_id(sealed: str) -> str:
+        """The id of the key ``sealed`` was sealed under (no key needed to read it)."""
+        return sealed.partition(":")[0]
 
     def seal(self, value: bytes | str, associated: bytes = b"") -> str:
         """``value`` sealed; ``associated``: what it belongs to, needed again (the same) to open it."""
@@ -62,14 +78,24 @@ class Sealer:
 
     def open(self, sealed: str, associated: bytes = b"") -> str:
         kid, _, body = sealed.partition(":")
-        if kid != self.key_id:
-            raise SealError(f"sealed under another hub key (id {kid!r}; this hub's is {self.key_id!r})")
+        aead = self._opens.get(kid)
+        if aead is None:
+            raise SealError(f"sealed under another hub key (id {kid!r}; this hub's is {self.key_id!r}"
+                            + (f", and it still opens {', '.join(map(repr, self.previous_ids))}"
+                               if self.previous_ids else "") + ")")
         try:
             raw = base64.urlsafe_b64decode(body.encode())
-            data = self._aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], self._associated(kid, associated))
+            data = aead.decrypt(raw[:_NONCE_BYTES], raw[_NONCE_BYTES:], self._associated(kid, associated))
             return data.decode()
         except (binascii.Error, ValueError, InvalidTag):
             raise SealError("the sealed value is damaged, was changed, or belongs to something else") from None
+
+    def reseal(self, sealed: str, associated: bytes = b"") -> str | None:
+        """``sealed`` sealed again under the current key (a rotation), or None when it already is; raises
+        ``SealError`` when it does not open."""
+        if self.sealed_key_id(sealed) == self.key_id:
+            return None
+        return self.seal(self.open(sealed, associated), associated)
 
     @staticmethod
     def _associated(kid: str, associated: bytes) -> bytes:

@@ -35,11 +35,13 @@ controller_app = typer.Typer(help="The per-server controller agent.", no_args_is
 gateway_app = typer.Typer(help="The gateway: HAProxy configured from the hub's routing table.", no_args_is_help=True)
 db_app = typer.Typer(help="The hub's database: schema, backup and restore.", no_args_is_help=True)
 users_app = typer.Typer(help="Users and API tokens.", no_args_is_help=True)
+hub_key_app = typer.Typer(help="The hub key that seals stored secrets (MMANAGER_HUB_KEY).", no_args_is_help=True)
 app.add_typer(hub_app, name="hub")
 app.add_typer(controller_app, name="controller")
 app.add_typer(gateway_app, name="gateway")
 app.add_typer(db_app, name="db")
 app.add_typer(users_app, name="users")
+app.add_typer(hub_key_app, name="hub-key")
 controllers_app = typer.Typer(help="Controllers over the hub's API (list, show, enable, disable, drain), and their "
                                    "heartbeat keys straight on the hub's database (key-*, on the hub host).",
                               no_args_is_help=True)
@@ -218,6 +220,35 @@ def users_create(name: str, admin: Annotated[bool, typer.Option("--admin", help=
     _, token = _on_database(lambda session: create_user(session, name, admin))
     console.print(f"created {'admin ' if admin else ''}user {name}; its token is shown once:")
     print(token)
+
+
+@hub_key_app.command("rotate")
+def hub_key_rotate() -> None:
+    """Seal every stored secret again under MMANAGER_HUB_KEY, opening what the previous key sealed with
+    MMANAGER_HUB_KEY_PREVIOUS (docs/OPERATIONS.md, Rotating the hub key). Exits 1 if any value did not open."""
+    from pydantic import ValidationError
+
+    from hub.config import HubKeySettings
+    from hub.migrate import on_migrated
+    from hub.services.hub_key import rotate
+
+    try:
+        settings = HubKeySettings()
+    except ValidationError as exc:
+        _fail(f"the hub key settings: {_problems(exc)}")
+    sealer = settings.sealer
+    if sealer is None:
+        _fail("MMANAGER_HUB_KEY (or MMANAGER_HUB_KEY_FILE) is not set: it names the key to seal under")
+    assert sealer is not None
+    done = on_migrated(settings.database_url, lambda session: rotate(session, sealer))
+    console.print(f"hub key {done.key_id}: {done.resealed} sealed value(s) sealed again, {done.current} already "
+                  "under it")
+    if done.failed:
+        console.print(f"[red]{len(done.failed)} value(s) did not open[/red] (sealed under a key that is neither "
+                      "MMANAGER_HUB_KEY nor in MMANAGER_HUB_KEY_PREVIOUS, or damaged); left as they are:")
+        for where in done.failed:
+            console.print(f"  {where}")
+        raise typer.Exit(1)
 
 
 def _on_database(work: Callable[[Any], Awaitable[T]]) -> T:

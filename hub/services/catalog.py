@@ -41,10 +41,11 @@ def checked(body: ModelTypeIn, policy: SpecPolicy) -> dict[str, Any]:
     if taken:
         raise InvalidRequest(f"spec may not hold {', '.join(taken)}: give them at the top of the model type",
                              {"fields": taken}, code="INVALID_MODEL_TYPE")
-    if "registry_auth" in body.spec:
-        # A type is stored and shown in clear: credentials belong to each service made from it.
-        raise InvalidRequest("spec may not hold registry_auth: give it with each create of the model type",
-                             {"fields": ["registry_auth"]}, code="INVALID_MODEL_TYPE")
+    written = sorted({"registry_auth", "secrets"} & body.spec.keys())
+    if written:
+        # A type is stored and shown in clear: credentials and secrets belong to each service made from it.
+        raise InvalidRequest(f"spec may not hold {', '.join(written)}: give it with each create of the model type",
+                             {"fields": written}, code="INVALID_MODEL_TYPE")
     fields: dict[str, Any] = {
         **body.spec, "name": body.name, "image": body.image, "resources": body.resources.model_dump(),
         "replicas": body.replicas, "ports": body.ports, "env": body.environment,

@@ -102,3 +102,13 @@ def opened(sealer: Sealer | None, sealed: str | None, service_id: str, image: st
         log.warning("the registry credentials of service %s open but are not valid credentials; creating "
                     "without them", service_id)
     return None
+
+
+def reseal(sealer: Sealer, sealed: str, service_id: str) -> str | None:
+    """``sealed`` sealed again under the current hub key (a rotation); None when it already is. Raises
+    ``SealError`` when it does not open (a value stored without its registry host included)."""
+    host = stored_host(sealed)
+    if host is None:
+        raise SealError("stored without its registry host")
+    again = sealer.reseal(sealed.partition(" ")[2], _associated(service_id, host))
+    return None if again is None else f"{host} {again}"

@@ -486,7 +486,7 @@ async def deploy(request: Request, s: SessionDep, form: FormDep) -> Response:
         view = refusal(request, exc, spec)
         shown = _without_password(fields, spec)
         if shown is not fields:
-            view["lines"].append("registry_auth.password: not shown again; type it again")
+            view["lines"].append("registry_auth.password and secrets' values: not shown again; type them again")
         return await _deploy_form(request, s, view["status"], fields=shown, error=view)
     if running is not None:
         return see(request, f"/services/{created.id}", running=f"deploy ({running.id})")
@@ -494,16 +494,22 @@ async def deploy(request: Request, s: SessionDep, form: FormDep) -> Response:
 
 
 def _without_password(fields: dict[str, str], spec: dict[str, Any]) -> dict[str, str]:
-    """The deploy form shown again after a refusal, without the registry password it was sent with (the hub
-    never shows it back either): the spec re-written with the password empty, or, when the text could not be
-    read as a spec, no text at all. ``fields`` itself when there was none."""
-    if fields.get("mode") == "model" or "registry_auth" not in fields.get("spec", ""):
+    """The deploy form shown again after a refusal, without the registry password or the secrets' values it
+    was sent with (the hub never shows them back either): the spec re-written with those empty, or, when the
+    text could not be read as a spec, no text at all. ``fields`` itself when there were none."""
+    sent = fields.get("spec", "")
+    if fields.get("mode") == "model" or ("registry_auth" not in sent and "secrets" not in sent):
         return fields
     text = ""
-    if "registry_auth" in spec:
-        auth = spec["registry_auth"]
-        user = auth.get("username") if isinstance(auth, Mapping) else None
-        kept = {**spec, "registry_auth": {"username": user if isinstance(user, str) else "", "password": ""}}
+    if spec:
+        kept = dict(spec)
+        if "registry_auth" in spec:
+            auth = spec["registry_auth"]
+            user = auth.get("username") if isinstance(auth, Mapping) else None
+            kept["registry_auth"] = {"username": user if isinstance(user, str) else "", "password": ""}
+        if "secrets" in spec:
+            given = spec["secrets"]
+            kept["secrets"] = {str(name): "" for name in given} if isinstance(given, Mapping) else {}
         text = yaml.safe_dump(kept, sort_keys=False, allow_unicode=True)
     return {**fields, "spec": text}
 

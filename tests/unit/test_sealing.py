@@ -111,3 +111,38 @@ def test_a_cpu_fallback_on_another_registry_gets_no_credentials() -> None:
     assert on_gpu.image == spec.image and on_gpu.registry_auth is not None
     on_cpu = deployer.container_config(service, spec, 1, (), "m-1")
     assert on_cpu.image == "mirror.example/lab/m:cpu" and on_cpu.registry_auth is None
+
+
+def test_a_rotation_opens_with_the_previous_key_and_seals_under_the_new() -> None:
+    old, new = os.urandom(32), os.urandom(32)
+    before = Sealer(old).seal("s3cret", b"svc-1")
+    during = Sealer(new, [old])
+    assert during.key_id == Sealer(new).key_id and during.previous_ids == [Sealer(old).key_id]
+    # Both keys' values open; only the new one seals.
+    assert during.open(before, b"svc-1") == "s3cret"
+    again = during.reseal(before, b"svc-1")
+    assert again is not None and again.startswith(f"{during.key_id}:") and during.reseal(again, b"svc-1") is None
+    # Once the previous key is dropped, only what was sealed again opens.
+    after = Sealer(new)
+    assert after.open(again, b"svc-1") == "s3cret"
+    with pytest.raises(SealError, match="another hub key"):
+        after.open(before, b"svc-1")
+    with pytest.raises(SealError, match="belongs to something else"):
+        during.reseal(before, b"svc-2")
+
+
+def test_previous_hub_keys_come_from_settings(tmp_path: Path) -> None:
+    old, older, new = (base64.b64encode(os.urandom(32)).decode() for _ in range(3))
+    settings = HubSettings(dev_mode=True, hub_key=new, hub_key_previous=f"{old}, {older}")
+    assert settings.sealer is not None
+    assert settings.sealer.previous_ids == [Sealer(parse_key(k)).key_id for k in (old, older)]
+    listed = tmp_path / "previous"
+    listed.write_text(f"{old}\n{older}\n")
+    from_file = HubSettings(dev_mode=True, hub_key=new, hub_key_previous_file=listed).sealer
+    assert from_file is not None and from_file.previous_ids == settings.sealer.previous_ids
+    # A previous key alone (nothing to seal under), a bad one, or both forms: refused, no key echoed.
+    for bad in ({"hub_key_previous": old}, {"hub_key": new, "hub_key_previous": "nope"},
+                {"hub_key": new, "hub_key_previous": old, "hub_key_previous_file": listed}):
+        with pytest.raises(ValidationError) as refused:
+            HubSettings(dev_mode=True, **bad)
+        assert old not in str(refused.value) and new not in str(refused.value)

@@ -27,7 +27,7 @@ from hub.errors import (
 )
 from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel, UserModel, new_id, utcnow
 from hub.schemas import ServiceSpec
-from hub.services import registry_auth
+from hub.services import registry_auth, secrets
 from hub.services.catalog import model_spec
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
@@ -67,16 +67,19 @@ class Creator:
             if found is None:
                 raise NotFound(f"user {username!r} not found", code="USER_NOT_FOUND")
             owner = found
-        # Taken first: model_spec makes a new spec, and the spec's dump never holds the credentials.
-        auth = spec.registry_auth
+        # Taken first: model_spec makes a new spec, and the spec's dump never holds the credentials or secrets.
+        auth, given = spec.registry_auth, spec.secrets
         if spec.model is not None:
             spec = await model_spec(ctx.db, spec)
         self.deployer.check_policy(spec)
         spec = await self.deployer.check_models(spec)
         check_replicas(spec.replicas, ctx.settings.max_replicas)
+        if given:
+            secrets.check_env(spec, given)
         # Sealed for this service and the registry of the image it runs (the model type's, for one made so).
         service_id = new_id()
         sealed = registry_auth.seal(ctx.settings.sealer, auth, service_id, spec.image) if auth else None
+        sealed_secrets = secrets.seal(ctx.settings.sealer, given, service_id)
         now = utcnow()
         # Each copy has an epoch of its own: the service's is the last one given.
         service = ServiceModel(
@@ -84,6 +87,7 @@ class Creator:
             desired_state="running", status="pending", status_message=None, controller_id=None, container_id=None,
             epoch=spec.replicas, endpoint=None, gpu_devices=[], health="unknown", replicas=spec.replicas,
             created_at=now, updated_at=now, registry_auth_sealed=sealed,
+            secrets_sealed=sealed_secrets,
         )
         service.owner = owner
         # The quota holds across replicas through the owner's row lock (NO KEY UPDATE, so inserts that

@@ -51,7 +51,7 @@ from hub.scheduler import Placement, PlacementRequest, place
 from hub.scheduler.placement import image_key
 from hub.scheduler.snapshot import Held
 from hub.schemas import Endpoint, ModelMount, ServiceSpec
-from hub.services import registry_auth
+from hub.services import registry_auth, secrets
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
 from hub.services.model_files import presync, resolve_models
@@ -574,7 +574,8 @@ class Deployer:
             name=name,
             image=spec.image,
             command=spec.command,
-            environment=dict(spec.env),
+            # The secrets opened for this create only (SecretsUnavailable: no container without them).
+            environment={**spec.env, **secrets.opened(self.ctx.settings.sealer, service.secrets_sealed, service.id)},
             ports={(k if "/" in k else f"{k}/tcp"): v for k, v in spec.ports.items()},
             # A source that is a path passed the spec policy's host-path allow-list (check_policy).
             volumes={(source if source.startswith("/") else volume_name(service.owner, source)):

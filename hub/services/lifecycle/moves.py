@@ -33,6 +33,10 @@ from hub.services.lifecycle.reads import get_for
 from hub.services.lifecycle.replace import Replacement, Replacer, Sealed, read_unfinished, volumes_left
 from hub.services.operations import progress_of
 from hub.services.registry_auth import check_host, seal
+from hub.services.secrets import check_env
+from hub.services.secrets import names as secret_names
+from hub.services.secrets import same as same_secrets
+from hub.services.secrets import seal as seal_secrets
 from mmanager.logs import bind_request_id
 
 # Spec fields only the gateways act on: a change of these alone starts no new container.
@@ -69,11 +73,15 @@ async def refuse_volumes_left(session: AsyncSession, service: ServiceModel, repl
         {"volumes": volumes, "controller_id": on}, code="VOLUME_STAYS_BEHIND")
 
 
-def auth_details(registry_auth: Sealed | None) -> dict[str, str]:
-    """What an operation that carries new registry credentials says of them: set or cleared, never what."""
-    if registry_auth is None:
-        return {}
-    return {"registry_auth": "set" if registry_auth[0] is not None else "cleared"}
+def auth_details(registry_auth: Sealed | None, secrets: Sealed | None = None) -> dict[str, Any]:
+    """What an operation that carries new registry credentials or secrets says of them: set or cleared (the
+    secrets' names with it), never what."""
+    details: dict[str, Any] = {}
+    if registry_auth is not None:
+        details["registry_auth"] = "set" if registry_auth[0] is not None else "cleared"
+    if secrets is not None:
+        details["secrets"] = {"set": secret_names(secrets[0])} if secrets[0] is not None else "cleared"
+    return details
 
 
 def _holds_gpu(copy: Mapping[str, Any] | None) -> bool:
@@ -94,16 +102,17 @@ class Mover:
     async def redeploy(self, user: UserModel, service_id: str, operation: str, *, spec: ServiceSpec | None = None,
                        rollback_to: int | None = None, exclude_current: bool = False, target: str | None = None,
                        replacing: str | None = None, rescale: bool = False, leave_volumes: bool = False,
-                       wait: bool = True, registry_auth: Sealed | None = None) -> ServiceModel | OperationModel:
+                       wait: bool = True, registry_auth: Sealed | None = None,
+                       secrets: Sealed | None = None) -> ServiceModel | OperationModel:
         """``replacing``: the registry row of the replica to migrate (None: the primary's). ``rescale``: the
         spec's ``replicas`` is asked for too; else the service keeps the count it has when the roll begins (a
         rollback to a version that ran another count, an update queued behind a scale). ``leave_volumes``: a
         migrate of a service with volumes goes ahead without them (else 409 VOLUME_STAYS_BEHIND).
         ``registry_auth``: an update's new sealed credentials (None in it: cleared), used by its creates and
-        stored with its spec."""
+        stored with its spec; ``secrets``: its new sealed secrets, alike."""
         if operation not in ROLLING:
             return await self._redeploy(user, service_id, operation, spec, rollback_to, exclude_current, target,
-                                        replacing, rescale, wait, registry_auth, leave_volumes)
+                                        replacing, rescale, wait, registry_auth, leave_volumes, secrets)
         # Refused at once, not queued behind the lock: the second roll would undo what the user watches.
         if service_id in self._rolling:
             raise Conflict("an update of this service is rolling out; wait for it to end", code="UPDATE_IN_PROGRESS")
@@ -114,14 +123,14 @@ class Mover:
                 raise Conflict(f"an update of this service is rolling out (operation {rolling['id']}); wait for it "
                                "to end", {"operation_id": rolling["id"]}, code="UPDATE_IN_PROGRESS")
             return await self._redeploy(user, service_id, operation, spec, rollback_to, exclude_current, target,
-                                        replacing, rescale, wait, registry_auth)
+                                        replacing, rescale, wait, registry_auth, secrets=secrets)
         finally:
             self._rolling.discard(service_id)
 
     async def _redeploy(self, user: UserModel, service_id: str, operation: str, spec: ServiceSpec | None,
                         rollback_to: int | None, exclude_current: bool, target: str | None, replacing: str | None,
                         rescale: bool, wait: bool, registry_auth: Sealed | None = None,
-                        leave_volumes: bool = False) -> ServiceModel | OperationModel:
+                        leave_volumes: bool = False, secrets: Sealed | None = None) -> ServiceModel | OperationModel:
         ctx = self.ctx
         async with ctx.db.session() as session:
             service = await get_for(session, user, service_id)
@@ -145,10 +154,11 @@ class Mover:
             operation, user.username, service_id=service.id, controller_id=service.controller_id,
             container_id=service.container_id,
             details={"from_epoch": service.epoch, **({"version": version} if version else {}),
-                     **({"rollback_to": rollback_to} if rollback_to else {}), **auth_details(registry_auth)},
+                     **({"rollback_to": rollback_to} if rollback_to else {}),
+                     **auth_details(registry_auth, secrets)},
         )
         work = self._run_redeploy(service.id, spec, op, exclude_current, target, version, replacing, rescale,
-                                  registry_auth)
+                                  registry_auth, secrets)
         if not wait:
             if operation in ROLLING:
                 # Refused again until the background roll ends.
@@ -166,8 +176,8 @@ class Mover:
 
     async def _run_redeploy(self, service_id: str, spec: ServiceSpec | None, op: OperationModel,
                             exclude_current: bool, target: str | None, version: int | None,
-                            replacing: str | None, rescale: bool, registry_auth: Sealed | None = None
-                            ) -> ServiceModel:
+                            replacing: str | None, rescale: bool, registry_auth: Sealed | None = None,
+                            secrets: Sealed | None = None) -> ServiceModel:
         ctx = self.ctx
 
         async def reload() -> ServiceModel:
@@ -175,6 +185,8 @@ class Mover:
             if registry_auth is not None:
                 # The update's credentials for its creates; its first replace stores them with its spec.
                 service.registry_auth_sealed = registry_auth[0]
+            if secrets is not None:
+                service.secrets_sealed = secrets[0]
             return service
 
         async with ctx.service_locks[service_id], ctx.ops.running(op):
@@ -199,6 +211,7 @@ class Mover:
                               or (replacing is None and copy["container_id"] == service.container_id)), None)
                 return await self.replacer.replace(Replacement(service, spec, op, exclude, target, version,
                                                                replacing=replacing, registry_auth=registry_auth,
+                                                               secrets=secrets,
                                                                gpu_only=_holds_gpu(moved)))
             # A roll: the primary last, so the service's own container changes once, at the end.
             copies.sort(key=lambda row: row["container_id"] == service.container_id)
@@ -208,6 +221,7 @@ class Mover:
                 await self.replacer.replace(Replacement(service, spec, op, version=version if step == 0 else None,
                                                         replacing=copy["id"], finish=False,
                                                         registry_auth=registry_auth if step == 0 else None,
+                                                        secrets=secrets if step == 0 else None,
                                                         gpu_only=_holds_gpu(copy)))
                 await ctx.ops.advance(op, step + 1, len(copies), "replicas",
                                       f"replica {step + 1} of {len(copies)} replaced")
@@ -348,10 +362,15 @@ class Mover:
         async with self.ctx.db.session() as session:
             service = await get_for(session, user, service_id)
         changes = patch.model_dump(mode="json", exclude_unset=True)
-        # Write-only and never in the dump: given (set, replaced) or null (cleared).
+        # Write-only and never in the dump: given (set, replaced) or null (cleared). Secrets given again as
+        # they are stored change nothing (apply sends them with every change).
         given = "registry_auth" in patch.model_fields_set
-        if not changes and not given:
+        new_secrets = "secrets" in patch.model_fields_set and not same_secrets(
+            self.ctx.settings.sealer, service.secrets_sealed, service.id, patch.secrets)
+        if not changes and not given and "secrets" not in patch.model_fields_set:
             raise InvalidRequest("the patch changes nothing", code="EMPTY_PATCH")
+        if not changes and not given and not new_secrets:
+            return service  # the secrets it already has, given again: nothing to do
         # A merge patch (RFC 7396) at the spec's structure: a field given as null goes back to its default,
         # and the sub-objects merge field by field ({"resources": {"cpu_limit": 1}} keeps the GPUs and memory).
         # The maps (env, labels, ports, volumes) are replaced whole: that is how a key is removed from them.
@@ -375,14 +394,23 @@ class Mover:
                     if patch.registry_auth is not None else None,)
         elif "image" in changes:
             check_host(service.registry_auth_sealed, spec.image)
+        # A new map is checked against the env it will run with; a new env against the stored names (and
+        # sizes, where this hub can open them).
+        kept: Sealed | None = None
+        if new_secrets:
+            check_env(spec, patch.secrets or {})
+            kept = (seal_secrets(self.ctx.settings.sealer, patch.secrets, service.id),)
+        elif service.secrets_sealed and ("env" in changes or "cpu_fallback" in changes):
+            check_env(spec, {name: "" for name in secret_names(service.secrets_sealed)})
         # The credentials are stored with the change that carries them, in its transaction: a change refused
         # leaves the old ones.
-        if set(changes) <= GATEWAY_ONLY | HUB_ONLY | {"replicas"}:
+        # New secrets are a new version, rolled out as any change of the containers' spec.
+        if set(changes) <= GATEWAY_ONLY | HUB_ONLY | {"replicas"} and kept is None:
             if spec.replicas != service.replicas:
                 return await self.scale(user, service_id, spec, changes, wait, registry_auth=auth)
             return await self._update_at_gateway(user, service_id, spec, changes, auth)
         return await self.redeploy(user, service_id, "update", spec=spec, rescale="replicas" in changes, wait=wait,
-                                   registry_auth=auth)
+                                   registry_auth=auth, secrets=kept)
 
     async def _update_at_gateway(self, user: UserModel, service_id: str, spec: ServiceSpec,
                                  changes: dict[str, Any], registry_auth: Sealed | None = None) -> ServiceModel:

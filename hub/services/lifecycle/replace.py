@@ -58,7 +58,7 @@ class Unfinished:
     serving: list[ContainerRegistryModel] = field(default_factory=list)
 
 
-# A change of a service's sealed registry credentials: the new value, None when they are cleared.
+# A change of a service's sealed registry credentials or secrets: the new value, None when they are cleared.
 Sealed = tuple[str | None]
 
 
@@ -89,6 +89,8 @@ class Replacement:
     finish: bool = True
     # An update's new registry credentials (``Sealed``), stored with its spec; None: unchanged.
     registry_auth: Sealed | None = None
+    # An update's new secrets (``Sealed``), stored with its spec; None: unchanged.
+    secrets: Sealed | None = None
     # Only on a GPU, never the spec's CPU fallback (a move back from it).
     gpu_only: bool = False
 
@@ -266,9 +268,9 @@ class Replacer:
                 and not (plan.gpu_only and not row.gpu_devices)
             )
             if usable and controller is not None:
-                config = self.deployer.container_config(service, spec, row.epoch,
-                                                        tuple(str(g) for g in row.gpu_devices), row.container_name)
                 try:
+                    config = self.deployer.container_config(service, spec, row.epoch,
+                                                            tuple(str(g) for g in row.gpu_devices), row.container_name)
                     created = await ctx.client.create(controller.id, controller.url, config)
                 except HubError as exc:
                     log.warning("could not resume the create of %s on %s: %s", service.id, controller.id, exc.message)
@@ -377,6 +379,9 @@ class Replacer:
             changes["registry_auth_sealed"] = plan.registry_auth[0]
             await tx.execute(sql.SET_REGISTRY_AUTH, {"service_id": locked["id"], "sealed": plan.registry_auth[0],
                                                      "updated_at": now})
+        if plan.secrets is not None:
+            changes["secrets_sealed"] = plan.secrets[0]
+            await tx.execute(sql.SET_SECRETS, {"service_id": locked["id"], "sealed": plan.secrets[0], "updated_at": now})
         fresh = ServiceModel(**{**dict(locked), **changes})
         fresh.owner = plan.service.owner
         return fresh

@@ -31,8 +31,8 @@ USERS = UserModel.__table__
 @functools.cache
 def status_read(sqlite: bool) -> Select[Any]:
     """The status reads' statement: the services of a list of ids (``keys``) with their owners' names (not
-    their sealed registry credentials, which no read shows)."""
-    shown = [column for column in SERVICES.c if column.key != "registry_auth_sealed"]
+    their sealed registry credentials and secrets, which no read shows)."""
+    shown = [column for column in SERVICES.c if column.key not in ("registry_auth_sealed", "secrets_sealed")]
     return (select(*shown, UserModel.username.label("owner_name"))
             .join_from(ServiceModel, UserModel, ServiceModel.owner_id == UserModel.id)
             .where(any_of(SERVICES.c.id, "keys", sqlite=sqlite)))
@@ -220,6 +220,9 @@ SET_REPLICAS = (update(SERVICES).where(SERVICES.c.id == bindparam("service_id"))
 # A service's registry credentials, sealed (a PATCH's registry_auth: set, replaced or cleared).
 SET_REGISTRY_AUTH = (update(SERVICES).where(SERVICES.c.id == bindparam("service_id"))
                      .values(registry_auth_sealed=bindparam("sealed"), updated_at=bindparam("updated_at")))
+# A service's secrets, sealed (a PATCH's secrets: set, replaced or cleared).
+SET_SECRETS = (update(SERVICES).where(SERVICES.c.id == bindparam("service_id"))
+               .values(secrets_sealed=bindparam("sealed"), updated_at=bindparam("updated_at")))
 # A service's copies, to delete with it.
 SERVICE_COPIES = select(ContainerRegistryModel.controller_id, ContainerRegistryModel.container_id).where(
     ContainerRegistryModel.service_id == bindparam("service_id"))

@@ -68,8 +68,8 @@ class Limits:
 
 def limits_of(user: Mapping[str, Any] | UserModel, settings: HubSettings) -> Limits:
     """``user``'s quotas: their own where set, else the hub's defaults (none for an admin)."""
-    row = user if isinstance(user, Mapping) else {key: getattr(user, key) for key in
-                                                  ("is_admin", "max_services", "max_gpus", "max_memory_bytes")}
+    row = {key: getattr(user, key) for key in ("is_admin", "max_services", "max_gpus", "max_memory_bytes")} \
+        if isinstance(user, UserModel) else user
     admin = bool(row["is_admin"])
 
     def pick(own: int | None, default: int | None) -> int | None:

@@ -104,7 +104,8 @@ async def list_tokens(session: AsyncSession, user_id: int) -> list[ApiTokenModel
 async def _token_of(session: AsyncSession, user_id: int, token_id: int) -> ApiTokenModel:
     """The user's token ``token_id``; another user's answers as one nobody has (404)."""
     row = await session.scalar(select(ApiTokenModel).where(ApiTokenModel.id == token_id,
-                                                           ApiTokenModel.user_id == user_id).with_for_update())
+                                                           ApiTokenModel.user_id == user_id)
+                                 .with_for_update(of=ApiTokenModel))
     if row is None:
         raise NotFound(f"no token {token_id}", code="TOKEN_NOT_FOUND")
     return row

@@ -54,6 +54,7 @@ from hub.routers import (
 from hub.routers.hot import HotApp
 from hub.routers.mine import router as mine_router
 from hub.routers.pipelines import router as pipelines_router
+from hub.routers.users import router as users_router
 from hub.scheduler.snapshot import PlacementCache
 from hub.services.alertmanager import Alertmanagers
 from hub.services.audit import CLIENT_CLOSED, HEARTBEAT_PATH, PRESENCE_PATH, AuditLog, skip_routine
@@ -296,7 +297,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
                       if controllers_file is not None else None)
         # The pace first: the first answers and the first judgement of silence are for this fleet's size.
         await hub.ingest.count_controllers()
-        flusher = HeartbeatFlusher(hub.ingest, min(0.5, settings.heartbeat_interval / 4))
+        flusher = HeartbeatFlusher(hub.ingest, min(0.5, settings.heartbeat_interval / 4), hub.users)
         supervisor = Supervisor(hub.db, hub.replica_id, min(1.0, settings.heartbeat_grace / 3), on_lead, on_follow,
                                 on_beat=hub.ops.recover_own)
         if run_loops:
@@ -373,6 +374,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     app.include_router(model_files.router)
     app.include_router(jobs.router)
     app.include_router(mine_router)
+    app.include_router(users_router)
     app.include_router(pipelines_router)
     install_request_ids(app)
     app.mount(CONSOLE_PATH, console(app))

@@ -16,6 +16,7 @@ from hub.sealing import Sealer, parse_key
 from mmanager.keys import key_problem
 from mmanager.logs import LogSettings
 from mmanager.settings import SpecPolicySettings, TlsSettings
+from mmanager.wire import parse_memory
 
 
 class ControllerEntry(BaseModel):
@@ -140,7 +141,12 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, HubKeySettings):
     # Heartbeats received and not yet recorded past which new ones are answered 503 with Retry-After at once
     # (the controller tries again at its next beat) instead of queueing past the controllers' timeouts.
     heartbeat_backlog: int = Field(default=5000, ge=1)
+    # The hub-wide per-user quotas (hub.services.quotas): service replicas, GPUs and memory (a size, "64G",
+    # or bytes) over a user's services, every replica counted; null: no limit. A user's own quotas, set
+    # through the API, take their place. The defaults bind non-admins only.
     max_services_per_user: int = Field(default=5, ge=0)
+    max_gpus_per_user: int | None = Field(default=None, ge=0)
+    max_memory_per_user: int | None = Field(default=None, ge=0)
     # The most replicas one service may ask for (a spec's ``replicas`` above it is refused).
     max_replicas: int = Field(default=64, ge=1, le=MAX_REPLICAS)
     # Seconds a replica trusts its in-memory copy of controller keys and user tokens: a revoke made on
@@ -258,6 +264,15 @@ class HubSettings(SpecPolicySettings, TlsSettings, LogSettings, HubKeySettings):
     def _empty_is_unset(cls, value: Any) -> Any:
         # MMANAGER_PROMETHEUS_TOKEN= (as a compose file may pass it) means no such token.
         return None if value == "" else value
+
+    @field_validator("max_gpus_per_user", "max_memory_per_user", mode="before")
+    @classmethod
+    def _quota(cls, value: Any, info: Any) -> Any:
+        if value is None or value == "":
+            return None
+        if info.field_name == "max_memory_per_user" and isinstance(value, str) and not value.strip().isdigit():
+            return parse_memory(value)
+        return value
 
     @model_validator(mode="after")
     def _refuse_weak_keys(self) -> HubSettings:

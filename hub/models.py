@@ -84,6 +84,12 @@ class UserModel(Base):
     username: Mapped[str] = mapped_column(String(64), unique=True)
     is_admin: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    # Set while the user is disabled: their tokens are refused (USER_DISABLED); their services keep running.
+    disabled_at: Mapped[datetime | None] = mapped_column(default=None)
+    # Their quotas (hub.services.quotas); null: the hub-wide default (MMANAGER_MAX_SERVICES_PER_USER, ...).
+    max_services: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_gpus: Mapped[int | None] = mapped_column(Integer, default=None)
+    max_memory_bytes: Mapped[int | None] = mapped_column(BigInteger, default=None)
 
 
 class ApiTokenModel(Base):
@@ -96,8 +102,12 @@ class ApiTokenModel(Base):
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     token_hash: Mapped[str] = mapped_column(String(64), unique=True)
     prefix: Mapped[str] = mapped_column(String(16))
+    # What its owner calls it ("laptop", "ci"); null for a token made before tokens had names.
+    name: Mapped[str | None] = mapped_column(String(64), default=None)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     revoked_at: Mapped[datetime | None] = mapped_column(default=None)
+    # A hint, written at most once a minute per token (hub.services.users.UserAuth), not an audit trail.
+    last_used_at: Mapped[datetime | None] = mapped_column(default=None)
 
     user: Mapped[UserModel] = relationship(lazy="joined")
 

@@ -34,7 +34,8 @@ hub_app = typer.Typer(help="The central hub.", no_args_is_help=True)
 controller_app = typer.Typer(help="The per-server controller agent.", no_args_is_help=True)
 gateway_app = typer.Typer(help="The gateway: HAProxy configured from the hub's routing table.", no_args_is_help=True)
 db_app = typer.Typer(help="The hub's database: schema, backup and restore.", no_args_is_help=True)
-users_app = typer.Typer(help="Users and API tokens.", no_args_is_help=True)
+users_app = typer.Typer(help="Users over the hub's API (list, show, disable, enable, delete, quota; admin), and "
+                                "create straight on the hub's database (on the hub host).", no_args_is_help=True)
 hub_key_app = typer.Typer(help="The hub key that seals stored secrets (MMANAGER_HUB_KEY).", no_args_is_help=True)
 app.add_typer(hub_app, name="hub")
 app.add_typer(controller_app, name="controller")
@@ -50,7 +51,7 @@ models_app = typer.Typer(help="The model catalog over the hub's API (list, show)
                               "and register straight on the hub's database (on the hub host).", no_args_is_help=True)
 app.add_typer(models_app, name="models")
 # The client commands (login, apply, services, ...): docs/CLI.md.
-attach_client_commands(app, controllers_app, models_app)
+attach_client_commands(app, controllers_app, models_app, users_app)
 
 console = Console(stderr=True)
 T = TypeVar("T")

@@ -125,15 +125,16 @@ def test_fuzzed_api_never_answers_5xx_and_no_secret_is_kept_in_clear(
 
     # As an admin, with generated ids; and as alice, aimed at her real service (and her own name),
     # so the service endpoints get past the 404 and into the lifecycle code.
-    # follow=true streams a running service's logs until the client leaves: not a call that ends.
+    # follow=true streams a running service's logs until the client leaves: not a call that ends. Token ids are
+    # one nobody has: a generated small id would revoke the fuzzer's own token and leave it 401s to send.
     # The two runs go at once, as two clients of the hub would: each waits on the hub between its requests,
     # so one at a time leaves a core idle.
     with ThreadPoolExecutor(2) as pool:
         runs = [pool.submit(fuzz, dep.hub(0).url, admin_token, tmp_path, "admin", examples=10,
-                            parameters={"query.follow": "false"}),
+                            parameters={"query.follow": "false", "path.token_id": "999999"}),
                 pool.submit(fuzz, dep.hub(0).url, alice_token, tmp_path, "alice", examples=5,
                             parameters={"path.service_id": service_id, "path.username": "alice",
-                                        "query.follow": "false"})]
+                                        "query.follow": "false", "path.token_id": "999999"})]
         first, second = (run.result() for run in runs)
     cases = first["test_cases"]["generated"] + second["test_cases"]["generated"]
     assert cases >= 1000, (first["test_cases"], second["test_cases"])

@@ -1,5 +1,5 @@
 """The admin API (docs/API.md, Admin): controllers, the container registry,
-operations, resource usage, usage alerts and users."""
+operations, resource usage and usage alerts (users: ``hub.routers.users``)."""
 
 from __future__ import annotations
 
@@ -26,14 +26,11 @@ from hub.schemas import (
     OperationOut,
     RegistryOut,
     ServiceOut,
-    UserCreated,
-    UserIn,
 )
 from hub.services.controller_keys import create_key, list_keys, revoke_key
 from hub.services.controllers import controller_out, get_controller, holdings
 from hub.services.monitoring import alert_out, alerts_query
 from hub.services.operations import operations_query
-from hub.services.users import create_user
 from mmanager.audit import describe_call
 
 router = APIRouter(prefix="/api/admin", tags=["admin"])
@@ -289,9 +286,3 @@ async def list_alerts(_: AdminUser, session: SessionDep, active: bool | None = N
     """Usage alerts, newest first; ``active=true`` only the open ones, ``false`` only the resolved."""
     rows = await session.scalars(alerts_query(active, kind, controller_id).limit(limit).offset(offset))
     return [alert_out(a) for a in rows]
-
-
-@router.post("/users", status_code=201, response_model=UserCreated)
-async def admin_create_user(body: UserIn, _: AdminUser, session: SessionDep) -> Any:
-    user, token = await create_user(session, body.username, body.is_admin)
-    return UserCreated(username=user.username, is_admin=user.is_admin, token=token)

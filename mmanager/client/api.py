@@ -2,7 +2,7 @@
 models (``hub.schemas``): the namespaces ``services``, ``controllers``, ``operations``, ``audit``,
 ``alerts``, ``models``, ``model_files`` and ``images`` (``services.keys``: a service's gateway keys), the
 client's own ``me`` and ``deploy``, and the ``Service`` handle; ``jobs``, ``artifacts`` and ``pipelines``
-are ``mmanager.client.jobs``'.
+are ``mmanager.client.jobs``', ``users`` and ``tokens`` ``mmanager.client.users``'.
 
 Invariant: a call that starts a long operation and waits ends where the hub's own ``?wait=true`` ends (a
 create of a service with a probe: at its verdict). Without ``progress`` it is that call; with ``progress``
@@ -45,6 +45,7 @@ from mmanager.client.errors import HUB_UNREACHABLE, ApiError, from_operation_err
 
 if TYPE_CHECKING:
     from mmanager.client.jobs import ArtifactsApi, JobsApi, PipelinesApi
+    from mmanager.client.users import TokensApi, UsersApi
 
 T = TypeVar("T")
 
@@ -618,10 +619,13 @@ class Api(Bound[M]):
     jobs: JobsApi[M]
     artifacts: ArtifactsApi[M]
     pipelines: PipelinesApi[M]
+    users: UsersApi[M]
+    tokens: TokensApi[M]
 
     def __init__(self, runner: Any) -> None:
-        # Here, not at the top: mmanager.client.jobs builds on this module's helpers.
+        # Here, not at the top: mmanager.client.jobs and .users build on this module's helpers.
         from mmanager.client.jobs import ArtifactsApi, JobsApi, PipelinesApi
+        from mmanager.client.users import TokensApi, UsersApi
 
         super().__init__(runner)
         self.services = ServicesApi[M](runner)
@@ -635,6 +639,8 @@ class Api(Bound[M]):
         self.jobs = JobsApi[M](runner)
         self.artifacts = ArtifactsApi[M](runner)
         self.pipelines = PipelinesApi[M](runner)
+        self.users = UsersApi[M](runner)
+        self.tokens = TokensApi[M](runner)
 
     @op
     def me(self) -> Steps[MeOut]:

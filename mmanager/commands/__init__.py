@@ -1,13 +1,13 @@
 """The client commands of ``mmanager`` (docs/CLI.md): the hub's API through the SDK (``mmanager.client``),
-beside the server commands of ``mmanager.cli``. ``attach`` adds them to its app and to its ``controllers``
-and ``models`` groups; nothing here imports the SDK until a client command runs."""
+beside the server commands of ``mmanager.cli``. ``attach`` adds them to its app and to its ``controllers``,
+``models`` and ``users`` groups; nothing here imports the SDK until a client command runs."""
 
 from __future__ import annotations
 
 import typer
 
 
-def attach(app: typer.Typer, controllers: typer.Typer, models: typer.Typer) -> None:
+def attach(app: typer.Typer, controllers: typer.Typer, models: typer.Typer, users: typer.Typer) -> None:
     from mmanager.commands import (
         alerts,
         apply,
@@ -23,6 +23,7 @@ def attach(app: typer.Typer, controllers: typer.Typer, models: typer.Typer) -> N
         services,
     )
     from mmanager.commands import controllers as controller_commands
+    from mmanager.commands import users as user_commands
 
     app.command("login")(login.login)
     app.command("logout")(login.logout)
@@ -38,3 +39,5 @@ def attach(app: typer.Typer, controllers: typer.Typer, models: typer.Typer) -> N
     controller_commands.attach(controllers)
     catalog.attach(models)
     models.add_typer(model_files.app, name="files")
+    user_commands.attach(users)
+    app.add_typer(user_commands.tokens_app, name="tokens")

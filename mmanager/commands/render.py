@@ -240,6 +240,39 @@ def model(console: Console, m: Any) -> None:
     ])
 
 
+# Users and tokens
+
+
+def _limit(value: int | None, used: int, show: Any = str) -> str:
+    return f"{show(used)}/{show(value) if value is not None else 'no limit'}"
+
+
+def users(console: Console, rows: Sequence[Any]) -> None:
+    table(console, ("USER", "ADMIN", "DISABLED", "SERVICES", "TOKENS", "REPLICAS", "GPUS", "MEMORY", "CREATED"),
+          ([u.username, u.is_admin, u.disabled, u.services, u.active_tokens,
+            _limit(u.limits.services, u.usage.services), _limit(u.limits.gpus, u.usage.gpus),
+            _limit(u.limits.memory_bytes, u.usage.memory_bytes, size), u.created_at] for u in rows))
+
+
+def user(console: Console, u: Any) -> None:
+    def own(value: int | None, show: Any = str) -> str:
+        return show(value) if value is not None else "hub default"
+
+    fields(console, [
+        ("user", u.username), ("admin", u.is_admin), ("disabled", u.disabled_at if u.disabled else False),
+        ("created", u.created_at), ("services", u.services), ("active tokens", u.active_tokens),
+        ("replicas", f"{_limit(u.limits.services, u.usage.services)} (quota: {own(u.quotas.services)})"),
+        ("gpus", f"{_limit(u.limits.gpus, u.usage.gpus)} (quota: {own(u.quotas.gpus)})"),
+        ("memory", f"{_limit(u.limits.memory_bytes, u.usage.memory_bytes, size)} "
+                   f"(quota: {own(u.quotas.memory_bytes, size)})"),
+    ])
+
+
+def tokens(console: Console, rows: Sequence[Any]) -> None:
+    table(console, ("ID", "NAME", "PREFIX", "CREATED", "LAST USED", "REVOKED"),
+          ([t.id, t.name, t.prefix, t.created_at, t.last_used_at, t.revoked_at] for t in rows))
+
+
 # Model files, service keys, images
 
 

@@ -20,7 +20,7 @@ from sqlalchemy import func, select
 from examples.images import EXAMPLE_IMAGE
 from hub.app import build_hub, create_app
 from hub.db import Database
-from hub.models import ContainerRegistryModel, JobModel, OperationModel, ServiceModel, UserModel
+from hub.models import ApiTokenModel, ContainerRegistryModel, JobModel, OperationModel, ServiceModel, UserModel
 from tests.hub.conftest import Cluster
 
 SPEC = {
@@ -181,6 +181,19 @@ async def test_another_users_ids_answer_404_on_every_route_and_change_nothing(cl
                 assert {e["actor"] for e in (await cluster.hub.get(path, headers=bob)).json()} <= {"bob"}
             else:
                 assert "alice" not in (await cluster.hub.get(path, headers=bob)).text
+            continue
+        if path.startswith("/api/me/tokens"):
+            # Alice's token ids answer bob as ids nobody has (tests/hub/test_users_admin.py); his list is his own.
+            if "{" not in path:
+                if method == "GET":
+                    assert "alice" not in (await cluster.hub.get(path, headers=bob)).text
+                continue
+            async with cluster.db.session() as session:
+                alices = await session.scalar(select(ApiTokenModel.id).join(UserModel).where(
+                    UserModel.username == "alice"))
+            for target in (str(alices), "999999"):
+                r = await cluster.hub.request(method, path.replace("{token_id}", target), headers=bob)
+                assert r.status_code == 404 and r.json()["error"]["code"] == "TOKEN_NOT_FOUND", r.text
             continue
         if path.startswith("/api/pipelines"):
             # Pipelines have their own matrix (tests/hub/test_pipelines.py).

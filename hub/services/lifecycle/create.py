@@ -1,8 +1,8 @@
 """Creating a service: its row, its first history entry, its create operation and the placement of all its
 replicas (one batch) in one transaction, then their containers, settled together.
 
-Invariant: an owner never has more than ``max_services_per_user`` services, whatever the concurrency and
-however many replicas: creates count and insert under the owner's ``users`` row lock; a create that fails
+Invariant: an owner's services never pass their quotas (hub.services.quotas: replicas, GPUs, memory), whatever
+the concurrency: creates count and insert under the owner's ``users`` row lock; a create that fails
 removes its service, so it holds no quota (except an acknowledged ``?wait=false`` create that only lacked
 a controller: it stays, ``lost``, for the reconciler to finish). A create that waits (or one whose caller
 ``watch``es its operation instead), of a service with a golden-inference probe, waits for the probe's
@@ -23,7 +23,6 @@ from hub.errors import (
     InvalidRequest,
     NoFeasibleController,
     NotFound,
-    QuotaExceeded,
 )
 from hub.models import DeploymentHistoryModel, OperationModel, ServiceModel, UserModel, new_id, utcnow
 from hub.schemas import ServiceSpec
@@ -41,6 +40,7 @@ from hub.services.lifecycle.deploy import (
 )
 from hub.services.model_files import lock_files
 from hub.services.operations import Running, progress_of
+from hub.services.quotas import hold_quota
 from mmanager.wire import probe_failed
 
 # Seconds between two asks for a golden-inference probe's verdict.
@@ -107,7 +107,7 @@ class Creator:
         async def write_first(tx: Tx) -> None:
             nonlocal op
             await lock_files(tx, spec, sqlite=ctx.db.is_sqlite)
-            clash = await hold_quota(tx, owner, spec.name, spec.replicas, ctx.settings.max_services_per_user)
+            clash = await hold_quota(tx, owner.id, spec.name, ctx.settings, spec, spec.replicas)
             if clash is not None:
                 raise Conflict(f"service {spec.name!r} already exists (id {clash})", code="SERVICE_EXISTS")
             await insert_row(tx, service)
@@ -292,19 +292,6 @@ class Creator:
         if not made:
             raise errors[0]
         return sorted(made, key=lambda copy: copy.epoch)
-
-
-async def hold_quota(tx: Tx, owner: UserModel, name: str, more: int, limit: int) -> str | None:
-    """Under the owner's row lock (held until the caller's transaction ends), refuse ``more`` replicas past
-    the quota (``limit``; admins are exempt); the id of the owner's service named ``name``, if there is one."""
-    await tx.first(sql.LOCK_OWNER, {"owner_id": owner.id})
-    found = await tx.first(sql.OWNED, {"owner_id": owner.id, "name": name})
-    assert found is not None  # an aggregate answers one row
-    count = found["count"]
-    if not owner.is_admin and count + more > limit:
-        raise QuotaExceeded(f"user {owner.username!r} already runs {count} service replicas; {more} more would "
-                            f"pass max_services_per_user={limit}", {"limit": limit, "current": count})
-    return found["clash"]
 
 
 def check_replicas(replicas: int, cap: int) -> None:

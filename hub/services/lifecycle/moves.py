@@ -27,11 +27,12 @@ from hub.schemas import ServicePatch, ServiceSpec
 from hub.services.controllers import get_controller
 from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
-from hub.services.lifecycle.create import check_replicas, hold_quota
+from hub.services.lifecycle.create import check_replicas
 from hub.services.lifecycle.deploy import Deployer, on_fallback
 from hub.services.lifecycle.reads import get_for
 from hub.services.lifecycle.replace import Replacement, Replacer, Sealed, read_unfinished, volumes_left
 from hub.services.operations import progress_of
+from hub.services.quotas import hold_quota
 from hub.services.registry_auth import check_host, seal
 from hub.services.secrets import check_env
 from hub.services.secrets import names as secret_names
@@ -150,6 +151,11 @@ class Mover:
         if spec is not None:
             self.deployer.check_policy(spec)
             spec = await self.deployer.check_models(spec)
+            # An update or rollback that asks for more GPUs or memory is held to the owner's quotas, when asked
+            # (its spec is stored once its first new copy runs).
+            async with ctx.db.transaction() as tx:
+                await hold_quota(tx, service.owner_id, service.name, ctx.settings, spec,
+                                 spec.replicas if rescale else service.replicas, service.id)
         op = await ctx.ops.begin(
             operation, user.username, service_id=service.id, controller_id=service.controller_id,
             container_id=service.container_id,
@@ -274,9 +280,8 @@ class Mover:
         before = service.registry_auth_sealed
         async with ctx.db.transaction() as tx:
             if spec.replicas > service.replicas:
-                # The quota counts every replica, as a create does.
-                await hold_quota(tx, service.owner, service.name, spec.replicas - service.replicas,
-                                 ctx.settings.max_services_per_user)
+                # The quotas count every replica, as a create's do.
+                await hold_quota(tx, service.owner_id, service.name, ctx.settings, spec, spec.replicas, service.id)
             await self._set_count(tx, service_id, spec)
             if registry_auth is not None:
                 await tx.execute(sql.SET_REGISTRY_AUTH, {"service_id": service_id, "sealed": registry_auth[0],

@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 from typing import Any
 
-from sqlalchemy import Select, bindparam, case, delete, func, insert, or_, select, update
+from sqlalchemy import Select, bindparam, delete, func, insert, or_, select, update
 
 from hub.db import Database, any_of
 from hub.models import (
@@ -42,14 +42,6 @@ def status_read(sqlite: bool) -> Select[Any]:
 
 # A create's owner named by an admin.
 OWNER_BY_NAME = select(UserModel).where(UserModel.username == bindparam("username"))
-# A create's count of its owner's replicas (the quota counts each), and the id of one already named as the
-# new one, under the owner's row lock (NO KEY UPDATE: inserts that only reference the user are not held up).
-LOCK_OWNER = select(UserModel.id).where(UserModel.id == bindparam("owner_id")).with_for_update(key_share=True)
-OWNED = select(
-    func.coalesce(func.sum(ServiceModel.replicas), 0).label("count"),
-    func.max(case((ServiceModel.name == bindparam("name"), ServiceModel.id))).label("clash"),
-).where(ServiceModel.owner_id == bindparam("owner_id"))
-
 ROW_COLUMNS = [c.key for c in REGISTRY.columns]
 # The registry row, inserted only while its controller is healthy, enabled and not draining.
 INSERT_ROW_IF_PLACEABLE = insert(REGISTRY).from_select(

@@ -7,6 +7,7 @@ import json
 import re
 from datetime import datetime
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -469,9 +470,27 @@ CONTROLLER_URL = r"^https?://[^\s/]+(:\d+)?/?$"
 MAX_CONTAINERS_CAP = 100_000
 
 
+def _reachable_url(url: str) -> str:
+    """A controller URL the hub's client can call: the pattern's shape, and a host and port that parse
+    (``http://[`` has the shape, and no client could reach it)."""
+    try:
+        parts = urlsplit(url)
+        _ = parts.port
+    except ValueError:
+        raise PydanticCustomError("controller_url", "not a URL the hub can reach: a host, an optional port") \
+            from None
+    if not parts.hostname:
+        raise PydanticCustomError("controller_url", "not a URL the hub can reach: a host, an optional port")
+    return url
+
+
+ControllerUrl = Annotated[str, Field(min_length=1, max_length=512, pattern=CONTROLLER_URL),
+                          AfterValidator(_reachable_url)]
+
+
 class ControllerIn(StrictModel):
     id: str = Field(min_length=1, max_length=128, pattern=NAME_PATTERN)
-    url: str = Field(min_length=1, max_length=512, pattern=CONTROLLER_URL)
+    url: ControllerUrl
     server_type: Literal["gpu", "cpu", "edge"] = "cpu"
     enabled: bool = True
     priority: int = Field(default=1, ge=0, le=1000)
@@ -487,7 +506,7 @@ class ControllerPatch(StrictModel):
     weight: int | None = Field(default=None, ge=1, le=10000)
     max_containers: int | None = Field(default=None, ge=1, le=MAX_CONTAINERS_CAP)
     server_type: Literal["gpu", "cpu", "edge"] | None = None
-    url: str | None = Field(default=None, min_length=1, max_length=512, pattern=CONTROLLER_URL)
+    url: ControllerUrl | None = None
 
     @model_validator(mode="after")
     def _something_and_no_nulls(self) -> ControllerPatch:

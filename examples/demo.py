@@ -1,10 +1,12 @@
 """`make demo`: start `mmanager dev` (hub, controller and gateway), register the reference model types
 (modelserver/catalog.json), deploy the DNABERT2-style model service from its type through the hub's HTTP
 API as a user would, call `/predict` through its gateway URL and print that `curl` and its answer, and
-keep serving until interrupted (Ctrl-C removes the service and stops the hub)."""
+keep serving until interrupted: Ctrl-C, SIGTERM and SIGHUP (the terminal closed) all remove the service
+and stop the hub, its controller and its gateway."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shlex
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -29,7 +32,26 @@ PREDICT = {"sequence": "TTGACAATTAATCATCGGCTCGTATAATGTGTGGAATTGTGAGCGGATAACAATTT
 
 
 def say(message: str) -> None:
-    print(f"==> {message}", flush=True)
+    # The terminal may be gone (SIGHUP): the cleanup that follows must not die of a print.
+    with contextlib.suppress(OSError):
+        print(f"==> {message}", flush=True)
+
+
+def _interrupted(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def stop_on_signals() -> None:
+    """SIGTERM and SIGHUP stop the demo as Ctrl-C does: a KeyboardInterrupt, so `main`'s cleanup runs."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, _interrupted)
+
+
+def cleaning_up() -> None:
+    """Once the cleanup runs, a second signal (a closing terminal's SIGHUP then SIGTERM, Ctrl-C pressed
+    twice) must not cut it short and leave the hub or the container behind: each step is bounded."""
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def wait_for_hub(proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -106,12 +128,14 @@ def deploy(api: httpx.Client) -> dict:
 
 
 def main() -> None:
+    stop_on_signals()
     say(f"building {MODELSERVER_IMAGE} locally (torch's CPU wheel; skipped when built before)")
     build_modelserver_image()
     say(f"starting `mmanager dev --port {PORT}`")
     # Its own session: Ctrl-C reaches only this script, which removes the service before stopping the hub.
     proc = subprocess.Popen([sys.executable, "-m", "mmanager.cli", "dev", "--port", str(PORT)], start_new_session=True)
     service_id = None
+    api: httpx.Client | None = None
     try:
         wait_for_hub(proc)
         token = (STATE / "dev-token").read_text().strip()
@@ -138,18 +162,27 @@ def main() -> None:
     except KeyboardInterrupt:
         pass
     finally:
-        if service_id and proc.poll() is None:
-            say(f"removing the {SPEC['name']} service")
+        cleaning_up()
+        if api is not None and proc.poll() is None:
             try:
-                api.delete(f"/api/services/{service_id}")
+                # Interrupted while it was being created: it is found by its name.
+                service_id = service_id or next((s["id"] for s in api.get("/api/services").json()
+                                                 if s["name"] == SPEC["name"]), None)
+                if service_id:
+                    say(f"removing the {SPEC['name']} service")
+                    api.delete(f"/api/services/{service_id}")
             except httpx.HTTPError as exc:
-                print(f"could not remove it: {exc}", file=sys.stderr)
+                with contextlib.suppress(OSError):
+                    print(f"could not remove it: {exc}", file=sys.stderr)
         if proc.poll() is None:
             proc.send_signal(signal.SIGINT)
             try:
                 proc.wait(timeout=15)
             except subprocess.TimeoutExpired:
-                proc.kill()
+                # Its whole process group (its own session: the group is its pid, not reusable until it is
+                # reaped), so that nothing it started outlives it.
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
 
 
 if __name__ == "__main__":

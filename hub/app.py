@@ -16,7 +16,7 @@ import asyncpg
 import httpx
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy.exc import IntegrityError
 from starlette.requests import ClientDisconnect
 
 from hub.background.alertmanager import AlertPusher
@@ -37,6 +37,7 @@ from hub.deps import Hub
 from hub.errors import error_response
 from hub.metrics import HubMetrics
 from hub.models import new_id
+from hub.outage import DATABASE_ERRORS, DatabaseOutage, caused_by, database_failed
 from hub.ratelimit import RateLimiter
 from hub.routers import (
     admin,
@@ -99,7 +100,8 @@ def build_hub(settings: HubSettings, db: Database | None = None,
     gateway = GatewayTable(db, settings)
     gateways = GatewayDirectory(gateway, settings.gateway_url)
     manager = ServiceManager(db, client, ops, settings, metrics, placement, gateways)
-    ingest = HeartbeatIngest(heartbeat_database(db), settings, metrics, images)
+    outage = DatabaseOutage(db)
+    ingest = HeartbeatIngest(heartbeat_database(db), settings, metrics, images, outage=outage)
     poller = ControllerPoller(db, settings, client, ingest)
     limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
     users = UserAuth(db, settings.auth_cache_seconds)
@@ -107,7 +109,7 @@ def build_hub(settings: HubSettings, db: Database | None = None,
     store = LocalArtifactStore(settings.artifact_store)
     job_service = JobService(db, settings, ops, store)
     return Hub(settings, db, client, metrics, ops, controllers, manager, ingest, poller, replica_id, users,
-               gateway, gateways, presence, limiter=limiter, jobs=job_service,
+               gateway, gateways, presence, outage, limiter=limiter, jobs=job_service,
                dispatcher=Dispatcher(db, client, ops, placement, replica_id),
                watcher=Watcher(db, client, ops, store, wait=settings.job_watch_wait,
                                # A start is tried at most three times, each within the create timeout.
@@ -147,43 +149,15 @@ def _dump_tasks_on_sigusr1() -> None:
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, dump)
 
 
-# What the database failing looks like: SQLAlchemy's wrapped errors, and what asyncpg raises unwrapped
-# (refused or reset connections, "the database system is starting up", a connection cut just before a
-# statement: "another operation is in progress").
-DATABASE_ERRORS: tuple[type[BaseException], ...] = (DBAPIError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError,
-                                                     asyncpg.exceptions.InternalClientError)
-
-
-def _caused_by(exc: BaseException | None, types: tuple[type[BaseException], ...]) -> bool:
-    seen = 0
-    while exc is not None and seen < 10:
-        if isinstance(exc, types):
-            return True
-        exc = exc.__cause__ or exc.__context__
-        seen += 1
-    return False
-
-
-def _database_outage(exc: BaseException) -> bool:
-    """Is this (or what caused it) the database being down or restarting?
-
-    asyncpg raises some connection failures (refused, reset, "the database
-    system is starting up") without SQLAlchemy's wrapping; the hub talks to
-    controllers only through its client, which turns transport errors into
-    ``HubError``, so an OS-level error left here is the database's.
-    """
-    return _caused_by(exc, DATABASE_ERRORS)
-
-
 def _database_conflict(exc: BaseException) -> bool:
     """A unique or foreign key constraint refused a write: two calls changed the same thing at once."""
-    return _caused_by(exc, (IntegrityError, asyncpg.exceptions.IntegrityConstraintViolationError))
+    return caused_by(exc, (IntegrityError, asyncpg.exceptions.IntegrityConstraintViolationError))
 
 
 def _database_refused_value(exc: BaseException) -> bool:
     """PostgreSQL refused a value (class 22: a NUL character, a number out of range): bad input
     that got past validation, not an outage."""
-    return _caused_by(exc, (asyncpg.exceptions.DataError,))
+    return caused_by(exc, (asyncpg.exceptions.DataError,))
 
 
 def _install_error_handlers(app: FastAPI) -> None:
@@ -195,7 +169,7 @@ def _install_error_handlers(app: FastAPI) -> None:
         log.debug("%s %s: the caller went away before its request was read", request.method, request.url.path)
         return error_response(CLIENT_CLOSED, "CLIENT_DISCONNECTED", "the caller went away before its request was read")
 
-    async def database_error(_: Request, exc: Exception) -> JSONResponse:
+    async def database_error(request: Request, exc: Exception) -> JSONResponse:
         if _database_conflict(exc):
             log.warning("a write lost a race: %s", type(exc).__name__)
             return error_response(409, "CONCURRENT_CHANGE", "another call changed the same thing meanwhile; retry")
@@ -203,14 +177,16 @@ def _install_error_handlers(app: FastAPI) -> None:
             log.warning("the database refused a value: %s", type(exc).__name__)
             return error_response(422, "INVALID_VALUE", "the request holds a value that cannot be stored "
                           "(e.g. a NUL character or a number out of range)")
-        log.warning("database error: %s", exc)
+        if not request.app.state.hub.outage.failed("an API call", exc):
+            log.warning("database error: %s", exc)
         return error_response(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
 
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         if _database_refused_value(exc) or _database_conflict(exc):
             return await database_error(request, exc)
-        if _database_outage(exc):
-            log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
+        if database_failed(exc):
+            if not request.app.state.hub.outage.failed("an API call", exc):
+                log.warning("database unreachable: %s: %s", type(exc).__name__, exc)
             return error_response(503, "DATABASE_UNAVAILABLE", "the database is unavailable; retry shortly")
         log.exception("unexpected error")
         return error_response(500, "INTERNAL_ERROR", internal)
@@ -253,11 +229,17 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
     alert_push = (AlertPusher(hub.db, Alertmanagers(settings.alertmanager_urls), settings.alertmanager_interval)
                   if settings.alertmanager_urls else None)
 
+    # A loop failing because the database is away tells the hub's one account of the outage, not its own traceback.
+    for loop in (publisher, watch, idle, gpu_return, traffic, dispatcher, watcher, hub.poller, prefetcher, alert_push):
+        if loop is not None:
+            loop.quiet = hub.outage.failed
+
     async def on_lead(since: datetime) -> None:
         publisher.start()
         idle.start()
         hub.reconciler = Reconciler(hub.db, settings, hub.services, hub.metrics, hub.replica_id, since,
                                     ingest=hub.ingest)
+        hub.reconciler.quiet = hub.outage.failed
         hub.reconciler.start()
         hub.poller.start()
         gpu_return.start()
@@ -300,6 +282,9 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
         flusher = HeartbeatFlusher(hub.ingest, min(0.5, settings.heartbeat_interval / 4), hub.users)
         supervisor = Supervisor(hub.db, hub.replica_id, min(1.0, settings.heartbeat_grace / 3), on_lead, on_follow,
                                 on_beat=hub.ops.recover_own)
+        for loop in (flusher, supervisor, file_watch):
+            if loop is not None:
+                loop.quiet = hub.outage.failed
         if run_loops:
             # One poll first, so controllers that are up are placeable as soon as the API answers.
             await hub.refresh_controllers()
@@ -334,6 +319,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
             if alert_push is not None:
                 await alert_push.alertmanagers.aclose()
             await hub.ingest.close()
+            await hub.outage.close()
             await hub.services.shutdown()
             await hub.client.aclose()
             try:

@@ -29,6 +29,8 @@ from sqlalchemy.sql.compiler import SQLCompiler
 # pool's synchronous methods (closing or invalidating a pooled connection runs the driver's close).
 from sqlalchemy.util import greenlet_spawn
 
+from hub.outage import DISCONNECTS
+
 log = logging.getLogger(__name__)
 
 
@@ -283,8 +285,8 @@ class AsyncpgConnector:
             raise
         except BaseException as exc:
             if _disconnect(exc, conn):
-                log.warning("a database connection failed (%s): replacing the pool's connections",
-                            type(exc).__name__)
+                # DEBUG: the error goes on to the caller, which tells it (hub.outage: once per outage).
+                log.debug("a database connection failed (%s): replacing the pool's connections", type(exc).__name__)
                 # SQLAlchemy's own handling of a disconnect (Connection._handle_dbapi_exception), through its
                 # private Pool._invalidate (pinned, see greenlet_spawn): this one is closed, and every
                 # connection opened before now is replaced when it is next taken.
@@ -307,7 +309,6 @@ def _disconnect(exc: BaseException, conn: Any) -> bool:
     if isinstance(exc, (ValueError, asyncpg.exceptions.QueryCanceledError)):
         # An argument asyncpg cannot encode (the input's fault); a statement timeout or a cancel.
         return False
-    if isinstance(exc, (OSError, asyncpg.PostgresConnectionError, asyncpg.exceptions.OperatorInterventionError,
-                        asyncpg.InterfaceError, asyncpg.exceptions.InternalClientError)):
+    if isinstance(exc, DISCONNECTS):
         return True
     return bool(conn.is_closed())

@@ -19,6 +19,7 @@ from hub.db import Database
 from hub.errors import Forbidden, RateLimited, Unauthorized
 from hub.metrics import HubMetrics
 from hub.models import UserModel
+from hub.outage import DatabaseOutage
 from hub.ratelimit import RateLimiter
 from hub.services.controllers import ControllerRegistry
 from hub.services.gateway import GatewayDirectory, GatewayTable
@@ -55,6 +56,8 @@ class Hub:
     gateway: GatewayTable
     gateways: GatewayDirectory
     presence: PresenceWatch
+    # The one account of a database outage in the log: every loop and the heartbeats report theirs there.
+    outage: DatabaseOutage
     # Set while this replica leads.
     reconciler: Reconciler | None = None
     # Per-user request rate on this replica; None when MMANAGER_RATE_LIMIT is 0.

@@ -3,7 +3,9 @@
 ``run_once()`` per iteration, the first right at ``start()``; ``next_delay()``
 says how long until the next (by default the interval, jittered, less what
 the iteration took), and ``wake()`` cuts that wait short; an iteration that
-raises is handed to ``failed()`` and never ends the loop. ``stop()`` lets the iteration in progress finish, or,
+raises is handed to ``failed()`` and never ends the loop: a traceback, unless
+``quiet`` (set by the application) accounts for it as an expected failure
+that it logs its own way (the hub's database away: ``hub.outage``). ``stop()`` lets the iteration in progress finish, or,
 with ``cancel_on_stop``, cancels it. Tests call ``run_once()`` directly.
 """
 
@@ -14,6 +16,7 @@ import logging
 import random
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -25,6 +28,9 @@ class LoopService(ABC):
     # waiting for it to finish, and how long it then waits for them (None: until they are gone).
     cancel_on_stop = False
     stop_wait: float | None = None
+    # Given the loop's name and what an iteration raised: True when it is an expected failure that it has
+    # logged (once per outage, say), so that the loop logs no traceback for it.
+    quiet: Callable[[str, BaseException], bool] | None = None
 
     def __init__(self, interval: float, jitter: float = 0.1) -> None:
         self.interval = interval
@@ -33,6 +39,8 @@ class LoopService(ABC):
         # Set by wake() and stop(): the wait between iterations ends early.
         self._woken = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        # Whether the last iteration failed as ``quiet`` expected: its overrun is no news either.
+        self._excused = False
 
     @abstractmethod
     async def run_once(self) -> None: ...
@@ -44,11 +52,19 @@ class LoopService(ABC):
         return max(self.interval * (1 + random.uniform(-self.jitter, self.jitter)) - took, 0.0)
 
     def overran(self, took: float) -> None:
+        if self._excused:
+            return  # it failed as expected (the database away, say): that is told once, elsewhere
         log.warning("%s: iteration took %.2fs, longer than its %.2fs interval", self.name, took, self.interval)
+
+    def expected(self, exc: BaseException) -> bool:
+        """Whether ``quiet`` accounts for ``exc`` (and has logged it); anything else deserves a traceback."""
+        return self.quiet is not None and self.quiet(self.name, exc)
 
     def failed(self, exc: Exception) -> None:
         """An iteration raised ``exc``; called inside its ``except``."""
-        log.exception("%s: iteration failed", self.name)
+        self._excused = self.expected(exc)
+        if not self._excused:
+            log.exception("%s: iteration failed", self.name)
 
     def running(self) -> set[asyncio.Task[Any]]:
         """What ``stop()`` waits for: the loop, and what a subclass runs beside it."""
@@ -84,6 +100,7 @@ class LoopService(ABC):
     async def _run(self) -> None:
         while not self._stopped.is_set():
             started = time.monotonic()
+            self._excused = False
             try:
                 await self.run_once()
             except asyncio.CancelledError:

@@ -1,6 +1,7 @@
 """`make demo` as a new user runs it: `mmanager dev` (hub, controller and gateway) comes up, the reference
 model types are registered and the dnabert2 model service is deployed from its type, the `curl` of a
-prediction through its gateway URL is printed with its answer; Ctrl-C removes it and stops everything."""
+prediction through its gateway URL is printed with its answer; Ctrl-C, SIGTERM or SIGHUP removes it and stops
+everything."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import threading
 from pathlib import Path
 
 import docker
+import pytest
 
 from tests.support.net import free_port, port_free
 from tests.support.poll import wait_until
@@ -22,17 +24,31 @@ from tests.support.poll import wait_until
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_the_demo_prints_a_prediction_through_the_gateway(modelserver_image: str, docker_client: docker.DockerClient,
-                                                         tmp_path: Path) -> None:
+def start_demo(cwd: Path) -> tuple[subprocess.Popen[str], list[str], int]:
+    """`make demo`'s script on free ports, in a session of its own; its output's lines as they come."""
     port = free_port()
     while not all(port_free(p) for p in (port + 1, port + 2, port + 3)):
         port = free_port()
     env = {**os.environ, "MMANAGER_DEMO_PORT": str(port), "PYTHONPATH": str(ROOT)}
-    demo = subprocess.Popen([sys.executable, "-m", "examples.demo"], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+    demo = subprocess.Popen([sys.executable, "-m", "examples.demo"], cwd=cwd, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
     lines: list[str] = []
     reader = threading.Thread(target=lambda: lines.extend(iter(demo.stdout.readline, "")), daemon=True)  # type: ignore[union-attr]
     reader.start()
+    return demo, lines, port
+
+
+def assert_nothing_left(docker_client: docker.DockerClient, port: int, output: str) -> None:
+    assert "removing the dnabert2 service" in output, output[-2000:]
+    left = docker_client.containers.list(all=True, filters={"label": f"mmanager.controller=dev-{socket.gethostname()}"})
+    assert left == [], [c.name for c in left]
+    # Nothing of it is left listening: the hub, the controller, the gateway and its HAProxy are gone.
+    assert all(port_free(p) for p in (port, port + 1, port + 2, port + 3)), "a demo process still listens"
+
+
+def test_the_demo_prints_a_prediction_through_the_gateway(modelserver_image: str, docker_client: docker.DockerClient,
+                                                         tmp_path: Path) -> None:
+    demo, lines, port = start_demo(tmp_path)
     try:
         said = wait_until(lambda: next((line for line in lines if "answers" in line), None), 120,
                           "the demo saying where the service answers")
@@ -49,12 +65,53 @@ def test_the_demo_prints_a_prediction_through_the_gateway(modelserver_image: str
     finally:
         os.killpg(demo.pid, signal.SIGINT)
         demo.wait(60)
-    output = "".join(lines)
-    assert "removing the dnabert2 service" in output, output[-2000:]
-    left = docker_client.containers.list(all=True, filters={"label": f"mmanager.controller=dev-{socket.gethostname()}"})
-    assert left == [], [c.name for c in left]
-    # Nothing of it is left listening: the hub, the controller, the gateway and its HAProxy are gone.
-    assert all(port_free(p) for p in (port, port + 1, port + 2, port + 3)), "a demo process still listens"
+    assert_nothing_left(docker_client, port, "".join(lines))
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+def test_sigterm_and_sighup_stop_what_the_demo_started_as_ctrl_c_does(
+        signum: signal.Signals, modelserver_image: str, docker_client: docker.DockerClient, tmp_path: Path) -> None:
+    demo, lines, port = start_demo(tmp_path)
+    dev = None
+    try:
+        # Once its service runs (no need to wait for the gateway and the prediction: Ctrl-C's test does).
+        wait_until(lambda: next((line for line in lines if "service dnabert2 (" in line), None), 120,
+                          "the demo's service made")
+        dev = _dev_process(port)
+        # To the demo alone, as a closing terminal or `kill` sends it: `mmanager dev` runs in a session of its own.
+        demo.send_signal(signum)
+        code = demo.wait(60)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGINT)
+            demo.wait(60)
+    assert dev is not None, "`mmanager dev` was not found running"
+    # Not one process of `mmanager dev`'s group (its session: the hub, its controller, HAProxy) is left.
+    try:
+        os.killpg(dev, 0)
+    except ProcessLookupError:
+        pass
+    else:
+        os.killpg(dev, signal.SIGINT)  # what the demo should have done
+        for container in docker_client.containers.list(
+                all=True, filters={"label": f"mmanager.controller=dev-{socket.gethostname()}"}):
+            container.remove(force=True)
+        pytest.fail(f"`mmanager dev` outlived the demo's {signum.name}: {''.join(lines)[-2000:]}")
+    assert code == 0, "".join(lines)[-2000:]
+    assert_nothing_left(docker_client, port, "".join(lines))
+
+
+def _dev_process(port: int) -> int | None:
+    """The pid of the demo's `mmanager dev` (the leader of its own session and process group)."""
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                argv = (entry / "cmdline").read_bytes().split(b"\0")
+            except OSError:
+                continue
+            if b"mmanager.cli" in argv and b"dev" in argv and str(port).encode() in argv:
+                return int(entry.name)
+    return None
 
 
 def _printed_answer(lines: list[str]) -> tuple[str, dict] | None:

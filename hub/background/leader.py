@@ -39,8 +39,10 @@ _BEAT = (update(HubReplicaModel.__table__).where(HubReplicaModel.__table__.c.id 
 
 
 class Leadership:
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, expected: Callable[[BaseException], bool] | None = None) -> None:
         self.db = db
+        # True for a failure accounted for elsewhere (the database away: hub.outage), not logged here.
+        self.expected = expected or (lambda _: False)
         self._conn: AsyncConnection | None = None
 
     @property
@@ -82,7 +84,8 @@ class Leadership:
                 await self._conn.commit()
             return True
         except Exception as exc:
-            log.warning("lost the leader lock's connection: %s", exc)
+            if not self.expected(exc):
+                log.warning("lost the leader lock's connection: %s", exc)
             conn, self._conn = self._conn, None
             await _close_quietly(conn, invalidate=True)
             return False
@@ -119,7 +122,7 @@ class Supervisor(LoopService):
         super().__init__(interval, jitter=0.05)
         self.db = db
         self.replica_id = replica_id
-        self.leadership = Leadership(db)
+        self.leadership = Leadership(db, self.expected)
         self.on_lead = on_lead
         self.on_follow = on_follow
         self.on_beat = on_beat
@@ -135,7 +138,8 @@ class Supervisor(LoopService):
             try:
                 acquired = await self.leadership.try_acquire()
             except Exception as exc:
-                log.warning("could not try for leadership: %s", exc)
+                if not self.expected(exc):
+                    log.warning("could not try for leadership: %s", exc)
                 acquired = False
             if acquired:
                 self.leading = True

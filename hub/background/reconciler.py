@@ -348,8 +348,9 @@ class Reconciler(LoopService):
                 self._not_before[sid] = utcnow() + timedelta(seconds=delay)
                 log.warning("could not move service %s (%s): %s; retrying in %ss", sid, action.reason, exc.message, delay)
                 return
-            except Exception:
-                log.exception("moving service %s crashed", sid)
+            except Exception as exc:
+                if not self.expected(exc):
+                    log.exception("moving service %s crashed", sid)
                 self._not_before[sid] = utcnow() + timedelta(seconds=5)
                 return
         self._failures.pop(sid, None)

@@ -46,6 +46,7 @@ from hub.db import Database, any_of
 from hub.errors import HubError, InvalidRequest, NotFound, Overloaded
 from hub.metrics import HubMetrics
 from hub.models import ContainerRegistryModel, ControllerModel, JobAttemptModel, JobModel, ServiceModel, utcnow
+from hub.outage import DatabaseOutage
 from hub.scheduler.reconcile import UNSETTLED, AttemptState, FenceResult, RegistryRow, RowUpdate, fence
 from hub.services.audit import controller_source, insert_shipped
 from hub.services.controller_keys import ControllerKeyAuth
@@ -100,8 +101,10 @@ class _Observation:
 
 class HeartbeatIngest:
     def __init__(self, db: Database, settings: HubSettings, metrics: HubMetrics,
-                 images: ImageSets | None = None) -> None:
+                 images: ImageSets | None = None, outage: DatabaseOutage | None = None) -> None:
         self.db = db
+        # Where a batch lost to the database being away is told (once per outage); None: each one is logged.
+        self.outage = outage
         self.settings = settings
         self.metrics = metrics
         self.keys = ControllerKeyAuth(db, settings)
@@ -204,8 +207,9 @@ class HeartbeatIngest:
                 try:
                     await self._record(batch)
                 except Exception as exc:
-                    log.warning("%d heartbeat(s) not recorded: %s: %s", len(batch), type(exc).__name__,
-                                str(exc).splitlines()[0] if str(exc) else "")
+                    if self.outage is None or not self.outage.failed("heartbeats", exc):
+                        log.warning("%d heartbeat(s) not recorded: %s: %s", len(batch), type(exc).__name__,
+                                    str(exc).splitlines()[0] if str(exc) else "")
                     for b in batch:
                         if not b.answer.done():
                             b.answer.set_exception(Overloaded(

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Callable
+
+import pytest
 
 from mmanager.loops import LoopService
 from tests.support.poll import eventually
@@ -115,3 +119,56 @@ async def test_wake_runs_the_next_iteration_now() -> None:
         assert loop.runs == 2
     finally:
         await loop.stop()
+
+
+def refused_is_expected(told: list[tuple[str, BaseException]]) -> Callable[[str, BaseException], bool]:
+    """A ``quiet`` that expects refused connections (and notes everything it is told)."""
+
+    def quiet(name: str, exc: BaseException) -> bool:
+        told.append((name, exc))
+        return isinstance(exc, ConnectionRefusedError)
+
+    return quiet
+
+
+class Raising(LoopService):
+    name = "raising"
+
+    def __init__(self, exc: Exception, took: float = 0.0) -> None:
+        super().__init__(interval=0.001, jitter=0.0)
+        self.exc = exc
+        self.took = took
+
+    async def run_once(self) -> None:
+        await asyncio.sleep(self.took)
+        raise self.exc
+
+
+async def test_a_failure_quiet_does_not_account_for_keeps_its_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    told: list[tuple[str, BaseException]] = []
+    loop = Raising(ValueError("a bug"))
+    loop.quiet = refused_is_expected(told)
+    with caplog.at_level(logging.DEBUG, logger="mmanager.loops"):
+        try:
+            await loop.run_once()
+        except ValueError as exc:
+            loop.failed(exc)
+    [record] = caplog.records
+    assert record.levelname == "ERROR" and record.getMessage() == "raising: iteration failed"
+    assert record.exc_info is not None and isinstance(record.exc_info[1], ValueError)
+    assert [(name, str(e)) for name, e in told] == [("raising", "a bug")]
+
+
+async def test_a_failure_quiet_accounts_for_logs_nothing_here_not_even_its_overrun(
+        caplog: pytest.LogCaptureFixture) -> None:
+    told: list[tuple[str, BaseException]] = []
+    # Each iteration takes longer than the interval: without the outage, an overrun to warn of.
+    loop = Raising(ConnectionRefusedError("refused"), took=0.01)
+    loop.quiet = refused_is_expected(told)
+    with caplog.at_level(logging.DEBUG, logger="mmanager.loops"):
+        loop.start()
+        try:
+            await eventually(lambda: len(told) >= 3, 5, "three failed iterations")
+        finally:
+            await loop.stop()
+    assert caplog.records == [] and {name for name, _ in told} == {"raising"}

@@ -7,7 +7,7 @@ convention, ``container_path=/app/data/x.csv`` with ``file_name=x.csv``); a trai
 
 Nothing is replaced but what the caller named: a file never takes a folder's place, a folder never takes a
 file's (the folders on the way included), and a directory copy without ``remove_existing`` merges. Refusals
-are ``PathConflict`` (409). Everything is read with the runtime's ``stat_path`` (Docker's archive stat):
+are ``PathConflict`` (409). Everything is read with the runtime's ``stat_path(s)`` (Docker's archive stat):
 no exec, so a stopped container and an image without a shell work too. These checks come before anything is
 written; ``noOverwriteDirNonDir`` on the write itself (``DockerRuntime.put_archive``) guards what changes in
 between.
@@ -15,7 +15,6 @@ between.
 
 from __future__ import annotations
 
-import asyncio
 import posixpath
 
 from controller import archives
@@ -58,8 +57,27 @@ async def check_directory(
     await _parents_are_folders(runtime, container_id, target)
     if remove_existing:
         return
-    paths = [target, *(posixpath.join(target, folder) for folder in folders)]
-    await asyncio.gather(*(_folder_or_nothing(runtime, container_id, path) for path in paths))
+    # Shallowest first, one batch a level: under a folder that is not there nothing is, so an archive of
+    # thousands of folders into a new place costs one look, not one (two Docker calls) per folder.
+    by_depth: dict[int, list[str]] = {}
+    for folder in folders:
+        by_depth.setdefault(folder.count("/") + 1, []).append(folder)
+    there: set[str] = set()  # the archive's folders (and "": target) that are folders in the container
+    level = [""]
+    for depth in range(max(by_depth, default=0) + 1):
+        if depth:
+            level = [folder for folder in by_depth.get(depth, []) if posixpath.dirname(folder) in there]
+        if not level:
+            return
+        paths = [posixpath.join(target, folder) if folder else target for folder in level]
+        found = await runtime.stat_paths(container_id, paths)
+        for folder, path, stat in zip(level, paths, found, strict=True):
+            if stat is not None and stat.is_link:
+                _, stat = await _follow(runtime, container_id, path)
+            if stat is not None and not stat.is_dir:
+                raise PathConflict(f"{path} is a file; the copy would replace it with a folder", {"path": path})
+            if stat is not None:
+                there.add(folder)
 
 
 def _plain(name: str | None) -> str:
@@ -76,12 +94,6 @@ async def _follow(runtime: Runtime, container_id: str, path: str) -> tuple[str, 
     # Docker answers the target made absolute; a relative one is kept relative to the link's folder.
     linked = posixpath.normpath(posixpath.join(posixpath.dirname(path), found.link_target))
     return linked, await runtime.stat_path(container_id, linked)
-
-
-async def _folder_or_nothing(runtime: Runtime, container_id: str, path: str) -> None:
-    _, found = await _follow(runtime, container_id, path)
-    if found is not None and not found.is_dir:
-        raise PathConflict(f"{path} is a file; the copy would replace it with a folder", {"path": path})
 
 
 async def _parents_are_folders(runtime: Runtime, container_id: str, path: str) -> None:

@@ -84,6 +84,8 @@ class FakeRuntime:
         # Seconds each create takes, to let concurrent requests overlap.
         self.create_delay = 0.0
         self.creates = 0
+        # Paths stat'ed, so tests can check that a copy's checks look only where something may be.
+        self.stats_made = 0
         self.pulls_done = 0
         self._ports = itertools.count(40000)
 
@@ -287,7 +289,12 @@ class FakeRuntime:
                     container.files["/" + member.name] = extracted.read() if extracted else b""
 
     async def stat_path(self, container_id: str, path: str) -> PathStat | None:
-        return _fake_stat(self._find(container_id).files, path)
+        return (await self.stat_paths(container_id, [path]))[0]
+
+    async def stat_paths(self, container_id: str, paths: list[str]) -> list[PathStat | None]:
+        files = self._find(container_id).files
+        self.stats_made += len(paths)
+        return [_fake_stat(files, path) for path in paths]
 
     async def exec(self, container_id: str, argv: list[str]) -> tuple[int, str]:
         container = self._find(container_id)

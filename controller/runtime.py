@@ -137,6 +137,7 @@ class Runtime(Protocol):
     async def stats(self, container_id: str) -> ContainerStats: ...
     async def put_archive(self, container_id: str, data: bytes) -> None: ...
     async def stat_path(self, container_id: str, path: str) -> PathStat | None: ...
+    async def stat_paths(self, container_id: str, paths: list[str]) -> list[PathStat | None]: ...
     async def exec(self, container_id: str, argv: list[str]) -> tuple[int, str]: ...
     async def list_images(self) -> list[ImageSummary]: ...
     async def inspect_image(self, name: str) -> ImageDetail: ...
@@ -542,31 +543,12 @@ class DockerRuntime:
     async def stat_path(self, container_id: str, path: str) -> PathStat | None:
         """What is at ``path`` (None: nothing), without exec: Docker's ``HEAD /containers/{id}/archive``, which
         answers for a stopped container too."""
+        return (await self.stat_paths(container_id, [path]))[0]
 
-        def stat(client: docker.DockerClient) -> PathStat | None:
-            container = self._managed(client, container_id)
-            try:
-                response = _archive_call(client, "HEAD", container, {"path": path})
-            except docker.errors.NotFound:
-                return None
-            except docker.errors.APIError:
-                # A HEAD answer has no body to say why; the same GET's does, before any content would come.
-                # A file on the way (ENOTDIR) means nothing is there, as much as a 404 does.
-                try:
-                    _archive_call(client, "GET", container, {"path": path}, stream=True).close()
-                except docker.errors.APIError as exc:
-                    if "not a directory" in str(exc.explanation):
-                        return None
-                    raise
-                raise DockerError(f"Docker could not stat {path}") from None
-            header = response.headers.get("X-Docker-Container-Path-Stat")
-            if not header:
-                raise DockerError(f"Docker gave no stat for {path}")
-            raw = json.loads(base64.b64decode(header))
-            return PathStat(mode=int(raw["mode"]), size=int(raw.get("size") or 0),
-                            link_target=raw.get("linkTarget") or "")
-
-        return await self._run(stat)
+    async def stat_paths(self, container_id: str, paths: list[str]) -> list[PathStat | None]:
+        """``stat_path`` of each of ``paths``, in order: the container looked up once, the stats side by side."""
+        container = await self._run(self._managed, container_id)
+        return list(await asyncio.gather(*(self._run(_stat, container, path) for path in paths)))
 
     async def exec(self, container_id: str, argv: list[str]) -> tuple[int, str]:
         def run(client: docker.DockerClient) -> tuple[int, str]:
@@ -867,3 +849,25 @@ def _summarize_stats(container_id: str, name: str, status: str, raw: dict[str, A
         block_write_bytes=sum(e.get("value", 0) for e in blkio if e.get("op", "").lower() == "write"),
         pids=(raw.get("pids_stats") or {}).get("current", 0),
     )
+
+
+def _stat(client: docker.DockerClient, container: Container, path: str) -> PathStat | None:
+    try:
+        response = _archive_call(client, "HEAD", container, {"path": path})
+    except docker.errors.NotFound:
+        return None
+    except docker.errors.APIError:
+        # A HEAD answer has no body to say why; the same GET's does, before any content would come.
+        # A file on the way (ENOTDIR) means nothing is there, as much as a 404 does.
+        try:
+            _archive_call(client, "GET", container, {"path": path}, stream=True).close()
+        except docker.errors.APIError as exc:
+            if "not a directory" in str(exc.explanation):
+                return None
+            raise
+        raise DockerError(f"Docker could not stat {path}") from None
+    header = response.headers.get("X-Docker-Container-Path-Stat")
+    if not header:
+        raise DockerError(f"Docker gave no stat for {path}")
+    raw = json.loads(base64.b64decode(header))
+    return PathStat(mode=int(raw["mode"]), size=int(raw.get("size") or 0), link_target=raw.get("linkTarget") or "")

@@ -278,6 +278,20 @@ async def test_copy_a_directory(
     assert cat(docker_client, cid, "/app/model/weights.bin") == "\x00\x01"
     assert ls(docker_client, cid, "/app/model/sub") == ["config.json"]
 
+    # A folder-heavy archive (400 folders, most of them new): a file deep under an existing folder is still
+    # found, and without one the merge goes through.
+    heavy = {f"t{i}/a/b/c/leaf.txt": b"x" for i in range(100)}
+    clash = geoml_tar(tmp_path / "heavy-clash", {**heavy, "sub/config.json/inner.txt": b"x"})
+    body = {"container_path": "/app/model", "archive_base64": b64(clash), "remove_existing": False}
+    refused = await ctl.client.post(f"/containers/{cid}/directories", json=body)
+    assert (refused.status_code, refused.json()["error"]["code"]) == (409, "PATH_CONFLICT")
+    assert refused.json()["error"]["details"]["path"] == "/app/model/sub/config.json"
+    body["archive_base64"] = b64(geoml_tar(tmp_path / "heavy", {**heavy, "sub/more.txt": b"m"}))
+    assert (await ctl.client.post(f"/containers/{cid}/directories", json=body)).json()["files"] == 101
+    assert ls(docker_client, cid, "/app/model/sub") == ["config.json", "more.txt"]
+    assert cat(docker_client, cid, "/app/model/t99/a/b/c/leaf.txt") == "x"
+    assert cat(docker_client, cid, "/app/model/sub/config.json") == '{"a": 1}'
+
     junk = {"container_path": "/app/model", "archive_base64": b64(b"not an archive"), "remove_existing": True}
     refused = await ctl.client.post(f"/containers/{cid}/directories", json=junk)
     assert (refused.status_code, refused.json()["error"]["code"]) == (422, "VALIDATION_ERROR")

@@ -16,7 +16,7 @@ import pynvml
 import pytest
 
 from controller import app as controller_app
-from controller import archives
+from controller import archives, copies
 from controller.config import ControllerSettings, parse_gpu_devices
 from controller.containers import ContainerService
 from controller.errors import (
@@ -26,6 +26,7 @@ from controller.errors import (
     ImageNotPresent,
     ImagePullFailed,
     InvalidRequest,
+    PathConflict,
     SpecForbidden,
 )
 from controller.fake import FakeRuntime
@@ -440,6 +441,25 @@ async def test_file_copies_over_the_fake(fake_ctl: Ctl, fake: FakeRuntime) -> No
     nameless = await fake_ctl.client.post(f"/containers/{cid}/files", json={**inside, "file_name": None})
     assert (nameless.status_code, nameless.json()["error"]["code"]) == (409, "PATH_IS_DIRECTORY")
     assert fake.containers[cid].files == {"/app/old/w.bin": b"w", "/app/old/n.py": b"print(1)"}
+
+
+
+async def test_a_merge_looks_only_where_something_may_be(fake_ctl: Ctl, fake: FakeRuntime) -> None:
+    cid = (await fake_ctl.create(EXAMPLE_IMAGE)).json()["container_id"]
+    fake.containers[cid].files.update({"/data/keep/a.txt": b"a", "/data/keep/deep/b.txt": b"b"})
+    # 100 new trees of 10 folders each, beside the existing keep/deep; as archives.directory_archive lists them.
+    new = [f"n{i}" + "/l" * depth for i in range(100) for depth in range(10)]
+    folders = sorted([*new, "keep", "keep/deep", "keep/deep/more"])
+    fake.stats_made = 0
+    await copies.check_directory(fake, cid, "/data", folders, remove_existing=False)
+    # /data; its 101 children; under them only keep/deep exists, so only its child is looked at.
+    assert fake.stats_made == 1 + 101 + 1 + 1
+    for clash in ("keep/a.txt", "keep/deep/b.txt"):
+        with pytest.raises(PathConflict, match=f"/data/{clash} is a file"):
+            await copies.check_directory(fake, cid, "/data", sorted([*folders, clash]), remove_existing=False)
+    fake.stats_made = 0
+    await copies.check_directory(fake, cid, "/elsewhere", folders, remove_existing=False)
+    assert fake.stats_made == 1  # /elsewhere is not there, so nothing under it is
 
 
 # -- serving -------------------------------------------------------------------

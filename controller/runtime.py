@@ -76,6 +76,11 @@ from mmanager.wire import (
 # /health must answer quickly even when the daemon hangs.
 PING_TIMEOUT = 3.0
 _POOL_THREADS = 64
+# Stats reads at once, in a pool and on connections of their own so a sampling round never takes the ones other
+# calls need. Docker's stats collector reads every subscribed container in one pass a second and a one-shot read
+# waits for the next pass: reads in flight together share it, so a round costs about a second per STATS_READS
+# containers (controller.stats).
+STATS_READS = 64
 
 log = logging.getLogger(__name__)
 
@@ -159,6 +164,7 @@ class DockerRuntime:
         self._log_pool = ThreadPoolExecutor(max_workers=settings.max_log_streams, thread_name_prefix="docker-logs")
         # Job runs' waits (controller.jobs), one blocked thread each: apart, so they never starve the main pool.
         self._wait_pool = ThreadPoolExecutor(max_workers=settings.max_containers, thread_name_prefix="docker-wait")
+        self._stats_pool = ThreadPoolExecutor(max_workers=STATS_READS, thread_name_prefix="docker-stats")
         self._log_streams = 0
         # The pulls of missing images running now, for GET /images/pulls.
         self._pulls = Pulls()
@@ -178,7 +184,7 @@ class DockerRuntime:
         with self._connect_lock:
             if self._client is None:
                 # Version negotiation happens here; bound it like a ping, then use the configured timeout.
-                kwargs: dict[str, Any] = {"version": "auto", "timeout": PING_TIMEOUT, "max_pool_size": 32}
+                kwargs: dict[str, Any] = {"version": "auto", "timeout": PING_TIMEOUT, "max_pool_size": 32 + STATS_READS}
                 host = self._settings.docker_host
                 client = docker.DockerClient(base_url=host, **kwargs) if host else docker.from_env(**kwargs)
                 client.api.timeout = self._settings.docker_timeout  # type: ignore[assignment]  # seconds as a float: the stubs say int, requests takes either
@@ -533,7 +539,7 @@ class DockerRuntime:
             assert isinstance(sample, dict) and container.id is not None and container.name is not None
             return _summarize_stats(container.id, container.name, container.status, sample)
 
-        return await self._run(stats)
+        return await self._run(stats, pool=self._stats_pool)
 
     async def put_archive(self, container_id: str, data: bytes) -> None:
         """Unpack ``data`` at ``/``, never letting a file take a folder's place or a folder a file's.
@@ -693,6 +699,7 @@ class DockerRuntime:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._log_pool.shutdown(wait=False, cancel_futures=True)
         self._wait_pool.shutdown(wait=False, cancel_futures=True)
+        self._stats_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _archive_call(

@@ -2,17 +2,21 @@
 
 ``StatsSampler`` wakes every ``MMANAGER_STATS_INTERVAL`` seconds, lists the
 running managed containers (one cheap Docker call) and reads each one's stats
-once (a one-shot read: milliseconds, where Docker's own two readings a second
-apart cost a second a container). CPU is ``docker stats``'s formula applied
-between this round's reading of a container and the previous round's, kept per
-container id until the container goes: for a steady load the same figure as
-``GET /containers/{id}/stats`` (Docker's two readings), averaged over the
-interval instead of its last second. A container's first reading (new, or the
-sampler's first round) gives no CPU figure, so it has no sample until the next
-round: an unknown CPU is left out, not published as 0, which would drag the
-hub's averages down. A container restarted under the same id counts from 0
-again and starts afresh the same way. Reads run at most ``MAX_SAMPLES`` at
-once, so a host with many containers never takes every Docker connection.
+once (a one-shot read). Docker's stats collector reads its subscribed
+containers in one pass a second, and a read waits for the next pass (Docker's
+own two readings, ``stream=False``, for two); reads in flight together share a
+pass, so a round costs about a second per ``STATS_READS`` containers (the
+runtime's reads at once, on connections of their own).
+
+CPU is ``docker stats``'s formula applied between this round's reading of a
+container and the previous round's, kept per container id until the container
+goes: for a steady load the same figure as ``GET /containers/{id}/stats``
+(Docker's two readings), averaged over the interval instead of its last
+second. A container's first reading (new, or the sampler's first round) gives
+no CPU figure, so it has no sample until the next round: an unknown CPU is
+left out, not published as 0, which would drag the hub's averages down. A
+container restarted under the same id counts from 0 again and starts afresh
+the same way.
 
 The latest sample per container is kept in memory: the heartbeat carries it to
 the hub, the container listing shows it as ``resource_usage`` (for a hub that
@@ -43,14 +47,11 @@ from controller.config import ControllerSettings
 from controller.errors import ControllerError, NotFound
 from controller.gpu_monitor import GpuMonitor
 from controller.health import ControllerMetrics
-from controller.runtime import Runtime, cpu_percent
+from controller.runtime import STATS_READS, Runtime, cpu_percent
 from controller.schemas import ContainerStats
 from controller.vram import container_of, per_container
 from mmanager.loops import LoopService
 from mmanager.wire import ContainerInfo, ContainerUsage, GpuUsage
-
-# Stats reads in flight at once; each holds a Docker connection (of 32) while Docker reads.
-MAX_SAMPLES = 16
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +99,7 @@ class StatsSampler(LoopService):
     cancel_on_stop = True
 
     def __init__(self, settings: ControllerSettings, runtime: Runtime, metrics: ControllerMetrics,
-                 *, max_concurrent: int = MAX_SAMPLES, gpus: GpuMonitor | None = None,
+                 *, max_concurrent: int = STATS_READS, gpus: GpuMonitor | None = None,
                  locate: Callable[[int], str | None] = container_of) -> None:
         super().__init__(settings.stats_interval, jitter=0.0)
         self.runtime = runtime

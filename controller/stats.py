@@ -163,6 +163,11 @@ class StatsSampler(LoopService):
                         self._failing.add(info.id)
                     return info.id, self._latest.get(info.id)
             self._failing.discard(info.id)
+            if not stats.system_cpu_usage_ns:
+                # Docker's answer for a container no longer running (stopped since the listing): no counters to
+                # keep, so a start under the same id is a first reading, not a delta against zeros.
+                self._readings.pop(info.id, None)
+                return info.id, None
             before = self._readings.get(info.id)
             self._readings[info.id] = (stats.cpu_usage_ns, stats.system_cpu_usage_ns)
             cpu = None if before is None else cpu_percent(stats.cpu_usage_ns, stats.system_cpu_usage_ns, *before,

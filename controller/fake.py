@@ -88,6 +88,8 @@ class FakeRuntime:
         self.stats_made = 0
         self.pulls_done = 0
         self._ports = itertools.count(40000)
+        # The host's CPU time as stats report it: a second more at each read, the containers idle.
+        self._host_cpu = itertools.count(10**9, 10**9)
 
     def add_container(self, spec: ContainerSpec, status: str = "running") -> FakeContainer:
         """Put a container in place behind the API's back (one from before a restart, or a foreign one)."""
@@ -264,12 +266,13 @@ class FakeRuntime:
 
         return chunks()
 
-    async def stats(self, container_id: str) -> ContainerStats:
+    async def stats(self, container_id: str, *, one_shot: bool = False) -> ContainerStats:
         container = self._find(container_id)
         return ContainerStats(
             container_id=container.id,
             name=container.name,
             status=container.status,
+            system_cpu_usage_ns=next(self._host_cpu),
             memory_limit=container.spec.mem_limit or 8 * GB,
         )
 

@@ -76,6 +76,11 @@ from mmanager.wire import (
 # /health must answer quickly even when the daemon hangs.
 PING_TIMEOUT = 3.0
 _POOL_THREADS = 64
+# Stats reads at once, in a pool and on connections of their own so a sampling round never takes the ones other
+# calls need. Docker's stats collector reads every subscribed container in one pass a second and a one-shot read
+# waits for the next pass: reads in flight together share it, so a round costs about a second per STATS_READS
+# containers (controller.stats).
+STATS_READS = 64
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +139,7 @@ class Runtime(Protocol):
     async def logs(self, container_id: str, lines: int) -> str: ...
     async def log_bytes(self, container_id: str, lines: int) -> bytes: ...
     async def follow_logs(self, container_id: str, lines: int) -> AsyncIterator[bytes]: ...
-    async def stats(self, container_id: str) -> ContainerStats: ...
+    async def stats(self, container_id: str, *, one_shot: bool = False) -> ContainerStats: ...
     async def put_archive(self, container_id: str, data: bytes) -> None: ...
     async def stat_path(self, container_id: str, path: str) -> PathStat | None: ...
     async def stat_paths(self, container_id: str, paths: list[str]) -> list[PathStat | None]: ...
@@ -160,6 +165,7 @@ class DockerRuntime:
         self._log_pool = ThreadPoolExecutor(max_workers=settings.max_log_streams, thread_name_prefix="docker-logs")
         # Job runs' waits (controller.jobs), one blocked thread each: apart, so they never starve the main pool.
         self._wait_pool = ThreadPoolExecutor(max_workers=settings.max_containers, thread_name_prefix="docker-wait")
+        self._stats_pool = ThreadPoolExecutor(max_workers=STATS_READS, thread_name_prefix="docker-stats")
         self._log_streams = 0
         # The pulls of missing images running now, for GET /images/pulls.
         self._pulls = Pulls()
@@ -179,7 +185,7 @@ class DockerRuntime:
         with self._connect_lock:
             if self._client is None:
                 # Version negotiation happens here; bound it like a ping, then use the configured timeout.
-                kwargs: dict[str, Any] = {"version": "auto", "timeout": PING_TIMEOUT, "max_pool_size": 32}
+                kwargs: dict[str, Any] = {"version": "auto", "timeout": PING_TIMEOUT, "max_pool_size": 32 + STATS_READS}
                 host = self._settings.docker_host
                 client = docker.DockerClient(base_url=host, **kwargs) if host else docker.from_env(**kwargs)
                 client.api.timeout = self._settings.docker_timeout  # type: ignore[assignment]  # seconds as a float: the stubs say int, requests takes either
@@ -508,15 +514,33 @@ class DockerRuntime:
     def _log_stream_closed(self) -> None:
         self._log_streams -= 1
 
-    async def stats(self, container_id: str) -> ContainerStats:
+    async def stats(self, container_id: str, *, one_shot: bool = False) -> ContainerStats:
+        """One stats reading. ``one_shot``: Docker reads once (milliseconds) and ``cpu_percent`` is 0, the
+        caller computing it from the cumulative counters against its previous reading (controller.stats);
+        else Docker reads twice about a second apart and ``cpu_percent`` is ``docker stats``'s figure. An
+        engine older than API 1.41 has no one-shot reads: it is read twice, the counters the same.
+
+        A container removed while it is read is NotFound, whichever way Docker says it: an empty body (it
+        went during the read), 404, or 409 (its removal under way)."""
+
         def stats(client: docker.DockerClient) -> ContainerStats:
             container = self._managed(client, container_id)
-            sample = container.stats(stream=False)
+            gone = NotFound(f"container {container_id!r} went away while its stats were read")
+            once = one_shot and not docker.utils.version_lt(client.api.api_version, "1.41")
+            try:
+                sample = container.stats(stream=False, one_shot=True) if once else container.stats(stream=False)
+            except docker.errors.APIError as exc:
+                if exc.status_code in (404, 409):
+                    raise gone from None
+                raise
+            except ValueError:
+                # requests' JSONDecodeError: Docker closed the answer without a body, the container removed.
+                raise gone from None
             # Not streamed: one sample, as a dict; a container got by id has its id and name.
             assert isinstance(sample, dict) and container.id is not None and container.name is not None
             return _summarize_stats(container.id, container.name, container.status, sample)
 
-        return await self._run(stats)
+        return await self._run(stats, pool=self._stats_pool)
 
     async def put_archive(self, container_id: str, data: bytes) -> None:
         """Unpack ``data`` at ``/``, never letting a file take a folder's place or a folder a file's.
@@ -657,6 +681,7 @@ class DockerRuntime:
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._log_pool.shutdown(wait=False, cancel_futures=True)
         self._wait_pool.shutdown(wait=False, cancel_futures=True)
+        self._stats_pool.shutdown(wait=False, cancel_futures=True)
 
 
 def _archive_call(
@@ -812,21 +837,32 @@ def _summary_info(summary: dict[str, Any]) -> ContainerInfo:
     )
 
 
+def cpu_percent(usage: int, system: int, before_usage: int, before_system: int, online: int) -> float | None:
+    """``docker stats``'s CPU figure between two readings of cumulative counters (nanoseconds: the
+    container's CPU time, the host's): percent of one core, so up to 100 per online CPU. None where the
+    counters give no figure: the container's went back (restarted, so counting afresh) or no host time
+    passed between the readings."""
+    if usage < before_usage or system <= before_system:
+        return None
+    return round((usage - before_usage) / (system - before_system) * online * 100, 3)
+
+
 def _summarize_stats(container_id: str, name: str, status: str, raw: dict[str, Any]) -> ContainerStats:
-    """Docker's one-shot stats reduced the way ``docker stats`` computes them."""
+    """Docker's stats reduced the way ``docker stats`` computes them: CPU between ``precpu_stats`` and
+    ``cpu_stats``, 0 where there is no earlier reading (a one-shot read)."""
     cpu, precpu = raw.get("cpu_stats") or {}, raw.get("precpu_stats") or {}
-    cpu_delta = (cpu.get("cpu_usage") or {}).get("total_usage", 0) - (precpu.get("cpu_usage") or {}).get(
-        "total_usage", 0
-    )
-    system_delta = cpu.get("system_cpu_usage", 0) - precpu.get("system_cpu_usage", 0)
+    usage = int((cpu.get("cpu_usage") or {}).get("total_usage", 0))
+    system = int(cpu.get("system_cpu_usage", 0))
     online = cpu.get("online_cpus") or len((cpu.get("cpu_usage") or {}).get("percpu_usage") or []) or 1
-    cpu_percent = cpu_delta / system_delta * online * 100 if cpu_delta > 0 and system_delta > 0 else 0.0
+    before_system = int(precpu.get("system_cpu_usage", 0))
+    between = cpu_percent(usage, system, int((precpu.get("cpu_usage") or {}).get("total_usage", 0)),
+                          before_system, online) if before_system else None
 
     memory = raw.get("memory_stats") or {}
     detail = memory.get("stats") or {}
     # Page cache is reclaimable, so docker stats leaves it out (cgroup v1 and v2 name it differently).
     cache = detail.get("total_inactive_file", detail.get("inactive_file", 0))
-    usage = max(int(memory.get("usage", 0)) - int(cache), 0)
+    in_use = max(int(memory.get("usage", 0)) - int(cache), 0)
     limit = int(memory.get("limit", 0))
 
     networks = (raw.get("networks") or {}).values()
@@ -836,12 +872,14 @@ def _summarize_stats(container_id: str, name: str, status: str, raw: dict[str, A
         name=name,
         status=status,
         read=raw.get("read"),
-        cpu_percent=round(cpu_percent, 3),
+        cpu_percent=between or 0.0,
+        cpu_usage_ns=usage,
+        system_cpu_usage_ns=system,
         online_cpus=online,
-        memory_usage=usage,
+        memory_usage=in_use,
         memory_limit=limit,
-        memory_percent=round(usage / limit * 100, 3) if limit else 0.0,
-        memory_usage_mb=round(usage / 2**20, 3),
+        memory_percent=round(in_use / limit * 100, 3) if limit else 0.0,
+        memory_usage_mb=round(in_use / 2**20, 3),
         memory_limit_mb=round(limit / 2**20, 3),
         network_rx_bytes=sum(n.get("rx_bytes", 0) for n in networks),
         network_tx_bytes=sum(n.get("tx_bytes", 0) for n in networks),

@@ -63,6 +63,9 @@ class ContainerStats(WireModel):
     status: str
     read: str | None = None
     cpu_percent: float = 0.0
+    # Cumulative counters, nanoseconds: the container's CPU time and the host's (all CPUs), as Docker read them.
+    cpu_usage_ns: int = 0
+    system_cpu_usage_ns: int = 0
     online_cpus: int = 0
     memory_usage: int = 0
     memory_limit: int = 0

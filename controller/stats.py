@@ -2,16 +2,30 @@
 
 ``StatsSampler`` wakes every ``MMANAGER_STATS_INTERVAL`` seconds, lists the
 running managed containers (one cheap Docker call) and reads each one's stats
-(``stream=False``: Docker takes two readings about a second apart, and
-``controller.runtime`` reduces them the way ``docker stats`` does, as
-``GET /containers/{id}/stats`` answers). Reads run at most ``MAX_SAMPLES`` at
-once, so a host with many containers never takes every Docker connection.
+once (a one-shot read). Docker's stats collector reads its subscribed
+containers in one pass a second, and a read waits for the next pass (Docker's
+own two readings, ``stream=False``, for two); reads in flight together share a
+pass, so a round costs about a second per ``STATS_READS`` containers (the
+runtime's reads at once, on connections of their own).
+
+CPU is ``docker stats``'s formula applied between this round's reading of a
+container and the previous round's, kept per container id until the container
+goes: for a steady load the same figure as ``GET /containers/{id}/stats``
+(Docker's two readings), averaged over the interval instead of its last
+second. A container's first reading (new, or the sampler's first round) gives
+no CPU figure, so it has no sample until the next round: an unknown CPU is
+left out, not published as 0, which would drag the hub's averages down. A
+container restarted under the same id counts from 0 again and starts afresh
+the same way.
 
 The latest sample per container is kept in memory: the heartbeat carries it to
 the hub, the container listing shows it as ``resource_usage`` (for a hub that
 polls), and ``/metrics`` exports it as ``mmanager_container_*`` gauges. A
 container that stops or goes away loses its sample and its series; a read that
-fails keeps the previous sample until the next interval.
+fails keeps the previous sample until the next interval. A container removed
+while the round reads it (stops, deletes, moves, orphan removal) costs only its
+own sample, quietly; a read that fails unexpectedly costs only that container's
+sample too, and is logged once until that container reads again.
 
 Where the GPU monitor runs (NVML answers), a container given GPUs also gets its
 VRAM (NVML's compute processes mapped to containers as ``controller.vram`` maps
@@ -33,14 +47,11 @@ from controller.config import ControllerSettings
 from controller.errors import ControllerError, NotFound
 from controller.gpu_monitor import GpuMonitor
 from controller.health import ControllerMetrics
-from controller.runtime import Runtime
+from controller.runtime import STATS_READS, Runtime, cpu_percent
 from controller.schemas import ContainerStats
 from controller.vram import container_of, per_container
 from mmanager.loops import LoopService
 from mmanager.wire import ContainerInfo, ContainerUsage, GpuUsage
-
-# Stats reads in flight at once; each holds a Docker connection (of 32) for about a second.
-MAX_SAMPLES = 16
 
 log = logging.getLogger(__name__)
 
@@ -69,10 +80,10 @@ def gpu_use(running: list[ContainerInfo], samples: list[GpuUsage], processes: li
     return out
 
 
-def usage_of(stats: ContainerStats, now: datetime) -> ContainerUsage:
+def usage_of(stats: ContainerStats, cpu: float, now: datetime) -> ContainerUsage:
     return ContainerUsage(
         sampled_at=now,
-        cpu_percent=max(stats.cpu_percent, 0.0),
+        cpu_percent=max(cpu, 0.0),
         memory_bytes=stats.memory_usage,
         memory_percent=stats.memory_percent,
         network_rx_bytes=stats.network_rx_bytes,
@@ -84,11 +95,11 @@ def usage_of(stats: ContainerStats, now: datetime) -> ContainerUsage:
 
 class StatsSampler(LoopService):
     name = "stats-sampler"
-    # A round (about a second of Docker's own readings) is not waited for on the way out.
+    # A round (Docker's reads in flight) is not waited for on the way out.
     cancel_on_stop = True
 
     def __init__(self, settings: ControllerSettings, runtime: Runtime, metrics: ControllerMetrics,
-                 *, max_concurrent: int = MAX_SAMPLES, gpus: GpuMonitor | None = None,
+                 *, max_concurrent: int = STATS_READS, gpus: GpuMonitor | None = None,
                  locate: Callable[[int], str | None] = container_of) -> None:
         super().__init__(settings.stats_interval, jitter=0.0)
         self.runtime = runtime
@@ -97,6 +108,10 @@ class StatsSampler(LoopService):
         self.locate = locate
         self._max_concurrent = max_concurrent
         self._latest: dict[str, ContainerUsage] = {}
+        # Each running container's previous reading: (its CPU time, the host's), nanoseconds.
+        self._readings: dict[str, tuple[int, int]] = {}
+        # Containers whose last read failed unexpectedly (already logged once).
+        self._failing: set[str] = set()
 
     def usage(self, container_id: str) -> ContainerUsage | None:
         return self._latest.get(container_id)
@@ -129,19 +144,40 @@ class StatsSampler(LoopService):
         """Sample every running managed container once."""
         running = await self.runtime.list_containers(all=False, detailed=False)
         slots = asyncio.Semaphore(self._max_concurrent)
+        gone: set[str] = set()
 
         async def sample(info: ContainerInfo) -> tuple[str, ContainerUsage | None]:
             async with slots:
                 try:
-                    stats = await self.runtime.stats(info.id)
+                    stats = await self.runtime.stats(info.id, one_shot=True)
                 except NotFound:
+                    # Removed since the listing: an ordinary race, not an error.
+                    gone.add(info.id)
                     return info.id, None
                 except ControllerError as exc:
                     log.debug("no stats for %s this round: %s", info.name, exc.message)
                     return info.id, self._latest.get(info.id)
-                return info.id, usage_of(stats, datetime.now(UTC))
+                except Exception:
+                    if info.id not in self._failing:
+                        log.warning("stats of %s unreadable; its previous sample stays", info.name, exc_info=True)
+                        self._failing.add(info.id)
+                    return info.id, self._latest.get(info.id)
+            self._failing.discard(info.id)
+            if not stats.system_cpu_usage_ns:
+                # Docker's answer for a container no longer running (stopped since the listing): no counters to
+                # keep, so a start under the same id is a first reading, not a delta against zeros.
+                self._readings.pop(info.id, None)
+                return info.id, None
+            before = self._readings.get(info.id)
+            self._readings[info.id] = (stats.cpu_usage_ns, stats.system_cpu_usage_ns)
+            cpu = None if before is None else cpu_percent(stats.cpu_usage_ns, stats.system_cpu_usage_ns, *before,
+                                                          stats.online_cpus)
+            return info.id, None if cpu is None else usage_of(stats, cpu, datetime.now(UTC))
 
         results = dict(await asyncio.gather(*(sample(info) for info in running)))
+        alive = {info.id for info in running} - gone
+        self._readings = {cid: reading for cid, reading in self._readings.items() if cid in alive}
+        self._failing &= alive
         latest = {cid: usage for cid, usage in results.items() if usage is not None}
         if self.gpus is not None and self.gpus.started and any(info.gpu_device_ids for info in running):
             latest = await self._with_gpu_use(running, latest, self.gpus)

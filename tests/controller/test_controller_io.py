@@ -126,6 +126,8 @@ async def test_stats(ctl: Ctl, example_image: str) -> None:
     assert 0 < stats["memory_usage"] < stats["memory_limit"]
     assert 0 < stats["memory_percent"] < 100
     assert stats["cpu_percent"] >= 0 and stats["online_cpus"] >= 1
+    # The cumulative counters behind cpu_percent: two answers give the CPU use between them.
+    assert stats["cpu_usage_ns"] > 0 and stats["system_cpu_usage_ns"] > stats["cpu_usage_ns"]
     assert stats["pids"] >= 1
     for key in ("network_rx_bytes", "network_tx_bytes", "block_read_bytes", "block_write_bytes"):
         assert stats[key] >= 0

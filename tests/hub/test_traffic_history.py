@@ -214,6 +214,7 @@ async def test_a_gpu_controllers_samples_give_the_buckets_vram_and_utilisation(a
                            gpus=monitor, locate=pids.get)
     monitor._started = True  # opened above; its loop is not run, its rounds are
     await monitor.run_once()
+    await sampler.run_once()  # each container's first reading: its CPU figure comes with the next
     await sampler.run_once()
     assert sampler.usage(on_cpu) is not None and sampler.usage(on_cpu).gpu_memory_bytes is None  # type: ignore[union-attr]
 

@@ -153,6 +153,7 @@ async def test_the_sampler_tells_unknown_vram_from_none_and_nvml_failing_costs_o
         assert usage is not None
         return usage.sampled_at, usage.gpu_memory_bytes, usage.gpu_util_percent
 
+    await sampler.run_once()  # each container's first reading: its CPU figure comes with the next
     await sampler.run_once()
     first = {cid: shown(cid) for cid in (listed, unsupported, cpu)}
     # GPU 0 listed no process: 0 bytes; GPU 1's list is unsupported: unknown.

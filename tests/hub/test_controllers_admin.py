@@ -179,10 +179,15 @@ async def test_a_changed_file_is_applied_without_a_restart(db: Database, tmp_pat
             (await session.get(ControllerModel, "a")).weight = 7  # type: ignore[union-attr]
         watch = ControllersFileWatch(hub.controllers, path, 1.0)
 
-        # a changed, b and c gone (b holds a service: disabled and kept), d new.
+        # a changed, b and c gone (b holds a service: disabled and kept), d new. The first look only notes the
+        # new version (it may be half-written); the next one that sees it too applies it.
         write(path, [entry("a", priority=5, weight=100), entry("d", weight=300)])
+        before = await rows(db)
         await watch.run_once()
-        assert await rows(db) == {"a": ("http://a.invalid:8001", True, 5, 100),
+        assert await rows(db) == before
+        await watch.run_once()
+        # a's weight, which the file did not change, keeps the admin's 7.
+        assert await rows(db) == {"a": ("http://a.invalid:8001", True, 5, 7),
                                   "b": ("http://b.invalid:8001", False, 1, 100),
                                   "d": ("http://d.invalid:8001", True, 1, 300)}
         assert [e.id for e in settings.controller_entries] == ["a", "d", "b"]
@@ -194,25 +199,28 @@ async def test_a_changed_file_is_applied_without_a_restart(db: Database, tmp_pat
                   if e.details["trigger"] == "file changed"}
         assert set(events) == {("a", "updated"), ("b", "disabled"), ("c", "deleted"), ("d", "registered")}
         assert all(e.actor == "system" and e.method == "RELOAD" for e in events.values())
-        assert events[("a", "updated")].details["changes"] == {"priority": {"before": 1, "after": 5},
-                                                               "weight": {"before": 7, "after": 100}}
+        assert events[("a", "updated")].details["changes"] == {"priority": {"before": 1, "after": 5}}
         assert events[("b", "disabled")].details["holds"]["services"] == ["s1"]
 
-        # A file that is not valid changes nothing, and says why once.
+        # A file that is not valid changes nothing, and says why once. An empty, truncated or mis-keyed one is
+        # not valid: it would otherwise delete every controller the file listed.
         before = await rows(db)
-        for bad in ("[{\"id\": \"a\", \"url\": \"gopher://x\"}]", "{not json", [entry("a"), entry("a")],
-                    [entry("e", api_key="weakkey9")]):
+        bad_files: list[Any] = ["[{\"id\": \"a\", \"url\": \"gopher://x\"}]", "{not json", [entry("a"), entry("a")],
+                                [entry("e", api_key="weakkey9")], "", "controllers:\n", "controller: []\n",
+                                "{\"controllers\": null}", [entry("e", url="http://[")]]
+        for bad in bad_files:
             write(path, bad)
-            await watch.run_once()
-            await watch.run_once()
+            for _ in range(3):
+                await watch.run_once()
         assert await rows(db) == before
         refused = [e for e in await audit_rows(db) if e.error_code == "CONTROLLERS_FILE_INVALID"]
-        assert len(refused) == 4 and "weakkey9" not in json.dumps([e.details for e in refused])
+        assert len(refused) == len(bad_files) and "weakkey9" not in json.dumps([e.details for e in refused])
 
         # Once b holds nothing, the next reload deletes it.
         async with db.session() as session:
             await session.delete(await session.get(ServiceModel, "s1"))
         write(path, [entry("a", priority=5), entry("d", weight=300)])
+        await watch.run_once()
         await watch.run_once()
         assert set(await rows(db)) == {"a", "d"}
 

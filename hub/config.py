@@ -11,7 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hub.schemas import MAX_REPLICAS
+from hub.schemas import MAX_REPLICAS, ControllerUrl
 from hub.sealing import Sealer, parse_key
 from mmanager.keys import key_problem
 from mmanager.logs import LogSettings
@@ -25,7 +25,8 @@ class ControllerEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    url: str = Field(min_length=1, max_length=512, pattern=r"^https?://")
+    # The API's own check (``POST``/``PATCH /api/admin/controllers``): a URL the hub's client can call.
+    url: ControllerUrl
     server_type: Literal["gpu", "cpu", "edge"] = "cpu"
     enabled: bool = True
     priority: int = Field(default=1, ge=0, le=1000)
@@ -34,7 +35,7 @@ class ControllerEntry(BaseModel):
 
 
 def parse_controllers(raw: str) -> list[ControllerEntry]:
-    """``MMANAGER_CONTROLLERS``: inline JSON, or a YAML/JSON file's path; ids must be unique."""
+    """``MMANAGER_CONTROLLERS``: inline JSON, or a YAML/JSON file's path; ids must be unique. Unset: none."""
     raw = raw.strip()
     if not raw:
         return []
@@ -42,13 +43,17 @@ def parse_controllers(raw: str) -> list[ControllerEntry]:
         data: Any = json.loads(raw)
     else:
         data = yaml.safe_load(Path(raw).read_text())
+    # An empty or truncated file, or a mis-keyed mapping, is refused rather than read as "no controllers": a
+    # reload would delete or disable every controller the file listed. No controllers at all is `controllers: []`.
     if isinstance(data, dict):
-        data = data.get("controllers", data.get("mmanager_controllers", []))
-    if data is None:
-        data = []
+        key = next((k for k in ("controllers", "mmanager_controllers") if k in data), None)
+        if key is None:
+            raise ValueError("MMANAGER_CONTROLLERS has no 'controllers' list (write `controllers: []` for none)")
+        data = data[key]
     if not isinstance(data, list):
         raise ValueError("MMANAGER_CONTROLLERS must be a list of controllers (or a mapping with one under "
-                         "'controllers')")
+                         "'controllers'); it is empty or truncated, or not a list (write `controllers: []` "
+                         "for none)")
     entries = [ControllerEntry.model_validate(item) for item in data]
     seen: set[str] = set()
     for entry in entries:

@@ -132,6 +132,9 @@ class ControllerModel(Base):
     # uses the smaller (``effective_max_containers``).
     max_containers: Mapped[int] = mapped_column(Integer, default=100)
     max_containers_cap: Mapped[int | None] = mapped_column(Integer, default=None)
+    # Listed in MMANAGER_CONTROLLERS (set by the start's sync and by reloads): a row the file listed and no
+    # longer does is the file's to delete, whichever replica, at whichever start or reload, sees it gone.
+    from_file: Mapped[bool] = mapped_column(Boolean, default=False, server_default=text("false"))
     containers_running: Mapped[int] = mapped_column(Integer, default=0)
     load_percentage: Mapped[float] = mapped_column(Float, default=0.0)
     memory_usage_percent: Mapped[float] = mapped_column(Float, default=0.0)
@@ -264,6 +267,16 @@ class HubReplicaModel(Base):
     is_leader: Mapped[bool] = mapped_column(Boolean, default=False)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     last_seen_at: Mapped[datetime] = mapped_column(default=utcnow, index=True)
+
+
+class DeletedControllerModel(Base):
+    """A controller deleted (by ``DELETE /api/admin/controllers/{id}`` or a reload): its heartbeats no longer
+    register it again. Gone when an admin registers it (``POST``) or ``MMANAGER_CONTROLLERS`` lists it."""
+
+    __tablename__ = "deleted_controllers"
+
+    id: Mapped[str] = mapped_column(String(128), primary_key=True)
+    deleted_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class ControllerKeyModel(Base):

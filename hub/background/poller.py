@@ -121,7 +121,7 @@ class ControllerPoller(LoopService):
         rows = await self.ingest.rows_for(controller_id, self.db)
         attempts = await self.ingest.attempts_of(containers, self.db)
         result = self.ingest.observe(controller_id, health, containers, rows, pushed=False, listed_at=listed_at,
-                                     attempts=attempts)
+                                     attempts=attempts, url=url)
         for order in result.stop:
             try:
                 if order.attempt_id is not None:

@@ -28,7 +28,7 @@ from hub.schemas import (
     ServiceOut,
 )
 from hub.services.controller_keys import create_key, list_keys, revoke_key
-from hub.services.controllers import controller_out, get_controller, holdings
+from hub.services.controllers import controller_out, effective_max_containers, get_controller, holdings
 from hub.services.monitoring import alert_out, alerts_query
 from hub.services.operations import operations_query
 from mmanager.audit import describe_call
@@ -129,12 +129,15 @@ async def update_controller(controller_id: str, body: ControllerPatch, request: 
     """Change priority, weight, the containers cap, server type or URL; the next placement uses them."""
     row, changes = await hub.controllers.update(session, controller_id, body)
     describe_call(request, changes=changes)
-    if "url" in changes:
-        # Asked at its new address at once, as a registration is: placeable again as soon as it answers there.
-        await hub.controllers.poll_one(session, row)
+    # Committed before anything is asked of the controller: its row's lock is not held across a network call.
     await session.commit()
     if changes:
         hub.services.placement.stale()
+    if "url" in changes:
+        # Asked at its new address at once, as a registration is: placeable again as soon as it answers there.
+        async with hub.db.session() as polled:
+            row = await get_controller(polled, controller_id)
+            await hub.controllers.poll_one(polled, row)
     return controller_out(row)
 
 
@@ -252,7 +255,7 @@ async def resources_usage(_: AdminUser, hub: HubDep, session: SessionDep) -> Any
                 "server_type": c.server_type,
                 "status": controller_out(c).status,
                 "containers": v.containers,
-                "max_containers": c.max_containers,
+                "max_containers": effective_max_containers(c),
                 "load_percentage": c.load_percentage,
                 "memory_usage_percent": c.memory_usage_percent,
                 "cpu_cores": c.cpu_cores,
@@ -271,7 +274,7 @@ async def resources_usage(_: AdminUser, hub: HubDep, session: SessionDep) -> Any
             "controllers": len(rows),
             "healthy": sum(1 for c in rows if c.status == "healthy"),
             "containers": sum(c["containers"] for c in controllers),
-            "max_containers": sum(c.max_containers for c in rows),
+            "max_containers": sum(c["max_containers"] for c in controllers),
             "gpus_total": sum(c["gpus_total"] for c in controllers),
             "gpus_used": sum(c["gpus_used"] for c in controllers),
         },

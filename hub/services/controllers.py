@@ -8,7 +8,11 @@ weight, cap, type or URL, a deletion) is told to the placement cache at once.
 Invariant: a controller that holds something (a service's copy, a job's live
 attempt) is never deleted, neither by ``DELETE /api/admin/controllers/{id}`` nor
 by a reload of ``MMANAGER_CONTROLLERS`` (``ControllerRegistry.reload``): a reload
-disables it instead, and a later reload deletes it once it is empty.
+disables it instead, and a later start or reload deletes it once it is empty (its
+row is marked ``from_file``). A placement locks the controller's row (``FOR KEY
+SHARE``) while it inserts what it places there, so a delete either sees it or
+makes it fail. A deleted controller leaves a ``deleted_controllers`` row: its own
+heartbeats do not register it again.
 """
 
 from __future__ import annotations
@@ -19,6 +23,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, or_, select
+from sqlalchemy.dialects.postgresql import insert as pg_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.config import ControllerEntry, HubSettings
@@ -30,6 +36,7 @@ from hub.models import (
     ContainerRegistryModel,
     ControllerKeyModel,
     ControllerModel,
+    DeletedControllerModel,
     JobAttemptModel,
     OperationModel,
     ServiceModel,
@@ -140,7 +147,15 @@ async def remove_controller(session: AsyncSession, controller_id: str) -> dict[s
     await session.execute(delete(ContainerRegistryModel).where(ContainerRegistryModel.controller_id == controller_id,
                                                                ContainerRegistryModel.status == "stale"))
     await session.execute(delete(ControllerModel).where(ControllerModel.id == controller_id))
+    # In the same transaction: a heartbeat that finds the row gone finds this too, and does not register it again.
+    await session.execute(delete(DeletedControllerModel).where(DeletedControllerModel.id == controller_id))
+    session.add(DeletedControllerModel(id=controller_id))
     return {}
+
+
+async def undelete(session: AsyncSession, controller_id: str) -> None:
+    """An admin registers the controller again, or the file lists it: its heartbeats may register it again."""
+    await session.execute(delete(DeletedControllerModel).where(DeletedControllerModel.id == controller_id))
 
 
 def has_services(controller_id: str, held: dict[str, Any]) -> Conflict:
@@ -155,9 +170,8 @@ def _entry_values(entry: ControllerEntry) -> dict[str, Any]:
             "priority": entry.priority, "weight": entry.weight}
 
 
-def _same_entry(a: ControllerEntry, b: ControllerEntry) -> bool:
-    key = (lambda e: e.api_key.get_secret_value() if e.api_key else None)
-    return _entry_values(a) == _entry_values(b) and key(a) == key(b)
+def _key_of(entry: ControllerEntry) -> str | None:
+    return entry.api_key.get_secret_value() if entry.api_key else None
 
 
 class ControllerRegistry:
@@ -172,33 +186,40 @@ class ControllerRegistry:
         self.audit = AuditLog(db)
         # One reload at a time (a SIGHUP during the watcher's reload waits for it).
         self._reload_lock = asyncio.Lock()
-        # Entries gone from the file whose controllers a reload disabled and kept (they held services).
-        self._kept: set[str] = set()
+        # The file's entries as this replica last applied them, one by one: a reload that fails part-way (the
+        # database went away) leaves the rest to the next one, which finds them still different.
+        self._listed: dict[str, ControllerEntry] = {e.id: e for e in settings.controller_entries}
+        # Entries gone from the file whose controllers were kept, disabled (they hold something): their keys
+        # stay in force to reach them, while this replica runs (a restarted one no longer knows them).
+        self._kept: dict[str, ControllerEntry] = {}
 
     async def sync_from_config(self) -> None:
-        """Upsert ``MMANAGER_CONTROLLERS``: the configuration wins over the table at start-up. What it
-        changes in the table is audited (actor ``system``); entries the table holds and the configuration
-        does not name are left alone (they were registered by API or by their own heartbeats)."""
-        entries = self.settings.controller_entries
-        if not entries:
+        """Upsert ``MMANAGER_CONTROLLERS``: the configuration wins over the table at start-up. Controllers it
+        listed before (``from_file``) and lists no more are removed as a reload removes them: the file may
+        have changed while no hub ran. What it changes in the table is audited (actor ``system``); controllers
+        it never listed are left alone (they were registered by API or by their own heartbeats)."""
+        if not self.settings.controllers.strip():
             return
+        entries = self.settings.controller_entries
         shared = [e.id for e in entries if e.api_key is None]
         if len(shared) > 1 and not self.settings.dev_mode:
             # Each of them holds the key that drives all of them: one broken into can drive the others.
             log.warning("%d controllers share MMANAGER_API_KEY (%s): give each entry its own api_key "
                         "(docs/SECURITY.md#controller-credentials)", len(shared), ", ".join(shared[:5]))
         for entry in entries:
-            await self._apply_entry(entry, "start")
+            await self._apply_entry(entry, "start", None)
+        for controller_id in await self._gone({e.id for e in entries}):
+            await self._remove_entry(controller_id, "start")
 
     async def reload(self, trigger: str) -> bool:
         """Read ``MMANAGER_CONTROLLERS`` again and apply what changed in it since it was last read.
 
-        Entries new in it are registered, entries changed in it are updated (the configuration wins for
-        them, as at the start), and entries gone from it are deleted when they hold nothing, else disabled
-        and kept (a later reload deletes them once empty). Entries unchanged in it are left as they are:
-        what an admin changed through the API since stands until the file changes that entry. A file that
-        cannot be read or is not valid changes nothing (logged and audited). Every change is audited with
-        actor ``system``. Returns whether the file was applied.
+        Entries new in it are registered; in an entry changed in it, the fields it changed are set (the
+        others keep what an admin changed through the API); controllers it listed and lists no more are
+        deleted when they hold nothing, else disabled and kept (a later start or reload deletes them once
+        empty). A file that cannot be read or is not valid (an empty one among them) changes nothing (logged
+        and audited). Every change is audited with actor ``system``. Returns whether the file was applied;
+        raises when the database fails, what was applied until then staying applied.
         """
         async with self._reload_lock:
             source = str(self.settings.controllers_file or "inline JSON")
@@ -211,70 +232,112 @@ class ControllerRegistry:
                 await self._audit(None, 422, {"trigger": trigger, "file": source, "message": reason},
                                   error_code="CONTROLLERS_FILE_INVALID")
                 return False
-            before = {e.id: e for e in self.settings.controller_entries}
-            after = {e.id: e for e in entries}
-            gone = [before[cid] for cid in before if cid not in after]
-            # The old entries of those gone stay in force while they are removed: the hub keeps their keys to
-            # reach them (and keeps those it must disable but cannot delete).
-            self.settings.use_controller_entries(entries + gone)
-            for entry in entries:
-                # One a reload disabled and kept, back in the file: the file's ``enabled`` applies again.
-                if (entry.id not in before or entry.id in self._kept
-                        or not _same_entry(before[entry.id], entry)):
-                    await self._apply_entry(entry, trigger)
-            kept = [entry for entry in gone if not await self._remove_entry(entry, trigger)]
-            self._kept = {entry.id for entry in kept}
-            self.settings.use_controller_entries(entries + kept)
-            self.placement.stale()
-            log.info("MMANAGER_CONTROLLERS (%s) reloaded (%s): %d entries, %d removed from it, %d of them kept "
-                     "disabled while they hold services", source, trigger, len(entries), len(gone), len(kept))
+            removed = kept = 0
+            try:
+                for entry in entries:
+                    # One kept while gone from the file and back in it is applied whole: the file's ``enabled``
+                    # applies again.
+                    await self._apply_entry(entry, trigger, self._listed.get(entry.id))
+                    self._listed[entry.id] = entry
+                    self._kept.pop(entry.id, None)
+                    self._put_in_force()
+                for controller_id in await self._gone({e.id for e in entries}):
+                    old = self._listed.get(controller_id) or self._kept.get(controller_id)
+                    if await self._remove_entry(controller_id, trigger):
+                        removed += 1
+                        self._kept.pop(controller_id, None)
+                    else:
+                        kept += 1
+                        if old is not None:
+                            self._kept[controller_id] = old
+                    self._listed.pop(controller_id, None)
+                    self._put_in_force()
+            finally:
+                self.placement.stale()
+            log.info("MMANAGER_CONTROLLERS (%s) reloaded (%s): %d entries, %d controller(s) deleted, %d kept "
+                     "disabled while they hold services", source, trigger, len(entries), removed, kept)
             return True
 
-    async def _apply_entry(self, entry: ControllerEntry, trigger: str) -> None:
+    def _put_in_force(self) -> None:
+        """The keys ``key_for`` presents: the entries applied, and those of the controllers kept."""
+        self.settings.use_controller_entries(
+            [*self._listed.values(), *(e for cid, e in self._kept.items() if cid not in self._listed)])
+
+    async def _gone(self, listed: set[str]) -> list[str]:
+        """The controllers the file listed (as this replica knows, or as their rows say) and lists no more."""
+        async with self.db.session() as session:
+            marked = set(await session.scalars(select(ControllerModel.id).where(ControllerModel.from_file.is_(True))))
+        return sorted((marked | set(self._listed) | set(self._kept)) - listed)
+
+    async def _apply_entry(self, entry: ControllerEntry, trigger: str, previous: ControllerEntry | None) -> None:
+        """Set the controller's row to the entry: all of it when ``previous`` is None (the start, an entry new
+        in the file), else only the fields the file changed since ``previous``. A row missing is made whole."""
         values = _entry_values(entry)
+        wanted = values if previous is None else {
+            k: v for k, v in values.items() if _entry_values(previous)[k] != v}
+        key_changed = previous is not None and _key_of(previous) != _key_of(entry)
+        if previous is not None and not wanted and not key_changed:
+            return
+        changes: dict[str, Any] = {}
         async with self.db.session() as session:
             row = await session.get(ControllerModel, entry.id, with_for_update=True)
-            created = row is None
+            created = False
             if row is None:
-                row = ControllerModel(id=entry.id, **values)
-                session.add(row)
-                changes = {k: {"before": None, "after": v} for k, v in values.items()}
-            else:
-                changes = {k: {"before": getattr(row, k), "after": v} for k, v in values.items()
+                # Two replicas reloading the same file both find no row: one inserts, the other updates.
+                insert = (sqlite_insert if self.db.is_sqlite else pg_insert)(ControllerModel)
+                result = await session.execute(insert.values(id=entry.id, from_file=True, **values)
+                                               .on_conflict_do_nothing(index_elements=["id"]))
+                created = result.rowcount == 1  # type: ignore[attr-defined]  # a CursorResult
+                await undelete(session, entry.id)
+                if created:
+                    changes = {k: {"before": None, "after": v} for k, v in values.items()}
+                else:
+                    row = await session.get(ControllerModel, entry.id, with_for_update=True, populate_existing=True)
+                    wanted = values
+            if row is not None:
+                row.from_file = True
+                if wanted.get("enabled") is True and row.draining:
+                    # A drain under way keeps it disabled; enabling it is the admin's (POST .../enable).
+                    wanted = {k: v for k, v in wanted.items() if k != "enabled"}
+                changes = {k: {"before": getattr(row, k), "after": v} for k, v in wanted.items()
                            if getattr(row, k) != v}
                 if "url" in changes:
                     row.status = "unknown"
+                    row.error_message = None
                 for field in changes:
                     setattr(row, field, values[field])
+        if key_changed:
+            # Not a column: each replica presents it from its memory (``key_for``). Never its value.
+            changes["api_key"] = "changed"
         if created or changes:
             self.placement.stale()
             await self._audit(entry.id, 201 if created else 200,
                               {"trigger": trigger, "action": "registered" if created else "updated",
                                "changes": changes})
 
-    async def _remove_entry(self, entry: ControllerEntry, trigger: str) -> bool:
-        """An entry gone from the file: delete its controller if it holds nothing (True), else disable it."""
+    async def _remove_entry(self, controller_id: str, trigger: str) -> bool:
+        """A controller gone from the file: delete it if it holds nothing (True), else disable it."""
         async with self.db.session() as session:
-            if await session.get(ControllerModel, entry.id) is None:
+            if await session.get(ControllerModel, controller_id) is None:
                 return True
-            held = await remove_controller(session, entry.id)
+            held = await remove_controller(session, controller_id)
             if held:
-                row = await session.get(ControllerModel, entry.id)
+                row = await session.get(ControllerModel, controller_id)
                 assert row is not None
                 was_enabled = row.enabled
                 row.enabled = False
         if not held:
-            self.forget(entry.id)
-            log.warning("controller %s deleted: it is no longer in MMANAGER_CONTROLLERS", entry.id)
-            await self._audit(entry.id, 204, {"trigger": trigger, "action": "deleted",
-                                              "reason": "removed from MMANAGER_CONTROLLERS"})
+            self.forget(controller_id)
+            log.warning("controller %s deleted: it is no longer in MMANAGER_CONTROLLERS", controller_id)
+            await self._audit(controller_id, 204, {"trigger": trigger, "action": "deleted",
+                                                   "reason": "removed from MMANAGER_CONTROLLERS"})
             return True
         if was_enabled:
             self.placement.stale()
             log.warning("controller %s is no longer in MMANAGER_CONTROLLERS but holds %d service(s) and %d job "
-                        "attempt(s): disabled and kept, deleted by a later reload once empty (drain it)",
-                        entry.id, held["services_count"], held["job_attempts_count"])
-            await self._audit(entry.id, 200, {
+                        "attempt(s): disabled and kept, deleted by a later start or reload once empty (drain it)",
+                        controller_id, held["services_count"], held["job_attempts_count"])
+            await self._audit(controller_id, 200, {
                 "trigger": trigger, "action": "disabled", "changes": {"enabled": {"before": True, "after": False}},
                 "reason": "removed from MMANAGER_CONTROLLERS, but it holds services: kept until it is empty",
                 "holds": held})
@@ -327,6 +390,7 @@ class ControllerRegistry:
             raise Conflict(f"controller {data.id!r} is already registered", code="CONTROLLER_EXISTS")
         row = ControllerModel(**data.model_dump())
         row.url = row.url.rstrip("/")
+        await undelete(session, data.id)
         session.add(row)
         await session.flush()
         return row
@@ -341,8 +405,12 @@ class ControllerRegistry:
             return None, f"{type(exc).__name__}: {exc}"
 
     async def poll_one(self, session: AsyncSession, row: ControllerModel) -> ControllerHealth | None:
+        """Ask the controller, with no lock held meanwhile, and record what it said unless its URL changed."""
+        url = row.url
         health, error = await self.check(row)
-        self.record_health(row, health, error)
+        await session.refresh(row, with_for_update=True)
+        if row.url == url:
+            self.record_health(row, health, error)
         return health
 
     def record_health(self, row: ControllerModel, health: ControllerHealth | None, error: str | None) -> None:

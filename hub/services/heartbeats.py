@@ -45,7 +45,15 @@ from hub.config import HubSettings
 from hub.db import Database, any_of
 from hub.errors import HubError, InvalidRequest, NotFound, Overloaded
 from hub.metrics import HubMetrics
-from hub.models import ContainerRegistryModel, ControllerModel, JobAttemptModel, JobModel, ServiceModel, utcnow
+from hub.models import (
+    ContainerRegistryModel,
+    ControllerModel,
+    DeletedControllerModel,
+    JobAttemptModel,
+    JobModel,
+    ServiceModel,
+    utcnow,
+)
 from hub.outage import DatabaseOutage
 from hub.scheduler.reconcile import UNSETTLED, AttemptState, FenceResult, RegistryRow, RowUpdate, fence
 from hub.services.audit import controller_source, insert_shipped
@@ -97,6 +105,9 @@ class _Observation:
     health: ControllerHealth
     pushed: bool
     error: str | None = None
+    # The URL a poll asked (None: pushed): written only while it is still the row's URL, so a poll of an old
+    # URL that answers after a PATCH moved the controller does not make the new URL healthy.
+    url: str | None = None
 
 
 class HeartbeatIngest:
@@ -133,6 +144,8 @@ class HeartbeatIngest:
         sqlite = db.is_sqlite
         C = ControllerModel.__table__
         self._known = select(C.c.id).where(any_of(C.c.id, "ids", sqlite=sqlite))
+        D = DeletedControllerModel.__table__
+        self._deleted = select(D.c.id).where(any_of(D.c.id, "ids", sqlite=sqlite))
         self._registry_rows = _rows_query(any_of(ContainerRegistryModel.__table__.c.controller_id, "ids", sqlite=sqlite))
         self._controller_updates: dict[tuple[str, ...], Any] = {}
         A, J = JobAttemptModel.__table__, JobModel.__table__
@@ -240,6 +253,14 @@ class HeartbeatIngest:
                 )
             else:
                 new[b.controller_id] = b.heartbeat
+        if new:
+            # Read after ``known``: a delete commits its row's removal and this mark together, so a beat that
+            # missed the row finds the mark.
+            for r in await self.db.all(self._deleted, {"ids": sorted(new)}):
+                del new[r["id"]]
+                refused[r["id"]] = NotFound(
+                    f"controller {r['id']!r} was deleted; an admin registers it again (POST "
+                    f"/api/admin/controllers) or lists it in MMANAGER_CONTROLLERS", code="CONTROLLER_DELETED")
         shipping = [b for b in batch if b.heartbeat.audit and b.controller_id not in refused]
         if new or shipping:
             await self._store(new, {b.controller_id: b.arrived for b in batch}, shipping)
@@ -285,15 +306,20 @@ class HeartbeatIngest:
                 await insert_shipped(session, b.heartbeat.audit, controller_source(b.controller_id))
 
     def _controller_update(self, sample: dict[str, Any]) -> Any:
-        """The UPDATE of controller rows by id that sets the columns of ``sample``: one per shape, built once."""
+        """The UPDATE of controller rows by id that sets the columns of ``sample``: one per shape, built once.
+        A ``url`` in it is a condition (the row still has that URL), not a column set."""
         shape = tuple(sorted(sample))
         statement = self._controller_updates.get(shape)
         if statement is None:
             table = ControllerModel.__table__
+            where = [table.c.id == bindparam("b_id")]
+            if "url" in shape:
+                where.append(table.c.url == bindparam("b_url"))
             statement = self._controller_updates[shape] = (
                 update(table)
-                .where(table.c.id == bindparam("b_id"))
-                .values({key: bindparam(f"b_{key}", type_=table.c[key].type) for key in shape if key != "id"})
+                .where(*where)
+                .values({key: bindparam(f"b_{key}", type_=table.c[key].type) for key in shape
+                         if key not in ("id", "url")})
             )
         return statement
 
@@ -322,7 +348,8 @@ class HeartbeatIngest:
 
     def observe(self, controller_id: str, health: ControllerHealth, containers: list[HeartbeatContainer],
                 rows: list[RegistryRow], *, pushed: bool, listed_at: datetime | None = None,
-                at: datetime | None = None, attempts: dict[str, AttemptState] | None = None) -> FenceResult:
+                at: datetime | None = None, attempts: dict[str, AttemptState] | None = None,
+                url: str | None = None) -> FenceResult:
         """Record one observation; ``listed_at`` is when the container listing was taken, at the latest.
 
         A pushed heartbeat's listing was taken before it arrived: it is dated by the
@@ -333,7 +360,7 @@ class HeartbeatIngest:
         listed_at = listed_at or now - timedelta(seconds=PUSH_LAG)
         if not health.docker:
             # No fresh listing (Docker is down or hung): nothing can be judged missing, gone or orphan.
-            self._observations[controller_id] = _Observation(now, health, pushed)
+            self._observations[controller_id] = _Observation(now, health, pushed, url=url)
             return FenceResult()
         # A row written after the controller took its listing may name a container the listing
         # could not have shown yet; only older rows can be declared missing.
@@ -342,7 +369,7 @@ class HeartbeatIngest:
         drained_before = now - timedelta(seconds=self.settings.gateway_drain_timeout + DRAIN_SLACK)
         result = fence(rows, containers, self.orphan_grace, missing_before=min(now - settle, listed_at),
                        drained_before=drained_before, attempts=attempts)
-        self._observations[controller_id] = _Observation(now, health, pushed)
+        self._observations[controller_id] = _Observation(now, health, pushed, url=url)
         self.monitor.observe(controller_id, health, containers,
                              {r.container_id for r in rows if r.container_id and r.status != "stale"})
         for u in result.updates:
@@ -430,6 +457,8 @@ class HeartbeatIngest:
                 row = {"id": controller_id, "error_message": obs.error or h.error or "unhealthy"}
             if obs.pushed:
                 row["last_push_at"] = obs.at
+            if obs.url is not None:
+                row["url"] = obs.url
             row["updated_at"] = now
             (good if obs.error is None and h.status == "healthy" else bad).append(row)
         if good or bad:

@@ -3,13 +3,14 @@ the real Docker engine; and MMANAGER_CONTROLLERS read again from its file."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import signal
 from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from hub.app import build_hub, create_app
 from hub.background.controllers_file import ControllersFileWatch
@@ -22,12 +23,16 @@ from hub.models import (
     ControllerModel,
     OperationModel,
     ServiceModel,
+    utcnow,
 )
 from hub.services.controller_keys import create_key
+from hub.services.lifecycle import sql
 from hub.services.users import create_user
 from tests.hub.conftest import KEY, Cluster
+from tests.hub.test_controller_keys import key_hub
+from tests.hub.test_failure_handling import heartbeat
 from tests.hub.test_services_api import SPEC
-from tests.support.poll import wait_until
+from tests.support.poll import eventually, wait_until
 from tests.support.procs import LocalDeployment, api
 
 
@@ -74,7 +79,8 @@ async def test_a_new_url_is_where_the_hub_reaches_the_controller(cluster: Cluste
     cluster.router.down.add(old)
     r = await cluster.hub.patch(f"/api/admin/controllers/{cpu1}", json={"url": f"http://{new}:8001/"})
     assert r.status_code == 200, r.text
-    assert (r.json()["url"], r.json()["status"]) == (f"http://{new}:8001", "healthy")  # asked there at once
+    # Asked there at once: healthy by its answer at the new URL (no error), not by a pushed beat's flush.
+    assert (r.json()["url"], r.json()["status"], r.json()["error"]) == (f"http://{new}:8001", "healthy", None)
     service = await create(cluster, "moved")
     assert service["controller_id"] == cpu1 and service["endpoint"]["host"] == new
     assert service["status"] == "running"
@@ -179,10 +185,15 @@ async def test_a_changed_file_is_applied_without_a_restart(db: Database, tmp_pat
             (await session.get(ControllerModel, "a")).weight = 7  # type: ignore[union-attr]
         watch = ControllersFileWatch(hub.controllers, path, 1.0)
 
-        # a changed, b and c gone (b holds a service: disabled and kept), d new.
+        # a changed, b and c gone (b holds a service: disabled and kept), d new. The first look only notes the
+        # new version (it may be half-written); the next one that sees it too applies it.
         write(path, [entry("a", priority=5, weight=100), entry("d", weight=300)])
+        before = await rows(db)
         await watch.run_once()
-        assert await rows(db) == {"a": ("http://a.invalid:8001", True, 5, 100),
+        assert await rows(db) == before
+        await watch.run_once()
+        # a's weight, which the file did not change, keeps the admin's 7.
+        assert await rows(db) == {"a": ("http://a.invalid:8001", True, 5, 7),
                                   "b": ("http://b.invalid:8001", False, 1, 100),
                                   "d": ("http://d.invalid:8001", True, 1, 300)}
         assert [e.id for e in settings.controller_entries] == ["a", "d", "b"]
@@ -194,25 +205,28 @@ async def test_a_changed_file_is_applied_without_a_restart(db: Database, tmp_pat
                   if e.details["trigger"] == "file changed"}
         assert set(events) == {("a", "updated"), ("b", "disabled"), ("c", "deleted"), ("d", "registered")}
         assert all(e.actor == "system" and e.method == "RELOAD" for e in events.values())
-        assert events[("a", "updated")].details["changes"] == {"priority": {"before": 1, "after": 5},
-                                                               "weight": {"before": 7, "after": 100}}
+        assert events[("a", "updated")].details["changes"] == {"priority": {"before": 1, "after": 5}}
         assert events[("b", "disabled")].details["holds"]["services"] == ["s1"]
 
-        # A file that is not valid changes nothing, and says why once.
+        # A file that is not valid changes nothing, and says why once. An empty, truncated or mis-keyed one is
+        # not valid: it would otherwise delete every controller the file listed.
         before = await rows(db)
-        for bad in ("[{\"id\": \"a\", \"url\": \"gopher://x\"}]", "{not json", [entry("a"), entry("a")],
-                    [entry("e", api_key="weakkey9")]):
+        bad_files: list[Any] = ["[{\"id\": \"a\", \"url\": \"gopher://x\"}]", "{not json", [entry("a"), entry("a")],
+                                [entry("e", api_key="weakkey9")], "", "controllers:\n", "controller: []\n",
+                                "{\"controllers\": null}", [entry("e", url="http://[")]]
+        for bad in bad_files:
             write(path, bad)
-            await watch.run_once()
-            await watch.run_once()
+            for _ in range(3):
+                await watch.run_once()
         assert await rows(db) == before
         refused = [e for e in await audit_rows(db) if e.error_code == "CONTROLLERS_FILE_INVALID"]
-        assert len(refused) == 4 and "weakkey9" not in json.dumps([e.details for e in refused])
+        assert len(refused) == len(bad_files) and "weakkey9" not in json.dumps([e.details for e in refused])
 
         # Once b holds nothing, the next reload deletes it.
         async with db.session() as session:
             await session.delete(await session.get(ServiceModel, "s1"))
         write(path, [entry("a", priority=5), entry("d", weight=300)])
+        await watch.run_once()
         await watch.run_once()
         assert set(await rows(db)) == {"a", "d"}
 
@@ -247,3 +261,164 @@ async def test_sighup_reloads_a_real_hub(db: Database, tmp_path: Path) -> None:
             assert events[0]["details"]["trigger"] == "SIGHUP"
     finally:
         dep.stop()
+
+
+async def looked(watch: ControllersFileWatch) -> None:
+    """Two looks: the first notes the file's new version, the second applies it."""
+    await watch.run_once()
+    await watch.run_once()
+
+
+def file_hub(db: Database, tmp_path: Path, path: Path) -> tuple[Any, Any, HubSettings]:
+    settings = HubSettings(database_url=db.url, api_key=KEY, controllers=str(path), controllers_watch_interval=0,
+                           model_store=tmp_path / "models", artifact_store=tmp_path / "artifacts")
+    hub = build_hub(settings, db=Database(db.url))
+    return hub, create_app(settings, hub=hub, run_loops=False), settings
+
+
+async def controller(db: Database, cid: str) -> ControllerModel:
+    async with db.session() as session:
+        row = await session.get(ControllerModel, cid)
+        assert row is not None
+        return row
+
+
+async def test_an_edit_of_one_field_keeps_the_admins_other_changes(db: Database, tmp_path: Path) -> None:
+    path = tmp_path / "controllers.json"
+    write(path, [entry("a", api_key="a-key-" + "k" * 20)])
+    hub, app, settings = file_hub(db, tmp_path, path)
+    async with app.router.lifespan_context(app):
+        watch = ControllersFileWatch(hub.controllers, path, 1.0)
+        # The admin moved it, raised its priority, and drains it.
+        async with db.session() as session:
+            row = await session.get(ControllerModel, "a")
+            assert row is not None
+            row.url, row.priority, row.enabled, row.draining = "http://a2.invalid:8001", 9, False, True
+
+        write(path, [entry("a", weight=40, api_key="a-key-" + "k" * 20)])
+        await looked(watch)
+        a = await controller(db, "a")
+        assert (a.url, a.priority, a.weight, a.enabled, a.draining) == ("http://a2.invalid:8001", 9, 40, False, True)
+
+        # A new key alone changes no column; it is presented from now on, and audited without its value.
+        write(path, [entry("a", weight=40, api_key="a-new-" + "n" * 20)])
+        await looked(watch)
+        assert (await controller(db, "a")).updated_at == a.updated_at
+        assert settings.key_for("a") == "a-new-" + "n" * 20
+        [changed] = [e for e in await audit_rows(db) if "api_key" in e.details.get("changes", {})]
+        assert changed.target == "a" and changed.details["changes"] == {"api_key": "changed"}
+        assert "n" * 20 not in json.dumps(changed.details)
+
+        # Enabling it in the file does not end the drain under way.
+        write(path, [entry("a", weight=40, enabled=False, api_key="a-new-" + "n" * 20)])
+        await looked(watch)
+        write(path, [entry("a", weight=40, enabled=True, api_key="a-new-" + "n" * 20)])
+        await looked(watch)
+        assert (await controller(db, "a")).enabled is False
+
+
+async def test_a_reload_the_database_breaks_off_is_retried(db: Database, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "controllers.json"
+    write(path, [entry("a")])
+    hub, app, settings = file_hub(db, tmp_path, path)
+    async with app.router.lifespan_context(app):
+        watch = ControllersFileWatch(hub.controllers, path, 1.0)
+        apply = hub.controllers._apply_entry
+        failures = {"c"}
+
+        async def failing(e: Any, trigger: str, previous: Any) -> None:
+            if e.id in failures:
+                failures.discard(e.id)
+                raise ConnectionError("the database went away")
+            await apply(e, trigger, previous)
+
+        monkeypatch.setattr(hub.controllers, "_apply_entry", failing)
+        write(path, [entry("a"), entry("b", api_key="b-key-" + "k" * 20), entry("c", api_key="c-key-" + "k" * 20)])
+        await watch.run_once()
+        with pytest.raises(ConnectionError):
+            await watch.run_once()
+        # What was applied stays so, in the table and in memory; what was not is not presented.
+        assert set(await rows(db)) == {"a", "b"}
+        assert (settings.key_for("b"), settings.key_for("c")) == ("b-key-" + "k" * 20, KEY)
+        await watch.run_once()  # the same version, tried again
+        assert set(await rows(db)) == {"a", "b", "c"} and settings.key_for("c") == "c-key-" + "k" * 20
+
+
+async def test_two_replicas_reloading_together_record_each_change_once(db: Database, tmp_path: Path) -> None:
+    path = tmp_path / "controllers.json"
+    write(path, [entry("a")])
+    hub, app, _ = file_hub(db, tmp_path, path)
+    other, other_app, _ = file_hub(db, tmp_path, path)
+    async with app.router.lifespan_context(app), other_app.router.lifespan_context(other_app):
+        write(path, [entry("a", weight=5), *(entry(f"n{i}") for i in range(8))])
+        assert await asyncio.gather(hub.controllers.reload("SIGHUP"), other.controllers.reload("SIGHUP")) == [
+            True, True]
+        assert set(await rows(db)) == {"a", *(f"n{i}" for i in range(8))}
+        events = [(e.target, e.details["action"]) for e in await audit_rows(db) if e.details["trigger"] == "SIGHUP"]
+        assert sorted(events) == sorted([("a", "updated"), *((f"n{i}", "registered") for i in range(8))])
+
+
+async def test_a_controller_the_file_dropped_goes_at_a_later_start(db: Database, tmp_path: Path) -> None:
+    path = tmp_path / "controllers.json"
+    write(path, [entry("a"), entry("b")])
+    hub, app, _ = file_hub(db, tmp_path, path)
+    async with app.router.lifespan_context(app):
+        async with db.session() as session:
+            owner, _ = await create_user(session, "owner")
+            session.add(ServiceModel(id="s1", name="held", owner_id=owner.id, repo="r", spec={}, controller_id="b"))
+        write(path, [entry("a")])
+        await hub.controllers.reload("SIGHUP")
+        assert (await rows(db))["b"][1] is False  # disabled and kept
+    async with db.session() as session:
+        await session.delete(await session.get(ServiceModel, "s1"))
+    # A restarted hub, and an entry removed while no hub ran: both go at its start.
+    write(path, [])
+    hub, app, _ = file_hub(db, tmp_path, path)
+    async with app.router.lifespan_context(app):
+        assert await rows(db) == {}
+
+
+async def test_a_deleted_controller_does_not_come_back_by_its_heartbeats(db: Database) -> None:
+    async with key_hub(db) as hub:
+        r = await hub.beat("ctl-new", KEY, heartbeat("ctl-new", [], url="http://ctl-new.test:8001"))
+        assert r.status_code == 200, r.text
+        assert (await hub.client.delete("/api/admin/controllers/ctl-new")).status_code == 204
+        for cid in ("ctl-new", "ctl-x"):
+            if cid == "ctl-x":
+                assert (await hub.client.delete("/api/admin/controllers/ctl-x")).status_code == 204
+            r = await hub.beat(cid, KEY, heartbeat(cid, [], url=f"http://{cid}.test:8001"))
+            assert (r.status_code, r.json()["error"]["code"]) == (404, "CONTROLLER_DELETED"), r.text
+            assert (await hub.client.get(f"/api/admin/controllers/{cid}")).status_code == 404
+        # Registered again by an admin, it beats as any.
+        r = await hub.client.post("/api/admin/controllers", json={"id": "ctl-new", "url": "http://ctl-new.test:8001"})
+        assert r.status_code == 201, r.text
+        assert (await hub.beat("ctl-new", KEY, heartbeat("ctl-new", []))).status_code == 200
+
+
+async def test_a_delete_waits_for_a_placement_under_way_and_sees_it(cluster: Cluster) -> None:
+    """A placement's registry row, inserted and not yet committed, is not lost by a DELETE running beside it."""
+    cpu2 = cluster.controller_ids[2]
+    async with cluster.db.session() as session:
+        owner, _ = await create_user(session, "placer")
+        session.add(ServiceModel(id="placed", name="placed", owner_id=owner.id, repo="r", spec={}))
+    placing = cluster.db.session()
+    session = await placing.__aenter__()
+    values = {c.key: None for c in ContainerRegistryModel.__table__.columns}
+    now = utcnow()
+    values.update(id="row1", service_id="placed", controller_id=cpu2, container_name="placed-1", image="i",
+                  status="creating", epoch=1, health="unknown", health_restarts=0, memory_bytes=0, cpu_limit=0.0,
+                  gpu_devices=[], serving=False, created_at=now, updated_at=now, place_on=cpu2)
+    assert (await session.execute(sql.INSERT_ROW_IF_PLACEABLE, values)).rowcount == 1  # type: ignore[attr-defined]
+    deleting = asyncio.create_task(cluster.hub.delete(f"/api/admin/controllers/{cpu2}"))
+
+    async def blocked() -> bool:
+        async with cluster.db.session() as s:
+            return bool(await s.scalar(text(
+                "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' AND query LIKE '%FOR UPDATE%'")))
+
+    await eventually(blocked, 10, "the DELETE waiting for the placement's lock")
+    await placing.__aexit__(None, None, None)  # the placement commits
+    r = await deleting
+    assert (r.status_code, r.json()["error"]["code"]) == (409, "CONTROLLER_HAS_SERVICES"), r.text
+    assert r.json()["error"]["details"]["services"] == ["placed"]

@@ -31,7 +31,7 @@ from hub.controller_client import ControllerClient
 from hub.db import Database
 from hub.errors import ControllerRejected, HubError
 from hub.job_schemas import ArtifactInput, JobOutputInput
-from hub.models import ArtifactModel, JobAttemptModel, JobModel, utcnow
+from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, JobModel, utcnow
 from hub.scheduler.placement import Placement
 from hub.scheduler.snapshot import Held, PlacementCache
 from hub.services.jobs import pipelines
@@ -197,6 +197,13 @@ class Dispatcher:
             decision = index.place_on(request, near, decision.controller_id) or decision
         url = self.placement.urls.get(decision.controller_id or "")
         if url is None:
+            return None
+        # The controller's row locked until the attempt commits (as a service's placement locks it): a DELETE
+        # of the controller waits for the attempt and sees it, or deletes first and the job waits for another.
+        C = ControllerModel
+        if await session.scalar(select(C.id).where(C.id == decision.controller_id, C.enabled.is_(True),
+                                                   C.draining.is_(False))
+                                .with_for_update(read=True, key_share=True)) is None:
             return None
         held = self.placement.hold(decision, request)
         number = job.epoch + 1

@@ -43,13 +43,15 @@ def status_read(sqlite: bool) -> Select[Any]:
 # A create's owner named by an admin.
 OWNER_BY_NAME = select(UserModel).where(UserModel.username == bindparam("username"))
 ROW_COLUMNS = [c.key for c in REGISTRY.columns]
-# The registry row, inserted only while its controller is healthy, enabled and not draining.
+# The registry row, inserted only while its controller is healthy, enabled and not draining. The controller's
+# row is locked (FOR KEY SHARE, until the transaction ends) so that a DELETE of the controller (FOR UPDATE, then
+# its holdings read) waits for this row to commit and sees it, or deletes first and this inserts nothing.
 INSERT_ROW_IF_PLACEABLE = insert(REGISTRY).from_select(
     ROW_COLUMNS,
     select(*(bindparam(key, type_=REGISTRY.c[key].type).label(key) for key in ROW_COLUMNS)).where(
         CONTROLLERS.c.id == bindparam("place_on"), CONTROLLERS.c.status == "healthy",
         CONTROLLERS.c.enabled.is_(True), CONTROLLERS.c.draining.is_(False),
-    ),
+    ).with_for_update(read=True, key_share=True),
 )
 
 

@@ -6,6 +6,7 @@ each user manages their own tokens. Every refusal changes nothing."""
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import pytest
@@ -14,8 +15,10 @@ from sqlalchemy import select
 from examples.images import EXAMPLE_IMAGE
 from hub.errors import Forbidden
 from hub.models import ApiTokenModel, JobModel, OperationModel, ServiceModel, UserModel
+from hub.services.lifecycle import replace as replace_module
 from hub.services.users import UserAuth
 from tests.hub.conftest import Cluster
+from tests.support.poll import eventually
 
 SPEC = {"name": "svc", "image": EXAMPLE_IMAGE, "ports": {"5000": None},
         "resources": {"cpu_limit": 0.1, "memory_limit": "16MB"}}
@@ -351,3 +354,45 @@ async def test_two_deletes_handing_services_to_each_other_do_not_deadlock(cluste
     kept = (await cluster.hub.get("/api/admin/users")).json()
     [survivor] = [u for u in kept if u["username"] in ("alice", "bob")]
     assert survivor["services"] == 2
+
+
+async def test_an_update_growing_memory_and_a_create_at_once_stay_within_the_quota(
+        cluster: Cluster, monkeypatch: pytest.MonkeyPatch) -> None:
+    alice = await cluster.user("alice")
+    assert (await cluster.hub.patch("/api/admin/users/alice", json={"quotas": {"memory": "48MB"}})).status_code == 200
+    sid = (await create(cluster, alice, "alice", "s0"))["id"]
+    # An update that keeps the count and drops the memory limit: refused (it could use any amount).
+    refused(await cluster.hub.patch(f"/api/services/{sid}", json={"resources": {"memory_limit": None}},
+                                    headers=alice), 422, "MEMORY_LIMIT_REQUIRED")
+    # Each fits alone (16MB -> 32MB; 16MB + 32MB); together they would make 64MB. The update passes its check
+    # when asked; the create commits while the update's new copy starts (held there by the test); the update
+    # is then checked again where its spec is written, and refused.
+    create_done = asyncio.Event()
+    held = replace_module.hold_quota
+
+    async def after_the_create(*args: Any, **kwargs: Any) -> Any:
+        await create_done.wait()
+        return await held(*args, **kwargs)
+
+    monkeypatch.setattr(replace_module, "hold_quota", after_the_create)
+    r = await cluster.hub.patch(f"/api/services/{sid}", params={"wait": "false"},
+                                json={"resources": {"memory_limit": "32MB"}}, headers=alice)
+    assert r.status_code == 202, r.text
+    op_id = r.json()["id"]
+    made = await cluster.hub.post("/api/alice/lab/services", headers=alice, json={
+        **SPEC, "name": "s1", "resources": {"cpu_limit": 0.1, "memory_limit": "32MB"}})
+    assert made.status_code == 201, made.text
+    create_done.set()
+
+    async def ended() -> Any:
+        op = (await cluster.hub.get(f"/api/operations/{op_id}", headers=alice)).json()
+        return op if op["status"] in ("succeeded", "failed") else None
+
+    op = await eventually(ended, within=60.0, what="the update ends")
+    assert op["status"] == "failed" and "QUOTA_EXCEEDED" in json.dumps(op), op
+    usage = (await cluster.hub.get("/api/admin/users/alice")).json()["usage"]
+    assert usage["memory_bytes"] == 48 * 1024**2, usage
+    # The old copy keeps serving, the new one is gone, and the spec is the old one.
+    assert len(running(cluster, sid)) == 1
+    service = (await cluster.hub.get(f"/api/services/{sid}")).json()
+    assert service["status"] == "running" and service["spec"]["resources"]["memory_limit"] == "16MB", service

@@ -9,7 +9,16 @@ from datetime import datetime
 from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import PydanticCustomError
 
 from mmanager.policy import MAX_ENV_VALUE_BYTES, command_problem, environment_problem, labels_problem
@@ -189,32 +198,43 @@ MAX_SECRETS = 64
 MAX_SECRET_NAME = 128
 
 
-def _secrets(value: dict[str, SecretStr]) -> dict[str, SecretStr]:
-    """Names that are environment variable names, values that Docker can carry. No error here quotes a
-    value, nor a name that is not a name (a value pasted where its name goes would be echoed)."""
+def _secrets(value: Any) -> Any:
+    """Names that are environment variable names, values that Docker can carry, as ``SecretStr``s. Run
+    before pydantic's own checks of the map, whose errors would be located at the offending key: a value
+    pasted where its name goes would be echoed in the 422, the audit log and the console. So no error here
+    quotes a value, nor a name that is not a name: names are checked first, and reported by position."""
+    if not isinstance(value, dict):
+        return value  # pydantic refuses it as no map (its error quotes no key)
     for position, name in enumerate(value, 1):
-        if len(name) > MAX_SECRET_NAME or not SECRET_NAME.fullmatch(name):
+        if not isinstance(name, str) or len(name) > MAX_SECRET_NAME or not SECRET_NAME.fullmatch(name):
             raise PydanticCustomError(
                 "secret_name_invalid", "secret {position} of the map is not named as an environment variable "
                 "([A-Za-z_][A-Za-z0-9_]*, at most {limit} characters)", {"position": position, "limit": MAX_SECRET_NAME})
+    out: dict[str, SecretStr] = {}
     for name, secret in value.items():
-        text = secret.get_secret_value()
+        if isinstance(secret, SecretStr):
+            secret = secret.get_secret_value()
+        if not isinstance(secret, str):
+            raise PydanticCustomError("secret_value_invalid", "secret {name}: the value must be a string",
+                                      {"name": name})
         try:
-            size = len(text.encode())
+            size = len(secret.encode())
         except UnicodeEncodeError:
             raise PydanticCustomError("secret_value_invalid", "secret {name}: not valid Unicode text (UTF-8)",
                                       {"name": name}) from None
-        if "\x00" in text:
+        if "\x00" in secret:
             raise PydanticCustomError("secret_value_invalid", "secret {name}: holds a NUL character, which no "
                                       "environment variable can", {"name": name})
         if size > MAX_ENV_VALUE_BYTES:
             raise PydanticCustomError("secret_value_invalid", "secret {name}: larger than {limit} bytes",
                                       {"name": name, "limit": MAX_ENV_VALUE_BYTES})
-    return value
+        out[name] = SecretStr(secret)
+    return out
 
 
-# A spec's secrets: name -> value, write-only (hub.services.secrets).
-Secrets = Annotated[dict[str, SecretStr], Field(max_length=MAX_SECRETS), AfterValidator(_secrets)]
+# A spec's secrets: name -> value, write-only (hub.services.secrets). Checked whole before pydantic's checks
+# (``_secrets``), which then find only string names and SecretStr values.
+Secrets = Annotated[dict[str, SecretStr], Field(max_length=MAX_SECRETS), BeforeValidator(_secrets)]
 Labels = Annotated[dict[str, str], AfterValidator(_labels)]
 Command = Annotated[str | list[str] | None, AfterValidator(_command)]
 Ports = Annotated[dict[PortKey, int | None], Field(max_length=64), AfterValidator(_ports)]

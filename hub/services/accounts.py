@@ -1,12 +1,17 @@
 """Users as admins run them (docs/API.md, Users): listed with what they own, disabled and enabled, their
 quotas set, deleted with the admin's explicit choice of what becomes of their services.
 
-Invariants: an admin never disables or deletes themselves, so an enabled admin always remains. A user's
+Invariants: an admin never disables or deletes themselves, and an admin is disabled or deleted only under the
+lock of every admin's row, finding another enabled admin: an enabled admin always remains, also when two admins
+disable each other at once. Rows are locked in one order (the admins' rows, then users by id), so two deletes
+that hand their services to each other wait instead of deadlocking. A user's
 delete never leaves a container without its service: their services are deleted through the lifecycle
 (``ServiceManager.delete``: containers removed, gateway routes dropped) or handed to another user before
 their row goes, and the row goes only in a transaction that, under its lock, finds them owning no service
-and no pending or running job (``services.owner_id``'s ON DELETE CASCADE is never what removes a service).
-A refusal (4xx) changes nothing.
+and no pending or running job or live job attempt (``services.owner_id``'s ON DELETE CASCADE is never what
+removes a service). A service with named volumes is never handed over: its Docker volumes are named after its
+owner (``deploy.volume_name``), so under another owner it would start on empty ones. A refusal (4xx) changes
+nothing.
 """
 
 from __future__ import annotations
@@ -14,11 +19,13 @@ from __future__ import annotations
 import logging
 from typing import TYPE_CHECKING, Literal
 
-from sqlalchemy import func, select, update
+from sqlalchemy import ColumnElement, func, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from hub.errors import Conflict, InvalidRequest
-from hub.models import ApiTokenModel, JobModel, ServiceModel, UserModel, utcnow
+from hub.errors import Conflict, InvalidRequest, NotFound
+from hub.job_schemas import ATTEMPT_LIVE
+from hub.models import ApiTokenModel, JobAttemptModel, JobModel, ServiceModel, UserModel, utcnow
+from hub.schemas import ServiceSpec
 from hub.services.quotas import OWNED_SPECS, limits_of, usage_of
 from hub.services.users import get_user
 from hub.user_schemas import Quotas, Usage, UserDeleted, UserOut, UserPatch
@@ -58,10 +65,16 @@ async def patch_user(session: AsyncSession, hub: Hub, admin: UserModel, username
     if not patch.model_fields_set or (patch.quotas is not None and not patch.quotas.model_fields_set
                                       and patch.model_fields_set == {"quotas"}):
         raise InvalidRequest("the patch changes nothing", code="EMPTY_PATCH")
+    if patch.disabled:
+        # Every admin's row with the user's (in id order, as deletes take them): two admins disabling each
+        # other wait for one another, and the second finds the first's change.
+        await _lock_rows(session, UserModel.username == username, admins=True)
     user = await get_user(session, username, lock=True)
     if patch.disabled is not None:
         if patch.disabled and user.id == admin.id:
             raise Conflict("an admin cannot disable themselves", code="CANNOT_DISABLE_SELF")
+        if patch.disabled and user.disabled_at is None:
+            await _refuse_last_admin(session, user)
         if patch.disabled and user.disabled_at is None:
             user.disabled_at = utcnow()
         elif not patch.disabled:
@@ -110,7 +123,8 @@ async def delete_user(hub: Hub, admin: UserModel, username: str, choice: Choice 
         if choice == "transfer":
             assert to is not None
             receiver = await _receiver(session, user, to, [name for _, name in owned])
-        user_id = user.id
+            await _refuse_volumes(session, user)
+        user_id, admin_target = user.id, user.is_admin
     deleted: list[str] = []
     transferred: list[str] = []
     if choice == "delete" and owned:
@@ -121,11 +135,22 @@ async def delete_user(hub: Hub, admin: UserModel, username: str, choice: Choice 
                                   .values(disabled_at=utcnow()))
         hub.users.forget_user(user_id)
         for service_id, name in owned:
-            await hub.services.delete(admin, service_id)
+            try:
+                await hub.services.delete(admin, service_id)
+            except NotFound as exc:
+                if exc.code != "SERVICE_NOT_FOUND":
+                    raise
+                # Deleted meanwhile by another call: what this one was to do is done.
             deleted.append(name)
     async with hub.db.session() as session:
-        # Under the user's row lock (a create takes it too, to count their services): what they own now.
+        # Under the user's row lock (a create takes it too, to count their services) and the receiver's (and,
+        # for an admin, every admin's), taken in id order: what they own now.
+        await _lock_rows(session, UserModel.id.in_([user_id, *([receiver.id] if receiver is not None else [])]),
+                         admins=admin_target)
         user = await get_user(session, username, lock=True)
+        if user.id != user_id:
+            raise NotFound(f"user {username!r} not found", code="USER_NOT_FOUND")
+        await _refuse_last_admin(session, user)
         if receiver is not None:
             transferred = await _transfer(hub, session, admin, user, receiver)
         await _refuse_live_jobs(session, user)
@@ -140,7 +165,16 @@ async def delete_user(hub: Hub, admin: UserModel, username: str, choice: Choice 
                        to=receiver.username if receiver is not None else None)
 
 
+async def _lock_rows(session: AsyncSession, which: ColumnElement[bool], admins: bool) -> None:
+    """The users' rows ``which`` (and every admin's, with ``admins``), locked until the transaction ends,
+    in one statement in id order: the one order every lock here is taken in."""
+    await session.execute(select(UserModel.id).where(or_(which, UserModel.is_admin.is_(True)) if admins else which)
+                          .order_by(UserModel.id).with_for_update())
+
+
 async def _refuse_last_admin(session: AsyncSession, user: UserModel) -> None:
+    """409 ``LAST_ADMIN`` when ``user`` is an admin and no other enabled admin remains (under
+    ``_lock_rows`` for the answer to hold until the caller's transaction ends)."""
     if not user.is_admin:
         return
     others = await session.scalar(select(func.count()).select_from(UserModel).where(
@@ -152,9 +186,31 @@ async def _refuse_last_admin(session: AsyncSession, user: UserModel) -> None:
 async def _refuse_live_jobs(session: AsyncSession, user: UserModel) -> None:
     live = list(await session.scalars(select(JobModel.id).where(JobModel.owner_id == user.id,
                                                                 JobModel.status.in_(LIVE_JOBS))))
+    # A job already final whose attempt's container is still being stopped or watched counts too.
+    live += [job for job in await session.scalars(
+        select(JobAttemptModel.job_id).join(JobModel, JobModel.id == JobAttemptModel.job_id)
+        .where(JobModel.owner_id == user.id, JobAttemptModel.status.in_(ATTEMPT_LIVE))) if job not in live]
     if live:
         raise Conflict(f"user {user.username!r} has {len(live)} pending or running job(s); cancel them first",
                        {"jobs": live}, code="USER_HAS_JOBS")
+
+
+async def _refuse_volumes(session: AsyncSession, user: UserModel) -> None:
+    """409 ``SERVICE_HAS_VOLUMES`` naming ``user``'s services with named volumes: their Docker volumes are
+    named after their owner (``deploy.volume_name``), and under another one they would start on empty ones.
+    Host paths are no owner's and do not count."""
+    held = []
+    for service_id, name, spec in await session.execute(select(ServiceModel.id, ServiceModel.name, ServiceModel.spec)
+                                                        .where(ServiceModel.owner_id == user.id)
+                                                        .order_by(ServiceModel.name)):
+        volumes = sorted(source for source in ServiceSpec.model_validate(spec).volumes if not source.startswith("/"))
+        if volumes:
+            held.append({"id": service_id, "name": name, "volumes": volumes})
+    if held:
+        raise Conflict(f"service(s) {', '.join(h['name'] for h in held)} of {user.username!r} have named volumes, "
+                       "which are their owner's and do not follow a transfer: delete them (services=delete), or "
+                       "move their data and remove the volumes from their specs first",
+                       {"services": held}, code="SERVICE_HAS_VOLUMES")
 
 
 async def _receiver(session: AsyncSession, user: UserModel, to: str, names: list[str]) -> UserModel:
@@ -183,6 +239,7 @@ async def _transfer(hub: Hub, session: AsyncSession, admin: UserModel, user: Use
     owned = list(await session.execute(select(ServiceModel.id, ServiceModel.name)
                                        .where(ServiceModel.owner_id == user.id).order_by(ServiceModel.name)))
     await _receiver(session, user, receiver.username, [name for _, name in owned])
+    await _refuse_volumes(session, user)
     if not owned:
         return []
     await session.execute(update(ServiceModel).where(ServiceModel.owner_id == user.id)

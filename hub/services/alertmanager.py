@@ -3,9 +3,8 @@ delivery to Alertmanager's API (``POST /api/v2/alerts``), so they reach the same
 as Prometheus's.
 
 What is sent is a pure function of the stored alerts and the time (``postable()``). Alertmanager knows an
-alert by its labels, and an alert's labels are its key here (kind, controller, container), so per key only
-the newest alert is sent: an open one and an older resolved one of the same key would overwrite each other
-at every send. An open alert is sent with an end ``hold`` seconds ahead, renewed at each send, so it resolves
+alert by its labels, so its labels (``labels()``) are its key here too, and per key only the newest alert
+is sent: an open one and an older resolved one of the same key would overwrite each other at every send. An open alert is sent with an end ``hold`` seconds ahead, renewed at each send, so it resolves
 by itself when no hub sends any more; a resolved one with its resolution time as its end, re-sent for
 ``RESOLVED_KEEP`` seconds (as Prometheus keeps resolved alerts), so that a send that failed, or a leader that
 changed meanwhile, still delivers the resolution.
@@ -73,9 +72,11 @@ def _rfc3339(at: datetime) -> str:
 def postable(alerts: Iterable[AlertModel], now: datetime, interval: float) -> list[dict[str, Any]]:
     """The body of ``POST /api/v2/alerts`` for these stored alerts: per key the open one, else the newest
     resolved one (see the module's docstring)."""
-    newest: dict[tuple[str, str, str], AlertModel] = {}
+    newest: dict[tuple[tuple[str, str], ...], AlertModel] = {}
     for alert in alerts:
-        key = (alert.kind, alert.controller_id, alert.container_id or "")
+        # The labels themselves: two alerts Alertmanager would take for one are one here (and two it tells
+        # apart, two here), whatever ids the rows carry.
+        key = tuple(sorted(labels(alert).items()))
         have = newest.get(key)
         if have is None or _rank(alert) > _rank(have):
             newest[key] = alert

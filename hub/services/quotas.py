@@ -4,13 +4,15 @@ A user's own quota (``users.max_services``, ``max_gpus``, ``max_memory_bytes``, 
 ``PATCH /api/admin/users/{username}``) applies to them, admin or not; null takes the hub-wide default
 (``MMANAGER_MAX_SERVICES_PER_USER``, ``MMANAGER_MAX_GPUS_PER_USER``, ``MMANAGER_MAX_MEMORY_PER_USER``), which
 binds non-admins only. What counts is what the specs ask for, each replica counted: a replica is one service,
-its ``gpu_count`` GPUs (a share of one GPU, ``gpu_memory``, counts as one) and its ``memory_limit``. With a
-memory quota in force, a spec that grows the user's use must name its ``memory_limit`` (else it could use
-any amount): ``422 MEMORY_LIMIT_REQUIRED``.
+its ``gpu_count`` GPUs (a share of one GPU, ``gpu_memory``, counts as one) and its memory: the larger of its
+``memory_limit`` and its CPU fallback's (a replica may run either). With a memory quota in force, every spec
+written (a create, an update, a rollback, a scale-up) must name its ``memory_limit``, and its CPU fallback's
+too when it has one (else it could use any amount): ``422 MEMORY_LIMIT_REQUIRED``.
 
 Invariant: a quota is checked under the owner's ``users`` row lock (``hold_quota``), taken by the
-transaction that writes the growth (a create, a scale), so concurrent creates on any replica cannot pass it
-together. A quota lowered below what a user uses stops nothing: it refuses growth only.
+transaction that writes the growth (a create, a scale, the replace that writes an update's or a rollback's
+spec), so concurrent changes on any replica cannot pass it together. A quota lowered below what a user uses
+stops nothing: it refuses growth only.
 """
 
 from __future__ import annotations
@@ -85,7 +87,17 @@ def demand(spec: ServiceSpec | Mapping[str, Any], replicas: int) -> Usage:
     resources = spec.resources if isinstance(spec, ServiceSpec) else Resources.model_validate(
         spec.get("resources") or {})
     gpus = resources.gpu_count or (1 if resources.gpu_memory is not None else 0)
-    return Usage(replicas, gpus * replicas, resources.memory_bytes * replicas)
+    return Usage(replicas, gpus * replicas, max(resources.memory_bytes, _fallback_memory(spec)) * replicas)
+
+
+def _fallback_memory(spec: ServiceSpec | Mapping[str, Any]) -> int:
+    """The memory the spec's CPU fallback asks for per replica (0: none, or no limit)."""
+    if isinstance(spec, ServiceSpec):
+        return spec.cpu_fallback.resources.memory_bytes if spec.cpu_fallback is not None else 0
+    fallback = spec.get("cpu_fallback")
+    if not isinstance(fallback, Mapping):
+        return 0
+    return Resources.model_validate(fallback.get("resources") or {}).memory_bytes
 
 
 def usage_of(rows: Sequence[Mapping[str, Any]]) -> Usage:
@@ -130,10 +142,17 @@ async def hold_quota(tx: Tx, owner_id: int, name: str, settings: HubSettings, sp
         before = usage_of(rows)
         after = usage_of(others) + demand(spec, replicas)
         clash = next((row["id"] for row in others if row["name"] == name), None)
-        # More copies of a service without a memory limit: growth the memory quota cannot measure.
-        if limits.memory_bytes is not None and not spec.resources.memory_bytes and after.services > before.services:
-            raise InvalidRequest(
-                f"user {owner['username']!r} has a memory quota ({limits.memory_bytes} bytes): the service must "
-                "name its resources.memory_limit", {"limit": limits.memory_bytes}, code="MEMORY_LIMIT_REQUIRED")
+        # A spec without a memory limit (or whose CPU fallback has none) could use any amount: what the
+        # memory quota cannot measure, whether it grows the count or not.
+        if limits.memory_bytes is not None:
+            missing = [field for field, given in (
+                ("resources.memory_limit", spec.resources.memory_bytes),
+                ("cpu_fallback.resources.memory_limit",
+                 spec.cpu_fallback.resources.memory_bytes if spec.cpu_fallback is not None else 1)) if not given]
+            if missing:
+                raise InvalidRequest(
+                    f"user {owner['username']!r} has a memory quota ({limits.memory_bytes} bytes): the service "
+                    f"must name its {' and its '.join(missing)}", {"limit": limits.memory_bytes, "fields": missing},
+                    code="MEMORY_LIMIT_REQUIRED")
     check(owner["username"], limits, before, after)
     return clash

@@ -16,10 +16,10 @@ from collections.abc import Mapping
 
 from pydantic import SecretStr
 
-from hub.errors import HubKeyMissing, InvalidRequest, SecretsUnavailable
+from hub.errors import HubKeyMissing, InvalidRequest, SecretsUnavailable, SpecForbidden
 from hub.schemas import ServiceSpec
 from hub.sealing import Sealer, SealError
-from mmanager.policy import environment_problem
+from mmanager.policy import PolicyViolation, check_environment, environment_problem
 
 
 def _associated(service_id: str, names: str) -> bytes:
@@ -84,9 +84,16 @@ def same(sealer: Sealer | None, sealed: str | None, service_id: str,
 
 
 def check_env(spec: ServiceSpec, secrets: Mapping[str, str | SecretStr]) -> None:
-    """A secret named as one of ``env``'s variables (the CPU fallback's too) is refused (422
+    """A secret named as a variable the spec policy keeps to the controller (``NVIDIA_VISIBLE_DEVICES``...)
+    is refused as it would be in ``env`` (403 ``SPEC_FORBIDDEN``, before anything is written, not only at
+    the controller). A secret named as one of ``env``'s variables (the CPU fallback's too) is refused (422
     ``SECRETS_ENV_CLASH``): which of the two the container would get is no one's guess. So is an environment
     that, with the secrets, is larger than a container's may be (422 ``SECRETS_TOO_LARGE``)."""
+    try:
+        check_environment({name: "" for name in secrets})
+    except PolicyViolation as exc:
+        raise SpecForbidden(exc.message, {"field": f"secrets.{exc.field.removeprefix('env.')}",
+                                          "rule": exc.rule}) from None
     env = {**spec.env, **(spec.cpu_fallback.env or {} if spec.cpu_fallback else {})}
     clash = sorted(set(secrets) & set(env))
     if clash:

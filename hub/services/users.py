@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections.abc import Callable
 from datetime import datetime, timedelta
 from typing import NamedTuple
 
@@ -178,15 +179,23 @@ class UserAuth:
 
     Each accepted token is noted as used, at most once per ``TOUCH_EVERY`` seconds; ``flush`` (the heartbeat
     flusher's loop) writes their ``last_used_at``.
+
+    Invariant: an answer read from the database is remembered only if no forget happened while it was read
+    (``_forgets``, counted before the read): a revoke committed and forgotten here while another call was
+    reading the token's row (and found it still valid) is not undone by that call remembering it.
+    ``clock`` (monotonic seconds) is injected for tests.
     """
 
     # Past this many remembered tokens the memory is emptied (a bound, not an eviction policy).
     MAX_ENTRIES = 100_000
 
-    def __init__(self, db: Database, ttl: float) -> None:
+    def __init__(self, db: Database, ttl: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.db = db
         self.ttl = ttl
+        self.clock = clock
         self._known: dict[str, _Known] = {}
+        # Forgets so far (forget_token, forget_user): a read begun before one is not remembered.
+        self._forgets = 0
         # Token id -> when this process last noted it used (monotonic seconds); the ones noted since the last
         # flush.
         self._touched: dict[int, float] = {}
@@ -202,23 +211,24 @@ class UserAuth:
     def remembered(self, token: str) -> Identity | None:
         """Who ``token`` is when it was accepted less than ``ttl`` ago; None otherwise. No database, and no
         coroutine: the check most calls end with."""
-        return self._fresh(hash_token(token), time.monotonic())
+        return self._fresh(hash_token(token), self.clock())
 
     async def identity(self, token: str) -> Identity:
         """Who ``token`` is: from memory when it was accepted less than ``ttl`` ago, else from the database
         (``Unauthorized`` when it knows no such token, ``Forbidden`` when its user is disabled)."""
         digest = hash_token(token)
-        now = time.monotonic()
+        now = self.clock()
         who = self._fresh(digest, now)
         if who is not None:
             return who
+        forgets = self._forgets
         async with self.db.session() as session:
             row = await authenticate(session, token)
             found = row.user
             who = Identity(found.id, found.username, found.is_admin, found.created_at)
             token_id = row.id
         self._use(token_id, now)
-        if self.ttl > 0:
+        if self.ttl > 0 and forgets == self._forgets:
             if len(self._known) >= self.MAX_ENTRIES:
                 self._known.clear()
             self._known[digest] = _Known(who, now, token_id)
@@ -229,10 +239,12 @@ class UserAuth:
 
     def forget_token(self, token_id: int) -> None:
         """A token was revoked here: refused by this replica from now on."""
+        self._forgets += 1
         self._known = {digest: hit for digest, hit in self._known.items() if hit.token_id != token_id}
 
     def forget_user(self, user_id: int) -> None:
         """A user was disabled, changed or deleted here: their tokens are looked up again from now on."""
+        self._forgets += 1
         self._known = {digest: hit for digest, hit in self._known.items() if hit.who.id != user_id}
 
     def _use(self, token_id: int, now: float) -> None:

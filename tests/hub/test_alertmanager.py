@@ -130,6 +130,16 @@ def test_per_key_the_open_alert_or_else_the_newest_resolved_one_is_sent() -> Non
     json.dumps(sent)  # the body as posted
 
 
+def test_alerts_alertmanager_takes_for_one_are_sent_as_one() -> None:
+    # Two rows of different container ids with the same labels (a container re-created under its name):
+    # Alertmanager knows them as one alert, so only the open one is sent, not both overwriting each other.
+    gone = alert(started=-10, resolved=-5)
+    again = alert(container="k9", started=-1)
+    again.container_name = gone.container_name
+    sent = postable([gone, again], NOW, interval=30)
+    assert [a["annotations"]["alert_id"] for a in sent] == [again.id]
+
+
 async def test_an_alertmanager_out_of_reach_is_logged_once_and_never_raises(caplog: pytest.LogCaptureFixture) -> None:
     port = free_port()  # nothing listens here
     secret = "pw-" + uuid.uuid4().hex

@@ -58,6 +58,9 @@ async def test_secrets_reach_the_containers_and_nothing_else(
     # with env (of the spec, or of its CPU fallback), a value no environment can hold.
     for secrets, env, kind in (({"1BAD": SECRET}, {}, "secret_name_invalid"),
                                ({SECRET: "x"}, {}, "secret_name_invalid"),
+                               # A value pasted where its name goes, and no value: reported by position.
+                               ({SECRET: None}, {}, "secret_name_invalid"),
+                               ({"DB_PASSWORD": 5}, {}, "secret_value_invalid"),
                                ({"DB_PASSWORD": SECRET + "\x00"}, {}, "secret_value_invalid")):
         r = await call("POST", "/api/alice/r/services", json={**SPEC, "name": "bad", "env": env, "secrets": secrets})
         assert r.status_code == 422 and r.json()["error"]["code"] == "VALIDATION_ERROR", r.text
@@ -66,6 +69,11 @@ async def test_secrets_reach_the_containers_and_nothing_else(
                    json={**SPEC, "name": "bad", "env": {"DB_PASSWORD": "x"}, "secrets": {"DB_PASSWORD": SECRET}})
     assert r.status_code == 422 and r.json()["error"]["code"] == "SECRETS_ENV_CLASH", r.text
     assert r.json()["error"]["details"] == {"names": ["DB_PASSWORD"]}
+    # A variable the spec policy keeps to the controller is refused as a secret too, before anything is made.
+    r = await call("POST", "/api/alice/r/services",
+                   json={**SPEC, "name": "bad", "secrets": {"NVIDIA_VISIBLE_DEVICES": SECRET}})
+    assert r.status_code == 403 and r.json()["error"]["code"] == "SPEC_FORBIDDEN", r.text
+    assert r.json()["error"]["details"] == {"field": "secrets.NVIDIA_VISIBLE_DEVICES", "rule": "gpu_environment"}
     assert (await call("GET", "/api/services")).json() == []
 
     # Made: the container has them; the answer shows no trace of them.
@@ -112,9 +120,14 @@ async def test_secrets_reach_the_containers_and_nothing_else(
     assert r.status_code == 200, r.text
     envs = _env(cluster, sid)
     assert len(envs) == 2 and not any("DB_PASSWORD" in e or "API_KEY" in e for e in envs)
-    # Set again, for the dump below.
-    r = await call("PATCH", f"/api/services/{sid}", json={"secrets": {"DB_PASSWORD": SECRET}})
+    # Set again, for the dump below, one of them named as version 1's env had a variable.
+    r = await call("PATCH", f"/api/services/{sid}", json={"env": {}, "secrets": {"DB_PASSWORD": SECRET, "PLAIN": OTHER}})
     assert r.status_code == 200, r.text
+    version = r.json()["version"]
+    # So a rollback to version 1 would give PLAIN twice: refused, nothing changes.
+    r = await call("POST", f"/api/services/{sid}/rollback", json={"version": 1})
+    assert r.status_code == 422 and r.json()["error"]["code"] == "SECRETS_ENV_CLASH", r.text
+    assert (await call("GET", f"/api/services/{sid}")).json()["version"] == version
 
     # Nowhere in clear: every answer about the service, as its owner and as an admin, and the audit log.
     for path in (f"/api/services/{sid}", "/api/services", f"/api/services/{sid}/status",
@@ -130,7 +143,7 @@ async def test_secrets_reach_the_containers_and_nothing_else(
     # The operations that changed them say so, with the names only.
     said = [op["details"].get("secrets") for op in (await hub.get(f"/api/admin/operations?service_id={sid}")).json()
             if op["operation"] == "update" and op["status"] == "succeeded"]
-    assert said[:2] == [{"set": ["DB_PASSWORD"]}, "cleared"] and {"set": ["DB_PASSWORD", "API_KEY"]} in said
+    assert said[:2] == [{"set": ["DB_PASSWORD", "PLAIN"]}, "cleared"] and {"set": ["DB_PASSWORD", "API_KEY"]} in said
     assert SECRET not in caplog.text and OTHER not in caplog.text
     dump = subprocess.run([_bin("pg_dump"), "-d", cluster.db.url.replace("postgresql+asyncpg://", "postgresql://")],
                           check=True, capture_output=True).stdout

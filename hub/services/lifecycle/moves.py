@@ -143,6 +143,9 @@ class Mover:
                 if past is None:
                     raise NotFound(f"service has no version {rollback_to}", code="VERSION_NOT_FOUND")
                 spec = ServiceSpec.model_validate(past.spec)
+                if service.secrets_sealed:
+                    # That version's env against the secrets the service has now (a rollback carries none).
+                    check_env(spec, {name: "" for name in secret_names(service.secrets_sealed)})
             if spec is not None:
                 latest = await session.scalar(sql.LATEST_VERSION, {"service_id": service.id})
                 version = (latest or 0) + 1
@@ -309,8 +312,8 @@ class Mover:
                     await self._set_count(tx, service_id,
                                           spec.model_copy(update={"replicas": max(len(copies) + added, 1)}))
                     if registry_auth is not None:
-                        await tx.execute(sql.SET_REGISTRY_AUTH, {"service_id": service_id, "sealed": before,
-                                                                 "updated_at": utcnow()})
+                        await tx.execute(sql.RESTORE_REGISTRY_AUTH, {"service_id": service_id, "sealed": before,
+                                                                     "set": registry_auth[0], "updated_at": utcnow()})
                 raise
             added += 1
             await ctx.ops.advance(op, added, changes, "replicas", f"replica {len(copies) + added} of "

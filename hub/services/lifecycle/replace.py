@@ -10,6 +10,10 @@ Invariants:
   even if the hub dies right after; a copy whose epoch was overtaken meanwhile is discarded instead;
 - the service's own controller, container and endpoint are its primary copy's: a new copy takes them
   over only from the copy it replaces (or when the service has no other);
+- a new spec (an update's, a rollback's: ``version``) is written only in a transaction that checked it
+  against its owner's quotas under their row lock (``hold_quota``): the check when the change was asked
+  holds nothing while its copy starts, and a create or another change may have grown the owner's use since;
+  refused then, the new copy goes and the old ones keep serving;
 - a create that an interrupted operation began (a ``creating`` row at the service's epoch) is finished
   at the same controller, where repeating it is idempotent, before any new one is placed.
 """
@@ -23,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hub.db import Tx, insert_row
-from hub.errors import Conflict, HubError, InvalidRequest
+from hub.errors import Conflict, HubError, InvalidRequest, QuotaExceeded
 from hub.models import (
     ContainerRegistryModel,
     ControllerModel,
@@ -37,6 +41,7 @@ from hub.services.lifecycle import sql
 from hub.services.lifecycle.context import Lifecycle
 from hub.services.lifecycle.deploy import Deployed, Deployer, Superseded, docker_status, settle_row
 from hub.services.model_files import lock_files
+from hub.services.quotas import hold_quota
 from mmanager.wire import probe_failed
 
 log = logging.getLogger(__name__)
@@ -206,6 +211,10 @@ class Replacer:
         ended = False
         try:
             async with ctx.db.transaction() as tx:
+                if plan.version is not None:
+                    # A new spec, held to the owner's quotas until it is written (the owner's row first: the
+                    # order a create and a scale take the two locks in).
+                    await hold_quota(tx, service.owner_id, service.name, ctx.settings, spec, spec.replicas, service.id)
                 # Locked until commit: no other operation can claim an epoch between the check and the write.
                 locked = await tx.first(sql.LOCK_SERVICE, {"service_id": service.id})
                 if locked is None or locked["epoch"] != copy.epoch or not await settle_row(tx, row):
@@ -236,9 +245,11 @@ class Replacer:
             await self.deployer.discard(controller.id, row)
             raise Conflict("another operation changed the service meanwhile; retry",
                            code="CONCURRENT_CHANGE") from None
-        except InvalidRequest:
-            # A model file the new spec names was deleted meanwhile: the copy made for it goes.
+        except (InvalidRequest, QuotaExceeded):
+            # A model file the new spec names was deleted meanwhile, or the owner's use grew past their quota
+            # meanwhile: the copy made for it goes, the old ones keep serving.
             await self.deployer.discard(controller.id, row)
+            await self._restore_status(service.id, prior_status)
             raise
         if ended:
             ctx.ops.finished(op)

@@ -214,6 +214,11 @@ SET_REPLICAS = (update(SERVICES).where(SERVICES.c.id == bindparam("service_id"))
 # A service's registry credentials, sealed (a PATCH's registry_auth: set, replaced or cleared).
 SET_REGISTRY_AUTH = (update(SERVICES).where(SERVICES.c.id == bindparam("service_id"))
                      .values(registry_auth_sealed=bindparam("sealed"), updated_at=bindparam("updated_at")))
+# Credentials a refused scale-up had set, put back to what they were: only where the column still holds the
+# scale's (a hub key rotation, or a later change, that rewrote them meanwhile is not undone).
+RESTORE_REGISTRY_AUTH = (update(SERVICES).where(SERVICES.c.id == bindparam("service_id"),
+                                                SERVICES.c.registry_auth_sealed.is_not_distinct_from(bindparam("set")))
+                         .values(registry_auth_sealed=bindparam("sealed"), updated_at=bindparam("updated_at")))
 # A service's secrets, sealed (a PATCH's secrets: set, replaced or cleared).
 SET_SECRETS = (update(SERVICES).where(SERVICES.c.id == bindparam("service_id"))
                .values(secrets_sealed=bindparam("sealed"), updated_at=bindparam("updated_at")))

@@ -99,8 +99,8 @@ def build_hub(settings: HubSettings, db: Database | None = None,
     controllers = ControllerRegistry(db, client, settings, metrics, ops, placement)
     gateway = GatewayTable(db, settings)
     gateways = GatewayDirectory(gateway, settings.gateway_url)
-    manager = ServiceManager(db, client, ops, settings, metrics, placement, gateways)
     outage = DatabaseOutage(db)
+    manager = ServiceManager(db, client, ops, settings, metrics, placement, gateways, outage=outage)
     ingest = HeartbeatIngest(heartbeat_database(db), settings, metrics, images, outage=outage)
     poller = ControllerPoller(db, settings, client, ingest)
     limiter = RateLimiter(settings.rate_limit, settings.rate_burst) if settings.rate_limit > 0 else None
@@ -115,7 +115,7 @@ def build_hub(settings: HubSettings, db: Database | None = None,
                                # A start is tried at most three times, each within the create timeout.
                                missing_grace=3 * settings.controller_create_timeout + 10,
                                artifact_max_bytes=settings.artifact_max_bytes,
-                               artifacts_per_user_bytes=settings.artifacts_per_user_bytes))
+                               artifacts_per_user_bytes=settings.artifacts_per_user_bytes, outage=outage))
 
 
 # The heartbeats' own connections (their batches' reads, the flush, the keys' snapshot, the monitor): at most
@@ -224,7 +224,7 @@ def create_app(settings: HubSettings | None = None, hub: Hub | None = None, run_
 
     hub.watcher.changed = attempt_ended
     prefetcher = (Prefetcher(hub.db, settings, hub.client, hub.services.placement, hub.ingest.images,
-                             hub.metrics)
+                             hub.metrics, outage=hub.outage)
                   if settings.prefetch_interval > 0 else None)
     alert_push = (AlertPusher(hub.db, Alertmanagers(settings.alertmanager_urls), settings.alertmanager_interval)
                   if settings.alertmanager_urls else None)

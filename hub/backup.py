@@ -38,6 +38,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 from hub.db import Database
 from hub.migrate import alembic_config, upgrade
 from hub.models import HubReplicaModel
+from hub.outage import DatabaseUnreachable
 
 # A replica beats every second or less (hub.background.leader), and removes its row when it stops.
 LIVE_REPLICA = timedelta(seconds=30)
@@ -198,8 +199,8 @@ async def live_replicas(database_url: str) -> list[str]:
         if "hub_replicas" in str(exc.orig) and "does not exist" in str(exc.orig):
             return []
         raise BackupError(f"cannot reach the database: {exc.orig}") from None
-    except OSError as exc:
-        raise BackupError(f"cannot reach the database: {exc}") from None
+    except DatabaseUnreachable as exc:
+        raise BackupError(f"cannot reach the database: {exc.__cause__ or exc}") from None
     finally:
         await db.dispose()
 

@@ -20,6 +20,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 # The direct path's names that the rest of the hub imports from here, with the Database they run on.
 from hub.db_direct import AsyncpgConnector, Connector, CoreConnector, CoreTx, Tx, any_of, insert_row, insert_values
+from hub.outage import DatabaseUnreachable
 
 __all__ = ["Database", "CoreTx", "Tx", "any_of", "insert_row", "insert_values"]
 
@@ -53,6 +54,8 @@ class Database:
         self.engine: AsyncEngine = create_async_engine(url, **engine_kw)
         if self.is_sqlite:
             event.listen(self.engine.sync_engine, "connect", _sqlite_pragmas)
+        else:
+            event.listen(self.engine.sync_engine, "do_connect", _connect_or_unreachable)
         self.sessionmaker = async_sessionmaker(self.engine, expire_on_commit=False)
         # Core statements outside the ORM (``Tx``): the hub's hottest calls, so the connector's own methods,
         # not wrappers around them. Each statement of ``first``, ``all`` and ``execute`` is a transaction of
@@ -77,6 +80,16 @@ class Database:
 
     async def dispose(self) -> None:
         await self.engine.dispose()
+
+
+def _connect_or_unreachable(dialect: Any, _record: Any, cargs: Any, cparams: Any) -> Any:
+    """Every new connection of the pool (the ORM's sessions and ``hub.db_direct``'s alike). asyncpg raises a
+    refused, reset or timed-out connect as a bare ``OSError``, and SQLAlchemy passes it on unwrapped: raised
+    as ``DatabaseUnreachable`` instead, it is the database's and nothing else's (``hub.outage``)."""
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except OSError as exc:  # TimeoutError (the connect timeout) and socket.gaierror included
+        raise DatabaseUnreachable(f"{type(exc).__name__}: {exc}") from exc
 
 
 def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:

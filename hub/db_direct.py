@@ -309,6 +309,6 @@ def _disconnect(exc: BaseException, conn: Any) -> bool:
     if isinstance(exc, (ValueError, asyncpg.exceptions.QueryCanceledError)):
         # An argument asyncpg cannot encode (the input's fault); a statement timeout or a cancel.
         return False
-    if isinstance(exc, DISCONNECTS):
-        return True
+    if isinstance(exc, (OSError, *DISCONNECTS)):
+        return True  # a socket error on this connection: it is unusable, whatever it says of the server
     return bool(conn.is_closed())

@@ -32,6 +32,7 @@ from hub.db import Database, any_of
 from hub.errors import HubError
 from hub.metrics import HubMetrics
 from hub.models import ContainerRegistryModel, ServiceModel
+from hub.outage import DatabaseOutage
 from hub.scheduler.placement import image_key
 from hub.scheduler.prefetch import PrefetchCandidate, PrefetchTarget, plan_prefetch, wants_prefetch
 from hub.scheduler.snapshot import PlacementCache
@@ -73,8 +74,10 @@ class Prefetcher(LoopService):
     name = "prefetch"
 
     def __init__(self, db: Database, settings: HubSettings, client: ControllerClient, placement: PlacementCache,
-                 images: ImageSets, metrics: HubMetrics) -> None:
+                 images: ImageSets, metrics: HubMetrics, outage: DatabaseOutage | None = None) -> None:
         super().__init__(settings.prefetch_interval, jitter=0.1)
+        # Where a pull or sync lost to the database being away is told (once per outage); None: each is logged.
+        self.outage = outage
         self.db = db
         self.settings = settings
         self.client = client
@@ -176,8 +179,9 @@ class Prefetcher(LoopService):
         except Exception as exc:
             self._failed[pull] = time.monotonic() + RETRY_AFTER
             self.metrics.prefetch_pulls.labels("failed").inc()
-            log.warning("could not pull %s onto controller %s for service %s: %s", target.image_ref,
-                        target.controller_id, target.service_id, _message(exc))
+            if not self._database_away(exc):
+                log.warning("could not pull %s onto controller %s for service %s: %s", target.image_ref,
+                            target.controller_id, target.service_id, _message(exc))
         else:
             self._pulled[pull] = max(self._pulled.get(pull, 0.0), time.monotonic() + PULLED_KEPT)
 
@@ -188,10 +192,14 @@ class Prefetcher(LoopService):
             raise
         except Exception as exc:
             self._sync_failed[pair] = time.monotonic() + RETRY_AFTER
-            log.warning("could not sync the model files of service %s onto controller %s: %s", target.service_id,
-                        target.controller_id, _message(exc))
+            if not self._database_away(exc):
+                log.warning("could not sync the model files of service %s onto controller %s: %s",
+                            target.service_id, target.controller_id, _message(exc))
         else:
             self._synced[pair] = time.monotonic() + PULLED_KEPT
+
+    def _database_away(self, exc: BaseException) -> bool:
+        return self.outage is not None and self.outage.failed(self.name, exc)
 
     async def pull(self, target: PrefetchTarget) -> None:
         """Pull ``target``'s image onto its controller (with the service's registry credentials)."""

@@ -1,6 +1,6 @@
 """A database outage in the hub's log (hub.outage): one WARNING when it starts, one INFO with its length when
 it ends, and no ERROR or traceback, however many loops fail meanwhile. An in-process hub, its loops running,
-on a PostgreSQL cluster of its own that the test stops for about five seconds."""
+on a PostgreSQL cluster of its own that the test stops for about two seconds."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from tests.hub.test_failure_handling import heartbeat
 from tests.support.pg import create_database, local_cluster
 from tests.support.poll import eventually
 
-OUTAGE = 5.0
+OUTAGE = 2.0
 
 
 class Lines(logging.Handler):

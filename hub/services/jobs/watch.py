@@ -35,6 +35,7 @@ from hub.db import Database
 from hub.errors import ControllerRejected, HubError
 from hub.job_schemas import ATTEMPT_LIVE, JOB_FINAL
 from hub.models import ArtifactModel, ControllerModel, JobAttemptModel, JobModel, utcnow
+from hub.outage import DatabaseOutage
 from hub.services.jobs import pipelines
 from hub.services.jobs.artifacts import ArtifactStore, used_bytes
 from hub.services.jobs.core import add_op, backoff, lock_job
@@ -102,8 +103,12 @@ class Watcher:
     def __init__(self, db: Database, client: ControllerClient, ops: OperationLog, store: ArtifactStore,
                  wait: float = 10.0, timeout_grace: float = TIMEOUT_GRACE, missing_grace: float = MISSING_GRACE,
                  artifact_max_bytes: int | None = None, artifacts_per_user_bytes: int | None = None,
-                 sweep_every: float = SWEEP_EVERY, sweep_grace: float = SWEEP_GRACE) -> None:
+                 sweep_every: float = SWEEP_EVERY, sweep_grace: float = SWEEP_GRACE,
+                 outage: DatabaseOutage | None = None) -> None:
         self.db = db
+        # Where an attempt's collection or settling lost to the database being away is told (once per outage,
+        # for every attempt of every listing together); None: each one is logged.
+        self.outage = outage
         self.client = client
         self.ops = ops
         self.store = store
@@ -235,9 +240,11 @@ class Watcher:
                 await self.client.delete_job(controller_id, url, run.attempt_id)
                 self._failures.pop(run.attempt_id, None)
             except Exception as exc:  # noqa: BLE001 - tried again with the next listing, a few times
+                complete = False
+                if self._database_away(exc):
+                    continue  # the database's outage, not the attempt's: no try of its collection counted
                 log.warning("collecting attempt %s on %s: %s: %s", run.attempt_id, controller_id,
                             type(exc).__name__, exc)
-                complete = False
                 if live:
                     await self._collect_failed(run, exc)
         return complete
@@ -253,7 +260,12 @@ class Watcher:
         try:
             await self.settle(run.attempt_id, Collected("failed", run.exit_code, error))
         except Exception as again:  # noqa: BLE001 - the next listing tries again
-            log.warning("settling attempt %s: %s: %s", run.attempt_id, type(again).__name__, again)
+            if not self._database_away(again):
+                log.warning("settling attempt %s: %s: %s", run.attempt_id, type(again).__name__, again)
+
+    def _database_away(self, exc: BaseException) -> bool:
+        """Whether ``exc`` is the database away, told to the hub's account of the outage (not logged here)."""
+        return self.outage is not None and self.outage.failed("job-watcher", exc)
 
     async def _vanished(self, session: Any, attempts: list[JobAttemptModel]) -> None:
         lock = not self.db.is_sqlite

@@ -21,6 +21,7 @@ from hub.db import Database
 from hub.errors import HubError, NotFound
 from hub.metrics import HubMetrics
 from hub.models import ServiceModel
+from hub.outage import DatabaseOutage
 from hub.scheduler.snapshot import PlacementCache
 from hub.services.gateway import GatewayTable
 from hub.services.model_files import ModelStore
@@ -45,6 +46,9 @@ class Lifecycle:
     placement: PlacementCache
     # The gateways' routing table: a move waits for them before it removes a copy they route to.
     gateway: GatewayTable | None = None
+    # Where a background operation lost to the database being away is told (once per outage); None: each one
+    # is logged with its traceback.
+    outage: DatabaseOutage | None = None
     owner_locks: defaultdict[int, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     service_locks: defaultdict[str, asyncio.Lock] = field(default_factory=lambda: defaultdict(asyncio.Lock))
     # Copies being made at once, the controllers' creates of every create together: each holds a connection
@@ -70,8 +74,9 @@ class Lifecycle:
                 await work
             except HubError:
                 pass  # already recorded on the operation (a follow-up's: it ends with nothing to record)
-            except Exception:
-                log.exception("background operation crashed")
+            except Exception as exc:
+                if self.outage is None or not self.outage.failed("a background operation", exc):
+                    log.exception("background operation crashed")
 
         held = self.tasks if tasks is None else tasks
         task = asyncio.create_task(guarded())

@@ -19,6 +19,7 @@ from hub.db import Database
 from hub.logstreams import LogStreamSlots
 from hub.metrics import HubMetrics
 from hub.models import OperationModel, ServiceModel, UserModel
+from hub.outage import DatabaseOutage
 from hub.scheduler.snapshot import PlacementCache
 from hub.schemas import ServiceOut, ServicePatch, ServiceSpec
 from hub.services.gateway import GatewayDirectory
@@ -44,10 +45,11 @@ class ServiceManager:
         metrics: HubMetrics,
         placement: PlacementCache,
         gateways: GatewayDirectory,
+        outage: DatabaseOutage | None = None,
     ) -> None:
         self.placement = placement
         self.log_streams = LogStreamSlots(settings.max_log_streams, settings.max_log_streams_per_user)
-        self.ctx = Lifecycle(db, client, ops, settings, metrics, self.placement, gateways.table)
+        self.ctx = Lifecycle(db, client, ops, settings, metrics, self.placement, gateways.table, outage=outage)
         self.model_store = self.ctx.model_store
         deployer = Deployer(self.ctx)
         replacer = Replacer(self.ctx, deployer)

@@ -272,6 +272,7 @@ class FakeRuntime:
             container_id=container.id,
             name=container.name,
             status=container.status,
+            started_at=container.started_at,
             system_cpu_usage_ns=next(self._host_cpu),
             memory_limit=container.spec.mem_limit or 8 * GB,
         )

@@ -76,8 +76,8 @@ from mmanager.wire import (
 # /health must answer quickly even when the daemon hangs.
 PING_TIMEOUT = 3.0
 _POOL_THREADS = 64
-# Stats reads at once, in a pool and on connections of their own so a sampling round never takes the ones other
-# calls need. Docker's stats collector reads every subscribed container in one pass a second and a one-shot read
+# Stats reads at once, on a thread pool and a Docker client (its connections) of their own, so a sampling round
+# never takes the threads or connections other calls need. Docker's stats collector reads every subscribed container in one pass a second and a one-shot read
 # waits for the next pass: reads in flight together share it, so a round costs about a second per STATS_READS
 # containers (controller.stats).
 STATS_READS = 64
@@ -160,6 +160,8 @@ class DockerRuntime:
         self._settings = settings
         self._server_id = settings.server_id
         self._client: docker.DockerClient | None = None
+        # The stats reads' own client (controller.stats): its connection pool sized to the stats pool's threads.
+        self._stats_client: docker.DockerClient | None = None
         self._connect_lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=_POOL_THREADS, thread_name_prefix="docker")
         self._log_pool = ThreadPoolExecutor(max_workers=settings.max_log_streams, thread_name_prefix="docker-logs")
@@ -180,30 +182,40 @@ class DockerRuntime:
 
     # -- plumbing --------------------------------------------------------
 
-    def _connect(self) -> docker.DockerClient:
-        """The SDK client, made on first use so a controller can start before its daemon."""
+    def _connect(self, *, stats: bool = False) -> docker.DockerClient:
+        """The SDK client, made on first use so a controller can start before its daemon. Each client's
+        connection pool holds as many connections as threads may use it at once: past that urllib3 opens
+        throwaway ones and logs "Connection pool is full" (the main client serves the main, log and wait pools;
+        the stats client the stats pool)."""
         with self._connect_lock:
-            if self._client is None:
+            client = self._stats_client if stats else self._client
+            if client is None:
+                size = STATS_READS if stats else (
+                    _POOL_THREADS + self._settings.max_log_streams + self._settings.max_containers)
                 # Version negotiation happens here; bound it like a ping, then use the configured timeout.
-                kwargs: dict[str, Any] = {"version": "auto", "timeout": PING_TIMEOUT, "max_pool_size": 32 + STATS_READS}
+                kwargs: dict[str, Any] = {"version": "auto", "timeout": PING_TIMEOUT, "max_pool_size": size}
                 host = self._settings.docker_host
                 client = docker.DockerClient(base_url=host, **kwargs) if host else docker.from_env(**kwargs)
                 client.api.timeout = self._settings.docker_timeout  # type: ignore[assignment]  # seconds as a float: the stubs say int, requests takes either
-                self._client = client
-            return self._client
+                if stats:
+                    self._stats_client = client
+                else:
+                    self._client = client
+            return client
 
     async def _run(self, fn: Callable[..., T], *args: Any, pool: ThreadPoolExecutor | None = None) -> T:
         loop = asyncio.get_running_loop()
         try:
-            future = loop.run_in_executor(pool or self._pool, partial(self._translated, fn, *args))
+            future = loop.run_in_executor(pool or self._pool,
+                                          partial(self._translated, fn, *args, stats=pool is self._stats_pool))
         except RuntimeError:
             # The pool is shut down: close() ran, the app is stopping. A 503, not a 500 with a traceback.
             raise DockerUnavailable("the controller is shutting down") from None
         return await future
 
-    def _translated(self, fn: Callable[..., T], *args: Any) -> T:
+    def _translated(self, fn: Callable[..., T], *args: Any, stats: bool = False) -> T:
         try:
-            return fn(self._connect(), *args)
+            return fn(self._connect(stats=stats), *args)
         except ControllerError:
             raise
         except docker.errors.APIError as exc:
@@ -521,7 +533,12 @@ class DockerRuntime:
         engine older than API 1.41 has no one-shot reads: it is read twice, the counters the same.
 
         A container removed while it is read is NotFound, whichever way Docker says it: an empty body (it
-        went during the read), 404, or 409 (its removal under way)."""
+        went during the read), 404, or 409 (its removal under way). ``started_at`` is the container's
+        ``State.StartedAt`` from the inspect that finds it: a start since a caller's previous reading (its
+        counters began again) shows there even where the new CPU counter is above the old.
+
+        One-shot reads run on the stats pool (the sampler's rounds); Docker's two readings, a second each,
+        on the main pool, so that ``GET /containers/{id}/stats`` never queues behind a round."""
 
         def stats(client: docker.DockerClient) -> ContainerStats:
             container = self._managed(client, container_id)
@@ -538,9 +555,10 @@ class DockerRuntime:
                 raise gone from None
             # Not streamed: one sample, as a dict; a container got by id has its id and name.
             assert isinstance(sample, dict) and container.id is not None and container.name is not None
-            return _summarize_stats(container.id, container.name, container.status, sample)
+            started = (container.attrs.get("State") or {}).get("StartedAt")
+            return _summarize_stats(container.id, container.name, container.status, sample, started)
 
-        return await self._run(stats, pool=self._stats_pool)
+        return await self._run(stats, pool=self._stats_pool if one_shot else None)
 
     async def put_archive(self, container_id: str, data: bytes) -> None:
         """Unpack ``data`` at ``/``, never letting a file take a folder's place or a folder a file's.
@@ -678,6 +696,8 @@ class DockerRuntime:
     async def close(self) -> None:
         if self._client is not None:
             await self._run(lambda client: client.close())
+        if self._stats_client is not None:
+            await self._run(lambda client: client.close(), pool=self._stats_pool)
         self._pool.shutdown(wait=False, cancel_futures=True)
         self._log_pool.shutdown(wait=False, cancel_futures=True)
         self._wait_pool.shutdown(wait=False, cancel_futures=True)
@@ -847,7 +867,8 @@ def cpu_percent(usage: int, system: int, before_usage: int, before_system: int, 
     return round((usage - before_usage) / (system - before_system) * online * 100, 3)
 
 
-def _summarize_stats(container_id: str, name: str, status: str, raw: dict[str, Any]) -> ContainerStats:
+def _summarize_stats(container_id: str, name: str, status: str, raw: dict[str, Any],
+                     started_at: str | None = None) -> ContainerStats:
     """Docker's stats reduced the way ``docker stats`` computes them: CPU between ``precpu_stats`` and
     ``cpu_stats``, 0 where there is no earlier reading (a one-shot read)."""
     cpu, precpu = raw.get("cpu_stats") or {}, raw.get("precpu_stats") or {}
@@ -872,6 +893,7 @@ def _summarize_stats(container_id: str, name: str, status: str, raw: dict[str, A
         name=name,
         status=status,
         read=raw.get("read"),
+        started_at=started_at,
         cpu_percent=between or 0.0,
         cpu_usage_ns=usage,
         system_cpu_usage_ns=system,

@@ -62,6 +62,8 @@ class ContainerStats(WireModel):
     name: str
     status: str
     read: str | None = None
+    # Docker's State.StartedAt of the container's current run: its counters began then.
+    started_at: str | None = None
     cpu_percent: float = 0.0
     # Cumulative counters, nanoseconds: the container's CPU time and the host's (all CPUs), as Docker read them.
     cpu_usage_ns: int = 0

@@ -16,7 +16,9 @@ second. A container's first reading (new, or the sampler's first round) gives
 no CPU figure, so it has no sample until the next round: an unknown CPU is
 left out, not published as 0, which would drag the hub's averages down. A
 container restarted under the same id counts from 0 again and starts afresh
-the same way.
+the same way: its reading carries Docker's ``StartedAt``, and a reading of
+another start than the previous one's is a first reading, whether the new
+counter is below the old or, a short-lived earlier run, above it.
 
 The latest sample per container is kept in memory: the heartbeat carries it to
 the hub, the container listing shows it as ``resource_usage`` (for a hub that
@@ -108,8 +110,8 @@ class StatsSampler(LoopService):
         self.locate = locate
         self._max_concurrent = max_concurrent
         self._latest: dict[str, ContainerUsage] = {}
-        # Each running container's previous reading: (its CPU time, the host's), nanoseconds.
-        self._readings: dict[str, tuple[int, int]] = {}
+        # Each running container's previous reading: (its CPU time, the host's, nanoseconds; its StartedAt).
+        self._readings: dict[str, tuple[int, int, str | None]] = {}
         # Containers whose last read failed unexpectedly (already logged once).
         self._failing: set[str] = set()
 
@@ -169,9 +171,10 @@ class StatsSampler(LoopService):
                 self._readings.pop(info.id, None)
                 return info.id, None
             before = self._readings.get(info.id)
-            self._readings[info.id] = (stats.cpu_usage_ns, stats.system_cpu_usage_ns)
-            cpu = None if before is None else cpu_percent(stats.cpu_usage_ns, stats.system_cpu_usage_ns, *before,
-                                                          stats.online_cpus)
+            self._readings[info.id] = (stats.cpu_usage_ns, stats.system_cpu_usage_ns, stats.started_at)
+            # Another start than the previous reading's: its counters began again, no delta against the old run's.
+            cpu = None if before is None or before[2] != stats.started_at else cpu_percent(
+                stats.cpu_usage_ns, stats.system_cpu_usage_ns, before[0], before[1], stats.online_cpus)
             return info.id, None if cpu is None else usage_of(stats, cpu, datetime.now(UTC))
 
         results = dict(await asyncio.gather(*(sample(info) for info in running)))

@@ -1,10 +1,11 @@
 """`make demo` as a new user runs it: `mmanager dev` (hub, controller and gateway) comes up, the reference
 model types are registered and the dnabert2 model service is deployed from its type, the `curl` of a
-prediction through its gateway URL is printed with its answer; Ctrl-C, SIGTERM or SIGHUP removes it and stops
-everything."""
+prediction through its gateway URL is printed with its answer; Ctrl-C, SIGTERM or SIGHUP (twice, as a closing
+terminal may send it) removes it and stops everything, during the start as well."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -18,6 +19,7 @@ from pathlib import Path
 import docker
 import pytest
 
+from examples.demo import remove_unseen_containers
 from tests.support.net import free_port, port_free
 from tests.support.poll import wait_until
 
@@ -68,9 +70,10 @@ def test_the_demo_prints_a_prediction_through_the_gateway(modelserver_image: str
     assert_nothing_left(docker_client, port, "".join(lines))
 
 
-@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP], ids=["SIGTERM", "SIGHUP"])
+@pytest.mark.parametrize("signals", [[signal.SIGTERM], [signal.SIGHUP, signal.SIGHUP]], ids=["SIGTERM", "SIGHUP twice"])
 def test_sigterm_and_sighup_stop_what_the_demo_started_as_ctrl_c_does(
-        signum: signal.Signals, modelserver_image: str, docker_client: docker.DockerClient, tmp_path: Path) -> None:
+        signals: list[signal.Signals], modelserver_image: str, docker_client: docker.DockerClient,
+        tmp_path: Path) -> None:
     demo, lines, port = start_demo(tmp_path)
     dev = None
     try:
@@ -79,26 +82,51 @@ def test_sigterm_and_sighup_stop_what_the_demo_started_as_ctrl_c_does(
                           "the demo's service made")
         dev = _dev_process(port)
         # To the demo alone, as a closing terminal or `kill` sends it: `mmanager dev` runs in a session of its own.
-        demo.send_signal(signum)
+        # A closing terminal often sends two SIGHUPs at once: the second must not cut the cleanup short.
+        for signum in signals:
+            demo.send_signal(signum)
         code = demo.wait(60)
     finally:
         if demo.poll() is None:
             os.killpg(demo.pid, signal.SIGINT)
             demo.wait(60)
+    _assert_dev_gone(dev, docker_client, lines, "+".join(signum.name for signum in signals))
+    assert code == 0, "".join(lines)[-2000:]
+    assert_nothing_left(docker_client, port, "".join(lines))
+
+
+def test_a_signal_while_the_demo_starts_stops_what_it_started(
+        modelserver_image: str, docker_client: docker.DockerClient, tmp_path: Path) -> None:
+    demo, lines, port = start_demo(tmp_path)
+    dev = None
+    try:
+        # As soon as `mmanager dev` runs: the demo is waiting for its hub to come up.
+        dev = wait_until(lambda: _dev_process(port), 60, "`mmanager dev` started", interval=0.05)
+        demo.send_signal(signal.SIGTERM)
+        code = demo.wait(60)
+    finally:
+        if demo.poll() is None:
+            os.killpg(demo.pid, signal.SIGINT)
+            demo.wait(60)
+    output = "".join(lines)
+    assert "deploying" not in output, "the signal came after the start: " + output[-2000:]
+    _assert_dev_gone(dev, docker_client, lines, "SIGTERM")
+    assert code == 0, output[-2000:]
+    assert all(port_free(p) for p in (port, port + 1, port + 2, port + 3)), "a demo process still listens"
+
+
+def _assert_dev_gone(dev: int | None, docker_client: docker.DockerClient, lines: list[str], sent: str) -> None:
+    """Not one process of `mmanager dev`'s group (its session: the hub, its controller, HAProxy) is left."""
     assert dev is not None, "`mmanager dev` was not found running"
-    # Not one process of `mmanager dev`'s group (its session: the hub, its controller, HAProxy) is left.
     try:
         os.killpg(dev, 0)
     except ProcessLookupError:
-        pass
-    else:
-        os.killpg(dev, signal.SIGINT)  # what the demo should have done
-        for container in docker_client.containers.list(
-                all=True, filters={"label": f"mmanager.controller=dev-{socket.gethostname()}"}):
-            container.remove(force=True)
-        pytest.fail(f"`mmanager dev` outlived the demo's {signum.name}: {''.join(lines)[-2000:]}")
-    assert code == 0, "".join(lines)[-2000:]
-    assert_nothing_left(docker_client, port, "".join(lines))
+        return
+    os.killpg(dev, signal.SIGINT)  # what the demo should have done
+    for container in docker_client.containers.list(
+            all=True, filters={"label": f"mmanager.controller=dev-{socket.gethostname()}"}):
+        container.remove(force=True)
+    pytest.fail(f"`mmanager dev` outlived the demo's {sent}: {''.join(lines)[-2000:]}")
 
 
 def _dev_process(port: int) -> int | None:
@@ -126,3 +154,31 @@ def _printed_answer(lines: list[str]) -> tuple[str, dict] | None:
     except ValueError:
         return None
     return command, answer
+
+
+def test_the_cleanup_removes_only_its_own_services_containers_made_unseen(
+        example_image: str, docker_client: docker.DockerClient) -> None:
+    """Interrupted while the service was made, its container may start after the cleanup looked for the
+    service: the last step removes that one, and nothing of another service or controller."""
+    controller = f"dev-test-{os.getpid()}"
+    labels = {"mmanager.managed": "true", "mmanager.controller": controller}
+    started = []
+    try:
+        def run(name: str, **extra: str) -> str:
+            container = docker_client.containers.run(example_image, name=f"{name}-{os.getpid()}", detach=True,
+                                                     labels={**labels, **extra})
+            started.append(container.id)
+            return container.id
+
+        ours = run("mm-dnabert2-1234abcd-1-x")
+        others = [run("mm-dnabert2-9999ffff-1-x"), run("mm-other-1234abcd-1-x"),
+                  run("mm-dnabert2-1234abcd-2-y", **{"mmanager.controller": f"{controller}-2"})]
+        remove_unseen_containers(controller, docker_client.containers.get(ours).attrs["Created"][:19],
+                                 "1234abcd-rest-of-the-id", deadline=float("inf"))
+        left = {c.id for c in docker_client.containers.list(all=True, filters={"label": "mmanager.managed=true"})}
+        assert ours not in left
+        assert set(others) <= left
+    finally:
+        for cid in started:
+            with contextlib.suppress(docker.errors.NotFound):
+                docker_client.containers.get(cid).remove(force=True)

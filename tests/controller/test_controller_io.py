@@ -131,6 +131,12 @@ async def test_stats(ctl: Ctl, example_image: str) -> None:
     assert stats["pids"] >= 1
     for key in ("network_rx_bytes", "network_tx_bytes", "block_read_bytes", "block_write_bytes"):
         assert stats[key] >= 0
+    # The run they count: restarted in place (the same id), it is another start, its counters afresh.
+    assert stats["started_at"] > "2000"
+    r = await ctl.client.post(f"/containers/{cid['container_id']}/restart", params={"timeout": 2})
+    assert r.status_code == 200, r.text
+    again = (await ctl.client.get(f"/containers/{cid['container_id']}/stats")).json()
+    assert again["container_id"] == stats["container_id"] and again["started_at"] > stats["started_at"]
 
 
 async def test_copy_a_file(ctl: Ctl, example_image: str, docker_client: docker.DockerClient) -> None:

@@ -100,6 +100,8 @@ class _Runtime:
         self.used: dict[str, int] = {}
         # Stopped since the listing: Docker answers zeros.
         self.stopped: set[str] = set()
+        # Each container's StartedAt, when set.
+        self.started: dict[str, str] = {}
 
     def tick(self) -> None:
         self.host += 10**9
@@ -117,7 +119,7 @@ class _Runtime:
         if container_id in self.stopped:
             return ContainerStats(container_id=container_id, name=f"n-{container_id}", status="exited")
         return ContainerStats(container_id=container_id, name=f"n-{container_id}", status="running",
-                              cpu_usage_ns=self.used.get(container_id, 0), system_cpu_usage_ns=self.host,
+                              started_at=self.started.get(container_id), cpu_usage_ns=self.used.get(container_id, 0), system_cpu_usage_ns=self.host,
                               online_cpus=1, memory_usage=100, memory_limit=1000, memory_percent=10.0)
 
 
@@ -195,6 +197,27 @@ async def test_the_cpu_figure_is_the_delta_between_rounds_and_a_restart_starts_a
     assert sampler.usage("a") is None and sampler.usage("b") is not None
 
 
+async def test_a_restart_in_place_starts_afresh_though_its_counter_passed_the_old_one() -> None:
+    runtime = _Runtime()
+    runtime.started = {"a": "2024-05-01T10:00:00Z", "b": "2024-05-01T10:00:00Z"}
+    sampler = StatsSampler(make_settings("c1", stats_interval=1), runtime, ControllerMetrics("c1"))
+    for _ in range(2):
+        runtime.tick()
+        await sampler.run_once()
+    assert [sampler.usage(c).cpu_percent for c in "ab"] == [10.0, 10.0]  # type: ignore[union-attr]
+
+    # a restarted under the same id between rounds, its new run already past its old one's CPU time (0.2 s):
+    # only its StartedAt tells, and a delta against the old run's counter (20 %) would be wrong.
+    runtime.started["a"] = "2024-05-01T10:00:02Z"
+    runtime.used["a"] = 3 * 10**8
+    runtime.tick()
+    await sampler.run_once()
+    assert sampler.usage("a") is None and sampler.usage("b") is not None
+    runtime.tick()
+    await sampler.run_once()
+    assert [sampler.usage(c).cpu_percent for c in "ab"] == [10.0, 10.0]  # type: ignore[union-attr]
+
+
 async def test_an_unexpected_failure_costs_one_containers_sample_and_one_log_line(
         caplog: pytest.LogCaptureFixture) -> None:
     runtime = _Runtime()
@@ -236,20 +259,24 @@ IDLE = ["sh", "-c", "trap 'exit 0' TERM; while :; do sleep 1; done"]
 class _Removing:
     """The controller's own runtime, but the containers named in ``doomed`` are removed (by Docker, as a
     stop, delete, move or orphan removal would) while the round reads them: the removal and the read
-    run at once, so Docker answers 404, 409 or an empty body, as the race falls."""
+    run at once, so Docker answers 404, 409 or an empty body, or the read lands first, as the race falls.
+    Those in ``gone_first`` are removed after the listing and before their read, every time."""
 
     def __init__(self, runtime: Runtime, docker_client: docker.DockerClient) -> None:
         self.runtime = runtime
         self.docker = docker_client
         self.doomed: set[str] = set()
+        self.gone_first: set[str] = set()
 
     async def list_containers(self, *, all: bool, detailed: bool = True) -> list[ContainerInfo]:
         return await self.runtime.list_containers(all=all, detailed=detailed)
 
     async def stats(self, container_id: str, *, one_shot: bool = False) -> ContainerStats:
+        remove = partial(self.docker.api.remove_container, container_id, force=True)
+        if container_id in self.gone_first:
+            await asyncio.to_thread(remove)
         if container_id not in self.doomed:
             return await self.runtime.stats(container_id, one_shot=one_shot)
-        remove = partial(self.docker.api.remove_container, container_id, force=True)
         read, _ = await asyncio.gather(self.runtime.stats(container_id, one_shot=one_shot),
                                        asyncio.to_thread(remove), return_exceptions=True)
         if isinstance(read, BaseException):
@@ -270,22 +297,25 @@ async def test_containers_removed_during_rounds_cost_only_their_own_samples(
     metrics = ControllerMetrics(ctl.server_id)
     sampler = StatsSampler(ctl.settings, runtime, metrics)  # type: ignore[arg-type]  # the runtime's reads, as a round uses them
 
-    # Each round removes two more containers while reading them; every other one's series goes on.
+    # Each round removes more containers while reading them (ids[5] after the listing, before its read: never
+    # read); every other one's series goes on. One whose read beat its removal may keep this round's sample.
     removed: set[str] = set()
     caplog.set_level(logging.DEBUG, logger="controller")
     await sampler.run_once()  # each container's first reading
-    for doomed in ([], ids[:2], ids[2:4], [ids[4]], []):
-        runtime.doomed = set(doomed)
+    for doomed, gone_first in (([], []), (ids[:2], []), (ids[2:4], [ids[5]]), ([ids[4]], []), ([], [])):
+        runtime.doomed, runtime.gone_first = set(doomed), set(gone_first)
         started = datetime.now(UTC)
         await sampler.run_once()
-        removed |= set(doomed)
-        surviving = [cid for cid in ids if cid not in removed]
+        removed |= set(doomed) | set(gone_first)
+        surviving = {cid for cid in ids if cid not in removed}
         fresh = {cid for cid in ids if (u := sampler.usage(cid)) is not None and u.sampled_at >= started}
-        assert fresh == set(surviving)
+        assert fresh - set(doomed) == surviving
         series = samples(generate_latest(metrics.registry).decode(), "mmanager_container_memory_bytes")
-        assert sorted(dict(labels)["container"] for labels in series) == sorted(
-            f"idle-{ids.index(cid)}" for cid in surviving)
-    assert not docker_client.containers.list(all=True, filters={"id": ids[:5]})
+        named = {dict(labels)["container"] for labels in series}
+        assert {f"idle-{ids.index(cid)}" for cid in surviving} == named - {f"idle-{ids.index(c)}" for c in doomed}
+        if ids[5] in removed:
+            assert sampler.usage(ids[5]) is None  # never read: no sample, though its read was asked
+    assert not docker_client.containers.list(all=True, filters={"id": ids[:6]})
     assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
 
 

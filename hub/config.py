@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hub.schemas import MAX_REPLICAS, ControllerUrl
+from hub.schemas import MAX_REPLICAS, reachable_url
 from hub.sealing import Sealer, parse_key
 from mmanager.keys import key_problem
 from mmanager.logs import LogSettings
@@ -25,8 +25,10 @@ class ControllerEntry(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     id: str = Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-    # The API's own check (``POST``/``PATCH /api/admin/controllers``): a URL the hub's client can call.
-    url: ControllerUrl
+    # A URL the hub's client can call (host and port parse, as the API checks them); unlike the API's, it may
+    # carry a path: a controller behind a proxy under a prefix.
+    url: Annotated[str, Field(min_length=1, max_length=512, pattern=r"^https?://[^\s]+$"),
+                   AfterValidator(reachable_url)]
     server_type: Literal["gpu", "cpu", "edge"] = "cpu"
     enabled: bool = True
     priority: int = Field(default=1, ge=0, le=1000)

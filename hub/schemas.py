@@ -490,7 +490,7 @@ CONTROLLER_URL = r"^https?://[^\s/]+(:\d+)?/?$"
 MAX_CONTAINERS_CAP = 100_000
 
 
-def _reachable_url(url: str) -> str:
+def reachable_url(url: str) -> str:
     """A controller URL the hub's client can call: the pattern's shape, and a host and port that parse
     (``http://[`` has the shape, and no client could reach it)."""
     try:
@@ -505,7 +505,7 @@ def _reachable_url(url: str) -> str:
 
 
 ControllerUrl = Annotated[str, Field(min_length=1, max_length=512, pattern=CONTROLLER_URL),
-                          AfterValidator(_reachable_url)]
+                          AfterValidator(reachable_url)]
 
 
 class ControllerIn(StrictModel):

@@ -52,6 +52,12 @@ def three_controllers(dep: LocalDeployment, hubs: int = 1) -> tuple[httpx.Client
     return client, ids
 
 
+def presence_streams(dep: LocalDeployment) -> float:
+    metrics = httpx.get(f"{dep.hub(0).url}/metrics").text
+    return next(float(line.split()[1]) for line in metrics.splitlines()
+                if line.startswith("mmanager_presence_streams "))
+
+
 def settled(client: httpx.Client, expected: set[str], avoid: str | None = None) -> list[dict[str, Any]] | None:
     services = client.get("/api/services").json()
     if {s["id"] for s in services} != expected:
@@ -277,6 +283,9 @@ def test_a_killed_controller_fails_over_well_within_the_grace(long_grace: LocalD
     created = [client.post("/api/root/lab/services", json={**SPEC, "name": f"pre-{i}"}).json() for i in range(3)]
     victim = created[0]["controller_id"]
     moving = {s["id"] for s in created if s["controller_id"] == victim}
+    # What notices the kill at once is the victim's presence stream: the controllers open theirs after their first
+    # heartbeat, which may come after the creates (all processes start together).
+    wait_until(lambda: presence_streams(dep) == 3, 20, what="the three presence streams open")
     killed = time.monotonic()
     dep.controllers[victim].kill()
     services = wait_until(lambda: settled(client, {s["id"] for s in created}, avoid=victim), dep.grace / 2,

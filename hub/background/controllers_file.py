@@ -92,6 +92,8 @@ class ControllersFileWatch(LoopService):
         """``kill -HUP <hub pid>`` reloads; False where signals cannot be handled (not the main thread:
         a test's or ``mmanager dev``'s embedded hub), which then relies on the file's changes alone."""
         if not _on_hup:
+            # Signal handlers exist only in the main thread of a Unix event loop (NotImplementedError elsewhere;
+            # RuntimeError or ValueError in another thread), as for hub.app's SIGUSR1 dump.
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, _hup)
                 _on_hup.append(self)
@@ -105,5 +107,6 @@ class ControllersFileWatch(LoopService):
             return
         _on_hup.remove(self)
         if not _on_hup:
+            # As in install_sighup: outside the main thread of a Unix loop there is no handler to remove.
             with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
                 asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)

@@ -29,9 +29,8 @@ import hmac
 import logging
 import time
 from dataclasses import dataclass, field
-from datetime import timedelta
 
-from sqlalchemy import func, or_, select, update
+from sqlalchemy import func, or_, select
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from hub.config import HubSettings
@@ -40,15 +39,13 @@ from hub.errors import Conflict, NotFound, Unauthorized
 from hub.models import ControllerKeyModel, ControllerModel, utcnow
 from hub.security import CONTROLLER_KEY_PREFIX, hash_token, mint_controller_key
 from hub.services.controllers import get_controller
+from hub.services.last_used import LastUsed
 
 log = logging.getLogger(__name__)
 
 MAX_ACTIVE_KEYS = 2
 # What is kept of a key in clear, to tell keys apart: the prefix and 8 of its 43 random characters.
 SHOWN_CHARS = len(CONTROLLER_KEY_PREFIX) + 8
-# last_used_at is a hint for operators ("is the old key still in use?"), not an audit trail:
-# it is written at most this often per key, not on every heartbeat.
-TOUCH_EVERY = 60.0
 
 
 def _invalid() -> Unauthorized:
@@ -145,10 +142,7 @@ class ControllerKeyAuth:
         self._uncounted = 0
         self._count_due: asyncio.TimerHandle | None = None
         self.warn_every = SHARED_WARN_EVERY
-        # Key id -> when this process last wrote its last_used_at (monotonic seconds).
-        self._touched: dict[str, float] = {}
-        # Keys used since the last write of last_used_at (written by ``flush``).
-        self._used: set[str] = set()
+        self.last_used: LastUsed[str] = LastUsed(db, ControllerKeyModel)
         self._snapshot = _Snapshot()
         self._reloading: asyncio.Task[None] | None = None
         # Bumped by forget(): a reload that began before it must not install what it read.
@@ -275,32 +269,8 @@ class ControllerKeyAuth:
         return found, any(r.controller_id == controller_id for r in rows)
 
     def _use(self, key_id: str) -> None:
-        now = time.monotonic()
-        last = self._touched.get(key_id)
-        if last is None or now - last >= TOUCH_EVERY:
-            self._touched[key_id] = now
-            self._used.add(key_id)
+        self.last_used.note(key_id, time.monotonic())
 
     async def flush(self) -> None:
         """Write ``last_used_at`` of the keys used since the last flush (at most once a minute per key)."""
-        if not self._used:
-            return
-        used, self._used = self._used, set()
-        at = utcnow()
-        try:
-            async with self.db.session() as session:
-                # Other replicas write it too; the condition keeps it coarse across all of them.
-                await session.execute(
-                    update(ControllerKeyModel)
-                    .where(
-                        ControllerKeyModel.id.in_(sorted(used)),
-                        or_(
-                            ControllerKeyModel.last_used_at.is_(None),
-                            ControllerKeyModel.last_used_at < at - timedelta(seconds=TOUCH_EVERY),
-                        ),
-                    )
-                    .values(last_used_at=at)
-                )
-        except BaseException:
-            self._used |= used
-            raise
+        await self.last_used.flush()

@@ -3,7 +3,7 @@
 A token is returned once (at its creation or rotation) and stored as its hash only. A token revoked, or
 any token of a user disabled, in the database is refused within ``MMANAGER_AUTH_CACHE_SECONDS`` on every
 replica, and at once on the replica that made the change (``UserAuth``). A token's ``last_used_at`` is a
-hint written at most once a minute per token (``TOUCH_EVERY``), as controller keys' is: never a database
+hint written at most once a minute per token (``hub.services.last_used``), as controller keys' is: never a database
 write per request.
 """
 
@@ -12,10 +12,10 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable
-from datetime import datetime, timedelta
+from datetime import datetime
 from typing import NamedTuple
 
-from sqlalchemy import or_, select, update
+from sqlalchemy import select
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import make_transient_to_detached
 
@@ -24,6 +24,7 @@ from hub.errors import Conflict, Forbidden, InvalidRequest, NotFound, Unauthoriz
 from hub.models import ApiTokenModel, UserModel, utcnow
 from hub.schemas import NAME_PATTERN
 from hub.security import TOKEN_PREFIX, hash_token, mint_token
+from hub.services.last_used import LastUsed
 from mmanager.audit import ANONYMOUS
 
 # The actors the audit log and the operations record for callers that are no user: unauthenticated
@@ -37,8 +38,6 @@ RESERVED_PREFIX = "controller:"
 USERNAME_MAX = 64
 # The name of the token a user is created with.
 FIRST_TOKEN = "initial"
-# last_used_at is written at most this often per token (seconds), on each replica and across them.
-TOUCH_EVERY = 60.0
 
 
 def reserved_username(username: str) -> bool:
@@ -177,7 +176,7 @@ class UserAuth:
     database). Each call gets a user instance of its own, detached (as one loaded by a session that has
     closed), so a handler may attach it to its session like one it loaded itself.
 
-    Each accepted token is noted as used, at most once per ``TOUCH_EVERY`` seconds; ``flush`` (the heartbeat
+    Each accepted token is noted as used, at most once a minute (``hub.services.last_used``); ``flush`` (the heartbeat
     flusher's loop) writes their ``last_used_at``.
 
     Invariant: an answer read from the database is remembered only if no forget happened while it was read
@@ -196,10 +195,7 @@ class UserAuth:
         self._known: dict[str, _Known] = {}
         # Forgets so far (forget_token, forget_user): a read begun before one is not remembered.
         self._forgets = 0
-        # Token id -> when this process last noted it used (monotonic seconds); the ones noted since the last
-        # flush.
-        self._touched: dict[int, float] = {}
-        self._used: set[int] = set()
+        self.last_used: LastUsed[int] = LastUsed(db, ApiTokenModel, self.MAX_ENTRIES)
 
     def _fresh(self, digest: str, now: float) -> Identity | None:
         hit = self._known.get(digest)
@@ -248,31 +244,11 @@ class UserAuth:
         self._known = {digest: hit for digest, hit in self._known.items() if hit.who.id != user_id}
 
     def _use(self, token_id: int, now: float) -> None:
-        last = self._touched.get(token_id)
-        if last is None or now - last >= TOUCH_EVERY:
-            self._touched[token_id] = now
-            self._used.add(token_id)
+        self.last_used.note(token_id, now)
 
     async def flush(self) -> None:
         """Write ``last_used_at`` of the tokens used since the last flush (at most once a minute per token)."""
-        if not self._used:
-            return
-        used, self._used = self._used, set()
-        if len(self._touched) >= self.MAX_ENTRIES:
-            self._touched.clear()
-        at = utcnow()
-        try:
-            async with self.db.session() as session:
-                # Other replicas write it too; the condition keeps it coarse across all of them.
-                await session.execute(
-                    update(ApiTokenModel)
-                    .where(ApiTokenModel.id.in_(sorted(used)),
-                           or_(ApiTokenModel.last_used_at.is_(None),
-                               ApiTokenModel.last_used_at < at - timedelta(seconds=TOUCH_EVERY)))
-                    .values(last_used_at=at))
-        except BaseException:
-            self._used |= used
-            raise
+        await self.last_used.flush()
 
 
 def as_user(who: Identity) -> UserModel:
